@@ -1,0 +1,62 @@
+# One file ties the project together. `make demo` and `make test` work on a fresh machine:
+# each builds the virtual environment it needs first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FACES ?= ../shared/data/faces
+PORTRAIT ?= facekit/assets/demo_portrait.png
+DRIVER ?= facekit/assets/demo_driver.npz
+CHECKPOINT ?= models/talkinghead-small.pt
+OUT ?= out/demo
+
+.PHONY: help venv demo test test-slow lint format preprocess train-small validate clean
+
+help:
+	@echo "make demo        fine-tune the committed model on PORTRAIT, drive it with DRIVER -> $(OUT)/"
+	@echo "make test        the default test suite (fast; real data tests skip without $(FACES))"
+	@echo "make test-slow   the long tests (marker: slow)"
+	@echo "make lint        ruff + mypy"
+	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
+	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
+	@echo "make validate    validation figures of CHECKPOINT for the model card"
+
+venv: $(STAMP)
+
+$(STAMP): requirements/lock.txt pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==26.3
+	$(PY) -m pip install -q --no-deps -r requirements/lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy facekit training talkinghead
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+preprocess: $(STAMP)
+	$(VENV)/bin/talkinghead preprocess $(FACES) data/preprocessed-128 --config small
+
+train-small: preprocess
+	$(VENV)/bin/talkinghead train --config small --run runs/small
+
+validate: $(STAMP)
+	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --faces $(FACES) --out models/validation.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache
