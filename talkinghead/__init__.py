@@ -1,0 +1,1 @@
+"""The `talkinghead` command line: one entry point whose subcommands live beside the code they run."""

@@ -1,0 +1,54 @@
+"""`talkinghead <command>`: dispatch to the module that implements each command.
+
+Only the chosen command's module is imported, so `talkinghead serve` never loads torch or the
+training code. Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and its
+docstring (what it does, with an example) is the command's --help text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "landmarks": ("facekit.landmarks_command", "detect 68 landmarks in images or a video"),
+    "preprocess": ("training.preprocess", "videos -> face crops + landmarks for training"),
+    "train": ("training.train", "meta-learn E, G, D over many people's videos"),
+    "finetune": ("training.finetune", "personalise the model on T images of one person"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    return (
+        "usage: talkinghead <command> [options]\n\ncommands:\n"
+        + "\n".join(lines)
+        + "\n\n`talkinghead <command> --help` describes a command, with an example."
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"talkinghead: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(
+        prog=f"talkinghead {name}",
+        description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
