@@ -1,0 +1,32 @@
+"""Configs load, validate their keys and round-trip through a checkpoint's dict."""
+
+from __future__ import annotations
+
+import pytest
+
+from training.config import ExperimentConfig, load_config
+
+
+@pytest.mark.parametrize("name", ["paper", "small", "smoke"])
+def test_builtin_configs_round_trip(name: str) -> None:
+    cfg = load_config(name)
+    assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_key_is_named() -> None:
+    raw = load_config("smoke").to_dict()
+    raw["model"]["image_sise"] = 64
+    with pytest.raises(ValueError, match="image_sise"):
+        ExperimentConfig.from_dict(raw)
+
+
+def test_unknown_config_lists_builtins() -> None:
+    with pytest.raises(FileNotFoundError, match="small"):
+        load_config("nope")
+
+
+def test_dotted_override() -> None:
+    cfg = load_config("smoke").replace(**{"meta.k_shot": 5})
+    assert cfg.meta.k_shot == 5
+    with pytest.raises(KeyError):
+        load_config("smoke").replace(**{"meta.kshot": 5})

@@ -1,0 +1,163 @@
+"""Frozen configuration dataclasses, read from one YAML per experiment (training/configs/).
+
+A checkpoint stores `ExperimentConfig.to_dict()`, so export and serving rebuild every network from
+the file alone. Values marked (check) in ../shared/PAPER.md are config values here, not literals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from facekit.rasterize import DrawStyle
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 256  # frames and landmark images are image_size x image_size
+    embedding_dim: int = 512  # size of e and of each projection column
+    base_channels: int = 64  # width of the first block; doubles per downsampling block
+    max_channels: int = 512  # cap on any block's width
+    generator_bottleneck: int = 16  # spatial size at which G's AdaIN residual blocks run
+    generator_res_blocks: int = 5  # AdaIN residual blocks at the bottleneck
+    embedder_bottleneck: int = 4  # E and D downsample to this size before pooling
+    discriminator_extra_blocks: int = 1  # residual blocks V adds at its bottleneck
+    attention_down: int = 32  # resolution of self-attention in E, D and G's down path; 0 = none
+    attention_up: int = 64  # resolution of self-attention in G's up path; 0 = none
+    pooling: str = "sum"  # "sum" or "max": global pooling at the end of E and V
+    spectral_norm: bool = True
+    line_width: int = 2  # landmark drawing, see facekit.rasterize.DrawStyle
+    antialias: bool = True
+
+    @property
+    def draw_style(self) -> DrawStyle:
+        return DrawStyle(line_width=self.line_width, antialias=self.antialias)
+
+
+@dataclass(frozen=True)
+class PerceptualNet:
+    """One perceptual network of L_CNT; weights from a local file (see README, "Loss weights")."""
+
+    weights: str = ""  # path to a state dict; "" or missing file -> seeded random substitute
+    layers: tuple[int, ...] = ()  # indices into the VGG `features` sequence (ReLU outputs)
+    convention: str = "caffe"  # input normalisation the weights expect: caffe | torchvision | vggface
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    vgg19_weight: float = 1.5e-1  # L_CNT, VGG19 (ImageNet) term (check)
+    vggface_weight: float = 2.5e-2  # L_CNT, VGGFace term (check)
+    vgg19: PerceptualNet = PerceptualNet(layers=(1, 6, 11, 20, 29), convention="caffe")
+    vggface: PerceptualNet = PerceptualNet(layers=(1, 6, 11, 18, 25), convention="caffe")
+    pixel_weight: float = 0.0  # extra L1 on pixels in [-1, 1]; 0 in the paper
+    adversarial_weight: float = 1.0  # the -D(x_hat) term of L_ADV
+    feature_matching_weight: float = 10.0  # L_FM
+    matching_weight: float = 80.0  # L_MCH
+    substitute_seed: int = 0  # seed of the random perceptual substitute when weights are absent
+
+
+@dataclass(frozen=True)
+class MetaLearnConfig:
+    data: str = "data/preprocessed"  # output of `talkinghead preprocess`
+    validation_videos: tuple[str, ...] = ()  # clip ids kept out of training
+    k_shot: int = 8  # K reference frames per episode
+    batch_size: int = 1  # episodes (videos) per step
+    steps: int = 100000
+    lr_generator: float = 5e-5  # E and G
+    lr_discriminator: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps_per_g: int = 2  # discriminator updates per generator update (check)
+    augment_flip: bool = True
+    log_every: int = 10
+    sample_every: int = 200
+    checkpoint_every: int = 200
+    seed: int = 0
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 200  # reimplementations: ~125 for T=1 up to ~560
+    batch_size: int = 4
+    lr_generator: float = 5e-5
+    lr_discriminator: float = 2e-4
+    betas: tuple[float, float] = (0.5, 0.999)
+    d_steps_per_g: int = 1
+    augment_flip: bool = False
+    log_every: int = 10
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    meta: MetaLearnConfig = field(default_factory=MetaLearnConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        return _build(cls, raw, "config")
+
+    def replace(self, **sections: Any) -> ExperimentConfig:
+        """Return a copy with whole sections or dotted overrides, e.g. replace(**{"meta.steps": 5})."""
+        raw = self.to_dict()
+        for key, value in sections.items():
+            node = raw
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node[part]
+            if leaf not in node:
+                raise KeyError(f"unknown config key {key!r}")
+            node[leaf] = value
+        return ExperimentConfig.from_dict(raw)
+
+
+T = TypeVar("T")
+
+
+def _build(cls: type[T], raw: Any, where: str) -> T:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(raw) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; known: {sorted(fields)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in raw.items():
+        ftype = fields[name].type
+        sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
+        if sub is not None:
+            kwargs[name] = _build(sub, value, f"{where}.{name}")
+        elif isinstance(value, list):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+_DATACLASSES: dict[str, type] = {
+    c.__name__: c for c in (ModelConfig, PerceptualNet, LossConfig, MetaLearnConfig, FinetuneConfig)
+}
+
+
+def load_config(name_or_path: str | Path) -> ExperimentConfig:
+    """Load `paper`, `small`, `smoke` (training/configs/<name>.yaml) or a YAML file path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"no config {str(name_or_path)!r}; built-in configs: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    return ExperimentConfig.from_dict(raw)

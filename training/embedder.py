@@ -1,0 +1,70 @@
+"""The embedder E(x, y) -> R^512 of the paper (Sec. 3.2): a frame and its landmark image to a
+person embedding; the avatar embedding ê is the mean over K frames."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from training.blocks import ResBlockDown, SelfAttention, assert_shape, channel_plan, global_pool
+from training.config import ModelConfig
+
+
+class DownTrunk(nn.Module):
+    """Residual downsampling blocks without normalisation, self-attention at `attention_down`.
+
+    Shared shape of E and of D's V (each with its own weights). Returns every block's output so
+    that D can use them for feature matching.
+    """
+
+    def __init__(self, cfg: ModelConfig, cin: int) -> None:
+        super().__init__()
+        n = int(math.log2(cfg.image_size // cfg.embedder_bottleneck))
+        widths = channel_plan(cfg.base_channels, cfg.max_channels, n)
+        layers: list[nn.Module] = []
+        size, prev = cfg.image_size, cin
+        for i, w in enumerate(widths):
+            layers.append(ResBlockDown(prev, w, sn=cfg.spectral_norm, norm=False, preact=i > 0))
+            size //= 2
+            if size == cfg.attention_down:
+                layers.append(SelfAttention(w, sn=cfg.spectral_norm))
+            prev = w
+        self.layers = nn.ModuleList(layers)
+        self.out_channels = prev
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
+
+
+class Embedder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = DownTrunk(cfg, cin=6)
+        c = self.trunk.out_channels
+        # Narrow (small) configs map their last width to the 512-d embedding of the contract.
+        self.proj: nn.Module = (
+            nn.Identity()
+            if c == cfg.embedding_dim
+            else nn.Sequential(nn.Linear(c, cfg.embedding_dim), nn.ReLU())
+        )
+
+    def forward(self, image: torch.Tensor, landmark_image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) x2 in [-1, 1] -> (B, embedding_dim)."""
+        s = self.cfg.image_size
+        assert_shape(image, (None, 3, s, s), "image")
+        assert_shape(landmark_image, (None, 3, s, s), "landmark_image")
+        h = self.trunk(torch.cat([image, landmark_image], dim=1))[-1]
+        return self.proj(global_pool(h, self.cfg.pooling))  # (B, embedding_dim)
+
+    def embed(self, images: torch.Tensor, landmark_images: torch.Tensor) -> torch.Tensor:
+        """(B, K, 3, H, W) x2 -> ê (B, embedding_dim), the mean over the K frames."""
+        b, k = images.shape[:2]
+        e = self(images.flatten(0, 1), landmark_images.flatten(0, 1))
+        return e.view(b, k, -1).mean(dim=1)
