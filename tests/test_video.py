@@ -1,0 +1,90 @@
+"""Video round trip through H.264 (and the MPEG-4 fallback), contact sheets, PNG files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facekit import video
+from facekit.video import VideoWriter, contact_sheet, iter_video, read_video, save_png
+
+WIDTH, HEIGHT, COUNT, FPS = 96, 64, 20, 10.0
+
+
+def _frames() -> np.ndarray:
+    """Smooth gradients with a moving bright square: (COUNT, HEIGHT, WIDTH, 3) uint8."""
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    frames = np.zeros((COUNT, HEIGHT, WIDTH, 3), np.uint8)
+    for i in range(COUNT):
+        frames[i, ..., 0] = x * 255 // WIDTH
+        frames[i, ..., 1] = y * 255 // HEIGHT
+        frames[i, ..., 2] = 60
+        frames[i, 20:36, 4 * i : 4 * i + 16] = 230
+    return frames
+
+
+def _write(path: Path) -> np.ndarray:
+    frames = _frames()
+    with VideoWriter(path, fps=FPS, size=(WIDTH, HEIGHT)) as writer:
+        for frame in frames:
+            writer.write(frame)
+    return frames
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+def test_written_video_reads_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str) -> None:
+    if codec == "mpeg4":  # as if PyAV's FFmpeg had no libx264
+        monkeypatch.setattr(video.av, "codecs_available", video.av.codecs_available - {"libx264"})
+    path = tmp_path / "clip.mp4"
+    written = _write(path)
+    frames, fps = read_video(path)
+    assert abs(len(frames) - COUNT) <= 1
+    assert frames.shape[1:] == (HEIGHT, WIDTH, 3) and frames.dtype == np.uint8
+    assert fps == pytest.approx(FPS)
+    n = min(len(frames), COUNT)
+    assert np.abs(frames[:n].astype(int) - written[:n]).mean() < 4
+
+
+def test_subsampling_and_iteration(tmp_path: Path) -> None:
+    path = tmp_path / "clip.mp4"
+    _write(path)
+    frames, fps = read_video(path, every=2, max_frames=4)
+    assert len(frames) == 4 and fps == pytest.approx(FPS / 2)
+    assert sum(1 for _ in iter_video(path)) == COUNT
+
+
+def test_bad_video_files(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.mp4"
+    junk.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(ValueError, match=r"junk\.mp4"):
+        read_video(junk)
+    with pytest.raises(FileNotFoundError, match=r"missing\.mp4"):
+        read_video(tmp_path / "missing.mp4")
+    with pytest.raises(ValueError, match="even"):
+        VideoWriter(tmp_path / "odd.mp4", fps=25, size=(65, 64))
+    with (
+        VideoWriter(tmp_path / "x.mp4", fps=25, size=(64, 64)) as writer,
+        pytest.raises(ValueError, match="64"),
+    ):
+        writer.write(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_contact_sheet_layout() -> None:
+    white = np.full((50, 100, 3), 255, np.uint8)  # wide: letterboxed into its square
+    sheet = contact_sheet([[white, white, white], [white]], labels=["real", "fake"], cell=64)
+    assert sheet.shape == (128, 256, 3) and sheet.dtype == np.uint8
+    assert sheet[:64, :64].max() == 255  # label text drawn
+    assert sheet[32, 64:].min() == 255 and sheet[2, 96].max() == 0  # image centred, black bars above
+    assert sheet[64:, 128:].max() == 0  # short row padded with black
+    assert contact_sheet([[white[..., 0]]], cell=32).shape == (32, 32, 3)  # grey accepted
+
+
+def test_save_png_round_trip(tmp_path: Path) -> None:
+    image = _frames()[3]
+    save_png(tmp_path / "a.png", image)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
+    with pytest.raises(ValueError, match="uint8"):
+        save_png(tmp_path / "b.png", image.astype(np.float32))
