@@ -1,0 +1,112 @@
+"""`talkinghead preprocess`: crops + landmarks per clip, resumable, bad inputs reported not fatal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facekit.detect import DlibDetector
+from facekit.video import VideoWriter
+from talkinghead.cli import main
+from training.preprocess import find_clips, select
+
+FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
+needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"test clips not found at {FACES}")
+CLIPS = ("lp_d0", "dagan_driving")  # 512 px and 256 px sources, one frontal talking face each
+
+
+def _touch(root: Path, *names: str) -> None:
+    for name in names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(b"")
+
+
+def test_voxceleb_layout_groups_clips_by_video(tmp_path: Path) -> None:
+    _touch(
+        tmp_path, "id001/vidA/00001.mp4", "id001/vidA/00002.mp4", "id002/vidB/00001.mp4", "id001/notes.txt"
+    )
+    clips, layout = find_clips(tmp_path)
+    assert layout == "voxceleb"
+    assert [(c.clip_id, c.video_id) for c in clips] == [
+        ("id001/vidA/00001", "id001/vidA"),
+        ("id001/vidA/00002", "id001/vidA"),
+        ("id002/vidB/00001", "id002/vidB"),
+    ]
+    assert [c.clip_id for c in select(clips, ["id001/*"], ["*/00002"])] == ["id001/vidA/00001"]
+
+
+def test_flat_layout_uses_file_stems(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _touch(tmp_path / "src", "alice.mp4", "bob.MOV")
+    clips, layout = find_clips(tmp_path / "src")
+    assert layout == "flat" and [(c.clip_id, c.video_id) for c in clips] == [
+        ("alice", "alice"),
+        ("bob", "bob"),
+    ]
+    assert main(["preprocess", str(tmp_path / "src"), str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "2 clips, 2 videos, layout flat" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+
+
+def test_clip_without_faces_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    with VideoWriter(src / "empty_room.mp4", fps=25, size=(64, 64)) as writer:
+        for _ in range(5):
+            writer.write(np.full((64, 64, 3), 90, np.uint8))
+    assert main(["preprocess", str(src), str(out), "--size", "32", "--workers", "1"]) == 0
+    (entry,) = json.loads((out / "report.json").read_text())["clips"]
+    assert entry["status"] == "skipped" and entry["no_face"] == 5
+    assert entry["reason"].startswith("too few frames with a face (0 < 16")
+    assert not (out / "empty_room" / "meta.json").exists()
+
+
+def _args(src: Path, out: Path, workers: int) -> list[str]:
+    sizes = ["--size", "128", "--max-frames", "20", "--min-frames", "8"]
+    return ["preprocess", str(src), str(out), *sizes, "--workers", str(workers)]
+
+
+@pytest.mark.data
+@needs_faces
+def test_two_clips_end_to_end_and_resumable(tmp_path: Path) -> None:
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    for name in CLIPS:
+        (src / f"{name}.mp4").symlink_to(FACES / f"{name}.mp4")
+    (src / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(4000))  # not a video
+
+    assert main(_args(src, out, workers=2)) == 0
+    report = json.loads((out / "report.json").read_text())
+    status = {c["clip_id"]: (c["status"], c["reason"]) for c in report["clips"]}
+    assert status["broken"][0] == "skipped" and status["broken"][1].startswith("unreadable")
+    detector = DlibDetector()
+    for name in CLIPS:
+        assert status[name] == ("done", "")
+        frames = np.load(out / name / "frames.npy")
+        points = np.load(out / name / "landmarks.npy")
+        meta = json.loads((out / name / "meta.json").read_text())
+        assert frames.shape == (20, 128, 128, 3) and frames.dtype == np.uint8
+        assert points.shape == (20, 68, 2) and points.dtype == np.float32
+        assert meta["video_id"] == name and meta["frames_kept"] == 20 and meta["fps"] == 25.0
+        assert meta["source"] == str((src / f"{name}.mp4").resolve())
+        assert abs(points[..., 0].mean() - 64) < 13  # the face is in the middle of the crop
+        # the stored landmarks are where a detector finds the face in the stored crop
+        found = detector.detect(frames[10])
+        assert found and np.abs(found[0].points - points[10]).mean() < 2.0
+
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*.npy")}
+    (out / CLIPS[1] / "meta.json").unlink()  # as if the run had died while writing this clip
+    assert main(_args(src, out, workers=1)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"] == {"done": 1, "exists": 1, "skipped": 1}
+    for path, stamp in stamps.items():
+        assert (path.stat().st_mtime_ns == stamp) == (path.parent.name == CLIPS[0]), path
+
+    # a machine without the landmark models rebuilds the crops from the videos and meta.json
+    frames_file = out / CLIPS[0] / "frames.npy"
+    kept = np.load(frames_file)
+    frames_file.unlink()
+    assert main(["preprocess", str(src), str(out), "--restore-frames"]) == 0
+    assert np.array_equal(np.load(frames_file), kept)
