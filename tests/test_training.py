@@ -1,0 +1,179 @@
+"""Meta-learning and fine-tuning do what a user expects: losses fall, runs resume, substitutes
+are announced and recorded, fine-tuning lowers the error on a held-out person's other frames."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from facekit.rasterize import draw_batch
+from talkinghead.cli import main as cli
+from training import checkpoint
+from training.config import load_config
+from training.data import EpisodeDataset, load_frames
+from training.discriminator import Discriminator
+from training.embedder import Embedder
+from training.evaluate import meta_psi
+from training.finetune import personalise
+from training.generator import Generator
+from training.runtime import from_uint8
+from training.steps import Batch, Trainer
+
+FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
+needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"test clips not found at {FACES}")
+MODEL = Path(__file__).resolve().parents[1] / "models/talkinghead-small.pt"
+
+
+@pytest.fixture(scope="module")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two real clips preprocessed at the smoke size (64 px), 24 frames each."""
+    if not FACES.is_dir():
+        pytest.skip(f"test clips not found at {FACES}")
+    out = tmp_path_factory.mktemp("pre")
+    code = cli(
+        [
+            "preprocess",
+            str(FACES),
+            str(out),
+            "--size",
+            "64",
+            "--max-frames",
+            "24",
+            "--workers",
+            "1",
+            "--include",
+            "dpe_d",
+            "--include",
+            "eamm_happy",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def _batch(item: dict[str, torch.Tensor]) -> Batch:
+    return Batch(
+        item["target_image"][None],
+        item["target_landmarks"][None],
+        item["video"][None],
+        item["ref_images"][None],
+        item["ref_landmarks"][None],
+    )
+
+
+@needs_faces
+def test_a_few_dozen_steps_on_one_clip_lower_the_reconstruction_error(smoke_data: Path) -> None:
+    torch.manual_seed(0)
+    cfg = load_config("smoke").replace(**{"meta.lr_generator": 1e-3, "meta.lr_discriminator": 1e-3})
+    data = EpisodeDataset(
+        root=smoke_data,
+        k_shot=2,
+        image_size=64,
+        draw_style=cfg.model.draw_style,
+        include=["dpe_d"],
+        exclude=[],
+        flip=False,
+        seed=0,
+    )
+    m = cfg.model
+    trainer = Trainer(
+        cfg,
+        embedder=Embedder(m),
+        generator=Generator(m),
+        discriminator=Discriminator(m, num_videos=data.num_videos),
+    )
+    fixed = [_batch(data[0]) for _ in range(6)]
+
+    def l1() -> float:
+        with torch.no_grad():
+            errs = [
+                (trainer.generator(b.target_landmarks, trainer.psi(b)[0]) - b.target_image).abs().mean()
+                for b in fixed
+            ]
+        return float(torch.stack(errs).mean())
+
+    before = l1()
+    for _ in range(40):
+        losses, _ = trainer.step(_batch(data[0]))
+    assert {"cnt_vgg19", "cnt_vggface", "cnt_pixel", "adv", "fm", "mch", "d_real", "d_fake"} <= set(losses)
+    after = l1()
+    assert after < 0.7 * before, (before, after)
+
+
+@needs_faces
+def test_train_command_checkpoints_records_substitutes_and_resumes(
+    smoke_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        assert cli(["train", "--config", "smoke", "--data", str(smoke_data), "--run", str(run)]) == 0
+    assert "random-weight vgg19 substitute" in caplog.text  # said at start, not silently
+    ckpt = checkpoint.load(run / "last.pt")
+    assert ckpt["step"] == 2 and ckpt["kind"] == "meta"
+    assert ckpt["perceptual"]["vgg19"].startswith("random-substitute")
+    assert checkpoint.config_of(ckpt) == load_config("smoke").replace(**{"meta.data": str(smoke_data)})
+    assert ckpt["discriminator"]["W"].shape[0] == 2  # one column per training video
+    assert (run / "metrics.jsonl").read_text().count("\n") == 2 and (run / "config.yaml").is_file()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert (
+            cli(["train", "--config", "smoke", "--data", str(smoke_data), "--run", str(run), "--steps", "4"])
+            == 0
+        )
+    assert "resumed" in caplog.text
+    assert checkpoint.load(run / "last.pt")["step"] == 4
+    release = checkpoint.release(checkpoint.load(run / "last.pt"))
+    assert "W" not in release["discriminator"] and "optimizers" not in release
+    emb, _gen, disc = checkpoint.build_networks(release)  # fine-tuning works from a release
+    assert emb is not None and disc is not None
+
+
+def test_train_dry_run_without_data_says_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="preprocess"):
+        cli(
+            ["train", "--config", "smoke", "--data", str(tmp_path), "--run", str(tmp_path / "r"), "--dry-run"]
+        )
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_finetuning_lowers_the_error_on_a_validation_persons_other_frames(tmp_path: Path) -> None:
+    meta = checkpoint.load(MODEL)
+    cfg = checkpoint.config_of(meta)
+    person = cfg.meta.validation_videos[0]
+    assert (
+        cli(
+            [
+                "preprocess",
+                str(FACES),
+                str(tmp_path),
+                "--config",
+                "small",
+                "--max-frames",
+                "40",
+                "--workers",
+                "1",
+                "--include",
+                person,
+            ]
+        )
+        == 0
+    )
+    frames, points = load_frames(tmp_path / person)
+    shots, others = np.arange(0, 40, 5), np.setdiff1d(np.arange(40), np.arange(0, 40, 5))[::4]
+    y = from_uint8(draw_batch(points[others], cfg.model.image_size, cfg.model.draw_style))
+    real = from_uint8(frames[others])
+
+    def error(ckpt: dict, psi: torch.Tensor) -> float:
+        _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
+        with torch.no_grad():
+            return float((gen(y, psi.expand(len(y), -1)) - real).abs().mean())
+
+    before = error(meta, meta_psi(meta, frames[shots], points[shots]))
+    personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=30)
+    after = error(personal, personal["adain"])
+    assert after < 0.9 * before, (before, after)

@@ -1,0 +1,166 @@
+"""Personalise a meta-learned model on T images (or frames) of one person (PAPER.md, "Fine-tuning").
+
+ê_NEW = mean of E over the T frames; G' starts from G with psi' = P·ê_NEW as a trainable tensor (P
+unused from then on); D' starts from D with w' = w_0 + ê_NEW. G' and D' train on the T frames with
+L_CNT + L_ADV. The result is a "personalised" checkpoint: G' with psi' baked in, for one avatar.
+
+example:
+  talkinghead finetune --checkpoint models/talkinghead-small.pt --avatar mona \\
+      --images photos/mona1.jpg photos/mona2.jpg --out runs/mona.pt
+  talkinghead finetune --checkpoint models/talkinghead-small.pt --avatar w009 \\
+      --video ../shared/data/faces/dreamtalk_mead_w009.mp4 --frames 8 --out runs/w009.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facekit.crop import crop, crop_box, transform_points
+from facekit.detect import LandmarkDetector, largest_face, make_detector
+from facekit.ids import validate_avatar_id
+from facekit.rasterize import draw_batch
+from training import checkpoint
+from training.config import ExperimentConfig
+from training.runtime import from_uint8, pick_device, setup_logging
+from training.steps import Batch, Trainer
+
+log = logging.getLogger("talkinghead.finetune")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="meta-learned checkpoint")
+    parser.add_argument("--avatar", required=True, help="avatar id (a-z, 0-9, '_', '-')")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", nargs="+", type=Path, help="T photos of the person (T = 1..32)")
+    src.add_argument("--video", type=Path, help="a video of the person; --frames of it are used")
+    parser.add_argument(
+        "--frames", type=int, default=8, help="T frames taken evenly from --video (default 8)"
+    )
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's finetune.steps)")
+    parser.add_argument("--detector", default="dlib", help="landmark detector: dlib | face-alignment")
+    parser.add_argument("--out", required=True, type=Path, help="personalised checkpoint to write")
+    parser.add_argument("--device", default="auto")
+
+
+def prepare_images(
+    images: list[np.ndarray], names: list[str], detector: LandmarkDetector, size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Detect, crop around the face and resize: -> frames uint8 (T, S, S, 3), points (T, 68, 2)."""
+    frames, points = [], []
+    for image, name in zip(images, names, strict=False):
+        face = largest_face(detector, image, name)
+        box = crop_box(face.points)
+        frames.append(crop(image, box, size))
+        points.append(transform_points(face.points, box, size))
+    return np.stack(frames), np.stack(points).astype(np.float32)
+
+
+def personalise(
+    meta: dict[str, Any],
+    frames: np.ndarray,
+    points: np.ndarray,
+    *,
+    avatar: str,
+    steps: int | None = None,
+    device: torch.device | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Fine-tune on T frames uint8 (T, S, S, 3) with landmarks (T, 68, 2) -> personalised checkpoint."""
+    validate_avatar_id(avatar)
+    device = device or torch.device("cpu")
+    cfg = checkpoint.config_of(meta)
+    s = cfg.model.image_size
+    if frames.ndim != 4 or frames.shape[1:] != (s, s, 3) or len(frames) != len(points):
+        raise ValueError(
+            f"expected frames (T, {s}, {s}, 3) and matching points, got {frames.shape}, {points.shape}"
+        )
+    steps = cfg.finetune.steps if steps is None else steps
+    torch.manual_seed(cfg.finetune.seed)
+    emb, gen, disc = checkpoint.build_networks(meta)
+    if emb is None or disc is None:
+        raise ValueError("fine-tuning needs a meta checkpoint with the embedder and discriminator")
+    images = from_uint8(frames).to(device)  # (T, 3, S, S)
+    landmarks = from_uint8(draw_batch(points, s, cfg.model.draw_style)).to(device)
+    emb, gen, disc = emb.to(device), copy.deepcopy(gen).to(device), copy.deepcopy(disc).to(device)
+    with torch.no_grad():
+        e_new = emb(images, landmarks).mean(dim=0, keepdim=True)  # (1, 512)
+        psi = gen.project(e_new)  # (1, D)
+    disc.personalise(e_new)
+    trainer = Trainer(cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
+    trainer.train()
+    bs = min(cfg.finetune.batch_size, len(frames))
+    gen_rng = torch.Generator().manual_seed(cfg.finetune.seed)
+    history: list[dict[str, float]] = []
+    started = time.monotonic()
+    for step in range(1, steps + 1):
+        idx = torch.randperm(len(frames), generator=gen_rng)[:bs]
+        img, lmk = images[idx], landmarks[idx]
+        if cfg.finetune.augment_flip and torch.rand((), generator=gen_rng) < 0.5:
+            img, lmk = img.flip(-1), lmk.flip(-1)
+        losses, _ = trainer.step(Batch(target_image=img, target_landmarks=lmk))
+        if step % cfg.finetune.log_every == 0 or step == steps:
+            history.append({"step": step, **losses})
+            if on_step:
+                on_step(step, losses)
+    return {
+        "kind": "personalised",
+        "avatar": avatar,
+        "config": cfg.to_dict(),
+        "step": steps,
+        "base_step": meta.get("step"),
+        "perceptual": trainer.content.sources,
+        "generator": gen.state_dict(),
+        "adain": trainer.adain.detach().cpu() if trainer.adain is not None else psi.cpu(),  # psi' (1, D)
+        "embedding": e_new.cpu(),
+        "metrics": {"history": history, "frames": len(frames), "seconds": time.monotonic() - started},
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    validate_avatar_id(args.avatar)
+    meta = checkpoint.load(args.checkpoint)
+    cfg: ExperimentConfig = checkpoint.config_of(meta)
+    detector = make_detector(args.detector)
+    images, names = load_inputs(args)
+    frames, points = prepare_images(images, names, detector, cfg.model.image_size)
+    log.info(
+        "fine-tuning %s on %d frames for %s steps", args.avatar, len(frames), args.steps or cfg.finetune.steps
+    )
+    result = personalise(
+        meta,
+        frames,
+        points,
+        avatar=args.avatar,
+        steps=args.steps,
+        device=pick_device(args.device),
+        on_step=lambda step, losses: log.info(
+            "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+        ),
+    )
+    checkpoint.save(args.out, result)
+    log.info("wrote %s (%.0f s)", args.out, result["metrics"]["seconds"])
+    return 0
+
+
+def load_inputs(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str]]:
+    from PIL import Image
+
+    if args.images:
+        if not 1 <= len(args.images) <= 32:
+            raise SystemExit(f"give 1 to 32 images, got {len(args.images)}")
+        return [np.asarray(Image.open(p).convert("RGB")) for p in args.images], [str(p) for p in args.images]
+    from facekit.video import read_video
+
+    frames, _ = read_video(args.video)
+    idx = np.linspace(0, len(frames) - 1, args.frames).round().astype(int)
+    return [frames[i] for i in idx], [f"{args.video} frame {i}" for i in idx]

@@ -1,0 +1,277 @@
+"""Meta-learn the embedder E, generator G and projection discriminator D over many people's videos.
+
+Each step samples videos, K reference frames (averaged by E into ê) and one target frame per video,
+generates the target from its landmark image with AdaIN parameters P·ê, and updates E and G once and
+D `d_steps_per_g` times (PAPER.md, "Meta-learning episode"). Checkpoints carry their config and
+resume exactly; TensorBoard scalars and sample grids go to <run>/tb, every logged loss also to
+<run>/metrics.jsonl.
+
+example:
+  talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
+  talkinghead train --config small --run runs/small            # resumes runs/small/last.pt if there
+  talkinghead train --config paper --run runs/paper --dry-run  # build everything, print the plan
+  torchrun --nproc-per-node 8 -m talkinghead.cli train --config paper --run runs/paper   # multi-GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from training import checkpoint
+from training.config import ExperimentConfig, load_config
+from training.data import EpisodeDataset
+from training.discriminator import Discriminator
+from training.embedder import Embedder
+from training.generator import Generator
+from training.runtime import broadcast_parameters, image_grid, init_distributed, pick_device, setup_logging
+from training.steps import Batch, Trainer
+
+log = logging.getLogger("talkinghead.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="small", help="built-in config name or YAML path (default small)")
+    parser.add_argument("--run", required=True, type=Path, help="run directory (checkpoints, logs)")
+    parser.add_argument("--data", help="preprocessed data folder (default: the config's meta.data)")
+    parser.add_argument("--steps", type=int, help="total steps (default: the config's meta.steps)")
+    parser.add_argument(
+        "--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long"
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config overrides, e.g. meta.k_shot=4 loss.pixel_weight=0",
+    )
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="build data and networks, print the plan, exit"
+    )
+
+
+def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
+    cfg = load_config(args.config)
+    overrides: dict[str, Any] = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.data:
+        overrides["meta.data"] = args.data
+    if args.steps is not None:
+        overrides["meta.steps"] = args.steps
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def make_dataset(cfg: ExperimentConfig, seed: int) -> EpisodeDataset:
+    return EpisodeDataset(
+        root=cfg.meta.data,
+        k_shot=cfg.meta.k_shot,
+        image_size=cfg.model.image_size,
+        draw_style=cfg.model.draw_style,
+        include=None,
+        exclude=list(cfg.meta.validation_videos),
+        flip=cfg.meta.augment_flip,
+        seed=seed,
+    )
+
+
+def to_batch(item: dict[str, torch.Tensor], device: torch.device) -> Batch:
+    return Batch(
+        target_image=item["target_image"],
+        target_landmarks=item["target_landmarks"],
+        video=item["video"],
+        ref_images=item["ref_images"],
+        ref_landmarks=item["ref_landmarks"],
+    ).to(device)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = resolve_config(args)
+    device = pick_device(args.device)
+    rank, world = init_distributed(device)
+    torch.manual_seed(cfg.meta.seed)
+    try:
+        data = make_dataset(cfg, seed=cfg.meta.seed + rank)
+    except (ValueError, FileNotFoundError) as err:
+        raise SystemExit(
+            f"{err}\nno usable training videos in {cfg.meta.data}: run `talkinghead preprocess`"
+        ) from err
+    model = cfg.model
+    emb, gen = Embedder(model), Generator(model)
+    disc = Discriminator(model, num_videos=data.num_videos)
+    trainer = Trainer(cfg, embedder=emb, generator=gen, discriminator=disc).to(device)
+    broadcast_parameters(trainer.parameters())
+    log.info(
+        "config %s: %d training videos (%s kept out), device %s x%d, perceptual %s",
+        cfg.name,
+        data.num_videos,
+        list(cfg.meta.validation_videos),
+        device,
+        world,
+        trainer.content.sources,
+    )
+    for name, net in (("E", emb), ("G (with P)", gen), ("D (V, w0, b, W)", disc)):
+        log.info("%s: %.2fM parameters", name, sum(p.numel() for p in net.parameters()) / 1e6)
+    if args.dry_run:
+        log.info(
+            "dry run: %d steps of %d episodes (K=%d) would run into %s",
+            cfg.meta.steps,
+            cfg.meta.batch_size * world,
+            cfg.meta.k_shot,
+            args.run,
+        )
+        return 0
+    run_dir: Path = args.run
+    step = resume(trainer, run_dir / "last.pt", data.video_ids)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    loop(trainer, cfg, data, run_dir, step, rank, world, device, args.max_minutes)
+    return 0
+
+
+def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
+    if not path.is_file():
+        return 0
+    ckpt = checkpoint.load(path)
+    if ckpt.get("video_ids") != video_ids:
+        raise SystemExit(f"{path} was trained on other videos; use a new --run directory")
+    assert trainer.embedder is not None
+    trainer.embedder.load_state_dict(ckpt["embedder"])
+    trainer.generator.load_state_dict(ckpt["generator"])
+    trainer.discriminator.load_state_dict(ckpt["discriminator"])
+    trainer.opt_g.load_state_dict(ckpt["optimizers"]["g"])
+    trainer.opt_d.load_state_dict(ckpt["optimizers"]["d"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    log.info("resumed %s at step %d", path, ckpt["step"])
+    return int(ckpt["step"])
+
+
+def loop(
+    trainer: Trainer,
+    cfg: ExperimentConfig,
+    data: EpisodeDataset,
+    run_dir: Path,
+    step: int,
+    rank: int,
+    world: int,
+    device: torch.device,
+    max_minutes: float,
+) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    meta = cfg.meta
+    sampler = (
+        DistributedSampler(data, seed=meta.seed + step)
+        if world > 1
+        else RandomSampler(data, replacement=True, num_samples=10**9)
+    )
+    loader = DataLoader(
+        data,
+        batch_size=meta.batch_size,
+        sampler=sampler,
+        num_workers=meta.num_workers,
+        drop_last=True,
+        persistent_workers=meta.num_workers > 0,
+    )
+    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
+    started, last_log, epoch = time.monotonic(), time.monotonic(), 0
+    stop_requested: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, checkpoint, exit
+        signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
+    sums: dict[str, float] = {}
+    trainer.train()
+    while step < meta.steps:
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch)
+        epoch += 1
+        for item in loader:
+            batch = to_batch(item, device)
+            losses, fake = trainer.step(batch)
+            step += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+            out_of_time = bool(stop_requested) or (
+                max_minutes > 0 and time.monotonic() - started > max_minutes * 60
+            )
+            if rank == 0 and step % meta.log_every == 0:
+                now = time.monotonic()
+                means = {k: v / meta.log_every for k, v in sums.items()}
+                means["sec_per_step"] = (now - last_log) / meta.log_every
+                last_log, sums = now, {}
+                log_scalars(writer, run_dir, step, means)
+            if rank == 0 and step % meta.sample_every == 0:
+                save_samples(writer, run_dir, step, batch, fake)
+            if rank == 0 and (step % meta.checkpoint_every == 0 or step >= meta.steps or out_of_time):
+                save_checkpoint(trainer, cfg, data, run_dir / "last.pt", step)
+            if step >= meta.steps or out_of_time:
+                if out_of_time:
+                    log.info(
+                        "stopping at step %d (%s)", step, "signal" if stop_requested else "--max-minutes"
+                    )
+                return
+
+
+def log_scalars(writer: Any, run_dir: Path, step: int, means: dict[str, float]) -> None:
+    for k, v in means.items():
+        writer.add_scalar(f"loss/{k}" if not k.startswith("sec") else k, v, step)
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in means.items()}}) + "\n")
+    log.info("step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in means.items()))
+
+
+def save_samples(writer: Any, run_dir: Path, step: int, batch: Batch, fake: torch.Tensor) -> None:
+    assert batch.ref_images is not None
+    grid = image_grid([batch.ref_images[:, 0], batch.target_landmarks, fake, batch.target_image])
+    writer.add_image("samples/ref_landmarks_generated_real", grid, step, dataformats="HWC")
+    from PIL import Image
+
+    (run_dir / "samples").mkdir(exist_ok=True)
+    Image.fromarray(grid).save(run_dir / "samples" / f"{step:07d}.png")
+
+
+def save_checkpoint(
+    trainer: Trainer, cfg: ExperimentConfig, data: EpisodeDataset, path: Path, step: int
+) -> None:
+    assert trainer.embedder is not None
+    checkpoint.save(
+        path,
+        {
+            "kind": "meta",
+            "config": cfg.to_dict(),
+            "step": step,
+            "video_ids": data.video_ids,
+            "perceptual": trainer.content.sources,
+            "embedder": trainer.embedder.state_dict(),
+            "generator": trainer.generator.state_dict(),
+            "discriminator": trainer.discriminator.state_dict(),
+            "optimizers": {"g": trainer.opt_g.state_dict(), "d": trainer.opt_d.state_dict()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state()},
+            "metrics": {"last": _last_metrics(path.parent)},
+        },
+    )
+    if step % (cfg.meta.checkpoint_every * 4) == 0:  # an older fallback in case training diverges
+        shutil.copyfile(path, path.with_name("previous.pt"))
+
+
+def _last_metrics(run_dir: Path) -> dict[str, float]:
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return {}
+    lines = f.read_text().splitlines()
+    return json.loads(lines[-1]) if lines else {}
