@@ -1,0 +1,141 @@
+"""The demo, run with the model directly: fine-tune on one portrait, drive it, write a video.
+
+Fine-tunes the committed meta-learned model on the portrait (T = 1), transfers the driving
+landmarks' motion onto the portrait's own face shape (facekit.motion.transfer_motion), generates a
+frame per driving frame and writes <out>/demo.mp4 (driving landmarks | generated face), a PNG
+contact sheet and the personalised checkpoint.
+
+example:
+  python -m training.demo --portrait facekit/assets/demo_portrait.png \\
+      --driver facekit/assets/demo_driver.npz --out out/demo
+  make demo PORTRAIT=me.jpg DRIVER=talking.mp4     # a video or a landmark file drives it
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from facekit.detect import make_detector
+from facekit.motion import transfer_motion
+from facekit.rasterize import draw_batch
+from facekit.sequence import LandmarkSequence
+from facekit.video import VideoWriter, contact_sheet, read_video, save_png
+from training import checkpoint
+from training.finetune import personalise, prepare_images
+from training.generator import Generator
+from training.runtime import from_uint8, setup_logging, to_uint8
+
+log = logging.getLogger("talkinghead.demo")
+VIDEO_SCALE = 2  # small models generate 128 px; the video shows them at 2x
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
+    parser.add_argument("--portrait", type=Path, required=True, help="photo or painting of one face")
+    parser.add_argument("--driver", type=Path, required=True, help="landmark file (.npz/.npy) or video")
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
+    parser.add_argument("--max-frames", type=int, default=0, help="drive at most this many frames")
+    parser.add_argument("--out", type=Path, default=Path("out/demo"))
+
+
+def load_driver(path: Path, max_frames: int) -> LandmarkSequence:
+    if path.suffix.lower() in (".npz", ".npy"):
+        seq = LandmarkSequence.load(path)
+        return seq if not max_frames else LandmarkSequence(seq.points[:max_frames], seq.frame_size, seq.fps)
+    frames, fps = read_video(path, max_frames=max_frames)
+    detector = make_detector("dlib")
+    points, kept = [], 0
+    for frame in frames:
+        faces = detector.detect(frame)
+        if faces:
+            points.append(faces[0].points)
+            kept += 1
+        elif points:  # hold the last pose through a missed detection
+            points.append(points[-1])
+    if not points:
+        raise SystemExit(f"no face found in any frame of {path}")
+    log.info("driver %s: landmarks in %d of %d frames", path, kept, len(frames))
+    h, w = frames[0].shape[:2]
+    return LandmarkSequence(np.stack(points), (w, h), fps)
+
+
+@torch.no_grad()
+def generate(personal: dict, points: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Personalised checkpoint + (N, 68, 2) crop-space landmarks -> (landmark images, frames) uint8."""
+    cfg = checkpoint.config_of(personal).model
+    gen = Generator(cfg)
+    gen.load_state_dict(personal["generator"])
+    gen.eval()
+    drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
+    out = []
+    for i in range(0, len(drawn), batch):
+        y = from_uint8(drawn[i : i + batch])
+        out.append(to_uint8(gen(y, personal["adain"].expand(len(y), -1))))
+    return drawn, np.concatenate(out)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    meta = checkpoint.load(args.checkpoint)
+    size = checkpoint.config_of(meta).model.image_size
+    portrait = np.asarray(Image.open(args.portrait).convert("RGB"))
+    frames, points = prepare_images([portrait], [str(args.portrait)], make_detector("dlib"), size)
+    started = time.monotonic()
+    personal = personalise(
+        meta,
+        frames,
+        points,
+        avatar="demo",
+        steps=args.steps,
+        on_step=lambda s, losses: log.info("fine-tune step %d g_total=%.3f", s, losses["g_total"]),
+    )
+    log.info("fine-tuned on %s in %.0f s", args.portrait, time.monotonic() - started)
+    driver = load_driver(args.driver, args.max_frames)
+    driven = transfer_motion(driver.points, points[0])  # (N, 68, 2) in the portrait's crop
+    started = time.monotonic()
+    drawn, generated = generate(personal, driven)
+    log.info("generated %d frames in %.1f s", len(generated), time.monotonic() - started)
+    write_outputs(args.out, frames[0], drawn, generated, driver.fps, personal)
+    return 0
+
+
+def write_outputs(
+    out: Path, portrait: np.ndarray, drawn: np.ndarray, generated: np.ndarray, fps: float, personal: dict
+) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    s = generated.shape[1] * VIDEO_SCALE
+    up = lambda im: cv2.resize(im, (s, s), interpolation=cv2.INTER_CUBIC)  # noqa: E731
+    with VideoWriter(out / "demo.mp4", fps=fps, size=(3 * s, s)) as video:
+        for lmk, frame in zip(drawn, generated, strict=False):
+            video.write(np.concatenate([up(portrait), up(lmk), up(frame)], axis=1))
+    picks = np.linspace(0, len(generated) - 1, 8).round().astype(int)
+    sheet = contact_sheet(
+        [[portrait], [drawn[i] for i in picks], [generated[i] for i in picks]],
+        labels=["portrait", "driving", "generated"],
+        cell=generated.shape[1],
+    )
+    save_png(out / "contact_sheet.png", sheet)
+    checkpoint.save(out / "avatar.pt", personal)
+    log.info("wrote %s, %s and %s", out / "demo.mp4", out / "contact_sheet.png", out / "avatar.pt")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    return run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
