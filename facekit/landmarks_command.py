@@ -13,7 +13,7 @@ The .npz holds:
   frame_sizes  int32 (N, 2)        [width, height] of each frame
   frame_index  int32 (N,)          video frame number, or index of the image in the arguments
   sources      str (N,)            the file each row comes from
-  fps          float32             the video's frame rate / --every; 25 for stills (LandmarkSequence needs fps > 0)
+  fps          float32             the video's frame rate / --every; 25 for stills (fps must be > 0)
 
 A frame without a face is left out and reported ("no face found in ..."). Exit status 1 when an
 image has no face, or when no frame of a video has one.

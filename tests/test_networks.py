@@ -32,7 +32,10 @@ def test_shapes(name: str) -> None:
     x, y = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
     emb = e(x, y)
     assert emb.shape == (2, 512) and (emb >= 0).all()  # ends in ReLU
-    assert e.embed(x.unsqueeze(1).expand(2, 4, 3, s, s), y.unsqueeze(1).expand(2, 4, 3, s, s)).shape == (2, 512)
+    assert e.embed(x.unsqueeze(1).expand(2, 4, 3, s, s), y.unsqueeze(1).expand(2, 4, 3, s, s)).shape == (
+        2,
+        512,
+    )
     out = g(y, g.project(emb))
     assert out.shape == (2, 3, s, s) and out.abs().max() <= 1
     score, feats = d(out, y, torch.tensor([0, 2]))

@@ -19,9 +19,7 @@ GOLDEN = Path(__file__).parent / "golden"
 POINTS = np.load(GOLDEN / "points_256.npy")  # the astronaut's face (skimage.data), 256 px crop
 
 
-@pytest.mark.parametrize(
-    ("size", "width", "aa"), [(256, 2, True), (128, 1, True), (128, 1, False)]
-)
+@pytest.mark.parametrize(("size", "width", "aa"), [(256, 2, True), (128, 1, True), (128, 1, False)])
 def test_golden(size: int, width: int, aa: bool) -> None:
     got = draw_landmarks(POINTS * size / 256, size, DrawStyle(line_width=width, antialias=aa))
     want = np.asarray(Image.open(GOLDEN / f"landmarks_{size}_w{width}_{'aa' if aa else 'noaa'}.png"))
