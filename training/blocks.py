@@ -131,5 +131,5 @@ def global_pool(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 def assert_shape(t: torch.Tensor, shape: tuple[int | None, ...], name: str) -> None:
     """Check a tensor at a module boundary; None matches any size (stylegan3 misc.assert_shape)."""
-    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+    if t.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape, strict=False)):
         raise ValueError(f"{name}: expected shape {shape}, got {tuple(t.shape)}")

@@ -8,8 +8,16 @@ import math
 import torch
 from torch import nn
 
-from training.blocks import AdaIN, ResBlock, ResBlockDown, ResBlockUp, SelfAttention, assert_shape
-from training.blocks import channel_plan, conv
+from training.blocks import (
+    AdaIN,
+    ResBlock,
+    ResBlockDown,
+    ResBlockUp,
+    SelfAttention,
+    assert_shape,
+    channel_plan,
+    conv,
+)
 from training.config import ModelConfig
 
 
