@@ -39,15 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"talkinghead: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
+    return run_module(COMMANDS[name][0], rest, prog=f"talkinghead {name}")
+
+
+def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
+    """Parse `argv` with the module's own arguments and run it (also `python -m` entry points)."""
+    module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(
-        prog=f"talkinghead {name}",
-        description=module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     module.add_arguments(parser)
-    args = parser.parse_args(rest)
-    return int(module.run(args) or 0)
+    return int(module.run(parser.parse_args(argv)) or 0)
 
 
 if __name__ == "__main__":

@@ -127,15 +127,9 @@ def write_outputs(
     log.info("wrote %s, %s and %s", out / "demo.mp4", out / "contact_sheet.png", out / "avatar.pt")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.demo",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from talkinghead.cli import run_module
+
+    raise SystemExit(run_module("training.demo", sys.argv[1:], prog="python -m training.demo"))

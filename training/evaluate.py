@@ -154,15 +154,9 @@ def _json_default(v: Any) -> Any:
     return float(v) if isinstance(v, np.floating) else str(v)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m training.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    add_arguments(parser)
-    return run(parser.parse_args())
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    from talkinghead.cli import run_module
+
+    raise SystemExit(run_module("training.evaluate", sys.argv[1:], prog="python -m training.evaluate"))
