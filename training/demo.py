@@ -20,18 +20,15 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import torch
 from PIL import Image
 
 from facekit.detect import make_detector
 from facekit.motion import transfer_motion
-from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, contact_sheet, read_video, save_png
 from training import checkpoint
-from training.finetune import personalise, prepare_images
-from training.generator import Generator
-from training.runtime import from_uint8, setup_logging, to_uint8
+from training.finetune import generate, personalise, prepare_images
+from training.runtime import setup_logging
 
 log = logging.getLogger("talkinghead.demo")
 VIDEO_SCALE = 2  # small models generate 128 px; the video shows them at 2x
@@ -67,21 +64,6 @@ def load_driver(path: Path, max_frames: int) -> LandmarkSequence:
     return LandmarkSequence(np.stack(points), (w, h), fps)
 
 
-@torch.no_grad()
-def generate(personal: dict, points: np.ndarray, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Personalised checkpoint + (N, 68, 2) crop-space landmarks -> (landmark images, frames) uint8."""
-    cfg = checkpoint.config_of(personal).model
-    gen = Generator(cfg)
-    gen.load_state_dict(personal["generator"])
-    gen.eval()
-    drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
-    out = []
-    for i in range(0, len(drawn), batch):
-        y = from_uint8(drawn[i : i + batch])
-        out.append(to_uint8(gen(y, personal["adain"].expand(len(y), -1))))
-    return drawn, np.concatenate(out)
-
-
 def run(args: argparse.Namespace) -> int:
     setup_logging()
     meta = checkpoint.load(args.checkpoint)
@@ -101,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     driver = load_driver(args.driver, args.max_frames)
     driven = transfer_motion(driver.points, points[0])  # (N, 68, 2) in the portrait's crop
     started = time.monotonic()
-    drawn, generated = generate(personal, driven)
+    drawn, generated = generate(personal, personal["adain"], driven)
     log.info("generated %d frames in %.1f s", len(generated), time.monotonic() - started)
     write_outputs(args.out, frames[0], drawn, generated, driver.fps, personal)
     return 0

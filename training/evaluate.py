@@ -23,14 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from facekit.detect import make_detector
+from facekit.detect import LandmarkDetector, make_detector
 from facekit.rasterize import draw_batch
 from facekit.video import contact_sheet, save_png
 from training import checkpoint
 from training.data import load_frames
-from training.finetune import personalise
+from training.finetune import generate, personalise
 from training.metrics import evaluate_reenactment
-from training.runtime import from_uint8, setup_logging, to_uint8
+from training.runtime import from_uint8, setup_logging
 
 log = logging.getLogger("talkinghead.evaluate")
 
@@ -64,24 +64,15 @@ def meta_psi(meta: dict[str, Any], frames: np.ndarray, points: np.ndarray) -> to
     return gen.project(emb(from_uint8(frames), landmarks).mean(0, keepdim=True))
 
 
-@torch.no_grad()
-def generate(gen_ckpt: dict[str, Any], psi: torch.Tensor, points: np.ndarray) -> np.ndarray:
-    _, gen, _ = checkpoint.build_networks(gen_ckpt, with_discriminator=False)
-    cfg = checkpoint.config_of(gen_ckpt).model
-    y = from_uint8(draw_batch(points, cfg.image_size, cfg.draw_style))
-    return np.concatenate(
-        [to_uint8(gen(y[i : i + 16], psi.expand(len(y[i : i + 16]), -1))) for i in range(0, len(y), 16)]
-    )
-
-
-def evaluate_clip(meta: dict[str, Any], clip_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
+def evaluate_clip(
+    meta: dict[str, Any], clip_dir: Path, detector: LandmarkDetector, args: argparse.Namespace
+) -> dict[str, Any]:
     frames, points = load_frames(clip_dir)
     train, test = split(len(frames), args.shots, args.drive)
-    detector = make_detector("dlib")
     psi_meta = meta_psi(meta, frames[train], points[train])
-    before = generate(meta, psi_meta, points[test])
+    _, before = generate(meta, psi_meta, points[test])
     personal = personalise(meta, frames[train], points[train], avatar="validation", steps=args.steps)
-    after = generate(personal, personal["adain"], points[test])
+    _, after = generate(personal, personal["adain"], points[test])
     result = {
         "clip": clip_dir.name,
         "shots": len(train),
@@ -123,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = checkpoint.config_of(meta)
     data = args.data or Path(cfg.meta.data)
     clips = args.clips or list(cfg.meta.validation_videos)
-    results = [evaluate_clip(meta, data / clip, args) for clip in clips]
+    detector = make_detector("dlib")  # loads dlib's models once for every clip
+    results = [evaluate_clip(meta, data / clip, detector, args) for clip in clips]
     rows, labels = [], []
     for r in results:
         rows += r.pop("_rows")

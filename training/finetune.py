@@ -30,7 +30,7 @@ from facekit.ids import validate_avatar_id
 from facekit.rasterize import draw_batch
 from training import checkpoint
 from training.config import ExperimentConfig
-from training.runtime import from_uint8, pick_device, setup_logging
+from training.runtime import from_uint8, pick_device, setup_logging, to_uint8
 from training.steps import Batch, Trainer
 
 log = logging.getLogger("talkinghead.finetune")
@@ -96,6 +96,8 @@ def personalise(
         psi = gen.project(e_new)  # (1, D)
     disc.personalise(e_new)
     trainer = Trainer(cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
+    assert trainer.adain is not None
+    psi_prime = trainer.adain
     trainer.train()
     bs = min(cfg.finetune.batch_size, len(frames))
     gen_rng = torch.Generator().manual_seed(cfg.finetune.seed)
@@ -119,10 +121,26 @@ def personalise(
         "base_step": meta.get("step"),
         "perceptual": trainer.content.sources,
         "generator": gen.state_dict(),
-        "adain": trainer.adain.detach().cpu() if trainer.adain is not None else psi.cpu(),  # psi' (1, D)
+        "adain": psi_prime.detach().cpu(),  # psi' (1, D)
         "embedding": e_new.cpu(),
         "metrics": {"history": history, "frames": len(frames), "seconds": time.monotonic() - started},
     }
+
+
+@torch.no_grad()
+def generate(
+    ckpt: dict[str, Any], psi: torch.Tensor, points: np.ndarray, *, batch: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """G of `ckpt` with AdaIN parameters psi (1, D) for crop-space landmarks (N, 68, 2)
+    -> (landmark images, generated frames), both uint8 (N, S, S, 3)."""
+    _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
+    cfg = checkpoint.config_of(ckpt).model
+    drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
+    frames = [
+        to_uint8(gen(y, psi.expand(len(y), -1)))
+        for y in (from_uint8(drawn[i : i + batch]) for i in range(0, len(drawn), batch))
+    ]
+    return drawn, np.concatenate(frames)
 
 
 def run(args: argparse.Namespace) -> int:
