@@ -58,5 +58,8 @@ train-small: preprocess
 validate: $(STAMP)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --faces $(FACES) --out models/validation.json
 
+# Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
+-include mk/*.mk
+
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache
