@@ -17,6 +17,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("training.preprocess", "videos -> face crops + landmarks for training"),
     "train": ("training.train", "meta-learn E, G, D over many people's videos"),
     "finetune": ("training.finetune", "personalise the model on T images of one person"),
+    "export": ("export.command", "checkpoint -> ONNX -> Triton model repository (+ parity report)"),
+    "serve": ("service.serve_command", "run the gRPC service (avatars, animation streams, metrics)"),
+    "avatar": ("service.avatar_command", "create/list/get/delete avatars on a running service"),
+    "animate": ("service.animate_command", "drive an avatar with a video or landmark file -> video"),
+    "bench": ("service.bench", "benchmark the backend and the service; writes JSON figures"),
 }
 
 

@@ -1,0 +1,171 @@
+"""`talkinghead export`: a checkpoint -> ONNX files -> a Triton model repository, with a report.
+
+A meta checkpoint gives `embedder` and `generator`; a personalised one (from `talkinghead
+finetune`) adds `generator_<avatar>` to a live repository as a new model version. Every model is
+checked against PyTorch on real frames (the demo portrait, driven by the demo landmarks) and
+timed with ONNX Runtime on CPU; the figures go to the report (JSON) and the log.
+
+    talkinghead export --checkpoint models/talkinghead-small.pt --repository model_repository
+    talkinghead export --checkpoint out/demo/avatar.pt --repository model_repository \\
+        --triton-url 127.0.0.1:8001          # add an avatar's generator and load it in Triton
+    talkinghead export --remove-avatar demo --repository model_repository --triton-url 127.0.0.1:8001
+    talkinghead export --checkpoint models/talkinghead-small.pt --repository repo-trt --profile tensorrt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from export import repository, to_onnx
+from facekit.detect import make_detector
+from facekit.ids import validate_avatar_id
+from facekit.motion import transfer_motion
+from facekit.rasterize import draw_batch
+from facekit.sequence import LandmarkSequence
+from training import checkpoint
+from training.finetune import prepare_images
+
+log = logging.getLogger("talkinghead.export")
+ASSETS = Path(__file__).resolve().parent.parent / "facekit" / "assets"
+PARITY_FRAMES = 8
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, help="meta or personalised checkpoint (.pt)")
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--profile",
+        choices=repository.PROFILES,
+        default="python",
+        help="Triton platform: python (runs here), onnxruntime or tensorrt (default: python)",
+    )
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (onnxruntime)")
+    parser.add_argument("--report", type=Path, help="JSON report (default: <repository>.export.json)")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check and timing")
+    parser.add_argument("--triton-url", help="load (or unload) the changed models in this Triton (gRPC)")
+    parser.add_argument("--remove-avatar", metavar="ID", help="unload and delete generator_<ID>")
+
+
+def real_inputs(ckpt: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs for every model built from the demo portrait and the demo driver's first frames."""
+    cfg = checkpoint.config_of(ckpt).model
+    portrait = np.asarray(Image.open(ASSETS / "demo_portrait.png").convert("RGB"))
+    frames, points = prepare_images([portrait], ["demo_portrait.png"], make_detector("dlib"), cfg.image_size)
+    driver = LandmarkSequence.load(ASSETS / "demo_driver.npz")
+    steps = np.linspace(0, len(driver) - 1, PARITY_FRAMES).round().astype(int)
+    driven = transfer_motion(driver.points[steps], points[0])  # (F, 68, 2) in the portrait's crop
+    drawn = draw_batch(driven, cfg.image_size, cfg.draw_style)  # (F, S, S, 3)
+    mirror = frames[:, :, ::-1], draw_batch(points, cfg.image_size, cfg.draw_style)[:, :, ::-1]
+    images = np.concatenate([frames, mirror[0]])  # (2, S, S, 3): the photo and its mirror image
+    landmarks = np.concatenate([draw_batch(points, cfg.image_size, cfg.draw_style), mirror[1]])
+    return {
+        "embedder": {"image": images, "landmark_image": landmarks},
+        "generator": {"landmark_image": drawn},
+        "personalised": {"landmark_image": drawn},
+    }
+
+
+def check(graph: to_onnx.Graph, path: Path, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
+    kind = graph.metadata["talkinghead.kind"]
+    feeds = dict(inputs[kind])
+    if kind == "generator":  # psi of the portrait, from the embedder
+        adain = to_onnx.session(path.with_name("embedder.onnx")).run(["adain"], inputs["embedder"])[0]
+        feeds["adain"] = np.repeat(adain[:1], len(feeds["landmark_image"]), axis=0)
+    figures = to_onnx.parity(graph, path, feeds)
+    for p in figures:
+        log.info(
+            "parity %s.%s vs PyTorch: max |diff| %.3g, mean %.3g (%s)",
+            p.model,
+            p.output,
+            p.max_abs,
+            p.mean_abs,
+            p.unit,
+        )
+    latency = {f"batch_{b}": round(to_onnx.latency_ms(path, b), 2) for b in (1, 8)}
+    log.info("onnxruntime CPU latency %s: %s ms", graph.name, latency)
+    return {"parity": [vars(p) for p in figures], "latency_ms": latency}
+
+
+def export(args: argparse.Namespace) -> dict[str, Any]:
+    ckpt = checkpoint.load(args.checkpoint)
+    report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "profile": args.profile, "models": {}}
+    inputs = None if args.no_check else real_inputs(ckpt)
+    args.repository.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="talkinghead-export-") as tmp:
+        changed = []
+        for graph in to_onnx.graphs(ckpt):
+            started = time.monotonic()
+            path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
+            entry = {"export_seconds": round(time.monotonic() - started, 1), **to_onnx.describe(path)}
+            if inputs is not None:
+                entry.update(check(graph, path, inputs))
+            latest = repository.versions(args.repository / graph.name)
+            same = (
+                latest
+                and (args.repository / graph.name / str(latest[-1]) / "model.onnx").read_bytes()
+                == path.read_bytes()
+            )
+            version_dir = repository.write_model(
+                args.repository, path, profile=args.profile, device=args.device, new_version=not same
+            )
+            if not same:
+                changed.append(graph.name)
+            entry["path"] = str(version_dir)
+            report["models"][graph.name] = entry
+            log.info(
+                "%s -> %s (%.1f MB, opset %d)", graph.name, version_dir, entry["bytes"] / 1e6, entry["opset"]
+            )
+    if args.triton_url:
+        triton_load(args.triton_url, changed)
+    return report
+
+
+def triton_load(url: str, names: list[str]) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    for name in names:
+        client.load_model(name)
+        log.info("loaded %s in Triton at %s", name, url)
+
+
+def remove_avatar(args: argparse.Namespace) -> int:
+    name = f"generator_{validate_avatar_id(args.remove_avatar)}"
+    if args.triton_url:
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            grpcclient.InferenceServerClient(args.triton_url).unload_model(name)
+            log.info("unloaded %s from Triton at %s", name, args.triton_url)
+        except InferenceServerException as err:
+            log.warning("Triton could not unload %s: %s", name, err)
+    if not repository.remove_model(args.repository, name):
+        log.error("%s is not in %s", name, args.repository)
+        return 1
+    log.info("removed %s from %s", name, args.repository)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.remove_avatar:
+        return remove_avatar(args)
+    if args.checkpoint is None:
+        raise SystemExit("talkinghead export: --checkpoint is required (or --remove-avatar ID)")
+    report = export(args)
+    out = args.report or args.repository.with_name(args.repository.name + ".export.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    log.info("report: %s", out)
+    return 0

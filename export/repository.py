@@ -1,0 +1,214 @@
+"""Stage 3: ONNX files -> a Triton model repository, one description rendered per platform profile.
+
+    write_model(Path("model_repository"), Path("build/onnx/generator.onnx"), profile="python")
+    # model_repository/generator/config.pbtxt, model_repository/generator/1/{model.onnx,model.py}
+
+Profiles (the same tensors, batching and parameters; only the platform part differs):
+  onnxruntime  platform onnxruntime_onnx, `1/model.onnx` (CPU, or GPU with --device gpu)
+  tensorrt     platform tensorrt_plan, `1/model.onnx` kept beside the config for
+               `python -m export.to_tensorrt`, which builds `1/model.plan` on the serving GPU
+  python       backend python, `1/model.py` running `1/model.onnx` with onnxruntime: the
+               Triton build bundled with nvidia-pytriton has only the python backend
+
+Adding a model never edits a live version: it writes `<name>/<n+1>/` beside the old one in a
+staging folder and renames it into place, so Triton in explicit model-control mode can load the
+new version without a restart. Torch-free: the service image's tools and the Triton image use it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+
+PROFILES = ("onnxruntime", "tensorrt", "python")
+PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
+_ONNX_TO_TRITON = {
+    onnx.TensorProto.UINT8: "TYPE_UINT8",
+    onnx.TensorProto.FLOAT: "TYPE_FP32",
+    onnx.TensorProto.FLOAT16: "TYPE_FP16",
+    onnx.TensorProto.INT64: "TYPE_INT64",
+}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str  # Triton TYPE_*
+    dims: tuple[int, ...]  # without the batch axis
+
+
+@dataclass(frozen=True)
+class Batching:
+    """Triton dynamic batching. Measured on 2 CPU cores (README, export report): the generator's
+    cost per frame is flat from batch 1 to 16 on CPU, so CPU profiles merge only requests that
+    are already queued (no delay); GPU profiles wait up to 1 ms for fuller batches."""
+
+    preferred: tuple[int, ...]
+    max_queue_delay_us: int
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything config.pbtxt says about one model, read from its ONNX file."""
+
+    name: str
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    parameters: dict[str, str] = field(default_factory=dict)
+    max_batch_size: int = 16
+    batching: Batching | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.parameters.get("talkinghead.kind", "")
+
+
+def _tensors(values: list[onnx.ValueInfoProto]) -> tuple[Tensor, ...]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = tuple(d.dim_value for d in t.shape.dim[1:])
+        if any(d <= 0 for d in dims):
+            raise ValueError(f"{v.name}: only the batch axis may be dynamic, got {list(t.shape.dim)}")
+        out.append(Tensor(v.name, _ONNX_TO_TRITON[t.elem_type], dims))
+    return tuple(out)
+
+
+def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python") -> ModelSpec:
+    """Describe an exported model; batching policy by kind (the embedder runs once per avatar)."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    params = {p.key: p.value for p in model.metadata_props if p.key.startswith("talkinghead.")}
+    kind = params.get("talkinghead.kind", "")
+    name = name or (f"generator_{params['talkinghead.avatar']}" if kind == "personalised" else kind)
+    if not name or not _NAME.match(name):
+        raise ValueError(f"{onnx_path}: cannot name the model (kind {kind!r}); pass a valid name")
+    gpu = profile == "tensorrt"
+    if kind == "embedder":  # K photos of one avatar in one call, no queueing
+        max_batch, batching = 32, None
+    else:
+        max_batch = 16
+        batching = Batching((4, 8, 16), 1000) if gpu else Batching((), 0)
+    return ModelSpec(
+        name,
+        _tensors(list(model.graph.input)),
+        _tensors(list(model.graph.output)),
+        params,
+        max_batch,
+        batching,
+    )
+
+
+def _tensor_block(kind: str, tensors: tuple[Tensor, ...]) -> list[str]:
+    lines = [f"{kind} ["]
+    for i, t in enumerate(tensors):
+        dims = ", ".join(map(str, t.dims))
+        sep = "," if i < len(tensors) - 1 else ""
+        lines.append(f'  {{ name: "{t.name}" data_type: {t.dtype} dims: [ {dims} ] }}{sep}')
+    return [*lines, "]"]
+
+
+def config_text(spec: ModelSpec, profile: str, *, device: str = "cpu") -> str:
+    """config.pbtxt for one profile: minimal (no name: Triton takes the directory's)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {', '.join(PROFILES)}")
+    platform = {
+        "onnxruntime": 'platform: "onnxruntime_onnx"',
+        "tensorrt": 'platform: "tensorrt_plan"',
+        "python": 'backend: "python"',
+    }[profile]
+    kind = "KIND_GPU" if profile == "tensorrt" or device == "gpu" else "KIND_CPU"
+    lines = [
+        f"# Generated by `talkinghead export` ({profile} profile); edits are overwritten.",
+        platform,
+        f"max_batch_size: {spec.max_batch_size}",
+        *_tensor_block("input", spec.inputs),
+        *_tensor_block("output", spec.outputs),
+        f"instance_group [ {{ count: 1 kind: {kind} }} ]",
+    ]
+    if spec.batching is not None:
+        preferred = ", ".join(map(str, spec.batching.preferred))
+        lines.append("dynamic_batching {")
+        if preferred:
+            lines.append(f"  preferred_batch_size: [ {preferred} ]")
+        lines += [f"  max_queue_delay_microseconds: {spec.batching.max_queue_delay_us}", "}"]
+    for key, value in sorted(spec.parameters.items()):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        lines.append(f'parameters {{ key: "{key}" value: {{ string_value: "{escaped}" }} }}')
+    return "\n".join(lines) + "\n"
+
+
+def versions(model_dir: Path) -> list[int]:
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_model(
+    repository: Path,
+    onnx_path: Path,
+    *,
+    profile: str = "python",
+    device: str = "cpu",
+    name: str | None = None,
+    new_version: bool = True,
+) -> Path:
+    """Add `onnx_path` to the repository as a model; returns the version directory written.
+
+    new_version=True writes `<name>/<latest+1>/` (a live repository: Triton can load it while the
+    old version serves); False replaces version 1 (building a repository from scratch).
+    """
+    spec = spec_of(onnx_path, name=name, profile=profile)
+    model_dir = repository / spec.name
+    existing = versions(model_dir)
+    version = (existing[-1] + 1 if existing else 1) if new_version else 1
+    staging = Path(tempfile.mkdtemp(dir=repository.parent, prefix=f".{repository.name}-staging-"))
+    try:
+        shutil.copyfile(onnx_path, staging / "model.onnx")
+        if profile == "python":
+            shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+        model_dir.mkdir(parents=True, exist_ok=True)
+        target = model_dir / str(version)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
+    for old in versions(model_dir)[:-KEEP_VERSIONS]:
+        shutil.rmtree(model_dir / str(old))
+    return target
+
+
+def remove_model(repository: Path, name: str) -> bool:
+    """Delete `<repository>/<name>/`; False if it was not there. Unload it from Triton first."""
+    if not _NAME.match(name):
+        raise ValueError(f"invalid model name {name!r}")
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        return False
+    trash = Path(tempfile.mkdtemp(dir=repository.parent, prefix=f".{repository.name}-removed-"))
+    os.replace(model_dir, trash / name)  # one rename: readers never see a half-deleted model
+    shutil.rmtree(trash)
+    return True
+
+
+def models(repository: Path) -> list[str]:
+    """Names of the models in a repository (directories holding a config.pbtxt)."""
+    if not repository.is_dir():
+        return []
+    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())

@@ -1,0 +1,244 @@
+"""Stage 1: checkpoint -> single-file ONNX models, with graph hygiene and a parity check.
+
+    paths = export_checkpoint(checkpoint.load("models/talkinghead-small.pt"), Path("build/onnx"))
+    # {'embedder': build/onnx/embedder.onnx, 'generator': build/onnx/generator.onnx}
+
+A meta checkpoint gives `embedder` and `generator`; a personalised one gives `generator_<avatar>`.
+Every file carries `talkinghead.*` metadata (kind, image size, AdaIN size, drawing style, crop
+scale, model id) so the service rebuilds its pre-processing from the model alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from export.wrappers import EmbedderIO, GeneratorIO, PersonalGeneratorIO
+from training import checkpoint
+from training.config import ExperimentConfig
+
+log = logging.getLogger("talkinghead.export")
+
+OPSET = 20
+CROP_SCALE = 1.8  # facekit.crop.crop_box default, the crop training and preprocessing use
+MAX_EXPORT_BATCH = 64  # upper bound the exporter checks the dynamic batch axis against
+PRODUCER = "talkinghead-export"
+
+
+def model_id(ckpt: dict[str, Any]) -> str:
+    """Fingerprint of the weights that turn photos into psi and psi into frames (16 hex digits).
+
+    Avatars store it: psi made by one model's embedder is meaningless to another's generator.
+    A personalised checkpoint carries the id of the meta model it was fine-tuned from.
+    """
+    if ckpt.get("kind") == "personalised" and ckpt.get("base_model_id"):
+        return str(ckpt["base_model_id"])
+    digest = hashlib.sha256()
+    for part in ("embedder", "generator"):
+        for name, tensor in sorted(ckpt.get(part, {}).items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, str]:
+    cfg: ExperimentConfig = checkpoint.config_of(ckpt)
+    meta = {
+        "talkinghead.kind": kind,
+        "talkinghead.image_size": str(cfg.model.image_size),
+        "talkinghead.adain_size": str(adain_size),
+        "talkinghead.embedding_size": str(cfg.model.embedding_dim),
+        "talkinghead.draw_style": json.dumps(asdict(cfg.model.draw_style), sort_keys=True),
+        "talkinghead.crop_scale": str(CROP_SCALE),
+        "talkinghead.model_id": model_id(ckpt),
+        "talkinghead.step": str(ckpt.get("step", 0)),
+    }
+    if kind == "personalised":
+        meta["talkinghead.avatar"] = str(ckpt["avatar"])
+    return meta
+
+
+@dataclass(frozen=True)
+class Graph:
+    """What to export: a wrapper module, example inputs and the contract's tensor names."""
+
+    name: str
+    module: torch.nn.Module
+    inputs: dict[str, torch.Tensor]
+    outputs: list[str]
+    metadata: dict[str, str]
+
+
+def graphs(ckpt: dict[str, Any]) -> list[Graph]:
+    """The models a checkpoint exports to: embedder + generator (meta) or generator_<avatar>."""
+    emb, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
+    s, d = gen.cfg.image_size, gen.adain_size
+    image = torch.zeros(2, s, s, 3, dtype=torch.uint8)  # (B, S, S, 3)
+    adain = torch.zeros(2, d)  # (B, D)
+    if ckpt.get("kind") == "personalised":
+        name = f"generator_{ckpt['avatar']}"
+        module = PersonalGeneratorIO(gen, ckpt["adain"])
+        return [
+            Graph(
+                name,
+                module,
+                {"landmark_image": image},
+                ["image"],
+                metadata(ckpt, "personalised", adain_size=d),
+            )
+        ]
+    if emb is None:
+        raise ValueError("a meta checkpoint must hold the embedder")
+    return [
+        Graph(
+            "embedder",
+            EmbedderIO(emb, gen),
+            {"image": image, "landmark_image": image.clone()},  # distinct: the exporter merges aliases
+            ["embedding", "adain"],
+            metadata(ckpt, "embedder", adain_size=d),
+        ),
+        Graph(
+            "generator",
+            GeneratorIO(gen),
+            {"landmark_image": image, "adain": adain},
+            ["image"],
+            metadata(ckpt, "generator", adain_size=d),
+        ),
+    ]
+
+
+def export_graph(graph: Graph, path: Path) -> Path:
+    """Export one graph to a single self-contained ONNX file with a dynamic batch axis."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(
+            graph.module,
+            tuple(graph.inputs.values()),
+            str(path),
+            input_names=list(graph.inputs),
+            output_names=graph.outputs,
+            dynamic_shapes={name: {0: batch} for name in graph.inputs},
+            opset_version=OPSET,
+            external_data=False,
+            dynamo=True,
+            optimize=True,  # constant folding and dead-code removal (onnxscript optimizer)
+            verbose=False,
+        )
+    model = onnx.load(str(path))
+    simplified = simplify(model)
+    stamp(simplified, graph.metadata)
+    onnx.checker.check_model(simplified, full_check=True)
+    onnx.save(simplified, str(path))
+    return path
+
+
+def simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    """onnxslim pass (shape-op folding, identity elimination); kept only if it validates."""
+    try:
+        import onnxslim
+
+        slim = onnxslim.slim(model)
+    except Exception as err:
+        log.warning("onnxslim skipped: %s", err)
+        return model
+    log.info("onnxslim: %d -> %d nodes", len(model.graph.node), len(slim.graph.node))
+    return slim
+
+
+def stamp(model: onnx.ModelProto, meta: dict[str, str]) -> None:
+    """Write metadata and fix the fields that would otherwise vary between runs."""
+    del model.metadata_props[:]
+    for key, value in sorted(meta.items()):
+        model.metadata_props.add(key=key, value=value)
+    model.producer_name = PRODUCER
+    model.producer_version = "1"
+    model.doc_string = ""
+    model.graph.doc_string = ""
+
+
+def export_checkpoint(ckpt: dict[str, Any], out_dir: Path) -> dict[str, Path]:
+    """Export every graph of `ckpt` into `out_dir/<name>.onnx`."""
+    paths = {}
+    for graph in graphs(ckpt):
+        started = time.monotonic()
+        paths[graph.name] = export_graph(graph, out_dir / f"{graph.name}.onnx")
+        log.info("exported %s in %.1f s", paths[graph.name], time.monotonic() - started)
+    return paths
+
+
+def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@dataclass(frozen=True)
+class Parity:
+    """Largest and mean absolute difference ONNX Runtime vs PyTorch, per output."""
+
+    model: str
+    output: str
+    max_abs: float
+    mean_abs: float
+    unit: str  # "uint8 levels" for images, "float" for embeddings and psi
+
+
+@torch.no_grad()
+def parity(graph: Graph, path: Path, inputs: dict[str, np.ndarray]) -> list[Parity]:
+    """Run the same inputs through the PyTorch wrapper and the ONNX file; compare every output."""
+    expected = graph.module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()))
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    got = session(path).run(graph.outputs, inputs)
+    result = []
+    for name, want, have in zip(graph.outputs, expected, got, strict=True):
+        diff = np.abs(want.numpy().astype(np.float64) - have.astype(np.float64))
+        unit = "uint8 levels" if have.dtype == np.uint8 else "float"
+        result.append(Parity(graph.name, name, float(diff.max()), float(diff.mean()), unit))
+    return result
+
+
+def latency_ms(path: Path, batch: int, *, repeats: int = 10, threads: int = 0) -> float:
+    """Median ONNX Runtime CPU latency of one call at `batch`, in milliseconds."""
+    sess = session(path, threads=threads)
+    feeds = {}
+    for spec in sess.get_inputs():
+        shape = [batch, *spec.shape[1:]]
+        if spec.type == "tensor(uint8)":
+            feeds[spec.name] = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+        else:
+            feeds[spec.name] = np.zeros(shape, np.float32)
+    sess.run(None, feeds)  # warm-up: allocations and kernel selection
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times))
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Size, opset and tensor signature of an ONNX file, for the export report."""
+    model = onnx.load(str(path), load_external_data=False)
+    sig = lambda values: {  # noqa: E731
+        v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in values
+    }
+    return {
+        "bytes": path.stat().st_size,
+        "opset": max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        "nodes": len(model.graph.node),
+        "inputs": sig(model.graph.input),
+        "outputs": sig(model.graph.output),
+        "metadata": {p.key: p.value for p in model.metadata_props},
+    }

@@ -1,0 +1,233 @@
+"""Run the Triton server bundled in the nvidia-pytriton wheel on 127.0.0.1, for tests and `make triton`.
+
+    python -m export.triton_local start --repository model_repository   # returns once ready
+    python -m export.triton_local stop                                  # nothing left running
+
+The wheel's tritonserver 2.51 has only the python backend, so the repository must be exported
+with the `python` profile. Two pitfalls the launcher handles (DESIGN.md): the backend files are
+copied into a backend directory of our own, and the python stub must find *this* interpreter's
+libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). Stdlib only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_VENV = Path(".venv-triton")
+DEFAULT_STATE = Path("var/triton")
+PY = f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+@dataclass(frozen=True)
+class Ports:
+    http: int = 8000
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+def site_packages(venv: Path) -> Path:
+    return venv / "lib" / f"python{PY}" / "site-packages"
+
+
+def server_root(venv: Path) -> Path:
+    root = site_packages(venv) / "pytriton" / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise FileNotFoundError(f"no tritonserver in {root}: run `make triton-venv` (nvidia-pytriton wheel)")
+    return root
+
+
+def backend_dir(venv: Path, state: Path) -> Path:
+    """A backend directory holding the python backend and the stub for this Python version."""
+    root = server_root(venv)
+    dest = state / "backends" / "python"
+    dest.mkdir(parents=True, exist_ok=True)
+    for src in (
+        root / "backends" / "python" / "libtriton_python.so",
+        root / "backends" / "python" / "triton_python_backend_utils.py",
+        root / "python_backend_stubs" / PY / "triton_python_backend_stub",
+    ):
+        shutil.copy2(src, dest / src.name)
+    return dest.parent
+
+
+def environment(venv: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{(venv / 'bin').resolve()}{os.pathsep}{env.get('PATH', '')}"
+    libs = [sysconfig.get_config_var("LIBDIR"), str((site_packages(venv) / "nvidia_pytriton.libs").resolve())]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TALKINGHEAD_ORT_THREADS", "0")
+    return env
+
+
+def command(
+    repository: Path, venv: Path, state: Path, ports: Ports, *, explicit: bool, load: list[str]
+) -> list[str]:
+    cmd = [
+        str(server_root(venv) / "bin" / "tritonserver"),
+        f"--model-repository={repository.resolve()}",
+        f"--backend-directory={backend_dir(venv, state).resolve()}",
+        "--http-address=127.0.0.1",
+        f"--http-port={ports.http}",
+        "--grpc-address=127.0.0.1",
+        f"--grpc-port={ports.grpc}",
+        "--metrics-address=127.0.0.1",
+        f"--metrics-port={ports.metrics}",
+        "--allow-metrics=true",
+        "--log-verbose=0",
+        "--exit-timeout-secs=10",
+    ]
+    if explicit:
+        cmd.append("--model-control-mode=explicit")
+        cmd += [f"--load-model={name}" for name in load]
+    return cmd
+
+
+def ready(ports: Ports) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+@dataclass
+class Server:
+    """A started server: its process, ports and log file."""
+
+    process: subprocess.Popen[bytes]
+    ports: Ports
+    log: Path
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.process.returncode}:\n{tail(self.log)}")
+            if ready(self.ports):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{tail(self.log)}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        terminate(self.process.pid, timeout)
+        self.process.wait()
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def start(
+    repository: Path,
+    *,
+    venv: Path = DEFAULT_VENV,
+    state: Path = DEFAULT_STATE,
+    ports: Ports = Ports(),
+    explicit: bool = True,
+    load: list[str] | None = None,
+) -> Server:
+    """Start tritonserver in its own process group; call `wait_ready` before use."""
+    state.mkdir(parents=True, exist_ok=True)
+    load = ["embedder", "generator"] if load is None else load
+    log = state / "tritonserver.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            command(repository, venv, state, ports, explicit=explicit, load=load),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=environment(venv),
+            start_new_session=True,  # its own group: stop() reaches the python stubs too
+        )
+    return Server(process, ports, log)
+
+
+def terminate(pid: int, timeout: float) -> None:
+    """SIGTERM the process group, SIGKILL what is left after `timeout` seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m export.triton_local",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("action", choices=["start", "stop", "status"])
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="pid file and log folder")
+    parser.add_argument("--http-port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=8001)
+    parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("--load", nargs="*", help="models loaded at start (default: every model)")
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for readiness")
+    args = parser.parse_args(argv)
+    pid_file = args.state / "tritonserver.json"
+    if args.action == "stop":
+        if not pid_file.exists():
+            print("tritonserver: not running")
+            return 0
+        terminate(json.loads(pid_file.read_text())["pid"], 15.0)
+        pid_file.unlink()
+        print("tritonserver: stopped")
+        return 0
+    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    if args.action == "status":
+        print(f"tritonserver: {'ready' if ready(ports) else 'not ready'} on 127.0.0.1:{ports.http}")
+        return 0 if ready(ports) else 1
+    if pid_file.exists():
+        terminate(json.loads(pid_file.read_text())["pid"], 15.0)
+    load = (
+        args.load
+        if args.load is not None
+        else [p.parent.name for p in args.repository.glob("*/config.pbtxt")]
+    )
+    server = start(args.repository, venv=args.venv, state=args.state, ports=ports, load=sorted(load))
+    pid_file.write_text(json.dumps({"pid": server.process.pid, **vars(ports)}))
+    try:
+        server.wait_ready(args.timeout)
+    except (RuntimeError, TimeoutError) as err:
+        terminate(server.process.pid, 5.0)
+        pid_file.unlink(missing_ok=True)
+        print(err, file=sys.stderr)
+        return 1
+    print(
+        f"tritonserver ready: grpc 127.0.0.1:{ports.grpc}, http 127.0.0.1:{ports.http}, "
+        f"metrics http://127.0.0.1:{ports.metrics}/metrics; models {', '.join(sorted(load))}; "
+        f"log {server.log}; stop with `make triton-stop`"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
