@@ -29,7 +29,7 @@ import onnx
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
-_ONNX_TO_TRITON = {
+_ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.FLOAT: "TYPE_FP32",
     onnx.TensorProto.FLOAT16: "TYPE_FP16",

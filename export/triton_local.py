@@ -12,6 +12,7 @@ libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). St
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -170,10 +171,8 @@ def terminate(pid: int, timeout: float) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:

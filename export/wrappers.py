@@ -25,7 +25,7 @@ def bake(module: nn.Module) -> nn.Module:
     module = copy.deepcopy(module).eval()
     for m in module.modules():
         if parametrize.is_parametrized(m):
-            for name in list(m.parametrizations.keys()):  # type: ignore[union-attr]
+            for name in list(m.parametrizations.keys()):  # type: ignore[union-attr,operator]
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     return module
 
@@ -74,5 +74,6 @@ class PersonalGeneratorIO(nn.Module):
         self.register_buffer("adain", adain.detach().reshape(1, -1).float())
 
     def forward(self, landmark_image: torch.Tensor) -> torch.Tensor:
-        psi = self.adain.expand(landmark_image.shape[0], -1)  # (B, D)
+        adain: torch.Tensor = self.adain  # type: ignore[assignment]
+        psi = adain.expand(landmark_image.shape[0], -1)  # (B, D)
         return to_wire(self.generator(to_model_range(landmark_image), psi))
