@@ -10,6 +10,10 @@ DRIVER ?= facekit/assets/demo_driver.npz
 CHECKPOINT ?= models/talkinghead-small.pt
 OUT ?= out/demo
 
+.DEFAULT_GOAL := help
+# Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
+include $(sort $(wildcard mk/*.mk))
+
 .PHONY: help venv demo test test-slow lint format preprocess train-small validate clean
 
 help:
@@ -20,6 +24,9 @@ help:
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
 	@echo "make validate    validation figures of CHECKPOINT for the model card"
+	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
+	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
+	@echo "make helm-lint   lint, render and validate the Helm chart in every configuration"
 
 venv: $(STAMP)
 
@@ -34,7 +41,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 demo: $(STAMP)
 	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
 
-test: $(STAMP)
+test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -43,7 +50,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy facekit training talkinghead
+	$(VENV)/bin/mypy facekit training talkinghead export
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
@@ -57,9 +64,6 @@ train-small: preprocess
 
 validate: $(STAMP)
 	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --faces $(FACES) --out models/validation.json
-
-# Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
--include mk/*.mk
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

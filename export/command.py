@@ -138,6 +138,18 @@ def triton_load(url: str, names: list[str]) -> None:
         log.info("loaded %s in Triton at %s", name, url)
 
 
+def wait_unloaded(client: Any, name: str, timeout: float = 30.0) -> None:
+    """Triton unloads asynchronously (the model is UNLOADING and the server not ready meanwhile):
+    wait until it is gone before its files are."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = {m.name: m.state for m in client.get_model_repository_index().models}
+        if states.get(name) not in ("READY", "UNLOADING", "LOADING"):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{name} still loaded after {timeout:.0f} s")
+
+
 def remove_avatar(args: argparse.Namespace) -> int:
     name = f"generator_{validate_avatar_id(args.remove_avatar)}"
     if args.triton_url:
@@ -145,9 +157,11 @@ def remove_avatar(args: argparse.Namespace) -> int:
         from tritonclient.utils import InferenceServerException
 
         try:
-            grpcclient.InferenceServerClient(args.triton_url).unload_model(name)
+            client = grpcclient.InferenceServerClient(args.triton_url)
+            client.unload_model(name)
+            wait_unloaded(client, name)
             log.info("unloaded %s from Triton at %s", name, args.triton_url)
-        except InferenceServerException as err:
+        except (InferenceServerException, TimeoutError) as err:
             log.warning("Triton could not unload %s: %s", name, err)
     if not repository.remove_model(args.repository, name):
         log.error("%s is not in %s", name, args.repository)

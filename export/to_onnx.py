@@ -121,6 +121,7 @@ def export_graph(graph: Graph, path: Path) -> Path:
     """Export one graph to a single self-contained ONNX file with a dynamic batch axis."""
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
+    graph.module.eval()
     with torch.no_grad():
         torch.onnx.export(
             graph.module,

@@ -1,0 +1,50 @@
+"""Session fixtures shared by the export and Triton tests: checkpoints and an exported repository."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "models" / "talkinghead-small.pt"
+
+
+@pytest.fixture(scope="session")
+def meta_ckpt() -> dict[str, Any]:
+    from training import checkpoint
+
+    return checkpoint.load(CHECKPOINT)
+
+
+@pytest.fixture(scope="session")
+def personal_ckpt(meta_ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A personalised checkpoint for avatar "alice": 2 fine-tuning steps on the demo portrait."""
+    from PIL import Image
+
+    from facekit.detect import make_detector
+    from training.finetune import personalise, prepare_images
+
+    portrait = np.asarray(Image.open(ROOT / "facekit/assets/demo_portrait.png").convert("RGB"))
+    frames, points = prepare_images([portrait], ["portrait"], make_detector("dlib"), 128)
+    return personalise(meta_ckpt, frames, points, avatar="alice", steps=2)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
+    """The committed checkpoint exported (python profile) with `talkinghead export`: (repository, report)."""
+    from export import command
+
+    repo = tmp_path_factory.mktemp("export") / "model_repository"
+    args = argparse.Namespace(
+        checkpoint=CHECKPOINT,
+        repository=repo,
+        profile="python",
+        device="cpu",
+        no_check=False,
+        triton_url=None,
+    )
+    return repo, command.export(args)

@@ -1,0 +1,209 @@
+"""Export: the ONNX contract, parity with PyTorch, the repository layout and its profiles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from export import repository, to_onnx, to_tensorrt
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def signature(path: Path) -> dict[str, tuple[str, list[Any]]]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return {v.name: (v.type, v.shape) for v in [*sess.get_inputs(), *sess.get_outputs()]}
+
+
+def test_contract_names_types_and_dynamic_batch(exported: tuple[Path, dict]) -> None:
+    repo, _ = exported
+    emb = signature(repo / "embedder/1/model.onnx")
+    gen = signature(repo / "generator/1/model.onnx")
+    assert emb == {
+        "image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+        "landmark_image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+        "embedding": ("tensor(float)", ["batch", 512]),
+        "adain": ("tensor(float)", ["batch", 2240]),
+    }
+    assert gen == {
+        "landmark_image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+        "adain": ("tensor(float)", ["batch", 2240]),
+        "image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+    }
+    sess = ort.InferenceSession(str(repo / "generator/1/model.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 5):
+        out = sess.run(
+            None,
+            {
+                "landmark_image": np.zeros((batch, 128, 128, 3), np.uint8),
+                "adain": np.zeros((batch, 2240), np.float32),
+            },
+        )[0]
+        assert out.shape == (batch, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_single_file_with_metadata(exported: tuple[Path, dict]) -> None:
+    repo, report = exported
+    assert sorted(p.name for p in repo.rglob("*") if p.is_file()) == sorted(
+        ["config.pbtxt", "model.onnx", "model.py"] * 2
+    ), "no external data files next to the models"
+    meta = report["models"]["generator"]["metadata"]
+    assert meta["talkinghead.kind"] == "generator"
+    assert meta["talkinghead.image_size"] == "128" and meta["talkinghead.adain_size"] == "2240"
+    assert json.loads(meta["talkinghead.draw_style"]) == {"antialias": True, "line_width": 1}
+    assert report["models"]["embedder"]["metadata"]["talkinghead.model_id"] == meta["talkinghead.model_id"]
+    assert report["models"]["generator"]["opset"] == to_onnx.OPSET
+
+
+def test_parity_with_pytorch_on_real_frames(
+    exported: tuple[Path, dict], capsys: pytest.CaptureFixture
+) -> None:
+    _, report = exported
+    figures = {f"{p['model']}.{p['output']}": p for m in report["models"].values() for p in m["parity"]}
+    with capsys.disabled():
+        print()
+        for name, p in figures.items():
+            print(f"  parity {name}: max {p['max_abs']:.3g}, mean {p['mean_abs']:.3g} {p['unit']}")
+        for name, m in report["models"].items():
+            print(f"  {name}: {m['bytes'] / 1e6:.1f} MB, opset {m['opset']}, ORT CPU {m['latency_ms']} ms")
+    assert figures["embedder.embedding"]["max_abs"] < 1e-3
+    assert figures["embedder.adain"]["max_abs"] < 1e-3
+    # uint8 frames: rounding may flip a level where PyTorch and ORT differ in the last float bit
+    assert figures["generator.image"]["max_abs"] <= 2
+    assert figures["generator.image"]["mean_abs"] < 0.01
+
+
+def test_personalised_export_bakes_psi(personal_ckpt: dict, tmp_path: Path) -> None:
+    from export.command import check, real_inputs
+
+    (graph,) = to_onnx.graphs(personal_ckpt)
+    assert graph.name == "generator_alice"
+    path = to_onnx.export_graph(graph, tmp_path / "generator_alice.onnx")
+    assert [i.name for i in onnx.load(str(path)).graph.input] == ["landmark_image"]
+    result = check(graph, path, real_inputs(personal_ckpt))
+    (p,) = result["parity"]
+    assert p["max_abs"] <= 2 and p["mean_abs"] < 0.01
+    version = repository.write_model(tmp_path / "repo", path)
+    assert version == tmp_path / "repo/generator_alice/1"
+    assert repository.spec_of(path).parameters["talkinghead.avatar"] == "alice"
+
+
+def test_export_is_reproducible(meta_ckpt: dict, tmp_path: Path) -> None:
+    graph = next(g for g in to_onnx.graphs(meta_ckpt) if g.name == "generator")
+    a = to_onnx.export_graph(graph, tmp_path / "a.onnx").read_bytes()
+    b = to_onnx.export_graph(graph, tmp_path / "b.onnx").read_bytes()
+    assert a == b
+
+
+@pytest.mark.parametrize("profile", repository.PROFILES)
+def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], profile: str) -> None:
+    repo, _ = exported
+    for name in ("embedder", "generator"):
+        spec = repository.spec_of(repo / name / "1/model.onnx", profile=profile)
+        cfg = text_format.Parse(repository.config_text(spec, profile), model_config_pb2.ModelConfig())
+        assert cfg.name == ""  # Triton takes the directory name
+        assert [i.name for i in cfg.input] == [t.name for t in spec.inputs]
+        assert cfg.parameters["talkinghead.kind"].string_value == name
+        expected = {
+            "onnxruntime": ("onnxruntime_onnx", ""),
+            "tensorrt": ("tensorrt_plan", ""),
+            "python": ("", "python"),
+        }[profile]
+        assert (cfg.platform, cfg.backend) == expected
+        if name == "embedder":
+            assert cfg.max_batch_size == 32 and not cfg.HasField("dynamic_batching")
+        else:
+            assert cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
+        if profile == "tensorrt":
+            assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+
+
+def test_new_versions_keep_the_live_one_and_removal_is_whole(
+    exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    repo, _ = exported
+    live = tmp_path / "repo"
+    onnx_path = repo / "generator/1/model.onnx"
+    for expected in (1, 2, 3):
+        assert repository.write_model(live, onnx_path).name == str(expected)
+    assert repository.versions(live / "generator") == [2, 3]  # KEEP_VERSIONS
+    assert repository.models(live) == ["generator"]
+    assert not list(tmp_path.glob(".repo-staging-*")), "staging folders are cleaned up"
+    with pytest.raises(ValueError, match="invalid model name"):
+        repository.remove_model(live, "../etc")
+    assert repository.remove_model(live, "generator") and repository.models(live) == []
+    assert not repository.remove_model(live, "generator")
+
+
+def test_cli_adds_and_removes_an_avatar_generator(
+    personal_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    from talkinghead.cli import run_module
+    from training import checkpoint
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
+    report = tmp_path / "report.json"
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "alice.pt"),
+        "--repository",
+        str(repo),
+        "--report",
+        str(report),
+        "--no-check",
+    ]
+    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert repository.models(repo) == ["embedder", "generator", "generator_alice"]
+    assert json.loads(report.read_text())["models"]["generator_alice"]["inputs"] == {
+        "landmark_image": ["batch", 128, 128, 3]
+    }
+    # the same checkpoint again: identical bytes, so no new version
+    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert repository.versions(repo / "generator_alice") == [1]
+    argv = ["--remove-avatar", "alice", "--repository", str(repo)]
+    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert repository.models(repo) == ["embedder", "generator"]
+    assert run_module("export.command", argv, prog="talkinghead export") == 1
+
+
+def test_tensorrt_shapes_come_from_the_config(exported: tuple[Path, dict]) -> None:
+    repo, _ = exported
+    gen = repository.spec_of(repo / "generator/1/model.onnx", profile="tensorrt")
+    shapes = to_tensorrt.shapes_from_config(repository.config_text(gen, "tensorrt"))
+    assert shapes.inputs["landmark_image"] == ((1, 128, 128, 3), (16, 128, 128, 3), (16, 128, 128, 3))
+    assert shapes.inputs["adain"] == ((1, 2240), (16, 2240), (16, 2240))
+    emb = repository.spec_of(repo / "embedder/1/model.onnx", profile="tensorrt")
+    shapes = to_tensorrt.shapes_from_config(repository.config_text(emb, "tensorrt"))
+    assert shapes.inputs["image"][1] == (8, 128, 128, 3) and shapes.inputs["image"][2][0] == 32
+    cmd = to_tensorrt.trtexec_command("trtexec", Path("m.onnx"), Path("m.plan"), shapes, fp16=True)
+    assert "--fp16" in cmd and "--minShapes=image:1x128x128x3,landmark_image:1x128x128x3" in cmd
+
+
+def test_tensorrt_repository_without_tensorrt_says_so(exported: tuple[Path, dict], tmp_path: Path) -> None:
+    repo, _ = exported
+    trt = tmp_path / "trt"
+    repository.write_model(trt, repo / "generator/1/model.onnx", profile="tensorrt")
+    assert to_tensorrt.tensorrt_models(trt) == [trt / "generator"]
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        if to_tensorrt.trtexec() is None:
+            with pytest.raises(to_tensorrt.TensorRTUnavailable, match="Build engines on the serving GPU"):
+                to_tensorrt.build_repository(trt)
+            assert to_tensorrt.main(["--repository", str(trt)]) == 3
+            pytest.skip(
+                "TensorRT is not installed here (no `import tensorrt`, no trtexec): engines not built"
+            )
+    assert to_tensorrt.build_repository(trt) == [trt / "generator/1/model.plan"]
+    assert (trt / "generator/1/model.plan").stat().st_size > 0

@@ -1,0 +1,203 @@
+"""The exported repository in a real Triton server (the one bundled with nvidia-pytriton).
+
+Runs in the default suite: `make test` builds .venv-triton first. Skips, saying why, only where
+the bundled server cannot run (no .venv-triton, or a platform the wheel does not support).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import shutil
+import socket
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from export import triton_local
+
+pytestmark = pytest.mark.triton
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv-triton"
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def live_repo(exported: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("triton") / "model_repository"
+    shutil.copytree(exported[0], repo)
+    return repo
+
+
+@pytest.fixture(scope="module")
+def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[triton_local.Server]:
+    try:
+        triton_local.server_root(VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    ports = triton_local.Ports(free_port(), free_port(), free_port())
+    server = triton_local.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
+    try:
+        server.wait_ready(120)
+        yield server
+    finally:
+        server.stop()
+    assert server.process.returncode is not None
+
+
+def infer(
+    client: grpcclient.InferenceServerClient, model: str, **inputs: np.ndarray
+) -> dict[str, np.ndarray]:
+    tensors = []
+    for name, value in inputs.items():
+        t = grpcclient.InferInput(name, list(value.shape), "UINT8" if value.dtype == np.uint8 else "FP32")
+        t.set_data_from_numpy(value)
+        tensors.append(t)
+    result = client.infer(model, tensors)
+    return {o.name: result.as_numpy(o.name) for o in result.get_response().outputs}
+
+
+def ort_run(path: Path, **inputs: np.ndarray) -> list[np.ndarray]:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, inputs)
+
+
+@pytest.fixture(scope="module")
+def faces(meta_ckpt: dict) -> dict[str, np.ndarray]:
+    from export.command import real_inputs
+
+    inputs = real_inputs(meta_ckpt)
+    return {**inputs["embedder"], "drawn": inputs["generator"]["landmark_image"]}
+
+
+def test_embedder_and_generator_equal_onnxruntime(
+    triton: triton_local.Server, live_repo: Path, faces: dict[str, np.ndarray]
+) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    got = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])
+    want = ort_run(
+        live_repo / "embedder/1/model.onnx", image=faces["image"], landmark_image=faces["landmark_image"]
+    )
+    np.testing.assert_allclose(got["embedding"], want[0], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["adain"], want[1], rtol=0, atol=1e-6)
+    adain = np.repeat(got["adain"][:1], len(faces["drawn"]), axis=0)
+    frames = infer(client, "generator", landmark_image=faces["drawn"], adain=adain)["image"]
+    expected = ort_run(live_repo / "generator/1/model.onnx", landmark_image=faces["drawn"], adain=adain)[0]
+    assert frames.shape == (len(faces["drawn"]), 128, 128, 3) and frames.dtype == np.uint8
+    assert np.array_equal(frames, expected)
+
+
+def metric(server: triton_local.Server, name: str, model: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    found = re.search(rf'^{name}{{model="{model}",version="\d+"}} (\S+)$', text, re.M)
+    assert found, f"{name} for {model} not in Triton's metrics"
+    return float(found.group(1))
+
+
+def test_batched_requests_of_several_avatars_return_each_avatars_frame(
+    triton: triton_local.Server, live_repo: Path, faces: dict[str, np.ndarray]
+) -> None:
+    """Two avatars in 16 concurrent requests: Triton's dynamic batcher merges them, and every
+    request still gets its own avatar's frame. Avatar 0 is the portrait's psi; avatar 1 a psi
+    moved away from it (the committed small model's embedder maps most faces to nearly the same
+    psi, see models/MODEL_CARD.md, so two photos would not make two distinguishable avatars)."""
+    import tritonclient.grpc.aio as aioclient
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    psi = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])["adain"][:1]
+    psi = np.concatenate([psi, psi + np.random.default_rng(0).normal(0, 0.5, psi.shape).astype(np.float32)])
+    gen = live_repo / "generator/1/model.onnx"
+    drawn = faces["drawn"][:1]
+    expected = [ort_run(gen, landmark_image=drawn, adain=psi[i : i + 1])[0] for i in range(2)]
+    assert not np.array_equal(expected[0], expected[1])
+    runs_before = metric(triton, "nv_inference_exec_count", "generator")
+    frames_before = metric(triton, "nv_inference_count", "generator")
+
+    async def burst() -> list[np.ndarray]:
+        aio = aioclient.InferenceServerClient(triton.grpc_url)
+
+        async def one(avatar: int) -> np.ndarray:
+            inputs = [
+                aioclient.InferInput("landmark_image", [1, 128, 128, 3], "UINT8"),
+                aioclient.InferInput("adain", [1, psi.shape[1]], "FP32"),
+            ]
+            inputs[0].set_data_from_numpy(drawn)
+            inputs[1].set_data_from_numpy(psi[avatar : avatar + 1])
+            return (await aio.infer("generator", inputs)).as_numpy("image")
+
+        try:
+            return await asyncio.gather(*(one(i % 2) for i in range(16)))
+        finally:
+            await aio.close()
+
+    results = asyncio.run(burst())
+    for i, frame in enumerate(results):
+        assert np.array_equal(frame, expected[i % 2]), f"request {i} got another avatar's frame"
+    runs = metric(triton, "nv_inference_exec_count", "generator") - runs_before
+    assert metric(triton, "nv_inference_count", "generator") - frames_before == 16
+    assert runs < 16, "the dynamic batcher merged none of the 16 concurrent requests"
+
+
+def test_personalised_generator_loads_serves_and_unloads(
+    triton: triton_local.Server,
+    live_repo: Path,
+    personal_ckpt: dict,
+    faces: dict[str, np.ndarray],
+    tmp_path: Path,
+) -> None:
+    from talkinghead.cli import run_module
+    from training import checkpoint
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
+    argv = [
+        "--checkpoint",
+        str(tmp_path / "alice.pt"),
+        "--repository",
+        str(live_repo),
+        "--no-check",
+        "--report",
+        str(tmp_path / "r.json"),
+        "--triton-url",
+        triton.grpc_url,
+    ]
+    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert client.is_model_ready("generator_alice"), "loaded without restarting the server"
+    frames = infer(client, "generator_alice", landmark_image=faces["drawn"])["image"]
+    expected = ort_run(live_repo / "generator_alice/1/model.onnx", landmark_image=faces["drawn"])[0]
+    assert np.array_equal(frames, expected)
+    argv = ["--remove-avatar", "alice", "--repository", str(live_repo), "--triton-url", triton.grpc_url]
+    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert not (live_repo / "generator_alice").exists()
+    assert not client.is_model_ready("generator_alice")
+    with pytest.raises(InferenceServerException, match="generator_alice"):
+        infer(client, "generator_alice", landmark_image=faces["drawn"])
+    assert client.is_model_ready("generator"), "the shared generator keeps serving"
+
+
+def test_metrics_endpoint_counts_inferences(
+    triton: triton_local.Server, faces: dict[str, np.ndarray]
+) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    before = metric(triton, "nv_inference_request_success", "embedder")
+    infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])
+    assert metric(triton, "nv_inference_request_success", "embedder") == before + 1
+    assert metric(triton, "nv_inference_compute_infer_duration_us", "embedder") > 0
+
+
+def test_bad_request_is_refused_and_server_stays_up(triton: triton_local.Server) -> None:
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    with pytest.raises(InferenceServerException, match="adain"):
+        infer(client, "generator", landmark_image=np.zeros((1, 128, 128, 3), np.uint8))
+    assert client.is_server_ready()
