@@ -10,7 +10,6 @@ scale, model id) so the service rebuilds its pre-processing from the model alone
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -35,22 +34,6 @@ MAX_EXPORT_BATCH = 64  # upper bound the exporter checks the dynamic batch axis 
 PRODUCER = "talkinghead-export"
 
 
-def model_id(ckpt: dict[str, Any]) -> str:
-    """Fingerprint of the weights that turn photos into psi and psi into frames (16 hex digits).
-
-    Avatars store it: psi made by one model's embedder is meaningless to another's generator.
-    A personalised checkpoint carries the id of the meta model it was fine-tuned from.
-    """
-    if ckpt.get("kind") == "personalised" and ckpt.get("base_model_id"):
-        return str(ckpt["base_model_id"])
-    digest = hashlib.sha256()
-    for part in ("embedder", "generator"):
-        for name, tensor in sorted(ckpt.get(part, {}).items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, str]:
     cfg: ExperimentConfig = checkpoint.config_of(ckpt)
     meta = {
@@ -60,7 +43,7 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
         "talkinghead.embedding_size": str(cfg.model.embedding_dim),
         "talkinghead.draw_style": json.dumps(asdict(cfg.model.draw_style), sort_keys=True),
         "talkinghead.crop_scale": str(CROP_SCALE),
-        "talkinghead.model_id": model_id(ckpt),
+        "talkinghead.model_id": checkpoint.fingerprint(ckpt),
         "talkinghead.step": str(ckpt.get("step", 0)),
     }
     if kind == "personalised":

@@ -82,7 +82,7 @@ def test_parity_with_pytorch_on_real_frames(
     assert figures["generator.image"]["mean_abs"] < 0.01
 
 
-def test_personalised_export_bakes_psi(personal_ckpt: dict, tmp_path: Path) -> None:
+def test_personalised_export_bakes_psi(personal_ckpt: dict, meta_ckpt: dict, tmp_path: Path) -> None:
     from export.command import check, real_inputs
 
     (graph,) = to_onnx.graphs(personal_ckpt)
@@ -94,7 +94,14 @@ def test_personalised_export_bakes_psi(personal_ckpt: dict, tmp_path: Path) -> N
     assert p["max_abs"] <= 2 and p["mean_abs"] < 0.01
     version = repository.write_model(tmp_path / "repo", path)
     assert version == tmp_path / "repo/generator_alice/1"
-    assert repository.spec_of(path).parameters["talkinghead.avatar"] == "alice"
+    params = repository.spec_of(path).parameters
+    assert params["talkinghead.avatar"] == "alice"
+    # the avatar's psi came from the meta model's embedder: the ids must match for the service
+    assert params["talkinghead.model_id"] == graph.metadata["talkinghead.model_id"]
+    assert (
+        params["talkinghead.model_id"]
+        == to_onnx.metadata(meta_ckpt, "generator", adain_size=1)["talkinghead.model_id"]
+    )
 
 
 def test_export_is_reproducible(meta_ckpt: dict, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ Two kinds:
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,24 @@ def load(path: str | Path) -> dict[str, Any]:
 
 def config_of(ckpt: dict[str, Any]) -> ExperimentConfig:
     return ExperimentConfig.from_dict(ckpt["config"])
+
+
+def fingerprint(ckpt: dict[str, Any]) -> str:
+    """16 hex digits identifying the E and G weights of a checkpoint (the exported `model_id`).
+
+    psi made by one model's embedder means nothing to another model's generator, so avatars and
+    exported models carry it; a personalised checkpoint carries its meta model's as base_model_id.
+    """
+    if ckpt.get("kind") == "personalised":
+        if not ckpt.get("base_model_id"):
+            raise ValueError("personalised checkpoint without base_model_id: re-run finetune")
+        return str(ckpt["base_model_id"])
+    digest = hashlib.sha256()
+    for part in ("embedder", "generator"):
+        for name, tensor in sorted(ckpt.get(part, {}).items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def build_networks(

@@ -119,6 +119,7 @@ def personalise(
         "config": cfg.to_dict(),
         "step": steps,
         "base_step": meta.get("step"),
+        "base_model_id": checkpoint.fingerprint(meta),
         "perceptual": trainer.content.sources,
         "generator": gen.state_dict(),
         "adain": psi_prime.detach().cpu(),  # psi' (1, D)
