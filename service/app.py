@@ -1,0 +1,179 @@
+"""The service's state and plain async operations; the gRPC servicers (service/servicer.py) are thin.
+
+App owns the backend, the avatar store and its cache, the batcher, the metrics and two worker
+pools: `detect` (image decoding + dlib landmarks; one thread, dlib's models are shared) and `io`
+(store reads and writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from facekit.detect import LandmarkDetector, make_detector
+from facekit.ids import validate_avatar_id
+from service import avatars
+from service.backends.base import Backend, BackendUnavailable, ModelInfo
+from service.batcher import Batcher
+from service.errors import exists, invalid, not_found, unavailable
+from service.gen.talkinghead.v1 import avatar_pb2
+from service.metrics import Metrics
+from service.settings import Settings
+from service.store import AvatarCache, AvatarRecord, AvatarStore
+
+log = logging.getLogger("talkinghead.service")
+T = TypeVar("T")
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+
+def check_id(avatar_id: str) -> str:
+    try:
+        return validate_avatar_id(avatar_id)
+    except ValueError as error:
+        raise invalid(str(error)) from error
+
+
+class App:
+    def __init__(self, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.store = store
+        self.metrics = metrics
+        self.cache = AvatarCache(settings.cache_bytes, metrics.on_cache)
+        self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
+        self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
+        self._detector: LandmarkDetector | None = None
+        self.batcher = Batcher(
+            backend,
+            max_batch=settings.max_batch,
+            on_batch=self._on_batch,
+            on_drop=metrics.frames_dropped.inc,
+            on_error=lambda error: self._on_backend_error("generate", error),
+        )
+        self.active_streams = 0
+
+    async def start(self) -> None:
+        await self.backend.start()
+        self.batcher.start()
+
+    async def close(self) -> None:
+        await self.batcher.close()
+        await self.backend.close()
+        self.detect_pool.shutdown(wait=False, cancel_futures=True)
+        self.io_pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _on_batch(self, model: str, size: int, seconds: float) -> None:
+        self.metrics.batch_size.labels("shared" if model == "" else "personalised").observe(size)
+        self.metrics.stage_seconds.labels("inference").observe(seconds)
+
+    def _on_backend_error(self, operation: str, error: BaseException) -> None:
+        kind = "unavailable" if isinstance(error, BackendUnavailable) else "error"
+        self.metrics.backend_errors.labels(operation, kind).inc()
+        log.warning("backend %s failed: %s", operation, error)
+
+    async def in_pool(self, pool: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    @property
+    def detector(self) -> LandmarkDetector:
+        """The landmark detector (built on first use; call from the detect pool)."""
+        if self._detector is None:
+            self._detector = make_detector(self.settings.detector)
+        return self._detector
+
+    def info(self) -> ModelInfo:
+        try:
+            return self.backend.info
+        except BackendUnavailable as error:
+            raise unavailable(f"the model backend is not ready: {error}") from error
+
+    # -- avatars ------------------------------------------------------------------------------
+    async def create_avatar(self, request: avatar_pb2.CreateAvatarRequest) -> AvatarRecord:
+        avatar_id = check_id(request.avatar_id)
+        avatars.check_request(request, self.settings.max_images)
+        info = self.info()
+        if not request.replace and await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None:
+            raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
+        prepared = await self.in_pool(
+            self.detect_pool,
+            lambda: avatars.prepare(
+                list(request.images),
+                info,
+                self.detector,
+                max_bytes=self.settings.max_image_bytes,
+                max_pixels=self.settings.max_image_pixels,
+            ),
+        )
+        drawn = avatars.landmark_images(prepared, info)
+        try:
+            embedding, adain = await self.backend.embed(prepared.crops, drawn)
+        except BackendUnavailable as error:
+            self._on_backend_error("embed", error)
+            raise unavailable(f"the model backend is unavailable: {error}") from error
+        record = avatars.make_record(avatar_id, request.display_name, prepared, embedding, adain, info)
+        if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
+            raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
+        self.cache.put(record)
+        self.metrics.avatars_created.inc()
+        log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
+        return record
+
+    async def get_record(self, avatar_id: str) -> AvatarRecord:
+        avatar_id = check_id(avatar_id)
+        record = self.cache.get(avatar_id)
+        if record is None:
+            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+            if record is None:
+                raise not_found(f"no avatar with id {avatar_id!r}")
+            self.cache.put(record)
+        return record
+
+    async def list_avatars(self, page_size: int, page_token: str) -> tuple[list[AvatarRecord], str, int]:
+        if page_size < 0:
+            raise invalid(f"page_size must be >= 0, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        after = decode_token(page_token)
+        ids = await self.in_pool(self.io_pool, self.store.ids)
+        later = [i for i in ids if i > after]
+        records = []
+        for avatar_id in later[:size]:
+            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+            if record is not None:  # deleted meanwhile
+                records.append(record)
+        next_token = encode_token(later[size - 1]) if len(later) > size else ""
+        return records, next_token, len(ids)
+
+    async def delete_avatar(self, avatar_id: str) -> None:
+        avatar_id = check_id(avatar_id)
+        self.cache.discard(avatar_id)
+        if not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
+            raise not_found(f"no avatar with id {avatar_id!r}")
+        log.info("deleted avatar %s", avatar_id)
+
+    async def personalised(self, avatar_id: str) -> bool:
+        try:
+            return await self.backend.has_personalised(avatar_id)
+        except BackendUnavailable:
+            return False
+
+
+def encode_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(b"after:" + last_id.encode()).decode()
+
+
+def decode_token(token: str) -> str:
+    """The id after which the page starts ("" for the first page)."""
+    if not token:
+        return ""
+    try:
+        raw = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeError, ValueError) as error:
+        raise invalid(f"malformed page_token {token!r}") from error
+    if not raw.startswith("after:"):
+        raise invalid(f"malformed page_token {token!r}")
+    return raw[len("after:") :]

@@ -1,0 +1,103 @@
+"""Manage avatars on a running service: create from photos, list, show, delete.
+
+example:
+  talkinghead avatar create mona mona1.jpg mona2.png --name "Mona Lisa"
+  talkinghead avatar list
+  talkinghead avatar get mona --preview mona_crop.png
+  talkinghead avatar delete mona
+  talkinghead avatar --server host:50051 list        # default 127.0.0.1:50051 ($TALKINGHEAD_SERVER)
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import grpc
+
+from service.client import DEFAULT_SERVER, Client, describe_error
+from service.gen.talkinghead.v1 import avatar_pb2
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("TALKINGHEAD_SERVER", DEFAULT_SERVER),
+        help="service address host:port (default $TALKINGHEAD_SERVER or 127.0.0.1:50051)",
+    )
+    parser.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    sub = parser.add_subparsers(dest="action", required=True)
+    create = sub.add_parser("create", help="make an avatar from 1-32 photos of one person")
+    create.add_argument("avatar_id", help="1-63 characters of a-z 0-9 _ - (starts with a letter or digit)")
+    create.add_argument("photos", type=Path, nargs="+", help="JPEG, PNG or WebP files")
+    create.add_argument("--name", default="", help="display name")
+    create.add_argument("--replace", action="store_true", help="replace an existing avatar with this id")
+    sub.add_parser("list", help="list every avatar")
+    get = sub.add_parser("get", help="show one avatar")
+    get.add_argument("avatar_id")
+    get.add_argument("--preview", type=Path, help="write the face crop the model sees to this PNG")
+    delete = sub.add_parser("delete", help="delete an avatar")
+    delete.add_argument("avatar_id")
+
+
+def _when(avatar: avatar_pb2.Avatar) -> str:
+    return avatar.create_time.ToDatetime(tzinfo=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _show(avatar: avatar_pb2.Avatar) -> None:
+    kind = "personalised generator" if avatar.personalised else "shared generator"
+    name = f" ({avatar.display_name})" if avatar.display_name else ""
+    print(
+        f"{avatar.avatar_id}{name}: {avatar.image_count} photo(s), {avatar.image_size} px, {kind}, "
+        f"model {avatar.model_id}, created {_when(avatar)}"
+    )
+    for report in avatar.images:
+        found = "landmarks given" if report.landmarks_supplied else f"{report.faces_found} face(s)"
+        print(f"  image {report.index}: {report.width}x{report.height}, {found}, crop {report.crop_side} px")
+        for warning in report.warnings:
+            print(f"    warning: {warning}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with Client(args.server, tls_ca=args.tls_ca) as client:
+            if args.action == "create":
+                for photo in args.photos:
+                    if not photo.is_file():
+                        print(f"talkinghead avatar: {photo}: no such file", file=sys.stderr)
+                        return 2
+                _show(
+                    client.create_avatar(
+                        args.avatar_id, args.photos, display_name=args.name, replace=args.replace
+                    )
+                )
+            elif args.action == "list":
+                count = 0
+                for avatar in client.list_avatars():
+                    marker = " *personalised" if avatar.personalised else ""
+                    print(
+                        f"{avatar.avatar_id:<24} {avatar.image_count:>2} photo(s)  {_when(avatar)}  "
+                        f"{avatar.display_name}{marker}"
+                    )
+                    count += 1
+                print(f"{count} avatar(s)")
+            elif args.action == "get":
+                avatar = client.get_avatar(args.avatar_id, include_preview=args.preview is not None)
+                _show(avatar)
+                if args.preview is not None:
+                    args.preview.write_bytes(avatar.preview_png)
+                    print(f"wrote {args.preview}")
+            else:
+                client.delete_avatar(args.avatar_id)
+                print(f"deleted {args.avatar_id}")
+    except grpc.RpcError as error:
+        print(f"talkinghead avatar {args.action}: {describe_error(error)}", file=sys.stderr)
+        return 1
+    return 0

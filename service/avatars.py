@@ -1,0 +1,125 @@
+"""Making an avatar: photos -> landmarks -> face crops -> embedder -> stored psi (AdaIN parameters).
+
+The crop is training's (training/finetune.py prepare_images): the largest face's landmarks,
+facekit.crop.crop_box at the model's crop scale, facekit.crop.crop to S x S, points transformed
+into the crop, landmark images drawn with the model's DrawStyle. psi = mean of the embedder's
+`adain` outputs over the K photos (= P·mean(e), P being linear), stored with mean(e).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from facekit.crop import crop, crop_box, transform_points
+from facekit.detect import LandmarkDetector
+from facekit.rasterize import draw_batch
+from service.backends.base import ModelInfo
+from service.driving import parse_points
+from service.errors import invalid
+from service.gen.talkinghead.v1 import avatar_pb2
+from service.images import decode_image, encode_png
+from service.store import AvatarRecord
+
+MAX_DISPLAY_NAME = 256
+
+
+@dataclass(frozen=True)
+class Prepared:
+    crops: np.ndarray  # (K, S, S, 3) uint8
+    points: np.ndarray  # (K, 68, 2) float32 in the crops
+    reports: list[dict[str, object]]  # ImageReport fields per photo
+
+
+def prepare(
+    images: list[avatar_pb2.SourceImage],
+    info: ModelInfo,
+    detector: LandmarkDetector,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+) -> Prepared:
+    """Decode, find and crop the face of every photo (blocking: run in a worker thread)."""
+    size = info.image_size
+    crops, points, reports = [], [], []
+    for index, source in enumerate(images):
+        what = f"image {index}"
+        rgb = decode_image(source.data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
+        height, width = rgb.shape[:2]
+        warnings: list[str] = []
+        faces_found = 0
+        if source.HasField("landmarks"):
+            face_points = parse_points(source.landmarks.xy, what=f"{what} landmarks")
+        else:
+            faces = detector.detect(rgb)
+            faces_found = len(faces)
+            if not faces:
+                raise invalid(
+                    f"{what}: no face found ({width}x{height} pixels); send a clearer photo or its landmarks"
+                )
+            if len(faces) > 1:
+                warnings.append(f"{len(faces)} faces found; the largest was used")
+            face_points = faces[0].points
+        box = crop_box(face_points, scale=info.crop_scale)
+        if box.side < size:
+            warnings.append(f"small face: crop of {box.side} px is upscaled to {size} px (may look soft)")
+        x0, y0 = box.cx - box.side / 2, box.cy - box.side / 2
+        if x0 < 0 or y0 < 0 or x0 + box.side > width or y0 + box.side > height:
+            warnings.append("the face crop extends beyond the photo; that part is filled with black")
+        crops.append(crop(rgb, box, size))
+        points.append(transform_points(face_points, box, size))
+        reports.append(
+            {
+                "index": index,
+                "faces_found": faces_found,
+                "landmarks_supplied": source.HasField("landmarks"),
+                "width": width,
+                "height": height,
+                "crop_side": box.side,
+                "warnings": warnings,
+            }
+        )
+    return Prepared(np.stack(crops), np.stack(points).astype(np.float32), reports)
+
+
+def landmark_images(prepared: Prepared, info: ModelInfo) -> np.ndarray:
+    return draw_batch(prepared.points, info.image_size, info.draw_style)  # (K, S, S, 3)
+
+
+def make_record(
+    avatar_id: str,
+    display_name: str,
+    prepared: Prepared,
+    embedding: np.ndarray,
+    adain: np.ndarray,
+    info: ModelInfo,
+) -> AvatarRecord:
+    """embedding (K, 512), adain (K, D) from the embedder -> the avatar's record."""
+    k = len(prepared.crops)
+    assert embedding.shape == (k, info.embedding_size) and adain.shape == (k, info.adain_size), (
+        embedding.shape,
+        adain.shape,
+    )
+    return AvatarRecord(
+        avatar_id=avatar_id,
+        adain=adain.mean(axis=0).astype(np.float32),
+        embedding=embedding.mean(axis=0).astype(np.float32),
+        points=prepared.points[0],
+        model_id=info.model_id,
+        image_size=info.image_size,
+        create_time=time.time(),
+        display_name=display_name,
+        images=prepared.reports,
+        preview_png=encode_png(prepared.crops[0], 6),
+    )
+
+
+def check_request(request: avatar_pb2.CreateAvatarRequest, max_images: int) -> None:
+    if not 1 <= len(request.images) <= max_images:
+        raise invalid(f"an avatar needs 1-{max_images} images, got {len(request.images)}")
+    if len(request.display_name) > MAX_DISPLAY_NAME:
+        raise invalid(
+            f"display_name is {len(request.display_name)} characters; the limit is {MAX_DISPLAY_NAME}"
+        )

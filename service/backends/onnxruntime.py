@@ -1,0 +1,173 @@
+"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a one-thread pool.
+
+One inference thread (each run already uses every core through ONNX Runtime's intra-op threads;
+two concurrent runs would only fight over the cores) keeps the asyncio loop free. Missing models
+are polled for every `poll_s` seconds, so a server started before `make model-repository`
+becomes ready when the files appear. Personalised generators load on first use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.backends.base import (
+    EMBEDDER,
+    GENERATOR,
+    META,
+    BackendUnavailable,
+    ModelInfo,
+    check_images,
+)
+from service.backends.repository import latest_version, personalised_name
+
+log = logging.getLogger("talkinghead.service.onnxruntime")
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, *, repository: Path, threads: int = 0, poll_s: float = 1.0) -> None:
+        self.repository = Path(repository)
+        self.threads = threads or os.cpu_count() or 1
+        self.poll_s = poll_s
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._info: ModelInfo | None = None
+        self._ready = asyncio.Event()
+        self._loader: asyncio.Task[None] | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._loader = asyncio.create_task(self._load_base(), name="onnxruntime-loader")
+
+    async def close(self) -> None:
+        if self._loader is not None:
+            self._loader.cancel()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise BackendUnavailable(f"the models in {self.repository} are not loaded yet")
+        return self._info
+
+    async def _load_base(self) -> None:
+        waiting_logged = False
+        while True:
+            found = {name: latest_version(self.repository / name) for name in (EMBEDDER, GENERATOR)}
+            paths = {name: path for name, path in found.items() if path is not None}
+            if len(paths) == len(found):
+                try:
+                    loop = asyncio.get_running_loop()
+                    for name, path in paths.items():
+                        self._sessions[name] = await loop.run_in_executor(self._pool, self._session, path)
+                    self._info = self._read_info(self._sessions[GENERATOR], paths[GENERATOR])
+                    self._check_embedder(paths[EMBEDDER])
+                except Exception as error:  # a half-written or foreign file: log, retry later
+                    log.error("cannot load models from %s: %s", self.repository, error)
+                    self._sessions.clear()
+                    self._info = None
+                else:
+                    log.info("loaded %s (%s)", ", ".join(str(p) for p in paths.values()), self._info)
+                    self._ready.set()
+                    return
+            elif not waiting_logged:
+                log.warning("waiting for %s and %s in %s", EMBEDDER, GENERATOR, self.repository)
+                waiting_logged = True
+            await asyncio.sleep(self.poll_s)
+
+    def _session(self, path: Path) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spinning would steal the cores the asyncio loop needs between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @staticmethod
+    def _metadata(session: ort.InferenceSession) -> dict[str, str]:
+        return dict(session.get_modelmeta().custom_metadata_map)
+
+    def _read_info(self, session: ort.InferenceSession, path: Path) -> ModelInfo:
+        return ModelInfo.from_metadata(self._metadata(session), where=str(path))
+
+    def _check_embedder(self, path: Path) -> None:
+        meta = self._metadata(self._sessions[EMBEDDER])
+        assert self._info is not None
+        if meta.get(META + "model_id") != self._info.model_id:
+            raise ValueError(f"{path}: embedder and generator come from different models")
+
+    # -- inference ----------------------------------------------------------------------------
+    async def _run(self, name: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[Any]:
+        session = self._sessions.get(name)
+        if session is None:
+            raise BackendUnavailable(f"model {name} is not loaded")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, session.run, outputs, feeds)
+
+    async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self.info.image_size
+        check_images(images, size, name="image")
+        check_images(landmark_images, size, name="landmark_image")
+        embedding, adain = await self._run(
+            EMBEDDER, {"image": images, "landmark_image": landmark_images}, ["embedding", "adain"]
+        )
+        return np.asarray(embedding, np.float32), np.asarray(adain, np.float32)
+
+    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
+        check_images(landmark_images, self.info.image_size, name="landmark_image")
+        feeds = {"landmark_image": landmark_images, "adain": np.ascontiguousarray(adain, np.float32)}
+        (image,) = await self._run(GENERATOR, feeds, ["image"])
+        return np.asarray(image)
+
+    async def has_personalised(self, avatar_id: str) -> bool:
+        name = personalised_name(avatar_id)
+        if name in self._sessions:
+            return True
+        path = latest_version(self.repository / name)
+        if path is None or not self.is_ready():
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            session = await loop.run_in_executor(self._pool, self._session, path)
+        except Exception as error:
+            log.error("cannot load %s: %s", path, error)
+            return False
+        meta = self._metadata(session)
+        if meta.get(META + "model_id") != self.info.model_id:
+            log.warning("%s was fine-tuned from another base model; using the shared generator", path)
+            return False
+        self._sessions[name] = session
+        log.info("loaded personalised generator %s", path)
+        return True
+
+    async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
+        check_images(landmark_images, self.info.image_size, name="landmark_image")
+        (image,) = await self._run(
+            personalised_name(avatar_id), {"landmark_image": landmark_images}, ["image"]
+        )
+        return np.asarray(image)
+
+    def forget_personalised(self, avatar_id: str) -> None:
+        """Drop a loaded personalised session (e.g. when its avatar is deleted)."""
+        self._sessions.pop(personalised_name(avatar_id), None)

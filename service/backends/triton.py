@@ -1,0 +1,174 @@
+"""NVIDIA Triton backend over gRPC (tritonclient.grpc.aio), for production deployments.
+
+Triton runs in explicit model-control mode: the service loads `embedder` and `generator` when it
+connects and `generator_<avatar>` the first time that avatar streams (load_model). Model metadata
+(the talkinghead.* keys) comes from each model's config.pbtxt parameters. A monitor task polls the
+server every `poll_s` seconds; while Triton is down every call raises BackendUnavailable (the
+service answers UNAVAILABLE and reports NOT_SERVING) and the models are loaded again when it
+returns. Batching across streams happens in the service's batcher; Triton's dynamic batcher may
+merge further across replicas.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from service.backends.base import EMBEDDER, GENERATOR, META, BackendUnavailable, ModelInfo, check_images
+from service.backends.repository import personalised_name
+
+log = logging.getLogger("talkinghead.service.triton")
+NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
+
+
+class TritonBackend:
+    name = "triton"
+
+    def __init__(self, *, url: str, poll_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        self.url = url
+        self.poll_s = poll_s
+        self.timeout_s = timeout_s
+        self._client: triton.InferenceServerClient | None = None
+        self._info: ModelInfo | None = None
+        self._ready = asyncio.Event()
+        self._monitor: asyncio.Task[None] | None = None
+        self._personalised: dict[str, bool] = {}
+        self._absent_since: dict[str, float] = {}
+
+    async def start(self) -> None:
+        self._client = triton.InferenceServerClient(self.url)
+        self._monitor = asyncio.create_task(self._watch(), name="triton-monitor")
+
+    async def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+        if self._client is not None:
+            await self._client.close()
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def info(self) -> ModelInfo:
+        if self._info is None:
+            raise BackendUnavailable(f"Triton at {self.url} is not ready")
+        return self._info
+
+    @property
+    def client(self) -> triton.InferenceServerClient:
+        if self._client is None:
+            raise BackendUnavailable("the Triton backend is not started")
+        return self._client
+
+    async def _watch(self) -> None:
+        while True:
+            try:
+                up = await self.client.is_server_ready(client_timeout=self.timeout_s)
+                if up and not self._ready.is_set():
+                    await self._load_base()
+                elif not up:
+                    self._lost("server not ready")
+            except (InferenceServerException, BackendUnavailable, OSError) as error:
+                self._lost(str(error))
+            await asyncio.sleep(self.poll_s)
+
+    def _lost(self, why: str) -> None:
+        if self._ready.is_set():
+            log.error("Triton at %s went away: %s", self.url, why)
+        self._ready.clear()
+        self._personalised.clear()
+
+    async def _parameters(self, model: str) -> dict[str, str]:
+        config = await self.client.get_model_config(model, as_json=True, client_timeout=self.timeout_s)
+        params = config["config"].get("parameters", {})
+        return {key: value.get("string_value", "") for key, value in params.items()}
+
+    async def _load_base(self) -> None:
+        for model in (EMBEDDER, GENERATOR):
+            if not await self.client.is_model_ready(model, client_timeout=self.timeout_s):
+                await self.client.load_model(model, client_timeout=self.timeout_s)
+        self._info = ModelInfo.from_metadata(
+            await self._parameters(GENERATOR), where=f"{self.url}/{GENERATOR}"
+        )
+        embedder_id = (await self._parameters(EMBEDDER)).get(META + "model_id")
+        if embedder_id != self._info.model_id:
+            raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
+        self._ready.set()
+        log.info("Triton at %s ready: %s", self.url, self._info)
+
+    async def _infer(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+        if not self.is_ready():
+            raise BackendUnavailable(f"Triton at {self.url} is not ready")
+        inputs = []
+        for name, array in feeds.items():
+            tensor = triton.InferInput(
+                name, list(array.shape), "UINT8" if array.dtype == np.uint8 else "FP32"
+            )
+            tensor.set_data_from_numpy(np.ascontiguousarray(array))
+            inputs.append(tensor)
+        requested = [triton.InferRequestedOutput(name) for name in outputs]
+        try:
+            result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+        except InferenceServerException as error:
+            status = str(error.status() or "")
+            if "UNAVAILABLE" in status or "DEADLINE" in status:
+                self._lost(str(error))
+            raise BackendUnavailable(f"Triton {model}: {error.message()}") from error
+        return [result.as_numpy(name) for name in outputs]
+
+    async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        size = self.info.image_size
+        check_images(images, size, name="image")
+        check_images(landmark_images, size, name="landmark_image")
+        embedding, adain = await self._infer(
+            EMBEDDER, {"image": images, "landmark_image": landmark_images}, ["embedding", "adain"]
+        )
+        return embedding.astype(np.float32), adain.astype(np.float32)
+
+    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
+        check_images(landmark_images, self.info.image_size, name="landmark_image")
+        feeds = {"landmark_image": landmark_images, "adain": adain.astype(np.float32)}
+        (image,) = await self._infer(GENERATOR, feeds, ["image"])
+        return image
+
+    async def has_personalised(self, avatar_id: str) -> bool:
+        """Load `generator_<id>` on first use; a missing one is remembered for NEGATIVE_CACHE_S."""
+        name = personalised_name(avatar_id)
+        if self._personalised.get(name):
+            return True
+        if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.is_ready():
+            return False
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+            if name not in {m.get("name") for m in index.get("models", [])}:
+                self._absent_since[name] = time.monotonic()
+                return False
+            await self.client.load_model(name, client_timeout=self.timeout_s)
+            params = await self._parameters(name)
+        except InferenceServerException as error:
+            log.error("cannot load %s on Triton: %s", name, error)
+            return False
+        if params.get(META + "model_id") != self.info.model_id:
+            log.warning("%s was fine-tuned from another base model; using the shared generator", name)
+            return False
+        self._personalised[name] = True
+        return True
+
+    async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
+        check_images(landmark_images, self.info.image_size, name="landmark_image")
+        (image,) = await self._infer(
+            personalised_name(avatar_id), {"landmark_image": landmark_images}, ["image"]
+        )
+        return image

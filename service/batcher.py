@@ -1,0 +1,213 @@
+"""Cross-stream batching: frames of many streams (and avatars) share generator calls; order per stream.
+
+Each stream owns a `StreamQueue`: a bounded deque of frames waiting for the generator, and a count
+of frames taken but not yet delivered (`in_flight`, bounded too, so a client that stops reading
+cannot make results pile up). The one `Batcher` task loops: take frames round-robin from the
+queues of streams with room - all for the same model: the shared generator (frames of any avatar,
+each with its own psi) or one personalised generator - up to `max_batch`, draw their landmark
+images (a frame dropped while waiting is never drawn), run them as one call, resolve each frame's
+future. No timer: the next batch is whatever arrived while the previous one ran, so one stream
+gets batch 1 and its lowest latency, while load grows batches (and throughput) by itself. A
+stream's frames leave its queue in order and batches complete in order, so replies stay in order.
+
+Overflow: with DROP_OLDEST a full queue discards its oldest waiting frame (counted, reported in the
+next reply); with BLOCK `put` waits for room, which stops the stream's reader and lets gRPC flow
+control push back on the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from service.backends.base import Backend
+
+log = logging.getLogger("talkinghead.service.batcher")
+SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
+
+
+@dataclass(eq=False)
+class WorkItem:
+    points: np.ndarray  # (68, 2) float32 landmarks in the model's S x S crop
+    draw: Callable[[np.ndarray], np.ndarray]  # points -> landmark image (S, S, 3) uint8
+    adain: np.ndarray | None  # (D,) float32 for the shared generator, None for a personalised one
+    model: str  # SHARED or the avatar id of a personalised generator
+    landmark_image: np.ndarray | None = None  # drawn when the batcher takes the frame
+    rasterize_s: float = 0.0
+    enqueued: float = field(default_factory=time.perf_counter)
+    future: asyncio.Future[BatchResult] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+    dropped: bool = False
+
+    def render(self) -> np.ndarray:
+        """The landmark image, drawn on first use: a frame dropped while waiting is never drawn."""
+        if self.landmark_image is None:
+            t0 = time.perf_counter()
+            self.landmark_image = self.draw(self.points)
+            self.rasterize_s = time.perf_counter() - t0
+        return self.landmark_image
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    image: np.ndarray  # (S, S, 3) uint8
+    taken: float  # perf_counter when the batcher took the frame
+    inference_s: float  # the batch's generator call
+    batch_size: int
+
+
+class StreamQueue:
+    def __init__(self, batcher: Batcher, *, depth: int, block: bool, max_in_flight: int) -> None:
+        self._batcher = batcher
+        self.depth, self.block, self.max_in_flight = depth, block, max_in_flight
+        self.pending: collections.deque[WorkItem] = collections.deque()
+        self.in_flight = 0
+        self.dropped = 0  # since the stream began
+        self._room = asyncio.Event()
+        self.closed = False
+
+    async def put(self, item: WorkItem) -> None:
+        """Queue a frame; BLOCK waits for room, DROP_OLDEST discards the oldest waiting frame."""
+        while self.block and len(self.pending) >= self.depth and not self.closed:
+            self._room.clear()
+            await self._room.wait()
+        if self.closed:
+            raise RuntimeError("stream queue closed")
+        if len(self.pending) >= self.depth:
+            old = self.pending.popleft()
+            old.dropped = True
+            old.future.cancel()
+            self.dropped += 1
+            self._batcher.on_drop()
+        self.pending.append(item)
+        self._batcher.peak_pending = max(self._batcher.peak_pending, len(self.pending))
+        self._batcher.wake()
+
+    def ready(self) -> bool:
+        return bool(self.pending) and self.in_flight < self.max_in_flight
+
+    def take(self) -> WorkItem:
+        item = self.pending.popleft()
+        self.in_flight += 1
+        self._room.set()
+        return item
+
+    def delivered(self) -> None:
+        """The stream handed one taken frame's reply to gRPC (or gave up on it)."""
+        self.in_flight -= 1
+        self._batcher.wake()
+
+    def close(self) -> None:
+        self.closed = True
+        for item in self.pending:
+            item.future.cancel()
+        self.pending.clear()
+        self._room.set()
+        self._batcher.unregister(self)
+
+
+class Batcher:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_batch: int,
+        on_batch: Callable[[str, int, float], None] | None = None,
+        on_drop: Callable[[], None] | None = None,
+        on_error: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.max_batch = max_batch
+        self._streams: list[StreamQueue] = []
+        self.peak_pending = 0  # most frames one stream ever had waiting (bounded by its depth)
+        self._next = 0  # round-robin start
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._on_batch = on_batch or (lambda model, size, seconds: None)
+        self._on_drop = on_drop or (lambda: None)
+        self._on_error = on_error or (lambda error: None)
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="batcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
+        queue = StreamQueue(self, depth=depth, block=block, max_in_flight=max_in_flight or self.max_batch)
+        self._streams.append(queue)
+        return queue
+
+    def unregister(self, queue: StreamQueue) -> None:
+        if queue in self._streams:
+            self._streams.remove(queue)
+
+    def wake(self) -> None:
+        self._work.set()
+
+    def on_drop(self) -> None:
+        self._on_drop()
+
+    def _collect(self) -> list[WorkItem]:
+        """Up to max_batch frames of one model, round-robin over the streams with room."""
+        n = len(self._streams)
+        order = [self._streams[(self._next + i) % n] for i in range(n)] if n else []
+        self._next = (self._next + 1) % max(n, 1)
+        batch: list[WorkItem] = []
+        model: str | None = None
+        progress = True
+        while progress and len(batch) < self.max_batch:
+            progress = False
+            for queue in order:
+                if len(batch) >= self.max_batch:
+                    break
+                if queue.ready() and queue.pending[0].model == (
+                    model if model is not None else queue.pending[0].model
+                ):
+                    item = queue.take()
+                    model = item.model
+                    batch.append(item)
+                    progress = True
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            batch = self._collect()
+            while batch:
+                await self._run(batch)
+                batch = self._collect()
+
+    async def _run(self, batch: list[WorkItem]) -> None:
+        taken = time.perf_counter()
+        images = np.stack([item.render() for item in batch])  # (B, S, S, 3)
+        model = batch[0].model
+        started = time.perf_counter()
+        try:
+            if model == SHARED:
+                adain = np.stack([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
+                call: Awaitable[np.ndarray] = self.backend.generate(images, adain)
+            else:
+                call = self.backend.generate_personalised(model, images)
+            frames = await call  # (B, S, S, 3)
+        except Exception as error:
+            self._on_error(error)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+            return
+        seconds = time.perf_counter() - started
+        self._on_batch(model, len(batch), seconds)
+        for item, frame in zip(batch, frames, strict=True):
+            if not item.future.done():
+                item.future.set_result(BatchResult(frame, taken, seconds, len(batch)))

@@ -1,0 +1,252 @@
+"""Python client of the talkinghead service (blocking API over a gRPC channel).
+
+    from service.client import Client, landmark_requests
+    with Client("127.0.0.1:50051") as client:
+        client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")])
+        seq = LandmarkSequence.load("driver.npz")
+        for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
+            frame.image  # uint8 (S, S, 3) RGB, in the order the landmarks were sent
+
+Errors are grpc.RpcError with the server's status code and message (`describe_error` formats one).
+Torch-free: imports facekit and the generated stubs only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import cv2
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facekit.sequence import LandmarkSequence
+from service.gen.talkinghead.v1 import animation_pb2 as pb
+from service.gen.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
+from service.images import decode_frame
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+ENCODINGS = {
+    "jpeg": pb.OUTPUT_ENCODING_JPEG,
+    "png": pb.OUTPUT_ENCODING_PNG,
+    "raw": pb.OUTPUT_ENCODING_RAW_RGB,
+}
+OVERFLOW = {"drop-oldest": pb.OVERFLOW_POLICY_DROP_OLDEST, "block": pb.OVERFLOW_POLICY_BLOCK}
+MOTION = {"absolute": pb.MOTION_MODE_ABSOLUTE, "relative": pb.MOTION_MODE_RELATIVE}
+
+
+def to_landmarks(points: np.ndarray) -> Landmarks:
+    """(68, 2) pixel points -> the wire message."""
+    return Landmarks(xy=np.asarray(points, np.float32).reshape(-1).tolist())
+
+
+def describe_error(error: grpc.RpcError) -> str:
+    """'CODE: message' of a failed call."""
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    return f"{code.name if code else 'ERROR'}: {details}"
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One generated frame, decoded."""
+
+    sequence: int
+    capture_time_us: int
+    image: np.ndarray  # uint8 (S, S, 3) RGB
+    landmark_image: np.ndarray | None  # when requested
+    timings: pb.StageTimings  # server-side microseconds per stage
+    dropped_before: int
+    batch_size: int
+    face_missing: bool
+    received: float  # time.perf_counter() when the reply arrived
+
+
+def landmark_requests(
+    seq: LandmarkSequence, *, pace: bool = False, start: int = 0, clock: bool = True
+) -> Iterator[pb.AnimateRequest]:
+    """A landmark sequence as stream requests (sequence numbers = frame index), optionally at its fps."""
+    width, height = seq.frame_size
+    t0 = time.perf_counter()
+    for index, points in enumerate(seq.points):
+        if pace:
+            delay = t0 + index / seq.fps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        frame = pb.LandmarkFrame(
+            sequence=start + index,
+            capture_time_us=int(time.perf_counter() * 1e6) if clock else 0,
+            landmarks=to_landmarks(points),
+            frame_width=width,
+            frame_height=height,
+        )
+        yield pb.AnimateRequest(landmarks=frame)
+
+
+def image_requests(frames: Iterable[np.ndarray], *, quality: int = 90) -> Iterator[pb.AnimateRequest]:
+    """RGB frames (H, W, 3) as JPEG driving frames: the server finds their landmarks."""
+    for index, rgb in enumerate(frames):
+        ok, buf = cv2.imencode(
+            ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+        )
+        assert ok
+        frame = pb.DrivingFrame(
+            sequence=index, capture_time_us=int(time.perf_counter() * 1e6), image=buf.tobytes()
+        )
+        yield pb.AnimateRequest(driving_frame=frame)
+
+
+def _image_bytes(image: bytes | str | Path) -> bytes:
+    return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+
+class Client:
+    def __init__(
+        self, target: str = DEFAULT_SERVER, *, tls_ca: Path | None = None, timeout: float = 60.0
+    ) -> None:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if tls_ca is not None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.timeout = timeout
+        self.avatars = avatar_pb2_grpc.AvatarServiceStub(self.channel)
+        self.animation = animation_pb2_grpc.AnimationServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.last_started: pb.StreamStarted | None = None
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def health(self, service: str = "") -> str:
+        """SERVING / NOT_SERVING / ... of the server (or one of its services)."""
+        response = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+        )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Block until the server reports SERVING (TimeoutError otherwise)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the server was not SERVING within {timeout:.0f} s")
+            time.sleep(0.2)
+
+    # -- avatars ------------------------------------------------------------------------------
+    def create_avatar(
+        self,
+        avatar_id: str,
+        images: Sequence[bytes | str | Path],
+        *,
+        landmarks: Sequence[np.ndarray | None] | None = None,
+        display_name: str = "",
+        replace: bool = False,
+    ) -> avatar_pb2.Avatar:
+        """Make an avatar from 1-32 encoded photos (bytes or file paths), optionally with landmarks each."""
+        sources = []
+        for index, image in enumerate(images):
+            source = avatar_pb2.SourceImage(data=_image_bytes(image))
+            if landmarks is not None and landmarks[index] is not None:
+                source.landmarks.CopyFrom(to_landmarks(landmarks[index]))  # type: ignore[arg-type]
+            sources.append(source)
+        request = avatar_pb2.CreateAvatarRequest(
+            avatar_id=avatar_id, images=sources, display_name=display_name, replace=replace
+        )
+        return self.avatars.CreateAvatar(request, timeout=self.timeout)
+
+    def get_avatar(self, avatar_id: str, *, include_preview: bool = False) -> avatar_pb2.Avatar:
+        request = avatar_pb2.GetAvatarRequest(avatar_id=avatar_id, include_preview=include_preview)
+        return self.avatars.GetAvatar(request, timeout=self.timeout)
+
+    def list_page(self, page_size: int = 0, page_token: str = "") -> avatar_pb2.ListAvatarsResponse:
+        request = avatar_pb2.ListAvatarsRequest(page_size=page_size, page_token=page_token)
+        return self.avatars.ListAvatars(request, timeout=self.timeout)
+
+    def list_avatars(self, page_size: int = 0) -> Iterator[avatar_pb2.Avatar]:
+        """Every avatar, fetching page after page."""
+        token = ""
+        while True:
+            page = self.list_page(page_size, token)
+            yield from page.avatars
+            token = page.next_page_token
+            if not token:
+                return
+
+    def delete_avatar(self, avatar_id: str) -> None:
+        self.avatars.DeleteAvatar(avatar_pb2.DeleteAvatarRequest(avatar_id=avatar_id), timeout=self.timeout)
+
+    # -- animation ----------------------------------------------------------------------------
+    def animate(
+        self,
+        avatar_id: str,
+        requests: Iterable[pb.AnimateRequest],
+        *,
+        encoding: str = "jpeg",
+        quality: int = 0,
+        overflow: str = "block",
+        motion: str = "absolute",
+        queue_depth: int = 0,
+        crop_to_face: bool = False,
+        include_landmark_image: bool = False,
+    ) -> Iterator[Frame]:
+        """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
+
+        overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
+        bounded for live input. The stream's StreamStarted message is kept in `self.last_started`.
+        """
+        config = pb.StreamConfig(
+            avatar_id=avatar_id,
+            encoding=ENCODINGS[encoding],
+            quality=quality,
+            overflow=OVERFLOW[overflow],
+            motion=MOTION[motion],
+            queue_depth=queue_depth,
+            crop_to_face=crop_to_face,
+            include_landmark_image=include_landmark_image,
+        )
+
+        def stream() -> Iterator[pb.AnimateRequest]:
+            yield pb.AnimateRequest(config=config)
+            yield from requests
+
+        for response in self.animation.Animate(stream()):
+            if response.HasField("started"):
+                self.last_started = response.started
+                continue
+            f = response.frame
+            size = (f.width, f.height)
+            yield Frame(
+                sequence=f.sequence,
+                capture_time_us=f.capture_time_us,
+                image=decode_frame(f.image, f.encoding, size),
+                landmark_image=decode_frame(f.landmark_image, f.encoding, size) if f.landmark_image else None,
+                timings=f.timings,
+                dropped_before=f.dropped_before,
+                batch_size=f.batch_size,
+                face_missing=f.face_missing,
+                received=time.perf_counter(),
+            )

@@ -1,0 +1,91 @@
+"""Driving landmarks -> the landmarks the avatar is drawn with, in the model's S x S crop.
+
+Every frame is first brought into the model's square frame the way facekit.sequence.LandmarkSequence
+.rescaled does it (uniform scale, letterboxed). Then, per stream:
+
+- ABSOLUTE: used as they are; with crop_to_face, a face crop (facekit.crop.crop_box with the model's
+  crop scale, from the first frame, fixed for the stream as preprocessing fixes one box per clip)
+  is cut around them instead, in the frame's own pixel space.
+- RELATIVE: facekit.motion.transfer_motion(neutral + frame, avatar's landmarks): the driver's
+  motion relative to its neutral frame performed by the avatar's own face shape (the same maths as
+  training/demo.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from facekit.crop import CropBox, crop_box, transform_points
+from facekit.layout import NUM_POINTS
+from facekit.motion import transfer_motion
+from facekit.sequence import LandmarkSequence
+from service.errors import invalid
+
+MAX_FRAME_SIDE = 16384
+
+
+def parse_points(xy: Sequence[float], *, what: str) -> np.ndarray:
+    """136 wire floats -> (68, 2) float32, or ServiceError(INVALID_ARGUMENT) saying what is wrong."""
+    if len(xy) != 2 * NUM_POINTS:
+        raise invalid(
+            f"{what}: expected {2 * NUM_POINTS} values ({NUM_POINTS} points as x, y), got {len(xy)}"
+            + (f" ({len(xy) // 2} points)" if len(xy) % 2 == 0 else "")
+        )
+    points = np.asarray(xy, np.float32).reshape(NUM_POINTS, 2)
+    bad = ~np.isfinite(points).all(axis=1)
+    if bad.any():
+        raise invalid(f"{what}: point {int(np.flatnonzero(bad)[0])} is NaN or infinite")
+    if np.abs(points).max() > 8 * MAX_FRAME_SIDE:
+        raise invalid(f"{what}: coordinates beyond ±{8 * MAX_FRAME_SIDE} pixels")
+    return points
+
+
+def check_frame_size(width: int, height: int, *, what: str) -> tuple[int, int]:
+    if not (1 <= width <= MAX_FRAME_SIDE and 1 <= height <= MAX_FRAME_SIDE):
+        raise invalid(f"{what}: frame size must be 1-{MAX_FRAME_SIDE} pixels a side, got {width}x{height}")
+    return width, height
+
+
+def letterbox(points: np.ndarray, frame_size: tuple[int, int], size: int) -> np.ndarray:
+    """(68, 2) in a (width, height) frame -> the same face in a size x size frame (facekit's rescale)."""
+    return LandmarkSequence(points[None], frame_size, 25.0).rescaled(size).points[0]
+
+
+class DrivingMapper:
+    """Maps one stream's driving landmarks into the model's crop; holds the stream's reference state."""
+
+    def __init__(
+        self,
+        *,
+        size: int,
+        relative: bool,
+        crop_to_face: bool,
+        crop_scale: float,
+        avatar_points: np.ndarray,
+        neutral: tuple[np.ndarray, tuple[int, int]] | None = None,
+    ) -> None:
+        self.size = size
+        self.relative = relative
+        self.crop_to_face = crop_to_face
+        self.crop_scale = crop_scale
+        self.avatar_points = np.asarray(avatar_points, np.float32)  # (68, 2) in the crop
+        self._neutral = None if neutral is None else letterbox(neutral[0], neutral[1], size)  # (68, 2)
+        self._box: CropBox | None = None
+
+    def __call__(self, points: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
+        """(68, 2) driving points in a (width, height) frame -> (68, 2) float32 crop points."""
+        if not self.relative:
+            if not self.crop_to_face:
+                return letterbox(points, frame_size, self.size)
+            if self._box is None:
+                self._box = crop_box(points, scale=self.crop_scale)
+            return transform_points(points, self._box, self.size)
+        square = letterbox(points, frame_size, self.size)
+        if self._neutral is None:
+            self._neutral = square
+        try:
+            return transfer_motion(np.stack([self._neutral, square]), self.avatar_points)[1]
+        except ValueError as error:  # degenerate (coincident) points cannot be fitted
+            raise invalid(f"cannot transfer the motion of these landmarks: {error}") from error

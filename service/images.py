@@ -1,0 +1,74 @@
+"""Image bytes in and out: safe decoding of client images, fast encoding of generated frames."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import invalid
+from service.gen.talkinghead.v1 import animation_pb2
+
+FORMATS = ("JPEG", "PNG", "WEBP")
+JPEG_QUALITY = 90  # default when the stream asks for 0
+PNG_LEVEL = 1  # default zlib level: fast; level 9 saves ~10 % for ~5x the time
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> np.ndarray:
+    """JPEG/PNG/WebP bytes -> uint8 RGB (H, W, 3), EXIF orientation applied.
+
+    Raises ServiceError(INVALID_ARGUMENT) naming `what` when the bytes are empty, too many,
+    undecodable, another format, or the picture has more than `max_pixels` pixels (checked from
+    the header, before decoding, so a decompression bomb costs nothing).
+    """
+    if not data:
+        raise invalid(f"{what}: empty image")
+    if len(data) > max_bytes:
+        raise invalid(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            if image.format not in FORMATS:
+                raise invalid(f"{what}: unsupported image format {image.format}; send JPEG, PNG or WebP")
+            width, height = image.size
+            if width * height > max_pixels:
+                raise invalid(f"{what}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+            upright = ImageOps.exif_transpose(image)
+            return np.asarray(upright.convert("RGB"))
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise invalid(f"{what}: cannot decode the image ({error})") from error
+
+
+def encode_png(image: np.ndarray, level: int = PNG_LEVEL) -> bytes:
+    ok, buf = cv2.imencode(
+        ".png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, level]
+    )
+    assert ok
+    return buf.tobytes()
+
+
+def encode_frame(image: np.ndarray, encoding: int, quality: int) -> bytes:
+    """uint8 RGB (H, W, 3) -> bytes in `encoding` (an OutputEncoding value; UNSPECIFIED = JPEG)."""
+    if encoding == animation_pb2.OUTPUT_ENCODING_RAW_RGB:
+        return np.ascontiguousarray(image).tobytes()
+    if encoding == animation_pb2.OUTPUT_ENCODING_PNG:
+        return encode_png(image, quality or PNG_LEVEL)
+    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality or JPEG_QUALITY])
+    assert ok
+    return buf.tobytes()
+
+
+def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarray:
+    """Inverse of encode_frame for clients: -> uint8 RGB (height, width, 3); size = (width, height)."""
+    width, height = size
+    if encoding == animation_pb2.OUTPUT_ENCODING_RAW_RGB:
+        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("cannot decode the frame")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -1,0 +1,100 @@
+"""Prometheus metrics of one server instance (own registry, so tests can run several servers).
+
+Names follow Prometheus conventions: base units (seconds, bytes), `_total` for counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# Per-frame stages: 0.5 ms .. 2.5 s.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.035,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.stage_seconds = Histogram(
+            "talkinghead_stage_seconds",
+            "Time per stage: decode/landmarks (driving images), rasterize, inference (per batch), "
+            "encode, end_to_end (request read to reply handed to gRPC), per frame",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "talkinghead_queue_seconds",
+            "Time a frame waited in its stream's queue and the batcher before the generator took it",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.frames_received = Counter(
+            "talkinghead_frames_received_total", "Driving frames received", ["kind"], registry=r
+        )
+        self.frames_sent = Counter("talkinghead_frames_sent_total", "Generated frames sent", registry=r)
+        self.frames_dropped = Counter(
+            "talkinghead_frames_dropped_total",
+            "Driving frames discarded by the drop-oldest overflow policy",
+            registry=r,
+        )
+        self.active_streams = Gauge("talkinghead_active_streams", "Open Animate streams", registry=r)
+        self.streams_total = Counter(
+            "talkinghead_streams_total", "Animate streams ended, by gRPC status code", ["code"], registry=r
+        )
+        self.batch_size = Histogram(
+            "talkinghead_batch_size",
+            "Frames per generator call",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=r,
+        )
+        self.cache_entries = Gauge("talkinghead_cache_entries", "Avatars in the AdaIN cache", registry=r)
+        self.cache_bytes = Gauge("talkinghead_cache_bytes", "Bytes held by the AdaIN cache", registry=r)
+        self.cache_hits = Counter("talkinghead_cache_hits_total", "AdaIN cache hits", registry=r)
+        self.cache_misses = Counter("talkinghead_cache_misses_total", "AdaIN cache misses", registry=r)
+        self.backend_errors = Counter(
+            "talkinghead_backend_errors_total",
+            "Failed model calls, by operation (embed, generate) and kind (unavailable, error)",
+            ["operation", "kind"],
+            registry=r,
+        )
+        self.backend_ready = Gauge(
+            "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
+        )
+        self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
+        for stage in STAGES:
+            self.stage_seconds.labels(stage)  # export every series from the start
+        for kind in ("landmarks", "image"):
+            self.frames_received.labels(kind)
+
+    def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
+        self.cache_entries.set(entries)
+        self.cache_bytes.set(size)
+        if hit is True:
+            self.cache_hits.inc()
+        elif hit is False:
+            self.cache_misses.inc()
+
+    def serve(self, host: str, port: int) -> tuple[Any, int]:
+        """Start the /metrics HTTP server in a daemon thread -> (server, bound port)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return server, int(server.server_address[1])

@@ -1,0 +1,35 @@
+"""Run the gRPC service: avatars, animation streams, health, reflection and Prometheus metrics.
+
+Settings come from TALKINGHEAD_* environment variables (service/README.md lists them); flags
+override them. With no flags it serves model_repository/ in-process with ONNX Runtime on
+127.0.0.1:50051, metrics on :8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
+
+example:
+  talkinghead serve
+  TALKINGHEAD_BACKEND=triton TALKINGHEAD_TRITON_URL=triton:8001 talkinghead serve --host 0.0.0.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+from service import settings as settings_module
+from service.server import serve
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    settings_module.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = settings_module.from_args(args)
+    except ValueError as error:
+        raise SystemExit(f"talkinghead serve: {error}") from error
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+    asyncio.run(serve(settings))
+    return 0

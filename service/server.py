@@ -1,0 +1,151 @@
+"""Assemble and run the server: gRPC (avatars, animation, health, reflection) + Prometheus /metrics.
+
+    settings = from_env()
+    asyncio.run(serve(settings))          # until SIGTERM / SIGINT
+
+`Server` is the same thing as an object tests and the benchmark start and stop in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.app import App
+from service.backends.base import Backend
+from service.gen.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from service.metrics import Metrics
+from service.servicer import AnimationServicer, AvatarServicer
+from service.settings import Settings
+from service.store import LocalAvatarStore
+
+log = logging.getLogger("talkinghead.service")
+SERVICES = (
+    avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name,
+    animation_pb2.DESCRIPTOR.services_by_name["AnimationService"].full_name,
+)
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # 32 photos of up to 10 MiB each would exceed gRPC's 4 MiB default
+HEALTH_POLL_S = 0.5
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.backend == "triton":
+        from service.backends.triton import TritonBackend
+
+        return TritonBackend(url=settings.triton_url)
+    from service.backends.onnxruntime import OnnxRuntimeBackend
+
+    return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
+
+
+@dataclass
+class Server:
+    settings: Settings
+    backend: Backend | None = None  # default: make_backend(settings)
+    grpc_port: int = 0  # bound ports, known after start()
+    metrics_port: int = 0
+    app: App = field(init=False)
+    _server: grpc.aio.Server = field(init=False)
+    _health: health.aio.HealthServicer = field(init=False)
+    _metrics_http: Any = field(init=False, default=None)
+    _monitor: asyncio.Task[None] | None = field(init=False, default=None)
+
+    async def start(self) -> None:
+        s = self.settings
+        log.info("settings: %s", s.describe())
+        metrics = Metrics()
+        self.app = App(s, self.backend or make_backend(s), LocalAvatarStore(s.avatar_store), metrics)
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        self._server = grpc.aio.server(options=options)
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(self.app), self._server)
+        animation_pb2_grpc.add_AnimationServiceServicer_to_server(AnimationServicer(self.app), self._server)
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        await self._set_health(False)
+        reflection.enable_server_reflection(
+            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        address = f"{s.host}:{s.grpc_port}"
+        if s.tls:
+            assert s.tls_cert is not None and s.tls_key is not None
+            credentials = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+            self.grpc_port = self._server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = self._server.add_insecure_port(address)
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {address}")
+        self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
+        await self.app.start()
+        await self._server.start()
+        self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
+        log.info(
+            "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",
+            s.host,
+            self.grpc_port,
+            "TLS" if s.tls else "plaintext",
+            s.host,
+            self.metrics_port,
+            s.backend,
+        )
+
+    async def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICES):
+            await self._health.set(name, status)
+
+    async def _watch_backend(self) -> None:
+        """Health follows the backend: NOT_SERVING until it is ready, and whenever it goes away."""
+        ready: bool | None = None
+        while True:
+            now = self.app.backend.is_ready()
+            if now != ready:
+                await self._set_health(now)
+                self.app.metrics.backend_ready.set(1 if now else 0)
+                log.info("backend %s is %s", self.app.backend.name, "ready" if now else "NOT ready")
+                ready = now
+            await asyncio.sleep(HEALTH_POLL_S)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking new calls, give running ones `grace` seconds, then release everything."""
+        grace = self.settings.shutdown_grace if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self._server.stop(grace)
+        await self.app.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = Server(settings)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: shutting down (grace %.1f s)", settings.shutdown_grace)
+    await server.stop()

@@ -1,0 +1,138 @@
+"""gRPC servicers: translate protobuf <-> App operations and ServiceError -> status codes."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from service.app import App
+from service.errors import ServiceError, precondition
+from service.gen.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
+from service.store import AvatarRecord
+from service.stream import Stream
+
+log = logging.getLogger("talkinghead.service")
+R = TypeVar("R")
+
+
+def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, preview: bool) -> avatar_pb2.Avatar:
+    created = Timestamp()
+    created.FromNanoseconds(int(record.create_time * 1e9))
+    avatar = avatar_pb2.Avatar(
+        avatar_id=record.avatar_id,
+        display_name=record.display_name,
+        create_time=created,
+        image_count=len(record.images),
+        model_id=record.model_id,
+        personalised=personalised,
+        image_size=record.image_size,
+    )
+    if details:
+        avatar.images.extend(avatar_pb2.ImageReport(**report) for report in record.images)  # type: ignore[arg-type]
+    if preview:
+        avatar.preview_png = record.preview_png
+        avatar.crop_landmarks.CopyFrom(Landmarks(xy=record.points.reshape(-1).tolist()))
+    return avatar
+
+
+def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
+    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
+        try:
+            return await method(self, request, context)
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as error:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    @unary
+    async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
+        record = await self.app.create_avatar(request)
+        personalised = await self.app.personalised(record.avatar_id)
+        return to_avatar(record, personalised=personalised, details=True, preview=True)
+
+    @unary
+    async def GetAvatar(self, request: avatar_pb2.GetAvatarRequest, context: Any) -> avatar_pb2.Avatar:
+        record = await self.app.get_record(request.avatar_id)
+        personalised = await self.app.personalised(record.avatar_id)
+        return to_avatar(record, personalised=personalised, details=True, preview=request.include_preview)
+
+    @unary
+    async def ListAvatars(
+        self, request: avatar_pb2.ListAvatarsRequest, context: Any
+    ) -> avatar_pb2.ListAvatarsResponse:
+        records, token, total = await self.app.list_avatars(request.page_size, request.page_token)
+        avatars = [
+            to_avatar(r, personalised=await self.app.personalised(r.avatar_id), details=False, preview=False)
+            for r in records
+        ]
+        return avatar_pb2.ListAvatarsResponse(avatars=avatars, next_page_token=token, total_size=total)
+
+    @unary
+    async def DeleteAvatar(
+        self, request: avatar_pb2.DeleteAvatarRequest, context: Any
+    ) -> avatar_pb2.DeleteAvatarResponse:
+        await self.app.delete_avatar(request.avatar_id)
+        return avatar_pb2.DeleteAvatarResponse()
+
+
+class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    async def Animate(
+        self, request_iterator: AsyncIterator[animation_pb2.AnimateRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[animation_pb2.AnimateResponse]:
+        stream: Stream | None = None
+        reader: asyncio.Task[None] | None = None
+        code = "OK"
+        try:
+            first = await anext(aiter(request_iterator), None)
+            if first is None:
+                return
+            kind = first.WhichOneof("message")
+            if kind != "config":
+                raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
+            stream = await Stream.open(self.app, first.config)
+            context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
+            yield animation_pb2.AnimateResponse(started=stream.started)
+            reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
+            async for response in stream.replies():
+                yield response
+        except ServiceError as error:
+            code = error.code.name
+            await context.abort(error.code, error.message)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as error:
+            code = "INTERNAL"
+            log.exception("Animate failed")
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        finally:
+            if reader is not None:
+                reader.cancel()
+            if stream is not None:
+                stream.close(code)

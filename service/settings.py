@@ -1,0 +1,151 @@
+"""Service settings: one frozen object from environment variables, overridden by command-line flags.
+
+Environment variables (the Helm chart sets these; flags of `talkinghead serve` override them):
+
+    TALKINGHEAD_HOST              127.0.0.1        address the gRPC and metrics servers bind
+    TALKINGHEAD_GRPC_PORT         50051            gRPC port (0 = any free port)
+    TALKINGHEAD_METRICS_PORT      8080             Prometheus /metrics port (0 = any free port)
+    TALKINGHEAD_BACKEND           onnxruntime      onnxruntime (in-process) | triton
+    TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC endpoint (backend = triton)
+    TALKINGHEAD_MODEL_REPOSITORY  model_repository Triton-layout model repository (onnxruntime)
+    TALKINGHEAD_AVATAR_STORE      var/avatars      directory of stored avatars
+    TALKINGHEAD_CACHE_BYTES       67108864         AdaIN-parameter cache bound, bytes
+    TALKINGHEAD_MAX_STREAMS       64               concurrent Animate streams; more: RESOURCE_EXHAUSTED
+    TALKINGHEAD_MAX_BATCH         16               frames per generator call, 1-256
+    TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
+    TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
+    TALKINGHEAD_TLS_KEY           (unset)          PEM private key
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+BACKENDS = ("onnxruntime", "triton")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+PREFIX = "TALKINGHEAD_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051
+    metrics_port: int = 8080
+    backend: str = "onnxruntime"
+    triton_url: str = "127.0.0.1:8001"
+    model_repository: Path = Path("model_repository")
+    avatar_store: Path = Path("var/avatars")
+    cache_bytes: int = 64 * 1024 * 1024
+    max_streams: int = 64
+    max_batch: int = 16
+    log_level: str = "INFO"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # Flag-only settings (no environment variable): limits and tuning.
+    max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
+    max_image_pixels: int = 40_000_000  # per decoded image
+    max_images: int = 32  # photos per avatar
+    inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
+    shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM
+    detector: str = "dlib"  # landmark detector for photos and driving frames
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.backend not in BACKENDS:
+            problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        for name in ("grpc_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{name} must be 0-65535, got {getattr(self, name)}")
+        if self.log_level not in LOG_LEVELS:
+            problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if not 1 <= self.max_batch <= 256:
+            problems.append(f"max_batch must be 1-256, got {self.max_batch}")
+        if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
+            problems.append("max_streams and max_images must be >= 1 and cache_bytes >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("TLS needs both a certificate (TLS_CERT) and a key (TLS_KEY)")
+        if problems:
+            raise ValueError("invalid settings: " + "; ".join(problems))
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def describe(self) -> str:
+        """One log line: every field, name=value."""
+        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+_ENV_FIELDS = (
+    "host",
+    "grpc_port",
+    "metrics_port",
+    "backend",
+    "triton_url",
+    "model_repository",
+    "avatar_store",
+    "cache_bytes",
+    "max_streams",
+    "max_batch",
+    "log_level",
+    "tls_cert",
+    "tls_key",
+)
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
+    text = str(kind)
+    if "int" in text:
+        return int(raw)
+    if "float" in text:
+        return float(raw)
+    if "Path" in text:
+        return Path(raw) if raw else None
+    return raw.upper() if name == "log_level" else raw
+
+
+def from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    """Settings from TALKINGHEAD_* variables, then `overrides` (None values are ignored)."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    for name in _ENV_FIELDS:
+        key = PREFIX + name.upper()
+        if environ.get(key, "") != "":
+            try:
+                values[name] = _convert(name, environ[key])
+            except ValueError as error:
+                raise ValueError(f"invalid {key}={environ[key]!r}: {error}") from error
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags for `talkinghead serve`; each defaults to None = keep the environment's value."""
+    group = parser.add_argument_group("settings (flags override TALKINGHEAD_* environment variables)")
+    group.add_argument("--host", help="bind address (default 127.0.0.1)")
+    group.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = any free port)")
+    group.add_argument("--metrics-port", type=int, help="Prometheus port (default 8080; 0 = any free)")
+    group.add_argument("--backend", choices=BACKENDS, help="model backend (default onnxruntime)")
+    group.add_argument("--triton-url", help="Triton gRPC host:port (default 127.0.0.1:8001)")
+    group.add_argument("--model-repository", type=Path, help="model repository (default model_repository)")
+    group.add_argument("--avatar-store", type=Path, help="avatar directory (default var/avatars)")
+    group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
+    group.add_argument("--max-streams", type=int, help="concurrent Animate streams (default 64)")
+    group.add_argument("--max-batch", type=int, help="frames per generator call (default 16)")
+    group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
+    group.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
+    group.add_argument("--tls-key", type=Path, help="PEM private key")
+    group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
+    group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:
+    names = {f.name for f in dataclasses.fields(Settings)}
+    return from_env(environ, **{k: v for k, v in vars(args).items() if k in names})

@@ -1,0 +1,191 @@
+"""Avatar store: the persistent record of each avatar, behind an interface, plus an LRU cache.
+
+`LocalAvatarStore` keeps one `<id>.npz` file per avatar in a directory. Writes go to a temporary
+file in the same directory and `os.replace` it into place, so a crash never leaves a half-written
+avatar and a restart loses none. Another implementation (a shared object store, Redis) can back
+several replicas by implementing `AvatarStore`.
+
+File format (`.npz`, no pickles): `adain` float32 (D,), `embedding` float32 (512,), `points`
+float32 (68, 2) first photo's landmarks in the crop, `preview_png` uint8 (n,) and `meta` uint8 (n,)
+holding UTF-8 JSON (id, display name, creation time, model id, image size, per-image reports).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from facekit.ids import validate_avatar_id
+
+SUFFIX = ".npz"
+
+
+@dataclass(frozen=True, eq=False)
+class AvatarRecord:
+    avatar_id: str
+    adain: np.ndarray  # (D,) float32: psi = mean of the embedder's AdaIN outputs over the photos
+    embedding: np.ndarray  # (512,) float32: mean embedding ê
+    points: np.ndarray  # (68, 2) float32: the first photo's landmarks in its crop (image_size px)
+    model_id: str
+    image_size: int
+    create_time: float  # seconds since the epoch, UTC
+    display_name: str = ""
+    images: list[dict[str, Any]] = field(default_factory=list)  # per-photo reports (ImageReport fields)
+    preview_png: bytes = b""
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the record holds, for the cache bound."""
+        return int(self.adain.nbytes + self.embedding.nbytes + self.points.nbytes + len(self.preview_png))
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "avatar_id": self.avatar_id,
+            "model_id": self.model_id,
+            "image_size": self.image_size,
+            "create_time": self.create_time,
+            "display_name": self.display_name,
+            "images": self.images,
+        }
+
+
+class AvatarStore(Protocol):
+    """Persistent avatars. Methods are blocking (the service calls them in a worker thread)."""
+
+    def put(self, record: AvatarRecord, *, replace: bool) -> bool:
+        """Store `record`; False (nothing written) when the id exists and replace is False."""
+        ...
+
+    def get(self, avatar_id: str) -> AvatarRecord | None: ...
+
+    def delete(self, avatar_id: str) -> bool:
+        """True when something was deleted."""
+        ...
+
+    def ids(self) -> list[str]:
+        """All avatar ids, sorted."""
+        ...
+
+
+class LocalAvatarStore:
+    """One `<id>.npz` per avatar in `root` (created if missing)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()  # serialises exists-check + replace for put(replace=False)
+
+    def _path(self, avatar_id: str) -> Path:
+        return self.root / (validate_avatar_id(avatar_id) + SUFFIX)
+
+    def put(self, record: AvatarRecord, *, replace: bool) -> bool:
+        path = self._path(record.avatar_id)
+        buffer = io.BytesIO()
+        np.savez(
+            buffer,
+            adain=np.asarray(record.adain, np.float32),
+            embedding=np.asarray(record.embedding, np.float32),
+            points=np.asarray(record.points, np.float32),
+            preview_png=np.frombuffer(record.preview_png, np.uint8),
+            meta=np.frombuffer(json.dumps(record.meta()).encode(), np.uint8),
+        )
+        with self._lock:
+            if path.exists() and not replace:
+                return False
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(buffer.getvalue())
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(tmp, path)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return True
+
+    def get(self, avatar_id: str) -> AvatarRecord | None:
+        path = self._path(avatar_id)
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                meta = json.loads(archive["meta"].tobytes())
+                return AvatarRecord(
+                    avatar_id=meta["avatar_id"],
+                    adain=archive["adain"],
+                    embedding=archive["embedding"],
+                    points=archive["points"],
+                    model_id=meta["model_id"],
+                    image_size=int(meta["image_size"]),
+                    create_time=float(meta["create_time"]),
+                    display_name=meta.get("display_name", ""),
+                    images=meta.get("images", []),
+                    preview_png=archive["preview_png"].tobytes(),
+                )
+        except FileNotFoundError:
+            return None
+
+    def delete(self, avatar_id: str) -> bool:
+        with self._lock:
+            try:
+                self._path(avatar_id).unlink()
+            except FileNotFoundError:
+                return False
+        return True
+
+    def ids(self) -> list[str]:
+        return sorted(
+            p.name[: -len(SUFFIX)] for p in self.root.glob("*" + SUFFIX) if not p.name.startswith(".")
+        )
+
+
+class AvatarCache:
+    """LRU of avatar records bounded by their total bytes (one record larger than the bound is not kept).
+
+    `on_change(entries, bytes, hit)` reports to metrics; hit is None for evictions/insertions.
+    """
+
+    def __init__(self, max_bytes: int, on_change: Callable[[int, int, bool | None], None] | None = None):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[str, AvatarRecord] = OrderedDict()
+        self._bytes = 0
+        self._on_change = on_change or (lambda entries, size, hit: None)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return self._bytes
+
+    def get(self, avatar_id: str) -> AvatarRecord | None:
+        record = self._items.get(avatar_id)
+        if record is not None:
+            self._items.move_to_end(avatar_id)
+        self._on_change(len(self._items), self._bytes, record is not None)
+        return record
+
+    def put(self, record: AvatarRecord) -> None:
+        self.discard(record.avatar_id)
+        if record.nbytes <= self.max_bytes:
+            self._items[record.avatar_id] = record
+            self._bytes += record.nbytes
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old.nbytes
+        self._on_change(len(self._items), self._bytes, None)
+
+    def discard(self, avatar_id: str) -> None:
+        old = self._items.pop(avatar_id, None)
+        if old is not None:
+            self._bytes -= old.nbytes
+            self._on_change(len(self._items), self._bytes, None)

@@ -1,0 +1,327 @@
+"""One Animate stream: config -> reader task (parse, map, rasterize, queue) -> ordered replies.
+
+    reader task:  request -> landmarks (parsed, or decoded + detected in the detect pool)
+                  -> DrivingMapper -> WorkItem -> StreamQueue.put (may drop/block)
+    batcher:      draw_landmarks (only frames that are not dropped) -> generator call
+    reply loop:   oldest outstanding frame -> await its batch -> encode -> AnimateResponse
+
+A bad frame stops the reader; frames read before it are still delivered, then the stream ends with
+the error's status. Whatever ends the stream (client cancel, error, server shutdown), `close()`
+releases the queue and the stream slot exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+
+from facekit.rasterize import draw_landmarks
+from service.app import App, check_id
+from service.backends.base import BackendUnavailable
+from service.batcher import SHARED, BatchResult, StreamQueue, WorkItem
+from service.driving import DrivingMapper, check_frame_size, parse_points
+from service.errors import ServiceError, exhausted, invalid, precondition, unavailable
+from service.gen.talkinghead.v1 import animation_pb2 as pb
+from service.images import decode_image, encode_frame
+
+log = logging.getLogger("talkinghead.service.stream")
+DEFAULT_DEPTH, MAX_DEPTH = 4, 64
+INLINE_ENCODE_MAX = 256  # frames up to this side are encoded on the event loop (~0.2 ms), larger in a pool
+
+
+def _us(seconds: float) -> int:
+    return max(0, min(int(seconds * 1e6), 2**32 - 1))
+
+
+@dataclass(eq=False)
+class Outstanding:
+    """A frame read from the client whose reply is not sent yet."""
+
+    sequence: int
+    capture_time_us: int
+    read: float  # perf_counter when the request was read
+    decode_s: float = 0.0
+    landmarks_s: float = 0.0
+    rasterize_s: float = 0.0
+    face_missing: bool = False
+    item: WorkItem | None = None  # set once the frame is queued
+
+    @property
+    def work(self) -> WorkItem:
+        assert self.item is not None
+        return self.item
+
+
+@dataclass
+class StreamSetup:
+    config: pb.StreamConfig
+    encoding: int
+    quality: int
+    depth: int
+    block: bool
+
+
+def check_config(config: pb.StreamConfig) -> StreamSetup:
+    encoding = config.encoding or pb.OUTPUT_ENCODING_JPEG
+    if encoding not in pb.OutputEncoding.values():
+        raise invalid(f"config.encoding: unknown value {encoding}")
+    if config.overflow not in pb.OverflowPolicy.values():
+        raise invalid(f"config.overflow: unknown value {config.overflow}")
+    if config.motion not in pb.MotionMode.values():
+        raise invalid(f"config.motion: unknown value {config.motion}")
+    if encoding == pb.OUTPUT_ENCODING_JPEG and not 0 <= config.quality <= 100:
+        raise invalid(f"config.quality: JPEG quality must be 1-100 (0 = default 90), got {config.quality}")
+    if encoding == pb.OUTPUT_ENCODING_PNG and not 0 <= config.quality <= 9:
+        raise invalid(f"config.quality: PNG level must be 0-9 (0 = default 1), got {config.quality}")
+    if not 0 <= config.queue_depth <= MAX_DEPTH:
+        raise invalid(
+            f"config.queue_depth must be 1-{MAX_DEPTH} (0 = default {DEFAULT_DEPTH}), "
+            f"got {config.queue_depth}"
+        )
+    if config.HasField("neutral") and config.motion != pb.MOTION_MODE_RELATIVE:
+        raise invalid("config.neutral is only used with motion = MOTION_MODE_RELATIVE")
+    return StreamSetup(
+        config=config,
+        encoding=encoding,
+        quality=config.quality,
+        depth=config.queue_depth or DEFAULT_DEPTH,
+        block=config.overflow == pb.OVERFLOW_POLICY_BLOCK,
+    )
+
+
+@dataclass(eq=False)
+class Stream:
+    app: App
+    setup: StreamSetup
+    adain: np.ndarray | None  # (D,) for the shared generator, None for a personalised one
+    model: str
+    mapper: DrivingMapper
+    queue: StreamQueue
+    started: pb.StreamStarted
+    outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    error: BaseException | None = None
+    reading_done: bool = False
+    dropped_total: int = 0
+    closed: bool = False
+    last_points: np.ndarray | None = None
+
+    @classmethod
+    async def open(cls, app: App, config: pb.StreamConfig) -> Stream:
+        setup = check_config(config)
+        avatar_id = check_id(config.avatar_id)
+        info = app.info()
+        record = await app.get_record(avatar_id)
+        if record.model_id != info.model_id:
+            raise precondition(
+                f"avatar {avatar_id!r} was made with model {record.model_id}, the server runs "
+                f"{info.model_id}; create the avatar again"
+            )
+        neutral = None
+        if config.HasField("neutral"):
+            size = check_frame_size(
+                config.neutral_frame_width, config.neutral_frame_height, what="config.neutral"
+            )
+            neutral = (parse_points(config.neutral.xy, what="config.neutral"), size)
+        mapper = DrivingMapper(
+            size=info.image_size,
+            relative=config.motion == pb.MOTION_MODE_RELATIVE,
+            crop_to_face=config.crop_to_face,
+            crop_scale=info.crop_scale,
+            avatar_points=record.points,
+            neutral=neutral,
+        )
+        personalised = await app.personalised(avatar_id)
+        if app.active_streams >= app.settings.max_streams:
+            raise exhausted(f"the server is at its limit of {app.settings.max_streams} concurrent streams")
+        app.active_streams += 1
+        app.metrics.active_streams.inc()
+        queue = app.batcher.open_stream(depth=setup.depth, block=setup.block)
+        started = pb.StreamStarted(
+            image_size=info.image_size,
+            personalised=personalised,
+            model_id=info.model_id,
+            queue_depth=setup.depth,
+        )
+        return cls(
+            app=app,
+            setup=setup,
+            adain=None if personalised else record.adain,
+            model=avatar_id if personalised else SHARED,
+            mapper=mapper,
+            queue=queue,
+            started=started,
+        )
+
+    def close(self, code: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.queue.close()
+        self.app.active_streams -= 1
+        self.app.metrics.active_streams.dec()
+        self.app.metrics.streams_total.labels(code).inc()
+
+    # -- reading ------------------------------------------------------------------------------
+    async def read(self, requests: AsyncIterator[pb.AnimateRequest]) -> None:
+        try:
+            async for request in requests:
+                read = time.perf_counter()
+                kind = request.WhichOneof("message")
+                if kind == "landmarks":
+                    await self._landmark_frame(request.landmarks, read)
+                elif kind == "driving_frame":
+                    await self._driving_frame(request.driving_frame, read)
+                elif kind == "config":
+                    raise precondition("the stream is already configured; send config only once, first")
+                elif kind is None:
+                    raise invalid("empty AnimateRequest: set config, landmarks, driving_frame or keepalive")
+                # keepalive: nothing to do
+        except ServiceError as error:
+            self.error = error
+        except Exception as error:
+            if not self.closed:  # a closed queue refuses frames: the stream is ending anyway
+                log.exception("stream reader failed")
+                self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        finally:
+            self.reading_done = True
+            self.changed.set()
+
+    async def _landmark_frame(self, frame: pb.LandmarkFrame, read: float) -> None:
+        self.app.metrics.frames_received.labels("landmarks").inc()
+        what = f"frame {frame.sequence}"
+        size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
+        points = parse_points(frame.landmarks.xy, what=f"{what} landmarks")
+        await self._enqueue(points, size, Outstanding(frame.sequence, frame.capture_time_us, read))
+
+    async def _driving_frame(self, frame: pb.DrivingFrame, read: float) -> None:
+        self.app.metrics.frames_received.labels("image").inc()
+        settings = self.app.settings
+        what = f"driving frame {frame.sequence}"
+
+        def work() -> tuple[np.ndarray, float, np.ndarray | None, float]:
+            t0 = time.perf_counter()
+            rgb = decode_image(
+                frame.image,
+                max_bytes=settings.max_image_bytes,
+                max_pixels=settings.max_image_pixels,
+                what=what,
+            )
+            t1 = time.perf_counter()
+            faces = self.app.detector.detect(rgb)
+            return rgb, t1 - t0, faces[0].points if faces else None, time.perf_counter() - t1
+
+        rgb, decode_s, points, landmarks_s = await self.app.in_pool(self.app.detect_pool, work)
+        self.app.metrics.stage_seconds.labels("decode").observe(decode_s)
+        self.app.metrics.stage_seconds.labels("landmarks").observe(landmarks_s)
+        missing = points is None
+        if points is None:
+            if self.last_points is None:
+                raise precondition(f"{what}: no face found in the stream's first driving frame")
+            points = self.last_points
+        self.last_points = points
+        height, width = rgb.shape[:2]
+        pending = Outstanding(frame.sequence, frame.capture_time_us, read, decode_s, landmarks_s)
+        pending.face_missing = missing
+        await self._enqueue(points, (width, height), pending)
+
+    async def _enqueue(self, points: np.ndarray, size: tuple[int, int], pending: Outstanding) -> None:
+        t0 = time.perf_counter()
+        crop_points = self.mapper(points, size)
+        pending.rasterize_s = time.perf_counter() - t0  # motion mapping; drawing is added when drawn
+        pending.item = WorkItem(crop_points, self._draw, self.adain, self.model)
+        self.outstanding.append(pending)
+        self.changed.set()
+        await self.queue.put(pending.item)
+
+    def _draw(self, points: np.ndarray) -> np.ndarray:
+        return draw_landmarks(points, self.mapper.size, self.app.backend.info.draw_style)
+
+    # -- replying -----------------------------------------------------------------------------
+    async def replies(self) -> AsyncIterator[pb.AnimateResponse]:
+        dropped_before = 0
+        while True:
+            if not self.outstanding:
+                if self.reading_done:
+                    break
+                self.changed.clear()
+                await self.changed.wait()
+                continue
+            head = self.outstanding[0]
+            future = head.work.future
+            if not future.done():
+                await asyncio.wait([future])
+            self.outstanding.popleft()
+            if future.cancelled():  # dropped by the overflow policy
+                dropped_before += 1
+                self.dropped_total += 1
+                continue
+            error = future.exception()
+            if error is not None:
+                self.queue.delivered()
+                if isinstance(error, BackendUnavailable):
+                    raise unavailable(f"the model backend is unavailable: {error}")
+                raise error
+            response = await self._reply(head, future.result(), dropped_before)
+            dropped_before = 0
+            yield response
+            self.queue.delivered()
+        if self.error is not None:
+            raise self.error
+
+    async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
+        setup = self.setup
+        t0 = time.perf_counter()
+        if result.image.shape[0] <= INLINE_ENCODE_MAX:
+            data = encode_frame(result.image, setup.encoding, setup.quality)
+            lmk = (
+                encode_frame(head.work.render(), setup.encoding, setup.quality)
+                if setup.config.include_landmark_image
+                else b""
+            )
+        else:
+            data = await asyncio.to_thread(encode_frame, result.image, setup.encoding, setup.quality)
+            lmk = b""
+            if setup.config.include_landmark_image:
+                lmk = await asyncio.to_thread(encode_frame, head.work.render(), setup.encoding, setup.quality)
+        done = time.perf_counter()
+        encode_s, queue_s, total_s = done - t0, result.taken - head.work.enqueued, done - head.read
+        rasterize_s = head.rasterize_s + head.work.rasterize_s
+        metrics = self.app.metrics
+        metrics.stage_seconds.labels("rasterize").observe(rasterize_s)
+        metrics.stage_seconds.labels("encode").observe(encode_s)
+        metrics.stage_seconds.labels("end_to_end").observe(total_s)
+        metrics.queue_seconds.observe(queue_s)
+        metrics.frames_sent.inc()
+        size = result.image.shape[0]
+        return pb.AnimateResponse(
+            frame=pb.AnimatedFrame(
+                sequence=head.sequence,
+                capture_time_us=head.capture_time_us,
+                image=data,
+                encoding=setup.encoding,  # type: ignore[arg-type]  # a checked OutputEncoding value
+                width=size,
+                height=size,
+                timings=pb.StageTimings(
+                    decode_us=_us(head.decode_s),
+                    landmarks_us=_us(head.landmarks_s),
+                    rasterize_us=_us(rasterize_s),
+                    queue_us=_us(queue_s),
+                    inference_us=_us(result.inference_s),
+                    encode_us=_us(encode_s),
+                    total_us=_us(total_s),
+                ),
+                dropped_before=dropped_before,
+                dropped_total=self.dropped_total,
+                batch_size=result.batch_size,
+                face_missing=head.face_missing,
+                landmark_image=lmk,
+            )
+        )

@@ -1,0 +1,268 @@
+"""Fixtures for the service tests: a real model repository, real servers on 127.0.0.1, avatars.
+
+Import from a test module: `from tests.service_fixtures import *  # noqa: F403` (pytest collects
+fixtures from the module's namespace). Servers run in a thread with their own asyncio loop, so
+tests talk to them with the blocking client exactly as a user's process would, over loopback.
+
+The model repository: $TALKINGHEAD_TEST_MODEL_REPOSITORY, else model_repository/ (built with
+`make model-repository` when missing; the tests skip with the reason if that fails).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import shutil
+import subprocess
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import replace
+from dataclasses import replace as replace_record
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from facekit.sequence import LandmarkSequence
+from service.client import Client
+from service.server import Server
+from service.settings import Settings
+from service.store import LocalAvatarStore
+
+REPO = Path(__file__).resolve().parents[1]
+PORTRAIT = REPO / "facekit/assets/demo_portrait.png"
+DRIVER = REPO / "facekit/assets/demo_driver.npz"
+BUILD_TIMEOUT_S = 900
+
+
+def _has_models(repository: Path) -> bool:
+    return all(any((repository / m).glob("*/model.onnx")) for m in ("embedder", "generator"))
+
+
+@pytest.fixture(scope="session")
+def model_repository() -> Path:
+    """A model repository with embedder + generator (built by `make model-repository` if absent)."""
+    override = os.environ.get("TALKINGHEAD_TEST_MODEL_REPOSITORY")
+    repository = Path(override) if override else REPO / "model_repository"
+    if not _has_models(repository) and not override:
+        try:
+            subprocess.run(
+                ["make", "model-repository"],
+                cwd=REPO,
+                check=True,
+                timeout=BUILD_TIMEOUT_S,
+                capture_output=True,
+                text=True,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired, FileNotFoundError) as error:
+            output = getattr(error, "stderr", "") or ""
+            pytest.fail(f"no model repository and `make model-repository` failed: {error} {output[-500:]}")
+    if not _has_models(repository):
+        pytest.fail(f"no embedder/generator ONNX files in {repository}")
+    return repository
+
+
+class ServerThread:
+    """A real service (`service.server.Server`) on 127.0.0.1, free ports, in a background loop."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
+        self.thread.start()
+        self.server = Server(settings)
+        self.call(self.server.start())
+
+    def call(self, coro: Any, timeout: float = 60.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def app(self) -> Any:
+        return self.server.app
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        assert self.call(self.app.backend.wait_ready(timeout), timeout + 5), "backend did not become ready"
+
+    def client(self) -> Client:
+        return Client(self.address, timeout=120.0)
+
+    def metrics(self) -> str:
+        url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.read().decode()
+
+    def metric(self, line_prefix: str) -> float:
+        """Value of the first /metrics sample line starting with `line_prefix` (name{labels})."""
+        for line in self.metrics().splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(line_prefix)
+
+    def stop(self, grace: float = 1.0) -> None:
+        try:
+            self.call(self.server.stop(grace))
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(10)
+            self.loop.close()
+
+
+def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:
+    base = Settings(grpc_port=0, metrics_port=0, model_repository=repository, avatar_store=store)
+    return replace(base, **overrides)
+
+
+test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.fixture(scope="session")
+def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """One shared server for the tests that do not need their own settings."""
+    store = tmp_path_factory.mktemp("avatars")
+    running = ServerThread(test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024))
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def client(server: ServerThread) -> Iterator[Client]:
+    with server.client() as c:
+        yield c
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def second_face() -> bytes:
+    """Another input face: the portrait mirrored and colour-shifted (a different embedding/psi)."""
+    rgb = np.asarray(Image.open(PORTRAIT).convert("RGB"))[:, ::-1]
+    shifted = np.clip(rgb.astype(np.int16) * np.array([0.8, 1.0, 1.25]), 0, 255).astype(np.uint8)
+    return png_bytes(shifted)
+
+
+@pytest.fixture(scope="session")
+def avatar(client: Client) -> str:
+    client.create_avatar("astro", [PORTRAIT], display_name="Astronaut", replace=True)
+    return "astro"
+
+
+@pytest.fixture(scope="session")
+def other_avatar(server: ServerThread, client: Client, avatar: str) -> str:
+    """A second, clearly different identity, written straight into the server's avatar store.
+
+    The committed small model's embedder maps every photo to almost the same psi (outputs differ by
+    < 1 grey level), so two real photos cannot show that frames keep their own avatar. This record
+    has psi + N(0, 0.2) (frames differ by ~10 grey levels) and reaches the server the way a stored
+    avatar does after a restart: read from the store on first use.
+    """
+    store = LocalAvatarStore(server.settings.avatar_store)
+    base = store.get(avatar)
+    assert base is not None
+    noise = np.random.default_rng(0).normal(0.0, 0.2, base.adain.shape).astype(np.float32)
+    store.put(replace_record(base, avatar_id="astro-alt", adain=base.adain + noise), replace=True)
+    return "astro-alt"
+
+
+@pytest.fixture(scope="session")
+def driver() -> LandmarkSequence:
+    return LandmarkSequence.load(DRIVER)
+
+
+class Direct:
+    """The served ONNX models called directly with ONNX Runtime: the reference for the service."""
+
+    def __init__(self, repository: Path) -> None:
+        self.sessions = {
+            m: ort.InferenceSession(str(sorted((repository / m).glob("*/model.onnx"))[-1]))
+            for m in ("generator",)
+        }
+
+    def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
+        return self.sessions["generator"].run(["image"], {"landmark_image": landmark_images, "adain": adain})[
+            0
+        ]
+
+
+@pytest.fixture(scope="session")
+def direct(model_repository: Path) -> Direct:
+    return Direct(model_repository)
+
+
+def copy_base_models(source: Path, target: Path) -> Path:
+    """A private repository holding the base embedder and generator (for tests that add models)."""
+    for name in ("embedder", "generator"):
+        shutil.copytree(source / name, target / name)
+    return target
+
+
+@pytest.fixture(scope="session")
+def personalised_repository(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str]:
+    """A repository with the base models plus `generator_astro-fine`, fine-tuned (2 steps) and exported
+    by the project's own commands. Skips, saying why, when fine-tuning or export is unavailable."""
+    import sys
+
+    work = tmp_path_factory.mktemp("personalised")
+    repository = copy_base_models(model_repository, work / "repo")
+    avatar_id = "astro-fine"
+    checkpoint = work / f"{avatar_id}.pt"
+    steps = [
+        [
+            "finetune",
+            "--checkpoint",
+            str(REPO / "models/talkinghead-small.pt"),
+            "--avatar",
+            avatar_id,
+            "--images",
+            str(PORTRAIT),
+            "--out",
+            str(checkpoint),
+            "--steps",
+            "2",
+        ],
+        ["export", "--checkpoint", str(checkpoint), "--repository", str(repository)],
+    ]
+    for argv in steps:
+        try:
+            subprocess.run(
+                [sys.executable, "-m", "talkinghead.cli", *argv],
+                cwd=REPO,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+        except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as error:
+            output = (getattr(error, "stderr", "") or "")[-400:]
+            pytest.fail(f"cannot make a personalised generator (`talkinghead {argv[0]}` failed): {output}")
+    exported = sorted((repository / f"generator_{avatar_id}").glob("*/model.onnx"))
+    if not exported:
+        pytest.fail(f"`talkinghead export` wrote no generator_{avatar_id} into {repository}")
+    base_id = onnx_metadata(sorted((repository / "generator").glob("*/model.onnx"))[-1])[
+        "talkinghead.model_id"
+    ]
+    own_id = onnx_metadata(exported[-1]).get("talkinghead.model_id")
+    if own_id != base_id:  # the service rightly refuses such a model; the export must be fixed
+        pytest.fail(
+            f"the exported personalised generator carries talkinghead.model_id {own_id}, not its base "
+            f"model's {base_id} (the contract): the fine-tuned checkpoint lacks `base_model_id`"
+        )
+    return repository, avatar_id
+
+
+def onnx_metadata(path: Path) -> dict[str, str]:
+    return dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)

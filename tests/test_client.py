@@ -1,0 +1,155 @@
+"""The client CLI against a real server, settings from the environment, fresh stubs, no torch."""
+
+from __future__ import annotations
+
+import filecmp
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facekit.video import VideoWriter, read_video
+from service import settings as settings_module
+from talkinghead.cli import main
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
+
+SERVICE_MODULES = [
+    "service.server",
+    "service.client",
+    "service.serve_command",
+    "service.avatar_command",
+    "service.animate_command",
+    "service.bench",
+    "service.backends.onnxruntime",
+    "service.backends.triton",
+]
+
+
+def test_avatar_cli(server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    flags = ["--server", server.address]
+    assert main(["avatar", *flags, "create", "cli-one", str(PORTRAIT), "--name", "Cli One"]) == 0
+    out = capsys.readouterr().out
+    assert "cli-one (Cli One): 1 photo(s), 128 px, shared generator" in out and "1 face(s)" in out
+    assert main(["avatar", *flags, "list"]) == 0
+    assert "cli-one" in capsys.readouterr().out
+    assert main(["avatar", *flags, "get", "cli-one", "--preview", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["avatar", *flags, "delete", "cli-one"]) == 0
+    capsys.readouterr()
+    assert main(["avatar", *flags, "get", "cli-one"]) == 1
+    assert "NOT_FOUND: no avatar with id 'cli-one'" in capsys.readouterr().err
+    assert main(["avatar", *flags, "create", "cli-two", str(tmp_path / "missing.jpg")]) == 2
+
+
+def test_animate_cli_landmark_file(
+    server: ServerThread, avatar: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, sheet = tmp_path / "out.mp4", tmp_path / "sheet.png"
+    argv = [
+        "animate",
+        "--server",
+        server.address,
+        "--avatar",
+        avatar,
+        "--driver",
+        str(DRIVER),
+        "--out",
+        str(out),
+        "--contact-sheet",
+        str(sheet),
+        "--relative",
+        "--max-frames",
+        "12",
+    ]
+    assert main(argv) == 0
+    assert "12 frames in" in capsys.readouterr().out
+    frames, fps = read_video(out)
+    assert frames.shape[1:] == (128, 128, 3) and abs(len(frames) - 12) <= 1 and fps == pytest.approx(25)
+    assert sheet.read_bytes().startswith(b"\x89PNG")
+
+
+def test_animate_cli_npy_and_video_drivers(server: ServerThread, avatar: str, tmp_path: Path) -> None:
+    points = np.load(DRIVER)["points"][:4]
+    np.save(tmp_path / "d.npy", points)
+    base = ["animate", "--server", server.address, "--avatar", avatar]
+    assert (
+        main(
+            [
+                *base,
+                "--driver",
+                str(tmp_path / "d.npy"),
+                "--frame-size",
+                "256x256",
+                "--out",
+                str(tmp_path / "a.mp4"),
+            ]
+        )
+        == 0
+    )
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(PORTRAIT).convert("RGB").resize((256, 256)))
+    with VideoWriter(tmp_path / "drive.mp4", fps=10, size=(256, 256)) as writer:
+        for _ in range(3):
+            writer.write(rgb)
+    assert (
+        main([*base, "--driver", str(tmp_path / "drive.mp4"), "--relative", "--out", str(tmp_path / "b.mp4")])
+        == 0
+    )
+    frames, fps = read_video(tmp_path / "b.mp4")
+    assert len(frames) == 3 and fps == pytest.approx(10)
+    assert (
+        main([*base, "--driver", str(tmp_path / "d.npy"), "--out", str(tmp_path / "c.mp4")]) == 2
+    )  # no frame size
+
+
+def test_settings_from_environment_and_flags() -> None:
+    env = {
+        "TALKINGHEAD_GRPC_PORT": "6000",
+        "TALKINGHEAD_BACKEND": "triton",
+        "TALKINGHEAD_MAX_BATCH": "8",
+        "TALKINGHEAD_LOG_LEVEL": "debug",
+        "TALKINGHEAD_MODEL_REPOSITORY": "/models",
+    }
+    s = settings_module.from_env(env, max_batch=4)
+    assert (s.grpc_port, s.backend, s.max_batch, s.log_level, str(s.model_repository)) == (
+        6000,
+        "triton",
+        4,
+        "DEBUG",
+        "/models",
+    )
+    assert settings_module.from_env({}) == settings_module.Settings()
+    with pytest.raises(ValueError, match="TALKINGHEAD_GRPC_PORT"):
+        settings_module.from_env({"TALKINGHEAD_GRPC_PORT": "fifty"})
+    with pytest.raises(ValueError, match="backend must be one of"):
+        settings_module.from_env({"TALKINGHEAD_BACKEND": "tensorflow"})
+    with pytest.raises(ValueError, match="TLS needs both"):
+        settings_module.from_env({"TALKINGHEAD_TLS_CERT": "/c.pem"})
+
+
+def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
+    subprocess.run(
+        ["make", "-s", "protos", f"GEN_ROOT={tmp_path}"], cwd=REPO, check=True, capture_output=True
+    )
+    fresh = sorted(
+        p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    )
+    committed = REPO / "service/gen"
+    assert fresh, "make protos wrote nothing"
+    stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
+    assert not stale, f"service/gen is stale, run `make protos`: {stale}"
+
+
+def test_service_and_client_never_import_torch_training_or_export() -> None:
+    code = (
+        "import importlib, sys\n"
+        f"for m in {SERVICE_MODULES!r}: importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export'))\n"
+        "print(bad); raise SystemExit(1 if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

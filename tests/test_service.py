@@ -1,0 +1,338 @@
+"""The gRPC service over loopback, real ONNX Runtime: avatars, streams, batching, overflow, health."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from facekit.rasterize import draw_batch, draw_landmarks
+from facekit.sequence import LandmarkSequence
+from service.client import Client, landmark_requests
+from service.store import LocalAvatarStore
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
+
+SIZE = 128  # the small model's image size; checked against StreamStarted below
+
+
+def record(server: ServerThread, avatar_id: str):
+    found = LocalAvatarStore(server.settings.avatar_store).get(avatar_id)
+    assert found is not None
+    return found
+
+
+def letterboxed(seq: LandmarkSequence, size: int) -> np.ndarray:
+    return seq.rescaled(size).points
+
+
+def test_avatar_create_get_list_delete(client: Client) -> None:
+    created = client.create_avatar("crud-1", [PORTRAIT], display_name="one")
+    assert created.avatar_id == "crud-1" and created.image_count == 1 and created.image_size == SIZE
+    assert created.images[0].faces_found == 1 and created.images[0].width == 512
+    assert created.preview_png.startswith(b"\x89PNG") and len(created.crop_landmarks.xy) == 136
+    with pytest.raises(grpc.RpcError) as error:
+        client.create_avatar("crud-1", [PORTRAIT])
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    for i in (2, 3, 4):
+        client.create_avatar(f"crud-{i}", [PORTRAIT, PORTRAIT] if i == 4 else [PORTRAIT])
+    fetched = client.get_avatar("crud-4")
+    assert fetched.image_count == 2 and fetched.model_id == created.model_id and not fetched.preview_png
+    # paging: 2 per page, every avatar exactly once, in id order
+    pages, token = [], ""
+    while True:
+        page = client.list_page(2, token)
+        assert len(page.avatars) <= 2
+        pages.append([a.avatar_id for a in page.avatars])
+        token = page.next_page_token
+        if not token:
+            break
+    ids = [i for page in pages for i in page]
+    assert ids == sorted(ids) and len(ids) == len(set(ids)) == page.total_size
+    assert {"crud-1", "crud-2", "crud-3", "crud-4"} <= set(ids)
+    client.delete_avatar("crud-2")
+    with pytest.raises(grpc.RpcError) as error:
+        client.get_avatar("crud-2")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "crud-2" not in {a.avatar_id for a in client.list_avatars()}
+
+
+def test_restart_keeps_avatars(model_repository: Path, tmp_path: Path, driver: LandmarkSequence) -> None:
+    settings = test_settings(model_repository, tmp_path / "store")
+    first = ServerThread(settings)
+    first.wait_ready()
+    with first.client() as c:
+        c.create_avatar("keeper", [PORTRAIT], display_name="kept")
+        c.create_avatar("goner", [PORTRAIT])
+        c.delete_avatar("goner")
+    first.stop()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keeper.npz"]  # no temp files left
+    second = ServerThread(settings)
+    try:
+        second.wait_ready()
+        with second.client() as c:
+            assert c.get_avatar("keeper").display_name == "kept"
+            frames = list(
+                c.animate(
+                    "keeper", landmark_requests(LandmarkSequence(driver.points[:2], driver.frame_size, 25))
+                )
+            )
+            assert [f.sequence for f in frames] == [0, 1]
+    finally:
+        second.stop()
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png", "raw"])
+def test_stream_replies_in_order_match_direct_model(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence, direct: Direct, encoding: str
+) -> None:
+    seq = LandmarkSequence(driver.points[:6], driver.frame_size, driver.fps)
+    frames = list(client.animate(avatar, landmark_requests(seq), encoding=encoding, queue_depth=8))
+    assert client.last_started is not None and client.last_started.image_size == SIZE
+    assert [f.sequence for f in frames] == list(range(6))
+    drawn = draw_batch(letterboxed(seq, SIZE), SIZE, server.app.backend.info.draw_style)
+    expected = direct.generate(drawn, np.repeat(record(server, avatar).adain[None], 6, axis=0))
+    got = np.stack([f.image for f in frames])
+    assert got.shape == (6, SIZE, SIZE, 3) and got.dtype == np.uint8
+    error = np.abs(got.astype(int) - expected).mean()
+    assert error < (0.6 if encoding != "jpeg" else 6.0), error  # lossless codecs: the model's own pixels
+    for f in frames:
+        assert f.timings.inference_us > 0 and f.timings.total_us >= f.timings.inference_us
+        assert f.dropped_before == 0
+
+
+def _drive_concurrently(
+    client: Client, jobs: dict[str, np.ndarray], size: tuple[int, int]
+) -> dict[str, list]:
+    results: dict[str, list] = {}
+
+    def work(avatar_id: str, points: np.ndarray) -> None:
+        seq = LandmarkSequence(points, size, 25.0)
+        results[avatar_id] = list(
+            client.animate(avatar_id, landmark_requests(seq), encoding="raw", queue_depth=16)
+        )
+
+    threads = [threading.Thread(target=work, args=item) for item in jobs.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return results
+
+
+def test_two_avatars_share_batches_and_stay_themselves(
+    server: ServerThread,
+    client: Client,
+    avatar: str,
+    other_avatar: str,
+    driver: LandmarkSequence,
+    direct: Direct,
+) -> None:
+    n = 12
+    points = driver.points[:n]
+    results = _drive_concurrently(client, {avatar: points, other_avatar: points}, driver.frame_size)
+    style = server.app.backend.info.draw_style
+    drawn = draw_batch(letterboxed(LandmarkSequence(points, driver.frame_size, 25), SIZE), SIZE, style)
+    outputs = {}
+    for avatar_id, frames in results.items():
+        assert [f.sequence for f in frames] == list(range(n))
+        psi = np.repeat(record(server, avatar_id).adain[None], n, axis=0)
+        outputs[avatar_id] = got = np.stack([f.image for f in frames]).astype(int)
+        assert np.abs(got - direct.generate(drawn, psi)).mean() < 0.6  # its own psi, whatever the batch
+    # one stream holds at most n frames: a larger batch mixed both avatars
+    assert max(f.batch_size for frames in results.values() for f in frames) > n
+    assert np.abs(outputs[avatar] - outputs[other_avatar]).mean() > 5  # and they are different people
+
+
+def test_relative_motion_keeps_the_avatars_face_shape(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    # another person: the driver's face stretched 30 % wider around its centre
+    points = driver.points[:8].copy()
+    centre = points[0].mean(axis=0)
+    points[..., 0] = centre[0] + 1.3 * (points[..., 0] - centre[0])
+    seq = LandmarkSequence(points, driver.frame_size, driver.fps)
+    own = record(server, avatar).points  # (68, 2): the avatar's own shape in its crop
+    style = server.app.backend.info.draw_style
+    rel = list(
+        client.animate(
+            avatar, landmark_requests(seq), encoding="raw", motion="relative", include_landmark_image=True
+        )
+    )
+    absolute = list(
+        client.animate(avatar, landmark_requests(seq), encoding="raw", include_landmark_image=True)
+    )
+    own_drawing = draw_landmarks(own, SIZE, style)
+    assert rel[0].landmark_image is not None and absolute[0].landmark_image is not None
+    assert np.array_equal(rel[0].landmark_image, own_drawing)  # neutral frame: exactly the avatar's shape
+    assert np.abs(absolute[0].landmark_image.astype(int) - own_drawing).mean() > 1  # absolute: the driver's
+    # the motion still arrives: later frames differ from the neutral one
+    assert max(np.abs(f.landmark_image.astype(int) - own_drawing).mean() for f in rel[1:]) > 0.2  # type: ignore[union-attr]
+
+
+def test_driving_frames_find_landmarks(client: Client, avatar: str) -> None:
+    from service.client import image_requests
+
+    rgb = np.asarray(__import__("PIL.Image").Image.open(PORTRAIT).convert("RGB"))
+    frames = list(client.animate(avatar, image_requests([rgb, rgb[:, ::-1].copy()]), motion="relative"))
+    assert [f.sequence for f in frames] == [0, 1]
+    assert all(f.timings.decode_us > 0 and f.timings.landmarks_us > 0 and not f.face_missing for f in frames)
+
+
+def test_drop_oldest_counts_drops_and_bounds_the_queue(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    before = server.metric("talkinghead_frames_dropped_total")
+    n = 60
+    seq = LandmarkSequence(np.concatenate([driver.points] * 1)[:n], driver.frame_size, driver.fps)
+    frames = list(client.animate(avatar, landmark_requests(seq), overflow="drop-oldest", queue_depth=2))
+    dropped = sum(f.dropped_before for f in frames)
+    assert dropped > 0 and len(frames) + dropped == n
+    sequences = [f.sequence for f in frames]
+    assert sequences == sorted(sequences) and sequences[-1] == n - 1  # the newest frame is never dropped
+    assert frames[-1].dropped_before >= 0 and sum(f.dropped_before for f in frames) == dropped
+    assert server.app.batcher.peak_pending <= max(2, 16)  # no stream ever queued beyond its depth
+    assert server.metric("talkinghead_frames_dropped_total") - before == dropped
+
+
+def test_block_loses_nothing(client: Client, avatar: str, driver: LandmarkSequence) -> None:
+    n = 30
+    seq = LandmarkSequence(driver.points[:n], driver.frame_size, driver.fps)
+    frames = list(client.animate(avatar, landmark_requests(seq), overflow="block", queue_depth=1))
+    assert [f.sequence for f in frames] == list(range(n))
+    assert sum(f.dropped_before for f in frames) == 0
+
+
+def test_health_reflection_and_metrics(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    channel = grpc.insecure_channel(server.address)
+    health = health_pb2_grpc.HealthStub(channel)
+    for name in ("", "talkinghead.v1.AnimationService", "talkinghead.v1.AvatarService"):
+        status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert {
+        "talkinghead.v1.AvatarService",
+        "talkinghead.v1.AnimationService",
+        "grpc.health.v1.Health",
+    } <= names
+    channel.close()
+    list(
+        client.animate(avatar, landmark_requests(LandmarkSequence(driver.points[:3], driver.frame_size, 25)))
+    )
+    text = server.metrics()
+    for name in (
+        'talkinghead_stage_seconds_count{stage="rasterize"}',
+        'talkinghead_stage_seconds_count{stage="inference"}',
+        'talkinghead_stage_seconds_count{stage="encode"}',
+        'talkinghead_stage_seconds_count{stage="end_to_end"}',
+        "talkinghead_queue_seconds_count",
+        'talkinghead_frames_received_total{kind="landmarks"}',
+        "talkinghead_frames_sent_total",
+        'talkinghead_batch_size_count{model="shared"}',
+        "talkinghead_cache_entries",
+        "talkinghead_cache_bytes",
+        "talkinghead_backend_ready",
+    ):
+        assert server.metric(name) > 0, name
+    for name in (
+        "talkinghead_frames_dropped_total",
+        "talkinghead_active_streams",
+        "talkinghead_cache_hits_total",
+        "talkinghead_cache_misses_total",
+        "talkinghead_backend_errors_total",
+    ):
+        assert f"# TYPE {name.removesuffix('_total')}" in text, name
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5) as r:
+        assert r.status == 200
+
+
+def test_not_serving_until_models_arrive_then_recovers(model_repository: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "repo"
+    empty.mkdir()
+    running = ServerThread(test_settings(empty, tmp_path / "store"))
+    try:
+        with running.client() as c:
+            assert c.health() == "NOT_SERVING"
+            with pytest.raises(grpc.RpcError) as error:
+                c.create_avatar("early", [PORTRAIT])
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in error.value.details()
+            assert running.metric("talkinghead_backend_ready") == 0
+            copy_base_models(model_repository, empty)  # the backend comes back
+            c.wait_ready(timeout=30)
+            assert c.create_avatar("late", [PORTRAIT]).avatar_id == "late"
+    finally:
+        running.stop()
+
+
+def test_personalised_generator_is_used_automatically(
+    personalised_repository: tuple[Path, str], tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    repository, avatar_id = personalised_repository
+    running = ServerThread(test_settings(repository, tmp_path / "store"))
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            created = c.create_avatar(avatar_id, [PORTRAIT])
+            assert created.personalised
+            seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
+            frames = list(c.animate(avatar_id, landmark_requests(seq), encoding="raw"))
+            assert c.last_started is not None and c.last_started.personalised
+        import onnxruntime as ort
+
+        style = running.app.backend.info.draw_style
+        drawn = draw_batch(letterboxed(seq, SIZE), SIZE, style)
+        personal = ort.InferenceSession(
+            str(sorted((repository / f"generator_{avatar_id}").glob("*/model.onnx"))[-1])
+        )
+        expected = personal.run(["image"], {"landmark_image": drawn})[0]
+        got = np.stack([f.image for f in frames]).astype(int)
+        assert np.abs(got - expected).mean() < 0.6
+        shared = Direct(repository).generate(
+            drawn, np.repeat(record(running, avatar_id).adain[None], 4, axis=0)
+        )
+        assert np.abs(got - shared).mean() > 0.5  # not the shared generator's frames
+    finally:
+        running.stop()
+
+
+def test_sigterm_shuts_down_gracefully(model_repository: Path, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(
+        os.environ,
+        TALKINGHEAD_MODEL_REPOSITORY=str(model_repository),
+        TALKINGHEAD_GRPC_PORT="0",
+        TALKINGHEAD_METRICS_PORT="0",
+        TALKINGHEAD_AVATAR_STORE=str(tmp_path / "store"),
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        lines = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            line = process.stderr.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            if "is ready" in line:
+                break
+        assert any("settings: host=127.0.0.1" in line for line in lines), lines
+        process.send_signal(signal.SIGTERM)
+        _, rest = process.communicate(timeout=30)
+        assert process.returncode == 0 and "stopped" in rest
+    finally:
+        process.kill()
