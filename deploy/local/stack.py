@@ -1,0 +1,555 @@
+"""The whole stack on one machine: Triton, the service on the triton backend, Prometheus.
+
+    python deploy/local/stack.py up      # `make up`: start what is not running, wait until ready
+    python deploy/local/stack.py status  # `make stack-status`
+    python deploy/local/stack.py down    # `make down`: stop everything, keep the logs
+
+Everything listens on 127.0.0.1. Each process runs in its own process group (so stopping it
+reaches Triton's python-backend stubs too); its pid is written to <state>/<name>.pid and its
+output to <state>/logs/<name>.log (appended, one header line per start). `up` is idempotent: a
+component whose pid file names a live process of the right kind is left alone. `down` sends
+SIGTERM to each group, SIGKILL after a grace period, checks that the groups are gone and the
+ports free, and removes the pid files.
+
+Run it with the project's virtual environment (.venv/bin/python): the service's readiness is
+checked with grpc.health.v1 (grpcio-health-checking). `down` and `status` need only the stdlib.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: `export` and `service` live at the root
+
+COMPONENTS = ("triton", "service", "prometheus")  # start order; stopped in reverse
+MARKERS = {"triton": "tritonserver", "service": "talkinghead.cli", "prometheus": "prometheus"}
+STOP_GRACE_S = {"triton": 15.0, "service": 20.0, "prometheus": 10.0}
+PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
+
+
+class StackError(RuntimeError):
+    """Something the user has to act on; the message says what."""
+
+
+@dataclass(frozen=True)
+class Ports:
+    triton_http: int = 8000
+    triton_grpc: int = 8001
+    triton_metrics: int = 8002
+    grpc: int = 50051
+    metrics: int = 8080
+    prometheus: int = 9090
+
+    def of(self, name: str) -> dict[str, int]:
+        """The ports one component listens on, by role."""
+        if name == "triton":
+            return {"http": self.triton_http, "grpc": self.triton_grpc, "metrics": self.triton_metrics}
+        if name == "service":
+            return {"grpc": self.grpc, "metrics": self.metrics}
+        return {"http": self.prometheus}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a stack keeps its state."""
+
+    state: Path
+
+    @property
+    def logs(self) -> Path:
+        return self.state / "logs"
+
+    def pid_file(self, name: str) -> Path:
+        return self.state / f"{name}.pid"
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    @property
+    def ports_file(self) -> Path:
+        return self.state / "ports.json"
+
+    @property
+    def prometheus_config(self) -> Path:
+        return self.state / "prometheus.yml"
+
+    @property
+    def prometheus_data(self) -> Path:
+        return self.state / "prometheus-data"
+
+    @property
+    def triton_state(self) -> Path:
+        return self.state / "triton"
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    state = ""
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A group of zombies only (e.g. children of a test process that has not reaped them yet).
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+    return False
+
+
+def read_pid(layout: Layout, name: str) -> int | None:
+    """The pid in <name>.pid when that process is alive and is the right program, else None."""
+    path = layout.pid_file(name)
+    try:
+        pid = int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    if alive(pid) and MARKERS[name] in cmdline(pid):
+        return pid
+    return None
+
+
+def stop_group(pgid: int, grace: float) -> bool:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds; True when it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if not group_alive(pgid):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def listening(port: int) -> bool:
+    """Whether something accepts TCP connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    if not path.exists():
+        return "(no log)"
+    text = path.read_text(errors="replace").splitlines()[-lines:]
+    return "\n".join("    " + line for line in text)
+
+
+def launch(layout: Layout, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    log = layout.log(name)
+    with log.open("ab") as out:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        out.write(f"==== {stamp} stack.py starts {name}: {' '.join(cmd)}\n".encode())
+        out.flush()
+        process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,  # its own process group: `down` reaches every child
+        )
+    layout.pid_file(name).write_text(f"{process.pid}\n")
+    return process
+
+
+def wait_until(
+    name: str, process: subprocess.Popen[bytes] | None, pid: int, check: Callable[[], bool], timeout: float
+) -> None:
+    """Poll `check` until it holds; fail early when the process exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (process.poll() is not None) if process is not None else not alive(pid):
+            code = f" with code {process.returncode}" if process is not None else ""
+            raise StackError(f"{name} exited{code} before it was ready")
+        if check():
+            return
+        time.sleep(0.25)
+    raise StackError(f"{name} was not ready within {timeout:.0f} s")
+
+
+# -- readiness -------------------------------------------------------------------------------------
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def service_serving(port: int) -> bool:
+    """grpc.health.v1 Check of the whole server == SERVING (the backend follows Triton)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def checks(ports: Ports) -> dict[str, Callable[[], bool]]:
+    return {
+        "triton": lambda: http_ok(f"http://127.0.0.1:{ports.triton_http}/v2/health/ready"),
+        "service": lambda: service_serving(ports.grpc),
+        "prometheus": lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"),
+    }
+
+
+# -- commands of the three components --------------------------------------------------------------
+
+
+def find_prometheus(explicit: str | None) -> str:
+    for candidate in (explicit, os.environ.get("PROMETHEUS"), shutil.which("prometheus")):
+        if candidate and (shutil.which(candidate) or Path(candidate).is_file()):
+            return shutil.which(candidate) or candidate
+    for candidate in PROMETHEUS_CANDIDATES:
+        if Path(candidate).is_file():
+            return candidate
+    raise StackError(
+        "no prometheus binary: `make up` installs Debian's package "
+        "(apt-get install prometheus); or pass --prometheus /path/to/prometheus"
+    )
+
+
+def render_prometheus_config(layout: Layout, ports: Ports, scrape_interval: str) -> Path:
+    template = string.Template((HERE / "prometheus.yml.in").read_text())
+    text = template.substitute(
+        scrape_interval=scrape_interval,
+        service_metrics_port=ports.metrics,
+        triton_metrics_port=ports.triton_metrics,
+        prometheus_port=ports.prometheus,
+    )
+    layout.prometheus_config.write_text(text)
+    return layout.prometheus_config
+
+
+def triton_command(
+    args: argparse.Namespace, layout: Layout, ports: Ports
+) -> tuple[list[str], dict[str, str]]:
+    from export import triton_local
+
+    repository = args.repository.resolve()
+    if not (repository / "generator" / "config.pbtxt").is_file():
+        raise StackError(f"no model repository in {repository}: run `make model-repository`")
+    try:
+        triton_local.server_root(args.triton_venv)
+    except FileNotFoundError as error:
+        raise StackError(str(error)) from error
+    models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+    cmd = triton_local.command(
+        repository,
+        args.triton_venv,
+        layout.triton_state,
+        triton_local.Ports(ports.triton_http, ports.triton_grpc, ports.triton_metrics),
+        explicit=True,
+        load=models,
+    )
+    # Triton's latency metrics are counters (sum of microseconds); summaries add p50/p90/p95/p99
+    # of each model's request, queue and compute times (nv_inference_request_summary_us, ...).
+    cmd.append("--metrics-config=summary_latencies=true")
+    return cmd, triton_local.environment(args.triton_venv)
+
+
+def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], dict[str, str]]:
+    env = dict(os.environ)
+    env.update(
+        {
+            "PYTHONUNBUFFERED": "1",
+            "TALKINGHEAD_HOST": "127.0.0.1",
+            "TALKINGHEAD_GRPC_PORT": str(ports.grpc),
+            "TALKINGHEAD_METRICS_PORT": str(ports.metrics),
+            "TALKINGHEAD_BACKEND": "triton",
+            "TALKINGHEAD_TRITON_URL": f"127.0.0.1:{ports.triton_grpc}",
+            "TALKINGHEAD_MODEL_REPOSITORY": str(args.repository.resolve()),
+            "TALKINGHEAD_AVATAR_STORE": str(args.avatar_store.resolve()),
+        }
+    )
+    for key in ("TALKINGHEAD_TLS_CERT", "TALKINGHEAD_TLS_KEY"):  # the local stack speaks plaintext
+        env.pop(key, None)
+    return [args.python, "-m", "talkinghead.cli", "serve"], env
+
+
+def prometheus_command(
+    args: argparse.Namespace, layout: Layout, ports: Ports
+) -> tuple[list[str], dict[str, str]]:
+    binary = find_prometheus(args.prometheus)
+    config = render_prometheus_config(layout, ports, args.scrape_interval)
+    layout.prometheus_data.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        binary,
+        f"--config.file={config.resolve()}",
+        f"--storage.tsdb.path={layout.prometheus_data.resolve()}",
+        "--storage.tsdb.retention.time=7d",
+        f"--web.listen-address=127.0.0.1:{ports.prometheus}",
+        "--log.level=info",
+    ]
+    return cmd, dict(os.environ)
+
+
+# -- up / down / status ----------------------------------------------------------------------------
+
+
+def ports_from(args: argparse.Namespace) -> Ports:
+    return Ports(
+        triton_http=args.triton_http_port,
+        triton_grpc=args.triton_grpc_port,
+        triton_metrics=args.triton_metrics_port,
+        grpc=args.grpc_port,
+        metrics=args.metrics_port,
+        prometheus=args.prometheus_port,
+    )
+
+
+def recorded_ports(layout: Layout) -> Ports | None:
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return Ports(**json.loads(layout.ports_file.read_text()))
+    return None
+
+
+def up(args: argparse.Namespace) -> int:
+    layout = Layout(args.state)
+    ports = ports_from(args)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    running = {name: read_pid(layout, name) for name in COMPONENTS}
+    previous = recorded_ports(layout)
+    if any(running.values()) and previous is not None and previous != ports:
+        names = ", ".join(name for name, pid in running.items() if pid)
+        raise StackError(
+            f"{names} already running in {layout.state} with other ports ({asdict(previous)}); "
+            "run `make down` first to change ports"
+        )
+    # Ports of components that are not ours must be free before anything starts.
+    busy = [
+        f"{name} {role} port {port}"
+        for name in COMPONENTS
+        if not running[name]
+        for role, port in ports.of(name).items()
+        if listening(port)
+    ]
+    if busy:
+        raise StackError(
+            "in use by another program: "
+            + ", ".join(busy)
+            + " (a `make triton` server? stop it with `make triton-stop`; a Prometheus started by "
+            "Debian's unit? `systemctl stop prometheus`), or choose other ports, e.g. "
+            "`make up STACK_TRITON_HTTP_PORT=18000 ...` (deploy/local/README.md)"
+        )
+    layout.ports_file.write_text(json.dumps(asdict(ports)) + "\n")
+    ready = checks(ports)
+    builders = {
+        "triton": lambda: triton_command(args, layout, ports),
+        "service": lambda: service_command(args, ports),
+        "prometheus": lambda: prometheus_command(args, layout, ports),
+    }
+    started: list[tuple[str, int]] = []
+    try:
+        for name in COMPONENTS:
+            pid = running[name]
+            process = None
+            if pid is not None:
+                print(f"{name}: already running (pid {pid})", flush=True)
+            else:
+                layout.pid_file(name).unlink(missing_ok=True)  # stale
+                cmd, env = builders[name]()
+                process = launch(layout, name, cmd, env)
+                pid = process.pid
+                started.append((name, pid))
+                print(f"{name}: started (pid {pid}), waiting until ready ...", flush=True)
+            t0 = time.monotonic()
+            try:
+                wait_until(name, process, pid, ready[name], args.timeout)
+            except StackError as error:
+                raise StackError(
+                    f"{error}; last lines of {layout.log(name)}:\n{tail(layout.log(name))}"
+                ) from None
+            if process is not None:
+                print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
+    except BaseException as error:
+        for name, pid in reversed(started):
+            stop_group(pid, STOP_GRACE_S[name])
+            layout.pid_file(name).unlink(missing_ok=True)
+        if not any(read_pid(layout, name) for name in COMPONENTS):
+            layout.ports_file.unlink(missing_ok=True)
+        if isinstance(error, StackError):
+            what = ", ".join(name for name, _ in started) or "nothing"
+            raise StackError(f"{error}\n(stopped what this run started: {what})") from None
+        raise
+    print(summary(layout, ports, args))
+    return 0
+
+
+def summary(layout: Layout, ports: Ports, args: argparse.Namespace) -> str:
+    logs = layout.logs
+    server = f"127.0.0.1:{ports.grpc}"
+    env = "" if ports.grpc == 50051 else f"TALKINGHEAD_SERVER={server} "
+    prom = f"http://127.0.0.1:{ports.prometheus}"
+    return f"""
+talkinghead stack is up (state {layout.state}):
+  service     gRPC {server}  (backend triton)  metrics http://127.0.0.1:{ports.metrics}/metrics
+  triton      gRPC 127.0.0.1:{ports.triton_grpc}  HTTP http://127.0.0.1:{ports.triton_http}  \
+metrics http://127.0.0.1:{ports.triton_metrics}/metrics
+  prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
+  avatars     {args.avatar_store}
+logs:   {logs}/triton.log {logs}/service.log {logs}/prometheus.log   (tail -f {logs}/*.log)
+stream:
+  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png
+  {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
+--out out/stack.mp4
+latency (p95 of each stage over the last minute):
+  curl -s {prom}/api/v1/query --data-urlencode \
+'query=histogram_quantile(0.95, sum by (stage, le) (rate(talkinghead_stage_seconds_bucket[1m])))'
+  more queries in deploy/local/README.md; graphs at {prom}/graph
+stop:   make down   (logs are kept)"""
+
+
+def down(args: argparse.Namespace) -> int:
+    layout = Layout(args.state)
+    ports = recorded_ports(layout)
+    problems = []
+    for name in reversed(COMPONENTS):
+        path = layout.pid_file(name)
+        if not path.exists():
+            continue
+        pid = read_pid(layout, name)
+        if pid is None:
+            print(f"{name}: not running (stale pid file removed)")
+        elif stop_group(pid, STOP_GRACE_S[name]):
+            print(f"{name}: stopped (pid {pid})")
+        else:
+            problems.append(f"{name}: process group {pid} survived SIGKILL")
+        path.unlink(missing_ok=True)
+    if ports is not None:
+        deadline = time.monotonic() + 5.0
+        while True:
+            busy = [
+                f"{name} {role} {port}"
+                for name in COMPONENTS
+                for role, port in ports.of(name).items()
+                if listening(port)
+            ]
+            if not busy or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if busy:
+            problems.append("ports still in use (by a program this stack did not start?): " + ", ".join(busy))
+        layout.ports_file.unlink(missing_ok=True)
+    if problems:
+        raise StackError("; ".join(problems))
+    print(f"talkinghead stack: nothing running; logs kept in {layout.logs}")
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    layout = Layout(args.state)
+    ports = recorded_ports(layout) or ports_from(args)
+    ready = checks(ports)
+    ok = True
+    for name in COMPONENTS:
+        pid = read_pid(layout, name)
+        where = ", ".join(f"{role} {port}" for role, port in ports.of(name).items())
+        if pid is None:
+            state, ok = "not running", False
+        elif ready[name]():
+            state = f"ready (pid {pid})"
+        else:
+            state, ok = f"running, NOT ready (pid {pid})", False
+        print(f"{name:<11} {state:<28} {where}   log {layout.log(name)}")
+    return 0 if ok else 1
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python deploy/local/stack.py",
+        allow_abbrev=False,
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--state", type=Path, default=Path("var/stack"), help="pid files, logs, data")
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--triton-venv", type=Path, default=Path(".venv-triton"))
+    p.add_argument("--python", default=sys.executable, help="interpreter of the service (.venv)")
+    p.add_argument("--prometheus", help="prometheus binary (default: $PROMETHEUS, then PATH)")
+    p.add_argument("--avatar-store", type=Path, help="avatar directory (default <state>/avatars)")
+    p.add_argument("--scrape-interval", default="1s", help="Prometheus scrape interval")
+    p.add_argument("--timeout", type=float, default=180.0, help="seconds each component gets to be ready")
+    defaults = Ports()
+    for field, default in asdict(defaults).items():
+        flag = "--" + field.replace("_", "-") + "-port"
+        p.add_argument(flag, dest=f"{field}_port", type=int, default=default, help=f"default {default}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.avatar_store is None:
+        args.avatar_store = args.state / "avatars"
+    action = {"up": up, "down": down, "status": status}[args.action]
+    try:
+        return action(args)
+    except StackError as error:
+        print(f"stack {args.action}: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

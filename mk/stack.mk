@@ -1,0 +1,43 @@
+# The whole stack on one machine (issue 5): bundled Triton, the service on the triton backend and a
+# Prometheus server scraping both, all on 127.0.0.1. deploy/local/stack.py does the work; state,
+# pid files and logs live in $(STACK_STATE). Included by the root Makefile (PY, PYTHON, STAMP;
+# REPOSITORY, TRITON_VENV, TRITON_STAMP come from mk/export.mk).
+STACK_STATE ?= var/stack
+STACK_GRPC_PORT ?= 50051
+STACK_METRICS_PORT ?= 8080
+STACK_TRITON_HTTP_PORT ?= 8000
+STACK_TRITON_GRPC_PORT ?= 8001
+STACK_TRITON_METRICS_PORT ?= 8002
+STACK_PROMETHEUS_PORT ?= 9090
+STACK_SCRAPE_INTERVAL ?= 1s
+PROMETHEUS ?= prometheus
+# down/status need only the stdlib: they work without .venv too.
+STACK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
+STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT) \
+	--triton-http-port $(STACK_TRITON_HTTP_PORT) --triton-grpc-port $(STACK_TRITON_GRPC_PORT) \
+	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: up down stack-status prometheus
+
+# Debian's prometheus package (2.42), installed when no prometheus binary is found. The package's
+# systemd unit is never used: apt may start it on a systemd host, so it is stopped and disabled
+# right after the install (the stack runs the binary itself with its own config and data).
+prometheus:
+	@command -v $(PROMETHEUS) >/dev/null 2>&1 || test -x /usr/bin/prometheus || { \
+		echo "installing Debian's prometheus package (apt-get)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q --no-install-recommends prometheus; }; \
+		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus.service || true; fi; \
+		test -x /usr/bin/prometheus; }
+
+up: model-repository $(TRITON_STAMP) $(STAMP) prometheus
+	$(PY) deploy/local/stack.py up --state $(STACK_STATE) --repository $(REPOSITORY) \
+		--triton-venv $(TRITON_VENV) --scrape-interval $(STACK_SCRAPE_INTERVAL) $(STACK_PORTS)$(if $(filter-out prometheus,$(PROMETHEUS)), --prometheus $(PROMETHEUS))
+
+down:
+	$(STACK_PY) deploy/local/stack.py down --state $(STACK_STATE)
+
+stack-status:
+	$(STACK_PY) deploy/local/stack.py status --state $(STACK_STATE) $(STACK_PORTS)

@@ -1,0 +1,247 @@
+"""The whole local stack (`make up` / `make down`): Triton, the service on the triton backend, Prometheus.
+
+Brings the stack up on free ports through deploy/local/stack.py (the launcher `make up` runs),
+creates an avatar and streams landmark frames through the service with the client library, waits
+until Prometheus has scraped the service's and Triton's latency metrics, then tears the stack down
+and checks that none of its processes is left and its ports are free. Skips, saying why, only where
+no prometheus binary can be found or installed, or where the bundled Triton server cannot run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import math
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+pytestmark = pytest.mark.triton
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER = ROOT / "deploy" / "local" / "stack.py"
+TRITON_VENV = ROOT / ".venv-triton"
+PORTRAIT = ROOT / "facekit" / "assets" / "demo_portrait.png"
+DRIVER = ROOT / "facekit" / "assets" / "demo_driver.npz"
+FRAMES = 20
+
+
+def load_launcher() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("talkinghead_stack", LAUNCHER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their module by name
+    spec.loader.exec_module(module)
+    return module
+
+
+stack = load_launcher()
+
+
+def free_ports(count: int) -> list[int]:
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
+def prometheus_binary() -> str:
+    """A prometheus binary; installs Debian's package through `make prometheus` when there is none."""
+    with contextlib.suppress(Exception):
+        return str(stack.find_prometheus(None))
+    if shutil.which("make"):
+        subprocess.run(
+            ["make", "-s", "prometheus"],
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+    try:
+        return str(stack.find_prometheus(None))
+    except stack.StackError as error:
+        pytest.skip(f"prometheus cannot be found or installed here: {error}")
+
+
+def launcher(action: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(LAUNCHER), action, *args],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def query(prometheus_port: int, promql: str) -> list[dict]:
+    url = f"http://127.0.0.1:{prometheus_port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return list(body["data"]["result"])
+
+
+def scalar(prometheus_port: int, promql: str) -> float:
+    """The single value of a query (NaN when it has no result yet)."""
+    result = query(prometheus_port, promql)
+    return float(result[0]["value"][1]) if result else math.nan
+
+
+def wait_for(prometheus_port: int, checks: dict[str, float], timeout: float = 45.0) -> dict[str, float]:
+    """Poll until every query's value reaches its minimum; fail listing the ones that did not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        values = {promql: scalar(prometheus_port, promql) for promql in checks}
+        missing = {q: v for q, v in values.items() if not v >= checks[q]}  # NaN fails too
+        if not missing:
+            return values
+        if time.monotonic() > deadline:
+            pytest.fail(
+                f"Prometheus did not scrape the expected values within {timeout:.0f} s: "
+                + "; ".join(f"{q} = {v} (want >= {checks[q]})" for q, v in missing.items())
+            )
+        time.sleep(1.0)
+
+
+def repository(request: pytest.FixtureRequest) -> Path:
+    """model_repository/ when `make model-repository` built it, else a fresh export."""
+    built = ROOT / "model_repository"
+    if (built / "generator" / "config.pbtxt").is_file() and (built / "embedder" / "config.pbtxt").is_file():
+        return built
+    return Path(request.getfixturevalue("exported")[0])
+
+
+def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from facekit.sequence import LandmarkSequence
+    from service.client import Client, describe_error, landmark_requests
+
+    try:
+        from export import triton_local
+
+        triton_local.server_root(TRITON_VENV)
+    except FileNotFoundError as error:
+        pytest.skip(f"bundled Triton server unavailable: {error}")
+    prometheus = prometheus_binary()
+
+    names = ["triton_http", "triton_grpc", "triton_metrics", "grpc", "metrics", "prometheus"]
+    ports = stack.Ports(**dict(zip(names, free_ports(len(names)), strict=True)))
+    state = tmp_path / "stack"
+    args = [
+        "--state",
+        str(state),
+        "--repository",
+        str(repository(request)),
+        "--triton-venv",
+        str(TRITON_VENV),
+        "--prometheus",
+        prometheus,
+        "--timeout",
+        "90",
+        *(arg for name in names for arg in (f"--{name.replace('_', '-')}-port", str(getattr(ports, name)))),
+    ]
+    layout = stack.Layout(state)
+
+    def logs() -> str:
+        return "\n".join(f"--- {name}.log:\n{stack.tail(layout.log(name), 40)}" for name in stack.COMPONENTS)
+
+    pids: dict[str, int] = {}
+    try:
+        started = launcher("up", *args)
+        assert started.returncode == 0, f"stack up failed:\n{started.stdout}\n{started.stderr}\n{logs()}"
+        assert "talkinghead stack is up" in started.stdout
+        for name in stack.COMPONENTS:
+            assert layout.pid_file(name).is_file(), f"no pid file for {name}"
+            pids[name] = int(layout.pid_file(name).read_text())
+        assert all(layout.log(name).is_file() for name in stack.COMPONENTS)
+
+        again = launcher("up", *args, timeout=60)  # idempotent: nothing new starts
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.count("already running") == 3, again.stdout
+        assert {name: int(layout.pid_file(name).read_text()) for name in stack.COMPONENTS} == pids
+
+        seq = LandmarkSequence.load(DRIVER)
+        seq = LandmarkSequence(seq.points[:FRAMES], seq.frame_size, seq.fps)
+        try:
+            with Client(f"127.0.0.1:{ports.grpc}", timeout=60) as client:
+                assert client.health() == "SERVING"
+                client.create_avatar("stacktest", [PORTRAIT])
+                frames = list(client.animate("stacktest", landmark_requests(seq)))
+        except Exception as error:  # grpc.RpcError and decoding problems: say where it broke
+            detail = describe_error(error) if hasattr(error, "code") else repr(error)
+            pytest.fail(f"the service on the triton backend failed: {detail}\n{logs()}")
+        assert [f.sequence for f in frames] == list(range(FRAMES))
+        assert all(f.image.shape == frames[0].image.shape and f.image.std() > 0 for f in frames)
+
+        values = wait_for(
+            ports.prometheus,
+            {
+                'min(up{job=~"talkinghead|triton"})': 1,
+                # the service's latency histograms: every streamed frame observed end to end
+                'sum(talkinghead_stage_seconds_bucket{stage="end_to_end",le="+Inf"})': FRAMES,
+                'sum(talkinghead_stage_seconds_count{stage="inference"})': 1,
+                # Triton's latency counters and summaries of the generator
+                'sum(nv_inference_request_duration_us{model="generator"})': 1,
+                'sum(nv_inference_compute_infer_duration_us{model="generator"})': 1,
+                'sum(nv_inference_request_summary_us_count{model="generator"})': 1,
+            },
+        )
+        p95 = scalar(
+            ports.prometheus,
+            'histogram_quantile(0.95, sum by (le) (talkinghead_stage_seconds_bucket{stage="end_to_end"}))',
+        )
+        assert 0 < p95 < math.inf, (p95, values)
+    finally:
+        stopped = launcher("down", "--state", str(state), timeout=120)
+    assert stopped.returncode == 0, f"stack down failed:\n{stopped.stdout}\n{stopped.stderr}"
+    assert "nothing running" in stopped.stdout
+    for name, pid in pids.items():
+        assert not stack.group_alive(pid), f"{name} (process group {pid}) still running after down"
+        assert not layout.pid_file(name).exists(), f"{name}.pid left behind"
+    busy = [port for port in (getattr(ports, name) for name in names) if stack.listening(port)]
+    assert not busy, f"ports still in use after down: {busy}"
+    assert all(layout.log(name).stat().st_size > 0 for name in stack.COMPONENTS), "logs are kept"
+
+
+def test_down_without_a_stack_is_a_no_op(tmp_path: Path) -> None:
+    result = launcher("down", "--state", str(tmp_path / "none"), timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "nothing running" in result.stdout
+
+
+def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
+    """A port held by another program (a `make triton` server, say) stops `up` before it starts anything."""
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        others = free_ports(5)
+        result = launcher(
+            "up",
+            "--state",
+            str(tmp_path / "stack"),
+            "--triton-http-port",
+            str(port),
+            *(
+                arg
+                for flag, p in zip(
+                    ("triton-grpc", "triton-metrics", "grpc", "metrics", "prometheus"), others, strict=True
+                )
+                for arg in (f"--{flag}-port", str(p))
+            ),
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"triton http port {port}" in result.stderr and "in use" in result.stderr
+    assert not list((tmp_path / "stack").glob("*.pid"))
