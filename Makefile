@@ -14,10 +14,11 @@ OUT ?= out/demo
 # Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help venv demo test test-slow lint format preprocess train-small validate clean
+.PHONY: help venv demo demo-direct test test-slow lint format preprocess train-small validate clean
 
 help:
-	@echo "make demo        fine-tune the committed model on PORTRAIT, drive it with DRIVER -> $(OUT)/"
+	@echo "make demo        personalise on PORTRAIT, serve it (gRPC), stream DRIVER through it -> $(OUT)/"
+	@echo "make demo-direct the same without the service (PyTorch in one process)"
 	@echo "make test        the default test suite (fast; real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
 	@echo "make lint        ruff + mypy"
@@ -26,6 +27,8 @@ help:
 	@echo "make validate    validation figures of CHECKPOINT for the model card"
 	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
 	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
+	@echo "make up / down   Triton + the service (triton backend) + Prometheus on 127.0.0.1 (var/stack/logs)"
+	@echo "make bench       backend and service throughput/latency -> out/bench.json"
 	@echo "make helm-lint   lint, render and validate the Helm chart in every configuration"
 
 venv: $(STAMP)
@@ -38,10 +41,15 @@ $(STAMP): requirements/lock.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) model-repository
+	VENV=$(VENV) CHECKPOINT=$(CHECKPOINT) REPOSITORY=$(REPOSITORY) PORTRAIT=$(PORTRAIT) DRIVER=$(DRIVER) \
+		OUT=$(OUT) tools/demo.sh
+
+# The direct-model demo (no service): fine-tune and drive the PyTorch model in one process.
+demo-direct: $(STAMP)
 	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
 
-test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository
+test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus
 	$(PY) -m pytest -m "not slow" -q
 
 test-slow: $(STAMP)
@@ -50,7 +58,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy facekit training talkinghead export
+	$(VENV)/bin/mypy facekit training talkinghead export service
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
