@@ -8,6 +8,7 @@ Tensors follow DESIGN.md's contract (a batch axis first, uint8 images NHWC):
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -57,6 +58,22 @@ def check_images(images: np.ndarray, size: int, *, name: str) -> None:
     """Assert the (B, S, S, 3) uint8 contract at the backend boundary."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"{name}: expected uint8 (B, {size}, {size}, 3), got {images.dtype} {images.shape}")
+
+
+class ReadyGate:
+    """Readiness shared by the backends: set once the models answer, cleared when they are lost."""
+
+    _ready: asyncio.Event
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def is_ready(self) -> bool:
+        return self._ready.is_set()
 
 
 class Backend(Protocol):

@@ -24,6 +24,7 @@ from service.backends.base import (
     META,
     BackendUnavailable,
     ModelInfo,
+    ReadyGate,
     check_images,
 )
 from service.backends.repository import latest_version, personalised_name
@@ -31,7 +32,7 @@ from service.backends.repository import latest_version, personalised_name
 log = logging.getLogger("talkinghead.service.onnxruntime")
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(ReadyGate):
     name = "onnxruntime"
 
     def __init__(self, *, repository: Path, threads: int = 0, poll_s: float = 1.0) -> None:
@@ -52,16 +53,6 @@ class OnnxRuntimeBackend:
         if self._loader is not None:
             self._loader.cancel()
         self._pool.shutdown(wait=True, cancel_futures=True)
-
-    async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def is_ready(self) -> bool:
-        return self._ready.is_set()
 
     @property
     def info(self) -> ModelInfo:

@@ -19,14 +19,22 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from service.backends.base import EMBEDDER, GENERATOR, META, BackendUnavailable, ModelInfo, check_images
+from service.backends.base import (
+    EMBEDDER,
+    GENERATOR,
+    META,
+    BackendUnavailable,
+    ModelInfo,
+    ReadyGate,
+    check_images,
+)
 from service.backends.repository import personalised_name
 
 log = logging.getLogger("talkinghead.service.triton")
 NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
 
 
-class TritonBackend:
+class TritonBackend(ReadyGate):
     name = "triton"
 
     def __init__(self, *, url: str, poll_s: float = 1.0, timeout_s: float = 30.0) -> None:
@@ -49,16 +57,6 @@ class TritonBackend:
             self._monitor.cancel()
         if self._client is not None:
             await self._client.close()
-
-    async def wait_ready(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self._ready.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def is_ready(self) -> bool:
-        return self._ready.is_set()
 
     @property
     def info(self) -> ModelInfo:
