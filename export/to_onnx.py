@@ -23,13 +23,13 @@ import onnxruntime as ort
 import torch
 
 from export.wrappers import EmbedderIO, GeneratorIO, PersonalGeneratorIO
+from facekit.crop import CROP_SCALE
 from training import checkpoint
 from training.config import ExperimentConfig
 
 log = logging.getLogger("talkinghead.export")
 
 OPSET = 20
-CROP_SCALE = 1.8  # facekit.crop.crop_box default, the crop training and preprocessing use
 MAX_EXPORT_BATCH = 64  # upper bound the exporter checks the dynamic batch axis against
 PRODUCER = "talkinghead-export"
 

@@ -95,12 +95,17 @@ def command(
     return cmd
 
 
-def ready(ports: Ports) -> bool:
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    """Whether GET `url` answers 200 (readiness endpoints of Triton, Prometheus, ...)."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports.http}/v2/health/ready", timeout=1) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+def ready(ports: Ports) -> bool:
+    return http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready")
 
 
 @dataclass
@@ -158,21 +163,44 @@ def start(
     return Server(process, ports, log)
 
 
-def terminate(pid: int, timeout: float) -> None:
-    """SIGTERM the process group, SIGKILL what is left after `timeout` seconds."""
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in process group `pgid`."""
     try:
-        os.killpg(pid, signal.SIGTERM)
+        os.killpg(pgid, 0)
     except ProcessLookupError:
-        return
+        return False
+    except PermissionError:
+        return True
+    # A group of zombies only (e.g. children of a test process that has not reaped them yet).
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    return True
+    return False
+
+
+def _wait_gone(pgid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return
+        if not group_alive(pgid):
+            return True
         time.sleep(0.1)
+    return False
+
+
+def terminate(pgid: int, grace: float) -> bool:
+    """SIGTERM the process group, SIGKILL it after `grace` seconds; True when it is gone."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True
+    if _wait_gone(pgid, grace):
+        return True
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
+    return _wait_gone(pgid, 5.0)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,8 @@ import numpy as np
 
 from facekit.layout import NUM_POINTS
 
+CROP_SCALE = 1.8  # crop side / landmark extent: training, preprocessing, export and serving agree
+
 
 class CropBox(NamedTuple):
     cx: float  # box centre, pixels; cx - side / 2 is a whole number
@@ -26,7 +28,7 @@ class CropBox(NamedTuple):
     side: int  # square side, pixels
 
 
-def crop_box(points: np.ndarray, scale: float = 1.8, *, shift_y: float = 0.0) -> CropBox:
+def crop_box(points: np.ndarray, scale: float = CROP_SCALE, *, shift_y: float = 0.0) -> CropBox:
     """A square box around the landmarks of one frame (68, 2) or of a clip (N, 68, 2).
 
     side = scale x max(width, height) of the landmarks' bounding box; for a clip the centre and
@@ -90,6 +92,15 @@ def untransform_points(
     x0, y0, side = _origin(box)
     pts = np.asarray(points, np.float64)
     return ((pts + 0.5) * (side / size) - 0.5 + (x0, y0)).astype(np.float32)
+
+
+def crop_face(
+    image: np.ndarray, points: np.ndarray, size: int, *, scale: float = CROP_SCALE
+) -> tuple[np.ndarray, np.ndarray, CropBox]:
+    """The face of one photo as the models see it: (crop uint8 (size, size, C), its landmarks
+    (68, 2) float32 in the crop, the box), the box from `crop_box(points, scale)`."""
+    box = crop_box(points, scale)
+    return crop(image, box, size), transform_points(points, box, size), box
 
 
 def resize_points(points: np.ndarray, old_size: int, new_size: int) -> np.ndarray:

@@ -50,6 +50,17 @@ def _check(points: np.ndarray, frame_size: tuple[int, ...], fps: float, *, where
         raise ValueError(f"{where}: fps must be a finite number > 0, got {fps}")
 
 
+def letterbox(points: np.ndarray, frame_size: tuple[int, int], size: int) -> np.ndarray:
+    """Points (..., 2) of a (width, height) frame -> the same in a `size` x `size` frame, float32:
+    uniform scale size / max(w, h), the shorter side centred (as if the frame were letterboxed)."""
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    w, h = frame_size
+    scale = size / max(w, h)
+    offset = np.array([(size - w * scale) / 2, (size - h * scale) / 2], np.float32)
+    return (np.asarray(points, np.float32) * np.float32(scale) + offset).astype(np.float32)
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: numpy fields make `==` ambiguous
 class LandmarkSequence:
     """N frames of 68 landmarks in a `frame_size` = (width, height) pixel frame, at `fps`."""
@@ -85,12 +96,7 @@ class LandmarkSequence:
         The whole [0, w] x [0, h] frame fits inside the square with its aspect kept; the shorter
         side is centred, as if the frame were letterboxed.
         """
-        if size <= 0:
-            raise ValueError(f"size must be > 0, got {size}")
-        w, h = self.frame_size
-        scale = size / max(w, h)
-        offset = np.array([(size - w * scale) / 2, (size - h * scale) / 2], np.float32)
-        return LandmarkSequence(self.points * np.float32(scale) + offset, (size, size), self.fps)
+        return LandmarkSequence(letterbox(self.points, self.frame_size, size), (size, size), self.fps)
 
     def save(self, path: str | Path) -> None:
         """Write the `.npz` file described in the module docstring (byte-identical for equal data)."""

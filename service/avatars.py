@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from facekit.crop import crop, crop_box, transform_points
+from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
 from facekit.rasterize import draw_batch
 from service.backends.base import ModelInfo
@@ -62,14 +62,14 @@ def prepare(
             if len(faces) > 1:
                 warnings.append(f"{len(faces)} faces found; the largest was used")
             face_points = faces[0].points
-        box = crop_box(face_points, scale=info.crop_scale)
+        face_crop, crop_points, box = crop_face(rgb, face_points, size, scale=info.crop_scale)
         if box.side < size:
             warnings.append(f"small face: crop of {box.side} px is upscaled to {size} px (may look soft)")
         x0, y0 = box.cx - box.side / 2, box.cy - box.side / 2
         if x0 < 0 or y0 < 0 or x0 + box.side > width or y0 + box.side > height:
             warnings.append("the face crop extends beyond the photo; that part is filled with black")
-        crops.append(crop(rgb, box, size))
-        points.append(transform_points(face_points, box, size))
+        crops.append(face_crop)
+        points.append(crop_points)
         reports.append(
             {
                 "index": index,

@@ -1,7 +1,7 @@
 """Driving landmarks -> the landmarks the avatar is drawn with, in the model's S x S crop.
 
-Every frame is first brought into the model's square frame the way facekit.sequence.LandmarkSequence
-.rescaled does it (uniform scale, letterboxed). Then, per stream:
+Every frame is first brought into the model's square frame with facekit.sequence.letterbox (the
+maths of LandmarkSequence.rescaled: uniform scale, letterboxed). Then, per stream:
 
 - ABSOLUTE: used as they are; with crop_to_face, a face crop (facekit.crop.crop_box with the model's
   crop scale, from the first frame, fixed for the stream as preprocessing fixes one box per clip)
@@ -20,7 +20,7 @@ import numpy as np
 from facekit.crop import CropBox, crop_box, transform_points
 from facekit.layout import NUM_POINTS
 from facekit.motion import transfer_motion
-from facekit.sequence import LandmarkSequence
+from facekit.sequence import letterbox
 from service.errors import invalid
 
 MAX_FRAME_SIDE = 16384
@@ -46,11 +46,6 @@ def check_frame_size(width: int, height: int, *, what: str) -> tuple[int, int]:
     if not (1 <= width <= MAX_FRAME_SIDE and 1 <= height <= MAX_FRAME_SIDE):
         raise invalid(f"{what}: frame size must be 1-{MAX_FRAME_SIDE} pixels a side, got {width}x{height}")
     return width, height
-
-
-def letterbox(points: np.ndarray, frame_size: tuple[int, int], size: int) -> np.ndarray:
-    """(68, 2) in a (width, height) frame -> the same face in a size x size frame (facekit's rescale)."""
-    return LandmarkSequence(points[None], frame_size, 25.0).rescaled(size).points[0]
 
 
 class DrivingMapper:

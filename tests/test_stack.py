@@ -207,7 +207,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
     assert stopped.returncode == 0, f"stack down failed:\n{stopped.stdout}\n{stopped.stderr}"
     assert "nothing running" in stopped.stdout
     for name, pid in pids.items():
-        assert not stack.group_alive(pid), f"{name} (process group {pid}) still running after down"
+        assert not triton_local.group_alive(pid), f"{name} (process group {pid}) still running after down"
         assert not layout.pid_file(name).exists(), f"{name}.pid left behind"
     busy = [port for port in (getattr(ports, name) for name in names) if stack.listening(port)]
     assert not busy, f"ports still in use after down: {busy}"

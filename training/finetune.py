@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facekit.crop import crop, crop_box, transform_points
+from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector, largest_face, make_detector
 from facekit.ids import validate_avatar_id
 from facekit.rasterize import draw_batch
@@ -58,9 +58,9 @@ def prepare_images(
     frames, points = [], []
     for image, name in zip(images, names, strict=False):
         face = largest_face(detector, image, name)
-        box = crop_box(face.points)
-        frames.append(crop(image, box, size))
-        points.append(transform_points(face.points, box, size))
+        face_crop, face_points, _ = crop_face(image, face.points, size)
+        frames.append(face_crop)
+        points.append(face_points)
     return np.stack(frames), np.stack(points).astype(np.float32)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from facekit.crop import CropBox, crop, crop_box, transform_points
+from facekit.crop import CROP_SCALE, CropBox, crop, crop_box, transform_points
 from facekit.detect import DETECTORS, LandmarkDetector, make_detector
 from facekit.landmarks_command import VIDEO_SUFFIXES, video_info
 from facekit.video import iter_video
@@ -242,7 +242,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", type=Path, help="output folder (created; finished clips are kept)")
     parser.add_argument("--size", type=int, help="crop size S in pixels (default: --config's image_size)")
     parser.add_argument("--config", help="small | paper | path.yaml: take the crop size from its model")
-    parser.add_argument("--scale", type=float, default=1.8, help="crop side / landmark extent (default 1.8)")
+    parser.add_argument(
+        "--scale", type=float, default=CROP_SCALE, help=f"crop side / landmark extent (default {CROP_SCALE})"
+    )
     parser.add_argument(
         "--shift-y", type=float, default=0.0, help="move the crop down by this fraction of its side (<0: up)"
     )

@@ -22,14 +22,11 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import string
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,6 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # run as a script: `export` and `service` live at the root
+
+from export import triton_local  # noqa: E402  (stdlib only, like this file)
+from export.triton_local import http_ok, terminate  # noqa: E402
 
 COMPONENTS = ("triton", "service", "prometheus")  # start order; stopped in reverse
 MARKERS = {"triton": "tritonserver", "service": "talkinghead.cli", "prometheus": "prometheus"}
@@ -123,23 +123,6 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its parent's wait() is missing
 
 
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A group of zombies only (e.g. children of a test process that has not reaped them yet).
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return True
-    return False
-
-
 def read_pid(layout: Layout, name: str) -> int | None:
     """The pid in <name>.pid when that process is alive and is the right program, else None."""
     path = layout.pid_file(name)
@@ -150,27 +133,6 @@ def read_pid(layout: Layout, name: str) -> int | None:
     if alive(pid) and MARKERS[name] in cmdline(pid):
         return pid
     return None
-
-
-def stop_group(pgid: int, grace: float) -> bool:
-    """SIGTERM the process group, SIGKILL it after `grace` seconds; True when it is gone."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return True
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return True
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        if not group_alive(pgid):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def listening(port: int) -> bool:
@@ -225,14 +187,6 @@ def wait_until(
 # -- readiness -------------------------------------------------------------------------------------
 
 
-def http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
 def service_serving(port: int) -> bool:
     """grpc.health.v1 Check of the whole server == SERVING (the backend follows Triton)."""
     import grpc
@@ -285,8 +239,6 @@ def render_prometheus_config(layout: Layout, ports: Ports, scrape_interval: str)
 def triton_command(
     args: argparse.Namespace, layout: Layout, ports: Ports
 ) -> tuple[list[str], dict[str, str]]:
-    from export import triton_local
-
     repository = args.repository.resolve()
     if not (repository / "generator" / "config.pbtxt").is_file():
         raise StackError(f"no model repository in {repository}: run `make model-repository`")
@@ -425,7 +377,7 @@ def up(args: argparse.Namespace) -> int:
                 print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
     except BaseException as error:
         for name, pid in reversed(started):
-            stop_group(pid, STOP_GRACE_S[name])
+            terminate(pid, STOP_GRACE_S[name])
             layout.pid_file(name).unlink(missing_ok=True)
         if not any(read_pid(layout, name) for name in COMPONENTS):
             layout.ports_file.unlink(missing_ok=True)
@@ -472,7 +424,7 @@ def down(args: argparse.Namespace) -> int:
         pid = read_pid(layout, name)
         if pid is None:
             print(f"{name}: not running (stale pid file removed)")
-        elif stop_group(pid, STOP_GRACE_S[name]):
+        elif terminate(pid, STOP_GRACE_S[name]):
             print(f"{name}: stopped (pid {pid})")
         else:
             problems.append(f"{name}: process group {pid} survived SIGKILL")

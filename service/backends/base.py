@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from facekit.crop import CROP_SCALE
 from facekit.rasterize import DrawStyle
 
 EMBEDDER, GENERATOR, PERSONALISED_PREFIX = "embedder", "generator", "generator_"
@@ -47,7 +48,7 @@ class ModelInfo:
                 adain_size=int(meta[META + "adain_size"]),
                 embedding_size=int(meta.get(META + "embedding_size", "512")),
                 draw_style=DrawStyle(line_width=int(style["line_width"]), antialias=bool(style["antialias"])),
-                crop_scale=float(meta.get(META + "crop_scale", "1.8")),
+                crop_scale=float(meta.get(META + "crop_scale", CROP_SCALE)),
                 model_id=str(meta[META + "model_id"]),
             )
         except (KeyError, ValueError, TypeError) as error:
