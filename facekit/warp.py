@@ -100,9 +100,13 @@ def _check_size(size: int) -> int:
 def forehead_points(points: np.ndarray) -> np.ndarray:
     """Forehead control points of faces (..., 68, 2) -> (..., NUM_FOREHEAD, 2) float64, from above
     jaw point 0 to above jaw point 16."""
+    return _forehead(_check_points(points, "points", batched=True))
+
+
+def _forehead(pts: np.ndarray) -> np.ndarray:
     # Points as complex numbers x + iy: multiplying by a unit e rotates by e's angle, so
     # (z - c) * conj(e) is z in the face's frame (real: along the eye line, imag: towards the chin).
-    z = np.ascontiguousarray(_check_points(points, "points", batched=True)).view(np.complex128)[..., 0]
+    z = np.ascontiguousarray(pts).view(np.complex128)[..., 0]  # (..., 68)
     right, left = z[..., RIGHT_EYE].mean(-1), z[..., LEFT_EYE].mean(-1)  # (...,) eye centres
     centre, axis = (right + left) / 2, left - right
     length = np.abs(axis)
@@ -122,9 +126,12 @@ def border_anchors(size: int) -> np.ndarray:
 def control_points(points: np.ndarray, size: int) -> np.ndarray:
     """Landmarks (..., 68, 2) in a size x size image -> (..., NUM_CONTROL, 2) float64: landmarks,
     forehead, border anchors; clipped to [-8 size, 9 size] to keep cv2's fixed point in range."""
-    pts = _check_points(points, "points", batched=True)
-    anchors = np.broadcast_to(border_anchors(size), (*pts.shape[:-2], NUM_ANCHORS, 2))
-    ctrl = np.concatenate([pts, forehead_points(pts), anchors], -2)
+    return _control(_check_points(points, "points", batched=True), _check_size(size))
+
+
+def _control(pts: np.ndarray, size: int) -> np.ndarray:
+    anchors = np.broadcast_to(_ANCHORS * size - 0.5, (*pts.shape[:-2], NUM_ANCHORS, 2))
+    ctrl = np.concatenate([pts, _forehead(pts), anchors], -2)
     return np.clip(ctrl, -8 * size, 9 * size)
 
 
@@ -182,7 +189,7 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     size x size image) -> (size, size, 2) float32: map[y, x] = source (x, y) to sample."""
     size = _check_size(size)
     both = np.stack([_check_points(src_points, "src_points"), _check_points(dst_points, "dst_points")])
-    src, dst = control_points(both, size)  # (NUM_CONTROL, 2) each
+    src, dst = _control(both, size)  # (NUM_CONTROL, 2) each
     triangles = triangulate(src)  # (T, 3)
     src_tri, dst_tri = src[triangles], dst[triangles]  # (T, 3, 2)
     rows, det = _affines(src_tri, dst_tri)
@@ -231,7 +238,8 @@ def nearest_reference(ref_points: np.ndarray, driving: np.ndarray) -> int:
 
     Each reference is brought onto the driving frame by the least-squares similarity of their
     `STABLE_POINTS` (facekit.motion); the distance is then the mean squared distance over all 68
-    points, in driving pixels. Ties go to the lowest index.
+    points, in driving pixels. Ties go to the lowest index. A reference whose stable points all
+    coincide has no similarity and is a ValueError.
     """
     refs = np.asarray(ref_points, np.float64)
     if refs.ndim != 3 or refs.shape[1:] != (NUM_POINTS, 2) or len(refs) == 0:

@@ -192,16 +192,18 @@ def test_degenerate_sources_give_finite_maps(face: np.ndarray) -> None:
             assert np.isfinite(field).all() and field.min() >= -S and field.max() <= 2 * S - 1
 
 
-def test_a_fold_is_covered_by_the_unfolded_triangles(face: np.ndarray, texture: np.ndarray) -> None:
-    """Eyes shut past each other fold the eye triangles; every pixel still maps near the face's
-    own motion (no pixel left to the uncovered-pixel fallback or a wild sliver)."""
+def test_a_fold_is_covered_by_the_unfolded_triangles(face: np.ndarray) -> None:
+    """Eyelids pushed past each other fold the eye triangles over. Where a properly oriented
+    triangle covers a pixel, its displacement is a blend of its corners', so no pixel moves
+    further than the landmarks do (plus half a pixel at shared edges); a folded triangle on top
+    would sample far away (13.7 px with the paint order reversed)."""
     target = face.copy()
     for upper, lower in ((37, 41), (38, 40), (43, 47), (44, 46)):
         target[upper], target[lower] = face[lower] + (0, 1), face[upper] - (0, 1)
-    field = dense_map(face, target, S)
-    assert np.linalg.norm(field - _grid(), axis=-1).max() < 10
-    mouth_and_chin = slice(int(face[:, 1].max()) - 20, S), slice(None)
-    np.testing.assert_allclose(field[mouth_and_chin], _grid()[mouth_and_chin], atol=1e-3)  # unmoved
+    shift = np.linalg.norm(dense_map(face, target, S) - _grid(), axis=-1)  # (S, S)
+    assert shift.max() <= np.linalg.norm(target - face, axis=-1).max() + 0.5
+    below_the_nose = slice(int(face[33, 1]) + 10, S)
+    assert shift[below_the_nose].max() < 1e-3  # the mouth and chin stay where they were
 
 
 def test_bad_inputs_are_rejected_with_the_reason(face: np.ndarray, texture: np.ndarray) -> None:
