@@ -136,21 +136,24 @@ def _control(pts: np.ndarray, size: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _delaunay(key: bytes) -> np.ndarray:
-    """Delaunay triangles (T, 3) of the float64 points in `key`, each ordered so that its signed
-    area (det of its edge vectors) is >= 0; qhull leaves duplicate points out. Read-only."""
+def _delaunay(key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Delaunay triangles (T, 3) of the float64 points in `key`, each ordered to a signed area >= 0,
+    and those areas x 2 (T,); qhull leaves duplicate points out. Both read-only."""
     pts = np.frombuffer(key, np.float64).reshape(-1, 2)
     triangles = Delaunay(pts).simplices.astype(np.intp)  # (T, 3)
-    flip = _det(pts[triangles]) < 0
-    triangles[flip] = triangles[flip][:, [0, 2, 1]]
-    triangles.setflags(write=False)
-    return triangles
+    edges = pts[triangles[:, 1:]] - pts[triangles[:, :1]]  # (T, 2, 2) as rows
+    area = edges[:, 0, 0] * edges[:, 1, 1] - edges[:, 0, 1] * edges[:, 1, 0]  # (T,) signed, x 2
+    triangles[area < 0] = triangles[area < 0][:, [0, 2, 1]]
+    area = np.abs(area)
+    for array in (triangles, area):
+        array.setflags(write=False)
+    return triangles, area
 
 
 def triangulate(src_control: np.ndarray) -> np.ndarray:
     """Delaunay triangles (T, 3) of source control points (NUM_CONTROL, 2), each with a
     non-negative signed area in the source; cached per source (a fixed reference costs one)."""
-    return _delaunay(np.ascontiguousarray(src_control, np.float64).tobytes())
+    return _delaunay(np.ascontiguousarray(src_control, np.float64).tobytes())[0]
 
 
 @functools.lru_cache(maxsize=8)
@@ -163,25 +166,22 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xx, yy
 
 
-def _det(tri: np.ndarray) -> np.ndarray:
-    """Signed area x 2 of triangles (T, 3, 2) -> (T,)."""
-    e = tri[:, 1:] - tri[:, :1]  # (T, 2, 2) edge vectors as rows
-    return e[:, 0, 0] * e[:, 1, 1] - e[:, 0, 1] * e[:, 1, 0]
-
-
 def _affines(src_tri: np.ndarray, dst_tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Target -> source affine of each triangle (T, 3, 2) -> (rows (T, 2, 3) with
     source = rows @ (x, y, 1), signed target area x 2 (T,)). A collapsed target triangle gets the
     translation taking its centroid to the source's."""
-    es, ed = np.swapaxes(src_tri[:, 1:] - src_tri[:, :1], 1, 2), dst_tri[:, 1:] - dst_tri[:, :1]
-    det = ed[:, 0, 0] * ed[:, 1, 1] - ed[:, 0, 1] * ed[:, 1, 0]  # (T,)
+    # rows = src^T adj(M) / det(M) for M = (x; y; 1) with the target's corners as columns; row i
+    # of the adjugate is built from the other two corners j = i + 1, k = i + 2 (mod 3).
+    x, y = dst_tri[..., 0], dst_tri[..., 1]  # (T, 3)
+    xj, xk, yj, yk = x[:, [1, 2, 0]], x[:, [2, 0, 1]], y[:, [1, 2, 0]], y[:, [2, 0, 1]]
+    adjugate = np.stack([yj - yk, xk - xj, xj * yk - xk * yj], -1)  # (T, 3, 3)
+    det = adjugate[:, :, 2].sum(1)  # (T,)
     ok = np.abs(det) >= _MIN_DET
-    # E = edge vectors as columns; linear part E_src E_dst^-1, the inverse by the adjugate
-    adjugate = np.stack([ed[:, 1, 1], -ed[:, 1, 0], -ed[:, 0, 1], ed[:, 0, 0]], -1).reshape(-1, 2, 2)
-    linear = es @ (adjugate / np.where(ok, det, 1.0)[:, None, None])  # (T, 2, 2)
-    linear[~ok] = np.eye(2)
-    shift = src_tri.mean(1) - (linear @ dst_tri.mean(1)[..., None])[..., 0]  # centroid to centroid
-    return np.concatenate([linear, shift[..., None]], -1), det
+    rows = np.swapaxes(src_tri, 1, 2) @ adjugate / np.where(ok, det, 1.0)[:, None, None]
+    if not ok.all():
+        rows[~ok] = np.eye(2, 3)
+        rows[~ok, :, 2] = src_tri[~ok].mean(1) - dst_tri[~ok].mean(1)  # centroid to centroid
+    return rows, det
 
 
 def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.ndarray:
@@ -190,13 +190,13 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     size = _check_size(size)
     both = np.stack([_check_points(src_points, "src_points"), _check_points(dst_points, "dst_points")])
     src, dst = _control(both, size)  # (NUM_CONTROL, 2) each
-    triangles = triangulate(src)  # (T, 3)
+    triangles, src_area = _delaunay(src.tobytes())  # (T, 3), (T,)
     src_tri, dst_tri = src[triangles], dst[triangles]  # (T, 3, 2)
     rows, det = _affines(src_tri, dst_tri)
     # Paint order, later ones winning shared pixels: by target / source area, so folded triangles
     # (< 0) come first, then collapsed ones (~0), then proper ones from the most squeezed, whose
     # affine is steepest and worst to extrapolate onto the pixels just outside them, to the least.
-    order = np.argsort(det / np.maximum(_det(src_tri), 1e-12), kind="stable")
+    order = np.argsort(det / np.maximum(src_area, 1e-12), kind="stable")
     count = len(order)  # <= 2 NUM_CONTROL - 5 < 255: fits a uint8 index
     # cv2.LUT tables: entry i of channel c holds coefficient k of output c for triangle order[i];
     # entry `count` (and the unused ones) is the identity, for pixels no triangle covers.
