@@ -132,6 +132,7 @@ def control_points(points: np.ndarray, size: int) -> np.ndarray:
 
 
 def _control(pts: np.ndarray, size: int) -> np.ndarray:
+    pts = np.clip(pts, -8 * size, 9 * size)  # first, so that the forehead's sums cannot overflow
     anchors = np.broadcast_to(_ANCHORS * size - 0.5, (*pts.shape[:-2], NUM_ANCHORS, 2))
     ctrl = np.concatenate([pts, _forehead(pts), anchors], -2)
     return np.clip(ctrl, -8 * size, 9 * size)

@@ -170,6 +170,7 @@ def test_border_anchors_stay_put_while_the_face_moves(
         pytest.param(lambda p: np.random.default_rng(1).permutation(p), id="shuffled"),
         pytest.param(lambda p: p[::-1], id="reversed-order"),
         pytest.param(lambda p: p * 1e6, id="far-away"),
+        pytest.param(lambda p: p * 1e306, id="near-the-float-limit"),
         pytest.param(lambda p: (p - S / 2) * -3 + S / 2, id="upside-down-and-huge"),
         pytest.param(lambda p: _closed_eyes(_open_mouth(p, 1.5)), id="eyes-shut-jaw-through-the-neck"),
     ],
@@ -186,7 +187,7 @@ def test_folded_or_degenerate_targets_give_finite_maps_and_images(
 
 
 def test_degenerate_sources_give_finite_maps(face: np.ndarray) -> None:
-    for source in (np.full_like(face, 40.0), np.c_[face[:, 0], np.full(68, 50.0)], face * 0):
+    for source in (np.full_like(face, 40.0), np.c_[face[:, 0], np.full(68, 50.0)], face * 0, face * -1e306):
         for target in (face, source):
             field = dense_map(source, target, S)
             assert np.isfinite(field).all() and field.min() >= -S and field.max() <= 2 * S - 1
