@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("training.preprocess", "videos -> face crops + landmarks for training"),
     "train": ("training.train", "meta-learn E, G, D over many people's videos"),
     "finetune": ("training.finetune", "personalise the model on T images of one person"),
+    "evaluate": ("training.evaluation.command", "score a model against the classical warp on unseen people"),
     "export": ("export.command", "checkpoint -> ONNX -> Triton model repository (+ parity report)"),
     "serve": ("service.serve_command", "run the gRPC service (avatars, animation streams, metrics)"),
     "avatar": ("service.avatar_command", "create/list/get/delete avatars on a running service"),

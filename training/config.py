@@ -32,6 +32,9 @@ class ModelConfig:
     attention_up: int = 64  # resolution of self-attention in G's up path; 0 = none
     pooling: str = "sum"  # "sum" or "max": global pooling at the end of E and V
     spectral_norm: bool = True
+    # ReLU after the Linear that maps a narrow E's last width to embedding_dim. On in the model
+    # trained before 2026-12: with it, every unit of e died (training/evaluation/spread.py).
+    embedding_relu: bool = True
     line_width: int = 2  # landmark drawing, see facekit.rasterize.DrawStyle
     antialias: bool = True
 
@@ -59,6 +62,15 @@ class LossConfig:
     adversarial_weight: float = 1.0  # the -D(x_hat) term of L_ADV
     feature_matching_weight: float = 10.0  # L_FM
     matching_weight: float = 80.0  # L_MCH
+    # Whether L_MCH's gradient reaches E. The paper's L1(W_i, ê_i) has a trivial minimum at
+    # W = ê = 0: with it on, weight 80 drove every unit of ê to zero (the collapsed embedder of
+    # 2026-11). Off: W_i follows ê_i (all that fine-tuning's w' = w0 + ê needs), E learns from G.
+    matching_trains_embedder: bool = False
+    # Face-aware terms from dlib's face-recognition ResNet (training/dlib_face.py) on aligned
+    # 150x150 chips of x and x_hat: L1 of its activations (the VGGFace role of L_CNT) and the
+    # distance between their 128-d descriptors (identity).
+    face_weight: float = 0.0
+    identity_weight: float = 0.0
     substitute_seed: int = 0  # seed of the random perceptual substitute when weights are absent
 
 
@@ -76,6 +88,7 @@ class MetaLearnConfig:
     augment_flip: bool = True
     log_every: int = 10
     sample_every: int = 200
+    spread_every: int = 50  # log the embedder's spread on the validation videos (0: never)
     checkpoint_every: int = 200
     seed: int = 0
     num_workers: int = 0
@@ -95,12 +108,26 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """The evaluation suite's protocol (training/evaluation); the people are meta.validation_videos."""
+
+    reference_seconds: float = 2.0  # references are T frames spread over the clip's first seconds
+    drive_every: int = 5  # driving frames: every n-th frame after the reference window
+    shots: tuple[int, ...] = (1, 8)  # T values evaluated
+    stills: tuple[str, ...] = ("*_photo.*", "*_painting.*")  # one-shot stills, globs in the faces folder
+    still_driver: str = "dpe_s"  # the evaluation clip whose motion drives the stills
+    still_every: int = 2  # the driver's frames used for the stills: every n-th ...
+    still_frames: int = 50  # ... up to this many
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     meta: MetaLearnConfig = field(default_factory=MetaLearnConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,7 +174,8 @@ def _build(cls: type[T], raw: Any, where: str) -> T:
 
 
 _DATACLASSES: dict[str, type] = {
-    c.__name__: c for c in (ModelConfig, PerceptualNet, LossConfig, MetaLearnConfig, FinetuneConfig)
+    c.__name__: c
+    for c in (ModelConfig, PerceptualNet, LossConfig, MetaLearnConfig, FinetuneConfig, EvalConfig)
 }
 
 

@@ -30,6 +30,8 @@ from facekit.ids import validate_avatar_id
 from facekit.rasterize import draw_batch
 from training import checkpoint
 from training.config import ExperimentConfig
+from training.data import flip_points
+from training.generator import Generator
 from training.runtime import from_uint8, pick_device, setup_logging, to_uint8
 from training.steps import Batch, Trainer
 
@@ -85,34 +87,11 @@ def personalise(
         )
     steps = cfg.finetune.steps if steps is None else steps
     torch.manual_seed(cfg.finetune.seed)
-    emb, gen, disc = checkpoint.build_networks(meta)
-    if emb is None or disc is None:
-        raise ValueError("fine-tuning needs a meta checkpoint with the embedder and discriminator")
-    images = from_uint8(frames).to(device)  # (T, 3, S, S)
-    landmarks = from_uint8(draw_batch(points, s, cfg.model.draw_style)).to(device)
-    emb, gen, disc = emb.to(device), copy.deepcopy(gen).to(device), copy.deepcopy(disc).to(device)
-    with torch.no_grad():
-        e_new = emb(images, landmarks).mean(dim=0, keepdim=True)  # (1, 512)
-        psi = gen.project(e_new)  # (1, D)
-    disc.personalise(e_new)
-    trainer = Trainer(cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
+    pool = training_views(frames, points, cfg, device)
+    trainer, e_new = personal_trainer(meta, cfg, pool, len(frames), device)
     assert trainer.adain is not None
-    psi_prime = trainer.adain
-    trainer.train()
-    bs = min(cfg.finetune.batch_size, len(frames))
-    gen_rng = torch.Generator().manual_seed(cfg.finetune.seed)
-    history: list[dict[str, float]] = []
     started = time.monotonic()
-    for step in range(1, steps + 1):
-        idx = torch.randperm(len(frames), generator=gen_rng)[:bs]
-        img, lmk = images[idx], landmarks[idx]
-        if cfg.finetune.augment_flip and torch.rand((), generator=gen_rng) < 0.5:
-            img, lmk = img.flip(-1), lmk.flip(-1)
-        losses, _ = trainer.step(Batch(target_image=img, target_landmarks=lmk))
-        if step % cfg.finetune.log_every == 0 or step == steps:
-            history.append({"step": step, **losses})
-            if on_step:
-                on_step(step, losses)
+    history = finetune_loop(trainer, pool, cfg, steps, on_step)
     return {
         "kind": "personalised",
         "avatar": avatar,
@@ -121,21 +100,89 @@ def personalise(
         "base_step": meta.get("step"),
         "base_model_id": checkpoint.fingerprint(meta),
         "perceptual": trainer.content.sources,
-        "generator": gen.state_dict(),
-        "adain": psi_prime.detach().cpu(),  # psi' (1, D)
+        "generator": trainer.generator.state_dict(),
+        "adain": trainer.adain.detach().cpu(),  # psi' (1, D)
         "embedding": e_new.cpu(),
         "metrics": {"history": history, "frames": len(frames), "seconds": time.monotonic() - started},
     }
 
 
-@torch.no_grad()
+def training_views(
+    frames: np.ndarray, points: np.ndarray, cfg: ExperimentConfig, device: torch.device
+) -> Batch:
+    """The T frames as one batch (images, landmark images, points), followed by their mirror
+    images (landmarks redrawn from mirrored points) when finetune.augment_flip is on."""
+    s = cfg.model.image_size
+    if cfg.finetune.augment_flip:
+        frames = np.concatenate([frames, frames[:, :, ::-1]])
+        points = np.concatenate([points, flip_points(points, s)])
+    return Batch(
+        target_image=from_uint8(frames).to(device),  # (V, 3, S, S)
+        target_landmarks=from_uint8(draw_batch(points, s, cfg.model.draw_style)).to(device),
+        target_points=torch.from_numpy(np.ascontiguousarray(points, np.float32)).to(device),  # (V, 68, 2)
+    )
+
+
+def personal_trainer(
+    meta: dict[str, Any], cfg: ExperimentConfig, pool: Batch, shots: int, device: torch.device
+) -> tuple[Trainer, torch.Tensor]:
+    """G' and D' of PAPER.md's fine-tuning, initialised from the T (unmirrored) frames' ê_NEW."""
+    emb, gen, disc = checkpoint.build_networks(meta)
+    if emb is None or disc is None:
+        raise ValueError("fine-tuning needs a meta checkpoint with the embedder and discriminator")
+    emb, gen, disc = emb.to(device), copy.deepcopy(gen).to(device), copy.deepcopy(disc).to(device)
+    with torch.no_grad():
+        e_new = emb(pool.target_image[:shots], pool.target_landmarks[:shots]).mean(dim=0, keepdim=True)
+        psi = gen.project(e_new)  # (1, D)
+    disc.personalise(e_new)
+    trainer = Trainer(cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
+    trainer.train()
+    return trainer, e_new
+
+
+def finetune_loop(
+    trainer: Trainer,
+    pool: Batch,
+    cfg: ExperimentConfig,
+    steps: int,
+    on_step: Callable[[int, dict[str, float]], None] | None,
+) -> list[dict[str, float]]:
+    """`steps` updates on random batches of the pool; the logged losses."""
+    views = len(pool.target_image)
+    bs = min(cfg.finetune.batch_size, views)
+    rng = torch.Generator().manual_seed(cfg.finetune.seed)
+    history: list[dict[str, float]] = []
+    for step in range(1, steps + 1):
+        idx = torch.randperm(views, generator=rng)[:bs]
+        assert pool.target_points is not None
+        batch = Batch(
+            target_image=pool.target_image[idx],
+            target_landmarks=pool.target_landmarks[idx],
+            target_points=pool.target_points[idx],
+        )
+        losses, _ = trainer.step(batch)
+        if step % cfg.finetune.log_every == 0 or step == steps:
+            history.append({"step": step, **losses})
+            if on_step:
+                on_step(step, losses)
+    return history
+
+
 def generate(
     ckpt: dict[str, Any], psi: torch.Tensor, points: np.ndarray, *, batch: int = 16
 ) -> tuple[np.ndarray, np.ndarray]:
     """G of `ckpt` with AdaIN parameters psi (1, D) for crop-space landmarks (N, 68, 2)
     -> (landmark images, generated frames), both uint8 (N, S, S, 3)."""
     _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
-    cfg = checkpoint.config_of(ckpt).model
+    return render(gen, psi, points, batch=batch)
+
+
+@torch.no_grad()
+def render(
+    gen: Generator, psi: torch.Tensor, points: np.ndarray, *, batch: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """`generate` with a generator already built."""
+    cfg = gen.cfg
     drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
     frames = [
         to_uint8(gen(y, psi.expand(len(y), -1)))

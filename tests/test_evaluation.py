@@ -1,0 +1,101 @@
+"""The evaluation suite measures what a user would judge: references and driving frames follow the
+protocol, its identity figures tell one person from another, and `talkinghead evaluate` writes a
+table, JSON and contact sheets a person can read. Real clips come from ../shared/data/faces."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from talkinghead.cli import main as cli
+from training.config import EvalConfig
+from training.evaluation.protocol import EvalClip
+from training.evaluation.readings import correlation, mouth_opening, paired_nme, read_faces
+
+FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
+MODEL = Path(__file__).resolve().parents[1] / "models/talkinghead-small.pt"
+needs_faces = pytest.mark.skipif(not FACES.is_dir(), reason=f"test clips not found at {FACES}")
+CLIPS = ["dreamtalk_mead_w009", "dpe_s"]  # a woman and a man, both kept out of training
+
+
+def _clip(n: int = 150, fps: float = 25.0) -> EvalClip:
+    frames = np.zeros((n, 8, 8, 3), np.uint8)
+    return EvalClip("synthetic", frames, np.zeros((n, 68, 2), np.float32), np.arange(n) / fps)
+
+
+def test_references_lie_in_the_first_two_seconds_and_driving_frames_after() -> None:
+    clip, protocol = _clip(), EvalConfig()
+    refs8, refs1 = clip.references(8, protocol), clip.references(1, protocol)
+    drive = clip.driving(protocol)
+    assert len(refs8) == 8 and len(set(refs8)) == 8 and clip.times[refs8].max() < 2.0
+    assert refs8[0] == 0 and refs8[-1] == 49  # spread over the whole window
+    assert list(refs1) == [0]
+    assert drive[0] == 50 and np.all(np.diff(drive) == 5) and drive[-1] == 145
+    assert len(clip.driving(protocol, limit=4)) == 4
+    with pytest.raises(ValueError, match="fewer than T"):
+        _clip(n=40, fps=100.0).references(8, EvalConfig(reference_seconds=0.05))
+
+
+def test_mouth_opening_and_correlation() -> None:
+    pts = np.zeros((3, 68, 2))
+    pts[:, 36], pts[:, 45] = (0, 0), (10, 0)  # outer eye corners 10 px apart
+    for i, gap in enumerate((0.0, 2.0, 5.0)):
+        pts[i, 61:64, 1], pts[i, 65:68, 1] = 0.0, gap
+    assert np.allclose(mouth_opening(pts), [0.0, 0.2, 0.5])
+    assert correlation(np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 6, 8])) == pytest.approx(1.0)
+    assert np.isnan(correlation(np.array([1.0, 1, 1, 1]), np.array([1.0, 2, 3, 4])))  # a frozen mouth
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The two evaluation clips preprocessed at 128 px (the committed model's size)."""
+    if not FACES.is_dir():
+        pytest.skip(f"test clips not found at {FACES}")
+    out = tmp_path_factory.mktemp("pre")
+    args = ["preprocess", str(FACES), str(out), "--size", "128", "--workers", "1"]
+    assert cli(args + [arg for c in CLIPS for arg in ("--include", c)]) == 0
+    return out
+
+
+@needs_faces
+def test_identity_figures_tell_people_apart(clips: Path) -> None:
+    w009, dpe = (EvalClip.load(clips / c) for c in CLIPS)
+    a, b, other = (read_faces(x) for x in (w009.frames[:4], w009.frames[60:64], dpe.frames[:4]))
+    mean_a = np.mean([r.descriptor for r in a], axis=0)
+    same = np.mean([np.linalg.norm(r.descriptor - mean_a) for r in b])
+    different = np.mean([np.linalg.norm(r.descriptor - mean_a) for r in other])
+    assert same < 0.45 < 0.6 < different, (same, different)
+    assert np.nanmax(paired_nme(a, a)) == 0.0
+    assert 0.0 < np.nanmean(paired_nme(a, b)) < 0.2
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", *CLIPS, "--shots", "1"]
+    args += ["--steps", "2", "--max-drive", "4", "--faces", str(FACES), "--stills", "lp_s1_photo.jpg"]
+    assert cli([*args, "--out", str(out)]) == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    rows = report["reenactment"]["T=1"]
+    assert set(rows) == {"warp", "feed-forward", "fine-tuned", "ceiling", "floor"}
+    for name in ("warp", "feed-forward", "fine-tuned"):
+        assert set(rows[name]["clips"]) == set(CLIPS) and rows[name]["pooled"]["frames"] == 8
+    assert rows["fine-tuned"]["pooled"]["fit_seconds"] > 0
+    # The yardstick separates people: a person's own frames are far closer to their references
+    # than other people's, and the classical warp keeps the person.
+    ceiling, floor = rows["ceiling"]["pooled"], rows["floor"]["pooled"]
+    assert ceiling["identity_distance"] < 0.45 < 0.6 < floor["identity_distance"]
+    assert rows["warp"]["pooled"]["identity_distance"] < 0.45
+    assert rows["warp"]["pooled"]["ssim"] > 0.6 and rows["warp"]["pooled"]["face_found"] == 1.0
+    stills = report["stills"]["rows"]
+    assert set(stills["warp"]["stills"]) == {"lp_s1_photo"}
+    assert stills["warp"]["pooled"]["mouth_correlation"] > 0.5  # the warp follows the driver's mouth
+    assert "embedder_spread" in report
+    table = (out / "evaluation.md").read_text()
+    assert "| warp |" in table and "| floor |" in table and "One-shot stills" in table
+    for sheet in ("contact_sheet.png", "stills_sheet.png"):
+        assert (out / sheet).stat().st_size > 10_000

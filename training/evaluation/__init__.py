@@ -1,0 +1,1 @@
+"""The evaluation suite (`talkinghead evaluate`): protocol, methods, face readings, figures."""

@@ -1,0 +1,300 @@
+"""Evaluate a model the way the field does: self-reenactment of people it never saw, against a
+classical warp, plus one-shot stills driven by another person.
+
+Rows per T (references from the first 2 s of each evaluation clip, driving frames every 5th after):
+`warp` (the nearest reference warped piecewise-affinely onto the driving landmarks), `feed-forward`
+(psi = P·ê), `fine-tuned` (the model personalised on the T references), `ceiling` (the real
+driving frames: the figures of the person themself) and `floor` (other evaluation people's
+frames: the identity figures of somebody else). Figures: SSIM, PSNR, NME of dlib's landmarks on
+generated vs real frame, share of frames with a face, identity distance and cosine of dlib's
+face descriptor against the references' mean, fine-tuning wall time. Stills: identity distance to
+the still, face found, correlation of the mouth opening with the driver's.
+
+Writes <out>/evaluation.json, evaluation.md, contact_sheet.png and stills_sheet.png.
+
+example:
+  talkinghead evaluate --checkpoint models/talkinghead-small.pt --out out/evaluation
+  talkinghead evaluate --methods warp feed-forward --shots 8 --stills none     # minutes, no fine-tuning
+  make evaluate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from facekit.detect import make_detector
+from training import checkpoint
+from training.config import EvalConfig, ExperimentConfig
+from training.evaluation import sheets
+from training.evaluation.methods import FeedForward, FineTuned, WarpBaseline
+from training.evaluation.protocol import EvalClip, find_stills, load_still, still_driving
+from training.evaluation.readings import (
+    correlation,
+    detection_rate,
+    identity,
+    mean_descriptor,
+    mouth_opening,
+    read_faces,
+    reading_mouth,
+)
+from training.evaluation.report import (
+    Scores,
+    identity_only,
+    jsonable,
+    per_clip_table,
+    pooled,
+    score_frames,
+    table,
+)
+from training.evaluation.spread import embedding_spread
+from training.runtime import setup_logging
+
+log = logging.getLogger("talkinghead.evaluate")
+METHODS = ("warp", "feed-forward", "fine-tuned")
+FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
+    parser.add_argument("--data", type=Path, help="preprocessed clips (default: the config's meta.data)")
+    parser.add_argument("--faces", type=Path, default=FACES, help=f"folder of the stills (default {FACES})")
+    parser.add_argument("--clips", nargs="+", help="evaluation clip ids (default: meta.validation_videos)")
+    parser.add_argument("--shots", nargs="+", type=int, help="T values (default: the config's, 1 and 8)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
+    parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
+    parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
+    parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--out", type=Path, default=Path("out/evaluation"))
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    meta = checkpoint.load(args.checkpoint)
+    cfg = checkpoint.config_of(meta)
+    protocol = (
+        cfg.evaluation if not args.shots else cfg.replace(**{"evaluation.shots": args.shots}).evaluation
+    )
+    data = args.data or Path(cfg.meta.data)
+    clip_ids = args.clips or list(cfg.meta.validation_videos)
+    if not clip_ids:
+        raise SystemExit("no evaluation clips: give --clips or set meta.validation_videos in the config")
+    clips = [EvalClip.load(data / c) for c in clip_ids]
+    methods = _methods(args, meta)
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    report: dict[str, Any] = _header(args, meta, cfg, protocol, clip_ids)
+    reenact, samples = evaluate_clips(clips, methods, protocol, args.max_drive)
+    report["reenactment"] = reenact
+    if "feed-forward" in methods:
+        emb = methods["feed-forward"].embedder  # type: ignore[attr-defined]
+        report["embedder_spread"] = embedding_spread(
+            emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)
+        )
+    still_patterns = protocol.stills if args.stills is None else tuple(args.stills)
+    stills_rows: dict[str, Any] = {}
+    if still_patterns != ("none",):
+        still_methods = {k: m for k, m in methods.items() if k != "fine-tuned" or args.still_finetune}
+        driver = next((c for c in clips if c.clip_id == protocol.still_driver), None)
+        driver = driver or EvalClip.load(data / protocol.still_driver)
+        stills_rows = evaluate_stills(
+            args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out
+        )
+        report["stills"] = stills_rows
+    report["seconds"] = round(time.monotonic() - started, 1)
+    write(args.out, report, samples, cfg.model.image_size)
+    return 0
+
+
+def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
+    made: dict[str, Any] = {}
+    for name in args.methods:
+        if name == "warp":
+            made[name] = WarpBaseline()
+        elif name == "feed-forward":
+            made[name] = FeedForward(meta)
+        else:
+            made[name] = FineTuned(meta, args.steps)
+    return made
+
+
+def _header(
+    args: argparse.Namespace,
+    meta: dict[str, Any],
+    cfg: ExperimentConfig,
+    protocol: EvalConfig,
+    clips: list[str],
+) -> dict[str, Any]:
+    return {
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "checkpoint": str(args.checkpoint),
+        "model_id": checkpoint.fingerprint(meta),
+        "config": cfg.name,
+        "step": meta.get("step"),
+        "image_size": cfg.model.image_size,
+        "finetune_steps": args.steps or cfg.finetune.steps,
+        "protocol": protocol.__dict__,
+        "clips": clips,
+        "machine": {
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "cpu": platform.processor(),
+        },
+    }
+
+
+def evaluate_clips(
+    clips: list[EvalClip], methods: dict[str, Any], protocol: EvalConfig, max_drive: int
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every method at every T on every clip -> ({"T=8": {row: {"pooled", "clips"}}}, sheet samples)."""
+    drive = {c.clip_id: c.driving(protocol, max_drive) for c in clips}
+    real = {c.clip_id: c.frames[drive[c.clip_id]] for c in clips}
+    real_readings = {c.clip_id: read_faces(real[c.clip_id]) for c in clips}
+    out: dict[str, Any] = {}
+    samples: dict[str, Any] = {}
+    for shots in protocol.shots:
+        rows: dict[str, dict[str, Scores]] = {name: {} for name in [*methods, "ceiling", "floor"]}
+        for clip in clips:
+            cid = clip.clip_id
+            refs = clip.references(shots, protocol)
+            reference = mean_descriptor(read_faces(clip.frames[refs]))
+            samples.setdefault(cid, {})["real"] = real[cid]
+            samples[cid]["reference"] = clip.frames[refs[0]]
+            for name, method in methods.items():
+                fitted = method.fit(clip.frames[refs], clip.points[refs])
+                generated = fitted.render(clip.points[drive[cid]])
+                scores = score_frames(
+                    generated, real[cid], read_faces(generated), real_readings[cid], reference
+                )
+                scores.seconds = fitted.seconds
+                rows[name][cid] = scores
+                samples[cid][name] = generated
+                log.info("T=%d %s %s: %s", shots, cid, name, json.dumps(jsonable(scores.means())))
+            rows["ceiling"][cid] = identity_only(real_readings[cid], reference)
+            others = [r for o, rr in real_readings.items() if o != cid for r in rr]
+            rows["floor"][cid] = identity_only(others, reference)
+        out[f"T={shots}"] = {
+            name: {"pooled": pooled(per_clip), "clips": {c: s.means() for c, s in per_clip.items()}}
+            for name, per_clip in rows.items()
+        }
+        out[f"T={shots}"]["_per_clip"] = rows  # for the markdown; dropped before JSON
+    return out, samples
+
+
+def evaluate_stills(
+    faces: Path,
+    patterns: tuple[str, ...],
+    driver: EvalClip,
+    methods: dict[str, Any],
+    protocol: EvalConfig,
+    cfg: ExperimentConfig,
+    out: Path,
+) -> dict[str, Any]:
+    """One-shot stills driven by `driver`'s motion -> {"driver", "rows": {method: {"pooled", "stills"}}}."""
+    paths = find_stills(faces, patterns)
+    if not paths:
+        log.warning("no stills matching %s in %s: the stills rows are empty", list(patterns), faces)
+        return {}
+    detector = make_detector("dlib")
+    rows: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in methods}
+    sheet_rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]] = []
+    for path in paths:
+        still = load_still(path, detector, cfg.model.image_size)
+        reference = read_faces(still.frame[None])[0].descriptor
+        picks, points = still_driving(driver, still, protocol)
+        driver_mouth = mouth_opening(driver.points[picks])
+        made: dict[str, np.ndarray] = {}
+        for name, method in methods.items():
+            frames = method.fit(still.frame[None], still.points[None]).render(points)
+            readings = read_faces(frames)
+            dist, _ = identity(readings, reference)
+            rows[name][still.name] = {
+                "identity_distance": _nanmean(dist),
+                "face_found": detection_rate(readings),
+                "mouth_correlation": _finite(correlation(reading_mouth(readings), driver_mouth)),
+            }
+            made[name] = frames
+            log.info("still %s %s: %s", still.name, name, rows[name][still.name])
+        sheet_rows.append((still.name, still.frame, made))
+    sheets.save_stills_sheet(out / "stills_sheet.png", sheet_rows, driver.frames[picks], cfg.model.image_size)
+    return {
+        "driver": driver.clip_id,
+        "rows": {name: {"pooled": _pool_stills(per), "stills": per} for name, per in rows.items()},
+    }
+
+
+def _pool_stills(per: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
+    keys = next(iter(per.values())).keys()
+    return {k: _nanmean(np.array([v[k] if v[k] is not None else np.nan for v in per.values()])) for k in keys}
+
+
+def _nanmean(values: np.ndarray) -> float | None:
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if finite.size else None
+
+
+def _finite(value: float) -> float | None:
+    return value if np.isfinite(value) else None
+
+
+def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    per_clip = {t: rows.pop("_per_clip") for t, rows in report["reenactment"].items()}
+    (out / "evaluation.json").write_text(json.dumps(jsonable(report), indent=1) + "\n")
+    (out / "evaluation.md").write_text(markdown(report, per_clip))
+    sheets.save_contact_sheet(out / "contact_sheet.png", samples, cell)
+    log.info("wrote %s (%s s)\n%s", out, report["seconds"], markdown(report, per_clip))
+
+
+def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
+    columns = ["ssim", "psnr", "nme", "face_found", "identity_distance", "identity_cosine"]
+    parts = [
+        f"# Evaluation of `{report['checkpoint']}` (model {report['model_id']}, step {report['step']})",
+        f"{report['created']}; {len(report['clips'])} people never trained on: {', '.join(report['clips'])}; "
+        f"scored at {report['image_size']} px; fine-tuning {report['finetune_steps']} steps; "
+        f"{report['machine']['cpus']} CPUs; {report['seconds']} s in all.",
+    ]
+    for t, rows in report["reenactment"].items():
+        parts.append(
+            f"## Self-reenactment, {t}\n\n" + table({k: v["pooled"] for k, v in rows.items()}, columns)
+        )
+        parts.append(per_clip_table(per_clip[t], "identity_distance"))
+        generated = {k: v for k, v in per_clip[t].items() if k not in ("ceiling", "floor")}
+        if generated:
+            parts.append(per_clip_table(generated, "ssim"))
+    if "embedder_spread" in report:
+        s = report["embedder_spread"]
+        parts.append(
+            "## Embedder spread\n\n"
+            f"ê between people {s['e_between']:.4g}, within a person {s['e_within']:.4g} "
+            f"(ratio {s['e_ratio']:.3g}); mean |ê| {s['e_norm']:.4g}; dead units {s['e_dead_units']:.1%}."
+        )
+    if report.get("stills"):
+        st = report["stills"]
+        lines = ["| row | identity dist to still | face found | mouth corr |", "|---|---|---|---|"]
+        for name, row in st["rows"].items():
+            p = row["pooled"]
+            lines.append(
+                f"| {name} | {_fmt(p['identity_distance'])} | {_fmt(p['face_found'])} | "
+                f"{_fmt(p['mouth_correlation'])} |"
+            )
+        parts.append(f"## One-shot stills driven by {st['driver']}\n\n" + "\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

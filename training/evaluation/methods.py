@@ -1,0 +1,88 @@
+"""The rows of the evaluation table: ways to make a person's driving frames from their references.
+
+Each method `fit`s an avatar on the reference frames (T, S, S, 3) and their landmarks (T, 68, 2)
+and returns a renderer: driving landmarks (N, 68, 2) -> frames (N, S, S, 3) uint8, plus the time
+fitting took (fine-tuning's wall time; ~0 for the others).
+
+- `warp`: the classical baseline. The reference frame nearest in pose and expression, warped
+  piecewise-affinely onto the driving landmarks (facekit.warp). No learning at all.
+- `feed-forward`: the meta-learned model as the paper's few-shot mode, psi = P·mean(E(refs)).
+- `fine-tuned`: the model personalised on the references (training.finetune, config defaults).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from facekit.warp import nearest_reference, warp_image
+
+from facekit.rasterize import draw_batch
+from training import checkpoint
+from training.finetune import personalise, render
+from training.runtime import from_uint8
+
+Renderer = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Fitted:
+    render: Renderer
+    seconds: float  # wall time of fitting the avatar (fine-tuning)
+
+
+class WarpBaseline:
+    name = "warp"
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        def warp(points: np.ndarray) -> np.ndarray:
+            picks = [nearest_reference(ref_points, p) for p in points]
+            return np.stack(
+                [warp_image(refs[k], ref_points[k], p) for k, p in zip(picks, points, strict=True)]
+            )
+
+        return Fitted(warp, 0.0)
+
+
+class FeedForward:
+    """psi = P·ê with ê the mean embedding of the references: no fine-tuning."""
+
+    name = "feed-forward"
+
+    def __init__(self, meta: dict[str, Any]) -> None:
+        emb, gen, _ = checkpoint.build_networks(meta, with_discriminator=False)
+        if emb is None:
+            raise ValueError("the feed-forward row needs a meta checkpoint with the embedder")
+        self.embedder, self.generator = emb, gen
+
+    @torch.no_grad()
+    def psi(self, refs: np.ndarray, ref_points: np.ndarray) -> torch.Tensor:
+        """(1, D) AdaIN parameters of the avatar made of these references."""
+        cfg = self.generator.cfg
+        landmarks = from_uint8(draw_batch(ref_points, cfg.image_size, cfg.draw_style))
+        e_hat = self.embedder(from_uint8(refs), landmarks).mean(0, keepdim=True)  # (1, 512)
+        return self.generator.project(e_hat)
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        started = time.monotonic()
+        psi = self.psi(refs, ref_points)
+        return Fitted(lambda points: render(self.generator, psi, points)[1], time.monotonic() - started)
+
+
+class FineTuned:
+    """The model personalised on the references for `steps` (None: the config's finetune.steps)."""
+
+    name = "fine-tuned"
+
+    def __init__(self, meta: dict[str, Any], steps: int | None = None) -> None:
+        self.meta, self.steps = meta, steps
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        personal = personalise(self.meta, refs, ref_points, avatar="evaluation", steps=self.steps)
+        _, gen, _ = checkpoint.build_networks(personal, with_discriminator=False)
+        psi = personal["adain"]
+        return Fitted(lambda points: render(gen, psi, points)[1], personal["metrics"]["seconds"])
