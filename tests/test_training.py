@@ -57,11 +57,12 @@ def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _batch(item: dict[str, torch.Tensor]) -> Batch:
     return Batch(
-        item["target_image"][None],
-        item["target_landmarks"][None],
-        item["video"][None],
-        item["ref_images"][None],
-        item["ref_landmarks"][None],
+        target_image=item["target_image"][None],
+        target_landmarks=item["target_landmarks"][None],
+        target_points=item["target_points"][None],
+        video=item["video"][None],
+        ref_images=item["ref_images"][None],
+        ref_landmarks=item["ref_landmarks"][None],
     )
 
 
@@ -99,9 +100,55 @@ def test_a_few_dozen_steps_on_one_clip_lower_the_reconstruction_error(smoke_data
     before = l1()
     for _ in range(40):
         losses, _ = trainer.step(_batch(data[0]))
-    assert {"cnt_vgg19", "cnt_vggface", "cnt_pixel", "adv", "fm", "mch", "d_real", "d_fake"} <= set(losses)
+    expected = {
+        "cnt_vgg19",
+        "cnt_vggface",
+        "cnt_pixel",
+        "cnt_face",
+        "id_face",
+        "adv",
+        "fm",
+        "d_mch",
+        "d_real",
+    }
+    assert expected <= set(losses)
     after = l1()
     assert after < 0.7 * before, (before, after)
+
+
+@pytest.mark.parametrize("trains_embedder", [False, True])
+def test_embedding_matching_moves_the_embedder_only_when_configured(trains_embedder: bool) -> None:
+    """L_MCH = L1(W_i, ê_i) has a trivial minimum at W = ê = 0; with weight 80 it killed every unit
+    of the first small model's ê. By default it trains W alone."""
+    torch.manual_seed(0)
+    cfg = load_config("smoke").replace(
+        **{
+            "loss.matching_trains_embedder": trains_embedder,
+            **{f"loss.{k}": 0.0 for k in ("vgg19_weight", "vggface_weight", "pixel_weight", "face_weight")},
+            **{
+                f"loss.{k}": 0.0 for k in ("identity_weight", "adversarial_weight", "feature_matching_weight")
+            },
+        }
+    )
+    m = cfg.model
+    trainer = Trainer(
+        cfg, embedder=Embedder(m), generator=Generator(m), discriminator=Discriminator(m, num_videos=2)
+    )
+    s = m.image_size
+    batch = Batch(
+        target_image=torch.zeros(1, 3, s, s),
+        target_landmarks=torch.zeros(1, 3, s, s),
+        video=torch.tensor([1]),
+        ref_images=torch.rand(1, 2, 3, s, s) * 2 - 1,
+        ref_landmarks=torch.zeros(1, 2, 3, s, s),
+    )
+    before = [p.detach().clone() for p in trainer.embedder.parameters()]  # type: ignore[union-attr]
+    w_before = trainer.discriminator.W.detach().clone()
+    losses, _ = trainer.step(batch)
+    moved = any(not torch.equal(a, p) for a, p in zip(before, trainer.embedder.parameters(), strict=True))  # type: ignore[union-attr]
+    assert moved == trains_embedder
+    assert ("mch" in losses) == trains_embedder and "d_mch" in losses
+    assert not torch.equal(w_before, trainer.discriminator.W)  # W always follows ê
 
 
 @needs_faces

@@ -160,6 +160,7 @@ class EpisodeDataset(Dataset):
             "ref_landmarks": landmarks[:-1],
             "target_image": images[-1],
             "target_landmarks": landmarks[-1],
+            "target_points": torch.from_numpy(np.ascontiguousarray(points[-1], np.float32)),
             "video": torch.tensor(i, dtype=torch.int64),
         }
 

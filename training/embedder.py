@@ -49,11 +49,10 @@ class Embedder(nn.Module):
         self.trunk = DownTrunk(cfg, cin=6)
         c = self.trunk.out_channels
         # Narrow (small) configs map their last width to the 512-d embedding of the contract.
-        self.proj: nn.Module = (
-            nn.Identity()
-            if c == cfg.embedding_dim
-            else nn.Sequential(nn.Linear(c, cfg.embedding_dim), nn.ReLU())
+        layers: list[nn.Module] = [nn.Linear(c, cfg.embedding_dim)] + (
+            [nn.ReLU()] if cfg.embedding_relu else []
         )
+        self.proj: nn.Module = nn.Identity() if c == cfg.embedding_dim else nn.Sequential(*layers)
 
     def forward(self, image: torch.Tensor, landmark_image: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) x2 in [-1, 1] -> (B, embedding_dim)."""

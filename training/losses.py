@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.config import LossConfig
+from training.dlib_face import DlibFaceNet, chips, default_model_path
 from training.perceptual import PerceptualNetwork
 
 
 class ContentLoss(nn.Module):
-    """L_CNT: weighted L1 between VGG19 and VGGFace activations of x and x_hat (+ optional pixel L1)."""
+    """L_CNT: weighted L1 between VGG19 and VGGFace activations of x and x_hat (+ optional pixel
+    L1), and the face-aware terms of dlib's face-recognition network (`FaceLoss`)."""
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
@@ -29,13 +31,23 @@ class ContentLoss(nn.Module):
             if weight > 0:
                 self.nets[name] = PerceptualNetwork(arch=name, spec=spec, substitute_seed=cfg.substitute_seed)
                 self.weights[name] = weight
+        self.face = (
+            FaceLoss(face_weight=cfg.face_weight, identity_weight=cfg.identity_weight)
+            if cfg.face_weight > 0 or cfg.identity_weight > 0
+            else None
+        )
 
     @property
     def sources(self) -> dict[str, str]:
         """Where each perceptual network's weights came from (recorded in checkpoints)."""
-        return {name: str(net.source) for name, net in self.nets.items()}
+        out = {name: str(net.source) for name, net in self.nets.items()}
+        if self.face is not None:
+            out["face"] = self.face.source
+        return out
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(
+        self, fake: torch.Tensor, real: torch.Tensor, points: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name, net in self.nets.items():
             with torch.no_grad():
@@ -47,6 +59,40 @@ class ContentLoss(nn.Module):
             )
         if self.cfg.pixel_weight > 0:
             out["cnt_pixel"] = self.cfg.pixel_weight * F.l1_loss(fake, real)
+        if self.face is not None:
+            if points is None:
+                raise ValueError(
+                    "the face-aware losses need the target frames' landmarks (Batch.target_points)"
+                )
+            out.update(self.face(fake, real, points))
+        return out
+
+
+class FaceLoss(nn.Module):
+    """dlib's face-recognition ResNet on chips aligned by the target's landmarks: L1 of its
+    activations (`cnt_face`, the VGGFace role of L_CNT) and the Euclidean distance between the
+    128-d descriptors of x_hat and x (`id_face`: the figure the evaluation reports as identity)."""
+
+    def __init__(self, *, face_weight: float, identity_weight: float) -> None:
+        super().__init__()
+        self.net = DlibFaceNet()
+        self.face_weight, self.identity_weight = face_weight, identity_weight
+        self.source = f"file:{default_model_path().name}"
+
+    def forward(
+        self, fake: torch.Tensor, real: torch.Tensor, points: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """fake, real (B, 3, S, S) in [-1, 1]; points (B, 68, 2) pixels of the target frames."""
+        with torch.no_grad():
+            real_desc, real_acts = self.net.features(chips(real, points, pyramid=False))
+        fake_desc, fake_acts = self.net.features(chips(fake, points, pyramid=False))
+        out: dict[str, torch.Tensor] = {}
+        if self.face_weight > 0:
+            out["cnt_face"] = self.face_weight * sum(
+                (F.l1_loss(f, r) for f, r in zip(fake_acts, real_acts, strict=True)), fake.new_zeros(())
+            )
+        if self.identity_weight > 0:
+            out["id_face"] = self.identity_weight * (fake_desc - real_desc).norm(dim=-1).mean()
         return out
 
 

@@ -25,12 +25,13 @@ from training.losses import (
 from training.runtime import average_gradients
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Batch:
     """One step's data, images and landmark images in [-1, 1]."""
 
     target_image: torch.Tensor  # (B, 3, S, S)
     target_landmarks: torch.Tensor  # (B, 3, S, S)
+    target_points: torch.Tensor | None = None  # (B, 68, 2) pixels; the face-aware losses align with them
     video: torch.Tensor | None = None  # (B,) int64 training-video index; None when fine-tuning
     ref_images: torch.Tensor | None = None  # (B, K, 3, S, S); None when fine-tuning
     ref_landmarks: torch.Tensor | None = None  # (B, K, 3, S, S)
@@ -42,6 +43,7 @@ class Batch:
         return Batch(
             target_image=self.target_image.to(device),
             target_landmarks=self.target_landmarks.to(device),
+            target_points=move(self.target_points),
             video=move(self.video),
             ref_images=move(self.ref_images),
             ref_landmarks=move(self.ref_landmarks),
@@ -92,7 +94,7 @@ class Trainer(nn.Module):
         lc = self.cfg.loss
         psi, e_hat = self.psi(batch)
         fake = self.generator(batch.target_landmarks, psi)
-        losses = self.content(fake, batch.target_image)
+        losses = self.content(fake, batch.target_image, batch.target_points)
         if lc.adversarial_weight > 0 or lc.feature_matching_weight > 0:
             self.discriminator.requires_grad_(False)
             score_fake, feats_fake = self.discriminator(fake, batch.target_landmarks, batch.video)
@@ -105,18 +107,23 @@ class Trainer(nn.Module):
                     )
                 losses["fm"] = feature_matching(feats_real, feats_fake, lc.feature_matching_weight)
             self.discriminator.requires_grad_(True)
-        if e_hat is not None and lc.matching_weight > 0:
+        if e_hat is not None and lc.matching_weight > 0 and lc.matching_trains_embedder:
             assert batch.video is not None
             w_video = self.discriminator.W[batch.video].detach()
             losses["mch"] = embedding_matching(w_video, e_hat, lc.matching_weight)
         total_g = sum(losses.values(), fake.new_zeros(()))
-        self.opt_g.zero_grad(set_to_none=True)
-        total_g.backward()
-        average_gradients(p for g in self.opt_g.param_groups for p in g["params"])
-        self.opt_g.step()
+        if total_g.requires_grad:  # False only when every generator term is switched off
+            self.opt_g.zero_grad(set_to_none=True)
+            total_g.backward()
+            average_gradients(p for g in self.opt_g.param_groups for p in g["params"])
+            self.opt_g.step()
         out = {k: v.item() for k, v in losses.items()}
         out["g_total"] = total_g.item()
-        if lc.adversarial_weight > 0 or lc.feature_matching_weight > 0:
+        if (
+            lc.adversarial_weight > 0
+            or lc.feature_matching_weight > 0
+            or (e_hat is not None and lc.matching_weight > 0)
+        ):
             for _ in range(self.d_steps):
                 out.update(self.discriminator_step(batch, fake.detach(), e_hat))
         return out, fake.detach()

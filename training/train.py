@@ -32,9 +32,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from training import checkpoint
 from training.config import ExperimentConfig, load_config
-from training.data import EpisodeDataset
+from training.data import EpisodeDataset, list_clips, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
+from training.evaluation.spread import embedding_spread
 from training.generator import Generator
 from training.runtime import broadcast_parameters, image_grid, init_distributed, pick_device, setup_logging
 from training.steps import Batch, Trainer
@@ -91,6 +92,7 @@ def to_batch(item: dict[str, torch.Tensor], device: torch.device) -> Batch:
     return Batch(
         target_image=item["target_image"],
         target_landmarks=item["target_landmarks"],
+        target_points=item["target_points"],
         video=item["video"],
         ref_images=item["ref_images"],
         ref_landmarks=item["ref_landmarks"],
@@ -162,6 +164,48 @@ def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
     return int(ckpt["step"])
 
 
+class Progress:
+    """What the loop reports besides stepping: running means, logs, samples, spread, checkpoints."""
+
+    def __init__(self, trainer: Trainer, cfg: ExperimentConfig, data: EpisodeDataset, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.trainer, self.cfg, self.data, self.run_dir = trainer, cfg, data, run_dir
+        self.writer = SummaryWriter(str(run_dir / "tb"))
+        self.sums: dict[str, float] = {}
+        self.last_log = time.monotonic()
+        self.held_out = held_out_clips(cfg)
+
+    def after_step(
+        self, step: int, losses: dict[str, float], batch: Batch, fake: torch.Tensor, last: bool
+    ) -> None:
+        meta = self.cfg.meta
+        for k, v in losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        if step % meta.log_every == 0:
+            now = time.monotonic()
+            means = {k: v / meta.log_every for k, v in self.sums.items()}
+            means["sec_per_step"] = (now - self.last_log) / meta.log_every
+            if meta.spread_every and step % meta.spread_every == 0 and len(self.held_out) > 1:
+                assert self.trainer.embedder is not None
+                means.update(embedding_spread(self.trainer.embedder, self.held_out, meta.k_shot))
+            self.last_log, self.sums = time.monotonic(), {}
+            log_scalars(self.writer, self.run_dir, step, means)
+        if step % meta.sample_every == 0:
+            save_samples(self.writer, self.run_dir, step, batch, fake)
+        if step % meta.checkpoint_every == 0 or last:
+            save_checkpoint(self.trainer, self.cfg, self.data, self.run_dir / "last.pt", step)
+
+
+def held_out_clips(cfg: ExperimentConfig) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(frames, points) of the validation videos present in the data folder: the spread's people."""
+    clips = list_clips(cfg.meta.data, include=list(cfg.meta.validation_videos))
+    usable = [c for c in clips if c.frames >= 2 * cfg.meta.k_shot]
+    if len(usable) < 2:
+        log.warning("fewer than 2 validation videos in %s: the embedder spread is not logged", cfg.meta.data)
+    return [load_frames(c.folder) for c in usable]
+
+
 def loop(
     trainer: Trainer,
     cfg: ExperimentConfig,
@@ -173,8 +217,6 @@ def loop(
     device: torch.device,
     max_minutes: float,
 ) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     meta = cfg.meta
     sampler = (
         DistributedSampler(data, seed=meta.seed + step)
@@ -189,12 +231,11 @@ def loop(
         drop_last=True,
         persistent_workers=meta.num_workers > 0,
     )
-    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
-    started, last_log, epoch = time.monotonic(), time.monotonic(), 0
+    progress = Progress(trainer, cfg, data, run_dir) if rank == 0 else None
+    started, epoch = time.monotonic(), 0
     stop_requested: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, checkpoint, exit
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
-    sums: dict[str, float] = {}
     trainer.train()
     while step < meta.steps:
         if isinstance(sampler, DistributedSampler):
@@ -204,26 +245,16 @@ def loop(
             batch = to_batch(item, device)
             losses, fake = trainer.step(batch)
             step += 1
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + v
             out_of_time = bool(stop_requested) or (
                 max_minutes > 0 and time.monotonic() - started > max_minutes * 60
             )
-            if rank == 0 and step % meta.log_every == 0:
-                now = time.monotonic()
-                means = {k: v / meta.log_every for k, v in sums.items()}
-                means["sec_per_step"] = (now - last_log) / meta.log_every
-                last_log, sums = now, {}
-                log_scalars(writer, run_dir, step, means)
-            if rank == 0 and step % meta.sample_every == 0:
-                save_samples(writer, run_dir, step, batch, fake)
-            if rank == 0 and (step % meta.checkpoint_every == 0 or step >= meta.steps or out_of_time):
-                save_checkpoint(trainer, cfg, data, run_dir / "last.pt", step)
-            if step >= meta.steps or out_of_time:
+            last = step >= meta.steps or out_of_time
+            if progress is not None:
+                progress.after_step(step, losses, batch, fake, last)
+            if last:
                 if out_of_time:
-                    log.info(
-                        "stopping at step %d (%s)", step, "signal" if stop_requested else "--max-minutes"
-                    )
+                    why = "signal" if stop_requested else "--max-minutes"
+                    log.info("stopping at step %d (%s)", step, why)
                 return
 
 
