@@ -9,12 +9,13 @@ PORTRAIT ?= facekit/assets/demo_portrait.png
 DRIVER ?= facekit/assets/demo_driver.npz
 CHECKPOINT ?= models/talkinghead-small.pt
 OUT ?= out/demo
+EVAL_OUT ?= out/evaluation
 
 .DEFAULT_GOAL := help
 # Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help venv demo demo-direct test test-slow lint format preprocess train-small validate clean
+.PHONY: help venv demo demo-direct test test-slow lint format preprocess train-small evaluate clean
 
 help:
 	@echo "make demo        personalise on PORTRAIT, serve it (gRPC), stream DRIVER through it -> $(OUT)/"
@@ -24,7 +25,7 @@ help:
 	@echo "make lint        ruff + mypy"
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
-	@echo "make validate    validation figures of CHECKPOINT for the model card"
+	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~1 h on 2 cores)"
 	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
 	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
 	@echo "make up / down   Triton + the service (triton backend) + Prometheus on 127.0.0.1 (var/stack/logs)"
@@ -70,8 +71,11 @@ preprocess: $(STAMP)
 train-small: preprocess
 	$(VENV)/bin/talkinghead train --config small --run runs/small
 
-validate: $(STAMP)
-	$(PY) -m training.evaluate --checkpoint $(CHECKPOINT) --faces $(FACES) --out models/validation.json
+# The evaluation suite (training/evaluation): T = 1 and 8, warp / feed-forward / fine-tuned rows,
+# one-shot stills. EVAL_ARGS adds options, e.g. EVAL_ARGS="--methods warp feed-forward" (minutes).
+evaluate: preprocess
+	$(VENV)/bin/talkinghead evaluate --checkpoint $(CHECKPOINT) --data data/preprocessed-128 \
+		--faces $(FACES) --out $(EVAL_OUT) $(EVAL_ARGS)
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

@@ -17,7 +17,7 @@ from training.config import load_config
 from training.data import EpisodeDataset, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
-from training.evaluate import meta_psi
+from training.evaluation.methods import FeedForward
 from training.finetune import personalise
 from training.generator import Generator
 from training.runtime import from_uint8
@@ -220,7 +220,7 @@ def test_finetuning_lowers_the_error_on_a_validation_persons_other_frames(tmp_pa
         with torch.no_grad():
             return float((gen(y, psi.expand(len(y), -1)) - real).abs().mean())
 
-    before = error(meta, meta_psi(meta, frames[shots], points[shots]))
+    before = error(meta, FeedForward(meta).psi(frames[shots], points[shots]))
     personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=30)
     after = error(personal, personal["adain"])
     assert after < 0.9 * before, (before, after)
