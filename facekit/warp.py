@@ -256,6 +256,22 @@ def nearest_reference(ref_points: np.ndarray, driving: np.ndarray) -> int:
     return int(np.argmin(distance))
 
 
+def warp_nearest(refs: np.ndarray, ref_points: np.ndarray, driving: np.ndarray) -> np.ndarray:
+    """For each driving frame's landmarks (N, 68, 2): the nearest reference of `refs` (T, S, S, 3)
+    uint8 with landmarks `ref_points` (T, 68, 2), warped onto them -> uint8 (N, S, S, 3)."""
+    refs = np.asarray(refs)
+    drv = np.asarray(driving, np.float64)
+    if drv.ndim != 3 or drv.shape[1:] != (NUM_POINTS, 2):
+        raise ValueError(f"driving must have shape (N, {NUM_POINTS}, 2), got {drv.shape}")
+    if refs.ndim != 4 or len(refs) != len(ref_points):
+        raise ValueError(f"refs must be (T, S, S, 3) with one landmark set each, got {refs.shape}")
+    picks = [nearest_reference(ref_points, p) for p in drv]
+    out = np.empty((len(drv), *refs.shape[1:]), np.uint8)
+    for i, (k, p) in enumerate(zip(picks, drv, strict=True)):
+        out[i] = warp_image(np.ascontiguousarray(refs[k]), ref_points[k], p)
+    return out
+
+
 def _benchmark(runs: int = 200) -> None:
     """Median time of dense_map, and of dense_map + cv2.remap, at 128 and 256 px: the demo driver's
     frame 0 (facekit/assets/demo_driver.npz, a face crop) warped onto its frames 1, 2, ..."""

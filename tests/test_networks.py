@@ -86,3 +86,26 @@ def test_projection_discriminator_uses_the_video_column_and_personalises() -> No
         d.W.zero_()
         rp2, _ = d(x, x)
     assert torch.allclose(rp, rp2)
+
+
+def test_warp_guided_generator_starts_as_the_warp_and_learns_a_correction() -> None:
+    torch.manual_seed(0)
+    cfg = load_config("smoke").replace(**{"model.warp_guided": True}).model
+    s = cfg.image_size
+    g = Generator(cfg)
+    y, warped = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
+    psi = torch.randn(2, g.adain_size) * 0.1
+    levels = (g(y, psi, warped) - warped).abs() * 127.5  # in uint8 levels
+    assert levels.mean() < 1.0 and levels.max() < 2.0  # an untrained G reproduces the warp
+    with pytest.raises(ValueError, match="needs `warped`"):
+        g(y, psi)
+    with pytest.raises(ValueError, match="takes none"):
+        Generator(load_config("smoke").model)(y, psi, warped)
+    target = torch.zeros_like(warped)  # something the warp does not show: the net must learn it
+    opt = torch.optim.Adam(g.parameters(), lr=1e-2)
+    for _ in range(30):
+        loss = (g(y, psi, warped) - target).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.75 * (warped - target).abs().mean().item()  # the mask opened

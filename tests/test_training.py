@@ -18,7 +18,7 @@ from training.data import EpisodeDataset, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
 from training.evaluation.methods import FeedForward
-from training.finetune import personalise
+from training.finetune import generate, personalise
 from training.generator import Generator
 from training.runtime import from_uint8
 from training.steps import Batch, Trainer
@@ -224,3 +224,25 @@ def test_finetuning_lowers_the_error_on_a_validation_persons_other_frames(tmp_pa
     personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=30)
     after = error(personal, personal["adain"])
     assert after < 0.9 * before, (before, after)
+
+
+@needs_faces
+def test_warp_guided_mode_trains_personalises_and_renders_from_the_references(
+    smoke_data: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--config", "smoke", "--data", str(smoke_data), "--run", str(run)]
+    assert cli([*args, "--set", "model.warp_guided=true"]) == 0
+    meta = checkpoint.load(run / "last.pt")
+    assert checkpoint.config_of(meta).model.warp_guided
+    frames, points = load_frames(smoke_data / "dpe_d")
+    personal = personalise(meta, np.asarray(frames[:3]), points[:3], avatar="warp-test", steps=2)
+    refs = personal["references"]
+    assert refs["frames"].shape == (3, 64, 64, 3) and refs["points"].shape == (3, 68, 2)
+    drawn, made = generate(personal, points[10:14])
+    assert drawn.shape == made.shape == (4, 64, 64, 3)
+    # two steps from an untrained G: still (almost) the warp of the nearest reference
+    from facekit.warp import warp_nearest
+
+    warped = warp_nearest(refs["frames"], refs["points"], points[10:14]).astype(np.float64)
+    assert np.abs(made - warped).mean() < 3.0

@@ -35,6 +35,9 @@ class ModelConfig:
     # ReLU after the Linear that maps a narrow E's last width to embedding_dim. On in the model
     # trained before 2026-12: with it, every unit of e died (training/evaluation/spread.py).
     embedding_relu: bool = True
+    # Warp-guided G (training/generator.py): G also takes the avatar's reference frame warped onto
+    # the driving landmarks (facekit.warp) and predicts a correction and a blend mask over it.
+    warp_guided: bool = False
     line_width: int = 2  # landmark drawing, see facekit.rasterize.DrawStyle
     antialias: bool = True
 

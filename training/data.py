@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, get_worker_info
 from facekit.crop import resize_points
 from facekit.layout import NUM_POINTS
 from facekit.rasterize import DrawStyle, draw_landmarks
+from facekit.warp import warp_nearest
 
 # iBUG 300-W point i of a mirrored face is point FLIP_PERMUTATION[i] of the original (mirrored in x).
 FLIP_PERMUTATION: tuple[int, ...] = (
@@ -88,7 +89,8 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 
 class EpisodeDataset(Dataset):
-    """Episode i: K + 1 distinct random frames of one random clip of video i."""
+    """Episode i: K + 1 distinct random frames of one random clip of video i (with `warp`, also
+    the reference nearest to the target warped onto its landmarks, for a warp-guided G)."""
 
     def __init__(
         self,
@@ -100,12 +102,13 @@ class EpisodeDataset(Dataset):
         include: list[str] | None = None,
         exclude: list[str] | tuple[str, ...] = (),
         flip: bool = False,
+        warp: bool = False,
         seed: int = 0,
     ) -> None:
         if k_shot < 1:
             raise ValueError(f"k_shot must be >= 1, got {k_shot}")
         self.k_shot, self.image_size, self.draw_style = k_shot, image_size, draw_style
-        self.flip, self.seed = flip, seed
+        self.flip, self.warp, self.seed = flip, warp, seed
         clips = list_clips(root, include, list(exclude))
         usable = [c for c in clips if c.frames >= k_shot + 1]
         if not usable:
@@ -155,7 +158,7 @@ class EpisodeDataset(Dataset):
             points = flip_points(points, self.image_size)
         drawn = np.stack([draw_landmarks(p, self.image_size, self.draw_style) for p in points])
         images, landmarks = to_tensor(frames), to_tensor(drawn)  # (K+1, 3, S, S) each
-        return {
+        item = {
             "ref_images": images[:-1],
             "ref_landmarks": landmarks[:-1],
             "target_image": images[-1],
@@ -163,6 +166,9 @@ class EpisodeDataset(Dataset):
             "target_points": torch.from_numpy(np.ascontiguousarray(points[-1], np.float32)),
             "video": torch.tensor(i, dtype=torch.int64),
         }
+        if self.warp:  # the nearest of the K references, warped onto the target's landmarks
+            item["target_warped"] = to_tensor(warp_nearest(frames[:-1], points[:-1], points[-1:])[0])
+        return item
 
     def _read(self, clip: ClipInfo, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Frames uint8 (n, S, S, 3) at image_size and their landmarks (n, 68, 2)."""

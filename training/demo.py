@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     driver = load_driver(args.driver, args.max_frames)
     driven = transfer_motion(driver.points, points[0])  # (N, 68, 2) in the portrait's crop
     started = time.monotonic()
-    drawn, generated = generate(personal, personal["adain"], driven)
+    drawn, generated = generate(personal, driven)
     log.info("generated %d frames in %.1f s", len(generated), time.monotonic() - started)
     write_outputs(args.out, frames[0], drawn, generated, driver.fps, personal)
     return 0

@@ -28,6 +28,7 @@ from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector, largest_face, make_detector
 from facekit.ids import validate_avatar_id
 from facekit.rasterize import draw_batch
+from facekit.warp import warp_nearest
 from training import checkpoint
 from training.config import ExperimentConfig
 from training.data import flip_points
@@ -103,6 +104,8 @@ def personalise(
         "generator": trainer.generator.state_dict(),
         "adain": trainer.adain.detach().cpu(),  # psi' (1, D)
         "embedding": e_new.cpu(),
+        # the avatar's references: what a warp-guided G' warps (export and serving keep them)
+        "references": {"frames": np.ascontiguousarray(frames), "points": np.asarray(points, np.float32)},
         "metrics": {"history": history, "frames": len(frames), "seconds": time.monotonic() - started},
     }
 
@@ -111,15 +114,19 @@ def training_views(
     frames: np.ndarray, points: np.ndarray, cfg: ExperimentConfig, device: torch.device
 ) -> Batch:
     """The T frames as one batch (images, landmark images, points), followed by their mirror
-    images (landmarks redrawn from mirrored points) when finetune.augment_flip is on."""
+    images (landmarks redrawn from mirrored points) when finetune.augment_flip is on. For a
+    warp-guided G each view also gets the nearest *other* frame warped onto it (itself when T = 1)."""
     s = cfg.model.image_size
+    views = [(frames, points)]
     if cfg.finetune.augment_flip:
-        frames = np.concatenate([frames, frames[:, :, ::-1]])
-        points = np.concatenate([points, flip_points(points, s)])
+        views.append((np.ascontiguousarray(frames[:, :, ::-1]), flip_points(points, s)))
+    warped = [_warped_from_others(f, p) for f, p in views] if cfg.model.warp_guided else None
+    frames, points = np.concatenate([f for f, _ in views]), np.concatenate([p for _, p in views])
     return Batch(
         target_image=from_uint8(frames).to(device),  # (V, 3, S, S)
         target_landmarks=from_uint8(draw_batch(points, s, cfg.model.draw_style)).to(device),
         target_points=torch.from_numpy(np.ascontiguousarray(points, np.float32)).to(device),  # (V, 68, 2)
+        target_warped=from_uint8(np.concatenate(warped)).to(device) if warped else None,
     )
 
 
@@ -152,13 +159,14 @@ def finetune_loop(
     bs = min(cfg.finetune.batch_size, views)
     rng = torch.Generator().manual_seed(cfg.finetune.seed)
     history: list[dict[str, float]] = []
+    assert pool.target_points is not None
     for step in range(1, steps + 1):
         idx = torch.randperm(views, generator=rng)[:bs]
-        assert pool.target_points is not None
         batch = Batch(
             target_image=pool.target_image[idx],
             target_landmarks=pool.target_landmarks[idx],
             target_points=pool.target_points[idx],
+            target_warped=pool.target_warped[idx] if pool.target_warped is not None else None,
         )
         losses, _ = trainer.step(batch)
         if step % cfg.finetune.log_every == 0 or step == steps:
@@ -168,26 +176,39 @@ def finetune_loop(
     return history
 
 
-def generate(
-    ckpt: dict[str, Any], psi: torch.Tensor, points: np.ndarray, *, batch: int = 16
-) -> tuple[np.ndarray, np.ndarray]:
-    """G of `ckpt` with AdaIN parameters psi (1, D) for crop-space landmarks (N, 68, 2)
+def generate(ckpt: dict[str, Any], points: np.ndarray, *, batch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The personalised G' of `ckpt` for crop-space landmarks (N, 68, 2)
     -> (landmark images, generated frames), both uint8 (N, S, S, 3)."""
     _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
-    return render(gen, psi, points, batch=batch)
+    refs = ckpt.get("references", {})
+    return render(
+        gen, ckpt["adain"], points, refs=refs.get("frames"), ref_points=refs.get("points"), batch=batch
+    )
 
 
 @torch.no_grad()
 def render(
-    gen: Generator, psi: torch.Tensor, points: np.ndarray, *, batch: int = 16
+    gen: Generator,
+    psi: torch.Tensor,
+    points: np.ndarray,
+    *,
+    refs: np.ndarray | None = None,
+    ref_points: np.ndarray | None = None,
+    batch: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`generate` with a generator already built."""
+    """G with AdaIN parameters psi (1, D) for landmarks (N, 68, 2) -> (landmark images, frames),
+    uint8 (N, S, S, 3) each. A warp-guided G needs the avatar's reference frames and landmarks."""
     cfg = gen.cfg
+    if cfg.warp_guided and (refs is None or ref_points is None):
+        raise ValueError("a warp-guided generator needs the avatar's reference frames and landmarks")
     drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
-    frames = [
-        to_uint8(gen(y, psi.expand(len(y), -1)))
-        for y in (from_uint8(drawn[i : i + batch]) for i in range(0, len(drawn), batch))
-    ]
+    frames = []
+    for i in range(0, len(drawn), batch):
+        y = from_uint8(drawn[i : i + batch])
+        warped = None
+        if refs is not None and ref_points is not None and cfg.warp_guided:
+            warped = from_uint8(warp_nearest(refs, ref_points, points[i : i + batch]))
+        frames.append(to_uint8(gen(y, psi.expand(len(y), -1), warped)))
     return drawn, np.concatenate(frames)
 
 
@@ -230,3 +251,12 @@ def load_inputs(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str]]:
     frames, _ = read_video(args.video)
     idx = np.linspace(0, len(frames) - 1, args.frames).round().astype(int)
     return [frames[i] for i in idx], [f"{args.video} frame {i}" for i in idx]
+
+
+def _warped_from_others(frames: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Frame i's nearest other frame warped onto frame i's landmarks, for every i."""
+    out = []
+    for i in range(len(frames)):
+        others = [j for j in range(len(frames)) if j != i] or [i]
+        out.append(warp_nearest(frames[others], points[others], points[i : i + 1])[0])
+    return np.stack(out)

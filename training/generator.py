@@ -1,5 +1,12 @@
 """The generator G(y, ê) of the paper (Sec. 3.2): landmark image -> frame of the person whose
-embedding is ê. Every AdaIN scale and bias comes from psi = P·ê (one linear projection P)."""
+embedding is ê. Every AdaIN scale and bias comes from psi = P·ê (one linear projection P).
+
+Warp-guided mode (`model.warp_guided`, after first-order-model and LivePortrait): G also takes w,
+the avatar's reference frame warped piecewise-affinely onto the driving landmarks (facekit.warp),
+and predicts a correction c and a blend mask m over it: x_hat = w + m (c - w). The mask starts at
+sigmoid(MASK_BIAS) ~ 0.007 everywhere, so an untrained G reproduces the warp, and training teaches
+it only what a warp cannot do (mouth interior, eyelids, shading, what a turning head uncovers).
+psi keeps its role: identity and style still come from the embedder through AdaIN."""
 
 from __future__ import annotations
 
@@ -20,6 +27,8 @@ from training.blocks import (
 )
 from training.config import ModelConfig
 
+MASK_BIAS = -5.0  # initial logit of the warp-guided blend mask: m = 0.0067, x_hat ~ the warp
+
 
 class Generator(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -29,7 +38,7 @@ class Generator(nn.Module):
         n = int(math.log2(cfg.image_size // cfg.generator_bottleneck))
         widths = channel_plan(cfg.base_channels, cfg.max_channels, n)
         down: list[nn.Module] = []
-        size, prev = cfg.image_size, 3
+        size, prev = cfg.image_size, 6 if cfg.warp_guided else 3
         for i, w in enumerate(widths):
             down.append(ResBlockDown(prev, w, sn=sn, norm=True, preact=i > 0))
             size //= 2
@@ -49,24 +58,47 @@ class Generator(nn.Module):
             prev = w // 2
         self.up = nn.Sequential(*up)
         self.out_norm = AdaIN(prev)
-        self.out_conv = conv(prev, 3, sn=sn)
+        self.out_conv = conv(prev, 4 if cfg.warp_guided else 3, sn=sn)  # (+ the mask's logit)
+        if cfg.warp_guided:
+            self._start_from_the_warp()
         self.adain_layers = [m for m in self.modules() if isinstance(m, AdaIN)]
         self.adain_size = sum(m.num_params for m in self.adain_layers)
         self.projection = nn.Linear(cfg.embedding_dim, self.adain_size, bias=False)  # P
         nn.init.normal_(self.projection.weight, std=0.02)
 
+    def _start_from_the_warp(self) -> None:
+        """The mask's logit channel: zero weights, bias MASK_BIAS (x_hat starts as the warp)."""
+        params = dict(self.out_conv.named_parameters())
+        weight = params.get("parametrizations.weight.original", params.get("weight"))  # spectral norm or not
+        assert weight is not None
+        with torch.no_grad():
+            weight[3].zero_()
+            params["bias"][3] = MASK_BIAS
+
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         """psi = P·ê: (B, embedding_dim) -> (B, adain_size)."""
         return self.projection(embedding)
 
-    def forward(self, landmark_image: torch.Tensor, adain: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1], psi (B, adain_size) -> image (B, 3, H, W) in [-1, 1]."""
+    def forward(
+        self, landmark_image: torch.Tensor, adain: torch.Tensor, warped: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1], psi (B, adain_size) [, warped reference (B, 3, H, W) in
+        [-1, 1], warp-guided mode only] -> image (B, 3, H, W) in [-1, 1]."""
         s = self.cfg.image_size
         assert_shape(landmark_image, (None, 3, s, s), "landmark_image")
         assert_shape(adain, (landmark_image.shape[0], self.adain_size), "adain")
+        if (warped is not None) != self.cfg.warp_guided:
+            raise ValueError("a warp-guided generator needs `warped`; the paper's G takes none")
         offset = 0
         for layer in self.adain_layers:
             layer.set_params(adain[:, offset : offset + layer.num_params])
             offset += layer.num_params
-        h = self.up(self.res(self.down(landmark_image)))
-        return torch.tanh(self.out_conv(torch.relu(self.out_norm(h))))
+        x = landmark_image
+        if warped is not None:
+            assert_shape(warped, tuple(landmark_image.shape), "warped")
+            x = torch.cat([landmark_image, warped], dim=1)  # (B, 6, H, W)
+        out = self.out_conv(torch.relu(self.out_norm(self.up(self.res(self.down(x))))))
+        if warped is None:
+            return torch.tanh(out)
+        correction, mask = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # (B, 3|1, H, W)
+        return warped + mask * (correction - warped)

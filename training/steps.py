@@ -32,6 +32,9 @@ class Batch:
     target_image: torch.Tensor  # (B, 3, S, S)
     target_landmarks: torch.Tensor  # (B, 3, S, S)
     target_points: torch.Tensor | None = None  # (B, 68, 2) pixels; the face-aware losses align with them
+    target_warped: torch.Tensor | None = (
+        None  # (B, 3, S, S) a reference warped onto the target (warp-guided G)
+    )
     video: torch.Tensor | None = None  # (B,) int64 training-video index; None when fine-tuning
     ref_images: torch.Tensor | None = None  # (B, K, 3, S, S); None when fine-tuning
     ref_landmarks: torch.Tensor | None = None  # (B, K, 3, S, S)
@@ -44,6 +47,7 @@ class Batch:
             target_image=self.target_image.to(device),
             target_landmarks=self.target_landmarks.to(device),
             target_points=move(self.target_points),
+            target_warped=move(self.target_warped),
             video=move(self.video),
             ref_images=move(self.ref_images),
             ref_landmarks=move(self.ref_landmarks),
@@ -93,7 +97,7 @@ class Trainer(nn.Module):
         """One G update then d_steps D updates; returns the named losses and the generated frames."""
         lc = self.cfg.loss
         psi, e_hat = self.psi(batch)
-        fake = self.generator(batch.target_landmarks, psi)
+        fake = self.generator(batch.target_landmarks, psi, batch.target_warped)
         losses = self.content(fake, batch.target_image, batch.target_points)
         if lc.adversarial_weight > 0 or lc.feature_matching_weight > 0:
             self.discriminator.requires_grad_(False)

@@ -84,6 +84,7 @@ def make_dataset(cfg: ExperimentConfig, seed: int) -> EpisodeDataset:
         include=None,
         exclude=list(cfg.meta.validation_videos),
         flip=cfg.meta.augment_flip,
+        warp=cfg.model.warp_guided,
         seed=seed,
     )
 
@@ -93,6 +94,7 @@ def to_batch(item: dict[str, torch.Tensor], device: torch.device) -> Batch:
         target_image=item["target_image"],
         target_landmarks=item["target_landmarks"],
         target_points=item["target_points"],
+        target_warped=item.get("target_warped"),
         video=item["video"],
         ref_images=item["ref_images"],
         ref_landmarks=item["ref_landmarks"],
@@ -268,7 +270,8 @@ def log_scalars(writer: Any, run_dir: Path, step: int, means: dict[str, float]) 
 
 def save_samples(writer: Any, run_dir: Path, step: int, batch: Batch, fake: torch.Tensor) -> None:
     assert batch.ref_images is not None
-    grid = image_grid([batch.ref_images[:, 0], batch.target_landmarks, fake, batch.target_image])
+    first = batch.target_warped if batch.target_warped is not None else batch.ref_images[:, 0]
+    grid = image_grid([first, batch.target_landmarks, fake, batch.target_image])
     writer.add_image("samples/ref_landmarks_generated_real", grid, step, dataformats="HWC")
     from PIL import Image
 

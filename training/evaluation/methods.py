@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from facekit.warp import nearest_reference, warp_image
 
 from facekit.rasterize import draw_batch
+from facekit.warp import nearest_reference, warp_image
 from training import checkpoint
 from training.finetune import personalise, render
 from training.runtime import from_uint8
@@ -70,7 +70,10 @@ class FeedForward:
     def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
         started = time.monotonic()
         psi = self.psi(refs, ref_points)
-        return Fitted(lambda points: render(self.generator, psi, points)[1], time.monotonic() - started)
+        seconds = time.monotonic() - started
+        return Fitted(
+            lambda points: render(self.generator, psi, points, refs=refs, ref_points=ref_points)[1], seconds
+        )
 
 
 class FineTuned:
@@ -85,4 +88,7 @@ class FineTuned:
         personal = personalise(self.meta, refs, ref_points, avatar="evaluation", steps=self.steps)
         _, gen, _ = checkpoint.build_networks(personal, with_discriminator=False)
         psi = personal["adain"]
-        return Fitted(lambda points: render(gen, psi, points)[1], personal["metrics"]["seconds"])
+        return Fitted(
+            lambda points: render(gen, psi, points, refs=refs, ref_points=ref_points)[1],
+            personal["metrics"]["seconds"],
+        )
