@@ -68,7 +68,7 @@ class Portrait:
 def face_mask(points: np.ndarray, size: int, *, region: str = "face") -> np.ndarray:
     """Feathered blend mask (size, size) float32 in [0, 1] for a crop whose face has `points` (68, 2)."""
     feather = max(1.0, FEATHER * size)
-    mask = np.zeros((size, size), np.float32)
+    mask: np.ndarray = np.zeros((size, size), np.float32)
     if region == "face":
         hull = cv2.convexHull(np.concatenate([points, forehead_points(points)]).astype(np.float32))
         cv2.fillConvexPoly(mask, np.round(hull).astype(np.int32), 1.0, cv2.LINE_AA)
