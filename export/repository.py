@@ -26,6 +26,8 @@ from pathlib import Path
 
 import onnx
 
+from facekit import contract
+
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
@@ -68,7 +70,7 @@ class ModelSpec:
 
     @property
     def kind(self) -> str:
-        return self.parameters.get("talkinghead.kind", "")
+        return self.parameters.get(contract.Meta.KIND, "")
 
 
 def _tensors(values: list[onnx.ValueInfoProto]) -> tuple[Tensor, ...]:
@@ -85,13 +87,13 @@ def _tensors(values: list[onnx.ValueInfoProto]) -> tuple[Tensor, ...]:
 def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python") -> ModelSpec:
     """Describe an exported model; batching policy by kind (the embedder runs once per avatar)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
-    params = {p.key: p.value for p in model.metadata_props if p.key.startswith("talkinghead.")}
-    kind = params.get("talkinghead.kind", "")
-    name = name or (f"generator_{params['talkinghead.avatar']}" if kind == "personalised" else kind)
+    params = {p.key: p.value for p in model.metadata_props if p.key.startswith(contract.Meta.PREFIX)}
+    kind = params.get(contract.Meta.KIND, "")
+    name = name or contract.model_name(params)
     if not name or not _NAME.match(name):
         raise ValueError(f"{onnx_path}: cannot name the model (kind {kind!r}); pass a valid name")
     gpu = profile == "tensorrt"
-    if kind == "embedder":  # K photos of one avatar in one call, no queueing
+    if kind == contract.KIND_EMBEDDER:  # K photos of one avatar in one call, no queueing
         max_batch, batching = 32, None
     else:
         max_batch = 16

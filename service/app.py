@@ -14,10 +14,11 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from facekit.contract import ModelInfo
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
 from service import avatars
-from service.backends.base import Backend, BackendUnavailable, ModelInfo
+from service.backends.base import Backend, BackendUnavailable
 from service.batcher import Batcher
 from service.errors import exists, invalid, not_found, unavailable
 from service.gen.talkinghead.v1 import avatar_pb2

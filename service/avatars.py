@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from facekit.contract import ModelInfo
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
 from facekit.rasterize import draw_batch
-from service.backends.base import ModelInfo
 from service.driving import parse_points
 from service.errors import invalid
 from service.gen.talkinghead.v1 import avatar_pb2

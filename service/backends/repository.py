@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from facekit.ids import validate_avatar_id
-from service.backends.base import PERSONALISED_PREFIX
+from facekit.contract import PERSONALISED_PREFIX
 
 
 def latest_version(model_dir: Path, filename: str = "model.onnx") -> Path | None:
@@ -16,11 +15,6 @@ def latest_version(model_dir: Path, filename: str = "model.onnx") -> Path | None
         (int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
     )
     return versions[-1][1] / filename if versions else None
-
-
-def personalised_name(avatar_id: str) -> str:
-    """The model name of an avatar's personalised generator (the id is validated: no path tricks)."""
-    return PERSONALISED_PREFIX + validate_avatar_id(avatar_id)
 
 
 def personalised_ids(repository: Path) -> list[str]:
