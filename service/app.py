@@ -14,6 +14,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from api.talkinghead.v1 import avatar_pb2
 from facekit.contract import ModelInfo
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
@@ -21,7 +22,6 @@ from service import avatars
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import Batcher
 from service.errors import exists, invalid, not_found, unavailable
-from service.gen.talkinghead.v1 import avatar_pb2
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import grpc
 
+from api.talkinghead.v1 import avatar_pb2
 from service.client import DEFAULT_SERVER, Client, describe_error
-from service.gen.talkinghead.v1 import avatar_pb2
 
 
 def add_server_arguments(parser: argparse.ArgumentParser) -> None:

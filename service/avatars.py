@@ -13,13 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from api.talkinghead.v1 import avatar_pb2
 from facekit.contract import ModelInfo
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
 from facekit.rasterize import draw_batch
 from service.driving import parse_points
 from service.errors import invalid
-from service.gen.talkinghead.v1 import avatar_pb2
 from service.images import decode_image, encode_png
 from service.store import AvatarRecord
 

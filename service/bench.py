@@ -34,12 +34,12 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1 import animation_pb2_grpc
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.client import Client, to_landmarks
-from service.gen.talkinghead.v1 import animation_pb2 as pb
-from service.gen.talkinghead.v1 import animation_pb2_grpc
 
 ASSETS = Path(__file__).resolve().parents[1] / "facekit/assets"
 STAGES = ("rasterize", "queue", "inference", "encode", "total")

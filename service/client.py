@@ -24,10 +24,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from facekit.sequence import LandmarkSequence
-from service.gen.talkinghead.v1 import animation_pb2 as pb
-from service.gen.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
-from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
 from service.images import decode_frame
 
 DEFAULT_SERVER = "127.0.0.1:50051"

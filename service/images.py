@@ -9,8 +9,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from api.talkinghead.v1 import animation_pb2
 from service.errors import invalid
-from service.gen.talkinghead.v1 import animation_pb2
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 JPEG_QUALITY = 90  # default when the stream asks for 0

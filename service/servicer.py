@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service.app import App
 from service.errors import ServiceError, precondition
-from service.gen.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
-from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
 from service.store import AvatarRecord
 from service.stream import Stream
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from api.talkinghead.v1 import animation_pb2 as pb
 from facekit.rasterize import draw_landmarks
 from service.app import App, check_id
 from service.backends.base import BackendUnavailable
 from service.batcher import SHARED, BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper, check_frame_size, parse_points
 from service.errors import ServiceError, exhausted, invalid, precondition, unavailable
-from service.gen.talkinghead.v1 import animation_pb2 as pb
 from service.images import decode_image, encode_frame
 
 log = logging.getLogger("talkinghead.service.stream")

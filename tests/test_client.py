@@ -138,10 +138,10 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     fresh = sorted(
         p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     )
-    committed = REPO / "service/gen"
+    committed = REPO / "api"
     assert fresh, "make protos wrote nothing"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
-    assert not stale, f"service/gen is stale, run `make protos`: {stale}"
+    assert not stale, f"api/ is stale, run `make protos`: {stale}"
 
 
 def test_service_and_client_never_import_torch_training_or_export() -> None:

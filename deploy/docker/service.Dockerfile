@@ -40,10 +40,12 @@ RUN groupadd --system --gid 10001 talkinghead \
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# Only what serving imports: the shared landmark toolkit, the service, its protocol, the CLI.
+# Only what serving imports: the shared landmark toolkit, the server, its protocol (the .proto
+# sources and the generated api/ stubs), the CLI.
 COPY pyproject.toml ./
 COPY facekit/ ./facekit/
 COPY talkinghead/ ./talkinghead/
+COPY api/ ./api/
 COPY service/ ./service/
 COPY proto/ ./proto/
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/talkinghead-healthcheck
