@@ -10,7 +10,8 @@ exported files against it, so a change of the generator's inputs is made here, o
 
 B is the dynamic batch axis (first everywhere), S the image size, D the AdaIN size, E the embedding
 size (512). Each model also carries `talkinghead.*` metadata (ONNX metadata_props, repeated as
-config.pbtxt parameters) from which the service rebuilds its pre-processing (`ModelInfo`).
+config.pbtxt parameters) from which the service rebuilds its pre-processing (`ModelInfo`). A model
+repository has Triton's layout: `<repository>/<model name>/<version>/model.onnx` + config.pbtxt.
 Torch-free: stdlib plus facekit.
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from facekit.crop import CROP_SCALE
 from facekit.ids import validate_avatar_id
@@ -33,6 +35,19 @@ PERSONALISED_PREFIX = "generator_"  # + avatar id: one fine-tuned generator per 
 def personalised_name(avatar_id: str) -> str:
     """The model name of an avatar's personalised generator (the id is validated: no path tricks)."""
     return PERSONALISED_PREFIX + validate_avatar_id(avatar_id)
+
+
+MODEL_FILE = "model.onnx"
+
+
+def latest_version(model_dir: Path, filename: str = MODEL_FILE) -> Path | None:
+    """`<model_dir>/<highest numeric version>/<filename>`, or None when there is none."""
+    if not model_dir.is_dir():
+        return None
+    versions = sorted(
+        (int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+    )
+    return versions[-1][1] / filename if versions else None
 
 
 # -- kinds (`talkinghead.kind`) ----------------------------------------------------------------------

@@ -28,8 +28,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from client.library import Client
 from facekit.sequence import LandmarkSequence
-from service.client import Client
 from service.server import Server
 from service.settings import Settings
 from service.store import LocalAvatarStore

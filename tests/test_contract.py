@@ -115,3 +115,13 @@ def test_older_metadata_defaults_and_malformed_metadata() -> None:
 def test_contract_is_torch_free() -> None:
     code = "import sys, facekit.contract; sys.exit('torch' in sys.modules or 'training' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
+
+
+def test_latest_version_is_the_highest_number(tmp_path: Path) -> None:
+    model = tmp_path / "generator"
+    assert contract.latest_version(model) is None
+    for version in ("1", "2", "10", "staging"):
+        (model / version).mkdir(parents=True)
+        (model / version / contract.MODEL_FILE).write_bytes(b"onnx")
+    (model / "11").mkdir()  # a version without its file yet
+    assert contract.latest_version(model) == model / "10" / "model.onnx"

@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from client.library import Client, landmark_requests
 from facekit.rasterize import draw_batch, draw_landmarks
 from facekit.sequence import LandmarkSequence
-from service.client import Client, landmark_requests
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
@@ -178,7 +178,7 @@ def test_relative_motion_keeps_the_avatars_face_shape(
 
 
 def test_driving_frames_find_landmarks(client: Client, avatar: str) -> None:
-    from service.client import image_requests
+    from client.library import image_requests
 
     rgb = np.asarray(__import__("PIL.Image").Image.open(PORTRAIT).convert("RGB"))
     frames = list(client.animate(avatar, image_requests([rgb, rgb[:, ::-1].copy()]), motion="relative"))

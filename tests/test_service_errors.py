@@ -17,8 +17,8 @@ from PIL import Image
 from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import avatar_pb2
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
+from client.library import Client, landmark_requests, to_landmarks
 from facekit.sequence import LandmarkSequence
-from service.client import Client, landmark_requests, to_landmarks
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, ServerThread, png_bytes, test_settings
 

@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
+from client.library import landmark_requests
 from export import triton_local
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
-from service.client import landmark_requests
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, Direct, ServerThread, test_settings

@@ -124,8 +124,8 @@ def repository(request: pytest.FixtureRequest) -> Path:
 
 
 def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from client.library import Client, describe_error, landmark_requests
     from facekit.sequence import LandmarkSequence
-    from service.client import Client, describe_error, landmark_requests
 
     try:
         from export import triton_local

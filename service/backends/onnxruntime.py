@@ -27,10 +27,10 @@ from facekit.contract import (
     LANDMARK_IMAGE,
     Meta,
     ModelInfo,
+    latest_version,
     personalised_name,
 )
 from service.backends.base import BackendUnavailable, ReadyGate, check_images
-from service.backends.repository import latest_version
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 
