@@ -113,7 +113,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             kind = first.WhichOneof("message")
             if kind != "config":
                 raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
-            stream = await Stream.open(self.app, first.config)
+            stream = await self.app.open_stream(first.config)
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
             yield animation_pb2.AnimateResponse(started=stream.started)
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
