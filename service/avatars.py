@@ -18,9 +18,9 @@ from facekit.contract import ModelInfo
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
 from facekit.rasterize import draw_batch
-from service.driving import parse_points
 from service.errors import invalid
 from service.images import decode_image, encode_png
+from service.landmarks import parse_points
 from service.store import AvatarRecord
 
 MAX_DISPLAY_NAME = 256

@@ -26,9 +26,10 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from facekit.contract import ModelInfo
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
-from service.driving import DrivingMapper, check_frame_size, parse_points
+from service.driving import DrivingMapper
 from service.errors import ServiceError, invalid, precondition, unavailable
 from service.images import encode_frame
+from service.landmarks import check_frame_size, parse_points
 from service.metrics import Metrics
 
 log = logging.getLogger("talkinghead.service.stream")
