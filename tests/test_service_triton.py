@@ -1,6 +1,6 @@
 """The service on the Triton backend (tritonclient.grpc.aio) against a real Triton server.
 
-The test starts the Triton bundled with nvidia-pytriton (export/triton_local.py) on free ports
+The test starts the Triton bundled with nvidia-pytriton (export/tritonserver.py) on free ports
 with a private copy of the model repository; TALKINGHEAD_TEST_TRITON_URL points it at a running
 server instead. Skips, saying why, only where the bundled server is not installed.
 """
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from client.library import landmark_requests
-from export import triton_local
+from deploy.local import tritonserver
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
@@ -40,15 +40,15 @@ class Triton:
 
     def __init__(self, repository: Path, state: Path) -> None:
         self.repository, self.state = repository, state
-        self.ports = triton_local.Ports(free_port(), free_port(), free_port())
-        self.server: triton_local.Server | None = None
+        self.ports = tritonserver.Ports(free_port(), free_port(), free_port())
+        self.server: tritonserver.Server | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
 
     def start(self) -> None:
-        self.server = triton_local.start(self.repository, venv=VENV, state=self.state, ports=self.ports)
+        self.server = tritonserver.start(self.repository, venv=VENV, state=self.state, ports=self.ports)
         self.server.wait_ready(120)
 
     def stop(self) -> None:
@@ -63,7 +63,7 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield os.environ["TALKINGHEAD_TEST_TRITON_URL"]
         return
     try:
-        triton_local.server_root(VENV)
+        tritonserver.server_root(VENV)
     except FileNotFoundError as err:
         pytest.skip(f"bundled Triton server unavailable: {err}")
     work = tmp_path_factory.mktemp("triton-backend")

@@ -34,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script: `export` and `service` live at the root
+    sys.path.insert(0, str(ROOT))  # run as a script: the `deploy` package lives at the root
 
-from export import triton_local  # noqa: E402  (stdlib only, like this file)
-from export.triton_local import http_ok, terminate  # noqa: E402
+from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
+from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
 
 COMPONENTS = ("triton", "service", "prometheus")  # start order; stopped in reverse
 MARKERS = {"triton": "tritonserver", "service": "talkinghead.cli", "prometheus": "prometheus"}
@@ -243,22 +243,22 @@ def triton_command(
     if not (repository / "generator" / "config.pbtxt").is_file():
         raise StackError(f"no model repository in {repository}: run `make model-repository`")
     try:
-        triton_local.server_root(args.triton_venv)
+        tritonserver.server_root(args.triton_venv)
     except FileNotFoundError as error:
         raise StackError(str(error)) from error
     models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-    cmd = triton_local.command(
+    cmd = tritonserver.command(
         repository,
         args.triton_venv,
         layout.triton_state,
-        triton_local.Ports(ports.triton_http, ports.triton_grpc, ports.triton_metrics),
+        tritonserver.Ports(ports.triton_http, ports.triton_grpc, ports.triton_metrics),
         explicit=True,
         load=models,
     )
     # Triton's latency metrics are counters (sum of microseconds); summaries add p50/p90/p95/p99
     # of each model's request, queue and compute times (nv_inference_request_summary_us, ...).
     cmd.append("--metrics-config=summary_latencies=true")
-    return cmd, triton_local.environment(args.triton_venv)
+    return cmd, tritonserver.environment(args.triton_venv)
 
 
 def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], dict[str, str]]:
