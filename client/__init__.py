@@ -1,7 +1,7 @@
 """The talkinghead client: a Python library, the `avatar`, `animate` and `bench` commands.
 
     from client import Client, landmark_requests
-    with Client("127.0.0.1:50051") as c:
+    with Client(target="127.0.0.1:50051") as c:
         c.create_avatar("mona", ["mona.jpg"])
         frames = list(c.animate("mona", landmark_requests(LandmarkSequence.load("driver.npz"))))
 

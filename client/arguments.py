@@ -20,4 +20,4 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
 
 def connect(args: argparse.Namespace) -> Client:
     """A client for the service the parsed `add_server_arguments` flags name."""
-    return Client(args.server, tls_ca=args.tls_ca)
+    return Client(target=args.server, tls_ca=args.tls_ca)

@@ -167,7 +167,7 @@ def start_server(repository: Path, store: Path, max_batch: int) -> tuple[subproc
 
 
 # -- 2./3. streams ----------------------------------------------------------------------------
-@dataclass
+@dataclass(kw_only=True)
 class StreamLog:
     """What one stream sent and got back."""
 
@@ -358,7 +358,7 @@ async def service_runs(
     with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
         process, address = start_server(args.model_repository, Path(store), max(args.batches))
         try:
-            with Client(address) as client:
+            with Client(target=address) as client:
                 client.create_avatar(AVATAR, [args.portrait], replace=True)
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = animation_pb2_grpc.AnimationServiceStub(channel)

@@ -1,7 +1,7 @@
 """Python client of the talkinghead service (blocking API over a gRPC channel).
 
     from client import Client, landmark_requests
-    with Client("127.0.0.1:50051") as client:
+    with Client(target="127.0.0.1:50051") as client:
         client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")])
         seq = LandmarkSequence.load("driver.npz")
         for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
@@ -63,7 +63,7 @@ def describe_error(error: grpc.RpcError) -> str:
     return f"{code.name if code else 'ERROR'}: {details}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Frame:
     """One generated frame, decoded."""
 
@@ -118,7 +118,7 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 
 class Client:
     def __init__(
-        self, target: str = DEFAULT_SERVER, *, tls_ca: Path | None = None, timeout: float = 60.0
+        self, *, target: str = DEFAULT_SERVER, tls_ca: Path | None = None, timeout: float = 60.0
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

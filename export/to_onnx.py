@@ -49,7 +49,7 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
     return info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Graph:
     """What to export: a wrapper module, example inputs (named as the contract's inputs, in its
     order) and the contract's output names."""
@@ -76,15 +76,21 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
         meta = metadata(ckpt, kind, adain_size=d)
         signature = contract.SIGNATURES[kind]
         inputs = {name: examples[name] for name in signature.input_names}
-        return Graph(contract.model_name(meta), module, inputs, signature.output_names, meta)
+        return Graph(
+            name=contract.model_name(meta),
+            module=module,
+            inputs=inputs,
+            outputs=signature.output_names,
+            metadata=meta,
+        )
 
     if ckpt.get("kind") == contract.KIND_PERSONALISED:
-        return [graph(contract.KIND_PERSONALISED, PersonalGeneratorIO(gen, ckpt["adain"]))]
+        return [graph(contract.KIND_PERSONALISED, PersonalGeneratorIO(generator=gen, adain=ckpt["adain"]))]
     if emb is None:
         raise ValueError("a meta checkpoint must hold the embedder")
     return [
-        graph(contract.KIND_EMBEDDER, EmbedderIO(emb, gen)),
-        graph(contract.KIND_GENERATOR, GeneratorIO(gen)),
+        graph(contract.KIND_EMBEDDER, EmbedderIO(embedder=emb, generator=gen)),
+        graph(contract.KIND_GENERATOR, GeneratorIO(generator=gen)),
     ]
 
 
@@ -156,7 +162,7 @@ def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Parity:
     """Largest and mean absolute difference ONNX Runtime vs PyTorch, per output."""
 
@@ -177,7 +183,15 @@ def parity(graph: Graph, path: Path, inputs: dict[str, np.ndarray]) -> list[Pari
     for name, want, have in zip(graph.outputs, expected, got, strict=True):
         diff = np.abs(want.numpy().astype(np.float64) - have.astype(np.float64))
         unit = "uint8 levels" if have.dtype == np.uint8 else "float"
-        result.append(Parity(graph.name, name, float(diff.max()), float(diff.mean()), unit))
+        result.append(
+            Parity(
+                model=graph.name,
+                output=name,
+                max_abs=float(diff.max()),
+                mean_abs=float(diff.mean()),
+                unit=unit,
+            )
+        )
     return result
 
 

@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=0, help="video: stop after N kept frames (0: all)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Found:
     """Landmarks of the frames that had a face."""
 
@@ -66,7 +66,7 @@ class Found:
 
 def _detect_all(detector: LandmarkDetector, frames: Frames, draw: Path | None, video: bool) -> Found:
     """Largest face of every frame; with `draw`, also write `draw/<name>.png` for each face found."""
-    found = Found([], [], [], [], [])
+    found = Found(points=[], sizes=[], indices=[], sources=[], missing=[])
     for index, source, image in frames:
         faces = detector.detect(image)
         if not faces:

@@ -45,17 +45,17 @@ def check_id(avatar_id: str) -> str:
 
 
 class App:
-    def __init__(self, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
+    def __init__(self, *, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.metrics = metrics
-        self.cache = AvatarCache(settings.cache_bytes, metrics.on_cache)
+        self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
         self.batcher = Batcher(
-            backend,
+            backend=backend,
             max_batch=settings.max_batch,
             on_batch=self._on_batch,
             on_drop=metrics.frames_dropped.inc,

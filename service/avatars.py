@@ -26,7 +26,7 @@ from service.store import AvatarRecord
 MAX_DISPLAY_NAME = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Prepared:
     crops: np.ndarray  # (K, S, S, 3) uint8
     points: np.ndarray  # (K, 68, 2) float32 in the crops
@@ -81,7 +81,7 @@ def prepare(
                 "warnings": warnings,
             }
         )
-    return Prepared(np.stack(crops), np.stack(points).astype(np.float32), reports)
+    return Prepared(crops=np.stack(crops), points=np.stack(points).astype(np.float32), reports=reports)
 
 
 def landmark_images(prepared: Prepared, info: ModelInfo) -> np.ndarray:

@@ -62,7 +62,7 @@ def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
 
 
 class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
-    def __init__(self, app: App) -> None:
+    def __init__(self, *, app: App) -> None:
         self.app = app
 
     @unary
@@ -97,7 +97,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
 
 class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
-    def __init__(self, app: App) -> None:
+    def __init__(self, *, app: App) -> None:
         self.app = app
 
     async def Animate(

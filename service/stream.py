@@ -41,7 +41,7 @@ def _us(seconds: float) -> int:
     return max(0, min(int(seconds * 1e6), 2**32 - 1))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Outstanding:
     """A frame read from the client whose reply is not sent yet."""
 
@@ -60,7 +60,7 @@ class Outstanding:
         return self.item
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamSetup:
     config: pb.StreamConfig
     encoding: int
@@ -190,7 +190,8 @@ class Stream:
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
         points = parse_points(frame.landmarks.xy, what=f"{what} landmarks")
-        await self._enqueue(points, size, Outstanding(frame.sequence, frame.capture_time_us, read))
+        pending = Outstanding(sequence=frame.sequence, capture_time_us=frame.capture_time_us, read=read)
+        await self._enqueue(points, size, pending)
 
     async def _driving_frame(self, frame: pb.DrivingFrame, read: float) -> None:
         self.metrics.frames_received.labels("image").inc()
@@ -204,15 +205,21 @@ class Stream:
                 raise precondition(f"{what}: no face found in the stream's first driving frame")
             points = self.last_points
         self.last_points = points
-        pending = Outstanding(frame.sequence, frame.capture_time_us, read, found.decode_s, found.landmarks_s)
-        pending.face_missing = found.points is None
+        pending = Outstanding(
+            sequence=frame.sequence,
+            capture_time_us=frame.capture_time_us,
+            read=read,
+            decode_s=found.decode_s,
+            landmarks_s=found.landmarks_s,
+            face_missing=found.points is None,
+        )
         await self._enqueue(points, found.size, pending)
 
     async def _enqueue(self, points: np.ndarray, size: tuple[int, int], pending: Outstanding) -> None:
         t0 = time.perf_counter()
         crop_points = self.mapper(points, size)
         pending.rasterize_s = time.perf_counter() - t0  # motion mapping; drawing is added when drawn
-        pending.item = WorkItem(crop_points, self.draw, self.adain, self.model)
+        pending.item = WorkItem(points=crop_points, draw=self.draw, adain=self.adain, model=self.model)
         self.outstanding.append(pending)
         self.changed.set()
         await self.queue.put(pending.item)

@@ -38,9 +38,9 @@ def free_port() -> int:
 class Triton:
     """The bundled Triton on fixed free ports, restartable (to take the backend away and back)."""
 
-    def __init__(self, repository: Path, state: Path) -> None:
+    def __init__(self, *, repository: Path, state: Path) -> None:
         self.repository, self.state = repository, state
-        self.ports = tritonserver.Ports(free_port(), free_port(), free_port())
+        self.ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
         self.server: tritonserver.Server | None = None
 
     @property
@@ -70,7 +70,7 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     repo = work / "repo"
     for name in ("embedder", "generator"):
         shutil.copytree(model_repository / name, repo / name)
-    server = Triton(repo, work / "state")
+    server = Triton(repository=repo, state=work / "state")
     server.start()
     try:
         yield server
@@ -86,7 +86,9 @@ def test_triton_backend_serves_streams(
     model_repository: Path, tmp_path: Path, driver: LandmarkSequence, direct: Direct, triton: str | Triton
 ) -> None:
     running = ServerThread(
-        test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=url_of(triton))
+        settings=test_settings(
+            model_repository, tmp_path / "store", backend="triton", triton_url=url_of(triton)
+        )
     )
     try:
         running.wait_ready(timeout=60)
@@ -97,7 +99,7 @@ def test_triton_backend_serves_streams(
             frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2, 3]
         info = running.app.backend.info
-        psi = LocalAvatarStore(tmp_path / "store").get("tri").adain  # type: ignore[union-attr]
+        psi = LocalAvatarStore(root=tmp_path / "store").get("tri").adain  # type: ignore[union-attr]
         drawn = draw_batch(seq.rescaled(info.image_size).points, info.image_size, info.draw_style)
         expected = direct.generate(drawn, np.repeat(psi[None], 4, axis=0))
         assert np.abs(np.stack([f.image for f in frames]).astype(int) - expected).mean() < 0.6
@@ -111,7 +113,7 @@ def test_triton_down_gives_unavailable_and_the_service_recovers(
     if isinstance(triton, str):
         pytest.skip("needs the test's own Triton (TALKINGHEAD_TEST_TRITON_URL is set)")
     running = ServerThread(
-        test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=triton.url)
+        settings=test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=triton.url)
     )
     seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
     try:

@@ -139,7 +139,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         "90",
         *(arg for name in names for arg in (f"--{name.replace('_', '-')}-port", str(getattr(ports, name)))),
     ]
-    layout = stack.Layout(state)
+    layout = stack.Layout(state=state)
 
     def logs() -> str:
         return "\n".join(f"--- {name}.log:\n{stack.tail(layout.log(name), 40)}" for name in stack.COMPONENTS)
@@ -162,7 +162,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         seq = LandmarkSequence.load(DRIVER)
         seq = LandmarkSequence(seq.points[:FRAMES], seq.frame_size, seq.fps)
         try:
-            with Client(f"127.0.0.1:{ports.grpc}", timeout=60) as client:
+            with Client(target=f"127.0.0.1:{ports.grpc}", timeout=60) as client:
                 assert client.health() == "SERVING"
                 client.create_avatar("stacktest", [PORTRAIT])
                 frames = list(client.animate("stacktest", landmark_requests(seq)))

@@ -46,7 +46,7 @@ def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tritonserver.server_root(VENV)
     except FileNotFoundError as err:
         pytest.skip(f"bundled Triton server unavailable: {err}")
-    ports = tritonserver.Ports(free_port(), free_port(), free_port())
+    ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
     server = tritonserver.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
     try:
         server.wait_ready(120)

@@ -49,7 +49,7 @@ class StackError(RuntimeError):
     """Something the user has to act on; the message says what."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ports:
     triton_http: int = 8000
     triton_grpc: int = 8001
@@ -67,7 +67,7 @@ class Ports:
         return {"http": self.prometheus}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     """Where a stack keeps its state."""
 
@@ -251,7 +251,7 @@ def triton_command(
         repository,
         args.triton_venv,
         layout.triton_state,
-        tritonserver.Ports(ports.triton_http, ports.triton_grpc, ports.triton_metrics),
+        tritonserver.Ports(http=ports.triton_http, grpc=ports.triton_grpc, metrics=ports.triton_metrics),
         explicit=True,
         load=models,
     )
@@ -318,7 +318,7 @@ def recorded_ports(layout: Layout) -> Ports | None:
 
 
 def up(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
+    layout = Layout(state=args.state)
     ports = ports_from(args)
     layout.state.mkdir(parents=True, exist_ok=True)
     running = {name: read_pid(layout, name) for name in COMPONENTS}
@@ -414,7 +414,7 @@ stop:   make down   (logs are kept)"""
 
 
 def down(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
+    layout = Layout(state=args.state)
     ports = recorded_ports(layout)
     problems = []
     for name in reversed(COMPONENTS):
@@ -451,7 +451,7 @@ def down(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
+    layout = Layout(state=args.state)
     ports = recorded_ports(layout) or ports_from(args)
     ready = checks(ports)
     ok = True

@@ -33,7 +33,7 @@ DEFAULT_STATE = Path("var/triton")
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ports:
     http: int = 8000
     grpc: int = 8001
@@ -110,7 +110,7 @@ def ready(ports: Ports) -> bool:
     return http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Server:
     """A started server: its process, ports and log file."""
 
@@ -165,7 +165,7 @@ def start(
             env=environment(venv),
             start_new_session=True,  # its own group: stop() reaches the python stubs too
         )
-    return Server(process, ports, log)
+    return Server(process=process, ports=ports, log=log)
 
 
 def group_alive(pgid: int) -> bool:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         pid_file.unlink()
         print("tritonserver: stopped")
         return 0
-    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    ports = Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     if args.action == "status":
         print(f"tritonserver: {'ready' if ready(ports) else 'not ready'} on 127.0.0.1:{ports.http}")
         return 0 if ready(ports) else 1
