@@ -317,11 +317,8 @@ def recorded_ports(layout: Layout) -> Ports | None:
     return None
 
 
-def up(args: argparse.Namespace) -> int:
-    layout = Layout(state=args.state)
-    ports = ports_from(args)
-    layout.state.mkdir(parents=True, exist_ok=True)
-    running = {name: read_pid(layout, name) for name in COMPONENTS}
+def check_ports(layout: Layout, ports: Ports, running: dict[str, int | None]) -> None:
+    """Refuse to start when this stack runs on other ports, or another program holds one of ours."""
     previous = recorded_ports(layout)
     if any(running.values()) and previous is not None and previous != ports:
         names = ", ".join(name for name, pid in running.items() if pid)
@@ -345,9 +342,55 @@ def up(args: argparse.Namespace) -> int:
             "Debian's unit? `systemctl stop prometheus`), or choose other ports, e.g. "
             "`make up STACK_TRITON_HTTP_PORT=18000 ...` (deploy/local/README.md)"
         )
+
+
+def start_component(
+    layout: Layout,
+    name: str,
+    pid: int | None,
+    build: Callable[[], tuple[list[str], dict[str, str]]],
+    ready: Callable[[], bool],
+    timeout: float,
+    started: list[tuple[str, int]],
+) -> None:
+    """Start `name` unless `pid` says it runs (recording it in `started`), then wait until `ready`."""
+    process = None
+    if pid is not None:
+        print(f"{name}: already running (pid {pid})", flush=True)
+    else:
+        layout.pid_file(name).unlink(missing_ok=True)  # stale
+        cmd, env = build()
+        process = launch(layout, name, cmd, env)
+        pid = process.pid
+        started.append((name, pid))
+        print(f"{name}: started (pid {pid}), waiting until ready ...", flush=True)
+    t0 = time.monotonic()
+    try:
+        wait_until(name, process, pid, ready, timeout)
+    except StackError as error:
+        raise StackError(f"{error}; last lines of {layout.log(name)}:\n{tail(layout.log(name))}") from None
+    if process is not None:
+        print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def stop_started(layout: Layout, started: list[tuple[str, int]]) -> None:
+    """Undo a failed `up`: stop what it started, newest first."""
+    for name, pid in reversed(started):
+        terminate(pid, STOP_GRACE_S[name])
+        layout.pid_file(name).unlink(missing_ok=True)
+    if not any(read_pid(layout, name) for name in COMPONENTS):
+        layout.ports_file.unlink(missing_ok=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    layout = Layout(state=args.state)
+    ports = ports_from(args)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    running = {name: read_pid(layout, name) for name in COMPONENTS}
+    check_ports(layout, ports, running)
     layout.ports_file.write_text(json.dumps(asdict(ports)) + "\n")
     ready = checks(ports)
-    builders = {
+    builders: dict[str, Callable[[], tuple[list[str], dict[str, str]]]] = {
         "triton": lambda: triton_command(args, layout, ports),
         "service": lambda: service_command(args, ports),
         "prometheus": lambda: prometheus_command(args, layout, ports),
@@ -355,32 +398,9 @@ def up(args: argparse.Namespace) -> int:
     started: list[tuple[str, int]] = []
     try:
         for name in COMPONENTS:
-            pid = running[name]
-            process = None
-            if pid is not None:
-                print(f"{name}: already running (pid {pid})", flush=True)
-            else:
-                layout.pid_file(name).unlink(missing_ok=True)  # stale
-                cmd, env = builders[name]()
-                process = launch(layout, name, cmd, env)
-                pid = process.pid
-                started.append((name, pid))
-                print(f"{name}: started (pid {pid}), waiting until ready ...", flush=True)
-            t0 = time.monotonic()
-            try:
-                wait_until(name, process, pid, ready[name], args.timeout)
-            except StackError as error:
-                raise StackError(
-                    f"{error}; last lines of {layout.log(name)}:\n{tail(layout.log(name))}"
-                ) from None
-            if process is not None:
-                print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
+            start_component(layout, name, running[name], builders[name], ready[name], args.timeout, started)
     except BaseException as error:
-        for name, pid in reversed(started):
-            terminate(pid, STOP_GRACE_S[name])
-            layout.pid_file(name).unlink(missing_ok=True)
-        if not any(read_pid(layout, name) for name in COMPONENTS):
-            layout.ports_file.unlink(missing_ok=True)
+        stop_started(layout, started)
         if isinstance(error, StackError):
             what = ", ".join(name for name, _ in started) or "nothing"
             raise StackError(f"{error}\n(stopped what this run started: {what})") from None
