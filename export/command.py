@@ -26,8 +26,8 @@ import numpy as np
 from PIL import Image
 
 from export import repository, to_onnx
+from facekit import contract
 from facekit.detect import make_detector
-from facekit.ids import validate_avatar_id
 from facekit.motion import transfer_motion
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
@@ -68,18 +68,19 @@ def real_inputs(ckpt: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     images = np.concatenate([frames, mirror[0]])  # (2, S, S, 3): the photo and its mirror image
     landmarks = np.concatenate([draw_batch(points, cfg.image_size, cfg.draw_style), mirror[1]])
     return {
-        "embedder": {"image": images, "landmark_image": landmarks},
-        "generator": {"landmark_image": drawn},
-        "personalised": {"landmark_image": drawn},
+        contract.KIND_EMBEDDER: {contract.IMAGE: images, contract.LANDMARK_IMAGE: landmarks},
+        contract.KIND_GENERATOR: {contract.LANDMARK_IMAGE: drawn},
+        contract.KIND_PERSONALISED: {contract.LANDMARK_IMAGE: drawn},
     }
 
 
 def check(graph: to_onnx.Graph, path: Path, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
-    kind = graph.metadata["talkinghead.kind"]
+    kind = graph.metadata[contract.Meta.KIND]
     feeds = dict(inputs[kind])
-    if kind == "generator":  # psi of the portrait, from the embedder
-        adain = to_onnx.session(path.with_name("embedder.onnx")).run(["adain"], inputs["embedder"])[0]
-        feeds["adain"] = np.repeat(adain[:1], len(feeds["landmark_image"]), axis=0)
+    if kind == contract.KIND_GENERATOR:  # psi of the portrait, from the embedder
+        embedder = to_onnx.session(path.with_name(f"{contract.EMBEDDER}.onnx"))
+        adain = embedder.run([contract.ADAIN], inputs[contract.KIND_EMBEDDER])[0]
+        feeds[contract.ADAIN] = np.repeat(adain[:1], len(feeds[contract.LANDMARK_IMAGE]), axis=0)
     figures = to_onnx.parity(graph, path, feeds)
     for p in figures:
         log.info(
@@ -151,7 +152,7 @@ def wait_unloaded(client: Any, name: str, timeout: float = 30.0) -> None:
 
 
 def remove_avatar(args: argparse.Namespace) -> int:
-    name = f"generator_{validate_avatar_id(args.remove_avatar)}"
+    name = contract.personalised_name(args.remove_avatar)
     if args.triton_url:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException

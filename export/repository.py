@@ -26,6 +26,8 @@ from pathlib import Path
 
 import onnx
 
+from facekit import contract
+
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
@@ -38,14 +40,14 @@ _ONNX_TO_TRITON: dict[int, str] = {
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Tensor:
     name: str
     dtype: str  # Triton TYPE_*
     dims: tuple[int, ...]  # without the batch axis
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Batching:
     """Triton dynamic batching. Measured on 2 CPU cores (README, export report): the generator's
     cost per frame is flat from batch 1 to 16 on CPU, so CPU profiles merge only requests that
@@ -55,7 +57,7 @@ class Batching:
     max_queue_delay_us: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModelSpec:
     """Everything config.pbtxt says about one model, read from its ONNX file."""
 
@@ -68,7 +70,7 @@ class ModelSpec:
 
     @property
     def kind(self) -> str:
-        return self.parameters.get("talkinghead.kind", "")
+        return self.parameters.get(contract.Meta.KIND, "")
 
 
 def _tensors(values: list[onnx.ValueInfoProto]) -> tuple[Tensor, ...]:
@@ -78,31 +80,32 @@ def _tensors(values: list[onnx.ValueInfoProto]) -> tuple[Tensor, ...]:
         dims = tuple(d.dim_value for d in t.shape.dim[1:])
         if any(d <= 0 for d in dims):
             raise ValueError(f"{v.name}: only the batch axis may be dynamic, got {list(t.shape.dim)}")
-        out.append(Tensor(v.name, _ONNX_TO_TRITON[t.elem_type], dims))
+        out.append(Tensor(name=v.name, dtype=_ONNX_TO_TRITON[t.elem_type], dims=dims))
     return tuple(out)
 
 
 def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python") -> ModelSpec:
     """Describe an exported model; batching policy by kind (the embedder runs once per avatar)."""
     model = onnx.load(str(onnx_path), load_external_data=False)
-    params = {p.key: p.value for p in model.metadata_props if p.key.startswith("talkinghead.")}
-    kind = params.get("talkinghead.kind", "")
-    name = name or (f"generator_{params['talkinghead.avatar']}" if kind == "personalised" else kind)
+    params = {p.key: p.value for p in model.metadata_props if p.key.startswith(contract.Meta.PREFIX)}
+    kind = params.get(contract.Meta.KIND, "")
+    name = name or contract.model_name(params)
     if not name or not _NAME.match(name):
         raise ValueError(f"{onnx_path}: cannot name the model (kind {kind!r}); pass a valid name")
     gpu = profile == "tensorrt"
-    if kind == "embedder":  # K photos of one avatar in one call, no queueing
+    if kind == contract.KIND_EMBEDDER:  # K photos of one avatar in one call, no queueing
         max_batch, batching = 32, None
     else:
         max_batch = 16
-        batching = Batching((4, 8, 16), 1000) if gpu else Batching((), 0)
+        gpu_batching = Batching(preferred=(4, 8, 16), max_queue_delay_us=1000)
+        batching = gpu_batching if gpu else Batching(preferred=(), max_queue_delay_us=0)
     return ModelSpec(
-        name,
-        _tensors(list(model.graph.input)),
-        _tensors(list(model.graph.output)),
-        params,
-        max_batch,
-        batching,
+        name=name,
+        inputs=_tensors(list(model.graph.input)),
+        outputs=_tensors(list(model.graph.output)),
+        parameters=params,
+        max_batch_size=max_batch,
+        batching=batching,
     )
 
 

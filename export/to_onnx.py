@@ -4,16 +4,15 @@
     # {'embedder': build/onnx/embedder.onnx, 'generator': build/onnx/generator.onnx}
 
 A meta checkpoint gives `embedder` and `generator`; a personalised one gives `generator_<avatar>`.
-Every file carries `talkinghead.*` metadata (kind, image size, AdaIN size, drawing style, crop
-scale, model id) so the service rebuilds its pre-processing from the model alone.
+Names, tensors and the `talkinghead.*` metadata (kind, image size, AdaIN size, drawing style, crop
+scale, model id) are the contract in facekit/contract.py, which the service reads them by.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ import onnxruntime as ort
 import torch
 
 from export.wrappers import EmbedderIO, GeneratorIO, PersonalGeneratorIO
+from facekit import contract
 from facekit.crop import CROP_SCALE
 from training import checkpoint
 from training.config import ExperimentConfig
@@ -35,25 +35,24 @@ PRODUCER = "talkinghead-export"
 
 
 def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, str]:
+    """The contract's `talkinghead.*` metadata of a model of `kind` made from `ckpt`."""
     cfg: ExperimentConfig = checkpoint.config_of(ckpt)
-    meta = {
-        "talkinghead.kind": kind,
-        "talkinghead.image_size": str(cfg.model.image_size),
-        "talkinghead.adain_size": str(adain_size),
-        "talkinghead.embedding_size": str(cfg.model.embedding_dim),
-        "talkinghead.draw_style": json.dumps(asdict(cfg.model.draw_style), sort_keys=True),
-        "talkinghead.crop_scale": str(CROP_SCALE),
-        "talkinghead.model_id": checkpoint.fingerprint(ckpt),
-        "talkinghead.step": str(ckpt.get("step", 0)),
-    }
-    if kind == "personalised":
-        meta["talkinghead.avatar"] = str(ckpt["avatar"])
-    return meta
+    info = contract.ModelInfo(
+        image_size=cfg.model.image_size,
+        adain_size=adain_size,
+        embedding_size=cfg.model.embedding_dim,
+        draw_style=cfg.model.draw_style,
+        crop_scale=CROP_SCALE,
+        model_id=checkpoint.fingerprint(ckpt),
+    )
+    avatar = str(ckpt["avatar"]) if kind == contract.KIND_PERSONALISED else None
+    return info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Graph:
-    """What to export: a wrapper module, example inputs and the contract's tensor names."""
+    """What to export: a wrapper module, example inputs (named as the contract's inputs, in its
+    order) and the contract's output names."""
 
     name: str
     module: torch.nn.Module
@@ -67,36 +66,31 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
     emb, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
     s, d = gen.cfg.image_size, gen.adain_size
     image = torch.zeros(2, s, s, 3, dtype=torch.uint8)  # (B, S, S, 3)
-    adain = torch.zeros(2, d)  # (B, D)
-    if ckpt.get("kind") == "personalised":
-        name = f"generator_{ckpt['avatar']}"
-        module = PersonalGeneratorIO(gen, ckpt["adain"])
-        return [
-            Graph(
-                name,
-                module,
-                {"landmark_image": image},
-                ["image"],
-                metadata(ckpt, "personalised", adain_size=d),
-            )
-        ]
+    examples = {  # distinct tensors per input: the exporter merges aliased inputs
+        contract.IMAGE: image,
+        contract.LANDMARK_IMAGE: image.clone(),
+        contract.ADAIN: torch.zeros(2, d),  # (B, D)
+    }
+
+    def graph(kind: str, module: torch.nn.Module) -> Graph:
+        meta = metadata(ckpt, kind, adain_size=d)
+        signature = contract.SIGNATURES[kind]
+        inputs = {name: examples[name] for name in signature.input_names}
+        return Graph(
+            name=contract.model_name(meta),
+            module=module,
+            inputs=inputs,
+            outputs=signature.output_names,
+            metadata=meta,
+        )
+
+    if ckpt.get("kind") == contract.KIND_PERSONALISED:
+        return [graph(contract.KIND_PERSONALISED, PersonalGeneratorIO(generator=gen, adain=ckpt["adain"]))]
     if emb is None:
         raise ValueError("a meta checkpoint must hold the embedder")
     return [
-        Graph(
-            "embedder",
-            EmbedderIO(emb, gen),
-            {"image": image, "landmark_image": image.clone()},  # distinct: the exporter merges aliases
-            ["embedding", "adain"],
-            metadata(ckpt, "embedder", adain_size=d),
-        ),
-        Graph(
-            "generator",
-            GeneratorIO(gen),
-            {"landmark_image": image, "adain": adain},
-            ["image"],
-            metadata(ckpt, "generator", adain_size=d),
-        ),
+        graph(contract.KIND_EMBEDDER, EmbedderIO(embedder=emb, generator=gen)),
+        graph(contract.KIND_GENERATOR, GeneratorIO(generator=gen)),
     ]
 
 
@@ -168,7 +162,7 @@ def session(path: Path, *, threads: int = 0) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Parity:
     """Largest and mean absolute difference ONNX Runtime vs PyTorch, per output."""
 
@@ -189,7 +183,15 @@ def parity(graph: Graph, path: Path, inputs: dict[str, np.ndarray]) -> list[Pari
     for name, want, have in zip(graph.outputs, expected, got, strict=True):
         diff = np.abs(want.numpy().astype(np.float64) - have.astype(np.float64))
         unit = "uint8 levels" if have.dtype == np.uint8 else "float"
-        result.append(Parity(graph.name, name, float(diff.max()), float(diff.mean()), unit))
+        result.append(
+            Parity(
+                model=graph.name,
+                output=name,
+                max_abs=float(diff.max()),
+                mean_abs=float(diff.mean()),
+                unit=unit,
+            )
+        )
     return result
 
 

@@ -32,7 +32,7 @@ class TensorRTUnavailable(RuntimeError):
     """Neither the TensorRT Python API nor trtexec is on this machine."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Shapes:
     """Per-input (min, opt, max) shapes of the optimisation profile, batch axis first."""
 
@@ -61,7 +61,7 @@ def shapes_from_config(text: str) -> Shapes:
     for name, dims in re.findall(r'name:\s*"([^"]+)"[^}]*?dims:\s*\[([^\]]*)\]', block.group(1)):
         d = tuple(int(v) for v in dims.split(","))
         inputs[name] = ((1, *d), (opt, *d), (largest, *d))
-    return Shapes(inputs)
+    return Shapes(inputs=inputs)
 
 
 def trtexec() -> str | None:

@@ -44,7 +44,7 @@ def to_wire(images: torch.Tensor) -> torch.Tensor:
 class EmbedderIO(nn.Module):
     """E plus G's projection P: one call per photo gives e and psi = P·e."""
 
-    def __init__(self, embedder: Embedder, generator: Generator) -> None:
+    def __init__(self, *, embedder: Embedder, generator: Generator) -> None:
         super().__init__()
         self.embedder = bake(embedder)
         self.projection = bake(generator.projection)
@@ -57,7 +57,7 @@ class EmbedderIO(nn.Module):
 class GeneratorIO(nn.Module):
     """G with psi as an input: frames of different avatars share one batch."""
 
-    def __init__(self, generator: Generator) -> None:
+    def __init__(self, *, generator: Generator) -> None:
         super().__init__()
         self.generator = bake(generator)
 
@@ -68,7 +68,7 @@ class GeneratorIO(nn.Module):
 class PersonalGeneratorIO(nn.Module):
     """A fine-tuned G with its psi' (1, D) as a constant: landmark image in, the avatar's frame out."""
 
-    def __init__(self, generator: Generator, adain: torch.Tensor) -> None:
+    def __init__(self, *, generator: Generator, adain: torch.Tensor) -> None:
         super().__init__()
         self.generator = bake(generator)
         self.register_buffer("adain", adain.detach().reshape(1, -1).float())

@@ -1,6 +1,9 @@
-"""Torch-free toolkit shared by training and serving: landmarks, rasterizer, crops, detectors, video.
+"""Torch-free toolkit shared by training, export and serving: the ground both sides stand on.
 
 Everything that must be computed identically on both sides lives here: the 68-point layout,
-the landmark-image rasterizer, face-centred cropping and the landmark detectors. Nothing in this
-package imports torch, `training` or `service`.
+the landmark-image rasterizer, face-centred cropping, the landmark detectors, landmark-sequence
+files, motion transfer, video and image I/O, avatar ids, and the export/serving contract
+(`contract.py`: model names, tensors, metadata). Importing any of it never imports torch (only
+the optional face-alignment detector loads torch, when it is made), `training`, `export`,
+`service` or `client`.
 """

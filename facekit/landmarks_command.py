@@ -32,42 +32,10 @@ import numpy as np
 
 from facekit.detect import DETECTORS, FAN_WEIGHTS, LandmarkDetector, make_detector
 from facekit.sequence import DEFAULT_FPS
-from facekit.video import iter_video
+from facekit.video import is_video, iter_video, read_image, video_info
 
-VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
 _MAX_REPORTED = 20  # "no face" lines printed per input before summarising
 Frames = Iterator[tuple[int, str, np.ndarray]]  # (index, description, RGB uint8 (H, W, 3))
-
-
-@dataclass(frozen=True)
-class VideoInfo:
-    fps: float  # frames per second of the source (0 when unknown)
-    width: int
-    height: int
-
-
-def is_video(path: Path) -> bool:
-    return path.suffix.lower() in VIDEO_SUFFIXES
-
-
-def video_info(path: Path) -> VideoInfo:
-    """Frame rate and size of a video's first video stream (av.FFmpegError if unreadable)."""
-    import av
-
-    with av.open(str(path)) as container:
-        if not container.streams.video:
-            raise ValueError(f"{path} has no video stream")
-        stream = container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate
-        return VideoInfo(fps=float(rate or 0.0), width=stream.width, height=stream.height)
-
-
-def read_image(path: Path) -> np.ndarray:
-    """RGB uint8 (H, W, 3) of an image file (EXIF orientation applied), or ValueError."""
-    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError(f"cannot read image {path}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-frames", type=int, default=0, help="video: stop after N kept frames (0: all)")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Found:
     """Landmarks of the frames that had a face."""
 
@@ -98,7 +66,7 @@ class Found:
 
 def _detect_all(detector: LandmarkDetector, frames: Frames, draw: Path | None, video: bool) -> Found:
     """Largest face of every frame; with `draw`, also write `draw/<name>.png` for each face found."""
-    found = Found([], [], [], [], [])
+    found = Found(points=[], sizes=[], indices=[], sources=[], missing=[])
     for index, source, image in frames:
         faces = detector.detect(image)
         if not faces:

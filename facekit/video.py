@@ -1,4 +1,4 @@
-"""Video and image I/O for tools, demos and evaluation: decode, encode H.264, tile, save PNG.
+"""Video and image I/O for tools, demos and evaluation: probe, decode, encode H.264, tile, save PNG.
 
 All frames are uint8 RGB (H, W, 3) numpy arrays. Decoding and encoding go through PyAV (FFmpeg);
 nothing here is on the model's path, so it may change without touching checkpoints.
@@ -13,6 +13,7 @@ nothing here is on the model's path, so it may change without touching checkpoin
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
@@ -25,6 +26,37 @@ from PIL import Image
 DEFAULT_FPS = 25.0  # reported when a container states no frame rate
 H264_CRF = 18  # libx264 constant rate factor: visually lossless for landmark drawings and faces
 MPEG4_BIT_RATE = 8_000_000  # fallback encoder's bit rate when PyAV's FFmpeg lacks libx264
+VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class VideoInfo:
+    fps: float  # frames per second of the source (0 when unknown)
+    width: int
+    height: int
+
+
+def is_video(path: Path) -> bool:
+    """Whether the file name says video (by suffix, VIDEO_SUFFIXES)."""
+    return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def video_info(path: Path) -> VideoInfo:
+    """Frame rate and size of a video's first video stream (av.FFmpegError if unreadable)."""
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise ValueError(f"{path} has no video stream")
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate
+        return VideoInfo(fps=float(rate or 0.0), width=stream.width, height=stream.height)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 (H, W, 3) of an image file (EXIF orientation applied), or ValueError."""
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError(f"cannot read image {path}")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def _check_rgb(image: np.ndarray, *, what: str) -> np.ndarray:

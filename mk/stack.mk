@@ -1,7 +1,10 @@
-# The whole stack on one machine (issue 5): bundled Triton, the service on the triton backend and a
-# Prometheus server scraping both, all on 127.0.0.1. deploy/local/stack.py does the work; state,
-# pid files and logs live in $(STACK_STATE). Included by the root Makefile (PY, PYTHON, STAMP;
-# REPOSITORY, TRITON_VENV, TRITON_STAMP come from mk/export.mk).
+# Local servers on 127.0.0.1 (deploy/local/): the bundled Triton alone (`make triton`, issue 3) and
+# the whole stack (issue 5): Triton, the service on the triton backend and a Prometheus server
+# scraping both. deploy/local/tritonserver.py and deploy/local/stack.py do the work; the stack's
+# state, pid files and logs live in $(STACK_STATE). Included by the root Makefile (PY, PYTHON,
+# STAMP; REPOSITORY comes from mk/export.mk).
+TRITON_VENV := .venv-triton
+TRITON_STAMP := $(TRITON_VENV)/.installed
 STACK_STATE ?= var/stack
 STACK_GRPC_PORT ?= 50051
 STACK_METRICS_PORT ?= 8080
@@ -18,7 +21,22 @@ STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT
 	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: up down stack-status prometheus
+.PHONY: triton-venv triton triton-stop up down stack-status prometheus
+
+# Triton's own environment: nvidia-pytriton pins numpy<2, the project needs numpy 2.
+triton-venv: $(TRITON_STAMP)
+
+$(TRITON_STAMP): requirements/triton-lock.txt
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip==26.3
+	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -r requirements/triton-lock.txt
+	touch $(TRITON_STAMP)
+
+triton: model-repository $(TRITON_STAMP)
+	$(PY) -m deploy.local.tritonserver start --repository $(REPOSITORY) --venv $(TRITON_VENV) --state var/triton
+
+triton-stop:
+	$(PY) -m deploy.local.tritonserver stop --state var/triton
 
 # Debian's prometheus package (2.42), installed when no prometheus binary is found. The package's
 # systemd unit is never used: apt may start it on a systemd host, so it is stopped and disabled

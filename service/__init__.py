@@ -1,4 +1,5 @@
-"""The gRPC inference service: avatars from photos, animation streams, Prometheus metrics.
+"""The gRPC inference server: avatars from photos, animation streams, Prometheus metrics.
 
-Torch-free: imports facekit, never training/ or export/. `talkinghead serve` runs it.
+Torch-free: imports facekit (the shared ground, with the export/serving contract) and the
+generated api/ stubs; never training/, export/ or the client (client/). `talkinghead serve` runs it.
 """

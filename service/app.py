@@ -2,7 +2,8 @@
 
 App owns the backend, the avatar store and its cache, the batcher, the metrics and two worker
 pools: `detect` (image decoding + dlib landmarks; one thread, dlib's models are shared) and `io`
-(store reads and writes).
+(store reads and writes). Its operations: avatars (create, get, list, delete) and `open_stream`,
+the one door of every Animate stream (admission and stream counters live there).
 """
 
 from __future__ import annotations
@@ -10,20 +11,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from api.talkinghead.v1 import animation_pb2, avatar_pb2
+from facekit.contract import ModelInfo
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
+from facekit.rasterize import draw_landmarks
 from service import avatars
-from service.backends.base import Backend, BackendUnavailable, ModelInfo
-from service.batcher import Batcher
-from service.errors import exists, invalid, not_found, unavailable
-from service.gen.talkinghead.v1 import avatar_pb2
+from service.backends.base import Backend, BackendUnavailable
+from service.batcher import SHARED, Batcher
+from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
+from service.images import decode_image
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
+from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper
 
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
@@ -38,17 +45,17 @@ def check_id(avatar_id: str) -> str:
 
 
 class App:
-    def __init__(self, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
+    def __init__(self, *, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.metrics = metrics
-        self.cache = AvatarCache(settings.cache_bytes, metrics.on_cache)
+        self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
         self.batcher = Batcher(
-            backend,
+            backend=backend,
             max_batch=settings.max_batch,
             on_batch=self._on_batch,
             on_drop=metrics.frames_dropped.inc,
@@ -160,6 +167,76 @@ class App:
             return await self.backend.has_personalised(avatar_id)
         except BackendUnavailable:
             return False
+
+    # -- streams ------------------------------------------------------------------------------
+    async def open_stream(self, config: animation_pb2.StreamConfig) -> Stream:
+        """Admit one Animate stream: config and avatar checked, a stream slot taken
+        (RESOURCE_EXHAUSTED at max_streams), its queue opened in the batcher. Stream.close()
+        gives the slot back through `release`."""
+        setup = check_config(config)
+        avatar_id = check_id(config.avatar_id)
+        info = self.info()
+        record = await self.get_record(avatar_id)
+        if record.model_id != info.model_id:
+            raise precondition(
+                f"avatar {avatar_id!r} was made with model {record.model_id}, the server runs "
+                f"{info.model_id}; create the avatar again"
+            )
+        mapper = driving_mapper(config, info, record.points)
+        personalised = await self.personalised(avatar_id)
+        self._take_stream_slot()
+        started = animation_pb2.StreamStarted(
+            image_size=info.image_size,
+            personalised=personalised,
+            model_id=info.model_id,
+            queue_depth=setup.depth,
+        )
+        return Stream(
+            setup=setup,
+            adain=None if personalised else record.adain,
+            model=avatar_id if personalised else SHARED,
+            mapper=mapper,
+            queue=self.batcher.open_stream(depth=setup.depth, block=setup.block),
+            started=started,
+            draw=functools.partial(draw_landmarks, size=info.image_size, style=info.draw_style),
+            find_landmarks=self.driving_landmarks,
+            metrics=self.metrics,
+            release=self._release_stream_slot,
+        )
+
+    def _take_stream_slot(self) -> None:
+        if self.active_streams >= self.settings.max_streams:
+            raise exhausted(f"the server is at its limit of {self.settings.max_streams} concurrent streams")
+        self.active_streams += 1
+        self.metrics.active_streams.inc()
+
+    def _release_stream_slot(self, code: str) -> None:
+        self.active_streams -= 1
+        self.metrics.active_streams.dec()
+        self.metrics.streams_total.labels(code).inc()
+
+    async def driving_landmarks(self, image: bytes, what: str) -> DrivingLandmarks:
+        """Decode a driving image and find its largest face's landmarks (in the detect pool)."""
+
+        def work() -> DrivingLandmarks:
+            t0 = time.perf_counter()
+            rgb = decode_image(
+                image,
+                max_bytes=self.settings.max_image_bytes,
+                max_pixels=self.settings.max_image_pixels,
+                what=what,
+            )
+            t1 = time.perf_counter()
+            faces = self.detector.detect(rgb)
+            return DrivingLandmarks(
+                size=(rgb.shape[1], rgb.shape[0]),
+                points=faces[0].points if faces else None,
+                decode_s=t1 - t0,
+                landmarks_s=time.perf_counter() - t1,
+            )
+
+        found: DrivingLandmarks = await self.in_pool(self.detect_pool, work)
+        return found
 
 
 def encode_token(last_id: str) -> str:

@@ -13,20 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from api.talkinghead.v1 import avatar_pb2
+from facekit.contract import ModelInfo
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
 from facekit.rasterize import draw_batch
-from service.backends.base import ModelInfo
-from service.driving import parse_points
 from service.errors import invalid
-from service.gen.talkinghead.v1 import avatar_pb2
 from service.images import decode_image, encode_png
+from service.landmarks import parse_points
 from service.store import AvatarRecord
 
 MAX_DISPLAY_NAME = 256
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Prepared:
     crops: np.ndarray  # (K, S, S, 3) uint8
     points: np.ndarray  # (K, 68, 2) float32 in the crops
@@ -81,7 +81,7 @@ def prepare(
                 "warnings": warnings,
             }
         )
-    return Prepared(np.stack(crops), np.stack(points).astype(np.float32), reports)
+    return Prepared(crops=np.stack(crops), points=np.stack(points).astype(np.float32), reports=reports)
 
 
 def landmark_images(prepared: Prepared, info: ModelInfo) -> np.ndarray:

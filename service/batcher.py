@@ -32,7 +32,7 @@ log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class WorkItem:
     points: np.ndarray  # (68, 2) float32 landmarks in the model's S x S crop
     draw: Callable[[np.ndarray], np.ndarray]  # points -> landmark image (S, S, 3) uint8
@@ -55,7 +55,7 @@ class WorkItem:
         return self.landmark_image
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchResult:
     image: np.ndarray  # (S, S, 3) uint8
     taken: float  # perf_counter when the batcher took the frame
@@ -64,7 +64,7 @@ class BatchResult:
 
 
 class StreamQueue:
-    def __init__(self, batcher: Batcher, *, depth: int, block: bool, max_in_flight: int) -> None:
+    def __init__(self, *, batcher: Batcher, depth: int, block: bool, max_in_flight: int) -> None:
         self._batcher = batcher
         self.depth, self.block, self.max_in_flight = depth, block, max_in_flight
         self.pending: collections.deque[WorkItem] = collections.deque()
@@ -116,8 +116,8 @@ class StreamQueue:
 class Batcher:
     def __init__(
         self,
-        backend: Backend,
         *,
+        backend: Backend,
         max_batch: int,
         on_batch: Callable[[str, int, float], None] | None = None,
         on_drop: Callable[[], None] | None = None,
@@ -143,7 +143,9 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
-        queue = StreamQueue(self, depth=depth, block=block, max_in_flight=max_in_flight or self.max_batch)
+        queue = StreamQueue(
+            batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or self.max_batch
+        )
         self._streams.append(queue)
         return queue
 
@@ -210,4 +212,5 @@ class Batcher:
         self._on_batch(model, len(batch), seconds)
         for item, frame in zip(batch, frames, strict=True):
             if not item.future.done():
-                item.future.set_result(BatchResult(frame, taken, seconds, len(batch)))
+                result = BatchResult(image=frame, taken=taken, inference_s=seconds, batch_size=len(batch))
+                item.future.set_result(result)

@@ -1,4 +1,7 @@
-"""Image bytes in and out: safe decoding of client images, fast encoding of generated frames."""
+"""Image bytes in and out: safe decoding of client images, fast encoding of generated frames.
+
+(Clients decode the frames with client.library.decode_frame.)
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from api.talkinghead.v1 import animation_pb2
 from service.errors import invalid
-from service.gen.talkinghead.v1 import animation_pb2
 
 FORMATS = ("JPEG", "PNG", "WEBP")
 JPEG_QUALITY = 90  # default when the stream asks for 0
@@ -61,14 +64,3 @@ def encode_frame(image: np.ndarray, encoding: int, quality: int) -> bytes:
     ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality or JPEG_QUALITY])
     assert ok
     return buf.tobytes()
-
-
-def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarray:
-    """Inverse of encode_frame for clients: -> uint8 RGB (height, width, 3); size = (width, height)."""
-    width, height = size
-    if encoding == animation_pb2.OUTPUT_ENCODING_RAW_RGB:
-        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if bgr is None:
-        raise ValueError("cannot decode the frame")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)

@@ -19,9 +19,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from service.app import App
 from service.backends.base import Backend
-from service.gen.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from service.metrics import Metrics
 from service.servicer import AnimationServicer, AvatarServicer
 from service.settings import Settings
@@ -46,7 +46,7 @@ def make_backend(settings: Settings) -> Backend:
     return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Server:
     settings: Settings
     backend: Backend | None = None  # default: make_backend(settings)
@@ -62,7 +62,12 @@ class Server:
         s = self.settings
         log.info("settings: %s", s.describe())
         metrics = Metrics()
-        self.app = App(s, self.backend or make_backend(s), LocalAvatarStore(s.avatar_store), metrics)
+        self.app = App(
+            settings=s,
+            backend=self.backend or make_backend(s),
+            store=LocalAvatarStore(root=s.avatar_store),
+            metrics=metrics,
+        )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -70,8 +75,10 @@ class Server:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         self._server = grpc.aio.server(options=options)
-        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(self.app), self._server)
-        animation_pb2_grpc.add_AnimationServiceServicer_to_server(AnimationServicer(self.app), self._server)
+        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)
+        animation_pb2_grpc.add_AnimationServiceServicer_to_server(
+            AnimationServicer(app=self.app), self._server
+        )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._set_health(False)
@@ -139,7 +146,7 @@ class Server:
 
 async def serve(settings: Settings) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = Server(settings)
+    server = Server(settings=settings)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,10 +11,10 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service.app import App
 from service.errors import ServiceError, precondition
-from service.gen.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
-from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
 from service.store import AvatarRecord
 from service.stream import Stream
 
@@ -62,7 +62,7 @@ def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
 
 
 class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
-    def __init__(self, app: App) -> None:
+    def __init__(self, *, app: App) -> None:
         self.app = app
 
     @unary
@@ -97,7 +97,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
 
 class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
-    def __init__(self, app: App) -> None:
+    def __init__(self, *, app: App) -> None:
         self.app = app
 
     async def Animate(
@@ -113,7 +113,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             kind = first.WhichOneof("message")
             if kind != "config":
                 raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
-            stream = await Stream.open(self.app, first.config)
+            stream = await self.app.open_stream(first.config)
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
             yield animation_pb2.AnimateResponse(started=stream.started)
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")

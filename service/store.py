@@ -30,7 +30,7 @@ from facekit.ids import validate_avatar_id
 SUFFIX = ".npz"
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(frozen=True, eq=False, kw_only=True)
 class AvatarRecord:
     avatar_id: str
     adain: np.ndarray  # (D,) float32: psi = mean of the embedder's AdaIN outputs over the photos
@@ -80,7 +80,7 @@ class AvatarStore(Protocol):
 class LocalAvatarStore:
     """One `<id>.npz` per avatar in `root` (created if missing)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, *, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # serialises exists-check + replace for put(replace=False)
@@ -154,7 +154,9 @@ class AvatarCache:
     `on_change(entries, bytes, hit)` reports to metrics; hit is None for evictions/insertions.
     """
 
-    def __init__(self, max_bytes: int, on_change: Callable[[int, int, bool | None], None] | None = None):
+    def __init__(
+        self, *, max_bytes: int, on_change: Callable[[int, int, bool | None], None] | None = None
+    ) -> None:
         self.max_bytes = max_bytes
         self._items: OrderedDict[str, AvatarRecord] = OrderedDict()
         self._bytes = 0

@@ -16,20 +16,21 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
 
-from facekit.rasterize import draw_landmarks
-from service.app import App, check_id
+from api.talkinghead.v1 import animation_pb2 as pb
+from facekit.contract import ModelInfo
 from service.backends.base import BackendUnavailable
-from service.batcher import SHARED, BatchResult, StreamQueue, WorkItem
-from service.driving import DrivingMapper, check_frame_size, parse_points
-from service.errors import ServiceError, exhausted, invalid, precondition, unavailable
-from service.gen.talkinghead.v1 import animation_pb2 as pb
-from service.images import decode_image, encode_frame
+from service.batcher import BatchResult, StreamQueue, WorkItem
+from service.driving import DrivingMapper
+from service.errors import ServiceError, invalid, precondition, unavailable
+from service.images import encode_frame
+from service.landmarks import check_frame_size, parse_points
+from service.metrics import Metrics
 
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
@@ -40,7 +41,7 @@ def _us(seconds: float) -> int:
     return max(0, min(int(seconds * 1e6), 2**32 - 1))
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class Outstanding:
     """A frame read from the client whose reply is not sent yet."""
 
@@ -59,7 +60,7 @@ class Outstanding:
         return self.item
 
 
-@dataclass
+@dataclass(kw_only=True)
 class StreamSetup:
     config: pb.StreamConfig
     encoding: int
@@ -96,15 +97,54 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
     )
 
 
-@dataclass(eq=False)
+def driving_mapper(config: pb.StreamConfig, info: ModelInfo, avatar_points: np.ndarray) -> DrivingMapper:
+    """The stream's mapping of driving landmarks into the model's crop (config.neutral checked here)."""
+    neutral = None
+    if config.HasField("neutral"):
+        size = check_frame_size(
+            config.neutral_frame_width, config.neutral_frame_height, what="config.neutral"
+        )
+        neutral = (parse_points(config.neutral.xy, what="config.neutral"), size)
+    return DrivingMapper(
+        size=info.image_size,
+        relative=config.motion == pb.MOTION_MODE_RELATIVE,
+        crop_to_face=config.crop_to_face,
+        crop_scale=info.crop_scale,
+        avatar_points=avatar_points,
+        neutral=neutral,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DrivingLandmarks:
+    """A driving image, decoded and searched for a face."""
+
+    size: tuple[int, int]  # (width, height) of the decoded image
+    points: np.ndarray | None  # (68, 2) of the largest face, None when no face was found
+    decode_s: float
+    landmarks_s: float
+
+
+# (image bytes, what) -> the image's landmarks: App.driving_landmarks (the detect pool)
+FindLandmarks = Callable[[bytes, str], Awaitable[DrivingLandmarks]]
+
+
+@dataclass(eq=False, kw_only=True)
 class Stream:
-    app: App
+    """One admitted stream (App.open_stream makes it) and only what it uses: its queue in the
+    batcher, the model's landmark drawing, landmark finding for driving images, the metrics, and
+    `release`, which gives the stream slot back to App (called once, by close)."""
+
     setup: StreamSetup
     adain: np.ndarray | None  # (D,) for the shared generator, None for a personalised one
     model: str
     mapper: DrivingMapper
     queue: StreamQueue
     started: pb.StreamStarted
+    draw: Callable[[np.ndarray], np.ndarray]  # crop points (68, 2) -> landmark image (S, S, 3) uint8
+    find_landmarks: FindLandmarks
+    metrics: Metrics
+    release: Callable[[str], None]  # the gRPC status code name the stream ended with
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
@@ -113,61 +153,12 @@ class Stream:
     closed: bool = False
     last_points: np.ndarray | None = None
 
-    @classmethod
-    async def open(cls, app: App, config: pb.StreamConfig) -> Stream:
-        setup = check_config(config)
-        avatar_id = check_id(config.avatar_id)
-        info = app.info()
-        record = await app.get_record(avatar_id)
-        if record.model_id != info.model_id:
-            raise precondition(
-                f"avatar {avatar_id!r} was made with model {record.model_id}, the server runs "
-                f"{info.model_id}; create the avatar again"
-            )
-        neutral = None
-        if config.HasField("neutral"):
-            size = check_frame_size(
-                config.neutral_frame_width, config.neutral_frame_height, what="config.neutral"
-            )
-            neutral = (parse_points(config.neutral.xy, what="config.neutral"), size)
-        mapper = DrivingMapper(
-            size=info.image_size,
-            relative=config.motion == pb.MOTION_MODE_RELATIVE,
-            crop_to_face=config.crop_to_face,
-            crop_scale=info.crop_scale,
-            avatar_points=record.points,
-            neutral=neutral,
-        )
-        personalised = await app.personalised(avatar_id)
-        if app.active_streams >= app.settings.max_streams:
-            raise exhausted(f"the server is at its limit of {app.settings.max_streams} concurrent streams")
-        app.active_streams += 1
-        app.metrics.active_streams.inc()
-        queue = app.batcher.open_stream(depth=setup.depth, block=setup.block)
-        started = pb.StreamStarted(
-            image_size=info.image_size,
-            personalised=personalised,
-            model_id=info.model_id,
-            queue_depth=setup.depth,
-        )
-        return cls(
-            app=app,
-            setup=setup,
-            adain=None if personalised else record.adain,
-            model=avatar_id if personalised else SHARED,
-            mapper=mapper,
-            queue=queue,
-            started=started,
-        )
-
     def close(self, code: str) -> None:
         if self.closed:
             return
         self.closed = True
         self.queue.close()
-        self.app.active_streams -= 1
-        self.app.metrics.active_streams.dec()
-        self.app.metrics.streams_total.labels(code).inc()
+        self.release(code)
 
     # -- reading ------------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb.AnimateRequest]) -> None:
@@ -195,54 +186,43 @@ class Stream:
             self.changed.set()
 
     async def _landmark_frame(self, frame: pb.LandmarkFrame, read: float) -> None:
-        self.app.metrics.frames_received.labels("landmarks").inc()
+        self.metrics.frames_received.labels("landmarks").inc()
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
         points = parse_points(frame.landmarks.xy, what=f"{what} landmarks")
-        await self._enqueue(points, size, Outstanding(frame.sequence, frame.capture_time_us, read))
+        pending = Outstanding(sequence=frame.sequence, capture_time_us=frame.capture_time_us, read=read)
+        await self._enqueue(points, size, pending)
 
     async def _driving_frame(self, frame: pb.DrivingFrame, read: float) -> None:
-        self.app.metrics.frames_received.labels("image").inc()
-        settings = self.app.settings
+        self.metrics.frames_received.labels("image").inc()
         what = f"driving frame {frame.sequence}"
-
-        def work() -> tuple[np.ndarray, float, np.ndarray | None, float]:
-            t0 = time.perf_counter()
-            rgb = decode_image(
-                frame.image,
-                max_bytes=settings.max_image_bytes,
-                max_pixels=settings.max_image_pixels,
-                what=what,
-            )
-            t1 = time.perf_counter()
-            faces = self.app.detector.detect(rgb)
-            return rgb, t1 - t0, faces[0].points if faces else None, time.perf_counter() - t1
-
-        rgb, decode_s, points, landmarks_s = await self.app.in_pool(self.app.detect_pool, work)
-        self.app.metrics.stage_seconds.labels("decode").observe(decode_s)
-        self.app.metrics.stage_seconds.labels("landmarks").observe(landmarks_s)
-        missing = points is None
+        found = await self.find_landmarks(frame.image, what)
+        self.metrics.stage_seconds.labels("decode").observe(found.decode_s)
+        self.metrics.stage_seconds.labels("landmarks").observe(found.landmarks_s)
+        points = found.points
         if points is None:
             if self.last_points is None:
                 raise precondition(f"{what}: no face found in the stream's first driving frame")
             points = self.last_points
         self.last_points = points
-        height, width = rgb.shape[:2]
-        pending = Outstanding(frame.sequence, frame.capture_time_us, read, decode_s, landmarks_s)
-        pending.face_missing = missing
-        await self._enqueue(points, (width, height), pending)
+        pending = Outstanding(
+            sequence=frame.sequence,
+            capture_time_us=frame.capture_time_us,
+            read=read,
+            decode_s=found.decode_s,
+            landmarks_s=found.landmarks_s,
+            face_missing=found.points is None,
+        )
+        await self._enqueue(points, found.size, pending)
 
     async def _enqueue(self, points: np.ndarray, size: tuple[int, int], pending: Outstanding) -> None:
         t0 = time.perf_counter()
         crop_points = self.mapper(points, size)
         pending.rasterize_s = time.perf_counter() - t0  # motion mapping; drawing is added when drawn
-        pending.item = WorkItem(crop_points, self._draw, self.adain, self.model)
+        pending.item = WorkItem(points=crop_points, draw=self.draw, adain=self.adain, model=self.model)
         self.outstanding.append(pending)
         self.changed.set()
         await self.queue.put(pending.item)
-
-    def _draw(self, points: np.ndarray) -> np.ndarray:
-        return draw_landmarks(points, self.mapper.size, self.app.backend.info.draw_style)
 
     # -- replying -----------------------------------------------------------------------------
     async def replies(self) -> AsyncIterator[pb.AnimateResponse]:
@@ -294,7 +274,7 @@ class Stream:
         done = time.perf_counter()
         encode_s, queue_s, total_s = done - t0, result.taken - head.work.enqueued, done - head.read
         rasterize_s = head.rasterize_s + head.work.rasterize_s
-        metrics = self.app.metrics
+        metrics = self.metrics
         metrics.stage_seconds.labels("rasterize").observe(rasterize_s)
         metrics.stage_seconds.labels("encode").observe(encode_s)
         metrics.stage_seconds.labels("end_to_end").observe(total_s)

@@ -1,8 +1,9 @@
 """`talkinghead <command>`: dispatch to the module that implements each command.
 
 Only the chosen command's module is imported, so `talkinghead serve` never loads torch or the
-training code. Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and its
-docstring (what it does, with an example) is the command's --help text.
+training code, and the client commands (avatar, animate, bench: client/) never load the server.
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and its docstring
+(what it does, with an example) is the command's --help text.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluation.command", "score a model against the classical warp on unseen people"),
     "export": ("export.command", "checkpoint -> ONNX -> Triton model repository (+ parity report)"),
     "serve": ("service.serve_command", "run the gRPC service (avatars, animation streams, metrics)"),
-    "avatar": ("service.avatar_command", "create/list/get/delete avatars on a running service"),
-    "animate": ("service.animate_command", "drive an avatar with a video or landmark file -> video"),
-    "bench": ("service.bench", "benchmark the backend and the service; writes JSON figures"),
+    "avatar": ("client.avatar_command", "create/list/get/delete avatars on a running service"),
+    "animate": ("client.animate_command", "drive an avatar with a video or landmark file -> video"),
+    "bench": ("client.bench", "benchmark the generator and the service; writes JSON figures"),
 }
 
 

@@ -28,8 +28,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from client.library import Client
 from facekit.sequence import LandmarkSequence
-from service.client import Client
 from service.server import Server
 from service.settings import Settings
 from service.store import LocalAvatarStore
@@ -70,12 +70,12 @@ def model_repository() -> Path:
 class ServerThread:
     """A real service (`service.server.Server`) on 127.0.0.1, free ports, in a background loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, *, settings: Settings) -> None:
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-server")
         self.thread.start()
-        self.server = Server(settings)
+        self.server = Server(settings=settings)
         self.call(self.server.start())
 
     def call(self, coro: Any, timeout: float = 60.0) -> Any:
@@ -93,7 +93,7 @@ class ServerThread:
         assert self.call(self.app.backend.wait_ready(timeout), timeout + 5), "backend did not become ready"
 
     def client(self) -> Client:
-        return Client(self.address, timeout=120.0)
+        return Client(target=self.address, timeout=120.0)
 
     def metrics(self) -> str:
         url = f"http://127.0.0.1:{self.server.metrics_port}/metrics"
@@ -128,7 +128,7 @@ test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a 
 def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """One shared server for the tests that do not need their own settings."""
     store = tmp_path_factory.mktemp("avatars")
-    running = ServerThread(test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024))
+    running = ServerThread(settings=test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024))
     running.wait_ready()
     yield running
     running.stop()
@@ -168,7 +168,7 @@ def other_avatar(server: ServerThread, client: Client, avatar: str) -> str:
     has psi + N(0, 0.2) (frames differ by ~10 grey levels) and reaches the server the way a stored
     avatar does after a restart: read from the store on first use.
     """
-    store = LocalAvatarStore(server.settings.avatar_store)
+    store = LocalAvatarStore(root=server.settings.avatar_store)
     base = store.get(avatar)
     assert base is not None
     noise = np.random.default_rng(0).normal(0.0, 0.2, base.adain.shape).astype(np.float32)
@@ -184,7 +184,7 @@ def driver() -> LandmarkSequence:
 class Direct:
     """The served ONNX models called directly with ONNX Runtime: the reference for the service."""
 
-    def __init__(self, repository: Path) -> None:
+    def __init__(self, *, repository: Path) -> None:
         self.sessions = {
             m: ort.InferenceSession(str(sorted((repository / m).glob("*/model.onnx"))[-1]))
             for m in ("generator",)
@@ -198,7 +198,7 @@ class Direct:
 
 @pytest.fixture(scope="session")
 def direct(model_repository: Path) -> Direct:
-    return Direct(model_repository)
+    return Direct(repository=model_repository)
 
 
 def copy_base_models(source: Path, target: Path) -> Path:

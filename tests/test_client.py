@@ -1,4 +1,4 @@
-"""The client CLI against a real server, settings from the environment, fresh stubs, no torch."""
+"""The client CLI against a real server, settings from the environment, fresh stubs, import boundaries."""
 
 from __future__ import annotations
 
@@ -16,15 +16,18 @@ from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
 
-SERVICE_MODULES = [
+SERVER_MODULES = [
     "service.server",
-    "service.client",
     "service.serve_command",
-    "service.avatar_command",
-    "service.animate_command",
-    "service.bench",
     "service.backends.onnxruntime",
     "service.backends.triton",
+]
+CLIENT_MODULES = [
+    "client",
+    "client.library",
+    "client.avatar_command",
+    "client.animate_command",
+    "client.bench",
 ]
 
 
@@ -138,18 +141,30 @@ def test_generated_stubs_are_fresh(tmp_path: Path) -> None:
     fresh = sorted(
         p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file() and "__pycache__" not in p.parts
     )
-    committed = REPO / "service/gen"
+    committed = REPO / "api"
     assert fresh, "make protos wrote nothing"
     stale = [str(p) for p in fresh if not filecmp.cmp(tmp_path / p, committed / p, shallow=False)]
-    assert not stale, f"service/gen is stale, run `make protos`: {stale}"
+    assert not stale, f"api/ is stale, run `make protos`: {stale}"
 
 
-def test_service_and_client_never_import_torch_training_or_export() -> None:
+def imported_packages(modules: list[str]) -> list[str]:
+    """Top-level packages loaded by importing `modules` in a fresh interpreter."""
     code = (
         "import importlib, sys\n"
-        f"for m in {SERVICE_MODULES!r}: importlib.import_module(m)\n"
-        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'export'))\n"
-        "print(bad); raise SystemExit(1 if bad else 0)\n"
+        f"for m in {modules!r}: importlib.import_module(m)\n"
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))\n"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split()
+
+
+def test_service_and_client_never_import_torch_training_or_export() -> None:
+    for modules in (SERVER_MODULES, CLIENT_MODULES):
+        bad = sorted(set(imported_packages(modules)) & {"torch", "training", "export"})
+        assert bad == [], f"{modules} import {bad}"
+
+
+def test_client_and_server_import_each_other_never() -> None:
+    assert "service" not in imported_packages(CLIENT_MODULES)
+    assert "client" not in imported_packages(SERVER_MODULES)

@@ -15,6 +15,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import repository, to_onnx, to_tensorrt
+from facekit import contract
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,6 +50,22 @@ def test_contract_names_types_and_dynamic_batch(exported: tuple[Path, dict]) -> 
             },
         )[0]
         assert out.shape == (batch, 128, 128, 3) and out.dtype == np.uint8
+
+
+def test_exported_files_keep_the_contract(exported: tuple[Path, dict]) -> None:
+    """Names, dtypes and shapes of every exported model are facekit.contract's; its metadata parses."""
+    repo, _ = exported
+    dtypes = {"uint8": "tensor(uint8)", "float32": "tensor(float)"}
+    for name in (contract.EMBEDDER, contract.GENERATOR):
+        path = repo / name / "1/model.onnx"
+        meta = dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
+        info = contract.ModelInfo.from_metadata(meta, where=str(path))
+        assert contract.model_name(meta) == name
+        sig = contract.SIGNATURES[meta[contract.Meta.KIND]]
+        sizes = {"image_size": info.image_size, "adain_size": info.adain_size}
+        want = {t.name: (dtypes[t.dtype], ["batch", *t.dims(**sizes)]) for t in (*sig.inputs, *sig.outputs)}
+        assert signature(path) == want
+        assert set(meta) <= set(contract.Meta.KEYS)
 
 
 def test_single_file_with_metadata(exported: tuple[Path, dict]) -> None:

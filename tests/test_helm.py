@@ -118,7 +118,7 @@ def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
 
 
 def test_service_settings_reach_the_container(helm: str) -> None:
-    manifests = render(helm, service__maxStreams=7, service__backend="onnxruntime")
+    manifests = render(helm, server__maxStreams=7, server__backend="onnxruntime")
     config = one(manifests, "ConfigMap", "")["data"]
     assert config["TALKINGHEAD_MAX_STREAMS"] == "7"
     assert config["TALKINGHEAD_BACKEND"] == "onnxruntime"
@@ -139,7 +139,7 @@ def test_checksum_rolls_pods_when_config_changes(helm: str) -> None:
         return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
 
     assert checksum() == checksum()
-    assert checksum(service__logLevel="DEBUG") != checksum()
+    assert checksum(server__logLevel="DEBUG") != checksum()
 
 
 def test_tls_mounts_the_secret_and_probes_with_tls(helm: str) -> None:
@@ -180,6 +180,12 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
     }
     url = one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_TRITON_URL"]
     assert url == f"{service['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
+
+
+def test_kubernetes_service_types_are_values(helm: str) -> None:
+    manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
+    assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"
+    assert one(manifests, "Service", "-triton")["spec"]["type"] == "LoadBalancer"
 
 
 def test_model_control_mode_is_a_value(helm: str) -> None:
@@ -245,9 +251,9 @@ def test_external_triton_needs_an_address(helm: str) -> None:
 @pytest.mark.parametrize(
     ("switch", "kind", "suffix"),
     [
-        ("service.autoscaling.enabled", "HorizontalPodAutoscaler", ""),
+        ("server.autoscaling.enabled", "HorizontalPodAutoscaler", ""),
         ("triton.autoscaling.enabled", "HorizontalPodAutoscaler", "-triton"),
-        ("service.pdb.enabled", "PodDisruptionBudget", ""),
+        ("server.pdb.enabled", "PodDisruptionBudget", ""),
         ("triton.pdb.enabled", "PodDisruptionBudget", "-triton"),
         ("metrics.serviceMonitor.enabled", "ServiceMonitor", ""),
         ("networkPolicy.enabled", "NetworkPolicy", ""),
@@ -291,12 +297,12 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("service.grpcPort", "abc", "grpcPort"),
-        ("service.grpcPort", "70000", "grpcPort"),
-        ("service.backend", "pytorch", "backend"),
+        ("server.grpcPort", "abc", "grpcPort"),
+        ("server.grpcPort", "70000", "grpcPort"),
+        ("server.backend", "pytorch", "backend"),
         ("triton.mode", "daemonset", "mode"),
-        ("service.maxBatch", "0", "maxBatch"),
-        ("service.grpcPrt", "50051", "grpcPrt"),
+        ("server.maxBatch", "0", "maxBatch"),
+        ("server.grpcPrt", "50051", "grpcPrt"),
         ("avatarStore.persistence.accessModes[0]", "ReadWriteSometimes", "accessModes"),
     ],
 )

@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from client.library import Client, landmark_requests
 from facekit.rasterize import draw_batch, draw_landmarks
 from facekit.sequence import LandmarkSequence
-from service.client import Client, landmark_requests
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
@@ -24,7 +24,7 @@ SIZE = 128  # the small model's image size; checked against StreamStarted below
 
 
 def record(server: ServerThread, avatar_id: str):
-    found = LocalAvatarStore(server.settings.avatar_store).get(avatar_id)
+    found = LocalAvatarStore(root=server.settings.avatar_store).get(avatar_id)
     assert found is not None
     return found
 
@@ -66,7 +66,7 @@ def test_avatar_create_get_list_delete(client: Client) -> None:
 
 def test_restart_keeps_avatars(model_repository: Path, tmp_path: Path, driver: LandmarkSequence) -> None:
     settings = test_settings(model_repository, tmp_path / "store")
-    first = ServerThread(settings)
+    first = ServerThread(settings=settings)
     first.wait_ready()
     with first.client() as c:
         c.create_avatar("keeper", [PORTRAIT], display_name="kept")
@@ -74,7 +74,7 @@ def test_restart_keeps_avatars(model_repository: Path, tmp_path: Path, driver: L
         c.delete_avatar("goner")
     first.stop()
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keeper.npz"]  # no temp files left
-    second = ServerThread(settings)
+    second = ServerThread(settings=settings)
     try:
         second.wait_ready()
         with second.client() as c:
@@ -178,7 +178,7 @@ def test_relative_motion_keeps_the_avatars_face_shape(
 
 
 def test_driving_frames_find_landmarks(client: Client, avatar: str) -> None:
-    from service.client import image_requests
+    from client.library import image_requests
 
     rgb = np.asarray(__import__("PIL.Image").Image.open(PORTRAIT).convert("RGB"))
     frames = list(client.animate(avatar, image_requests([rgb, rgb[:, ::-1].copy()]), motion="relative"))
@@ -260,7 +260,7 @@ def test_health_reflection_and_metrics(
 def test_not_serving_until_models_arrive_then_recovers(model_repository: Path, tmp_path: Path) -> None:
     empty = tmp_path / "repo"
     empty.mkdir()
-    running = ServerThread(test_settings(empty, tmp_path / "store"))
+    running = ServerThread(settings=test_settings(empty, tmp_path / "store"))
     try:
         with running.client() as c:
             assert c.health() == "NOT_SERVING"
@@ -279,7 +279,7 @@ def test_personalised_generator_is_used_automatically(
     personalised_repository: tuple[Path, str], tmp_path: Path, driver: LandmarkSequence
 ) -> None:
     repository, avatar_id = personalised_repository
-    running = ServerThread(test_settings(repository, tmp_path / "store"))
+    running = ServerThread(settings=test_settings(repository, tmp_path / "store"))
     try:
         running.wait_ready()
         with running.client() as c:
@@ -298,7 +298,7 @@ def test_personalised_generator_is_used_automatically(
         expected = personal.run(["image"], {"landmark_image": drawn})[0]
         got = np.stack([f.image for f in frames]).astype(int)
         assert np.abs(got - expected).mean() < 0.6
-        shared = Direct(repository).generate(
+        shared = Direct(repository=repository).generate(
             drawn, np.repeat(record(running, avatar_id).adain[None], 4, axis=0)
         )
         assert np.abs(got - shared).mean() > 0.5  # not the shared generator's frames

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1 import avatar_pb2
+from api.talkinghead.v1.landmarks_pb2 import Landmarks
+from client.library import Client, landmark_requests, to_landmarks
 from facekit.sequence import LandmarkSequence
-from service.client import Client, landmark_requests, to_landmarks
-from service.gen.talkinghead.v1 import animation_pb2 as pb
-from service.gen.talkinghead.v1 import avatar_pb2
-from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, ServerThread, png_bytes, test_settings
 
@@ -231,7 +231,7 @@ def test_cancelled_stream_is_released(
 
 
 def test_stream_limit(model_repository: Path, tmp_path: Path, driver: LandmarkSequence) -> None:
-    running = ServerThread(test_settings(model_repository, tmp_path / "store", max_streams=1))
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", max_streams=1))
     try:
         running.wait_ready()
         with running.client() as c:
@@ -269,7 +269,7 @@ def test_avatar_of_another_model_is_refused(server: ServerThread, client: Client
 
     from service.store import LocalAvatarStore
 
-    store = LocalAvatarStore(server.settings.avatar_store)
+    store = LocalAvatarStore(root=server.settings.avatar_store)
     base = store.get(avatar)
     assert base is not None
     store.put(replace(base, avatar_id="foreign", model_id="0123456789abcdef"), replace=True)
@@ -282,7 +282,7 @@ def test_backend_failure_mid_stream_is_unavailable_then_recovers(
 ) -> None:
     """The model is taken away under a running server (its session closed): streams get UNAVAILABLE,
     the server keeps running, and works again once the model is back."""
-    running = ServerThread(test_settings(model_repository, tmp_path / "store"))
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store"))
     try:
         running.wait_ready()
         backend = running.app.backend

@@ -1,6 +1,6 @@
 """The service on the Triton backend (tritonclient.grpc.aio) against a real Triton server.
 
-The test starts the Triton bundled with nvidia-pytriton (export/triton_local.py) on free ports
+The test starts the Triton bundled with nvidia-pytriton (export/tritonserver.py) on free ports
 with a private copy of the model repository; TALKINGHEAD_TEST_TRITON_URL points it at a running
 server instead. Skips, saying why, only where the bundled server is not installed.
 """
@@ -17,10 +17,10 @@ import grpc
 import numpy as np
 import pytest
 
-from export import triton_local
+from client.library import landmark_requests
+from deploy.local import tritonserver
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
-from service.client import landmark_requests
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import PORTRAIT, Direct, ServerThread, test_settings
@@ -38,17 +38,17 @@ def free_port() -> int:
 class Triton:
     """The bundled Triton on fixed free ports, restartable (to take the backend away and back)."""
 
-    def __init__(self, repository: Path, state: Path) -> None:
+    def __init__(self, *, repository: Path, state: Path) -> None:
         self.repository, self.state = repository, state
-        self.ports = triton_local.Ports(free_port(), free_port(), free_port())
-        self.server: triton_local.Server | None = None
+        self.ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+        self.server: tritonserver.Server | None = None
 
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.ports.grpc}"
 
     def start(self) -> None:
-        self.server = triton_local.start(self.repository, venv=VENV, state=self.state, ports=self.ports)
+        self.server = tritonserver.start(self.repository, venv=VENV, state=self.state, ports=self.ports)
         self.server.wait_ready(120)
 
     def stop(self) -> None:
@@ -63,14 +63,14 @@ def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         yield os.environ["TALKINGHEAD_TEST_TRITON_URL"]
         return
     try:
-        triton_local.server_root(VENV)
+        tritonserver.server_root(VENV)
     except FileNotFoundError as err:
         pytest.skip(f"bundled Triton server unavailable: {err}")
     work = tmp_path_factory.mktemp("triton-backend")
     repo = work / "repo"
     for name in ("embedder", "generator"):
         shutil.copytree(model_repository / name, repo / name)
-    server = Triton(repo, work / "state")
+    server = Triton(repository=repo, state=work / "state")
     server.start()
     try:
         yield server
@@ -86,7 +86,9 @@ def test_triton_backend_serves_streams(
     model_repository: Path, tmp_path: Path, driver: LandmarkSequence, direct: Direct, triton: str | Triton
 ) -> None:
     running = ServerThread(
-        test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=url_of(triton))
+        settings=test_settings(
+            model_repository, tmp_path / "store", backend="triton", triton_url=url_of(triton)
+        )
     )
     try:
         running.wait_ready(timeout=60)
@@ -97,7 +99,7 @@ def test_triton_backend_serves_streams(
             frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2, 3]
         info = running.app.backend.info
-        psi = LocalAvatarStore(tmp_path / "store").get("tri").adain  # type: ignore[union-attr]
+        psi = LocalAvatarStore(root=tmp_path / "store").get("tri").adain  # type: ignore[union-attr]
         drawn = draw_batch(seq.rescaled(info.image_size).points, info.image_size, info.draw_style)
         expected = direct.generate(drawn, np.repeat(psi[None], 4, axis=0))
         assert np.abs(np.stack([f.image for f in frames]).astype(int) - expected).mean() < 0.6
@@ -111,7 +113,7 @@ def test_triton_down_gives_unavailable_and_the_service_recovers(
     if isinstance(triton, str):
         pytest.skip("needs the test's own Triton (TALKINGHEAD_TEST_TRITON_URL is set)")
     running = ServerThread(
-        test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=triton.url)
+        settings=test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=triton.url)
     )
     seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
     try:

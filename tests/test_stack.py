@@ -10,7 +10,6 @@ no prometheus binary can be found or installed, or where the bundled Triton serv
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import math
 import shutil
@@ -21,9 +20,10 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from deploy.local import stack
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,18 +32,6 @@ TRITON_VENV = ROOT / ".venv-triton"
 PORTRAIT = ROOT / "facekit" / "assets" / "demo_portrait.png"
 DRIVER = ROOT / "facekit" / "assets" / "demo_driver.npz"
 FRAMES = 20
-
-
-def load_launcher() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("talkinghead_stack", LAUNCHER)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-stack = load_launcher()
 
 
 def free_ports(count: int) -> list[int]:
@@ -124,13 +112,13 @@ def repository(request: pytest.FixtureRequest) -> Path:
 
 
 def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    from client.library import Client, describe_error, landmark_requests
     from facekit.sequence import LandmarkSequence
-    from service.client import Client, describe_error, landmark_requests
 
     try:
-        from export import triton_local
+        from deploy.local import tritonserver
 
-        triton_local.server_root(TRITON_VENV)
+        tritonserver.server_root(TRITON_VENV)
     except FileNotFoundError as error:
         pytest.skip(f"bundled Triton server unavailable: {error}")
     prometheus = prometheus_binary()
@@ -151,7 +139,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         "90",
         *(arg for name in names for arg in (f"--{name.replace('_', '-')}-port", str(getattr(ports, name)))),
     ]
-    layout = stack.Layout(state)
+    layout = stack.Layout(state=state)
 
     def logs() -> str:
         return "\n".join(f"--- {name}.log:\n{stack.tail(layout.log(name), 40)}" for name in stack.COMPONENTS)
@@ -174,7 +162,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         seq = LandmarkSequence.load(DRIVER)
         seq = LandmarkSequence(seq.points[:FRAMES], seq.frame_size, seq.fps)
         try:
-            with Client(f"127.0.0.1:{ports.grpc}", timeout=60) as client:
+            with Client(target=f"127.0.0.1:{ports.grpc}", timeout=60) as client:
                 assert client.health() == "SERVING"
                 client.create_avatar("stacktest", [PORTRAIT])
                 frames = list(client.animate("stacktest", landmark_requests(seq)))
@@ -207,7 +195,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
     assert stopped.returncode == 0, f"stack down failed:\n{stopped.stdout}\n{stopped.stderr}"
     assert "nothing running" in stopped.stdout
     for name, pid in pids.items():
-        assert not triton_local.group_alive(pid), f"{name} (process group {pid}) still running after down"
+        assert not tritonserver.group_alive(pid), f"{name} (process group {pid}) still running after down"
         assert not layout.pid_file(name).exists(), f"{name}.pid left behind"
     busy = [port for port in (getattr(ports, name) for name in names) if stack.listening(port)]
     assert not busy, f"ports still in use after down: {busy}"

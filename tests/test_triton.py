@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export import triton_local
+from deploy.local import tritonserver
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,13 +41,13 @@ def live_repo(exported: tuple[Path, dict], tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture(scope="module")
-def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[triton_local.Server]:
+def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tritonserver.Server]:
     try:
-        triton_local.server_root(VENV)
+        tritonserver.server_root(VENV)
     except FileNotFoundError as err:
         pytest.skip(f"bundled Triton server unavailable: {err}")
-    ports = triton_local.Ports(free_port(), free_port(), free_port())
-    server = triton_local.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
+    ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    server = tritonserver.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
     try:
         server.wait_ready(120)
         yield server
@@ -81,7 +81,7 @@ def faces(meta_ckpt: dict) -> dict[str, np.ndarray]:
 
 
 def test_embedder_and_generator_equal_onnxruntime(
-    triton: triton_local.Server, live_repo: Path, faces: dict[str, np.ndarray]
+    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
 ) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     got = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])
@@ -97,7 +97,7 @@ def test_embedder_and_generator_equal_onnxruntime(
     assert np.array_equal(frames, expected)
 
 
-def metric(server: triton_local.Server, name: str, model: str) -> float:
+def metric(server: tritonserver.Server, name: str, model: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{server.ports.metrics}/metrics", timeout=5) as r:
         text = r.read().decode()
     found = re.search(rf'^{name}{{model="{model}",version="\d+"}} (\S+)$', text, re.M)
@@ -106,7 +106,7 @@ def metric(server: triton_local.Server, name: str, model: str) -> float:
 
 
 def test_batched_requests_of_several_avatars_return_each_avatars_frame(
-    triton: triton_local.Server, live_repo: Path, faces: dict[str, np.ndarray]
+    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
 ) -> None:
     """Two avatars in 16 concurrent requests: Triton's dynamic batcher merges them, and every
     request still gets its own avatar's frame. Avatar 0 is the portrait's psi; avatar 1 a psi
@@ -150,7 +150,7 @@ def test_batched_requests_of_several_avatars_return_each_avatars_frame(
 
 
 def test_personalised_generator_loads_serves_and_unloads(
-    triton: triton_local.Server,
+    triton: tritonserver.Server,
     live_repo: Path,
     personal_ckpt: dict,
     faces: dict[str, np.ndarray],
@@ -187,7 +187,7 @@ def test_personalised_generator_loads_serves_and_unloads(
 
 
 def test_metrics_endpoint_counts_inferences(
-    triton: triton_local.Server, faces: dict[str, np.ndarray]
+    triton: tritonserver.Server, faces: dict[str, np.ndarray]
 ) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     before = metric(triton, "nv_inference_request_success", "embedder")
@@ -196,7 +196,7 @@ def test_metrics_endpoint_counts_inferences(
     assert metric(triton, "nv_inference_compute_infer_duration_us", "embedder") > 0
 
 
-def test_bad_request_is_refused_and_server_stays_up(triton: triton_local.Server) -> None:
+def test_bad_request_is_refused_and_server_stays_up(triton: tritonserver.Server) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     with pytest.raises(InferenceServerException, match="adain"):
         infer(client, "generator", landmark_image=np.zeros((1, 128, 128, 3), np.uint8))

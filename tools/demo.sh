@@ -29,7 +29,7 @@ PY
 server=$!
 trap 'kill "$server" 2>/dev/null; wait "$server" 2>/dev/null || true' EXIT
 export TALKINGHEAD_SERVER="127.0.0.1:$grpc_port"
-if ! "$py" -c "from service.client import Client; Client('$TALKINGHEAD_SERVER').wait_ready(120)"; then
+if ! "$py" -c "from client import Client; Client(target='$TALKINGHEAD_SERVER').wait_ready(120)"; then
     echo "demo: the service did not become ready; its log:" >&2
     tail -n 30 "$OUT/serve.log" >&2
     exit 1

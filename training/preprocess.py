@@ -39,8 +39,7 @@ import numpy as np
 
 from facekit.crop import CROP_SCALE, CropBox, crop, crop_box, transform_points
 from facekit.detect import DETECTORS, LandmarkDetector, make_detector
-from facekit.landmarks_command import VIDEO_SUFFIXES, video_info
-from facekit.video import iter_video
+from facekit.video import VIDEO_SUFFIXES, iter_video, video_info
 
 
 @dataclass(frozen=True)

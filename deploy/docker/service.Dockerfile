@@ -40,11 +40,15 @@ RUN groupadd --system --gid 10001 talkinghead \
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# Only what serving imports: the shared landmark toolkit, the service, its protocol, the CLI.
+# Only what serving imports: the shared landmark toolkit, the server, its protocol (the .proto
+# sources and the generated api/ stubs), the CLI, and the client commands (`talkinghead avatar`,
+# `animate`, `bench` inside the pod; torch-free like the server).
 COPY pyproject.toml ./
 COPY facekit/ ./facekit/
 COPY talkinghead/ ./talkinghead/
+COPY api/ ./api/
 COPY service/ ./service/
+COPY client/ ./client/
 COPY proto/ ./proto/
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/talkinghead-healthcheck
 # `talkinghead` runs the CLI from /app (the sources above; no editable install, no build step).

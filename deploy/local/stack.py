@@ -34,10 +34,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script: `export` and `service` live at the root
+    sys.path.insert(0, str(ROOT))  # run as a script: the `deploy` package lives at the root
 
-from export import triton_local  # noqa: E402  (stdlib only, like this file)
-from export.triton_local import http_ok, terminate  # noqa: E402
+from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
+from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
 
 COMPONENTS = ("triton", "service", "prometheus")  # start order; stopped in reverse
 MARKERS = {"triton": "tritonserver", "service": "talkinghead.cli", "prometheus": "prometheus"}
@@ -49,7 +49,7 @@ class StackError(RuntimeError):
     """Something the user has to act on; the message says what."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ports:
     triton_http: int = 8000
     triton_grpc: int = 8001
@@ -67,7 +67,7 @@ class Ports:
         return {"http": self.prometheus}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Layout:
     """Where a stack keeps its state."""
 
@@ -243,22 +243,22 @@ def triton_command(
     if not (repository / "generator" / "config.pbtxt").is_file():
         raise StackError(f"no model repository in {repository}: run `make model-repository`")
     try:
-        triton_local.server_root(args.triton_venv)
+        tritonserver.server_root(args.triton_venv)
     except FileNotFoundError as error:
         raise StackError(str(error)) from error
     models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
-    cmd = triton_local.command(
+    cmd = tritonserver.command(
         repository,
         args.triton_venv,
         layout.triton_state,
-        triton_local.Ports(ports.triton_http, ports.triton_grpc, ports.triton_metrics),
+        tritonserver.Ports(http=ports.triton_http, grpc=ports.triton_grpc, metrics=ports.triton_metrics),
         explicit=True,
         load=models,
     )
     # Triton's latency metrics are counters (sum of microseconds); summaries add p50/p90/p95/p99
     # of each model's request, queue and compute times (nv_inference_request_summary_us, ...).
     cmd.append("--metrics-config=summary_latencies=true")
-    return cmd, triton_local.environment(args.triton_venv)
+    return cmd, tritonserver.environment(args.triton_venv)
 
 
 def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], dict[str, str]]:
@@ -317,11 +317,8 @@ def recorded_ports(layout: Layout) -> Ports | None:
     return None
 
 
-def up(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
-    ports = ports_from(args)
-    layout.state.mkdir(parents=True, exist_ok=True)
-    running = {name: read_pid(layout, name) for name in COMPONENTS}
+def check_ports(layout: Layout, ports: Ports, running: dict[str, int | None]) -> None:
+    """Refuse to start when this stack runs on other ports, or another program holds one of ours."""
     previous = recorded_ports(layout)
     if any(running.values()) and previous is not None and previous != ports:
         names = ", ".join(name for name, pid in running.items() if pid)
@@ -345,9 +342,55 @@ def up(args: argparse.Namespace) -> int:
             "Debian's unit? `systemctl stop prometheus`), or choose other ports, e.g. "
             "`make up STACK_TRITON_HTTP_PORT=18000 ...` (deploy/local/README.md)"
         )
+
+
+def start_component(
+    layout: Layout,
+    name: str,
+    pid: int | None,
+    build: Callable[[], tuple[list[str], dict[str, str]]],
+    ready: Callable[[], bool],
+    timeout: float,
+    started: list[tuple[str, int]],
+) -> None:
+    """Start `name` unless `pid` says it runs (recording it in `started`), then wait until `ready`."""
+    process = None
+    if pid is not None:
+        print(f"{name}: already running (pid {pid})", flush=True)
+    else:
+        layout.pid_file(name).unlink(missing_ok=True)  # stale
+        cmd, env = build()
+        process = launch(layout, name, cmd, env)
+        pid = process.pid
+        started.append((name, pid))
+        print(f"{name}: started (pid {pid}), waiting until ready ...", flush=True)
+    t0 = time.monotonic()
+    try:
+        wait_until(name, process, pid, ready, timeout)
+    except StackError as error:
+        raise StackError(f"{error}; last lines of {layout.log(name)}:\n{tail(layout.log(name))}") from None
+    if process is not None:
+        print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
+
+
+def stop_started(layout: Layout, started: list[tuple[str, int]]) -> None:
+    """Undo a failed `up`: stop what it started, newest first."""
+    for name, pid in reversed(started):
+        terminate(pid, STOP_GRACE_S[name])
+        layout.pid_file(name).unlink(missing_ok=True)
+    if not any(read_pid(layout, name) for name in COMPONENTS):
+        layout.ports_file.unlink(missing_ok=True)
+
+
+def up(args: argparse.Namespace) -> int:
+    layout = Layout(state=args.state)
+    ports = ports_from(args)
+    layout.state.mkdir(parents=True, exist_ok=True)
+    running = {name: read_pid(layout, name) for name in COMPONENTS}
+    check_ports(layout, ports, running)
     layout.ports_file.write_text(json.dumps(asdict(ports)) + "\n")
     ready = checks(ports)
-    builders = {
+    builders: dict[str, Callable[[], tuple[list[str], dict[str, str]]]] = {
         "triton": lambda: triton_command(args, layout, ports),
         "service": lambda: service_command(args, ports),
         "prometheus": lambda: prometheus_command(args, layout, ports),
@@ -355,32 +398,9 @@ def up(args: argparse.Namespace) -> int:
     started: list[tuple[str, int]] = []
     try:
         for name in COMPONENTS:
-            pid = running[name]
-            process = None
-            if pid is not None:
-                print(f"{name}: already running (pid {pid})", flush=True)
-            else:
-                layout.pid_file(name).unlink(missing_ok=True)  # stale
-                cmd, env = builders[name]()
-                process = launch(layout, name, cmd, env)
-                pid = process.pid
-                started.append((name, pid))
-                print(f"{name}: started (pid {pid}), waiting until ready ...", flush=True)
-            t0 = time.monotonic()
-            try:
-                wait_until(name, process, pid, ready[name], args.timeout)
-            except StackError as error:
-                raise StackError(
-                    f"{error}; last lines of {layout.log(name)}:\n{tail(layout.log(name))}"
-                ) from None
-            if process is not None:
-                print(f"{name}: ready after {time.monotonic() - t0:.1f} s", flush=True)
+            start_component(layout, name, running[name], builders[name], ready[name], args.timeout, started)
     except BaseException as error:
-        for name, pid in reversed(started):
-            terminate(pid, STOP_GRACE_S[name])
-            layout.pid_file(name).unlink(missing_ok=True)
-        if not any(read_pid(layout, name) for name in COMPONENTS):
-            layout.ports_file.unlink(missing_ok=True)
+        stop_started(layout, started)
         if isinstance(error, StackError):
             what = ", ".join(name for name, _ in started) or "nothing"
             raise StackError(f"{error}\n(stopped what this run started: {what})") from None
@@ -414,7 +434,7 @@ stop:   make down   (logs are kept)"""
 
 
 def down(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
+    layout = Layout(state=args.state)
     ports = recorded_ports(layout)
     problems = []
     for name in reversed(COMPONENTS):
@@ -451,7 +471,7 @@ def down(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    layout = Layout(args.state)
+    layout = Layout(state=args.state)
     ports = recorded_ports(layout) or ports_from(args)
     ready = checks(ports)
     ok = True

@@ -1,6 +1,6 @@
 """The backend interface: what the service needs from a model server, whichever runs the ONNX files.
 
-Tensors follow DESIGN.md's contract (a batch axis first, uint8 images NHWC):
+The models' names, tensors and metadata are the export/serving contract (facekit/contract.py):
   embedder:            image, landmark_image (B, S, S, 3) uint8 -> embedding (B, 512), adain (B, D) f32
   generator:           landmark_image (B, S, S, 3) uint8, adain (B, D) f32 -> image (B, S, S, 3) uint8
   generator_<avatar>:  landmark_image (B, S, S, 3) uint8 -> image (B, S, S, 3) uint8 (psi baked in)
@@ -9,50 +9,15 @@ Tensors follow DESIGN.md's contract (a batch axis first, uint8 images NHWC):
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-from facekit.crop import CROP_SCALE
-from facekit.rasterize import DrawStyle
-
-EMBEDDER, GENERATOR, PERSONALISED_PREFIX = "embedder", "generator", "generator_"
-META = "talkinghead."  # prefix of the metadata keys in ONNX metadata_props and config.pbtxt parameters
+from facekit.contract import ModelInfo
 
 
 class BackendUnavailable(RuntimeError):
     """The model server cannot run a model now (down, not ready, not loaded); the call may be retried."""
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What the service must know about the served model; read from the models' metadata."""
-
-    image_size: int  # S: side of every image tensor, pixels
-    adain_size: int  # D: AdaIN parameters per avatar
-    embedding_size: int  # 512
-    draw_style: DrawStyle  # how landmark images are drawn (the training rasterizer's settings)
-    crop_scale: float  # face crop side / landmark extent, as in training (facekit.crop.crop_box)
-    model_id: str  # fingerprint of the base model's weights
-
-    @classmethod
-    def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> ModelInfo:
-        """Parse the `talkinghead.*` string values of a model (ONNX metadata or config parameters)."""
-        try:
-            style = json.loads(meta[META + "draw_style"])
-            return cls(
-                image_size=int(meta[META + "image_size"]),
-                adain_size=int(meta[META + "adain_size"]),
-                embedding_size=int(meta.get(META + "embedding_size", "512")),
-                draw_style=DrawStyle(line_width=int(style["line_width"]), antialias=bool(style["antialias"])),
-                crop_scale=float(meta.get(META + "crop_scale", CROP_SCALE)),
-                model_id=str(meta[META + "model_id"]),
-            )
-        except (KeyError, ValueError, TypeError) as error:
-            raise ValueError(f"{where}: missing or malformed talkinghead.* metadata ({error!r})") from error
 
 
 def check_images(images: np.ndarray, size: int, *, name: str) -> None:

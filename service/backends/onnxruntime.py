@@ -18,16 +18,19 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import (
+from facekit.contract import (
+    ADAIN,
     EMBEDDER,
+    EMBEDDING,
     GENERATOR,
-    META,
-    BackendUnavailable,
+    IMAGE,
+    LANDMARK_IMAGE,
+    Meta,
     ModelInfo,
-    ReadyGate,
-    check_images,
+    latest_version,
+    personalised_name,
 )
-from service.backends.repository import latest_version, personalised_name
+from service.backends.base import BackendUnavailable, ReadyGate, check_images
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 
@@ -105,7 +108,7 @@ class OnnxRuntimeBackend(ReadyGate):
     def _check_embedder(self, path: Path) -> None:
         meta = self._metadata(self._sessions[EMBEDDER])
         assert self._info is not None
-        if meta.get(META + "model_id") != self._info.model_id:
+        if meta.get(Meta.MODEL_ID) != self._info.model_id:
             raise ValueError(f"{path}: embedder and generator come from different models")
 
     # -- inference ----------------------------------------------------------------------------
@@ -118,17 +121,17 @@ class OnnxRuntimeBackend(ReadyGate):
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.info.image_size
-        check_images(images, size, name="image")
-        check_images(landmark_images, size, name="landmark_image")
+        check_images(images, size, name=IMAGE)
+        check_images(landmark_images, size, name=LANDMARK_IMAGE)
         embedding, adain = await self._run(
-            EMBEDDER, {"image": images, "landmark_image": landmark_images}, ["embedding", "adain"]
+            EMBEDDER, {IMAGE: images, LANDMARK_IMAGE: landmark_images}, [EMBEDDING, ADAIN]
         )
         return np.asarray(embedding, np.float32), np.asarray(adain, np.float32)
 
     async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name="landmark_image")
-        feeds = {"landmark_image": landmark_images, "adain": np.ascontiguousarray(adain, np.float32)}
-        (image,) = await self._run(GENERATOR, feeds, ["image"])
+        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
+        feeds = {LANDMARK_IMAGE: landmark_images, ADAIN: np.ascontiguousarray(adain, np.float32)}
+        (image,) = await self._run(GENERATOR, feeds, [IMAGE])
         return np.asarray(image)
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -145,7 +148,7 @@ class OnnxRuntimeBackend(ReadyGate):
             log.error("cannot load %s: %s", path, error)
             return False
         meta = self._metadata(session)
-        if meta.get(META + "model_id") != self.info.model_id:
+        if meta.get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", path)
             return False
         self._sessions[name] = session
@@ -153,10 +156,8 @@ class OnnxRuntimeBackend(ReadyGate):
         return True
 
     async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name="landmark_image")
-        (image,) = await self._run(
-            personalised_name(avatar_id), {"landmark_image": landmark_images}, ["image"]
-        )
+        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
+        (image,) = await self._run(personalised_name(avatar_id), {LANDMARK_IMAGE: landmark_images}, [IMAGE])
         return np.asarray(image)
 
     def forget_personalised(self, avatar_id: str) -> None:

@@ -19,16 +19,18 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from service.backends.base import (
+from facekit.contract import (
+    ADAIN,
     EMBEDDER,
+    EMBEDDING,
     GENERATOR,
-    META,
-    BackendUnavailable,
+    IMAGE,
+    LANDMARK_IMAGE,
+    Meta,
     ModelInfo,
-    ReadyGate,
-    check_images,
+    personalised_name,
 )
-from service.backends.repository import personalised_name
+from service.backends.base import BackendUnavailable, ReadyGate, check_images
 
 log = logging.getLogger("talkinghead.service.triton")
 NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
@@ -100,7 +102,7 @@ class TritonBackend(ReadyGate):
         self._info = ModelInfo.from_metadata(
             await self._parameters(GENERATOR), where=f"{self.url}/{GENERATOR}"
         )
-        embedder_id = (await self._parameters(EMBEDDER)).get(META + "model_id")
+        embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
             raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
         self._ready.set()
@@ -128,17 +130,17 @@ class TritonBackend(ReadyGate):
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.info.image_size
-        check_images(images, size, name="image")
-        check_images(landmark_images, size, name="landmark_image")
+        check_images(images, size, name=IMAGE)
+        check_images(landmark_images, size, name=LANDMARK_IMAGE)
         embedding, adain = await self._infer(
-            EMBEDDER, {"image": images, "landmark_image": landmark_images}, ["embedding", "adain"]
+            EMBEDDER, {IMAGE: images, LANDMARK_IMAGE: landmark_images}, [EMBEDDING, ADAIN]
         )
         return embedding.astype(np.float32), adain.astype(np.float32)
 
     async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name="landmark_image")
-        feeds = {"landmark_image": landmark_images, "adain": adain.astype(np.float32)}
-        (image,) = await self._infer(GENERATOR, feeds, ["image"])
+        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
+        feeds = {LANDMARK_IMAGE: landmark_images, ADAIN: adain.astype(np.float32)}
+        (image,) = await self._infer(GENERATOR, feeds, [IMAGE])
         return image
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -158,15 +160,13 @@ class TritonBackend(ReadyGate):
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)
             return False
-        if params.get(META + "model_id") != self.info.model_id:
+        if params.get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
         self._personalised[name] = True
         return True
 
     async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name="landmark_image")
-        (image,) = await self._infer(
-            personalised_name(avatar_id), {"landmark_image": landmark_images}, ["image"]
-        )
+        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
+        (image,) = await self._infer(personalised_name(avatar_id), {LANDMARK_IMAGE: landmark_images}, [IMAGE])
         return image

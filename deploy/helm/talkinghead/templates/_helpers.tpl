@@ -1,4 +1,10 @@
-{{/* Names, labels, images, and the pieces the service and Triton pods share. */}}
+{{/*
+Small helpers every template uses: names, labels, annotations, images, which Triton the chart runs,
+claim and secret names, the checks the schema cannot express, probe timing, and the HPA, PDB and
+ServiceMonitor bodies the server and Triton share. Whole containers live with the templates that
+use them: Triton's in triton-deployment.yaml (also the sidecar of server-deployment.yaml), the model
+repository's volumes, mount and sync container in _model-repository.tpl.
+*/}}
 
 {{- define "talkinghead.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
@@ -62,7 +68,7 @@ annotations:
 {{- end -}}
 {{- end -}}
 
-{{/* An image reference. Call with (dict "image" .Values.service.image "ctx" $). */}}
+{{/* An image reference. Call with (dict "image" .Values.server.image "ctx" $). */}}
 {{- define "talkinghead.image" -}}
 {{- $repo := .image.repository -}}
 {{- if .image.registry -}}{{- $repo = printf "%s/%s" .image.registry .image.repository -}}{{- end -}}
@@ -75,7 +81,7 @@ annotations:
 
 {{/* "true" when the chart runs Triton itself (backend triton, mode deployment or sidecar). */}}
 {{- define "talkinghead.tritonManaged" -}}
-{{- if and (eq .Values.service.backend "triton") (ne .Values.triton.mode "external") -}}true{{- end -}}
+{{- if and (eq .Values.server.backend "triton") (ne .Values.triton.mode "external") -}}true{{- end -}}
 {{- end -}}
 
 {{- define "talkinghead.tritonDeployment" -}}
@@ -86,7 +92,7 @@ annotations:
 {{- if and (include "talkinghead.tritonManaged" .) (eq .Values.triton.mode "sidecar") -}}true{{- end -}}
 {{- end -}}
 
-{{/* The gRPC address the service sends inference requests to. */}}
+{{/* The gRPC address the server sends inference requests to. */}}
 {{- define "talkinghead.tritonUrl" -}}
 {{- if eq .Values.triton.mode "external" -}}
 {{- .Values.triton.externalUrl -}}
@@ -99,7 +105,7 @@ annotations:
 
 {{/* "true" when some pod of the chart mounts the model repository. */}}
 {{- define "talkinghead.modelRepositoryUsed" -}}
-{{- if or (eq .Values.service.backend "onnxruntime") (include "talkinghead.tritonManaged" .) -}}true{{- end -}}
+{{- if or (eq .Values.server.backend "onnxruntime") (include "talkinghead.tritonManaged" .) -}}true{{- end -}}
 {{- end -}}
 
 {{- define "talkinghead.tlsSecretName" -}}
@@ -120,7 +126,7 @@ annotations:
 
 {{/* Combinations the schema cannot express; rendered (as nothing) by every workload template. */}}
 {{- define "talkinghead.validate" -}}
-{{- if and (eq .Values.service.backend "triton") (eq .Values.triton.mode "external") (not .Values.triton.externalUrl) -}}
+{{- if and (eq .Values.server.backend "triton") (eq .Values.triton.mode "external") (not .Values.triton.externalUrl) -}}
 {{- fail "triton.mode=external needs triton.externalUrl (host:port of Triton's gRPC endpoint)" -}}
 {{- end -}}
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key)) -}}
@@ -132,7 +138,7 @@ annotations:
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "objectStorage") (not .Values.modelRepository.objectStorage.url) -}}
 {{- fail "modelRepository.source=objectStorage needs modelRepository.objectStorage.url (s3://... or gs://...)" -}}
 {{- end -}}
-{{- range $name, $as := dict "service" .Values.service.autoscaling "triton" .Values.triton.autoscaling -}}
+{{- range $name, $as := dict "server" .Values.server.autoscaling "triton" .Values.triton.autoscaling -}}
 {{- if and $as.enabled (not $as.targetCPUUtilizationPercentage) (not $as.podsMetric.enabled) -}}
 {{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage > 0 or podsMetric.enabled" $name) -}}
 {{- end -}}
@@ -149,234 +155,6 @@ periodSeconds: {{ .periodSeconds }}
 timeoutSeconds: {{ .timeoutSeconds }}
 failureThreshold: {{ .failureThreshold }}
 successThreshold: {{ .successThreshold }}
-{{- end -}}
-
-{{/*
-Readiness of the service: grpc.health.v1, SERVING only while its backend (Triton, or the in-process
-models) is ready. Kubernetes' native gRPC probe, or, with TLS (which that probe cannot speak), an
-exec of the image's talkinghead-healthcheck.
-*/}}
-{{- define "talkinghead.serviceReadinessHandler" -}}
-{{- if .Values.tls.enabled -}}
-exec:
-  command:
-    - talkinghead-healthcheck
-    - --address=127.0.0.1:{{ .Values.service.grpcPort }}
-    - --tls
-    {{- with .Values.tls.serverName }}
-    - --server-name={{ . }}
-    {{- end }}
-{{- else -}}
-grpc:
-  port: {{ .Values.service.grpcPort }}
-{{- end -}}
-{{- end -}}
-
-{{/*
-Volumes holding the model repository (`model-repository`: the claim, or an emptyDir the sync init
-container fills) and, when engines are built, `model-repository-built`.
-*/}}
-{{- define "talkinghead.modelRepository.volumes" -}}
-{{- $m := .Values.modelRepository -}}
-- name: model-repository
-{{- if eq $m.source "objectStorage" }}
-  emptyDir:
-    sizeLimit: {{ $m.objectStorage.sizeLimit }}
-{{- else }}
-  persistentVolumeClaim:
-    claimName: {{ include "talkinghead.modelClaimName" . }}
-    readOnly: true
-{{- end }}
-{{- if and (include "talkinghead.tritonManaged" .) .Values.triton.buildEngines.enabled }}
-- name: model-repository-built
-  emptyDir:
-    sizeLimit: {{ .Values.triton.buildEngines.sizeLimit }}
-{{- end }}
-{{- end -}}
-
-{{/* The init container that syncs the repository from object storage (source objectStorage). */}}
-{{- define "talkinghead.modelRepository.syncContainer" -}}
-{{- $o := .Values.modelRepository.objectStorage -}}
-- name: sync-model-repository
-  image: {{ include "talkinghead.image" (dict "image" $o.image "ctx" .) }}
-  imagePullPolicy: {{ $o.image.pullPolicy }}
-  command:
-    {{- toYaml $o.command | nindent 4 }}
-  args:
-    {{- toYaml $o.args | nindent 4 }}
-  env:
-    - name: MODEL_REPOSITORY_URL
-      value: {{ $o.url | quote }}
-    - name: MODEL_REPOSITORY_DIR
-      value: /models-sync
-    - name: HOME
-      value: /tmp
-    {{- with $o.env }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  {{- with $o.credentialsSecret }}
-  envFrom:
-    - secretRef:
-        name: {{ . }}
-  {{- end }}
-  securityContext:
-    {{- toYaml .Values.service.containerSecurityContext | nindent 4 }}
-  {{- with $o.resources }}
-  resources:
-    {{- toYaml . | nindent 4 }}
-  {{- end }}
-  volumeMounts:
-    - name: model-repository
-      mountPath: /models-sync
-    - name: tmp
-      mountPath: /tmp
-{{- end -}}
-
-{{/* The model repository's mount in the container that reads it (Triton, or the service). */}}
-{{- define "talkinghead.modelRepository.mount" -}}
-{{- if and (include "talkinghead.tritonManaged" .) .Values.triton.buildEngines.enabled -}}
-- name: model-repository-built
-  mountPath: {{ .Values.modelRepository.mountPath }}
-  readOnly: true
-{{- else -}}
-- name: model-repository
-  mountPath: {{ .Values.modelRepository.mountPath }}
-  readOnly: true
-  {{- with .Values.modelRepository.subPath }}
-  subPath: {{ . }}
-  {{- end }}
-{{- end -}}
-{{- end -}}
-
-{{/* Triton's init containers: sync from object storage, then build TensorRT engines. */}}
-{{- define "talkinghead.triton.initContainers" -}}
-{{- if eq .Values.modelRepository.source "objectStorage" }}
-{{ include "talkinghead.modelRepository.syncContainer" . }}
-{{- end }}
-{{- if .Values.triton.buildEngines.enabled }}
-{{- $b := .Values.triton.buildEngines }}
-{{- /* export.to_tensorrt copies --repository into --out, then builds a model.plan beside each
-model.onnx whose config.pbtxt asks for tensorrt_plan (exit 3 when TensorRT is missing). */}}
-- name: build-engines
-  image: {{ include "talkinghead.image" (dict "image" .Values.triton.image "ctx" .) }}
-  imagePullPolicy: {{ .Values.triton.image.pullPolicy }}
-  command: ["python3", "-m", "export.to_tensorrt"]
-  args:
-    - --repository=/models-src
-    - --out={{ .Values.modelRepository.mountPath }}
-    - {{ ternary "--fp16" "--no-fp16" $b.fp16 }}
-    {{- range $b.extraArgs }}
-    - {{ . | quote }}
-    {{- end }}
-  env:
-    - name: HOME
-      value: /tmp
-  securityContext:
-    {{- toYaml .Values.triton.containerSecurityContext | nindent 4 }}
-  resources:
-    {{- $res := deepCopy ($b.resources | default dict) }}
-    {{- if gt (int .Values.triton.gpus) 0 }}
-    {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int .Values.triton.gpus)) ($res.limits | default dict)) }}
-    {{- end }}
-    {{- toYaml $res | nindent 4 }}
-  volumeMounts:
-    - name: model-repository
-      mountPath: /models-src
-      readOnly: true
-      {{- with .Values.modelRepository.subPath }}
-      subPath: {{ . }}
-      {{- end }}
-    - name: model-repository-built
-      mountPath: {{ .Values.modelRepository.mountPath }}
-    - name: tmp
-      mountPath: /tmp
-{{- end }}
-{{- end -}}
-
-{{/* The Triton container (its own Deployment, or a sidecar of the service pods). */}}
-{{- define "talkinghead.triton.container" -}}
-{{- $t := .Values.triton -}}
-- name: triton
-  image: {{ include "talkinghead.image" (dict "image" $t.image "ctx" .) }}
-  imagePullPolicy: {{ $t.image.pullPolicy }}
-  command: ["tritonserver"]
-  args:
-    - --model-repository={{ .Values.modelRepository.mountPath }}
-    - --model-control-mode={{ $t.modelControlMode }}
-    {{- if eq $t.modelControlMode "explicit" }}
-    {{- range $t.loadModels }}
-    - --load-model={{ . }}
-    {{- end }}
-    {{- else if eq $t.modelControlMode "poll" }}
-    - --repository-poll-secs={{ $t.repositoryPollSeconds }}
-    {{- end }}
-    - --http-port={{ $t.ports.http }}
-    - --grpc-port={{ $t.ports.grpc }}
-    - --metrics-port={{ $t.ports.metrics }}
-    - --allow-metrics=true
-    - --log-verbose={{ $t.logVerbose }}
-    {{- range $t.extraArgs }}
-    - {{ . | quote }}
-    {{- end }}
-  env:
-    - name: HOME
-      value: /tmp
-    {{- with $t.extraEnv }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
-  ports:
-    - name: http
-      containerPort: {{ $t.ports.http }}
-      protocol: TCP
-    - name: grpc-triton
-      containerPort: {{ $t.ports.grpc }}
-      protocol: TCP
-    - name: metrics-triton
-      containerPort: {{ $t.ports.metrics }}
-      protocol: TCP
-  {{- if $t.startupProbe.enabled }}
-  startupProbe:
-    httpGet:
-      path: /v2/health/ready
-      port: http
-    {{- include "talkinghead.probeTiming" $t.startupProbe | nindent 4 }}
-  {{- end }}
-  {{- if $t.livenessProbe.enabled }}
-  livenessProbe:
-    httpGet:
-      path: /v2/health/live
-      port: http
-    {{- include "talkinghead.probeTiming" $t.livenessProbe | nindent 4 }}
-  {{- end }}
-  {{- if $t.readinessProbe.enabled }}
-  readinessProbe:
-    httpGet:
-      path: /v2/health/ready
-      port: http
-    {{- include "talkinghead.probeTiming" $t.readinessProbe | nindent 4 }}
-  {{- end }}
-  securityContext:
-    {{- toYaml $t.containerSecurityContext | nindent 4 }}
-  resources:
-    {{- $res := deepCopy ($t.resources | default dict) }}
-    {{- if gt (int $t.gpus) 0 }}
-    {{- $_ := set $res "limits" (merge (dict "nvidia.com/gpu" (int $t.gpus)) ($res.limits | default dict)) }}
-    {{- end }}
-    {{- toYaml $res | nindent 4 }}
-  volumeMounts:
-    {{- include "talkinghead.modelRepository.mount" . | nindent 4 }}
-    - name: dshm
-      mountPath: /dev/shm
-    - name: tmp
-      mountPath: /tmp
-{{- end -}}
-
-{{/* Volumes only Triton needs (the model repository volumes come from modelRepository.volumes). */}}
-{{- define "talkinghead.triton.volumes" -}}
-- name: dshm
-  emptyDir:
-    medium: Memory
-    sizeLimit: {{ .Values.triton.shmSize }}
 {{- end -}}
 
 {{/* HorizontalPodAutoscaler spec body. Call with (dict "as" <autoscaling values> "target" <Deployment name>). */}}

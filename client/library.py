@@ -1,14 +1,14 @@
 """Python client of the talkinghead service (blocking API over a gRPC channel).
 
-    from service.client import Client, landmark_requests
-    with Client("127.0.0.1:50051") as client:
+    from client import Client, landmark_requests
+    with Client(target="127.0.0.1:50051") as client:
         client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")])
         seq = LandmarkSequence.load("driver.npz")
         for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
             frame.image  # uint8 (S, S, 3) RGB, in the order the landmarks were sent
 
 Errors are grpc.RpcError with the server's status code and message (`describe_error` formats one).
-Torch-free: imports facekit and the generated stubs only.
+Torch-free: imports facekit and the generated stubs (api/) only, never the server (service/).
 """
 
 from __future__ import annotations
@@ -24,11 +24,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from facekit.sequence import LandmarkSequence
-from service.gen.talkinghead.v1 import animation_pb2 as pb
-from service.gen.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
-from service.gen.talkinghead.v1.landmarks_pb2 import Landmarks
-from service.images import decode_frame
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -39,6 +38,17 @@ ENCODINGS = {
 }
 OVERFLOW = {"drop-oldest": pb.OVERFLOW_POLICY_DROP_OLDEST, "block": pb.OVERFLOW_POLICY_BLOCK}
 MOTION = {"absolute": pb.MOTION_MODE_ABSOLUTE, "relative": pb.MOTION_MODE_RELATIVE}
+
+
+def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarray:
+    """A reply's frame bytes -> uint8 RGB (height, width, 3); size = (width, height)."""
+    width, height = size
+    if encoding == pb.OUTPUT_ENCODING_RAW_RGB:
+        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("cannot decode the frame")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 def to_landmarks(points: np.ndarray) -> Landmarks:
@@ -53,7 +63,7 @@ def describe_error(error: grpc.RpcError) -> str:
     return f"{code.name if code else 'ERROR'}: {details}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Frame:
     """One generated frame, decoded."""
 
@@ -108,7 +118,7 @@ def _image_bytes(image: bytes | str | Path) -> bytes:
 
 class Client:
     def __init__(
-        self, target: str = DEFAULT_SERVER, *, tls_ca: Path | None = None, timeout: float = 60.0
+        self, *, target: str = DEFAULT_SERVER, tls_ca: Path | None = None, timeout: float = 60.0
     ) -> None:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

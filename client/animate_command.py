@@ -28,11 +28,11 @@ import grpc
 import numpy as np
 from tqdm import tqdm
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from client.arguments import add_server_arguments, connect
+from client.library import Frame, describe_error, image_requests, landmark_requests
 from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, contact_sheet, iter_video, read_video, save_png
-from service.avatar_command import add_server_arguments
-from service.client import Client, Frame, describe_error, image_requests, landmark_requests
-from service.gen.talkinghead.v1 import animation_pb2 as pb
 
 SHEET_FRAMES = 8
 
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with Client(args.server, tls_ca=args.tls_ca) as client, tqdm(total=total, unit="frame") as bar:
+        with connect(args) as client, tqdm(total=total, unit="frame") as bar:
             frames = client.animate(
                 args.avatar,
                 requests,

@@ -1,12 +1,14 @@
 """Run the Triton server bundled in the nvidia-pytriton wheel on 127.0.0.1, for tests and `make triton`.
 
-    python -m export.triton_local start --repository model_repository   # returns once ready
-    python -m export.triton_local stop                                  # nothing left running
+    python -m deploy.local.tritonserver start --repository model_repository   # returns once ready
+    python -m deploy.local.tritonserver stop                                  # nothing left running
 
 The wheel's tritonserver 2.51 has only the python backend, so the repository must be exported
 with the `python` profile. Two pitfalls the launcher handles (DESIGN.md): the backend files are
 copied into a backend directory of our own, and the python stub must find *this* interpreter's
-libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). Stdlib only.
+libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). Stdlib only (the
+local stack's `down` runs without the project's venv); `start` reads the default model names from
+facekit.contract.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_STATE = Path("var/triton")
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Ports:
     http: int = 8000
     grpc: int = 8001
@@ -108,7 +110,7 @@ def ready(ports: Ports) -> bool:
     return http_ok(f"http://127.0.0.1:{ports.http}/v2/health/ready")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Server:
     """A started server: its process, ports and log file."""
 
@@ -149,8 +151,11 @@ def start(
     load: list[str] | None = None,
 ) -> Server:
     """Start tritonserver in its own process group; call `wait_ready` before use."""
+    if load is None:
+        from facekit.contract import EMBEDDER, GENERATOR  # here, not at the top: stdlib-only module
+
+        load = [EMBEDDER, GENERATOR]
     state.mkdir(parents=True, exist_ok=True)
-    load = ["embedder", "generator"] if load is None else load
     log = state / "tritonserver.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -160,7 +165,7 @@ def start(
             env=environment(venv),
             start_new_session=True,  # its own group: stop() reaches the python stubs too
         )
-    return Server(process, ports, log)
+    return Server(process=process, ports=ports, log=log)
 
 
 def group_alive(pgid: int) -> bool:
@@ -205,7 +210,7 @@ def terminate(pgid: int, grace: float) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m export.triton_local",
+        prog="python -m deploy.local.tritonserver",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         pid_file.unlink()
         print("tritonserver: stopped")
         return 0
-    ports = Ports(args.http_port, args.grpc_port, args.metrics_port)
+    ports = Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
     if args.action == "status":
         print(f"tritonserver: {'ready' if ready(ports) else 'not ready'} on 127.0.0.1:{ports.http}")
         return 0 if ready(ports) else 1

@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
 import sys
 from pathlib import Path
 
 import grpc
 
-from service.client import DEFAULT_SERVER, Client, describe_error
-from service.gen.talkinghead.v1 import avatar_pb2
-
-
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--server",
-        default=os.environ.get("TALKINGHEAD_SERVER", DEFAULT_SERVER),
-        help="service address host:port (default $TALKINGHEAD_SERVER or 127.0.0.1:50051)",
-    )
-    parser.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS")
+from api.talkinghead.v1 import avatar_pb2
+from client.arguments import add_server_arguments, connect
+from client.library import describe_error
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +58,7 @@ def _show(avatar: avatar_pb2.Avatar) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        with Client(args.server, tls_ca=args.tls_ca) as client:
+        with connect(args) as client:
             if args.action == "create":
                 for photo in args.photos:
                     if not photo.is_file():

@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from service.gen.talkinghead.v1 import animation_pb2 as talkinghead_dot_v1_dot_animation__pb2
+from api.talkinghead.v1 import animation_pb2 as talkinghead_dot_v1_dot_animation__pb2
 
 GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__

@@ -1,4 +1,4 @@
-from service.gen.talkinghead.v1 import landmarks_pb2 as _landmarks_pb2
+from api.talkinghead.v1 import landmarks_pb2 as _landmarks_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

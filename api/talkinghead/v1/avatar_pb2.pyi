@@ -1,7 +1,7 @@
 import datetime
 
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
-from service.gen.talkinghead.v1 import landmarks_pb2 as _landmarks_pb2
+from api.talkinghead.v1 import landmarks_pb2 as _landmarks_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -1,0 +1,33 @@
+"""The talkinghead client: a Python library, the `avatar`, `animate` and `bench` commands.
+
+    from client import Client, landmark_requests
+    with Client(target="127.0.0.1:50051") as c:
+        c.create_avatar("mona", ["mona.jpg"])
+        frames = list(c.animate("mona", landmark_requests(LandmarkSequence.load("driver.npz"))))
+
+Depends on the generated stubs (api/) and the shared ground (facekit/), never on the server
+(service/), training/ or export/: a test checks. The library is `client.library`; each
+`*_command` module is one `talkinghead` command (see talkinghead/cli.py).
+"""
+
+from client.library import (
+    DEFAULT_SERVER,
+    Client,
+    Frame,
+    decode_frame,
+    describe_error,
+    image_requests,
+    landmark_requests,
+    to_landmarks,
+)
+
+__all__ = [
+    "DEFAULT_SERVER",
+    "Client",
+    "Frame",
+    "decode_frame",
+    "describe_error",
+    "image_requests",
+    "landmark_requests",
+    "to_landmarks",
+]

@@ -1,0 +1,395 @@
+"""Benchmark: the raw generator by batch size, then the real service with 1, 4 and 16 live streams.
+
+1. raw: the served generator (model_repository/generator) run in this process with ONNX Runtime,
+   configured as the service's in-process backend runs it (the service's code path minus gRPC,
+   queues and encoding), batch 1, 2, 4, 8, 16: latency and frames per second.
+2. closed loop: one stream, next frame sent when the previous reply arrives: the latency the
+   service adds to a lone call over raw batch-1 inference.
+3. live: `talkinghead serve` in a subprocess; N = 1, 4, 16 streams each sending landmarks at 25 fps
+   (DROP_OLDEST, the live policy) for --seconds: achieved fps, end-to-end latency percentiles
+   (send -> reply, client clock), drops, mean batch size, and the server's per-stage times. The
+   service's fps is compared with the raw generator's fps at the same (mean) batch size.
+
+example:
+  talkinghead bench                                  # -> out/bench.json
+  talkinghead bench --seconds 20 --streams 1 4 16 --out out/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1 import animation_pb2_grpc
+from client.library import Client, to_landmarks
+from facekit import contract
+from facekit.rasterize import draw_batch
+from facekit.sequence import LandmarkSequence
+
+ASSETS = Path(__file__).resolve().parents[1] / "facekit/assets"
+STAGES = ("rasterize", "queue", "inference", "encode", "total")
+AVATAR = "bench"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
+    parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--fps", type=float, default=25.0, help="frames per second each stream sends")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each live run")
+    parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
+    parser.add_argument("--closed-loop-frames", type=int, default=60)
+    parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
+    parser.add_argument("--driver", type=Path, default=ASSETS / "demo_driver.npz")
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    p = np.percentile(np.asarray(values) * 1e3, [50, 95, 99])
+    return {"p50": round(float(p[0]), 2), "p95": round(float(p[1]), 2), "p99": round(float(p[2]), 2)}
+
+
+# -- 1. the raw generator -----------------------------------------------------------------------
+class RawGenerator:
+    """The repository's latest generator in an ONNX Runtime session with the settings of the
+    service's in-process backend (service/backends/onnxruntime.py): one intra-op thread per core,
+    sequential, full graph optimisation, no spinning. Calls run in a worker thread."""
+
+    def __init__(self, *, repository: Path, threads: int = 0) -> None:
+        path = contract.latest_version(repository / contract.GENERATOR)
+        if path is None:
+            raise SystemExit(f"no models in {repository}: run `make model-repository`")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = contract.ModelInfo.from_metadata(self.metadata, where=str(path))
+
+    def inputs(self, driver: LandmarkSequence, batch: int) -> tuple[np.ndarray, np.ndarray]:
+        """`batch` drawn driver frames (B, S, S, 3) uint8 and zero AdaIN parameters (B, D)."""
+        info = self.info
+        drawn = draw_batch(driver.rescaled(info.image_size).points[:batch], info.image_size, info.draw_style)
+        images = np.ascontiguousarray(np.resize(drawn, (batch, *drawn.shape[1:])))
+        return images, np.zeros((batch, info.adain_size), np.float32)
+
+    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
+        feeds = {contract.LANDMARK_IMAGE: landmark_images, contract.ADAIN: adain}
+        (image,) = await asyncio.to_thread(self.session.run, [contract.IMAGE], feeds)
+        return np.asarray(image)
+
+
+async def raw_generator(
+    raw: RawGenerator, driver: LandmarkSequence, batches: list[int], seconds: float
+) -> list[dict]:
+    rows: list[dict[str, Any]] = []
+    for batch in batches:
+        images, adain = raw.inputs(driver, batch)
+        await raw.generate(images, adain)  # warm-up
+        times: list[float] = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds or len(times) < 3:
+            t0 = time.perf_counter()
+            await raw.generate(images, adain)
+            times.append(time.perf_counter() - t0)
+        mean = float(np.mean(times))
+        row: dict[str, Any] = {
+            "batch": batch,
+            "runs": len(times),
+            "latency_ms": percentiles(times),
+            "fps": round(batch / mean, 2),
+        }
+        rows.append(row)
+        print(f"raw batch {batch:>2}: {row['latency_ms']['p50']:8.1f} ms p50, {row['fps']:6.1f} fps")
+    return rows
+
+
+async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, seconds: float) -> float:
+    """Raw fps at `batch` over `seconds` (right after a live run: the same machine load)."""
+    images, adain = raw.inputs(driver, batch)
+    frames, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or frames < 3 * batch:
+        await raw.generate(images, adain)
+        frames += batch
+    return frames / (time.perf_counter() - started)
+
+
+# -- the server -------------------------------------------------------------------------------
+def start_server(repository: Path, store: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
+    env = dict(
+        os.environ,
+        TALKINGHEAD_MODEL_REPOSITORY=str(repository),
+        TALKINGHEAD_AVATAR_STORE=str(store),
+        TALKINGHEAD_GRPC_PORT="0",
+        TALKINGHEAD_METRICS_PORT="0",
+        TALKINGHEAD_MAX_BATCH=str(max_batch),
+        TALKINGHEAD_MAX_STREAMS="64",
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    assert process.stderr is not None
+    address = ""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        found = re.search(r"serving gRPC on (\S+):(\d+)", line)
+        if found:
+            address = f"127.0.0.1:{found.group(2)}"
+        if "is ready" in line and address:
+            return process, address
+    process.kill()
+    raise SystemExit("the server did not start")
+
+
+# -- 2./3. streams ----------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class StreamLog:
+    """What one stream sent and got back."""
+
+    sent: dict[int, float] = field(default_factory=dict)  # sequence -> perf_counter when sent
+    latencies: list[float] = field(default_factory=list)  # send -> reply, seconds
+    raw_times: list[float] = field(default_factory=list)  # the paired raw calls (closed loop)
+    stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})  # ms
+    batches: list[int] = field(default_factory=list)
+    dropped: int = 0
+
+    def record(self, frame: pb.AnimatedFrame) -> None:
+        self.latencies.append(time.perf_counter() - self.sent[frame.sequence])
+        self.dropped += frame.dropped_before
+        self.batches.append(frame.batch_size)
+        t = frame.timings
+        for name, us in zip(
+            STAGES, (t.rasterize_us, t.queue_us, t.inference_us, t.encode_us, t.total_us), strict=True
+        ):
+            self.stages[name].append(us / 1e3)
+
+    def result(self, elapsed: float) -> dict[str, Any]:
+        return {
+            "received": len(self.latencies),
+            "sent": len(self.sent),
+            "dropped": self.dropped,
+            "latencies": self.latencies,
+            "raw_times": self.raw_times,
+            "batches": self.batches,
+            "stages": self.stages,
+            "elapsed": elapsed,
+        }
+
+
+async def paced(fps: float, seconds: float) -> AsyncIterator[int]:
+    """Frame indices at `fps` for `seconds` (a live sender)."""
+    t0 = time.perf_counter()
+    index = 0
+    while index / fps < seconds:
+        await asyncio.sleep(max(0.0, t0 + index / fps - time.perf_counter()))
+        yield index
+        index += 1
+
+
+async def lockstep(
+    frames: int, reply: asyncio.Event, log: StreamLog, between: Callable[[], Awaitable[Any]] | None
+) -> AsyncIterator[int]:
+    """Frame indices, each once the previous reply is in; `between` runs (timed) before each."""
+    for index in range(frames):
+        if index:
+            await reply.wait()
+            reply.clear()
+        if between is not None:
+            t_raw = time.perf_counter()
+            await between()
+            log.raw_times.append(time.perf_counter() - t_raw)
+        yield index
+
+
+async def run_stream(
+    stub: animation_pb2_grpc.AnimationServiceStub,
+    avatar: str,
+    points: np.ndarray,
+    size: tuple[int, int],
+    *,
+    fps: float = 0.0,
+    seconds: float = 0.0,
+    closed_loop_frames: int = 0,
+    between: Callable[[], Awaitable[Any]] | None = None,
+) -> dict[str, Any]:
+    """One stream: paced at `fps` for `seconds` (live), or closed loop for `closed_loop_frames`
+    (next frame when the previous reply is in; `between` runs before each, timed: a paired raw call)."""
+    log = StreamLog()
+    reply = asyncio.Event()
+    ticks = lockstep(closed_loop_frames, reply, log, between) if closed_loop_frames else paced(fps, seconds)
+    config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST)
+    messages = [to_landmarks(p) for p in points]
+
+    async def requests() -> AsyncIterator[pb.AnimateRequest]:
+        yield pb.AnimateRequest(config=config)
+        async for index in ticks:
+            log.sent[index] = time.perf_counter()
+            frame = pb.LandmarkFrame(
+                sequence=index,
+                landmarks=messages[index % len(messages)],
+                frame_width=size[0],
+                frame_height=size[1],
+            )
+            yield pb.AnimateRequest(landmarks=frame)
+
+    started = time.perf_counter()
+    async for response in stub.Animate(requests()):
+        if response.HasField("frame"):
+            log.record(response.frame)
+            reply.set()
+    return log.result(time.perf_counter() - started)
+
+
+def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    received = sum(r["received"] for r in runs)
+    batches = [x for r in runs for x in r["batches"]]
+    stage_ms = {s: float(np.mean([x for r in runs for x in r["stages"][s]] or [0])) for s in STAGES}
+    mean_batch = float(np.mean(batches)) if batches else 0.0
+    achieved = received / max(r["elapsed"] for r in runs)
+    # Raw fps at the service's own batch sizes, in the same minutes: mean batch / mean generator call.
+    in_situ = mean_batch / (stage_ms["inference"] / 1e3) if stage_ms["inference"] else float("nan")
+    return {
+        "sent": sum(r["sent"] for r in runs),
+        "received": received,
+        "dropped": sum(r["dropped"] for r in runs),
+        "achieved_fps": round(achieved, 2),
+        "latency_ms": percentiles([x for r in runs for x in r["latencies"]]),
+        "mean_batch": round(mean_batch, 2),
+        "server_stage_ms_mean": {k: round(v, 2) for k, v in stage_ms.items()},
+        "generator_fps_at_these_batches": round(in_situ, 2),
+        "generator_utilisation": round(achieved / in_situ, 3) if in_situ == in_situ else None,
+    }
+
+
+async def closed_loop(
+    stub: animation_pb2_grpc.AnimationServiceStub, driver: LandmarkSequence, raw: RawGenerator, frames: int
+) -> dict[str, Any]:
+    """One stream in lock step, each frame paired with a raw batch-1 call: the latency the service adds."""
+    images, adain = raw.inputs(driver, 1)
+    closed = await run_stream(
+        stub,
+        AVATAR,
+        driver.points,
+        driver.frame_size,
+        closed_loop_frames=frames,
+        between=lambda: raw.generate(images, adain),
+    )
+    one = merge([closed])
+    raw1 = percentiles(closed["raw_times"])
+    one["raw_batch1_latency_ms_paired"] = raw1
+    one["added_latency_ms_p50"] = round(one["latency_ms"]["p50"] - raw1["p50"], 2)
+    one["added_latency_ms_server_side_mean"] = round(
+        one["server_stage_ms_mean"]["total"] - one["server_stage_ms_mean"]["inference"], 2
+    )
+    print(
+        f"closed loop, 1 stream: {one['latency_ms']['p50']:.1f} ms p50 vs raw batch 1 "
+        f"{raw1['p50']:.1f} ms (paired): added {one['added_latency_ms_p50']:.1f} ms "
+        f"(server-side, excluding inference: {one['added_latency_ms_server_side_mean']:.2f} ms)"
+    )
+    return one
+
+
+async def live(
+    stub: animation_pb2_grpc.AnimationServiceStub,
+    driver: LandmarkSequence,
+    raw: RawGenerator,
+    args: argparse.Namespace,
+    streams: int,
+) -> dict[str, Any]:
+    """`streams` live streams at once, then the raw generator at their mean batch size."""
+    runs = await asyncio.gather(
+        *(
+            run_stream(
+                stub,
+                AVATAR,
+                np.roll(driver.points, 7 * i, axis=0),
+                driver.frame_size,
+                fps=args.fps,
+                seconds=args.seconds,
+            )
+            for i in range(streams)
+        )
+    )
+    row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
+    row.update(merge(runs))
+    nearest = min(args.batches, key=lambda b: abs(b - row["mean_batch"]))
+    raw_fps = await raw_window(raw, driver, nearest, args.raw_seconds)
+    row["raw_fps_after"] = {"batch": nearest, "fps": round(raw_fps, 2)}
+    row["ratio_to_raw_after"] = round(row["achieved_fps"] / raw_fps, 3)
+    print(
+        f"{streams:>2} stream(s) x {args.fps:g} fps: {row['achieved_fps']:6.1f} fps, "
+        f"mean batch {row['mean_batch']:.1f}, generator busy "
+        f"{row['generator_utilisation']:.0%}, raw batch {nearest} right after: "
+        f"{raw_fps:.1f} fps (ratio {row['ratio_to_raw_after']:.2f}); "
+        f"latency p50/p95/p99 {row['latency_ms']['p50']:.0f}/{row['latency_ms']['p95']:.0f}/"
+        f"{row['latency_ms']['p99']:.0f} ms; {row['dropped']} dropped"
+    )
+    return row
+
+
+async def service_runs(
+    args: argparse.Namespace, driver: LandmarkSequence, raw: RawGenerator
+) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
+        process, address = start_server(args.model_repository, Path(store), max(args.batches))
+        try:
+            with Client(target=address) as client:
+                client.create_avatar(AVATAR, [args.portrait], replace=True)
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = animation_pb2_grpc.AnimationServiceStub(channel)
+                one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
+                rows = [await live(stub, driver, raw, args, streams) for streams in args.streams]
+        finally:
+            process.terminate()
+            process.wait(30)
+    return {"closed_loop_single_stream": one, "live": rows}
+
+
+def run(args: argparse.Namespace) -> int:
+    driver = LandmarkSequence.load(args.driver)
+    load_before = os.getloadavg()
+    raw = RawGenerator(repository=args.model_repository)
+    raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
+    service = asyncio.run(service_runs(args, driver, raw))
+    report = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "onnxruntime": ort.__version__,
+            "python": platform.python_version(),
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "model": {k.removeprefix(contract.Meta.PREFIX): v for k, v in raw.metadata.items()},
+        "raw_backend": raw_rows,
+        **service,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0

@@ -1,0 +1,172 @@
+"""The export/serving contract: model names, tensors and `talkinghead.*` metadata (DESIGN.md).
+
+export/ writes models that keep it, service/ and the client's bench read them through it; the two
+sides share nothing else. tests/test_contract.py pins it and tests/test_export.py checks the
+exported files against it, so a change of the generator's inputs is made here, once.
+
+    embedder            image, landmark_image uint8 (B, S, S, 3) -> embedding f32 (B, E), adain f32 (B, D)
+    generator           landmark_image uint8 (B, S, S, 3), adain f32 (B, D) -> image uint8 (B, S, S, 3)
+    generator_<avatar>  landmark_image uint8 (B, S, S, 3) -> image uint8 (B, S, S, 3)  (psi' baked in)
+
+B is the dynamic batch axis (first everywhere), S the image size, D the AdaIN size, E the embedding
+size (512). Each model also carries `talkinghead.*` metadata (ONNX metadata_props, repeated as
+config.pbtxt parameters) from which the service rebuilds its pre-processing (`ModelInfo`). A model
+repository has Triton's layout: `<repository>/<model name>/<version>/model.onnx` + config.pbtxt.
+Torch-free: stdlib plus facekit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from facekit.crop import CROP_SCALE
+from facekit.ids import validate_avatar_id
+from facekit.rasterize import DrawStyle
+
+# -- model names (Triton model directories) ----------------------------------------------------------
+EMBEDDER = "embedder"
+GENERATOR = "generator"
+PERSONALISED_PREFIX = "generator_"  # + avatar id: one fine-tuned generator per avatar
+
+
+def personalised_name(avatar_id: str) -> str:
+    """The model name of an avatar's personalised generator (the id is validated: no path tricks)."""
+    return PERSONALISED_PREFIX + validate_avatar_id(avatar_id)
+
+
+MODEL_FILE = "model.onnx"
+
+
+def latest_version(model_dir: Path, filename: str = MODEL_FILE) -> Path | None:
+    """`<model_dir>/<highest numeric version>/<filename>`, or None when there is none."""
+    if not model_dir.is_dir():
+        return None
+    versions = sorted(
+        (int(p.name), p) for p in model_dir.iterdir() if p.name.isdigit() and (p / filename).is_file()
+    )
+    return versions[-1][1] / filename if versions else None
+
+
+# -- kinds (`talkinghead.kind`) ----------------------------------------------------------------------
+KIND_EMBEDDER, KIND_GENERATOR, KIND_PERSONALISED = "embedder", "generator", "personalised"
+KINDS = (KIND_EMBEDDER, KIND_GENERATOR, KIND_PERSONALISED)
+
+# -- tensors -----------------------------------------------------------------------------------------
+IMAGE, LANDMARK_IMAGE, EMBEDDING, ADAIN = "image", "landmark_image", "embedding", "adain"
+EMBEDDING_SIZE = 512  # E, the embedder's output size
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpec:
+    """One input or output. `shape` is symbolic: "B" batch, "S" image size, "D" AdaIN size,
+    "E" embedding size; integers are literal."""
+
+    name: str
+    dtype: str  # numpy dtype name
+    shape: tuple[str | int, ...]
+
+    def dims(self, *, image_size: int, adain_size: int, embedding_size: int = EMBEDDING_SIZE) -> list[int]:
+        """The shape after the batch axis, for one model's sizes."""
+        sizes = {"S": image_size, "D": adain_size, "E": embedding_size}
+        return [sizes[d] if isinstance(d, str) else d for d in self.shape[1:]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+
+_IMAGE_IN = TensorSpec(name=IMAGE, dtype="uint8", shape=("B", "S", "S", 3))
+_LANDMARK_IN = TensorSpec(name=LANDMARK_IMAGE, dtype="uint8", shape=("B", "S", "S", 3))
+_ADAIN = TensorSpec(name=ADAIN, dtype="float32", shape=("B", "D"))
+_EMBEDDING_OUT = TensorSpec(name=EMBEDDING, dtype="float32", shape=("B", "E"))
+_IMAGE_OUT = TensorSpec(name=IMAGE, dtype="uint8", shape=("B", "S", "S", 3))
+
+SIGNATURES: dict[str, Signature] = {  # by kind
+    KIND_EMBEDDER: Signature(inputs=(_IMAGE_IN, _LANDMARK_IN), outputs=(_EMBEDDING_OUT, _ADAIN)),
+    KIND_GENERATOR: Signature(inputs=(_LANDMARK_IN, _ADAIN), outputs=(_IMAGE_OUT,)),
+    KIND_PERSONALISED: Signature(inputs=(_LANDMARK_IN,), outputs=(_IMAGE_OUT,)),
+}
+
+
+# -- metadata ----------------------------------------------------------------------------------------
+class Meta:
+    """Keys of the metadata every exported model carries; values are strings."""
+
+    PREFIX = "talkinghead."
+    KIND = PREFIX + "kind"  # one of KINDS
+    IMAGE_SIZE = PREFIX + "image_size"  # S
+    ADAIN_SIZE = PREFIX + "adain_size"  # D
+    EMBEDDING_SIZE = PREFIX + "embedding_size"  # E
+    DRAW_STYLE = PREFIX + "draw_style"  # JSON of facekit.rasterize.DrawStyle, sorted keys
+    CROP_SCALE = PREFIX + "crop_scale"  # facekit.crop.crop_box's scale
+    MODEL_ID = PREFIX + "model_id"  # fingerprint of the base model's weights
+    STEP = PREFIX + "step"  # training step of the checkpoint
+    AVATAR = PREFIX + "avatar"  # personalised models only
+    KEYS = (KIND, IMAGE_SIZE, ADAIN_SIZE, EMBEDDING_SIZE, DRAW_STYLE, CROP_SCALE, MODEL_ID, STEP, AVATAR)
+
+
+def model_name(meta: Mapping[str, str]) -> str:
+    """The model name a file's metadata implies: its kind, or generator_<avatar>."""
+    kind = meta.get(Meta.KIND, "")
+    return personalised_name(meta[Meta.AVATAR]) if kind == KIND_PERSONALISED else kind
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    """What the service must know about the served model; read from the models' metadata."""
+
+    image_size: int  # S: side of every image tensor, pixels
+    adain_size: int  # D: AdaIN parameters per avatar
+    embedding_size: int  # E: 512
+    draw_style: DrawStyle  # how landmark images are drawn (the training rasterizer's settings)
+    crop_scale: float  # face crop side / landmark extent, as in training (facekit.crop.crop_box)
+    model_id: str  # fingerprint of the base model's weights
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> ModelInfo:
+        """Parse the `talkinghead.*` string values of a model (ONNX metadata or config parameters)."""
+        try:
+            style = json.loads(meta[Meta.DRAW_STYLE])
+            return cls(
+                image_size=int(meta[Meta.IMAGE_SIZE]),
+                adain_size=int(meta[Meta.ADAIN_SIZE]),
+                embedding_size=int(meta.get(Meta.EMBEDDING_SIZE, str(EMBEDDING_SIZE))),
+                draw_style=DrawStyle(line_width=int(style["line_width"]), antialias=bool(style["antialias"])),
+                crop_scale=float(meta.get(Meta.CROP_SCALE, CROP_SCALE)),
+                model_id=str(meta[Meta.MODEL_ID]),
+            )
+        except (KeyError, ValueError, TypeError) as error:
+            raise ValueError(f"{where}: missing or malformed talkinghead.* metadata ({error!r})") from error
+
+    def metadata(self, *, kind: str, step: int, avatar: str | None = None) -> dict[str, str]:
+        """The metadata a model of `kind` carries (the inverse of from_metadata, plus kind and step)."""
+        if kind not in KINDS:
+            raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+        if (kind == KIND_PERSONALISED) != (avatar is not None):
+            raise ValueError("a personalised model, and only one, names its avatar")
+        meta = {
+            Meta.KIND: kind,
+            Meta.IMAGE_SIZE: str(self.image_size),
+            Meta.ADAIN_SIZE: str(self.adain_size),
+            Meta.EMBEDDING_SIZE: str(self.embedding_size),
+            Meta.DRAW_STYLE: json.dumps(asdict(self.draw_style), sort_keys=True),
+            Meta.CROP_SCALE: str(self.crop_scale),
+            Meta.MODEL_ID: self.model_id,
+            Meta.STEP: str(step),
+        }
+        if avatar is not None:
+            meta[Meta.AVATAR] = validate_avatar_id(avatar)
+        return meta

@@ -1,1 +1,0 @@
-"""Generated gRPC stubs (make protos); do not edit."""
