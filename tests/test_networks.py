@@ -17,7 +17,7 @@ def millions(net: torch.nn.Module) -> float:
 
 def test_paper_parameter_counts_within_25_percent_of_the_paper() -> None:
     cfg = load_config("paper").model
-    e, g, d = Embedder(cfg), Generator(cfg), Discriminator(cfg, num_videos=0)
+    e, g, d = Embedder(cfg=cfg), Generator(cfg=cfg), Discriminator(cfg=cfg, num_videos=0)
     assert abs(millions(e) - 15) / 15 < 0.25, millions(e)
     assert abs(millions(g) - 38) / 38 < 0.25, millions(g)
     assert abs(millions(d) - 20) / 20 < 0.25, millions(d)
@@ -28,7 +28,7 @@ def test_paper_parameter_counts_within_25_percent_of_the_paper() -> None:
 def test_shapes(name: str) -> None:
     cfg = load_config(name).model
     s = cfg.image_size
-    e, g, d = Embedder(cfg), Generator(cfg), Discriminator(cfg, num_videos=3)
+    e, g, d = Embedder(cfg=cfg), Generator(cfg=cfg), Discriminator(cfg=cfg, num_videos=3)
     x, y = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
     emb = e(x, y)
     assert emb.shape == (2, 512) and (emb >= 0).all() == cfg.embedding_relu  # small: a plain Linear
@@ -48,7 +48,7 @@ def test_generator_output_follows_embedding_and_landmarks() -> None:
     torch.manual_seed(0)
     cfg = load_config("smoke").model
     s = cfg.image_size
-    g = Generator(cfg).eval()
+    g = Generator(cfg=cfg).eval()
     y = torch.full((1, 3, s, s), -1.0)
     y[..., 10:20, 10:40] = 1.0
     e1, e2 = torch.rand(1, 512) * 4, torch.rand(1, 512) * 4
@@ -63,7 +63,7 @@ def test_generator_output_follows_embedding_and_landmarks() -> None:
 
 
 def test_projection_is_linear_so_mean_commutes() -> None:
-    g = Generator(load_config("smoke").model)
+    g = Generator(cfg=load_config("smoke").model)
     e = torch.rand(5, 512)
     assert torch.allclose(g.project(e.mean(0, keepdim=True)), g.project(e).mean(0, keepdim=True), atol=1e-6)
 
@@ -72,7 +72,7 @@ def test_projection_discriminator_uses_the_video_column_and_personalises() -> No
     torch.manual_seed(0)
     cfg = load_config("smoke").model
     s = cfg.image_size
-    d = Discriminator(cfg, num_videos=2).eval()
+    d = Discriminator(cfg=cfg, num_videos=2).eval()
     x = torch.rand(1, 3, s, s)
     with torch.no_grad():
         d.W[1] += 1.0
@@ -92,7 +92,7 @@ def test_warp_guided_generator_starts_as_the_warp_and_learns_a_correction() -> N
     torch.manual_seed(0)
     cfg = load_config("smoke").replace(**{"model.warp_guided": True}).model
     s = cfg.image_size
-    g = Generator(cfg)
+    g = Generator(cfg=cfg)
     y, warped = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
     psi = torch.randn(2, g.adain_size) * 0.1
     levels = (g(y, psi, warped) - warped).abs() * 127.5  # in uint8 levels
@@ -100,7 +100,7 @@ def test_warp_guided_generator_starts_as_the_warp_and_learns_a_correction() -> N
     with pytest.raises(ValueError, match="needs `warped`"):
         g(y, psi)
     with pytest.raises(ValueError, match="takes none"):
-        Generator(load_config("smoke").model)(y, psi, warped)
+        Generator(cfg=load_config("smoke").model)(y, psi, warped)
     target = torch.zeros_like(warped)  # something the warp does not show: the net must learn it
     opt = torch.optim.Adam(g.parameters(), lr=1e-2)
     for _ in range(30):

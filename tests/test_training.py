@@ -82,10 +82,10 @@ def test_a_few_dozen_steps_on_one_clip_lower_the_reconstruction_error(smoke_data
     )
     m = cfg.model
     trainer = Trainer(
-        cfg,
-        embedder=Embedder(m),
-        generator=Generator(m),
-        discriminator=Discriminator(m, num_videos=data.num_videos),
+        cfg=cfg,
+        embedder=Embedder(cfg=m),
+        generator=Generator(cfg=m),
+        discriminator=Discriminator(cfg=m, num_videos=data.num_videos),
     )
     fixed = [_batch(data[0]) for _ in range(6)]
 
@@ -132,7 +132,10 @@ def test_embedding_matching_moves_the_embedder_only_when_configured(trains_embed
     )
     m = cfg.model
     trainer = Trainer(
-        cfg, embedder=Embedder(m), generator=Generator(m), discriminator=Discriminator(m, num_videos=2)
+        cfg=cfg,
+        embedder=Embedder(cfg=m),
+        generator=Generator(cfg=m),
+        discriminator=Discriminator(cfg=m, num_videos=2),
     )
     s = m.image_size
     batch = Batch(

@@ -1,4 +1,5 @@
-"""Building blocks shared by E, G and D: residual down/up blocks, AdaIN, self-attention.
+"""Building blocks shared by E, G and D: residual down/up blocks, AdaIN, self-attention, and the
+downsampling trunk that E and D's V share.
 
 BigGAN-style pre-activation residual blocks (Brock et al.) as the paper uses them; spectral norm on
 every convolution when the config asks for it.
@@ -6,10 +7,14 @@ every convolution when the config asks for it.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
+
+from training.config import ModelConfig
 
 
 def conv(cin: int, cout: int, k: int = 3, *, sn: bool) -> nn.Module:
@@ -118,6 +123,36 @@ class SelfAttention(nn.Module):
         v = self.value(x).flatten(2)  # (B, C, HW)
         out = torch.bmm(v, attn.transpose(1, 2)).view(b, c, h, w)
         return x + self.gamma * out
+
+
+class DownTrunk(nn.Module):
+    """Residual downsampling blocks without normalisation, self-attention at `attention_down`.
+
+    Shared shape of E and of D's V (each with its own weights). Returns every block's output so
+    that D can use them for feature matching.
+    """
+
+    def __init__(self, *, cfg: ModelConfig, cin: int) -> None:
+        super().__init__()
+        n = int(math.log2(cfg.image_size // cfg.embedder_bottleneck))
+        widths = channel_plan(cfg.base_channels, cfg.max_channels, n)
+        layers: list[nn.Module] = []
+        size, prev = cfg.image_size, cin
+        for i, w in enumerate(widths):
+            layers.append(ResBlockDown(prev, w, sn=cfg.spectral_norm, norm=False, preact=i > 0))
+            size //= 2
+            if size == cfg.attention_down:
+                layers.append(SelfAttention(w, sn=cfg.spectral_norm))
+            prev = w
+        self.layers = nn.ModuleList(layers)
+        self.out_channels = prev
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for layer in self.layers:
+            x = layer(x)
+            feats.append(x)
+        return feats
 
 
 def global_pool(x: torch.Tensor, mode: str) -> torch.Tensor:

@@ -72,16 +72,16 @@ def build_networks(
 ) -> tuple[Embedder | None, Generator, Discriminator | None]:
     """Rebuild the networks stored in a checkpoint, weights loaded, in eval mode."""
     cfg = config_of(ckpt).model
-    gen = Generator(cfg)
+    gen = Generator(cfg=cfg)
     gen.load_state_dict(ckpt["generator"])
     emb = None
     if "embedder" in ckpt:
-        emb = Embedder(cfg)
+        emb = Embedder(cfg=cfg)
         emb.load_state_dict(ckpt["embedder"])
     disc = None
     if with_discriminator and "discriminator" in ckpt:
         state = ckpt["discriminator"]
-        disc = Discriminator(cfg, num_videos=state["W"].shape[0] if "W" in state else 0)
+        disc = Discriminator(cfg=cfg, num_videos=state["W"].shape[0] if "W" in state else 0)
         disc.load_state_dict(state, strict="W" in state)
     for net in (emb, gen, disc):
         if net is not None:

@@ -10,16 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.blocks import ResBlock, assert_shape, global_pool
+from training.blocks import DownTrunk, ResBlock, assert_shape, global_pool
 from training.config import ModelConfig
-from training.embedder import DownTrunk
 
 
 class Discriminator(nn.Module):
-    def __init__(self, cfg: ModelConfig, *, num_videos: int) -> None:
+    def __init__(self, *, cfg: ModelConfig, num_videos: int) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = DownTrunk(cfg, cin=6)
+        self.trunk = DownTrunk(cfg=cfg, cin=6)
         c = self.trunk.out_channels
         self.extra = nn.ModuleList(
             [ResBlock(c, sn=cfg.spectral_norm, adain=False) for _ in range(cfg.discriminator_extra_blocks)]

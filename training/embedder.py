@@ -3,50 +3,18 @@ person embedding; the avatar embedding ê is the mean over K frames."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from training.blocks import ResBlockDown, SelfAttention, assert_shape, channel_plan, global_pool
+from training.blocks import DownTrunk, assert_shape, global_pool
 from training.config import ModelConfig
 
 
-class DownTrunk(nn.Module):
-    """Residual downsampling blocks without normalisation, self-attention at `attention_down`.
-
-    Shared shape of E and of D's V (each with its own weights). Returns every block's output so
-    that D can use them for feature matching.
-    """
-
-    def __init__(self, cfg: ModelConfig, cin: int) -> None:
-        super().__init__()
-        n = int(math.log2(cfg.image_size // cfg.embedder_bottleneck))
-        widths = channel_plan(cfg.base_channels, cfg.max_channels, n)
-        layers: list[nn.Module] = []
-        size, prev = cfg.image_size, cin
-        for i, w in enumerate(widths):
-            layers.append(ResBlockDown(prev, w, sn=cfg.spectral_norm, norm=False, preact=i > 0))
-            size //= 2
-            if size == cfg.attention_down:
-                layers.append(SelfAttention(w, sn=cfg.spectral_norm))
-            prev = w
-        self.layers = nn.ModuleList(layers)
-        self.out_channels = prev
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = []
-        for layer in self.layers:
-            x = layer(x)
-            feats.append(x)
-        return feats
-
-
 class Embedder(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.trunk = DownTrunk(cfg, cin=6)
+        self.trunk = DownTrunk(cfg=cfg, cin=6)
         c = self.trunk.out_channels
         # Narrow (small) configs map their last width to the 512-d embedding of the contract.
         layers: list[nn.Module] = [nn.Linear(c, cfg.embedding_dim)] + (

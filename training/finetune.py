@@ -142,7 +142,7 @@ def personal_trainer(
         e_new = emb(pool.target_image[:shots], pool.target_landmarks[:shots]).mean(dim=0, keepdim=True)
         psi = gen.project(e_new)  # (1, D)
     disc.personalise(e_new)
-    trainer = Trainer(cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
+    trainer = Trainer(cfg=cfg, embedder=None, generator=gen, discriminator=disc, adain=psi).to(device)
     trainer.train()
     return trainer, e_new
 

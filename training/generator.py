@@ -31,7 +31,7 @@ MASK_BIAS = -5.0  # initial logit of the warp-guided blend mask: m = 0.0067, x_h
 
 
 class Generator(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, *, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
         sn = cfg.spectral_norm

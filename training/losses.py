@@ -19,7 +19,7 @@ class ContentLoss(nn.Module):
     """L_CNT: weighted L1 between VGG19 and VGGFace activations of x and x_hat (+ optional pixel
     L1), and the face-aware terms of dlib's face-recognition network (`FaceLoss`)."""
 
-    def __init__(self, cfg: LossConfig) -> None:
+    def __init__(self, *, cfg: LossConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.nets = nn.ModuleDict()

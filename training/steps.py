@@ -59,8 +59,8 @@ class Trainer(nn.Module):
 
     def __init__(
         self,
-        cfg: ExperimentConfig,
         *,
+        cfg: ExperimentConfig,
         embedder: Embedder | None,
         generator: Generator,
         discriminator: Discriminator,
@@ -71,7 +71,7 @@ class Trainer(nn.Module):
         self.embedder = embedder
         self.generator = generator
         self.discriminator = discriminator
-        self.content = ContentLoss(cfg.loss)
+        self.content = ContentLoss(cfg=cfg.loss)
         self.adain = nn.Parameter(adain.detach().clone()) if adain is not None else None  # psi'
         finetune = self.adain is not None
         opt = cfg.finetune if finetune else cfg.meta

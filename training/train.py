@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
             f"{err}\nno usable training videos in {cfg.meta.data}: run `talkinghead preprocess`"
         ) from err
     model = cfg.model
-    emb, gen = Embedder(model), Generator(model)
-    disc = Discriminator(model, num_videos=data.num_videos)
-    trainer = Trainer(cfg, embedder=emb, generator=gen, discriminator=disc).to(device)
+    emb, gen = Embedder(cfg=model), Generator(cfg=model)
+    disc = Discriminator(cfg=model, num_videos=data.num_videos)
+    trainer = Trainer(cfg=cfg, embedder=emb, generator=gen, discriminator=disc).to(device)
     broadcast_parameters(trainer.parameters())
     log.info(
         "config %s: %d training videos (%s kept out), device %s x%d, perceptual %s",
@@ -169,7 +169,9 @@ def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
 class Progress:
     """What the loop reports besides stepping: running means, logs, samples, spread, checkpoints."""
 
-    def __init__(self, trainer: Trainer, cfg: ExperimentConfig, data: EpisodeDataset, run_dir: Path) -> None:
+    def __init__(
+        self, *, trainer: Trainer, cfg: ExperimentConfig, data: EpisodeDataset, run_dir: Path
+    ) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.trainer, self.cfg, self.data, self.run_dir = trainer, cfg, data, run_dir
@@ -233,7 +235,7 @@ def loop(
         drop_last=True,
         persistent_workers=meta.num_workers > 0,
     )
-    progress = Progress(trainer, cfg, data, run_dir) if rank == 0 else None
+    progress = Progress(trainer=trainer, cfg=cfg, data=data, run_dir=run_dir) if rank == 0 else None
     started, epoch = time.monotonic(), 0
     stop_requested: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, checkpoint, exit
