@@ -8,12 +8,15 @@ driver's frame rate; a progress bar runs meanwhile and the achieved frames per s
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
 --live sends at the driver's frame rate and lets the service drop frames it cannot keep up with
-(as a live call would); by default every frame is rendered (offline).
+(as a live call would); by default every frame is rendered (offline). --paste-back returns the
+avatar's whole source photo (up to 1024 px) with the face moving in it; --smooth filters the
+driver's landmark jitter (One-Euro).
 
 example:
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
       --relative --contact-sheet out/mona.png
   talkinghead animate --avatar mona --driver talking.mp4 --out out/mona.mp4 --relative
+  talkinghead animate --avatar mona --driver talking.mp4 --out out/mona.mp4 --relative --paste-back --smooth
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--live", action="store_true", help="send at the driver's fps, drop what cannot be kept up"
     )
     parser.add_argument("--encoding", choices=("jpeg", "png", "raw"), default="jpeg", help="wire format")
+    parser.add_argument(
+        "--paste-back", action="store_true", help="the whole source photo moving, not the face crop"
+    )
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        nargs="?",
+        const=1.0,
+        metavar="HZ",
+        help="One-Euro filter on the driver's landmarks (min cutoff, default 1.0 Hz) against jitter",
+    )
 
 
 def _driver(args: argparse.Namespace) -> tuple[Iterator[pb.AnimateRequest], int, float]:
@@ -102,14 +116,16 @@ def run(args: argparse.Namespace) -> int:
                 queue_depth=16 if not args.live else 0,
                 crop_to_face=args.crop_to_face,
                 include_landmark_image=sheet,
+                paste_back=args.paste_back,
+                smoothing=args.smooth,
             )
             for frame in frames:
+                height, width = frame.image.shape[:2]
                 if writer is None:
-                    side = _even(frame.image.shape[0])
-                    writer = VideoWriter(args.out, fps=fps, size=(side, side))
+                    writer = VideoWriter(args.out, fps=fps, size=(_even(width), _even(height)))
                 image = frame.image
-                if image.shape[0] % 2:
-                    image = np.pad(image, ((0, 1), (0, 1), (0, 0)))
+                if height % 2 or width % 2:
+                    image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
                 writer.write(image)
                 if frame.sequence in picks:
                     kept.append(frame)
@@ -132,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
         rows = [[f.landmark_image for f in kept if f.landmark_image is not None], [f.image for f in kept]]
         save_png(
             args.contact_sheet,
-            contact_sheet(rows, labels=["driving", "generated"], cell=kept[0].image.shape[0]),
+            contact_sheet(rows, labels=["driving", "generated"], cell=min(max(kept[0].image.shape[:2]), 256)),
         )
         print(f"wrote {args.contact_sheet}")
     return 0

@@ -222,11 +222,15 @@ class Client:
         queue_depth: int = 0,
         crop_to_face: bool = False,
         include_landmark_image: bool = False,
+        paste_back: bool = False,
+        smoothing: float | None = None,
     ) -> Iterator[Frame]:
         """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
 
         overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
-        bounded for live input. The stream's StreamStarted message is kept in `self.last_started`.
+        bounded for live input. paste_back returns the avatar's whole source photo with the face
+        blended in; smoothing (a One-Euro min_cutoff_hz, e.g. 1.0) filters driver jitter. The
+        stream's StreamStarted message is kept in `self.last_started`.
         """
         config = pb.StreamConfig(
             avatar_id=avatar_id,
@@ -237,23 +241,29 @@ class Client:
             queue_depth=queue_depth,
             crop_to_face=crop_to_face,
             include_landmark_image=include_landmark_image,
+            paste_back=paste_back,
         )
+        if smoothing is not None:
+            config.smoothing.min_cutoff_hz = smoothing
 
         def stream() -> Iterator[pb.AnimateRequest]:
             yield pb.AnimateRequest(config=config)
             yield from requests
 
+        side = 0  # the landmark images' side: StreamStarted.image_size
         for response in self.animation.Animate(stream()):
             if response.HasField("started"):
                 self.last_started = response.started
+                side = response.started.image_size
                 continue
             f = response.frame
-            size = (f.width, f.height)
             yield Frame(
                 sequence=f.sequence,
                 capture_time_us=f.capture_time_us,
-                image=decode_frame(f.image, f.encoding, size),
-                landmark_image=decode_frame(f.landmark_image, f.encoding, size) if f.landmark_image else None,
+                image=decode_frame(f.image, f.encoding, (f.width, f.height)),
+                landmark_image=decode_frame(f.landmark_image, f.encoding, (side, side))
+                if f.landmark_image
+                else None,
                 timings=f.timings,
                 dropped_before=f.dropped_before,
                 batch_size=f.batch_size,

@@ -31,6 +31,7 @@ from facekit.detect import make_detector
 from facekit.motion import transfer_motion
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
+from facekit.warp import warp_nearest
 from training import checkpoint
 from training.finetune import prepare_images
 
@@ -67,10 +68,13 @@ def real_inputs(ckpt: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     mirror = frames[:, :, ::-1], draw_batch(points, cfg.image_size, cfg.draw_style)[:, :, ::-1]
     images = np.concatenate([frames, mirror[0]])  # (2, S, S, 3): the photo and its mirror image
     landmarks = np.concatenate([draw_batch(points, cfg.image_size, cfg.draw_style), mirror[1]])
+    generator = {contract.LANDMARK_IMAGE: drawn}
+    if cfg.warp_guided:  # the portrait, warped onto each driving frame
+        generator[contract.WARPED] = warp_nearest(frames, points, driven)
     return {
         contract.KIND_EMBEDDER: {contract.IMAGE: images, contract.LANDMARK_IMAGE: landmarks},
-        contract.KIND_GENERATOR: {contract.LANDMARK_IMAGE: drawn},
-        contract.KIND_PERSONALISED: {contract.LANDMARK_IMAGE: drawn},
+        contract.KIND_GENERATOR: generator,
+        contract.KIND_PERSONALISED: dict(generator),
     }
 
 
@@ -81,7 +85,9 @@ def check(graph: to_onnx.Graph, path: Path, inputs: dict[str, dict[str, np.ndarr
         embedder = to_onnx.session(path.with_name(f"{contract.EMBEDDER}.onnx"))
         adain = embedder.run([contract.ADAIN], inputs[contract.KIND_EMBEDDER])[0]
         feeds[contract.ADAIN] = np.repeat(adain[:1], len(feeds[contract.LANDMARK_IMAGE]), axis=0)
-    figures = to_onnx.parity(graph, path, feeds)
+    figures = to_onnx.parity(
+        graph, path, {name: feeds[name] for name in graph.inputs}
+    )  # in the graph's order
     for p in figures:
         log.info(
             "parity %s.%s vs PyTorch: max |diff| %.3g, mean %.3g (%s)",

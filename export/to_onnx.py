@@ -21,7 +21,13 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.wrappers import EmbedderIO, GeneratorIO, PersonalGeneratorIO
+from export.wrappers import (
+    EmbedderIO,
+    GeneratorIO,
+    PersonalGeneratorIO,
+    WarpGeneratorIO,
+    WarpPersonalGeneratorIO,
+)
 from facekit import contract
 from facekit.crop import CROP_SCALE
 from training import checkpoint
@@ -44,6 +50,7 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
         draw_style=cfg.model.draw_style,
         crop_scale=CROP_SCALE,
         model_id=checkpoint.fingerprint(ckpt),
+        warp_guided=cfg.model.warp_guided,
     )
     avatar = str(ckpt["avatar"]) if kind == contract.KIND_PERSONALISED else None
     return info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
@@ -70,11 +77,13 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
         contract.IMAGE: image,
         contract.LANDMARK_IMAGE: image.clone(),
         contract.ADAIN: torch.zeros(2, d),  # (B, D)
+        contract.WARPED: image.clone(),
     }
+    warp = gen.cfg.warp_guided
 
     def graph(kind: str, module: torch.nn.Module) -> Graph:
         meta = metadata(ckpt, kind, adain_size=d)
-        signature = contract.SIGNATURES[kind]
+        signature = contract.signature(kind, warp_guided=warp)
         inputs = {name: examples[name] for name in signature.input_names}
         return Graph(
             name=contract.model_name(meta),
@@ -85,12 +94,14 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
         )
 
     if ckpt.get("kind") == contract.KIND_PERSONALISED:
-        return [graph(contract.KIND_PERSONALISED, PersonalGeneratorIO(generator=gen, adain=ckpt["adain"]))]
+        personal = WarpPersonalGeneratorIO if warp else PersonalGeneratorIO
+        return [graph(contract.KIND_PERSONALISED, personal(generator=gen, adain=ckpt["adain"]))]
     if emb is None:
         raise ValueError("a meta checkpoint must hold the embedder")
+    shared = WarpGeneratorIO if warp else GeneratorIO
     return [
         graph(contract.KIND_EMBEDDER, EmbedderIO(embedder=emb, generator=gen)),
-        graph(contract.KIND_GENERATOR, GeneratorIO(generator=gen)),
+        graph(contract.KIND_GENERATOR, shared(generator=gen)),
     ]
 
 

@@ -4,6 +4,8 @@
     generator:           landmark_image uint8 (B, S, S, 3), adain (B, D) -> image uint8 (B, S, S, 3)
     generator_<avatar>:  landmark_image uint8 (B, S, S, 3) -> image uint8 (B, S, S, 3), psi' baked in
 
+A warp-guided G takes `warped` uint8 (B, S, S, 3) after its other inputs (facekit/contract.py).
+
 Scaling to [-1, 1], NHWC <-> NCHW and the final rounding live inside the graph, so a client
 never needs to know the model's value range. Spectral norm is baked into plain weights first.
 """
@@ -77,3 +79,27 @@ class PersonalGeneratorIO(nn.Module):
         adain: torch.Tensor = self.adain  # type: ignore[assignment]
         psi = adain.expand(landmark_image.shape[0], -1)  # (B, D)
         return to_wire(self.generator(to_model_range(landmark_image), psi))
+
+
+class WarpGeneratorIO(nn.Module):
+    """GeneratorIO of a warp-guided G: also the avatar's reference warped onto the driving landmarks."""
+
+    def __init__(self, *, generator: Generator) -> None:
+        super().__init__()
+        self.generator = bake(generator)
+
+    def forward(
+        self, landmark_image: torch.Tensor, adain: torch.Tensor, warped: torch.Tensor
+    ) -> torch.Tensor:
+        return to_wire(self.generator(to_model_range(landmark_image), adain, to_model_range(warped)))
+
+
+class WarpPersonalGeneratorIO(PersonalGeneratorIO):
+    """PersonalGeneratorIO of a warp-guided G' (its forward takes `warped` too)."""
+
+    def forward(self, landmark_image: torch.Tensor, warped: torch.Tensor | None = None) -> torch.Tensor:
+        adain: torch.Tensor = self.adain  # type: ignore[assignment]
+        psi = adain.expand(landmark_image.shape[0], -1)  # (B, D)
+        if warped is None:
+            raise ValueError("a warp-guided generator needs `warped`")
+        return to_wire(self.generator(to_model_range(landmark_image), psi, to_model_range(warped)))

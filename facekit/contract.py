@@ -8,6 +8,11 @@ exported files against it, so a change of the generator's inputs is made here, o
     generator           landmark_image uint8 (B, S, S, 3), adain f32 (B, D) -> image uint8 (B, S, S, 3)
     generator_<avatar>  landmark_image uint8 (B, S, S, 3) -> image uint8 (B, S, S, 3)  (psi' baked in)
 
+A warp-guided model (`talkinghead.warp_guided` = "true") has one more generator input, `warped`
+uint8 (B, S, S, 3): the avatar's reference frame nearest to the driving landmarks, warped onto
+them by facekit.warp.warp_nearest on the caller's side (0.5 ms per frame at 128 px), so frames of
+different avatars still share one batch.
+
 B is the dynamic batch axis (first everywhere), S the image size, D the AdaIN size, E the embedding
 size (512). Each model also carries `talkinghead.*` metadata (ONNX metadata_props, repeated as
 config.pbtxt parameters) from which the service rebuilds its pre-processing (`ModelInfo`). A model
@@ -55,7 +60,7 @@ KIND_EMBEDDER, KIND_GENERATOR, KIND_PERSONALISED = "embedder", "generator", "per
 KINDS = (KIND_EMBEDDER, KIND_GENERATOR, KIND_PERSONALISED)
 
 # -- tensors -----------------------------------------------------------------------------------------
-IMAGE, LANDMARK_IMAGE, EMBEDDING, ADAIN = "image", "landmark_image", "embedding", "adain"
+IMAGE, LANDMARK_IMAGE, EMBEDDING, ADAIN, WARPED = "image", "landmark_image", "embedding", "adain", "warped"
 EMBEDDING_SIZE = 512  # E, the embedder's output size
 
 
@@ -94,11 +99,22 @@ _ADAIN = TensorSpec(name=ADAIN, dtype="float32", shape=("B", "D"))
 _EMBEDDING_OUT = TensorSpec(name=EMBEDDING, dtype="float32", shape=("B", "E"))
 _IMAGE_OUT = TensorSpec(name=IMAGE, dtype="uint8", shape=("B", "S", "S", 3))
 
-SIGNATURES: dict[str, Signature] = {  # by kind
+_WARPED_IN = TensorSpec(name=WARPED, dtype="uint8", shape=("B", "S", "S", 3))
+
+SIGNATURES: dict[str, Signature] = {  # by kind, the paper's G
     KIND_EMBEDDER: Signature(inputs=(_IMAGE_IN, _LANDMARK_IN), outputs=(_EMBEDDING_OUT, _ADAIN)),
     KIND_GENERATOR: Signature(inputs=(_LANDMARK_IN, _ADAIN), outputs=(_IMAGE_OUT,)),
     KIND_PERSONALISED: Signature(inputs=(_LANDMARK_IN,), outputs=(_IMAGE_OUT,)),
 }
+WARP_GUIDED_SIGNATURES: dict[str, Signature] = {  # by kind, the warp-guided G
+    KIND_EMBEDDER: SIGNATURES[KIND_EMBEDDER],
+    KIND_GENERATOR: Signature(inputs=(_LANDMARK_IN, _ADAIN, _WARPED_IN), outputs=(_IMAGE_OUT,)),
+    KIND_PERSONALISED: Signature(inputs=(_LANDMARK_IN, _WARPED_IN), outputs=(_IMAGE_OUT,)),
+}
+
+
+def signature(kind: str, *, warp_guided: bool) -> Signature:
+    return (WARP_GUIDED_SIGNATURES if warp_guided else SIGNATURES)[kind]
 
 
 # -- metadata ----------------------------------------------------------------------------------------
@@ -115,7 +131,19 @@ class Meta:
     MODEL_ID = PREFIX + "model_id"  # fingerprint of the base model's weights
     STEP = PREFIX + "step"  # training step of the checkpoint
     AVATAR = PREFIX + "avatar"  # personalised models only
-    KEYS = (KIND, IMAGE_SIZE, ADAIN_SIZE, EMBEDDING_SIZE, DRAW_STYLE, CROP_SCALE, MODEL_ID, STEP, AVATAR)
+    WARP_GUIDED = PREFIX + "warp_guided"  # "true": the generator takes `warped`; absent = "false"
+    KEYS = (
+        KIND,
+        IMAGE_SIZE,
+        ADAIN_SIZE,
+        EMBEDDING_SIZE,
+        DRAW_STYLE,
+        CROP_SCALE,
+        MODEL_ID,
+        STEP,
+        AVATAR,
+        WARP_GUIDED,
+    )
 
 
 def model_name(meta: Mapping[str, str]) -> str:
@@ -134,6 +162,7 @@ class ModelInfo:
     draw_style: DrawStyle  # how landmark images are drawn (the training rasterizer's settings)
     crop_scale: float  # face crop side / landmark extent, as in training (facekit.crop.crop_box)
     model_id: str  # fingerprint of the base model's weights
+    warp_guided: bool = False  # the generator takes `warped` (the avatar's nearest reference, warped)
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str], *, where: str) -> ModelInfo:
@@ -147,6 +176,7 @@ class ModelInfo:
                 draw_style=DrawStyle(line_width=int(style["line_width"]), antialias=bool(style["antialias"])),
                 crop_scale=float(meta.get(Meta.CROP_SCALE, CROP_SCALE)),
                 model_id=str(meta[Meta.MODEL_ID]),
+                warp_guided=_flag(meta.get(Meta.WARP_GUIDED, "false")),
             )
         except (KeyError, ValueError, TypeError) as error:
             raise ValueError(f"{where}: missing or malformed talkinghead.* metadata ({error!r})") from error
@@ -166,7 +196,17 @@ class ModelInfo:
             Meta.CROP_SCALE: str(self.crop_scale),
             Meta.MODEL_ID: self.model_id,
             Meta.STEP: str(step),
+            Meta.WARP_GUIDED: "true" if self.warp_guided else "false",
         }
         if avatar is not None:
             meta[Meta.AVATAR] = validate_avatar_id(avatar)
         return meta
+
+    def signature(self, kind: str) -> Signature:
+        return signature(kind, warp_guided=self.warp_guided)
+
+
+def _flag(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise ValueError(f"{Meta.WARP_GUIDED} must be 'true' or 'false', got {value!r}")
+    return value == "true"

@@ -19,18 +19,20 @@ from typing import Any, TypeVar
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2
 from facekit.contract import ModelInfo
+from facekit.crop import CropBox
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
+from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
 from service import avatars
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
-from service.images import decode_image
+from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
-from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper
+from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
 
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
@@ -183,13 +185,19 @@ class App:
                 f"{info.model_id}; create the avatar again"
             )
         mapper = driving_mapper(config, info, record.points)
+        if info.warp_guided and len(record.crops) == 0:
+            raise precondition(f"avatar {avatar_id!r} keeps no reference photos; create it again")
+        portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
         self._take_stream_slot()
+        width, height = portrait.size if portrait is not None else (info.image_size, info.image_size)
         started = animation_pb2.StreamStarted(
             image_size=info.image_size,
             personalised=personalised,
             model_id=info.model_id,
             queue_depth=setup.depth,
+            output_width=width,
+            output_height=height,
         )
         return Stream(
             setup=setup,
@@ -199,10 +207,21 @@ class App:
             queue=self.batcher.open_stream(depth=setup.depth, block=setup.block),
             started=started,
             draw=functools.partial(draw_landmarks, size=info.image_size, style=info.draw_style),
+            warp=functools.partial(warp_one, record.crops, record.crop_points) if info.warp_guided else None,
+            portrait=portrait,
+            paste_region="crop" if info.warp_guided else "face",
+            smoother=smoother(setup.config),
             find_landmarks=self.driving_landmarks,
             metrics=self.metrics,
             release=self._release_stream_slot,
         )
+
+    async def _portrait(self, record: AvatarRecord) -> Portrait:
+        """The avatar's source photo for paste-back (decoded in the io pool, once per stream)."""
+        if not record.portrait_jpeg:
+            raise precondition(f"avatar {record.avatar_id!r} keeps no source photo; create it again")
+        image = await self.in_pool(self.io_pool, decode_stored, record.portrait_jpeg)
+        return Portrait(image=image, box=CropBox(*record.portrait_box))
 
     def _take_stream_slot(self) -> None:
         if self.active_streams >= self.settings.max_streams:

@@ -3,7 +3,8 @@
 The crop is training's (training/finetune.py prepare_images): the largest face's landmarks,
 facekit.crop.crop_box at the model's crop scale, facekit.crop.crop to S x S, points transformed
 into the crop, landmark images drawn with the model's DrawStyle. psi = mean of the embedder's
-`adain` outputs over the K photos (= P·mean(e), P being linear), stored with mean(e).
+`adain` outputs over the K photos (= P·mean(e), P being linear), stored with mean(e), the K face
+crops and their landmarks, and the first photo for paste-back.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from api.talkinghead.v1 import avatar_pb2
 from facekit.contract import ModelInfo
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector
+from facekit.pasteback import Portrait
 from facekit.rasterize import draw_batch
 from service.errors import invalid
-from service.images import decode_image, encode_png
+from service.images import decode_image, encode_jpeg, encode_png
 from service.landmarks import parse_points
 from service.store import AvatarRecord
 
 MAX_DISPLAY_NAME = 256
+PORTRAIT_QUALITY = 95  # JPEG quality of the stored source photo (paste-back blends into it)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,6 +34,7 @@ class Prepared:
     crops: np.ndarray  # (K, S, S, 3) uint8
     points: np.ndarray  # (K, 68, 2) float32 in the crops
     reports: list[dict[str, object]]  # ImageReport fields per photo
+    portrait: Portrait  # the first photo (<= 1024 px) and its crop box: what paste-back blends into
 
 
 def prepare(
@@ -44,6 +48,7 @@ def prepare(
     """Decode, find and crop the face of every photo (blocking: run in a worker thread)."""
     size = info.image_size
     crops, points, reports = [], [], []
+    portraits: list[Portrait] = []
     for index, source in enumerate(images):
         what = f"image {index}"
         rgb = decode_image(source.data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
@@ -70,6 +75,8 @@ def prepare(
             warnings.append("the face crop extends beyond the photo; that part is filled with black")
         crops.append(face_crop)
         points.append(crop_points)
+        if not portraits:
+            portraits.append(Portrait.from_photo(rgb, box))
         reports.append(
             {
                 "index": index,
@@ -81,7 +88,12 @@ def prepare(
                 "warnings": warnings,
             }
         )
-    return Prepared(crops=np.stack(crops), points=np.stack(points).astype(np.float32), reports=reports)
+    return Prepared(
+        crops=np.stack(crops),
+        points=np.stack(points).astype(np.float32),
+        reports=reports,
+        portrait=portraits[0],
+    )
 
 
 def landmark_images(prepared: Prepared, info: ModelInfo) -> np.ndarray:
@@ -113,6 +125,10 @@ def make_record(
         display_name=display_name,
         images=prepared.reports,
         preview_png=encode_png(prepared.crops[0], 6),
+        crops=prepared.crops,
+        crop_points=prepared.points,
+        portrait_jpeg=encode_jpeg(prepared.portrait.image, PORTRAIT_QUALITY),
+        portrait_box=(prepared.portrait.box.cx, prepared.portrait.box.cy, prepared.portrait.box.side),
     )
 
 

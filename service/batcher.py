@@ -5,7 +5,8 @@ of frames taken but not yet delivered (`in_flight`, bounded too, so a client tha
 cannot make results pile up). The one `Batcher` task loops: take frames round-robin from the
 queues of streams with room - all for the same model: the shared generator (frames of any avatar,
 each with its own psi) or one personalised generator - up to `max_batch`, draw their landmark
-images (a frame dropped while waiting is never drawn), run them as one call, resolve each frame's
+images and, for a warp-guided model, warp each avatar's reference onto them (a frame dropped while
+waiting is never drawn), run them as one call, resolve each frame's
 future. No timer: the next batch is whatever arrived while the previous one ran, so one stream
 gets batch 1 and its lowest latency, while load grows batches (and throughput) by itself. A
 stream's frames leave its queue in order and batches complete in order, so replies stay in order.
@@ -38,7 +39,9 @@ class WorkItem:
     draw: Callable[[np.ndarray], np.ndarray]  # points -> landmark image (S, S, 3) uint8
     adain: np.ndarray | None  # (D,) float32 for the shared generator, None for a personalised one
     model: str  # SHARED or the avatar id of a personalised generator
+    warp: Callable[[np.ndarray], np.ndarray] | None = None  # points -> the avatar's warped reference
     landmark_image: np.ndarray | None = None  # drawn when the batcher takes the frame
+    warped: np.ndarray | None = None  # warped when the batcher takes the frame (warp-guided models)
     rasterize_s: float = 0.0
     enqueued: float = field(default_factory=time.perf_counter)
     future: asyncio.Future[BatchResult] = field(
@@ -47,10 +50,13 @@ class WorkItem:
     dropped: bool = False
 
     def render(self) -> np.ndarray:
-        """The landmark image, drawn on first use: a frame dropped while waiting is never drawn."""
+        """The landmark image, drawn on first use: a frame dropped while waiting is never drawn.
+        With `warp`, the avatar's reference is warped onto the points then too."""
         if self.landmark_image is None:
             t0 = time.perf_counter()
             self.landmark_image = self.draw(self.points)
+            if self.warp is not None:
+                self.warped = self.warp(self.points)
             self.rasterize_s = time.perf_counter() - t0
         return self.landmark_image
 
@@ -193,14 +199,16 @@ class Batcher:
     async def _run(self, batch: list[WorkItem]) -> None:
         taken = time.perf_counter()
         images = np.stack([item.render() for item in batch])  # (B, S, S, 3)
+        warps = [item.warped for item in batch if item.warped is not None]
+        warped = np.stack(warps) if len(warps) == len(batch) else None  # (B, S, S, 3) warp-guided
         model = batch[0].model
         started = time.perf_counter()
         try:
             if model == SHARED:
                 adain = np.stack([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
-                call: Awaitable[np.ndarray] = self.backend.generate(images, adain)
+                call: Awaitable[np.ndarray] = self.backend.generate(images, adain, warped)
             else:
-                call = self.backend.generate_personalised(model, images)
+                call = self.backend.generate_personalised(model, images, warped)
             frames = await call  # (B, S, S, 3)
         except Exception as error:
             self._on_error(error)

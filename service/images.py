@@ -54,13 +54,26 @@ def encode_png(image: np.ndarray, level: int = PNG_LEVEL) -> bytes:
     return buf.tobytes()
 
 
+def encode_jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    ok, buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
+    )
+    assert ok
+    return buf.tobytes()
+
+
+def decode_stored(data: bytes) -> np.ndarray:
+    """An image the service encoded itself (PNG/JPEG) -> uint8 RGB (H, W, 3)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise ValueError("stored image does not decode")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
 def encode_frame(image: np.ndarray, encoding: int, quality: int) -> bytes:
     """uint8 RGB (H, W, 3) -> bytes in `encoding` (an OutputEncoding value; UNSPECIFIED = JPEG)."""
     if encoding == animation_pb2.OUTPUT_ENCODING_RAW_RGB:
         return np.ascontiguousarray(image).tobytes()
     if encoding == animation_pb2.OUTPUT_ENCODING_PNG:
         return encode_png(image, quality or PNG_LEVEL)
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality or JPEG_QUALITY])
-    assert ok
-    return buf.tobytes()
+    return encode_jpeg(image, quality or JPEG_QUALITY)

@@ -6,8 +6,12 @@ avatar and a restart loses none. Another implementation (a shared object store, 
 several replicas by implementing `AvatarStore`.
 
 File format (`.npz`, no pickles): `adain` float32 (D,), `embedding` float32 (512,), `points`
-float32 (68, 2) first photo's landmarks in the crop, `preview_png` uint8 (n,) and `meta` uint8 (n,)
-holding UTF-8 JSON (id, display name, creation time, model id, image size, per-image reports).
+float32 (68, 2) first photo's landmarks in the crop, `crops` uint8 (K, S, S, 3) every photo's face
+crop and `crop_points` float32 (K, 68, 2) their landmarks (what a warp-guided generator warps and
+fine-tuning trains on), `portrait_jpeg` uint8 (n,) the first photo at <= 1024 px (paste-back),
+`preview_png` uint8 (n,) and `meta` uint8 (n,) holding UTF-8 JSON (id, display name, creation time,
+model id, image size, per-image reports, the portrait's crop box). Files written before crops were
+kept read with K = 0 crops and no portrait.
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ class AvatarRecord:
     display_name: str = ""
     images: list[dict[str, Any]] = field(default_factory=list)  # per-photo reports (ImageReport fields)
     preview_png: bytes = b""
+    crops: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0, 3), np.uint8))  # (K, S, S, 3)
+    crop_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 68, 2), np.float32))  # (K, 68, 2)
+    portrait_jpeg: bytes = b""  # the first photo, long side <= 1024 px
+    portrait_box: tuple[float, float, int] = (0.0, 0.0, 0)  # its face crop box (cx, cy, side), pixels
 
     @property
     def nbytes(self) -> int:
         """Memory the record holds, for the cache bound."""
-        return int(self.adain.nbytes + self.embedding.nbytes + self.points.nbytes + len(self.preview_png))
+        arrays = (self.adain, self.embedding, self.points, self.crops, self.crop_points)
+        return int(sum(a.nbytes for a in arrays) + len(self.preview_png) + len(self.portrait_jpeg))
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -56,6 +65,7 @@ class AvatarRecord:
             "create_time": self.create_time,
             "display_name": self.display_name,
             "images": self.images,
+            "portrait_box": list(self.portrait_box),
         }
 
 
@@ -97,6 +107,9 @@ class LocalAvatarStore:
             embedding=np.asarray(record.embedding, np.float32),
             points=np.asarray(record.points, np.float32),
             preview_png=np.frombuffer(record.preview_png, np.uint8),
+            crops=np.asarray(record.crops, np.uint8),
+            crop_points=np.asarray(record.crop_points, np.float32),
+            portrait_jpeg=np.frombuffer(record.portrait_jpeg, np.uint8),
             meta=np.frombuffer(json.dumps(record.meta()).encode(), np.uint8),
         )
         with self._lock:
@@ -119,6 +132,14 @@ class LocalAvatarStore:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 meta = json.loads(archive["meta"].tobytes())
+                files = set(archive.files)
+                kept = {  # absent from files written before crops were kept
+                    name: archive[name] for name in ("crops", "crop_points") if name in files
+                }
+                if "portrait_jpeg" in files:
+                    kept["portrait_jpeg"] = archive["portrait_jpeg"].tobytes()
+                    cx, cy, side = meta["portrait_box"]
+                    kept["portrait_box"] = (float(cx), float(cy), int(side))
                 return AvatarRecord(
                     avatar_id=meta["avatar_id"],
                     adain=archive["adain"],
@@ -130,6 +151,7 @@ class LocalAvatarStore:
                     display_name=meta.get("display_name", ""),
                     images=meta.get("images", []),
                     preview_png=archive["preview_png"].tobytes(),
+                    **kept,
                 )
         except FileNotFoundError:
             return None

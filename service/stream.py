@@ -24,6 +24,9 @@ import numpy as np
 
 from api.talkinghead.v1 import animation_pb2 as pb
 from facekit.contract import ModelInfo
+from facekit.pasteback import Portrait, paste_back
+from facekit.smoothing import OneEuro, OneEuroParams
+from facekit.warp import warp_nearest
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper
@@ -88,6 +91,12 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
         )
     if config.HasField("neutral") and config.motion != pb.MOTION_MODE_RELATIVE:
         raise invalid("config.neutral is only used with motion = MOTION_MODE_RELATIVE")
+    if config.HasField("smoothing"):
+        cutoff, beta = config.smoothing.min_cutoff_hz, config.smoothing.beta
+        if not (cutoff == 0 or 0.01 <= cutoff <= 30):
+            raise invalid(f"config.smoothing.min_cutoff_hz must be 0.01-30 (0 = default 1.0), got {cutoff}")
+        if config.smoothing.HasField("beta") and not 0 <= beta <= 100:
+            raise invalid(f"config.smoothing.beta must be 0-100, got {beta}")
     return StreamSetup(
         config=config,
         encoding=encoding,
@@ -113,6 +122,25 @@ def driving_mapper(config: pb.StreamConfig, info: ModelInfo, avatar_points: np.n
         avatar_points=avatar_points,
         neutral=neutral,
     )
+
+
+def smoother(config: pb.StreamConfig) -> OneEuro | None:
+    """The stream's landmark filter (config.smoothing, checked by check_config), or None."""
+    if not config.HasField("smoothing"):
+        return None
+    s = config.smoothing
+    defaults = OneEuroParams()
+    return OneEuro(
+        OneEuroParams(
+            min_cutoff=s.min_cutoff_hz or defaults.min_cutoff,
+            beta=s.beta if s.HasField("beta") else defaults.beta,
+        )
+    )
+
+
+def warp_one(refs: np.ndarray, ref_points: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """The avatar's reference nearest to crop points (68, 2), warped onto them: (S, S, 3) uint8."""
+    return warp_nearest(refs, ref_points, points[None])[0]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -142,6 +170,10 @@ class Stream:
     queue: StreamQueue
     started: pb.StreamStarted
     draw: Callable[[np.ndarray], np.ndarray]  # crop points (68, 2) -> landmark image (S, S, 3) uint8
+    warp: Callable[[np.ndarray], np.ndarray] | None  # crop points -> warped reference (warp-guided)
+    portrait: Portrait | None  # paste_back: the source photo the face is blended into
+    paste_region: str  # facekit.pasteback region: "crop" (warp-guided G) or "face"
+    smoother: OneEuro | None  # config.smoothing
     find_landmarks: FindLandmarks
     metrics: Metrics
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
@@ -217,9 +249,14 @@ class Stream:
 
     async def _enqueue(self, points: np.ndarray, size: tuple[int, int], pending: Outstanding) -> None:
         t0 = time.perf_counter()
+        if self.smoother is not None:
+            t = pending.capture_time_us / 1e6 if pending.capture_time_us > 0 else pending.read
+            points = self.smoother.filter(points, t)
         crop_points = self.mapper(points, size)
         pending.rasterize_s = time.perf_counter() - t0  # motion mapping; drawing is added when drawn
-        pending.item = WorkItem(points=crop_points, draw=self.draw, adain=self.adain, model=self.model)
+        pending.item = WorkItem(
+            points=crop_points, draw=self.draw, warp=self.warp, adain=self.adain, model=self.model
+        )
         self.outstanding.append(pending)
         self.changed.set()
         await self.queue.put(pending.item)
@@ -259,7 +296,12 @@ class Stream:
     async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
         setup = self.setup
         t0 = time.perf_counter()
-        if result.image.shape[0] <= INLINE_ENCODE_MAX:
+        if self.portrait is not None:
+            data = await asyncio.to_thread(self._paste_and_encode, result.image, head.work.points)
+            lmk = b""
+            if setup.config.include_landmark_image:
+                lmk = encode_frame(head.work.render(), setup.encoding, setup.quality)
+        elif result.image.shape[0] <= INLINE_ENCODE_MAX:
             data = encode_frame(result.image, setup.encoding, setup.quality)
             lmk = (
                 encode_frame(head.work.render(), setup.encoding, setup.quality)
@@ -280,15 +322,14 @@ class Stream:
         metrics.stage_seconds.labels("end_to_end").observe(total_s)
         metrics.queue_seconds.observe(queue_s)
         metrics.frames_sent.inc()
-        size = result.image.shape[0]
         return pb.AnimateResponse(
             frame=pb.AnimatedFrame(
                 sequence=head.sequence,
                 capture_time_us=head.capture_time_us,
                 image=data,
                 encoding=setup.encoding,  # type: ignore[arg-type]  # a checked OutputEncoding value
-                width=size,
-                height=size,
+                width=self.started.output_width,
+                height=self.started.output_height,
                 timings=pb.StageTimings(
                     decode_us=_us(head.decode_s),
                     landmarks_us=_us(head.landmarks_s),
@@ -305,3 +346,8 @@ class Stream:
                 landmark_image=lmk,
             )
         )
+
+    def _paste_and_encode(self, face: np.ndarray, points: np.ndarray) -> bytes:
+        assert self.portrait is not None
+        frame = paste_back(self.portrait, face, points, region=self.paste_region)
+        return encode_frame(frame, self.setup.encoding, self.setup.quality)

@@ -48,6 +48,17 @@ def test_tensor_names_dtypes_and_shapes() -> None:
         ),
         "personalised": ([("landmark_image", "uint8", image)], [("image", "uint8", image)]),
     }
+    warp = {
+        kind: [t.name for t in contract.signature(kind, warp_guided=True).inputs] for kind in contract.KINDS
+    }
+    assert warp == {
+        "embedder": ["image", "landmark_image"],
+        "generator": ["landmark_image", "adain", "warped"],
+        "personalised": ["landmark_image", "warped"],
+    }
+    warped = contract.signature("personalised", warp_guided=True).inputs[1]
+    assert (warped.dtype, warped.shape) == ("uint8", image)
+    assert contract.signature("generator", warp_guided=False) == contract.SIGNATURES["generator"]
     assert contract.EMBEDDING_SIZE == 512
     adain = contract.SIGNATURES["generator"].inputs[1]
     assert adain.dims(image_size=128, adain_size=2240) == [2240]
@@ -66,6 +77,7 @@ def test_metadata_keys() -> None:
         "talkinghead.model_id",
         "talkinghead.step",
         "talkinghead.avatar",
+        "talkinghead.warp_guided",
     )
     assert contract.KINDS == ("embedder", "generator", "personalised")
 
@@ -90,8 +102,12 @@ def test_metadata_round_trip_and_exact_strings() -> None:
         "talkinghead.model_id": "abc123",
         "talkinghead.step": "7",
         "talkinghead.avatar": "mona",
+        "talkinghead.warp_guided": "false",
     }
     assert ModelInfo.from_metadata(meta, where="test") == info
+    warp = ModelInfo(**{**info.__dict__, "warp_guided": True})
+    assert ModelInfo.from_metadata(warp.metadata(kind="generator", step=0), where="test").warp_guided
+    assert [t.name for t in warp.signature("generator").inputs] == ["landmark_image", "adain", "warped"]
     assert Meta.AVATAR not in info.metadata(kind="generator", step=0)
     with pytest.raises(ValueError, match="names its avatar"):
         info.metadata(kind="personalised", step=0)
@@ -107,7 +123,9 @@ def test_older_metadata_defaults_and_malformed_metadata() -> None:
         "talkinghead.model_id": "m",
     }
     info = ModelInfo.from_metadata(minimal, where="old.onnx")
-    assert (info.embedding_size, info.crop_scale) == (512, 1.8)
+    assert (info.embedding_size, info.crop_scale, info.warp_guided) == (512, 1.8, False)
+    with pytest.raises(ValueError, match="malformed"):
+        ModelInfo.from_metadata({**minimal, "talkinghead.warp_guided": "yes"}, where="old.onnx")
     with pytest.raises(ValueError, match=r"old\.onnx: missing or malformed talkinghead\.\* metadata"):
         ModelInfo.from_metadata({**minimal, "talkinghead.image_size": "big"}, where="old.onnx")
 

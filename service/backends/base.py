@@ -4,6 +4,7 @@ The models' names, tensors and metadata are the export/serving contract (facekit
   embedder:            image, landmark_image (B, S, S, 3) uint8 -> embedding (B, 512), adain (B, D) f32
   generator:           landmark_image (B, S, S, 3) uint8, adain (B, D) f32 -> image (B, S, S, 3) uint8
   generator_<avatar>:  landmark_image (B, S, S, 3) uint8 -> image (B, S, S, 3) uint8 (psi baked in)
+A warp-guided model's generators also take `warped` (B, S, S, 3) uint8 (`generator_feeds`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from facekit.contract import ModelInfo
+from facekit.contract import ADAIN, LANDMARK_IMAGE, WARPED, ModelInfo
 
 
 class BackendUnavailable(RuntimeError):
@@ -24,6 +25,22 @@ def check_images(images: np.ndarray, size: int, *, name: str) -> None:
     """Assert the (B, S, S, 3) uint8 contract at the backend boundary."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
         raise ValueError(f"{name}: expected uint8 (B, {size}, {size}, 3), got {images.dtype} {images.shape}")
+
+
+def generator_feeds(
+    info: ModelInfo, landmark_images: np.ndarray, adain: np.ndarray | None, warped: np.ndarray | None
+) -> dict[str, np.ndarray]:
+    """Checked inputs of the shared generator (`adain` given) or a personalised one (None)."""
+    check_images(landmark_images, info.image_size, name=LANDMARK_IMAGE)
+    feeds = {LANDMARK_IMAGE: landmark_images}
+    if adain is not None:
+        feeds[ADAIN] = np.ascontiguousarray(adain, np.float32)
+    if info.warp_guided:
+        if warped is None:
+            raise ValueError("the warp-guided generator needs the warped reference of every frame")
+        check_images(warped, info.image_size, name=WARPED)
+        feeds[WARPED] = warped
+    return feeds
 
 
 class ReadyGate:
@@ -67,14 +84,19 @@ class Backend(Protocol):
         """(K, S, S, 3) uint8 twice -> embedding (K, 512), adain (K, D) float32."""
         ...
 
-    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        """Shared generator: (B, S, S, 3) uint8, (B, D) float32 -> (B, S, S, 3) uint8."""
+    async def generate(
+        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Shared generator: (B, S, S, 3) uint8, (B, D) float32 [, warped (B, S, S, 3) uint8 for a
+        warp-guided model] -> (B, S, S, 3) uint8."""
         ...
 
     async def has_personalised(self, avatar_id: str) -> bool:
         """Whether `generator_<avatar_id>` exists (and was made from the served base model)."""
         ...
 
-    async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
-        """`generator_<avatar_id>`: (B, S, S, 3) uint8 -> (B, S, S, 3) uint8."""
+    async def generate_personalised(
+        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
         ...

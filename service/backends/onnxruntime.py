@@ -30,7 +30,7 @@ from facekit.contract import (
     latest_version,
     personalised_name,
 )
-from service.backends.base import BackendUnavailable, ReadyGate, check_images
+from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 
@@ -128,9 +128,10 @@ class OnnxRuntimeBackend(ReadyGate):
         )
         return np.asarray(embedding, np.float32), np.asarray(adain, np.float32)
 
-    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
-        feeds = {LANDMARK_IMAGE: landmark_images, ADAIN: np.ascontiguousarray(adain, np.float32)}
+    async def generate(
+        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        feeds = generator_feeds(self.info, landmark_images, adain, warped)
         (image,) = await self._run(GENERATOR, feeds, [IMAGE])
         return np.asarray(image)
 
@@ -155,9 +156,11 @@ class OnnxRuntimeBackend(ReadyGate):
         log.info("loaded personalised generator %s", path)
         return True
 
-    async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
-        (image,) = await self._run(personalised_name(avatar_id), {LANDMARK_IMAGE: landmark_images}, [IMAGE])
+    async def generate_personalised(
+        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        feeds = generator_feeds(self.info, landmark_images, None, warped)
+        (image,) = await self._run(personalised_name(avatar_id), feeds, [IMAGE])
         return np.asarray(image)
 
     def forget_personalised(self, avatar_id: str) -> None:

@@ -30,7 +30,7 @@ from facekit.contract import (
     ModelInfo,
     personalised_name,
 )
-from service.backends.base import BackendUnavailable, ReadyGate, check_images
+from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
 
 log = logging.getLogger("talkinghead.service.triton")
 NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
@@ -137,9 +137,10 @@ class TritonBackend(ReadyGate):
         )
         return embedding.astype(np.float32), adain.astype(np.float32)
 
-    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
-        feeds = {LANDMARK_IMAGE: landmark_images, ADAIN: adain.astype(np.float32)}
+    async def generate(
+        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        feeds = generator_feeds(self.info, landmark_images, adain, warped)
         (image,) = await self._infer(GENERATOR, feeds, [IMAGE])
         return image
 
@@ -166,7 +167,9 @@ class TritonBackend(ReadyGate):
         self._personalised[name] = True
         return True
 
-    async def generate_personalised(self, avatar_id: str, landmark_images: np.ndarray) -> np.ndarray:
-        check_images(landmark_images, self.info.image_size, name=LANDMARK_IMAGE)
-        (image,) = await self._infer(personalised_name(avatar_id), {LANDMARK_IMAGE: landmark_images}, [IMAGE])
+    async def generate_personalised(
+        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        feeds = generator_feeds(self.info, landmark_images, None, warped)
+        (image,) = await self._infer(personalised_name(avatar_id), feeds, [IMAGE])
         return image

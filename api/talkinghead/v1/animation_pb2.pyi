@@ -37,7 +37,7 @@ MOTION_MODE_ABSOLUTE: MotionMode
 MOTION_MODE_RELATIVE: MotionMode
 
 class StreamConfig(_message.Message):
-    __slots__ = ("avatar_id", "encoding", "quality", "overflow", "motion", "queue_depth", "crop_to_face", "neutral", "neutral_frame_width", "neutral_frame_height", "include_landmark_image")
+    __slots__ = ("avatar_id", "encoding", "quality", "overflow", "motion", "queue_depth", "crop_to_face", "neutral", "neutral_frame_width", "neutral_frame_height", "include_landmark_image", "paste_back", "smoothing")
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
@@ -49,6 +49,8 @@ class StreamConfig(_message.Message):
     NEUTRAL_FRAME_WIDTH_FIELD_NUMBER: _ClassVar[int]
     NEUTRAL_FRAME_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_LANDMARK_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    PASTE_BACK_FIELD_NUMBER: _ClassVar[int]
+    SMOOTHING_FIELD_NUMBER: _ClassVar[int]
     avatar_id: str
     encoding: OutputEncoding
     quality: int
@@ -60,7 +62,17 @@ class StreamConfig(_message.Message):
     neutral_frame_width: int
     neutral_frame_height: int
     include_landmark_image: bool
-    def __init__(self, avatar_id: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., quality: _Optional[int] = ..., overflow: _Optional[_Union[OverflowPolicy, str]] = ..., motion: _Optional[_Union[MotionMode, str]] = ..., queue_depth: _Optional[int] = ..., crop_to_face: _Optional[bool] = ..., neutral: _Optional[_Union[_landmarks_pb2.Landmarks, _Mapping]] = ..., neutral_frame_width: _Optional[int] = ..., neutral_frame_height: _Optional[int] = ..., include_landmark_image: _Optional[bool] = ...) -> None: ...
+    paste_back: bool
+    smoothing: LandmarkSmoothing
+    def __init__(self, avatar_id: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., quality: _Optional[int] = ..., overflow: _Optional[_Union[OverflowPolicy, str]] = ..., motion: _Optional[_Union[MotionMode, str]] = ..., queue_depth: _Optional[int] = ..., crop_to_face: _Optional[bool] = ..., neutral: _Optional[_Union[_landmarks_pb2.Landmarks, _Mapping]] = ..., neutral_frame_width: _Optional[int] = ..., neutral_frame_height: _Optional[int] = ..., include_landmark_image: _Optional[bool] = ..., paste_back: _Optional[bool] = ..., smoothing: _Optional[_Union[LandmarkSmoothing, _Mapping]] = ...) -> None: ...
+
+class LandmarkSmoothing(_message.Message):
+    __slots__ = ("min_cutoff_hz", "beta")
+    MIN_CUTOFF_HZ_FIELD_NUMBER: _ClassVar[int]
+    BETA_FIELD_NUMBER: _ClassVar[int]
+    min_cutoff_hz: float
+    beta: float
+    def __init__(self, min_cutoff_hz: _Optional[float] = ..., beta: _Optional[float] = ...) -> None: ...
 
 class LandmarkFrame(_message.Message):
     __slots__ = ("sequence", "capture_time_us", "landmarks", "frame_width", "frame_height")
@@ -103,16 +115,20 @@ class AnimateRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., landmarks: _Optional[_Union[LandmarkFrame, _Mapping]] = ..., driving_frame: _Optional[_Union[DrivingFrame, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class StreamStarted(_message.Message):
-    __slots__ = ("image_size", "personalised", "model_id", "queue_depth")
+    __slots__ = ("image_size", "personalised", "model_id", "queue_depth", "output_width", "output_height")
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PERSONALISED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     image_size: int
     personalised: bool
     model_id: str
     queue_depth: int
-    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    output_width: int
+    output_height: int
+    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., output_width: _Optional[int] = ..., output_height: _Optional[int] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("decode_us", "landmarks_us", "rasterize_us", "queue_us", "inference_us", "encode_us", "total_us")
