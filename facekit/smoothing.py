@@ -78,10 +78,12 @@ def smooth_sequence(points: np.ndarray, fps: float, params: OneEuroParams = OneE
     return np.stack([f.filter(p, i / fps) for i, p in enumerate(np.asarray(points))])
 
 
-def jitter(points: np.ndarray) -> float:
-    """Mean frame-to-frame landmark motion (N, 68, 2) in face units (outer-eye-corner distances):
-    on a still head this is the jitter a viewer sees."""
+def jitter(points: np.ndarray, subset: np.ndarray | None = None) -> float:
+    """Mean frame-to-frame landmark motion (N, 68, 2) in face units (outer-eye-corner distances),
+    over `subset` of the points (all by default): on a still head this is the jitter a viewer sees.
+    facekit.motion.STABLE_POINTS leaves out what speech moves (lips, jaw, brows)."""
     pts = np.asarray(points, np.float64)
     i, j = _OUTER_EYES
     scale = np.linalg.norm(pts[:, i] - pts[:, j], axis=-1).mean()
-    return float(np.linalg.norm(np.diff(pts, axis=0), axis=-1).mean() / scale)
+    moved = np.diff(pts if subset is None else pts[:, subset], axis=0)
+    return float(np.linalg.norm(moved, axis=-1).mean() / scale)

@@ -121,6 +121,7 @@ class EvalConfig:
     still_driver: str = "dpe_s"  # the evaluation clip whose motion drives the stills
     still_every: int = 2  # the driver's frames used for the stills: every n-th ...
     still_frames: int = 50  # ... up to this many
+    jitter_clip: str = "dreamtalk_mead_w009"  # a nearly still head: landmark jitter with/without smoothing
 
 
 @dataclass(frozen=True)

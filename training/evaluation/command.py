@@ -34,6 +34,8 @@ import numpy as np
 import torch
 
 from facekit.detect import make_detector
+from facekit.motion import STABLE_POINTS
+from facekit.smoothing import jitter, smooth_sequence
 from training import checkpoint
 from training.config import EvalConfig, ExperimentConfig
 from training.evaluation import sheets
@@ -73,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shots", nargs="+", type=int, help="T values (default: the config's, 1 and 8)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
+    parser.add_argument(
+        "--finetune-shots", nargs="+", type=int, help="fine-tune only at these T (default: every T)"
+    )
+    parser.add_argument("--no-jitter", action="store_true", help="skip the landmark-jitter measurement")
     parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
@@ -98,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     report: dict[str, Any] = _header(args, meta, cfg, protocol, clip_ids)
-    reenact, samples = evaluate_clips(clips, methods, protocol, args.max_drive)
+    reenact, samples = evaluate_clips(clips, methods, protocol, args.max_drive, args.finetune_shots)
     report["reenactment"] = reenact
     if "feed-forward" in methods:
         emb = methods["feed-forward"].embedder  # type: ignore[attr-defined]
@@ -115,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
             args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out
         )
         report["stills"] = stills_rows
+    if not args.no_jitter:
+        still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
+        still = still or EvalClip.load(data / protocol.jitter_clip)
+        report["jitter"] = evaluate_jitter(
+            still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol
+        )
     report["seconds"] = round(time.monotonic() - started, 1)
     write(args.out, report, samples, cfg.model.image_size)
     return 0
@@ -158,7 +170,11 @@ def _header(
 
 
 def evaluate_clips(
-    clips: list[EvalClip], methods: dict[str, Any], protocol: EvalConfig, max_drive: int
+    clips: list[EvalClip],
+    methods: dict[str, Any],
+    protocol: EvalConfig,
+    max_drive: int,
+    finetune_shots: list[int] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every method at every T on every clip -> ({"T=8": {row: {"pooled", "clips"}}}, sheet samples)."""
     drive = {c.clip_id: c.driving(protocol, max_drive) for c in clips}
@@ -167,7 +183,7 @@ def evaluate_clips(
     out: dict[str, Any] = {}
     samples: dict[str, Any] = {}
     for shots in protocol.shots:
-        rows: dict[str, dict[str, Scores]] = {name: {} for name in [*methods, "ceiling", "floor"]}
+        rows: dict[str, dict[str, Scores]] = {}
         for clip in clips:
             cid = clip.clip_id
             refs = clip.references(shots, protocol)
@@ -175,18 +191,20 @@ def evaluate_clips(
             samples.setdefault(cid, {})["real"] = real[cid]
             samples[cid]["reference"] = clip.frames[refs[0]]
             for name, method in methods.items():
+                if name == "fine-tuned" and finetune_shots and shots not in finetune_shots:
+                    continue
                 fitted = method.fit(clip.frames[refs], clip.points[refs])
                 generated = fitted.render(clip.points[drive[cid]])
                 scores = score_frames(
                     generated, real[cid], read_faces(generated), real_readings[cid], reference
                 )
                 scores.seconds = fitted.seconds
-                rows[name][cid] = scores
+                rows.setdefault(name, {})[cid] = scores
                 samples[cid][name] = generated
                 log.info("T=%d %s %s: %s", shots, cid, name, json.dumps(jsonable(scores.means())))
-            rows["ceiling"][cid] = identity_only(real_readings[cid], reference)
+            rows.setdefault("ceiling", {})[cid] = identity_only(real_readings[cid], reference)
             others = [r for o, rr in real_readings.items() if o != cid for r in rr]
-            rows["floor"][cid] = identity_only(others, reference)
+            rows.setdefault("floor", {})[cid] = identity_only(others, reference)
         out[f"T={shots}"] = {
             name: {"pooled": pooled(per_clip), "clips": {c: s.means() for c, s in per_clip.items()}}
             for name, per_clip in rows.items()
@@ -237,6 +255,32 @@ def evaluate_stills(
     }
 
 
+def evaluate_jitter(
+    clip: EvalClip, methods: dict[str, Any], protocol: EvalConfig, frames: int = 50
+) -> dict[str, Any]:
+    """Frame-to-frame jitter (face units, STABLE_POINTS) of the landmarks dlib reads on generated
+    frames, driven by a nearly still head's raw landmarks and by their One-Euro-filtered version."""
+    fps = 1.0 / float(np.median(np.diff(clip.times)))
+    drive = np.flatnonzero(clip.times >= protocol.reference_seconds)[:frames]
+    raw = clip.points[drive]
+    smoothed = smooth_sequence(raw, fps)
+    out: dict[str, Any] = {
+        "clip": clip.clip_id,
+        "frames": len(drive),
+        "driver": {"raw": jitter(raw, STABLE_POINTS), "smoothed": jitter(smoothed, STABLE_POINTS)},
+    }
+    refs = clip.references(1, protocol)
+    for name, method in methods.items():
+        fitted = method.fit(clip.frames[refs], clip.points[refs])
+        out[name] = {}
+        for kind, points in (("raw", raw), ("smoothed", smoothed)):
+            readings = read_faces(fitted.render(points))
+            found = np.stack([r.points for r in readings if r.points is not None])
+            out[name][kind] = jitter(found, STABLE_POINTS) if len(found) > 1 else None
+    log.info("jitter: %s", out)
+    return out
+
+
 def _pool_stills(per: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
     keys = next(iter(per.values())).keys()
     return {k: _nanmean(np.array([v[k] if v[k] is not None else np.nan for v in per.values()])) for k in keys}
@@ -282,6 +326,15 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
             "## Embedder spread\n\n"
             f"ê between people {s['e_between']:.4g}, within a person {s['e_within']:.4g} "
             f"(ratio {s['e_ratio']:.3g}); mean |ê| {s['e_norm']:.4g}; dead units {s['e_dead_units']:.1%}."
+        )
+    if report.get("jitter"):
+        j = report["jitter"]
+        lines = ["| landmarks | raw driver | One-Euro driver |", "|---|---|---|"]
+        for name in ("driver", *[k for k in j if k not in ("clip", "frames", "driver")]):
+            lines.append(f"| {name} | {_fmt(j[name]['raw'])} | {_fmt(j[name]['smoothed'])} |")
+        parts.append(
+            f"## Jitter on a still head ({j['clip']}, {j['frames']} frames; mean frame-to-frame motion "
+            "of the stable points, in outer-eye distances)\n\n" + "\n".join(lines)
         )
     if report.get("stills"):
         st = report["stills"]
