@@ -10,8 +10,12 @@
    (send -> reply, client clock), drops, mean batch size, and the server's per-stage times. The
    service's fps is compared with the raw generator's fps at the same (mean) batch size.
 
+4. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
+   through the service (one stream, closed loop): per-frame latency and the ratio.
+
 example:
   talkinghead bench                                  # -> out/bench.json
+  talkinghead bench --baseline out/baseline_repository --streams 1   # paired against the previous model
   talkinghead bench --seconds 20 --streams 1 4 16 --out out/bench.json
 """
 
@@ -59,6 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--closed-loop-frames", type=int, default=60)
     parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
     parser.add_argument("--driver", type=Path, default=ASSETS / "demo_driver.npz")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="REPOSITORY",
+        help="also measure this (previous) model repository, interleaved with --model-repository: "
+        "raw batch-1 latency and the closed-loop per-frame latency through the service",
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the --baseline comparison")
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -88,15 +100,22 @@ class RawGenerator:
         self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
         self.info = contract.ModelInfo.from_metadata(self.metadata, where=str(path))
 
-    def inputs(self, driver: LandmarkSequence, batch: int) -> tuple[np.ndarray, np.ndarray]:
-        """`batch` drawn driver frames (B, S, S, 3) uint8 and zero AdaIN parameters (B, D)."""
+    def inputs(self, driver: LandmarkSequence, batch: int) -> dict[str, np.ndarray]:
+        """The generator's feeds for `batch` drawn driver frames (B, S, S, 3) uint8, zero AdaIN
+        parameters (B, D) and, for a warp-guided model, the drawings again as its warped input
+        (the cost does not depend on the pixels)."""
         info = self.info
         drawn = draw_batch(driver.rescaled(info.image_size).points[:batch], info.image_size, info.draw_style)
         images = np.ascontiguousarray(np.resize(drawn, (batch, *drawn.shape[1:])))
-        return images, np.zeros((batch, info.adain_size), np.float32)
+        feeds = {
+            contract.LANDMARK_IMAGE: images,
+            contract.ADAIN: np.zeros((batch, info.adain_size), np.float32),
+        }
+        if info.warp_guided:
+            feeds[contract.WARPED] = images.copy()
+        return feeds
 
-    async def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        feeds = {contract.LANDMARK_IMAGE: landmark_images, contract.ADAIN: adain}
+    async def generate(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         (image,) = await asyncio.to_thread(self.session.run, [contract.IMAGE], feeds)
         return np.asarray(image)
 
@@ -106,13 +125,13 @@ async def raw_generator(
 ) -> list[dict]:
     rows: list[dict[str, Any]] = []
     for batch in batches:
-        images, adain = raw.inputs(driver, batch)
-        await raw.generate(images, adain)  # warm-up
+        feeds = raw.inputs(driver, batch)
+        await raw.generate(feeds)  # warm-up
         times: list[float] = []
         started = time.perf_counter()
         while time.perf_counter() - started < seconds or len(times) < 3:
             t0 = time.perf_counter()
-            await raw.generate(images, adain)
+            await raw.generate(feeds)
             times.append(time.perf_counter() - t0)
         mean = float(np.mean(times))
         row: dict[str, Any] = {
@@ -128,10 +147,10 @@ async def raw_generator(
 
 async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, seconds: float) -> float:
     """Raw fps at `batch` over `seconds` (right after a live run: the same machine load)."""
-    images, adain = raw.inputs(driver, batch)
+    feeds = raw.inputs(driver, batch)
     frames, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds or frames < 3 * batch:
-        await raw.generate(images, adain)
+        await raw.generate(feeds)
         frames += batch
     return frames / (time.perf_counter() - started)
 
@@ -290,14 +309,14 @@ async def closed_loop(
     stub: animation_pb2_grpc.AnimationServiceStub, driver: LandmarkSequence, raw: RawGenerator, frames: int
 ) -> dict[str, Any]:
     """One stream in lock step, each frame paired with a raw batch-1 call: the latency the service adds."""
-    images, adain = raw.inputs(driver, 1)
+    feeds = raw.inputs(driver, 1)
     closed = await run_stream(
         stub,
         AVATAR,
         driver.points,
         driver.frame_size,
         closed_loop_frames=frames,
-        between=lambda: raw.generate(images, adain),
+        between=lambda: raw.generate(feeds),
     )
     one = merge([closed])
     raw1 = percentiles(closed["raw_times"])
@@ -370,6 +389,43 @@ async def service_runs(
     return {"closed_loop_single_stream": one, "live": rows}
 
 
+async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str, Any]:
+    """The model against --baseline in alternating rounds (A B A B ...), so that a change in the
+    machine's load hits both alike: medians of raw batch-1 latency and of the closed-loop
+    single-stream latency through a real server (rasterize, warp, queue, inference, encode)."""
+    repos = {"model": args.model_repository, "baseline": args.baseline}
+    figures: dict[str, dict[str, list[float]]] = {k: {"raw_ms": [], "service_ms": []} for k in repos}
+    for _ in range(args.rounds):
+        for name, repository in repos.items():
+            raw = RawGenerator(repository=repository)
+            row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
+            figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
+            with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
+                process, address = start_server(repository, Path(store), 1)
+                try:
+                    with Client(target=address) as client:
+                        client.create_avatar(AVATAR, [args.portrait], replace=True)
+                    async with grpc.aio.insecure_channel(address) as channel:
+                        stub = animation_pb2_grpc.AnimationServiceStub(channel)
+                        one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
+                finally:
+                    process.terminate()
+                    process.wait(30)
+            figures[name]["service_ms"].append(one["latency_ms"]["p50"])
+    out: dict[str, Any] = {
+        name: {k: round(float(np.median(v)), 2) for k, v in f.items()} for name, f in figures.items()
+    }
+    out["ratio_raw"] = round(out["model"]["raw_ms"] / out["baseline"]["raw_ms"], 3)
+    out["ratio_service"] = round(out["model"]["service_ms"] / out["baseline"]["service_ms"], 3)
+    out["rounds"] = args.rounds
+    print(
+        f"paired: per frame through the service {out['model']['service_ms']:.1f} ms vs baseline "
+        f"{out['baseline']['service_ms']:.1f} ms (x{out['ratio_service']:.2f}); raw batch 1 "
+        f"{out['model']['raw_ms']:.1f} vs {out['baseline']['raw_ms']:.1f} ms (x{out['ratio_raw']:.2f})"
+    )
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
@@ -389,6 +445,8 @@ def run(args: argparse.Namespace) -> int:
         "raw_backend": raw_rows,
         **service,
     }
+    if args.baseline is not None:
+        report["paired_with_baseline"] = {"baseline": str(args.baseline), **asyncio.run(paired(args, driver))}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
