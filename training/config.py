@@ -35,6 +35,10 @@ class ModelConfig:
     # ReLU after the Linear that maps a narrow E's last width to embedding_dim. On in the model
     # trained before 2026-12: with it, every unit of e died (training/evaluation/spread.py).
     embedding_relu: bool = True
+    # e scaled to norm sqrt(embedding_dim): without it nothing bounds e's size once L_MCH no longer
+    # trains E, and under a warp-guided G (whose AdaIN path starts with tiny gradients) Adam let it
+    # drift to |e| ~ 350 within 200 steps.
+    embedding_norm: bool = False
     # Warp-guided G (training/generator.py): G also takes the avatar's reference frame warped onto
     # the driving landmarks (facekit.warp) and predicts a correction and a blend mask over it.
     warp_guided: bool = False

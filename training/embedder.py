@@ -3,7 +3,10 @@ person embedding; the avatar embedding ê is the mean over K frames."""
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.blocks import DownTrunk, assert_shape, global_pool
@@ -28,7 +31,10 @@ class Embedder(nn.Module):
         assert_shape(image, (None, 3, s, s), "image")
         assert_shape(landmark_image, (None, 3, s, s), "landmark_image")
         h = self.trunk(torch.cat([image, landmark_image], dim=1))[-1]
-        return self.proj(global_pool(h, self.cfg.pooling))  # (B, embedding_dim)
+        e = self.proj(global_pool(h, self.cfg.pooling))  # (B, embedding_dim)
+        if self.cfg.embedding_norm:
+            e = F.normalize(e, dim=1) * math.sqrt(self.cfg.embedding_dim)
+        return e
 
     def embed(self, images: torch.Tensor, landmark_images: torch.Tensor) -> torch.Tensor:
         """(B, K, 3, H, W) x2 -> ê (B, embedding_dim), the mean over the K frames."""

@@ -325,7 +325,8 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
         parts.append(
             "## Embedder spread\n\n"
             f"ê between people {s['e_between']:.4g}, within a person {s['e_within']:.4g} "
-            f"(ratio {s['e_ratio']:.3g}); mean |ê| {s['e_norm']:.4g}; dead units {s['e_dead_units']:.1%}."
+            f"(ratio {s['e_ratio']:.3g}); mean |ê| {s['e_norm']:.4g} (people apart by "
+            f"{s['e_between_rel']:.1%} of it); dead units {s['e_dead_units']:.1%}."
         )
     if report.get("jitter"):
         j = report["jitter"]

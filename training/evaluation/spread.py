@@ -3,7 +3,8 @@
 For each evaluation clip, ê is computed twice from two disjoint sets of K frames (one from each
 half of the clip). `within` is the mean distance between a person's two ê; `between` the mean
 distance between different people's ê (first sets). A working embedder has between/within well
-above 1; a collapsed one has both near 0 (or a ratio near 1: noise). Training logs these next to
+above 1; a collapsed one has both near 0 (or a ratio near 1: noise). `e_between_rel` is the
+between-people distance in units of |ê|: near 0 means every person gets nearly the same ê. Training logs these next to
 the losses so that a collapse shows on the first day.
 """
 
@@ -61,10 +62,12 @@ def embedding_spread(
         else float("nan")
     )
     dead = float((stacked.abs().amax(dim=(0, 1)) == 0).float().mean())
+    norm = float(stacked.norm(dim=-1).mean())
     return {
         "e_between": between,
+        "e_between_rel": between / norm if norm > 0 else float("nan"),  # people apart, in units of |ê|
         "e_within": within,
         "e_ratio": between / within if within > 0 else float("nan"),
-        "e_norm": float(stacked.norm(dim=-1).mean()),
+        "e_norm": norm,
         "e_dead_units": dead,
     }
