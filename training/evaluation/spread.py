@@ -4,8 +4,8 @@ For each evaluation clip, ê is computed twice from two disjoint sets of K frame
 half of the clip). `within` is the mean distance between a person's two ê; `between` the mean
 distance between different people's ê (first sets). A working embedder has between/within well
 above 1; a collapsed one has both near 0 (or a ratio near 1: noise). `e_between_rel` is the
-between-people distance in units of |ê|: near 0 means every person gets nearly the same ê. Training logs these next to
-the losses so that a collapse shows on the first day.
+between-people distance in units of |ê|: near 0 means every person gets nearly the same ê.
+Training logs these next to the losses so that a collapse shows on the first day.
 """
 
 from __future__ import annotations
