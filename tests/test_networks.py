@@ -93,19 +93,20 @@ def test_warp_guided_generator_starts_as_the_warp_and_learns_a_correction() -> N
     cfg = load_config("smoke").replace(**{"model.warp_guided": True}).model
     s = cfg.image_size
     g = Generator(cfg=cfg)
-    y, warped = torch.rand(2, 3, s, s) * 2 - 1, torch.rand(2, 3, s, s) * 2 - 1
+    y = torch.rand(2, 3, s, s) * 2 - 1
+    warped = torch.nn.functional.interpolate(torch.rand(2, 3, 4, 4) * 2 - 1, size=(s, s), mode="bilinear")
     psi = torch.randn(2, g.adain_size) * 0.1
-    levels = (g(y, psi, warped) - warped).abs() * 127.5  # in uint8 levels
-    assert levels.mean() < 1.0 and levels.max() < 2.0  # an untrained G reproduces the warp
+    assert torch.equal(g(y, psi, warped), warped)  # an untrained G returns the warp exactly
     with pytest.raises(ValueError, match="needs `warped`"):
         g(y, psi)
     with pytest.raises(ValueError, match="takes none"):
         Generator(cfg=load_config("smoke").model)(y, psi, warped)
-    target = torch.zeros_like(warped)  # something the warp does not show: the net must learn it
-    opt = torch.optim.Adam(g.parameters(), lr=1e-2)
-    for _ in range(30):
+    target = warped.clone()  # the warp is right except where a mouth opened: a dark patch
+    target[..., s // 2 : s // 2 + 12, s // 3 : 2 * s // 3] = -1.0
+    opt = torch.optim.Adam(g.parameters(), lr=3e-3)
+    for _ in range(60):
         loss = (g(y, psi, warped) - target).abs().mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert loss.item() < 0.75 * (warped - target).abs().mean().item()  # the mask opened
+    assert loss.item() < 0.3 * (warped - target).abs().mean().item()  # the correction learned (0.10)

@@ -3,10 +3,15 @@ embedding is ê. Every AdaIN scale and bias comes from psi = P·ê (one linear p
 
 Warp-guided mode (`model.warp_guided`, after first-order-model and LivePortrait): G also takes w,
 the avatar's reference frame warped piecewise-affinely onto the driving landmarks (facekit.warp),
-and predicts a correction c and a blend mask m over it: x_hat = w + m (c - w). The mask starts at
-sigmoid(MASK_BIAS) ~ 0.007 everywhere, so an untrained G reproduces the warp, and training teaches
-it only what a warp cannot do (mouth interior, eyelids, shading, what a turning head uncovers).
-psi keeps its role: identity and style still come from the embedder through AdaIN."""
+and predicts a correction r and a blend mask m over it: x_hat = clamp(w + m r, -1, 1), with
+r = 2 tanh(.) and m = sigmoid(.) from one final convolution. That convolution starts at zero (the
+one layer without spectral norm, which is undefined for a zero matrix): r = 0 and m = 1/2, so an
+untrained G returns the warp exactly, and training moves r only where the warp is wrong (mouth
+interior, eyelids, shading, what a turning head uncovers). Probed against alternatives (120 steps
+of pixel L1 on real episodes, L1 relative to the warp's own): this one 0.999 on the training
+episodes; a blend towards separate content with m = sigmoid(.) starting at 0.007 0.998; with
+m = clamp(., 0, 1) from zero 1.000 (the mask closed for good on the first step); with m starting
+at 0.12, 1.12. psi keeps its role: identity and style still come from the embedder through AdaIN."""
 
 from __future__ import annotations
 
@@ -26,8 +31,6 @@ from training.blocks import (
     conv,
 )
 from training.config import ModelConfig
-
-MASK_BIAS = -5.0  # initial logit of the warp-guided blend mask: m = 0.0067, x_hat ~ the warp
 
 
 class Generator(nn.Module):
@@ -58,22 +61,18 @@ class Generator(nn.Module):
             prev = w // 2
         self.up = nn.Sequential(*up)
         self.out_norm = AdaIN(prev)
-        self.out_conv = conv(prev, 4 if cfg.warp_guided else 3, sn=sn)  # (+ the mask's logit)
-        if cfg.warp_guided:
-            self._start_from_the_warp()
+        self.out_conv: nn.Module
+        if cfg.warp_guided:  # correction (3) and mask logit (1), zero at the start
+            last = nn.Conv2d(prev, 4, 3, padding=1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)  # type: ignore[arg-type]
+            self.out_conv = last
+        else:
+            self.out_conv = conv(prev, 3, sn=sn)
         self.adain_layers = [m for m in self.modules() if isinstance(m, AdaIN)]
         self.adain_size = sum(m.num_params for m in self.adain_layers)
         self.projection = nn.Linear(cfg.embedding_dim, self.adain_size, bias=False)  # P
         nn.init.normal_(self.projection.weight, std=0.02)
-
-    def _start_from_the_warp(self) -> None:
-        """The mask's logit channel: zero weights, bias MASK_BIAS (x_hat starts as the warp)."""
-        params = dict(self.out_conv.named_parameters())
-        weight = params.get("parametrizations.weight.original", params.get("weight"))  # spectral norm or not
-        assert weight is not None
-        with torch.no_grad():
-            weight[3].zero_()
-            params["bias"][3] = MASK_BIAS
 
     def project(self, embedding: torch.Tensor) -> torch.Tensor:
         """psi = P·ê: (B, embedding_dim) -> (B, adain_size)."""
@@ -100,5 +99,5 @@ class Generator(nn.Module):
         out = self.out_conv(torch.relu(self.out_norm(self.up(self.res(self.down(x))))))
         if warped is None:
             return torch.tanh(out)
-        correction, mask = torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # (B, 3|1, H, W)
-        return warped + mask * (correction - warped)
+        correction, mask = 2 * torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # (B, 3|1, H, W)
+        return (warped + mask * correction).clamp(-1.0, 1.0)
