@@ -91,7 +91,8 @@ def run_clips(args: argparse.Namespace, wm: Watermarker, other: Watermarker) -> 
     sets = {name: Tally() for name in ("generated_warp", "generated_model", "real_crop128", "real_frame")}
     nulls: dict[str, list[float]] = {}
     for path in clips:
-        clip = load_clip(path, detector, every=5 if path.stem in EVAL_CLIPS else 3, max_frames=40)
+        evaluated = path.stem in EVAL_CLIPS  # the protocol: 2 s of references, then every 5th frame
+        clip = load_clip(path, detector, every=5 if evaluated else 3, max_frames=40 if evaluated else 24)
         if clip is None:
             continue
         crops, _ = clip.crops(128)

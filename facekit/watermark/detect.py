@@ -74,26 +74,41 @@ def spectrum(carrier: np.ndarray) -> np.ndarray:
     return np.asarray(cv2.dft(carrier.astype(np.float32)))
 
 
-def scan(y: np.ndarray, sync_spectrum: np.ndarray, *, early_exit: float | None) -> Hypothesis:
-    """The best (size, offset) hypothesis for luma `y`; sync_spectrum = `spectrum(sync carrier)`."""
+def _hypothesis(y: np.ndarray, n: int, sync_spectrum: np.ndarray) -> Hypothesis:
+    """The best offset for window size n."""
     grid = sync_spectrum.shape[0]
-    best: Hypothesis | None = None
-    for n in sizes(grid):
-        padded = whiten(_resize(y, n), grid)  # (grid, grid), the window top-left
-        # corr[dy, dx] = sum over the window of window(y, x) * sync(y + dy, x + dx)
-        product = cv2.mulSpectrums(sync_spectrum, cv2.dft(padded), 0, conjB=True)
-        corr = cv2.idft(product, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)
-        spread = float(corr.std()) + 1e-12
-        valid = corr[: grid - n + 1, : grid - n + 1]
-        dy, dx = np.unravel_index(int(np.argmax(valid)), valid.shape)
-        score = float(valid[dy, dx]) / spread
-        if best is None or score > best.score:
-            best = Hypothesis(
-                score=score, size=n, offset=(int(dy), int(dx)), window=padded[:n, :n], spread=spread
-            )
-        if early_exit is not None and n == grid and score >= early_exit:
-            break
-    assert best is not None
+    padded = whiten(_resize(y, n), grid)  # (grid, grid), the window top-left
+    # corr[dy, dx] = sum over the window of window(y, x) * sync(y + dy, x + dx)
+    product = cv2.mulSpectrums(sync_spectrum, cv2.dft(padded), 0, conjB=True)
+    corr = cv2.idft(product, flags=cv2.DFT_REAL_OUTPUT | cv2.DFT_SCALE)
+    spread = float(corr.std()) + 1e-12
+    valid = corr[: grid - n + 1, : grid - n + 1]
+    dy, dx = np.unravel_index(int(np.argmax(valid)), valid.shape)
+    return Hypothesis(
+        score=float(valid[dy, dx]) / spread,
+        size=n,
+        offset=(int(dy), int(dx)),
+        window=padded[:n, :n],
+        spread=spread,
+    )
+
+
+def scan(y: np.ndarray, sync_spectrum: np.ndarray, *, early_exit: float | None) -> Hypothesis:
+    """The best (size, offset) hypothesis for luma `y`; sync_spectrum = `spectrum(sync carrier)`.
+
+    Coarse to fine: every other size first (a size one step off still correlates well), then the
+    two neighbours of the best; an uncropped hypothesis scoring `early_exit` ends the search."""
+    candidates = sizes(sync_spectrum.shape[0])
+    best = _hypothesis(y, candidates[0], sync_spectrum)
+    if early_exit is not None and best.score >= early_exit:
+        return best
+    for n in candidates[2::2]:
+        found = _hypothesis(y, n, sync_spectrum)
+        best = found if found.score > best.score else best
+    for n in (best.size - 1, best.size + 1):
+        if n in candidates:
+            found = _hypothesis(y, n, sync_spectrum)
+            best = found if found.score > best.score else best
     return best
 
 
