@@ -17,7 +17,7 @@ Design (measured in docs/watermark.json, `python -m facekit.watermark.bench`):
 Torch-free: numpy and OpenCV only.
 """
 
-from facekit.watermark.detect import MAX_CROP, THRESHOLD
+from facekit.watermark.detect import MAX_CROP, THRESHOLD, THRESHOLD_WITH_PAYLOAD
 from facekit.watermark.keys import KEY_ENV, key_from_env, payload_for
 from facekit.watermark.watermarker import Detection, VideoDetection, Watermarker
 
@@ -25,6 +25,7 @@ __all__ = [
     "KEY_ENV",
     "MAX_CROP",
     "THRESHOLD",
+    "THRESHOLD_WITH_PAYLOAD",
     "Detection",
     "VideoDetection",
     "Watermarker",

@@ -70,15 +70,21 @@ def mark_sequence(
                 tally.add(name, wm.detect(frame), payload)
 
 
-def null_sets(wm: Watermarker, clip: Clip, crops: np.ndarray, nulls: dict[str, list[float]]) -> None:
+Nulls = dict[str, list[tuple[float, bool]]]  # (score, present) of unmarked frames, by set
+
+
+def null_sets(wm: Watermarker, clip: Clip, crops: np.ndarray, nulls: Nulls) -> None:
     """Scores of unmarked real frames: crops and whole frames, as they are, JPEG'd and halved."""
     for name, images in (("crop128", crops), (f"frame{clip.frames.shape[1]}", clip.frames[::2])):
         for index, image in enumerate(images):
-            nulls.setdefault(name, []).append(wm.detect(image).score)
+            nulls.setdefault(name, []).append(_null(wm, image))
             variant = jpeg(image) if index % 2 else half(image)
-            nulls.setdefault(name + ("+jpeg75" if index % 2 else "+half"), []).append(
-                wm.detect(variant).score
-            )
+            nulls.setdefault(name + ("+jpeg75" if index % 2 else "+half"), []).append(_null(wm, variant))
+
+
+def _null(wm: Watermarker, image: np.ndarray) -> tuple[float, bool]:
+    found = wm.detect(image)
+    return found.score, found.present
 
 
 def run_clips(args: argparse.Namespace, wm: Watermarker, other: Watermarker) -> dict[str, object]:
@@ -89,7 +95,7 @@ def run_clips(args: argparse.Namespace, wm: Watermarker, other: Watermarker) -> 
     if args.quick:
         clips = [c for i, c in enumerate(clips) if i % 8 == 0 or c.stem in EVAL_CLIPS[:2]]
     sets = {name: Tally() for name in ("generated_warp", "generated_model", "real_crop128", "real_frame")}
-    nulls: dict[str, list[float]] = {}
+    nulls: Nulls = {}
     for path in clips:
         evaluated = path.stem in EVAL_CLIPS  # the protocol: 2 s of references, then every 5th frame
         clip = load_clip(path, detector, every=5 if evaluated else 3, max_frames=40 if evaluated else 24)
@@ -123,6 +129,7 @@ def design(wm: Watermarker) -> dict[str, object]:
         "coded_bits": CODED_BITS,
         "max_crop": search.MAX_CROP,
         "threshold": search.THRESHOLD,
+        "threshold_with_payload": search.THRESHOLD_WITH_PAYLOAD,
     }
 
 
@@ -132,15 +139,15 @@ def run(args: argparse.Namespace) -> int:
     wm, other = Watermarker(key=KEY), Watermarker(key=KEY + " (another deployment)")
     found = run_clips(args, wm, other)
     sets: dict[str, Tally] = found["sets"]  # type: ignore[assignment]
-    nulls: dict[str, list[float]] = found["nulls"]  # type: ignore[assignment]
+    nulls: Nulls = found["nulls"]  # type: ignore[assignment]
     portraits = stills(args.faces)
     sets["stills1024"] = Tally()
     rng = np.random.default_rng(args.seed + 1)
     for image in portraits:
         mark_sequence(wm, other, image[None], sets["stills1024"], rng, video=False)
         for variant in (image, half(image), half(half(image))):  # 1024, 512, 256 px
-            nulls.setdefault("still", []).append(wm.detect(variant).score)
-    false_positives = null_summary(nulls, search.THRESHOLD, other=sets)
+            nulls.setdefault("still", []).append(_null(wm, variant))
+    false_positives = null_summary(nulls, other=sets)
     report = {
         "command": "python -m facekit.watermark.bench "
         + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v not in (None, False)),

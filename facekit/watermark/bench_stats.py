@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
+from facekit.watermark import detect as search
 from facekit.watermark.watermarker import Detection, Watermarker
 
 EULER = 0.5772156649
@@ -75,27 +76,35 @@ def _gumbel_tail(scores: np.ndarray, threshold: float) -> float:
     return 1.0 - math.exp(-math.exp(-(threshold - mu) / beta))
 
 
-def null_summary(
-    nulls: dict[str, list[float]], threshold: float, *, other: dict[str, Tally]
-) -> dict[str, object]:
+def _expected_rate(scores: np.ndarray) -> float:
+    """The false-positive rate the decision rule implies under the fitted score tail."""
+    high = _gumbel_tail(scores, search.THRESHOLD)
+    return high + (_gumbel_tail(scores, search.THRESHOLD_WITH_PAYLOAD) - high) * search.CRC_PASS
+
+
+def null_summary(nulls: dict[str, list[tuple[float, bool]]], *, other: dict[str, Tally]) -> dict[str, object]:
+    """Per set of unmarked frames and over all: false positives, score tail, margin to THRESHOLD."""
     out: dict[str, object] = {}
-    for name, scores in [*sorted(nulls.items()), ("all", [s for v in nulls.values() for s in v])]:
-        v = np.asarray(scores, np.float64)
+    everything = [row for rows in nulls.values() for row in rows]
+    for name, rows in [*sorted(nulls.items()), ("all", everything)]:
+        scores = np.array([score for score, _ in rows], np.float64)
+        positives = sum(present for _, present in rows)
         out[name] = {
-            "frames": len(v),
-            "false_positives": int((v >= threshold).sum()),
-            "rate": round(float((v >= threshold).mean()), 5),
-            "max": round(float(v.max()), 2),
-            "p99": round(float(np.percentile(v, 99)), 2),
-            "mean": round(float(v.mean()), 2),
-            "margin_to_threshold": round(threshold - float(v.max()), 2),
-            "gumbel_tail_at_threshold": float(f"{_gumbel_tail(v, threshold):.2e}"),
+            "frames": len(rows),
+            "false_positives": positives,
+            "rate": round(positives / len(rows), 5),
+            "max_score": round(float(scores.max()), 2),
+            "p99_score": round(float(np.percentile(scores, 99)), 2),
+            "mean_score": round(float(scores.mean()), 2),
+            "above_threshold_with_payload": int((scores >= search.THRESHOLD_WITH_PAYLOAD).sum()),
+            "margin_to_threshold": round(search.THRESHOLD - float(scores.max()), 2),
+            "gumbel_expected_rate": float(f"{_expected_rate(scores):.2e}"),
         }
     wrong = [row for tally in other.values() for row in tally.results.get("other_key", [])]
     out["other_key_on_marked"] = {
         "frames": len(wrong),
         "false_positives": sum(1 for present, _, _ in wrong if present),
-        "max": round(max((s for _, _, s in wrong), default=0.0), 2),
+        "max_score": round(max((s for _, _, s in wrong), default=0.0), 2),
     }
     return out
 

@@ -24,7 +24,7 @@ from facekit.watermark.code import CODED_BITS, encode
 
 SYNC_SHARE = 0.3  # of the mark's energy on the sync carrier; the rest carries the payload
 DEFAULT_STRENGTH = 3.5  # RMS of the mark in grey levels: PSNR ~37.5 dB against the unmarked frame
-MASK_FLOOR, MASK_CAP = 0.6, 2.5  # the texture mask's range, relative to the frame's mean texture
+MASK_FLOOR, MASK_CAP = 0.8, 1.5  # the texture mask's range, relative to the frame's mean texture
 MASK_SIDE = 64  # the mask is computed at most this large (its detail scale ~ the mark band)
 
 

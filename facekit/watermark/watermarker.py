@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import collections
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,9 +29,9 @@ from facekit.watermark.embed import DEFAULT_STRENGTH, add_mark, check_frame, fra
 class Detection:
     """What `Watermarker.detect` found in one image."""
 
-    present: bool  # score >= THRESHOLD
+    present: bool  # score >= THRESHOLD, or >= THRESHOLD_WITH_PAYLOAD with a payload whose CRC matches
     score: float  # detection statistic (~N(0, 1) per hypothesis on unmarked images)
-    confidence: float  # 1 - estimated probability that an unmarked image scores this high
+    confidence: float  # 1 - estimated probability that an unmarked image looks this marked
     payload: int | None  # the decoded 32-bit payload when its CRC matches (None otherwise)
     window: tuple[float, float, float]  # (x, y, side) of the image in the marked frame, fractions
     soft_bits: np.ndarray = field(repr=False)  # (92,) for combining several frames
@@ -95,23 +95,28 @@ class Watermarker:
     def detect(self, image: np.ndarray) -> Detection:
         """Look for this key's mark in a uint8 RGB image (any size, possibly scaled or cropped)."""
         image = check_frame(image, what="image")
-        threshold = search.THRESHOLD
-        best = search.scan(search.luma(image), self._sync_spectrum, early_exit=threshold + search.EARLY_EXIT)
+        best = search.scan(search.luma(image), self._sync_spectrum, early_exit=search.EARLY_EXIT)
         soft = search.soft_bits(best, self._payload_carriers)
+        payload = decode(soft)
+        present = search.decide(best.score, payload is not None)
         grid = self.carriers.shape[1]
         dy, dx = best.offset
         return Detection(
-            present=best.score >= threshold,
+            present=present,
             score=best.score,
-            confidence=1.0 - search.false_alarm(best.score),
-            payload=decode(soft) if best.score >= threshold else None,
+            confidence=1.0 - search.false_alarm(best.score, payload is not None),
+            payload=payload if present else None,
             window=(dx / grid, dy / grid, best.size / grid),
             soft_bits=soft,
         )
 
     def detect_frames(self, frames: Iterable[np.ndarray]) -> VideoDetection:
-        """Detect in every frame; the payload is decoded from all marked frames' soft bits summed."""
-        found = [self.detect(frame) for frame in frames]
+        """Detect in every frame (see `combine`)."""
+        return self.combine([self.detect(frame) for frame in frames])
+
+    @staticmethod
+    def combine(found: Sequence[Detection]) -> VideoDetection:
+        """Several frames' detections: the payload decoded from all marked frames' soft bits summed."""
         marked = [d for d in found if d.present]
         payload = decode(np.sum([d.soft_bits for d in marked], axis=0)) if marked else None
         return VideoDetection(
