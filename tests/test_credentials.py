@@ -14,8 +14,6 @@ import pytest
 
 c2pa = pytest.importorskip("c2pa", reason="c2pa-python is not installed (make venv installs it)")
 
-from c2pa_ca import SigningCA, make_ca  # noqa: E402
-
 from client.credentials import (  # noqa: E402
     ASSERTION,
     TRAINED_ALGORITHMIC_MEDIA,
@@ -29,6 +27,7 @@ from client.provenance import finish_outputs  # noqa: E402
 from facekit.video import VideoWriter, read_video, save_png  # noqa: E402
 from facekit.watermark import Watermarker  # noqa: E402
 from talkinghead.cli import main as cli  # noqa: E402
+from tests.c2pa_ca import SigningCA, make_ca  # noqa: E402
 
 KEY, PAYLOAD = "test deployment key", 0x5EED1234
 PROVENANCE = Provenance(model_id="model-3f2a", consent_record_id="consent-17", watermark_payload=PAYLOAD)
