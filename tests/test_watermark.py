@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from facekit.video import VideoWriter, read_image, save_png
-from facekit.watermark import THRESHOLD, Watermarker, key_from_env, payload_for
+from facekit.watermark import THRESHOLD, MissingKeyError, Watermarker, key_from_env, payload_for, require_key
 from facekit.watermark.attacks import crop, h264, half, jpeg
 from facekit.watermark.code import CODED_BITS, decode, encode
 from talkinghead.cli import main as cli
@@ -156,3 +156,12 @@ def test_verify_command(wm, frames, tmp_path, capsys, monkeypatch):
     assert cli(["verify", str(tmp_path / "marked.png"), str(tmp_path / "missing.png")]) == 2
     captured = capsys.readouterr()
     assert "not checked (no key" in captured.out and "missing.png: no such file" in captured.err
+
+
+def test_a_service_without_a_key(caplog):
+    with pytest.raises(MissingKeyError, match="TALKINGHEAD_WATERMARK_KEY"):
+        require_key({}, production=True)
+    with caplog.at_level("WARNING"):
+        assert require_key({}, production=False) is None
+    assert "NOT watermarked" in caplog.text
+    assert require_key({"TALKINGHEAD_WATERMARK_KEY": "k"}, production=True) == "k"

@@ -18,7 +18,7 @@ Torch-free: numpy and OpenCV only.
 """
 
 from facekit.watermark.detect import MAX_CROP, THRESHOLD, THRESHOLD_WITH_PAYLOAD
-from facekit.watermark.keys import KEY_ENV, key_from_env, payload_for
+from facekit.watermark.keys import KEY_ENV, MissingKeyError, key_from_env, payload_for, require_key
 from facekit.watermark.watermarker import Detection, VideoDetection, Watermarker
 
 __all__ = [
@@ -27,8 +27,10 @@ __all__ = [
     "THRESHOLD",
     "THRESHOLD_WITH_PAYLOAD",
     "Detection",
+    "MissingKeyError",
     "VideoDetection",
     "Watermarker",
     "key_from_env",
     "payload_for",
+    "require_key",
 ]
