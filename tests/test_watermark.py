@@ -7,6 +7,8 @@ and a blurred crop standing in for a generator's smooth output."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -165,3 +167,13 @@ def test_a_service_without_a_key(caplog):
         assert require_key({}, production=False) is None
     assert "NOT watermarked" in caplog.text
     assert require_key({"TALKINGHEAD_WATERMARK_KEY": "k"}, production=True) == "k"
+
+
+def test_the_watermark_and_verify_stay_torch_free_and_serverless():
+    code = (
+        "import sys, facekit.watermark, client.verify_command, client.provenance\n"
+        "bad = {m.split('.')[0] for m in sys.modules} & {'torch', 'training', 'export', 'service'}\n"
+        "sys.exit(str(sorted(bad)) if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
