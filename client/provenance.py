@@ -58,7 +58,10 @@ def watermark_payload(video: Path) -> int | None:
         return None
     found = check_video(video, Watermarker(key=key), max_frames=CHECKED_FRAMES)
     if not found.present:
-        print(f"watermark: not found in {found.frames - found.marked}/{found.frames} checked frames")
+        print(
+            f"watermark: not found ({found.marked}/{found.frames} checked frames marked): "
+            "the service did not mark them, or used another key"
+        )
         return None
     payload = "unreadable" if found.payload is None else f"{found.payload:08x}"
     print(f"watermark: present in {found.marked}/{found.frames} checked frames, payload {payload}")

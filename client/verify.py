@@ -93,7 +93,7 @@ def check_video(
         payload=summary.payload,
         payload_frames=summary.payload_frames,
         score=round(score, 2),
-        confidence=round(1.0 - false_alarm(score), 6),
+        confidence=round(1.0 - false_alarm(score, summary.payload is not None), 6),
     )
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from client.credentials import TRUST_ENV, ManifestReport, trust_from_env
 from client.verify import DEFAULT_MAX_FRAMES, FileReport, WatermarkReport, verify_file
-from facekit.watermark import KEY_ENV, Watermarker, key_from_env
+from facekit.watermark import KEY_ENV, THRESHOLD, Watermarker, key_from_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,14 +48,19 @@ def _mark_lines(mark: WatermarkReport | None, kind: str) -> list[str]:
     if mark is None:
         return [f"  watermark: not checked (no key: --key or ${KEY_ENV})"]
     payload = "unreadable" if mark.payload is None else f"{mark.payload:08x}"
-    if kind == "video":
-        state = "present" if mark.present else "absent"
-        line = f"  watermark: {state} in {mark.marked}/{mark.frames} frames ({mark.share:.0%})"
-        if mark.marked:
-            line += f", payload {payload} ({mark.payload_frames} frames read it alone)"
+    odds = f"score {mark.score:.1f}" + (" (median)" if kind == "video" else "")
+    if mark.present:
+        odds += f", confidence {mark.confidence:.6f}"
     else:
-        line = f"  watermark: {'present, payload ' + payload if mark.present else 'absent'}"
-    return [line + f"; score {mark.score:.1f}, confidence {mark.confidence:.4f}"]
+        odds += f", below the threshold {THRESHOLD:g}"
+    if kind == "video":
+        counted = f"{mark.marked}/{mark.frames} frames marked ({mark.share:.0%})"
+        if mark.marked:
+            counted += f", payload {payload} ({mark.payload_frames} frames read it alone)"
+        state = "present" if mark.present else "absent"
+        return [f"  watermark: {state}: {counted}; {odds}"]
+    state = f"present, payload {payload}" if mark.present else "absent"
+    return [f"  watermark: {state}; {odds}"]
 
 
 def _credential_lines(credentials: ManifestReport | None, error: str | None) -> list[str]:

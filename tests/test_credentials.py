@@ -116,7 +116,7 @@ def test_verify_reports_the_credentials(ca, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TALKINGHEAD_WATERMARK_KEY", KEY)
     assert cli(["verify", str(video), "--trust", str(ca.root)]) == 0
     out = capsys.readouterr().out
-    assert "present in 8/8 frames" in out and f"payload {PAYLOAD:08x}" in out
+    assert "present: 8/8 frames marked" in out and f"payload {PAYLOAD:08x}" in out
     assert "content credentials: Trusted, signed by talkinghead signer" in out
     assert "trained algorithmic media" in out and "model id model-3f2a, consent record consent-17" in out
     assert cli(["verify", str(video), "--json"]) == 0

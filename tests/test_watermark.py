@@ -147,7 +147,7 @@ def test_verify_command(wm, frames, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TALKINGHEAD_WATERMARK_KEY", KEY)
     assert cli(["verify", str(tmp_path / "marked.png"), str(tmp_path / "plain.png")]) == 0
     out = capsys.readouterr().out
-    assert f"present, payload {PAYLOAD:08x}" in out and "watermark: absent" in out
+    assert f"present, payload {PAYLOAD:08x}" in out and "watermark: absent; score" in out
     assert cli(["verify", str(tmp_path / "marked.mp4"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kind"] == "video" and report["watermark"]["present"] is True
