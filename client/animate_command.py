@@ -159,5 +159,6 @@ def run(args: argparse.Namespace) -> int:
         )
         print(f"wrote {args.contact_sheet}")
     written = ([args.out] if writer is not None else []) + ([args.contact_sheet] if sheet and kept else [])
-    model_id = client.last_started.model_id if client.last_started else ""
-    return finish_outputs(args, model_id=model_id, paths=written)
+    return finish_outputs(
+        args, model_id=client.last_started.model_id if client.last_started else "", paths=written
+    )

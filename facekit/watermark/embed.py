@@ -11,8 +11,8 @@ clipped to [MASK_FLOOR, MASK_CAP], normalised to RMS 1), so the mark hides in ha
 and edges and stays faint on flat skin and backgrounds while its total energy (RMS `strength`
 grey levels, PSNR ~37.5 dB against the unmarked frame) stays the same. It is added to luma only
 (equal parts of R, G, B; chroma untouched, so 4:2:0 subsampling loses nothing), saturating at 0
-and 255. The mask is computed at <= 128 px whatever the frame size, so a frame costs ~0.1 ms at
-128 px and ~0.5 ms at 256 px on one core (measured by facekit.watermark.bench).
+and 255. The mask is computed at <= 64 px whatever the frame size, so a frame costs ~0.3 ms at
+128 px, ~0.7 ms at 256 px and ~9 ms at 1024 px on one (busy) core (facekit.watermark.bench).
 """
 
 from __future__ import annotations
