@@ -136,6 +136,8 @@ def verify_file(
         credentials, error = read_credentials(path, trust_anchors=trust_anchors), None
     except ValueError as failure:
         credentials, error = None, str(failure)
+    except ImportError:  # an environment made before the lock had c2pa-python: `make venv`
+        credentials, error = None, "c2pa-python is not installed (make venv)"
     return FileReport(
         path=str(path),
         kind="video" if video else "image",

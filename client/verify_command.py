@@ -65,7 +65,7 @@ def _mark_lines(mark: WatermarkReport | None, kind: str) -> list[str]:
 
 def _credential_lines(credentials: ManifestReport | None, error: str | None) -> list[str]:
     if error is not None:
-        return [f"  content credentials: unreadable ({error})"]
+        return [f"  content credentials: not read ({error})"]
     if credentials is None:
         return ["  content credentials: none"]
     signer = credentials.signer.get("common_name", "?") + f" (issuer {credentials.signer.get('issuer', '?')})"
