@@ -137,7 +137,7 @@ def verify_file(
     except ValueError as failure:
         credentials, error = None, str(failure)
     except ImportError:  # an environment made before the lock had c2pa-python: `make venv`
-        credentials, error = None, "c2pa-python is not installed (make venv)"
+        credentials, error = None, "c2pa-python is not installed: make venv"
     return FileReport(
         path=str(path),
         kind="video" if video else "image",
