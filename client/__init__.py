@@ -1,4 +1,4 @@
-"""The talkinghead client: a Python library, the `avatar`, `animate` and `bench` commands.
+"""The talkinghead client: a Python library, the `avatar`, `animate`, `bench` and `verify` commands.
 
     from client import Client, landmark_requests
     with Client(target="127.0.0.1:50051") as c:
@@ -20,6 +20,8 @@ from client.library import (
     landmark_requests,
     to_landmarks,
 )
+from client.verify import FileReport as FileReport  # watermark + C2PA check of a file (verify)
+from client.verify import verify_file as verify_file
 
 __all__ = [
     "DEFAULT_SERVER",

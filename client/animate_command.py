@@ -12,6 +12,11 @@ face) onto the avatar's own face shape: use it whenever someone else drives the 
 avatar's whole source photo (up to 1024 px) with the face moving in it; --smooth filters the
 driver's landmark jitter (One-Euro).
 
+Provenance (client/provenance.py): with $TALKINGHEAD_WATERMARK_KEY set, the written video is checked
+for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_C2PA_CERT and
+$TALKINGHEAD_C2PA_KEY, or --c2pa-cert/--c2pa-key) the video and contact sheet get C2PA content
+credentials (model id, --consent-record); `talkinghead verify` reads both back.
+
 example:
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
       --relative --contact-sheet out/mona.png
@@ -34,6 +39,7 @@ from tqdm import tqdm
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.arguments import add_server_arguments, connect
 from client.library import Frame, describe_error, image_requests, landmark_requests
+from client.provenance import add_provenance_arguments, finish_outputs
 from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, contact_sheet, iter_video, read_video, save_png
 
@@ -69,6 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HZ",
         help="One-Euro filter on the driver's landmarks (min cutoff, default 1.0 Hz) against jitter",
     )
+    add_provenance_arguments(parser)
 
 
 def _driver(args: argparse.Namespace) -> tuple[Iterator[pb.AnimateRequest], int, float]:
@@ -151,4 +158,7 @@ def run(args: argparse.Namespace) -> int:
             contact_sheet(rows, labels=["driving", "generated"], cell=min(max(kept[0].image.shape[:2]), 256)),
         )
         print(f"wrote {args.contact_sheet}")
-    return 0
+    written = ([args.out] if writer is not None else []) + ([args.contact_sheet] if sheet and kept else [])
+    return finish_outputs(
+        args, model_id=client.last_started.model_id if client.last_started else "", paths=written
+    )

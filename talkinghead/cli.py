@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "avatar": ("client.avatar_command", "create/list/get/delete avatars on a running service"),
     "animate": ("client.animate_command", "drive an avatar with a video or landmark file -> video"),
     "bench": ("client.bench", "benchmark the generator and the service; writes JSON figures"),
+    "verify": ("client.verify_command", "is the watermark in an image or video; its C2PA credentials"),
 }
 
 

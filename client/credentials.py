@@ -1,0 +1,218 @@
+"""Content credentials (C2PA) on the files the CLI writes, and reading them back (`c2pa-python`).
+
+    creds = credentials_from_env()            # $TALKINGHEAD_C2PA_CERT / $TALKINGHEAD_C2PA_KEY, or None
+    sign_file(Path("out/mona.mp4"), Provenance(model_id="3f2a...", consent_record_id="cr-17"), creds)
+    report = read_credentials(Path("out/mona.mp4"))   # ManifestReport, or None when unsigned
+
+The manifest says: made by "talkinghead" (claim generator), one action `c2pa.created` whose
+digitalSourceType is IPTC's trainedAlgorithmicMedia, and the assertion `com.talkinghead.generation`
+holding the model id (the served model's `talkinghead.model_id`), the avatar's consent record id
+and, when the CLI found it, the invisible watermark's payload. Signed with the PEM certificate
+chain (end-entity first) and private key of the settings: EC P-256/384/521 (ES256/384/512), RSA
+(PS256) or Ed25519. C2PA signers need an end-entity certificate (not self-signed) with the
+digitalSignature key usage and an extended key usage C2PA accepts (emailProtection,
+documentSigning or the C2PA signing OID), under a CA; readers trust it when that CA is among
+their trust anchors ($TALKINGHEAD_C2PA_TRUST, a PEM file), and report "Valid" (intact, signer not
+vouched for) otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CERT_ENV, KEY_ENV, TRUST_ENV = "TALKINGHEAD_C2PA_CERT", "TALKINGHEAD_C2PA_KEY", "TALKINGHEAD_C2PA_TRUST"
+GENERATOR = "talkinghead"
+ASSERTION = "com.talkinghead.generation"
+TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+MIME_TYPES = {
+    ".mp4": "video/mp4",
+    ".m4v": "video/mp4",
+    ".mov": "video/quicktime",
+    ".png": "image/png",
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".webp": "image/webp",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("talkinghead")
+    except PackageNotFoundError:
+        return "0"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SigningCredentials:
+    cert_chain: bytes  # PEM, end-entity certificate first
+    private_key: bytes  # PEM (PKCS#8 or traditional), unencrypted
+    timestamp_url: str | None = None  # RFC 3161 authority; None: no timestamp
+
+    @property
+    def algorithm(self) -> str:
+        """The C2PA signing algorithm the key implies (es256, es384, es512, ps256, ed25519)."""
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+        from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+        key = load_pem_private_key(self.private_key, password=None)
+        if isinstance(key, ec.EllipticCurvePrivateKey):
+            curves = {"secp256r1": "es256", "secp384r1": "es384", "secp521r1": "es512"}
+            if key.curve.name in curves:
+                return curves[key.curve.name]
+        elif isinstance(key, rsa.RSAPrivateKey):
+            return "ps256"
+        elif isinstance(key, ed25519.Ed25519PrivateKey):
+            return "ed25519"
+        raise ValueError(f"C2PA cannot sign with a {type(key).__name__} key")
+
+    @classmethod
+    def from_files(cls, cert: Path, key: Path, *, timestamp_url: str | None = None) -> SigningCredentials:
+        return cls(
+            cert_chain=Path(cert).read_bytes(),
+            private_key=Path(key).read_bytes(),
+            timestamp_url=timestamp_url,
+        )
+
+
+def credentials_from_env(environ: Mapping[str, str] | None = None) -> SigningCredentials | None:
+    """Credentials from $TALKINGHEAD_C2PA_CERT and $TALKINGHEAD_C2PA_KEY (None when unset);
+    one without the other is a ValueError."""
+    env = os.environ if environ is None else environ
+    cert, key = env.get(CERT_ENV, ""), env.get(KEY_ENV, "")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        raise ValueError(f"set both {CERT_ENV} and {KEY_ENV} (PEM files), or neither")
+    return SigningCredentials.from_files(Path(cert), Path(key))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Provenance:
+    """What made a file: recorded in its manifest."""
+
+    model_id: str  # the served model's talkinghead.model_id ("" when unknown)
+    consent_record_id: str | None = None  # the avatar's consent record (None: not recorded)
+    watermark_payload: int | None = None  # the invisible mark's 32-bit payload, when known
+
+
+def manifest(provenance: Provenance, *, title: str, mime: str) -> dict[str, Any]:
+    """The manifest definition `sign_file` signs."""
+    generation: dict[str, Any] = {
+        "model_id": provenance.model_id,
+        "consent_record_id": provenance.consent_record_id,
+    }
+    if provenance.watermark_payload is not None:
+        generation["watermark_payload"] = f"{provenance.watermark_payload:08x}"
+    agent = {"name": GENERATOR, "version": _version()}
+    created = {
+        "action": "c2pa.created",
+        "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
+        "softwareAgent": agent,
+    }
+    return {
+        "claim_generator_info": [agent],
+        "title": title,
+        "format": mime,
+        "assertions": [
+            {"label": "c2pa.actions", "data": {"actions": [created]}},
+            {"label": ASSERTION, "data": generation},
+        ],
+    }
+
+
+def mime_type(path: Path) -> str:
+    try:
+        return MIME_TYPES[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(f"{path}: C2PA signing supports {', '.join(sorted(MIME_TYPES))}") from None
+
+
+def sign_file(path: Path, provenance: Provenance, credentials: SigningCredentials) -> None:
+    """Embed a signed manifest in `path` (rewritten through a temporary file, then renamed)."""
+    import c2pa
+
+    path = Path(path)
+    mime = mime_type(path)
+    info = c2pa.C2paSignerInfo(
+        credentials.algorithm.encode(),
+        credentials.cert_chain,
+        credentials.private_key,
+        credentials.timestamp_url,
+    )
+    definition = json.dumps(manifest(provenance, title=path.name, mime=mime))
+    staging = path.with_name(f".{path.name}.c2pa{path.suffix}")
+    try:
+        with (
+            c2pa.Signer.from_info(info) as signer,
+            c2pa.Builder(definition) as builder,
+            path.open("rb") as source,
+            staging.open("w+b") as dest,
+        ):
+            builder.sign(signer, mime, source, dest)
+        staging.replace(path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestReport:
+    """The active manifest of a file, as `talkinghead verify` reports it."""
+
+    state: str  # "Trusted", "Valid" (intact, signer not among the trust anchors) or "Invalid"
+    claim_generator: str
+    actions: list[dict[str, Any]]  # action, digitalSourceType, softwareAgent
+    generation: dict[str, Any]  # the com.talkinghead.generation assertion ({} when absent)
+    signer: dict[str, Any]  # issuer, common_name, alg
+    failures: list[str] = field(default_factory=list)  # validation failure codes
+
+    @property
+    def trained_algorithmic_media(self) -> bool:
+        return any(a.get("digitalSourceType") == TRAINED_ALGORITHMIC_MEDIA for a in self.actions)
+
+
+def _report(store: dict[str, Any], manifest: dict[str, Any]) -> ManifestReport:
+    assertions = {a.get("label", ""): a.get("data", {}) for a in manifest.get("assertions", [])}
+    actions = assertions.get("c2pa.actions.v2", assertions.get("c2pa.actions", {})).get("actions", [])
+    generators = manifest.get("claim_generator_info") or [{}]
+    results = store.get("validation_results", {}).get("activeManifest", {})
+    signature = manifest.get("signature_info", {})
+    return ManifestReport(
+        state=str(store.get("validation_state", "Invalid")),
+        claim_generator=str(generators[0].get("name", manifest.get("claim_generator", ""))),
+        actions=list(actions),
+        generation=dict(assertions.get(ASSERTION, {})),
+        signer={k: signature[k] for k in ("issuer", "common_name", "alg") if k in signature},
+        failures=[str(f.get("code")) for f in results.get("failure", [])],
+    )
+
+
+def read_credentials(path: Path, *, trust_anchors: bytes | None = None) -> ManifestReport | None:
+    """The file's active C2PA manifest, validated (against `trust_anchors`, PEM, when given), or None
+    when the file carries none. Unreadable or unsupported files raise ValueError."""
+    import c2pa
+
+    settings: dict[str, Any] = {"verify": {"verify_trust": trust_anchors is not None}}
+    if trust_anchors is not None:
+        settings["trust"] = {"trust_anchors": trust_anchors.decode()}
+    try:
+        with c2pa.Context.from_dict(settings) as context, c2pa.Reader(str(path), context=context) as reader:
+            store = json.loads(reader.json())
+    except c2pa.C2paError.ManifestNotFound:
+        return None
+    except c2pa.C2paError as error:
+        raise ValueError(f"{path}: cannot read content credentials ({error})") from error
+    active = store.get("manifests", {}).get(store.get("active_manifest", ""), None)
+    return None if active is None else _report(store, active)
+
+
+def trust_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
+    """PEM trust anchors from the file $TALKINGHEAD_C2PA_TRUST names (None when unset)."""
+    name = (os.environ if environ is None else environ).get(TRUST_ENV, "")
+    return Path(name).read_bytes() if name else None

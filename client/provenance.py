@@ -1,0 +1,94 @@
+"""What `talkinghead animate` adds to the files it writes: it checks that the service's frames
+carry the watermark (when $TALKINGHEAD_WATERMARK_KEY is set; the service marks, the CLI only
+reads) and signs the video and contact sheet with C2PA content credentials (when a signing
+certificate is configured; otherwise the files are written unsigned and the CLI says so once).
+
+    add_provenance_arguments(parser)                      # --consent-record, --c2pa-cert, --c2pa-key
+    status = finish_outputs(args, model_id=started.model_id, paths=[video, sheet])
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from client.credentials import (
+    CERT_ENV,
+    KEY_ENV,
+    Provenance,
+    SigningCredentials,
+    credentials_from_env,
+    sign_file,
+)
+from client.verify import check_video
+from facekit.watermark import KEY_ENV as WATERMARK_KEY_ENV
+from facekit.watermark import Watermarker, key_from_env
+
+CHECKED_FRAMES = 16  # frames of the written video the watermark check reads
+
+
+def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("provenance (watermark check, C2PA content credentials)")
+    group.add_argument("--consent-record", help="the avatar's consent record id, recorded in the manifest")
+    group.add_argument(
+        "--c2pa-cert", type=Path, help=f"PEM certificate chain to sign with (default ${CERT_ENV})"
+    )
+    group.add_argument(
+        "--c2pa-key", type=Path, help=f"PEM private key of that certificate (default ${KEY_ENV})"
+    )
+
+
+def signing_credentials(args: argparse.Namespace) -> SigningCredentials | None:
+    """From --c2pa-cert/--c2pa-key, else the environment; None when not configured."""
+    cert, key = getattr(args, "c2pa_cert", None), getattr(args, "c2pa_key", None)
+    if cert is None and key is None:
+        return credentials_from_env()
+    if cert is None or key is None:
+        raise ValueError("give both --c2pa-cert and --c2pa-key")
+    return SigningCredentials.from_files(cert, key)
+
+
+def watermark_payload(video: Path) -> int | None:
+    """Check the written video for the deployment's mark; print what was found; its payload."""
+    key = key_from_env()
+    if key is None:
+        print(f"watermark: not checked (set ${WATERMARK_KEY_ENV} to check the service's mark)")
+        return None
+    found = check_video(video, Watermarker(key=key), max_frames=CHECKED_FRAMES)
+    if not found.present:
+        print(
+            f"watermark: not found ({found.marked}/{found.frames} checked frames marked): "
+            "the service did not mark them, or used another key"
+        )
+        return None
+    payload = "unreadable" if found.payload is None else f"{found.payload:08x}"
+    print(f"watermark: present in {found.marked}/{found.frames} checked frames, payload {payload}")
+    return found.payload
+
+
+def finish_outputs(args: argparse.Namespace, *, model_id: str, paths: Sequence[Path]) -> int:
+    """Check and sign the written files (paths[0]: the video); 0, or 1 when signing failed."""
+    if not paths:
+        return 0
+    try:
+        credentials = signing_credentials(args)
+        payload = watermark_payload(paths[0])
+    except (OSError, ValueError) as error:
+        print(f"talkinghead animate: {error}", file=sys.stderr)
+        return 1
+    if credentials is None:
+        print(f"content credentials: not configured (${CERT_ENV}, ${KEY_ENV}): the files are unsigned")
+        return 0
+    provenance = Provenance(
+        model_id=model_id, consent_record_id=getattr(args, "consent_record", None), watermark_payload=payload
+    )
+    try:
+        for path in paths:
+            sign_file(path, provenance, credentials)
+    except Exception as error:  # c2pa.C2paError and I/O errors: the file stays, unsigned
+        print(f"talkinghead animate: signing {path} failed: {error}", file=sys.stderr)
+        return 1
+    print(f"content credentials: signed {', '.join(map(str, paths))}")
+    return 0

@@ -1,0 +1,179 @@
+"""The invisible watermark as a user meets it: marked frames verify with their payload after the
+edits a frame goes through (JPEG 75, half size, a 10% crop, the CLI's H.264), unmarked frames and
+another deployment's marks do not, the mark costs little PSNR, and bad input is refused.
+`talkinghead verify` on files. Frames: the demo portrait (facekit/assets), whole and face crops,
+and a blurred crop standing in for a generator's smooth output."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from facekit.video import VideoWriter, read_image, save_png
+from facekit.watermark import THRESHOLD, MissingKeyError, Watermarker, key_from_env, payload_for, require_key
+from facekit.watermark.attacks import crop, h264, half, jpeg
+from facekit.watermark.code import CODED_BITS, decode, encode
+from talkinghead.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "test deployment key"
+PAYLOAD = payload_for("tenant-a", "mona")
+
+
+@pytest.fixture(scope="module")
+def wm() -> Watermarker:
+    return Watermarker(key=KEY)
+
+
+@pytest.fixture(scope="module")
+def frames() -> dict[str, np.ndarray]:
+    portrait = read_image(ROOT / "facekit/assets/demo_portrait.png")  # (512, 512, 3)
+    face = portrait[20:276, 120:376]  # the face, 256 px
+    small = cv2.resize(face, (128, 128), interpolation=cv2.INTER_AREA)
+    return {
+        "crop128": small,
+        "smooth128": cv2.GaussianBlur(small, (0, 0), 1.5),  # a generator's output is smoother
+        "crop256": face,
+        "portrait512": portrait,
+    }
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b) ** 2)))
+
+
+@pytest.mark.parametrize("name", ["crop128", "smooth128", "crop256", "portrait512"])
+@pytest.mark.parametrize(
+    "attack",
+    [lambda f: f, jpeg, half, crop, lambda f: crop(f, at=(0.0, 1.0)), lambda f: jpeg(crop(half(f)), 90)],
+    ids=["none", "jpeg75", "half", "crop10-centre", "crop10-corner", "half-crop-jpeg90"],
+)
+def test_marked_frames_verify_with_their_payload(wm, frames, name, attack):
+    found = wm.detect(attack(wm.mark(frames[name], PAYLOAD)))
+    assert found.present and found.payload == PAYLOAD
+    assert found.score > THRESHOLD and found.confidence > 0.999
+
+
+def test_a_crop_is_located(wm, frames):
+    marked = wm.mark(frames["crop256"], PAYLOAD)
+    x, y, side = wm.detect(crop(marked, 0.1, at=(1.0, 0.0))).window  # right, top
+    assert side == pytest.approx(0.9, abs=0.02) and x == pytest.approx(0.1, abs=0.02) and y < 0.02
+
+
+def test_marks_survive_the_clis_h264(wm, frames):
+    """JPEG 90 on the wire, then facekit.video.VideoWriter (libx264 CRF 18, yuv420p) and back."""
+    sequence = [wm.mark(np.roll(frames["crop128"], shift, axis=1), PAYLOAD) for shift in range(0, 12, 2)]
+    decoded = h264(sequence, jpeg_quality=90)
+    found = [wm.detect(frame) for frame in decoded]
+    assert all(d.present and d.payload == PAYLOAD for d in found)
+    assert wm.combine(found).payload == PAYLOAD
+
+
+def test_unmarked_frames_and_other_keys_do_not_verify(wm, frames):
+    other = Watermarker(key=KEY + " of another deployment")
+    for frame in frames.values():
+        for image in (frame, jpeg(frame), half(frame), crop(frame)):
+            assert not wm.detect(image).present
+        found = wm.detect(other.mark(frame, PAYLOAD))
+        assert not found.present and found.payload is None and found.confidence < 0.5
+
+
+def test_the_mark_costs_little_psnr(wm, frames):
+    for frame in frames.values():
+        assert psnr(wm.mark(frame, PAYLOAD), frame) > 36.5  # RMS 3.5 grey levels: ~37.5 dB
+    # what an evaluation against the real frame loses: a warp-like error of ~26 dB loses < 0.5 dB
+    real = frames["crop128"]
+    generated = np.clip(real + np.random.default_rng(0).normal(0, 12, real.shape), 0, 255).astype(np.uint8)
+    assert psnr(generated, real) - psnr(wm.mark(generated, PAYLOAD), real) < 0.5
+
+
+def test_marking_is_deterministic_and_per_payload(wm, frames):
+    frame = frames["crop128"]
+    assert np.array_equal(wm.mark(frame, PAYLOAD), Watermarker(key=KEY).mark(frame, PAYLOAD))
+    assert not np.array_equal(wm.mark(frame, PAYLOAD), wm.mark(frame, PAYLOAD ^ 1))
+    assert (
+        wm.detect(wm.mark(frame, 0)).payload == 0
+        and wm.detect(wm.mark(frame, 2**32 - 1)).payload == 2**32 - 1
+    )
+
+
+def test_bad_input_is_refused(wm, frames):
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        wm.mark(frames["crop128"].astype(np.float32), PAYLOAD)
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        wm.detect(frames["crop128"][..., 0])
+    with pytest.raises(ValueError, match="too small"):
+        wm.mark(frames["crop128"][:8, :8], PAYLOAD)
+    with pytest.raises(ValueError, match="payload"):
+        wm.mark(frames["crop128"], 2**32)
+    with pytest.raises(TypeError, match="payload"):
+        wm.mark(frames["crop128"], "mona")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty"):
+        Watermarker(key="")
+    with pytest.raises(ValueError, match="strength"):
+        Watermarker(key=KEY, strength=0)
+
+
+def test_payload_code_corrects_errors_and_rejects_noise():
+    rng = np.random.default_rng(1)
+    bits = encode(PAYLOAD)
+    assert bits.shape == (CODED_BITS,)
+    noisy = (2.0 * bits - 1) * 1.5 + rng.normal(0, 1, CODED_BITS)  # ~7% of the bits flipped
+    assert decode(noisy) == PAYLOAD
+    wrong = sum(decode(rng.normal(0, 1, CODED_BITS)) is not None for _ in range(200))
+    assert wrong < 10  # CRC-8: 1 in 256 random decodings pass
+
+
+def test_payload_and_key_from_the_environment():
+    assert payload_for("tenant-a", "mona") == PAYLOAD < 2**32
+    assert payload_for("tenant-b", "mona") != PAYLOAD
+    assert key_from_env({"TALKINGHEAD_WATERMARK_KEY": "s3cret"}) == "s3cret"
+    assert key_from_env({"TALKINGHEAD_WATERMARK_KEY": ""}) is None and key_from_env({}) is None
+    assert "s3cret" not in repr(Watermarker(key="s3cret"))
+
+
+def test_verify_command(wm, frames, tmp_path, capsys, monkeypatch):
+    save_png(tmp_path / "marked.png", wm.mark(frames["crop256"], PAYLOAD))
+    save_png(tmp_path / "plain.png", frames["crop256"])
+    with VideoWriter(tmp_path / "marked.mp4", fps=25, size=(128, 128)) as writer:
+        for shift in range(8):
+            writer.write(wm.mark(np.roll(frames["crop128"], shift, axis=0), PAYLOAD))
+    monkeypatch.setenv("TALKINGHEAD_WATERMARK_KEY", KEY)
+    assert cli(["verify", str(tmp_path / "marked.png"), str(tmp_path / "plain.png")]) == 0
+    out = capsys.readouterr().out
+    assert f"present, payload {PAYLOAD:08x}" in out and "watermark: absent; score" in out
+    assert cli(["verify", str(tmp_path / "marked.mp4"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["kind"] == "video" and report["watermark"]["present"] is True
+    assert report["watermark"]["share"] == 1.0 and report["watermark"]["payload"] == f"{PAYLOAD:08x}"
+    assert cli(["verify", str(tmp_path / "marked.png"), "--key", "another key"]) == 0
+    assert "watermark: absent" in capsys.readouterr().out
+    monkeypatch.delenv("TALKINGHEAD_WATERMARK_KEY")
+    assert cli(["verify", str(tmp_path / "marked.png"), str(tmp_path / "missing.png")]) == 2
+    captured = capsys.readouterr()
+    assert "not checked (no key" in captured.out and "missing.png: no such file" in captured.err
+
+
+def test_a_service_without_a_key(caplog):
+    with pytest.raises(MissingKeyError, match="TALKINGHEAD_WATERMARK_KEY"):
+        require_key({}, production=True)
+    with caplog.at_level("WARNING"):
+        assert require_key({}, production=False) is None
+    assert "NOT watermarked" in caplog.text
+    assert require_key({"TALKINGHEAD_WATERMARK_KEY": "k"}, production=True) == "k"
+
+
+def test_the_watermark_and_verify_stay_torch_free_and_serverless():
+    code = (
+        "import sys, facekit.watermark, client.verify_command, client.provenance\n"
+        "bad = {m.split('.')[0] for m in sys.modules} & {'torch', 'training', 'export', 'service'}\n"
+        "sys.exit(str(sorted(bad)) if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
