@@ -59,7 +59,7 @@ test-slow: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy facekit training talkinghead export service client deploy/local
+	$(VENV)/bin/mypy facekit training talkinghead export service client jobs worker deploy/local
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .
