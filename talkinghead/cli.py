@@ -20,8 +20,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("training.finetune", "personalise the model on T images of one person"),
     "evaluate": ("training.evaluation.command", "score a model against the classical warp on unseen people"),
     "export": ("export.command", "checkpoint -> ONNX -> Triton model repository (+ parity report)"),
+    "worker": ("worker.command", "personalise avatars: take jobs, fine-tune, export, load in Triton"),
     "serve": ("service.serve_command", "run the gRPC service (avatars, animation streams, metrics)"),
-    "avatar": ("client.avatar_command", "create/list/get/delete avatars on a running service"),
+    "avatar": ("client.avatar_command", "create/list/get/delete/personalise avatars on a running service"),
+    "operation": ("client.operation_command", "list/get/watch/cancel personalisation operations"),
     "animate": ("client.animate_command", "drive an avatar with a video or landmark file -> video"),
     "bench": ("client.bench", "benchmark the generator and the service; writes JSON figures"),
 }
