@@ -167,6 +167,11 @@ class TritonBackend(ReadyGate):
         self._personalised[name] = True
         return True
 
+    def forget_personalised(self, avatar_id: str) -> None:
+        name = personalised_name(avatar_id)
+        self._personalised.pop(name, None)
+        self._absent_since.pop(name, None)
+
     async def generate_personalised(
         self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
