@@ -18,6 +18,7 @@ from client.library import (
     describe_error,
     image_requests,
     landmark_requests,
+    operation_error,
     to_landmarks,
 )
 
@@ -29,5 +30,6 @@ __all__ = [
     "describe_error",
     "image_requests",
     "landmark_requests",
+    "operation_error",
     "to_landmarks",
 ]
