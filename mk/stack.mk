@@ -21,7 +21,9 @@ STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT
 	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: triton-venv triton triton-stop up down stack-status prometheus
+REDIS_SERVER ?= redis-server
+
+.PHONY: triton-venv triton triton-stop up down stack-status prometheus redis
 
 # Triton's own environment: nvidia-pytriton pins numpy<2, the project needs numpy 2.
 triton-venv: $(TRITON_STAMP)
@@ -50,7 +52,18 @@ prometheus:
 		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus.service || true; fi; \
 		test -x /usr/bin/prometheus; }
 
-up: model-repository $(TRITON_STAMP) $(STAMP) prometheus
+# Debian's redis-server package (7.0), installed when no redis-server binary is found; as with
+# Prometheus, the package's systemd unit is stopped and disabled (tests and the stack run their own).
+redis:
+	@command -v $(REDIS_SERVER) >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+		echo "installing Debian's redis-server package (apt-get)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q --no-install-recommends redis-server; }; \
+		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now redis-server.service || true; fi; \
+		test -x /usr/bin/redis-server; }
+
+up: model-repository $(TRITON_STAMP) $(STAMP) prometheus redis
 	$(PY) deploy/local/stack.py up --state $(STACK_STATE) --repository $(REPOSITORY) \
 		--triton-venv $(TRITON_VENV) --scrape-interval $(STACK_SCRAPE_INTERVAL) $(STACK_PORTS)$(if $(filter-out prometheus,$(PROMETHEUS)), --prometheus $(PROMETHEUS))
 
