@@ -272,17 +272,30 @@ class Client:
         yield from self.operations.WatchOperation(ops.WatchOperationRequest(name=name))
 
     def wait_operation(
-        self, name: str, *, on_progress: Callable[[ops.Operation], None] | None = None
+        self,
+        name: str,
+        *,
+        on_progress: Callable[[ops.Operation], None] | None = None,
+        timeout: float | None = None,
     ) -> ops.Operation:
-        """Follow an operation until it is done; a watch cut short (a replica restarting) resumes."""
+        """Follow an operation until it is done (TimeoutError after `timeout` s); a watch cut
+        short (a replica restarting) resumes."""
         last: ops.Operation | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
         while last is None or not last.done:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"{name} was not done within {timeout:.0f} s")
             try:
-                for operation in self.watch_operation(name):
+                for operation in self.operations.WatchOperation(
+                    ops.WatchOperationRequest(name=name), timeout=left
+                ):
                     last = operation
                     if on_progress is not None:
                         on_progress(operation)
             except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"{name} was not done within {timeout:.0f} s") from error
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 time.sleep(1.0)

@@ -100,6 +100,8 @@ class Server:
                 backend.forget_personalised(job.avatar_id) if job.state == SUCCEEDED else None
             ),
         )
+        if s.worker == "none":
+            personaliser.disabled = "no personalisation worker runs here (TALKINGHEAD_WORKER=none)"
         self.app = App(settings=s, backend=backend, store=store, metrics=metrics, personaliser=personaliser)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

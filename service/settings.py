@@ -18,7 +18,8 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_REDIS_URL         (unset)          redis://host:port/db: avatars and the personalisation
                                                    queue in Redis, shared by every replica
     TALKINGHEAD_WORKER            embedded         embedded: run a local `talkinghead worker` process
-                                                   (without REDIS_URL); external: workers run elsewhere
+                                                   (without REDIS_URL); external: workers run elsewhere;
+                                                   none: personalisation is refused (FAILED_PRECONDITION)
     TALKINGHEAD_JOBS              var/jobs         job directory of the local queue (no REDIS_URL)
     TALKINGHEAD_WORKER_CHECKPOINT models/talkinghead-small.pt  meta checkpoint the embedded worker tunes
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
@@ -34,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS = ("onnxruntime", "triton")
-WORKERS = ("embedded", "external")
+WORKERS = ("embedded", "external", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 

@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the served model's meta checkpoint (default models/talkinghead-small.pt)",
     )
     parser.add_argument("--triton-url", action="append", default=[], help="Triton gRPC host:port (repeat)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
     parser.add_argument(
         "--profile", default="python", help="repository profile of new models (default python)"
     )
