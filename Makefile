@@ -18,7 +18,7 @@ include $(sort $(wildcard mk/*.mk))
 .PHONY: help venv demo demo-direct test test-slow test-replicas lint format preprocess train-small evaluate clean
 
 help:
-	@echo "make demo        personalise on PORTRAIT, serve it (gRPC), stream DRIVER through it -> $(OUT)/"
+	@echo "make demo        serve, create an avatar from PORTRAIT, personalise it and stream DRIVER, all over gRPC -> $(OUT)/"
 	@echo "make demo-direct the same without the service (PyTorch in one process)"
 	@echo "make test        the default test suite (fast; real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
@@ -45,7 +45,7 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 demo: $(STAMP) model-repository
 	VENV=$(VENV) CHECKPOINT=$(CHECKPOINT) REPOSITORY=$(REPOSITORY) PORTRAIT=$(PORTRAIT) DRIVER=$(DRIVER) \
-		OUT=$(OUT) tools/demo.sh
+		OUT=$(OUT) STEPS=$(STEPS) tools/demo.sh
 
 # The direct-model demo (no service): fine-tune and drive the PyTorch model in one process.
 demo-direct: $(STAMP)
