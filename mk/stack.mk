@@ -1,6 +1,6 @@
 # Local servers on 127.0.0.1 (deploy/local/): the bundled Triton alone (`make triton`, issue 3) and
-# the whole stack (issue 5): Triton, the service on the triton backend and a Prometheus server
-# scraping both. deploy/local/tritonserver.py and deploy/local/stack.py do the work; the stack's
+# the whole stack (issues 5, 12): Redis, Triton, the service on the triton backend (avatars and jobs
+# in Redis), the personalisation worker and a Prometheus server scraping the service and Triton. deploy/local/tritonserver.py and deploy/local/stack.py do the work; the stack's
 # state, pid files and logs live in $(STACK_STATE). Included by the root Makefile (PY, PYTHON,
 # STAMP; REPOSITORY comes from mk/export.mk).
 TRITON_VENV := .venv-triton
@@ -12,13 +12,15 @@ STACK_TRITON_HTTP_PORT ?= 8000
 STACK_TRITON_GRPC_PORT ?= 8001
 STACK_TRITON_METRICS_PORT ?= 8002
 STACK_PROMETHEUS_PORT ?= 9090
+STACK_REDIS_PORT ?= 6379
 STACK_SCRAPE_INTERVAL ?= 1s
 PROMETHEUS ?= prometheus
 # down/status need only the stdlib: they work without .venv too.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT) \
 	--triton-http-port $(STACK_TRITON_HTTP_PORT) --triton-grpc-port $(STACK_TRITON_GRPC_PORT) \
-	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT)
+	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT) \
+	--redis-port $(STACK_REDIS_PORT)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 REDIS_SERVER ?= redis-server
