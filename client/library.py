@@ -237,10 +237,12 @@ class Client:
         preset: str = "",
         wait: bool = False,
         on_progress: Callable[[ops.Operation], None] | None = None,
+        timeout: float | None = None,
     ) -> ops.Operation:
         """Start fine-tuning the avatar's own generator (`steps`, or a preset: fast, balanced,
-        best; default balanced). wait=True follows it (on_progress gets every update) and returns
-        the finished operation; check `.error` / `.response` (see `operation_error`)."""
+        best; default balanced). wait=True follows it (on_progress gets every update; TimeoutError
+        after `timeout` s) and returns the finished operation; check `.error` / `.response`
+        (see `operation_error`)."""
         request = ops.PersonaliseAvatarRequest(avatar_id=avatar_id)
         if steps:
             request.steps = steps
@@ -251,7 +253,7 @@ class Client:
             return operation
         if on_progress is not None:
             on_progress(operation)
-        return self.wait_operation(operation.name, on_progress=on_progress)
+        return self.wait_operation(operation.name, on_progress=on_progress, timeout=timeout)
 
     def get_operation(self, name: str) -> ops.Operation:
         return self.operations.GetOperation(ops.GetOperationRequest(name=name), timeout=self.timeout)

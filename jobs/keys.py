@@ -32,5 +32,12 @@ def job(job_id: str) -> str:
     return PREFIX + "job:" + job_id
 
 
+WORKER_TTL_S = 15
+
+
+def worker(name: str) -> str:
+    return PREFIX + "worker:" + name
+
+
 def avatar_job(avatar_id: str) -> str:
     return PREFIX + "avatar-job:" + validate_avatar_id(avatar_id)

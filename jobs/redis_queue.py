@@ -174,6 +174,7 @@ class RedisQueue:
 
     # -- a worker's side -------------------------------------------------------------------------
     def claim(self, worker: str, *, wait_s: float) -> Job | None:
+        self.r.set(keys.worker(worker), str(time.time()), ex=max(keys.WORKER_TTL_S, int(3 * wait_s)))
         stolen = self.r.xautoclaim(
             keys.JOB_STREAM,
             keys.WORKERS_GROUP,

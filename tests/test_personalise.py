@@ -92,9 +92,8 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         rest = [first, *frames]
         shared = list(c.animate("full", landmark_requests(seq), encoding="raw"))
         assert c.last_started is not None and not c.last_started.personalised
-        diff = np.mean(
-            [np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in zip(rest, shared, strict=True)]
-        )
+        pairs = zip(rest, shared, strict=True)
+        diff = np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in pairs])
         assert diff > 0.5, "the personalised generator draws differently from the shared one"
         assert c.get_avatar("tune").personalised and not c.get_avatar("full").personalised
         listed = [o.name for o in c.list_operations(avatar_id="tune")]

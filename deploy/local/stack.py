@@ -226,17 +226,16 @@ def redis_ping(port: int) -> bool:
 
 
 def worker_listening(url: str) -> bool:
-    """The worker has joined the job stream's consumer group (it reads jobs)."""
+    """The worker announces itself in Redis (jobs.keys.worker) each time it asks for a job."""
     with contextlib.suppress(Exception):  # no redis-py (`status` without the venv): not ready
         from jobs import keys
         from jobs.redis_queue import connect
 
         client = connect(url)
         try:
-            consumers = client.xinfo_consumers(keys.JOB_STREAM, keys.WORKERS_GROUP)
+            return bool(client.exists(keys.worker(WORKER_NAME)))
         finally:
             client.close()
-        return any(c["name"] in (WORKER_NAME, WORKER_NAME.encode()) for c in consumers)
     return False
 
 

@@ -72,10 +72,21 @@ class TritonBackend(ReadyGate):
             raise BackendUnavailable("the Triton backend is not started")
         return self._client
 
+    async def _serving(self) -> bool:
+        """Whether Triton can run our models. Once they are loaded this asks the base models, not
+        the server: Triton reports itself not ready while it loads or unloads any model (a new
+        personalised generator), though the loaded ones serve on."""
+        if not self._ready.is_set():
+            return bool(await self.client.is_server_ready(client_timeout=self.timeout_s))
+        for model in (EMBEDDER, GENERATOR):
+            if not await self.client.is_model_ready(model, client_timeout=self.timeout_s):
+                return False
+        return True
+
     async def _watch(self) -> None:
         while True:
             try:
-                up = await self.client.is_server_ready(client_timeout=self.timeout_s)
+                up = await self._serving()
                 if up and not self._ready.is_set():
                     await self._load_base()
                 elif not up:
