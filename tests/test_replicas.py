@@ -152,7 +152,6 @@ def test_avatars_and_personalisation_survive_kills(
         assert done.metadata.state == ops.OPERATION_STATE_SUCCEEDED, done.error
         assert done.metadata.attempt == 2 and done.metadata.worker == "w2", done.metadata
         assert killed_at < STEPS
-        assert all(model_ready(t, "generator_alice") for t in tritons), "both Tritons serve it"
         for replica in (one, two):
             frames = replica.client.animate("alice", landmark_requests(seq))
             next(frames)
@@ -160,6 +159,7 @@ def test_avatars_and_personalisation_survive_kills(
                 assert time.monotonic() - finished < 2.0, "first personalised frame within 2 s"
             list(frames)
             assert replica.client.last_started.personalised
+        assert all(model_ready(t, "generator_alice") for t in tritons), "both Tritons serve it"
         queue = connect(cluster["redis"].url)  # type: ignore[attr-defined]
         assert queue.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0, "no job left behind"
 

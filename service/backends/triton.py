@@ -167,7 +167,8 @@ class TritonBackend(ReadyGate):
             if name not in {m.get("name") for m in index.get("models", [])}:
                 self._absent_since[name] = time.monotonic()
                 return False
-            await self.client.load_model(name, client_timeout=self.timeout_s)
+            if not await self.client.is_model_ready(name, client_timeout=self.timeout_s):
+                await self.client.load_model(name, client_timeout=self.timeout_s)  # else the worker did
             params = await self._parameters(name)
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)
