@@ -15,13 +15,14 @@ EVAL_OUT ?= out/evaluation
 # Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help venv demo demo-direct test test-slow lint format preprocess train-small evaluate clean
+.PHONY: help venv demo demo-direct test test-slow test-replicas lint format preprocess train-small evaluate clean
 
 help:
-	@echo "make demo        personalise on PORTRAIT, serve it (gRPC), stream DRIVER through it -> $(OUT)/"
+	@echo "make demo        serve, create an avatar from PORTRAIT, personalise it and stream DRIVER, all over gRPC -> $(OUT)/"
 	@echo "make demo-direct the same without the service (PyTorch in one process)"
 	@echo "make test        the default test suite (fast; real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
+	@echo "make test-replicas  redis + two service replicas + two Tritons + a worker, kill tests (slow)"
 	@echo "make lint        ruff + mypy"
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
@@ -44,22 +45,26 @@ $(STAMP): requirements/lock.txt pyproject.toml
 
 demo: $(STAMP) model-repository
 	VENV=$(VENV) CHECKPOINT=$(CHECKPOINT) REPOSITORY=$(REPOSITORY) PORTRAIT=$(PORTRAIT) DRIVER=$(DRIVER) \
-		OUT=$(OUT) tools/demo.sh
+		OUT=$(OUT) STEPS=$(STEPS) tools/demo.sh
 
 # The direct-model demo (no service): fine-tune and drive the PyTorch model in one process.
 demo-direct: $(STAMP)
 	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
 
-test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus
+test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus redis
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) $(TRITON_STAMP) model-repository redis
 	$(PY) -m pytest -m slow -q
+
+# The multi-replica test alone (slow): redis-server, two service replicas, two Tritons, a worker.
+test-replicas: $(STAMP) $(TRITON_STAMP) model-repository redis
+	$(PY) -m pytest -m slow -q tests/test_replicas.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy facekit training talkinghead export service client deploy/local
+	$(VENV)/bin/mypy facekit training talkinghead export service client jobs worker deploy/local
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format .

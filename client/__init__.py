@@ -18,6 +18,7 @@ from client.library import (
     describe_error,
     image_requests,
     landmark_requests,
+    operation_error,
     to_landmarks,
 )
 from client.verify import FileReport as FileReport  # watermark + C2PA check of a file (verify)
@@ -31,5 +32,6 @@ __all__ = [
     "describe_error",
     "image_requests",
     "landmark_requests",
+    "operation_error",
     "to_landmarks",
 ]

@@ -4,6 +4,8 @@ example:
   talkinghead avatar create mona mona1.jpg mona2.png --name "Mona Lisa"
   talkinghead avatar list
   talkinghead avatar get mona --preview mona_crop.png
+  talkinghead avatar personalise mona --wait          # fine-tune its own generator, with a progress bar
+  talkinghead avatar personalise mona --preset fast   # or --steps 300; returns the operation's name
   talkinghead avatar delete mona
   talkinghead avatar --server host:50051 list        # default 127.0.0.1:50051 ($TALKINGHEAD_SERVER)
 """
@@ -19,7 +21,8 @@ import grpc
 
 from api.talkinghead.v1 import avatar_pb2
 from client.arguments import add_server_arguments, connect
-from client.library import describe_error
+from client.library import PRESETS, Client, describe_error, operation_error
+from client.progress import ProgressBar, describe
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,6 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     get.add_argument("--preview", type=Path, help="write the face crop the model sees to this PNG")
     delete = sub.add_parser("delete", help="delete an avatar")
     delete.add_argument("avatar_id")
+    tune = sub.add_parser("personalise", help="fine-tune the avatar's own generator (an operation)")
+    tune.add_argument("avatar_id")
+    amount = tune.add_mutually_exclusive_group()
+    amount.add_argument("--steps", type=int, default=0, help="fine-tuning steps, 1-2000")
+    amount.add_argument(
+        "--preset", choices=list(PRESETS), default="", help="fast | balanced (default) | best"
+    )
+    tune.add_argument("--wait", action="store_true", help="follow it with a progress bar until it is done")
 
 
 def _when(avatar: avatar_pb2.Avatar) -> str:
@@ -54,6 +65,22 @@ def _show(avatar: avatar_pb2.Avatar) -> None:
         print(f"  image {report.index}: {report.width}x{report.height}, {found}, crop {report.crop_side} px")
         for warning in report.warnings:
             print(f"    warning: {warning}")
+
+
+def _personalise(client: Client, args: argparse.Namespace) -> int:
+    progress = ProgressBar() if args.wait else None
+    operation = client.personalise(
+        args.avatar_id, steps=args.steps, preset=args.preset, wait=args.wait, on_progress=progress
+    )
+    print(describe(operation))
+    if not args.wait:
+        print(f"follow it: talkinghead operation watch {operation.name}")
+        return 0
+    error = operation_error(operation)
+    if error:
+        print(f"talkinghead avatar personalise: {error}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,6 +112,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.preview is not None:
                     args.preview.write_bytes(avatar.preview_png)
                     print(f"wrote {args.preview}")
+            elif args.action == "personalise":
+                return _personalise(client, args)
             else:
                 client.delete_avatar(args.avatar_id)
                 print(f"deleted {args.avatar_id}")

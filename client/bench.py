@@ -165,6 +165,7 @@ def start_server(repository: Path, store: Path, max_batch: int) -> tuple[subproc
         TALKINGHEAD_METRICS_PORT="0",
         TALKINGHEAD_MAX_BATCH=str(max_batch),
         TALKINGHEAD_MAX_STREAMS="64",
+        TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True

@@ -3,6 +3,7 @@
     from client import Client, landmark_requests
     with Client(target="127.0.0.1:50051") as client:
         client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")])
+        done = client.personalise("mona", preset="fast", wait=True)  # fine-tune its own generator
         seq = LandmarkSequence.load("driver.npz")
         for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
             frame.image  # uint8 (S, S, 3) RGB, in the order the landmarks were sent
@@ -14,7 +15,7 @@ Torch-free: imports facekit and the generated stubs (api/) only, never the serve
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -25,7 +26,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from api.talkinghead.v1 import animation_pb2 as pb
-from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc, personalisation_pb2_grpc
+from api.talkinghead.v1 import personalisation_pb2 as ops
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from facekit.sequence import LandmarkSequence
 
@@ -38,6 +40,11 @@ ENCODINGS = {
 }
 OVERFLOW = {"drop-oldest": pb.OVERFLOW_POLICY_DROP_OLDEST, "block": pb.OVERFLOW_POLICY_BLOCK}
 MOTION = {"absolute": pb.MOTION_MODE_ABSOLUTE, "relative": pb.MOTION_MODE_RELATIVE}
+PRESETS = {
+    "fast": ops.PERSONALISATION_PRESET_FAST,
+    "balanced": ops.PERSONALISATION_PRESET_BALANCED,
+    "best": ops.PERSONALISATION_PRESET_BEST,
+}
 
 
 def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarray:
@@ -54,6 +61,17 @@ def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarra
 def to_landmarks(points: np.ndarray) -> Landmarks:
     """(68, 2) pixel points -> the wire message."""
     return Landmarks(xy=np.asarray(points, np.float32).reshape(-1).tolist())
+
+
+def operation_error(operation: ops.Operation) -> str:
+    """'' for a successful (or unfinished) operation, else 'CODE: message' (google.rpc codes)."""
+    if not operation.HasField("error"):
+        return ""
+    try:
+        name = next(c.name for c in grpc.StatusCode if c.value[0] == operation.error.code)
+    except StopIteration:
+        name = f"CODE {operation.error.code}"
+    return f"{name}: {operation.error.message}"
 
 
 def describe_error(error: grpc.RpcError) -> str:
@@ -133,6 +151,7 @@ class Client:
         self.avatars = avatar_pb2_grpc.AvatarServiceStub(self.channel)
         self.animation = animation_pb2_grpc.AnimationServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.operations = personalisation_pb2_grpc.PersonalisationServiceStub(self.channel)
         self.last_started: pb.StreamStarted | None = None
 
     def close(self) -> None:
@@ -208,6 +227,84 @@ class Client:
 
     def delete_avatar(self, avatar_id: str) -> None:
         self.avatars.DeleteAvatar(avatar_pb2.DeleteAvatarRequest(avatar_id=avatar_id), timeout=self.timeout)
+
+    # -- personalisation (long-running operations) ---------------------------------------------
+    def personalise(
+        self,
+        avatar_id: str,
+        *,
+        steps: int = 0,
+        preset: str = "",
+        wait: bool = False,
+        on_progress: Callable[[ops.Operation], None] | None = None,
+        timeout: float | None = None,
+    ) -> ops.Operation:
+        """Start fine-tuning the avatar's own generator (`steps`, or a preset: fast, balanced,
+        best; default balanced). wait=True follows it (on_progress gets every update; TimeoutError
+        after `timeout` s) and returns the finished operation; check `.error` / `.response`
+        (see `operation_error`)."""
+        request = ops.PersonaliseAvatarRequest(avatar_id=avatar_id)
+        if steps:
+            request.steps = steps
+        elif preset:
+            request.preset = PRESETS[preset]
+        operation: ops.Operation = self.operations.PersonaliseAvatar(request, timeout=self.timeout)
+        if not wait:
+            return operation
+        if on_progress is not None:
+            on_progress(operation)
+        return self.wait_operation(operation.name, on_progress=on_progress, timeout=timeout)
+
+    def get_operation(self, name: str) -> ops.Operation:
+        return self.operations.GetOperation(ops.GetOperationRequest(name=name), timeout=self.timeout)
+
+    def list_operations(self, *, avatar_id: str = "", page_size: int = 0) -> Iterator[ops.Operation]:
+        """Every operation (of one avatar), newest first, page after page."""
+        token = ""
+        while True:
+            request = ops.ListOperationsRequest(avatar_id=avatar_id, page_size=page_size, page_token=token)
+            page = self.operations.ListOperations(request, timeout=self.timeout)
+            yield from page.operations
+            token = page.next_page_token
+            if not token:
+                return
+
+    def watch_operation(self, name: str) -> Iterator[ops.Operation]:
+        """The operation now, then at each change, until done (a server stream)."""
+        yield from self.operations.WatchOperation(ops.WatchOperationRequest(name=name))
+
+    def wait_operation(
+        self,
+        name: str,
+        *,
+        on_progress: Callable[[ops.Operation], None] | None = None,
+        timeout: float | None = None,
+    ) -> ops.Operation:
+        """Follow an operation until it is done (TimeoutError after `timeout` s); a watch cut
+        short (a replica restarting) resumes."""
+        last: ops.Operation | None = None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while last is None or not last.done:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"{name} was not done within {timeout:.0f} s")
+            try:
+                for operation in self.operations.WatchOperation(
+                    ops.WatchOperationRequest(name=name), timeout=left
+                ):
+                    last = operation
+                    if on_progress is not None:
+                        on_progress(operation)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise TimeoutError(f"{name} was not done within {timeout:.0f} s") from error
+                if error.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                time.sleep(1.0)
+        return last
+
+    def cancel_operation(self, name: str) -> ops.Operation:
+        return self.operations.CancelOperation(ops.CancelOperationRequest(name=name), timeout=self.timeout)
 
     # -- animation ----------------------------------------------------------------------------
     def animate(

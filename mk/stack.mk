@@ -1,6 +1,6 @@
 # Local servers on 127.0.0.1 (deploy/local/): the bundled Triton alone (`make triton`, issue 3) and
-# the whole stack (issue 5): Triton, the service on the triton backend and a Prometheus server
-# scraping both. deploy/local/tritonserver.py and deploy/local/stack.py do the work; the stack's
+# the whole stack (issues 5, 12): Redis, Triton, the service on the triton backend (avatars and jobs
+# in Redis), the personalisation worker and a Prometheus server scraping the service and Triton. deploy/local/tritonserver.py and deploy/local/stack.py do the work; the stack's
 # state, pid files and logs live in $(STACK_STATE). Included by the root Makefile (PY, PYTHON,
 # STAMP; REPOSITORY comes from mk/export.mk).
 TRITON_VENV := .venv-triton
@@ -12,16 +12,20 @@ STACK_TRITON_HTTP_PORT ?= 8000
 STACK_TRITON_GRPC_PORT ?= 8001
 STACK_TRITON_METRICS_PORT ?= 8002
 STACK_PROMETHEUS_PORT ?= 9090
+STACK_REDIS_PORT ?= 6379
 STACK_SCRAPE_INTERVAL ?= 1s
 PROMETHEUS ?= prometheus
 # down/status need only the stdlib: they work without .venv too.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT) \
 	--triton-http-port $(STACK_TRITON_HTTP_PORT) --triton-grpc-port $(STACK_TRITON_GRPC_PORT) \
-	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT)
+	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT) \
+	--redis-port $(STACK_REDIS_PORT)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: triton-venv triton triton-stop up down stack-status prometheus
+REDIS_SERVER ?= redis-server
+
+.PHONY: triton-venv triton triton-stop up down stack-status prometheus redis
 
 # Triton's own environment: nvidia-pytriton pins numpy<2, the project needs numpy 2.
 triton-venv: $(TRITON_STAMP)
@@ -50,7 +54,18 @@ prometheus:
 		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus.service || true; fi; \
 		test -x /usr/bin/prometheus; }
 
-up: model-repository $(TRITON_STAMP) $(STAMP) prometheus
+# Debian's redis-server package (7.0), installed when no redis-server binary is found; as with
+# Prometheus, the package's systemd unit is stopped and disabled (tests and the stack run their own).
+redis:
+	@command -v $(REDIS_SERVER) >/dev/null 2>&1 || test -x /usr/bin/redis-server || { \
+		echo "installing Debian's redis-server package (apt-get)"; \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server \
+		|| { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -q --no-install-recommends redis-server; }; \
+		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now redis-server.service || true; fi; \
+		test -x /usr/bin/redis-server; }
+
+up: model-repository $(TRITON_STAMP) $(STAMP) prometheus redis
 	$(PY) deploy/local/stack.py up --state $(STACK_STATE) --repository $(REPOSITORY) \
 		--triton-venv $(TRITON_VENV) --scrape-interval $(STACK_SCRAPE_INTERVAL) $(STACK_PORTS)$(if $(filter-out prometheus,$(PROMETHEUS)), --prometheus $(PROMETHEUS))
 

@@ -1,9 +1,12 @@
 """The service's state and plain async operations; the gRPC servicers (service/servicer.py) are thin.
 
-App owns the backend, the avatar store and its cache, the batcher, the metrics and two worker
-pools: `detect` (image decoding + dlib landmarks; one thread, dlib's models are shared) and `io`
-(store reads and writes). Its operations: avatars (create, get, list, delete) and `open_stream`,
-the one door of every Animate stream (admission and stream counters live there).
+App owns the backend, the avatar store and its cache, the batcher, the metrics, the
+personalisation operations (service/personalisation.py) and two worker pools: `detect` (image
+decoding + dlib landmarks; one thread, dlib's models are shared) and `io` (store reads and writes).
+Its operations: avatars (create, get, list, delete, personalise) and `open_stream`, the one door of
+every Animate stream (admission and stream counters live there). `on_event` applies avatar events
+(jobs.events) from other replicas and the worker: cached records and personalised models are
+forgotten there.
 """
 
 from __future__ import annotations
@@ -24,12 +27,16 @@ from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
+from jobs import events
+from jobs.events import Event
+from jobs.record import Job
 from service import avatars
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
+from service.personalisation import Personaliser
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
 from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
@@ -47,11 +54,20 @@ def check_id(avatar_id: str) -> str:
 
 
 class App:
-    def __init__(self, *, settings: Settings, backend: Backend, store: AvatarStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        backend: Backend,
+        store: AvatarStore,
+        metrics: Metrics,
+        personaliser: Personaliser,
+    ) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.metrics = metrics
+        self.personaliser = personaliser
         self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
@@ -72,6 +88,7 @@ class App:
     async def close(self) -> None:
         await self.batcher.close()
         await self.backend.close()
+        self.personaliser.close()
         self.detect_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -106,7 +123,8 @@ class App:
         avatar_id = check_id(request.avatar_id)
         avatars.check_request(request, self.settings.max_images)
         info = self.info()
-        if not request.replace and await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None:
+        existed = await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None
+        if existed and not request.replace:
             raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
         prepared = await self.in_pool(
             self.detect_pool,
@@ -128,6 +146,8 @@ class App:
         if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
             raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
         self.cache.put(record)
+        if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
+            await self._forget_personalisation(avatar_id)
         self.metrics.avatars_created.inc()
         log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
         return record
@@ -162,7 +182,35 @@ class App:
         self.cache.discard(avatar_id)
         if not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
             raise not_found(f"no avatar with id {avatar_id!r}")
+        await self._forget_personalisation(avatar_id)
         log.info("deleted avatar %s", avatar_id)
+
+    async def _forget_personalisation(self, avatar_id: str) -> None:
+        """Cancel the avatar's personalisation and have the worker withdraw its generator; the
+        avatar itself is already written, so a failure here is logged, not raised."""
+        self.backend.forget_personalised(avatar_id)
+        try:
+            await self.personaliser.forget_avatar(avatar_id)
+        except Exception as error:
+            log.error("could not withdraw the personalisation of %s: %s", avatar_id, error)
+
+    async def personalise(self, avatar_id: str, *, steps: int, preset: str) -> Job:
+        record = await self.get_record(avatar_id)
+        job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
+        log.info("personalising %s in %d steps: operation %s", avatar_id, job.steps, job.id)
+        return job
+
+    def on_event(self, event: Event) -> None:
+        """An avatar event from another replica or the worker (jobs.events)."""
+        if event.event in (events.CHANGED, events.DELETED):
+            self.cache.discard(event.avatar_id)
+        if event.event != events.CHANGED:
+            self.backend.forget_personalised(event.avatar_id)
+        self.metrics.avatar_events.labels(event.event).observe(max(0.0, time.time() - event.sent))
+
+    def on_events_lost(self) -> None:
+        """Events may have been missed (the subscription was interrupted): trust no cached record."""
+        self.cache.clear()
 
     async def personalised(self, avatar_id: str) -> bool:
         try:

@@ -81,6 +81,13 @@ class Metrics:
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
         )
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
+        self.avatar_events = Histogram(
+            "talkinghead_avatar_event_delay_seconds",
+            "From an avatar event's sending (create, delete, personalised) to this replica acting on it",
+            ["event"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # export every series from the start
         for kind in ("landmarks", "image"):

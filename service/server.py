@@ -19,18 +19,32 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
+from api.talkinghead.v1 import (
+    animation_pb2,
+    animation_pb2_grpc,
+    avatar_pb2,
+    avatar_pb2_grpc,
+    personalisation_pb2,
+    personalisation_pb2_grpc,
+)
+from jobs.queue import JobQueue
+from jobs.record import SUCCEEDED
 from service.app import App
 from service.backends.base import Backend
+from service.events import FileEvents, RedisEvents
+from service.local_worker import LocalWorker
 from service.metrics import Metrics
+from service.personalisation import Personaliser
+from service.personalisation_servicer import PersonalisationServicer
 from service.servicer import AnimationServicer, AvatarServicer
 from service.settings import Settings
-from service.store import LocalAvatarStore
+from service.store import AvatarStore, LocalAvatarStore
 
 log = logging.getLogger("talkinghead.service")
 SERVICES = (
     avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name,
     animation_pb2.DESCRIPTOR.services_by_name["AnimationService"].full_name,
+    personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # 32 photos of up to 10 MiB each would exceed gRPC's 4 MiB default
 HEALTH_POLL_S = 0.5
@@ -46,6 +60,19 @@ def make_backend(settings: Settings) -> Backend:
     return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
 
 
+def make_state(settings: Settings) -> tuple[AvatarStore, JobQueue]:
+    """Avatars and jobs: in Redis when TALKINGHEAD_REDIS_URL is set, else files on this machine."""
+    if settings.redis_url:
+        from jobs.redis_queue import RedisQueue, connect
+        from service.redis_store import RedisAvatarStore
+
+        client = connect(settings.redis_url)
+        return RedisAvatarStore(client=client), RedisQueue(client=client)
+    from jobs.local import LocalQueue
+
+    return LocalAvatarStore(root=settings.avatar_store), LocalQueue(root=settings.jobs)
+
+
 @dataclass(kw_only=True)
 class Server:
     settings: Settings
@@ -57,17 +84,25 @@ class Server:
     _health: health.aio.HealthServicer = field(init=False)
     _metrics_http: Any = field(init=False, default=None)
     _monitor: asyncio.Task[None] | None = field(init=False, default=None)
+    _events: asyncio.Task[None] | None = field(init=False, default=None)
+    worker: LocalWorker | None = field(init=False, default=None)
 
     async def start(self) -> None:
         s = self.settings
         log.info("settings: %s", s.describe())
         metrics = Metrics()
-        self.app = App(
-            settings=s,
-            backend=self.backend or make_backend(s),
-            store=LocalAvatarStore(root=s.avatar_store),
-            metrics=metrics,
+        store, queue = make_state(s)
+        backend = self.backend or make_backend(s)
+        personaliser = Personaliser(
+            queue=queue,
+            max_queue=s.max_queue,
+            on_done=lambda job: (
+                backend.forget_personalised(job.avatar_id) if job.state == SUCCEEDED else None
+            ),
         )
+        if s.worker == "none":
+            personaliser.disabled = "no personalisation worker runs here (TALKINGHEAD_WORKER=none)"
+        self.app = App(settings=s, backend=backend, store=store, metrics=metrics, personaliser=personaliser)
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -78,6 +113,9 @@ class Server:
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)
         animation_pb2_grpc.add_AnimationServiceServicer_to_server(
             AnimationServicer(app=self.app), self._server
+        )
+        personalisation_pb2_grpc.add_PersonalisationServiceServicer_to_server(
+            PersonalisationServicer(app=self.app), self._server
         )
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -96,6 +134,7 @@ class Server:
             raise OSError(f"cannot bind gRPC to {address}")
         self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
         await self.app.start()
+        self._start_personalisation()
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
         log.info(
@@ -107,6 +146,22 @@ class Server:
             self.metrics_port,
             s.backend,
         )
+
+    def _start_personalisation(self) -> None:
+        """Follow avatar events; run the embedded worker unless workers run elsewhere."""
+        s, app = self.settings, self.app
+        if s.redis_url:
+            source: RedisEvents | FileEvents = RedisEvents(
+                url=s.redis_url, on_event=app.on_event, on_reset=app.on_events_lost
+            )
+        else:
+            source = FileEvents(root=s.jobs, on_event=app.on_event)
+        self._events = asyncio.create_task(source.run(), name="avatar-events")
+        if s.embedded_worker:
+            self.worker = LocalWorker(
+                settings=s, on_give_up=lambda why: setattr(app.personaliser, "disabled", why)
+            )
+            self.worker.start()
 
     async def _set_health(self, ready: bool) -> None:
         status = (
@@ -134,6 +189,10 @@ class Server:
         if self._monitor is not None:
             self._monitor.cancel()
         await self._server.stop(grace)
+        if self._events is not None:
+            self._events.cancel()
+        if self.worker is not None:
+            await self.worker.close()
         await self.app.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()

@@ -15,6 +15,14 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
     TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
+    TALKINGHEAD_REDIS_URL         (unset)          redis://host:port/db: avatars and the personalisation
+                                                   queue in Redis, shared by every replica
+    TALKINGHEAD_WORKER            embedded         embedded: run a local `talkinghead worker` process
+                                                   (without REDIS_URL); external: workers run elsewhere;
+                                                   none: personalisation is refused (FAILED_PRECONDITION)
+    TALKINGHEAD_JOBS              var/jobs         job directory of the local queue (no REDIS_URL)
+    TALKINGHEAD_WORKER_CHECKPOINT models/talkinghead-small.pt  meta checkpoint the embedded worker tunes
+    TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 BACKENDS = ("onnxruntime", "triton")
+WORKERS = ("embedded", "external", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 
@@ -46,6 +55,11 @@ class Settings:
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    redis_url: str = ""
+    worker: str = "embedded"
+    jobs: Path = Path("var/jobs")
+    worker_checkpoint: Path = Path("models/talkinghead-small.pt")
+    max_queue: int = 16
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
     max_image_pixels: int = 40_000_000  # per decoded image
@@ -65,6 +79,14 @@ class Settings:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not 1 <= self.max_batch <= 256:
             problems.append(f"max_batch must be 1-256, got {self.max_batch}")
+        if self.worker not in WORKERS:
+            problems.append(f"worker must be one of {', '.join(WORKERS)}, got {self.worker!r}")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            problems.append(
+                f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
+            )
+        if self.max_queue < 1:
+            problems.append(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
             problems.append("max_streams and max_images must be >= 1 and cache_bytes >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -76,9 +98,18 @@ class Settings:
     def tls(self) -> bool:
         return self.tls_cert is not None
 
+    @property
+    def embedded_worker(self) -> bool:
+        """This process runs its own worker: the local queue (no Redis) and TALKINGHEAD_WORKER=embedded."""
+        return not self.redis_url and self.worker == "embedded"
+
     def describe(self) -> str:
-        """One log line: every field, name=value."""
-        return " ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        """One log line: every field, name=value (a password in redis_url masked)."""
+        shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if "@" in self.redis_url:
+            scheme, _, rest = self.redis_url.partition("://")
+            shown["redis_url"] = f"{scheme}://***@{rest.rpartition('@')[2]}"
+        return " ".join(f"{name}={value}" for name, value in shown.items())
 
 
 _ENV_FIELDS = (
@@ -95,6 +126,11 @@ _ENV_FIELDS = (
     "log_level",
     "tls_cert",
     "tls_key",
+    "redis_url",
+    "worker",
+    "jobs",
+    "worker_checkpoint",
+    "max_queue",
 )
 
 
@@ -141,6 +177,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     group.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key")
+    group.add_argument(
+        "--redis-url", help="redis://host:port/db: shared avatars and job queue (default unset)"
+    )
+    group.add_argument("--worker", choices=WORKERS, help="personalisation worker (default embedded)")
+    group.add_argument("--jobs", type=Path, help="local job directory (default var/jobs)")
+    group.add_argument("--worker-checkpoint", type=Path, help="checkpoint the embedded worker fine-tunes")
+    group.add_argument("--max-queue", type=int, help="queued + running personalisations (default 16)")
     group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
     group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")

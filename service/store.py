@@ -2,8 +2,8 @@
 
 `LocalAvatarStore` keeps one `<id>.npz` file per avatar in a directory. Writes go to a temporary
 file in the same directory and `os.replace` it into place, so a crash never leaves a half-written
-avatar and a restart loses none. Another implementation (a shared object store, Redis) can back
-several replicas by implementing `AvatarStore`.
+avatar and a restart loses none. `service.redis_store.RedisAvatarStore` backs several replicas
+(TALKINGHEAD_REDIS_URL) with the same fields.
 
 File format (`.npz`, no pickles): `adain` float32 (D,), `embedding` float32 (512,), `points`
 float32 (68, 2) first photo's landmarks in the crop, `crops` uint8 (K, S, S, 3) every photo's face
@@ -207,6 +207,11 @@ class AvatarCache:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= old.nbytes
         self._on_change(len(self._items), self._bytes, None)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._bytes = 0
+        self._on_change(0, 0, None)
 
     def discard(self, avatar_id: str) -> None:
         old = self._items.pop(avatar_id, None)

@@ -117,7 +117,15 @@ class ServerThread:
 
 
 def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:
-    base = Settings(grpc_port=0, metrics_port=0, model_repository=repository, avatar_store=store)
+    """Free ports, private avatars and jobs; no worker unless a test asks (worker="embedded")."""
+    base = Settings(
+        grpc_port=0,
+        metrics_port=0,
+        model_repository=repository,
+        avatar_store=store,
+        jobs=store.parent / f"{store.name}-jobs",
+        worker="external",
+    )
     return replace(base, **overrides)
 
 

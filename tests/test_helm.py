@@ -361,6 +361,60 @@ def test_every_value_is_documented() -> None:
     assert schema["additionalProperties"] is False
 
 
+# ---- personalisation worker and Redis ----------------------------------------------------------
+
+
+def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> None:
+    manifests = render(helm, CI / "worker-redis.yaml")
+    worker = one(manifests, "Deployment", "-worker")
+    box = container(worker, "worker")
+    assert box["resources"]["limits"]["nvidia.com/gpu"] == 1
+    redis_url = {"name": "TALKINGHEAD_REDIS_URL", "value": "redis://th-talkinghead-redis.avatars.svc:6379/0"}
+    assert redis_url in box["env"]
+    mount = next(m for m in box["volumeMounts"] if m["mountPath"] == "/models")
+    assert not mount.get("readOnly"), "the worker writes generator_<avatar> into the repository"
+    claim = one(manifests, "PersistentVolumeClaim", "-models")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    args = box["args"]
+    assert args[0] == "worker" and "--triton-url=th-talkinghead-triton-headless.avatars.svc:8001" in args
+    headless = one(manifests, "Service", "-triton-headless")
+    assert headless["spec"]["clusterIP"] == "None"
+    assert one(manifests, "StatefulSet", "-redis")["spec"]["volumeClaimTemplates"]
+    server = one(manifests, "Deployment", "")
+    assert redis_url in container(server, "service")["env"]
+    assert one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_WORKER"] == "external"
+    policy = one(manifests, "NetworkPolicy", "-triton")
+    sources = [
+        s["podSelector"]["matchLabels"]["app.kubernetes.io/component"]
+        for s in policy["spec"]["ingress"][0]["from"]
+    ]
+    assert sources == ["service", "worker"], "the worker reaches Triton's gRPC port"
+
+
+def test_without_a_worker_the_server_refuses_personalisation_and_needs_no_redis(helm: str) -> None:
+    manifests = render(helm)
+    assert one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_WORKER"] == "none"
+    assert not find(manifests, "StatefulSet") and not find(manifests, "Deployment", "-worker")
+    external = render(helm, redis__mode="external", redis__existingSecret="redis-url")
+    env = container(one(external, "Deployment", ""), "service")["env"]
+    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"worker.enabled": "true"}, "worker.enabled needs redis.mode"),
+        ({"redis.mode": "external"}, "redis.mode=external needs redis.externalUrl"),
+    ],
+)
+def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, str], message: str) -> None:
+    args = ["template", "th", str(check_chart.CHART)] + [
+        a for k, v in sets.items() for a in ("--set", f"{k}={v}")
+    ]
+    done = subprocess.run([helm, *args], capture_output=True, text=True)
+    assert done.returncode != 0 and message in done.stderr
+
+
 def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:
     """NOTES.txt as `helm install` prints it (helm template skips it, so render a copy as data)."""
     chart = tmp_path / "chart"
@@ -406,7 +460,7 @@ def copied_sources(path: Path) -> list[str]:
     return sources
 
 
-@pytest.mark.parametrize("dockerfile", ["service.Dockerfile", "triton.Dockerfile"])
+@pytest.mark.parametrize("dockerfile", ["service.Dockerfile", "triton.Dockerfile", "worker.Dockerfile"])
 def test_dockerfiles_copy_files_that_exist_and_are_in_the_context(dockerfile: str) -> None:
     sources = copied_sources(DOCKER / dockerfile)
     assert sources

@@ -1,10 +1,13 @@
-"""The whole local stack (`make up` / `make down`): Triton, the service on the triton backend, Prometheus.
+"""The whole local stack (`make up` / `make down`): Redis, Triton, the service on the triton backend,
+the personalisation worker, Prometheus.
 
 Brings the stack up on free ports through deploy/local/stack.py (the launcher `make up` runs),
-creates an avatar and streams landmark frames through the service with the client library, waits
+creates an avatar and streams landmark frames through the service with the client library,
+personalises the avatar (2 steps) through the worker and streams its own generator, waits
 until Prometheus has scraped the service's and Triton's latency metrics, then tears the stack down
 and checks that none of its processes is left and its ports are free. Skips, saying why, only where
-no prometheus binary can be found or installed, or where the bundled Triton server cannot run.
+no prometheus or redis-server binary can be found or installed, or where the bundled Triton server
+cannot run.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import stack
+from tests.redis_fixtures import redis_binary
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +115,12 @@ def repository(request: pytest.FixtureRequest) -> Path:
     return Path(request.getfixturevalue("exported")[0])
 
 
+def private_copy(source: Path, target: Path) -> Path:
+    for name in ("embedder", "generator"):
+        shutil.copytree(source / name, target / name)
+    return target
+
+
 def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from client.library import Client, describe_error, landmark_requests
     from facekit.sequence import LandmarkSequence
@@ -122,15 +132,16 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
     except FileNotFoundError as error:
         pytest.skip(f"bundled Triton server unavailable: {error}")
     prometheus = prometheus_binary()
+    redis_binary()  # installs Debian's package or skips
 
-    names = ["triton_http", "triton_grpc", "triton_metrics", "grpc", "metrics", "prometheus"]
+    names = ["triton_http", "triton_grpc", "triton_metrics", "grpc", "metrics", "prometheus", "redis"]
     ports = stack.Ports(**dict(zip(names, free_ports(len(names)), strict=True)))
     state = tmp_path / "stack"
     args = [
         "--state",
         str(state),
         "--repository",
-        str(repository(request)),
+        str(private_copy(repository(request), tmp_path / "repo")),  # the worker writes into it
         "--triton-venv",
         str(TRITON_VENV),
         "--prometheus",
@@ -156,7 +167,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
 
         again = launcher("up", *args, timeout=60)  # idempotent: nothing new starts
         assert again.returncode == 0, again.stderr
-        assert again.stdout.count("already running") == 3, again.stdout
+        assert again.stdout.count("already running") == len(stack.COMPONENTS), again.stdout
         assert {name: int(layout.pid_file(name).read_text()) for name in stack.COMPONENTS} == pids
 
         seq = LandmarkSequence.load(DRIVER)
@@ -166,6 +177,10 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
                 assert client.health() == "SERVING"
                 client.create_avatar("stacktest", [PORTRAIT])
                 frames = list(client.animate("stacktest", landmark_requests(seq)))
+                tuned = client.personalise("stacktest", steps=2, wait=True, timeout=300)
+                assert tuned.response.model_name == "generator_stacktest", tuned
+                list(client.animate("stacktest", landmark_requests(seq)))
+                assert client.last_started is not None and client.last_started.personalised
         except Exception as error:  # grpc.RpcError and decoding problems: say where it broke
             detail = describe_error(error) if hasattr(error, "code") else repr(error)
             pytest.fail(f"the service on the triton backend failed: {detail}\n{logs()}")

@@ -40,7 +40,8 @@ RUN groupadd --system --gid 10001 talkinghead \
 
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# Only what serving imports: the shared landmark toolkit, the server, its protocol (the .proto
+# Only what serving imports: the shared landmark toolkit, the server, the job records it shares with
+# the worker (jobs/; the worker itself is deploy/docker/worker.Dockerfile), its protocol (the .proto
 # sources and the generated api/ stubs), the CLI, and the client commands (`talkinghead avatar`,
 # `animate`, `bench` inside the pod; torch-free like the server).
 COPY pyproject.toml ./
@@ -48,6 +49,7 @@ COPY facekit/ ./facekit/
 COPY talkinghead/ ./talkinghead/
 COPY api/ ./api/
 COPY service/ ./service/
+COPY jobs/ ./jobs/
 COPY client/ ./client/
 COPY proto/ ./proto/
 COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/talkinghead-healthcheck
@@ -64,6 +66,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TALKINGHEAD_GRPC_PORT=50051 \
     TALKINGHEAD_METRICS_PORT=8080 \
     TALKINGHEAD_AVATAR_STORE=/var/lib/talkinghead/avatars \
+    TALKINGHEAD_JOBS=/var/lib/talkinghead/avatars/.jobs \
+    TALKINGHEAD_WORKER=none \
     TALKINGHEAD_MODEL_REPOSITORY=/models
 
 USER 10001:10001

@@ -1,4 +1,5 @@
-"""The whole stack on one machine: Triton, the service on the triton backend, Prometheus.
+"""The whole stack on one machine: Redis, Triton, the service on the triton backend, the
+personalisation worker, Prometheus.
 
     python deploy/local/stack.py up      # `make up`: start what is not running, wait until ready
     python deploy/local/stack.py status  # `make stack-status`
@@ -39,9 +40,16 @@ if str(ROOT) not in sys.path:
 from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
 from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
 
-COMPONENTS = ("triton", "service", "prometheus")  # start order; stopped in reverse
-MARKERS = {"triton": "tritonserver", "service": "talkinghead.cli", "prometheus": "prometheus"}
-STOP_GRACE_S = {"triton": 15.0, "service": 20.0, "prometheus": 10.0}
+COMPONENTS = ("redis", "triton", "service", "worker", "prometheus")  # start order; stopped in reverse
+MARKERS = {
+    "redis": "redis-server",
+    "triton": "tritonserver",
+    "service": "talkinghead.cli",
+    "worker": "talkinghead.cli",
+    "prometheus": "prometheus",
+}
+STOP_GRACE_S = {"redis": 10.0, "triton": 15.0, "service": 20.0, "worker": 20.0, "prometheus": 10.0}
+WORKER_NAME = "stack-worker"
 PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
 
 
@@ -57,9 +65,18 @@ class Ports:
     grpc: int = 50051
     metrics: int = 8080
     prometheus: int = 9090
+    redis: int = 6379
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis}/0"
 
     def of(self, name: str) -> dict[str, int]:
         """The ports one component listens on, by role."""
+        if name == "redis":
+            return {"redis": self.redis}
+        if name == "worker":
+            return {}
         if name == "triton":
             return {"http": self.triton_http, "grpc": self.triton_grpc, "metrics": self.triton_metrics}
         if name == "service":
@@ -200,8 +217,32 @@ def service_serving(port: int) -> bool:
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
+def redis_ping(port: int) -> bool:
+    """Redis answers PING with +PONG (stdlib: a RESP inline command)."""
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"PING\r\n")
+        return s.recv(16).startswith(b"+PONG")
+    return False
+
+
+def worker_listening(url: str) -> bool:
+    """The worker announces itself in Redis (jobs.keys.worker) each time it asks for a job."""
+    with contextlib.suppress(Exception):  # no redis-py (`status` without the venv): not ready
+        from jobs import keys
+        from jobs.redis_queue import connect
+
+        client = connect(url)
+        try:
+            return bool(client.exists(keys.worker(WORKER_NAME)))
+        finally:
+            client.close()
+    return False
+
+
 def checks(ports: Ports) -> dict[str, Callable[[], bool]]:
     return {
+        "redis": lambda: redis_ping(ports.redis),
+        "worker": lambda: worker_listening(ports.redis_url),
         "triton": lambda: http_ok(f"http://127.0.0.1:{ports.triton_http}/v2/health/ready"),
         "service": lambda: service_serving(ports.grpc),
         "prometheus": lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"),
@@ -273,11 +314,41 @@ def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], 
             "TALKINGHEAD_TRITON_URL": f"127.0.0.1:{ports.triton_grpc}",
             "TALKINGHEAD_MODEL_REPOSITORY": str(args.repository.resolve()),
             "TALKINGHEAD_AVATAR_STORE": str(args.avatar_store.resolve()),
+            "TALKINGHEAD_REDIS_URL": ports.redis_url,  # avatars and jobs in Redis
+            "TALKINGHEAD_WORKER": "external",  # the stack's own worker process
         }
     )
     for key in ("TALKINGHEAD_TLS_CERT", "TALKINGHEAD_TLS_KEY"):  # the local stack speaks plaintext
         env.pop(key, None)
     return [args.python, "-m", "talkinghead.cli", "serve"], env
+
+
+def redis_command(layout: Layout, ports: Ports) -> tuple[list[str], dict[str, str]]:
+    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+    if not Path(binary).is_file():
+        raise StackError(
+            "no redis-server binary: `make up` installs Debian's package (apt-get install redis-server)"
+        )
+    data = layout.state / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    cmd = [binary, "--bind", "127.0.0.1", "--port", str(ports.redis), "--dir", str(data.resolve())]
+    return [*cmd, "--appendonly", "yes", "--save", ""], dict(os.environ)
+
+
+def worker_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], dict[str, str]]:
+    cmd = [
+        args.python,
+        "-m",
+        "talkinghead.cli",
+        "worker",
+        "--redis-url",
+        ports.redis_url,
+        "--name",
+        WORKER_NAME,
+    ]
+    cmd += ["--repository", str(args.repository.resolve()), "--checkpoint", str(args.checkpoint.resolve())]
+    cmd += ["--triton-url", f"127.0.0.1:{ports.triton_grpc}"]
+    return cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def prometheus_command(
@@ -308,6 +379,7 @@ def ports_from(args: argparse.Namespace) -> Ports:
         grpc=args.grpc_port,
         metrics=args.metrics_port,
         prometheus=args.prometheus_port,
+        redis=args.redis_port,
     )
 
 
@@ -391,8 +463,10 @@ def up(args: argparse.Namespace) -> int:
     layout.ports_file.write_text(json.dumps(asdict(ports)) + "\n")
     ready = checks(ports)
     builders: dict[str, Callable[[], tuple[list[str], dict[str, str]]]] = {
+        "redis": lambda: redis_command(layout, ports),
         "triton": lambda: triton_command(args, layout, ports),
         "service": lambda: service_command(args, ports),
+        "worker": lambda: worker_command(args, ports),
         "prometheus": lambda: prometheus_command(args, layout, ports),
     }
     started: list[tuple[str, int]] = []
@@ -416,14 +490,17 @@ def summary(layout: Layout, ports: Ports, args: argparse.Namespace) -> str:
     prom = f"http://127.0.0.1:{ports.prometheus}"
     return f"""
 talkinghead stack is up (state {layout.state}):
+  redis       {ports.redis_url}  (avatars, the personalisation queue; data {layout.state / "redis"})
   service     gRPC {server}  (backend triton)  metrics http://127.0.0.1:{ports.metrics}/metrics
+  worker      {WORKER_NAME}: fine-tunes from {args.checkpoint}, writes {args.repository}, loads into Triton
   triton      gRPC 127.0.0.1:{ports.triton_grpc}  HTTP http://127.0.0.1:{ports.triton_http}  \
 metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
   avatars     {args.avatar_store}
-logs:   {logs}/triton.log {logs}/service.log {logs}/prometheus.log   (tail -f {logs}/*.log)
+logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:
   {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png
+  {env}.venv/bin/talkinghead avatar personalise astronaut --wait
   {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
 --out out/stack.mp4
 latency (p95 of each stage over the last minute):
@@ -502,6 +579,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--python", default=sys.executable, help="interpreter of the service (.venv)")
     p.add_argument("--prometheus", help="prometheus binary (default: $PROMETHEUS, then PATH)")
     p.add_argument("--avatar-store", type=Path, help="avatar directory (default <state>/avatars)")
+    p.add_argument(
+        "--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"), help="worker's model"
+    )
     p.add_argument("--scrape-interval", default="1s", help="Prometheus scrape interval")
     p.add_argument("--timeout", type=float, default=180.0, help="seconds each component gets to be ready")
     defaults = Ports()

@@ -100,3 +100,8 @@ class Backend(Protocol):
     ) -> np.ndarray:
         """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
         ...
+
+    def forget_personalised(self, avatar_id: str) -> None:
+        """Drop what is known about `generator_<avatar_id>` (loaded, or absent): it was published,
+        replaced or removed; the next has_personalised looks again."""
+        ...

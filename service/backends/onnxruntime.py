@@ -164,5 +164,5 @@ class OnnxRuntimeBackend(ReadyGate):
         return np.asarray(image)
 
     def forget_personalised(self, avatar_id: str) -> None:
-        """Drop a loaded personalised session (e.g. when its avatar is deleted)."""
+        """Drop a loaded personalised session (deleted, or a newer version was published)."""
         self._sessions.pop(personalised_name(avatar_id), None)

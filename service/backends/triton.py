@@ -72,10 +72,21 @@ class TritonBackend(ReadyGate):
             raise BackendUnavailable("the Triton backend is not started")
         return self._client
 
+    async def _serving(self) -> bool:
+        """Whether Triton can run our models. Once they are loaded this asks the base models, not
+        the server: Triton reports itself not ready while it loads or unloads any model (a new
+        personalised generator), though the loaded ones serve on."""
+        if not self._ready.is_set():
+            return bool(await self.client.is_server_ready(client_timeout=self.timeout_s))
+        for model in (EMBEDDER, GENERATOR):
+            if not await self.client.is_model_ready(model, client_timeout=self.timeout_s):
+                return False
+        return True
+
     async def _watch(self) -> None:
         while True:
             try:
-                up = await self.client.is_server_ready(client_timeout=self.timeout_s)
+                up = await self._serving()
                 if up and not self._ready.is_set():
                     await self._load_base()
                 elif not up:
@@ -156,7 +167,8 @@ class TritonBackend(ReadyGate):
             if name not in {m.get("name") for m in index.get("models", [])}:
                 self._absent_since[name] = time.monotonic()
                 return False
-            await self.client.load_model(name, client_timeout=self.timeout_s)
+            if not await self.client.is_model_ready(name, client_timeout=self.timeout_s):
+                await self.client.load_model(name, client_timeout=self.timeout_s)  # else the worker did
             params = await self._parameters(name)
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)
@@ -166,6 +178,11 @@ class TritonBackend(ReadyGate):
             return False
         self._personalised[name] = True
         return True
+
+    def forget_personalised(self, avatar_id: str) -> None:
+        name = personalised_name(avatar_id)
+        self._personalised.pop(name, None)
+        self._absent_since.pop(name, None)
 
     async def generate_personalised(
         self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None

@@ -105,7 +105,7 @@ annotations:
 
 {{/* "true" when some pod of the chart mounts the model repository. */}}
 {{- define "talkinghead.modelRepositoryUsed" -}}
-{{- if or (eq .Values.server.backend "onnxruntime") (include "talkinghead.tritonManaged" .) -}}true{{- end -}}
+{{- if or (eq .Values.server.backend "onnxruntime") (include "talkinghead.tritonManaged" .) .Values.worker.enabled -}}true{{- end -}}
 {{- end -}}
 
 {{- define "talkinghead.tlsSecretName" -}}
@@ -124,6 +124,40 @@ annotations:
 {{- end -}}
 {{- end -}}
 
+{{/* "true" when server and worker share state in Redis (redis.mode internal or external). */}}
+{{- define "talkinghead.redisEnabled" -}}
+{{- if ne .Values.redis.mode "none" -}}true{{- end -}}
+{{- end -}}
+
+{{- define "talkinghead.redisFullname" -}}
+{{- printf "%s-redis" (include "talkinghead.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* TALKINGHEAD_REDIS_URL as an EnvVar (a Secret's `url`, the external URL, or the in-chart Redis). */}}
+{{- define "talkinghead.redisEnv" -}}
+{{- $r := .Values.redis -}}
+- name: TALKINGHEAD_REDIS_URL
+{{- if and (eq $r.mode "external") $r.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.existingSecret }}
+      key: url
+{{- else if eq $r.mode "external" }}
+  value: {{ $r.externalUrl | quote }}
+{{- else }}
+  value: {{ printf "redis://%s.%s.svc:%d/0" (include "talkinghead.redisFullname" .) .Release.Namespace (int $r.port) | quote }}
+{{- end }}
+{{- end -}}
+
+{{/* The Triton gRPC address(es) the worker loads new models in: every pod behind the headless Service. */}}
+{{- define "talkinghead.workerTritonUrl" -}}
+{{- if include "talkinghead.tritonDeployment" . -}}
+{{- printf "%s-headless.%s.svc:%d" (include "talkinghead.tritonFullname" .) .Release.Namespace (int .Values.triton.ports.grpc) -}}
+{{- else if and (eq .Values.server.backend "triton") (eq .Values.triton.mode "external") -}}
+{{- .Values.triton.externalUrl -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Combinations the schema cannot express; rendered (as nothing) by every workload template. */}}
 {{- define "talkinghead.validate" -}}
 {{- if and (eq .Values.server.backend "triton") (eq .Values.triton.mode "external") (not .Values.triton.externalUrl) -}}
@@ -137,6 +171,15 @@ annotations:
 {{- end -}}
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "objectStorage") (not .Values.modelRepository.objectStorage.url) -}}
 {{- fail "modelRepository.source=objectStorage needs modelRepository.objectStorage.url (s3://... or gs://...)" -}}
+{{- end -}}
+{{- if and .Values.worker.enabled (not (include "talkinghead.redisEnabled" .)) -}}
+{{- fail "worker.enabled needs redis.mode internal or external (the job queue)" -}}
+{{- end -}}
+{{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
+{{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
+{{- end -}}
+{{- if and (eq .Values.redis.mode "external") (not .Values.redis.externalUrl) (not .Values.redis.existingSecret) -}}
+{{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
 {{- end -}}
 {{- range $name, $as := dict "server" .Values.server.autoscaling "triton" .Values.triton.autoscaling -}}
 {{- if and $as.enabled (not $as.targetCPUUtilizationPercentage) (not $as.podsMetric.enabled) -}}

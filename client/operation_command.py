@@ -1,0 +1,53 @@
+"""Personalisation operations on a running service: list them, show one, follow one, cancel one.
+
+Start one with `talkinghead avatar personalise ID` (add --wait to follow it).
+
+example:
+  talkinghead operation list                     # newest first; --avatar mona for one avatar's
+  talkinghead operation get operations/1f2e3d4c5b6a7980
+  talkinghead operation watch operations/1f2e3d4c5b6a7980     # progress bar until done
+  talkinghead operation cancel operations/1f2e3d4c5b6a7980
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import grpc
+
+from client.arguments import add_server_arguments, connect
+from client.library import describe_error, operation_error
+from client.progress import ProgressBar, describe
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_server_arguments(parser)
+    sub = parser.add_subparsers(dest="action", required=True)
+    listing = sub.add_parser("list", help="operations, newest first")
+    listing.add_argument("--avatar", default="", help="only this avatar's")
+    for action, text in (("get", "show one"), ("watch", "follow one until done"), ("cancel", "cancel one")):
+        sub.add_parser(action, help=text).add_argument("name", help="operations/<id>")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        with connect(args) as client:
+            if args.action == "list":
+                count = 0
+                for operation in client.list_operations(avatar_id=args.avatar):
+                    print(describe(operation))
+                    count += 1
+                print(f"{count} operation(s)")
+                return 0
+            if args.action == "watch":
+                operation = client.wait_operation(args.name, on_progress=ProgressBar())
+            elif args.action == "cancel":
+                operation = client.cancel_operation(args.name)
+            else:
+                operation = client.get_operation(args.name)
+            print(describe(operation))
+            return 1 if operation.done and operation_error(operation) else 0
+    except grpc.RpcError as error:
+        print(f"talkinghead operation {args.action}: {describe_error(error)}", file=sys.stderr)
+        return 1

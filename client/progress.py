@@ -1,0 +1,47 @@
+"""Showing a personalisation operation: one line, or a progress bar that follows its watch stream."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from api.talkinghead.v1 import personalisation_pb2 as ops
+from client.library import operation_error
+
+
+def state_name(operation: ops.Operation) -> str:
+    return ops.OperationState.Name(operation.metadata.state).removeprefix("OPERATION_STATE_")
+
+
+def describe(operation: ops.Operation) -> str:
+    """`operations/<id>  avatar  STATE  step/total  ...` in one line."""
+    m = operation.metadata
+    line = f"{operation.name}  {m.avatar_id}  {state_name(operation)}  step {m.step}/{m.total_steps}"
+    if m.elapsed.ToTimedelta().total_seconds():
+        line += f"  {m.elapsed.ToTimedelta().total_seconds():.0f} s"
+    if operation.HasField("response"):
+        line += f"  -> {operation.response.model_name} v{operation.response.model_version}"
+    elif operation.HasField("error"):
+        line += f"  ({operation_error(operation)})"
+    return line
+
+
+class ProgressBar:
+    """A tqdm bar of fine-tuning steps; the stage, the losses and the time left as its postfix."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def __call__(self, operation: ops.Operation) -> None:
+        m = operation.metadata
+        if self.bar is None:
+            self.bar = tqdm(total=m.total_steps, desc=m.avatar_id, unit="step", file=sys.stderr)
+        self.bar.n = m.step
+        left = m.remaining.ToTimedelta().total_seconds()
+        losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.losses.items())[:3])
+        postfix = f"{m.stage}" + (f", ~{left:.0f} s left" if left else "") + (f", {losses}" if losses else "")
+        self.bar.set_postfix_str(postfix, refresh=False)
+        self.bar.refresh()
+        if operation.done:
+            self.bar.close()

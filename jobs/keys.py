@@ -1,0 +1,43 @@
+"""The Redis key layout, in one place (the service's avatar store, the queue and the worker use it).
+
+talkinghead:avatar:<id>        hash   the avatar: meta (JSON), adain, embedding, points, crops,
+                                      crop_points, preview_png, portrait_jpeg (raw bytes)
+talkinghead:avatars            zset   every avatar id, score 0 (lexicographic order for paging)
+talkinghead:events             pub/sub channel of avatar events (jobs.events)
+talkinghead:jobs:stream        stream one entry {job: <id>} per job; consumer group `workers`
+talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (npz bytes)
+talkinghead:jobs               zset   PERSONALISE job ids by creation time (listing)
+talkinghead:jobs:active        set    PERSONALISE jobs queued or running (the queue's size)
+talkinghead:avatar-job:<id>    string the avatar's queued or running job id (one at a time)
+"""
+
+from __future__ import annotations
+
+from facekit.ids import validate_avatar_id
+
+PREFIX = "talkinghead:"
+AVATARS = PREFIX + "avatars"
+EVENTS = PREFIX + "events"
+JOB_STREAM = PREFIX + "jobs:stream"
+WORKERS_GROUP = "workers"
+JOBS = PREFIX + "jobs"
+ACTIVE = PREFIX + "jobs:active"
+
+
+def avatar(avatar_id: str) -> str:
+    return PREFIX + "avatar:" + validate_avatar_id(avatar_id)
+
+
+def job(job_id: str) -> str:
+    return PREFIX + "job:" + job_id
+
+
+WORKER_TTL_S = 15
+
+
+def worker(name: str) -> str:
+    return PREFIX + "worker:" + name
+
+
+def avatar_job(avatar_id: str) -> str:
+    return PREFIX + "avatar-job:" + validate_avatar_id(avatar_id)

@@ -1,0 +1,200 @@
+"""The job queue in a directory, for one machine: the service and its embedded worker process.
+
+<root>/<id>.json        the job record (written whole: temp file + rename)
+<root>/<id>.input.npz   the photos it trains on (removed when it ends)
+<root>/<id>.lock        flock'ed by the worker that holds the job; the OS releases it when
+                        that worker dies, so another (or the restarted) worker takes it over
+<root>/<id>.cancel      present once cancellation was asked for a running job
+<root>/.queue.lock      serialises submit and cancel (the busy / full checks)
+<root>/events.jsonl     avatar events (jobs.events), appended; the service follows the file
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+from jobs.events import Event
+from jobs.queue import AvatarBusy, Lost, QueueFull
+from jobs.record import CANCELLED, CODE_CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, TERMINAL, Job
+
+_ID = re.compile(r"^[0-9a-f]{16}$")
+EVENTS_FILE = "events.jsonl"
+POLL_S = 0.2
+RETENTION_S = 7 * 24 * 3600  # ended jobs are forgotten after a week
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def try_lock(path: Path) -> IO[bytes] | None:
+    """An exclusive flock on `path` (created), or None when another process holds it."""
+    handle = path.open("ab")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
+
+
+class LocalQueue:
+    def __init__(self, *, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._held: dict[str, IO[bytes]] = {}
+
+    def _path(self, job_id: str, suffix: str) -> Path:
+        if not _ID.match(job_id):
+            raise KeyError(job_id)
+        return self.root / f"{job_id}{suffix}"
+
+    @contextlib.contextmanager
+    def _queue_lock(self) -> Iterator[None]:
+        with (self.root / ".queue.lock").open("ab") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            yield
+
+    def _write(self, job: Job) -> None:
+        write_atomic(self._path(job.id, ".json"), job.to_json().encode())
+
+    def _jobs(self) -> list[Job]:
+        found = []
+        for path in self.root.glob("*.json"):
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                found.append(Job.from_json(path.read_bytes()))
+        return sorted(found, key=lambda j: j.create_time)
+
+    # -- the service's side ----------------------------------------------------------------------
+    def submit(self, job: Job, data: bytes, *, max_active: int) -> Job:
+        with self._queue_lock():
+            self._prune()
+            if job.kind == PERSONALISE:
+                live = [j for j in self._jobs() if j.kind == PERSONALISE and not j.done]
+                busy = [j for j in live if j.avatar_id == job.avatar_id]
+                if busy:
+                    raise AvatarBusy(busy[0].id)
+                if len(live) >= max_active:
+                    raise QueueFull(f"{len(live)} personalisations are queued or running")
+            write_atomic(self._path(job.id, ".input.npz"), data)
+            self._write(job)
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        try:
+            job = Job.from_json(self._path(job_id, ".json").read_bytes())
+        except (KeyError, FileNotFoundError):
+            return None
+        job.cancel_requested = job.cancel_requested or self._path(job_id, ".cancel").exists()
+        return job
+
+    def list(self, *, avatar_id: str = "") -> list[Job]:
+        jobs = [j for j in self._jobs() if j.kind == PERSONALISE and avatar_id in ("", j.avatar_id)]
+        return jobs[::-1]
+
+    def active(self, avatar_id: str) -> str | None:
+        live = [j for j in self._jobs() if j.kind == PERSONALISE and j.avatar_id == avatar_id and not j.done]
+        return live[0].id if live else None
+
+    def cancel(self, job_id: str) -> Job | None:
+        with self._queue_lock():
+            job = self.get(job_id)
+            if job is None or job.done:
+                return job
+            lock = try_lock(self._path(job_id, ".lock"))
+            if lock is None:  # a worker runs it: it stops at its next step
+                self._path(job_id, ".cancel").touch()
+                job.cancel_requested = True
+                return job
+            with lock:
+                job = self.get(job_id)
+                if job is not None and not job.done:
+                    self._write(job.ended(CANCELLED, code=CODE_CANCELLED, error="cancelled while queued"))
+                    self._path(job_id, ".input.npz").unlink(missing_ok=True)
+            self._path(job_id, ".lock").unlink(missing_ok=True)
+            return job
+
+    def _prune(self) -> None:
+        old = time.time() - RETENTION_S
+        for job in self._jobs():
+            if job.done and job.end_time < old:
+                self._path(job.id, ".json").unlink(missing_ok=True)
+
+    # -- a worker's side -------------------------------------------------------------------------
+    def claim(self, worker: str, *, wait_s: float) -> Job | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            for job in self._jobs():
+                if job.state in (QUEUED, RUNNING) and job.id not in self._held:
+                    taken = self._take(job.id, worker)
+                    if taken is not None:
+                        return taken
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(POLL_S)
+
+    def _take(self, job_id: str, worker: str) -> Job | None:
+        lock = try_lock(self._path(job_id, ".lock"))
+        if lock is None:
+            return None
+        job = self.get(job_id)
+        if job is None or job.done:
+            lock.close()
+            return None
+        job.state, job.worker, job.attempt = RUNNING, worker, job.attempt + 1
+        job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
+        job.start_time, job.first_step_time, job.step = time.time(), 0.0, 0
+        self._held[job_id] = lock
+        self._write(job)
+        return job
+
+    def _check_held(self, job: Job) -> None:
+        if job.id not in self._held:
+            raise Lost(f"job {job.id} is not held by this worker")
+
+    def load_input(self, job: Job) -> bytes:
+        return self._path(job.id, ".input.npz").read_bytes()
+
+    def heartbeat(self, job: Job) -> None:
+        self._check_held(job)  # the flock holds it for as long as this process lives
+
+    def update(self, job: Job) -> bool:
+        self._check_held(job)
+        self._write(job)
+        return not self._path(job.id, ".cancel").exists()
+
+    def finish(self, job: Job) -> None:
+        self._check_held(job)
+        assert job.state in TERMINAL, job.state
+        self._write(job)
+        for suffix in (".input.npz", ".cancel", ".lock"):
+            self._path(job.id, suffix).unlink(missing_ok=True)
+        self._held.pop(job.id).close()
+
+    def publish(self, avatar_id: str, event: str) -> None:
+        line = Event(avatar_id=avatar_id, event=event, sent=time.time()).to_json() + "\n"
+        fd = os.open(self.root / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        for handle in self._held.values():
+            handle.close()
+        self._held.clear()

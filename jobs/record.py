@@ -1,0 +1,103 @@
+"""A personalisation job: its states, the preset -> steps map, progress, and its JSON form.
+
+The service creates a job (QUEUED), a worker takes it (RUNNING, stage fine-tuning -> exporting ->
+loading) and ends it (SUCCEEDED, FAILED or CANCELLED). Both sides read and write the same record
+through a queue (jobs.queue.JobQueue), so this module is the one place its fields are defined.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+# -- how long to fine-tune --------------------------------------------------------------------------
+PRESETS: dict[str, int] = {"fast": 40, "balanced": 150, "best": 400}  # preset -> fine-tuning steps
+DEFAULT_PRESET = "balanced"
+MAX_STEPS = 2000
+EXPORT_ESTIMATE_S = 20.0  # what exporting and loading one generator usually adds (2 CPU cores)
+
+
+def steps_for(*, steps: int = 0, preset: str = "") -> int:
+    """Explicit steps (1-MAX_STEPS) win; else the preset's (default: DEFAULT_PRESET). ValueError else."""
+    if steps:
+        if not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"steps must be 1-{MAX_STEPS}, got {steps}")
+        return steps
+    name = preset or DEFAULT_PRESET
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+# -- states and kinds -------------------------------------------------------------------------------
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
+TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
+PERSONALISE = "personalise"  # fine-tune, export, load: the public operation
+REMOVE = "remove"  # unload and delete an avatar's generator (after DeleteAvatar): internal
+# google.rpc.Code values an ended job reports
+CODE_CANCELLED, CODE_NOT_FOUND, CODE_FAILED_PRECONDITION, CODE_INTERNAL = 1, 5, 9, 13
+
+
+def new_id() -> str:
+    return secrets.token_hex(8)
+
+
+@dataclass(kw_only=True)
+class Job:
+    id: str
+    kind: str  # PERSONALISE | REMOVE
+    avatar_id: str
+    model_id: str = ""  # the base model the avatar was made with (the worker must run the same)
+    steps: int = 0
+    state: str = QUEUED
+    stage: str = "queued"
+    step: int = 0
+    losses: dict[str, float] = field(default_factory=dict)
+    create_time: float = field(default_factory=time.time)
+    start_time: float = 0.0  # the current attempt's start
+    first_step_time: float = 0.0  # when step 1 ended (the per-step estimate starts there)
+    end_time: float = 0.0
+    attempt: int = 0
+    worker: str = ""
+    cancel_requested: bool = False
+    error_code: int = 0
+    error: str = ""
+    model_name: str = ""
+    model_version: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    def elapsed(self, now: float | None = None) -> float:
+        if not self.start_time:
+            return 0.0
+        return max(0.0, (self.end_time or (now or time.time())) - self.start_time)
+
+    def remaining(self, now: float | None = None) -> float:
+        """Seconds left: steps left at the pace since step 1, plus the export; 0 when unknown."""
+        if self.done or self.step < 2 or not self.first_step_time:
+            return 0.0
+        pace = ((now or time.time()) - self.first_step_time) / (self.step - 1)
+        return pace * (self.steps - self.step) + EXPORT_ESTIMATE_S
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Job:
+        raw: dict[str, Any] = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        job = cls(**{k: v for k, v in raw.items() if k in known})
+        job.losses = dict(job.losses or {})
+        return job
+
+    def ended(self, state: str, *, code: int = 0, error: str = "") -> Job:
+        """This job, ended now in `state` (SUCCEEDED, FAILED or CANCELLED)."""
+        assert state in TERMINAL, state
+        self.state, self.stage, self.end_time = state, "done", time.time()
+        self.error_code, self.error = code, error
+        return self

@@ -1,0 +1,252 @@
+"""The job queue on Redis Streams with a consumer group: several service replicas, several workers.
+
+Each job is a hash (jobs.keys.job): `record` (the Job's JSON, written by Python only), `state`
+(mirrored from the record for the scripts), `owner` (`<worker>:<attempt>` of the holder),
+`attempts`, `cancel` and `input`. Submitting adds one stream entry; a worker reads new entries
+with XREADGROUP and, before that, takes over entries whose holder has been silent for
+`claim_timeout_s` (XAUTOCLAIM): a worker that dies mid-job loses nothing. A live worker keeps its
+entry fresh (`heartbeat`: XCLAIM to itself, allowed only while it is the owner), so a job is never
+taken from a live worker and never runs twice at once. Every write of a worker is fenced by its
+owner token in a Lua script: a worker that lost its job learns it (Lost) and writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import redis
+
+from jobs import keys
+from jobs.events import Event
+from jobs.queue import AvatarBusy, Lost, QueueFull
+from jobs.record import CANCELLED, CODE_CANCELLED, REMOVE, RUNNING, TERMINAL, Job
+
+RETENTION_S = 7 * 24 * 3600
+_ENDED = "if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then "
+
+SUBMIT = """
+if ARGV[5] == 'personalise' then
+  local other = redis.call('GET', KEYS[4])
+  if other then return {'busy', other} end
+  local n = redis.call('SCARD', KEYS[3])
+  if n >= tonumber(ARGV[4]) then return {'full', tostring(n)} end
+  redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[1])
+  redis.call('SET', KEYS[4], ARGV[1])
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'QUEUED', 'input', ARGV[6], 'attempts', 0)
+redis.call('XADD', KEYS[5], '*', 'job', ARGV[1])
+return {'ok', ''}
+"""
+CANCEL = (
+    """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return 'missing' end
+"""
+    + _ENDED
+    + """return 'ended' end
+if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then
+  redis.call('HSET', KEYS[1], 'cancel', '1')
+  return 'requested'
+end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'CANCELLED')
+redis.call('HDEL', KEYS[1], 'input')
+redis.call('SREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 'cancelled'
+"""
+)
+TAKE = (
+    """
+local s = redis.call('HGET', KEYS[1], 'state')
+if not s then return false end
+"""
+    + _ENDED
+    + """return false end
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('HSET', KEYS[1], 'owner', ARGV[1] .. ':' .. attempt)
+return {attempt, redis.call('HGET', KEYS[1], 'record')}
+"""
+)
+UPDATE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return -1 end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', ARGV[3])
+if redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then return 0 end
+return 1
+"""
+HEARTBEAT = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('XCLAIM', KEYS[2], ARGV[2], ARGV[3], 0, ARGV[4], 'JUSTID')
+return 1
+"""
+FINISH = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', ARGV[3])
+redis.call('HDEL', KEYS[1], 'input', 'cancel')
+redis.call('SREM', KEYS[2], ARGV[4])
+if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
+redis.call('XACK', KEYS[4], ARGV[5], ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[7])
+return 1
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """A client for `url` (redis://host:port/db) with timeouts that fail fast when Redis is away."""
+    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+
+
+class RedisQueue:
+    def __init__(self, *, client: redis.Redis, claim_timeout_s: float = 30.0) -> None:
+        self.r: Any = client  # redis-py's annotations type every reply as bytes | str | list ...
+        self.claim_timeout_s = claim_timeout_s
+        self._held: dict[str, tuple[str, bytes]] = {}  # job id -> (owner token, stream entry id)
+        self._scripts = {
+            name: client.register_script(text)
+            for name, text in (
+                ("submit", SUBMIT),
+                ("cancel", CANCEL),
+                ("take", TAKE),
+                ("update", UPDATE),
+                ("heartbeat", HEARTBEAT),
+                ("finish", FINISH),
+            )
+        }
+        try:
+            client.xgroup_create(keys.JOB_STREAM, keys.WORKERS_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as error:
+            if "BUSYGROUP" not in str(error):
+                raise
+
+    def _run(self, name: str, keys_: list[str], args: list[Any]) -> Any:
+        return self._scripts[name](keys=keys_, args=args)
+
+    # -- the service's side ----------------------------------------------------------------------
+    def submit(self, job: Job, data: bytes, *, max_active: int) -> Job:
+        k = [keys.job(job.id), keys.JOBS, keys.ACTIVE, keys.avatar_job(job.avatar_id), keys.JOB_STREAM]
+        args = [job.id, job.to_json(), job.create_time, max_active, job.kind, data]
+        verdict, detail = self._run("submit", k, args)
+        if verdict == b"busy":
+            raise AvatarBusy(detail.decode())
+        if verdict == b"full":
+            raise QueueFull(f"{detail.decode()} personalisations are queued or running")
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        record, cancel = self.r.hmget(keys.job(job_id), ["record", "cancel"])
+        if record is None:
+            return None
+        job = Job.from_json(record)
+        job.cancel_requested = job.cancel_requested or cancel is not None
+        return job
+
+    def list(self, *, avatar_id: str = "") -> list[Job]:
+        ids = [i.decode() for i in self.r.zrevrange(keys.JOBS, 0, -1)]
+        pipe = self.r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hget(keys.job(job_id), "record")
+        jobs, gone = [], []
+        for job_id, record in zip(ids, pipe.execute(), strict=True):
+            if record is None:  # expired
+                gone.append(job_id)
+            else:
+                jobs.append(Job.from_json(record))
+        if gone:
+            self.r.zrem(keys.JOBS, *gone)
+        return [j for j in jobs if avatar_id in ("", j.avatar_id)]
+
+    def active(self, avatar_id: str) -> str | None:
+        value = self.r.get(keys.avatar_job(avatar_id))
+        return value.decode() if value is not None else None
+
+    def cancel(self, job_id: str) -> Job | None:
+        job = self.get(job_id)
+        if job is None or job.done:
+            return job
+        ended = Job.from_json(job.to_json()).ended(
+            CANCELLED, code=CODE_CANCELLED, error="cancelled while queued"
+        )
+        k = [keys.job(job_id), keys.ACTIVE, keys.avatar_job(job.avatar_id)]
+        self._run("cancel", k, [job_id, ended.to_json(), RETENTION_S])
+        return self.get(job_id)
+
+    # -- a worker's side -------------------------------------------------------------------------
+    def claim(self, worker: str, *, wait_s: float) -> Job | None:
+        self.r.set(keys.worker(worker), str(time.time()), ex=max(keys.WORKER_TTL_S, int(3 * wait_s)))
+        stolen = self.r.xautoclaim(
+            keys.JOB_STREAM,
+            keys.WORKERS_GROUP,
+            worker,
+            min_idle_time=int(self.claim_timeout_s * 1000),
+            start_id="0-0",
+            count=1,
+        )
+        entries = list(stolen[1])
+        if not entries:
+            read = self.r.xreadgroup(
+                keys.WORKERS_GROUP, worker, {keys.JOB_STREAM: ">"}, count=1, block=max(1, int(wait_s * 1000))
+            )
+            entries = list(read[0][1]) if read else []
+        for entry_id, fields in entries:
+            job = self._take(worker, entry_id, (fields or {}).get(b"job", b"").decode())
+            if job is not None:
+                return job
+        return None
+
+    def _take(self, worker: str, entry_id: bytes, job_id: str) -> Job | None:
+        taken = self._run("take", [keys.job(job_id)], [worker]) if job_id else None
+        if not taken:  # ended (cancelled while queued, or finished before its holder died) or expired
+            self.r.xack(keys.JOB_STREAM, keys.WORKERS_GROUP, entry_id)
+            return None
+        attempt, record = int(taken[0]), taken[1]
+        job = Job.from_json(record)
+        job.state, job.worker, job.attempt = RUNNING, worker, attempt
+        job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
+        job.start_time, job.first_step_time, job.step = time.time(), 0.0, 0
+        self._held[job.id] = (f"{worker}:{attempt}", entry_id)
+        self.update(job)
+        return job
+
+    def _owner(self, job: Job) -> str:
+        if job.id not in self._held:
+            raise Lost(f"job {job.id} is not held by this worker")
+        return self._held[job.id][0]
+
+    def load_input(self, job: Job) -> bytes:
+        data = self.r.hget(keys.job(job.id), "input")
+        if data is None:
+            raise Lost(f"job {job.id} has no input (ended meanwhile?)")
+        return bytes(data)
+
+    def heartbeat(self, job: Job) -> None:
+        owner = self._owner(job)
+        entry = self._held[job.id][1]
+        args = [owner, keys.WORKERS_GROUP, job.worker, entry]
+        if not self._run("heartbeat", [keys.job(job.id), keys.JOB_STREAM], args):
+            self._held.pop(job.id, None)
+            raise Lost(f"job {job.id} was taken over by another worker")
+
+    def update(self, job: Job) -> bool:
+        verdict = self._run("update", [keys.job(job.id)], [self._owner(job), job.to_json(), job.state])
+        if verdict == -1:
+            self._held.pop(job.id, None)
+            raise Lost(f"job {job.id} was taken over by another worker")
+        return bool(verdict == 1)
+
+    def finish(self, job: Job) -> None:
+        assert job.state in TERMINAL, job.state
+        owner, entry = self._owner(job), self._held[job.id][1]
+        k = [keys.job(job.id), keys.ACTIVE, keys.avatar_job(job.avatar_id), keys.JOB_STREAM]
+        args = [owner, job.to_json(), job.state, job.id, keys.WORKERS_GROUP, entry, RETENTION_S]
+        ok = self._run("finish", k, args)
+        self._held.pop(job.id, None)
+        if not ok:
+            raise Lost(f"job {job.id} was taken over by another worker")
+
+    def publish(self, avatar_id: str, event: str) -> None:
+        self.r.publish(keys.EVENTS, Event(avatar_id=avatar_id, event=event, sent=time.time()).to_json())
+
+    def close(self) -> None:
+        self.r.close()

@@ -1,0 +1,77 @@
+"""The embedded worker: `talkinghead serve` without Redis runs `talkinghead worker` as a child.
+
+The worker is training code (PyTorch) and so never runs inside this process: the service starts
+it as a separate process on the same job directory and model repository, restarts it when it
+exits (1, 2, 4 ... 30 s apart), and stops it with the service. A worker that cannot even start
+(no PyTorch in this image) gives up after a few quick failures; personalisation is then refused
+with FAILED_PRECONDITION and the reason. The child also stops when its parent is gone
+(`--parent-pid`: a service killed with SIGKILL leaves no worker behind once its job ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable
+
+from service.settings import Settings
+
+log = logging.getLogger("talkinghead.service.worker")
+QUICK_FAILURE_S = 20.0  # a worker that exits sooner than this after starting failed to start
+GIVE_UP_AFTER = 3
+STOP_GRACE_S = 10.0
+
+
+def command(settings: Settings) -> list[str]:
+    cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
+    cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
+    if settings.backend == "triton":
+        cmd += ["--triton-url", settings.triton_url]
+    return [*cmd, "--log-level", settings.log_level, "--parent-pid", str(os.getpid())]
+
+
+class LocalWorker:
+    def __init__(self, *, settings: Settings, on_give_up: Callable[[str], None]) -> None:
+        self.cmd = command(settings)
+        self.on_give_up = on_give_up
+        self.process: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._supervise(), name="local-worker")
+
+    async def _supervise(self) -> None:
+        quick, delay = 0, 1.0
+        while True:
+            started = time.monotonic()
+            self.process = await asyncio.create_subprocess_exec(*self.cmd, stdin=asyncio.subprocess.DEVNULL)
+            log.info("embedded worker started (pid %d): %s", self.process.pid, " ".join(self.cmd))
+            code = await self.process.wait()
+            lived = time.monotonic() - started
+            quick = quick + 1 if lived < QUICK_FAILURE_S else 0
+            if quick >= GIVE_UP_AFTER:
+                why = f"the embedded worker exited (code {code}) {quick} times within seconds of starting"
+                log.error("%s; giving up (does this image have PyTorch? see the log above)", why)
+                self.on_give_up(why + " (see the server log)")
+                return
+            delay = min(delay * 2, 30.0) if quick else 1.0
+            log.warning(
+                "embedded worker exited with code %s after %.0f s; restarting in %.0f s", code, lived, delay
+            )
+            await asyncio.sleep(delay)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+        except TimeoutError:
+            process.kill()
+            await process.wait()

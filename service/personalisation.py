@@ -1,0 +1,159 @@
+"""Personalisation as long-running operations: start, get, list, watch, cancel (the servicer is thin).
+
+The queue (jobs.queue.JobQueue: a local directory, or Redis) holds the truth; every replica reads
+it, so an operation started on one replica can be watched and cancelled on any. Starting one copies
+the avatar's face crops and landmarks into the job (what fine-tuning trains on), so the worker
+needs nothing else. Operation names are `operations/<job id>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import re
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from facekit.contract import ModelInfo
+from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
+from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
+from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
+from service.store import AvatarRecord
+
+PREFIX = "operations/"
+_NAME = re.compile(r"^operations/([0-9a-f]{16})$")
+WATCH_POLL_S = 0.25
+DEFAULT_PAGE, MAX_PAGE = 100, 1000
+
+
+def job_id_of(name: str) -> str:
+    found = _NAME.match(name)
+    if not found:
+        raise invalid(f"malformed operation name {name!r}; expected operations/<16 hex digits>")
+    return found.group(1)
+
+
+class Personaliser:
+    """The operations over one queue. `disabled` (a reason) refuses new ones: no worker can run them."""
+
+    def __init__(self, *, queue: JobQueue, max_queue: int, on_done: Callable[[Job], None]) -> None:
+        self.queue = queue
+        self.max_queue = max_queue
+        self.disabled = ""
+        self._on_done = on_done  # a succeeded job seen for the first time (the backend looks again)
+        self._seen_done: set[str] = set()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="jobs")
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+        except (ServiceError, AvatarBusy, QueueFull):
+            raise
+        except (OSError, ConnectionError) as error:
+            raise unavailable(f"the job queue is unreachable: {error}") from error
+        except Exception as error:
+            if type(error).__module__.startswith("redis"):
+                raise unavailable(f"the job queue is unreachable: {error}") from error
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.queue.close()
+
+    async def start(self, record: AvatarRecord, info: ModelInfo, *, steps: int, preset: str) -> Job:
+        if self.disabled:
+            raise precondition(f"personalisation is not available on this server: {self.disabled}")
+        try:
+            total = steps_for(steps=steps, preset=preset)
+        except ValueError as error:
+            raise invalid(str(error)) from error
+        if record.model_id != info.model_id:
+            raise precondition(
+                f"avatar {record.avatar_id!r} was made with model {record.model_id}, the server runs "
+                f"{info.model_id}; create the avatar again"
+            )
+        if len(record.crops) == 0:
+            raise precondition(
+                f"avatar {record.avatar_id!r} keeps no photos to fine-tune on; create it again"
+            )
+        job = Job(
+            id=new_id(), kind=PERSONALISE, avatar_id=record.avatar_id, model_id=record.model_id, steps=total
+        )
+        data = pack_input(record.crops, record.crop_points)
+        try:
+            return await self._call(self.queue.submit, job, data, max_active=self.max_queue)  # type: ignore[no-any-return]
+        except AvatarBusy as busy:
+            raise exists(
+                f"avatar {record.avatar_id!r} is already being personalised by {PREFIX}{busy.job_id}; "
+                "watch or cancel that operation"
+            ) from None
+        except QueueFull as full:
+            raise exhausted(f"the personalisation queue is full ({full}); retry later") from None
+
+    async def get(self, name: str) -> Job:
+        job: Job | None = await self._call(self.queue.get, job_id_of(name))
+        if job is None or job.kind != PERSONALISE:
+            raise not_found(f"no operation named {name!r}")
+        if job.done and job.id not in self._seen_done:
+            self._seen_done.add(job.id)
+            self._on_done(job)
+        return job
+
+    async def list(self, *, avatar_id: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
+        if page_size < 0:
+            raise invalid(f"page_size must be >= 0, got {page_size}")
+        size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
+        jobs: list[Job] = await self._call(self.queue.list, avatar_id=avatar_id)
+        before = decode_cursor(page_token)
+        if before is not None:
+            jobs = [j for j in jobs if (j.create_time, j.id) < before]
+        page = jobs[:size]
+        token = encode_cursor(page[-1]) if len(jobs) > size else ""
+        return page, token
+
+    async def watch(self, name: str) -> AsyncIterator[Job]:
+        """The job now, then each change of it, until it is done."""
+        last = ""
+        while True:
+            job = await self.get(name)
+            text = job.to_json()
+            if text != last:
+                last = text
+                yield job
+            if job.done:
+                return
+            await asyncio.sleep(WATCH_POLL_S)
+
+    async def cancel(self, name: str) -> Job:
+        job: Job | None = await self._call(self.queue.cancel, job_id_of(name))
+        if job is None or job.kind != PERSONALISE:
+            raise not_found(f"no operation named {name!r}")
+        return job
+
+    async def forget_avatar(self, avatar_id: str) -> None:
+        """The avatar was deleted or replaced: cancel its personalisation, withdraw its generator."""
+        active = await self._call(self.queue.active, avatar_id)
+        if active is not None:
+            await self._call(self.queue.cancel, active)
+        if not self.disabled:
+            remove = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id)
+            await self._call(self.queue.submit, remove, b"", max_active=self.max_queue)
+
+
+def encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"before:{job.create_time!r}:{job.id}".encode()).decode()
+
+
+def decode_cursor(token: str) -> tuple[float, str] | None:
+    if not token:
+        return None
+    try:
+        kind, when, job_id = base64.urlsafe_b64decode(token.encode()).decode().split(":")
+        if kind != "before":
+            raise ValueError(kind)
+        return float(when), job_id
+    except (binascii.Error, UnicodeError, ValueError) as error:
+        raise invalid(f"malformed page_token {token!r}") from error

@@ -1,0 +1,106 @@
+"""Personalisation through the API with the embedded worker (`talkinghead serve`'s default): an
+operation's progress, its result serving new streams, the errors, cancellation, and deletion
+withdrawing the avatar's generator. Real server, real worker process, 2 fine-tuning steps."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from api.talkinghead.v1 import personalisation_pb2 as ops
+from client.library import Client, landmark_requests, operation_error
+from facekit.sequence import LandmarkSequence
+from service.store import LocalAvatarStore
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import PORTRAIT, ServerThread, copy_base_models, test_settings
+
+WORKER_TIMEOUT_S = 420
+
+
+@pytest.fixture(scope="module")
+def embedded(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A server with its own repository copy and the embedded worker (a `talkinghead worker` child)."""
+    work = tmp_path_factory.mktemp("embedded")
+    repository = copy_base_models(model_repository, work / "repo")
+    settings = test_settings(repository, work / "store", worker="embedded", max_queue=2)
+    running = ServerThread(settings=settings)
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as error:
+        call()  # type: ignore[operator]
+    return error.value.code()  # type: ignore[no-any-return]
+
+
+def test_requests_are_checked(server: ServerThread, client: Client, avatar: str) -> None:
+    assert code_of(lambda: client.personalise("nobody")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.personalise("Bad Id")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.personalise(avatar, steps=5000)) == grpc.StatusCode.INVALID_ARGUMENT
+    bad = ops.PersonaliseAvatarRequest(avatar_id=avatar, steps=-3)
+    assert code_of(lambda: client.operations.PersonaliseAvatar(bad)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.get_operation("operations/x")) == grpc.StatusCode.INVALID_ARGUMENT
+    unknown = "operations/0123456789abcdef"
+    assert code_of(lambda: client.get_operation(unknown)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.cancel_operation(unknown)) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: list(client.watch_operation(unknown))) == grpc.StatusCode.NOT_FOUND
+    store = LocalAvatarStore(root=server.settings.avatar_store)
+    base = store.get(avatar)
+    assert base is not None
+    store.put(replace(base, avatar_id="old-model", model_id="0000000000000000"), replace=True)
+    assert code_of(lambda: client.personalise("old-model")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert not list(client.list_operations()), "nothing was queued by a refused request"
+
+
+def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:
+    repository = embedded.settings.model_repository
+    with embedded.client() as c:
+        for name in ("tune", "wait", "full"):
+            c.create_avatar(name, [PORTRAIT])
+        started = c.personalise("tune", steps=2)
+        assert started.metadata.state == ops.OPERATION_STATE_QUEUED and started.metadata.total_steps == 2
+        assert code_of(lambda: c.personalise("tune")) == grpc.StatusCode.ALREADY_EXISTS
+        queued = c.personalise("wait", preset="best")  # the worker runs one job at a time: this waits
+        assert queued.metadata.total_steps == 400
+        assert code_of(lambda: c.personalise("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        cancelled = c.cancel_operation(queued.name)
+        assert cancelled.done and cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
+
+        seen: list[ops.Operation] = []
+        done = c.wait_operation(started.name, on_progress=seen.append, timeout=WORKER_TIMEOUT_S)
+        finished = time.monotonic()
+        assert operation_error(done) == "" and done.response.model_name == "generator_tune", done
+        steps = [o.metadata.step for o in seen]
+        assert steps == sorted(steps) and 1 in steps and steps[-1] == 2, steps
+        assert {o.metadata.stage for o in seen} >= {"fine-tuning", "done"}
+        assert any(o.metadata.losses for o in seen), "progress carries the losses"
+        assert done.metadata.attempt == 1 and done.metadata.elapsed.seconds >= 0
+
+        seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+        frames = c.animate("tune", landmark_requests(seq), encoding="raw")
+        first = next(frames)
+        assert time.monotonic() - finished < 2.0, "the first personalised frame within 2 s"
+        assert c.last_started is not None and c.last_started.personalised
+        rest = [first, *frames]
+        shared = list(c.animate("full", landmark_requests(seq), encoding="raw"))
+        assert c.last_started is not None and not c.last_started.personalised
+        pairs = zip(rest, shared, strict=True)
+        diff = np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in pairs])
+        assert diff > 0.5, "the personalised generator draws differently from the shared one"
+        assert c.get_avatar("tune").personalised and not c.get_avatar("full").personalised
+        listed = [o.name for o in c.list_operations(avatar_id="tune")]
+        assert listed == [started.name]
+
+        c.delete_avatar("tune")
+        deadline = time.monotonic() + 30
+        while (repository / "generator_tune").exists():
+            assert time.monotonic() < deadline, "the deleted avatar's generator is still in the repository"
+            time.sleep(0.2)

@@ -1,0 +1,157 @@
+"""Avatars and the personalisation queue on a real redis-server: atomic writes, the queue's
+guarantees (one job per avatar, a bounded queue, a dead worker's job taken over, fenced writes,
+cancellation), and two service replicas sharing avatars with their caches invalidated."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.library import landmark_requests
+from facekit.sequence import LandmarkSequence
+from jobs import keys
+from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
+from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
+from jobs.redis_queue import RedisQueue, connect
+from service.redis_store import RedisAvatarStore
+from service.store import AvatarRecord
+from tests.redis_fixtures import *  # noqa: F403
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import PORTRAIT, ServerThread, test_settings
+
+DATA = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
+
+
+def record(avatar_id: str, k: int = 2) -> AvatarRecord:
+    rng = np.random.default_rng(len(avatar_id))
+    return AvatarRecord(
+        avatar_id=avatar_id,
+        adain=rng.normal(size=2240).astype(np.float32),
+        embedding=rng.normal(size=512).astype(np.float32),
+        points=rng.uniform(0, 128, (68, 2)).astype(np.float32),
+        model_id="m1",
+        image_size=128,
+        create_time=time.time(),
+        display_name="name",
+        images=[{"index": 0, "faces_found": 1}],
+        preview_png=b"\x89PNG...",
+        crops=rng.integers(0, 255, (k, 128, 128, 3), dtype=np.uint8),
+        crop_points=rng.uniform(0, 128, (k, 68, 2)).astype(np.float32),
+        portrait_jpeg=b"\xff\xd8jpeg",
+        portrait_box=(10.5, 20.5, 167),
+    )
+
+
+def test_avatar_store_keeps_every_field_and_writes_whole(redis_url: str) -> None:
+    store = RedisAvatarStore(client=connect(redis_url))
+    original = record("ada")
+    assert store.put(original, replace=False)
+    assert not store.put(record("ada", k=1), replace=False), "an existing id is not overwritten"
+    got = store.get("ada")
+    assert got is not None
+    for name in ("adain", "embedding", "points", "crops", "crop_points"):
+        assert np.array_equal(getattr(got, name), getattr(original, name)), name
+        assert getattr(got, name).dtype == getattr(original, name).dtype, name
+    assert got.meta() == original.meta() and got.preview_png == original.preview_png
+    assert got.portrait_jpeg == original.portrait_jpeg
+    assert store.put(record("ada", k=1), replace=True) and len(store.get("ada").crops) == 1  # type: ignore[union-attr]
+    store.put(record("bob"), replace=False)
+    assert store.ids() == ["ada", "bob"]
+    assert store.delete("ada") and not store.delete("ada") and store.get("ada") is None
+    assert store.ids() == ["bob"]
+
+
+def test_queue_one_job_per_avatar_and_a_bounded_queue(redis_url: str) -> None:
+    queue = RedisQueue(client=connect(redis_url))
+    first = queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=2)
+    with pytest.raises(AvatarBusy) as busy:
+        queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=2)
+    assert busy.value.job_id == first.id
+    queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="b", steps=3), DATA, max_active=2)
+    with pytest.raises(QueueFull):
+        queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="c", steps=3), DATA, max_active=2)
+    queue.submit(Job(id=new_id(), kind=REMOVE, avatar_id="c"), b"", max_active=2)  # never limited
+    assert [j.avatar_id for j in queue.list()] == ["b", "a"] and queue.active("a") == first.id
+    cancelled = queue.cancel(first.id)
+    assert cancelled is not None and cancelled.state == CANCELLED and cancelled.error_code == 1
+    assert queue.active("a") is None, "a cancelled job frees its avatar"
+    queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=2)
+
+
+def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url: str) -> None:
+    service = RedisQueue(client=connect(redis_url))
+    job = service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=4)
+    one = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    two = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    held = one.claim("one", wait_s=1)
+    assert held is not None and held.id == job.id and held.attempt == 1 and held.state == RUNNING
+    assert two.claim("two", wait_s=0.2) is None, "nothing else is queued"
+    for _ in range(4):  # a live worker's heartbeats keep its job
+        time.sleep(0.3)
+        one.heartbeat(held)
+        assert two.claim("two", wait_s=0.05) is None
+    time.sleep(0.8)  # `one` falls silent (as if killed) past the claim timeout
+    taken = two.claim("two", wait_s=1)
+    assert taken is not None and taken.id == job.id and taken.attempt == 2 and taken.worker == "two"
+    frames, points = unpack_input(two.load_input(taken))
+    assert frames.shape == (1, 128, 128, 3) and points.shape == (1, 68, 2)
+    with pytest.raises(Lost):
+        one.update(held)  # the old holder wakes up: it may write nothing
+    taken.step = 3
+    assert two.update(taken)
+    two.finish(taken.ended(SUCCEEDED))
+    done = service.get(job.id)
+    assert done is not None and done.state == SUCCEEDED and done.attempt == 2 and service.active("a") is None
+    assert connect(redis_url).xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def test_cancelling_a_running_job_stops_it_at_its_next_write(redis_url: str) -> None:
+    service = RedisQueue(client=connect(redis_url))
+    worker = RedisQueue(client=connect(redis_url))
+    queued = service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=9), DATA, max_active=4)
+    assert service.get(queued.id).state == QUEUED  # type: ignore[union-attr]
+    held = worker.claim("w", wait_s=1)
+    assert held is not None and worker.update(held)
+    asked = service.cancel(queued.id)
+    assert asked is not None and asked.state == RUNNING and asked.cancel_requested
+    assert worker.update(held) is False, "the worker learns it at its next progress write"
+    worker.finish(held.ended(CANCELLED, code=1, error="cancelled at step 1"))
+    assert service.get(queued.id).state == CANCELLED and service.active("a") is None  # type: ignore[union-attr]
+
+
+def test_two_replicas_share_avatars_and_drop_stale_cache_within_a_second(
+    model_repository: Path, tmp_path: Path, redis_url: str, driver: LandmarkSequence
+) -> None:
+    replicas = [
+        ServerThread(settings=test_settings(model_repository, tmp_path / f"store{i}", redis_url=redis_url))
+        for i in (1, 2)
+    ]
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        one, two = (r.client() for r in replicas)
+        one.create_avatar("shared", [PORTRAIT], display_name="first")
+        seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+        frames = list(two.animate("shared", landmark_requests(seq), encoding="raw"))
+        assert [f.sequence for f in frames] == [0, 1, 2], "created on replica 1, animated on replica 2"
+        assert two.get_avatar("shared").display_name == "first"  # now cached on replica 2
+        one.create_avatar("shared", [PORTRAIT], display_name="second", replace=True)
+        t0 = time.monotonic()
+        while two.get_avatar("shared").display_name != "second":
+            assert time.monotonic() - t0 < 1.0, "replica 2 still serves the replaced avatar after 1 s"
+            time.sleep(0.01)
+        one.delete_avatar("shared")
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as gone:
+            while time.monotonic() - t0 < 1.0:
+                two.get_avatar("shared")
+                time.sleep(0.01)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+        assert replicas[1].metric('talkinghead_avatar_event_delay_seconds_count{event="deleted"}') >= 1
+    finally:
+        for replica in replicas:
+            replica.stop()

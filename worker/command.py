@@ -1,0 +1,115 @@
+"""Run the personalisation worker: take jobs, fine-tune, export generator_<avatar>, load it in Triton.
+
+The queue is Redis (--redis-url, several workers share it: a job whose worker dies is taken over
+after --claim-timeout s) or a job directory on this machine (--jobs; `talkinghead serve` starts one
+such worker itself by default). The worker fine-tunes --checkpoint (the served model's meta
+checkpoint), writes into --repository (read-write) and loads each new model in every --triton-url
+(a host resolving to several addresses means each of them). SIGTERM/SIGINT stop it; a job it held
+is taken over by the next worker.
+
+example:
+  talkinghead worker --jobs var/jobs --repository model_repository
+  talkinghead worker --redis-url redis://127.0.0.1:6379/0 --repository /models \\
+      --triton-url triton-0:8001 --triton-url triton-1:8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import warnings
+from pathlib import Path
+
+from jobs.queue import JobQueue
+from training import checkpoint
+from training.runtime import pick_device
+from worker.jobs_run import Context, model_id_of, run_job, with_progress_every_step
+
+log = logging.getLogger("talkinghead.worker")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    queue = parser.add_mutually_exclusive_group()
+    queue.add_argument(
+        "--redis-url", default=env("TALKINGHEAD_REDIS_URL"), help="Redis queue ($TALKINGHEAD_REDIS_URL)"
+    )
+    queue.add_argument("--jobs", type=Path, help="local job directory (default var/jobs without --redis-url)")
+    parser.add_argument(
+        "--repository", type=Path, default=Path(env("TALKINGHEAD_MODEL_REPOSITORY", "model_repository"))
+    )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path(env("TALKINGHEAD_WORKER_CHECKPOINT", "models/talkinghead-small.pt")),
+        help="the served model's meta checkpoint (default models/talkinghead-small.pt)",
+    )
+    parser.add_argument("--triton-url", action="append", default=[], help="Triton gRPC host:port (repeat)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
+    parser.add_argument(
+        "--profile", default="python", help="repository profile of new models (default python)"
+    )
+    parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="worker name")
+    parser.add_argument(
+        "--claim-timeout", type=float, default=30.0, help="s before a silent worker's job is taken"
+    )
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--parent-pid", type=int, help="stop once this process is gone (the embedded worker)")
+
+
+def make_queue(args: argparse.Namespace) -> JobQueue:
+    if args.redis_url:
+        from jobs.redis_queue import RedisQueue, connect
+
+        return RedisQueue(client=connect(args.redis_url), claim_timeout_s=args.claim_timeout)
+    from jobs.local import LocalQueue
+
+    return LocalQueue(root=args.jobs or Path("var/jobs"))
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim", "talkinghead.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
+    warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    meta = checkpoint.load(args.checkpoint)
+    queue = make_queue(args)
+    tritons = [u for url in args.triton_url for u in url.split(",") if u]
+    ctx = Context(
+        queue=queue,
+        meta=with_progress_every_step(meta),
+        model_id=model_id_of(meta),
+        repository=args.repository,
+        profile=args.profile,
+        tritons=tritons,
+        heartbeat_s=max(0.5, args.claim_timeout / 5),
+        device=pick_device(args.device),
+    )
+    where = args.redis_url or args.jobs or "var/jobs"
+    log.info(
+        "worker %s: model %s, queue %s, repository %s, Triton %s",
+        args.name,
+        ctx.model_id,
+        where,
+        args.repository,
+        ", ".join(tritons) or "none",
+    )
+    try:
+        while not stop.is_set() and (args.parent_pid is None or os.getppid() == args.parent_pid):
+            job = queue.claim(args.name, wait_s=1.0)
+            if job is not None:
+                run_job(ctx, job)
+    finally:
+        queue.close()
+    log.info("worker %s stopped", args.name)
+    return 0

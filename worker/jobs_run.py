@@ -1,0 +1,171 @@
+"""One job, start to end: fine-tune with progress, publish, end; or withdraw a deleted avatar's model.
+
+Progress is written after every fine-tuning step (step, losses, the time estimate); the write also
+tells whether cancellation was asked, which stops the job at that step. A heartbeat thread keeps
+the job held while the worker exports (no steps then). Whatever happens the job ends with a state
+and a google.rpc code, except when the worker lost it to another worker (Lost): then it writes
+nothing more and leaves the job to its new holder.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from jobs import events
+from jobs.queue import JobQueue, Lost, unpack_input
+from jobs.record import (
+    CANCELLED,
+    CODE_CANCELLED,
+    CODE_FAILED_PRECONDITION,
+    CODE_INTERNAL,
+    FAILED,
+    REMOVE,
+    SUCCEEDED,
+    Job,
+)
+from training import checkpoint
+from training.finetune import personalise
+from worker import models
+
+log = logging.getLogger("talkinghead.worker")
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """What every job needs: the queue, the meta checkpoint (loaded once) and where models go."""
+
+    queue: JobQueue
+    meta: dict[str, Any]
+    model_id: str
+    repository: Path
+    profile: str
+    tritons: list[str]
+    heartbeat_s: float
+    device: torch.device
+
+
+class Heartbeat:
+    """Calls queue.heartbeat(job) every `interval` seconds in a thread until stopped; `lost` is set
+    when the job was taken over."""
+
+    def __init__(self, queue: JobQueue, job: Job, interval: float) -> None:
+        self.queue, self.job, self.interval = queue, job, interval
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.queue.heartbeat(self.job)
+            except Lost:
+                self.lost.set()
+                return
+            except Exception as error:  # Redis away for a moment: the claim timeout allows a few misses
+                log.warning("heartbeat of job %s failed: %s", self.job.id, error)
+
+
+def with_progress_every_step(meta: dict[str, Any]) -> dict[str, Any]:
+    """The meta checkpoint with finetune.log_every = 1 (progress after each step; the weights, and so
+    the model id, are the same object)."""
+    config = copy.deepcopy(meta["config"])
+    config["finetune"]["log_every"] = 1
+    return {**meta, "config": config}
+
+
+def run_job(ctx: Context, job: Job) -> None:
+    """Run one claimed job to its end (or until it is lost)."""
+    log.info("job %s (%s %s, attempt %d) started", job.id, job.kind, job.avatar_id, job.attempt)
+    try:
+        with Heartbeat(ctx.queue, job, ctx.heartbeat_s) as beat:
+            if job.kind == REMOVE:
+                _remove(ctx, job)
+            else:
+                _personalise(ctx, job, beat)
+    except Lost as error:
+        log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        return
+    except Cancelled as why:
+        _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
+    except Exception as error:
+        log.exception("job %s failed", job.id)
+        _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=f"{type(error).__name__}: {error}"))
+
+
+def _end(ctx: Context, job: Job) -> None:
+    ctx.queue.finish(job)
+    log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
+
+
+def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
+    def on_step(step: int, losses: dict[str, float]) -> None:
+        if beat.lost.is_set():
+            raise Lost(f"job {job.id} was taken over by another worker")
+        job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
+        if step == 1:
+            job.first_step_time = time.time()
+        if not ctx.queue.update(job):
+            raise Cancelled(f"cancelled at step {step} of {job.steps}")
+
+    return on_step
+
+
+def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
+    if job.model_id != ctx.model_id:
+        message = (
+            f"the avatar was made with model {job.model_id}, this worker fine-tunes {ctx.model_id}: "
+            "run the worker with the served model's checkpoint, or create the avatar again"
+        )
+        _end(ctx, job.ended(FAILED, code=CODE_FAILED_PRECONDITION, error=message))
+        return
+    frames, points = unpack_input(ctx.queue.load_input(job))
+    ckpt = personalise(
+        ctx.meta,
+        frames,
+        points,
+        avatar=job.avatar_id,
+        steps=job.steps,
+        device=ctx.device,
+        on_step=_progress(ctx, job, beat),
+    )
+    job.stage = "exporting"
+    if not ctx.queue.update(job):
+        raise Cancelled("cancelled before export")
+    name, version = models.publish(ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons)
+    job.stage, job.model_name, job.model_version = "loading", name, version
+    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take the model back
+        models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
+        raise Cancelled("cancelled before the model was published")
+    _end(ctx, job.ended(SUCCEEDED))
+    ctx.queue.publish(job.avatar_id, events.PERSONALISED)
+
+
+def _remove(ctx: Context, job: Job) -> None:
+    had = models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
+    _end(ctx, job.ended(SUCCEEDED))
+    if had:
+        ctx.queue.publish(job.avatar_id, events.UNPERSONALISED)
+
+
+def model_id_of(meta: dict[str, Any]) -> str:
+    return checkpoint.fingerprint(meta)
