@@ -17,8 +17,11 @@ import binascii
 import functools
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
+
+import numpy as np
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2
 from facekit.contract import ModelInfo
@@ -27,6 +30,7 @@ from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
+from facekit.watermark import Watermarker, payload_for
 from jobs import events
 from jobs.events import Event
 from jobs.record import Job
@@ -44,6 +48,12 @@ from service.stream import DrivingLandmarks, Stream, check_config, driving_mappe
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
+# The one tenant of a deployment until tenants exist: the watermark payload is payload_for(TENANT, id).
+TENANT = "default"
+
+
+def _unmarked(frame: np.ndarray) -> np.ndarray:
+    return frame
 
 
 def check_id(avatar_id: str) -> str:
@@ -62,12 +72,14 @@ class App:
         store: AvatarStore,
         metrics: Metrics,
         personaliser: Personaliser,
+        watermarker: Watermarker | None = None,
     ) -> None:
         self.settings = settings
         self.backend = backend
         self.store = store
         self.metrics = metrics
         self.personaliser = personaliser
+        self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
         self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
@@ -246,6 +258,7 @@ class App:
             queue_depth=setup.depth,
             output_width=width,
             output_height=height,
+            watermark_key_id=self.watermarker.fingerprint if self.watermarker else "",
         )
         return Stream(
             setup=setup,
@@ -259,10 +272,17 @@ class App:
             portrait=portrait,
             paste_region="crop" if info.warp_guided else "face",
             smoother=smoother(setup.config),
+            mark=self._marker(avatar_id),
             find_landmarks=self.driving_landmarks,
             metrics=self.metrics,
             release=self._release_stream_slot,
         )
+
+    def _marker(self, avatar_id: str) -> Callable[[np.ndarray], np.ndarray]:
+        """Every frame of the avatar's streams: the mark of payload_for(tenant, avatar)."""
+        if self.watermarker is None:
+            return _unmarked
+        return functools.partial(self.watermarker.mark, payload=payload_for(TENANT, avatar_id))
 
     async def _portrait(self, record: AvatarRecord) -> Portrait:
         """The avatar's source photo for paste-back (decoded in the io pool, once per stream)."""

@@ -1,7 +1,8 @@
 """Run the gRPC service: avatars, animation streams, health, reflection and Prometheus metrics.
 
 Settings come from TALKINGHEAD_* environment variables (service/README.md lists them); flags
-override them. With no flags it serves model_repository/ in-process with ONNX Runtime on
+override them. TALKINGHEAD_WATERMARK_KEY is the secret every generated frame is marked with
+(without it frames go out unmarked and a warning says so; --production refuses to start). With no flags it serves model_repository/ in-process with ONNX Runtime on
 127.0.0.1:50051, metrics on :8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
 
 example:
@@ -15,6 +16,7 @@ import argparse
 import asyncio
 import logging
 
+from facekit.watermark import MissingKeyError
 from service import settings as settings_module
 from service.server import serve
 
@@ -31,5 +33,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
     )
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except MissingKeyError as error:
+        raise SystemExit(f"talkinghead serve: {error}") from error
     return 0

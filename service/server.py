@@ -27,6 +27,7 @@ from api.talkinghead.v1 import (
     personalisation_pb2,
     personalisation_pb2_grpc,
 )
+from facekit.watermark import Watermarker, require_key
 from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service.app import App
@@ -102,7 +103,18 @@ class Server:
         )
         if s.worker == "none":
             personaliser.disabled = "no personalisation worker runs here (TALKINGHEAD_WORKER=none)"
-        self.app = App(settings=s, backend=backend, store=store, metrics=metrics, personaliser=personaliser)
+        key = require_key(production=s.production)  # MissingKeyError: production mode without a key
+        watermarker = Watermarker(key=key) if key else None
+        if watermarker is not None:
+            log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
+        self.app = App(
+            settings=s,
+            backend=backend,
+            store=store,
+            metrics=metrics,
+            personaliser=personaliser,
+            watermarker=watermarker,
+        )
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

@@ -60,6 +60,7 @@ class Settings:
     jobs: Path = Path("var/jobs")
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
     max_queue: int = 16
+    production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
     max_image_pixels: int = 40_000_000  # per decoded image
@@ -131,12 +132,17 @@ _ENV_FIELDS = (
     "jobs",
     "worker_checkpoint",
     "max_queue",
+    "production",
 )
 
 
 def _convert(name: str, raw: str) -> object:
     kind = {f.name: f.type for f in dataclasses.fields(Settings)}[name]
     text = str(kind)
+    if "bool" in text:
+        if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+            raise ValueError("expected 1/0, true/false or yes/no")
+        return raw.lower() in ("1", "true", "yes")
     if "int" in text:
         return int(raw)
     if "float" in text:
@@ -184,6 +190,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--jobs", type=Path, help="local job directory (default var/jobs)")
     group.add_argument("--worker-checkpoint", type=Path, help="checkpoint the embedded worker fine-tunes")
     group.add_argument("--max-queue", type=int, help="queued + running personalisations (default 16)")
+    group.add_argument(
+        "--production",
+        action="store_true",
+        default=None,
+        help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY (default off)",
+    )
     group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
     group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")

@@ -174,6 +174,7 @@ class Stream:
     portrait: Portrait | None  # paste_back: the source photo the face is blended into
     paste_region: str  # facekit.pasteback region: "crop" (warp-guided G) or "face"
     smoother: OneEuro | None  # config.smoothing
+    mark: Callable[[np.ndarray], np.ndarray]  # the deployment's watermark (identity without a key)
     find_landmarks: FindLandmarks
     metrics: Metrics
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
@@ -296,23 +297,14 @@ class Stream:
     async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
         setup = self.setup
         t0 = time.perf_counter()
-        if self.portrait is not None:
-            data = await asyncio.to_thread(self._paste_and_encode, result.image, head.work.points)
-            lmk = b""
-            if setup.config.include_landmark_image:
-                lmk = encode_frame(head.work.render(), setup.encoding, setup.quality)
-        elif result.image.shape[0] <= INLINE_ENCODE_MAX:
-            data = encode_frame(result.image, setup.encoding, setup.quality)
-            lmk = (
-                encode_frame(head.work.render(), setup.encoding, setup.quality)
-                if setup.config.include_landmark_image
-                else b""
-            )
+        inline = self.portrait is None and result.image.shape[0] <= INLINE_ENCODE_MAX
+        if inline:
+            data = self._finish(result.image, head.work.points)
         else:
-            data = await asyncio.to_thread(encode_frame, result.image, setup.encoding, setup.quality)
-            lmk = b""
-            if setup.config.include_landmark_image:
-                lmk = await asyncio.to_thread(encode_frame, head.work.render(), setup.encoding, setup.quality)
+            data = await asyncio.to_thread(self._finish, result.image, head.work.points)
+        lmk = b""
+        if setup.config.include_landmark_image:
+            lmk = encode_frame(head.work.render(), setup.encoding, setup.quality)
         done = time.perf_counter()
         encode_s, queue_s, total_s = done - t0, result.taken - head.work.enqueued, done - head.read
         rasterize_s = head.rasterize_s + head.work.rasterize_s
@@ -347,7 +339,11 @@ class Stream:
             )
         )
 
-    def _paste_and_encode(self, face: np.ndarray, points: np.ndarray) -> bytes:
-        assert self.portrait is not None
-        frame = paste_back(self.portrait, face, points, region=self.paste_region)
-        return encode_frame(frame, self.setup.encoding, self.setup.quality)
+    def _finish(self, face: np.ndarray, points: np.ndarray) -> bytes:
+        """The frame the client gets: pasted into the portrait (paste_back), watermarked, encoded."""
+        frame = (
+            face
+            if self.portrait is None
+            else paste_back(self.portrait, face, points, region=self.paste_region)
+        )
+        return encode_frame(self.mark(frame), self.setup.encoding, self.setup.quality)

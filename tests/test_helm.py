@@ -9,6 +9,7 @@ the helm tests skip, naming the reason, only when it cannot be had.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import re
@@ -413,6 +414,23 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
     ]
     done = subprocess.run([helm, *args], capture_output=True, text=True)
     assert done.returncode != 0 and message in done.stderr
+
+
+def test_frames_are_watermarked_with_a_key_kept_in_a_secret(helm: str) -> None:
+    manifests = render(helm)
+    secret = one(manifests, "Secret", "-watermark")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    assert len(base64.b64decode(secret["data"]["key"])) == 48
+    env = container(one(manifests, "Deployment", ""), "service")["env"]
+    ref = {"secretKeyRef": {"name": secret["metadata"]["name"], "key": "key"}}
+    assert {"name": "TALKINGHEAD_WATERMARK_KEY", "valueFrom": ref} in env
+    assert one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_PRODUCTION"] == "1"
+    own = render(helm, **{"watermark.existingSecret": "studio-watermark"})
+    assert not find(own, "Secret", "-watermark")
+    ref = {"secretKeyRef": {"name": "studio-watermark", "key": "key"}}
+    assert {"name": "TALKINGHEAD_WATERMARK_KEY", "valueFrom": ref} in container(
+        one(own, "Deployment", ""), "service"
+    )["env"]
 
 
 def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:

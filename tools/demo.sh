@@ -5,8 +5,12 @@
 #   2. create the avatar from PORTRAIT over gRPC
 #   3. personalise it over gRPC (an operation: the worker fine-tunes the committed model on the
 #      avatar's photos, ~2 min on CPU, and exports generator_demo into the model repository)
-#   4. stream DRIVER through it (relative motion): the personalised generator draws it
-#   5. write OUT/demo.mp4 and OUT/contact_sheet.png; stop the server (also on failure)
+#   4. stream DRIVER through it (relative motion, --paste-back: the whole photo moves, not a crop):
+#      the personalised generator draws it, the server watermarks every frame
+#   5. write OUT/demo.mp4 and OUT/contact_sheet.png, read the watermark back (`talkinghead verify`);
+#      stop the server (also on failure)
+# The watermark key is this run's own random secret (OUT/watermark.key) unless
+# TALKINGHEAD_WATERMARK_KEY is set.
 set -euo pipefail
 : "${VENV:=.venv}" "${CHECKPOINT:=models/talkinghead-small.pt}" "${REPOSITORY:=model_repository}"
 : "${PORTRAIT:=facekit/assets/demo_portrait.png}" "${DRIVER:=facekit/assets/demo_driver.npz}"
@@ -14,6 +18,11 @@ set -euo pipefail
 py="$VENV/bin/python"
 th() { "$py" -m talkinghead.cli "$@"; }  # this checkout's code, whatever the venv's editable install
 mkdir -p "$OUT"
+if [ -z "${TALKINGHEAD_WATERMARK_KEY:-}" ]; then
+    (umask 077 && "$py" -c "import secrets; print(secrets.token_urlsafe(32))" >"$OUT/watermark.key")
+    TALKINGHEAD_WATERMARK_KEY=$(cat "$OUT/watermark.key")
+fi
+export TALKINGHEAD_WATERMARK_KEY
 
 read -r grpc_port metrics_port < <("$py" - <<'PY'
 import socket
@@ -36,6 +45,7 @@ fi
 echo "demo: service ready on $TALKINGHEAD_SERVER (metrics http://127.0.0.1:$metrics_port/metrics, log $OUT/serve.log)"
 th avatar create "$AVATAR" "$PORTRAIT" --replace
 th avatar personalise "$AVATAR" ${STEPS:+--steps "$STEPS"} --wait
-th animate --avatar "$AVATAR" --driver "$DRIVER" --relative --out "$OUT/demo.mp4" \
+th animate --avatar "$AVATAR" --driver "$DRIVER" --relative --paste-back --out "$OUT/demo.mp4" \
     --contact-sheet "$OUT/contact_sheet.png"
 echo "demo: wrote $OUT/demo.mp4 and $OUT/contact_sheet.png"
+th verify "$OUT/demo.mp4"

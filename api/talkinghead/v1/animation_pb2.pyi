@@ -115,20 +115,22 @@ class AnimateRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., landmarks: _Optional[_Union[LandmarkFrame, _Mapping]] = ..., driving_frame: _Optional[_Union[DrivingFrame, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class StreamStarted(_message.Message):
-    __slots__ = ("image_size", "personalised", "model_id", "queue_depth", "output_width", "output_height")
+    __slots__ = ("image_size", "personalised", "model_id", "queue_depth", "output_width", "output_height", "watermark_key_id")
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PERSONALISED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WATERMARK_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     image_size: int
     personalised: bool
     model_id: str
     queue_depth: int
     output_width: int
     output_height: int
-    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., output_width: _Optional[int] = ..., output_height: _Optional[int] = ...) -> None: ...
+    watermark_key_id: str
+    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., output_width: _Optional[int] = ..., output_height: _Optional[int] = ..., watermark_key_id: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("decode_us", "landmarks_us", "rasterize_us", "queue_us", "inference_us", "encode_us", "total_us")

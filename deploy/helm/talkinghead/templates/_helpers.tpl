@@ -257,3 +257,8 @@ labels:
 {{ . }}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding the watermark key under `key`: the operator's, or the one the chart makes. */}}
+{{- define "talkinghead.watermarkSecret" -}}
+{{- .Values.watermark.existingSecret | default (printf "%s-watermark" (include "talkinghead.fullname" .)) -}}
+{{- end -}}

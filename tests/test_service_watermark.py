@@ -1,0 +1,80 @@
+"""Every frame the service sends carries the deployment's invisible watermark, with the payload of
+its tenant and avatar, when TALKINGHEAD_WATERMARK_KEY is set; production mode refuses to start
+without a key. Real server on 127.0.0.1, frames read back with the verifier's detector."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.library import Client, landmark_requests
+from facekit.sequence import LandmarkSequence
+from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
+from service.app import TENANT
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import PORTRAIT, ServerThread, test_settings
+
+KEY = "test-deployment-secret-7f3a"
+
+
+@pytest.fixture(scope="module")
+def marked_server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KEY_ENV, KEY)
+        running = ServerThread(settings=test_settings(model_repository, tmp_path_factory.mktemp("marked")))
+    running.wait_ready()
+    yield running
+    running.stop()
+
+
+def _frames(client: Client, avatar: str, driver: LandmarkSequence, **options: object) -> list[np.ndarray]:
+    seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+    return [f.image for f in client.animate(avatar, landmark_requests(seq), motion="relative", **options)]
+
+
+@pytest.mark.parametrize("paste_back", [False, True])
+def test_every_frame_carries_the_mark_of_its_avatar(
+    marked_server: ServerThread, driver: LandmarkSequence, paste_back: bool
+) -> None:
+    wm = Watermarker(key=KEY)
+    with marked_server.client() as client:
+        client.create_avatar("marked", [PORTRAIT], replace=True)
+        frames = _frames(client, "marked", driver, encoding="jpeg", paste_back=paste_back)
+        assert client.last_started is not None
+        assert client.last_started.watermark_key_id == wm.fingerprint
+    assert len(frames) == 3
+    for frame in frames:
+        found = wm.detect(frame)
+        assert found.present, found.score
+        assert found.payload == payload_for(TENANT, "marked")
+    assert not Watermarker(key="another deployment").detect(frames[0]).present
+
+
+def test_without_a_key_frames_are_unmarked_and_the_stream_says_so(
+    client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    frames = _frames(client, avatar, driver, encoding="png")
+    assert client.last_started is not None and client.last_started.watermark_key_id == ""
+    assert not any(Watermarker(key=KEY).detect(f).present for f in frames)
+
+
+def test_production_mode_refuses_to_start_without_a_key(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    settings = replace(test_settings(model_repository, tmp_path / "avatars"), production=True)
+    with pytest.raises(MissingKeyError, match=KEY_ENV):
+        ServerThread(settings=settings)
+    command = [sys.executable, "-m", "talkinghead.cli", "serve", "--production", "--grpc-port", "0"]
+    command += ["--metrics-port", "0", "--model-repository", str(model_repository)]
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0
+    assert KEY_ENV in done.stderr and "Traceback" not in done.stderr
