@@ -3,7 +3,8 @@
 Settings come from TALKINGHEAD_* environment variables (service/README.md lists them); flags
 override them. TALKINGHEAD_WATERMARK_KEY is the secret every generated frame is marked with
 (without it frames go out unmarked and a warning says so; --production refuses to start). With no
-flags it serves model_repository/ in-process with ONNX Runtime on 127.0.0.1:50051, metrics on :8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
+flags it serves model_repository/ in-process with ONNX Runtime on 127.0.0.1:50051, metrics on
+:8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
 
 example:
   talkinghead serve
