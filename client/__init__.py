@@ -2,7 +2,10 @@
 
     from client import Client, landmark_requests
     with Client(target="127.0.0.1:50051") as c:
-        c.create_avatar("mona", ["mona.jpg"])
+        consent = consent_record(subject="Mona Lisa (Leonardo)", basis="public-domain",
+                                 source="https://collections.louvre.fr/ark:/53355/cl010062370",
+                                 collected_by="studio@example.com")
+        c.create_avatar("mona", ["mona.jpg"], consent=consent)
         frames = list(c.animate("mona", landmark_requests(LandmarkSequence.load("driver.npz"))))
 
 Depends on the generated stubs (api/) and the shared ground (facekit/), never on the server
@@ -14,6 +17,7 @@ from client.library import (
     DEFAULT_SERVER,
     Client,
     Frame,
+    consent_record,
     decode_frame,
     describe_error,
     image_requests,
@@ -28,6 +32,7 @@ __all__ = [
     "DEFAULT_SERVER",
     "Client",
     "Frame",
+    "consent_record",
     "decode_frame",
     "describe_error",
     "image_requests",

@@ -1,7 +1,11 @@
 """Manage avatars on a running service: create from photos, list, show, delete.
 
 example:
-  talkinghead avatar create mona mona1.jpg mona2.png --name "Mona Lisa"
+  talkinghead avatar create mona mona1.jpg --name "Mona Lisa" --subject "Mona Lisa (Leonardo)" \
+      --basis public-domain --source https://collections.louvre.fr/ark:/53355/cl010062370 \
+      --collected-by studio@example.com
+  talkinghead avatar create ada ada.jpg --subject "Ada Example" --basis personal \
+      --statement-version 2026-11 --document ada-consent-signed.pdf --collected-by hr@example.com
   talkinghead avatar list
   talkinghead avatar get mona --preview mona_crop.png
   talkinghead avatar personalise mona --wait          # fine-tune its own generator, with a progress bar
@@ -21,7 +25,7 @@ import grpc
 
 from api.talkinghead.v1 import avatar_pb2
 from client.arguments import add_server_arguments, connect
-from client.library import PRESETS, Client, describe_error, operation_error
+from client.library import BASES, PRESETS, Client, consent_record, describe_error, operation_error
 from client.progress import ProgressBar, describe
 
 
@@ -33,6 +37,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("photos", type=Path, nargs="+", help="JPEG, PNG or WebP files")
     create.add_argument("--name", default="", help="display name")
     create.add_argument("--replace", action="store_true", help="replace an existing avatar with this id")
+    consent = create.add_argument_group("consent record (required: on whose authority the face is animated)")
+    consent.add_argument(
+        "--subject", required=True, help="who the photos depict (name, or artwork and author)"
+    )
+    consent.add_argument("--basis", required=True, choices=list(BASES), help="the legal ground")
+    consent.add_argument("--statement-version", default="", help="personal: the consent statement's version")
+    consent.add_argument(
+        "--document", type=Path, help="personal: the signed statement (only its SHA-256 is sent)"
+    )
+    consent.add_argument("--source", default="", help="public-domain, licensed: where the work comes from")
+    consent.add_argument("--collected-by", required=True, help="who collected the record")
+    consent.add_argument(
+        "--collected-at",
+        type=datetime.datetime.fromisoformat,
+        help="when it was collected, ISO 8601 (default: now)",
+    )
     sub.add_parser("list", help="list every avatar")
     get = sub.add_parser("get", help="show one avatar")
     get.add_argument("avatar_id")
@@ -60,6 +80,11 @@ def _show(avatar: avatar_pb2.Avatar) -> None:
         f"{avatar.avatar_id}{name}: {avatar.image_count} photo(s), {avatar.image_size} px, {kind}, "
         f"model {avatar.model_id}, created {_when(avatar)}"
     )
+    if avatar.consent.record_id:
+        c = avatar.consent
+        ground = c.source or f"statement {c.statement_version}, document sha256 {c.document_sha256[:12]}..."
+        basis = avatar_pb2.ConsentBasis.Name(c.basis).removeprefix("CONSENT_BASIS_").lower()
+        print(f"  consent {c.record_id}: {c.subject}; {basis} ({ground}); collected by {c.collected_by}")
     for report in avatar.images:
         found = "landmarks given" if report.landmarks_supplied else f"{report.faces_found} face(s)"
         print(f"  image {report.index}: {report.width}x{report.height}, {found}, crop {report.crop_side} px")
@@ -91,9 +116,28 @@ def run(args: argparse.Namespace) -> int:
                     if not photo.is_file():
                         print(f"talkinghead avatar: {photo}: no such file", file=sys.stderr)
                         return 2
+                if args.document is not None and not args.document.is_file():
+                    print(f"talkinghead avatar: {args.document}: no such file", file=sys.stderr)
+                    return 2
+                when = args.collected_at
+                if when is not None and when.tzinfo is None:
+                    when = when.replace(tzinfo=datetime.UTC)
+                record = consent_record(
+                    subject=args.subject,
+                    basis=args.basis,
+                    collected_by=args.collected_by,
+                    statement_version=args.statement_version,
+                    document=args.document,
+                    source=args.source,
+                    collect_time=when.timestamp() if when is not None else None,
+                )
                 _show(
                     client.create_avatar(
-                        args.avatar_id, args.photos, display_name=args.name, replace=args.replace
+                        args.avatar_id,
+                        args.photos,
+                        consent=record,
+                        display_name=args.name,
+                        replace=args.replace,
                     )
                 )
             elif args.action == "list":

@@ -41,8 +41,8 @@ import numpy as np
 import onnxruntime as ort
 
 from api.talkinghead.v1 import animation_pb2 as pb
-from api.talkinghead.v1 import animation_pb2_grpc
-from client.library import Client, to_landmarks
+from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
+from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
 from facekit import contract
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
@@ -71,6 +71,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "raw batch-1 latency and the closed-loop per-frame latency through the service",
     )
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the --baseline comparison")
+
+
+def portrait_consent(portrait: Path) -> avatar_pb2.ConsentRecord:
+    """The bench's avatar: the demo asset's record, or one naming the operator's --portrait file."""
+    if portrait.resolve() == (ASSETS / "demo_portrait.png").resolve():
+        return demo_portrait_consent()
+    return consent_record(
+        subject=f"benchmark photo {portrait.name}",
+        basis="licensed",
+        source=f"supplied to `talkinghead bench --portrait` by the operator: {portrait}",
+        collected_by="talkinghead bench",
+    )
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -379,7 +391,9 @@ async def service_runs(
         process, address = start_server(args.model_repository, Path(store), max(args.batches))
         try:
             with Client(target=address) as client:
-                client.create_avatar(AVATAR, [args.portrait], replace=True)
+                client.create_avatar(
+                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+                )
             async with grpc.aio.insecure_channel(address) as channel:
                 stub = animation_pb2_grpc.AnimationServiceStub(channel)
                 one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
@@ -405,7 +419,9 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
                 process, address = start_server(repository, Path(store), 1)
                 try:
                     with Client(target=address) as client:
-                        client.create_avatar(AVATAR, [args.portrait], replace=True)
+                        client.create_avatar(
+                            AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+                        )
                     async with grpc.aio.insecure_channel(address) as channel:
                         stub = animation_pb2_grpc.AnimationServiceStub(channel)
                         one = await closed_loop(stub, driver, raw, args.closed_loop_frames)

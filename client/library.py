@@ -14,6 +14,7 @@ Torch-free: imports facekit and the generated stubs (api/) only, never the serve
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -40,6 +41,52 @@ ENCODINGS = {
 }
 OVERFLOW = {"drop-oldest": pb.OVERFLOW_POLICY_DROP_OLDEST, "block": pb.OVERFLOW_POLICY_BLOCK}
 MOTION = {"absolute": pb.MOTION_MODE_ABSOLUTE, "relative": pb.MOTION_MODE_RELATIVE}
+BASES = {
+    "personal": avatar_pb2.CONSENT_BASIS_PERSONAL_CONSENT,
+    "public-domain": avatar_pb2.CONSENT_BASIS_PUBLIC_DOMAIN,
+    "licensed": avatar_pb2.CONSENT_BASIS_LICENSED,
+}
+
+
+def consent_record(
+    *,
+    subject: str,
+    basis: str,
+    collected_by: str,
+    statement_version: str = "",
+    document: bytes | str | Path | None = None,
+    source: str = "",
+    collect_time: float | None = None,
+) -> avatar_pb2.ConsentRecord:
+    """A consent record for create_avatar. basis: personal (with statement_version and the signed
+    `document`, whose SHA-256 is sent, never the document), public-domain or licensed (with source)."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}")
+    record = avatar_pb2.ConsentRecord(
+        subject=subject,
+        basis=BASES[basis],
+        collected_by=collected_by,
+        statement_version=statement_version,
+        source=source,
+    )
+    if document is not None:
+        data = document if isinstance(document, bytes) else Path(document).read_bytes()
+        record.document_sha256 = hashlib.sha256(data).hexdigest()
+    record.collect_time.FromNanoseconds(int((time.time() if collect_time is None else collect_time) * 1e9))
+    return record
+
+
+def demo_portrait_consent() -> avatar_pb2.ConsentRecord:
+    """The consent record of facekit/assets/demo_portrait.png (demo, bench, tests): a NASA photograph."""
+    return consent_record(
+        subject="Eileen Collins, NASA astronaut portrait (facekit/assets/demo_portrait.png)",
+        basis="public-domain",
+        source="NASA photograph via scikit-image data.astronaut(); work of the US federal government",
+        collected_by="talkinghead project",
+        collect_time=1_764_547_200.0,  # 2025-12-01
+    )
+
+
 PRESETS = {
     "fast": ops.PERSONALISATION_PRESET_FAST,
     "balanced": ops.PERSONALISATION_PRESET_BALANCED,
@@ -191,11 +238,13 @@ class Client:
         avatar_id: str,
         images: Sequence[bytes | str | Path],
         *,
+        consent: avatar_pb2.ConsentRecord,
         landmarks: Sequence[np.ndarray | None] | None = None,
         display_name: str = "",
         replace: bool = False,
     ) -> avatar_pb2.Avatar:
-        """Make an avatar from 1-32 encoded photos (bytes or file paths), optionally with landmarks each."""
+        """Make an avatar from 1-32 encoded photos (bytes or file paths), optionally with landmarks each,
+        on the authority of `consent` (see consent_record)."""
         sources = []
         for index, image in enumerate(images):
             source = avatar_pb2.SourceImage(data=_image_bytes(image))
@@ -203,7 +252,7 @@ class Client:
                 source.landmarks.CopyFrom(to_landmarks(landmarks[index]))  # type: ignore[arg-type]
             sources.append(source)
         request = avatar_pb2.CreateAvatarRequest(
-            avatar_id=avatar_id, images=sources, display_name=display_name, replace=replace
+            avatar_id=avatar_id, images=sources, display_name=display_name, replace=replace, consent=consent
         )
         return self.avatars.CreateAvatar(request, timeout=self.timeout)
 

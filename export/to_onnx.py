@@ -53,7 +53,10 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
         warp_guided=cfg.model.warp_guided,
     )
     avatar = str(ckpt["avatar"]) if kind == contract.KIND_PERSONALISED else None
-    return info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
+    meta = info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
+    if avatar is not None and ckpt.get("consent_record"):
+        meta[contract.Meta.CONSENT_RECORD] = str(ckpt["consent_record"])
+    return meta
 
 
 @dataclass(frozen=True, kw_only=True)

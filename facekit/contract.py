@@ -132,6 +132,7 @@ class Meta:
     STEP = PREFIX + "step"  # training step of the checkpoint
     AVATAR = PREFIX + "avatar"  # personalised models only
     WARP_GUIDED = PREFIX + "warp_guided"  # "true": the generator takes `warped`; absent = "false"
+    CONSENT_RECORD = PREFIX + "consent_record"  # personalised models: the avatar's consent record id
     KEYS = (
         KIND,
         IMAGE_SIZE,
@@ -143,6 +144,7 @@ class Meta:
         STEP,
         AVATAR,
         WARP_GUIDED,
+        CONSENT_RECORD,
     )
 
 

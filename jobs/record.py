@@ -51,6 +51,7 @@ class Job:
     kind: str  # PERSONALISE | REMOVE
     avatar_id: str
     model_id: str = ""  # the base model the avatar was made with (the worker must run the same)
+    consent_id: str = ""  # the avatar's consent record id (stamped into the personalised generator)
     steps: int = 0
     state: str = QUEUED
     stage: str = "queued"

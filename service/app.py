@@ -34,7 +34,8 @@ from facekit.watermark import Watermarker, payload_for
 from jobs import events
 from jobs.events import Event
 from jobs.record import Job
-from service import avatars
+from service import avatars, consent
+from service.audit import AuditEvent, AuditLog
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
@@ -50,6 +51,11 @@ T = TypeVar("T")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 # The one tenant of a deployment until tenants exist: the watermark payload is payload_for(TENANT, id).
 TENANT = "default"
+
+
+def actor_of(peer: str) -> str:
+    """Who calls, as the audit log names them: the tenant and the caller's address."""
+    return f"tenant={TENANT} peer={peer}"
 
 
 def _unmarked(frame: np.ndarray) -> np.ndarray:
@@ -72,6 +78,7 @@ class App:
         store: AvatarStore,
         metrics: Metrics,
         personaliser: Personaliser,
+        audit: AuditLog,
         watermarker: Watermarker | None = None,
     ) -> None:
         self.settings = settings
@@ -79,6 +86,7 @@ class App:
         self.store = store
         self.metrics = metrics
         self.personaliser = personaliser
+        self.audit = audit
         self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
         self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
@@ -131,9 +139,27 @@ class App:
             raise unavailable(f"the model backend is not ready: {error}") from error
 
     # -- avatars ------------------------------------------------------------------------------
-    async def create_avatar(self, request: avatar_pb2.CreateAvatarRequest) -> AvatarRecord:
+    async def record_event(self, event: str, record: AvatarRecord, *, actor: str, **detail: Any) -> None:
+        """Append to the audit log; a failure to write is logged loudly, never turned into a
+        failed call after the change it records has happened."""
+        entry = AuditEvent(
+            event=event,
+            avatar_id=record.avatar_id,
+            actor=actor,
+            model_id=record.model_id,
+            consent_id=str(record.consent.get("record_id", "")),
+            detail=detail,
+        )
+        try:
+            await self.in_pool(self.io_pool, self.audit.append, entry)
+        except Exception as error:
+            self.metrics.audit_failures.inc()
+            log.error("could not write the audit event %s of %s: %s", event, record.avatar_id, error)
+
+    async def create_avatar(self, request: avatar_pb2.CreateAvatarRequest, *, actor: str) -> AvatarRecord:
         avatar_id = check_id(request.avatar_id)
         avatars.check_request(request, self.settings.max_images)
+        consent_record = consent.check(request.consent, request.HasField("consent"))
         info = self.info()
         existed = await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None
         if existed and not request.replace:
@@ -154,13 +180,22 @@ class App:
         except BackendUnavailable as error:
             self._on_backend_error("embed", error)
             raise unavailable(f"the model backend is unavailable: {error}") from error
-        record = avatars.make_record(avatar_id, request.display_name, prepared, embedding, adain, info)
+        record = avatars.make_record(
+            avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
+        )
         if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
             raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
         self.cache.put(record)
         if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
             await self._forget_personalisation(avatar_id)
         self.metrics.avatars_created.inc()
+        await self.record_event(
+            "replace" if existed else "create",
+            record,
+            actor=actor,
+            images=len(request.images),
+            consent=record.consent,
+        )
         log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
         return record
 
@@ -189,12 +224,15 @@ class App:
         next_token = encode_token(later[size - 1]) if len(later) > size else ""
         return records, next_token, len(ids)
 
-    async def delete_avatar(self, avatar_id: str) -> None:
+    async def delete_avatar(self, avatar_id: str, *, actor: str) -> None:
         avatar_id = check_id(avatar_id)
         self.cache.discard(avatar_id)
-        if not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
+        record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        if record is None or not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
             raise not_found(f"no avatar with id {avatar_id!r}")
         await self._forget_personalisation(avatar_id)
+        removed = ["photos", "face crops", "psi and embedding", "cached parameters", "personalised generator"]
+        await self.record_event("delete", record, actor=actor, tombstone=True, removed=removed)
         log.info("deleted avatar %s", avatar_id)
 
     async def _forget_personalisation(self, avatar_id: str) -> None:
@@ -206,9 +244,10 @@ class App:
         except Exception as error:
             log.error("could not withdraw the personalisation of %s: %s", avatar_id, error)
 
-    async def personalise(self, avatar_id: str, *, steps: int, preset: str) -> Job:
+    async def personalise(self, avatar_id: str, *, steps: int, preset: str, actor: str) -> Job:
         record = await self.get_record(avatar_id)
         job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
+        await self.record_event("personalise", record, actor=actor, operation=job.id, steps=job.steps)
         log.info("personalising %s in %d steps: operation %s", avatar_id, job.steps, job.id)
         return job
 
@@ -231,7 +270,7 @@ class App:
             return False
 
     # -- streams ------------------------------------------------------------------------------
-    async def open_stream(self, config: animation_pb2.StreamConfig) -> Stream:
+    async def open_stream(self, config: animation_pb2.StreamConfig, *, actor: str) -> Stream:
         """Admit one Animate stream: config and avatar checked, a stream slot taken
         (RESOURCE_EXHAUSTED at max_streams), its queue opened in the batcher. Stream.close()
         gives the slot back through `release`."""
@@ -250,6 +289,13 @@ class App:
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
         self._take_stream_slot()
+        await self.record_event(
+            "animate_start",
+            record,
+            actor=actor,
+            personalised=personalised,
+            paste_back=setup.config.paste_back,
+        )
         width, height = portrait.size if portrait is not None else (info.image_size, info.image_size)
         started = animation_pb2.StreamStarted(
             image_size=info.image_size,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -107,6 +108,7 @@ def make_record(
     embedding: np.ndarray,
     adain: np.ndarray,
     info: ModelInfo,
+    consent: dict[str, Any],
 ) -> AvatarRecord:
     """embedding (K, 512), adain (K, D) from the embedder -> the avatar's record."""
     k = len(prepared.crops)
@@ -129,6 +131,7 @@ def make_record(
         crop_points=prepared.points,
         portrait_jpeg=encode_jpeg(prepared.portrait.image, PORTRAIT_QUALITY),
         portrait_box=(prepared.portrait.box.cx, prepared.portrait.box.cy, prepared.portrait.box.side),
+        consent=consent,
     )
 
 

@@ -81,6 +81,9 @@ class Metrics:
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
         )
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
+        self.audit_failures = Counter(
+            "talkinghead_audit_write_failures_total", "Audit events that could not be written", registry=r
+        )
         self.avatar_events = Histogram(
             "talkinghead_avatar_event_delay_seconds",
             "From an avatar event's sending (create, delete, personalised) to this replica acting on it",

@@ -80,7 +80,12 @@ class Personaliser:
                 f"avatar {record.avatar_id!r} keeps no photos to fine-tune on; create it again"
             )
         job = Job(
-            id=new_id(), kind=PERSONALISE, avatar_id=record.avatar_id, model_id=record.model_id, steps=total
+            id=new_id(),
+            kind=PERSONALISE,
+            avatar_id=record.avatar_id,
+            model_id=record.model_id,
+            consent_id=str(record.consent.get("record_id", "")),
+            steps=total,
         )
         data = pack_input(record.crops, record.crop_points)
         try:

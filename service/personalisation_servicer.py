@@ -13,7 +13,7 @@ from api.talkinghead.v1 import personalisation_pb2 as pb
 from api.talkinghead.v1 import personalisation_pb2_grpc
 from jobs import record
 from jobs.record import Job
-from service.app import App
+from service.app import App, actor_of
 from service.errors import ServiceError
 from service.personalisation import PREFIX
 from service.servicer import unary
@@ -86,7 +86,10 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
         if request.HasField("steps") and request.steps < 1:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be 1-2000, got {request.steps}")
         job = await self.app.personalise(
-            request.avatar_id, steps=request.steps, preset=PRESETS.get(request.preset, "")
+            request.avatar_id,
+            steps=request.steps,
+            preset=PRESETS.get(request.preset, ""),
+            actor=actor_of(context.peer()),
         )
         return to_operation(job)
 

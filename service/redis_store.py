@@ -55,6 +55,7 @@ def from_fields(raw: dict[bytes, bytes]) -> AvatarRecord:
         create_time=float(meta["create_time"]),
         display_name=meta.get("display_name", ""),
         images=meta.get("images", []),
+        consent=meta.get("consent", {}),
         preview_png=raw.get(b"preview_png", b""),
         portrait_jpeg=raw.get(b"portrait_jpeg", b""),
         portrait_box=(float(cx), float(cy), int(side)),

@@ -31,6 +31,7 @@ from facekit.watermark import Watermarker, require_key
 from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service.app import App
+from service.audit import AuditLog, FileAuditLog, RedisAuditLog
 from service.backends.base import Backend
 from service.events import FileEvents, RedisEvents
 from service.local_worker import LocalWorker
@@ -61,17 +62,22 @@ def make_backend(settings: Settings) -> Backend:
     return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
 
 
-def make_state(settings: Settings) -> tuple[AvatarStore, JobQueue]:
-    """Avatars and jobs: in Redis when TALKINGHEAD_REDIS_URL is set, else files on this machine."""
+def make_state(settings: Settings) -> tuple[AvatarStore, JobQueue, AuditLog]:
+    """Avatars, jobs and the audit log: in Redis when TALKINGHEAD_REDIS_URL is set, else files on
+    this machine."""
     if settings.redis_url:
         from jobs.redis_queue import RedisQueue, connect
         from service.redis_store import RedisAvatarStore
 
         client = connect(settings.redis_url)
-        return RedisAvatarStore(client=client), RedisQueue(client=client)
+        return RedisAvatarStore(client=client), RedisQueue(client=client), RedisAuditLog(client=client)
     from jobs.local import LocalQueue
 
-    return LocalAvatarStore(root=settings.avatar_store), LocalQueue(root=settings.jobs)
+    return (
+        LocalAvatarStore(root=settings.avatar_store),
+        LocalQueue(root=settings.jobs),
+        FileAuditLog(path=settings.audit_log),
+    )
 
 
 @dataclass(kw_only=True)
@@ -92,7 +98,7 @@ class Server:
         s = self.settings
         log.info("settings: %s", s.describe())
         metrics = Metrics()
-        store, queue = make_state(s)
+        store, queue, audit = make_state(s)
         backend = self.backend or make_backend(s)
         personaliser = Personaliser(
             queue=queue,
@@ -113,6 +119,7 @@ class Server:
             store=store,
             metrics=metrics,
             personaliser=personaliser,
+            audit=audit,
             watermarker=watermarker,
         )
         options = [

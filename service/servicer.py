@@ -13,7 +13,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
-from service.app import App
+from service import consent
+from service.app import App, actor_of
 from service.errors import ServiceError, precondition
 from service.store import AvatarRecord
 from service.stream import Stream
@@ -33,6 +34,7 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
         model_id=record.model_id,
         personalised=personalised,
         image_size=record.image_size,
+        consent=consent.to_pb(record.consent),
     )
     if details:
         avatar.images.extend(avatar_pb2.ImageReport(**report) for report in record.images)  # type: ignore[arg-type]
@@ -67,7 +69,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
     @unary
     async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
-        record = await self.app.create_avatar(request)
+        record = await self.app.create_avatar(request, actor=actor_of(context.peer()))
         personalised = await self.app.personalised(record.avatar_id)
         return to_avatar(record, personalised=personalised, details=True, preview=True)
 
@@ -92,7 +94,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def DeleteAvatar(
         self, request: avatar_pb2.DeleteAvatarRequest, context: Any
     ) -> avatar_pb2.DeleteAvatarResponse:
-        await self.app.delete_avatar(request.avatar_id)
+        await self.app.delete_avatar(request.avatar_id, actor=actor_of(context.peer()))
         return avatar_pb2.DeleteAvatarResponse()
 
 
@@ -113,7 +115,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             kind = first.WhichOneof("message")
             if kind != "config":
                 raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
-            stream = await self.app.open_stream(first.config)
+            stream = await self.app.open_stream(first.config, actor=actor_of(context.peer()))
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
             yield animation_pb2.AnimateResponse(started=stream.started)
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")

@@ -60,6 +60,7 @@ class Settings:
     jobs: Path = Path("var/jobs")
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
     max_queue: int = 16
+    audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
@@ -133,6 +134,7 @@ _ENV_FIELDS = (
     "worker_checkpoint",
     "max_queue",
     "production",
+    "audit_log",
 )
 
 
@@ -189,6 +191,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker", choices=WORKERS, help="personalisation worker (default embedded)")
     group.add_argument("--jobs", type=Path, help="local job directory (default var/jobs)")
     group.add_argument("--worker-checkpoint", type=Path, help="checkpoint the embedded worker fine-tunes")
+    group.add_argument(
+        "--audit-log", type=Path, help="audit log file without Redis (default var/audit.jsonl)"
+    )
     group.add_argument("--max-queue", type=int, help="queued + running personalisations (default 16)")
     group.add_argument(
         "--production",

@@ -50,6 +50,7 @@ class AvatarRecord:
     crop_points: np.ndarray = field(default_factory=lambda: np.zeros((0, 68, 2), np.float32))  # (K, 68, 2)
     portrait_jpeg: bytes = b""  # the first photo, long side <= 1024 px
     portrait_box: tuple[float, float, int] = (0.0, 0.0, 0)  # its face crop box (cx, cy, side), pixels
+    consent: dict[str, Any] = field(default_factory=dict)  # service.consent.check's record ({}: older files)
 
     @property
     def nbytes(self) -> int:
@@ -66,6 +67,7 @@ class AvatarRecord:
             "display_name": self.display_name,
             "images": self.images,
             "portrait_box": list(self.portrait_box),
+            "consent": self.consent,
         }
 
 
@@ -150,6 +152,7 @@ class LocalAvatarStore:
                     create_time=float(meta["create_time"]),
                     display_name=meta.get("display_name", ""),
                     images=meta.get("images", []),
+                    consent=meta.get("consent", {}),
                     preview_png=archive["preview_png"].tobytes(),
                     **kept,
                 )

@@ -28,7 +28,7 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from client.library import Client
+from client.library import Client, demo_portrait_consent
 from facekit.sequence import LandmarkSequence
 from service.server import Server
 from service.settings import Settings
@@ -36,6 +36,7 @@ from service.store import LocalAvatarStore
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "facekit/assets/demo_portrait.png"
+CONSENT = demo_portrait_consent()  # the portrait is a public-domain NASA photograph
 DRIVER = REPO / "facekit/assets/demo_driver.npz"
 BUILD_TIMEOUT_S = 900
 
@@ -123,6 +124,7 @@ def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:
         metrics_port=0,
         model_repository=repository,
         avatar_store=store,
+        audit_log=store.parent / f"{store.name}-audit.jsonl",
         jobs=store.parent / f"{store.name}-jobs",
         worker="external",
     )
@@ -163,7 +165,7 @@ def second_face() -> bytes:
 
 @pytest.fixture(scope="session")
 def avatar(client: Client) -> str:
-    client.create_avatar("astro", [PORTRAIT], display_name="Astronaut", replace=True)
+    client.create_avatar("astro", [PORTRAIT], display_name="Astronaut", replace=True, consent=CONSENT)
     return "astro"
 
 

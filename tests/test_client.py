@@ -33,7 +33,9 @@ CLIENT_MODULES = [
 
 def test_avatar_cli(server: ServerThread, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     flags = ["--server", server.address]
-    assert main(["avatar", *flags, "create", "cli-one", str(PORTRAIT), "--name", "Cli One"]) == 0
+    consent = ["--subject", "Eileen Collins", "--basis", "public-domain", "--source", "NASA"]
+    consent += ["--collected-by", "tests"]
+    assert main(["avatar", *flags, "create", "cli-one", str(PORTRAIT), "--name", "Cli One", *consent]) == 0
     out = capsys.readouterr().out
     assert "cli-one (Cli One): 1 photo(s), 128 px, shared generator" in out and "1 face(s)" in out
     assert main(["avatar", *flags, "list"]) == 0
@@ -44,7 +46,7 @@ def test_avatar_cli(server: ServerThread, capsys: pytest.CaptureFixture[str], tm
     capsys.readouterr()
     assert main(["avatar", *flags, "get", "cli-one"]) == 1
     assert "NOT_FOUND: no avatar with id 'cli-one'" in capsys.readouterr().err
-    assert main(["avatar", *flags, "create", "cli-two", str(tmp_path / "missing.jpg")]) == 2
+    assert main(["avatar", *flags, "create", "cli-two", str(tmp_path / "missing.jpg"), *consent]) == 2
 
 
 def test_animate_cli_landmark_file(

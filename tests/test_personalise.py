@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 
 from api.talkinghead.v1 import personalisation_pb2 as ops
@@ -18,7 +19,7 @@ from client.library import Client, landmark_requests, operation_error
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread, copy_base_models, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, copy_base_models, test_settings
 
 WORKER_TIMEOUT_S = 420
 
@@ -64,7 +65,7 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
     repository = embedded.settings.model_repository
     with embedded.client() as c:
         for name in ("tune", "wait", "full"):
-            c.create_avatar(name, [PORTRAIT])
+            c.create_avatar(name, [PORTRAIT], consent=CONSENT)
         started = c.personalise("tune", steps=2)
         assert started.metadata.state == ops.OPERATION_STATE_QUEUED and started.metadata.total_steps == 2
         assert code_of(lambda: c.personalise("tune")) == grpc.StatusCode.ALREADY_EXISTS
@@ -96,6 +97,9 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         diff = np.mean([np.abs(a.image.astype(int) - b.image.astype(int)).mean() for a, b in pairs])
         assert diff > 0.5, "the personalised generator draws differently from the shared one"
         assert c.get_avatar("tune").personalised and not c.get_avatar("full").personalised
+        model = onnx.load(str(sorted((repository / "generator_tune").glob("*/model.onnx"))[-1]))
+        stamped = {p.key: p.value for p in model.metadata_props}
+        assert stamped["talkinghead.consent_record"] == c.get_avatar("tune").consent.record_id
         listed = [o.name for o in c.list_operations(avatar_id="tune")]
         assert listed == [started.name]
 

@@ -21,7 +21,7 @@ from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
 DATA = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
 
@@ -134,12 +134,12 @@ def test_two_replicas_share_avatars_and_drop_stale_cache_within_a_second(
         for replica in replicas:
             replica.wait_ready()
         one, two = (r.client() for r in replicas)
-        one.create_avatar("shared", [PORTRAIT], display_name="first")
+        one.create_avatar("shared", [PORTRAIT], display_name="first", consent=CONSENT)
         seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
         frames = list(two.animate("shared", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2], "created on replica 1, animated on replica 2"
         assert two.get_avatar("shared").display_name == "first"  # now cached on replica 2
-        one.create_avatar("shared", [PORTRAIT], display_name="second", replace=True)
+        one.create_avatar("shared", [PORTRAIT], display_name="second", replace=True, consent=CONSENT)
         t0 = time.monotonic()
         while two.get_avatar("shared").display_name != "second":
             assert time.monotonic() - t0 < 1.0, "replica 2 still serves the replaced avatar after 1 s"

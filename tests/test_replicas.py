@@ -31,7 +31,7 @@ from jobs.redis_queue import connect
 from tests.redis_fixtures import *  # noqa: F403
 from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, REPO, copy_base_models
+from tests.service_fixtures import CONSENT, PORTRAIT, REPO, copy_base_models
 from tests.test_service_triton import VENV, Triton
 
 pytestmark = [pytest.mark.slow, pytest.mark.triton]
@@ -132,7 +132,7 @@ def test_avatars_and_personalisation_survive_kills(
     one, two = cluster["replicas"]  # type: ignore[misc]
     tritons: list[Triton] = cluster["tritons"]  # type: ignore[assignment]
     seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
-    one.client.create_avatar("alice", [PORTRAIT])
+    one.client.create_avatar("alice", [PORTRAIT], consent=CONSENT)
     assert len(list(two.client.animate("alice", landmark_requests(seq)))) == 3, "made on 1, animated on 2"
     assert not two.client.last_started.personalised
 
@@ -189,7 +189,9 @@ def test_a_replica_killed_mid_create_leaves_no_half_avatar(cluster: dict[str, ob
     avatar_id = f"bob-{int(delay * 1000)}"
     outcome: list[object] = []
     creating = threading.Thread(
-        target=lambda: outcome.append(_try(lambda: victim.client.create_avatar(avatar_id, [PORTRAIT] * 8)))
+        target=lambda: outcome.append(
+            _try(lambda: victim.client.create_avatar(avatar_id, [PORTRAIT] * 8, consent=CONSENT))
+        )
     )
     creating.start()
     time.sleep(delay)

@@ -18,7 +18,7 @@ from facekit.rasterize import draw_batch, draw_landmarks
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
 
 SIZE = 128  # the small model's image size; checked against StreamStarted below
 
@@ -34,15 +34,15 @@ def letterboxed(seq: LandmarkSequence, size: int) -> np.ndarray:
 
 
 def test_avatar_create_get_list_delete(client: Client) -> None:
-    created = client.create_avatar("crud-1", [PORTRAIT], display_name="one")
+    created = client.create_avatar("crud-1", [PORTRAIT], display_name="one", consent=CONSENT)
     assert created.avatar_id == "crud-1" and created.image_count == 1 and created.image_size == SIZE
     assert created.images[0].faces_found == 1 and created.images[0].width == 512
     assert created.preview_png.startswith(b"\x89PNG") and len(created.crop_landmarks.xy) == 136
     with pytest.raises(grpc.RpcError) as error:
-        client.create_avatar("crud-1", [PORTRAIT])
+        client.create_avatar("crud-1", [PORTRAIT], consent=CONSENT)
     assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
     for i in (2, 3, 4):
-        client.create_avatar(f"crud-{i}", [PORTRAIT, PORTRAIT] if i == 4 else [PORTRAIT])
+        client.create_avatar(f"crud-{i}", [PORTRAIT, PORTRAIT] if i == 4 else [PORTRAIT], consent=CONSENT)
     fetched = client.get_avatar("crud-4")
     assert fetched.image_count == 2 and fetched.model_id == created.model_id and not fetched.preview_png
     # paging: 2 per page, every avatar exactly once, in id order
@@ -69,8 +69,8 @@ def test_restart_keeps_avatars(model_repository: Path, tmp_path: Path, driver: L
     first = ServerThread(settings=settings)
     first.wait_ready()
     with first.client() as c:
-        c.create_avatar("keeper", [PORTRAIT], display_name="kept")
-        c.create_avatar("goner", [PORTRAIT])
+        c.create_avatar("keeper", [PORTRAIT], display_name="kept", consent=CONSENT)
+        c.create_avatar("goner", [PORTRAIT], consent=CONSENT)
         c.delete_avatar("goner")
     first.stop()
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == ["keeper.npz"]  # no temp files left
@@ -265,12 +265,12 @@ def test_not_serving_until_models_arrive_then_recovers(model_repository: Path, t
         with running.client() as c:
             assert c.health() == "NOT_SERVING"
             with pytest.raises(grpc.RpcError) as error:
-                c.create_avatar("early", [PORTRAIT])
+                c.create_avatar("early", [PORTRAIT], consent=CONSENT)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "not ready" in error.value.details()
             assert running.metric("talkinghead_backend_ready") == 0
             copy_base_models(model_repository, empty)  # the backend comes back
             c.wait_ready(timeout=30)
-            assert c.create_avatar("late", [PORTRAIT]).avatar_id == "late"
+            assert c.create_avatar("late", [PORTRAIT], consent=CONSENT).avatar_id == "late"
     finally:
         running.stop()
 
@@ -283,7 +283,7 @@ def test_personalised_generator_is_used_automatically(
     try:
         running.wait_ready()
         with running.client() as c:
-            created = c.create_avatar(avatar_id, [PORTRAIT])
+            created = c.create_avatar(avatar_id, [PORTRAIT], consent=CONSENT)
             assert created.personalised
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate(avatar_id, landmark_requests(seq), encoding="raw"))

@@ -20,7 +20,7 @@ from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from client.library import Client, landmark_requests, to_landmarks
 from facekit.sequence import LandmarkSequence
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread, png_bytes, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, png_bytes, test_settings
 
 CODE = grpc.StatusCode
 
@@ -75,29 +75,29 @@ def no_leaked_streams(server: ServerThread) -> Iterator[None]:
 def test_bad_avatar_requests(client: Client) -> None:
     portrait = PORTRAIT.read_bytes()
     with expect(CODE.INVALID_ARGUMENT, "invalid avatar id"):
-        client.create_avatar("../etc", [portrait])
+        client.create_avatar("../etc", [portrait], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "1-32 images", "got 0"):
-        client.create_avatar("none", [])
+        client.create_avatar("none", [], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "1-32 images", "got 33"):
-        client.create_avatar("many", [b"x"] * 33)
+        client.create_avatar("many", [b"x"] * 33, consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "image 1", "cannot decode"):
-        client.create_avatar("junk", [portrait, b"definitely not a JPEG"])
+        client.create_avatar("junk", [portrait, b"definitely not a JPEG"], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "image 0", "exceeds the limit"):
-        client.create_avatar("huge", [b"\xff" * (3 * 1024 * 1024)])
+        client.create_avatar("huge", [b"\xff" * (3 * 1024 * 1024)], consent=CONSENT)
     gif = io.BytesIO()
     Image.new("RGB", (64, 64)).save(gif, format="GIF")
     with expect(CODE.INVALID_ARGUMENT, "image 0", "unsupported image format GIF"):
-        client.create_avatar("gif", [gif.getvalue()])
+        client.create_avatar("gif", [gif.getvalue()], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "image 0", "no face found"):
-        client.create_avatar("blank", [png_bytes(np.full((200, 200, 3), 128, np.uint8))])
+        client.create_avatar("blank", [png_bytes(np.full((200, 200, 3), 128, np.uint8))], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "image 0 landmarks", "expected 136 values", "got 134"):
-        client.create_avatar("short", [portrait], landmarks=[np.zeros((67, 2))])
+        client.create_avatar("short", [portrait], landmarks=[np.zeros((67, 2))], consent=CONSENT)
     nan = np.full((68, 2), 100.0)
     nan[5, 1] = np.nan
     with expect(CODE.INVALID_ARGUMENT, "point 5 is NaN or infinite"):
-        client.create_avatar("nan", [portrait], landmarks=[nan])
+        client.create_avatar("nan", [portrait], landmarks=[nan], consent=CONSENT)
     with expect(CODE.INVALID_ARGUMENT, "display_name"):
-        client.create_avatar("named", [portrait], display_name="x" * 300)
+        client.create_avatar("named", [portrait], display_name="x" * 300, consent=CONSENT)
     with expect(CODE.NOT_FOUND, "no avatar with id 'ghost'"):
         client.get_avatar("ghost")
     with expect(CODE.NOT_FOUND, "ghost"):
@@ -110,7 +110,7 @@ def test_bad_avatar_requests(client: Client) -> None:
 def test_supplied_landmarks_skip_detection(client: Client) -> None:
     blank = png_bytes(np.full((256, 256, 3), 90, np.uint8))  # no detectable face, landmarks given
     points = LandmarkSequence.load(Path(__file__).parents[1] / "facekit/assets/demo_driver.npz").points[0]
-    created = client.create_avatar("given", [blank], landmarks=[points])
+    created = client.create_avatar("given", [blank], landmarks=[points], consent=CONSENT)
     assert created.images[0].landmarks_supplied and created.images[0].faces_found == 0
 
 
@@ -235,7 +235,7 @@ def test_stream_limit(model_repository: Path, tmp_path: Path, driver: LandmarkSe
     try:
         running.wait_ready()
         with running.client() as c:
-            c.create_avatar("solo", [PORTRAIT])
+            c.create_avatar("solo", [PORTRAIT], consent=CONSENT)
             release = threading.Event()
 
             def held() -> Iterator[pb.AnimateRequest]:
@@ -287,7 +287,7 @@ def test_backend_failure_mid_stream_is_unavailable_then_recovers(
         running.wait_ready()
         backend = running.app.backend
         with running.client() as c:
-            c.create_avatar("fragile", [PORTRAIT])
+            c.create_avatar("fragile", [PORTRAIT], consent=CONSENT)
             session = backend._sessions.pop("generator")
             one = LandmarkSequence(driver.points[:2], driver.frame_size, 25)
             with expect(CODE.UNAVAILABLE, "generator is not loaded"):

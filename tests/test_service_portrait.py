@@ -22,7 +22,7 @@ from service.driving import DrivingMapper
 from service.images import decode_stored
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
 
 def test_paste_back_returns_the_source_photo_with_the_face_in_it(
@@ -109,7 +109,7 @@ def test_a_warp_guided_model_animates_the_avatars_own_photo(
     warp_server: ServerThread, driver: LandmarkSequence
 ) -> None:
     with warp_server.client() as client:
-        client.create_avatar("warped", [PORTRAIT])
+        client.create_avatar("warped", [PORTRAIT], consent=CONSENT)
         seq = LandmarkSequence(driver.points[:5], driver.frame_size, driver.fps)
         frames = list(client.animate("warped", landmark_requests(seq), motion="relative", encoding="png"))
     record = LocalAvatarStore(root=warp_server.settings.avatar_store).get("warped")

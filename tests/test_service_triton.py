@@ -23,7 +23,7 @@ from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, Direct, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
 
 pytestmark = pytest.mark.triton
 VENV = Path(__file__).resolve().parent.parent / ".venv-triton"
@@ -94,7 +94,7 @@ def test_triton_backend_serves_streams(
         running.wait_ready(timeout=60)
         with running.client() as c:
             c.wait_ready(timeout=10)  # health follows the backend (polled)
-            c.create_avatar("tri", [PORTRAIT])
+            c.create_avatar("tri", [PORTRAIT], consent=CONSENT)
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2, 3]
@@ -120,7 +120,7 @@ def test_triton_down_gives_unavailable_and_the_service_recovers(
         running.wait_ready(timeout=60)
         with running.client() as c:
             c.wait_ready(timeout=10)
-            c.create_avatar("tri", [PORTRAIT])
+            c.create_avatar("tri", [PORTRAIT], consent=CONSENT)
             triton.stop()
             with pytest.raises(grpc.RpcError) as error:
                 list(c.animate("tri", landmark_requests(seq), encoding="raw"))

@@ -19,7 +19,7 @@ from facekit.sequence import LandmarkSequence
 from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
 from service.app import TENANT
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
 KEY = "test-deployment-secret-7f3a"
 
@@ -45,7 +45,7 @@ def test_every_frame_carries_the_mark_of_its_avatar(
 ) -> None:
     wm = Watermarker(key=KEY)
     with marked_server.client() as client:
-        client.create_avatar("marked", [PORTRAIT], replace=True)
+        client.create_avatar("marked", [PORTRAIT], replace=True, consent=CONSENT)
         frames = _frames(client, "marked", driver, encoding="jpeg", paste_back=paste_back)
         assert client.last_started is not None
         assert client.last_started.watermark_key_id == wm.fingerprint

@@ -122,7 +122,7 @@ def private_copy(source: Path, target: Path) -> Path:
 
 
 def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    from client.library import Client, describe_error, landmark_requests
+    from client.library import Client, demo_portrait_consent, describe_error, landmark_requests
     from facekit.sequence import LandmarkSequence
 
     try:
@@ -175,7 +175,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         try:
             with Client(target=f"127.0.0.1:{ports.grpc}", timeout=60) as client:
                 assert client.health() == "SERVING"
-                client.create_avatar("stacktest", [PORTRAIT])
+                client.create_avatar("stacktest", [PORTRAIT], consent=demo_portrait_consent())
                 frames = list(client.animate("stacktest", landmark_requests(seq)))
                 tuned = client.personalise("stacktest", steps=2, wait=True, timeout=300)
                 assert tuned.response.model_name == "generator_stacktest", tuned

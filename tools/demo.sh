@@ -43,7 +43,13 @@ if ! "$py" -c "from client import Client; Client(target='$TALKINGHEAD_SERVER').w
     exit 1
 fi
 echo "demo: service ready on $TALKINGHEAD_SERVER (metrics http://127.0.0.1:$metrics_port/metrics, log $OUT/serve.log)"
-th avatar create "$AVATAR" "$PORTRAIT" --replace
+# The consent record of the bundled portrait (a public-domain NASA photograph); set SUBJECT, BASIS,
+# SOURCE and COLLECTED_BY for a PORTRAIT of your own (see `talkinghead avatar create --help`).
+: "${SUBJECT:=Eileen Collins, NASA astronaut portrait}" "${BASIS:=public-domain}"
+: "${SOURCE:=NASA photograph via scikit-image data.astronaut(); work of the US federal government}"
+: "${COLLECTED_BY:=talkinghead demo}"
+th avatar create "$AVATAR" "$PORTRAIT" --replace --subject "$SUBJECT" --basis "$BASIS" --source "$SOURCE" \
+    --collected-by "$COLLECTED_BY"
 th avatar personalise "$AVATAR" ${STEPS:+--steps "$STEPS"} --wait
 th animate --avatar "$AVATAR" --driver "$DRIVER" --relative --paste-back --out "$OUT/demo.mp4" \
     --contact-sheet "$OUT/contact_sheet.png"

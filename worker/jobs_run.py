@@ -148,6 +148,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         device=ctx.device,
         on_step=_progress(ctx, job, beat),
     )
+    ckpt["consent_record"] = job.consent_id
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")

@@ -26,31 +26,35 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from api.talkinghead.v1 import landmarks_pb2 as talkinghead_dot_v1_dot_landmarks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btalkinghead/v1/avatar.proto\x12\x0etalkinghead.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etalkinghead/v1/landmarks.proto\"I\n\x0bSourceImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12,\n\tlandmarks\x18\x02 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\"|\n\x13\x43reateAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12+\n\x06images\x18\x02 \x03(\x0b\x32\x1b.talkinghead.v1.SourceImage\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\"\x91\x01\n\x0bImageReport\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x66\x61\x63\x65s_found\x18\x02 \x01(\x05\x12\x1a\n\x12landmarks_supplied\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x11\n\tcrop_side\x18\x06 \x01(\x05\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\xa8\x02\n\x06\x41vatar\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bimage_count\x18\x04 \x01(\x05\x12+\n\x06images\x18\x05 \x03(\x0b\x32\x1b.talkinghead.v1.ImageReport\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x14\n\x0cpersonalised\x18\x07 \x01(\x08\x12\x12\n\nimage_size\x18\x08 \x01(\x05\x12\x13\n\x0bpreview_png\x18\t \x01(\x0c\x12\x31\n\x0e\x63rop_landmarks\x18\n \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\">\n\x10GetAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_preview\x18\x02 \x01(\x08\";\n\x12ListAvatarsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x13ListAvatarsResponse\x12\'\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x16.talkinghead.v1.Avatar\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"(\n\x13\x44\x65leteAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteAvatarResponse2\xd6\x02\n\rAvatarService\x12K\n\x0c\x43reateAvatar\x12#.talkinghead.v1.CreateAvatarRequest\x1a\x16.talkinghead.v1.Avatar\x12\x45\n\tGetAvatar\x12 .talkinghead.v1.GetAvatarRequest\x1a\x16.talkinghead.v1.Avatar\x12V\n\x0bListAvatars\x12\".talkinghead.v1.ListAvatarsRequest\x1a#.talkinghead.v1.ListAvatarsResponse\x12Y\n\x0c\x44\x65leteAvatar\x12#.talkinghead.v1.DeleteAvatarRequest\x1a$.talkinghead.v1.DeleteAvatarResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1btalkinghead/v1/avatar.proto\x12\x0etalkinghead.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1etalkinghead/v1/landmarks.proto\"I\n\x0bSourceImage\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12,\n\tlandmarks\x18\x02 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\"\xac\x01\n\x13\x43reateAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12+\n\x06images\x18\x02 \x03(\x0b\x32\x1b.talkinghead.v1.SourceImage\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x0f\n\x07replace\x18\x04 \x01(\x08\x12.\n\x07\x63onsent\x18\x05 \x01(\x0b\x32\x1d.talkinghead.v1.ConsentRecord\"\xec\x01\n\rConsentRecord\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12+\n\x05\x62\x61sis\x18\x02 \x01(\x0e\x32\x1c.talkinghead.v1.ConsentBasis\x12\x19\n\x11statement_version\x18\x03 \x01(\t\x12\x17\n\x0f\x64ocument_sha256\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x14\n\x0c\x63ollected_by\x18\x06 \x01(\t\x12\x30\n\x0c\x63ollect_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\trecord_id\x18\x08 \x01(\t\"\x91\x01\n\x0bImageReport\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0b\x66\x61\x63\x65s_found\x18\x02 \x01(\x05\x12\x1a\n\x12landmarks_supplied\x18\x03 \x01(\x08\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x11\n\tcrop_side\x18\x06 \x01(\x05\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\xd8\x02\n\x06\x41vatar\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0bimage_count\x18\x04 \x01(\x05\x12+\n\x06images\x18\x05 \x03(\x0b\x32\x1b.talkinghead.v1.ImageReport\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x14\n\x0cpersonalised\x18\x07 \x01(\x08\x12\x12\n\nimage_size\x18\x08 \x01(\x05\x12\x13\n\x0bpreview_png\x18\t \x01(\x0c\x12\x31\n\x0e\x63rop_landmarks\x18\n \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\x12.\n\x07\x63onsent\x18\x0b \x01(\x0b\x32\x1d.talkinghead.v1.ConsentRecord\">\n\x10GetAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x17\n\x0finclude_preview\x18\x02 \x01(\x08\";\n\x12ListAvatarsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"k\n\x13ListAvatarsResponse\x12\'\n\x07\x61vatars\x18\x01 \x03(\x0b\x32\x16.talkinghead.v1.Avatar\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x05\"(\n\x13\x44\x65leteAvatarRequest\x12\x11\n\tavatar_id\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteAvatarResponse*\x8e\x01\n\x0c\x43onsentBasis\x12\x1d\n\x19\x43ONSENT_BASIS_UNSPECIFIED\x10\x00\x12\"\n\x1e\x43ONSENT_BASIS_PERSONAL_CONSENT\x10\x01\x12\x1f\n\x1b\x43ONSENT_BASIS_PUBLIC_DOMAIN\x10\x02\x12\x1a\n\x16\x43ONSENT_BASIS_LICENSED\x10\x03\x32\xd6\x02\n\rAvatarService\x12K\n\x0c\x43reateAvatar\x12#.talkinghead.v1.CreateAvatarRequest\x1a\x16.talkinghead.v1.Avatar\x12\x45\n\tGetAvatar\x12 .talkinghead.v1.GetAvatarRequest\x1a\x16.talkinghead.v1.Avatar\x12V\n\x0bListAvatars\x12\".talkinghead.v1.ListAvatarsRequest\x1a#.talkinghead.v1.ListAvatarsResponse\x12Y\n\x0c\x44\x65leteAvatar\x12#.talkinghead.v1.DeleteAvatarRequest\x1a$.talkinghead.v1.DeleteAvatarResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'talkinghead.v1.avatar_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CONSENTBASIS']._serialized_start=1397
+  _globals['_CONSENTBASIS']._serialized_end=1539
   _globals['_SOURCEIMAGE']._serialized_start=112
   _globals['_SOURCEIMAGE']._serialized_end=185
-  _globals['_CREATEAVATARREQUEST']._serialized_start=187
-  _globals['_CREATEAVATARREQUEST']._serialized_end=311
-  _globals['_IMAGEREPORT']._serialized_start=314
-  _globals['_IMAGEREPORT']._serialized_end=459
-  _globals['_AVATAR']._serialized_start=462
-  _globals['_AVATAR']._serialized_end=758
-  _globals['_GETAVATARREQUEST']._serialized_start=760
-  _globals['_GETAVATARREQUEST']._serialized_end=822
-  _globals['_LISTAVATARSREQUEST']._serialized_start=824
-  _globals['_LISTAVATARSREQUEST']._serialized_end=883
-  _globals['_LISTAVATARSRESPONSE']._serialized_start=885
-  _globals['_LISTAVATARSRESPONSE']._serialized_end=992
-  _globals['_DELETEAVATARREQUEST']._serialized_start=994
-  _globals['_DELETEAVATARREQUEST']._serialized_end=1034
-  _globals['_DELETEAVATARRESPONSE']._serialized_start=1036
-  _globals['_DELETEAVATARRESPONSE']._serialized_end=1058
-  _globals['_AVATARSERVICE']._serialized_start=1061
-  _globals['_AVATARSERVICE']._serialized_end=1403
+  _globals['_CREATEAVATARREQUEST']._serialized_start=188
+  _globals['_CREATEAVATARREQUEST']._serialized_end=360
+  _globals['_CONSENTRECORD']._serialized_start=363
+  _globals['_CONSENTRECORD']._serialized_end=599
+  _globals['_IMAGEREPORT']._serialized_start=602
+  _globals['_IMAGEREPORT']._serialized_end=747
+  _globals['_AVATAR']._serialized_start=750
+  _globals['_AVATAR']._serialized_end=1094
+  _globals['_GETAVATARREQUEST']._serialized_start=1096
+  _globals['_GETAVATARREQUEST']._serialized_end=1158
+  _globals['_LISTAVATARSREQUEST']._serialized_start=1160
+  _globals['_LISTAVATARSREQUEST']._serialized_end=1219
+  _globals['_LISTAVATARSRESPONSE']._serialized_start=1221
+  _globals['_LISTAVATARSRESPONSE']._serialized_end=1328
+  _globals['_DELETEAVATARREQUEST']._serialized_start=1330
+  _globals['_DELETEAVATARREQUEST']._serialized_end=1370
+  _globals['_DELETEAVATARRESPONSE']._serialized_start=1372
+  _globals['_DELETEAVATARRESPONSE']._serialized_end=1394
+  _globals['_AVATARSERVICE']._serialized_start=1542
+  _globals['_AVATARSERVICE']._serialized_end=1884
 # @@protoc_insertion_point(module_scope)

@@ -1,0 +1,131 @@
+"""Every avatar is backed by a consent record, and the audit log says who made, animated and deleted
+which face: CreateAvatar without or with a malformed record is INVALID_ARGUMENT naming the field
+(and stores nothing), GetAvatar returns the record, the CLI takes it as flags, and a delete leaves a
+tombstone in the log that `talkinghead audit` exports. Real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.talkinghead.v1 import avatar_pb2
+from client.library import Client, consent_record, landmark_requests
+from facekit.sequence import LandmarkSequence
+from service.store import LocalAvatarStore
+from talkinghead.cli import main
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread
+
+
+def _record(**changes: object) -> avatar_pb2.ConsentRecord:
+    record = avatar_pb2.ConsentRecord()
+    record.CopyFrom(CONSENT)
+    for name, value in changes.items():
+        if name == "collect_time":
+            record.collect_time.FromSeconds(int(value))  # type: ignore[call-overload]
+        else:
+            setattr(record, name, value)
+    return record
+
+
+PERSONAL = {
+    "basis": avatar_pb2.CONSENT_BASIS_PERSONAL_CONSENT,
+    "source": "",
+    "statement_version": "2026-11",
+    "document_sha256": "ab" * 32,
+}
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"basis": avatar_pb2.CONSENT_BASIS_UNSPECIFIED}, "consent.basis"),
+        ({"subject": "  "}, "consent.subject"),
+        ({"collected_by": ""}, "consent.collected_by"),
+        ({"source": ""}, "consent.source"),
+        ({**PERSONAL, "statement_version": ""}, "consent.statement_version"),
+        ({**PERSONAL, "document_sha256": "not-a-digest"}, "consent.document_sha256"),
+        ({"statement_version": "v1"}, "consent.statement_version"),
+        ({"collect_time": 4_102_444_800}, "consent.collect_time"),  # 2100
+    ],
+)
+def test_a_malformed_consent_record_is_refused_naming_the_field(
+    server: ServerThread, client: Client, changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as raised:
+        client.create_avatar("no-consent", [PORTRAIT], consent=_record(**changes))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in (raised.value.details() or "")
+    assert LocalAvatarStore(root=server.settings.avatar_store).get("no-consent") is None
+
+
+def test_without_a_consent_record_nothing_is_created(server: ServerThread, client: Client) -> None:
+    request = avatar_pb2.CreateAvatarRequest(
+        avatar_id="no-consent", images=[avatar_pb2.SourceImage(data=PORTRAIT.read_bytes())]
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        client.avatars.CreateAvatar(request, timeout=60)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "consent is required" in (raised.value.details() or "")
+    assert LocalAvatarStore(root=server.settings.avatar_store).get("no-consent") is None
+
+
+def test_the_record_travels_with_the_avatar_and_the_log_keeps_a_tombstone(
+    server: ServerThread, client: Client, driver: LandmarkSequence, tmp_path: Path
+) -> None:
+    signed = tmp_path / "statement-signed.pdf"
+    signed.write_bytes(b"%PDF-1.7 I agree that my face may be animated ...")
+    consent = consent_record(
+        subject="Ada Example",
+        basis="personal",
+        statement_version="2026-11",
+        document=signed,
+        collected_by="hr@example.com",
+        collect_time=1_764_000_000,
+    )
+    made = client.create_avatar("ada", [PORTRAIT], consent=consent, replace=True)
+    kept = client.get_avatar("ada").consent
+    assert kept == made.consent and kept.record_id.startswith("cr-") and len(kept.record_id) == 19
+    assert kept.document_sha256 == hashlib.sha256(signed.read_bytes()).hexdigest()
+    assert (kept.subject, kept.statement_version, kept.collect_time.seconds) == (
+        "Ada Example",
+        "2026-11",
+        1_764_000_000,
+    )
+    seq = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+    assert len(list(client.animate("ada", landmark_requests(seq)))) == 2
+    client.delete_avatar("ada")
+
+    log = [json.loads(line) for line in server.settings.audit_log.read_text().splitlines()]
+    ada = [e for e in log if e["avatar_id"] == "ada"]
+    assert [e["event"] for e in ada] == ["create", "animate_start", "delete"]
+    assert {e["consent_id"] for e in ada[-3:]} == {kept.record_id}
+    assert all(e["actor"].startswith("tenant=default peer=") and e["model_id"] == made.model_id for e in ada)
+    tombstone = ada[-1]["detail"]
+    assert tombstone["tombstone"] is True and "photos" in tombstone["removed"]
+    with pytest.raises(grpc.RpcError):
+        client.get_avatar("ada")
+
+    out = tmp_path / "export.jsonl"
+    argv = ["audit", "--audit-log", str(server.settings.audit_log), "--avatar", "ada", "--event", "delete"]
+    assert main([*argv, "--out", str(out)]) == 0
+    exported = [json.loads(line) for line in out.read_text().splitlines()]
+    assert exported == [ada[-1]]
+
+
+def test_the_cli_takes_the_consent_record_as_flags(
+    server: ServerThread, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flags = ["--server", server.address]
+    create = ["avatar", *flags, "create", "cli-mona", str(PORTRAIT), "--subject", "Mona Lisa (Leonardo)"]
+    assert main([*create, "--basis", "public-domain", "--collected-by", "studio"]) == 1
+    assert "consent.source" in capsys.readouterr().err
+    source = ["--source", "https://collections.louvre.fr/ark:/53355/cl010062370"]
+    assert main([*create, "--basis", "public-domain", *source, "--collected-by", "studio"]) == 0
+    out = capsys.readouterr().out
+    assert "consent cr-" in out and "public_domain (https://collections.louvre.fr" in out
+    assert main(["avatar", *flags, "delete", "cli-mona"]) == 0
