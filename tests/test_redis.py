@@ -17,6 +17,7 @@ from jobs import keys
 from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
 from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
 from jobs.redis_queue import RedisQueue, connect
+from service.audit import RedisAuditLog
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
@@ -152,6 +153,12 @@ def test_two_replicas_share_avatars_and_drop_stale_cache_within_a_second(
                 time.sleep(0.01)
         assert gone.value.code() == grpc.StatusCode.NOT_FOUND
         assert replicas[1].metric('talkinghead_avatar_event_delay_seconds_count{event="deleted"}') >= 1
+        shared_log = [
+            e for e in RedisAuditLog(client=connect(redis_url)).read() if e["avatar_id"] == "shared"
+        ]
+        events = [e["event"] for e in shared_log]
+        assert events == ["create", "animate_start", "replace", "delete"], "both replicas append to one log"
+        assert shared_log[-1]["detail"]["tombstone"] and shared_log[-1]["consent_id"].startswith("cr-")
     finally:
         for replica in replicas:
             replica.stop()
