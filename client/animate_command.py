@@ -15,7 +15,7 @@ driver's landmark jitter (One-Euro).
 Provenance (client/provenance.py): with $TALKINGHEAD_WATERMARK_KEY set, the written video is checked
 for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_C2PA_CERT and
 $TALKINGHEAD_C2PA_KEY, or --c2pa-cert/--c2pa-key) the video and contact sheet get C2PA content
-credentials (model id, --consent-record); `talkinghead verify` reads both back.
+credentials (model id, the avatar's consent record id); `talkinghead verify` reads both back.
 
 example:
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
@@ -114,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with connect(args) as client, tqdm(total=total, unit="frame") as bar:
+            if not args.consent_record:  # the manifest names the avatar's own record
+                args.consent_record = client.get_avatar(args.avatar).consent.record_id or None
             frames = client.animate(
                 args.avatar,
                 requests,

@@ -31,7 +31,9 @@ CHECKED_FRAMES = 16  # frames of the written video the watermark check reads
 
 def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("provenance (watermark check, C2PA content credentials)")
-    group.add_argument("--consent-record", help="the avatar's consent record id, recorded in the manifest")
+    group.add_argument(
+        "--consent-record", help="consent record id for the manifest (default: the avatar's, from the server)"
+    )
     group.add_argument(
         "--c2pa-cert", type=Path, help=f"PEM certificate chain to sign with (default ${CERT_ENV})"
     )

@@ -19,7 +19,7 @@ from facekit.sequence import LandmarkSequence
 from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
 from service.app import TENANT
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, ServerThread, test_settings
 
 KEY = "test-deployment-secret-7f3a"
 
@@ -78,3 +78,31 @@ def test_production_mode_refuses_to_start_without_a_key(
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode != 0
     assert KEY_ENV in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_cli_video_is_marked_and_signed_naming_the_avatars_consent_record(
+    marked_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("c2pa")
+    from client.credentials import read_credentials
+    from client.verify import verify_file
+    from talkinghead.cli import main
+    from tests.c2pa_ca import make_ca
+
+    ca = make_ca(tmp_path / "ca")
+    monkeypatch.setenv(KEY_ENV, KEY)
+    monkeypatch.setenv("TALKINGHEAD_C2PA_CERT", str(ca.chain))
+    monkeypatch.setenv("TALKINGHEAD_C2PA_KEY", str(ca.key))
+    with marked_server.client() as client:
+        record_id = client.create_avatar(
+            "signed", [PORTRAIT], consent=CONSENT, replace=True
+        ).consent.record_id
+    video = tmp_path / "signed.mp4"
+    argv = ["animate", "--server", marked_server.address, "--avatar", "signed", "--driver", str(DRIVER)]
+    assert main([*argv, "--relative", "--max-frames", "12", "--out", str(video)]) == 0
+    report = verify_file(video, key=KEY)
+    assert report.watermark is not None and report.watermark.present
+    assert report.watermark.payload == payload_for(TENANT, "signed")
+    credentials = read_credentials(video, trust_anchors=ca.root.read_bytes())
+    assert credentials is not None and credentials.state == "Trusted"
+    assert credentials.generation["consent_record_id"] == record_id
