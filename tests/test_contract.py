@@ -78,6 +78,7 @@ def test_metadata_keys() -> None:
         "talkinghead.step",
         "talkinghead.avatar",
         "talkinghead.warp_guided",
+        "talkinghead.consent_record",
     )
     assert contract.KINDS == ("embedder", "generator", "personalised")
 
