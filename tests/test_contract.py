@@ -24,6 +24,11 @@ def test_model_names() -> None:
     assert contract.personalised_name("mona-1") == "generator_mona-1"
     with pytest.raises(ValueError, match="invalid avatar id"):
         contract.personalised_name("../etc")
+    with pytest.raises(ValueError, match="invalid avatar id"):
+        contract.personalised_name("mona\n")  # a second avatar, file and model beside "mona"
+    with pytest.raises(ValueError) as long:
+        contract.personalised_name("m" * 9000)
+    assert len(str(long.value)) < 250, "a rejected id is not echoed whole"
     assert contract.model_name({Meta.KIND: "embedder"}) == "embedder"
     assert contract.model_name({Meta.KIND: "personalised", Meta.AVATAR: "mona"}) == "generator_mona"
 
