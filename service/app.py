@@ -203,10 +203,11 @@ class App:
         avatar_id = check_id(avatar_id)
         record = self.cache.get(avatar_id)
         if record is None:
+            stamp = self.cache.stamp()
             record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
             if record is None:
                 raise not_found(f"no avatar with id {avatar_id!r}")
-            self.cache.put(record)
+            self.cache.put(record, stamp=stamp)
         return record
 
     async def list_avatars(self, page_size: int, page_token: str) -> tuple[list[AvatarRecord], str, int]:
@@ -380,10 +381,11 @@ def decode_token(token: str) -> str:
     """The id after which the page starts ("" for the first page)."""
     if not token:
         return ""
+    shown = repr(token[:80]) + ("..." if len(token) > 80 else "")
     try:
         raw = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeError, ValueError) as error:
-        raise invalid(f"malformed page_token {token!r}") from error
+    except (binascii.Error, UnicodeError, ValueError):
+        raise invalid(f"malformed page_token {shown}") from None
     if not raw.startswith("after:"):
-        raise invalid(f"malformed page_token {token!r}")
+        raise invalid(f"malformed page_token {shown}")
     return raw[len("after:") :]

@@ -41,9 +41,13 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> 
             if width * height > max_pixels:
                 raise invalid(f"{what}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
             upright = ImageOps.exif_transpose(image)
+            if upright.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: convert("RGB") clips to white
+                grey = (np.asarray(upright, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(upright.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise invalid(f"{what}: cannot decode the image ({error})") from error
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        # the decoder's own words name internals (object addresses, decoder states): not sent back
+        raise invalid(f"{what}: cannot decode the image: not a valid JPEG, PNG or WebP file") from None
 
 
 def encode_png(image: np.ndarray, level: int = PNG_LEVEL) -> bytes:

@@ -186,6 +186,7 @@ class AvatarCache:
         self._items: OrderedDict[str, AvatarRecord] = OrderedDict()
         self._bytes = 0
         self._on_change = on_change or (lambda entries, size, hit: None)
+        self._generation = 0  # discards and clears so far (see stamp)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -201,8 +202,16 @@ class AvatarCache:
         self._on_change(len(self._items), self._bytes, record is not None)
         return record
 
-    def put(self, record: AvatarRecord) -> None:
-        self.discard(record.avatar_id)
+    def stamp(self) -> int:
+        """Taken before reading a record from the store; `put(record, stamp=...)` then keeps the
+        record only if nothing was discarded meanwhile (a Get racing a Delete must not put the
+        deleted avatar back)."""
+        return self._generation
+
+    def put(self, record: AvatarRecord, *, stamp: int | None = None) -> None:
+        if stamp is not None and stamp != self._generation:
+            return
+        self._remove(record.avatar_id)
         if record.nbytes <= self.max_bytes:
             self._items[record.avatar_id] = record
             self._bytes += record.nbytes
@@ -212,12 +221,19 @@ class AvatarCache:
         self._on_change(len(self._items), self._bytes, None)
 
     def clear(self) -> None:
+        self._generation += 1
         self._items.clear()
         self._bytes = 0
         self._on_change(0, 0, None)
 
     def discard(self, avatar_id: str) -> None:
+        """Forget the avatar (changed or deleted): also refuses puts of records read before now."""
+        self._generation += 1
+        if self._remove(avatar_id):
+            self._on_change(len(self._items), self._bytes, None)
+
+    def _remove(self, avatar_id: str) -> bool:
         old = self._items.pop(avatar_id, None)
         if old is not None:
             self._bytes -= old.nbytes
-            self._on_change(len(self._items), self._bytes, None)
+        return old is not None

@@ -1,0 +1,40 @@
+"""The per-replica avatar cache: bounded by bytes, and a read that raced a delete never puts the
+deleted avatar back (the service takes a stamp before reading the store)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.store import AvatarCache, AvatarRecord
+
+
+def _record(avatar_id: str, floats: int = 100) -> AvatarRecord:
+    return AvatarRecord(
+        avatar_id=avatar_id,
+        adain=np.zeros(floats, np.float32),
+        embedding=np.zeros(4, np.float32),
+        points=np.zeros((68, 2), np.float32),
+        model_id="m",
+        image_size=128,
+        create_time=0.0,
+    )
+
+
+def test_a_read_that_raced_a_delete_is_not_cached() -> None:
+    cache = AvatarCache(max_bytes=1 << 20)
+    stamp = cache.stamp()  # a Get starts reading "ada" from the store ...
+    cache.discard("ada")  # ... a Delete of "ada" lands meanwhile ...
+    cache.put(_record("ada"), stamp=stamp)  # ... and the Get's (stale) record arrives
+    assert cache.get("ada") is None
+    cache.put(_record("ada"), stamp=cache.stamp())
+    assert cache.get("ada") is not None
+
+
+def test_the_cache_is_bounded_by_bytes() -> None:
+    one = _record("a")
+    cache = AvatarCache(max_bytes=int(one.nbytes * 2.5))
+    for name in "abc":
+        cache.put(_record(name))
+    assert len(cache) == 2 and cache.get("a") is None and cache.nbytes <= cache.max_bytes
+    cache.put(_record("huge", floats=10**6))
+    assert cache.get("huge") is None, "a record larger than the bound is not kept"

@@ -1,0 +1,33 @@
+"""Decoding what clients send: the picture as its author meant it, and errors that say what was
+wrong without the decoder's internals."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import ServiceError
+from service.images import decode_image
+
+LIMITS = {"max_bytes": 1 << 20, "max_pixels": 1 << 20, "what": "image 0"}
+
+
+def test_a_16_bit_grey_png_keeps_its_picture() -> None:
+    ramp = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(ramp).save(buffer, format="PNG")  # mode I;16
+    decoded = decode_image(buffer.getvalue(), **LIMITS)  # type: ignore[arg-type]
+    assert decoded.shape == (64, 64, 3) and decoded.dtype == np.uint8
+    expected = (ramp.astype(np.float64) / 257).astype(np.uint8)
+    assert np.abs(decoded[..., 0].astype(int) - expected).max() <= 1, "not clipped to white"
+
+
+def test_undecodable_bytes_say_what_without_internals() -> None:
+    with pytest.raises(ServiceError) as raised:
+        decode_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 64, **LIMITS)  # type: ignore[arg-type]
+    message = raised.value.message
+    assert message.startswith("image 0: cannot decode the image")
+    assert "0x" not in message and "BytesIO" not in message and "Error" not in message
