@@ -398,7 +398,8 @@ def test_without_a_worker_the_server_refuses_personalisation_and_needs_no_redis(
     assert not find(manifests, "StatefulSet") and not find(manifests, "Deployment", "-worker")
     external = render(helm, redis__mode="external", redis__existingSecret="redis-url")
     env = container(one(external, "Deployment", ""), "service")["env"]
-    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
+    redis = next(e for e in env if e["name"] == "TALKINGHEAD_REDIS_URL")
+    assert redis["valueFrom"]["secretKeyRef"] == {"name": "redis-url", "key": "url"}
 
 
 @pytest.mark.parametrize(

@@ -306,7 +306,7 @@ def test_backend_failure_mid_stream_is_unavailable_then_recovers(
 def test_avatar_request_message_is_well_formed() -> None:
     # guards the proto: field numbers are part of the wire contract
     fields = {f.name: f.number for f in avatar_pb2.CreateAvatarRequest.DESCRIPTOR.fields}
-    assert fields == {"avatar_id": 1, "images": 2, "display_name": 3, "replace": 4}
+    assert fields == {"avatar_id": 1, "images": 2, "display_name": 3, "replace": 4, "consent": 5}
     fields = {f.name: f.number for f in pb.AnimatedFrame.DESCRIPTOR.fields}
     assert fields["sequence"] == 1 and fields["dropped_before"] == 8
     assert to_landmarks(np.zeros((68, 2))).xy == [0.0] * 136
