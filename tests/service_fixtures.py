@@ -171,12 +171,9 @@ def avatar(client: Client) -> str:
 
 @pytest.fixture(scope="session")
 def other_avatar(server: ServerThread, client: Client, avatar: str) -> str:
-    """A second, clearly different identity, written straight into the server's avatar store.
-
-    The committed small model's embedder maps every photo to almost the same psi (outputs differ by
-    < 1 grey level), so two real photos cannot show that frames keep their own avatar. This record
-    has psi + N(0, 0.2) (frames differ by ~10 grey levels) and reaches the server the way a stored
-    avatar does after a restart: read from the store on first use.
+    """A second, clearly different psi, written straight into the server's avatar store: psi +
+    N(0, 0.2) of the first (frames differ by ~10 grey levels, whatever the photos), reaching the
+    server the way a stored avatar does after a restart: read from the store on first use.
     """
     store = LocalAvatarStore(root=server.settings.avatar_store)
     base = store.get(avatar)
