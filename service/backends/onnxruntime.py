@@ -160,6 +160,10 @@ class OnnxRuntimeBackend(ReadyGate):
         self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
+        # A stream that opened on this generator keeps it: when an avatar event dropped the
+        # session meanwhile (a newer version published), the latest file is opened again here.
+        if personalised_name(avatar_id) not in self._sessions:
+            await self.has_personalised(avatar_id)
         (image,) = await self._run(personalised_name(avatar_id), feeds, [IMAGE])
         return np.asarray(image)
 
