@@ -2,7 +2,10 @@
 
     from client import Client, landmark_requests
     with Client(target="127.0.0.1:50051") as client:
-        client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")])
+        consent = consent_record(subject="Mona Lisa (Leonardo)", basis="public-domain",
+                                 source="https://collections.louvre.fr/ark:/53355/cl010062370",
+                                 collected_by="studio@example.com")
+        client.create_avatar("mona", [Path("mona1.jpg"), Path("mona2.png")], consent=consent)
         done = client.personalise("mona", preset="fast", wait=True)  # fine-tune its own generator
         seq = LandmarkSequence.load("driver.npz")
         for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
@@ -70,8 +73,7 @@ def consent_record(
         source=source,
     )
     if document is not None:
-        data = document if isinstance(document, bytes) else Path(document).read_bytes()
-        record.document_sha256 = hashlib.sha256(data).hexdigest()
+        record.document_sha256 = hashlib.sha256(_file_bytes(document)).hexdigest()
     record.collect_time.FromNanoseconds(int((time.time() if collect_time is None else collect_time) * 1e9))
     return record
 
@@ -177,8 +179,8 @@ def image_requests(frames: Iterable[np.ndarray], *, quality: int = 90) -> Iterat
         yield pb.AnimateRequest(driving_frame=frame)
 
 
-def _image_bytes(image: bytes | str | Path) -> bytes:
-    return image if isinstance(image, bytes) else Path(image).read_bytes()
+def _file_bytes(data: bytes | str | Path) -> bytes:
+    return data if isinstance(data, bytes) else Path(data).read_bytes()
 
 
 class Client:
@@ -247,7 +249,7 @@ class Client:
         on the authority of `consent` (see consent_record)."""
         sources = []
         for index, image in enumerate(images):
-            source = avatar_pb2.SourceImage(data=_image_bytes(image))
+            source = avatar_pb2.SourceImage(data=_file_bytes(image))
             if landmarks is not None and landmarks[index] is not None:
                 source.landmarks.CopyFrom(to_landmarks(landmarks[index]))  # type: ignore[arg-type]
             sources.append(source)

@@ -227,8 +227,8 @@ class App:
 
     async def delete_avatar(self, avatar_id: str, *, actor: str) -> None:
         avatar_id = check_id(avatar_id)
+        record = self.cache.get(avatar_id) or await self.in_pool(self.io_pool, self.store.get, avatar_id)
         self.cache.discard(avatar_id)
-        record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
         if record is None or not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
             raise not_found(f"no avatar with id {avatar_id!r}")
         await self._forget_personalisation(avatar_id)

@@ -92,12 +92,8 @@ class RedisAuditLog:
 
     def read(self) -> Iterator[dict[str, Any]]:
         after = "-"
-        while True:
-            batch = self.r.xrange(REDIS_STREAM, min=after, max="+", count=1000)
-            if after != "-":
-                batch = batch[1:]  # xrange's min is inclusive
-            if not batch:
-                return
+        while batch := self.r.xrange(REDIS_STREAM, min=after, max="+", count=1000):
             for _, fields in batch:
                 yield json.loads(fields[b"event"])
-            after = batch[-1][0].decode() if isinstance(batch[-1][0], bytes) else batch[-1][0]
+            last = batch[-1][0]
+            after = "(" + (last.decode() if isinstance(last, bytes) else last)  # exclusive

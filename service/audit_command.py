@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
+from service.settings import from_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,12 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def open_log(args: argparse.Namespace) -> AuditLog:
-    redis_url = args.redis_url or os.environ.get("TALKINGHEAD_REDIS_URL", "")
-    if redis_url:
+    """The log the service writes with the same settings (flags override TALKINGHEAD_*)."""
+    settings = from_env(audit_log=args.audit_log, redis_url=args.redis_url)
+    if settings.redis_url:
         from jobs.redis_queue import connect
 
-        return RedisAuditLog(client=connect(redis_url))
-    path = args.audit_log or Path(os.environ.get("TALKINGHEAD_AUDIT_LOG") or "var/audit.jsonl")
+        return RedisAuditLog(client=connect(settings.redis_url))
+    path = settings.audit_log
     if not path.is_file():
         raise SystemExit(f"talkinghead audit: {path}: no audit log there (see --audit-log)")
     return FileAuditLog(path=path)
