@@ -16,8 +16,26 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
         help="service address host:port (default $TALKINGHEAD_SERVER or 127.0.0.1:50051)",
     )
     parser.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS")
+    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS; with --tls-key)")
+    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the API key (default: $TALKINGHEAD_API_KEY, which holds the key itself)",
+    )
+    parser.add_argument("--tenant", help="the tenant an admin key acts for (x-talkinghead-tenant)")
 
 
 def connect(args: argparse.Namespace) -> Client:
     """A client for the service the parsed `add_server_arguments` flags name."""
-    return Client(target=args.server, tls_ca=args.tls_ca)
+    key = (
+        args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("TALKINGHEAD_API_KEY")
+    )
+    return Client(
+        target=args.server,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        api_key=key or None,
+        tenant=args.tenant,
+    )

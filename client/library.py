@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import cv2
 import grpc
@@ -183,19 +184,69 @@ def _file_bytes(data: bytes | str | Path) -> bytes:
     return data if isinstance(data, bytes) else Path(data).read_bytes()
 
 
+class _Metadata(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds the same metadata (the API key, an admin's tenant) to every call of a channel."""
+
+    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
+        self.metadata = list(metadata)
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+def call_metadata(api_key: str | None = None, tenant: str | None = None) -> list[tuple[str, str]]:
+    """Metadata that authenticates a call: the API key, and the tenant an admin acts for."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
+    return metadata + ([("x-talkinghead-tenant", tenant)] if tenant else [])
+
+
 class Client:
     def __init__(
-        self, *, target: str = DEFAULT_SERVER, tls_ca: Path | None = None, timeout: float = 60.0
+        self,
+        *,
+        target: str = DEFAULT_SERVER,
+        tls_ca: Path | None = None,
+        timeout: float = 60.0,
+        api_key: str | None = None,
+        tls_cert: Path | None = None,
+        tls_key: Path | None = None,
+        tenant: str | None = None,
     ) -> None:
+        """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_cert`/`tls_key`: a
+        client certificate (mTLS, with `tls_ca`); `tenant`: the tenant an admin key acts for."""
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
         if tls_ca is not None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-            self.channel = grpc.secure_channel(target, credentials, options=options)
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=Path(tls_ca).read_bytes(),
+                private_key=Path(tls_key).read_bytes() if tls_key else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+            )
+            channel = grpc.secure_channel(target, credentials, options=options)
         else:
-            self.channel = grpc.insecure_channel(target, options=options)
+            channel = grpc.insecure_channel(target, options=options)
+        metadata = call_metadata(api_key, tenant)
+        self.channel = grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
+        self._raw_channel = channel
         self.timeout = timeout
         self.avatars = avatar_pb2_grpc.AvatarServiceStub(self.channel)
         self.animation = animation_pb2_grpc.AnimationServiceStub(self.channel)
@@ -204,7 +255,7 @@ class Client:
         self.last_started: pb.StreamStarted | None = None
 
     def close(self) -> None:
-        self.channel.close()
+        self._raw_channel.close()
 
     def __enter__(self) -> Client:
         return self

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from facekit.crop import CROP_SCALE
-from facekit.ids import validate_avatar_id
+from facekit.ids import validate_stored_id
 from facekit.rasterize import DrawStyle
 
 # -- model names (Triton model directories) ----------------------------------------------------------
@@ -39,7 +39,7 @@ PERSONALISED_PREFIX = "generator_"  # + avatar id: one fine-tuned generator per 
 
 def personalised_name(avatar_id: str) -> str:
     """The model name of an avatar's personalised generator (the id is validated: no path tricks)."""
-    return PERSONALISED_PREFIX + validate_avatar_id(avatar_id)
+    return PERSONALISED_PREFIX + validate_stored_id(avatar_id)
 
 
 MODEL_FILE = "model.onnx"
@@ -201,7 +201,7 @@ class ModelInfo:
             Meta.WARP_GUIDED: "true" if self.warp_guided else "false",
         }
         if avatar is not None:
-            meta[Meta.AVATAR] = validate_avatar_id(avatar)
+            meta[Meta.AVATAR] = validate_stored_id(avatar)
         return meta
 
     def signature(self, kind: str) -> Signature:

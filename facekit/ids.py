@@ -1,21 +1,61 @@
-"""Avatar ids: they become Triton model names (`generator_<id>`) and file names, so only a safe
-alphabet is accepted and path tricks never reach the file system."""
+"""Avatar ids and tenant names: they become Triton model names (`generator_<id>`), Redis keys and
+file names, so only a safe alphabet is accepted and path tricks never reach the file system.
+
+A client names an avatar with a *public* id (`validate_avatar_id`). The service keeps it under a
+*stored* id scoped by its tenant (`scoped_id`): the public id itself for the implicit tenant
+`default` (so stores written before tenants existed keep working), `<tenant>.<id>` for any other.
+The dot is outside the public alphabet, so no tenant's id can collide with another's.
+"""
 
 from __future__ import annotations
 
 import re
 
-_AVATAR_ID = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # fullmatch: "$" would let "mona\n" through
+_NAME = r"[a-z0-9][a-z0-9_-]{0,62}"
+_AVATAR_ID = re.compile(_NAME)  # fullmatch: "$" would let "mona\n" through
+_STORED_ID = re.compile(rf"(?:{_NAME}\.)?{_NAME}")
 MAX_ECHO = 80  # characters of a rejected id shown back
+DEFAULT_TENANT = "default"
+
+
+def _shown(value: object) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    return repr(text[:MAX_ECHO]) + ("..." if len(text) > MAX_ECHO else "")
 
 
 def validate_avatar_id(avatar_id: str) -> str:
-    """Return the id unchanged, or raise ValueError saying what is allowed."""
+    """Return the public id unchanged, or raise ValueError saying what is allowed."""
     if not isinstance(avatar_id, str) or not _AVATAR_ID.fullmatch(avatar_id):
-        text = avatar_id if isinstance(avatar_id, str) else repr(avatar_id)
-        shown = repr(text[:MAX_ECHO]) + ("..." if len(text) > MAX_ECHO else "")
         raise ValueError(
-            f"invalid avatar id {shown}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+            f"invalid avatar id {_shown(avatar_id)}: use 1-63 characters of a-z, 0-9, '_' and '-', "
             "starting with a letter or digit"
         )
     return avatar_id
+
+
+def validate_tenant(tenant: str) -> str:
+    """Return the tenant name unchanged, or raise ValueError (the public id alphabet)."""
+    if not isinstance(tenant, str) or not _AVATAR_ID.fullmatch(tenant):
+        raise ValueError(
+            f"invalid tenant {_shown(tenant)}: use 1-63 characters of a-z, 0-9, '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return tenant
+
+
+def validate_stored_id(stored_id: str) -> str:
+    """Return a stored (tenant-scoped) id unchanged, or raise ValueError."""
+    if not isinstance(stored_id, str) or not _STORED_ID.fullmatch(stored_id):
+        raise ValueError(f"invalid stored avatar id {_shown(stored_id)}")
+    return stored_id
+
+
+def scoped_id(tenant: str, avatar_id: str) -> str:
+    """The stored id of the tenant's avatar `avatar_id` (both already validated)."""
+    return avatar_id if tenant == DEFAULT_TENANT else f"{tenant}.{avatar_id}"
+
+
+def split_id(stored_id: str) -> tuple[str, str]:
+    """(tenant, public id) of a stored id."""
+    tenant, dot, avatar_id = stored_id.rpartition(".")
+    return (tenant, avatar_id) if dot else (DEFAULT_TENANT, stored_id)

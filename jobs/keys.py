@@ -13,7 +13,7 @@ talkinghead:avatar-job:<id>    string the avatar's queued or running job id (one
 
 from __future__ import annotations
 
-from facekit.ids import validate_avatar_id
+from facekit.ids import validate_stored_id
 
 PREFIX = "talkinghead:"
 AVATARS = PREFIX + "avatars"
@@ -25,7 +25,7 @@ ACTIVE = PREFIX + "jobs:active"
 
 
 def avatar(avatar_id: str) -> str:
-    return PREFIX + "avatar:" + validate_avatar_id(avatar_id)
+    return PREFIX + "avatar:" + validate_stored_id(avatar_id)
 
 
 def job(job_id: str) -> str:
@@ -40,4 +40,4 @@ def worker(name: str) -> str:
 
 
 def avatar_job(avatar_id: str) -> str:
-    return PREFIX + "avatar-job:" + validate_avatar_id(avatar_id)
+    return PREFIX + "avatar-job:" + validate_stored_id(avatar_id)

@@ -27,7 +27,7 @@ from api.talkinghead.v1 import animation_pb2, avatar_pb2
 from facekit.contract import ModelInfo
 from facekit.crop import CropBox
 from facekit.detect import LandmarkDetector, make_detector
-from facekit.ids import validate_avatar_id
+from facekit.ids import scoped_id, split_id, validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
 from facekit.watermark import Watermarker, payload_for
@@ -36,12 +36,14 @@ from jobs.events import Event
 from jobs.record import Job
 from service import avatars, consent
 from service.audit import AuditEvent, AuditLog
+from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.personalisation import Personaliser
+from service.quota import TenantLimits
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
 from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
@@ -49,13 +51,16 @@ from service.stream import DrivingLandmarks, Stream, check_config, driving_mappe
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
-# The one tenant of a deployment until tenants exist: the watermark payload is payload_for(TENANT, id).
-TENANT = "default"
 
 
-def actor_of(peer: str) -> str:
-    """Who calls, as the audit log names them: the tenant and the caller's address."""
-    return f"tenant={TENANT} peer={peer}"
+def actor_of(principal: Principal, peer: str) -> str:
+    """Who calls, as the audit log names them: tenant, role, credential and the caller's address."""
+    return f"{principal.describe()} peer={peer}"
+
+
+def public_id(record: AvatarRecord) -> str:
+    """The id the avatar's tenant knows it by (records keep the tenant-scoped stored id)."""
+    return split_id(record.avatar_id)[1]
 
 
 def _unmarked(frame: np.ndarray) -> np.ndarray:
@@ -79,9 +84,11 @@ class App:
         metrics: Metrics,
         personaliser: Personaliser,
         audit: AuditLog,
+        auth: Authenticator | None = None,
         watermarker: Watermarker | None = None,
     ) -> None:
         self.settings = settings
+        self.auth = auth or Authenticator(store=None, client_certs=False)
         self.backend = backend
         self.store = store
         self.metrics = metrics
@@ -100,6 +107,7 @@ class App:
             on_error=lambda error: self._on_backend_error("generate", error),
         )
         self.active_streams = 0
+        self.limits = TenantLimits(metrics)
 
     async def start(self) -> None:
         await self.backend.start()
@@ -156,14 +164,20 @@ class App:
             self.metrics.audit_failures.inc()
             log.error("could not write the audit event %s of %s: %s", event, record.avatar_id, error)
 
-    async def create_avatar(self, request: avatar_pb2.CreateAvatarRequest, *, actor: str) -> AvatarRecord:
-        avatar_id = check_id(request.avatar_id)
+    async def create_avatar(
+        self, request: avatar_pb2.CreateAvatarRequest, *, principal: Principal, actor: str
+    ) -> AvatarRecord:
+        public = check_id(request.avatar_id)
+        avatar_id = scoped_id(principal.tenant, public)
         avatars.check_request(request, self.settings.max_images)
         consent_record = consent.check(request.consent, request.HasField("consent"))
         info = self.info()
+        self.limits.create(principal)
         existed = await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None
         if existed and not request.replace:
-            raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
+            raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
+        if not existed and principal.quotas.max_avatars:
+            self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
         prepared = await self.in_pool(
             self.detect_pool,
             lambda: avatars.prepare(
@@ -184,7 +198,7 @@ class App:
             avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
         )
         if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
-            raise exists(f"avatar {avatar_id!r} already exists; delete it or set replace = true")
+            raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
         self.cache.put(record)
         if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
             await self._forget_personalisation(avatar_id)
@@ -199,38 +213,48 @@ class App:
         log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
         return record
 
-    async def get_record(self, avatar_id: str) -> AvatarRecord:
-        avatar_id = check_id(avatar_id)
+    async def get_record(self, avatar_id: str, principal: Principal) -> AvatarRecord:
+        """The tenant's avatar; NOT_FOUND whether it does not exist or belongs to another tenant."""
+        public = check_id(avatar_id)
+        avatar_id = scoped_id(principal.tenant, public)
         record = self.cache.get(avatar_id)
         if record is None:
             stamp = self.cache.stamp()
             record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
             if record is None:
-                raise not_found(f"no avatar with id {avatar_id!r}")
+                raise not_found(f"no avatar with id {public!r}")
             self.cache.put(record, stamp=stamp)
         return record
 
-    async def list_avatars(self, page_size: int, page_token: str) -> tuple[list[AvatarRecord], str, int]:
+    async def _tenant_ids(self, tenant: str) -> list[str]:
+        """The tenant's public avatar ids, sorted."""
+        ids = await self.in_pool(self.io_pool, self.store.ids)
+        return sorted(public for owner, public in map(split_id, ids) if owner == tenant)
+
+    async def list_avatars(
+        self, page_size: int, page_token: str, principal: Principal
+    ) -> tuple[list[AvatarRecord], str, int]:
         if page_size < 0:
             raise invalid(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
         after = decode_token(page_token)
-        ids = await self.in_pool(self.io_pool, self.store.ids)
+        ids = await self._tenant_ids(principal.tenant)
         later = [i for i in ids if i > after]
         records = []
-        for avatar_id in later[:size]:
-            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        for public in later[:size]:
+            record = await self.in_pool(self.io_pool, self.store.get, scoped_id(principal.tenant, public))
             if record is not None:  # deleted meanwhile
                 records.append(record)
         next_token = encode_token(later[size - 1]) if len(later) > size else ""
         return records, next_token, len(ids)
 
-    async def delete_avatar(self, avatar_id: str, *, actor: str) -> None:
-        avatar_id = check_id(avatar_id)
+    async def delete_avatar(self, avatar_id: str, *, principal: Principal, actor: str) -> None:
+        public = check_id(avatar_id)
+        avatar_id = scoped_id(principal.tenant, public)
         record = self.cache.get(avatar_id) or await self.in_pool(self.io_pool, self.store.get, avatar_id)
         self.cache.discard(avatar_id)
         if record is None or not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
-            raise not_found(f"no avatar with id {avatar_id!r}")
+            raise not_found(f"no avatar with id {public!r}")
         await self._forget_personalisation(avatar_id)
         removed = ["photos", "face crops", "psi and embedding", "cached parameters", "personalised generator"]
         await self.record_event("delete", record, actor=actor, tombstone=True, removed=removed)
@@ -245,8 +269,10 @@ class App:
         except Exception as error:
             log.error("could not withdraw the personalisation of %s: %s", avatar_id, error)
 
-    async def personalise(self, avatar_id: str, *, steps: int, preset: str, actor: str) -> Job:
-        record = await self.get_record(avatar_id)
+    async def personalise(
+        self, avatar_id: str, *, principal: Principal, steps: int, preset: str, actor: str
+    ) -> Job:
+        record = await self.get_record(avatar_id, principal)
         job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
         await self.record_event("personalise", record, actor=actor, operation=job.id, steps=job.steps)
         log.info("personalising %s in %d steps: operation %s", avatar_id, job.steps, job.id)
@@ -271,25 +297,27 @@ class App:
             return False
 
     # -- streams ------------------------------------------------------------------------------
-    async def open_stream(self, config: animation_pb2.StreamConfig, *, actor: str) -> Stream:
+    async def open_stream(
+        self, config: animation_pb2.StreamConfig, *, principal: Principal, actor: str
+    ) -> Stream:
         """Admit one Animate stream: config and avatar checked, a stream slot taken
-        (RESOURCE_EXHAUSTED at max_streams), its queue opened in the batcher. Stream.close()
-        gives the slot back through `release`."""
+        (RESOURCE_EXHAUSTED at max_streams, or at the tenant's quota), its queue opened in the
+        batcher. Stream.close() gives the slots back through `release`."""
         setup = check_config(config)
-        avatar_id = check_id(config.avatar_id)
         info = self.info()
-        record = await self.get_record(avatar_id)
+        record = await self.get_record(config.avatar_id, principal)
+        avatar_id = record.avatar_id
         if record.model_id != info.model_id:
             raise precondition(
-                f"avatar {avatar_id!r} was made with model {record.model_id}, the server runs "
+                f"avatar {config.avatar_id!r} was made with model {record.model_id}, the server runs "
                 f"{info.model_id}; create the avatar again"
             )
         mapper = driving_mapper(config, info, record.points)
         if info.warp_guided and len(record.crops) == 0:
-            raise precondition(f"avatar {avatar_id!r} keeps no reference photos; create it again")
+            raise precondition(f"avatar {config.avatar_id!r} keeps no reference photos; create it again")
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
-        self._take_stream_slot()
+        self._take_stream_slot(principal)
         await self.record_event(
             "animate_start",
             record,
@@ -322,29 +350,32 @@ class App:
             mark=self._marker(avatar_id),
             find_landmarks=self.driving_landmarks,
             metrics=self.metrics,
-            release=self._release_stream_slot,
+            pace=functools.partial(self.limits.frame, principal),
+            release=functools.partial(self._release_stream_slot, principal.tenant),
         )
 
-    def _marker(self, avatar_id: str) -> Callable[[np.ndarray], np.ndarray]:
+    def _marker(self, stored_id: str) -> Callable[[np.ndarray], np.ndarray]:
         """Every frame of the avatar's streams: the mark of payload_for(tenant, avatar)."""
         if self.watermarker is None:
             return _unmarked
-        return functools.partial(self.watermarker.mark, payload=payload_for(TENANT, avatar_id))
+        return functools.partial(self.watermarker.mark, payload=payload_for(*split_id(stored_id)))
 
     async def _portrait(self, record: AvatarRecord) -> Portrait:
         """The avatar's source photo for paste-back (decoded in the io pool, once per stream)."""
         if not record.portrait_jpeg:
-            raise precondition(f"avatar {record.avatar_id!r} keeps no source photo; create it again")
+            raise precondition(f"avatar {public_id(record)!r} keeps no source photo; create it again")
         image = await self.in_pool(self.io_pool, decode_stored, record.portrait_jpeg)
         return Portrait(image=image, box=CropBox(*record.portrait_box))
 
-    def _take_stream_slot(self) -> None:
+    def _take_stream_slot(self, principal: Principal) -> None:
         if self.active_streams >= self.settings.max_streams:
             raise exhausted(f"the server is at its limit of {self.settings.max_streams} concurrent streams")
+        self.limits.take_stream(principal)
         self.active_streams += 1
         self.metrics.active_streams.inc()
 
-    def _release_stream_slot(self, code: str) -> None:
+    def _release_stream_slot(self, tenant: str, code: str) -> None:
+        self.limits.release_stream(tenant)
         self.active_streams -= 1
         self.metrics.active_streams.dec()
         self.metrics.streams_total.labels(code).inc()

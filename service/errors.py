@@ -10,6 +10,12 @@ class ServiceError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retry_after: float | None = None  # seconds: sent as trailing metadata `retry-after`
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after is None:
+            return ()
+        return (("retry-after", str(max(1, round(self.retry_after)))),)
 
 
 def invalid(message: str) -> ServiceError:

@@ -91,6 +91,21 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.tenant_streams = Gauge(
+            "talkinghead_tenant_streams", "Open Animate streams per tenant", ["tenant"], registry=r
+        )
+        self.tenant_frames = Counter(
+            "talkinghead_tenant_frames_total", "Driving frames received per tenant", ["tenant"], registry=r
+        )
+        self.quota_refusals = Counter(
+            "talkinghead_quota_refusals_total",
+            "Calls refused or frames dropped by a tenant quota (streams, fps, creates_per_minute, avatars)",
+            ["tenant", "quota"],
+            registry=r,
+        )
+        self.auth_failures = Counter(
+            "talkinghead_auth_failures_total", "Calls refused for missing or bad credentials", registry=r
+        )
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # export every series from the start
         for kind in ("landmarks", "image"):

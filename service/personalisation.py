@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from facekit.contract import ModelInfo
+from facekit.ids import split_id
 from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
@@ -70,15 +71,14 @@ class Personaliser:
             total = steps_for(steps=steps, preset=preset)
         except ValueError as error:
             raise invalid(str(error)) from error
+        public = split_id(record.avatar_id)[1]
         if record.model_id != info.model_id:
             raise precondition(
-                f"avatar {record.avatar_id!r} was made with model {record.model_id}, the server runs "
+                f"avatar {public!r} was made with model {record.model_id}, the server runs "
                 f"{info.model_id}; create the avatar again"
             )
         if len(record.crops) == 0:
-            raise precondition(
-                f"avatar {record.avatar_id!r} keeps no photos to fine-tune on; create it again"
-            )
+            raise precondition(f"avatar {public!r} keeps no photos to fine-tune on; create it again")
         job = Job(
             id=new_id(),
             kind=PERSONALISE,
@@ -92,26 +92,30 @@ class Personaliser:
             return await self._call(self.queue.submit, job, data, max_active=self.max_queue)  # type: ignore[no-any-return]
         except AvatarBusy as busy:
             raise exists(
-                f"avatar {record.avatar_id!r} is already being personalised by {PREFIX}{busy.job_id}; "
+                f"avatar {public!r} is already being personalised by {PREFIX}{busy.job_id}; "
                 "watch or cancel that operation"
             ) from None
         except QueueFull as full:
             raise exhausted(f"the personalisation queue is full ({full}); retry later") from None
 
-    async def get(self, name: str) -> Job:
+    async def get(self, name: str, tenant: str) -> Job:
+        """The tenant's operation; NOT_FOUND for another tenant's, as for one that does not exist."""
         job: Job | None = await self._call(self.queue.get, job_id_of(name))
-        if job is None or job.kind != PERSONALISE:
+        if job is None or job.kind != PERSONALISE or split_id(job.avatar_id)[0] != tenant:
             raise not_found(f"no operation named {name!r}")
         if job.done and job.id not in self._seen_done:
             self._seen_done.add(job.id)
             self._on_done(job)
         return job
 
-    async def list(self, *, avatar_id: str, page_size: int, page_token: str) -> tuple[list[Job], str]:
+    async def list(
+        self, *, tenant: str, avatar_id: str, page_size: int, page_token: str
+    ) -> tuple[list[Job], str]:
         if page_size < 0:
             raise invalid(f"page_size must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
         jobs: list[Job] = await self._call(self.queue.list, avatar_id=avatar_id)
+        jobs = [j for j in jobs if split_id(j.avatar_id)[0] == tenant]
         before = decode_cursor(page_token)
         if before is not None:
             jobs = [j for j in jobs if (j.create_time, j.id) < before]
@@ -119,11 +123,11 @@ class Personaliser:
         token = encode_cursor(page[-1]) if len(jobs) > size else ""
         return page, token
 
-    async def watch(self, name: str) -> AsyncIterator[Job]:
+    async def watch(self, name: str, tenant: str) -> AsyncIterator[Job]:
         """The job now, then each change of it, until it is done."""
         last = ""
         while True:
-            job = await self.get(name)
+            job = await self.get(name, tenant)
             text = job.to_json()
             if text != last:
                 last = text
@@ -132,7 +136,8 @@ class Personaliser:
                 return
             await asyncio.sleep(WATCH_POLL_S)
 
-    async def cancel(self, name: str) -> Job:
+    async def cancel(self, name: str, tenant: str) -> Job:
+        await self.get(name, tenant)  # NOT_FOUND unless it is the tenant's
         job: Job | None = await self._call(self.queue.cancel, job_id_of(name))
         if job is None or job.kind != PERSONALISE:
             raise not_found(f"no operation named {name!r}")

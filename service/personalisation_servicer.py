@@ -11,12 +11,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from api.talkinghead.v1 import personalisation_pb2 as pb
 from api.talkinghead.v1 import personalisation_pb2_grpc
+from facekit.ids import scoped_id, split_id
 from jobs import record
 from jobs.record import Job
-from service.app import App, actor_of
+from service.app import App, actor_of, check_id
 from service.errors import ServiceError
 from service.personalisation import PREFIX
-from service.servicer import unary
+from service.servicer import caller, unary
 
 STATES = {
     record.QUEUED: pb.OPERATION_STATE_QUEUED,
@@ -49,7 +50,7 @@ def _duration(seconds: float) -> Duration:
 
 def to_operation(job: Job) -> pb.Operation:
     progress = pb.PersonalisationProgress(
-        avatar_id=job.avatar_id,
+        avatar_id=split_id(job.avatar_id)[1],
         state=STATES[job.state],  # type: ignore[arg-type]
         stage=job.stage,
         step=job.step,
@@ -85,36 +86,43 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown preset {request.preset}")
         if request.HasField("steps") and request.steps < 1:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"steps must be 1-2000, got {request.steps}")
+        principal = caller(self.app, context)
         job = await self.app.personalise(
             request.avatar_id,
+            principal=principal,
             steps=request.steps,
             preset=PRESETS.get(request.preset, ""),
-            actor=actor_of(context.peer()),
+            actor=actor_of(principal, context.peer()),
         )
         return to_operation(job)
 
     @unary
     async def GetOperation(self, request: pb.GetOperationRequest, context: Any) -> pb.Operation:
-        return to_operation(await self.app.personaliser.get(request.name))
+        return to_operation(await self.app.personaliser.get(request.name, caller(self.app, context).tenant))
 
     @unary
     async def ListOperations(
         self, request: pb.ListOperationsRequest, context: Any
     ) -> pb.ListOperationsResponse:
+        tenant = caller(self.app, context).tenant
+        avatar_id = scoped_id(tenant, check_id(request.avatar_id)) if request.avatar_id else ""
         jobs, token = await self.app.personaliser.list(
-            avatar_id=request.avatar_id, page_size=request.page_size, page_token=request.page_token
+            tenant=tenant, avatar_id=avatar_id, page_size=request.page_size, page_token=request.page_token
         )
         return pb.ListOperationsResponse(operations=[to_operation(j) for j in jobs], next_page_token=token)
 
     @unary
     async def CancelOperation(self, request: pb.CancelOperationRequest, context: Any) -> pb.Operation:
-        return to_operation(await self.app.personaliser.cancel(request.name))
+        return to_operation(
+            await self.app.personaliser.cancel(request.name, caller(self.app, context).tenant)
+        )
 
     async def WatchOperation(
         self, request: pb.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Operation]:
         try:
-            async for job in self.app.personaliser.watch(request.name):
+            tenant = caller(self.app, context).tenant
+            async for job in self.app.personaliser.watch(request.name, tenant):
                 yield to_operation(job)
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(error.code, error.message, error.trailers())

@@ -32,6 +32,7 @@ from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service.app import App
 from service.audit import AuditLog, FileAuditLog, RedisAuditLog
+from service.auth import Authenticator, AuthInterceptor, ring_store
 from service.backends.base import Backend
 from service.events import FileEvents, RedisEvents
 from service.local_worker import LocalWorker
@@ -60,6 +61,30 @@ def make_backend(settings: Settings) -> Backend:
     from service.backends.onnxruntime import OnnxRuntimeBackend
 
     return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
+
+
+def make_auth(settings: Settings) -> Authenticator:
+    store = ring_store(settings.api_keys, settings.redis_url) if settings.api_keys else None
+    auth = Authenticator(store=store, client_certs=settings.tls_client_ca is not None)
+    if not auth.enabled:
+        log.warning(
+            "authentication is off: every caller is the implicit tenant 'default' with the admin role "
+            "(fine on %s; set TALKINGHEAD_API_KEYS or TALKINGHEAD_TLS_CLIENT_CA before exposing it)",
+            settings.host,
+        )
+    else:
+        log.info(
+            "authentication: %s",
+            " and ".join(
+                what
+                for what, on in (
+                    (f"API keys ({settings.api_keys})", store is not None),
+                    (f"client certificates of {settings.tls_client_ca}", auth.client_certs),
+                )
+                if on
+            ),
+        )
+    return auth
 
 
 def make_state(settings: Settings) -> tuple[AvatarStore, JobQueue, AuditLog]:
@@ -113,8 +138,10 @@ class Server:
         watermarker = Watermarker(key=key) if key else None
         if watermarker is not None:
             log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
+        auth = make_auth(s)
         self.app = App(
             settings=s,
+            auth=auth,
             backend=backend,
             store=store,
             metrics=metrics,
@@ -128,7 +155,7 @@ class Server:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        self._server = grpc.aio.server(options=options)
+        self._server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)
         animation_pb2_grpc.add_AnimationServiceServicer_to_server(
             AnimationServicer(app=self.app), self._server
@@ -139,13 +166,18 @@ class Server:
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         await self._set_health(False)
-        reflection.enable_server_reflection(
-            (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            )
         address = f"{s.host}:{s.grpc_port}"
         if s.tls:
             assert s.tls_cert is not None and s.tls_key is not None
-            credentials = grpc.ssl_server_credentials([(s.tls_key.read_bytes(), s.tls_cert.read_bytes())])
+            credentials = grpc.ssl_server_credentials(
+                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                require_client_auth=s.tls_client_ca is not None,
+            )
             self.grpc_port = self._server.add_secure_port(address, credentials)
         else:
             self.grpc_port = self._server.add_insecure_port(address)
@@ -153,6 +185,7 @@ class Server:
             raise OSError(f"cannot bind gRPC to {address}")
         self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
         await self.app.start()
+        auth.start()
         self._start_personalisation()
         await self._server.start()
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
@@ -213,6 +246,7 @@ class Server:
         if self.worker is not None:
             await self.worker.close()
         await self.app.close()
+        self.app.auth.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

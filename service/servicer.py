@@ -14,7 +14,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
-from service.app import App, actor_of
+from service.app import App, actor_of, public_id
+from service.auth import Principal
 from service.errors import ServiceError, precondition
 from service.store import AvatarRecord
 from service.stream import Stream
@@ -27,7 +28,7 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
     created = Timestamp()
     created.FromNanoseconds(int(record.create_time * 1e9))
     avatar = avatar_pb2.Avatar(
-        avatar_id=record.avatar_id,
+        avatar_id=public_id(record),
         display_name=record.display_name,
         create_time=created,
         image_count=len(record.images),
@@ -44,6 +45,15 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
     return avatar
 
 
+def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
+    """Who makes this call (service/auth.py); ServiceError UNAUTHENTICATED / PERMISSION_DENIED."""
+    try:
+        return app.auth.authenticate(context.invocation_metadata() or (), context.auth_context())
+    except ServiceError:
+        app.metrics.auth_failures.inc()
+        raise
+
+
 def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
     """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash."""
 
@@ -52,7 +62,7 @@ def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
         try:
             return await method(self, request, context)
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(error.code, error.message, error.trailers())
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:
@@ -69,13 +79,16 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
     @unary
     async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
-        record = await self.app.create_avatar(request, actor=actor_of(context.peer()))
+        principal = caller(self.app, context)
+        record = await self.app.create_avatar(
+            request, principal=principal, actor=actor_of(principal, context.peer())
+        )
         personalised = await self.app.personalised(record.avatar_id)
         return to_avatar(record, personalised=personalised, details=True, preview=True)
 
     @unary
     async def GetAvatar(self, request: avatar_pb2.GetAvatarRequest, context: Any) -> avatar_pb2.Avatar:
-        record = await self.app.get_record(request.avatar_id)
+        record = await self.app.get_record(request.avatar_id, caller(self.app, context))
         personalised = await self.app.personalised(record.avatar_id)
         return to_avatar(record, personalised=personalised, details=True, preview=request.include_preview)
 
@@ -83,7 +96,9 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def ListAvatars(
         self, request: avatar_pb2.ListAvatarsRequest, context: Any
     ) -> avatar_pb2.ListAvatarsResponse:
-        records, token, total = await self.app.list_avatars(request.page_size, request.page_token)
+        records, token, total = await self.app.list_avatars(
+            request.page_size, request.page_token, caller(self.app, context)
+        )
         avatars = [
             to_avatar(r, personalised=await self.app.personalised(r.avatar_id), details=False, preview=False)
             for r in records
@@ -94,7 +109,10 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
     async def DeleteAvatar(
         self, request: avatar_pb2.DeleteAvatarRequest, context: Any
     ) -> avatar_pb2.DeleteAvatarResponse:
-        await self.app.delete_avatar(request.avatar_id, actor=actor_of(context.peer()))
+        principal = caller(self.app, context)
+        await self.app.delete_avatar(
+            request.avatar_id, principal=principal, actor=actor_of(principal, context.peer())
+        )
         return avatar_pb2.DeleteAvatarResponse()
 
 
@@ -109,13 +127,16 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         reader: asyncio.Task[None] | None = None
         code = "OK"
         try:
+            principal = caller(self.app, context)
             first = await anext(aiter(request_iterator), None)
             if first is None:
                 return
             kind = first.WhichOneof("message")
             if kind != "config":
                 raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
-            stream = await self.app.open_stream(first.config, actor=actor_of(context.peer()))
+            stream = await self.app.open_stream(
+                first.config, principal=principal, actor=actor_of(principal, context.peer())
+            )
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
             yield animation_pb2.AnimateResponse(started=stream.started)
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
@@ -123,7 +144,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 yield response
         except ServiceError as error:
             code = error.code.name
-            await context.abort(error.code, error.message)
+            await context.abort(error.code, error.message, error.trailers())
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise

@@ -23,6 +23,14 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_JOBS              var/jobs         job directory of the local queue (no REDIS_URL)
     TALKINGHEAD_WORKER_CHECKPOINT models/talkinghead-small.pt  meta checkpoint the embedded worker tunes
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
+    TALKINGHEAD_API_KEYS          (unset)          key ring of API keys and tenant quotas: a JSON file
+                                                   path, or `redis` (in TALKINGHEAD_REDIS_URL); see
+                                                   `talkinghead keys` and service/auth.py
+    TALKINGHEAD_TLS_CLIENT_CA     (unset)          PEM CA: TLS clients must present a certificate it
+                                                   signed (mTLS); its common name is the tenant
+    TALKINGHEAD_ALLOW_UNAUTHENTICATED  0           listen beyond loopback without API keys or client
+                                                   certificates (every caller is tenant `default`)
+    TALKINGHEAD_REFLECTION        1                gRPC server reflection on (1) or off (0)
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ class Settings:
     max_queue: int = 16
     audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
+    api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
+    tls_client_ca: Path | None = None
+    allow_unauthenticated: bool = False
+    reflection: bool = True
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
     max_image_pixels: int = 40_000_000  # per decoded image
@@ -93,12 +105,30 @@ class Settings:
             problems.append("max_streams and max_images must be >= 1 and cache_bytes >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("TLS needs both a certificate (TLS_CERT) and a key (TLS_KEY)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("client certificates (TLS_CLIENT_CA) need TLS (TLS_CERT and TLS_KEY)")
+        if self.api_keys == "redis" and not self.redis_url:
+            problems.append("API_KEYS=redis needs REDIS_URL")
+        if not self.authenticated and not self.loopback and not self.allow_unauthenticated:
+            problems.append(
+                f"refusing to listen on {self.host} without authentication: set API_KEYS (API keys) or "
+                "TLS_CLIENT_CA (client certificates), or ALLOW_UNAUTHENTICATED=1 to accept anyone"
+            )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
     @property
     def tls(self) -> bool:
         return self.tls_cert is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """Callers must prove who they are (API keys or client certificates)."""
+        return bool(self.api_keys) or self.tls_client_ca is not None
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
 
     @property
     def embedded_worker(self) -> bool:
@@ -135,6 +165,10 @@ _ENV_FIELDS = (
     "max_queue",
     "production",
     "audit_log",
+    "api_keys",
+    "tls_client_ca",
+    "allow_unauthenticated",
+    "reflection",
 )
 
 
@@ -200,6 +234,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         default=None,
         help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY (default off)",
+    )
+    group.add_argument(
+        "--api-keys", help="key ring of API keys: a JSON file, or `redis` (default: no API keys)"
+    )
+    group.add_argument("--tls-client-ca", type=Path, help="PEM CA client certificates must chain to (mTLS)")
+    group.add_argument(
+        "--allow-unauthenticated",
+        action="store_true",
+        default=None,
+        help="listen beyond loopback with no authentication (every caller is tenant `default`)",
+    )
+    group.add_argument(
+        "--no-reflection", dest="reflection", action="store_false", default=None, help="turn reflection off"
     )
     group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from facekit.ids import validate_avatar_id
+from facekit.ids import validate_stored_id
 
 SUFFIX = ".npz"
 
@@ -98,7 +98,7 @@ class LocalAvatarStore:
         self._lock = threading.Lock()  # serialises exists-check + replace for put(replace=False)
 
     def _path(self, avatar_id: str) -> Path:
-        return self.root / (validate_avatar_id(avatar_id) + SUFFIX)
+        return self.root / (validate_stored_id(avatar_id) + SUFFIX)
 
     def put(self, record: AvatarRecord, *, replace: bool) -> bool:
         path = self._path(record.avatar_id)

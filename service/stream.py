@@ -177,6 +177,7 @@ class Stream:
     mark: Callable[[np.ndarray], np.ndarray]  # the deployment's watermark (identity without a key)
     find_landmarks: FindLandmarks
     metrics: Metrics
+    pace: Callable[[], float]  # the tenant's frame rate quota: 0.0 = go, else seconds to the next frame
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
@@ -199,6 +200,8 @@ class Stream:
             async for request in requests:
                 read = time.perf_counter()
                 kind = request.WhichOneof("message")
+                if kind in ("landmarks", "driving_frame") and not await self._within_quota(read):
+                    continue
                 if kind == "landmarks":
                     await self._landmark_frame(request.landmarks, read)
                 elif kind == "driving_frame":
@@ -217,6 +220,23 @@ class Stream:
         finally:
             self.reading_done = True
             self.changed.set()
+
+    async def _within_quota(self, read: float) -> bool:
+        """The tenant's frames-per-second quota: a blocking stream waits for its turn, a live one
+        drops the frame (the client sees it in the next reply's dropped_before)."""
+        while (wait := self.pace()) > 0.0:
+            if not self.setup.block:
+                dropped = Outstanding(sequence=-1, capture_time_us=0, read=read)
+                dropped.item = WorkItem(
+                    points=np.zeros((68, 2), np.float32), draw=self.draw, adain=None, model=""
+                )
+                dropped.item.future.cancel()
+                self.outstanding.append(dropped)
+                self.changed.set()
+                self.metrics.frames_dropped.inc()
+                return False
+            await asyncio.sleep(wait)
+        return True
 
     async def _landmark_frame(self, frame: pb.LandmarkFrame, read: float) -> None:
         self.metrics.frames_received.labels("landmarks").inc()

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("training.evaluation.command", "score a model against the classical warp on unseen people"),
     "export": ("export.command", "checkpoint -> ONNX -> Triton model repository (+ parity report)"),
     "audit": ("service.audit_command", "export the audit log: who made, animated, deleted which avatar"),
+    "keys": ("service.keys_command", "issue/revoke API keys, bind client certificates, set tenant quotas"),
     "worker": ("worker.command", "personalise avatars: take jobs, fine-tune, export, load in Triton"),
     "serve": ("service.serve_command", "run the gRPC service (avatars, animation streams, metrics)"),
     "avatar": ("client.avatar_command", "create/list/get/delete/personalise avatars on a running service"),

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from client.library import Client, landmark_requests
+from facekit.ids import DEFAULT_TENANT as TENANT
 from facekit.sequence import LandmarkSequence
 from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
-from service.app import TENANT
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, ServerThread, test_settings
 

@@ -26,7 +26,7 @@ import torch
 
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector, largest_face, make_detector
-from facekit.ids import validate_avatar_id
+from facekit.ids import validate_avatar_id, validate_stored_id
 from facekit.rasterize import draw_batch
 from facekit.warp import warp_nearest
 from training import checkpoint
@@ -78,7 +78,7 @@ def personalise(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune on T frames uint8 (T, S, S, 3) with landmarks (T, 68, 2) -> personalised checkpoint."""
-    validate_avatar_id(avatar)
+    validate_stored_id(avatar)
     device = device or torch.device("cpu")
     cfg = checkpoint.config_of(meta)
     s = cfg.model.image_size

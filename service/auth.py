@@ -1,0 +1,440 @@
+"""Who is calling: API keys, client certificates, tenants, roles and quotas.
+
+Every call of the talkinghead services is made by a `Principal`: a tenant (whose avatars, streams,
+personalisations and quotas it uses) and a role: `user`, or `admin` for operators, who may act for
+any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials:
+
+- API keys, sent as `authorization: Bearer thk_<key id>_<secret>`. The key ring keeps only the
+  SHA-256 of the secret (256 random bits: a slow hash would add nothing), the tenant, the role and
+  when the key was revoked. `talkinghead keys` issues, revokes and lists them. The ring is a JSON
+  file (TALKINGHEAD_API_KEYS=<path>; a mounted Kubernetes Secret works: it is reread when it
+  changes) or a Redis key (TALKINGHEAD_API_KEYS=redis, shared by every replica). The server
+  rereads it every REFRESH_S seconds, so a revoked key stops working within that time.
+- mTLS client certificates (TALKINGHEAD_TLS_CLIENT_CA): the TLS handshake requires a certificate
+  that CA signed; the subject's common name is the tenant (role user) unless the ring binds that
+  name to another tenant or role (`talkinghead keys bind-cert`). A bearer key, when also sent, wins.
+- Neither configured: every caller is the implicit tenant `default` with the admin role, and the
+  server refuses to listen on anything but loopback unless TALKINGHEAD_ALLOW_UNAUTHENTICATED is set.
+
+`AuthInterceptor` refuses a call without valid credentials before its request message is read
+(UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. grpc.health.v1 stays open for
+probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION).
+
+The ring also holds per-tenant quotas (`talkinghead keys quota`); tenants without an entry get
+DEFAULT_QUOTAS. service/quota.py enforces them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+
+from facekit.ids import DEFAULT_TENANT, validate_tenant
+from service.errors import ServiceError
+
+log = logging.getLogger("talkinghead.service.auth")
+USER, ADMIN = "user", "admin"
+ROLES = (USER, ADMIN)
+TOKEN_PREFIX = "thk_"
+TENANT_HEADER = "x-talkinghead-tenant"
+REFRESH_S = 1.0
+REDIS_KEY = "talkinghead:keyring"
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+@dataclass(frozen=True)
+class Quotas:
+    """What one tenant may use (0 = no limit beyond the server's own)."""
+
+    max_avatars: int = 1000
+    max_streams: int = 16  # concurrent Animate streams per replica
+    max_fps: float = 400.0  # frames per second over all the tenant's streams, per replica
+    creates_per_minute: int = 30  # CreateAvatar calls per replica
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Quotas:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(
+                f"unknown quota(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
+            )
+        values = {k: type(getattr(cls(), k))(v) for k, v in raw.items()}
+        if any(v < 0 for v in values.values()):
+            raise ValueError("quotas must be >= 0 (0 = no limit)")
+        return cls(**values)
+
+
+DEFAULT_QUOTAS = Quotas()
+UNLIMITED = Quotas(max_avatars=0, max_streams=0, max_fps=0.0, creates_per_minute=0)
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    role: str
+    credential: str  # what authenticated it: "key:<id>", "cert:<common name>" or "none"
+    quotas: Quotas = DEFAULT_QUOTAS
+
+    @property
+    def admin(self) -> bool:
+        return self.role == ADMIN
+
+    def describe(self) -> str:
+        """As the audit log names the caller."""
+        return f"tenant={self.tenant} role={self.role} credential={self.credential}"
+
+
+ANONYMOUS = Principal(tenant=DEFAULT_TENANT, role=ADMIN, credential="none", quotas=UNLIMITED)
+
+
+def unauthenticated(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+# -- the key ring document --------------------------------------------------------------------
+def empty_ring() -> dict[str, Any]:
+    return {"version": 1, "keys": {}, "certs": {}, "tenants": {}}
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    return role
+
+
+def issue(ring: dict[str, Any], tenant: str, role: str = USER, note: str = "") -> tuple[str, str]:
+    """Add a key to `ring`; returns (key id, the token to give the client: shown once, never stored)."""
+    validate_tenant(tenant)
+    _check_role(role)
+    key_id = secrets.token_hex(6)
+    secret = secrets.token_urlsafe(32)
+    ring["keys"][key_id] = {
+        "tenant": tenant,
+        "role": role,
+        "sha256": _hash(secret),
+        "created": time.time(),
+        "revoked": 0.0,
+        "note": note[:200],
+    }
+    return key_id, f"{TOKEN_PREFIX}{key_id}_{secret}"
+
+
+def revoke(ring: dict[str, Any], key_id: str) -> bool:
+    entry = ring["keys"].get(key_id)
+    if entry is None or entry["revoked"]:
+        return False
+    entry["revoked"] = time.time()
+    return True
+
+
+def bind_cert(ring: dict[str, Any], common_name: str, tenant: str, role: str = USER) -> None:
+    validate_tenant(tenant)
+    ring["certs"][common_name] = {"tenant": tenant, "role": _check_role(role)}
+
+
+def set_quotas(ring: dict[str, Any], tenant: str, **values: Any) -> Quotas:
+    validate_tenant(tenant)
+    merged = {**ring["tenants"].get(tenant, {}), **{k: v for k, v in values.items() if v is not None}}
+    quotas = Quotas.from_dict(merged)
+    ring["tenants"][tenant] = merged
+    return quotas
+
+
+@dataclass(frozen=True)
+class Ring:
+    """A parsed snapshot of the key ring, for lookups."""
+
+    keys: Mapping[str, Mapping[str, Any]]
+    certs: Mapping[str, Mapping[str, str]]
+    tenants: Mapping[str, Quotas]
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any]) -> Ring:
+        tenants = {name: Quotas.from_dict(q) for name, q in raw.get("tenants", {}).items()}
+        return cls(keys=dict(raw.get("keys", {})), certs=dict(raw.get("certs", {})), tenants=tenants)
+
+    def quotas(self, tenant: str) -> Quotas:
+        return self.tenants.get(tenant, DEFAULT_QUOTAS)
+
+    def by_token(self, token: str) -> Principal | None:
+        if not token.startswith(TOKEN_PREFIX):
+            return None
+        key_id, _, secret = token[len(TOKEN_PREFIX) :].partition("_")
+        entry = self.keys.get(key_id)
+        if entry is None or entry.get("revoked") or not secret:
+            return None
+        if not hmac.compare_digest(entry["sha256"], _hash(secret)):
+            return None
+        tenant = entry["tenant"]
+        return Principal(
+            tenant=tenant, role=entry["role"], credential=f"key:{key_id}", quotas=self.quotas(tenant)
+        )
+
+    def by_cert(self, common_name: str) -> Principal | None:
+        bound = self.certs.get(common_name)
+        tenant, role = (bound["tenant"], bound["role"]) if bound else (common_name, USER)
+        try:
+            validate_tenant(tenant)
+        except ValueError:
+            return None
+        return Principal(
+            tenant=tenant, role=role, credential=f"cert:{common_name}", quotas=self.quotas(tenant)
+        )
+
+
+EMPTY = Ring.parse(empty_ring())
+
+
+# -- where the ring lives ---------------------------------------------------------------------
+class RingStore(Protocol):
+    def load(self) -> dict[str, Any]: ...
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        """Apply `change` to the document under a lock and write it back; returns its result."""
+        ...
+
+    def version(self) -> object:
+        """Changes whenever the document may have changed (cheap)."""
+        ...
+
+
+@dataclass
+class FileRing:
+    path: Path
+
+    def version(self) -> object:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def load(self) -> dict[str, Any]:
+        try:
+            raw: dict[str, Any] = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return empty_ring()
+        return raw
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            ring = self.load()
+            result = change(ring)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".keys-")
+            try:
+                with os.fdopen(fd, "w") as out:
+                    json.dump(ring, out, indent=1, sort_keys=True)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.chmod(tmp, 0o600)
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+            return result
+
+
+@dataclass
+class RedisRing:
+    client: Any  # redis.Redis
+
+    def version(self) -> object:
+        return self.client.get(REDIS_KEY + ":serial")
+
+    def load(self) -> dict[str, Any]:
+        raw = self.client.get(REDIS_KEY)
+        return json.loads(raw) if raw else empty_ring()
+
+    def update(self, change: Callable[[dict[str, Any]], Any]) -> Any:
+        import redis
+
+        while True:
+            with self.client.pipeline() as pipe:
+                try:
+                    pipe.watch(REDIS_KEY)
+                    raw = pipe.get(REDIS_KEY)
+                    ring = json.loads(raw) if raw else empty_ring()
+                    result = change(ring)
+                    pipe.multi()
+                    pipe.set(REDIS_KEY, json.dumps(ring, sort_keys=True))
+                    pipe.incr(REDIS_KEY + ":serial")
+                    pipe.execute()
+                    return result
+                except redis.WatchError:
+                    continue
+
+
+def ring_store(location: str, redis_url: str = "") -> RingStore:
+    """TALKINGHEAD_API_KEYS: `redis` (with a Redis URL) or a file path."""
+    if location == "redis":
+        if not redis_url:
+            raise ValueError("TALKINGHEAD_API_KEYS=redis needs TALKINGHEAD_REDIS_URL")
+        from jobs.redis_queue import connect
+
+        return RedisRing(client=connect(redis_url))
+    return FileRing(path=Path(location))
+
+
+# -- authenticating calls ---------------------------------------------------------------------
+def bearer(metadata: Iterable[tuple[str, Any]]) -> str | None:
+    for key, value in metadata:
+        if key == "authorization":
+            text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+            scheme, _, token = text.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def _header(metadata: Iterable[tuple[str, Any]], name: str) -> str | None:
+    for key, value in metadata:
+        if key == name:
+            return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+    return None
+
+
+class Authenticator:
+    """Turns a call's metadata (and verified client certificate) into a Principal."""
+
+    def __init__(self, *, store: RingStore | None, client_certs: bool) -> None:
+        self.store = store
+        self.client_certs = client_certs
+        self.ring = EMPTY
+        self._version: object = object()
+        self._task: asyncio.Task[None] | None = None
+        if store is not None:
+            self.refresh()
+
+    @property
+    def enabled(self) -> bool:
+        return self.store is not None or self.client_certs
+
+    def refresh(self) -> None:
+        """Reload the ring if it changed; a broken ring keeps the last good one (logged)."""
+        if self.store is None:
+            return
+        try:
+            version = self.store.version()
+            if version == self._version:
+                return
+            self.ring = Ring.parse(self.store.load())
+            self._version = version
+            log.info(
+                "key ring loaded: %d key(s), %d tenant quota(s)", len(self.ring.keys), len(self.ring.tenants)
+            )
+        except Exception as error:
+            log.error("could not load the key ring (keeping the last one): %s", error)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(REFRESH_S)
+            await loop.run_in_executor(None, self.refresh)
+
+    def start(self) -> None:
+        if self.store is not None:
+            self._task = asyncio.create_task(self.run(), name="key-ring")
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    def check_token(self, metadata: Iterable[tuple[str, Any]]) -> Principal | None:
+        """The key's principal; None when no key was sent; ServiceError when one was sent but is bad."""
+        token = bearer(metadata)
+        if token is None:
+            return None
+        principal = self.ring.by_token(token) if self.store is not None else None
+        if principal is None:
+            raise unauthenticated("the API key is not valid (unknown, revoked or malformed)")
+        return principal
+
+    def authenticate(self, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]) -> Principal:
+        metadata = list(metadata)
+        if not self.enabled:
+            principal = ANONYMOUS
+        else:
+            principal = self.check_token(metadata) or self._from_cert(auth_context)
+        acting = _header(metadata, TENANT_HEADER)
+        if acting is None or acting == principal.tenant:
+            return principal
+        if not principal.admin:
+            raise ServiceError(
+                grpc.StatusCode.PERMISSION_DENIED, f"only the admin role may send {TENANT_HEADER}"
+            )
+        try:
+            validate_tenant(acting)
+        except ValueError as error:
+            raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER}: {error}") from None
+        quotas = self.ring.quotas(acting) if self.enabled else UNLIMITED
+        return Principal(tenant=acting, role=principal.role, credential=principal.credential, quotas=quotas)
+
+    def _from_cert(self, auth_context: Mapping[str, Any]) -> Principal:
+        names = auth_context.get("x509_common_name") or []
+        if self.client_certs and names:
+            name = names[0].decode(errors="replace") if isinstance(names[0], bytes) else str(names[0])
+            principal = self.ring.by_cert(name)
+            if principal is not None:
+                return principal
+            raise unauthenticated("the client certificate's common name is not a valid tenant name")
+        raise unauthenticated(
+            "this call needs credentials: an API key (authorization: Bearer ...) or a client certificate"
+        )
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse unauthenticated calls before their request is read.
+
+    The refusal is a request-streaming handler that never reads, whatever the method's shape:
+    gRPC only reads a message when the handler asks for it."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method or ""
+        if not self.auth.enabled or method.startswith(OPEN_SERVICES):
+            return await continuation(handler_call_details)
+        metadata = handler_call_details.invocation_metadata or ()
+        try:
+            if self.auth.check_token(metadata) is None and not self.auth.client_certs:
+                raise unauthenticated("this call needs credentials: an API key (authorization: Bearer ...)")
+        except ServiceError as error:
+            return _refusal(error)
+        return await continuation(handler_call_details)
+
+
+def _refusal(error: ServiceError) -> grpc.RpcMethodHandler:
+    code, message = error.code, error.message
+
+    async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)

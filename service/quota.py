@@ -1,0 +1,113 @@
+"""Per-tenant quotas (service/auth.py's Quotas): concurrent streams, frames per second, CreateAvatar
+per minute, and how many avatars a tenant keeps.
+
+Streams, frame rates and create rates are counted per replica (in memory); the avatar count comes
+from the store, so it holds across replicas. A refusal is RESOURCE_EXHAUSTED with a message that
+names the quota and a `retry-after` hint (seconds) in the trailing metadata.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from service.auth import Principal
+from service.errors import ServiceError, exhausted
+from service.metrics import Metrics
+
+
+@dataclass
+class Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst` saved up."""
+
+    rate: float
+    burst: float
+    tokens: float = 0.0
+    stamp: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.tokens = self.burst
+
+    def take(self, now: float | None = None) -> float:
+        """Take one token: 0.0 when granted, else the seconds until one is there."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return 0.0
+        return (1.0 - self.tokens) / self.rate
+
+
+def refused(message: str, retry_after: float) -> ServiceError:
+    error = exhausted(f"{message}; retry in {max(1, math.ceil(retry_after))} s")
+    error.retry_after = retry_after
+    return error
+
+
+class TenantLimits:
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.streams: defaultdict[str, int] = defaultdict(int)
+        self._frames: dict[str, Bucket] = {}
+        self._creates: dict[str, Bucket] = {}
+
+    def _refuse(self, principal: Principal, quota: str, message: str, retry_after: float) -> ServiceError:
+        self.metrics.quota_refusals.labels(principal.tenant, quota).inc()
+        return refused(message, retry_after)
+
+    def take_stream(self, principal: Principal) -> None:
+        limit = principal.quotas.max_streams
+        if limit and self.streams[principal.tenant] >= limit:
+            raise self._refuse(
+                principal,
+                "streams",
+                f"tenant {principal.tenant!r} has its {limit} concurrent streams open",
+                5.0,
+            )
+        self.streams[principal.tenant] += 1
+        self.metrics.tenant_streams.labels(principal.tenant).set(self.streams[principal.tenant])
+
+    def release_stream(self, tenant: str) -> None:
+        self.streams[tenant] = max(0, self.streams[tenant] - 1)
+        self.metrics.tenant_streams.labels(tenant).set(self.streams[tenant])
+
+    def frame(self, principal: Principal) -> float:
+        """Take one of the tenant's frames per second: 0.0 when granted, else the seconds until the
+        next is (live streams drop the frame, blocking ones wait)."""
+        self.metrics.tenant_frames.labels(principal.tenant).inc()
+        rate = principal.quotas.max_fps
+        if not rate:
+            return 0.0
+        bucket = self._frames.get(principal.tenant)
+        if bucket is None or bucket.rate != rate:
+            bucket = self._frames[principal.tenant] = Bucket(rate=rate, burst=max(1.0, rate / 2))
+        wait = bucket.take()
+        if wait:
+            self.metrics.quota_refusals.labels(principal.tenant, "fps").inc()
+        return wait
+
+    def create(self, principal: Principal) -> None:
+        per_minute = principal.quotas.creates_per_minute
+        if not per_minute:
+            return
+        bucket = self._creates.get(principal.tenant)
+        if bucket is None or bucket.burst != per_minute:
+            bucket = self._creates[principal.tenant] = Bucket(rate=per_minute / 60.0, burst=float(per_minute))
+        wait = bucket.take()
+        if wait:
+            raise self._refuse(
+                principal,
+                "creates_per_minute",
+                f"tenant {principal.tenant!r} may create {per_minute} avatars a minute",
+                wait,
+            )
+
+    def avatars(self, principal: Principal, count: int) -> None:
+        limit = principal.quotas.max_avatars
+        if limit and count >= limit:
+            raise self._refuse(
+                principal, "avatars", f"tenant {principal.tenant!r} keeps its limit of {limit} avatars", 60.0
+            )
