@@ -17,6 +17,7 @@ example:
   talkinghead bench                                  # -> out/bench.json
   talkinghead bench --baseline out/baseline_repository --streams 1   # paired against the previous model
   talkinghead bench --seconds 20 --streams 1 4 16 --out out/bench.json
+  talkinghead bench --device cuda                    # PyTorch on the GPU -> out/bench-cuda.json
 """
 
 from __future__ import annotations
@@ -71,6 +72,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "raw batch-1 latency and the closed-loop per-frame latency through the service",
     )
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the --baseline comparison")
+    group = parser.add_argument_group("PyTorch generator on a device instead (export/speed.py)")
+    group.add_argument("--device", choices=("cuda", "cpu"), help="time the PyTorch generator on this device")
+    group.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
+    group.add_argument("--configs", nargs="+", default=["paper"], help="configs timed with random weights")
+    group.add_argument(
+        "--precisions",
+        nargs="+",
+        choices=("bf16", "fp16", "fp32"),
+        help="default bf16 fp16 (cuda), fp32 (cpu)",
+    )
+    group.add_argument(
+        "--device-batches", type=int, nargs="+", help="default 1 2 4 ... 256 (cuda), 1 2 4 (cpu)"
+    )
+    group.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
+    group.add_argument("--compile", action="store_true", help="torch.compile the generator first")
+    group.add_argument(
+        "--peak-tflops", type=float, help="the device's peak (default: known GPUs' dense bf16)"
+    )
 
 
 def portrait_consent(portrait: Path) -> avatar_pb2.ConsentRecord:
@@ -444,6 +463,10 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.device:  # PyTorch (export/speed.py): imported only here, the client stays torch-free
+        from export import speed
+
+        return speed.run(args)
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
     raw = RawGenerator(repository=args.model_repository)
