@@ -603,3 +603,70 @@ def test_healthcheck_speaks_tls_with_the_services_certificate(tmp_path: Path) ->
         assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=2").returncode == 1  # plaintext fails
     finally:
         server.stop(0)
+
+
+def _certificate(
+    name: str, issuer: tuple[Any, Any] | None = None, ca: bool = False
+) -> tuple[bytes, bytes, Any, Any]:
+    """(cert PEM, key PEM, cert, key): a CA (`ca`), or a leaf for DNS `name` that `issuer` signed."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_cert, signer_key = issuer if issuer else (None, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_cert.subject if signer_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    cert = builder.sign(signer_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, cert, key
+
+
+def test_healthcheck_presents_a_client_certificate_to_an_mtls_server(tmp_path: Path) -> None:
+    """With auth.clientCA the server's handshake demands a client certificate: the chart's probe
+    and helm test pass theirs with --client-cert/--client-key."""
+    grpc = pytest.importorskip("grpc")
+    pytest.importorskip("cryptography")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    ca_pem, _, ca_cert, ca_key = _certificate("talkinghead-test-ca", ca=True)
+    server_pem, server_key, _, _ = _certificate("talkinghead.test", (ca_cert, ca_key))
+    client_pem, client_key, _, _ = _certificate("probe", (ca_cert, ca_key))
+    for name, data in {"ca.crt": ca_pem, "tls.crt": server_pem, "probe.crt": client_pem,
+                       "probe.key": client_key}.items():  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_key, server_pem)], root_certificates=ca_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        base = [f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}", "--timeout=3"]
+        assert _healthcheck(*base).returncode == 1  # no client certificate: the handshake fails
+        probe = [f"--client-cert={tmp_path / 'probe.crt'}", f"--client-key={tmp_path / 'probe.key'}"]
+        done = _healthcheck(*base, *probe)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _healthcheck(*base, probe[0]).returncode == 2  # the key must come with it
+    finally:
+        server.stop(0)
