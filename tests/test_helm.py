@@ -10,6 +10,7 @@ the helm tests skip, naming the reason, only when it cannot be had.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import re
@@ -456,6 +457,122 @@ def test_notes_tell_how_to_reach_the_service(helm: str, tmp_path: Path) -> None:
     assert "starts empty" in notes  # the model repository claim must be filled
     tls_notes = render_notes(helm, tmp_path / "tls", CI / "all-on.yaml")
     assert "--tls-ca ca.pem" in tls_notes and "th-talkinghead-tls" in tls_notes
+
+
+# ---- authentication ----------------------------------------------------------------------------
+
+
+def server_environment(manifests: list[Manifest]) -> dict[str, str]:
+    """The TALKINGHEAD_* variables the server container gets (a Secret's value as a placeholder)."""
+    environment = dict(one(manifests, "ConfigMap", "")["data"])
+    for variable in container(one(manifests, "Deployment", ""), "service")["env"]:
+        placeholder = "redis://redis:6379/0" if variable["name"].endswith("REDIS_URL") else "secret"
+        environment[variable["name"]] = variable.get("value", placeholder)
+    return environment
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda v: v.stem if v else "default")
+def test_the_rendered_server_passes_its_own_startup_checks(helm: str, values: Path | None) -> None:
+    """service/settings.py refuses to listen on 0.0.0.0 without authentication (and other bad
+    combinations): every configuration the chart renders must get past it."""
+    from service.settings import from_env
+
+    settings = from_env(server_environment(render(helm, values)))
+    assert settings.host == "0.0.0.0" and settings.authenticated
+
+
+def _secret_text(secret: Manifest, key: str) -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_default_install_requires_api_keys_from_a_chart_made_key_ring(helm: str) -> None:
+    from service.auth import ADMIN, Ring
+
+    manifests = render(helm)
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_API_KEYS"] == "/etc/talkinghead/keys/keys.json"
+    assert config["TALKINGHEAD_REFLECTION"] == "0"
+    assert "TALKINGHEAD_ALLOW_UNAUTHENTICATED" not in config
+    secret = one(manifests, "Secret", "-api-keys")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ring = json.loads(_secret_text(secret, "keys.json"))
+    assert ring["version"] == 1 and ring["certs"] == {} and ring["tenants"] == {}
+    [(key_id, entry)] = ring["keys"].items()
+    assert re.fullmatch(r"[0-9a-f]{12}", key_id)
+    assert (entry["tenant"], entry["role"], entry["revoked"]) == ("ops", ADMIN, 0)
+    assert isinstance(entry["created"], int) and entry["created"] > 1_700_000_000
+    token = _secret_text(secret, "admin-key")
+    prefix, _, secret_part = token.partition(f"thk_{key_id}_")
+    assert prefix == "" and len(secret_part) >= 32
+    assert entry["sha256"] == hashlib.sha256(secret_part.encode()).hexdigest()
+    principal = Ring.parse(ring).by_token(token)  # the server's own lookup accepts the token
+    assert principal is not None and principal.admin and principal.tenant == "ops"
+    # Mounted whole (no subPath, so Kubernetes' updates reach the file), read-only, keys.json only:
+    # the admin's token stays in the Secret for the operator.
+    deployment = one(manifests, "Deployment", "")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volumes["api-keys"]["secret"]["items"] == [{"key": "keys.json", "path": "keys.json"}]
+    mount = next(m for m in container(deployment, "service")["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/etc/talkinghead/keys", "readOnly": True}
+
+
+def test_api_keys_from_the_operators_secret_or_from_redis(helm: str) -> None:
+    own = render(helm, auth__apiKeys__existingSecret="studio-keys")
+    assert not find(own, "Secret", "-api-keys")
+    volumes = {v["name"]: v for v in one(own, "Deployment", "")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "studio-keys"
+    shared = render(helm, CI / "worker-redis.yaml")
+    assert server_environment(shared)["TALKINGHEAD_API_KEYS"] == "redis"
+    assert not find(shared, "Secret", "-api-keys")
+    volumes = one(shared, "Deployment", "")["spec"]["template"]["spec"]["volumes"]
+    assert "api-keys" not in {v["name"] for v in volumes}
+
+
+def test_client_certificates_are_checked_and_the_probes_present_one(helm: str) -> None:
+    manifests = render(helm, CI / "mtls.yaml")
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_TLS_CLIENT_CA"] == "/etc/talkinghead/client-ca/ca.crt"
+    assert config["TALKINGHEAD_REFLECTION"] == "1"
+    deployment = one(manifests, "Deployment", "")
+    volumes = {v["name"]: v.get("secret") for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["client-ca"]["secretName"] == "talkinghead-client-ca"
+    assert volumes["probe-tls"]["secretName"] == "talkinghead-probe-client"
+    probe = [
+        "--client-cert=/etc/talkinghead/probe-tls/tls.crt",
+        "--client-key=/etc/talkinghead/probe-tls/tls.key",
+    ]
+    command = container(deployment, "service")["readinessProbe"]["exec"]["command"]
+    assert command[-2:] == probe
+    test_pod = one(manifests, "Pod", "-test-health")["spec"]
+    assert test_pod["containers"][0]["command"][-2:] == probe
+    assert "talkinghead-probe-client" in {v.get("secret", {}).get("secretName") for v in test_pod["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"auth.clientCA.existingSecret": "ca", "auth.clientCA.probeSecret": "probe", "tls.enabled": "false"},
+         "auth.clientCA.existingSecret needs tls.enabled=true"),
+        ({"auth.clientCA.existingSecret": "ca", "tls.enabled": "true", "tls.existingSecret": "tls"},
+         "needs auth.clientCA.probeSecret"),
+        ({"auth.apiKeys.enabled": "false"}, "refuses to listen on 0.0.0.0 without authentication"),
+        ({"auth.apiKeys.source": "redis"}, "auth.apiKeys.source=redis needs redis.mode"),
+    ],
+)  # fmt: skip
+def test_authentication_combinations_are_checked(helm: str, sets: dict[str, str], message: str) -> None:
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        check_chart.render(helm, None, sets)
+
+
+def test_allow_unauthenticated_is_an_explicit_choice(helm: str) -> None:
+    manifests = render(helm, auth__apiKeys__enabled=False, auth__allowUnauthenticated=True)
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_ALLOW_UNAUTHENTICATED"] == "1"
+    assert "TALKINGHEAD_API_KEYS" not in config and not find(manifests, "Secret", "-api-keys")
+    from service.settings import from_env
+
+    assert not from_env(server_environment(manifests)).authenticated  # and yet it starts
 
 
 # ---- images ------------------------------------------------------------------------------------
