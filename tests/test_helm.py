@@ -102,10 +102,10 @@ def test_all_on_renders_every_template(helm: str) -> None:
 
 
 def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
-    deployment = one(render(helm), "Deployment", "")
+    deployment = one(render(helm, tls__enabled=False), "Deployment", "")
     pod = deployment["spec"]["template"]["spec"]
     service = container(deployment, "service")
-    assert service["readinessProbe"]["grpc"] == {"port": 50051}
+    assert service["readinessProbe"]["grpc"] == {"port": 50051}  # without TLS: the native probe
     assert service["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -157,6 +157,70 @@ def test_tls_mounts_the_secret_and_probes_with_tls(helm: str) -> None:
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert "checksum/tls" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_default_install_serves_tls_with_a_chart_made_ca(helm: str, tmp_path: Path) -> None:
+    """No certificate given: the chart makes a CA and a server certificate for the Service's names,
+    keeps them (lookup + resource-policy keep), and the exec probe trusts the CA."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    manifests = render(helm)
+    secret = one(manifests, "Secret", "-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pem = {key: base64.b64decode(value) for key, value in secret["data"].items()}
+    ca = x509.load_pem_x509_certificate(pem["ca.crt"])
+    cert = x509.load_pem_x509_certificate(pem["tls.crt"])
+    cert.verify_directly_issued_by(ca)  # raises unless the CA's key signed it
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    service = f"{check_chart.RELEASE}-talkinghead"
+    assert san.get_values_for_type(x509.DNSName)[0] == service  # the name the exec probe checks
+    assert {f"{service}.{check_chart.NAMESPACE}.svc", "localhost"} <= set(
+        san.get_values_for_type(x509.DNSName)
+    )
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    deployment = one(manifests, "Deployment", "")
+    probe = container(deployment, "service")["readinessProbe"]["exec"]["command"]
+    assert probe == ["talkinghead-healthcheck", "--address=127.0.0.1:50051", "--tls"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+    test_pod = one(manifests, "Pod", "-test-health")["spec"]
+    items = next(v for v in test_pod["volumes"] if v["name"] == "tls")["secret"]["items"]
+    assert {i["key"] for i in items} == {"tls.crt", "ca.crt"}  # never the key
+    assert "--ca=/etc/talkinghead/tls/ca.crt" in test_pod["containers"][0]["command"]
+
+    # The probe as the pod runs it (the certificate TALKINGHEAD_TLS_CERT names, ca.crt beside it)
+    # against a server with these files; a client dialling 127.0.0.1 (a port-forward) verifies too.
+    grpc = pytest.importorskip("grpc")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    for name, data in pem.items():
+        (tmp_path / name).write_bytes(data)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([(pem["tls.key"], pem["tls.crt"])])
+    )
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        done = _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem["ca.crt"])
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
+
+
+def test_tls_cert_and_key_go_together(helm: str) -> None:
+    with pytest.raises(RuntimeError, match=re.escape("tls.cert and tls.key go together")):
+        check_chart.render(helm, None, {"tls.cert": "x"})
 
 
 # ---- Triton ------------------------------------------------------------------------------------
@@ -453,7 +517,7 @@ def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:
 def test_notes_tell_how_to_reach_the_service(helm: str, tmp_path: Path) -> None:
     notes = render_notes(helm, tmp_path)
     assert "kubectl -n avatars port-forward svc/th-talkinghead 50051:grpc" in notes
-    assert "talkinghead avatar --server 127.0.0.1:50051 list" in notes
+    assert "talkinghead avatar --server 127.0.0.1:50051 --tls-ca ca.pem list" in notes
     assert "starts empty" in notes  # the model repository claim must be filled
     tls_notes = render_notes(helm, tmp_path / "tls", CI / "all-on.yaml")
     assert "--tls-ca ca.pem" in tls_notes and "th-talkinghead-tls" in tls_notes

@@ -163,8 +163,8 @@ annotations:
 {{- if and (eq .Values.server.backend "triton") (eq .Values.triton.mode "external") (not .Values.triton.externalUrl) -}}
 {{- fail "triton.mode=external needs triton.externalUrl (host:port of Triton's gRPC endpoint)" -}}
 {{- end -}}
-{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key)) -}}
-{{- fail "tls.enabled needs tls.existingSecret, or both tls.cert and tls.key" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (ne (not .Values.tls.cert) (not .Values.tls.key)) -}}
+{{- fail "tls.cert and tls.key go together; give neither to let the chart make a CA and a certificate" -}}
 {{- end -}}
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "existingClaim") (not .Values.modelRepository.existingClaim) -}}
 {{- fail "modelRepository.source=existingClaim needs modelRepository.existingClaim" -}}
