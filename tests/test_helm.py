@@ -400,6 +400,68 @@ def test_network_policy_lets_only_the_service_reach_triton(helm: str) -> None:
     assert all("from" in rule for rule in rules)  # nothing open to everyone
 
 
+METRICS_PORTS = {"metrics", "metrics-triton"}
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda v: v.stem if v else "default")
+def test_network_policies_admit_no_source_by_accident(helm: str, values: Path | None) -> None:
+    """A rule without `from` admits every source: none may be rendered (allowAllClients is off in
+    every values file), and the metrics ports, plain HTTP, admit only the Prometheus peers."""
+    manifests = render(helm, values)
+    given = yaml.safe_load(values.read_text()) if values else {}
+    peers = given.get("networkPolicy", {}).get("prometheus") or [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    policies = find(manifests, "NetworkPolicy")
+    assert policies, "NetworkPolicies are on by default"
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source: {rule}"
+            ports = {p["port"] for p in rule["ports"]}
+            if ports & METRICS_PORTS:
+                assert ports <= METRICS_PORTS and rule["from"] == peers, policy["metadata"]["name"]
+
+
+def test_default_network_policy_admits_labelled_clients_and_the_scraper(helm: str) -> None:
+    manifests = render(helm)
+    rules = one(manifests, "NetworkPolicy", "")["spec"]["ingress"]
+    assert len(rules) == 2
+    grpc_rule, metrics_rule = rules
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    test_pod = one(manifests, "Pod", "-test-health")["metadata"]["labels"]
+    assert grpc_rule["from"][0] == {"podSelector": {"matchLabels": {"talkinghead-client": "true"}}}
+    [test_peer] = grpc_rule["from"][1:]  # the helm test pod, by its own labels
+    assert test_peer["podSelector"]["matchLabels"].items() <= test_pod.items()
+    assert "namespaceSelector" not in test_peer  # the release namespace only
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_network_policy_never_opens_by_leaving_peers_out(helm: str) -> None:
+    # No clients and no test pod: no gRPC rule at all (an empty `from` would admit everyone).
+    closed = render(
+        helm, tests__enabled=False, networkPolicy__clients="null", networkPolicy__prometheus="null"
+    )
+    assert one(closed, "NetworkPolicy", "")["spec"]["ingress"] == []
+    triton = one(closed, "NetworkPolicy", "-triton")["spec"]["ingress"]
+    assert [{p["port"] for p in rule["ports"]} for rule in triton] == [{"grpc-triton"}]
+    # Every source on purpose: that rule names only the gRPC port; metrics stay with Prometheus.
+    rules = one(render(helm, networkPolicy__allowAllClients=True), "NetworkPolicy", "")["spec"]["ingress"]
+    open_rules = [rule for rule in rules if "from" not in rule]
+    assert open_rules == [{"ports": [{"port": "grpc", "protocol": "TCP"}]}]
+
+
+def test_network_policy_keeps_the_in_chart_redis_to_server_and_worker(helm: str) -> None:
+    manifests = render(helm, CI / "worker-redis.yaml")
+    [rule] = one(manifests, "NetworkPolicy", "-redis")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    components = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]]
+    assert components == ["service", "worker"]
+    assert not find(render(helm), "NetworkPolicy", "-redis")  # no in-chart Redis, no policy
+
+
 def test_every_value_is_documented() -> None:
     text = (ROOT / "deploy/helm/talkinghead/values.yaml").read_text()
     documented = set(re.findall(r"^\s*## @param (\S+)", text, re.M))
