@@ -579,10 +579,22 @@ def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:
 def test_notes_tell_how_to_reach_the_service(helm: str, tmp_path: Path) -> None:
     notes = render_notes(helm, tmp_path)
     assert "kubectl -n avatars port-forward svc/th-talkinghead 50051:grpc" in notes
-    assert "talkinghead avatar --server 127.0.0.1:50051 --tls-ca ca.pem list" in notes
+    assert "talkinghead avatar --server 127.0.0.1:50051 --tls-ca ca.crt list" in notes
     assert "starts empty" in notes  # the model repository claim must be filled
+    # The CA, the admin key, how to issue a tenant's key, and who the NetworkPolicy lets in.
+    assert "get secret th-talkinghead-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt" in notes
+    admin_key = "get secret th-talkinghead-api-keys -o jsonpath='{.data.admin-key}' | base64 -d"
+    assert f"export TALKINGHEAD_API_KEY=$(kubectl -n avatars {admin_key})" in notes
+    assert "talkinghead keys --keys keys.json issue --tenant acme" in notes
+    assert "kubectl -n avatars patch secret th-talkinghead-api-keys" in notes
+    assert "labelled talkinghead-client=true" in notes
     tls_notes = render_notes(helm, tmp_path / "tls", CI / "all-on.yaml")
-    assert "--tls-ca ca.pem" in tls_notes and "th-talkinghead-tls" in tls_notes
+    assert "--tls-ca ca.crt" in tls_notes and "th-talkinghead-tls" in tls_notes
+    assert "talkinghead avatar --server talkinghead.example.com:50051 --tls-ca ca.crt list" in tls_notes
+    redis_notes = render_notes(helm, tmp_path / "redis", CI / "worker-redis.yaml")
+    assert "exec deploy/th-talkinghead -c service -- talkinghead keys issue --tenant acme" in redis_notes
+    mtls_notes = render_notes(helm, tmp_path / "mtls", CI / "mtls.yaml")
+    assert "--tls-cert client.crt --tls-key client.key list" in mtls_notes
 
 
 # ---- authentication ----------------------------------------------------------------------------
