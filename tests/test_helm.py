@@ -370,6 +370,9 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
         ("server.maxBatch", "0", "maxBatch"),
         ("server.grpcPrt", "50051", "grpcPrt"),
         ("avatarStore.persistence.accessModes[0]", "ReadWriteSometimes", "accessModes"),
+        ("auth.apiKeys.source", "vault", "source"),
+        ("auth.apiKeys.adminTenant", "Ops!", "adminTenant"),
+        ("networkPolicy.allowAllClients", "yes", "allowAllClients"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str) -> None:
