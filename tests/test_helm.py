@@ -10,6 +10,7 @@ the helm tests skip, naming the reason, only when it cannot be had.
 from __future__ import annotations
 
 import base64
+import hashlib
 import importlib.util
 import json
 import re
@@ -101,10 +102,10 @@ def test_all_on_renders_every_template(helm: str) -> None:
 
 
 def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
-    deployment = one(render(helm), "Deployment", "")
+    deployment = one(render(helm, tls__enabled=False), "Deployment", "")
     pod = deployment["spec"]["template"]["spec"]
     service = container(deployment, "service")
-    assert service["readinessProbe"]["grpc"] == {"port": 50051}
+    assert service["readinessProbe"]["grpc"] == {"port": 50051}  # without TLS: the native probe
     assert service["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -156,6 +157,70 @@ def test_tls_mounts_the_secret_and_probes_with_tls(helm: str) -> None:
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert "checksum/tls" in deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def test_default_install_serves_tls_with_a_chart_made_ca(helm: str, tmp_path: Path) -> None:
+    """No certificate given: the chart makes a CA and a server certificate for the Service's names,
+    keeps them (lookup + resource-policy keep), and the exec probe trusts the CA."""
+    pytest.importorskip("cryptography")
+    from cryptography import x509
+
+    manifests = render(helm)
+    secret = one(manifests, "Secret", "-tls")
+    assert secret["type"] == "kubernetes.io/tls"
+    assert set(secret["data"]) == {"tls.crt", "tls.key", "ca.crt"}
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    pem = {key: base64.b64decode(value) for key, value in secret["data"].items()}
+    ca = x509.load_pem_x509_certificate(pem["ca.crt"])
+    cert = x509.load_pem_x509_certificate(pem["tls.crt"])
+    cert.verify_directly_issued_by(ca)  # raises unless the CA's key signed it
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    service = f"{check_chart.RELEASE}-talkinghead"
+    assert san.get_values_for_type(x509.DNSName)[0] == service  # the name the exec probe checks
+    assert {f"{service}.{check_chart.NAMESPACE}.svc", "localhost"} <= set(
+        san.get_values_for_type(x509.DNSName)
+    )
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    deployment = one(manifests, "Deployment", "")
+    probe = container(deployment, "service")["readinessProbe"]["exec"]["command"]
+    assert probe == ["talkinghead-healthcheck", "--address=127.0.0.1:50051", "--tls"]
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
+    test_pod = one(manifests, "Pod", "-test-health")["spec"]
+    items = next(v for v in test_pod["volumes"] if v["name"] == "tls")["secret"]["items"]
+    assert {i["key"] for i in items} == {"tls.crt", "ca.crt"}  # never the key
+    assert "--ca=/etc/talkinghead/tls/ca.crt" in test_pod["containers"][0]["command"]
+
+    # The probe as the pod runs it (the certificate TALKINGHEAD_TLS_CERT names, ca.crt beside it)
+    # against a server with these files; a client dialling 127.0.0.1 (a port-forward) verifies too.
+    grpc = pytest.importorskip("grpc")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    for name, data in pem.items():
+        (tmp_path / name).write_bytes(data)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port(
+        "127.0.0.1:0", grpc.ssl_server_credentials([(pem["tls.key"], pem["tls.crt"])])
+    )
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        done = _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}")
+        assert done.returncode == 0, done.stdout + done.stderr
+        credentials = grpc.ssl_channel_credentials(root_certificates=pem["ca.crt"])
+        with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
+
+
+def test_tls_cert_and_key_go_together(helm: str) -> None:
+    with pytest.raises(RuntimeError, match=re.escape("tls.cert and tls.key go together")):
+        check_chart.render(helm, None, {"tls.cert": "x"})
 
 
 # ---- Triton ------------------------------------------------------------------------------------
@@ -305,6 +370,9 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
         ("server.maxBatch", "0", "maxBatch"),
         ("server.grpcPrt", "50051", "grpcPrt"),
         ("avatarStore.persistence.accessModes[0]", "ReadWriteSometimes", "accessModes"),
+        ("auth.apiKeys.source", "vault", "source"),
+        ("auth.apiKeys.adminTenant", "Ops!", "adminTenant"),
+        ("networkPolicy.allowAllClients", "yes", "allowAllClients"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str) -> None:
@@ -333,6 +401,68 @@ def test_network_policy_lets_only_the_service_reach_triton(helm: str) -> None:
         {"podSelector": {"matchLabels": one(manifests, "Deployment", "")["spec"]["selector"]["matchLabels"]}}
     ]
     assert all("from" in rule for rule in rules)  # nothing open to everyone
+
+
+METRICS_PORTS = {"metrics", "metrics-triton"}
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda v: v.stem if v else "default")
+def test_network_policies_admit_no_source_by_accident(helm: str, values: Path | None) -> None:
+    """A rule without `from` admits every source: none may be rendered (allowAllClients is off in
+    every values file), and the metrics ports, plain HTTP, admit only the Prometheus peers."""
+    manifests = render(helm, values)
+    given = yaml.safe_load(values.read_text()) if values else {}
+    peers = given.get("networkPolicy", {}).get("prometheus") or [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+    policies = find(manifests, "NetworkPolicy")
+    assert policies, "NetworkPolicies are on by default"
+    for policy in policies:
+        for rule in policy["spec"]["ingress"]:
+            assert rule.get("from"), f"{policy['metadata']['name']}: a rule open to every source: {rule}"
+            ports = {p["port"] for p in rule["ports"]}
+            if ports & METRICS_PORTS:
+                assert ports <= METRICS_PORTS and rule["from"] == peers, policy["metadata"]["name"]
+
+
+def test_default_network_policy_admits_labelled_clients_and_the_scraper(helm: str) -> None:
+    manifests = render(helm)
+    rules = one(manifests, "NetworkPolicy", "")["spec"]["ingress"]
+    assert len(rules) == 2
+    grpc_rule, metrics_rule = rules
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    test_pod = one(manifests, "Pod", "-test-health")["metadata"]["labels"]
+    assert grpc_rule["from"][0] == {"podSelector": {"matchLabels": {"talkinghead-client": "true"}}}
+    [test_peer] = grpc_rule["from"][1:]  # the helm test pod, by its own labels
+    assert test_peer["podSelector"]["matchLabels"].items() <= test_pod.items()
+    assert "namespaceSelector" not in test_peer  # the release namespace only
+    assert metrics_rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert metrics_rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+def test_network_policy_never_opens_by_leaving_peers_out(helm: str) -> None:
+    # No clients and no test pod: no gRPC rule at all (an empty `from` would admit everyone).
+    closed = render(
+        helm, tests__enabled=False, networkPolicy__clients="null", networkPolicy__prometheus="null"
+    )
+    assert one(closed, "NetworkPolicy", "")["spec"]["ingress"] == []
+    triton = one(closed, "NetworkPolicy", "-triton")["spec"]["ingress"]
+    assert [{p["port"] for p in rule["ports"]} for rule in triton] == [{"grpc-triton"}]
+    # Every source on purpose: that rule names only the gRPC port; metrics stay with Prometheus.
+    rules = one(render(helm, networkPolicy__allowAllClients=True), "NetworkPolicy", "")["spec"]["ingress"]
+    open_rules = [rule for rule in rules if "from" not in rule]
+    assert open_rules == [{"ports": [{"port": "grpc", "protocol": "TCP"}]}]
+
+
+def test_network_policy_keeps_the_in_chart_redis_to_server_and_worker(helm: str) -> None:
+    manifests = render(helm, CI / "worker-redis.yaml")
+    [rule] = one(manifests, "NetworkPolicy", "-redis")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "redis", "protocol": "TCP"}]
+    components = [peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in rule["from"]]
+    assert components == ["service", "worker"]
+    assert not find(render(helm), "NetworkPolicy", "-redis")  # no in-chart Redis, no policy
 
 
 def test_every_value_is_documented() -> None:
@@ -452,10 +582,138 @@ def render_notes(helm: str, tmp_path: Path, values: Path | None = None) -> str:
 def test_notes_tell_how_to_reach_the_service(helm: str, tmp_path: Path) -> None:
     notes = render_notes(helm, tmp_path)
     assert "kubectl -n avatars port-forward svc/th-talkinghead 50051:grpc" in notes
-    assert "talkinghead avatar --server 127.0.0.1:50051 list" in notes
+    assert "talkinghead avatar --server 127.0.0.1:50051 --tls-ca ca.crt list" in notes
     assert "starts empty" in notes  # the model repository claim must be filled
+    # The CA, the admin key, how to issue a tenant's key, and who the NetworkPolicy lets in.
+    assert "get secret th-talkinghead-tls -o jsonpath='{.data.ca\\.crt}' | base64 -d > ca.crt" in notes
+    admin_key = "get secret th-talkinghead-api-keys -o jsonpath='{.data.admin-key}' | base64 -d"
+    assert f"export TALKINGHEAD_API_KEY=$(kubectl -n avatars {admin_key})" in notes
+    assert "talkinghead keys --keys keys.json issue --tenant acme" in notes
+    assert "kubectl -n avatars patch secret th-talkinghead-api-keys" in notes
+    assert "labelled talkinghead-client=true" in notes
     tls_notes = render_notes(helm, tmp_path / "tls", CI / "all-on.yaml")
-    assert "--tls-ca ca.pem" in tls_notes and "th-talkinghead-tls" in tls_notes
+    assert "--tls-ca ca.crt" in tls_notes and "th-talkinghead-tls" in tls_notes
+    assert "talkinghead avatar --server talkinghead.example.com:50051 --tls-ca ca.crt list" in tls_notes
+    redis_notes = render_notes(helm, tmp_path / "redis", CI / "worker-redis.yaml")
+    assert "exec deploy/th-talkinghead -c service -- talkinghead keys issue --tenant acme" in redis_notes
+    mtls_notes = render_notes(helm, tmp_path / "mtls", CI / "mtls.yaml")
+    assert "--tls-cert client.crt --tls-key client.key list" in mtls_notes
+
+
+# ---- authentication ----------------------------------------------------------------------------
+
+
+def server_environment(manifests: list[Manifest]) -> dict[str, str]:
+    """The TALKINGHEAD_* variables the server container gets (a Secret's value as a placeholder)."""
+    environment = dict(one(manifests, "ConfigMap", "")["data"])
+    for variable in container(one(manifests, "Deployment", ""), "service")["env"]:
+        placeholder = "redis://redis:6379/0" if variable["name"].endswith("REDIS_URL") else "secret"
+        environment[variable["name"]] = variable.get("value", placeholder)
+    return environment
+
+
+@pytest.mark.parametrize("values", VALUES_FILES, ids=lambda v: v.stem if v else "default")
+def test_the_rendered_server_passes_its_own_startup_checks(helm: str, values: Path | None) -> None:
+    """service/settings.py refuses to listen on 0.0.0.0 without authentication (and other bad
+    combinations): every configuration the chart renders must get past it."""
+    from service.settings import from_env
+
+    settings = from_env(server_environment(render(helm, values)))
+    assert settings.host == "0.0.0.0" and settings.authenticated
+
+
+def _secret_text(secret: Manifest, key: str) -> str:
+    return base64.b64decode(secret["data"][key]).decode()
+
+
+def test_default_install_requires_api_keys_from_a_chart_made_key_ring(helm: str) -> None:
+    from service.auth import ADMIN, Ring
+
+    manifests = render(helm)
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_API_KEYS"] == "/etc/talkinghead/keys/keys.json"
+    assert config["TALKINGHEAD_REFLECTION"] == "0"
+    assert "TALKINGHEAD_ALLOW_UNAUTHENTICATED" not in config
+    secret = one(manifests, "Secret", "-api-keys")
+    assert secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    ring = json.loads(_secret_text(secret, "keys.json"))
+    assert ring["version"] == 1 and ring["certs"] == {} and ring["tenants"] == {}
+    [(key_id, entry)] = ring["keys"].items()
+    assert re.fullmatch(r"[0-9a-f]{12}", key_id)
+    assert (entry["tenant"], entry["role"], entry["revoked"]) == ("ops", ADMIN, 0)
+    assert isinstance(entry["created"], int) and entry["created"] > 1_700_000_000
+    token = _secret_text(secret, "admin-key")
+    prefix, _, secret_part = token.partition(f"thk_{key_id}_")
+    assert prefix == "" and len(secret_part) >= 32
+    assert entry["sha256"] == hashlib.sha256(secret_part.encode()).hexdigest()
+    principal = Ring.parse(ring).by_token(token)  # the server's own lookup accepts the token
+    assert principal is not None and principal.admin and principal.tenant == "ops"
+    # Mounted whole (no subPath, so Kubernetes' updates reach the file), read-only, keys.json only:
+    # the admin's token stays in the Secret for the operator.
+    deployment = one(manifests, "Deployment", "")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == secret["metadata"]["name"]
+    assert volumes["api-keys"]["secret"]["items"] == [{"key": "keys.json", "path": "keys.json"}]
+    mount = next(m for m in container(deployment, "service")["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/etc/talkinghead/keys", "readOnly": True}
+
+
+def test_api_keys_from_the_operators_secret_or_from_redis(helm: str) -> None:
+    own = render(helm, auth__apiKeys__existingSecret="studio-keys")
+    assert not find(own, "Secret", "-api-keys")
+    volumes = {v["name"]: v for v in one(own, "Deployment", "")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["api-keys"]["secret"]["secretName"] == "studio-keys"
+    shared = render(helm, CI / "worker-redis.yaml")
+    assert server_environment(shared)["TALKINGHEAD_API_KEYS"] == "redis"
+    assert not find(shared, "Secret", "-api-keys")
+    volumes = one(shared, "Deployment", "")["spec"]["template"]["spec"]["volumes"]
+    assert "api-keys" not in {v["name"] for v in volumes}
+
+
+def test_client_certificates_are_checked_and_the_probes_present_one(helm: str) -> None:
+    manifests = render(helm, CI / "mtls.yaml")
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_TLS_CLIENT_CA"] == "/etc/talkinghead/client-ca/ca.crt"
+    assert config["TALKINGHEAD_REFLECTION"] == "1"
+    deployment = one(manifests, "Deployment", "")
+    volumes = {v["name"]: v.get("secret") for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["client-ca"]["secretName"] == "talkinghead-client-ca"
+    assert volumes["probe-tls"]["secretName"] == "talkinghead-probe-client"
+    probe = [
+        "--client-cert=/etc/talkinghead/probe-tls/tls.crt",
+        "--client-key=/etc/talkinghead/probe-tls/tls.key",
+    ]
+    command = container(deployment, "service")["readinessProbe"]["exec"]["command"]
+    assert command[-2:] == probe
+    test_pod = one(manifests, "Pod", "-test-health")["spec"]
+    assert test_pod["containers"][0]["command"][-2:] == probe
+    assert "talkinghead-probe-client" in {v.get("secret", {}).get("secretName") for v in test_pod["volumes"]}
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"auth.clientCA.existingSecret": "ca", "auth.clientCA.probeSecret": "probe", "tls.enabled": "false"},
+         "auth.clientCA.existingSecret needs tls.enabled=true"),
+        ({"auth.clientCA.existingSecret": "ca", "tls.enabled": "true", "tls.existingSecret": "tls"},
+         "needs auth.clientCA.probeSecret"),
+        ({"auth.apiKeys.enabled": "false"}, "refuses to listen on 0.0.0.0 without authentication"),
+        ({"auth.apiKeys.source": "redis"}, "auth.apiKeys.source=redis needs redis.mode"),
+    ],
+)  # fmt: skip
+def test_authentication_combinations_are_checked(helm: str, sets: dict[str, str], message: str) -> None:
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        check_chart.render(helm, None, sets)
+
+
+def test_allow_unauthenticated_is_an_explicit_choice(helm: str) -> None:
+    manifests = render(helm, auth__apiKeys__enabled=False, auth__allowUnauthenticated=True)
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_ALLOW_UNAUTHENTICATED"] == "1"
+    assert "TALKINGHEAD_API_KEYS" not in config and not find(manifests, "Secret", "-api-keys")
+    from service.settings import from_env
+
+    assert not from_env(server_environment(manifests)).authenticated  # and yet it starts
 
 
 # ---- images ------------------------------------------------------------------------------------
@@ -601,5 +859,72 @@ def test_healthcheck_speaks_tls_with_the_services_certificate(tmp_path: Path) ->
         # The name checked comes from the certificate itself, as in the chart's exec probe.
         assert _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={cert}").returncode == 0
         assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=2").returncode == 1  # plaintext fails
+    finally:
+        server.stop(0)
+
+
+def _certificate(
+    name: str, issuer: tuple[Any, Any] | None = None, ca: bool = False
+) -> tuple[bytes, bytes, Any, Any]:
+    """(cert PEM, key PEM, cert, key): a CA (`ca`), or a leaf for DNS `name` that `issuer` signed."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    signer_cert, signer_key = issuer if issuer else (None, key)
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(signer_cert.subject if signer_cert else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if not ca:
+        builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+    cert = builder.sign(signer_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), key_pem, cert, key
+
+
+def test_healthcheck_presents_a_client_certificate_to_an_mtls_server(tmp_path: Path) -> None:
+    """With auth.clientCA the server's handshake demands a client certificate: the chart's probe
+    and helm test pass theirs with --client-cert/--client-key."""
+    grpc = pytest.importorskip("grpc")
+    pytest.importorskip("cryptography")
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    ca_pem, _, ca_cert, ca_key = _certificate("talkinghead-test-ca", ca=True)
+    server_pem, server_key, _, _ = _certificate("talkinghead.test", (ca_cert, ca_key))
+    client_pem, client_key, _, _ = _certificate("probe", (ca_cert, ca_key))
+    for name, data in {"ca.crt": ca_pem, "tls.crt": server_pem, "probe.crt": client_pem,
+                       "probe.key": client_key}.items():  # fmt: skip
+        (tmp_path / name).write_bytes(data)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [(server_key, server_pem)], root_certificates=ca_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        base = [f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}", "--timeout=3"]
+        assert _healthcheck(*base).returncode == 1  # no client certificate: the handshake fails
+        probe = [f"--client-cert={tmp_path / 'probe.crt'}", f"--client-key={tmp_path / 'probe.key'}"]
+        done = _healthcheck(*base, *probe)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert _healthcheck(*base, probe[0]).returncode == 2  # the key must come with it
     finally:
         server.stop(0)

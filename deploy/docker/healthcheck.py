@@ -8,10 +8,13 @@ It reads the service's own settings, so inside the container no flag is needed:
     talkinghead-healthcheck                                   # 127.0.0.1:$TALKINGHEAD_GRPC_PORT
     talkinghead-healthcheck --address talkinghead.ns.svc:50051 --timeout 10
     talkinghead-healthcheck --tls --ca /etc/talkinghead/tls/ca.crt --server-name avatars.example.com
+    talkinghead-healthcheck --tls --client-cert probe/tls.crt --client-key probe/tls.key   # mTLS
 
 TLS is used with --tls, or when TALKINGHEAD_TLS_CERT is set. The trusted roots are --ca, else the
 ca.crt beside the certificate, else the certificate itself (right for a self-signed one). The name
-checked against the certificate is --server-name, else the certificate's first DNS name.
+checked against the certificate is --server-name, else the certificate's first DNS name. A server
+that requires client certificates (TALKINGHEAD_TLS_CLIENT_CA) refuses the handshake without one:
+give it with --client-cert and --client-key (the health service itself needs no credentials).
 """
 
 from __future__ import annotations
@@ -46,7 +49,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--server-name", default="", help="name to verify (default: the cert's first DNS name)"
     )
+    parser.add_argument("--client-cert", default="", help="PEM client certificate (mTLS; with --client-key)")
+    parser.add_argument("--client-key", default="", help="PEM private key of --client-cert")
     args = parser.parse_args(argv)
+    if bool(args.client_cert) != bool(args.client_key):
+        parser.error("--client-cert and --client-key go together")
     args.tls = args.tls or bool(os.environ.get("TALKINGHEAD_TLS_CERT"))
     return args
 
@@ -73,7 +80,14 @@ def channel(args: argparse.Namespace) -> grpc.Channel:
     roots = next((path for path in candidates if path.is_file()), None)
     if roots is None:
         raise SystemExit("talkinghead-healthcheck: --tls needs --ca or --cert (or TALKINGHEAD_TLS_CERT)")
-    credentials = grpc.ssl_channel_credentials(root_certificates=roots.read_bytes())
+    client = (
+        (Path(args.client_key).read_bytes(), Path(args.client_cert).read_bytes())
+        if args.client_cert
+        else (None, None)
+    )
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=roots.read_bytes(), private_key=client[0], certificate_chain=client[1]
+    )
     names = [args.server_name] if args.server_name else certificate_names(cert) if cert else []
     options = [("grpc.ssl_target_name_override", names[0])] if names else []
     return grpc.secure_channel(args.address, credentials, options=options)

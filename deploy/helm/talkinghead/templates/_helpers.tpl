@@ -163,8 +163,8 @@ annotations:
 {{- if and (eq .Values.server.backend "triton") (eq .Values.triton.mode "external") (not .Values.triton.externalUrl) -}}
 {{- fail "triton.mode=external needs triton.externalUrl (host:port of Triton's gRPC endpoint)" -}}
 {{- end -}}
-{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key)) -}}
-{{- fail "tls.enabled needs tls.existingSecret, or both tls.cert and tls.key" -}}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (ne (not .Values.tls.cert) (not .Values.tls.key)) -}}
+{{- fail "tls.cert and tls.key go together; give neither to let the chart make a CA and a certificate" -}}
 {{- end -}}
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "existingClaim") (not .Values.modelRepository.existingClaim) -}}
 {{- fail "modelRepository.source=existingClaim needs modelRepository.existingClaim" -}}
@@ -177,6 +177,19 @@ annotations:
 {{- end -}}
 {{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
 {{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
+{{- end -}}
+{{- $auth := .Values.auth -}}
+{{- if not (or $auth.apiKeys.enabled $auth.clientCA.existingSecret $auth.allowUnauthenticated) -}}
+{{- fail "the server refuses to listen on 0.0.0.0 without authentication: keep auth.apiKeys.enabled, set auth.clientCA.existingSecret, or set auth.allowUnauthenticated=true to accept anyone" -}}
+{{- end -}}
+{{- if and $auth.apiKeys.enabled (eq $auth.apiKeys.source "redis") (not (include "talkinghead.redisEnabled" .)) -}}
+{{- fail "auth.apiKeys.source=redis needs redis.mode internal or external (the key ring lives in Redis)" -}}
+{{- end -}}
+{{- if and $auth.clientCA.existingSecret (not .Values.tls.enabled) -}}
+{{- fail "auth.clientCA.existingSecret needs tls.enabled=true (client certificates are checked in the TLS handshake)" -}}
+{{- end -}}
+{{- if and $auth.clientCA.existingSecret (not $auth.clientCA.probeSecret) (or .Values.server.readinessProbe.enabled .Values.tests.enabled) -}}
+{{- fail "auth.clientCA.existingSecret needs auth.clientCA.probeSecret (a kubernetes.io/tls Secret with a client certificate that CA signed): the readiness probe and the helm test must present one" -}}
 {{- end -}}
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.externalUrl) (not .Values.redis.existingSecret) -}}
 {{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
@@ -261,4 +274,14 @@ labels:
 {{/* The Secret holding the watermark key under `key`: the operator's, or the one the chart makes. */}}
 {{- define "talkinghead.watermarkSecret" -}}
 {{- .Values.watermark.existingSecret | default (printf "%s-watermark" (include "talkinghead.fullname" .)) -}}
+{{- end -}}
+
+{{/* "true" when the server reads its key ring from a mounted Secret (auth.apiKeys.source secret). */}}
+{{- define "talkinghead.apiKeysFromSecret" -}}
+{{- if and .Values.auth.apiKeys.enabled (eq .Values.auth.apiKeys.source "secret") -}}true{{- end -}}
+{{- end -}}
+
+{{/* The Secret holding the key ring under `keys.json`: the operator's, or the one the chart makes. */}}
+{{- define "talkinghead.apiKeysSecret" -}}
+{{- .Values.auth.apiKeys.existingSecret | default (printf "%s-api-keys" (include "talkinghead.fullname" .)) -}}
 {{- end -}}
