@@ -9,21 +9,41 @@ from pathlib import Path
 from client.library import DEFAULT_SERVER, Client
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
+    """The connection flags. `defaults=False` adds them to a subcommand as well, so they may follow
+    the action (`avatar list --server ...`) without resetting what was given before it."""
+
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
     parser.add_argument(
         "--server",
-        default=os.environ.get("TALKINGHEAD_SERVER", DEFAULT_SERVER),
+        default=default(os.environ.get("TALKINGHEAD_SERVER", DEFAULT_SERVER)),
         help="service address host:port (default $TALKINGHEAD_SERVER or 127.0.0.1:50051)",
     )
-    parser.add_argument("--tls-ca", type=Path, help="PEM root certificate: connect with TLS")
-    parser.add_argument("--tls-cert", type=Path, help="PEM client certificate (mTLS; with --tls-key)")
-    parser.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-ca", type=Path, default=default(None), help="PEM root certificate: connect with TLS"
+    )
+    parser.add_argument(
+        "--tls-cert", type=Path, default=default(None), help="PEM client certificate (mTLS; with --tls-key)"
+    )
+    parser.add_argument("--tls-key", type=Path, default=default(None), help="PEM private key of --tls-cert")
     parser.add_argument(
         "--api-key-file",
         type=Path,
+        default=default(None),
         help="file holding the API key (default: $TALKINGHEAD_API_KEY, which holds the key itself)",
     )
-    parser.add_argument("--tenant", help="the tenant an admin key acts for (x-talkinghead-tenant)")
+    parser.add_argument(
+        "--tenant", default=default(None), help="the tenant an admin key acts for (x-talkinghead-tenant)"
+    )
+
+
+def server_parent() -> argparse.ArgumentParser:
+    """A parent parser for subcommands: the connection flags, accepted after the action too."""
+    parent = argparse.ArgumentParser(add_help=False)
+    add_server_arguments(parent, defaults=False)
+    return parent
 
 
 def connect(args: argparse.Namespace) -> Client:

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 
 from api.talkinghead.v1 import avatar_pb2
-from client.arguments import add_server_arguments, connect
+from client.arguments import add_server_arguments, connect, server_parent
 from client.library import BASES, PRESETS, Client, consent_record, describe_error, operation_error
 from client.progress import ProgressBar, describe
 
@@ -32,7 +32,8 @@ from client.progress import ProgressBar, describe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     sub = parser.add_subparsers(dest="action", required=True)
-    create = sub.add_parser("create", help="make an avatar from 1-32 photos of one person")
+    parent = server_parent()
+    create = sub.add_parser("create", parents=[parent], help="make an avatar from 1-32 photos of one person")
     create.add_argument("avatar_id", help="1-63 characters of a-z 0-9 _ - (starts with a letter or digit)")
     create.add_argument("photos", type=Path, nargs="+", help="JPEG, PNG or WebP files")
     create.add_argument("--name", default="", help="display name")
@@ -53,13 +54,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=datetime.datetime.fromisoformat,
         help="when it was collected, ISO 8601 (default: now)",
     )
-    sub.add_parser("list", help="list every avatar")
-    get = sub.add_parser("get", help="show one avatar")
+    sub.add_parser("list", parents=[parent], help="list every avatar")
+    get = sub.add_parser("get", parents=[parent], help="show one avatar")
     get.add_argument("avatar_id")
     get.add_argument("--preview", type=Path, help="write the face crop the model sees to this PNG")
-    delete = sub.add_parser("delete", help="delete an avatar")
+    delete = sub.add_parser("delete", parents=[parent], help="delete an avatar")
     delete.add_argument("avatar_id")
-    tune = sub.add_parser("personalise", help="fine-tune the avatar's own generator (an operation)")
+    tune = sub.add_parser(
+        "personalise", parents=[parent], help="fine-tune the avatar's own generator (an operation)"
+    )
     tune.add_argument("avatar_id")
     amount = tune.add_mutually_exclusive_group()
     amount.add_argument("--steps", type=int, default=0, help="fine-tuning steps, 1-2000")

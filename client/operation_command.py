@@ -16,7 +16,7 @@ import sys
 
 import grpc
 
-from client.arguments import add_server_arguments, connect
+from client.arguments import add_server_arguments, connect, server_parent
 from client.library import describe_error, operation_error
 from client.progress import ProgressBar, describe
 
@@ -24,10 +24,11 @@ from client.progress import ProgressBar, describe
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     sub = parser.add_subparsers(dest="action", required=True)
-    listing = sub.add_parser("list", help="operations, newest first")
+    parent = server_parent()
+    listing = sub.add_parser("list", parents=[parent], help="operations, newest first")
     listing.add_argument("--avatar", default="", help="only this avatar's")
     for action, text in (("get", "show one"), ("watch", "follow one until done"), ("cancel", "cancel one")):
-        sub.add_parser(action, help=text).add_argument("name", help="operations/<id>")
+        sub.add_parser(action, parents=[parent], help=text).add_argument("name", help="operations/<id>")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -346,3 +346,31 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
     finally:
         ring.update(lambda r: set_quotas(r, "acme", max_fps=0))
         time.sleep(2.5)
+
+
+def test_the_cli_sends_the_api_key_from_the_environment_or_a_file(keyed, tmp_path: Path) -> None:
+    server, tokens, _ = keyed
+    with Client(target=server.address, api_key=tokens["acme"]) as acme:
+        acme.create_avatar("cli-seen", [PORTRAIT], consent=CONSENT, replace=True)
+    command = [sys.executable, "-m", "talkinghead.cli", "avatar", "list", "--server", server.address]
+    listed = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TALKINGHEAD_API_KEY": tokens["acme"]},
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "cli-seen" in listed.stdout
+    (tmp_path / "key").write_text(tokens["globex"] + "\n")
+    other = subprocess.run(
+        [*command, "--api-key-file", str(tmp_path / "key")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode == 0 and "cli-seen" not in other.stdout
+    refused = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, env={})
+    assert refused.returncode != 0 and "UNAUTHENTICATED" in refused.stderr
