@@ -46,7 +46,10 @@ def validate_tenant(tenant: str) -> str:
 def validate_stored_id(stored_id: str) -> str:
     """Return a stored (tenant-scoped) id unchanged, or raise ValueError."""
     if not isinstance(stored_id, str) or not _STORED_ID.fullmatch(stored_id):
-        raise ValueError(f"invalid stored avatar id {_shown(stored_id)}")
+        raise ValueError(
+            f"invalid avatar id {_shown(stored_id)}: a stored id is [<tenant>.]<id>, each 1-63 "
+            "characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+        )
     return stored_id
 
 

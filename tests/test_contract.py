@@ -14,6 +14,7 @@ import pytest
 
 from facekit import contract
 from facekit.contract import Meta, ModelInfo
+from facekit.ids import DEFAULT_TENANT, scoped_id, split_id, validate_avatar_id
 from facekit.rasterize import DrawStyle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +32,15 @@ def test_model_names() -> None:
     assert len(str(long.value)) < 250, "a rejected id is not echoed whole"
     assert contract.model_name({Meta.KIND: "embedder"}) == "embedder"
     assert contract.model_name({Meta.KIND: "personalised", Meta.AVATAR: "mona"}) == "generator_mona"
+    # A tenant's avatar is stored as <tenant>.<id> (facekit/ids.py); nothing else may hold a dot.
+    assert contract.personalised_name("acme.mona") == "generator_acme.mona"
+    for bad in ("a.b.c", ".mona", "acme.", "Acme.mona"):
+        with pytest.raises(ValueError, match="invalid avatar id"):
+            contract.personalised_name(bad)
+    assert split_id(scoped_id("acme", "mona")) == ("acme", "mona")
+    assert scoped_id(DEFAULT_TENANT, "mona") == "mona" and split_id("mona") == (DEFAULT_TENANT, "mona")
+    with pytest.raises(ValueError):
+        validate_avatar_id("acme.mona")  # clients never name a stored id
 
 
 def test_tensor_names_dtypes_and_shapes() -> None:

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from api.talkinghead.v1 import landmarks_pb2 as talkinghead_dot_v1_dot_landmarks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etalkinghead/v1/animation.proto\x12\x0etalkinghead.v1\x1a\x1etalkinghead/v1/landmarks.proto\"\xbe\x03\n\x0cStreamConfig\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x30\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1e.talkinghead.v1.OutputEncoding\x12\x0f\n\x07quality\x18\x03 \x01(\x05\x12\x30\n\x08overflow\x18\x04 \x01(\x0e\x32\x1e.talkinghead.v1.OverflowPolicy\x12*\n\x06motion\x18\x05 \x01(\x0e\x32\x1a.talkinghead.v1.MotionMode\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x14\n\x0c\x63rop_to_face\x18\x07 \x01(\x08\x12*\n\x07neutral\x18\x08 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\x12\x1b\n\x13neutral_frame_width\x18\t \x01(\x05\x12\x1c\n\x14neutral_frame_height\x18\n \x01(\x05\x12\x1e\n\x16include_landmark_image\x18\x0b \x01(\x08\x12\x12\n\npaste_back\x18\x0c \x01(\x08\x12\x34\n\tsmoothing\x18\r \x01(\x0b\x32!.talkinghead.v1.LandmarkSmoothing\"F\n\x11LandmarkSmoothing\x12\x15\n\rmin_cutoff_hz\x18\x01 \x01(\x02\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x07\n\x05_beta\"\x93\x01\n\rLandmarkFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12,\n\tlandmarks\x18\x03 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\x12\x13\n\x0b\x66rame_width\x18\x04 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x05 \x01(\x05\"H\n\x0c\x44rivingFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\x0c\"\x0b\n\tKeepalive\"\xe6\x01\n\x0e\x41nimateRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.talkinghead.v1.StreamConfigH\x00\x12\x32\n\tlandmarks\x18\x02 \x01(\x0b\x32\x1d.talkinghead.v1.LandmarkFrameH\x00\x12\x35\n\rdriving_frame\x18\x03 \x01(\x0b\x32\x1c.talkinghead.v1.DrivingFrameH\x00\x12.\n\tkeepalive\x18\x04 \x01(\x0b\x32\x19.talkinghead.v1.KeepaliveH\x00\x42\t\n\x07message\"\xa7\x01\n\rStreamStarted\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x14\n\x0cpersonalised\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x14\n\x0coutput_width\x18\x05 \x01(\x05\x12\x15\n\routput_height\x18\x06 \x01(\x05\x12\x18\n\x10watermark_key_id\x18\x07 \x01(\t\"\x9a\x01\n\x0cStageTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\r\x12\x14\n\x0clandmarks_us\x18\x02 \x01(\r\x12\x14\n\x0crasterize_us\x18\x03 \x01(\r\x12\x10\n\x08queue_us\x18\x04 \x01(\r\x12\x14\n\x0cinference_us\x18\x05 \x01(\r\x12\x11\n\tencode_us\x18\x06 \x01(\r\x12\x10\n\x08total_us\x18\x07 \x01(\r\"\xba\x02\n\rAnimatedFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x30\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1e.talkinghead.v1.OutputEncoding\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12-\n\x07timings\x18\x07 \x01(\x0b\x32\x1c.talkinghead.v1.StageTimings\x12\x16\n\x0e\x64ropped_before\x18\x08 \x01(\r\x12\x15\n\rdropped_total\x18\t \x01(\x04\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x14\n\x0c\x66\x61\x63\x65_missing\x18\x0b \x01(\x08\x12\x16\n\x0elandmark_image\x18\x0c \x01(\x0c\"~\n\x0f\x41nimateResponse\x12\x30\n\x07started\x18\x01 \x01(\x0b\x32\x1d.talkinghead.v1.StreamStartedH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.talkinghead.v1.AnimatedFrameH\x00\x42\t\n\x07message*\x81\x01\n\x0eOutputEncoding\x12\x1f\n\x1bOUTPUT_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_ENCODING_JPEG\x10\x01\x12\x17\n\x13OUTPUT_ENCODING_PNG\x10\x02\x12\x1b\n\x17OUTPUT_ENCODING_RAW_RGB\x10\x03*m\n\x0eOverflowPolicy\x12\x1f\n\x1bOVERFLOW_POLICY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVERFLOW_POLICY_DROP_OLDEST\x10\x01\x12\x19\n\x15OVERFLOW_POLICY_BLOCK\x10\x02*]\n\nMotionMode\x12\x1b\n\x17MOTION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14MOTION_MODE_ABSOLUTE\x10\x01\x12\x18\n\x14MOTION_MODE_RELATIVE\x10\x02\x32\x62\n\x10\x41nimationService\x12N\n\x07\x41nimate\x12\x1e.talkinghead.v1.AnimateRequest\x1a\x1f.talkinghead.v1.AnimateResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etalkinghead/v1/animation.proto\x12\x0etalkinghead.v1\x1a\x1etalkinghead/v1/landmarks.proto\"\xd4\x03\n\x0cStreamConfig\x12\x11\n\tavatar_id\x18\x01 \x01(\t\x12\x30\n\x08\x65ncoding\x18\x02 \x01(\x0e\x32\x1e.talkinghead.v1.OutputEncoding\x12\x0f\n\x07quality\x18\x03 \x01(\x05\x12\x30\n\x08overflow\x18\x04 \x01(\x0e\x32\x1e.talkinghead.v1.OverflowPolicy\x12*\n\x06motion\x18\x05 \x01(\x0e\x32\x1a.talkinghead.v1.MotionMode\x12\x13\n\x0bqueue_depth\x18\x06 \x01(\x05\x12\x14\n\x0c\x63rop_to_face\x18\x07 \x01(\x08\x12*\n\x07neutral\x18\x08 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\x12\x1b\n\x13neutral_frame_width\x18\t \x01(\x05\x12\x1c\n\x14neutral_frame_height\x18\n \x01(\x05\x12\x1e\n\x16include_landmark_image\x18\x0b \x01(\x08\x12\x12\n\npaste_back\x18\x0c \x01(\x08\x12\x34\n\tsmoothing\x18\r \x01(\x0b\x32!.talkinghead.v1.LandmarkSmoothing\x12\x14\n\x0c\x65xpected_fps\x18\x0e \x01(\x02\"F\n\x11LandmarkSmoothing\x12\x15\n\rmin_cutoff_hz\x18\x01 \x01(\x02\x12\x11\n\x04\x62\x65ta\x18\x02 \x01(\x02H\x00\x88\x01\x01\x42\x07\n\x05_beta\"\x93\x01\n\rLandmarkFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12,\n\tlandmarks\x18\x03 \x01(\x0b\x32\x19.talkinghead.v1.Landmarks\x12\x13\n\x0b\x66rame_width\x18\x04 \x01(\x05\x12\x14\n\x0c\x66rame_height\x18\x05 \x01(\x05\"H\n\x0c\x44rivingFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\x0c\"\x0b\n\tKeepalive\"\xe6\x01\n\x0e\x41nimateRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.talkinghead.v1.StreamConfigH\x00\x12\x32\n\tlandmarks\x18\x02 \x01(\x0b\x32\x1d.talkinghead.v1.LandmarkFrameH\x00\x12\x35\n\rdriving_frame\x18\x03 \x01(\x0b\x32\x1c.talkinghead.v1.DrivingFrameH\x00\x12.\n\tkeepalive\x18\x04 \x01(\x0b\x32\x19.talkinghead.v1.KeepaliveH\x00\x42\t\n\x07message\"\xc2\x01\n\rStreamStarted\x12\x12\n\nimage_size\x18\x01 \x01(\x05\x12\x14\n\x0cpersonalised\x18\x02 \x01(\x08\x12\x10\n\x08model_id\x18\x03 \x01(\t\x12\x13\n\x0bqueue_depth\x18\x04 \x01(\x05\x12\x14\n\x0coutput_width\x18\x05 \x01(\x05\x12\x15\n\routput_height\x18\x06 \x01(\x05\x12\x18\n\x10watermark_key_id\x18\x07 \x01(\t\x12\x19\n\x11latency_budget_ms\x18\x08 \x01(\x05\"\x9a\x01\n\x0cStageTimings\x12\x11\n\tdecode_us\x18\x01 \x01(\r\x12\x14\n\x0clandmarks_us\x18\x02 \x01(\r\x12\x14\n\x0crasterize_us\x18\x03 \x01(\r\x12\x10\n\x08queue_us\x18\x04 \x01(\r\x12\x14\n\x0cinference_us\x18\x05 \x01(\r\x12\x11\n\tencode_us\x18\x06 \x01(\r\x12\x10\n\x08total_us\x18\x07 \x01(\r\"\xba\x02\n\rAnimatedFrame\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x17\n\x0f\x63\x61pture_time_us\x18\x02 \x01(\x03\x12\r\n\x05image\x18\x03 \x01(\x0c\x12\x30\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x1e.talkinghead.v1.OutputEncoding\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12-\n\x07timings\x18\x07 \x01(\x0b\x32\x1c.talkinghead.v1.StageTimings\x12\x16\n\x0e\x64ropped_before\x18\x08 \x01(\r\x12\x15\n\rdropped_total\x18\t \x01(\x04\x12\x12\n\nbatch_size\x18\n \x01(\r\x12\x14\n\x0c\x66\x61\x63\x65_missing\x18\x0b \x01(\x08\x12\x16\n\x0elandmark_image\x18\x0c \x01(\x0c\"~\n\x0f\x41nimateResponse\x12\x30\n\x07started\x18\x01 \x01(\x0b\x32\x1d.talkinghead.v1.StreamStartedH\x00\x12.\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x1d.talkinghead.v1.AnimatedFrameH\x00\x42\t\n\x07message*\x81\x01\n\x0eOutputEncoding\x12\x1f\n\x1bOUTPUT_ENCODING_UNSPECIFIED\x10\x00\x12\x18\n\x14OUTPUT_ENCODING_JPEG\x10\x01\x12\x17\n\x13OUTPUT_ENCODING_PNG\x10\x02\x12\x1b\n\x17OUTPUT_ENCODING_RAW_RGB\x10\x03*m\n\x0eOverflowPolicy\x12\x1f\n\x1bOVERFLOW_POLICY_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOVERFLOW_POLICY_DROP_OLDEST\x10\x01\x12\x19\n\x15OVERFLOW_POLICY_BLOCK\x10\x02*]\n\nMotionMode\x12\x1b\n\x17MOTION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14MOTION_MODE_ABSOLUTE\x10\x01\x12\x18\n\x14MOTION_MODE_RELATIVE\x10\x02\x32\x62\n\x10\x41nimationService\x12N\n\x07\x41nimate\x12\x1e.talkinghead.v1.AnimateRequest\x1a\x1f.talkinghead.v1.AnimateResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'talkinghead.v1.animation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTPUTENCODING']._serialized_start=1846
-  _globals['_OUTPUTENCODING']._serialized_end=1975
-  _globals['_OVERFLOWPOLICY']._serialized_start=1977
-  _globals['_OVERFLOWPOLICY']._serialized_end=2086
-  _globals['_MOTIONMODE']._serialized_start=2088
-  _globals['_MOTIONMODE']._serialized_end=2181
+  _globals['_OUTPUTENCODING']._serialized_start=1895
+  _globals['_OUTPUTENCODING']._serialized_end=2024
+  _globals['_OVERFLOWPOLICY']._serialized_start=2026
+  _globals['_OVERFLOWPOLICY']._serialized_end=2135
+  _globals['_MOTIONMODE']._serialized_start=2137
+  _globals['_MOTIONMODE']._serialized_end=2230
   _globals['_STREAMCONFIG']._serialized_start=83
-  _globals['_STREAMCONFIG']._serialized_end=529
-  _globals['_LANDMARKSMOOTHING']._serialized_start=531
-  _globals['_LANDMARKSMOOTHING']._serialized_end=601
-  _globals['_LANDMARKFRAME']._serialized_start=604
-  _globals['_LANDMARKFRAME']._serialized_end=751
-  _globals['_DRIVINGFRAME']._serialized_start=753
-  _globals['_DRIVINGFRAME']._serialized_end=825
-  _globals['_KEEPALIVE']._serialized_start=827
-  _globals['_KEEPALIVE']._serialized_end=838
-  _globals['_ANIMATEREQUEST']._serialized_start=841
-  _globals['_ANIMATEREQUEST']._serialized_end=1071
-  _globals['_STREAMSTARTED']._serialized_start=1074
-  _globals['_STREAMSTARTED']._serialized_end=1241
-  _globals['_STAGETIMINGS']._serialized_start=1244
-  _globals['_STAGETIMINGS']._serialized_end=1398
-  _globals['_ANIMATEDFRAME']._serialized_start=1401
-  _globals['_ANIMATEDFRAME']._serialized_end=1715
-  _globals['_ANIMATERESPONSE']._serialized_start=1717
-  _globals['_ANIMATERESPONSE']._serialized_end=1843
-  _globals['_ANIMATIONSERVICE']._serialized_start=2183
-  _globals['_ANIMATIONSERVICE']._serialized_end=2281
+  _globals['_STREAMCONFIG']._serialized_end=551
+  _globals['_LANDMARKSMOOTHING']._serialized_start=553
+  _globals['_LANDMARKSMOOTHING']._serialized_end=623
+  _globals['_LANDMARKFRAME']._serialized_start=626
+  _globals['_LANDMARKFRAME']._serialized_end=773
+  _globals['_DRIVINGFRAME']._serialized_start=775
+  _globals['_DRIVINGFRAME']._serialized_end=847
+  _globals['_KEEPALIVE']._serialized_start=849
+  _globals['_KEEPALIVE']._serialized_end=860
+  _globals['_ANIMATEREQUEST']._serialized_start=863
+  _globals['_ANIMATEREQUEST']._serialized_end=1093
+  _globals['_STREAMSTARTED']._serialized_start=1096
+  _globals['_STREAMSTARTED']._serialized_end=1290
+  _globals['_STAGETIMINGS']._serialized_start=1293
+  _globals['_STAGETIMINGS']._serialized_end=1447
+  _globals['_ANIMATEDFRAME']._serialized_start=1450
+  _globals['_ANIMATEDFRAME']._serialized_end=1764
+  _globals['_ANIMATERESPONSE']._serialized_start=1766
+  _globals['_ANIMATERESPONSE']._serialized_end=1892
+  _globals['_ANIMATIONSERVICE']._serialized_start=2232
+  _globals['_ANIMATIONSERVICE']._serialized_end=2330
 # @@protoc_insertion_point(module_scope)

@@ -37,7 +37,7 @@ MOTION_MODE_ABSOLUTE: MotionMode
 MOTION_MODE_RELATIVE: MotionMode
 
 class StreamConfig(_message.Message):
-    __slots__ = ("avatar_id", "encoding", "quality", "overflow", "motion", "queue_depth", "crop_to_face", "neutral", "neutral_frame_width", "neutral_frame_height", "include_landmark_image", "paste_back", "smoothing")
+    __slots__ = ("avatar_id", "encoding", "quality", "overflow", "motion", "queue_depth", "crop_to_face", "neutral", "neutral_frame_width", "neutral_frame_height", "include_landmark_image", "paste_back", "smoothing", "expected_fps")
     AVATAR_ID_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     QUALITY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class StreamConfig(_message.Message):
     INCLUDE_LANDMARK_IMAGE_FIELD_NUMBER: _ClassVar[int]
     PASTE_BACK_FIELD_NUMBER: _ClassVar[int]
     SMOOTHING_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FPS_FIELD_NUMBER: _ClassVar[int]
     avatar_id: str
     encoding: OutputEncoding
     quality: int
@@ -64,7 +65,8 @@ class StreamConfig(_message.Message):
     include_landmark_image: bool
     paste_back: bool
     smoothing: LandmarkSmoothing
-    def __init__(self, avatar_id: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., quality: _Optional[int] = ..., overflow: _Optional[_Union[OverflowPolicy, str]] = ..., motion: _Optional[_Union[MotionMode, str]] = ..., queue_depth: _Optional[int] = ..., crop_to_face: _Optional[bool] = ..., neutral: _Optional[_Union[_landmarks_pb2.Landmarks, _Mapping]] = ..., neutral_frame_width: _Optional[int] = ..., neutral_frame_height: _Optional[int] = ..., include_landmark_image: _Optional[bool] = ..., paste_back: _Optional[bool] = ..., smoothing: _Optional[_Union[LandmarkSmoothing, _Mapping]] = ...) -> None: ...
+    expected_fps: float
+    def __init__(self, avatar_id: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., quality: _Optional[int] = ..., overflow: _Optional[_Union[OverflowPolicy, str]] = ..., motion: _Optional[_Union[MotionMode, str]] = ..., queue_depth: _Optional[int] = ..., crop_to_face: _Optional[bool] = ..., neutral: _Optional[_Union[_landmarks_pb2.Landmarks, _Mapping]] = ..., neutral_frame_width: _Optional[int] = ..., neutral_frame_height: _Optional[int] = ..., include_landmark_image: _Optional[bool] = ..., paste_back: _Optional[bool] = ..., smoothing: _Optional[_Union[LandmarkSmoothing, _Mapping]] = ..., expected_fps: _Optional[float] = ...) -> None: ...
 
 class LandmarkSmoothing(_message.Message):
     __slots__ = ("min_cutoff_hz", "beta")
@@ -115,7 +117,7 @@ class AnimateRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., landmarks: _Optional[_Union[LandmarkFrame, _Mapping]] = ..., driving_frame: _Optional[_Union[DrivingFrame, _Mapping]] = ..., keepalive: _Optional[_Union[Keepalive, _Mapping]] = ...) -> None: ...
 
 class StreamStarted(_message.Message):
-    __slots__ = ("image_size", "personalised", "model_id", "queue_depth", "output_width", "output_height", "watermark_key_id")
+    __slots__ = ("image_size", "personalised", "model_id", "queue_depth", "output_width", "output_height", "watermark_key_id", "latency_budget_ms")
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PERSONALISED_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +125,7 @@ class StreamStarted(_message.Message):
     OUTPUT_WIDTH_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WATERMARK_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     image_size: int
     personalised: bool
     model_id: str
@@ -130,7 +133,8 @@ class StreamStarted(_message.Message):
     output_width: int
     output_height: int
     watermark_key_id: str
-    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., output_width: _Optional[int] = ..., output_height: _Optional[int] = ..., watermark_key_id: _Optional[str] = ...) -> None: ...
+    latency_budget_ms: int
+    def __init__(self, image_size: _Optional[int] = ..., personalised: _Optional[bool] = ..., model_id: _Optional[str] = ..., queue_depth: _Optional[int] = ..., output_width: _Optional[int] = ..., output_height: _Optional[int] = ..., watermark_key_id: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("decode_us", "landmarks_us", "rasterize_us", "queue_us", "inference_us", "encode_us", "total_us")
