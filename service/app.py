@@ -323,6 +323,7 @@ class App:
             find_landmarks=self.driving_landmarks,
             metrics=self.metrics,
             release=self._release_stream_slot,
+            idle_timeout=self.settings.stream_idle_timeout,
         )
 
     def _marker(self, avatar_id: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -50,6 +50,24 @@ SERVICES = (
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # 32 photos of up to 10 MiB each would exceed gRPC's 4 MiB default
 HEALTH_POLL_S = 0.5
+# Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
+KEEPALIVE = [
+    # Ping every connection after 20 s without a ping; no ack within 10 s closes it: a client
+    # that vanished without closing its socket (power, network) frees its streams within 30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that sends no data
+    # Clients may ping too, without calls, at most every 10 s (more often: GOAWAY).
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # A connection without calls for 5 min is closed (GOAWAY; the client reconnects on its next call).
+    ("grpc.max_connection_idle_ms", 300_000),
+    # Every connection is closed after about 1 h (gRPC adds +-10 % jitter) so that clients behind a
+    # load balancer spread over new replicas; streams still open get 10 more minutes, then end
+    # UNAVAILABLE: a longer call reopens its stream.
+    ("grpc.max_connection_age_ms", 3_600_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
+]
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -125,8 +143,7 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            *KEEPALIVE,
         ]
         self._server = grpc.aio.server(options=options)
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)

@@ -12,6 +12,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_CACHE_BYTES       67108864         AdaIN-parameter cache bound, bytes
     TALKINGHEAD_MAX_STREAMS       64               concurrent Animate streams; more: RESOURCE_EXHAUSTED
     TALKINGHEAD_MAX_BATCH         16               frames per generator call, 1-256
+    TALKINGHEAD_STREAM_IDLE_TIMEOUT 30             seconds an Animate stream may go without a frame or
+                                                   keepalive (or without taking a reply) before it
+                                                   ends with DEADLINE_EXCEEDED and frees its slot
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
     TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
@@ -52,6 +55,7 @@ class Settings:
     cache_bytes: int = 64 * 1024 * 1024
     max_streams: int = 64
     max_batch: int = 16
+    stream_idle_timeout: float = 30.0  # no frame/keepalive (or no reply taken) this long: the stream ends
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -87,6 +91,8 @@ class Settings:
             problems.append(
                 f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
             )
+        if not self.stream_idle_timeout > 0:
+            problems.append(f"stream_idle_timeout must be > 0 seconds, got {self.stream_idle_timeout}")
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
@@ -125,6 +131,7 @@ _ENV_FIELDS = (
     "cache_bytes",
     "max_streams",
     "max_batch",
+    "stream_idle_timeout",
     "log_level",
     "tls_cert",
     "tls_key",
@@ -182,6 +189,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
     group.add_argument("--max-streams", type=int, help="concurrent Animate streams (default 64)")
     group.add_argument("--max-batch", type=int, help="frames per generator call (default 16)")
+    group.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        help="seconds a stream may send no frame or keepalive (or take no reply) before it ends (default 30)",
+    )
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     group.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key")
