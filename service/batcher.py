@@ -211,10 +211,13 @@ class Batcher:
                 call = self.backend.generate_personalised(model, images, warped)
             frames = await call  # (B, S, S, 3)
         except Exception as error:
-            self._on_error(error)
+            self._on_error(error)  # logged and counted here, once per batch
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
+                    # Marked retrieved: a stream that ended on the batch's first frame never looks
+                    # at the others, whose "exception never retrieved" would be logged from a finaliser.
+                    item.future.exception()
             return
         seconds = time.perf_counter() - started
         self._on_batch(model, len(batch), seconds)
