@@ -7,7 +7,8 @@ backend that is too slow, dies or freezes.
   its slot back within about the idle timeout, so max_streams idle clients cannot lock others out.
 - Backend (ONNX Runtime in-process): a call past `backend_timeout` is cut (UNAVAILABLE, not a
   hang) and health says NOT_SERVING while a call is in flight longer than `backend_stall`; the
-  service serves again right after.
+  service serves again right after. Slow (marker slow): a slow batch of a personalised generator
+  does not hold up the shared generator's batches.
 - Triton (the bundled server, started as in tests/test_service_triton.py; skips where it is not
   installed): SIGKILL and SIGSTOP mid-stream give the stream UNAVAILABLE and health NOT_SERVING
   within 2 s; streams work again within 5 s of Triton's return (restart / SIGCONT).
@@ -380,6 +381,56 @@ def test_a_model_call_past_the_backend_timeout_is_cut_and_health_follows(
     finally:
         if watch is not None:
             watch.stop()
+        running.stop()
+
+
+@pytest.mark.slow
+def test_a_slow_batch_of_one_model_does_not_hold_up_another(
+    personalised_repository: tuple[Path, str], tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """A personalised generator runs batches of ~48 frames (seconds each, one inference thread);
+    meanwhile single frames of another avatar on the shared generator come back in well under that
+    (before: they waited behind the personalised batch in the one batcher task and one thread)."""
+    repository, fine = personalised_repository
+    settings = test_settings(
+        repository,
+        tmp_path / "store",
+        max_batch=48,
+        inference_threads=1,
+        backend_timeout=60,
+        backend_stall=60,
+    )
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            assert c.create_avatar(fine, [PORTRAIT], consent=CONSENT).personalised
+            c.create_avatar("astro", [PORTRAIT], consent=CONSENT)
+            many = LandmarkSequence(driver.points[:96], driver.frame_size, driver.fps)
+            busy = StreamRun(
+                c,
+                itertools.chain(
+                    [config(fine, overflow=pb.OVERFLOW_POLICY_BLOCK, queue_depth=64)], landmark_requests(many)
+                ),
+            )
+            until(lambda: len(busy.frames) >= 1, 30)  # the next batch is the big one
+            time.sleep(0.3)
+            one = LandmarkSequence(driver.points[:1], driver.frame_size, driver.fps)
+            latencies = []
+            for _ in range(3):
+                t0 = time.monotonic()
+                assert len(list(c.animate("astro", landmark_requests(one)))) == 1
+                latencies.append(time.monotonic() - t0)
+            busy.join(120)
+            assert busy.code == CODE.OK and len(busy.frames) == 96, (busy.code, busy.details)
+        big = max(busy.frames, key=lambda f: f[1].batch_size)[1]
+        seconds = big.timings.inference_us / 1e6
+        print(
+            f"personalised batch of {big.batch_size}: {seconds:.2f} s; shared single frames meanwhile: "
+            + ", ".join(f"{t:.2f} s" for t in latencies)
+        )
+        assert big.batch_size >= 24 and max(latencies) < seconds / 2, (big.batch_size, seconds, latencies)
+    finally:
         running.stop()
 
 

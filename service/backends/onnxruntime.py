@@ -1,10 +1,13 @@
-"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a one-thread pool.
+"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a small thread pool.
 
-One inference thread (each run already uses every core through ONNX Runtime's intra-op threads;
-two concurrent runs would only fight over the cores) keeps the asyncio loop free. Every run has the
-backend deadline: one that overruns is terminated (RunOptions.terminate) and answered UNAVAILABLE.
-Missing models are polled for every `poll_s` seconds, so a server started before `make
-model-repository` becomes ready when the files appear. Personalised generators load on first use.
+Runs happen in RUN_THREADS threads, off the asyncio loop. Each run already uses every core through
+ONNX Runtime's intra-op threads, so one run at a time would be fastest; two let the batches of
+different models (the shared generator, a personalised one, the embedder) run side by side, so a
+slow batch of one model does not hold up the others (they share the cores meanwhile). Every run
+has the backend deadline: one that overruns is terminated (RunOptions.terminate) and answered
+UNAVAILABLE. Missing models are polled for every `poll_s` seconds, so a server started before
+`make model-repository` becomes ready when the files appear. Personalised generators load on
+first use.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from facekit.contract import (
 from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
-RUN_THREADS = 1  # concurrent runs (and model loads)
+RUN_THREADS = 2  # concurrent runs (and model loads)
 
 
 class OnnxRuntimeBackend(ReadyGate):
