@@ -1,5 +1,5 @@
 """Faults a deployment meets, against the real service: idle, frozen and vanished clients, a model
-backend that is too slow, dies or freezes.
+backend that is too slow, dies or freezes, and a service killed mid-write.
 
 - Streams: a stream that sends neither frames nor keepalives ends with DEADLINE_EXCEEDED after
   `stream_idle_timeout` and gives its slot back; keepalives hold it open; a client that stops
@@ -12,6 +12,9 @@ backend that is too slow, dies or freezes.
 - Triton (the bundled server, started as in tests/test_service_triton.py; skips where it is not
   installed): SIGKILL and SIGSTOP mid-stream give the stream UNAVAILABLE and health NOT_SERVING
   within 2 s; streams work again within 5 s of Triton's return (restart / SIGCONT).
+- `talkinghead serve` SIGKILLed while it writes an avatar (its fsync held open): after a restart
+  the avatar is not listed and not found, the avatars written before are whole, and the id can be
+  created again.
 """
 
 from __future__ import annotations
@@ -550,3 +553,106 @@ def test_triton_killed_or_frozen_mid_stream(
             triton.start()
         else:
             os.kill(triton.server.process.pid, signal.SIGCONT)
+
+
+# -- the service killed mid-write ------------------------------------------------------------------
+# `talkinghead serve` whose fsync of its second avatar file takes 60 s: a slow disk, so that the kill
+# below lands inside the store's write for certain (the file written, not yet renamed into place).
+SLOW_DISK_SERVE = """
+import itertools, os, sys, time
+store, real_fsync, writes = os.environ["TALKINGHEAD_AVATAR_STORE"], os.fsync, itertools.count(1)
+def fsync(fd):
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    if os.path.dirname(path) == store and os.path.basename(path).startswith(".tmp-"):
+        if next(writes) == 2:
+            print("writing", path, flush=True)
+            time.sleep(60)
+    return real_fsync(fd)
+os.fsync = fsync
+from talkinghead.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def serve(tmp_path: Path, repository: Path, port: int, *, slow_disk: bool) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TALKINGHEAD_GRPC_PORT": str(port),
+        "TALKINGHEAD_METRICS_PORT": "0",
+        "TALKINGHEAD_MODEL_REPOSITORY": str(repository),
+        "TALKINGHEAD_AVATAR_STORE": str((tmp_path / "store").resolve()),
+        "TALKINGHEAD_JOBS": str(tmp_path / "jobs"),
+        "TALKINGHEAD_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "TALKINGHEAD_WORKER": "external",
+    }
+    argv = ["-c", SLOW_DISK_SERVE] if slow_disk else ["-m", "talkinghead.cli", "serve"]
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_service_killed_mid_avatar_write_leaves_no_partial_avatar(
+    model_repository: Path, tmp_path: Path, short: LandmarkSequence
+) -> None:
+    """SIGKILL while CreateAvatar("halfway") writes (temporary file complete, not renamed): after a
+    restart "halfway" is neither listed nor served and can be created again; "before" is whole."""
+    from tests.test_service_triton import free_port
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    store = tmp_path / "store"
+    first = serve(tmp_path, model_repository, port, slow_disk=True)
+    ended: list[grpc.StatusCode] = []
+
+    def create_halfway(c: Client) -> None:
+        try:
+            c.create_avatar("halfway", [PORTRAIT], consent=CONSENT)
+        except grpc.RpcError as error:
+            ended.append(error.code())
+
+    try:
+        with Client(target=target, timeout=60) as c:
+            c.wait_ready(60)
+            c.create_avatar("before", [PORTRAIT], display_name="Before", consent=CONSENT)
+            creating = threading.Thread(target=create_halfway, args=(c,), daemon=True)
+            creating.start()
+            assert first.stdout is not None
+            line = first.stdout.readline()  # the write has begun: its temporary file is complete
+            assert line.startswith("writing"), line
+            temporary = Path(line.split(" ", 1)[1].strip())
+            assert temporary.exists() and not (store / "halfway.npz").exists()
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            creating.join(30)
+            assert ended == [CODE.UNAVAILABLE]  # the caller learns that it did not happen
+    finally:
+        first.kill()
+        first.wait()
+
+    second = serve(tmp_path, model_repository, port, slow_disk=False)
+    try:
+        with Client(target=target, timeout=60) as c:
+            c.wait_ready(60)
+            assert [a.avatar_id for a in c.list_avatars()] == ["before"]  # "halfway" is not listed
+            with pytest.raises(grpc.RpcError) as missing:
+                c.get_avatar("halfway")
+            assert missing.value.code() == CODE.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as stream:
+                list(c.animate("halfway", landmark_requests(short)))
+            assert stream.value.code() == CODE.NOT_FOUND
+            before = c.get_avatar("before", include_preview=True)
+            assert before.display_name == "Before" and before.image_count == 1 and before.preview_png
+            assert len(list(c.animate("before", landmark_requests(short)))) == 2
+            # the id is free: created again, it is whole and animates
+            assert c.create_avatar("halfway", [PORTRAIT], consent=CONSENT).avatar_id == "halfway"
+            assert [a.avatar_id for a in c.list_avatars()] == ["before", "halfway"]
+            assert len(list(c.animate("halfway", landmark_requests(short)))) == 2
+    finally:
+        second.terminate()
+        second.wait(30)
