@@ -113,14 +113,14 @@ def time_model(
     peak_tflops: float | None,
 ) -> dict[str, Any]:
     dtype = DTYPES[precision]
-    gen = bake(gen).to(device=device, dtype=dtype)
+    gen = bake(gen).to(device=device, dtype=dtype)  # type: ignore[assignment]
     if device.type == "cuda":
         gen = gen.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     gflops = gflops_per_frame(gen, cfg, device, dtype)
     if compile_model:
         gen = torch.compile(gen)  # type: ignore[assignment]
     now = _timer(device)
-    rows = []
+    rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for batch in batches:
             try:
@@ -135,7 +135,11 @@ def time_model(
                 torch.cuda.empty_cache()
                 break
             fps = batch / seconds
-            row = {"batch": batch, "ms_per_call": round(seconds * 1e3, 3), "frames_per_s": round(fps, 1)}
+            row: dict[str, Any] = {
+                "batch": batch,
+                "ms_per_call": round(seconds * 1e3, 3),
+                "frames_per_s": round(fps, 1),
+            }
             if peak_tflops:
                 row["peak_share"] = round(fps * gflops / (peak_tflops * 1e3), 4)
             rows.append(row)

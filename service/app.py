@@ -352,6 +352,7 @@ class App:
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
             release=functools.partial(self._release_stream_slot, principal.tenant),
+            idle_timeout=self.settings.stream_idle_timeout,
         )
 
     def _marker(self, stored_id: str) -> Callable[[np.ndarray], np.ndarray]:

@@ -2,14 +2,17 @@
 
 Each stream owns a `StreamQueue`: a bounded deque of frames waiting for the generator, and a count
 of frames taken but not yet delivered (`in_flight`, bounded too, so a client that stops reading
-cannot make results pile up). The one `Batcher` task loops: take frames round-robin from the
-queues of streams with room - all for the same model: the shared generator (frames of any avatar,
-each with its own psi) or one personalised generator - up to `max_batch`, draw their landmark
-images and, for a warp-guided model, warp each avatar's reference onto them (a frame dropped while
-waiting is never drawn), run them as one call, resolve each frame's
-future. No timer: the next batch is whatever arrived while the previous one ran, so one stream
-gets batch 1 and its lowest latency, while load grows batches (and throughput) by itself. A
-stream's frames leave its queue in order and batches complete in order, so replies stay in order.
+cannot make results pile up). The `Batcher` task loops: take frames round-robin from the queues
+of streams with room - all for the same model: the shared generator (frames of any avatar, each
+with its own psi) or one personalised generator - up to `max_batch`, and start a call task that
+draws their landmark images and, for a warp-guided model, warps each avatar's reference onto them
+(a frame dropped while waiting is never drawn), runs them as one call and resolves each frame's
+future. Each model has at most one call in flight and all models together `max_concurrent`, so a
+slow batch of one model (a personalised generator, a stalled call waiting for its deadline) never
+holds up the batches of another. No timer: a model's next batch is whatever arrived while its
+previous one ran, so one stream gets batch 1 and its lowest latency, while load grows batches (and
+throughput) by itself. A stream's frames leave its queue in order and a model's batches complete
+in order, so replies stay in order.
 
 Overflow: with DROP_OLDEST a full queue discards its oldest waiting frame (counted, reported in the
 next reply); with BLOCK `put` waits for room, which stops the stream's reader and lets gRPC flow
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,6 +35,7 @@ from service.backends.base import Backend
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
+MAX_CONCURRENT_CALLS = 4  # generator calls in flight at once, one per model
 
 
 @dataclass(eq=False, kw_only=True)
@@ -128,14 +133,18 @@ class Batcher:
         on_batch: Callable[[str, int, float], None] | None = None,
         on_drop: Callable[[], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
+        max_concurrent: int = MAX_CONCURRENT_CALLS,
     ) -> None:
         self.backend = backend
         self.max_batch = max_batch
+        self.max_concurrent = max_concurrent
         self._streams: list[StreamQueue] = []
         self.peak_pending = 0  # most frames one stream ever had waiting (bounded by its depth)
         self._next = 0  # round-robin start
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._busy: set[str] = set()  # models with a call in flight
+        self._calls: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch or (lambda model, size, seconds: None)
         self._on_drop = on_drop or (lambda: None)
         self._on_error = on_error or (lambda error: None)
@@ -144,9 +153,10 @@ class Batcher:
         self._task = asyncio.create_task(self._loop(), name="batcher")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [*self._calls, *([self._task] if self._task is not None else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
         queue = StreamQueue(
@@ -166,7 +176,8 @@ class Batcher:
         self._on_drop()
 
     def _collect(self) -> list[WorkItem]:
-        """Up to max_batch frames of one model, round-robin over the streams with room."""
+        """Up to max_batch frames of one model with no call in flight, round-robin over the streams
+        with room."""
         n = len(self._streams)
         order = [self._streams[(self._next + i) % n] for i in range(n)] if n else []
         self._next = (self._next + 1) % max(n, 1)
@@ -178,32 +189,45 @@ class Batcher:
             for queue in order:
                 if len(batch) >= self.max_batch:
                     break
-                if queue.ready() and queue.pending[0].model == (
-                    model if model is not None else queue.pending[0].model
-                ):
-                    item = queue.take()
-                    model = item.model
-                    batch.append(item)
-                    progress = True
+                if not queue.ready():
+                    continue
+                head = queue.pending[0].model
+                if head in self._busy or (model is not None and head != model):
+                    continue
+                item = queue.take()
+                model = item.model
+                batch.append(item)
+                progress = True
         return batch
 
     async def _loop(self) -> None:
         while True:
             await self._work.wait()
             self._work.clear()
-            batch = self._collect()
-            while batch:
-                await self._run(batch)
+            while len(self._busy) < self.max_concurrent:
                 batch = self._collect()
+                if not batch:
+                    break
+                model = batch[0].model
+                self._busy.add(model)
+                call = asyncio.create_task(self._run(batch), name=f"batch:{model or 'shared'}")
+                self._calls.add(call)
+                call.add_done_callback(functools.partial(self._finished, model))
+
+    def _finished(self, model: str, call: asyncio.Task[None]) -> None:
+        self._busy.discard(model)
+        self._calls.discard(call)
+        self.wake()
 
     async def _run(self, batch: list[WorkItem]) -> None:
         taken = time.perf_counter()
-        images = np.stack([item.render() for item in batch])  # (B, S, S, 3)
-        warps = [item.warped for item in batch if item.warped is not None]
-        warped = np.stack(warps) if len(warps) == len(batch) else None  # (B, S, S, 3) warp-guided
         model = batch[0].model
-        started = time.perf_counter()
+        started = taken
         try:
+            images = np.stack([item.render() for item in batch])  # (B, S, S, 3)
+            warps = [item.warped for item in batch if item.warped is not None]
+            warped = np.stack(warps) if len(warps) == len(batch) else None  # (B, S, S, 3) warp-guided
+            started = time.perf_counter()
             if model == SHARED:
                 adain = np.stack([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
                 call: Awaitable[np.ndarray] = self.backend.generate(images, adain, warped)
@@ -211,10 +235,13 @@ class Batcher:
                 call = self.backend.generate_personalised(model, images, warped)
             frames = await call  # (B, S, S, 3)
         except Exception as error:
-            self._on_error(error)
+            self._on_error(error)  # logged and counted here, once per batch
             for item in batch:
                 if not item.future.done():
                     item.future.set_exception(error)
+                    # Marked retrieved: a stream that ended on the batch's first frame never looks
+                    # at the others, whose "exception never retrieved" would be logged from a finaliser.
+                    item.future.exception()
             return
         seconds = time.perf_counter() - started
         self._on_batch(model, len(batch), seconds)

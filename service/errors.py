@@ -40,3 +40,22 @@ def unavailable(message: str) -> ServiceError:
 
 def exists(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message)
+
+
+def deadline(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
+def idle(seconds: float) -> ServiceError:
+    """The client sent nothing for `seconds` while owed no reply (Settings.stream_idle_timeout)."""
+    return deadline(
+        f"no frame or keepalive for {seconds:g} s: the stream was closed; "
+        "send keepalive messages to hold an idle stream open"
+    )
+
+
+def stalled_reader(seconds: float) -> ServiceError:
+    """The client took no reply for `seconds` (it stopped reading: gRPC flow control held the reply)."""
+    return deadline(
+        f"the client took no reply for {seconds:g} s: the stream was closed; read the replies as they come"
+    )

@@ -50,17 +50,42 @@ SERVICES = (
     personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"].full_name,
 )
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # 32 photos of up to 10 MiB each would exceed gRPC's 4 MiB default
-HEALTH_POLL_S = 0.5
+HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
+# Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
+KEEPALIVE = [
+    # Ping every connection after 20 s without a ping; no ack within 10 s closes it: a client
+    # that vanished without closing its socket (power, network) frees its streams within 30 s.
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging a stream that sends no data
+    # Clients may ping too, without calls, at most every 10 s (more often: GOAWAY).
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    # A connection without calls for 5 min is closed (GOAWAY; the client reconnects on its next call).
+    ("grpc.max_connection_idle_ms", 300_000),
+    # Every connection is closed after about 1 h (gRPC adds +-10 % jitter) so that clients behind a
+    # load balancer spread over new replicas; streams still open get 10 more minutes, then end
+    # UNAVAILABLE: a longer call reopens its stream.
+    ("grpc.max_connection_age_ms", 3_600_000),
+    ("grpc.max_connection_age_grace_ms", 600_000),
+]
 
 
 def make_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
 
-        return TritonBackend(url=settings.triton_url)
+        return TritonBackend(
+            url=settings.triton_url, timeout_s=settings.backend_timeout, stall_s=settings.backend_stall
+        )
     from service.backends.onnxruntime import OnnxRuntimeBackend
 
-    return OnnxRuntimeBackend(repository=settings.model_repository, threads=settings.inference_threads)
+    return OnnxRuntimeBackend(
+        repository=settings.model_repository,
+        threads=settings.inference_threads,
+        timeout_s=settings.backend_timeout,
+        stall_s=settings.backend_stall,
+    )
 
 
 def make_auth(settings: Settings) -> Authenticator:
@@ -152,8 +177,7 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            *KEEPALIVE,
         ]
         self._server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
         avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)
@@ -223,14 +247,21 @@ class Server:
             await self._health.set(name, status)
 
     async def _watch_backend(self) -> None:
-        """Health follows the backend: NOT_SERVING until it is ready, and whenever it goes away."""
+        """Health follows the backend: NOT_SERVING until it is ready, whenever it goes away and while
+        a call is stalled (`Backend.is_ready` never blocks; a poll that fails counts as not ready)."""
         ready: bool | None = None
         while True:
-            now = self.app.backend.is_ready()
+            try:
+                now = self.app.backend.is_ready()
+            except Exception as error:
+                log.error("backend readiness check failed: %s", error)
+                now = False
             if now != ready:
                 await self._set_health(now)
                 self.app.metrics.backend_ready.set(1 if now else 0)
-                log.info("backend %s is %s", self.app.backend.name, "ready" if now else "NOT ready")
+                stalled = getattr(self.app.backend, "stalled", lambda: None)()
+                why = f" ({stalled})" if stalled and not now else ""
+                log.info("backend %s is %s%s", self.app.backend.name, "ready" if now else "NOT ready", why)
                 ready = now
             await asyncio.sleep(HEALTH_POLL_S)
 

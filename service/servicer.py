@@ -16,12 +16,13 @@ from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
 from service.app import App, actor_of, public_id
 from service.auth import Principal
-from service.errors import ServiceError, precondition
+from service.errors import ServiceError, idle, precondition, stalled_reader
 from service.store import AvatarRecord
-from service.stream import Stream
+from service.stream import Stream, next_request
 
 log = logging.getLogger("talkinghead.service")
 R = TypeVar("R")
+STATUS_WAIT_S = 1.0  # how long an ending stream's status may wait behind replies the client does not take
 
 
 def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, preview: bool) -> avatar_pb2.Avatar:
@@ -122,13 +123,19 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
 
     async def Animate(
         self, request_iterator: AsyncIterator[animation_pb2.AnimateRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[animation_pb2.AnimateResponse]:
+    ) -> None:
+        """A coroutine that writes its replies (not a generator that yields them): each write has a
+        deadline, so a client that stops reading cannot hold its stream slot forever."""
+        timeout = self.app.settings.stream_idle_timeout
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
         code = "OK"
         try:
             principal = caller(self.app, context)
-            first = await anext(aiter(request_iterator), None)
+            try:
+                first = await asyncio.wait_for(next_request(request_iterator), timeout)
+            except TimeoutError:
+                raise idle(timeout) from None
             if first is None:
                 return
             kind = first.WhichOneof("message")
@@ -138,13 +145,15 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 first.config, principal=principal, actor=actor_of(principal, context.peer())
             )
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
-            yield animation_pb2.AnimateResponse(started=stream.started)
+            await write(context, animation_pb2.AnimateResponse(started=stream.started), timeout)
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
             async for response in stream.replies():
-                yield response
+                await write(context, response, timeout)
         except ServiceError as error:
             code = error.code.name
-            await context.abort(error.code, error.message, error.trailers())
+            if stream is not None:  # the slot comes back now, whether or not the status gets through
+                stream.close(code)
+            await abort(context, error)
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -159,3 +168,24 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 reader.cancel()
             if stream is not None:
                 stream.close(code)
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
+    """End the call with the error's status. A status queues behind replies the client has not
+    taken: when it cannot go out within STATUS_WAIT_S the handler gives up (the slot is already
+    free; gRPC drops the call with its connection: keepalive, max connection age)."""
+    try:
+        await asyncio.wait_for(context.abort(error.code, error.message, error.trailers()), STATUS_WAIT_S)
+    except TimeoutError:
+        log.info("stream ended %s; the client takes no replies: %s", error.code.name, error.message)
+
+
+async def write(
+    context: grpc.aio.ServicerContext, response: animation_pb2.AnimateResponse, timeout: float
+) -> None:
+    """Hand one reply to gRPC; a client that takes none for `timeout` s (flow control holds the
+    write: it stopped reading) ends the stream with DEADLINE_EXCEEDED."""
+    try:
+        await asyncio.wait_for(context.write(response), timeout)
+    except TimeoutError:
+        raise stalled_reader(timeout) from None

@@ -12,6 +12,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_CACHE_BYTES       67108864         AdaIN-parameter cache bound, bytes
     TALKINGHEAD_MAX_STREAMS       64               concurrent Animate streams; more: RESOURCE_EXHAUSTED
     TALKINGHEAD_MAX_BATCH         16               frames per generator call, 1-256
+    TALKINGHEAD_STREAM_IDLE_TIMEOUT 30             seconds an Animate stream may go without a frame or
+                                                   keepalive (or without taking a reply) before it
+                                                   ends with DEADLINE_EXCEEDED and frees its slot
+    TALKINGHEAD_BACKEND_TIMEOUT   5                seconds each model call (generate, embed) may take;
+                                                   then it is cut and answered UNAVAILABLE
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
     TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
@@ -60,6 +65,8 @@ class Settings:
     cache_bytes: int = 64 * 1024 * 1024
     max_streams: int = 64
     max_batch: int = 16
+    stream_idle_timeout: float = 30.0  # no frame/keepalive (or no reply taken) this long: the stream ends
+    backend_timeout: float = 5.0  # deadline of every model call (generate, embed)
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -80,6 +87,7 @@ class Settings:
     max_images: int = 32  # photos per avatar
     inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
     shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM
+    backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
     detector: str = "dlib"  # landmark detector for photos and driving frames
 
     def __post_init__(self) -> None:
@@ -99,6 +107,9 @@ class Settings:
             problems.append(
                 f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}"
             )
+        for name in ("stream_idle_timeout", "backend_timeout", "backend_stall"):
+            if not getattr(self, name) > 0:
+                problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
@@ -155,6 +166,8 @@ _ENV_FIELDS = (
     "cache_bytes",
     "max_streams",
     "max_batch",
+    "stream_idle_timeout",
+    "backend_timeout",
     "log_level",
     "tls_cert",
     "tls_key",
@@ -216,6 +229,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
     group.add_argument("--max-streams", type=int, help="concurrent Animate streams (default 64)")
     group.add_argument("--max-batch", type=int, help="frames per generator call (default 16)")
+    group.add_argument(
+        "--stream-idle-timeout",
+        type=float,
+        help="seconds a stream may send no frame or keepalive (or take no reply) before it ends (default 30)",
+    )
+    group.add_argument("--backend-timeout", type=float, help="seconds each model call may take (default 5)")
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
     group.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key")
@@ -251,6 +270,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
     group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")
+    group.add_argument(
+        "--backend-stall",
+        type=float,
+        help="seconds a model call may be in flight before health says NOT_SERVING (default 1.5)",
+    )
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Settings:

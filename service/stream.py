@@ -6,8 +6,10 @@
     reply loop:   oldest outstanding frame -> await its batch -> encode -> AnimateResponse
 
 A bad frame stops the reader; frames read before it are still delivered, then the stream ends with
-the error's status. Whatever ends the stream (client cancel, error, server shutdown), `close()`
-releases the queue and the stream slot exactly once.
+the error's status. A client that sends nothing (no frame, no keepalive) for `idle_timeout`
+seconds while the stream owes it no reply ends the stream with DEADLINE_EXCEEDED (a client that
+stops taking replies is caught by the servicer's write deadline). Whatever ends the stream (client
+cancel, error, idle, server shutdown), `close()` releases the queue and the stream slot exactly once.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from facekit.warp import warp_nearest
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper
-from service.errors import ServiceError, invalid, precondition, unavailable
+from service.errors import ServiceError, idle, invalid, precondition, unavailable
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
 from service.metrics import Metrics
@@ -38,6 +40,11 @@ from service.metrics import Metrics
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
 INLINE_ENCODE_MAX = 256  # frames up to this side are encoded on the event loop (~0.2 ms), larger in a pool
+
+
+async def next_request(iterator: AsyncIterator[pb.AnimateRequest]) -> pb.AnimateRequest | None:
+    """The next request, None at the end of the stream."""
+    return await anext(iterator, None)
 
 
 def _us(seconds: float) -> int:
@@ -179,6 +186,7 @@ class Stream:
     metrics: Metrics
     pace: Callable[[], float]  # the tenant's frame rate quota: 0.0 = go, else seconds to the next frame
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
+    idle_timeout: float  # Settings.stream_idle_timeout
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None
@@ -196,8 +204,21 @@ class Stream:
 
     # -- reading ------------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb.AnimateRequest]) -> None:
+        iterator = aiter(requests)
+        waiting: asyncio.Task[pb.AnimateRequest | None] | None = None
         try:
-            async for request in requests:
+            while True:
+                # The read is never cancelled on a timeout (that would end the request stream): a
+                # stream that still owes replies is not idle, and its reading goes on.
+                waiting = waiting or asyncio.create_task(next_request(iterator), name="animate-read")
+                done, _ = await asyncio.wait([waiting], timeout=self.idle_timeout)
+                if not done:
+                    if self.outstanding:
+                        continue
+                    raise idle(self.idle_timeout)
+                request, waiting = waiting.result(), None
+                if request is None:
+                    break
                 read = time.perf_counter()
                 kind = request.WhichOneof("message")
                 if kind in ("landmarks", "driving_frame") and not await self._within_quota(read):
@@ -218,6 +239,8 @@ class Stream:
                 log.exception("stream reader failed")
                 self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {error}")
         finally:
+            if waiting is not None:
+                waiting.cancel()
             self.reading_done = True
             self.changed.set()
 

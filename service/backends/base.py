@@ -5,16 +5,27 @@ The models' names, tensors and metadata are the export/serving contract (facekit
   generator:           landmark_image (B, S, S, 3) uint8, adain (B, D) f32 -> image (B, S, S, 3) uint8
   generator_<avatar>:  landmark_image (B, S, S, 3) uint8 -> image (B, S, S, 3) uint8 (psi baked in)
 A warp-guided model's generators also take `warped` (B, S, S, 3) uint8 (`generator_feeds`).
+
+Every model call runs under a deadline (`CallGate.call`, Settings.backend_timeout): a call that
+does not answer in time is cut and raises BackendUnavailable (the stream gets UNAVAILABLE, not a
+hang). A call in flight longer than `stall_s` (Settings.backend_stall) makes `is_ready()` false,
+so health says NOT_SERVING while the backend is stalled; a backend that finds its server gone
+fails the calls in flight at once (`abandon_calls`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Protocol
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from facekit.contract import ADAIN, LANDMARK_IMAGE, WARPED, ModelInfo
+
+T = TypeVar("T")
 
 
 class BackendUnavailable(RuntimeError):
@@ -43,10 +54,26 @@ def generator_feeds(
     return feeds
 
 
+@dataclass(eq=False)
+class _Call:
+    what: str
+    started: float  # time.monotonic()
+    abandoned: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
 class ReadyGate:
-    """Readiness shared by the backends: set once the models answer, cleared when they are lost."""
+    """Readiness and model calls, shared by the backends: ready once the models answer, not ready
+    when they are lost or a call is stalled. Subclasses call `init_gate` in their __init__."""
 
     _ready: asyncio.Event
+    timeout_s: float  # deadline of one model call
+    stall_s: float  # a call in flight this long: not ready
+    _calls: set[_Call]
+
+    def init_gate(self, *, timeout_s: float, stall_s: float) -> None:
+        self._ready = asyncio.Event()
+        self.timeout_s, self.stall_s = timeout_s, stall_s
+        self._calls = set()
 
     async def wait_ready(self, timeout: float) -> bool:
         try:
@@ -55,8 +82,52 @@ class ReadyGate:
             return False
         return True
 
-    def is_ready(self) -> bool:
+    def loaded(self) -> bool:
+        """The models are loaded and the server answers (calls may be made)."""
         return self._ready.is_set()
+
+    def is_ready(self) -> bool:
+        """Loaded and no call stalled: what health reports (never blocks)."""
+        return self._ready.is_set() and self.stalled() is None
+
+    def stalled(self) -> str | None:
+        """The oldest call in flight for longer than stall_s, described; None when there is none."""
+        now = time.monotonic()
+        old = [call for call in self._calls if now - call.started > self.stall_s]
+        if not old:
+            return None
+        oldest = min(old, key=lambda call: call.started)
+        return f"{oldest.what} in flight for {now - oldest.started:.1f} s"
+
+    async def call(self, what: str, work: Awaitable[T], *, give_up: Callable[[], None] | None = None) -> T:
+        """Await one model call under the deadline. BackendUnavailable when it does not answer
+        within timeout_s or the backend abandons it; `give_up` then stops work that cancelling
+        the awaitable cannot stop (a run in a thread)."""
+        task = asyncio.ensure_future(work)
+        call = _Call(what=what, started=time.monotonic())
+        self._calls.add(call)
+        try:
+            waits: list[asyncio.Future[Any]] = [task, call.abandoned]
+            await asyncio.wait(waits, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            if give_up is not None:
+                give_up()
+            if call.abandoned.done():
+                raise BackendUnavailable(f"{what}: {call.abandoned.result()}")
+            raise BackendUnavailable(f"{what} did not answer within {self.timeout_s:g} s (backend timeout)")
+        finally:
+            self._calls.discard(call)
+            if not task.done():
+                task.cancel()
+            if not call.abandoned.done():
+                call.abandoned.cancel()
+
+    def abandon_calls(self, why: str) -> None:
+        """Fail every call in flight now with BackendUnavailable(why): the server is gone."""
+        for call in self._calls:
+            if not call.abandoned.done():
+                call.abandoned.set_result(why)
 
 
 class Backend(Protocol):
@@ -73,7 +144,9 @@ class Backend(Protocol):
         """True once the embedder and generator can run (within `timeout` seconds)."""
         ...
 
-    def is_ready(self) -> bool: ...
+    def is_ready(self) -> bool:
+        """Whether the backend serves now: loaded and no call stalled (health follows it; never blocks)."""
+        ...
 
     @property
     def info(self) -> ModelInfo:

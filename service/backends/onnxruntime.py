@@ -1,9 +1,13 @@
-"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a one-thread pool.
+"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a small thread pool.
 
-One inference thread (each run already uses every core through ONNX Runtime's intra-op threads;
-two concurrent runs would only fight over the cores) keeps the asyncio loop free. Missing models
-are polled for every `poll_s` seconds, so a server started before `make model-repository`
-becomes ready when the files appear. Personalised generators load on first use.
+Runs happen in RUN_THREADS threads, off the asyncio loop. Each run already uses every core through
+ONNX Runtime's intra-op threads, so one run at a time would be fastest; two let the batches of
+different models (the shared generator, a personalised one, the embedder) run side by side, so a
+slow batch of one model does not hold up the others (they share the cores meanwhile). Every run
+has the backend deadline: one that overruns is terminated (RunOptions.terminate) and answered
+UNAVAILABLE. Missing models are polled for every `poll_s` seconds, so a server started before
+`make model-repository` becomes ready when the files appear. Personalised generators load on
+first use.
 """
 
 from __future__ import annotations
@@ -33,19 +37,28 @@ from facekit.contract import (
 from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
+RUN_THREADS = 2  # concurrent runs (and model loads)
 
 
 class OnnxRuntimeBackend(ReadyGate):
     name = "onnxruntime"
 
-    def __init__(self, *, repository: Path, threads: int = 0, poll_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        *,
+        repository: Path,
+        threads: int = 0,
+        poll_s: float = 1.0,
+        timeout_s: float = 5.0,
+        stall_s: float = 1.5,
+    ) -> None:
         self.repository = Path(repository)
         self.threads = threads or os.cpu_count() or 1
         self.poll_s = poll_s
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="onnxruntime")
+        self._pool = ThreadPoolExecutor(max_workers=RUN_THREADS, thread_name_prefix="onnxruntime")
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._info: ModelInfo | None = None
-        self._ready = asyncio.Event()
+        self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._loader: asyncio.Task[None] | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -116,8 +129,9 @@ class OnnxRuntimeBackend(ReadyGate):
         session = self._sessions.get(name)
         if session is None:
             raise BackendUnavailable(f"model {name} is not loaded")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, session.run, outputs, feeds)
+        options = ort.RunOptions()
+        run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, outputs, feeds, options)
+        return await self.call(name, run, give_up=lambda: setattr(options, "terminate", True))
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.info.image_size
@@ -140,7 +154,7 @@ class OnnxRuntimeBackend(ReadyGate):
         if name in self._sessions:
             return True
         path = latest_version(self.repository / name)
-        if path is None or not self.is_ready():
+        if path is None or not self.loaded():
             return False
         loop = asyncio.get_running_loop()
         try:

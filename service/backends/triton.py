@@ -3,10 +3,14 @@
 Triton runs in explicit model-control mode: the service loads `embedder` and `generator` when it
 connects and `generator_<avatar>` the first time that avatar streams (load_model). Model metadata
 (the talkinghead.* keys) comes from each model's config.pbtxt parameters. A monitor task polls the
-server every `poll_s` seconds; while Triton is down every call raises BackendUnavailable (the
-service answers UNAVAILABLE and reports NOT_SERVING) and the models are loaded again when it
-returns. Batching across streams happens in the service's batcher; Triton's dynamic batcher may
-merge further across replicas.
+server every `poll_s` seconds with a short deadline (`ready_timeout_s`, counted while the event loop
+runs: a pause of this process is not Triton's): a Triton that does not answer (killed, frozen,
+unreachable) is lost within poll_s + ready_timeout_s (1.25 s); then the calls
+in flight fail at once and every new call raises BackendUnavailable (the service answers UNAVAILABLE
+and reports NOT_SERVING), and the models are loaded again when it returns (the channel reconnects
+within a second: its reconnect backoff is capped). Every inference has the backend deadline
+(`timeout_s`); model loads and metadata have `load_timeout_s`. Batching across streams happens in
+the service's batcher; Triton's dynamic batcher may merge further across replicas.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 
 import numpy as np
 import tritonclient.grpc.aio as triton
+from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
 from tritonclient.utils import InferenceServerException
 
 from facekit.contract import (
@@ -34,24 +40,44 @@ from service.backends.base import BackendUnavailable, ReadyGate, check_images, g
 
 log = logging.getLogger("talkinghead.service.triton")
 NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
+PROBE_TICK_S = 0.05  # the readiness check's deadline is counted in steps of this
+PROBE_BACKSTOP_S = 10.0  # the readiness RPCs' own gRPC deadline (never the one that fires first)
+CHANNEL_ARGS = [
+    ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+    ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+    # Reconnect to a returning Triton within a second, not after gRPC's backoff (up to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 class TritonBackend(ReadyGate):
     name = "triton"
 
-    def __init__(self, *, url: str, poll_s: float = 1.0, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        url: str,
+        poll_s: float = 0.25,
+        ready_timeout_s: float = 1.0,
+        timeout_s: float = 5.0,
+        stall_s: float = 1.5,
+        load_timeout_s: float = 60.0,
+    ) -> None:
         self.url = url
         self.poll_s = poll_s
-        self.timeout_s = timeout_s
+        self.ready_timeout_s = ready_timeout_s
+        self.load_timeout_s = load_timeout_s
         self._client: triton.InferenceServerClient | None = None
         self._info: ModelInfo | None = None
-        self._ready = asyncio.Event()
+        self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._monitor: asyncio.Task[None] | None = None
         self._personalised: dict[str, bool] = {}
         self._absent_since: dict[str, float] = {}
 
     async def start(self) -> None:
-        self._client = triton.InferenceServerClient(self.url)
+        self._client = triton.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         self._monitor = asyncio.create_task(self._watch(), name="triton-monitor")
 
     async def close(self) -> None:
@@ -75,41 +101,67 @@ class TritonBackend(ReadyGate):
     async def _serving(self) -> bool:
         """Whether Triton can run our models. Once they are loaded this asks the base models, not
         the server: Triton reports itself not ready while it loads or unloads any model (a new
-        personalised generator), though the loaded ones serve on."""
+        personalised generator), though the loaded ones serve on. (The RPCs' own deadline is only a
+        backstop: `_answered` times the check.)"""
+        timeout = PROBE_BACKSTOP_S
         if not self._ready.is_set():
-            return bool(await self.client.is_server_ready(client_timeout=self.timeout_s))
+            return bool(await self.client.is_server_ready(client_timeout=timeout))
         for model in (EMBEDDER, GENERATOR):
-            if not await self.client.is_model_ready(model, client_timeout=self.timeout_s):
+            if not await self.client.is_model_ready(model, client_timeout=timeout):
                 return False
         return True
 
     async def _watch(self) -> None:
         while True:
             try:
-                up = await self._serving()
+                up = await self._answered(self._serving())
                 if up and not self._ready.is_set():
                     await self._load_base()
                 elif not up:
                     self._lost("server not ready")
+            except TimeoutError:
+                self._lost(f"no answer to the readiness check within {self.ready_timeout_s:g} s")
             except (InferenceServerException, BackendUnavailable, OSError) as error:
                 self._lost(str(error))
             await asyncio.sleep(self.poll_s)
+
+    async def _answered(self, check: Awaitable[bool]) -> bool:
+        """`check`'s answer; TimeoutError when Triton has not answered within ready_timeout_s of
+        time this process was listening. Stretches when the event loop itself was held up (a
+        library holding the GIL in a thread: dlib loads its models for ~0.6 s on first use) do
+        not count against Triton, or such a pause would fail every call in flight."""
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(check)
+        waited = 0.0
+        try:
+            while waited < self.ready_timeout_s:
+                step = min(PROBE_TICK_S, self.ready_timeout_s - waited)
+                started = loop.time()
+                done, _ = await asyncio.wait([task], timeout=step)
+                if done:
+                    return task.result()
+                waited += min(step, loop.time() - started)  # a late wake-up counts as `step` only
+            raise TimeoutError
+        finally:
+            if not task.done():
+                task.cancel()
 
     def _lost(self, why: str) -> None:
         if self._ready.is_set():
             log.error("Triton at %s went away: %s", self.url, why)
         self._ready.clear()
         self._personalised.clear()
+        self.abandon_calls(f"Triton at {self.url} went away ({why})")
 
     async def _parameters(self, model: str) -> dict[str, str]:
-        config = await self.client.get_model_config(model, as_json=True, client_timeout=self.timeout_s)
+        config = await self.client.get_model_config(model, as_json=True, client_timeout=self.load_timeout_s)
         params = config["config"].get("parameters", {})
         return {key: value.get("string_value", "") for key, value in params.items()}
 
     async def _load_base(self) -> None:
         for model in (EMBEDDER, GENERATOR):
-            if not await self.client.is_model_ready(model, client_timeout=self.timeout_s):
-                await self.client.load_model(model, client_timeout=self.timeout_s)
+            if not await self.client.is_model_ready(model, client_timeout=self.load_timeout_s):
+                await self.client.load_model(model, client_timeout=self.load_timeout_s)
         self._info = ModelInfo.from_metadata(
             await self._parameters(GENERATOR), where=f"{self.url}/{GENERATOR}"
         )
@@ -120,7 +172,7 @@ class TritonBackend(ReadyGate):
         log.info("Triton at %s ready: %s", self.url, self._info)
 
     async def _infer(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
-        if not self.is_ready():
+        if not self.loaded():
             raise BackendUnavailable(f"Triton at {self.url} is not ready")
         inputs = []
         for name, array in feeds.items():
@@ -130,11 +182,13 @@ class TritonBackend(ReadyGate):
             tensor.set_data_from_numpy(np.ascontiguousarray(array))
             inputs.append(tensor)
         requested = [triton.InferRequestedOutput(name) for name in outputs]
+        # The deadline travels with the request too (Triton may drop it); a little later, so that
+        # the backend's own deadline answers first.
+        infer = self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s + 1)
         try:
-            result = await self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s)
+            result = await self.call(f"Triton {model}", infer)
         except InferenceServerException as error:
-            status = str(error.status() or "")
-            if "UNAVAILABLE" in status or "DEADLINE" in status:
+            if "UNAVAILABLE" in str(error.status() or ""):  # the connection broke: Triton is gone
                 self._lost(str(error))
             raise BackendUnavailable(f"Triton {model}: {error.message()}") from error
         return [result.as_numpy(name) for name in outputs]
@@ -160,15 +214,16 @@ class TritonBackend(ReadyGate):
         name = personalised_name(avatar_id)
         if self._personalised.get(name):
             return True
-        if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.is_ready():
+        if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
             return False
+        timeout = self.load_timeout_s
         try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=self.timeout_s)
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
             if name not in {m.get("name") for m in index.get("models", [])}:
                 self._absent_since[name] = time.monotonic()
                 return False
-            if not await self.client.is_model_ready(name, client_timeout=self.timeout_s):
-                await self.client.load_model(name, client_timeout=self.timeout_s)  # else the worker did
+            if not await self.client.is_model_ready(name, client_timeout=timeout):
+                await self.client.load_model(name, client_timeout=timeout)  # else the worker did
             params = await self._parameters(name)
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)

@@ -1,0 +1,658 @@
+"""Faults a deployment meets, against the real service: idle, frozen and vanished clients, a model
+backend that is too slow, dies or freezes, and a service killed mid-write.
+
+- Streams: a stream that sends neither frames nor keepalives ends with DEADLINE_EXCEEDED after
+  `stream_idle_timeout` and gives its slot back; keepalives hold it open; a client that stops
+  reading, is killed (SIGKILL) or freezes (SIGSTOP, as a machine that drops off the network) gets
+  its slot back within about the idle timeout, so max_streams idle clients cannot lock others out.
+- Backend (ONNX Runtime in-process): a call past `backend_timeout` is cut (UNAVAILABLE, not a
+  hang) and health says NOT_SERVING while a call is in flight longer than `backend_stall`; the
+  service serves again right after. Slow (marker slow): a slow batch of a personalised generator
+  does not hold up the shared generator's batches.
+- Triton (the bundled server, started as in tests/test_service_triton.py; skips where it is not
+  installed): SIGKILL and SIGSTOP mid-stream give the stream UNAVAILABLE and health NOT_SERVING
+  within 2 s; streams work again within 5 s of Triton's return (restart / SIGCONT).
+- `talkinghead serve` SIGKILLed while it writes an avatar (its fsync held open): after a restart
+  the avatar is not listed and not found, the avatars written before are whole, and the id can be
+  created again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from api.talkinghead.v1 import animation_pb2 as pb
+from client.library import Client, landmark_requests
+from deploy.local import tritonserver
+from facekit.sequence import LandmarkSequence
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import (
+    CONSENT,
+    DRIVER,
+    PORTRAIT,
+    REPO,
+    ServerThread,
+    copy_base_models,
+    test_settings,
+)
+from tests.test_service_triton import VENV as TRITON_VENV
+from tests.test_service_triton import Triton
+
+CODE = grpc.StatusCode
+IDLE_S = 1.5  # the test servers' stream_idle_timeout
+
+
+def config(avatar_id: str, **fields: object) -> pb.AnimateRequest:
+    return pb.AnimateRequest(config=pb.StreamConfig(avatar_id=avatar_id, **fields))  # type: ignore[arg-type]
+
+
+def frames_forever(seq: LandmarkSequence, *, pace: bool = True) -> Iterator[pb.AnimateRequest]:
+    for lap in itertools.count():
+        yield from landmark_requests(seq, pace=pace, start=lap * len(seq.points))
+
+
+def until(condition: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
+    """Seconds until `condition()` held; AssertionError after `timeout`."""
+    t0 = time.monotonic()
+    while not condition():
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"not within {timeout:g} s")
+        time.sleep(step)
+    return time.monotonic() - t0
+
+
+def slots_free(server: ServerThread) -> bool:
+    return server.app.active_streams == 0 and server.metric("talkinghead_active_streams") == 0
+
+
+@pytest.fixture(autouse=True)
+def collect_garbage() -> Iterator[None]:
+    """Channels and calls of ended streams are finalised here, not inside a later import (CPython
+    3.11.7 raises "AST constructor recursion depth mismatch" when a finaliser runs during ast.parse)."""
+    yield
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def live(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    """A server with 2 stream slots and a 1.5 s idle timeout, holding the avatar `astro`."""
+    store = tmp_path_factory.mktemp("faults") / "store"
+    running = ServerThread(
+        settings=test_settings(model_repository, store, max_streams=2, stream_idle_timeout=IDLE_S)
+    )
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("astro", [PORTRAIT], consent=CONSENT)
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def short(driver: LandmarkSequence) -> LandmarkSequence:
+    return LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+
+
+# -- streams -------------------------------------------------------------------------------------
+def test_idle_streams_end_with_deadline_exceeded_and_give_their_slots_back(
+    live: ServerThread, short: LandmarkSequence
+) -> None:
+    """Config only, then silence: today's 64 such clients would lock every other client out."""
+    ended: dict[int, tuple[grpc.StatusCode, str, float]] = {}
+    hold = threading.Event()
+
+    def idle_client(index: int) -> None:
+        def requests() -> Iterator[pb.AnimateRequest]:
+            yield config("astro")
+            hold.wait(60)  # sends nothing more, keeps its side open
+
+        t0 = time.monotonic()
+        try:
+            list(live.client().animation.Animate(requests(), timeout=60))
+            ended[index] = (CODE.OK, "", time.monotonic() - t0)
+        except grpc.RpcError as error:
+            ended[index] = (error.code(), error.details() or "", time.monotonic() - t0)
+
+    threads = [threading.Thread(target=idle_client, args=(i,)) for i in range(2)]
+    try:
+        for thread in threads:
+            thread.start()
+        until(lambda: live.app.active_streams == 2, 10)
+        with pytest.raises(grpc.RpcError) as full, live.client() as c:
+            list(c.animation.Animate(iter([config("astro")]), timeout=10))
+        assert full.value.code() == CODE.RESOURCE_EXHAUSTED
+        for thread in threads:
+            thread.join(IDLE_S + 10)
+        for code, message, seconds in ended.values():
+            assert code == CODE.DEADLINE_EXCEEDED, (code, message)
+            assert "no frame or keepalive for 1.5 s" in message and "send keepalive" in message, message
+            assert IDLE_S <= seconds < IDLE_S + 2, seconds
+        assert len(ended) == 2
+        until(lambda: slots_free(live), 2)
+        with live.client() as c:  # a new client is admitted and served
+            assert len(list(c.animate("astro", landmark_requests(short)))) == 2
+        assert live.metric('talkinghead_streams_total{code="DEADLINE_EXCEEDED"}') >= 2
+    finally:
+        hold.set()
+
+
+def test_keepalives_hold_a_quiet_stream_open(live: ServerThread, short: LandmarkSequence) -> None:
+    def requests() -> Iterator[pb.AnimateRequest]:
+        yield config("astro")
+        end = time.monotonic() + 3 * IDLE_S
+        while time.monotonic() < end:  # nothing to animate for 3 idle timeouts, but alive
+            yield pb.AnimateRequest(keepalive=pb.Keepalive())
+            time.sleep(IDLE_S / 4)
+        yield from landmark_requests(short)
+
+    with live.client() as c:
+        replies = list(c.animation.Animate(requests(), timeout=60))
+    assert [r.frame.sequence for r in replies if r.HasField("frame")] == [0, 1]
+    until(lambda: slots_free(live), 2)
+
+
+def test_a_client_that_stops_reading_gives_its_slot_back(
+    live: ServerThread, driver: LandmarkSequence, short: LandmarkSequence
+) -> None:
+    """It goes on sending frames but reads none of the replies (raw RGB pasted into the 512 px
+    portrait: 786 KB each): once its gRPC receive window is full (a few MB) flow control holds the
+    server's write, and the write deadline (the idle timeout) ends the stream."""
+    stop = threading.Event()
+
+    def requests() -> Iterator[pb.AnimateRequest]:
+        yield config(
+            "astro",
+            encoding=pb.OUTPUT_ENCODING_RAW_RGB,
+            overflow=pb.OVERFLOW_POLICY_DROP_OLDEST,
+            paste_back=True,
+        )
+        for request in frames_forever(driver):
+            if stop.is_set():
+                return
+            yield request
+
+    c = live.client()
+    try:
+        call = c.animation.Animate(requests(), timeout=120)
+        assert next(call).HasField("started")  # then never reads again
+        t0 = time.monotonic()
+        until(lambda: live.app.active_streams == 0, 60)
+        freed = time.monotonic() - t0
+        sent = live.metric("talkinghead_frames_sent_total")
+        print(f"frozen reader: slot back {freed:.1f} s after its last read ({sent:.0f} frames sent)")
+        assert freed < IDLE_S + 5
+        # and its handler ends too (its status may never get through to a client that reads nothing)
+        until(lambda: not live.call(animate_handlers()), 5)
+        with live.client() as other:
+            assert len(list(other.animate("astro", landmark_requests(short)))) == 2
+    finally:
+        stop.set()
+        c.close()
+
+
+CLIENT = """
+import itertools, sys
+from api.talkinghead.v1 import animation_pb2 as pb
+from client.library import Client, landmark_requests
+from deploy.local import tritonserver
+from facekit.sequence import LandmarkSequence
+
+address, driver = sys.argv[1:3]
+seq = LandmarkSequence.load(driver)
+def requests():
+    yield pb.AnimateRequest(config=pb.StreamConfig(avatar_id="astro", encoding=pb.OUTPUT_ENCODING_RAW_RGB))
+    for lap in itertools.count():
+        yield from landmark_requests(seq, pace=True, start=lap * len(seq.points))
+with Client(target=address) as c:
+    for n, reply in enumerate(c.animation.Animate(requests())):
+        print(n, flush=True)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_a_client_process_that_dies_or_freezes_gives_its_slot_back(
+    live: ServerThread, short: LandmarkSequence, sig: signal.Signals
+) -> None:
+    """SIGKILL closes the client's socket (the server hears it at once); SIGSTOP is a client whose
+    machine dropped off the network: no frames, no reads, no acks, no FIN."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, live.address, str(DRIVER)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        for _ in range(5):  # streaming: started + 4 frames
+            assert process.stdout.readline(), "the client process ended early"
+        assert live.app.active_streams == 1
+        process.send_signal(sig)
+        freed = until(lambda: live.app.active_streams == 0, IDLE_S + 10)
+        print(f"client {sig.name}: slot back after {freed:.2f} s")
+        assert freed < IDLE_S + 3
+        with live.client() as c:
+            assert len(list(c.animate("astro", landmark_requests(short)))) == 2
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+async def animate_handlers() -> list[str]:
+    """The server's Animate calls still being handled (run in its loop)."""
+    return [t.get_name() for t in asyncio.all_tasks() if "AnimationService/Animate" in t.get_name()]
+
+
+def test_liveness_settings_come_from_the_environment_and_flags() -> None:
+    import argparse
+
+    from service import settings as settings_module
+
+    env = {"TALKINGHEAD_STREAM_IDLE_TIMEOUT": "12.5", "TALKINGHEAD_BACKEND_TIMEOUT": "2"}
+    default = settings_module.from_env({})
+    assert (default.stream_idle_timeout, default.backend_timeout, default.backend_stall) == (30, 5, 1.5)
+    s = settings_module.from_env(env)
+    assert (s.stream_idle_timeout, s.backend_timeout) == (12.5, 2)
+    parser = argparse.ArgumentParser()
+    settings_module.add_arguments(parser)
+    args = parser.parse_args(["--stream-idle-timeout", "4", "--backend-timeout", "3", "--backend-stall", "1"])
+    s = settings_module.from_args(args, env)
+    assert (s.stream_idle_timeout, s.backend_timeout, s.backend_stall) == (4, 3, 1)
+    for name in ("STREAM_IDLE_TIMEOUT", "BACKEND_TIMEOUT"):
+        with pytest.raises(ValueError, match=f"{name.lower()} must be > 0"):
+            settings_module.from_env({f"TALKINGHEAD_{name}": "0"})
+
+
+# -- backend: ONNX Runtime in-process ------------------------------------------------------------
+class HealthWatch:
+    """Polls gRPC health every 50 ms in a thread: [(seconds since start, status)]."""
+
+    def __init__(self, server: ServerThread) -> None:
+        self.client, self.t0 = server.client(), time.monotonic()
+        self.seen: list[tuple[float, str]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                status = self.client.health()
+            except grpc.RpcError as error:
+                status = error.code().name
+            self.seen.append((time.monotonic() - self.t0, status))
+            time.sleep(0.05)
+
+    def first(self, status: str, after: float = 0.0) -> float | None:
+        """Seconds since start when `status` was first seen at or after `after`."""
+        return next((t for t, s in self.seen if s == status and t >= after), None)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.client.close()
+
+
+class StreamRun:
+    """One Animate stream in a thread: config, then `requests`; its replies, end status and time."""
+
+    def __init__(self, client: Client, requests: Iterator[pb.AnimateRequest]) -> None:
+        self.client, self.requests = client, requests
+        self.frames: list[tuple[float, pb.AnimatedFrame]] = []
+        self.code: grpc.StatusCode | None = None
+        self.details = ""
+        self.ended = 0.0
+        self.t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for reply in self.client.animation.Animate(self.requests, timeout=120):
+                if reply.HasField("frame"):
+                    self.frames.append((time.monotonic(), reply.frame))
+            self.code = CODE.OK
+        except grpc.RpcError as error:
+            self.code, self.details = error.code(), error.details() or ""
+        self.ended = time.monotonic()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the stream did not end within {timeout:g} s"
+
+
+def test_a_model_call_past_the_backend_timeout_is_cut_and_health_follows(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence, short: LandmarkSequence
+) -> None:
+    """A batch of ~60 frames on one inference thread takes seconds: past backend_stall (0.5 s)
+    health says NOT_SERVING, at backend_timeout (1 s) the call is terminated and the stream gets
+    UNAVAILABLE; the service serves again at once. (Before: the stream simply waited.)"""
+    settings = test_settings(
+        model_repository,
+        tmp_path / "store",
+        max_batch=64,
+        inference_threads=1,
+        backend_timeout=1.0,
+        backend_stall=0.5,
+    )
+    running = ServerThread(settings=settings)
+    watch: HealthWatch | None = None
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("astro", [PORTRAIT], consent=CONSENT)
+            c.wait_ready(10)
+            many = LandmarkSequence(driver.points[:64], driver.frame_size, driver.fps)
+            watch = HealthWatch(running)
+            requests = itertools.chain(
+                [config("astro", overflow=pb.OVERFLOW_POLICY_BLOCK, queue_depth=64)],
+                landmark_requests(many),
+            )
+            stream = StreamRun(c, requests)
+            stream.join(30)
+            took = stream.ended - stream.t0
+            assert stream.code == CODE.UNAVAILABLE, (stream.code, stream.details, len(stream.frames))
+            assert "did not answer within 1 s" in stream.details, stream.details
+            assert took < 5, took
+            not_serving = watch.first("NOT_SERVING")
+            assert not_serving is not None and not_serving < took, watch.seen
+            back = until(lambda: c.health() == "SERVING", 2)
+            assert len(list(c.animate("astro", landmark_requests(short)))) == 2
+            print(
+                f"cut after {took:.2f} s with {len(stream.frames)} frames delivered; NOT_SERVING seen at "
+                f"{not_serving:.2f} s; SERVING again {back:.2f} s after the cut"
+            )
+        assert (
+            running.metric('talkinghead_backend_errors_total{kind="unavailable",operation="generate"}') >= 1
+        )
+        until(lambda: slots_free(running), 2)
+    finally:
+        if watch is not None:
+            watch.stop()
+        running.stop()
+
+
+@pytest.mark.slow
+def test_a_slow_batch_of_one_model_does_not_hold_up_another(
+    personalised_repository: tuple[Path, str], tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """A personalised generator runs batches of ~48 frames (seconds each, one inference thread);
+    meanwhile single frames of another avatar on the shared generator come back in well under that
+    (before: they waited behind the personalised batch in the one batcher task and one thread)."""
+    repository, fine = personalised_repository
+    settings = test_settings(
+        repository,
+        tmp_path / "store",
+        max_batch=48,
+        inference_threads=1,
+        backend_timeout=60,
+        backend_stall=60,
+    )
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            assert c.create_avatar(fine, [PORTRAIT], consent=CONSENT).personalised
+            c.create_avatar("astro", [PORTRAIT], consent=CONSENT)
+            many = LandmarkSequence(driver.points[:96], driver.frame_size, driver.fps)
+            busy = StreamRun(
+                c,
+                itertools.chain(
+                    [config(fine, overflow=pb.OVERFLOW_POLICY_BLOCK, queue_depth=64)], landmark_requests(many)
+                ),
+            )
+            until(lambda: len(busy.frames) >= 1, 30)  # the next batch is the big one
+            time.sleep(0.3)
+            one = LandmarkSequence(driver.points[:1], driver.frame_size, driver.fps)
+            latencies = []
+            for _ in range(3):
+                t0 = time.monotonic()
+                assert len(list(c.animate("astro", landmark_requests(one)))) == 1
+                latencies.append(time.monotonic() - t0)
+            busy.join(120)
+            assert busy.code == CODE.OK and len(busy.frames) == 96, (busy.code, busy.details)
+        big = max(busy.frames, key=lambda f: f[1].batch_size)[1]
+        seconds = big.timings.inference_us / 1e6
+        print(
+            f"personalised batch of {big.batch_size}: {seconds:.2f} s; shared single frames meanwhile: "
+            + ", ".join(f"{t:.2f} s" for t in latencies)
+        )
+        assert big.batch_size >= 24 and max(latencies) < seconds / 2, (big.batch_size, seconds, latencies)
+    finally:
+        running.stop()
+
+
+# -- backend: Triton -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Triton]:
+    """The bundled Triton on free ports with a private repository, for this module to kill."""
+    try:
+        tritonserver.server_root(TRITON_VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    work = tmp_path_factory.mktemp("triton-faults")
+    server = Triton(repository=copy_base_models(model_repository, work / "repo"), state=work / "state")
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.server is not None:
+            os.kill(server.server.process.pid, signal.SIGCONT)
+        server.stop()
+
+
+def take_away(triton: Triton, sig: signal.Signals) -> None:
+    assert triton.server is not None
+    os.kill(triton.server.process.pid, sig)
+    if sig == signal.SIGKILL:
+        triton.server.process.wait()
+        triton.server = None
+
+
+def orphaned_stubs(triton: Triton) -> list[int]:
+    """Python-backend stub processes a killed Triton left running (they hold its backend files)."""
+    folder = str(triton.state.resolve())
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and os.readlink(entry / "exe").startswith(folder):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def give_back(triton: Triton, sig: signal.Signals) -> None:
+    if sig == signal.SIGKILL:
+        try:  # a restarted pod starts clean: the old stubs notice their parent is gone, or go now
+            until(lambda: not orphaned_stubs(triton), 10, step=0.1)
+        except AssertionError:
+            for pid in orphaned_stubs(triton):
+                os.kill(pid, signal.SIGKILL)
+            until(lambda: not orphaned_stubs(triton), 5)
+        triton.start()  # returns once Triton reports ready
+    else:
+        assert triton.server is not None
+        os.kill(triton.server.process.pid, signal.SIGCONT)
+
+
+def works(c: Client, seq: LandmarkSequence) -> bool:
+    try:
+        return len(list(c.animate("tri", landmark_requests(seq)))) == len(seq.points)
+    except grpc.RpcError:
+        return False
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_triton_killed_or_frozen_mid_stream(
+    triton: Triton,
+    model_repository: Path,
+    tmp_path: Path,
+    driver: LandmarkSequence,
+    short: LandmarkSequence,
+    sig: signal.Signals,
+) -> None:
+    """A stream at 10 fps; Triton gets `sig`: the stream ends UNAVAILABLE and health says NOT_SERVING
+    within 2 s (before: a frozen Triton held the stream for the 30 s call timeout, and health stayed
+    SERVING as long); once Triton is back (restarted ready / SIGCONT) streams work within 5 s."""
+    settings = test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=triton.url)
+    running = ServerThread(settings=settings)
+    watch: HealthWatch | None = None
+    try:
+        running.wait_ready(timeout=60)
+        with running.client() as c:
+            c.wait_ready(timeout=10)
+            c.create_avatar("tri", [PORTRAIT], consent=CONSENT)
+            slow = LandmarkSequence(driver.points, driver.frame_size, 10.0)
+            stream = StreamRun(c, itertools.chain([config("tri")], frames_forever(slow)))
+            until(lambda: len(stream.frames) >= 5, 30)
+            watch = HealthWatch(running)
+            until(lambda: watch.first("SERVING") is not None, 5)
+            hit = time.monotonic() - watch.t0
+            take_away(triton, sig)
+            stream.join(10)
+            unavailable = stream.ended - watch.t0 - hit
+            assert stream.code == CODE.UNAVAILABLE, (stream.code, stream.details)
+            until(lambda: watch.first("NOT_SERVING", hit) is not None, 5)
+            not_serving = watch.first("NOT_SERVING", hit) - hit  # type: ignore[operator]
+            assert unavailable <= 2.0 and not_serving <= 2.0, (unavailable, not_serving)
+            until(lambda: running.app.active_streams == 0, 2)
+            assert not works(c, short)  # while it is away: UNAVAILABLE, not a hang
+
+            give_back(triton, sig)
+            returned = time.monotonic()
+            recovered = until(lambda: works(c, short), 30, step=0.1)
+            serving = until(lambda: c.health() == "SERVING", 5)
+            print(
+                f"Triton {sig.name}: stream UNAVAILABLE after {unavailable:.2f} s ({stream.details!r}), "
+                f"NOT_SERVING after {not_serving:.2f} s; back: a stream works {recovered:.2f} s after "
+                f"its return, SERVING {time.monotonic() - returned:.2f} s after"
+            )
+            assert recovered <= 5.0 and serving <= 5.0, (recovered, serving)
+    finally:
+        if watch is not None:
+            watch.stop()
+        running.stop()
+        if triton.server is None:
+            triton.start()
+        else:
+            os.kill(triton.server.process.pid, signal.SIGCONT)
+
+
+# -- the service killed mid-write ------------------------------------------------------------------
+# `talkinghead serve` whose fsync of its second avatar file takes 60 s: a slow disk, so that the kill
+# below lands inside the store's write for certain (the file written, not yet renamed into place).
+SLOW_DISK_SERVE = """
+import itertools, os, sys, time
+store, real_fsync, writes = os.environ["TALKINGHEAD_AVATAR_STORE"], os.fsync, itertools.count(1)
+def fsync(fd):
+    path = os.readlink(f"/proc/self/fd/{fd}")
+    if os.path.dirname(path) == store and os.path.basename(path).startswith(".tmp-"):
+        if next(writes) == 2:
+            print("writing", path, flush=True)
+            time.sleep(60)
+    return real_fsync(fd)
+os.fsync = fsync
+from talkinghead.cli import main
+sys.exit(main(["serve"]))
+"""
+
+
+def serve(tmp_path: Path, repository: Path, port: int, *, slow_disk: bool) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "TALKINGHEAD_GRPC_PORT": str(port),
+        "TALKINGHEAD_METRICS_PORT": "0",
+        "TALKINGHEAD_MODEL_REPOSITORY": str(repository),
+        "TALKINGHEAD_AVATAR_STORE": str((tmp_path / "store").resolve()),
+        "TALKINGHEAD_JOBS": str(tmp_path / "jobs"),
+        "TALKINGHEAD_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
+        "TALKINGHEAD_WORKER": "external",
+    }
+    argv = ["-c", SLOW_DISK_SERVE] if slow_disk else ["-m", "talkinghead.cli", "serve"]
+    return subprocess.Popen(
+        [sys.executable, *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+
+
+def test_service_killed_mid_avatar_write_leaves_no_partial_avatar(
+    model_repository: Path, tmp_path: Path, short: LandmarkSequence
+) -> None:
+    """SIGKILL while CreateAvatar("halfway") writes (temporary file complete, not renamed): after a
+    restart "halfway" is neither listed nor served and can be created again; "before" is whole."""
+    from tests.test_service_triton import free_port
+
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    store = tmp_path / "store"
+    first = serve(tmp_path, model_repository, port, slow_disk=True)
+    ended: list[grpc.StatusCode] = []
+
+    def create_halfway(c: Client) -> None:
+        try:
+            c.create_avatar("halfway", [PORTRAIT], consent=CONSENT)
+        except grpc.RpcError as error:
+            ended.append(error.code())
+
+    try:
+        with Client(target=target, timeout=60) as c:
+            c.wait_ready(60)
+            c.create_avatar("before", [PORTRAIT], display_name="Before", consent=CONSENT)
+            creating = threading.Thread(target=create_halfway, args=(c,), daemon=True)
+            creating.start()
+            assert first.stdout is not None
+            line = first.stdout.readline()  # the write has begun: its temporary file is complete
+            assert line.startswith("writing"), line
+            temporary = Path(line.split(" ", 1)[1].strip())
+            assert temporary.exists() and not (store / "halfway.npz").exists()
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+            creating.join(30)
+            assert ended == [CODE.UNAVAILABLE]  # the caller learns that it did not happen
+    finally:
+        first.kill()
+        first.wait()
+
+    second = serve(tmp_path, model_repository, port, slow_disk=False)
+    try:
+        with Client(target=target, timeout=60) as c:
+            c.wait_ready(60)
+            assert [a.avatar_id for a in c.list_avatars()] == ["before"]  # "halfway" is not listed
+            with pytest.raises(grpc.RpcError) as missing:
+                c.get_avatar("halfway")
+            assert missing.value.code() == CODE.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as stream:
+                list(c.animate("halfway", landmark_requests(short)))
+            assert stream.value.code() == CODE.NOT_FOUND
+            before = c.get_avatar("before", include_preview=True)
+            assert before.display_name == "Before" and before.image_count == 1 and before.preview_png
+            assert len(list(c.animate("before", landmark_requests(short)))) == 2
+            # the id is free: created again, it is whole and animates
+            assert c.create_avatar("halfway", [PORTRAIT], consent=CONSENT).avatar_id == "halfway"
+            assert [a.avatar_id for a in c.list_avatars()] == ["before", "halfway"]
+            assert len(list(c.animate("halfway", landmark_requests(short)))) == 2
+    finally:
+        second.terminate()
+        second.wait(30)
