@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--fps", type=float, default=25.0, help="frames per second each stream sends")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each live run")
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
@@ -293,7 +293,7 @@ async def run_stream(
     log = StreamLog()
     reply = asyncio.Event()
     ticks = lockstep(closed_loop_frames, reply, log, between) if closed_loop_frames else paced(fps, seconds)
-    config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST)
+    config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST, expected_fps=fps)
     messages = [to_landmarks(p) for p in points]
 
     async def requests() -> AsyncIterator[pb.AnimateRequest]:
@@ -309,14 +309,20 @@ async def run_stream(
             yield pb.AnimateRequest(landmarks=frame)
 
     started = time.perf_counter()
-    async for response in stub.Animate(requests()):
-        if response.HasField("frame"):
-            log.record(response.frame)
-            reply.set()
+    try:
+        async for response in stub.Animate(requests()):
+            if response.HasField("frame"):
+                log.record(response.frame)
+                reply.set()
+    except grpc.aio.AioRpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or log.latencies:
+            raise
+        return {**log.result(time.perf_counter() - started), "refused": True}  # admission control
     return log.result(time.perf_counter() - started)
 
 
-def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def merge(offered: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [r for r in offered if not r.get("refused")] or offered[:1]
     received = sum(r["received"] for r in runs)
     batches = [x for r in runs for x in r["batches"]]
     stage_ms = {s: float(np.mean([x for r in runs for x in r["stages"][s]] or [0])) for s in STAGES}
@@ -325,6 +331,8 @@ def merge(runs: list[dict[str, Any]]) -> dict[str, Any]:
     # Raw fps at the service's own batch sizes, in the same minutes: mean batch / mean generator call.
     in_situ = mean_batch / (stage_ms["inference"] / 1e3) if stage_ms["inference"] else float("nan")
     return {
+        "admitted": len(offered) - sum(1 for r in offered if r.get("refused")),
+        "refused": sum(1 for r in offered if r.get("refused")),
         "sent": sum(r["sent"] for r in runs),
         "received": received,
         "dropped": sum(r["dropped"] for r in runs),
@@ -393,7 +401,8 @@ async def live(
     row["raw_fps_after"] = {"batch": nearest, "fps": round(raw_fps, 2)}
     row["ratio_to_raw_after"] = round(row["achieved_fps"] / raw_fps, 3)
     print(
-        f"{streams:>2} stream(s) x {args.fps:g} fps: {row['achieved_fps']:6.1f} fps, "
+        f"{streams:>2} stream(s) x {args.fps:g} fps offered, {row['admitted']} admitted: "
+        f"{row['achieved_fps']:6.1f} fps, "
         f"mean batch {row['mean_batch']:.1f}, generator busy "
         f"{row['generator_utilisation']:.0%}, raw batch {nearest} right after: "
         f"{raw_fps:.1f} fps (ratio {row['ratio_to_raw_after']:.2f}); "

@@ -39,7 +39,8 @@ from service.audit import AuditEvent, AuditLog
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
-from service.errors import exhausted, exists, invalid, not_found, precondition, unavailable
+from service.capacity import Admission, CostModel, expected_fps
+from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.personalisation import Personaliser
@@ -99,21 +100,65 @@ class App:
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
+        budget = settings.latency_budget_ms / 1000.0
+        self.cost = CostModel()
         self.batcher = Batcher(
             backend=backend,
             max_batch=settings.max_batch,
             on_batch=self._on_batch,
             on_drop=metrics.frames_dropped.inc,
             on_error=lambda error: self._on_backend_error("generate", error),
+            cost=self.cost,
+            budget=budget,
+        )
+        self.admission = Admission(
+            cost=self.cost, budget=budget, max_batch=settings.max_batch, enabled=settings.admission
         )
         self.active_streams = 0
         self.limits = TenantLimits(metrics)
+        self._calibration: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.backend.start()
         self.batcher.start()
+        self._calibration = asyncio.create_task(self._calibrate(), name="calibrate")
+
+    async def _calibrate(self) -> None:
+        """Seed the cost model with two calls once the backend is ready (batch 1 and the largest
+        the budget could allow), so admission starts from this machine's figures, not a guess."""
+        while not self.backend.is_ready():
+            await asyncio.sleep(0.25)
+        try:
+            info = self.backend.info
+            s = info.image_size
+            for batch in (1, 1, min(4, self.settings.max_batch)):
+                images = np.zeros((batch, s, s, 3), np.uint8)
+                adain = np.zeros((batch, info.adain_size), np.float32)
+                warped = images if info.warp_guided else None
+                t0 = time.perf_counter()
+                await self.backend.generate(images, adain, warped)
+                self.cost.observe(batch, time.perf_counter() - t0)
+        except Exception as error:  # the batches streams run will teach the model instead
+            log.warning("could not calibrate the generator's cost: %s", error)
+            return
+        log.info(
+            "generator cost %.1f ms + %.1f ms/frame: live capacity %.0f frames/s at batch <= %d "
+            "(budget %d ms)",
+            self.cost.fixed * 1e3,
+            self.cost.per_frame * 1e3,
+            self.admission.capacity,
+            self.admission.batch_limit(),
+            self.settings.latency_budget_ms,
+        )
+        self._publish_capacity()
+
+    def _publish_capacity(self) -> None:
+        self.metrics.capacity_fps.set(self.admission.capacity)
+        self.metrics.committed_fps.set(self.admission.committed)
 
     async def close(self) -> None:
+        if self._calibration is not None:
+            self._calibration.cancel()
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()
@@ -317,7 +362,12 @@ class App:
             raise precondition(f"avatar {config.avatar_id!r} keeps no reference photos; create it again")
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
-        self._take_stream_slot(principal)
+        reserved = 0.0 if setup.block else self._admit(config)
+        try:
+            self._take_stream_slot(principal)
+        except BaseException:
+            self.admission.release(reserved)
+            raise
         await self.record_event(
             "animate_start",
             record,
@@ -334,6 +384,7 @@ class App:
             output_width=width,
             output_height=height,
             watermark_key_id=self.watermarker.fingerprint if self.watermarker else "",
+            latency_budget_ms=0 if setup.block else self.settings.latency_budget_ms,
         )
         return Stream(
             setup=setup,
@@ -351,7 +402,7 @@ class App:
             find_landmarks=self.driving_landmarks,
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
-            release=functools.partial(self._release_stream_slot, principal.tenant),
+            release=functools.partial(self._release_stream_slot, principal.tenant, reserved),
             idle_timeout=self.settings.stream_idle_timeout,
         )
 
@@ -375,7 +426,19 @@ class App:
         self.active_streams += 1
         self.metrics.active_streams.inc()
 
-    def _release_stream_slot(self, tenant: str, code: str) -> None:
+    def _admit(self, config: animation_pb2.StreamConfig) -> float:
+        fps = expected_fps(config.expected_fps)
+        try:
+            reserved = self.admission.admit(fps)
+        except ServiceError:
+            self.metrics.admission_refusals.inc()
+            raise
+        self._publish_capacity()
+        return reserved
+
+    def _release_stream_slot(self, tenant: str, reserved: float, code: str) -> None:
+        self.admission.release(reserved)
+        self._publish_capacity()
         self.limits.release_stream(tenant)
         self.active_streams -= 1
         self.metrics.active_streams.dec()

@@ -17,6 +17,12 @@ in order, so replies stay in order.
 Overflow: with DROP_OLDEST a full queue discards its oldest waiting frame (counted, reported in the
 next reply); with BLOCK `put` waits for room, which stops the stream's reader and lets gRPC flow
 control push back on the client.
+
+Latency budget (live streams, service/capacity.py): every call feeds a cost model (seconds per
+call by batch size); batches are capped at the size whose call fits BATCH_SHARE of the budget, a
+live frame that would come out of its batch past the budget is dropped before inference, and live
+streams' frames are taken before offline (BLOCK) ones, which use what is left (an offline frame
+that has waited BLOCK_STARVE_S joins the live ones, so offline streams slow down but never stop).
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.backends.base import Backend
+from service.capacity import BATCH_SHARE, CostModel
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
 MAX_CONCURRENT_CALLS = 4  # generator calls in flight at once, one per model
+BLOCK_STARVE_S = 1.0  # an offline frame waiting this long is taken beside live ones: never starved
 
 
 @dataclass(eq=False, kw_only=True)
@@ -92,14 +100,19 @@ class StreamQueue:
         if self.closed:
             raise RuntimeError("stream queue closed")
         if len(self.pending) >= self.depth:
-            old = self.pending.popleft()
-            old.dropped = True
-            old.future.cancel()
-            self.dropped += 1
-            self._batcher.on_drop()
+            self.drop_head()
         self.pending.append(item)
         self._batcher.peak_pending = max(self._batcher.peak_pending, len(self.pending))
         self._batcher.wake()
+
+    def drop_head(self) -> None:
+        """Discard the oldest waiting frame (counted; the stream reports it in its next reply)."""
+        old = self.pending.popleft()
+        old.dropped = True
+        old.future.cancel()
+        self.dropped += 1
+        self._room.set()
+        self._batcher.on_drop()
 
     def ready(self) -> bool:
         return bool(self.pending) and self.in_flight < self.max_in_flight
@@ -134,9 +147,14 @@ class Batcher:
         on_drop: Callable[[], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         max_concurrent: int = MAX_CONCURRENT_CALLS,
+        cost: CostModel | None = None,
+        budget: float = 0.0,
     ) -> None:
         self.backend = backend
         self.max_batch = max_batch
+        self.cost = cost or CostModel()  # fed by every call; sizes batches to the budget
+        self.budget = budget  # live frames' latency budget, seconds (0: none)
+        self.late_drops = 0
         self.max_concurrent = max_concurrent
         self._streams: list[StreamQueue] = []
         self.peak_pending = 0  # most frames one stream ever had waiting (bounded by its depth)
@@ -175,29 +193,54 @@ class Batcher:
     def on_drop(self) -> None:
         self._on_drop()
 
+    def batch_limit(self) -> int:
+        """max_batch, or less: the largest batch whose call fits the live budget's share."""
+        if not self.budget:
+            return self.max_batch
+        return self.cost.max_batch(self.budget * BATCH_SHARE, self.max_batch)
+
+    def _late(self, item: WorkItem, batch_size: int, now: float) -> bool:
+        """A live frame that would come out of a batch of `batch_size` past its budget."""
+        if not self.budget:
+            return False
+        # A budget below two lone calls cannot be met by anyone: then only queueing counts as late.
+        budget = max(self.budget, 2 * self.cost.cost(1))
+        return now - item.enqueued + self.cost.cost(batch_size) > budget
+
     def _collect(self) -> list[WorkItem]:
-        """Up to max_batch frames of one model with no call in flight, round-robin over the streams
-        with room."""
+        """Up to batch_limit() frames of one model with no call in flight, round-robin over the
+        streams with room: live streams' frames first (late ones dropped before inference), then
+        offline (BLOCK) streams' with what is left."""
         n = len(self._streams)
         order = [self._streams[(self._next + i) % n] for i in range(n)] if n else []
         self._next = (self._next + 1) % max(n, 1)
+        limit, now = self.batch_limit(), time.perf_counter()
         batch: list[WorkItem] = []
         model: str | None = None
-        progress = True
-        while progress and len(batch) < self.max_batch:
-            progress = False
-            for queue in order:
-                if len(batch) >= self.max_batch:
-                    break
-                if not queue.ready():
-                    continue
-                head = queue.pending[0].model
-                if head in self._busy or (model is not None and head != model):
-                    continue
-                item = queue.take()
-                model = item.model
-                batch.append(item)
-                progress = True
+        starving = [
+            q for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
+        ]
+        first = [q for q in order if not q.block or q in starving]
+        for queues in (first, [q for q in order if q.block and q not in starving]):
+            progress = True
+            while progress and len(batch) < limit:
+                progress = False
+                for queue in queues:
+                    if len(batch) >= limit:
+                        break
+                    if not queue.block:
+                        while queue.pending and self._late(queue.pending[0], len(batch) + 1, now):
+                            queue.drop_head()
+                            self.late_drops += 1
+                    if not queue.ready():
+                        continue
+                    head = queue.pending[0].model
+                    if head in self._busy or (model is not None and head != model):
+                        continue
+                    item = queue.take()
+                    model = item.model
+                    batch.append(item)
+                    progress = True
         return batch
 
     async def _loop(self) -> None:
@@ -244,6 +287,7 @@ class Batcher:
                     item.future.exception()
             return
         seconds = time.perf_counter() - started
+        self.cost.observe(len(batch), seconds)
         self._on_batch(model, len(batch), seconds)
         for item, frame in zip(batch, frames, strict=True):
             if not item.future.done():

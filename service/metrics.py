@@ -103,6 +103,19 @@ class Metrics:
             ["tenant", "quota"],
             registry=r,
         )
+        self.capacity_fps = Gauge(
+            "talkinghead_capacity_fps",
+            "Frames per second the backend delivers within the live latency budget (measured)",
+            registry=r,
+        )
+        self.committed_fps = Gauge(
+            "talkinghead_committed_fps", "Frames per second reserved by admitted live streams", registry=r
+        )
+        self.admission_refusals = Counter(
+            "talkinghead_admission_refusals_total",
+            "Live streams refused because the measured capacity could not serve them",
+            registry=r,
+        )
         self.auth_failures = Counter(
             "talkinghead_auth_failures_total", "Calls refused for missing or bad credentials", registry=r
         )

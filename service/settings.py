@@ -36,6 +36,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_ALLOW_UNAUTHENTICATED  0           listen beyond loopback without API keys or client
                                                    certificates (every caller is tenant `default`)
     TALKINGHEAD_REFLECTION        1                gRPC server reflection on (1) or off (0)
+    TALKINGHEAD_LATENCY_BUDGET_MS 200              live streams' latency budget: batch sizes fit it,
+                                                   late frames are dropped before inference
+    TALKINGHEAD_ADMISSION         1                refuse a live stream the measured capacity cannot
+                                                   serve (RESOURCE_EXHAUSTED); 0: admit every one
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ class Settings:
     max_batch: int = 16
     stream_idle_timeout: float = 30.0  # no frame/keepalive (or no reply taken) this long: the stream ends
     backend_timeout: float = 5.0  # deadline of every model call (generate, embed)
+    latency_budget_ms: int = 200  # live streams (service/capacity.py)
+    admission: bool = True  # admission control of live streams from the measured capacity
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -110,6 +116,8 @@ class Settings:
         for name in ("stream_idle_timeout", "backend_timeout", "backend_stall"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 10 <= self.latency_budget_ms <= 60_000:
+            problems.append(f"latency_budget_ms must be 10-60000, got {self.latency_budget_ms}")
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
@@ -167,6 +175,8 @@ _ENV_FIELDS = (
     "max_streams",
     "max_batch",
     "stream_idle_timeout",
+    "latency_budget_ms",
+    "admission",
     "backend_timeout",
     "log_level",
     "tls_cert",
@@ -229,6 +239,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
     group.add_argument("--max-streams", type=int, help="concurrent Animate streams (default 64)")
     group.add_argument("--max-batch", type=int, help="frames per generator call (default 16)")
+    group.add_argument("--latency-budget-ms", type=int, help="live streams' latency budget, ms (default 200)")
+    group.add_argument(
+        "--no-admission",
+        dest="admission",
+        action="store_false",
+        default=None,
+        help="admit every live stream, even beyond the measured capacity",
+    )
     group.add_argument(
         "--stream-idle-timeout",
         type=float,

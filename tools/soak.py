@@ -121,6 +121,9 @@ def start_server(args: argparse.Namespace, work: Path) -> Server:
         TALKINGHEAD_METRICS_PORT="0",
         TALKINGHEAD_MAX_STREAMS=str(max(64, args.streams)),
         TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
+        # Overloaded on purpose (every stream admitted, far beyond capacity) to find leaks under
+        # load; admission control itself is measured by `talkinghead bench`'s overload runs.
+        TALKINGHEAD_ADMISSION="0",
     )
     command = [
         sys.executable,
