@@ -362,11 +362,13 @@ class App:
             raise precondition(f"avatar {config.avatar_id!r} keeps no reference photos; create it again")
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
-        reserved = 0.0 if setup.block else self._admit(config)
+        self._take_stream_slot(principal)
         try:
-            self._take_stream_slot(principal)
-        except BaseException:
-            self.admission.release(reserved)
+            reserved = 0.0 if setup.block else self._admit(config)
+        except BaseException:  # refused: the slot goes back uncounted, as if never taken
+            self.limits.release_stream(principal.tenant)
+            self.active_streams -= 1
+            self.metrics.active_streams.dec()
             raise
         await self.record_event(
             "animate_start",

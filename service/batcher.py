@@ -20,7 +20,8 @@ control push back on the client.
 
 Latency budget (live streams, service/capacity.py): every call feeds a cost model (seconds per
 call by batch size); batches are capped at the size whose call fits BATCH_SHARE of the budget, a
-live frame that would come out of its batch past the budget is dropped before inference, and live
+live frame that would come out of its batch past the budget is dropped before inference when a
+newer frame of its stream waits behind it (the newest is always drawn), and live
 streams' frames are taken before offline (BLOCK) ones, which use what is left (an offline frame
 that has waited BLOCK_STARVE_S joins the live ones, so offline streams slow down but never stop).
 """
@@ -194,8 +195,9 @@ class Batcher:
         self._on_drop()
 
     def batch_limit(self) -> int:
-        """max_batch, or less: the largest batch whose call fits the live budget's share."""
-        if not self.budget:
+        """max_batch, or while live streams are open the largest batch whose call fits the live
+        budget's share (offline streams alone get max_batch: throughput is all they ask)."""
+        if not self.budget or all(q.block for q in self._streams):
             return self.max_batch
         return self.cost.max_batch(self.budget * BATCH_SHARE, self.max_batch)
 
@@ -229,7 +231,8 @@ class Batcher:
                     if len(batch) >= limit:
                         break
                     if not queue.block:
-                        while queue.pending and self._late(queue.pending[0], len(batch) + 1, now):
+                        # Late frames with a newer one behind them go; the newest is always drawn.
+                        while len(queue.pending) > 1 and self._late(queue.pending[0], len(batch) + 1, now):
                             queue.drop_head()
                             self.late_drops += 1
                     if not queue.ready():

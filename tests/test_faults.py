@@ -88,10 +88,13 @@ def collect_garbage() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def live(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    """A server with 2 stream slots and a 1.5 s idle timeout, holding the avatar `astro`."""
+    """A server with 2 stream slots and a 1.5 s idle timeout, holding the avatar `astro` (admission
+    control off: these live streams are about slots and deadlines, not capacity)."""
     store = tmp_path_factory.mktemp("faults") / "store"
     running = ServerThread(
-        settings=test_settings(model_repository, store, max_streams=2, stream_idle_timeout=IDLE_S)
+        settings=test_settings(
+            model_repository, store, max_streams=2, stream_idle_timeout=IDLE_S, admission=False
+        )
     )
     try:
         running.wait_ready()

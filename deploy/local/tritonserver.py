@@ -61,7 +61,11 @@ def backend_dir(venv: Path, state: Path) -> Path:
         root / "backends" / "python" / "triton_python_backend_utils.py",
         root / "python_backend_stubs" / PY / "triton_python_backend_stub",
     ):
-        shutil.copy2(src, dest / src.name)
+        # Copy then rename: a stub a killed Triton left running still executes the old file, and
+        # writing over a running executable fails (ETXTBSY); replacing its directory entry does not.
+        partial = dest / f".{src.name}.partial"
+        shutil.copy2(src, partial)
+        os.replace(partial, dest / src.name)
     return dest.parent
 
 
