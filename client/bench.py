@@ -296,8 +296,10 @@ async def run_stream(
     config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST, expected_fps=fps)
     messages = [to_landmarks(p) for p in points]
 
-    async def requests() -> AsyncIterator[pb.AnimateRequest]:
-        yield pb.AnimateRequest(config=config)
+    call = stub.Animate()
+    started = time.perf_counter()
+
+    async def send() -> None:
         async for index in ticks:
             log.sent[index] = time.perf_counter()
             frame = pb.LandmarkFrame(
@@ -306,18 +308,25 @@ async def run_stream(
                 frame_width=size[0],
                 frame_height=size[1],
             )
-            yield pb.AnimateRequest(landmarks=frame)
+            await call.write(pb.AnimateRequest(landmarks=frame))
+        await call.done_writing()
 
-    started = time.perf_counter()
+    sender: asyncio.Task[None] | None = None
     try:
-        async for response in stub.Animate(requests()):
-            if response.HasField("frame"):
+        await call.write(pb.AnimateRequest(config=config))
+        async for response in call:
+            if response.HasField("started"):  # admitted: frames go only now, so a refusal stays clean
+                sender = asyncio.create_task(send())
+            elif response.HasField("frame"):
                 log.record(response.frame)
                 reply.set()
     except grpc.aio.AioRpcError as error:
         if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or log.latencies:
             raise
         return {**log.result(time.perf_counter() - started), "refused": True}  # admission control
+    finally:
+        if sender is not None and not sender.done():
+            sender.cancel()
     return log.result(time.perf_counter() - started)
 
 

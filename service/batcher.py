@@ -44,6 +44,7 @@ from service.capacity import BATCH_SHARE, CostModel
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
 MAX_CONCURRENT_CALLS = 4  # generator calls in flight at once, one per model
+LATE_SHARE = 0.6  # of the budget a live frame may take to its generated image, when a newer one waits
 BLOCK_STARVE_S = 1.0  # an offline frame waiting this long is taken beside live ones: never starved
 
 
@@ -206,8 +207,9 @@ class Batcher:
         if not self.budget:
             return False
         # A budget below two lone calls cannot be met by anyone: then only queueing counts as late.
+        # The margin keeps the spread of call times and encoding inside the budget.
         budget = max(self.budget, 2 * self.cost.cost(1))
-        return now - item.enqueued + self.cost.cost(batch_size) > budget
+        return now - item.enqueued + self.cost.cost(batch_size) > LATE_SHARE * budget
 
     def _collect(self) -> list[WorkItem]:
         """Up to batch_limit() frames of one model with no call in flight, round-robin over the
