@@ -113,8 +113,6 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
     async def WatchOperation(
         self, request: pb.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Operation]:
-        try:
-            async for job in self.app.personaliser.watch(request.name):
-                yield to_operation(job)
-        except ServiceError as error:
-            await context.abort(error.code, error.message)
+        # a ServiceError ends the call with its status in service/wire.py (no abort in an except)
+        async for job in self.app.personaliser.watch(request.name):
+            yield to_operation(job)
