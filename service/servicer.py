@@ -15,9 +15,10 @@ from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, av
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
 from service.app import App, actor_of
-from service.errors import ServiceError, precondition
+from service.errors import precondition
 from service.store import AvatarRecord
 from service.stream import Stream
+from service.wire import Status, set_status, status_of
 
 log = logging.getLogger("talkinghead.service")
 R = TypeVar("R")
@@ -45,20 +46,21 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
 
 
 def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash."""
+    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash.
+
+    The status is set after the `except` block (service/wire.py says why): nothing of a failed
+    call - its request, its decoded photos - outlives it."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except ServiceError as error:
-            await context.abort(error.code, error.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
-        raise AssertionError("unreachable")
+            failure = status_of(error, method.__name__)
+        set_status(context, failure)
+        return None  # type: ignore[return-value]  # a non-OK status sends no message
 
     return wrapper
 
@@ -107,7 +109,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
     ) -> AsyncIterator[animation_pb2.AnimateResponse]:
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
-        code = "OK"
+        failure: Status | None = None
         try:
             first = await anext(aiter(request_iterator), None)
             if first is None:
@@ -121,20 +123,20 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
             async for response in stream.replies():
                 yield response
-        except ServiceError as error:
-            code = error.code.name
-            await context.abort(error.code, error.message)
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            failure = (grpc.StatusCode.CANCELLED, "")
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as error:
-            code = "INTERNAL"
-            log.exception("Animate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
+            failure = status_of(error, "Animate")
         finally:
             if reader is not None:
                 reader.cancel()
             if stream is not None:
-                stream.close(code)
+                stream.close(failure[0].name if failure else "OK")
+                # the done callback's closure holds this variable, and the call's context holds the
+                # callback until the cycle collector frees it: it must not hold the stream's memory
+                stream = None
+        if failure is not None:  # set here, not by an abort inside the except block (wire.py)
+            set_status(context, failure)

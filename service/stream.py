@@ -143,6 +143,17 @@ def warp_one(refs: np.ndarray, ref_points: np.ndarray, points: np.ndarray) -> np
     return warp_nearest(refs, ref_points, points[None])[0]
 
 
+def _detached(error: BaseException) -> ServiceError:
+    """A failed frame's error as a new ServiceError: the batch's exception (and the frames of its
+    traceback) stays with the batch, not with this stream's reply loop."""
+    if isinstance(error, BackendUnavailable):
+        return unavailable(f"the model backend is unavailable: {error}")
+    if isinstance(error, ServiceError):
+        return ServiceError(error.code, error.message)
+    log.error("frame failed: %s: %s", type(error).__name__, error, exc_info=error)
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class DrivingLandmarks:
     """A driving image, decoded and searched for a face."""
@@ -180,7 +191,7 @@ class Stream:
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    error: BaseException | None = None
+    error: ServiceError | None = None  # what ended the reader (copied: no traceback, no cycle)
     reading_done: bool = False
     dropped_total: int = 0
     closed: bool = False
@@ -209,11 +220,12 @@ class Stream:
                     raise invalid("empty AnimateRequest: set config, landmarks, driving_frame or keepalive")
                 # keepalive: nothing to do
         except ServiceError as error:
-            self.error = error
+            # a copy without the traceback: the stream keeps it, and its frames refer to the stream
+            self.error = ServiceError(error.code, error.message)
         except Exception as error:
             if not self.closed:  # a closed queue refuses frames: the stream is ending anyway
-                log.exception("stream reader failed")
-                self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+                log.error("stream reader failed: %s: %s", type(error).__name__, error, exc_info=error)
+                self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
         finally:
             self.reading_done = True
             self.changed.set()
@@ -284,15 +296,13 @@ class Stream:
             error = future.exception()
             if error is not None:
                 self.queue.delivered()
-                if isinstance(error, BackendUnavailable):
-                    raise unavailable(f"the model backend is unavailable: {error}")
-                raise error
+                raise _detached(error)
             response = await self._reply(head, future.result(), dropped_before)
             dropped_before = 0
             yield response
             self.queue.delivered()
-        if self.error is not None:
-            raise self.error
+        if self.error is not None:  # raised as a new exception: the stored one gets no traceback
+            raise ServiceError(self.error.code, self.error.message)
 
     async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
         setup = self.setup
