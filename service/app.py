@@ -172,6 +172,7 @@ class App:
                 self.detector,
                 max_bytes=self.settings.max_image_bytes,
                 max_pixels=self.settings.max_image_pixels,
+                max_request_pixels=self.settings.max_request_pixels,
             ),
         )
         drawn = avatars.landmark_images(prepared, info)

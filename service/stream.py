@@ -113,7 +113,7 @@ def driving_mapper(config: pb.StreamConfig, info: ModelInfo, avatar_points: np.n
         size = check_frame_size(
             config.neutral_frame_width, config.neutral_frame_height, what="config.neutral"
         )
-        neutral = (parse_points(config.neutral.xy, what="config.neutral"), size)
+        neutral = (parse_points(config.neutral.xy, what="config.neutral", frame=size), size)
     return DrivingMapper(
         size=info.image_size,
         relative=config.motion == pb.MOTION_MODE_RELATIVE,
@@ -234,7 +234,7 @@ class Stream:
         self.metrics.frames_received.labels("landmarks").inc()
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
-        points = parse_points(frame.landmarks.xy, what=f"{what} landmarks")
+        points = parse_points(frame.landmarks.xy, what=f"{what} landmarks", frame=size)
         pending = Outstanding(sequence=frame.sequence, capture_time_us=frame.capture_time_us, read=read)
         await self._enqueue(points, size, pending)
 
