@@ -162,35 +162,6 @@ def combine(parts: Sequence[PreparedImage]) -> Prepared:
     )
 
 
-def prepare(
-    images: list[avatar_pb2.SourceImage],
-    info: ModelInfo,
-    detector: LandmarkDetector,
-    *,
-    max_bytes: int,
-    max_pixels: int,
-    max_request_pixels: int,
-) -> Prepared:
-    """`probe`, then decode, find and crop the face of every photo (blocking: run in a worker
-    thread; the service runs the steps one by one, see App.create_avatar)."""
-    probe(
-        images,
-        crop_scale=info.crop_scale,
-        size=info.image_size,
-        max_bytes=max_bytes,
-        max_pixels=max_pixels,
-        max_request_pixels=max_request_pixels,
-    )
-    return combine(
-        [
-            prepare_one(
-                index, source, info, detector, max_bytes=max_bytes, max_pixels=max_pixels, portrait=index == 0
-            )
-            for index, source in enumerate(images)
-        ]
-    )
-
-
 def landmark_images(prepared: Prepared, info: ModelInfo) -> np.ndarray:
     return draw_batch(prepared.points, info.image_size, info.draw_style)  # (K, S, S, 3)
 
