@@ -173,7 +173,15 @@ class App:
         prepared = await self._prepare(request, info, caller=actor)
         drawn = avatars.landmark_images(prepared, info)
         try:
-            embedding, adain = await self.backend.embed(prepared.crops, drawn)
+            # at most max_batch photos per embedder call, as the generator's batches: a runtime's
+            # memory grows with the largest batch it has run (32 photos: +250 MiB with ONNX Runtime)
+            step = self.settings.max_batch
+            parts = [
+                await self.backend.embed(prepared.crops[i : i + step], drawn[i : i + step])
+                for i in range(0, len(drawn), step)
+            ]
+            embedding = np.concatenate([part[0] for part in parts])
+            adain = np.concatenate([part[1] for part in parts])
         except BackendUnavailable as error:
             self._on_backend_error("embed", error)
             raise unavailable(f"the model backend is unavailable: {error}") from error
