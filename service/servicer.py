@@ -124,7 +124,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             async for response in stream.replies():
                 yield response
         except asyncio.CancelledError:
-            failure = (grpc.StatusCode.CANCELLED, "")
+            failure = (grpc.StatusCode.CANCELLED, "", ())
             raise
         except grpc.aio.AbortError:
             raise

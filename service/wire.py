@@ -8,7 +8,8 @@ generic handler built from its descriptor, with no request deserializer, so the 
    INVALID_ARGUMENT "malformed <Message>: ..." and one log line (gRPC's own deserialisation
    answers INTERNAL, or UNKNOWN on streaming methods, and logs a traceback each time);
    for the Animate request stream, each message as it is read;
-3. calls the servicer's method and turns what escapes it into a status: a ServiceError into its
+3. calls the servicer's method (a coroutine, or for a streaming reply an async generator or a
+   coroutine that writes with context.write) and turns what escapes it into a status: a ServiceError into its
    code and message, anything else into INTERNAL (logged). The status is set on the context after
    the `except` block, never by raising `context.abort` inside it: an abort raised there chains the
    caught exception - and through its traceback every frame's locals, a decoded photo among them -
@@ -22,6 +23,7 @@ message max_image_bytes + 64 KiB (a driving frame); every other method 64 KiB.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -41,7 +43,7 @@ SMALL_MESSAGE_BYTES = 64 * 1024  # ids, names, tokens, a config: every method wi
 IMAGE_OVERHEAD_BYTES = 4 * 1024  # a SourceImage's landmarks (136 floats) and framing
 STREAM_OVERHEAD_BYTES = 64 * 1024  # a driving frame's fields besides its image
 
-Status = tuple[grpc.StatusCode, str]
+Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, details, trailing metadata
 
 
 @dataclass(frozen=True)
@@ -81,16 +83,21 @@ class Limits:
 
 def set_status(context: grpc.aio.ServicerContext, status: Status) -> None:
     """End the call with `status` once the handler returns (no exception raised, none kept)."""
-    context.set_code(status[0])
-    context.set_details(status[1])
+    code, details, trailers = status
+    context.set_code(code)
+    context.set_details(details)
+    if trailers:
+        context.set_trailing_metadata(trailers)
 
 
 def status_of(error: Exception, what: str) -> Status:
     """The status a failure ends a call with; anything but a ServiceError is INTERNAL, logged."""
     if isinstance(error, ServiceError):
-        return error.code, error.message
+        # e.g. retry-after, where an error carries trailing metadata
+        trailers: tuple[tuple[str, str], ...] = tuple(getattr(error, "trailers", tuple)())
+        return error.code, error.message, trailers
     log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
-    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,7 @@ class Parser:
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"{name} of {len(data)} bytes exceeds the limit of {self.limit} bytes for {self.method}"
                 + (f" ({self.why})" if self.why else ""),
+                (),
             )
         try:
             return self.cls.FromString(data)
@@ -120,6 +128,7 @@ class Parser:
             f"malformed {name}: {len(data)} bytes that are not a {self.cls.DESCRIPTOR.full_name} in the "
             "protobuf wire format (a truncated message, a field of the wrong type or a string that is "
             "not UTF-8)",
+            (),
         )
 
 
@@ -128,7 +137,7 @@ async def _requests(raw: AsyncIterator[bytes], parse: Parser, peer: str) -> Asyn
     async for data in raw:
         parsed = parse(data, peer)
         if isinstance(parsed, tuple):
-            raise ServiceError(*parsed)
+            raise ServiceError(parsed[0], parsed[1])
         yield parsed
 
 
@@ -150,9 +159,10 @@ def _unary_unary(impl: Callable[..., Awaitable[Any]], parse: Parser) -> Callable
     return handle
 
 
-def _unary_stream(
-    impl: Callable[..., AsyncIterator[Any]], parse: Parser
-) -> Callable[..., AsyncIterator[Any]]:
+def _unary_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(impl):  # a coroutine that writes its replies (context.write)
+        return _unary_unary(impl, parse)
+
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         request = parse(data, context.peer())
         if isinstance(request, tuple):
@@ -172,9 +182,10 @@ def _unary_stream(
     return handle
 
 
-def _stream_stream(
-    impl: Callable[..., AsyncIterator[Any]], parse: Parser
-) -> Callable[..., AsyncIterator[Any]]:
+def _stream_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any]:
+    if not inspect.isasyncgenfunction(impl):  # a coroutine that writes its replies (context.write)
+        return _stream_unary(impl, parse)
+
     async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         failure: Status | None = None
         try:

@@ -3,7 +3,9 @@ their method's size limit get RESOURCE_EXHAUSTED saying the limit, before anythi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -16,9 +18,10 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import avatar_pb2
 from client.library import Client, to_landmarks
 from facekit.sequence import LandmarkSequence
+from service.errors import ServiceError
 from service.server import DESCRIPTORS
 from service.settings import Settings
-from service.wire import MAX_MESSAGE_BYTES, Limits
+from service.wire import MAX_MESSAGE_BYTES, Limits, add_service
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, ServerThread
 
@@ -157,3 +160,57 @@ def test_limits_follow_the_settings() -> None:
     small = Limits.from_settings(Settings(max_images=2, max_image_bytes=1_000_000))
     assert small.of("CreateAvatar") == 2 * (1_000_000 + 4096) + 64 * 1024
     assert small.largest == small.of("CreateAvatar")
+
+
+class _Limited(ServiceError):
+    """A refusal with trailing metadata, the way a quota says when to retry."""
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after", "7"),)
+
+
+class _WritingAnimation:
+    """An Animate that writes its replies (context.write) instead of yielding them."""
+
+    async def Animate(
+        self, requests: AsyncIterator[pb.AnimateRequest], context: grpc.aio.ServicerContext
+    ) -> None:
+        async for request in requests:
+            await context.write(
+                pb.AnimateResponse(frame=pb.AnimatedFrame(sequence=request.landmarks.sequence))
+            )
+            if request.landmarks.sequence == 1:
+                raise _Limited(CODE.RESOURCE_EXHAUSTED, "over the quota")
+
+
+def test_a_servicer_that_writes_its_replies_is_served_too() -> None:
+    """Streaming methods may be async generators or coroutines that write; errors that carry trailing
+    metadata keep it."""
+
+    async def main() -> tuple[list[int], grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+        server = grpc.aio.server()
+        add_service(server, DESCRIPTORS[1], _WritingAnimation(), Limits())
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                call = channel.stream_stream(
+                    "/talkinghead.v1.AnimationService/Animate",
+                    request_serializer=pb.AnimateRequest.SerializeToString,
+                    response_deserializer=pb.AnimateResponse.FromString,
+                )(iter([pb.AnimateRequest(landmarks=pb.LandmarkFrame(sequence=i)) for i in range(3)]))
+                sequences = []
+                with pytest.raises(grpc.aio.AioRpcError):
+                    async for reply in call:
+                        sequences.append(reply.frame.sequence)
+                trailers = tuple(
+                    (k, v) for k, v in (await call.trailing_metadata()) or () if k == "retry-after"
+                )
+                return sequences, await call.code(), await call.details(), trailers
+        finally:
+            await server.stop(0)
+
+    sequences, code, details, trailers = asyncio.run(main())
+    assert sequences == [0, 1]
+    assert (code, details) == (CODE.RESOURCE_EXHAUSTED, "over the quota")
+    assert trailers == (("retry-after", "7"),)
