@@ -34,3 +34,12 @@ def unavailable(message: str) -> ServiceError:
 
 def exists(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message)
+
+
+def detached(error: ServiceError) -> ServiceError:
+    """A copy of `error` - its class and every attribute - without its traceback, context or cause:
+    one to keep or raise again, which does not hold the frames (and their locals) it passed through."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    copy.args = error.args
+    return copy

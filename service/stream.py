@@ -30,7 +30,7 @@ from facekit.warp import warp_nearest
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper
-from service.errors import ServiceError, invalid, precondition, unavailable
+from service.errors import ServiceError, detached, invalid, precondition, unavailable
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
 from service.metrics import Metrics
@@ -149,7 +149,7 @@ def _detached(error: BaseException) -> ServiceError:
     if isinstance(error, BackendUnavailable):
         return unavailable(f"the model backend is unavailable: {error}")
     if isinstance(error, ServiceError):
-        return ServiceError(error.code, error.message)
+        return detached(error)
     log.error("frame failed: %s: %s", type(error).__name__, error, exc_info=error)
     return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
@@ -221,7 +221,7 @@ class Stream:
                 # keepalive: nothing to do
         except ServiceError as error:
             # a copy without the traceback: the stream keeps it, and its frames refer to the stream
-            self.error = ServiceError(error.code, error.message)
+            self.error = detached(error)
         except Exception as error:
             if not self.closed:  # a closed queue refuses frames: the stream is ending anyway
                 log.error("stream reader failed: %s: %s", type(error).__name__, error, exc_info=error)
@@ -301,8 +301,8 @@ class Stream:
             dropped_before = 0
             yield response
             self.queue.delivered()
-        if self.error is not None:  # raised as a new exception: the stored one gets no traceback
-            raise ServiceError(self.error.code, self.error.message)
+        if self.error is not None:  # raised as a copy: the stored one gets no traceback
+            raise detached(self.error)
 
     async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
         setup = self.setup

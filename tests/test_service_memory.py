@@ -10,8 +10,10 @@ stay near what it was before them.
 
 from __future__ import annotations
 
+import gc
 import io
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import avatar_pb2
 from client.library import Client, to_landmarks
 from facekit.sequence import LandmarkSequence
+from service.errors import ServiceError, detached, invalid
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT
 from tests.service_process import ServerProcess
@@ -149,3 +152,39 @@ def test_a_create_of_many_photos_runs_the_embedder_in_batches(no_gc_server: Serv
     print(f"\na CreateAvatar of 32 photos: RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB")
     assert created.image_count == 32
     assert after - before < 60 * 2**20, f"32 photos grew the server by {(after - before) / 2**20:.0f} MiB"
+
+
+def test_a_kept_error_holds_no_frames() -> None:
+    """errors.detached: what a stream keeps of its reader's error has the error's class and
+    attributes (a retry-after among them) but none of the frames the error was raised through."""
+
+    class Photo:
+        pass
+
+    refs: list[weakref.ref[Photo]] = []
+
+    def retry_in(error: ServiceError, seconds: int) -> ServiceError:
+        error.retry_after = seconds  # type: ignore[attr-defined]
+        return error
+
+    def fail() -> None:
+        photo = Photo()  # a local of a frame the error passes through
+        refs.append(weakref.ref(photo))
+        raise retry_in(invalid("no face"), 3)
+
+    gc.disable()
+    try:
+        try:
+            fail()
+        except ServiceError as error:
+            kept = detached(error)
+        assert refs[0]() is None, "the kept error holds the frame's locals"
+    finally:
+        gc.enable()
+    assert (type(kept), kept.code, kept.message, kept.retry_after) == (  # type: ignore[attr-defined]
+        ServiceError,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "no face",
+        3,
+    )
+    assert kept.__traceback__ is None and kept.__context__ is None
