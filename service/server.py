@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2, personalisation_pb2
@@ -137,7 +137,8 @@ class Server:
         ):
             wire.add_service(self._server, service, servicer, limits)
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # health too: a probe that sends junk gets INVALID_ARGUMENT, not INTERNAL and a traceback
+        wire.add_service(self._server, health_pb2.DESCRIPTOR.services_by_name["Health"], self._health, limits)
         await self._set_health(False)
         reflection.enable_server_reflection(
             (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server

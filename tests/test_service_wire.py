@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from google.protobuf import message_factory
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
 from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import avatar_pb2
@@ -214,3 +215,25 @@ def test_a_servicer_that_writes_its_replies_is_served_too() -> None:
     assert sequences == [0, 1]
     assert (code, details) == (CODE.RESOURCE_EXHAUSTED, "over the quota")
     assert trailers == (("retry-after", "7"),)
+
+
+def test_health_answers_and_refuses_junk_the_same_way(client: Client) -> None:
+    assert client.health() == "SERVING"
+    error = refused_raw(client, "/grpc.health.v1.Health/Check", NOT_A_MESSAGE)
+    assert error.code() == CODE.INVALID_ARGUMENT
+    assert error.details().startswith("malformed HealthCheckRequest")
+    watch = client.channel.unary_stream(
+        "/grpc.health.v1.Health/Watch",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )(health_pb2.HealthCheckRequest(service=""), timeout=30)
+    assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+    watch.cancel()
+
+
+def refused_raw(client: Client, path: str, data: bytes) -> grpc.RpcError:
+    try:
+        client.channel.unary_unary(path)(data, timeout=30)
+    except grpc.RpcError as error:
+        return error
+    raise AssertionError(f"{path} accepted {data!r}")
