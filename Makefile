@@ -23,6 +23,7 @@ help:
 	@echo "make test        the default test suite (fast; real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
 	@echo "make test-replicas  redis + two service replicas + two Tritons + a worker, kill tests (slow)"
+	@echo "make fuzz        every RPC fuzzed with FUZZ_CASES=100000 generated and raw requests (~15 min)"
 	@echo "make lint        ruff + mypy"
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"

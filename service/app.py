@@ -2,7 +2,9 @@
 
 App owns the backend, the avatar store and its cache, the batcher, the metrics, the
 personalisation operations (service/personalisation.py) and two worker pools: `detect` (image
-decoding + dlib landmarks; one thread, dlib's models are shared) and `io` (store reads and writes).
+decoding + dlib landmarks; one thread, dlib's models are shared), which callers reach through a
+FairExecutor (service/fair.py: each caller's photos and driving frames queue on their own, callers
+take turns), and `io` (store reads and writes).
 Its operations: avatars (create, get, list, delete, personalise) and `open_stream`, the one door of
 every Animate stream (admission and stream counters live there). `on_event` applies avatar events
 (jobs.events) from other replicas and the worker: cached records and personalised models are
@@ -41,6 +43,7 @@ from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.capacity import Admission, CostModel, expected_fps
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
+from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.personalisation import Personaliser
@@ -98,6 +101,8 @@ class App:
         self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
         self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
+        # callers take turns on it, one photo or driving frame at a time (service/fair.py)
+        self.detect = FairExecutor(pool=self.detect_pool, max_queued=settings.max_detect_queue)
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
         budget = settings.latency_budget_ms / 1000.0
@@ -162,6 +167,7 @@ class App:
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()
+        self.detect.close()
         self.detect_pool.shutdown(wait=False, cancel_futures=True)
         self.io_pool.shutdown(wait=False, cancel_futures=True)
 
@@ -223,19 +229,18 @@ class App:
             raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
         if not existed and principal.quotas.max_avatars:
             self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
-        prepared = await self.in_pool(
-            self.detect_pool,
-            lambda: avatars.prepare(
-                list(request.images),
-                info,
-                self.detector,
-                max_bytes=self.settings.max_image_bytes,
-                max_pixels=self.settings.max_image_pixels,
-            ),
-        )
+        prepared = await self._prepare(request, info, caller=principal.tenant)
         drawn = avatars.landmark_images(prepared, info)
         try:
-            embedding, adain = await self.backend.embed(prepared.crops, drawn)
+            # at most max_batch photos per embedder call, as the generator's batches: a runtime's
+            # memory grows with the largest batch it has run (32 photos: +250 MiB with ONNX Runtime)
+            step = self.settings.max_batch
+            parts = [
+                await self.backend.embed(prepared.crops[i : i + step], drawn[i : i + step])
+                for i in range(0, len(drawn), step)
+            ]
+            embedding = np.concatenate([part[0] for part in parts])
+            adain = np.concatenate([part[1] for part in parts])
         except BackendUnavailable as error:
             self._on_backend_error("embed", error)
             raise unavailable(f"the model backend is unavailable: {error}") from error
@@ -257,6 +262,40 @@ class App:
         )
         log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
         return record
+
+    async def _prepare(
+        self, request: avatar_pb2.CreateAvatarRequest, info: ModelInfo, *, caller: str
+    ) -> avatars.Prepared:
+        """Each photo decoded and its face found and cropped, one photo per turn of `caller` in the
+        detect pool (service/fair.py); the first turn checks every photo's header first."""
+        parts = []
+        for index in range(len(request.images)):
+            parts.append(await self.detect.run(caller, self._prepare_one, request, index, info))
+        return avatars.combine(parts)
+
+    def _prepare_one(
+        self, request: avatar_pb2.CreateAvatarRequest, index: int, info: ModelInfo
+    ) -> avatars.PreparedImage:
+        """One photo (in the detect pool: the detector is built there on first use)."""
+        s = self.settings
+        if index == 0:  # nothing is decoded before every header passed the limits
+            avatars.probe(
+                request.images,
+                crop_scale=info.crop_scale,
+                size=info.image_size,
+                max_bytes=s.max_image_bytes,
+                max_pixels=s.max_image_pixels,
+                max_request_pixels=s.max_request_pixels,
+            )
+        return avatars.prepare_one(
+            index,
+            request.images[index],
+            info,
+            self.detector,
+            max_bytes=s.max_image_bytes,
+            max_pixels=s.max_image_pixels,
+            portrait=index == 0,
+        )
 
     async def get_record(self, avatar_id: str, principal: Principal) -> AvatarRecord:
         """The tenant's avatar; NOT_FOUND whether it does not exist or belongs to another tenant."""
@@ -401,7 +440,7 @@ class App:
             paste_region="crop" if info.warp_guided else "face",
             smoother=smoother(setup.config),
             mark=self._marker(avatar_id),
-            find_landmarks=self.driving_landmarks,
+            find_landmarks=functools.partial(self.driving_landmarks, caller=principal.tenant),
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
             release=functools.partial(self._release_stream_slot, principal.tenant, reserved),
@@ -446,8 +485,9 @@ class App:
         self.metrics.active_streams.dec()
         self.metrics.streams_total.labels(code).inc()
 
-    async def driving_landmarks(self, image: bytes, what: str) -> DrivingLandmarks:
-        """Decode a driving image and find its largest face's landmarks (in the detect pool)."""
+    async def driving_landmarks(self, image: bytes, what: str, *, caller: str) -> DrivingLandmarks:
+        """Decode a driving image and find its largest face's landmarks (in the detect pool, in
+        `caller`'s turn)."""
 
         def work() -> DrivingLandmarks:
             t0 = time.perf_counter()
@@ -466,7 +506,7 @@ class App:
                 landmarks_s=time.perf_counter() - t1,
             )
 
-        found: DrivingLandmarks = await self.in_pool(self.detect_pool, work)
+        found: DrivingLandmarks = await self.detect.run(caller, work)
         return found
 
 

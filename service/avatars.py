@@ -5,11 +5,18 @@ facekit.crop.crop_box at the model's crop scale, facekit.crop.crop to S x S, poi
 into the crop, landmark images drawn with the model's DrawStyle. psi = mean of the embedder's
 `adain` outputs over the K photos (= P·mean(e), P being linear), stored with mean(e), the K face
 crops and their landmarks, and the first photo for paste-back.
+
+Work is bounded by what was sent: `probe` reads every photo's header before anything is decoded
+(bytes and pixels per photo, pixels of all the photos together, supplied landmarks within their
+photo and describing a face whose full-resolution crop is at most twice the photo), then
+`prepare_one` decodes, detects and crops one photo at a time.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,12 +24,12 @@ import numpy as np
 
 from api.talkinghead.v1 import avatar_pb2
 from facekit.contract import ModelInfo
-from facekit.crop import crop_face
+from facekit.crop import crop_box, crop_face
 from facekit.detect import LandmarkDetector
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_batch
 from service.errors import invalid
-from service.images import decode_image, encode_jpeg, encode_png
+from service.images import decode_image, encode_jpeg, encode_png, probe_image
 from service.landmarks import parse_points
 from service.store import AvatarRecord
 
@@ -38,62 +45,120 @@ class Prepared:
     portrait: Portrait  # the first photo (<= 1024 px) and its crop box: what paste-back blends into
 
 
-def prepare(
-    images: list[avatar_pb2.SourceImage],
+@dataclass(frozen=True, kw_only=True)
+class PreparedImage:
+    crop: np.ndarray  # (S, S, 3) uint8
+    points: np.ndarray  # (68, 2) float32 in the crop
+    report: dict[str, object]
+    portrait: Portrait | None  # the photo (<= 1024 px) when asked for (the first photo's)
+
+
+def max_crop_side(width: int, height: int, size: int) -> int:
+    """The largest face crop a (width, height) photo may need: twice the photo (by area), or 4 S.
+
+    A crop is cut at full resolution before it is resized to S, so its cost is its side squared;
+    landmarks found in a photo, or lying within it, never need more."""
+    return max(round(2 * math.sqrt(width * height)), 4 * size)
+
+
+def probe(
+    images: Sequence[avatar_pb2.SourceImage],
+    *,
+    crop_scale: float,
+    size: int,
+    max_bytes: int,
+    max_pixels: int,
+    max_request_pixels: int,
+) -> list[tuple[int, int]]:
+    """(width, height) of every photo from its header, before anything is decoded: each within
+    the byte and pixel limits, all together within `max_request_pixels`, supplied landmarks within
+    their photo (landmarks.FRAME_MARGIN) and describing a face whose crop fits `max_crop_side`.
+    Raises INVALID_ARGUMENT naming the photo and the limit."""
+    sizes = []
+    for index, source in enumerate(images):
+        what = f"image {index}"
+        width, height = probe_image(source.data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
+        sizes.append((width, height))
+        if source.HasField("landmarks"):
+            points = parse_points(source.landmarks.xy, what=f"{what} landmarks", frame=(width, height))
+            side = crop_box(points, crop_scale).side
+            limit = max_crop_side(width, height, size)
+            if side > limit:
+                raise invalid(
+                    f"{what} landmarks: the face they describe needs a crop of {side} px a side; a "
+                    f"{width}x{height} photo allows at most {limit} px (a face inside the photo)"
+                )
+    total = sum(w * h for w, h in sizes)
+    if total > max_request_pixels:
+        raise invalid(
+            f"the images have {total} pixels in all ({', '.join(f'{w}x{h}' for w, h in sizes)}); the "
+            f"limit per request is {max_request_pixels} pixels: send fewer or smaller photos"
+        )
+    return sizes
+
+
+def prepare_one(
+    index: int,
+    source: avatar_pb2.SourceImage,
     info: ModelInfo,
     detector: LandmarkDetector,
     *,
     max_bytes: int,
     max_pixels: int,
-) -> Prepared:
-    """Decode, find and crop the face of every photo (blocking: run in a worker thread)."""
+    portrait: bool,
+) -> PreparedImage:
+    """Decode one photo, find and crop its face (blocking: run in a worker thread); `probe` has
+    checked its header and landmarks."""
     size = info.image_size
-    crops, points, reports = [], [], []
-    portraits: list[Portrait] = []
-    for index, source in enumerate(images):
-        what = f"image {index}"
-        rgb = decode_image(source.data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
-        height, width = rgb.shape[:2]
-        warnings: list[str] = []
-        faces_found = 0
-        if source.HasField("landmarks"):
-            face_points = parse_points(source.landmarks.xy, what=f"{what} landmarks")
-        else:
-            faces = detector.detect(rgb)
-            faces_found = len(faces)
-            if not faces:
-                raise invalid(
-                    f"{what}: no face found ({width}x{height} pixels); send a clearer photo or its landmarks"
-                )
-            if len(faces) > 1:
-                warnings.append(f"{len(faces)} faces found; the largest was used")
-            face_points = faces[0].points
-        face_crop, crop_points, box = crop_face(rgb, face_points, size, scale=info.crop_scale)
-        if box.side < size:
-            warnings.append(f"small face: crop of {box.side} px is upscaled to {size} px (may look soft)")
-        x0, y0 = box.cx - box.side / 2, box.cy - box.side / 2
-        if x0 < 0 or y0 < 0 or x0 + box.side > width or y0 + box.side > height:
-            warnings.append("the face crop extends beyond the photo; that part is filled with black")
-        crops.append(face_crop)
-        points.append(crop_points)
-        if not portraits:
-            portraits.append(Portrait.from_photo(rgb, box))
-        reports.append(
-            {
-                "index": index,
-                "faces_found": faces_found,
-                "landmarks_supplied": source.HasField("landmarks"),
-                "width": width,
-                "height": height,
-                "crop_side": box.side,
-                "warnings": warnings,
-            }
-        )
+    what = f"image {index}"
+    rgb = decode_image(source.data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
+    height, width = rgb.shape[:2]
+    warnings: list[str] = []
+    faces_found = 0
+    if source.HasField("landmarks"):
+        face_points = parse_points(source.landmarks.xy, what=f"{what} landmarks", frame=(width, height))
+    else:
+        faces = detector.detect(rgb)
+        faces_found = len(faces)
+        if not faces:
+            raise invalid(
+                f"{what}: no face found ({width}x{height} pixels); send a clearer photo or its landmarks"
+            )
+        if len(faces) > 1:
+            warnings.append(f"{len(faces)} faces found; the largest was used")
+        face_points = faces[0].points
+    face_crop, crop_points, box = crop_face(rgb, face_points, size, scale=info.crop_scale)
+    if box.side < size:
+        warnings.append(f"small face: crop of {box.side} px is upscaled to {size} px (may look soft)")
+    x0, y0 = box.cx - box.side / 2, box.cy - box.side / 2
+    if x0 < 0 or y0 < 0 or x0 + box.side > width or y0 + box.side > height:
+        warnings.append("the face crop extends beyond the photo; that part is filled with black")
+    report: dict[str, object] = {
+        "index": index,
+        "faces_found": faces_found,
+        "landmarks_supplied": source.HasField("landmarks"),
+        "width": width,
+        "height": height,
+        "crop_side": box.side,
+        "warnings": warnings,
+    }
+    return PreparedImage(
+        crop=face_crop,
+        points=crop_points,
+        report=report,
+        portrait=Portrait.from_photo(rgb, box) if portrait else None,
+    )
+
+
+def combine(parts: Sequence[PreparedImage]) -> Prepared:
+    """The photos' crops and reports together; the first photo is the paste-back portrait."""
+    portrait = parts[0].portrait
+    assert portrait is not None, "the first photo is prepared with its portrait"
     return Prepared(
-        crops=np.stack(crops),
-        points=np.stack(points).astype(np.float32),
-        reports=reports,
-        portrait=portraits[0],
+        crops=np.stack([p.crop for p in parts]),
+        points=np.stack([p.points for p in parts]).astype(np.float32),
+        reports=[p.report for p in parts],
+        portrait=portrait,
     )
 
 

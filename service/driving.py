@@ -20,6 +20,8 @@ from facekit.motion import transfer_motion
 from facekit.sequence import letterbox
 from service.errors import invalid
 
+REACH = 8  # crop points are clipped to [-REACH S, (REACH + 1) S]
+
 
 class DrivingMapper:
     """Maps one stream's driving landmarks into the model's crop; holds the stream's reference state."""
@@ -43,7 +45,14 @@ class DrivingMapper:
         self._box: CropBox | None = None
 
     def __call__(self, points: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
-        """(68, 2) driving points in a (width, height) frame -> (68, 2) float32 crop points."""
+        """(68, 2) driving points in a (width, height) frame -> (68, 2) float32 crop points, within
+        `REACH` crops of the crop (as far as the drawing goes: facekit.rasterize clips there too)."""
+        mapped = self._map(points, frame_size)
+        if not np.isfinite(mapped).all():  # a near-degenerate neutral face scales motion beyond float32
+            raise invalid("cannot transfer the motion of these landmarks: the result is not finite")
+        return np.clip(mapped, -REACH * self.size, (REACH + 1) * self.size).astype(np.float32)
+
+    def _map(self, points: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
         if not self.relative:
             if not self.crop_to_face:
                 return letterbox(points, frame_size, self.size)

@@ -59,3 +59,12 @@ def stalled_reader(seconds: float) -> ServiceError:
     return deadline(
         f"the client took no reply for {seconds:g} s: the stream was closed; read the replies as they come"
     )
+
+
+def detached(error: ServiceError) -> ServiceError:
+    """A copy of `error` - its class and every attribute - without its traceback, context or cause:
+    one to keep or raise again, which does not hold the frames (and their locals) it passed through."""
+    copy = type(error).__new__(type(error))
+    copy.__dict__.update(error.__dict__)
+    copy.args = error.args
+    return copy

@@ -120,9 +120,7 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
     async def WatchOperation(
         self, request: pb.WatchOperationRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Operation]:
-        try:
-            tenant = caller(self.app, context).tenant
-            async for job in self.app.personaliser.watch(request.name, tenant):
-                yield to_operation(job)
-        except ServiceError as error:
-            await context.abort(error.code, error.message, error.trailers())
+        # a ServiceError ends the call with its status in service/wire.py (no abort in an except)
+        tenant = caller(self.app, context).tenant
+        async for job in self.app.personaliser.watch(request.name, tenant):
+            yield to_operation(job)

@@ -16,20 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection
 
-from api.talkinghead.v1 import (
-    animation_pb2,
-    animation_pb2_grpc,
-    avatar_pb2,
-    avatar_pb2_grpc,
-    personalisation_pb2,
-    personalisation_pb2_grpc,
-)
+from api.talkinghead.v1 import animation_pb2, avatar_pb2, personalisation_pb2
 from facekit.watermark import Watermarker, require_key
 from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
+from service import wire
 from service.app import App
 from service.audit import AuditLog, FileAuditLog, RedisAuditLog
 from service.auth import Authenticator, AuthInterceptor, ring_store
@@ -42,14 +36,15 @@ from service.personalisation_servicer import PersonalisationServicer
 from service.servicer import AnimationServicer, AvatarServicer
 from service.settings import Settings
 from service.store import AvatarStore, LocalAvatarStore
+from service.wire import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("talkinghead.service")
-SERVICES = (
-    avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"].full_name,
-    animation_pb2.DESCRIPTOR.services_by_name["AnimationService"].full_name,
-    personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"].full_name,
+DESCRIPTORS = (
+    avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"],
+    animation_pb2.DESCRIPTOR.services_by_name["AnimationService"],
+    personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"],
 )
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # 32 photos of up to 10 MiB each would exceed gRPC's 4 MiB default
+SERVICES = tuple(service.full_name for service in DESCRIPTORS)
 HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
 # Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
 KEEPALIVE = [
@@ -174,21 +169,27 @@ class Server:
             audit=audit,
             watermarker=watermarker,
         )
+        limits = wire.Limits.from_settings(s)
         options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", limits.largest),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *KEEPALIVE,
         ]
         self._server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
-        avatar_pb2_grpc.add_AvatarServiceServicer_to_server(AvatarServicer(app=self.app), self._server)
-        animation_pb2_grpc.add_AnimationServiceServicer_to_server(
-            AnimationServicer(app=self.app), self._server
-        )
-        personalisation_pb2_grpc.add_PersonalisationServiceServicer_to_server(
-            PersonalisationServicer(app=self.app), self._server
-        )
+        # requests are parsed in service/wire.py (size limits, INVALID_ARGUMENT when malformed)
+        for service, servicer in zip(
+            DESCRIPTORS,
+            (
+                AvatarServicer(app=self.app),
+                AnimationServicer(app=self.app),
+                PersonalisationServicer(app=self.app),
+            ),
+            strict=True,
+        ):
+            wire.add_service(self._server, service, servicer, limits)
         self._health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
+        # health too: a probe that sends junk gets INVALID_ARGUMENT, not INTERNAL and a traceback
+        wire.add_service(self._server, health_pb2.DESCRIPTOR.services_by_name["Health"], self._health, limits)
         await self._set_health(False)
         if s.reflection:
             reflection.enable_server_reflection(

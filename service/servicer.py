@@ -19,10 +19,10 @@ from service.auth import Principal
 from service.errors import ServiceError, idle, precondition, stalled_reader
 from service.store import AvatarRecord
 from service.stream import Stream, next_request
+from service.wire import Status, set_status, status_of
 
 log = logging.getLogger("talkinghead.service")
 R = TypeVar("R")
-STATUS_WAIT_S = 1.0  # how long an ending stream's status may wait behind replies the client does not take
 
 
 def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, preview: bool) -> avatar_pb2.Avatar:
@@ -56,20 +56,21 @@ def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
 
 
 def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash."""
+    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash.
+
+    The status is set after the `except` block (service/wire.py says why): nothing of a failed
+    call - its request, its decoded photos - outlives it."""
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
         try:
             return await method(self, request, context)
-        except ServiceError as error:
-            await context.abort(error.code, error.message, error.trailers())
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception as error:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
-        raise AssertionError("unreachable")
+            failure = status_of(error, method.__name__)
+        set_status(context, failure)
+        return None  # type: ignore[return-value]  # a non-OK status sends no message
 
     return wrapper
 
@@ -129,7 +130,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         timeout = self.app.settings.stream_idle_timeout
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
-        code = "OK"
+        failure: Status | None = None
         try:
             principal = caller(self.app, context)
             try:
@@ -149,35 +150,25 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
             async for response in stream.replies():
                 await write(context, response, timeout)
-        except ServiceError as error:
-            code = error.code.name
-            if stream is not None:  # the slot comes back now, whether or not the status gets through
-                stream.close(code)
-            await abort(context, error)
         except asyncio.CancelledError:
-            code = "CANCELLED"
+            failure = (grpc.StatusCode.CANCELLED, "", ())
             raise
         except grpc.aio.AbortError:
             raise
-        except Exception as error:
-            code = "INTERNAL"
-            log.exception("Animate failed")
-            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+        except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
+            failure = status_of(error, "Animate")
         finally:
             if reader is not None:
                 reader.cancel()
-            if stream is not None:
-                stream.close(code)
-
-
-async def abort(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
-    """End the call with the error's status. A status queues behind replies the client has not
-    taken: when it cannot go out within STATUS_WAIT_S the handler gives up (the slot is already
-    free; gRPC drops the call with its connection: keepalive, max connection age)."""
-    try:
-        await asyncio.wait_for(context.abort(error.code, error.message, error.trailers()), STATUS_WAIT_S)
-    except TimeoutError:
-        log.info("stream ended %s; the client takes no replies: %s", error.code.name, error.message)
+            if stream is not None:  # the slot comes back now, whatever happens to the status
+                stream.close(failure[0].name if failure else "OK")
+                # the done callback's closure holds this variable, and the call's context holds the
+                # callback until the cycle collector frees it: it must not hold the stream's memory
+                stream = None
+        # Set here, not by an abort inside the except block (wire.py); a status waiting behind
+        # replies the client does not take leaves with the connection (keepalive, max age).
+        if failure is not None:
+            set_status(context, failure)
 
 
 async def write(

@@ -89,8 +89,10 @@ class Settings:
     reflection: bool = True
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
-    max_image_pixels: int = 40_000_000  # per decoded image
+    max_image_pixels: int = 40_000_000  # per decoded image (checked from its header)
+    max_request_pixels: int = 100_000_000  # all the photos of one CreateAvatar together (headers)
     max_images: int = 32  # photos per avatar
+    max_detect_queue: int = 32  # photos / driving frames one caller may have waiting for detection
     inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
     shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM
     backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
@@ -120,6 +122,13 @@ class Settings:
             problems.append(f"latency_budget_ms must be 10-60000, got {self.latency_budget_ms}")
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
+        if (
+            min(self.max_image_bytes, self.max_image_pixels, self.max_request_pixels, self.max_detect_queue)
+            < 1
+        ):
+            problems.append(
+                "max_image_bytes, max_image_pixels, max_request_pixels and max_detect_queue must be >= 1"
+            )
         if self.max_streams < 1 or self.cache_bytes < 0 or self.max_images < 1:
             problems.append("max_streams and max_images must be >= 1 and cache_bytes >= 0")
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -286,6 +295,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-reflection", dest="reflection", action="store_false", default=None, help="turn reflection off"
     )
     group.add_argument("--max-image-bytes", type=int, help="per encoded image (default 10 MiB)")
+    group.add_argument("--max-image-pixels", type=int, help="per decoded image (default 40,000,000)")
+    group.add_argument(
+        "--max-request-pixels", type=int, help="all photos of one CreateAvatar (default 100,000,000)"
+    )
+    group.add_argument(
+        "--max-detect-queue", type=int, help="face detections one caller may have waiting (default 32)"
+    )
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
     group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")
     group.add_argument(

@@ -32,7 +32,7 @@ from facekit.warp import warp_nearest
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper
-from service.errors import ServiceError, idle, invalid, precondition, unavailable
+from service.errors import ServiceError, detached, idle, invalid, precondition, unavailable
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
 from service.metrics import Metrics
@@ -120,7 +120,7 @@ def driving_mapper(config: pb.StreamConfig, info: ModelInfo, avatar_points: np.n
         size = check_frame_size(
             config.neutral_frame_width, config.neutral_frame_height, what="config.neutral"
         )
-        neutral = (parse_points(config.neutral.xy, what="config.neutral"), size)
+        neutral = (parse_points(config.neutral.xy, what="config.neutral", frame=size), size)
     return DrivingMapper(
         size=info.image_size,
         relative=config.motion == pb.MOTION_MODE_RELATIVE,
@@ -148,6 +148,17 @@ def smoother(config: pb.StreamConfig) -> OneEuro | None:
 def warp_one(refs: np.ndarray, ref_points: np.ndarray, points: np.ndarray) -> np.ndarray:
     """The avatar's reference nearest to crop points (68, 2), warped onto them: (S, S, 3) uint8."""
     return warp_nearest(refs, ref_points, points[None])[0]
+
+
+def _detached(error: BaseException) -> ServiceError:
+    """A failed frame's error as a new ServiceError: the batch's exception (and the frames of its
+    traceback) stays with the batch, not with this stream's reply loop."""
+    if isinstance(error, BackendUnavailable):
+        return unavailable(f"the model backend is unavailable: {error}")
+    if isinstance(error, ServiceError):
+        return detached(error)
+    log.error("frame failed: %s: %s", type(error).__name__, error, exc_info=error)
+    return ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,7 +200,7 @@ class Stream:
     idle_timeout: float  # Settings.stream_idle_timeout
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
-    error: BaseException | None = None
+    error: ServiceError | None = None  # what ended the reader (copied: no traceback, no cycle)
     reading_done: bool = False
     dropped_total: int = 0
     closed: bool = False
@@ -233,11 +244,12 @@ class Stream:
                     raise invalid("empty AnimateRequest: set config, landmarks, driving_frame or keepalive")
                 # keepalive: nothing to do
         except ServiceError as error:
-            self.error = error
+            # a copy without the traceback: the stream keeps it, and its frames refer to the stream
+            self.error = detached(error)
         except Exception as error:
             if not self.closed:  # a closed queue refuses frames: the stream is ending anyway
-                log.exception("stream reader failed")
-                self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+                log.error("stream reader failed: %s: %s", type(error).__name__, error, exc_info=error)
+                self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
         finally:
             if waiting is not None:
                 waiting.cancel()
@@ -265,7 +277,7 @@ class Stream:
         self.metrics.frames_received.labels("landmarks").inc()
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
-        points = parse_points(frame.landmarks.xy, what=f"{what} landmarks")
+        points = parse_points(frame.landmarks.xy, what=f"{what} landmarks", frame=size)
         pending = Outstanding(sequence=frame.sequence, capture_time_us=frame.capture_time_us, read=read)
         await self._enqueue(points, size, pending)
 
@@ -327,15 +339,13 @@ class Stream:
             error = future.exception()
             if error is not None:
                 self.queue.delivered()
-                if isinstance(error, BackendUnavailable):
-                    raise unavailable(f"the model backend is unavailable: {error}")
-                raise error
+                raise _detached(error)
             response = await self._reply(head, future.result(), dropped_before)
             dropped_before = 0
             yield response
             self.queue.delivered()
-        if self.error is not None:
-            raise self.error
+        if self.error is not None:  # raised as a copy: the stored one gets no traceback
+            raise detached(self.error)
 
     async def _reply(self, head: Outstanding, result: BatchResult, dropped_before: int) -> pb.AnimateResponse:
         setup = self.setup

@@ -204,7 +204,7 @@ def test_bad_driving_frames(client: Client, avatar: str) -> None:
     with expect(CODE.FAILED_PRECONDITION, "driving frame 0", "no face found"):
         raw_stream(client, [config(avatar), blank])
     huge = pb.AnimateRequest(driving_frame=pb.DrivingFrame(sequence=1, image=b"\x00" * (3 * 1024 * 1024)))
-    with expect(CODE.INVALID_ARGUMENT, "driving frame 1", "exceeds the limit"):
+    with expect(CODE.RESOURCE_EXHAUSTED, "exceeds the limit", "at most 2097152 bytes"):  # before parsing
         raw_stream(client, [config(avatar), huge])
 
 
