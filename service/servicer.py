@@ -23,6 +23,7 @@ from service.wire import Status, set_status, status_of
 
 log = logging.getLogger("talkinghead.service")
 R = TypeVar("R")
+STATUS_WAIT_S = 1.0  # how long an ending stream's status may wait behind replies the client does not take
 
 
 def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, preview: bool) -> avatar_pb2.Avatar:
@@ -165,10 +166,15 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 # the done callback's closure holds this variable, and the call's context holds the
                 # callback until the cycle collector frees it: it must not hold the stream's memory
                 stream = None
-        # Set here, not by an abort inside the except block (wire.py); a status waiting behind
-        # replies the client does not take leaves with the connection (keepalive, max age).
+        # Sent here, not by an abort inside the except block (wire.py). A status queues behind
+        # replies the client has not taken: when it cannot go out within STATUS_WAIT_S the handler
+        # gives up (the slot is already free; gRPC drops the call with its connection).
         if failure is not None:
-            set_status(context, failure)
+            code, details, trailers = failure
+            try:
+                await asyncio.wait_for(context.abort(code, details, trailers), STATUS_WAIT_S)
+            except TimeoutError:
+                log.info("stream ended %s; the client takes no replies: %s", code.name, details)
 
 
 async def write(
