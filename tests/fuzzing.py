@@ -1,7 +1,8 @@
 """The fuzz suite's parts (tests/test_fuzz.py): every method of the API, requests as raw bytes.
 
-- `METHODS`: every RPC of AvatarService, AnimationService and PersonalisationService, read from
-  the service descriptors (a method added to a .proto is fuzzed without touching this file).
+- `METHODS`: every RPC of AvatarService, AnimationService, PersonalisationService and
+  grpc.health.v1.Health, read from the service descriptors (a method added to a .proto is fuzzed
+  without touching this file).
 - `requests(method)`: hypothesis strategies for a method's request (a list of messages for the
   Animate stream), built from the message descriptors: every field, every scalar range, unknown
   enum values, NaN and infinities, oneofs, nesting; fields that gate deeper paths (avatar ids,
@@ -30,6 +31,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -41,6 +43,7 @@ SERVICES = (
     avatar_pb2.DESCRIPTOR.services_by_name["AvatarService"],
     animation_pb2.DESCRIPTOR.services_by_name["AnimationService"],
     personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"],
+    health_pb2.DESCRIPTOR.services_by_name["Health"],  # probes reach it before anything else
 )
 # Avatars the fuzz server holds from the start (Animate, Get and Personalise reach real work with
 # them); DeleteAvatar and CreateAvatar draw from MUTABLE, so KEEP stays.

@@ -258,4 +258,6 @@ def test_every_method_is_fuzzed() -> None:
         "ListOperations",
         "WatchOperation",
         "CancelOperation",
+        "Check",
+        "Watch",
     }
