@@ -104,7 +104,11 @@ def test_the_record_travels_with_the_avatar_and_the_log_keeps_a_tombstone(
     ada = [e for e in log if e["avatar_id"] == "ada"]
     assert [e["event"] for e in ada] == ["create", "animate_start", "delete"]
     assert {e["consent_id"] for e in ada[-3:]} == {kept.record_id}
-    assert all(e["actor"].startswith("tenant=default peer=") and e["model_id"] == made.model_id for e in ada)
+    assert all(
+        e["actor"].startswith("tenant=default role=admin credential=none peer=")
+        and e["model_id"] == made.model_id
+        for e in ada
+    )
     tombstone = ada[-1]["detail"]
     assert tombstone["tombstone"] is True and "photos" in tombstone["removed"]
     with pytest.raises(grpc.RpcError):
