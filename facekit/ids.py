@@ -23,34 +23,34 @@ def _shown(value: object) -> str:
     return repr(text[:MAX_ECHO]) + ("..." if len(text) > MAX_ECHO else "")
 
 
+def _check(value: str, pattern: re.Pattern[str], what: str, rule: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"invalid {what} {_shown(value)}: {rule}")
+    return value
+
+
+_RULE = "use 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+
+
 def validate_avatar_id(avatar_id: str) -> str:
     """Return the public id unchanged, or raise ValueError saying what is allowed."""
-    if not isinstance(avatar_id, str) or not _AVATAR_ID.fullmatch(avatar_id):
-        raise ValueError(
-            f"invalid avatar id {_shown(avatar_id)}: use 1-63 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return avatar_id
+    return _check(avatar_id, _AVATAR_ID, "avatar id", _RULE)
 
 
 def validate_tenant(tenant: str) -> str:
     """Return the tenant name unchanged, or raise ValueError (the public id alphabet)."""
-    if not isinstance(tenant, str) or not _AVATAR_ID.fullmatch(tenant):
-        raise ValueError(
-            f"invalid tenant {_shown(tenant)}: use 1-63 characters of a-z, 0-9, '_' and '-', "
-            "starting with a letter or digit"
-        )
-    return tenant
+    return _check(tenant, _AVATAR_ID, "tenant", _RULE)
 
 
 def validate_stored_id(stored_id: str) -> str:
     """Return a stored (tenant-scoped) id unchanged, or raise ValueError."""
-    if not isinstance(stored_id, str) or not _STORED_ID.fullmatch(stored_id):
-        raise ValueError(
-            f"invalid avatar id {_shown(stored_id)}: a stored id is [<tenant>.]<id>, each 1-63 "
-            "characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
-        )
-    return stored_id
+    return _check(
+        stored_id,
+        _STORED_ID,
+        "avatar id",
+        "a stored id is [<tenant>.]<id>, each 1-63 characters of a-z, 0-9, '_' and '-', "
+        "starting with a letter or digit",
+    )
 
 
 def scoped_id(tenant: str, avatar_id: str) -> str:

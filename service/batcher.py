@@ -156,7 +156,6 @@ class Batcher:
         self.max_batch = max_batch
         self.cost = cost or CostModel()  # fed by every call; sizes batches to the budget
         self.budget = budget  # live frames' latency budget, seconds (0: none)
-        self.late_drops = 0
         self.max_concurrent = max_concurrent
         self._streams: list[StreamQueue] = []
         self.peak_pending = 0  # most frames one stream ever had waiting (bounded by its depth)
@@ -236,7 +235,6 @@ class Batcher:
                         # Late frames with a newer one behind them go; the newest is always drawn.
                         while len(queue.pending) > 1 and self._late(queue.pending[0], len(batch) + 1, now):
                             queue.drop_head()
-                            self.late_drops += 1
                     if not queue.ready():
                         continue
                     head = queue.pending[0].model

@@ -17,7 +17,7 @@ from jobs.record import Job
 from service.app import App, actor_of, check_id
 from service.errors import ServiceError
 from service.personalisation import PREFIX
-from service.servicer import caller, unary
+from service.servicer import caller
 
 STATES = {
     record.QUEUED: pb.OPERATION_STATE_QUEUED,
@@ -80,7 +80,6 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
     def __init__(self, *, app: App) -> None:
         self.app = app
 
-    @unary
     async def PersonaliseAvatar(self, request: pb.PersonaliseAvatarRequest, context: Any) -> pb.Operation:
         if request.HasField("preset") and request.preset not in PRESETS:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown preset {request.preset}")
@@ -96,11 +95,9 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
         )
         return to_operation(job)
 
-    @unary
     async def GetOperation(self, request: pb.GetOperationRequest, context: Any) -> pb.Operation:
         return to_operation(await self.app.personaliser.get(request.name, caller(self.app, context).tenant))
 
-    @unary
     async def ListOperations(
         self, request: pb.ListOperationsRequest, context: Any
     ) -> pb.ListOperationsResponse:
@@ -111,7 +108,6 @@ class PersonalisationServicer(personalisation_pb2_grpc.PersonalisationServiceSer
         )
         return pb.ListOperationsResponse(operations=[to_operation(j) for j in jobs], next_page_token=token)
 
-    @unary
     async def CancelOperation(self, request: pb.CancelOperationRequest, context: Any) -> pb.Operation:
         return to_operation(
             await self.app.personaliser.cancel(request.name, caller(self.app, context).tenant)

@@ -24,11 +24,11 @@ class Bucket:
 
     rate: float
     burst: float
-    tokens: float = 0.0
+    tokens: float = field(init=False)
     stamp: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.tokens = self.burst
+        self.tokens = self.burst  # a new bucket starts full
 
     def take(self, now: float | None = None) -> float:
         """Take one token: 0.0 when granted, else the seconds until one is there."""
@@ -39,6 +39,14 @@ class Bucket:
             self.tokens -= 1.0
             return 0.0
         return (1.0 - self.tokens) / self.rate
+
+
+def _bucket(buckets: dict[str, Bucket], tenant: str, rate: float, burst: float) -> Bucket:
+    """The tenant's bucket, new when its quota changed."""
+    bucket = buckets.get(tenant)
+    if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+        bucket = buckets[tenant] = Bucket(rate=rate, burst=burst)
+    return bucket
 
 
 def refused(message: str, retry_after: float) -> ServiceError:
@@ -81,10 +89,7 @@ class TenantLimits:
         rate = principal.quotas.max_fps
         if not rate:
             return 0.0
-        bucket = self._frames.get(principal.tenant)
-        if bucket is None or bucket.rate != rate:
-            bucket = self._frames[principal.tenant] = Bucket(rate=rate, burst=max(1.0, rate / 2))
-        wait = bucket.take()
+        wait = _bucket(self._frames, principal.tenant, rate, max(1.0, rate / 2)).take()
         if wait:
             self.metrics.quota_refusals.labels(principal.tenant, "fps").inc()
         return wait
@@ -93,10 +98,7 @@ class TenantLimits:
         per_minute = principal.quotas.creates_per_minute
         if not per_minute:
             return
-        bucket = self._creates.get(principal.tenant)
-        if bucket is None or bucket.burst != per_minute:
-            bucket = self._creates[principal.tenant] = Bucket(rate=per_minute / 60.0, burst=float(per_minute))
-        wait = bucket.take()
+        wait = _bucket(self._creates, principal.tenant, per_minute / 60.0, float(per_minute)).take()
         if wait:
             raise self._refuse(
                 principal,

@@ -1,12 +1,12 @@
-"""gRPC servicers: translate protobuf <-> App operations and ServiceError -> status codes."""
+"""gRPC servicers: protobuf <-> App operations. Requests arrive parsed and failures become statuses
+in service/wire.py; Animate sets its own (it frees its stream slot first)."""
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,10 +19,9 @@ from service.auth import Principal
 from service.errors import ServiceError, idle, precondition, stalled_reader
 from service.store import AvatarRecord
 from service.stream import Stream, next_request
-from service.wire import Status, set_status, status_of
+from service.wire import Status, status_of
 
 log = logging.getLogger("talkinghead.service")
-R = TypeVar("R")
 STATUS_WAIT_S = 1.0  # how long an ending stream's status may wait behind replies the client does not take
 
 
@@ -56,31 +55,10 @@ def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
         raise
 
 
-def unary(method: Callable[..., Awaitable[R]]) -> Callable[..., Awaitable[R]]:
-    """ServiceError -> the status it names; anything else -> INTERNAL (logged), never a crash.
-
-    The status is set after the `except` block (service/wire.py says why): nothing of a failed
-    call - its request, its decoded photos - outlives it."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> R:
-        try:
-            return await method(self, request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            failure = status_of(error, method.__name__)
-        set_status(context, failure)
-        return None  # type: ignore[return-value]  # a non-OK status sends no message
-
-    return wrapper
-
-
 class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
     def __init__(self, *, app: App) -> None:
         self.app = app
 
-    @unary
     async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
         principal = caller(self.app, context)
         record = await self.app.create_avatar(
@@ -89,13 +67,11 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
         personalised = await self.app.personalised(record.avatar_id)
         return to_avatar(record, personalised=personalised, details=True, preview=True)
 
-    @unary
     async def GetAvatar(self, request: avatar_pb2.GetAvatarRequest, context: Any) -> avatar_pb2.Avatar:
         record = await self.app.get_record(request.avatar_id, caller(self.app, context))
         personalised = await self.app.personalised(record.avatar_id)
         return to_avatar(record, personalised=personalised, details=True, preview=request.include_preview)
 
-    @unary
     async def ListAvatars(
         self, request: avatar_pb2.ListAvatarsRequest, context: Any
     ) -> avatar_pb2.ListAvatarsResponse:
@@ -108,7 +84,6 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
         ]
         return avatar_pb2.ListAvatarsResponse(avatars=avatars, next_page_token=token, total_size=total)
 
-    @unary
     async def DeleteAvatar(
         self, request: avatar_pb2.DeleteAvatarRequest, context: Any
     ) -> avatar_pb2.DeleteAvatarResponse:

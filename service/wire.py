@@ -141,20 +141,41 @@ async def _requests(raw: AsyncIterator[bytes], parse: Parser, peer: str) -> Asyn
         yield parsed
 
 
+async def _settle(call: Awaitable[Any], parse: Parser, context: grpc.aio.ServicerContext) -> Any:
+    """The reply of a single-reply call, or its failure set as the status (after the except)."""
+    try:
+        return await call
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as error:
+        failure = status_of(error, parse.method)
+    set_status(context, failure)
+    return None
+
+
+async def _relay(
+    replies: AsyncIterator[Any], parse: Parser, context: grpc.aio.ServicerContext
+) -> AsyncIterator[Any]:
+    """The replies of a streaming call, then its failure set as the status (after the except)."""
+    failure: Status | None = None
+    try:
+        async for reply in replies:
+            yield reply
+    except (asyncio.CancelledError, grpc.aio.AbortError):
+        raise
+    except Exception as error:
+        failure = status_of(error, parse.method)
+    if failure is not None:
+        set_status(context, failure)
+
+
 def _unary_unary(impl: Callable[..., Awaitable[Any]], parse: Parser) -> Callable[..., Awaitable[Any]]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
         request = parse(data, context.peer())
         if isinstance(request, tuple):
             set_status(context, request)
             return None
-        try:
-            return await impl(request, context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            failure = status_of(error, parse.method)
-        set_status(context, failure)
-        return None
+        return await _settle(impl(request, context), parse, context)
 
     return handle
 
@@ -168,16 +189,8 @@ def _unary_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any]
         if isinstance(request, tuple):
             set_status(context, request)
             return
-        failure: Status | None = None
-        try:
-            async for reply in impl(request, context):
-                yield reply
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            failure = status_of(error, parse.method)
-        if failure is not None:
-            set_status(context, failure)
+        async for reply in _relay(impl(request, context), parse, context):
+            yield reply
 
     return handle
 
@@ -187,30 +200,15 @@ def _stream_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any
         return _stream_unary(impl, parse)
 
     async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        failure: Status | None = None
-        try:
-            async for reply in impl(_requests(raw, parse, context.peer()), context):
-                yield reply
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            failure = status_of(error, parse.method)
-        if failure is not None:
-            set_status(context, failure)
+        async for reply in _relay(impl(_requests(raw, parse, context.peer()), context), parse, context):
+            yield reply
 
     return handle
 
 
 def _stream_unary(impl: Callable[..., Awaitable[Any]], parse: Parser) -> Callable[..., Awaitable[Any]]:
     async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
-        try:
-            return await impl(_requests(raw, parse, context.peer()), context)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
-            raise
-        except Exception as error:
-            failure = status_of(error, parse.method)
-        set_status(context, failure)
-        return None
+        return await _settle(impl(_requests(raw, parse, context.peer()), context), parse, context)
 
     return handle
 
