@@ -1,8 +1,9 @@
 """Benchmark: the raw generator by batch size, then the real service with 1, 4 and 16 live streams.
 
-1. raw: the served generator (model_repository/generator) run in this process with ONNX Runtime,
-   configured as the service's in-process backend runs it (the service's code path minus gRPC,
-   queues and encoding), batch 1, 2, 4, 8, 16: latency and frames per second.
+1. raw: the served generator (model_repository/generator) run in this process on the engine the
+   service's in-process backend picks (facekit/engines.py; the service's code path minus gRPC,
+   queues and encoding), batch 1, 2, 4, 8, 16: latency, frames per second, GFLOP/s and the share
+   of the CPU's fp32 peak; then the same table for every engine this machine has.
 2. closed loop: one stream, next frame sent when the previous reply arrives: the latency the
    service adds to a lone call over raw batch-1 inference.
 3. live: `talkinghead serve` in a subprocess; N = 1, 4, 16 streams each sending landmarks at 25 fps
@@ -44,7 +45,7 @@ import onnxruntime as ort
 from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
 from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
-from facekit import contract
+from facekit import contract, engines
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 
@@ -72,6 +73,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "raw batch-1 latency and the closed-loop per-frame latency through the service",
     )
     parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the --baseline comparison")
+    parser.add_argument(
+        "--engine",
+        default="auto",
+        choices=("auto", *engines.ENGINES),
+        help="the model's engine in the paired run (default auto, as the service picks)",
+    )
+    parser.add_argument(
+        "--baseline-engine",
+        default=engines.ONNXRUNTIME,
+        choices=("auto", *engines.ENGINES),
+        help="the baseline's engine in the paired run (default onnxruntime: the service before engines)",
+    )
     group = parser.add_argument_group("PyTorch generator on a device instead (export/speed.py)")
     group.add_argument("--device", choices=("cuda", "cpu"), help="time the PyTorch generator on this device")
     group.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
@@ -113,23 +126,30 @@ def percentiles(values: list[float]) -> dict[str, float]:
 
 # -- 1. the raw generator -----------------------------------------------------------------------
 class RawGenerator:
-    """The repository's latest generator in an ONNX Runtime session with the settings of the
-    service's in-process backend (service/backends/onnxruntime.py): one intra-op thread per core,
-    sequential, full graph optimisation, no spinning. Calls run in a worker thread."""
+    """The repository's latest generator on the engine the service's in-process backend would run
+    it on (facekit/engines.py; `auto`: the fastest allowed, timed the same way), or on `engine`.
+    Calls run in a worker thread."""
 
-    def __init__(self, *, repository: Path, threads: int = 0) -> None:
+    def __init__(
+        self, *, repository: Path, driver: LandmarkSequence, engine: str = "auto", threads: int = 0
+    ) -> None:
         path = contract.latest_version(repository / contract.GENERATOR)
         if path is None:
             raise SystemExit(f"no models in {repository}: run `make model-repository`")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.metadata = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.path = path
+        self.threads = threads or os.cpu_count() or 1
+        self.engine = engines.open_engine(path, engines.ONNXRUNTIME, threads=self.threads)
+        self.metadata = self.engine.metadata
         self.info = contract.ModelInfo.from_metadata(self.metadata, where=str(path))
+        self.timings: list[engines.Timing] = []
+        if engine == "auto":
+            names = engines.candidates(path, self.info.model_id)
+            if len(names) > 1:
+                self.engine, self.timings = engines.choose(
+                    path, names, lambda b: self.inputs(driver, b), [contract.IMAGE], threads=self.threads
+                )
+        elif engine != engines.ONNXRUNTIME:
+            self.engine = engines.open_engine(path, engine, threads=self.threads)
 
     def inputs(self, driver: LandmarkSequence, batch: int) -> dict[str, np.ndarray]:
         """The generator's feeds for `batch` drawn driver frames (B, S, S, 3) uint8, zero AdaIN
@@ -147,8 +167,8 @@ class RawGenerator:
         return feeds
 
     async def generate(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        (image,) = await asyncio.to_thread(self.session.run, [contract.IMAGE], feeds)
-        return np.asarray(image)
+        (image,) = await asyncio.to_thread(self.engine.run, feeds, [contract.IMAGE])
+        return image
 
 
 async def raw_generator(
@@ -176,6 +196,69 @@ async def raw_generator(
     return rows
 
 
+async def engine_table(
+    args: argparse.Namespace, driver: LandmarkSequence, chosen: RawGenerator
+) -> dict[str, Any]:
+    """Every engine this machine runs, at every batch size: frames/s and the share of the CPU's
+    fp32 peak; `allowed` says whether the service may pick it (lossy ones need a passed verdict)."""
+    allowed = engines.candidates(chosen.path, chosen.info.model_id)
+    gflops = _gflops(chosen.metadata)
+    peak = cpu_peak()
+    table: dict[str, Any] = {}
+    for name in engines.available():
+        raw = RawGenerator(repository=args.model_repository, driver=driver, engine=name)
+        print(f"engine {name}:")
+        rows = await raw_generator(raw, driver, args.batches, args.raw_seconds)
+        table[name] = {
+            "allowed": name in allowed,
+            "gflops_per_frame": gflops,
+            "rows": with_peak_share(rows, chosen.metadata, peak),
+        }
+    return table
+
+
+def _gflops(metadata: dict[str, str]) -> float | None:
+    value = metadata.get(contract.Meta.GFLOPS)
+    return float(value) if value else None
+
+
+def cpu_peak() -> dict[str, Any]:
+    """This machine's fp32 SIMD peak: cores x clock x FLOPs per cycle (two FMA units: 64 with
+    AVX-512, 32 with AVX2+FMA, else 8). bf16 on AMX has a far higher peak: shares computed against
+    fp32 are what the issue asks (how much of the fp32 machine we use)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = set(re.findall(r"^flags\s*:\s*(.*)$", text, re.M)[0].split()) if "flags" in text else set()
+    mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
+    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ghz = max(mhz) / 1e3 if mhz else None
+    return {
+        "cores": cores,
+        "ghz": ghz,
+        "fp32_flops_per_cycle": per_cycle,
+        "fp32_gflops": round(cores * ghz * per_cycle, 1) if ghz else None,
+        "amx": "amx_bf16" in flags,
+    }
+
+
+def with_peak_share(rows: list[dict], metadata: dict[str, str], peak: dict[str, Any]) -> list[dict]:
+    gflops = _gflops(metadata)
+    for row in rows:
+        if gflops and peak.get("fp32_gflops"):
+            row["gflops_per_s"] = round(row["fps"] * gflops, 1)
+            row["fp32_peak_share"] = round(row["fps"] * gflops / peak["fp32_gflops"], 3)
+    return rows
+
+
+def _version(package: str) -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version(package)
+    except Exception:
+        return None
+
+
 async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, seconds: float) -> float:
     """Raw fps at `batch` over `seconds` (right after a live run: the same machine load)."""
     feeds = raw.inputs(driver, batch)
@@ -187,7 +270,9 @@ async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, se
 
 
 # -- the server -------------------------------------------------------------------------------
-def start_server(repository: Path, store: Path, max_batch: int) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    repository: Path, store: Path, max_batch: int, *, engine: str = "auto"
+) -> tuple[subprocess.Popen[str], str]:
     env = dict(
         os.environ,
         TALKINGHEAD_MODEL_REPOSITORY=str(repository),
@@ -195,6 +280,7 @@ def start_server(repository: Path, store: Path, max_batch: int) -> tuple[subproc
         TALKINGHEAD_GRPC_PORT="0",
         TALKINGHEAD_METRICS_PORT="0",
         TALKINGHEAD_MAX_BATCH=str(max_batch),
+        TALKINGHEAD_ENGINE=engine,
         TALKINGHEAD_MAX_STREAMS="64",
         TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
     )
@@ -446,14 +532,15 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
     machine's load hits both alike: medians of raw batch-1 latency and of the closed-loop
     single-stream latency through a real server (rasterize, warp, queue, inference, encode)."""
     repos = {"model": args.model_repository, "baseline": args.baseline}
+    engines_of = {"model": args.engine, "baseline": args.baseline_engine}
     figures: dict[str, dict[str, list[float]]] = {k: {"raw_ms": [], "service_ms": []} for k in repos}
     for _ in range(args.rounds):
         for name, repository in repos.items():
-            raw = RawGenerator(repository=repository)
+            raw = RawGenerator(repository=repository, driver=driver, engine=engines_of[name])
             row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
             figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
             with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-                process, address = start_server(repository, Path(store), 1)
+                process, address = start_server(repository, Path(store), 1, engine=engines_of[name])
                 try:
                     with Client(target=address) as client:
                         client.create_avatar(
@@ -487,20 +574,28 @@ def run(args: argparse.Namespace) -> int:
         return speed.run(args)
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
-    raw = RawGenerator(repository=args.model_repository)
+    peak = cpu_peak()
+    raw = RawGenerator(repository=args.model_repository, driver=driver)
+    print(f"generator engine: {raw.engine.name} ({engines.describe(raw.timings) or 'the only one allowed'})")
     raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
+    per_engine = asyncio.run(engine_table(args, driver, raw))
     service = asyncio.run(service_runs(args, driver, raw))
     report = {
         "machine": {
             "cpus": os.cpu_count(),
             "platform": platform.platform(),
             "onnxruntime": ort.__version__,
+            "openvino": _version("openvino"),
             "python": platform.python_version(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         "model": {k.removeprefix(contract.Meta.PREFIX): v for k, v in raw.metadata.items()},
-        "raw_backend": raw_rows,
+        "cpu_peak": peak,
+        "engine": raw.engine.name,
+        "engine_choice_ms_per_frame": {t.engine: t.ms_per_frame for t in raw.timings},
+        "raw_backend": with_peak_share(raw_rows, raw.metadata, peak),
+        "engines": per_engine,
         **service,
     }
     if args.baseline is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from export import repository, to_onnx
-from facekit import contract
+from facekit import contract, engines
 from facekit.detect import make_detector
 from facekit.motion import transfer_motion
 from facekit.rasterize import draw_batch
@@ -124,6 +125,9 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             version_dir = repository.write_model(
                 args.repository, path, profile=args.profile, device=args.device, new_version=not same
             )
+            if graph.name == contract.GENERATOR:  # into the version served (the latest)
+                live = repository.versions(args.repository / graph.name)[-1]
+                copy_verdict(args.checkpoint, args.repository / graph.name / str(live))
             if not same:
                 changed.append(graph.name)
             entry["path"] = str(version_dir)
@@ -134,6 +138,18 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if args.triton_url:
         triton_load(args.triton_url, changed)
     return report
+
+
+def copy_verdict(ckpt_path: Path, version_dir: Path) -> None:
+    """`<checkpoint>.engines.json` (the evaluation's verdict on lossy CPU engines, see
+    facekit/engines.py) goes beside the shared generator, where the in-process backend reads it."""
+    verdict = ckpt_path.with_suffix(".engines.json")
+    target = version_dir / engines.VERDICT_FILE
+    if verdict.is_file():
+        shutil.copyfile(verdict, target)
+        log.info("engine verdict %s -> %s", verdict, target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 def triton_load(url: str, names: list[str]) -> None:

@@ -32,6 +32,7 @@ from facekit import contract
 from facekit.crop import CROP_SCALE
 from training import checkpoint
 from training.config import ExperimentConfig
+from training.generator import Generator
 
 log = logging.getLogger("talkinghead.export")
 
@@ -84,8 +85,12 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
     }
     warp = gen.cfg.warp_guided
 
+    gflops = gflops_per_frame(gen)
+
     def graph(kind: str, module: torch.nn.Module) -> Graph:
         meta = metadata(ckpt, kind, adain_size=d)
+        if kind != contract.KIND_EMBEDDER:
+            meta[contract.Meta.GFLOPS] = f"{gflops:.3f}"
         signature = contract.signature(kind, warp_guided=warp)
         inputs = {name: examples[name] for name in signature.input_names}
         return Graph(
@@ -106,6 +111,19 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
         graph(contract.KIND_EMBEDDER, EmbedderIO(embedder=emb, generator=gen)),
         graph(contract.KIND_GENERATOR, shared(generator=gen)),
     ]
+
+
+def gflops_per_frame(gen: Generator) -> float:
+    """GFLOPs (2 x multiply-adds) of one generator frame, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s, d = gen.cfg.image_size, gen.adain_size
+    image = torch.zeros(1, 3, s, s)
+    warped = image.clone() if gen.cfg.warp_guided else None
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        gen(image, torch.zeros(1, d), warped)
+    return float(counter.get_total_flops()) / 1e9
 
 
 def export_graph(graph: Graph, path: Path) -> Path:

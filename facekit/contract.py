@@ -133,6 +133,7 @@ class Meta:
     AVATAR = PREFIX + "avatar"  # personalised models only
     WARP_GUIDED = PREFIX + "warp_guided"  # "true": the generator takes `warped`; absent = "false"
     CONSENT_RECORD = PREFIX + "consent_record"  # personalised models: the avatar's consent record id
+    GFLOPS = PREFIX + "gflops_per_frame"  # generators: multiply-adds x 2 of one frame (benchmarks)
     KEYS = (
         KIND,
         IMAGE_SIZE,
@@ -145,6 +146,7 @@ class Meta:
         AVATAR,
         WARP_GUIDED,
         CONSENT_RECORD,
+        GFLOPS,
     )
 
 

@@ -77,6 +77,7 @@ def make_backend(settings: Settings) -> Backend:
 
     return OnnxRuntimeBackend(
         repository=settings.model_repository,
+        engine=settings.engine,
         threads=settings.inference_threads,
         timeout_s=settings.backend_timeout,
         stall_s=settings.backend_stall,

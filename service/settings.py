@@ -6,6 +6,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_GRPC_PORT         50051            gRPC port (0 = any free port)
     TALKINGHEAD_METRICS_PORT      8080             Prometheus /metrics port (0 = any free port)
     TALKINGHEAD_BACKEND           onnxruntime      onnxruntime (in-process) | triton
+    TALKINGHEAD_ENGINE            auto             in-process engine of the generators: auto (the fastest
+                                                   of those allowed, timed at start) | onnxruntime |
+                                                   openvino | openvino-bf16 (facekit/engines.py)
     TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC endpoint (backend = triton)
     TALKINGHEAD_MODEL_REPOSITORY  model_repository Triton-layout model repository (onnxruntime)
     TALKINGHEAD_AVATAR_STORE      var/avatars      directory of stored avatars
@@ -51,6 +54,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from facekit.engines import ENGINES
+
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -63,6 +68,7 @@ class Settings:
     grpc_port: int = 50051
     metrics_port: int = 8080
     backend: str = "onnxruntime"
+    engine: str = "auto"  # the onnxruntime backend's engine for generators (facekit/engines.py)
     triton_url: str = "127.0.0.1:8001"
     model_repository: Path = Path("model_repository")
     avatar_store: Path = Path("var/avatars")
@@ -102,6 +108,8 @@ class Settings:
         problems = []
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.engine not in ("auto", *ENGINES):
+            problems.append(f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
         for name in ("grpc_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be 0-65535, got {getattr(self, name)}")
@@ -177,6 +185,7 @@ _ENV_FIELDS = (
     "grpc_port",
     "metrics_port",
     "backend",
+    "engine",
     "triton_url",
     "model_repository",
     "avatar_store",
@@ -242,6 +251,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     group.add_argument("--metrics-port", type=int, help="Prometheus port (default 8080; 0 = any free)")
     group.add_argument("--backend", choices=BACKENDS, help="model backend (default onnxruntime)")
+    group.add_argument(
+        "--engine",
+        choices=("auto", *ENGINES),
+        help="in-process generator engine (default auto: the fastest allowed, timed at start)",
+    )
     group.add_argument("--triton-url", help="Triton gRPC host:port (default 127.0.0.1:8001)")
     group.add_argument("--model-repository", type=Path, help="model repository (default model_repository)")
     group.add_argument("--avatar-store", type=Path, help="avatar directory (default var/avatars)")

@@ -118,8 +118,11 @@ class ServerThread:
 
 
 def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:
-    """Free ports, private avatars and jobs; no worker unless a test asks (worker="embedded")."""
+    """Free ports, private avatars and jobs; no worker unless a test asks (worker="embedded").
+    The generator runs on ONNX Runtime, the engine of `Direct`, so frames compare exactly (and no
+    server spends its start timing engines); tests/test_engines.py covers the others."""
     base = Settings(
+        engine="onnxruntime",
         grpc_port=0,
         metrics_port=0,
         model_repository=repository,

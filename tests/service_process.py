@@ -67,6 +67,7 @@ class ServerProcess:
             "TALKINGHEAD_JOBS": str(root / "jobs"),
             "TALKINGHEAD_AUDIT_LOG": str(root / "audit.jsonl"),
             "TALKINGHEAD_WORKER": "external",
+            "TALKINGHEAD_ENGINE": "onnxruntime",
             **({} if cycle_collector else {"TEST_NO_GC": "1"}),
             **(env or {}),
         }

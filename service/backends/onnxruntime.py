@@ -1,4 +1,11 @@
-"""In-process ONNX Runtime backend: the model repository's ONNX files, run in a small thread pool.
+"""In-process backend: the model repository's ONNX files, run on this machine's CPU in a thread pool.
+
+The embedder runs in ONNX Runtime; the generators run on the engine `engine` names
+(facekit/engines.py). With `auto` (the default) the shared generator is timed at start on every
+engine allowed for it (fp32 ONNX Runtime and OpenVINO; OpenVINO bf16 only where the model's
+engines.json verdict passed it on the evaluation people) and the fastest serves; the choice and
+the timings are logged. Personalised generators use the same engine when it is an exact (fp32)
+one, else the fastest exact one: the verdict was measured on the shared weights.
 
 Runs happen in RUN_THREADS threads, off the asyncio loop. Each run already uses every core through
 ONNX Runtime's intra-op threads, so one run at a time would be fastest; two let the batches of
@@ -20,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
+from facekit import engines
 from facekit.contract import (
     ADAIN,
     EMBEDDER,
@@ -29,6 +36,7 @@ from facekit.contract import (
     GENERATOR,
     IMAGE,
     LANDMARK_IMAGE,
+    WARPED,
     Meta,
     ModelInfo,
     latest_version,
@@ -47,16 +55,22 @@ class OnnxRuntimeBackend(ReadyGate):
         self,
         *,
         repository: Path,
+        engine: str = "auto",
         threads: int = 0,
         poll_s: float = 1.0,
         timeout_s: float = 5.0,
         stall_s: float = 1.5,
     ) -> None:
+        if engine not in ("auto", *engines.ENGINES):
+            raise ValueError(f"unknown engine {engine!r}")
         self.repository = Path(repository)
+        self.requested_engine = engine
+        self.engine: str | None = None  # the shared generator's engine, once loaded
+        self._exact_engine = engines.ONNXRUNTIME  # personalised generators' engine when `engine` is lossy
         self.threads = threads or os.cpu_count() or 1
         self.poll_s = poll_s
         self._pool = ThreadPoolExecutor(max_workers=RUN_THREADS, thread_name_prefix="onnxruntime")
-        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._sessions: dict[str, engines.Engine] = {}
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._loader: asyncio.Task[None] | None = None
@@ -84,8 +98,12 @@ class OnnxRuntimeBackend(ReadyGate):
             if len(paths) == len(found):
                 try:
                     loop = asyncio.get_running_loop()
-                    for name, path in paths.items():
-                        self._sessions[name] = await loop.run_in_executor(self._pool, self._session, path)
+                    self._sessions[EMBEDDER] = await loop.run_in_executor(
+                        self._pool, self._open, paths[EMBEDDER], engines.ONNXRUNTIME
+                    )
+                    self._sessions[GENERATOR] = await loop.run_in_executor(
+                        self._pool, self._open_generator, paths[GENERATOR]
+                    )
                     self._info = self._read_info(self._sessions[GENERATOR], paths[GENERATOR])
                     self._check_embedder(paths[EMBEDDER])
                 except Exception as error:  # a half-written or foreign file: log, retry later
@@ -101,25 +119,60 @@ class OnnxRuntimeBackend(ReadyGate):
                 waiting_logged = True
             await asyncio.sleep(self.poll_s)
 
-    def _session(self, path: Path) -> ort.InferenceSession:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Idle ORT threads spinning would steal the cores the asyncio loop needs between runs.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    def _open(self, path: Path, engine: str) -> engines.Engine:
+        return engines.open_engine(path, engine, threads=self.threads)
+
+    def _open_generator(self, path: Path) -> engines.Engine:
+        """The shared generator on the configured engine, or with `auto` on the fastest allowed."""
+        if self.requested_engine != "auto":
+            chosen = self._open(path, self.requested_engine)
+            if chosen.name not in engines.EXACT:
+                model_id = chosen.metadata.get(Meta.MODEL_ID, "")
+                if chosen.name not in engines.passed_engines(path.parent / engines.VERDICT_FILE, model_id):
+                    log.warning(
+                        "generator engine %s was asked for, but no verdict passed it for %s",
+                        chosen.name,
+                        path,
+                    )
+                self._exact_engine = engines.OPENVINO
+            else:
+                self._exact_engine = chosen.name
+            self.engine = chosen.name
+            log.info("generator engine: %s (configured)", chosen.name)
+            return chosen
+        reference = self._open(path, engines.ONNXRUNTIME)
+        info = self._read_info(reference, path)
+        names = engines.candidates(path, info.model_id)
+        if len(names) < 2:
+            self.engine = engines.ONNXRUNTIME
+            log.info("generator engine: onnxruntime (the only one allowed here)")
+            return reference
+
+        def feeds(batch: int) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng(0)
+            size = (batch, info.image_size, info.image_size, 3)
+            f: dict[str, np.ndarray] = {
+                LANDMARK_IMAGE: rng.integers(0, 256, size, dtype=np.uint8),
+                ADAIN: (0.1 * rng.standard_normal((batch, info.adain_size))).astype(np.float32),
+            }
+            if info.warp_guided:
+                f[WARPED] = rng.integers(0, 256, size, dtype=np.uint8)
+            return f
+
+        chosen, timings = engines.choose(path, names, feeds, [IMAGE], threads=self.threads)
+        exact = [t for t in timings if t.engine in engines.EXACT]
+        if exact:
+            self._exact_engine = min(exact, key=lambda t: t.score).engine
+        self.engine = chosen.name
+        log.info("generator engine: %s (%s)", chosen.name, engines.describe(timings))
+        return chosen
 
     @staticmethod
-    def _metadata(session: ort.InferenceSession) -> dict[str, str]:
-        return dict(session.get_modelmeta().custom_metadata_map)
-
-    def _read_info(self, session: ort.InferenceSession, path: Path) -> ModelInfo:
-        return ModelInfo.from_metadata(self._metadata(session), where=str(path))
+    def _read_info(session: engines.Engine, path: Path) -> ModelInfo:
+        return ModelInfo.from_metadata(session.metadata, where=str(path))
 
     def _check_embedder(self, path: Path) -> None:
-        meta = self._metadata(self._sessions[EMBEDDER])
+        meta = self._sessions[EMBEDDER].metadata
         assert self._info is not None
         if meta.get(Meta.MODEL_ID) != self._info.model_id:
             raise ValueError(f"{path}: embedder and generator come from different models")
@@ -129,9 +182,9 @@ class OnnxRuntimeBackend(ReadyGate):
         session = self._sessions.get(name)
         if session is None:
             raise BackendUnavailable(f"model {name} is not loaded")
-        options = ort.RunOptions()
-        run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, outputs, feeds, options)
-        return await self.call(name, run, give_up=lambda: setattr(options, "terminate", True))
+        cancel = engines.Cancel()
+        run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, feeds, outputs, cancel)
+        return await self.call(name, run, give_up=cancel.cancel)
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.info.image_size
@@ -158,16 +211,16 @@ class OnnxRuntimeBackend(ReadyGate):
             return False
         loop = asyncio.get_running_loop()
         try:
-            session = await loop.run_in_executor(self._pool, self._session, path)
+            session = await loop.run_in_executor(self._pool, self._open, path, self._exact_engine)
         except Exception as error:
             log.error("cannot load %s: %s", path, error)
             return False
-        meta = self._metadata(session)
+        meta = session.metadata
         if meta.get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", path)
             return False
         self._sessions[name] = session
-        log.info("loaded personalised generator %s", path)
+        log.info("loaded personalised generator %s (%s)", path, session.name)
         return True
 
     async def generate_personalised(

@@ -16,6 +16,13 @@ example:
   talkinghead evaluate --checkpoint models/talkinghead-small.pt --out out/evaluation
   talkinghead evaluate --methods warp feed-forward --shots 8 --stills none     # minutes, no fine-tuning
   make evaluate
+  talkinghead evaluate --methods feed-forward --engines openvino openvino-bf16 \
+      --verdict models/talkinghead-small.engines.json      # the CPU engines' quality gate
+
+With --engines, each engine runs the exported generator of --repository as an extra feed-forward
+row (`feed-forward@<engine>`) and is judged against PyTorch's feed-forward row on the same frames:
+SSIM drop and identity-distance rise, the worst over every T (and the stills). --verdict writes
+that judgement where `make model-repository` picks it up (facekit/engines.py).
 """
 
 from __future__ import annotations
@@ -33,13 +40,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from facekit import engines
 from facekit.detect import make_detector
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter, smooth_sequence
 from training import checkpoint
 from training.config import EvalConfig, ExperimentConfig
 from training.evaluation import sheets
-from training.evaluation.methods import FeedForward, FineTuned, WarpBaseline
+from training.evaluation.methods import FeedForward, FeedForwardOn, FineTuned, WarpBaseline
 from training.evaluation.protocol import EvalClip, find_stills, load_still, still_driving
 from training.evaluation.readings import (
     correlation,
@@ -83,6 +91,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--engines",
+        nargs="+",
+        default=[],
+        choices=engines.ENGINES,
+        help="also run the exported generator on these CPU engines (needs the feed-forward method)",
+    )
+    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="for --engines")
+    parser.add_argument("--verdict", type=Path, help="write the engines' verdicts here (JSON)")
     parser.add_argument("--out", type=Path, default=Path("out/evaluation"))
 
 
@@ -127,6 +144,12 @@ def run(args: argparse.Namespace) -> int:
         report["jitter"] = evaluate_jitter(
             still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol
         )
+    if args.engines:
+        verdicts = judge_engines(report, args.engines, str(report["model_id"]))
+        report["engines"] = {v.engine: v.as_dict() for v in verdicts}
+        if args.verdict:
+            engines.write_verdicts(args.verdict, verdicts)
+            log.info("wrote the engine verdicts to %s", args.verdict)
     report["seconds"] = round(time.monotonic() - started, 1)
     write(args.out, report, samples, cfg.model.image_size)
     return 0
@@ -141,7 +164,33 @@ def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
             made[name] = FeedForward(meta)
         else:
             made[name] = FineTuned(meta, args.steps)
+    if args.engines and "feed-forward" not in made:
+        raise SystemExit("--engines are judged against the feed-forward row: add --methods feed-forward")
+    for engine in args.engines:
+        method = FeedForwardOn(meta, engine, args.repository, threads=args.threads)
+        made[method.name] = method
     return made
+
+
+def judge_engines(report: dict[str, Any], names: list[str], model_id: str) -> list[engines.Verdict]:
+    """Each engine's row against PyTorch's feed-forward row: the largest SSIM drop and identity
+    rise over every T's pooled figures and the stills' identity distance."""
+    verdicts = []
+    for name in names:
+        row = f"feed-forward@{name}"
+        drops, rises = [], []
+        for rows in report["reenactment"].values():
+            ours, theirs = rows["feed-forward"]["pooled"], rows[row]["pooled"]
+            drops.append(_worse(ours["ssim"], theirs["ssim"]))
+            rises.append(_worse(theirs["identity_distance"], ours["identity_distance"]))
+        still_rows = report.get("stills", {}).get("rows", {})
+        if row in still_rows:
+            ours, theirs = still_rows["feed-forward"]["pooled"], still_rows[row]["pooled"]
+            rises.append(_worse(theirs["identity_distance"], ours["identity_distance"]))
+        verdict = engines.Verdict(name, model_id, float(max(drops)), float(max(rises)))
+        log.info("engine %s: %s", name, verdict.as_dict())
+        verdicts.append(verdict)
+    return verdicts
 
 
 def _header(
@@ -281,6 +330,11 @@ def evaluate_jitter(
     return out
 
 
+def _worse(a: float | None, b: float | None) -> float:
+    """a - b; infinite (a failed gate) when the engine's figure is missing."""
+    return float("inf") if a is None or b is None else a - b
+
+
 def _pool_stills(per: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
     keys = next(iter(per.values())).keys()
     return {k: _nanmean(np.array([v[k] if v[k] is not None else np.nan for v in per.values()])) for k in keys}
@@ -336,6 +390,14 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
         parts.append(
             f"## Jitter on a still head ({j['clip']}, {j['frames']} frames; mean frame-to-frame motion "
             "of the stable points, in outer-eye distances)\n\n" + "\n".join(lines)
+        )
+    if report.get("engines"):
+        lines = ["| engine | SSIM drop | identity rise | passed |", "|---|---|---|---|"]
+        for name, v in report["engines"].items():
+            lines.append(f"| {name} | {v['ssim_drop']:.4f} | {v['identity_rise']:.4f} | {v['passed']} |")
+        parts.append(
+            f"## CPU engines against PyTorch (gate: SSIM drop <= {engines.MAX_SSIM_DROP}, identity "
+            f"rise <= {engines.MAX_IDENTITY_RISE}; worst over T and stills)\n\n" + "\n".join(lines)
         )
     if report.get("stills"):
         st = report["stills"]

@@ -8,6 +8,9 @@ fitting took (fine-tuning's wall time; ~0 for the others).
   piecewise-affinely onto the driving landmarks (facekit.warp). No learning at all.
 - `feed-forward`: the meta-learned model as the paper's few-shot mode, psi = P·mean(E(refs)).
 - `fine-tuned`: the model personalised on the references (training.finetune, config defaults).
+- `feed-forward@<engine>`: the feed-forward row with the exported generator (the model
+  repository's) run on a CPU engine of facekit/engines.py: the gate a lossy engine must pass
+  before the service may use it (`talkinghead evaluate --engines ... --verdict`).
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from facekit import contract, engines
 from facekit.rasterize import draw_batch
-from facekit.warp import nearest_reference, warp_image
+from facekit.warp import nearest_reference, warp_image, warp_nearest
 from training import checkpoint
 from training.finetune import personalise, render
 from training.runtime import from_uint8
@@ -74,6 +79,42 @@ class FeedForward:
         return Fitted(
             lambda points: render(self.generator, psi, points, refs=refs, ref_points=ref_points)[1], seconds
         )
+
+
+class FeedForwardOn(FeedForward):
+    """FeedForward with the exported generator on a CPU engine instead of PyTorch's G."""
+
+    BATCH = 16
+
+    def __init__(self, meta: dict[str, Any], engine: str, repository: Path, *, threads: int = 0) -> None:
+        super().__init__(meta)
+        path = contract.latest_version(repository / contract.GENERATOR)
+        if path is None:
+            raise ValueError(f"no generator in {repository}: run `make model-repository` first")
+        self.engine = engines.open_engine(path, engine, threads=threads or torch.get_num_threads())
+        exported = self.engine.metadata.get(contract.Meta.MODEL_ID)
+        if exported != checkpoint.fingerprint(meta):
+            raise ValueError(f"{path} is model {exported}, not this checkpoint's: export it first")
+        self.name = f"feed-forward@{engine}"
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        started = time.monotonic()
+        psi = self.psi(refs, ref_points).numpy()  # (1, D)
+        seconds = time.monotonic() - started
+        cfg = self.generator.cfg
+
+        def render_on_engine(points: np.ndarray) -> np.ndarray:
+            drawn = draw_batch(points, cfg.image_size, cfg.draw_style)
+            frames = []
+            for i in range(0, len(drawn), self.BATCH):
+                chunk = drawn[i : i + self.BATCH]
+                feeds = {contract.LANDMARK_IMAGE: chunk, contract.ADAIN: np.repeat(psi, len(chunk), 0)}
+                if cfg.warp_guided:
+                    feeds[contract.WARPED] = warp_nearest(refs, ref_points, points[i : i + self.BATCH])
+                frames.append(self.engine.run(feeds, [contract.IMAGE])[0])
+            return np.concatenate(frames)
+
+        return Fitted(render_on_engine, seconds)
 
 
 class FineTuned:

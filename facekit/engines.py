@@ -1,0 +1,363 @@
+"""CPU inference engines for the exported ONNX models, behind one small interface.
+
+    engine = open_engine(path, "openvino", threads=2)
+    image, = engine.run({"landmark_image": drawn, "adain": psi}, ["image"])
+
+Engines (`ENGINES`):
+- `onnxruntime`: ONNX Runtime's CPU execution provider, fp32 (the reference; always there).
+- `openvino`: OpenVINO's CPU plugin, fp32. The same numbers as onnxruntime to float rounding, and
+  1.3-1.6x its speed on the shipped generator (BENCHMARKS.md): one static-shape compilation per
+  batch size, made on first use (~0.4 s each).
+- `openvino-bf16`: OpenVINO computing in bfloat16 where the CPU does so natively (AMX or AVX-512
+  BF16); ~2x `openvino`. It changes the numbers, so it is a candidate only where the model's
+  engine verdict (`engines.json` beside the model file, written by `talkinghead evaluate
+  --engines ... --verdict`) says it held quality on the evaluation people.
+
+`choose` times the candidates on the model itself and returns the fastest: the service's embedded
+backend and `talkinghead bench` both pick with it, so they run what they measured. Torch-free:
+the service and the evaluation (training side) share this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+log = logging.getLogger("talkinghead.engines")
+
+ONNXRUNTIME, OPENVINO, OPENVINO_BF16 = "onnxruntime", "openvino", "openvino-bf16"
+ENGINES = (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
+EXACT = (ONNXRUNTIME, OPENVINO)  # fp32: candidates without a verdict
+VERDICT_FILE = "engines.json"
+# The evaluation gate (issue 15): a lossy engine passes when, on the evaluation people, SSIM drops
+# by at most this much and the identity distance rises by at most this much against fp32.
+MAX_SSIM_DROP = 0.01
+MAX_IDENTITY_RISE = 0.02
+
+
+class Cancel:
+    """Stops a run in flight from another thread (the backend's deadline): `cancel()` calls the
+    hook the engine bound for the run, or the next one bound."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._hook: Callable[[], None] | None = None
+        self.cancelled = False
+
+    def bind(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            self._hook = hook
+            cancelled = self.cancelled
+        if cancelled:
+            hook()
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            hook = self._hook
+        if hook is not None:
+            hook()
+
+
+class Engine(Protocol):
+    name: str
+    path: Path
+
+    @property
+    def metadata(self) -> dict[str, str]: ...
+
+    @property
+    def input_names(self) -> list[str]: ...
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+    ) -> list[np.ndarray]: ...
+
+
+class OnnxRuntimeEngine:
+    name = ONNXRUNTIME
+
+    def __init__(self, path: Path, *, threads: int) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        self._ort = ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Idle ORT threads spinning would steal the cores the asyncio loop needs between runs.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return dict(self.session.get_modelmeta().custom_metadata_map)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.session.get_inputs()]
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+    ) -> list[np.ndarray]:
+        options = self._ort.RunOptions()
+        if cancel is not None:
+            cancel.bind(lambda: setattr(options, "terminate", True))
+        return [np.asarray(x) for x in self.session.run(list(outputs), dict(feeds), options)]
+
+
+class OpenVinoEngine:
+    """One compiled model per batch size (static shapes are 1.3-1.5x faster than a dynamic batch
+    axis in OpenVINO's CPU plugin), each with a pool of infer requests for concurrent callers."""
+
+    def __init__(self, path: Path, *, threads: int, precision: str) -> None:
+        import openvino as ov
+
+        self.path = Path(path)
+        self.name = OPENVINO_BF16 if precision == "bf16" else OPENVINO
+        self._core = ov.Core()
+        self._model = self._core.read_model(str(path))
+        self._config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            # Pinned threads would fight the service's other threads for the same cores.
+            "ENABLE_CPU_PINNING": False,
+        }
+        self._lock = threading.Lock()
+        self._compiled: dict[tuple[int, ...], Any] = {}
+        self._idle: dict[tuple[int, ...], list[Any]] = {}
+        self._inputs = [p.get_any_name() for p in self._model.inputs]
+        self.compile(1)  # fails here, not on the first frame, when the file cannot be compiled
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        framework = self._model.get_rt_info(["framework"]).value
+        return {str(k): str(v) for k, v in dict(framework).items()}
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self._inputs)
+
+    def compile(self, batch: int) -> None:
+        """Compile the model for this batch size now (else on first use)."""
+        key = (batch,)
+        self._release(key, self._request(key))
+
+    def _request(self, key: tuple[int, ...]) -> Any:
+        """An idle infer request for inputs of this shape, compiling the model for it if needed."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            if idle:
+                return idle.pop()
+            compiled = self._compiled.get(key)
+        if compiled is None:
+            model = self._model.clone()
+            model.reshape(
+                {p.get_any_name(): [key[0], *list(p.get_partial_shape())[1:]] for p in model.inputs}
+            )
+            started = time.monotonic()
+            compiled = self._core.compile_model(model, "CPU", self._config)
+            log.debug(
+                "%s: %s compiled for batch %d in %.2f s",
+                self.name,
+                self.path,
+                key[0],
+                time.monotonic() - started,
+            )
+            with self._lock:
+                compiled = self._compiled.setdefault(key, compiled)
+        return compiled.create_infer_request()
+
+    def _release(self, key: tuple[int, ...], request: Any) -> None:
+        with self._lock:
+            self._idle[key].append(request)
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+    ) -> list[np.ndarray]:
+        batch = {len(v) for v in feeds.values()}
+        if len(batch) != 1:
+            raise ValueError("every input must have the same batch size")
+        key = (batch.pop(),)
+        request = self._request(key)
+        try:
+            if cancel is not None:
+                cancel.bind(request.cancel)
+                if cancel.cancelled:
+                    raise RuntimeError("the run was cancelled before it started")
+            # Asynchronous start + wait: only a request started so can be cancelled mid-run.
+            request.start_async({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+            request.wait()
+            # Copies: the request's buffers are reused by its next run.
+            return [np.array(request.get_tensor(name).data) for name in outputs]
+        finally:
+            self._release(key, request)
+
+
+def bf16_native() -> bool:
+    """True where OpenVINO's CPU plugin computes bf16 natively (else its bf16 is emulated/slow)."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def available() -> list[str]:
+    """The engines this machine can run at all (a verdict decides about the lossy ones)."""
+    names = [ONNXRUNTIME]
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return names
+    names.append(OPENVINO)
+    if bf16_native():
+        names.append(OPENVINO_BF16)
+    return names
+
+
+def open_engine(path: Path, name: str, *, threads: int) -> Engine:
+    if name == ONNXRUNTIME:
+        return OnnxRuntimeEngine(path, threads=threads)
+    if name in (OPENVINO, OPENVINO_BF16):
+        return OpenVinoEngine(path, threads=threads, precision="bf16" if name == OPENVINO_BF16 else "f32")
+    raise ValueError(f"unknown engine {name!r}; one of {', '.join(ENGINES)}")
+
+
+# -- verdicts ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Verdict:
+    """An engine measured against fp32 on the evaluation people (training/evaluation)."""
+
+    engine: str
+    model_id: str
+    ssim_drop: float
+    identity_rise: float
+
+    @property
+    def passed(self) -> bool:
+        return self.ssim_drop <= MAX_SSIM_DROP and self.identity_rise <= MAX_IDENTITY_RISE
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model_id": self.model_id,
+            "ssim_drop": round(self.ssim_drop, 5),
+            "identity_rise": round(self.identity_rise, 5),
+            "passed": self.passed,
+            "max_ssim_drop": MAX_SSIM_DROP,
+            "max_identity_rise": MAX_IDENTITY_RISE,
+        }
+
+
+def write_verdicts(path: Path, verdicts: Sequence[Verdict]) -> None:
+    data = {"engines": {v.engine: v.as_dict() for v in verdicts}}
+    Path(path).write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def passed_engines(path: Path, model_id: str) -> list[str]:
+    """Lossy engines a verdict file passed for this model (none when it is missing, unreadable or
+    for another model: a verdict holds for the weights it was measured on)."""
+    try:
+        data = json.loads(Path(path).read_text())
+        rows = data["engines"]
+        return sorted(
+            name
+            for name, row in rows.items()
+            if name in ENGINES and row.get("model_id") == model_id and row.get("passed") is True
+        )
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        log.warning("ignoring the engine verdict %s: %s", path, error)
+        return []
+
+
+def candidates(model_path: Path, model_id: str) -> list[str]:
+    """Engines that may run this model here: the exact ones, and the lossy ones its verdict passed."""
+    allowed = set(EXACT) | set(passed_engines(Path(model_path).parent / VERDICT_FILE, model_id))
+    return [name for name in available() if name in allowed]
+
+
+# -- choosing -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Timing:
+    engine: str
+    ms_per_frame: dict[int, float]  # batch size -> median ms per frame
+
+    @property
+    def score(self) -> float:
+        """Mean ms per frame over the batch sizes timed (lower is faster)."""
+        return float(np.mean(list(self.ms_per_frame.values())))
+
+
+def time_engine(
+    engine: Engine,
+    feeds: Callable[[int], dict[str, np.ndarray]],
+    outputs: Sequence[str],
+    *,
+    batches: Sequence[int] = (1, 4),
+    repeats: int = 3,
+) -> Timing:
+    """Median wall time per frame of `repeats` runs (after one warm-up) at each batch size."""
+    result = {}
+    for batch in batches:
+        f = feeds(batch)
+        engine.run(f, outputs)
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            engine.run(f, outputs)
+            times.append(time.perf_counter() - started)
+        result[batch] = float(np.median(times)) * 1e3 / batch
+    return Timing(engine.name, result)
+
+
+def choose(
+    path: Path,
+    names: Sequence[str],
+    feeds: Callable[[int], dict[str, np.ndarray]],
+    outputs: Sequence[str],
+    *,
+    threads: int,
+    batches: Sequence[int] = (1, 4),
+    repeats: int = 3,
+) -> tuple[Engine, list[Timing]]:
+    """Open each named engine on `path`, time it, and return the fastest (and every timing).
+    An engine that fails to open or run is logged and skipped; onnxruntime is the last resort."""
+    best: tuple[float, Engine] | None = None
+    timings = []
+    for name in names:
+        try:
+            engine = open_engine(path, name, threads=threads)
+            timing = time_engine(engine, feeds, outputs, batches=batches, repeats=repeats)
+        except Exception as error:
+            log.warning("engine %s cannot run %s: %s", name, path, error)
+            continue
+        timings.append(timing)
+        if best is None or timing.score < best[0]:
+            best = (timing.score, engine)
+    if best is None:
+        return open_engine(path, ONNXRUNTIME, threads=threads), timings
+    return best[1], timings
+
+
+def describe(timings: Sequence[Timing]) -> str:
+    """'openvino-bf16 21.0/17.9 ms per frame at batch 1/4; onnxruntime ...' for the start-up log."""
+    parts = []
+    for t in sorted(timings, key=lambda t: t.score):
+        sizes = "/".join(str(b) for b in t.ms_per_frame)
+        ms = "/".join(f"{v:.1f}" for v in t.ms_per_frame.values())
+        parts.append(f"{t.engine} {ms} ms per frame at batch {sizes}")
+    return "; ".join(parts)

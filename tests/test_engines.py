@@ -1,0 +1,199 @@
+"""The CPU engines (facekit/engines.py): each runs the committed generator to the same frames as ONNX
+Runtime, a deadline stops a run in flight, only a passed verdict lets a lossy engine serve, and the
+service's in-process backend serves on the engine it chose."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facekit import contract, engines
+from service.backends.onnxruntime import OnnxRuntimeBackend
+from service.settings import Settings
+from tests.service_fixtures import *  # noqa: F403
+from training.evaluation.command import judge_engines
+
+REPO = Path(__file__).resolve().parents[1]
+needs_openvino = pytest.mark.skipif(
+    engines.OPENVINO not in engines.available(), reason="openvino is not installed"
+)
+needs_bf16 = pytest.mark.skipif(
+    engines.OPENVINO_BF16 not in engines.available(), reason="this CPU has no native bf16"
+)
+
+
+def _generator(repository: Path) -> Path:
+    path = contract.latest_version(repository / contract.GENERATOR)
+    assert path is not None
+    return path
+
+
+def _feeds(path: Path, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Real landmark drawings of the demo driver and a psi of plausible scale."""
+    from facekit.rasterize import draw_batch
+    from facekit.sequence import LandmarkSequence
+
+    meta = engines.open_engine(path, engines.ONNXRUNTIME, threads=1).metadata
+    info = contract.ModelInfo.from_metadata(meta, where=str(path))
+    driver = LandmarkSequence.load(REPO / "facekit/assets/demo_driver.npz").rescaled(info.image_size)
+    drawn = draw_batch(driver.points[seed : seed + batch], info.image_size, info.draw_style)
+    rng = np.random.default_rng(seed)
+    return {
+        contract.LANDMARK_IMAGE: drawn,
+        contract.ADAIN: (0.3 * rng.standard_normal((batch, info.adain_size))).astype(np.float32),
+    }
+
+
+@needs_openvino
+def test_openvino_fp32_makes_the_frames_onnxruntime_makes(model_repository: Path) -> None:
+    path = _generator(model_repository)
+    reference = engines.open_engine(path, engines.ONNXRUNTIME, threads=2)
+    ov = engines.open_engine(path, engines.OPENVINO, threads=2)
+    assert ov.metadata == reference.metadata  # the contract's metadata reads the same
+    for batch in (1, 3):
+        feeds = _feeds(path, batch, seed=batch)
+        (want,) = reference.run(feeds, [contract.IMAGE])
+        (got,) = ov.run(feeds, [contract.IMAGE])
+        assert got.shape == want.shape and got.dtype == np.uint8
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
+
+
+@needs_bf16
+def test_openvino_bf16_stays_close_to_fp32(model_repository: Path) -> None:
+    path = _generator(model_repository)
+    feeds = _feeds(path, 4)
+    (want,) = engines.open_engine(path, engines.ONNXRUNTIME, threads=2).run(feeds, [contract.IMAGE])
+    (got,) = engines.open_engine(path, engines.OPENVINO_BF16, threads=2).run(feeds, [contract.IMAGE])
+    diff = np.abs(got.astype(int) - want.astype(int))
+    assert diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
+    assert diff.max() > 0  # it does compute in bf16: the numbers change (that is why it is gated)
+
+
+@pytest.mark.parametrize("name", engines.available())
+def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, name: str) -> None:
+    path = _generator(model_repository)
+    engine = engines.open_engine(path, name, threads=1)
+    feeds = _feeds(path, 16)
+    engine.run(feeds, [contract.IMAGE])  # compiled and warm
+    started = time.monotonic()
+    engine.run(feeds, [contract.IMAGE])
+    full = time.monotonic() - started
+    cancel = engines.Cancel()
+    threading.Timer(full / 10, cancel.cancel).start()
+    started = time.monotonic()
+    with pytest.raises(Exception):  # noqa: B017  # each engine raises its own error type
+        engine.run(feeds, [contract.IMAGE], cancel)
+    assert time.monotonic() - started < full * 0.7
+    (image,) = engine.run(feeds, [contract.IMAGE])  # the engine still works afterwards
+    assert image.shape[0] == 16
+
+
+def _verdict(path: Path, rows: dict[str, dict]) -> None:
+    path.write_text(json.dumps({"engines": rows}))
+
+
+def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Path) -> None:
+    model = tmp_path / "1" / "model.onnx"
+    model.parent.mkdir()
+    verdict = model.parent / engines.VERDICT_FILE
+    assert engines.passed_engines(verdict, "abc") == []  # no file
+    assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
+    passed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01)
+    engines.write_verdicts(verdict, [passed])
+    assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
+    assert engines.passed_engines(verdict, "another-model") == []  # measured on other weights
+    failed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0)
+    assert not failed.passed
+    engines.write_verdicts(verdict, [failed])
+    assert engines.passed_engines(verdict, "abc") == []
+    for broken in ("{", "[]", '{"engines": {"openvino-bf16": "yes"}}', '{"engines": 3}'):
+        verdict.write_text(broken)
+        assert engines.passed_engines(verdict, "abc") == []
+    _verdict(verdict, {"cuda": {"model_id": "abc", "passed": True}})
+    assert engines.passed_engines(verdict, "abc") == []  # not an engine this project knows
+
+
+def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
+    def rows(ssim: float, identity: float | None) -> dict:
+        return {"pooled": {"ssim": ssim, "identity_distance": identity}}
+
+    report = {
+        "reenactment": {
+            "T=1": {"feed-forward": rows(0.50, 0.70), "feed-forward@a": rows(0.495, 0.71)},
+            "T=8": {"feed-forward": rows(0.52, 0.66), "feed-forward@a": rows(0.505, 0.665)},
+        },
+        "stills": {"rows": {"feed-forward": rows(0, 0.60), "feed-forward@a": rows(0, 0.61)}},
+    }
+    (verdict,) = judge_engines(report, ["a"], "m")
+    assert verdict.ssim_drop == pytest.approx(0.015) and not verdict.passed  # T=8 dropped too far
+    report["reenactment"]["T=8"]["feed-forward@a"] = rows(0.515, 0.665)
+    (verdict,) = judge_engines(report, ["a"], "m")
+    assert verdict.passed and verdict.identity_rise == pytest.approx(0.01)
+    report["stills"]["rows"]["feed-forward@a"] = rows(0, None)  # no face found on its stills
+    (verdict,) = judge_engines(report, ["a"], "m")
+    assert not verdict.passed
+
+
+def test_settings_refuse_an_unknown_engine() -> None:
+    with pytest.raises(ValueError, match="engine must be auto or one of"):
+        Settings(engine="cuda")
+
+
+def _backend_frames(
+    repository: Path, engine: str, caplog: pytest.LogCaptureFixture
+) -> tuple[str, np.ndarray]:
+    async def main() -> tuple[str, np.ndarray]:
+        backend = OnnxRuntimeBackend(repository=repository, engine=engine, threads=2)
+        await backend.start()
+        try:
+            await asyncio.wait_for(backend._ready.wait(), 120)
+            feeds = _feeds(_generator(repository), 2)
+            image = await backend.generate(feeds[contract.LANDMARK_IMAGE], feeds[contract.ADAIN])
+            assert backend.engine is not None
+            return backend.engine, image
+        finally:
+            await backend.close()
+
+    with caplog.at_level("INFO", logger="talkinghead.service.onnxruntime"):
+        return asyncio.run(main())
+
+
+def test_the_backend_serves_on_the_fastest_allowed_engine_and_says_which(
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
+    verdict = _generator(repository).parent / engines.VERDICT_FILE
+    verdict.unlink(missing_ok=True)  # no verdict: only the exact engines compete
+    chosen, frames = _backend_frames(repository, "auto", caplog)
+    assert chosen in engines.EXACT
+    line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
+    assert line.startswith(f"generator engine: {chosen}")
+    for name in engines.available():
+        if name in engines.EXACT:
+            assert f"{name} " in line  # every exact engine was timed and is named with its figures
+    assert engines.OPENVINO_BF16 not in line
+    _, reference = _backend_frames(repository, engines.ONNXRUNTIME, caplog)
+    assert np.abs(frames.astype(int) - reference.astype(int)).max() <= 2
+
+
+@needs_bf16
+def test_a_passed_verdict_lets_bf16_compete(
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
+    path = _generator(repository)
+    model_id = engines.open_engine(path, engines.ONNXRUNTIME, threads=1).metadata[contract.Meta.MODEL_ID]
+    engines.write_verdicts(
+        path.parent / engines.VERDICT_FILE,
+        [engines.Verdict(engines.OPENVINO_BF16, model_id, ssim_drop=0.0, identity_rise=0.0)],
+    )
+    _backend_frames(repository, "auto", caplog)
+    line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
+    assert engines.OPENVINO_BF16 in line
