@@ -9,7 +9,9 @@
 3. live: `talkinghead serve` in a subprocess; N = 1, 4, 16 streams each sending landmarks at 25 fps
    (DROP_OLDEST, the live policy) for --seconds: achieved fps, end-to-end latency percentiles
    (send -> reply, client clock), drops, mean batch size, and the server's per-stage times. The
-   service's fps is compared with the raw generator's fps at the same (mean) batch size.
+   service's fps is compared with the raw generator's fps at the same (mean) batch size. One
+   offline (BLOCK) stream (--offline-streams) sends alongside, keeping 4 frames in flight: what
+   admission leaves to offline work; live + offline fps is compared with the raw generator's.
 
 4. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
    through the service (one stream, closed loop): per-frame latency and the ratio.
@@ -52,6 +54,7 @@ from facekit.sequence import LandmarkSequence
 ASSETS = Path(__file__).resolve().parents[1] / "facekit/assets"
 STAGES = ("rasterize", "queue", "inference", "encode", "total")
 AVATAR = "bench"
+OFFLINE_WINDOW = 4  # frames an offline (BLOCK) bench stream keeps in flight
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--fps", type=float, default=25.0, help="frames per second each stream sends")
     parser.add_argument("--seconds", type=float, default=10.0, help="duration of each live run")
+    parser.add_argument(
+        "--offline-streams",
+        type=int,
+        default=1,
+        help="BLOCK streams sending alongside each live run, using the capacity live streams leave",
+    )
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
     parser.add_argument("--closed-loop-frames", type=int, default=60)
     parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
@@ -363,6 +372,19 @@ async def lockstep(
         yield index
 
 
+async def windowed(seconds: float, window: int, log: StreamLog, reply: asyncio.Event) -> AsyncIterator[int]:
+    """Frame indices for `seconds`, at most `window` awaiting their replies (an offline sender
+    that keeps the server busy: BLOCK streams drop nothing, so in flight = sent - received)."""
+    t0 = time.perf_counter()
+    index = 0
+    while time.perf_counter() - t0 < seconds:
+        while index - len(log.latencies) >= window:
+            await reply.wait()
+            reply.clear()
+        yield index
+        index += 1
+
+
 async def run_stream(
     stub: animation_pb2_grpc.AnimationServiceStub,
     avatar: str,
@@ -373,13 +395,22 @@ async def run_stream(
     seconds: float = 0.0,
     closed_loop_frames: int = 0,
     between: Callable[[], Awaitable[Any]] | None = None,
+    offline_window: int = 0,
 ) -> dict[str, Any]:
-    """One stream: paced at `fps` for `seconds` (live), or closed loop for `closed_loop_frames`
-    (next frame when the previous reply is in; `between` runs before each, timed: a paired raw call)."""
+    """One stream: paced at `fps` for `seconds` (live), closed loop for `closed_loop_frames`
+    (next frame when the previous reply is in; `between` runs before each, timed: a paired raw
+    call), or offline (BLOCK) for `seconds` with `offline_window` frames in flight."""
     log = StreamLog()
     reply = asyncio.Event()
-    ticks = lockstep(closed_loop_frames, reply, log, between) if closed_loop_frames else paced(fps, seconds)
-    config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST, expected_fps=fps)
+    ticks: AsyncIterator[int]
+    if offline_window:
+        ticks = windowed(seconds, offline_window, log, reply)
+        config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_BLOCK)
+    else:
+        ticks = (
+            lockstep(closed_loop_frames, reply, log, between) if closed_loop_frames else paced(fps, seconds)
+        )
+        config = pb.StreamConfig(avatar_id=avatar, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST, expected_fps=fps)
     messages = [to_landmarks(p) for p in points]
 
     call = stub.Animate()
@@ -475,7 +506,8 @@ async def live(
     args: argparse.Namespace,
     streams: int,
 ) -> dict[str, Any]:
-    """`streams` live streams at once, then the raw generator at their mean batch size."""
+    """`streams` live streams at once (and --offline-streams BLOCK streams using what the live
+    ones leave), then the raw generator at the live streams' mean batch size."""
     runs = await asyncio.gather(
         *(
             run_stream(
@@ -487,14 +519,34 @@ async def live(
                 seconds=args.seconds,
             )
             for i in range(streams)
-        )
+        ),
+        *(
+            run_stream(
+                stub,
+                AVATAR,
+                np.roll(driver.points, 3 * i, axis=0),
+                driver.frame_size,
+                seconds=args.seconds,
+                offline_window=OFFLINE_WINDOW,
+            )
+            for i in range(args.offline_streams)
+        ),
     )
+    live_runs, offline_runs = runs[:streams], runs[streams:]
     row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
-    row.update(merge(runs))
+    row.update(merge(live_runs))
     nearest = min(args.batches, key=lambda b: abs(b - row["mean_batch"]))
     raw_fps = await raw_window(raw, driver, nearest, args.raw_seconds)
     row["raw_fps_after"] = {"batch": nearest, "fps": round(raw_fps, 2)}
     row["ratio_to_raw_after"] = round(row["achieved_fps"] / raw_fps, 3)
+    total = row["achieved_fps"]
+    if offline_runs:
+        offline = merge(offline_runs)
+        row["offline"] = {k: offline[k] for k in ("received", "achieved_fps", "latency_ms", "mean_batch")}
+        row["offline"]["streams"] = len(offline_runs)
+        total += offline["achieved_fps"]
+        row["total_fps"] = round(total, 2)
+        row["total_ratio_to_raw_after"] = round(total / raw_fps, 3)
     print(
         f"{streams:>2} stream(s) x {args.fps:g} fps offered, {row['admitted']} admitted: "
         f"{row['achieved_fps']:6.1f} fps, "
@@ -503,6 +555,12 @@ async def live(
         f"{raw_fps:.1f} fps (ratio {row['ratio_to_raw_after']:.2f}); "
         f"latency p50/p95/p99 {row['latency_ms']['p50']:.0f}/{row['latency_ms']['p95']:.0f}/"
         f"{row['latency_ms']['p99']:.0f} ms; {row['dropped']} dropped"
+        + (
+            f"; + {len(offline_runs)} offline: {row['offline']['achieved_fps']:.1f} fps, total "
+            f"{total:.1f} fps (ratio {row['total_ratio_to_raw_after']:.2f})"
+            if offline_runs
+            else ""
+        )
     )
     return row
 
@@ -591,6 +649,7 @@ def run(args: argparse.Namespace) -> int:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
         },
         "model": {k.removeprefix(contract.Meta.PREFIX): v for k, v in raw.metadata.items()},
+        "model_path": str(raw.path),
         "cpu_peak": peak,
         "engine": raw.engine.name,
         "engine_choice_ms_per_frame": {t.engine: t.ms_per_frame for t in raw.timings},

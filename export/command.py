@@ -122,12 +122,16 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 and (args.repository / graph.name / str(latest[-1]) / "model.onnx").read_bytes()
                 == path.read_bytes()
             )
-            version_dir = repository.write_model(
-                args.repository, path, profile=args.profile, device=args.device, new_version=not same
-            )
-            if graph.name == contract.GENERATOR:  # into the version served (the latest)
-                live = repository.versions(args.repository / graph.name)[-1]
-                copy_verdict(args.checkpoint, args.repository / graph.name / str(live))
+            if same:  # already served: refresh its config, keep the version (Triton keeps it loaded)
+                version_dir = repository.write_config(
+                    args.repository, path, profile=args.profile, device=args.device
+                )
+            else:
+                version_dir = repository.write_model(
+                    args.repository, path, profile=args.profile, device=args.device
+                )
+            if graph.name == contract.GENERATOR:
+                copy_verdict(args.checkpoint, version_dir)
             if not same:
                 changed.append(graph.name)
             entry["path"] = str(version_dir)

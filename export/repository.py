@@ -197,6 +197,15 @@ def write_model(
     return target
 
 
+def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", device: str = "cpu") -> Path:
+    """Rewrite the config of a model whose latest version already holds `onnx_path`'s bytes;
+    returns that version directory."""
+    spec = spec_of(onnx_path, profile=profile)
+    model_dir = repository / spec.name
+    _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
+    return model_dir / str(versions(model_dir)[-1])
+
+
 def remove_model(repository: Path, name: str) -> bool:
     """Delete `<repository>/<name>/`; False if it was not there. Unload it from Triton first."""
     if not _NAME.match(name):

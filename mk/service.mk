@@ -8,7 +8,7 @@ SOAK_ARGS ?=
 FUZZ_CASES ?= 100000
 FUZZ_SEED ?= $(shell date +%s)
 
-.PHONY: protos serve bench soak fuzz
+.PHONY: protos serve bench baseline-repository soak fuzz
 
 protos: $(STUBS)
 
@@ -30,8 +30,24 @@ $(STUBS) &: $(PROTOS)
 serve: $(STAMP)
 	$(VENV)/bin/talkinghead serve
 
-bench: $(STAMP)
-	$(VENV)/bin/talkinghead bench --out $(BENCH_OUT)
+# Paired against the previous model: BASELINE, the model repository `make baseline-repository`
+# exports from git revision BASELINE_REV with that revision's own code (default: the model as
+# served before the CPU engines, on ONNX Runtime). BASELINE= (empty) skips the pairing.
+BASELINE ?= out/baseline_repository
+BASELINE_REV ?= 445b21b
+BASELINE_TREE := out/.baseline-tree
+
+bench: $(STAMP) model-repository $(if $(BASELINE),$(BASELINE)/generator/config.pbtxt)
+	$(VENV)/bin/talkinghead bench --out $(BENCH_OUT) $(if $(BASELINE),--baseline $(BASELINE))
+
+baseline-repository: $(BASELINE)/generator/config.pbtxt
+
+$(BASELINE)/generator/config.pbtxt: | $(STAMP)
+	rm -rf $(BASELINE_TREE) && git worktree prune
+	git worktree add --detach $(BASELINE_TREE) $(BASELINE_REV)
+	cd $(BASELINE_TREE) && PYTHONPATH=$$PWD $(abspath $(PY)) -m talkinghead.cli export --no-check \
+		--checkpoint models/talkinghead-small.pt --repository $(abspath $(BASELINE))
+	git worktree remove --force $(BASELINE_TREE)
 
 # 64 live streams for 10 minutes against `talkinghead serve` (tools/soak.py): the server's RSS
 # growth after warm-up < 5 %, no error status, frames lost only by the drop policy, every stream
