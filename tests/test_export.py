@@ -70,10 +70,17 @@ def test_exported_files_keep_the_contract(exported: tuple[Path, dict]) -> None:
 
 def test_single_file_with_metadata(exported: tuple[Path, dict]) -> None:
     repo, report = exported
-    assert sorted(p.name for p in repo.rglob("*") if p.is_file()) == sorted(
-        ["config.pbtxt", "model.onnx", "model.py"] * 2
-    ), "no external data files next to the models"
+    assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()) == [
+        "embedder/1/model.onnx",
+        "embedder/1/model.py",
+        "embedder/config.pbtxt",
+        "generator/1/engines.json",  # the checkpoint's engine verdict, beside the generator
+        "generator/1/model.onnx",
+        "generator/1/model.py",
+        "generator/config.pbtxt",
+    ], "no external data files next to the models"
     meta = report["models"]["generator"]["metadata"]
+    assert 3.0 < float(meta["talkinghead.gflops_per_frame"]) < 5.0  # the shipped generator: 3.85
     assert meta["talkinghead.kind"] == "generator"
     assert meta["talkinghead.image_size"] == "128" and meta["talkinghead.adain_size"] == "2240"
     assert json.loads(meta["talkinghead.draw_style"]) == {"antialias": True, "line_width": 1}
