@@ -139,26 +139,16 @@ class RawGenerator:
     it on (facekit/engines.py; `auto`: the fastest allowed, timed the same way), or on `engine`.
     Calls run in a worker thread."""
 
-    def __init__(
-        self, *, repository: Path, driver: LandmarkSequence, engine: str = "auto", threads: int = 0
-    ) -> None:
+    def __init__(self, *, repository: Path, engine: str = "auto", threads: int = 0) -> None:
         path = contract.latest_version(repository / contract.GENERATOR)
         if path is None:
             raise SystemExit(f"no models in {repository}: run `make model-repository`")
         self.path = path
         self.threads = threads or os.cpu_count() or 1
-        self.engine = engines.open_engine(path, engines.ONNXRUNTIME, threads=self.threads)
+        chosen = engines.pick(path, engine, threads=self.threads)
+        self.engine, self.info, self.timings = chosen.engine, chosen.info, chosen.timings
+        self.choice = chosen.describe()
         self.metadata = self.engine.metadata
-        self.info = contract.ModelInfo.from_metadata(self.metadata, where=str(path))
-        self.timings: list[engines.Timing] = []
-        if engine == "auto":
-            names = engines.candidates(path, self.info.model_id)
-            if len(names) > 1:
-                self.engine, self.timings = engines.choose(
-                    path, names, lambda b: self.inputs(driver, b), [contract.IMAGE], threads=self.threads
-                )
-        elif engine != engines.ONNXRUNTIME:
-            self.engine = engines.open_engine(path, engine, threads=self.threads)
 
     def inputs(self, driver: LandmarkSequence, batch: int) -> dict[str, np.ndarray]:
         """The generator's feeds for `batch` drawn driver frames (B, S, S, 3) uint8, zero AdaIN
@@ -206,16 +196,15 @@ async def raw_generator(
 
 
 async def engine_table(
-    args: argparse.Namespace, driver: LandmarkSequence, chosen: RawGenerator
+    args: argparse.Namespace, driver: LandmarkSequence, chosen: RawGenerator, peak: dict[str, Any]
 ) -> dict[str, Any]:
     """Every engine this machine runs, at every batch size: frames/s and the share of the CPU's
     fp32 peak; `allowed` says whether the service may pick it (lossy ones need a passed verdict)."""
     allowed = engines.candidates(chosen.path, chosen.info.model_id)
     gflops = _gflops(chosen.metadata)
-    peak = cpu_peak()
     table: dict[str, Any] = {}
     for name in engines.available():
-        raw = RawGenerator(repository=args.model_repository, driver=driver, engine=name)
+        raw = RawGenerator(repository=args.model_repository, engine=name)
         print(f"engine {name}:")
         rows = await raw_generator(raw, driver, args.batches, args.raw_seconds)
         table[name] = {
@@ -594,7 +583,7 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
     figures: dict[str, dict[str, list[float]]] = {k: {"raw_ms": [], "service_ms": []} for k in repos}
     for _ in range(args.rounds):
         for name, repository in repos.items():
-            raw = RawGenerator(repository=repository, driver=driver, engine=engines_of[name])
+            raw = RawGenerator(repository=repository, engine=engines_of[name])
             row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
             figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
             with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
@@ -633,10 +622,10 @@ def run(args: argparse.Namespace) -> int:
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
     peak = cpu_peak()
-    raw = RawGenerator(repository=args.model_repository, driver=driver)
-    print(f"generator engine: {raw.engine.name} ({engines.describe(raw.timings) or 'the only one allowed'})")
+    raw = RawGenerator(repository=args.model_repository)
+    print(f"generator engine: {raw.engine.name} ({raw.choice})")
     raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
-    per_engine = asyncio.run(engine_table(args, driver, raw))
+    per_engine = asyncio.run(engine_table(args, driver, raw, peak))
     service = asyncio.run(service_runs(args, driver, raw))
     report = {
         "machine": {

@@ -30,6 +30,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from facekit.contract import ADAIN, IMAGE, LANDMARK_IMAGE, WARPED, ModelInfo
+
 log = logging.getLogger("talkinghead.engines")
 
 ONNXRUNTIME, OPENVINO, OPENVINO_BF16 = "onnxruntime", "openvino", "openvino-bf16"
@@ -352,14 +354,17 @@ def choose(
     threads: int,
     batches: Sequence[int] = (1, 4),
     repeats: int = 3,
+    opened: Sequence[Engine] = (),
 ) -> tuple[Engine, list[Timing]]:
-    """Open each named engine on `path`, time it, and return the fastest (and every timing).
-    An engine that fails to open or run is logged and skipped; onnxruntime is the last resort."""
+    """Open each named engine on `path` (or take it from `opened`), time it, and return the
+    fastest (and every timing). An engine that fails to open or run is logged and skipped;
+    onnxruntime is the last resort."""
+    ready = {engine.name: engine for engine in opened}
     best: tuple[float, Engine] | None = None
     timings = []
     for name in names:
         try:
-            engine = open_engine(path, name, threads=threads)
+            engine = ready.get(name) or open_engine(path, name, threads=threads)
             timing = time_engine(engine, feeds, outputs, batches=batches, repeats=repeats)
         except Exception as error:
             log.warning("engine %s cannot run %s: %s", name, path, error)
@@ -368,8 +373,58 @@ def choose(
         if best is None or timing.score < best[0]:
             best = (timing.score, engine)
     if best is None:
-        return open_engine(path, ONNXRUNTIME, threads=threads), timings
+        return ready.get(ONNXRUNTIME) or open_engine(path, ONNXRUNTIME, threads=threads), timings
     return best[1], timings
+
+
+def timing_feeds(info: ModelInfo) -> Callable[[int], dict[str, np.ndarray]]:
+    """Inputs of `batch` frames for timing a generator of `info` (its cost does not depend on the
+    pixels): random landmark images (and warped references), AdaIN parameters of plausible scale."""
+
+    def feeds(batch: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(0)
+        size = (batch, info.image_size, info.image_size, 3)
+        f: dict[str, np.ndarray] = {
+            LANDMARK_IMAGE: rng.integers(0, 256, size, dtype=np.uint8),
+            ADAIN: (0.1 * rng.standard_normal((batch, info.adain_size))).astype(np.float32),
+        }
+        if info.warp_guided:
+            f[WARPED] = rng.integers(0, 256, size, dtype=np.uint8)
+        return f
+
+    return feeds
+
+
+@dataclass(frozen=True)
+class Pick:
+    engine: Engine  # the shared generator's engine
+    info: ModelInfo
+    timings: list[Timing]  # empty when nothing was timed (one candidate, or configured)
+    exact: str  # the fastest exact engine: personalised generators' engine
+    configured: bool = False  # asked for by name, not chosen
+
+    def describe(self) -> str:
+        return "configured" if self.configured else describe(self.timings) or "the only one allowed here"
+
+
+def pick(path: Path, requested: str, *, threads: int) -> Pick:
+    """The generator at `path` on the `requested` engine, or with "auto" on the fastest of those
+    `candidates` allows (timed on `timing_feeds`): what the service serves on and the bench times."""
+    reference = open_engine(path, ONNXRUNTIME, threads=threads)
+    info = ModelInfo.from_metadata(reference.metadata, where=str(path))
+    if requested != "auto":
+        engine = reference if requested == ONNXRUNTIME else open_engine(path, requested, threads=threads)
+        if engine.name not in EXACT and engine.name not in passed_engines(
+            Path(path).parent / VERDICT_FILE, info.model_id
+        ):
+            log.warning("engine %s was asked for, but no verdict passed it for %s", engine.name, path)
+        return Pick(engine, info, [], engine.name if engine.name in EXACT else OPENVINO, configured=True)
+    names = candidates(path, info.model_id)
+    if len(names) < 2:
+        return Pick(reference, info, [], ONNXRUNTIME)
+    engine, timings = choose(path, names, timing_feeds(info), [IMAGE], threads=threads, opened=[reference])
+    exact = [t for t in timings if t.engine in EXACT]
+    return Pick(engine, info, timings, min(exact, key=lambda t: t.score).engine if exact else ONNXRUNTIME)
 
 
 def describe(timings: Sequence[Timing]) -> str:

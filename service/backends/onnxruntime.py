@@ -36,7 +36,6 @@ from facekit.contract import (
     GENERATOR,
     IMAGE,
     LANDMARK_IMAGE,
-    WARPED,
     Meta,
     ModelInfo,
     latest_version,
@@ -124,48 +123,10 @@ class OnnxRuntimeBackend(ReadyGate):
 
     def _open_generator(self, path: Path) -> engines.Engine:
         """The shared generator on the configured engine, or with `auto` on the fastest allowed."""
-        if self.requested_engine != "auto":
-            chosen = self._open(path, self.requested_engine)
-            if chosen.name not in engines.EXACT:
-                model_id = chosen.metadata.get(Meta.MODEL_ID, "")
-                if chosen.name not in engines.passed_engines(path.parent / engines.VERDICT_FILE, model_id):
-                    log.warning(
-                        "generator engine %s was asked for, but no verdict passed it for %s",
-                        chosen.name,
-                        path,
-                    )
-                self._exact_engine = engines.OPENVINO
-            else:
-                self._exact_engine = chosen.name
-            self.engine = chosen.name
-            log.info("generator engine: %s (configured)", chosen.name)
-            return chosen
-        reference = self._open(path, engines.ONNXRUNTIME)
-        info = self._read_info(reference, path)
-        names = engines.candidates(path, info.model_id)
-        if len(names) < 2:
-            self.engine = engines.ONNXRUNTIME
-            log.info("generator engine: onnxruntime (the only one allowed here)")
-            return reference
-
-        def feeds(batch: int) -> dict[str, np.ndarray]:
-            rng = np.random.default_rng(0)
-            size = (batch, info.image_size, info.image_size, 3)
-            f: dict[str, np.ndarray] = {
-                LANDMARK_IMAGE: rng.integers(0, 256, size, dtype=np.uint8),
-                ADAIN: (0.1 * rng.standard_normal((batch, info.adain_size))).astype(np.float32),
-            }
-            if info.warp_guided:
-                f[WARPED] = rng.integers(0, 256, size, dtype=np.uint8)
-            return f
-
-        chosen, timings = engines.choose(path, names, feeds, [IMAGE], threads=self.threads)
-        exact = [t for t in timings if t.engine in engines.EXACT]
-        if exact:
-            self._exact_engine = min(exact, key=lambda t: t.score).engine
-        self.engine = chosen.name
-        log.info("generator engine: %s (%s)", chosen.name, engines.describe(timings))
-        return chosen
+        chosen = engines.pick(path, self.requested_engine, threads=self.threads)
+        self.engine, self._exact_engine = chosen.engine.name, chosen.exact
+        log.info("generator engine: %s (%s)", self.engine, chosen.describe())
+        return chosen.engine
 
     @staticmethod
     def _read_info(session: engines.Engine, path: Path) -> ModelInfo:
