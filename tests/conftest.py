@@ -48,3 +48,16 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
         triton_url=None,
     )
     return repo, command.export(args)
+
+
+# The test in flight, for a crash that takes pytest down with it (an abort in native code prints
+# only thread stacks): .ci/run names it when `make test` dies.
+INFLIGHT = ROOT / ".pytest-inflight"
+
+
+def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    INFLIGHT.write_text(nodeid + "\n")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    INFLIGHT.unlink(missing_ok=True)

@@ -95,6 +95,34 @@ def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, na
     assert image.shape[0] == 16
 
 
+@pytest.mark.parametrize("name", engines.available())
+def test_a_deadline_that_fires_after_its_run_leaves_the_next_run_alone(
+    model_repository: Path, name: str
+) -> None:
+    """The service's deadline timers can fire after their batch finished; the engine has by then
+    handed the same infer request to the next batch, which must not be the one cancelled."""
+    path = _generator(model_repository)
+    engine = engines.open_engine(path, name, threads=1)
+    feeds = _feeds(path, 16)
+    late = engines.Cancel()
+    engine.run(feeds, [contract.IMAGE], late)  # finishes; `late` fires only afterwards
+    started = time.monotonic()
+    engine.run(feeds, [contract.IMAGE])
+    full = time.monotonic() - started
+    threading.Timer(full / 10, late.cancel).start()
+    (image,) = engine.run(feeds, [contract.IMAGE])
+    assert image.shape[0] == 16 and late.cancelled
+
+
+def test_bf16_is_native_only_with_the_cpu_flags_for_it(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n\nprocessor\t: 1\n")
+    assert not engines.bf16_native(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx512f amx_tile amx_bf16\n")
+    assert engines.bf16_native(cpuinfo)
+    assert not engines.bf16_native(tmp_path / "missing")
+
+
 def _verdict(path: Path, rows: dict[str, dict]) -> None:
     path.write_text(json.dumps({"engines": rows}))
 
