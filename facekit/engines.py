@@ -223,6 +223,7 @@ class OpenVinoEngine:
     ) -> list[np.ndarray]:
         key = (len(next(iter(feeds.values()))),)
         request = self._request(key)
+        finished = False
         try:
             if cancel is not None:
                 cancel.bind(request.cancel)
@@ -232,11 +233,17 @@ class OpenVinoEngine:
             request.start_async({name: np.ascontiguousarray(value) for name, value in feeds.items()})
             request.wait()
             # Copies: the request's buffers are reused by its next run.
-            return [np.array(request.get_tensor(name).data) for name in outputs]
+            out = [np.array(request.get_tensor(name).data) for name in outputs]
+            finished = True
+            return out
         finally:
             if cancel is not None:
                 cancel.unbind()
-            self._release(key, request)
+            if finished:
+                self._release(key, request)
+            # else the request is dropped, not pooled: a cancelled run returns from wait() while
+            # the node it was in may still be running on OpenVINO's threads, with its buffers;
+            # the request's destructor waits for that, and the next run gets a fresh request.
 
 
 # CPU flags with which OpenVINO's CPU plugin computes bf16 natively (AMX or AVX-512 BF16); without

@@ -4,14 +4,15 @@ embedding is ê. Every AdaIN scale and bias comes from psi = P·ê (one linear p
 Warp-guided mode (`model.warp_guided`, after first-order-model and LivePortrait): G also takes w,
 the avatar's reference frame warped piecewise-affinely onto the driving landmarks (facekit.warp),
 and predicts a correction r and a blend mask m over it: x_hat = clamp(w + m r, -1, 1), with
-r = 2 tanh(.) and m = sigmoid(.) from one final convolution. That convolution starts at zero (the
-one layer without spectral norm, which is undefined for a zero matrix): r = 0 and m = 1/2, so an
-untrained G returns the warp exactly, and training moves r only where the warp is wrong (mouth
-interior, eyelids, shading, what a turning head uncovers). Probed against alternatives (120 steps
-of pixel L1 on real episodes, L1 relative to the warp's own): this one 0.999 on the training
-episodes; a blend towards separate content with m = sigmoid(.) starting at 0.007 0.998; with
-m = clamp(., 0, 1) from zero 1.000 (the mask closed for good on the first step); with m starting
-at 0.12, 1.12. psi keeps its role: identity and style still come from the embedder through AdaIN."""
+r = 2 tanh(.) and m = sigmoid(.) from one final convolution (the one layer without spectral norm).
+That convolution starts small (weights ~N(0, 1e-3), zero bias: r ~ 0.02 and m = 1/2), so an
+untrained G returns the warp to about one grey level, and training moves r where the warp is wrong
+(mouth interior, eyelids, shading, what a turning head uncovers). It once started at exactly zero:
+then no layer before it receives any gradient, nothing kept the last AdaIN's features alive, and
+a 1,235-step run (runs/small-warp) ended with every input of that convolution 0 (dead ReLUs) and G
+the warp to five decimals. `talkinghead train --init-from` starts this G from a trained paper G
+(training/train.py: warm_start), whose features are alive from the first step. psi keeps its role:
+identity and style still come from the embedder through AdaIN."""
 
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from training.blocks import (
     conv,
 )
 from training.config import ModelConfig
+
+# Weights of the warp-guided head at initialisation: small enough that G starts as the warp (about
+# one grey level off), large enough that every earlier layer gets a gradient on the first step.
+WARP_HEAD_INIT_STD = 1e-3
 
 
 class Generator(nn.Module):
@@ -62,9 +67,9 @@ class Generator(nn.Module):
         self.up = nn.Sequential(*up)
         self.out_norm = AdaIN(prev)
         self.out_conv: nn.Module
-        if cfg.warp_guided:  # correction (3) and mask logit (1), zero at the start
+        if cfg.warp_guided:  # correction (3) and mask logit (1), near zero at the start
             last = nn.Conv2d(prev, 4, 3, padding=1)
-            nn.init.zeros_(last.weight)
+            nn.init.normal_(last.weight, std=WARP_HEAD_INIT_STD)
             nn.init.zeros_(last.bias)  # type: ignore[arg-type]
             self.out_conv = last
         else:

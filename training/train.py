@@ -58,6 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="config overrides, e.g. meta.k_shot=4 loss.pixel_weight=0",
     )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        help="a new run starts from this checkpoint's weights where names and shapes match "
+        "(a warp-guided G from a trained paper G: see warm_start); ignored when the run resumes",
+    )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
     parser.add_argument(
@@ -142,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     run_dir: Path = args.run
     step = resume(trainer, run_dir / "last.pt", data.video_ids)
+    if step == 0 and args.init_from is not None:
+        warm_start(trainer, checkpoint.load(args.init_from), data.video_ids)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -164,6 +172,60 @@ def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
     torch.set_rng_state(ckpt["rng"]["torch"])
     log.info("resumed %s at step %d", path, ckpt["step"])
     return int(ckpt["step"])
+
+
+def warm_start(trainer: Trainer, ckpt: dict[str, Any], video_ids: list[str]) -> dict[str, list[str]]:
+    """Copy a checkpoint's weights into a new run's networks: every tensor whose name and shape
+    match; a tensor that only grew along its input channels (a warp-guided G's first convolution
+    takes the landmark image and the warped reference, the paper's G the landmark image alone) gets
+    the old weights in its leading channels and zeros in the new ones, so the network starts by
+    computing what the old one did and learns what to make of its new inputs. The rest keeps its
+    initialisation (the warp-guided head). D's per-video W is copied only when the videos are the
+    same. Returns what was done."""
+    assert trainer.embedder is not None
+    done: dict[str, list[str]] = {"copied": [], "grown": [], "kept": []}
+    nets = {"embedder": trainer.embedder, "generator": trainer.generator}
+    for part, net in {**nets, "discriminator": trainer.discriminator}.items():
+        source = ckpt.get(part, {})
+        state = net.state_dict()
+        for name, tensor in state.items():
+            old = source.get(name)
+            label = f"{part}.{name}"
+            if part == "discriminator" and name == "W" and ckpt.get("video_ids") != video_ids:
+                old = None
+            if old is not None and old.shape == tensor.shape:
+                tensor.copy_(old)
+                done["copied"].append(label)
+            elif old is not None and _grew_inputs(name, old, tensor):
+                if tensor.dim() >= 2:  # weights: the new input channels start at zero
+                    tensor.zero_()
+                    tensor[:, : old.shape[1]].copy_(old)
+                else:
+                    if name.endswith("_v"):  # spectral norm's right singular vector of [W 0] is [v 0]
+                        tensor.zero_()
+                    tensor[: old.shape[0]].copy_(old)  # an input norm's new channels keep their init
+                done["grown"].append(label)
+            else:
+                done["kept"].append(label)
+        net.load_state_dict(state)
+    log.info(
+        "warm start: %d tensors copied, %d grown (%s), %d initialised (%s)",
+        len(done["copied"]),
+        len(done["grown"]),
+        ", ".join(done["grown"]),
+        len(done["kept"]),
+        ", ".join(done["kept"]),
+    )
+    return done
+
+
+def _grew_inputs(name: str, old: torch.Tensor, new: torch.Tensor) -> bool:
+    """`new` is `old` with more input channels (axis 1 of a weight, axis 0 of a norm's vector)."""
+    if name.startswith("out_conv.") or old.dim() != new.dim():
+        return False  # another head
+    axis = 1 if new.dim() >= 2 else 0
+    same = all(a == b for i, (a, b) in enumerate(zip(old.shape, new.shape, strict=True)) if i != axis)
+    return same and old.shape[axis] < new.shape[axis]
 
 
 class Progress:
