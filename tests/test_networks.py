@@ -168,7 +168,8 @@ def test_a_warp_guided_g_warm_started_from_a_paper_g_starts_from_its_features() 
             made = g(y, psi, warped if g is warp.generator else None)
         hook.remove()
     assert features[1].abs().mean() > 0  # alive
-    assert torch.allclose(features[0], features[1], atol=1e-4)
+    # the same features; the warp-guided head sees them through a leaky ReLU, the paper's a ReLU
+    assert torch.allclose(features[0], features[1].clamp(min=0), atol=1e-4)
     assert (made - warped).abs().max() < 0.05
     done = warm_start(trainer(warp_cfg), ckpt, ["x", "y", "z"])
     assert "discriminator.W" in done["kept"]  # other videos: W means nothing to this run

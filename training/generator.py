@@ -7,10 +7,11 @@ and predicts a correction r and a blend mask m over it: x_hat = clamp(w + m r, -
 r = 2 tanh(.) and m = sigmoid(.) from one final convolution (the one layer without spectral norm).
 That convolution starts small (weights ~N(0, 1e-3), zero bias: r ~ 0.02 and m = 1/2), so an
 untrained G returns the warp to about one grey level, and training moves r where the warp is wrong
-(mouth interior, eyelids, shading, what a turning head uncovers). It once started at exactly zero:
-then no layer before it receives any gradient, nothing kept the last AdaIN's features alive, and
-a 1,235-step run (runs/small-warp) ended with every input of that convolution 0 (dead ReLUs) and G
-the warp to five decimals. `talkinghead train --init-from` starts this G from a trained paper G
+(mouth interior, eyelids, shading, what a turning head uncovers). Its input goes through a leaky ReLU,
+not the paper's ReLU: two runs (one from scratch with the head at exactly zero, one warm-started
+from a trained paper G) both ended with every input of the head at or near 0 (dead ReLUs, within
+250 steps for the warm-started one) and G the warp to four decimals; switching the correction off
+that way is the cheapest answer wherever the warp is right, and behind a ReLU it cannot be undone. `talkinghead train --init-from` starts this G from a trained paper G
 (training/train.py: warm_start), whose features are alive from the first step. psi keeps its role:
 identity and style still come from the embedder through AdaIN."""
 
@@ -101,8 +102,11 @@ class Generator(nn.Module):
         if warped is not None:
             assert_shape(warped, tuple(landmark_image.shape), "warped")
             x = torch.cat([landmark_image, warped], dim=1)  # (B, 6, H, W)
-        out = self.out_conv(torch.relu(self.out_norm(self.up(self.res(self.down(x))))))
+        h = self.out_norm(self.up(self.res(self.down(x))))
         if warped is None:
-            return torch.tanh(out)
+            return torch.tanh(self.out_conv(torch.relu(h)))
+        # Leaky: where the warp is already right the cheapest way to add nothing is to switch the
+        # head's inputs off, and behind a ReLU that state absorbs (no gradient comes back).
+        out = self.out_conv(nn.functional.leaky_relu(h, 0.2))
         correction, mask = 2 * torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # (B, 3|1, H, W)
         return (warped + mask * correction).clamp(-1.0, 1.0)
