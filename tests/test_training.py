@@ -3,6 +3,7 @@ are announced and recorded, fine-tuning lowers the error on a held-out person's 
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -238,6 +239,8 @@ def test_warp_guided_mode_trains_personalises_and_renders_from_the_references(
     assert cli([*args, "--set", "model.warp_guided=true"]) == 0
     meta = checkpoint.load(run / "last.pt")
     assert checkpoint.config_of(meta).model.warp_guided
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.9 < logged["l1_vs_warp"] < 1.1  # G's error over the warp's: a few steps in, the warp
     frames, points = load_frames(smoke_data / "dpe_d")
     personal = personalise(meta, np.asarray(frames[:3]), points[:3], avatar="warp-test", steps=2)
     refs = personal["references"]

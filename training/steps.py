@@ -123,6 +123,12 @@ class Trainer(nn.Module):
             self.opt_g.step()
         out = {k: v.item() for k, v in losses.items()}
         out["g_total"] = total_g.item()
+        if batch.target_warped is not None:  # < 1 once G improves on the warp it was given
+            with torch.no_grad():
+                warp_error = (batch.target_warped - batch.target_image).abs().mean()
+                out["l1_vs_warp"] = (
+                    (fake - batch.target_image).abs().mean() / warp_error.clamp(min=1e-6)
+                ).item()
         if (
             lc.adversarial_weight > 0
             or lc.feature_matching_weight > 0
