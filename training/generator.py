@@ -3,16 +3,19 @@ embedding is ê. Every AdaIN scale and bias comes from psi = P·ê (one linear p
 
 Warp-guided mode (`model.warp_guided`, after first-order-model and LivePortrait): G also takes w,
 the avatar's reference frame warped piecewise-affinely onto the driving landmarks (facekit.warp),
-and predicts a correction r and a blend mask m over it: x_hat = clamp(w + m r, -1, 1), with
+and predicts a small flow f that moves the warp's pixels (the piecewise-affine warp is only as
+right as 68 landmarks: jaw, hairline and lips land a few pixels off), and a correction r and blend
+mask m over the moved warp: x_hat = clamp(w(grid + f) + m r, -1, 1), with f = 0.1 tanh(.),
 r = 2 tanh(.) and m = sigmoid(.) from one final convolution (the one layer without spectral norm).
-That convolution starts small (weights ~N(0, 1e-3), zero bias: r ~ 0.02 and m = 1/2), so an
-untrained G returns the warp to about one grey level, and training moves r where the warp is wrong
-(mouth interior, eyelids, shading, what a turning head uncovers). Its input goes through a leaky ReLU,
-not the paper's ReLU: two runs (one from scratch with the head at exactly zero, one warm-started
-from a trained paper G) both ended with every input of the head at or near 0 (dead ReLUs, within
-250 steps for the warm-started one) and G the warp to four decimals; switching the correction off
-that way is the cheapest answer wherever the warp is right, and behind a ReLU it cannot be undone. `talkinghead train --init-from` starts this G from a trained paper G
-(training/train.py: warm_start), whose features are alive from the first step. psi keeps its role:
+The flow runs inside the graph (GridSample, ONNX opset 16+), so frames still batch across avatars.
+That convolution starts small (weights ~N(0, 1e-3), zero bias: f ~ 0, r ~ 0.02, m = 1/2), so an
+untrained G returns the warp to about one grey level, and training moves f and r where the warp is
+wrong. Its input goes through a leaky ReLU, not the paper's ReLU: two runs without the flow (one
+from scratch with the head at exactly zero, one warm-started from a trained paper G) both ended
+with every input of the head at or near 0 (dead ReLUs, within 250 steps for the warm-started one)
+and G the warp to four decimals; switching the correction off is the cheapest answer wherever the
+warp is right, and behind a ReLU it cannot be undone. `talkinghead train --init-from` starts this
+G from a trained checkpoint (training/train.py: warm_start). psi keeps its role:
 identity and style still come from the embedder through AdaIN."""
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from training.config import ModelConfig
 # Weights of the warp-guided head at initialisation: small enough that G starts as the warp (about
 # one grey level off), large enough that every earlier layer gets a gradient on the first step.
 WARP_HEAD_INIT_STD = 1e-3
+# How far the head may move the warp's pixels, in grid units ([-1, 1] across the image): 0.1 is 6
+# pixels at 128 px, the size of the landmark warp's own misalignments (jaw, hairline, lips).
+FLOW_RANGE = 0.1
 
 
 class Generator(nn.Module):
@@ -68,8 +74,11 @@ class Generator(nn.Module):
         self.up = nn.Sequential(*up)
         self.out_norm = AdaIN(prev)
         self.out_conv: nn.Module
-        if cfg.warp_guided:  # correction (3) and mask logit (1), near zero at the start
-            last = nn.Conv2d(prev, 4, 3, padding=1)
+        if cfg.warp_guided:  # correction (3), mask logit (1) and flow (2), near zero at the start
+            last = nn.Conv2d(prev, 6, 3, padding=1)
+            centres = (torch.arange(cfg.image_size, dtype=torch.float32) + 0.5) / cfg.image_size * 2 - 1
+            gy, gx = torch.meshgrid(centres, centres, indexing="ij")
+            self.register_buffer("grid", torch.stack([gx, gy], dim=-1)[None], persistent=False)
             nn.init.normal_(last.weight, std=WARP_HEAD_INIT_STD)
             nn.init.zeros_(last.bias)  # type: ignore[arg-type]
             self.out_conv = last
@@ -108,5 +117,9 @@ class Generator(nn.Module):
         # Leaky: where the warp is already right the cheapest way to add nothing is to switch the
         # head's inputs off, and behind a ReLU that state absorbs (no gradient comes back).
         out = self.out_conv(nn.functional.leaky_relu(h, 0.2))
-        correction, mask = 2 * torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:])  # (B, 3|1, H, W)
-        return (warped + mask * correction).clamp(-1.0, 1.0)
+        correction, mask = 2 * torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:4])  # (B, 3|1, H, W)
+        flow = FLOW_RANGE * torch.tanh(out[:, 4:6]).permute(0, 2, 3, 1)  # (B, H, W, 2): x, y
+        moved = nn.functional.grid_sample(
+            warped, self.grid + flow, mode="bilinear", padding_mode="border", align_corners=False
+        )
+        return (moved + mask * correction).clamp(-1.0, 1.0)
