@@ -120,6 +120,10 @@ class Generator(nn.Module):
         correction, mask = 2 * torch.tanh(out[:, :3]), torch.sigmoid(out[:, 3:4])  # (B, 3|1, H, W)
         flow = FLOW_RANGE * torch.tanh(out[:, 4:6]).permute(0, 2, 3, 1)  # (B, H, W, 2): x, y
         moved = nn.functional.grid_sample(
-            warped, self.get_buffer("grid") + flow, mode="bilinear", padding_mode="border", align_corners=False
+            warped,
+            self.get_buffer("grid") + flow,
+            mode="bilinear",
+            padding_mode="border",
+            align_corners=False,
         )
         return (moved + mask * correction).clamp(-1.0, 1.0)
