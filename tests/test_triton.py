@@ -10,6 +10,7 @@ import asyncio
 import re
 import shutil
 import socket
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -192,6 +193,13 @@ def test_metrics_endpoint_counts_inferences(
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     before = metric(triton, "nv_inference_request_success", "embedder")
     infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])
+    # Triton counts a request after it has sent the reply: the scrape may come first.
+    deadline = time.monotonic() + 5
+    while (
+        metric(triton, "nv_inference_request_success", "embedder") < before + 1
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
     assert metric(triton, "nv_inference_request_success", "embedder") == before + 1
     assert metric(triton, "nv_inference_compute_infer_duration_us", "embedder") > 0
 
