@@ -128,3 +128,27 @@ def test_a_warp_guided_model_animates_the_avatars_own_photo(
     assert np.abs(got - expected).mean() < 2.0
     # ... and they move with the driver: frame 0 is the neutral pose, the photo itself
     assert np.abs(got[0] - record.crops[0]).mean() < 2.0 and np.abs(got[-1] - got[0]).mean() > 1.0
+
+
+def test_the_warp_guided_graph_runs_on_every_cpu_engine(warp_repository: Path) -> None:
+    """Its flow is a GridSample inside the graph: OpenVINO must run it to ONNX Runtime's frames."""
+    from facekit import contract, engines
+
+    path = contract.latest_version(warp_repository / contract.GENERATOR)
+    assert path is not None
+    reference = engines.open_engine(path, engines.ONNXRUNTIME, threads=1)
+    info = contract.ModelInfo.from_metadata(reference.metadata, where=str(path))
+    assert info.warp_guided
+    rng = np.random.default_rng(0)
+    s = info.image_size
+    smooth = np.kron(rng.integers(0, 255, (3, s // 8, s // 8, 3)), np.ones((1, 8, 8, 1))).astype(np.uint8)
+    feeds = {
+        contract.LANDMARK_IMAGE: rng.integers(0, 255, (3, s, s, 3), dtype=np.uint8),
+        contract.ADAIN: (0.3 * rng.standard_normal((3, info.adain_size))).astype(np.float32),
+        contract.WARPED: smooth,
+    }
+    (want,) = reference.run(feeds, [contract.IMAGE])
+    for name in engines.available():
+        if name in engines.EXACT:
+            (got,) = engines.open_engine(path, name, threads=1).run(feeds, [contract.IMAGE])
+            assert np.abs(got.astype(int) - want.astype(int)).max() <= 2, name
