@@ -223,13 +223,14 @@ class OpenVinoEngine:
     ) -> list[np.ndarray]:
         key = (len(next(iter(feeds.values()))),)
         request = self._request(key)
-        finished = False
+        started = finished = False
         try:
             if cancel is not None:
                 cancel.bind(request.cancel)
                 if cancel.cancelled:
                     raise RuntimeError("the run was cancelled")
             # Asynchronous start + wait: only a request started so can be cancelled mid-run.
+            started = True
             request.start_async({name: np.ascontiguousarray(value) for name, value in feeds.items()})
             request.wait()
             # Copies: the request's buffers are reused by its next run.
@@ -239,7 +240,7 @@ class OpenVinoEngine:
         finally:
             if cancel is not None:
                 cancel.unbind()
-            if finished:
+            if finished or not started:
                 self._release(key, request)
             # else the request is dropped, not pooled: a cancelled run returns from wait() while
             # the node it was in may still be running on OpenVINO's threads, with its buffers;

@@ -184,8 +184,12 @@ def warm_start(trainer: Trainer, ckpt: dict[str, Any], video_ids: list[str]) -> 
     same. Returns what was done."""
     assert trainer.embedder is not None
     done: dict[str, list[str]] = {"copied": [], "grown": [], "kept": []}
-    nets = {"embedder": trainer.embedder, "generator": trainer.generator}
-    for part, net in {**nets, "discriminator": trainer.discriminator}.items():
+    nets = (
+        ("embedder", trainer.embedder),
+        ("generator", trainer.generator),
+        ("discriminator", trainer.discriminator),
+    )
+    for part, net in nets:
         source = ckpt.get(part, {})
         state = net.state_dict()
         for name, tensor in state.items():
