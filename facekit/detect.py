@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import inspect
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -108,9 +109,17 @@ def face_recognition_models_dir() -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "models"
 
 
+# dlib's detectors are not safe for concurrent use ("concurrent access to an instance ... should
+# be protected by a mutex lock", scan_fhog_pyramid's documentation), and the models below are one
+# per process, shared by every DlibDetector: a service's detect pool, another server in the same
+# process, a caller's own thread. Two threads in `run` at once crashed pytest (SIGSEGV in a
+# service's detect thread, test_service_identity). Every use of them holds this lock.
+_DLIB_LOCK = threading.Lock()
+
+
 @functools.cache
 def _dlib_models(face_detector: str) -> tuple[Any, Any]:
-    """(face detector, 68-point predictor), loaded once per process (~1 s; read-only, shareable)."""
+    """(face detector, 68-point predictor), loaded once per process (~1 s); used under _DLIB_LOCK."""
     import dlib
 
     models = face_recognition_models_dir()
@@ -151,16 +160,18 @@ class DlibDetector:
         return found
 
     def _run(self, img: np.ndarray, upsample: int) -> list[tuple[Any, float]]:
-        if self.face_detector == "cnn":
-            return [(d.rect, float(d.confidence)) for d in self._detector(img, upsample)]
-        rects, scores, _ = self._detector.run(img, upsample, 0.0)
+        with _DLIB_LOCK:
+            if self.face_detector == "cnn":
+                return [(d.rect, float(d.confidence)) for d in self._detector(img, upsample)]
+            rects, scores, _ = self._detector.run(img, upsample, 0.0)
         return list(zip(rects, map(float, scores), strict=True))
 
     def detect(self, image: np.ndarray) -> list[Face]:
         img = check_image(image)
         faces = []
         for rect, score in self.boxes(img):
-            shape = self._predictor(img, rect)
+            with _DLIB_LOCK:
+                shape = self._predictor(img, rect)
             points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)  # (68, 2)
             box = (float(rect.left()), float(rect.top()), float(rect.right() + 1), float(rect.bottom() + 1))
             faces.append(Face(box=box, points=points, score=score))

@@ -172,3 +172,16 @@ def test_landmarks_command_video_without_faces(tmp_path: Path, capsys: pytest.Ca
     err = capsys.readouterr()
     assert "no face found in dark.mp4 (frame 2)" in err.err and "0/3" in err.out
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_detectors_in_many_threads_find_what_one_thread_finds() -> None:
+    """The dlib models are one per process; a service's detect pool, a second server and a caller's
+    own thread may all detect at once (this crashed pytest with SIGSEGV before they were locked)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    image = astronaut()
+    want = DlibDetector().detect(image)[0]
+    with ThreadPoolExecutor(4) as pool:
+        found = list(pool.map(lambda _: DlibDetector().detect(image)[0], range(24)))
+    for face in found:
+        assert face.box == want.box and np.array_equal(face.points, want.points)
