@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from facekit.rasterize import draw_batch
 from talkinghead.cli import main as cli
 from training import checkpoint
 from training.config import load_config
@@ -19,8 +18,9 @@ from training.data import EpisodeDataset, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
 from training.evaluation.methods import FeedForward
-from training.finetune import generate, personalise
+from training.finetune import generate, personalise, render
 from training.generator import Generator
+from training.losses import ContentLoss, region_mask
 from training.runtime import from_uint8
 from training.steps import Batch, Trainer
 
@@ -115,6 +115,50 @@ def test_a_few_dozen_steps_on_one_clip_lower_the_reconstruction_error(smoke_data
     assert expected <= set(losses)
     after = l1()
     assert after < 0.7 * before, (before, after)
+
+
+def test_the_region_loss_hears_errors_in_the_mouth_and_eyes_not_elsewhere() -> None:
+    """`loss.region_weight`: an error inside the mouth costs far more than the same error, pixel
+    for pixel, in the background, and the mask covers the open mouth's interior."""
+
+    def ring(cx: float, cy: float, rx: float, ry: float, n: int) -> list[tuple[float, float]]:
+        angles = np.pi + np.linspace(0, 2 * np.pi, n, endpoint=False)  # point 0 leftmost
+        return [(cx + rx * np.cos(a), cy + ry * np.sin(a)) for a in angles]
+
+    # eyes 36-47 (6 points each; 36 and 45 the outer corners), outer lips 48-59, inner lips 60-67:
+    # a face with its mouth open
+    layout = ring(44, 50, 7, 3, 6) + ring(84, 50, 7, 3, 6) + ring(64, 92, 16, 10, 12) + ring(64, 92, 10, 5, 8)
+    points = torch.zeros(1, 68, 2)
+    points[0, 36:68] = torch.tensor(layout, dtype=torch.float32)
+    mask = region_mask(points, 128)[0, 0]
+    mouth_centre = points[0, 60:68].mean(dim=0).round().long()
+    assert mask[mouth_centre[1], mouth_centre[0]] > 0.5
+    assert mask[:10, :10].max() < 1e-3 and 0.02 < float(mask.mean()) < 0.2
+    cfg = load_config("smoke").loss
+    loss = ContentLoss(
+        cfg=type(cfg)(
+            **{
+                **cfg.__dict__,
+                "vgg19_weight": 0.0,
+                "vggface_weight": 0.0,
+                "face_weight": 0.0,
+                "identity_weight": 0.0,
+                "pixel_weight": 0.0,
+                "region_weight": 1.0,
+            }
+        )
+    )
+    real = torch.zeros(1, 3, 128, 128)
+    in_mouth, in_corner = real.clone(), real.clone()
+    x, y = int(mouth_centre[0]), int(mouth_centre[1])
+    in_mouth[..., y - 3 : y + 3, x - 3 : x + 3] = 1.0
+    in_corner[..., :6, :6] = 1.0
+    mouth_cost = float(loss(in_mouth, real, points)["cnt_region"])
+    corner_cost = float(loss(in_corner, real, points)["cnt_region"])
+    whole_frame = float((in_mouth - real).abs().mean())  # what the pixel L1 makes of it
+    assert mouth_cost > 4 * whole_frame and corner_cost < 1e-3 * mouth_cost
+    with pytest.raises(ValueError, match="landmarks"):
+        loss(in_mouth, real)
 
 
 @pytest.mark.parametrize("trains_embedder", [False, True])
@@ -216,13 +260,13 @@ def test_finetuning_lowers_the_error_on_a_validation_persons_other_frames(tmp_pa
     )
     frames, points = load_frames(tmp_path / person)
     shots, others = np.arange(0, 40, 5), np.setdiff1d(np.arange(40), np.arange(0, 40, 5))[::4]
-    y = from_uint8(draw_batch(points[others], cfg.model.image_size, cfg.model.draw_style))
     real = from_uint8(frames[others])
 
     def error(ckpt: dict, psi: torch.Tensor) -> float:
         _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
-        with torch.no_grad():
-            return float((gen(y, psi.expand(len(y), -1)) - real).abs().mean())
+        with torch.no_grad():  # a warp-guided G also gets the nearest reference warped onto them
+            _, out = render(gen, psi, points[others], refs=frames[shots], ref_points=points[shots])
+        return float((from_uint8(out) - real).abs().mean())
 
     before = error(meta, FeedForward(meta).psi(frames[shots], points[shots]))
     personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=30)
@@ -252,3 +296,36 @@ def test_warp_guided_mode_trains_personalises_and_renders_from_the_references(
 
     warped = warp_nearest(refs["frames"], refs["points"], points[10:14]).astype(np.float64)
     assert np.abs(made - warped).mean() < 3.0
+
+
+def test_a_frozen_embedder_keeps_psi_while_g_learns() -> None:
+    """`meta.train_embedder: false` (the warp-guided config, warm-started from a paper G): E and P
+    do not move, so psi of a person stays what the warm start made it, while G still trains."""
+    torch.manual_seed(0)
+    cfg = load_config("smoke").replace(**{"meta.train_embedder": False, "model.warp_guided": True})
+    m = cfg.model
+    trainer = Trainer(
+        cfg=cfg,
+        embedder=Embedder(cfg=m),
+        generator=Generator(cfg=m),
+        discriminator=Discriminator(cfg=m, num_videos=2),
+    )
+    s = m.image_size
+    batch = Batch(
+        target_image=torch.rand(1, 3, s, s) * 2 - 1,
+        target_landmarks=torch.zeros(1, 3, s, s),
+        video=torch.tensor([1]),
+        ref_images=torch.rand(1, 2, 3, s, s) * 2 - 1,
+        ref_landmarks=torch.zeros(1, 2, 3, s, s),
+        target_points=torch.rand(1, 68, 2) * s,
+        target_warped=torch.rand(1, 3, s, s) * 2 - 1,
+    )
+    with torch.no_grad():
+        psi_before = trainer.psi(batch)[0].clone()
+    g_before = [p.detach().clone() for p in trainer.generator.parameters() if p.requires_grad]
+    for _ in range(3):
+        trainer.step(batch)
+    with torch.no_grad():
+        assert torch.equal(trainer.psi(batch)[0], psi_before)
+    g_after = [p for p in trainer.generator.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(g_before, g_after, strict=True))

@@ -13,7 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-PANELS = (("cnt_vgg19", "cnt_pixel", "g_total"), ("adv", "fm", "mch"), ("d_real", "d_fake", "d_total"))
+PANELS = (
+    ("cnt_vgg19", "cnt_pixel", "g_total"),
+    ("cnt_face", "id_face", "cnt_region"),
+    ("adv", "fm", "l1_vs_warp"),
+    ("d_real", "d_fake", "d_total"),
+)
 COLOURS = ((230, 80, 40), (40, 140, 230), (60, 170, 60))
 
 

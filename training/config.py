@@ -78,6 +78,10 @@ class LossConfig:
     # distance between their 128-d descriptors (identity).
     face_weight: float = 0.0
     identity_weight: float = 0.0
+    # Extra pixel L1 inside the mouth and eyes (soft masks around the target's landmarks 36-67):
+    # where a warp of the reference must fail (teeth, mouth interior, blinks) and a whole-frame
+    # loss hears least. The mean over the masked pixels, times this weight.
+    region_weight: float = 0.0
     substitute_seed: int = 0  # seed of the random perceptual substitute when weights are absent
 
 
@@ -93,6 +97,10 @@ class MetaLearnConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     d_steps_per_g: int = 2  # discriminator updates per generator update (check)
     augment_flip: bool = True
+    # Whether meta-learning trains E and P (psi = P·ê). A warp-guided G warm-started from a paper G
+    # keeps them frozen: the warp carries who the person is, and with E trainable the spread of ê
+    # between people fell 8x in 2,250 steps (psi of different people 0.1-1% apart) - a dying embedder.
+    train_embedder: bool = True
     log_every: int = 10
     sample_every: int = 200
     spread_every: int = 50  # log the embedder's spread on the validation videos (0: never)

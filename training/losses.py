@@ -59,13 +59,31 @@ class ContentLoss(nn.Module):
             )
         if self.cfg.pixel_weight > 0:
             out["cnt_pixel"] = self.cfg.pixel_weight * F.l1_loss(fake, real)
+        if (self.face is not None or self.cfg.region_weight > 0) and points is None:
+            raise ValueError("the face-aware losses need the target frames' landmarks (Batch.target_points)")
         if self.face is not None:
-            if points is None:
-                raise ValueError(
-                    "the face-aware losses need the target frames' landmarks (Batch.target_points)"
-                )
+            assert points is not None
             out.update(self.face(fake, real, points))
+        if self.cfg.region_weight > 0:
+            assert points is not None
+            mask = region_mask(points, fake.shape[-1])
+            err = (fake - real).abs().mean(dim=1, keepdim=True)
+            out["cnt_region"] = self.cfg.region_weight * (err * mask).sum() / mask.sum().clamp(min=1.0)
         return out
+
+
+def region_mask(points: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 1, S, S) in [0, 1]: Gaussian blobs around the eyes' and the mouth's landmarks
+    (36-67 of the 68), sigma a tenth of the outer-eye-corner distance, so the mask covers
+    each region and a little skin around it whatever the face's scale."""
+    pts = points[:, 36:68].float()  # (B, 32, 2) x, y pixels
+    eyes = (points[:, 45] - points[:, 36]).norm(dim=-1).clamp(min=1.0)  # (B,)
+    sigma = (eyes / 10.0)[:, None, None, None]
+    grid = torch.arange(size, device=points.device, dtype=torch.float32) + 0.5
+    dx = grid[None, None, None, :] - pts[:, :, None, None, 0]  # (B, 32, 1, S)
+    dy = grid[None, None, :, None] - pts[:, :, None, None, 1]  # (B, 32, S, 1)
+    blobs = torch.exp(-(dx**2 + dy**2) / (2 * sigma**2))  # (B, 32, S, S)
+    return blobs.amax(dim=1, keepdim=True)
 
 
 class FaceLoss(nn.Module):

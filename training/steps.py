@@ -78,12 +78,25 @@ class Trainer(nn.Module):
         if self.adain is not None:  # fine-tuning: psi' trains, P is no longer used (PAPER.md)
             generator.projection.requires_grad_(False)
             g_params = [p for p in generator.parameters() if p.requires_grad] + [self.adain]
-        else:
+        elif cfg.meta.train_embedder:
             g_params = list(generator.parameters()) + (list(embedder.parameters()) if embedder else [])
+        else:  # E and P frozen: psi stays what the warm start's embedder made it
+            generator.projection.requires_grad_(False)
+            if embedder is not None:
+                embedder.requires_grad_(False)
+            g_params = [p for p in generator.parameters() if p.requires_grad]
+        self.frozen_embedder = not finetune and not cfg.meta.train_embedder
+        self.train(self.training)
         d_params = [p for n, p in discriminator.named_parameters() if not (finetune and n == "W")]
         self.opt_g = torch.optim.Adam(g_params, lr=opt.lr_generator, betas=opt.betas)
         self.opt_d = torch.optim.Adam(d_params, lr=opt.lr_discriminator, betas=opt.betas)
         self.d_steps = opt.d_steps_per_g
+
+    def train(self, mode: bool = True) -> Trainer:
+        super().train(mode)
+        if self.frozen_embedder and self.embedder is not None:  # no spectral-norm power iterations
+            self.embedder.eval()
+        return self
 
     def psi(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """AdaIN parameters for the batch and ê (None when fine-tuning)."""
