@@ -13,7 +13,7 @@ import torch
 
 from talkinghead.cli import main as cli
 from training import checkpoint
-from training.config import load_config
+from training.config import ExperimentConfig, load_config
 from training.data import EpisodeDataset, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
@@ -161,6 +161,17 @@ def test_the_region_loss_hears_errors_in_the_mouth_and_eyes_not_elsewhere() -> N
         loss(in_mouth, real)
 
 
+def _fresh_trainer(cfg: ExperimentConfig) -> Trainer:
+    """E, G and D at their initialisation, D with two videos."""
+    m = cfg.model
+    return Trainer(
+        cfg=cfg,
+        embedder=Embedder(cfg=m),
+        generator=Generator(cfg=m),
+        discriminator=Discriminator(cfg=m, num_videos=2),
+    )
+
+
 @pytest.mark.parametrize("trains_embedder", [False, True])
 def test_embedding_matching_moves_the_embedder_only_when_configured(trains_embedder: bool) -> None:
     """L_MCH = L1(W_i, ê_i) has a trivial minimum at W = ê = 0; with weight 80 it killed every unit
@@ -175,14 +186,8 @@ def test_embedding_matching_moves_the_embedder_only_when_configured(trains_embed
             },
         }
     )
-    m = cfg.model
-    trainer = Trainer(
-        cfg=cfg,
-        embedder=Embedder(cfg=m),
-        generator=Generator(cfg=m),
-        discriminator=Discriminator(cfg=m, num_videos=2),
-    )
-    s = m.image_size
+    trainer = _fresh_trainer(cfg)
+    s = cfg.model.image_size
     batch = Batch(
         target_image=torch.zeros(1, 3, s, s),
         target_landmarks=torch.zeros(1, 3, s, s),
@@ -303,14 +308,8 @@ def test_a_frozen_embedder_keeps_psi_while_g_learns() -> None:
     do not move, so psi of a person stays what the warm start made it, while G still trains."""
     torch.manual_seed(0)
     cfg = load_config("smoke").replace(**{"meta.train_embedder": False, "model.warp_guided": True})
-    m = cfg.model
-    trainer = Trainer(
-        cfg=cfg,
-        embedder=Embedder(cfg=m),
-        generator=Generator(cfg=m),
-        discriminator=Discriminator(cfg=m, num_videos=2),
-    )
-    s = m.image_size
+    trainer = _fresh_trainer(cfg)
+    s = cfg.model.image_size
     batch = Batch(
         target_image=torch.rand(1, 3, s, s) * 2 - 1,
         target_landmarks=torch.zeros(1, 3, s, s),
