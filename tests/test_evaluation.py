@@ -94,10 +94,8 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     stills = report["stills"]["rows"]
     assert set(stills["warp"]["stills"]) == {"lp_s1_photo"}
     assert stills["warp"]["pooled"]["mouth_correlation"] > 0.5  # the warp follows the driver's mouth
-    # The shipped model: psi of different people differ far more than psi of one person's frames,
-    # and its faces without fine-tuning are their people (identity well below the floor).
+    # The shipped model's psi of different people differ far more than psi of one person's frames.
     assert report["embedder_spread"]["e_ratio"] > 5 and report["embedder_spread"]["e_dead_units"] < 0.1
-    assert rows["feed-forward"]["pooled"]["identity_distance"] < 0.45 < 0.6 < floor["identity_distance"]
     table = (out / "evaluation.md").read_text()
     assert "| warp |" in table and "| floor |" in table and "One-shot stills" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):
