@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.config import ExperimentConfig, load_config
+from training.config import load_config
 from training.discriminator import Discriminator
 from training.embedder import Embedder
 from training.generator import Generator
@@ -134,16 +134,7 @@ def test_a_warp_guided_g_warm_started_from_a_paper_g_starts_from_its_features() 
     paper_cfg = load_config("smoke")
     warp_cfg = paper_cfg.replace(**{"model.warp_guided": True})
 
-    def trainer(cfg: ExperimentConfig) -> Trainer:
-        m = cfg.model
-        return Trainer(
-            cfg=cfg,
-            embedder=Embedder(cfg=m),
-            generator=Generator(cfg=m),
-            discriminator=Discriminator(cfg=m, num_videos=3),
-        )
-
-    paper, warp = trainer(paper_cfg), trainer(warp_cfg)
+    paper, warp = Trainer.for_meta_learning(paper_cfg, 3), Trainer.for_meta_learning(warp_cfg, 3)
     with torch.no_grad():  # a "trained" paper G: weights away from their initialisation
         for p in paper.generator.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -171,5 +162,5 @@ def test_a_warp_guided_g_warm_started_from_a_paper_g_starts_from_its_features() 
     # the same features; the warp-guided head sees them through a leaky ReLU, the paper's a ReLU
     assert torch.allclose(features[0], features[1].clamp(min=0), atol=1e-4)
     assert (made - warped).abs().max() < 0.05
-    done = warm_start(trainer(warp_cfg), ckpt, ["x", "y", "z"])
+    done = warm_start(Trainer.for_meta_learning(warp_cfg, 3), ckpt, ["x", "y", "z"])
     assert "discriminator.W" in done["kept"]  # other videos: W means nothing to this run

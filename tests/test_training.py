@@ -13,7 +13,7 @@ import torch
 
 from talkinghead.cli import main as cli
 from training import checkpoint
-from training.config import ExperimentConfig, load_config
+from training.config import load_config
 from training.data import EpisodeDataset, load_frames
 from training.discriminator import Discriminator
 from training.embedder import Embedder
@@ -134,20 +134,9 @@ def test_the_region_loss_hears_errors_in_the_mouth_and_eyes_not_elsewhere() -> N
     mouth_centre = points[0, 60:68].mean(dim=0).round().long()
     assert mask[mouth_centre[1], mouth_centre[0]] > 0.5
     assert mask[:10, :10].max() < 1e-3 and 0.02 < float(mask.mean()) < 0.2
-    cfg = load_config("smoke").loss
-    loss = ContentLoss(
-        cfg=type(cfg)(
-            **{
-                **cfg.__dict__,
-                "vgg19_weight": 0.0,
-                "vggface_weight": 0.0,
-                "face_weight": 0.0,
-                "identity_weight": 0.0,
-                "pixel_weight": 0.0,
-                "region_weight": 1.0,
-            }
-        )
-    )
+    off = ("vgg19_weight", "vggface_weight", "face_weight", "identity_weight", "pixel_weight")
+    cfg = load_config("smoke").replace(**{f"loss.{k}": 0.0 for k in off}, **{"loss.region_weight": 1.0})
+    loss = ContentLoss(cfg=cfg.loss)
     real = torch.zeros(1, 3, 128, 128)
     in_mouth, in_corner = real.clone(), real.clone()
     x, y = int(mouth_centre[0]), int(mouth_centre[1])
@@ -159,17 +148,6 @@ def test_the_region_loss_hears_errors_in_the_mouth_and_eyes_not_elsewhere() -> N
     assert mouth_cost > 4 * whole_frame and corner_cost < 1e-3 * mouth_cost
     with pytest.raises(ValueError, match="landmarks"):
         loss(in_mouth, real)
-
-
-def _fresh_trainer(cfg: ExperimentConfig) -> Trainer:
-    """E, G and D at their initialisation, D with two videos."""
-    m = cfg.model
-    return Trainer(
-        cfg=cfg,
-        embedder=Embedder(cfg=m),
-        generator=Generator(cfg=m),
-        discriminator=Discriminator(cfg=m, num_videos=2),
-    )
 
 
 @pytest.mark.parametrize("trains_embedder", [False, True])
@@ -186,7 +164,7 @@ def test_embedding_matching_moves_the_embedder_only_when_configured(trains_embed
             },
         }
     )
-    trainer = _fresh_trainer(cfg)
+    trainer = Trainer.for_meta_learning(cfg, num_videos=2)
     s = cfg.model.image_size
     batch = Batch(
         target_image=torch.zeros(1, 3, s, s),
@@ -308,7 +286,7 @@ def test_a_frozen_embedder_keeps_psi_while_g_learns() -> None:
     do not move, so psi of a person stays what the warm start made it, while G still trains."""
     torch.manual_seed(0)
     cfg = load_config("smoke").replace(**{"meta.train_embedder": False, "model.warp_guided": True})
-    trainer = _fresh_trainer(cfg)
+    trainer = Trainer.for_meta_learning(cfg, num_videos=2)
     s = cfg.model.image_size
     batch = Batch(
         target_image=torch.rand(1, 3, s, s) * 2 - 1,

@@ -92,6 +92,17 @@ class Trainer(nn.Module):
         self.opt_d = torch.optim.Adam(d_params, lr=opt.lr_discriminator, betas=opt.betas)
         self.d_steps = opt.d_steps_per_g
 
+    @classmethod
+    def for_meta_learning(cls, cfg: ExperimentConfig, num_videos: int) -> Trainer:
+        """Fresh E, G and D (one row of W per training video), ready to meta-learn."""
+        m = cfg.model
+        return cls(
+            cfg=cfg,
+            embedder=Embedder(cfg=m),
+            generator=Generator(cfg=m),
+            discriminator=Discriminator(cfg=m, num_videos=num_videos),
+        )
+
     def train(self, mode: bool = True) -> Trainer:
         super().train(mode)
         if self.frozen_embedder and self.embedder is not None:  # no spectral-norm power iterations

@@ -33,10 +33,7 @@ from torch.utils.data.distributed import DistributedSampler
 from training import checkpoint
 from training.config import ExperimentConfig, load_config
 from training.data import EpisodeDataset, list_clips, load_frames
-from training.discriminator import Discriminator
-from training.embedder import Embedder
 from training.evaluation.spread import embedding_spread
-from training.generator import Generator
 from training.runtime import broadcast_parameters, image_grid, init_distributed, pick_device, setup_logging
 from training.steps import Batch, Trainer
 
@@ -121,10 +118,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"{err}\nno usable training videos in {cfg.meta.data}: run `talkinghead preprocess`"
         ) from err
-    model = cfg.model
-    emb, gen = Embedder(cfg=model), Generator(cfg=model)
-    disc = Discriminator(cfg=model, num_videos=data.num_videos)
-    trainer = Trainer(cfg=cfg, embedder=emb, generator=gen, discriminator=disc).to(device)
+    trainer = Trainer.for_meta_learning(cfg, data.num_videos).to(device)
+    emb, gen, disc = trainer.embedder, trainer.generator, trainer.discriminator
+    assert emb is not None
     broadcast_parameters(trainer.parameters())
     log.info(
         "config %s: %d training videos (%s kept out), device %s x%d, perceptual %s",
