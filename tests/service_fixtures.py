@@ -29,10 +29,13 @@ import pytest
 from PIL import Image
 
 from client.library import Client, demo_portrait_consent
+from facekit import contract
+from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
+from facekit.warp import warp_nearest
 from service.server import Server
 from service.settings import Settings
-from service.store import LocalAvatarStore
+from service.store import AvatarRecord, LocalAvatarStore
 
 REPO = Path(__file__).resolve().parents[1]
 PORTRAIT = REPO / "facekit/assets/demo_portrait.png"
@@ -174,15 +177,18 @@ def avatar(client: Client) -> str:
 
 @pytest.fixture(scope="session")
 def other_avatar(server: ServerThread, client: Client, avatar: str) -> str:
-    """A second, clearly different psi, written straight into the server's avatar store: psi +
-    N(0, 0.2) of the first (frames differ by ~10 grey levels, whatever the photos), reaching the
-    server the way a stored avatar does after a restart: read from the store on first use.
+    """A second, clearly different avatar, written straight into the server's avatar store: psi +
+    N(0, 0.2) of the first and its reference crops colour-shifted (a warp-guided G takes who the
+    person is mostly from them), reaching the server the way a stored avatar does after a restart:
+    read from the store on first use. Frames of the two differ by > 10 grey levels.
     """
     store = LocalAvatarStore(root=server.settings.avatar_store)
     base = store.get(avatar)
     assert base is not None
     noise = np.random.default_rng(0).normal(0.0, 0.2, base.adain.shape).astype(np.float32)
-    store.put(replace_record(base, avatar_id="astro-alt", adain=base.adain + noise), replace=True)
+    crops = np.clip(base.crops * np.array([0.8, 1.0, 1.25]), 0, 255).astype(np.uint8)
+    other = replace_record(base, avatar_id="astro-alt", adain=base.adain + noise, crops=crops)
+    store.put(other, replace=True)
     return "astro-alt"
 
 
@@ -192,18 +198,29 @@ def driver() -> LandmarkSequence:
 
 
 class Direct:
-    """The served ONNX models called directly with ONNX Runtime: the reference for the service."""
+    """A served ONNX generator called directly with ONNX Runtime: the reference for the service."""
 
-    def __init__(self, *, repository: Path) -> None:
-        self.sessions = {
-            m: ort.InferenceSession(str(sorted((repository / m).glob("*/model.onnx"))[-1]))
-            for m in ("generator",)
-        }
+    def __init__(self, *, repository: Path, model: str = contract.GENERATOR) -> None:
+        path = contract.latest_version(repository / model)
+        assert path is not None, f"no {model} in {repository}"
+        self.session = ort.InferenceSession(str(path))
+        meta = dict(self.session.get_modelmeta().custom_metadata_map)
+        self.info = contract.ModelInfo.from_metadata(meta, where=str(path))
+        self.inputs = {i.name for i in self.session.get_inputs()}
 
-    def generate(self, landmark_images: np.ndarray, adain: np.ndarray) -> np.ndarray:
-        return self.sessions["generator"].run(["image"], {"landmark_image": landmark_images, "adain": adain})[
-            0
-        ]
+    def generate(
+        self, points: np.ndarray, record: AvatarRecord, adain: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Avatar `record`'s frames for crop points (N, 68, 2), fed as the service feeds them: the
+        landmarks drawn in the model's style, psi (the record's, or `adain` (D,)) unless the model
+        has it baked in, and for a warp-guided G the record's nearest reference warped onto them."""
+        feeds = {contract.LANDMARK_IMAGE: draw_batch(points, self.info.image_size, self.info.draw_style)}
+        if contract.ADAIN in self.inputs:
+            psi = record.adain if adain is None else adain
+            feeds[contract.ADAIN] = np.repeat(psi[None], len(points), axis=0)
+        if contract.WARPED in self.inputs:
+            feeds[contract.WARPED] = warp_nearest(record.crops, record.crop_points, points)
+        return self.session.run([contract.IMAGE], feeds)[0]
 
 
 @pytest.fixture(scope="session")

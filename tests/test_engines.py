@@ -5,6 +5,7 @@ service's in-process backend serves on the engine it chose."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import threading
 import time
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 
 from facekit import contract, engines
+from facekit.warp import warp_nearest
 from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.settings import Settings
 from tests.service_fixtures import *  # noqa: F403
@@ -44,10 +46,29 @@ def _feeds(path: Path, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
     driver = LandmarkSequence.load(REPO / "facekit/assets/demo_driver.npz").rescaled(info.image_size)
     drawn = draw_batch(driver.points[seed : seed + batch], info.image_size, info.draw_style)
     rng = np.random.default_rng(seed)
-    return {
+    feeds = {
         contract.LANDMARK_IMAGE: drawn,
         contract.ADAIN: (0.3 * rng.standard_normal((batch, info.adain_size))).astype(np.float32),
     }
+    if info.warp_guided:  # the demo portrait's face, warped onto the driver's landmarks
+        reference, points = _portrait_crop(info.image_size)
+        driving = driver.points[seed : seed + batch]
+        feeds[contract.WARPED] = warp_nearest(reference[None], points[None], driving)
+    return feeds
+
+
+@functools.cache
+def _portrait_crop(size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The demo portrait's face crop (S, S, 3) uint8 and its landmarks (68, 2), as an avatar keeps them."""
+    from PIL import Image
+
+    from facekit.crop import crop_face
+    from facekit.detect import largest_face, make_detector
+
+    portrait = np.asarray(Image.open(REPO / "facekit/assets/demo_portrait.png").convert("RGB"))
+    face = largest_face(make_detector("dlib"), portrait, "demo_portrait.png")
+    crop, points, _ = crop_face(portrait, face.points, size)
+    return crop, points.astype(np.float32)
 
 
 @needs_openvino
@@ -183,7 +204,9 @@ def _backend_frames(
         try:
             await asyncio.wait_for(backend._ready.wait(), 120)
             feeds = _feeds(_generator(repository), 2)
-            image = await backend.generate(feeds[contract.LANDMARK_IMAGE], feeds[contract.ADAIN])
+            image = await backend.generate(
+                feeds[contract.LANDMARK_IMAGE], feeds[contract.ADAIN], feeds.get(contract.WARPED)
+            )
             assert backend.engine is not None
             return backend.engine, image
         finally:

@@ -25,30 +25,39 @@ def signature(path: Path) -> dict[str, tuple[str, list[Any]]]:
     return {v.name: (v.type, v.shape) for v in [*sess.get_inputs(), *sess.get_outputs()]}
 
 
+def generator_info(repo: Path) -> contract.ModelInfo:
+    path = repo / "generator/1/model.onnx"
+    meta = dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
+    return contract.ModelInfo.from_metadata(meta, where=str(path))
+
+
 def test_contract_names_types_and_dynamic_batch(exported: tuple[Path, dict]) -> None:
     repo, _ = exported
     emb = signature(repo / "embedder/1/model.onnx")
     gen = signature(repo / "generator/1/model.onnx")
+    warp_guided = generator_info(repo).warp_guided  # the shipped G takes the warped reference
     assert emb == {
         "image": ("tensor(uint8)", ["batch", 128, 128, 3]),
         "landmark_image": ("tensor(uint8)", ["batch", 128, 128, 3]),
         "embedding": ("tensor(float)", ["batch", 512]),
         "adain": ("tensor(float)", ["batch", 2240]),
     }
+    frame = ("tensor(uint8)", ["batch", 128, 128, 3])
     assert gen == {
-        "landmark_image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+        "landmark_image": frame,
         "adain": ("tensor(float)", ["batch", 2240]),
-        "image": ("tensor(uint8)", ["batch", 128, 128, 3]),
+        **({"warped": frame} if warp_guided else {}),
+        "image": frame,
     }
     sess = ort.InferenceSession(str(repo / "generator/1/model.onnx"), providers=["CPUExecutionProvider"])
     for batch in (1, 5):
-        out = sess.run(
-            None,
-            {
-                "landmark_image": np.zeros((batch, 128, 128, 3), np.uint8),
-                "adain": np.zeros((batch, 2240), np.float32),
-            },
-        )[0]
+        feeds = {
+            "landmark_image": np.zeros((batch, 128, 128, 3), np.uint8),
+            "adain": np.zeros((batch, 2240), np.float32),
+        }
+        if warp_guided:
+            feeds["warped"] = np.zeros((batch, 128, 128, 3), np.uint8)
+        out = sess.run(None, feeds)[0]
         assert out.shape == (batch, 128, 128, 3) and out.dtype == np.uint8
 
 
@@ -61,7 +70,7 @@ def test_exported_files_keep_the_contract(exported: tuple[Path, dict]) -> None:
         meta = dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
         info = contract.ModelInfo.from_metadata(meta, where=str(path))
         assert contract.model_name(meta) == name
-        sig = contract.SIGNATURES[meta[contract.Meta.KIND]]
+        sig = info.signature(meta[contract.Meta.KIND])
         sizes = {"image_size": info.image_size, "adain_size": info.adain_size}
         want = {t.name: (dtypes[t.dtype], ["batch", *t.dims(**sizes)]) for t in (*sig.inputs, *sig.outputs)}
         assert signature(path) == want
@@ -106,13 +115,21 @@ def test_parity_with_pytorch_on_real_frames(
     assert figures["generator.image"]["mean_abs"] < 0.01
 
 
+def personalised_inputs(ckpt: dict) -> list[str]:
+    from training import checkpoint
+
+    warp_guided = checkpoint.config_of(ckpt).model.warp_guided
+    return [contract.LANDMARK_IMAGE, *([contract.WARPED] if warp_guided else [])]
+
+
 def test_personalised_export_bakes_psi(personal_ckpt: dict, meta_ckpt: dict, tmp_path: Path) -> None:
     from export.command import check, real_inputs
 
     (graph,) = to_onnx.graphs(personal_ckpt)
     assert graph.name == "generator_alice"
     path = to_onnx.export_graph(graph, tmp_path / "generator_alice.onnx")
-    assert [i.name for i in onnx.load(str(path)).graph.input] == ["landmark_image"]
+    # psi is baked in: no `adain` input, only the landmarks (and the warped reference, warp-guided G)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == personalised_inputs(personal_ckpt)
     result = check(graph, path, real_inputs(personal_ckpt))
     (p,) = result["parity"]
     assert p["max_abs"] <= 2 and p["mean_abs"] < 0.01
@@ -197,7 +214,7 @@ def test_cli_adds_and_removes_an_avatar_generator(
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator", "generator_alice"]
     assert json.loads(report.read_text())["models"]["generator_alice"]["inputs"] == {
-        "landmark_image": ["batch", 128, 128, 3]
+        name: ["batch", 128, 128, 3] for name in personalised_inputs(personal_ckpt)
     }
     # the same checkpoint again: identical bytes, so no new version
     assert run_module("export.command", argv, prog="talkinghead export") == 0

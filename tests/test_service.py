@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from client.library import Client, landmark_requests
-from facekit.rasterize import draw_batch, draw_landmarks
+from facekit.rasterize import draw_landmarks
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
@@ -97,8 +97,7 @@ def test_stream_replies_in_order_match_direct_model(
     frames = list(client.animate(avatar, landmark_requests(seq), encoding=encoding, queue_depth=8))
     assert client.last_started is not None and client.last_started.image_size == SIZE
     assert [f.sequence for f in frames] == list(range(6))
-    drawn = draw_batch(letterboxed(seq, SIZE), SIZE, server.app.backend.info.draw_style)
-    expected = direct.generate(drawn, np.repeat(record(server, avatar).adain[None], 6, axis=0))
+    expected = direct.generate(letterboxed(seq, SIZE), record(server, avatar))
     got = np.stack([f.image for f in frames])
     assert got.shape == (6, SIZE, SIZE, 3) and got.dtype == np.uint8
     error = np.abs(got.astype(int) - expected).mean()
@@ -138,14 +137,13 @@ def test_two_avatars_share_batches_and_stay_themselves(
     n = 12
     points = driver.points[:n]
     results = _drive_concurrently(client, {avatar: points, other_avatar: points}, driver.frame_size)
-    style = server.app.backend.info.draw_style
-    drawn = draw_batch(letterboxed(LandmarkSequence(points, driver.frame_size, 25), SIZE), SIZE, style)
+    crop_points = letterboxed(LandmarkSequence(points, driver.frame_size, 25), SIZE)
     outputs = {}
     for avatar_id, frames in results.items():
         assert [f.sequence for f in frames] == list(range(n))
-        psi = np.repeat(record(server, avatar_id).adain[None], n, axis=0)
         outputs[avatar_id] = got = np.stack([f.image for f in frames]).astype(int)
-        assert np.abs(got - direct.generate(drawn, psi)).mean() < 0.6  # its own psi, whatever the batch
+        expected = direct.generate(crop_points, record(server, avatar_id))
+        assert np.abs(got - expected).mean() < 0.6  # its own psi, whatever the batch
     # one stream holds at most n frames: a larger batch mixed both avatars
     assert max(f.batch_size for frames in results.values() for f in frames) > n
     assert np.abs(outputs[avatar] - outputs[other_avatar]).mean() > 5  # and they are different people
@@ -288,19 +286,11 @@ def test_personalised_generator_is_used_automatically(
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate(avatar_id, landmark_requests(seq), encoding="raw"))
             assert c.last_started is not None and c.last_started.personalised
-        import onnxruntime as ort
-
-        style = running.app.backend.info.draw_style
-        drawn = draw_batch(letterboxed(seq, SIZE), SIZE, style)
-        personal = ort.InferenceSession(
-            str(sorted((repository / f"generator_{avatar_id}").glob("*/model.onnx"))[-1])
-        )
-        expected = personal.run(["image"], {"landmark_image": drawn})[0]
+        crop_points, stored = letterboxed(seq, SIZE), record(running, avatar_id)
+        expected = Direct(repository=repository, model=f"generator_{avatar_id}").generate(crop_points, stored)
         got = np.stack([f.image for f in frames]).astype(int)
         assert np.abs(got - expected).mean() < 0.6
-        shared = Direct(repository=repository).generate(
-            drawn, np.repeat(record(running, avatar_id).adain[None], 4, axis=0)
-        )
+        shared = Direct(repository=repository).generate(crop_points, stored)
         assert np.abs(got - shared).mean() > 0.5  # not the shared generator's frames
     finally:
         running.stop()

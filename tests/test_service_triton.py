@@ -19,7 +19,6 @@ import pytest
 
 from client.library import landmark_requests
 from deploy.local import tritonserver
-from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
@@ -98,10 +97,9 @@ def test_triton_backend_serves_streams(
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2, 3]
-        info = running.app.backend.info
-        psi = LocalAvatarStore(root=tmp_path / "store").get("tri").adain  # type: ignore[union-attr]
-        drawn = draw_batch(seq.rescaled(info.image_size).points, info.image_size, info.draw_style)
-        expected = direct.generate(drawn, np.repeat(psi[None], 4, axis=0))
+        stored = LocalAvatarStore(root=tmp_path / "store").get("tri")
+        assert stored is not None
+        expected = direct.generate(seq.rescaled(running.app.backend.info.image_size).points, stored)
         assert np.abs(np.stack([f.image for f in frames]).astype(int) - expected).mean() < 0.6
     finally:
         running.stop()

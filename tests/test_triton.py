@@ -78,7 +78,14 @@ def faces(meta_ckpt: dict) -> dict[str, np.ndarray]:
     from export.command import real_inputs
 
     inputs = real_inputs(meta_ckpt)
-    return {**inputs["embedder"], "drawn": inputs["generator"]["landmark_image"]}
+    # "drawn": the driving landmarks; "warped": the portrait warped onto them (warp-guided G only)
+    generator = inputs["generator"]
+    return {**inputs["embedder"], "drawn": generator["landmark_image"], **warped_of(generator)}
+
+
+def warped_of(inputs: dict[str, np.ndarray], frames: slice = slice(None)) -> dict[str, np.ndarray]:
+    """The `warped` input of a warp-guided generator for `frames`; nothing for the paper's G."""
+    return {"warped": inputs["warped"][frames]} if "warped" in inputs else {}
 
 
 def test_embedder_and_generator_equal_onnxruntime(
@@ -92,8 +99,9 @@ def test_embedder_and_generator_equal_onnxruntime(
     np.testing.assert_allclose(got["embedding"], want[0], rtol=0, atol=1e-6)
     np.testing.assert_allclose(got["adain"], want[1], rtol=0, atol=1e-6)
     adain = np.repeat(got["adain"][:1], len(faces["drawn"]), axis=0)
-    frames = infer(client, "generator", landmark_image=faces["drawn"], adain=adain)["image"]
-    expected = ort_run(live_repo / "generator/1/model.onnx", landmark_image=faces["drawn"], adain=adain)[0]
+    feeds = {"landmark_image": faces["drawn"], "adain": adain, **warped_of(faces)}
+    frames = infer(client, "generator", **feeds)["image"]
+    expected = ort_run(live_repo / "generator/1/model.onnx", **feeds)[0]
     assert frames.shape == (len(faces["drawn"]), 128, 128, 3) and frames.dtype == np.uint8
     assert np.array_equal(frames, expected)
 
@@ -119,8 +127,8 @@ def test_batched_requests_of_several_avatars_return_each_avatars_frame(
     psi = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])["adain"][:1]
     psi = np.concatenate([psi, psi + np.random.default_rng(0).normal(0, 0.5, psi.shape).astype(np.float32)])
     gen = live_repo / "generator/1/model.onnx"
-    drawn = faces["drawn"][:1]
-    expected = [ort_run(gen, landmark_image=drawn, adain=psi[i : i + 1])[0] for i in range(2)]
+    drawn, warped = faces["drawn"][:1], warped_of(faces, slice(0, 1))
+    expected = [ort_run(gen, landmark_image=drawn, adain=psi[i : i + 1], **warped)[0] for i in range(2)]
     assert not np.array_equal(expected[0], expected[1])
     runs_before = metric(triton, "nv_inference_exec_count", "generator")
     frames_before = metric(triton, "nv_inference_count", "generator")
@@ -129,12 +137,13 @@ def test_batched_requests_of_several_avatars_return_each_avatars_frame(
         aio = aioclient.InferenceServerClient(triton.grpc_url)
 
         async def one(avatar: int) -> np.ndarray:
-            inputs = [
-                aioclient.InferInput("landmark_image", [1, 128, 128, 3], "UINT8"),
-                aioclient.InferInput("adain", [1, psi.shape[1]], "FP32"),
-            ]
-            inputs[0].set_data_from_numpy(drawn)
-            inputs[1].set_data_from_numpy(psi[avatar : avatar + 1])
+            feeds = {"landmark_image": drawn, "adain": psi[avatar : avatar + 1], **warped}
+            inputs = []
+            for name, value in feeds.items():
+                inputs.append(
+                    aioclient.InferInput(name, list(value.shape), "UINT8" if name != "adain" else "FP32")
+                )
+                inputs[-1].set_data_from_numpy(value)
             return (await aio.infer("generator", inputs)).as_numpy("image")
 
         try:
@@ -175,15 +184,16 @@ def test_personalised_generator_loads_serves_and_unloads(
     ]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert client.is_model_ready("generator_alice"), "loaded without restarting the server"
-    frames = infer(client, "generator_alice", landmark_image=faces["drawn"])["image"]
-    expected = ort_run(live_repo / "generator_alice/1/model.onnx", landmark_image=faces["drawn"])[0]
+    feeds = {"landmark_image": faces["drawn"], **warped_of(faces)}
+    frames = infer(client, "generator_alice", **feeds)["image"]
+    expected = ort_run(live_repo / "generator_alice/1/model.onnx", **feeds)[0]
     assert np.array_equal(frames, expected)
     argv = ["--remove-avatar", "alice", "--repository", str(live_repo), "--triton-url", triton.grpc_url]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert not (live_repo / "generator_alice").exists()
     assert not client.is_model_ready("generator_alice")
     with pytest.raises(InferenceServerException, match="generator_alice"):
-        infer(client, "generator_alice", landmark_image=faces["drawn"])
+        infer(client, "generator_alice", **feeds)
     assert client.is_model_ready("generator"), "the shared generator keeps serving"
 
 
@@ -204,8 +214,10 @@ def test_metrics_endpoint_counts_inferences(
     assert metric(triton, "nv_inference_compute_infer_duration_us", "embedder") > 0
 
 
-def test_bad_request_is_refused_and_server_stays_up(triton: tritonserver.Server) -> None:
+def test_bad_request_is_refused_and_server_stays_up(
+    triton: tritonserver.Server, faces: dict[str, np.ndarray]
+) -> None:
     client = grpcclient.InferenceServerClient(triton.grpc_url)
-    with pytest.raises(InferenceServerException, match="adain"):
-        infer(client, "generator", landmark_image=np.zeros((1, 128, 128, 3), np.uint8))
+    with pytest.raises(InferenceServerException, match="adain"):  # psi missing
+        infer(client, "generator", landmark_image=faces["drawn"][:1], **warped_of(faces, slice(0, 1)))
     assert client.is_server_ready()
