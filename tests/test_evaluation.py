@@ -90,6 +90,8 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     ceiling, floor = rows["ceiling"]["pooled"], rows["floor"]["pooled"]
     assert ceiling["identity_distance"] < 0.45 < 0.6 < floor["identity_distance"]
     assert rows["warp"]["pooled"]["identity_distance"] < 0.45
+    # and the shipped model's feed-forward faces are their people too (no fine-tuning)
+    assert rows["feed-forward"]["pooled"]["identity_distance"] < 0.45
     assert rows["warp"]["pooled"]["ssim"] > 0.6 and rows["warp"]["pooled"]["face_found"] == 1.0
     stills = report["stills"]["rows"]
     assert set(stills["warp"]["stills"]) == {"lp_s1_photo"}
