@@ -31,10 +31,10 @@ serve: $(STAMP)
 	$(VENV)/bin/talkinghead serve
 
 # Paired against the previous model: BASELINE, the model repository `make baseline-repository`
-# exports from git revision BASELINE_REV with that revision's own code (default: the model as
-# served before the CPU engines, on ONNX Runtime). BASELINE= (empty) skips the pairing.
+# exports from git revision BASELINE_REV with that revision's own code (default: the paper-G
+# model, served until the warp-guided G replaced it). BASELINE= (empty) skips the pairing.
 BASELINE ?= out/baseline_repository
-BASELINE_REV ?= 445b21b
+BASELINE_REV ?= abab4d4
 BASELINE_TREE := out/.baseline-tree
 
 bench: $(STAMP) model-repository $(if $(BASELINE),$(BASELINE)/generator/config.pbtxt)
