@@ -70,6 +70,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="BLOCK streams sending alongside each live run, using the capacity live streams leave",
     )
+    parser.add_argument(
+        "--offline-window",
+        type=int,
+        default=OFFLINE_WINDOW,
+        help="frames each offline stream keeps in flight (its throughput is at most window / latency)",
+    )
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
     parser.add_argument("--closed-loop-frames", type=int, default=60)
     parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
@@ -516,7 +522,7 @@ async def live(
                 np.roll(driver.points, 3 * i, axis=0),
                 driver.frame_size,
                 seconds=args.seconds,
-                offline_window=OFFLINE_WINDOW,
+                offline_window=args.offline_window,
             )
             for i in range(args.offline_streams)
         ),
