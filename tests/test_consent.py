@@ -133,3 +133,20 @@ def test_the_cli_takes_the_consent_record_as_flags(
     out = capsys.readouterr().out
     assert "consent cr-" in out and "public_domain (https://collections.louvre.fr" in out
     assert main(["avatar", *flags, "delete", "cli-mona"]) == 0
+
+
+def test_the_demo_will_not_stamp_its_portraits_consent_on_another_face(tmp_path: Path) -> None:
+    """`make demo PORTRAIT=...` without SUBJECT and SOURCE stops before it starts anything: the
+    bundled portrait's consent record names a NASA astronaut, not the user's photo."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("SUBJECT", "SOURCE")}
+    env.update(PORTRAIT=str(root / "tests/golden/landmarks_128_w1_aa.png"), OUT=str(tmp_path / "demo"))
+    done = subprocess.run(
+        ["bash", "tools/demo.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "set SUBJECT" in done.stderr and "SOURCE" in done.stderr
+    assert not (tmp_path / "demo").exists()  # no server started, nothing written

@@ -16,6 +16,13 @@ set -euo pipefail
 : "${PORTRAIT:=facekit/assets/demo_portrait.png}" "${DRIVER:=facekit/assets/demo_driver.npz}"
 : "${OUT:=out/demo}" "${AVATAR:=demo}"
 py="$VENV/bin/python"
+BUNDLED=facekit/assets/demo_portrait.png
+if [ "$PORTRAIT" != "$BUNDLED" ] && { [ -z "${SUBJECT:-}" ] || [ -z "${SOURCE:-}" ]; }; then
+    # the bundled portrait's consent record must not be stamped on someone else's face
+    echo "demo: PORTRAIT=$PORTRAIT is not the bundled portrait: set SUBJECT (whose face it is) and SOURCE" \
+        "(where it comes from), and BASIS if not public-domain (see \`talkinghead avatar create --help\`)" >&2
+    exit 2
+fi
 th() { "$py" -m talkinghead.cli "$@"; }  # this checkout's code, whatever the venv's editable install
 mkdir -p "$OUT"
 if [ -z "${TALKINGHEAD_WATERMARK_KEY:-}" ]; then
@@ -43,8 +50,8 @@ if ! "$py" -c "from client import Client; Client(target='$TALKINGHEAD_SERVER').w
     exit 1
 fi
 echo "demo: service ready on $TALKINGHEAD_SERVER (metrics http://127.0.0.1:$metrics_port/metrics, log $OUT/serve.log)"
-# The consent record of the bundled portrait (a public-domain NASA photograph); set SUBJECT, BASIS,
-# SOURCE and COLLECTED_BY for a PORTRAIT of your own (see `talkinghead avatar create --help`).
+# The consent record of the bundled portrait (a public-domain NASA photograph); a PORTRAIT of your
+# own needs SUBJECT and SOURCE (checked above), and BASIS and COLLECTED_BY where they differ.
 : "${SUBJECT:=Eileen Collins, NASA astronaut portrait}" "${BASIS:=public-domain}"
 : "${SOURCE:=NASA photograph via scikit-image data.astronaut(); work of the US federal government}"
 : "${COLLECTED_BY:=talkinghead demo}"
