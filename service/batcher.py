@@ -22,8 +22,9 @@ Latency budget (live streams, service/capacity.py): every call feeds a cost mode
 call by batch size); batches are capped at the size whose call fits BATCH_SHARE of the budget, a
 live frame that would come out of its batch past the budget is dropped before inference when a
 newer frame of its stream waits behind it (the newest is always drawn), and live
-streams' frames are taken before offline (BLOCK) ones, which use what is left (an offline frame
-that has waited BLOCK_STARVE_S joins the live ones, so offline streams slow down but never stop).
+streams' frames are taken before offline (BLOCK) ones, which use what is left (an offline stream
+whose oldest frame has waited BLOCK_STARVE_S gets one frame beside the live ones in every batch, so
+offline streams slow down but never stop).
 """
 
 from __future__ import annotations
@@ -220,17 +221,22 @@ class Batcher:
         limit, now = self.batch_limit(), time.perf_counter()
         batch: list[WorkItem] = []
         model: str | None = None
-        starving = [
-            q for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
-        ]
-        first = [q for q in order if not q.block or q in starving]
-        for queues in (first, [q for q in order if q.block and q not in starving]):
+        # A starving offline stream gets one frame beside the live ones (so it never stops), not a
+        # live stream's share: with a deep queue every offline frame starves, and as the live
+        # streams' equal it pushed live frames into the next batch, past their budget.
+        starving = {
+            id(q) for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
+        }
+        first = [q for q in order if not q.block or id(q) in starving]
+        for queues in (first, [q for q in order if q.block]):
             progress = True
             while progress and len(batch) < limit:
                 progress = False
                 for queue in queues:
                     if len(batch) >= limit:
                         break
+                    if queues is first and queue.block and id(queue) not in starving:
+                        continue  # its one frame of this pass is taken
                     if not queue.block:
                         # Late frames with a newer one behind them go; the newest is always drawn.
                         while len(queue.pending) > 1 and self._late(queue.pending[0], len(batch) + 1, now):
@@ -243,6 +249,7 @@ class Batcher:
                     item = queue.take()
                     model = item.model
                     batch.append(item)
+                    starving.discard(id(queue))
                     progress = True
         return batch
 

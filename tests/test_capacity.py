@@ -17,7 +17,7 @@ def test_the_cost_model_fits_fixed_and_per_frame_cost_from_observed_batches() ->
             cost.observe(batch, 0.010 + 0.040 * batch)
     assert cost.fixed == pytest.approx(0.010, abs=1e-6)
     assert cost.per_frame == pytest.approx(0.040, abs=1e-6)
-    # A 200 ms budget lets one batch cost 80 ms: (80 - 10) / 40 -> batch 1.
+    # A 200 ms budget lets one batch cost 50 ms: (50 - 10) / 40 -> batch 1.
     assert cost.max_batch(0.200 * BATCH_SHARE, 16) == 1
     assert cost.max_batch(1.0, 16) == 16 and cost.max_batch(0.001, 16) == 1
     assert cost.capacity(0.200, 16) == pytest.approx(1 / 0.050)
