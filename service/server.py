@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2, personalisation_pb2
 from facekit.watermark import Watermarker, require_key
@@ -45,6 +45,7 @@ DESCRIPTORS = (
     personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"],
 )
 SERVICES = tuple(service.full_name for service in DESCRIPTORS)
+REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
 # Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
 KEEPALIVE = [
@@ -192,10 +193,9 @@ class Server:
         # health too: a probe that sends junk gets INVALID_ARGUMENT, not INTERNAL and a traceback
         wire.add_service(self._server, health_pb2.DESCRIPTOR.services_by_name["Health"], self._health, limits)
         await self._set_health(False)
-        if s.reflection:
-            reflection.enable_server_reflection(
-                (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-            )
+        if s.reflection:  # through wire as well: a malformed request is INVALID_ARGUMENT, not INTERNAL
+            names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
+            wire.add_service(self._server, REFLECTION, reflection.aio.ReflectionServicer(names), limits)
         address = f"{s.host}:{s.grpc_port}"
         if s.tls:
             assert s.tls_cert is not None and s.tls_key is not None

@@ -218,6 +218,7 @@ def test_a_servicer_that_writes_its_replies_is_served_too() -> None:
 
 
 def test_health_answers_and_refuses_junk_the_same_way(client: Client) -> None:
+    client.wait_ready(60)  # run alone, this test may come before the backend is warm
     assert client.health() == "SERVING"
     error = refused_raw(client, "/grpc.health.v1.Health/Check", NOT_A_MESSAGE)
     assert error.code() == CODE.INVALID_ARGUMENT
@@ -237,3 +238,24 @@ def refused_raw(client: Client, path: str, data: bytes) -> grpc.RpcError:
     except grpc.RpcError as error:
         return error
     raise AssertionError(f"{path} accepted {data!r}")
+
+
+def test_reflection_answers_and_refuses_junk_the_same_way(client: Client) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    path = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    info = client.channel.stream_stream(
+        path,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    (reply,) = info(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=30)
+    assert "talkinghead.v1.AnimationService" in {s.name for s in reply.list_services_response.service}
+    try:
+        for _ in client.channel.stream_stream(path)(iter([NOT_A_MESSAGE]), timeout=30):
+            pass
+    except grpc.RpcError as error:
+        assert error.code() == CODE.INVALID_ARGUMENT, (error.code(), error.details())
+        assert error.details().startswith("malformed ServerReflectionRequest")
+    else:
+        raise AssertionError("reflection accepted bytes that are not a ServerReflectionRequest")
