@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +34,8 @@ import numpy as np
 from facekit.ids import validate_stored_id
 
 SUFFIX = ".npz"
+STALE_TMP_S = 3600.0
+log = logging.getLogger("talkinghead.service.store")
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -90,12 +94,29 @@ class AvatarStore(Protocol):
 
 
 class LocalAvatarStore:
-    """One `<id>.npz` per avatar in `root` (created if missing)."""
+    """One `<id>.npz` per avatar in `root` (created if missing). A write goes to a `.tmp-*` file
+    that replaces the avatar's file when complete; temp files a killed process left behind (older
+    than STALE_TMP_S: a write takes milliseconds) are removed when a store opens the folder."""
 
     def __init__(self, *, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # serialises exists-check + replace for put(replace=False)
+        self.swept = self._sweep()
+
+    def _sweep(self) -> int:
+        """Remove stale temp files; returns how many (another replica's write in flight is young)."""
+        removed, now = 0, time.time()
+        for tmp in self.root.glob(f".tmp-*{SUFFIX}"):
+            try:
+                if now - tmp.stat().st_mtime > STALE_TMP_S:
+                    tmp.unlink()
+                    removed += 1
+            except FileNotFoundError:  # its writer finished or another sweep took it
+                continue
+        if removed:
+            log.warning("removed %d unfinished write(s) a killed process left in %s", removed, self.root)
+        return removed
 
     def _path(self, avatar_id: str) -> Path:
         return self.root / (validate_stored_id(avatar_id) + SUFFIX)

@@ -1,7 +1,10 @@
 """The per-replica avatar cache: bounded by bytes, and a read that raced a delete never puts the
-deleted avatar back (the service takes a stamp before reading the store)."""
+deleted avatar back (the service takes a stamp before reading the store). The local store clears
+the unfinished writes a killed process left."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
@@ -38,3 +41,21 @@ def test_the_cache_is_bounded_by_bytes() -> None:
     assert len(cache) == 2 and cache.get("a") is None and cache.nbytes <= cache.max_bytes
     cache.put(_record("huge", floats=10**6))
     assert cache.get("huge") is None, "a record larger than the bound is not kept"
+
+
+def test_a_store_removes_the_unfinished_writes_a_killed_process_left(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from service.store import STALE_TMP_S, LocalAvatarStore
+
+    LocalAvatarStore(root=tmp_path).put(_record("kept"), replace=False)
+    stale, young = tmp_path / ".tmp-dead.npz", tmp_path / ".tmp-writing.npz"
+    for tmp in (stale, young):
+        tmp.write_bytes(b"half an archive")
+    old = time.time() - STALE_TMP_S - 60
+    os.utime(stale, (old, old))
+    store = LocalAvatarStore(root=tmp_path)
+    assert store.swept == 1 and not stale.exists()
+    assert young.exists()  # maybe another replica's write in flight
+    assert store.ids() == ["kept"] and store.get("kept") is not None
