@@ -225,9 +225,9 @@ class Batcher:
         # live stream's share: with a deep queue every offline frame starves, and as the live
         # streams' equal it pushed live frames into the next batch, past their budget.
         starving = {
-            id(q) for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
+            q for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
         }
-        first = [q for q in order if not q.block or id(q) in starving]
+        first = [q for q in order if not q.block or q in starving]
         for queues in (first, [q for q in order if q.block]):
             progress = True
             while progress and len(batch) < limit:
@@ -235,7 +235,7 @@ class Batcher:
                 for queue in queues:
                     if len(batch) >= limit:
                         break
-                    if queues is first and queue.block and id(queue) not in starving:
+                    if queues is first and queue.block and queue not in starving:
                         continue  # its one frame of this pass is taken
                     if not queue.block:
                         # Late frames with a newer one behind them go; the newest is always drawn.
@@ -249,7 +249,7 @@ class Batcher:
                     item = queue.take()
                     model = item.model
                     batch.append(item)
-                    starving.discard(id(queue))
+                    starving.discard(queue)
                     progress = True
         return batch
 

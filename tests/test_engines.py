@@ -62,13 +62,12 @@ def _portrait_crop(size: int) -> tuple[np.ndarray, np.ndarray]:
     """The demo portrait's face crop (S, S, 3) uint8 and its landmarks (68, 2), as an avatar keeps them."""
     from PIL import Image
 
-    from facekit.crop import crop_face
-    from facekit.detect import largest_face, make_detector
+    from facekit.detect import make_detector
+    from training.finetune import prepare_images
 
     portrait = np.asarray(Image.open(REPO / "facekit/assets/demo_portrait.png").convert("RGB"))
-    face = largest_face(make_detector("dlib"), portrait, "demo_portrait.png")
-    crop, points, _ = crop_face(portrait, face.points, size)
-    return crop, points.astype(np.float32)
+    frames, points = prepare_images([portrait], ["demo_portrait.png"], make_detector("dlib"), size)
+    return frames[0], points[0]
 
 
 @needs_openvino
