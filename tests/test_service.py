@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -110,13 +111,29 @@ def test_stream_replies_in_order_match_direct_model(
 def _drive_concurrently(
     client: Client, jobs: dict[str, np.ndarray], size: tuple[int, int]
 ) -> dict[str, list]:
+    """Each job's landmarks on its own stream, the streams' frames sent in lock step (frame i of
+    every stream before frame i + 1 of any), so their frames wait for the generator together
+    however the threads are scheduled (on a busy machine one stream could otherwise send all its
+    frames, and have them taken as one batch, before the other had started)."""
     results: dict[str, list] = {}
+    step = threading.Barrier(len(jobs))
+
+    def lock_step(requests: Iterator[object]) -> Iterator[object]:
+        for request in requests:
+            try:
+                step.wait(timeout=30)
+            except threading.BrokenBarrierError:
+                pass  # another stream failed: its own assertion says why
+            yield request
 
     def work(avatar_id: str, points: np.ndarray) -> None:
         seq = LandmarkSequence(points, size, 25.0)
-        results[avatar_id] = list(
-            client.animate(avatar_id, landmark_requests(seq), encoding="raw", queue_depth=16)
-        )
+        try:
+            results[avatar_id] = list(
+                client.animate(avatar_id, lock_step(landmark_requests(seq)), encoding="raw", queue_depth=16)
+            )
+        finally:
+            step.abort()  # a stream that ends releases the others
 
     threads = [threading.Thread(target=work, args=item) for item in jobs.items()]
     for t in threads:
