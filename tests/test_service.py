@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import urllib.request
@@ -120,10 +121,9 @@ def _drive_concurrently(
 
     def lock_step(requests: Iterator[object]) -> Iterator[object]:
         for request in requests:
-            try:
+            # A broken barrier: another stream ended early, and its own assertion says why.
+            with contextlib.suppress(threading.BrokenBarrierError):
                 step.wait(timeout=30)
-            except threading.BrokenBarrierError:
-                pass  # another stream failed: its own assertion says why
             yield request
 
     def work(avatar_id: str, points: np.ndarray) -> None:
