@@ -82,6 +82,9 @@ class LossConfig:
     # where a warp of the reference must fail (teeth, mouth interior, blinks) and a whole-frame
     # loss hears least. The mean over the masked pixels, times this weight.
     region_weight: float = 0.0
+    # (1 - SSIM) of x_hat against x, SSIM as the evaluation computes it (skimage's 7x7 window):
+    # the figure on which a warp-guided G has to beat the warp it starts from.
+    ssim_weight: float = 0.0
     substitute_seed: int = 0  # seed of the random perceptual substitute when weights are absent
 
 

@@ -59,6 +59,8 @@ class ContentLoss(nn.Module):
             )
         if self.cfg.pixel_weight > 0:
             out["cnt_pixel"] = self.cfg.pixel_weight * F.l1_loss(fake, real)
+        if self.cfg.ssim_weight > 0:
+            out["cnt_ssim"] = self.cfg.ssim_weight * (1.0 - ssim(fake, real).mean())
         if self.face is None and self.cfg.region_weight <= 0:
             return out
         if points is None:
@@ -70,6 +72,27 @@ class ContentLoss(nn.Module):
             err = (fake - real).abs().mean(dim=1, keepdim=True)
             out["cnt_region"] = self.cfg.region_weight * (err * mask).sum() / mask.sum().clamp(min=1.0)
         return out
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, *, window: int = 7) -> torch.Tensor:
+    """(B,) mean SSIM of images (B, C, H, W) in [-1, 1], differentiable: the evaluation's figure
+    (skimage's structural_similarity: a uniform `window` x `window` window, sample covariance,
+    channels averaged, only windows wholly inside the image), so a loss on it trains what the
+    evaluation reports."""
+    a, b = (a + 1) / 2, (b + 1) / 2  # [0, 1]: SSIM is not shift-invariant (the luminance term)
+    c1, c2 = 0.01**2, 0.03**2  # K1, K2 of data range 1
+
+    def mean(x: torch.Tensor) -> torch.Tensor:
+        return F.avg_pool2d(x, window, stride=1)
+
+    n = window * window
+    unbiased = n / (n - 1)
+    mu_a, mu_b = mean(a), mean(b)
+    var_a = unbiased * (mean(a * a) - mu_a * mu_a)
+    var_b = unbiased * (mean(b * b) - mu_b * mu_b)
+    cov = unbiased * (mean(a * b) - mu_a * mu_b)
+    score = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return score.mean(dim=(1, 2, 3))
 
 
 def region_mask(points: torch.Tensor, size: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from training.losses import (
     embedding_matching,
     feature_matching,
     hinge_discriminator,
+    ssim,
 )
 from training.runtime import average_gradients
 
@@ -153,6 +154,12 @@ class Trainer(nn.Module):
                 out["l1_vs_warp"] = (
                     (fake - batch.target_image).abs().mean() / warp_error.clamp(min=1e-6)
                 ).item()
+                # > 0 once G's frames are structurally closer to the truth than the warp's
+                out["ssim_vs_warp"] = (
+                    (ssim(fake, batch.target_image) - ssim(batch.target_warped, batch.target_image))
+                    .mean()
+                    .item()
+                )
         if (
             lc.adversarial_weight > 0
             or lc.feature_matching_weight > 0
