@@ -4,6 +4,7 @@ live frames keep their budget beside an offline stream that always has work."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -103,3 +104,67 @@ def test_an_offline_stream_with_work_always_waiting_leaves_the_live_stream_its_f
     assert float(np.percentile(latencies, 99)) < LATE_SHARE * 0.2
     # and the offline stream used the rest: the backend was busy most of the time
     assert backend.frames * PER_FRAME_S > 0.7 * 3.0
+
+
+def test_the_next_batch_is_drawn_while_the_previous_one_is_in_the_generator() -> None:
+    """Drawing (landmark image and warp, on the render threads) overlaps inference: with a deep
+    offline stream the generator is busy nearly all the time, not idle while each batch is drawn,
+    and batches stay full."""
+    draw_s, generate_s, batch = 0.01, 0.1, 8
+    draws: list[tuple[float, float]] = []
+    calls: list[tuple[float, float, int]] = []
+
+    def slow_draw(points: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        time.sleep(draw_s)
+        draws.append((t0, time.perf_counter()))
+        return np.zeros((8, 8, 3), np.uint8)
+
+    class Backend:
+        async def generate(
+            self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+        ) -> np.ndarray:
+            t0 = time.perf_counter()
+            await asyncio.sleep(generate_s)
+            calls.append((t0, time.perf_counter(), len(images)))
+            return np.zeros_like(images)
+
+    async def run(seconds: float) -> None:
+        cost = CostModel()
+        for size in (1, batch):
+            cost.observe(size, generate_s)
+        batcher = Batcher(backend=Backend(), max_batch=batch, cost=cost, budget=0.2)  # type: ignore[arg-type]
+        batcher.start()
+        queue = batcher.open_stream(depth=64, block=True)
+        sent: asyncio.Queue = asyncio.Queue()
+
+        async def feed() -> None:
+            while True:
+                work = WorkItem(
+                    points=np.zeros((68, 2), np.float32), draw=slow_draw, adain=None, model=SHARED
+                )
+                await queue.put(work)
+                sent.put_nowait(work)
+
+        async def drain() -> None:
+            while True:
+                work = await sent.get()
+                await work.future
+                queue.delivered()
+
+        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+
+    seconds = 2.0
+    asyncio.run(run(seconds))
+    busy = sum(end - start for start, end, _ in calls)
+    # Drawing a batch of 8 takes 40-80 ms of wall time (2-4 threads): drawn between calls, the
+    # generator would be busy at most 0.1 / 0.14 = 71 % of the time.
+    assert busy > 0.85 * seconds, (busy, len(calls))
+    assert sum(n for _, _, n in calls[1:]) >= (batch - 1) * len(calls[1:])  # full batches after the first
+    overlapping = [d for d in draws if any(s < d[0] < e for s, e, _ in calls)]
+    assert len(overlapping) > len(draws) / 2
