@@ -7,14 +7,16 @@ of streams with room - all for the same model: the shared generator (frames of a
 with its own psi) or one personalised generator - up to `max_batch`, and start a call task that
 draws their landmark images and, for a warp-guided model, warps each avatar's reference onto them
 (a frame dropped while waiting is never drawn), runs them as one call and resolves each frame's
-future. Drawing runs on a small thread pool, off the event loop, and is pipelined with inference:
-while a model's batch is in the generator, its next batch is collected and drawn, and goes in as
-soon as the generator is free (a batch of 16 takes ~16 ms to draw and warp on this machine's CPU,
-time the generator used to sit idle; on a GPU it can be most of a batch's time). Each model has
-at most one batch in the generator and one being drawn, and all models together `max_concurrent`
+future. Drawing runs on a small thread pool, off the event loop. When inference runs elsewhere
+(Triton, a GPU: `Backend.remote_inference`) it is pipelined with inference: while a model's batch
+is in the generator, its next batch is collected and drawn, timed to be ready as the call ends (a
+batch of 16 takes ~16 ms to draw and warp on one CPU core, time a GPU would sit idle). In-process
+on the CPU it is not: drawing and inference share the cores, and overlapping them on 2 cores left
+throughput where it was and made live frames slower (BENCHMARKS.md). Each model has at most one
+batch in the generator (and, pipelined, one being drawn), and all models together `max_concurrent`
 calls in the generator, so a slow batch of one model (a personalised generator, a stalled call
 waiting for its deadline) never holds up the batches of another. No timer: a model's next batch
-is whatever arrived while its previous one was drawn, so one stream gets batch 1 and its lowest
+is whatever arrived while its previous one ran, so one stream gets batch 1 and its lowest
 latency, while load grows batches (and throughput) by itself. A stream's frames leave its queue
 in order and a model's batches enter the generator in order, so replies stay in order.
 
@@ -161,8 +163,12 @@ class Batcher:
         max_concurrent: int = MAX_CONCURRENT_CALLS,
         cost: CostModel | None = None,
         budget: float = 0.0,
+        pipeline: bool | None = None,
     ) -> None:
         self.backend = backend
+        # Draw a model's next batch while its previous one is in the generator (default: when the
+        # backend's inference runs elsewhere, Backend.remote_inference).
+        self.pipeline = getattr(backend, "remote_inference", False) if pipeline is None else pipeline
         self.max_batch = max_batch
         self.cost = cost or CostModel()  # fed by every call; sizes batches to the budget
         self.budget = budget  # live frames' latency budget, seconds (0: none)
@@ -331,9 +337,13 @@ class Batcher:
                     per_frame - self.draw_per_frame
                 )
                 await generator.acquire()  # the model's batch before this one has left the generator
-            finally:
-                # Drawn and next in line (or failed): the model's next batch may be collected and
-                # drawn while this one is in the generator (from when it will be drawn just in time).
+            except BaseException:
+                self._busy.discard(model)
+                self.wake()
+                raise
+            if self.pipeline:
+                # Drawn and next in line: the model's next batch may be collected and drawn while
+                # this one is in the generator (from when it will be drawn just in time).
                 self._busy.discard(model)
                 self._schedule_next(model, len(batch))
             try:
@@ -347,6 +357,8 @@ class Batcher:
                     frames = await call  # (B, S, S, 3)
             finally:
                 generator.release()
+                if not self.pipeline:
+                    self._busy.discard(model)  # the model's next batch is collected now
                 self._not_before.pop(model, None)
                 self.wake()
         except Exception as error:

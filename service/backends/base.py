@@ -134,6 +134,10 @@ class Backend(Protocol):
     """A model server. Every method may raise BackendUnavailable; the service maps it to UNAVAILABLE."""
 
     name: str
+    # Whether inference runs off this process's CPUs (a Triton server, a GPU): then the batcher draws
+    # a model's next batch while the previous one is in the generator. In-process on the CPU the two
+    # share the cores, and overlapping them made live frames slower, not throughput higher.
+    remote_inference: bool
 
     async def start(self) -> None:
         """Begin connecting / loading; returns without waiting for the models."""

@@ -49,6 +49,7 @@ RUN_THREADS = 2  # concurrent runs (and model loads)
 
 class OnnxRuntimeBackend(ReadyGate):
     name = "onnxruntime"
+    remote_inference = False  # the engines share this process's cores with drawing
 
     def __init__(
         self,

@@ -54,6 +54,7 @@ CHANNEL_ARGS = [
 
 class TritonBackend(ReadyGate):
     name = "triton"
+    remote_inference = True  # another process, normally on a GPU
 
     def __init__(
         self,
