@@ -7,8 +7,8 @@ of streams with room - all for the same model: the shared generator (frames of a
 with its own psi) or one personalised generator - up to `max_batch`, and start a call task that
 draws their landmark images and, for a warp-guided model, warps each avatar's reference onto them
 (a frame dropped while waiting is never drawn), runs them as one call and resolves each frame's
-future. Drawing runs on a small thread pool, off the event loop. When inference runs elsewhere
-(Triton, a GPU: `Backend.remote_inference`) it is pipelined with inference: while a model's batch
+future. When inference runs elsewhere (Triton, a GPU: `Backend.remote_inference`) drawing runs on
+a small thread pool, off the event loop, and is pipelined with inference: while a model's batch
 is in the generator, its next batch is collected and drawn, timed to be ready as the call ends (a
 batch of 16 takes ~16 ms to draw and warp on one CPU core, time a GPU would sit idle). In-process
 on the CPU it is not: drawing and inference share the cores, and overlapping them on 2 cores left
@@ -315,11 +315,17 @@ class Batcher:
 
     async def _draw(self, batch: list[WorkItem]) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's landmark images (B, S, S, 3) and, for a warp-guided model, its warped
-        references (else None), drawn on the render threads in chunks of RENDER_CHUNK frames."""
-        loop = asyncio.get_running_loop()
-        chunks = [batch[i : i + RENDER_CHUNK] for i in range(0, len(batch), RENDER_CHUNK)]
-        await asyncio.gather(*(loop.run_in_executor(self._render, _render_all, chunk) for chunk in chunks))
-        images = np.stack([item.render() for item in batch])  # drawn above: no work here
+        references (else None); pipelined, drawn on the render threads in chunks of RENDER_CHUNK."""
+        if self.pipeline:
+            loop = asyncio.get_running_loop()
+            chunks = [batch[i : i + RENDER_CHUNK] for i in range(0, len(batch), RENDER_CHUNK)]
+            await asyncio.gather(
+                *(loop.run_in_executor(self._render, _render_all, chunk) for chunk in chunks)
+            )
+        # Not pipelined (inference on these cores): drawn here, on the event loop, between calls. On
+        # the render threads, on 2 cores, live p99 was 15-40 ms worse and encoding a reply took
+        # 0.5-0.9 ms instead of 0.2, for no more frames (BENCHMARKS.md).
+        images = np.stack([item.render() for item in batch])  # (pipelined: drawn above, no work)
         warps = [item.warped for item in batch if item.warped is not None]
         return images, (np.stack(warps) if len(warps) == len(batch) else None)
 
