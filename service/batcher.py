@@ -185,7 +185,9 @@ class Batcher:
         self._not_before: dict[str, float] = {}
         self.draw_per_frame = 0.0  # seconds of drawing per frame of a batch (wall, all threads)
         self._calls_allowed = asyncio.Semaphore(max_concurrent)  # batches in any generator at once
-        self._render = ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render")
+        self._render = (
+            ThreadPoolExecutor(RENDER_THREADS, thread_name_prefix="render") if self.pipeline else None
+        )
         self._calls: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch or (lambda model, size, seconds: None)
         self._on_drop = on_drop or (lambda: None)
@@ -199,14 +201,14 @@ class Batcher:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._render.shutdown(wait=False, cancel_futures=True)
+        if self._render is not None:
+            self._render.shutdown(wait=False, cancel_futures=True)
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
-        """A stream's queue; by default up to two batches of its frames in flight (one in the
-        generator, the next being drawn) before it waits for the client to read."""
-        queue = StreamQueue(
-            batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or 2 * self.max_batch
-        )
+        """A stream's queue; by default up to a batch of its frames in flight (pipelined two: one
+        in the generator, the next being drawn) before it waits for the client to read."""
+        default = (2 if self.pipeline else 1) * self.max_batch
+        queue = StreamQueue(batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or default)
         self._streams.append(queue)
         return queue
 
@@ -316,7 +318,7 @@ class Batcher:
     async def _draw(self, batch: list[WorkItem]) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's landmark images (B, S, S, 3) and, for a warp-guided model, its warped
         references (else None); pipelined, drawn on the render threads in chunks of RENDER_CHUNK."""
-        if self.pipeline:
+        if self._render is not None:  # pipelined
             loop = asyncio.get_running_loop()
             chunks = [batch[i : i + RENDER_CHUNK] for i in range(0, len(batch), RENDER_CHUNK)]
             await asyncio.gather(
