@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="frames each offline stream keeps in flight (its throughput is at most window / latency)",
     )
     parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
+    parser.add_argument(
+        "--lanes",
+        type=int,
+        default=0,
+        help="generator calls side by side, raw and in the server (default 0: the service's auto)",
+    )
     parser.add_argument("--closed-loop-frames", type=int, default=60)
     parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
     parser.add_argument("--driver", type=Path, default=ASSETS / "demo_driver.npz")
@@ -145,16 +151,18 @@ class RawGenerator:
     it on (facekit/engines.py; `auto`: the fastest allowed, timed the same way), or on `engine`.
     Calls run in a worker thread."""
 
-    def __init__(self, *, repository: Path, engine: str = "auto", threads: int = 0) -> None:
+    def __init__(self, *, repository: Path, engine: str = "auto", threads: int = 0, lanes: int = 0) -> None:
         path = contract.latest_version(repository / contract.GENERATOR)
         if path is None:
             raise SystemExit(f"no models in {repository}: run `make model-repository`")
         self.path = path
         self.threads = threads or os.cpu_count() or 1
-        chosen = engines.pick(path, engine, threads=self.threads)
+        self.lanes = lanes or min(2, self.threads)  # as the service's auto (service/settings.py)
+        chosen = engines.pick(path, engine, threads=self.threads, lanes=self.lanes)
         self.engine, self.info, self.timings = chosen.engine, chosen.info, chosen.timings
         self.choice = chosen.describe()
         self.metadata = self.engine.metadata
+        self.elapsed = 0.0  # of the last `saturate`
 
     def inputs(self, driver: LandmarkSequence, batch: int) -> dict[str, np.ndarray]:
         """The generator's feeds for `batch` drawn driver frames (B, S, S, 3) uint8, zero AdaIN
@@ -175,6 +183,24 @@ class RawGenerator:
         (image,) = await asyncio.to_thread(self.engine.run, feeds, [contract.IMAGE])
         return image
 
+    async def saturate(self, feeds: dict[str, np.ndarray], seconds: float, min_calls: int = 3) -> list[float]:
+        """Calls back to back in every lane for `seconds` (at least `min_calls` in each): the
+        engine's throughput as a server that keeps every lane busy gets it. Each call's seconds."""
+        times: list[float] = []
+        started = time.perf_counter()
+
+        async def lane() -> None:
+            calls = 0
+            while time.perf_counter() - started < seconds or calls < min_calls:
+                t0 = time.perf_counter()
+                await self.generate(feeds)
+                times.append(time.perf_counter() - t0)
+                calls += 1
+
+        await asyncio.gather(*(lane() for _ in range(self.lanes)))
+        self.elapsed = time.perf_counter() - started
+        return times
+
 
 async def raw_generator(
     raw: RawGenerator, driver: LandmarkSequence, batches: list[int], seconds: float
@@ -182,19 +208,14 @@ async def raw_generator(
     rows: list[dict[str, Any]] = []
     for batch in batches:
         feeds = raw.inputs(driver, batch)
-        await raw.generate(feeds)  # warm-up
-        times: list[float] = []
-        started = time.perf_counter()
-        while time.perf_counter() - started < seconds or len(times) < 3:
-            t0 = time.perf_counter()
-            await raw.generate(feeds)
-            times.append(time.perf_counter() - t0)
-        mean = float(np.mean(times))
+        await raw.saturate(feeds, 0.0, 1)  # warm-up
+        times = await raw.saturate(feeds, seconds)
         row: dict[str, Any] = {
             "batch": batch,
+            "lanes": raw.lanes,
             "runs": len(times),
-            "latency_ms": percentiles(times),
-            "fps": round(batch / mean, 2),
+            "latency_ms": percentiles(times),  # of one call, in one lane
+            "fps": round(batch * len(times) / raw.elapsed, 2),
         }
         rows.append(row)
         print(f"raw batch {batch:>2}: {row['latency_ms']['p50']:8.1f} ms p50, {row['fps']:6.1f} fps")
@@ -210,7 +231,7 @@ async def engine_table(
     gflops = _gflops(chosen.metadata)
     table: dict[str, Any] = {}
     for name in engines.available():
-        raw = RawGenerator(repository=args.model_repository, engine=name)
+        raw = RawGenerator(repository=args.model_repository, engine=name, lanes=args.lanes)
         print(f"engine {name}:")
         rows = await raw_generator(raw, driver, args.batches, args.raw_seconds)
         table[name] = {
@@ -264,18 +285,15 @@ def _version(package: str) -> str | None:
 
 
 async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, seconds: float) -> float:
-    """Raw fps at `batch` over `seconds` (right after a live run: the same machine load)."""
+    """Raw fps at `batch`, every lane busy, over `seconds` (beside a live run: the same machine load)."""
     feeds = raw.inputs(driver, batch)
-    frames, started = 0, time.perf_counter()
-    while time.perf_counter() - started < seconds or frames < 3 * batch:
-        await raw.generate(feeds)
-        frames += batch
-    return frames / (time.perf_counter() - started)
+    times = await raw.saturate(feeds, seconds)
+    return batch * len(times) / raw.elapsed
 
 
 # -- the server -------------------------------------------------------------------------------
 def start_server(
-    repository: Path, store: Path, max_batch: int, *, engine: str = "auto"
+    repository: Path, store: Path, max_batch: int, *, engine: str = "auto", lanes: int = 0
 ) -> tuple[subprocess.Popen[str], str]:
     env = dict(
         os.environ,
@@ -285,6 +303,7 @@ def start_server(
         TALKINGHEAD_METRICS_PORT="0",
         TALKINGHEAD_MAX_BATCH=str(max_batch),
         TALKINGHEAD_ENGINE=engine,
+        TALKINGHEAD_ENGINE_LANES=str(lanes),
         TALKINGHEAD_MAX_STREAMS="64",
         TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
     )
@@ -564,7 +583,9 @@ async def service_runs(
     args: argparse.Namespace, driver: LandmarkSequence, raw: RawGenerator
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-        process, address = start_server(args.model_repository, Path(store), max(args.batches))
+        process, address = start_server(
+            args.model_repository, Path(store), max(args.batches), lanes=args.lanes
+        )
         try:
             with Client(target=address) as client:
                 client.create_avatar(
@@ -589,11 +610,13 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
     figures: dict[str, dict[str, list[float]]] = {k: {"raw_ms": [], "service_ms": []} for k in repos}
     for _ in range(args.rounds):
         for name, repository in repos.items():
-            raw = RawGenerator(repository=repository, engine=engines_of[name])
+            raw = RawGenerator(repository=repository, engine=engines_of[name], lanes=args.lanes)
             row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
             figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
             with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-                process, address = start_server(repository, Path(store), 1, engine=engines_of[name])
+                process, address = start_server(
+                    repository, Path(store), 1, engine=engines_of[name], lanes=args.lanes
+                )
                 try:
                     with Client(target=address) as client:
                         client.create_avatar(
@@ -628,8 +651,8 @@ def run(args: argparse.Namespace) -> int:
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
     peak = cpu_peak()
-    raw = RawGenerator(repository=args.model_repository)
-    print(f"generator engine: {raw.engine.name} ({raw.choice})")
+    raw = RawGenerator(repository=args.model_repository, lanes=args.lanes)
+    print(f"generator engine: {raw.engine.name} in {raw.lanes} lane(s) ({raw.choice})")
     raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
     per_engine = asyncio.run(engine_table(args, driver, raw, peak))
     service = asyncio.run(service_runs(args, driver, raw))
@@ -647,6 +670,7 @@ def run(args: argparse.Namespace) -> int:
         "model_path": str(raw.path),
         "cpu_peak": peak,
         "engine": raw.engine.name,
+        "lanes": raw.lanes,
         "engine_choice_ms_per_frame": {t.engine: t.ms_per_frame for t in raw.timings},
         "raw_backend": with_peak_share(raw_rows, raw.metadata, peak),
         "engines": per_engine,

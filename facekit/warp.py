@@ -265,7 +265,7 @@ def warp_nearest(refs: np.ndarray, ref_points: np.ndarray, driving: np.ndarray) 
         raise ValueError(f"driving must have shape (N, {NUM_POINTS}, 2), got {drv.shape}")
     if refs.ndim != 4 or len(refs) != len(ref_points):
         raise ValueError(f"refs must be (T, S, S, 3) with one landmark set each, got {refs.shape}")
-    picks = [nearest_reference(ref_points, p) for p in drv]
+    picks = [0] * len(drv) if len(refs) == 1 else [nearest_reference(ref_points, p) for p in drv]
     out = np.empty((len(drv), *refs.shape[1:]), np.uint8)
     for i, (k, p) in enumerate(zip(picks, drv, strict=True)):
         out[i] = warp_image(np.ascontiguousarray(refs[k]), ref_points[k], p)

@@ -129,10 +129,11 @@ class App:
         self._calibration = asyncio.create_task(self._calibrate(), name="calibrate")
 
     async def _calibrate(self) -> None:
-        """Seed the cost model with two calls once the backend is ready (batch 1 and the largest
-        the budget could allow), so admission starts from this machine's figures, not a guess."""
+        """Seed the cost model once the backend is ready (batch 1 twice and batch 4, each as one
+        call per lane at once), so admission starts from this machine's figures, not a guess."""
         while not self.backend.is_ready():
             await asyncio.sleep(0.25)
+        self.admission.lanes = self.batcher.lanes(SHARED)
         try:
             info = self.backend.info
             s = info.image_size
@@ -140,22 +141,30 @@ class App:
                 images = np.zeros((batch, s, s, 3), np.uint8)
                 adain = np.zeros((batch, info.adain_size), np.float32)
                 warped = images if info.warp_guided else None
-                t0 = time.perf_counter()
-                await self.backend.generate(images, adain, warped)
-                self.cost.observe(batch, time.perf_counter() - t0)
+
+                # A call per lane at once: each is timed as it runs under load.
+                calls = [self._timed_call(images, adain, warped) for _ in range(self.admission.lanes)]
+                for seconds in await asyncio.gather(*calls):
+                    self.cost.observe(batch, seconds)
         except Exception as error:  # the batches streams run will teach the model instead
             log.warning("could not calibrate the generator's cost: %s", error)
             return
         log.info(
             "generator cost %.1f ms + %.1f ms/frame: live capacity %.0f frames/s at batch <= %d "
-            "(budget %d ms)",
+            "in %d lane(s) (budget %d ms)",
             self.cost.fixed * 1e3,
             self.cost.per_frame * 1e3,
             self.admission.capacity,
             self.admission.batch_limit(),
+            self.admission.lanes,
             self.settings.latency_budget_ms,
         )
         self._publish_capacity()
+
+    async def _timed_call(self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None) -> float:
+        t0 = time.perf_counter()
+        await self.backend.generate(images, adain, warped)
+        return time.perf_counter() - t0
 
     def _publish_capacity(self) -> None:
         self.metrics.capacity_fps.set(self.admission.capacity)

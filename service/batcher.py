@@ -12,13 +12,17 @@ a small thread pool, off the event loop, and is pipelined with inference: while 
 is in the generator, its next batch is collected and drawn, timed to be ready as the call ends (a
 batch of 16 takes ~16 ms to draw and warp on one CPU core, time a GPU would sit idle). In-process
 on the CPU it is not: drawing and inference share the cores, and overlapping them on 2 cores left
-throughput where it was and made live frames slower (BENCHMARKS.md). Each model has at most one
-batch in the generator (and, pipelined, one being drawn), and all models together `max_concurrent`
-calls in the generator, so a slow batch of one model (a personalised generator, a stalled call
-waiting for its deadline) never holds up the batches of another. No timer: a model's next batch
-is whatever arrived while its previous one ran, so one stream gets batch 1 and its lowest
-latency, while load grows batches (and throughput) by itself. A stream's frames leave its queue
-in order and a model's batches enter the generator in order, so replies stay in order.
+throughput where it was and made live frames slower (BENCHMARKS.md). There, a generator that runs
+calls side by side in lanes (`Backend.lanes`: an engine's calls each on a share of the cores,
+facekit/engines.py) is handed a batch per lane and one more, which waits in the backend and starts
+the moment a lane frees, while the loop collects and draws the next. Each model has at most that
+many batches in the generator (pipelined, one, and one being drawn), and all models together
+`max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator,
+a stalled call waiting for its deadline) never holds up the batches of another. No timer: a
+model's next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and
+its lowest latency, while load grows batches (and throughput) by itself. A stream's frames leave
+its queue in order; batches in lanes may finish out of order, and the stream's reply loop awaits
+its frames in order (service/stream.py), so replies stay in order.
 
 Overflow: with DROP_OLDEST a full queue discards its oldest waiting frame (counted, reported in the
 next reply); with BLOCK `put` waits for room, which stops the stream's reader and lets gRPC flow
@@ -179,7 +183,12 @@ class Batcher:
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: set[str] = set()  # models with a batch being drawn (or waiting for the generator)
-        self._generator: dict[str, asyncio.Lock] = {}  # per model: one batch in the generator
+        self._generator: dict[str, asyncio.Semaphore] = {}  # per model: a batch per lane in the generator
+        self._running: collections.Counter[str] = collections.Counter()  # per model: batches in it
+        self._in_backend: collections.Counter[str] = collections.Counter()  # per model: calls made
+        # Per model: the clocks of calls queued in the backend behind busy lanes; each starts as
+        # an earlier call of the model ends (the cost model wants a call's own time, not its wait).
+        self._queued: dict[str, collections.deque[list[float]]] = collections.defaultdict(collections.deque)
         # Per model: when its next batch may be collected - as late as lets it be drawn by the time
         # the batch in the generator comes out, so frames that arrive meanwhile still ride in it.
         self._not_before: dict[str, float] = {}
@@ -205,9 +214,11 @@ class Batcher:
             self._render.shutdown(wait=False, cancel_futures=True)
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
-        """A stream's queue; by default up to a batch of its frames in flight (pipelined two: one
-        in the generator, the next being drawn) before it waits for the client to read."""
-        default = (2 if self.pipeline else 1) * self.max_batch
+        """A stream's queue; by default up to a batch of its frames in flight per batch its model
+        may have at once (pipelined two: one in the generator, the next being drawn; in lanes, one
+        per lane and one drawn ahead) before it waits for the client to read."""
+        lanes = self.lanes(SHARED)
+        default = (2 if self.pipeline else lanes + 2 if lanes > 1 else 1) * self.max_batch
         queue = StreamQueue(batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or default)
         self._streams.append(queue)
         return queue
@@ -218,6 +229,25 @@ class Batcher:
 
     def wake(self) -> None:
         self._work.set()
+
+    def lanes(self, model: str) -> int:
+        """Batches of `model` the backend runs side by side (Backend.lanes; 1 when it has none)."""
+        lanes = getattr(self.backend, "lanes", None)
+        return max(1, int(lanes(model))) if lanes is not None else 1
+
+    def _slots(self, model: str) -> int:
+        """Batches of `model` handed to the backend at once: one per lane and, with lanes, one
+        more, queued in the backend, that starts the moment a lane frees - not a round trip
+        through this event loop later, which is busy drawing, encoding and reading frames
+        (each lane idled 2-4 ms per call that way: 26 ms calls against 20 raw). Pipelined: one."""
+        lanes = 1 if self.pipeline else self.lanes(model)
+        return lanes + 1 if lanes > 1 else 1
+
+    def _lane_free(self, model: str) -> bool:
+        """Whether a batch of `model` may be collected now (none is being drawn or waiting):
+        pipelined, while one is in the generator (the next is drawn meanwhile); otherwise when
+        the backend may take one more of its batches (`_slots`)."""
+        return self.pipeline or self._running[model] < self._slots(model)
 
     def on_drop(self) -> None:
         self._on_drop()
@@ -273,6 +303,8 @@ class Batcher:
                     head = queue.pending[0].model
                     # (a timer may fire a little before its time: a millisecond's grace)
                     if head in self._busy or self._not_before.get(head, 0.0) > now + 0.001:
+                        continue
+                    if not self._lane_free(head):
                         continue
                     if model is not None and head != model:
                         continue
@@ -335,7 +367,9 @@ class Batcher:
         taken = time.perf_counter()
         model = batch[0].model
         started = taken
-        generator = self._generator.setdefault(model, asyncio.Lock())
+        generator = self._generator.get(model)
+        if generator is None:
+            generator = self._generator[model] = asyncio.Semaphore(self._slots(model))
         try:
             try:
                 images, warped = await self._draw(batch)
@@ -344,31 +378,46 @@ class Batcher:
                 self.draw_per_frame += (_DRAW_WEIGHT if self.draw_per_frame else 1.0) * (
                     per_frame - self.draw_per_frame
                 )
-                await generator.acquire()  # the model's batch before this one has left the generator
+                await generator.acquire()  # the backend may take another of the model's batches
             except BaseException:
                 self._busy.discard(model)
                 self.wake()
                 raise
+            self._running[model] += 1
+            # In the generator: the model's next batch may be collected - pipelined, drawn while
+            # this one runs (from when it will be drawn just in time); else when a slot is free.
+            self._busy.discard(model)
             if self.pipeline:
-                # Drawn and next in line: the model's next batch may be collected and drawn while
-                # this one is in the generator (from when it will be drawn just in time).
-                self._busy.discard(model)
                 self._schedule_next(model, len(batch))
+            else:
+                self.wake()
             try:
                 async with self._calls_allowed:
                     started = time.perf_counter()
+                    clock = [started]
+                    if self._in_backend[model] >= self.lanes(model):  # queued behind busy lanes
+                        self._queued[model].append(clock)
+                    self._in_backend[model] += 1
                     if model == SHARED:
                         adain = np.stack([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
                         call: Awaitable[np.ndarray] = self.backend.generate(images, adain, warped)
                     else:
                         call = self.backend.generate_personalised(model, images, warped)
-                    frames = await call  # (B, S, S, 3)
+                    try:
+                        frames = await call  # (B, S, S, 3)
+                    finally:
+                        self._in_backend[model] -= 1
+                        queued = self._queued[model]
+                        if clock in queued:  # (failed before a lane took it)
+                            queued.remove(clock)
+                        elif queued:  # this call's lane goes to the oldest queued call
+                            queued.popleft()[0] = time.perf_counter()
+                        started = clock[0]
             finally:
                 generator.release()
-                if not self.pipeline:
-                    self._busy.discard(model)  # the model's next batch is collected now
+                self._running[model] -= 1
                 self._not_before.pop(model, None)
-                self.wake()
+                self.wake()  # its lane is free: the model's next batch may be collected
         except Exception as error:
             self._on_error(error)  # logged and counted here, once per batch
             for item in batch:

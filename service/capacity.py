@@ -6,7 +6,8 @@ call at start). From it:
 
 - the largest batch whose call fits the latency budget: a live frame can wait for the batch in
   flight and then ride in its own, so a batch may cost at most BATCH_SHARE of the budget;
-- capacity: frames per second at that batch size, on the backend's whole time.
+- capacity: frames per second at that batch size, on the backend's whole time, times its lanes
+  (calls it runs side by side: each observed call took one lane).
 
 `Admission` reserves each live (DROP_OLDEST) stream's frames per second (StreamConfig.expected_fps,
 default 25) against HEADROOM x capacity; a stream that does not fit gets RESOURCE_EXHAUSTED with a
@@ -64,10 +65,10 @@ class CostModel:
         fits = int((seconds - self.fixed) / self.per_frame) if self.per_frame > 0 else ceiling
         return max(1, min(ceiling, fits))
 
-    def capacity(self, budget: float, ceiling: int) -> float:
-        """Frames per second at the budget's batch size, the backend busy all the time."""
+    def capacity(self, budget: float, ceiling: int, lanes: int = 1) -> float:
+        """Frames per second at the budget's batch size, every lane of the backend busy all the time."""
         batch = self.max_batch(budget * BATCH_SHARE, ceiling)
-        return batch / self.cost(batch)
+        return lanes * batch / self.cost(batch)
 
 
 class Admission:
@@ -79,10 +80,11 @@ class Admission:
         self.max_batch = max_batch
         self.enabled = enabled
         self.committed = 0.0
+        self.lanes = 1  # the shared generator's (Backend.lanes), set once the backend is loaded
 
     @property
     def capacity(self) -> float:
-        return self.cost.capacity(self.budget, self.max_batch)
+        return self.cost.capacity(self.budget, self.max_batch, self.lanes)
 
     def batch_limit(self) -> int:
         return self.cost.max_batch(self.budget * BATCH_SHARE, self.max_batch)

@@ -80,6 +80,7 @@ def make_backend(settings: Settings) -> Backend:
         repository=settings.model_repository,
         engine=settings.engine,
         threads=settings.inference_threads,
+        lanes=settings.lanes,
         timeout_s=settings.backend_timeout,
         stall_s=settings.backend_stall,
     )

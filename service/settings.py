@@ -9,6 +9,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_ENGINE            auto             in-process engine of the generators: auto (the fastest
                                                    of those allowed, timed at start) | onnxruntime |
                                                    openvino | openvino-bf16 (facekit/engines.py)
+    TALKINGHEAD_ENGINE_LANES      0                generator calls run side by side, each on its share
+                                                   of the inference threads; 0 = 2 where there are
+                                                   2+ threads (facekit/engines.py: more frames/s,
+                                                   a lone frame slower)
     TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC endpoint (backend = triton)
     TALKINGHEAD_MODEL_REPOSITORY  model_repository Triton-layout model repository (onnxruntime)
     TALKINGHEAD_AVATAR_STORE      var/avatars      directory of stored avatars
@@ -69,6 +73,7 @@ class Settings:
     metrics_port: int = 8080
     backend: str = "onnxruntime"
     engine: str = "auto"  # the onnxruntime backend's engine for generators (facekit/engines.py)
+    engine_lanes: int = 0  # generator calls side by side (facekit/engines.py); 0 = auto
     triton_url: str = "127.0.0.1:8001"
     model_repository: Path = Path("model_repository")
     avatar_store: Path = Path("var/avatars")
@@ -104,12 +109,20 @@ class Settings:
     backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
     detector: str = "dlib"  # landmark detector for photos and driving frames
 
+    @property
+    def lanes(self) -> int:
+        """engine_lanes, with 0 (auto) resolved: 2 lanes where there are 2 or more threads."""
+        threads = self.inference_threads or os.cpu_count() or 1
+        return self.engine_lanes or min(2, threads)
+
     def __post_init__(self) -> None:
         problems = []
         if self.backend not in BACKENDS:
             problems.append(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.engine not in ("auto", *ENGINES):
             problems.append(f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not 0 <= self.engine_lanes <= 64:
+            problems.append(f"engine_lanes must be 0-64 (0 = auto), got {self.engine_lanes}")
         for name in ("grpc_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be 0-65535, got {getattr(self, name)}")
@@ -186,6 +199,7 @@ _ENV_FIELDS = (
     "metrics_port",
     "backend",
     "engine",
+    "engine_lanes",
     "triton_url",
     "model_repository",
     "avatar_store",
@@ -255,6 +269,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=("auto", *ENGINES),
         help="in-process generator engine (default auto: the fastest allowed, timed at start)",
+    )
+    group.add_argument(
+        "--engine-lanes",
+        type=int,
+        help="generator calls run side by side, each on its share of the threads (default 0: auto, 2)",
     )
     group.add_argument("--triton-url", help="Triton gRPC host:port (default 127.0.0.1:8001)")
     group.add_argument("--model-repository", type=Path, help="model repository (default model_repository)")

@@ -175,3 +175,111 @@ def test_the_next_batch_is_drawn_while_the_previous_one_is_in_the_generator(pipe
     else:
         assert busy < 0.8 * seconds, (busy, len(calls))
         assert not overlapping
+
+
+class LanedBackend:
+    """A generator that runs `lanes` calls side by side, each taking `generate_s`; more calls wait
+    for a free lane (as facekit/engines.py's engines do). Records how many it held at once."""
+
+    def __init__(self, lanes: int, generate_s: float) -> None:
+        self._lanes, self.generate_s = lanes, generate_s
+        self.free = asyncio.Semaphore(lanes)
+        self.handed = self.running = self.most_handed = self.most_running = 0
+        self.lane_time = 0.0
+
+    def lanes(self, model: str) -> int:
+        return self._lanes
+
+    async def generate(
+        self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+    ) -> np.ndarray:
+        self.handed += 1
+        self.most_handed = max(self.most_handed, self.handed)
+        try:
+            async with self.free:
+                self.running += 1
+                self.most_running = max(self.most_running, self.running)
+                t0 = time.perf_counter()
+                await asyncio.sleep(self.generate_s)
+                self.lane_time += time.perf_counter() - t0
+                self.running -= 1
+        finally:
+            self.handed -= 1
+        return np.zeros_like(images)
+
+
+def run_offline(backend: LanedBackend, cost: CostModel, draw_s: float, batch: int, seconds: float) -> int:
+    """A deep offline stream through a non-pipelined batcher for `seconds`; frames delivered."""
+
+    def slow_draw(points: np.ndarray) -> np.ndarray:
+        time.sleep(draw_s)  # on the event loop, as the in-process backend draws
+        return np.zeros((8, 8, 3), np.uint8)
+
+    async def run() -> int:
+        batcher = Batcher(backend=backend, max_batch=batch, cost=cost, budget=0.0, pipeline=False)  # type: ignore[arg-type]
+        batcher.start()
+        queue = batcher.open_stream(depth=64, block=True)
+        sent: asyncio.Queue = asyncio.Queue()
+        delivered = [0]
+
+        async def feed() -> None:
+            while True:
+                work = WorkItem(
+                    points=np.zeros((68, 2), np.float32), draw=slow_draw, adain=None, model=SHARED
+                )
+                await queue.put(work)
+                sent.put_nowait(work)
+
+        async def drain() -> None:
+            while True:
+                work = await sent.get()
+                await work.future
+                queue.delivered()
+                delivered[0] += 1
+
+        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return delivered[0]
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_generator_in_lanes_gets_a_batch_per_lane_and_one_more_and_keeps_every_lane_busy(
+    lanes: int,
+) -> None:
+    """An in-process generator that runs calls side by side (Backend.lanes, facekit/engines.py)
+    is handed one batch per lane and, with lanes, one more that waits in the backend for the first
+    lane to free: with a deep offline stream every lane is busy nearly all the time, though each
+    batch is drawn on the event loop. In one lane, batches are drawn between calls."""
+    generate_s, batch, seconds = 0.05, 4, 2.0
+    backend, cost = LanedBackend(lanes, generate_s), CostModel()
+    for size in (1, batch):
+        cost.observe(size, generate_s)
+    frames = run_offline(backend, cost, draw_s=0.005, batch=batch, seconds=seconds)
+    assert backend.most_running == lanes
+    assert backend.most_handed == (lanes + 1 if lanes > 1 else 1)
+    busy = backend.lane_time / (lanes * seconds)  # of every lane's time
+    # A batch of 4 takes 20 ms to draw: drawn only when its lane is free, a lane would be busy at
+    # most 0.05 / 0.07 = 71 % of the time.
+    if lanes > 1:
+        assert busy > 0.85, busy
+        assert frames > 0.85 * lanes * seconds / generate_s * batch
+    else:
+        assert busy < 0.8, busy
+
+
+def test_the_cost_of_a_call_that_waited_for_a_lane_is_its_own_time_not_its_wait() -> None:
+    """Batches handed over while every lane is busy wait in the backend; the cost model (batch
+    sizes, capacity, late frames) learns the time each took in its lane, not its wait as well."""
+    generate_s, batch = 0.05, 4
+    backend, cost = LanedBackend(2, generate_s), CostModel()
+    for size in (1, batch):
+        cost.observe(size, generate_s)
+    run_offline(backend, cost, draw_s=0.0, batch=batch, seconds=1.5)
+    assert backend.most_handed == 3  # calls did wait for a lane
+    assert cost.cost(batch) < 1.15 * generate_s, cost.cost(batch)

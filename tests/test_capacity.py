@@ -46,6 +46,11 @@ def test_admission_reserves_live_frame_rates_against_capacity() -> None:
     admission.release(reserved[0])
     admission.admit(10.0)
     assert admission.committed == pytest.approx(60.0) and admission.committed <= HEADROOM * capacity
+    # A generator in two lanes runs two such calls at once: twice the capacity.
+    lanes = Admission(cost=cost, budget=0.2, max_batch=16)
+    lanes.lanes = 2
+    assert lanes.capacity == pytest.approx(200.0)
+    assert [lanes.admit(25.0) for _ in range(7)] and lanes.committed == pytest.approx(175.0)
     # A lone stream is always admitted, even beyond the capacity.
     lone = Admission(cost=cost, budget=0.2, max_batch=16)
     assert lone.admit(500.0) == 500.0

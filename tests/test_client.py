@@ -134,6 +134,12 @@ def test_settings_from_environment_and_flags() -> None:
         settings_module.from_env({"TALKINGHEAD_BACKEND": "tensorflow"})
     with pytest.raises(ValueError, match="TLS needs both"):
         settings_module.from_env({"TALKINGHEAD_TLS_CERT": "/c.pem"})
+    # Engine lanes: 0 is auto (two where there are two threads or more), else as asked.
+    assert settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "3"}).lanes == 3
+    assert settings_module.Settings(inference_threads=1).lanes == 1
+    assert settings_module.Settings(inference_threads=8).lanes == 2
+    with pytest.raises(ValueError, match="engine_lanes must be 0-64"):
+        settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "-1"})
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:

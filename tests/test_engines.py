@@ -9,6 +9,7 @@ import functools
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +95,36 @@ def test_openvino_bf16_stays_close_to_fp32(model_repository: Path) -> None:
     diff = np.abs(got.astype(int) - want.astype(int))
     assert diff.mean() < 2.0 and diff.max() < 40, (diff.mean(), diff.max())
     assert diff.max() > 0  # it does compute in bf16: the numbers change (that is why it is gated)
+
+
+@pytest.mark.parametrize("name", engines.available())
+def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
+    model_repository: Path, name: str
+) -> None:
+    """Two lanes: each call on one of the two threads (OpenVINO: two streams; ONNX Runtime: one
+    intra-op thread per run), concurrent calls each getting their own frames - the same as one at a
+    time - and a lane never with less than one thread."""
+    path = _generator(model_repository)
+    two = engines.open_engine(path, name, threads=2, lanes=2)
+    assert two.lanes == 2
+    assert engines.open_engine(path, name, threads=1, lanes=2).lanes == 1
+    if isinstance(two, engines.OpenVinoEngine):
+        compiled = two._compiled[(1,)]
+        assert int(compiled.get_property("NUM_STREAMS")) == 2
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == 2
+    else:
+        assert two.session.get_session_options().intra_op_num_threads == 1
+    feeds = [_feeds(path, batch, seed=seed) for batch, seed in ((1, 0), (2, 5), (3, 9))]
+    alone = [two.run(f, [contract.IMAGE])[0] for f in feeds]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda f: two.run(f, [contract.IMAGE])[0], feeds * 4))
+    for i, got in enumerate(together):
+        np.testing.assert_array_equal(got, alone[i % len(feeds)])
+    if name in engines.EXACT:  # and in fp32, what one lane of two threads makes, to rounding
+        one = engines.open_engine(path, name, threads=2)
+        for f, got in zip(feeds, alone, strict=True):
+            diff = np.abs(got.astype(int) - one.run(f, [contract.IMAGE])[0].astype(int))
+            assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
 
 @pytest.mark.parametrize("name", engines.available())

@@ -178,6 +178,11 @@ class Backend(Protocol):
         """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
         ...
 
+    def lanes(self, avatar_id: str = "") -> int:
+        """How many calls of the shared generator ("") or `generator_<avatar_id>` run side by side
+        at full speed; the batcher keeps that many of its batches in flight."""
+        ...
+
     def forget_personalised(self, avatar_id: str) -> None:
         """Drop what is known about `generator_<avatar_id>` (loaded, or absent): it was published,
         replaced or removed; the next has_personalised looks again."""

@@ -7,10 +7,13 @@ engines.json verdict passed it on the evaluation people) and the fastest serves;
 the timings are logged. Personalised generators use the same engine when it is an exact (fp32)
 one, else the fastest exact one: the verdict was measured on the shared weights.
 
-Runs happen in RUN_THREADS threads, off the asyncio loop. Each run already uses every core through
-ONNX Runtime's intra-op threads, so one run at a time would be fastest; two let the batches of
-different models (the shared generator, a personalised one, the embedder) run side by side, so a
-slow batch of one model does not hold up the others (they share the cores meanwhile). Every run
+Runs happen in a thread pool, off the asyncio loop. Generators are opened in `lanes` lanes
+(facekit/engines.py): up to `lanes` calls of one generator run side by side, each on its share of
+the threads, and the batcher keeps that many batches of a model in flight (`lanes(model)`) and
+one more, which waits in the engine for the first lane to free; the embedder runs on all threads,
+one call at a time. The pool has a thread for each of those and one more, so batches of different
+models (the shared generator, a personalised one, the embedder) also run side by side and a slow
+batch of one model does not hold up the others. Every run
 has the backend deadline: one that overruns is terminated (RunOptions.terminate) and answered
 UNAVAILABLE. Missing models are polled for every `poll_s` seconds, so a server started before
 `make model-repository` becomes ready when the files appear. Personalised generators load on
@@ -44,7 +47,7 @@ from facekit.contract import (
 from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
-RUN_THREADS = 2  # concurrent runs (and model loads)
+RUN_THREADS = 2  # concurrent runs (and model loads), at least; generator lanes + 2 where more
 
 
 class OnnxRuntimeBackend(ReadyGate):
@@ -57,6 +60,7 @@ class OnnxRuntimeBackend(ReadyGate):
         repository: Path,
         engine: str = "auto",
         threads: int = 0,
+        lanes: int = 1,
         poll_s: float = 1.0,
         timeout_s: float = 5.0,
         stall_s: float = 1.5,
@@ -68,8 +72,11 @@ class OnnxRuntimeBackend(ReadyGate):
         self.engine: str | None = None  # the shared generator's engine, once loaded
         self._exact_engine = engines.ONNXRUNTIME  # personalised generators' engine when `engine` is lossy
         self.threads = threads or os.cpu_count() or 1
+        self.generator_lanes = max(1, min(lanes, self.threads))
         self.poll_s = poll_s
-        self._pool = ThreadPoolExecutor(max_workers=RUN_THREADS, thread_name_prefix="onnxruntime")
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix="onnxruntime"
+        )
         self._sessions: dict[str, engines.Engine] = {}
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
@@ -119,12 +126,12 @@ class OnnxRuntimeBackend(ReadyGate):
                 waiting_logged = True
             await asyncio.sleep(self.poll_s)
 
-    def _open(self, path: Path, engine: str) -> engines.Engine:
-        return engines.open_engine(path, engine, threads=self.threads)
+    def _open(self, path: Path, engine: str, lanes: int = 1) -> engines.Engine:
+        return engines.open_engine(path, engine, threads=self.threads, lanes=lanes)
 
     def _open_generator(self, path: Path) -> engines.Engine:
         """The shared generator on the configured engine, or with `auto` on the fastest allowed."""
-        chosen = engines.pick(path, self.requested_engine, threads=self.threads)
+        chosen = engines.pick(path, self.requested_engine, threads=self.threads, lanes=self.generator_lanes)
         self.engine, self._exact_engine = chosen.engine.name, chosen.exact
         log.info("generator engine: %s (%s)", self.engine, chosen.describe())
         return chosen.engine
@@ -157,6 +164,11 @@ class OnnxRuntimeBackend(ReadyGate):
         )
         return np.asarray(embedding, np.float32), np.asarray(adain, np.float32)
 
+    def lanes(self, avatar_id: str = "") -> int:
+        """Calls of the shared generator (avatar_id "") or a personalised one that run side by side."""
+        session = self._sessions.get(personalised_name(avatar_id) if avatar_id else GENERATOR)
+        return session.lanes if session is not None else self.generator_lanes
+
     async def generate(
         self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
@@ -173,7 +185,9 @@ class OnnxRuntimeBackend(ReadyGate):
             return False
         loop = asyncio.get_running_loop()
         try:
-            session = await loop.run_in_executor(self._pool, self._open, path, self._exact_engine)
+            session = await loop.run_in_executor(
+                self._pool, self._open, path, self._exact_engine, self.generator_lanes
+            )
         except Exception as error:
             log.error("cannot load %s: %s", path, error)
             return False

@@ -235,6 +235,11 @@ class TritonBackend(ReadyGate):
         self._personalised[name] = True
         return True
 
+    def lanes(self, avatar_id: str = "") -> int:
+        """One: the batcher pipelines drawing with Triton's calls instead (Triton's own dynamic
+        batcher and instance groups spread the work on the server)."""
+        return 1
+
     def forget_personalised(self, avatar_id: str) -> None:
         name = personalised_name(avatar_id)
         self._personalised.pop(name, None)
