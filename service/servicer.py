@@ -107,6 +107,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
         failure: Status | None = None
+        client_gone = False
         try:
             principal = caller(self.app, context)
             try:
@@ -131,6 +132,9 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             raise
         except grpc.aio.AbortError:
             raise
+        except ClientGone:  # it cancelled or hung up, and a write found out: no one to tell, no fault
+            log.info("Animate: the client left the stream")
+            failure, client_gone = (grpc.StatusCode.CANCELLED, "", ()), True
         except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
             failure = status_of(error, "Animate")
         finally:
@@ -144,12 +148,14 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         # Sent here, not by an abort inside the except block (wire.py). A status queues behind
         # replies the client has not taken: when it cannot go out within STATUS_WAIT_S the handler
         # gives up (the slot is already free; gRPC drops the call with its connection).
-        if failure is not None:
+        if failure is not None and not client_gone:
             code, details, trailers = failure
             try:
                 await asyncio.wait_for(context.abort(code, details, trailers), STATUS_WAIT_S)
             except TimeoutError:
                 log.info("stream ended %s; the client takes no replies: %s", code.name, details)
+            except grpc.aio.InternalError:  # the status could not go out: the client had left
+                log.info("stream ended %s; the client had left: %s", code.name, details)
 
 
 async def write(
@@ -161,3 +167,9 @@ async def write(
         await asyncio.wait_for(context.write(response), timeout)
     except TimeoutError:
         raise stalled_reader(timeout) from None
+    except grpc.aio.InternalError:  # the write's batch failed: the call is over on the client's side
+        raise ClientGone from None
+
+
+class ClientGone(Exception):
+    """A reply could not be written: the client cancelled the call or its connection closed."""

@@ -35,6 +35,7 @@ import grpc
 import pytest
 
 from api.talkinghead.v1 import animation_pb2 as pb
+from api.talkinghead.v1.animation_pb2_grpc import AnimationServiceStub
 from client.library import Client, landmark_requests
 from deploy.local import tritonserver
 from facekit.sequence import LandmarkSequence
@@ -254,6 +255,38 @@ def test_a_client_process_that_dies_or_freezes_gives_its_slot_back(
         process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_a_client_that_cancels_mid_stream_frees_its_slot_without_an_error_logged(
+    live: ServerThread, driver: LandmarkSequence, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A viewer who closes the call while frames are still coming is ordinary: the slot comes back
+    and the server logs no ERROR (no traceback for a write that found the client gone)."""
+    caplog.set_level("INFO", logger="talkinghead")
+
+    async def watch_three_frames_and_leave() -> int:
+        async with grpc.aio.insecure_channel(live.address) as channel:
+            call = AnimationServiceStub(channel).Animate()
+            await call.write(config("astro", overflow=pb.OVERFLOW_POLICY_BLOCK))
+            got = 0
+            async for response in call:
+                if response.HasField("started"):
+                    for request in itertools.islice(frames_forever(driver, pace=False), 60):
+                        await call.write(request)
+                elif response.HasField("frame"):
+                    got += 1
+                    if got == 3:
+                        call.cancel()
+                        break
+            return got
+
+    for _ in range(3):
+        assert asyncio.run(watch_three_frames_and_leave()) == 3
+        until(lambda: slots_free(live), 10)
+    errors = [r for r in caplog.records if r.name.startswith("talkinghead") and r.levelno >= 40]
+    assert not errors, [r.getMessage() for r in errors]
+    with live.client() as c:  # and the server streams on
+        assert len(list(c.animate("astro", landmark_requests(driver)))) == len(driver.points)
 
 
 async def animate_handlers() -> list[str]:

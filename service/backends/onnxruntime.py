@@ -133,7 +133,9 @@ class OnnxRuntimeBackend(ReadyGate):
         """The shared generator on the configured engine, or with `auto` on the fastest allowed."""
         chosen = engines.pick(path, self.requested_engine, threads=self.threads, lanes=self.generator_lanes)
         self.engine, self._exact_engine = chosen.engine.name, chosen.exact
-        log.info("generator engine: %s (%s)", self.engine, chosen.describe())
+        log.info(
+            "generator engine: %s in %d lane(s) (%s)", self.engine, chosen.engine.lanes, chosen.describe()
+        )
         return chosen.engine
 
     @staticmethod
