@@ -188,7 +188,7 @@ class Batcher:
         self._in_backend: collections.Counter[str] = collections.Counter()  # per model: calls made
         # Per model: the clocks of calls queued in the backend behind busy lanes; each starts as
         # an earlier call of the model ends (the cost model wants a call's own time, not its wait).
-        self._queued: dict[str, collections.deque[list[float]]] = collections.defaultdict(collections.deque)
+        self._queued: dict[str, collections.deque[_Clock]] = collections.defaultdict(collections.deque)
         # Per model: when its next batch may be collected - as late as lets it be drawn by the time
         # the batch in the generator comes out, so frames that arrive meanwhile still ride in it.
         self._not_before: dict[str, float] = {}
@@ -239,7 +239,8 @@ class Batcher:
         """Batches of `model` handed to the backend at once: one per lane and, with lanes, one
         more, queued in the backend, that starts the moment a lane frees - not a round trip
         through this event loop later, which is busy drawing, encoding and reading frames
-        (each lane idled 2-4 ms per call that way: 26 ms calls against 20 raw). Pipelined: one."""
+        (live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only drawn
+        ahead, BENCHMARKS.md). Pipelined: one."""
         lanes = 1 if self.pipeline else self.lanes(model)
         return lanes + 1 if lanes > 1 else 1
 
@@ -394,7 +395,7 @@ class Batcher:
             try:
                 async with self._calls_allowed:
                     started = time.perf_counter()
-                    clock = [started]
+                    clock = _Clock(started)
                     if self._in_backend[model] >= self.lanes(model):  # queued behind busy lanes
                         self._queued[model].append(clock)
                     self._in_backend[model] += 1
@@ -408,11 +409,11 @@ class Batcher:
                     finally:
                         self._in_backend[model] -= 1
                         queued = self._queued[model]
-                        if clock in queued:  # (failed before a lane took it)
+                        if any(c is clock for c in queued):  # (failed before a lane took it)
                             queued.remove(clock)
                         elif queued:  # this call's lane goes to the oldest queued call
-                            queued.popleft()[0] = time.perf_counter()
-                        started = clock[0]
+                            queued.popleft().started = time.perf_counter()
+                        started = clock.started
             finally:
                 generator.release()
                 self._running[model] -= 1
@@ -434,6 +435,16 @@ class Batcher:
             if not item.future.done():
                 result = BatchResult(image=frame, taken=taken, inference_s=seconds, batch_size=len(batch))
                 item.future.set_result(result)
+
+
+class _Clock:
+    """When a generator call started: when it was made, or, queued behind busy lanes, when one
+    freed. Compared by identity (a deque of them finds and removes this one, not an equal one)."""
+
+    __slots__ = ("started",)
+
+    def __init__(self, started: float) -> None:
+        self.started = started
 
 
 def _render_all(items: list[WorkItem]) -> None:
