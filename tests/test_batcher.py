@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -107,6 +108,59 @@ def test_an_offline_stream_with_work_always_waiting_leaves_the_live_stream_its_f
     assert backend.frames * PER_FRAME_S > 0.7 * 3.0
 
 
+def run_offline(
+    backend: object,
+    cost: CostModel,
+    draw: Callable[[np.ndarray], np.ndarray],
+    batch: int,
+    seconds: float,
+    *,
+    budget: float = 0.0,
+    pipeline: bool = False,
+) -> int:
+    """A deep offline (BLOCK) stream through a batcher for `seconds`; the frames delivered."""
+
+    async def run() -> int:
+        batcher = Batcher(backend=backend, max_batch=batch, cost=cost, budget=budget, pipeline=pipeline)  # type: ignore[arg-type]
+        batcher.start()
+        queue = batcher.open_stream(depth=64, block=True)
+        sent: asyncio.Queue = asyncio.Queue()
+        delivered = [0]
+
+        async def feed() -> None:
+            while True:
+                work = WorkItem(points=np.zeros((68, 2), np.float32), draw=draw, adain=None, model=SHARED)
+                await queue.put(work)
+                sent.put_nowait(work)
+
+        async def drain() -> None:
+            while True:
+                work = await sent.get()
+                await work.future
+                queue.delivered()
+                delivered[0] += 1
+
+        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
+        await asyncio.sleep(seconds)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return delivered[0]
+
+    return asyncio.run(run())
+
+
+def sleeping_draw(seconds: float) -> Callable[[np.ndarray], np.ndarray]:
+    """A landmark drawing that takes `seconds` (blocking, on whichever thread draws)."""
+
+    def draw(points: np.ndarray) -> np.ndarray:
+        time.sleep(seconds)
+        return np.zeros((8, 8, 3), np.uint8)
+
+    return draw
+
+
 @pytest.mark.parametrize("pipeline", [True, False])
 def test_the_next_batch_is_drawn_while_the_previous_one_is_in_the_generator(pipeline: bool) -> None:
     """Pipelined (a backend whose inference runs elsewhere), drawing (landmark image and warp, on
@@ -132,38 +186,11 @@ def test_the_next_batch_is_drawn_while_the_previous_one_is_in_the_generator(pipe
             calls.append((t0, time.perf_counter(), len(images)))
             return np.zeros_like(images)
 
-    async def run(seconds: float) -> None:
-        cost = CostModel()
-        for size in (1, batch):
-            cost.observe(size, generate_s)
-        batcher = Batcher(backend=Backend(), max_batch=batch, cost=cost, budget=0.2, pipeline=pipeline)  # type: ignore[arg-type]
-        batcher.start()
-        queue = batcher.open_stream(depth=64, block=True)
-        sent: asyncio.Queue = asyncio.Queue()
-
-        async def feed() -> None:
-            while True:
-                work = WorkItem(
-                    points=np.zeros((68, 2), np.float32), draw=slow_draw, adain=None, model=SHARED
-                )
-                await queue.put(work)
-                sent.put_nowait(work)
-
-        async def drain() -> None:
-            while True:
-                work = await sent.get()
-                await work.future
-                queue.delivered()
-
-        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
-        await asyncio.sleep(seconds)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await batcher.close()
-
+    cost = CostModel()
+    for size in (1, batch):
+        cost.observe(size, generate_s)
     seconds = 2.0
-    asyncio.run(run(seconds))
+    run_offline(Backend(), cost, slow_draw, batch, seconds, budget=0.2, pipeline=pipeline)
     busy = sum(end - start for start, end, _ in calls)
     # Drawing a batch of 8 takes 40-80 ms of wall time (2-4 threads): drawn between calls, the
     # generator would be busy at most 0.1 / 0.14 = 71 % of the time.
@@ -208,46 +235,6 @@ class LanedBackend:
         return np.zeros_like(images)
 
 
-def run_offline(backend: LanedBackend, cost: CostModel, draw_s: float, batch: int, seconds: float) -> int:
-    """A deep offline stream through a non-pipelined batcher for `seconds`; frames delivered."""
-
-    def slow_draw(points: np.ndarray) -> np.ndarray:
-        time.sleep(draw_s)  # on the event loop, as the in-process backend draws
-        return np.zeros((8, 8, 3), np.uint8)
-
-    async def run() -> int:
-        batcher = Batcher(backend=backend, max_batch=batch, cost=cost, budget=0.0, pipeline=False)  # type: ignore[arg-type]
-        batcher.start()
-        queue = batcher.open_stream(depth=64, block=True)
-        sent: asyncio.Queue = asyncio.Queue()
-        delivered = [0]
-
-        async def feed() -> None:
-            while True:
-                work = WorkItem(
-                    points=np.zeros((68, 2), np.float32), draw=slow_draw, adain=None, model=SHARED
-                )
-                await queue.put(work)
-                sent.put_nowait(work)
-
-        async def drain() -> None:
-            while True:
-                work = await sent.get()
-                await work.future
-                queue.delivered()
-                delivered[0] += 1
-
-        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
-        await asyncio.sleep(seconds)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await batcher.close()
-        return delivered[0]
-
-    return asyncio.run(run())
-
-
 @pytest.mark.parametrize("lanes", [1, 2])
 def test_a_generator_in_lanes_gets_a_batch_per_lane_and_one_more_and_keeps_every_lane_busy(
     lanes: int,
@@ -260,7 +247,7 @@ def test_a_generator_in_lanes_gets_a_batch_per_lane_and_one_more_and_keeps_every
     backend, cost = LanedBackend(lanes, generate_s), CostModel()
     for size in (1, batch):
         cost.observe(size, generate_s)
-    frames = run_offline(backend, cost, draw_s=0.005, batch=batch, seconds=seconds)
+    frames = run_offline(backend, cost, sleeping_draw(0.005), batch, seconds)
     assert backend.most_running == lanes
     assert backend.most_handed == (lanes + 1 if lanes > 1 else 1)
     busy = backend.lane_time / (lanes * seconds)  # of every lane's time
@@ -280,6 +267,6 @@ def test_the_cost_of_a_call_that_waited_for_a_lane_is_its_own_time_not_its_wait(
     backend, cost = LanedBackend(2, generate_s), CostModel()
     for size in (1, batch):
         cost.observe(size, generate_s)
-    run_offline(backend, cost, draw_s=0.0, batch=batch, seconds=1.5)
+    run_offline(backend, cost, sleeping_draw(0.0), batch, 1.5)
     assert backend.most_handed == 3  # calls did wait for a lane
     assert cost.cost(batch) < 1.15 * generate_s, cost.cost(batch)
