@@ -157,7 +157,7 @@ class RawGenerator:
             raise SystemExit(f"no models in {repository}: run `make model-repository`")
         self.path = path
         self.threads = threads or os.cpu_count() or 1
-        self.lanes = lanes or min(2, self.threads)  # as the service's auto (service/settings.py)
+        self.lanes = engines.resolve_lanes(self.threads, lanes)  # 0: as the service's auto
         chosen = engines.pick(path, engine, threads=self.threads, lanes=self.lanes)
         self.engine, self.info, self.timings = chosen.engine, chosen.info, chosen.timings
         self.choice = chosen.describe()

@@ -51,6 +51,7 @@ VERDICT_FILE = "engines.json"
 # by at most this much and the identity distance rises by at most this much against fp32.
 MAX_SSIM_DROP = 0.01
 MAX_IDENTITY_RISE = 0.02
+AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
 
 
 class Cancel:
@@ -106,7 +107,7 @@ class OnnxRuntimeEngine:
         import onnxruntime as ort
 
         self.path = Path(path)
-        self.lanes = _lanes(threads, lanes)
+        self.lanes = resolve_lanes(threads, lanes)
         self._lane = threading.BoundedSemaphore(self.lanes)  # more callers wait for a free lane
         self._ort = ort
         options = ort.SessionOptions()
@@ -156,7 +157,7 @@ class OpenVinoEngine:
 
         self.path = Path(path)
         self.name = OPENVINO_BF16 if precision == "bf16" else OPENVINO
-        self.lanes = _lanes(threads, lanes)
+        self.lanes = resolve_lanes(threads, lanes)
         self._lane = threading.BoundedSemaphore(self.lanes)  # more callers wait for a free lane
         self._core = ov.Core()
         self._model = self._core.read_model(str(path))
@@ -300,10 +301,12 @@ def available() -> list[str]:
     return names
 
 
-def _lanes(threads: int, lanes: int) -> int:
-    if lanes < 1 or threads < 1:
-        raise ValueError(f"threads and lanes must be >= 1, got {threads} and {lanes}")
-    return min(lanes, threads)  # a lane has at least one thread
+def resolve_lanes(threads: int, lanes: int = 0) -> int:
+    """Lanes for `threads` threads: `lanes`, or with 0 (auto) AUTO_LANES; never more lanes than
+    threads (a lane has at least one). The service's setting and the bench both resolve here."""
+    if lanes < 0 or threads < 1:
+        raise ValueError(f"threads must be >= 1 and lanes >= 0 (0 = auto), got {threads} and {lanes}")
+    return min(lanes or AUTO_LANES, threads)
 
 
 def open_engine(path: Path, name: str, *, threads: int, lanes: int = 1) -> Engine:

@@ -107,7 +107,6 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
         failure: Status | None = None
-        client_gone = False
         try:
             principal = caller(self.app, context)
             try:
@@ -132,9 +131,8 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             raise
         except grpc.aio.AbortError:
             raise
-        except ClientGone:  # it cancelled or hung up, and a write found out: no one to tell, no fault
-            log.info("Animate: the client left the stream")
-            failure, client_gone = (grpc.StatusCode.CANCELLED, "", ()), True
+        except ClientGone:  # it cancelled or hung up, and a write found out: no fault (no ERROR)
+            failure = (grpc.StatusCode.CANCELLED, "", ())
         except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
             failure = status_of(error, "Animate")
         finally:
@@ -148,7 +146,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         # Sent here, not by an abort inside the except block (wire.py). A status queues behind
         # replies the client has not taken: when it cannot go out within STATUS_WAIT_S the handler
         # gives up (the slot is already free; gRPC drops the call with its connection).
-        if failure is not None and not client_gone:
+        if failure is not None:
             code, details, trailers = failure
             try:
                 await asyncio.wait_for(context.abort(code, details, trailers), STATUS_WAIT_S)

@@ -58,7 +58,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from facekit.engines import ENGINES
+from facekit.engines import ENGINES, resolve_lanes
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
@@ -112,8 +112,7 @@ class Settings:
     @property
     def lanes(self) -> int:
         """engine_lanes, with 0 (auto) resolved: 2 lanes where there are 2 or more threads."""
-        threads = self.inference_threads or os.cpu_count() or 1
-        return self.engine_lanes or min(2, threads)
+        return resolve_lanes(self.inference_threads or os.cpu_count() or 1, self.engine_lanes)
 
     def __post_init__(self) -> None:
         problems = []

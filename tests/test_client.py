@@ -134,8 +134,10 @@ def test_settings_from_environment_and_flags() -> None:
         settings_module.from_env({"TALKINGHEAD_BACKEND": "tensorflow"})
     with pytest.raises(ValueError, match="TLS needs both"):
         settings_module.from_env({"TALKINGHEAD_TLS_CERT": "/c.pem"})
-    # Engine lanes: 0 is auto (two where there are two threads or more), else as asked.
-    assert settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "3"}).lanes == 3
+    # Engine lanes: 0 is auto (two where there are two threads or more), else as asked, never
+    # more than the inference threads.
+    assert settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "3"}, inference_threads=4).lanes == 3
+    assert settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "3"}, inference_threads=2).lanes == 2
     assert settings_module.Settings(inference_threads=1).lanes == 1
     assert settings_module.Settings(inference_threads=8).lanes == 2
     with pytest.raises(ValueError, match="engine_lanes must be 0-64"):

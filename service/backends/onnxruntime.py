@@ -72,7 +72,7 @@ class OnnxRuntimeBackend(ReadyGate):
         self.engine: str | None = None  # the shared generator's engine, once loaded
         self._exact_engine = engines.ONNXRUNTIME  # personalised generators' engine when `engine` is lossy
         self.threads = threads or os.cpu_count() or 1
-        self.generator_lanes = max(1, min(lanes, self.threads))
+        self.generator_lanes = engines.resolve_lanes(self.threads, lanes)
         self.poll_s = poll_s
         self._pool = ThreadPoolExecutor(
             max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix="onnxruntime"
