@@ -10,10 +10,15 @@
    (DROP_OLDEST, the live policy) for --seconds: achieved fps, end-to-end latency percentiles
    (send -> reply, client clock), drops, mean batch size, and the server's per-stage times. The
    service's fps is compared with the raw generator's fps at the same (mean) batch size. One
-   offline (BLOCK) stream (--offline-streams) sends alongside, keeping 4 frames in flight: what
-   admission leaves to offline work; live + offline fps is compared with the raw generator's.
+   offline (BLOCK) stream (--offline-streams) sends alongside, keeping 64 frames in flight
+   (--offline-window): what admission leaves to offline work; live + offline fps is compared with
+   the raw generator's. The server marks every frame, as in production.
 
-4. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
+4. serving ceiling: the same server with an instant generator (its input is its face) and
+   4 offline streams: the frames/s the service's own work allows and the CPU it spends per frame
+   (server, its event loop, this client), hence the most of raw the service can deliver here.
+
+5. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
    through the service (one stream, closed loop): per-frame latency and the ratio.
 
 example:
@@ -31,6 +36,8 @@ import json
 import os
 import platform
 import re
+import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -306,6 +313,8 @@ def start_server(
         TALKINGHEAD_ENGINE_LANES=str(lanes),
         TALKINGHEAD_MAX_STREAMS="64",
         TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
+        # every frame marked, as in production (a key of the caller's, else one for this run)
+        TALKINGHEAD_WATERMARK_KEY=os.environ.get("TALKINGHEAD_WATERMARK_KEY") or secrets.token_hex(16),
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
@@ -601,6 +610,129 @@ async def service_runs(
     return {"closed_loop_single_stream": one, "live": rows}
 
 
+# -- 4. the serving ceiling ------------------------------------------------------------------
+CEILING_STREAMS = 4  # BLOCK streams, OFFLINE_WINDOW frames in flight each: enough to keep the server busy
+
+
+def instant_repository(source: Path, into: Path) -> Path:
+    """A copy of the model repository whose generator returns its warped input (or, for a model
+    without one, the landmark drawing) as the face: the same inputs, outputs and metadata (the
+    service treats it as the model), no arithmetic. What the service can serve when the generator
+    costs nothing, as on a GPU that outpaces the CPU."""
+    import onnx
+    from onnx import helper
+
+    shutil.copytree(source, into, ignore=shutil.ignore_patterns("__pycache__"))
+    path = contract.latest_version(into / contract.GENERATOR)
+    if path is None:
+        raise SystemExit(f"no models in {source}: run `make model-repository`")
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name for i in model.graph.input}
+    face = contract.WARPED if contract.WARPED in inputs else contract.LANDMARK_IMAGE
+    graph = helper.make_graph(
+        [helper.make_node("Identity", [face], [contract.IMAGE])],
+        "instant_generator",
+        list(model.graph.input),
+        [o for o in model.graph.output if o.name == contract.IMAGE],
+    )
+    instant = helper.make_model(graph, opset_imports=model.opset_import, ir_version=model.ir_version)
+    for prop in model.metadata_props:
+        instant.metadata_props.add(key=prop.key, value=prop.value)
+    for stale in path.parent.glob(path.name + "*"):  # external weights, if any
+        stale.unlink()
+    onnx.save(instant, str(path))
+    return into
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (or one of its threads) so far; None off Linux."""
+    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+    try:
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def serving_ceiling(
+    args: argparse.Namespace, driver: LandmarkSequence, raw_fps: float
+) -> dict[str, Any]:
+    """The real server (same settings, watermark on) with an instant generator (instant_repository)
+    under CEILING_STREAMS offline streams: the frames/s its own work allows, and the CPU each frame
+    costs it. With raw_fps on `cores` cores, a frame costs the generator cores / raw_fps core-seconds,
+    so serving s more caps served / raw at 1 / (1 + s raw_fps / cores), however the work is
+    scheduled (an upper bound: sharing cores also slows the generator)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-instant-") as scratch:
+        repository = instant_repository(args.model_repository, Path(scratch) / "repository")
+        store = Path(scratch) / "avatars"
+        store.mkdir()
+        process, address = start_server(repository, store, max(args.batches), lanes=args.lanes)
+        try:
+            with Client(target=address) as client:
+                client.create_avatar(
+                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+                )
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = animation_pb2_grpc.AnimationServiceStub(channel)
+                streams = [
+                    run_stream(
+                        stub,
+                        AVATAR,
+                        np.roll(driver.points, 5 * i, axis=0),
+                        driver.frame_size,
+                        seconds=args.seconds,
+                        offline_window=OFFLINE_WINDOW,
+                    )
+                    for i in range(CEILING_STREAMS)
+                ]
+                before = (
+                    cpu_seconds(process.pid),
+                    cpu_seconds(process.pid, process.pid),
+                    time.process_time(),
+                )
+                runs = await asyncio.gather(*streams)
+                after = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
+        finally:
+            process.terminate()
+            process.wait(30)
+    served = merge(runs)
+    frames = served["received"]
+
+    def per_frame(index: int) -> float | None:
+        start, end = before[index], after[index]
+        return None if start is None or end is None or not frames else round(1e3 * (end - start) / frames, 3)
+
+    server_ms, loop_ms, client_ms = per_frame(0), per_frame(1), per_frame(2)
+
+    def bound(ms: float | None) -> float | None:
+        return None if ms is None else round(1 / (1 + ms / 1e3 * raw_fps / cores), 3)
+
+    row: dict[str, Any] = {
+        "streams": CEILING_STREAMS,
+        "window": OFFLINE_WINDOW,
+        "frames": frames,
+        "fps": served["achieved_fps"],
+        "latency_ms": served["latency_ms"],
+        "server_cpu_ms_per_frame": server_ms,
+        "event_loop_cpu_ms_per_frame": loop_ms,
+        "client_cpu_ms_per_frame": client_ms,
+        "cores": cores,
+        "raw_fps": round(raw_fps, 2),
+        "max_ratio_to_raw": bound(server_ms),
+        "max_ratio_to_raw_with_this_client": bound(
+            None if server_ms is None or client_ms is None else server_ms + client_ms
+        ),
+    }
+    print(
+        f"serving ceiling (instant generator, {CEILING_STREAMS} offline streams): {row['fps']:.0f} fps; "
+        f"server CPU {server_ms} ms per frame (event loop {loop_ms}), bench client {client_ms}: beside "
+        f"raw {raw_fps:.1f} fps on {cores} cores, served / raw <= {row['max_ratio_to_raw']} "
+        f"({row['max_ratio_to_raw_with_this_client']} with this client on the same cores)"
+    )
+    return row
+
+
 async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str, Any]:
     """The model against --baseline in alternating rounds (A B A B ...), so that a change in the
     machine's load hits both alike: medians of raw batch-1 latency and of the closed-loop
@@ -656,6 +788,8 @@ def run(args: argparse.Namespace) -> int:
     raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
     per_engine = asyncio.run(engine_table(args, driver, raw, peak))
     service = asyncio.run(service_runs(args, driver, raw))
+    raw_fps = next((r["fps"] for r in raw_rows if r["batch"] == 1), raw_rows[0]["fps"])
+    ceiling = asyncio.run(serving_ceiling(args, driver, raw_fps))
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -675,6 +809,7 @@ def run(args: argparse.Namespace) -> int:
         "raw_backend": with_peak_share(raw_rows, raw.metadata, peak),
         "engines": per_engine,
         **service,
+        "serving_ceiling": ceiling,
     }
     if args.baseline is not None:
         report["paired_with_baseline"] = {"baseline": str(args.baseline), **asyncio.run(paired(args, driver))}

@@ -1,5 +1,6 @@
 """`talkinghead bench` end to end in miniature: it picks the engine the service would, times every
-engine this machine has, reports GFLOPs and the share of the CPU's peak, and drives a real server."""
+engine this machine has, reports GFLOPs and the share of the CPU's peak, drives a real server, and
+the same server with a generator that costs nothing (the serving ceiling)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from facekit import engines
+import numpy as np
+import onnxruntime as ort
+
+from client.bench import instant_repository
+from facekit import contract, engines
 from tests.service_fixtures import *  # noqa: F403
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +49,37 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert report["cpu_peak"]["fp32_gflops"] > 0
     (live,) = report["live"]
     assert live["admitted"] == 1 and live["achieved_fps"] > 0
+    # the serving ceiling: the same server with a generator that costs nothing serves far faster
+    # than the real generator can run, and says what its own work costs per frame
+    ceiling = report["serving_ceiling"]
+    raw_batch1 = next(r["fps"] for r in report["raw_backend"] if r["batch"] == 1)
+    assert ceiling["frames"] > 0 and ceiling["fps"] > 2 * raw_batch1
+    assert 0 < ceiling["event_loop_cpu_ms_per_frame"] <= ceiling["server_cpu_ms_per_frame"]
+    assert ceiling["raw_fps"] == raw_batch1
+    assert 0 < ceiling["max_ratio_to_raw_with_this_client"] <= ceiling["max_ratio_to_raw"] < 1
+    assert "serving ceiling (instant generator" in done.stdout
+
+
+def test_instant_generator_passes_its_warped_input_through(model_repository: Path, tmp_path: Path) -> None:
+    copy = instant_repository(model_repository, tmp_path / "repository")
+    path = contract.latest_version(copy / contract.GENERATOR)
+    original = contract.latest_version(model_repository / contract.GENERATOR)
+    assert path is not None and original is not None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map == (
+        ort.InferenceSession(str(original), providers=["CPUExecutionProvider"])
+        .get_modelmeta()
+        .custom_metadata_map
+    )
+    rng = np.random.default_rng(0)
+    feeds = {
+        i.name: rng.integers(0, 256, (2, *i.shape[1:]), np.uint8)
+        for i in session.get_inputs()
+        if "int" in i.type
+    }
+    feeds.update(
+        {i.name: np.zeros((2, *i.shape[1:]), np.float32) for i in session.get_inputs() if "float" in i.type}
+    )
+    (image,) = session.run([contract.IMAGE], feeds)
+    assert np.array_equal(image, feeds[contract.WARPED])
+    assert path.stat().st_size < 10_000  # no weights: nothing to compute
