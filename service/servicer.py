@@ -162,7 +162,8 @@ async def write(
     """Hand one reply to gRPC; a client that takes none for `timeout` s (flow control holds the
     write: it stopped reading) ends the stream with DEADLINE_EXCEEDED."""
     try:
-        await asyncio.wait_for(context.write(response), timeout)
+        async with asyncio.timeout(timeout):  # a timer, not wait_for's task per reply (11 -> 4 us)
+            await context.write(response)
     except TimeoutError:
         raise stalled_reader(timeout) from None
     except grpc.aio.InternalError:  # the write's batch failed: the call is over on the client's side
