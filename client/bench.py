@@ -191,8 +191,9 @@ class RawGenerator:
         return image
 
     async def saturate(self, feeds: dict[str, np.ndarray], seconds: float, min_calls: int = 3) -> list[float]:
-        """Calls back to back in every lane for `seconds` (at least `min_calls` in each): the
-        engine's throughput as a server that keeps every lane busy gets it. Each call's seconds."""
+        """Calls back to back for `seconds` (at least `min_calls` from each caller), as many in
+        flight as the service's batcher keeps (engines.in_flight: one per lane and one waiting):
+        the engine's throughput as the server gets it. Each call's seconds, queueing included."""
         times: list[float] = []
         started = time.perf_counter()
 
@@ -204,7 +205,7 @@ class RawGenerator:
                 times.append(time.perf_counter() - t0)
                 calls += 1
 
-        await asyncio.gather(*(lane() for _ in range(self.lanes)))
+        await asyncio.gather(*(lane() for _ in range(engines.in_flight(self.lanes))))
         self.elapsed = time.perf_counter() - started
         return times
 
@@ -220,8 +221,9 @@ async def raw_generator(
         row: dict[str, Any] = {
             "batch": batch,
             "lanes": raw.lanes,
+            "in_flight": engines.in_flight(raw.lanes),
             "runs": len(times),
-            "latency_ms": percentiles(times),  # of one call, in one lane
+            "latency_ms": percentiles(times),  # of one call among in_flight, its wait for a lane included
             "fps": round(batch * len(times) / raw.elapsed, 2),
         }
         rows.append(row)

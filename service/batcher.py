@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from facekit import engines
 from service.backends.base import Backend
 from service.capacity import BATCH_SHARE, CostModel
 
@@ -241,8 +242,7 @@ class Batcher:
         through this event loop later, which is busy drawing, encoding and reading frames
         (live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only drawn
         ahead, BENCHMARKS.md). Pipelined: one."""
-        lanes = 1 if self.pipeline else self.lanes(model)
-        return lanes + 1 if lanes > 1 else 1
+        return engines.in_flight(1 if self.pipeline else self.lanes(model))
 
     def _lane_free(self, model: str) -> bool:
         """Whether a batch of `model` may be collected now (none is being drawn or waiting):

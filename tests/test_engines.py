@@ -102,8 +102,9 @@ def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
     model_repository: Path, name: str
 ) -> None:
     """Two lanes: each call on one of the two threads (OpenVINO: two streams; ONNX Runtime: one
-    intra-op thread per run), concurrent calls each getting their own frames - the same as one at a
-    time - and a lane never with less than one thread."""
+    intra-op thread per run), concurrent calls - one more than the lanes, as the batcher keeps
+    them, so one waits for a lane (OpenVINO: inside it, as a request; ONNX Runtime: in `run`) -
+    each getting their own frames, the same as one at a time; a lane never with less than one thread."""
     path = _generator(model_repository)
     two = engines.open_engine(path, name, threads=2, lanes=2)
     assert two.lanes == 2
@@ -116,7 +117,7 @@ def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
         assert two.session.get_session_options().intra_op_num_threads == 1
     feeds = [_feeds(path, batch, seed=seed) for batch, seed in ((1, 0), (2, 5), (3, 9))]
     alone = [two.run(f, [contract.IMAGE])[0] for f in feeds]
-    with ThreadPoolExecutor(2) as pool:
+    with ThreadPoolExecutor(engines.in_flight(two.lanes)) as pool:
         together = list(pool.map(lambda f: two.run(f, [contract.IMAGE])[0], feeds * 4))
     for i, got in enumerate(together):
         np.testing.assert_array_equal(got, alone[i % len(feeds)])
@@ -144,6 +145,31 @@ def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, na
     assert time.monotonic() - started < full * 0.7
     (image,) = engine.run(feeds, [contract.IMAGE])  # the engine still works afterwards
     assert image.shape[0] == 16
+
+
+@pytest.mark.parametrize("name", engines.available())
+def test_a_call_waiting_for_a_lane_is_cancelled_before_it_gets_one(model_repository: Path, name: str) -> None:
+    path = _generator(model_repository)
+    engine = engines.open_engine(path, name, threads=2, lanes=2)
+    feeds = _feeds(path, 16)
+    engine.run(feeds, [contract.IMAGE])  # compiled and warm
+    started = time.monotonic()
+    engine.run(feeds, [contract.IMAGE])
+    one = time.monotonic() - started  # a lone call; with both lanes busy each takes longer
+    with ThreadPoolExecutor(3) as pool:
+        busy = [pool.submit(engine.run, feeds, [contract.IMAGE]) for _ in range(2)]
+        time.sleep(one / 10)
+        cancel = engines.Cancel()
+        started = time.monotonic()
+        waiting = pool.submit(engine.run, feeds, [contract.IMAGE], cancel)
+        time.sleep(one / 10)
+        cancel.cancel()
+        with pytest.raises(Exception, match=r"cancel|terminate"):
+            waiting.result()
+        assert time.monotonic() - started < one * 0.8  # before either busy lane could free
+        for future in busy:
+            assert future.result()[0].shape[0] == 16
+    assert engine.run(feeds, [contract.IMAGE])[0].shape[0] == 16
 
 
 @pytest.mark.parametrize("name", engines.available())
