@@ -103,8 +103,8 @@ def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
 ) -> None:
     """Two lanes: each call on one of the two threads (OpenVINO: two streams; ONNX Runtime: one
     intra-op thread per run), concurrent calls - one more than the lanes, as the batcher keeps
-    them, so one waits for a lane (OpenVINO: inside it, as a request; ONNX Runtime: in `run`) -
-    each getting their own frames, the same as one at a time; a lane never with less than one thread."""
+    them, so one waits for a lane - each getting their own frames, the same as one at a time; a
+    lane never with less than one thread."""
     path = _generator(model_repository)
     two = engines.open_engine(path, name, threads=2, lanes=2)
     assert two.lanes == 2
