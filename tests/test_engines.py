@@ -148,31 +148,6 @@ def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, na
 
 
 @pytest.mark.parametrize("name", engines.available())
-def test_a_call_waiting_for_a_lane_is_cancelled_before_it_gets_one(model_repository: Path, name: str) -> None:
-    path = _generator(model_repository)
-    engine = engines.open_engine(path, name, threads=2, lanes=2)
-    feeds = _feeds(path, 16)
-    engine.run(feeds, [contract.IMAGE])  # compiled and warm
-    started = time.monotonic()
-    engine.run(feeds, [contract.IMAGE])
-    one = time.monotonic() - started  # a lone call; with both lanes busy each takes longer
-    with ThreadPoolExecutor(3) as pool:
-        busy = [pool.submit(engine.run, feeds, [contract.IMAGE]) for _ in range(2)]
-        time.sleep(one / 10)
-        cancel = engines.Cancel()
-        started = time.monotonic()
-        waiting = pool.submit(engine.run, feeds, [contract.IMAGE], cancel)
-        time.sleep(one / 10)
-        cancel.cancel()
-        with pytest.raises(Exception, match=r"cancel|terminate"):
-            waiting.result()
-        assert time.monotonic() - started < one * 0.8  # before either busy lane could free
-        for future in busy:
-            assert future.result()[0].shape[0] == 16
-    assert engine.run(feeds, [contract.IMAGE])[0].shape[0] == 16
-
-
-@pytest.mark.parametrize("name", engines.available())
 def test_a_deadline_that_fires_after_its_run_leaves_the_next_run_alone(
     model_repository: Path, name: str
 ) -> None:
