@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -337,6 +338,25 @@ def start_server(
     raise SystemExit("the server did not start")
 
 
+@contextlib.asynccontextmanager
+async def bench_server(
+    args: argparse.Namespace, repository: Path, max_batch: int, *, engine: str = "auto"
+) -> AsyncIterator[tuple[subprocess.Popen[str], animation_pb2_grpc.AnimationServiceStub]]:
+    """`talkinghead serve` on `repository` with the bench's avatar made: the process and a stub."""
+    with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
+        process, address = start_server(repository, Path(store), max_batch, engine=engine, lanes=args.lanes)
+        try:
+            with Client(target=address) as client:
+                client.create_avatar(
+                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+                )
+            async with grpc.aio.insecure_channel(address) as channel:
+                yield process, animation_pb2_grpc.AnimationServiceStub(channel)
+        finally:
+            process.terminate()
+            process.wait(30)
+
+
 # -- 2./3. streams ----------------------------------------------------------------------------
 @dataclass(kw_only=True)
 class StreamLog:
@@ -593,22 +613,9 @@ async def live(
 async def service_runs(
     args: argparse.Namespace, driver: LandmarkSequence, raw: RawGenerator
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-        process, address = start_server(
-            args.model_repository, Path(store), max(args.batches), lanes=args.lanes
-        )
-        try:
-            with Client(target=address) as client:
-                client.create_avatar(
-                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
-                )
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = animation_pb2_grpc.AnimationServiceStub(channel)
-                one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
-                rows = [await live(stub, driver, raw, args, streams) for streams in args.streams]
-        finally:
-            process.terminate()
-            process.wait(30)
+    async with bench_server(args, args.model_repository, max(args.batches)) as (_, stub):
+        one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
+        rows = [await live(stub, driver, raw, args, streams) for streams in args.streams]
     return {"closed_loop_single_stream": one, "live": rows}
 
 
@@ -667,37 +674,21 @@ async def serving_ceiling(
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bench-instant-") as scratch:
         repository = instant_repository(args.model_repository, Path(scratch) / "repository")
-        store = Path(scratch) / "avatars"
-        store.mkdir()
-        process, address = start_server(repository, store, max(args.batches), lanes=args.lanes)
-        try:
-            with Client(target=address) as client:
-                client.create_avatar(
-                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+        async with bench_server(args, repository, max(args.batches)) as (process, stub):
+            streams = [
+                run_stream(
+                    stub,
+                    AVATAR,
+                    np.roll(driver.points, 5 * i, axis=0),
+                    driver.frame_size,
+                    seconds=args.seconds,
+                    offline_window=OFFLINE_WINDOW,
                 )
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = animation_pb2_grpc.AnimationServiceStub(channel)
-                streams = [
-                    run_stream(
-                        stub,
-                        AVATAR,
-                        np.roll(driver.points, 5 * i, axis=0),
-                        driver.frame_size,
-                        seconds=args.seconds,
-                        offline_window=OFFLINE_WINDOW,
-                    )
-                    for i in range(CEILING_STREAMS)
-                ]
-                before = (
-                    cpu_seconds(process.pid),
-                    cpu_seconds(process.pid, process.pid),
-                    time.process_time(),
-                )
-                runs = await asyncio.gather(*streams)
-                after = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
-        finally:
-            process.terminate()
-            process.wait(30)
+                for i in range(CEILING_STREAMS)
+            ]
+            before = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
+            runs = await asyncio.gather(*streams)
+            after = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
     served = merge(runs)
     frames = served["received"]
 
@@ -747,21 +738,8 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
             raw = RawGenerator(repository=repository, engine=engines_of[name], lanes=args.lanes)
             row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
             figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
-            with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-                process, address = start_server(
-                    repository, Path(store), 1, engine=engines_of[name], lanes=args.lanes
-                )
-                try:
-                    with Client(target=address) as client:
-                        client.create_avatar(
-                            AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
-                        )
-                    async with grpc.aio.insecure_channel(address) as channel:
-                        stub = animation_pb2_grpc.AnimationServiceStub(channel)
-                        one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
-                finally:
-                    process.terminate()
-                    process.wait(30)
+            async with bench_server(args, repository, 1, engine=engines_of[name]) as (_, stub):
+                one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
             figures[name]["service_ms"].append(one["latency_ms"]["p50"])
     out: dict[str, Any] = {
         name: {k: round(float(np.median(v)), 2) for k, v in f.items()} for name, f in figures.items()
