@@ -257,6 +257,11 @@ def _gflops(metadata: dict[str, str]) -> float | None:
     return float(value) if value else None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def cpu_peak() -> dict[str, Any]:
     """This machine's fp32 SIMD peak: cores x clock x FLOPs per cycle (two FMA units: 64 with
     AVX-512, 32 with AVX2+FMA, else 8). bf16 on AMX has a far higher peak: shares computed against
@@ -265,7 +270,7 @@ def cpu_peak() -> dict[str, Any]:
     flags = set(re.findall(r"^flags\s*:\s*(.*)$", text, re.M)[0].split()) if "flags" in text else set()
     mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
     per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     ghz = max(mhz) / 1e3 if mhz else None
     return {
         "cores": cores,
@@ -492,6 +497,27 @@ async def run_stream(
     return log.result(time.perf_counter() - started)
 
 
+def offline_streams(
+    stub: animation_pb2_grpc.AnimationServiceStub,
+    driver: LandmarkSequence,
+    count: int,
+    seconds: float,
+    window: int,
+) -> list[Awaitable[dict[str, Any]]]:
+    """`count` offline (BLOCK) streams of the driver, each from another frame, `window` in flight."""
+    return [
+        run_stream(
+            stub,
+            AVATAR,
+            np.roll(driver.points, 3 * i, axis=0),
+            driver.frame_size,
+            seconds=seconds,
+            offline_window=window,
+        )
+        for i in range(count)
+    ]
+
+
 def merge(offered: list[dict[str, Any]]) -> dict[str, Any]:
     runs = [r for r in offered if not r.get("refused")] or offered[:1]
     received = sum(r["received"] for r in runs)
@@ -565,17 +591,7 @@ async def live(
             )
             for i in range(streams)
         ),
-        *(
-            run_stream(
-                stub,
-                AVATAR,
-                np.roll(driver.points, 3 * i, axis=0),
-                driver.frame_size,
-                seconds=args.seconds,
-                offline_window=args.offline_window,
-            )
-            for i in range(args.offline_streams)
-        ),
+        *offline_streams(stub, driver, args.offline_streams, args.seconds, args.offline_window),
     )
     live_runs, offline_runs = runs[:streams], runs[streams:]
     row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
@@ -671,21 +687,11 @@ async def serving_ceiling(
     costs it. With raw_fps on `cores` cores, a frame costs the generator cores / raw_fps core-seconds,
     so serving s more caps served / raw at 1 / (1 + s raw_fps / cores), however the work is
     scheduled (an upper bound: sharing cores also slows the generator)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     with tempfile.TemporaryDirectory(prefix="bench-instant-") as scratch:
         repository = instant_repository(args.model_repository, Path(scratch) / "repository")
         async with bench_server(args, repository, max(args.batches)) as (process, stub):
-            streams = [
-                run_stream(
-                    stub,
-                    AVATAR,
-                    np.roll(driver.points, 5 * i, axis=0),
-                    driver.frame_size,
-                    seconds=args.seconds,
-                    offline_window=OFFLINE_WINDOW,
-                )
-                for i in range(CEILING_STREAMS)
-            ]
+            streams = offline_streams(stub, driver, CEILING_STREAMS, args.seconds, OFFLINE_WINDOW)
             before = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
             runs = await asyncio.gather(*streams)
             after = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())

@@ -409,7 +409,7 @@ class Batcher:
                     finally:
                         self._in_backend[model] -= 1
                         queued = self._queued[model]
-                        if any(c is clock for c in queued):  # (failed before a lane took it)
+                        if clock in queued:  # (failed before a lane took it)
                             queued.remove(clock)
                         elif queued:  # this call's lane goes to the oldest queued call
                             queued.popleft().started = time.perf_counter()
@@ -439,7 +439,8 @@ class Batcher:
 
 class _Clock:
     """When a generator call started: when it was made, or, queued behind busy lanes, when one
-    freed. Compared by identity (a deque of them finds and removes this one, not an equal one)."""
+    freed. An object of its own, equal only to itself (no __eq__), so a deque of them finds and
+    removes this call's clock, not another with the same start time."""
 
     __slots__ = ("started",)
 
