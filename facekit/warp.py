@@ -169,10 +169,11 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return xx, yy
 
 
-def _affines(src_tri: np.ndarray, dst_tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Target -> source affine of each triangle (T, 3, 2) -> (rows (T, 2, 3) with
-    source = rows @ (x, y, 1), signed target area x 2 (T,)). A collapsed target triangle gets the
-    translation taking its centroid to the source's."""
+def _affines(src_corners: np.ndarray, dst_tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Target -> source affine of each triangle, from the source's corners as columns (T, 2, 3)
+    and the target's as rows (T, 3, 2) -> (rows (T, 2, 3) with source = rows @ (x, y, 1), signed
+    target area x 2 (T,)). A collapsed target triangle gets the translation taking its centroid
+    to the source's."""
     # rows = src^T adj(M) / det(M) for M = (x; y; 1) with the target's corners as columns; row i
     # of the adjugate is built from the other two corners j = i + 1, k = i + 2 (mod 3).
     x, y = dst_tri[..., 0], dst_tri[..., 1]  # (T, 3)
@@ -180,22 +181,33 @@ def _affines(src_tri: np.ndarray, dst_tri: np.ndarray) -> tuple[np.ndarray, np.n
     adjugate = np.stack([yj - yk, xk - xj, xj * yk - xk * yj], -1)  # (T, 3, 3)
     det = adjugate[:, :, 2].sum(1)  # (T,)
     ok = np.abs(det) >= _MIN_DET
-    rows = np.swapaxes(src_tri, 1, 2) @ adjugate / np.where(ok, det, 1.0)[:, None, None]
+    rows = src_corners @ adjugate / np.where(ok, det, 1.0)[:, None, None]
     if not ok.all():
         rows[~ok] = np.eye(2, 3)
-        rows[~ok, :, 2] = src_tri[~ok].mean(1) - dst_tri[~ok].mean(1)  # centroid to centroid
+        rows[~ok, :, 2] = src_corners[~ok].mean(2) - dst_tri[~ok].mean(1)  # centroid to centroid
     return rows, det
+
+
+@functools.lru_cache(maxsize=64)
+def _source(key: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What a warp needs of its source landmarks (float64 bytes of (68, 2), checked) alone: the
+    Delaunay triangles (T, 3) of their control points, the source triangles' corners as columns
+    (T, 2, 3) and their areas x 2 (T,). Cached: a fixed reference costs one, not one a frame."""
+    control = _control(np.frombuffer(key, np.float64).reshape(NUM_POINTS, 2), size)
+    triangles, area = _delaunay(control.tobytes())
+    corners = np.swapaxes(control[triangles], 1, 2).copy()
+    corners.setflags(write=False)
+    return triangles, corners, area
 
 
 def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.ndarray:
     """Backward map of the warp taking `src_points` onto `dst_points` (both (68, 2), pixels of a
     size x size image) -> (size, size, 2) float32: map[y, x] = source (x, y) to sample."""
     size = _check_size(size)
-    both = np.stack([_check_points(src_points, "src_points"), _check_points(dst_points, "dst_points")])
-    src, dst = _control(both, size)  # (NUM_CONTROL, 2) each
-    triangles, src_area = _delaunay(src.tobytes())  # (T, 3), (T,)
-    src_tri, dst_tri = src[triangles], dst[triangles]  # (T, 3, 2)
-    rows, det = _affines(src_tri, dst_tri)
+    src = np.ascontiguousarray(_check_points(src_points, "src_points"))
+    triangles, src_corners, src_area = _source(src.tobytes(), size)  # (T, 3), (T, 2, 3), (T,)
+    dst_tri = _control(_check_points(dst_points, "dst_points"), size)[triangles]  # (T, 3, 2)
+    rows, det = _affines(src_corners, dst_tri)
     # Paint order, later ones winning shared pixels: by target / source area, so folded triangles
     # (< 0) come first, then collapsed ones (~0), then proper ones from the most squeezed, whose
     # affine is steepest and worst to extrapolate onto the pixels just outside them, to the least.
@@ -203,8 +215,7 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     count = len(order)  # <= 2 NUM_CONTROL - 5 < 255: fits a uint8 index
     # cv2.LUT tables: entry i of channel c holds coefficient k of output c for triangle order[i];
     # entry `count` (and the unused ones) is the identity, for pixels no triangle covers.
-    lut = np.zeros((3, 1, 256, 2), np.float32)  # k = 0: x coefficient, 1: y, 2: constant
-    lut[0, 0, :, 0], lut[1, 0, :, 1] = 1.0, 1.0
+    lut = _identity_lut().copy()  # (3, 1, 256, 2); k = 0: x coefficient, 1: y, 2: constant
     lut[:, 0, :count] = rows[order].transpose(2, 0, 1)
     vertices = np.round(dst_tri[order] * (1 << _SHIFT)).astype(np.int32)  # (T, 3, 2)
     labels = np.full((size, size), count, np.uint8)  # (size, size): which triangle, per pixel
@@ -217,6 +228,15 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     out += cv2.LUT(index, lut[1]) * y
     out += cv2.LUT(index, lut[2])
     return np.clip(out, -size, 2 * size - 1, out=out)  # sliver triangles can reach far
+
+
+@functools.lru_cache(maxsize=1)
+def _identity_lut() -> np.ndarray:
+    """The cv2.LUT tables of dense_map with every entry the identity: (3, 1, 256, 2) float32."""
+    lut = np.zeros((3, 1, 256, 2), np.float32)
+    lut[0, 0, :, 0], lut[1, 0, :, 1] = 1.0, 1.0
+    lut.setflags(write=False)
+    return lut
 
 
 def warp_image(image: np.ndarray, src_points: np.ndarray, dst_points: np.ndarray) -> np.ndarray:
