@@ -178,6 +178,12 @@ class OpenVinoEngine:
         self._inputs = [p.get_any_name() for p in self._model.inputs]
         for size in self.CHUNKS:  # fails here, not on the first frame, when it cannot compile
             self.compile(size)
+        # OpenVINO's numpy bridge (pybind11's numpy API, set up on first use) is first used here,
+        # on one thread: two lanes' first calls setting it up at once hung a bench process for
+        # good (both threads in its call_once, waiting for the GIL; seen once in ~20 starts).
+        request = self._request((self.CHUNKS[-1],))
+        request.get_input_tensor(0).data  # noqa: B018  (the access is the point)
+        self._release((self.CHUNKS[-1],), request)
 
     @property
     def metadata(self) -> dict[str, str]:
