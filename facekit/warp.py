@@ -39,12 +39,16 @@ out[y, x] = image(map[y, x]), which is what `cv2.remap(image, map, None, ...)` d
 `grid_sample(..., align_corners=False)` use grid = (map + 0.5) * 2 / size - 1.
 
 Cost (`python -m facekit.warp` prints the medians): one Delaunay per new source (0.3-0.7 ms,
-then cached), ~170 `cv2.fillConvexPoly` calls into a uint8 triangle-label image, then per pixel
-three 2-channel `cv2.LUT` look-ups of the label's affine and two multiply-adds (`cv2.LUT` gathers
-3x faster than `np.take`; a per-triangle masked `cv2.warpAffine` was 8x slower than label + LUT +
-remap). Best medians of 200 runs with a cached source, on a 2-vCPU Xeon shared with other jobs
-(load average 4-5): 128 px 0.46 ms (0.58 ms with the cv2.remap), 256 px 0.88 ms (1.38 ms); a
-new source every call: 1.7 ms. `nearest_reference` is one batched similarity fit.
+then cached with everything else that depends on the source alone); per frame the target's
+control points and the triangles' affines in numpy, then the per-pixel work compiled
+(facekit/warp_jit.py): ~170 triangles painted into a uint8 label image exactly as
+`cv2.fillConvexPoly` paints them, and each pixel's affine evaluated. Painting them with OpenCV
+cost one Python call each, ~0.85-3 us of binding overhead, which with the LUT passes that
+followed was most of the warp. Best medians of 200 runs with a cached source on a 2-vCPU Xeon
+shared with other jobs: 128 px 0.35 ms (0.45 ms with the cv2.remap) against 0.70 ms before; a
+new source every call adds ~1.2 ms. The first call in a process compiles the loop (~6 s cold,
+~0.3 s from numba's on-disk cache): `warm_up` does that before a server takes frames.
+`nearest_reference` is one batched similarity fit.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import cv2
 import numpy as np
 from scipy.spatial import Delaunay
 
+from facekit import warp_jit
 from facekit.layout import LEFT_EYE, NUM_POINTS, RIGHT_EYE
 from facekit.motion import STABLE_POINTS, fit_similarity
 
@@ -79,7 +84,7 @@ _ANCHORS = np.array(
 )
 NUM_ANCHORS = len(_ANCHORS)  # 16
 NUM_CONTROL = NUM_POINTS + NUM_FOREHEAD + NUM_ANCHORS  # 91
-_SHIFT = 4  # sub-pixel bits for cv2.fillConvexPoly
+_SHIFT = 4  # fraction bits of the painted corners (cv2.fillConvexPoly's `shift`)
 _MIN_DET = 1e-3  # |2 x target triangle area| in px^2 below which a triangle counts as collapsed
 
 
@@ -213,30 +218,38 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     # affine is steepest and worst to extrapolate onto the pixels just outside them, to the least.
     order = np.argsort(det / np.maximum(src_area, 1e-12), kind="stable")
     count = len(order)  # <= 2 NUM_CONTROL - 5 < 255: fits a uint8 index
-    # cv2.LUT tables: entry i of channel c holds coefficient k of output c for triangle order[i];
-    # entry `count` (and the unused ones) is the identity, for pixels no triangle covers.
-    lut = _identity_lut().copy()  # (3, 1, 256, 2); k = 0: x coefficient, 1: y, 2: constant
-    lut[:, 0, :count] = rows[order].transpose(2, 0, 1)
-    vertices = np.round(dst_tri[order] * (1 << _SHIFT)).astype(np.int32)  # (T, 3, 2)
+    # Affine i of `table` is that of triangle order[i]; entry `count` (and the unused ones) is the
+    # identity, for pixels no triangle covers.
+    table = _identity_table().copy()  # (256, 2, 3) float32: output (x, y) x coefficient (x, y, 1)
+    table[:count] = rows[order]
+    vertices = np.round(dst_tri[order] * (1 << _SHIFT)).astype(np.int64)  # (T, 3, 2)
     labels = np.full((size, size), count, np.uint8)  # (size, size): which triangle, per pixel
-    for i, triangle in enumerate(vertices):
-        cv2.fillConvexPoly(labels, triangle, i, cv2.LINE_8, _SHIFT)
-    index = cv2.merge([labels, labels])  # (size, size, 2): LUT channel c maps index channel c
-    x, y = _grid(size)
-    out = np.asarray(cv2.LUT(index, lut[0]), np.float32)  # (size, size, 2)
-    out *= x
-    out += cv2.LUT(index, lut[1]) * y
-    out += cv2.LUT(index, lut[2])
-    return np.clip(out, -size, 2 * size - 1, out=out)  # sliver triangles can reach far
+    warp_jit.paint_labels(labels, vertices, _SHIFT)  # as cv2.fillConvexPoly, one after another
+    out = np.empty((size, size, 2), np.float32)
+    # clipped to [-size, 2 size - 1]: sliver triangles can reach far
+    warp_jit.evaluate(labels, table, np.float32(-size), np.float32(2 * size - 1), out)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
-def _identity_lut() -> np.ndarray:
-    """The cv2.LUT tables of dense_map with every entry the identity: (3, 1, 256, 2) float32."""
-    lut = np.zeros((3, 1, 256, 2), np.float32)
-    lut[0, 0, :, 0], lut[1, 0, :, 1] = 1.0, 1.0
-    lut.setflags(write=False)
-    return lut
+def _identity_table() -> np.ndarray:
+    """dense_map's table of per-triangle affines with every entry the identity: (256, 2, 3) float32."""
+    table = np.zeros((256, 2, 3), np.float32)
+    table[:, 0, 0] = table[:, 1, 1] = 1.0
+    table.setflags(write=False)
+    return table
+
+
+def _warm_up_points() -> np.ndarray:
+    """68 distinct points on a circle in an 8 px image: landmarks any warp can take."""
+    angle = np.linspace(0.0, 2 * np.pi, NUM_POINTS, endpoint=False)
+    return np.stack([4 + 3 * np.cos(angle), 4 + 3 * np.sin(angle)], -1)
+
+
+def warm_up() -> None:
+    """Compile dense_map's loop (or load it from numba's cache) now, not on the first frame."""
+    points = _warm_up_points()
+    dense_map(points, points[::-1].copy(), 8)
 
 
 def warp_image(image: np.ndarray, src_points: np.ndarray, dst_points: np.ndarray) -> np.ndarray:

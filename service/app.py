@@ -32,6 +32,7 @@ from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import scoped_id, split_id, validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
+from facekit.warp import warm_up
 from facekit.watermark import Watermarker, payload_for
 from jobs import events
 from jobs.events import Event
@@ -125,7 +126,9 @@ class App:
         self._calibration: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        await self.backend.start()
+        # The warp's compiled loop is compiled (~6 s cold) or loaded from numba's cache beside the
+        # backend's start, not on the first frame of a warp-guided model.
+        await asyncio.gather(asyncio.to_thread(warm_up), self.backend.start())
         self.batcher.start()
         self._calibration = asyncio.create_task(self._calibrate(), name="calibrate")
 

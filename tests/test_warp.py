@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import facekit
+from facekit import warp_jit
 from facekit.crop import resize_points
 from facekit.warp import (
     NUM_ANCHORS,
@@ -237,6 +238,27 @@ def test_nearest_reference_matches_expression_not_head_pose(face: np.ndarray) ->
     assert nearest_reference(np.stack([refs[2], refs[1], refs[1]]), refs[1]) == 1
     with pytest.raises(ValueError, match="ref_points"):
         nearest_reference(face, face)
+
+
+def test_the_compiled_painter_paints_labels_as_opencv_does_pixel_for_pixel() -> None:
+    """facekit/warp_jit.py's port of cv2.fillConvexPoly (LINE_8, 4 fraction bits), on random
+    triangles: inside the image, reaching far out of it, tiny, collinear and with repeated
+    corners; five per image, later ones painting over earlier ones, as dense_map paints."""
+    rng = np.random.default_rng(7)
+    for case in range(600):
+        size = int(rng.choice([8, 33, 128]))
+        spread = float(rng.choice([0.3, 1.0, 4.0, 12.0]))
+        corners = np.round(rng.uniform(-spread * size, (1 + spread) * size, (5, 3, 2)) * 16).astype(np.int64)
+        if case % 3 == 0:
+            corners[0, 2] = corners[0, 1]  # a repeated corner
+            corners[1, 2] = (corners[1, 0] + corners[1, 1]) // 2  # collinear
+            corners[2] = corners[2, :1] + rng.integers(-20, 20, (3, 2))  # within a pixel or two
+        ours = np.full((size, size), 200, np.uint8)
+        opencv = ours.copy()
+        warp_jit.paint_labels(ours, corners, 4)
+        for label, triangle in enumerate(corners.astype(np.int32)):
+            cv2.fillConvexPoly(opencv, triangle, label, cv2.LINE_8, 4)
+        np.testing.assert_array_equal(ours, opencv, err_msg=f"case {case}: {corners.tolist()}")
 
 
 def test_importing_facekit_warp_does_not_import_torch() -> None:

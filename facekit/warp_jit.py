@@ -1,0 +1,227 @@
+"""The piecewise-affine warp's per-pixel work, compiled (numba): facekit.warp's `dense_map` paints
+its triangle labels and evaluates each pixel's affine here instead of in ~170 OpenCV calls and
+a dozen numpy passes (the binding overhead of those calls was most of the warp's time).
+
+`fill_convex` rasterises as `cv2.fillConvexPoly(image, points, color, cv2.LINE_8, shift)` does on
+a one-channel uint8 image, pixel for pixel - OpenCV's fixed-point scanline fill (16 fraction
+bits) plus its 8-connected outline - so the labels, and the maps made from them, are the same bit
+for bit as OpenCV's (tests/test_warp.py compares them on thousands of triangles). Integer
+division rounds toward zero here as in C (`_div`), not down as Python's `//` does.
+
+Compiled on first use (about a second) and cached beside this file where that is writable.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_XY_SHIFT = 16
+_XY_ONE = 1 << _XY_SHIFT
+_HALF = _XY_ONE >> 1
+
+
+def _jit(function):
+    """numba.njit, cached on disk where a cache can be written (else compiled in each process)."""
+    try:
+        return numba.njit(cache=True, nogil=True)(function)
+    except RuntimeError:  # "no locator available": a read-only install and no writable home
+        return numba.njit(nogil=True)(function)
+
+
+@_jit
+def _div(a, b):
+    """C's integer division: the quotient rounded toward zero."""
+    q = abs(a) // abs(b)
+    return q if (a < 0) == (b < 0) else -q
+
+
+@_jit
+def _clip_line(width, height, x1, y1, x2, y2):
+    """OpenCV's clipLine on a width x height area: (inside, x1, y1, x2, y2) clipped to it."""
+    right, bottom = width - 1, height - 1
+    c1 = (x1 < 0) + (x1 > right) * 2 + (y1 < 0) * 4 + (y1 > bottom) * 8
+    c2 = (x2 < 0) + (x2 > right) * 2 + (y2 < 0) * 4 + (y2 > bottom) * 8
+    if (c1 & c2) == 0 and (c1 | c2) != 0:
+        if c1 & 12:
+            a = 0 if c1 < 8 else bottom
+            x1 += _div((a - y1) * (x2 - x1), y2 - y1)
+            y1 = a
+            c1 = (x1 < 0) + (x1 > right) * 2
+        if c2 & 12:
+            a = 0 if c2 < 8 else bottom
+            x2 += _div((a - y2) * (x2 - x1), y2 - y1)
+            y2 = a
+            c2 = (x2 < 0) + (x2 > right) * 2
+        if (c1 & c2) == 0 and (c1 | c2) != 0:
+            if c1:
+                a = 0 if c1 == 1 else right
+                y1 += _div((a - x1) * (y2 - y1), x2 - x1)
+                x1 = a
+                c1 = 0
+            if c2:
+                a = 0 if c2 == 1 else right
+                y2 += _div((a - x2) * (y2 - y1), x2 - x1)
+                x2 = a
+                c2 = 0
+    return (c1 | c2) == 0, x1, y1, x2, y2
+
+
+@_jit
+def _put(image, x, y, color):
+    if 0 <= x < image.shape[1] and 0 <= y < image.shape[0]:
+        image[y, x] = color
+
+
+@_jit
+def _line(image, x1, y1, x2, y2, color):
+    """OpenCV's 8-connected line between fixed-point (16 fraction bits) ends."""
+    inside, x1, y1, x2, y2 = _clip_line(
+        np.int64(image.shape[1]) << _XY_SHIFT, np.int64(image.shape[0]) << _XY_SHIFT, x1, y1, x2, y2
+    )
+    if not inside:
+        return
+    dx, dy = x2 - x1, y2 - y1
+    ax, ay = abs(dx), abs(dy)
+    if ax > ay:
+        if dx < 0:  # walk left to right
+            x1, x2, y1, y2 = x2, x1, y2, y1
+            dy = -dy
+        x_step, y_step = np.int64(_XY_ONE), _div(dy << _XY_SHIFT, ax | 1)
+        count = (x2 - x1) >> _XY_SHIFT
+    else:
+        if dy < 0:  # walk top to bottom
+            x1, x2, y1, y2 = x2, x1, y2, y1
+            dx = -dx
+        x_step, y_step = _div(dx << _XY_SHIFT, ay | 1), np.int64(_XY_ONE)
+        count = (y2 - y1) >> _XY_SHIFT
+    x1 += _HALF
+    y1 += _HALF
+    _put(image, (x2 + _HALF) >> _XY_SHIFT, (y2 + _HALF) >> _XY_SHIFT, color)
+    if ax > ay:
+        x1 >>= _XY_SHIFT
+        while count >= 0:
+            _put(image, x1, y1 >> _XY_SHIFT, color)
+            x1 += 1
+            y1 += y_step
+            count -= 1
+    else:
+        y1 >>= _XY_SHIFT
+        while count >= 0:
+            _put(image, x1 >> _XY_SHIFT, y1, color)
+            x1 += x_step
+            y1 += 1
+            count -= 1
+
+
+@_jit
+def _next_edge(vx, vy, idx, step, y, edges, delta, shift):
+    """From vertex `idx`, walk the polygon by `step` to the first edge that ends below row y:
+    (found, its end vertex, its end row, its start x and its x step per row, both fixed-point,
+    the edges left). None found: `edges` runs out (negative)."""
+    npts = len(vx)
+    up = _XY_SHIFT - shift
+    j = idx + step
+    if j >= npts:
+        j -= npts
+    while True:
+        more = edges > 0
+        edges -= 1
+        if not more:
+            return False, idx, np.int64(0), np.int64(0), np.int64(0), edges
+        ty = (vy[j] + delta) >> shift
+        if ty > y:
+            xs, xe = vx[idx] << up, vx[j] << up
+            return True, j, ty, xs, _div((xe - xs) * 2 + (ty - y), 2 * (ty - y)), edges
+        idx = j
+        j += step
+        if j >= npts:
+            j -= npts
+
+
+@_jit
+def fill_convex(image, vx, vy, color, shift):
+    """cv2.fillConvexPoly(image, vertices, color, cv2.LINE_8, shift) for 1 <= shift <= 16 on a
+    uint8 (H, W) image; the vertices' x and y (int64, `shift` fraction bits) in vx and vy."""
+    npts = len(vx)
+    height, width = image.shape
+    delta = (1 << shift) >> 1
+    up = _XY_SHIFT - shift
+    p0x, p0y = vx[npts - 1] << up, vy[npts - 1] << up
+    xmin = xmax = vx[0]
+    ymin = ymax = vy[0]
+    imin = 0
+    for i in range(npts):
+        if vy[i] < ymin:
+            ymin = vy[i]
+            imin = i
+        ymax = max(ymax, vy[i])
+        xmax = max(xmax, vx[i])
+        xmin = min(xmin, vx[i])
+        px, py = vx[i] << up, vy[i] << up
+        _line(image, p0x, p0y, px, py, color)  # the outline, as OpenCV draws it first
+        p0x, p0y = px, py
+    xmin, xmax = (xmin + delta) >> shift, (xmax + delta) >> shift
+    ymin, ymax = (ymin + delta) >> shift, (ymax + delta) >> shift
+    if npts < 3 or xmax < 0 or ymax < 0 or xmin >= width or ymin >= height:
+        return
+    ymax = min(ymax, height - 1)
+    # Two edges walked down from the top vertex, one forwards (a), one backwards (b).
+    a_idx = b_idx = imin
+    a_ye = b_ye = y = ymin
+    a_x = b_x = np.int64(-_XY_ONE)
+    a_dx = b_dx = np.int64(0)
+    edges = npts
+    while True:
+        if y >= a_ye:
+            found, j, ye, x, dx, edges = _next_edge(vx, vy, a_idx, 1, y, edges, delta, shift)
+            if found:
+                a_idx, a_ye, a_x, a_dx = j, ye, x, dx
+        if y >= b_ye:
+            found, j, ye, x, dx, edges = _next_edge(vx, vy, b_idx, npts - 1, y, edges, delta, shift)
+            if found:
+                b_idx, b_ye, b_x, b_dx = j, ye, x, dx
+        if edges < 0:
+            break
+        if y >= 0:
+            x1 = (min(a_x, b_x) + _HALF) >> _XY_SHIFT
+            x2 = (max(a_x, b_x) + _HALF) >> _XY_SHIFT
+            if x2 >= 0 and x1 < width:
+                x = x1 if x1 > 0 else 0
+                while x <= x2 and x < width:
+                    image[y, x] = color
+                    x += 1
+        a_x += a_dx
+        b_x += b_dx
+        y += 1
+        if y > ymax:
+            break
+
+
+@_jit
+def paint_labels(labels, vertices, shift):
+    """Triangle i of `vertices` (T, 3, 2) int64 (`shift` fraction bits) filled with label i into
+    `labels` (H, W) uint8, in order: later triangles win shared pixels."""
+    vx = np.empty(3, np.int64)
+    vy = np.empty(3, np.int64)
+    for i in range(vertices.shape[0]):
+        for k in range(3):
+            vx[k], vy[k] = vertices[i, k, 0], vertices[i, k, 1]
+        fill_convex(labels, vx, vy, np.uint8(i), shift)
+
+
+@_jit
+def evaluate(labels, table, low, high, out):
+    """out[y, x, c] = table[label, c, 0] x + table[label, c, 1] y + table[label, c, 2] in float32,
+    clipped to [low, high]: each pixel's affine (table (256, 2, 3) float32) at the pixel."""
+    height, width = labels.shape
+    for y in range(height):
+        fy = np.float32(y)
+        for x in range(width):
+            fx = np.float32(x)
+            label = labels[y, x]
+            for c in range(2):
+                value = table[label, c, 0] * fx
+                value = value + table[label, c, 1] * fy
+                value = value + table[label, c, 2]
+                out[y, x, c] = min(max(value, low), high)
