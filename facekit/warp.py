@@ -39,16 +39,16 @@ out[y, x] = image(map[y, x]), which is what `cv2.remap(image, map, None, ...)` d
 `grid_sample(..., align_corners=False)` use grid = (map + 0.5) * 2 / size - 1.
 
 Cost (`python -m facekit.warp` prints the medians): one Delaunay per new source (0.3-0.7 ms,
-then cached with everything else that depends on the source alone); per frame the target's
-control points and the triangles' affines in numpy, then the per-pixel work compiled
-(facekit/warp_jit.py): ~170 triangles painted into a uint8 label image exactly as
-`cv2.fillConvexPoly` paints them, and each pixel's affine evaluated. Painting them with OpenCV
-cost one Python call each, ~0.85-3 us of binding overhead, which with the LUT passes that
-followed was most of the warp. Best medians of 200 runs with a cached source on a 2-vCPU Xeon
-shared with other jobs: 128 px 0.35 ms (0.45 ms with the cv2.remap) against 0.70 ms before; a
-new source every call adds ~1.2 ms. The first call in a process compiles the loop (~6 s cold,
-~0.3 s from numba's on-disk cache): `warm_up` does that before a server takes frames.
-`nearest_reference` is one batched similarity fit.
+then cached with everything else that depends on the source alone); per frame one compiled call
+(facekit/warp_jit.py) takes the target's control points, each triangle's affine, the paint
+order, ~170 triangles painted into a uint8 label image exactly as `cv2.fillConvexPoly` paints
+them, and each pixel's affine at the pixel. Done with OpenCV and numpy it was ~170 OpenCV calls
+(0.85-3 us of binding overhead each) and a few dozen numpy passes. Medians of 200 runs with a
+cached source on a 2-vCPU Xeon shared with other jobs: 128 px 0.11-0.19 ms against 0.51-1.0 ms
+before (same runs, alternating), 0.27 ms with the cv2.remap. The maps are those of the numpy and
+OpenCV code (124 cases: 122 the same bit for bit, 2 within 1e-13 px). The first call in a
+process compiles the loop (~6 s cold, ~0.3 s from numba's on-disk cache): `warm_up` does that
+before a server takes frames. `nearest_reference` is one batched similarity fit.
 """
 
 from __future__ import annotations
@@ -164,35 +164,6 @@ def triangulate(src_control: np.ndarray) -> np.ndarray:
     return _delaunay(np.ascontiguousarray(src_control, np.float64).tobytes())[0]
 
 
-@functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel centres as two read-only float32 (size, size, 2) images: (x, x) and (y, y)."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
-    xx, yy = np.repeat(x[..., None], 2, -1), np.repeat(y[..., None], 2, -1)
-    xx.setflags(write=False)
-    yy.setflags(write=False)
-    return xx, yy
-
-
-def _affines(src_corners: np.ndarray, dst_tri: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Target -> source affine of each triangle, from the source's corners as columns (T, 2, 3)
-    and the target's as rows (T, 3, 2) -> (rows (T, 2, 3) with source = rows @ (x, y, 1), signed
-    target area x 2 (T,)). A collapsed target triangle gets the translation taking its centroid
-    to the source's."""
-    # rows = src^T adj(M) / det(M) for M = (x; y; 1) with the target's corners as columns; row i
-    # of the adjugate is built from the other two corners j = i + 1, k = i + 2 (mod 3).
-    x, y = dst_tri[..., 0], dst_tri[..., 1]  # (T, 3)
-    xj, xk, yj, yk = x[:, [1, 2, 0]], x[:, [2, 0, 1]], y[:, [1, 2, 0]], y[:, [2, 0, 1]]
-    adjugate = np.stack([yj - yk, xk - xj, xj * yk - xk * yj], -1)  # (T, 3, 3)
-    det = adjugate[:, :, 2].sum(1)  # (T,)
-    ok = np.abs(det) >= _MIN_DET
-    rows = src_corners @ adjugate / np.where(ok, det, 1.0)[:, None, None]
-    if not ok.all():
-        rows[~ok] = np.eye(2, 3)
-        rows[~ok, :, 2] = src_corners[~ok].mean(2) - dst_tri[~ok].mean(1)  # centroid to centroid
-    return rows, det
-
-
 @functools.lru_cache(maxsize=64)
 def _source(key: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What a warp needs of its source landmarks (float64 bytes of (68, 2), checked) alone: the
@@ -211,33 +182,12 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     size = _check_size(size)
     src = np.ascontiguousarray(_check_points(src_points, "src_points"))
     triangles, src_corners, src_area = _source(src.tobytes(), size)  # (T, 3), (T, 2, 3), (T,)
-    dst_tri = _control(_check_points(dst_points, "dst_points"), size)[triangles]  # (T, 3, 2)
-    rows, det = _affines(src_corners, dst_tri)
-    # Paint order, later ones winning shared pixels: by target / source area, so folded triangles
-    # (< 0) come first, then collapsed ones (~0), then proper ones from the most squeezed, whose
-    # affine is steepest and worst to extrapolate onto the pixels just outside them, to the least.
-    order = np.argsort(det / np.maximum(src_area, 1e-12), kind="stable")
-    count = len(order)  # <= 2 NUM_CONTROL - 5 < 255: fits a uint8 index
-    # Affine i of `table` is that of triangle order[i]; entry `count` (and the unused ones) is the
-    # identity, for pixels no triangle covers.
-    table = _identity_table().copy()  # (256, 2, 3) float32: output (x, y) x coefficient (x, y, 1)
-    table[:count] = rows[order]
-    vertices = np.round(dst_tri[order] * (1 << _SHIFT)).astype(np.int64)  # (T, 3, 2)
-    labels = np.full((size, size), count, np.uint8)  # (size, size): which triangle, per pixel
-    warp_jit.paint_labels(labels, vertices, _SHIFT)  # as cv2.fillConvexPoly, one after another
+    dst = np.ascontiguousarray(_check_points(dst_points, "dst_points"))
     out = np.empty((size, size, 2), np.float32)
-    # clipped to [-size, 2 size - 1]: sliver triangles can reach far
-    warp_jit.evaluate(labels, table, np.float32(-size), np.float32(2 * size - 1), out)
+    warp_jit.dense_map(
+        dst, size, triangles, src_corners, src_area, _SPAN, FOREHEAD_HEIGHTS, _ANCHORS, _MIN_DET, _SHIFT, out
+    )
     return out
-
-
-@functools.lru_cache(maxsize=1)
-def _identity_table() -> np.ndarray:
-    """dense_map's table of per-triangle affines with every entry the identity: (256, 2, 3) float32."""
-    table = np.zeros((256, 2, 3), np.float32)
-    table[:, 0, 0] = table[:, 1, 1] = 1.0
-    table.setflags(write=False)
-    return table
 
 
 def _warm_up_points() -> np.ndarray:

@@ -225,3 +225,97 @@ def evaluate(labels, table, low, high, out):
                 value = value + table[label, c, 1] * fy
                 value = value + table[label, c, 2]
                 out[y, x, c] = min(max(value, low), high)
+
+
+@_jit
+def control(points, size, span, heights, anchors, out):
+    """facekit.warp's control points of one face, in float64 arithmetic (`_control` in numpy does
+    the same for any batch): `points` (68, 2) clipped to [-8 size, 9 size], then the forehead arc
+    (`span`, `heights`: the NUM_FOREHEAD fractions along the jaw tops and heights above the eye
+    line), then `anchors` (16, 2) x size - 0.5, clipped again -> out (91, 2)."""
+    low, high = -8.0 * size, 9.0 * size
+    n = points.shape[0]
+    for i in range(n):
+        for c in range(2):
+            out[i, c] = min(max(points[i, c], low), high)
+    rx = ry = lx = ly = 0.0
+    for i in range(36, 42):  # facekit.layout.RIGHT_EYE, then LEFT_EYE
+        rx += out[i, 0]
+        ry += out[i, 1]
+        lx += out[i + 6, 0]
+        ly += out[i + 6, 1]
+    rx, ry, lx, ly = rx / 6, ry / 6, lx / 6, ly / 6
+    cx, cy = (rx + lx) / 2, (ry + ly) / 2
+    ax, ay = lx - rx, ly - ry
+    length = np.sqrt(ax * ax + ay * ay)
+    ex, ey = (ax / length, ay / length) if length > 1e-6 else (1.0, 0.0)  # the face's +x
+    # jaw tops (0, 16) and nose base (33) in the face's frame: along the eye line, towards the chin
+    a0 = (out[0, 0] - cx) * ex + (out[0, 1] - cy) * ey
+    a16 = (out[16, 0] - cx) * ex + (out[16, 1] - cy) * ey
+    down = (out[33, 1] - cy) * ex - (out[33, 0] - cx) * ey
+    for k in range(span.shape[0]):
+        across = a0 + (a16 - a0) * span[k]
+        up = heights[k] * down
+        out[n + k, 0] = min(max(cx + across * ex + up * ey, low), high)
+        out[n + k, 1] = min(max(cy + across * ey - up * ex, low), high)
+    m = n + span.shape[0]
+    for k in range(anchors.shape[0]):
+        for c in range(2):
+            out[m + k, c] = min(max(anchors[k, c] * size - 0.5, low), high)
+
+
+@_jit
+def dense_map(target, size, triangles, src_corners, src_area, span, heights, anchors, min_det, shift, out):
+    """facekit.warp.dense_map's work per frame, the source's part given (triangles (T, 3), their
+    source corners as columns (T, 2, 3), their source areas x 2 (T,)): the target's control points,
+    each triangle's target -> source affine, the paint order, the labels, each pixel's affine."""
+    count = triangles.shape[0]
+    ctrl = np.empty((target.shape[0] + span.shape[0] + anchors.shape[0], 2))
+    control(target, size, span, heights, anchors, ctrl)
+    rows = np.empty((count, 2, 3))
+    det = np.empty(count)
+    for t in range(count):
+        x0, y0 = ctrl[triangles[t, 0], 0], ctrl[triangles[t, 0], 1]
+        x1, y1 = ctrl[triangles[t, 1], 0], ctrl[triangles[t, 1], 1]
+        x2, y2 = ctrl[triangles[t, 2], 0], ctrl[triangles[t, 2], 1]
+        # rows = src adj(M) / det(M) for M = (x; y; 1) with the target's corners as columns; row i
+        # of the adjugate is built from the other two corners j = i + 1, k = i + 2 (mod 3).
+        a0, b0, c0 = y1 - y2, x2 - x1, x1 * y2 - x2 * y1
+        a1, b1, c1 = y2 - y0, x0 - x2, x2 * y0 - x0 * y2
+        a2, b2, c2 = y0 - y1, x1 - x0, x0 * y1 - x1 * y0
+        d = c0 + c1 + c2
+        det[t] = d
+        for c in range(2):
+            s0, s1, s2 = src_corners[t, c, 0], src_corners[t, c, 1], src_corners[t, c, 2]
+            if abs(d) >= min_det:
+                rows[t, c, 0] = (s0 * a0 + s1 * a1 + s2 * a2) / d
+                rows[t, c, 1] = (s0 * b0 + s1 * b1 + s2 * b2) / d
+                rows[t, c, 2] = (s0 * c0 + s1 * c1 + s2 * c2) / d
+            else:  # collapsed: the translation taking its centroid to the source's
+                rows[t, c, 0] = 1.0 if c == 0 else 0.0
+                rows[t, c, 1] = 1.0 if c == 1 else 0.0
+                corner = (x0 + x1 + x2) / 3 if c == 0 else (y0 + y1 + y2) / 3
+                rows[t, c, 2] = (s0 + s1 + s2) / 3 - corner
+    # Paint order, later ones winning shared pixels: by target / source area, so folded triangles
+    # (< 0) come first, then collapsed ones (~0), then proper ones from the most squeezed, whose
+    # affine is steepest and worst to extrapolate onto the pixels just outside them, to the least.
+    order = np.argsort(det / np.maximum(src_area, 1e-12), kind="mergesort")
+    # entry i: the affine of triangle order[i]; entry `count` and above: the identity, for pixels
+    # no triangle covers (count <= 2 x 91 - 5 < 255: a uint8 label)
+    table = np.zeros((256, 2, 3), np.float32)
+    table[:, 0, 0] = 1.0
+    table[:, 1, 1] = 1.0
+    vertices = np.empty((count, 3, 2), np.int64)
+    scale = float(1 << shift)
+    for i in range(count):
+        t = order[i]
+        for c in range(2):
+            for k in range(3):
+                table[i, c, k] = np.float32(rows[t, c, k])
+        for k in range(3):
+            vertices[i, k, 0] = np.int64(np.rint(ctrl[triangles[t, k], 0] * scale))
+            vertices[i, k, 1] = np.int64(np.rint(ctrl[triangles[t, k], 1] * scale))
+    labels = np.full((size, size), np.uint8(count))
+    paint_labels(labels, vertices, shift)
+    # clipped to [-size, 2 size - 1]: sliver triangles can reach far
+    evaluate(labels, table, np.float32(-size), np.float32(2 * size - 1), out)

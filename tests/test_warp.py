@@ -19,6 +19,9 @@ import facekit
 from facekit import warp_jit
 from facekit.crop import resize_points
 from facekit.warp import (
+    _ANCHORS,
+    _SPAN,
+    FOREHEAD_HEIGHTS,
     NUM_ANCHORS,
     NUM_CONTROL,
     border_anchors,
@@ -259,6 +262,17 @@ def test_the_compiled_painter_paints_labels_as_opencv_does_pixel_for_pixel() -> 
         for label, triangle in enumerate(corners.astype(np.int32)):
             cv2.fillConvexPoly(opencv, triangle, label, cv2.LINE_8, 4)
         np.testing.assert_array_equal(ours, opencv, err_msg=f"case {case}: {corners.tolist()}")
+
+
+def test_the_compiled_control_points_are_the_numpy_ones(driver: np.ndarray) -> None:
+    """dense_map's compiled control points (facekit/warp_jit.py, one face) against the numpy ones
+    `control_points` gives for any batch: real faces, a degenerate one, one far out of the image."""
+    faces = [driver[i] for i in range(0, 200, 13)]
+    faces += [np.full((68, 2), 64.0), driver[0] * 40 - 3000]
+    for face in faces:
+        compiled = np.empty((NUM_CONTROL, 2))
+        warp_jit.control(face, S, _SPAN, FOREHEAD_HEIGHTS, _ANCHORS, compiled)
+        np.testing.assert_allclose(compiled, control_points(face, S), rtol=0, atol=1e-9)
 
 
 def test_importing_facekit_warp_does_not_import_torch() -> None:
