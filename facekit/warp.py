@@ -47,7 +47,7 @@ them, and each pixel's affine at the pixel. Done with OpenCV and numpy it was ~1
 cached source on a 2-vCPU Xeon shared with other jobs: 128 px 0.11-0.19 ms against 0.51-1.0 ms
 before (same runs, alternating), 0.27 ms with the cv2.remap. The maps are those of the numpy and
 OpenCV code (124 cases: 122 the same bit for bit, 2 within 1e-13 px). The first call in a
-process compiles the loop (~6 s cold, ~0.3 s from numba's on-disk cache): `warm_up` does that
+process compiles the loop (6-12 s cold, ~0.3 s from numba's on-disk cache): `warm_up` does that
 before a server takes frames. `nearest_reference` is one batched similarity fit.
 """
 

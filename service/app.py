@@ -126,7 +126,7 @@ class App:
         self._calibration: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        # The warp's compiled loop is compiled (~6 s cold) or loaded from numba's cache beside the
+        # The warp's compiled loop is compiled (6-12 s cold) or loaded from numba's cache beside the
         # backend's start, not on the first frame of a warp-guided model.
         await asyncio.gather(asyncio.to_thread(warm_up), self.backend.start())
         self.batcher.start()
