@@ -169,7 +169,15 @@ def _source(key: bytes, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """What a warp needs of its source landmarks (float64 bytes of (68, 2), checked) alone: the
     Delaunay triangles (T, 3) of their control points, the source triangles' corners as columns
     (T, 2, 3) and their areas x 2 (T,). Cached: a fixed reference costs one, not one a frame."""
-    control = _control(np.frombuffer(key, np.float64).reshape(NUM_POINTS, 2), size)
+    control = np.empty((NUM_CONTROL, 2))  # as the target's are made: the same code, the same bits
+    warp_jit.control(
+        np.frombuffer(key, np.float64).reshape(NUM_POINTS, 2),
+        size,
+        _SPAN,
+        FOREHEAD_HEIGHTS,
+        _ANCHORS,
+        control,
+    )
     triangles, area = _delaunay(control.tobytes())
     corners = np.swapaxes(control[triangles], 1, 2).copy()
     corners.setflags(write=False)
@@ -190,15 +198,10 @@ def dense_map(src_points: np.ndarray, dst_points: np.ndarray, size: int) -> np.n
     return out
 
 
-def _warm_up_points() -> np.ndarray:
-    """68 distinct points on a circle in an 8 px image: landmarks any warp can take."""
-    angle = np.linspace(0.0, 2 * np.pi, NUM_POINTS, endpoint=False)
-    return np.stack([4 + 3 * np.cos(angle), 4 + 3 * np.sin(angle)], -1)
-
-
 def warm_up() -> None:
     """Compile dense_map's loop (or load it from numba's cache) now, not on the first frame."""
-    points = _warm_up_points()
+    angle = np.linspace(0.0, 2 * np.pi, NUM_POINTS, endpoint=False)
+    points = np.stack([4 + 3 * np.cos(angle), 4 + 3 * np.sin(angle)], -1)  # distinct, in 8 px
     dense_map(points, points[::-1].copy(), 8)
 
 

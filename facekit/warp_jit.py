@@ -170,7 +170,8 @@ def fill_convex(image, vx, vy, color, shift):
     if npts < 3 or xmax < 0 or ymax < 0 or xmin >= width or ymin >= height:
         return
     ymax = min(ymax, height - 1)
-    # Two edges walked down from the top vertex, one forwards (a), one backwards (b).
+    # Two edges walked down from the top vertex, one forwards (a), one backwards (b). (The
+    # np.int64 casts keep literal ints from compiling _next_edge four times over.)
     a_idx = b_idx = imin
     a_ye = b_ye = y = ymin
     a_x = b_x = np.int64(-_XY_ONE)
@@ -178,11 +179,13 @@ def fill_convex(image, vx, vy, color, shift):
     edges = npts
     while True:
         if y >= a_ye:
-            found, j, ye, x, dx, edges = _next_edge(vx, vy, a_idx, 1, y, edges, delta, shift)
+            found, j, ye, x, dx, edges = _next_edge(
+                vx, vy, np.int64(a_idx), np.int64(1), y, edges, delta, shift
+            )
             if found:
                 a_idx, a_ye, a_x, a_dx = j, ye, x, dx
         if y >= b_ye:
-            found, j, ye, x, dx, edges = _next_edge(vx, vy, b_idx, npts - 1, y, edges, delta, shift)
+            found, j, ye, x, dx, edges = _next_edge(vx, vy, np.int64(b_idx), npts - 1, y, edges, delta, shift)
             if found:
                 b_idx, b_ye, b_x, b_dx = j, ye, x, dx
         if edges < 0:
