@@ -260,9 +260,18 @@ class OpenVinoEngine:
                 cancel.bind(request.cancel)
                 if cancel.cancelled:
                     raise RuntimeError("the run was cancelled")
+            # Copied into the request's own input buffers: start_async(feeds) spent ~0.6 ms of
+            # Python (OpenVINO's data dispatcher) per call against ~0.01 ms for the copies.
+            for name, value in feeds.items():
+                buffer = request.get_tensor(name).data
+                if buffer.shape != value.shape or buffer.dtype != value.dtype:
+                    raise ValueError(
+                        f"input {name!r}: expected {buffer.dtype} {buffer.shape}, got {value.dtype} {value.shape}"
+                    )
+                buffer[...] = value
             # Asynchronous start + wait: only a request started so can be cancelled mid-run.
             started = True
-            request.start_async({name: np.ascontiguousarray(value) for name, value in feeds.items()})
+            request.start_async()
             request.wait()
             # Copies: the request's buffers are reused by its next run.
             out = [np.array(request.get_tensor(name).data) for name in outputs]

@@ -84,6 +84,10 @@ def test_openvino_fp32_makes_the_frames_onnxruntime_makes(model_repository: Path
         assert got.shape == want.shape and got.dtype == np.uint8
         diff = np.abs(got.astype(int) - want.astype(int))
         assert diff.max() <= 2 and diff.mean() < 0.01, (diff.max(), diff.mean())
+    # inputs are copied into the request's own buffers: a wrong dtype is refused, not cast
+    wrong = {**feeds, contract.ADAIN: feeds[contract.ADAIN].astype(np.float64)}
+    with pytest.raises(ValueError, match="input 'adain': expected float32"):
+        ov.run(wrong, [contract.IMAGE])
 
 
 @needs_bf16
