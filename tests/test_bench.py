@@ -49,6 +49,13 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert report["cpu_peak"]["fp32_gflops"] > 0
     (live,) = report["live"]
     assert live["admitted"] == 1 and live["achieved_fps"] > 0
+    # the row's raw reference brackets it: a window before and one after, at the row's batch
+    reference = live["raw_fps_reference"]
+    assert live["raw_fps_before"]["batch"] == reference["batch"] == live["raw_fps_after"]["batch"] == 1
+    assert reference["windows"] == 2
+    mean = (live["raw_fps_before"]["fps"] + live["raw_fps_after"]["fps"]) / 2
+    assert abs(reference["fps"] - mean) <= 0.01
+    assert abs(live["ratio_to_raw"] - live["achieved_fps"] / reference["fps"]) <= 0.002
     # the serving ceiling: the same server with a generator that costs nothing serves far faster
     # than the real generator can run, and says what its own work costs per frame
     ceiling = report["serving_ceiling"]
