@@ -265,9 +265,8 @@ class OpenVinoEngine:
             for name, value in feeds.items():
                 buffer = request.get_tensor(name).data
                 if buffer.shape != value.shape or buffer.dtype != value.dtype:
-                    raise ValueError(
-                        f"input {name!r}: expected {buffer.dtype} {buffer.shape}, got {value.dtype} {value.shape}"
-                    )
+                    expected, got = f"{buffer.dtype} {buffer.shape}", f"{value.dtype} {value.shape}"
+                    raise ValueError(f"input {name!r}: expected {expected}, got {got}")
                 buffer[...] = value
             # Asynchronous start + wait: only a request started so can be cancelled mid-run.
             started = True

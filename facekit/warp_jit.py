@@ -11,26 +11,18 @@ compares them on 3,000 random triangles) and the maps those of the OpenCV and nu
 float rounding. Integer division rounds toward zero here as in C (`_div`), not down as Python's
 `//` does.
 
-Compiled on first use (6-12 s on these 2 cores; ~0.3 s from numba's cache, kept beside this file
-or under $NUMBA_CACHE_DIR where either is writable; without, each process compiles it).
+Compiled on first use (6-12 s on these 2 cores; ~0.3 s from numba's cache: facekit.jit).
 """
 
 from __future__ import annotations
 
-import numba
 import numpy as np
+
+from facekit.jit import jit as _jit
 
 _XY_SHIFT = 16
 _XY_ONE = 1 << _XY_SHIFT
 _HALF = _XY_ONE >> 1
-
-
-def _jit(function):
-    """numba.njit, cached on disk where a cache can be written (else compiled in each process)."""
-    try:
-        return numba.njit(cache=True, nogil=True)(function)
-    except RuntimeError:  # "no locator available": a read-only install and no writable home
-        return numba.njit(nogil=True)(function)
 
 
 @_jit

@@ -26,14 +26,15 @@ from typing import Any, TypeVar
 import numpy as np
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2
+from facekit import warp
 from facekit.contract import ModelInfo
 from facekit.crop import CropBox
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import scoped_id, split_id, validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
-from facekit.warp import warm_up
 from facekit.watermark import Watermarker, payload_for
+from facekit.watermark import embed as marking
 from jobs import events
 from jobs.events import Event
 from jobs.record import Job
@@ -125,10 +126,15 @@ class App:
         self.limits = TenantLimits(metrics)
         self._calibration: asyncio.Task[None] | None = None
 
+    def _warm_up(self) -> None:
+        warp.warm_up()
+        if self.watermarker is not None:
+            marking.warm_up()
+
     async def start(self) -> None:
-        # The warp's compiled loop is compiled (6-12 s cold) or loaded from numba's cache beside the
-        # backend's start, not on the first frame of a warp-guided model.
-        await asyncio.gather(asyncio.to_thread(warm_up), self.backend.start())
+        # The warp's and the mark's compiled loops are compiled (6-12 s and ~5 s cold) or loaded
+        # from numba's cache beside the backend's start, not on the first frame.
+        await asyncio.gather(asyncio.to_thread(self._warm_up), self.backend.start())
         self.batcher.start()
         self._calibration = asyncio.create_task(self._calibrate(), name="calibrate")
 

@@ -16,7 +16,15 @@ import numpy as np
 import pytest
 
 from facekit.video import VideoWriter, read_image, save_png
-from facekit.watermark import THRESHOLD, MissingKeyError, Watermarker, key_from_env, payload_for, require_key
+from facekit.watermark import (
+    THRESHOLD,
+    MissingKeyError,
+    Watermarker,
+    embed,
+    key_from_env,
+    payload_for,
+    require_key,
+)
 from facekit.watermark.attacks import crop, h264, half, jpeg
 from facekit.watermark.code import CODED_BITS, decode, encode
 from talkinghead.cli import main as cli
@@ -118,6 +126,51 @@ def test_bad_input_is_refused(wm, frames):
         Watermarker(key="")
     with pytest.raises(ValueError, match="strength"):
         Watermarker(key=KEY, strength=0)
+
+
+def _opencv_mark(frame: np.ndarray, pattern: np.ndarray, strength: float) -> np.ndarray:
+    """The mark as OpenCV calls made it before the loops were compiled (embed.py, 2026-12)."""
+    height, width = frame.shape[:2]
+    factor = min(1.0, embed.MASK_SIDE / max(height, width))
+    small = frame
+    if factor < 1.0:
+        size = (max(8, round(width * factor)), max(8, round(height * factor)))
+        small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    detail = grey - cv2.GaussianBlur(grey, (0, 0), 1.0)
+    energy = np.sqrt(cv2.GaussianBlur(detail * detail, (0, 0), 1.5))
+    mask = np.clip(energy / (float(energy.mean()) + 1e-3), embed.MASK_FLOOR, embed.MASK_CAP).astype(
+        np.float32
+    )
+    mask *= 1.0 / np.sqrt(float(np.mean(mask * mask)))
+    if factor < 1.0:
+        mask = cv2.resize(mask, (width, height), interpolation=cv2.INTER_LINEAR)
+    delta = cv2.multiply(pattern, mask, scale=strength)
+    return cv2.add(frame, cv2.cvtColor(delta, cv2.COLOR_GRAY2RGB), dtype=cv2.CV_8U)
+
+
+def test_the_compiled_mark_is_the_opencv_mark(wm, frames):
+    """The compiled loops add what the OpenCV calls added: the same pixels, but for one grey level
+    on a rare pixel whose sum lands within float rounding of a half (sums taken in another order)."""
+    rng = np.random.default_rng(3)
+    cases = dict(frames)
+    cases["noise96x128"] = rng.integers(0, 256, (96, 128, 3), np.uint8)
+    cases["flat40"] = np.full((40, 40, 3), 128, np.uint8)
+    cases["white64"] = np.full((64, 64, 3), 255, np.uint8)  # saturates
+    cases["strip16x300"] = np.ascontiguousarray(
+        frames["portrait512"][200:216, 100:400]
+    )  # the mask's 8 px floor
+    cases["view"] = frames["portrait512"][::3, ::3]  # not contiguous
+    differing, pixels = 0, 0
+    for name, frame in cases.items():
+        got = wm.mark(frame, PAYLOAD)
+        want = _opencv_mark(frame, wm.pattern(PAYLOAD, (frame.shape[1], frame.shape[0])), wm.strength)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert got.shape == frame.shape and got.dtype == np.uint8, name
+        assert diff.max() <= 1, (name, diff.max())
+        differing, pixels = differing + int((diff > 0).sum()), pixels + diff.size
+    assert differing <= pixels * 1e-3, (differing, pixels)
+    assert not np.array_equal(wm.mark(cases["flat40"], PAYLOAD), cases["flat40"])  # it does add a mark
 
 
 def test_payload_code_corrects_errors_and_rejects_noise():
