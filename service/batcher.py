@@ -15,8 +15,10 @@ on the CPU it is not: drawing and inference share the cores, and overlapping the
 throughput where it was and made live frames slower (BENCHMARKS.md). There, a generator that runs
 calls side by side in lanes (`Backend.lanes`: an engine's calls each on a share of the cores,
 facekit/engines.py) is handed a batch per lane and one more, which waits in the backend and starts
-the moment a lane frees, while the loop collects and draws the next. Each model has at most that
-many batches in the generator (pipelined, one, and one being drawn), and all models together
+the moment a lane frees, while the loop collects and draws the next; a batch of live frames only
+may be one more still, so a live frame beside offline work waits for a lane behind at most one
+queued call, not first for a call to end. Each model has at most that many batches in the
+generator (pipelined, one, and one being drawn), and all models together
 `max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator,
 a stalled call waiting for its deadline) never holds up the batches of another. No timer: a
 model's next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and
@@ -57,7 +59,9 @@ from service.capacity import BATCH_SHARE, CostModel
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
-MAX_CONCURRENT_CALLS = 4  # generator calls in flight at once, one per model
+MAX_CONCURRENT_CALLS = (
+    5  # generator calls in flight at once: the shared model's (up to 4 in lanes) and one more
+)
 RENDER_THREADS = min(4, os.cpu_count() or 1)  # draw and warp a batch's frames in parallel
 RENDER_CHUNK = 4  # frames per drawing job: a batch of 16 spreads over 4 threads
 _DRAW_WEIGHT = 0.3  # of the newest batch in the running mean of drawing time per frame
@@ -244,11 +248,23 @@ class Batcher:
         ahead, BENCHMARKS.md). Pipelined: one."""
         return engines.in_flight(1 if self.pipeline else self.lanes(model))
 
-    def _lane_free(self, model: str) -> bool:
+    def _live_slots(self, model: str) -> int:
+        """Batches of `model` the backend may hold when the last is of live frames only: in lanes,
+        one more than `_slots`. Offline batches keep every lane and the queued call busy; without
+        this a live frame waited for a call to end before it was even collected, then behind the
+        queued offline call for a lane: up to three calls, past the budget where calls are slow
+        (a 2-lane generator of 55 ms calls dropped 13-45 of ~97 live frames beside one offline
+        stream; tests/test_batcher.py)."""
+        slots = self._slots(model)
+        return slots + 1 if not self.pipeline and self.lanes(model) > 1 else slots
+
+    def _lane_free(self, model: str, *, live: bool = False) -> bool:
         """Whether a batch of `model` may be collected now (none is being drawn or waiting):
         pipelined, while one is in the generator (the next is drawn meanwhile); otherwise when
-        the backend may take one more of its batches (`_slots`)."""
-        return self.pipeline or self._running[model] < self._slots(model)
+        the backend may take one more of its batches (`_slots`; `_live_slots` for live frames)."""
+        if self.pipeline:
+            return True
+        return self._running[model] < (self._live_slots(model) if live else self._slots(model))
 
     def on_drop(self) -> None:
         self._on_drop()
@@ -305,7 +321,7 @@ class Batcher:
                     # (a timer may fire a little before its time: a millisecond's grace)
                     if head in self._busy or self._not_before.get(head, 0.0) > now + 0.001:
                         continue
-                    if not self._lane_free(head):
+                    if not self._lane_free(head, live=not queue.block):
                         continue
                     if model is not None and head != model:
                         continue
@@ -370,7 +386,7 @@ class Batcher:
         started = taken
         generator = self._generator.get(model)
         if generator is None:
-            generator = self._generator[model] = asyncio.Semaphore(self._slots(model))
+            generator = self._generator[model] = asyncio.Semaphore(self._live_slots(model))
         try:
             try:
                 images, warped = await self._draw(batch)
