@@ -1,8 +1,8 @@
 """The mark's per-frame arithmetic, compiled (numba): facekit.watermark.embed's `texture_mask`
-(grey, the two Gaussian blurs, the texture energy, clip and normalise) and `add_mark` (pattern x
-mask x strength added to R, G and B, saturated) as two loops instead of ~15 OpenCV and numpy
-calls on a 64 x 64 image, whose binding overhead was most of the mark's time (257 us of one
-core per 128 px frame; BENCHMARKS.md).
+(the two Gaussian blurs of the grey, the texture energy, clip and normalise) and `add_mark`
+(pattern x mask x strength added to R, G and B, saturated) as two loops instead of ~15 OpenCV and
+numpy calls on a 64 x 64 image, whose binding overhead was much of the mark's time: one core per
+128 px frame 219-234 us with the OpenCV calls, 135-140 us compiled (BENCHMARKS.md).
 
 They compute what the OpenCV calls computed (the grey comes from cv2.cvtColor, as before): the blurs
 are cv2.GaussianBlur's (its kernels, separable rows then columns, reflect-101 borders) in float32,
