@@ -59,9 +59,8 @@ from service.capacity import BATCH_SHARE, CostModel
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
-MAX_CONCURRENT_CALLS = (
-    5  # generator calls in flight at once: the shared model's (up to 4 in lanes) and one more
-)
+# Generator calls in flight at once: the shared model's (up to 4 in lanes) and another model's.
+MAX_CONCURRENT_CALLS = 5
 RENDER_THREADS = min(4, os.cpu_count() or 1)  # draw and warp a batch's frames in parallel
 RENDER_CHUNK = 4  # frames per drawing job: a batch of 16 spreads over 4 threads
 _DRAW_WEIGHT = 0.3  # of the newest batch in the running mean of drawing time per frame
@@ -253,8 +252,8 @@ class Batcher:
         one more than `_slots`. Offline batches keep every lane and the queued call busy; without
         this a live frame waited for a call to end before it was even collected, then behind the
         queued offline call for a lane: up to three calls, past the budget where calls are slow
-        (a 2-lane generator of 55 ms calls dropped 13-45 of ~97 live frames beside one offline
-        stream; tests/test_batcher.py)."""
+        (two sleeping lanes of 55 ms calls beside a deep offline stream: 24 of ~71 live frames
+        dropped as late, 1 with this; tests/test_batcher.py)."""
         slots = self._slots(model)
         return slots + 1 if not self.pipeline and self.lanes(model) > 1 else slots
 
