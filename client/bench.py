@@ -18,6 +18,9 @@
 4. serving ceiling: the same server with an instant generator (its input is its face) and
    4 offline streams: the frames/s the service's own work allows and the CPU it spends per frame
    (server, its event loop, this client), hence the most of raw the service can deliver here.
+   With --triton-venv (`make bench` passes .venv-triton) the same again through the triton
+   backend and a real Triton serving the instant repository: the service's CPU per frame when
+   inference runs elsewhere, as in production, and Triton's own.
 
 5. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
    through the service (one stream, closed loop): per-frame latency and the ratio.
@@ -40,11 +43,12 @@ import platform
 import re
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generator calls side by side, raw and in the server (default 0: the service's auto)",
     )
     parser.add_argument("--closed-loop-frames", type=int, default=60)
+    parser.add_argument(
+        "--triton-venv",
+        type=Path,
+        metavar="VENV",
+        help="also measure the serving ceiling through the triton backend and the Triton bundled in "
+        "this venv (make triton-venv: .venv-triton)",
+    )
     parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
     parser.add_argument("--driver", type=Path, default=ASSETS / "demo_driver.npz")
     parser.add_argument(
@@ -309,8 +320,17 @@ async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, se
 
 # -- the server -------------------------------------------------------------------------------
 def start_server(
-    repository: Path, store: Path, max_batch: int, *, engine: str = "auto", lanes: int = 0
+    repository: Path,
+    store: Path,
+    max_batch: int,
+    *,
+    engine: str = "auto",
+    lanes: int = 0,
+    triton_url: str | None = None,
 ) -> tuple[subprocess.Popen[str], str]:
+    """`talkinghead serve` on free ports: in-process inference, or with `triton_url` the triton
+    backend at that address."""
+    backend = {"TALKINGHEAD_BACKEND": "triton", "TALKINGHEAD_TRITON_URL": triton_url} if triton_url else {}
     env = dict(
         os.environ,
         TALKINGHEAD_MODEL_REPOSITORY=str(repository),
@@ -324,6 +344,7 @@ def start_server(
         TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
         # every frame marked, as in production (a key of the caller's, else one for this run)
         TALKINGHEAD_WATERMARK_KEY=os.environ.get("TALKINGHEAD_WATERMARK_KEY") or secrets.token_hex(16),
+        **backend,
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
@@ -346,11 +367,18 @@ def start_server(
 
 @contextlib.asynccontextmanager
 async def bench_server(
-    args: argparse.Namespace, repository: Path, max_batch: int, *, engine: str = "auto"
+    args: argparse.Namespace,
+    repository: Path,
+    max_batch: int,
+    *,
+    engine: str = "auto",
+    triton_url: str | None = None,
 ) -> AsyncIterator[tuple[subprocess.Popen[str], animation_pb2_grpc.AnimationServiceStub]]:
     """`talkinghead serve` on `repository` with the bench's avatar made: the process and a stub."""
     with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-        process, address = start_server(repository, Path(store), max_batch, engine=engine, lanes=args.lanes)
+        process, address = start_server(
+            repository, Path(store), max_batch, engine=engine, lanes=args.lanes, triton_url=triton_url
+        )
         try:
             with Client(target=address) as client:
                 client.create_avatar(
@@ -694,22 +722,79 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu_seconds(pgid: int) -> float | None:
+    """User + system CPU seconds of the live processes of a process group; None off Linux."""
+    total, found = 0.0, False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            found = True
+    return total if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def triton_server(repository: Path, venv: Path, state: Path) -> Iterator[Any]:
+    """The Triton bundled in `venv` (deploy/local/tritonserver.py) serving `repository` on free
+    ports, until the block ends."""
+    from deploy.local import tritonserver
+
+    ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    server = tritonserver.start(repository, venv=venv, state=state, ports=ports)
+    try:
+        server.wait_ready(180.0)
+        yield server
+    finally:
+        server.stop()
+
+
 async def serving_ceiling(
-    args: argparse.Namespace, driver: LandmarkSequence, raw_fps: float
+    args: argparse.Namespace, driver: LandmarkSequence, raw_fps: float, *, triton_venv: Path | None = None
 ) -> dict[str, Any]:
     """The real server (same settings, watermark on) with an instant generator (instant_repository)
     under CEILING_STREAMS offline streams: the frames/s its own work allows, and the CPU each frame
     costs it. With raw_fps on `cores` cores, a frame costs the generator cores / raw_fps core-seconds,
     so serving s more caps served / raw at 1 / (1 + s raw_fps / cores), however the work is
-    scheduled (an upper bound: sharing cores also slows the generator)."""
+    scheduled (an upper bound: sharing cores also slows the generator).
+
+    With `triton_venv`, the same through the triton backend and that venv's bundled Triton serving
+    the instant repository: the service's CPU per frame when inference is elsewhere, as in
+    production (drawing pipelined on render threads, gRPC to Triton), and Triton's own (its python
+    backend: the CPU build here, not what a GPU deployment runs)."""
     cores = usable_cores()
-    with tempfile.TemporaryDirectory(prefix="bench-instant-") as scratch:
-        repository = instant_repository(args.model_repository, Path(scratch) / "repository")
-        async with bench_server(args, repository, max(args.batches)) as (process, stub):
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-instant-")))
+        repository = instant_repository(args.model_repository, scratch / "repository")
+        triton = (
+            stack.enter_context(triton_server(repository, triton_venv, scratch / "triton"))
+            if triton_venv is not None
+            else None
+        )
+        url = triton.grpc_url if triton is not None else None
+        async with bench_server(args, repository, max(args.batches), triton_url=url) as (process, stub):
             streams = offline_streams(stub, driver, CEILING_STREAMS, args.seconds, OFFLINE_WINDOW)
-            before = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
+
+            def clocks() -> tuple[float | None, ...]:
+                remote = group_cpu_seconds(triton.process.pid) if triton is not None else None
+                return (
+                    cpu_seconds(process.pid),
+                    cpu_seconds(process.pid, process.pid),
+                    time.process_time(),
+                    remote,
+                )
+
+            before = clocks()
             runs = await asyncio.gather(*streams)
-            after = (cpu_seconds(process.pid), cpu_seconds(process.pid, process.pid), time.process_time())
+            after = clocks()
     served = merge(runs)
     frames = served["received"]
 
@@ -717,27 +802,37 @@ async def serving_ceiling(
         start, end = before[index], after[index]
         return None if start is None or end is None or not frames else round(1e3 * (end - start) / frames, 3)
 
-    server_ms, loop_ms, client_ms = per_frame(0), per_frame(1), per_frame(2)
+    server_ms, loop_ms, client_ms, triton_ms = per_frame(0), per_frame(1), per_frame(2), per_frame(3)
 
     def bound(ms: float | None) -> float | None:
         return None if ms is None else round(1 / (1 + ms / 1e3 * raw_fps / cores), 3)
 
     row: dict[str, Any] = {
+        "backend": "triton" if triton_venv is not None else "embedded",
         "streams": CEILING_STREAMS,
         "window": OFFLINE_WINDOW,
         "frames": frames,
         "fps": served["achieved_fps"],
+        "mean_batch": served["mean_batch"],
         "latency_ms": served["latency_ms"],
         "server_cpu_ms_per_frame": server_ms,
         "event_loop_cpu_ms_per_frame": loop_ms,
         "client_cpu_ms_per_frame": client_ms,
         "cores": cores,
-        "raw_fps": round(raw_fps, 2),
-        "max_ratio_to_raw": bound(server_ms),
-        "max_ratio_to_raw_with_this_client": bound(
-            None if server_ms is None or client_ms is None else server_ms + client_ms
-        ),
     }
+    if triton_venv is not None:
+        row["triton_cpu_ms_per_frame"] = triton_ms
+        print(
+            f"serving ceiling on Triton (instant generator, {CEILING_STREAMS} offline streams): "
+            f"{row['fps']:.0f} fps, mean batch {row['mean_batch']:.1f}; server CPU {server_ms} ms per "
+            f"frame (event loop {loop_ms}), Triton {triton_ms}, bench client {client_ms}"
+        )
+        return row
+    row["raw_fps"] = round(raw_fps, 2)
+    row["max_ratio_to_raw"] = bound(server_ms)
+    row["max_ratio_to_raw_with_this_client"] = bound(
+        None if server_ms is None or client_ms is None else server_ms + client_ms
+    )
     print(
         f"serving ceiling (instant generator, {CEILING_STREAMS} offline streams): {row['fps']:.0f} fps; "
         f"server CPU {server_ms} ms per frame (event loop {loop_ms}), bench client {client_ms}: beside "
@@ -791,6 +886,11 @@ def run(args: argparse.Namespace) -> int:
     service = asyncio.run(service_runs(args, driver, raw))
     raw_fps = next((r["fps"] for r in raw_rows if r["batch"] == 1), raw_rows[0]["fps"])
     ceiling = asyncio.run(serving_ceiling(args, driver, raw_fps))
+    on_triton = (
+        asyncio.run(serving_ceiling(args, driver, raw_fps, triton_venv=args.triton_venv))
+        if args.triton_venv is not None
+        else None
+    )
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -811,6 +911,7 @@ def run(args: argparse.Namespace) -> int:
         "engines": per_engine,
         **service,
         "serving_ceiling": ceiling,
+        **({"serving_ceiling_triton": on_triton} if on_triton is not None else {}),
     }
     if args.baseline is not None:
         report["paired_with_baseline"] = {"baseline": str(args.baseline), **asyncio.run(paired(args, driver))}

@@ -36,6 +36,8 @@ $(TRITON_STAMP): requirements/triton-lock.txt
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -r requirements/triton-lock.txt
 	touch $(TRITON_STAMP)
 
+bench: $(TRITON_STAMP)  # its serving ceiling through Triton too (mk/service.mk)
+
 triton: model-repository $(TRITON_STAMP)
 	$(PY) -m deploy.local.tritonserver start --repository $(REPOSITORY) --venv $(TRITON_VENV) --state var/triton
 

@@ -4,6 +4,8 @@ the same server with a generator that costs nothing (the serving ceiling)."""
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import json
 import subprocess
 import sys
@@ -11,9 +13,12 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
+from client import bench
 from client.bench import instant_repository
 from facekit import contract, engines
+from facekit.sequence import LandmarkSequence
 from tests.service_fixtures import *  # noqa: F403
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,6 +70,31 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert ceiling["raw_fps"] == raw_batch1
     assert 0 < ceiling["max_ratio_to_raw_with_this_client"] <= ceiling["max_ratio_to_raw"] < 1
     assert "serving ceiling (instant generator" in done.stdout
+
+
+@pytest.mark.triton
+def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> None:
+    """The ceiling through the triton backend and the bundled Triton serving the instant
+    repository: frames flow, batched across the streams, and Triton's CPU is counted apart from
+    the server's (a bound against the in-process generator means nothing there)."""
+    from deploy.local import tritonserver
+
+    venv = REPO / ".venv-triton"
+    try:
+        tritonserver.server_root(venv)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--model-repository", str(model_repository), "--seconds", "2", "--batches", "1", "4"]
+    )
+    driver = LandmarkSequence.load(args.driver)
+    row = asyncio.run(bench.serving_ceiling(args, driver, 50.0, triton_venv=venv))
+    assert row["backend"] == "triton" and row["frames"] > 0 and row["fps"] > 0
+    assert row["mean_batch"] > 1  # four streams' frames share Triton calls
+    assert row["server_cpu_ms_per_frame"] > 0 and row["triton_cpu_ms_per_frame"] > 0
+    assert "max_ratio_to_raw" not in row
 
 
 def test_instant_generator_passes_its_warped_input_through(model_repository: Path, tmp_path: Path) -> None:
