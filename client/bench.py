@@ -43,7 +43,6 @@ import platform
 import re
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -712,34 +711,29 @@ def instant_repository(source: Path, into: Path) -> Path:
     return into
 
 
-def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
-    """User + system CPU seconds of a process (or one of its threads) so far; None off Linux."""
-    stat = Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat")
+def _stat(path: Path) -> list[str] | None:
+    """The fields of a /proc stat file after the command name; None when it cannot be read."""
     try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
+        return path.read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU seconds of a process (or one of its threads) so far; None off Linux."""
+    fields = _stat(Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"))
+    return None if fields is None else _cpu(fields)
 
 
 def group_cpu_seconds(pgid: int) -> float | None:
     """User + system CPU seconds of the live processes of a process group; None off Linux."""
-    total, found = 0.0, False
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        if int(fields[2]) == pgid:
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            found = True
-    return total if found else None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    found = [fields for path in Path("/proc").glob("[0-9]*/stat") if (fields := _stat(path))]
+    mine = [_cpu(fields) for fields in found if int(fields[2]) == pgid]  # field 2: the group
+    return sum(mine) if mine else None
 
 
 @contextlib.contextmanager
@@ -748,8 +742,7 @@ def triton_server(repository: Path, venv: Path, state: Path) -> Iterator[Any]:
     ports, until the block ends."""
     from deploy.local import tritonserver
 
-    ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
-    server = tritonserver.start(repository, venv=venv, state=state, ports=ports)
+    server = tritonserver.start(repository, venv=venv, state=state, ports=tritonserver.Ports.free())
     try:
         server.wait_ready(180.0)
         yield server

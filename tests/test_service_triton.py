@@ -39,7 +39,7 @@ class Triton:
 
     def __init__(self, *, repository: Path, state: Path) -> None:
         self.repository, self.state = repository, state
-        self.ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+        self.ports = tritonserver.Ports.free()
         self.server: tritonserver.Server | None = None
 
     @property

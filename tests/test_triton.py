@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
-import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -28,12 +27,6 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def live_repo(exported: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("triton") / "model_repository"
@@ -47,7 +40,7 @@ def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         tritonserver.server_root(VENV)
     except FileNotFoundError as err:
         pytest.skip(f"bundled Triton server unavailable: {err}")
-    ports = tritonserver.Ports(http=free_port(), grpc=free_port(), metrics=free_port())
+    ports = tritonserver.Ports.free()
     server = tritonserver.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
     try:
         server.wait_ready(120)

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -38,6 +39,16 @@ class Ports:
     http: int = 8000
     grpc: int = 8001
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> Ports:
+        """Three ports free on 127.0.0.1 now (a server started on them at once gets them)."""
+        with contextlib.ExitStack() as held:  # all bound at once: three different ports
+            sockets = [held.enter_context(socket.socket()) for _ in range(3)]
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            http, grpc, metrics = (int(s.getsockname()[1]) for s in sockets)
+        return cls(http=http, grpc=grpc, metrics=metrics)
 
 
 def site_packages(venv: Path) -> Path:
