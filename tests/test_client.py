@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,19 @@ def test_service_and_client_never_import_torch_training_or_export() -> None:
 def test_client_and_server_import_each_other_never() -> None:
     assert "service" not in imported_packages(CLIENT_MODULES)
     assert "client" not in imported_packages(SERVER_MODULES)
+
+
+def test_every_package_the_commands_import_is_installed(tmp_path: Path) -> None:
+    """From outside the checkout (as `talkinghead` runs from anywhere, not only from the repository
+    root as pytest does), every package the commands import is found: `talkinghead bench
+    --triton-venv` once failed on deploy.local, which the install did not include."""
+    packages = ["talkinghead", "service", "client", "facekit", "api", "training", "export", "worker", "jobs"]
+    packages.append("deploy.local.tritonserver")
+    code = (
+        "import importlib.util, sys; "
+        f"missing = [n for n in {packages!r} if importlib.util.find_spec(n) is None]; "
+        "sys.exit(f'not installed: {missing}' if missing else 0)"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
