@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ import onnxruntime as ort
 from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
 from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
-from facekit import contract, engines
+from facekit import contract, engines, procstat
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 
@@ -182,6 +183,7 @@ class RawGenerator:
         self.choice = chosen.describe()
         self.metadata = self.engine.metadata
         self.elapsed = 0.0  # of the last `saturate`
+        self.cpu_seconds = 0.0  # this process's CPU during the last `saturate` (the engine's, mostly)
 
     def inputs(self, driver: LandmarkSequence, batch: int) -> dict[str, np.ndarray]:
         """The generator's feeds for `batch` drawn driver frames (B, S, S, 3) uint8, zero AdaIN
@@ -207,7 +209,7 @@ class RawGenerator:
         flight as the service's batcher keeps (engines.in_flight: one per lane and one waiting):
         the engine's throughput as the server gets it. Each call's seconds, queueing included."""
         times: list[float] = []
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
 
         async def lane() -> None:
             calls = 0
@@ -219,6 +221,7 @@ class RawGenerator:
 
         await asyncio.gather(*(lane() for _ in range(engines.in_flight(self.lanes))))
         self.elapsed = time.perf_counter() - started
+        self.cpu_seconds = time.process_time() - cpu
         return times
 
 
@@ -326,9 +329,9 @@ def start_server(
     engine: str = "auto",
     lanes: int = 0,
     triton_url: str | None = None,
-) -> tuple[subprocess.Popen[str], str]:
+) -> tuple[subprocess.Popen[str], str, str]:
     """`talkinghead serve` on free ports: in-process inference, or with `triton_url` the triton
-    backend at that address."""
+    backend at that address. The process, its gRPC address and its /metrics URL."""
     backend = {"TALKINGHEAD_BACKEND": "triton", "TALKINGHEAD_TRITON_URL": triton_url} if triton_url else {}
     env = dict(
         os.environ,
@@ -349,19 +352,34 @@ def start_server(
         [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True
     )
     assert process.stderr is not None
-    address = ""
+    address = metrics = ""
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         line = process.stderr.readline()
         if not line:
             break
-        found = re.search(r"serving gRPC on (\S+):(\d+)", line)
+        found = re.search(r"serving gRPC on (\S+):(\d+).*metrics on http://\S+:(\d+)/metrics", line)
         if found:
             address = f"127.0.0.1:{found.group(2)}"
+            metrics = f"http://127.0.0.1:{found.group(3)}/metrics"
         if "is ready" in line and address:
-            return process, address
+            return process, address, metrics
     process.kill()
     raise SystemExit("the server did not start")
+
+
+@dataclass(frozen=True)
+class BenchServer:
+    process: subprocess.Popen[str]
+    stub: animation_pb2_grpc.AnimationServiceStub
+    metrics_url: str
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """The server's talkinghead_cpu_seconds_total by threads (python, native); {} off Linux."""
+        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
+            text = reply.read().decode()
+        pattern = r'^talkinghead_cpu_seconds_total\{threads="(\w+)"\} (\S+)$'
+        return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.MULTILINE)}
 
 
 @contextlib.asynccontextmanager
@@ -372,10 +390,10 @@ async def bench_server(
     *,
     engine: str = "auto",
     triton_url: str | None = None,
-) -> AsyncIterator[tuple[subprocess.Popen[str], animation_pb2_grpc.AnimationServiceStub]]:
-    """`talkinghead serve` on `repository` with the bench's avatar made: the process and a stub."""
+) -> AsyncIterator[BenchServer]:
+    """`talkinghead serve` on `repository` with the bench's avatar made."""
     with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
-        process, address = start_server(
+        process, address, metrics = start_server(
             repository, Path(store), max_batch, engine=engine, lanes=args.lanes, triton_url=triton_url
         )
         try:
@@ -384,7 +402,7 @@ async def bench_server(
                     AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
                 )
             async with grpc.aio.insecure_channel(address) as channel:
-                yield process, animation_pb2_grpc.AnimationServiceStub(channel)
+                yield BenchServer(process, animation_pb2_grpc.AnimationServiceStub(channel), metrics)
         finally:
             process.terminate()
             process.wait(30)
@@ -599,7 +617,7 @@ async def closed_loop(
 
 
 async def live(
-    stub: animation_pb2_grpc.AnimationServiceStub,
+    server: BenchServer,
     driver: LandmarkSequence,
     raw: RawGenerator,
     args: argparse.Namespace,
@@ -610,8 +628,16 @@ async def live(
     ones leave), bracketed by the raw generator: a window before the row (at `expect_batch`, the
     previous row's batch) and one after it at the live streams' mean batch size. The row is compared
     with the mean of the windows at its batch: on a shared host the raw rate drifts by 20 % within
-    minutes, and one window after the row made the ratio as noisy as the drift."""
+    minutes, and one window after the row made the ratio as noisy as the drift.
+
+    Where the machine went (`cpu`): the server's CPU split into its Python threads (the service's
+    own work) and its native ones (the engine's, with gRPC's), the bench client's, against the
+    raw windows' CPU per frame: the service and the client take `share_left` of the cores from the
+    generator, and the generator may need more CPU per frame beside them than alone."""
+    stub = server.stub
     before = await raw_window(raw, driver, expect_batch, args.raw_seconds)
+    raw_cpu = [raw.cpu_seconds / (before * raw.elapsed)]
+    server_cpu, client_cpu, started = server.cpu_seconds(), time.process_time(), time.perf_counter()
     runs = await asyncio.gather(
         *(
             run_stream(
@@ -626,11 +652,15 @@ async def live(
         ),
         *offline_streams(stub, driver, args.offline_streams, args.seconds, args.offline_window),
     )
+    elapsed = time.perf_counter() - started
+    client_cpu = time.process_time() - client_cpu
+    server_cpu = {k: v - server_cpu.get(k, 0.0) for k, v in server.cpu_seconds().items()}
     live_runs, offline_runs = runs[:streams], runs[streams:]
     row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
     row.update(merge(live_runs))
     nearest = min(args.batches, key=lambda b: abs(b - row["mean_batch"]))
     after = await raw_window(raw, driver, nearest, args.raw_seconds)
+    raw_cpu.append(raw.cpu_seconds / (after * raw.elapsed))
     windows = [after, before] if expect_batch == nearest else [after]
     raw_fps = float(np.mean(windows))
     row["raw_fps_before"] = {"batch": expect_batch, "fps": round(before, 2)}
@@ -647,6 +677,9 @@ async def live(
         row["total_fps"] = round(total, 2)
         row["total_ratio_to_raw"] = round(total / raw_fps, 3)
         row["total_ratio_to_raw_after"] = round(total / after, 3)
+    row["cpu"] = row_cpu(
+        server_cpu, client_cpu, elapsed, sum(r["received"] for r in runs), raw_cpu[-len(windows) :]
+    )
     print(
         f"{streams:>2} stream(s) x {args.fps:g} fps offered, {row['admitted']} admitted: "
         f"{row['achieved_fps']:6.1f} fps, "
@@ -661,19 +694,49 @@ async def live(
             if offline_runs
             else ""
         )
+        + cpu_summary(row["cpu"])
     )
     return row
+
+
+def cpu_summary(cpu: dict[str, float]) -> str:
+    if not cpu:
+        return ""
+    return (
+        f"; CPU: service {cpu['service_cores']:.2f} cores, client {cpu['client_cores']:.2f}, engine "
+        f"{cpu['engine_cores']:.2f} ({cpu['engine_ms_per_frame']:.1f} ms per frame, raw "
+        f"{cpu['raw_ms_per_frame']:.1f}); share left {cpu['share_left']:.2f}"
+    )
+
+
+def row_cpu(
+    server: dict[str, float], client: float, elapsed: float, frames: int, raw_per_frame: list[float]
+) -> dict[str, float]:
+    """A row's CPU: the server's by threads (service/metrics.py ThreadCpu), the client's, in cores
+    and per frame served; `share_left` = the cores' share neither took. Empty off Linux."""
+    if not frames or "python" not in server or "native" not in server:
+        return {}
+    cores = usable_cores()
+    return {
+        "service_cores": round(server["python"] / elapsed, 3),
+        "engine_cores": round(server["native"] / elapsed, 3),
+        "client_cores": round(client / elapsed, 3),
+        "service_ms_per_frame": round(1e3 * server["python"] / frames, 2),
+        "engine_ms_per_frame": round(1e3 * server["native"] / frames, 2),
+        "raw_ms_per_frame": round(1e3 * float(np.mean(raw_per_frame)), 2),
+        "share_left": round(1 - (server["python"] + client) / (cores * elapsed), 3),
+    }
 
 
 async def service_runs(
     args: argparse.Namespace, driver: LandmarkSequence, raw: RawGenerator
 ) -> dict[str, Any]:
-    async with bench_server(args, args.model_repository, max(args.batches)) as (_, stub):
-        one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
+    async with bench_server(args, args.model_repository, max(args.batches)) as server:
+        one = await closed_loop(server.stub, driver, raw, args.closed_loop_frames)
         rows: list[dict[str, Any]] = []
         for streams in args.streams:
             expect = rows[-1]["raw_fps_after"]["batch"] if rows else min(args.batches)
-            rows.append(await live(stub, driver, raw, args, streams, expect))
+            rows.append(await live(server, driver, raw, args, streams, expect))
     return {"closed_loop_single_stream": one, "live": rows}
 
 
@@ -709,31 +772,6 @@ def instant_repository(source: Path, into: Path) -> Path:
         stale.unlink()
     onnx.save(instant, str(path))
     return into
-
-
-def _stat(path: Path) -> list[str] | None:
-    """The fields of a /proc stat file after the command name; None when it cannot be read."""
-    try:
-        return path.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-
-
-def _cpu(fields: list[str]) -> float:
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
-    """User + system CPU seconds of a process (or one of its threads) so far; None off Linux."""
-    fields = _stat(Path(f"/proc/{pid}/task/{thread}/stat" if thread else f"/proc/{pid}/stat"))
-    return None if fields is None else _cpu(fields)
-
-
-def group_cpu_seconds(pgid: int) -> float | None:
-    """User + system CPU seconds of the live processes of a process group; None off Linux."""
-    found = [fields for path in Path("/proc").glob("[0-9]*/stat") if (fields := _stat(path))]
-    mine = [_cpu(fields) for fields in found if int(fields[2]) == pgid]  # field 2: the group
-    return sum(mine) if mine else None
 
 
 @contextlib.contextmanager
@@ -773,14 +811,15 @@ async def serving_ceiling(
             else None
         )
         url = triton.grpc_url if triton is not None else None
-        async with bench_server(args, repository, max(args.batches), triton_url=url) as (process, stub):
-            streams = offline_streams(stub, driver, CEILING_STREAMS, args.seconds, OFFLINE_WINDOW)
+        async with bench_server(args, repository, max(args.batches), triton_url=url) as server:
+            process = server.process
+            streams = offline_streams(server.stub, driver, CEILING_STREAMS, args.seconds, OFFLINE_WINDOW)
 
             def clocks() -> tuple[float | None, ...]:
-                remote = group_cpu_seconds(triton.process.pid) if triton is not None else None
+                remote = procstat.group_cpu_seconds(triton.process.pid) if triton is not None else None
                 return (
-                    cpu_seconds(process.pid),
-                    cpu_seconds(process.pid, process.pid),
+                    procstat.cpu_seconds(process.pid),
+                    procstat.cpu_seconds(process.pid, process.pid),
                     time.process_time(),
                     remote,
                 )
@@ -847,8 +886,8 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
             raw = RawGenerator(repository=repository, engine=engines_of[name], lanes=args.lanes)
             row = (await raw_generator(raw, driver, [1], args.raw_seconds))[0]
             figures[name]["raw_ms"].append(row["latency_ms"]["p50"])
-            async with bench_server(args, repository, 1, engine=engines_of[name]) as (_, stub):
-                one = await closed_loop(stub, driver, raw, args.closed_loop_frames)
+            async with bench_server(args, repository, 1, engine=engines_of[name]) as server:
+                one = await closed_loop(server.stub, driver, raw, args.closed_loop_frames)
             figures[name]["service_ms"].append(one["latency_ms"]["p50"])
     out: dict[str, Any] = {
         name: {k: round(float(np.median(v)), 2) for k, v in f.items()} for name, f in figures.items()

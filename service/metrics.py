@@ -5,9 +5,14 @@ Names follow Prometheus conventions: base units (seconds, bytes), `_total` for c
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, Metric
+
+from facekit import procstat
 
 # Per-frame stages: 0.5 ms .. 2.5 s.
 LATENCY_BUCKETS = (
@@ -28,6 +33,53 @@ LATENCY_BUCKETS = (
     2.5,
 )
 STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end")
+
+
+class ThreadCpu:
+    """`talkinghead_cpu_seconds_total` by `threads`: this process's CPU split between its Python
+    threads (the event loop: reading, drawing, warping, marking, encoding, writing; the threads
+    that call the engines) and the rest, its native threads (the inference engine's own and
+    gRPC's). With in-process inference on CPU the engine's threads share the cores with the
+    service's own work; this says what the service takes from them. Read from /proc at each
+    scrape; nothing off Linux."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen: dict[int, float] = {}  # live Python thread -> its CPU seconds at the last read
+        self._ended = 0.0  # CPU seconds of Python threads gone since (as last read)
+        self._native = 0.0  # as last reported
+
+    def python_seconds(self) -> float:
+        with self._lock:
+            now: dict[int, float] = {}
+            for thread in threading.enumerate():
+                if thread.native_id is not None:
+                    cpu = procstat.cpu_seconds("self", thread.native_id)
+                    if cpu is not None:
+                        now[thread.native_id] = cpu
+            for tid, cpu in self._seen.items():
+                if now.get(tid, -1.0) < cpu:  # ended (or its id reused by a newer thread)
+                    self._ended += cpu
+            self._seen = now
+            return self._ended + sum(now.values())
+
+    def collect(self) -> Iterator[Metric]:
+        python = self.python_seconds()  # first: the process's total, read after, includes it
+        total = procstat.cpu_seconds("self")
+        if total is None:
+            return
+        with self._lock:  # the threads run between the two reads: a counter never goes back
+            self._native = native = max(self._native, total - python)
+        family = CounterMetricFamily(
+            "talkinghead_cpu_seconds",
+            "CPU seconds of this process by its threads: python (the service's own work) and native "
+            "(the inference engine's threads, gRPC's; CPU of a Python thread that ended after the "
+            "last scrape is counted here)",
+            labels=["threads"],
+        )
+        family.add_metric(["python"], python)
+        family.add_metric(["native"], native)
+        yield family
 
 
 class Metrics:
@@ -119,6 +171,7 @@ class Metrics:
         self.auth_failures = Counter(
             "talkinghead_auth_failures_total", "Calls refused for missing or bad credentials", registry=r
         )
+        r.register(ThreadCpu())
         for stage in STAGES:
             self.stage_seconds.labels(stage)  # export every series from the start
         for kind in ("landmarks", "image"):

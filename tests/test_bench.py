@@ -61,6 +61,13 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     mean = (live["raw_fps_before"]["fps"] + live["raw_fps_after"]["fps"]) / 2
     assert abs(reference["fps"] - mean) <= 0.01
     assert abs(live["ratio_to_raw"] - live["achieved_fps"] / reference["fps"]) <= 0.002
+    # where the cores went in the row: the engine's threads did the most, the service's own
+    # Python took some, and what they and the client took leaves the generator the rest
+    cpu = live["cpu"]
+    assert 0 < cpu["service_cores"] < cpu["engine_cores"]
+    assert cpu["client_cores"] > 0 and cpu["engine_ms_per_frame"] > 0 and cpu["raw_ms_per_frame"] > 0
+    taken = (cpu["service_cores"] + cpu["client_cores"]) / report["cpu_peak"]["cores"]
+    assert abs(cpu["share_left"] - (1 - taken)) <= 0.01
     # the serving ceiling: the same server with a generator that costs nothing serves far faster
     # than the real generator can run, and says what its own work costs per frame
     ceiling = report["serving_ceiling"]

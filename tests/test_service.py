@@ -231,7 +231,12 @@ def test_health_reflection_and_metrics(
     channel = grpc.insecure_channel(server.address)
     health = health_pb2_grpc.HealthStub(channel)
     for name in ("", "talkinghead.v1.AnimationService", "talkinghead.v1.AvatarService"):
-        status = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        # SERVING once the backend is ready (run alone, this test can come first)
+        deadline = time.monotonic() + 60
+        while (
+            status := health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10).status
+        ) != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert status == health_pb2.HealthCheckResponse.SERVING
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
@@ -258,6 +263,7 @@ def test_health_reflection_and_metrics(
         "talkinghead_cache_entries",
         "talkinghead_cache_bytes",
         "talkinghead_backend_ready",
+        'talkinghead_cpu_seconds_total{threads="python"}',
     ):
         assert server.metric(name) > 0, name
     for name in (
