@@ -419,9 +419,12 @@ class StreamLog:
     stages: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in STAGES})  # ms
     batches: list[int] = field(default_factory=list)
     dropped: int = 0
+    received_at: list[float] = field(default_factory=list)  # perf_counter of each reply
 
     def record(self, frame: pb.AnimatedFrame) -> None:
-        self.latencies.append(time.perf_counter() - self.sent[frame.sequence])
+        now = time.perf_counter()
+        self.received_at.append(now)
+        self.latencies.append(now - self.sent[frame.sequence])
         self.dropped += frame.dropped_before
         self.batches.append(frame.batch_size)
         t = frame.timings
@@ -436,6 +439,7 @@ class StreamLog:
             "sent": len(self.sent),
             "dropped": self.dropped,
             "latencies": self.latencies,
+            "received_at": self.received_at,
             "raw_times": self.raw_times,
             "batches": self.batches,
             "stages": self.stages,
@@ -633,11 +637,24 @@ async def live(
     Where the machine went (`cpu`): the server's CPU split into its Python threads (the service's
     own work) and its native ones (the engine's, with gRPC's), the bench client's, against the
     raw windows' CPU per frame: the service and the client take `share_left` of the cores from the
-    generator, and the generator may need more CPU per frame beside them than alone."""
+    generator, and the generator may need more CPU per frame beside them than alone.
+
+    Throughput and CPU are counted over the window in which every stream sends (--seconds from
+    the row's start): the frames received in it. Each stream's own rate counts its drain after
+    the window too (an offline stream's 64 frames in flight, served with the live streams gone),
+    so their sum overstated the row (`total_fps_own_windows`, what `total_fps` was before the
+    twelfth session)."""
     stub = server.stub
     before = await raw_window(raw, driver, expect_batch, args.raw_seconds)
     raw_cpu = [raw.cpu_seconds / (before * raw.elapsed)]
     server_cpu, client_cpu, started = server.cpu_seconds(), time.process_time(), time.perf_counter()
+    window_end = started + args.seconds
+
+    async def at_window_end() -> tuple[dict[str, float], float]:
+        await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
+        return await asyncio.to_thread(server.cpu_seconds), time.process_time()
+
+    clocks = asyncio.create_task(at_window_end())
     runs = await asyncio.gather(
         *(
             run_stream(
@@ -652,9 +669,10 @@ async def live(
         ),
         *offline_streams(stub, driver, args.offline_streams, args.seconds, args.offline_window),
     )
-    elapsed = time.perf_counter() - started
-    client_cpu = time.process_time() - client_cpu
-    server_cpu = {k: v - server_cpu.get(k, 0.0) for k, v in server.cpu_seconds().items()}
+    server_end, client_end = await clocks
+    client_cpu = client_end - client_cpu
+    server_cpu = {k: v - server_cpu.get(k, 0.0) for k, v in server_end.items()}
+    in_window = sum(started <= t <= window_end for r in runs for t in r["received_at"])
     live_runs, offline_runs = runs[:streams], runs[streams:]
     row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
     row.update(merge(live_runs))
@@ -673,13 +691,12 @@ async def live(
         offline = merge(offline_runs)
         row["offline"] = {k: offline[k] for k in ("received", "achieved_fps", "latency_ms", "mean_batch")}
         row["offline"]["streams"] = len(offline_runs)
-        total += offline["achieved_fps"]
+        row["total_fps_own_windows"] = round(total + offline["achieved_fps"], 2)
+        total = in_window / args.seconds
         row["total_fps"] = round(total, 2)
         row["total_ratio_to_raw"] = round(total / raw_fps, 3)
         row["total_ratio_to_raw_after"] = round(total / after, 3)
-    row["cpu"] = row_cpu(
-        server_cpu, client_cpu, elapsed, sum(r["received"] for r in runs), raw_cpu[-len(windows) :]
-    )
+    row["cpu"] = row_cpu(server_cpu, client_cpu, args.seconds, in_window, raw_cpu[-len(windows) :])
     print(
         f"{streams:>2} stream(s) x {args.fps:g} fps offered, {row['admitted']} admitted: "
         f"{row['achieved_fps']:6.1f} fps, "
