@@ -375,7 +375,7 @@ class BenchServer:
     metrics_url: str
 
     def cpu_seconds(self) -> dict[str, float]:
-        """The server's talkinghead_cpu_seconds_total by threads (python, native); {} off Linux."""
+        """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
             text = reply.read().decode()
         pattern = r'^talkinghead_cpu_seconds_total\{threads="(\w+)"\} (\S+)$'
@@ -634,8 +634,8 @@ async def live(
     with the mean of the windows at its batch: on a shared host the raw rate drifts by 20 % within
     minutes, and one window after the row made the ratio as noisy as the drift.
 
-    Where the machine went (`cpu`): the server's CPU split into its Python threads (the service's
-    own work) and its native ones (the engine's, with gRPC's), the bench client's, against the
+    Where the machine went (`cpu`): the server's CPU split into the service's own work and the
+    engine's (service/metrics.py ThreadCpu), the bench client's, against the
     raw windows' CPU per frame: the service and the client take `share_left` of the cores from the
     generator, and the generator may need more CPU per frame beside them than alone.
 
@@ -731,17 +731,17 @@ def row_cpu(
 ) -> dict[str, float]:
     """A row's CPU: the server's by threads (service/metrics.py ThreadCpu), the client's, in cores
     and per frame served; `share_left` = the cores' share neither took. Empty off Linux."""
-    if not frames or "python" not in server or "native" not in server:
+    if not frames or "service" not in server or "engine" not in server:
         return {}
     cores = usable_cores()
     return {
-        "service_cores": round(server["python"] / elapsed, 3),
-        "engine_cores": round(server["native"] / elapsed, 3),
+        "service_cores": round(server["service"] / elapsed, 3),
+        "engine_cores": round(server["engine"] / elapsed, 3),
         "client_cores": round(client / elapsed, 3),
-        "service_ms_per_frame": round(1e3 * server["python"] / frames, 2),
-        "engine_ms_per_frame": round(1e3 * server["native"] / frames, 2),
+        "service_ms_per_frame": round(1e3 * server["service"] / frames, 2),
+        "engine_ms_per_frame": round(1e3 * server["engine"] / frames, 2),
         "raw_ms_per_frame": round(1e3 * float(np.mean(raw_per_frame)), 2),
-        "share_left": round(1 - (server["python"] + client) / (cores * elapsed), 3),
+        "share_left": round(1 - (server["service"] + client) / (cores * elapsed), 3),
     }
 
 

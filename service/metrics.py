@@ -35,25 +35,30 @@ LATENCY_BUCKETS = (
 STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end")
 
 
+# Thread name prefix of the threads that call the in-process engine (service/backends/onnxruntime.py):
+# their CPU is the engine's (under ONNX Runtime in lanes of one thread, the inference itself).
+ENGINE_CALLS = "engine-call"
+
+
 class ThreadCpu:
-    """`talkinghead_cpu_seconds_total` by `threads`: this process's CPU split between its Python
-    threads (the event loop: reading, drawing, warping, marking, encoding, writing; the threads
-    that call the engines) and the rest, its native threads (the inference engine's own and
-    gRPC's). With in-process inference on CPU the engine's threads share the cores with the
-    service's own work; this says what the service takes from them. Read from /proc at each
-    scrape; nothing off Linux."""
+    """`talkinghead_cpu_seconds_total` by `threads`: this process's CPU split between the service's
+    own work (its Python threads: the event loop reading, drawing, warping, marking, encoding and
+    writing; rendering, storage, detection) and the engine (the threads that call the in-process
+    engine, the engine's own threads, and gRPC's native threads, which take little). With
+    in-process inference on CPU the engine shares the cores with the service's work: this says
+    what the service takes from it. Read from /proc at each scrape; nothing off Linux."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._seen: dict[int, float] = {}  # live Python thread -> its CPU seconds at the last read
-        self._ended = 0.0  # CPU seconds of Python threads gone since (as last read)
-        self._native = 0.0  # as last reported
+        self._seen: dict[int, float] = {}  # live service thread -> its CPU seconds at the last read
+        self._ended = 0.0  # CPU seconds of service threads gone since (as last read)
+        self._engine = 0.0  # as last reported
 
-    def python_seconds(self) -> float:
+    def service_seconds(self) -> float:
         with self._lock:
             now: dict[int, float] = {}
             for thread in threading.enumerate():
-                if thread.native_id is not None:
+                if thread.native_id is not None and not thread.name.startswith(ENGINE_CALLS):
                     cpu = procstat.cpu_seconds("self", thread.native_id)
                     if cpu is not None:
                         now[thread.native_id] = cpu
@@ -64,21 +69,21 @@ class ThreadCpu:
             return self._ended + sum(now.values())
 
     def collect(self) -> Iterator[Metric]:
-        python = self.python_seconds()  # first: the process's total, read after, includes it
+        service = self.service_seconds()  # first: the process's total, read after, includes it
         total = procstat.cpu_seconds("self")
         if total is None:
             return
         with self._lock:  # the threads run between the two reads: a counter never goes back
-            self._native = native = max(self._native, total - python)
+            self._engine = engine = max(self._engine, total - service)
         family = CounterMetricFamily(
             "talkinghead_cpu_seconds",
-            "CPU seconds of this process by its threads: python (the service's own work) and native "
-            "(the inference engine's threads, gRPC's; CPU of a Python thread that ended after the "
-            "last scrape is counted here)",
+            "CPU seconds of this process: service (its own work on its Python threads) and engine "
+            "(the in-process engine's threads and those calling it, gRPC's native threads; CPU of a "
+            "service thread that ended after the last scrape is counted here)",
             labels=["threads"],
         )
-        family.add_metric(["python"], python)
-        family.add_metric(["native"], native)
+        family.add_metric(["service"], service)
+        family.add_metric(["engine"], engine)
         yield family
 
 

@@ -263,7 +263,7 @@ def test_health_reflection_and_metrics(
         "talkinghead_cache_entries",
         "talkinghead_cache_bytes",
         "talkinghead_backend_ready",
-        'talkinghead_cpu_seconds_total{threads="python"}',
+        'talkinghead_cpu_seconds_total{threads="service"}',
     ):
         assert server.metric(name) > 0, name
     for name in (

@@ -45,6 +45,7 @@ from facekit.contract import (
     personalised_name,
 )
 from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
+from service.metrics import ENGINE_CALLS
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 RUN_THREADS = 2  # concurrent runs (and model loads), at least; generator lanes + 2 where more
@@ -75,7 +76,7 @@ class OnnxRuntimeBackend(ReadyGate):
         self.generator_lanes = engines.resolve_lanes(self.threads, lanes)
         self.poll_s = poll_s
         self._pool = ThreadPoolExecutor(
-            max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix="onnxruntime"
+            max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix=ENGINE_CALLS
         )
         self._sessions: dict[str, engines.Engine] = {}
         self._info: ModelInfo | None = None
