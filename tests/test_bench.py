@@ -61,14 +61,14 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     mean = (live["raw_fps_before"]["fps"] + live["raw_fps_after"]["fps"]) / 2
     assert abs(reference["fps"] - mean) <= 0.01
     assert abs(live["ratio_to_raw"] - live["achieved_fps"] / reference["fps"]) <= 0.002
-    # where the cores went in the row: the engine's threads did the most, the service's own
-    # Python took some, and what they and the client took leaves the generator the rest
     # live + offline is counted over the 2 s every stream sends in, not over each stream's own
     # run (an offline stream drains its frames in flight after the live ones are gone)
     in_window = live["total_fps"] * 2
     assert 0 < in_window <= live["received"] + live["offline"]["received"]
     assert abs(in_window - round(in_window)) < 0.02  # frames counted, not a sum of two rates
     assert abs(live["total_ratio_to_raw"] - live["total_fps"] / reference["fps"]) <= 0.002
+    # where the cores went in the row: the engine's threads did the most, the service's own
+    # work took some, and what it and the client took leaves the generator the rest
     cpu = live["cpu"]
     assert 0 < cpu["service_cores"] < cpu["engine_cores"]
     assert cpu["client_cores"] > 0 and cpu["engine_ms_per_frame"] > 0 and cpu["raw_ms_per_frame"] > 0

@@ -32,7 +32,7 @@ def _scrape(registry: CollectorRegistry) -> dict[str, float]:
     }
 
 
-def _worker(name: str, seconds: float) -> tuple[threading.Thread, threading.Event, threading.Event]:
+def _worker(name: str, seconds: float) -> tuple[threading.Thread, threading.Event]:
     """A thread that burns `seconds` of CPU, says so, and stays until told to leave."""
     done, leave = threading.Event(), threading.Event()
 
@@ -44,7 +44,7 @@ def _worker(name: str, seconds: float) -> tuple[threading.Thread, threading.Even
     thread = threading.Thread(target=work, name=name)
     thread.start()
     assert done.wait(30)
-    return thread, done, leave
+    return thread, leave
 
 
 def test_a_service_threads_work_is_the_services_and_stays_counted_after_it_ends() -> None:
@@ -52,7 +52,7 @@ def test_a_service_threads_work_is_the_services_and_stays_counted_after_it_ends(
     registry.register(ThreadCpu())
     first = _scrape(registry)
     assert set(first) == {"service", "engine"}
-    thread, _, leave = _worker("render_0", 0.3)
+    thread, leave = _worker("render_0", 0.3)
     while_alive = _scrape(registry)
     assert while_alive["service"] - first["service"] >= 0.25
     leave.set()
@@ -66,7 +66,7 @@ def test_the_threads_that_call_the_engine_count_as_the_engine() -> None:
     registry = CollectorRegistry()
     registry.register(ThreadCpu())
     first = _scrape(registry)
-    thread, _, leave = _worker(f"{ENGINE_CALLS}_0", 0.3)  # as ONNX Runtime runs a lane of one thread
+    thread, leave = _worker(f"{ENGINE_CALLS}_0", 0.3)  # as ONNX Runtime runs a lane of one thread
     try:
         now = _scrape(registry)
         assert now["engine"] - first["engine"] >= 0.25
