@@ -748,7 +748,10 @@ def row_cpu(
 async def service_runs(
     args: argparse.Namespace, driver: LandmarkSequence, raw: RawGenerator
 ) -> dict[str, Any]:
-    async with bench_server(args, args.model_repository, max(args.batches)) as server:
+    # The server runs the engine the raw figures were measured on: with "auto" it would time the
+    # candidates again (seconds) and, between near-equal engines, could pick another.
+    engine = raw.engine.name
+    async with bench_server(args, args.model_repository, max(args.batches), engine=engine) as server:
         one = await closed_loop(server.stub, driver, raw, args.closed_loop_frames)
         rows: list[dict[str, Any]] = []
         for streams in args.streams:

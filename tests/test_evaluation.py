@@ -78,6 +78,7 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     out = tmp_path / "eval"
     args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", *CLIPS, "--shots", "1"]
     args += ["--steps", "2", "--max-drive", "4", "--faces", str(FACES), "--stills", "lp_s1_photo.jpg"]
+    args += ["--jitter-frames", "6"]
     assert cli([*args, "--out", str(out)]) == 0
     report = json.loads((out / "evaluation.json").read_text())
     rows = report["reenactment"]["T=1"]
@@ -98,7 +99,14 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     assert stills["warp"]["pooled"]["mouth_correlation"] > 0.5  # the warp follows the driver's mouth
     # The shipped model's psi of different people differ far more than psi of one person's frames.
     assert report["embedder_spread"]["e_ratio"] > 5 and report["embedder_spread"]["e_dead_units"] < 0.1
+    # jitter on the still head's first frames after the references, read on the generated faces
+    jitter = report["jitter"]
+    assert jitter["clip"] == EvalConfig().jitter_clip and jitter["frames"] == 6
+    for name in ("driver", "warp", "feed-forward"):
+        assert all(0 <= jitter[name][kind] < 0.2 for kind in ("raw", "smoothed")), (name, jitter[name])
+    assert jitter["driver"]["smoothed"] < jitter["driver"]["raw"]  # the One-Euro filter steadies it
     table = (out / "evaluation.md").read_text()
     assert "| warp |" in table and "| floor |" in table and "One-shot stills" in table
+    assert "## Jitter on a still head (dreamtalk_mead_w009, 6 frames" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):
         assert (out / sheet).stat().st_size > 10_000

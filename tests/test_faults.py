@@ -258,7 +258,7 @@ def test_a_client_process_that_dies_or_freezes_gives_its_slot_back(
 
 
 def test_a_client_that_cancels_mid_stream_frees_its_slot_without_an_error_logged(
-    live: ServerThread, driver: LandmarkSequence, caplog: pytest.LogCaptureFixture
+    live: ServerThread, driver: LandmarkSequence, short: LandmarkSequence, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A viewer who closes the call while frames are still coming is ordinary: the slot comes back
     and the server logs no ERROR (no traceback for a write that found the client gone)."""
@@ -286,7 +286,7 @@ def test_a_client_that_cancels_mid_stream_frees_its_slot_without_an_error_logged
     errors = [r for r in caplog.records if r.name.startswith("talkinghead") and r.levelno >= 40]
     assert not errors, [r.getMessage() for r in errors]
     with live.client() as c:  # and the server streams on
-        assert len(list(c.animate("astro", landmark_requests(driver)))) == len(driver.points)
+        assert len(list(c.animate("astro", landmark_requests(short)))) == len(short.points)
 
 
 async def animate_handlers() -> list[str]:

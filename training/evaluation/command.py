@@ -72,6 +72,7 @@ from training.runtime import setup_logging
 
 log = logging.getLogger("talkinghead.evaluate")
 METHODS = ("warp", "feed-forward", "fine-tuned")
+JITTER_FRAMES = 50  # 2 s of a nearly still head at 25 fps
 FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
 
 
@@ -87,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--finetune-shots", nargs="+", type=int, help="fine-tune only at these T (default: every T)"
     )
     parser.add_argument("--no-jitter", action="store_true", help="skip the landmark-jitter measurement")
+    parser.add_argument(
+        "--jitter-frames", type=int, default=JITTER_FRAMES, help="driving frames of the jitter measurement"
+    )
     parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
@@ -142,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
         still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
         still = still or EvalClip.load(data / protocol.jitter_clip)
         report["jitter"] = evaluate_jitter(
-            still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol
+            still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol, args.jitter_frames
         )
     if args.engines:
         verdicts = judge_engines(report, args.engines, str(report["model_id"]))
@@ -305,7 +309,7 @@ def evaluate_stills(
 
 
 def evaluate_jitter(
-    clip: EvalClip, methods: dict[str, Any], protocol: EvalConfig, frames: int = 50
+    clip: EvalClip, methods: dict[str, Any], protocol: EvalConfig, frames: int = JITTER_FRAMES
 ) -> dict[str, Any]:
     """Frame-to-frame jitter (face units, STABLE_POINTS) of the landmarks dlib reads on generated
     frames, driven by a nearly still head's raw landmarks and by their One-Euro-filtered version."""
