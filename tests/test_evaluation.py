@@ -78,7 +78,7 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     out = tmp_path / "eval"
     args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", *CLIPS, "--shots", "1"]
     args += ["--steps", "2", "--max-drive", "4", "--faces", str(FACES), "--stills", "lp_s1_photo.jpg"]
-    args += ["--jitter-frames", "6"]
+    args += ["--jitter-frames", "6", "--still-frames", "16"]
     assert cli([*args, "--out", str(out)]) == 0
     report = json.loads((out / "evaluation.json").read_text())
     rows = report["reenactment"]["T=1"]

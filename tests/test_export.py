@@ -145,13 +145,6 @@ def test_personalised_export_bakes_psi(personal_ckpt: dict, meta_ckpt: dict, tmp
     )
 
 
-def test_export_is_reproducible(meta_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path) -> None:
-    """The generator exported again is byte for byte the one `talkinghead export` wrote."""
-    graph = next(g for g in to_onnx.graphs(meta_ckpt) if g.name == "generator")
-    again = to_onnx.export_graph(graph, tmp_path / "again.onnx").read_bytes()
-    assert again == (exported[0] / "generator/1/model.onnx").read_bytes()
-
-
 @pytest.mark.parametrize("profile", repository.PROFILES)
 def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], profile: str) -> None:
     repo, _ = exported
@@ -216,7 +209,7 @@ def test_cli_adds_and_removes_an_avatar_generator(
     assert json.loads(report.read_text())["models"]["generator_alice"]["inputs"] == {
         name: ["batch", 128, 128, 3] for name in personalised_inputs(personal_ckpt)
     }
-    # the same checkpoint again: identical bytes, so no new version
+    # the same checkpoint again: the export is reproducible (byte for byte), so no new version
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.versions(repo / "generator_alice") == [1]
     argv = ["--remove-avatar", "alice", "--repository", str(repo)]

@@ -621,6 +621,7 @@ def serve(tmp_path: Path, repository: Path, port: int, *, slow_disk: bool) -> su
         "TALKINGHEAD_JOBS": str(tmp_path / "jobs"),
         "TALKINGHEAD_AUDIT_LOG": str(tmp_path / "audit.jsonl"),
         "TALKINGHEAD_WORKER": "external",
+        "TALKINGHEAD_ENGINE": "onnxruntime",  # no engines timed at each start
     }
     argv = ["-c", SLOW_DISK_SERVE] if slow_disk else ["-m", "talkinghead.cli", "serve"]
     return subprocess.Popen(

@@ -331,6 +331,7 @@ def test_sigterm_shuts_down_gracefully(model_repository: Path, tmp_path: Path) -
         TALKINGHEAD_GRPC_PORT="0",
         TALKINGHEAD_METRICS_PORT="0",
         TALKINGHEAD_AVATAR_STORE=str(tmp_path / "store"),
+        TALKINGHEAD_ENGINE="onnxruntime",  # no engines timed at start (tests/test_engines.py: auto)
     )
     process = subprocess.Popen(
         [sys.executable, "-m", "talkinghead.cli", "serve"], env=env, stderr=subprocess.PIPE, text=True

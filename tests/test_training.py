@@ -267,9 +267,9 @@ def test_finetuning_lowers_the_error_on_a_validation_persons_later_frames(tmp_pa
         return float((from_uint8(out) - real).abs().mean())
 
     before = error(meta, FeedForward(meta).psi(frames[shots], points[shots]))
-    personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=30)
+    personal = personalise(meta, frames[shots], points[shots], avatar=person.replace("_", "-"), steps=20)
     after = error(personal, personal["adain"])
-    # the shipped warp-guided G: 0.0234 -> 0.0220 (-6 %) after 30 steps, -8 % after 20
+    # the shipped warp-guided G: 0.0267 -> 0.0214 (-20 %) after 20 steps
     assert after < 0.97 * before, (before, after)
 
 

@@ -94,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
+    parser.add_argument("--still-frames", type=int, help="driving frames per still (default: the config's)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--engines",
@@ -113,9 +114,11 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     meta = checkpoint.load(args.checkpoint)
     cfg = checkpoint.config_of(meta)
-    protocol = (
-        cfg.evaluation if not args.shots else cfg.replace(**{"evaluation.shots": args.shots}).evaluation
-    )
+    overrides = {
+        "evaluation.shots": args.shots,
+        "evaluation.still_frames": args.still_frames,
+    }
+    protocol = cfg.replace(**{k: v for k, v in overrides.items() if v}).evaluation
     data = args.data or Path(cfg.meta.data)
     clip_ids = args.clips or list(cfg.meta.validation_videos)
     if not clip_ids:
