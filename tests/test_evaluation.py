@@ -49,6 +49,13 @@ def test_mouth_opening_and_correlation() -> None:
     assert np.isnan(correlation(np.array([1.0, 1, 1, 1]), np.array([1.0, 2, 3, 4])))  # a frozen mouth
 
 
+@pytest.mark.parametrize("flag", ["--still-frames", "--jitter-frames"])
+def test_motion_figures_refuse_fewer_than_two_frames(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as refused:
+        cli(["evaluate", flag, "1"])
+    assert refused.value.code == 2 and f"{flag}: needs at least 2 frames, got 1" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two evaluation clips preprocessed at 128 px (the committed model's size)."""

@@ -89,12 +89,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-jitter", action="store_true", help="skip the landmark-jitter measurement")
     parser.add_argument(
-        "--jitter-frames", type=int, default=JITTER_FRAMES, help="driving frames of the jitter measurement"
+        "--jitter-frames",
+        type=frame_count,
+        default=JITTER_FRAMES,
+        help=f"driving frames of the jitter measurement (default {JITTER_FRAMES})",
     )
     parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
-    parser.add_argument("--still-frames", type=int, help="driving frames per still (default: the config's)")
+    parser.add_argument(
+        "--still-frames", type=frame_count, help="driving frames per still (default: the config's)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument(
         "--engines",
@@ -106,6 +111,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="for --engines")
     parser.add_argument("--verdict", type=Path, help="write the engines' verdicts here (JSON)")
     parser.add_argument("--out", type=Path, default=Path("out/evaluation"))
+
+
+def frame_count(text: str) -> int:
+    """A frame count for a motion figure (jitter, mouth correlation): at least 2 frames."""
+    count = int(text)
+    if count < 2:
+        raise argparse.ArgumentTypeError(f"needs at least 2 frames, got {count}")
+    return count
 
 
 def run(args: argparse.Namespace) -> int:
