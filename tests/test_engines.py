@@ -136,7 +136,7 @@ def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
 def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, name: str) -> None:
     path = _generator(model_repository)
     engine = engines.open_engine(path, name, threads=1)
-    feeds = _feeds(path, 16)
+    feeds = _feeds(path, 8)
     engine.run(feeds, [contract.IMAGE])  # compiled and warm
     started = time.monotonic()
     engine.run(feeds, [contract.IMAGE])
@@ -148,7 +148,7 @@ def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, na
         engine.run(feeds, [contract.IMAGE], cancel)
     assert time.monotonic() - started < full * 0.7
     (image,) = engine.run(feeds, [contract.IMAGE])  # the engine still works afterwards
-    assert image.shape[0] == 16
+    assert image.shape[0] == 8
 
 
 @pytest.mark.parametrize("name", engines.available())
@@ -159,7 +159,7 @@ def test_a_deadline_that_fires_after_its_run_leaves_the_next_run_alone(
     handed the same infer request to the next batch, which must not be the one cancelled."""
     path = _generator(model_repository)
     engine = engines.open_engine(path, name, threads=1)
-    feeds = _feeds(path, 16)
+    feeds = _feeds(path, 8)
     late = engines.Cancel()
     engine.run(feeds, [contract.IMAGE], late)  # finishes; `late` fires only afterwards
     started = time.monotonic()
@@ -167,7 +167,7 @@ def test_a_deadline_that_fires_after_its_run_leaves_the_next_run_alone(
     full = time.monotonic() - started
     threading.Timer(full / 10, late.cancel).start()
     (image,) = engine.run(feeds, [contract.IMAGE])
-    assert image.shape[0] == 16 and late.cancelled
+    assert image.shape[0] == 8 and late.cancelled
 
 
 def test_bf16_is_native_only_with_the_cpu_flags_for_it(tmp_path: Path) -> None:

@@ -122,29 +122,6 @@ def personalised_inputs(ckpt: dict) -> list[str]:
     return [contract.LANDMARK_IMAGE, *([contract.WARPED] if warp_guided else [])]
 
 
-def test_personalised_export_bakes_psi(personal_ckpt: dict, meta_ckpt: dict, tmp_path: Path) -> None:
-    from export.command import check, real_inputs
-
-    (graph,) = to_onnx.graphs(personal_ckpt)
-    assert graph.name == "generator_alice"
-    path = to_onnx.export_graph(graph, tmp_path / "generator_alice.onnx")
-    # psi is baked in: no `adain` input, only the landmarks (and the warped reference, warp-guided G)
-    assert [i.name for i in onnx.load(str(path)).graph.input] == personalised_inputs(personal_ckpt)
-    result = check(graph, path, real_inputs(personal_ckpt))
-    (p,) = result["parity"]
-    assert p["max_abs"] <= 2 and p["mean_abs"] < 0.01
-    version = repository.write_model(tmp_path / "repo", path)
-    assert version == tmp_path / "repo/generator_alice/1"
-    params = repository.spec_of(path).parameters
-    assert params["talkinghead.avatar"] == "alice"
-    # the avatar's psi came from the meta model's embedder: the ids must match for the service
-    assert params["talkinghead.model_id"] == graph.metadata["talkinghead.model_id"]
-    assert (
-        params["talkinghead.model_id"]
-        == to_onnx.metadata(meta_ckpt, "generator", adain_size=1)["talkinghead.model_id"]
-    )
-
-
 @pytest.mark.parametrize("profile", repository.PROFILES)
 def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], profile: str) -> None:
     repo, _ = exported
@@ -185,9 +162,11 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
     assert not repository.remove_model(live, "generator")
 
 
-def test_cli_adds_and_removes_an_avatar_generator(
-    personal_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path
+def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
+    personal_ckpt: dict, meta_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path
 ) -> None:
+    """`talkinghead export` of a personalised checkpoint: one more model, psi baked in (checked
+    against PyTorch), the base model's id; the same checkpoint again adds no version; removal."""
     from talkinghead.cli import run_module
     from training import checkpoint
 
@@ -195,22 +174,24 @@ def test_cli_adds_and_removes_an_avatar_generator(
     shutil.copytree(exported[0], repo)
     checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
     report = tmp_path / "report.json"
-    argv = [
-        "--checkpoint",
-        str(tmp_path / "alice.pt"),
-        "--repository",
-        str(repo),
-        "--report",
-        str(report),
-        "--no-check",
-    ]
+    argv = ["--checkpoint", str(tmp_path / "alice.pt"), "--repository", str(repo), "--report", str(report)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator", "generator_alice"]
-    assert json.loads(report.read_text())["models"]["generator_alice"]["inputs"] == {
-        name: ["batch", 128, 128, 3] for name in personalised_inputs(personal_ckpt)
-    }
+    entry = json.loads(report.read_text())["models"]["generator_alice"]
+    inputs = personalised_inputs(personal_ckpt)
+    assert entry["inputs"] == {name: ["batch", 128, 128, 3] for name in inputs}
+    (parity,) = entry["parity"]  # the baked psi gives PyTorch's frames
+    assert parity["max_abs"] <= 2 and parity["mean_abs"] < 0.01
+    path = repo / "generator_alice/1/model.onnx"
+    # psi is baked in: no `adain` input, only the landmarks (and the warped reference, warp-guided G)
+    assert [i.name for i in onnx.load(str(path)).graph.input] == inputs
+    params = repository.spec_of(path).parameters
+    assert params["talkinghead.avatar"] == "alice"
+    # the avatar's psi came from the meta model's embedder: the ids must match for the service
+    base = to_onnx.metadata(meta_ckpt, "generator", adain_size=1)["talkinghead.model_id"]
+    assert params["talkinghead.model_id"] == base
     # the same checkpoint again: the export is reproducible (byte for byte), so no new version
-    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    assert run_module("export.command", [*argv, "--no-check"], prog="talkinghead export") == 0
     assert repository.versions(repo / "generator_alice") == [1]
     argv = ["--remove-avatar", "alice", "--repository", str(repo)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
