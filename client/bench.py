@@ -377,9 +377,13 @@ class BenchServer:
     def cpu_seconds(self) -> dict[str, float]:
         """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
         with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
-            text = reply.read().decode()
-        pattern = r'^talkinghead_cpu_seconds_total\{threads="(\w+)"\} (\S+)$'
-        return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.MULTILINE)}
+            return cpu_by_threads(reply.read().decode())
+
+
+def cpu_by_threads(metrics_text: str) -> dict[str, float]:
+    """talkinghead_cpu_seconds_total by its `threads` label, from a /metrics page."""
+    pattern = r'^talkinghead_cpu_seconds_total\{threads="(\w+)"\} (\S+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, metrics_text, re.MULTILINE)}
 
 
 @contextlib.asynccontextmanager

@@ -11,6 +11,7 @@ import time
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from client.bench import cpu_by_threads
 from service.metrics import ENGINE_CALLS, ThreadCpu
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -23,13 +24,8 @@ def _burn(seconds: float) -> None:
 
 
 def _scrape(registry: CollectorRegistry) -> dict[str, float]:
-    prefix = 'talkinghead_cpu_seconds_total{threads="'
-    lines = generate_latest(registry).decode().splitlines()
-    return {
-        line[len(prefix) :].split('"')[0]: float(line.rsplit(" ", 1)[1])
-        for line in lines
-        if line.startswith(prefix)
-    }
+    """The metric as the bench reads it from a server's /metrics page."""
+    return cpu_by_threads(generate_latest(registry).decode())
 
 
 def _worker(name: str, seconds: float) -> tuple[threading.Thread, threading.Event]:
