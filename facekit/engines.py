@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -447,11 +447,12 @@ def choose(
     batches: Sequence[int] = (1, 4),
     repeats: int = 3,
     opened: Sequence[Engine] = (),
-) -> tuple[Engine, list[Timing]]:
+) -> tuple[Engine, list[Timing], dict[str, Engine]]:
     """Open each named engine on `path` (or take it from `opened`), time it, and return the
-    fastest (and every timing). An engine that fails to open or run is logged and skipped;
-    onnxruntime is the last resort."""
+    fastest, every timing and every engine that ran (by name). An engine that fails to open or
+    run is logged and skipped; onnxruntime is the last resort."""
     ready = {engine.name: engine for engine in opened}
+    ran: dict[str, Engine] = {}
     best: tuple[float, Engine] | None = None
     timings = []
     for name in names:
@@ -462,11 +463,13 @@ def choose(
             log.warning("engine %s cannot run %s: %s", name, path, error)
             continue
         timings.append(timing)
+        ran[name] = engine
         if best is None or timing.score < best[0]:
             best = (timing.score, engine)
     if best is None:
-        return ready.get(ONNXRUNTIME) or open_engine(path, ONNXRUNTIME, threads=threads, lanes=lanes), timings
-    return best[1], timings
+        fallback = ready.get(ONNXRUNTIME) or open_engine(path, ONNXRUNTIME, threads=threads, lanes=lanes)
+        return fallback, timings, {ONNXRUNTIME: fallback}
+    return best[1], timings, ran
 
 
 def timing_feeds(info: ModelInfo) -> Callable[[int], dict[str, np.ndarray]]:
@@ -494,6 +497,9 @@ class Pick:
     timings: list[Timing]  # empty when nothing was timed (one candidate, or configured)
     exact: str  # the fastest exact engine: personalised generators' engine
     configured: bool = False  # asked for by name, not chosen
+    # Every engine opened for the choice, by name (the chosen one among them): the bench times them
+    # all without compiling each again. The service keeps only `engine`.
+    opened: dict[str, Engine] = field(default_factory=dict)
 
     def describe(self) -> str:
         return "configured" if self.configured else describe(self.timings) or "the only one allowed here"
@@ -515,15 +521,19 @@ def pick(path: Path, requested: str, *, threads: int, lanes: int = 1) -> Pick:
             Path(path).parent / VERDICT_FILE, info.model_id
         ):
             log.warning("engine %s was asked for, but no verdict passed it for %s", engine.name, path)
-        return Pick(engine, info, [], engine.name if engine.name in EXACT else OPENVINO, configured=True)
+        exact = engine.name if engine.name in EXACT else OPENVINO
+        return Pick(
+            engine, info, [], exact, configured=True, opened={ONNXRUNTIME: reference, engine.name: engine}
+        )
     names = candidates(path, info.model_id)
     if len(names) < 2:
-        return Pick(reference, info, [], ONNXRUNTIME)
-    engine, timings = choose(
+        return Pick(reference, info, [], ONNXRUNTIME, opened={ONNXRUNTIME: reference})
+    engine, timings, opened = choose(
         path, names, timing_feeds(info), [IMAGE], threads=threads, lanes=lanes, opened=[reference]
     )
-    exact = [t for t in timings if t.engine in EXACT]
-    return Pick(engine, info, timings, min(exact, key=lambda t: t.score).engine if exact else ONNXRUNTIME)
+    exact_timings = [t for t in timings if t.engine in EXACT]
+    fastest_exact = min(exact_timings, key=lambda t: t.score).engine if exact_timings else ONNXRUNTIME
+    return Pick(engine, info, timings, fastest_exact, opened={ONNXRUNTIME: reference, **opened})
 
 
 def describe(timings: Sequence[Timing]) -> str:
