@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
@@ -190,13 +191,76 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     # the avatar's psi came from the meta model's embedder: the ids must match for the service
     base = to_onnx.metadata(meta_ckpt, "generator", adain_size=1)["talkinghead.model_id"]
     assert params["talkinghead.model_id"] == base
-    # the same checkpoint again: the export is reproducible (byte for byte), so no new version
+    # the same checkpoint again, traced again (not written from the graph kept in this process):
+    # the export is reproducible (byte for byte), so no new version
+    to_onnx.TEMPLATES.clear()
     assert run_module("export.command", [*argv, "--no-check"], prog="talkinghead export") == 0
     assert repository.versions(repo / "generator_alice") == [1]
     argv = ["--remove-avatar", "alice", "--repository", str(repo)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator"]
     assert run_module("export.command", argv, prog="talkinghead export") == 1
+
+
+class Tiny(torch.nn.Module):
+    """A stand-in generator small enough to export in a second: a convolution, a norm and a
+    scalar gain (kept as a 0-d initializer by the exporter); `scale` is a plain attribute its
+    forward reads, which no structure key sees."""
+
+    def __init__(self, seed: int, scale: float = 1.0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = torch.nn.InstanceNorm2d(4, affine=True)
+        self.gain = torch.nn.Parameter(torch.randn(1))
+        torch.nn.init.normal_(self.norm.weight)
+        self.scale = scale
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255.0
+        return self.norm(self.conv(x)) * self.gain * self.scale
+
+
+def tiny_graph(seed: int, scale: float = 1.0) -> to_onnx.Graph:
+    return to_onnx.Graph(
+        name="tiny",
+        module=Tiny(seed, scale),
+        inputs={"image": torch.zeros(2, 8, 8, 3, dtype=torch.uint8)},
+        outputs=["out"],
+        metadata={"talkinghead.seed": str(seed)},
+    )
+
+
+def test_a_graph_like_one_exported_before_is_written_from_it_byte_for_byte(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another avatar's generator of the same base model is not traced again: its weights go into
+    the graph exported before, and the file is the one a full export writes."""
+    kept = to_onnx.Templates()
+    to_onnx.export_graph(tiny_graph(0), tmp_path / "a.onnx", templates=kept)
+    with caplog.at_level("INFO", logger="talkinghead.export"):
+        to_onnx.export_graph(tiny_graph(1), tmp_path / "b.onnx", templates=kept)
+    assert "from an earlier export's graph" in caplog.text
+    to_onnx.export_graph(tiny_graph(1), tmp_path / "b_traced.onnx", templates=to_onnx.Templates())
+    assert (tmp_path / "b.onnx").read_bytes() == (tmp_path / "b_traced.onnx").read_bytes()
+    assert (tmp_path / "a.onnx").read_bytes() != (tmp_path / "b.onnx").read_bytes()
+    assert onnx.load(str(tmp_path / "b.onnx")).metadata_props[-1].value == "1"  # its own metadata
+
+
+def test_a_kept_graph_that_computes_something_else_is_not_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Same classes and weights, a forward that differs in a plain attribute: the kept graph fails
+    the check against PyTorch and the graph is exported in full, computing what PyTorch does."""
+    kept = to_onnx.Templates()
+    to_onnx.export_graph(tiny_graph(0), tmp_path / "a.onnx", templates=kept)
+    graph = tiny_graph(0, scale=3.0)
+    with caplog.at_level("INFO", logger="talkinghead.export"):
+        to_onnx.export_graph(graph, tmp_path / "b.onnx", templates=kept)
+    assert "differs from PyTorch" in caplog.text
+    image = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    (parity,) = to_onnx.parity(graph, tmp_path / "b.onnx", {"image": image})
+    assert parity.max_abs < 1e-4
 
 
 def test_tensorrt_shapes_come_from_the_config(exported: tuple[Path, dict]) -> None:

@@ -1,11 +1,12 @@
 """Publishing and withdrawing an avatar's generator: the model repository and every Triton.
 
-`publish` exports a personalised checkpoint's `generator_<avatar>` (no parity check: the export
-tests hold that), adds it as a new version unless the latest one is byte-identical (a job re-run
-after its worker died publishes nothing twice), then loads it in each Triton. `withdraw` unloads
-it from each Triton, waits until Triton has let go, and removes its directory in one rename.
-A Triton URL whose host resolves to several addresses (a headless Kubernetes Service) means every
-one of them.
+`publish` exports a personalised checkpoint's `generator_<avatar>` (no parity check on real
+frames: the export tests hold that; from the worker's second job on, the graph the first traced
+is reused with the new weights and checked against PyTorch, export/to_onnx.py Templates), adds it
+as a new version unless the latest one is byte-identical (a job re-run after its worker died
+publishes nothing twice), then loads it in each Triton. `withdraw` unloads it from each Triton,
+waits until Triton has let go, and removes its directory in one rename. A Triton URL whose host
+resolves to several addresses (a headless Kubernetes Service) means every one of them.
 """
 
 from __future__ import annotations
