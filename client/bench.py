@@ -271,10 +271,12 @@ async def engine_table(
     table: dict[str, Any] = {}
     for name in engines.available():
         raw = chosen.on(name)
-        print(f"engine {name}:")
+        reused = raw.engine is chosen.opened.get(name)
+        print(f"engine {name}{' (as opened and timed for the choice)' if reused else ''}:")
         rows = await raw_generator(raw, driver, args.batches, args.raw_seconds)
         table[name] = {
             "allowed": name in allowed,
+            "opened_for_the_choice": reused,
             "gflops_per_frame": gflops,
             "rows": with_peak_share(rows, chosen.metadata, peak),
         }
