@@ -184,12 +184,13 @@ class Templates:
     dims and type; a size or type that differs ends it), and the result is run against PyTorch
     on random inputs before it is written: a Python-level difference the structure key cannot
     see (a forward that branches on a plain attribute) fails that check and the graph is
-    exported in full. The last `size` graphs are kept (a worker fine-tunes one base model)."""
+    exported in full. The last `size` graphs are kept (a worker fine-tunes one base model; an
+    export of a meta checkpoint makes two)."""
 
     IMAGE_LEVELS = 2.0  # largest difference from PyTorch, uint8 outputs (a full export: <= 1)
     FLOAT_ABS = 1e-3  # float outputs (a full export: ~1e-6)
 
-    def __init__(self, size: int = 2) -> None:
+    def __init__(self, size: int = 4) -> None:
         self.size = size
         self._kept: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -202,7 +203,13 @@ class Templates:
         digest.update(repr(graph.outputs).encode())
         return digest.hexdigest()
 
+    def has(self, graph: Graph) -> bool:
+        with self._lock:
+            return self.key(graph) in self._kept
+
     def keep(self, graph: Graph, path: Path) -> None:
+        """Keep the ONNX file at `path` for graphs of `graph`'s structure: its own export, or a file
+        believed to be of that structure (checked when used, by `write`)."""
         with self._lock:
             key = self.key(graph)
             self._kept.pop(key, None)

@@ -4,6 +4,7 @@ withdrawing the avatar's generator. Real server, real worker process, 2 fine-tun
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -108,3 +109,35 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         while (repository / "generator_tune").exists():
             assert time.monotonic() < deadline, "the deleted avatar's generator is still in the repository"
             time.sleep(0.2)
+
+
+def test_a_workers_first_job_starts_from_a_generator_published_before(
+    personalised_repository: tuple[Path, str],
+    personal_ckpt: dict,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that has traced nothing yet (just started) publishes an avatar's generator from
+    the graph of one the repository already holds for the same base model: no tracing, and the
+    frames are PyTorch's."""
+    from export import to_onnx
+    from export.command import real_inputs
+    from facekit import contract
+    from worker import models
+
+    repo = tmp_path / "repo"
+    shutil.copytree(personalised_repository[0], repo)
+    monkeypatch.setattr(to_onnx, "TEMPLATES", to_onnx.Templates())  # a worker process just started
+    with caplog.at_level("INFO"):
+        name, version = models.publish(personal_ckpt, repo, profile="python", tritons=[])
+    assert (name, version) == ("generator_alice", 1)
+    assert f"starts from the graph of {repo / 'generator_astro-fine'}" in caplog.text
+    assert "from an earlier export's graph" in caplog.text  # written, not traced
+    (graph,) = to_onnx.graphs(personal_ckpt)
+    inputs = real_inputs(personal_ckpt)[contract.KIND_PERSONALISED]
+    path = repo / name / str(version) / contract.MODEL_FILE
+    (parity,) = to_onnx.parity(graph, path, {n: inputs[n] for n in graph.inputs})
+    assert parity.max_abs <= 2 and parity.mean_abs < 0.01
+    stamped = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert stamped["talkinghead.avatar"] == "alice"

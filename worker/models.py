@@ -17,11 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from export import repository, to_onnx
 from export.command import wait_unloaded
 from facekit import contract
 
 log = logging.getLogger("talkinghead.worker")
+SEED_TRIES = 8  # published generators read for a first job's graph (most are of the served base model)
 
 
 def targets(urls: list[str]) -> list[str]:
@@ -51,6 +54,11 @@ def _client(url: str) -> Any:
 def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str]) -> tuple[str, int]:
     """Export the personalised generator into `repo` and load it in every Triton: (name, version)."""
     (graph,) = to_onnx.graphs(ckpt)
+    if not to_onnx.TEMPLATES.has(graph):
+        published = published_like(graph, repo)
+        if published is not None:
+            log.info("%s starts from the graph of %s", graph.name, published)
+            to_onnx.TEMPLATES.keep(graph, published)
     with tempfile.TemporaryDirectory(prefix="talkinghead-worker-") as tmp:
         path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
         latest = repository.versions(repo / graph.name)
@@ -61,6 +69,33 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
         _client(url).load_model(graph.name)
         log.info("loaded %s in Triton at %s", graph.name, url)
     return graph.name, int(version_dir.name)
+
+
+def published_like(graph: to_onnx.Graph, repo: Path, *, tries: int = SEED_TRIES) -> Path | None:
+    """A generator published in `repo` for an avatar of `graph`'s base model (this avatar's own
+    first): the graph a worker's first job can start from instead of tracing its own (export/
+    to_onnx.py Templates; its check against PyTorch has the last word). At most `tries` files read."""
+    own = graph.name
+    names = sorted(
+        (n for n in repository.models(repo) if n.startswith(contract.PERSONALISED_PREFIX)),
+        key=lambda n: n != own,
+    )
+    base = graph.metadata[contract.Meta.MODEL_ID]
+    for name in names[:tries]:
+        path = contract.latest_version(repo / name)
+        if path is None:
+            continue
+        try:
+            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        except Exception as error:  # a half-written or foreign file: not a template
+            log.warning("cannot read %s: %s", path, error)
+            continue
+        if (
+            meta.get(contract.Meta.KIND) == contract.KIND_PERSONALISED
+            and meta.get(contract.Meta.MODEL_ID) == base
+        ):
+            return path
+    return None
 
 
 def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
