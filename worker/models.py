@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
             log.info("%s starts from the graph of %s", graph.name, published)
             to_onnx.TEMPLATES.keep(graph, published)
     with tempfile.TemporaryDirectory(prefix="talkinghead-worker-") as tmp:
+        started = time.monotonic()
         path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
+        log.info("exported %s in %.1f s", graph.name, time.monotonic() - started)
         latest = repository.versions(repo / graph.name)
         current = repo / graph.name / str(latest[-1]) / contract.MODEL_FILE if latest else None
         same = current is not None and current.is_file() and current.read_bytes() == path.read_bytes()
