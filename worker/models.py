@@ -1,8 +1,9 @@
 """Publishing and withdrawing an avatar's generator: the model repository and every Triton.
 
 `publish` exports a personalised checkpoint's `generator_<avatar>` (no parity check on real
-frames: the export tests hold that; from the worker's second job on, the graph the first traced
-is reused with the new weights and checked against PyTorch, export/to_onnx.py Templates), adds it
+frames: the export tests hold that). It traces nothing where it can: the graph of an earlier job,
+or for a worker's first job a generator the repository holds for the same base model, gets the
+new weights and is checked against PyTorch (export/to_onnx.py Templates). It adds it
 as a new version unless the latest one is byte-identical (a job re-run after its worker died
 publishes nothing twice), then loads it in each Triton. `withdraw` unloads it from each Triton,
 waits until Triton has let go, and removes its directory in one rename. A Triton URL whose host
