@@ -19,8 +19,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import onnx
-
 from export import repository, to_onnx
 from export.command import wait_unloaded
 from facekit import contract
@@ -90,7 +88,7 @@ def published_like(graph: to_onnx.Graph, repo: Path, *, tries: int = SEED_TRIES)
         if path is None:
             continue
         try:
-            meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+            meta = repository.spec_of(path).parameters
         except Exception as error:  # a half-written or foreign file: not a template
             log.warning("cannot read %s: %s", path, error)
             continue
