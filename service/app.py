@@ -44,7 +44,15 @@ from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
 from service.capacity import Admission, CostModel, expected_fps
-from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
+from service.errors import (
+    ServiceError,
+    backend_unavailable,
+    exhausted,
+    exists,
+    invalid,
+    not_found,
+    precondition,
+)
 from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
@@ -221,7 +229,7 @@ class App:
         try:
             return self.backend.info
         except BackendUnavailable as error:
-            raise unavailable(f"the model backend is not ready: {error}") from error
+            raise backend_unavailable(error.reason) from error
 
     # -- avatars ------------------------------------------------------------------------------
     async def record_event(self, event: str, record: AvatarRecord, *, actor: str, **detail: Any) -> None:
@@ -269,7 +277,7 @@ class App:
             adain = np.concatenate([part[1] for part in parts])
         except BackendUnavailable as error:
             self._on_backend_error("embed", error)
-            raise unavailable(f"the model backend is unavailable: {error}") from error
+            raise backend_unavailable(error.reason) from error
         record = avatars.make_record(
             avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
         )

@@ -38,6 +38,11 @@ def unavailable(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
 
 
+def backend_unavailable(reason: str) -> ServiceError:
+    """The model backend cannot serve now; `reason` is BackendUnavailable.reason (no internals)."""
+    return unavailable(f"the model backend is unavailable: {reason}; retry later")
+
+
 def exists(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,9 @@ from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
+from service.wire import unreachable
+
+log = logging.getLogger("talkinghead.service.personalisation")
 
 PREFIX = "operations/"
 _NAME = re.compile(r"^operations/([0-9a-f]{16})$")
@@ -53,12 +57,11 @@ class Personaliser:
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except (ServiceError, AvatarBusy, QueueFull):
             raise
-        except (OSError, ConnectionError) as error:
-            raise unavailable(f"the job queue is unreachable: {error}") from error
         except Exception as error:
-            if type(error).__module__.startswith("redis"):
-                raise unavailable(f"the job queue is unreachable: {error}") from error
-            raise
+            if not unreachable(error):
+                raise
+            log.warning("job queue call %s failed: %s", getattr(fn, "__name__", fn), error)
+            raise unavailable("the job queue is unreachable; retry later") from error
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

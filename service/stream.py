@@ -32,7 +32,7 @@ from facekit.warp import warp_nearest
 from service.backends.base import BackendUnavailable
 from service.batcher import BatchResult, StreamQueue, WorkItem
 from service.driving import DrivingMapper
-from service.errors import ServiceError, detached, idle, invalid, precondition, unavailable
+from service.errors import ServiceError, backend_unavailable, detached, idle, invalid, precondition
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
 from service.metrics import Metrics
@@ -154,7 +154,7 @@ def _detached(error: BaseException) -> ServiceError:
     """A failed frame's error as a new ServiceError: the batch's exception (and the frames of its
     traceback) stays with the batch, not with this stream's reply loop."""
     if isinstance(error, BackendUnavailable):
-        return unavailable(f"the model backend is unavailable: {error}")
+        return backend_unavailable(error.reason)
     if isinstance(error, ServiceError):
         return detached(error)
     log.error("frame failed: %s: %s", type(error).__name__, error, exc_info=error)

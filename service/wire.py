@@ -96,8 +96,20 @@ def status_of(error: Exception, what: str) -> Status:
         # e.g. retry-after, where an error carries trailing metadata
         trailers: tuple[tuple[str, str], ...] = tuple(getattr(error, "trailers", tuple)())
         return error.code, error.message, trailers
+    if unreachable(error):
+        log.warning("%s failed: storage unreachable: %s: %s", what, type(error).__name__, error)
+        return grpc.StatusCode.UNAVAILABLE, "the server's storage is unreachable; retry later", ()
     log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
+
+
+def unreachable(error: BaseException) -> bool:
+    """A store the server needs (Redis: avatars, audit log, job queue) could not be reached: a
+    connection refused, broken or timed out. The call may succeed later: UNAVAILABLE, not INTERNAL."""
+    kind = type(error)
+    if kind.__module__.startswith("redis"):
+        return any(base.__name__ in ("ConnectionError", "TimeoutError") for base in kind.__mro__)
+    return isinstance(error, (ConnectionError, TimeoutError))
 
 
 @dataclass(frozen=True)

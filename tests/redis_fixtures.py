@@ -38,8 +38,8 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, *, workdir: Path) -> None:
-        self.port = free_port()
+    def __init__(self, *, workdir: Path, port: int | None = None) -> None:
+        self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [
             redis_binary(),

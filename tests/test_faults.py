@@ -565,6 +565,9 @@ def test_triton_killed_or_frozen_mid_stream(
             stream.join(10)
             unavailable = stream.ended - watch.t0 - hit
             assert stream.code == CODE.UNAVAILABLE, (stream.code, stream.details)
+            # what went wrong, not where: no address, no Triton client's words
+            assert stream.details.startswith("the model backend is unavailable: it "), stream.details
+            assert triton.url.split(":")[0] not in stream.details, stream.details
             until(lambda: watch.first("NOT_SERVING", hit) is not None, 5)
             not_serving = watch.first("NOT_SERVING", hit) - hit  # type: ignore[operator]
             assert unavailable <= 2.0 and not_serving <= 2.0, (unavailable, not_serving)

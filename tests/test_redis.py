@@ -21,6 +21,7 @@ from service.audit import RedisAuditLog
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
+from tests.redis_fixtures import RedisServer
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
@@ -162,3 +163,43 @@ def test_two_replicas_share_avatars_and_drop_stale_cache_within_a_second(
     finally:
         for replica in replicas:
             replica.stop()
+
+
+def test_redis_gone_calls_get_unavailable_without_its_address_and_work_resumes(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """Redis stops under a running server: calls that need it get UNAVAILABLE (before: INTERNAL)
+    with a message that says what is missing, not its address nor the client library's words. A new
+    stream of a cached avatar too: with the events interrupted the cache is not trusted (a deletion
+    may have been missed). Once Redis is back on the same port the same calls work again."""
+    redis = RedisServer(workdir=tmp_path / "redis")
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", redis_url=redis.url))
+    seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+    try:
+        running.wait_ready()
+        c = running.client()
+        c.create_avatar("kept", [PORTRAIT], consent=CONSENT)
+        redis.stop()
+        calls = {
+            "create": lambda: c.create_avatar("new", [PORTRAIT], consent=CONSENT),
+            "list": lambda: list(c.list_avatars()),
+            "delete": lambda: c.delete_avatar("kept"),
+            "personalise": lambda: c.personalise("kept"),
+            "animate": lambda: list(c.animate("kept", landmark_requests(seq), encoding="raw")),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            code, details = error.value.code(), error.value.details()
+            assert code == grpc.StatusCode.UNAVAILABLE, (name, code, details)
+            assert details == "the server's storage is unreachable; retry later", (name, details)
+
+        redis = RedisServer(workdir=tmp_path / "redis", port=redis.port)  # back, empty
+        c.create_avatar("new", [PORTRAIT], consent=CONSENT)
+        assert [a.avatar_id for a in c.list_avatars()] == ["new"]
+        assert c.personalise("new").name.startswith("operations/")
+        frames = list(c.animate("new", landmark_requests(seq), encoding="raw"))
+        assert [f.sequence for f in frames] == [0, 1, 2]
+    finally:
+        running.stop()
+        redis.stop()

@@ -29,7 +29,14 @@ T = TypeVar("T")
 
 
 class BackendUnavailable(RuntimeError):
-    """The model server cannot run a model now (down, not ready, not loaded); the call may be retried."""
+    """The model server cannot run a model now (down, not ready, not loaded); the call may be retried.
+
+    str(error) is the operator's detail (logged: addresses, paths, the model server's own words);
+    `reason` is what a client is told: a short phrase with none of those."""
+
+    def __init__(self, detail: str, *, reason: str = "it is not ready") -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 def check_images(images: np.ndarray, size: int, *, name: str) -> None:
@@ -114,8 +121,11 @@ class ReadyGate:
             if give_up is not None:
                 give_up()
             if call.abandoned.done():
-                raise BackendUnavailable(f"{what}: {call.abandoned.result()}")
-            raise BackendUnavailable(f"{what} did not answer within {self.timeout_s:g} s (backend timeout)")
+                raise BackendUnavailable(f"{what}: {call.abandoned.result()}", reason="it went away")
+            raise BackendUnavailable(
+                f"{what} did not answer within {self.timeout_s:g} s (backend timeout)",
+                reason=f"it did not answer within {self.timeout_s:g} s",
+            )
         finally:
             self._calls.discard(call)
             if not task.done():

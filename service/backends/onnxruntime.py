@@ -153,7 +153,7 @@ class OnnxRuntimeBackend(ReadyGate):
     async def _run(self, name: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[Any]:
         session = self._sessions.get(name)
         if session is None:
-            raise BackendUnavailable(f"model {name} is not loaded")
+            raise BackendUnavailable(f"model {name} is not loaded", reason=f"the {name} is not loaded")
         cancel = engines.Cancel()
         run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, feeds, outputs, cancel)
         return await self.call(name, run, give_up=cancel.cancel)

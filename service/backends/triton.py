@@ -189,9 +189,11 @@ class TritonBackend(ReadyGate):
         try:
             result = await self.call(f"Triton {model}", infer)
         except InferenceServerException as error:
-            if "UNAVAILABLE" in str(error.status() or ""):  # the connection broke: Triton is gone
+            gone = "UNAVAILABLE" in str(error.status() or "")  # the connection broke: Triton is gone
+            if gone:
                 self._lost(str(error))
-            raise BackendUnavailable(f"Triton {model}: {error.message()}") from error
+            reason = "it went away" if gone else "it failed the call"
+            raise BackendUnavailable(f"Triton {model}: {error.message()}", reason=reason) from error
         return [result.as_numpy(name) for name in outputs]
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
