@@ -1,6 +1,7 @@
 """`talkinghead export`: a checkpoint -> ONNX files -> a Triton model repository, with a report.
 
-A meta checkpoint gives `embedder` and `generator`; a personalised one (from `talkinghead
+A meta checkpoint gives `embedder` and `generator` (and beside the generator the template its
+avatars' generators are written from: `--no-template`); a personalised one (from `talkinghead
 finetune`) adds `generator_<avatar>` to a live repository as a new model version. Every model is
 checked against PyTorch on real frames (the demo portrait, driven by the demo landmarks) and
 timed with ONNX Runtime on CPU; the figures go to the report (JSON) and the log.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -53,6 +55,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (onnxruntime)")
     parser.add_argument("--report", type=Path, help="JSON report (default: <repository>.export.json)")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check and timing")
+    parser.add_argument(
+        "--no-template",
+        dest="template",
+        action="store_false",
+        help="meta checkpoint: do not write the personalised generator a worker's first job starts from "
+        f"(generator/<version>/{repository.TEMPLATE_FILE}, 10-20 s of tracing)",
+    )
     parser.add_argument("--triton-url", help="load (or unload) the changed models in this Triton (gRPC)")
     parser.add_argument("--remove-avatar", metavar="ID", help="unload and delete generator_<ID>")
 
@@ -111,6 +120,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="talkinghead-export-") as tmp:
         changed = []
         for graph in to_onnx.graphs(ckpt):
+            if (found := to_onnx.start_from(graph, args.repository)) is not None:
+                log.info("%s starts from the graph of %s", graph.name, found)
             started = time.monotonic()
             path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
             entry = {"export_seconds": round(time.monotonic() - started, 1), **to_onnx.describe(path)}
@@ -132,6 +143,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
                 )
             if graph.name == contract.GENERATOR:
                 copy_verdict(args.checkpoint, version_dir)
+                if args.template:
+                    entry["template"] = write_template(ckpt, version_dir, Path(tmp))
             if not same:
                 changed.append(graph.name)
             entry["path"] = str(version_dir)
@@ -142,6 +155,28 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     if args.triton_url:
         triton_load(args.triton_url, changed)
     return report
+
+
+def write_template(ckpt: dict[str, Any], version_dir: Path, tmp: Path) -> dict[str, Any]:
+    """The personalised generator a worker's first job starts from (to_onnx.template_graph), beside
+    the shared generator: kept where one of this checkpoint is there already."""
+    target = version_dir / repository.TEMPLATE_FILE
+    graph = to_onnx.template_graph(ckpt)
+    if target.is_file():
+        try:
+            kept = repository.spec_of(target).parameters.get(contract.Meta.MODEL_ID)
+        except Exception:  # a half-written or foreign file: written again
+            kept = None
+        if kept == graph.metadata[contract.Meta.MODEL_ID]:
+            return {"path": str(target), "kept": True}
+    started = time.monotonic()
+    path = to_onnx.export_graph(graph, tmp / repository.TEMPLATE_FILE)
+    staged = version_dir / f".{repository.TEMPLATE_FILE}"
+    shutil.copyfile(path, staged)
+    os.replace(staged, target)  # never a half-written template
+    seconds = time.monotonic() - started
+    log.info("personalised template -> %s in %.1f s", target, seconds)
+    return {"path": str(target), "export_seconds": round(seconds, 1)}
 
 
 def copy_verdict(ckpt_path: Path, version_dir: Path) -> None:

@@ -17,6 +17,7 @@ new version without a restart. Torch-free: the service image's tools and the Tri
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 import onnx
 
 from facekit import contract
+
+log = logging.getLogger("talkinghead.export")
 
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
@@ -148,6 +151,13 @@ def config_text(spec: ModelSpec, profile: str, *, device: str = "cpu") -> str:
     return "\n".join(lines) + "\n"
 
 
+# Beside the shared generator's model.onnx: a personalised generator of the same base model, its
+# psi made up. No Triton or service reads it; a worker's first job writes its avatar's generator
+# from this graph instead of tracing one (export/to_onnx.py Templates, worker/models.py).
+TEMPLATE_FILE = "personalised-template.onnx"
+SEED_TRIES = 8  # published generators personalised_like reads (most are of the served base model)
+
+
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
@@ -224,3 +234,31 @@ def models(repository: Path) -> list[str]:
     if not repository.is_dir():
         return []
     return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+
+
+def personalised_like(repository: Path, name: str, model_id: str, *, tries: int = SEED_TRIES) -> Path | None:
+    """A generator in `repository` personalised from base model `model_id`: a graph the export of
+    `name` (generator_<avatar>) can be written from instead of traced (export/to_onnx.py
+    Templates; its check against PyTorch has the last word). That avatar's own published one
+    first, then other avatars' (at most `tries` files read), then TEMPLATE_FILE beside the shared
+    generator."""
+    names = sorted(
+        (n for n in models(repository) if n.startswith(contract.PERSONALISED_PREFIX)),
+        key=lambda n: n != name,
+    )
+    paths = [contract.latest_version(repository / n) for n in names[:tries]]
+    paths.append(contract.latest_version(repository / contract.GENERATOR, TEMPLATE_FILE))
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            meta = spec_of(path).parameters
+        except Exception as error:  # a half-written or foreign file: not a template
+            log.warning("cannot read %s: %s", path, error)
+            continue
+        if (
+            meta.get(contract.Meta.KIND) == contract.KIND_PERSONALISED
+            and meta.get(contract.Meta.MODEL_ID) == model_id
+        ):
+            return path
+    return None

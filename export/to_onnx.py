@@ -23,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
+from export import repository
 from export.wrappers import (
     EmbedderIO,
     GeneratorIO,
@@ -41,6 +42,7 @@ log = logging.getLogger("talkinghead.export")
 OPSET = 20
 MAX_EXPORT_BATCH = 64  # upper bound the exporter checks the dynamic batch axis against
 PRODUCER = "talkinghead-export"
+TEMPLATE_AVATAR = "template"  # the made-up avatar of template_graph
 
 
 def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, str]:
@@ -113,6 +115,28 @@ def graphs(ckpt: dict[str, Any]) -> list[Graph]:
         graph(contract.KIND_EMBEDDER, EmbedderIO(embedder=emb, generator=gen)),
         graph(contract.KIND_GENERATOR, shared(generator=gen)),
     ]
+
+
+def template_graph(ckpt: dict[str, Any]) -> Graph:
+    """A personalised generator of a meta checkpoint: its G's weights and a made-up psi (seeded
+    noise: no two values alike, since the exporter merges equal-valued constants and a graph with
+    merged weights cannot take another's). Its export is the graph a worker's first job writes its
+    avatar's generator from (Templates) instead of tracing its own."""
+    if ckpt.get("kind") == contract.KIND_PERSONALISED:
+        raise ValueError("a template is made from a meta checkpoint")
+    _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
+    psi = 0.1 * torch.randn(1, gen.adain_size, generator=torch.Generator().manual_seed(0))
+    personal = {
+        "kind": contract.KIND_PERSONALISED,
+        "avatar": TEMPLATE_AVATAR,
+        "config": ckpt["config"],
+        "step": int(ckpt.get("step", 0)),
+        "base_model_id": checkpoint.fingerprint(ckpt),
+        "generator": ckpt["generator"],
+        "adain": psi,
+    }
+    (graph,) = graphs(personal)
+    return graph
 
 
 def gflops_per_frame(gen: Generator) -> float:
@@ -281,6 +305,18 @@ class Templates:
 
 
 TEMPLATES = Templates()
+
+
+def start_from(graph: Graph, repo: Path) -> Path | None:
+    """Unless this process keeps a graph of `graph`'s structure already, keep the one `repo` holds
+    (repository.personalised_like): a first export in a process is written, not traced. The file
+    kept, or None."""
+    if TEMPLATES.has(graph) or graph.metadata.get(contract.Meta.KIND) != contract.KIND_PERSONALISED:
+        return None
+    found = repository.personalised_like(repo, graph.name, graph.metadata[contract.Meta.MODEL_ID])
+    if found is not None:
+        TEMPLATES.keep(graph, found)
+    return found
 
 
 def simplify(model: onnx.ModelProto) -> onnx.ModelProto:

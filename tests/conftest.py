@@ -46,6 +46,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
         device="cpu",
         no_check=False,
         triton_url=None,
+        template=False,
     )
     return repo, command.export(args)
 

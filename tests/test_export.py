@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -164,10 +165,15 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
 
 
 def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
-    personal_ckpt: dict, meta_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path
+    personal_ckpt: dict,
+    meta_ckpt: dict,
+    exported: tuple[Path, dict],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """`talkinghead export` of a personalised checkpoint: one more model, psi baked in (checked
-    against PyTorch), the base model's id; the same checkpoint again adds no version; removal."""
+    against PyTorch), the base model's id; the same checkpoint again, written from the graph the
+    first export traced, is that export byte for byte: no new version; removal."""
     from talkinghead.cli import run_module
     from training import checkpoint
 
@@ -175,6 +181,7 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     shutil.copytree(exported[0], repo)
     checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
     report = tmp_path / "report.json"
+    to_onnx.TEMPLATES.clear()  # traced here, whatever an earlier test exported
     argv = ["--checkpoint", str(tmp_path / "alice.pt"), "--repository", str(repo), "--report", str(report)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator", "generator_alice"]
@@ -191,15 +198,33 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     # the avatar's psi came from the meta model's embedder: the ids must match for the service
     base = to_onnx.metadata(meta_ckpt, "generator", adain_size=1)["talkinghead.model_id"]
     assert params["talkinghead.model_id"] == base
-    # the same checkpoint again, traced again (not written from the graph kept in this process):
-    # the export is reproducible (byte for byte), so no new version
-    to_onnx.TEMPLATES.clear()
-    assert run_module("export.command", [*argv, "--no-check"], prog="talkinghead export") == 0
+    # the same checkpoint again: written from the graph the first export traced (what a worker
+    # does from its second job on, and for a job re-run after a worker died): the same bytes
+    with caplog.at_level(logging.INFO, logger=to_onnx.log.name):
+        assert run_module("export.command", [*argv, "--no-check"], prog="talkinghead export") == 0
+    assert "exported generator_alice from an earlier export's graph" in caplog.text, caplog.text[-2000:]
     assert repository.versions(repo / "generator_alice") == [1]
     argv = ["--remove-avatar", "alice", "--repository", str(repo)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator"]
     assert run_module("export.command", argv, prog="talkinghead export") == 1
+
+
+def test_a_meta_models_template_is_structured_as_its_avatars_generators(
+    meta_ckpt: dict, personal_ckpt: dict
+) -> None:
+    """The personalised generator `talkinghead export` writes beside the shared one (what a
+    worker's first job starts from) has the structure of every avatar's generator of that model,
+    its base model id, and a psi with no two values alike (the exporter would merge them)."""
+    template = to_onnx.template_graph(meta_ckpt)
+    (avatar,) = to_onnx.graphs(personal_ckpt)
+    assert to_onnx.Templates.key(template) == to_onnx.Templates.key(avatar)
+    assert template.metadata[contract.Meta.KIND] == contract.KIND_PERSONALISED
+    assert template.metadata[contract.Meta.MODEL_ID] == avatar.metadata[contract.Meta.MODEL_ID]
+    psi = template.module.state_dict()["adain"]
+    assert psi.unique().numel() == psi.numel()
+    with pytest.raises(ValueError, match="meta checkpoint"):
+        to_onnx.template_graph(personal_ckpt)
 
 
 class Tiny(torch.nn.Module):

@@ -111,28 +111,40 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
             time.sleep(0.2)
 
 
+@pytest.mark.parametrize("source", ["published", "template"])
 def test_a_workers_first_job_starts_from_a_generator_published_before(
     personalised_repository: tuple[Path, str],
     personal_ckpt: dict,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
+    source: str,
 ) -> None:
     """A worker that has traced nothing yet (just started) publishes an avatar's generator from
-    the graph of one the repository already holds for the same base model: no tracing, and the
-    frames are PyTorch's."""
-    from export import to_onnx
+    the graph of one the repository already holds for the same base model - another avatar's, or
+    where there is none the template beside the shared generator (`talkinghead export` writes it;
+    here another avatar's generator stands in): no tracing, and the frames are PyTorch's."""
+    from export import repository, to_onnx
     from export.command import real_inputs
     from facekit import contract
     from worker import models
 
     repo = tmp_path / "repo"
     shutil.copytree(personalised_repository[0], repo)
+    published = expected = repo / "generator_astro-fine"
+    for version in repository.versions(repo / "generator"):  # none but the one below
+        (repo / "generator" / str(version) / repository.TEMPLATE_FILE).unlink(missing_ok=True)
+    if source == "template":
+        (shared,) = repository.versions(repo / "generator")
+        template = repo / "generator" / str(shared) / repository.TEMPLATE_FILE
+        shutil.move(published / "1" / contract.MODEL_FILE, template)
+        shutil.rmtree(published)
+        expected = template
     monkeypatch.setattr(to_onnx, "TEMPLATES", to_onnx.Templates())  # a worker process just started
     with caplog.at_level("INFO"):
         name, version = models.publish(personal_ckpt, repo, profile="python", tritons=[])
     assert (name, version) == ("generator_alice", 1)
-    assert f"starts from the graph of {repo / 'generator_astro-fine'}" in caplog.text
+    assert f"starts from the graph of {expected}" in caplog.text
     assert "from an earlier export's graph" in caplog.text  # written, not traced
     (graph,) = to_onnx.graphs(personal_ckpt)
     inputs = real_inputs(personal_ckpt)[contract.KIND_PERSONALISED]

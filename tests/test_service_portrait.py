@@ -90,6 +90,7 @@ def warp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         device="cpu",
         no_check=True,
         triton_url=None,
+        template=False,
         report=None,
         remove_avatar=None,
     )

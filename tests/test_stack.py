@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from deploy.local import stack
+from export.repository import TEMPLATE_FILE
 from tests.redis_fixtures import redis_binary
 
 pytestmark = pytest.mark.triton
@@ -137,11 +138,13 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
     names = ["triton_http", "triton_grpc", "triton_metrics", "grpc", "metrics", "prometheus", "redis"]
     ports = stack.Ports(**dict(zip(names, free_ports(len(names)), strict=True)))
     state = tmp_path / "stack"
+    repo = private_copy(repository(request), tmp_path / "repo")  # the worker writes into it
+    template = any((repo / "generator").glob(f"*/{TEMPLATE_FILE}"))  # `make model-repository` wrote one
     args = [
         "--state",
         str(state),
         "--repository",
-        str(private_copy(repository(request), tmp_path / "repo")),  # the worker writes into it
+        str(repo),
         "--triton-venv",
         str(TRITON_VENV),
         "--prometheus",
@@ -184,6 +187,10 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         except Exception as error:  # grpc.RpcError and decoding problems: say where it broke
             detail = describe_error(error) if hasattr(error, "code") else repr(error)
             pytest.fail(f"the service on the triton backend failed: {detail}\n{logs()}")
+        if template:  # the worker's first job wrote the avatar's generator from it: nothing traced
+            worker = layout.log("worker").read_text()
+            assert f"starts from the graph of {repo}/generator/" in worker, worker[-3000:]
+            assert f"/{TEMPLATE_FILE}" in worker and "exporting in full" not in worker, worker[-3000:]
         assert [f.sequence for f in frames] == list(range(FRAMES))
         assert all(f.image.shape == frames[0].image.shape and f.image.std() > 0 for f in frames)
 

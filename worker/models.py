@@ -2,8 +2,9 @@
 
 `publish` exports a personalised checkpoint's `generator_<avatar>` (no parity check on real
 frames: the export tests hold that). It traces nothing where it can: the graph of an earlier job,
-or for a worker's first job a generator the repository holds for the same base model, gets the
-new weights and is checked against PyTorch (export/to_onnx.py Templates). It adds it
+or for a worker's first job a generator the repository holds for the same base model (published,
+or the template `talkinghead export` writes beside the shared generator), gets the new weights
+and is checked against PyTorch (export/to_onnx.py Templates). It adds it
 as a new version unless the latest one is byte-identical (a job re-run after its worker died
 publishes nothing twice), then loads it in each Triton. `withdraw` unloads it from each Triton,
 waits until Triton has let go, and removes its directory in one rename. A Triton URL whose host
@@ -24,7 +25,6 @@ from export.command import wait_unloaded
 from facekit import contract
 
 log = logging.getLogger("talkinghead.worker")
-SEED_TRIES = 8  # published generators read for a first job's graph (most are of the served base model)
 
 
 def targets(urls: list[str]) -> list[str]:
@@ -54,11 +54,8 @@ def _client(url: str) -> Any:
 def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str]) -> tuple[str, int]:
     """Export the personalised generator into `repo` and load it in every Triton: (name, version)."""
     (graph,) = to_onnx.graphs(ckpt)
-    if not to_onnx.TEMPLATES.has(graph):
-        published = published_like(graph, repo)
-        if published is not None:
-            log.info("%s starts from the graph of %s", graph.name, published)
-            to_onnx.TEMPLATES.keep(graph, published)
+    if (found := to_onnx.start_from(graph, repo)) is not None:
+        log.info("%s starts from the graph of %s", graph.name, found)
     with tempfile.TemporaryDirectory(prefix="talkinghead-worker-") as tmp:
         started = time.monotonic()
         path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
@@ -71,33 +68,6 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
         _client(url).load_model(graph.name)
         log.info("loaded %s in Triton at %s", graph.name, url)
     return graph.name, int(version_dir.name)
-
-
-def published_like(graph: to_onnx.Graph, repo: Path, *, tries: int = SEED_TRIES) -> Path | None:
-    """A generator published in `repo` for an avatar of `graph`'s base model (this avatar's own
-    first): the graph a worker's first job can start from instead of tracing its own (export/
-    to_onnx.py Templates; its check against PyTorch has the last word). At most `tries` files read."""
-    own = graph.name
-    names = sorted(
-        (n for n in repository.models(repo) if n.startswith(contract.PERSONALISED_PREFIX)),
-        key=lambda n: n != own,
-    )
-    base = graph.metadata[contract.Meta.MODEL_ID]
-    for name in names[:tries]:
-        path = contract.latest_version(repo / name)
-        if path is None:
-            continue
-        try:
-            meta = repository.spec_of(path).parameters
-        except Exception as error:  # a half-written or foreign file: not a template
-            log.warning("cannot read %s: %s", path, error)
-            continue
-        if (
-            meta.get(contract.Meta.KIND) == contract.KIND_PERSONALISED
-            and meta.get(contract.Meta.MODEL_ID) == base
-        ):
-            return path
-    return None
 
 
 def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
