@@ -23,7 +23,6 @@ from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
-from service.wire import unreachable
 
 log = logging.getLogger("talkinghead.service.personalisation")
 
@@ -57,11 +56,15 @@ class Personaliser:
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except (ServiceError, AvatarBusy, QueueFull):
             raise
-        except Exception as error:
-            if not unreachable(error):
+        except (
+            Exception
+        ) as error:  # unreachable, or refusing writes (a Redis at maxmemory): the details are logged
+            if not isinstance(error, OSError) and not type(error).__module__.startswith("redis"):
                 raise
-            log.warning("job queue call %s failed: %s", getattr(fn, "__name__", fn), error)
-            raise unavailable("the job queue is unreachable; retry later") from error
+            log.warning(
+                "job queue call %s failed: %s: %s", getattr(fn, "__name__", fn), type(error).__name__, error
+            )
+            raise unavailable("the job queue is unavailable; retry later") from error
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

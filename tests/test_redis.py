@@ -203,3 +203,24 @@ def test_redis_gone_calls_get_unavailable_without_its_address_and_work_resumes(
     finally:
         running.stop()
         redis.stop()
+
+
+def test_a_queue_that_cannot_be_reached_is_unavailable_without_its_address(tmp_path: Path) -> None:
+    """Operations on a Redis queue that is gone: UNAVAILABLE, saying the queue is unavailable, not
+    where it was nor what redis-py said (that goes to the log)."""
+    import asyncio
+
+    from service.errors import ServiceError
+    from service.personalisation import Personaliser
+
+    redis = RedisServer(workdir=tmp_path / "redis")
+    queue = RedisQueue(client=connect(redis.url))
+    redis.stop()
+    personaliser = Personaliser(queue=queue, max_queue=4, on_done=lambda job: None)
+    try:
+        with pytest.raises(ServiceError) as error:
+            asyncio.run(personaliser.get(f"operations/{new_id()}", "tenant"))
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert error.value.message == "the job queue is unavailable; retry later"
+    finally:
+        personaliser.close()
