@@ -23,6 +23,7 @@ message max_image_bytes + 64 KiB (a driving frame); every other method 64 KiB.
 from __future__ import annotations
 
 import asyncio
+import errno
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,7 +92,8 @@ def set_status(context: grpc.aio.ServicerContext, status: Status) -> None:
 
 
 def status_of(error: Exception, what: str) -> Status:
-    """The status a failure ends a call with; anything but a ServiceError is INTERNAL, logged."""
+    """The status a failure ends a call with: a ServiceError's own; UNAVAILABLE where the server's
+    storage cannot be reached or is full (logged); anything else INTERNAL, logged with its traceback."""
     if isinstance(error, ServiceError):
         # e.g. retry-after, where an error carries trailing metadata
         trailers: tuple[tuple[str, str], ...] = tuple(getattr(error, "trailers", tuple)())
@@ -99,6 +101,9 @@ def status_of(error: Exception, what: str) -> Status:
     if unreachable(error):
         log.warning("%s failed: storage unreachable: %s: %s", what, type(error).__name__, error)
         return grpc.StatusCode.UNAVAILABLE, "the server's storage is unreachable; retry later", ()
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        log.error("%s failed: storage full: %s", what, error)  # an operator must make room
+        return grpc.StatusCode.UNAVAILABLE, "the server's storage is full; retry later", ()
     log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
 

@@ -12,6 +12,8 @@ backend that is too slow, dies or freezes, and a service killed mid-write.
 - Triton (the bundled server, started as in tests/test_service_triton.py; skips where it is not
   installed): SIGKILL and SIGSTOP mid-stream give the stream UNAVAILABLE and health NOT_SERVING
   within 2 s; streams work again within 5 s of Triton's return (restart / SIGCONT).
+- The avatar store's filesystem full (a real tmpfs; skips where the test cannot mount one):
+  CreateAvatar gets UNAVAILABLE saying so, nothing partial is left, stored avatars still stream.
 - `talkinghead serve` SIGKILLed while it writes an avatar (its fsync held open): after a restart
   the avatar is not listed and not found, the avatars written before are whole, and the id can be
   created again.
@@ -20,6 +22,7 @@ backend that is too slow, dies or freezes, and a service killed mid-write.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import itertools
 import os
@@ -696,3 +699,47 @@ def test_service_killed_mid_avatar_write_leaves_no_partial_avatar(
     finally:
         second.terminate()
         second.wait(30)
+
+
+def test_a_full_store_refuses_new_avatars_and_keeps_the_stored_ones(
+    model_repository: Path, tmp_path: Path, short: LandmarkSequence
+) -> None:
+    """The avatar store's filesystem fills up (a real 1 MiB tmpfs): CreateAvatar gets UNAVAILABLE
+    "the server's storage is full" (before: INTERNAL "OSError"), no temporary file is left, the
+    avatar stored before still streams, and once there is room a new avatar is created."""
+    store = tmp_path / "store"
+    store.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(store)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    running = None
+    try:
+        running = ServerThread(settings=test_settings(model_repository, store))
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("before", [PORTRAIT], consent=CONSENT)
+            filler = os.open(store / "filler", os.O_WRONLY | os.O_CREAT)
+            try:
+                with pytest.raises(OSError) as full:
+                    while os.write(filler, bytes(4096)):
+                        pass
+                assert full.value.errno == errno.ENOSPC
+            finally:
+                os.close(filler)
+            with pytest.raises(grpc.RpcError) as refused:
+                c.create_avatar("after", [PORTRAIT], consent=CONSENT)
+            assert refused.value.code() == CODE.UNAVAILABLE, refused.value.details()
+            assert refused.value.details() == "the server's storage is full; retry later"
+            assert not list(store.glob(".tmp-*")), "a partial avatar file was left"
+            assert [a.avatar_id for a in c.list_avatars()] == ["before"]
+            assert len(list(c.animate("before", landmark_requests(short)))) == len(short.points)
+
+            (store / "filler").unlink()
+            c.create_avatar("after", [PORTRAIT], consent=CONSENT)
+            assert [a.avatar_id for a in c.list_avatars()] == ["after", "before"]
+    finally:
+        if running is not None:
+            running.stop()
+        subprocess.run(["umount", str(store)], capture_output=True, check=False)
