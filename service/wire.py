@@ -101,11 +101,21 @@ def status_of(error: Exception, what: str) -> Status:
     if unreachable(error):
         log.warning("%s failed: storage unreachable: %s: %s", what, type(error).__name__, error)
         return grpc.StatusCode.UNAVAILABLE, "the server's storage is unreachable; retry later", ()
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if full(error):
         log.error("%s failed: storage full: %s", what, error)  # an operator must make room
         return grpc.StatusCode.UNAVAILABLE, "the server's storage is full; retry later", ()
     log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
+
+
+def full(error: BaseException) -> bool:
+    """The server's storage has no room: a disk full or over quota, a Redis at its maxmemory with
+    nothing it may evict (redis-py's OutOfMemoryError: "command not allowed when used memory >
+    'maxmemory'")."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    kind = type(error)
+    return kind.__module__.startswith("redis") and any(b.__name__ == "OutOfMemoryError" for b in kind.__mro__)
 
 
 def unreachable(error: BaseException) -> bool:

@@ -38,7 +38,7 @@ def redis_binary() -> str:
 
 
 class RedisServer:
-    def __init__(self, *, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, *, workdir: Path, port: int | None = None, args: tuple[str, ...] = ()) -> None:
         self.port = port or free_port()
         workdir.mkdir(parents=True, exist_ok=True)
         cmd = [
@@ -51,6 +51,7 @@ class RedisServer:
             "",
             "--appendonly",
             "no",
+            *args,
         ]
         self.process = subprocess.Popen(
             [*cmd, "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -224,3 +224,35 @@ def test_a_queue_that_cannot_be_reached_is_unavailable_without_its_address(tmp_p
         assert error.value.message == "the job queue is unavailable; retry later"
     finally:
         personaliser.close()
+
+
+def test_a_redis_at_its_memory_limit_refuses_new_avatars_and_keeps_the_stored_ones(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """A Redis at its maxmemory that may evict nothing (as avatars must not be): CreateAvatar gets
+    UNAVAILABLE "the server's storage is full" (before: INTERNAL "ResponseError"); the avatars
+    stored before stay whole and stream."""
+    redis = RedisServer(
+        workdir=tmp_path / "redis", args=("--maxmemory", "2mb", "--maxmemory-policy", "noeviction")
+    )
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", redis_url=redis.url))
+    seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+    try:
+        running.wait_ready()
+        c = running.client()
+        made = []
+        with pytest.raises(grpc.RpcError) as refused:
+            for i in range(100):
+                c.create_avatar(f"a{i:02d}", [PORTRAIT], consent=CONSENT)
+                made.append(f"a{i:02d}")
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value.details()
+        assert refused.value.details() == "the server's storage is full; retry later"
+        assert made and [a.avatar_id for a in c.list_avatars()] == made
+        assert len(connect(redis.url).keys(keys.PREFIX + "avatar:*")) == len(made), (
+            "the refused one left a record"
+        )
+        frames = list(c.animate(made[0], landmark_requests(seq), encoding="raw"))
+        assert [f.sequence for f in frames] == [0, 1, 2]
+    finally:
+        running.stop()
+        redis.stop()
