@@ -34,6 +34,7 @@ log = logging.getLogger("talkinghead.export")
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
+STAGING, REMOVED = ".staging-", ".removed-"  # hidden folders of a write and a removal in flight
 _ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -178,30 +179,35 @@ def write_model(
     profile: str = "python",
     device: str = "cpu",
     name: str | None = None,
-    new_version: bool = True,
 ) -> Path:
-    """Add `onnx_path` to the repository as a model; returns the version directory written.
-
-    new_version=True writes `<name>/<latest+1>/` (a live repository: Triton can load it while the
-    old version serves); False replaces version 1 (building a repository from scratch).
-    """
+    """Add `onnx_path` to the repository as `<name>/<latest+1>/` (a live repository: Triton can
+    load it while the old version serves); returns the version directory written. Where it fails
+    (a full disk) the repository is left as it was."""
     spec = spec_of(onnx_path, name=name, profile=profile)
     model_dir = repository / spec.name
     existing = versions(model_dir)
-    version = (existing[-1] + 1 if existing else 1) if new_version else 1
-    staging = Path(tempfile.mkdtemp(dir=repository.parent, prefix=f".{repository.name}-staging-"))
+    version = existing[-1] + 1 if existing else 1
+    created = not model_dir.exists()
+    model_dir.mkdir(parents=True, exist_ok=True)
+    # Staged inside the model's own folder: on the repository's filesystem (a volume of its own
+    # in Kubernetes, under a read-only root), and not a version (not a number). One writer per
+    # model at a time (one job per avatar): a staging folder found here was left by a killed one.
+    for left in model_dir.glob(f"{STAGING}*"):
+        shutil.rmtree(left, ignore_errors=True)
+    target = model_dir / str(version)
     try:
-        shutil.copyfile(onnx_path, staging / "model.onnx")
-        if profile == "python":
-            shutil.copyfile(PYTHON_MODEL, staging / "model.py")
-        model_dir.mkdir(parents=True, exist_ok=True)
-        target = model_dir / str(version)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
+        staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=STAGING))
+        try:
+            shutil.copyfile(onnx_path, staging / "model.onnx")
+            if profile == "python":
+                shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
+    except BaseException:  # a full disk, say: leave the repository as it was
+        shutil.rmtree(model_dir if created else target, ignore_errors=True)
+        raise
     for old in versions(model_dir)[:-KEEP_VERSIONS]:
         shutil.rmtree(model_dir / str(old))
     return target
@@ -223,8 +229,10 @@ def remove_model(repository: Path, name: str) -> bool:
     model_dir = repository / name
     if not model_dir.is_dir():
         return False
-    trash = Path(tempfile.mkdtemp(dir=repository.parent, prefix=f".{repository.name}-removed-"))
-    os.replace(model_dir, trash / name)  # one rename: readers never see a half-deleted model
+    # one rename, within the repository's filesystem: readers never see a half-deleted model (a
+    # hidden folder is no model to `models`)
+    trash = Path(tempfile.mkdtemp(dir=repository, prefix=REMOVED))
+    os.replace(model_dir, trash / name)
     shutil.rmtree(trash)
     return True
 
@@ -233,7 +241,9 @@ def models(repository: Path) -> list[str]:
     """Names of the models in a repository (directories holding a config.pbtxt)."""
     if not repository.is_dir():
         return []
-    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    return sorted(
+        p.name for p in repository.iterdir() if not p.name.startswith(".") and (p / "config.pbtxt").is_file()
+    )
 
 
 def personalised_like(repository: Path, name: str, model_id: str, *, tries: int = SEED_TRIES) -> Path | None:

@@ -20,7 +20,14 @@ from client.library import Client, landmark_requests, operation_error
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, copy_base_models, test_settings
+from tests.service_fixtures import (
+    CONSENT,
+    DRIVER,
+    PORTRAIT,
+    ServerThread,
+    copy_base_models,
+    test_settings,
+)
 
 WORKER_TIMEOUT_S = 420
 
@@ -153,3 +160,66 @@ def test_a_workers_first_job_starts_from_a_generator_published_before(
     assert parity.max_abs <= 2 and parity.mean_abs < 0.01
     stamped = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
     assert stamped["talkinghead.avatar"] == "alice"
+
+
+def test_a_model_repository_on_its_own_filesystem_full_then_with_room(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """The repository a volume of its own, as in Kubernetes (a real tmpfs; skips where the test
+    cannot mount one). Full: the operation ends UNAVAILABLE "the model repository is full" - not
+    INTERNAL with the worker's paths -, nothing half-written is left, the avatar still streams.
+    With room: the job publishes and deleting the avatar withdraws its generator (before, both
+    staged their folders beside the repository: EXDEV here, a read-only root in the chart)."""
+    import errno
+    import os
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(repo)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    running = None
+    try:
+        copy_base_models(model_repository, repo)
+        running = ServerThread(settings=test_settings(repo, tmp_path / "store", worker="embedded"))
+        running.wait_ready()
+        filler = os.open(repo / ".filler", os.O_WRONLY | os.O_CREAT)
+        try:
+            with pytest.raises(OSError) as full:
+                while os.write(filler, bytes(1 << 16)):
+                    pass
+            assert full.value.errno == errno.ENOSPC
+        finally:
+            os.close(filler)
+        with running.client() as c:
+            c.create_avatar("crowded", [PORTRAIT], consent=CONSENT)
+            done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+            assert operation_error(done) == (
+                "UNAVAILABLE: the model repository is full; personalise again later"
+            ), operation_error(done)
+            assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [
+                "embedder",
+                "generator",
+            ]
+            driver = LandmarkSequence.load(DRIVER)
+            two = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+            assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
+
+            (repo / ".filler").unlink()
+            done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+            assert done.response.model_name == "generator_crowded", operation_error(done)
+            assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
+            assert c.last_started is not None and c.last_started.personalised
+            c.delete_avatar("crowded")
+            deadline = time.monotonic() + WORKER_TIMEOUT_S
+            while (repo / "generator_crowded").exists():
+                assert time.monotonic() < deadline, "the deleted avatar's generator is still there"
+                time.sleep(0.2)
+            assert sorted(p.name for p in repo.iterdir()) == ["embedder", "generator"]
+    finally:
+        if running is not None:
+            running.stop()
+        subprocess.run(["umount", str(repo)], capture_output=True, check=False)

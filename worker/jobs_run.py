@@ -10,6 +10,7 @@ nothing more and leaves the job to its new holder.
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import threading
 import time
@@ -26,6 +27,7 @@ from jobs.record import (
     CODE_CANCELLED,
     CODE_FAILED_PRECONDITION,
     CODE_INTERNAL,
+    CODE_UNAVAILABLE,
     FAILED,
     REMOVE,
     SUCCEEDED,
@@ -109,7 +111,18 @@ def run_job(ctx: Context, job: Job) -> None:
         _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
     except Exception as error:
         log.exception("job %s failed", job.id)
-        _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=f"{type(error).__name__}: {error}"))
+        code, message = failure(error)
+        _end(ctx, job.ended(FAILED, code=code, error=message))
+
+
+def failure(error: Exception) -> tuple[int, str]:
+    """A failed job's code and message, as its caller reads them (GetOperation): what went wrong,
+    not where - no paths, addresses or a library's own words; the worker's log has those."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CODE_UNAVAILABLE, "the model repository is full; personalise again later"
+    if type(error).__name__ == "InferenceServerException":  # tritonclient's, from load_model
+        return CODE_UNAVAILABLE, "the model server could not load the generator; personalise again later"
+    return CODE_INTERNAL, f"internal error: {type(error).__name__} (the worker's log has the details)"
 
 
 def _end(ctx: Context, job: Job) -> None:

@@ -62,8 +62,10 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
         log.info("exported %s in %.1f s", graph.name, time.monotonic() - started)
         latest = repository.versions(repo / graph.name)
         current = repo / graph.name / str(latest[-1]) / contract.MODEL_FILE if latest else None
-        same = current is not None and current.is_file() and current.read_bytes() == path.read_bytes()
-        version_dir = repository.write_model(repo, path, profile=profile, new_version=not same)
+        if current is not None and current.is_file() and current.read_bytes() == path.read_bytes():
+            version_dir = repository.write_config(repo, path, profile=profile)  # nothing new to write
+        else:
+            version_dir = repository.write_model(repo, path, profile=profile)
     for url in targets(tritons):
         _client(url).load_model(graph.name)
         log.info("loaded %s in Triton at %s", graph.name, url)
