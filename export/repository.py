@@ -12,7 +12,9 @@ Profiles (the same tensors, batching and parameters; only the platform part diff
 
 Adding a model never edits a live version: it writes `<name>/<n+1>/` beside the old one in a
 staging folder and renames it into place, so Triton in explicit model-control mode can load the
-new version without a restart. Torch-free: the service image's tools and the Triton image use it.
+new version without a restart. Writes and removals stay inside the repository: it may be a
+volume of its own (a rename across filesystems fails) under a read-only root. Torch-free: the
+service image's tools and the Triton image use it.
 """
 
 from __future__ import annotations
