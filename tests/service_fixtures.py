@@ -11,6 +11,8 @@ The model repository: $TALKINGHEAD_TEST_MODEL_REPOSITORY, else model_repository/
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import io
 import os
 import shutil
@@ -226,6 +228,36 @@ class Direct:
 @pytest.fixture(scope="session")
 def direct(model_repository: Path) -> Direct:
     return Direct(repository=model_repository)
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A real filesystem of `size` (mount's size=, e.g. "1m") mounted at `path` (created) for the
+    block, so a test meets a full disk or a folder on a volume of its own; skips, saying why,
+    where it cannot mount one."""
+    path.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", str(path)], capture_output=True, check=False)
+
+
+def fill(path: Path) -> Path:
+    """Write `path` until its filesystem is full (ENOSPC); returns it (unlink it to make room)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(OSError) as full:
+            while os.write(fd, bytes(1 << 16)):
+                pass
+        assert full.value.errno == errno.ENOSPC, full.value
+    finally:
+        os.close(fd)
+    return path
 
 
 def copy_base_models(source: Path, target: Path) -> Path:

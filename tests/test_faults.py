@@ -22,7 +22,6 @@ backend that is too slow, dies or freezes, and a service killed mid-write.
 from __future__ import annotations
 
 import asyncio
-import errno
 import gc
 import itertools
 import os
@@ -50,7 +49,9 @@ from tests.service_fixtures import (
     REPO,
     ServerThread,
     copy_base_models,
+    fill,
     test_settings,
+    tmpfs,
 )
 from tests.test_service_triton import VENV as TRITON_VENV
 from tests.test_service_triton import Triton
@@ -707,39 +708,23 @@ def test_a_full_store_refuses_new_avatars_and_keeps_the_stored_ones(
     """The avatar store's filesystem fills up (a real 1 MiB tmpfs): CreateAvatar gets UNAVAILABLE
     "the server's storage is full" (before: INTERNAL "OSError"), no temporary file is left, the
     avatar stored before still streams, and once there is room a new avatar is created."""
-    store = tmp_path / "store"
-    store.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(store)], capture_output=True, text=True
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    running = None
-    try:
+    with tmpfs(tmp_path / "store", "1m") as store:
         running = ServerThread(settings=test_settings(model_repository, store))
-        running.wait_ready()
-        with running.client() as c:
-            c.create_avatar("before", [PORTRAIT], consent=CONSENT)
-            filler = os.open(store / "filler", os.O_WRONLY | os.O_CREAT)
-            try:
-                with pytest.raises(OSError) as full:
-                    while os.write(filler, bytes(4096)):
-                        pass
-                assert full.value.errno == errno.ENOSPC
-            finally:
-                os.close(filler)
-            with pytest.raises(grpc.RpcError) as refused:
-                c.create_avatar("after", [PORTRAIT], consent=CONSENT)
-            assert refused.value.code() == CODE.UNAVAILABLE, refused.value.details()
-            assert refused.value.details() == "the server's storage is full; retry later"
-            assert not list(store.glob(".tmp-*")), "a partial avatar file was left"
-            assert [a.avatar_id for a in c.list_avatars()] == ["before"]
-            assert len(list(c.animate("before", landmark_requests(short)))) == len(short.points)
+        try:
+            running.wait_ready()
+            with running.client() as c:
+                c.create_avatar("before", [PORTRAIT], consent=CONSENT)
+                filler = fill(store / "filler")
+                with pytest.raises(grpc.RpcError) as refused:
+                    c.create_avatar("after", [PORTRAIT], consent=CONSENT)
+                assert refused.value.code() == CODE.UNAVAILABLE, refused.value.details()
+                assert refused.value.details() == "the server's storage is full; retry later"
+                assert not list(store.glob(".tmp-*")), "a partial avatar file was left"
+                assert [a.avatar_id for a in c.list_avatars()] == ["before"]
+                assert len(list(c.animate("before", landmark_requests(short)))) == len(short.points)
 
-            (store / "filler").unlink()
-            c.create_avatar("after", [PORTRAIT], consent=CONSENT)
-            assert [a.avatar_id for a in c.list_avatars()] == ["after", "before"]
-    finally:
-        if running is not None:
+                filler.unlink()
+                c.create_avatar("after", [PORTRAIT], consent=CONSENT)
+                assert [a.avatar_id for a in c.list_avatars()] == ["after", "before"]
+        finally:
             running.stop()
-        subprocess.run(["umount", str(store)], capture_output=True, check=False)

@@ -26,7 +26,9 @@ from tests.service_fixtures import (
     PORTRAIT,
     ServerThread,
     copy_base_models,
+    fill,
     test_settings,
+    tmpfs,
 )
 
 WORKER_TIMEOUT_S = 420
@@ -170,56 +172,36 @@ def test_a_model_repository_on_its_own_filesystem_full_then_with_room(
     INTERNAL with the worker's paths -, nothing half-written is left, the avatar still streams.
     With room: the job publishes and deleting the avatar withdraws its generator (before, both
     staged their folders beside the repository: EXDEV here, a read-only root in the chart)."""
-    import errno
-    import os
-    import subprocess
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    mount = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(repo)], capture_output=True, text=True
-    )
-    if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
-    running = None
-    try:
+    with tmpfs(tmp_path / "repo", "48m") as repo:
         copy_base_models(model_repository, repo)
         running = ServerThread(settings=test_settings(repo, tmp_path / "store", worker="embedded"))
-        running.wait_ready()
-        filler = os.open(repo / ".filler", os.O_WRONLY | os.O_CREAT)
         try:
-            with pytest.raises(OSError) as full:
-                while os.write(filler, bytes(1 << 16)):
-                    pass
-            assert full.value.errno == errno.ENOSPC
-        finally:
-            os.close(filler)
-        with running.client() as c:
-            c.create_avatar("crowded", [PORTRAIT], consent=CONSENT)
-            done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
-            assert operation_error(done) == (
-                "UNAVAILABLE: the model repository is full; personalise again later"
-            ), operation_error(done)
-            assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [
-                "embedder",
-                "generator",
-            ]
-            driver = LandmarkSequence.load(DRIVER)
-            two = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
-            assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
+            running.wait_ready()
+            filler = fill(repo / ".filler")
+            with running.client() as c:
+                c.create_avatar("crowded", [PORTRAIT], consent=CONSENT)
+                done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+                assert operation_error(done) == (
+                    "UNAVAILABLE: the model repository is full; personalise again later"
+                ), operation_error(done)
+                assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [
+                    "embedder",
+                    "generator",
+                ]
+                driver = LandmarkSequence.load(DRIVER)
+                two = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+                assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
 
-            (repo / ".filler").unlink()
-            done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
-            assert done.response.model_name == "generator_crowded", operation_error(done)
-            assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
-            assert c.last_started is not None and c.last_started.personalised
-            c.delete_avatar("crowded")
-            deadline = time.monotonic() + WORKER_TIMEOUT_S
-            while (repo / "generator_crowded").exists():
-                assert time.monotonic() < deadline, "the deleted avatar's generator is still there"
-                time.sleep(0.2)
-            assert sorted(p.name for p in repo.iterdir()) == ["embedder", "generator"]
-    finally:
-        if running is not None:
+                filler.unlink()
+                done = c.personalise("crowded", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+                assert done.response.model_name == "generator_crowded", operation_error(done)
+                assert len(list(c.animate("crowded", landmark_requests(two)))) == 2
+                assert c.last_started is not None and c.last_started.personalised
+                c.delete_avatar("crowded")
+                deadline = time.monotonic() + WORKER_TIMEOUT_S
+                while (repo / "generator_crowded").exists():
+                    assert time.monotonic() < deadline, "the deleted avatar's generator is still there"
+                    time.sleep(0.2)
+                assert sorted(p.name for p in repo.iterdir()) == ["embedder", "generator"]
+        finally:
             running.stop()
-        subprocess.run(["umount", str(repo)], capture_output=True, check=False)
