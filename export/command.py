@@ -161,16 +161,15 @@ def write_template(ckpt: dict[str, Any], version_dir: Path, tmp: Path) -> dict[s
     """The personalised generator a worker's first job starts from (to_onnx.template_graph), beside
     the shared generator: kept where one of this checkpoint is there already."""
     target = version_dir / repository.TEMPLATE_FILE
-    graph = to_onnx.template_graph(ckpt)
     if target.is_file():
         try:
             kept = repository.spec_of(target).parameters.get(contract.Meta.MODEL_ID)
         except Exception:  # a half-written or foreign file: written again
             kept = None
-        if kept == graph.metadata[contract.Meta.MODEL_ID]:
+        if kept == checkpoint.fingerprint(ckpt):
             return {"path": str(target), "kept": True}
     started = time.monotonic()
-    path = to_onnx.export_graph(graph, tmp / repository.TEMPLATE_FILE)
+    path = to_onnx.export_graph(to_onnx.template_graph(ckpt), tmp / repository.TEMPLATE_FILE)
     staged = version_dir / f".{repository.TEMPLATE_FILE}"
     shutil.copyfile(path, staged)
     os.replace(staged, target)  # never a half-written template

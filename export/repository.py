@@ -19,11 +19,13 @@ service image's tools and the Triton image use it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,7 @@ PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
 STAGING, REMOVED = ".staging-", ".removed-"  # hidden folders of a write and a removal in flight
+STALE_S = 600  # a removal's folder older than this was left by a killed process
 _ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.UINT8: "TYPE_UINT8",
     onnx.TensorProto.FLOAT: "TYPE_FP32",
@@ -232,7 +235,12 @@ def remove_model(repository: Path, name: str) -> bool:
     if not model_dir.is_dir():
         return False
     # one rename, within the repository's filesystem: readers never see a half-deleted model (a
-    # hidden folder is no model to `models`)
+    # hidden folder is no model to `models`); one a killed removal left goes now (not one another
+    # worker's removal holds: those last milliseconds)
+    for left in repository.glob(f"{REMOVED}*"):
+        with contextlib.suppress(OSError):  # gone meanwhile: another removal ended
+            if time.time() - left.stat().st_mtime > STALE_S:
+                shutil.rmtree(left, ignore_errors=True)
     trash = Path(tempfile.mkdtemp(dir=repository, prefix=REMOVED))
     os.replace(model_dir, trash / name)
     shutil.rmtree(trash)

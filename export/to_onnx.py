@@ -213,7 +213,8 @@ class Templates:
     14-28 levels off); the full export then replaces it. Trained weights have no such ties: written
     from a kept graph, the committed model's personalised generator and `smoke` generators with
     perturbed weights came out byte for byte as their full exports. The last `size` graphs are
-    kept (a worker fine-tunes one base model; an export of a meta checkpoint makes two)."""
+    kept (a worker fine-tunes one base model; an export of a meta checkpoint makes three, its
+    personalised template included)."""
 
     IMAGE_LEVELS = 2.0  # largest difference from PyTorch, uint8 outputs (a full export: <= 1)
     FLOAT_ABS = 1e-3  # float outputs (a full export: ~1e-6)

@@ -23,6 +23,7 @@ from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
+from service.wire import redis_error
 
 log = logging.getLogger("talkinghead.service.personalisation")
 
@@ -56,10 +57,9 @@ class Personaliser:
             return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
         except (ServiceError, AvatarBusy, QueueFull):
             raise
-        except (
-            Exception
-        ) as error:  # unreachable, or refusing writes (a Redis at maxmemory): the details are logged
-            if not isinstance(error, OSError) and not type(error).__module__.startswith("redis"):
+        except Exception as error:
+            # unreachable, or refusing writes (a Redis at its maxmemory): the details are logged
+            if not isinstance(error, OSError) and not redis_error(error):
                 raise
             log.warning(
                 "job queue call %s failed: %s: %s", getattr(fn, "__name__", fn), type(error).__name__, error

@@ -114,17 +114,24 @@ def full(error: BaseException) -> bool:
     'maxmemory'")."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
-    kind = type(error)
-    return kind.__module__.startswith("redis") and any(b.__name__ == "OutOfMemoryError" for b in kind.__mro__)
+    return redis_error(error, "OutOfMemoryError")
 
 
 def unreachable(error: BaseException) -> bool:
     """A store the server needs (Redis: avatars, audit log, job queue) could not be reached: a
     connection refused, broken or timed out. The call may succeed later: UNAVAILABLE, not INTERNAL."""
-    kind = type(error)
-    if kind.__module__.startswith("redis"):
-        return any(base.__name__ in ("ConnectionError", "TimeoutError") for base in kind.__mro__)
-    return isinstance(error, (ConnectionError, TimeoutError))
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return redis_error(error, "ConnectionError", "TimeoutError")
+
+
+def redis_error(error: BaseException, *kinds: str) -> bool:
+    """A redis-py exception (told by its module: the service need not import redis), and where
+    `kinds` are given one of those classes or a subclass of one."""
+    cls = type(error)
+    if not cls.__module__.startswith("redis"):
+        return False
+    return not kinds or any(base.__name__ in kinds for base in cls.__mro__)
 
 
 @dataclass(frozen=True)

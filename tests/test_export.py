@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +160,17 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
     assert repository.versions(live / "generator") == [2, 3]  # KEEP_VERSIONS
     assert repository.models(live) == ["generator"]
     assert not list(tmp_path.glob(".repo-staging-*")), "staging folders are cleaned up"
+    assert not list((live / "generator").glob(".*")), "staging folders are cleaned up"
     with pytest.raises(ValueError, match="invalid model name"):
         repository.remove_model(live, "../etc")
+    stale, recent = live / f"{repository.REMOVED}killed", live / f"{repository.REMOVED}in-flight"
+    for left in (stale, recent):
+        (left / "generator_x").mkdir(parents=True)  # with a config: hidden, so no model
+        (left / "generator_x" / "config.pbtxt").write_text("")
+    old = time.time() - repository.STALE_S - 1
+    os.utime(stale, (old, old))
     assert repository.remove_model(live, "generator") and repository.models(live) == []
+    assert sorted(p.name for p in live.iterdir()) == [recent.name], "a killed removal's folder goes"
     assert not repository.remove_model(live, "generator")
 
 
