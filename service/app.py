@@ -111,6 +111,7 @@ class App:
         self.audit = audit
         self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
         self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
+        metrics.personalised_loaded.set_function(backend.loaded_personalised)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         # callers take turns on it, one photo or driving frame at a time (service/fair.py)
         self.detect = FairExecutor(pool=self.detect_pool, max_queued=settings.max_detect_queue)

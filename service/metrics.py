@@ -134,6 +134,12 @@ class Metrics:
             ["operation", "kind"],
             registry=r,
         )
+        self.personalised_loaded = Gauge(
+            "talkinghead_personalised_generators_loaded",
+            "Personalised generators loaded by this replica (the in-process backend keeps at most "
+            "TALKINGHEAD_MAX_PERSONALISED_LOADED, more only while all are in use)",
+            registry=r,
+        )
         self.backend_ready = Gauge(
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
         )

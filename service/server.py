@@ -83,6 +83,7 @@ def make_backend(settings: Settings) -> Backend:
         lanes=settings.lanes,
         timeout_s=settings.backend_timeout,
         stall_s=settings.backend_stall,
+        max_personalised=settings.max_personalised_loaded,
     )
 
 

@@ -47,6 +47,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    late frames are dropped before inference
     TALKINGHEAD_ADMISSION         1                refuse a live stream the measured capacity cannot
                                                    serve (RESOURCE_EXHAUSTED); 0: admit every one
+    TALKINGHEAD_MAX_PERSONALISED_LOADED 8          personalised generators the in-process backend keeps
+                                                   loaded (~100 MiB each, OpenVINO, committed model);
+                                                   beyond it the least recently used of those idle
+                                                   for 60 s are unloaded, in use ones never
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class Settings:
     backend_timeout: float = 5.0  # deadline of every model call (generate, embed)
     latency_budget_ms: int = 200  # live streams (service/capacity.py)
     admission: bool = True  # admission control of live streams from the measured capacity
+    max_personalised_loaded: int = 8  # the onnxruntime backend's loaded personalised generators
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -142,6 +147,8 @@ class Settings:
             problems.append(f"latency_budget_ms must be 10-60000, got {self.latency_budget_ms}")
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
+        if self.max_personalised_loaded < 1:
+            problems.append(f"max_personalised_loaded must be >= 1, got {self.max_personalised_loaded}")
         if (
             min(self.max_image_bytes, self.max_image_pixels, self.max_request_pixels, self.max_detect_queue)
             < 1
@@ -208,6 +215,7 @@ _ENV_FIELDS = (
     "stream_idle_timeout",
     "latency_budget_ms",
     "admission",
+    "max_personalised_loaded",
     "backend_timeout",
     "log_level",
     "tls_cert",
@@ -292,6 +300,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--stream-idle-timeout",
         type=float,
         help="seconds a stream may send no frame or keepalive (or take no reply) before it ends (default 30)",
+    )
+    group.add_argument(
+        "--max-personalised-loaded",
+        type=int,
+        help="personalised generators kept loaded in-process (default 8; idle ones unloaded beyond it)",
     )
     group.add_argument("--backend-timeout", type=float, help="seconds each model call may take (default 5)")
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -267,6 +268,67 @@ def test_the_backend_serves_on_the_fastest_allowed_engine_and_says_which(
     assert engines.OPENVINO_BF16 not in line
     _, reference = _backend_frames(repository, engines.ONNXRUNTIME, caplog)
     assert np.abs(frames.astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_idle_personalised_generators_are_unloaded_beyond_the_limit(
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each loaded personalised generator holds its engine's memory (~100 MiB on OpenVINO): beyond
+    the limit the least recently used of the idle ones is unloaded when another loads; recently
+    used ones stay (the limit is exceeded, with a warning); an unloaded one loads again on its
+    next call and makes the same frames."""
+    repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
+    template = _generator(repository).parent / "personalised-template.onnx"
+    if not template.is_file():
+        pytest.fail(f"{template} is missing: `make model-repository` writes it")
+    for avatar in "abc":  # three avatars' generators (the same weights: what is loaded is counted)
+        (repository / f"generator_{avatar}" / "1").mkdir(parents=True)
+        shutil.copy(template, repository / f"generator_{avatar}" / "1" / contract.MODEL_FILE)
+    idle_s = 2.0
+
+    async def main() -> None:
+        backend = OnnxRuntimeBackend(
+            repository=repository,
+            engine=engines.ONNXRUNTIME,
+            threads=2,
+            max_personalised=2,
+            personalised_idle_s=idle_s,
+        )
+        await backend.start()
+        try:
+            await asyncio.wait_for(backend._ready.wait(), 120)
+            feeds = _feeds(_generator(repository), 2)
+
+            async def frames(avatar: str) -> np.ndarray:
+                return await backend.generate_personalised(
+                    avatar, feeds[contract.LANDMARK_IMAGE], feeds.get(contract.WARPED)
+                )
+
+            first = await frames("a")
+            await frames("b")
+            assert backend.loaded_personalised() == 2
+            await asyncio.sleep(idle_s + 0.2)  # both idle now
+            await frames("b")  # b used again: a is the least recently used
+            await frames("c")  # a third one loads: a goes, b stays
+            assert backend.loaded_personalised() == 2
+            assert set(backend._last_used) == {"generator_b", "generator_c"}
+            assert "unloaded personalised generator generator_a" in caplog.text
+            again = await frames("a")  # loads again; b and c were used just now: none unloaded
+            assert backend.loaded_personalised() == 3
+            assert "above the limit of 2" in caplog.text
+            np.testing.assert_array_equal(again, first)
+            backend.forget_personalised("a")  # deleted or republished: no longer counted
+            assert backend.loaded_personalised() == 2
+        finally:
+            await backend.close()
+
+    with caplog.at_level("INFO", logger="talkinghead.service.onnxruntime"):
+        asyncio.run(main())
+
+
+def test_settings_bound_the_loaded_personalised_generators() -> None:
+    with pytest.raises(ValueError, match="max_personalised_loaded must be >= 1"):
+        Settings(max_personalised_loaded=0)
 
 
 @needs_bf16

@@ -303,12 +303,14 @@ def test_personalised_generator_is_used_automatically(
     running = ServerThread(settings=test_settings(repository, tmp_path / "store"))
     try:
         running.wait_ready()
+        assert running.metric("talkinghead_personalised_generators_loaded") == 0
         with running.client() as c:
             created = c.create_avatar(avatar_id, [PORTRAIT], consent=CONSENT)
             assert created.personalised
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate(avatar_id, landmark_requests(seq), encoding="raw"))
             assert c.last_started is not None and c.last_started.personalised
+        assert running.metric("talkinghead_personalised_generators_loaded") == 1
         crop_points, stored = letterboxed(seq, SIZE), record(running, avatar_id)
         expected = Direct(repository=repository, model=f"generator_{avatar_id}").generate(crop_points, stored)
         got = np.stack([f.image for f in frames]).astype(int)

@@ -193,6 +193,10 @@ class Backend(Protocol):
         at full speed; the batcher keeps that many of its batches in flight."""
         ...
 
+    def loaded_personalised(self) -> int:
+        """Personalised generators this process has loaded (or, on Triton, had loaded) now."""
+        ...
+
     def forget_personalised(self, avatar_id: str) -> None:
         """Drop what is known about `generator_<avatar_id>` (loaded, or absent): it was published,
         replaced or removed; the next has_personalised looks again."""

@@ -16,15 +16,23 @@ models (the shared generator, a personalised one, the embedder) also run side by
 batch of one model does not hold up the others. Every run
 has the backend deadline: one that overruns is terminated (RunOptions.terminate) and answered
 UNAVAILABLE. Missing models are polled for every `poll_s` seconds, so a server started before
-`make model-repository` becomes ready when the files appear. Personalised generators load on
-first use.
+`make model-repository` becomes ready when the files appear.
+
+Personalised generators load on first use and stay loaded while used: each costs its engine's
+memory (~100 MiB for the committed model on OpenVINO once it has run), so beyond
+`max_personalised` loaded at once the least recently used of those idle for `personalised_idle_s`
+are unloaded when another loads; a stream of an unloaded one loads it again on its next frame.
+Generators in use are never unloaded, so the limit is exceeded (with a warning) only by avatars
+streamed at the same time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -49,6 +57,8 @@ from service.metrics import ENGINE_CALLS
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 RUN_THREADS = 2  # concurrent runs (and model loads), at least; generator lanes + 2 where more
+MAX_PERSONALISED = 8  # personalised generators kept loaded (more only while all are in use)
+PERSONALISED_IDLE_S = 60.0  # unused this long, a personalised generator may be unloaded for another
 
 
 class OnnxRuntimeBackend(ReadyGate):
@@ -65,9 +75,13 @@ class OnnxRuntimeBackend(ReadyGate):
         poll_s: float = 1.0,
         timeout_s: float = 5.0,
         stall_s: float = 1.5,
+        max_personalised: int = MAX_PERSONALISED,
+        personalised_idle_s: float = PERSONALISED_IDLE_S,
     ) -> None:
         if engine not in ("auto", *engines.ENGINES):
             raise ValueError(f"unknown engine {engine!r}")
+        if max_personalised < 1:
+            raise ValueError(f"max_personalised must be >= 1, got {max_personalised}")
         self.repository = Path(repository)
         self.requested_engine = engine
         self.engine: str | None = None  # the shared generator's engine, once loaded
@@ -79,6 +93,10 @@ class OnnxRuntimeBackend(ReadyGate):
             max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix=ENGINE_CALLS
         )
         self._sessions: dict[str, engines.Engine] = {}
+        self.max_personalised, self.personalised_idle_s = max_personalised, personalised_idle_s
+        # Loaded personalised generators by session name -> when last called, least recent first.
+        self._last_used: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._running: collections.Counter[str] = collections.Counter()  # runs in flight, by session
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._loader: asyncio.Task[None] | None = None
@@ -155,8 +173,21 @@ class OnnxRuntimeBackend(ReadyGate):
         if session is None:
             raise BackendUnavailable(f"model {name} is not loaded", reason=f"the {name} is not loaded")
         cancel = engines.Cancel()
-        run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, feeds, outputs, cancel)
-        return await self.call(name, run, give_up=cancel.cancel)
+        self._used(name)
+        self._running[name] += 1
+        try:
+            run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, feeds, outputs, cancel)
+            return await self.call(name, run, give_up=cancel.cancel)
+        finally:
+            self._running[name] -= 1
+            if not self._running[name]:
+                del self._running[name]
+            self._used(name)
+
+    def _used(self, name: str) -> None:
+        if name in self._last_used:
+            self._last_used[name] = time.monotonic()
+            self._last_used.move_to_end(name)
 
     async def embed(self, images: np.ndarray, landmark_images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         size = self.info.image_size
@@ -199,8 +230,36 @@ class OnnxRuntimeBackend(ReadyGate):
             log.warning("%s was fine-tuned from another base model; using the shared generator", path)
             return False
         self._sessions[name] = session
+        self._last_used[name] = time.monotonic()
         log.info("loaded personalised generator %s (%s)", path, session.name)
+        self._unload_idle()
         return True
+
+    def _unload_idle(self) -> None:
+        """Beyond max_personalised loaded, unload the least recently used personalised generators
+        idle for personalised_idle_s (none with a run in flight)."""
+        excess = len(self._last_used) - self.max_personalised
+        now = time.monotonic()
+        for name, used in list(self._last_used.items()):
+            if excess <= 0 or now - used < self.personalised_idle_s:
+                break  # (least recent first: the rest were used later still)
+            if self._running[name]:
+                continue
+            self._sessions.pop(name, None)
+            del self._last_used[name]
+            excess -= 1
+            log.info("unloaded personalised generator %s (unused for %.0f s)", name, now - used)
+        if excess > 0:
+            log.warning(
+                "%d personalised generators loaded, above the limit of %d: the others were used in "
+                "the last %.0f s",
+                len(self._last_used),
+                self.max_personalised,
+                self.personalised_idle_s,
+            )
+
+    def loaded_personalised(self) -> int:
+        return len(self._last_used)
 
     async def generate_personalised(
         self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
@@ -216,3 +275,4 @@ class OnnxRuntimeBackend(ReadyGate):
     def forget_personalised(self, avatar_id: str) -> None:
         """Drop a loaded personalised session (deleted, or a newer version was published)."""
         self._sessions.pop(personalised_name(avatar_id), None)
+        self._last_used.pop(personalised_name(avatar_id), None)

@@ -242,6 +242,11 @@ class TritonBackend(ReadyGate):
         batcher and instance groups spread the work on the server)."""
         return 1
 
+    def loaded_personalised(self) -> int:
+        """Personalised generators this replica had Triton load (or found loaded) and uses. They
+        stay loaded on Triton: nothing unloads them (the service's README says so)."""
+        return sum(1 for loaded in self._personalised.values() if loaded)
+
     def forget_personalised(self, avatar_id: str) -> None:
         name = personalised_name(avatar_id)
         self._personalised.pop(name, None)
