@@ -136,7 +136,7 @@ class Metrics:
         )
         self.personalised_loaded = Gauge(
             "talkinghead_personalised_generators_loaded",
-            "Personalised generators loaded by this replica (the in-process backend keeps at most "
+            "Personalised generators this replica has loaded or, on Triton, uses (at most "
             "TALKINGHEAD_MAX_PERSONALISED_LOADED, more only while all are in use)",
             registry=r,
         )

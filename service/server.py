@@ -72,7 +72,10 @@ def make_backend(settings: Settings) -> Backend:
         from service.backends.triton import TritonBackend
 
         return TritonBackend(
-            url=settings.triton_url, timeout_s=settings.backend_timeout, stall_s=settings.backend_stall
+            url=settings.triton_url,
+            timeout_s=settings.backend_timeout,
+            stall_s=settings.backend_stall,
+            max_personalised=settings.max_personalised_loaded,
         )
     from service.backends.onnxruntime import OnnxRuntimeBackend
 

@@ -47,10 +47,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    late frames are dropped before inference
     TALKINGHEAD_ADMISSION         1                refuse a live stream the measured capacity cannot
                                                    serve (RESOURCE_EXHAUSTED); 0: admit every one
-    TALKINGHEAD_MAX_PERSONALISED_LOADED 8          personalised generators the in-process backend keeps
-                                                   loaded (~100 MiB each, OpenVINO, committed model);
-                                                   beyond it the least recently used of those idle
-                                                   for 60 s are unloaded, in use ones never
+    TALKINGHEAD_MAX_PERSONALISED_LOADED 8          personalised generators kept loaded (in-process:
+                                                   ~100 MiB each, OpenVINO, committed model; on
+                                                   Triton: all replicas' there); beyond it those not
+                                                   called for 60 s are unloaded, least recent first
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class Settings:
     backend_timeout: float = 5.0  # deadline of every model call (generate, embed)
     latency_budget_ms: int = 200  # live streams (service/capacity.py)
     admission: bool = True  # admission control of live streams from the measured capacity
-    max_personalised_loaded: int = 8  # the onnxruntime backend's loaded personalised generators
+    max_personalised_loaded: int = 8  # personalised generators kept loaded (service/backends)
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None

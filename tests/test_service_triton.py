@@ -7,6 +7,7 @@ server instead. Skips, saying why, only where the bundled server is not installe
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import socket
@@ -16,10 +17,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc.aio as tritonclient
 
 from client.library import landmark_requests
 from deploy.local import tritonserver
+from export import repository as repository_files
+from facekit import contract
 from facekit.sequence import LandmarkSequence
+from service.backends.triton import TritonBackend
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
@@ -132,3 +137,62 @@ def test_triton_down_gives_unavailable_and_the_service_recovers(
         running.stop()
         if triton.server is None:
             triton.start()
+
+
+def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
+    model_repository: Path, triton: str | Triton, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each personalised generator loaded on Triton holds its memory there: beyond the limit, one
+    loading unloads the generators no replica called for the idle time, least recently called
+    first (Triton's statistics); a call whose generator another replica unloaded loads it again
+    and gets the same frames."""
+    if isinstance(triton, str):
+        pytest.skip("needs the test's own Triton (the test adds models to its repository)")
+    template = _template(model_repository)
+    for avatar in "abc":
+        repository_files.write_model(triton.repository, template, name=f"generator_{avatar}")
+    idle_s = 3.0  # (a load takes Triton ~1 s here)
+    rng = np.random.default_rng(0)
+    drawn, warped = (rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8) for _ in range(2))
+
+    async def main() -> None:
+        backend = TritonBackend(url=triton.url, max_personalised=2, personalised_idle_s=idle_s)
+        other = tritonclient.InferenceServerClient(triton.url)  # another replica's view
+        await backend.start()
+        try:
+            assert await backend.wait_ready(60)
+
+            async def frames(avatar: str) -> np.ndarray:
+                assert await backend.has_personalised(avatar)
+                return await backend.generate_personalised(avatar, drawn, warped)
+
+            first = {avatar: await frames(avatar) for avatar in "ab"}
+            await asyncio.sleep(idle_s + 0.5)  # neither called since
+            await frames("b")
+            await frames("c")  # a third loads: a, called longest ago, is unloaded
+            assert [await other.is_model_ready(f"generator_{x}") for x in "abc"] == [False, True, True]
+            assert "unloaded personalised generator generator_a on Triton" in caplog.text
+            await frames("b"), await frames("c")
+            np.testing.assert_array_equal(await frames("a"), first["a"])  # loads again
+            assert "above the limit of 2" in caplog.text  # b and c were called just now
+            await other.unload_model("generator_b")  # another replica made room
+            np.testing.assert_array_equal(await frames("b"), first["b"])  # NOT_FOUND: loaded again
+            assert await other.is_model_ready("generator_b")
+        finally:
+            for avatar in "abc":
+                await other.unload_model(f"generator_{avatar}")
+                shutil.rmtree(triton.repository / f"generator_{avatar}")
+            await other.close()
+            await backend.close()
+
+    with caplog.at_level("INFO", logger="talkinghead.service.triton"):
+        asyncio.run(main())
+
+
+def _template(model_repository: Path) -> Path:
+    generator = contract.latest_version(model_repository / contract.GENERATOR)
+    assert generator is not None
+    template = generator.parent / "personalised-template.onnx"
+    if not template.is_file():
+        pytest.fail(f"{template} is missing: `make model-repository` writes it")
+    return template

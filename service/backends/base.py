@@ -140,6 +140,10 @@ class ReadyGate:
                 call.abandoned.set_result(why)
 
 
+MAX_PERSONALISED = 8  # personalised generators kept loaded (more only while all are in use)
+PERSONALISED_IDLE_S = 60.0  # uncalled this long, a personalised generator may be unloaded for another
+
+
 class Backend(Protocol):
     """A model server. Every method may raise BackendUnavailable; the service maps it to UNAVAILABLE."""
 

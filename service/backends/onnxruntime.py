@@ -52,13 +52,18 @@ from facekit.contract import (
     latest_version,
     personalised_name,
 )
-from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
+from service.backends.base import (
+    MAX_PERSONALISED,
+    PERSONALISED_IDLE_S,
+    BackendUnavailable,
+    ReadyGate,
+    check_images,
+    generator_feeds,
+)
 from service.metrics import ENGINE_CALLS
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
 RUN_THREADS = 2  # concurrent runs (and model loads), at least; generator lanes + 2 where more
-MAX_PERSONALISED = 8  # personalised generators kept loaded (more only while all are in use)
-PERSONALISED_IDLE_S = 60.0  # unused this long, a personalised generator may be unloaded for another
 
 
 class OnnxRuntimeBackend(ReadyGate):

@@ -1,7 +1,11 @@
 """NVIDIA Triton backend over gRPC (tritonclient.grpc.aio), for production deployments.
 
 Triton runs in explicit model-control mode: the service loads `embedder` and `generator` when it
-connects and `generator_<avatar>` the first time that avatar streams (load_model). Model metadata
+connects and `generator_<avatar>` the first time that avatar streams (load_model). Beyond
+`max_personalised` personalised generators ready on Triton (every replica's and the worker's), one
+loading unloads those no replica has called for `personalised_idle_s`, least recently called first
+(Triton's own statistics); a call that finds its generator unloaded so (NOT_FOUND) loads it again
+and is retried once. Model metadata
 (the talkinghead.* keys) comes from each model's config.pbtxt parameters. A monitor task polls the
 server every `poll_s` seconds with a short deadline (`ready_timeout_s`, counted while the event loop
 runs: a pause of this process is not Triton's): a Triton that does not answer (killed, frozen,
@@ -16,6 +20,7 @@ the service's batcher; Triton's dynamic batcher may merge further across replica
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable
@@ -32,11 +37,19 @@ from facekit.contract import (
     GENERATOR,
     IMAGE,
     LANDMARK_IMAGE,
+    PERSONALISED_PREFIX,
     Meta,
     ModelInfo,
     personalised_name,
 )
-from service.backends.base import BackendUnavailable, ReadyGate, check_images, generator_feeds
+from service.backends.base import (
+    MAX_PERSONALISED,
+    PERSONALISED_IDLE_S,
+    BackendUnavailable,
+    ReadyGate,
+    check_images,
+    generator_feeds,
+)
 
 log = logging.getLogger("talkinghead.service.triton")
 NEGATIVE_CACHE_S = 10.0  # how long "no personalised model for this avatar" is remembered
@@ -65,8 +78,14 @@ class TritonBackend(ReadyGate):
         timeout_s: float = 5.0,
         stall_s: float = 1.5,
         load_timeout_s: float = 60.0,
+        max_personalised: int = MAX_PERSONALISED,
+        personalised_idle_s: float = PERSONALISED_IDLE_S,
     ) -> None:
+        if max_personalised < 1:
+            raise ValueError(f"max_personalised must be >= 1, got {max_personalised}")
         self.url = url
+        self.max_personalised, self.personalised_idle_s = max_personalised, personalised_idle_s
+        self._running: collections.Counter[str] = collections.Counter()  # personalised calls in flight
         self.poll_s = poll_s
         self.ready_timeout_s = ready_timeout_s
         self.load_timeout_s = load_timeout_s
@@ -235,7 +254,55 @@ class TritonBackend(ReadyGate):
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
         self._personalised[name] = True
+        await self._unload_idle(keep=name)
         return True
+
+    async def _unload_idle(self, *, keep: str) -> None:
+        """Beyond max_personalised personalised generators ready on Triton, unload those no replica
+        has called for personalised_idle_s (Triton's last inference), least recently called first;
+        never `keep` (just loaded) nor one this replica has a call of in flight."""
+        timeout = self.load_timeout_s
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
+            ready = {
+                m["name"]
+                for m in index.get("models", [])
+                if m.get("state") == "READY" and m.get("name", "").startswith(PERSONALISED_PREFIX)
+            }
+            excess = len(ready) - self.max_personalised
+            if excess <= 0:
+                return
+            stats = await self.client.get_inference_statistics(as_json=True, client_timeout=timeout)
+        except InferenceServerException as error:
+            log.warning("cannot count the personalised generators loaded on Triton: %s", error)
+            return
+        called: dict[str, float] = {}  # model -> its last inference, seconds since the epoch (0: never)
+        for stat in stats.get("model_stats", []):
+            name = stat.get("name", "")
+            called[name] = max(called.get(name, 0.0), int(stat.get("last_inference", 0)) / 1e3)
+        now = time.time()
+        for name in sorted(ready - {keep}, key=lambda n: called.get(n, 0.0)):
+            idle = now - called.get(name, 0.0)
+            if excess <= 0 or idle < self.personalised_idle_s:
+                break  # (least recently called first: the rest were called later still)
+            if self._running[name]:
+                continue
+            try:
+                await self.client.unload_model(name, client_timeout=timeout)
+            except InferenceServerException as error:
+                log.warning("cannot unload %s on Triton: %s", name, error)
+                continue
+            self._personalised.pop(name, None)
+            excess -= 1
+            log.info("unloaded personalised generator %s on Triton (no call for %.0f s)", name, idle)
+        if excess > 0:
+            log.warning(
+                "%d personalised generators loaded on Triton, above the limit of %d: the others were "
+                "called in the last %.0f s",
+                self.max_personalised + excess,
+                self.max_personalised,
+                self.personalised_idle_s,
+            )
 
     def lanes(self, avatar_id: str = "") -> int:
         """One: the batcher pipelines drawing with Triton's calls instead (Triton's own dynamic
@@ -243,8 +310,7 @@ class TritonBackend(ReadyGate):
         return 1
 
     def loaded_personalised(self) -> int:
-        """Personalised generators this replica had Triton load (or found loaded) and uses. They
-        stay loaded on Triton: nothing unloads them (the service's README says so)."""
+        """Personalised generators this replica had Triton load (or found loaded) and uses."""
         return sum(1 for loaded in self._personalised.values() if loaded)
 
     def forget_personalised(self, avatar_id: str) -> None:
@@ -256,5 +322,26 @@ class TritonBackend(ReadyGate):
         self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
-        (image,) = await self._infer(personalised_name(avatar_id), feeds, [IMAGE])
+        name = personalised_name(avatar_id)
+        self._running[name] += 1
+        try:
+            try:
+                (image,) = await self._infer(name, feeds, [IMAGE])
+            except BackendUnavailable as error:
+                cause = error.__cause__
+                unloaded = isinstance(cause, InferenceServerException) and "NOT_FOUND" in str(
+                    cause.status() or ""
+                )
+                if not unloaded:
+                    raise
+                # Unloaded since this replica loaded it (another one made room): load it again, once.
+                self._personalised.pop(name, None)
+                self._absent_since.pop(name, None)
+                if not await self.has_personalised(avatar_id):
+                    raise
+                (image,) = await self._infer(name, feeds, [IMAGE])
+        finally:
+            self._running[name] -= 1
+            if not self._running[name]:
+                del self._running[name]
         return image
