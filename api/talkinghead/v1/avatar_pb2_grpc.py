@@ -28,6 +28,7 @@ if _version_not_supported:
 class AvatarServiceStub:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
+    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
     """
 
     def __init__(self, channel):
@@ -61,6 +62,7 @@ class AvatarServiceStub:
 class AvatarServiceServicer:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
+    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
     """
 
     def CreateAvatar(self, request, context):
@@ -68,7 +70,8 @@ class AvatarServiceServicer:
         and stores the mean embedding and the generator's AdaIN parameters (psi).
         Errors: INVALID_ARGUMENT (bad id, no/too many images, undecodable, oversized or unsupported
         image, malformed landmarks, no face found; the message names the image index),
-        ALREADY_EXISTS (id taken and replace = false), UNAVAILABLE (model not loaded).
+        ALREADY_EXISTS (id taken and replace = false), UNAVAILABLE (model not loaded, or the server's
+        storage unreachable or full; retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +133,7 @@ def add_AvatarServiceServicer_to_server(servicer, server):
 class AvatarService:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
+    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
     """
 
     @staticmethod
