@@ -16,8 +16,10 @@ fails the calls in flight at once (`abandon_calls`).
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -142,6 +144,26 @@ class ReadyGate:
 
 MAX_PERSONALISED = 8  # personalised generators kept loaded (more only while all are in use)
 PERSONALISED_IDLE_S = 60.0  # uncalled this long, a personalised generator may be unloaded for another
+
+
+class InFlight:
+    """Calls in flight by model name: a personalised generator with one is never unloaded."""
+
+    def __init__(self) -> None:
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def __contains__(self, name: object) -> bool:
+        return self._counts[name] > 0  # type: ignore[index]
+
+    @contextlib.contextmanager
+    def call(self, name: str) -> Iterator[None]:
+        self._counts[name] += 1
+        try:
+            yield
+        finally:
+            self._counts[name] -= 1
+            if not self._counts[name]:
+                del self._counts[name]
 
 
 class Backend(Protocol):

@@ -56,6 +56,7 @@ from service.backends.base import (
     MAX_PERSONALISED,
     PERSONALISED_IDLE_S,
     BackendUnavailable,
+    InFlight,
     ReadyGate,
     check_images,
     generator_feeds,
@@ -101,7 +102,7 @@ class OnnxRuntimeBackend(ReadyGate):
         self.max_personalised, self.personalised_idle_s = max_personalised, personalised_idle_s
         # Loaded personalised generators by session name -> when last called, least recent first.
         self._last_used: collections.OrderedDict[str, float] = collections.OrderedDict()
-        self._running: collections.Counter[str] = collections.Counter()  # runs in flight, by session
+        self._in_flight = InFlight()
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._loader: asyncio.Task[None] | None = None
@@ -179,14 +180,13 @@ class OnnxRuntimeBackend(ReadyGate):
             raise BackendUnavailable(f"model {name} is not loaded", reason=f"the {name} is not loaded")
         cancel = engines.Cancel()
         self._used(name)
-        self._running[name] += 1
         try:
-            run = asyncio.get_running_loop().run_in_executor(self._pool, session.run, feeds, outputs, cancel)
-            return await self.call(name, run, give_up=cancel.cancel)
+            with self._in_flight.call(name):
+                run = asyncio.get_running_loop().run_in_executor(
+                    self._pool, session.run, feeds, outputs, cancel
+                )
+                return await self.call(name, run, give_up=cancel.cancel)
         finally:
-            self._running[name] -= 1
-            if not self._running[name]:
-                del self._running[name]
             self._used(name)
 
     def _used(self, name: str) -> None:
@@ -248,7 +248,7 @@ class OnnxRuntimeBackend(ReadyGate):
         for name, used in list(self._last_used.items()):
             if excess <= 0 or now - used < self.personalised_idle_s:
                 break  # (least recent first: the rest were used later still)
-            if self._running[name]:
+            if name in self._in_flight:
                 continue
             self._sessions.pop(name, None)
             del self._last_used[name]

@@ -20,7 +20,6 @@ the service's batcher; Triton's dynamic batcher may merge further across replica
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import time
 from collections.abc import Awaitable
@@ -46,6 +45,7 @@ from service.backends.base import (
     MAX_PERSONALISED,
     PERSONALISED_IDLE_S,
     BackendUnavailable,
+    InFlight,
     ReadyGate,
     check_images,
     generator_feeds,
@@ -85,7 +85,7 @@ class TritonBackend(ReadyGate):
             raise ValueError(f"max_personalised must be >= 1, got {max_personalised}")
         self.url = url
         self.max_personalised, self.personalised_idle_s = max_personalised, personalised_idle_s
-        self._running: collections.Counter[str] = collections.Counter()  # personalised calls in flight
+        self._in_flight = InFlight()  # personalised calls
         self.poll_s = poll_s
         self.ready_timeout_s = ready_timeout_s
         self.load_timeout_s = load_timeout_s
@@ -285,7 +285,7 @@ class TritonBackend(ReadyGate):
             idle = now - called.get(name, 0.0)
             if excess <= 0 or idle < self.personalised_idle_s:
                 break  # (least recently called first: the rest were called later still)
-            if self._running[name]:
+            if name in self._in_flight:
                 continue
             try:
                 await self.client.unload_model(name, client_timeout=timeout)
@@ -323,8 +323,7 @@ class TritonBackend(ReadyGate):
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
         name = personalised_name(avatar_id)
-        self._running[name] += 1
-        try:
+        with self._in_flight.call(name):
             try:
                 (image,) = await self._infer(name, feeds, [IMAGE])
             except BackendUnavailable as error:
@@ -340,8 +339,4 @@ class TritonBackend(ReadyGate):
                 if not await self.has_personalised(avatar_id):
                     raise
                 (image,) = await self._infer(name, feeds, [IMAGE])
-        finally:
-            self._running[name] -= 1
-            if not self._running[name]:
-                del self._running[name]
         return image
