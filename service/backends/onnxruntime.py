@@ -179,9 +179,8 @@ class OnnxRuntimeBackend(ReadyGate):
         if session is None:
             raise BackendUnavailable(f"model {name} is not loaded", reason=f"the {name} is not loaded")
         cancel = engines.Cancel()
-        self._used(name)
         try:
-            with self._in_flight.call(name):
+            with self._in_flight.call(name):  # (not unloaded while it runs)
                 run = asyncio.get_running_loop().run_in_executor(
                     self._pool, session.run, feeds, outputs, cancel
                 )

@@ -93,7 +93,7 @@ class TritonBackend(ReadyGate):
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._monitor: asyncio.Task[None] | None = None
-        self._personalised: dict[str, bool] = {}
+        self._personalised: set[str] = set()  # generators this replica loaded or found loaded
         self._absent_since: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -234,17 +234,23 @@ class TritonBackend(ReadyGate):
     async def has_personalised(self, avatar_id: str) -> bool:
         """Load `generator_<id>` on first use; a missing one is remembered for NEGATIVE_CACHE_S."""
         name = personalised_name(avatar_id)
-        if self._personalised.get(name):
+        if name in self._personalised:
             return True
         if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
             return False
         timeout = self.load_timeout_s
         try:
             index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
-            if name not in {m.get("name") for m in index.get("models", [])}:
+            models = index.get("models", [])
+            if name not in {m.get("name") for m in models}:
                 self._absent_since[name] = time.monotonic()
                 return False
-            if not await self.client.is_model_ready(name, client_timeout=timeout):
+            ready = {
+                m["name"]
+                for m in models
+                if m.get("state") == "READY" and m["name"].startswith(PERSONALISED_PREFIX)
+            }
+            if name not in ready:
                 await self.client.load_model(name, client_timeout=timeout)  # else the worker did
             params = await self._parameters(name)
         except InferenceServerException as error:
@@ -253,25 +259,19 @@ class TritonBackend(ReadyGate):
         if params.get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
-        self._personalised[name] = True
-        await self._unload_idle(keep=name)
+        self._personalised.add(name)
+        await self._unload_idle(ready | {name}, keep=name)
         return True
 
-    async def _unload_idle(self, *, keep: str) -> None:
-        """Beyond max_personalised personalised generators ready on Triton, unload those no replica
+    async def _unload_idle(self, ready: set[str], *, keep: str) -> None:
+        """Beyond max_personalised personalised generators `ready` on Triton, unload those no replica
         has called for personalised_idle_s (Triton's last inference), least recently called first;
         never `keep` (just loaded) nor one this replica has a call of in flight."""
+        excess = len(ready) - self.max_personalised
+        if excess <= 0:
+            return
         timeout = self.load_timeout_s
         try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
-            ready = {
-                m["name"]
-                for m in index.get("models", [])
-                if m.get("state") == "READY" and m.get("name", "").startswith(PERSONALISED_PREFIX)
-            }
-            excess = len(ready) - self.max_personalised
-            if excess <= 0:
-                return
             stats = await self.client.get_inference_statistics(as_json=True, client_timeout=timeout)
         except InferenceServerException as error:
             log.warning("cannot count the personalised generators loaded on Triton: %s", error)
@@ -292,7 +292,7 @@ class TritonBackend(ReadyGate):
             except InferenceServerException as error:
                 log.warning("cannot unload %s on Triton: %s", name, error)
                 continue
-            self._personalised.pop(name, None)
+            self._personalised.discard(name)
             excess -= 1
             log.info("unloaded personalised generator %s on Triton (no call for %.0f s)", name, idle)
         if excess > 0:
@@ -311,11 +311,11 @@ class TritonBackend(ReadyGate):
 
     def loaded_personalised(self) -> int:
         """Personalised generators this replica had Triton load (or found loaded) and uses."""
-        return sum(1 for loaded in self._personalised.values() if loaded)
+        return len(self._personalised)
 
     def forget_personalised(self, avatar_id: str) -> None:
         name = personalised_name(avatar_id)
-        self._personalised.pop(name, None)
+        self._personalised.discard(name)
         self._absent_since.pop(name, None)
 
     async def generate_personalised(
@@ -334,7 +334,7 @@ class TritonBackend(ReadyGate):
                 if not unloaded:
                     raise
                 # Unloaded since this replica loaded it (another one made room): load it again, once.
-                self._personalised.pop(name, None)
+                self._personalised.discard(name)
                 self._absent_since.pop(name, None)
                 if not await self.has_personalised(avatar_id):
                     raise
