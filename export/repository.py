@@ -247,6 +247,16 @@ def remove_model(repository: Path, name: str) -> bool:
     return True
 
 
+def remove_version(version_dir: Path) -> None:
+    """Delete one version of a model (`<repository>/<name>/<version>/`) in one rename: the one
+    before it is the latest again. Unload it from Triton first, or load the model again after."""
+    if not version_dir.name.isdigit():
+        raise ValueError(f"{version_dir} is not a model version")
+    trash = Path(tempfile.mkdtemp(dir=version_dir.parent, prefix=STAGING))  # swept by the next write
+    os.replace(version_dir, trash / version_dir.name)
+    shutil.rmtree(trash)
+
+
 def models(repository: Path) -> list[str]:
     """Names of the models in a repository (directories holding a config.pbtxt)."""
     if not repository.is_dir():

@@ -234,13 +234,17 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
     triton = container(one(manifests, "Deployment", "-triton"), "triton")
     assert triton["resources"]["limits"]["nvidia.com/gpu"] == 1
     startup = triton["startupProbe"]
-    assert startup["httpGet"]["path"] == "/v2/health/ready"
+    assert startup["httpGet"]["path"] == "/v2/models/generator/ready"
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 600
     assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert {"--model-control-mode=explicit", "--load-model=embedder", "--load-model=generator"} <= set(
-        triton["args"]
-    )
+    # not /v2/health/ready: strict readiness stays false after any refused load (tests/test_triton.py)
+    assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/models/generator/ready"
+    assert {
+        "--model-control-mode=explicit",
+        "--load-model=embedder",
+        "--load-model=generator",
+        "--strict-readiness=false",
+    } <= set(triton["args"])
     service = one(manifests, "Service", "-triton")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         "http": 8000,

@@ -18,6 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as tritonclient
+from tritonclient.utils import InferenceServerException
 
 from client.library import landmark_requests
 from deploy.local import tritonserver
@@ -187,6 +188,56 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
 
     with caplog.at_level("INFO", logger="talkinghead.service.triton"):
         asyncio.run(main())
+
+
+def test_the_service_gets_ready_beside_a_triton_that_refused_a_model(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Triton with strict readiness (its default: an operator's own server) reports itself not
+    ready for good once any model failed to load, even after that model is unloaded. A replica
+    starting then (scaled out, restarted) asked exactly that before loading anything and never
+    became ready; it asks whether Triton answers, then the base models."""
+    try:
+        tritonserver.server_root(VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    repo = tmp_path / "repo"
+    for name in (contract.EMBEDDER, contract.GENERATOR):
+        shutil.copytree(model_repository / name, repo / name)
+    refused = tmp_path / "model.py"
+    refused.write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n        raise MemoryError\n"
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(repository_files, "PYTHON_MODEL", refused)
+        repository_files.write_model(repo, _template(model_repository), name="generator_refused")
+    server = tritonserver.start(
+        repo, venv=VENV, state=tmp_path / "state", ports=tritonserver.Ports.free(), strict_readiness=True
+    )
+    rng = np.random.default_rng(0)
+    drawn, warped = (rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8) for _ in range(2))
+
+    async def main() -> None:
+        client = tritonclient.InferenceServerClient(server.grpc_url)
+        backend = TritonBackend(url=server.grpc_url)
+        try:
+            with pytest.raises(InferenceServerException):
+                await client.load_model("generator_refused")
+            await client.unload_model("generator_refused")
+            assert not await client.is_server_ready()  # Triton's own word, after the unload too
+            await backend.start()
+            assert await backend.wait_ready(60)
+            psi = np.zeros((1, backend.info.adain_size), np.float32)
+            assert (await backend.generate(drawn, psi, warped)).shape == (1, 128, 128, 3)
+        finally:
+            await client.close()
+            await backend.close()
+
+    try:
+        server.wait_ready(120)
+        asyncio.run(main())
+    finally:
+        server.stop()
 
 
 def _template(model_repository: Path) -> Path:

@@ -196,6 +196,61 @@ def test_personalised_generator_loads_serves_and_unloads(
     assert client.is_model_ready("generator"), "the shared generator keeps serving"
 
 
+REFUSED = """class TritonPythonModel:
+    def initialize(self, args):
+        raise MemoryError("no memory left for this model")
+"""
+
+
+def test_a_version_triton_refuses_is_taken_back(
+    triton: tritonserver.Server,
+    live_repo: Path,
+    faces: dict[str, np.ndarray],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A personalisation whose new version Triton cannot load (here its model fails to initialise,
+    as out of memory would) takes it back: the version before is the latest again and Triton
+    serves it, and a model's first version refused leaves no model behind - not a published
+    version every new stream of the avatar would ask Triton to load, and fail. Triton stays ready
+    (the chart's --strict-readiness=false, as the local server's)."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    tritons = [triton.grpc_url]
+    first = repository.write_model(live_repo, source, name="generator_bob")
+    models.load_everywhere(live_repo, "generator_bob", tritons=tritons, written=first)
+    psi = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])["adain"][:1]
+    feeds = {"landmark_image": faces["drawn"][:1], "adain": psi, **warped_of(faces, slice(0, 1))}
+    before = infer(client, "generator_bob", **feeds)["image"]
+    refused = tmp_path / "model.py"
+    refused.write_text(REFUSED)
+    monkeypatch.setattr(repository, "PYTHON_MODEL", refused)
+    try:
+        second = repository.write_model(live_repo, source, name="generator_bob")
+        assert second.name == "2"
+        with pytest.raises(InferenceServerException, match="no memory left"):
+            models.load_everywhere(live_repo, "generator_bob", tritons=tritons, written=second)
+        assert repository.versions(live_repo / "generator_bob") == [1]
+        assert client.is_model_ready("generator_bob", "1")
+        assert np.array_equal(infer(client, "generator_bob", **feeds)["image"], before)
+
+        new = repository.write_model(live_repo, source, name="generator_carol")
+        with pytest.raises(InferenceServerException, match="no memory left"):
+            models.load_everywhere(live_repo, "generator_carol", tritons=tritons, written=new)
+        assert not (live_repo / "generator_carol").exists()
+        assert not client.is_model_ready("generator_carol")
+        assert "generator_carol" not in {m.name for m in client.get_model_repository_index().models}
+        assert client.is_server_ready(), "--strict-readiness=false: the refusals leave it ready"
+    finally:
+        assert models.withdraw("bob", live_repo, tritons=tritons)
+    assert client.is_model_ready("generator"), "the shared generator kept serving"
+
+
 def test_metrics_endpoint_counts_inferences(
     triton: tritonserver.Server, faces: dict[str, np.ndarray]
 ) -> None:

@@ -6,7 +6,8 @@ or for a worker's first job a generator the repository holds for the same base m
 or the template `talkinghead export` writes beside the shared generator), gets the new weights
 and is checked against PyTorch (export/to_onnx.py Templates). It adds it
 as a new version unless the latest one is byte-identical (a job re-run after its worker died
-publishes nothing twice), then loads it in each Triton. `withdraw` unloads it from each Triton,
+publishes nothing twice), then loads it in each Triton (a version a Triton refuses is taken back:
+`load_everywhere`). `withdraw` unloads it from each Triton,
 waits until Triton has let go, and removes its directory in one rename. A Triton URL whose host
 resolves to several addresses (a headless Kubernetes Service) means every one of them.
 """
@@ -64,20 +65,53 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
         current = repo / graph.name / str(latest[-1]) / contract.MODEL_FILE if latest else None
         if current is not None and current.is_file() and current.read_bytes() == path.read_bytes():
             version_dir = repository.write_config(repo, path, profile=profile)  # nothing new to write
+            written = None
         else:
-            version_dir = repository.write_model(repo, path, profile=profile)
-    for url in targets(tritons):
-        _client(url).load_model(graph.name)
-        log.info("loaded %s in Triton at %s", graph.name, url)
+            version_dir = written = repository.write_model(repo, path, profile=profile)
+    load_everywhere(repo, graph.name, tritons=tritons, written=written)
     return graph.name, int(version_dir.name)
 
 
-def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
-    """Unload generator_<avatar> from every Triton and delete it; whether the repository had it."""
+def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path | None) -> None:
+    """Load model `name` in every Triton. Where one refuses (out of memory, a file it cannot
+    read), the version this job `written` is taken back - the one before it is the latest again
+    and every Triton loads that, or, the model's first, the model is unloaded and removed - so that
+    the repository and the Tritons agree on what the avatar has (before, the refused version stayed
+    published: a new stream of the avatar asked Triton to load it again, and failed). Then the
+    refusal is raised (the job fails: jobs_run.failure)."""
+    urls = targets(tritons)
+    try:
+        for url in urls:
+            _client(url).load_model(name)
+            log.info("loaded %s in Triton at %s", name, url)
+    except Exception as error:
+        if written is not None:
+            log.warning("Triton refused %s version %s; taking it back: %s", name, written.name, error)
+            _take_back(repo, name, written, urls)
+        raise
+
+
+def _take_back(repo: Path, name: str, written: Path, urls: list[str]) -> None:
     from tritonclient.utils import InferenceServerException
 
-    name = contract.personalised_name(avatar_id)
-    for url in targets(tritons):
+    if repository.versions(written.parent) == [int(written.name)]:  # the model's first version
+        _unload(name, urls)
+        repository.remove_model(repo, name)
+        return
+    repository.remove_version(written)
+    for url in urls:
+        try:
+            _client(url).load_model(name)
+            log.info("loaded %s again in Triton at %s (its version before)", name, url)
+        except InferenceServerException as error:
+            log.warning("Triton at %s could not load %s's version before either: %s", url, name, error)
+
+
+def _unload(name: str, urls: list[str]) -> None:
+    """Unload `name` from each Triton and wait until it has let go of its files."""
+    from tritonclient.utils import InferenceServerException
+
+    for url in urls:
         try:
             client = _client(url)
             client.unload_model(name)
@@ -85,4 +119,10 @@ def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
             log.info("unloaded %s from Triton at %s", name, url)
         except (InferenceServerException, TimeoutError) as error:
             log.warning("Triton at %s could not unload %s: %s", url, name, error)
+
+
+def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
+    """Unload generator_<avatar> from every Triton and delete it; whether the repository had it."""
+    name = contract.personalised_name(avatar_id)
+    _unload(name, targets(tritons))
     return repository.remove_model(repo, name)

@@ -90,7 +90,14 @@ def environment(venv: Path) -> dict[str, str]:
 
 
 def command(
-    repository: Path, venv: Path, state: Path, ports: Ports, *, explicit: bool, load: list[str]
+    repository: Path,
+    venv: Path,
+    state: Path,
+    ports: Ports,
+    *,
+    explicit: bool,
+    load: list[str],
+    strict_readiness: bool = False,
 ) -> list[str]:
     cmd = [
         str(server_root(venv) / "bin" / "tritonserver"),
@@ -103,6 +110,9 @@ def command(
         "--metrics-address=127.0.0.1",
         f"--metrics-port={ports.metrics}",
         "--allow-metrics=true",
+        # As in the chart: with strict readiness, Triton is not ready for good once any model
+        # failed to load (a personalised generator refused), even after it is unloaded.
+        f"--strict-readiness={str(strict_readiness).lower()}",
         "--log-verbose=0",
         "--exit-timeout-secs=10",
     ]
@@ -164,6 +174,7 @@ def start(
     ports: Ports = Ports(),
     explicit: bool = True,
     load: list[str] | None = None,
+    strict_readiness: bool = False,
 ) -> Server:
     """Start tritonserver in its own process group; call `wait_ready` before use."""
     if load is None:
@@ -174,7 +185,15 @@ def start(
     log = state / "tritonserver.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
-            command(repository, venv, state, ports, explicit=explicit, load=load),
+            command(
+                repository,
+                venv,
+                state,
+                ports,
+                explicit=explicit,
+                load=load,
+                strict_readiness=strict_readiness,
+            ),
             stdout=out,
             stderr=subprocess.STDOUT,
             env=environment(venv),

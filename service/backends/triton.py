@@ -119,13 +119,14 @@ class TritonBackend(ReadyGate):
         return self._client
 
     async def _serving(self) -> bool:
-        """Whether Triton can run our models. Once they are loaded this asks the base models, not
-        the server: Triton reports itself not ready while it loads or unloads any model (a new
-        personalised generator), though the loaded ones serve on. (The RPCs' own deadline is only a
-        backstop: `_answered` times the check.)"""
+        """Whether Triton can run our models: before they are loaded whether it answers (then
+        `_load_base` loads them), after that the base models, not the server: Triton reports
+        itself not ready while it loads or unloads any model (a new personalised generator), and
+        with strict readiness for good once one failed to load, though the loaded ones serve on.
+        (The RPCs' own deadline is only a backstop: `_answered` times the check.)"""
         timeout = PROBE_BACKSTOP_S
-        if not self._ready.is_set():
-            return bool(await self.client.is_server_ready(client_timeout=timeout))
+        if not self._ready.is_set():  # not is_server_ready: false for good after a refused load
+            return bool(await self.client.is_server_live(client_timeout=timeout))
         for model in (EMBEDDER, GENERATOR):
             if not await self.client.is_model_ready(model, client_timeout=timeout):
                 return False
