@@ -87,7 +87,10 @@ def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path 
     except Exception as error:
         if written is not None:
             log.warning("Triton refused %s version %s; taking it back: %s", name, written.name, error)
-            _take_back(repo, name, written, urls)
+            try:
+                _take_back(repo, name, written, urls)
+            except Exception:  # the job still fails for the refusal, not for this
+                log.exception("could not take %s version %s back", name, written.name)
         raise
 
 
