@@ -151,8 +151,8 @@ def test_a_workers_first_job_starts_from_a_generator_published_before(
         expected = template
     monkeypatch.setattr(to_onnx, "TEMPLATES", to_onnx.Templates())  # a worker process just started
     with caplog.at_level("INFO"):
-        name, version = models.publish(personal_ckpt, repo, profile="python", tritons=[])
-    assert (name, version) == ("generator_alice", 1)
+        name, version, written = models.publish(personal_ckpt, repo, profile="python", tritons=[])
+    assert (name, version, written) == ("generator_alice", 1, repo / "generator_alice" / "1")
     assert f"starts from the graph of {expected}" in caplog.text
     assert "from an earlier export's graph" in caplog.text  # written, not traced
     (graph,) = to_onnx.graphs(personal_ckpt)

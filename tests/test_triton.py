@@ -251,6 +251,41 @@ def test_a_version_triton_refuses_is_taken_back(
     assert client.is_model_ready("generator"), "the shared generator kept serving"
 
 
+def test_a_personalisation_cancelled_as_it_loads_takes_only_its_own_version_back(
+    triton: tritonserver.Server, live_repo: Path
+) -> None:
+    """A job cancelled (or taken over) after its publish: the version it wrote goes and Triton
+    serves the one before; the avatar keeps its earlier personalisation (before, the whole model
+    was withdrawn). Nothing it did not write is touched; a first version goes with its model."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    tritons = [triton.grpc_url]
+    try:
+        for _ in range(2):  # an earlier personalisation, then this job's
+            written = repository.write_model(live_repo, source, name="generator_dora")
+            models.load_everywhere(live_repo, "generator_dora", tritons=tritons, written=written)
+        assert client.is_model_ready("generator_dora", "2")
+        models.take_back(models.Published("generator_dora", 2, None), live_repo, tritons=tritons)
+        assert repository.versions(live_repo / "generator_dora") == [1, 2], "not this job's to take"
+        models.take_back(models.Published("generator_dora", 2, written), live_repo, tritons=tritons)
+        assert repository.versions(live_repo / "generator_dora") == [1]
+        assert client.is_model_ready("generator_dora", "1")
+        assert not client.is_model_ready("generator_dora", "2")
+        first = repository.write_model(live_repo, source, name="generator_emil")
+        models.load_everywhere(live_repo, "generator_emil", tritons=tritons, written=first)
+        models.take_back(models.Published("generator_emil", 1, first), live_repo, tritons=tritons)
+        assert not (live_repo / "generator_emil").exists()
+        assert not client.is_model_ready("generator_emil")
+    finally:
+        models.withdraw("dora", live_repo, tritons=tritons)
+        models.withdraw("emil", live_repo, tritons=tritons)
+
+
 def test_metrics_endpoint_counts_inferences(
     triton: tritonserver.Server, faces: dict[str, np.ndarray]
 ) -> None:

@@ -165,10 +165,10 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")
-    name, version = models.publish(ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons)
-    job.stage, job.model_name, job.model_version = "loading", name, version
-    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take the model back
-        models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
+    published = models.publish(ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons)
+    job.stage, job.model_name, job.model_version = "loading", published.name, published.version
+    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
+        models.take_back(published, ctx.repository, tritons=ctx.tritons)
         raise Cancelled("cancelled before the model was published")
     _end(ctx, job.ended(SUCCEEDED))
     ctx.queue.publish(job.avatar_id, events.PERSONALISED)

@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from export import repository, to_onnx
 from export.command import wait_unloaded
@@ -52,8 +52,14 @@ def _client(url: str) -> Any:
     return grpcclient.InferenceServerClient(url)
 
 
-def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str]) -> tuple[str, int]:
-    """Export the personalised generator into `repo` and load it in every Triton: (name, version)."""
+class Published(NamedTuple):
+    name: str  # generator_<avatar>
+    version: int  # the latest version, this job's generator
+    written: Path | None  # its folder when this job wrote it (None: the same bytes were there)
+
+
+def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str]) -> Published:
+    """Export the personalised generator into `repo` and load it in every Triton."""
     (graph,) = to_onnx.graphs(ckpt)
     if (found := to_onnx.start_from(graph, repo)) is not None:
         log.info("%s starts from the graph of %s", graph.name, found)
@@ -69,7 +75,15 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
         else:
             version_dir = written = repository.write_model(repo, path, profile=profile)
     load_everywhere(repo, graph.name, tritons=tritons, written=written)
-    return graph.name, int(version_dir.name)
+    return Published(graph.name, int(version_dir.name), written)
+
+
+def take_back(published: Published, repo: Path, *, tritons: list[str]) -> None:
+    """Undo a publish whose job was cancelled (or taken over) as it loaded: the version it wrote
+    goes, as for a refusal; the avatar keeps the generator it had (before, the whole model was
+    withdrawn, an earlier personalisation's versions with it)."""
+    if published.written is not None:
+        _take_back(repo, published.name, published.written, targets(tritons))
 
 
 def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path | None) -> None:
