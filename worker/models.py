@@ -88,11 +88,11 @@ def take_back(published: Published, repo: Path, *, tritons: list[str]) -> None:
 
 def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path | None) -> None:
     """Load model `name` in every Triton. Where one refuses (out of memory, a file it cannot
-    read), the version this job `written` is taken back - the one before it is the latest again
-    and every Triton loads that, or, the model's first, the model is unloaded and removed - so that
-    the repository and the Tritons agree on what the avatar has (before, the refused version stayed
-    published: a new stream of the avatar asked Triton to load it again, and failed). Then the
-    refusal is raised (the job fails: jobs_run.failure)."""
+    read), the version this job wrote (`written`) is taken back - the one before it is the latest
+    again and every Triton loads that, or, the model's first, the model is unloaded and removed -
+    so that the repository and the Tritons agree on what the avatar has (before, the refused
+    version stayed published: a new stream of the avatar asked Triton to load it again, and
+    failed). Then the refusal is raised (the job fails: jobs_run.failure)."""
     urls = targets(tritons)
     try:
         for url in urls:
