@@ -114,8 +114,11 @@ class RedisQueue:
                 ("finish", FINISH),
             )
         }
+        self._create_group()
+
+    def _create_group(self) -> None:
         try:
-            client.xgroup_create(keys.JOB_STREAM, keys.WORKERS_GROUP, id="0", mkstream=True)
+            self.r.xgroup_create(keys.JOB_STREAM, keys.WORKERS_GROUP, id="0", mkstream=True)
         except redis.ResponseError as error:
             if "BUSYGROUP" not in str(error):
                 raise
@@ -174,6 +177,15 @@ class RedisQueue:
 
     # -- a worker's side -------------------------------------------------------------------------
     def claim(self, worker: str, *, wait_s: float) -> Job | None:
+        try:
+            return self._claim(worker, wait_s=wait_s)
+        except redis.ResponseError as error:
+            if "NOGROUP" not in str(error):
+                raise
+            self._create_group()  # a Redis that came back without its data: the group is made again
+            return self._claim(worker, wait_s=wait_s)
+
+    def _claim(self, worker: str, *, wait_s: float) -> Job | None:
         self.r.set(keys.worker(worker), str(time.time()), ex=max(keys.WORKER_TTL_S, int(3 * wait_s)))
         stolen = self.r.xautoclaim(
             keys.JOB_STREAM,

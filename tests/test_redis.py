@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -109,6 +110,87 @@ def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url
     done = service.get(job.id)
     assert done is not None and done.state == SUCCEEDED and done.attempt == 2 and service.active("a") is None
     assert connect(redis_url).xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def _worker_context(queue: RedisQueue, repository: Path) -> Any:
+    import torch
+
+    from worker.jobs_run import Context
+
+    return Context(
+        queue=queue,
+        meta={},
+        model_id="m1",
+        repository=repository,
+        profile="python",
+        tritons=[],
+        heartbeat_s=0.3,
+        device=torch.device("cpu"),
+    )
+
+
+def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_running(
+    redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker that finds its job failed (or cancelled) after another took it over writes nothing
+    and goes on; before, the fenced finish raised Lost out of run_job and ended the worker."""
+    from worker.jobs_run import run_job
+
+    service = RedisQueue(client=connect(redis_url))
+    job = Job(id=new_id(), kind=PERSONALISE, avatar_id="late", steps=3, model_id="m1")
+    service.submit(job, b"not an npz", max_active=4)
+    one = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    two = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    held = one.claim("one", wait_s=1)
+    assert held is not None
+    time.sleep(0.8)  # silent past the claim timeout
+    taken = two.claim("two", wait_s=1)
+    assert taken is not None and taken.attempt == 2
+    with caplog.at_level("WARNING", logger="talkinghead.worker"):
+        run_job(_worker_context(one, tmp_path), held)  # its input fails to unpack: FAILED, then Lost
+    assert "leaving it to its new holder" in caplog.text
+    current = service.get(job.id)
+    assert current is not None and current.state == RUNNING and current.worker == "two"
+    two.finish(taken.ended(SUCCEEDED))
+
+
+def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis stops under a worker: it logs and tries again with a growing wait instead of ending
+    (a pod in CrashLoopBackOff before); back - here empty, its consumer group made again - the
+    worker takes the next job and ends it."""
+    import threading
+
+    from worker import jobs_run
+
+    redis = RedisServer(workdir=tmp_path / "redis")
+    queue = RedisQueue(client=connect(redis.url), claim_timeout_s=1.0)
+    service = RedisQueue(client=connect(redis.url))  # the server's, made once at its start
+    stop = threading.Event()
+    worker = threading.Thread(
+        target=jobs_run.serve_jobs,
+        args=(_worker_context(queue, tmp_path / "repo"), "w1", lambda: not stop.is_set()),
+    )
+    try:
+        with caplog.at_level("WARNING", logger="talkinghead.worker"):
+            worker.start()
+            time.sleep(0.5)
+            redis.stop()
+            time.sleep(2.5)
+            assert worker.is_alive(), "the worker ended with its queue away"
+            assert "the job queue failed" in caplog.text
+            redis = RedisServer(workdir=tmp_path / "redis", port=redis.port)  # back, empty
+            job = service.submit(Job(id=new_id(), kind=REMOVE, avatar_id="gone"), b"", max_active=4)
+            deadline = time.monotonic() + 30
+            while (done := service.get(job.id)) is None or done.state != SUCCEEDED:
+                assert time.monotonic() < deadline, f"the job was not run: {done}"
+                time.sleep(0.2)
+            assert worker.is_alive()
+    finally:
+        stop.set()
+        worker.join(10)
+        redis.stop()
 
 
 def test_cancelling_a_running_job_stops_it_at_its_next_write(redis_url: str) -> None:

@@ -4,8 +4,9 @@ The queue is Redis (--redis-url, several workers share it: a job whose worker di
 after --claim-timeout s) or a job directory on this machine (--jobs; `talkinghead serve` starts one
 such worker itself by default). The worker fine-tunes --checkpoint (the served model's meta
 checkpoint), writes into --repository (read-write) and loads each new model in every --triton-url
-(a host resolving to several addresses means each of them). SIGTERM/SIGINT stop it; a job it held
-is taken over by the next worker.
+(a host resolving to several addresses means each of them). A queue it cannot reach is tried
+again (after 1 s, doubling to 30 s), not the end of it. SIGTERM/SIGINT stop it; a job it held is
+taken over by the next worker.
 
 example:
   talkinghead worker --jobs var/jobs --repository model_repository
@@ -27,7 +28,7 @@ from pathlib import Path
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
-from worker.jobs_run import Context, model_id_of, run_job, with_progress_every_step
+from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
 
@@ -105,10 +106,11 @@ def run(args: argparse.Namespace) -> int:
         ", ".join(tritons) or "none",
     )
     try:
-        while not stop.is_set() and (args.parent_pid is None or os.getppid() == args.parent_pid):
-            job = queue.claim(args.name, wait_s=1.0)
-            if job is not None:
-                run_job(ctx, job)
+        serve_jobs(
+            ctx,
+            args.name,
+            lambda: not stop.is_set() and (args.parent_pid is None or os.getppid() == args.parent_pid),
+        )
     finally:
         queue.close()
     log.info("worker %s stopped", args.name)

@@ -14,6 +14,7 @@ import errno
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,9 +126,17 @@ def failure(error: Exception) -> tuple[int, str]:
     return CODE_INTERNAL, f"internal error: {type(error).__name__} (the worker's log has the details)"
 
 
-def _end(ctx: Context, job: Job) -> None:
-    ctx.queue.finish(job)
+def _end(ctx: Context, job: Job) -> bool:
+    """Write the ended job; False when it was taken over meanwhile (its new holder ends it: a
+    failure or cancellation found after the takeover used to raise Lost out of run_job and end
+    the worker)."""
+    try:
+        ctx.queue.finish(job)
+    except Lost as error:
+        log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        return False
     log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
+    return True
 
 
 def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
@@ -170,16 +179,39 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
         models.take_back(published, ctx.repository, tritons=ctx.tritons)
         raise Cancelled("cancelled before the model was published")
-    _end(ctx, job.ended(SUCCEEDED))
-    ctx.queue.publish(job.avatar_id, events.PERSONALISED)
+    if _end(ctx, job.ended(SUCCEEDED)):
+        ctx.queue.publish(job.avatar_id, events.PERSONALISED)
 
 
 def _remove(ctx: Context, job: Job) -> None:
     had = models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
-    _end(ctx, job.ended(SUCCEEDED))
-    if had:
+    if _end(ctx, job.ended(SUCCEEDED)) and had:
         ctx.queue.publish(job.avatar_id, events.UNPERSONALISED)
 
 
 def model_id_of(meta: dict[str, Any]) -> str:
     return checkpoint.fingerprint(meta)
+
+
+QUEUE_RETRY_S = (1.0, 30.0)  # the wait after the queue failed: first, and most (doubling between)
+
+
+def serve_jobs(ctx: Context, name: str, running: Callable[[], bool]) -> None:
+    """Claim and run jobs while `running()`. A queue that cannot be reached (Redis restarting, a
+    network blip) is retried with a growing wait, not the end of the worker: before, the first
+    failed claim ended the process (a Kubernetes pod in CrashLoopBackOff, its restarts spaced out
+    to minutes). A job in hand when it failed stays held in the queue until its claim times out,
+    then runs again (its publish writes nothing twice)."""
+    wait = QUEUE_RETRY_S[0]
+    while running():
+        try:
+            job = ctx.queue.claim(name, wait_s=1.0)
+            if job is not None:
+                run_job(ctx, job)
+            wait = QUEUE_RETRY_S[0]
+        except Exception as error:
+            log.warning("the job queue failed: %s: %s; retrying in %.0f s", type(error).__name__, error, wait)
+            deadline = time.monotonic() + wait
+            while running() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            wait = min(2 * wait, QUEUE_RETRY_S[1])
