@@ -12,6 +12,7 @@ owner token in a Lua script: a worker that lost its job learns it (Lost) and wri
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -114,7 +115,9 @@ class RedisQueue:
                 ("finish", FINISH),
             )
         }
-        self._create_group()
+        # Redis not up yet (pods start in any order): the first claim makes the group.
+        with contextlib.suppress(redis.ConnectionError, redis.TimeoutError):
+            self._create_group()
 
     def _create_group(self) -> None:
         try:

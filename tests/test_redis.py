@@ -22,7 +22,7 @@ from service.audit import RedisAuditLog
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
-from tests.redis_fixtures import RedisServer
+from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
@@ -285,6 +285,33 @@ def test_redis_gone_calls_get_unavailable_without_its_address_and_work_resumes(
     finally:
         running.stop()
         redis.stop()
+
+
+def test_a_server_started_before_its_redis_serves_once_redis_is_up(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """Pods start in any order: a server whose Redis is not up yet starts (before: a traceback and
+    exit 1 from making the job queue's consumer group), answers UNAVAILABLE meanwhile, and works
+    once Redis answers."""
+    port = free_port()
+    running = ServerThread(
+        settings=test_settings(model_repository, tmp_path / "store", redis_url=f"redis://127.0.0.1:{port}/0")
+    )
+    redis: RedisServer | None = None
+    try:
+        running.wait_ready()
+        c = running.client()
+        with pytest.raises(grpc.RpcError) as error:
+            c.create_avatar("early", [PORTRAIT], consent=CONSENT)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE, error.value.details()
+        redis = RedisServer(workdir=tmp_path / "redis", port=port)
+        c.create_avatar("early", [PORTRAIT], consent=CONSENT)
+        assert [a.avatar_id for a in c.list_avatars()] == ["early"]
+        assert c.personalise("early").name.startswith("operations/")
+    finally:
+        running.stop()
+        if redis is not None:
+            redis.stop()
 
 
 def test_a_queue_that_cannot_be_reached_is_unavailable_without_its_address(tmp_path: Path) -> None:
