@@ -126,17 +126,16 @@ def failure(error: Exception) -> tuple[int, str]:
     return CODE_INTERNAL, f"internal error: {type(error).__name__} (the worker's log has the details)"
 
 
-def _end(ctx: Context, job: Job) -> bool:
-    """Write the ended job; False when it was taken over meanwhile (its new holder ends it: a
-    failure or cancellation found after the takeover used to raise Lost out of run_job and end
-    the worker)."""
+def _end(ctx: Context, job: Job) -> None:
+    """Write the ended job, unless it was taken over meanwhile: its new holder ends it (a failure
+    or cancellation found after the takeover used to raise Lost out of run_job and end the
+    worker)."""
     try:
         ctx.queue.finish(job)
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
-        return False
+        return
     log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
-    return True
 
 
 def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
@@ -179,13 +178,14 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
         models.take_back(published, ctx.repository, tritons=ctx.tritons)
         raise Cancelled("cancelled before the model was published")
-    if _end(ctx, job.ended(SUCCEEDED)):
-        ctx.queue.publish(job.avatar_id, events.PERSONALISED)
+    _end(ctx, job.ended(SUCCEEDED))
+    ctx.queue.publish(job.avatar_id, events.PERSONALISED)  # (even if taken over: it is loaded)
 
 
 def _remove(ctx: Context, job: Job) -> None:
     had = models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
-    if _end(ctx, job.ended(SUCCEEDED)) and had:
+    _end(ctx, job.ended(SUCCEEDED))
+    if had:  # (even if taken over: replicas must drop what they hold of it now)
         ctx.queue.publish(job.avatar_id, events.UNPERSONALISED)
 
 
