@@ -39,6 +39,7 @@ PERSONALISE = "personalise"  # fine-tune, export, load: the public operation
 REMOVE = "remove"  # unload and delete an avatar's generator (after DeleteAvatar): internal
 # google.rpc.Code values an ended job reports
 CODE_CANCELLED, CODE_NOT_FOUND, CODE_FAILED_PRECONDITION, CODE_INTERNAL, CODE_UNAVAILABLE = 1, 5, 9, 13, 14
+CODE_RESOURCE_EXHAUSTED = 8
 
 
 def new_id() -> str:

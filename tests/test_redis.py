@@ -154,6 +154,37 @@ def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_ru
     two.finish(taken.ended(SUCCEEDED))
 
 
+def test_a_job_out_of_gpu_memory_ends_resource_exhausted_saying_so(
+    redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fine-tuning that runs out of GPU memory (raised here where the step would raise it: no GPU
+    on this machine) ends RESOURCE_EXHAUSTED "ran out of GPU memory ... again later", not INTERNAL
+    with the exception's name."""
+    import torch
+
+    from jobs.record import FAILED
+    from worker import jobs_run
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(jobs_run, "personalise", out_of_memory)
+    service = RedisQueue(client=connect(redis_url))
+    job = service.submit(
+        Job(id=new_id(), kind=PERSONALISE, avatar_id="big", steps=3, model_id="m1"), DATA, max_active=4
+    )
+    worker = RedisQueue(client=connect(redis_url))
+    held = worker.claim("w", wait_s=1)
+    assert held is not None and held.id == job.id
+    jobs_run.run_job(_worker_context(worker, tmp_path), held)
+    done = service.get(job.id)
+    assert done is not None and done.state == FAILED
+    assert (done.error_code, done.error) == (
+        grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+        "the worker ran out of GPU memory fine-tuning; personalise again later",
+    )
+
+
 def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -28,6 +28,7 @@ from jobs.record import (
     CODE_CANCELLED,
     CODE_FAILED_PRECONDITION,
     CODE_INTERNAL,
+    CODE_RESOURCE_EXHAUSTED,
     CODE_UNAVAILABLE,
     FAILED,
     REMOVE,
@@ -123,6 +124,12 @@ def failure(error: Exception) -> tuple[int, str]:
         return CODE_UNAVAILABLE, "the model repository is full; personalise again later"
     if type(error).__name__ == "InferenceServerException":  # tritonclient's, from load_model
         return CODE_UNAVAILABLE, "the model server could not load the generator; personalise again later"
+    if isinstance(error, torch.cuda.OutOfMemoryError):
+        torch.cuda.empty_cache()  # the next job starts from the memory this one held, not from its pieces
+        return (
+            CODE_RESOURCE_EXHAUSTED,
+            "the worker ran out of GPU memory fine-tuning; personalise again later",
+        )
     return CODE_INTERNAL, f"internal error: {type(error).__name__} (the worker's log has the details)"
 
 
