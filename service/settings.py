@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facekit.engines import ENGINES, resolve_lanes
+from service.backends.base import MAX_PERSONALISED
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
@@ -88,7 +89,7 @@ class Settings:
     backend_timeout: float = 5.0  # deadline of every model call (generate, embed)
     latency_budget_ms: int = 200  # live streams (service/capacity.py)
     admission: bool = True  # admission control of live streams from the measured capacity
-    max_personalised_loaded: int = 8  # personalised generators kept loaded (service/backends)
+    max_personalised_loaded: int = MAX_PERSONALISED  # personalised generators kept loaded
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -304,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-personalised-loaded",
         type=int,
-        help="personalised generators kept loaded in-process (default 8; idle ones unloaded beyond it)",
+        help="personalised generators kept loaded, in-process or on Triton (default 8; idle ones unloaded)",
     )
     group.add_argument("--backend-timeout", type=float, help="seconds each model call may take (default 5)")
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")

@@ -335,8 +335,7 @@ class TritonBackend(ReadyGate):
                 if not unloaded:
                     raise
                 # Unloaded since this replica loaded it (another one made room): load it again, once.
-                self._personalised.discard(name)
-                self._absent_since.pop(name, None)
+                self.forget_personalised(avatar_id)
                 if not await self.has_personalised(avatar_id):
                     raise
                 (image,) = await self._infer(name, feeds, [IMAGE])
