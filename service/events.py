@@ -2,6 +2,9 @@
 
 `RedisEvents` subscribes to the pub/sub channel (redis.asyncio); after a lost connection it
 resubscribes and reports a reset (events may have been missed: the caller drops its whole cache).
+While Redis stays away it retries after 1 s, doubling to 5 s (how stale a replica may stay after
+Redis is back), and says so once when the outage starts, once a minute while it lasts and once
+when it is over.
 `FileEvents` follows the local queue's events.jsonl (one machine: the embedded worker's news).
 Both call `on_event(event)` on the event loop; a malformed message is skipped.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +23,8 @@ from jobs.local import EVENTS_FILE
 
 log = logging.getLogger("talkinghead.service.events")
 POLL_S = 0.1
-RETRY_S = 1.0
+RETRY_S = (1.0, 5.0)  # the wait before resubscribing: first, and most (doubling between)
+REMIND_S = 60.0  # while the outage lasts, a warning this often (the failures between log at DEBUG)
 
 
 class FileEvents:
@@ -58,6 +63,7 @@ class RedisEvents:
         import redis.asyncio as aioredis
 
         first = True
+        wait, down_since, warned = RETRY_S[0], None, 0.0
         while True:
             client = aioredis.Redis.from_url(self.url, socket_connect_timeout=5)
             try:
@@ -65,8 +71,16 @@ class RedisEvents:
                     await pubsub.subscribe(keys.EVENTS)
                     if not first:
                         self.on_reset()  # what was published while we were away is lost
-                    first = False
                     self.subscribed.set()
+                    if down_since is not None:
+                        log.info(
+                            "avatar events from Redis %s after %.0f s%s",
+                            "started" if first else "resumed",
+                            time.monotonic() - down_since,
+                            "" if first else "; cached avatars dropped",
+                        )
+                    first = False
+                    wait, down_since = RETRY_S[0], None
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
                             event = Event.from_json(message["data"])
@@ -76,7 +90,20 @@ class RedisEvents:
                 raise
             except Exception as error:
                 self.subscribed.clear()
-                log.warning("avatar events from Redis interrupted (%s); resubscribing", error)
-                await asyncio.sleep(RETRY_S)
+                now = time.monotonic()
+                if down_since is None:
+                    down_since = warned = now
+                    log.warning("avatar events from Redis interrupted (%s); resubscribing", error)
+                elif now - warned >= REMIND_S:
+                    warned = now
+                    log.warning(
+                        "avatar events from Redis still interrupted after %.0f s (%s); resubscribing",
+                        now - down_since,
+                        error,
+                    )
+                else:
+                    log.debug("resubscribing to avatar events failed (%s); next try in %.0f s", error, wait)
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, RETRY_S[1])
             finally:
                 await client.aclose()

@@ -4,6 +4,8 @@ cancellation), and two service replicas sharing avatars with their caches invali
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,10 +17,13 @@ import pytest
 from client.library import landmark_requests
 from facekit.sequence import LandmarkSequence
 from jobs import keys
+from jobs.events import CHANGED as CHANGED_EVENT
+from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
 from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
 from jobs.redis_queue import RedisQueue, connect
 from service.audit import RedisAuditLog
+from service.events import RETRY_S, RedisEvents
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
@@ -316,6 +321,53 @@ def test_redis_gone_calls_get_unavailable_without_its_address_and_work_resumes(
     finally:
         running.stop()
         redis.stop()
+
+
+def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """While Redis is away a replica's event subscriber retries with growing waits and warns once
+    (before: a WARNING every second for the whole outage); once Redis is back it resubscribes,
+    drops the cache (events may have been missed), says the outage is over and hears events."""
+    port = free_port()
+    heard: list[str] = []
+    resets: list[float] = []
+
+    async def scenario() -> None:
+        redis = await asyncio.to_thread(RedisServer, workdir=tmp_path / "redis", port=port)
+        source = RedisEvents(
+            url=redis.url,
+            on_event=lambda e: heard.append(e.avatar_id),
+            on_reset=lambda: resets.append(time.monotonic()),
+        )
+        task = asyncio.create_task(source.run())
+        try:
+            await asyncio.wait_for(source.subscribed.wait(), timeout=5)
+            await asyncio.to_thread(redis.stop)
+            await asyncio.sleep(4.0)  # tries at 0, 1, 3 s (waits 1, 2, 4 s)
+            assert not source.subscribed.is_set() and not resets
+            redis = await asyncio.to_thread(RedisServer, workdir=tmp_path / "redis", port=port)
+            await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[1] + 2)
+            event = Event(avatar_id="a", event=CHANGED_EVENT, sent=time.time())
+            await asyncio.to_thread(connect(redis.url).publish, keys.EVENTS, event.to_json())
+            for _ in range(50):
+                if heard:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await asyncio.to_thread(redis.stop)
+
+    with caplog.at_level(logging.DEBUG, logger="talkinghead.service.events"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "interrupted" in warnings[0], warnings
+    retries = [r for r in caplog.records if r.levelno == logging.DEBUG and "next try" in r.getMessage()]
+    assert len(retries) == 2, [r.getMessage() for r in retries]  # 3 failed tries, waits growing
+    assert any("resumed after" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+    assert len(resets) == 1, "a resubscription drops the cache once"
+    assert heard == ["a"]
 
 
 def test_a_server_started_before_its_redis_serves_once_redis_is_up(
