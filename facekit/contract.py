@@ -26,6 +26,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from facekit.crop import CROP_SCALE
 from facekit.ids import validate_stored_id
@@ -40,6 +41,37 @@ PERSONALISED_PREFIX = "generator_"  # + avatar id: one fine-tuned generator per 
 def personalised_name(avatar_id: str) -> str:
     """The model name of an avatar's personalised generator (the id is validated: no path tricks)."""
     return PERSONALISED_PREFIX + validate_stored_id(avatar_id)
+
+
+# Personalised generators loaded at once (the service's in-process engines, or one Triton's models
+# counted over every replica and the worker): beyond MAX_PERSONALISED, one loading unloads those
+# not called for PERSONALISED_IDLE_S, least recently called first.
+MAX_PERSONALISED = 8
+PERSONALISED_IDLE_S = 60.0
+
+
+def last_inference(statistics: dict[str, Any]) -> dict[str, float]:
+    """Triton's inference statistics (`get_inference_statistics(as_json=True)`) -> each model's
+    last inference, seconds since the epoch (0: never called)."""
+    called: dict[str, float] = {}
+    for stat in statistics.get("model_stats", []):
+        name = str(stat.get("name", ""))
+        called[name] = max(called.get(name, 0.0), int(stat.get("last_inference", 0)) / 1e3)
+    return called
+
+
+def idle_personalised(
+    ready: set[str], called: dict[str, float], *, keep: str, idle_s: float, now: float
+) -> list[tuple[str, float]]:
+    """The personalised generators in `ready` that may be unloaded for another, as (name, seconds
+    since its last call), least recently called first: not called for `idle_s`, never `keep`."""
+    found = []
+    for name in sorted(ready - {keep}, key=lambda n: called.get(n, 0.0)):
+        idle = now - called.get(name, 0.0)
+        if idle < idle_s:
+            break  # (least recently called first: the rest were called later still)
+        found.append((name, idle))
+    return found
 
 
 MODEL_FILE = "model.onnx"

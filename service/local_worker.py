@@ -30,6 +30,7 @@ def command(settings: Settings) -> list[str]:
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
         cmd += ["--triton-url", settings.triton_url]
+        cmd += ["--max-personalised-loaded", str(settings.max_personalised_loaded)]
     return [*cmd, "--log-level", settings.log_level, "--parent-pid", str(os.getpid())]
 
 

@@ -62,8 +62,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from facekit.contract import MAX_PERSONALISED
 from facekit.engines import ENGINES, resolve_lanes
-from service.backends.base import MAX_PERSONALISED
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")

@@ -515,6 +515,8 @@ def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> Non
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     args = box["args"]
     assert args[0] == "worker" and "--triton-url=th-talkinghead-triton-headless.avatars.svc:8001" in args
+    limit = one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_MAX_PERSONALISED_LOADED"]
+    assert f"--max-personalised-loaded={limit}" in args, "the worker trims Triton to the service's limit"
     headless = one(manifests, "Service", "-triton-headless")
     assert headless["spec"]["clusterIP"] == "None"
     assert one(manifests, "StatefulSet", "-redis")["spec"]["volumeClaimTemplates"]

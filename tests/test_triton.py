@@ -286,6 +286,55 @@ def test_a_personalisation_cancelled_as_it_loads_takes_only_its_own_version_back
         models.withdraw("emil", live_repo, tritons=tritons)
 
 
+def test_personalising_past_the_limit_unloads_the_least_recently_called_idle_generator(
+    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
+) -> None:
+    """Each personalisation loads its generator on Triton; past the limit the worker unloads the
+    idle ones, least recently called first, as a replica's load does (before: every
+    personalisation's generator stayed loaded on every Triton until a stream's load trimmed them -
+    GPU memory growing with each job). One called recently stays; the files stay (a stream loads
+    it again); the shared generator is not counted."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    tritons, names = (
+        [triton.grpc_url],
+        ["generator_pia", "generator_quinn", "generator_ruth", "generator_sam"],
+    )
+
+    def personalise(name: str) -> None:
+        written = repository.write_model(live_repo, source, name=name)
+        models.load_everywhere(live_repo, name, tritons=tritons, written=written, max_loaded=2)
+
+    def ready() -> set[str]:
+        return {n for n in names if client.is_model_ready(n)}
+
+    try:
+        personalise("generator_pia")
+        personalise("generator_quinn")
+        assert ready() == {"generator_pia", "generator_quinn"}
+        feeds = {"landmark_image": faces["drawn"][:1], **warped_of(faces, slice(0, 1))}
+        feeds["adain"] = infer(
+            client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"]
+        )["adain"][:1]
+        infer(client, "generator_quinn", **feeds)  # called just now: not idle
+        personalise("generator_ruth")
+        assert ready() == {"generator_quinn", "generator_ruth"}, "pia, never called, went"
+        personalise("generator_sam")
+        assert ready() == {"generator_quinn", "generator_sam"}, "ruth went; quinn was called"
+        assert (live_repo / "generator_pia" / "1" / contract.MODEL_FILE).is_file()
+        assert client.is_model_ready("generator")
+        client.load_model("generator_pia")  # as a stream of pia would
+        assert client.is_model_ready("generator_pia")
+    finally:
+        for name in names:
+            models.withdraw(name.removeprefix(contract.PERSONALISED_PREFIX), live_repo, tritons=tritons)
+
+
 def test_metrics_endpoint_counts_inferences(
     triton: tritonserver.Server, faces: dict[str, np.ndarray]
 ) -> None:

@@ -25,12 +25,23 @@ import threading
 import warnings
 from pathlib import Path
 
+from facekit import contract
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
 from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the served model's meta checkpoint (default models/talkinghead-small.pt)",
     )
     parser.add_argument("--triton-url", action="append", default=[], help="Triton gRPC host:port (repeat)")
+    parser.add_argument(
+        "--max-personalised-loaded",
+        type=_at_least_one,
+        default=env("TALKINGHEAD_MAX_PERSONALISED_LOADED", str(contract.MAX_PERSONALISED)),
+        help="personalised generators a Triton keeps loaded: past it, loading one unloads the "
+        "least recently called of those idle for 60 s (the service's setting, "
+        "$TALKINGHEAD_MAX_PERSONALISED_LOADED)",
+    )
     parser.add_argument("--device", default="auto", help="auto (CUDA when there is one) | cpu | cuda")
     parser.add_argument(
         "--profile", default="python", help="repository profile of new models (default python)"
@@ -93,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         repository=args.repository,
         profile=args.profile,
         tritons=tritons,
+        max_loaded=args.max_personalised_loaded,
         heartbeat_s=max(0.5, args.claim_timeout / 5),
         device=pick_device(args.device),
     )

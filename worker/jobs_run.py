@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from facekit import contract
 from jobs import events
 from jobs.queue import JobQueue, Lost, unpack_input
 from jobs.record import (
@@ -58,6 +59,7 @@ class Context:
     tritons: list[str]
     heartbeat_s: float
     device: torch.device
+    max_loaded: int = contract.MAX_PERSONALISED  # personalised generators a Triton keeps loaded
 
 
 class Heartbeat:
@@ -180,7 +182,9 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")
-    published = models.publish(ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons)
+    published = models.publish(
+        ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons, max_loaded=ctx.max_loaded
+    )
     job.stage, job.model_name, job.model_version = "loading", published.name, published.version
     if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
         models.take_back(published, ctx.repository, tritons=ctx.tritons)

@@ -7,8 +7,10 @@ or the template `talkinghead export` writes beside the shared generator), gets t
 and is checked against PyTorch (export/to_onnx.py Templates). It adds it
 as a new version unless the latest one is byte-identical (a job re-run after its worker died
 publishes nothing twice), then loads it in each Triton (a version a Triton refuses is taken back:
-`load_everywhere`). `withdraw` unloads it from each Triton,
-waits until Triton has let go, and removes its directory in one rename. A Triton URL whose host
+`load_everywhere`) and, past the personalised generators a Triton keeps loaded, unloads the least
+recently called idle ones there, as a service replica loading one does (`trim`). `withdraw`
+unloads it from each Triton, waits until Triton has let go, and removes its directory in one
+rename. A Triton URL whose host
 resolves to several addresses (a headless Kubernetes Service) means every one of them.
 """
 
@@ -58,8 +60,16 @@ class Published(NamedTuple):
     written: Path | None  # its folder when this job wrote it (None: the same bytes were there)
 
 
-def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str]) -> Published:
-    """Export the personalised generator into `repo` and load it in every Triton."""
+def publish(
+    ckpt: dict[str, Any],
+    repo: Path,
+    *,
+    profile: str,
+    tritons: list[str],
+    max_loaded: int = contract.MAX_PERSONALISED,
+) -> Published:
+    """Export the personalised generator into `repo` and load it in every Triton (keeping at most
+    `max_loaded` personalised generators there where the others are idle: `trim`)."""
     (graph,) = to_onnx.graphs(ckpt)
     if (found := to_onnx.start_from(graph, repo)) is not None:
         log.info("%s starts from the graph of %s", graph.name, found)
@@ -74,7 +84,7 @@ def publish(ckpt: dict[str, Any], repo: Path, *, profile: str, tritons: list[str
             written = None
         else:
             version_dir = written = repository.write_model(repo, path, profile=profile)
-    load_everywhere(repo, graph.name, tritons=tritons, written=written)
+    load_everywhere(repo, graph.name, tritons=tritons, written=written, max_loaded=max_loaded)
     return Published(graph.name, int(version_dir.name), written)
 
 
@@ -86,18 +96,28 @@ def take_back(published: Published, repo: Path, *, tritons: list[str]) -> None:
         _take_back(repo, published.name, published.written, targets(tritons))
 
 
-def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path | None) -> None:
+def load_everywhere(
+    repo: Path,
+    name: str,
+    *,
+    tritons: list[str],
+    written: Path | None,
+    max_loaded: int = contract.MAX_PERSONALISED,
+) -> None:
     """Load model `name` in every Triton. Where one refuses (out of memory, a file it cannot
     read), the version this job wrote (`written`) is taken back - the one before it is the latest
     again and every Triton loads that, or, the model's first, the model is unloaded and removed -
     so that the repository and the Tritons agree on what the avatar has (before, the refused
     version stayed published: a new stream of the avatar asked Triton to load it again, and
-    failed). Then the refusal is raised (the job fails: jobs_run.failure)."""
+    failed). Then the refusal is raised (the job fails: jobs_run.failure). Each Triton that loaded
+    it is then trimmed to `max_loaded` personalised generators (`trim`)."""
     urls = targets(tritons)
     try:
         for url in urls:
-            _client(url).load_model(name)
+            client = _client(url)
+            client.load_model(name)
             log.info("loaded %s in Triton at %s", name, url)
+            trim(client, url, keep=name, max_loaded=max_loaded)
     except Exception as error:
         if written is not None:
             log.warning("Triton refused %s version %s; taking it back: %s", name, written.name, error)
@@ -106,6 +126,52 @@ def load_everywhere(repo: Path, name: str, *, tritons: list[str], written: Path 
             except Exception:  # the job still fails for the refusal, not for this
                 log.exception("could not take %s version %s back", name, written.name)
         raise
+
+
+def trim(
+    client: Any, url: str, *, keep: str, max_loaded: int, idle_s: float = contract.PERSONALISED_IDLE_S
+) -> None:
+    """Beyond `max_loaded` personalised generators ready on this Triton, unload those no one has
+    called for `idle_s` (Triton's last inference), least recently called first, never `keep` -
+    the service replicas' own rule (service/backends/triton.py), which only ran when a replica
+    loaded one: before, every personalisation left its generator loaded on every Triton (GPU
+    memory) until a stream's load brought the count down. Failures are logged, never raised: the
+    job's generator is loaded whatever happens here."""
+    try:
+        index = client.get_model_repository_index(as_json=True).get("models", [])
+        ready = {
+            str(m["name"])
+            for m in index
+            if m.get("state") == "READY" and str(m.get("name", "")).startswith(contract.PERSONALISED_PREFIX)
+        }
+        excess = len(ready) - max_loaded
+        if excess <= 0:
+            return
+        called = contract.last_inference(client.get_inference_statistics(as_json=True))
+    except Exception as error:
+        log.warning("cannot count the personalised generators loaded in Triton at %s: %s", url, error)
+        return
+    for name, seconds in contract.idle_personalised(ready, called, keep=keep, idle_s=idle_s, now=time.time()):
+        if excess <= 0:
+            break
+        try:
+            client.unload_model(name)
+        except Exception as error:
+            log.warning("Triton at %s could not unload %s: %s", url, name, error)
+            continue
+        excess -= 1
+        log.info(
+            "unloaded personalised generator %s in Triton at %s (no call for %.0f s)", name, url, seconds
+        )
+    if excess > 0:
+        log.warning(
+            "%d personalised generators loaded in Triton at %s, above the limit of %d: the others were "
+            "called in the last %.0f s",
+            max_loaded + excess,
+            url,
+            max_loaded,
+            idle_s,
+        )
 
 
 def _take_back(repo: Path, name: str, written: Path, urls: list[str]) -> None:

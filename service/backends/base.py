@@ -142,10 +142,6 @@ class ReadyGate:
                 call.abandoned.set_result(why)
 
 
-MAX_PERSONALISED = 8  # personalised generators kept loaded (more only while all are in use)
-PERSONALISED_IDLE_S = 60.0  # uncalled this long, a personalised generator may be unloaded for another
-
-
 class InFlight:
     """Calls in flight by model name: a personalised generator with one is never unloaded."""
 

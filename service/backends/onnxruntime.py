@@ -47,14 +47,14 @@ from facekit.contract import (
     GENERATOR,
     IMAGE,
     LANDMARK_IMAGE,
+    MAX_PERSONALISED,
+    PERSONALISED_IDLE_S,
     Meta,
     ModelInfo,
     latest_version,
     personalised_name,
 )
 from service.backends.base import (
-    MAX_PERSONALISED,
-    PERSONALISED_IDLE_S,
     BackendUnavailable,
     InFlight,
     ReadyGate,

@@ -36,14 +36,16 @@ from facekit.contract import (
     GENERATOR,
     IMAGE,
     LANDMARK_IMAGE,
+    MAX_PERSONALISED,
+    PERSONALISED_IDLE_S,
     PERSONALISED_PREFIX,
     Meta,
     ModelInfo,
+    idle_personalised,
+    last_inference,
     personalised_name,
 )
 from service.backends.base import (
-    MAX_PERSONALISED,
-    PERSONALISED_IDLE_S,
     BackendUnavailable,
     InFlight,
     ReadyGate,
@@ -277,15 +279,12 @@ class TritonBackend(ReadyGate):
         except InferenceServerException as error:
             log.warning("cannot count the personalised generators loaded on Triton: %s", error)
             return
-        called: dict[str, float] = {}  # model -> its last inference, seconds since the epoch (0: never)
-        for stat in stats.get("model_stats", []):
-            name = stat.get("name", "")
-            called[name] = max(called.get(name, 0.0), int(stat.get("last_inference", 0)) / 1e3)
-        now = time.time()
-        for name in sorted(ready - {keep}, key=lambda n: called.get(n, 0.0)):
-            idle = now - called.get(name, 0.0)
-            if excess <= 0 or idle < self.personalised_idle_s:
-                break  # (least recently called first: the rest were called later still)
+        idle = idle_personalised(
+            ready, last_inference(stats), keep=keep, idle_s=self.personalised_idle_s, now=time.time()
+        )
+        for name, seconds in idle:
+            if excess <= 0:
+                break
             if name in self._in_flight:
                 continue
             try:
@@ -295,7 +294,7 @@ class TritonBackend(ReadyGate):
                 continue
             self._personalised.discard(name)
             excess -= 1
-            log.info("unloaded personalised generator %s on Triton (no call for %.0f s)", name, idle)
+            log.info("unloaded personalised generator %s on Triton (no call for %.0f s)", name, seconds)
         if excess > 0:
             log.warning(
                 "%d personalised generators loaded on Triton, above the limit of %d: the others were "
