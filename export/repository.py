@@ -219,12 +219,18 @@ def write_model(
 
 
 def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", device: str = "cpu") -> Path:
-    """Rewrite the config of a model whose latest version already holds `onnx_path`'s bytes;
-    returns that version directory."""
+    """Rewrite the config of a model whose latest version already holds `onnx_path`'s bytes, and
+    with the python profile its runner (`model.py`) where this release's differs: a runner fix
+    reaches a repository whose weights did not change (Triton runs it from the model's next load).
+    Returns that version directory."""
     spec = spec_of(onnx_path, profile=profile)
     model_dir = repository / spec.name
     _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
-    return model_dir / str(versions(model_dir)[-1])
+    latest = model_dir / str(versions(model_dir)[-1])
+    runner = latest / "model.py"
+    if profile == "python" and (not runner.is_file() or runner.read_text() != PYTHON_MODEL.read_text()):
+        _write_atomic(runner, PYTHON_MODEL.read_text())
+    return latest
 
 
 def remove_model(repository: Path, name: str) -> bool:

@@ -174,6 +174,22 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
     assert not repository.remove_model(live, "generator")
 
 
+def test_the_same_weights_exported_again_get_this_releases_runner(
+    exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """A repository whose weights did not change keeps its version (Triton keeps it loaded), but
+    its python-profile runner is this release's: a fix to the runner (denormals flushed, 3x on
+    real faces) reaches a repository exported by an older release."""
+    repo, _ = exported
+    live = tmp_path / "repo"
+    onnx_path = repo / "generator/1/model.onnx"
+    version = repository.write_model(live, onnx_path)
+    (version / "model.py").write_text("# an older release's runner\n")
+    assert repository.write_config(live, onnx_path) == version
+    assert (version / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+    assert repository.versions(live / "generator") == [1]
+
+
 def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     personal_ckpt: dict,
     meta_ckpt: dict,
