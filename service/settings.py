@@ -51,6 +51,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    ~100 MiB each, OpenVINO, committed model; on
                                                    Triton: all replicas' there); beyond it those not
                                                    called for 60 s are unloaded, least recent first
+    TALKINGHEAD_CPU_SCHEDULING    batch            Linux scheduling policy of the server's threads:
+                                                   batch (SCHED_BATCH: a wake-up waits for the next
+                                                   tick instead of preempting the inference threads)
+                                                   or normal
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ from facekit.engines import ENGINES, resolve_lanes
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
+CPU_SCHEDULING = ("batch", "normal")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 
@@ -90,6 +95,7 @@ class Settings:
     latency_budget_ms: int = 200  # live streams (service/capacity.py)
     admission: bool = True  # admission control of live streams from the measured capacity
     max_personalised_loaded: int = MAX_PERSONALISED  # personalised generators kept loaded
+    cpu_scheduling: str = "batch"  # the threads' Linux scheduling policy (serve_command.set_cpu_scheduling)
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -135,6 +141,10 @@ class Settings:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if not 1 <= self.max_batch <= 256:
             problems.append(f"max_batch must be 1-256, got {self.max_batch}")
+        if self.cpu_scheduling not in CPU_SCHEDULING:
+            problems.append(
+                f"cpu_scheduling must be one of {', '.join(CPU_SCHEDULING)}, got {self.cpu_scheduling!r}"
+            )
         if self.worker not in WORKERS:
             problems.append(f"worker must be one of {', '.join(WORKERS)}, got {self.worker!r}")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -217,6 +227,7 @@ _ENV_FIELDS = (
     "latency_budget_ms",
     "admission",
     "max_personalised_loaded",
+    "cpu_scheduling",
     "backend_timeout",
     "log_level",
     "tls_cert",
@@ -306,6 +317,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-personalised-loaded",
         type=int,
         help="personalised generators kept loaded, in-process or on Triton (default 8; idle ones unloaded)",
+    )
+    group.add_argument(
+        "--cpu-scheduling",
+        choices=CPU_SCHEDULING,
+        help="the server threads' Linux scheduling policy (default batch: wake-ups do not preempt inference)",
     )
     group.add_argument("--backend-timeout", type=float, help="seconds each model call may take (default 5)")
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")

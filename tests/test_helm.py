@@ -121,9 +121,15 @@ def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
 
 def test_service_settings_reach_the_container(helm: str) -> None:
     manifests = render(
-        helm, server__maxStreams=7, server__backend="onnxruntime", server__maxPersonalisedLoaded=3
+        helm,
+        server__maxStreams=7,
+        server__backend="onnxruntime",
+        server__maxPersonalisedLoaded=3,
+        server__cpuScheduling="normal",
     )
     config = one(manifests, "ConfigMap", "")["data"]
+    assert config["TALKINGHEAD_CPU_SCHEDULING"] == "normal"
+    assert one(render(helm), "ConfigMap", "")["data"]["TALKINGHEAD_CPU_SCHEDULING"] == "batch"
     assert config["TALKINGHEAD_MAX_STREAMS"] == "7"
     assert config["TALKINGHEAD_MAX_PERSONALISED_LOADED"] == "3"
     assert config["TALKINGHEAD_BACKEND"] == "onnxruntime"

@@ -1,18 +1,26 @@
-"""The server's CPU split (service/metrics.py ThreadCpu): its own Python threads' work is the
-service's, the threads that call the engine count as the engine's, and the counts only grow when
-threads end."""
+"""The server's threads on the CPU: the split of their time (service/metrics.py ThreadCpu) - its
+own Python threads' work is the service's, the threads that call the engine count as the
+engine's, and the counts only grow when threads end - and their scheduling policy."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from client.bench import cpu_by_threads
+from client.library import landmark_requests
+from facekit.sequence import LandmarkSequence
 from service.metrics import ENGINE_CALLS, ThreadCpu
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT, REPO
+from tests.service_process import ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 
@@ -70,3 +78,32 @@ def test_the_threads_that_call_the_engine_count_as_the_engine() -> None:
     finally:
         leave.set()
         thread.join()
+
+
+def _policies(pid: int) -> set[int]:
+    found = set()
+    for tid in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            found.add(os.sched_getscheduler(int(tid.name)))
+    return found
+
+
+@pytest.mark.parametrize(("setting", "policy"), [(None, os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
+def test_the_server_runs_its_threads_under_the_configured_scheduling_policy(
+    model_repository: Path, tmp_path: Path, setting: str | None, policy: int
+) -> None:
+    """By default every thread of a running server - the event loop, gRPC's, the engine's, ones
+    started after the setting (a stream's) - is SCHED_BATCH: its wake-ups do not preempt the
+    inference threads. TALKINGHEAD_CPU_SCHEDULING=normal leaves them SCHED_OTHER."""
+    env = {"TALKINGHEAD_CPU_SCHEDULING": setting} if setting else {}
+    server = ServerProcess(repository=model_repository, root=tmp_path, env=env)
+    try:
+        server.client.create_avatar("sched", [PORTRAIT], consent=CONSENT)
+        driver = LandmarkSequence.load(REPO / "facekit/assets/demo_driver.npz")
+        seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+        frames = list(server.client.animate("sched", landmark_requests(seq), encoding="raw"))
+        assert len(frames) == 3
+        assert _policies(server.process.pid) == {policy}
+        assert f"CPU scheduling: {setting or 'batch'}" in server.log.read_text()
+    finally:
+        server.stop()
