@@ -178,6 +178,7 @@ class Batcher:
         # backend's inference runs elsewhere, Backend.remote_inference).
         self.pipeline = getattr(backend, "remote_inference", False) if pipeline is None else pipeline
         self.max_batch = max_batch
+        self.batch_cap = max_batch  # frames per call at most (capacity.batch_ceiling: 1 or max_batch)
         self.cost = cost or CostModel()  # fed by every call; sizes batches to the budget
         self.budget = budget  # live frames' latency budget, seconds (0: none)
         self.max_concurrent = max_concurrent
@@ -269,11 +270,11 @@ class Batcher:
         self._on_drop()
 
     def batch_limit(self) -> int:
-        """max_batch, or while live streams are open the largest batch whose call fits the live
-        budget's share (offline streams alone get max_batch: throughput is all they ask)."""
+        """batch_cap, or while live streams are open the largest batch whose call fits the live
+        budget's share (offline streams alone get batch_cap: throughput is all they ask)."""
         if not self.budget or all(q.block for q in self._streams):
-            return self.max_batch
-        return self.cost.max_batch(self.budget * BATCH_SHARE, self.max_batch)
+            return self.batch_cap
+        return self.cost.max_batch(self.budget * BATCH_SHARE, self.batch_cap)
 
     def _late(self, item: WorkItem, batch_size: int, now: float) -> bool:
         """A live frame that would come out of a batch of `batch_size` past its budget."""

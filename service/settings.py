@@ -51,6 +51,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    ~100 MiB each, OpenVINO, committed model; on
                                                    Triton: all replicas' there); beyond it those not
                                                    called for 60 s are unloaded, least recent first
+    TALKINGHEAD_BATCHING          auto             auto: several frames per generator call only
+                                                   where the start-up calibration found a batch of 4
+                                                   cheaper per frame than 1; always: up to MAX_BATCH
     TALKINGHEAD_CPU_SCHEDULING    batch            Linux scheduling policy of the server's threads:
                                                    batch (SCHED_BATCH: a wake-up waits for the next
                                                    tick instead of preempting the inference threads)
@@ -72,6 +75,7 @@ from facekit.engines import ENGINES, resolve_lanes
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
 CPU_SCHEDULING = ("batch", "normal")
+BATCHING = ("auto", "always")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 
@@ -96,6 +100,7 @@ class Settings:
     admission: bool = True  # admission control of live streams from the measured capacity
     max_personalised_loaded: int = MAX_PERSONALISED  # personalised generators kept loaded
     cpu_scheduling: str = "batch"  # the threads' Linux scheduling policy (serve_command.set_cpu_scheduling)
+    batching: str = "auto"  # auto: batches only where the calibration found they pay (batch_ceiling)
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -145,6 +150,8 @@ class Settings:
             problems.append(
                 f"cpu_scheduling must be one of {', '.join(CPU_SCHEDULING)}, got {self.cpu_scheduling!r}"
             )
+        if self.batching not in BATCHING:
+            problems.append(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
         if self.worker not in WORKERS:
             problems.append(f"worker must be one of {', '.join(WORKERS)}, got {self.worker!r}")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -228,6 +235,7 @@ _ENV_FIELDS = (
     "admission",
     "max_personalised_loaded",
     "cpu_scheduling",
+    "batching",
     "backend_timeout",
     "log_level",
     "tls_cert",
@@ -317,6 +325,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-personalised-loaded",
         type=int,
         help="personalised generators kept loaded, in-process or on Triton (default 8; idle ones unloaded)",
+    )
+    group.add_argument(
+        "--batching",
+        choices=BATCHING,
+        help="auto (default): batch frames only where the calibration found it cheaper per frame; always",
     )
     group.add_argument(
         "--cpu-scheduling",

@@ -146,7 +146,10 @@ test_settings.__test__ = False  # type: ignore[attr-defined]  # a helper, not a 
 def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     """One shared server for the tests that do not need their own settings."""
     store = tmp_path_factory.mktemp("avatars")
-    running = ServerThread(settings=test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024))
+    # batching=always: the tests on it check frames of several streams and avatars in one batch,
+    # which the calibration may find not worth making on this machine's engine (batching=auto).
+    settings = test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024, batching="always")
+    running = ServerThread(settings=settings)
     running.wait_ready()
     yield running
     running.stop()

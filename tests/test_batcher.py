@@ -22,12 +22,14 @@ class TimedBackend:
 
     def __init__(self) -> None:
         self.frames = 0
+        self.batches: list[int] = []
 
     async def generate(
         self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
         await asyncio.sleep(FIXED_S + PER_FRAME_S * len(images))
         self.frames += len(images)
+        self.batches.append(len(images))
         return np.zeros_like(images)
 
 
@@ -52,7 +54,7 @@ async def consume(queue: StreamQueue, futures: asyncio.Queue, latencies: list[fl
 
 
 async def scenario(
-    seconds: float = 3.0, backend: object = None, cost: CostModel | None = None
+    seconds: float = 3.0, backend: object = None, cost: CostModel | None = None, batch_cap: int = 16
 ) -> tuple[StreamQueue, list[float], object]:
     """A live stream at 25 fps beside an offline stream that always has work, for `seconds`."""
     backend = backend or TimedBackend()
@@ -61,6 +63,7 @@ async def scenario(
         for batch in (1, 2, 4, 8):  # calibrated, as the service does at start
             cost.observe(batch, FIXED_S + PER_FRAME_S * batch)
     batcher = Batcher(backend=backend, max_batch=16, cost=cost, budget=0.2)  # type: ignore[arg-type]
+    batcher.batch_cap = batch_cap
     batcher.start()
     live = batcher.open_stream(depth=8, block=False)
     offline = batcher.open_stream(depth=64, block=True)
@@ -97,6 +100,18 @@ async def scenario(
     await asyncio.gather(*tasks, return_exceptions=True)
     await batcher.close()
     return live, live_latency, backend
+
+
+def test_where_batches_gain_nothing_every_call_is_one_frame_and_both_streams_are_served() -> None:
+    """The start-up calibration found batches no cheaper per frame (capacity.batch_ceiling): with
+    the cap at 1 a deep offline stream is served one frame per call, the live stream keeps its
+    frames; without the cap the same streams make batches of several frames."""
+    live, latencies, backend = asyncio.run(scenario(2.0, batch_cap=1))
+    assert set(backend.batches) == {1}, backend.batches
+    assert len(latencies) >= 42 and live.dropped <= 2, (len(latencies), live.dropped)
+    assert backend.frames > len(latencies) + 20, "the offline stream got frames too"
+    _, _, uncapped = asyncio.run(scenario(2.0))
+    assert max(uncapped.batches) > 1
 
 
 def test_an_offline_stream_with_work_always_waiting_leaves_the_live_stream_its_frames() -> None:

@@ -439,6 +439,7 @@ def test_a_slow_batch_of_one_model_does_not_hold_up_another(
         repository,
         tmp_path / "store",
         max_batch=48,
+        batching="always",  # the big batch is the point, whether or not batches pay here
         inference_threads=1,
         backend_timeout=60,
         backend_stall=60,

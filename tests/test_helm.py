@@ -129,6 +129,10 @@ def test_service_settings_reach_the_container(helm: str) -> None:
     )
     config = one(manifests, "ConfigMap", "")["data"]
     assert config["TALKINGHEAD_CPU_SCHEDULING"] == "normal"
+    assert (
+        one(render(helm, server__batching="always"), "ConfigMap", "")["data"]["TALKINGHEAD_BATCHING"]
+        == "always"
+    )
     assert one(render(helm), "ConfigMap", "")["data"]["TALKINGHEAD_CPU_SCHEDULING"] == "batch"
     assert config["TALKINGHEAD_MAX_STREAMS"] == "7"
     assert config["TALKINGHEAD_MAX_PERSONALISED_LOADED"] == "3"
