@@ -43,7 +43,7 @@ from service.audit import AuditEvent, AuditLog
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
-from service.capacity import Admission, CostModel, batch_ceiling, expected_fps
+from service.capacity import Admission, CostModel, expected_fps
 from service.errors import (
     ServiceError,
     backend_unavailable,
@@ -155,40 +155,38 @@ class App:
         server starts: 88 ms a frame seen against 20) would seed a capacity a quarter of the real
         one (23 frames/s against 93), refusing live streams until the batches streams run had
         corrected it; with the fastest of three, 52 in the same start. Work that lasts the whole
-        calibration still lowers it. Where a batch of 4 costs no less per frame than a single
-        frame (capacity.batch_ceiling), every call is one frame from then on."""
+        calibration still lowers it.
+
+        With TALKINGHEAD_BATCHING=auto and an engine that runs calls side by side in lanes (the
+        in-process engines), every call is one frame: the lanes keep the cores busy without
+        batches, and on the 2-core bench VM no engine ran cheaper per frame in batches
+        (openvino-bf16 129 frames/s at batch 1, 123-125 at 2-16; onnxruntime 4 % dearer at 4;
+        openvino fp32 within 2 %), while batches of up to 4 took ~3 % off live + offline
+        throughput and raised live p99 from ~65 to ~115 ms. A backend that runs one call at a
+        time (Triton: a round trip per call, a GPU) keeps batching."""
         while not self.backend.is_ready():
             await asyncio.sleep(0.25)
-        self.admission.lanes = self.batcher.lanes(SHARED)
-        fastest: dict[int, list[float]] = {}  # by batch size: its fastest round's calls, seconds
+        self.admission.lanes = lanes = self.batcher.lanes(SHARED)
+        if self.settings.batching == "auto" and lanes > 1 and self.settings.max_batch > 1:
+            self.batcher.batch_cap = self.admission.max_batch = 1
+            log.info("one frame per generator call: the engine runs %d calls side by side", lanes)
         try:
             info = self.backend.info
             s = info.image_size
-            sizes = sorted({1, min(4, self.settings.max_batch)})
+            sizes = sorted({1, min(4, self.batcher.batch_cap)})
             rounds: dict[int, list[list[float]]] = {batch: [] for batch in sizes}
             for _ in range(CALIBRATION_ROUNDS):  # the sizes take turns: what disturbs one round
                 for batch in sizes:  # (start-up work) does not favour a size
                     images = np.zeros((batch, s, s, 3), np.uint8)
                     adain = np.zeros((batch, info.adain_size), np.float32)
                     warped = images if info.warp_guided else None
-                    calls = [self._timed_call(images, adain, warped) for _ in range(self.admission.lanes)]
+                    calls = [self._timed_call(images, adain, warped) for _ in range(lanes)]
                     rounds[batch].append(await asyncio.gather(*calls))
-            fastest = {batch: min(taken, key=sum) for batch, taken in rounds.items()}
         except Exception as error:  # the batches streams run will teach the model instead
             log.warning("could not calibrate the generator's cost: %s", error)
             return
-        per_frame = {batch: sum(times) / len(times) / batch for batch, times in fastest.items()}
-        auto = self.settings.batching == "auto"
-        if auto and batch_ceiling(per_frame, self.settings.max_batch) < self.settings.max_batch:
-            self.batcher.batch_cap = self.admission.max_batch = 1
-            fastest = {1: fastest[1]}  # the cost model learns the calls it will see
-            log.info(
-                "batches gain nothing on this backend (%s ms per frame at batch %s): one frame per call",
-                "/".join(f"{v * 1e3:.1f}" for v in per_frame.values()),
-                "/".join(map(str, per_frame)),
-            )
-        for batch, times in fastest.items():
-            for seconds in times:
+        for batch, taken in rounds.items():
+            for seconds in min(taken, key=sum):
                 self.cost.observe(batch, seconds)
         log.info(
             "generator cost %.1f ms + %.1f ms/frame: live capacity %.0f frames/s at batch <= %d "

@@ -178,7 +178,7 @@ class Batcher:
         # backend's inference runs elsewhere, Backend.remote_inference).
         self.pipeline = getattr(backend, "remote_inference", False) if pipeline is None else pipeline
         self.max_batch = max_batch
-        self.batch_cap = max_batch  # frames per call at most (capacity.batch_ceiling: 1 or max_batch)
+        self.batch_cap = max_batch  # frames per call at most (1 for an engine in lanes: App._calibrate)
         self.cost = cost or CostModel()  # fed by every call; sizes batches to the budget
         self.budget = budget  # live frames' latency budget, seconds (0: none)
         self.max_concurrent = max_concurrent

@@ -27,9 +27,6 @@ from service.errors import ServiceError, exhausted, invalid
 # 1-stream live run beside a deep offline stream lost 48 of 250 frames (p99 155 ms); at 0.25, 0.
 BATCH_SHARE = 0.25
 HEADROOM = 0.9  # of the capacity admission hands out
-# A batch of several frames must cost at least this much less per frame than one frame alone to be
-# worth making (batch_ceiling).
-MIN_BATCH_GAIN = 0.03
 DEFAULT_FPS = 25.0
 MAX_FPS = 120.0
 _DECAY = 0.97  # per observed batch: ~30 batches of memory
@@ -72,20 +69,6 @@ class CostModel:
         """Frames per second at the budget's batch size, every lane of the backend busy all the time."""
         batch = self.max_batch(budget * BATCH_SHARE, ceiling)
         return lanes * batch / self.cost(batch)
-
-
-def batch_ceiling(per_frame: dict[int, float], max_batch: int) -> int:
-    """Frames per call from the start-up calibration's seconds per frame by batch size: max_batch,
-    or 1 where the largest batch measured costs per frame within MIN_BATCH_GAIN of a single frame
-    or more. An engine whose calls run side by side in lanes needs no batches to keep the cores
-    busy, and on the shipped model openvino-bf16 ran 4 % slower per frame at batch 4 than at 1
-    (the bench: 123-125 against 129 frames/s); batches of up to 4 lowered live + offline
-    throughput by ~3 % and raised live p99 from ~65 to ~115 ms. Where batching pays (a fixed cost
-    per call: Triton's round trip, a GPU) batches stay."""
-    if 1 not in per_frame or len(per_frame) < 2:
-        return max_batch
-    largest = max(per_frame)
-    return 1 if per_frame[largest] >= (1 - MIN_BATCH_GAIN) * per_frame[1] else max_batch
 
 
 class Admission:

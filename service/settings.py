@@ -51,9 +51,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    ~100 MiB each, OpenVINO, committed model; on
                                                    Triton: all replicas' there); beyond it those not
                                                    called for 60 s are unloaded, least recent first
-    TALKINGHEAD_BATCHING          auto             auto: several frames per generator call only
-                                                   where the start-up calibration found a batch of 4
-                                                   cheaper per frame than 1; always: up to MAX_BATCH
+    TALKINGHEAD_BATCHING          auto             auto: one frame per generator call where the
+                                                   engine runs calls side by side in lanes (in-
+                                                   process), up to MAX_BATCH otherwise (Triton);
+                                                   always: up to MAX_BATCH
     TALKINGHEAD_CPU_SCHEDULING    batch            Linux scheduling policy of the server's threads:
                                                    batch (SCHED_BATCH: a wake-up waits for the next
                                                    tick instead of preempting the inference threads)
@@ -100,7 +101,7 @@ class Settings:
     admission: bool = True  # admission control of live streams from the measured capacity
     max_personalised_loaded: int = MAX_PERSONALISED  # personalised generators kept loaded
     cpu_scheduling: str = "batch"  # the threads' Linux scheduling policy (serve_command.set_cpu_scheduling)
-    batching: str = "auto"  # auto: batches only where the calibration found they pay (batch_ceiling)
+    batching: str = "auto"  # auto: one frame per call for an engine in lanes (App._calibrate)
     log_level: str = "INFO"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -329,7 +330,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--batching",
         choices=BATCHING,
-        help="auto (default): batch frames only where the calibration found it cheaper per frame; always",
+        help="auto (default): one frame per call where the engine runs calls in lanes; always: batches",
     )
     group.add_argument(
         "--cpu-scheduling",

@@ -102,10 +102,10 @@ async def scenario(
     return live, live_latency, backend
 
 
-def test_where_batches_gain_nothing_every_call_is_one_frame_and_both_streams_are_served() -> None:
-    """The start-up calibration found batches no cheaper per frame (capacity.batch_ceiling): with
-    the cap at 1 a deep offline stream is served one frame per call, the live stream keeps its
-    frames; without the cap the same streams make batches of several frames."""
+def test_with_the_batch_cap_at_one_every_call_is_one_frame_and_both_streams_are_served() -> None:
+    """An engine in lanes with TALKINGHEAD_BATCHING=auto (App._calibrate sets the cap): a deep
+    offline stream is served one frame per call and the live stream keeps its frames; without the
+    cap the same streams make batches of several frames."""
     live, latencies, backend = asyncio.run(scenario(2.0, batch_cap=1))
     assert set(backend.batches) == {1}, backend.batches
     assert len(latencies) >= 42 and live.dropped <= 2, (len(latencies), live.dropped)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from service.capacity import BATCH_SHARE, HEADROOM, Admission, CostModel, batch_ceiling, expected_fps
+from service.capacity import BATCH_SHARE, HEADROOM, Admission, CostModel, expected_fps
 from service.errors import ServiceError
 
 
@@ -65,11 +65,3 @@ def test_expected_fps_outside_its_range_is_invalid(value: float) -> None:
 
 def test_expected_fps_zero_means_the_default() -> None:
     assert expected_fps(0.0) == 25.0 and expected_fps(30.0) == 30.0
-
-
-def test_batches_are_made_only_where_they_cost_less_per_frame() -> None:
-    # openvino-bf16 on the shipped model here: 8.0 ms per frame alone, 8.3 in a batch of 4
-    assert batch_ceiling({1: 0.0080, 4: 0.0083}, 16) == 1
-    assert batch_ceiling({1: 0.0080, 4: 0.0079}, 16) == 1, "within MIN_BATCH_GAIN: not worth it"
-    assert batch_ceiling({1: 0.0080, 4: 0.0060}, 16) == 16, "a fixed cost per call: batches pay"
-    assert batch_ceiling({1: 0.0080}, 16) == 16, "nothing to compare"
