@@ -28,10 +28,6 @@ onnxruntime ran 20 frames/s on real faces against 62 on zeros, openvino 57 again
 openvino-bf16 123 against 133 (1 lane: 15 / 50 / 100 against 44 / 57 / 105); flushed, each runs
 as fast on real faces as on zeros, and the frames are bit-identical (64 driven frames of the demo
 portrait, every engine). Timings on zeros or on random inputs of small scale do not show it.
-The flags are the CPU's, per thread: each engine sets them only for its own work and leaves the
-calling thread's floating-point environment as it found it (`caller_float_environment`,
-`flushed_denormals`), so numpy, torch or a test's property generator in that thread compute as
-before.
 
 `choose` times the candidates on the model itself, `lanes` calls at a time, and returns the
 fastest: the service's embedded backend and `talkinghead bench` both pick with it, so they run what
@@ -40,16 +36,11 @@ they measured. Torch-free: the service and the evaluation (training side) share 
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import ctypes.util
 import json
 import logging
-import platform
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,67 +61,6 @@ VERDICT_FILE = "engines.json"
 MAX_SSIM_DROP = 0.01
 MAX_IDENTITY_RISE = 0.02
 AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
-
-
-def _libm() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        return ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
-    except OSError:
-        return None
-
-
-_LIBM = _libm()
-
-
-@contextlib.contextmanager
-def caller_float_environment() -> Iterator[None]:
-    """The calling thread's floating-point environment as it was, after the block: opening or
-    running an engine turns on the CPU's flush-to-zero and denormals-are-zero flags in the thread
-    that does it (both runtimes, for DENORMALS), and they would stay on for whatever that thread
-    computes next - numpy, torch, the Python floats of a test's property generator (hypothesis
-    refuses to run under them). Saved and restored with C's fegetenv / fesetenv (~2 us)."""
-    if _LIBM is None:
-        yield
-        return
-    saved = ctypes.create_string_buffer(256)  # >= sizeof(fenv_t) (32 bytes on x86-64 glibc)
-    kept = _LIBM.fegetenv(saved) == 0
-    try:
-        yield
-    finally:
-        if kept:
-            _LIBM.fesetenv(saved)
-
-
-# x86-64 glibc's fenv_t: 28 bytes of x87 environment, then the SSE control register (MXCSR), whose
-# flush-to-zero (0x8000) and denormals-are-zero (0x40) bits these are.
-_MXCSR_AT, _FTZ_DAZ = 28, 0x8040
-
-
-@contextlib.contextmanager
-def flushed_denormals() -> Iterator[None]:
-    """Denormals flushed to zero in the calling thread for the block, its floating-point
-    environment restored after. ONNX Runtime's session.set_denormal_as_zero covers its own pool
-    threads and the thread that made the session, not a thread that runs it: a lane of one
-    thread computes on its caller (20 frames/s on real faces without this, 62 with it)."""
-    if _LIBM is None or platform.machine() not in ("x86_64", "AMD64"):
-        with caller_float_environment():
-            yield
-        return
-    saved = ctypes.create_string_buffer(256)
-    if _LIBM.fegetenv(saved) != 0:
-        yield
-        return
-    raw = bytearray(saved.raw)
-    mxcsr = int.from_bytes(raw[_MXCSR_AT : _MXCSR_AT + 4], "little") | _FTZ_DAZ
-    raw[_MXCSR_AT : _MXCSR_AT + 4] = mxcsr.to_bytes(4, "little")
-    flushed = ctypes.create_string_buffer(bytes(raw), len(raw))
-    _LIBM.fesetenv(flushed)
-    try:
-        yield
-    finally:
-        _LIBM.fesetenv(saved)
 
 
 class Cancel:
@@ -198,8 +128,7 @@ class OnnxRuntimeEngine:
         # Idle ORT threads spinning would steal the cores the asyncio loop needs between runs.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.set_denormal_as_zero", "1")  # see DENORMALS
-        with caller_float_environment():
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     @property
     def metadata(self) -> dict[str, str]:
@@ -216,7 +145,7 @@ class OnnxRuntimeEngine:
         if cancel is not None:
             cancel.bind(lambda: setattr(options, "terminate", True))
         try:
-            with self._lane, flushed_denormals():
+            with self._lane:
                 return [np.asarray(x) for x in self.session.run(list(outputs), dict(feeds), options)]
         finally:
             if cancel is not None:
@@ -257,9 +186,8 @@ class OpenVinoEngine:
         self._compiled: dict[tuple[int, ...], Any] = {}
         self._idle: dict[tuple[int, ...], list[Any]] = {}
         self._inputs = [p.get_any_name() for p in self._model.inputs]
-        with caller_float_environment():
-            for size in self.CHUNKS:  # fails here, not on the first frame, when it cannot compile
-                self.compile(size)
+        for size in self.CHUNKS:  # fails here, not on the first frame, when it cannot compile
+            self.compile(size)
         # OpenVINO's numpy bridge (pybind11's numpy API, set up on first use) is first used here,
         # on one thread: two lanes' first calls setting it up at once hung a bench process for
         # good (both threads in its call_once, waiting for the GIL; seen once in ~20 starts).
@@ -316,8 +244,7 @@ class OpenVinoEngine:
         sizes = {len(v) for v in feeds.values()}
         if len(sizes) != 1:
             raise ValueError("every input must have the same batch size")
-        with caller_float_environment():
-            return self._run_chunks(feeds, outputs, cancel, sizes.pop())
+        return self._run_chunks(feeds, outputs, cancel, sizes.pop())
 
     def _run_chunks(
         self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None, batch: int
@@ -417,12 +344,11 @@ def in_flight(lanes: int) -> int:
 
 def open_engine(path: Path, name: str, *, threads: int, lanes: int = 1) -> Engine:
     """`name` on `path` with `threads` threads in all, split over `lanes` concurrent calls."""
-    with caller_float_environment():
-        if name == ONNXRUNTIME:
-            return OnnxRuntimeEngine(path, threads=threads, lanes=lanes)
-        if name in (OPENVINO, OPENVINO_BF16):
-            precision = "bf16" if name == OPENVINO_BF16 else "f32"
-            return OpenVinoEngine(path, threads=threads, precision=precision, lanes=lanes)
+    if name == ONNXRUNTIME:
+        return OnnxRuntimeEngine(path, threads=threads, lanes=lanes)
+    if name in (OPENVINO, OPENVINO_BF16):
+        precision = "bf16" if name == OPENVINO_BF16 else "f32"
+        return OpenVinoEngine(path, threads=threads, precision=precision, lanes=lanes)
     raise ValueError(f"unknown engine {name!r}; one of {', '.join(ENGINES)}")
 
 
