@@ -169,7 +169,18 @@ def _face_xy(frame: int, scale: float, dx: float, dy: float, noise: float, seed:
     return [float(v) for v in points.astype(np.float32).reshape(-1)]
 
 
-FLOAT32 = st.floats(width=32)
+def _floats(width: int) -> st.SearchStrategy[float]:
+    """Any float of this width, NaNs, infinities and subnormals included. Engines run earlier in
+    this process (tests call them on the main thread) leave the CPU's flush-to-zero flags set on
+    it (facekit/engines.py DENORMALS), and hypothesis then refuses st.floats with subnormals; so
+    they come from raw bit patterns (a float32 one reads back as 0 on such a thread)."""
+    fmt, size = ("<f", 4) if width == 32 else ("<d", 8)
+    raw = st.integers(0, 2 ** (8 * size) - 1).map(lambda b: struct.unpack(fmt, b.to_bytes(size, "little"))[0])
+    return st.one_of(st.floats(width=width, allow_subnormal=False), raw)
+
+
+FLOAT32 = _floats(32)
+FLOAT64 = _floats(64)
 LANDMARK_XY = st.one_of(
     st.builds(
         _face_xy,
@@ -199,7 +210,7 @@ PAGE_TOKEN = st.one_of(
     st.builds(_page_token, st.sampled_from(["after", "before"]), st.text(max_size=30)),
     st.builds(
         lambda f, h: _page_token("before", f"{f!r}:{h}"),
-        st.floats(),
+        FLOAT64,
         st.text("0123456789abcdef", max_size=17),
     ),
     st.text(max_size=40),
@@ -276,7 +287,7 @@ def _scalar(field: FieldDescriptor, depth: int) -> st.SearchStrategy[Any]:
     if kind == FieldDescriptor.TYPE_FLOAT:
         return FLOAT32
     if kind == FieldDescriptor.TYPE_DOUBLE:
-        return st.floats()
+        return FLOAT64
     if kind == FieldDescriptor.TYPE_BOOL:
         return st.booleans()
     if kind == FieldDescriptor.TYPE_STRING:
