@@ -28,6 +28,11 @@ onnxruntime ran 20 frames/s on real faces against 62 on zeros, openvino 57 again
 openvino-bf16 123 against 133 (1 lane: 15 / 50 / 100 against 44 / 57 / 105); flushed, each runs
 as fast on real faces as on zeros, and the frames are bit-identical (64 driven frames of the demo
 portrait, every engine). Timings on zeros or on random inputs of small scale do not show it.
+Side effect: both runtimes set the CPU's flush-to-zero / denormals-are-zero flags in the threads
+that open or run an engine, and leave them set, so later float work in those threads (numpy,
+torch) flushes denormals too - harmless to images and landmarks; restoring the caller's
+environment around each call (fegetenv / fesetenv through ctypes) was tried and crashed the
+test suite's process (SIGSEGV in a later torch test), so it is not done.
 
 `choose` times the candidates on the model itself, `lanes` calls at a time, and returns the
 fastest: the service's embedded backend and `talkinghead bench` both pick with it, so they run what
