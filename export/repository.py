@@ -227,9 +227,9 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
     model_dir = repository / spec.name
     _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
     latest = model_dir / str(versions(model_dir)[-1])
-    runner = latest / "model.py"
-    if profile == "python" and (not runner.is_file() or runner.read_text() != PYTHON_MODEL.read_text()):
-        _write_atomic(runner, PYTHON_MODEL.read_text())
+    runner, current = latest / "model.py", PYTHON_MODEL.read_text()
+    if profile == "python" and (not runner.is_file() or runner.read_text() != current):
+        _write_atomic(runner, current)
     return latest
 
 

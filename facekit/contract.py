@@ -50,6 +50,16 @@ MAX_PERSONALISED = 8
 PERSONALISED_IDLE_S = 60.0
 
 
+def ready_personalised(index: dict[str, Any]) -> set[str]:
+    """Triton's repository index (`get_model_repository_index(as_json=True)`) -> the personalised
+    generators it has ready."""
+    return {
+        str(m["name"])
+        for m in index.get("models", [])
+        if m.get("state") == "READY" and str(m.get("name", "")).startswith(PERSONALISED_PREFIX)
+    }
+
+
 def last_inference(statistics: dict[str, Any]) -> dict[str, float]:
     """Triton's inference statistics (`get_inference_statistics(as_json=True)`) -> each model's
     last inference, seconds since the epoch (0: never called)."""

@@ -138,12 +138,7 @@ def trim(
     memory) until a stream's load brought the count down. Failures are logged, never raised: the
     job's generator is loaded whatever happens here."""
     try:
-        index = client.get_model_repository_index(as_json=True).get("models", [])
-        ready = {
-            str(m["name"])
-            for m in index
-            if m.get("state") == "READY" and str(m.get("name", "")).startswith(contract.PERSONALISED_PREFIX)
-        }
+        ready = contract.ready_personalised(client.get_model_repository_index(as_json=True))
         excess = len(ready) - max_loaded
         if excess <= 0:
             return

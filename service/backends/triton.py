@@ -38,12 +38,12 @@ from facekit.contract import (
     LANDMARK_IMAGE,
     MAX_PERSONALISED,
     PERSONALISED_IDLE_S,
-    PERSONALISED_PREFIX,
     Meta,
     ModelInfo,
     idle_personalised,
     last_inference,
     personalised_name,
+    ready_personalised,
 )
 from service.backends.base import (
     BackendUnavailable,
@@ -248,11 +248,7 @@ class TritonBackend(ReadyGate):
             if name not in {m.get("name") for m in models}:
                 self._absent_since[name] = time.monotonic()
                 return False
-            ready = {
-                m["name"]
-                for m in models
-                if m.get("state") == "READY" and m["name"].startswith(PERSONALISED_PREFIX)
-            }
+            ready = ready_personalised(index)
             if name not in ready:
                 await self.client.load_model(name, client_timeout=timeout)  # else the worker did
             params = await self._parameters(name)
