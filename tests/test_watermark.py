@@ -21,6 +21,7 @@ from facekit.watermark import (
     MissingKeyError,
     Watermarker,
     embed,
+    embed_jit,
     key_from_env,
     payload_for,
     require_key,
@@ -171,6 +172,29 @@ def test_the_compiled_mark_is_the_opencv_mark(wm, frames):
         differing, pixels = differing + int((diff > 0).sum()), pixels + diff.size
     assert differing <= pixels * 1e-3, (differing, pixels)
     assert not np.array_equal(wm.mark(cases["flat40"], PAYLOAD), cases["flat40"])  # it does add a mark
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (96, 128), (256, 256), (256, 128)])
+def test_the_one_pass_mark_is_the_separate_loops_mark(wm, shape):
+    """Frames whose mask is 2 or 4 times smaller (the served 128 and 256 px) are marked in one
+    compiled pass (embed_jit.mark_scaled): OpenCV's grey of the shrunk frame to the bit, the
+    mask's upscaling to a unit in the last place, so the marked pixels of the separate loops."""
+    height, width = shape
+    rng = np.random.default_rng(height + width)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (height, width, 3), np.uint8), (0, 0), 1.0)
+    pattern = np.ascontiguousarray(wm.pattern(PAYLOAD, (width, height)))
+    step = embed._mask_step(height, width)
+    assert step in (2, 4)
+    small = (width // step, height // step)
+    grey = cv2.cvtColor(cv2.resize(smooth, small, interpolation=cv2.INTER_AREA), cv2.COLOR_RGB2GRAY)
+    got_grey = embed_jit._grey_2x(smooth) if step == 2 else embed_jit._grey_area(smooth, step)
+    np.testing.assert_array_equal(got_grey, grey)
+    for frame in (smooth, rng.integers(0, 256, (height, width, 3), np.uint8)):
+        got = embed.add_mark(frame, pattern, strength=wm.strength)
+        want = embed_jit.add_mark(frame, pattern, embed.texture_mask(frame), wm.strength)
+        diff = np.abs(got.astype(int) - want.astype(int))
+        assert diff.max() <= 1 and (diff > 0).sum() <= diff.size * 1e-3, (diff.max(), (diff > 0).sum())
+        assert not np.array_equal(got, frame)
 
 
 def test_payload_code_corrects_errors_and_rejects_noise():
