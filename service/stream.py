@@ -205,6 +205,9 @@ class Stream:
     dropped_total: int = 0
     closed: bool = False
     last_points: np.ndarray | None = None
+    _waiting_since: float | None = None  # loop.time() when the reader began waiting for a request
+    _watchdog: asyncio.TimerHandle | None = None
+    _idle: bool = False  # the watchdog ended the read
 
     def close(self, code: str) -> None:
         if self.closed:
@@ -215,34 +218,23 @@ class Stream:
 
     # -- reading ------------------------------------------------------------------------------
     async def read(self, requests: AsyncIterator[pb.AnimateRequest]) -> None:
-        iterator = aiter(requests)
-        waiting: asyncio.Task[pb.AnimateRequest | None] | None = None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.current_task()
+        assert reader is not None
+        # One timer for the stream, not a timed wait per request: a task and a timed wait per
+        # request cost the event loop more than parsing the request did.
+        self._waiting_since = loop.time()
+        self._watchdog = loop.call_later(self.idle_timeout, self._watch_idle, reader)
         try:
-            while True:
-                # The read is never cancelled on a timeout (that would end the request stream): a
-                # stream that still owes replies is not idle, and its reading goes on.
-                waiting = waiting or asyncio.create_task(next_request(iterator), name="animate-read")
-                done, _ = await asyncio.wait([waiting], timeout=self.idle_timeout)
-                if not done:
-                    if self.outstanding:
-                        continue
-                    raise idle(self.idle_timeout)
-                request, waiting = waiting.result(), None
-                if request is None:
-                    break
-                read = time.perf_counter()
-                kind = request.WhichOneof("message")
-                if kind in ("landmarks", "driving_frame") and not await self._within_quota(read):
-                    continue
-                if kind == "landmarks":
-                    await self._landmark_frame(request.landmarks, read)
-                elif kind == "driving_frame":
-                    await self._driving_frame(request.driving_frame, read)
-                elif kind == "config":
-                    raise precondition("the stream is already configured; send config only once, first")
-                elif kind is None:
-                    raise invalid("empty AnimateRequest: set config, landmarks, driving_frame or keepalive")
-                # keepalive: nothing to do
+            async for request in requests:
+                self._waiting_since = None
+                await self._handle(request)
+                self._waiting_since = loop.time()
+        except asyncio.CancelledError:
+            if not self._idle:
+                raise
+            reader.uncancel()  # the watchdog's cancel, not the stream's: the stream ends as idle
+            self.error = idle(self.idle_timeout)
         except ServiceError as error:
             # a copy without the traceback: the stream keeps it, and its frames refer to the stream
             self.error = detached(error)
@@ -251,10 +243,39 @@ class Stream:
                 log.error("stream reader failed: %s: %s", type(error).__name__, error, exc_info=error)
                 self.error = ServiceError(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
         finally:
-            if waiting is not None:
-                waiting.cancel()
+            if self._watchdog is not None:
+                self._watchdog.cancel()
             self.reading_done = True
             self.changed.set()
+
+    async def _handle(self, request: pb.AnimateRequest) -> None:
+        read = time.perf_counter()
+        kind = request.WhichOneof("message")
+        if kind in ("landmarks", "driving_frame") and not await self._within_quota(read):
+            return
+        if kind == "landmarks":
+            await self._landmark_frame(request.landmarks, read)
+        elif kind == "driving_frame":
+            await self._driving_frame(request.driving_frame, read)
+        elif kind == "config":
+            raise precondition("the stream is already configured; send config only once, first")
+        elif kind is None:
+            raise invalid("empty AnimateRequest: set config, landmarks, driving_frame or keepalive")
+        # keepalive: nothing to do
+
+    def _watch_idle(self, reader: asyncio.Task[None]) -> None:
+        """The reader's idle timer: waiting idle_timeout for a request while no reply is owed ends
+        the stream (the read is cancelled: a request stream cannot be read on after that); while
+        a request is being handled or replies are owed, it looks again idle_timeout later, and
+        after a recent request when idle_timeout will have passed since."""
+        loop = asyncio.get_running_loop()
+        quiet = 0.0 if self._waiting_since is None else loop.time() - self._waiting_since
+        if quiet < self.idle_timeout or self.outstanding:
+            wait = self.idle_timeout - quiet if 0.0 < quiet < self.idle_timeout else self.idle_timeout
+            self._watchdog = loop.call_later(wait, self._watch_idle, reader)
+            return
+        self._idle = True
+        reader.cancel()
 
     async def _within_quota(self, read: float) -> bool:
         """The tenant's frames-per-second quota: a blocking stream waits for its turn, a live one
