@@ -45,7 +45,7 @@ def draw_landmarks(points: np.ndarray, size: int, style: DrawStyle = DrawStyle()
     canvas = np.zeros((size, size, 3), np.uint8)
     fixed = np.round(pts * (1 << _SHIFT)).astype(np.int32)
     # Far-off points would overflow cv2's fixed-point arithmetic; clipping keeps lines' direction.
-    fixed = np.clip(fixed, -8 * size << _SHIFT, 9 * size << _SHIFT)
+    fixed = np.minimum(np.maximum(fixed, -8 * size << _SHIFT), 9 * size << _SHIFT)  # (np.clip: slower)
     line_type = cv2.LINE_AA if style.antialias else cv2.LINE_8
     for group in GROUPS:
         poly = fixed[group.start : group.stop].reshape(-1, 1, 2)

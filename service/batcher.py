@@ -376,9 +376,9 @@ class Batcher:
         # Not pipelined (inference on these cores): drawn here, on the event loop, between calls. On
         # the render threads, on 2 cores, live p99 was 15-40 ms worse and encoding a reply took
         # 0.5-0.9 ms instead of 0.2, for no more frames (BENCHMARKS.md).
-        images = np.stack([item.render() for item in batch])  # (pipelined: drawn above, no work)
+        images = _stacked([item.render() for item in batch])  # (pipelined: drawn above, no work)
         warps = [item.warped for item in batch if item.warped is not None]
-        return images, (np.stack(warps) if len(warps) == len(batch) else None)
+        return images, (_stacked(warps) if len(warps) == len(batch) else None)
 
     async def _run(self, batch: list[WorkItem]) -> None:
         taken = time.perf_counter()
@@ -416,7 +416,7 @@ class Batcher:
                         self._queued[model].append(clock)
                     self._in_backend[model] += 1
                     if model == SHARED:
-                        adain = np.stack([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
+                        adain = _stacked([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
                         call: Awaitable[np.ndarray] = self.backend.generate(images, adain, warped)
                     else:
                         call = self.backend.generate_personalised(model, images, warped)
@@ -462,6 +462,11 @@ class _Clock:
 
     def __init__(self, started: float) -> None:
         self.started = started
+
+
+def _stacked(arrays: list[np.ndarray]) -> np.ndarray:
+    """np.stack, and for one array (every call of an engine in lanes) a view of it with a batch axis."""
+    return arrays[0][None] if len(arrays) == 1 else np.stack(arrays)
 
 
 def _render_all(items: list[WorkItem]) -> None:

@@ -50,7 +50,8 @@ class DrivingMapper:
         mapped = self._map(points, frame_size)
         if not np.isfinite(mapped).all():  # a near-degenerate neutral face scales motion beyond float32
             raise invalid("cannot transfer the motion of these landmarks: the result is not finite")
-        return np.clip(mapped, -REACH * self.size, (REACH + 1) * self.size).astype(np.float32)
+        # (np.minimum/np.maximum: np.clip's Python-level checks cost more than the clip)
+        return np.minimum(np.maximum(mapped, -REACH * self.size), (REACH + 1) * self.size).astype(np.float32)
 
     def _map(self, points: np.ndarray, frame_size: tuple[int, int]) -> np.ndarray:
         if not self.relative:

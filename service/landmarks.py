@@ -7,6 +7,7 @@ its width and height beyond each edge: a face cut off by the edge), so that work
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,12 +28,28 @@ def parse_points(xy: Sequence[float], *, what: str, frame: tuple[int, int] | Non
             + (f" ({len(xy) // 2} points)" if len(xy) % 2 == 0 else "")
         )
     points = np.asarray(xy, np.float32).reshape(NUM_POINTS, 2)
+    low, high = _accepted(frame)
+    if ((points >= low) & (points <= high)).all():  # every frame of a stream: one pass (NaN fails it)
+        return points
     bad = ~np.isfinite(points).all(axis=1)
     if bad.any():
         raise invalid(f"{what}: point {int(np.flatnonzero(bad)[0])} is NaN or infinite")
     if np.abs(points).max() > 8 * MAX_FRAME_SIDE:
         raise invalid(f"{what}: coordinates beyond ±{8 * MAX_FRAME_SIDE} pixels")
     return points if frame is None else in_frame(points, frame, what=what)
+
+
+@functools.lru_cache(maxsize=256)
+def _accepted(frame: tuple[int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    """The lowest and highest (x, y) parse_points accepts: what its checks below let through (the
+    frame's range lies within ±8 MAX_FRAME_SIDE for every frame check_frame_size allows)."""
+    low, high = (
+        (-np.full(2, 8.0 * MAX_FRAME_SIDE), np.full(2, 8.0 * MAX_FRAME_SIDE))
+        if frame is None
+        else frame_range(frame)
+    )
+    low.flags.writeable = high.flags.writeable = False  # shared by every call for this frame size
+    return low, high
 
 
 def frame_range(frame: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,8 @@ from api.talkinghead.v1 import avatar_pb2
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from client.library import Client, landmark_requests, to_landmarks
 from facekit.sequence import LandmarkSequence
+from service.errors import ServiceError
+from service.landmarks import MAX_FRAME_SIDE, frame_range, parse_points
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, png_bytes, test_settings
 
@@ -144,6 +146,24 @@ def test_unknown_avatar_and_bad_config(client: Client, avatar: str) -> None:
                 )
             ],
         )
+
+
+@pytest.mark.parametrize("size", [None, (256, 256), (640, 360)])
+def test_landmarks_on_the_edge_of_the_allowed_range_are_taken_and_one_float_beyond_refused(
+    size: tuple[int, int] | None,
+) -> None:
+    limit = np.full(2, 8.0 * MAX_FRAME_SIDE)
+    low, high = (-limit, limit) if size is None else frame_range(size)
+    centre = np.float32((low + high) / 2)
+    for axis in (0, 1):
+        for edge, outwards in ((low[axis], -np.inf), (high[axis], np.inf)):
+            points = np.tile(centre, (68, 1))
+            points[7, axis] = edge
+            assert np.array_equal(parse_points(points.ravel().tolist(), what="f", frame=size), points)
+            points[7, axis] = np.nextafter(np.float32(edge), np.float32(outwards))
+            with pytest.raises(ServiceError) as refused:
+                parse_points(points.ravel().tolist(), what="f", frame=size)
+            assert ("point 7" if size else "coordinates beyond") in refused.value.message
 
 
 @pytest.mark.parametrize(
