@@ -351,7 +351,14 @@ class Stream:
             head = self.outstanding[0]
             future = head.work.future
             if not future.done():
-                await asyncio.wait([future])
+                try:
+                    await future  # (not asyncio.wait: a waiter future and callbacks per frame)
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if not future.cancelled() or (current is not None and current.cancelling()):
+                        raise  # this stream is being cancelled; else its frame was dropped
+                except Exception:  # the frame failed: its error is taken from the future below
+                    pass
             self.outstanding.popleft()
             if future.cancelled():  # dropped by the overflow policy
                 dropped_before += 1

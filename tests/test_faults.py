@@ -41,6 +41,7 @@ from api.talkinghead.v1.animation_pb2_grpc import AnimationServiceStub
 from client.library import Client, landmark_requests
 from deploy.local import tritonserver
 from facekit.sequence import LandmarkSequence
+from service.backends.base import BackendUnavailable, ReadyGate
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
     CONSENT,
@@ -217,6 +218,7 @@ import itertools, sys
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.library import Client, landmark_requests
 from deploy.local import tritonserver
+from service.backends.base import BackendUnavailable, ReadyGate
 from facekit.sequence import LandmarkSequence
 
 address, driver = sys.argv[1:3]
@@ -374,6 +376,45 @@ class StreamRun:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
         assert not self._thread.is_alive(), f"the stream did not end within {timeout:g} s"
+
+
+def test_the_backend_gate_cuts_late_and_abandoned_calls_and_lets_the_caller_cancel() -> None:
+    """ReadyGate.call, which every model call goes through: past its deadline, or abandoned (Triton
+    went away), a call fails BackendUnavailable at once and its `give_up` runs; the caller's own
+    cancellation stays a cancellation, and the work is cancelled with it."""
+
+    class Gate(ReadyGate):
+        def __init__(self) -> None:
+            self.init_gate(timeout_s=0.2, stall_s=10.0)
+
+    async def scenario() -> None:
+        gate, gave_up = Gate(), []
+        hang = asyncio.get_running_loop().create_future()
+        t0 = time.monotonic()
+        with pytest.raises(BackendUnavailable, match=r"did not answer within 0\.2 s") as late:
+            await gate.call("generator", hang, give_up=lambda: gave_up.append("late"))
+        assert 0.15 < time.monotonic() - t0 < 2.0 and hang.cancelled() and gave_up == ["late"]
+        assert "did not answer" in late.value.reason
+
+        hang = asyncio.get_running_loop().create_future()
+        pending = asyncio.ensure_future(gate.call("embedder", hang, give_up=lambda: gave_up.append("gone")))
+        await asyncio.sleep(0.01)
+        gate.abandon_calls("Triton at x went away")
+        with pytest.raises(BackendUnavailable, match="embedder: Triton at x went away") as gone:
+            await pending
+        assert gone.value.reason == "it went away" and gave_up == ["late", "gone"]
+
+        hang = asyncio.get_running_loop().create_future()
+        pending = asyncio.ensure_future(gate.call("generator", hang, give_up=lambda: gave_up.append("x")))
+        await asyncio.sleep(0.01)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        assert hang.cancelled() and gave_up == ["late", "gone"] and not gate._calls
+
+        assert await gate.call("generator", asyncio.sleep(0.01, result=7)) == 7  # and a normal call
+
+    asyncio.run(scenario())
 
 
 def test_a_model_call_past_the_backend_timeout_is_cut_and_health_follows(

@@ -20,7 +20,7 @@ import collections
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
@@ -67,7 +67,13 @@ def generator_feeds(
 class _Call:
     what: str
     started: float  # time.monotonic()
-    abandoned: asyncio.Future[str] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    task: asyncio.Future[Any]
+    failure: BackendUnavailable | None = None  # why the gate ended the call (its task cancelled)
+
+    def fail(self, failure: BackendUnavailable) -> None:
+        if self.failure is None and not self.task.done():
+            self.failure = failure
+            self.task.cancel()
 
 
 class ReadyGate:
@@ -111,35 +117,41 @@ class ReadyGate:
     async def call(self, what: str, work: Awaitable[T], *, give_up: Callable[[], None] | None = None) -> T:
         """Await one model call under the deadline. BackendUnavailable when it does not answer
         within timeout_s or the backend abandons it; `give_up` then stops work that cancelling
-        the awaitable cannot stop (a run in a thread)."""
+        the awaitable cannot stop (a run in a thread).
+
+        The call's own task is awaited, and a timer or abandon_calls cancels it: no timed wait and
+        its futures for every frame's call."""
         task = asyncio.ensure_future(work)
-        call = _Call(what=what, started=time.monotonic())
+        call = _Call(what=what, started=time.monotonic(), task=task)
         self._calls.add(call)
+        deadline = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, call)
         try:
-            waits: list[asyncio.Future[Any]] = [task, call.abandoned]
-            await asyncio.wait(waits, timeout=self.timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                return task.result()
+            return await task
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if call.failure is None or (current is not None and current.cancelling()):
+                raise  # the caller was cancelled, or the work cancelled itself
             if give_up is not None:
                 give_up()
-            if call.abandoned.done():
-                raise BackendUnavailable(f"{what}: {call.abandoned.result()}", reason="it went away")
-            raise BackendUnavailable(
-                f"{what} did not answer within {self.timeout_s:g} s (backend timeout)",
-                reason=f"it did not answer within {self.timeout_s:g} s",
-            )
+            raise call.failure from None
         finally:
+            deadline.cancel()
             self._calls.discard(call)
             if not task.done():
                 task.cancel()
-            if not call.abandoned.done():
-                call.abandoned.cancel()
+
+    def _expire(self, call: _Call) -> None:
+        call.fail(
+            BackendUnavailable(
+                f"{call.what} did not answer within {self.timeout_s:g} s (backend timeout)",
+                reason=f"it did not answer within {self.timeout_s:g} s",
+            )
+        )
 
     def abandon_calls(self, why: str) -> None:
         """Fail every call in flight now with BackendUnavailable(why): the server is gone."""
-        for call in self._calls:
-            if not call.abandoned.done():
-                call.abandoned.set_result(why)
+        for call in list(self._calls):
+            call.fail(BackendUnavailable(f"{call.what}: {why}", reason="it went away"))
 
 
 class InFlight:
