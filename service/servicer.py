@@ -107,6 +107,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         stream: Stream | None = None
         reader: asyncio.Task[None] | None = None
         failure: Status | None = None
+        writes = WriteDeadline(timeout)
         try:
             principal = caller(self.app, context)
             try:
@@ -122,10 +123,10 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 first.config, principal=principal, actor=actor_of(principal, context.peer())
             )
             context.add_done_callback(lambda _: stream.close("CANCELLED") if stream else None)
-            await write(context, animation_pb2.AnimateResponse(started=stream.started), timeout)
+            await writes.write(context, animation_pb2.AnimateResponse(started=stream.started))
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
             async for response in stream.replies():
-                await write(context, response, timeout)
+                await writes.write(context, response)
         except asyncio.CancelledError:
             failure = (grpc.StatusCode.CANCELLED, "", ())
             raise
@@ -136,6 +137,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
             failure = status_of(error, "Animate")
         finally:
+            writes.close()
             if reader is not None:
                 reader.cancel()
             if stream is not None:  # the slot comes back now, whatever happens to the status
@@ -156,18 +158,51 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 log.info("stream ended %s; the client had left: %s", code.name, details)
 
 
-async def write(
-    context: grpc.aio.ServicerContext, response: animation_pb2.AnimateResponse, timeout: float
-) -> None:
-    """Hand one reply to gRPC; a client that takes none for `timeout` s (flow control holds the
-    write: it stopped reading) ends the stream with DEADLINE_EXCEEDED."""
-    try:
-        async with asyncio.timeout(timeout):  # a timer, not wait_for's task per reply (11 -> 4 us)
+class WriteDeadline:
+    """The deadline of one stream's replies: a reply that gRPC cannot hand over for `timeout` s
+    (flow control holds the write: the client stopped reading) ends the stream with
+    DEADLINE_EXCEEDED. One timer for the stream, re-armed when it fires during a write, not a
+    timer set and cancelled for every reply."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._since: float | None = None  # loop.time() when the write in progress began
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def write(self, context: grpc.aio.ServicerContext, response: animation_pb2.AnimateResponse) -> None:
+        self._since = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(self._since + self.timeout, self._check)
+        try:
             await context.write(response)
-    except TimeoutError:
-        raise stalled_reader(timeout) from None
-    except grpc.aio.InternalError:  # the write's batch failed: the call is over on the client's side
-        raise ClientGone from None
+        except asyncio.CancelledError:
+            if not self._expired or self._task is None or self._task.cancelling() > 1:
+                raise  # the call itself was cancelled
+            self._task.uncancel()
+            raise stalled_reader(self.timeout) from None
+        except grpc.aio.InternalError:  # the write's batch failed: the call is over on the client's side
+            raise ClientGone from None
+        finally:
+            self._since = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._since is None:  # no write in progress: the next one arms the timer again
+            return
+        due = self._since + self.timeout
+        if self._loop.time() < due:
+            self._timer = self._loop.call_at(due, self._check)
+        elif self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class ClientGone(Exception):

@@ -195,6 +195,8 @@ def test_a_client_that_stops_reading_gives_its_slot_back(
             yield request
 
     c = live.client()
+    stalled = 'talkinghead_streams_total{code="DEADLINE_EXCEEDED"}'
+    before = live.metric(stalled) if stalled in live.metrics() else 0.0
     try:
         call = c.animation.Animate(requests(), timeout=120)
         assert next(call).HasField("started")  # then never reads again
@@ -204,6 +206,7 @@ def test_a_client_that_stops_reading_gives_its_slot_back(
         sent = live.metric("talkinghead_frames_sent_total")
         print(f"frozen reader: slot back {freed:.1f} s after its last read ({sent:.0f} frames sent)")
         assert freed < IDLE_S + 5
+        assert live.metric(stalled) == before + 1  # ended by the write deadline, not as a cancel
         # and its handler ends too (its status may never get through to a client that reads nothing)
         until(lambda: not live.call(animate_handlers()), 5)
         with live.client() as other:
@@ -218,7 +221,6 @@ import itertools, sys
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.library import Client, landmark_requests
 from deploy.local import tritonserver
-from service.backends.base import BackendUnavailable, ReadyGate
 from facekit.sequence import LandmarkSequence
 
 address, driver = sys.argv[1:3]
