@@ -221,8 +221,8 @@ class App:
 
     # -- helpers ------------------------------------------------------------------------------
     def _on_batch(self, model: str, size: int, seconds: float) -> None:
-        self.metrics.batch_size.labels("shared" if model == "" else "personalised").observe(size)
-        self.metrics.stage_seconds.labels("inference").observe(seconds)
+        self.metrics.batch_sizes["shared" if model == "" else "personalised"].observe(size)
+        self.metrics.stage["inference"].observe(seconds)
 
     def _on_backend_error(self, operation: str, error: BaseException) -> None:
         kind = "unavailable" if isinstance(error, BackendUnavailable) else "error"

@@ -162,7 +162,8 @@ class Metrics:
         )
         self.quota_refusals = Counter(
             "talkinghead_quota_refusals_total",
-            "Calls refused or frames dropped by a tenant quota (streams, fps, creates_per_minute, avatars)",
+            "Calls refused, or frames dropped (live streams) or held back (blocking streams, once a frame) "
+            "by a tenant quota (streams, fps, creates_per_minute, avatars)",
             ["tenant", "quota"],
             registry=r,
         )
@@ -183,10 +184,11 @@ class Metrics:
             "talkinghead_auth_failures_total", "Calls refused for missing or bad credentials", registry=r
         )
         r.register(ThreadCpu())
-        for stage in STAGES:
-            self.stage_seconds.labels(stage)  # export every series from the start
-        for kind in ("landmarks", "image"):
-            self.frames_received.labels(kind)
+        # Every series exported from the start; the per-frame paths use these children, not
+        # .labels() (a lock and a dict lookup each, seven a frame).
+        self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.received = {kind: self.frames_received.labels(kind) for kind in ("landmarks", "image")}
+        self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
 
     def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
         self.cache_entries.set(entries)

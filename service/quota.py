@@ -13,6 +13,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from service.auth import Principal
 from service.errors import ServiceError, exhausted
 from service.metrics import Metrics
@@ -61,6 +63,7 @@ class TenantLimits:
         self.streams: defaultdict[str, int] = defaultdict(int)
         self._frames: dict[str, Bucket] = {}
         self._creates: dict[str, Bucket] = {}
+        self._frame_counters: dict[str, Counter] = {}  # tenant -> its talkinghead_tenant_frames_total
 
     def _refuse(self, principal: Principal, quota: str, message: str, retry_after: float) -> ServiceError:
         self.metrics.quota_refusals.labels(principal.tenant, quota).inc()
@@ -82,15 +85,22 @@ class TenantLimits:
         self.streams[tenant] = max(0, self.streams[tenant] - 1)
         self.metrics.tenant_streams.labels(tenant).set(self.streams[tenant])
 
-    def frame(self, principal: Principal) -> float:
+    def frame(self, principal: Principal, retry: bool = False) -> float:
         """Take one of the tenant's frames per second: 0.0 when granted, else the seconds until the
-        next is (live streams drop the frame, blocking ones wait)."""
-        self.metrics.tenant_frames.labels(principal.tenant).inc()
+        next is (live streams drop the frame, blocking ones wait and ask again with `retry`: the
+        frame and its wait are counted once, on its first ask)."""
+        if not retry:
+            counter = self._frame_counters.get(principal.tenant)
+            if counter is None:  # (prometheus keeps every tenant's child anyway; this skips its lock)
+                counter = self._frame_counters[principal.tenant] = self.metrics.tenant_frames.labels(
+                    principal.tenant
+                )
+            counter.inc()
         rate = principal.quotas.max_fps
         if not rate:
             return 0.0
         wait = _bucket(self._frames, principal.tenant, rate, max(1.0, rate / 2)).take()
-        if wait:
+        if wait and not retry:
             self.metrics.quota_refusals.labels(principal.tenant, "fps").inc()
         return wait
 

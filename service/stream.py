@@ -195,7 +195,8 @@ class Stream:
     mark: Callable[[np.ndarray], np.ndarray]  # the deployment's watermark (identity without a key)
     find_landmarks: FindLandmarks
     metrics: Metrics
-    pace: Callable[[], float]  # the tenant's frame rate quota: 0.0 = go, else seconds to the next frame
+    # the tenant's frame rate quota (True: the same frame asks again): 0.0 = go, else seconds to wait
+    pace: Callable[[bool], float]
     release: Callable[[str], None]  # the gRPC status code name the stream ended with
     idle_timeout: float  # Settings.stream_idle_timeout
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
@@ -280,7 +281,8 @@ class Stream:
     async def _within_quota(self, read: float) -> bool:
         """The tenant's frames-per-second quota: a blocking stream waits for its turn, a live one
         drops the frame (the client sees it in the next reply's dropped_before)."""
-        while (wait := self.pace()) > 0.0:
+        retry = False
+        while (wait := self.pace(retry)) > 0.0:
             if not self.setup.block:
                 dropped = Outstanding(sequence=-1, capture_time_us=0, read=read)
                 dropped.item = WorkItem(
@@ -292,10 +294,11 @@ class Stream:
                 self.metrics.frames_dropped.inc()
                 return False
             await asyncio.sleep(wait)
+            retry = True
         return True
 
     async def _landmark_frame(self, frame: pb.LandmarkFrame, read: float) -> None:
-        self.metrics.frames_received.labels("landmarks").inc()
+        self.metrics.received["landmarks"].inc()
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
         points = parse_points(frame.landmarks.xy, what=f"{what} landmarks", frame=size)
@@ -303,11 +306,11 @@ class Stream:
         await self._enqueue(points, size, pending)
 
     async def _driving_frame(self, frame: pb.DrivingFrame, read: float) -> None:
-        self.metrics.frames_received.labels("image").inc()
+        self.metrics.received["image"].inc()
         what = f"driving frame {frame.sequence}"
         found = await self.find_landmarks(frame.image, what)
-        self.metrics.stage_seconds.labels("decode").observe(found.decode_s)
-        self.metrics.stage_seconds.labels("landmarks").observe(found.landmarks_s)
+        self.metrics.stage["decode"].observe(found.decode_s)
+        self.metrics.stage["landmarks"].observe(found.landmarks_s)
         points = found.points
         if points is None:
             if self.last_points is None:
@@ -390,9 +393,10 @@ class Stream:
         encode_s, queue_s, total_s = done - t0, result.taken - head.work.enqueued, done - head.read
         rasterize_s = head.rasterize_s + head.work.rasterize_s
         metrics = self.metrics
-        metrics.stage_seconds.labels("rasterize").observe(rasterize_s)
-        metrics.stage_seconds.labels("encode").observe(encode_s)
-        metrics.stage_seconds.labels("end_to_end").observe(total_s)
+        stage = metrics.stage
+        stage["rasterize"].observe(rasterize_s)
+        stage["encode"].observe(encode_s)
+        stage["end_to_end"].observe(total_s)
         metrics.queue_seconds.observe(queue_s)
         metrics.frames_sent.inc()
         return pb.AnimateResponse(

@@ -326,10 +326,13 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
     ring.update(lambda r: set_quotas(r, "acme", max_fps=5))
     time.sleep(2.5)  # the server rereads the ring every second
     refusals = 'talkinghead_quota_refusals_total{quota="fps",tenant="acme"}'
-    try:
-        before = server.metric(refusals)
-    except KeyError:
-        before = 0.0
+    counted = 'talkinghead_tenant_frames_total{tenant="acme"}'
+    before: dict[str, float] = {}
+    for name in (refusals, counted):
+        try:
+            before[name] = server.metric(name)
+        except KeyError:
+            before[name] = 0.0
     try:
         with Client(target=server.address, api_key=tokens["acme"]) as acme:
             live = acme.animate(
@@ -337,11 +340,16 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
             )
             frames = list(live)
             # 30 frames sent at once, 5 a second allowed (a burst of 2.5): most are dropped.
-            assert server.metric(refusals) - before >= 20
+            assert server.metric(refusals) - before[refusals] >= 20
             assert len(frames) <= 10
+            assert server.metric(counted) - before[counted] == 30  # every frame counted, dropped or not
+            live_refused = server.metric(refusals)
             started = time.monotonic()
             blocking = list(acme.animate("mona", landmark_requests(_first(driver, 8)), motion="relative"))
             assert len(blocking) == 8  # a blocking stream waits for its turn instead
+            # each of the 8 counted once, and held back at most once, however long it waited
+            assert server.metric(counted) - before[counted] == 38
+            assert 1 <= server.metric(refusals) - live_refused <= 8
             assert time.monotonic() - started >= 0.8  # 8 frames at 5 a second, after a burst
     finally:
         ring.update(lambda r: set_quotas(r, "acme", max_fps=0))
