@@ -123,7 +123,7 @@ class App:
             backend=backend,
             max_batch=settings.max_batch,
             on_batch=self._on_batch,
-            on_drop=metrics.frames_dropped.inc,
+            on_drop=metrics.on_drop,
             on_error=lambda error: self._on_backend_error("generate", error),
             cost=self.cost,
             budget=budget,

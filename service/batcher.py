@@ -56,6 +56,7 @@ import numpy as np
 from facekit import engines
 from service.backends.base import Backend
 from service.capacity import BATCH_SHARE, CostModel
+from service.metrics import DROPPED_LATE, DROPPED_OVERFLOW
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
@@ -122,19 +123,20 @@ class StreamQueue:
         if self.closed:
             raise RuntimeError("stream queue closed")
         if len(self.pending) >= self.depth:
-            self.drop_head()
+            self.drop_head(DROPPED_OVERFLOW)
         self.pending.append(item)
         self._batcher.peak_pending = max(self._batcher.peak_pending, len(self.pending))
         self._batcher.wake()
 
-    def drop_head(self) -> None:
-        """Discard the oldest waiting frame (counted; the stream reports it in its next reply)."""
+    def drop_head(self, reason: str) -> None:
+        """Discard the oldest waiting frame (counted by `reason`; the stream reports it in its next
+        reply)."""
         old = self.pending.popleft()
         old.dropped = True
         old.future.cancel()
         self.dropped += 1
         self._room.set()
-        self._batcher.on_drop()
+        self._batcher.on_drop(reason)
 
     def ready(self) -> bool:
         return bool(self.pending) and self.in_flight < self.max_in_flight
@@ -166,7 +168,7 @@ class Batcher:
         backend: Backend,
         max_batch: int,
         on_batch: Callable[[str, int, float], None] | None = None,
-        on_drop: Callable[[], None] | None = None,
+        on_drop: Callable[[str], None] | None = None,
         on_error: Callable[[BaseException], None] | None = None,
         max_concurrent: int = MAX_CONCURRENT_CALLS,
         cost: CostModel | None = None,
@@ -204,7 +206,7 @@ class Batcher:
         )
         self._calls: set[asyncio.Task[None]] = set()
         self._on_batch = on_batch or (lambda model, size, seconds: None)
-        self._on_drop = on_drop or (lambda: None)
+        self._on_drop = on_drop or (lambda reason: None)
         self._on_error = on_error or (lambda error: None)
 
     def start(self) -> None:
@@ -266,8 +268,8 @@ class Batcher:
             return True
         return self._running[model] < (self._live_slots(model) if live else self._slots(model))
 
-    def on_drop(self) -> None:
-        self._on_drop()
+    def on_drop(self, reason: str) -> None:
+        self._on_drop(reason)
 
     def batch_limit(self) -> int:
         """batch_cap, or while live streams are open the largest batch whose call fits the live
@@ -314,7 +316,7 @@ class Batcher:
                     if not queue.block:
                         # Late frames with a newer one behind them go; the newest is always drawn.
                         while len(queue.pending) > 1 and self._late(queue.pending[0], len(batch) + 1, now):
-                            queue.drop_head()
+                            queue.drop_head(DROPPED_LATE)
                     if not queue.ready():
                         continue
                     head = queue.pending[0].model

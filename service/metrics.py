@@ -33,6 +33,10 @@ LATENCY_BUCKETS = (
     2.5,
 )
 STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end")
+# Why a frame was dropped (talkinghead_frames_dropped_total's `reason`): its stream's queue was full
+# under DROP_OLDEST, it could not be generated within the live latency budget, or its tenant's
+# frames-per-second quota had no room (live streams).
+DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA = "overflow", "late", "quota"
 
 
 # Thread name prefix of the threads that call the in-process engine (service/backends/onnxruntime.py):
@@ -110,7 +114,9 @@ class Metrics:
         self.frames_sent = Counter("talkinghead_frames_sent_total", "Generated frames sent", registry=r)
         self.frames_dropped = Counter(
             "talkinghead_frames_dropped_total",
-            "Driving frames discarded by the drop-oldest overflow policy",
+            "Driving frames discarded unanswered, by reason: overflow (the stream's queue was full under "
+            "DROP_OLDEST), late (not possible within the live latency budget), quota (the tenant's fps)",
+            ["reason"],
             registry=r,
         )
         self.active_streams = Gauge("talkinghead_active_streams", "Open Animate streams", registry=r)
@@ -189,6 +195,11 @@ class Metrics:
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
         self.received = {kind: self.frames_received.labels(kind) for kind in ("landmarks", "image")}
         self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
+        reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)
+        self.dropped = {reason: self.frames_dropped.labels(reason) for reason in reasons}
+
+    def on_drop(self, reason: str) -> None:
+        self.dropped[reason].inc()
 
     def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
         self.cache_entries.set(entries)

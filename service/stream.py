@@ -35,7 +35,7 @@ from service.driving import DrivingMapper
 from service.errors import ServiceError, backend_unavailable, detached, idle, invalid, precondition
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
-from service.metrics import Metrics
+from service.metrics import DROPPED_QUOTA, Metrics
 
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
@@ -291,7 +291,7 @@ class Stream:
                 dropped.item.future.cancel()
                 self.outstanding.append(dropped)
                 self.changed.set()
-                self.metrics.frames_dropped.inc()
+                self.metrics.on_drop(DROPPED_QUOTA)
                 return False
             await asyncio.sleep(wait)
             retry = True

@@ -327,8 +327,9 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
     time.sleep(2.5)  # the server rereads the ring every second
     refusals = 'talkinghead_quota_refusals_total{quota="fps",tenant="acme"}'
     counted = 'talkinghead_tenant_frames_total{tenant="acme"}'
+    dropped = 'talkinghead_frames_dropped_total{reason="quota"}'
     before: dict[str, float] = {}
-    for name in (refusals, counted):
+    for name in (refusals, counted, dropped):
         try:
             before[name] = server.metric(name)
         except KeyError:
@@ -343,6 +344,7 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
             assert server.metric(refusals) - before[refusals] >= 20
             assert len(frames) <= 10
             assert server.metric(counted) - before[counted] == 30  # every frame counted, dropped or not
+            assert server.metric(dropped) - before[dropped] == server.metric(refusals) - before[refusals]
             live_refused = server.metric(refusals)
             started = time.monotonic()
             blocking = list(acme.animate("mona", landmark_requests(_first(driver, 8)), motion="relative"))

@@ -306,3 +306,45 @@ def test_live_frames_beside_offline_work_on_slow_lanes_wait_behind_one_queued_ca
     assert backend.most_handed == 4 and backend.most_running == 2
     # and offline work kept the lanes busy: live takes 25 of the ~36 frames a second they make
     assert backend.lane_time > 0.85 * 2 * 3.0, backend.lane_time
+
+
+def test_dropped_live_frames_are_counted_by_why_they_were_dropped() -> None:
+    """A live stream at 25 fps into a generator that makes 10 frames a second (one lane, 0.1 s a
+    call, budget 0.2 s): with room in its queue the frames that could not make the budget are
+    dropped before inference as late; with a queue of one, each older frame is dropped as a newer
+    one arrives, as overflow. Every drop is reported once, with its reason (the metric's label)."""
+
+    async def run(depth: int) -> tuple[list[str], int, int]:
+        loop = asyncio.get_running_loop()
+        reasons: list[str] = []
+        cost = CostModel()
+        cost.observe(1, 0.1)
+        batcher = Batcher(
+            backend=LanedBackend(1, 0.1),  # type: ignore[arg-type]
+            max_batch=1,
+            cost=cost,
+            budget=0.2,
+            on_drop=reasons.append,
+        )
+        batcher.start()
+        live = batcher.open_stream(depth=depth, block=False)
+        futures: asyncio.Queue = asyncio.Queue()
+        latencies: list[float] = []
+        consumer = asyncio.create_task(consume(live, futures, latencies))
+        for _ in range(40):
+            work = item()
+            await live.put(work)
+            futures.put_nowait((work, loop.time()))
+            await asyncio.sleep(0.04)
+        await asyncio.sleep(0.4)
+        consumer.cancel()
+        await asyncio.gather(consumer, return_exceptions=True)
+        await batcher.close()
+        return reasons, live.dropped, len(latencies)
+
+    reasons, dropped, served = asyncio.run(run(depth=64))
+    assert set(reasons) == {"late"} and len(reasons) == dropped >= 15, (reasons, dropped)
+    assert served + dropped == 40
+    reasons, dropped, served = asyncio.run(run(depth=1))
+    assert set(reasons) == {"overflow"} and len(reasons) == dropped >= 15, (reasons, dropped)
+    assert served + dropped == 40

@@ -204,7 +204,8 @@ def test_driving_frames_find_landmarks(client: Client, avatar: str) -> None:
 def test_drop_oldest_counts_drops_and_bounds_the_queue(
     server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
 ) -> None:
-    before = server.metric("talkinghead_frames_dropped_total")
+    reasons = ("overflow", "late", "quota")
+    before = {r: server.metric(f'talkinghead_frames_dropped_total{{reason="{r}"}}') for r in reasons}
     n = 60
     seq = LandmarkSequence(np.concatenate([driver.points] * 1)[:n], driver.frame_size, driver.fps)
     frames = list(client.animate(avatar, landmark_requests(seq), overflow="drop-oldest", queue_depth=2))
@@ -214,7 +215,10 @@ def test_drop_oldest_counts_drops_and_bounds_the_queue(
     assert sequences == sorted(sequences) and sequences[-1] == n - 1  # the newest frame is never dropped
     assert frames[-1].dropped_before >= 0 and sum(f.dropped_before for f in frames) == dropped
     assert server.app.batcher.peak_pending <= max(2, 16)  # no stream ever queued beyond its depth
-    assert server.metric("talkinghead_frames_dropped_total") - before == dropped
+    counted = {
+        r: server.metric(f'talkinghead_frames_dropped_total{{reason="{r}"}}') - before[r] for r in reasons
+    }
+    assert sum(counted.values()) == dropped and counted["overflow"] > 0 and counted["quota"] == 0, counted
 
 
 def test_block_loses_nothing(client: Client, avatar: str, driver: LandmarkSequence) -> None:

@@ -206,6 +206,11 @@ async def one_stream(
         log.code, log.details = error.code().name, error.details() or ""
 
 
+def dropped_total(samples: dict[str, float]) -> float:
+    """talkinghead_frames_dropped_total summed over its reasons (overflow, late, quota)."""
+    return sum(v for k, v in samples.items() if k.startswith("talkinghead_frames_dropped_total{"))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -228,7 +233,7 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
                 "rss_bytes": server.rss_bytes(),
                 "active_streams": m.get("talkinghead_active_streams", -1),
                 "frames_sent": m.get("talkinghead_frames_sent_total", 0),
-                "frames_dropped": m.get("talkinghead_frames_dropped_total", 0),
+                "frames_dropped": dropped_total(m),
             }
         )
 
@@ -282,7 +287,7 @@ def check(
     unaccounted = [log.sent - log.received - log.dropped for log in logs]
     received_server = final.get('talkinghead_frames_received_total{kind="landmarks"}', 0)
     sent_server = final.get("talkinghead_frames_sent_total", 0)
-    dropped_server = final.get("talkinghead_frames_dropped_total", 0)
+    dropped_server = dropped_total(final)
     latencies = [t for log in logs for t in log.latencies]
     checks = {
         "rss": {
