@@ -13,8 +13,6 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
-
 from service.auth import Principal
 from service.errors import ServiceError, exhausted
 from service.metrics import Metrics
@@ -63,7 +61,6 @@ class TenantLimits:
         self.streams: defaultdict[str, int] = defaultdict(int)
         self._frames: dict[str, Bucket] = {}
         self._creates: dict[str, Bucket] = {}
-        self._frame_counters: dict[str, Counter] = {}  # tenant -> its talkinghead_tenant_frames_total
 
     def _refuse(self, principal: Principal, quota: str, message: str, retry_after: float) -> ServiceError:
         self.metrics.quota_refusals.labels(principal.tenant, quota).inc()
@@ -90,12 +87,7 @@ class TenantLimits:
         next is (live streams drop the frame, blocking ones wait and ask again with `retry`: the
         frame and its wait are counted once, on its first ask)."""
         if not retry:
-            counter = self._frame_counters.get(principal.tenant)
-            if counter is None:  # (prometheus keeps every tenant's child anyway; this skips its lock)
-                counter = self._frame_counters[principal.tenant] = self.metrics.tenant_frames.labels(
-                    principal.tenant
-                )
-            counter.inc()
+            self.metrics.tenant_frames.labels(principal.tenant).inc()
         rate = principal.quotas.max_fps
         if not rate:
             return 0.0
