@@ -26,7 +26,6 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from facekit.contract import ADAIN, LANDMARK_IMAGE, WARPED, ModelInfo
-from facekit.engines import OFFLINE
 
 T = TypeVar("T")
 
@@ -207,17 +206,10 @@ class Backend(Protocol):
         ...
 
     async def generate(
-        self,
-        landmark_images: np.ndarray,
-        adain: np.ndarray,
-        warped: np.ndarray | None = None,
-        *,
-        priority: int = OFFLINE,
+        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
         """Shared generator: (B, S, S, 3) uint8, (B, D) float32 [, warped (B, S, S, 3) uint8 for a
-        warp-guided model] -> (B, S, S, 3) uint8. `priority` (facekit.engines: LIVE 0, OFFLINE 1):
-        a call waiting for a lane goes before waiting calls of a higher number (in-process engines;
-        Triton's queue ignores it)."""
+        warp-guided model] -> (B, S, S, 3) uint8."""
         ...
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -225,12 +217,7 @@ class Backend(Protocol):
         ...
 
     async def generate_personalised(
-        self,
-        avatar_id: str,
-        landmark_images: np.ndarray,
-        warped: np.ndarray | None = None,
-        *,
-        priority: int = OFFLINE,
+        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
     ) -> np.ndarray:
         """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
         ...
