@@ -8,6 +8,8 @@ import asyncio
 import functools
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,6 +179,58 @@ def test_a_cancelled_run_stops_before_it_would_finish(model_repository: Path, na
     assert time.monotonic() - started < full * 0.7
     (image,) = engine.run(feeds, [contract.IMAGE])  # the engine still works afterwards
     assert image.shape[0] == 8
+
+
+# Run in a process of its own: before the fix, the signals killed it with SIGSEGV.
+_OPEN_CLOSE_THEN_SIGNAL = """
+import gc, signal, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from facekit import engines
+
+path = sys.argv[1]
+caught = []
+signal.signal(signal.SIGUSR1, lambda *_: caught.append(1))  # (Python runs it on the main thread)
+
+def open_two_close_oldest_first():
+    first = engines.open_engine(path, engines.OPENVINO, threads=1)
+    second = engines.open_engine(path, engines.OPENVINO, threads=1)
+    del first
+    gc.collect()
+    del second
+    gc.collect()
+    return threading.get_ident()
+
+open_two_close_oldest_first()  # on the main thread (as `talkinghead evaluate` opens engines)
+with ThreadPoolExecutor(1, thread_name_prefix="pool") as pool:  # on a pool thread (the service)
+    worker = pool.submit(open_two_close_oldest_first).result()
+    pool.submit(time.sleep, 0.5)
+    signal.pthread_kill(worker, signal.SIGUSR1)  # caught on the pool thread's signal stack
+    time.sleep(0.2)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)  # and on the main one's
+    time.sleep(0.2)
+print("caught", len(caught))
+"""
+
+
+@needs_openvino
+def test_signals_reach_their_handlers_after_openvino_engines_close_in_any_order(
+    model_repository: Path,
+) -> None:
+    """OpenVINO's CPU plugin swaps the alternate signal stack of the thread that loads it and puts
+    the old one back when its Core goes: with a Core per engine, two engines closed oldest first
+    on one thread left that thread a stack already unmapped, and the next signal a Python handler
+    caught there (SIGTERM, SIGCHLD) killed the process - a service evicting personalised
+    generators, or the test suite itself. Engines share one Core now: the handlers run."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OPEN_CLOSE_THEN_SIGNAL, str(_generator(model_repository))],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
+    assert done.stdout.split("\n")[-2] == "caught 2"
 
 
 @pytest.mark.parametrize("name", engines.available())
