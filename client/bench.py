@@ -223,7 +223,7 @@ class RawGenerator:
 
     async def saturate(self, feeds: dict[str, np.ndarray], seconds: float, min_calls: int = 3) -> list[float]:
         """Calls back to back for `seconds` (at least `min_calls` from each caller), as many in
-        flight as the service's batcher keeps (engines.in_flight: one per lane and one waiting):
+        flight as the service's batcher keeps (engines.in_flight: one per lane and two waiting):
         the engine's throughput as the server gets it. Each call's seconds, queueing included."""
         times: list[float] = []
         started, cpu = time.perf_counter(), time.process_time()

@@ -14,7 +14,7 @@ Engines (`ENGINES`):
 
 Lanes: an engine opened with `lanes=L` (and `threads=N`) runs up to L calls side by side, each on
 N / L threads of its own (OpenVINO: L streams; ONNX Runtime: runs of N / L intra-op threads);
-more calls wait for a free lane (OpenVINO: inside it, as a request; ONNX Runtime: in `run`). On
+more calls wait for a free lane (`Turns`: live calls before offline ones, each in arrival order). On
 this 2-core VM, openvino-bf16 as 2 lanes of one thread gave 100 frames/s at batch 1 against 82
 as one lane of two (96 against 91 at batch 2), and kept 93 against 70 beside a process taking 15 %
 of one core: lanes share no barrier, so a thread the OS lends to someone else stalls only its own
@@ -41,6 +41,8 @@ they measured. Torch-free: the service and the evaluation (training side) share 
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import threading
@@ -66,6 +68,101 @@ VERDICT_FILE = "engines.json"
 MAX_SSIM_DROP = 0.01
 MAX_IDENTITY_RISE = 0.02
 AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
+LIVE, OFFLINE = 0, 1  # run priorities: a live call waiting for a lane goes before offline ones
+
+
+class Turn:
+    """One run's place in `Turns`: made before it waits, so that a `Cancel` can withdraw it."""
+
+    __slots__ = ("admitted", "error", "priority", "ready", "start", "withdrawn")
+
+    def __init__(self, priority: int, start: Callable[[], None] | None) -> None:
+        self.priority, self.start = priority, start
+        self.ready = threading.Event()
+        self.admitted = self.withdrawn = False
+        self.error: BaseException | None = None
+
+    def begin(self) -> None:
+        if self.start is not None:
+            try:
+                self.start()
+            except BaseException as error:  # raised in the run's own thread (`Turns.enter`)
+                self.error = error
+
+
+class Turns:
+    """Admits up to `limit` runs of an engine at once; the others wait, lower `priority` first
+    (LIVE before OFFLINE), each priority in arrival order. An engine's own queue is first come,
+    first served, so without this a live frame waited behind every offline call handed over
+    before it; with it the service can keep more offline calls waiting (no lane idles while its
+    event loop collects the next) and a live call still passes them.
+
+    A run admitted when another `leave`s is started (`start`: OpenVINO's start_async) by the
+    leaving thread, before the admitted run's own thread even wakes: a lane that frees is given
+    work in microseconds, not a thread wake-up and a GIL later."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._waiting: list[tuple[int, int, Turn]] = []  # a heap: (priority, arrival, turn)
+        self._arrival = itertools.count()
+
+    def turn(self, priority: int = OFFLINE, start: Callable[[], None] | None = None) -> Turn:
+        return Turn(priority, start)
+
+    def enter(self, turn: Turn) -> None:
+        """Wait until `turn` is admitted (and started); then `leave` when the run is over.
+        RuntimeError when it was withdrawn first; its `start`'s error when that failed (its place
+        given up already)."""
+        with self._lock:
+            if turn.withdrawn:
+                raise RuntimeError("the run was cancelled")
+            if self._inside < self.limit:  # (then nobody waits: `leave` admits the next at once)
+                self._inside += 1
+                turn.admitted = True
+            else:
+                heapq.heappush(self._waiting, (turn.priority, next(self._arrival), turn))
+        if turn.admitted:
+            turn.begin()
+        else:
+            turn.ready.wait()
+            if not turn.admitted:
+                raise RuntimeError("the run was cancelled")
+        if turn.error is not None:
+            self.leave()
+            raise turn.error
+
+    def leave(self) -> None:
+        """An admitted run is over (its lane is free): admit the first waiting run and start it."""
+        with self._lock:
+            if self._waiting:
+                _, _, turn = heapq.heappop(self._waiting)
+                turn.admitted = True
+            else:
+                self._inside -= 1
+                return
+        turn.begin()
+        turn.ready.set()
+
+    def withdraw(self, turn: Turn) -> bool:
+        """Take a waiting (or not yet entered) run out of line; False when it was admitted."""
+        with self._lock:
+            if turn.admitted:
+                return False
+            turn.withdrawn = True
+            for i, (_, _, waiting) in enumerate(self._waiting):
+                if waiting is turn:
+                    self._waiting[i] = self._waiting[-1]
+                    self._waiting.pop()
+                    heapq.heapify(self._waiting)
+                    break
+        turn.ready.set()
+        return True
+
+    def waiting(self) -> int:
+        with self._lock:
+            return len(self._waiting)
 
 
 class Cancel:
@@ -110,7 +207,11 @@ class Engine(Protocol):
     def input_names(self) -> list[str]: ...
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        cancel: Cancel | None = None,
+        priority: int = OFFLINE,
     ) -> list[np.ndarray]: ...
 
 
@@ -122,7 +223,7 @@ class OnnxRuntimeEngine:
 
         self.path = Path(path)
         self.lanes = resolve_lanes(threads, lanes)
-        self._lane = threading.BoundedSemaphore(self.lanes)  # more callers wait for a free lane
+        self._turns = Turns(self.lanes)  # more callers wait for a free lane, live ones first
         self._ort = ort
         options = ort.SessionOptions()
         # Concurrent runs of one session each use this many threads (with 1, the caller's own).
@@ -144,14 +245,27 @@ class OnnxRuntimeEngine:
         return [i.name for i in self.session.get_inputs()]
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        cancel: Cancel | None = None,
+        priority: int = OFFLINE,
     ) -> list[np.ndarray]:
         options = self._ort.RunOptions()
+        turn = self._turns.turn(priority)
+
+        def stop() -> None:  # out of line, or terminated mid-run
+            if not self._turns.withdraw(turn):
+                options.terminate = True
+
         if cancel is not None:
-            cancel.bind(lambda: setattr(options, "terminate", True))
+            cancel.bind(stop)
         try:
-            with self._lane:
+            self._turns.enter(turn)
+            try:
                 return [np.asarray(x) for x in self.session.run(list(outputs), dict(feeds), options)]
+            finally:
+                self._turns.leave()
         finally:
             if cancel is not None:
                 cancel.unbind()
@@ -190,14 +304,17 @@ class OpenVinoEngine:
     requests for concurrent callers."""
 
     CHUNKS = (4, 2, 1)
+    QUEUED = 1  # requests started beyond one per lane: they wait inside OpenVINO, in order
 
     def __init__(self, path: Path, *, threads: int, precision: str, lanes: int = 1) -> None:
         self.path = Path(path)
         self.name = OPENVINO_BF16 if precision == "bf16" else OPENVINO
         self.lanes = resolve_lanes(threads, lanes)
-        # No semaphore (onnxruntime needs one): a request started while every stream is busy waits
-        # inside OpenVINO, and a stream that frees takes it at once, without Python or the GIL.
-        # Three calls on 2 lanes: 104 frames/s against 98 when the third waited in Python.
+        # A call per lane and one more are started (`QUEUED`): that one waits inside OpenVINO and a
+        # stream that frees takes it at once, without Python or the GIL (three calls on 2 lanes:
+        # 104 frames/s against 98 when the third waited in Python). Calls beyond those wait their
+        # turn here, live ones first (`Turns`): OpenVINO's own queue is first come, first served.
+        self._turns = Turns(self.lanes + self.QUEUED)
         self._core = openvino_core()
         self._model = self._core.read_model(str(path))
         self._config = {
@@ -266,35 +383,41 @@ class OpenVinoEngine:
             self._idle[key].append(request)
 
     def run(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        cancel: Cancel | None = None,
+        priority: int = OFFLINE,
     ) -> list[np.ndarray]:
         sizes = {len(v) for v in feeds.values()}
         if len(sizes) != 1:
             raise ValueError("every input must have the same batch size")
-        return self._run_chunks(feeds, outputs, cancel, sizes.pop())
-
-    def _run_chunks(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None, batch: int
-    ) -> list[np.ndarray]:
-        start, parts = 0, []
+        batch, start, parts = sizes.pop(), 0, []
         while start < batch:
             size = next(c for c in self.CHUNKS if c <= batch - start)
             chunk = {name: value[start : start + size] for name, value in feeds.items()}
-            parts.append(self._run_static(chunk, outputs, cancel))
+            parts.append(self._run_static(chunk, outputs, cancel, priority))
             start += size
         if len(parts) == 1:
             return parts[0]
         return [np.concatenate([part[i] for part in parts]) for i in range(len(outputs))]
 
     def _run_static(
-        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None
+        self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str], cancel: Cancel | None, priority: int
     ) -> list[np.ndarray]:
         key = (len(next(iter(feeds.values()))),)
         request = self._request(key)
-        started = finished = False
+        # Asynchronous start + wait: only a request started so can be cancelled mid-run.
+        turn = self._turns.turn(priority, request.start_async)
+        started = finished = inside = False
+
+        def stop() -> None:  # out of line, or cancelled mid-run
+            if not self._turns.withdraw(turn):
+                request.cancel()
+
         try:
             if cancel is not None:
-                cancel.bind(request.cancel)
+                cancel.bind(stop)
                 if cancel.cancelled:
                     raise RuntimeError("the run was cancelled")
             # Copied into the request's own input buffers: start_async(feeds) spent ~0.6 ms of
@@ -305,15 +428,18 @@ class OpenVinoEngine:
                     expected, got = f"{buffer.dtype} {buffer.shape}", f"{value.dtype} {value.shape}"
                     raise ValueError(f"input {name!r}: expected {expected}, got {got}")
                 buffer[...] = value
-            # Asynchronous start + wait: only a request started so can be cancelled mid-run.
-            started = True
-            request.start_async()
+            self._turns.enter(turn)  # (started, here or by the run that left its place to it)
+            started = inside = True
             request.wait()
+            inside = False
+            self._turns.leave()  # the next waiting run starts now, before this one's copies
             # Copies: the request's buffers are reused by its next run.
             out = [np.array(request.get_tensor(name).data) for name in outputs]
             finished = True
             return out
         finally:
+            if inside:
+                self._turns.leave()
             if cancel is not None:
                 cancel.unbind()
             if finished or not started:
@@ -364,9 +490,11 @@ def resolve_lanes(threads: int, lanes: int = 0) -> int:
 
 def in_flight(lanes: int) -> int:
     """Calls to keep in flight so that `lanes` lanes never wait between calls: one per lane and,
-    with lanes, one more that waits and starts the moment a lane frees (the service's batcher
-    hands over that many; `talkinghead bench` measures raw frames/s so)."""
-    return lanes + 1 if lanes > 1 else 1
+    with lanes, two more: one waiting inside the engine, which starts the moment a lane frees,
+    and one waiting its turn (`Turns`), started by the run that ends, so the engine's queue is
+    refilled before the caller even hears of it (the service's batcher hands over that many;
+    `talkinghead bench` measures raw frames/s so)."""
+    return lanes + 2 if lanes > 1 else 1
 
 
 def open_engine(path: Path, name: str, *, threads: int, lanes: int = 1) -> Engine:

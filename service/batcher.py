@@ -14,10 +14,12 @@ batch of 16 takes ~16 ms to draw and warp on one CPU core, time a GPU would sit 
 on the CPU it is not: drawing and inference share the cores, and overlapping them on 2 cores left
 throughput where it was and made live frames slower (BENCHMARKS.md). There, a generator that runs
 calls side by side in lanes (`Backend.lanes`: an engine's calls each on a share of the cores,
-facekit/engines.py) is handed a batch per lane and one more, which waits in the backend and starts
-the moment a lane frees, while the loop collects and draws the next; a batch of live frames only
-may be one more still, so a live frame beside offline work waits for a lane behind at most one
-queued call, not first for a call to end. Each model has at most that many batches in the
+facekit/engines.py) is handed a batch per lane and two more (engines.in_flight): one waits in the
+engine and starts the moment a lane frees, the other waits its turn and is started by the call
+that ends, so a lane never waits for this loop to collect and draw the next; a batch with live
+frames may be one more still and goes before waiting offline ones (`priority`, engines.Turns), so
+a live frame beside offline work waits for a lane behind at most the one call queued in the
+engine, not first for a call to end. Each model has at most that many batches in the
 generator (pipelined, one, and one being drawn), and all models together
 `max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator,
 a stalled call waiting for its deadline) never holds up the batches of another. No timer: a
@@ -60,8 +62,8 @@ from service.metrics import DROPPED_LATE, DROPPED_OVERFLOW
 
 log = logging.getLogger("talkinghead.service.batcher")
 SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
-# Generator calls in flight at once: the shared model's (up to 4 in lanes) and another model's.
-MAX_CONCURRENT_CALLS = 5
+# Generator calls in flight at once: the shared model's (up to 5 in 2 lanes) and another model's.
+MAX_CONCURRENT_CALLS = 6
 RENDER_THREADS = min(4, os.cpu_count() or 1)  # draw and warp a batch's frames in parallel
 RENDER_CHUNK = 4  # frames per drawing job: a batch of 16 spreads over 4 threads
 _DRAW_WEIGHT = 0.3  # of the newest batch in the running mean of drawing time per frame
@@ -78,6 +80,7 @@ class WorkItem:
     warp: Callable[[np.ndarray], np.ndarray] | None = None  # points -> the avatar's warped reference
     landmark_image: np.ndarray | None = None  # drawn when the batcher takes the frame
     warped: np.ndarray | None = None  # warped when the batcher takes the frame (warp-guided models)
+    live: bool = False  # of a live (DROP_OLDEST) stream: its call goes before offline ones
     rasterize_s: float = 0.0
     enqueued: float = field(default_factory=time.perf_counter)
     future: asyncio.Future[BatchResult] = field(
@@ -143,6 +146,7 @@ class StreamQueue:
 
     def take(self) -> WorkItem:
         item = self.pending.popleft()
+        item.live = not self.block
         self.in_flight += 1
         self._room.set()
         return item
@@ -222,10 +226,10 @@ class Batcher:
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
         """A stream's queue; by default up to a batch of its frames in flight per batch its model
-        may have at once (pipelined two: one in the generator, the next being drawn; in lanes, one
-        per lane and one drawn ahead) before it waits for the client to read."""
+        may have at once (pipelined two: one in the generator, the next being drawn; in lanes,
+        `_slots` and one drawn ahead) before it waits for the client to read."""
         lanes = self.lanes(SHARED)
-        default = (2 if self.pipeline else lanes + 2 if lanes > 1 else 1) * self.max_batch
+        default = (2 if self.pipeline else self._slots(SHARED) + 1 if lanes > 1 else 1) * self.max_batch
         queue = StreamQueue(batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or default)
         self._streams.append(queue)
         return queue
@@ -243,18 +247,20 @@ class Batcher:
         return max(1, int(lanes(model))) if lanes is not None else 1
 
     def _slots(self, model: str) -> int:
-        """Batches of `model` handed to the backend at once: one per lane and, with lanes, one
-        more, queued in the backend, that starts the moment a lane frees - not a round trip
-        through this event loop later, which is busy drawing, encoding and reading frames
-        (live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only drawn
-        ahead, BENCHMARKS.md). Pipelined: one."""
+        """Batches of `model` handed to the backend at once: one per lane and, with lanes, two
+        more (engines.in_flight), queued in the backend, so a lane that frees starts the next
+        call at once and the one after it is started by the call that ends - not a round trip
+        through this event loop later, which is busy drawing, encoding and reading frames (one
+        queued call: live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only
+        drawn ahead; two: a lane idle 0.5-1 % of the time instead of 2-4 % beside one live
+        stream, BENCHMARKS.md). Pipelined: one."""
         return engines.in_flight(1 if self.pipeline else self.lanes(model))
 
     def _live_slots(self, model: str) -> int:
         """Batches of `model` the backend may hold when the last is of live frames only: in lanes,
-        one more than `_slots`. Offline batches keep every lane and the queued call busy; without
+        one more than `_slots`. Offline batches keep every lane and the queued calls busy; without
         this a live frame waited for a call to end before it was even collected, then behind the
-        queued offline call for a lane: up to three calls, past the budget where calls are slow
+        queued offline calls for a lane: up to three calls, past the budget where calls are slow
         (two sleeping lanes of 55 ms calls beside a deep offline stream: 24 of ~71 live frames
         dropped as late, 1 with this; tests/test_batcher.py)."""
         slots = self._slots(model)
@@ -417,11 +423,14 @@ class Batcher:
                     if self._in_backend[model] >= self.lanes(model):  # queued behind busy lanes
                         self._queued[model].append(clock)
                     self._in_backend[model] += 1
+                    priority = engines.LIVE if any(item.live for item in batch) else engines.OFFLINE
                     if model == SHARED:
                         adain = _stacked([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
-                        call: Awaitable[np.ndarray] = self.backend.generate(images, adain, warped)
+                        call: Awaitable[np.ndarray] = self.backend.generate(
+                            images, adain, warped, priority=priority
+                        )
                     else:
-                        call = self.backend.generate_personalised(model, images, warped)
+                        call = self.backend.generate_personalised(model, images, warped, priority=priority)
                     try:
                         frames = await call  # (B, S, S, 3)
                     finally:
@@ -429,7 +438,9 @@ class Batcher:
                         queued = self._queued[model]
                         if clock in queued:  # (failed before a lane took it)
                             queued.remove(clock)
-                        elif queued:  # this call's lane goes to the oldest queued call
+                        elif queued:  # this call's lane goes to the oldest queued call (the one
+                            # queued in the engine; a live call that passed offline ones waiting
+                            # their turn starts a call later: the two clocks' sum stays right)
                             queued.popleft().started = time.perf_counter()
                         started = clock.started
             finally:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -109,8 +110,8 @@ def test_an_engine_in_two_lanes_runs_calls_side_by_side_to_the_same_frames(
     model_repository: Path, name: str
 ) -> None:
     """Two lanes: each call on one of the two threads (OpenVINO: two streams; ONNX Runtime: one
-    intra-op thread per run), concurrent calls - one more than the lanes, as the batcher keeps
-    them, so one waits for a lane - each getting their own frames, the same as one at a time; a
+    intra-op thread per run), concurrent calls - two more than the lanes, as the batcher keeps
+    them, so two wait for a lane - each getting their own frames, the same as one at a time; a
     lane never with less than one thread."""
     path = _generator(model_repository)
     two = engines.open_engine(path, name, threads=2, lanes=2)
@@ -231,6 +232,99 @@ def test_signals_reach_their_handlers_after_openvino_engines_close_in_any_order(
     )
     assert done.returncode == 0, f"exit {done.returncode}: {done.stderr[-2000:]}"
     assert done.stdout.split("\n")[-2] == "caught 2"
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def test_runs_waiting_for_a_lane_go_live_first_then_in_arrival_order() -> None:
+    """engines.Turns: past its limit, runs wait; as runs leave, the waiting live ones are admitted
+    first, then the offline ones in the order they came, each started by the thread that left
+    (the lane is given work before the admitted run's own thread wakes)."""
+    turns = engines.Turns(1)
+    started: list[tuple[str, str]] = []
+    holder = turns.turn(engines.OFFLINE)
+    turns.enter(holder)  # the one lane is busy
+    waiting = []
+    with ThreadPoolExecutor(3) as pool:
+        for n, (name, priority) in enumerate(
+            [("offline-1", engines.OFFLINE), ("offline-2", engines.OFFLINE), ("live", engines.LIVE)]
+        ):
+
+            def start(name: str = name) -> None:
+                started.append((name, threading.current_thread().name))
+
+            turn = turns.turn(priority, start)
+            waiting.append(pool.submit(turns.enter, turn))
+            _wait_until(lambda n=n: turns.waiting() == n + 1)  # (in line before the next comes)
+        assert started == []
+        for _ in range(3):
+            turns.leave()
+        for future in waiting:
+            future.result(timeout=10)
+    me = threading.current_thread().name
+    assert started == [("live", me), ("offline-1", me), ("offline-2", me)]
+    for _ in range(3):
+        turns.leave()
+    again = turns.turn(engines.OFFLINE)
+    turns.enter(again)  # every place given back: admitted at once
+    assert again.admitted and turns.waiting() == 0
+
+
+def test_a_run_withdrawn_from_the_line_never_starts_and_keeps_no_place() -> None:
+    turns = engines.Turns(1)
+    turns.enter(turns.turn())
+    ran: list[str] = []
+    gone = turns.turn(engines.LIVE, lambda: ran.append("gone"))
+    after = turns.turn(engines.OFFLINE, lambda: ran.append("after"))
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(turns.enter, gone)
+        _wait_until(lambda: turns.waiting() == 1)
+        second = pool.submit(turns.enter, after)
+        _wait_until(lambda: turns.waiting() == 2)
+        assert turns.withdraw(gone)
+        with pytest.raises(RuntimeError, match="cancelled"):
+            first.result(timeout=10)
+        turns.leave()
+        second.result(timeout=10)
+    assert ran == ["after"] and not turns.withdraw(after)  # (admitted: too late to withdraw)
+    turns.leave()
+    # a run whose start fails raises that error and gives its place back
+    failing = turns.turn(engines.OFFLINE, lambda: 1 / 0)  # type: ignore[func-returns-value]
+    with pytest.raises(ZeroDivisionError):
+        turns.enter(failing)
+    turns.enter(turns.turn())  # (admitted at once: the place was given back)
+
+
+@pytest.mark.parametrize("name", engines.available())
+def test_a_run_cancelled_while_waiting_for_a_lane_ends_at_once_and_the_engine_goes_on(
+    model_repository: Path, name: str
+) -> None:
+    """The backend's deadline (or an abandoned call) reaches a run still waiting its turn: it
+    ends now, not after the runs ahead of it, and the engine serves the next ones."""
+    path = _generator(model_repository)
+    engine = engines.open_engine(path, name, threads=1)
+    feeds = _feeds(path, 1)
+    engine.run(feeds, [contract.IMAGE])  # compiled and warm
+    turns = engine._turns  # type: ignore[attr-defined]
+    for _ in range(turns.limit):  # every lane (and OpenVINO's queued place) taken, for as long as needed
+        turns.enter(turns.turn())
+    cancel = engines.Cancel()
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(engine.run, feeds, [contract.IMAGE], cancel, engines.LIVE)
+        _wait_until(lambda: turns.waiting() == 1)
+        cancel.cancel()
+        with pytest.raises(RuntimeError, match="the run was cancelled"):
+            waiting.result(timeout=10)
+    assert turns.waiting() == 0
+    for _ in range(turns.limit):
+        turns.leave()
+    (image,) = engine.run(feeds, [contract.IMAGE])
+    assert image.shape[0] == 1 and turns.waiting() == 0
 
 
 @pytest.mark.parametrize("name", engines.available())

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from facekit.contract import ADAIN, LANDMARK_IMAGE, WARPED, ModelInfo
+from facekit.engines import OFFLINE
 
 T = TypeVar("T")
 
@@ -206,10 +207,17 @@ class Backend(Protocol):
         ...
 
     async def generate(
-        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+        self,
+        landmark_images: np.ndarray,
+        adain: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = OFFLINE,
     ) -> np.ndarray:
         """Shared generator: (B, S, S, 3) uint8, (B, D) float32 [, warped (B, S, S, 3) uint8 for a
-        warp-guided model] -> (B, S, S, 3) uint8."""
+        warp-guided model] -> (B, S, S, 3) uint8. `priority` (facekit.engines: LIVE 0, OFFLINE 1):
+        a call waiting for a lane goes before waiting calls of a higher number (in-process engines;
+        Triton's queue ignores it)."""
         ...
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -217,7 +225,12 @@ class Backend(Protocol):
         ...
 
     async def generate_personalised(
-        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+        self,
+        avatar_id: str,
+        landmark_images: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = OFFLINE,
     ) -> np.ndarray:
         """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
         ...

@@ -10,10 +10,11 @@ one, else the fastest exact one: the verdict was measured on the shared weights.
 Runs happen in a thread pool, off the asyncio loop. Generators are opened in `lanes` lanes
 (facekit/engines.py): up to `lanes` calls of one generator run side by side, each on its share of
 the threads, and the batcher keeps that many batches of a model in flight (`lanes(model)`) and
-one more, which waits in the engine for the first lane to free; the embedder runs on all threads,
-one call at a time. The pool has a thread for each of those and one more, so batches of different
-models (the shared generator, a personalised one, the embedder) also run side by side and a slow
-batch of one model does not hold up the others. Every run
+two more, which wait in the engine for lanes to free (live ones first, `priority`); the embedder
+runs on all threads, one call at a time. The pool has a thread for each of those, one for a live
+call beside them and one more, so batches of different models (the shared generator, a
+personalised one, the embedder) also run side by side and a slow batch of one model does not hold
+up the others. Every run
 has the backend deadline: one that overruns is terminated (RunOptions.terminate) and answered
 UNAVAILABLE. Missing models are polled for every `poll_s` seconds, so a server started before
 `make model-repository` becomes ready when the files appear.
@@ -64,7 +65,7 @@ from service.backends.base import (
 from service.metrics import ENGINE_CALLS
 
 log = logging.getLogger("talkinghead.service.onnxruntime")
-RUN_THREADS = 2  # concurrent runs (and model loads), at least; generator lanes + 2 where more
+RUN_THREADS = 2  # concurrent runs (and model loads), at least; see the pool below where more
 
 
 class OnnxRuntimeBackend(ReadyGate):
@@ -96,7 +97,10 @@ class OnnxRuntimeBackend(ReadyGate):
         self.generator_lanes = engines.resolve_lanes(self.threads, lanes)
         self.poll_s = poll_s
         self._pool = ThreadPoolExecutor(
-            max_workers=max(RUN_THREADS, self.generator_lanes + 2), thread_name_prefix=ENGINE_CALLS
+            # The shared generator's calls in flight (engines.in_flight), a live one beside them,
+            # and another model's call.
+            max_workers=max(RUN_THREADS, engines.in_flight(self.generator_lanes) + 2),
+            thread_name_prefix=ENGINE_CALLS,
         )
         self._sessions: dict[str, engines.Engine] = {}
         self.max_personalised, self.personalised_idle_s = max_personalised, personalised_idle_s
@@ -174,7 +178,9 @@ class OnnxRuntimeBackend(ReadyGate):
             raise ValueError(f"{path}: embedder and generator come from different models")
 
     # -- inference ----------------------------------------------------------------------------
-    async def _run(self, name: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[Any]:
+    async def _run(
+        self, name: str, feeds: dict[str, np.ndarray], outputs: list[str], priority: int = engines.OFFLINE
+    ) -> list[Any]:
         session = self._sessions.get(name)
         if session is None:
             raise BackendUnavailable(f"model {name} is not loaded", reason=f"the {name} is not loaded")
@@ -182,7 +188,7 @@ class OnnxRuntimeBackend(ReadyGate):
         try:
             with self._in_flight.call(name):  # (not unloaded while it runs)
                 run = asyncio.get_running_loop().run_in_executor(
-                    self._pool, session.run, feeds, outputs, cancel
+                    self._pool, session.run, feeds, outputs, cancel, priority
                 )
                 return await self.call(name, run, give_up=cancel.cancel)
         finally:
@@ -208,10 +214,15 @@ class OnnxRuntimeBackend(ReadyGate):
         return session.lanes if session is not None else self.generator_lanes
 
     async def generate(
-        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+        self,
+        landmark_images: np.ndarray,
+        adain: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = engines.OFFLINE,
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, adain, warped)
-        (image,) = await self._run(GENERATOR, feeds, [IMAGE])
+        (image,) = await self._run(GENERATOR, feeds, [IMAGE], priority)
         return np.asarray(image)
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -266,14 +277,19 @@ class OnnxRuntimeBackend(ReadyGate):
         return len(self._last_used)
 
     async def generate_personalised(
-        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+        self,
+        avatar_id: str,
+        landmark_images: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = engines.OFFLINE,
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
         # A stream that opened on this generator keeps it: when an avatar event dropped the
         # session meanwhile (a newer version published), the latest file is opened again here.
         if personalised_name(avatar_id) not in self._sessions:
             await self.has_personalised(avatar_id)
-        (image,) = await self._run(personalised_name(avatar_id), feeds, [IMAGE])
+        (image,) = await self._run(personalised_name(avatar_id), feeds, [IMAGE], priority)
         return np.asarray(image)
 
     def forget_personalised(self, avatar_id: str) -> None:

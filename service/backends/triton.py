@@ -45,6 +45,7 @@ from facekit.contract import (
     personalised_name,
     ready_personalised,
 )
+from facekit.engines import OFFLINE
 from service.backends.base import (
     BackendUnavailable,
     InFlight,
@@ -228,7 +229,12 @@ class TritonBackend(ReadyGate):
         return embedding.astype(np.float32), adain.astype(np.float32)
 
     async def generate(
-        self, landmark_images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None
+        self,
+        landmark_images: np.ndarray,
+        adain: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = OFFLINE,
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, adain, warped)
         (image,) = await self._infer(GENERATOR, feeds, [IMAGE])
@@ -315,7 +321,12 @@ class TritonBackend(ReadyGate):
         self._absent_since.pop(name, None)
 
     async def generate_personalised(
-        self, avatar_id: str, landmark_images: np.ndarray, warped: np.ndarray | None = None
+        self,
+        avatar_id: str,
+        landmark_images: np.ndarray,
+        warped: np.ndarray | None = None,
+        *,
+        priority: int = OFFLINE,
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
         name = personalised_name(avatar_id)
