@@ -28,11 +28,14 @@ onnxruntime ran 20 frames/s on real faces against 62 on zeros, openvino 57 again
 openvino-bf16 123 against 133 (1 lane: 15 / 50 / 100 against 44 / 57 / 105); flushed, each runs
 as fast on real faces as on zeros, and the frames are bit-identical (64 driven frames of the demo
 portrait, every engine). Timings on zeros or on random inputs of small scale do not show it.
-Side effect: both runtimes set the CPU's flush-to-zero / denormals-are-zero flags in the threads
-that open or run an engine, and leave them set, so later float work in those threads (numpy,
-torch) flushes denormals too - harmless to images and landmarks; restoring the caller's
-environment around each call (fegetenv / fesetenv through ctypes) was tried and crashed the
-test suite's process (SIGSEGV in a later torch test), so it is not done.
+ONNX Runtime sets the flags only in the thread that opens a session (and its own pool threads),
+and a lane runs on its caller's thread: a service's pool thread other than the opener ran a real
+portrait's frame in 115 ms against 43 (2 lanes; 63 against 27 in one), so `OnnxRuntimeEngine.run`
+sets them in its thread first (`flush_denormals`). Side effect: the flush-to-zero /
+denormals-are-zero flags stay set in the threads that open or run an engine, so later float
+work there (numpy, torch) flushes denormals too - harmless to images and landmarks. Restoring the
+caller's flags around each call was tried once and the test suite's process died later
+(SIGSEGV); that was probably OpenVINO's signal stack (`openvino_core`), but it was not retried.
 
 `choose` times the candidates on the model itself, `lanes` calls at a time, and returns the
 fastest: the service's embedded backend and `talkinghead bench` both pick with it, so they run what
@@ -41,10 +44,14 @@ they measured. Torch-free: the service and the evaluation (training side) share 
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import json
 import logging
+import platform
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -69,6 +76,53 @@ MAX_SSIM_DROP = 0.01
 MAX_IDENTITY_RISE = 0.02
 AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
 LIVE, OFFLINE = 0, 1  # run priorities: a live call waiting for a lane goes before offline ones
+
+
+class _Mxcsr:
+    """The SSE control register of the calling thread (x86-64 Linux, through glibc's fenv_t), for
+    `flush_denormals`: FTZ (bit 15) and DAZ (bit 6) make the CPU treat denormal floats as zero."""
+
+    DENORMALS_ARE_ZERO = 1 << 15 | 1 << 6
+    ENV_SIZE, OFFSET = 32, 28  # glibc's x86-64 fenv_t: the x87 environment, then the MXCSR
+
+    def __init__(self) -> None:
+        self.libm: Any = None
+        if sys.platform == "linux" and platform.machine() == "x86_64":
+            try:
+                self.libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+                self.libm.fegetenv, self.libm.fesetenv  # noqa: B018  (both must be there)
+            except (OSError, AttributeError):
+                self.libm = None
+
+    def get(self) -> tuple[Any, int] | None:
+        if self.libm is None:
+            return None
+        env = ctypes.create_string_buffer(self.ENV_SIZE)
+        if self.libm.fegetenv(env) != 0:
+            return None
+        return env, int.from_bytes(env.raw[self.OFFSET : self.OFFSET + 4], "little")
+
+    def set(self, env: Any, mxcsr: int) -> None:
+        env[self.OFFSET : self.OFFSET + 4] = mxcsr.to_bytes(4, "little")
+        self.libm.fesetenv(env)
+
+
+_MXCSR = _Mxcsr()
+
+
+def flush_denormals(flush: bool = True) -> bool | None:
+    """Make the calling thread treat denormal floats as zero (`flush=False`: as the IEEE default);
+    whether it did before, None where that cannot be read (not x86-64 Linux). ONNX Runtime does
+    this only in the thread that opens a session and in its own pool threads, but a lane runs on
+    its caller's thread: `OnnxRuntimeEngine.run` calls this first (see DENORMALS)."""
+    state = _MXCSR.get()
+    if state is None:
+        return None
+    env, mxcsr = state
+    was = mxcsr & _Mxcsr.DENORMALS_ARE_ZERO == _Mxcsr.DENORMALS_ARE_ZERO
+    if was != flush:
+        _MXCSR.set(env, mxcsr | _Mxcsr.DENORMALS_ARE_ZERO if flush else mxcsr & ~_Mxcsr.DENORMALS_ARE_ZERO)
+    return was
 
 
 class Turn:
@@ -260,6 +314,7 @@ class OnnxRuntimeEngine:
 
         if cancel is not None:
             cancel.bind(stop)
+        flush_denormals()  # (in this thread: the run computes here)
         try:
             self._turns.enter(turn)
             try:
