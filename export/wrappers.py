@@ -27,6 +27,11 @@ def bake(module: nn.Module) -> nn.Module:
     module = copy.deepcopy(module).eval()
     for m in module.modules():
         if parametrize.is_parametrized(m):
+            # The copy shares its Parametrized* class with the source, and removing deletes the
+            # class's property: without a class of its own, a second bake of the source would fail.
+            cls = type(m)
+            own = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+            m.__class__ = type(cls.__name__, cls.__bases__, own)
             for name in list(m.parametrizations.keys()):  # type: ignore[union-attr,operator]
                 parametrize.remove_parametrizations(m, name, leave_parametrized=True)
     return module

@@ -344,3 +344,23 @@ def test_tensorrt_repository_without_tensorrt_says_so(exported: tuple[Path, dict
             )
     assert to_tensorrt.build_repository(trt) == [trt / "generator/1/model.plan"]
     assert (trt / "generator/1/model.plan").stat().st_size > 0
+
+
+def test_a_module_baked_twice_gives_its_own_frames_both_times() -> None:
+    """bake removes spectral norm from a copy; the copy once shared its class with the source, so
+    the first bake broke the source and a second (bf16 then fp16 in `bench --device`) raised."""
+    from export.wrappers import bake
+    from training.config import load_config
+    from training.generator import Generator
+
+    torch.manual_seed(0)
+    cfg = load_config("smoke").model
+    gen = Generator(cfg=cfg).eval()
+    y, psi = torch.rand(2, 3, cfg.image_size, cfg.image_size) * 2 - 1, torch.randn(2, gen.adain_size)
+    with torch.no_grad():
+        ref = gen(y, psi)
+        first, second = bake(gen), bake(gen)
+        for baked in (first, second, bake(first)):
+            assert not any(hasattr(m, "parametrizations") for m in baked.modules())
+            assert torch.allclose(baked(y, psi), ref, atol=1e-6)
+        assert torch.equal(gen(y, psi), ref)  # the source still has its spectral norm and frames
