@@ -164,3 +164,28 @@ def test_a_warp_guided_g_warm_started_from_a_paper_g_starts_from_its_features() 
     assert (made - warped).abs().max() < 0.05
     done = warm_start(Trainer.for_meta_learning(warp_cfg, 3), ckpt, ["x", "y", "z"])
     assert "discriminator.W" in done["kept"]  # other videos: W means nothing to this run
+
+
+def test_fused_self_attention_computes_what_the_blocked_one_does() -> None:
+    """CUDA tensors take one scaled_dot_product_attention call, the CPU and ONNX export the
+    blocked products: the same function, forward and backward (training on a GPU uses the fused)."""
+    from training.blocks import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(64, sn=True).eval()  # eval: no power iteration between the two
+    with torch.no_grad():
+        attention.gamma.fill_(1.0)  # 0 at initialisation would hide the attention term
+    x = torch.randn(2, 64, 32, 32)  # 1,024 positions: 4 query blocks
+    outs, grads = [], []
+    for fused in (False, True):
+        attention.fused = fused
+        attention.zero_grad()
+        out = attention(x)
+        out.square().mean().backward()
+        outs.append(out.detach())
+        grads.append(attention.query.parametrizations.weight.original.grad.clone())
+    assert (outs[0] - x).abs().mean() > 1e-2  # the attention term is there
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4)
+    attention.fused = None  # the default on a CPU tensor: blocked
+    assert torch.equal(attention(x).detach(), outs[0])

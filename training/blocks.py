@@ -108,10 +108,13 @@ class AdaIN(nn.Module):
 class SelfAttention(nn.Module):
     """SAGAN self-attention (Zhang et al.) with a learned residual gate initialised at 0.
 
-    Computed a block of QUERY_BLOCK query positions at a time, as attention @ V^T: the same numbers
-    as one (HW, HW) product, but each block's attention rows stay in the CPU's cache and the large
-    matrix is never transposed. At 64x64 the full matrix is 64 MB per frame; blocking made the
-    exported generator 1.3-1.5x faster in ONNX Runtime and OpenVINO (BENCHMARKS.md).
+    softmax(Q K^T) V with no 1/sqrt(d) scale, computed one of two ways (the same numbers):
+    - blocked (the CPU, and every ONNX export): QUERY_BLOCK query positions at a time, so each
+      block's attention rows stay in the CPU's cache and the large matrix is never transposed. At
+      64x64 the full matrix is 64 MB per frame; blocking made the exported generator 1.3-1.5x faster
+      in ONNX Runtime and OpenVINO (BENCHMARKS.md).
+    - fused (CUDA tensors): one `scaled_dot_product_attention` call, which never writes the matrix
+      to device memory at all. `fused` forces either way (export/speed.py times both).
     """
 
     QUERY_BLOCK = 256
@@ -122,19 +125,24 @@ class SelfAttention(nn.Module):
         self.key = conv(ch, max(ch // 8, 1), 1, sn=sn)
         self.value = conv(ch, ch, 1, sn=sn)
         self.gamma = nn.Parameter(torch.zeros(()))
+        self.fused: bool | None = None  # None: fused on CUDA tensors, blocked elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         q = self.query(x).flatten(2).transpose(1, 2)  # (B, HW, C/8)
         k = self.key(x).flatten(2)  # (B, C/8, HW)
         v = self.value(x).flatten(2).transpose(1, 2)  # (B, HW, C)
-        step = self.QUERY_BLOCK
-        rows = [
-            torch.bmm(torch.softmax(torch.bmm(q[:, i : i + step], k), dim=-1), v)  # (B, step, C)
-            for i in range(0, h * w, step)
-        ]
-        out = torch.cat(rows, dim=1).transpose(1, 2).reshape(b, c, h, w)
-        return x + self.gamma * out
+        if x.is_cuda if self.fused is None else self.fused:
+            heads = (q.unsqueeze(1), k.transpose(1, 2).unsqueeze(1), v.unsqueeze(1))  # one head each
+            out = F.scaled_dot_product_attention(*heads, scale=1.0).squeeze(1)  # (B, HW, C)
+        else:
+            step = self.QUERY_BLOCK
+            rows = [
+                torch.bmm(torch.softmax(torch.bmm(q[:, i : i + step], k), dim=-1), v)  # (B, step, C)
+                for i in range(0, h * w, step)
+            ]
+            out = torch.cat(rows, dim=1)
+        return x + self.gamma * out.transpose(1, 2).reshape(b, c, h, w)
 
 
 class DownTrunk(nn.Module):
