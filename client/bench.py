@@ -141,7 +141,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--device-batches", type=int, nargs="+", help="default 1 2 4 ... 256 (cuda), 1 2 4 (cpu)"
     )
     group.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
-    group.add_argument("--compile", action="store_true", help="torch.compile the generator first")
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the generator (compiled anew for each batch size)",
+    )
     group.add_argument(
         "--peak-tflops", type=float, help="the device's peak (default: known GPUs' dense bf16)"
     )

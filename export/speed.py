@@ -4,9 +4,11 @@ For each model (the `paper` configuration at 256 px with random weights - speed 
 their values - and the shipped checkpoint) and each precision (bf16 and fp16 on CUDA, fp32 on the
 CPU): frames per second at batch 1 to 256, latency at batch 1, GFLOPs per frame (counted by
 torch.utils.flop_counter on one forward) and the share of the device's peak that makes. On CUDA the
-generator runs channels-last, spectral norm baked into plain weights, optionally through
-torch.compile (--compile), each batch size replayed from a captured CUDA graph (no launch
-overhead). Without a CUDA device `--device cuda` says so and exits 0.
+generator runs channels-last, spectral norm baked into plain weights, self-attention fused
+(training/blocks.py), optionally through torch.compile (--compile: specialised per batch size), each
+batch size replayed from a captured CUDA graph (no launch overhead). Each precision's output is
+compared with fp32 on the same device (TF32 off) as ||out - ref|| / ||ref||. Without a CUDA device
+`--device cuda` says so and exits 0. export/device_run.py is the script a lent GPU runs.
 
 Peak figures are the vendors' dense (no sparsity) tensor-core numbers; name another with
 --peak-tflops.
@@ -19,13 +21,16 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.wrappers import bake
 from training import checkpoint
+from training.blocks import SelfAttention
 from training.config import ModelConfig, load_config
 from training.generator import Generator
 
@@ -66,6 +71,45 @@ def _inputs(
     psi = torch.randn(batch, gen.adain_size, device=device, dtype=dtype)
     warped = torch.rand_like(y) if cfg.warp_guided else None
     return y, psi, warped
+
+
+def prepare(
+    gen: Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    fused_attention: bool | None = None,
+) -> Generator:
+    """A baked copy of `gen` on `device` in `dtype` (channels-last on CUDA), self-attention fused
+    or blocked as asked (None: training/blocks.py's choice for the device)."""
+    out: Generator = bake(gen).to(device=device, dtype=dtype)  # type: ignore[assignment]
+    if device.type == "cuda":
+        out = out.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    for m in out.modules():
+        if isinstance(m, SelfAttention):
+            m.fused = fused_attention
+    return out
+
+
+def relative_error(
+    gen: Generator, cfg: ModelConfig, device: torch.device, precision: str, *, batch: int = 4
+) -> float:
+    """||out - ref|| / ||ref|| of `precision` against fp32 (TF32 off) on fresh random inputs."""
+    ref_gen = prepare(gen, device, torch.float32)
+    fast_gen = prepare(gen, device, DTYPES[precision])
+    y, psi, warped = _inputs(ref_gen, cfg, batch, device, torch.float32)
+    allow_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            args = (y, psi) if warped is None else (y, psi, warped)
+            ref = ref_gen(*args).double()
+            out = fast_gen(*(a.to(DTYPES[precision]) for a in args)).double()
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref).norm() / ref.norm())
 
 
 def _timer(device: torch.device) -> Callable[[], float]:
@@ -111,21 +155,30 @@ def time_model(
     iters: int,
     compile_model: bool,
     peak_tflops: float | None,
+    fused_attention: bool | None = None,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
+    """Frames/s of `gen` at each batch size; batches not started by `deadline` (time.monotonic)
+    are left out and say so."""
     dtype = DTYPES[precision]
-    gen = bake(gen).to(device=device, dtype=dtype)  # type: ignore[assignment]
-    if device.type == "cuda":
-        gen = gen.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    gen = prepare(gen, device, dtype, fused_attention=fused_attention)
     gflops = gflops_per_frame(gen, cfg, device, dtype)
     if compile_model:
-        gen = torch.compile(gen)  # type: ignore[assignment]
+        _allow_recompiles()
+        torch._dynamo.reset()  # the limit counts compiles of Generator.forward by every instance
+        gen = torch.compile(gen, dynamic=False)  # type: ignore[assignment]
     now = _timer(device)
     rows: list[dict[str, Any]] = []
     with torch.inference_mode():
         for batch in batches:
+            if deadline is not None and time.monotonic() > deadline:
+                rows.append({"batch": batch, "error": "not run: out of time"})
+                continue
             try:
+                started = time.monotonic()
                 run = _runner(gen, cfg, batch, device, dtype)
                 run()
+                warm_s = time.monotonic() - started
                 t0 = now()
                 for _ in range(iters):
                     run()
@@ -139,19 +192,61 @@ def time_model(
                 "batch": batch,
                 "ms_per_call": round(seconds * 1e3, 3),
                 "frames_per_s": round(fps, 1),
+                "warm_up_s": round(warm_s, 1),  # autotuning, compiling and capture
             }
             if peak_tflops:
                 row["peak_share"] = round(fps * gflops / (peak_tflops * 1e3), 4)
             rows.append(row)
             print(f"  {name} {precision} batch {batch:>3}: {seconds * 1e3:8.2f} ms  {fps:9.1f} frames/s")
+    timed = [r for r in rows if "frames_per_s" in r]
     return {
         "model": name,
         "image_size": cfg.image_size,
         "precision": precision,
         "gflops_per_frame": round(gflops, 2),
-        "latency_batch1_ms": rows[0].get("ms_per_call") if rows else None,
-        "best_frames_per_s": max((r.get("frames_per_s", 0.0) for r in rows), default=0.0),
+        "compiled": compile_model,
+        "fused_attention": fused_attention if fused_attention is not None else device.type == "cuda",
+        "latency_batch1_ms": next((r["ms_per_call"] for r in timed if r["batch"] == 1), None),
+        "best_frames_per_s": max((r["frames_per_s"] for r in timed), default=0.0),
         "rows": rows,
+    }
+
+
+def _allow_recompiles(n: int = 64) -> None:
+    """torch.compile(dynamic=False) compiles once per batch size; let it keep them all (past the
+    limit it would silently run eagerly)."""
+    import torch._dynamo
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), n))
+
+
+def models(configs: list[str], checkpoint_path: Path | None) -> list[tuple[str, Generator, ModelConfig]]:
+    """Each config with random weights (speed does not depend on their values), then the checkpoint."""
+    out: list[tuple[str, Generator, ModelConfig]] = []
+    for config in configs:
+        torch.manual_seed(0)
+        cfg = load_config(config).model
+        out.append((f"{config} (random weights)", Generator(cfg=cfg), cfg))
+    if checkpoint_path and checkpoint_path.is_file():
+        ckpt = checkpoint.load(checkpoint_path)
+        _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
+        out.append((f"{checkpoint_path.name}", gen, checkpoint.config_of(ckpt).model))
+    return out
+
+
+def device_info(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {"device": platform.processor() or "cpu", "torch": torch.__version__}
+    props = torch.cuda.get_device_properties(device)
+    return {
+        "device": torch.cuda.get_device_name(device),
+        "multiprocessors": props.multi_processor_count,
+        "memory_gib": round(props.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
     }
 
 
@@ -165,45 +260,37 @@ def run(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
     batches = args.device_batches or ([2**i for i in range(9)] if device.type == "cuda" else [1, 2, 4])
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    peak = _peak(name, args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    info = device_info(device)
+    peak = _peak(info["device"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    models: list[tuple[str, Generator, ModelConfig]] = []
-    for config in args.configs:
-        cfg = load_config(config).model
-        models.append((f"{config} (random weights)", Generator(cfg=cfg), cfg))
-    if args.checkpoint and args.checkpoint.is_file():
-        ckpt = checkpoint.load(args.checkpoint)
-        _, gen, _ = checkpoint.build_networks(ckpt, with_discriminator=False)
-        models.append((f"{args.checkpoint.name}", gen, checkpoint.config_of(ckpt).model))
-    results = [
-        time_model(
-            label,
-            gen,
-            cfg,
-            device=device,
-            precision=precision,
-            batches=batches,
-            iters=args.iters,
-            compile_model=args.compile,
-            peak_tflops=peak,
-        )
-        for label, gen, cfg in models
-        for precision in precisions
-    ]
-    report = {
-        "device": name,
+    out = args.out.with_name(args.out.stem + f"-{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report: dict[str, Any] = {
+        **info,
         "peak_tflops": peak,
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda,
         "date": time.strftime("%Y-%m-%d"),
         "compiled": args.compile,
         "cuda_graphs": device.type == "cuda",
-        "results": results,
+        "results": [],
     }
-    out = args.out.with_name(args.out.stem + f"-{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    for label, gen, cfg in models(args.configs, args.checkpoint):
+        for precision in precisions:
+            result = time_model(
+                label,
+                gen,
+                cfg,
+                device=device,
+                precision=precision,
+                batches=batches,
+                iters=args.iters,
+                compile_model=args.compile,
+                peak_tflops=peak,
+            )
+            if precision != "fp32":
+                result["relative_error_vs_fp32"] = round(relative_error(gen, cfg, device, precision), 5)
+            report["results"].append(result)
+            out.write_text(json.dumps(report, indent=2) + "\n")  # what is measured survives a crash
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -57,3 +57,53 @@ def test_cuda_without_a_gpu_says_so_and_exits_cleanly(tmp_path: Path) -> None:
     assert done.returncode == 0
     assert "no CUDA device here" in done.stdout
     assert not list(tmp_path.iterdir())
+
+
+def test_the_gpu_session_script_runs_every_stage_on_the_cpu(tmp_path: Path) -> None:
+    """export/device_run.py is what a lent GPU runs, minutes at a time: here it must get through
+    every stage (compiling left out: a minute a batch size on this CPU) and report each."""
+    cpu = ["--device", "cpu", "--config", "smoke", "--batches", "1", "2", "--iters", "1", "--no-compile"]
+    done = subprocess.run(
+        [sys.executable, "-m", "export.device_run", "--out", str(tmp_path), *cpu],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    stages = json.loads((tmp_path / "report.json").read_text())["stages"]
+    assert stages["ceilings"]["result"]["bf16_matmul_tflops"] > 0
+    assert stages["smoke fp16, torch.compile"]["result"] == {"error": "not run: --no-compile"}
+    tables = {name: s["result"] for name, s in stages.items() if "rows" in s.get("result", {})}
+    assert set(tables) == {
+        *(f"{m} {p}" for m in ("smoke (random weights)", "talkinghead-small.pt") for p in ("fp16", "bf16")),
+        "smoke fp16, attention blocked",
+    }
+    for name, table in tables.items():
+        assert [row["batch"] for row in table["rows"]] == [1, 2], name
+        assert all(row["frames_per_s"] > 0 for row in table["rows"]), name
+        # reduced precision is close to fp32, and not equal to it (the comparison ran)
+        assert 0 < table["relative_error_vs_fp32"] < 0.2, name
+    assert stages["smoke fp16, attention blocked"]["result"]["fused_attention"] is False
+    assert "aten::conv2d" in (tmp_path / "profile.txt").read_text()
+
+
+@pytest.mark.slow
+def test_compiled_models_are_compiled_however_many_came_before(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch.compile counts compiles of Generator.forward across every instance; past its limit it
+    silently runs eagerly (seen on the H200: 'compiled' figures that were eager ones)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from export import speed
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # as if many had come before
+    cpu = torch.device("cpu")
+    for label, gen, cfg in speed.models(["smoke"], None) * 2:
+        before = counters["stats"]["unique_graphs"]
+        speed.time_model(
+            label, gen, cfg, device=cpu, precision="fp32", batches=[1, 2, 3], iters=1,
+            compile_model=True, peak_tflops=None,
+        )  # fmt: skip
+        assert counters["stats"]["unique_graphs"] - before >= 3  # one graph per batch size

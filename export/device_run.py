@@ -1,0 +1,230 @@
+"""The one script a lent GPU runs: `python3 -m export.device_run --out DIR --budget SECONDS`.
+
+A lent GPU comes for minutes at a time with only its own image's Python (PyTorch, no project
+venv: no PyAV or gRPC tools, so not `talkinghead bench`), so this measures, in order of value,
+whatever fits the budget, and rewrites DIR/report.json after every stage:
+
+1. the machine: GPU, driver, clocks, and its two ceilings measured (a bf16 8192^3 matrix product on
+   random data, a 2 GiB device-to-device copy);
+2. the headline (export/speed.py, CUDA graphs, channels-last): the `paper` generator (256 px,
+   random weights) torch.compile'd in fp16 at batch 1 to 256, then in bf16 at the smallest and
+   largest batch. Each batch size compiles anew (~20 s on an H200 machine's 16 cores);
+3. `talkinghead bench --device cuda`'s eager tables, fp16 and bf16, for `paper` and the shipped
+   checkpoint at three batch sizes, each with its error against fp32; the shipped one compiled;
+4. `paper` with self-attention blocked as on the CPU (what fusing it buys);
+5. a kernel profile of eager `paper` bf16 at the middle batch size (DIR/profile.txt).
+
+Stages that would start after the budget are recorded as not run; tee the output to keep a log.
+`--device cpu --config smoke --batches 1 2` runs every stage on the CPU in seconds (the test suite
+does, so the script is known to work before a GPU session spends minutes on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from export import speed
+
+CHECKPOINT = Path("models/talkinghead-small.pt")
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return speed.device_info(device)
+    query = "name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu"
+    try:
+        smi = subprocess.run(
+            ["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        smi = f"nvidia-smi failed: {exc}"
+    return {"nvidia_smi": {"query": query, "answer": smi}, **speed.device_info(device)}
+
+
+def _median_ms(fn: Any, device: torch.device, *, warm: int = 3, reps: int = 10) -> float:
+    for _ in range(warm):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def ceilings(device: torch.device) -> dict[str, float]:
+    """Measured bf16 matrix rate (random data, never zeros) and copy bandwidth (read + written)."""
+    n, words = (8192, 2**29) if device.type == "cuda" else (512, 2**22)  # 2 GiB copied on a GPU
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    matmul_ms = _median_ms(lambda: a @ b, device)
+    src = torch.randn(words, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_ms = _median_ms(lambda: dst.copy_(src), device)
+    return {
+        "bf16_matmul_tflops": round(2 * n**3 / (matmul_ms * 1e-3) / 1e12, 1),
+        "copy_tb_per_s": round(2 * src.numel() * 4 / (copy_ms * 1e-3) / 1e12, 2),
+    }
+
+
+def profile(gen: Any, cfg: Any, batch: int, path: Path, device: torch.device) -> str:
+    """The kernels of five eager bf16 forwards at `batch`, most time first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    g = speed.prepare(gen, device, torch.bfloat16)
+    y, psi, _ = speed._inputs(g, cfg, batch, device, torch.bfloat16)
+    with torch.inference_mode():
+        for _ in range(3):
+            g(y, psi)
+        if cuda:
+            torch.cuda.synchronize()
+        with profiler(activities=activities) as prof:
+            for _ in range(5):
+                g(y, psi)
+            if cuda:
+                torch.cuda.synchronize()
+    table = prof.key_averages().table(
+        sort_by="cuda_time_total" if cuda else "cpu_time_total", row_limit=40, max_name_column_width=80
+    )
+    path.write_text(f"{cfg.image_size} px generator, bf16, batch {batch}, 5 eager forwards\n{table}\n")
+    return str(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; later stages are skipped")
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--config", default="paper", help="the configuration timed with random weights")
+    parser.add_argument("--checkpoint", type=Path, default=CHECKPOINT)
+    parser.add_argument("--batches", type=int, nargs="+", default=[2**i for i in range(9)])
+    parser.add_argument("--only", nargs="+", help="run only the stages whose names hold one of these")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip torch.compile")
+    args = parser.parse_args(argv)
+    started = time.monotonic()
+    deadline = started + args.budget
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("export.device_run: no CUDA device here; nothing measured")
+        return 0
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    report: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "stages": {}}
+
+    def save() -> None:
+        (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    def stage(name: str, fn: Any, *, needs: float = 0.0) -> None:
+        if args.only and name not in ("machine", "ceilings") and not any(o in name for o in args.only):
+            return
+        left = deadline - time.monotonic()
+        if left < needs:
+            report["stages"][name] = {"error": f"not run: {left:.0f} s of the budget left"}
+            print(f"[{name}] skipped ({left:.0f} s left)", flush=True)
+            save()
+            return
+        t0 = time.monotonic()
+        print(f"[{name}] at {t0 - started:.0f} s", flush=True)
+        try:
+            result = fn()
+        except Exception as exc:  # one stage failing must not cost the others' figures
+            result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"[{name}] failed: {result['error']}", flush=True)
+        report["stages"][name] = {"seconds": round(time.monotonic() - t0, 1), "result": result}
+        save()
+
+    stage("machine", lambda: machine(device))
+    print(json.dumps(report["stages"]["machine"]), flush=True)
+    stage("ceilings", lambda: ceilings(device))
+    print(json.dumps(report["stages"]["ceilings"]), flush=True)
+    peak = speed._peak(torch.cuda.get_device_name(), None) if device.type == "cuda" else None
+    models = speed.models([args.config], args.checkpoint)
+    paper = models[0]
+    few = sorted({args.batches[0], args.batches[len(args.batches) // 2], args.batches[-1]})
+
+    def table(model: tuple[str, Any, Any], precision: str, **kwargs: Any) -> dict[str, Any]:
+        if kwargs.get("compile_model") and not args.compile:
+            return {"error": "not run: --no-compile"}
+        label, gen, cfg = model
+        result = speed.time_model(
+            label,
+            gen,
+            cfg,
+            device=device,
+            precision=precision,
+            iters=args.iters,
+            peak_tflops=peak,
+            deadline=deadline,
+            **{"batches": args.batches, "compile_model": False, **kwargs},
+        )
+        if not kwargs.get("compile_model"):  # compiled: the eager error applies only as a lead
+            result["relative_error_vs_fp32"] = speed.relative_error(gen, cfg, device, precision)
+        return result
+
+    paper_cfg = paper[0].split()[0]
+    shipped = models[1:]
+    stage(f"{paper_cfg} fp16, torch.compile", lambda: table(paper, "fp16", compile_model=True), needs=60)
+    stage(
+        f"{paper_cfg} bf16, torch.compile",
+        lambda: table(paper, "bf16", compile_model=True, batches=few[::2]),
+        needs=60,
+    )
+    for precision in ("fp16", "bf16"):
+        for model in models:
+            stage(f"{model[0]} {precision}", lambda m=model, p=precision: table(m, p, batches=few), needs=30)
+    for model in shipped:
+        stage(
+            f"{model[0]} fp16, torch.compile",
+            lambda m=model: table(m, "fp16", compile_model=True, batches=few[::2]),
+            needs=60,
+        )
+    stage(
+        f"{paper_cfg} fp16, attention blocked",
+        lambda: table(paper, "fp16", fused_attention=False, batches=few),
+        needs=20,
+    )
+    stage(
+        "profile",
+        lambda: profile(paper[1], paper[2], few[1], args.out / "profile.txt", device),
+        needs=15,
+    )
+    report["seconds"] = round(time.monotonic() - started, 1)
+    save()
+    print(f"\n{'stage':<44} {'batch':>5} {'ms/call':>9} {'frames/s':>10} {'peak':>6}")
+    for name, entry in report["stages"].items():
+        result = entry.get("result")
+        if not isinstance(result, dict) or "rows" not in result:
+            continue
+        for row in result["rows"]:
+            print(
+                f"{name:<44} {row['batch']:>5} {row.get('ms_per_call', '-'):>9} "
+                f"{row.get('frames_per_s', row.get('error', '-')):>10} {row.get('peak_share', '-'):>6}"
+            )
+        print(f"{'':<44} error vs fp32 {result.get('relative_error_vs_fp32')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
