@@ -17,20 +17,24 @@ Peak figures are the vendors' dense (no sparsity) tensor-core numbers; name anot
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch._dynamo
+import torch._inductor.config
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from export.wrappers import bake
 from training import checkpoint
-from training.blocks import SelfAttention
+from training.blocks import AdaIN, SelfAttention
 from training.config import ModelConfig, load_config
 from training.generator import Generator
 
@@ -73,30 +77,65 @@ def _inputs(
     return y, psi, warped
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the generator runs. The defaults are the shipped code; the rest are candidates a GPU
+    session times against it (export/device_run.py), each labelled in the report."""
+
+    compile: str | None = None  # a torch.compile mode ("default", "max-autotune-no-cudagraphs"); None: eager
+    freezing: bool = False  # compiled only: inductor folds the weights in as constants
+    fused_attention: bool | None = None  # None: training/blocks.py's choice for the device
+    norm: str = "instance_norm"  # or "var_mean": statistics over H, W in the tensor's own dtype
+
+
+def _var_mean_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    var, mean = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+def _adain_var_mean(self: AdaIN, x: torch.Tensor) -> torch.Tensor:
+    assert self.params is not None
+    scale, bias = self.params.unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+    return _var_mean_norm(x) * (1.0 + scale) + bias
+
+
+def _instance_norm_var_mean(self: nn.InstanceNorm2d, x: torch.Tensor) -> torch.Tensor:
+    return _var_mean_norm(x, self.eps) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
 def prepare(
-    gen: Generator,
-    device: torch.device,
-    dtype: torch.dtype,
-    *,
-    fused_attention: bool | None = None,
+    gen: Generator, device: torch.device, dtype: torch.dtype, variant: Variant = Variant()
 ) -> Generator:
-    """A baked copy of `gen` on `device` in `dtype` (channels-last on CUDA), self-attention fused
-    or blocked as asked (None: training/blocks.py's choice for the device)."""
+    """A baked copy of `gen` on `device` in `dtype` (channels-last on CUDA), attention and
+    normalisation as `variant` asks (compiling is time_model's)."""
     out: Generator = bake(gen).to(device=device, dtype=dtype)  # type: ignore[assignment]
     if device.type == "cuda":
         out = out.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if variant.norm not in ("instance_norm", "var_mean"):
+        raise ValueError(f"norm must be instance_norm or var_mean, got {variant.norm!r}")
     for m in out.modules():
         if isinstance(m, SelfAttention):
-            m.fused = fused_attention
+            m.fused = variant.fused_attention
+        if variant.norm == "var_mean" and isinstance(m, AdaIN):
+            m.forward = types.MethodType(_adain_var_mean, m)  # type: ignore[method-assign]
+        if variant.norm == "var_mean" and isinstance(m, nn.InstanceNorm2d):
+            m.forward = types.MethodType(_instance_norm_var_mean, m)  # type: ignore[method-assign]
     return out
 
 
 def relative_error(
-    gen: Generator, cfg: ModelConfig, device: torch.device, precision: str, *, batch: int = 4
+    gen: Generator,
+    cfg: ModelConfig,
+    device: torch.device,
+    precision: str,
+    variant: Variant = Variant(),
+    *,
+    batch: int = 4,
 ) -> float:
-    """||out - ref|| / ||ref|| of `precision` against fp32 (TF32 off) on fresh random inputs."""
+    """||out - ref|| / ||ref|| of `precision` (eager, as `variant` otherwise asks) against the
+    shipped code in fp32 (TF32 off), on fresh random inputs."""
     ref_gen = prepare(gen, device, torch.float32)
-    fast_gen = prepare(gen, device, DTYPES[precision])
+    fast_gen = prepare(gen, device, DTYPES[precision], variant)
     y, psi, warped = _inputs(ref_gen, cfg, batch, device, torch.float32)
     allow_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -153,23 +192,23 @@ def time_model(
     precision: str,
     batches: list[int],
     iters: int,
-    compile_model: bool,
     peak_tflops: float | None,
-    fused_attention: bool | None = None,
+    variant: Variant = Variant(),
     deadline: float | None = None,
 ) -> dict[str, Any]:
     """Frames/s of `gen` at each batch size; batches not started by `deadline` (time.monotonic)
     are left out and say so."""
     dtype = DTYPES[precision]
-    gen = prepare(gen, device, dtype, fused_attention=fused_attention)
+    gen = prepare(gen, device, dtype, variant)
     gflops = gflops_per_frame(gen, cfg, device, dtype)
-    if compile_model:
+    if variant.compile:
         _allow_recompiles()
         torch._dynamo.reset()  # the limit counts compiles of Generator.forward by every instance
-        gen = torch.compile(gen, dynamic=False)  # type: ignore[assignment]
+        gen = torch.compile(gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
     now = _timer(device)
     rows: list[dict[str, Any]] = []
-    with torch.inference_mode():
+    # inductor reads `freezing` when it compiles: at each batch size's first call
+    with torch.inference_mode(), torch._inductor.config.patch(freezing=variant.freezing):
         for batch in batches:
             if deadline is not None and time.monotonic() > deadline:
                 rows.append({"batch": batch, "error": "not run: out of time"})
@@ -204,8 +243,11 @@ def time_model(
         "image_size": cfg.image_size,
         "precision": precision,
         "gflops_per_frame": round(gflops, 2),
-        "compiled": compile_model,
-        "fused_attention": fused_attention if fused_attention is not None else device.type == "cuda",
+        "compiled": variant.compile is not None,
+        "variant": dataclasses.asdict(variant),
+        "fused_attention": (
+            variant.fused_attention if variant.fused_attention is not None else device.type == "cuda"
+        ),
         "latency_batch1_ms": next((r["ms_per_call"] for r in timed if r["batch"] == 1), None),
         "best_frames_per_s": max((r["frames_per_s"] for r in timed), default=0.0),
         "rows": rows,
@@ -284,8 +326,8 @@ def run(args: argparse.Namespace) -> int:
                 precision=precision,
                 batches=batches,
                 iters=args.iters,
-                compile_model=args.compile,
                 peak_tflops=peak,
+                variant=Variant(compile="default" if args.compile else None),
             )
             if precision != "fp32":
                 result["relative_error_vs_fp32"] = round(relative_error(gen, cfg, device, precision), 5)

@@ -79,6 +79,7 @@ def test_the_gpu_session_script_runs_every_stage_on_the_cpu(tmp_path: Path) -> N
     assert set(tables) == {
         *(f"{m} {p}" for m in ("smoke (random weights)", "talkinghead-small.pt") for p in ("fp16", "bf16")),
         "smoke fp16, attention blocked",
+        "smoke fp16, var_mean norm",
     }
     for name, table in tables.items():
         assert [row["batch"] for row in table["rows"]] == [1, 2], name
@@ -104,6 +105,16 @@ def test_compiled_models_are_compiled_however_many_came_before(monkeypatch: pyte
         before = counters["stats"]["unique_graphs"]
         speed.time_model(
             label, gen, cfg, device=cpu, precision="fp32", batches=[1, 2, 3], iters=1,
-            compile_model=True, peak_tflops=None,
+            peak_tflops=None, variant=speed.Variant(compile="default"),
         )  # fmt: skip
         assert counters["stats"]["unique_graphs"] - before >= 3  # one graph per batch size
+
+
+def test_the_var_mean_candidate_computes_the_shipped_instance_norm() -> None:
+    """A candidate is timed against the shipped code only if it computes the same function."""
+    from export import speed
+
+    cpu = torch.device("cpu")
+    for _, gen, cfg in speed.models(["smoke"], REPO / "models/talkinghead-small.pt"):
+        error = speed.relative_error(gen, cfg, cpu, "fp32", speed.Variant(norm="var_mean"))
+        assert 0 < error < 1e-5  # computed another way (the knob is not a no-op), the same function
