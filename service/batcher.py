@@ -2,31 +2,31 @@
 
 Each stream owns a `StreamQueue`: a bounded deque of frames waiting for the generator, and a count
 of frames taken but not yet delivered (`in_flight`, bounded too, so a client that stops reading
-cannot make results pile up). The `Batcher` task loops: take frames round-robin from the queues
-of streams with room - all for the same model: the shared generator (frames of any avatar, each
-with its own psi) or one personalised generator - up to `max_batch`, and start a call task that
-draws their landmark images and, for a warp-guided model, warps each avatar's reference onto them
-(a frame dropped while waiting is never drawn), runs them as one call and resolves each frame's
-future. When inference runs elsewhere (Triton, a GPU: `Backend.remote_inference`) drawing runs on
-a small thread pool, off the event loop, and is pipelined with inference: while a model's batch
-is in the generator, its next batch is collected and drawn, timed to be ready as the call ends (a
-batch of 16 takes ~16 ms to draw and warp on one CPU core, time a GPU would sit idle). In-process
-on the CPU it is not: drawing and inference share the cores, and overlapping them on 2 cores left
-throughput where it was and made live frames slower (BENCHMARKS.md). There, a generator that runs
-calls side by side in lanes (`Backend.lanes`: an engine's calls each on a share of the cores,
-facekit/engines.py) is handed a batch per lane and two more (engines.in_flight): one waits in the
-engine and starts the moment a lane frees, the other waits its turn and is started by the call
-that ends, so a lane never waits for this loop to collect and draw the next; a batch with live
-frames may be one more still and goes before waiting offline ones (`priority`, engines.Turns), so
-a live frame beside offline work waits for a lane behind at most the one call queued in the
-engine, not first for a call to end. Each model has at most that many batches in the
-generator (pipelined, one, and one being drawn), and all models together
-`max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator,
-a stalled call waiting for its deadline) never holds up the batches of another. No timer: a
-model's next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and
-its lowest latency, while load grows batches (and throughput) by itself. A stream's frames leave
-its queue in order; batches in lanes may finish out of order, and the stream's reply loop awaits
-its frames in order (service/stream.py), so replies stay in order.
+cannot make results pile up). The `Batcher` task loops: take frames round-robin (least recently
+served first) from the queues of streams with room - all for the same model: the shared generator
+(frames of any avatar, each with its own psi) or one personalised generator - up to `max_batch`, and
+start a call task that draws their landmark images and, for a warp-guided model, warps each avatar's
+reference onto them (a frame dropped while waiting is never drawn), runs them as one call and
+resolves each frame's future. When inference runs elsewhere (Triton, a GPU:
+`Backend.remote_inference`) drawing runs on a small thread pool, off the event loop, and is
+pipelined with inference: while a model's batch is in the generator, its next batch is collected and
+drawn, timed to be ready as the call ends (a batch of 16 takes ~16 ms to draw and warp on one CPU
+core, time a GPU would sit idle). In-process on the CPU it is not: drawing and inference share the
+cores, and overlapping them on 2 cores left throughput where it was and made live frames slower
+(BENCHMARKS.md). There, a generator that runs calls side by side in lanes (`Backend.lanes`: an
+engine's calls each on a share of the cores, facekit/engines.py) is handed a batch per lane and two
+more (engines.in_flight): one waits in the engine and starts the moment a lane frees, the other
+waits its turn and is started by the call that ends, so a lane never waits for this loop to collect
+and draw the next; a batch with live frames may be one more still and goes before waiting offline
+ones (`priority`, engines.Turns), so a live frame beside offline work waits for a lane behind at
+most the one call queued in the engine, not first for a call to end. Each model has at most that
+many batches in the generator (pipelined, one, and one being drawn), and all models together
+`max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator, a
+stalled call waiting for its deadline) never holds up the batches of another. No timer: a model's
+next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and its lowest
+latency, while load grows batches (and throughput) by itself. A stream's frames leave its queue in
+order; batches in lanes may finish out of order, and the stream's reply loop awaits its frames in
+order (service/stream.py), so replies stay in order.
 
 Overflow: with DROP_OLDEST a full queue discards its oldest waiting frame (counted, reported in the
 next reply); with BLOCK `put` waits for room, which stops the stream's reader and lets gRPC flow
@@ -115,6 +115,7 @@ class StreamQueue:
         self.pending: collections.deque[WorkItem] = collections.deque()
         self.in_flight = 0
         self.dropped = 0  # since the stream began
+        self.served = 0  # the batcher's count of frames taken when this queue's last was (fair order)
         self._room = asyncio.Event()
         self.closed = False
 
@@ -190,7 +191,7 @@ class Batcher:
         self.max_concurrent = max_concurrent
         self._streams: list[StreamQueue] = []
         self.peak_pending = 0  # most frames one stream ever had waiting (bounded by its depth)
-        self._next = 0  # round-robin start
+        self._taken = 0  # frames taken from every queue: StreamQueue.served's clock
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: set[str] = set()  # models with a batch being drawn (or waiting for the generator)
@@ -297,19 +298,21 @@ class Batcher:
         """Up to batch_limit() frames of one model with no batch being drawn, round-robin over the
         streams with room: live streams' frames first (late ones dropped before inference), then
         offline (BLOCK) streams' with what is left."""
-        n = len(self._streams)
-        order = [self._streams[(self._next + i) % n] for i in range(n)] if n else []
-        self._next = (self._next + 1) % max(n, 1)
+        # Least recently served first (stable: ties keep arrival order). A rotating start over all
+        # streams was not fair within a class: the offline stream after a live one in the ring
+        # got the live one's turns as well (119 against 216 frames in 15 s beside a live stream).
+        order = sorted(self._streams, key=lambda q: q.served)
         limit, now = self.batch_limit(), time.perf_counter()
         batch: list[WorkItem] = []
         model: str | None = None
-        # A starving offline stream gets one frame beside the live ones (so it never stops), not a
-        # live stream's share: with a deep queue every offline frame starves, and as the live
-        # streams' equal it pushed live frames into the next batch, past their budget.
+        # A starving offline stream gets one frame beside the live ones (so it never stops), after
+        # them, not a live stream's share: with a deep queue every offline frame starves, and as the
+        # live streams' equal it pushed live frames into the next batch, past their budget (in
+        # a batch of one, 12 of 71 live frames dropped when it came first by the fair order).
         starving = {
             q for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
         }
-        first = [q for q in order if not q.block or q in starving]
+        first = [q for q in order if not q.block] + [q for q in order if q in starving]
         for queues in (first, [q for q in order if q.block]):
             progress = True
             while progress and len(batch) < limit:
@@ -334,6 +337,8 @@ class Batcher:
                     if model is not None and head != model:
                         continue
                     item = queue.take()
+                    self._taken += 1
+                    queue.served = self._taken
                     model = item.model
                     batch.append(item)
                     starving.discard(queue)

@@ -116,6 +116,49 @@ def test_with_the_batch_cap_at_one_every_call_is_one_frame_and_both_streams_are_
     assert max(uncapped.batches) > 1
 
 
+def test_offline_streams_beside_a_live_one_share_what_is_left_equally() -> None:
+    """Two offline streams that always have work, beside a live stream, one frame a call (an
+    engine in lanes): each gets half of what the live stream leaves. With a rotating start over
+    all streams, the offline stream after the live one in the ring also got the live one's turns:
+    119 against 216 frames in 15 s through a real server."""
+
+    async def run() -> tuple[int, list[int]]:
+        cost = CostModel()
+        for batch in (1, 2, 4, 8):  # calibrated, as the service does at start
+            cost.observe(batch, FIXED_S + PER_FRAME_S * batch)
+        batcher = Batcher(backend=TimedBackend(), max_batch=16, cost=cost, budget=0.2)  # type: ignore[arg-type]
+        batcher.batch_cap = 1
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        live = batcher.open_stream(depth=8, block=False)
+        offline = [batcher.open_stream(depth=64, block=True) for _ in range(2)]
+        sent = {q: asyncio.Queue() for q in (live, *offline)}
+        delivered: dict[StreamQueue, list[float]] = {q: [] for q in sent}
+
+        async def feed(queue: StreamQueue, period: float) -> None:
+            while True:
+                work = item()
+                await queue.put(work)
+                sent[queue].put_nowait((work, loop.time()))
+                await asyncio.sleep(period)
+
+        tasks = [asyncio.create_task(feed(live, 0.04))]
+        tasks += [asyncio.create_task(feed(q, 0.0)) for q in offline]
+        tasks += [asyncio.create_task(consume(q, sent[q], delivered[q])) for q in sent]
+        await asyncio.sleep(3.0)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return len(delivered[live]), [len(delivered[q]) for q in offline]
+
+    live_frames, (first, second) = asyncio.run(run())
+    assert live_frames >= 58, live_frames  # 75 sent; as the batch-cap-1 test above, ~84% come back
+    assert min(first, second) >= 20, (first, second)  # 3 s of calls of 17 ms: ~175, ~75 of them live
+    # 55 / 54 here (before: 67 / 46, 65 / 46, 59 / 54)
+    assert abs(first - second) <= max(3, 0.05 * max(first, second)), (live_frames, first, second)
+
+
 def test_an_offline_stream_with_work_always_waiting_leaves_the_live_stream_its_frames() -> None:
     live, latencies, backend = asyncio.run(scenario())
     frames = len(latencies)
