@@ -131,11 +131,15 @@ def relative_error(
     variant: Variant = Variant(),
     *,
     batch: int = 4,
+    compiled: bool = False,
 ) -> float:
-    """||out - ref|| / ||ref|| of `precision` (eager, as `variant` otherwise asks) against the
-    shipped code in fp32 (TF32 off), on fresh random inputs."""
+    """||out - ref|| / ||ref|| of `precision` as `variant` asks against the shipped code in fp32
+    (TF32 off), on fresh random inputs; eager unless `compiled` (another compile, ~20 s on a GPU)."""
     ref_gen = prepare(gen, device, torch.float32)
     fast_gen = prepare(gen, device, DTYPES[precision], variant)
+    if compiled and variant.compile:
+        torch._dynamo.reset()
+        fast_gen = torch.compile(fast_gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
     y, psi, warped = _inputs(ref_gen, cfg, batch, device, torch.float32)
     allow_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -143,7 +147,8 @@ def relative_error(
         with torch.inference_mode():
             args = (y, psi) if warped is None else (y, psi, warped)
             ref = ref_gen(*args).double()
-            out = fast_gen(*(a.to(DTYPES[precision]) for a in args)).double()
+            with torch._inductor.config.patch(freezing=variant.freezing):
+                out = fast_gen(*(a.to(DTYPES[precision]) for a in args)).double()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow_tf32
     if not torch.isfinite(out).all():

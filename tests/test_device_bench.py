@@ -108,6 +108,11 @@ def test_compiled_models_are_compiled_however_many_came_before(monkeypatch: pyte
             peak_tflops=None, variant=speed.Variant(compile="default"),
         )  # fmt: skip
         assert counters["stats"]["unique_graphs"] - before >= 3  # one graph per batch size
+    # the compiled model (compiled: one more graph) computes the shipped function
+    before = counters["stats"]["unique_graphs"]
+    compiled = speed.Variant(compile="default")
+    assert speed.relative_error(gen, cfg, cpu, "fp32", compiled, compiled=True) < 1e-4
+    assert counters["stats"]["unique_graphs"] > before
 
 
 def test_the_var_mean_candidate_computes_the_shipped_instance_norm() -> None:
