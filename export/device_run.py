@@ -99,7 +99,7 @@ def profile(gen: Any, cfg: Any, batch: int, path: Path, device: torch.device) ->
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     g = speed.prepare(gen, device, torch.bfloat16)
-    y, psi, _ = speed._inputs(g, cfg, batch, device, torch.bfloat16)
+    y, psi, _ = speed.random_inputs(g, cfg, batch, device, torch.bfloat16)
     with torch.inference_mode():
         for _ in range(3):
             g(y, psi)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(report["stages"]["machine"]), flush=True)
     stage("ceilings", lambda: ceilings(device))
     print(json.dumps(report["stages"]["ceilings"]), flush=True)
-    peak = speed._peak(torch.cuda.get_device_name(), None) if device.type == "cuda" else None
+    peak = speed.datasheet_peak(torch.cuda.get_device_name(), None) if device.type == "cuda" else None
     models = speed.models([args.config], args.checkpoint)
     paper = models[0]
     few = sorted({args.batches[0], args.batches[len(args.batches) // 2], args.batches[-1]})
@@ -199,16 +199,15 @@ def main(argv: list[str] | None = None) -> int:
         result["relative_error_of"] = "compiled" if compiled_error and variant.compile else "eager"
         return result
 
-    paper_cfg = paper[0].split()[0]
     shipped = models[1:]
     compiled = "default"
     stage(
-        f"{paper_cfg} fp16, torch.compile",
+        f"{args.config} fp16, torch.compile",
         lambda: table(paper, "fp16", compile=compiled, compiled_error=True),
         needs=60,
     )
     stage(
-        f"{paper_cfg} bf16, torch.compile",
+        f"{args.config} bf16, torch.compile",
         lambda: table(paper, "bf16", few[::2], compile=compiled),
         needs=60,
     )
@@ -222,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             needs=60,
         )
     stage(
-        f"{paper_cfg} fp16, attention blocked",
+        f"{args.config} fp16, attention blocked",
         lambda: table(paper, "fp16", few, fused_attention=False),
         needs=20,
     )
@@ -232,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         needs=15,
     )
     # Candidates against the compiled headline, at the largest batch (5,000 frames/s is the aim)
-    stage(f"{paper_cfg} fp16, var_mean norm", lambda: table(paper, "fp16", few, norm="var_mean"), needs=20)
+    stage(f"{args.config} fp16, var_mean norm", lambda: table(paper, "fp16", few, norm="var_mean"), needs=20)
     stage(
-        f"{paper_cfg} fp16, torch.compile, var_mean norm",
+        f"{args.config} fp16, torch.compile, var_mean norm",
         lambda: table(paper, "fp16", few[-1:], compile=compiled, norm="var_mean"),
         needs=40,
     )
     stage(
-        f"{paper_cfg} fp16, torch.compile, freezing",
+        f"{args.config} fp16, torch.compile, freezing",
         lambda: table(paper, "fp16", few[-1:], compile=compiled, freezing=True),
         needs=40,
     )
     stage(
-        f"{paper_cfg} fp16, torch.compile max-autotune",
+        f"{args.config} fp16, torch.compile max-autotune",
         lambda: table(paper, "fp16", few[-1:], compile="max-autotune-no-cudagraphs"),
         needs=150,
     )

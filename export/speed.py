@@ -52,21 +52,21 @@ PEAK_TFLOPS = (
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _peak(name: str, override: float | None) -> float | None:
+def datasheet_peak(name: str, override: float | None) -> float | None:
     if override:
         return override
     return next((peak for fragment, peak in PEAK_TFLOPS if fragment in name), None)
 
 
 def gflops_per_frame(gen: Generator, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> float:
-    y, psi, warped = _inputs(gen, cfg, 1, device, dtype)
+    y, psi, warped = random_inputs(gen, cfg, 1, device, dtype)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         gen(y, psi, warped) if warped is not None else gen(y, psi)
     return float(counter.get_total_flops()) / 1e9
 
 
-def _inputs(
+def random_inputs(
     gen: Generator, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     s = cfg.image_size
@@ -140,7 +140,7 @@ def relative_error(
     if compiled and variant.compile:
         torch._dynamo.reset()
         fast_gen = torch.compile(fast_gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
-    y, psi, warped = _inputs(ref_gen, cfg, batch, device, torch.float32)
+    y, psi, warped = random_inputs(ref_gen, cfg, batch, device, torch.float32)
     allow_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -169,7 +169,7 @@ def _runner(
     gen: Generator, cfg: ModelConfig, batch: int, device: torch.device, dtype: torch.dtype
 ) -> Callable[[], Any]:
     """One call of the generator at `batch`; on CUDA a replay of a captured graph."""
-    y, psi, warped = _inputs(gen, cfg, batch, device, dtype)
+    y, psi, warped = random_inputs(gen, cfg, batch, device, dtype)
 
     def call() -> torch.Tensor:
         return gen(y, psi, warped) if warped is not None else gen(y, psi)
@@ -308,7 +308,7 @@ def run(args: argparse.Namespace) -> int:
     precisions = args.precisions or (["bf16", "fp16"] if device.type == "cuda" else ["fp32"])
     batches = args.device_batches or ([2**i for i in range(9)] if device.type == "cuda" else [1, 2, 4])
     info = device_info(device)
-    peak = _peak(info["device"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
+    peak = datasheet_peak(info["device"], args.peak_tflops) if device.type == "cuda" else args.peak_tflops
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     out = args.out.with_name(args.out.stem + f"-{device.type}.json")
