@@ -147,6 +147,20 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
             assert cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
         if profile == "tensorrt":
             assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        # warmed up before Triton calls it ready: every input, zeros, at batch 1 and the sizes
+        # the dynamic batcher prefers
+        want = [1, *cfg.dynamic_batching.preferred_batch_size]
+        assert [w.batch_size for w in cfg.model_warmup] == want
+        for sample in cfg.model_warmup:
+            assert sorted(sample.inputs) == sorted(t.name for t in spec.inputs)
+            for t in spec.inputs:
+                assert list(sample.inputs[t.name].dims) == list(t.dims)
+                assert sample.inputs[t.name].zero_data
+    # a personalised generator is not: the warm-up would count as a call, and those are unloaded
+    # by when they were last called
+    spec = repository.spec_of(repo / "generator/1/model.onnx", name="generator_alice", profile=profile)
+    cfg = text_format.Parse(repository.config_text(spec, profile), model_config_pb2.ModelConfig())
+    assert not cfg.model_warmup
 
 
 def test_new_versions_keep_the_live_one_and_removal_is_whole(

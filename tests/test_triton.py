@@ -34,6 +34,9 @@ def live_repo(exported: tuple[Path, dict], tmp_path_factory: pytest.TempPathFact
     return repo
 
 
+STATS_AT_READY: dict[str, dict] = {}  # each base model's inference statistics before any request
+
+
 @pytest.fixture(scope="module")
 def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tritonserver.Server]:
     try:
@@ -44,6 +47,9 @@ def triton(live_repo: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     server = tritonserver.start(live_repo, venv=VENV, state=tmp_path_factory.mktemp("state"), ports=ports)
     try:
         server.wait_ready(120)
+        client = grpcclient.InferenceServerClient(server.grpc_url)
+        for model in ("embedder", "generator"):
+            STATS_AT_READY[model] = client.get_inference_statistics(model, as_json=True)
         yield server
     finally:
         server.stop()
@@ -97,6 +103,16 @@ def test_embedder_and_generator_equal_onnxruntime(
     expected = ort_run(live_repo / "generator/1/model.onnx", **feeds)[0]
     assert frames.shape == (len(faces["drawn"]), 128, 128, 3) and frames.dtype == np.uint8
     assert np.array_equal(frames, expected)
+
+
+def test_base_models_are_warm_before_triton_calls_them_ready(triton: tritonserver.Server) -> None:
+    """config.pbtxt's model_warmup: Triton ran each base model once on zeros before it reported
+    it ready, so the first client request does not pay the engine's first-call set-up."""
+    for model in ("embedder", "generator"):
+        (stats,) = STATS_AT_READY[model]["model_stats"]
+        assert int(stats["execution_count"]) == 1, f"{model}: {stats}"
+        assert [b["batch_size"] for b in stats["batch_stats"]] == ["1"]
+        assert stats["inference_stats"]["success"]["count"] == "1", "the warm-up failed"
 
 
 def metric(server: tritonserver.Server, name: str, model: str) -> float:
