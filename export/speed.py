@@ -86,6 +86,12 @@ class Variant:
     freezing: bool = False  # compiled only: inductor folds the weights in as constants
     fused_attention: bool | None = None  # None: training/blocks.py's choice for the device
     norm: str = "instance_norm"  # or "var_mean": statistics over H, W in the tensor's own dtype
+    # compiled only: more torch._inductor.config settings, as (name, value) pairs
+    inductor: tuple[tuple[str, Any], ...] = ()
+
+    def inductor_config(self) -> dict[str, Any]:
+        """What inductor reads as it compiles (at each batch size's first call)."""
+        return {"freezing": self.freezing, **dict(self.inductor)}
 
 
 def _var_mean_norm(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
@@ -147,7 +153,7 @@ def relative_error(
         with torch.inference_mode():
             args = (y, psi) if warped is None else (y, psi, warped)
             ref = ref_gen(*args).double()
-            with torch._inductor.config.patch(freezing=variant.freezing):
+            with torch._inductor.config.patch(variant.inductor_config()):
                 out = fast_gen(*(a.to(DTYPES[precision]) for a in args)).double()
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = allow_tf32
@@ -212,8 +218,7 @@ def time_model(
         gen = torch.compile(gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
     now = _timer(device)
     rows: list[dict[str, Any]] = []
-    # inductor reads `freezing` when it compiles: at each batch size's first call
-    with torch.inference_mode(), torch._inductor.config.patch(freezing=variant.freezing):
+    with torch.inference_mode(), torch._inductor.config.patch(variant.inductor_config()):
         for batch in batches:
             if deadline is not None and time.monotonic() > deadline:
                 rows.append({"batch": batch, "error": "not run: out of time"})
