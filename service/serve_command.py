@@ -16,10 +16,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 
 import cv2
 
+from facekit import scheduling
 from facekit.watermark import MissingKeyError
 from service import settings as settings_module
 from service.server import serve
@@ -39,15 +39,11 @@ def set_cpu_scheduling(policy: str) -> None:
     p99 +5 ms (see BENCHMARKS.md). Its share of the CPU is unchanged, and on idle cores (a Triton
     backend on another machine) a wake-up runs at once either way. Unprivileged: lowering a
     thread's claim needs no capability; where it is refused (a seccomp profile) a warning says so."""
-    target = os.SCHED_BATCH if policy == "batch" else os.SCHED_OTHER
-    try:
-        tasks = [int(tid) for tid in os.listdir("/proc/self/task")]
-        for tid in tasks:
-            os.sched_setscheduler(tid, target, os.sched_param(0))
-    except (OSError, AttributeError) as error:  # AttributeError: not Linux
-        log.warning("cannot set the CPU scheduling policy to %s: %s", policy, error)
+    threads = scheduling.set_process_policy(policy)
+    if threads is None:
+        log.warning("cannot set the CPU scheduling policy to %s (refused here)", policy)
         return
-    log.info("CPU scheduling: %s (%d thread(s))", policy, len(tasks))
+    log.info("CPU scheduling: %s (%d thread(s))", policy, threads)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

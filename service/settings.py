@@ -34,6 +34,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    none: personalisation is refused (FAILED_PRECONDITION)
     TALKINGHEAD_JOBS              var/jobs         job directory of the local queue (no REDIS_URL)
     TALKINGHEAD_WORKER_CHECKPOINT models/talkinghead-small.pt  meta checkpoint the embedded worker tunes
+    TALKINGHEAD_WORKER_THREADS    1                the embedded worker's PyTorch threads (0: PyTorch's
+                                                   default, every core); it runs at SCHED_IDLE, on
+                                                   the CPU the streams leave (service/local_worker.py)
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
     TALKINGHEAD_API_KEYS          (unset)          key ring of API keys and tenant quotas: a JSON file
                                                    path, or `redis` (in TALKINGHEAD_REDIS_URL); see
@@ -75,7 +78,7 @@ from facekit.engines import ENGINES, resolve_lanes
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
-CPU_SCHEDULING = ("batch", "normal")
+CPU_SCHEDULING = ("batch", "normal")  # of facekit.scheduling.POLICIES: the server's threads
 BATCHING = ("auto", "always")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
@@ -109,6 +112,7 @@ class Settings:
     worker: str = "embedded"
     jobs: Path = Path("var/jobs")
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
+    worker_threads: int = 1  # the embedded worker's PyTorch threads (service/local_worker.py)
     max_queue: int = 16
     audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
@@ -164,6 +168,10 @@ class Settings:
                 problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
         if not 10 <= self.latency_budget_ms <= 60_000:
             problems.append(f"latency_budget_ms must be 10-60000, got {self.latency_budget_ms}")
+        if not 0 <= self.worker_threads <= 256:
+            problems.append(
+                f"worker_threads must be 0-256 (0 = PyTorch's default), got {self.worker_threads}"
+            )
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
         if self.max_personalised_loaded < 1:
@@ -245,6 +253,7 @@ _ENV_FIELDS = (
     "worker",
     "jobs",
     "worker_checkpoint",
+    "worker_threads",
     "max_queue",
     "production",
     "audit_log",
@@ -347,6 +356,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker", choices=WORKERS, help="personalisation worker (default embedded)")
     group.add_argument("--jobs", type=Path, help="local job directory (default var/jobs)")
     group.add_argument("--worker-checkpoint", type=Path, help="checkpoint the embedded worker fine-tunes")
+    group.add_argument(
+        "--worker-threads", type=int, help="the embedded worker's PyTorch threads (default 1; 0 = every core)"
+    )
     group.add_argument(
         "--audit-log", type=Path, help="audit log file without Redis (default var/audit.jsonl)"
     )

@@ -325,3 +325,12 @@ def personalised_repository(
 
 def onnx_metadata(path: Path) -> dict[str, str]:
     return dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The Linux scheduling policies of a process's threads (os.SCHED_*)."""
+    found = set()
+    for tid in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+            found.add(os.sched_getscheduler(int(tid.name)))
+    return found

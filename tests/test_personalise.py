@@ -4,6 +4,7 @@ withdrawing the avatar's generator. Real server, real worker process, 2 fine-tun
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from tests.service_fixtures import (
     copy_base_models,
     fill,
     test_settings,
+    thread_policies,
     tmpfs,
 )
 
@@ -94,6 +96,12 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         assert {o.metadata.stage for o in seen} >= {"fine-tuning", "done"}
         assert any(o.metadata.losses for o in seen), "progress carries the losses"
         assert done.metadata.attempt == 1 and done.metadata.elapsed.seconds >= 0
+        # the worker takes only the CPU the streams leave: every thread of it (PyTorch's pool
+        # included, started after the setting) is SCHED_IDLE, and PyTorch runs one thread
+        worker = embedded.server.worker
+        assert worker is not None and worker.process is not None
+        assert thread_policies(worker.process.pid) == {os.SCHED_IDLE}
+        assert "--threads 1" in " ".join(worker.cmd)
 
         seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
         frames = c.animate("tune", landmark_requests(seq), encoding="raw")

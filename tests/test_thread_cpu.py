@@ -4,7 +4,6 @@ engine's, and the counts only grow when threads end - and their scheduling polic
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import threading
@@ -19,7 +18,7 @@ from client.library import landmark_requests
 from facekit.sequence import LandmarkSequence
 from service.metrics import ENGINE_CALLS, ThreadCpu
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, REPO
+from tests.service_fixtures import CONSENT, PORTRAIT, REPO, thread_policies
 from tests.service_process import ServerProcess
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -80,14 +79,6 @@ def test_the_threads_that_call_the_engine_count_as_the_engine() -> None:
         thread.join()
 
 
-def _policies(pid: int) -> set[int]:
-    found = set()
-    for tid in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            found.add(os.sched_getscheduler(int(tid.name)))
-    return found
-
-
 @pytest.mark.parametrize(("setting", "policy"), [(None, os.SCHED_BATCH), ("normal", os.SCHED_OTHER)])
 def test_the_server_runs_its_threads_under_the_configured_scheduling_policy(
     model_repository: Path, tmp_path: Path, setting: str | None, policy: int
@@ -103,7 +94,7 @@ def test_the_server_runs_its_threads_under_the_configured_scheduling_policy(
         seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
         frames = list(server.client.animate("sched", landmark_requests(seq), encoding="raw"))
         assert len(frames) == 3
-        assert _policies(server.process.pid) == {policy}
+        assert thread_policies(server.process.pid) == {policy}
         assert f"CPU scheduling: {setting or 'batch'}" in server.log.read_text()
     finally:
         server.stop()

@@ -25,7 +25,9 @@ import threading
 import warnings
 from pathlib import Path
 
-from facekit import contract
+import torch
+
+from facekit import contract, scheduling
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
@@ -79,6 +81,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, help="stop once this process is gone (the embedded worker)")
+    parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
+    parser.add_argument(
+        "--cpu-scheduling",
+        choices=scheduling.POLICIES,
+        default="normal",
+        help="Linux scheduling policy of every thread; idle: only CPU nothing else wants "
+        "(the embedded worker, beside the server's live streams)",
+    )
 
 
 def make_queue(args: argparse.Namespace) -> JobQueue:
@@ -99,6 +109,14 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
+    if args.cpu_scheduling != "normal":  # before any pool starts: its threads inherit it
+        threads = scheduling.set_process_policy(args.cpu_scheduling)
+        if threads is None:
+            log.warning("cannot set the CPU scheduling policy to %s (refused here)", args.cpu_scheduling)
+        else:
+            log.info("CPU scheduling: %s", args.cpu_scheduling)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
