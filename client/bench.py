@@ -22,7 +22,12 @@
    backend and a real Triton serving the instant repository: the service's CPU per frame when
    inference runs elsewhere, as in production, and Triton's own.
 
-5. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
+5. beside a personalisation: one live stream through a server with its embedded worker (the
+   single-machine set-up `talkinghead serve` runs by default), --seconds alone, then --seconds
+   while the worker fine-tunes the avatar (--personalisation-steps; 0 skips it): the stream's
+   latency and drops, and the fine-tuning steps the job made meanwhile.
+
+6. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
    through the service (one stream, closed loop): per-frame latency and the ratio.
 
 example:
@@ -98,6 +103,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="generator calls side by side, raw and in the server (default 0: the service's auto)",
     )
     parser.add_argument("--closed-loop-frames", type=int, default=60)
+    parser.add_argument(
+        "--personalisation-steps",
+        type=int,
+        default=100,
+        help="the job a live stream runs beside in section 5 (0: skip it)",
+    )
     parser.add_argument(
         "--triton-venv",
         type=Path,
@@ -368,9 +379,11 @@ def start_server(
     engine: str = "auto",
     lanes: int = 0,
     triton_url: str | None = None,
+    jobs: Path | None = None,
 ) -> tuple[subprocess.Popen[str], str, str]:
     """`talkinghead serve` on free ports: in-process inference, or with `triton_url` the triton
-    backend at that address. The process, its gRPC address and its /metrics URL."""
+    backend at that address; with `jobs` its embedded personalisation worker on that job
+    directory, else none. The process, its gRPC address and its /metrics URL."""
     backend = {"TALKINGHEAD_BACKEND": "triton", "TALKINGHEAD_TRITON_URL": triton_url} if triton_url else {}
     env = dict(
         os.environ,
@@ -382,7 +395,9 @@ def start_server(
         TALKINGHEAD_ENGINE=engine,
         TALKINGHEAD_ENGINE_LANES=str(lanes),
         TALKINGHEAD_MAX_STREAMS="64",
-        TALKINGHEAD_WORKER="external",  # no personalisation worker competing for the cores
+        # no personalisation worker competing for the cores, unless that is what is measured
+        TALKINGHEAD_WORKER="embedded" if jobs else "external",
+        TALKINGHEAD_JOBS=str(jobs or ""),
         # every frame marked, as in production (a key of the caller's, else one for this run)
         TALKINGHEAD_WATERMARK_KEY=os.environ.get("TALKINGHEAD_WATERMARK_KEY") or secrets.token_hex(16),
         **backend,
@@ -937,6 +952,75 @@ async def serving_ceiling(
     return row
 
 
+# -- 5. beside a personalisation -------------------------------------------------------------
+def _live_summary(run: dict[str, Any]) -> dict[str, Any]:
+    merged = merge([run])
+    return {k: merged[k] for k in ("sent", "received", "dropped", "achieved_fps", "latency_ms")}
+
+
+async def beside_personalisation(
+    args: argparse.Namespace, driver: LandmarkSequence, engine: str
+) -> dict[str, Any]:
+    """One live stream at --fps, --seconds alone and then --seconds while the embedded worker
+    fine-tunes the stream's avatar (the window opens once the job is fine-tuning). The job is
+    cancelled after the window; it works in a copy of the model repository."""
+    with tempfile.TemporaryDirectory(prefix="bench-personalise-") as tmp:
+        work = Path(tmp)
+        repository = work / "repository"
+        shutil.copytree(args.model_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
+        process, address, _ = start_server(
+            repository, work / "store", max(args.batches), engine=engine, lanes=args.lanes, jobs=work / "jobs"
+        )
+        try:
+            with Client(target=address) as client:
+                client.create_avatar(
+                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
+                )
+                async with grpc.aio.insecure_channel(address) as channel:
+                    stub = animation_pb2_grpc.AnimationServiceStub(channel)
+
+                    async def stream() -> dict[str, Any]:
+                        return await run_stream(
+                            stub, AVATAR, driver.points, driver.frame_size, fps=args.fps, seconds=args.seconds
+                        )
+
+                    alone = await stream()
+                    try:
+                        operation = client.personalise(AVATAR, steps=args.personalisation_steps)
+                    except grpc.RpcError as error:  # a repository of another model than the worker's
+                        return {"error": f"not run: {error.details()}"}
+                    deadline = time.monotonic() + 300
+                    while (current := client.get_operation(operation.name)).metadata.step < 1:
+                        if current.done or time.monotonic() > deadline:
+                            return {"error": f"the job did not start fine-tuning: {current.error.message}"}
+                        await asyncio.sleep(0.1)
+                    first = current.metadata.step
+                    beside = await stream()
+                    last = client.get_operation(operation.name)
+                    client.cancel_operation(operation.name)
+        finally:
+            process.terminate()
+            process.wait(30)
+    row = {
+        "seconds": args.seconds,
+        "alone": _live_summary(alone),
+        "beside_job": _live_summary(beside),
+        "job_steps": args.personalisation_steps,
+        "job_steps_in_window": last.metadata.step - first,
+        "job_done_in_window": last.done,
+    }
+    print(
+        "1 live stream beside a personalisation: "
+        + "; ".join(
+            f"{name} p50/p99 {r['latency_ms']['p50']:.0f}/{r['latency_ms']['p99']:.0f} ms, "
+            f"{r['dropped']} dropped"
+            for name, r in (("alone", row["alone"]), ("beside the job", row["beside_job"]))
+        )
+        + f"; the job made {row['job_steps_in_window']} steps in the {args.seconds:g} s"
+    )
+    return row
+
+
 async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str, Any]:
     """The model against --baseline in alternating rounds (A B A B ...), so that a change in the
     machine's load hits both alike: medians of raw batch-1 latency and of the closed-loop
@@ -986,6 +1070,11 @@ def run(args: argparse.Namespace) -> int:
         if args.triton_venv is not None
         else None
     )
+    personalisation = (
+        asyncio.run(beside_personalisation(args, driver, raw.engine.name))
+        if args.personalisation_steps
+        else None
+    )
     report = {
         "machine": {
             "cpus": os.cpu_count(),
@@ -1007,6 +1096,7 @@ def run(args: argparse.Namespace) -> int:
         **service,
         "serving_ceiling": ceiling,
         **({"serving_ceiling_triton": on_triton} if on_triton is not None else {}),
+        **({"beside_personalisation": personalisation} if personalisation is not None else {}),
     }
     if args.baseline is not None:
         report["paired_with_baseline"] = {"baseline": str(args.baseline), **asyncio.run(paired(args, driver))}

@@ -93,6 +93,13 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert ceiling["raw_fps"] == raw_batch1
     assert 0 < ceiling["max_ratio_to_raw_with_this_client"] <= ceiling["max_ratio_to_raw"] < 1
     assert "serving ceiling (instant generator" in done.stdout
+    # one live stream alone, then beside the embedded worker fine-tuning its avatar (a job of
+    # 100 steps: still running when the 2 s window closes)
+    beside = report["beside_personalisation"]
+    assert beside["alone"]["received"] > 0 and beside["beside_job"]["received"] > 0
+    assert beside["job_steps"] == 100 and not beside["job_done_in_window"]
+    assert beside["job_steps_in_window"] >= 0
+    assert "1 live stream beside a personalisation" in done.stdout
 
 
 @pytest.mark.triton
