@@ -20,14 +20,17 @@ def policy_number(policy: str) -> int:
     return {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}[policy]
 
 
-def set_process_policy(policy: str) -> int | None:
-    """Every thread of this process under `policy`; how many threads, or None where refused."""
+def set_process_policy(policy: str, nice: int = 0) -> int | None:
+    """Every thread of this process under `policy` at `nice` (Linux keeps both per thread); how
+    many threads, or None where refused."""
     target = policy_number(policy)
     try:
         tasks = [int(tid) for tid in os.listdir("/proc/self/task")]
         for tid in tasks:
             try:
                 os.sched_setscheduler(tid, target, os.sched_param(0))
+                if nice:
+                    os.setpriority(os.PRIO_PROCESS, tid, nice)
             except ProcessLookupError:  # the thread ended meanwhile
                 continue
     except (OSError, AttributeError):  # AttributeError: not Linux

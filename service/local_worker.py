@@ -25,19 +25,32 @@ GIVE_UP_AFTER = 3
 STOP_GRACE_S = 10.0
 
 
+# TALKINGHEAD_WORKER_PRIORITY -> the worker's policy. Measured with `talkinghead bench` section 5
+# (2-core VM, openvino fp32 in 2 lanes; one live stream at 25 fps, 15 s, a 100-step job) and one
+# offline stream (8 frames in flight, 20 s) beside a job, one PyTorch thread unless said:
+#   normal (the server's SCHED_BATCH, nice 0; PyTorch's 2 threads, as before 2026-12-04): live
+#     p50 / p99 170-198 / 259-317 ms, 10 frames dropped, 3-5 steps;
+#   low (SCHED_BATCH, nice 10): live 52-53 / 77-88 ms, 0 dropped, 24-25 steps; beside the offline stream
+#     3 steps in 20 s (it served 909-915 frames against 954);
+#   idle (SCHED_IDLE): live 48-50 / 59-60 ms, 0 dropped, 23-25 steps; beside the offline stream
+#     0 steps: a job waits until offline streams end. Admission's measured capacity stays true.
+# One thread: with 2 at SCHED_IDLE the job made 3 steps in 36 s beside the live stream (each step
+# waits for both threads, and one is always the one preempted); with 1, 62 (64 with no stream;
+# 2 threads and no stream: 100 steps and the export within 35 s).
+PRIORITIES = {
+    "idle": ["--cpu-scheduling", "idle"],
+    "low": ["--cpu-scheduling", "batch", "--nice", "10"],
+    "normal": [],  # the server's own policy, inherited
+}
+
+
 def command(settings: Settings) -> list[str]:
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
         cmd += ["--triton-url", settings.triton_url]
         cmd += ["--max-personalised-loaded", str(settings.max_personalised_loaded)]
-    # Fine-tuning takes only the CPU the streams leave: SCHED_IDLE, and one thread by default.
-    # 2-core VM, one live stream at 25 fps beside a 100-step job, 36 s: at the server's priority
-    # with PyTorch's 2 threads, live p50 / p99 160 / 261 ms and 12 frames dropped (alone: 42 /
-    # 53, none); SCHED_IDLE with 2 threads, live 47 / 60 but the job crawled (3 steps: each step
-    # waits for both threads, and one is always the one preempted); SCHED_IDLE with 1 thread,
-    # live 43 / 57, 0 dropped, and 62 steps (64 with no stream; 2 threads alone: 100 steps done).
-    cmd += ["--cpu-scheduling", "idle", "--threads", str(settings.worker_threads)]
+    cmd += [*PRIORITIES[settings.worker_priority], "--threads", str(settings.worker_threads)]
     return [*cmd, "--log-level", settings.log_level, "--parent-pid", str(os.getpid())]
 
 

@@ -35,8 +35,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_JOBS              var/jobs         job directory of the local queue (no REDIS_URL)
     TALKINGHEAD_WORKER_CHECKPOINT models/talkinghead-small.pt  meta checkpoint the embedded worker tunes
     TALKINGHEAD_WORKER_THREADS    1                the embedded worker's PyTorch threads (0: PyTorch's
-                                                   default, every core); it runs at SCHED_IDLE, on
-                                                   the CPU the streams leave (service/local_worker.py)
+                                                   default, every core)
+    TALKINGHEAD_WORKER_PRIORITY   idle             the embedded worker's claim on the CPU: idle (only
+                                                   what streams leave, offline ones included), low
+                                                   (a small share beside them), normal (the server's
+                                                   own); service/local_worker.py has the figures
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
     TALKINGHEAD_API_KEYS          (unset)          key ring of API keys and tenant quotas: a JSON file
                                                    path, or `redis` (in TALKINGHEAD_REDIS_URL); see
@@ -80,6 +83,7 @@ BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
 CPU_SCHEDULING = ("batch", "normal")  # of facekit.scheduling.POLICIES: the server's threads
 BATCHING = ("auto", "always")
+WORKER_PRIORITIES = ("idle", "low", "normal")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 
@@ -113,6 +117,7 @@ class Settings:
     jobs: Path = Path("var/jobs")
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
     worker_threads: int = 1  # the embedded worker's PyTorch threads (service/local_worker.py)
+    worker_priority: str = "idle"  # the embedded worker's CPU claim (service/local_worker.py)
     max_queue: int = 16
     audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
@@ -171,6 +176,10 @@ class Settings:
         if not 0 <= self.worker_threads <= 256:
             problems.append(
                 f"worker_threads must be 0-256 (0 = PyTorch's default), got {self.worker_threads}"
+            )
+        if self.worker_priority not in WORKER_PRIORITIES:
+            problems.append(
+                f"worker_priority must be one of {', '.join(WORKER_PRIORITIES)}, got {self.worker_priority!r}"
             )
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
@@ -254,6 +263,7 @@ _ENV_FIELDS = (
     "jobs",
     "worker_checkpoint",
     "worker_threads",
+    "worker_priority",
     "max_queue",
     "production",
     "audit_log",
@@ -356,6 +366,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--worker", choices=WORKERS, help="personalisation worker (default embedded)")
     group.add_argument("--jobs", type=Path, help="local job directory (default var/jobs)")
     group.add_argument("--worker-checkpoint", type=Path, help="checkpoint the embedded worker fine-tunes")
+    group.add_argument(
+        "--worker-priority",
+        choices=WORKER_PRIORITIES,
+        help="the embedded worker's claim on the CPU (default idle: only what streams leave)",
+    )
     group.add_argument(
         "--worker-threads", type=int, help="the embedded worker's PyTorch threads (default 1; 0 = every core)"
     )

@@ -13,6 +13,7 @@ import pytest
 
 from facekit.video import VideoWriter, read_video
 from service import settings as settings_module
+from service.local_worker import command
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
@@ -143,6 +144,18 @@ def test_settings_from_environment_and_flags() -> None:
     assert settings_module.Settings(inference_threads=8).lanes == 2
     with pytest.raises(ValueError, match="engine_lanes must be 0-64"):
         settings_module.from_env({"TALKINGHEAD_ENGINE_LANES": "-1"})
+    # the embedded worker: how it runs beside the server (service/local_worker.py)
+    with pytest.raises(ValueError, match="worker_priority must be one of idle, low, normal"):
+        settings_module.from_env({"TALKINGHEAD_WORKER_PRIORITY": "high"})
+    with pytest.raises(ValueError, match="worker_threads must be 0-256"):
+        settings_module.from_env({"TALKINGHEAD_WORKER_THREADS": "-2"})
+    low = settings_module.from_env({"TALKINGHEAD_WORKER_PRIORITY": "low", "TALKINGHEAD_WORKER_THREADS": "2"})
+    assert command(low)[command(low).index("--cpu-scheduling") :][:6] == [
+        "--cpu-scheduling", "batch", "--nice", "10", "--threads", "2",
+    ]  # fmt: skip
+    assert "--cpu-scheduling" not in command(
+        settings_module.from_env({"TALKINGHEAD_WORKER_PRIORITY": "normal"})
+    )
 
 
 def test_generated_stubs_are_fresh(tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ engine's, and the counts only grow when threads end - and their scheduling polic
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -98,3 +99,34 @@ def test_the_server_runs_its_threads_under_the_configured_scheduling_policy(
         assert f"CPU scheduling: {setting or 'batch'}" in server.log.read_text()
     finally:
         server.stop()
+
+
+WORKER_PRIORITIES = [
+    (["--cpu-scheduling", "idle"], os.SCHED_IDLE, 0),
+    (["--cpu-scheduling", "batch", "--nice", "10"], os.SCHED_BATCH, 10),
+]
+
+
+@pytest.mark.parametrize(("flags", "policy", "nice"), WORKER_PRIORITIES)
+def test_the_worker_runs_every_thread_at_the_priority_asked(
+    tmp_path: Path, flags: list[str], policy: int, nice: int
+) -> None:
+    """`talkinghead worker` as the server starts it (TALKINGHEAD_WORKER_PRIORITY idle / low): every
+    thread, PyTorch's and the queue's included, under the policy and nice value asked."""
+    cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(tmp_path / "jobs")]
+    cmd += ["--repository", str(tmp_path / "repo"), "--checkpoint", str(REPO / "models/talkinghead-small.pt")]
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([*cmd, *flags], cwd=REPO, stderr=out, stdout=out)
+    try:
+        deadline = time.monotonic() + 120
+        while "queue" not in log.read_text():  # its start-up line: the model loaded, the queue open
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        threads = [int(t.name) for t in Path(f"/proc/{worker.pid}/task").iterdir()]
+        assert len(threads) > 1
+        assert thread_policies(worker.pid) == {policy}
+        assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {nice}
+    finally:
+        worker.terminate()
+        worker.wait(30)

@@ -89,6 +89,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Linux scheduling policy of every thread; idle: only CPU nothing else wants "
         "(the embedded worker, beside the server's live streams)",
     )
+    parser.add_argument(
+        "--nice", type=int, default=0, choices=range(20), metavar="0-19", help="lower every thread's priority"
+    )
 
 
 def make_queue(args: argparse.Namespace) -> JobQueue:
@@ -109,12 +112,12 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
-    if args.cpu_scheduling != "normal":  # before any pool starts: its threads inherit it
-        threads = scheduling.set_process_policy(args.cpu_scheduling)
-        if threads is None:
-            log.warning("cannot set the CPU scheduling policy to %s (refused here)", args.cpu_scheduling)
+    if args.cpu_scheduling != "normal" or args.nice:  # before any pool starts: its threads inherit it
+        how = f"{args.cpu_scheduling}, nice {args.nice}"
+        if scheduling.set_process_policy(args.cpu_scheduling, args.nice) is None:
+            log.warning("cannot set the CPU scheduling policy to %s (refused here)", how)
         else:
-            log.info("CPU scheduling: %s", args.cpu_scheduling)
+            log.info("CPU scheduling: %s", how)
     if args.threads:
         torch.set_num_threads(args.threads)
     stop = threading.Event()
