@@ -14,10 +14,19 @@ import os
 POLICIES = ("normal", "batch", "idle")
 
 
+def _numbers() -> dict[str, int]:
+    return {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}
+
+
 def policy_number(policy: str) -> int:
     if policy not in POLICIES:
         raise ValueError(f"CPU scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return {"normal": os.SCHED_OTHER, "batch": os.SCHED_BATCH, "idle": os.SCHED_IDLE}[policy]
+    return _numbers()[policy]
+
+
+def policy_name(number: int) -> str:
+    """The name of a policy number (os.SCHED_*); "normal" for any other (a real-time one)."""
+    return next((name for name, n in _numbers().items() if n == number), "normal")
 
 
 def set_process_policy(policy: str, nice: int = 0) -> int | None:

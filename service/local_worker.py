@@ -50,7 +50,9 @@ def command(settings: Settings) -> list[str]:
     if settings.backend == "triton":
         cmd += ["--triton-url", settings.triton_url]
         cmd += ["--max-personalised-loaded", str(settings.max_personalised_loaded)]
-    cmd += [*PRIORITIES[settings.worker_priority], "--threads", str(settings.worker_threads)]
+    cmd += PRIORITIES[settings.worker_priority]
+    if settings.worker_threads:
+        cmd += ["--threads", str(settings.worker_threads)]
     return [*cmd, "--log-level", settings.log_level, "--parent-pid", str(os.getpid())]
 
 

@@ -81,13 +81,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--parent-pid", type=int, help="stop once this process is gone (the embedded worker)")
-    parser.add_argument("--threads", type=int, default=0, help="PyTorch CPU threads (0: PyTorch's default)")
+    parser.add_argument("--threads", type=_at_least_one, help="PyTorch CPU threads (default: PyTorch's)")
     parser.add_argument(
         "--cpu-scheduling",
         choices=scheduling.POLICIES,
-        default="normal",
-        help="Linux scheduling policy of every thread; idle: only CPU nothing else wants "
-        "(the embedded worker, beside the server's live streams)",
+        help="Linux scheduling policy of every thread (default: as inherited); idle: only CPU "
+        "nothing else wants (the embedded worker, beside the server's live streams)",
     )
     parser.add_argument(
         "--nice", type=int, default=0, choices=range(20), metavar="0-19", help="lower every thread's priority"
@@ -112,9 +111,10 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
-    if args.cpu_scheduling != "normal" or args.nice:  # before any pool starts: its threads inherit it
-        how = f"{args.cpu_scheduling}, nice {args.nice}"
-        if scheduling.set_process_policy(args.cpu_scheduling, args.nice) is None:
+    if args.cpu_scheduling or args.nice:  # before any pool starts: its threads inherit it
+        policy = args.cpu_scheduling or scheduling.policy_name(os.sched_getscheduler(0))
+        how = f"{policy}, nice {args.nice}"
+        if scheduling.set_process_policy(policy, args.nice) is None:
             log.warning("cannot set the CPU scheduling policy to %s (refused here)", how)
         else:
             log.info("CPU scheduling: %s", how)
