@@ -1,8 +1,10 @@
-"""Showing a personalisation operation: one line, or a progress bar that follows its watch stream."""
+"""Showing a personalisation operation: one line, or a progress bar that follows its watch stream
+(on a terminal; elsewhere - a log, a pipe - a line at each stage and at every tenth of the steps)."""
 
 from __future__ import annotations
 
 import sys
+from typing import TextIO
 
 from tqdm import tqdm
 
@@ -30,13 +32,18 @@ def describe(operation: ops.Operation) -> str:
 class ProgressBar:
     """A tqdm bar of fine-tuning steps; the stage, the losses and the time left as its postfix."""
 
-    def __init__(self) -> None:
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
         self.bar: tqdm | None = None
+        self.said: tuple[str, int] | None = None  # (stage, tenth of the steps) last written
 
     def __call__(self, operation: ops.Operation) -> None:
+        if not self.out.isatty():  # a bar redrawn into a file is one endless line
+            self._line(operation)
+            return
         m = operation.metadata
         if self.bar is None:
-            self.bar = tqdm(total=m.total_steps, desc=m.avatar_id, unit="step", file=sys.stderr)
+            self.bar = tqdm(total=m.total_steps, desc=m.avatar_id, unit="step", file=self.out)
         self.bar.n = m.step
         left = m.remaining.ToTimedelta().total_seconds()
         losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.losses.items())[:3])
@@ -45,3 +52,17 @@ class ProgressBar:
         self.bar.refresh()
         if operation.done:
             self.bar.close()
+
+    def _line(self, operation: ops.Operation) -> None:
+        m = operation.metadata
+        tenth = 10 * m.step // m.total_steps if m.total_steps else 0
+        if (m.stage, tenth) == self.said and not operation.done:
+            return
+        self.said = (m.stage, tenth)
+        left = m.remaining.ToTimedelta().total_seconds()
+        when = f", ~{left:.0f} s left" if left and not operation.done else ""
+        print(
+            f"{m.avatar_id}: {m.stage or state_name(operation).lower()}, step {m.step}/{m.total_steps}{when}",
+            file=self.out,
+            flush=True,
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import io
 import os
 import subprocess
 import sys
@@ -208,3 +209,32 @@ def test_every_package_the_commands_import_is_installed(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_waiting_on_a_personalisation_outside_a_terminal_writes_lines_not_a_bar() -> None:
+    """`avatar personalise --wait` into a log or a pipe: a line per stage and per tenth of the
+    steps (a bar redrawn into a file is one endless line of carriage returns)."""
+    from api.talkinghead.v1 import personalisation_pb2 as ops
+    from client.progress import ProgressBar
+
+    def op(stage: str, step: int, done: bool = False) -> ops.Operation:
+        progress = ops.PersonalisationProgress(avatar_id="mona", stage=stage, step=step, total_steps=20)
+        progress.remaining.FromSeconds(20 - step)
+        return ops.Operation(name="operations/x", metadata=progress, done=done)
+
+    out = io.StringIO()
+    show = ProgressBar(out)
+    for update in [op("queued", 0), *(op("fine-tuning", s) for s in range(1, 21)), op("exporting", 20)]:
+        show(update)
+        show(update)  # the same state again (a watch resuming) adds nothing
+    show(op("done", 20, done=True))
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert lines[0] == "mona: queued, step 0/20, ~20 s left"
+    assert lines[1] == "mona: fine-tuning, step 1/20, ~19 s left"
+    assert [line.split("step ")[1].split("/")[0] for line in lines[2:11]] == [str(s) for s in range(2, 20, 2)]
+    assert lines[11:] == [
+        "mona: fine-tuning, step 20/20",
+        "mona: exporting, step 20/20",
+        "mona: done, step 20/20",
+    ]
