@@ -191,6 +191,8 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
             worker = layout.log("worker").read_text()
             assert f"starts from the graph of {repo}/generator/" in worker, worker[-3000:]
             assert f"/{TEMPLATE_FILE}" in worker and "exporting in full" not in worker, worker[-3000:]
+        # the worker fine-tunes on the CPU the streams leave (deploy/local/stack.py)
+        assert "CPU scheduling: idle, nice 0" in layout.log("worker").read_text()
         assert [f.sequence for f in frames] == list(range(FRAMES))
         assert all(f.image.shape == frames[0].image.shape and f.image.std() > 0 for f in frames)
 
