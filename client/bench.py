@@ -427,6 +427,7 @@ class BenchServer:
     process: subprocess.Popen[str]
     stub: animation_pb2_grpc.AnimationServiceStub
     metrics_url: str
+    address: str
 
     def cpu_seconds(self) -> dict[str, float]:
         """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
@@ -448,11 +449,18 @@ async def bench_server(
     *,
     engine: str = "auto",
     triton_url: str | None = None,
+    jobs: Path | None = None,
 ) -> AsyncIterator[BenchServer]:
-    """`talkinghead serve` on `repository` with the bench's avatar made."""
+    """`talkinghead serve` on `repository` with the bench's avatar made (start_server)."""
     with tempfile.TemporaryDirectory(prefix="bench-avatars-") as store:
         process, address, metrics = start_server(
-            repository, Path(store), max_batch, engine=engine, lanes=args.lanes, triton_url=triton_url
+            repository,
+            Path(store),
+            max_batch,
+            engine=engine,
+            lanes=args.lanes,
+            triton_url=triton_url,
+            jobs=jobs,
         )
         try:
             with Client(target=address) as client:
@@ -460,7 +468,7 @@ async def bench_server(
                     AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
                 )
             async with grpc.aio.insecure_channel(address) as channel:
-                yield BenchServer(process, animation_pb2_grpc.AnimationServiceStub(channel), metrics)
+                yield BenchServer(process, animation_pb2_grpc.AnimationServiceStub(channel), metrics, address)
         finally:
             process.terminate()
             process.wait(30)
@@ -968,39 +976,29 @@ async def beside_personalisation(
         work = Path(tmp)
         repository = work / "repository"
         shutil.copytree(args.model_repository, repository, ignore=shutil.ignore_patterns("__pycache__"))
-        process, address, _ = start_server(
-            repository, work / "store", max(args.batches), engine=engine, lanes=args.lanes, jobs=work / "jobs"
-        )
-        try:
-            with Client(target=address) as client:
-                client.create_avatar(
-                    AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
-                )
-                async with grpc.aio.insecure_channel(address) as channel:
-                    stub = animation_pb2_grpc.AnimationServiceStub(channel)
+        async with bench_server(
+            args, repository, max(args.batches), engine=engine, jobs=work / "jobs"
+        ) as server:
 
-                    async def stream() -> dict[str, Any]:
-                        return await run_stream(
-                            stub, AVATAR, driver.points, driver.frame_size, fps=args.fps, seconds=args.seconds
-                        )
+            async def stream() -> dict[str, Any]:
+                points, size = driver.points, driver.frame_size
+                return await run_stream(server.stub, AVATAR, points, size, fps=args.fps, seconds=args.seconds)
 
-                    alone = await stream()
-                    try:
-                        operation = client.personalise(AVATAR, steps=args.personalisation_steps)
-                    except grpc.RpcError as error:  # a repository of another model than the worker's
-                        return {"error": f"not run: {error.details()}"}
-                    deadline = time.monotonic() + 300
-                    while (current := client.get_operation(operation.name)).metadata.step < 1:
-                        if current.done or time.monotonic() > deadline:
-                            return {"error": f"the job did not start fine-tuning: {current.error.message}"}
-                        await asyncio.sleep(0.1)
-                    first = current.metadata.step
-                    beside = await stream()
-                    last = client.get_operation(operation.name)
-                    client.cancel_operation(operation.name)
-        finally:
-            process.terminate()
-            process.wait(30)
+            alone = await stream()
+            with Client(target=server.address) as client:
+                try:
+                    operation = client.personalise(AVATAR, steps=args.personalisation_steps)
+                except grpc.RpcError as error:  # a repository of another model than the worker's
+                    return {"error": f"not run: {error.details()}"}
+                deadline = time.monotonic() + 300
+                while (current := client.get_operation(operation.name)).metadata.step < 1:
+                    if current.done or time.monotonic() > deadline:
+                        return {"error": f"the job did not start fine-tuning: {current.error.message}"}
+                    await asyncio.sleep(0.1)
+                first = current.metadata.step
+                beside = await stream()
+                last = client.get_operation(operation.name)
+                client.cancel_operation(operation.name)
     row = {
         "seconds": args.seconds,
         "alone": _live_summary(alone),

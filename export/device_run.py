@@ -115,10 +115,7 @@ def profile(
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
     dtype = speed.DTYPES[precision]
-    g = speed.prepare(gen, device, dtype, variant)
-    if variant.compile:
-        torch._dynamo.reset()
-        g = torch.compile(g, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
+    g = speed.compile_as(speed.prepare(gen, device, dtype, variant), variant)
     y, psi, warped = speed.random_inputs(g, cfg, batch, device, dtype)
     args = (y, psi) if warped is None else (y, psi, warped)
     with torch.inference_mode(), torch._inductor.config.patch(variant.inductor_config()):

@@ -143,9 +143,8 @@ def relative_error(
     (TF32 off), on fresh random inputs; eager unless `compiled` (another compile, ~20 s on a GPU)."""
     ref_gen = prepare(gen, device, torch.float32)
     fast_gen = prepare(gen, device, DTYPES[precision], variant)
-    if compiled and variant.compile:
-        torch._dynamo.reset()
-        fast_gen = torch.compile(fast_gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
+    if compiled:
+        fast_gen = compile_as(fast_gen, variant)
     y, psi, warped = random_inputs(ref_gen, cfg, batch, device, torch.float32)
     allow_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
@@ -160,6 +159,17 @@ def relative_error(
     if not torch.isfinite(out).all():
         return float("nan")
     return float((out - ref).norm() / ref.norm())
+
+
+def compile_as(gen: Generator, variant: Variant) -> Generator:
+    """`gen` torch.compile'd as `variant` asks, specialised per batch size (unchanged when eager).
+    Dynamo is reset first: its recompile limit counts compiles of Generator.forward by every
+    instance, and past it a "compiled" model silently runs eagerly."""
+    if not variant.compile:
+        return gen
+    _allow_recompiles()
+    torch._dynamo.reset()
+    return torch.compile(gen, dynamic=False, mode=variant.compile)  # type: ignore[return-value]
 
 
 def _timer(device: torch.device) -> Callable[[], float]:
@@ -212,10 +222,7 @@ def time_model(
     dtype = DTYPES[precision]
     gen = prepare(gen, device, dtype, variant)
     gflops = gflops_per_frame(gen, cfg, device, dtype)
-    if variant.compile:
-        _allow_recompiles()
-        torch._dynamo.reset()  # the limit counts compiles of Generator.forward by every instance
-        gen = torch.compile(gen, dynamic=False, mode=variant.compile)  # type: ignore[assignment]
+    gen = compile_as(gen, variant)
     now = _timer(device)
     rows: list[dict[str, Any]] = []
     with torch.inference_mode(), torch._inductor.config.patch(variant.inductor_config()):
