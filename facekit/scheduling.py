@@ -5,13 +5,24 @@ personalisation worker, a PyTorch training process on the same cores, under SCHE
 command.py). Threads started later inherit the policy of the thread that starts them, so setting
 it once at start covers a library's pools created afterwards. Lowering a thread's claim needs no
 privilege; where it is refused (a seccomp profile) or not Linux, callers get None and log it.
+
+A policy ranks threads only inside their scheduling group. With autogroup (Linux's default on
+desktops and on these VMs, /proc/sys/kernel/sched_autogroup_enabled) every session is a group of
+its own, and the groups share the CPU equally whatever their threads' policies: a worker started
+in a session of its own (the local stack starts each process so) at SCHED_IDLE still took half the
+cores from Triton's instances (two generator calls in flight 44 -> 28-31 calls/s beside a
+SCHED_IDLE busy loop in another session). `lower_session` lowers the session's group as well,
+when the process leads its session (the group is its own, not the parent's that started it).
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 POLICIES = ("normal", "batch", "idle")
+AUTOGROUP = Path("/proc/self/autogroup")
+IDLE_GROUP_NICE = 19  # a group has no idle policy: the lowest weight it can have (15 against 1024)
 
 
 def _numbers() -> dict[str, int]:
@@ -45,3 +56,18 @@ def set_process_policy(policy: str, nice: int = 0) -> int | None:
     except (OSError, AttributeError):  # AttributeError: not Linux
         return None
     return len(tasks)
+
+
+def lower_session(policy: str, nice: int = 0) -> int | None:
+    """Where this process leads its own session under autogroup, that group's nice value to match
+    a lowered claim (idle: IDLE_GROUP_NICE; otherwise `nice`); the nice value set, or None where
+    nothing was lowered (a claim not lowered, not a session leader - the group is the parent's,
+    and lowering it would lower the parent - or no autogroup here)."""
+    group_nice = IDLE_GROUP_NICE if policy_number(policy) == os.SCHED_IDLE else nice
+    if group_nice <= 0 or os.getsid(0) != os.getpid() or not AUTOGROUP.exists():
+        return None
+    try:
+        AUTOGROUP.write_text(str(group_nice))
+    except OSError:
+        return None
+    return group_nice

@@ -102,22 +102,36 @@ def test_the_server_runs_its_threads_under_the_configured_scheduling_policy(
 
 
 WORKER_PRIORITIES = [
-    (["--cpu-scheduling", "idle"], os.SCHED_IDLE, 0),
-    (["--cpu-scheduling", "batch", "--nice", "10"], os.SCHED_BATCH, 10),
+    # (the local stack's way: a session of its own; its group lowered with it)
+    (["--cpu-scheduling", "idle"], os.SCHED_IDLE, 0, True),
+    # (the embedded worker's way: the server's session, whose group it must leave alone)
+    (["--cpu-scheduling", "batch", "--nice", "10"], os.SCHED_BATCH, 10, False),
 ]
 
 
-@pytest.mark.parametrize(("flags", "policy", "nice"), WORKER_PRIORITIES)
+def _autogroup(pid: int | str) -> str:
+    return Path(f"/proc/{pid}/autogroup").read_text().strip()  # "/autogroup-287 nice 0"
+
+
+@pytest.mark.parametrize(("flags", "policy", "nice", "own_session"), WORKER_PRIORITIES)
 def test_the_worker_runs_every_thread_at_the_priority_asked(
-    tmp_path: Path, flags: list[str], policy: int, nice: int
+    tmp_path: Path, flags: list[str], policy: int, nice: int, own_session: bool
 ) -> None:
-    """`talkinghead worker` as the server starts it (TALKINGHEAD_WORKER_PRIORITY idle / low): every
-    thread, PyTorch's and the queue's included, under the policy and nice value asked."""
+    """`talkinghead worker` as the server (TALKINGHEAD_WORKER_PRIORITY idle / low) or the local
+    stack starts it: every thread, PyTorch's and the queue's included, under the policy and nice
+    value asked; started in a session of its own, that session's scheduling group lowered too
+    (under autogroup a policy only ranks threads within their group), and in its parent's session
+    the parent's group left as it was."""
+    if not Path("/proc/self/autogroup").exists():
+        pytest.skip("no autogroup in this kernel")
+    ours = _autogroup("self")
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(tmp_path / "jobs")]
     cmd += ["--repository", str(tmp_path / "repo"), "--checkpoint", str(REPO / "models/talkinghead-small.pt")]
     log = tmp_path / "worker.log"
     with log.open("w") as out:
-        worker = subprocess.Popen([*cmd, *flags], cwd=REPO, stderr=out, stdout=out)
+        worker = subprocess.Popen(
+            [*cmd, *flags], cwd=REPO, stderr=out, stdout=out, start_new_session=own_session
+        )
     try:
         deadline = time.monotonic() + 120
         while "queue" not in log.read_text():  # its start-up line: the model loaded, the queue open
@@ -127,6 +141,11 @@ def test_the_worker_runs_every_thread_at_the_priority_asked(
         assert len(threads) > 1
         assert thread_policies(worker.pid) == {policy}
         assert {os.getpriority(os.PRIO_PROCESS, t) for t in threads} == {nice}
+        group = _autogroup(worker.pid)
+        if own_session:
+            assert group != ours and group.endswith(" nice 19"), group
+        else:
+            assert group == ours == _autogroup("self"), (group, ours)
     finally:
         worker.terminate()
         worker.wait(30)

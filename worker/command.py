@@ -117,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         if scheduling.set_process_policy(policy, args.nice) is None:
             log.warning("cannot set the CPU scheduling policy to %s (refused here)", how)
         else:
-            log.info("CPU scheduling: %s", how)
+            group = scheduling.lower_session(policy, args.nice)
+            log.info(
+                "CPU scheduling: %s%s", how, "" if group is None else f"; its session's group nice {group}"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     stop = threading.Event()

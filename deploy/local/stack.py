@@ -349,11 +349,11 @@ def worker_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], d
     cmd += ["--repository", str(args.repository.resolve()), "--checkpoint", str(args.checkpoint.resolve())]
     cmd += ["--triton-url", f"127.0.0.1:{ports.triton_grpc}"]
     # On the machine Triton runs on, fine-tuning takes only the CPU streams leave, as the embedded
-    # worker does (service/local_worker.py). One live stream at 25 fps beside a job, 15 s, 2 cores:
-    # the job made 22-24 steps (3 at PyTorch's default priority and threads). The stream suffers
-    # either way (p50 116-119 ms against 27 alone, 173-195 of 375 frames dropped): Triton's ONNX
-    # Runtime splits each operator over both cores, and even a SCHED_IDLE busy loop on one of them
-    # doubles its call (26 -> 54 ms): every split waits to wake a thread on the busy core.
+    # worker does (service/local_worker.py). Started in a session of its own (`launch`), the worker
+    # lowers that session's autogroup too (facekit/scheduling.py): a policy alone ranks threads
+    # only within a group. One live stream at 25 fps beside a job, 15 s, 2 cores: before, p50 / p99
+    # 108-119 / 175 ms and 23-195 of 375 frames dropped; now 56-57 / 73-74 ms, none dropped, the
+    # job 20-21 steps.
     cmd += ["--cpu-scheduling", "idle", "--threads", "1"]
     return cmd, {**os.environ, "PYTHONUNBUFFERED": "1"}
 
