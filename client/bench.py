@@ -857,6 +857,13 @@ def instant_repository(source: Path, into: Path) -> Path:
     for stale in path.parent.glob(path.name + "*"):  # external weights, if any
         stale.unlink()
     onnx.save(instant, str(path))
+    # On Triton, one instance taking batches, as a GPU serves, not the CPU profile's instances of
+    # one frame a call (export/repository.py): the ceiling is the service's work per frame.
+    config = into / contract.GENERATOR / "config.pbtxt"
+    if config.exists():
+        config.write_text(
+            re.sub(r"instance_group \[ \{ count: \d+", "instance_group [ { count: 1", config.read_text())
+        )
     return into
 
 

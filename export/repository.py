@@ -32,6 +32,7 @@ from pathlib import Path
 import onnx
 
 from facekit import contract
+from facekit.engines import AUTO_LANES
 
 log = logging.getLogger("talkinghead.export")
 
@@ -77,6 +78,7 @@ class ModelSpec:
     max_batch_size: int = 16
     batching: Batching | None = None
     warmup: tuple[int, ...] = ()  # batch sizes Triton runs once, on zeros, before the model is ready
+    instances: int = 1  # of the model on Triton (instance_group count)
 
     @property
     def kind(self) -> str:
@@ -113,6 +115,12 @@ def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python"
         warmup = (1, *batching.preferred)
     if name != kind:  # a personalised generator: see _warmup_block
         warmup = ()
+    # Generators on the python profile (CPU): instances of one share of the cores each, the
+    # embedded engines' lanes (facekit/engines.py). One instance on all the cores splits every
+    # operator over them, and then anything else running on either core (a fine-tuning job, even
+    # at SCHED_IDLE) stalls each split: a call 26 -> 54 ms on 2 cores. The service keeps a call
+    # in flight per instance (TritonBackend.lanes).
+    instances = AUTO_LANES if profile == "python" and kind != contract.KIND_EMBEDDER else 1
     return ModelSpec(
         name=name,
         inputs=_tensors(list(model.graph.input)),
@@ -121,6 +129,7 @@ def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python"
         max_batch_size=max_batch,
         batching=batching,
         warmup=warmup,
+        instances=instances,
     )
 
 
@@ -171,7 +180,7 @@ def config_text(spec: ModelSpec, profile: str, *, device: str = "cpu") -> str:
         f"max_batch_size: {spec.max_batch_size}",
         *_tensor_block("input", spec.inputs),
         *_tensor_block("output", spec.outputs),
-        f"instance_group [ {{ count: 1 kind: {kind} }} ]",
+        f"instance_group [ {{ count: {spec.instances} kind: {kind} }} ]",
     ]
     if spec.batching is not None:
         preferred = ", ".join(map(str, spec.batching.preferred))

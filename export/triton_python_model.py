@@ -4,6 +4,9 @@ Copied as `<model>/<version>/model.py` by the `python` profile of `talkinghead e
 in for the onnxruntime_onnx / tensorrt_plan platforms where Triton has only the python backend
 (the server bundled with nvidia-pytriton). Requests that Triton's dynamic batcher hands over
 together run as one ONNX Runtime call, concatenated along the batch axis and split afterwards.
+Each instance (a stub process of its own) runs ONNX Runtime on its share of the cores: the core
+count over the config's instance count (the generator runs in two on the CPU profile, a thread
+each on 2 cores), or TALKINGHEAD_ORT_THREADS.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
         options = ort.SessionOptions()
-        threads = int(os.environ.get("TALKINGHEAD_ORT_THREADS", "0"))
-        if threads:
-            options.intra_op_num_threads = threads
+        # Each instance (a process of its own) on its share of the cores, unless told otherwise.
+        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
+        share = max(1, len(os.sched_getaffinity(0)) // max(1, instances))
+        options.intra_op_num_threads = int(os.environ.get("TALKINGHEAD_ORT_THREADS") or 0) or share
+        options.inter_op_num_threads = 1
         # Denormal floats flushed to zero: the generator on real faces ran 3x slower without
         # (facekit/engines.py DENORMALS; this file is copied alone, so it cannot import that).
         options.add_session_config_entry("session.set_denormal_as_zero", "1")

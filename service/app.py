@@ -157,17 +157,19 @@ class App:
         corrected it; with the fastest of three, 52 in the same start. Work that lasts the whole
         calibration still lowers it.
 
-        With TALKINGHEAD_BATCHING=auto and an engine that runs calls side by side in lanes (the
-        in-process engines), every call is one frame: the lanes keep the cores busy without
-        batches, and on the 2-core bench VM no engine ran cheaper per frame in batches
+        With TALKINGHEAD_BATCHING=auto and a generator that runs calls side by side in lanes on
+        the CPU (the in-process engines, Triton's CPU instances), every call is one frame: the
+        lanes keep the cores busy without batches, and on the 2-core bench VM no engine ran
+        cheaper per frame in batches
         (openvino-bf16 129 frames/s at batch 1, 123-125 at 2-16; onnxruntime 4 % dearer at 4;
         openvino fp32 within 2 %), while batches of up to 4 took ~3 % off live + offline
         throughput and raised live p99 from ~65 to ~115 ms. A backend that runs one call at a
-        time (Triton: a round trip per call, a GPU) keeps batching."""
+        time, or where batches cost less per frame (a GPU), keeps batching."""
         while not self.backend.is_ready():
             await asyncio.sleep(0.25)
         self.admission.lanes = lanes = self.batcher.lanes(SHARED)
-        if self.settings.batching == "auto" and lanes > 1 and self.settings.max_batch > 1:
+        cheaper = getattr(self.backend, "batches_cheaper", False)
+        if self.settings.batching == "auto" and lanes > 1 and not cheaper and self.settings.max_batch > 1:
             self.batcher.batch_cap = self.admission.max_batch = 1
             log.info("one frame per generator call: the engine runs %d calls side by side", lanes)
         try:

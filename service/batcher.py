@@ -20,7 +20,8 @@ waits its turn and is started by the call that ends, so a lane never waits for t
 and draw the next; a batch with live frames may be one more still and goes before waiting offline
 ones (`priority`, engines.Turns), so a live frame beside offline work waits for a lane behind at
 most the one call queued in the engine, not first for a call to end. Each model has at most that
-many batches in the generator (pipelined, one, and one being drawn), and all models together
+many batches in the generator (pipelined, one per lane: a remote model's instances, and one being
+drawn), and all models together
 `max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator, a
 stalled call waiting for its deadline) never holds up the batches of another. No timer: a model's
 next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and its lowest
@@ -204,6 +205,8 @@ class Batcher:
         # Per model: when its next batch may be collected - as late as lets it be drawn by the time
         # the batch in the generator comes out, so frames that arrive meanwhile still ride in it.
         self._not_before: dict[str, float] = {}
+        # Pipelined, per model: when each of its calls in the generator is expected to end.
+        self._ends: dict[str, list[float]] = collections.defaultdict(list)
         self.draw_per_frame = 0.0  # seconds of drawing per frame of a batch (wall, all threads)
         self._calls_allowed = asyncio.Semaphore(max_concurrent)  # batches in any generator at once
         self._render = (
@@ -227,10 +230,10 @@ class Batcher:
 
     def open_stream(self, *, depth: int, block: bool, max_in_flight: int | None = None) -> StreamQueue:
         """A stream's queue; by default up to a batch of its frames in flight per batch its model
-        may have at once (pipelined two: one in the generator, the next being drawn; in lanes,
-        `_slots` and one drawn ahead) before it waits for the client to read."""
+        may have at once (pipelined, one per lane in the generator and the next being drawn; in
+        lanes, `_slots` and one drawn ahead) before it waits for the client to read."""
         lanes = self.lanes(SHARED)
-        default = (2 if self.pipeline else self._slots(SHARED) + 1 if lanes > 1 else 1) * self.max_batch
+        default = (self._slots(SHARED) + 1 if self.pipeline or lanes > 1 else 1) * self.max_batch
         queue = StreamQueue(batcher=self, depth=depth, block=block, max_in_flight=max_in_flight or default)
         self._streams.append(queue)
         return queue
@@ -254,8 +257,9 @@ class Batcher:
         through this event loop later, which is busy drawing, encoding and reading frames (one
         queued call: live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only
         drawn ahead; two: a lane idle 0.5-1 % of the time instead of 2-4 % beside one live
-        stream, BENCHMARKS.md). Pipelined: one."""
-        return engines.in_flight(1 if self.pipeline else self.lanes(model))
+        stream, BENCHMARKS.md). Pipelined: one per lane (a remote backend's model instances),
+        none queued there - the next batch is drawn here, timed to be ready as a lane frees."""
+        return self.lanes(model) if self.pipeline else engines.in_flight(self.lanes(model))
 
     def _live_slots(self, model: str) -> int:
         """Batches of `model` the backend may hold when the last is of live frames only: in lanes,
@@ -269,7 +273,8 @@ class Batcher:
 
     def _lane_free(self, model: str, *, live: bool = False) -> bool:
         """Whether a batch of `model` may be collected now (none is being drawn or waiting):
-        pipelined, while one is in the generator (the next is drawn meanwhile); otherwise when
+        pipelined, always (one at a time: drawn while the lanes are busy, then it waits for one,
+        `_schedule_next` times it); otherwise when
         the backend may take one more of its batches (`_slots`; `_live_slots` for live frames)."""
         if self.pipeline:
             return True
@@ -365,17 +370,24 @@ class Batcher:
         self._calls.discard(call)
         self.wake()
 
-    def _schedule_next(self, model: str, size: int) -> None:
-        """The model's batch of `size` goes into the generator now: its next batch is collected
-        when drawing it (at the batch limit) would end as this call does."""
+    def _schedule_next(self, model: str, size: int) -> float:
+        """The model's batch of `size` goes into the generator now: while it has a lane free its
+        next batch is collected at once, else when drawing it (at the batch limit) would end as
+        the first of its calls in the generator does. Returns when this call should end."""
         now = time.perf_counter()
-        lead = self.cost.cost(size) - self.draw_per_frame * self.batch_limit()
+        end = now + self.cost.cost(size)
+        ends = self._ends[model]
+        ends.append(end)
+        lead = 0.0
+        if self._running[model] >= self.lanes(model):
+            lead = min(ends) - now - self.draw_per_frame * self.batch_limit()
         if lead > 0.001:
             self._not_before[model] = now + lead
             asyncio.get_running_loop().call_later(lead, self.wake)
         else:
             self._not_before.pop(model, None)
         self.wake()
+        return end
 
     async def _draw(self, batch: list[WorkItem]) -> tuple[np.ndarray, np.ndarray | None]:
         """The batch's landmark images (B, S, S, 3) and, for a warp-guided model, its warped
@@ -417,9 +429,8 @@ class Batcher:
             # In the generator: the model's next batch may be collected - pipelined, drawn while
             # this one runs (from when it will be drawn just in time); else when a slot is free.
             self._busy.discard(model)
-            if self.pipeline:
-                self._schedule_next(model, len(batch))
-            else:
+            end = self._schedule_next(model, len(batch)) if self.pipeline else None
+            if end is None:
                 self.wake()
             try:
                 async with self._calls_allowed:
@@ -450,6 +461,8 @@ class Batcher:
                         started = clock.started
             finally:
                 generator.release()
+                if end is not None:
+                    self._ends[model].remove(end)
                 self._running[model] -= 1
                 self._not_before.pop(model, None)
                 self.wake()  # its lane is free: the model's next batch may be collected

@@ -360,6 +360,26 @@ def test_a_generator_in_lanes_gets_a_batch_per_lane_and_two_more_and_keeps_every
         assert busy < 0.8, busy
 
 
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_a_remote_generator_gets_a_call_per_instance_and_the_next_batch_drawn_meanwhile(lanes: int) -> None:
+    """Pipelined (inference elsewhere: Triton, whose CPU profile runs the generator in two
+    instances, TritonBackend.lanes): one call in flight per instance and none queued there, and
+    each batch drawn on the render threads while the calls run, so with a deep offline stream
+    every instance is busy nearly all the time. (Before, one call in flight whatever the
+    instances: a second instance sat idle.)"""
+    generate_s, batch, seconds = 0.05, 4, 2.0
+    backend, cost = LanedBackend(lanes, generate_s), CostModel()
+    for size in (1, batch):
+        cost.observe(size, generate_s)
+    frames = run_offline(backend, cost, sleeping_draw(0.005), batch, seconds, pipeline=True)
+    assert backend.most_handed == backend.most_running == lanes
+    busy = backend.lane_time / (lanes * seconds)  # of every lane's time
+    # A batch of 4 takes 5-20 ms to draw (1-4 threads): drawn only while no call runs, an
+    # instance would be busy at most 0.05 / 0.055 = 91 % of the time, and far less in lanes.
+    assert busy > 0.9, busy
+    assert frames > 0.9 * lanes * seconds / generate_s * batch
+
+
 def test_the_cost_of_a_call_that_waited_for_a_lane_is_its_own_time_not_its_wait() -> None:
     """Batches handed over while every lane is busy wait in the backend; the cost model (batch
     sizes, capacity, late frames) learns the time each took in its lane, not its wait as well."""

@@ -19,7 +19,7 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import repository, to_onnx, to_tensorrt
-from facekit import contract
+from facekit import contract, engines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,6 +147,10 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
             assert cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
         if profile == "tensorrt":
             assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
+        # the CPU profile's generator in instances of a share of the cores each, the embedder
+        # (once per avatar, all the cores for its one call) and the other profiles' in one
+        cpu_lanes = profile == "python" and name == "generator"
+        assert [g.count for g in cfg.instance_group] == [engines.AUTO_LANES if cpu_lanes else 1]
         # warmed up before Triton calls it ready: every input, zeros, at batch 1 and the sizes
         # the dynamic batcher prefers
         want = [1, *cfg.dynamic_batching.preferred_batch_size]
@@ -161,6 +165,49 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
     spec = repository.spec_of(repo / "generator/1/model.onnx", name="generator_alice", profile=profile)
     cfg = text_format.Parse(repository.config_text(spec, profile), model_config_pb2.ModelConfig())
     assert not cfg.model_warmup
+    assert [g.count for g in cfg.instance_group] == [engines.AUTO_LANES if profile == "python" else 1]
+
+
+@pytest.mark.parametrize(("instances", "env", "threads"), [(2, "", None), (1, "", None), (2, "3", 3)])
+def test_the_python_model_runs_each_instance_on_its_share_of_the_cores(
+    exported: tuple[Path, dict],
+    monkeypatch: pytest.MonkeyPatch,
+    instances: int,
+    env: str,
+    threads: int | None,
+) -> None:
+    """Triton's python runner (export/triton_python_model.py) sizes ONNX Runtime's threads from
+    the instance count in the config Triton hands it: two instances on 2 cores, a thread each (one
+    on all the cores split every operator, and any neighbour stalled the split); one, all the
+    cores; TALKINGHEAD_ORT_THREADS overrides."""
+    import importlib.util
+    import sys
+    import types
+
+    repo, _ = exported
+    monkeypatch.setitem(
+        sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils")
+    )
+    monkeypatch.setenv("TALKINGHEAD_ORT_THREADS", env)
+    spec = importlib.util.spec_from_file_location("triton_model", repository.PYTHON_MODEL)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    cores = len(os.sched_getaffinity(0))
+    config = {
+        "input": [{"name": "landmark_image"}],
+        "output": [{"name": "image"}],
+        "instance_group": [{"name": "generator_0", "count": instances, "kind": "KIND_CPU"}],
+    }
+    model = module.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(repo / "generator"),
+            "model_version": "1",
+        }
+    )
+    options = model.session.get_session_options()
+    assert options.intra_op_num_threads == (threads or max(1, cores // instances))
 
 
 def test_new_versions_keep_the_live_one_and_removal_is_whole(

@@ -23,9 +23,9 @@ from tritonclient.utils import InferenceServerException
 from client.library import landmark_requests
 from deploy.local import tritonserver
 from export import repository as repository_files
-from facekit import contract
+from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
-from service.backends.triton import TritonBackend
+from service.backends.triton import TritonBackend, instances
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
@@ -87,6 +87,22 @@ def url_of(triton: str | Triton) -> str:
     return triton if isinstance(triton, str) else triton.url
 
 
+@pytest.mark.parametrize(
+    ("groups", "lanes", "gpu"),
+    [
+        ([{"count": 2, "kind": "KIND_CPU"}], 2, False),
+        ([{"count": 1, "kind": "KIND_GPU", "gpus": [0]}], 1, True),
+        ([{"count": 2, "kind": "KIND_GPU", "gpus": [0, 1]}], 4, True),
+        ([{"count": 1, "kind": "KIND_CPU"}, {"count": 1, "kind": "KIND_GPU", "gpus": [0]}], 2, True),
+        ([], 1, False),
+    ],
+)
+def test_the_generators_instances_on_triton_are_its_lanes(groups: list[dict], lanes: int, gpu: bool) -> None:
+    """From Triton's completed config: calls the batcher keeps in flight, and whether batches are
+    cheaper per frame (any instance on a GPU) or every call should be one frame (all on CPU)."""
+    assert instances({"instance_group": groups}) == (lanes, gpu)
+
+
 def test_triton_backend_serves_streams(
     model_repository: Path, tmp_path: Path, driver: LandmarkSequence, direct: Direct, triton: str | Triton
 ) -> None:
@@ -103,6 +119,9 @@ def test_triton_backend_serves_streams(
             seq = LandmarkSequence(driver.points[:4], driver.frame_size, driver.fps)
             frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
         assert [f.sequence for f in frames] == [0, 1, 2, 3]
+        if isinstance(triton, Triton):  # the CPU profile's generator instances, a call in flight each
+            assert running.app.backend.lanes() == engines.AUTO_LANES
+            assert running.app.batcher.batch_cap == 1  # and one frame a call: batches cost the same per frame
         stored = LocalAvatarStore(root=tmp_path / "store").get("tri")
         assert stored is not None
         expected = direct.generate(seq.rescaled(running.app.backend.info.image_size).points, stored)

@@ -183,6 +183,10 @@ class Backend(Protocol):
     # a model's next batch while the previous one is in the generator. In-process on the CPU the two
     # share the cores, and overlapping them made live frames slower, not throughput higher.
     remote_inference: bool
+    # Whether a batch of frames costs less per frame than the frames one call each (a GPU). Where
+    # it does not (CPU engines, Triton's CPU instances) and calls run side by side in lanes,
+    # TALKINGHEAD_BATCHING=auto makes every call one frame (App._calibrate).
+    batches_cheaper: bool
 
     async def start(self) -> None:
         """Begin connecting / loading; returns without waiting for the models."""

@@ -71,6 +71,7 @@ RUN_THREADS = 2  # concurrent runs (and model loads), at least; see the pool bel
 class OnnxRuntimeBackend(ReadyGate):
     name = "onnxruntime"
     remote_inference = False  # the engines share this process's cores with drawing
+    batches_cheaper = False  # on this CPU: no engine ran cheaper per frame in batches (App._calibrate)
 
     def __init__(
         self,

@@ -68,6 +68,17 @@ CHANNEL_ARGS = [
 ]
 
 
+def instances(config: dict) -> tuple[int, bool]:
+    """A model's instances in all, from Triton's completed config (a GPU group's count once per
+    GPU it lists), and whether any runs off the CPU, where a batch costs less per frame than its
+    frames one by one."""
+    total, gpu = 0, False
+    for group in config.get("instance_group", []):
+        total += int(group.get("count", 1)) * max(1, len(group.get("gpus", [])))
+        gpu = gpu or group.get("kind") != "KIND_CPU"
+    return max(1, total), gpu
+
+
 class TritonBackend(ReadyGate):
     name = "triton"
     remote_inference = True  # another process, normally on a GPU
@@ -98,6 +109,8 @@ class TritonBackend(ReadyGate):
         self._monitor: asyncio.Task[None] | None = None
         self._personalised: set[str] = set()  # generators this replica loaded or found loaded
         self._absent_since: dict[str, float] = {}
+        self._lanes = 1  # the generator's instances, read from its config once loaded
+        self.batches_cheaper = True  # until the config says its instances are all on CPU
 
     async def start(self) -> None:
         self._client = triton.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
@@ -177,23 +190,29 @@ class TritonBackend(ReadyGate):
         self._personalised.clear()
         self.abandon_calls(f"Triton at {self.url} went away ({why})")
 
+    async def _config(self, model: str) -> dict:
+        answer = await self.client.get_model_config(model, as_json=True, client_timeout=self.load_timeout_s)
+        return answer["config"]
+
     async def _parameters(self, model: str) -> dict[str, str]:
-        config = await self.client.get_model_config(model, as_json=True, client_timeout=self.load_timeout_s)
-        params = config["config"].get("parameters", {})
+        params = (await self._config(model)).get("parameters", {})
         return {key: value.get("string_value", "") for key, value in params.items()}
 
     async def _load_base(self) -> None:
         for model in (EMBEDDER, GENERATOR):
             if not await self.client.is_model_ready(model, client_timeout=self.load_timeout_s):
                 await self.client.load_model(model, client_timeout=self.load_timeout_s)
-        self._info = ModelInfo.from_metadata(
-            await self._parameters(GENERATOR), where=f"{self.url}/{GENERATOR}"
-        )
+        generator = await self._config(GENERATOR)
+        params = {
+            key: value.get("string_value", "") for key, value in generator.get("parameters", {}).items()
+        }
+        self._info = ModelInfo.from_metadata(params, where=f"{self.url}/{GENERATOR}")
+        self._lanes, self.batches_cheaper = instances(generator)
         embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
             raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
         self._ready.set()
-        log.info("Triton at %s ready: %s", self.url, self._info)
+        log.info("Triton at %s ready: %s; generator in %d instance(s)", self.url, self._info, self._lanes)
 
     async def _infer(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
         if not self.loaded():
@@ -307,9 +326,10 @@ class TritonBackend(ReadyGate):
             )
 
     def lanes(self, avatar_id: str = "") -> int:
-        """One: the batcher pipelines drawing with Triton's calls instead (Triton's own dynamic
-        batcher and instance groups spread the work on the server)."""
-        return 1
+        """The shared generator's instances on Triton (personalised generators are written from
+        the same profile): the batcher keeps a call in flight per instance, and pipelines drawing
+        the next batch with them."""
+        return self._lanes
 
     def loaded_personalised(self) -> int:
         """Personalised generators this replica had Triton load (or found loaded) and uses."""
