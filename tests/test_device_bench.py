@@ -124,4 +124,6 @@ def test_the_var_mean_candidate_computes_the_shipped_instance_norm() -> None:
     cpu = torch.device("cpu")
     for _, gen, cfg in speed.models(["smoke"], REPO / "models/talkinghead-small.pt"):
         error = speed.relative_error(gen, cfg, cpu, "fp32", speed.Variant(norm="var_mean"))
-        assert 0 < error < 1e-5  # computed another way (the knob is not a no-op), the same function
+        # computed another way (the knob is not a no-op), the same function: fp32 rounding only
+        # (2.8e-5 on an AVX-512 host, under 1e-5 on others; bf16 would be ~1e-2, a bug ~1)
+        assert 0 < error < 1e-4
