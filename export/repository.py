@@ -116,10 +116,10 @@ def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python"
     if name != kind:  # a personalised generator: see _warmup_block
         warmup = ()
     # Generators on the python profile (CPU): instances of one share of the cores each, the
-    # embedded engines' lanes (facekit/engines.py). One instance on all the cores splits every
-    # operator over them, and then anything else running on either core (a fine-tuning job, even
-    # at SCHED_IDLE) stalls each split: a call 26 -> 54 ms on 2 cores. The service keeps a call
-    # in flight per instance (TritonBackend.lanes).
+    # embedded engines' lanes (facekit/engines.py), and the service keeps a call in flight per
+    # instance (TritonBackend.lanes). On 2 cores, against one instance splitting every operator
+    # over both: 44-47 against 38.7 frames/s, and a fine-tuning job beside a live stream 20-21
+    # against 6 steps in 15 s, for a lone call of 43 against 26 ms (README, BENCHMARKS.md).
     instances = AUTO_LANES if profile == "python" and kind != contract.KIND_EMBEDDER else 1
     return ModelSpec(
         name=name,

@@ -68,6 +68,11 @@ CHANNEL_ARGS = [
 ]
 
 
+def parameters(config: dict) -> dict[str, str]:
+    """A model config's string parameters (the talkinghead.* metadata)."""
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
 def instances(config: dict) -> tuple[int, bool]:
     """A model's instances in all, from Triton's completed config (a GPU group's count once per
     GPU it lists), and whether any runs off the CPU, where a batch costs less per frame than its
@@ -195,18 +200,14 @@ class TritonBackend(ReadyGate):
         return answer["config"]
 
     async def _parameters(self, model: str) -> dict[str, str]:
-        params = (await self._config(model)).get("parameters", {})
-        return {key: value.get("string_value", "") for key, value in params.items()}
+        return parameters(await self._config(model))
 
     async def _load_base(self) -> None:
         for model in (EMBEDDER, GENERATOR):
             if not await self.client.is_model_ready(model, client_timeout=self.load_timeout_s):
                 await self.client.load_model(model, client_timeout=self.load_timeout_s)
         generator = await self._config(GENERATOR)
-        params = {
-            key: value.get("string_value", "") for key, value in generator.get("parameters", {}).items()
-        }
-        self._info = ModelInfo.from_metadata(params, where=f"{self.url}/{GENERATOR}")
+        self._info = ModelInfo.from_metadata(parameters(generator), where=f"{self.url}/{GENERATOR}")
         self._lanes, self.batches_cheaper = instances(generator)
         embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
