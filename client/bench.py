@@ -76,36 +76,61 @@ AVATAR = "bench"
 OFFLINE_WINDOW = 64  # frames an offline (BLOCK) bench stream keeps in flight: a renderer pipelines deeply
 
 
+def _at_least(low: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse type: a number of `kind` no smaller than `low` (a clear error, not a crash or a
+    division by zero mid-run)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        if not value >= low:  # (NaN fails too)
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
+def _above_zero(text: str) -> float:
+    value = _at_least(0.0, float)(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return float(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--streams", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--fps", type=float, default=25.0, help="frames per second each stream sends")
-    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each live run")
+    parser.add_argument("--batches", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--streams", type=_at_least(1), nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--fps", type=_above_zero, default=25.0, help="frames per second each stream sends")
+    parser.add_argument("--seconds", type=_above_zero, default=10.0, help="duration of each live run")
     parser.add_argument(
         "--offline-streams",
-        type=int,
+        type=_at_least(0),
         default=1,
         help="BLOCK streams sending alongside each live run, using the capacity live streams leave",
     )
     parser.add_argument(
         "--offline-window",
-        type=int,
+        type=_at_least(1),
         default=OFFLINE_WINDOW,
         help="frames each offline stream keeps in flight (its throughput is at most window / latency)",
     )
-    parser.add_argument("--raw-seconds", type=float, default=3.0, help="time per raw batch size")
+    parser.add_argument("--raw-seconds", type=_above_zero, default=3.0, help="time per raw batch size")
     parser.add_argument(
         "--lanes",
-        type=int,
+        type=_at_least(0),
         default=0,
         help="generator calls side by side, raw and in the server (default 0: the service's auto)",
     )
-    parser.add_argument("--closed-loop-frames", type=int, default=60)
+    parser.add_argument("--closed-loop-frames", type=_at_least(1), default=60)
     parser.add_argument(
         "--personalisation-steps",
-        type=int,
+        type=_at_least(0),
         default=100,
         help="the job a live stream runs beside in section 5 (0: skip it)",
     )
@@ -125,7 +150,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure this (previous) model repository, interleaved with --model-repository: "
         "raw batch-1 latency and the closed-loop per-frame latency through the service",
     )
-    parser.add_argument("--rounds", type=int, default=2, help="A/B rounds of the --baseline comparison")
+    parser.add_argument(
+        "--rounds", type=_at_least(1), default=2, help="A/B rounds of the --baseline comparison"
+    )
     parser.add_argument(
         "--engine",
         default="auto",
@@ -149,16 +176,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default bf16 fp16 (cuda), fp32 (cpu)",
     )
     group.add_argument(
-        "--device-batches", type=int, nargs="+", help="default 1 2 4 ... 256 (cuda), 1 2 4 (cpu)"
+        "--device-batches", type=_at_least(1), nargs="+", help="default 1 2 4 ... 256 (cuda), 1 2 4 (cpu)"
     )
-    group.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
+    group.add_argument("--iters", type=_at_least(1), default=20, help="timed calls per batch size")
     group.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the generator (compiled anew for each batch size)",
     )
     group.add_argument(
-        "--peak-tflops", type=float, help="the device's peak (default: known GPUs' dense bf16)"
+        "--peak-tflops", type=_above_zero, help="the device's peak (default: known GPUs' dense bf16)"
     )
 
 

@@ -150,3 +150,27 @@ def test_instant_generator_passes_its_warped_input_through(model_repository: Pat
     (image,) = session.run([contract.IMAGE], feeds)
     assert np.array_equal(image, feeds[contract.WARPED])
     assert path.stat().st_size < 10_000  # no weights: nothing to compute
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--closed-loop-frames", "0"], "--closed-loop-frames: must be at least 1, got 0"),
+        (["--fps", "0"], "--fps: must be above 0, got 0"),
+        (["--seconds", "nan"], "--seconds: must be at least 0, got nan"),
+        (["--streams", "4", "-1"], "--streams: must be at least 1, got -1"),
+        (["--offline-window", "0"], "--offline-window: must be at least 1, got 0"),
+        (["--rounds", "two"], "--rounds: expected an integer, got 'two'"),
+    ],
+)
+def test_bench_refuses_figures_it_cannot_run_with_and_says_which(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture
+) -> None:
+    """`talkinghead bench --closed-loop-frames 0` ran every raw window first and then died of a
+    division by zero in the closed loop; a bad figure is now refused before anything runs."""
+    parser = argparse.ArgumentParser(prog="talkinghead bench")
+    bench.add_arguments(parser)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(flags)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
