@@ -196,7 +196,9 @@ class Batcher:
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._busy: set[str] = set()  # models with a batch being drawn (or waiting for the generator)
-        self._generator: dict[str, asyncio.Semaphore] = {}  # per model: a batch per lane in the generator
+        # Per model: a batch per lane in the generator, and how many that was sized for (a
+        # backend's lanes may change: Triton restarted with another instance count).
+        self._generator: dict[str, tuple[asyncio.Semaphore, int]] = {}
         self._running: collections.Counter[str] = collections.Counter()  # per model: batches in it
         self._in_backend: collections.Counter[str] = collections.Counter()  # per model: calls made
         # Per model: the clocks of calls queued in the backend behind busy lanes; each starts as
@@ -409,9 +411,11 @@ class Batcher:
         taken = time.perf_counter()
         model = batch[0].model
         started = taken
-        generator = self._generator.get(model)
-        if generator is None:
-            generator = self._generator[model] = asyncio.Semaphore(self._live_slots(model))
+        slots = self._live_slots(model)
+        held = self._generator.get(model)
+        if held is None or held[1] != slots:  # (calls in a replaced one release that one)
+            held = self._generator[model] = (asyncio.Semaphore(slots), slots)
+        generator = held[0]
         try:
             try:
                 images, warped = await self._draw(batch)

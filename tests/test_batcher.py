@@ -380,6 +380,47 @@ def test_a_remote_generator_gets_a_call_per_instance_and_the_next_batch_drawn_me
     assert frames > 0.9 * lanes * seconds / generate_s * batch
 
 
+def test_a_remote_generator_that_gains_an_instance_gets_a_call_in_it() -> None:
+    """Triton restarted with the generator in two instances instead of one (TritonBackend.lanes
+    follows its config): the batcher's calls in flight follow, without a restart of the service."""
+    generate_s, batch = 0.05, 4
+    backend, cost = LanedBackend(1, generate_s), CostModel()
+    for size in (1, batch):
+        cost.observe(size, generate_s)
+
+    async def run() -> None:
+        batcher = Batcher(backend=backend, max_batch=batch, cost=cost, pipeline=True)  # type: ignore[arg-type]
+        batcher.start()
+        queue = batcher.open_stream(depth=64, block=True, max_in_flight=64)
+        sent: asyncio.Queue = asyncio.Queue()
+
+        async def feed() -> None:
+            while True:
+                work = WorkItem(
+                    points=np.zeros((68, 2), np.float32), draw=sleeping_draw(0.0), adain=None, model=SHARED
+                )
+                await queue.put(work)
+                sent.put_nowait(work)
+
+        async def drain() -> None:
+            while True:
+                await (await sent.get()).future
+                queue.delivered()
+
+        tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
+        await asyncio.sleep(0.5)
+        assert backend.most_running == 1
+        backend._lanes, backend.free = 2, asyncio.Semaphore(2)  # (two instances now)
+        await asyncio.sleep(0.5)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+
+    asyncio.run(run())
+    assert backend.most_running == 2
+
+
 def test_the_cost_of_a_call_that_waited_for_a_lane_is_its_own_time_not_its_wait() -> None:
     """Batches handed over while every lane is busy wait in the backend; the cost model (batch
     sizes, capacity, late frames) learns the time each took in its lane, not its wait as well."""
