@@ -43,7 +43,7 @@ from service.audit import AuditEvent, AuditLog
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
-from service.capacity import Admission, CostModel, expected_fps
+from service.capacity import HEADROOM, Admission, CostModel, expected_fps
 from service.errors import (
     ServiceError,
     backend_unavailable,
@@ -145,17 +145,32 @@ class App:
         # from numba's cache beside the backend's start, not on the first frame.
         await asyncio.gather(asyncio.to_thread(self._warm_up), self.backend.start())
         self.batcher.start()
-        self._calibration = asyncio.create_task(self._calibrate(), name="calibrate")
+        self._calibration = asyncio.create_task(self._follow_backend(), name="calibrate")
+
+    async def _follow_backend(self) -> None:
+        """Calibrate once the backend is ready, and again each time it has loaded its models anew:
+        a Triton restarted with the generator in another instance count, or rescheduled onto other
+        hardware, has other lanes and another cost, and capacity from the old one would admit
+        streams it cannot serve (2 lanes' worth into 1) or keep one-frame calls on a GPU."""
+        seen = 0
+        while True:
+            loads = self.backend.loads
+            if loads != seen and self.backend.is_ready():
+                if seen:
+                    log.info("the backend loaded its models anew: measuring the generator's cost again")
+                seen = loads
+                await self._calibrate()
+            await asyncio.sleep(0.25 if not seen else 1.0)
 
     async def _calibrate(self) -> None:
-        """Seed the cost model once the backend is ready, so admission starts from this machine's
-        figures, not a guess: at batch 1 and 4, CALIBRATION_ROUNDS rounds of one call per lane at
-        once (each call timed as it runs beside the others), keeping the fastest round. The first
-        round warms the engine up, and a round that met other work (an avatar being made as the
-        server starts: 88 ms a frame seen against 20) would seed a capacity a quarter of the real
-        one (23 frames/s against 93), refusing live streams until the batches streams run had
-        corrected it; with the fastest of three, 52 in the same start. Work that lasts the whole
-        calibration still lowers it.
+        """Measure the generator's cost, so admission starts from this backend's figures, not a
+        guess (nor the figures of the server it had before): at batch 1 and 4, CALIBRATION_ROUNDS
+        rounds of one call per lane at once (each call timed as it runs beside the others),
+        keeping the fastest round. The first round warms the engine up, and a round that met
+        other work (an avatar being made as the server starts: 88 ms a frame seen against 20)
+        would seed a capacity a quarter of the real one (23 frames/s against 93), refusing live
+        streams until the batches streams run had corrected it; with the fastest of three, 52 in
+        the same start. Work that lasts the whole calibration still lowers it.
 
         With TALKINGHEAD_BATCHING=auto and a generator that runs calls side by side in lanes on
         the CPU (the in-process engines, Triton's CPU instances), every call is one frame: the
@@ -165,12 +180,13 @@ class App:
         openvino fp32 within 2 %), while batches of up to 4 took ~3 % off live + offline
         throughput and raised live p99 from ~65 to ~115 ms. A backend that runs one call at a
         time, or where batches cost less per frame (a GPU), keeps batching."""
-        while not self.backend.is_ready():
-            await asyncio.sleep(0.25)
         self.admission.lanes = lanes = self.batcher.lanes(SHARED)
         cheaper = getattr(self.backend, "batches_cheaper", False)
-        if self.settings.batching == "auto" and lanes > 1 and not cheaper and self.settings.max_batch > 1:
-            self.batcher.batch_cap = self.admission.max_batch = 1
+        one_frame = (
+            self.settings.batching == "auto" and lanes > 1 and not cheaper and self.settings.max_batch > 1
+        )
+        self.batcher.batch_cap = self.admission.max_batch = 1 if one_frame else self.settings.max_batch
+        if one_frame:
             log.info("one frame per generator call: the engine runs %d calls side by side", lanes)
         try:
             info = self.backend.info
@@ -187,6 +203,7 @@ class App:
         except Exception as error:  # the batches streams run will teach the model instead
             log.warning("could not calibrate the generator's cost: %s", error)
             return
+        self.cost.reset()  # what the batches taught it was about the backend it had before
         for batch, taken in rounds.items():
             for seconds in min(taken, key=sum):
                 self.cost.observe(batch, seconds)
@@ -200,6 +217,13 @@ class App:
             self.admission.lanes,
             self.settings.latency_budget_ms,
         )
+        if self.admission.committed > HEADROOM * self.admission.capacity:
+            log.warning(
+                "the live streams admitted before reserve %.0f frames/s, more than the %.0f this "
+                "backend can take: no live stream is admitted until enough of them end",
+                self.admission.committed,
+                HEADROOM * self.admission.capacity,
+            )
         self._publish_capacity()
 
     async def _timed_call(self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None) -> float:

@@ -57,6 +57,16 @@ class CostModel:
                 return
         self.per_frame, self.fixed = max(1e-5, st / max(sb, 1e-9)), 0.0  # one size: all per frame
 
+    def reset(self) -> None:
+        """Forget what was observed (another backend: App recalibrates)."""
+        fresh = CostModel()
+        self.fixed, self.per_frame, self._sums, self.observations = (
+            fresh.fixed,
+            fresh.per_frame,
+            fresh._sums,
+            fresh.observations,
+        )
+
     def cost(self, batch: int) -> float:
         return self.fixed + self.per_frame * batch
 
@@ -80,7 +90,7 @@ class Admission:
         self.max_batch = max_batch
         self.enabled = enabled
         self.committed = 0.0
-        self.lanes = 1  # the shared generator's (Backend.lanes), set once the backend is loaded
+        self.lanes = 1  # the shared generator's (Backend.lanes), set by each calibration (App)
 
     @property
     def capacity(self) -> float:

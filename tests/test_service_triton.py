@@ -11,7 +11,8 @@ import asyncio
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -157,6 +158,70 @@ def test_triton_down_gives_unavailable_and_the_service_recovers(
         running.stop()
         if triton.server is None:
             triton.start()
+
+
+def test_a_triton_restarted_with_another_instance_count_is_measured_again(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """An operator restarts Triton with the generator in one instance instead of two: the service,
+    still running, reads the new lanes, measures the generator again and batches again (one frame
+    a call only suits calls side by side), instead of admitting live streams by the capacity of the
+    server it had before."""
+    try:
+        tritonserver.server_root(VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    repo = tmp_path / "repo"
+    for name in (contract.EMBEDDER, contract.GENERATOR):
+        shutil.copytree(model_repository / name, repo / name)
+    config = repo / contract.GENERATOR / "config.pbtxt"
+    assert "instance_group [ { count: 2 kind: KIND_CPU } ]" in config.read_text()
+    server = Triton(repository=repo, state=tmp_path / "state")
+    server.start()
+    running = ServerThread(
+        settings=test_settings(model_repository, tmp_path / "store", backend="triton", triton_url=server.url)
+    )
+    app = running.app
+    try:
+        running.wait_ready(timeout=60)
+        _until(lambda: app.admission.lanes == 2 and app.cost.observations > 0, "the first calibration")
+        assert app.batcher.batch_cap == 1
+        before = app.admission.capacity
+        server.stop()
+        config.write_text(config.read_text().replace("count: 2 kind", "count: 1 kind"))
+        server.start()
+
+        def published() -> float:
+            lines = [
+                line
+                for line in running.metrics().splitlines()
+                if line.startswith("talkinghead_capacity_fps ")
+            ]
+            return float(lines[0].split()[1])
+
+        _until(
+            lambda: app.admission.lanes == 1 and published() == pytest.approx(app.admission.capacity),
+            "calibration after the restart",
+        )
+        assert published() != pytest.approx(before)
+        assert app.batcher.batch_cap == app.admission.max_batch == app.settings.max_batch > 1
+        assert app.batcher.lanes("") == 1
+        with running.client() as c:
+            c.wait_ready(timeout=30)
+            c.create_avatar("tri", [PORTRAIT], consent=CONSENT)
+            seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+            frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
+        assert [f.sequence for f in frames] == [0, 1, 2]
+    finally:
+        running.stop()
+        server.stop()
+
+
+def _until(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout:g} s"
+        time.sleep(0.1)
 
 
 def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(

@@ -187,6 +187,9 @@ class Backend(Protocol):
     # it does not (CPU engines, Triton's CPU instances) and calls run side by side in lanes,
     # TALKINGHEAD_BATCHING=auto makes every call one frame (App._calibrate).
     batches_cheaper: bool
+    # Times the models have been loaded: a Triton that restarts loads them anew, perhaps with another
+    # instance count or on other hardware, and the service measures its cost again (App).
+    loads: int
 
     async def start(self) -> None:
         """Begin connecting / loading; returns without waiting for the models."""

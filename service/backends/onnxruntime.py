@@ -111,6 +111,7 @@ class OnnxRuntimeBackend(ReadyGate):
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._loader: asyncio.Task[None] | None = None
+        self.loads = 0
 
     # -- life cycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -149,6 +150,7 @@ class OnnxRuntimeBackend(ReadyGate):
                     self._info = None
                 else:
                     log.info("loaded %s (%s)", ", ".join(str(p) for p in paths.values()), self._info)
+                    self.loads += 1
                     self._ready.set()
                     return
             elif not waiting_logged:

@@ -115,6 +115,7 @@ class TritonBackend(ReadyGate):
         self._personalised: set[str] = set()  # generators this replica loaded or found loaded
         self._absent_since: dict[str, float] = {}
         self._lanes = 1  # the generator's instances, read from its config once loaded
+        self.loads = 0
         self.batches_cheaper = True  # until the config says its instances are all on CPU
 
     async def start(self) -> None:
@@ -212,6 +213,7 @@ class TritonBackend(ReadyGate):
         embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
             raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
+        self.loads += 1
         self._ready.set()
         log.info("Triton at %s ready: %s; generator in %d instance(s)", self.url, self._info, self._lanes)
 
