@@ -65,6 +65,7 @@ import onnxruntime as ort
 
 from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
+from client import cpuclock
 from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
 from facekit import contract, engines, procstat
 from facekit.rasterize import draw_batch
@@ -338,28 +339,56 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def cpu_peak() -> dict[str, Any]:
-    """This machine's SIMD peaks: cores x clock x FLOPs per cycle. fp32: two FMA units, 64 with
-    AVX-512, 32 with AVX2+FMA, else 8. bf16 where the CPU has AMX: its tile unit's 1024 bf16 FLOPs
-    per cycle per core (512 multiply-adds; Intel's figure for Sapphire Rapids), ~16x the fp32 one -
-    the peak a bf16 engine's share is taken of (`with_peak_share`)."""
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+def cpu_peak(cpuinfo: str | None = None) -> dict[str, Any]:
+    """This machine's SIMD peaks: cores x clock x FLOPs per cycle. The clock is measured under
+    load on every core (client/cpuclock.py; `cpuinfo_ghz`, the nominal one a VM reports, beside
+    it). fp32: two FMA units, 64 FLOPs per cycle with AVX-512 (32 on AMD Zen 4, whose AVX-512 runs
+    on 256-bit units), 32 with AVX2+FMA, else 8. bf16, the peak a bf16 engine's share is taken of
+    (`with_peak_share`): with AMX its tile unit's 1024 FLOPs per cycle per core (512
+    multiply-adds; Intel's figure for Sapphire Rapids), ~16x the fp32 one; with AVX-512 BF16 only,
+    twice the fp32 one (a dot product of bf16 pairs per fp32 lane)."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    text = cpuinfo
     flags = set(re.findall(r"^flags\s*:\s*(.*)$", text, re.M)[0].split()) if "flags" in text else set()
     mhz = [float(m) for m in re.findall(r"^cpu MHz\s*:\s*([\d.]+)", text, re.M)]
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
+    family = re.search(r"^cpu family\s*:\s*(\d+)", text, re.M)
+    zen4 = "AuthenticAMD" in text and family is not None and int(family.group(1)) == ZEN4_FAMILY
+    per_cycle = (32 if zen4 else 64) if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
     cores = usable_cores()
-    ghz = max(mhz) / 1e3 if mhz else None
+    nominal = round(max(mhz) / 1e3, 3) if mhz else None
+    measured = cpuclock.measured_ghz(cores)
+    ghz = measured or nominal
     amx = "amx_bf16" in flags
+    bf16_per_cycle = AMX_BF16_FLOPS_PER_CYCLE if amx else 2 * per_cycle if "avx512_bf16" in flags else None
     return {
         "cores": cores,
         "ghz": ghz,
+        "ghz_measured": measured is not None,
+        "cpuinfo_ghz": nominal,
         "fp32_flops_per_cycle": per_cycle,
         "fp32_gflops": round(cores * ghz * per_cycle, 1) if ghz else None,
         "amx": amx,
-        "bf16_gflops": round(cores * ghz * AMX_BF16_FLOPS_PER_CYCLE, 1) if ghz and amx else None,
+        "bf16": "AMX" if amx else "AVX-512 BF16" if bf16_per_cycle else None,
+        "bf16_gflops": round(cores * ghz * bf16_per_cycle, 1) if ghz and bf16_per_cycle else None,
     }
 
 
+def peak_summary(peak: dict[str, Any]) -> str:
+    """'CPU: 2 cores at 3.67 GHz (measured under load; /proc/cpuinfo says 2.60): fp32 peak ...'."""
+    if not peak["ghz"]:
+        return "CPU: clock unknown, no peak"
+    clock = "measured under load" if peak["ghz_measured"] else "/proc/cpuinfo's, not measured"
+    if peak["ghz_measured"] and peak["cpuinfo_ghz"]:
+        clock += f"; /proc/cpuinfo says {peak['cpuinfo_ghz']:.2f}"
+    bf16 = f", bf16 ({peak['bf16']}) {peak['bf16_gflops']:.0f}" if peak["bf16_gflops"] else ""
+    return (
+        f"CPU: {peak['cores']} cores at {peak['ghz']:.2f} GHz ({clock}): peak fp32 "
+        f"{peak['fp32_gflops']:.0f} GFLOP/s{bf16}"
+    )
+
+
+ZEN4_FAMILY = 25  # AMD family 19h: Zen 3 (no AVX-512) and Zen 4 (AVX-512 on 256-bit units)
 AMX_BF16_FLOPS_PER_CYCLE = 1024
 
 
@@ -367,16 +396,17 @@ def with_peak_share(
     rows: list[dict], metadata: dict[str, str], peak: dict[str, Any], engine: str
 ) -> list[dict]:
     """Each row's GFLOP/s and its share of the peak of the engine's arithmetic (`peak_share`, of
-    `peak`): bf16 on AMX for openvino-bf16 where the CPU has it, fp32 otherwise. `fp32_peak_share`
-    stays for comparison with earlier reports; for a bf16 engine it exceeds 1 (before, the only
-    share reported: 1.30 at 111 frames/s, a share of a peak the engine does not compute at)."""
+    `peak`): bf16 (AMX, or AVX-512 BF16) for openvino-bf16 where the CPU has it, fp32 otherwise.
+    `fp32_peak_share` stays for comparison with earlier reports; for a bf16 engine it may exceed 1
+    (before, the only share reported: 1.30 at 111 frames/s, a share of a peak the engine does not
+    compute at)."""
     gflops = _gflops(metadata)
     bf16 = engine == engines.OPENVINO_BF16 and peak.get("bf16_gflops")
     for row in rows:
         if gflops and peak.get("fp32_gflops"):
             row["gflops_per_s"] = round(row["fps"] * gflops, 1)
             row["fp32_peak_share"] = round(row["fps"] * gflops / peak["fp32_gflops"], 3)
-            row["peak"] = "bf16 (AMX)" if bf16 else "fp32"
+            row["peak"] = f"bf16 ({peak['bf16']})" if bf16 else "fp32"
             row["peak_share"] = round(row["fps"] * gflops / peak["bf16_gflops" if bf16 else "fp32_gflops"], 3)
     return rows
 
@@ -1090,9 +1120,21 @@ def run(args: argparse.Namespace) -> int:
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
     peak = cpu_peak()
+    print(peak_summary(peak))
     raw = RawGenerator(repository=args.model_repository, lanes=args.lanes)
     print(f"generator engine: {raw.engine.name} in {raw.lanes} lane(s) ({raw.choice})")
-    raw_rows = asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds))
+    raw_rows = with_peak_share(
+        asyncio.run(raw_generator(raw, driver, args.batches, args.raw_seconds)),
+        raw.metadata,
+        peak,
+        raw.engine.name,
+    )
+    if "peak_share" in raw_rows[0]:
+        first = raw_rows[0]
+        print(
+            f"raw batch {first['batch']}: {first['gflops_per_s']:.0f} GFLOP/s, "
+            f"{first['peak_share']:.2f} of the {first['peak']} peak"
+        )
     per_engine = asyncio.run(engine_table(args, driver, raw, peak))
     service = asyncio.run(service_runs(args, driver, raw))
     raw_fps = next((r["fps"] for r in raw_rows if r["batch"] == 1), raw_rows[0]["fps"])
@@ -1123,7 +1165,7 @@ def run(args: argparse.Namespace) -> int:
         "engine": raw.engine.name,
         "lanes": raw.lanes,
         "engine_choice_ms_per_frame": {t.engine: t.ms_per_frame for t in raw.timings},
-        "raw_backend": with_peak_share(raw_rows, raw.metadata, peak, raw.engine.name),
+        "raw_backend": raw_rows,
         "engines": per_engine,
         **service,
         "serving_ceiling": ceiling,
