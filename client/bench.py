@@ -485,6 +485,7 @@ class BenchServer:
     stub: animation_pb2_grpc.AnimationServiceStub
     metrics_url: str
     address: str
+    capacity_fps: float  # measured by the server at start (its admission's), before the bench ran anything
 
     def cpu_seconds(self) -> dict[str, float]:
         """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
@@ -496,6 +497,23 @@ def cpu_by_threads(metrics_text: str) -> dict[str, float]:
     """talkinghead_cpu_seconds_total by its `threads` label, from a /metrics page."""
     pattern = r'^talkinghead_cpu_seconds_total\{threads="(\w+)"\} (\S+)$'
     return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, metrics_text, re.MULTILINE)}
+
+
+async def calibrated(metrics_url: str, timeout: float = 60.0) -> float:
+    """Wait for the server's first measured capacity (App._calibrate publishes it once its timed
+    calls are done): the bench's own calls and windows must not run beside those, or both are
+    wrong (with --closed-loop-frames 8 the first row's raw window ran beside it: 51 fps against 70
+    after the row, and 1 live stream admitted of 16 where 2 fit). Returns it; 0 when none came
+    within `timeout` (the server logs why)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(metrics_url, timeout=10) as reply:
+            found = re.search(r"^talkinghead_capacity_fps (\S+)$", reply.read().decode(), re.MULTILINE)
+        if found and float(found.group(1)) > 0:
+            return float(found.group(1))
+        await asyncio.sleep(0.1)
+    print(f"the server published no capacity within {timeout:g} s: measuring anyway")
+    return 0.0
 
 
 @contextlib.asynccontextmanager
@@ -524,8 +542,10 @@ async def bench_server(
                 client.create_avatar(
                     AVATAR, [args.portrait], consent=portrait_consent(args.portrait), replace=True
                 )
+            capacity = await calibrated(metrics)
             async with grpc.aio.insecure_channel(address) as channel:
-                yield BenchServer(process, animation_pb2_grpc.AnimationServiceStub(channel), metrics, address)
+                stub = animation_pb2_grpc.AnimationServiceStub(channel)
+                yield BenchServer(process, stub, metrics, address, capacity)
         finally:
             process.terminate()
             process.wait(30)
@@ -875,12 +895,13 @@ async def service_runs(
     # candidates again (seconds) and, between near-equal engines, could pick another.
     engine = raw.engine.name
     async with bench_server(args, args.model_repository, max(args.batches), engine=engine) as server:
+        print(f"the server's live capacity, measured at its start: {server.capacity_fps:.1f} fps")
         one = await closed_loop(server.stub, driver, raw, args.closed_loop_frames)
         rows: list[dict[str, Any]] = []
         for streams in args.streams:
             expect = rows[-1]["raw_fps_after"]["batch"] if rows else min(args.batches)
             rows.append(await live(server, driver, raw, args, streams, expect))
-    return {"closed_loop_single_stream": one, "live": rows}
+    return {"capacity_fps_at_start": server.capacity_fps, "closed_loop_single_stream": one, "live": rows}
 
 
 # -- 4. the serving ceiling ------------------------------------------------------------------

@@ -64,6 +64,9 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert peak["fp32_gflops"] > 0 and peak["ghz_measured"]
     assert peak["bf16_gflops"] > peak["fp32_gflops"] if peak["bf16"] else peak["bf16_gflops"] is None
     assert f"CPU: {peak['cores']} cores at {peak['ghz']:.2f} GHz (measured under load" in done.stdout
+    # the server had measured its capacity before the bench's first call (not beside it)
+    assert report["capacity_fps_at_start"] > 0
+    assert "the server's live capacity, measured at its start" in done.stdout
     (live,) = report["live"]
     assert live["admitted"] == 1 and live["achieved_fps"] > 0
     # the row's raw reference brackets it: a window before and one after, at the row's batch
