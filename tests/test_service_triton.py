@@ -63,19 +63,24 @@ class Triton:
             self.server = None
 
 
+def base_repository(model_repository: Path, into: Path) -> Path:
+    """A private copy of the embedder and generator for a bundled Triton (skips where there is none)."""
+    try:
+        tritonserver.server_root(VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    for name in (contract.EMBEDDER, contract.GENERATOR):
+        shutil.copytree(model_repository / name, into / name)
+    return into
+
+
 @pytest.fixture(scope="module")
 def triton(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | Triton]:
     if os.environ.get("TALKINGHEAD_TEST_TRITON_URL"):
         yield os.environ["TALKINGHEAD_TEST_TRITON_URL"]
         return
-    try:
-        tritonserver.server_root(VENV)
-    except FileNotFoundError as err:
-        pytest.skip(f"bundled Triton server unavailable: {err}")
     work = tmp_path_factory.mktemp("triton-backend")
-    repo = work / "repo"
-    for name in ("embedder", "generator"):
-        shutil.copytree(model_repository / name, repo / name)
+    repo = base_repository(model_repository, work / "repo")
     server = Triton(repository=repo, state=work / "state")
     server.start()
     try:
@@ -167,13 +172,7 @@ def test_a_triton_restarted_with_another_instance_count_is_measured_again(
     still running, reads the new lanes, measures the generator again and batches again (one frame
     a call only suits calls side by side), instead of admitting live streams by the capacity of the
     server it had before."""
-    try:
-        tritonserver.server_root(VENV)
-    except FileNotFoundError as err:
-        pytest.skip(f"bundled Triton server unavailable: {err}")
-    repo = tmp_path / "repo"
-    for name in (contract.EMBEDDER, contract.GENERATOR):
-        shutil.copytree(model_repository / name, repo / name)
+    repo = base_repository(model_repository, tmp_path / "repo")
     config = repo / contract.GENERATOR / "config.pbtxt"
     assert "instance_group [ { count: 2 kind: KIND_CPU } ]" in config.read_text()
     server = Triton(repository=repo, state=tmp_path / "state")
@@ -281,13 +280,7 @@ def test_the_service_gets_ready_beside_a_triton_that_refused_a_model(
     ready for good once any model failed to load, even after that model is unloaded. A replica
     starting then (scaled out, restarted) asked exactly that before loading anything and never
     became ready; it asks whether Triton answers, then the base models."""
-    try:
-        tritonserver.server_root(VENV)
-    except FileNotFoundError as err:
-        pytest.skip(f"bundled Triton server unavailable: {err}")
-    repo = tmp_path / "repo"
-    for name in (contract.EMBEDDER, contract.GENERATOR):
-        shutil.copytree(model_repository / name, repo / name)
+    repo = base_repository(model_repository, tmp_path / "repo")
     refused = tmp_path / "model.py"
     refused.write_text(
         "class TritonPythonModel:\n    def initialize(self, args):\n        raise MemoryError\n"
