@@ -65,7 +65,8 @@ from service.stream import DrivingLandmarks, Stream, check_config, driving_mappe
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
-CALIBRATION_ROUNDS = 3  # per batch size, the fastest kept (App._calibrate)
+CALIBRATION_ROUNDS = 8  # per batch size, the fastest kept (App._calibrate)
+CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a round clean
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -165,12 +166,15 @@ class App:
     async def _calibrate(self) -> None:
         """Measure the generator's cost, so admission starts from this backend's figures, not a
         guess (nor the figures of the server it had before): at batch 1 and 4, CALIBRATION_ROUNDS
-        rounds of one call per lane at once (each call timed as it runs beside the others),
-        keeping the fastest round. The first round warms the engine up, and a round that met
-        other work (an avatar being made as the server starts: 88 ms a frame seen against 20)
-        would seed a capacity a quarter of the real one (23 frames/s against 93), refusing live
-        streams until the batches streams run had corrected it; with the fastest of three, 52 in
-        the same start. Work that lasts the whole calibration still lowers it.
+        rounds CALIBRATION_GAP_S apart, each of one call per lane at once (each call timed as it
+        runs beside the others) made twice, the second timed; the fastest round is kept, and the
+        cost model is seeded from the fastest so far after every round, so admission has a
+        figure ~60 ms after the backend is ready. A round that meets other work (an avatar being
+        made as the server starts) reads the generator slower than it is: with three rounds back
+        to back (0.1 s), an avatar made beside them put capacity at 43-53 frames/s against 63-73
+        alone (2026-12-05, AMD EPYC, openvino-bf16 in 2 lanes); spread over ~1.2 s, the same either
+        way (71.6-72.7), 4 starts each. Work that lasts the whole calibration still lowers it, and the
+        batches streams run then correct it (~30 batches).
 
         With TALKINGHEAD_BATCHING=auto and a generator that runs calls side by side in lanes on
         the CPU (the in-process engines, Triton's CPU instances), every call is one frame: the
@@ -193,20 +197,21 @@ class App:
             s = info.image_size
             sizes = sorted({1, min(4, self.batcher.batch_cap)})
             rounds: dict[int, list[list[float]]] = {batch: [] for batch in sizes}
-            for _ in range(CALIBRATION_ROUNDS):  # the sizes take turns: what disturbs one round
-                for batch in sizes:  # (start-up work) does not favour a size
+            for round_ in range(CALIBRATION_ROUNDS):
+                if round_:
+                    await asyncio.sleep(CALIBRATION_GAP_S)
+                for batch in sizes:  # the sizes take turns: what disturbs one round does not favour a size
                     images = np.zeros((batch, s, s, 3), np.uint8)
                     adain = np.zeros((batch, info.adain_size), np.float32)
                     warped = images if info.warp_guided else None
-                    calls = [self._timed_call(images, adain, warped) for _ in range(lanes)]
-                    rounds[batch].append(await asyncio.gather(*calls))
+                    for _ in range(2):  # the first wakes the engine's threads after the gap
+                        calls = [self._timed_call(images, adain, warped) for _ in range(lanes)]
+                        taken = await asyncio.gather(*calls)
+                    rounds[batch].append(taken)
+                self._seed(rounds)  # admission has a figure after the first round, a better one after each
         except Exception as error:  # the batches streams run will teach the model instead
             log.warning("could not calibrate the generator's cost: %s", error)
             return
-        self.cost.reset()  # what the batches taught it was about the backend it had before
-        for batch, taken in rounds.items():
-            for seconds in min(taken, key=sum):
-                self.cost.observe(batch, seconds)
         log.info(
             "generator cost %.1f ms + %.1f ms/frame: live capacity %.0f frames/s at batch <= %d "
             "in %d lane(s) (budget %d ms)",
@@ -225,6 +230,14 @@ class App:
                 HEADROOM * self.admission.capacity,
             )
         self._publish_capacity()
+
+    def _seed(self, rounds: dict[int, list[list[float]]]) -> None:
+        """The cost model from the fastest round of each batch size so far, and nothing else: what
+        batches taught it before was about the backend it had before, or about this one's start."""
+        self.cost.reset()
+        for batch, taken in rounds.items():
+            for seconds in min(taken, key=sum):
+                self.cost.observe(batch, seconds)
 
     async def _timed_call(self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None) -> float:
         t0 = time.perf_counter()
