@@ -489,8 +489,12 @@ class BenchServer:
 
     def cpu_seconds(self) -> dict[str, float]:
         """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
-        with urllib.request.urlopen(self.metrics_url, timeout=10) as reply:
-            return cpu_by_threads(reply.read().decode())
+        return cpu_by_threads(metrics_page(self.metrics_url))
+
+
+def metrics_page(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as reply:
+        return str(reply.read().decode())
 
 
 def cpu_by_threads(metrics_text: str) -> dict[str, float]:
@@ -508,8 +512,7 @@ async def calibrated(metrics_url: str, timeout: float = 60.0) -> float:
     within `timeout` (the server logs why)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(metrics_url, timeout=10) as reply:
-            found = re.search(r"^talkinghead_capacity_fps (\S+)$", reply.read().decode(), re.MULTILINE)
+        found = re.search(r"^talkinghead_capacity_fps (\S+)$", metrics_page(metrics_url), re.MULTILINE)
         if found and float(found.group(1)) > 0:
             return float(found.group(1))
         await asyncio.sleep(0.1)

@@ -185,9 +185,11 @@ class App:
         throughput and raised live p99 from ~65 to ~115 ms. A backend that runs one call at a
         time, or where batches cost less per frame (a GPU), keeps batching."""
         self.admission.lanes = lanes = self.batcher.lanes(SHARED)
-        cheaper = getattr(self.backend, "batches_cheaper", False)
         one_frame = (
-            self.settings.batching == "auto" and lanes > 1 and not cheaper and self.settings.max_batch > 1
+            self.settings.batching == "auto"
+            and lanes > 1
+            and not self.backend.batches_cheaper
+            and self.settings.max_batch > 1
         )
         self.batcher.batch_cap = self.admission.max_batch = 1 if one_frame else self.settings.max_batch
         if one_frame:

@@ -59,13 +59,7 @@ class CostModel:
 
     def reset(self) -> None:
         """Forget what was observed (another backend: App recalibrates)."""
-        fresh = CostModel()
-        self.fixed, self.per_frame, self._sums, self.observations = (
-            fresh.fixed,
-            fresh.per_frame,
-            fresh._sums,
-            fresh.observations,
-        )
+        vars(self).update(vars(CostModel()))
 
     def cost(self, batch: int) -> float:
         return self.fixed + self.per_frame * batch
