@@ -1,38 +1,165 @@
-"""Triton python-backend model: runs the `model.onnx` beside it with ONNX Runtime.
+"""Triton python-backend model: runs the `model.onnx` beside it on the fastest CPU engine allowed.
 
 Copied as `<model>/<version>/model.py` by the `python` profile of `talkinghead export`. It stands
 in for the onnxruntime_onnx / tensorrt_plan platforms where Triton has only the python backend
 (the server bundled with nvidia-pytriton). Requests that Triton's dynamic batcher hands over
-together run as one ONNX Runtime call, concatenated along the batch axis and split afterwards.
-Each instance (a stub process of its own) runs ONNX Runtime on its share of the cores: the core
-count over the config's instance count (the generator runs in two on the CPU profile, a thread
-each on 2 cores), or TALKINGHEAD_ORT_THREADS.
+together run as one call, concatenated along the batch axis and split afterwards.
+
+Engines: the embedded backend's (facekit/engines.py, which this file cannot import: it is copied
+alone), chosen once per instance and logged. The embedder runs on ONNX Runtime (once per avatar).
+A generator runs on TALKINGHEAD_ENGINE where Triton's environment sets it (`onnxruntime`,
+`openvino` or `openvino-bf16`), else (`auto`) on the first of these this instance may use:
+- `openvino-bf16` where the CPU computes bf16 natively (AMX or AVX-512 BF16) and the verdict beside
+  the model (`engines.json`, written by `talkinghead evaluate --verdict`) passed it for this model
+  id: a personalised generator has none, so it runs exact;
+- `openvino` (fp32) where OpenVINO is installed;
+- `onnxruntime`.
+That is the order in which the embedded backend's timing ranked them on every CPU measured (no-AMX
+Intel, AMX Intel, AMD Zen 4; BENCHMARKS.md); an instance does not time them itself, as its
+neighbour instances load (and time) at the same moment on the same cores.
+
+Each instance (a stub process of its own) runs on its share of the cores: the core count over the
+config's instance count (the generator runs in two on the CPU profile, a thread each on 2
+cores), or TALKINGHEAD_ORT_THREADS (either engine). OpenVINO runs static shapes, compiled for
+batches of 4, 2 and 1 at load (a dynamic batch axis ran 1.3-1.5x slower; a batch of 7 runs as
+4 + 2 + 1), as the embedded backend does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Mapping
 
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
+ENGINE_ENV, THREADS_ENV = "TALKINGHEAD_ENGINE", "TALKINGHEAD_ORT_THREADS"
+ONNXRUNTIME, OPENVINO, OPENVINO_BF16 = "onnxruntime", "openvino", "openvino-bf16"
+ENGINES = (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # (facekit/engines.py BF16_FLAGS)
+VERDICT_FILE = "engines.json"
+CHUNKS = (4, 2, 1)  # OpenVINO's static batch sizes (facekit/engines.py OpenVinoEngine.CHUNKS)
+
+
+def bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    try:
+        with open(cpuinfo) as text:
+            flags = next((line.split(":", 1)[1].split() for line in text if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return any(flag in flags for flag in BF16_FLAGS)
+
+
+def verdict_passed(version_dir: str, model_id: str, engine: str) -> bool:
+    """Whether `engines.json` in `version_dir` passed `engine` for `model_id` (False without one)."""
+    try:
+        with open(os.path.join(version_dir, VERDICT_FILE)) as file:
+            verdict = json.load(file)["engines"][engine]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return bool(verdict.get("passed")) and verdict.get("model_id") == model_id
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def choose_engine(config: Mapping, version_dir: str, requested: str) -> str:
+    """The engine this instance runs (see the module's docstring): ValueError for an unknown one."""
+    parameters = config.get("parameters") or {}
+    kind = (parameters.get("talkinghead.kind") or {}).get("string_value", "")
+    if kind == "embedder":
+        return ONNXRUNTIME
+    if requested not in ("", "auto", *ENGINES):
+        raise ValueError(f"{ENGINE_ENV}={requested!r}: one of auto, {', '.join(ENGINES)}")
+    if requested not in ("", "auto"):
+        return requested
+    if not openvino_installed():
+        return ONNXRUNTIME
+    model_id = (parameters.get("talkinghead.model_id") or {}).get("string_value", "")
+    if bf16_native() and verdict_passed(version_dir, model_id, OPENVINO_BF16):
+        return OPENVINO_BF16
+    return OPENVINO
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, path: str, threads: int) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Denormal floats flushed to zero: the generator on real faces ran 3x slower without
+        # (facekit/engines.py DENORMALS).
+        options.add_session_config_entry("session.set_denormal_as_zero", "1")
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return list(self.session.run(outputs, feeds))
+
+
+class OpenVinoRunner:
+    """One infer request per static batch size: a python-backend instance runs one call at a time."""
+
+    def __init__(self, path: str, threads: int, precision: str) -> None:
+        import openvino
+
+        core = openvino.Core()
+        model = core.read_model(path)
+        config = {
+            "INFERENCE_PRECISION_HINT": precision,
+            "INFERENCE_NUM_THREADS": threads,
+            "NUM_STREAMS": 1,
+            "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": False,  # the instances and Triton's own threads share the cores
+            "CPU_DENORMALS_OPTIMIZATION": True,  # (facekit/engines.py DENORMALS)
+        }
+        self.requests = {}
+        for size in CHUNKS:
+            shaped = model.clone()
+            shaped.reshape(
+                {p.get_any_name(): [size, *list(p.get_partial_shape())[1:]] for p in shaped.inputs}
+            )
+            self.requests[size] = core.compile_model(shaped, "CPU", config).create_infer_request()
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        batch, start, parts = len(next(iter(feeds.values()))), 0, []
+        while start < batch:
+            size = next(c for c in CHUNKS if c <= batch - start)
+            request = self.requests[size]
+            for name, value in feeds.items():
+                request.get_tensor(name).data[...] = value[start : start + size]
+            request.infer()
+            # copies: the request's buffers are overwritten by its next call
+            parts.append([np.array(request.get_tensor(name).data) for name in outputs])
+            start += size
+        if len(parts) == 1:
+            return parts[0]
+        return [np.concatenate([part[i] for part in parts]) for i in range(len(outputs))]
+
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
         config = json.loads(args["model_config"])
-        path = os.path.join(args["model_repository"], args["model_version"], "model.onnx")
-        options = ort.SessionOptions()
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        path = os.path.join(version_dir, "model.onnx")
         # Each instance (a process of its own) on its share of the cores, unless told otherwise.
         instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
         share = max(1, len(os.sched_getaffinity(0)) // max(1, instances))
-        options.intra_op_num_threads = int(os.environ.get("TALKINGHEAD_ORT_THREADS") or 0) or share
-        options.inter_op_num_threads = 1
-        # Denormal floats flushed to zero: the generator on real faces ran 3x slower without
-        # (facekit/engines.py DENORMALS; this file is copied alone, so it cannot import that).
-        options.add_session_config_entry("session.set_denormal_as_zero", "1")
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        threads = int(os.environ.get(THREADS_ENV) or 0) or share
+        self.engine = choose_engine(config, version_dir, os.environ.get(ENGINE_ENV, "auto").strip())
+        started = time.monotonic()
+        if self.engine == ONNXRUNTIME:
+            self.runner: OnnxRuntimeRunner | OpenVinoRunner = OnnxRuntimeRunner(path, threads)
+        else:
+            self.runner = OpenVinoRunner(path, threads, "bf16" if self.engine == OPENVINO_BF16 else "f32")
+        pb_utils.Logger.log_info(
+            f"{args.get('model_instance_name', args.get('model_name', 'model'))}: {self.engine} on "
+            f"{threads} thread(s), ready in {time.monotonic() - started:.1f} s"
+        )
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
 
@@ -45,9 +172,9 @@ class TritonPythonModel:
             sizes.append(len(feeds[self.inputs[0]][-1]))
         try:
             merged = {name: np.concatenate(parts) for name, parts in feeds.items()}
-            results = self.session.run(self.outputs, merged)
+            results = self.runner.run(self.outputs, merged)
         except Exception as err:
-            error = pb_utils.TritonError(f"onnxruntime: {err}")
+            error = pb_utils.TritonError(f"{self.engine}: {err}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
         responses, start = [], 0
         for size in sizes:
@@ -60,4 +187,4 @@ class TritonPythonModel:
         return responses
 
     def finalize(self) -> None:
-        self.session = None
+        self.runner = None  # type: ignore[assignment]

@@ -168,46 +168,116 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
     assert [g.count for g in cfg.instance_group] == [engines.AUTO_LANES if profile == "python" else 1]
 
 
-@pytest.mark.parametrize(("instances", "env", "threads"), [(2, "", None), (1, "", None), (2, "3", 3)])
+def python_runner(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """export/triton_python_model.py loaded as Triton's stub loads it, its utils module stubbed
+    (a Logger that keeps what it is told)."""
+    import importlib.util
+    import sys
+    import types
+
+    utils = types.ModuleType("triton_python_backend_utils")
+    utils.logged = []  # type: ignore[attr-defined]
+    utils.Logger = types.SimpleNamespace(log_info=utils.logged.append)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", utils)
+    spec = importlib.util.spec_from_file_location("triton_model", repository.PYTHON_MODEL)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.parametrize(
+    ("instances", "env", "threads", "engine"),
+    [
+        (2, "", None, "onnxruntime"),
+        (1, "", None, "onnxruntime"),
+        (2, "3", 3, "onnxruntime"),
+        (2, "", None, "openvino"),
+    ],
+)
 def test_the_python_model_runs_each_instance_on_its_share_of_the_cores(
     exported: tuple[Path, dict],
     monkeypatch: pytest.MonkeyPatch,
     instances: int,
     env: str,
     threads: int | None,
+    engine: str,
 ) -> None:
-    """Triton's python runner (export/triton_python_model.py) sizes ONNX Runtime's threads from
+    """Triton's python runner (export/triton_python_model.py) sizes its engine's threads from
     the instance count in the config Triton hands it: two instances on 2 cores, a thread each (one
     on all the cores split every operator, and any neighbour stalled the split); one, all the
-    cores; TALKINGHEAD_ORT_THREADS overrides."""
-    import importlib.util
-    import sys
-    import types
-
+    cores; TALKINGHEAD_ORT_THREADS overrides. It says which engine on how many threads."""
     repo, _ = exported
-    monkeypatch.setitem(
-        sys.modules, "triton_python_backend_utils", types.ModuleType("triton_python_backend_utils")
-    )
+    runner = python_runner(monkeypatch)
     monkeypatch.setenv("TALKINGHEAD_ORT_THREADS", env)
-    spec = importlib.util.spec_from_file_location("triton_model", repository.PYTHON_MODEL)
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    monkeypatch.setenv("TALKINGHEAD_ENGINE", engine)
     cores = len(os.sched_getaffinity(0))
     config = {
         "input": [{"name": "landmark_image"}],
         "output": [{"name": "image"}],
         "instance_group": [{"name": "generator_0", "count": instances, "kind": "KIND_CPU"}],
     }
-    model = module.TritonPythonModel()
+    model = runner.TritonPythonModel()
     model.initialize(
         {
             "model_config": json.dumps(config),
             "model_repository": str(repo / "generator"),
             "model_version": "1",
+            "model_instance_name": "generator_0_0",
         }
     )
-    options = model.session.get_session_options()
-    assert options.intra_op_num_threads == (threads or max(1, cores // instances))
+    expected = threads or max(1, cores // instances)
+    if engine == "onnxruntime":
+        assert model.runner.session.get_session_options().intra_op_num_threads == expected
+    else:
+        compiled = model.runner.requests[1].get_compiled_model()
+        assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == expected
+    assert runner.pb_utils.logged[0].startswith(f"generator_0_0: {engine} on {expected} thread(s)")
+
+
+def write_verdict(version: Path, model_id: str, passed: bool) -> None:
+    verdict = {"model_id": model_id, "passed": passed, "ssim_drop": 0.0, "identity_rise": 0.0}
+    (version / "engines.json").write_text(json.dumps({"engines": {"openvino-bf16": verdict}}))
+
+
+def test_the_python_model_runs_generators_on_the_fastest_engine_it_may_use(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """auto: openvino-bf16 only where the CPU has native bf16 and the verdict beside the model
+    passed it for this model id (a personalised generator has none: exact); openvino (fp32) where
+    it is installed; onnxruntime otherwise, and always for the embedder. TALKINGHEAD_ENGINE names
+    one; an unknown name is an error that says which names there are."""
+    runner = python_runner(monkeypatch)
+    generator = {"parameters": {"talkinghead.kind": {"string_value": "generator"},
+                                "talkinghead.model_id": {"string_value": "abc"}}}  # fmt: skip
+    embedder = {"parameters": {"talkinghead.kind": {"string_value": "embedder"}}}
+    choose, native = runner.choose_engine, runner.bf16_native
+    monkeypatch.setattr(runner, "bf16_native", lambda: True)
+    monkeypatch.setattr(runner, "openvino_installed", lambda: True)
+    assert choose(generator, str(tmp_path), "auto") == "openvino"  # no verdict
+    write_verdict(tmp_path, "abc", passed=False)
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    write_verdict(tmp_path, "another model", passed=True)
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    write_verdict(tmp_path, "abc", passed=True)
+    assert choose(generator, str(tmp_path), "auto") == "openvino-bf16"
+    assert choose(generator, str(tmp_path), "") == "openvino-bf16"
+    assert choose(embedder, str(tmp_path), "auto") == "onnxruntime"
+    assert choose(embedder, str(tmp_path), "openvino-bf16") == "onnxruntime"
+    assert choose(generator, str(tmp_path), "onnxruntime") == "onnxruntime"
+    (tmp_path / "engines.json").write_text("{not json")
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    monkeypatch.setattr(runner, "bf16_native", lambda: False)
+    write_verdict(tmp_path, "abc", passed=True)
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    monkeypatch.setattr(runner, "openvino_installed", lambda: False)
+    assert choose(generator, str(tmp_path), "auto") == "onnxruntime"
+    with pytest.raises(ValueError, match="TALKINGHEAD_ENGINE='tensorrt': one of auto, onnxruntime"):
+        choose(generator, str(tmp_path), "tensorrt")
+    flags = tmp_path / "cpuinfo"
+    flags.write_text("processor\t: 0\nflags\t\t: fpu avx512f avx512_bf16\n")
+    assert native(str(flags))
+    flags.write_text("flags\t\t: fpu avx2 fma\n")
+    assert not native(str(flags)) and not native(str(tmp_path / "missing"))
 
 
 def test_new_versions_keep_the_live_one_and_removal_is_whole(

@@ -277,6 +277,20 @@ def test_model_control_mode_is_a_value(helm: str) -> None:
     assert not [a for a in triton["args"] if a.startswith("--load-model")]
 
 
+def test_tritons_cpu_engine_is_a_value(helm: str) -> None:
+    """A python-profile repository's generators choose their CPU engine in Triton's environment
+    (export/triton_python_model.py); `triton.engine` sets it, `auto` by default."""
+
+    def engine(**sets: object) -> str:
+        triton = container(one(render(helm, **sets), "Deployment", "-triton"), "triton")
+        return next(e["value"] for e in triton["env"] if e["name"] == "TALKINGHEAD_ENGINE")
+
+    assert engine() == "auto"
+    assert engine(triton__engine="onnxruntime") == "onnxruntime"
+    refused = check_chart.lint(helm, None, {"triton.engine": "tensorrt"})
+    assert refused.returncode != 0 and "triton.engine" in refused.stdout + refused.stderr
+
+
 def test_engines_are_built_on_the_node_before_triton_starts(helm: str) -> None:
     manifests = render(helm, triton__buildEngines__enabled=True)
     deployment = one(manifests, "Deployment", "-triton")

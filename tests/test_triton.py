@@ -7,19 +7,24 @@ the bundled server cannot run (no .venv-triton, or a platform the wheel does not
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 import re
 import shutil
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from deploy.local import tritonserver
+from export import repository
 from facekit import engines
+from facekit.contract import Meta
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,9 +93,50 @@ def warped_of(inputs: dict[str, np.ndarray], frames: slice = slice(None)) -> dic
     return {"warped": inputs["warped"][frames]} if "warped" in inputs else {}
 
 
-def test_embedder_and_generator_equal_onnxruntime(
+def runner_module() -> Any:
+    """export/triton_python_model.py loaded here, as Triton's stub loads it (its utils module stubbed)."""
+    import importlib.util
+    import sys
+    import types
+
+    if "triton_python_backend_utils" not in sys.modules:
+        sys.modules["triton_python_backend_utils"] = types.ModuleType("triton_python_backend_utils")
+    spec = importlib.util.spec_from_file_location("triton_runner", repository.PYTHON_MODEL)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@functools.cache
+def served_by(path: Path) -> tuple[str, Any]:
+    """The engine Triton's python runner chooses for the generator at `path` on this machine
+    (auto), and that engine opened here as the runner opens it (a thread per instance)."""
+    runner = runner_module()
+    meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    config = {"parameters": {key: {"string_value": value} for key, value in meta.items()}}
+    engine = runner.choose_engine(config, str(path.parent), "auto")
+    threads = max(1, len(os.sched_getaffinity(0)) // engines.AUTO_LANES)
+    if engine == engines.ONNXRUNTIME:
+        return engine, runner.OnnxRuntimeRunner(str(path), threads)
+    return engine, runner.OpenVinoRunner(
+        str(path), threads, "bf16" if engine == engines.OPENVINO_BF16 else "f32"
+    )
+
+
+def triton_frames(path: Path, **feeds: np.ndarray) -> np.ndarray:
+    """The frames Triton's generator at `path` answers `feeds` with (its engine, run here; OpenVINO
+    gives a frame the same bits at every batch size)."""
+    return np.asarray(served_by(path)[1].run(["image"], feeds)[0])
+
+
+def test_embedder_equals_onnxruntime_and_generator_its_chosen_engine(
     triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
 ) -> None:
+    """The embedder runs on ONNX Runtime; the generator on the fastest engine the runner may use
+    here (export/triton_python_model.py): OpenVINO (installed in .venv-triton) in bf16 where this
+    CPU computes bf16 natively and the exported verdict passed it, else in fp32, one thread per
+    instance on 2 cores. Its frames are that engine's to the bit, and ONNX Runtime's to float
+    rounding (fp32) or to bf16's precision."""
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     got = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])
     want = ort_run(
@@ -101,9 +147,30 @@ def test_embedder_and_generator_equal_onnxruntime(
     adain = np.repeat(got["adain"][:1], len(faces["drawn"]), axis=0)
     feeds = {"landmark_image": faces["drawn"], "adain": adain, **warped_of(faces)}
     frames = infer(client, "generator", **feeds)["image"]
-    expected = ort_run(live_repo / "generator/1/model.onnx", **feeds)[0]
     assert frames.shape == (len(faces["drawn"]), 128, 128, 3) and frames.dtype == np.uint8
-    assert np.array_equal(frames, expected)
+
+    path = live_repo / "generator/1/model.onnx"
+    engine, _ = served_by(path)
+    meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
+    verdict = runner_module().verdict_passed(str(path.parent), meta[Meta.MODEL_ID], engines.OPENVINO_BF16)
+    assert engine == (engines.OPENVINO_BF16 if engines.bf16_native() and verdict else engines.OPENVINO)
+    threads = max(1, len(os.sched_getaffinity(0)) // engines.AUTO_LANES)
+    log = triton.log.read_text()
+    assert f"generator_0_0: {engine} on {threads} thread(s)" in log, runner_lines(log)
+    assert "embedder_0_0: onnxruntime on" in log, runner_lines(log)
+    assert np.array_equal(frames, triton_frames(path, **feeds))
+    difference = np.abs(frames.astype(np.int16) - ort_run(path, **feeds)[0])
+    if engine == engines.OPENVINO_BF16:
+        assert difference.mean() < 2.0, difference.mean()
+    else:
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01, (
+            difference.max(),
+            (difference > 0).mean(),
+        )
+
+
+def runner_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if "model.py" in line]
 
 
 def test_base_models_are_warm_before_triton_calls_them_ready(triton: tritonserver.Server) -> None:
@@ -139,7 +206,7 @@ def test_batched_requests_of_several_avatars_return_each_avatars_frame(
     psi = np.concatenate([psi, psi + np.random.default_rng(0).normal(0, 0.5, psi.shape).astype(np.float32)])
     gen = live_repo / "generator/1/model.onnx"
     drawn, warped = faces["drawn"][:1], warped_of(faces, slice(0, 1))
-    expected = [ort_run(gen, landmark_image=drawn, adain=psi[i : i + 1], **warped)[0] for i in range(2)]
+    expected = [triton_frames(gen, landmark_image=drawn, adain=psi[i : i + 1], **warped) for i in range(2)]
     assert not np.array_equal(expected[0], expected[1])
     runs_before = metric(triton, "nv_inference_exec_count", "generator")
     frames_before = metric(triton, "nv_inference_count", "generator")
@@ -203,7 +270,7 @@ def test_personalised_generator_loads_serves_and_unloads(
     assert client.is_model_ready("generator_alice"), "loaded without restarting the server"
     feeds = {"landmark_image": faces["drawn"], **warped_of(faces)}
     frames = infer(client, "generator_alice", **feeds)["image"]
-    expected = ort_run(live_repo / "generator_alice/1/model.onnx", **feeds)[0]
+    expected = triton_frames(live_repo / "generator_alice/1/model.onnx", **feeds)
     assert np.array_equal(frames, expected)
     argv = ["--remove-avatar", "alice", "--repository", str(live_repo), "--triton-url", triton.grpc_url]
     assert run_module("export.command", argv, prog="talkinghead export") == 0

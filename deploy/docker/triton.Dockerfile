@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # NVIDIA Triton 24.10 (server 2.51, TensorRT 10.5, CUDA 12.6, Python 3.10) plus what the talkinghead
-# model repository needs: ONNX Runtime and numpy for python-backend models, and the project's
+# model repository needs: ONNX Runtime, OpenVINO and numpy for python-backend models, and the project's
 # engine builder (`python3 -m export.to_tensorrt`), which the Helm chart runs in an init container
 # on the GPU node itself, because TensorRT plans are specific to the GPU and TensorRT version.
 #
@@ -32,7 +32,7 @@ USER root
 COPY deploy/docker/triton-requirements.txt /tmp/triton-requirements.txt
 RUN python3 -m pip install --no-deps --only-binary=:all: -r /tmp/triton-requirements.txt \
     && python3 -m pip install --extra-index-url "${NVIDIA_PIP_INDEX}" "tensorrt-cu12==${TENSORRT_VERSION}" \
-    && python3 -c "import numpy, onnxruntime; print('onnxruntime', onnxruntime.__version__)" \
+    && python3 -c "import numpy, onnxruntime, openvino; print('onnxruntime', onnxruntime.__version__, 'openvino', openvino.__version__)" \
     && rm /tmp/triton-requirements.txt
 
 # The engine builder, importable as `export` from the working directory.
