@@ -506,7 +506,8 @@ metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   avatars     {args.avatar_store}
 logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:
-  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png
+  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png \
+--subject "Eileen Collins" --basis public-domain --source "NASA photograph" --collected-by me
   {env}.venv/bin/talkinghead avatar personalise astronaut --wait
   {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
 --out out/stack.mp4
