@@ -22,6 +22,11 @@
    backend and a real Triton serving the instant repository: the service's CPU per frame when
    inference runs elsewhere, as in production, and Triton's own.
 
+   Then (with --triton-venv) the model itself through that path: Triton serving the model
+   repository (python profile, the engine its runner picks) and the service on the triton
+   backend: raw Triton calls at batch 1, the server's capacity and the live rows of section 3
+   against raw Triton windows.
+
 5. beside a personalisation: one live stream through a server with its embedded worker (the
    single-machine set-up `talkinghead serve` runs by default), --seconds alone, then --seconds
    while the worker fine-tunes the avatar (--personalisation-steps; 0 skips it): the stream's
@@ -68,6 +73,7 @@ from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
 from client import cpuclock
 from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
 from facekit import contract, engines, procstat
+from facekit.contract import ModelInfo
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 
@@ -425,6 +431,52 @@ async def raw_window(raw: RawGenerator, driver: LandmarkSequence, batch: int, se
     feeds = raw.inputs(driver, batch)
     times = await raw.saturate(feeds, seconds)
     return batch * len(times) / raw.elapsed
+
+
+class RawTriton(RawGenerator):
+    """The repository's generator as Triton serves it: the raw calls of the triton backend (gRPC,
+    batch of `inputs`, one call per instance in flight and two waiting, as RawGenerator keeps its
+    lanes busy), timed from here. `cpu_seconds` of the last `saturate` is Triton's (its process
+    group: the server and its python-backend stubs), not this process's."""
+
+    def __init__(self, *, repository: Path, url: str, pgid: int) -> None:  # (not RawGenerator's)
+        path = contract.latest_version(repository / contract.GENERATOR)
+        if path is None:
+            raise SystemExit(f"no models in {repository}: run `make model-repository`")
+        self.repository, self.path, self.url, self.pgid = repository, path, url, pgid
+        self.info = ModelInfo.from_metadata(
+            ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map, where=str(path)
+        )
+        config = (path.parent.parent / "config.pbtxt").read_text()
+        found = re.search(r"instance_group \[ \{ count: (\d+)", config)
+        self.lanes = int(found.group(1)) if found else 1
+        self.elapsed = self.cpu_seconds = 0.0
+        self._client: Any = None
+
+    async def generate(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        import tritonclient.grpc.aio as triton
+
+        if self._client is None:  # made in the running loop, which it is bound to
+            self._client = triton.InferenceServerClient(self.url)
+        inputs = []
+        for name, value in feeds.items():
+            inputs.append(
+                triton.InferInput(name, list(value.shape), "UINT8" if value.dtype == np.uint8 else "FP32")
+            )
+            inputs[-1].set_data_from_numpy(value)
+        result = await self._client.infer(contract.GENERATOR, inputs)
+        return np.asarray(result.as_numpy(contract.IMAGE))
+
+    async def saturate(self, feeds: dict[str, np.ndarray], seconds: float, min_calls: int = 3) -> list[float]:
+        before = procstat.group_cpu_seconds(self.pgid) or 0.0
+        times = await super().saturate(feeds, seconds, min_calls)
+        self.cpu_seconds = (procstat.group_cpu_seconds(self.pgid) or 0.0) - before
+        return times
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -1049,6 +1101,55 @@ async def serving_ceiling(
     return row
 
 
+async def through_triton(args: argparse.Namespace, driver: LandmarkSequence, venv: Path) -> dict[str, Any]:
+    """The model itself through the production path: `venv`'s bundled Triton serving the model
+    repository (python profile: its generators in instances, each on the engine the runner picks,
+    export/triton_python_model.py) and the service on the triton backend. Raw Triton calls at
+    batch 1 (RawTriton: one per instance in flight, two waiting), then the live rows of section 3
+    against raw Triton windows: what a deployment on these cores serves, and how close to its
+    Triton's raw rate."""
+    with contextlib.ExitStack() as stack:
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-triton-")))
+        triton = stack.enter_context(triton_server(args.model_repository, venv, scratch / "triton"))
+        found = re.search(r"generator_0_0: (\S+) on (\d+) thread", triton.log.read_text())
+        engine, threads = (found.group(1), int(found.group(2))) if found else ("unknown", 0)
+        raw = RawTriton(repository=args.model_repository, url=triton.grpc_url, pgid=triton.process.pid)
+        try:
+            feeds = raw.inputs(driver, 1)
+            await raw.saturate(feeds, 0.0, 1)  # warm-up
+            times = await raw.saturate(feeds, args.raw_seconds)
+            raw_row: dict[str, Any] = {
+                "batch": 1,
+                "instances": raw.lanes,
+                "in_flight": engines.in_flight(raw.lanes),
+                "latency_ms": percentiles(times),
+                "fps": round(len(times) / raw.elapsed, 2),
+                "triton_cpu_ms_per_frame": round(1e3 * raw.cpu_seconds / len(times), 2) if times else None,
+            }
+            print(
+                f"through Triton ({engine} in {raw.lanes} instance(s) of {threads} thread(s)): raw batch 1 "
+                f"{raw_row['fps']:.1f} fps, p50 {raw_row['latency_ms']['p50']:.1f} ms"
+            )
+            rows: list[dict[str, Any]] = []
+            async with bench_server(
+                args, args.model_repository, max(args.batches), triton_url=triton.grpc_url
+            ) as server:
+                capacity = server.capacity_fps
+                print(f"the server's live capacity through Triton, measured at its start: {capacity:.1f} fps")
+                for streams in args.streams:
+                    rows.append(await live(server, driver, raw, args, streams, 1))
+        finally:
+            await raw.close()
+    return {
+        "engine": engine,
+        "instances": raw.lanes,
+        "threads_per_instance": threads,
+        "raw": raw_row,
+        "capacity_fps_at_start": capacity,
+        "live": rows,
+    }
+
+
 # -- 5. beside a personalisation -------------------------------------------------------------
 def _live_summary(run: dict[str, Any]) -> dict[str, Any]:
     merged = merge([run])
@@ -1169,6 +1270,9 @@ def run(args: argparse.Namespace) -> int:
         if args.triton_venv is not None
         else None
     )
+    production = (
+        asyncio.run(through_triton(args, driver, args.triton_venv)) if args.triton_venv is not None else None
+    )
     personalisation = (
         asyncio.run(beside_personalisation(args, driver, raw.engine.name))
         if args.personalisation_steps
@@ -1195,6 +1299,7 @@ def run(args: argparse.Namespace) -> int:
         **service,
         "serving_ceiling": ceiling,
         **({"serving_ceiling_triton": on_triton} if on_triton is not None else {}),
+        **({"through_triton": production} if production is not None else {}),
         **({"beside_personalisation": personalisation} if personalisation is not None else {}),
     }
     if args.baseline is not None:

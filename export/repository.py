@@ -187,7 +187,13 @@ def config_text(spec: ModelSpec, profile: str, *, device: str = "cpu") -> str:
         lines.append("dynamic_batching {")
         if preferred:
             lines.append(f"  preferred_batch_size: [ {preferred} ]")
-        lines += [f"  max_queue_delay_microseconds: {spec.batching.max_queue_delay_us}", "}"]
+        lines.append(f"  max_queue_delay_microseconds: {spec.batching.max_queue_delay_us}")
+        # live frames' calls before offline ones queued with them (contract.TRITON_PRIORITY_*)
+        lines += [
+            f"  priority_levels: {contract.TRITON_PRIORITY_OFFLINE}",
+            f"  default_priority_level: {contract.TRITON_PRIORITY_OFFLINE}",
+            "}",
+        ]
     lines += _warmup_block(spec)
     for key, value in sorted(spec.parameters.items()):
         escaped = value.replace("\\", "\\\\").replace('"', '\\"')

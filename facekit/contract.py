@@ -43,6 +43,10 @@ def personalised_name(avatar_id: str) -> str:
     return PERSONALISED_PREFIX + validate_stored_id(avatar_id)
 
 
+# Triton's priority levels of a generator's queue (export/repository.py dynamic_batching): a live
+# frame's call (1) is scheduled before offline ones (2) waiting there (service/backends/triton.py).
+TRITON_PRIORITY_LIVE, TRITON_PRIORITY_OFFLINE = 1, 2
+
 # Personalised generators loaded at once (the service's in-process engines, or one Triton's models
 # counted over every replica and the worker): beyond MAX_PERSONALISED, one loading unloads those
 # not called for PERSONALISED_IDLE_S, least recently called first.

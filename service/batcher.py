@@ -20,8 +20,9 @@ waits its turn and is started by the call that ends, so a lane never waits for t
 and draw the next; a batch with live frames may be one more still and goes before waiting offline
 ones (`priority`, engines.Turns), so a live frame beside offline work waits for a lane behind at
 most the one call queued in the engine, not first for a call to end. Each model has at most that
-many batches in the generator (pipelined, one per lane: a remote model's instances, and one being
-drawn), and all models together
+many batches in the generator (pipelined, one per lane - a remote model's instances - and, with
+several, one more queued in Triton, where live calls go before offline ones, and one being drawn),
+and all models together
 `max_concurrent` calls in the generator, so a slow batch of one model (a personalised generator, a
 stalled call waiting for its deadline) never holds up the batches of another. No timer: a model's
 next batch is whatever arrived while its previous one ran, so one stream gets batch 1 and its lowest
@@ -259,9 +260,16 @@ class Batcher:
         through this event loop later, which is busy drawing, encoding and reading frames (one
         queued call: live + offline 79.7-82.2 frames/s against 78.4-79.3 with the next batch only
         drawn ahead; two: a lane idle 0.5-1 % of the time instead of 2-4 % beside one live
-        stream, BENCHMARKS.md). Pipelined: one per lane (a remote backend's model instances),
-        none queued there - the next batch is drawn here, timed to be ready as a lane frees."""
-        return self.lanes(model) if self.pipeline else engines.in_flight(self.lanes(model))
+        stream, BENCHMARKS.md). Pipelined: one per lane (a remote backend's model instances)
+        and, with more than one (Triton's CPU instances), one more, queued in Triton (live calls
+        before offline ones there: contract.TRITON_PRIORITY_*). The next batch is drawn here,
+        timed to be ready as a lane frees; without the queued call each instance idled for the
+        round trip to this process between calls (live + offline through Triton 0.81-0.91 of raw
+        Triton against 0.84-0.99 with it, for live p99 77-113 against 113-137 ms; BENCHMARKS.md)."""
+        lanes = self.lanes(model)
+        if self.pipeline:
+            return lanes + 1 if lanes > 1 else lanes
+        return engines.in_flight(lanes)
 
     def _live_slots(self, model: str) -> int:
         """Batches of `model` the backend may hold when the last is of live frames only: in lanes,

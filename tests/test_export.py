@@ -145,6 +145,11 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
             assert cfg.max_batch_size == 32 and not cfg.HasField("dynamic_batching")
         else:
             assert cfg.max_batch_size == 16 and cfg.HasField("dynamic_batching")
+            # a live frame's call before offline ones queued with it (TritonBackend's priority)
+            queue = cfg.dynamic_batching
+            assert queue.priority_levels == contract.TRITON_PRIORITY_OFFLINE
+            assert queue.default_priority_level == contract.TRITON_PRIORITY_OFFLINE
+            assert 1 <= contract.TRITON_PRIORITY_LIVE < contract.TRITON_PRIORITY_OFFLINE
         if profile == "tensorrt":
             assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
         # the CPU profile's generator in instances of a share of the cores each, the embedder

@@ -38,6 +38,8 @@ from facekit.contract import (
     LANDMARK_IMAGE,
     MAX_PERSONALISED,
     PERSONALISED_IDLE_S,
+    TRITON_PRIORITY_LIVE,
+    TRITON_PRIORITY_OFFLINE,
     Meta,
     ModelInfo,
     idle_personalised,
@@ -45,7 +47,7 @@ from facekit.contract import (
     personalised_name,
     ready_personalised,
 )
-from facekit.engines import OFFLINE
+from facekit.engines import LIVE, OFFLINE
 from service.backends.base import (
     BackendUnavailable,
     InFlight,
@@ -82,6 +84,11 @@ def instances(config: dict) -> tuple[int, bool]:
         total += int(group.get("count", 1)) * max(1, len(group.get("gpus", [])))
         gpu = gpu or group.get("kind") != "KIND_CPU"
     return max(1, total), gpu
+
+
+def _triton_priority(priority: int) -> int:
+    """A call's priority in Triton's queue (contract.TRITON_PRIORITY_*) from the batcher's."""
+    return TRITON_PRIORITY_LIVE if priority == LIVE else TRITON_PRIORITY_OFFLINE
 
 
 class TritonBackend(ReadyGate):
@@ -217,7 +224,11 @@ class TritonBackend(ReadyGate):
         self._ready.set()
         log.info("Triton at %s ready: %s; generator in %d instance(s)", self.url, self._info, self._lanes)
 
-    async def _infer(self, model: str, feeds: dict[str, np.ndarray], outputs: list[str]) -> list[np.ndarray]:
+    async def _infer(
+        self, model: str, feeds: dict[str, np.ndarray], outputs: list[str], priority: int = 0
+    ) -> list[np.ndarray]:
+        """One Triton call; `priority` (contract.TRITON_PRIORITY_*, 0: the model's default) orders it
+        in the model's queue."""
         if not self.loaded():
             raise BackendUnavailable(f"Triton at {self.url} is not ready")
         inputs = []
@@ -230,7 +241,9 @@ class TritonBackend(ReadyGate):
         requested = [triton.InferRequestedOutput(name) for name in outputs]
         # The deadline travels with the request too (Triton may drop it); a little later, so that
         # the backend's own deadline answers first.
-        infer = self.client.infer(model, inputs, outputs=requested, client_timeout=self.timeout_s + 1)
+        infer = self.client.infer(
+            model, inputs, outputs=requested, client_timeout=self.timeout_s + 1, priority=priority
+        )
         try:
             result = await self.call(f"Triton {model}", infer)
         except InferenceServerException as error:
@@ -259,7 +272,7 @@ class TritonBackend(ReadyGate):
         priority: int = OFFLINE,
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, adain, warped)
-        (image,) = await self._infer(GENERATOR, feeds, [IMAGE])
+        (image,) = await self._infer(GENERATOR, feeds, [IMAGE], _triton_priority(priority))
         return image
 
     async def has_personalised(self, avatar_id: str) -> bool:
@@ -355,7 +368,7 @@ class TritonBackend(ReadyGate):
         name = personalised_name(avatar_id)
         with self._in_flight.call(name):
             try:
-                (image,) = await self._infer(name, feeds, [IMAGE])
+                (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
             except BackendUnavailable as error:
                 cause = error.__cause__
                 unloaded = isinstance(cause, InferenceServerException) and "NOT_FOUND" in str(
@@ -367,5 +380,5 @@ class TritonBackend(ReadyGate):
                 self.forget_personalised(avatar_id)
                 if not await self.has_personalised(avatar_id):
                     raise
-                (image,) = await self._infer(name, feeds, [IMAGE])
+                (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
         return image
