@@ -826,6 +826,7 @@ async def live(
     args: argparse.Namespace,
     streams: int,
     expect_batch: int = 1,
+    remote_pgid: int | None = None,
 ) -> dict[str, Any]:
     """`streams` live streams at once (and --offline-streams BLOCK streams using what the live
     ones leave), bracketed by the raw generator: a window before the row (at `expect_batch`, the
@@ -839,7 +840,9 @@ async def live(
     generator, and the generator may need more CPU per frame beside them than alone.
 
     Throughput and CPU are counted over the window in which every stream sends (--seconds from
-    the row's start): the frames received in it. Each stream's own rate counts its drain after
+    the row's start): the frames received in it. With `remote_pgid` (a Triton's process group)
+    the engine's CPU is that group's, and the whole server process's is the service's. Each
+    stream's own rate counts its drain after
     the window too (an offline stream's 64 frames in flight, served with the live streams gone),
     so their sum overstated the row (`total_fps_own_windows`, what `total_fps` was before the
     twelfth session)."""
@@ -849,9 +852,17 @@ async def live(
     server_cpu, client_cpu, started = server.cpu_seconds(), time.process_time(), time.perf_counter()
     window_end = started + args.seconds
 
+    def remote_cpu() -> float:
+        return (procstat.group_cpu_seconds(remote_pgid) or 0.0) if remote_pgid is not None else 0.0
+
+    remote_start = remote_cpu()
+
     async def at_window_end() -> tuple[dict[str, float], float]:
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        return await asyncio.to_thread(server.cpu_seconds), time.process_time()
+        cpu = await asyncio.to_thread(server.cpu_seconds)
+        if remote_pgid is not None and cpu:  # (the server's own threads are all the service's)
+            cpu = {"service": sum(cpu.values()), "engine": remote_cpu() - remote_start}
+        return cpu, time.process_time()
 
     clocks = asyncio.create_task(at_window_end())
     runs = await asyncio.gather(
@@ -870,6 +881,8 @@ async def live(
     )
     server_end, client_end = await clocks
     client_cpu = client_end - client_cpu
+    if remote_pgid is not None and server_cpu:
+        server_cpu = {"service": sum(server_cpu.values()), "engine": 0.0}
     server_cpu = {k: v - server_cpu.get(k, 0.0) for k, v in server_end.items()}
     in_window = sum(started <= t <= window_end for r in runs for t in r["received_at"])
     live_runs, offline_runs = runs[:streams], runs[streams:]
@@ -1137,7 +1150,7 @@ async def through_triton(args: argparse.Namespace, driver: LandmarkSequence, ven
                 capacity = server.capacity_fps
                 print(f"the server's live capacity through Triton, measured at its start: {capacity:.1f} fps")
                 for streams in args.streams:
-                    rows.append(await live(server, driver, raw, args, streams, 1))
+                    rows.append(await live(server, driver, raw, args, streams, 1, triton.process.pid))
         finally:
             await raw.close()
     return {

@@ -189,6 +189,39 @@ def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> No
     assert "max_ratio_to_raw" not in row
 
 
+@pytest.mark.triton
+def test_the_model_through_a_real_triton(model_repository: Path) -> None:
+    """The production path with the model itself: the bundled Triton serving the repository (its
+    runner's engine, logged) and the service on the triton backend: raw Triton calls with Triton's
+    CPU counted (not this process's), the server's capacity, and a live row against raw Triton."""
+    from deploy.local import tritonserver
+
+    venv = REPO / ".venv-triton"
+    try:
+        tritonserver.server_root(venv)
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--model-repository", str(model_repository), "--seconds", "2", "--raw-seconds", "0.5"]
+    args = parser.parse_args([*argv, "--batches", "1", "2", "--streams", "1"])
+    driver = LandmarkSequence.load(args.driver)
+    report = asyncio.run(bench.through_triton(args, driver, venv))
+    assert report["engine"] in engines.ENGINES and report["threads_per_instance"] >= 1
+    assert report["instances"] == engines.AUTO_LANES  # the python profile's generator
+    raw = report["raw"]
+    assert raw["fps"] > 0 and raw["in_flight"] == engines.in_flight(engines.AUTO_LANES)
+    # a frame's engine work is Triton's (its stubs'), tens of ms a frame on these cores
+    assert raw["triton_cpu_ms_per_frame"] > 5
+    assert report["capacity_fps_at_start"] > 0
+    (row,) = report["live"]
+    assert row["admitted"] == 1 and row["achieved_fps"] > 0 and row["dropped"] >= 0
+    assert row["total_ratio_to_raw"] > 0 and row["raw_fps_reference"]["fps"] > 0
+    # the row's engine CPU is Triton's, the whole server process's is the service's
+    assert row["cpu"]["engine_ms_per_frame"] > 5 and row["cpu"]["raw_ms_per_frame"] > 5
+    assert 0 < row["cpu"]["service_cores"] < row["cpu"]["engine_cores"]
+
+
 def test_instant_generator_passes_its_warped_input_through(model_repository: Path, tmp_path: Path) -> None:
     copy = instant_repository(model_repository, tmp_path / "repository")
     path = contract.latest_version(copy / contract.GENERATOR)
