@@ -164,11 +164,8 @@ def test_the_measured_clock_is_a_clock() -> None:
     assert crowded is not None and crowded > 0.8 * alone, (crowded, alone)
 
 
-@pytest.mark.triton
-def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> None:
-    """The ceiling through the triton backend and the bundled Triton serving the instant
-    repository: frames flow, batched across the streams, and Triton's CPU is counted apart from
-    the server's (a bound against the in-process generator means nothing there)."""
+def triton_venv() -> Path:
+    """.venv-triton with its bundled Triton, or the test skips saying why."""
     from deploy.local import tritonserver
 
     venv = REPO / ".venv-triton"
@@ -176,11 +173,22 @@ def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> No
         tritonserver.server_root(venv)
     except FileNotFoundError as missing:
         pytest.skip(str(missing))
+    return venv
+
+
+def bench_args(model_repository: Path, *argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(
-        ["--model-repository", str(model_repository), "--seconds", "2", "--batches", "1", "4"]
-    )
+    return parser.parse_args(["--model-repository", str(model_repository), "--streams", "1", *argv])
+
+
+@pytest.mark.triton
+def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> None:
+    """The ceiling through the triton backend and the bundled Triton serving the instant
+    repository: frames flow, batched across the streams, and Triton's CPU is counted apart from
+    the server's (a bound against the in-process generator means nothing there)."""
+    venv = triton_venv()
+    args = bench_args(model_repository, "--seconds", "2", "--batches", "1", "4")
     driver = LandmarkSequence.load(args.driver)
     row = asyncio.run(bench.serving_ceiling(args, driver, 50.0, triton_venv=venv))
     assert row["backend"] == "triton" and row["frames"] > 0 and row["fps"] > 0
@@ -194,17 +202,8 @@ def test_the_model_through_a_real_triton(model_repository: Path) -> None:
     """The production path with the model itself: the bundled Triton serving the repository (its
     runner's engine, logged) and the service on the triton backend: raw Triton calls with Triton's
     CPU counted (not this process's), the server's capacity, and a live row against raw Triton."""
-    from deploy.local import tritonserver
-
-    venv = REPO / ".venv-triton"
-    try:
-        tritonserver.server_root(venv)
-    except FileNotFoundError as missing:
-        pytest.skip(str(missing))
-    parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    argv = ["--model-repository", str(model_repository), "--seconds", "2", "--raw-seconds", "0.5"]
-    args = parser.parse_args([*argv, "--batches", "1", "2", "--streams", "1"])
+    venv = triton_venv()
+    args = bench_args(model_repository, "--seconds", "2", "--raw-seconds", "0.5", "--batches", "1", "2")
     driver = LandmarkSequence.load(args.driver)
     report = asyncio.run(bench.through_triton(args, driver, venv))
     assert report["engine"] in engines.ENGINES and report["threads_per_instance"] >= 1
