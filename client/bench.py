@@ -849,20 +849,20 @@ async def live(
     stub = server.stub
     before = await raw_window(raw, driver, expect_batch, args.raw_seconds)
     raw_cpu = [raw.cpu_seconds / (before * raw.elapsed)]
-    server_cpu, client_cpu, started = server.cpu_seconds(), time.process_time(), time.perf_counter()
+
+    def cpu_now() -> dict[str, float]:
+        cpu = server.cpu_seconds()
+        if remote_pgid is None or not cpu:
+            return cpu
+        # inference in Triton: the server's own threads are all the service's
+        return {"service": sum(cpu.values()), "engine": procstat.group_cpu_seconds(remote_pgid) or 0.0}
+
+    server_cpu, client_cpu, started = cpu_now(), time.process_time(), time.perf_counter()
     window_end = started + args.seconds
-
-    def remote_cpu() -> float:
-        return (procstat.group_cpu_seconds(remote_pgid) or 0.0) if remote_pgid is not None else 0.0
-
-    remote_start = remote_cpu()
 
     async def at_window_end() -> tuple[dict[str, float], float]:
         await asyncio.sleep(max(0.0, window_end - time.perf_counter()))
-        cpu = await asyncio.to_thread(server.cpu_seconds)
-        if remote_pgid is not None and cpu:  # (the server's own threads are all the service's)
-            cpu = {"service": sum(cpu.values()), "engine": remote_cpu() - remote_start}
-        return cpu, time.process_time()
+        return await asyncio.to_thread(cpu_now), time.process_time()
 
     clocks = asyncio.create_task(at_window_end())
     runs = await asyncio.gather(
@@ -881,8 +881,6 @@ async def live(
     )
     server_end, client_end = await clocks
     client_cpu = client_end - client_cpu
-    if remote_pgid is not None and server_cpu:
-        server_cpu = {"service": sum(server_cpu.values()), "engine": 0.0}
     server_cpu = {k: v - server_cpu.get(k, 0.0) for k, v in server_end.items()}
     in_window = sum(started <= t <= window_end for r in runs for t in r["received_at"])
     live_runs, offline_runs = runs[:streams], runs[streams:]
@@ -1128,21 +1126,9 @@ async def through_triton(args: argparse.Namespace, driver: LandmarkSequence, ven
         engine, threads = (found.group(1), int(found.group(2))) if found else ("unknown", 0)
         raw = RawTriton(repository=args.model_repository, url=triton.grpc_url, pgid=triton.process.pid)
         try:
-            feeds = raw.inputs(driver, 1)
-            await raw.saturate(feeds, 0.0, 1)  # warm-up
-            times = await raw.saturate(feeds, args.raw_seconds)
-            raw_row: dict[str, Any] = {
-                "batch": 1,
-                "instances": raw.lanes,
-                "in_flight": engines.in_flight(raw.lanes),
-                "latency_ms": percentiles(times),
-                "fps": round(len(times) / raw.elapsed, 2),
-                "triton_cpu_ms_per_frame": round(1e3 * raw.cpu_seconds / len(times), 2) if times else None,
-            }
-            print(
-                f"through Triton ({engine} in {raw.lanes} instance(s) of {threads} thread(s)): raw batch 1 "
-                f"{raw_row['fps']:.1f} fps, p50 {raw_row['latency_ms']['p50']:.1f} ms"
-            )
+            print(f"through Triton: {engine} in {raw.lanes} instance(s) of {threads} thread(s)")
+            (raw_row,) = await raw_generator(raw, driver, [1], args.raw_seconds)
+            raw_row["triton_cpu_ms_per_frame"] = round(1e3 * raw.cpu_seconds / raw_row["runs"], 2)
             rows: list[dict[str, Any]] = []
             async with bench_server(
                 args, args.model_repository, max(args.batches), triton_url=triton.grpc_url
