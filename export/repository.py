@@ -60,8 +60,9 @@ class Tensor:
 @dataclass(frozen=True, kw_only=True)
 class Batching:
     """Triton dynamic batching. Measured on 2 CPU cores (README, export report): the generator's
-    cost per frame is flat from batch 1 to 16 on CPU, so CPU profiles merge only requests that
-    are already queued (no delay); GPU profiles wait up to 1 ms for fuller batches."""
+    cost per frame is flat from batch 1 to 16 on CPU, so CPU profiles neither wait for a batch
+    nor merge queued requests (preferred batch 1: a request waiting for an instance runs alone
+    when one frees); GPU profiles wait up to 1 ms for fuller batches."""
 
     preferred: tuple[int, ...]
     max_queue_delay_us: int
@@ -111,8 +112,15 @@ def spec_of(onnx_path: Path, *, name: str | None = None, profile: str = "python"
     else:
         max_batch = 16
         gpu_batching = Batching(preferred=(4, 8, 16), max_queue_delay_us=1000)
-        batching = gpu_batching if gpu else Batching(preferred=(), max_queue_delay_us=0)
-        warmup = (1, *batching.preferred)
+        # CPU: merged, two one-frame calls queued for an instance run as one of two frames, twice
+        # as long, and the service (which sends a call per instance and one more, queued here)
+        # sees both calls take that long: under 16 live + 1 offline streams through Triton, 9 %
+        # of executions were merged, calls took 36 ms on average for 30 ms of an instance's
+        # time, and the capacity admission holds fell from 65 to 53 frames/s (one live stream
+        # admitted where two fit). One request per execution: 34 ms, 58 frames/s (BENCHMARKS.md).
+        cpu_batching = Batching(preferred=(1,), max_queue_delay_us=0)
+        batching = gpu_batching if gpu else cpu_batching
+        warmup = tuple(sorted({1, *batching.preferred}))
     if name != kind:  # a personalised generator: see _warmup_block
         warmup = ()
     # Generators on the python profile (CPU): instances of one share of the cores each, the

@@ -150,6 +150,11 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
             assert queue.priority_levels == contract.TRITON_PRIORITY_OFFLINE
             assert queue.default_priority_level == contract.TRITON_PRIORITY_OFFLINE
             assert 1 <= contract.TRITON_PRIORITY_LIVE < contract.TRITON_PRIORITY_OFFLINE
+            # on CPU a queued request runs alone (two merged one-frame calls both take two
+            # frames' time); a GPU waits for fuller batches, cheaper per frame there
+            preferred = list(queue.preferred_batch_size)
+            assert preferred == ([4, 8, 16] if profile == "tensorrt" else [1])
+            assert queue.max_queue_delay_microseconds == (1000 if profile == "tensorrt" else 0)
         if profile == "tensorrt":
             assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_GPU
         # the CPU profile's generator in instances of a share of the cores each, the embedder
@@ -158,7 +163,7 @@ def test_configs_parse_as_triton_model_configs(exported: tuple[Path, dict], prof
         assert [g.count for g in cfg.instance_group] == [engines.AUTO_LANES if cpu_lanes else 1]
         # warmed up before Triton calls it ready: every input, zeros, at batch 1 and the sizes
         # the dynamic batcher prefers
-        want = [1, *cfg.dynamic_batching.preferred_batch_size]
+        want = sorted({1, *cfg.dynamic_batching.preferred_batch_size})
         assert [w.batch_size for w in cfg.model_warmup] == want
         for sample in cfg.model_warmup:
             assert sorted(sample.inputs) == sorted(t.name for t in spec.inputs)

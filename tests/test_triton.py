@@ -13,7 +13,7 @@ import re
 import shutil
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,15 +192,54 @@ def metric(server: tritonserver.Server, name: str, model: str) -> float:
     return float(found.group(1))
 
 
-def test_batched_requests_of_several_avatars_return_each_avatars_frame(
-    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
-) -> None:
-    """Two avatars in 16 concurrent requests: Triton's dynamic batcher merges them, and every
-    request still gets its own avatar's frame. Avatar 0 is the portrait's psi; avatar 1 a psi
-    moved away from it (the committed small model's embedder maps most faces to nearly the same
-    psi, see models/MODEL_CARD.md, so two photos would not make two distinguishable avatars)."""
+def burst(url: str, model: str, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Every request of `feeds` sent to `model` at once; their frames, in order."""
     import tritonclient.grpc.aio as aioclient
 
+    async def run() -> list[np.ndarray]:
+        aio = aioclient.InferenceServerClient(url)
+
+        async def one(request: dict[str, np.ndarray]) -> np.ndarray:
+            inputs = []
+            for name, value in request.items():
+                inputs.append(
+                    aioclient.InferInput(name, list(value.shape), "UINT8" if name != "adain" else "FP32")
+                )
+                inputs[-1].set_data_from_numpy(value)
+            return (await aio.infer(model, inputs)).as_numpy("image")
+
+        try:
+            return await asyncio.gather(*(one(request) for request in feeds))
+        finally:
+            await aio.close()
+
+    return asyncio.run(run())
+
+
+def executions(server: tritonserver.Server, model: str, send: Callable[[], object], requests: int) -> float:
+    """How many executions Triton ran `model` in while `send()` made `requests` one-frame requests."""
+    runs_before = metric(server, "nv_inference_exec_count", model)
+    frames_before = metric(server, "nv_inference_count", model)
+    send()
+    # Triton counts a request after its response is sent: the last ones may land a moment later.
+    deadline = time.monotonic() + 10
+    while (
+        metric(server, "nv_inference_count", model) - frames_before < requests and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert metric(server, "nv_inference_count", model) - frames_before == requests
+    return metric(server, "nv_inference_exec_count", model) - runs_before
+
+
+def test_concurrent_requests_of_several_avatars_return_each_avatars_frame(
+    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
+) -> None:
+    """Two avatars in 16 concurrent one-frame requests, and in one request of both: every frame is
+    its own avatar's. The shipped CPU config runs each queued request alone (merged, two one-frame
+    calls both took two frames' time); a copy of the generator whose config lets Triton's dynamic
+    batcher merge them (as an operator may set it) still answers each request with its own frame.
+    Avatar 0 is the portrait's psi; avatar 1 a psi moved away from it (the committed small model's
+    embedder maps most faces to nearly the same psi, see models/MODEL_CARD.md)."""
     client = grpcclient.InferenceServerClient(triton.grpc_url)
     psi = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])["adain"][:1]
     psi = np.concatenate([psi, psi + np.random.default_rng(0).normal(0, 0.5, psi.shape).astype(np.float32)])
@@ -208,39 +247,32 @@ def test_batched_requests_of_several_avatars_return_each_avatars_frame(
     drawn, warped = faces["drawn"][:1], warped_of(faces, slice(0, 1))
     expected = [triton_frames(gen, landmark_image=drawn, adain=psi[i : i + 1], **warped) for i in range(2)]
     assert not np.array_equal(expected[0], expected[1])
-    runs_before = metric(triton, "nv_inference_exec_count", "generator")
-    frames_before = metric(triton, "nv_inference_count", "generator")
+    feeds = [{"landmark_image": drawn, "adain": psi[i % 2 : i % 2 + 1], **warped} for i in range(16)]
 
-    async def burst() -> list[np.ndarray]:
-        aio = aioclient.InferenceServerClient(triton.grpc_url)
+    def check(model: str) -> float:
+        results: list[np.ndarray] = []
+        runs = executions(triton, model, lambda: results.extend(burst(triton.grpc_url, model, feeds)), 16)
+        for i, frame in enumerate(results):
+            assert np.array_equal(frame, expected[i % 2]), f"{model}: request {i} got another avatar's frame"
+        return runs
 
-        async def one(avatar: int) -> np.ndarray:
-            feeds = {"landmark_image": drawn, "adain": psi[avatar : avatar + 1], **warped}
-            inputs = []
-            for name, value in feeds.items():
-                inputs.append(
-                    aioclient.InferInput(name, list(value.shape), "UINT8" if name != "adain" else "FP32")
-                )
-                inputs[-1].set_data_from_numpy(value)
-            return (await aio.infer("generator", inputs)).as_numpy("image")
+    assert check("generator") == 16, "the CPU profile merged queued one-frame requests"
+    both = {"landmark_image": np.concatenate([drawn, drawn]), "adain": psi}
+    both.update({k: np.concatenate([v, v]) for k, v in warped.items()})
+    frames = infer(client, "generator", **both)["image"]
+    assert np.array_equal(frames[0], expected[0][0]) and np.array_equal(frames[1], expected[1][0])
 
-        try:
-            return await asyncio.gather(*(one(i % 2) for i in range(16)))
-        finally:
-            await aio.close()
-
-    results = asyncio.run(burst())
-    for i, frame in enumerate(results):
-        assert np.array_equal(frame, expected[i % 2]), f"request {i} got another avatar's frame"
-    # Triton counts a request after its response is sent: the last ones may land a moment later.
-    deadline = time.monotonic() + 10
-    while (
-        metric(triton, "nv_inference_count", "generator") - frames_before < 16 and time.monotonic() < deadline
-    ):
-        time.sleep(0.1)
-    runs = metric(triton, "nv_inference_exec_count", "generator") - runs_before
-    assert metric(triton, "nv_inference_count", "generator") - frames_before == 16
-    assert runs < 16, "the dynamic batcher merged none of the 16 concurrent requests"
+    merging = live_repo / "generator_merging"
+    shutil.copytree(live_repo / "generator", merging)
+    config = merging / "config.pbtxt"
+    text = re.sub(r"\s*preferred_batch_size: \[[^\]]*\]", "", config.read_text())
+    config.write_text(text.replace("max_queue_delay_microseconds: 0", "max_queue_delay_microseconds: 20000"))
+    try:
+        client.load_model("generator_merging")
+        assert check("generator_merging") < 16, "the dynamic batcher merged none of the 16 requests"
+    finally:
+        client.unload_model("generator_merging")
+        shutil.rmtree(merging)
 
 
 def test_personalised_generator_loads_serves_and_unloads(
