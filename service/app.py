@@ -152,7 +152,10 @@ class App:
         """Calibrate once the backend is ready, and again each time it has loaded its models anew:
         a Triton restarted with the generator in another instance count, or rescheduled onto other
         hardware, has other lanes and another cost, and capacity from the old one would admit
-        streams it cannot serve (2 lanes' worth into 1) or keep one-frame calls on a GPU."""
+        streams it cannot serve (2 lanes' worth into 1) or keep one-frame calls on a GPU.
+        Between calibrations the capacity gauge is published every second: the calls streams
+        make keep teaching the cost model, and a scrape should read what admission holds now,
+        not what it held when a stream last began or ended."""
         seen = 0
         while True:
             loads = self.backend.loads
@@ -161,6 +164,8 @@ class App:
                     log.info("the backend loaded its models anew: measuring the generator's cost again")
                 seen = loads
                 await self._calibrate()
+            elif seen and self.cost.observations:
+                self._publish_capacity()
             await asyncio.sleep(0.25 if not seen else 1.0)
 
     async def _calibrate(self) -> None:

@@ -103,3 +103,26 @@ def test_expected_fps_out_of_range_is_invalid(admitting, driver) -> None:
         list(client.animation.Animate(_requests(bad, driver, threading.Event()), timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "expected_fps" in error.value.details()
+
+
+def test_the_capacity_gauge_follows_what_calls_teach_the_cost_model(admitting) -> None:
+    """Calls slower than at calibration (other work on the cores) lower the capacity admission
+    holds; the gauge shows it within seconds, not only when a stream next begins or ends."""
+    server = admitting
+    app = server.app
+    before = server.metric("talkinghead_capacity_fps")
+    learnt = dict(vars(app.cost))
+
+    async def slower_calls() -> None:
+        for _ in range(100):
+            app.cost.observe(1, 0.5)
+
+    try:
+        server.call(slower_calls())
+        deadline = time.monotonic() + 5
+        while server.metric("talkinghead_capacity_fps") > before / 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.metric("talkinghead_capacity_fps") == pytest.approx(app.admission.capacity)
+        assert app.admission.capacity < before / 2
+    finally:
+        vars(app.cost).update(learnt)
