@@ -543,10 +543,20 @@ class BenchServer:
         """The server's talkinghead_cpu_seconds_total by threads (service, engine); {} off Linux."""
         return cpu_by_threads(metrics_page(self.metrics_url))
 
+    def capacity_now(self) -> float:
+        """The live capacity the server's admission holds now (its talkinghead_capacity_fps)."""
+        return capacity_of(metrics_page(self.metrics_url))
+
 
 def metrics_page(url: str) -> str:
     with urllib.request.urlopen(url, timeout=10) as reply:
         return str(reply.read().decode())
+
+
+def capacity_of(metrics_text: str) -> float:
+    """talkinghead_capacity_fps from a /metrics page (0 before the server's first calibration)."""
+    found = re.search(r"^talkinghead_capacity_fps (\S+)$", metrics_text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def cpu_by_threads(metrics_text: str) -> dict[str, float]:
@@ -564,9 +574,9 @@ async def calibrated(metrics_url: str, timeout: float = 60.0) -> float:
     within `timeout` (the server logs why)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = re.search(r"^talkinghead_capacity_fps (\S+)$", metrics_page(metrics_url), re.MULTILINE)
-        if found and float(found.group(1)) > 0:
-            return float(found.group(1))
+        capacity = capacity_of(metrics_page(metrics_url))
+        if capacity > 0:
+            return capacity
         await asyncio.sleep(0.1)
     print(f"the server published no capacity within {timeout:g} s: measuring anyway")
     return 0.0
@@ -886,6 +896,9 @@ async def live(
     live_runs, offline_runs = runs[:streams], runs[streams:]
     row: dict[str, Any] = {"streams": streams, "fps_per_stream": args.fps}
     row.update(merge(live_runs))
+    # what admission holds once the row's calls taught the cost model: below streams x fps / 0.9,
+    # the next row admits fewer live streams than it did
+    row["capacity_fps_after"] = round(await asyncio.to_thread(server.capacity_now), 2)
     nearest = min(args.batches, key=lambda b: abs(b - row["mean_batch"]))
     after = await raw_window(raw, driver, nearest, args.raw_seconds)
     raw_cpu.append(raw.cpu_seconds / (after * raw.elapsed))
@@ -914,7 +927,8 @@ async def live(
         f"{row['generator_utilisation']:.0%}, raw batch {nearest} before/after: "
         f"{before:.1f}/{after:.1f} fps (ratio {row['ratio_to_raw']:.2f}); "
         f"latency p50/p95/p99 {row['latency_ms']['p50']:.0f}/{row['latency_ms']['p95']:.0f}/"
-        f"{row['latency_ms']['p99']:.0f} ms; {row['dropped']} dropped"
+        f"{row['latency_ms']['p99']:.0f} ms; {row['dropped']} dropped; capacity after "
+        f"{row['capacity_fps_after']:.1f} fps"
         + (
             f"; + {len(offline_runs)} offline: {row['offline']['achieved_fps']:.1f} fps, total "
             f"{total:.1f} fps (ratio {row['total_ratio_to_raw']:.2f})"

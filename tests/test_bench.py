@@ -69,6 +69,9 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     assert "the server's live capacity, measured at its start" in done.stdout
     (live,) = report["live"]
     assert live["admitted"] == 1 and live["achieved_fps"] > 0
+    # what admission holds after the row (the server's gauge, moved by the row's calls)
+    assert live["capacity_fps_after"] > 0
+    assert f"capacity after {live['capacity_fps_after']:.1f} fps" in done.stdout
     # the row's raw reference brackets it: a window before and one after, at the row's batch
     reference = live["raw_fps_reference"]
     assert live["raw_fps_before"]["batch"] == reference["batch"] == live["raw_fps_after"]["batch"] == 1
