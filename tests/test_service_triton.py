@@ -26,7 +26,7 @@ from deploy.local import tritonserver
 from export import repository as repository_files
 from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
-from service.backends.triton import TritonBackend, instances
+from service.backends.triton import TritonBackend, instances, merges_queued_calls
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
@@ -107,6 +107,37 @@ def test_the_generators_instances_on_triton_are_its_lanes(groups: list[dict], la
     """From Triton's completed config: calls the batcher keeps in flight, and whether batches are
     cheaper per frame (any instance on a GPU) or every call should be one frame (all on CPU)."""
     assert instances({"instance_group": groups}) == (lanes, gpu)
+
+
+@pytest.mark.parametrize(
+    ("config", "merges"),
+    [
+        ({"instance_group": [{"count": 2, "kind": "KIND_CPU"}], "dynamic_batching": {}}, True),
+        (
+            {
+                "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+                "dynamic_batching": {"preferred_batch_size": [4, 8]},
+            },
+            True,
+        ),
+        (
+            {
+                "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+                "dynamic_batching": {"preferred_batch_size": [1]},
+            },
+            False,
+        ),
+        ({"instance_group": [{"count": 2, "kind": "KIND_CPU"}]}, False),  # no dynamic batching
+        ({"instance_group": [{"count": 1, "kind": "KIND_CPU"}], "dynamic_batching": {}}, False),
+        ({"instance_group": [{"count": 2, "kind": "KIND_GPU", "gpus": [0]}], "dynamic_batching": {}}, False),
+    ],
+)
+def test_a_cpu_generator_whose_queued_calls_triton_may_merge_is_recognised(
+    config: dict, merges: bool
+) -> None:
+    """Merged one-frame calls on CPU instances read as a slower generator (BENCHMARKS.md): the
+    service warns when Triton's config allows it; a GPU's batches are meant to merge."""
+    assert merges_queued_calls(config) is merges
 
 
 def test_triton_backend_serves_streams(

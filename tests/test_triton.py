@@ -25,6 +25,7 @@ from deploy.local import tritonserver
 from export import repository
 from facekit import engines
 from facekit.contract import Meta
+from service.backends.triton import merges_queued_calls
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
@@ -257,6 +258,7 @@ def test_concurrent_requests_of_several_avatars_return_each_avatars_frame(
         return runs
 
     assert check("generator") == 16, "the CPU profile merged queued one-frame requests"
+    assert not merges_queued_calls(client.get_model_config("generator", as_json=True)["config"])
     both = {"landmark_image": np.concatenate([drawn, drawn]), "adain": psi}
     both.update({k: np.concatenate([v, v]) for k, v in warped.items()})
     frames = infer(client, "generator", **both)["image"]
@@ -270,6 +272,8 @@ def test_concurrent_requests_of_several_avatars_return_each_avatars_frame(
     try:
         client.load_model("generator_merging")
         assert check("generator_merging") < 16, "the dynamic batcher merged none of the 16 requests"
+        # what the service warns of when a repository was exported with such a config
+        assert merges_queued_calls(client.get_model_config("generator_merging", as_json=True)["config"])
     finally:
         client.unload_model("generator_merging")
         shutil.rmtree(merging)

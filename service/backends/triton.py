@@ -86,6 +86,19 @@ def instances(config: dict) -> tuple[int, bool]:
     return max(1, total), gpu
 
 
+def merges_queued_calls(config: dict) -> bool:
+    """Whether Triton's dynamic batcher may run several of the calls queued for a model's CPU
+    instances as one execution: every instance on the CPU, more than one, and no preferred batch
+    of 1 (repositories exported before 2026-12-05). Merged, two one-frame calls both take two
+    frames' time, which the cost model reads as a slower generator: admission then holds fewer
+    live streams than fit (BENCHMARKS.md)."""
+    lanes, gpu = instances(config)
+    batching = config.get("dynamic_batching")
+    if gpu or lanes < 2 or batching is None:
+        return False
+    return [int(size) for size in batching.get("preferred_batch_size") or []] != [1]
+
+
 def _triton_priority(priority: int) -> int:
     """A call's priority in Triton's queue (contract.TRITON_PRIORITY_*) from the batcher's."""
     return TRITON_PRIORITY_LIVE if priority == LIVE else TRITON_PRIORITY_OFFLINE
@@ -217,6 +230,13 @@ class TritonBackend(ReadyGate):
         generator = await self._config(GENERATOR)
         self._info = ModelInfo.from_metadata(parameters(generator), where=f"{self.url}/{GENERATOR}")
         self._lanes, self.batches_cheaper = instances(generator)
+        if merges_queued_calls(generator):
+            log.warning(
+                "Triton's %s config lets its dynamic batcher merge calls queued for its CPU instances "
+                "(no preferred_batch_size [1]): merged calls read as a slower generator and admission "
+                "holds fewer live streams than fit; export the repository again (talkinghead export)",
+                GENERATOR,
+            )
         embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
             raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
