@@ -304,6 +304,42 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
         asyncio.run(main())
 
 
+def test_a_personalised_generator_whose_queued_calls_triton_may_merge_is_warned_of(
+    model_repository: Path, triton: str | Triton, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A personalised generator exported before its CPU config held a preferred batch of 1 merges
+    queued calls as the old shared one did: the service names it when it loads it (and still serves
+    it); one exported now passes without a word."""
+    if isinstance(triton, str):
+        pytest.skip("needs the test's own Triton (the test adds models to its repository)")
+    template = _template(model_repository)
+    for avatar in ("new", "old"):
+        repository_files.write_model(triton.repository, template, name=f"generator_{avatar}")
+    config = triton.repository / "generator_old" / "config.pbtxt"
+    lines = config.read_text().splitlines()
+    config.write_text("\n".join(line for line in lines if "preferred_batch_size" not in line) + "\n")
+
+    async def main() -> None:
+        backend = TritonBackend(url=triton.url)
+        other = tritonclient.InferenceServerClient(triton.url)
+        await backend.start()
+        try:
+            assert await backend.wait_ready(60)
+            assert await backend.has_personalised("new")
+            assert "merge" not in caplog.text
+            assert await backend.has_personalised("old")
+            assert "Triton's generator_old config lets its dynamic batcher merge" in caplog.text
+        finally:
+            for avatar in ("new", "old"):
+                await other.unload_model(f"generator_{avatar}")
+                shutil.rmtree(triton.repository / f"generator_{avatar}")
+            await other.close()
+            await backend.close()
+
+    with caplog.at_level("WARNING", logger="talkinghead.service.triton"):
+        asyncio.run(main())
+
+
 def test_the_service_gets_ready_beside_a_triton_that_refused_a_model(
     model_repository: Path, tmp_path: Path
 ) -> None:

@@ -99,6 +99,17 @@ def merges_queued_calls(config: dict) -> bool:
     return [int(size) for size in batching.get("preferred_batch_size") or []] != [1]
 
 
+def _warn_if_merging(model: str, config: dict) -> None:
+    if merges_queued_calls(config):
+        log.warning(
+            "Triton's %s config lets its dynamic batcher merge calls queued for its CPU instances "
+            "(no preferred_batch_size [1]): merged calls read as a slower generator and admission "
+            "holds fewer live streams than fit; export it again (talkinghead export, or personalise "
+            "the avatar again)",
+            model,
+        )
+
+
 def _triton_priority(priority: int) -> int:
     """A call's priority in Triton's queue (contract.TRITON_PRIORITY_*) from the batcher's."""
     return TRITON_PRIORITY_LIVE if priority == LIVE else TRITON_PRIORITY_OFFLINE
@@ -230,13 +241,7 @@ class TritonBackend(ReadyGate):
         generator = await self._config(GENERATOR)
         self._info = ModelInfo.from_metadata(parameters(generator), where=f"{self.url}/{GENERATOR}")
         self._lanes, self.batches_cheaper = instances(generator)
-        if merges_queued_calls(generator):
-            log.warning(
-                "Triton's %s config lets its dynamic batcher merge calls queued for its CPU instances "
-                "(no preferred_batch_size [1]): merged calls read as a slower generator and admission "
-                "holds fewer live streams than fit; export the repository again (talkinghead export)",
-                GENERATOR,
-            )
+        _warn_if_merging(GENERATOR, generator)
         embedder_id = (await self._parameters(EMBEDDER)).get(Meta.MODEL_ID)
         if embedder_id != self._info.model_id:
             raise BackendUnavailable(f"{self.url}: embedder and generator come from different models")
@@ -312,13 +317,14 @@ class TritonBackend(ReadyGate):
             ready = ready_personalised(index)
             if name not in ready:
                 await self.client.load_model(name, client_timeout=timeout)  # else the worker did
-            params = await self._parameters(name)
+            config = await self._config(name)
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)
             return False
-        if params.get(Meta.MODEL_ID) != self.info.model_id:
+        if parameters(config).get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
+        _warn_if_merging(name, config)
         self._personalised.add(name)
         await self._unload_idle(ready | {name}, keep=name)
         return True
