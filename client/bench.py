@@ -447,17 +447,24 @@ class RawTriton(RawGenerator):
         self.info = ModelInfo.from_metadata(
             ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map, where=str(path)
         )
-        config = (path.parent.parent / "config.pbtxt").read_text()
-        found = re.search(r"instance_group \[ \{ count: (\d+)", config)
-        self.lanes = int(found.group(1)) if found else 1
+        self.lanes = 1  # until connect() reads Triton's config
         self.elapsed = self.cpu_seconds = 0.0
         self._client: Any = None
+
+    async def connect(self) -> None:
+        """The client (made in the running loop, which it is bound to) and the generator's
+        instances from the config Triton completed and runs, as the service's backend reads them."""
+        import tritonclient.grpc.aio as triton
+
+        self._client = triton.InferenceServerClient(self.url)
+        answer = await self._client.get_model_config(contract.GENERATOR, as_json=True)
+        self.lanes, _ = contract.instances(answer["config"])
 
     async def generate(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         import tritonclient.grpc.aio as triton
 
-        if self._client is None:  # made in the running loop, which it is bound to
-            self._client = triton.InferenceServerClient(self.url)
+        if self._client is None:
+            await self.connect()
         inputs = []
         for name, value in feeds.items():
             inputs.append(
@@ -1140,6 +1147,7 @@ async def through_triton(args: argparse.Namespace, driver: LandmarkSequence, ven
         engine, threads = (found.group(1), int(found.group(2))) if found else ("unknown", 0)
         raw = RawTriton(repository=args.model_repository, url=triton.grpc_url, pgid=triton.process.pid)
         try:
+            await raw.connect()
             print(f"through Triton: {engine} in {raw.lanes} instance(s) of {threads} thread(s)")
             (raw_row,) = await raw_generator(raw, driver, [1], args.raw_seconds)
             raw_row["triton_cpu_ms_per_frame"] = round(1e3 * raw.cpu_seconds / raw_row["runs"], 2)

@@ -74,6 +74,17 @@ def last_inference(statistics: dict[str, Any]) -> dict[str, float]:
     return called
 
 
+def instances(config: dict[str, Any]) -> tuple[int, bool]:
+    """A model's instances in all, from Triton's completed config (a GPU group's count once per
+    GPU it lists), and whether any runs off the CPU, where a batch costs less per frame than its
+    frames one by one."""
+    total, gpu = 0, False
+    for group in config.get("instance_group", []):
+        total += int(group.get("count", 1)) * max(1, len(group.get("gpus", [])))
+        gpu = gpu or group.get("kind") != "KIND_CPU"
+    return max(1, total), gpu
+
+
 def idle_personalised(
     ready: set[str], called: dict[str, float], *, keep: str, idle_s: float, now: float
 ) -> list[tuple[str, float]]:

@@ -26,7 +26,7 @@ from deploy.local import tritonserver
 from export import repository as repository_files
 from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
-from service.backends.triton import TritonBackend, instances, merges_queued_calls
+from service.backends.triton import TritonBackend, merges_queued_calls
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
@@ -106,7 +106,7 @@ def url_of(triton: str | Triton) -> str:
 def test_the_generators_instances_on_triton_are_its_lanes(groups: list[dict], lanes: int, gpu: bool) -> None:
     """From Triton's completed config: calls the batcher keeps in flight, and whether batches are
     cheaper per frame (any instance on a GPU) or every call should be one frame (all on CPU)."""
-    assert instances({"instance_group": groups}) == (lanes, gpu)
+    assert contract.instances({"instance_group": groups}) == (lanes, gpu)
 
 
 @pytest.mark.parametrize(

@@ -43,6 +43,7 @@ from facekit.contract import (
     Meta,
     ModelInfo,
     idle_personalised,
+    instances,
     last_inference,
     personalised_name,
     ready_personalised,
@@ -73,17 +74,6 @@ CHANNEL_ARGS = [
 def parameters(config: dict) -> dict[str, str]:
     """A model config's string parameters (the talkinghead.* metadata)."""
     return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
-
-
-def instances(config: dict) -> tuple[int, bool]:
-    """A model's instances in all, from Triton's completed config (a GPU group's count once per
-    GPU it lists), and whether any runs off the CPU, where a batch costs less per frame than its
-    frames one by one."""
-    total, gpu = 0, False
-    for group in config.get("instance_group", []):
-        total += int(group.get("count", 1)) * max(1, len(group.get("gpus", [])))
-        gpu = gpu or group.get("kind") != "KIND_CPU"
-    return max(1, total), gpu
 
 
 def merges_queued_calls(config: dict) -> bool:
