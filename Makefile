@@ -27,7 +27,7 @@ help:
 	@echo "make lint        ruff + mypy"
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
-	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~1 h on 2 cores)"
+	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~25 min on 2 cores, after make preprocess ~2 min)"
 	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
 	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
 	@echo "make up / down   Triton + the service (triton backend) + Prometheus on 127.0.0.1 (var/stack/logs)"
