@@ -6,6 +6,7 @@ PNGs only together with a retrained model (see tests/golden/README.md).
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,5 +64,22 @@ def test_bad_points_are_rejected_with_a_reason(points: np.ndarray, message: str)
 
 
 def test_points_far_outside_the_frame_do_not_crash() -> None:
-    img = draw_landmarks(POINTS * 1e6, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warns when a cast to int32 overflows
+        img = draw_landmarks(POINTS * 1e6, 64)
     assert img.shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("far", [1e12, -1e12])
+def test_a_far_off_point_draws_its_line_toward_where_it_lies(far: float) -> None:
+    """A point beyond int32 once scaled to fixed point draws as one at the clipping bound on its
+    own side, not a line across the frame the other way."""
+    size = 64
+    bound = 9 * size if far > 0 else -8 * size
+    face = POINTS * (size / 256)  # in the frame: the point's line shows
+    far_off, at_bound = face.copy(), face.copy()
+    far_off[0, 0], at_bound[0, 0] = far, bound
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = draw_landmarks(far_off, size)
+    np.testing.assert_array_equal(drawn, draw_landmarks(at_bound, size))
