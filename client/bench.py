@@ -447,7 +447,7 @@ class RawTriton(RawGenerator):
         self.info = ModelInfo.from_metadata(
             ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map, where=str(path)
         )
-        self.lanes = 1  # until connect() reads Triton's config
+        self.lanes = 1  # connect() reads Triton's config
         self.elapsed = self.cpu_seconds = 0.0
         self._client: Any = None
 
@@ -463,8 +463,8 @@ class RawTriton(RawGenerator):
     async def generate(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         import tritonclient.grpc.aio as triton
 
-        if self._client is None:
-            await self.connect()
+        if self._client is None:  # lanes would be a guess: saturate keeps them busy before a call
+            raise RuntimeError("RawTriton.connect() first")
         inputs = []
         for name, value in feeds.items():
             inputs.append(
