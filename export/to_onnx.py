@@ -10,10 +10,13 @@ scale, model id) are the contract in facekit/contract.py, which the service read
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 import time
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,7 +180,7 @@ def _export_in_full(graph: Graph, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=MAX_EXPORT_BATCH)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph.module.eval()
-    with torch.no_grad():
+    with torch.no_grad(), _exporter_notices_quiet():
         torch.onnx.export(
             graph.module,
             tuple(graph.inputs.values()),
@@ -196,6 +199,26 @@ def _export_in_full(graph: Graph, path: Path) -> None:
     stamp(simplified, graph.metadata)
     onnx.checker.check_model(simplified, full_check=True)
     onnx.save(simplified, str(path))
+
+
+@contextlib.contextmanager
+def _exporter_notices_quiet() -> Iterator[None]:
+    """The exporter's notices that say nothing about our graphs, off (each named, so any other
+    warning still shows): torchvision's ops skipped (we use none), a deprecation inside torch's
+    own pytree code, and that the inputs' shared `batch` axis is named once (it is meant to be
+    shared: every input has the one batch dimension)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", r"# The axis name: batch will not be used", UserWarning)
+            warnings.filterwarnings(
+                "ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning
+            )
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 class Templates:

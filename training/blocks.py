@@ -82,8 +82,8 @@ class ResBlockUp(nn.Module):
 class AdaIN(nn.Module):
     """Instance norm whose scale and bias come from outside (a slice of psi = P·e).
 
-    The generator calls `set_params` with (B, 2*C) before its forward pass; scale is 1 + psi_s so
-    that psi = 0 is the identity normalisation.
+    The generator calls `set_params` with (B, 2*C) before its forward pass and `clear_params`
+    after it; scale is 1 + psi_s so that psi = 0 is the identity normalisation.
     """
 
     def __init__(self, ch: int) -> None:
@@ -97,6 +97,9 @@ class AdaIN(nn.Module):
 
     def set_params(self, params: torch.Tensor) -> None:
         self.params = params  # (B, 2C)
+
+    def clear_params(self) -> None:
+        self.params = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.params is None:

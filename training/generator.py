@@ -107,6 +107,15 @@ class Generator(nn.Module):
         for layer in self.adain_layers:
             layer.set_params(adain[:, offset : offset + layer.num_params])
             offset += layer.num_params
+        try:
+            return self._synthesise(landmark_image, warped)
+        finally:
+            # psi lives for one pass: held after it, it kept this batch's autograd graph alive
+            # until the next call, and torch.export warned of tensors assigned during export
+            for layer in self.adain_layers:
+                layer.clear_params()
+
+    def _synthesise(self, landmark_image: torch.Tensor, warped: torch.Tensor | None) -> torch.Tensor:
         x = landmark_image
         if warped is not None:
             assert_shape(warped, tuple(landmark_image.shape), "warped")
