@@ -16,6 +16,9 @@ from api.talkinghead.v1 import animation_pb2
 from service.errors import invalid
 
 FORMATS = ("JPEG", "PNG", "WEBP")
+# Pillow's name for a JPEG carrying Multi-Picture data (many phone cameras write it): the first
+# picture is the JPEG itself, the only one decoded
+_AS_JPEG = ("MPO",)
 JPEG_QUALITY = 90  # default when the stream asks for 0
 PNG_LEVEL = 1  # default zlib level: fast; level 9 saves ~10 % for ~5x the time
 
@@ -34,7 +37,7 @@ def _open(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.I
         raise invalid(f"{what}: the image has more pixels than the limit of {max_pixels} pixels") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise invalid(CANNOT_DECODE.format(what=what)) from None
-    if image.format not in FORMATS:
+    if image.format not in FORMATS and image.format not in _AS_JPEG:
         raise invalid(f"{what}: unsupported image format {image.format}; send JPEG, PNG or WebP")
     width, height = image.size
     if width * height > max_pixels:

@@ -31,3 +31,20 @@ def test_undecodable_bytes_say_what_without_internals() -> None:
     message = raised.value.message
     assert message.startswith("image 0: cannot decode the image")
     assert "0x" not in message and "BytesIO" not in message and "Error" not in message
+
+
+def test_a_phone_cameras_jpeg_with_multi_picture_data_is_a_jpeg() -> None:
+    """Many cameras write Multi-Picture (MPO) data into their JPEGs; Pillow names the format MPO
+    and such a photo was refused as "unsupported image format MPO". Its first picture is the JPEG."""
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    second = Image.fromarray(np.zeros((48, 64, 3), np.uint8))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="MPO", save_all=True, append_images=[second], quality=95)
+    data = buffer.getvalue()
+    assert data[:2] == b"\xff\xd8" and Image.open(io.BytesIO(data)).format == "MPO"
+    plain = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(plain, format="PNG")  # the first picture, as decoded
+    decoded = decode_image(data, **LIMITS)  # type: ignore[arg-type]
+    assert decoded.shape == (48, 64, 3)
+    assert np.array_equal(decoded, decode_image(plain.getvalue(), **LIMITS))  # type: ignore[arg-type]
