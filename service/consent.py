@@ -74,6 +74,9 @@ def check(consent: pb.ConsentRecord, has_consent: bool, *, now: float | None = N
             )
     if not consent.HasField("collect_time") or consent.collect_time.seconds <= 0:
         raise invalid("consent.collect_time is required: when the record was collected")
+    if not 0 <= consent.collect_time.nanos <= 999_999_999:
+        # (a Timestamp's nanos are 0..999,999,999: -2e9 made 1 s a date in 1969)
+        raise invalid(f"consent.collect_time.nanos must be 0..999999999, got {consent.collect_time.nanos}")
     collected = consent.collect_time.seconds + consent.collect_time.nanos / 1e9
     if collected > (time.time() if now is None else now) + CLOCK_SKEW_S:
         raise invalid("consent.collect_time is in the future")

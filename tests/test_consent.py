@@ -27,6 +27,8 @@ def _record(**changes: object) -> avatar_pb2.ConsentRecord:
     for name, value in changes.items():
         if name == "collect_time":
             record.collect_time.FromSeconds(int(value))  # type: ignore[call-overload]
+        elif name == "collect_nanos":  # out of a Timestamp's range: -2e9 made 1 s a date in 1969
+            record.collect_time.seconds, record.collect_time.nanos = 1, int(value)  # type: ignore[call-overload]
         else:
             setattr(record, name, value)
     return record
@@ -51,6 +53,8 @@ PERSONAL = {
         ({**PERSONAL, "document_sha256": "not-a-digest"}, "consent.document_sha256"),
         ({"statement_version": "v1"}, "consent.statement_version"),
         ({"collect_time": 4_102_444_800}, "consent.collect_time"),  # 2100
+        ({"collect_nanos": -2_000_000_000}, "consent.collect_time.nanos"),
+        ({"collect_nanos": 1_000_000_000}, "consent.collect_time.nanos"),
     ],
 )
 def test_a_malformed_consent_record_is_refused_naming_the_field(
