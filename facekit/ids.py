@@ -18,14 +18,15 @@ MAX_ECHO = 80  # characters of a rejected id shown back
 DEFAULT_TENANT = "default"
 
 
-def _shown(value: object) -> str:
+def shown(value: object) -> str:
+    """A client's value for an error message: repr of at most MAX_ECHO characters."""
     text = value if isinstance(value, str) else repr(value)
     return repr(text[:MAX_ECHO]) + ("..." if len(text) > MAX_ECHO else "")
 
 
 def _check(value: str, pattern: re.Pattern[str], what: str, rule: str) -> str:
     if not isinstance(value, str) or not pattern.fullmatch(value):
-        raise ValueError(f"invalid {what} {_shown(value)}: {rule}")
+        raise ValueError(f"invalid {what} {shown(value)}: {rule}")
     return value
 
 

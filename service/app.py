@@ -30,7 +30,7 @@ from facekit import warp
 from facekit.contract import ModelInfo
 from facekit.crop import CropBox
 from facekit.detect import LandmarkDetector, make_detector
-from facekit.ids import scoped_id, split_id, validate_avatar_id
+from facekit.ids import scoped_id, shown, split_id, validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
 from facekit.watermark import Watermarker, payload_for
@@ -46,6 +46,7 @@ from service.batcher import SHARED, Batcher
 from service.capacity import HEADROOM, Admission, CostModel, expected_fps
 from service.errors import (
     ServiceError,
+    aborted,
     backend_unavailable,
     exhausted,
     exists,
@@ -341,9 +342,10 @@ class App:
         record = avatars.make_record(
             avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
         )
+        stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
         if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
             raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
-        self.cache.put(record)
+        self.cache.put(record, stamp=stamp)
         if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
             await self._forget_personalisation(avatar_id)
         self.metrics.avatars_created.inc()
@@ -431,8 +433,12 @@ class App:
         avatar_id = scoped_id(principal.tenant, public)
         record = self.cache.get(avatar_id) or await self.in_pool(self.io_pool, self.store.get, avatar_id)
         self.cache.discard(avatar_id)
-        if record is None or not await self.in_pool(self.io_pool, self.store.delete, avatar_id):
+        deleted = record is not None and await self.in_pool(self.io_pool, self.store.delete, avatar_id)
+        # again: a replace whose write the delete waited for cached its record meanwhile
+        self.cache.discard(avatar_id)
+        if not deleted:
             raise not_found(f"no avatar with id {public!r}")
+        assert record is not None
         await self._forget_personalisation(avatar_id)
         removed = ["photos", "face crops", "psi and embedding", "cached parameters", "personalised generator"]
         await self.record_event("delete", record, actor=actor, tombstone=True, removed=removed)
@@ -452,6 +458,15 @@ class App:
     ) -> Job:
         record = await self.get_record(avatar_id, principal)
         job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
+        # A delete or replace that ran while the job was submitted cancelled what was queued before
+        # it: this job may hold photos the avatar no longer has. Looked at again, from the store.
+        now = await self.in_pool(self.io_pool, self.store.get, record.avatar_id)
+        if now is None or now.create_time != record.create_time:
+            await self.personaliser.withdraw(job)
+            public = split_id(record.avatar_id)[1]
+            if now is None:
+                raise not_found(f"no avatar with id {public!r}: it was deleted as personalisation started")
+            raise aborted(f"avatar {public!r} was replaced as personalisation started; start it again")
         await self.record_event("personalise", record, actor=actor, operation=job.id, steps=job.steps)
         log.info("personalising %s in %d steps: operation %s", avatar_id, job.steps, job.id)
         return job
@@ -612,11 +627,10 @@ def decode_token(token: str) -> str:
     """The id after which the page starts ("" for the first page)."""
     if not token:
         return ""
-    shown = repr(token[:80]) + ("..." if len(token) > 80 else "")
     try:
         raw = base64.urlsafe_b64decode(token.encode()).decode()
     except (binascii.Error, UnicodeError, ValueError):
-        raise invalid(f"malformed page_token {shown}") from None
+        raise invalid(f"malformed page_token {shown(token)}") from None
     if not raw.startswith("after:"):
-        raise invalid(f"malformed page_token {shown}")
+        raise invalid(f"malformed page_token {shown(token)}")
     return raw[len("after:") :]

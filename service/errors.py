@@ -43,6 +43,11 @@ def backend_unavailable(reason: str) -> ServiceError:
     return unavailable(f"the model backend is unavailable: {reason}; retry later")
 
 
+def aborted(message: str) -> ServiceError:
+    """A concurrent change to the same resource won; the client may retry."""
+    return ServiceError(grpc.StatusCode.ABORTED, message)
+
+
 def exists(message: str) -> ServiceError:
     return ServiceError(grpc.StatusCode.ALREADY_EXISTS, message)
 

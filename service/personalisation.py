@@ -12,13 +12,14 @@ import asyncio
 import base64
 import binascii
 import logging
+import math
 import re
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from facekit.contract import ModelInfo
-from facekit.ids import split_id
+from facekit.ids import shown, split_id
 from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
@@ -28,15 +29,16 @@ from service.wire import redis_error
 log = logging.getLogger("talkinghead.service.personalisation")
 
 PREFIX = "operations/"
-_NAME = re.compile(r"^operations/([0-9a-f]{16})$")
+_NAME = re.compile(r"operations/([0-9a-f]{16})")  # fullmatch: "$" would let a final "\n" through
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
 WATCH_POLL_S = 0.25
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 
 def job_id_of(name: str) -> str:
-    found = _NAME.match(name)
+    found = _NAME.fullmatch(name)
     if not found:
-        raise invalid(f"malformed operation name {name!r}; expected operations/<16 hex digits>")
+        raise invalid(f"malformed operation name {shown(name)}; expected operations/<16 hex digits>")
     return found.group(1)
 
 
@@ -108,7 +110,7 @@ class Personaliser:
         """The tenant's operation; NOT_FOUND for another tenant's, as for one that does not exist."""
         job: Job | None = await self._call(self.queue.get, job_id_of(name))
         if job is None or job.kind != PERSONALISE or split_id(job.avatar_id)[0] != tenant:
-            raise not_found(f"no operation named {name!r}")
+            raise not_found(f"no operation named {shown(name)}")
         if job.done and job.id not in self._seen_done:
             self._seen_done.add(job.id)
             self._on_done(job)
@@ -146,8 +148,12 @@ class Personaliser:
         await self.get(name, tenant)  # NOT_FOUND unless it is the tenant's
         job: Job | None = await self._call(self.queue.cancel, job_id_of(name))
         if job is None or job.kind != PERSONALISE:
-            raise not_found(f"no operation named {name!r}")
+            raise not_found(f"no operation named {shown(name)}")
         return job
+
+    async def withdraw(self, job: Job) -> None:
+        """Cancel a job just started whose avatar changed under it (its input goes with it)."""
+        await self._call(self.queue.cancel, job.id)
 
     async def forget_avatar(self, avatar_id: str) -> None:
         """The avatar was deleted or replaced: cancel its personalisation, withdraw its generator."""
@@ -168,8 +174,9 @@ def decode_cursor(token: str) -> tuple[float, str] | None:
         return None
     try:
         kind, when, job_id = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        if kind != "before":
+        before = float(when)
+        if kind != "before" or not math.isfinite(before) or not _JOB_ID.fullmatch(job_id):
             raise ValueError(kind)
-        return float(when), job_id
+        return before, job_id
     except (binascii.Error, UnicodeError, ValueError) as error:
-        raise invalid(f"malformed page_token {token!r}") from error
+        raise invalid(f"malformed page_token {shown(token)}") from error

@@ -4,8 +4,11 @@ withdrawing the avatar's generator. Real server, real worker process, 2 fine-tun
 
 from __future__ import annotations
 
+import base64
+import concurrent.futures
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -19,6 +22,8 @@ import pytest
 from api.talkinghead.v1 import personalisation_pb2 as ops
 from client.library import Client, landmark_requests, operation_error
 from facekit.sequence import LandmarkSequence
+from jobs.local import LocalQueue
+from jobs.record import PERSONALISE, Job
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
@@ -54,6 +59,10 @@ def code_of(call: object) -> grpc.StatusCode:
     return error.value.code()  # type: ignore[no-any-return]
 
 
+def _cursor(when: str, job_id: str = "0123456789abcdef") -> str:
+    return base64.urlsafe_b64encode(f"before:{when}:{job_id}".encode()).decode()
+
+
 def test_requests_are_checked(server: ServerThread, client: Client, avatar: str) -> None:
     assert code_of(lambda: client.personalise("nobody")) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: client.personalise("Bad Id")) == grpc.StatusCode.INVALID_ARGUMENT
@@ -65,12 +74,64 @@ def test_requests_are_checked(server: ServerThread, client: Client, avatar: str)
     assert code_of(lambda: client.get_operation(unknown)) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: client.cancel_operation(unknown)) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: list(client.watch_operation(unknown))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.get_operation(unknown + "\n")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.cancel_operation(unknown + "\n")) == grpc.StatusCode.INVALID_ARGUMENT
+    # a long name is refused as malformed, not echoed whole into a reply larger than gRPC allows
+    # (RESOURCE_EXHAUSTED "received metadata size exceeds hard limit")
+    for name in ("operations/" + "0" * 17_000, "operations/" + "\u00e9" * 6_000):
+        with pytest.raises(grpc.RpcError) as error:
+            client.get_operation(name)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(error.value.details() or "") < 300
+    for token in ("x" * 17_000, _cursor("nan"), _cursor("inf"), _cursor("1.5", "not-a-job-id")):
+        request = ops.ListOperationsRequest(page_token=token)
+        with pytest.raises(grpc.RpcError) as error:
+            client.operations.ListOperations(request)
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, token[:40]
+        assert len(error.value.details() or "") < 300
     store = LocalAvatarStore(root=server.settings.avatar_store)
     base = store.get(avatar)
     assert base is not None
     store.put(replace(base, avatar_id="old-model", model_id="0000000000000000"), replace=True)
     assert code_of(lambda: client.personalise("old-model")) == grpc.StatusCode.FAILED_PRECONDITION
     assert not list(client.list_operations()), "nothing was queued by a refused request"
+
+
+def test_a_personalisation_racing_a_delete_does_not_keep_the_deleted_photos_queued(
+    server: ServerThread, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete that ran while a personalisation was being submitted looked for the avatar's
+    queued job before it was written: the job stayed QUEUED with the deleted person's photos for a
+    worker to fine-tune on, and the id, created again, could not be personalised (ALREADY_EXISTS)."""
+    client.create_avatar("gone-soon", [PORTRAIT], consent=CONSENT)
+    submitting, deleted = threading.Event(), threading.Event()
+    real_submit = LocalQueue.submit
+
+    def submit_after_the_delete(self: LocalQueue, job: Job, data: bytes, *, max_active: int) -> Job:
+        if job.kind == PERSONALISE and job.avatar_id == "gone-soon":
+            submitting.set()
+            deleted.wait(30)
+        return real_submit(self, job, data, max_active=max_active)
+
+    monkeypatch.setattr(LocalQueue, "submit", submit_after_the_delete)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        starting = pool.submit(client.personalise, "gone-soon")
+        assert submitting.wait(60)
+        client.delete_avatar("gone-soon")
+        deleted.set()
+        with pytest.raises(grpc.RpcError) as error:
+            starting.result(60)
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "deleted" in (error.value.details() or "")
+    [operation] = client.list_operations(avatar_id="gone-soon")
+    assert operation.done and operation.error.code == grpc.StatusCode.CANCELLED.value[0], operation
+    job_id = operation.name.removeprefix("operations/")
+    assert not (Path(server.settings.jobs) / f"{job_id}.input.npz").exists(), "its photos are gone"
+    monkeypatch.undo()
+    client.create_avatar("gone-soon", [PORTRAIT], consent=CONSENT)  # the id is free again
+    started = client.personalise("gone-soon")
+    assert client.cancel_operation(started.name).name == started.name
+    client.delete_avatar("gone-soon")
 
 
 def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import threading
 import time
@@ -64,6 +65,43 @@ def test_avatar_create_get_list_delete(client: Client) -> None:
         client.get_avatar("crud-2")
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
     assert "crud-2" not in {a.avatar_id for a in client.list_avatars()}
+
+
+def test_a_delete_that_waited_for_a_replace_leaves_nothing_servable(
+    server: ServerThread, client: Client, driver: LandmarkSequence, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A delete that lands while a replace of the same id is being written: the replace's record
+    went into the server's cache after the delete had emptied it, so the deleted avatar could
+    still be fetched and animated (and was not listed) until evicted."""
+    client.create_avatar("raced", [PORTRAIT], consent=CONSENT)
+    written, deleted = threading.Event(), threading.Event()
+    real_put = LocalAvatarStore.put
+
+    def put_then_wait(self: LocalAvatarStore, record: object, *, replace: bool) -> bool:
+        stored = real_put(self, record, replace=replace)  # type: ignore[arg-type]
+        if record.avatar_id == "raced":  # type: ignore[attr-defined]
+            written.set()
+            deleted.wait(30)  # the delete runs to its end between the write and what follows it
+        return stored
+
+    monkeypatch.setattr(LocalAvatarStore, "put", put_then_wait)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        replacing = pool.submit(client.create_avatar, "raced", [PORTRAIT], consent=CONSENT, replace=True)
+        assert written.wait(60)
+        client.delete_avatar("raced")
+        deleted.set()
+        replacing.result(60)  # both calls succeed: the replace, then the delete
+    with pytest.raises(grpc.RpcError) as error:
+        client.get_avatar("raced")
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.RpcError) as error:
+        list(
+            client.animate(
+                "raced", landmark_requests(LandmarkSequence(driver.points[:2], driver.frame_size, 25))
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    assert LocalAvatarStore(root=server.settings.avatar_store).get("raced") is None
 
 
 def test_restart_keeps_avatars(model_repository: Path, tmp_path: Path, driver: LandmarkSequence) -> None:
