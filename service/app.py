@@ -511,20 +511,22 @@ class App:
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(avatar_id)
         self._take_stream_slot(principal)
+        reserved = 0.0
         try:
-            reserved = 0.0 if setup.block else self._admit(config)
-        except BaseException:  # refused: the slot goes back uncounted, as if never taken
-            self.limits.release_stream(principal.tenant)
-            self.active_streams -= 1
-            self.metrics.active_streams.dec()
+            if not setup.block:
+                reserved = self._admit(config)
+            await self.record_event(
+                "animate_start",
+                record,
+                actor=actor,
+                personalised=personalised,
+                paste_back=setup.config.paste_back,
+            )
+        except BaseException:
+            # refused, or the caller gone (a cancel lands in the await; no Stream exists yet to
+            # close): the slot and the reservation go back uncounted, as if never taken
+            self._give_back(principal.tenant, reserved)
             raise
-        await self.record_event(
-            "animate_start",
-            record,
-            actor=actor,
-            personalised=personalised,
-            paste_back=setup.config.paste_back,
-        )
         width, height = portrait.size if portrait is not None else (info.image_size, info.image_size)
         started = animation_pb2.StreamStarted(
             image_size=info.image_size,
@@ -587,12 +589,17 @@ class App:
         return reserved
 
     def _release_stream_slot(self, tenant: str, reserved: float, code: str) -> None:
-        self.admission.release(reserved)
-        self._publish_capacity()
+        self._give_back(tenant, reserved)
+        self.metrics.streams_total.labels(code).inc()
+
+    def _give_back(self, tenant: str, reserved: float) -> None:
+        """What _take_stream_slot and _admit took."""
+        if reserved:
+            self.admission.release(reserved)
+            self._publish_capacity()
         self.limits.release_stream(tenant)
         self.active_streams -= 1
         self.metrics.active_streams.dec()
-        self.metrics.streams_total.labels(code).inc()
 
     async def driving_landmarks(self, image: bytes, what: str, *, caller: str) -> DrivingLandmarks:
         """Decode a driving image and find its largest face's landmarks (in the detect pool, in

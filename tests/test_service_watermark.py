@@ -18,6 +18,7 @@ from client.library import Client, landmark_requests
 from facekit.ids import DEFAULT_TENANT as TENANT
 from facekit.sequence import LandmarkSequence
 from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
+from service.stream import MIN_JPEG_QUALITY
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, ServerThread, test_settings
 
@@ -40,13 +41,14 @@ def _frames(client: Client, avatar: str, driver: LandmarkSequence, **options: ob
 
 
 @pytest.mark.parametrize("paste_back", [False, True])
+@pytest.mark.parametrize("quality", [0, MIN_JPEG_QUALITY])  # the default (90), the lowest served
 def test_every_frame_carries_the_mark_of_its_avatar(
-    marked_server: ServerThread, driver: LandmarkSequence, paste_back: bool
+    marked_server: ServerThread, driver: LandmarkSequence, paste_back: bool, quality: int
 ) -> None:
     wm = Watermarker(key=KEY)
     with marked_server.client() as client:
         client.create_avatar("marked", [PORTRAIT], replace=True, consent=CONSENT)
-        frames = _frames(client, "marked", driver, encoding="jpeg", paste_back=paste_back)
+        frames = _frames(client, "marked", driver, encoding="jpeg", quality=quality, paste_back=paste_back)
         assert client.last_started is not None
         assert client.last_started.watermark_key_id == wm.fingerprint
     assert len(frames) == 3
