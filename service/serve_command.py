@@ -22,7 +22,7 @@ import cv2
 from facekit import scheduling
 from facekit.watermark import MissingKeyError
 from service import settings as settings_module
-from service.server import serve
+from service.server import BindError, serve
 
 log = logging.getLogger("talkinghead.service")
 
@@ -65,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
     set_cpu_scheduling(settings.cpu_scheduling)
     try:
         asyncio.run(serve(settings))
-    except MissingKeyError as error:
+    except (MissingKeyError, BindError) as error:
         raise SystemExit(f"talkinghead serve: {error}") from error
     return 0

@@ -67,6 +67,10 @@ KEEPALIVE = [
 ]
 
 
+class BindError(OSError):
+    """A port the server was given cannot be listened on (in use, or not an address of this host)."""
+
+
 def make_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         from service.backends.triton import TritonBackend
@@ -178,6 +182,9 @@ class Server:
         )
         limits = wire.Limits.from_settings(s)
         options = [
+            # gRPC sets SO_REUSEPORT by default: a second server on a port in use bound it too and
+            # the kernel split the calls between the two (an avatar deleted on one, listed on the other)
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", limits.largest),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *KEEPALIVE,
@@ -202,19 +209,29 @@ class Server:
             names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
             wire.add_service(self._server, REFLECTION, reflection.aio.ReflectionServicer(names), limits)
         address = f"{s.host}:{s.grpc_port}"
-        if s.tls:
-            assert s.tls_cert is not None and s.tls_key is not None
-            credentials = grpc.ssl_server_credentials(
-                [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
-                require_client_auth=s.tls_client_ca is not None,
-            )
-            self.grpc_port = self._server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = self._server.add_insecure_port(address)
+        try:
+            if s.tls:
+                assert s.tls_cert is not None and s.tls_key is not None
+                credentials = grpc.ssl_server_credentials(
+                    [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
+                    root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
+                    require_client_auth=s.tls_client_ca is not None,
+                )
+                self.grpc_port = self._server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = self._server.add_insecure_port(address)
+        except RuntimeError:  # gRPC's "Failed to bind to address ..." (its reason goes to its log)
+            self.grpc_port = 0
         if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {address}")
-        self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
+            raise BindError(
+                f"cannot bind gRPC to {address}: the port is in use or the address is not this machine's"
+            )
+        try:
+            self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
+        except OSError as error:
+            raise BindError(
+                f"cannot bind metrics to {s.host}:{s.metrics_port}: {error.strerror or error}"
+            ) from None
         await self.app.start()
         auth.start()
         self._start_personalisation()

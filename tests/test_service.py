@@ -380,6 +380,41 @@ def test_personalised_generator_is_used_automatically(
         running.stop()
 
 
+@pytest.mark.parametrize("taken", ["grpc", "metrics"])
+def test_a_server_on_a_port_in_use_says_so_and_exits(
+    server: ServerThread, model_repository: Path, tmp_path: Path, taken: str
+) -> None:
+    """A second `talkinghead serve` on the gRPC port of a running one bound it too (gRPC's
+    SO_REUSEPORT) and the kernel split the calls between the two; on a metrics port in use it
+    died with a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    ports = {"grpc": server.server.grpc_port, "metrics": server.server.metrics_port}
+    env = dict(
+        os.environ,
+        TALKINGHEAD_MODEL_REPOSITORY=str(model_repository),
+        TALKINGHEAD_GRPC_PORT=str(ports["grpc"] if taken == "grpc" else 0),
+        TALKINGHEAD_METRICS_PORT=str(ports["metrics"] if taken == "metrics" else 0),
+        TALKINGHEAD_AVATAR_STORE=str(tmp_path / "store"),
+        TALKINGHEAD_JOBS=str(tmp_path / "jobs"),
+        TALKINGHEAD_WORKER="external",
+        TALKINGHEAD_ENGINE="onnxruntime",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "talkinghead.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    what = "gRPC" if taken == "grpc" else "metrics"
+    assert f"talkinghead serve: cannot bind {what} to 127.0.0.1:{ports[taken]}" in done.stderr
+    assert "Traceback" not in done.stderr and "serving gRPC" not in done.stderr
+
+
 def test_sigterm_shuts_down_gracefully(model_repository: Path, tmp_path: Path) -> None:
     import os
     import signal
