@@ -2,8 +2,16 @@
 
 The driver is a video (its frames are sent, the service finds the landmarks) or a landmark file
 (.npz as written by `talkinghead landmarks`, format in facekit/sequence.py; a plain .npy (N, 68, 2)
-needs --frame-size). Frames come back in order and are written to --out (H.264 via PyAV) at the
-driver's frame rate; a progress bar runs meanwhile and the achieved frames per second are printed.
+needs --frame-size). Frames come back in order and are written to --out (H.264 via PyAV; .mp4,
+.mov, .m4v, .mkv, .avi, .mpg or .mpeg) at the driver's frame rate; a progress bar runs meanwhile
+and the achieved frames per second are printed.
+
+--out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
+--out (.NAME.partial-PID.EXT), renamed onto it once the stream has ended well. An error of the
+service (or a lost connection) or Ctrl-C removes it and says "nothing written", leaving a file
+that was there before untouched. Paths, the driver and the signing files are checked before the
+service is called. Exit status: 0 done, 1 the service or a write failed, 2 a bad argument or
+input file, 130 interrupted.
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
@@ -27,23 +35,47 @@ example:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import re
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import av
 import grpc
 import numpy as np
 from tqdm import tqdm
 
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.arguments import add_server_arguments, connect
+from client.credentials import SigningCredentials, mime_type
 from client.library import Frame, describe_error, image_requests, landmark_requests
-from client.provenance import add_provenance_arguments, finish_outputs
+from client.outputs import PendingFile
+from client.provenance import add_provenance_arguments, finish_outputs, signing_credentials
 from facekit.sequence import LandmarkSequence
-from facekit.video import VideoWriter, contact_sheet, iter_video, read_video, save_png
+from facekit.video import VideoWriter, check_writable, contact_sheet, iter_video, read_video, save_png
 
 SHEET_FRAMES = 8
+
+
+def _frame_limit(text: str) -> int:
+    """--max-frames: a whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {value}")
+    return value
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    """--frame-size: WIDTHxHEIGHT, both > 0."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text, flags=re.ASCII)
+    if match is None or min(int(match[1]), int(match[2])) <= 0:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 256x256, got {text!r}")
+    return int(match[1]), int(match[2])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,15 +83,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avatar", required=True, help="avatar id")
     parser.add_argument("--driver", type=Path, required=True, help="video, .npz or .npy landmark file")
     parser.add_argument("--out", type=Path, required=True, help="output video (.mp4)")
-    parser.add_argument("--contact-sheet", type=Path, help="also write a PNG: driving landmarks over frames")
+    parser.add_argument(
+        "--contact-sheet", type=Path, help="also write a PNG (.png): driving landmarks over frames"
+    )
     parser.add_argument(
         "--relative", action="store_true", help="keep the avatar's face shape (another driver)"
     )
     parser.add_argument(
         "--crop-to-face", action="store_true", help="absolute mode: crop around the driver's face"
     )
-    parser.add_argument("--frame-size", help="WIDTHxHEIGHT of a .npy driver's frame, e.g. 256x256")
-    parser.add_argument("--max-frames", type=int, default=0, help="drive at most this many frames (0 = all)")
+    parser.add_argument(
+        "--frame-size", type=_frame_size, help="WIDTHxHEIGHT of a .npy driver's frame, e.g. 256x256"
+    )
+    parser.add_argument(
+        "--max-frames", type=_frame_limit, default=0, help="drive at most this many frames (0 = all)"
+    )
     parser.add_argument(
         "--live", action="store_true", help="send at the driver's fps, drop what cannot be kept up"
     )
@@ -82,11 +120,9 @@ def _driver(args: argparse.Namespace) -> tuple[Iterator[pb.AnimateRequest], int,
     """-> (requests, frame count, fps)."""
     path: Path = args.driver
     if path.suffix.lower() in (".npz", ".npy"):
-        size = None
-        if args.frame_size:
-            width, _, height = args.frame_size.lower().partition("x")
-            size = (int(width), int(height))
-        seq = LandmarkSequence.load(path, frame_size=size)
+        if path.suffix.lower() == ".npy" and args.frame_size is None and path.is_file():
+            raise ValueError(f"{path}: a .npy file holds no frame size; pass --frame-size WIDTHxHEIGHT")
+        seq = LandmarkSequence.load(path, frame_size=args.frame_size)
         if args.max_frames:
             seq = LandmarkSequence(seq.points[: args.max_frames], seq.frame_size, seq.fps)
         return landmark_requests(seq, pace=args.live), len(seq), seq.fps
@@ -99,19 +135,49 @@ def _even(size: int) -> int:
     return size + size % 2
 
 
+def _check_outputs(args: argparse.Namespace, signing: SigningCredentials | None) -> None:
+    """ValueError for an output the writers (or the C2PA signer) cannot make, found before any work."""
+    sheet: Path | None = args.contact_sheet
+    for flag, path in (("--out", args.out), ("--contact-sheet", sheet)):
+        if path is not None and path.is_dir():
+            raise ValueError(f"{flag} {path}: is a directory")
+    check_writable(args.out)
+    if sheet is not None and sheet.suffix.lower() != ".png":
+        raise ValueError(f"--contact-sheet {sheet}: the contact sheet is a PNG; name it .png")
+    if signing is not None:
+        for path in (args.out, *([sheet] if sheet is not None else [])):
+            mime_type(path)
+
+
 def run(args: argparse.Namespace) -> int:
-    try:
-        requests, total, fps = _driver(args)
-    except (OSError, ValueError) as error:
-        print(f"talkinghead animate: {error}", file=sys.stderr)
-        return 2
-    sheet = args.contact_sheet is not None
+    with contextlib.ExitStack() as stack:
+        try:
+            signing = signing_credentials(args)
+            _check_outputs(args, signing)
+            video = stack.enter_context(PendingFile(args.out, flag="--out"))
+            sheet = None
+            if args.contact_sheet is not None:
+                sheet = stack.enter_context(PendingFile(args.contact_sheet, flag="--contact-sheet"))
+            requests, total, fps = _driver(args)
+        except (OSError, ValueError) as error:
+            print(f"talkinghead animate: {error}", file=sys.stderr)
+            return 2
+        return _animate(args, requests, total, fps, video, sheet)
+
+
+def _animate(
+    args: argparse.Namespace,
+    requests: Iterator[pb.AnimateRequest],
+    total: int,
+    fps: float,
+    video: PendingFile,
+    sheet: PendingFile | None,
+) -> int:
     picks = set(np.linspace(0, total - 1, SHEET_FRAMES).round().astype(int).tolist()) if sheet else set()
     kept: list[Frame] = []
     writer: VideoWriter | None = None
     received = dropped = 0
     started = time.perf_counter()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
         with connect(args) as client, tqdm(total=total, unit="frame") as bar:
             if not args.consent_record:  # the manifest names the avatar's own record
@@ -124,14 +190,14 @@ def run(args: argparse.Namespace) -> int:
                 motion="relative" if args.relative else "absolute",
                 queue_depth=16 if not args.live else 0,
                 crop_to_face=args.crop_to_face,
-                include_landmark_image=sheet,
+                include_landmark_image=sheet is not None,
                 paste_back=args.paste_back,
                 smoothing=args.smooth,
             )
             for frame in frames:
                 height, width = frame.image.shape[:2]
                 if writer is None:
-                    writer = VideoWriter(args.out, fps=fps, size=(_even(width), _even(height)))
+                    writer = VideoWriter(video.partial, fps=fps, size=(_even(width), _even(height)))
                 image = frame.image
                 if height % 2 or width % 2:
                     image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
@@ -141,26 +207,49 @@ def run(args: argparse.Namespace) -> int:
                 received += 1
                 dropped += frame.dropped_before
                 bar.update(1 + frame.dropped_before)
+            model_id = client.last_started.model_id if client.last_started else ""
+        if writer is None:
+            raise ValueError("the service sent no frames")
+        writer.close()
+        if sheet is not None and kept:
+            rows = [[f.landmark_image for f in kept if f.landmark_image is not None], [f.image for f in kept]]
+            cell = min(max(kept[0].image.shape[:2]), 256)
+            save_png(sheet.partial, contact_sheet(rows, labels=["driving", "generated"], cell=cell))
+        video.commit()
+        if sheet is not None and kept:
+            sheet.commit()
     except grpc.RpcError as error:
-        print(f"talkinghead animate: {describe_error(error)}", file=sys.stderr)
-        return 1
+        return _failed(args, describe_error(error), received, total, status=1)
+    except KeyboardInterrupt:
+        return _failed(args, "interrupted", received, total, status=130)
+    except (OSError, ValueError, av.FFmpegError) as error:
+        return _failed(args, str(error), received, total, status=1)
     finally:
         if writer is not None:
-            writer.close()
+            with contextlib.suppress(Exception):  # already closed, or abandoned with its file
+                writer.close()
     elapsed = time.perf_counter() - started
     print(
         f"{received} frames in {elapsed:.1f} s: {received / max(elapsed, 1e-9):.1f} fps"
         + (f", {dropped} dropped" if dropped else "")
         + f"; wrote {args.out}"
     )
-    if sheet and kept:
-        rows = [[f.landmark_image for f in kept if f.landmark_image is not None], [f.image for f in kept]]
-        save_png(
-            args.contact_sheet,
-            contact_sheet(rows, labels=["driving", "generated"], cell=min(max(kept[0].image.shape[:2]), 256)),
-        )
+    written = [args.out]
+    if sheet is not None and kept:
         print(f"wrote {args.contact_sheet}")
-    written = ([args.out] if writer is not None else []) + ([args.contact_sheet] if sheet and kept else [])
-    return finish_outputs(
-        args, model_id=client.last_started.model_id if client.last_started else "", paths=written
+        written.append(args.contact_sheet)
+    elif sheet is not None:
+        print(
+            f"no contact sheet: none of the frames picked for {args.contact_sheet} came back", file=sys.stderr
+        )
+    return finish_outputs(args, model_id=model_id, paths=written)
+
+
+def _failed(args: argparse.Namespace, why: str, received: int, total: int, *, status: int) -> int:
+    """Say what went wrong, how far the stream got, and that no output was written."""
+    targets = f"{args.out}" + (f" or {args.contact_sheet}" if args.contact_sheet is not None else "")
+    print(
+        f"talkinghead animate: {why} ({received} of {total} frames received); nothing written to {targets}",
+        file=sys.stderr,
     )
+    return status

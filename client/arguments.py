@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from client.library import DEFAULT_SERVER, Client
+from client.outputs import reason
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:
@@ -37,6 +39,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tr
     parser.add_argument(
         "--tenant", default=default(None), help="the tenant an admin key acts for (x-talkinghead-tenant)"
     )
+    if defaults:
+        parser.set_defaults(prog=parser.prog)  # "talkinghead avatar": how connect's errors begin
 
 
 def server_parent() -> argparse.ArgumentParser:
@@ -46,10 +50,29 @@ def server_parent() -> argparse.ArgumentParser:
     return parent
 
 
+def _read(args: argparse.Namespace, flag: str) -> bytes | None:
+    """The file a connection flag names (None when not given); SystemExit(2), saying why, when it
+    cannot be read."""
+    path: Path | None = getattr(args, flag.removeprefix("--").replace("-", "_"))
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        print(f"{getattr(args, 'prog', 'talkinghead')}: {flag} {path}: {reason(error)}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def connect(args: argparse.Namespace) -> Client:
-    """A client for the service the parsed `add_server_arguments` flags name."""
+    """A client for the service the parsed `add_server_arguments` flags name (SystemExit(2) when a
+    file they name cannot be read)."""
+    for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
+        _read(args, flag)
+    key_file = _read(args, "--api-key-file")
     key = (
-        args.api_key_file.read_text().strip() if args.api_key_file else os.environ.get("TALKINGHEAD_API_KEY")
+        key_file.decode(errors="replace").strip()
+        if key_file is not None
+        else os.environ.get("TALKINGHEAD_API_KEY")
     )
     return Client(
         target=args.server,

@@ -26,6 +26,7 @@ import grpc
 from api.talkinghead.v1 import avatar_pb2
 from client.arguments import add_server_arguments, connect, server_parent
 from client.library import BASES, PRESETS, Client, consent_record, describe_error, operation_error
+from client.outputs import PendingFile
 from client.progress import ProgressBar, describe
 
 
@@ -65,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     tune.add_argument("avatar_id")
     amount = tune.add_mutually_exclusive_group()
-    amount.add_argument("--steps", type=int, default=0, help="fine-tuning steps, 1-2000")
+    amount.add_argument("--steps", type=int, help="fine-tuning steps, 1-2000 (default: the preset's)")
     amount.add_argument(
         "--preset", choices=list(PRESETS), default="", help="fast | balanced (default) | best"
     )
@@ -111,17 +112,37 @@ def _personalise(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing(path: Path) -> str | None:
+    """Why `path` is not a file to read ("no such file", "is a directory"), or None."""
+    if path.is_dir():
+        return "is a directory"
+    return None if path.is_file() else "no such file"
+
+
 def run(args: argparse.Namespace) -> int:
+    preview: PendingFile | None = None
+    if args.action == "get" and args.preview is not None:
+        try:
+            preview = PendingFile(args.preview, flag="--preview")
+        except ValueError as error:
+            print(f"talkinghead avatar get: {error}", file=sys.stderr)
+            return 2
+    try:
+        return _run(args, preview)
+    finally:
+        if preview is not None:
+            preview.discard()
+
+
+def _run(args: argparse.Namespace, preview: PendingFile | None) -> int:
     try:
         with connect(args) as client:
             if args.action == "create":
-                for photo in args.photos:
-                    if not photo.is_file():
-                        print(f"talkinghead avatar: {photo}: no such file", file=sys.stderr)
+                for path in [*args.photos, *([args.document] if args.document is not None else [])]:
+                    why = _missing(path)
+                    if why:
+                        print(f"talkinghead avatar: {path}: {why}", file=sys.stderr)
                         return 2
-                if args.document is not None and not args.document.is_file():
-                    print(f"talkinghead avatar: {args.document}: no such file", file=sys.stderr)
-                    return 2
                 when = args.collected_at
                 if when is not None and when.tzinfo is None:
                     when = when.replace(tzinfo=datetime.UTC)
@@ -154,10 +175,14 @@ def run(args: argparse.Namespace) -> int:
                     count += 1
                 print(f"{count} avatar(s)")
             elif args.action == "get":
-                avatar = client.get_avatar(args.avatar_id, include_preview=args.preview is not None)
+                avatar = client.get_avatar(args.avatar_id, include_preview=preview is not None)
                 _show(avatar)
-                if args.preview is not None:
-                    args.preview.write_bytes(avatar.preview_png)
+                if preview is not None:
+                    try:
+                        preview.write_bytes(avatar.preview_png)
+                    except ValueError as error:
+                        print(f"talkinghead avatar get: {error}", file=sys.stderr)
+                        return 1
                     print(f"wrote {args.preview}")
             elif args.action == "personalise":
                 return _personalise(client, args)

@@ -212,7 +212,26 @@ def read_credentials(path: Path, *, trust_anchors: bytes | None = None) -> Manif
     return None if active is None else _report(store, active)
 
 
+def has_certificate(pem: bytes) -> bool:
+    """Whether PEM text holds at least one X.509 certificate."""
+    from cryptography import x509
+
+    try:
+        return bool(x509.load_pem_x509_certificates(pem))
+    except ValueError:
+        return False
+
+
+def read_trust_anchors(path: Path) -> bytes:
+    """The PEM trust anchors in `path`: OSError when it cannot be read, ValueError (naming the
+    file) when it holds no certificate, which c2pa would report against the file checked."""
+    pem = Path(path).read_bytes()
+    if not has_certificate(pem):
+        raise ValueError(f"{path}: no PEM certificate in it")
+    return pem
+
+
 def trust_from_env(environ: Mapping[str, str] | None = None) -> bytes | None:
     """PEM trust anchors from the file $TALKINGHEAD_C2PA_TRUST names (None when unset)."""
     name = (os.environ if environ is None else environ).get(TRUST_ENV, "")
-    return Path(name).read_bytes() if name else None
+    return read_trust_anchors(Path(name)) if name else None

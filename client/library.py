@@ -335,18 +335,18 @@ class Client:
         self,
         avatar_id: str,
         *,
-        steps: int = 0,
+        steps: int | None = None,
         preset: str = "",
         wait: bool = False,
         on_progress: Callable[[ops.Operation], None] | None = None,
         timeout: float | None = None,
     ) -> ops.Operation:
-        """Start fine-tuning the avatar's own generator (`steps`, or a preset: fast, balanced,
-        best; default balanced). wait=True follows it (on_progress gets every update; TimeoutError
-        after `timeout` s) and returns the finished operation; check `.error` / `.response`
-        (see `operation_error`)."""
+        """Start fine-tuning the avatar's own generator (`steps`, 1-2000, or a preset: fast,
+        balanced, best; default balanced). wait=True follows it (on_progress gets every update;
+        TimeoutError after `timeout` s) and returns the finished operation; check `.error` /
+        `.response` (see `operation_error`)."""
         request = ops.PersonaliseAvatarRequest(avatar_id=avatar_id)
-        if steps:
+        if steps is not None:  # 0 too: the service refuses it rather than running its default
             request.steps = steps
         elif preset:
             request.preset = PRESETS[preset]

@@ -1,6 +1,8 @@
 """Personalisation operations on a running service: list them, show one, follow one, cancel one.
 
-Start one with `talkinghead avatar personalise ID` (add --wait to follow it).
+Start one with `talkinghead avatar personalise ID` (add --wait to follow it). Exit status: 1 when
+the call fails, or when `get` or `watch` shows an operation that ended in an error; else 0 (a
+cancel the service accepted too: a queued operation ends CANCELLED, a running one stops soon).
 
 example:
   talkinghead operation list                     # newest first; --avatar mona for one avatar's
@@ -48,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
             else:
                 operation = client.get_operation(args.name)
             print(describe(operation))
+            if args.action == "cancel":
+                return 0
             return 1 if operation.done and operation_error(operation) else 0
     except grpc.RpcError as error:
         print(f"talkinghead operation {args.action}: {describe_error(error)}", file=sys.stderr)

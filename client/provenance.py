@@ -20,8 +20,10 @@ from client.credentials import (
     Provenance,
     SigningCredentials,
     credentials_from_env,
+    has_certificate,
     sign_file,
 )
+from client.outputs import reason
 from client.verify import check_video
 from facekit.watermark import KEY_ENV as WATERMARK_KEY_ENV
 from facekit.watermark import Watermarker, key_from_env
@@ -43,13 +45,34 @@ def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def signing_credentials(args: argparse.Namespace) -> SigningCredentials | None:
-    """From --c2pa-cert/--c2pa-key, else the environment; None when not configured."""
+    """From --c2pa-cert/--c2pa-key, else the environment; None when not configured. A file that is
+    missing or holds no certificate or usable key is a ValueError naming its flag (or variable):
+    `animate` calls this before it renders anything, so that signing cannot fail for it after."""
     cert, key = getattr(args, "c2pa_cert", None), getattr(args, "c2pa_key", None)
     if cert is None and key is None:
-        return credentials_from_env()
-    if cert is None or key is None:
+        try:
+            credentials = credentials_from_env()
+        except OSError as error:
+            raise ValueError(f"${CERT_ENV} / ${KEY_ENV}: {error.filename}: {reason(error)}") from error
+        names = (f"${CERT_ENV}", f"${KEY_ENV}")
+    elif cert is None or key is None:
         raise ValueError("give both --c2pa-cert and --c2pa-key")
-    return SigningCredentials.from_files(cert, key)
+    else:
+        names = (f"--c2pa-cert {cert}", f"--c2pa-key {key}")
+        try:
+            credentials = SigningCredentials.from_files(cert, key)
+        except OSError as error:
+            flag = names[0] if Path(error.filename or "") == cert else names[1]
+            raise ValueError(f"{flag}: {reason(error)}") from error
+    if credentials is None:
+        return None
+    if not has_certificate(credentials.cert_chain):
+        raise ValueError(f"{names[0]}: no PEM certificate in it")
+    try:
+        credentials.algorithm  # noqa: B018 (it parses the key)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{names[1]}: not an unencrypted PEM key C2PA can sign with ({error})") from error
+    return credentials
 
 
 def watermark_payload(video: Path) -> int | None:

@@ -120,8 +120,11 @@ def verify_file(
 ) -> FileReport:
     """Watermark (when a key or watermarker is given) and content credentials of one file.
 
-    Missing or undecodable files raise FileNotFoundError / ValueError naming the file."""
+    Missing or undecodable files and directories raise FileNotFoundError / ValueError /
+    IsADirectoryError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if watermarker is None and key is not None:

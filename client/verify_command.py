@@ -11,8 +11,11 @@ The key is the deployment's secret: --key, or better $TALKINGHEAD_WATERMARK_KEY 
 process listings). Without one only the content credentials are read. Exit status: 0 when every
 file was read, 2 when one could not be (the others are still reported).
 
+The service marks the frames it renders, so `animate`'s video carries the mark; its contact sheet
+is a downscaled preview and is not marked (verify reports the mark absent there).
+
 example:
-  TALKINGHEAD_WATERMARK_KEY=... talkinghead verify out/mona.mp4 out/mona.png
+  TALKINGHEAD_WATERMARK_KEY=... talkinghead verify out/mona.mp4
   talkinghead verify frame.jpg --key "$SECRET" --json
   talkinghead verify out/mona.mp4 --trust ca.pem --max-frames 25
 """
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from client.credentials import TRUST_ENV, ManifestReport, trust_from_env
+from client.credentials import TRUST_ENV, ManifestReport, read_trust_anchors, trust_from_env
+from client.outputs import reason
 from client.verify import DEFAULT_MAX_FRAMES, FileReport, WatermarkReport, verify_file
 from facekit.watermark import KEY_ENV, THRESHOLD, Watermarker, key_from_env
 
@@ -95,10 +100,21 @@ def describe(report: FileReport) -> str:
     return "\n".join(lines)
 
 
+def _trust(args: argparse.Namespace) -> bytes | None:
+    """The trust anchors of --trust, else $TALKINGHEAD_C2PA_TRUST's file; ValueError naming which."""
+    name = f"--trust {args.trust}" if args.trust else f"${TRUST_ENV}={os.environ.get(TRUST_ENV, '')}"
+    try:
+        return read_trust_anchors(args.trust) if args.trust else trust_from_env()
+    except OSError as error:
+        raise ValueError(f"{name}: {reason(error)}") from error
+    except ValueError as error:
+        raise ValueError(f"{name}: no PEM certificate in it") from error
+
+
 def run(args: argparse.Namespace) -> int:
     key = args.key or key_from_env()
     try:
-        trust = args.trust.read_bytes() if args.trust else trust_from_env()
+        trust = _trust(args)
         watermarker = Watermarker(key=key) if key else None
     except (OSError, ValueError) as error:
         print(f"talkinghead verify: {error}", file=sys.stderr)

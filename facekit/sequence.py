@@ -128,9 +128,12 @@ class LandmarkSequence:
         """Read a `.npz` sequence, or a `.npy` (N, 68, 2) array given its `frame_size` (and `fps`).
 
         For `.npz` files `frame_size` and `fps`, when given, must agree with the file's. Raises
-        FileNotFoundError for a missing file and ValueError naming the file for anything invalid.
+        FileNotFoundError for a missing file, IsADirectoryError for a directory and ValueError
+        naming the file for anything invalid.
         """
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"{path}: is a directory, not a landmark file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such landmark file")
         if path.suffix == ".npy":
@@ -157,6 +160,17 @@ class LandmarkSequence:
 
 def _read(path: Path, kind: str) -> Any:
     """np.load without pickles: an ndarray for .npy, an NpzFile for .npz."""
+    # np.load takes whatever is neither a zip archive nor an array file for a pickle, and refuses
+    # it as one: a text file would be reported as "pickled (object) data".
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(len(np.lib.format.MAGIC_PREFIX))
+    except OSError as error:
+        raise ValueError(f"{path}: not a readable .{kind} file ({error.strerror or error})") from error
+    if kind == "npz" and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a NumPy .npz archive")
+    if kind == "npy" and magic != np.lib.format.MAGIC_PREFIX:
+        raise ValueError(f"{path}: not a NumPy .npy file")
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:

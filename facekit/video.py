@@ -27,6 +27,7 @@ DEFAULT_FPS = 25.0  # reported when a container states no frame rate
 H264_CRF = 18  # libx264 constant rate factor: visually lossless for landmark drawings and faces
 MPEG4_BIT_RATE = 8_000_000  # fallback encoder's bit rate when PyAV's FFmpeg lacks libx264
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
+WRITABLE_SUFFIXES = VIDEO_SUFFIXES - {".webm"}  # containers VideoWriter's H.264 / MPEG-4 go into
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,15 @@ class VideoInfo:
 def is_video(path: Path) -> bool:
     """Whether the file name says video (by suffix, VIDEO_SUFFIXES)."""
     return path.suffix.lower() in VIDEO_SUFFIXES
+
+
+def check_writable(path: str | Path) -> None:
+    """ValueError naming the file unless VideoWriter can write a video there (by its extension)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in WRITABLE_SUFFIXES:
+        what = f"a {suffix!r} file" if suffix else "a file without an extension"
+        choices = ", ".join(sorted(WRITABLE_SUFFIXES))
+        raise ValueError(f"{path}: cannot write a video to {what} (use {choices})")
 
 
 def video_info(path: Path) -> VideoInfo:
@@ -71,6 +81,8 @@ def _frames(path: str | Path, *, every: int, max_frames: int) -> Iterator[tuple[
     if every < 1 or max_frames < 0:
         raise ValueError(f"need every >= 1 and max_frames >= 0, got every={every}, max_frames={max_frames}")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a directory, not a video file")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such video file")
     try:
@@ -116,10 +128,11 @@ class VideoWriter:
     """Write uint8 RGB frames of `size` = (width, height) to an H.264 file (MPEG-4 part 2 if absent).
 
     Use as a context manager; the file is complete once the block exits. Width and height must
-    be even (yuv420p chroma subsampling).
+    be even (yuv420p chroma subsampling); the container is the extension's (WRITABLE_SUFFIXES).
     """
 
     def __init__(self, path: str | Path, *, fps: float, size: tuple[int, int]) -> None:
+        check_writable(path)
         width, height = size
         if width <= 0 or height <= 0 or width % 2 or height % 2:
             raise ValueError(f"{path}: frame size must be even and > 0 for yuv420p, got {size}")

@@ -3,6 +3,7 @@
 Reads where the service writes: the Redis stream talkinghead:audit when TALKINGHEAD_REDIS_URL (or
 --redis-url) is set, else the file TALKINGHEAD_AUDIT_LOG (or --audit-log, default var/audit.jsonl).
 An operator's command: it runs beside the service with the same settings, not through the API.
+--out is written whole or not at all (a hidden file beside it, renamed onto it when complete).
 
 example:
   talkinghead audit --out audit-2026-12.jsonl --since 2026-12-01
@@ -15,8 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
 from service.settings import from_env
@@ -46,25 +49,64 @@ def open_log(args: argparse.Namespace) -> AuditLog:
     return FileAuditLog(path=path)
 
 
-def run(args: argparse.Namespace) -> int:
+def _export(args: argparse.Namespace, log: AuditLog, out: TextIO) -> int:
+    """Write the events the flags select to `out`; how many."""
     since = 0.0
     if args.since is not None:
         when = args.since if args.since.tzinfo else args.since.replace(tzinfo=datetime.UTC)
         since = when.timestamp()
-    out = args.out.open("w") if args.out else sys.stdout
     count = 0
+    for event in log.read():
+        if args.avatar and event["avatar_id"] != args.avatar:
+            continue
+        if args.event and event["event"] not in args.event:
+            continue
+        if event["time"] < since:
+            continue
+        out.write(json.dumps(event, sort_keys=True) + "\n")
+        count += 1
+    out.flush()
+    return count
+
+
+def run(args: argparse.Namespace) -> int:
+    """The log is opened before --out is touched; --out is written to a hidden file beside it and
+    renamed onto it when complete, so a failed export leaves a file that was there as it was."""
     try:
-        for event in open_log(args).read():
-            if args.avatar and event["avatar_id"] != args.avatar:
-                continue
-            if args.event and event["event"] not in args.event:
-                continue
-            if event["time"] < since:
-                continue
-            out.write(json.dumps(event, sort_keys=True) + "\n")
-            count += 1
+        log = open_log(args)
+    except ValueError as error:  # a bad TALKINGHEAD_* setting
+        raise SystemExit(f"talkinghead audit: {error}") from None
+    if args.out is None:
+        try:
+            count = _export(args, log, sys.stdout)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as other Unix tools do. Standard output
+            # goes to /dev/null so that Python's flush at exit does not fail on the pipe again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"talkinghead audit: cannot read the audit log ({error})") from None
+        print(f"{count} event(s)", file=sys.stderr)
+        return 0
+    out: Path = args.out
+    if out.is_dir():
+        raise SystemExit(f"talkinghead audit: --out {out}: is a directory")
+    partial = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        handle = partial.open("w")
+    except (FileExistsError, NotADirectoryError):
+        raise SystemExit(f"talkinghead audit: --out {out}: a parent of it is not a directory") from None
+    except OSError as error:
+        why = error.strerror or error
+        raise SystemExit(f"talkinghead audit: --out {out}: cannot write there ({why})") from None
+    try:
+        with handle:
+            count = _export(args, log, handle)
+        os.replace(partial, out)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"talkinghead audit: {error}; nothing written to {out}") from None
     finally:
-        if args.out:
-            out.close()
-    print(f"{count} event(s)" + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+        partial.unlink(missing_ok=True)
+    print(f"{count} event(s) -> {out}", file=sys.stderr)
     return 0

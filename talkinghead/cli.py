@@ -55,13 +55,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
-    """Parse `argv` with the module's own arguments and run it (also `python -m` entry points)."""
-    module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    module.add_arguments(parser)
-    return int(module.run(parser.parse_args(argv)) or 0)
+    """Parse `argv` with the module's own arguments and run it (also `python -m` entry points).
+    Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), as a shell reports it."""
+    try:
+        module = importlib.import_module(module_name)
+        parser = argparse.ArgumentParser(
+            prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
+        module.add_arguments(parser)
+        return int(module.run(parser.parse_args(argv)) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,19 +5,25 @@ from __future__ import annotations
 import filecmp
 import io
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
+from client.library import Client, Frame
 from facekit.video import VideoWriter, read_video
 from service import settings as settings_module
 from service.local_worker import command
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
+from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, REPO, ServerThread
 
 SERVER_MODULES = [
     "service.server",
@@ -43,8 +49,14 @@ def test_avatar_cli(server: ServerThread, capsys: pytest.CaptureFixture[str], tm
     assert "cli-one (Cli One): 1 photo(s), 128 px, shared generator" in out and "1 face(s)" in out
     assert main(["avatar", *flags, "list"]) == 0
     assert "cli-one" in capsys.readouterr().out
-    assert main(["avatar", *flags, "get", "cli-one", "--preview", str(tmp_path / "p.png")]) == 0
-    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+    preview = tmp_path / "new" / "folder" / "p.png"  # made, as --out's
+    assert main(["avatar", *flags, "get", "cli-one", "--preview", str(preview)]) == 0
+    assert preview.read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    assert main(["avatar", *flags, "get", "cli-one", "--preview", str(preview / "p.png")]) == 2
+    assert capsys.readouterr().err == (
+        f"talkinghead avatar get: --preview {preview / 'p.png'}: {preview} is not a directory\n"
+    )
     assert main(["avatar", *flags, "delete", "cli-one"]) == 0
     capsys.readouterr()
     assert main(["avatar", *flags, "get", "cli-one"]) == 1
@@ -55,7 +67,7 @@ def test_avatar_cli(server: ServerThread, capsys: pytest.CaptureFixture[str], tm
 def test_animate_cli_landmark_file(
     server: ServerThread, avatar: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    out, sheet = tmp_path / "out.mp4", tmp_path / "sheet.png"
+    out, sheet = tmp_path / "out.mp4", tmp_path / "sheets" / "new" / "sheet.png"  # folders made
     argv = [
         "animate",
         "--server",
@@ -77,6 +89,104 @@ def test_animate_cli_landmark_file(
     frames, fps = read_video(out)
     assert frames.shape[1:] == (128, 128, 3) and abs(len(frames) - 12) <= 1 and fps == pytest.approx(25)
     assert sheet.read_bytes().startswith(b"\x89PNG")
+    assert files_in(tmp_path) == ["out.mp4", "sheets", "sheets/new", "sheets/new/sheet.png"]
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file and folder under `folder` (hidden ones too), relative, sorted."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+class ConnectionLost(grpc.RpcError):
+    """What the stream raises when the server goes away mid-stream."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "Socket closed"
+
+
+def test_animate_writes_nothing_when_the_service_goes_away_mid_stream(
+    server: ServerThread,
+    avatar: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A shorter video that looks complete is worse than none: the earlier render stays as it was."""
+    out, sheet = tmp_path / "out.mp4", tmp_path / "sheet.png"
+    out.write_bytes(b"an earlier render")
+    streamed = Client.animate
+
+    def cut_short(self: Client, *args: Any, **kwargs: Any) -> Iterator[Frame]:
+        for index, frame in enumerate(streamed(self, *args, **kwargs)):
+            if index == 5:
+                raise ConnectionLost()
+            yield frame
+
+    monkeypatch.setattr(Client, "animate", cut_short)
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--max-frames", "12"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "talkinghead animate: UNAVAILABLE: Socket closed (5 of 12 frames received); "
+        f"nothing written to {out} or {sheet}"
+    )
+    assert out.read_bytes() == b"an earlier render"
+    assert files_in(tmp_path) == ["out.mp4"]
+
+
+def test_ctrl_c_during_animate_writes_nothing(server: ServerThread, avatar: str, tmp_path: Path) -> None:
+    """A real SIGINT to a real `talkinghead animate` streaming live (8 s of driver)."""
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"an earlier render")
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    argv += ["--out", str(out), "--live"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "talkinghead.cli", *argv],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list(tmp_path.glob(".out.mp4.partial-*.mp4")):  # made just before the stream
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+        time.sleep(2.0)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    last = err.replace("\r", "\n").splitlines()[-1]
+    assert last.startswith("talkinghead animate: interrupted (") and "Traceback" not in err
+    assert last.endswith(f" of 200 frames received); nothing written to {out}")
+    assert out.read_bytes() == b"an earlier render"
+    assert files_in(tmp_path) == ["out.mp4"]
+
+
+def test_personalise_passes_the_steps_given_and_cancel_succeeds(
+    server: ServerThread, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.create_avatar("cli-tune", [PORTRAIT], consent=CONSENT, replace=True)
+    flags = ["--server", server.address]
+    try:
+        assert main(["avatar", *flags, "personalise", "cli-tune", "--steps", "0"]) == 1
+        err = capsys.readouterr().err
+        assert err == "talkinghead avatar personalise: INVALID_ARGUMENT: steps must be 1-2000, got 0\n"
+        assert list(client.list_operations(avatar_id="cli-tune")) == []  # no default job instead
+        assert main(["avatar", *flags, "personalise", "cli-tune"]) == 0  # the default: balanced
+        [queued] = client.list_operations(avatar_id="cli-tune")  # no worker here: it stays queued
+        assert queued.metadata.total_steps == 150
+        assert main(["operation", *flags, "cancel", queued.name]) == 0
+        assert "CANCELLED" in capsys.readouterr().out
+        assert client.get_operation(queued.name).done
+    finally:
+        client.delete_avatar("cli-tune")
 
 
 def test_animate_cli_npy_and_video_drivers(server: ServerThread, avatar: str, tmp_path: Path) -> None:

@@ -154,3 +154,64 @@ def test_the_demo_will_not_stamp_its_portraits_consent_on_another_face(tmp_path:
     assert done.returncode == 2
     assert "set SUBJECT" in done.stderr and "SOURCE" in done.stderr
     assert not (tmp_path / "demo").exists()  # no server started, nothing written
+
+
+def _audit_log(path: Path, events: int) -> Path:
+    """A log of `events` create events, as the service appends them."""
+    with path.open("w") as log:
+        for index in range(events):
+            event = {"avatar_id": f"a{index}", "event": "create", "time": 1.0 + index, "actor": "t" * 100}
+            log.write(json.dumps(event) + "\n")
+    return path
+
+
+def test_audit_writes_its_export_whole_or_not_at_all(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TALKINGHEAD_REDIS_URL", raising=False)
+    log = _audit_log(tmp_path / "audit.jsonl", 3)
+    kept = tmp_path / "november.jsonl"
+    kept.write_text('{"an": "earlier export"}\n')
+    missing = tmp_path / "missing.jsonl"
+    with pytest.raises(SystemExit, match=rf"^talkinghead audit: {missing}: no audit log there"):
+        main(["audit", "--audit-log", str(missing), "--out", str(kept)])
+    assert kept.read_text() == '{"an": "earlier export"}\n'  # not emptied before the log was found
+    out = tmp_path / "exports" / "2026" / "december.jsonl"  # its folder is made
+    assert main(["audit", "--audit-log", str(log), "--out", str(out)]) == 0
+    assert [json.loads(line)["avatar_id"] for line in out.read_text().splitlines()] == ["a0", "a1", "a2"]
+    assert capsys.readouterr().err == f"3 event(s) -> {out}\n"
+    with pytest.raises(SystemExit, match=rf"^talkinghead audit: --out {kept / 'x.jsonl'}: a parent"):
+        main(["audit", "--audit-log", str(log), "--out", str(kept / "x.jsonl")])
+    with pytest.raises(SystemExit, match=rf"^talkinghead audit: --out {tmp_path}: is a directory$"):
+        main(["audit", "--audit-log", str(log), "--out", str(tmp_path)])
+    names = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert names == [
+        "audit.jsonl",
+        "exports",
+        "exports/2026",
+        "exports/2026/december.jsonl",
+        "november.jsonl",
+    ]
+
+
+def test_audit_into_a_pipe_its_reader_closed_stops_quietly(tmp_path: Path) -> None:
+    """`talkinghead audit | head -3`: no BrokenPipeError traceback, exit status 0."""
+    import os
+    import subprocess
+    import sys
+
+    log = _audit_log(tmp_path / "audit.jsonl", 20_000)  # 2.6 MB: far more than a pipe holds
+    env = {k: v for k, v in os.environ.items() if k != "TALKINGHEAD_REDIS_URL"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "talkinghead.cli", "audit", "--audit-log", str(log)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = [process.stdout.readline() for _ in range(3)]
+    process.stdout.close()  # as `head -3` exits
+    err = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 0, err
+    assert err == ""
+    assert [json.loads(line)["avatar_id"] for line in first] == ["a0", "a1", "a2"]

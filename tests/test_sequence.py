@@ -65,8 +65,20 @@ def test_bad_npz_names_file_and_problem(tmp_path: Path, arrays: dict, problem: s
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"this is not a zip file")
-    with pytest.raises(ValueError, match=r"junk\.npz.*not a readable"):
+    with pytest.raises(ValueError, match=r"junk\.npz: not a NumPy \.npz archive$"):
         LandmarkSequence.load(junk)
+    text = tmp_path / "text.npy"
+    text.write_text("1 2 3\n")
+    with pytest.raises(ValueError, match=r"text\.npy: not a NumPy \.npy file$"):
+        LandmarkSequence.load(text, frame_size=(256, 256))
+    cut = tmp_path / "cut.npz"
+    LandmarkSequence(_points(), (256, 256), 25).save(cut)
+    cut.write_bytes(cut.read_bytes()[:-40])  # its directory at the end cut off
+    with pytest.raises(ValueError, match=r"cut\.npz: not a NumPy \.npz archive$"):
+        LandmarkSequence.load(cut)
+    (tmp_path / "folder.npz").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"folder\.npz: is a directory"):
+        LandmarkSequence.load(tmp_path / "folder.npz")
     with pytest.raises(ValueError, match=r"\.csv"):
         (tmp_path / "x.csv").write_text("1,2")
         LandmarkSequence.load(tmp_path / "x.csv")

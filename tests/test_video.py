@@ -63,6 +63,9 @@ def test_bad_video_files(tmp_path: Path) -> None:
         read_video(junk)
     with pytest.raises(FileNotFoundError, match=r"missing\.mp4"):
         read_video(tmp_path / "missing.mp4")
+    (tmp_path / "clips.mp4").mkdir()
+    with pytest.raises(IsADirectoryError, match=r"clips\.mp4: is a directory, not a video file"):
+        read_video(tmp_path / "clips.mp4")
     with pytest.raises(ValueError, match="even"):
         VideoWriter(tmp_path / "odd.mp4", fps=25, size=(65, 64))
     with (
@@ -70,6 +73,17 @@ def test_bad_video_files(tmp_path: Path) -> None:
         pytest.raises(ValueError, match="64"),
     ):
         writer.write(np.zeros((32, 32, 3), np.uint8))
+
+
+def test_writer_refuses_containers_it_cannot_fill(tmp_path: Path) -> None:
+    """The container comes from the extension: one that cannot hold H.264 (or MPEG-4), or none,
+    is refused before any file is made, saying which extensions work."""
+    for name, problem in [("clip.webm", "a '.webm' file"), ("clip", "a file without an extension")]:
+        with pytest.raises(ValueError, match=rf"{name}: cannot write a video to {problem} \(use \.avi, "):
+            VideoWriter(tmp_path / name, fps=25, size=(64, 64))
+    assert list(tmp_path.iterdir()) == []
+    _write(tmp_path / "clip.MKV")  # any case
+    assert sum(1 for _ in iter_video(tmp_path / "clip.MKV")) == COUNT
 
 
 def test_contact_sheet_layout() -> None:

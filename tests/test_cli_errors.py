@@ -1,0 +1,193 @@
+"""A user's mistakes on the command line, found before any work is done: one line naming what was
+wrong, a non-zero exit status, no traceback and nothing written. No server runs: the commands get
+the address of a closed port, so one that went as far as calling the service would fail otherwise
+(UNAVAILABLE, exit status 1)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from facekit.video import VideoWriter
+from talkinghead.cli import main
+from tests.service_fixtures import DRIVER, PORTRAIT
+
+CLOSED = "127.0.0.1:1"  # nothing listens on port 1
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file and folder under `folder` (hidden ones too), relative, sorted."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def animate(*flags: str) -> list[str]:
+    return ["animate", "--server", CLOSED, "--avatar", "astro", *flags]
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    """What the command wrote to standard error: exactly one line, no traceback."""
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_ctrl_c_ends_any_command_with_one_line_and_status_130(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("client.verify_command.verify_file", interrupted)
+    assert main(["verify", str(PORTRAIT)]) == 130
+    assert one_line(capsys) == "talkinghead verify: interrupted"
+
+
+def _parent_is_a_file(tmp_path: Path) -> tuple[list[str], str]:
+    (tmp_path / "notes.txt").write_text("a file")
+    out = tmp_path / "notes.txt" / "x.mp4"
+    return ["--out", str(out)], f"--out {out}: {tmp_path / 'notes.txt'} is not a directory"
+
+
+def _out_is_a_directory(tmp_path: Path) -> tuple[list[str], str]:
+    (tmp_path / "renders.mp4").mkdir()
+    return ["--out", str(tmp_path / "renders.mp4")], f"--out {tmp_path / 'renders.mp4'}: is a directory"
+
+
+def _no_extension(tmp_path: Path) -> tuple[list[str], str]:
+    out = tmp_path / "mona"
+    return ["--out", str(out)], f"{out}: cannot write a video to a file without an extension (use .avi"
+
+
+def _webm(tmp_path: Path) -> tuple[list[str], str]:
+    out = tmp_path / "mona.webm"
+    return ["--out", str(out)], f"{out}: cannot write a video to a '.webm' file (use .avi"
+
+
+def _unwritable(tmp_path: Path) -> tuple[list[str], str]:
+    return ["--out", "/proc/x.mp4"], "--out /proc/x.mp4: cannot write there ("
+
+
+def _sheet_is_a_directory(tmp_path: Path) -> tuple[list[str], str]:
+    flags = ["--out", str(tmp_path / "ok.mp4"), "--contact-sheet", str(tmp_path)]
+    return flags, f"--contact-sheet {tmp_path}: is a directory"
+
+
+def _sheet_not_png(tmp_path: Path) -> tuple[list[str], str]:
+    flags = ["--out", str(tmp_path / "ok.mp4"), "--contact-sheet", str(tmp_path / "sheet.jpg")]
+    return flags, f"--contact-sheet {tmp_path / 'sheet.jpg'}: the contact sheet is a PNG; name it .png"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        _parent_is_a_file,
+        _out_is_a_directory,
+        _no_extension,
+        _webm,
+        _unwritable,
+        _sheet_is_a_directory,
+        _sheet_not_png,
+    ],
+)
+def test_animate_refuses_outputs_it_cannot_write_before_calling_the_service(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: Callable[[Path], tuple[list[str], str]]
+) -> None:
+    flags, problem = case(tmp_path)
+    before = files_in(tmp_path)
+    assert main(animate("--driver", str(DRIVER), *flags)) == 2
+    assert one_line(capsys).startswith(f"talkinghead animate: {problem}")
+    assert files_in(tmp_path) == before
+
+
+def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = str(tmp_path / "x.mp4")
+    for flag, value, problem in [
+        ("--max-frames", "-3", "argument --max-frames: must be >= 0 (0 = all), got -3"),
+        ("--max-frames", "ten", "argument --max-frames: expected a whole number, got 'ten'"),
+        ("--frame-size", "256", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256'"),
+        ("--frame-size", "256x", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256x'"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main(animate("--driver", str(DRIVER), "--out", out, flag, value))
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"talkinghead animate: error: {problem}"
+    np.save(tmp_path / "d.npy", np.load(DRIVER)["points"][:4])
+    assert main(animate("--driver", str(tmp_path / "d.npy"), "--out", out)) == 2
+    assert one_line(capsys) == (
+        f"talkinghead animate: {tmp_path / 'd.npy'}: a .npy file holds no frame size; "
+        "pass --frame-size WIDTHxHEIGHT"
+    )
+    assert files_in(tmp_path) == ["d.npy"]
+
+
+def test_signing_mistakes_are_found_before_the_driver_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not used")
+    # The driver is missing too: a check made after reading it would report the driver.
+    base = animate("--driver", str(tmp_path / "missing.npz"), "--out", str(tmp_path / "x.mp4"))
+    assert main([*base, "--c2pa-cert", str(cert)]) == 2
+    assert one_line(capsys) == "talkinghead animate: give both --c2pa-cert and --c2pa-key"
+    assert main([*base, "--c2pa-cert", str(cert), "--c2pa-key", str(key)]) == 2
+    assert one_line(capsys) == f"talkinghead animate: --c2pa-key {key}: no such file"
+    key.write_text("not a key either")
+    assert main([*base, "--c2pa-cert", str(cert), "--c2pa-key", str(key)]) == 2
+    assert one_line(capsys) == f"talkinghead animate: --c2pa-cert {cert}: no PEM certificate in it"
+    assert files_in(tmp_path) == ["cert.pem", "key.pem"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["avatar", "list"], ["operation", "list"], animate("--driver", str(DRIVER), "--out", "{tmp}/x.mp4")],
+)
+def test_connection_files_that_cannot_be_read_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: list[str]
+) -> None:
+    argv = [part.replace("{tmp}", str(tmp_path)) for part in command]
+    name = f"talkinghead {argv[0]}"
+    for flag, path, why in [
+        ("--api-key-file", tmp_path / "missing.key", "no such file"),
+        ("--tls-ca", tmp_path / "missing-ca.pem", "no such file"),
+        ("--tls-ca", tmp_path, "is a directory"),
+    ]:
+        with pytest.raises(SystemExit) as exit:
+            main([*argv, "--server", CLOSED, flag, str(path)])
+        assert exit.value.code == 2
+        assert one_line(capsys) == f"{name}: {flag} {path}: {why}"
+    assert files_in(tmp_path) == []
+
+
+def test_verify_refuses_trust_anchors_without_a_certificate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    video = tmp_path / "clip.mp4"
+    with VideoWriter(video, fps=25, size=(64, 64)) as writer:
+        writer.write(np.zeros((64, 64, 3), np.uint8))
+    trust = tmp_path / "not-a-pem.txt"
+    trust.write_text("these are not certificates\n")
+    assert main(["verify", str(video), "--trust", str(trust)]) == 2
+    assert one_line(capsys) == f"talkinghead verify: --trust {trust}: no PEM certificate in it"
+
+
+def test_directories_and_other_files_are_called_what_they_are(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    out = str(tmp_path / "x.mp4")
+    assert main(animate("--driver", str(folder), "--out", out)) == 2
+    assert one_line(capsys) == f"talkinghead animate: {folder}: is a directory, not a video file"
+    text = tmp_path / "bad.npz"
+    text.write_text("points, frame_size, fps\n")
+    assert main(animate("--driver", str(text), "--out", out)) == 2
+    assert one_line(capsys) == f"talkinghead animate: {text}: not a NumPy .npz archive"
+    assert main(["verify", str(folder)]) == 2
+    assert one_line(capsys) == f"talkinghead verify: {folder}: is a directory"
+    consent = ["--subject", "S", "--basis", "public-domain", "--source", "NASA", "--collected-by", "tests"]
+    assert main(["avatar", "--server", CLOSED, "create", "cli-dir", str(folder), *consent]) == 2
+    assert one_line(capsys) == f"talkinghead avatar: {folder}: is a directory"
+    assert files_in(tmp_path) == ["bad.npz", "clips"]
