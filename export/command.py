@@ -205,7 +205,8 @@ def wait_unloaded(client: Any, name: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         states = {m.name: m.state for m in client.get_model_repository_index().models}
-        if states.get(name) not in ("READY", "UNLOADING", "LOADING"):
+        # (a model taken out of the repository is not in the index while still loaded)
+        if states.get(name) not in ("READY", "UNLOADING", "LOADING") and not client.is_model_ready(name):
             return
         time.sleep(0.05)
     raise TimeoutError(f"{name} still loaded after {timeout:.0f} s")
@@ -213,6 +214,7 @@ def wait_unloaded(client: Any, name: str, timeout: float = 30.0) -> None:
 
 def remove_avatar(args: argparse.Namespace) -> int:
     name = contract.personalised_name(args.remove_avatar)
+    hidden = repository.hide_model(args.repository, name)  # first: then nothing can load it again
     if args.triton_url:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
@@ -224,9 +226,10 @@ def remove_avatar(args: argparse.Namespace) -> int:
             log.info("unloaded %s from Triton at %s", name, args.triton_url)
         except (InferenceServerException, TimeoutError) as err:
             log.warning("Triton could not unload %s: %s", name, err)
-    if not repository.remove_model(args.repository, name):
+    if hidden is None:
         log.error("%s is not in %s", name, args.repository)
         return 1
+    shutil.rmtree(hidden, ignore_errors=True)
     log.info("removed %s from %s", name, args.repository)
     return 0
 

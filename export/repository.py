@@ -287,11 +287,22 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
 
 def remove_model(repository: Path, name: str) -> bool:
     """Delete `<repository>/<name>/`; False if it was not there. Unload it from Triton first."""
+    hidden = hide_model(repository, name)
+    if hidden is None:
+        return False
+    shutil.rmtree(hidden)
+    return True
+
+
+def hide_model(repository: Path, name: str) -> Path | None:
+    """Take `<repository>/<name>/` out of the repository in one rename, into a hidden folder the
+    caller deletes (or the next removal sweeps): no Triton can load it from then on, while one that
+    has it loaded still runs it until unloaded. None if it was not there."""
     if not _NAME.match(name):
         raise ValueError(f"invalid model name {name!r}")
     model_dir = repository / name
     if not model_dir.is_dir():
-        return False
+        return None
     # one rename, within the repository's filesystem: readers never see a half-deleted model (a
     # hidden folder is no model to `models`); one a killed removal left goes now (not one another
     # worker's removal holds: those last milliseconds)
@@ -301,8 +312,7 @@ def remove_model(repository: Path, name: str) -> bool:
                 shutil.rmtree(left, ignore_errors=True)
     trash = Path(tempfile.mkdtemp(dir=repository, prefix=REMOVED))
     os.replace(model_dir, trash / name)
-    shutil.rmtree(trash)
-    return True
+    return trash
 
 
 def remove_version(version_dir: Path) -> None:

@@ -372,6 +372,44 @@ def test_a_version_triton_refuses_is_taken_back(
     assert client.is_model_ready("generator"), "the shared generator kept serving"
 
 
+def test_a_withdrawn_generator_cannot_be_loaded_again_by_a_replica_using_it(
+    triton: tritonserver.Server, live_repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose stream runs on generator_<id> loads it again when a call finds it unloaded
+    (another replica may have made room). The withdrawal of a deleted avatar unloaded it while its
+    folder was still in the repository: the replica's next call loaded it again, and it stayed in
+    Triton, serving the deleted avatar's stream, for good. Here that reload comes between the
+    withdrawal's unload and what follows it."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    tritons = [triton.grpc_url]
+    written = repository.write_model(live_repo, source, name="generator_wanda")
+    models.load_everywhere(live_repo, "generator_wanda", tritons=tritons, written=written)
+    assert client.is_model_ready("generator_wanda")
+    real_unload, reloads = models._unload, []
+
+    def unload_then_a_replica_reloads(name: str, urls: list[str]) -> None:
+        real_unload(name, urls)
+        try:
+            client.load_model(name)
+            reloads.append("loaded")
+        except InferenceServerException:
+            reloads.append("refused")
+
+    monkeypatch.setattr(models, "_unload", unload_then_a_replica_reloads)
+    assert models.withdraw("wanda", live_repo, tritons=tritons)
+    assert reloads == ["refused"]
+    assert not client.is_model_ready("generator_wanda")
+    assert not (live_repo / "generator_wanda").exists()
+    assert not [p for p in live_repo.iterdir() if "wanda" in p.name or p.name.startswith(".")], "no leftovers"
+    assert client.is_model_ready("generator"), "the shared generator kept serving"
+
+
 def test_a_personalisation_cancelled_as_it_loads_takes_only_its_own_version_back(
     triton: tritonserver.Server, live_repo: Path
 ) -> None:

@@ -17,6 +17,7 @@ resolves to several addresses (a headless Kubernetes Service) means every one of
 from __future__ import annotations
 
 import logging
+import shutil
 import socket
 import tempfile
 import time
@@ -200,7 +201,13 @@ def _unload(name: str, urls: list[str]) -> None:
 
 
 def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
-    """Unload generator_<avatar> from every Triton and delete it; whether the repository had it."""
+    """Take generator_<avatar> out of the repository, unload it from every Triton, delete it;
+    whether the repository had it. Out of the repository first: unloaded while still there, a
+    replica whose stream was using it loaded it again at its next call (the model is loaded
+    on first use), and it stayed in Triton, serving the deleted avatar's stream, for good."""
     name = contract.personalised_name(avatar_id)
+    hidden = repository.hide_model(repo, name)
     _unload(name, targets(tritons))
-    return repository.remove_model(repo, name)
+    if hidden is not None:
+        shutil.rmtree(hidden, ignore_errors=True)  # (or the next removal's sweep)
+    return hidden is not None
