@@ -64,6 +64,8 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
     meta = info.metadata(kind=kind, step=int(ckpt.get("step", 0)), avatar=avatar)
     if avatar is not None and ckpt.get("consent_record"):
         meta[contract.Meta.CONSENT_RECORD] = str(ckpt["consent_record"])
+    if avatar is not None and ckpt.get("avatar_created"):
+        meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(float(ckpt["avatar_created"]))
     return meta
 
 

@@ -43,6 +43,17 @@ def personalised_name(avatar_id: str) -> str:
     return PERSONALISED_PREFIX + validate_stored_id(avatar_id)
 
 
+def avatar_stamp(create_time: float) -> str:
+    """Meta.AVATAR_CREATED of a generator fine-tuned on the avatar record made at `create_time`."""
+    return f"{create_time:.6f}"
+
+
+def made_for(stamp: str | None, record_stamp: str) -> bool:
+    """Whether a personalised generator stamped `stamp` (None: made before stamps, taken as the
+    avatar's) serves the record stamped `record_stamp` ("": not checked)."""
+    return not stamp or not record_stamp or stamp == record_stamp
+
+
 # Triton's priority levels of a generator's queue (export/repository.py dynamic_batching): a live
 # frame's call (1) is scheduled before offline ones (2) waiting there (service/backends/triton.py).
 TRITON_PRIORITY_LIVE, TRITON_PRIORITY_OFFLINE = 1, 2
@@ -190,6 +201,9 @@ class Meta:
     AVATAR = PREFIX + "avatar"  # personalised models only
     WARP_GUIDED = PREFIX + "warp_guided"  # "true": the generator takes `warped`; absent = "false"
     CONSENT_RECORD = PREFIX + "consent_record"  # personalised models: the avatar's consent record id
+    # personalised models: avatar_stamp of the avatar record fine-tuned on; an avatar made again
+    # under the same id (deleted, replaced) is another record, whose streams do not get this model
+    AVATAR_CREATED = PREFIX + "avatar_created"
     GFLOPS = PREFIX + "gflops_per_frame"  # generators: multiply-adds x 2 of one frame (benchmarks)
     KEYS = (
         KIND,
@@ -203,6 +217,7 @@ class Meta:
         AVATAR,
         WARP_GUIDED,
         CONSENT_RECORD,
+        AVATAR_CREATED,
         GFLOPS,
     )
 

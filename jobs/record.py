@@ -53,6 +53,7 @@ class Job:
     avatar_id: str
     model_id: str = ""  # the base model the avatar was made with (the worker must run the same)
     consent_id: str = ""  # the avatar's consent record id (stamped into the personalised generator)
+    avatar_created: float = 0.0  # the avatar record's create_time (stamped too: contract.avatar_stamp)
     steps: int = 0
     state: str = QUEUED
     stage: str = "queued"

@@ -27,7 +27,7 @@ import numpy as np
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2
 from facekit import warp
-from facekit.contract import ModelInfo
+from facekit.contract import ModelInfo, avatar_stamp
 from facekit.crop import CropBox
 from facekit.detect import LandmarkDetector, make_detector
 from facekit.ids import scoped_id, shown, split_id, validate_avatar_id
@@ -483,9 +483,11 @@ class App:
         """Events may have been missed (the subscription was interrupted): trust no cached record."""
         self.cache.clear()
 
-    async def personalised(self, avatar_id: str) -> bool:
+    async def personalised(self, record: AvatarRecord) -> bool:
+        """Whether the avatar's streams get its personalised generator: one fine-tuned on this
+        record (a generator left by an avatar deleted or replaced under the same id is not)."""
         try:
-            return await self.backend.has_personalised(avatar_id)
+            return await self.backend.has_personalised(record.avatar_id, avatar_stamp(record.create_time))
         except BackendUnavailable:
             return False
 
@@ -509,7 +511,7 @@ class App:
         if info.warp_guided and len(record.crops) == 0:
             raise precondition(f"avatar {config.avatar_id!r} keeps no reference photos; create it again")
         portrait = await self._portrait(record) if setup.config.paste_back else None
-        personalised = await self.personalised(avatar_id)
+        personalised = await self.personalised(record)
         self._take_stream_slot(principal)
         reserved = 0.0
         try:

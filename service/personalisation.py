@@ -93,6 +93,7 @@ class Personaliser:
             avatar_id=record.avatar_id,
             model_id=record.model_id,
             consent_id=str(record.consent.get("record_id", "")),
+            avatar_created=record.create_time,
             steps=total,
         )
         data = pack_input(record.crops, record.crop_points)

@@ -64,12 +64,12 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
         record = await self.app.create_avatar(
             request, principal=principal, actor=actor_of(principal, context.peer())
         )
-        personalised = await self.app.personalised(record.avatar_id)
+        personalised = await self.app.personalised(record)
         return to_avatar(record, personalised=personalised, details=True, preview=True)
 
     async def GetAvatar(self, request: avatar_pb2.GetAvatarRequest, context: Any) -> avatar_pb2.Avatar:
         record = await self.app.get_record(request.avatar_id, caller(self.app, context))
-        personalised = await self.app.personalised(record.avatar_id)
+        personalised = await self.app.personalised(record)
         return to_avatar(record, personalised=personalised, details=True, preview=request.include_preview)
 
     async def ListAvatars(
@@ -79,7 +79,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
             request.page_size, request.page_token, caller(self.app, context)
         )
         avatars = [
-            to_avatar(r, personalised=await self.app.personalised(r.avatar_id), details=False, preview=False)
+            to_avatar(r, personalised=await self.app.personalised(r), details=False, preview=False)
             for r in records
         ]
         return avatar_pb2.ListAvatarsResponse(avatars=avatars, next_page_token=token, total_size=total)

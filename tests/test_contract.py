@@ -94,6 +94,7 @@ def test_metadata_keys() -> None:
         "talkinghead.avatar",
         "talkinghead.warp_guided",
         "talkinghead.consent_record",
+        "talkinghead.avatar_created",
         "talkinghead.gflops_per_frame",
     )
     assert contract.KINDS == ("embedder", "generator", "personalised")

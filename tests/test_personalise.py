@@ -21,6 +21,7 @@ import pytest
 
 from api.talkinghead.v1 import personalisation_pb2 as ops
 from client.library import Client, landmark_requests, operation_error
+from facekit.contract import avatar_stamp
 from facekit.sequence import LandmarkSequence
 from jobs.local import LocalQueue
 from jobs.record import PERSONALISE, Job
@@ -179,6 +180,9 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         model = onnx.load(str(sorted((repository / "generator_tune").glob("*/model.onnx"))[-1]))
         stamped = {p.key: p.value for p in model.metadata_props}
         assert stamped["talkinghead.consent_record"] == c.get_avatar("tune").consent.record_id
+        tuned = LocalAvatarStore(root=embedded.settings.avatar_store).get("tune")
+        assert tuned is not None  # and the avatar record it was fine-tuned on (no other of the id)
+        assert stamped["talkinghead.avatar_created"] == avatar_stamp(tuned.create_time)
         listed = [o.name for o in c.list_operations(avatar_id="tune")]
         assert listed == [started.name]
 

@@ -380,6 +380,49 @@ def test_personalised_generator_is_used_automatically(
         running.stop()
 
 
+def test_a_generator_fine_tuned_for_an_earlier_avatar_of_the_id_is_not_used(
+    personalised_repository: tuple[Path, str], tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """generator_<id> left behind by an avatar deleted (its withdrawal lost with a failed write)
+    or replaced under the same id served the new avatar's streams: the deleted person's
+    fine-tuned face for someone else's photos. A generator carries the create time of the
+    avatar record it was fine-tuned on, and serves only that record."""
+    import shutil
+
+    import onnx
+
+    from facekit.contract import Meta, avatar_stamp
+
+    source, avatar_id = personalised_repository
+    repository = shutil.copytree(source, tmp_path / "repo")
+    model = sorted((repository / f"generator_{avatar_id}").glob("*/model.onnx"))[-1]
+
+    def stamp(value: str) -> None:
+        proto = onnx.load(str(model))
+        kept = [p for p in proto.metadata_props if p.key != Meta.AVATAR_CREATED]
+        del proto.metadata_props[:]
+        proto.metadata_props.extend(kept)
+        proto.metadata_props.add(key=Meta.AVATAR_CREATED, value=value)
+        onnx.save(proto, str(model))
+
+    stamp(avatar_stamp(1_700_000_000.0))  # fine-tuned on an earlier avatar of this id
+    running = ServerThread(settings=test_settings(repository, tmp_path / "store"))
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            assert not c.create_avatar(avatar_id, [PORTRAIT], consent=CONSENT).personalised
+            seq = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+            list(c.animate(avatar_id, landmark_requests(seq)))
+            assert c.last_started is not None and not c.last_started.personalised
+            stamp(avatar_stamp(record(running, avatar_id).create_time))  # this avatar's own
+            running.app.backend.forget_personalised(avatar_id)  # (what a PERSONALISED event does)
+            assert c.get_avatar(avatar_id).personalised
+            list(c.animate(avatar_id, landmark_requests(seq)))
+            assert c.last_started is not None and c.last_started.personalised
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("taken", ["grpc", "metrics"])
 def test_a_server_on_a_port_in_use_says_so_and_exits(
     server: ServerThread, model_repository: Path, tmp_path: Path, taken: str

@@ -179,6 +179,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         on_step=_progress(ctx, job, beat),
     )
     ckpt["consent_record"] = job.consent_id
+    ckpt["avatar_created"] = job.avatar_created
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")

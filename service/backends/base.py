@@ -227,8 +227,9 @@ class Backend(Protocol):
         Triton's queue ignores it)."""
         ...
 
-    async def has_personalised(self, avatar_id: str) -> bool:
-        """Whether `generator_<avatar_id>` exists (and was made from the served base model)."""
+    async def has_personalised(self, avatar_id: str, made_for: str = "") -> bool:
+        """Whether `generator_<avatar_id>` exists, was made from the served base model and (with
+        `made_for`, an avatar record's contract.avatar_stamp) fine-tuned on that record."""
         ...
 
     async def generate_personalised(

@@ -55,6 +55,9 @@ from facekit.contract import (
     latest_version,
     personalised_name,
 )
+from facekit.contract import (
+    made_for as made_for_record,
+)
 from service.backends.base import (
     BackendUnavailable,
     InFlight,
@@ -228,10 +231,10 @@ class OnnxRuntimeBackend(ReadyGate):
         (image,) = await self._run(GENERATOR, feeds, [IMAGE], priority)
         return np.asarray(image)
 
-    async def has_personalised(self, avatar_id: str) -> bool:
+    async def has_personalised(self, avatar_id: str, made_for: str = "") -> bool:
         name = personalised_name(avatar_id)
         if name in self._sessions:
-            return True
+            return made_for_record(self._sessions[name].metadata.get(Meta.AVATAR_CREATED), made_for)
         path = latest_version(self.repository / name)
         if path is None or not self.loaded():
             return False
@@ -251,7 +254,7 @@ class OnnxRuntimeBackend(ReadyGate):
         self._last_used[name] = time.monotonic()
         log.info("loaded personalised generator %s (%s)", path, session.name)
         self._unload_idle()
-        return True
+        return made_for_record(meta.get(Meta.AVATAR_CREATED), made_for)
 
     def _unload_idle(self) -> None:
         """Beyond max_personalised loaded, unload the least recently used personalised generators

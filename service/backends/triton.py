@@ -48,6 +48,9 @@ from facekit.contract import (
     personalised_name,
     ready_personalised,
 )
+from facekit.contract import (
+    made_for as made_for_record,
+)
 from facekit.engines import LIVE, OFFLINE
 from service.backends.base import (
     BackendUnavailable,
@@ -134,6 +137,7 @@ class TritonBackend(ReadyGate):
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._monitor: asyncio.Task[None] | None = None
         self._personalised: set[str] = set()  # generators this replica loaded or found loaded
+        self._stamps: dict[str, str | None] = {}  # their Meta.AVATAR_CREATED (None: made before it)
         self._absent_since: dict[str, float] = {}
         self._lanes = 1  # the generator's instances, read from its config once loaded
         self.loads = 0
@@ -290,11 +294,11 @@ class TritonBackend(ReadyGate):
         (image,) = await self._infer(GENERATOR, feeds, [IMAGE], _triton_priority(priority))
         return image
 
-    async def has_personalised(self, avatar_id: str) -> bool:
+    async def has_personalised(self, avatar_id: str, made_for: str = "") -> bool:
         """Load `generator_<id>` on first use; a missing one is remembered for NEGATIVE_CACHE_S."""
         name = personalised_name(avatar_id)
         if name in self._personalised:
-            return True
+            return made_for_record(self._stamps.get(name), made_for)
         if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
             return False
         timeout = self.load_timeout_s
@@ -316,8 +320,9 @@ class TritonBackend(ReadyGate):
             return False
         _warn_if_merging(name, config)
         self._personalised.add(name)
+        self._stamps[name] = parameters(config).get(Meta.AVATAR_CREATED)
         await self._unload_idle(ready | {name}, keep=name)
-        return True
+        return made_for_record(self._stamps[name], made_for)
 
     async def _unload_idle(self, ready: set[str], *, keep: str) -> None:
         """Beyond max_personalised personalised generators `ready` on Triton, unload those no replica
