@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -309,6 +310,41 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
 
     with caplog.at_level("INFO", logger="talkinghead.service.triton"):
         asyncio.run(main())
+
+
+def test_a_generator_looked_up_on_a_triton_that_freezes_gives_up_when_triton_is_lost(
+    model_repository: Path, triton: str | Triton
+) -> None:
+    """Opening a stream asks Triton for the avatar's personalised generator (index, load,
+    config); a Triton that froze meanwhile held that for load_timeout_s (60 s), with health
+    already NOT_SERVING. The look-up is abandoned with the model calls when Triton is lost."""
+    if isinstance(triton, str):
+        pytest.skip("needs the test's own Triton (the test freezes it)")
+    assert triton.server is not None
+    repository_files.write_model(triton.repository, _template(model_repository), name="generator_ice")
+
+    async def main() -> None:
+        backend = TritonBackend(url=triton.url)
+        await backend.start()
+        try:
+            assert await backend.wait_ready(60)
+            os.kill(triton.server.process.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            try:
+                started = time.monotonic()
+                assert not await backend.has_personalised("ice")
+                waited = time.monotonic() - started
+            finally:
+                os.kill(triton.server.process.pid, signal.SIGCONT)  # type: ignore[union-attr]
+            assert waited < 15, f"held {waited:.1f} s (load_timeout_s {backend.load_timeout_s:g} s)"
+            assert await backend.wait_ready(60)
+            assert await backend.has_personalised("ice"), "found once Triton answers again"
+        finally:
+            other = tritonclient.InferenceServerClient(triton.url)
+            await _remove_personalised(other, triton, ["ice"])
+            await other.close()
+            await backend.close()
+
+    asyncio.run(main())
 
 
 def test_a_personalised_generator_whose_queued_calls_triton_may_merge_is_warned_of(

@@ -138,6 +138,7 @@ class TritonBackend(ReadyGate):
         self._monitor: asyncio.Task[None] | None = None
         self._personalised: set[str] = set()  # generators this replica loaded or found loaded
         self._stamps: dict[str, str | None] = {}  # their Meta.AVATAR_CREATED (None: made before it)
+        self._lookups: set[asyncio.Future[tuple[set[str], dict] | None]] = set()  # has_personalised's
         self._absent_since: dict[str, float] = {}
         self._lanes = 1  # the generator's instances, read from its config once loaded
         self.loads = 0
@@ -220,6 +221,8 @@ class TritonBackend(ReadyGate):
         self._ready.clear()
         self._personalised.clear()
         self.abandon_calls(f"Triton at {self.url} went away ({why})")
+        for lookup in list(self._lookups):
+            lookup.cancel()
 
     async def _config(self, model: str) -> dict:
         answer = await self.client.get_model_config(model, as_json=True, client_timeout=self.load_timeout_s)
@@ -301,20 +304,22 @@ class TritonBackend(ReadyGate):
             return made_for_record(self._stamps.get(name), made_for)
         if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
             return False
-        timeout = self.load_timeout_s
+        # Abandoned when Triton is lost (_lost), as model calls are: a frozen Triton held a stream
+        # opening (or a call reloading its generator) for load_timeout_s, with health NOT_SERVING.
+        lookup = asyncio.ensure_future(self._look_up(name))
+        self._lookups.add(lookup)
         try:
-            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
-            models = index.get("models", [])
-            if name not in {m.get("name") for m in models}:
-                self._absent_since[name] = time.monotonic()
-                return False
-            ready = ready_personalised(index)
-            if name not in ready:
-                await self.client.load_model(name, client_timeout=timeout)  # else the worker did
-            config = await self._config(name)
-        except InferenceServerException as error:
-            log.error("cannot load %s on Triton: %s", name, error)
+            found = await lookup
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+            return False  # Triton went away meanwhile
+        finally:
+            self._lookups.discard(lookup)
+        if found is None:
             return False
+        ready, config = found
         if parameters(config).get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
@@ -323,6 +328,24 @@ class TritonBackend(ReadyGate):
         self._stamps[name] = parameters(config).get(Meta.AVATAR_CREATED)
         await self._unload_idle(ready | {name}, keep=name)
         return made_for_record(self._stamps[name], made_for)
+
+    async def _look_up(self, name: str) -> tuple[set[str], dict] | None:
+        """(the personalised generators ready, `name`'s config) once `name` is loaded; None when the
+        repository has no such model (remembered) or Triton refuses it."""
+        timeout = self.load_timeout_s
+        try:
+            index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
+            models = index.get("models", [])
+            if name not in {m.get("name") for m in models}:
+                self._absent_since[name] = time.monotonic()
+                return None
+            ready = ready_personalised(index)
+            if name not in ready:
+                await self.client.load_model(name, client_timeout=timeout)  # else the worker did
+            return ready, await self._config(name)
+        except InferenceServerException as error:
+            log.error("cannot load %s on Triton: %s", name, error)
+            return None
 
     async def _unload_idle(self, ready: set[str], *, keep: str) -> None:
         """Beyond max_personalised personalised generators `ready` on Triton, unload those no replica
