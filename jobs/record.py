@@ -70,6 +70,9 @@ class Job:
     error: str = ""
     model_name: str = ""
     model_version: int = 0
+    # generator_<avatar>'s latest version when the first attempt began (0: none; -1: not begun): a
+    # version above it that a later attempt finds was written by an attempt lost before it said so
+    published_before: int = -1
 
     @property
     def done(self) -> bool:

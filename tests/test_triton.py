@@ -445,6 +445,42 @@ def test_a_personalisation_cancelled_as_it_loads_takes_only_its_own_version_back
         models.withdraw("emil", live_repo, tritons=tritons)
 
 
+def test_a_taken_over_personalisation_takes_back_what_a_lost_attempt_published(
+    triton: tritonserver.Server, live_repo: Path
+) -> None:
+    """A worker killed after writing its generator, before the job said so: the next attempt
+    (or a cancel of it) left that version published, the avatar personalised by an operation
+    that ended CANCELLED or FAILED. The job keeps the latest version when it first began; a
+    later attempt takes back whatever is above it, and Triton serves the version before again."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    tritons = [triton.grpc_url]
+    try:
+        for _ in range(2):  # an earlier personalisation (1), then a lost attempt's version
+            written = repository.write_model(live_repo, source, name="generator_fay")
+            models.load_everywhere(live_repo, "generator_fay", tritons=tritons, written=written)
+        assert client.is_model_ready("generator_fay", "2")
+        models.take_back_since("generator_fay", 1, live_repo, tritons=tritons)
+        assert repository.versions(live_repo / "generator_fay") == [1]
+        assert client.is_model_ready("generator_fay", "1")
+        assert not client.is_model_ready("generator_fay", "2")
+        models.take_back_since("generator_fay", 1, live_repo, tritons=tritons)  # nothing above: no-op
+        assert client.is_model_ready("generator_fay", "1")
+        first = repository.write_model(live_repo, source, name="generator_gil")
+        models.load_everywhere(live_repo, "generator_gil", tritons=tritons, written=first)
+        models.take_back_since("generator_gil", 0, live_repo, tritons=tritons)  # it had none before
+        assert not (live_repo / "generator_gil").exists()
+        assert not client.is_model_ready("generator_gil")
+    finally:
+        models.withdraw("fay", live_repo, tritons=tritons)
+        models.withdraw("gil", live_repo, tritons=tritons)
+
+
 def test_personalising_past_the_limit_unloads_the_least_recently_called_idle_generator(
     triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
 ) -> None:

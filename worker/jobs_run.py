@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from export import repository
 from facekit import contract
 from jobs import events
 from jobs.queue import JobQueue, Lost, unpack_input
@@ -168,6 +169,13 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         )
         _end(ctx, job.ended(FAILED, code=CODE_FAILED_PRECONDITION, error=message))
         return
+    name = contract.personalised_name(job.avatar_id)
+    if job.published_before < 0:
+        job.published_before = (repository.versions(ctx.repository / name) or [0])[-1]
+        if not ctx.queue.update(job):
+            raise Cancelled("cancelled before fine-tuning")
+    else:  # taken over: what a lost attempt published goes, or a cancel or failure now would keep it
+        models.take_back_since(name, job.published_before, ctx.repository, tritons=ctx.tritons)
     frames, points = unpack_input(ctx.queue.load_input(job))
     ckpt = personalise(
         ctx.meta,

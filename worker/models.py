@@ -170,6 +170,16 @@ def trim(
         )
 
 
+def take_back_since(name: str, since: int, repo: Path, *, tritons: list[str]) -> None:
+    """Take back every version of model `name` above `since`, newest first: the version `since`
+    (or, with 0, no model) is what Triton serves again."""
+    for version in reversed(repository.versions(repo / name)):
+        if version <= since:
+            break
+        log.info("taking back %s version %d, published by an attempt lost before it ended", name, version)
+        _take_back(repo, name, repo / name / str(version), targets(tritons))
+
+
 def _take_back(repo: Path, name: str, written: Path, urls: list[str]) -> None:
     from tritonclient.utils import InferenceServerException
 
