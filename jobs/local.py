@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -23,9 +22,8 @@ from typing import IO
 
 from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull
-from jobs.record import CANCELLED, CODE_CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, TERMINAL, Job
+from jobs.record import CANCELLED, CODE_CANCELLED, ID, PERSONALISE, QUEUED, REMOVE, RUNNING, TERMINAL, Job
 
-_ID = re.compile(r"^[0-9a-f]{16}$")
 EVENTS_FILE = "events.jsonl"
 POLL_S = 0.2
 RETENTION_S = 7 * 24 * 3600  # ended jobs are forgotten after a week
@@ -60,7 +58,7 @@ class LocalQueue:
         self._held: dict[str, IO[bytes]] = {}
 
     def _path(self, job_id: str, suffix: str) -> Path:
-        if not _ID.match(job_id):
+        if not ID.fullmatch(job_id):
             raise KeyError(job_id)
         return self.root / f"{job_id}{suffix}"
 

@@ -8,6 +8,7 @@ through a queue (jobs.queue.JobQueue), so this module is the one place its field
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -44,6 +45,9 @@ CODE_RESOURCE_EXHAUSTED = 8
 
 def new_id() -> str:
     return secrets.token_hex(8)
+
+
+ID = re.compile(r"[0-9a-f]{16}")  # what new_id makes; fullmatch it ("$" lets a final "\n" through)
 
 
 @dataclass(kw_only=True)

@@ -43,7 +43,7 @@ from service.audit import AuditEvent, AuditLog
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
-from service.capacity import HEADROOM, Admission, CostModel, expected_fps
+from service.capacity import HEADROOM, Admission, CostModel
 from service.errors import (
     ServiceError,
     aborted,
@@ -516,7 +516,7 @@ class App:
         reserved = 0.0
         try:
             if not setup.block:
-                reserved = self._admit(config)
+                reserved = self._admit(setup.fps)
             await self.record_event(
                 "animate_start",
                 record,
@@ -580,8 +580,7 @@ class App:
         self.active_streams += 1
         self.metrics.active_streams.inc()
 
-    def _admit(self, config: animation_pb2.StreamConfig) -> float:
-        fps = expected_fps(config.expected_fps)
+    def _admit(self, fps: float) -> float:
         try:
             reserved = self.admission.admit(fps)
         except ServiceError:

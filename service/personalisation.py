@@ -21,7 +21,7 @@ from typing import Any
 from facekit.contract import ModelInfo
 from facekit.ids import shown, split_id
 from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
-from jobs.record import PERSONALISE, REMOVE, Job, new_id, steps_for
+from jobs.record import ID, PERSONALISE, REMOVE, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
 from service.wire import redis_error
@@ -29,8 +29,7 @@ from service.wire import redis_error
 log = logging.getLogger("talkinghead.service.personalisation")
 
 PREFIX = "operations/"
-_NAME = re.compile(r"operations/([0-9a-f]{16})")  # fullmatch: "$" would let a final "\n" through
-_JOB_ID = re.compile(r"[0-9a-f]{16}")
+_NAME = re.compile(rf"operations/({ID.pattern})")  # fullmatch: "$" would let a final "\n" through
 WATCH_POLL_S = 0.25
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
@@ -176,7 +175,7 @@ def decode_cursor(token: str) -> tuple[float, str] | None:
     try:
         kind, when, job_id = base64.urlsafe_b64decode(token.encode()).decode().split(":")
         before = float(when)
-        if kind != "before" or not math.isfinite(before) or not _JOB_ID.fullmatch(job_id):
+        if kind != "before" or not math.isfinite(before) or not ID.fullmatch(job_id):
             raise ValueError(kind)
         return before, job_id
     except (binascii.Error, UnicodeError, ValueError) as error:

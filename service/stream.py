@@ -81,6 +81,7 @@ class StreamSetup:
     quality: int
     depth: int
     block: bool
+    fps: float  # config.expected_fps checked (0 -> the default): what a live stream reserves
 
 
 def check_config(config: pb.StreamConfig) -> StreamSetup:
@@ -105,7 +106,6 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
             f"config.queue_depth must be 1-{MAX_DEPTH} (0 = default {DEFAULT_DEPTH}), "
             f"got {config.queue_depth}"
         )
-    expected_fps(config.expected_fps)  # (admission reads it for live streams; checked for all)
     if config.HasField("neutral") and config.motion != pb.MOTION_MODE_RELATIVE:
         raise invalid("config.neutral is only used with motion = MOTION_MODE_RELATIVE")
     if config.HasField("smoothing"):
@@ -120,6 +120,7 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
         quality=config.quality,
         depth=config.queue_depth or DEFAULT_DEPTH,
         block=config.overflow == pb.OVERFLOW_POLICY_BLOCK,
+        fps=expected_fps(config.expected_fps),
     )
 
 

@@ -136,8 +136,8 @@ class TritonBackend(ReadyGate):
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._monitor: asyncio.Task[None] | None = None
-        self._personalised: set[str] = set()  # generators this replica loaded or found loaded
-        self._stamps: dict[str, str | None] = {}  # their Meta.AVATAR_CREATED (None: made before it)
+        # generators this replica loaded or found loaded -> their Meta.AVATAR_CREATED (None: none)
+        self._personalised: dict[str, str | None] = {}
         self._lookups: set[asyncio.Future[tuple[set[str], dict] | None]] = set()  # has_personalised's
         self._absent_since: dict[str, float] = {}
         self._lanes = 1  # the generator's instances, read from its config once loaded
@@ -301,7 +301,7 @@ class TritonBackend(ReadyGate):
         """Load `generator_<id>` on first use; a missing one is remembered for NEGATIVE_CACHE_S."""
         name = personalised_name(avatar_id)
         if name in self._personalised:
-            return made_for_record(self._stamps.get(name), made_for)
+            return made_for_record(self._personalised[name], made_for)
         if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
             return False
         # Abandoned when Triton is lost (_lost), as model calls are: a frozen Triton held a stream
@@ -324,10 +324,9 @@ class TritonBackend(ReadyGate):
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
             return False
         _warn_if_merging(name, config)
-        self._personalised.add(name)
-        self._stamps[name] = parameters(config).get(Meta.AVATAR_CREATED)
+        self._personalised[name] = parameters(config).get(Meta.AVATAR_CREATED)
         await self._unload_idle(ready | {name}, keep=name)
-        return made_for_record(self._stamps[name], made_for)
+        return made_for_record(self._personalised[name], made_for)
 
     async def _look_up(self, name: str) -> tuple[set[str], dict] | None:
         """(the personalised generators ready, `name`'s config) once `name` is loaded; None when the
@@ -373,7 +372,7 @@ class TritonBackend(ReadyGate):
             except InferenceServerException as error:
                 log.warning("cannot unload %s on Triton: %s", name, error)
                 continue
-            self._personalised.discard(name)
+            self._personalised.pop(name, None)
             excess -= 1
             log.info("unloaded personalised generator %s on Triton (no call for %.0f s)", name, seconds)
         if excess > 0:
@@ -397,7 +396,7 @@ class TritonBackend(ReadyGate):
 
     def forget_personalised(self, avatar_id: str) -> None:
         name = personalised_name(avatar_id)
-        self._personalised.discard(name)
+        self._personalised.pop(name, None)
         self._absent_since.pop(name, None)
 
     async def generate_personalised(
