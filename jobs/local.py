@@ -115,7 +115,11 @@ class LocalQueue:
             if job is None or job.done:
                 return job
             lock = try_lock(self._path(job_id, ".lock"))
-            if lock is None:  # a worker runs it: it stops at its next step
+            if lock is None or job.state == RUNNING:
+                # A worker runs it: it stops at its next step. Or one ran it and died, perhaps
+                # after publishing a generator: the next worker takes that back, then ends it.
+                if lock is not None:
+                    lock.close()
                 self._path(job_id, ".cancel").touch()
                 job.cancel_requested = True
                 return job

@@ -135,6 +135,59 @@ def test_a_personalisation_racing_a_delete_does_not_keep_the_deleted_photos_queu
     client.delete_avatar("gone-soon")
 
 
+def test_a_job_cancelled_while_its_worker_was_dead_takes_back_what_that_worker_published(
+    tmp_path: Path,
+) -> None:
+    """The embedded worker dies after writing the avatar's new generator, before its job said so;
+    the caller cancels. The queue used to end the job at once ("cancelled while queued", the lock
+    free) and no worker came back to it: the cancelled personalisation stayed published, served to
+    every new stream. Now the restarted worker takes it, takes the version back, tells the
+    replicas, and ends it CANCELLED."""
+    import torch
+
+    from jobs.events import UNPERSONALISED, Event
+    from jobs.local import EVENTS_FILE
+    from jobs.queue import pack_input
+    from jobs.record import CANCELLED, RUNNING, new_id
+    from worker.jobs_run import Context, run_job
+
+    jobs, repo = tmp_path / "jobs", tmp_path / "repo"
+    service = LocalQueue(root=jobs)
+    data = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
+    job = Job(id=new_id(), kind=PERSONALISE, avatar_id="dead", steps=3, model_id="m1")
+    service.submit(job, data, max_active=2)
+    dead = LocalQueue(root=jobs)
+    held = dead.claim("first", wait_s=1)
+    assert held is not None and held.id == job.id
+    held.published_before = 0  # as the worker records at its first attempt: no generator before
+    assert dead.update(held)
+    (repo / "generator_dead" / "1").mkdir(parents=True)  # what it published before it died
+    (repo / "generator_dead" / "1" / "model.onnx").write_bytes(b"fine-tuned")
+    dead.close()  # the process is gone: the OS lets go of its lock
+    asked = service.cancel(job.id)
+    assert asked is not None and asked.state == RUNNING and asked.cancel_requested
+    restarted = LocalQueue(root=jobs)
+    taken = restarted.claim("second", wait_s=1)
+    assert taken is not None and taken.id == job.id and taken.attempt == 2
+    ctx = Context(
+        queue=restarted,
+        meta={},
+        model_id="m1",
+        repository=repo,
+        profile="python",
+        tritons=[],
+        heartbeat_s=0.3,
+        device=torch.device("cpu"),
+    )
+    run_job(ctx, taken)
+    done = service.get(job.id)
+    assert done is not None and done.state == CANCELLED and done.error == "cancelled before fine-tuning"
+    assert not (repo / "generator_dead").exists(), "the cancelled personalisation is still published"
+    told = [Event.from_json(line) for line in (jobs / EVENTS_FILE).read_text().splitlines()]
+    assert [(e.avatar_id, e.event) for e in told if e] == [("dead", UNPERSONALISED)]
+    assert service.active("dead") is None and not (jobs / f"{job.id}.input.npz").exists()
+
+
 def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:
     repository = embedded.settings.model_repository
     with embedded.client() as c:

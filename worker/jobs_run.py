@@ -172,10 +172,11 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     name = contract.personalised_name(job.avatar_id)
     if job.published_before < 0:
         job.published_before = (repository.versions(ctx.repository / name) or [0])[-1]
-        if not ctx.queue.update(job):
-            raise Cancelled("cancelled before fine-tuning")
-    else:  # taken over: what a lost attempt published goes, or a cancel or failure now would keep it
-        models.take_back_since(name, job.published_before, ctx.repository, tritons=ctx.tritons)
+    elif models.take_back_since(name, job.published_before, ctx.repository, tritons=ctx.tritons):
+        # Taken over: what a lost attempt published goes, or a cancel or failure now would keep it.
+        _taken_back(ctx, job, name)
+    if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
+        raise Cancelled("cancelled before fine-tuning")
     frames, points = unpack_input(ctx.queue.load_input(job))
     ckpt = personalise(
         ctx.meta,
@@ -197,9 +198,17 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     job.stage, job.model_name, job.model_version = "loading", published.name, published.version
     if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
         models.take_back(published, ctx.repository, tritons=ctx.tritons)
+        _taken_back(ctx, job, name)
         raise Cancelled("cancelled before the model was published")
     _end(ctx, job.ended(SUCCEEDED))
     ctx.queue.publish(job.avatar_id, events.PERSONALISED)  # (even if taken over: it is loaded)
+
+
+def _taken_back(ctx: Context, job: Job, name: str) -> None:
+    """Tell the replicas that a version of the avatar's generator was taken back: one that opened
+    it for a stream meanwhile (the embedded backend opens the latest file it finds) drops it."""
+    left = repository.versions(ctx.repository / name)
+    ctx.queue.publish(job.avatar_id, events.PERSONALISED if left else events.UNPERSONALISED)
 
 
 def _remove(ctx: Context, job: Job) -> None:

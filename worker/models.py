@@ -170,14 +170,14 @@ def trim(
         )
 
 
-def take_back_since(name: str, since: int, repo: Path, *, tritons: list[str]) -> None:
+def take_back_since(name: str, since: int, repo: Path, *, tritons: list[str]) -> bool:
     """Take back every version of model `name` above `since`, newest first: the version `since`
-    (or, with 0, no model) is what Triton serves again."""
-    for version in reversed(repository.versions(repo / name)):
-        if version <= since:
-            break
+    (or, with 0, no model) is what Triton serves again. Whether there was any."""
+    above = [v for v in repository.versions(repo / name) if v > since]
+    for version in reversed(above):
         log.info("taking back %s version %d, published by an attempt lost before it ended", name, version)
         _take_back(repo, name, repo / name / str(version), targets(tritons))
+    return bool(above)
 
 
 def _take_back(repo: Path, name: str, written: Path, urls: list[str]) -> None:
