@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -135,6 +136,55 @@ def test_a_personalisation_racing_a_delete_does_not_keep_the_deleted_photos_queu
     client.delete_avatar("gone-soon")
 
 
+def _worker_context(queue: LocalQueue, repository: Path) -> Any:
+    import torch
+
+    from worker.jobs_run import Context
+
+    return Context(
+        queue=queue,
+        meta={},
+        model_id="m1",
+        repository=repository,
+        profile="python",
+        tritons=[],
+        heartbeat_s=0.3,
+        device=torch.device("cpu"),
+    )
+
+
+def _died_after_publishing(jobs: Path, repo: Path, avatar_id: str, version: int) -> Job:
+    """A worker takes the avatar's job, writes generator_<avatar>/<version>, and is killed."""
+    dead = LocalQueue(root=jobs)
+    held = dead.claim(f"worker-{version}", wait_s=1)
+    assert held is not None and held.avatar_id == avatar_id
+    if held.published_before < 0:
+        held.published_before = 0  # as the worker records at its first attempt: no generator before
+    assert dead.update(held)
+    written = repo / f"generator_{avatar_id}" / str(version)
+    written.mkdir(parents=True)
+    (written / "model.onnx").write_bytes(b"fine-tuned")
+    dead.close()  # the process is gone: the OS lets go of its lock
+    return held
+
+
+def _new_job(queue: LocalQueue, avatar_id: str) -> Job:
+    from jobs.queue import pack_input
+    from jobs.record import new_id
+
+    data = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
+    job = Job(id=new_id(), kind=PERSONALISE, avatar_id=avatar_id, steps=3, model_id="m1")
+    return queue.submit(job, data, max_active=2)
+
+
+def _events(jobs: Path) -> list[tuple[str, str]]:
+    from jobs.events import Event
+    from jobs.local import EVENTS_FILE
+
+    told = [Event.from_json(line) for line in (jobs / EVENTS_FILE).read_text().splitlines()]
+    return [(e.avatar_id, e.event) for e in told if e]
+
+
 def test_a_job_cancelled_while_its_worker_was_dead_takes_back_what_that_worker_published(
     tmp_path: Path,
 ) -> None:
@@ -143,49 +193,58 @@ def test_a_job_cancelled_while_its_worker_was_dead_takes_back_what_that_worker_p
     free) and no worker came back to it: the cancelled personalisation stayed published, served to
     every new stream. Now the restarted worker takes it, takes the version back, tells the
     replicas, and ends it CANCELLED."""
-    import torch
-
-    from jobs.events import UNPERSONALISED, Event
-    from jobs.local import EVENTS_FILE
-    from jobs.queue import pack_input
-    from jobs.record import CANCELLED, RUNNING, new_id
-    from worker.jobs_run import Context, run_job
+    from jobs.events import UNPERSONALISED
+    from jobs.record import CANCELLED, RUNNING
+    from worker.jobs_run import run_job
 
     jobs, repo = tmp_path / "jobs", tmp_path / "repo"
     service = LocalQueue(root=jobs)
-    data = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
-    job = Job(id=new_id(), kind=PERSONALISE, avatar_id="dead", steps=3, model_id="m1")
-    service.submit(job, data, max_active=2)
-    dead = LocalQueue(root=jobs)
-    held = dead.claim("first", wait_s=1)
-    assert held is not None and held.id == job.id
-    held.published_before = 0  # as the worker records at its first attempt: no generator before
-    assert dead.update(held)
-    (repo / "generator_dead" / "1").mkdir(parents=True)  # what it published before it died
-    (repo / "generator_dead" / "1" / "model.onnx").write_bytes(b"fine-tuned")
-    dead.close()  # the process is gone: the OS lets go of its lock
+    job = _new_job(service, "dead")
+    _died_after_publishing(jobs, repo, "dead", 1)
     asked = service.cancel(job.id)
     assert asked is not None and asked.state == RUNNING and asked.cancel_requested
     restarted = LocalQueue(root=jobs)
-    taken = restarted.claim("second", wait_s=1)
+    taken = restarted.claim("restarted", wait_s=1)
     assert taken is not None and taken.id == job.id and taken.attempt == 2
-    ctx = Context(
-        queue=restarted,
-        meta={},
-        model_id="m1",
-        repository=repo,
-        profile="python",
-        tritons=[],
-        heartbeat_s=0.3,
-        device=torch.device("cpu"),
-    )
-    run_job(ctx, taken)
+    run_job(_worker_context(restarted, repo), taken)
     done = service.get(job.id)
-    assert done is not None and done.state == CANCELLED and done.error == "cancelled before fine-tuning"
+    assert (
+        done is not None and done.state == CANCELLED and done.error == "cancelled before fine-tuning resumed"
+    )
     assert not (repo / "generator_dead").exists(), "the cancelled personalisation is still published"
-    told = [Event.from_json(line) for line in (jobs / EVENTS_FILE).read_text().splitlines()]
-    assert [(e.avatar_id, e.event) for e in told if e] == [("dead", UNPERSONALISED)]
+    assert _events(jobs) == [("dead", UNPERSONALISED)]
     assert service.active("dead") is None and not (jobs / f"{job.id}.input.npz").exists()
+
+
+def test_a_job_that_took_its_worker_down_three_times_fails_and_the_queue_goes_on(tmp_path: Path) -> None:
+    """A personalisation whose worker is killed each time it runs it (out of memory, say) was taken
+    again by every restarted worker, forever, and the job queued behind it never ran. The fourth
+    worker to take it ends it FAILED saying so and takes back what the dead attempts published."""
+    from jobs.events import UNPERSONALISED
+    from jobs.record import FAILED
+    from worker.jobs_run import MAX_ATTEMPTS, run_job
+
+    jobs, repo = tmp_path / "jobs", tmp_path / "repo"
+    service = LocalQueue(root=jobs)
+    poison = _new_job(service, "heavy")
+    time.sleep(0.01)  # (jobs are taken oldest first)
+    behind = _new_job(service, "light")
+    for version in range(1, MAX_ATTEMPTS + 1):
+        _died_after_publishing(jobs, repo, "heavy", version)
+    worker = LocalQueue(root=jobs)
+    taken = worker.claim("last", wait_s=1)
+    assert taken is not None and taken.id == poison.id and taken.attempt == MAX_ATTEMPTS + 1
+    run_job(_worker_context(worker, repo), taken)
+    done = service.get(poison.id)
+    assert done is not None and done.state == FAILED and done.error_code == grpc.StatusCode.INTERNAL.value[0]
+    assert done.error == (
+        "the worker stopped 3 times while running this personalisation (the worker's log says why); "
+        "it is not tried again"
+    )
+    assert not (repo / "generator_heavy").exists()
+    assert _events(jobs) == [("heavy", UNPERSONALISED)]
+    nxt = worker.claim("last", wait_s=1)
+    assert nxt is not None and nxt.id == behind.id and nxt.attempt == 1
 
 
 def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:

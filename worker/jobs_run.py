@@ -44,6 +44,10 @@ from worker import models
 log = logging.getLogger("talkinghead.worker")
 
 
+# A personalisation whose worker died this many times (killed for memory, say) is not run again.
+MAX_ATTEMPTS = 3
+
+
 class Cancelled(Exception):
     pass
 
@@ -107,6 +111,8 @@ def run_job(ctx: Context, job: Job) -> None:
         with Heartbeat(ctx.queue, job, ctx.heartbeat_s) as beat:
             if job.kind == REMOVE:
                 _remove(ctx, job)
+            elif job.attempt > MAX_ATTEMPTS:
+                _give_up(ctx, job)
             else:
                 _personalise(ctx, job, beat)
     except Lost as error:
@@ -176,7 +182,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         # Taken over: what a lost attempt published goes, or a cancel or failure now would keep it.
         _taken_back(ctx, job, name)
     if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
-        raise Cancelled("cancelled before fine-tuning")
+        raise Cancelled("cancelled before fine-tuning" + (" resumed" if job.attempt > 1 else ""))
     frames, points = unpack_input(ctx.queue.load_input(job))
     ckpt = personalise(
         ctx.meta,
@@ -202,6 +208,25 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         raise Cancelled("cancelled before the model was published")
     _end(ctx, job.ended(SUCCEEDED))
     ctx.queue.publish(job.avatar_id, events.PERSONALISED)  # (even if taken over: it is loaded)
+
+
+def _give_up(ctx: Context, job: Job) -> None:
+    """End a personalisation that took its worker down MAX_ATTEMPTS times, taking back what those
+    attempts published. Before, every restarted worker took it again and died on it in turn, and
+    the jobs queued behind it never ran."""
+    name = contract.personalised_name(job.avatar_id)
+    if job.published_before >= 0 and models.take_back_since(
+        name, job.published_before, ctx.repository, tritons=ctx.tritons
+    ):
+        _taken_back(ctx, job, name)
+    if not ctx.queue.update(job):
+        raise Cancelled("cancelled while its worker was lost")
+    message = (
+        f"the worker stopped {MAX_ATTEMPTS} times while running this personalisation (the worker's "
+        "log says why); it is not tried again"
+    )
+    log.error("job %s: %s", job.id, message)
+    _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=message))
 
 
 def _taken_back(ctx: Context, job: Job, name: str) -> None:
