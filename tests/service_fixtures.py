@@ -334,3 +334,23 @@ def thread_policies(pid: int) -> set[int]:
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
             found.add(os.sched_getscheduler(int(tid.name)))
     return found
+
+
+def worker_context(queue: Any, repository: Path) -> Any:
+    """A worker's jobs_run.Context over `queue` (local or Redis), to run one job in the test's own
+    process: no Triton, base model "m1", an empty meta checkpoint (a job that reaches
+    fine-tuning fails)."""
+    import torch
+
+    from worker.jobs_run import Context
+
+    return Context(
+        queue=queue,
+        meta={},
+        model_id="m1",
+        repository=repository,
+        profile="python",
+        tritons=[],
+        heartbeat_s=0.3,
+        device=torch.device("cpu"),
+    )

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -38,6 +37,7 @@ from tests.service_fixtures import (
     test_settings,
     thread_policies,
     tmpfs,
+    worker_context,
 )
 
 WORKER_TIMEOUT_S = 420
@@ -136,23 +136,6 @@ def test_a_personalisation_racing_a_delete_does_not_keep_the_deleted_photos_queu
     client.delete_avatar("gone-soon")
 
 
-def _worker_context(queue: LocalQueue, repository: Path) -> Any:
-    import torch
-
-    from worker.jobs_run import Context
-
-    return Context(
-        queue=queue,
-        meta={},
-        model_id="m1",
-        repository=repository,
-        profile="python",
-        tritons=[],
-        heartbeat_s=0.3,
-        device=torch.device("cpu"),
-    )
-
-
 def _died_after_publishing(jobs: Path, repo: Path, avatar_id: str, version: int) -> Job:
     """A worker takes the avatar's job, writes generator_<avatar>/<version>, and is killed."""
     dead = LocalQueue(root=jobs)
@@ -206,7 +189,7 @@ def test_a_job_cancelled_while_its_worker_was_dead_takes_back_what_that_worker_p
     restarted = LocalQueue(root=jobs)
     taken = restarted.claim("restarted", wait_s=1)
     assert taken is not None and taken.id == job.id and taken.attempt == 2
-    run_job(_worker_context(restarted, repo), taken)
+    run_job(worker_context(restarted, repo), taken)
     done = service.get(job.id)
     assert (
         done is not None and done.state == CANCELLED and done.error == "cancelled before fine-tuning resumed"
@@ -234,7 +217,7 @@ def test_a_job_that_took_its_worker_down_three_times_fails_and_the_queue_goes_on
     worker = LocalQueue(root=jobs)
     taken = worker.claim("last", wait_s=1)
     assert taken is not None and taken.id == poison.id and taken.attempt == MAX_ATTEMPTS + 1
-    run_job(_worker_context(worker, repo), taken)
+    run_job(worker_context(worker, repo), taken)
     done = service.get(poison.id)
     assert done is not None and done.state == FAILED and done.error_code == grpc.StatusCode.INTERNAL.value[0]
     assert done.error == (

@@ -8,7 +8,6 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
@@ -29,7 +28,7 @@ from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
 from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings, worker_context
 
 DATA = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
 
@@ -117,23 +116,6 @@ def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url
     assert connect(redis_url).xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
 
 
-def _worker_context(queue: RedisQueue, repository: Path) -> Any:
-    import torch
-
-    from worker.jobs_run import Context
-
-    return Context(
-        queue=queue,
-        meta={},
-        model_id="m1",
-        repository=repository,
-        profile="python",
-        tritons=[],
-        heartbeat_s=0.3,
-        device=torch.device("cpu"),
-    )
-
-
 def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_running(
     redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -152,7 +134,7 @@ def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_ru
     taken = two.claim("two", wait_s=1)
     assert taken is not None and taken.attempt == 2
     with caplog.at_level("WARNING", logger="talkinghead.worker"):
-        run_job(_worker_context(one, tmp_path), held)  # its input fails to unpack: FAILED, then Lost
+        run_job(worker_context(one, tmp_path), held)  # its input fails to unpack: FAILED, then Lost
     assert "leaving it to its new holder" in caplog.text
     current = service.get(job.id)
     assert current is not None and current.state == RUNNING and current.worker == "two"
@@ -181,7 +163,7 @@ def test_a_job_out_of_gpu_memory_ends_resource_exhausted_saying_so(
     worker = RedisQueue(client=connect(redis_url))
     held = worker.claim("w", wait_s=1)
     assert held is not None and held.id == job.id
-    jobs_run.run_job(_worker_context(worker, tmp_path), held)
+    jobs_run.run_job(worker_context(worker, tmp_path), held)
     done = service.get(job.id)
     assert done is not None and done.state == FAILED
     assert (done.error_code, done.error) == (
@@ -206,7 +188,7 @@ def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
     stop = threading.Event()
     worker = threading.Thread(
         target=jobs_run.serve_jobs,
-        args=(_worker_context(queue, tmp_path / "repo"), "w1", lambda: not stop.is_set()),
+        args=(worker_context(queue, tmp_path / "repo"), "w1", lambda: not stop.is_set()),
     )
     try:
         with caplog.at_level("WARNING", logger="talkinghead.worker"):
