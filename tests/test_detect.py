@@ -14,7 +14,9 @@ from skimage.data import astronaut  # NASA portrait of Eileen Collins, public do
 from facekit.detect import (
     FAN_WEIGHTS,
     S3FD_WEIGHTS,
+    Bounded,
     DlibDetector,
+    Face,
     MissingWeightsError,
     NoFaceError,
     largest_face,
@@ -61,6 +63,36 @@ def test_small_image_is_retried_upsampled() -> None:
     assert DlibDetector(retry_upsample=False).detect(small) == []
     faces = DlibDetector().detect(small)
     assert len(faces) == 1 and 80 < faces[0].points[:, 0].mean() < 130
+
+
+def test_a_large_photo_is_searched_reduced_and_its_points_land_on_the_full_photo(
+    dlib_detector: DlibDetector,
+) -> None:
+    """The service's detector never searches more than max_side pixels a side (a 39 Mpx photo
+    held the shared detect thread 7 s); the landmarks it returns are the face's in the full photo,
+    within 3 % of the eye distance of those found in the photo at its own size."""
+    seen: list[tuple[int, ...]] = []
+
+    class Spy:
+        name = "spy"
+
+        def detect(self, image: np.ndarray) -> list[Face]:
+            seen.append(image.shape)
+            return dlib_detector.detect(image)
+
+    photo = astronaut()  # 512 px
+    reference = largest_face(dlib_detector, photo, "astronaut").points
+    eyes = float(np.linalg.norm(reference[LEFT_EYE].mean(0) - reference[RIGHT_EYE].mean(0)))
+    bounded = Bounded(Spy(), max_side=1024)
+    for k in (3, 7):
+        large = cv2.resize(photo, (512 * k, 512 * k), interpolation=cv2.INTER_CUBIC)
+        face = largest_face(bounded, large, f"astronaut x{k}")
+        assert max(seen[-1][:2]) <= 1024, seen
+        error = np.linalg.norm(face.points / k - reference, axis=1).mean() / eyes
+        assert error < 0.03, f"x{k}: landmarks off by {error:.3f} of the eye distance"
+        x0, y0, x1, y1 = face.box
+        assert 150 * k < x0 < x1 < 300 * k and 60 * k < y0 < y1 < 200 * k
+    assert bounded.detect(photo) and seen[-1] == photo.shape, "a photo within max_side is searched as it is"
 
 
 def test_rejects_non_rgb_input(dlib_detector: DlibDetector) -> None:
