@@ -16,10 +16,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import collections
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -29,7 +31,7 @@ from api.talkinghead.v1 import animation_pb2, avatar_pb2
 from facekit import warp
 from facekit.contract import ModelInfo, avatar_stamp
 from facekit.crop import CropBox
-from facekit.detect import LandmarkDetector, make_detector
+from facekit.detect import Bounded, LandmarkDetector, make_detector
 from facekit.ids import scoped_id, shown, split_id, validate_avatar_id
 from facekit.pasteback import Portrait
 from facekit.rasterize import draw_landmarks
@@ -68,6 +70,9 @@ T = TypeVar("T")
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 CALIBRATION_ROUNDS = 8  # per batch size, the fastest kept (App._calibrate)
 CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a round clean
+# Photos and driving frames are searched for faces at most this size (longer side): a 39 Mpx photo
+# held the shared detect thread 7 s at full size (facekit.detect.Bounded).
+DETECT_MAX_SIDE = 1024
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -119,6 +124,7 @@ class App:
         self.detect = FairExecutor(pool=self.detect_pool, max_queued=settings.max_detect_queue)
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
+        self._creating: collections.Counter[str] = collections.Counter()  # tenant -> new avatars being made
         budget = settings.latency_budget_ms / 1000.0
         self.cost = CostModel()
         self.batcher = Batcher(
@@ -283,7 +289,7 @@ class App:
     def detector(self) -> LandmarkDetector:
         """The landmark detector (built on first use; call from the detect pool)."""
         if self._detector is None:
-            self._detector = make_detector(self.settings.detector)
+            self._detector = Bounded(make_detector(self.settings.detector), max_side=DETECT_MAX_SIDE)
         return self._detector
 
     def info(self) -> ModelInfo:
@@ -322,42 +328,61 @@ class App:
         existed = await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None
         if existed and not request.replace:
             raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
-        if not existed and principal.quotas.max_avatars:
-            self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
-        prepared = await self._prepare(request, info, caller=principal.tenant)
-        drawn = avatars.landmark_images(prepared, info)
+        async with self._avatar_slot(principal, new=not existed) as counted:
+            prepared = await self._prepare(request, info, caller=principal.tenant)
+            drawn = avatars.landmark_images(prepared, info)
+            try:
+                # at most max_batch photos per embedder call, as the generator's batches: a runtime's
+                # memory grows with the largest batch it has run (32 photos: +250 MiB with ONNX Runtime)
+                step = self.settings.max_batch
+                parts = [
+                    await self.backend.embed(prepared.crops[i : i + step], drawn[i : i + step])
+                    for i in range(0, len(drawn), step)
+                ]
+                embedding = np.concatenate([part[0] for part in parts])
+                adain = np.concatenate([part[1] for part in parts])
+            except BackendUnavailable as error:
+                self._on_backend_error("embed", error)
+                raise backend_unavailable(error.reason) from error
+            record = avatars.make_record(
+                avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
+            )
+            if counted:  # (creates of other replicas written meanwhile)
+                self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
+            stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
+            if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
+                raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
+            self.cache.put(record, stamp=stamp)
+            if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
+                await self._forget_personalisation(avatar_id)
+            self.metrics.avatars_created.inc()
+            await self.record_event(
+                "replace" if existed else "create",
+                record,
+                actor=actor,
+                images=len(request.images),
+                consent=record.consent,
+            )
+            log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
+            return record
+
+    @contextlib.asynccontextmanager
+    async def _avatar_slot(self, principal: Principal, *, new: bool) -> AsyncIterator[bool]:
+        """Hold one of the tenant's max_avatars while a new avatar is made (whether one is
+        counted): creates in flight count with the stored avatars (8 creates at once against a
+        limit of 2 all passed the count taken before their seconds of face detection)."""
+        tenant = principal.tenant
+        if not new or not principal.quotas.max_avatars:
+            yield False
+            return
+        self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._creating[tenant])
+        self._creating[tenant] += 1
         try:
-            # at most max_batch photos per embedder call, as the generator's batches: a runtime's
-            # memory grows with the largest batch it has run (32 photos: +250 MiB with ONNX Runtime)
-            step = self.settings.max_batch
-            parts = [
-                await self.backend.embed(prepared.crops[i : i + step], drawn[i : i + step])
-                for i in range(0, len(drawn), step)
-            ]
-            embedding = np.concatenate([part[0] for part in parts])
-            adain = np.concatenate([part[1] for part in parts])
-        except BackendUnavailable as error:
-            self._on_backend_error("embed", error)
-            raise backend_unavailable(error.reason) from error
-        record = avatars.make_record(
-            avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
-        )
-        stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
-        if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
-            raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
-        self.cache.put(record, stamp=stamp)
-        if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
-            await self._forget_personalisation(avatar_id)
-        self.metrics.avatars_created.inc()
-        await self.record_event(
-            "replace" if existed else "create",
-            record,
-            actor=actor,
-            images=len(request.images),
-            consent=record.consent,
-        )
-        log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
-        return record
+            yield True
+        finally:
+            self._creating[tenant] -= 1
+            if not self._creating[tenant]:
+                del self._creating[tenant]
 
     async def _prepare(
         self, request: avatar_pb2.CreateAvatarRequest, info: ModelInfo, *, caller: str
