@@ -73,6 +73,8 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 # Photos and driving frames are searched for faces at most this size (longer side): a 39 Mpx photo
 # held the shared detect thread 7 s at full size (facekit.detect.Bounded).
 DETECT_MAX_SIDE = 1024
+# What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
+REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -325,7 +327,8 @@ class App:
         consent_record = consent.check(request.consent, request.HasField("consent"))
         info = self.info()
         self.limits.create(principal)
-        existed = await self.in_pool(self.io_pool, self.store.get, avatar_id) is not None
+        previous = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        existed = previous is not None
         if existed and not request.replace:
             raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
         async with self._avatar_slot(principal, new=not existed) as counted:
@@ -356,12 +359,16 @@ class App:
             if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
                 await self._forget_personalisation(avatar_id)
             self.metrics.avatars_created.inc()
+            replaced = {}
+            if previous is not None:  # the replace is the old record's tombstone too
+                replaced = {"consent_id": previous.consent.get("record_id", ""), "removed": REMOVED}
             await self.record_event(
                 "replace" if existed else "create",
                 record,
                 actor=actor,
                 images=len(request.images),
                 consent=record.consent,
+                **({"replaced": replaced} if replaced else {}),
             )
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
             return record
@@ -465,8 +472,7 @@ class App:
             raise not_found(f"no avatar with id {public!r}")
         assert record is not None
         await self._forget_personalisation(avatar_id)
-        removed = ["photos", "face crops", "psi and embedding", "cached parameters", "personalised generator"]
-        await self.record_event("delete", record, actor=actor, tombstone=True, removed=removed)
+        await self.record_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
         log.info("deleted avatar %s", avatar_id)
 
     async def _forget_personalisation(self, avatar_id: str) -> None:

@@ -4,7 +4,8 @@ One event per line of JSON: `time` (seconds since the epoch, UTC), `event` (crea
 personalise, animate_start, delete), `avatar_id`, `actor` (the tenant and the caller's
 address), `model_id`, `consent_id` (the avatar's consent record) and `detail`. A delete leaves a
 tombstone: the event names the consent record and what was removed, so the log still says on whose
-authority a face existed after every trace of it is gone.
+authority a face existed after every trace of it is gone. A replace is the old record's tombstone
+too (`detail.replaced`: its consent record and what was removed).
 
 Where it lives: a file opened with O_APPEND (`TALKINGHEAD_AUDIT_LOG`, one write + fsync per event),
 or, with `TALKINGHEAD_REDIS_URL`, the Redis stream `talkinghead:audit` (XADD without trimming), which

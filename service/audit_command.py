@@ -8,6 +8,7 @@ An operator's command: it runs beside the service with the same settings, not th
 example:
   talkinghead audit --out audit-2026-12.jsonl --since 2026-12-01
   talkinghead audit --avatar mona                 # every event of one avatar, its tombstone included
+  talkinghead audit --tenant acme --avatar mona   # (without --tenant: every tenant's `mona`)
   TALKINGHEAD_REDIS_URL=redis://redis:6379/0 talkinghead audit --event delete
 """
 
@@ -21,6 +22,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from facekit.ids import split_id
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
 from service.settings import from_env
 
@@ -30,7 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-log", type=Path, help="the log file (default $TALKINGHEAD_AUDIT_LOG or var/audit.jsonl)"
     )
     parser.add_argument("--redis-url", help="read the Redis stream instead (default $TALKINGHEAD_REDIS_URL)")
-    parser.add_argument("--avatar", help="only this avatar's events")
+    parser.add_argument(
+        "--avatar", help="only events of avatars with this id (in every tenant; tenant.id: in that tenant)"
+    )
+    parser.add_argument("--tenant", help="only this tenant's events (`default` without API keys)")
     parser.add_argument("--event", choices=EVENTS, action="append", help="only these events (repeatable)")
     parser.add_argument("--since", type=datetime.datetime.fromisoformat, help="ISO 8601 date or time, UTC")
     parser.add_argument("--out", type=Path, help="write here (default: standard output)")
@@ -57,7 +62,10 @@ def _export(args: argparse.Namespace, log: AuditLog, out: TextIO) -> int:
         since = when.timestamp()
     count = 0
     for event in log.read():
-        if args.avatar and event["avatar_id"] != args.avatar:
+        tenant, public = split_id(event["avatar_id"])
+        if args.avatar and args.avatar not in (event["avatar_id"], public):
+            continue
+        if args.tenant and tenant != args.tenant:
             continue
         if args.event and event["event"] not in args.event:
             continue

@@ -15,6 +15,7 @@ import pytest
 from api.talkinghead.v1 import avatar_pb2
 from client.library import Client, consent_record, landmark_requests
 from facekit.sequence import LandmarkSequence
+from service.app import REMOVED
 from service.store import LocalAvatarStore
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
@@ -91,6 +92,7 @@ def test_the_record_travels_with_the_avatar_and_the_log_keeps_a_tombstone(
         collected_by="hr@example.com",
         collect_time=1_764_000_000,
     )
+    first = client.create_avatar("ada", [PORTRAIT], consent=CONSENT, replace=True).consent.record_id
     made = client.create_avatar("ada", [PORTRAIT], consent=consent, replace=True)
     kept = client.get_avatar("ada").consent
     assert kept == made.consent and kept.record_id.startswith("cr-") and len(kept.record_id) == 19
@@ -106,8 +108,10 @@ def test_the_record_travels_with_the_avatar_and_the_log_keeps_a_tombstone(
 
     log = [json.loads(line) for line in server.settings.audit_log.read_text().splitlines()]
     ada = [e for e in log if e["avatar_id"] == "ada"]
-    assert [e["event"] for e in ada] == ["create", "animate_start", "delete"]
+    assert [e["event"] for e in ada[-4:]] == ["create", "replace", "animate_start", "delete"]
     assert {e["consent_id"] for e in ada[-3:]} == {kept.record_id}
+    # The replace is the first record's tombstone: its consent and what went with it.
+    assert ada[-3]["detail"]["replaced"] == {"consent_id": first, "removed": list(REMOVED)}
     assert all(
         e["actor"].startswith("tenant=default role=admin credential=none peer=")
         and e["model_id"] == made.model_id
@@ -192,6 +196,27 @@ def test_audit_writes_its_export_whole_or_not_at_all(
         "exports/2026/december.jsonl",
         "november.jsonl",
     ]
+
+
+def test_audit_selects_an_avatar_in_every_tenant_or_in_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--avatar mona` found nothing of a tenant's `mona` (stored as acme.mona); now it finds every
+    tenant's, and --tenant (or --avatar acme.mona) narrows to one."""
+    monkeypatch.delenv("TALKINGHEAD_REDIS_URL", raising=False)
+    log = tmp_path / "audit.jsonl"
+    ids = ["mona", "acme.mona", "globex.mona", "acme.ada"]
+    log.write_text("".join(json.dumps({"avatar_id": a, "event": "create", "time": 1.0}) + "\n" for a in ids))
+
+    def selected(*flags: str) -> list[str]:
+        assert main(["audit", "--audit-log", str(log), *flags]) == 0
+        return [json.loads(line)["avatar_id"] for line in capsys.readouterr().out.splitlines()]
+
+    assert selected("--avatar", "mona") == ["mona", "acme.mona", "globex.mona"]
+    assert selected("--avatar", "mona", "--tenant", "acme") == ["acme.mona"]
+    assert selected("--avatar", "acme.mona") == ["acme.mona"]
+    assert selected("--tenant", "acme") == ["acme.mona", "acme.ada"]
+    assert selected("--tenant", "default") == ["mona"]
 
 
 def test_audit_into_a_pipe_its_reader_closed_stops_quietly(tmp_path: Path) -> None:
