@@ -52,11 +52,20 @@ def grid_pattern(carriers: np.ndarray, payload: int) -> np.ndarray:
 
 
 def frame_pattern(pattern: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """The grid pattern stretched over a (width, height) frame: (H, W) float32."""
+    """The grid pattern stretched over a (width, height) frame: (H, W) float32, with the grid
+    pattern's RMS. Stretched bicubically: bilinear stretching lost 13 % of the mark's RMS in every
+    frame above 128 px (0.86-0.87 x at 256-1024 px) and ~1 point of detection score (demo portrait
+    at 512 px: 8.44 -> 9.49 lossless, 8.21 -> 9.21 after JPEG 50; Fourier interpolation scored
+    below both, the detector shrinking with a box filter)."""
     width, height = size
     grid = pattern.shape[0]
-    interpolation = cv2.INTER_AREA if width < grid and height < grid else cv2.INTER_LINEAR
-    return cv2.resize(pattern, (width, height), interpolation=interpolation)
+    if width < grid and height < grid:
+        return np.asarray(cv2.resize(pattern, (width, height), interpolation=cv2.INTER_AREA))
+    if (width, height) == pattern.shape[::-1]:
+        return np.asarray(pattern, np.float32)
+    stretched = cv2.resize(pattern, (width, height), interpolation=cv2.INTER_CUBIC)
+    gain = np.sqrt(float(np.mean(np.square(pattern))) / max(float(np.mean(np.square(stretched))), 1e-12))
+    return np.asarray(stretched * np.float32(gain), np.float32)
 
 
 def _kernel(sigma: float) -> np.ndarray:
