@@ -5,9 +5,12 @@
     report = read_credentials(Path("out/mona.mp4"))   # ManifestReport, or None when unsigned
 
 The manifest says: made by "talkinghead" (claim generator), one action `c2pa.created` whose
-digitalSourceType is IPTC's trainedAlgorithmicMedia, and the assertion `com.talkinghead.generation`
-holding the model id (the served model's `talkinghead.model_id`), the avatar's consent record id
-and, when the CLI found it, the invisible watermark's payload. Signed with the PEM certificate
+digitalSourceType is IPTC's trainedAlgorithmicMedia and, when known, `when` the frames were made
+(the signer's clock, UTC), and the assertion `com.talkinghead.generation` holding the model id (the
+served model's `talkinghead.model_id`), the avatar id, the avatar's consent record id and, in a
+file that carries it (the video, not the contact sheet), the invisible watermark's payload. With
+$TALKINGHEAD_C2PA_TIMESTAMP_URL (an RFC 3161 time-stamp authority) the signature is time-stamped
+by it (a network call at signing). Signed with the PEM certificate
 chain (end-entity first) and private key of the settings: EC P-256/384/521 (ES256/384/512), RSA
 (PS256) or Ed25519. C2PA signers need an end-entity certificate (not self-signed) with the
 digitalSignature key usage and an extended key usage C2PA accepts (emailProtection,
@@ -18,6 +21,7 @@ vouched for) otherwise.
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 from collections.abc import Mapping
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 CERT_ENV, KEY_ENV, TRUST_ENV = "TALKINGHEAD_C2PA_CERT", "TALKINGHEAD_C2PA_KEY", "TALKINGHEAD_C2PA_TRUST"
+TIMESTAMP_ENV = "TALKINGHEAD_C2PA_TIMESTAMP_URL"
 GENERATOR = "talkinghead"
 ASSERTION = "com.talkinghead.generation"
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
@@ -90,7 +95,7 @@ def credentials_from_env(environ: Mapping[str, str] | None = None) -> SigningCre
         return None
     if not (cert and key):
         raise ValueError(f"set both {CERT_ENV} and {KEY_ENV} (PEM files), or neither")
-    return SigningCredentials.from_files(Path(cert), Path(key))
+    return SigningCredentials.from_files(Path(cert), Path(key), timestamp_url=env.get(TIMESTAMP_ENV) or None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,7 +104,9 @@ class Provenance:
 
     model_id: str  # the served model's talkinghead.model_id ("" when unknown)
     consent_record_id: str | None = None  # the avatar's consent record (None: not recorded)
-    watermark_payload: int | None = None  # the invisible mark's 32-bit payload, when known
+    watermark_payload: int | None = None  # the invisible mark's 32-bit payload, when the file carries it
+    avatar_id: str | None = None  # the avatar the frames show
+    created: float | None = None  # when the frames were made (time.time()); the action's `when`
 
 
 def manifest(provenance: Provenance, *, title: str, mime: str) -> dict[str, Any]:
@@ -108,14 +115,19 @@ def manifest(provenance: Provenance, *, title: str, mime: str) -> dict[str, Any]
         "model_id": provenance.model_id,
         "consent_record_id": provenance.consent_record_id,
     }
+    if provenance.avatar_id is not None:
+        generation["avatar_id"] = provenance.avatar_id
     if provenance.watermark_payload is not None:
         generation["watermark_payload"] = f"{provenance.watermark_payload:08x}"
     agent = {"name": GENERATOR, "version": _version()}
-    created = {
+    created: dict[str, Any] = {
         "action": "c2pa.created",
         "digitalSourceType": TRAINED_ALGORITHMIC_MEDIA,
         "softwareAgent": agent,
     }
+    if provenance.created is not None:
+        when = datetime.datetime.fromtimestamp(provenance.created, datetime.UTC)
+        created["when"] = when.isoformat(timespec="seconds").replace("+00:00", "Z")
     return {
         "claim_generator_info": [agent],
         "title": title,

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from client.credentials import (
@@ -107,11 +109,18 @@ def finish_outputs(args: argparse.Namespace, *, model_id: str, paths: Sequence[P
         print(f"content credentials: not configured (${CERT_ENV}, ${KEY_ENV}): the files are unsigned")
         return 0
     provenance = Provenance(
-        model_id=model_id, consent_record_id=getattr(args, "consent_record", None), watermark_payload=payload
+        model_id=model_id,
+        consent_record_id=getattr(args, "consent_record", None),
+        watermark_payload=payload,
+        avatar_id=getattr(args, "avatar", None),
+        created=time.time(),
     )
     try:
-        for path in paths:
-            sign_file(path, provenance, credentials)
+        for index, path in enumerate(paths):
+            # the contact sheet (downscaled tiles) carries no mark: its manifest claims none
+            sign_file(
+                path, provenance if index == 0 else replace(provenance, watermark_payload=None), credentials
+            )
     except Exception as error:  # c2pa.C2paError and I/O errors: the file stays, unsigned
         print(f"talkinghead animate: signing {path} failed: {error}", file=sys.stderr)
         return 1

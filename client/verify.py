@@ -53,6 +53,7 @@ class FileReport:
     watermark: WatermarkReport | None  # None: no key given
     credentials: ManifestReport | None  # None: no C2PA manifest
     credentials_error: str | None = None  # the manifest could not be read
+    watermark_error: str | None = None  # the pixels could not be read (damaged, truncated): not checked
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -120,8 +121,9 @@ def verify_file(
 ) -> FileReport:
     """Watermark (when a key or watermarker is given) and content credentials of one file.
 
-    Missing or undecodable files and directories raise FileNotFoundError / ValueError /
-    IsADirectoryError naming the file."""
+    Missing files and directories raise FileNotFoundError / IsADirectoryError naming the file; one
+    whose pixels cannot be decoded is reported with `watermark_error` when it has content
+    credentials (a truncated or tampered file: its manifest says so), else raises ValueError."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{path}: is a directory")
@@ -130,21 +132,29 @@ def verify_file(
     if watermarker is None and key is not None:
         watermarker = Watermarker(key=key)
     video = is_video(path)
-    mark = None
+    mark, undecodable = None, None
     if watermarker is not None:
-        mark = (
-            check_video(path, watermarker, max_frames=max_frames) if video else check_image(path, watermarker)
-        )
+        try:
+            mark = (
+                check_video(path, watermarker, max_frames=max_frames)
+                if video
+                else check_image(path, watermarker)
+            )
+        except ValueError as failure:
+            undecodable = failure
     try:
         credentials, error = read_credentials(path, trust_anchors=trust_anchors), None
     except ValueError as failure:
         credentials, error = None, str(failure)
     except ImportError:  # an environment made before the lock had c2pa-python: `make venv`
         credentials, error = None, "c2pa-python is not installed: make venv"
+    if undecodable is not None and credentials is None:
+        raise undecodable
     return FileReport(
         path=str(path),
         kind="video" if video else "image",
         watermark=mark,
         credentials=credentials,
         credentials_error=error,
+        watermark_error=None if undecodable is None else str(undecodable),
     )

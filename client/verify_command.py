@@ -9,7 +9,8 @@ trust anchor ("Trusted", with --trust).
 
 The key is the deployment's secret: --key, or better $TALKINGHEAD_WATERMARK_KEY (a flag shows in
 process listings). Without one only the content credentials are read. Exit status: 0 when every
-file was read, 2 when one could not be (the others are still reported).
+file was read, 2 when one could not be (the others are still reported; a damaged file that has
+content credentials is reported with them, its watermark "not checked").
 
 The service marks the frames it renders, so `animate`'s video carries the mark; its contact sheet
 is a downscaled preview and is not marked (verify reports the mark absent there).
@@ -49,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _mark_lines(mark: WatermarkReport | None, kind: str) -> list[str]:
+def _mark_lines(mark: WatermarkReport | None, kind: str, error: str | None = None) -> list[str]:
+    if error is not None:
+        return [f"  watermark: not checked: {error}"]
     if mark is None:
         return [f"  watermark: not checked (no key: --key or ${KEY_ENV})"]
     payload = "unreadable" if mark.payload is None else f"{mark.payload:08x}"
@@ -95,7 +98,7 @@ def describe(report: FileReport) -> str:
         f", {report.watermark.frames} frames checked" if report.watermark and report.kind == "video" else ""
     )
     lines = [f"{report.path} ({report.kind}{frames})"]
-    lines += _mark_lines(report.watermark, report.kind)
+    lines += _mark_lines(report.watermark, report.kind, report.watermark_error)
     lines += _credential_lines(report.credentials, report.credentials_error)
     return "\n".join(lines)
 
@@ -130,4 +133,6 @@ def run(args: argparse.Namespace) -> int:
             status = 2
             continue
         print(json.dumps(report.to_json()) if args.json else describe(report), flush=True)
+        if report.watermark_error is not None:  # its credentials were read, its pixels were not
+            status = 2
     return status

@@ -6,7 +6,9 @@ signs when configured and says the files are unsigned when not."""
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,9 @@ from talkinghead.cli import main as cli  # noqa: E402
 from tests.c2pa_ca import SigningCA, make_ca  # noqa: E402
 
 KEY, PAYLOAD = "test deployment key", 0x5EED1234
-PROVENANCE = Provenance(model_id="model-3f2a", consent_record_id="consent-17", watermark_payload=PAYLOAD)
+PROVENANCE = Provenance(
+    model_id="model-3f2a", consent_record_id="consent-17", watermark_payload=PAYLOAD, avatar_id="mona"
+)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +76,7 @@ def test_signed_files_carry_the_manifest(ca, tmp_path):
         assert assertions[ASSERTION] == {
             "model_id": "model-3f2a",
             "consent_record_id": "consent-17",
+            "avatar_id": "mona",
             "watermark_payload": f"{PAYLOAD:08x}",
         }
         assert manifest["signature_info"]["common_name"] == "talkinghead signer"
@@ -108,6 +113,10 @@ def test_tampering_and_bad_certificates_are_caught(ca, tmp_path):
     assert read_credentials(unsigned) is None  # a failed signing leaves the file as it was
     with pytest.raises(ValueError, match="TALKINGHEAD_C2PA_KEY"):
         credentials_from_env({"TALKINGHEAD_C2PA_CERT": str(ca.chain)})
+    pair = {"TALKINGHEAD_C2PA_CERT": str(ca.chain), "TALKINGHEAD_C2PA_KEY": str(ca.key)}
+    assert credentials_from_env(pair).timestamp_url is None  # type: ignore[union-attr]
+    stamped = credentials_from_env({**pair, "TALKINGHEAD_C2PA_TIMESTAMP_URL": "http://tsa.example/rfc3161"})
+    assert stamped is not None and stamped.timestamp_url == "http://tsa.example/rfc3161"
 
 
 def test_verify_reports_the_credentials(ca, tmp_path, capsys, monkeypatch):
@@ -124,9 +133,29 @@ def test_verify_reports_the_credentials(ca, tmp_path, capsys, monkeypatch):
     assert report["credentials"]["state"] == "Valid" and report["credentials"]["trained_algorithmic_media"]
 
 
+def test_verify_with_a_key_still_reports_a_damaged_files_credentials(ca, tmp_path, capsys, monkeypatch):
+    """A signed video cut in half: with a key, verify stopped at "cannot open or decode the video"
+    and never showed the manifest's own verdict, which without a key it did (Invalid, the hash
+    mismatch). Now both: the watermark not checked, the credentials Invalid, exit 2."""
+    video, _ = write_outputs(tmp_path)
+    sign_file(video, PROVENANCE, SigningCredentials.from_files(ca.chain, ca.key))
+    data = video.read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    monkeypatch.setenv("TALKINGHEAD_WATERMARK_KEY", KEY)
+    assert cli(["verify", str(cut), "--trust", str(ca.root)]) == 2
+    out = capsys.readouterr().out
+    assert "watermark: not checked: " in out
+    assert "content credentials: Invalid" in out and "validation failures: " in out
+    garbage = tmp_path / "notes.mp4"
+    garbage.write_bytes(b"not a video at all" * 100)
+    assert cli(["verify", str(garbage)]) == 2  # no pixels and no manifest: an error, as before
+    assert "cannot" in capsys.readouterr().err
+
+
 def test_animate_signs_its_outputs_when_configured(ca, tmp_path, capsys, monkeypatch):
     video, sheet = write_outputs(tmp_path)
-    args = argparse.Namespace(consent_record="consent-17", c2pa_cert=None, c2pa_key=None)
+    args = argparse.Namespace(consent_record="consent-17", avatar="mona", c2pa_cert=None, c2pa_key=None)
     monkeypatch.delenv("TALKINGHEAD_C2PA_CERT", raising=False)
     monkeypatch.delenv("TALKINGHEAD_C2PA_KEY", raising=False)
     monkeypatch.delenv("TALKINGHEAD_WATERMARK_KEY", raising=False)
@@ -142,4 +171,12 @@ def test_animate_signs_its_outputs_when_configured(ca, tmp_path, capsys, monkeyp
     for path in (video, sheet):
         report = read_credentials(path, trust_anchors=ca.root.read_bytes())
         assert report.state == "Trusted" and report.generation["consent_record_id"] == "consent-17"
-        assert report.generation["watermark_payload"] == f"{PAYLOAD:08x}"
+        assert report.generation["avatar_id"] == "mona"
+    # The payload is claimed by the video, which carries the mark, not by the sheet, which does not.
+    assert read_credentials(video).generation["watermark_payload"] == f"{PAYLOAD:08x}"  # type: ignore[union-attr]
+    assert "watermark_payload" not in read_credentials(sheet).generation  # type: ignore[union-attr]
+    store = read_store(video)
+    assertions = {a["label"]: a["data"] for a in store["manifests"][store["active_manifest"]]["assertions"]}
+    (action,) = assertions.get("c2pa.actions.v2", assertions.get("c2pa.actions"))["actions"]
+    made = datetime.datetime.fromisoformat(action["when"])
+    assert abs(made.timestamp() - time.time()) < 60 and made.tzinfo is not None
