@@ -276,7 +276,10 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
     template = _template(model_repository)
     for avatar in "abc":
         repository_files.write_model(triton.repository, template, name=f"generator_{avatar}")
-    idle_s = 5.0  # a load takes Triton ~1 s here, over 3 s beside other work on these 2 cores
+    # A load takes Triton ~1 s here, over 3 s beside other work on these 2 cores: b's and c's last
+    # calls must stay within idle_s while a loads after them (at 5 s, a CI run beside three busy
+    # servers found b idle 6 s, and unloaded it).
+    idle_s = 12.0
     rng = np.random.default_rng(0)
     drawn, warped = (rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8) for _ in range(2))
 
