@@ -41,8 +41,10 @@ from service.metrics import DROPPED_QUOTA, Metrics
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
 # The lowest JPEG quality served: at 20 the frames' watermark was found in 6 of 10 (128 px crop), at
-# 30 in 10 of 10 at scores 6.9-9.7 (threshold 6), at 50 9.4-11.3: kept where edits after us leave room
-MIN_JPEG_QUALITY = 50
+# 30 in 10 of 10 at scores 6.9-9.7 (threshold 6), at 50 9.4-11.3 on the demo avatar; but on a
+# brightened one (x1.6, its highlights clipped) 22 of 24 128 px crops at 50 (lowest 5.22), 24 of 24
+# at 60 (lowest 6.36) and its paste-back frames 6.41-6.79 at 50, 6.74-7.14 at 60.
+MIN_JPEG_QUALITY = 60
 INLINE_ENCODE_MAX = 256  # frames up to this side are encoded on the event loop (~0.2 ms), larger in a pool
 
 

@@ -129,7 +129,7 @@ def test_unknown_avatar_and_bad_config(client: Client, avatar: str) -> None:
         raw_stream(client, [config("Bad Id")])
     with expect(CODE.INVALID_ARGUMENT, "JPEG quality", "got 101"):
         raw_stream(client, [config(avatar, quality=101)])
-    with expect(CODE.INVALID_ARGUMENT, "JPEG quality must be 50-100", "watermark", "got 10"):
+    with expect(CODE.INVALID_ARGUMENT, "JPEG quality must be 60-100", "watermark", "got 10"):
         raw_stream(client, [config(avatar, quality=10)])  # the frames' mark was not found below 20-30
     with expect(CODE.INVALID_ARGUMENT, "queue_depth", "got 65"):
         raw_stream(client, [config(avatar, queue_depth=65)])
