@@ -580,6 +580,65 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
     assert done.returncode != 0 and message in done.stderr
 
 
+SEVERAL_REPLICAS_NEED_REDIS = (
+    "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled"
+)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        {"server.replicaCount": "2"},
+        {"server.autoscaling.enabled": "true"},  # maxReplicas 4
+        {"server.replicaCount": "3", "triton.mode": "sidecar"},
+        {"server.replicaCount": "2", "server.backend": "onnxruntime"},
+    ],
+    ids=["replicas", "autoscaling", "sidecar", "onnxruntime"],
+)
+def test_several_server_replicas_need_redis(helm: str, sets: dict[str, str]) -> None:
+    """Each replica caches avatars; without Redis' events a replica goes on serving an avatar another
+    replica deleted or replaced. The chart refuses it, naming the values to change."""
+    with pytest.raises(RuntimeError) as refused:
+        check_chart.render(helm, None, sets)
+    message = str(refused.value)
+    assert SEVERAL_REPLICAS_NEED_REDIS in message
+    assert "redis.mode=internal" in message and "redis.mode=external" in message
+    for mode in (
+        {"redis.mode": "internal"},
+        {"redis.mode": "external", "redis.externalUrl": "redis://r:6379/0"},
+    ):
+        manifests = check_chart.render(helm, None, {**sets, **mode})
+        env = container(one(manifests, "Deployment", ""), "service")["env"]
+        assert any(e["name"] == "TALKINGHEAD_REDIS_URL" for e in env)
+    # One replica keeps its files; an HPA that can never add a second replica is one replica too.
+    assert render(helm, server__replicaCount=1)
+    assert render(helm, server__autoscaling__enabled=True, server__autoscaling__maxReplicas=1)
+
+
+def readme_values(heading: str) -> dict[str, Any]:
+    """The first ```yaml block of deploy/README.md after the line containing `heading`."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    after = text[text.index(heading) :]
+    block = after[after.index("```yaml\n") + len("```yaml\n") :]
+    return yaml.safe_load(block[: block.index("```")])
+
+
+def test_the_readme_typical_production_install_renders_with_redis(helm: str, tmp_path: Path) -> None:
+    values = readme_values("for a typical production install")
+    assert values["server"]["autoscaling"]["minReplicas"] > 1
+    assert values["redis"]["mode"] in ("internal", "external")  # the replicas share avatars
+    path = tmp_path / "my-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    manifests = render(helm, path)
+    env = container(one(manifests, "Deployment", ""), "service")["env"]
+    assert {
+        "name": "TALKINGHEAD_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "talkinghead-redis", "key": "url"}},
+    } in env
+    errors, _ = check_chart.validate(manifests)
+    assert errors == []
+
+
 def test_frames_are_watermarked_with_a_key_kept_in_a_secret(helm: str) -> None:
     manifests = render(helm)
     secret = one(manifests, "Secret", "-watermark")

@@ -172,6 +172,13 @@ annotations:
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "objectStorage") (not .Values.modelRepository.objectStorage.url) -}}
 {{- fail "modelRepository.source=objectStorage needs modelRepository.objectStorage.url (s3://... or gs://...)" -}}
 {{- end -}}
+{{- /* Without Redis each replica caches the avatars it read from the files, and nothing tells it
+that another replica deleted or replaced one: it would go on serving the old avatar. */ -}}
+{{- $s := .Values.server -}}
+{{- $several := ternary (gt (int $s.autoscaling.maxReplicas) 1) (gt (int $s.replicaCount) 1) $s.autoscaling.enabled -}}
+{{- if and $several (not (include "talkinghead.redisEnabled" .)) -}}
+{{- fail "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled with maxReplicas > 1) need Redis: without it each replica caches avatars from its own files and goes on serving one another replica deleted or replaced. Set redis.mode=internal (a Redis in this release) or redis.mode=external with redis.externalUrl or redis.existingSecret, or run one replica (server.replicaCount=1, server.autoscaling.enabled=false)" -}}
+{{- end -}}
 {{- if and .Values.worker.enabled (not (include "talkinghead.redisEnabled" .)) -}}
 {{- fail "worker.enabled needs redis.mode internal or external (the job queue)" -}}
 {{- end -}}
