@@ -580,6 +580,59 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
     assert done.returncode != 0 and message in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("sets", "message", "fix"),
+    [
+        (
+            {"triton.buildEngines.enabled": "true"},
+            "worker.enabled with triton.buildEngines.enabled: Triton serves the copy",
+            "triton.buildEngines.enabled=false",
+        ),
+        (
+            {"triton.mode": "sidecar", "triton.buildEngines.enabled": "true"},
+            "worker.enabled with triton.buildEngines.enabled",
+            "triton.buildEngines.enabled=false",
+        ),
+        ({"worker.profile": "tensorrt"}, "worker.profile=tensorrt", "worker.profile=python or onnxruntime"),
+        (
+            {"triton.modelControlMode": "poll"},
+            "worker.enabled with triton.modelControlMode=poll",
+            "triton.modelControlMode=explicit",
+        ),
+        (
+            {"triton.modelControlMode": "none"},
+            "worker.enabled with triton.modelControlMode=none",
+            "triton.modelControlMode=explicit",
+        ),
+    ],
+    ids=["build-engines", "build-engines-sidecar", "tensorrt-profile", "poll", "none"],
+)
+def test_personalisation_triton_could_never_serve_is_refused(
+    helm: str, sets: dict[str, str], message: str, fix: str
+) -> None:
+    """The worker writes generator_<avatar> into the claim and loads it in every Triton: a Triton
+    serving a copy built at start, a plan nobody builds, or a Triton refusing loads (poll, none)
+    would fail every personalisation, so helm template fails saying what to change."""
+    with pytest.raises(RuntimeError) as refused:
+        render(helm, CI / "worker-redis.yaml", **{k.replace(".", "__"): v for k, v in sets.items()})
+    assert message in str(refused.value) and fix in str(refused.value)
+    # Without the worker each of these is a valid Triton setup.
+    assert render(
+        helm,
+        CI / "worker-redis.yaml",
+        worker__enabled=False,
+        **{k.replace(".", "__"): v for k, v in sets.items()},
+    )
+
+
+def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str) -> None:
+    # backend onnxruntime runs each generator's model.onnx whatever its config says: no Triton to refuse it
+    manifests = render(
+        helm, CI / "worker-redis.yaml", worker__profile="tensorrt", server__backend="onnxruntime"
+    )
+    assert "--profile=tensorrt" in container(one(manifests, "Deployment", "-worker"), "worker")["args"]
+
+
 SEVERAL_REPLICAS_NEED_REDIS = (
     "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled"
 )

@@ -185,6 +185,19 @@ that another replica deleted or replaced one: it would go on serving the old ava
 {{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
 {{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
 {{- end -}}
+{{- /* Personalisations that could never be served: the worker writes generator_<avatar> into the
+claim and asks every Triton to load it. */ -}}
+{{- if and .Values.worker.enabled (include "talkinghead.tritonManaged" .) -}}
+{{- if .Values.triton.buildEngines.enabled -}}
+{{- fail "worker.enabled with triton.buildEngines.enabled: Triton serves the copy of the repository its init container built at pod start (an emptyDir), so the generator_<avatar> models the worker writes into the claim never reach it and every load fails. Set triton.buildEngines.enabled=false with a repository exported with --profile python or onnxruntime (and worker.profile the same), or worker.enabled=false" -}}
+{{- end -}}
+{{- if ne .Values.triton.modelControlMode "explicit" -}}
+{{- fail (printf "worker.enabled with triton.modelControlMode=%s: the worker loads each personalised generator in Triton, which refuses load requests unless its model control mode is explicit. Set triton.modelControlMode=explicit (the default), or worker.enabled=false" .Values.triton.modelControlMode) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.worker.enabled (eq .Values.worker.profile "tensorrt") (eq .Values.server.backend "triton") -}}
+{{- fail "worker.profile=tensorrt: the worker writes model.onnx under platform tensorrt_plan and nothing builds its model.plan, so Triton cannot load a personalised generator. Set worker.profile=python or onnxruntime, with the repository exported with that profile" -}}
+{{- end -}}
 {{- $auth := .Values.auth -}}
 {{- if not (or $auth.apiKeys.enabled $auth.clientCA.existingSecret $auth.allowUnauthenticated) -}}
 {{- fail "the server refuses to listen on 0.0.0.0 without authentication: keep auth.apiKeys.enabled, set auth.clientCA.existingSecret, or set auth.allowUnauthenticated=true to accept anyone" -}}
