@@ -633,6 +633,38 @@ def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str)
     assert "--profile=tensorrt" in container(one(manifests, "Deployment", "-worker"), "worker")["args"]
 
 
+def redis_args(helm: str, **sets: object) -> list[str]:
+    statefulset = one(render(helm, redis__mode="internal", **sets), "StatefulSet", "-redis")
+    return container(statefulset, "redis")["args"]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_in_chart_redis_refuses_writes_before_the_kernel_kills_it(helm: str) -> None:
+    """A Redis at its container's memory limit is OOM-killed; with maxmemory below the limit and
+    noeviction it refuses writes instead (the service answers "storage is full") and never evicts
+    an avatar or a queued job."""
+    args = redis_args(helm)
+    assert flag(args, "--maxmemory-policy") == "noeviction"
+    assert flag(args, "--maxmemory") == str(1024**3 * 3 // 4)  # 75 % of the default 1Gi limit
+    assert flag(redis_args(helm, redis__resources__limits__memory="2Gi"), "--maxmemory") == str(
+        2 * 1024**3 * 3 // 4
+    )
+    assert flag(redis_args(helm, redis__resources__limits__memory="1.5Gi"), "--maxmemory") == str(1207959552)
+    assert flag(redis_args(helm, redis__resources__limits__memory="1G"), "--maxmemory") == "750000000"
+    assert flag(redis_args(helm, redis__maxmemory="512Mi"), "--maxmemory") == str(512 * 1024**2)
+    unlimited = redis_args(helm, redis__resources__limits="null")  # no limit: nothing to stay under
+    assert flag(unlimited, "--maxmemory") is None and flag(unlimited, "--maxmemory-policy") == "noeviction"
+    with pytest.raises(
+        RuntimeError, match=r"redis.maxmemory=1Gi must be below redis.resources.limits.memory=1Gi"
+    ):
+        redis_args(helm, redis__maxmemory="1Gi")
+    with pytest.raises(RuntimeError, match="maxmemory"):
+        redis_args(helm, redis__maxmemory="lots")
+
+
 SEVERAL_REPLICAS_NEED_REDIS = (
     "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled"
 )

@@ -149,6 +149,59 @@ annotations:
 {{- end }}
 {{- end -}}
 
+{{/*
+A Kubernetes quantity (`1Gi`, `768Mi`, `1.5G`, `1e9`, or a number of bytes) as a whole number of
+bytes. Call with (dict "q" <quantity> "what" <the value's name, for the error>).
+*/}}
+{{- define "talkinghead.bytes" -}}
+{{- $q := .q -}}
+{{- if not (kindIs "string" $q) -}}
+{{- int64 $q -}}
+{{- else -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $suffix := trimPrefix $num $q -}}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 -}}
+{{- $unit := 0 -}}
+{{- if hasKey $units $suffix -}}
+{{- $unit = index $units $suffix -}}
+{{- else if regexMatch "^e[0-9]+$" $suffix -}}
+{{- $unit = 1 -}}
+{{- range until (int (trimPrefix "e" $suffix)) }}{{ $unit = mul $unit 10 }}{{ end -}}
+{{- end -}}
+{{- if or (not $num) (not $unit) -}}
+{{- fail (printf "%s=%s: expected a quantity of bytes such as 768Mi, 1Gi or 1G" .what $q) -}}
+{{- end -}}
+{{- if contains "." $num -}}
+{{- int64 (mulf (float64 $num) $unit) -}}
+{{- else -}}
+{{- mul (int64 $num) $unit -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The in-chart Redis' maxmemory in bytes: redis.maxmemory, else 75 % of its memory limit (Redis counts
+only its dataset against maxmemory: fragmentation and the pages an append-only-file rewrite copies
+need the rest); empty without either.
+*/}}
+{{- define "talkinghead.redisMaxmemory" -}}
+{{- $r := .Values.redis -}}
+{{- $limit := dig "limits" "memory" "" ($r.resources | default dict) -}}
+{{- $limitBytes := 0 -}}
+{{- if $limit -}}
+{{- $limitBytes = include "talkinghead.bytes" (dict "q" $limit "what" "redis.resources.limits.memory") | int64 -}}
+{{- end -}}
+{{- if $r.maxmemory -}}
+{{- $bytes := include "talkinghead.bytes" (dict "q" $r.maxmemory "what" "redis.maxmemory") | int64 -}}
+{{- if and $limitBytes (ge $bytes $limitBytes) -}}
+{{- fail (printf "redis.maxmemory=%v must be below redis.resources.limits.memory=%v (empty: 75 %% of it): at the limit the kernel kills Redis instead of Redis refusing writes. Lower redis.maxmemory or raise the limit" $r.maxmemory $limit) -}}
+{{- end -}}
+{{- $bytes -}}
+{{- else if $limitBytes -}}
+{{- div (mul $limitBytes 75) 100 -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The Triton gRPC address(es) the worker loads new models in: every pod behind the headless Service. */}}
 {{- define "talkinghead.workerTritonUrl" -}}
 {{- if include "talkinghead.tritonDeployment" . -}}
