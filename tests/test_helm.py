@@ -265,6 +265,55 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
     assert url == f"{service['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
 
 
+RECREATE = {"type": "Recreate"}
+NO_SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def strategies(manifests: list[Manifest]) -> dict[str, dict]:
+    return {
+        m["metadata"]["name"].removeprefix(f"{check_chart.RELEASE}-talkinghead"): m["spec"].get("strategy")
+        for m in find(manifests, "Deployment")
+    }
+
+
+def test_rollouts_never_wait_for_a_volume_or_gpu_the_old_pod_holds(helm: str) -> None:
+    """The default RollingUpdate surges a new pod while the old one holds the ReadWriteOnce claim
+    (Multi-Attach on another node) or the only GPU: the rollout stalls. Such pods are recreated;
+    several GPU replicas roll without surge; the rest surge with no gap."""
+    # Default: ReadWriteOnce avatar claim (server); ReadWriteOnce model claim and one GPU (Triton).
+    assert strategies(render(helm)) == {"": RECREATE, "-triton": RECREATE}
+    # Avatars in Redis, a ReadWriteMany model claim, two Tritons and two workers on GPUs.
+    assert strategies(render(helm, CI / "worker-redis.yaml")) == {
+        "": SURGE,
+        "-triton": NO_SURGE,
+        "-worker": NO_SURGE,
+    }
+    # One Triton on a shared claim still holds the only GPU; one worker likewise.
+    one_gpu = render(helm, CI / "worker-redis.yaml", triton__replicaCount=1, worker__replicaCount=1)
+    assert strategies(one_gpu) == {"": SURGE, "-triton": RECREATE, "-worker": RECREATE}
+    assert strategies(
+        render(helm, triton__gpus=0, modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    ) == {
+        "": RECREATE,  # the avatar claim
+        "-triton": SURGE,  # CPU Triton on a claim every node may mount read-only
+    }
+    # The worker writes: a ReadOnlyMany claim is pinned for it, not for Triton.
+    rox = render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    assert strategies(rox)["-worker"] == RECREATE and strategies(rox)["-triton"] == NO_SURGE
+    # Sidecar: two GPU server pods on an existing claim, ReadWriteOnce (the default) or ReadOnlyMany.
+    assert strategies(render(helm, CI / "sidecar.yaml")) == {"": RECREATE}
+    shared = render(helm, CI / "sidecar.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    assert strategies(shared) == {"": NO_SURGE}
+    # In-process models synced from object storage, avatars in an emptyDir: nothing pinned.
+    assert strategies(render(helm, CI / "onnxruntime.yaml")) == {"": SURGE}
+    # The operator's choice wins.
+    chosen = render(helm, server__strategy__type="RollingUpdate", server__strategy__rollingUpdate__maxSurge=0)
+    assert strategies(chosen)[""] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}
+    refused = check_chart.lint(helm, None, {"triton.strategy.type": "BlueGreen"})
+    assert refused.returncode != 0 and "strategy" in refused.stdout + refused.stderr
+
+
 def test_kubernetes_service_types_are_values(helm: str) -> None:
     manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
     assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"

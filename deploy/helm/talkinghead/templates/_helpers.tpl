@@ -277,6 +277,47 @@ claim and asks every Triton to load it. */ -}}
 {{- end -}}
 {{- end -}}
 
+{{/*
+"true" when a claim with these access modes may be mounted by pods on one node only (ReadWriteOnce,
+ReadWriteOncePod; ReadOnlyMany shares only read-only mounts). Call with (dict "modes" <list> "readOnly" bool).
+*/}}
+{{- define "talkinghead.claimPinned" -}}
+{{- if not (or (has "ReadWriteMany" .modes) (and .readOnly (has "ReadOnlyMany" .modes))) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+A Deployment's `strategy`. The default RollingUpdate starts a new pod before stopping an old one: one
+that mounts a claim only one node can attach (Multi-Attach), or needs a second GPU, never starts and
+the rollout stalls. So: the operator's `override`; else Recreate where a pod mounts such a claim
+(`pinned`) or holds a GPU as the only replica; RollingUpdate without surge where several replicas
+hold GPUs; else surge one pod and keep every old one until it is ready. Call with (dict "override"
+<values' strategy> "pinned" bool "gpu" bool "single" bool).
+*/}}
+{{- define "talkinghead.strategy" -}}
+{{- if .override -}}
+{{- toYaml .override -}}
+{{- else if or .pinned (and .gpu .single) -}}
+type: Recreate
+{{- else if .gpu -}}
+type: RollingUpdate
+rollingUpdate:
+  maxSurge: 0
+  maxUnavailable: 1
+{{- else -}}
+type: RollingUpdate
+rollingUpdate:
+  maxSurge: 1
+  maxUnavailable: 0
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the model repository is a claim (not synced from object storage) that pods on one
+node only may mount. Call with (dict "ctx" $ "readOnly" bool). */}}
+{{- define "talkinghead.modelClaimPinned" -}}
+{{- $m := .ctx.Values.modelRepository -}}
+{{- if and (ne $m.source "objectStorage") (include "talkinghead.claimPinned" (dict "modes" $m.persistence.accessModes "readOnly" .readOnly)) -}}true{{- end -}}
+{{- end -}}
+
 {{/* A probe's timing fields. Call with the probe's values. */}}
 {{- define "talkinghead.probeTiming" -}}
 initialDelaySeconds: {{ .initialDelaySeconds }}
