@@ -314,6 +314,37 @@ def test_rollouts_never_wait_for_a_volume_or_gpu_the_old_pod_holds(helm: str) ->
     assert refused.returncode != 0 and "strategy" in refused.stdout + refused.stderr
 
 
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"server.grpcPort": "8080"}, "server.grpcPort and server.metricsPort are both 8080"),
+        ({"server.metricsPort": "50051"}, "server.grpcPort and server.metricsPort are both 50051"),
+        (
+            {"triton.mode": "sidecar", "server.grpcPort": "8001"},
+            "server.grpcPort and triton.ports.grpc are both 8001",
+        ),
+        (
+            {"triton.mode": "sidecar", "server.metricsPort": "8000"},
+            "server.metricsPort and triton.ports.http are both 8000",
+        ),
+        ({"triton.ports.metrics": "8001"}, "triton.ports.grpc and triton.ports.metrics are both 8001"),
+    ],
+    ids=["grpc-is-metrics", "metrics-is-grpc", "sidecar-grpc", "sidecar-metrics", "triton"],
+)
+def test_ports_of_one_pod_must_differ(helm: str, sets: dict[str, str], message: str) -> None:
+    """Two listeners on one port of a pod: one container fails at start (and the Service carries
+    the port twice). helm template fails instead, naming both values."""
+    with pytest.raises(RuntimeError) as refused:
+        check_chart.render(helm, None, sets)
+    assert message in str(refused.value) and "Give each its own port" in str(refused.value)
+
+
+def test_ports_of_different_pods_may_be_equal(helm: str) -> None:
+    manifests = render(helm, server__metricsPort=8002)  # the server's metrics and Triton's, apart
+    ports = {p["name"]: p["port"] for p in one(manifests, "Service", "")["spec"]["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 8002}
+
+
 def test_kubernetes_service_types_are_values(helm: str) -> None:
     manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
     assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"

@@ -267,6 +267,17 @@ claim and asks every Triton to load it. */ -}}
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.externalUrl) (not .Values.redis.existingSecret) -}}
 {{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
 {{- end -}}
+{{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
+{{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
+{{- $tritonPorts := list (list "triton.ports.http" .Values.triton.ports.http) (list "triton.ports.grpc" .Values.triton.ports.grpc) (list "triton.ports.metrics" .Values.triton.ports.metrics) -}}
+{{- if include "talkinghead.tritonSidecar" . -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" (concat $serverPod $tritonPorts) "pod" "the server pod (Triton runs in it: triton.mode=sidecar)") -}}
+{{- else -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" $serverPod "pod" "the server pod") -}}
+{{- if include "talkinghead.tritonDeployment" . -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" $tritonPorts "pod" "the Triton pod") -}}
+{{- end -}}
+{{- end -}}
 {{- range $name, $as := dict "server" .Values.server.autoscaling "triton" .Values.triton.autoscaling -}}
 {{- if and $as.enabled (not $as.targetCPUUtilizationPercentage) (not $as.podsMetric.enabled) -}}
 {{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage > 0 or podsMetric.enabled" $name) -}}
@@ -316,6 +327,19 @@ node only may mount. Call with (dict "ctx" $ "readOnly" bool). */}}
 {{- define "talkinghead.modelClaimPinned" -}}
 {{- $m := .ctx.Values.modelRepository -}}
 {{- if and (ne $m.source "objectStorage") (include "talkinghead.claimPinned" (dict "modes" $m.persistence.accessModes "readOnly" .readOnly)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Fails when two of `ports` (a list of (value name, port) pairs) of one `pod` are equal. */}}
+{{- define "talkinghead.distinctPorts" -}}
+{{- $seen := dict -}}
+{{- range $pair := .ports -}}
+{{- $name := index $pair 0 -}}
+{{- $port := toString (int (index $pair 1)) -}}
+{{- if hasKey $seen $port -}}
+{{- fail (printf "%s and %s are both %s: they are ports of %s, whose containers share one network, so the second could not listen. Give each its own port" (index $seen $port) $name $port $.pod) -}}
+{{- end -}}
+{{- $_ := set $seen $port $name -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A probe's timing fields. Call with the probe's values. */}}
