@@ -873,10 +873,51 @@ def server_environment(manifests: list[Manifest]) -> dict[str, str]:
 def test_the_rendered_server_passes_its_own_startup_checks(helm: str, values: Path | None) -> None:
     """service/settings.py refuses to listen on 0.0.0.0 without authentication (and other bad
     combinations): every configuration the chart renders must get past it."""
-    from service.settings import from_env
-
-    settings = from_env(server_environment(render(helm, values)))
+    settings = served_settings(render(helm, values))  # its environment and its flags
     assert settings.host == "0.0.0.0" and settings.authenticated
+
+
+def served_settings(manifests: list[Manifest]) -> Any:
+    """The Settings `talkinghead serve` starts with in the server container: its environment (the
+    ConfigMap, then `env`) and its args, with $(VAR) expanded from `env` as Kubernetes does."""
+    import argparse
+
+    from service import settings as settings_module
+
+    service = container(one(manifests, "Deployment", ""), "service")
+    env = server_environment(manifests)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), arg) for arg in service["args"]]
+    assert args[0] == "serve"
+    parser = argparse.ArgumentParser()
+    settings_module.add_arguments(parser)
+    return settings_module.from_args(parser.parse_args(args[1:]), environ=env)
+
+
+def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path) -> None:
+    """The service gives streams 5 s on SIGTERM unless told otherwise; the pod promises them its
+    terminationGracePeriodSeconds. The chart passes that less 5 s (at least 1) unless the operator
+    set the shutdown grace."""
+    assert served_settings(render(helm)).shutdown_grace == 25  # of the default 30
+    deployment = one(render(helm, server__terminationGracePeriodSeconds=120), "Deployment", "")
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 115
+    assert served_settings(render(helm, server__terminationGracePeriodSeconds=3)).shutdown_grace == 1
+    assert served_settings(render(helm, server__shutdownGraceSeconds=12.5)).shutdown_grace == 12.5
+    # The operator's own flag or variable is kept, and passed once.
+    flagged = render(helm, **{"server.extraArgs[0]": "--shutdown-grace=9"})
+    assert served_settings(flagged).shutdown_grace == 9
+    service = container(one(flagged, "Deployment", ""), "service")
+    assert [a for a in service["args"] if "shutdown-grace" in a] == ["--shutdown-grace=9"]
+    assert not [e for e in service["env"] if e["name"] == "TALKINGHEAD_SHUTDOWN_GRACE"]
+    values = tmp_path / "grace.yaml"
+    values.write_text("server:\n  extraEnv: [{name: TALKINGHEAD_SHUTDOWN_GRACE, value: '7'}]\n")
+    own = render(helm, values)
+    assert served_settings(own).shutdown_grace == 7
+    env = container(one(own, "Deployment", ""), "service")["env"]
+    assert [e["value"] for e in env if e["name"] == "TALKINGHEAD_SHUTDOWN_GRACE"] == ["7"]
+    too_long = "server.shutdownGraceSeconds=30 must be below server.terminationGracePeriodSeconds=30"
+    with pytest.raises(RuntimeError, match=re.escape(too_long)):
+        render(helm, server__shutdownGraceSeconds=30)
 
 
 def _secret_text(secret: Manifest, key: str) -> str:

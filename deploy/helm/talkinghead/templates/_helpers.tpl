@@ -267,6 +267,10 @@ claim and asks every Triton to load it. */ -}}
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.externalUrl) (not .Values.redis.existingSecret) -}}
 {{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
 {{- end -}}
+{{- $grace := .Values.server.shutdownGraceSeconds -}}
+{{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (float64 $grace) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "server.shutdownGraceSeconds=%v must be below server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
 {{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
 {{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
 {{- $tritonPorts := list (list "triton.ports.http" .Values.triton.ports.http) (list "triton.ports.grpc" .Values.triton.ports.grpc) (list "triton.ports.metrics" .Values.triton.ports.metrics) -}}
@@ -412,6 +416,34 @@ labels:
 {{/* The Secret holding the watermark key under `key`: the operator's, or the one the chart makes. */}}
 {{- define "talkinghead.watermarkSecret" -}}
 {{- .Values.watermark.existingSecret | default (printf "%s-watermark" (include "talkinghead.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+The seconds the server gives running streams on SIGTERM (`talkinghead serve --shutdown-grace`,
+default 5 s in the service): server.shutdownGraceSeconds, else the pod's
+terminationGracePeriodSeconds less 5 s (at least 1), left for the rest of the shutdown before the
+kubelet kills the pod. Empty when the operator passes it: --shutdown-grace in server.extraArgs, or
+TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that variable).
+*/}}
+{{- define "talkinghead.shutdownGrace" -}}
+{{- $s := .Values.server -}}
+{{- if not (or (include "talkinghead.shutdownGraceArg" .) (include "talkinghead.shutdownGraceEnv" .)) -}}
+{{- if eq (toString $s.shutdownGraceSeconds) "" -}}
+{{- max 1 (sub (int $s.terminationGracePeriodSeconds) 5) -}}
+{{- else -}}
+{{- $s.shutdownGraceSeconds -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when server.extraArgs passes --shutdown-grace itself. */}}
+{{- define "talkinghead.shutdownGraceArg" -}}
+{{- range .Values.server.extraArgs -}}{{- if hasPrefix "--shutdown-grace" (toString .) -}}true{{- end -}}{{- end -}}
+{{- end -}}
+
+{{/* "true" when server.extraEnv sets TALKINGHEAD_SHUTDOWN_GRACE. */}}
+{{- define "talkinghead.shutdownGraceEnv" -}}
+{{- range .Values.server.extraEnv -}}{{- if eq (toString .name) "TALKINGHEAD_SHUTDOWN_GRACE" -}}true{{- end -}}{{- end -}}
 {{- end -}}
 
 {{/* "true" when the server reads its key ring from a mounted Secret (auth.apiKeys.source secret). */}}
