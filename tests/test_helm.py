@@ -265,6 +265,86 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
     assert url == f"{service['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
 
 
+RECREATE = {"type": "Recreate"}
+NO_SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}}
+SURGE = {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+
+
+def strategies(manifests: list[Manifest]) -> dict[str, dict]:
+    return {
+        m["metadata"]["name"].removeprefix(f"{check_chart.RELEASE}-talkinghead"): m["spec"].get("strategy")
+        for m in find(manifests, "Deployment")
+    }
+
+
+def test_rollouts_never_wait_for_a_volume_or_gpu_the_old_pod_holds(helm: str) -> None:
+    """The default RollingUpdate surges a new pod while the old one holds the ReadWriteOnce claim
+    (Multi-Attach on another node) or the only GPU: the rollout stalls. Such pods are recreated;
+    several GPU replicas roll without surge; the rest surge with no gap."""
+    # Default: ReadWriteOnce avatar claim (server); ReadWriteOnce model claim and one GPU (Triton).
+    assert strategies(render(helm)) == {"": RECREATE, "-triton": RECREATE}
+    # Avatars in Redis, a ReadWriteMany model claim, two Tritons and two workers on GPUs.
+    assert strategies(render(helm, CI / "worker-redis.yaml")) == {
+        "": SURGE,
+        "-triton": NO_SURGE,
+        "-worker": NO_SURGE,
+    }
+    # One Triton on a shared claim still holds the only GPU; one worker likewise.
+    one_gpu = render(helm, CI / "worker-redis.yaml", triton__replicaCount=1, worker__replicaCount=1)
+    assert strategies(one_gpu) == {"": SURGE, "-triton": RECREATE, "-worker": RECREATE}
+    assert strategies(
+        render(helm, triton__gpus=0, modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    ) == {
+        "": RECREATE,  # the avatar claim
+        "-triton": SURGE,  # CPU Triton on a claim every node may mount read-only
+    }
+    # The worker writes: a ReadOnlyMany claim is pinned for it, not for Triton.
+    rox = render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    assert strategies(rox)["-worker"] == RECREATE and strategies(rox)["-triton"] == NO_SURGE
+    # Sidecar: two GPU server pods on an existing claim, ReadWriteOnce (the default) or ReadOnlyMany.
+    assert strategies(render(helm, CI / "sidecar.yaml")) == {"": RECREATE}
+    shared = render(helm, CI / "sidecar.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
+    assert strategies(shared) == {"": NO_SURGE}
+    # In-process models synced from object storage, avatars in an emptyDir: nothing pinned.
+    assert strategies(render(helm, CI / "onnxruntime.yaml")) == {"": SURGE}
+    # The operator's choice wins.
+    chosen = render(helm, server__strategy__type="RollingUpdate", server__strategy__rollingUpdate__maxSurge=0)
+    assert strategies(chosen)[""] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0}}
+    refused = check_chart.lint(helm, None, {"triton.strategy.type": "BlueGreen"})
+    assert refused.returncode != 0 and "strategy" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        ({"server.grpcPort": "8080"}, "server.grpcPort and server.metricsPort are both 8080"),
+        ({"server.metricsPort": "50051"}, "server.grpcPort and server.metricsPort are both 50051"),
+        (
+            {"triton.mode": "sidecar", "server.grpcPort": "8001"},
+            "server.grpcPort and triton.ports.grpc are both 8001",
+        ),
+        (
+            {"triton.mode": "sidecar", "server.metricsPort": "8000"},
+            "server.metricsPort and triton.ports.http are both 8000",
+        ),
+        ({"triton.ports.metrics": "8001"}, "triton.ports.grpc and triton.ports.metrics are both 8001"),
+    ],
+    ids=["grpc-is-metrics", "metrics-is-grpc", "sidecar-grpc", "sidecar-metrics", "triton"],
+)
+def test_ports_of_one_pod_must_differ(helm: str, sets: dict[str, str], message: str) -> None:
+    """Two listeners on one port of a pod: one container fails at start (and the Service carries
+    the port twice). helm template fails instead, naming both values."""
+    with pytest.raises(RuntimeError) as refused:
+        check_chart.render(helm, None, sets)
+    assert message in str(refused.value) and "Give each its own port" in str(refused.value)
+
+
+def test_ports_of_different_pods_may_be_equal(helm: str) -> None:
+    manifests = render(helm, server__metricsPort=8002)  # the server's metrics and Triton's, apart
+    ports = {p["name"]: p["port"] for p in one(manifests, "Service", "")["spec"]["ports"]}
+    assert ports == {"grpc": 50051, "metrics": 8002}
+
+
 def test_kubernetes_service_types_are_values(helm: str) -> None:
     manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
     assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"
@@ -580,6 +660,150 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
     assert done.returncode != 0 and message in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("sets", "message", "fix"),
+    [
+        (
+            {"triton.buildEngines.enabled": "true"},
+            "worker.enabled with triton.buildEngines.enabled: Triton serves the copy",
+            "triton.buildEngines.enabled=false",
+        ),
+        (
+            {"triton.mode": "sidecar", "triton.buildEngines.enabled": "true"},
+            "worker.enabled with triton.buildEngines.enabled",
+            "triton.buildEngines.enabled=false",
+        ),
+        ({"worker.profile": "tensorrt"}, "worker.profile=tensorrt", "worker.profile=python or onnxruntime"),
+        (
+            {"triton.modelControlMode": "poll"},
+            "worker.enabled with triton.modelControlMode=poll",
+            "triton.modelControlMode=explicit",
+        ),
+        (
+            {"triton.modelControlMode": "none"},
+            "worker.enabled with triton.modelControlMode=none",
+            "triton.modelControlMode=explicit",
+        ),
+    ],
+    ids=["build-engines", "build-engines-sidecar", "tensorrt-profile", "poll", "none"],
+)
+def test_personalisation_triton_could_never_serve_is_refused(
+    helm: str, sets: dict[str, str], message: str, fix: str
+) -> None:
+    """The worker writes generator_<avatar> into the claim and loads it in every Triton: a Triton
+    serving a copy built at start, a plan nobody builds, or a Triton refusing loads (poll, none)
+    would fail every personalisation, so helm template fails saying what to change."""
+    with pytest.raises(RuntimeError) as refused:
+        render(helm, CI / "worker-redis.yaml", **{k.replace(".", "__"): v for k, v in sets.items()})
+    assert message in str(refused.value) and fix in str(refused.value)
+    # Without the worker each of these is a valid Triton setup.
+    assert render(
+        helm,
+        CI / "worker-redis.yaml",
+        worker__enabled=False,
+        **{k.replace(".", "__"): v for k, v in sets.items()},
+    )
+
+
+def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str) -> None:
+    # backend onnxruntime runs each generator's model.onnx whatever its config says: no Triton to refuse it
+    manifests = render(
+        helm, CI / "worker-redis.yaml", worker__profile="tensorrt", server__backend="onnxruntime"
+    )
+    assert "--profile=tensorrt" in container(one(manifests, "Deployment", "-worker"), "worker")["args"]
+
+
+def redis_args(helm: str, **sets: object) -> list[str]:
+    statefulset = one(render(helm, redis__mode="internal", **sets), "StatefulSet", "-redis")
+    return container(statefulset, "redis")["args"]
+
+
+def flag(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def test_in_chart_redis_refuses_writes_before_the_kernel_kills_it(helm: str) -> None:
+    """A Redis at its container's memory limit is OOM-killed; with maxmemory below the limit and
+    noeviction it refuses writes instead (the service answers "storage is full") and never evicts
+    an avatar or a queued job."""
+    args = redis_args(helm)
+    assert flag(args, "--maxmemory-policy") == "noeviction"
+    assert flag(args, "--maxmemory") == str(1024**3 * 3 // 4)  # 75 % of the default 1Gi limit
+    assert flag(redis_args(helm, redis__resources__limits__memory="2Gi"), "--maxmemory") == str(
+        2 * 1024**3 * 3 // 4
+    )
+    assert flag(redis_args(helm, redis__resources__limits__memory="1.5Gi"), "--maxmemory") == str(1207959552)
+    assert flag(redis_args(helm, redis__resources__limits__memory="1G"), "--maxmemory") == "750000000"
+    assert flag(redis_args(helm, redis__maxmemory="512Mi"), "--maxmemory") == str(512 * 1024**2)
+    unlimited = redis_args(helm, redis__resources__limits="null")  # no limit: nothing to stay under
+    assert flag(unlimited, "--maxmemory") is None and flag(unlimited, "--maxmemory-policy") == "noeviction"
+    with pytest.raises(
+        RuntimeError, match=r"redis.maxmemory=1Gi must be below redis.resources.limits.memory=1Gi"
+    ):
+        redis_args(helm, redis__maxmemory="1Gi")
+    with pytest.raises(RuntimeError, match="maxmemory"):
+        redis_args(helm, redis__maxmemory="lots")
+
+
+SEVERAL_REPLICAS_NEED_REDIS = (
+    "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled"
+)
+
+
+@pytest.mark.parametrize(
+    "sets",
+    [
+        {"server.replicaCount": "2"},
+        {"server.autoscaling.enabled": "true"},  # maxReplicas 4
+        {"server.replicaCount": "3", "triton.mode": "sidecar"},
+        {"server.replicaCount": "2", "server.backend": "onnxruntime"},
+    ],
+    ids=["replicas", "autoscaling", "sidecar", "onnxruntime"],
+)
+def test_several_server_replicas_need_redis(helm: str, sets: dict[str, str]) -> None:
+    """Each replica caches avatars; without Redis' events a replica goes on serving an avatar another
+    replica deleted or replaced. The chart refuses it, naming the values to change."""
+    with pytest.raises(RuntimeError) as refused:
+        check_chart.render(helm, None, sets)
+    message = str(refused.value)
+    assert SEVERAL_REPLICAS_NEED_REDIS in message
+    assert "redis.mode=internal" in message and "redis.mode=external" in message
+    for mode in (
+        {"redis.mode": "internal"},
+        {"redis.mode": "external", "redis.externalUrl": "redis://r:6379/0"},
+    ):
+        manifests = check_chart.render(helm, None, {**sets, **mode})
+        env = container(one(manifests, "Deployment", ""), "service")["env"]
+        assert any(e["name"] == "TALKINGHEAD_REDIS_URL" for e in env)
+    # One replica keeps its files; an HPA that can never add a second replica is one replica too.
+    assert render(helm, server__replicaCount=1)
+    assert render(helm, server__autoscaling__enabled=True, server__autoscaling__maxReplicas=1)
+
+
+def readme_values(heading: str) -> dict[str, Any]:
+    """The first ```yaml block of deploy/README.md after the line containing `heading`."""
+    text = (ROOT / "deploy" / "README.md").read_text()
+    after = text[text.index(heading) :]
+    block = after[after.index("```yaml\n") + len("```yaml\n") :]
+    return yaml.safe_load(block[: block.index("```")])
+
+
+def test_the_readme_typical_production_install_renders_with_redis(helm: str, tmp_path: Path) -> None:
+    values = readme_values("for a typical production install")
+    assert values["server"]["autoscaling"]["minReplicas"] > 1
+    assert values["redis"]["mode"] in ("internal", "external")  # the replicas share avatars
+    path = tmp_path / "my-values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    manifests = render(helm, path)
+    env = container(one(manifests, "Deployment", ""), "service")["env"]
+    assert {
+        "name": "TALKINGHEAD_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "talkinghead-redis", "key": "url"}},
+    } in env
+    errors, _ = check_chart.validate(manifests)
+    assert errors == []
+
+
 def test_frames_are_watermarked_with_a_key_kept_in_a_secret(helm: str) -> None:
     manifests = render(helm)
     secret = one(manifests, "Secret", "-watermark")
@@ -649,10 +873,51 @@ def server_environment(manifests: list[Manifest]) -> dict[str, str]:
 def test_the_rendered_server_passes_its_own_startup_checks(helm: str, values: Path | None) -> None:
     """service/settings.py refuses to listen on 0.0.0.0 without authentication (and other bad
     combinations): every configuration the chart renders must get past it."""
-    from service.settings import from_env
-
-    settings = from_env(server_environment(render(helm, values)))
+    settings = served_settings(render(helm, values))  # its environment and its flags
     assert settings.host == "0.0.0.0" and settings.authenticated
+
+
+def served_settings(manifests: list[Manifest]) -> Any:
+    """The Settings `talkinghead serve` starts with in the server container: its environment (the
+    ConfigMap, then `env`) and its args, with $(VAR) expanded from `env` as Kubernetes does."""
+    import argparse
+
+    from service import settings as settings_module
+
+    service = container(one(manifests, "Deployment", ""), "service")
+    env = server_environment(manifests)
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), arg) for arg in service["args"]]
+    assert args[0] == "serve"
+    parser = argparse.ArgumentParser()
+    settings_module.add_arguments(parser)
+    return settings_module.from_args(parser.parse_args(args[1:]), environ=env)
+
+
+def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path) -> None:
+    """The service gives streams 5 s on SIGTERM unless told otherwise; the pod promises them its
+    terminationGracePeriodSeconds. The chart passes that less 5 s (at least 1) unless the operator
+    set the shutdown grace."""
+    assert served_settings(render(helm)).shutdown_grace == 25  # of the default 30
+    deployment = one(render(helm, server__terminationGracePeriodSeconds=120), "Deployment", "")
+    assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
+    assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 115
+    assert served_settings(render(helm, server__terminationGracePeriodSeconds=3)).shutdown_grace == 1
+    assert served_settings(render(helm, server__shutdownGraceSeconds=12.5)).shutdown_grace == 12.5
+    # The operator's own flag or variable is kept, and passed once.
+    flagged = render(helm, **{"server.extraArgs[0]": "--shutdown-grace=9"})
+    assert served_settings(flagged).shutdown_grace == 9
+    service = container(one(flagged, "Deployment", ""), "service")
+    assert [a for a in service["args"] if "shutdown-grace" in a] == ["--shutdown-grace=9"]
+    assert not [e for e in service["env"] if e["name"] == "TALKINGHEAD_SHUTDOWN_GRACE"]
+    values = tmp_path / "grace.yaml"
+    values.write_text("server:\n  extraEnv: [{name: TALKINGHEAD_SHUTDOWN_GRACE, value: '7'}]\n")
+    own = render(helm, values)
+    assert served_settings(own).shutdown_grace == 7
+    env = container(one(own, "Deployment", ""), "service")["env"]
+    assert [e["value"] for e in env if e["name"] == "TALKINGHEAD_SHUTDOWN_GRACE"] == ["7"]
+    too_long = "server.shutdownGraceSeconds=30 must be below server.terminationGracePeriodSeconds=30"
+    with pytest.raises(RuntimeError, match=re.escape(too_long)):
+        render(helm, server__shutdownGraceSeconds=30)
 
 
 def _secret_text(secret: Manifest, key: str) -> str:

@@ -149,6 +149,59 @@ annotations:
 {{- end }}
 {{- end -}}
 
+{{/*
+A Kubernetes quantity (`1Gi`, `768Mi`, `1.5G`, `1e9`, or a number of bytes) as a whole number of
+bytes. Call with (dict "q" <quantity> "what" <the value's name, for the error>).
+*/}}
+{{- define "talkinghead.bytes" -}}
+{{- $q := .q -}}
+{{- if not (kindIs "string" $q) -}}
+{{- int64 $q -}}
+{{- else -}}
+{{- $num := regexFind "^[0-9]+(\\.[0-9]+)?" $q -}}
+{{- $suffix := trimPrefix $num $q -}}
+{{- $units := dict "" 1 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "P" 1000000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "Pi" 1125899906842624 -}}
+{{- $unit := 0 -}}
+{{- if hasKey $units $suffix -}}
+{{- $unit = index $units $suffix -}}
+{{- else if regexMatch "^e[0-9]+$" $suffix -}}
+{{- $unit = 1 -}}
+{{- range until (int (trimPrefix "e" $suffix)) }}{{ $unit = mul $unit 10 }}{{ end -}}
+{{- end -}}
+{{- if or (not $num) (not $unit) -}}
+{{- fail (printf "%s=%s: expected a quantity of bytes such as 768Mi, 1Gi or 1G" .what $q) -}}
+{{- end -}}
+{{- if contains "." $num -}}
+{{- int64 (mulf (float64 $num) $unit) -}}
+{{- else -}}
+{{- mul (int64 $num) $unit -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The in-chart Redis' maxmemory in bytes: redis.maxmemory, else 75 % of its memory limit (Redis counts
+only its dataset against maxmemory: fragmentation and the pages an append-only-file rewrite copies
+need the rest); empty without either.
+*/}}
+{{- define "talkinghead.redisMaxmemory" -}}
+{{- $r := .Values.redis -}}
+{{- $limit := dig "limits" "memory" "" ($r.resources | default dict) -}}
+{{- $limitBytes := 0 -}}
+{{- if $limit -}}
+{{- $limitBytes = include "talkinghead.bytes" (dict "q" $limit "what" "redis.resources.limits.memory") | int64 -}}
+{{- end -}}
+{{- if $r.maxmemory -}}
+{{- $bytes := include "talkinghead.bytes" (dict "q" $r.maxmemory "what" "redis.maxmemory") | int64 -}}
+{{- if and $limitBytes (ge $bytes $limitBytes) -}}
+{{- fail (printf "redis.maxmemory=%v must be below redis.resources.limits.memory=%v (empty: 75 %% of it): at the limit the kernel kills Redis instead of Redis refusing writes. Lower redis.maxmemory or raise the limit" $r.maxmemory $limit) -}}
+{{- end -}}
+{{- $bytes -}}
+{{- else if $limitBytes -}}
+{{- div (mul $limitBytes 75) 100 -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The Triton gRPC address(es) the worker loads new models in: every pod behind the headless Service. */}}
 {{- define "talkinghead.workerTritonUrl" -}}
 {{- if include "talkinghead.tritonDeployment" . -}}
@@ -172,11 +225,31 @@ annotations:
 {{- if and (include "talkinghead.modelRepositoryUsed" .) (eq .Values.modelRepository.source "objectStorage") (not .Values.modelRepository.objectStorage.url) -}}
 {{- fail "modelRepository.source=objectStorage needs modelRepository.objectStorage.url (s3://... or gs://...)" -}}
 {{- end -}}
+{{- /* Without Redis each replica caches the avatars it read from the files, and nothing tells it
+that another replica deleted or replaced one: it would go on serving the old avatar. */ -}}
+{{- $s := .Values.server -}}
+{{- $several := ternary (gt (int $s.autoscaling.maxReplicas) 1) (gt (int $s.replicaCount) 1) $s.autoscaling.enabled -}}
+{{- if and $several (not (include "talkinghead.redisEnabled" .)) -}}
+{{- fail "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled with maxReplicas > 1) need Redis: without it each replica caches avatars from its own files and goes on serving one another replica deleted or replaced. Set redis.mode=internal (a Redis in this release) or redis.mode=external with redis.externalUrl or redis.existingSecret, or run one replica (server.replicaCount=1, server.autoscaling.enabled=false)" -}}
+{{- end -}}
 {{- if and .Values.worker.enabled (not (include "talkinghead.redisEnabled" .)) -}}
 {{- fail "worker.enabled needs redis.mode internal or external (the job queue)" -}}
 {{- end -}}
 {{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
 {{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
+{{- end -}}
+{{- /* Personalisations that could never be served: the worker writes generator_<avatar> into the
+claim and asks every Triton to load it. */ -}}
+{{- if and .Values.worker.enabled (include "talkinghead.tritonManaged" .) -}}
+{{- if .Values.triton.buildEngines.enabled -}}
+{{- fail "worker.enabled with triton.buildEngines.enabled: Triton serves the copy of the repository its init container built at pod start (an emptyDir), so the generator_<avatar> models the worker writes into the claim never reach it and every load fails. Set triton.buildEngines.enabled=false with a repository exported with --profile python or onnxruntime (and worker.profile the same), or worker.enabled=false" -}}
+{{- end -}}
+{{- if ne .Values.triton.modelControlMode "explicit" -}}
+{{- fail (printf "worker.enabled with triton.modelControlMode=%s: the worker loads each personalised generator in Triton, which refuses load requests unless its model control mode is explicit. Set triton.modelControlMode=explicit (the default), or worker.enabled=false" .Values.triton.modelControlMode) -}}
+{{- end -}}
+{{- end -}}
+{{- if and .Values.worker.enabled (eq .Values.worker.profile "tensorrt") (eq .Values.server.backend "triton") -}}
+{{- fail "worker.profile=tensorrt: the worker writes model.onnx under platform tensorrt_plan and nothing builds its model.plan, so Triton cannot load a personalised generator. Set worker.profile=python or onnxruntime, with the repository exported with that profile" -}}
 {{- end -}}
 {{- $auth := .Values.auth -}}
 {{- if not (or $auth.apiKeys.enabled $auth.clientCA.existingSecret $auth.allowUnauthenticated) -}}
@@ -194,6 +267,21 @@ annotations:
 {{- if and (eq .Values.redis.mode "external") (not .Values.redis.externalUrl) (not .Values.redis.existingSecret) -}}
 {{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
 {{- end -}}
+{{- $grace := .Values.server.shutdownGraceSeconds -}}
+{{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (float64 $grace) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "server.shutdownGraceSeconds=%v must be below server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
+{{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
+{{- $tritonPorts := list (list "triton.ports.http" .Values.triton.ports.http) (list "triton.ports.grpc" .Values.triton.ports.grpc) (list "triton.ports.metrics" .Values.triton.ports.metrics) -}}
+{{- if include "talkinghead.tritonSidecar" . -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" (concat $serverPod $tritonPorts) "pod" "the server pod (Triton runs in it: triton.mode=sidecar)") -}}
+{{- else -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" $serverPod "pod" "the server pod") -}}
+{{- if include "talkinghead.tritonDeployment" . -}}
+{{- include "talkinghead.distinctPorts" (dict "ports" $tritonPorts "pod" "the Triton pod") -}}
+{{- end -}}
+{{- end -}}
 {{- range $name, $as := dict "server" .Values.server.autoscaling "triton" .Values.triton.autoscaling -}}
 {{- if and $as.enabled (not $as.targetCPUUtilizationPercentage) (not $as.podsMetric.enabled) -}}
 {{- fail (printf "%s.autoscaling needs targetCPUUtilizationPercentage > 0 or podsMetric.enabled" $name) -}}
@@ -201,6 +289,60 @@ annotations:
 {{- if lt (int $as.maxReplicas) (int $as.minReplicas) -}}
 {{- fail (printf "%s.autoscaling.maxReplicas must be >= minReplicas" $name) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when a claim with these access modes may be mounted by pods on one node only (ReadWriteOnce,
+ReadWriteOncePod; ReadOnlyMany shares only read-only mounts). Call with (dict "modes" <list> "readOnly" bool).
+*/}}
+{{- define "talkinghead.claimPinned" -}}
+{{- if not (or (has "ReadWriteMany" .modes) (and .readOnly (has "ReadOnlyMany" .modes))) -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+A Deployment's `strategy`. The default RollingUpdate starts a new pod before stopping an old one: one
+that mounts a claim only one node can attach (Multi-Attach), or needs a second GPU, never starts and
+the rollout stalls. So: the operator's `override`; else Recreate where a pod mounts such a claim
+(`pinned`) or holds a GPU as the only replica; RollingUpdate without surge where several replicas
+hold GPUs; else surge one pod and keep every old one until it is ready. Call with (dict "override"
+<values' strategy> "pinned" bool "gpu" bool "single" bool).
+*/}}
+{{- define "talkinghead.strategy" -}}
+{{- if .override -}}
+{{- toYaml .override -}}
+{{- else if or .pinned (and .gpu .single) -}}
+type: Recreate
+{{- else if .gpu -}}
+type: RollingUpdate
+rollingUpdate:
+  maxSurge: 0
+  maxUnavailable: 1
+{{- else -}}
+type: RollingUpdate
+rollingUpdate:
+  maxSurge: 1
+  maxUnavailable: 0
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the model repository is a claim (not synced from object storage) that pods on one
+node only may mount. Call with (dict "ctx" $ "readOnly" bool). */}}
+{{- define "talkinghead.modelClaimPinned" -}}
+{{- $m := .ctx.Values.modelRepository -}}
+{{- if and (ne $m.source "objectStorage") (include "talkinghead.claimPinned" (dict "modes" $m.persistence.accessModes "readOnly" .readOnly)) -}}true{{- end -}}
+{{- end -}}
+
+{{/* Fails when two of `ports` (a list of (value name, port) pairs) of one `pod` are equal. */}}
+{{- define "talkinghead.distinctPorts" -}}
+{{- $seen := dict -}}
+{{- range $pair := .ports -}}
+{{- $name := index $pair 0 -}}
+{{- $port := toString (int (index $pair 1)) -}}
+{{- if hasKey $seen $port -}}
+{{- fail (printf "%s and %s are both %s: they are ports of %s, whose containers share one network, so the second could not listen. Give each its own port" (index $seen $port) $name $port $.pod) -}}
+{{- end -}}
+{{- $_ := set $seen $port $name -}}
 {{- end -}}
 {{- end -}}
 
@@ -274,6 +416,34 @@ labels:
 {{/* The Secret holding the watermark key under `key`: the operator's, or the one the chart makes. */}}
 {{- define "talkinghead.watermarkSecret" -}}
 {{- .Values.watermark.existingSecret | default (printf "%s-watermark" (include "talkinghead.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+The seconds the server gives running streams on SIGTERM (`talkinghead serve --shutdown-grace`,
+default 5 s in the service): server.shutdownGraceSeconds, else the pod's
+terminationGracePeriodSeconds less 5 s (at least 1), left for the rest of the shutdown before the
+kubelet kills the pod. Empty when the operator passes it: --shutdown-grace in server.extraArgs, or
+TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that variable).
+*/}}
+{{- define "talkinghead.shutdownGrace" -}}
+{{- $s := .Values.server -}}
+{{- if not (or (include "talkinghead.shutdownGraceArg" .) (include "talkinghead.shutdownGraceEnv" .)) -}}
+{{- if eq (toString $s.shutdownGraceSeconds) "" -}}
+{{- max 1 (sub (int $s.terminationGracePeriodSeconds) 5) -}}
+{{- else -}}
+{{- $s.shutdownGraceSeconds -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when server.extraArgs passes --shutdown-grace itself. */}}
+{{- define "talkinghead.shutdownGraceArg" -}}
+{{- range .Values.server.extraArgs -}}{{- if hasPrefix "--shutdown-grace" (toString .) -}}true{{- end -}}{{- end -}}
+{{- end -}}
+
+{{/* "true" when server.extraEnv sets TALKINGHEAD_SHUTDOWN_GRACE. */}}
+{{- define "talkinghead.shutdownGraceEnv" -}}
+{{- range .Values.server.extraEnv -}}{{- if eq (toString .name) "TALKINGHEAD_SHUTDOWN_GRACE" -}}true{{- end -}}{{- end -}}
 {{- end -}}
 
 {{/* "true" when the server reads its key ring from a mounted Secret (auth.apiKeys.source secret). */}}
