@@ -236,6 +236,13 @@ class Server:
         auth.start()
         self._start_personalisation()
         await self._server.start()
+        if s.tls_terminated_upstream and not s.tls:
+            log.warning(
+                "TLS is terminated in front of this server (TALKINGHEAD_TLS_TERMINATED_UPSTREAM=1): "
+                "credentials arrive over plaintext on %s:%d; only that proxy may reach this port",
+                s.host,
+                self.grpc_port,
+            )
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
         log.info(
             "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",

@@ -2,7 +2,9 @@
 
 Environment variables (the Helm chart sets these; flags of `talkinghead serve` override them):
 
-    TALKINGHEAD_HOST              127.0.0.1        address the gRPC and metrics servers bind
+    TALKINGHEAD_HOST              127.0.0.1        address the gRPC and metrics servers bind (loopback:
+                                                   127.x.x.x, ::1 or the name `localhost`; any other name
+                                                   or address counts as exposed)
     TALKINGHEAD_GRPC_PORT         50051            gRPC port (0 = any free port)
     TALKINGHEAD_METRICS_PORT      8080             Prometheus /metrics port (0 = any free port)
     TALKINGHEAD_BACKEND           onnxruntime      onnxruntime (in-process) | triton
@@ -27,6 +29,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
     TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
+    TALKINGHEAD_TLS_TERMINATED_UPSTREAM  0         1: TLS ends in front of this server (a mesh sidecar, a
+                                                   TLS-terminating load balancer), so API keys (and
+                                                   --production) may be served over plaintext beyond
+                                                   loopback; without it, and without TLS_CERT, such a
+                                                   server refuses to start
     TALKINGHEAD_REDIS_URL         (unset)          redis://host:port/db: avatars and the personalisation
                                                    queue in Redis, shared by every replica
     TALKINGHEAD_WORKER            embedded         embedded: run a local `talkinghead worker` process
@@ -71,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -86,6 +94,18 @@ BATCHING = ("auto", "always")
 WORKER_PRIORITIES = ("idle", "low", "normal")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
+
+
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host`: a loopback address literal (127.0.0.0/8, ::1), or the
+    name `localhost`. Any other name counts as exposed, whatever it resolves to (a name like
+    `127.example.com` is not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -123,6 +143,7 @@ class Settings:
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
     api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
     tls_client_ca: Path | None = None
+    tls_terminated_upstream: bool = False  # TLS ends in a proxy in front: keys may arrive in plaintext
     allow_unauthenticated: bool = False
     reflection: bool = True
     # Flag-only settings (no environment variable): limits and tuning.
@@ -205,6 +226,13 @@ class Settings:
                 f"refusing to listen on {self.host} without authentication: set API_KEYS (API keys) or "
                 "TLS_CLIENT_CA (client certificates), or ALLOW_UNAUTHENTICATED=1 to accept anyone"
             )
+        if self.plaintext_exposed:
+            what = "API keys" if self.api_keys else "production mode"
+            problems.append(
+                f"refusing to serve {what} over plaintext on {self.host}: anyone on the path reads the "
+                "keys; set TLS_CERT and TLS_KEY, or TLS_TERMINATED_UPSTREAM=1 when a proxy in front of "
+                "this server (a mesh sidecar, a TLS-terminating load balancer) terminates TLS"
+            )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -219,7 +247,17 @@ class Settings:
 
     @property
     def loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+        return is_loopback(self.host)
+
+    @property
+    def plaintext_exposed(self) -> bool:
+        """API keys (or production mode) beyond loopback with no TLS here nor in front: refused."""
+        return (
+            (bool(self.api_keys) or self.production)
+            and not self.tls
+            and not self.loopback
+            and not self.tls_terminated_upstream
+        )
 
     @property
     def embedded_worker(self) -> bool:
@@ -269,6 +307,7 @@ _ENV_FIELDS = (
     "audit_log",
     "api_keys",
     "tls_client_ca",
+    "tls_terminated_upstream",
     "allow_unauthenticated",
     "reflection",
 )
@@ -382,12 +421,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--production",
         action="store_true",
         default=None,
-        help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY (default off)",
+        help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY, or beyond loopback "
+        "without TLS (here or, --tls-terminated-upstream, in front) (default off)",
     )
     group.add_argument(
         "--api-keys", help="key ring of API keys: a JSON file, or `redis` (default: no API keys)"
     )
     group.add_argument("--tls-client-ca", type=Path, help="PEM CA client certificates must chain to (mTLS)")
+    group.add_argument(
+        "--tls-terminated-upstream",
+        action="store_true",
+        default=None,
+        help="TLS ends in a proxy in front (mesh sidecar, TLS load balancer): serve API keys over "
+        "plaintext beyond loopback (default off: such a server refuses to start)",
+    )
     group.add_argument(
         "--allow-unauthenticated",
         action="store_true",
