@@ -227,10 +227,10 @@ class Server:
                 f"cannot bind gRPC to {address}: the port is in use or the address is not this machine's"
             )
         try:
-            self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
+            self._metrics_http, self.metrics_port = metrics.serve(s.metrics_bind, s.metrics_port)
         except OSError as error:
             raise BindError(
-                f"cannot bind metrics to {s.host}:{s.metrics_port}: {error.strerror or error}"
+                f"cannot bind metrics to {s.metrics_bind}:{s.metrics_port}: {error.strerror or error}"
             ) from None
         await self.app.start()
         auth.start()
@@ -249,7 +249,7 @@ class Server:
             s.host,
             self.grpc_port,
             "TLS" if s.tls else "plaintext",
-            s.host,
+            s.metrics_bind,
             self.metrics_port,
             s.backend,
         )

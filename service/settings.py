@@ -2,9 +2,13 @@
 
 Environment variables (the Helm chart sets these; flags of `talkinghead serve` override them):
 
-    TALKINGHEAD_HOST              127.0.0.1        address the gRPC and metrics servers bind (loopback:
-                                                   127.x.x.x, ::1 or the name `localhost`; any other name
-                                                   or address counts as exposed)
+    TALKINGHEAD_HOST              127.0.0.1        address the gRPC server binds (loopback: 127.x.x.x,
+                                                   ::1 or the name `localhost`; any other name or address
+                                                   counts as exposed)
+    TALKINGHEAD_METRICS_HOST      (the gRPC host)  address the Prometheus /metrics server binds (it
+                                                   lists tenant names and their frame counts: e.g.
+                                                   127.0.0.1 or a pod-network address keeps it off the
+                                                   interfaces clients reach)
     TALKINGHEAD_GRPC_PORT         50051            gRPC port (0 = any free port)
     TALKINGHEAD_METRICS_PORT      8080             Prometheus /metrics port (0 = any free port)
     TALKINGHEAD_BACKEND           onnxruntime      onnxruntime (in-process) | triton
@@ -111,6 +115,7 @@ def is_loopback(host: str) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
+    metrics_host: str = ""  # "" = the gRPC host (`metrics_bind`)
     grpc_port: int = 50051
     metrics_port: int = 8080
     backend: str = "onnxruntime"
@@ -260,6 +265,11 @@ class Settings:
         )
 
     @property
+    def metrics_bind(self) -> str:
+        """The address /metrics binds: TALKINGHEAD_METRICS_HOST, else the gRPC host."""
+        return self.metrics_host or self.host
+
+    @property
     def embedded_worker(self) -> bool:
         """This process runs its own worker: the local queue (no Redis) and TALKINGHEAD_WORKER=embedded."""
         return not self.redis_url and self.worker == "embedded"
@@ -275,6 +285,7 @@ class Settings:
 
 _ENV_FIELDS = (
     "host",
+    "metrics_host",
     "grpc_port",
     "metrics_port",
     "backend",
@@ -347,7 +358,10 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> S
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for `talkinghead serve`; each defaults to None = keep the environment's value."""
     group = parser.add_argument_group("settings (flags override TALKINGHEAD_* environment variables)")
-    group.add_argument("--host", help="bind address (default 127.0.0.1)")
+    group.add_argument("--host", help="gRPC bind address (default 127.0.0.1)")
+    group.add_argument(
+        "--metrics-host", help="/metrics bind address (default: the gRPC host; it lists tenant names)"
+    )
     group.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     group.add_argument("--metrics-port", type=int, help="Prometheus port (default 8080; 0 = any free)")
     group.add_argument("--backend", choices=BACKENDS, help="model backend (default onnxruntime)")

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -86,7 +87,13 @@ def test_loopback_addresses_need_no_authentication(host: str) -> None:
     assert Settings(host=host).loopback
 
 
-def test_tls_terminated_upstream_starts_with_a_notice(
+def test_metrics_bind_the_grpc_host_unless_told_otherwise() -> None:
+    assert Settings(host="0.0.0.0", allow_unauthenticated=True).metrics_bind == "0.0.0.0"
+    moved = from_env({"TALKINGHEAD_METRICS_HOST": "127.0.0.1"}, host="0.0.0.0", allow_unauthenticated=True)
+    assert moved.metrics_bind == "127.0.0.1" and moved.host == "0.0.0.0"
+
+
+def test_tls_terminated_upstream_starts_with_a_notice_and_metrics_stay_on_loopback(
     model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     ring = FileRing(path=tmp_path / "keys.json")
@@ -97,6 +104,7 @@ def test_tls_terminated_upstream_starts_with_a_notice(
         host="0.0.0.0",
         api_keys=str(ring.path),
         tls_terminated_upstream=True,
+        metrics_host="127.0.0.1",
     )
     caplog.set_level(logging.INFO, logger="talkinghead.service")
     server = ServerThread(settings=settings)
@@ -104,8 +112,13 @@ def test_tls_terminated_upstream_starts_with_a_notice(
         notices = [r for r in caplog.records if "TLS_TERMINATED_UPSTREAM=1" in r.getMessage()]
         assert len(notices) == 1 and notices[0].levelno == logging.WARNING
         assert "plaintext on 0.0.0.0" in notices[0].getMessage()
-        address = own_address() or "127.0.0.1"
+        assert "talkinghead_frames_sent_total" in server.metrics()  # on 127.0.0.1
+        address = own_address()
+        if address is None:
+            pytest.skip("this machine has no address but loopback: cannot check where /metrics is not")
         with Client(target=f"{address}:{server.server.grpc_port}", api_key=token, timeout=30) as acme:
             assert list(acme.list_avatars()) == []  # gRPC answers on every interface
+        with pytest.raises(OSError):  # /metrics (tenant names, their frame counts) does not
+            urllib.request.urlopen(f"http://{address}:{server.server.metrics_port}/metrics", timeout=5)
     finally:
         server.stop()
