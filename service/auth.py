@@ -34,6 +34,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
@@ -75,10 +76,20 @@ class Quotas:
             raise ValueError(
                 f"unknown quota(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
             )
-        values = {k: type(getattr(cls(), k))(v) for k, v in raw.items()}
-        if any(v < 0 for v in values.values()):
-            raise ValueError("quotas must be >= 0 (0 = no limit)")
-        return cls(**values)
+        return cls(**{name: _quota(name, value) for name, value in raw.items()})
+
+
+def _quota(name: str, value: Any) -> Any:
+    """One quota value, as its field's type: a finite number >= 0. NaN or infinity would pass any
+    `< 0` check and then grant everything (a bucket of rate NaN never runs dry)."""
+    kind = type(getattr(DEFAULT_QUOTAS, name))
+    try:
+        number = float(value)
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"quota {name} must be a finite number >= 0 (0 = no limit), got {value!r}") from None
 
 
 DEFAULT_QUOTAS = Quotas()
@@ -324,6 +335,7 @@ class Authenticator:
         self.client_certs = client_certs
         self.ring = EMPTY
         self._version: object = object()
+        self._broken: object = object()  # the version that would not load
         self._task: asyncio.Task[None] | None = None
         if store is not None:
             self.refresh()
@@ -338,10 +350,14 @@ class Authenticator:
             return
         try:
             version = self.store.version()
-            if version == self._version:
+            if version in (self._version, self._broken):
                 return
-            self.ring = Ring.parse(self.store.load())
-            self._version = version
+            try:
+                ring = Ring.parse(self.store.load())
+            except ValueError:  # said once for this version; tried again when it changes
+                self._broken = version
+                raise
+            self.ring, self._version = ring, version
             log.info(
                 "key ring loaded: %d key(s), %d tenant quota(s)", len(self.ring.keys), len(self.ring.tenants)
             )

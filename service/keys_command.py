@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from service.auth import ROLES, USER, Quotas, bind_cert, issue, revoke, ring_store, set_quotas
@@ -51,7 +53,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--tenant", required=True)
     for field in dataclasses.fields(Quotas):
         kind = float if field.type in (float, "float") else int
-        p.add_argument("--" + field.name.replace("_", "-"), type=kind, help=f"default {field.default}")
+        p.add_argument(
+            "--" + field.name.replace("_", "-"), type=quota_value(kind), help=f"default {field.default}"
+        )
+
+
+def quota_value(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    """An argparse type: a finite number >= 0 (argparse says what is wrong and exits 2)."""
+
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0 = no limit), got {text!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
 
 
 def run(args: argparse.Namespace) -> int:
