@@ -405,8 +405,13 @@ class Authenticator:
             validate_tenant(acting)
         except ValueError as error:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER}: {error}") from None
-        quotas = self.ring.quotas(acting) if self.enabled else UNLIMITED
-        return Principal(tenant=acting, role=principal.role, credential=principal.credential, quotas=quotas)
+        return Principal(
+            tenant=acting, role=principal.role, credential=principal.credential, quotas=self.quotas(acting)
+        )
+
+    def quotas(self, tenant: str) -> Quotas:
+        """The tenant's quotas as the ring says now (a dict lookup; unlimited without authentication)."""
+        return self.ring.quotas(tenant) if self.enabled else UNLIMITED
 
     def _from_cert(self, auth_context: Mapping[str, Any]) -> Principal:
         names = auth_context.get("x509_common_name") or []

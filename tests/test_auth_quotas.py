@@ -1,6 +1,7 @@
 """Tenant quotas as an operator changes them (service/auth.py Quotas, service/quota.py): a quota
 that is not a finite number is refused by `talkinghead keys` and, in a hand-edited ring, leaves the
-running server on the last good ring.
+running server on the last good ring; a lowered frame rate holds every stream of the tenant, those
+opened before the change too, and hands out no fresh burst.
 """
 
 from __future__ import annotations
@@ -9,15 +10,19 @@ import json
 import logging
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from api.talkinghead.v1 import animation_pb2 as pb
 from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
-from service.auth import FileRing, issue, set_quotas
+from service.auth import USER, FileRing, Principal, Quotas, issue, set_quotas
+from service.metrics import Metrics
+from service.quota import TenantLimits
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, REPO, ServerThread, test_settings
 
@@ -93,3 +98,61 @@ def test_a_hand_edited_ring_with_a_nan_quota_keeps_the_last_good_ring(
     assert _metric(server, refusals) - before >= 14
     ring.update(lambda r: set_quotas(r, "umbrella", max_fps=0))
     time.sleep(RELOAD_S)
+
+
+def test_a_lowered_fps_quota_holds_streams_opened_before_and_after_it(quota_server, driver) -> None:
+    """Two blocking streams of one tenant, one opened before the operator lowered max_fps to 5 and
+    one after: together they get 5 frames a second (after a burst of 2.5), not the old rate, and
+    taking turns does not refill the bucket."""
+    server, ring, tokens = quota_server
+    gate = threading.Event()
+
+    def held_back(frames: LandmarkSequence) -> Iterator[pb.AnimateRequest]:
+        requests = landmark_requests(frames)
+        yield next(requests)  # one frame while the old quota holds
+        gate.wait(60)
+        yield from requests
+
+    try:
+        with (
+            Client(target=server.address, api_key=tokens["tyrell"]) as before,
+            Client(target=server.address, api_key=tokens["tyrell"]) as after,
+        ):
+            early = before.animate("face", held_back(_first(driver, 11)), motion="relative")
+            next(early)  # open, with the default quotas (400 frames a second)
+            ring.update(lambda r: set_quotas(r, "tyrell", max_fps=5))
+            time.sleep(RELOAD_S)
+            late: list[object] = []
+            worker = threading.Thread(
+                target=lambda: late.extend(
+                    after.animate("face", landmark_requests(_first(driver, 10)), motion="relative")
+                )
+            )
+            started = time.monotonic()
+            worker.start()
+            gate.set()
+            rest = list(early)
+            worker.join(60)
+            elapsed = time.monotonic() - started
+        assert len(rest) == 10 and len(late) == 10
+        # 20 frames at 5 a second after a burst of 2.5: at least 3.5 s (without following the new
+        # quota, and with a bucket refilled at every change of rate, they all went through at once)
+        assert elapsed >= 3.0, elapsed
+    finally:
+        gate.set()
+        ring.update(lambda r: set_quotas(r, "tyrell", max_fps=0))
+        time.sleep(RELOAD_S)
+
+
+def test_lowering_a_quota_hands_out_no_fresh_burst() -> None:
+    """A tenant that used up its frames at 5 a second, its quota lowered to 4: its next frame waits
+    (a new, full bucket let it through at once)."""
+    quotas = {"acme": Quotas(max_fps=5.0)}
+    limits = TenantLimits(Metrics(), quotas_of=lambda tenant: quotas[tenant])
+    acme = Principal(tenant="acme", role=USER, credential="key:x")
+    granted = 0
+    while limits.frame(acme) == 0.0:
+        granted += 1
+    assert granted == 2  # the burst: max(1, 5 / 2) = 2.5 tokens
+    quotas["acme"] = Quotas(max_fps=4.0)
+    assert limits.frame(acme) > 0.1  # about (1 - the few tokens accrued since) / 4 s
