@@ -18,7 +18,9 @@ any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials
 
 `AuthInterceptor` refuses a call without valid credentials before its request message is read
 (UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. grpc.health.v1 stays open for
-probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION).
+probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION). Every refusal is a
+`Refused` with a reason of REFUSAL_REASONS: counted by reason (talkinghead_auth_failures_total) and
+logged at WARNING with the peer's address by `RefusalLog`, which bounds the lines a flood makes.
 
 The ring also holds per-tenant quotas (`talkinghead keys quota`); tenants without an entry get
 DEFAULT_QUOTAS. service/quota.py enforces them.
@@ -55,6 +57,8 @@ ROLES = (USER, ADMIN)
 TOKEN_PREFIX = "thk_"
 TENANT_HEADER = "x-talkinghead-tenant"
 REFRESH_S = 1.0
+REFUSAL_LOG_EVERY_S = 10.0  # at most one refusal line per peer address in this time (RefusalLog)
+REFUSAL_LOG_MAX_LINES = 50  # and at most these many in all
 REDIS_KEY = "talkinghead:keyring"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -115,8 +119,38 @@ class Principal:
 ANONYMOUS = Principal(tenant=DEFAULT_TENANT, role=ADMIN, credential="none", quotas=UNLIMITED)
 
 
-def unauthenticated(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+# Why a call was refused for its credentials: talkinghead_auth_failures_total's `reason` (a fixed
+# set; never the key, the tenant or the peer) and the refusal log's.
+MISSING = "missing"  # no API key, and no client certificate where one would do
+MALFORMED = "malformed"  # an authorization header that is not `Bearer thk_<key id>_<secret>`
+UNKNOWN_KEY = "unknown_key"  # no such key id in the ring
+WRONG_SECRET = "wrong_secret"  # a key id of the ring with another secret (a forged key)
+REVOKED_KEY = "revoked_key"  # a revoked key (also: an open call whose key was revoked)
+BAD_CERT = "bad_cert"  # a client certificate whose common name names no tenant
+FORBIDDEN = "forbidden"  # PERMISSION_DENIED: a user key acting for another tenant
+REFUSAL_REASONS = (MISSING, MALFORMED, UNKNOWN_KEY, WRONG_SECRET, REVOKED_KEY, BAD_CERT, FORBIDDEN)
+INVALID_KEY = "the API key is not valid (unknown, revoked or malformed)"
+
+
+class Refused(ServiceError):
+    """A call refused for its credentials: UNAUTHENTICATED (or PERMISSION_DENIED), and why (one of
+    REFUSAL_REASONS) for the metric and the log; `detail` is what the log adds (never a secret)."""
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        detail: str = "",
+        code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+    ) -> None:
+        super().__init__(code, message)
+        self.reason = reason
+        self.detail = detail
+
+
+def unauthenticated(message: str, reason: str = MISSING) -> Refused:
+    return Refused(reason, message)
 
 
 # -- the key ring document --------------------------------------------------------------------
@@ -189,14 +223,25 @@ class Ring:
         return self.tenants.get(tenant, DEFAULT_QUOTAS)
 
     def by_token(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX):
+        try:
+            return self.check_token(token)
+        except Refused:
             return None
+
+    def check_token(self, token: str) -> Principal:
+        """The key's principal; Refused (saying why) when it is not a valid key of this ring."""
+        if not token.startswith(TOKEN_PREFIX):
+            raise Refused(MALFORMED, INVALID_KEY)
         key_id, _, secret = token[len(TOKEN_PREFIX) :].partition("_")
         entry = self.keys.get(key_id)
-        if entry is None or entry.get("revoked") or not secret:
-            return None
+        if not key_id or not secret:
+            raise Refused(MALFORMED, INVALID_KEY)
+        if entry is None:
+            raise Refused(UNKNOWN_KEY, INVALID_KEY)
         if not hmac.compare_digest(entry["sha256"], _hash(secret)):
-            return None
+            raise Refused(WRONG_SECRET, INVALID_KEY, detail=f"key {key_id}")
+        if entry.get("revoked"):  # only once the secret is right: a stranger learns nothing
+            raise Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {key_id}")
         tenant = entry["tenant"]
         return Principal(
             tenant=tenant, role=entry["role"], credential=f"key:{key_id}", quotas=self.quotas(tenant)
@@ -327,12 +372,119 @@ def _header(metadata: Iterable[tuple[str, Any]], name: str) -> str | None:
     return None
 
 
+def peer_address(peer: str) -> str:
+    """A gRPC peer without its port (`ipv4:10.0.0.7:51234` -> `ipv4:10.0.0.7`): a flood from one
+    machine comes from many ports."""
+    kind, _, rest = peer.partition(":")
+    address, colon, port = rest.rpartition(":")
+    return f"{kind}:{address}" if kind in ("ipv4", "ipv6") and colon and port.isdigit() else peer
+
+
+@dataclass
+class _Peer:
+    logged: float  # clock() of its last line
+    unlogged: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> refusals since
+
+
+class RefusalLog:
+    """WARNING lines for refused credentials, so that a flood cannot fill the log: at most one line
+    per peer address per `every_s` seconds, and at most `max_lines` lines in all per `every_s`.
+    What is not logged is counted, and said (with the reasons) by the address's next line or by
+    `flush()` (the key-ring task calls it every second) once its `every_s` is over. At most
+    `max_peers` addresses are remembered; refusals from more at once are counted together."""
+
+    def __init__(
+        self,
+        *,
+        every_s: float = REFUSAL_LOG_EVERY_S,
+        max_lines: int = REFUSAL_LOG_MAX_LINES,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every_s, self.max_lines, self.max_peers, self.clock = every_s, max_lines, max_peers, clock
+        self._peers: dict[str, _Peer] = {}
+        self._window = -math.inf  # clock() when the current window of max_lines began
+        self._lines = 0  # lines in it
+        self._others: dict[str, int] = {}  # reason -> refusals not logged for want of lines or room
+
+    def record(self, error: Refused, peer: str, method: str) -> None:
+        now = self.clock()
+        address = peer_address(peer)
+        seen = self._peers.get(address)
+        if seen is not None and now - seen.logged < self.every_s:
+            _count(seen.unlogged, error.reason)
+            return
+        if not self._line_available(now) or (seen is None and not self._room(now)):
+            _count(self._others, error.reason)
+            return
+        unlogged = seen.unlogged if seen is not None else {}
+        self._peers[address] = _Peer(logged=now)
+        detail = f" ({error.detail})" if error.detail else ""
+        log.warning(
+            "refused %s from %s: %s%s: %s%s",
+            method or "a call",
+            peer,
+            error.reason,
+            detail,
+            error.message,
+            f"; and {_said(unlogged)} from {address} not logged since" if unlogged else "",
+        )
+
+    def flush(self) -> None:
+        """Say what was not logged, of addresses whose `every_s` is over; forget quiet ones."""
+        now = self.clock()
+        for address, seen in list(self._peers.items()):
+            if now - seen.logged < self.every_s:
+                continue
+            if seen.unlogged:
+                log.warning(
+                    "refused %s from %s in the last %.0f s", _said(seen.unlogged), address, now - seen.logged
+                )
+                self._peers[address] = _Peer(logged=now)
+            else:
+                del self._peers[address]
+        if self._others and now - self._window >= self.every_s:
+            log.warning(
+                "refused %s from addresses over the log's limit, not logged one by one", _said(self._others)
+            )
+            self._others = {}
+
+    def _line_available(self, now: float) -> bool:
+        if now - self._window >= self.every_s:
+            self._window, self._lines = now, 0
+        self._lines += 1
+        return self._lines <= self.max_lines
+
+    def _room(self, now: float) -> bool:
+        if len(self._peers) >= self.max_peers:
+            self.flush()
+        return len(self._peers) < self.max_peers
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+def _said(counts: Mapping[str, int]) -> str:
+    """{"unknown_key": 40, "missing": 2} -> "42 more call(s) (unknown_key 40, missing 2)"."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{sum(counts.values())} more call(s) ({reasons})"
+
+
 class Authenticator:
     """Turns a call's metadata (and verified client certificate) into a Principal."""
 
-    def __init__(self, *, store: RingStore | None, client_certs: bool) -> None:
+    def __init__(
+        self,
+        *,
+        store: RingStore | None,
+        client_certs: bool,
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.client_certs = client_certs
+        self.on_refusal = on_refusal  # counts a refusal by reason (the metric)
+        self.refusals = RefusalLog()
         self.ring = EMPTY
         self._version: object = object()
         self._broken: object = object()  # the version that would not load
@@ -368,25 +520,30 @@ class Authenticator:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(REFRESH_S)
-            await loop.run_in_executor(None, self.refresh)
+            if self.store is not None:
+                await loop.run_in_executor(None, self.refresh)
+            self.refusals.flush()
 
     def start(self) -> None:
-        if self.store is not None:
+        if self.enabled:
             self._task = asyncio.create_task(self.run(), name="key-ring")
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
 
+    def refused(self, error: Refused, peer: str, method: str = "") -> None:
+        """Count a refusal (talkinghead_auth_failures_total by reason) and log it (rate-limited)."""
+        if self.on_refusal is not None:
+            self.on_refusal(error.reason)
+        self.refusals.record(error, peer, method)
+
     def check_token(self, metadata: Iterable[tuple[str, Any]]) -> Principal | None:
-        """The key's principal; None when no key was sent; ServiceError when one was sent but is bad."""
+        """The key's principal; None when no key was sent; Refused when one was sent but is bad."""
         token = bearer(metadata)
         if token is None:
             return None
-        principal = self.ring.by_token(token) if self.store is not None else None
-        if principal is None:
-            raise unauthenticated("the API key is not valid (unknown, revoked or malformed)")
-        return principal
+        return self.ring.check_token(token)  # without a ring (no API keys) every key is unknown
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]) -> Principal:
         metadata = list(metadata)
@@ -398,8 +555,11 @@ class Authenticator:
         if acting is None or acting == principal.tenant:
             return principal
         if not principal.admin:
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED, f"only the admin role may send {TENANT_HEADER}"
+            raise Refused(
+                FORBIDDEN,
+                f"only the admin role may send {TENANT_HEADER}",
+                detail=f"{principal.credential} of tenant {principal.tenant}",
+                code=grpc.StatusCode.PERMISSION_DENIED,
             )
         try:
             validate_tenant(acting)
@@ -420,7 +580,7 @@ class Authenticator:
             principal = self.ring.by_cert(name)
             if principal is not None:
                 return principal
-            raise unauthenticated("the client certificate's common name is not a valid tenant name")
+            raise unauthenticated("the client certificate's common name is not a valid tenant name", BAD_CERT)
         raise unauthenticated(
             "this call needs credentials: an API key (authorization: Bearer ...) or a client certificate"
         )
@@ -447,15 +607,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             if self.auth.check_token(metadata) is None and not self.auth.client_certs:
                 raise unauthenticated("this call needs credentials: an API key (authorization: Bearer ...)")
-        except ServiceError as error:
-            return _refusal(error)
+        except Refused as error:
+            return _refusal(
+                error.with_traceback(None), self.auth, method
+            )  # the call keeps it, not its frames
         return await continuation(handler_call_details)
 
 
-def _refusal(error: ServiceError) -> grpc.RpcMethodHandler:
+def _refusal(error: Refused, auth: Authenticator, method: str) -> grpc.RpcMethodHandler:
+    """A handler that counts and logs the refusal (the peer is known only here) and ends the call."""
     code, message = error.code, error.message
 
     async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        auth.refused(error, context.peer(), method)
         await context.abort(code, message)
 
     return grpc.stream_stream_rpc_method_handler(refuse)

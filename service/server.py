@@ -94,9 +94,13 @@ def make_backend(settings: Settings) -> Backend:
     )
 
 
-def make_auth(settings: Settings) -> Authenticator:
+def make_auth(settings: Settings, metrics: Metrics | None = None) -> Authenticator:
     store = ring_store(settings.api_keys, settings.redis_url) if settings.api_keys else None
-    auth = Authenticator(store=store, client_certs=settings.tls_client_ca is not None)
+    auth = Authenticator(
+        store=store,
+        client_certs=settings.tls_client_ca is not None,
+        on_refusal=metrics.on_auth_refusal if metrics is not None else None,
+    )
     if not auth.enabled:
         log.warning(
             "authentication is off: every caller is the implicit tenant 'default' with the admin role "
@@ -169,7 +173,7 @@ class Server:
         watermarker = Watermarker(key=key) if key else None
         if watermarker is not None:
             log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
-        auth = make_auth(s)
+        auth = make_auth(s, metrics)
         self.app = App(
             settings=s,
             auth=auth,

@@ -15,8 +15,8 @@ from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, av
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
 from service.app import App, actor_of, public_id
-from service.auth import Principal
-from service.errors import ServiceError, idle, precondition, stalled_reader
+from service.auth import Principal, Refused
+from service.errors import idle, precondition, stalled_reader
 from service.store import AvatarRecord
 from service.stream import Stream, next_request
 from service.wire import Status, status_of
@@ -47,11 +47,12 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
 
 
 def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
-    """Who makes this call (service/auth.py); ServiceError UNAUTHENTICATED / PERMISSION_DENIED."""
+    """Who makes this call (service/auth.py); Refused (UNAUTHENTICATED / PERMISSION_DENIED: counted
+    and logged with the peer) or ServiceError INVALID_ARGUMENT (a malformed tenant header)."""
     try:
         return app.auth.authenticate(context.invocation_metadata() or (), context.auth_context())
-    except ServiceError:
-        app.metrics.auth_failures.inc()
+    except Refused as error:
+        app.auth.refused(error, context.peer())
         raise
 
 
