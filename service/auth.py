@@ -12,7 +12,9 @@ any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials
   rereads it every REFRESH_S seconds, so a revoked key stops working within that time.
 - mTLS client certificates (TALKINGHEAD_TLS_CLIENT_CA): the TLS handshake requires a certificate
   that CA signed; the subject's common name is the tenant (role user) unless the ring binds that
-  name to another tenant or role (`talkinghead keys bind-cert`). A bearer key, when also sent, wins.
+  name to another tenant or role (`talkinghead keys bind-cert`, `unbind-cert`). With
+  TALKINGHEAD_TLS_BOUND_CERTS_ONLY only bound names are accepted. `keys deny-cert` revokes a common
+  name (bound or not) until `keys undeny-cert`. A bearer key, when also sent, wins.
 - Neither configured: every caller is the implicit tenant `default` with the admin role, and the
   server refuses to listen on anything but loopback unless TALKINGHEAD_ALLOW_UNAUTHENTICATED is set.
 
@@ -127,8 +129,20 @@ UNKNOWN_KEY = "unknown_key"  # no such key id in the ring
 WRONG_SECRET = "wrong_secret"  # a key id of the ring with another secret (a forged key)
 REVOKED_KEY = "revoked_key"  # a revoked key (also: an open call whose key was revoked)
 BAD_CERT = "bad_cert"  # a client certificate whose common name names no tenant
+UNBOUND_CERT = "unbound_cert"  # one the ring does not bind, where only bound ones are accepted
+REVOKED_CERT = "revoked_cert"  # a denied common name (`keys deny-cert`)
 FORBIDDEN = "forbidden"  # PERMISSION_DENIED: a user key acting for another tenant
-REFUSAL_REASONS = (MISSING, MALFORMED, UNKNOWN_KEY, WRONG_SECRET, REVOKED_KEY, BAD_CERT, FORBIDDEN)
+REFUSAL_REASONS = (
+    MISSING,
+    MALFORMED,
+    UNKNOWN_KEY,
+    WRONG_SECRET,
+    REVOKED_KEY,
+    BAD_CERT,
+    UNBOUND_CERT,
+    REVOKED_CERT,
+    FORBIDDEN,
+)
 INVALID_KEY = "the API key is not valid (unknown, revoked or malformed)"
 
 
@@ -155,7 +169,7 @@ def unauthenticated(message: str, reason: str = MISSING) -> Refused:
 
 # -- the key ring document --------------------------------------------------------------------
 def empty_ring() -> dict[str, Any]:
-    return {"version": 1, "keys": {}, "certs": {}, "tenants": {}}
+    return {"version": 1, "keys": {}, "certs": {}, "denied_certs": {}, "tenants": {}}
 
 
 def _hash(secret: str) -> str:
@@ -198,6 +212,25 @@ def bind_cert(ring: dict[str, Any], common_name: str, tenant: str, role: str = U
     ring["certs"][common_name] = {"tenant": tenant, "role": _check_role(role)}
 
 
+def unbind_cert(ring: dict[str, Any], common_name: str) -> bool:
+    """Remove a binding: the name is its own tenant again (or, bound certificates only, refused)."""
+    return ring["certs"].pop(common_name, None) is not None
+
+
+def deny_cert(ring: dict[str, Any], common_name: str) -> bool:
+    """Refuse certificates of this common name, bound or not (rings written before this had no
+    `denied_certs`; servers older than it ignore the entry)."""
+    denied = ring.setdefault("denied_certs", {})
+    if common_name in denied:
+        return False
+    denied[common_name] = {"denied": time.time()}
+    return True
+
+
+def undeny_cert(ring: dict[str, Any], common_name: str) -> bool:
+    return ring.setdefault("denied_certs", {}).pop(common_name, None) is not None
+
+
 def set_quotas(ring: dict[str, Any], tenant: str, **values: Any) -> Quotas:
     validate_tenant(tenant)
     merged = {**ring["tenants"].get(tenant, {}), **{k: v for k, v in values.items() if v is not None}}
@@ -213,11 +246,17 @@ class Ring:
     keys: Mapping[str, Mapping[str, Any]]
     certs: Mapping[str, Mapping[str, str]]
     tenants: Mapping[str, Quotas]
+    denied_certs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Ring:
         tenants = {name: Quotas.from_dict(q) for name, q in raw.get("tenants", {}).items()}
-        return cls(keys=dict(raw.get("keys", {})), certs=dict(raw.get("certs", {})), tenants=tenants)
+        return cls(
+            keys=dict(raw.get("keys", {})),
+            certs=dict(raw.get("certs", {})),
+            tenants=tenants,
+            denied_certs=dict(raw.get("denied_certs", {})),
+        )
 
     def quotas(self, tenant: str) -> Quotas:
         return self.tenants.get(tenant, DEFAULT_QUOTAS)
@@ -247,13 +286,26 @@ class Ring:
             tenant=tenant, role=entry["role"], credential=f"key:{key_id}", quotas=self.quotas(tenant)
         )
 
-    def by_cert(self, common_name: str) -> Principal | None:
+    def check_cert(self, common_name: str, bound_only: bool = False) -> Principal:
+        """The principal of a client certificate the CA signed, by its common name; Refused when
+        the name is denied, unbound where only bound ones are accepted, or names no tenant."""
+        detail = f"common name {common_name!r}"
+        if common_name in self.denied_certs:
+            raise Refused(REVOKED_CERT, "the client certificate was revoked", detail=detail)
         bound = self.certs.get(common_name)
+        if bound is None and bound_only:
+            raise Refused(
+                UNBOUND_CERT,
+                "the client certificate's common name is bound to no tenant on this server",
+                detail=detail,
+            )
         tenant, role = (bound["tenant"], bound["role"]) if bound else (common_name, USER)
         try:
             validate_tenant(tenant)
         except ValueError:
-            return None
+            raise Refused(
+                BAD_CERT, "the client certificate's common name is not a valid tenant name", detail=detail
+            ) from None
         return Principal(
             tenant=tenant, role=role, credential=f"cert:{common_name}", quotas=self.quotas(tenant)
         )
@@ -479,10 +531,12 @@ class Authenticator:
         *,
         store: RingStore | None,
         client_certs: bool,
+        bound_certs_only: bool = False,
         on_refusal: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.client_certs = client_certs
+        self.bound_certs_only = bound_certs_only  # only certificates the ring binds
         self.on_refusal = on_refusal  # counts a refusal by reason (the metric)
         self.refusals = RefusalLog()
         self.ring = EMPTY
@@ -511,7 +565,11 @@ class Authenticator:
                 raise
             self.ring, self._version = ring, version
             log.info(
-                "key ring loaded: %d key(s), %d tenant quota(s)", len(self.ring.keys), len(self.ring.tenants)
+                "key ring loaded: %d key(s), %d certificate binding(s), %d denied, %d tenant quota(s)",
+                len(ring.keys),
+                len(ring.certs),
+                len(ring.denied_certs),
+                len(ring.tenants),
             )
         except Exception as error:
             log.error("could not load the key ring (keeping the last one): %s", error)
@@ -577,10 +635,7 @@ class Authenticator:
         names = auth_context.get("x509_common_name") or []
         if self.client_certs and names:
             name = names[0].decode(errors="replace") if isinstance(names[0], bytes) else str(names[0])
-            principal = self.ring.by_cert(name)
-            if principal is not None:
-                return principal
-            raise unauthenticated("the client certificate's common name is not a valid tenant name", BAD_CERT)
+            return self.ring.check_cert(name, self.bound_certs_only)
         raise unauthenticated(
             "this call needs credentials: an API key (authorization: Bearer ...) or a client certificate"
         )

@@ -99,6 +99,7 @@ def make_auth(settings: Settings, metrics: Metrics | None = None) -> Authenticat
     auth = Authenticator(
         store=store,
         client_certs=settings.tls_client_ca is not None,
+        bound_certs_only=settings.tls_bound_certs_only,
         on_refusal=metrics.on_auth_refusal if metrics is not None else None,
     )
     if not auth.enabled:
@@ -114,7 +115,11 @@ def make_auth(settings: Settings, metrics: Metrics | None = None) -> Authenticat
                 what
                 for what, on in (
                     (f"API keys ({settings.api_keys})", store is not None),
-                    (f"client certificates of {settings.tls_client_ca}", auth.client_certs),
+                    (
+                        f"client certificates of {settings.tls_client_ca}"
+                        + (" bound in the key ring" if settings.tls_bound_certs_only else ""),
+                        auth.client_certs,
+                    ),
                 )
                 if on
             ),

@@ -57,6 +57,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    `talkinghead keys` and service/auth.py
     TALKINGHEAD_TLS_CLIENT_CA     (unset)          PEM CA: TLS clients must present a certificate it
                                                    signed (mTLS); its common name is the tenant
+    TALKINGHEAD_TLS_BOUND_CERTS_ONLY  0            1: accept only client certificates whose common name
+                                                   the key ring binds (`talkinghead keys bind-cert`); 0:
+                                                   any the client CA signed, its common name the tenant
+                                                   (for a CA that signs only this service's clients)
     TALKINGHEAD_ALLOW_UNAUTHENTICATED  0           listen beyond loopback without API keys or client
                                                    certificates (every caller is tenant `default`)
     TALKINGHEAD_REFLECTION        1                gRPC server reflection on (1) or off (0)
@@ -149,6 +153,7 @@ class Settings:
     api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
     tls_client_ca: Path | None = None
     tls_terminated_upstream: bool = False  # TLS ends in a proxy in front: keys may arrive in plaintext
+    tls_bound_certs_only: bool = False  # only client certificates the key ring binds
     allow_unauthenticated: bool = False
     reflection: bool = True
     # Flag-only settings (no environment variable): limits and tuning.
@@ -238,6 +243,11 @@ class Settings:
                 "keys; set TLS_CERT and TLS_KEY, or TLS_TERMINATED_UPSTREAM=1 when a proxy in front of "
                 "this server (a mesh sidecar, a TLS-terminating load balancer) terminates TLS"
             )
+        if self.tls_bound_certs_only and (self.tls_client_ca is None or not self.api_keys):
+            problems.append(
+                "TLS_BOUND_CERTS_ONLY needs client certificates (TLS_CLIENT_CA) and the key ring that "
+                "binds them (API_KEYS)"
+            )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -319,6 +329,7 @@ _ENV_FIELDS = (
     "api_keys",
     "tls_client_ca",
     "tls_terminated_upstream",
+    "tls_bound_certs_only",
     "allow_unauthenticated",
     "reflection",
 )
@@ -448,6 +459,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="TLS ends in a proxy in front (mesh sidecar, TLS load balancer): serve API keys over "
         "plaintext beyond loopback (default off: such a server refuses to start)",
+    )
+    group.add_argument(
+        "--tls-bound-certs-only",
+        action="store_true",
+        default=None,
+        help="accept only client certificates whose common name the key ring binds (default off: any "
+        "the client CA signed, its common name the tenant)",
     )
     group.add_argument(
         "--allow-unauthenticated",

@@ -21,7 +21,10 @@ from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import ServerThread, test_settings
 
 CALLS_EACH = 20
-REASONS = {"missing", "malformed", "unknown_key", "wrong_secret", "revoked_key", "bad_cert", "forbidden"}
+REASONS = {
+    *("missing", "malformed", "unknown_key", "wrong_secret", "revoked_key"),
+    *("bad_cert", "unbound_cert", "revoked_cert", "forbidden"),
+}
 
 
 @pytest.fixture(scope="module")
