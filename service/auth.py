@@ -19,7 +19,10 @@ any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials
   server refuses to listen on anything but loopback unless TALKINGHEAD_ALLOW_UNAUTHENTICATED is set.
 
 `AuthInterceptor` refuses a call without valid credentials before its request message is read
-(UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. grpc.health.v1 stays open for
+(UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. A call that streams its replies
+(Animate, WatchOperation: long-lived) is watched by a `CallGuard` while it runs: when a ring
+reload revokes its key, denies or unbinds its certificate, it ends UNAUTHENTICATED ("the API key
+was revoked") right after that reload, at no cost per frame. grpc.health.v1 stays open for
 probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION). Every refusal is a
 `Refused` with a reason of REFUSAL_REASONS: counted by reason (talkinghead_auth_failures_total) and
 logged at WARNING with the peer's address by `RefusalLog`, which bounds the lines a flood makes.
@@ -32,10 +35,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import math
@@ -43,7 +48,7 @@ import os
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -539,6 +544,7 @@ class Authenticator:
         self.bound_certs_only = bound_certs_only  # only certificates the ring binds
         self.on_refusal = on_refusal  # counts a refusal by reason (the metric)
         self.refusals = RefusalLog()
+        self._guards: set[CallGuard] = set()  # long-lived calls running (CallGuard)
         self.ring = EMPTY
         self._version: object = object()
         self._broken: object = object()  # the version that would not load
@@ -579,7 +585,10 @@ class Authenticator:
         while True:
             await asyncio.sleep(REFRESH_S)
             if self.store is not None:
+                ring = self.ring
                 await loop.run_in_executor(None, self.refresh)
+                if self.ring is not ring:
+                    self.check_guarded()
             self.refusals.flush()
 
     def start(self) -> None:
@@ -589,6 +598,53 @@ class Authenticator:
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+
+    def revoked(self, principal: Principal) -> Refused | None:
+        """Why a call's credential no longer holds in the current ring, None while it does: its key
+        revoked (or gone), its certificate denied, unbound where only bound ones count, or bound
+        now to another tenant or role. A few dict lookups."""
+        kind, _, name = principal.credential.partition(":")
+        if kind == "key":
+            entry = self.ring.keys.get(name)
+            if entry is None or entry.get("revoked"):
+                return Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {name}")
+        elif kind == "cert":
+            try:
+                now = self.ring.check_cert(name, self.bound_certs_only)
+            except Refused as error:
+                return error
+            if now.role != principal.role or (not principal.admin and now.tenant != principal.tenant):
+                return Refused(
+                    REVOKED_CERT,
+                    "the client certificate's binding was removed or changed",
+                    detail=f"common name {name!r}",
+                )
+        return None
+
+    def guard(self, context: grpc.aio.ServicerContext, method: str, *, cancel: bool) -> CallGuard | None:
+        """Watch the running call's credential until `unguard` (None: nothing to watch, or the call
+        will be refused by its handler)."""
+        try:
+            principal = self.authenticate(context.invocation_metadata() or (), context.auth_context())
+        except ServiceError:
+            return None
+        if principal.credential == ANONYMOUS.credential:
+            return None
+        guard = CallGuard(principal=principal, peer=context.peer(), method=method, cancel=cancel)
+        self._guards.add(guard)
+        return guard
+
+    def unguard(self, guard: CallGuard) -> None:
+        self._guards.discard(guard)
+
+    def check_guarded(self) -> None:
+        """End the watched calls whose credential the ring (just reloaded) no longer accepts."""
+        for guard in list(self._guards):
+            error = self.revoked(guard.principal)
+            if error is not None:
+                self._guards.discard(guard)
+                self.refused(error, guard.peer, guard.method)
+                guard.fire(error)
 
     def refused(self, error: Refused, peer: str, method: str = "") -> None:
         """Count a refusal (talkinghead_auth_failures_total by reason) and log it (rate-limited)."""
@@ -641,6 +697,46 @@ class Authenticator:
         )
 
 
+_GUARD: contextvars.ContextVar[CallGuard | None] = contextvars.ContextVar("call_guard", default=None)
+_END = object()  # a reply stream's end (_next)
+
+
+class CallGuard:
+    """One long-lived call whose credential is watched (Authenticator.guard). When the ring revokes
+    it, `fire` resolves `revoked` and, with `cancel`, cancels the call's task once: the handler
+    ends where it waits, and `revoked_call()` (or the interceptor) turns that cancel into the
+    UNAUTHENTICATED status."""
+
+    def __init__(self, *, principal: Principal, peer: str, method: str, cancel: bool) -> None:
+        self.principal, self.peer, self.method = principal, peer, method
+        self.task = asyncio.current_task() if cancel else None
+        self.revoked: asyncio.Future[Refused] = asyncio.get_running_loop().create_future()
+        self._taken = False
+
+    def fire(self, error: Refused) -> None:
+        if self.revoked.done():
+            return
+        self.revoked.set_result(error)
+        if self.task is not None:
+            self.task.cancel()
+
+    def taken(self) -> Refused | None:
+        """In the call's `except CancelledError`: the revocation, when it alone cancelled the task
+        (the cancel is taken back, once); None when the call itself was cancelled."""
+        if self._taken or not self.revoked.done() or self.task is None or self.task.cancelling() != 1:
+            return None
+        self._taken = True
+        self.task.uncancel()
+        return self.revoked.result()
+
+
+def revoked_call() -> Refused | None:
+    """In a guarded call's `except asyncio.CancelledError`: why its credential was revoked (the
+    cancel taken back: end the call with this error's status), or None (re-raise)."""
+    guard = _GUARD.get()
+    return guard.taken() if guard is not None else None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuse unauthenticated calls before their request is read.
 
@@ -662,11 +758,75 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             if self.auth.check_token(metadata) is None and not self.auth.client_certs:
                 raise unauthenticated("this call needs credentials: an API key (authorization: Bearer ...)")
-        except Refused as error:
-            return _refusal(
-                error.with_traceback(None), self.auth, method
-            )  # the call keeps it, not its frames
-        return await continuation(handler_call_details)
+        except Refused as error:  # (kept by the call: without its traceback's frames)
+            return _refusal(error.with_traceback(None), self.auth, method)
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler  # one reply: the credential was good when it was asked
+        return _guarded(handler, self.auth, method)
+
+
+def _guarded(handler: grpc.RpcMethodHandler, auth: Authenticator, method: str) -> grpc.RpcMethodHandler:
+    """The handler of a call that streams its replies, ended UNAUTHENTICATED when its credential is
+    revoked while it runs: a coroutine (it writes its replies) by cancelling its task, an async
+    generator by ending the wait for its next reply."""
+    kind = "stream_stream" if handler.request_streaming else "unary_stream"
+    behavior = getattr(handler, kind)
+
+    async def writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        guard = auth.guard(context, method, cancel=True)
+        if guard is None:
+            return await behavior(request, context)
+        token = _GUARD.set(guard)
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            error = guard.taken()
+            if error is None:
+                raise
+        finally:
+            _GUARD.reset(token)
+            auth.unguard(guard)
+        await context.abort(error.code, error.message)
+
+    async def yields(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        guard = auth.guard(context, method, cancel=False)
+        replies = behavior(request, context)
+        try:
+            while True:
+                if guard is None:
+                    reply = await _next(replies)
+                else:  # the next reply, or the revocation, whichever comes first
+                    step = asyncio.ensure_future(_next(replies))
+                    try:
+                        await asyncio.wait((step, guard.revoked), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not step.done():  # revoked, or the call cancelled: stop the generator
+                            step.cancel()
+                            await asyncio.gather(step, return_exceptions=True)
+                    if step.cancelled():
+                        break
+                    reply = step.result()
+                if reply is _END:
+                    return
+                yield reply
+        finally:
+            if guard is not None:
+                auth.unguard(guard)
+            await replies.aclose()
+        assert guard is not None
+        error = guard.revoked.result()
+        await context.abort(error.code, error.message)
+
+    wrapped = yields if inspect.isasyncgenfunction(behavior) else writes
+    return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]  # a namedtuple
+
+
+async def _next(replies: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(replies)
+    except StopAsyncIteration:
+        return _END
 
 
 def _refusal(error: Refused, auth: Authenticator, method: str) -> grpc.RpcMethodHandler:

@@ -2,7 +2,9 @@
 service/auth.py).
 
 The ring is the file or Redis key the server reads (TALKINGHEAD_API_KEYS); a running server sees a
-change within a second or two. `issue` prints the key once: only its SHA-256 is kept.
+change within a second or two: a revoked key, or a denied or unbound certificate, is refused and
+the streams it has open (Animate, WatchOperation) end UNAUTHENTICATED. `issue` prints the key
+once: only its SHA-256 is kept.
 
 examples:
   talkinghead keys issue --tenant acme                  # prints thk_..., give it to acme
@@ -73,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--common-name", required=True)
     p = sub.add_parser(
         "deny-cert",
-        help="revoke client certificates of a common name, bound or not: its calls are refused "
-        "UNAUTHENTICATED within a second or two",
+        help="revoke client certificates of a common name, bound or not: its new calls are refused "
+        "and its open streams end UNAUTHENTICATED within a second or two",
     )
     p.add_argument("common_name")
     p = sub.add_parser("undeny-cert", help="accept a denied common name again")

@@ -189,7 +189,8 @@ class Metrics:
         )
         self.auth_failures = Counter(
             "talkinghead_auth_failures_total",
-            "Calls refused UNAUTHENTICATED or PERMISSION_DENIED for their credentials, by reason: "
+            "Calls refused UNAUTHENTICATED or PERMISSION_DENIED for their credentials, and open "
+            "streams ended because theirs were revoked, by reason: "
             "missing, malformed, unknown_key, wrong_secret, revoked_key, bad_cert, unbound_cert, "
             "revoked_cert, forbidden (service/auth.py)",
             ["reason"],

@@ -1,5 +1,6 @@
 """gRPC servicers: protobuf <-> App operations. Requests arrive parsed and failures become statuses
-in service/wire.py; Animate sets its own (it frees its stream slot first)."""
+in service/wire.py; Animate sets its own (it frees its stream slot first), UNAUTHENTICATED too when
+the key ring revokes its credential while it runs (service/auth.py CallGuard)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, av
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
 from service.app import App, actor_of, public_id
-from service.auth import Principal, Refused
+from service.auth import Principal, Refused, revoked_call
 from service.errors import idle, precondition, stalled_reader
 from service.store import AvatarRecord
 from service.stream import Stream, next_request
@@ -129,8 +130,11 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             async for response in stream.replies():
                 await writes.write(context, response)
         except asyncio.CancelledError:
-            failure = (grpc.StatusCode.CANCELLED, "", ())
-            raise
+            revoked = revoked_call()  # the key ring revoked its credential (service/auth.py CallGuard)
+            if revoked is None:
+                failure = (grpc.StatusCode.CANCELLED, "", ())
+                raise
+            failure = (revoked.code, revoked.message, ())
         except grpc.aio.AbortError:
             raise
         except ClientGone:  # it cancelled or hung up, and a write found out: no fault (no ERROR)

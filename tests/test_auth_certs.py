@@ -1,6 +1,6 @@
 """Client certificates an operator can take back: `talkinghead keys deny-cert` refuses a common name
-(bound or not), `unbind-cert` removes a binding, and TALKINGHEAD_TLS_BOUND_CERTS_ONLY accepts only
-bound names, on a running mTLS server.
+(bound or not), `unbind-cert` removes a binding (a stream open under it ends), and
+TALKINGHEAD_TLS_BOUND_CERTS_ONLY accepts only bound names, on a running mTLS server.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from client.library import Client
+from client.library import Client, landmark_requests
 from service.auth import FileRing, bind_cert
 from service.settings import Settings
 from tests.service_fixtures import *  # noqa: F403
@@ -68,14 +68,14 @@ def start_mtls(model_repository: Path, folder: Path, names: list[str], **setting
         **settings,
     )
     server = ServerThread(settings=config)
+    server.wait_ready()
     return Mtls(server, ring, folder, {name: _leaf(folder, name, clients_ca) for name in names})
 
 
 @pytest.fixture(scope="module")
 def mtls(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mtls]:
-    running = start_mtls(
-        model_repository, tmp_path_factory.mktemp("mtls"), ["acme", "studio-01", "studio-02"]
-    )
+    names = ["acme", "studio-01", "studio-02", "studio-03"]
+    running = start_mtls(model_repository, tmp_path_factory.mktemp("mtls"), names)
     with running.client("acme") as acme:
         acme.create_avatar("cert-made", [PORTRAIT], consent=CONSENT)
     yield running
@@ -124,6 +124,22 @@ def test_an_unbound_common_name_is_its_own_tenant_again(mtls: Mtls) -> None:
             "no avatar with id 'cert-made'",
         )
         assert mtls.keys("unbind-cert", "--common-name", "studio-02").returncode == 1  # nothing to unbind
+
+
+def test_an_open_stream_ends_when_its_certificate_is_unbound(mtls: Mtls, driver) -> None:
+    with mtls.client("studio-03") as studio:
+        frames = studio.animate("cert-made", landmark_requests(driver, pace=True), motion="relative")
+        for _ in range(3):
+            next(frames)  # streaming acme's avatar, as acme
+        assert mtls.keys("unbind-cert", "--common-name", "studio-03").returncode == 0
+        unbound = time.monotonic()
+        with pytest.raises(grpc.RpcError) as stopped:
+            for _ in frames:
+                pass
+        took = time.monotonic() - unbound
+    assert stopped.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stopped.value.details() == "the client certificate's binding was removed or changed"
+    assert took <= 3.0, took  # the ring is reread every second (before: the stream went on as acme)
 
 
 def test_bound_certificates_only_refuses_an_unbound_common_name(
