@@ -31,7 +31,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_BACKEND_TIMEOUT   5                seconds each model call (generate, embed) may take;
                                                    then it is cut and answered UNAVAILABLE
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
-    TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
+    TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS (the
+                                                   files, and TLS_CLIENT_CA, are reread when they change:
+                                                   a renewed certificate serves new connections)
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
     TALKINGHEAD_TLS_TERMINATED_UPSTREAM  0         1: TLS ends in front of this server (a mesh sidecar, a
                                                    TLS-terminating load balancer), so API keys (and
