@@ -17,6 +17,7 @@ any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials
   name (bound or not) until `keys undeny-cert`. A bearer key, when also sent, wins.
 - Neither configured: every caller is the implicit tenant `default` with the admin role, and the
   server refuses to listen on anything but loopback unless TALKINGHEAD_ALLOW_UNAUTHENTICATED is set.
+  Beyond loopback API keys also need TLS, here or in front (service/settings.py).
 
 `AuthInterceptor` refuses a call without valid credentials before its request message is read
 (UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. A call that streams its replies
@@ -27,8 +28,9 @@ probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION). Every
 `Refused` with a reason of REFUSAL_REASONS: counted by reason (talkinghead_auth_failures_total) and
 logged at WARNING with the peer's address by `RefusalLog`, which bounds the lines a flood makes.
 
-The ring also holds per-tenant quotas (`talkinghead keys quota`); tenants without an entry get
-DEFAULT_QUOTAS. service/quota.py enforces them.
+The ring also holds per-tenant quotas (`talkinghead keys quota`; finite numbers >= 0, else the
+ring is not loaded); tenants without an entry get DEFAULT_QUOTAS. service/quota.py enforces them
+as the current ring says (`Authenticator.quotas`), for streams already open too.
 """
 
 from __future__ import annotations

@@ -91,6 +91,10 @@ def test_a_watched_operation_ends_when_its_key_is_revoked(keyed) -> None:
     time.sleep(2.5)
     with Client(target=server.address, api_key=token) as globex:
         globex.create_avatar("watched", [PORTRAIT], consent=CONSENT, replace=True)
+        cancelled = globex.personalise("watched")
+        globex.cancel_operation(cancelled.name)
+        updates = list(globex.watch_operation(cancelled.name))  # a watch of a valid key ends as before
+        assert updates and updates[-1].done
         operation = globex.personalise("watched")  # no worker here: it stays queued
         seen: list[object] = []
         failure: list[grpc.RpcError] = []
