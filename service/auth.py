@@ -12,33 +12,45 @@ any tenant by sending the metadata `x-talkinghead-tenant: <tenant>`. Credentials
   rereads it every REFRESH_S seconds, so a revoked key stops working within that time.
 - mTLS client certificates (TALKINGHEAD_TLS_CLIENT_CA): the TLS handshake requires a certificate
   that CA signed; the subject's common name is the tenant (role user) unless the ring binds that
-  name to another tenant or role (`talkinghead keys bind-cert`). A bearer key, when also sent, wins.
+  name to another tenant or role (`talkinghead keys bind-cert`, `unbind-cert`). With
+  TALKINGHEAD_TLS_BOUND_CERTS_ONLY only bound names are accepted. `keys deny-cert` revokes a common
+  name (bound or not) until `keys undeny-cert`. A bearer key, when also sent, wins.
 - Neither configured: every caller is the implicit tenant `default` with the admin role, and the
   server refuses to listen on anything but loopback unless TALKINGHEAD_ALLOW_UNAUTHENTICATED is set.
+  Beyond loopback API keys also need TLS, here or in front (service/settings.py).
 
 `AuthInterceptor` refuses a call without valid credentials before its request message is read
-(UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. grpc.health.v1 stays open for
-probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION).
+(UNAUTHENTICATED), so a stranger's 60 MB upload costs nothing. A call that streams its replies
+(Animate, WatchOperation: long-lived) is watched by a `CallGuard` while it runs: when a ring
+reload revokes its key, denies or unbinds its certificate, it ends UNAUTHENTICATED ("the API key
+was revoked") right after that reload, at no cost per frame. grpc.health.v1 stays open for
+probes, and server reflection too while it is on (TALKINGHEAD_REFLECTION). Every refusal is a
+`Refused` with a reason of REFUSAL_REASONS: counted by reason (talkinghead_auth_failures_total) and
+logged at WARNING with the peer's address by `RefusalLog`, which bounds the lines a flood makes.
 
-The ring also holds per-tenant quotas (`talkinghead keys quota`); tenants without an entry get
-DEFAULT_QUOTAS. service/quota.py enforces them.
+The ring also holds per-tenant quotas (`talkinghead keys quota`; finite numbers >= 0, else the
+ring is not loaded); tenants without an entry get DEFAULT_QUOTAS. service/quota.py enforces them
+as the current ring says (`Authenticator.quotas`), for streams already open too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import hashlib
 import hmac
+import inspect
 import json
 import logging
+import math
 import os
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +66,8 @@ ROLES = (USER, ADMIN)
 TOKEN_PREFIX = "thk_"
 TENANT_HEADER = "x-talkinghead-tenant"
 REFRESH_S = 1.0
+REFUSAL_LOG_EVERY_S = 10.0  # at most one refusal line per peer address in this time (RefusalLog)
+REFUSAL_LOG_MAX_LINES = 50  # and at most these many in all
 REDIS_KEY = "talkinghead:keyring"
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -75,10 +89,20 @@ class Quotas:
             raise ValueError(
                 f"unknown quota(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(names))}"
             )
-        values = {k: type(getattr(cls(), k))(v) for k, v in raw.items()}
-        if any(v < 0 for v in values.values()):
-            raise ValueError("quotas must be >= 0 (0 = no limit)")
-        return cls(**values)
+        return cls(**{name: _quota(name, value) for name, value in raw.items()})
+
+
+def _quota(name: str, value: Any) -> Any:
+    """One quota value, as its field's type: a finite number >= 0. NaN or infinity would pass any
+    `< 0` check and then grant everything (a bucket of rate NaN never runs dry)."""
+    kind = type(getattr(DEFAULT_QUOTAS, name))
+    try:
+        number = float(value)
+        if isinstance(value, bool) or not math.isfinite(number) or number < 0:
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"quota {name} must be a finite number >= 0 (0 = no limit), got {value!r}") from None
 
 
 DEFAULT_QUOTAS = Quotas()
@@ -104,13 +128,55 @@ class Principal:
 ANONYMOUS = Principal(tenant=DEFAULT_TENANT, role=ADMIN, credential="none", quotas=UNLIMITED)
 
 
-def unauthenticated(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAUTHENTICATED, message)
+# Why a call was refused for its credentials: talkinghead_auth_failures_total's `reason` (a fixed
+# set; never the key, the tenant or the peer) and the refusal log's.
+MISSING = "missing"  # no API key, and no client certificate where one would do
+MALFORMED = "malformed"  # an authorization header that is not `Bearer thk_<key id>_<secret>`
+UNKNOWN_KEY = "unknown_key"  # no such key id in the ring
+WRONG_SECRET = "wrong_secret"  # a key id of the ring with another secret (a forged key)
+REVOKED_KEY = "revoked_key"  # a revoked key (also: an open call whose key was revoked)
+BAD_CERT = "bad_cert"  # a client certificate whose common name names no tenant
+UNBOUND_CERT = "unbound_cert"  # one the ring does not bind, where only bound ones are accepted
+REVOKED_CERT = "revoked_cert"  # a denied common name (`keys deny-cert`)
+FORBIDDEN = "forbidden"  # PERMISSION_DENIED: a user key acting for another tenant
+REFUSAL_REASONS = (
+    MISSING,
+    MALFORMED,
+    UNKNOWN_KEY,
+    WRONG_SECRET,
+    REVOKED_KEY,
+    BAD_CERT,
+    UNBOUND_CERT,
+    REVOKED_CERT,
+    FORBIDDEN,
+)
+INVALID_KEY = "the API key is not valid (unknown, revoked or malformed)"
+
+
+class Refused(ServiceError):
+    """A call refused for its credentials: UNAUTHENTICATED (or PERMISSION_DENIED), and why (one of
+    REFUSAL_REASONS) for the metric and the log; `detail` is what the log adds (never a secret)."""
+
+    def __init__(
+        self,
+        reason: str,
+        message: str,
+        *,
+        detail: str = "",
+        code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+    ) -> None:
+        super().__init__(code, message)
+        self.reason = reason
+        self.detail = detail
+
+
+def unauthenticated(message: str, reason: str = MISSING) -> Refused:
+    return Refused(reason, message)
 
 
 # -- the key ring document --------------------------------------------------------------------
 def empty_ring() -> dict[str, Any]:
-    return {"version": 1, "keys": {}, "certs": {}, "tenants": {}}
+    return {"version": 1, "keys": {}, "certs": {}, "denied_certs": {}, "tenants": {}}
 
 
 def _hash(secret: str) -> str:
@@ -153,6 +219,25 @@ def bind_cert(ring: dict[str, Any], common_name: str, tenant: str, role: str = U
     ring["certs"][common_name] = {"tenant": tenant, "role": _check_role(role)}
 
 
+def unbind_cert(ring: dict[str, Any], common_name: str) -> bool:
+    """Remove a binding: the name is its own tenant again (or, bound certificates only, refused)."""
+    return ring["certs"].pop(common_name, None) is not None
+
+
+def deny_cert(ring: dict[str, Any], common_name: str) -> bool:
+    """Refuse certificates of this common name, bound or not (rings written before this had no
+    `denied_certs`; servers older than it ignore the entry)."""
+    denied = ring.setdefault("denied_certs", {})
+    if common_name in denied:
+        return False
+    denied[common_name] = {"denied": time.time()}
+    return True
+
+
+def undeny_cert(ring: dict[str, Any], common_name: str) -> bool:
+    return ring.setdefault("denied_certs", {}).pop(common_name, None) is not None
+
+
 def set_quotas(ring: dict[str, Any], tenant: str, **values: Any) -> Quotas:
     validate_tenant(tenant)
     merged = {**ring["tenants"].get(tenant, {}), **{k: v for k, v in values.items() if v is not None}}
@@ -168,36 +253,66 @@ class Ring:
     keys: Mapping[str, Mapping[str, Any]]
     certs: Mapping[str, Mapping[str, str]]
     tenants: Mapping[str, Quotas]
+    denied_certs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Ring:
         tenants = {name: Quotas.from_dict(q) for name, q in raw.get("tenants", {}).items()}
-        return cls(keys=dict(raw.get("keys", {})), certs=dict(raw.get("certs", {})), tenants=tenants)
+        return cls(
+            keys=dict(raw.get("keys", {})),
+            certs=dict(raw.get("certs", {})),
+            tenants=tenants,
+            denied_certs=dict(raw.get("denied_certs", {})),
+        )
 
     def quotas(self, tenant: str) -> Quotas:
         return self.tenants.get(tenant, DEFAULT_QUOTAS)
 
     def by_token(self, token: str) -> Principal | None:
-        if not token.startswith(TOKEN_PREFIX):
+        try:
+            return self.check_token(token)
+        except Refused:
             return None
+
+    def check_token(self, token: str) -> Principal:
+        """The key's principal; Refused (saying why) when it is not a valid key of this ring."""
+        if not token.startswith(TOKEN_PREFIX):
+            raise Refused(MALFORMED, INVALID_KEY)
         key_id, _, secret = token[len(TOKEN_PREFIX) :].partition("_")
         entry = self.keys.get(key_id)
-        if entry is None or entry.get("revoked") or not secret:
-            return None
+        if not key_id or not secret:
+            raise Refused(MALFORMED, INVALID_KEY)
+        if entry is None:
+            raise Refused(UNKNOWN_KEY, INVALID_KEY)
         if not hmac.compare_digest(entry["sha256"], _hash(secret)):
-            return None
+            raise Refused(WRONG_SECRET, INVALID_KEY, detail=f"key {key_id}")
+        if entry.get("revoked"):  # only once the secret is right: a stranger learns nothing
+            raise Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {key_id}")
         tenant = entry["tenant"]
         return Principal(
             tenant=tenant, role=entry["role"], credential=f"key:{key_id}", quotas=self.quotas(tenant)
         )
 
-    def by_cert(self, common_name: str) -> Principal | None:
+    def check_cert(self, common_name: str, bound_only: bool = False) -> Principal:
+        """The principal of a client certificate the CA signed, by its common name; Refused when
+        the name is denied, unbound where only bound ones are accepted, or names no tenant."""
+        detail = f"common name {common_name!r}"
+        if common_name in self.denied_certs:
+            raise Refused(REVOKED_CERT, "the client certificate was revoked", detail=detail)
         bound = self.certs.get(common_name)
+        if bound is None and bound_only:
+            raise Refused(
+                UNBOUND_CERT,
+                "the client certificate's common name is bound to no tenant on this server",
+                detail=detail,
+            )
         tenant, role = (bound["tenant"], bound["role"]) if bound else (common_name, USER)
         try:
             validate_tenant(tenant)
         except ValueError:
-            return None
+            raise Refused(
+                BAD_CERT, "the client certificate's common name is not a valid tenant name", detail=detail
+            ) from None
         return Principal(
             tenant=tenant, role=role, credential=f"cert:{common_name}", quotas=self.quotas(tenant)
         )
@@ -316,14 +431,125 @@ def _header(metadata: Iterable[tuple[str, Any]], name: str) -> str | None:
     return None
 
 
+def peer_address(peer: str) -> str:
+    """A gRPC peer without its port (`ipv4:10.0.0.7:51234` -> `ipv4:10.0.0.7`): a flood from one
+    machine comes from many ports."""
+    kind, _, rest = peer.partition(":")
+    address, colon, port = rest.rpartition(":")
+    return f"{kind}:{address}" if kind in ("ipv4", "ipv6") and colon and port.isdigit() else peer
+
+
+@dataclass
+class _Peer:
+    logged: float  # clock() of its last line
+    unlogged: dict[str, int] = dataclasses.field(default_factory=dict)  # reason -> refusals since
+
+
+class RefusalLog:
+    """WARNING lines for refused credentials, so that a flood cannot fill the log: at most one line
+    per peer address per `every_s` seconds, and at most `max_lines` lines in all per `every_s`.
+    What is not logged is counted, and said (with the reasons) by the address's next line or by
+    `flush()` (the key-ring task calls it every second) once its `every_s` is over. At most
+    `max_peers` addresses are remembered; refusals from more at once are counted together."""
+
+    def __init__(
+        self,
+        *,
+        every_s: float = REFUSAL_LOG_EVERY_S,
+        max_lines: int = REFUSAL_LOG_MAX_LINES,
+        max_peers: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.every_s, self.max_lines, self.max_peers, self.clock = every_s, max_lines, max_peers, clock
+        self._peers: dict[str, _Peer] = {}
+        self._window = -math.inf  # clock() when the current window of max_lines began
+        self._lines = 0  # lines in it
+        self._others: dict[str, int] = {}  # reason -> refusals not logged for want of lines or room
+
+    def record(self, error: Refused, peer: str, method: str) -> None:
+        now = self.clock()
+        address = peer_address(peer)
+        seen = self._peers.get(address)
+        if seen is not None and now - seen.logged < self.every_s:
+            _count(seen.unlogged, error.reason)
+            return
+        if not self._line_available(now) or (seen is None and not self._room(now)):
+            _count(self._others, error.reason)
+            return
+        unlogged = seen.unlogged if seen is not None else {}
+        self._peers[address] = _Peer(logged=now)
+        detail = f" ({error.detail})" if error.detail else ""
+        log.warning(
+            "refused %s from %s: %s%s: %s%s",
+            method or "a call",
+            peer,
+            error.reason,
+            detail,
+            error.message,
+            f"; and {_said(unlogged)} from {address} not logged since" if unlogged else "",
+        )
+
+    def flush(self) -> None:
+        """Say what was not logged, of addresses whose `every_s` is over; forget quiet ones."""
+        now = self.clock()
+        for address, seen in list(self._peers.items()):
+            if now - seen.logged < self.every_s:
+                continue
+            if seen.unlogged:
+                log.warning(
+                    "refused %s from %s in the last %.0f s", _said(seen.unlogged), address, now - seen.logged
+                )
+                self._peers[address] = _Peer(logged=now)
+            else:
+                del self._peers[address]
+        if self._others and now - self._window >= self.every_s:
+            log.warning(
+                "refused %s from addresses over the log's limit, not logged one by one", _said(self._others)
+            )
+            self._others = {}
+
+    def _line_available(self, now: float) -> bool:
+        if now - self._window >= self.every_s:
+            self._window, self._lines = now, 0
+        self._lines += 1
+        return self._lines <= self.max_lines
+
+    def _room(self, now: float) -> bool:
+        if len(self._peers) >= self.max_peers:
+            self.flush()
+        return len(self._peers) < self.max_peers
+
+
+def _count(counts: dict[str, int], reason: str) -> None:
+    counts[reason] = counts.get(reason, 0) + 1
+
+
+def _said(counts: Mapping[str, int]) -> str:
+    """{"unknown_key": 40, "missing": 2} -> "42 more call(s) (unknown_key 40, missing 2)"."""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    return f"{sum(counts.values())} more call(s) ({reasons})"
+
+
 class Authenticator:
     """Turns a call's metadata (and verified client certificate) into a Principal."""
 
-    def __init__(self, *, store: RingStore | None, client_certs: bool) -> None:
+    def __init__(
+        self,
+        *,
+        store: RingStore | None,
+        client_certs: bool,
+        bound_certs_only: bool = False,
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
         self.store = store
         self.client_certs = client_certs
+        self.bound_certs_only = bound_certs_only  # only certificates the ring binds
+        self.on_refusal = on_refusal  # counts a refusal by reason (the metric)
+        self.refusals = RefusalLog()
+        self._guards: set[CallGuard] = set()  # long-lived calls running (CallGuard)
         self.ring = EMPTY
         self._version: object = object()
+        self._broken: object = object()  # the version that would not load
         self._task: asyncio.Task[None] | None = None
         if store is not None:
             self.refresh()
@@ -338,12 +564,20 @@ class Authenticator:
             return
         try:
             version = self.store.version()
-            if version == self._version:
+            if version in (self._version, self._broken):
                 return
-            self.ring = Ring.parse(self.store.load())
-            self._version = version
+            try:
+                ring = Ring.parse(self.store.load())
+            except ValueError:  # said once for this version; tried again when it changes
+                self._broken = version
+                raise
+            self.ring, self._version = ring, version
             log.info(
-                "key ring loaded: %d key(s), %d tenant quota(s)", len(self.ring.keys), len(self.ring.tenants)
+                "key ring loaded: %d key(s), %d certificate binding(s), %d denied, %d tenant quota(s)",
+                len(ring.keys),
+                len(ring.certs),
+                len(ring.denied_certs),
+                len(ring.tenants),
             )
         except Exception as error:
             log.error("could not load the key ring (keeping the last one): %s", error)
@@ -352,25 +586,80 @@ class Authenticator:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(REFRESH_S)
-            await loop.run_in_executor(None, self.refresh)
+            if self.store is not None:
+                ring = self.ring
+                await loop.run_in_executor(None, self.refresh)
+                if self.ring is not ring:
+                    self.check_guarded()
+            self.refusals.flush()
 
     def start(self) -> None:
-        if self.store is not None:
+        if self.enabled:
             self._task = asyncio.create_task(self.run(), name="key-ring")
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
 
+    def revoked(self, principal: Principal) -> Refused | None:
+        """Why a call's credential no longer holds in the current ring, None while it does: its key
+        revoked (or gone), its certificate denied, unbound where only bound ones count, or bound
+        now to another tenant or role. A few dict lookups."""
+        kind, _, name = principal.credential.partition(":")
+        if kind == "key":
+            entry = self.ring.keys.get(name)
+            if entry is None or entry.get("revoked"):
+                return Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {name}")
+        elif kind == "cert":
+            try:
+                now = self.ring.check_cert(name, self.bound_certs_only)
+            except Refused as error:
+                return error
+            if now.role != principal.role or (not principal.admin and now.tenant != principal.tenant):
+                return Refused(
+                    REVOKED_CERT,
+                    "the client certificate's binding was removed or changed",
+                    detail=f"common name {name!r}",
+                )
+        return None
+
+    def guard(self, context: grpc.aio.ServicerContext, method: str, *, cancel: bool) -> CallGuard | None:
+        """Watch the running call's credential until `unguard` (None: nothing to watch, or the call
+        will be refused by its handler)."""
+        try:
+            principal = self.authenticate(context.invocation_metadata() or (), context.auth_context())
+        except ServiceError:
+            return None
+        if principal.credential == ANONYMOUS.credential:
+            return None
+        guard = CallGuard(principal=principal, peer=context.peer(), method=method, cancel=cancel)
+        self._guards.add(guard)
+        return guard
+
+    def unguard(self, guard: CallGuard) -> None:
+        self._guards.discard(guard)
+
+    def check_guarded(self) -> None:
+        """End the watched calls whose credential the ring (just reloaded) no longer accepts."""
+        for guard in list(self._guards):
+            error = self.revoked(guard.principal)
+            if error is not None:
+                self._guards.discard(guard)
+                self.refused(error, guard.peer, guard.method)
+                guard.fire(error)
+
+    def refused(self, error: Refused, peer: str, method: str = "") -> None:
+        """Count a refusal (talkinghead_auth_failures_total by reason) and log it (rate-limited)."""
+        if self.on_refusal is not None:
+            self.on_refusal(error.reason)
+        self.refusals.record(error, peer, method)
+
     def check_token(self, metadata: Iterable[tuple[str, Any]]) -> Principal | None:
-        """The key's principal; None when no key was sent; ServiceError when one was sent but is bad."""
+        """The key's principal; None when no key was sent; Refused when one was sent but is bad."""
         token = bearer(metadata)
         if token is None:
             return None
-        principal = self.ring.by_token(token) if self.store is not None else None
-        if principal is None:
-            raise unauthenticated("the API key is not valid (unknown, revoked or malformed)")
-        return principal
+        return self.ring.check_token(token)  # without a ring (no API keys) every key is unknown
 
     def authenticate(self, metadata: Iterable[tuple[str, Any]], auth_context: Mapping[str, Any]) -> Principal:
         metadata = list(metadata)
@@ -382,27 +671,72 @@ class Authenticator:
         if acting is None or acting == principal.tenant:
             return principal
         if not principal.admin:
-            raise ServiceError(
-                grpc.StatusCode.PERMISSION_DENIED, f"only the admin role may send {TENANT_HEADER}"
+            raise Refused(
+                FORBIDDEN,
+                f"only the admin role may send {TENANT_HEADER}",
+                detail=f"{principal.credential} of tenant {principal.tenant}",
+                code=grpc.StatusCode.PERMISSION_DENIED,
             )
         try:
             validate_tenant(acting)
         except ValueError as error:
             raise ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"{TENANT_HEADER}: {error}") from None
-        quotas = self.ring.quotas(acting) if self.enabled else UNLIMITED
-        return Principal(tenant=acting, role=principal.role, credential=principal.credential, quotas=quotas)
+        return Principal(
+            tenant=acting, role=principal.role, credential=principal.credential, quotas=self.quotas(acting)
+        )
+
+    def quotas(self, tenant: str) -> Quotas:
+        """The tenant's quotas as the ring says now (a dict lookup; unlimited without authentication)."""
+        return self.ring.quotas(tenant) if self.enabled else UNLIMITED
 
     def _from_cert(self, auth_context: Mapping[str, Any]) -> Principal:
         names = auth_context.get("x509_common_name") or []
         if self.client_certs and names:
             name = names[0].decode(errors="replace") if isinstance(names[0], bytes) else str(names[0])
-            principal = self.ring.by_cert(name)
-            if principal is not None:
-                return principal
-            raise unauthenticated("the client certificate's common name is not a valid tenant name")
+            return self.ring.check_cert(name, self.bound_certs_only)
         raise unauthenticated(
             "this call needs credentials: an API key (authorization: Bearer ...) or a client certificate"
         )
+
+
+_GUARD: contextvars.ContextVar[CallGuard | None] = contextvars.ContextVar("call_guard", default=None)
+_END = object()  # a reply stream's end (_next)
+
+
+class CallGuard:
+    """One long-lived call whose credential is watched (Authenticator.guard). When the ring revokes
+    it, `fire` resolves `revoked` and, with `cancel`, cancels the call's task once: the handler
+    ends where it waits, and `revoked_call()` (or the interceptor) turns that cancel into the
+    UNAUTHENTICATED status."""
+
+    def __init__(self, *, principal: Principal, peer: str, method: str, cancel: bool) -> None:
+        self.principal, self.peer, self.method = principal, peer, method
+        self.task = asyncio.current_task() if cancel else None
+        self.revoked: asyncio.Future[Refused] = asyncio.get_running_loop().create_future()
+        self._taken = False
+
+    def fire(self, error: Refused) -> None:
+        if self.revoked.done():
+            return
+        self.revoked.set_result(error)
+        if self.task is not None:
+            self.task.cancel()
+
+    def taken(self) -> Refused | None:
+        """In the call's `except CancelledError`: the revocation, when it alone cancelled the task
+        (the cancel is taken back, once); None when the call itself was cancelled."""
+        if self._taken or not self.revoked.done() or self.task is None or self.task.cancelling() != 1:
+            return None
+        self._taken = True
+        self.task.uncancel()
+        return self.revoked.result()
+
+
+def revoked_call() -> Refused | None:
+    """In a guarded call's `except asyncio.CancelledError`: why its credential was revoked (the
+    cancel taken back: end the call with this error's status), or None (re-raise)."""
+    guard = _GUARD.get()
+    return guard.taken() if guard is not None else None
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -426,15 +760,83 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         try:
             if self.auth.check_token(metadata) is None and not self.auth.client_certs:
                 raise unauthenticated("this call needs credentials: an API key (authorization: Bearer ...)")
-        except ServiceError as error:
-            return _refusal(error)
-        return await continuation(handler_call_details)
+        except Refused as error:  # (kept by the call: without its traceback's frames)
+            return _refusal(error.with_traceback(None), self.auth, method)
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler  # one reply: the credential was good when it was asked
+        return _guarded(handler, self.auth, method)
 
 
-def _refusal(error: ServiceError) -> grpc.RpcMethodHandler:
+def _guarded(handler: grpc.RpcMethodHandler, auth: Authenticator, method: str) -> grpc.RpcMethodHandler:
+    """The handler of a call that streams its replies, ended UNAUTHENTICATED when its credential is
+    revoked while it runs: a coroutine (it writes its replies) by cancelling its task, an async
+    generator by ending the wait for its next reply."""
+    kind = "stream_stream" if handler.request_streaming else "unary_stream"
+    behavior = getattr(handler, kind)
+
+    async def writes(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        guard = auth.guard(context, method, cancel=True)
+        if guard is None:
+            return await behavior(request, context)
+        token = _GUARD.set(guard)
+        try:
+            return await behavior(request, context)
+        except asyncio.CancelledError:
+            error = guard.taken()
+            if error is None:
+                raise
+        finally:
+            _GUARD.reset(token)
+            auth.unguard(guard)
+        await context.abort(error.code, error.message)
+
+    async def yields(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        guard = auth.guard(context, method, cancel=False)
+        replies = behavior(request, context)
+        try:
+            while True:
+                if guard is None:
+                    reply = await _next(replies)
+                else:  # the next reply, or the revocation, whichever comes first
+                    step = asyncio.ensure_future(_next(replies))
+                    try:
+                        await asyncio.wait((step, guard.revoked), return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        if not step.done():  # revoked, or the call cancelled: stop the generator
+                            step.cancel()
+                            await asyncio.gather(step, return_exceptions=True)
+                    if step.cancelled():
+                        break
+                    reply = step.result()
+                if reply is _END:
+                    return
+                yield reply
+        finally:
+            if guard is not None:
+                auth.unguard(guard)
+            await replies.aclose()
+        assert guard is not None
+        error = guard.revoked.result()
+        await context.abort(error.code, error.message)
+
+    wrapped = yields if inspect.isasyncgenfunction(behavior) else writes
+    return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]  # a namedtuple
+
+
+async def _next(replies: AsyncIterator[Any]) -> Any:
+    try:
+        return await anext(replies)
+    except StopAsyncIteration:
+        return _END
+
+
+def _refusal(error: Refused, auth: Authenticator, method: str) -> grpc.RpcMethodHandler:
+    """A handler that counts and logs the refusal (the peer is known only here) and ends the call."""
     code, message = error.code, error.message
 
     async def refuse(_requests: Any, context: grpc.aio.ServicerContext) -> None:
+        auth.refused(error, context.peer(), method)
         await context.abort(code, message)
 
     return grpc.stream_stream_rpc_method_handler(refuse)

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from facekit import procstat
+from service.auth import REFUSAL_REASONS
 
 # Per-frame stages: 0.5 ms .. 2.5 s.
 LATENCY_BUCKETS = (
@@ -187,7 +188,13 @@ class Metrics:
             registry=r,
         )
         self.auth_failures = Counter(
-            "talkinghead_auth_failures_total", "Calls refused for missing or bad credentials", registry=r
+            "talkinghead_auth_failures_total",
+            "Calls refused UNAUTHENTICATED or PERMISSION_DENIED for their credentials, and open "
+            "streams ended because theirs were revoked, by reason: "
+            "missing, malformed, unknown_key, wrong_secret, revoked_key, bad_cert, unbound_cert, "
+            "revoked_cert, forbidden (service/auth.py)",
+            ["reason"],
+            registry=r,
         )
         r.register(ThreadCpu())
         # Every series exported from the start; the per-frame paths use these children, not
@@ -197,9 +204,13 @@ class Metrics:
         self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)
         self.dropped = {reason: self.frames_dropped.labels(reason) for reason in reasons}
+        self.auth_refusals = {reason: self.auth_failures.labels(reason) for reason in REFUSAL_REASONS}
 
     def on_drop(self, reason: str) -> None:
         self.dropped[reason].inc()
+
+    def on_auth_refusal(self, reason: str) -> None:
+        self.auth_refusals[reason].inc()
 
     def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
         self.cache_entries.set(entries)

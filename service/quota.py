@@ -4,6 +4,11 @@ per minute, and how many avatars a tenant keeps.
 Streams, frame rates and create rates are counted per replica (in memory); the avatar count comes
 from the store, so it holds across replicas. A refusal is RESOURCE_EXHAUSTED with a message that
 names the quota and a `retry-after` hint (seconds) in the trailing metadata.
+
+The quotas applied are the tenant's as the key ring says now (`quotas_of`, which the server sets to
+Authenticator.quotas), not those of the call that opened a stream: a stream opened before an
+operator lowered max_fps is held to the new rate. A rate change keeps the tokens already spent
+(at most the new burst is saved up), so changing a quota never hands out a fresh burst.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import math
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from service.auth import Principal
+from service.auth import Principal, Quotas
 from service.errors import ServiceError, exhausted
 from service.metrics import Metrics
 
@@ -40,12 +46,21 @@ class Bucket:
             return 0.0
         return (1.0 - self.tokens) / self.rate
 
+    def retune(self, rate: float, burst: float, now: float | None = None) -> None:
+        """A new rate from now on: what was saved up at the old rate until now is kept, at most the
+        new burst (a new full bucket here let two streams at two rates refill it every frame)."""
+        now = time.monotonic() if now is None else now
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp, self.rate, self.burst = now, rate, burst
+
 
 def _bucket(buckets: dict[str, Bucket], tenant: str, rate: float, burst: float) -> Bucket:
-    """The tenant's bucket, new when its quota changed."""
+    """The tenant's bucket, retuned when its quota changed."""
     bucket = buckets.get(tenant)
-    if bucket is None or (bucket.rate, bucket.burst) != (rate, burst):
+    if bucket is None:
         bucket = buckets[tenant] = Bucket(rate=rate, burst=burst)
+    elif bucket.rate != rate or bucket.burst != burst:
+        bucket.retune(rate, burst)
     return bucket
 
 
@@ -56,18 +71,23 @@ def refused(message: str, retry_after: float) -> ServiceError:
 
 
 class TenantLimits:
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, quotas_of: Callable[[str], Quotas] | None = None) -> None:
         self.metrics = metrics
+        # tenant -> its quotas now (a dict lookup); None: each call's principal.quotas
+        self.quotas_of = quotas_of
         self.streams: defaultdict[str, int] = defaultdict(int)
         self._frames: dict[str, Bucket] = {}
         self._creates: dict[str, Bucket] = {}
+
+    def quotas(self, principal: Principal) -> Quotas:
+        return principal.quotas if self.quotas_of is None else self.quotas_of(principal.tenant)
 
     def _refuse(self, principal: Principal, quota: str, message: str, retry_after: float) -> ServiceError:
         self.metrics.quota_refusals.labels(principal.tenant, quota).inc()
         return refused(message, retry_after)
 
     def take_stream(self, principal: Principal) -> None:
-        limit = principal.quotas.max_streams
+        limit = self.quotas(principal).max_streams
         if limit and self.streams[principal.tenant] >= limit:
             raise self._refuse(
                 principal,
@@ -88,7 +108,7 @@ class TenantLimits:
         frame and its wait are counted once, on its first ask)."""
         if not retry:
             self.metrics.tenant_frames.labels(principal.tenant).inc()
-        rate = principal.quotas.max_fps
+        rate = self.quotas(principal).max_fps
         if not rate:
             return 0.0
         wait = _bucket(self._frames, principal.tenant, rate, max(1.0, rate / 2)).take()
@@ -97,7 +117,7 @@ class TenantLimits:
         return wait
 
     def create(self, principal: Principal) -> None:
-        per_minute = principal.quotas.creates_per_minute
+        per_minute = self.quotas(principal).creates_per_minute
         if not per_minute:
             return
         wait = _bucket(self._creates, principal.tenant, per_minute / 60.0, float(per_minute)).take()
@@ -110,7 +130,7 @@ class TenantLimits:
             )
 
     def avatars(self, principal: Principal, count: int) -> None:
-        limit = principal.quotas.max_avatars
+        limit = self.quotas(principal).max_avatars
         if limit and count >= limit:
             raise self._refuse(
                 principal, "avatars", f"tenant {principal.tenant!r} keeps its limit of {limit} avatars", 60.0

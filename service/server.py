@@ -4,15 +4,22 @@
     asyncio.run(serve(settings))          # until SIGTERM / SIGINT
 
 `Server` is the same thing as an object tests and the benchmark start and stop in-process.
+`TlsFiles` serves the TLS certificate, key and client CA as they are on disk now: a renewed
+certificate (cert-manager updating the mounted Secret) serves new connections without a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import signal
+import ssl
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -67,8 +74,102 @@ KEEPALIVE = [
 ]
 
 
+TLS_CHECK_S = 1.0  # the TLS files are looked at (stat) at most this often, on a new connection
+
+
 class BindError(OSError):
     """A port the server was given cannot be listened on (in use, or not an address of this host)."""
+
+
+def _stat(path: Path | None) -> tuple[int, int, int, int] | None:
+    if path is None:
+        return None
+    try:
+        st = path.stat()  # through symlinks: a Kubernetes Secret volume swaps its ..data link
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+
+def _no_password() -> bytes:
+    raise ValueError("the private key is encrypted (gRPC needs it unencrypted)")
+
+
+@dataclass(eq=False)
+class TlsFiles:
+    """The server's certificate chain, key and client CA (mTLS), for
+    grpc.dynamic_ssl_server_credentials: gRPC calls `fetch` before each new connection's handshake,
+    from its own threads. When the files changed (their stat: modified, changed, size, inode) they
+    are read, checked (the key matches the certificate, the PEM parses: a pair caught half
+    written, or a key that does not go with the new certificate, is not served) and served from
+    then on; files that fail the check are logged once and the last good ones stay in use until
+    the files change again. Connections already open keep the certificate they began with."""
+
+    cert: Path
+    key: Path
+    client_ca: Path | None = None
+    _served: object = None  # the stat of the files in use
+    _refused: object = None  # a stat whose files failed the check (logged once)
+    _checked: float = -TLS_CHECK_S
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _stamp(self) -> tuple[object, ...]:
+        return (_stat(self.cert), _stat(self.key), _stat(self.client_ca))
+
+    def load(self) -> grpc.ServerCertificateConfiguration:
+        """The files' configuration now; ValueError saying what is wrong with them."""
+        try:
+            cert, key = self.cert.read_bytes(), self.key.read_bytes()
+            ca = self.client_ca.read_bytes() if self.client_ca is not None else None
+            check = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            check.load_cert_chain(self.cert, self.key, password=_no_password)
+            if ca is not None:
+                check.load_verify_locations(cadata=ca.decode("ascii", errors="replace"))
+            if (self.cert.read_bytes(), self.key.read_bytes()) != (cert, key):
+                raise ValueError("they changed while being read")
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise ValueError(f"{self.cert}, {self.key}: {error}") from None
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def initial(self) -> grpc.ServerCertificateConfiguration:
+        with self._lock:
+            stamp = self._stamp()
+            config = self.load()
+            self._served = stamp
+            self._checked = time.monotonic()
+            log.info("TLS certificate %s", self._fingerprint())
+            return config
+
+    def fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        """gRPC's certificate_configuration_fetcher: new files' configuration, or None (unchanged)."""
+        with self._lock:
+            now = time.monotonic()
+            if now - self._checked < TLS_CHECK_S:
+                return None
+            self._checked = now
+            stamp = self._stamp()
+            if stamp in (self._served, self._refused):
+                return None
+            try:
+                config = self.load()
+            except ValueError as error:
+                self._refused = stamp
+                log.error(
+                    "the TLS files changed but cannot be served (serving the last good ones): %s", error
+                )
+                return None
+            except Exception as error:  # never into gRPC's thread: it would fail the handshake
+                log.error("reading the TLS files failed (serving the last good ones): %r", error)
+                return None
+            self._served = stamp
+            log.info("TLS files changed: serving certificate %s to new connections", self._fingerprint())
+            return config
+
+    def _fingerprint(self) -> str:
+        digest = hashlib.sha256(self.cert.read_bytes()).hexdigest()[:16]
+        return f"{self.cert} (sha256 {digest}...)" + (
+            f", client CA {self.client_ca}" if self.client_ca else ""
+        )
 
 
 def make_backend(settings: Settings) -> Backend:
@@ -94,9 +195,14 @@ def make_backend(settings: Settings) -> Backend:
     )
 
 
-def make_auth(settings: Settings) -> Authenticator:
+def make_auth(settings: Settings, metrics: Metrics | None = None) -> Authenticator:
     store = ring_store(settings.api_keys, settings.redis_url) if settings.api_keys else None
-    auth = Authenticator(store=store, client_certs=settings.tls_client_ca is not None)
+    auth = Authenticator(
+        store=store,
+        client_certs=settings.tls_client_ca is not None,
+        bound_certs_only=settings.tls_bound_certs_only,
+        on_refusal=metrics.on_auth_refusal if metrics is not None else None,
+    )
     if not auth.enabled:
         log.warning(
             "authentication is off: every caller is the implicit tenant 'default' with the admin role "
@@ -110,7 +216,11 @@ def make_auth(settings: Settings) -> Authenticator:
                 what
                 for what, on in (
                     (f"API keys ({settings.api_keys})", store is not None),
-                    (f"client certificates of {settings.tls_client_ca}", auth.client_certs),
+                    (
+                        f"client certificates of {settings.tls_client_ca}"
+                        + (" bound in the key ring" if settings.tls_bound_certs_only else ""),
+                        auth.client_certs,
+                    ),
                 )
                 if on
             ),
@@ -148,6 +258,7 @@ class Server:
     _metrics_http: Any = field(init=False, default=None)
     _monitor: asyncio.Task[None] | None = field(init=False, default=None)
     _events: asyncio.Task[None] | None = field(init=False, default=None)
+    tls_files: TlsFiles | None = field(init=False, default=None)
     worker: LocalWorker | None = field(init=False, default=None)
 
     async def start(self) -> None:
@@ -169,7 +280,7 @@ class Server:
         watermarker = Watermarker(key=key) if key else None
         if watermarker is not None:
             log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
-        auth = make_auth(s)
+        auth = make_auth(s, metrics)
         self.app = App(
             settings=s,
             auth=auth,
@@ -180,6 +291,8 @@ class Server:
             audit=audit,
             watermarker=watermarker,
         )
+        # streams follow the tenant's quotas as the key ring says now, not those they opened with
+        self.app.limits.quotas_of = auth.quotas
         limits = wire.Limits.from_settings(s)
         options = [
             # gRPC sets SO_REUSEPORT by default: a second server on a port in use bound it too and
@@ -212,10 +325,15 @@ class Server:
         try:
             if s.tls:
                 assert s.tls_cert is not None and s.tls_key is not None
-                credentials = grpc.ssl_server_credentials(
-                    [(s.tls_key.read_bytes(), s.tls_cert.read_bytes())],
-                    root_certificates=s.tls_client_ca.read_bytes() if s.tls_client_ca else None,
-                    require_client_auth=s.tls_client_ca is not None,
+                self.tls_files = TlsFiles(cert=s.tls_cert, key=s.tls_key, client_ca=s.tls_client_ca)
+                try:
+                    first = self.tls_files.initial()
+                except ValueError as error:
+                    raise BindError(f"cannot serve TLS on {address}: {error}") from None
+                credentials = grpc.dynamic_ssl_server_credentials(
+                    first,
+                    self.tls_files.fetch,
+                    require_client_authentication=s.tls_client_ca is not None,
                 )
                 self.grpc_port = self._server.add_secure_port(address, credentials)
             else:
@@ -227,22 +345,29 @@ class Server:
                 f"cannot bind gRPC to {address}: the port is in use or the address is not this machine's"
             )
         try:
-            self._metrics_http, self.metrics_port = metrics.serve(s.host, s.metrics_port)
+            self._metrics_http, self.metrics_port = metrics.serve(s.metrics_bind, s.metrics_port)
         except OSError as error:
             raise BindError(
-                f"cannot bind metrics to {s.host}:{s.metrics_port}: {error.strerror or error}"
+                f"cannot bind metrics to {s.metrics_bind}:{s.metrics_port}: {error.strerror or error}"
             ) from None
         await self.app.start()
         auth.start()
         self._start_personalisation()
         await self._server.start()
+        if s.tls_terminated_upstream and not s.tls:
+            log.warning(
+                "TLS is terminated in front of this server (TALKINGHEAD_TLS_TERMINATED_UPSTREAM=1): "
+                "credentials arrive over plaintext on %s:%d; only that proxy may reach this port",
+                s.host,
+                self.grpc_port,
+            )
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
         log.info(
             "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",
             s.host,
             self.grpc_port,
             "TLS" if s.tls else "plaintext",
-            s.host,
+            s.metrics_bind,
             self.metrics_port,
             s.backend,
         )

@@ -1,5 +1,6 @@
 """gRPC servicers: protobuf <-> App operations. Requests arrive parsed and failures become statuses
-in service/wire.py; Animate sets its own (it frees its stream slot first)."""
+in service/wire.py; Animate sets its own (it frees its stream slot first), UNAUTHENTICATED too when
+the key ring revokes its credential while it runs (service/auth.py CallGuard)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, av
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
 from service.app import App, actor_of, public_id
-from service.auth import Principal
-from service.errors import ServiceError, idle, precondition, stalled_reader
+from service.auth import Principal, Refused, revoked_call
+from service.errors import idle, precondition, stalled_reader
 from service.store import AvatarRecord
 from service.stream import Stream, next_request
 from service.wire import Status, status_of
@@ -47,11 +48,12 @@ def to_avatar(record: AvatarRecord, *, personalised: bool, details: bool, previe
 
 
 def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
-    """Who makes this call (service/auth.py); ServiceError UNAUTHENTICATED / PERMISSION_DENIED."""
+    """Who makes this call (service/auth.py); Refused (UNAUTHENTICATED / PERMISSION_DENIED: counted
+    and logged with the peer) or ServiceError INVALID_ARGUMENT (a malformed tenant header)."""
     try:
         return app.auth.authenticate(context.invocation_metadata() or (), context.auth_context())
-    except ServiceError:
-        app.metrics.auth_failures.inc()
+    except Refused as error:
+        app.auth.refused(error, context.peer())
         raise
 
 
@@ -128,8 +130,11 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             async for response in stream.replies():
                 await writes.write(context, response)
         except asyncio.CancelledError:
-            failure = (grpc.StatusCode.CANCELLED, "", ())
-            raise
+            revoked = revoked_call()  # the key ring revoked its credential (service/auth.py CallGuard)
+            if revoked is None:
+                failure = (grpc.StatusCode.CANCELLED, "", ())
+                raise
+            failure = (revoked.code, revoked.message, ())
         except grpc.aio.AbortError:
             raise
         except ClientGone:  # it cancelled or hung up, and a write found out: no fault (no ERROR)

@@ -2,7 +2,13 @@
 
 Environment variables (the Helm chart sets these; flags of `talkinghead serve` override them):
 
-    TALKINGHEAD_HOST              127.0.0.1        address the gRPC and metrics servers bind
+    TALKINGHEAD_HOST              127.0.0.1        address the gRPC server binds (loopback: 127.x.x.x,
+                                                   ::1 or the name `localhost`; any other name or address
+                                                   counts as exposed)
+    TALKINGHEAD_METRICS_HOST      (the gRPC host)  address the Prometheus /metrics server binds (it
+                                                   lists tenant names and their frame counts: e.g.
+                                                   127.0.0.1 or a pod-network address keeps it off the
+                                                   interfaces clients reach)
     TALKINGHEAD_GRPC_PORT         50051            gRPC port (0 = any free port)
     TALKINGHEAD_METRICS_PORT      8080             Prometheus /metrics port (0 = any free port)
     TALKINGHEAD_BACKEND           onnxruntime      onnxruntime (in-process) | triton
@@ -25,8 +31,15 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_BACKEND_TIMEOUT   5                seconds each model call (generate, embed) may take;
                                                    then it is cut and answered UNAVAILABLE
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
-    TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS
+    TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS (the
+                                                   files, and TLS_CLIENT_CA, are reread when they change:
+                                                   a renewed certificate serves new connections)
     TALKINGHEAD_TLS_KEY           (unset)          PEM private key
+    TALKINGHEAD_TLS_TERMINATED_UPSTREAM  0         1: TLS ends in front of this server (a mesh sidecar, a
+                                                   TLS-terminating load balancer), so API keys (and
+                                                   --production) may be served over plaintext beyond
+                                                   loopback; without it, and without TLS_CERT, such a
+                                                   server refuses to start
     TALKINGHEAD_REDIS_URL         (unset)          redis://host:port/db: avatars and the personalisation
                                                    queue in Redis, shared by every replica
     TALKINGHEAD_WORKER            embedded         embedded: run a local `talkinghead worker` process
@@ -46,6 +59,10 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    `talkinghead keys` and service/auth.py
     TALKINGHEAD_TLS_CLIENT_CA     (unset)          PEM CA: TLS clients must present a certificate it
                                                    signed (mTLS); its common name is the tenant
+    TALKINGHEAD_TLS_BOUND_CERTS_ONLY  0            1: accept only client certificates whose common name
+                                                   the key ring binds (`talkinghead keys bind-cert`); 0:
+                                                   any the client CA signed, its common name the tenant
+                                                   (for a CA that signs only this service's clients)
     TALKINGHEAD_ALLOW_UNAUTHENTICATED  0           listen beyond loopback without API keys or client
                                                    certificates (every caller is tenant `default`)
     TALKINGHEAD_REFLECTION        1                gRPC server reflection on (1) or off (0)
@@ -71,6 +88,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -88,9 +106,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PREFIX = "TALKINGHEAD_"
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine can reach `host`: a loopback address literal (127.0.0.0/8, ::1), or the
+    name `localhost`. Any other name counts as exposed, whatever it resolves to (a name like
+    `127.example.com` is not loopback)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
+    metrics_host: str = ""  # "" = the gRPC host (`metrics_bind`)
     grpc_port: int = 50051
     metrics_port: int = 8080
     backend: str = "onnxruntime"
@@ -123,6 +154,8 @@ class Settings:
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
     api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
     tls_client_ca: Path | None = None
+    tls_terminated_upstream: bool = False  # TLS ends in a proxy in front: keys may arrive in plaintext
+    tls_bound_certs_only: bool = False  # only client certificates the key ring binds
     allow_unauthenticated: bool = False
     reflection: bool = True
     # Flag-only settings (no environment variable): limits and tuning.
@@ -205,6 +238,18 @@ class Settings:
                 f"refusing to listen on {self.host} without authentication: set API_KEYS (API keys) or "
                 "TLS_CLIENT_CA (client certificates), or ALLOW_UNAUTHENTICATED=1 to accept anyone"
             )
+        if self.plaintext_exposed:
+            what = "API keys" if self.api_keys else "production mode"
+            problems.append(
+                f"refusing to serve {what} over plaintext on {self.host}: anyone on the path reads the "
+                "keys; set TLS_CERT and TLS_KEY, or TLS_TERMINATED_UPSTREAM=1 when a proxy in front of "
+                "this server (a mesh sidecar, a TLS-terminating load balancer) terminates TLS"
+            )
+        if self.tls_bound_certs_only and (self.tls_client_ca is None or not self.api_keys):
+            problems.append(
+                "TLS_BOUND_CERTS_ONLY needs client certificates (TLS_CLIENT_CA) and the key ring that "
+                "binds them (API_KEYS)"
+            )
         if problems:
             raise ValueError("invalid settings: " + "; ".join(problems))
 
@@ -219,7 +264,22 @@ class Settings:
 
     @property
     def loopback(self) -> bool:
-        return self.host in ("127.0.0.1", "::1", "localhost") or self.host.startswith("127.")
+        return is_loopback(self.host)
+
+    @property
+    def plaintext_exposed(self) -> bool:
+        """API keys (or production mode) beyond loopback with no TLS here nor in front: refused."""
+        return (
+            (bool(self.api_keys) or self.production)
+            and not self.tls
+            and not self.loopback
+            and not self.tls_terminated_upstream
+        )
+
+    @property
+    def metrics_bind(self) -> str:
+        """The address /metrics binds: TALKINGHEAD_METRICS_HOST, else the gRPC host."""
+        return self.metrics_host or self.host
 
     @property
     def embedded_worker(self) -> bool:
@@ -237,6 +297,7 @@ class Settings:
 
 _ENV_FIELDS = (
     "host",
+    "metrics_host",
     "grpc_port",
     "metrics_port",
     "backend",
@@ -269,6 +330,8 @@ _ENV_FIELDS = (
     "audit_log",
     "api_keys",
     "tls_client_ca",
+    "tls_terminated_upstream",
+    "tls_bound_certs_only",
     "allow_unauthenticated",
     "reflection",
 )
@@ -308,7 +371,10 @@ def from_env(environ: Mapping[str, str] | None = None, **overrides: object) -> S
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags for `talkinghead serve`; each defaults to None = keep the environment's value."""
     group = parser.add_argument_group("settings (flags override TALKINGHEAD_* environment variables)")
-    group.add_argument("--host", help="bind address (default 127.0.0.1)")
+    group.add_argument("--host", help="gRPC bind address (default 127.0.0.1)")
+    group.add_argument(
+        "--metrics-host", help="/metrics bind address (default: the gRPC host; it lists tenant names)"
+    )
     group.add_argument("--grpc-port", type=int, help="gRPC port (default 50051; 0 = any free port)")
     group.add_argument("--metrics-port", type=int, help="Prometheus port (default 8080; 0 = any free)")
     group.add_argument("--backend", choices=BACKENDS, help="model backend (default onnxruntime)")
@@ -382,12 +448,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--production",
         action="store_true",
         default=None,
-        help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY (default off)",
+        help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY, or beyond loopback "
+        "without TLS (here or, --tls-terminated-upstream, in front) (default off)",
     )
     group.add_argument(
         "--api-keys", help="key ring of API keys: a JSON file, or `redis` (default: no API keys)"
     )
     group.add_argument("--tls-client-ca", type=Path, help="PEM CA client certificates must chain to (mTLS)")
+    group.add_argument(
+        "--tls-terminated-upstream",
+        action="store_true",
+        default=None,
+        help="TLS ends in a proxy in front (mesh sidecar, TLS load balancer): serve API keys over "
+        "plaintext beyond loopback (default off: such a server refuses to start)",
+    )
+    group.add_argument(
+        "--tls-bound-certs-only",
+        action="store_true",
+        default=None,
+        help="accept only client certificates whose common name the key ring binds (default off: any "
+        "the client CA signed, its common name the tenant)",
+    )
     group.add_argument(
         "--allow-unauthenticated",
         action="store_true",

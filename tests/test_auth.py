@@ -217,7 +217,7 @@ def test_listening_beyond_loopback_needs_authentication(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="without authentication"):
         Settings(host="0.0.0.0")
     Settings(host="0.0.0.0", allow_unauthenticated=True)
-    Settings(host="0.0.0.0", api_keys=str(tmp_path / "keys.json"))
+    Settings(host="0.0.0.0", api_keys=str(tmp_path / "keys.json"), tls_terminated_upstream=True)
     Settings(host="127.0.0.1")
     serve = subprocess.run(
         [sys.executable, "-m", "talkinghead.cli", "serve", "--host", "0.0.0.0", "--grpc-port", "0"],

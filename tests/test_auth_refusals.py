@@ -1,0 +1,155 @@
+"""Refused credentials leave a trace: every refusal counted in talkinghead_auth_failures_total by
+reason (a fixed set, never the key or the peer), and logged at WARNING with the peer's address,
+one line per address per window plus the count of those not logged, so a flood cannot fill the log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from client.library import Client
+from service.auth import FileRing, issue, revoke
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import ServerThread, test_settings
+
+CALLS_EACH = 20
+REASONS = {
+    *("missing", "malformed", "unknown_key", "wrong_secret", "revoked_key"),
+    *("bad_cert", "unbound_cert", "revoked_cert", "forbidden"),
+}
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServerThread, dict[str, str]]]:
+    root = tmp_path_factory.mktemp("refusals")
+    ring = FileRing(path=root / "keys.json")
+    tokens = {"acme": ring.update(lambda r: issue(r, "acme"))[1]}
+    tokens["revoked"] = ring.update(lambda r: issue(r, "acme"))[1]
+    ring.update(lambda r: revoke(r, tokens["revoked"].split("_")[1]))
+    server = ServerThread(settings=test_settings(model_repository, root / "avatars", api_keys=str(ring.path)))
+    yield server, tokens
+    server.stop()
+
+
+def _failures(server: ServerThread) -> dict[str, float]:
+    found = {}
+    for line in server.metrics().splitlines():
+        match = re.fullmatch(r"talkinghead_auth_failures_total\{(.*)\} (\S+)", line)
+        if match:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', match.group(1)))
+            assert set(labels) == {"reason"}, line  # never the key, the tenant or the peer
+            found[labels["reason"]] = float(match.group(2))
+    return found
+
+
+def _log_window(server: ServerThread, seconds: float) -> None:
+    """The server's refusal log: one line per address per `seconds`."""
+    refusals = getattr(server.app.auth, "refusals", None)  # (a server without one logs nothing)
+    if refusals is not None:
+        refusals.every_s = seconds
+
+
+def _refusal_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "talkinghead.service.auth"
+        and r.levelno == logging.WARNING
+        and "refused" in r.getMessage()
+    ]
+
+
+def test_every_refused_call_is_counted_by_reason_and_a_flood_is_logged_once_per_address(
+    guarded, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, tokens = guarded
+    _log_window(server, 2.0)  # (10 s in service)
+    acme_id = tokens["acme"].split("_")[1]
+    forged = f"thk_{acme_id}_not-the-secret"
+    credentials = {
+        "missing": None,
+        "malformed": "junk",
+        "unknown_key": "thk_000000000000_whatever",
+        "wrong_secret": forged,
+        "revoked_key": tokens["revoked"],
+    }
+    before = _failures(server)
+    assert set(before) == REASONS  # every reason exported from the start, at 0
+    caplog.set_level(logging.INFO, logger="talkinghead.service.auth")
+    for key in credentials.values():
+        with Client(target=server.address, api_key=key) as stranger:
+            for _ in range(CALLS_EACH):
+                with pytest.raises(grpc.RpcError) as refused:
+                    list(stranger.list_avatars())
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    after = _failures(server)
+    for reason in credentials:
+        assert after[reason] - before[reason] == CALLS_EACH, reason
+    lines = _refusal_lines(caplog)
+    assert len(lines) == 1, lines  # 100 refusals from one address within the window: one line
+    assert "ipv4:127.0.0.1:" in lines[0] and "ListAvatars" in lines[0]
+    time.sleep(3.5)  # the window is over: the key-ring task says what was not logged
+    lines = _refusal_lines(caplog)
+    assert len(lines) == 2, lines
+    assert "refused 99 more call(s)" in lines[1] and "ipv4:127.0.0.1" in lines[1]
+    assert f"revoked_key {CALLS_EACH}" in lines[1] and f"wrong_secret {CALLS_EACH}" in lines[1]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "not-the-secret" not in logged and tokens["revoked"].split("_", 2)[2] not in logged
+
+
+def test_a_user_acting_for_another_tenant_is_counted_and_logged(
+    guarded, caplog: pytest.LogCaptureFixture
+) -> None:
+    server, tokens = guarded
+    _log_window(server, 0.0)  # every refusal gets its line
+    before = _failures(server)["forbidden"]
+    caplog.set_level(logging.INFO, logger="talkinghead.service.auth")
+    with (
+        Client(target=server.address, api_key=tokens["acme"], tenant="globex") as sneaky,
+        pytest.raises(grpc.RpcError) as refused,
+    ):
+        list(sneaky.list_avatars())
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert _failures(server)["forbidden"] - before == 1
+    line = _refusal_lines(caplog)[-1]
+    assert "forbidden" in line and "ipv4:127.0.0.1:" in line and "tenant acme" in line
+
+
+def test_the_refusal_log_bounds_its_lines_over_many_addresses() -> None:
+    """A flood from many addresses at once: at most max_lines lines a window; the rest counted."""
+    from service.auth import RefusalLog, Refused
+
+    now = [0.0]
+    refusals = RefusalLog(every_s=10.0, max_lines=5, max_peers=8, clock=lambda: now[0])
+    error = Refused("unknown_key", "the API key is not valid")
+    with _captured() as records:
+        for i in range(1000):
+            refusals.record(error, f"ipv4:10.0.{i // 250}.{i % 250}:4000", "/m")
+        assert len(records) == 5
+        now[0] = 11.0
+        refusals.flush()
+    assert len(records) == 6 and "995 more call(s) (unknown_key 995)" in records[-1]
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[list[str]]:
+    """The auth logger's WARNING messages during the block."""
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("talkinghead.service.auth")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
