@@ -414,6 +414,12 @@ class Server:
                 ready = now
             await asyncio.sleep(HEALTH_POLL_S)
 
+    async def drain(self) -> None:
+        """Say NOT_SERVING for good (the backend watch stops), still taking calls."""
+        if self._monitor is not None:
+            self._monitor.cancel()
+        await self._set_health(False)
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking new calls, give running ones `grace` seconds, then release everything."""
         grace = self.settings.shutdown_grace if grace is None else grace
@@ -446,5 +452,16 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("signal received: shutting down (grace %.1f s)", settings.shutdown_grace)
+    if settings.shutdown_drain > 0:
+        # Still serving, health NOT_SERVING: calls routed here before the load balancer (the pod's
+        # endpoints) learns of the shutdown are answered, not refused at connect.
+        log.info(
+            "signal received: health NOT_SERVING, still taking calls for %.1f s (a second signal ends it)",
+            settings.shutdown_drain,
+        )
+        await server.drain()
+        stop.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), settings.shutdown_drain)
+    log.info("shutting down (grace %.1f s)", settings.shutdown_grace)
     await server.stop()

@@ -82,6 +82,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    batch (SCHED_BATCH: a wake-up waits for the next
                                                    tick instead of preempting the inference threads)
                                                    or normal
+    TALKINGHEAD_SHUTDOWN_DRAIN    0                seconds after SIGTERM the server still takes new
+                                                   calls, its health NOT_SERVING, while a load balancer
+                                                   (Kubernetes endpoints) stops sending them; a second
+                                                   signal ends the drain (the chart sets 5)
+    TALKINGHEAD_SHUTDOWN_GRACE    5                seconds running streams then get to finish
 """
 
 from __future__ import annotations
@@ -165,7 +170,8 @@ class Settings:
     max_images: int = 32  # photos per avatar
     max_detect_queue: int = 32  # photos / driving frames one caller may have waiting for detection
     inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
-    shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM
+    shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM (after the drain)
+    shutdown_drain: float = 0.0  # seconds after SIGTERM new calls are still taken, health NOT_SERVING
     backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
     detector: str = "dlib"  # landmark detector for photos and driving frames
 
@@ -204,6 +210,9 @@ class Settings:
         for name in ("stream_idle_timeout", "backend_timeout", "backend_stall"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0 seconds, got {getattr(self, name)}")
+        for name in ("shutdown_grace", "shutdown_drain"):
+            if not 0 <= getattr(self, name) <= 3600:
+                problems.append(f"{name} must be 0-3600 seconds, got {getattr(self, name)}")
         if not 10 <= self.latency_budget_ms <= 60_000:
             problems.append(f"latency_budget_ms must be 10-60000, got {self.latency_budget_ms}")
         if not 0 <= self.worker_threads <= 256:
@@ -297,6 +306,8 @@ class Settings:
 
 _ENV_FIELDS = (
     "host",
+    "shutdown_grace",
+    "shutdown_drain",
     "metrics_host",
     "grpc_port",
     "metrics_port",
@@ -487,7 +498,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-detect-queue", type=int, help="face detections one caller may have waiting (default 32)"
     )
     group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    group.add_argument("--shutdown-grace", type=float, help="seconds streams get on SIGTERM (default 5)")
+    group.add_argument(
+        "--shutdown-grace", type=float, help="seconds streams get to finish on SIGTERM (default 5)"
+    )
+    group.add_argument(
+        "--shutdown-drain",
+        type=float,
+        help="seconds after SIGTERM new calls are still taken, health NOT_SERVING (default 0)",
+    )
     group.add_argument(
         "--backend-stall",
         type=float,

@@ -895,12 +895,15 @@ def served_settings(manifests: list[Manifest]) -> Any:
 
 def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path) -> None:
     """The service gives streams 5 s on SIGTERM unless told otherwise; the pod promises them its
-    terminationGracePeriodSeconds. The chart passes that less 5 s (at least 1) unless the operator
-    set the shutdown grace."""
-    assert served_settings(render(helm)).shutdown_grace == 25  # of the default 30
+    terminationGracePeriodSeconds. The chart passes that less the 5 s drain (still taking calls
+    while the endpoints catch up) less 5 s (at least 1) unless the operator set the shutdown grace."""
+    default = served_settings(render(helm))
+    assert (default.shutdown_drain, default.shutdown_grace) == (5, 20)  # of the default 30
     deployment = one(render(helm, server__terminationGracePeriodSeconds=120), "Deployment", "")
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 120
-    assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 115
+    assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 110
+    undrained = served_settings(render(helm, server__shutdownDrainSeconds=0))
+    assert (undrained.shutdown_drain, undrained.shutdown_grace) == (0, 25)
     assert served_settings(render(helm, server__terminationGracePeriodSeconds=3)).shutdown_grace == 1
     assert served_settings(render(helm, server__shutdownGraceSeconds=12.5)).shutdown_grace == 12.5
     # The operator's own flag or variable is kept, and passed once.
@@ -915,9 +918,9 @@ def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path
     assert served_settings(own).shutdown_grace == 7
     env = container(one(own, "Deployment", ""), "service")["env"]
     assert [e["value"] for e in env if e["name"] == "TALKINGHEAD_SHUTDOWN_GRACE"] == ["7"]
-    too_long = "server.shutdownGraceSeconds=30 must be below server.terminationGracePeriodSeconds=30"
+    too_long = "server.shutdownGraceSeconds=26 (after server.shutdownDrainSeconds=5) must end before"
     with pytest.raises(RuntimeError, match=re.escape(too_long)):
-        render(helm, server__shutdownGraceSeconds=30)
+        render(helm, server__shutdownGraceSeconds=26)
 
 
 def _secret_text(secret: Manifest, key: str) -> str:

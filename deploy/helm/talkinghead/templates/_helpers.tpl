@@ -268,8 +268,9 @@ claim and asks every Triton to load it. */ -}}
 {{- fail "redis.mode=external needs redis.externalUrl or redis.existingSecret" -}}
 {{- end -}}
 {{- $grace := .Values.server.shutdownGraceSeconds -}}
-{{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (float64 $grace) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
-{{- fail (printf "server.shutdownGraceSeconds=%v must be below server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.terminationGracePeriodSeconds) -}}
+{{- $drain := float64 .Values.server.shutdownDrainSeconds -}}
+{{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $grace) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "server.shutdownGraceSeconds=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
 {{- end -}}
 {{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
 {{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
@@ -429,7 +430,7 @@ TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that 
 {{- $s := .Values.server -}}
 {{- if not (or (include "talkinghead.shutdownGraceArg" .) (include "talkinghead.shutdownGraceEnv" .)) -}}
 {{- if eq (toString $s.shutdownGraceSeconds) "" -}}
-{{- max 1 (sub (int $s.terminationGracePeriodSeconds) 5) -}}
+{{- max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
 {{- else -}}
 {{- $s.shutdownGraceSeconds -}}
 {{- end -}}

@@ -1,0 +1,56 @@
+"""Stopping `talkinghead serve` with SIGTERM, as Kubernetes does: during the drain its health says
+NOT_SERVING while new connections and calls are still answered (the pod's endpoints catch up in
+that time), a running stream goes on, and the process then ends on its own. Real process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+from client.library import Client, landmark_requests
+from facekit.sequence import LandmarkSequence
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT
+from tests.service_process import ServerProcess
+
+DRAIN_S = 3.0
+
+
+def test_sigterm_drains_then_lets_running_streams_finish(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    server = ServerProcess(
+        repository=model_repository,
+        root=tmp_path,
+        env={"TALKINGHEAD_SHUTDOWN_DRAIN": str(DRAIN_S), "TALKINGHEAD_SHUTDOWN_GRACE": "10"},
+    )
+    try:
+        server.client.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+        slow = LandmarkSequence(driver.points[:100], driver.frame_size, 25.0)  # 4 s at 25 fps
+        received: list[int] = []
+
+        def stream() -> None:
+            with Client(target=server.address, timeout=60) as streaming:
+                requests = landmark_requests(slow, pace=True)
+                received.extend(
+                    1 for _ in streaming.animate("mona", requests, motion="relative", overflow="block")
+                )
+
+        running = threading.Thread(target=stream)
+        running.start()
+        time.sleep(1.0)
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with Client(target=server.address, timeout=10) as late:  # a new connection, in the drain
+            assert late.health() == "NOT_SERVING"
+            assert [a.avatar_id for a in late.list_avatars()] == ["mona"]
+        running.join(30)
+        assert len(received) == 100, "the running stream was cut"
+        assert server.process.wait(30) == 0
+        log = server.log.read_text()
+        assert "still taking calls for 3.0 s" in log and "shutting down (grace 10.0 s)" in log
+    finally:
+        if server.alive:
+            server.stop()
