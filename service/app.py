@@ -127,6 +127,7 @@ class App:
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
         self._creating: collections.Counter[str] = collections.Counter()  # tenant -> new avatars being made
+        self._submitting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         budget = settings.latency_budget_ms / 1000.0
         self.cost = CostModel()
         self.batcher = Batcher(
@@ -142,7 +143,8 @@ class App:
             cost=self.cost, budget=budget, max_batch=settings.max_batch, enabled=settings.admission
         )
         self.active_streams = 0
-        self.limits = TenantLimits(metrics)
+        # streams follow the tenant's quotas as the key ring says now, not those they opened with
+        self.limits = TenantLimits(metrics, quotas_of=self.auth.quotas)
         self._calibration: asyncio.Task[None] | None = None
 
     def _warm_up(self) -> None:
@@ -379,7 +381,7 @@ class App:
         counted): creates in flight count with the stored avatars (8 creates at once against a
         limit of 2 all passed the count taken before their seconds of face detection)."""
         tenant = principal.tenant
-        if not new or not principal.quotas.max_avatars:
+        if not new or not self.limits.quotas(principal).max_avatars:
             yield False
             return
         self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._creating[tenant])
@@ -488,7 +490,11 @@ class App:
         self, avatar_id: str, *, principal: Principal, steps: int, preset: str, actor: str
     ) -> Job:
         record = await self.get_record(avatar_id, principal)
-        job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
+        # one tenant's check-then-submit at a time per replica: two at once both saw room
+        async with self._submitting[principal.tenant]:
+            if self.limits.quotas(principal).max_personalisations:
+                self.limits.personalisations(principal, await self.personaliser.active(principal.tenant))
+            job = await self.personaliser.start(record, self.info(), steps=steps, preset=preset)
         # A delete or replace that ran while the job was submitted cancelled what was queued before
         # it: this job may hold photos the avatar no longer has. Looked at again, from the store.
         now = await self.in_pool(self.io_pool, self.store.get, record.avatar_id)

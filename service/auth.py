@@ -80,6 +80,7 @@ class Quotas:
     max_streams: int = 16  # concurrent Animate streams per replica
     max_fps: float = 400.0  # frames per second over all the tenant's streams, per replica
     creates_per_minute: int = 30  # CreateAvatar calls per replica
+    max_personalisations: int = 4  # queued + running personalisations (all replicas' queue)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Quotas:
@@ -106,7 +107,7 @@ def _quota(name: str, value: Any) -> Any:
 
 
 DEFAULT_QUOTAS = Quotas()
-UNLIMITED = Quotas(max_avatars=0, max_streams=0, max_fps=0.0, creates_per_minute=0)
+UNLIMITED = Quotas(max_avatars=0, max_streams=0, max_fps=0.0, creates_per_minute=0, max_personalisations=0)
 
 
 @dataclass(frozen=True)

@@ -103,8 +103,14 @@ class Personaliser:
                 f"avatar {public!r} is already being personalised by {PREFIX}{busy.job_id}; "
                 "watch or cancel that operation"
             ) from None
-        except QueueFull as full:
-            raise exhausted(f"the personalisation queue is full ({full}); retry later") from None
+        except QueueFull as full:  # (how busy the server is is not the caller's business: logged)
+            log.warning("personalisation of %s refused: the queue is full (%s)", record.avatar_id, full)
+            raise exhausted("the personalisation queue is full; retry later") from None
+
+    async def active(self, tenant: str) -> int:
+        """The tenant's personalisations queued or running."""
+        jobs: list[Job] = await self._call(self.queue.list)
+        return sum(1 for j in jobs if not j.done and split_id(j.avatar_id)[0] == tenant)
 
     async def get(self, name: str, tenant: str) -> Job:
         """The tenant's operation; NOT_FOUND for another tenant's, as for one that does not exist."""

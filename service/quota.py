@@ -1,11 +1,12 @@
 """Per-tenant quotas (service/auth.py's Quotas): concurrent streams, frames per second, CreateAvatar
-per minute, and how many avatars a tenant keeps.
+per minute, how many avatars a tenant keeps and how many personalisations it has queued or running.
 
-Streams, frame rates and create rates are counted per replica (in memory); the avatar count comes
-from the store, so it holds across replicas. A refusal is RESOURCE_EXHAUSTED with a message that
-names the quota and a `retry-after` hint (seconds) in the trailing metadata.
+Streams, frame rates and create rates are counted per replica (in memory); the avatar and
+personalisation counts come from the store and the job queue, so they hold across replicas. A
+refusal is RESOURCE_EXHAUSTED with a message that names the quota and a `retry-after` hint
+(seconds) in the trailing metadata.
 
-The quotas applied are the tenant's as the key ring says now (`quotas_of`, which the server sets to
+The quotas applied are the tenant's as the key ring says now (`quotas_of`, which the App sets to
 Authenticator.quotas), not those of the call that opened a stream: a stream opened before an
 operator lowered max_fps is held to the new rate. A rate change keeps the tokens already spent
 (at most the new burst is saved up), so changing a quota never hands out a fresh burst.
@@ -127,6 +128,18 @@ class TenantLimits:
                 "creates_per_minute",
                 f"tenant {principal.tenant!r} may create {per_minute} avatars a minute",
                 wait,
+            )
+
+    def personalisations(self, principal: Principal, count: int) -> None:
+        """`count`: the tenant's personalisations queued or running now."""
+        limit = self.quotas(principal).max_personalisations
+        if limit and count >= limit:
+            raise self._refuse(
+                principal,
+                "personalisations",
+                f"tenant {principal.tenant!r} has its {limit} personalisations queued or running; "
+                "retry when one ends",
+                30.0,
             )
 
     def avatars(self, principal: Principal, count: int) -> None:

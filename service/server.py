@@ -291,8 +291,6 @@ class Server:
             audit=audit,
             watermarker=watermarker,
         )
-        # streams follow the tenant's quotas as the key ring says now, not those they opened with
-        self.app.limits.quotas_of = auth.quotas
         limits = wire.Limits.from_settings(s)
         options = [
             # gRPC sets SO_REUSEPORT by default: a second server on a port in use bound it too and

@@ -21,9 +21,14 @@ def limited(
 ) -> Iterator[tuple[ServerThread, dict]]:
     root = tmp_path_factory.mktemp("limits")
     ring = FileRing(path=root / "keys.json")
-    tokens = {"initech": ring.update(lambda r: issue(r, "initech"))[1]}
+    tokens = {
+        "initech": ring.update(lambda r: issue(r, "initech"))[1],
+        "acme": ring.update(lambda r: issue(r, "acme"))[1],
+    }
     ring.update(lambda r: set_quotas(r, "initech", max_avatars=2, creates_per_minute=0))
-    server = ServerThread(settings=test_settings(model_repository, root / "avatars", api_keys=str(ring.path)))
+    ring.update(lambda r: set_quotas(r, "acme", max_personalisations=2, creates_per_minute=0))
+    settings = test_settings(model_repository, root / "avatars", api_keys=str(ring.path), worker="external")
+    server = ServerThread(settings=settings)  # (no worker takes the jobs: they stay queued)
     server.wait_ready()
     yield server, tokens
     server.stop()
@@ -52,3 +57,32 @@ def test_creates_at_once_keep_the_tenants_avatar_limit(limited: tuple[ServerThre
         initech.create_avatar("after", [PORTRAIT], consent=CONSENT)  # room again, nothing held
         for avatar in initech.list_avatars():
             initech.delete_avatar(avatar.avatar_id)
+
+
+def test_a_tenant_holds_at_most_its_share_of_the_personalisation_queue(
+    limited: tuple[ServerThread, dict],
+) -> None:
+    """One tenant queued TALKINGHEAD_MAX_QUEUE personalisations and every other tenant's were
+    refused, told how many the server had queued. Now a tenant holds max_personalisations (2
+    here); the third is refused naming the quota, and cancelling one makes room."""
+    server, tokens = limited
+    with Client(target=server.address, api_key=tokens["acme"]) as acme:
+        for name in ("p0", "p1", "p2"):
+            acme.create_avatar(name, [PORTRAIT], consent=CONSENT)
+        first = acme.personalise("p0")
+        acme.personalise("p1")
+        with pytest.raises(grpc.RpcError) as refused:
+            acme.personalise("p2")
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "2 personalisations queued or running" in (refused.value.details() or "")
+        assert int(dict(refused.value.trailing_metadata() or ())["retry-after"]) >= 1
+        acme.cancel_operation(first.name)
+        acme.personalise("p2")  # room again
+        for operation in acme.list_operations():
+            if not operation.done:
+                acme.cancel_operation(operation.name)
+    with Client(target=server.address, api_key=tokens["initech"]) as initech:
+        initech.create_avatar("own", [PORTRAIT], consent=CONSENT)
+        initech.cancel_operation(initech.personalise("own").name)  # another tenant is not held back
+        initech.delete_avatar("own")
+    assert server.metric('talkinghead_quota_refusals_total{quota="personalisations",tenant="acme"}') == 1

@@ -87,8 +87,8 @@ class PersonalisationServiceServicer:
         Errors: INVALID_ARGUMENT (bad id, steps out of range, unknown preset), NOT_FOUND (no such
         avatar), ALREADY_EXISTS (the avatar has a queued or running personalisation: the message names
         that operation), FAILED_PRECONDITION (avatar made by another model or without its photos,
-        personalisation not enabled on this server), RESOURCE_EXHAUSTED (the queue is full; retry
-        later), UNAVAILABLE (the queue's store is unreachable), ABORTED (the avatar was replaced as the
+        personalisation not enabled on this server), RESOURCE_EXHAUSTED (the queue is full, or the
+        tenant has its max_personalisations queued or running; retry later), UNAVAILABLE (the queue's store is unreachable), ABORTED (the avatar was replaced as the
         operation started; the operation is cancelled: start it again). An avatar deleted as it started
         is NOT_FOUND, its operation cancelled.
         """
