@@ -127,7 +127,8 @@ def test_a_user_acting_for_another_tenant_is_counted_and_logged(
 
 def test_the_refusal_log_bounds_its_lines_over_many_addresses() -> None:
     """A flood from many addresses at once: at most max_lines lines a window; the rest counted."""
-    from service.auth import RefusalLog, Refused
+    from service.auth import Refused
+    from service.refusals import RefusalLog
 
     now = [0.0]
     refusals = RefusalLog(every_s=10.0, max_lines=5, max_peers=8, clock=lambda: now[0])
