@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -60,7 +60,7 @@ from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.personalisation import Personaliser
-from service.quota import TenantLimits
+from service.quota import TenantLimits, refused
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
 from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
@@ -73,6 +73,11 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 # Photos and driving frames are searched for faces at most this size (longer side): a 39 Mpx photo
 # held the shared detect thread 7 s at full size (facekit.detect.Bounded).
 DETECT_MAX_SIDE = 1024
+# CreateAvatar calls in flight (their photos held, up to 64 MiB each): at most this many in all,
+# half as many per tenant; beyond, RESOURCE_EXHAUSTED before the request is read (service/wire.py).
+# One create of 63 MB (6 photos) raises the server's peak RSS by ~250 MB; 12 at once by 2.0 GB,
+# with this gate by 0.8 GB (8 refused). They take turns on one detect thread anyway.
+CREATES_IN_FLIGHT = 4
 # What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
 
@@ -128,6 +133,9 @@ class App:
         self._detector: LandmarkDetector | None = None
         self._creating: collections.Counter[str] = collections.Counter()  # tenant -> new avatars being made
         self._submitting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self._creates: collections.Counter[str] = (
+            collections.Counter()
+        )  # tenant -> CreateAvatar calls in flight
         budget = settings.latency_budget_ms / 1000.0
         self.cost = CostModel()
         self.batcher = Batcher(
@@ -374,6 +382,27 @@ class App:
             )
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
             return record
+
+    @contextlib.contextmanager
+    def create_slot(self, principal: Principal) -> Iterator[None]:
+        """Hold one of the CreateAvatar calls in flight (CREATES_IN_FLIGHT) while one is served;
+        taken before its request is read."""
+        tenant, total = principal.tenant, sum(self._creates.values())
+        if total >= CREATES_IN_FLIGHT or self._creates[tenant] >= max(1, CREATES_IN_FLIGHT // 2):
+            self.metrics.quota_refusals.labels(tenant, "creates_in_flight").inc()
+            mine = self._creates[tenant]
+            raise refused(
+                f"{mine} avatars of tenant {tenant!r} and {total - mine} of others are being created on "
+                "this server; retry in a few seconds",
+                2.0,
+            )
+        self._creates[tenant] += 1
+        try:
+            yield
+        finally:
+            self._creates[tenant] -= 1
+            if not self._creates[tenant]:
+                del self._creates[tenant]
 
     @contextlib.asynccontextmanager
     async def _avatar_slot(self, principal: Principal, *, new: bool) -> AsyncIterator[bool]:

@@ -5,6 +5,7 @@ the key ring revokes its credential while it runs (service/auth.py CallGuard).""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -60,6 +61,10 @@ def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
 class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
     def __init__(self, *, app: App) -> None:
         self.app = app
+
+    def admit_CreateAvatar(self, context: Any) -> contextlib.AbstractContextManager[None]:
+        """A slot among the creates in flight, before the request (up to 64 MiB) is read."""
+        return self.app.create_slot(caller(self.app, context))
 
     async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
         principal = caller(self.app, context)

@@ -8,6 +8,9 @@ generic handler built from its descriptor, with no request deserializer, so the 
    INVALID_ARGUMENT "malformed <Message>: ..." and one log line (gRPC's own deserialisation
    answers INTERNAL, or UNKNOWN on streaming methods, and logs a traceback each time);
    for the Animate request stream, each message as it is read;
+   A single-request method the servicer also has `admit_<Method>(context)` for (a context manager,
+   or an exception refusing the call) is served as a request stream, so that it is admitted before
+   its message is read (CreateAvatar: its photos are up to 64 MiB);
 3. calls the servicer's method (a coroutine, or for a streaming reply an async generator or a
    coroutine that writes with context.write) and turns what escapes it into a status: a ServiceError into its
    code and message, anything else into INTERNAL (logged). The status is set on the context after
@@ -23,6 +26,7 @@ message max_image_bytes + 64 KiB (a driving frame); every other method 64 KiB.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import inspect
 import logging
@@ -247,6 +251,41 @@ def _stream_unary(impl: Callable[..., Awaitable[Any]], parse: Parser) -> Callabl
     return handle
 
 
+def _admitted_unary(
+    impl: Callable[..., Awaitable[Any]],
+    parse: Parser,
+    admit: Callable[[grpc.aio.ServicerContext], contextlib.AbstractContextManager[None]],
+) -> Callable[..., Awaitable[Any]]:
+    """A single-request method served as a request stream, so that `admit` (which raises to refuse)
+    runs before its one message is read: a refused call never has its request received whole."""
+
+    async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            slot = admit(context)
+            slot.__enter__()
+        except Exception as error:
+            failure = status_of(error, parse.method)
+        else:
+            try:
+                data = await anext(aiter(raw), None)
+                if data is None:
+                    set_status(
+                        context, (grpc.StatusCode.INVALID_ARGUMENT, f"no {parse.method} request sent", ())
+                    )
+                    return None
+                request = parse(data, context.peer())
+                if isinstance(request, tuple):
+                    set_status(context, request)
+                    return None
+                return await _settle(impl(request, context), parse, context)
+            finally:
+                slot.__exit__(None, None, None)
+        set_status(context, failure)
+        return None
+
+    return handle
+
+
 def method_handler(method: MethodDescriptor, servicer: object, limits: Limits) -> grpc.RpcMethodHandler:
     request = message_factory.GetMessageClass(method.input_type)
     response = message_factory.GetMessageClass(method.output_type)
@@ -263,6 +302,11 @@ def method_handler(method: MethodDescriptor, servicer: object, limits: Limits) -
         return grpc.stream_unary_rpc_method_handler(_stream_unary(impl, parse), response_serializer=serialize)
     if method.server_streaming:
         return grpc.unary_stream_rpc_method_handler(_unary_stream(impl, parse), response_serializer=serialize)
+    admit = getattr(servicer, f"admit_{method.name}", None)
+    if admit is not None:
+        return grpc.stream_unary_rpc_method_handler(
+            _admitted_unary(impl, parse, admit), response_serializer=serialize
+        )
     return grpc.unary_unary_rpc_method_handler(_unary_unary(impl, parse), response_serializer=serialize)
 
 
