@@ -255,6 +255,9 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
         "--load-model=generator",
         "--strict-readiness=false",
     } <= set(triton["args"])
+    # The image's entrypoint (NGC's, CUDA forward compatibility on older drivers) runs tritonserver:
+    # a `command` replaced it.
+    assert "command" not in triton and triton["args"][0] == "tritonserver"
     service = one(manifests, "Service", "-triton")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         "http": 8000,
