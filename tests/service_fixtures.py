@@ -106,11 +106,14 @@ class ServerThread:
         with urllib.request.urlopen(url, timeout=10) as response:
             return response.read().decode()
 
-    def metric(self, line_prefix: str) -> float:
-        """Value of the first /metrics sample line starting with `line_prefix` (name{labels})."""
+    def metric(self, line_prefix: str, default: float | None = None) -> float:
+        """Value of the first /metrics sample line starting with `line_prefix` (name{labels});
+        `default` when there is none (a labelled series appears with its first sample), else KeyError."""
         for line in self.metrics().splitlines():
             if line.startswith(line_prefix + " "):
                 return float(line.rsplit(" ", 1)[1])
+        if default is not None:
+            return default
         raise KeyError(line_prefix)
 
     def stop(self, grace: float = 1.0) -> None:
