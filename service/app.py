@@ -131,11 +131,10 @@ class App:
         self.detect = FairExecutor(pool=self.detect_pool, max_queued=settings.max_detect_queue)
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
-        self._creating: collections.Counter[str] = collections.Counter()  # tenant -> new avatars being made
+        # tenant -> CreateAvatar calls in flight (create_slot); of those, new avatars (_avatar_slot)
+        self._create_calls: collections.Counter[str] = collections.Counter()
+        self._new_avatars: collections.Counter[str] = collections.Counter()
         self._submitting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
-        self._creates: collections.Counter[str] = (
-            collections.Counter()
-        )  # tenant -> CreateAvatar calls in flight
         budget = settings.latency_budget_ms / 1000.0
         self.cost = CostModel()
         self.batcher = Batcher(
@@ -387,22 +386,22 @@ class App:
     def create_slot(self, principal: Principal) -> Iterator[None]:
         """Hold one of the CreateAvatar calls in flight (CREATES_IN_FLIGHT) while one is served;
         taken before its request is read."""
-        tenant, total = principal.tenant, sum(self._creates.values())
-        if total >= CREATES_IN_FLIGHT or self._creates[tenant] >= max(1, CREATES_IN_FLIGHT // 2):
+        tenant, total = principal.tenant, sum(self._create_calls.values())
+        if total >= CREATES_IN_FLIGHT or self._create_calls[tenant] >= max(1, CREATES_IN_FLIGHT // 2):
             self.metrics.quota_refusals.labels(tenant, "creates_in_flight").inc()
-            mine = self._creates[tenant]
+            mine = self._create_calls[tenant]
             raise refused(
                 f"{mine} avatars of tenant {tenant!r} and {total - mine} of others are being created on "
                 "this server; retry in a few seconds",
                 2.0,
             )
-        self._creates[tenant] += 1
+        self._create_calls[tenant] += 1
         try:
             yield
         finally:
-            self._creates[tenant] -= 1
-            if not self._creates[tenant]:
-                del self._creates[tenant]
+            self._create_calls[tenant] -= 1
+            if not self._create_calls[tenant]:
+                del self._create_calls[tenant]
 
     @contextlib.asynccontextmanager
     async def _avatar_slot(self, principal: Principal, *, new: bool) -> AsyncIterator[bool]:
@@ -413,14 +412,14 @@ class App:
         if not new or not self.limits.quotas(principal).max_avatars:
             yield False
             return
-        self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._creating[tenant])
-        self._creating[tenant] += 1
+        self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._new_avatars[tenant])
+        self._new_avatars[tenant] += 1
         try:
             yield True
         finally:
-            self._creating[tenant] -= 1
-            if not self._creating[tenant]:
-                del self._creating[tenant]
+            self._new_avatars[tenant] -= 1
+            if not self._new_avatars[tenant]:
+                del self._new_avatars[tenant]
 
     async def _prepare(
         self, request: avatar_pb2.CreateAvatarRequest, info: ModelInfo, *, caller: str
