@@ -73,11 +73,13 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 # Photos and driving frames are searched for faces at most this size (longer side): a 39 Mpx photo
 # held the shared detect thread 7 s at full size (facekit.detect.Bounded).
 DETECT_MAX_SIDE = 1024
-# CreateAvatar calls in flight (their photos held, up to 64 MiB each): at most this many in all,
-# half as many per tenant; beyond, RESOURCE_EXHAUSTED before the request is read (service/wire.py).
-# One create of 63 MB (6 photos) raises the server's peak RSS by ~250 MB; 12 at once by 2.0 GB,
-# with this gate by 0.8 GB (8 refused). They take turns on one detect thread anyway.
-CREATES_IN_FLIGHT = 4
+# CreateAvatar calls in flight (their photos held, up to 64 MiB each): a tenant has at most 2; the
+# server at most 4, except that a tenant with none in flight gets one while the server has fewer
+# than 8 (other tenants' creates never lock it out); beyond, RESOURCE_EXHAUSTED before the request
+# is read (service/wire.py). One create of 63 MB (6 photos) raises the server's peak RSS by ~250
+# MB; 12 at once by 2.0 GB, with this gate by 0.8 GB (8 refused). They take turns on one detect
+# thread anyway.
+CREATES_PER_TENANT, CREATES_IN_FLIGHT, CREATES_IN_FLIGHT_MAX = 2, 4, 8
 # What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
 
@@ -384,15 +386,16 @@ class App:
 
     @contextlib.contextmanager
     def create_slot(self, principal: Principal) -> Iterator[None]:
-        """Hold one of the CreateAvatar calls in flight (CREATES_IN_FLIGHT) while one is served;
-        taken before its request is read."""
+        """Hold one of the CreateAvatar calls in flight (CREATES_PER_TENANT, CREATES_IN_FLIGHT)
+        while one is served; taken before its request is read."""
         tenant, total = principal.tenant, sum(self._create_calls.values())
-        if total >= CREATES_IN_FLIGHT or self._create_calls[tenant] >= max(1, CREATES_IN_FLIGHT // 2):
+        mine = self._create_calls[tenant]
+        room = CREATES_IN_FLIGHT_MAX if mine == 0 else CREATES_IN_FLIGHT
+        if mine >= CREATES_PER_TENANT or total >= room:
             self.metrics.quota_refusals.labels(tenant, "creates_in_flight").inc()
-            mine = self._create_calls[tenant]
             raise refused(
                 f"{mine} avatars of tenant {tenant!r} and {total - mine} of others are being created on "
-                "this server; retry in a few seconds",
+                "this server",
                 2.0,
             )
         self._create_calls[tenant] += 1

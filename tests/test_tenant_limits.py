@@ -67,13 +67,13 @@ def test_many_creates_at_once_are_refused_before_their_photos_are_read(
     limited: tuple[ServerThread, dict],
 ) -> None:
     """Each CreateAvatar holds its photos (up to 64 MiB) until its turn at face detection: 12 at
-    once grew the server by 1.2 GB. A tenant has at most 2 in flight (4 on the server); the rest
-    are refused at once, before their request is read, with a retry hint, and nothing stays held."""
+    once raised its peak by 2.0 GB. A tenant has at most 2 in flight; the rest are refused at once,
+    before their request is read, with a retry hint, and nothing stays held."""
     server, tokens = limited
     with Client(target=server.address, api_key=tokens["acme"]) as acme:
         results = _create_at_once(acme, [f"burst{i}" for i in range(8)])
         refused = [details for code, details in results if code == "RESOURCE_EXHAUSTED"]
-        assert refused and all("being created on this server; retry" in d for d in refused), results
+        assert refused and all("being created on this server; retry in 2 s" in d for d in refused), results
         assert {code for code, _ in results} == {"OK", "RESOURCE_EXHAUSTED"}, results
         for i in range(3):  # one after another: each is let in
             acme.create_avatar(f"calm{i}", [PORTRAIT], consent=CONSENT)
