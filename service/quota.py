@@ -137,8 +137,7 @@ class TenantLimits:
             raise self._refuse(
                 principal,
                 "personalisations",
-                f"tenant {principal.tenant!r} has its {limit} personalisations queued or running; "
-                "retry when one ends",
+                f"tenant {principal.tenant!r} has its {limit} personalisations queued or running",
                 30.0,
             )
 
