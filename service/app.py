@@ -84,6 +84,18 @@ CREATES_PER_TENANT, CREATES_IN_FLIGHT, CREATES_IN_FLIGHT_MAX = 2, 4, 8
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
 
 
+@contextlib.contextmanager
+def _held(counts: collections.Counter[str], key: str) -> Iterator[None]:
+    """One more of `key` in `counts` while inside (the key gone again at 0)."""
+    counts[key] += 1
+    try:
+        yield
+    finally:
+        counts[key] -= 1
+        if not counts[key]:
+            del counts[key]
+
+
 def actor_of(principal: Principal, peer: str) -> str:
     """Who calls, as the audit log names them: tenant, role, credential and the caller's address."""
     return f"{principal.describe()} peer={peer}"
@@ -370,16 +382,19 @@ class App:
             if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
                 await self._forget_personalisation(avatar_id)
             self.metrics.avatars_created.inc()
-            replaced = {}
-            if previous is not None:  # the replace is the old record's tombstone too
-                replaced = {"consent_id": previous.consent.get("record_id", ""), "removed": REMOVED}
+            tombstone = {}  # a replace is the old record's tombstone too
+            if previous is not None:
+                tombstone["replaced"] = {
+                    "consent_id": previous.consent.get("record_id", ""),
+                    "removed": REMOVED,
+                }
             await self.record_event(
                 "replace" if existed else "create",
                 record,
                 actor=actor,
                 images=len(request.images),
                 consent=record.consent,
-                **({"replaced": replaced} if replaced else {}),
+                **tombstone,
             )
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
             return record
@@ -398,13 +413,8 @@ class App:
                 "this server",
                 2.0,
             )
-        self._create_calls[tenant] += 1
-        try:
+        with _held(self._create_calls, tenant):
             yield
-        finally:
-            self._create_calls[tenant] -= 1
-            if not self._create_calls[tenant]:
-                del self._create_calls[tenant]
 
     @contextlib.asynccontextmanager
     async def _avatar_slot(self, principal: Principal, *, new: bool) -> AsyncIterator[bool]:
@@ -416,13 +426,8 @@ class App:
             yield False
             return
         self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._new_avatars[tenant])
-        self._new_avatars[tenant] += 1
-        try:
+        with _held(self._new_avatars, tenant):
             yield True
-        finally:
-            self._new_avatars[tenant] -= 1
-            if not self._new_avatars[tenant]:
-                del self._new_avatars[tenant]
 
     async def _prepare(
         self, request: avatar_pb2.CreateAvatarRequest, info: ModelInfo, *, caller: str

@@ -269,12 +269,6 @@ class Ring:
     def quotas(self, tenant: str) -> Quotas:
         return self.tenants.get(tenant, DEFAULT_QUOTAS)
 
-    def by_token(self, token: str) -> Principal | None:
-        try:
-            return self.check_token(token)
-        except Refused:
-            return None
-
     def check_token(self, token: str) -> Principal:
         """The key's principal; Refused (saying why) when it is not a valid key of this ring."""
         if not token.startswith(TOKEN_PREFIX):

@@ -163,6 +163,8 @@ class Settings:
     tls_bound_certs_only: bool = False  # only client certificates the key ring binds
     allow_unauthenticated: bool = False
     reflection: bool = True
+    shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM (after the drain)
+    shutdown_drain: float = 0.0  # seconds after SIGTERM new calls are still taken, health NOT_SERVING
     # Flag-only settings (no environment variable): limits and tuning.
     max_image_bytes: int = 10 * 1024 * 1024  # per encoded image (avatar photos, driving frames)
     max_image_pixels: int = 40_000_000  # per decoded image (checked from its header)
@@ -170,8 +172,6 @@ class Settings:
     max_images: int = 32  # photos per avatar
     max_detect_queue: int = 32  # photos / driving frames one caller may have waiting for detection
     inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
-    shutdown_grace: float = 5.0  # seconds in-flight streams get to finish on SIGTERM (after the drain)
-    shutdown_drain: float = 0.0  # seconds after SIGTERM new calls are still taken, health NOT_SERVING
     backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
     detector: str = "dlib"  # landmark detector for photos and driving frames
 

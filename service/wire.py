@@ -259,6 +259,8 @@ def _admitted_unary(
     """A single-request method served as a request stream, so that `admit` (which raises to refuse)
     runs before its one message is read: a refused call never has its request received whole."""
 
+    unary = _unary_unary(impl, parse)
+
     async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
         try:
             slot = admit(context)
@@ -273,11 +275,7 @@ def _admitted_unary(
                         context, (grpc.StatusCode.INVALID_ARGUMENT, f"no {parse.method} request sent", ())
                     )
                     return None
-                request = parse(data, context.peer())
-                if isinstance(request, tuple):
-                    set_status(context, request)
-                    return None
-                return await _settle(impl(request, context), parse, context)
+                return await unary(data, context)
             finally:
                 slot.__exit__(None, None, None)
         set_status(context, failure)

@@ -950,7 +950,7 @@ def test_default_install_requires_api_keys_from_a_chart_made_key_ring(helm: str)
     prefix, _, secret_part = token.partition(f"thk_{key_id}_")
     assert prefix == "" and len(secret_part) >= 32
     assert entry["sha256"] == hashlib.sha256(secret_part.encode()).hexdigest()
-    principal = Ring.parse(ring).by_token(token)  # the server's own lookup accepts the token
+    principal = Ring.parse(ring).check_token(token)  # the server's own lookup accepts the token
     assert principal is not None and principal.admin and principal.tenant == "ops"
     # Mounted whole (no subPath, so Kubernetes' updates reach the file), read-only, keys.json only:
     # the admin's token stays in the Secret for the operator.

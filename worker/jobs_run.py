@@ -178,9 +178,8 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     name = contract.personalised_name(job.avatar_id)
     if job.published_before < 0:
         job.published_before = (repository.versions(ctx.repository / name) or [0])[-1]
-    elif models.take_back_since(name, job.published_before, ctx.repository, tritons=ctx.tritons):
-        # Taken over: what a lost attempt published goes, or a cancel or failure now would keep it.
-        _taken_back(ctx, job, name)
+    else:  # taken over: what a lost attempt published goes, or a cancel or failure now would keep it
+        _take_back_lost(ctx, job, name)
     if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
         raise Cancelled("cancelled before fine-tuning" + (" resumed" if job.attempt > 1 else ""))
     frames, points = unpack_input(ctx.queue.load_input(job))
@@ -214,11 +213,7 @@ def _give_up(ctx: Context, job: Job) -> None:
     """End a personalisation that took its worker down MAX_ATTEMPTS times, taking back what those
     attempts published. Before, every restarted worker took it again and died on it in turn, and
     the jobs queued behind it never ran."""
-    name = contract.personalised_name(job.avatar_id)
-    if job.published_before >= 0 and models.take_back_since(
-        name, job.published_before, ctx.repository, tritons=ctx.tritons
-    ):
-        _taken_back(ctx, job, name)
+    _take_back_lost(ctx, job, contract.personalised_name(job.avatar_id))
     if not ctx.queue.update(job):
         raise Cancelled("cancelled while its worker was lost")
     message = (
@@ -227,6 +222,15 @@ def _give_up(ctx: Context, job: Job) -> None:
     )
     log.error("job %s: %s", job.id, message)
     _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=message))
+
+
+def _take_back_lost(ctx: Context, job: Job, name: str) -> None:
+    """Take back the versions of `name` that attempts lost before they ended published (those
+    above job.published_before), and tell the replicas."""
+    if job.published_before >= 0 and models.take_back_since(
+        name, job.published_before, ctx.repository, tritons=ctx.tritons
+    ):
+        _taken_back(ctx, job, name)
 
 
 def _taken_back(ctx: Context, job: Job, name: str) -> None:
