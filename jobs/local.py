@@ -83,7 +83,7 @@ class LocalQueue:
         with self._queue_lock():
             self._prune()
             if job.kind == PERSONALISE:
-                live = [j for j in self._jobs() if j.kind == PERSONALISE and not j.done]
+                live = self.live()
                 busy = [j for j in live if j.avatar_id == job.avatar_id]
                 if busy:
                     raise AvatarBusy(busy[0].id)
@@ -106,8 +106,11 @@ class LocalQueue:
         return jobs[::-1]
 
     def active(self, avatar_id: str) -> str | None:
-        live = [j for j in self._jobs() if j.kind == PERSONALISE and j.avatar_id == avatar_id and not j.done]
+        live = [j for j in self.live() if j.avatar_id == avatar_id]
         return live[0].id if live else None
+
+    def live(self) -> list[Job]:
+        return [j for j in self._jobs() if j.kind == PERSONALISE and not j.done]
 
     def cancel(self, job_id: str) -> Job | None:
         with self._queue_lock():

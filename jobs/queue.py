@@ -67,6 +67,10 @@ class JobQueue(Protocol):
         """The id of the avatar's queued or running personalisation, if any."""
         ...
 
+    def live(self) -> list[Job]:
+        """PERSONALISE jobs queued or running (not the week of ended ones `list` returns)."""
+        ...
+
     # -- a worker's side -------------------------------------------------------------------------
     def claim(self, worker: str, *, wait_s: float) -> Job | None:
         """The next job this worker now holds (RUNNING, attempt + 1), or None after `wait_s`."""

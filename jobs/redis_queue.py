@@ -148,20 +148,28 @@ class RedisQueue:
         job.cancel_requested = job.cancel_requested or cancel is not None
         return job
 
-    def list(self, *, avatar_id: str = "") -> list[Job]:
-        ids = [i.decode() for i in self.r.zrevrange(keys.JOBS, 0, -1)]
+    def _records(self, ids: list[str]) -> tuple[list[Job], list[str]]:
+        """The jobs of `ids` that still exist, and the ids of those that expired."""
         pipe = self.r.pipeline(transaction=False)
         for job_id in ids:
             pipe.hget(keys.job(job_id), "record")
         jobs, gone = [], []
         for job_id, record in zip(ids, pipe.execute(), strict=True):
-            if record is None:  # expired
+            if record is None:
                 gone.append(job_id)
             else:
                 jobs.append(Job.from_json(record))
+        return jobs, gone
+
+    def list(self, *, avatar_id: str = "") -> list[Job]:
+        jobs, gone = self._records([i.decode() for i in self.r.zrevrange(keys.JOBS, 0, -1)])
         if gone:
             self.r.zrem(keys.JOBS, *gone)
         return [j for j in jobs if avatar_id in ("", j.avatar_id)]
+
+    def live(self) -> list[Job]:
+        jobs, _ = self._records(sorted(i.decode() for i in self.r.smembers(keys.ACTIVE)))
+        return [j for j in jobs if not j.done]
 
     def active(self, avatar_id: str) -> str | None:
         value = self.r.get(keys.avatar_job(avatar_id))

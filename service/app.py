@@ -21,7 +21,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -60,7 +60,7 @@ from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
 from service.metrics import Metrics
 from service.personalisation import Personaliser
-from service.quota import TenantLimits, refused
+from service.quota import TenantLimits, held
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
 from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
@@ -73,27 +73,8 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 # Photos and driving frames are searched for faces at most this size (longer side): a 39 Mpx photo
 # held the shared detect thread 7 s at full size (facekit.detect.Bounded).
 DETECT_MAX_SIDE = 1024
-# CreateAvatar calls in flight (their photos held, up to 64 MiB each): a tenant has at most 2; the
-# server at most 4, except that a tenant with none in flight gets one while the server has fewer
-# than 8 (other tenants' creates never lock it out); beyond, RESOURCE_EXHAUSTED before the request
-# is read (service/wire.py). One create of 63 MB (6 photos) raises the server's peak RSS by ~250
-# MB; 12 at once by 2.0 GB, with this gate by 0.8 GB (8 refused). They take turns on one detect
-# thread anyway.
-CREATES_PER_TENANT, CREATES_IN_FLIGHT, CREATES_IN_FLIGHT_MAX = 2, 4, 8
 # What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
-
-
-@contextlib.contextmanager
-def _held(counts: collections.Counter[str], key: str) -> Iterator[None]:
-    """One more of `key` in `counts` while inside (the key gone again at 0)."""
-    counts[key] += 1
-    try:
-        yield
-    finally:
-        counts[key] -= 1
-        if not counts[key]:
-            del counts[key]
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -146,7 +127,6 @@ class App:
         self.io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="store")
         self._detector: LandmarkDetector | None = None
         # tenant -> CreateAvatar calls in flight (create_slot); of those, new avatars (_avatar_slot)
-        self._create_calls: collections.Counter[str] = collections.Counter()
         self._new_avatars: collections.Counter[str] = collections.Counter()
         self._submitting: collections.defaultdict[str, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         budget = settings.latency_budget_ms / 1000.0
@@ -165,7 +145,12 @@ class App:
         )
         self.active_streams = 0
         # streams follow the tenant's quotas as the key ring says now, not those they opened with
-        self.limits = TenantLimits(metrics, quotas_of=self.auth.quotas)
+        self.limits = TenantLimits(
+            metrics,
+            quotas_of=self.auth.quotas,
+            max_creates=settings.max_creates,
+            max_creates_per_tenant=settings.max_creates_per_tenant,
+        )
         self._calibration: asyncio.Task[None] | None = None
 
     def _warm_up(self) -> None:
@@ -399,23 +384,6 @@ class App:
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
             return record
 
-    @contextlib.contextmanager
-    def create_slot(self, principal: Principal) -> Iterator[None]:
-        """Hold one of the CreateAvatar calls in flight (CREATES_PER_TENANT, CREATES_IN_FLIGHT)
-        while one is served; taken before its request is read."""
-        tenant, total = principal.tenant, sum(self._create_calls.values())
-        mine = self._create_calls[tenant]
-        room = CREATES_IN_FLIGHT_MAX if mine == 0 else CREATES_IN_FLIGHT
-        if mine >= CREATES_PER_TENANT or total >= room:
-            self.metrics.quota_refusals.labels(tenant, "creates_in_flight").inc()
-            raise refused(
-                f"{mine} avatars of tenant {tenant!r} and {total - mine} of others are being created on "
-                "this server",
-                2.0,
-            )
-        with _held(self._create_calls, tenant):
-            yield
-
     @contextlib.asynccontextmanager
     async def _avatar_slot(self, principal: Principal, *, new: bool) -> AsyncIterator[bool]:
         """Hold one of the tenant's max_avatars while a new avatar is made (whether one is
@@ -426,7 +394,7 @@ class App:
             yield False
             return
         self.limits.avatars(principal, len(await self._tenant_ids(tenant)) + self._new_avatars[tenant])
-        with _held(self._new_avatars, tenant):
+        with held(self._new_avatars, tenant):
             yield True
 
     async def _prepare(

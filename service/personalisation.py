@@ -109,8 +109,8 @@ class Personaliser:
 
     async def active(self, tenant: str) -> int:
         """The tenant's personalisations queued or running."""
-        jobs: list[Job] = await self._call(self.queue.list)
-        return sum(1 for j in jobs if not j.done and split_id(j.avatar_id)[0] == tenant)
+        jobs: list[Job] = await self._call(self.queue.live)
+        return sum(1 for j in jobs if split_id(j.avatar_id)[0] == tenant)
 
     async def get(self, name: str, tenant: str) -> Job:
         """The tenant's operation; NOT_FOUND for another tenant's, as for one that does not exist."""

@@ -64,7 +64,7 @@ class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
 
     def admit_CreateAvatar(self, context: Any) -> contextlib.AbstractContextManager[None]:
         """A slot among the creates in flight, before the request (up to 64 MiB) is read."""
-        return self.app.create_slot(caller(self.app, context))
+        return self.app.limits.create_call(caller(self.app, context))
 
     async def CreateAvatar(self, request: avatar_pb2.CreateAvatarRequest, context: Any) -> avatar_pb2.Avatar:
         principal = caller(self.app, context)

@@ -54,6 +54,12 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    (a small share beside them), normal (the server's
                                                    own); service/local_worker.py has the figures
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
+    TALKINGHEAD_MAX_CREATES       4                CreateAvatar calls in flight on this server (each
+                                                   holds its photos, up to 64 MiB); a tenant with none
+                                                   in flight gets one while there are fewer than twice
+                                                   this; more: RESOURCE_EXHAUSTED before the request
+                                                   is read
+    TALKINGHEAD_MAX_CREATES_PER_TENANT 2           of those, one tenant's
     TALKINGHEAD_API_KEYS          (unset)          key ring of API keys and tenant quotas: a JSON file
                                                    path, or `redis` (in TALKINGHEAD_REDIS_URL); see
                                                    `talkinghead keys` and service/auth.py
@@ -155,6 +161,8 @@ class Settings:
     worker_threads: int = 1  # the embedded worker's PyTorch threads (service/local_worker.py)
     worker_priority: str = "idle"  # the embedded worker's CPU claim (service/local_worker.py)
     max_queue: int = 16
+    max_creates: int = 4  # CreateAvatar calls in flight (App.create_slot)
+    max_creates_per_tenant: int = 2
     audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
     api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
@@ -225,6 +233,11 @@ class Settings:
             )
         if self.max_queue < 1:
             problems.append(f"max_queue must be >= 1, got {self.max_queue}")
+        if not 1 <= self.max_creates_per_tenant <= self.max_creates:
+            problems.append(
+                "max_creates and max_creates_per_tenant must be >= 1, the tenant's no more than the "
+                f"server's, got {self.max_creates} and {self.max_creates_per_tenant}"
+            )
         if self.max_personalised_loaded < 1:
             problems.append(f"max_personalised_loaded must be >= 1, got {self.max_personalised_loaded}")
         if (
@@ -337,6 +350,8 @@ _ENV_FIELDS = (
     "worker_threads",
     "worker_priority",
     "max_queue",
+    "max_creates",
+    "max_creates_per_tenant",
     "production",
     "audit_log",
     "api_keys",
@@ -455,6 +470,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--audit-log", type=Path, help="audit log file without Redis (default var/audit.jsonl)"
     )
     group.add_argument("--max-queue", type=int, help="queued + running personalisations (default 16)")
+    group.add_argument("--max-creates", type=int, help="CreateAvatar calls in flight (default 4)")
+    group.add_argument(
+        "--max-creates-per-tenant", type=int, help="CreateAvatar calls in flight of one tenant (default 2)"
+    )
     group.add_argument(
         "--production",
         action="store_true",

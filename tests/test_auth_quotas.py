@@ -15,14 +15,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
 from service.auth import USER, FileRing, Principal, Quotas, issue, set_quotas
+from service.errors import ServiceError
 from service.metrics import Metrics
 from service.quota import TenantLimits
+from service.settings import from_env
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, REPO, ServerThread, test_settings
 
@@ -149,3 +152,36 @@ def test_lowering_a_quota_hands_out_no_fresh_burst() -> None:
     assert granted == 2  # the burst: max(1, 5 / 2) = 2.5 tokens
     quotas["acme"] = Quotas(max_fps=4.0)
     assert limits.frame(acme) > 0.1  # about (1 - the few tokens accrued since) / 4 s
+
+
+def test_creates_in_flight_follow_the_settings() -> None:
+    """TALKINGHEAD_MAX_CREATES 2, of one tenant 1: a tenant's second create in flight is refused,
+    another tenant still gets one (newcomers while fewer than 4 are in flight), and one that ends
+    makes room again."""
+    settings = from_env({"TALKINGHEAD_MAX_CREATES": "2", "TALKINGHEAD_MAX_CREATES_PER_TENANT": "1"})
+    metrics = Metrics()
+    limits = TenantLimits(
+        metrics, max_creates=settings.max_creates, max_creates_per_tenant=settings.max_creates_per_tenant
+    )
+    tenants = {name: Principal(tenant=name, role=USER, credential="key:x") for name in "abcde"}
+    with limits.create_call(tenants["a"]):
+        with pytest.raises(ServiceError) as refused:
+            limits.create_call(tenants["a"]).__enter__()
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "1 avatars of tenant 'a' and 0 of others are being created" in refused.value.message
+        with limits.create_call(tenants["b"]), limits.create_call(tenants["c"]):
+            with limits.create_call(tenants["d"]):  # the 4th: a newcomer below twice max_creates
+                with pytest.raises(ServiceError):
+                    limits.create_call(tenants["e"]).__enter__()
+    assert not limits.create_calls
+    with limits.create_call(tenants["a"]):
+        pass
+    refusals = metrics.quota_refusals.labels("a", "creates_in_flight")._value.get()
+    assert refusals == 1
+
+
+def test_create_limits_are_checked_at_start() -> None:
+    with pytest.raises(ValueError, match="max_creates_per_tenant must be"):
+        from_env({"TALKINGHEAD_MAX_CREATES": "2", "TALKINGHEAD_MAX_CREATES_PER_TENANT": "3"})
+    with pytest.raises(ValueError, match="max_creates and max_creates_per_tenant must be"):
+        from_env({"TALKINGHEAD_MAX_CREATES": "0"})

@@ -226,6 +226,7 @@ def test_a_job_that_took_its_worker_down_three_times_fails_and_the_queue_goes_on
     )
     assert not (repo / "generator_heavy").exists()
     assert _events(jobs) == [("heavy", UNPERSONALISED)]
+    assert [j.id for j in service.live()] == [behind.id], "the failed job no longer counts"
     nxt = worker.claim("last", wait_s=1)
     assert nxt is not None and nxt.id == behind.id and nxt.attempt == 1
 

@@ -86,6 +86,7 @@ def test_queue_one_job_per_avatar_and_a_bounded_queue(redis_url: str) -> None:
     cancelled = queue.cancel(first.id)
     assert cancelled is not None and cancelled.state == CANCELLED and cancelled.error_code == 1
     assert queue.active("a") is None, "a cancelled job frees its avatar"
+    assert [j.avatar_id for j in queue.live()] == ["b"], "live: queued or running personalisations"
     queue.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=2)
 
 
