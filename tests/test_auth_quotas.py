@@ -169,10 +169,13 @@ def test_creates_in_flight_follow_the_settings() -> None:
             limits.create_call(tenants["a"]).__enter__()
         assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "1 avatars of tenant 'a' and 0 of others are being created" in refused.value.message
-        with limits.create_call(tenants["b"]), limits.create_call(tenants["c"]):
-            with limits.create_call(tenants["d"]):  # the 4th: a newcomer below twice max_creates
-                with pytest.raises(ServiceError):
-                    limits.create_call(tenants["e"]).__enter__()
+        # b, c and d: newcomers while fewer than twice max_creates are in flight; e: not
+        with (
+            limits.create_call(tenants["b"]),
+            limits.create_call(tenants["c"]),
+            limits.create_call(tenants["d"]),pytest.raises(ServiceError)
+        ):
+            limits.create_call(tenants["e"]).__enter__()
     assert not limits.create_calls
     with limits.create_call(tenants["a"]):
         pass
