@@ -173,7 +173,8 @@ def test_creates_in_flight_follow_the_settings() -> None:
         with (
             limits.create_call(tenants["b"]),
             limits.create_call(tenants["c"]),
-            limits.create_call(tenants["d"]),pytest.raises(ServiceError)
+            limits.create_call(tenants["d"]),
+            pytest.raises(ServiceError),
         ):
             limits.create_call(tenants["e"]).__enter__()
     assert not limits.create_calls
