@@ -101,6 +101,9 @@ class LocalQueue:
         job.cancel_requested = job.cancel_requested or self._path(job_id, ".cancel").exists()
         return job
 
+    def live(self) -> list[Job]:
+        return [j for j in self._jobs() if j.kind == PERSONALISE and not j.done]
+
     def list(self, *, avatar_id: str = "") -> list[Job]:
         jobs = [j for j in self._jobs() if j.kind == PERSONALISE and avatar_id in ("", j.avatar_id)]
         return jobs[::-1]
@@ -108,9 +111,6 @@ class LocalQueue:
     def active(self, avatar_id: str) -> str | None:
         live = [j for j in self.live() if j.avatar_id == avatar_id]
         return live[0].id if live else None
-
-    def live(self) -> list[Job]:
-        return [j for j in self._jobs() if j.kind == PERSONALISE and not j.done]
 
     def cancel(self, job_id: str) -> Job | None:
         with self._queue_lock():

@@ -55,6 +55,10 @@ class JobQueue(Protocol):
 
     def get(self, job_id: str) -> Job | None: ...
 
+    def live(self) -> list[Job]:
+        """PERSONALISE jobs queued or running (not the week of ended ones `list` returns)."""
+        ...
+
     def list(self, *, avatar_id: str = "") -> list[Job]:
         """PERSONALISE jobs, newest first."""
         ...
@@ -65,10 +69,6 @@ class JobQueue(Protocol):
 
     def active(self, avatar_id: str) -> str | None:
         """The id of the avatar's queued or running personalisation, if any."""
-        ...
-
-    def live(self) -> list[Job]:
-        """PERSONALISE jobs queued or running (not the week of ended ones `list` returns)."""
         ...
 
     # -- a worker's side -------------------------------------------------------------------------

@@ -161,15 +161,15 @@ class RedisQueue:
                 jobs.append(Job.from_json(record))
         return jobs, gone
 
+    def live(self) -> list[Job]:
+        jobs, _ = self._records(sorted(i.decode() for i in self.r.smembers(keys.ACTIVE)))
+        return [j for j in jobs if not j.done]
+
     def list(self, *, avatar_id: str = "") -> list[Job]:
         jobs, gone = self._records([i.decode() for i in self.r.zrevrange(keys.JOBS, 0, -1)])
         if gone:
             self.r.zrem(keys.JOBS, *gone)
         return [j for j in jobs if avatar_id in ("", j.avatar_id)]
-
-    def live(self) -> list[Job]:
-        jobs, _ = self._records(sorted(i.decode() for i in self.r.smembers(keys.ACTIVE)))
-        return [j for j in jobs if not j.done]
 
     def active(self, avatar_id: str) -> str | None:
         value = self.r.get(keys.avatar_job(avatar_id))
