@@ -13,7 +13,9 @@ import pytest
 from talkinghead.cli import main as cli
 from training.config import EvalConfig
 from training.evaluation.protocol import EvalClip
-from training.evaluation.readings import correlation, mouth_opening, paired_nme, read_faces
+from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
+from training.evaluation.report import pooled, score_frames
+from training.metrics import PSNR_CAP_DB
 
 FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
 MODEL = Path(__file__).resolve().parents[1] / "models/talkinghead-small.pt"
@@ -47,6 +49,21 @@ def test_mouth_opening_and_correlation() -> None:
     assert np.allclose(mouth_opening(pts), [0.0, 0.2, 0.5])
     assert correlation(np.array([1.0, 2, 3, 4]), np.array([2.0, 4, 6, 8])) == pytest.approx(1.0)
     assert np.isnan(correlation(np.array([1.0, 1, 1, 1]), np.array([1.0, 2, 3, 4])))  # a frozen mouth
+
+
+def test_a_perfect_frame_counts_in_the_psnr_means() -> None:
+    """A bit-exact frame scores the PSNR cap, finite, so the clip's and the pooled means count it
+    (an infinite PSNR was dropped from them: the mean was the other frames' alone)."""
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    generated = real.copy()
+    generated[1] = np.clip(real[1].astype(int) + rng.integers(-40, 41, real[1].shape), 0, 255)
+    none = [FaceReading(None, None)] * 2
+    scores = score_frames(generated, real, none, none, None)
+    perfect, noisy = scores.values["psnr"]
+    assert perfect == PSNR_CAP_DB and noisy < 30
+    assert scores.means()["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
+    assert pooled({"clip": scores})["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
 
 
 @pytest.mark.parametrize("flag", ["--still-frames", "--jitter-frames"])
