@@ -4,6 +4,8 @@ table, JSON and contact sheets a person can read. Real clips come from ../shared
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import numpy as np
 import pytest
 
 from talkinghead.cli import main as cli
+from training import checkpoint
 from training.config import EvalConfig
+from training.evaluation import command
 from training.evaluation.protocol import EvalClip
 from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
 from training.evaluation.report import pooled, score_frames
@@ -71,6 +75,20 @@ def test_motion_figures_refuse_fewer_than_two_frames(flag: str, capsys: pytest.C
     with pytest.raises(SystemExit) as refused:
         cli(["evaluate", flag, "1"])
     assert refused.value.code == 2 and f"{flag}: needs at least 2 frames, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_steps_zero_is_reported_as_zero_steps() -> None:
+    """--steps 0 fine-tunes 0 steps (training.finetune.personalise); the report said the config's."""
+    meta = checkpoint.load(MODEL)
+    cfg = checkpoint.config_of(meta)
+    assert cfg.finetune.steps > 0
+    header = functools.partial(command._header, meta=meta, cfg=cfg, protocol=cfg.evaluation, clips=[])
+    assert header(argparse.Namespace(checkpoint=MODEL, steps=0))["finetune_steps"] == 0
+    assert header(argparse.Namespace(checkpoint=MODEL, steps=None))["finetune_steps"] == cfg.finetune.steps
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert parser.parse_args([]).steps is None
 
 
 @pytest.fixture(scope="module")

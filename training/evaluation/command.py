@@ -227,7 +227,7 @@ def _header(
         "config": cfg.name,
         "step": meta.get("step"),
         "image_size": cfg.model.image_size,
-        "finetune_steps": args.steps or cfg.finetune.steps,
+        "finetune_steps": cfg.finetune.steps if args.steps is None else args.steps,  # 0 is 0 steps
         "protocol": protocol.__dict__,
         "clips": clips,
         "machine": {
