@@ -7,15 +7,18 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from talkinghead.cli import main as cli
 from training import checkpoint
 from training.config import EvalConfig
 from training.evaluation import command
+from training.evaluation.methods import WarpBaseline
 from training.evaluation.protocol import EvalClip
 from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
 from training.evaluation.report import pooled, score_frames
@@ -112,6 +115,29 @@ def test_identity_figures_tell_people_apart(clips: Path) -> None:
     assert same < 0.45 < 0.6 < different, (same, different)
     assert np.nanmax(paired_nme(a, a)) == 0.0
     assert 0.0 < np.nanmean(paired_nme(a, b)) < 0.2
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_still_without_a_face_is_skipped_and_named(clips: Path, tmp_path: Path) -> None:
+    """A still in which dlib finds no face is logged and skipped (it ended the whole run)."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(faces / "blank_photo.png")
+    shutil.copy(FACES / "lp_s1_photo.jpg", faces)
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    driver, protocol = EvalClip.load(clips / "dpe_s"), EvalConfig(still_frames=4)
+    methods = {"warp": WarpBaseline()}
+    stills = command.evaluate_stills(faces, ("*_photo.*",), driver, methods, protocol, cfg, tmp_path)
+    assert stills["skipped"] == {"blank_photo.png": "no face found"}
+    assert set(stills["rows"]["warp"]["stills"]) == {"lp_s1_photo"}
+    assert stills["rows"]["warp"]["pooled"]["face_found"] == 1.0
+    (faces / "lp_s1_photo.jpg").unlink()  # nothing left with a face: empty rows, not a crash
+    stills = command.evaluate_stills(faces, ("*_photo.*",), driver, methods, protocol, cfg, tmp_path)
+    assert stills["rows"] == {} and stills["skipped"] == {"blank_photo.png": "no face found"}
+    report = {"checkpoint": "m", "model_id": "m", "step": 0, "created": "now", "clips": [], "image_size": 128}
+    report |= {"finetune_steps": 0, "machine": {"cpus": 2}, "seconds": 1, "reenactment": {}, "stills": stills}
+    assert "1 skipped (blank_photo.png: no face found)" in command.markdown(report, {})
 
 
 @needs_faces

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from facekit import engines
-from facekit.detect import make_detector
+from facekit.detect import NoFaceError, make_detector
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter, smooth_sequence
 from training import checkpoint
@@ -291,7 +291,9 @@ def evaluate_stills(
     cfg: ExperimentConfig,
     out: Path,
 ) -> dict[str, Any]:
-    """One-shot stills driven by `driver`'s motion -> {"driver", "rows": {method: {"pooled", "stills"}}}."""
+    """One-shot stills driven by `driver`'s motion -> {"driver", "rows": {method: {"pooled", "stills"}},
+    "skipped": {file: why}}. A still in which no face is found (or that cannot be read) is logged
+    and skipped, not the end of the run."""
     paths = find_stills(faces, patterns)
     if not paths:
         log.warning("no stills matching %s in %s: the stills rows are empty", list(patterns), faces)
@@ -299,8 +301,18 @@ def evaluate_stills(
     detector = make_detector("dlib")
     rows: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in methods}
     sheet_rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]] = []
+    skipped: dict[str, str] = {}
     for path in paths:
-        still = load_still(path, detector, cfg.model.image_size)
+        try:
+            still = load_still(path, detector, cfg.model.image_size)
+        except NoFaceError:
+            log.warning("still %s: no face found in it, skipped", path)
+            skipped[path.name] = "no face found"
+            continue
+        except OSError as error:  # not an image PIL can read
+            log.warning("still %s: cannot be read (%s), skipped", path, error)
+            skipped[path.name] = f"cannot be read: {error}"
+            continue
         reference = read_faces(still.frame[None])[0].descriptor
         picks, points = still_driving(driver, still, protocol)
         driver_mouth = mouth_opening(driver.points[picks])
@@ -317,10 +329,14 @@ def evaluate_stills(
             made[name] = frames
             log.info("still %s %s: %s", still.name, name, rows[name][still.name])
         sheet_rows.append((still.name, still.frame, made))
+    if not sheet_rows:
+        log.warning("no face found in any of the %d stills: the stills rows are empty", len(paths))
+        return {"driver": driver.clip_id, "rows": {}, "skipped": skipped}
     sheets.save_stills_sheet(out / "stills_sheet.png", sheet_rows, driver.frames[picks], cfg.model.image_size)
     return {
         "driver": driver.clip_id,
         "rows": {name: {"pooled": _pool_stills(per), "stills": per} for name, per in rows.items()},
+        "skipped": skipped,
     }
 
 
@@ -428,7 +444,11 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
                 f"| {name} | {_fmt(p['identity_distance'])} | {_fmt(p['face_found'])} | "
                 f"{_fmt(p['mouth_correlation'])} |"
             )
-        parts.append(f"## One-shot stills driven by {st['driver']}\n\n" + "\n".join(lines))
+        scored = len(next(iter(st["rows"].values()))["stills"]) if st["rows"] else 0
+        if st.get("skipped"):
+            reasons = "; ".join(f"{name}: {why}" for name, why in st["skipped"].items())
+            lines.append(f"\n{len(st['skipped'])} skipped ({reasons}).")
+        parts.append(f"## One-shot stills driven by {st['driver']} ({scored} stills)\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
