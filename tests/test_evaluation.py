@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from facekit.motion import STABLE_POINTS
+from facekit.smoothing import jitter
 from talkinghead.cli import main as cli
 from training import checkpoint
 from training.config import EvalConfig
 from training.evaluation import command
-from training.evaluation.methods import WarpBaseline
+from training.evaluation.methods import Fitted, WarpBaseline
 from training.evaluation.protocol import EvalClip
 from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
 from training.evaluation.report import pooled, score_frames
@@ -94,6 +96,32 @@ def test_steps_zero_is_reported_as_zero_steps() -> None:
     assert parser.parse_args([]).steps is None
 
 
+def test_jitter_is_measured_only_between_consecutive_frames_with_a_face() -> None:
+    rng = np.random.default_rng(0)
+    face = rng.uniform(20, 100, (68, 2))
+    face[36], face[45] = (30, 50), (90, 50)  # outer eye corners 60 px apart
+    frames = [face + rng.normal(0, 0.5, face.shape) for _ in range(5)]
+    frames[3:] = [f + 30 for f in frames[3:]]  # the head moved while dlib missed frame 2
+    readings = [FaceReading(p, np.zeros(128)) for p in frames]
+    assert command.found_jitter(readings) == pytest.approx(jitter(np.stack(frames), STABLE_POINTS))
+    readings[2] = FaceReading(None, None)
+    runs = [np.stack(frames[:2]), np.stack(frames[3:])]
+    expected = np.mean([jitter(r, STABLE_POINTS) for r in runs])  # one step each, same scale
+    assert command.found_jitter(readings) == pytest.approx(expected, rel=0.01)
+    assert command.found_jitter(readings) < 0.1  # not the 0.7-face jump across the miss
+    no_pair = [FaceReading(None, None), readings[0], FaceReading(None, None), readings[1]]
+    assert command.found_jitter(no_pair) is None and command.found_jitter([]) is None
+
+
+class _Flat:
+    """A collapsed model: flat grey frames, no face in any."""
+
+    name = "collapsed"
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        return Fitted(lambda points: np.full((len(points), *refs.shape[1:]), 128, np.uint8), 0.0)
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two evaluation clips preprocessed at 128 px (the committed model's size)."""
@@ -138,6 +166,35 @@ def test_a_still_without_a_face_is_skipped_and_named(clips: Path, tmp_path: Path
     report = {"checkpoint": "m", "model_id": "m", "step": 0, "created": "now", "clips": [], "image_size": 128}
     report |= {"finetune_steps": 0, "machine": {"cpus": 2}, "seconds": 1, "reenactment": {}, "stills": stills}
     assert "1 skipped (blank_photo.png: no face found)" in command.markdown(report, {})
+
+
+@needs_faces
+def test_a_model_that_makes_no_faces_has_no_jitter(clips: Path) -> None:
+    """No frame with a face: jitter None (np.stack of no frames crashed the run at this step)."""
+    clip = EvalClip.load(clips / EvalConfig().jitter_clip)
+    out = command.evaluate_jitter(clip, {"collapsed": _Flat()}, EvalConfig(), 6)
+    assert out["collapsed"] == {"raw": None, "smoothed": None} and out["driver"]["raw"] > 0
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_failing_later_step_leaves_the_reenactment_written(
+    clips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(command, "evaluate_stills", fail)
+    monkeypatch.setattr(command, "evaluate_jitter", fail)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", "dpe_s", "--shots", "1"]
+    args += ["--methods", "warp", "--max-drive", "2", "--faces", str(FACES), "--out", str(out)]
+    assert cli(args) == 1  # failed steps: not a clean exit, but nothing computed is lost
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["reenactment"]["T=1"]["warp"]["pooled"]["frames"] == 2
+    assert report["status"] == "incomplete" and "stills" not in report and "jitter" not in report
+    assert report["errors"] == {s: "RuntimeError: broken on purpose" for s in ("stills", "jitter")}
+    assert "**Incomplete**" in (out / "evaluation.md").read_text()
 
 
 @needs_faces

@@ -33,6 +33,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ from training.evaluation import sheets
 from training.evaluation.methods import FeedForward, FeedForwardOn, FineTuned, WarpBaseline
 from training.evaluation.protocol import EvalClip, find_stills, load_still, still_driving
 from training.evaluation.readings import (
+    FaceReading,
     correlation,
     detection_rate,
     identity,
@@ -68,6 +70,7 @@ from training.evaluation.report import (
     table,
 )
 from training.evaluation.spread import embedding_spread
+from training.metrics import OUTER_EYE_CORNERS
 from training.runtime import setup_logging
 
 log = logging.getLogger("talkinghead.evaluate")
@@ -143,27 +146,41 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = _header(args, meta, cfg, protocol, clip_ids)
     reenact, samples = evaluate_clips(clips, methods, protocol, args.max_drive, args.finetune_shots)
     report["reenactment"] = reenact
+    # The reenactment took most of the time: it is on disk before the later steps run, and a step
+    # that fails is logged and named in the report (`errors`) while the others go on.
+    report["status"] = "running"
+    write_json(args.out, report)
+    errors: dict[str, str] = {}
     if "feed-forward" in methods:
         emb = methods["feed-forward"].embedder  # type: ignore[attr-defined]
-        report["embedder_spread"] = embedding_spread(
-            emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)
+        _step(
+            "embedder_spread",
+            report,
+            errors,
+            lambda: embedding_spread(emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)),
         )
     still_patterns = protocol.stills if args.stills is None else tuple(args.stills)
-    stills_rows: dict[str, Any] = {}
     if still_patterns != ("none",):
         still_methods = {k: m for k, m in methods.items() if k != "fine-tuned" or args.still_finetune}
-        driver = next((c for c in clips if c.clip_id == protocol.still_driver), None)
-        driver = driver or EvalClip.load(data / protocol.still_driver)
-        stills_rows = evaluate_stills(
-            args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out
-        )
-        report["stills"] = stills_rows
+
+        def stills() -> dict[str, Any]:
+            driver = next((c for c in clips if c.clip_id == protocol.still_driver), None)
+            driver = driver or EvalClip.load(data / protocol.still_driver)
+            return evaluate_stills(args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out)
+
+        _step("stills", report, errors, stills)
     if not args.no_jitter:
-        still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
-        still = still or EvalClip.load(data / protocol.jitter_clip)
-        report["jitter"] = evaluate_jitter(
-            still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol, args.jitter_frames
-        )
+        jitter_methods = {k: m for k, m in methods.items() if k != "fine-tuned"}
+
+        def jitter_figures() -> dict[str, Any]:
+            still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
+            still = still or EvalClip.load(data / protocol.jitter_clip)
+            return evaluate_jitter(still, jitter_methods, protocol, args.jitter_frames)
+
+        _step("jitter", report, errors, jitter_figures)
+    if errors:
+        report["errors"] = errors
+    report["status"] = "incomplete" if errors else "complete"
     if args.engines:
         verdicts = judge_engines(report, args.engines, str(report["model_id"]))
         report["engines"] = {v.engine: v.as_dict() for v in verdicts}
@@ -172,7 +189,19 @@ def run(args: argparse.Namespace) -> int:
             log.info("wrote the engine verdicts to %s", args.verdict)
     report["seconds"] = round(time.monotonic() - started, 1)
     write(args.out, report, samples, cfg.model.image_size)
+    if errors:
+        log.error("evaluation incomplete: %s failed (the rest is written to %s)", ", ".join(errors), args.out)
+        return 1
     return 0
+
+
+def _step(name: str, report: dict[str, Any], errors: dict[str, str], compute: Callable[[], Any]) -> None:
+    """report[name] = compute(); a failure is logged and recorded in `errors` instead."""
+    try:
+        report[name] = compute()
+    except Exception as error:
+        log.exception("evaluation step %s failed; the other steps go on", name)
+        errors[name] = f"{type(error).__name__}: {error}"
 
 
 def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -359,11 +388,30 @@ def evaluate_jitter(
         fitted = method.fit(clip.frames[refs], clip.points[refs])
         out[name] = {}
         for kind, points in (("raw", raw), ("smoothed", smoothed)):
-            readings = read_faces(fitted.render(points))
-            found = np.stack([r.points for r in readings if r.points is not None])
-            out[name][kind] = jitter(found, STABLE_POINTS) if len(found) > 1 else None
+            out[name][kind] = found_jitter(read_faces(fitted.render(points)))
     log.info("jitter: %s", out)
     return out
+
+
+def found_jitter(readings: list[FaceReading]) -> float | None:
+    """facekit.smoothing.jitter of the landmarks dlib read, over the runs of consecutive frames with
+    a face: a step is measured only between neighbouring frames that both have one (the frames on
+    either side of a miss are not neighbours). None without two consecutive frames with a face."""
+    runs: list[np.ndarray] = []
+    run: list[np.ndarray] = []
+    for reading in [*readings, FaceReading(None, None)]:
+        if reading.points is not None:
+            run.append(reading.points)
+            continue
+        if len(run) > 1:
+            runs.append(np.stack(run))
+        run = []
+    if not runs:
+        return None
+    i, j = OUTER_EYE_CORNERS
+    scale = np.concatenate([np.linalg.norm(r[:, i] - r[:, j], axis=-1) for r in runs]).mean()
+    steps = [np.linalg.norm(np.diff(r[:, STABLE_POINTS], axis=0), axis=-1).ravel() for r in runs]
+    return float(np.concatenate(steps).mean() / scale)
 
 
 def _worse(a: float | None, b: float | None) -> float:
@@ -385,10 +433,21 @@ def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int) -> None:
+def write_json(out: Path, report: dict[str, Any]) -> None:
+    """<out>/evaluation.json of the report as it stands (the markdown's per-clip scores left out)."""
     out.mkdir(parents=True, exist_ok=True)
+    reenactment = {
+        t: {k: v for k, v in rows.items() if k != "_per_clip"} for t, rows in report["reenactment"].items()
+    }
+    text = json.dumps(jsonable({**report, "reenactment": reenactment}), indent=1) + "\n"
+    staged = out / ".evaluation.json"
+    staged.write_text(text)
+    os.replace(staged, out / "evaluation.json")
+
+
+def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int) -> None:
+    write_json(out, report)
     per_clip = {t: rows.pop("_per_clip") for t, rows in report["reenactment"].items()}
-    (out / "evaluation.json").write_text(json.dumps(jsonable(report), indent=1) + "\n")
     (out / "evaluation.md").write_text(markdown(report, per_clip))
     sheets.save_contact_sheet(out / "contact_sheet.png", samples, cell)
     log.info("wrote %s (%s s)\n%s", out, report["seconds"], markdown(report, per_clip))
@@ -402,6 +461,9 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
         f"scored at {report['image_size']} px; fine-tuning {report['finetune_steps']} steps; "
         f"{report['machine']['cpus']} CPUs; {report['seconds']} s in all.",
     ]
+    if report.get("errors"):
+        failed = "; ".join(f"{step}: {why}" for step, why in report["errors"].items())
+        parts.append(f"**Incomplete**: these steps failed and are missing below: {failed}.")
     for t, rows in report["reenactment"].items():
         parts.append(
             f"## Self-reenactment, {t}\n\n" + table({k: v["pooled"] for k, v in rows.items()}, columns)
