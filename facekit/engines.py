@@ -71,9 +71,14 @@ ENGINES = (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
 EXACT = (ONNXRUNTIME, OPENVINO)  # fp32: candidates without a verdict
 VERDICT_FILE = "engines.json"
 # The evaluation gate (issue 15): a lossy engine passes when, on the evaluation people, SSIM drops
-# by at most this much and the identity distance rises by at most this much against fp32.
+# by at most this much, the identity distance rises by at most this much and the share of frames
+# in which dlib finds a face drops by at most this much against fp32 (PyTorch's feed-forward row).
 MAX_SSIM_DROP = 0.01
 MAX_IDENTITY_RISE = 0.02
+# Identity is averaged only over frames with a face, so an engine that loses the face in the hard
+# frames drops them from its identity figure and can even improve it: face found is gated too.
+# The shipped bf16 engine measured 0.995 against 1.000 at T = 1 (BENCHMARKS.md).
+MAX_FACE_FOUND_DROP = 0.01
 AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
 LIVE, OFFLINE = 0, 1  # run priorities: a live call waiting for a lane goes before offline ones
 
@@ -565,25 +570,36 @@ def open_engine(path: Path, name: str, *, threads: int, lanes: int = 1) -> Engin
 # -- verdicts ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Verdict:
-    """An engine measured against fp32 on the evaluation people (training/evaluation)."""
+    """An engine measured against fp32 on the evaluation people (training/evaluation): the drop in
+    SSIM, the rise in identity distance and the drop in the share of frames with a face (gated),
+    and the rise in landmark NME (recorded, not gated)."""
 
     engine: str
     model_id: str
     ssim_drop: float
     identity_rise: float
+    face_found_drop: float
+    nme_rise: float | None = None
 
     @property
     def passed(self) -> bool:
-        return self.ssim_drop <= MAX_SSIM_DROP and self.identity_rise <= MAX_IDENTITY_RISE
+        return (
+            self.ssim_drop <= MAX_SSIM_DROP
+            and self.identity_rise <= MAX_IDENTITY_RISE
+            and self.face_found_drop <= MAX_FACE_FOUND_DROP
+        )
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "model_id": self.model_id,
             "ssim_drop": round(self.ssim_drop, 5),
             "identity_rise": round(self.identity_rise, 5),
+            "face_found_drop": round(self.face_found_drop, 5),
+            "nme_rise": None if self.nme_rise is None else round(self.nme_rise, 5),
             "passed": self.passed,
             "max_ssim_drop": MAX_SSIM_DROP,
             "max_identity_rise": MAX_IDENTITY_RISE,
+            "max_face_found_drop": MAX_FACE_FOUND_DROP,
         }
 
 

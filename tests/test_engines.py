@@ -25,6 +25,7 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.settings import Settings
 from tests.service_fixtures import *  # noqa: F403
 from training.evaluation.command import judge_engines
+from training.evaluation.report import Scores, pooled
 
 REPO = Path(__file__).resolve().parents[1]
 needs_openvino = pytest.mark.skipif(
@@ -385,11 +386,15 @@ def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Pa
     verdict = model.parent / engines.VERDICT_FILE
     assert engines.passed_engines(verdict, "abc") == []  # no file
     assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
-    passed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01)
+    passed = engines.Verdict(
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01, face_found_drop=0.0
+    )
     engines.write_verdicts(verdict, [passed])
     assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
     assert engines.passed_engines(verdict, "another-model") == []  # measured on other weights
-    failed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0)
+    failed = engines.Verdict(
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0, face_found_drop=0.0
+    )
     assert not failed.passed
     engines.write_verdicts(verdict, [failed])
     assert engines.passed_engines(verdict, "abc") == []
@@ -402,7 +407,7 @@ def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Pa
 
 def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
     def rows(ssim: float, identity: float | None) -> dict:
-        return {"pooled": {"ssim": ssim, "identity_distance": identity}}
+        return {"pooled": {"ssim": ssim, "identity_distance": identity, "face_found": 1.0}}
 
     report = {
         "reenactment": {
@@ -419,6 +424,41 @@ def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
     report["stills"]["rows"]["feed-forward@a"] = rows(0, None)  # no face found on its stills
     (verdict,) = judge_engines(report, ["a"], "m")
     assert not verdict.passed
+
+
+def _scores(ssim: list[float], identity: list[float], found: list[float]) -> Scores:
+    values = {"ssim": ssim, "identity_distance": identity, "face_found": found, "nme": [0.02] * len(ssim)}
+    return Scores({k: np.asarray(v, float) for k, v in values.items()})
+
+
+def _engine_report(pytorch: dict[str, Scores], engine: dict[str, Scores]) -> dict:
+    """A report's T = 8 rows as the evaluation makes them: pooled and per-clip means."""
+
+    def row(per_clip: dict[str, Scores]) -> dict:
+        return {"pooled": pooled(per_clip), "clips": {c: s.means() for c, s in per_clip.items()}}
+
+    return {"reenactment": {"T=8": {"feed-forward": row(pytorch), "feed-forward@a": row(engine)}}}
+
+
+def test_an_engine_that_loses_the_face_fails_the_gate() -> None:
+    """The engine loses the face in the 6 hardest frames of one person of 7: their identity
+    distances (0.45) drop out of its identity mean, which improves, and SSIM moves by 0.0011; the
+    share of frames with a face drops by 0.029 and fails it."""
+    n, people = 30, "abcdefg"
+    pytorch = {p: _scores([0.75] * n, [0.27] * (n - 6) + [0.45] * 6, [1] * n) for p in people}
+    engine = dict(pytorch)
+    engine["a"] = _scores(
+        [0.75] * (n - 6) + [0.71] * 6, [0.27] * (n - 6) + [np.nan] * 6, [1] * (n - 6) + [0] * 6
+    )
+    (verdict,) = judge_engines(_engine_report(pytorch, engine), ["a"], "m")
+    assert verdict.ssim_drop < engines.MAX_SSIM_DROP and verdict.identity_rise < 0  # both pass
+    assert verdict.face_found_drop == pytest.approx(6 / (7 * n))
+    assert verdict.face_found_drop > engines.MAX_FACE_FOUND_DROP
+    assert not verdict.passed
+    assert verdict.as_dict()["face_found_drop"] == pytest.approx(0.02857, abs=1e-5)
+    assert verdict.nme_rise == 0.0 and "nme_rise" in verdict.as_dict()  # recorded, not gated
+    (same,) = judge_engines(_engine_report(pytorch, pytorch), ["a"], "m")
+    assert same.passed and same.face_found_drop == 0.0
 
 
 def test_settings_refuse_an_unknown_engine() -> None:
@@ -535,7 +575,11 @@ def test_a_passed_verdict_lets_bf16_compete(
     model_id = engines.open_engine(path, engines.ONNXRUNTIME, threads=1).metadata[contract.Meta.MODEL_ID]
     engines.write_verdicts(
         path.parent / engines.VERDICT_FILE,
-        [engines.Verdict(engines.OPENVINO_BF16, model_id, ssim_drop=0.0, identity_rise=0.0)],
+        [
+            engines.Verdict(
+                engines.OPENVINO_BF16, model_id, ssim_drop=0.0, identity_rise=0.0, face_found_drop=0.0
+            )
+        ],
     )
     _backend_frames(repository, "auto", caplog)
     line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
