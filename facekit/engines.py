@@ -572,7 +572,8 @@ def open_engine(path: Path, name: str, *, threads: int, lanes: int = 1) -> Engin
 class Verdict:
     """An engine measured against fp32 on the evaluation people (training/evaluation): the drop in
     SSIM, the rise in identity distance and the drop in the share of frames with a face (gated),
-    and the rise in landmark NME (recorded, not gated)."""
+    and the rise in landmark NME (recorded, not gated); each the worst over every T's pooled and
+    per-person figures, and `worst` says where each was ("T=1 clip dpe_s")."""
 
     engine: str
     model_id: str
@@ -580,6 +581,7 @@ class Verdict:
     identity_rise: float
     face_found_drop: float
     nme_rise: float | None = None
+    worst: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -596,6 +598,7 @@ class Verdict:
             "identity_rise": round(self.identity_rise, 5),
             "face_found_drop": round(self.face_found_drop, 5),
             "nme_rise": None if self.nme_rise is None else round(self.nme_rise, 5),
+            "worst": dict(self.worst),
             "passed": self.passed,
             "max_ssim_drop": MAX_SSIM_DROP,
             "max_identity_rise": MAX_IDENTITY_RISE,
