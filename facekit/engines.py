@@ -10,7 +10,8 @@ Engines (`ENGINES`):
 - `openvino-bf16`: OpenVINO computing in bfloat16 where the CPU does so natively (AMX or AVX-512
   BF16); ~2x `openvino`. It changes the numbers, so it is a candidate only where the model's
   engine verdict (`engines.json` beside the model file, written by `talkinghead evaluate
-  --engines ... --verdict`) says it held quality on the evaluation people.
+  --engines ... --verdict`) says it held quality on the evaluation people, measured on the full
+  evaluation protocol (`passed_engines`).
 
 Lanes: an engine opened with `lanes=L` (and `threads=N`) runs up to L calls side by side, each on
 N / L threads of its own (OpenVINO: L streams; ONNX Runtime: runs of N / L intra-op threads);
@@ -573,7 +574,9 @@ class Verdict:
     """An engine measured against fp32 on the evaluation people (training/evaluation): the drop in
     SSIM, the rise in identity distance and the drop in the share of frames with a face (gated),
     and the rise in landmark NME (recorded, not gated); each the worst over every T's pooled and
-    per-person figures, and `worst` says where each was ("T=1 clip dpe_s")."""
+    per-person figures, and `worst` says where each was ("T=1 clip dpe_s"). `coverage` is what the
+    run measured (training.evaluation.command.protocol_coverage): only a verdict of the full
+    protocol is acted on (`passed_engines`)."""
 
     engine: str
     model_id: str
@@ -582,6 +585,11 @@ class Verdict:
     face_found_drop: float
     nme_rise: float | None = None
     worst: Mapping[str, str] = field(default_factory=dict)
+    coverage: Mapping[str, Any] | None = None
+
+    @property
+    def full_protocol(self) -> bool:
+        return self.coverage is not None and self.coverage.get("full_protocol") is True
 
     @property
     def passed(self) -> bool:
@@ -600,6 +608,8 @@ class Verdict:
             "nme_rise": None if self.nme_rise is None else round(self.nme_rise, 5),
             "worst": dict(self.worst),
             "passed": self.passed,
+            "full_protocol": self.full_protocol,
+            "coverage": None if self.coverage is None else dict(self.coverage),
             "max_ssim_drop": MAX_SSIM_DROP,
             "max_identity_rise": MAX_IDENTITY_RISE,
             "max_face_found_drop": MAX_FACE_FOUND_DROP,
@@ -612,16 +622,35 @@ def write_verdicts(path: Path, verdicts: Sequence[Verdict]) -> None:
 
 
 def passed_engines(path: Path, model_id: str) -> list[str]:
-    """Lossy engines a verdict file passed for this model (none when it is missing, unreadable or
-    for another model: a verdict holds for the weights it was measured on)."""
+    """Lossy engines a verdict file passed for this model on the full evaluation protocol (none
+    when it is missing, unreadable or for another model: a verdict holds for the weights it was
+    measured on). A passed verdict of a reduced run (fewer people, T or frames, no stills), or one
+    that does not say what it was measured on (written before verdicts recorded it), is ignored,
+    and the log says why."""
     try:
         data = json.loads(Path(path).read_text())
-        rows = data["engines"]
-        return sorted(
-            name
-            for name, row in rows.items()
-            if name in ENGINES and row.get("model_id") == model_id and row.get("passed") is True
-        )
+        accepted = []
+        for name, row in data["engines"].items():
+            if name not in ENGINES or row.get("model_id") != model_id or row.get("passed") is not True:
+                continue
+            if "full_protocol" not in row:
+                log.warning(
+                    "ignoring the %s verdict in %s: it does not record what it was measured on (written "
+                    "before verdicts did); regenerate it with talkinghead evaluate --engines ... --verdict",
+                    name,
+                    path,
+                )
+            elif row["full_protocol"] is not True:
+                reduced = "; ".join((row.get("coverage") or {}).get("reduced") or ["a reduced run"])
+                log.warning(
+                    "ignoring the %s verdict in %s: not measured on the full evaluation protocol (%s)",
+                    name,
+                    path,
+                    reduced,
+                )
+            else:
+                accepted.append(name)
+        return sorted(accepted)
     except FileNotFoundError:
         return []
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:

@@ -380,6 +380,17 @@ def _verdict(path: Path, rows: dict[str, dict]) -> None:
     path.write_text(json.dumps({"engines": rows}))
 
 
+# What a full run measured (training.evaluation.command.protocol_coverage): the only kind acted on.
+FULL = {
+    "clips": ["a", "b"],
+    "shots": [1, 8],
+    "max_drive": 0,
+    "stills": 17,
+    "full_protocol": True,
+    "reduced": [],
+}
+
+
 def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Path) -> None:
     model = tmp_path / "1" / "model.onnx"
     model.parent.mkdir()
@@ -387,13 +398,13 @@ def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Pa
     assert engines.passed_engines(verdict, "abc") == []  # no file
     assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
     passed = engines.Verdict(
-        engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01, face_found_drop=0.0
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01, face_found_drop=0.0, coverage=FULL
     )
     engines.write_verdicts(verdict, [passed])
     assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
     assert engines.passed_engines(verdict, "another-model") == []  # measured on other weights
     failed = engines.Verdict(
-        engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0, face_found_drop=0.0
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0, face_found_drop=0.0, coverage=FULL
     )
     assert not failed.passed
     engines.write_verdicts(verdict, [failed])
@@ -403,6 +414,51 @@ def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Pa
         assert engines.passed_engines(verdict, "abc") == []
     _verdict(verdict, {"cuda": {"model_id": "abc", "passed": True}})
     assert engines.passed_engines(verdict, "abc") == []  # not an engine this project knows
+
+
+def test_only_a_verdict_of_the_full_protocol_admits_a_lossy_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A verdict from a tiny run (one clip, T = 1, 2 driving frames, no stills) passed like a full
+    one; now it is written, marked, and ignored with a log line saying why. So is a verdict that
+    does not say what it measured (written before verdicts did: the committed one, until it is
+    regenerated), and then the service keeps to the exact fp32 engines."""
+    model = tmp_path / "1" / "model.onnx"
+    model.parent.mkdir()
+    verdict = model.parent / engines.VERDICT_FILE
+    tiny = {"clips": ["dpe_s"], "shots": [1], "max_drive": 2, "stills": 0, "full_protocol": False}
+    tiny["reduced"] = [
+        "clips left out: a, b",
+        "T left out: 8",
+        "at most 2 driving frames per clip (--max-drive)",
+    ]
+    figures = {"ssim_drop": 0.0, "identity_rise": 0.0, "face_found_drop": 0.0}
+    reduced = engines.Verdict(engines.OPENVINO_BF16, "abc", **figures, coverage=tiny)
+    assert reduced.passed and not reduced.full_protocol
+    engines.write_verdicts(verdict, [reduced])
+    written = json.loads(verdict.read_text())["engines"][engines.OPENVINO_BF16]
+    assert (
+        written["passed"] is True
+        and written["full_protocol"] is False
+        and written["coverage"]["max_drive"] == 2
+    )
+    with caplog.at_level("WARNING", logger="talkinghead.engines"):
+        assert engines.passed_engines(verdict, "abc") == []
+    assert "not measured on the full evaluation protocol (clips left out: a, b; T left out: 8;" in caplog.text
+    assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
+    engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures)])  # no coverage
+    assert engines.passed_engines(verdict, "abc") == []
+    # the committed verdict, written before verdicts recorded their coverage
+    committed = REPO / "models/talkinghead-small.engines.json"
+    shutil.copy(committed, verdict)
+    model_id = json.loads(committed.read_text())["engines"][engines.OPENVINO_BF16]["model_id"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="talkinghead.engines"):
+        assert engines.passed_engines(verdict, model_id) == []
+        assert set(engines.candidates(model, model_id)) == set(engines.EXACT) & set(engines.available())
+    assert "it does not record what it was measured on" in caplog.text
+    engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures, coverage=FULL)])
+    assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
 
 
 def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
@@ -517,12 +573,17 @@ def _backend_frames(
         return asyncio.run(main())
 
 
+@pytest.mark.parametrize("verdict_file", ["none", "committed"])
 def test_the_backend_serves_on_the_fastest_allowed_engine_and_says_which(
-    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, verdict_file: str
 ) -> None:
+    """No verdict, or the committed one (written before verdicts recorded their coverage, so not
+    acted on until it is regenerated): only the exact engines compete, and the service starts."""
     repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
     verdict = _generator(repository).parent / engines.VERDICT_FILE
-    verdict.unlink(missing_ok=True)  # no verdict: only the exact engines compete
+    verdict.unlink(missing_ok=True)
+    if verdict_file == "committed":
+        shutil.copy(REPO / "models/talkinghead-small.engines.json", verdict)
     chosen, frames = _backend_frames(repository, "auto", caplog)
     assert chosen in engines.EXACT
     line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
@@ -607,7 +668,12 @@ def test_a_passed_verdict_lets_bf16_compete(
         path.parent / engines.VERDICT_FILE,
         [
             engines.Verdict(
-                engines.OPENVINO_BF16, model_id, ssim_drop=0.0, identity_rise=0.0, face_found_drop=0.0
+                engines.OPENVINO_BF16,
+                model_id,
+                ssim_drop=0.0,
+                identity_rise=0.0,
+                face_found_drop=0.0,
+                coverage=FULL,
             )
         ],
     )

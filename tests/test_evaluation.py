@@ -122,6 +122,49 @@ class _Flat:
         return Fitted(lambda points: np.full((len(points), *refs.shape[1:]), 128, np.uint8), 0.0)
 
 
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_run_says_whether_it_covered_the_full_protocol() -> None:
+    """Only a run of every evaluation person of the checkpoint's config, every T, every driving
+    frame and the stills makes a verdict the service acts on (facekit.engines.passed_engines)."""
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    people, protocol = list(cfg.meta.validation_videos), cfg.evaluation
+    assert len(people) == 7
+
+    def report(clips: list[str], shots: list[int], stills: int) -> dict:
+        row = {"pooled": {}, "clips": {c: {"ssim": 0.7, "frames": 30.0} for c in clips}}
+        names = {f"still{i}": {} for i in range(stills)}
+        return {
+            "clips": clips,
+            "reenactment": {f"T={t}": {"feed-forward": row, "ceiling": row} for t in shots},
+            "stills": {
+                "rows": {"feed-forward": {"pooled": {}, "stills": names}},
+                "skipped": {"x.png": "no face"},
+            },
+        }
+
+    full = command.protocol_coverage(report(people, [1, 8], 17), cfg, protocol, 0, protocol.stills)
+    assert full["full_protocol"] and full["reduced"] == []
+    assert full["stills"] == 17 and full["stills_skipped"] == ["x.png"] and full["shots"] == [1, 8]
+    assert full["driving_frames"] == dict.fromkeys(people, 30) and full["max_drive"] == 0
+    tiny = command.protocol_coverage(report(["dpe_s"], [1], 0), cfg, protocol, 2, ("none",))
+    assert not tiny["full_protocol"]
+    assert tiny["reduced"][0].startswith("clips left out: dreamtalk_mead_w009, lia_vox_driving2")
+    assert tiny["reduced"][1:] == [
+        "T left out: 8",
+        "at most 2 driving frames per clip (--max-drive)",
+        f"stills none, not the config's {' '.join(protocol.stills)}",
+    ]
+    no_still = command.protocol_coverage(report(people, [1, 8], 0), cfg, protocol, 0, protocol.stills)
+    assert no_still["reduced"] == ["no still scored"]  # every still skipped, or the step failed
+    short = cfg.replace(**{"evaluation.still_frames": 16}).evaluation
+    fewer = command.protocol_coverage(report(people, [1, 8], 17), cfg, short, 0, protocol.stills)
+    assert fewer["reduced"] == [f"16 frames per still, not the config's {protocol.still_frames}"]
+    # the verdict records it
+    rows = {"feed-forward": {"pooled": {"ssim": 0.7}}, "feed-forward@x": {"pooled": {"ssim": 0.7}}}
+    verdict = command.judge_engines({"reenactment": {"T=1": rows}}, ["x"], "m", tiny)[0]
+    assert verdict.as_dict()["full_protocol"] is False and verdict.as_dict()["coverage"] == tiny
+
+
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two evaluation clips preprocessed at 128 px (the committed model's size)."""
@@ -195,6 +238,7 @@ def test_a_failing_later_step_leaves_the_reenactment_written(
     assert report["status"] == "incomplete" and "stills" not in report and "jitter" not in report
     assert report["errors"] == {s: "RuntimeError: broken on purpose" for s in ("stills", "jitter")}
     assert "**Incomplete**" in (out / "evaluation.md").read_text()
+    assert not report["coverage"]["full_protocol"] and "no still scored" in report["coverage"]["reduced"]
 
 
 @needs_faces

@@ -21,8 +21,15 @@ example:
 
 With --engines, each engine runs the exported generator of --repository as an extra feed-forward
 row (`feed-forward@<engine>`) and is judged against PyTorch's feed-forward row on the same frames:
-SSIM drop and identity-distance rise, the worst over every T (and the stills). --verdict writes
-that judgement where `make model-repository` picks it up (facekit/engines.py).
+SSIM drop, identity-distance rise and face-found drop (NME rise recorded, not gated), the worst
+over every T's pooled and per-person figures (and the stills'). --verdict writes that judgement
+where `make model-repository` picks it up (facekit/engines.py), with what the run covered: only
+the full protocol (every evaluation person of the config, every T, every driving frame, the
+stills) makes a verdict the service acts on; a reduced run's is written and marked so.
+
+A still without a detectable face is skipped and named; the reenactment rows are written as soon
+as they are computed, and a later step (embedder spread, stills, jitter) that fails is named under
+`errors` while the rest is written (exit 1).
 """
 
 from __future__ import annotations
@@ -181,12 +188,19 @@ def run(args: argparse.Namespace) -> int:
     if errors:
         report["errors"] = errors
     report["status"] = "incomplete" if errors else "complete"
+    report["coverage"] = coverage = protocol_coverage(report, cfg, protocol, args.max_drive, still_patterns)
     if args.engines:
-        verdicts = judge_engines(report, args.engines, str(report["model_id"]))
+        verdicts = judge_engines(report, args.engines, str(report["model_id"]), coverage)
         report["engines"] = {v.engine: v.as_dict() for v in verdicts}
         if args.verdict:
             engines.write_verdicts(args.verdict, verdicts)
             log.info("wrote the engine verdicts to %s", args.verdict)
+            if not coverage["full_protocol"]:
+                log.warning(
+                    "%s is from a reduced run (%s): the service will not act on it",
+                    args.verdict,
+                    "; ".join(coverage["reduced"]),
+                )
     report["seconds"] = round(time.monotonic() - started, 1)
     write(args.out, report, samples, cfg.model.image_size)
     if errors:
@@ -221,12 +235,14 @@ def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     return made
 
 
-def judge_engines(report: dict[str, Any], names: list[str], model_id: str) -> list[engines.Verdict]:
+def judge_engines(
+    report: dict[str, Any], names: list[str], model_id: str, coverage: dict[str, Any] | None = None
+) -> list[engines.Verdict]:
     """Each engine's row against PyTorch's feed-forward row on the same frames: the largest SSIM
     drop, identity-distance rise and face-found drop (and NME rise, not gated) over every T's
     pooled figures and every clip's (person's) own - one person ruined among seven hardly moves
     the pooled figure - and the stills' pooled identity distance and face found. The verdict
-    names where each worst figure was."""
+    names where each worst figure was, and records `coverage` (protocol_coverage)."""
     verdicts = []
     for name in names:
         row = f"feed-forward@{name}"
@@ -251,17 +267,71 @@ def judge_engines(report: dict[str, Any], names: list[str], model_id: str) -> li
                 change = _change(theirs.get(key), ours[key], sign, missing=figure != "nme_rise")
                 if change is not None and (figure not in worst or change > worst[figure][0]):
                     worst[figure] = (change, where)
-        gated = {k: worst.get(k, (float("inf"), "not measured"))[0] for k in _GATE_FIGURES if k != "nme_rise"}
+        gated = {k: worst[k][0] if k in worst else float("inf") for k in _GATE_FIGURES if k != "nme_rise"}
         verdict = engines.Verdict(
             name,
             model_id,
-            **gated,
+            ssim_drop=gated["ssim_drop"],
+            identity_rise=gated["identity_rise"],
+            face_found_drop=gated["face_found_drop"],
             nme_rise=worst["nme_rise"][0] if "nme_rise" in worst else None,
             worst={k: where for k, (_, where) in worst.items()},
+            coverage=coverage,
         )
         log.info("engine %s: %s", name, verdict.as_dict())
         verdicts.append(verdict)
     return verdicts
+
+
+def protocol_coverage(
+    report: dict[str, Any],
+    cfg: ExperimentConfig,
+    protocol: EvalConfig,
+    max_drive: int,
+    still_patterns: tuple[str, ...],
+) -> dict[str, Any]:
+    """What the run measured, and whether that is the checkpoint's full protocol: every evaluation
+    clip of its config (meta.validation_videos), every T of its config, every driving frame (no
+    --max-drive), and its stills (the config's globs, at least one still scored, the config's
+    frames per still). Engine verdicts are acted on only from a full run
+    (facekit.engines.passed_engines); `reduced` says what a reduced run left out."""
+    expected = cfg.evaluation
+    reenactment: dict[str, Any] = report.get("reenactment", {})
+    shots = sorted(int(t.removeprefix("T=")) for t in reenactment)
+    first: dict[str, Any] = next(iter(reenactment.values()), {})
+    clip_rows: dict[str, Any] = next(
+        (r["clips"] for k, r in first.items() if k != "_per_clip" and "clips" in r), {}
+    )
+    driving = {clip: int(figures.get("frames") or 0) for clip, figures in clip_rows.items()}
+    stills: dict[str, Any] = report.get("stills") or {}
+    still_rows: dict[str, Any] = next(iter(stills.get("rows", {}).values()), {})
+    scored = sorted(still_rows.get("stills", {}))
+    reduced = []
+    if not cfg.meta.validation_videos:
+        reduced.append("the config names no evaluation clips (meta.validation_videos)")
+    left_out = [c for c in cfg.meta.validation_videos if c not in driving]
+    if left_out:
+        reduced.append(f"clips left out: {', '.join(left_out)}")
+    if missing := [str(t) for t in expected.shots if t not in shots]:
+        reduced.append(f"T left out: {', '.join(missing)}")
+    if max_drive > 0:
+        reduced.append(f"at most {max_drive} driving frames per clip (--max-drive)")
+    if tuple(still_patterns) != tuple(expected.stills):
+        reduced.append(f"stills {' '.join(still_patterns)}, not the config's {' '.join(expected.stills)}")
+    elif not scored:
+        reduced.append("no still scored")
+    if protocol.still_frames != expected.still_frames:
+        reduced.append(f"{protocol.still_frames} frames per still, not the config's {expected.still_frames}")
+    return {
+        "clips": list(driving),
+        "shots": shots,
+        "driving_frames": driving,
+        "max_drive": max_drive,
+        "stills": len(scored),
+        "stills_skipped": sorted(stills.get("skipped", {})),
+        "full_protocol": not reduced,
+        "reduced": reduced,
+    }
 
 
 # verdict figure -> (report figure, +1 where the engine's higher value is worse, -1 where lower is)
@@ -543,6 +613,7 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
             f"rise <= {engines.MAX_IDENTITY_RISE}, face found drop <= {engines.MAX_FACE_FOUND_DROP}; "
             "worst over every T's pooled and per-person figures and the stills; NME not gated)\n\n"
             + "\n".join(lines)
+            + _coverage_line(report.get("coverage"))
         )
     if report.get("stills"):
         st = report["stills"]
@@ -559,6 +630,17 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
             lines.append(f"\n{len(st['skipped'])} skipped ({reasons}).")
         parts.append(f"## One-shot stills driven by {st['driver']} ({scored} stills)\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _coverage_line(coverage: dict[str, Any] | None) -> str:
+    if not coverage:
+        return ""
+    if coverage["full_protocol"]:
+        return "\n\nThe full protocol: the service acts on these verdicts."
+    return (
+        f"\n\nA reduced run ({'; '.join(coverage['reduced'])}): the verdicts are written but the "
+        "service does not act on them."
+    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:
