@@ -545,6 +545,7 @@ def test_the_gate_judges_every_person_not_only_the_pool() -> None:
         assert verdict.as_dict()["worst"][figure] == "T=8 clip c"
     (same,) = judge_engines(_engine_report(pytorch, pytorch), ["a"], "m")
     assert same.passed and same.worst["ssim_drop"] == "T=8 pooled"  # ties: the first place
+    assert str(same.as_dict()["face_found_drop"]) == "0.0"  # not -0.0
 
 
 def test_settings_refuse_an_unknown_engine() -> None:

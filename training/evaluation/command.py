@@ -352,7 +352,7 @@ def _change(engine: float | None, pytorch: float | None, sign: int, *, missing: 
         return None
     if engine is None:
         return float("inf") if missing else None
-    return sign * (engine - pytorch)
+    return sign * (engine - pytorch) + 0.0  # + 0.0: no -0.0 in the verdict
 
 
 def _header(
