@@ -633,14 +633,18 @@ def passed_engines(path: Path, model_id: str) -> list[str]:
         for name, row in data["engines"].items():
             if name not in ENGINES or row.get("model_id") != model_id or row.get("passed") is not True:
                 continue
-            if "full_protocol" not in row:
+            if row.get("full_protocol") is True:
+                accepted.append(name)
+            elif name in EXACT:
+                continue  # the fp32 engines need no verdict: nothing to say
+            elif "full_protocol" not in row:
                 log.warning(
                     "ignoring the %s verdict in %s: it does not record what it was measured on (written "
                     "before verdicts did); regenerate it with talkinghead evaluate --engines ... --verdict",
                     name,
                     path,
                 )
-            elif row["full_protocol"] is not True:
+            else:
                 reduced = "; ".join((row.get("coverage") or {}).get("reduced") or ["a reduced run"])
                 log.warning(
                     "ignoring the %s verdict in %s: not measured on the full evaluation protocol (%s)",
@@ -648,8 +652,6 @@ def passed_engines(path: Path, model_id: str) -> list[str]:
                     path,
                     reduced,
                 )
-            else:
-                accepted.append(name)
         return sorted(accepted)
     except FileNotFoundError:
         return []

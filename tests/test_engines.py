@@ -457,6 +457,8 @@ def test_only_a_verdict_of_the_full_protocol_admits_a_lossy_engine(
         assert engines.passed_engines(verdict, model_id) == []
         assert set(engines.candidates(model, model_id)) == set(engines.EXACT) & set(engines.available())
     assert "it does not record what it was measured on" in caplog.text
+    for exact in engines.EXACT:  # the fp32 engines need no verdict: no line about theirs
+        assert f"ignoring the {exact} verdict" not in caplog.text
     engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures, coverage=FULL)])
     assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
 

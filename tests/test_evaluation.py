@@ -279,3 +279,7 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     assert "## Jitter on a still head (dreamtalk_mead_w009, 6 frames" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):
         assert (out / sheet).stat().st_size > 10_000
+    assert report["status"] == "complete" and "errors" not in report
+    coverage = report["coverage"]  # a short run: a verdict from it would not be acted on
+    assert not coverage["full_protocol"] and coverage["max_drive"] == 4 and coverage["stills"] == 1
+    assert coverage["driving_frames"] == dict.fromkeys(CLIPS, 4) and coverage["shots"] == [1]
