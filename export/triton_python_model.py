@@ -11,7 +11,7 @@ A generator runs on TALKINGHEAD_ENGINE where Triton's environment sets it (`onnx
 `openvino` or `openvino-bf16`), else (`auto`) on the first of these this instance may use:
 - `openvino-bf16` where the CPU computes bf16 natively (AMX or AVX-512 BF16) and the verdict beside
   the model (`engines.json`, written by `talkinghead evaluate --verdict`) passed it for this model
-  id: a personalised generator has none, so it runs exact;
+  id on the full evaluation protocol: a personalised generator has none, so it runs exact;
 - `openvino` (fp32) where OpenVINO is installed;
 - `onnxruntime`.
 That is the order in which the embedded backend's timing ranked them on every CPU measured (no-AMX
@@ -54,13 +54,19 @@ def bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def verdict_passed(version_dir: str, model_id: str, engine: str) -> bool:
-    """Whether `engines.json` in `version_dir` passed `engine` for `model_id` (False without one)."""
+    """Whether `engines.json` in `version_dir` passed `engine` for `model_id` on the full evaluation
+    protocol (False without one, and for a reduced run's or one that does not say: as
+    facekit/engines.py passed_engines)."""
     try:
         with open(os.path.join(version_dir, VERDICT_FILE)) as file:
             verdict = json.load(file)["engines"][engine]
-    except (OSError, ValueError, KeyError, TypeError):
+        return (
+            verdict.get("passed") is True
+            and verdict.get("full_protocol") is True
+            and verdict.get("model_id") == model_id
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
-    return bool(verdict.get("passed")) and verdict.get("model_id") == model_id
 
 
 def openvino_installed() -> bool:

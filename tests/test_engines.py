@@ -25,6 +25,7 @@ from service.backends.onnxruntime import OnnxRuntimeBackend
 from service.settings import Settings
 from tests.service_fixtures import *  # noqa: F403
 from training.evaluation.command import judge_engines
+from training.evaluation.report import Scores, pooled
 
 REPO = Path(__file__).resolve().parents[1]
 needs_openvino = pytest.mark.skipif(
@@ -379,17 +380,32 @@ def _verdict(path: Path, rows: dict[str, dict]) -> None:
     path.write_text(json.dumps({"engines": rows}))
 
 
+# What a full run measured (training.evaluation.command.protocol_coverage): the only kind acted on.
+FULL = {
+    "clips": ["a", "b"],
+    "shots": [1, 8],
+    "max_drive": 0,
+    "stills": 17,
+    "full_protocol": True,
+    "reduced": [],
+}
+
+
 def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Path) -> None:
     model = tmp_path / "1" / "model.onnx"
     model.parent.mkdir()
     verdict = model.parent / engines.VERDICT_FILE
     assert engines.passed_engines(verdict, "abc") == []  # no file
     assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
-    passed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01)
+    passed = engines.Verdict(
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.002, identity_rise=0.01, face_found_drop=0.0, coverage=FULL
+    )
     engines.write_verdicts(verdict, [passed])
     assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
     assert engines.passed_engines(verdict, "another-model") == []  # measured on other weights
-    failed = engines.Verdict(engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0)
+    failed = engines.Verdict(
+        engines.OPENVINO_BF16, "abc", ssim_drop=0.011, identity_rise=0.0, face_found_drop=0.0, coverage=FULL
+    )
     assert not failed.passed
     engines.write_verdicts(verdict, [failed])
     assert engines.passed_engines(verdict, "abc") == []
@@ -400,9 +416,56 @@ def test_only_a_passed_verdict_for_this_model_admits_a_lossy_engine(tmp_path: Pa
     assert engines.passed_engines(verdict, "abc") == []  # not an engine this project knows
 
 
+def test_only_a_verdict_of_the_full_protocol_admits_a_lossy_engine(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A verdict from a tiny run (one clip, T = 1, 2 driving frames, no stills) passed like a full
+    one; now it is written, marked, and ignored with a log line saying why. So is a verdict that
+    does not say what it measured (written before verdicts did: the committed one, until it is
+    regenerated), and then the service keeps to the exact fp32 engines."""
+    model = tmp_path / "1" / "model.onnx"
+    model.parent.mkdir()
+    verdict = model.parent / engines.VERDICT_FILE
+    tiny = {"clips": ["dpe_s"], "shots": [1], "max_drive": 2, "stills": 0, "full_protocol": False}
+    tiny["reduced"] = [
+        "clips left out: a, b",
+        "T left out: 8",
+        "at most 2 driving frames per clip (--max-drive)",
+    ]
+    figures = {"ssim_drop": 0.0, "identity_rise": 0.0, "face_found_drop": 0.0}
+    reduced = engines.Verdict(engines.OPENVINO_BF16, "abc", **figures, coverage=tiny)
+    assert reduced.passed and not reduced.full_protocol
+    engines.write_verdicts(verdict, [reduced])
+    written = json.loads(verdict.read_text())["engines"][engines.OPENVINO_BF16]
+    assert (
+        written["passed"] is True
+        and written["full_protocol"] is False
+        and written["coverage"]["max_drive"] == 2
+    )
+    with caplog.at_level("WARNING", logger="talkinghead.engines"):
+        assert engines.passed_engines(verdict, "abc") == []
+    assert "not measured on the full evaluation protocol (clips left out: a, b; T left out: 8;" in caplog.text
+    assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
+    engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures)])  # no coverage
+    assert engines.passed_engines(verdict, "abc") == []
+    # the committed verdict, written before verdicts recorded their coverage
+    committed = REPO / "models/talkinghead-small.engines.json"
+    shutil.copy(committed, verdict)
+    model_id = json.loads(committed.read_text())["engines"][engines.OPENVINO_BF16]["model_id"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="talkinghead.engines"):
+        assert engines.passed_engines(verdict, model_id) == []
+        assert set(engines.candidates(model, model_id)) == set(engines.EXACT) & set(engines.available())
+    assert "it does not record what it was measured on" in caplog.text
+    for exact in engines.EXACT:  # the fp32 engines need no verdict: no line about theirs
+        assert f"ignoring the {exact} verdict" not in caplog.text
+    engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures, coverage=FULL)])
+    assert engines.passed_engines(verdict, "abc") == [engines.OPENVINO_BF16]
+
+
 def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
     def rows(ssim: float, identity: float | None) -> dict:
-        return {"pooled": {"ssim": ssim, "identity_distance": identity}}
+        return {"pooled": {"ssim": ssim, "identity_distance": identity, "face_found": 1.0}}
 
     report = {
         "reenactment": {
@@ -419,6 +482,72 @@ def test_the_gate_judges_each_engine_by_its_worst_figure() -> None:
     report["stills"]["rows"]["feed-forward@a"] = rows(0, None)  # no face found on its stills
     (verdict,) = judge_engines(report, ["a"], "m")
     assert not verdict.passed
+
+
+def _scores(ssim: list[float], identity: list[float], found: list[float]) -> Scores:
+    values = {"ssim": ssim, "identity_distance": identity, "face_found": found, "nme": [0.02] * len(ssim)}
+    return Scores({k: np.asarray(v, float) for k, v in values.items()})
+
+
+def _engine_report(pytorch: dict[str, Scores], engine: dict[str, Scores]) -> dict:
+    """A report's T = 8 rows as the evaluation makes them: pooled and per-clip means."""
+
+    def row(per_clip: dict[str, Scores]) -> dict:
+        return {"pooled": pooled(per_clip), "clips": {c: s.means() for c, s in per_clip.items()}}
+
+    return {"reenactment": {"T=8": {"feed-forward": row(pytorch), "feed-forward@a": row(engine)}}}
+
+
+def test_an_engine_that_loses_the_face_fails_the_gate() -> None:
+    """The engine loses the face in the 6 hardest frames of one person of 7: their identity
+    distances (0.45) drop out of its identity mean, which improves, and SSIM moves by 0.0011 pooled
+    (0.008 for that person); the share of frames with a face drops (0.029 pooled, 0.2 for that
+    person) and fails it."""
+    n, people = 30, "abcdefg"
+    pytorch = {p: _scores([0.75] * n, [0.27] * (n - 6) + [0.45] * 6, [1] * n) for p in people}
+    engine = dict(pytorch)
+    engine["a"] = _scores(
+        [0.75] * (n - 6) + [0.71] * 6, [0.27] * (n - 6) + [np.nan] * 6, [1] * (n - 6) + [0] * 6
+    )
+    (verdict,) = judge_engines(_engine_report(pytorch, engine), ["a"], "m")
+    assert verdict.ssim_drop < engines.MAX_SSIM_DROP and verdict.identity_rise <= 0  # both pass
+    assert verdict.face_found_drop == pytest.approx(6 / n)  # that person's (pooled: 6 / 210)
+    assert verdict.face_found_drop > engines.MAX_FACE_FOUND_DROP
+    assert not verdict.passed
+    assert verdict.as_dict()["face_found_drop"] == pytest.approx(0.2)
+    assert verdict.nme_rise == 0.0 and "nme_rise" in verdict.as_dict()  # recorded, not gated
+    (same,) = judge_engines(_engine_report(pytorch, pytorch), ["a"], "m")
+    assert same.passed and same.face_found_drop == 0.0
+
+
+def test_the_gate_judges_every_person_not_only_the_pool() -> None:
+    """One person of seven ruined by the engine passed on the pooled figures (SSIM: a 0.06 drop
+    for one person is 0.0086 pooled); each person's own figures are judged with the same limits,
+    and the verdict names the worst."""
+    n, people = 30, "abcdefg"
+    pytorch = {p: _scores([0.75] * n, [0.27] * n, [1] * n) for p in people}
+    cases = {
+        "ssim_drop": _scores([0.69] * n, [0.27] * n, [1] * n),  # SSIM -0.06
+        "identity_rise": _scores([0.75] * n, [0.37] * n, [1] * n),  # identity +0.1 (pooled +0.014)
+        "face_found_drop": _scores([0.75] * n, [0.27] * (n - 2) + [np.nan] * 2, [1] * (n - 2) + [0] * 2),
+    }
+    for figure, ruined in cases.items():
+        report = _engine_report(pytorch, {**pytorch, "c": ruined})
+        pooled_figures = report["reenactment"]["T=8"]
+        ours, theirs = pooled_figures["feed-forward"]["pooled"], pooled_figures["feed-forward@a"]["pooled"]
+        limits = {"ssim_drop": engines.MAX_SSIM_DROP, "identity_rise": engines.MAX_IDENTITY_RISE}
+        limits["face_found_drop"] = engines.MAX_FACE_FOUND_DROP
+        key, sign = {"ssim_drop": ("ssim", -1), "identity_rise": ("identity_distance", 1)}.get(
+            figure, ("face_found", -1)
+        )
+        assert 0 < sign * (theirs[key] - ours[key]) <= limits[figure]  # the pool alone passes
+        (verdict,) = judge_engines(report, ["a"], "m")
+        assert getattr(verdict, figure) > limits[figure] and not verdict.passed, figure
+        assert verdict.worst[figure] == "T=8 clip c"
+        assert verdict.as_dict()["worst"][figure] == "T=8 clip c"
+    (same,) = judge_engines(_engine_report(pytorch, pytorch), ["a"], "m")
+    assert same.passed and same.worst["ssim_drop"] == "T=8 pooled"  # ties: the first place
+    assert str(same.as_dict()["face_found_drop"]) == "0.0"  # not -0.0
 
 
 def test_settings_refuse_an_unknown_engine() -> None:
@@ -447,12 +576,17 @@ def _backend_frames(
         return asyncio.run(main())
 
 
+@pytest.mark.parametrize("verdict_file", ["none", "committed"])
 def test_the_backend_serves_on_the_fastest_allowed_engine_and_says_which(
-    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, verdict_file: str
 ) -> None:
+    """No verdict, or the committed one (written before verdicts recorded their coverage, so not
+    acted on until it is regenerated): only the exact engines compete, and the service starts."""
     repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
     verdict = _generator(repository).parent / engines.VERDICT_FILE
-    verdict.unlink(missing_ok=True)  # no verdict: only the exact engines compete
+    verdict.unlink(missing_ok=True)
+    if verdict_file == "committed":
+        shutil.copy(REPO / "models/talkinghead-small.engines.json", verdict)
     chosen, frames = _backend_frames(repository, "auto", caplog)
     assert chosen in engines.EXACT
     line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
@@ -535,7 +669,16 @@ def test_a_passed_verdict_lets_bf16_compete(
     model_id = engines.open_engine(path, engines.ONNXRUNTIME, threads=1).metadata[contract.Meta.MODEL_ID]
     engines.write_verdicts(
         path.parent / engines.VERDICT_FILE,
-        [engines.Verdict(engines.OPENVINO_BF16, model_id, ssim_drop=0.0, identity_rise=0.0)],
+        [
+            engines.Verdict(
+                engines.OPENVINO_BF16,
+                model_id,
+                ssim_drop=0.0,
+                identity_rise=0.0,
+                face_found_drop=0.0,
+                coverage=FULL,
+            )
+        ],
     )
     _backend_frames(repository, "auto", caplog)
     line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())

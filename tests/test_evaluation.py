@@ -4,16 +4,27 @@ table, JSON and contact sheets a person can read. Real clips come from ../shared
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from facekit.motion import STABLE_POINTS
+from facekit.smoothing import jitter
 from talkinghead.cli import main as cli
+from training import checkpoint
 from training.config import EvalConfig
+from training.evaluation import command
+from training.evaluation.methods import Fitted, WarpBaseline
 from training.evaluation.protocol import EvalClip
-from training.evaluation.readings import correlation, mouth_opening, paired_nme, read_faces
+from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
+from training.evaluation.report import pooled, score_frames
+from training.metrics import PSNR_CAP_DB
 
 FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
 MODEL = Path(__file__).resolve().parents[1] / "models/talkinghead-small.pt"
@@ -49,11 +60,109 @@ def test_mouth_opening_and_correlation() -> None:
     assert np.isnan(correlation(np.array([1.0, 1, 1, 1]), np.array([1.0, 2, 3, 4])))  # a frozen mouth
 
 
+def test_a_perfect_frame_counts_in_the_psnr_means() -> None:
+    """A bit-exact frame scores the PSNR cap, finite, so the clip's and the pooled means count it
+    (an infinite PSNR was dropped from them: the mean was the other frames' alone)."""
+    rng = np.random.default_rng(0)
+    real = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    generated = real.copy()
+    generated[1] = np.clip(real[1].astype(int) + rng.integers(-40, 41, real[1].shape), 0, 255)
+    none = [FaceReading(None, None)] * 2
+    scores = score_frames(generated, real, none, none, None)
+    perfect, noisy = scores.values["psnr"]
+    assert perfect == PSNR_CAP_DB and noisy < 30
+    assert scores.means()["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
+    assert pooled({"clip": scores})["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
+
+
 @pytest.mark.parametrize("flag", ["--still-frames", "--jitter-frames"])
 def test_motion_figures_refuse_fewer_than_two_frames(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as refused:
         cli(["evaluate", flag, "1"])
     assert refused.value.code == 2 and f"{flag}: needs at least 2 frames, got 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_steps_zero_is_reported_as_zero_steps() -> None:
+    """--steps 0 fine-tunes 0 steps (training.finetune.personalise); the report said the config's."""
+    meta = checkpoint.load(MODEL)
+    cfg = checkpoint.config_of(meta)
+    assert cfg.finetune.steps > 0
+    header = functools.partial(command._header, meta=meta, cfg=cfg, protocol=cfg.evaluation, clips=[])
+    assert header(argparse.Namespace(checkpoint=MODEL, steps=0))["finetune_steps"] == 0
+    assert header(argparse.Namespace(checkpoint=MODEL, steps=None))["finetune_steps"] == cfg.finetune.steps
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert parser.parse_args([]).steps is None
+
+
+def test_jitter_is_measured_only_between_consecutive_frames_with_a_face() -> None:
+    rng = np.random.default_rng(0)
+    face = rng.uniform(20, 100, (68, 2))
+    face[36], face[45] = (30, 50), (90, 50)  # outer eye corners 60 px apart
+    frames = [face + rng.normal(0, 0.5, face.shape) for _ in range(5)]
+    frames[3:] = [f + 30 for f in frames[3:]]  # the head moved while dlib missed frame 2
+    readings = [FaceReading(p, np.zeros(128)) for p in frames]
+    assert command.found_jitter(readings) == pytest.approx(jitter(np.stack(frames), STABLE_POINTS))
+    readings[2] = FaceReading(None, None)
+    runs = [np.stack(frames[:2]), np.stack(frames[3:])]
+    expected = np.mean([jitter(r, STABLE_POINTS) for r in runs])  # one step each, same scale
+    assert command.found_jitter(readings) == pytest.approx(expected, rel=0.01)
+    assert command.found_jitter(readings) < 0.1  # not the 0.7-face jump across the miss
+    no_pair = [FaceReading(None, None), readings[0], FaceReading(None, None), readings[1]]
+    assert command.found_jitter(no_pair) is None and command.found_jitter([]) is None
+
+
+class _Flat:
+    """A collapsed model: flat grey frames, no face in any."""
+
+    name = "collapsed"
+
+    def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
+        return Fitted(lambda points: np.full((len(points), *refs.shape[1:]), 128, np.uint8), 0.0)
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_run_says_whether_it_covered_the_full_protocol() -> None:
+    """Only a run of every evaluation person of the checkpoint's config, every T, every driving
+    frame and the stills makes a verdict the service acts on (facekit.engines.passed_engines)."""
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    people, protocol = list(cfg.meta.validation_videos), cfg.evaluation
+    assert len(people) == 7
+
+    def report(clips: list[str], shots: list[int], stills: int) -> dict:
+        row = {"pooled": {}, "clips": {c: {"ssim": 0.7, "frames": 30.0} for c in clips}}
+        names = {f"still{i}": {} for i in range(stills)}
+        return {
+            "clips": clips,
+            "reenactment": {f"T={t}": {"feed-forward": row, "ceiling": row} for t in shots},
+            "stills": {
+                "rows": {"feed-forward": {"pooled": {}, "stills": names}},
+                "skipped": {"x.png": "no face"},
+            },
+        }
+
+    full = command.protocol_coverage(report(people, [1, 8], 17), cfg, protocol, 0, protocol.stills)
+    assert full["full_protocol"] and full["reduced"] == []
+    assert full["stills"] == 17 and full["stills_skipped"] == ["x.png"] and full["shots"] == [1, 8]
+    assert full["driving_frames"] == dict.fromkeys(people, 30) and full["max_drive"] == 0
+    tiny = command.protocol_coverage(report(["dpe_s"], [1], 0), cfg, protocol, 2, ("none",))
+    assert not tiny["full_protocol"]
+    assert tiny["reduced"][0].startswith("clips left out: dreamtalk_mead_w009, lia_vox_driving2")
+    assert tiny["reduced"][1:] == [
+        "T left out: 8",
+        "at most 2 driving frames per clip (--max-drive)",
+        f"stills none, not the config's {' '.join(protocol.stills)}",
+    ]
+    no_still = command.protocol_coverage(report(people, [1, 8], 0), cfg, protocol, 0, protocol.stills)
+    assert no_still["reduced"] == ["no still scored"]  # every still skipped, or the step failed
+    short = cfg.replace(**{"evaluation.still_frames": 16}).evaluation
+    fewer = command.protocol_coverage(report(people, [1, 8], 17), cfg, short, 0, protocol.stills)
+    assert fewer["reduced"] == [f"16 frames per still, not the config's {protocol.still_frames}"]
+    # the verdict records it
+    rows = {"feed-forward": {"pooled": {"ssim": 0.7}}, "feed-forward@x": {"pooled": {"ssim": 0.7}}}
+    verdict = command.judge_engines({"reenactment": {"T=1": rows}}, ["x"], "m", tiny)[0]
+    assert verdict.as_dict()["full_protocol"] is False and verdict.as_dict()["coverage"] == tiny
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +186,59 @@ def test_identity_figures_tell_people_apart(clips: Path) -> None:
     assert same < 0.45 < 0.6 < different, (same, different)
     assert np.nanmax(paired_nme(a, a)) == 0.0
     assert 0.0 < np.nanmean(paired_nme(a, b)) < 0.2
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_still_without_a_face_is_skipped_and_named(clips: Path, tmp_path: Path) -> None:
+    """A still in which dlib finds no face is logged and skipped (it ended the whole run)."""
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    Image.new("RGB", (256, 256), (128, 128, 128)).save(faces / "blank_photo.png")
+    shutil.copy(FACES / "lp_s1_photo.jpg", faces)
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    driver, protocol = EvalClip.load(clips / "dpe_s"), EvalConfig(still_frames=4)
+    methods = {"warp": WarpBaseline()}
+    stills = command.evaluate_stills(faces, ("*_photo.*",), driver, methods, protocol, cfg, tmp_path)
+    assert stills["skipped"] == {"blank_photo.png": "no face found"}
+    assert set(stills["rows"]["warp"]["stills"]) == {"lp_s1_photo"}
+    assert stills["rows"]["warp"]["pooled"]["face_found"] == 1.0
+    (faces / "lp_s1_photo.jpg").unlink()  # nothing left with a face: empty rows, not a crash
+    stills = command.evaluate_stills(faces, ("*_photo.*",), driver, methods, protocol, cfg, tmp_path)
+    assert stills["rows"] == {} and stills["skipped"] == {"blank_photo.png": "no face found"}
+    report = {"checkpoint": "m", "model_id": "m", "step": 0, "created": "now", "clips": [], "image_size": 128}
+    report |= {"finetune_steps": 0, "machine": {"cpus": 2}, "seconds": 1, "reenactment": {}, "stills": stills}
+    assert "1 skipped (blank_photo.png: no face found)" in command.markdown(report, {})
+
+
+@needs_faces
+def test_a_model_that_makes_no_faces_has_no_jitter(clips: Path) -> None:
+    """No frame with a face: jitter None (np.stack of no frames crashed the run at this step)."""
+    clip = EvalClip.load(clips / EvalConfig().jitter_clip)
+    out = command.evaluate_jitter(clip, {"collapsed": _Flat()}, EvalConfig(), 6)
+    assert out["collapsed"] == {"raw": None, "smoothed": None} and out["driver"]["raw"] > 0
+
+
+@needs_faces
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_a_failing_later_step_leaves_the_reenactment_written(
+    clips: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("broken on purpose")
+
+    monkeypatch.setattr(command, "evaluate_stills", fail)
+    monkeypatch.setattr(command, "evaluate_jitter", fail)
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", "dpe_s", "--shots", "1"]
+    args += ["--methods", "warp", "--max-drive", "2", "--faces", str(FACES), "--out", str(out)]
+    assert cli(args) == 1  # failed steps: not a clean exit, but nothing computed is lost
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["reenactment"]["T=1"]["warp"]["pooled"]["frames"] == 2
+    assert report["status"] == "incomplete" and "stills" not in report and "jitter" not in report
+    assert report["errors"] == {s: "RuntimeError: broken on purpose" for s in ("stills", "jitter")}
+    assert "**Incomplete**" in (out / "evaluation.md").read_text()
+    assert not report["coverage"]["full_protocol"] and "no still scored" in report["coverage"]["reduced"]
 
 
 @needs_faces
@@ -117,3 +279,7 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     assert "## Jitter on a still head (dreamtalk_mead_w009, 6 frames" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):
         assert (out / sheet).stat().st_size > 10_000
+    assert report["status"] == "complete" and "errors" not in report
+    coverage = report["coverage"]  # a short run: a verdict from it would not be acted on
+    assert not coverage["full_protocol"] and coverage["max_drive"] == 4 and coverage["stills"] == 1
+    assert coverage["driving_frames"] == dict.fromkeys(CLIPS, 4) and coverage["shots"] == [1]

@@ -245,8 +245,10 @@ def test_the_python_model_runs_each_instance_on_its_share_of_the_cores(
     assert runner.pb_utils.logged[0].startswith(f"generator_0_0: {engine} on {expected} thread(s)")
 
 
-def write_verdict(version: Path, model_id: str, passed: bool) -> None:
+def write_verdict(version: Path, model_id: str, passed: bool, full_protocol: bool | None = True) -> None:
     verdict = {"model_id": model_id, "passed": passed, "ssim_drop": 0.0, "identity_rise": 0.0}
+    if full_protocol is not None:  # None: a verdict written before verdicts recorded their coverage
+        verdict["full_protocol"] = full_protocol
     (version / "engines.json").write_text(json.dumps({"engines": {"openvino-bf16": verdict}}))
 
 
@@ -254,9 +256,10 @@ def test_the_python_model_runs_generators_on_the_fastest_engine_it_may_use(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """auto: openvino-bf16 only where the CPU has native bf16 and the verdict beside the model
-    passed it for this model id (a personalised generator has none: exact); openvino (fp32) where
-    it is installed; onnxruntime otherwise, and always for the embedder. TALKINGHEAD_ENGINE names
-    one; an unknown name is an error that says which names there are."""
+    passed it for this model id on the full evaluation protocol (a personalised generator has
+    none: exact); openvino (fp32) where it is installed; onnxruntime otherwise, and always for the
+    embedder. TALKINGHEAD_ENGINE names one; an unknown name is an error that says which names
+    there are."""
     runner = python_runner(monkeypatch)
     generator = {"parameters": {"talkinghead.kind": {"string_value": "generator"},
                                 "talkinghead.model_id": {"string_value": "abc"}}}  # fmt: skip
@@ -268,6 +271,10 @@ def test_the_python_model_runs_generators_on_the_fastest_engine_it_may_use(
     write_verdict(tmp_path, "abc", passed=False)
     assert choose(generator, str(tmp_path), "auto") == "openvino"
     write_verdict(tmp_path, "another model", passed=True)
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    write_verdict(tmp_path, "abc", passed=True, full_protocol=False)  # a reduced run's
+    assert choose(generator, str(tmp_path), "auto") == "openvino"
+    write_verdict(tmp_path, "abc", passed=True, full_protocol=None)  # says not what it measured
     assert choose(generator, str(tmp_path), "auto") == "openvino"
     write_verdict(tmp_path, "abc", passed=True)
     assert choose(generator, str(tmp_path), "auto") == "openvino-bf16"

@@ -221,7 +221,10 @@ def run(args: argparse.Namespace) -> int:
     images, names = load_inputs(args)
     frames, points = prepare_images(images, names, detector, cfg.model.image_size)
     log.info(
-        "fine-tuning %s on %d frames for %s steps", args.avatar, len(frames), args.steps or cfg.finetune.steps
+        "fine-tuning %s on %d frames for %s steps",
+        args.avatar,
+        len(frames),
+        cfg.finetune.steps if args.steps is None else args.steps,
     )
     result = personalise(
         meta,

@@ -21,8 +21,15 @@ example:
 
 With --engines, each engine runs the exported generator of --repository as an extra feed-forward
 row (`feed-forward@<engine>`) and is judged against PyTorch's feed-forward row on the same frames:
-SSIM drop and identity-distance rise, the worst over every T (and the stills). --verdict writes
-that judgement where `make model-repository` picks it up (facekit/engines.py).
+SSIM drop, identity-distance rise and face-found drop (NME rise recorded, not gated), the worst
+over every T's pooled and per-person figures (and the stills'). --verdict writes that judgement
+where `make model-repository` picks it up (facekit/engines.py), with what the run covered: only
+the full protocol (every evaluation person of the config, every T, every driving frame, the
+stills) makes a verdict the service acts on; a reduced run's is written and marked so.
+
+A still without a detectable face is skipped and named; the reenactment rows are written as soon
+as they are computed, and a later step (embedder spread, stills, jitter) that fails is named under
+`errors` while the rest is written (exit 1).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -41,7 +49,7 @@ import numpy as np
 import torch
 
 from facekit import engines
-from facekit.detect import make_detector
+from facekit.detect import NoFaceError, make_detector
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter, smooth_sequence
 from training import checkpoint
@@ -50,6 +58,7 @@ from training.evaluation import sheets
 from training.evaluation.methods import FeedForward, FeedForwardOn, FineTuned, WarpBaseline
 from training.evaluation.protocol import EvalClip, find_stills, load_still, still_driving
 from training.evaluation.readings import (
+    FaceReading,
     correlation,
     detection_rate,
     identity,
@@ -68,6 +77,7 @@ from training.evaluation.report import (
     table,
 )
 from training.evaluation.spread import embedding_spread
+from training.metrics import OUTER_EYE_CORNERS
 from training.runtime import setup_logging
 
 log = logging.getLogger("talkinghead.evaluate")
@@ -143,36 +153,69 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = _header(args, meta, cfg, protocol, clip_ids)
     reenact, samples = evaluate_clips(clips, methods, protocol, args.max_drive, args.finetune_shots)
     report["reenactment"] = reenact
+    # The reenactment took most of the time: it is on disk before the later steps run, and a step
+    # that fails is logged and named in the report (`errors`) while the others go on.
+    report["status"] = "running"
+    write_json(args.out, report)
+    errors: dict[str, str] = {}
     if "feed-forward" in methods:
         emb = methods["feed-forward"].embedder  # type: ignore[attr-defined]
-        report["embedder_spread"] = embedding_spread(
-            emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)
+        _step(
+            "embedder_spread",
+            report,
+            errors,
+            lambda: embedding_spread(emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)),
         )
     still_patterns = protocol.stills if args.stills is None else tuple(args.stills)
-    stills_rows: dict[str, Any] = {}
     if still_patterns != ("none",):
         still_methods = {k: m for k, m in methods.items() if k != "fine-tuned" or args.still_finetune}
-        driver = next((c for c in clips if c.clip_id == protocol.still_driver), None)
-        driver = driver or EvalClip.load(data / protocol.still_driver)
-        stills_rows = evaluate_stills(
-            args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out
-        )
-        report["stills"] = stills_rows
+
+        def stills() -> dict[str, Any]:
+            driver = next((c for c in clips if c.clip_id == protocol.still_driver), None)
+            driver = driver or EvalClip.load(data / protocol.still_driver)
+            return evaluate_stills(args.faces, still_patterns, driver, still_methods, protocol, cfg, args.out)
+
+        _step("stills", report, errors, stills)
     if not args.no_jitter:
-        still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
-        still = still or EvalClip.load(data / protocol.jitter_clip)
-        report["jitter"] = evaluate_jitter(
-            still, {k: m for k, m in methods.items() if k != "fine-tuned"}, protocol, args.jitter_frames
-        )
+        jitter_methods = {k: m for k, m in methods.items() if k != "fine-tuned"}
+
+        def jitter_figures() -> dict[str, Any]:
+            still = next((c for c in clips if c.clip_id == protocol.jitter_clip), None)
+            still = still or EvalClip.load(data / protocol.jitter_clip)
+            return evaluate_jitter(still, jitter_methods, protocol, args.jitter_frames)
+
+        _step("jitter", report, errors, jitter_figures)
+    if errors:
+        report["errors"] = errors
+    report["status"] = "incomplete" if errors else "complete"
+    report["coverage"] = coverage = protocol_coverage(report, cfg, protocol, args.max_drive, still_patterns)
     if args.engines:
-        verdicts = judge_engines(report, args.engines, str(report["model_id"]))
+        verdicts = judge_engines(report, args.engines, str(report["model_id"]), coverage)
         report["engines"] = {v.engine: v.as_dict() for v in verdicts}
         if args.verdict:
             engines.write_verdicts(args.verdict, verdicts)
             log.info("wrote the engine verdicts to %s", args.verdict)
+            if not coverage["full_protocol"]:
+                log.warning(
+                    "%s is from a reduced run (%s): the service will not act on it",
+                    args.verdict,
+                    "; ".join(coverage["reduced"]),
+                )
     report["seconds"] = round(time.monotonic() - started, 1)
     write(args.out, report, samples, cfg.model.image_size)
+    if errors:
+        log.error("evaluation incomplete: %s failed (the rest is written to %s)", ", ".join(errors), args.out)
+        return 1
     return 0
+
+
+def _step(name: str, report: dict[str, Any], errors: dict[str, str], compute: Callable[[], Any]) -> None:
+    """report[name] = compute(); a failure is logged and recorded in `errors` instead."""
+    try:
+        report[name] = compute()
+    except Exception as error:
+        log.exception("evaluation step %s failed; the other steps go on", name)
+        errors[name] = f"{type(error).__name__}: {error}"
 
 
 def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
@@ -192,25 +235,124 @@ def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
     return made
 
 
-def judge_engines(report: dict[str, Any], names: list[str], model_id: str) -> list[engines.Verdict]:
-    """Each engine's row against PyTorch's feed-forward row: the largest SSIM drop and identity
-    rise over every T's pooled figures and the stills' identity distance."""
+def judge_engines(
+    report: dict[str, Any], names: list[str], model_id: str, coverage: dict[str, Any] | None = None
+) -> list[engines.Verdict]:
+    """Each engine's row against PyTorch's feed-forward row on the same frames: the largest SSIM
+    drop, identity-distance rise and face-found drop (and NME rise, not gated) over every T's
+    pooled figures and every clip's (person's) own - one person ruined among seven hardly moves
+    the pooled figure - and the stills' pooled identity distance and face found. The verdict
+    names where each worst figure was, and records `coverage` (protocol_coverage)."""
     verdicts = []
     for name in names:
         row = f"feed-forward@{name}"
-        drops, rises = [], []
-        for rows in report["reenactment"].values():
-            ours, theirs = rows["feed-forward"]["pooled"], rows[row]["pooled"]
-            drops.append(_worse(ours["ssim"], theirs["ssim"]))
-            rises.append(_worse(theirs["identity_distance"], ours["identity_distance"]))
+        places = []
+        for t, rows in report["reenactment"].items():
+            ours, theirs = rows["feed-forward"], rows[row]
+            places.append((f"{t} pooled", ours["pooled"], theirs["pooled"]))
+            for clip, figures in ours.get("clips", {}).items():
+                places.append((f"{t} clip {clip}", figures, theirs["clips"].get(clip, {})))
         still_rows = report.get("stills", {}).get("rows", {})
         if row in still_rows:
-            ours, theirs = still_rows["feed-forward"]["pooled"], still_rows[row]["pooled"]
-            rises.append(_worse(theirs["identity_distance"], ours["identity_distance"]))
-        verdict = engines.Verdict(name, model_id, float(max(drops)), float(max(rises)))
+            ours, theirs = (
+                {k: v for k, v in r["pooled"].items() if k in _STILL_FIGURES}
+                for r in (still_rows["feed-forward"], still_rows[row])
+            )
+            places.append(("stills pooled", ours, theirs))
+        worst: dict[str, tuple[float, str]] = {}
+        for where, ours, theirs in places:
+            for figure, (key, sign) in _GATE_FIGURES.items():
+                if key not in ours:
+                    continue
+                change = _change(theirs.get(key), ours[key], sign, missing=figure != "nme_rise")
+                if change is not None and (figure not in worst or change > worst[figure][0]):
+                    worst[figure] = (change, where)
+        gated = {k: worst[k][0] if k in worst else float("inf") for k in _GATE_FIGURES if k != "nme_rise"}
+        verdict = engines.Verdict(
+            name,
+            model_id,
+            ssim_drop=gated["ssim_drop"],
+            identity_rise=gated["identity_rise"],
+            face_found_drop=gated["face_found_drop"],
+            nme_rise=worst["nme_rise"][0] if "nme_rise" in worst else None,
+            worst={k: where for k, (_, where) in worst.items()},
+            coverage=coverage,
+        )
         log.info("engine %s: %s", name, verdict.as_dict())
         verdicts.append(verdict)
     return verdicts
+
+
+def protocol_coverage(
+    report: dict[str, Any],
+    cfg: ExperimentConfig,
+    protocol: EvalConfig,
+    max_drive: int,
+    still_patterns: tuple[str, ...],
+) -> dict[str, Any]:
+    """What the run measured, and whether that is the checkpoint's full protocol: every evaluation
+    clip of its config (meta.validation_videos), every T of its config, every driving frame (no
+    --max-drive), and its stills (the config's globs, at least one still scored, the config's
+    frames per still). Engine verdicts are acted on only from a full run
+    (facekit.engines.passed_engines); `reduced` says what a reduced run left out."""
+    expected = cfg.evaluation
+    reenactment: dict[str, Any] = report.get("reenactment", {})
+    shots = sorted(int(t.removeprefix("T=")) for t in reenactment)
+    first: dict[str, Any] = next(iter(reenactment.values()), {})
+    clip_rows: dict[str, Any] = next(
+        (r["clips"] for k, r in first.items() if k != "_per_clip" and "clips" in r), {}
+    )
+    driving = {clip: int(figures.get("frames") or 0) for clip, figures in clip_rows.items()}
+    stills: dict[str, Any] = report.get("stills") or {}
+    still_rows: dict[str, Any] = next(iter(stills.get("rows", {}).values()), {})
+    scored = sorted(still_rows.get("stills", {}))
+    reduced = []
+    if not cfg.meta.validation_videos:
+        reduced.append("the config names no evaluation clips (meta.validation_videos)")
+    left_out = [c for c in cfg.meta.validation_videos if c not in driving]
+    if left_out:
+        reduced.append(f"clips left out: {', '.join(left_out)}")
+    if missing := [str(t) for t in expected.shots if t not in shots]:
+        reduced.append(f"T left out: {', '.join(missing)}")
+    if max_drive > 0:
+        reduced.append(f"at most {max_drive} driving frames per clip (--max-drive)")
+    if tuple(still_patterns) != tuple(expected.stills):
+        reduced.append(f"stills {' '.join(still_patterns)}, not the config's {' '.join(expected.stills)}")
+    elif not scored:
+        reduced.append("no still scored")
+    if protocol.still_frames != expected.still_frames:
+        reduced.append(f"{protocol.still_frames} frames per still, not the config's {expected.still_frames}")
+    return {
+        "clips": list(driving),
+        "shots": shots,
+        "driving_frames": driving,
+        "max_drive": max_drive,
+        "stills": len(scored),
+        "stills_skipped": sorted(stills.get("skipped", {})),
+        "full_protocol": not reduced,
+        "reduced": reduced,
+    }
+
+
+# verdict figure -> (report figure, +1 where the engine's higher value is worse, -1 where lower is)
+_GATE_FIGURES = {
+    "ssim_drop": ("ssim", -1),
+    "identity_rise": ("identity_distance", 1),
+    "face_found_drop": ("face_found", -1),
+    "nme_rise": ("nme", 1),
+}
+_STILL_FIGURES = ("identity_distance", "face_found")  # the stills' figures the gate reads
+
+
+def _change(engine: float | None, pytorch: float | None, sign: int, *, missing: bool) -> float | None:
+    """How much worse the engine's figure is than PyTorch's; None where PyTorch's row had nothing
+    to measure; where only the engine's had nothing, infinite (a failed gate) if `missing` counts
+    against it, else None. A figure measured nowhere is infinite in the verdict: nothing passed."""
+    if pytorch is None:
+        return None
+    if engine is None:
+        return float("inf") if missing else None
+    return sign * (engine - pytorch) + 0.0  # + 0.0: no -0.0 in the verdict
 
 
 def _header(
@@ -227,7 +369,7 @@ def _header(
         "config": cfg.name,
         "step": meta.get("step"),
         "image_size": cfg.model.image_size,
-        "finetune_steps": args.steps or cfg.finetune.steps,
+        "finetune_steps": cfg.finetune.steps if args.steps is None else args.steps,  # 0 is 0 steps
         "protocol": protocol.__dict__,
         "clips": clips,
         "machine": {
@@ -291,7 +433,9 @@ def evaluate_stills(
     cfg: ExperimentConfig,
     out: Path,
 ) -> dict[str, Any]:
-    """One-shot stills driven by `driver`'s motion -> {"driver", "rows": {method: {"pooled", "stills"}}}."""
+    """One-shot stills driven by `driver`'s motion -> {"driver", "rows": {method: {"pooled", "stills"}},
+    "skipped": {file: why}}. A still in which no face is found (or that cannot be read) is logged
+    and skipped, not the end of the run."""
     paths = find_stills(faces, patterns)
     if not paths:
         log.warning("no stills matching %s in %s: the stills rows are empty", list(patterns), faces)
@@ -299,8 +443,18 @@ def evaluate_stills(
     detector = make_detector("dlib")
     rows: dict[str, dict[str, dict[str, float | None]]] = {name: {} for name in methods}
     sheet_rows: list[tuple[str, np.ndarray, dict[str, np.ndarray]]] = []
+    skipped: dict[str, str] = {}
     for path in paths:
-        still = load_still(path, detector, cfg.model.image_size)
+        try:
+            still = load_still(path, detector, cfg.model.image_size)
+        except NoFaceError:
+            log.warning("still %s: no face found in it, skipped", path)
+            skipped[path.name] = "no face found"
+            continue
+        except OSError as error:  # not an image PIL can read
+            log.warning("still %s: cannot be read (%s), skipped", path, error)
+            skipped[path.name] = f"cannot be read: {error}"
+            continue
         reference = read_faces(still.frame[None])[0].descriptor
         picks, points = still_driving(driver, still, protocol)
         driver_mouth = mouth_opening(driver.points[picks])
@@ -317,10 +471,14 @@ def evaluate_stills(
             made[name] = frames
             log.info("still %s %s: %s", still.name, name, rows[name][still.name])
         sheet_rows.append((still.name, still.frame, made))
+    if not sheet_rows:
+        log.warning("no face found in any of the %d stills: the stills rows are empty", len(paths))
+        return {"driver": driver.clip_id, "rows": {}, "skipped": skipped}
     sheets.save_stills_sheet(out / "stills_sheet.png", sheet_rows, driver.frames[picks], cfg.model.image_size)
     return {
         "driver": driver.clip_id,
         "rows": {name: {"pooled": _pool_stills(per), "stills": per} for name, per in rows.items()},
+        "skipped": skipped,
     }
 
 
@@ -343,16 +501,30 @@ def evaluate_jitter(
         fitted = method.fit(clip.frames[refs], clip.points[refs])
         out[name] = {}
         for kind, points in (("raw", raw), ("smoothed", smoothed)):
-            readings = read_faces(fitted.render(points))
-            found = np.stack([r.points for r in readings if r.points is not None])
-            out[name][kind] = jitter(found, STABLE_POINTS) if len(found) > 1 else None
+            out[name][kind] = found_jitter(read_faces(fitted.render(points)))
     log.info("jitter: %s", out)
     return out
 
 
-def _worse(a: float | None, b: float | None) -> float:
-    """a - b; infinite (a failed gate) when the engine's figure is missing."""
-    return float("inf") if a is None or b is None else a - b
+def found_jitter(readings: list[FaceReading]) -> float | None:
+    """facekit.smoothing.jitter of the landmarks dlib read, over the runs of consecutive frames with
+    a face: a step is measured only between neighbouring frames that both have one (the frames on
+    either side of a miss are not neighbours). None without two consecutive frames with a face."""
+    runs: list[np.ndarray] = []
+    run: list[np.ndarray] = []
+    for reading in [*readings, FaceReading(None, None)]:
+        if reading.points is not None:
+            run.append(reading.points)
+            continue
+        if len(run) > 1:
+            runs.append(np.stack(run))
+        run = []
+    if not runs:
+        return None
+    i, j = OUTER_EYE_CORNERS
+    scale = np.concatenate([np.linalg.norm(r[:, i] - r[:, j], axis=-1) for r in runs]).mean()
+    steps = [np.linalg.norm(np.diff(r[:, STABLE_POINTS], axis=0), axis=-1).ravel() for r in runs]
+    return float(np.concatenate(steps).mean() / scale)
 
 
 def _pool_stills(per: dict[str, dict[str, float | None]]) -> dict[str, float | None]:
@@ -369,10 +541,21 @@ def _finite(value: float) -> float | None:
     return value if np.isfinite(value) else None
 
 
-def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int) -> None:
+def write_json(out: Path, report: dict[str, Any]) -> None:
+    """<out>/evaluation.json of the report as it stands (the markdown's per-clip scores left out)."""
     out.mkdir(parents=True, exist_ok=True)
+    reenactment = {
+        t: {k: v for k, v in rows.items() if k != "_per_clip"} for t, rows in report["reenactment"].items()
+    }
+    text = json.dumps(jsonable({**report, "reenactment": reenactment}), indent=1) + "\n"
+    staged = out / ".evaluation.json"
+    staged.write_text(text)
+    os.replace(staged, out / "evaluation.json")
+
+
+def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int) -> None:
+    write_json(out, report)
     per_clip = {t: rows.pop("_per_clip") for t, rows in report["reenactment"].items()}
-    (out / "evaluation.json").write_text(json.dumps(jsonable(report), indent=1) + "\n")
     (out / "evaluation.md").write_text(markdown(report, per_clip))
     sheets.save_contact_sheet(out / "contact_sheet.png", samples, cell)
     log.info("wrote %s (%s s)\n%s", out, report["seconds"], markdown(report, per_clip))
@@ -386,6 +569,9 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
         f"scored at {report['image_size']} px; fine-tuning {report['finetune_steps']} steps; "
         f"{report['machine']['cpus']} CPUs; {report['seconds']} s in all.",
     ]
+    if report.get("errors"):
+        failed = "; ".join(f"{step}: {why}" for step, why in report["errors"].items())
+        parts.append(f"**Incomplete**: these steps failed and are missing below: {failed}.")
     for t, rows in report["reenactment"].items():
         parts.append(
             f"## Self-reenactment, {t}\n\n" + table({k: v["pooled"] for k, v in rows.items()}, columns)
@@ -412,12 +598,22 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
             "of the stable points, in outer-eye distances)\n\n" + "\n".join(lines)
         )
     if report.get("engines"):
-        lines = ["| engine | SSIM drop | identity rise | passed |", "|---|---|---|---|"]
+        lines = [
+            "| engine | SSIM drop | identity rise | face found drop | NME rise | passed | worst at |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for name, v in report["engines"].items():
-            lines.append(f"| {name} | {v['ssim_drop']:.4f} | {v['identity_rise']:.4f} | {v['passed']} |")
+            figures = [v["ssim_drop"], v["identity_rise"], v["face_found_drop"], v["nme_rise"]]
+            where = "; ".join(f"{k}: {w}" for k, w in v["worst"].items())
+            lines.append(
+                f"| {name} | " + " | ".join(_fmt(f, 4) for f in figures) + f" | {v['passed']} | {where} |"
+            )
         parts.append(
             f"## CPU engines against PyTorch (gate: SSIM drop <= {engines.MAX_SSIM_DROP}, identity "
-            f"rise <= {engines.MAX_IDENTITY_RISE}; worst over T and stills)\n\n" + "\n".join(lines)
+            f"rise <= {engines.MAX_IDENTITY_RISE}, face found drop <= {engines.MAX_FACE_FOUND_DROP}; "
+            "worst over every T's pooled and per-person figures and the stills; NME not gated)\n\n"
+            + "\n".join(lines)
+            + _coverage_line(report.get("coverage"))
         )
     if report.get("stills"):
         st = report["stills"]
@@ -428,9 +624,24 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
                 f"| {name} | {_fmt(p['identity_distance'])} | {_fmt(p['face_found'])} | "
                 f"{_fmt(p['mouth_correlation'])} |"
             )
-        parts.append(f"## One-shot stills driven by {st['driver']}\n\n" + "\n".join(lines))
+        scored = len(next(iter(st["rows"].values()))["stills"]) if st["rows"] else 0
+        if st.get("skipped"):
+            reasons = "; ".join(f"{name}: {why}" for name, why in st["skipped"].items())
+            lines.append(f"\n{len(st['skipped'])} skipped ({reasons}).")
+        parts.append(f"## One-shot stills driven by {st['driver']} ({scored} stills)\n\n" + "\n".join(lines))
     return "\n\n".join(parts) + "\n"
 
 
-def _fmt(value: float | None) -> str:
-    return "–" if value is None else f"{value:.3f}"
+def _coverage_line(coverage: dict[str, Any] | None) -> str:
+    if not coverage:
+        return ""
+    if coverage["full_protocol"]:
+        return "\n\nThe full protocol: the service acts on these verdicts."
+    return (
+        f"\n\nA reduced run ({'; '.join(coverage['reduced'])}): the verdicts are written but the "
+        "service does not act on them."
+    )
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
