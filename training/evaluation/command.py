@@ -241,7 +241,8 @@ def judge_engines(
     """Each engine's row against PyTorch's feed-forward row on the same frames: the largest SSIM
     drop, identity-distance rise and face-found drop (and NME rise, not gated) over every T's
     pooled figures and every clip's (person's) own - one person ruined among seven hardly moves
-    the pooled figure - and the stills' pooled identity distance and face found. The verdict
+    the pooled figure - (face found: pooled only, _POOLED_ONLY) and the stills' pooled identity
+    distance and face found. The verdict
     names where each worst figure was, and records `coverage` (protocol_coverage)."""
     verdicts = []
     for name in names:
@@ -262,7 +263,7 @@ def judge_engines(
         worst: dict[str, tuple[float, str]] = {}
         for where, ours, theirs in places:
             for figure, (key, sign) in _GATE_FIGURES.items():
-                if key not in ours:
+                if key not in ours or (figure in _POOLED_ONLY and " clip " in where):
                     continue
                 change = _change(theirs.get(key), ours[key], sign, missing=figure != "nme_rise")
                 if change is not None and (figure not in worst or change > worst[figure][0]):
@@ -341,6 +342,11 @@ _GATE_FIGURES = {
     "face_found_drop": ("face_found", -1),
     "nme_rise": ("nme", 1),
 }
+# Face found is judged on the pooled figures only: one person has 11-30 driving frames, so a
+# single borderline frame whose face dlib misses after sub-level pixel changes is a 3-9 % drop of
+# that person's figure, while the pool's limit (0.01: under 2 of 191 frames at a T) still fails an
+# engine that loses a face in several frames.
+_POOLED_ONLY = ("face_found_drop",)
 _STILL_FIGURES = ("identity_distance", "face_found")  # the stills' figures the gate reads
 
 
