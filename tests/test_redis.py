@@ -28,7 +28,14 @@ from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
 from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings, worker_context
+from tests.service_fixtures import (
+    CONSENT,
+    PORTRAIT,
+    ServerThread,
+    fake_generator,
+    test_settings,
+    worker_context,
+)
 
 DATA = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
 
@@ -159,6 +166,40 @@ def test_the_job_stream_keeps_only_jobs_not_yet_ended(redis_url: str) -> None:
     worker.finish(held.ended(CANCELLED, code=1, error="cancelled at step 1"))
     assert r.xlen(keys.JOB_STREAM) == 0
     assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def test_the_worker_of_replicas_reads_their_avatars_and_a_remove_job_waits_for_its_record(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The external worker of replicas on Redis reads the avatars in the same Redis (as the
+    replicas' store writes them). A delete queues its REMOVE job before the record goes: the job
+    waits for that, then withdraws the generator."""
+    import threading
+
+    from jobs.avatars import RedisAvatarIndex
+    from worker.jobs_run import run_job
+
+    store = RedisAvatarStore(client=connect(redis_url))
+    index = RedisAvatarIndex(client=connect(redis_url))
+    assert index.count() == 0
+    gone = record("gone")
+    assert store.put(gone, replace=False)
+    assert index.created("gone") == gone.create_time and index.created("other") is None and index.count() == 1
+    folder = fake_generator(tmp_path / "repo", "gone", 1, gone.create_time)
+    service = RedisQueue(client=connect(redis_url))
+    job = Job(id=new_id(), kind=REMOVE, avatar_id="gone", avatar_created=gone.create_time)
+    service.submit(job, b"", max_active=4)
+    worker = RedisQueue(client=connect(redis_url))
+    held = worker.claim("w", wait_s=1)
+    assert held is not None and held.id == job.id
+    deleting = threading.Timer(0.5, lambda: store.delete("gone"))
+    deleting.start()
+    t0 = time.monotonic()
+    run_job(worker_context(worker, tmp_path / "repo", avatars=index, remove_wait_s=10), held)
+    deleting.join()
+    assert time.monotonic() - t0 >= 0.4, "the job did not wait for the record to go"
+    assert not folder.exists()
+    assert service.get(job.id).state == SUCCEEDED  # type: ignore[union-attr]
 
 
 def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_running(
