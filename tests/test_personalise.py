@@ -353,6 +353,100 @@ def test_a_personalisation_of_a_record_gone_stops_before_it_fine_tunes(tmp_path:
     ), done.error
 
 
+class Crash(BaseException):
+    """The server process dies here (nothing after it runs; what it wrote stays)."""
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+def test_a_server_killed_mid_change_leaves_no_generator_of_the_old_record_and_its_audit_event(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The server dies right after the store deleted (or overwrote) a personalised avatar's
+    record. It used to delete the record first and queue the REMOVE job after: killed between
+    the two, the generator stayed for good, no job would withdraw it, a second delete was
+    NOT_FOUND and the audit log had no tombstone. Now the job is queued and the audit event
+    written ahead first: after the restart the worker withdraws the generator, and the restarted
+    server appends the event the dead one did not (`recovered`)."""
+    import json
+
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.events import UNPERSONALISED
+    from service import app as app_module
+    from service.auth import ANONYMOUS
+
+    repo = copy_base_models(model_repository, tmp_path / "repo")
+    settings = test_settings(repo, tmp_path / "store")
+    store = LocalAvatarStore(root=settings.avatar_store)
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+        old = store.get("mona")
+        assert old is not None
+        folder = fake_generator(repo, "mona", 1, old.create_time)  # personalised
+        app = running.app
+        if change == "delete":
+            real = app.store.delete
+
+            def delete_then_die(avatar_id: str) -> bool:
+                real(avatar_id)
+                raise Crash
+
+            monkeypatch.setattr(app.store, "delete", delete_then_die)
+            with pytest.raises(Crash):
+                running.call(app.delete_avatar("mona", principal=ANONYMOUS, actor="test"))
+            assert store.get("mona") is None
+        else:
+            real_put = app.store.put
+
+            def put_then_die(record: object, *, replace: bool) -> bool:
+                real_put(record, replace=replace)
+                raise Crash
+
+            monkeypatch.setattr(app.store, "put", put_then_die)
+            from api.talkinghead.v1 import avatar_pb2
+
+            request = avatar_pb2.CreateAvatarRequest(
+                avatar_id="mona",
+                images=[avatar_pb2.SourceImage(data=PORTRAIT.read_bytes())],
+                replace=True,
+                consent=CONSENT,
+            )
+            with pytest.raises(Crash):
+                running.call(app.create_avatar(request, principal=ANONYMOUS, actor="test"))
+            now = store.get("mona")
+            assert now is not None and now.create_time != old.create_time
+    finally:
+        running.stop()
+    assert folder.exists()
+    log = settings.audit_log
+    assert [e["event"] for e in map(json.loads, log.read_text().splitlines())] == ["create"]
+
+    queue = LocalQueue(root=settings.jobs)  # the worker, restarted
+    ctx = worker_context(queue, repo, avatars=LocalAvatarIndex(root=settings.avatar_store), remove_wait_s=1)
+    _run_one(queue, ctx)
+    assert not folder.exists(), "the old record's generator is still in the repository"
+    assert _events(settings.jobs)[-1] == ("mona", UNPERSONALISED)
+
+    monkeypatch.setattr(app_module, "PENDING_GRACE_S", 0.0)
+    restarted = ServerThread(settings=settings)
+    try:
+        deadline = time.monotonic() + 30
+        while len(events := [json.loads(line) for line in log.read_text().splitlines()]) < 2:
+            assert time.monotonic() < deadline, "the restarted server did not append the lost event"
+            time.sleep(0.1)
+    finally:
+        restarted.stop()
+    assert [e["event"] for e in events] == ["create", change]
+    lost = events[1]
+    assert lost["detail"]["recovered"] is True
+    if change == "delete":  # the tombstone, naming the deleted record's consent
+        assert lost["consent_id"] == old.consent["record_id"] and lost["detail"]["tombstone"] is True
+    else:
+        assert lost["detail"]["replaced"]["consent_id"] == old.consent["record_id"]
+
+
 def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:
     repository = embedded.settings.model_repository
     with embedded.client() as c:

@@ -173,10 +173,11 @@ def test_the_worker_of_replicas_reads_their_avatars_and_a_remove_job_waits_for_i
 ) -> None:
     """The external worker of replicas on Redis reads the avatars in the same Redis (as the
     replicas' store writes them). A delete queues its REMOVE job before the record goes: the job
-    waits for that, then withdraws the generator."""
+    waits for that, then withdraws the generator. The audit log's intents live there too."""
     import threading
 
     from jobs.avatars import RedisAvatarIndex
+    from service.audit import AuditEvent, Intent
     from worker.jobs_run import run_job
 
     store = RedisAvatarStore(client=connect(redis_url))
@@ -200,6 +201,13 @@ def test_the_worker_of_replicas_reads_their_avatars_and_a_remove_job_waits_for_i
     assert time.monotonic() - t0 >= 0.4, "the job did not wait for the record to go"
     assert not folder.exists()
     assert service.get(job.id).state == SUCCEEDED  # type: ignore[union-attr]
+
+    audit = RedisAuditLog(client=connect(redis_url))
+    intent = Intent(key=new_id(), event=AuditEvent(event="delete", avatar_id="gone", actor="t"), gone=1.5)
+    audit.intend(intent)
+    assert audit.intents() == [intent]
+    audit.settle(intent.key)
+    assert audit.intents() == []
 
 
 def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_running(
