@@ -4,8 +4,10 @@ talkinghead:avatar:<id>        hash   the avatar: meta (JSON), adain, embedding,
                                       crop_points, preview_png, portrait_jpeg (raw bytes)
 talkinghead:avatars            zset   every avatar id, score 0 (lexicographic order for paging)
 talkinghead:events             pub/sub channel of avatar events (jobs.events)
-talkinghead:jobs:stream        stream one entry {job: <id>} per job; consumer group `workers`
-talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (npz bytes)
+talkinghead:jobs:stream        stream one entry {job: <id>} per job not yet ended (deleted when it
+                                      ends: jobs/redis_queue.py); consumer group `workers`
+talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (npz bytes), entry
+                                      (its stream entry's id), state, owner, attempts, cancel
 talkinghead:jobs               zset   PERSONALISE job ids by creation time (listing)
 talkinghead:jobs:active        set    PERSONALISE jobs queued or running (the queue's size)
 talkinghead:avatar-job:<id>    string the avatar's queued or running job id (one at a time)

@@ -8,6 +8,12 @@ with XREADGROUP and, before that, takes over entries whose holder has been silen
 entry fresh (`heartbeat`: XCLAIM to itself, allowed only while it is the owner), so a job is never
 taken from a live worker and never runs twice at once. Every write of a worker is fenced by its
 owner token in a Lua script: a worker that lost its job learns it (Lost) and writes nothing.
+
+A job's stream entry (its id kept in the hash, `entry`) is deleted (XDEL) when the job ends: by
+its holder's FINISH (after the XACK), by a CANCEL of a job no worker holds, and by a worker that
+reads the entry of a job already ended or expired. Before, nothing trimmed the stream: every job
+ever submitted stayed in it (XLEN grew by one per job, forever). An entry a worker holds (an owner
+in the hash, the entry pending and unacked) is never deleted from under it: a cancel only asks.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ if ARGV[5] == 'personalise' then
   redis.call('SET', KEYS[4], ARGV[1])
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'QUEUED', 'input', ARGV[6], 'attempts', 0)
-redis.call('XADD', KEYS[5], '*', 'job', ARGV[1])
+local entry = redis.call('XADD', KEYS[5], '*', 'job', ARGV[1])
+redis.call('HSET', KEYS[1], 'entry', entry)
 return {'ok', ''}
 """
 CANCEL = (
@@ -53,6 +60,8 @@ if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'CANCELLED')
 redis.call('HDEL', KEYS[1], 'input')
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry then redis.call('XDEL', KEYS[4], entry) end
 redis.call('SREM', KEYS[2], ARGV[1])
 if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
@@ -89,6 +98,7 @@ redis.call('HDEL', KEYS[1], 'input', 'cancel')
 redis.call('SREM', KEYS[2], ARGV[4])
 if redis.call('GET', KEYS[3]) == ARGV[4] then redis.call('DEL', KEYS[3]) end
 redis.call('XACK', KEYS[4], ARGV[5], ARGV[6])
+redis.call('XDEL', KEYS[4], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 1
 """
@@ -182,7 +192,7 @@ class RedisQueue:
         ended = Job.from_json(job.to_json()).ended(
             CANCELLED, code=CODE_CANCELLED, error="cancelled while queued"
         )
-        k = [keys.job(job_id), keys.ACTIVE, keys.avatar_job(job.avatar_id)]
+        k = [keys.job(job_id), keys.ACTIVE, keys.avatar_job(job.avatar_id), keys.JOB_STREAM]
         self._run("cancel", k, [job_id, ended.to_json(), RETENTION_S])
         return self.get(job_id)
 
@@ -221,7 +231,10 @@ class RedisQueue:
     def _take(self, worker: str, entry_id: bytes, job_id: str) -> Job | None:
         taken = self._run("take", [keys.job(job_id)], [worker]) if job_id else None
         if not taken:  # ended (cancelled while queued, or finished before its holder died) or expired
-            self.r.xack(keys.JOB_STREAM, keys.WORKERS_GROUP, entry_id)
+            with self.r.pipeline(transaction=True) as pipe:  # no one else holds it: it goes
+                pipe.xack(keys.JOB_STREAM, keys.WORKERS_GROUP, entry_id)
+                pipe.xdel(keys.JOB_STREAM, entry_id)
+                pipe.execute()
             return None
         attempt, record = int(taken[0]), taken[1]
         job = Job.from_json(record)

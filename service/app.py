@@ -18,6 +18,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
@@ -39,9 +40,9 @@ from facekit.watermark import Watermarker, payload_for
 from facekit.watermark import embed as marking
 from jobs import events
 from jobs.events import Event
-from jobs.record import Job
+from jobs.record import Job, new_id
 from service import avatars, consent
-from service.audit import AuditEvent, AuditLog
+from service.audit import AuditEvent, AuditLog, Intent
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
 from service.batcher import SHARED, Batcher
@@ -75,6 +76,11 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 DETECT_MAX_SIDE = 1024
 # What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
+# A create's, replace's or delete's audit event is written ahead (service/audit.py Intent); one its server
+# did not settle - it died between the change and the event - is recovered once this old (one
+# younger may be another replica's change in flight), looked for at start and this often.
+PENDING_GRACE_S = 30.0
+RECOVERY_INTERVAL_S = 60.0
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -152,6 +158,7 @@ class App:
             max_creates_per_tenant=settings.max_creates_per_tenant,
         )
         self._calibration: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     def _warm_up(self) -> None:
         warp.warm_up()
@@ -164,6 +171,7 @@ class App:
         await asyncio.gather(asyncio.to_thread(self._warm_up), self.backend.start())
         self.batcher.start()
         self._calibration = asyncio.create_task(self._follow_backend(), name="calibrate")
+        self._recovery = asyncio.create_task(self._recover_audit_often(), name="audit-recovery")
 
     async def _follow_backend(self) -> None:
         """Calibrate once the backend is ready, and again each time it has loaded its models anew:
@@ -275,6 +283,8 @@ class App:
     async def close(self) -> None:
         if self._calibration is not None:
             self._calibration.cancel()
+        if self._recovery is not None:
+            self._recovery.cancel()
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()
@@ -312,19 +322,88 @@ class App:
     async def record_event(self, event: str, record: AvatarRecord, *, actor: str, **detail: Any) -> None:
         """Append to the audit log; a failure to write is logged loudly, never turned into a
         failed call after the change it records has happened."""
-        entry = AuditEvent(
-            event=event,
-            avatar_id=record.avatar_id,
-            actor=actor,
-            model_id=record.model_id,
-            consent_id=str(record.consent.get("record_id", "")),
-            detail=detail,
-        )
+        await self._append(audit_event(event, record, actor=actor, **detail))
+
+    async def _append(self, entry: AuditEvent) -> bool:
+        """Append one event (whether it was written: a failure is logged and counted)."""
         try:
             await self.in_pool(self.io_pool, self.audit.append, entry)
         except Exception as error:
             self.metrics.audit_failures.inc()
-            log.error("could not write the audit event %s of %s: %s", event, record.avatar_id, error)
+            log.error("could not write the audit event %s of %s: %s", entry.event, entry.avatar_id, error)
+            return False
+        return True
+
+    async def _intend(self, entry: AuditEvent, *, gone: float = 0.0, made: float = 0.0) -> Intent | None:
+        """Write `entry` ahead of the change it records (service/audit.py): if this process dies
+        between the change and its event, App.recover_audit appends it. None when the intent
+        could not be written (logged and counted as a failed audit write: the change goes on)."""
+        intent = Intent(key=new_id(), event=entry, gone=gone, made=made)
+        try:
+            await self.in_pool(self.io_pool, self.audit.intend, intent)
+        except Exception as error:
+            self.metrics.audit_failures.inc()
+            log.error(
+                "could not write ahead the audit event %s of %s: %s", entry.event, entry.avatar_id, error
+            )
+            return None
+        return intent
+
+    async def _settle(self, intent: Intent | None) -> None:
+        if intent is None:
+            return
+        try:
+            await self.in_pool(self.io_pool, self.audit.settle, intent.key)
+        except Exception as error:  # the recovery appends it once more: twice is better than never
+            log.error("could not settle the audit intent %s: %s", intent.key, error)
+
+    async def _commit(self, intent: Intent | None, entry: AuditEvent) -> None:
+        """Append the event written ahead, then settle its intent (kept for the recovery when the
+        append failed)."""
+        if await self._append(entry):
+            await self._settle(intent)
+
+    async def recover_audit(self, *, older_than: float | None = None) -> int:
+        """Append the events of creates, replaces and deletes whose server died between the
+        change and its event (their intents, older than `older_than` s, default
+        PENDING_GRACE_S), marked `detail.recovered`; drop the intents of changes that did not
+        happen (the store still holds the record a delete was to remove, or not the record a
+        create or replace was to write). How many events were appended."""
+        grace = PENDING_GRACE_S if older_than is None else older_than
+        appended = 0
+        for intent in await self.in_pool(self.io_pool, self.audit.intents):
+            if time.time() - intent.written < grace:
+                continue
+            entry = intent.event
+            record = await self.in_pool(self.io_pool, self.store.get, entry.avatar_id)
+            now = None if record is None else avatar_stamp(record.create_time)
+            # a replace happened when the store holds its new record, a delete when not its old one
+            happened = now == avatar_stamp(intent.made) if intent.made else now != avatar_stamp(intent.gone)
+            if happened:
+                recovered = dataclasses.replace(entry, detail={**entry.detail, "recovered": True})
+                if not await self._append(recovered):
+                    continue
+                appended += 1
+                log.warning(
+                    "audit: appended the %s event of %s that its server did not write (it stopped "
+                    "between the change and its event)",
+                    entry.event,
+                    entry.avatar_id,
+                )
+            else:
+                log.info(
+                    "audit: the %s of %s did not happen; its intent is dropped", entry.event, entry.avatar_id
+                )
+            await self._settle(intent)
+        return appended
+
+    async def _recover_audit_often(self) -> None:
+        while True:
+            try:
+                await self.recover_audit()
+            except Exception as error:  # the store or the log unreachable: the next round
+                log.warning("audit recovery failed: %s: %s", type(error).__name__, error)
+            await asyncio.sleep(RECOVERY_INTERVAL_S)
 
     async def create_avatar(
         self, request: avatar_pb2.CreateAvatarRequest, *, principal: Principal, actor: str
@@ -360,20 +439,13 @@ class App:
             )
             if counted:  # (creates of other replicas written meanwhile)
                 self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
-            stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
-            if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
-                raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
-            self.cache.put(record, stamp=stamp)
-            if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
-                await self._forget_personalisation(avatar_id)
-            self.metrics.avatars_created.inc()
             tombstone = {}  # a replace is the old record's tombstone too
             if previous is not None:
                 tombstone["replaced"] = {
                     "consent_id": previous.consent.get("record_id", ""),
                     "removed": REMOVED,
                 }
-            await self.record_event(
+            entry = audit_event(
                 "replace" if existed else "create",
                 record,
                 actor=actor,
@@ -381,6 +453,22 @@ class App:
                 consent=record.consent,
                 **tombstone,
             )
+            # As for a delete (delete_avatar): what must outlive a crash first. A replaced
+            # avatar's fine-tuned generator shows the old photos' person: its withdrawal is queued
+            # before the record is overwritten. The event (a replace's is the old record's
+            # tombstone) is written ahead, for the recovery to append if this process dies.
+            if previous is not None:
+                await self.personaliser.forget_avatar(avatar_id, previous.create_time)
+            intent = await self._intend(entry, made=record.create_time)
+            stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
+            if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
+                await self._settle(intent)
+                raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
+            self.cache.put(record, stamp=stamp)
+            if previous is not None:
+                await self._forget_personalisation(previous)
+            self.metrics.avatars_created.inc()
+            await self._commit(intent, entry)
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
             return record
 
@@ -467,28 +555,42 @@ class App:
         return records, next_token, len(ids)
 
     async def delete_avatar(self, avatar_id: str, *, principal: Principal, actor: str) -> None:
+        """Delete the avatar: first what must outlive a crash - the job that withdraws its
+        generator (queued: the worker waits for the record to go) and its tombstone, written
+        ahead -, then the record, then the tombstone. Before, the record went first: a server
+        killed right after left the generator with no job to withdraw it, no tombstone, and a
+        second delete answered NOT_FOUND. A queue that cannot take the job fails the delete
+        (UNAVAILABLE) with nothing deleted."""
         public = check_id(avatar_id)
         avatar_id = scoped_id(principal.tenant, public)
-        record = self.cache.get(avatar_id) or await self.in_pool(self.io_pool, self.store.get, avatar_id)
         self.cache.discard(avatar_id)
-        deleted = record is not None and await self.in_pool(self.io_pool, self.store.delete, avatar_id)
+        # from the store, not the cache: the tombstone and the job name the record deleted now
+        record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        if record is None:
+            raise not_found(f"no avatar with id {public!r}")
+        await self.personaliser.forget_avatar(avatar_id, record.create_time)
+        tombstone = audit_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
+        intent = await self._intend(tombstone, gone=record.create_time)
+        deleted = await self.in_pool(self.io_pool, self.store.delete, avatar_id)
         # again: a replace whose write the delete waited for cached its record meanwhile
         self.cache.discard(avatar_id)
-        if not deleted:
+        if not deleted:  # another call deleted it meanwhile: the tombstone is that call's
+            await self._settle(intent)
             raise not_found(f"no avatar with id {public!r}")
-        assert record is not None
-        await self._forget_personalisation(avatar_id)
-        await self.record_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
+        await self._forget_personalisation(record)
+        await self._commit(intent, tombstone)
         log.info("deleted avatar %s", avatar_id)
 
-    async def _forget_personalisation(self, avatar_id: str) -> None:
-        """Cancel the avatar's personalisation and have the worker withdraw its generator; the
-        avatar itself is already written, so a failure here is logged, not raised."""
-        self.backend.forget_personalised(avatar_id)
+    async def _forget_personalisation(self, gone: AvatarRecord) -> None:
+        """After the record `gone` was deleted or replaced: the backend forgets its generator, and
+        a personalisation of it submitted since the withdrawal was queued (its start looked at the
+        store before the record went) is cancelled. The change has happened: a failure here is
+        logged, not raised (the worker stops such a job itself, finding its record gone)."""
+        self.backend.forget_personalised(gone.avatar_id)
         try:
-            await self.personaliser.forget_avatar(avatar_id)
+            await self.personaliser.cancel_active(gone.avatar_id, created=gone.create_time)
         except Exception as error:
-            log.error("could not withdraw the personalisation of %s: %s", avatar_id, error)
+            log.error("could not cancel the personalisation of %s: %s", gone.avatar_id, error)
 
     async def personalise(
         self, avatar_id: str, *, principal: Principal, steps: int, preset: str, actor: str
@@ -666,6 +768,18 @@ class App:
 
         found: DrivingLandmarks = await self.detect.run(caller, work)
         return found
+
+
+def audit_event(event: str, record: AvatarRecord, *, actor: str, **detail: Any) -> AuditEvent:
+    """The audit log's event about `record`."""
+    return AuditEvent(
+        event=event,
+        avatar_id=record.avatar_id,
+        actor=actor,
+        model_id=record.model_id,
+        consent_id=str(record.consent.get("record_id", "")),
+        detail=detail,
+    )
 
 
 def encode_token(last_id: str) -> str:

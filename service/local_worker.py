@@ -46,6 +46,7 @@ PRIORITIES = {
 
 def command(settings: Settings) -> list[str]:
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
+    cmd += ["--avatars", str(settings.avatar_store)]  # what it checks before it withdraws a generator
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
         cmd += ["--triton-url", settings.triton_url]

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from facekit.contract import ModelInfo
+from facekit.contract import ModelInfo, avatar_stamp
 from facekit.ids import shown, split_id
 from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import ID, PERSONALISE, REMOVE, Job, new_id, steps_for
@@ -161,14 +161,28 @@ class Personaliser:
         """Cancel a job just started whose avatar changed under it (its input goes with it)."""
         await self._call(self.queue.cancel, job.id)
 
-    async def forget_avatar(self, avatar_id: str) -> None:
-        """The avatar was deleted or replaced: cancel its personalisation, withdraw its generator."""
-        active = await self._call(self.queue.active, avatar_id)
-        if active is not None:
-            await self._call(self.queue.cancel, active)
+    async def forget_avatar(self, avatar_id: str, created: float) -> None:
+        """The avatar's record made at `created` is about to be deleted or replaced: cancel its
+        personalisation and queue the REMOVE job that withdraws its generator once the record is
+        gone (the worker waits for that, and takes nothing of a record still there). Called
+        before the record goes, so that no crash leaves a generator with no job to withdraw it;
+        raises (UNAVAILABLE) when the queue cannot take the job: the record must then stay."""
+        await self.cancel_active(avatar_id)
         if not self.disabled:
-            remove = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id)
+            remove = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id, avatar_created=created)
             await self._call(self.queue.submit, remove, b"", max_active=self.max_queue)
+
+    async def cancel_active(self, avatar_id: str, *, created: float | None = None) -> None:
+        """Cancel the avatar's queued or running personalisation; with `created`, only one of the
+        record made then (not one a new record of the id started meanwhile)."""
+        active = await self._call(self.queue.active, avatar_id)
+        if active is None:
+            return
+        if created is not None:
+            job: Job | None = await self._call(self.queue.get, active)
+            if job is None or avatar_stamp(job.avatar_created) != avatar_stamp(created):
+                return
+        await self._call(self.queue.cancel, active)
 
 
 def encode_cursor(job: Job) -> str:

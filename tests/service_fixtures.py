@@ -339,15 +339,15 @@ def thread_policies(pid: int) -> set[int]:
     return found
 
 
-def worker_context(queue: Any, repository: Path) -> Any:
+def worker_context(queue: Any, repository: Path, **overrides: Any) -> Any:
     """A worker's jobs_run.Context over `queue` (local or Redis), to run one job in the test's own
     process: no Triton, base model "m1", an empty meta checkpoint (a job that reaches
-    fine-tuning fails)."""
+    fine-tuning fails), no avatar store unless given (`avatars=`)."""
     import torch
 
     from worker.jobs_run import Context
 
-    return Context(
+    base = Context(
         queue=queue,
         meta={},
         model_id="m1",
@@ -357,3 +357,46 @@ def worker_context(queue: Any, repository: Path) -> Any:
         heartbeat_s=0.3,
         device=torch.device("cpu"),
     )
+    return replace(base, **overrides)
+
+
+def fake_generator(repository: Path, avatar_id: str, version: int, created: float | None) -> Path:
+    """generator_<avatar>/<version>/model.onnx: a one-node ONNX file stamped, as a personalised
+    generator is, for the avatar record made at `created` (None: no stamp, one made by hand)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
+    model = helper.make_model(graph)
+    meta = {contract.Meta.AVATAR: avatar_id}
+    if created is not None:
+        meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(created)
+    onnx.helper.set_model_props(model, meta)
+    folder = repository / contract.personalised_name(avatar_id)
+    (folder / str(version)).mkdir(parents=True)
+    (folder / "config.pbtxt").write_text("")
+    onnx.save(model, str(folder / str(version) / contract.MODEL_FILE))
+    return folder
+
+
+def stored_record(store: Any, avatar_id: str, created: float) -> AvatarRecord:
+    """A small avatar record made at `created`, written into `store` (replacing one of the id)."""
+    rng = np.random.default_rng(len(avatar_id))
+    record = AvatarRecord(
+        avatar_id=avatar_id,
+        adain=rng.normal(size=16).astype(np.float32),
+        embedding=rng.normal(size=8).astype(np.float32),
+        points=rng.uniform(0, 128, (68, 2)).astype(np.float32),
+        model_id="m1",
+        image_size=128,
+        create_time=created,
+        portrait_box=(1.0, 2.0, 3),
+        consent={"record_id": f"cr-{avatar_id}"},
+    )
+    assert store.put(record, replace=True)
+    return record

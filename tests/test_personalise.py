@@ -33,7 +33,9 @@ from tests.service_fixtures import (
     PORTRAIT,
     ServerThread,
     copy_base_models,
+    fake_generator,
     fill,
+    stored_record,
     test_settings,
     thread_policies,
     tmpfs,
@@ -229,6 +231,220 @@ def test_a_job_that_took_its_worker_down_three_times_fails_and_the_queue_goes_on
     assert [j.id for j in service.live()] == [behind.id], "the failed job no longer counts"
     nxt = worker.claim("last", wait_s=1)
     assert nxt is not None and nxt.id == behind.id and nxt.attempt == 1
+
+
+def _run_one(queue: LocalQueue, ctx: object) -> Job:
+    from worker.jobs_run import run_job
+
+    held = queue.claim("w", wait_s=1)
+    assert held is not None, "no job to run"
+    run_job(ctx, held)  # type: ignore[arg-type]
+    done = queue.get(held.id)
+    assert done is not None and done.done
+    return done
+
+
+def test_a_remove_job_waits_for_its_record_to_go_and_takes_only_what_that_record_leaves(
+    tmp_path: Path,
+) -> None:
+    """The service queues a record's REMOVE job before it deletes or replaces the record (a crash
+    between the two used to lose the job). Run before the record goes, the job waits for it; a
+    record still there after the wait (its delete failed) keeps its generator. After a replace it
+    takes the old record's versions only, never the new record's; after a delete, everything."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.events import PERSONALISED, UNPERSONALISED
+    from jobs.record import CANCELLED, REMOVE, SUCCEEDED, new_id
+
+    jobs, repo, avatars = tmp_path / "jobs", tmp_path / "repo", tmp_path / "avatars"
+    store, queue = LocalAvatarStore(root=avatars), LocalQueue(root=jobs)
+    ctx = worker_context(queue, repo, avatars=LocalAvatarIndex(root=avatars), remove_wait_s=0.5)
+    first = stored_record(store, "ann", 1000.25)
+    folder = fake_generator(repo, "ann", 1, first.create_time)
+
+    def remove(record: object) -> Job:
+        created = record.create_time  # type: ignore[attr-defined]
+        return queue.submit(
+            Job(id=new_id(), kind=REMOVE, avatar_id="ann", avatar_created=created), b"", max_active=2
+        )
+
+    remove(first)  # a delete that then failed: the record stays, and so does its generator
+    done = _run_one(queue, ctx)
+    assert done.state == CANCELLED and "still there" in done.error
+    assert sorted(p.name for p in folder.iterdir()) == ["1", "config.pbtxt"]
+
+    remove(first)  # a replace: queued, then (while the job waits) the new record written, and
+    second = replace(first, create_time=2000.5)  # personalised at once
+
+    def replaced() -> None:
+        store.put(second, replace=True)
+        fake_generator(repo, "ann", 2, second.create_time)
+
+    timer = threading.Timer(0.2, replaced)
+    timer.start()
+    done = _run_one(queue, replace(ctx, remove_wait_s=10))
+    timer.join()
+    assert done.state == SUCCEEDED
+    assert [p.name for p in folder.iterdir() if p.name.isdigit()] == ["2"], "the new record's version stays"
+
+    remove(second)  # a delete
+    assert store.delete("ann")
+    assert _run_one(queue, ctx).state == SUCCEEDED
+    assert not folder.exists()
+    assert _events(jobs) == [("ann", PERSONALISED), ("ann", UNPERSONALISED)]
+
+
+def test_the_worker_sweeps_generators_of_avatar_records_the_store_no_longer_holds(tmp_path: Path) -> None:
+    """What no REMOVE job came for - an avatar deleted by a server killed before it queued one
+    (before REMOVE jobs were queued first), a replaced record's generator whose job was lost -
+    is swept by the worker at its start and then every sweep_interval_s: the versions stamped for
+    a record the store no longer holds. Unstamped ones (made by hand) stay; an empty store (the
+    wrong one, most likely) sweeps nothing."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.events import PERSONALISED, UNPERSONALISED
+    from worker.jobs_run import serve_jobs, sweep
+
+    jobs, repo, avatars = tmp_path / "jobs", tmp_path / "repo", tmp_path / "avatars"
+    store, queue = LocalAvatarStore(root=avatars), LocalQueue(root=jobs)
+    ctx = worker_context(queue, repo, avatars=LocalAvatarIndex(root=avatars))
+    fake_generator(repo, "gone", 1, 1000.0)  # deleted
+    fake_generator(repo, "hand", 1, None)  # exported by hand; no avatar yet
+    assert sweep(ctx) == [], "an empty store sweeps nothing"
+    kept = stored_record(store, "kept", 1100.0)
+    fake_generator(repo, "kept", 1, kept.create_time)
+    fake_generator(repo, "again", 1, 1200.0)  # replaced by the record below, personalised again
+    fake_generator(repo, "again", 2, stored_record(store, "again", 1300.0).create_time)
+    fake_generator(repo, "legacy", 1, None)  # made before stamps, its avatar still there
+    stored_record(store, "legacy", 1400.0)
+
+    calls = iter([True, False])
+    serve_jobs(ctx, "w", lambda: next(calls))  # a worker that starts, sweeps, finds no job, stops
+    assert sorted(p.name for p in repo.iterdir() if not p.name.startswith(".")) == [
+        "generator_again",
+        "generator_hand",
+        "generator_kept",
+        "generator_legacy",
+    ]
+    assert [p.name for p in (repo / "generator_again").iterdir() if p.name.isdigit()] == ["2"]
+    assert sorted(_events(jobs)) == [("again", PERSONALISED), ("gone", UNPERSONALISED)]
+    assert sweep(ctx) == [], "nothing left to sweep"
+
+
+def test_a_personalisation_of_a_record_gone_stops_before_it_fine_tunes(tmp_path: Path) -> None:
+    """A delete cancels the avatar's personalisation, but one submitted as the record went (or a
+    cancel lost with its server) would fine-tune on the deleted photos and publish a generator
+    for a record that is gone: the worker looks at the store first. The index it reads is what
+    the service's store writes."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.record import CANCELLED
+
+    jobs, avatars = tmp_path / "jobs", tmp_path / "avatars"
+    store, queue = LocalAvatarStore(root=avatars), LocalQueue(root=jobs)
+    index = LocalAvatarIndex(root=avatars)
+    record = stored_record(store, "late", 1500.125)
+    assert index.created("late") == record.create_time and index.count() == 1
+    assert index.created("nobody") is None
+    job = _new_job(queue, "late")
+    job.avatar_created = record.create_time
+    queue._write(job)  # (as the service submits it: with its record's create time)
+    stored_record(store, "late", 1600.0)  # replaced meanwhile
+    done = _run_one(queue, worker_context(queue, tmp_path / "repo", avatars=index))
+    assert done.state == CANCELLED and done.error == (
+        "cancelled before fine-tuning: the avatar was deleted or replaced"
+    ), done.error
+
+
+class Crash(BaseException):
+    """The server process dies here (nothing after it runs; what it wrote stays)."""
+
+
+@pytest.mark.parametrize("change", ["delete", "replace"])
+def test_a_server_killed_mid_change_leaves_no_generator_of_the_old_record_and_its_audit_event(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    """The server dies right after the store deleted (or overwrote) a personalised avatar's
+    record. It used to delete the record first and queue the REMOVE job after: killed between
+    the two, the generator stayed for good, no job would withdraw it, a second delete was
+    NOT_FOUND and the audit log had no tombstone. Now the job is queued and the audit event
+    written ahead first: after the restart the worker withdraws the generator, and the restarted
+    server appends the event the dead one did not (`recovered`)."""
+    import json
+
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.events import UNPERSONALISED
+    from service import app as app_module
+    from service.auth import ANONYMOUS
+
+    repo = copy_base_models(model_repository, tmp_path / "repo")
+    settings = test_settings(repo, tmp_path / "store")
+    store = LocalAvatarStore(root=settings.avatar_store)
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+        old = store.get("mona")
+        assert old is not None
+        folder = fake_generator(repo, "mona", 1, old.create_time)  # personalised
+        app = running.app
+        if change == "delete":
+            real = app.store.delete
+
+            def delete_then_die(avatar_id: str) -> bool:
+                real(avatar_id)
+                raise Crash
+
+            monkeypatch.setattr(app.store, "delete", delete_then_die)
+            with pytest.raises(Crash):
+                running.call(app.delete_avatar("mona", principal=ANONYMOUS, actor="test"))
+            assert store.get("mona") is None
+        else:
+            real_put = app.store.put
+
+            def put_then_die(record: object, *, replace: bool) -> bool:
+                real_put(record, replace=replace)
+                raise Crash
+
+            monkeypatch.setattr(app.store, "put", put_then_die)
+            from api.talkinghead.v1 import avatar_pb2
+
+            request = avatar_pb2.CreateAvatarRequest(
+                avatar_id="mona",
+                images=[avatar_pb2.SourceImage(data=PORTRAIT.read_bytes())],
+                replace=True,
+                consent=CONSENT,
+            )
+            with pytest.raises(Crash):
+                running.call(app.create_avatar(request, principal=ANONYMOUS, actor="test"))
+            now = store.get("mona")
+            assert now is not None and now.create_time != old.create_time
+    finally:
+        running.stop()
+    assert folder.exists()
+    log = settings.audit_log
+    assert [e["event"] for e in map(json.loads, log.read_text().splitlines())] == ["create"]
+
+    queue = LocalQueue(root=settings.jobs)  # the worker, restarted
+    ctx = worker_context(queue, repo, avatars=LocalAvatarIndex(root=settings.avatar_store), remove_wait_s=1)
+    _run_one(queue, ctx)
+    assert not folder.exists(), "the old record's generator is still in the repository"
+    assert _events(settings.jobs)[-1] == ("mona", UNPERSONALISED)
+
+    monkeypatch.setattr(app_module, "PENDING_GRACE_S", 0.0)
+    restarted = ServerThread(settings=settings)
+    try:
+        deadline = time.monotonic() + 30
+        while len(events := [json.loads(line) for line in log.read_text().splitlines()]) < 2:
+            assert time.monotonic() < deadline, "the restarted server did not append the lost event"
+            time.sleep(0.1)
+    finally:
+        restarted.stop()
+    assert [e["event"] for e in events] == ["create", change]
+    lost = events[1]
+    assert lost["detail"]["recovered"] is True
+    if change == "delete":  # the tombstone, naming the deleted record's consent
+        assert lost["consent_id"] == old.consent["record_id"] and lost["detail"]["tombstone"] is True
+    else:
+        assert lost["detail"]["replaced"]["consent_id"] == old.consent["record_id"]
 
 
 def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: LandmarkSequence) -> None:

@@ -28,7 +28,14 @@ from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
 from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings, worker_context
+from tests.service_fixtures import (
+    CONSENT,
+    PORTRAIT,
+    ServerThread,
+    fake_generator,
+    test_settings,
+    worker_context,
+)
 
 DATA = pack_input(np.zeros((1, 128, 128, 3), np.uint8), np.zeros((1, 68, 2), np.float32))
 
@@ -115,6 +122,92 @@ def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url
     done = service.get(job.id)
     assert done is not None and done.state == SUCCEEDED and done.attempt == 2 and service.active("a") is None
     assert connect(redis_url).xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+    assert connect(redis_url).xlen(keys.JOB_STREAM) == 0, "the ended job's entry is gone"
+
+
+def test_the_job_stream_keeps_only_jobs_not_yet_ended(redis_url: str) -> None:
+    """Every job used to stay in the stream for good (XADD without trimming, no XDEL): after 14
+    finished jobs XLEN was 14 with nothing pending, forever. Now an entry goes when its job ends -
+    finished by its holder, cancelled while queued, or read by a worker after it ended - while the
+    entry of a job a worker holds stays (pending, unacked) until that worker ends it."""
+    r = connect(redis_url)
+    service = RedisQueue(client=connect(redis_url))
+    worker = RedisQueue(client=connect(redis_url))
+
+    def submit(kind: str, avatar_id: str) -> Job:
+        data = DATA if kind == PERSONALISE else b""
+        return service.submit(Job(id=new_id(), kind=kind, avatar_id=avatar_id, steps=3), data, max_active=8)
+
+    for i in range(3):  # finished by the worker that held them
+        submit(PERSONALISE if i % 2 else REMOVE, f"done{i}")
+        held = worker.claim("w", wait_s=1)
+        assert held is not None
+        worker.finish(held.ended(SUCCEEDED))
+    assert r.xlen(keys.JOB_STREAM) == 0
+    queued = submit(PERSONALISE, "queued")
+    assert r.xlen(keys.JOB_STREAM) == 1
+    service.cancel(queued.id)  # no worker held it: cancelled and gone from the stream at once
+    assert r.xlen(keys.JOB_STREAM) == 0
+    older = submit(PERSONALISE, "older")  # as one submitted before entries were recorded in the hash
+    r.hdel(keys.job(older.id), "entry")
+    service.cancel(older.id)
+    assert r.xlen(keys.JOB_STREAM) == 1
+    assert worker.claim("w", wait_s=0.2) is None, "an ended job is not run"
+    assert r.xlen(keys.JOB_STREAM) == 0, "the worker that read the ended job's entry deleted it"
+
+    running = submit(PERSONALISE, "running")
+    held = worker.claim("w", wait_s=1)
+    assert held is not None and held.id == running.id
+    asked = service.cancel(running.id)  # held: cancellation is only asked, the entry stays
+    assert asked is not None and asked.state == RUNNING and asked.cancel_requested
+    assert r.xlen(keys.JOB_STREAM) == 1
+    assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 1
+    worker.heartbeat(held)  # still its entry to keep fresh
+    worker.finish(held.ended(CANCELLED, code=1, error="cancelled at step 1"))
+    assert r.xlen(keys.JOB_STREAM) == 0
+    assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+
+
+def test_the_worker_of_replicas_reads_their_avatars_and_a_remove_job_waits_for_its_record(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """The external worker of replicas on Redis reads the avatars in the same Redis (as the
+    replicas' store writes them). A delete queues its REMOVE job before the record goes: the job
+    waits for that, then withdraws the generator. The audit log's intents live there too."""
+    import threading
+
+    from jobs.avatars import RedisAvatarIndex
+    from service.audit import AuditEvent, Intent
+    from worker.jobs_run import run_job
+
+    store = RedisAvatarStore(client=connect(redis_url))
+    index = RedisAvatarIndex(client=connect(redis_url))
+    assert index.count() == 0
+    gone = record("gone")
+    assert store.put(gone, replace=False)
+    assert index.created("gone") == gone.create_time and index.created("other") is None and index.count() == 1
+    folder = fake_generator(tmp_path / "repo", "gone", 1, gone.create_time)
+    service = RedisQueue(client=connect(redis_url))
+    job = Job(id=new_id(), kind=REMOVE, avatar_id="gone", avatar_created=gone.create_time)
+    service.submit(job, b"", max_active=4)
+    worker = RedisQueue(client=connect(redis_url))
+    held = worker.claim("w", wait_s=1)
+    assert held is not None and held.id == job.id
+    deleting = threading.Timer(0.5, lambda: store.delete("gone"))
+    deleting.start()
+    t0 = time.monotonic()
+    run_job(worker_context(worker, tmp_path / "repo", avatars=index, remove_wait_s=10), held)
+    deleting.join()
+    assert time.monotonic() - t0 >= 0.4, "the job did not wait for the record to go"
+    assert not folder.exists()
+    assert service.get(job.id).state == SUCCEEDED  # type: ignore[union-attr]
+
+    audit = RedisAuditLog(client=connect(redis_url))
+    intent = Intent(key=new_id(), event=AuditEvent(event="delete", avatar_id="gone", actor="t"), gone=1.5)
+    audit.intend(intent)
+    assert audit.intents() == [intent]
+    audit.settle(intent.key)
+    assert audit.intents() == []
 
 
 def test_a_job_that_fails_after_another_worker_took_it_over_leaves_the_worker_running(

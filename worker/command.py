@@ -8,8 +8,14 @@ checkpoint), writes into --repository (read-write) and loads each new model in e
 again (after 1 s, doubling to 30 s), not the end of it. SIGTERM/SIGINT stop it; a job it held is
 taken over by the next worker.
 
+It reads the avatar store - the Redis one with --redis-url, the service's directory with --avatars
+(the embedded worker is given it) - to withdraw a deleted avatar's generator only once its record
+is gone, and to sweep (at start, then every --sweep-interval s) the generators of avatar records
+the store no longer holds (worker/jobs_run.py). Without a store to read (--jobs without --avatars)
+a REMOVE job withdraws at once and nothing is swept.
+
 example:
-  talkinghead worker --jobs var/jobs --repository model_repository
+  talkinghead worker --jobs var/jobs --avatars var/avatars --repository model_repository
   talkinghead worker --redis-url redis://127.0.0.1:6379/0 --repository /models \\
       --triton-url triton-0:8001 --triton-url triton-1:8001
 """
@@ -28,10 +34,11 @@ from pathlib import Path
 import torch
 
 from facekit import contract, scheduling
+from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
-from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
+from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
 
@@ -53,6 +60,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url", default=env("TALKINGHEAD_REDIS_URL"), help="Redis queue ($TALKINGHEAD_REDIS_URL)"
     )
     queue.add_argument("--jobs", type=Path, help="local job directory (default var/jobs without --redis-url)")
+    parser.add_argument(
+        "--avatars",
+        type=Path,
+        help="the service's avatar directory, with --jobs (with --redis-url the avatars in Redis are read)",
+    )
+    parser.add_argument(
+        "--sweep-interval",
+        type=float,
+        default=SWEEP_INTERVAL_S,
+        help="s between sweeps of generators whose avatar record is gone (0: never; default %(default).0f)",
+    )
     parser.add_argument(
         "--repository", type=Path, default=Path(env("TALKINGHEAD_MODEL_REPOSITORY", "model_repository"))
     )
@@ -103,6 +121,21 @@ def make_queue(args: argparse.Namespace) -> JobQueue:
     return LocalQueue(root=args.jobs or Path("var/jobs"))
 
 
+def make_avatars(args: argparse.Namespace) -> AvatarIndex | None:
+    """The avatar store this worker reads (None: none given)."""
+    if args.redis_url:
+        from jobs.redis_queue import connect
+
+        return RedisAvatarIndex(client=connect(args.redis_url))
+    if args.avatars is None:
+        return None
+    if not args.avatars.is_dir():  # (a wrong path would read as a store without avatars)
+        raise SystemExit(
+            f"talkinghead worker: --avatars {args.avatars}: no such directory (the service's avatar store)"
+        )
+    return LocalAvatarIndex(root=args.avatars)
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -139,16 +172,24 @@ def run(args: argparse.Namespace) -> int:
         max_loaded=args.max_personalised_loaded,
         heartbeat_s=max(0.5, args.claim_timeout / 5),
         device=pick_device(args.device),
+        avatars=make_avatars(args),
+        sweep_interval_s=max(0.0, args.sweep_interval),
     )
     where = args.redis_url or args.jobs or "var/jobs"
     log.info(
-        "worker %s: model %s, queue %s, repository %s, Triton %s",
+        "worker %s: model %s, queue %s, repository %s, Triton %s, avatars %s",
         args.name,
         ctx.model_id,
         where,
         args.repository,
         ", ".join(tritons) or "none",
+        ctx.avatars.describe() if ctx.avatars else "not read",
     )
+    if ctx.avatars is None:
+        log.warning(
+            "no avatar store to read (--avatars): a deleted avatar's generator is withdrawn without "
+            "checking its record, and generators left by lost deletions are not swept"
+        )
     try:
         serve_jobs(
             ctx,

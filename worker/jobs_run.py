@@ -1,10 +1,22 @@
-"""One job, start to end: fine-tune with progress, publish, end; or withdraw a deleted avatar's model.
+"""One job, start to end: fine-tune with progress, publish, end; or withdraw a deleted avatar's model;
+and, between jobs, the sweep of generators whose avatar record is gone.
 
 Progress is written after every fine-tuning step (step, losses, the time estimate); the write also
 tells whether cancellation was asked, which stops the job at that step. A heartbeat thread keeps
 the job held while the worker exports (no steps then). Whatever happens the job ends with a state
 and a google.rpc code, except when the worker lost it to another worker (Lost): then it writes
 nothing more and leaves the job to its new holder.
+
+The worker reads the avatar store (jobs.avatars: the service's directory, or Redis) to know
+which record each avatar is now. The service queues a deleted or replaced record's REMOVE job
+before the record goes (so that a crash between the two cannot leave its generator for good):
+the job waits for the record it names to go, and then takes every version of the generator not
+made for the record the store holds now (all of them when there is none); a record still there
+after REMOVE_WAIT_S was not deleted after all (the delete failed, or its server died first) and
+keeps its generator. A personalisation whose record is gone or replaced stops before it
+fine-tunes and before it publishes. The sweep (at start, then every sweep_interval_s) withdraws
+the versions of every generator_<id> stamped for a record the store no longer holds: what a
+REMOVE job never came for (a delete before REMOVE jobs were queued first, a worker's crash).
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ import torch
 
 from export import repository
 from facekit import contract
+from facekit.ids import validate_stored_id
 from jobs import events
+from jobs.avatars import AvatarIndex
 from jobs.queue import JobQueue, Lost, unpack_input
 from jobs.record import (
     CANCELLED,
@@ -46,6 +60,10 @@ log = logging.getLogger("talkinghead.worker")
 
 # A personalisation whose worker died this many times (killed for memory, say) is not run again.
 MAX_ATTEMPTS = 3
+# A REMOVE job is queued before its record is deleted: how long it waits for the record to go.
+REMOVE_WAIT_S = 30.0
+REMOVE_POLL_S = 0.1
+SWEEP_INTERVAL_S = 300.0  # between two sweeps of generators whose avatar record is gone
 
 
 class Cancelled(Exception):
@@ -65,6 +83,11 @@ class Context:
     heartbeat_s: float
     device: torch.device
     max_loaded: int = contract.MAX_PERSONALISED  # personalised generators a Triton keeps loaded
+    # the avatar store (None: not visible to this worker - a REMOVE then withdraws the versions
+    # stamped for its record, and unstamped ones, without waiting; no sweep)
+    avatars: AvatarIndex | None = None
+    remove_wait_s: float = REMOVE_WAIT_S
+    sweep_interval_s: float = SWEEP_INTERVAL_S  # 0: never
 
 
 class Heartbeat:
@@ -182,6 +205,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         _take_back_lost(ctx, job, name)
     if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
         raise Cancelled("cancelled before fine-tuning" + (" resumed" if job.attempt > 1 else ""))
+    _check_record(ctx, job, "before fine-tuning")
     frames, points = unpack_input(ctx.queue.load_input(job))
     ckpt = personalise(
         ctx.meta,
@@ -197,6 +221,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")
+    _check_record(ctx, job, "before export")
     published = models.publish(
         ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons, max_loaded=ctx.max_loaded
     )
@@ -240,11 +265,109 @@ def _taken_back(ctx: Context, job: Job, name: str) -> None:
     ctx.queue.publish(job.avatar_id, events.PERSONALISED if left else events.UNPERSONALISED)
 
 
+def _check_record(ctx: Context, job: Job, when: str) -> None:
+    """Stop a personalisation whose avatar record was deleted or replaced (its delete cancels it
+    too; this catches a cancel that was lost, and never publishes a generator of a record that
+    is gone, for a sweep to find)."""
+    if ctx.avatars is None or not job.avatar_created:
+        return
+    now = ctx.avatars.created(job.avatar_id)
+    if now is None or contract.avatar_stamp(now) != contract.avatar_stamp(job.avatar_created):
+        raise Cancelled(f"cancelled {when}: the avatar was deleted or replaced")
+
+
 def _remove(ctx: Context, job: Job) -> None:
-    had = models.withdraw(job.avatar_id, ctx.repository, tritons=ctx.tritons)
+    """Withdraw what a deleted or replaced record leaves of its generator. The service queued this
+    before the record went: wait for that; a record still there is not the job's to touch."""
+    name = contract.personalised_name(job.avatar_id)
+    if ctx.avatars is None:  # blind: this job's record's versions, and unstamped ones (older)
+        old = contract.avatar_stamp(job.avatar_created) if job.avatar_created else None
+        found = models.stamps(ctx.repository, name)
+        doomed = [v for v, stamp in found.items() if old is None or stamp in (None, old)]
+    else:
+        if job.avatar_created and not _record_gone(ctx, job):
+            message = "the avatar record is still there (its delete or replace did not happen)"
+            log.warning("job %s: %s; its generator stays", job.id, message)
+            _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=message))
+            return
+        doomed = _not_of_current_record(ctx, job.avatar_id, name, keep_unstamped=False)
+    had = models.withdraw_versions(job.avatar_id, doomed, ctx.repository, tritons=ctx.tritons)
     _end(ctx, job.ended(SUCCEEDED))
     if had:  # (even if taken over: replicas must drop what they hold of it now)
-        ctx.queue.publish(job.avatar_id, events.UNPERSONALISED)
+        _taken_back(ctx, job, name)
+
+
+def _record_gone(ctx: Context, job: Job) -> bool:
+    """Whether the record job.avatar_created names leaves the store within ctx.remove_wait_s."""
+    assert ctx.avatars is not None
+    old = contract.avatar_stamp(job.avatar_created)
+    deadline = time.monotonic() + ctx.remove_wait_s
+    while True:
+        now = ctx.avatars.created(job.avatar_id)
+        if now is None or contract.avatar_stamp(now) != old:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(REMOVE_POLL_S)
+
+
+def _not_of_current_record(ctx: Context, avatar_id: str, name: str, *, keep_unstamped: bool) -> list[int]:
+    """The versions of `name` not made for the avatar's record now: every version when it has
+    none. The versions are listed before the store is read, so a version published meanwhile is
+    not judged, and any listed was published after its record was written (a personalisation
+    starts from a stored record): one made for the record now is always seen as such."""
+    assert ctx.avatars is not None
+    found = models.stamps(ctx.repository, name)
+    if not found:
+        return []
+    now = ctx.avatars.created(avatar_id)
+    if now is None:
+        return [v for v, stamp in found.items() if stamp is not None or not keep_unstamped]
+    current = contract.avatar_stamp(now)
+    return [v for v, stamp in found.items() if stamp != current and (stamp is not None or not keep_unstamped)]
+
+
+def sweep(ctx: Context) -> list[str]:
+    """Withdraw the versions of every generator_<id> stamped for an avatar record the store no
+    longer holds (deleted, or replaced by another record); the generators it took from. Unstamped
+    versions are left: made by hand (`talkinghead export` of a checkpoint fine-tuned elsewhere,
+    which may come before its avatar) or before stamps, their record cannot be told. An empty
+    store sweeps nothing: more likely the wrong store (another Redis database, a directory not
+    the service's) than a deployment whose every avatar is gone."""
+    if ctx.avatars is None:
+        return []
+    names = [n for n in repository.models(ctx.repository) if n.startswith(contract.PERSONALISED_PREFIX)]
+    if not names:
+        return []
+    if ctx.avatars.count() == 0:
+        log.warning(
+            "sweep: the avatar store (%s) holds no avatar and the repository %d personalised "
+            "generator(s): not sweeping (is it the service's store?)",
+            ctx.avatars.describe(),
+            len(names),
+        )
+        return []
+    swept = []
+    for name in names:
+        avatar_id = name[len(contract.PERSONALISED_PREFIX) :]
+        try:
+            validate_stored_id(avatar_id)
+        except ValueError:
+            continue
+        doomed = _not_of_current_record(ctx, avatar_id, name, keep_unstamped=True)
+        if not doomed:
+            continue
+        log.warning(
+            "sweep: %s version(s) %s were made for an avatar record the store no longer holds "
+            "(deleted or replaced, its withdrawal lost): withdrawing them",
+            name,
+            ", ".join(map(str, doomed)),
+        )
+        if models.withdraw_versions(avatar_id, doomed, ctx.repository, tritons=ctx.tritons):
+            left = repository.versions(ctx.repository / name)
+            ctx.queue.publish(avatar_id, events.PERSONALISED if left else events.UNPERSONALISED)
+            swept.append(name)
+    return swept
 
 
 def model_id_of(meta: dict[str, Any]) -> str:
@@ -261,7 +384,14 @@ def serve_jobs(ctx: Context, name: str, running: Callable[[], bool]) -> None:
     to minutes). A job in hand when it failed stays held in the queue until its claim times out,
     then runs again (its publish writes nothing twice)."""
     wait = QUEUE_RETRY_S[0]
+    next_sweep = time.monotonic()
     while running():
+        if ctx.sweep_interval_s > 0 and time.monotonic() >= next_sweep:
+            next_sweep = time.monotonic() + ctx.sweep_interval_s
+            try:
+                sweep(ctx)
+            except Exception as error:  # the store or the repository away: the next sweep
+                log.warning("sweep of generators left behind failed: %s: %s", type(error).__name__, error)
         try:
             job = ctx.queue.claim(name, wait_s=1.0)
             if job is not None:

@@ -10,12 +10,15 @@ publishes nothing twice), then loads it in each Triton (a version a Triton refus
 `load_everywhere`) and, past the personalised generators a Triton keeps loaded, unloads the least
 recently called idle ones there, as a service replica loading one does (`trim`). `withdraw`
 unloads it from each Triton, waits until Triton has let go, and removes its directory in one
-rename. A Triton URL whose host
-resolves to several addresses (a headless Kubernetes Service) means every one of them.
+rename; `withdraw_versions` takes only some of its versions (those `stamps` shows were made for
+an avatar record the store no longer holds), the whole model when that is all of them. A Triton
+URL whose host resolves to several addresses (a headless Kubernetes Service) means every one of
+them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import socket
@@ -23,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import onnx
 
 from export import repository, to_onnx
 from export.command import wait_unloaded
@@ -221,3 +226,45 @@ def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
     if hidden is not None:
         shutil.rmtree(hidden, ignore_errors=True)  # (or the next removal's sweep)
     return hidden is not None
+
+
+def stamps(repo: Path, name: str) -> dict[int, str | None]:
+    """Each version of model `name` -> the avatar record it was fine-tuned on, as its
+    Meta.AVATAR_CREATED stamp (None: it carries none - exported before stamps, or by hand from a
+    checkpoint fine-tuned outside the service - or its file cannot be read)."""
+    found: dict[int, str | None] = {}
+    for version in repository.versions(repo / name):
+        path = repo / name / str(version) / contract.MODEL_FILE
+        try:
+            status = path.stat()
+            found[version] = _stamp(str(path), status.st_mtime_ns, status.st_size)
+        except Exception as error:  # gone meanwhile, or not an ONNX file we can read
+            log.warning("cannot read the avatar stamp of %s: %s", path, error)
+            found[version] = None
+    return found
+
+
+@functools.lru_cache(maxsize=1024)
+def _stamp(path: str, mtime_ns: int, size: int) -> str | None:
+    """(a version's file is written once: what its path, time and size name is read once)"""
+    model = onnx.load(path, load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    return meta.get(contract.Meta.AVATAR_CREATED) or None
+
+
+def withdraw_versions(avatar_id: str, doomed: list[int], repo: Path, *, tritons: list[str]) -> bool:
+    """Take versions `doomed` of generator_<avatar> away: the whole model (`withdraw`) when they
+    are all it has, else each of them (the version before it serves again, in every Triton).
+    Whether there was any of them to take."""
+    name = contract.personalised_name(avatar_id)
+    now = repository.versions(repo / name)
+    doomed = [v for v in doomed if v in now]
+    if not doomed:
+        return False
+    if set(now) <= set(doomed):
+        return withdraw(avatar_id, repo, tritons=tritons)
+    urls = targets(tritons)
+    for version in sorted(doomed, reverse=True):
+        log.info("withdrawing %s version %d", name, version)
+        _take_back(repo, name, repo / name / str(version), urls)
+    return True
