@@ -66,6 +66,8 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
         meta[contract.Meta.CONSENT_RECORD] = str(ckpt["consent_record"])
     if avatar is not None and ckpt.get("avatar_created"):
         meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(float(ckpt["avatar_created"]))
+    if avatar is not None and ckpt.get("avatar_store"):
+        meta[contract.Meta.AVATAR_STORE] = str(ckpt["avatar_store"])
     return meta
 
 

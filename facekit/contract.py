@@ -204,6 +204,9 @@ class Meta:
     # personalised models: avatar_stamp of the avatar record fine-tuned on; an avatar made again
     # under the same id (deleted, replaced) is another record, whose streams do not get this model
     AVATAR_CREATED = PREFIX + "avatar_created"
+    # personalised models: the id of the avatar store (deployment) whose record it was fine-tuned
+    # on (jobs.avatars); a worker's sweep takes back only its own store's generators
+    AVATAR_STORE = PREFIX + "avatar_store"
     GFLOPS = PREFIX + "gflops_per_frame"  # generators: multiply-adds x 2 of one frame (benchmarks)
     KEYS = (
         KIND,
@@ -218,6 +221,7 @@ class Meta:
         WARP_GUIDED,
         CONSENT_RECORD,
         AVATAR_CREATED,
+        AVATAR_STORE,
         GFLOPS,
     )
 

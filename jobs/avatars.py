@@ -15,6 +15,9 @@ pins both against the service's stores.
 from __future__ import annotations
 
 import json
+import os
+import time
+import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,6 +27,7 @@ from facekit.ids import validate_stored_id
 from jobs import keys
 
 SUFFIX = ".npz"  # service/store.py SUFFIX
+STORE_ID_FILE = ".store-id"  # a local store's id (the service's store lists only *.npz)
 
 
 class AvatarIndex(Protocol):
@@ -34,6 +38,13 @@ class AvatarIndex(Protocol):
 
     def count(self) -> int:
         """How many avatars the store holds."""
+        ...
+
+    def store_id(self) -> str:
+        """This store's id, made the first time it is asked for: the generators fine-tuned on
+        its records carry it (Meta.AVATAR_STORE), so a worker sweeping a model repository that
+        another deployment shares (`make demo` and `make up` share model_repository/) takes back
+        only its own."""
         ...
 
     def describe(self) -> str: ...
@@ -61,6 +72,20 @@ class LocalAvatarIndex:
             raise FileNotFoundError(f"no avatar store at {self.root}")
         return sum(1 for p in self.root.glob("*" + SUFFIX) if not p.name.startswith("."))
 
+    def store_id(self) -> str:
+        path = self.root / STORE_ID_FILE
+        try:
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "w") as handle:
+                handle.write(uuid.uuid4().hex)  # (two first askers: one makes it, both read it)
+        except FileExistsError:
+            pass
+        for _ in range(100):  # the maker may not have written it yet
+            text = path.read_text().strip()
+            if text:
+                return text
+            time.sleep(0.01)
+        raise RuntimeError(f"{path} is empty")
+
     def describe(self) -> str:
         return str(self.root)
 
@@ -77,6 +102,10 @@ class RedisAvatarIndex:
 
     def count(self) -> int:
         return int(self.r.zcard(keys.AVATARS))
+
+    def store_id(self) -> str:
+        self.r.set(keys.STORE_ID, uuid.uuid4().hex, nx=True)
+        return str(self.r.get(keys.STORE_ID).decode())
 
     def describe(self) -> str:
         return "Redis"

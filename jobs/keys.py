@@ -3,6 +3,7 @@
 talkinghead:avatar:<id>        hash   the avatar: meta (JSON), adain, embedding, points, crops,
                                       crop_points, preview_png, portrait_jpeg (raw bytes)
 talkinghead:avatars            zset   every avatar id, score 0 (lexicographic order for paging)
+talkinghead:store-id           string the store's id, stamped on its personalised generators
 talkinghead:events             pub/sub channel of avatar events (jobs.events)
 talkinghead:jobs:stream        stream one entry {job: <id>} per job not yet ended (deleted when it
                                       ends: jobs/redis_queue.py); consumer group `workers`
@@ -19,6 +20,7 @@ from facekit.ids import validate_stored_id
 
 PREFIX = "talkinghead:"
 AVATARS = PREFIX + "avatars"
+STORE_ID = PREFIX + "store-id"  # string: this store's id (jobs.avatars), set once
 EVENTS = PREFIX + "events"
 JOB_STREAM = PREFIX + "jobs:stream"
 WORKERS_GROUP = "workers"

@@ -360,9 +360,12 @@ def worker_context(queue: Any, repository: Path, **overrides: Any) -> Any:
     return replace(base, **overrides)
 
 
-def fake_generator(repository: Path, avatar_id: str, version: int, created: float | None) -> Path:
+def fake_generator(
+    repository: Path, avatar_id: str, version: int, created: float | None, store: str | None = None
+) -> Path:
     """generator_<avatar>/<version>/model.onnx: a one-node ONNX file stamped, as a personalised
-    generator is, for the avatar record made at `created` (None: no stamp, one made by hand)."""
+    generator is, for the avatar record made at `created` (None: no stamp, one made by hand) in
+    the avatar store `store` (jobs.avatars store_id; None: none named)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -376,6 +379,8 @@ def fake_generator(repository: Path, avatar_id: str, version: int, created: floa
     meta = {contract.Meta.AVATAR: avatar_id}
     if created is not None:
         meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(created)
+    if store is not None:
+        meta[contract.Meta.AVATAR_STORE] = store
     onnx.helper.set_model_props(model, meta)
     folder = repository / contract.personalised_name(avatar_id)
     (folder / str(version)).mkdir(parents=True)

@@ -95,6 +95,7 @@ def test_metadata_keys() -> None:
         "talkinghead.warp_guided",
         "talkinghead.consent_record",
         "talkinghead.avatar_created",
+        "talkinghead.avatar_store",
         "talkinghead.gflops_per_frame",
     )
     assert contract.KINDS == ("embedder", "generator", "personalised")

@@ -305,16 +305,21 @@ def test_the_worker_sweeps_generators_of_avatar_records_the_store_no_longer_hold
 
     jobs, repo, avatars = tmp_path / "jobs", tmp_path / "repo", tmp_path / "avatars"
     store, queue = LocalAvatarStore(root=avatars), LocalQueue(root=jobs)
-    ctx = worker_context(queue, repo, avatars=LocalAvatarIndex(root=avatars))
-    fake_generator(repo, "gone", 1, 1000.0)  # deleted
+    index = LocalAvatarIndex(root=avatars)
+    ctx = worker_context(queue, repo, avatars=index)
+    mine = index.store_id()
+    fake_generator(repo, "gone", 1, 1000.0, mine)  # deleted
     fake_generator(repo, "hand", 1, None)  # exported by hand; no avatar yet
     assert sweep(ctx) == [], "an empty store sweeps nothing"
     kept = stored_record(store, "kept", 1100.0)
-    fake_generator(repo, "kept", 1, kept.create_time)
-    fake_generator(repo, "again", 1, 1200.0)  # replaced by the record below, personalised again
-    fake_generator(repo, "again", 2, stored_record(store, "again", 1300.0).create_time)
+    fake_generator(repo, "kept", 1, kept.create_time, mine)
+    fake_generator(repo, "again", 1, 1200.0, mine)  # replaced by the record below, personalised again
+    fake_generator(repo, "again", 2, stored_record(store, "again", 1300.0).create_time, mine)
     fake_generator(repo, "legacy", 1, None)  # made before stamps, its avatar still there
     stored_record(store, "legacy", 1400.0)
+    # another deployment's, sharing the repository (make demo and make up): not this store's record
+    fake_generator(repo, "theirs", 1, 1500.0, "another-store")
+    fake_generator(repo, "unnamed", 1, 1600.0)  # made before stores were stamped
 
     calls = iter([True, False])
     serve_jobs(ctx, "w", lambda: next(calls))  # a worker that starts, sweeps, finds no job, stops
@@ -323,6 +328,8 @@ def test_the_worker_sweeps_generators_of_avatar_records_the_store_no_longer_hold
         "generator_hand",
         "generator_kept",
         "generator_legacy",
+        "generator_theirs",
+        "generator_unnamed",
     ]
     assert [p.name for p in (repo / "generator_again").iterdir() if p.name.isdigit()] == ["2"]
     assert sorted(_events(jobs)) == [("again", PERSONALISED), ("gone", UNPERSONALISED)]

@@ -218,6 +218,8 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     )
     ckpt["consent_record"] = job.consent_id
     ckpt["avatar_created"] = job.avatar_created
+    if ctx.avatars is not None:
+        ckpt["avatar_store"] = ctx.avatars.store_id()
     job.stage = "exporting"
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")
@@ -320,6 +322,12 @@ def _not_of_current_record(ctx: Context, avatar_id: str, name: str, *, keep_unst
     found = models.stamps(ctx.repository, name)
     if not found:
         return []
+    # A version made for another store's record (a model repository that two deployments share:
+    # `make demo` and `make up`) is never this worker's to take; one that names no store (made
+    # before stores were stamped) a REMOVE job of its avatar may take, the sweep does not.
+    mine, stores = ctx.avatars.store_id(), models.stamps(ctx.repository, name, contract.Meta.AVATAR_STORE)
+    allowed = {mine} if keep_unstamped else {mine, None}
+    found = {v: stamp for v, stamp in found.items() if stores.get(v) in allowed}
     now = ctx.avatars.created(avatar_id)
     if now is None:
         return [v for v, stamp in found.items() if stamp is not None or not keep_unstamped]

@@ -228,16 +228,17 @@ def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
     return hidden is not None
 
 
-def stamps(repo: Path, name: str) -> dict[int, str | None]:
+def stamps(repo: Path, name: str, key: str = contract.Meta.AVATAR_CREATED) -> dict[int, str | None]:
     """Each version of model `name` -> the avatar record it was fine-tuned on, as its
     Meta.AVATAR_CREATED stamp (None: it carries none - exported before stamps, or by hand from a
-    checkpoint fine-tuned outside the service - or its file cannot be read)."""
+    checkpoint fine-tuned outside the service - or its file cannot be read); with `key`
+    Meta.AVATAR_STORE, the store that record was in."""
     found: dict[int, str | None] = {}
     for version in repository.versions(repo / name):
         path = repo / name / str(version) / contract.MODEL_FILE
         try:
             status = path.stat()
-            found[version] = _stamp(str(path), status.st_mtime_ns, status.st_size)
+            found[version] = _metadata(str(path), status.st_mtime_ns, status.st_size).get(key) or None
         except Exception as error:  # gone meanwhile, or not an ONNX file we can read
             log.warning("cannot read the avatar stamp of %s: %s", path, error)
             found[version] = None
@@ -245,11 +246,10 @@ def stamps(repo: Path, name: str) -> dict[int, str | None]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _stamp(path: str, mtime_ns: int, size: int) -> str | None:
+def _metadata(path: str, mtime_ns: int, size: int) -> dict[str, str]:
     """(a version's file is written once: what its path, time and size name is read once)"""
     model = onnx.load(path, load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    return meta.get(contract.Meta.AVATAR_CREATED) or None
+    return {p.key: p.value for p in model.metadata_props}
 
 
 def withdraw_versions(avatar_id: str, doomed: list[int], repo: Path, *, tritons: list[str]) -> bool:
