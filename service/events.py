@@ -6,7 +6,9 @@ While Redis stays away it retries after 1 s, doubling to 5 s (how stale a replic
 Redis is back), and says so once when the outage starts, once a minute while it lasts and once
 when it is over.
 `FileEvents` follows the local queue's events.jsonl (one machine: the embedded worker's news).
-Both call `on_event(event)` on the event loop; a malformed message is skipped.
+Both call `on_event(event)` on the event loop; a message that is not an event (jobs.events: also
+one naming an invalid avatar id) is skipped, and an event whose handling fails is logged and
+skipped: neither ends the follower nor counts as an outage.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jobs import keys
-from jobs.events import Event
+from jobs.events import Event, RateLimited
 from jobs.local import EVENTS_FILE
 
 log = logging.getLogger("talkinghead.service.events")
@@ -27,10 +29,27 @@ RETRY_S = (1.0, 5.0)  # the wait before resubscribing: first, and most (doubling
 REMIND_S = 60.0  # while the outage lasts, a warning this often (the failures between log at DEBUG)
 
 
+class _Handler:
+    """on_event, each call guarded: a failure is logged (rate-limited) and the event skipped."""
+
+    def __init__(self, on_event: Callable[[Event], None]) -> None:
+        self.on_event = on_event
+        self._failed = RateLimited(log)
+
+    def event(self, data: str | bytes) -> None:
+        event = Event.from_json(data)
+        if event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception as error:
+            self._failed.warning("handling the avatar event %s failed; skipped", event, exc_info=error)
+
+
 class FileEvents:
     def __init__(self, *, root: Path, on_event: Callable[[Event], None]) -> None:
         self.path = Path(root) / EVENTS_FILE
-        self.on_event = on_event
+        self.handler = _Handler(on_event)
 
     async def run(self) -> None:
         offset = self.path.stat().st_size if self.path.exists() else 0  # earlier events are history
@@ -46,16 +65,15 @@ class FileEvents:
             pending += chunk
             *lines, pending = pending.split(b"\n")
             for line in lines:
-                event = Event.from_json(line)
-                if event is not None:
-                    self.on_event(event)
+                if line.strip():
+                    self.handler.event(line)
             await asyncio.sleep(POLL_S)
 
 
 class RedisEvents:
     def __init__(self, *, url: str, on_event: Callable[[Event], None], on_reset: Callable[[], None]) -> None:
         self.url = url
-        self.on_event = on_event
+        self.handler = _Handler(on_event)
         self.on_reset = on_reset
         self.subscribed = asyncio.Event()
 
@@ -83,9 +101,7 @@ class RedisEvents:
                     wait, down_since = RETRY_S[0], None
                     async for message in pubsub.listen():
                         if message.get("type") == "message":
-                            event = Event.from_json(message["data"])
-                            if event is not None:
-                                self.on_event(event)
+                            self.handler.event(message["data"])
             except asyncio.CancelledError:
                 raise
             except Exception as error:
