@@ -4,6 +4,8 @@ talkinghead:avatar:<id>        hash   the avatar: meta (JSON), adain, embedding,
                                       crop_points, preview_png, portrait_jpeg (raw bytes)
 talkinghead:avatars            zset   every avatar id, score 0 (lexicographic order for paging)
 talkinghead:events             pub/sub channel of avatar events (jobs.events)
+talkinghead:events:epoch       string a random marker the event subscribers set when absent and
+                                      read with every ping: gone or changed, Redis lost its data
 talkinghead:jobs:stream        stream one entry {job: <id>} per job; consumer group `workers`
 talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (npz bytes)
 talkinghead:jobs               zset   PERSONALISE job ids by creation time (listing)
@@ -18,6 +20,7 @@ from facekit.ids import validate_stored_id
 PREFIX = "talkinghead:"
 AVATARS = PREFIX + "avatars"
 EVENTS = PREFIX + "events"
+EVENTS_EPOCH = PREFIX + "events:epoch"
 JOB_STREAM = PREFIX + "jobs:stream"
 WORKERS_GROUP = "workers"
 JOBS = PREFIX + "jobs"

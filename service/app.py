@@ -119,7 +119,13 @@ class App:
         self.personaliser = personaliser
         self.audit = audit
         self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
-        self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
+        # Whether the avatar events that keep the cache right are heard now (service/events.py:
+        # the server sets it to the Redis subscription's state; without Redis every change is
+        # this process's own or the local worker's, and the cache is always trusted).
+        self.events_live: Callable[[], bool] = lambda: True
+        self.cache = AvatarCache(
+            max_bytes=settings.cache_bytes, on_change=metrics.on_cache, trusted=lambda: self.events_live()
+        )
         metrics.personalised_loaded.set_function(backend.loaded_personalised)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         # callers take turns on it, one photo or driving frame at a time (service/fair.py)
@@ -521,8 +527,11 @@ class App:
         self.metrics.avatar_events.labels(event.event).observe(max(0.0, time.time() - event.sent))
 
     def on_events_lost(self) -> None:
-        """Events may have been missed (the subscription was interrupted): trust no cached record."""
+        """Events may have been missed (the subscription was lost or is new, Redis lost its data,
+        events.jsonl was truncated or replaced): trust no cached record nor loaded personalised
+        generator (a running stream of one opens it again, checked against its record)."""
         self.cache.clear()
+        self.backend.forget_all_personalised()
 
     async def personalised(self, record: AvatarRecord) -> bool:
         """Whether the avatar's streams get its personalised generator: one fine-tuned on this

@@ -1,6 +1,7 @@
 """The avatar event followers (service/events.py) on a real redis-server and a real events.jsonl:
-what is not an event, or an event whose handling fails, is skipped without ending the follower or
-counting as an outage."""
+a subscription that dies without a word (half-open TCP) is noticed within seconds; what is not an
+event, or an event whose handling fails, is skipped without ending the follower or counting as an
+outage."""
 
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from jobs import keys
 from jobs.events import CHANGED, DELETED, Event
 from jobs.local import EVENTS_FILE, LocalQueue
 from jobs.redis_queue import connect
-from service.events import FileEvents, RedisEvents
+from service.events import DEAD_S, PING_S, RETRY_S, FileEvents, RedisEvents
 from tests.redis_fixtures import *  # noqa: F403
+from tests.redis_fixtures import RedisServer
 
 
 def event(avatar_id: str, kind: str = CHANGED) -> str:
@@ -42,6 +44,108 @@ async def running(follower: FileEvents | RedisEvents, scenario: Callable[[], Awa
         assert not task.done(), f"the follower ended: {task}"
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class Proxy:
+    """A TCP proxy to 127.0.0.1:`target` in the test's event loop. `black_hole()` stops forwarding
+    on every connection open now without closing it - a Redis that moved away without a RST (its
+    pod rescheduled, a conntrack entry dropped) - while new connections are forwarded."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.generation = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Proxy:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def black_hole(self) -> None:
+        self.generation += 1
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        mine = self.generation
+        pipes = [
+            asyncio.create_task(self._pipe(reader, upstream_writer, mine)),
+            asyncio.create_task(self._pipe(upstream_reader, writer, mine)),
+        ]
+        self.tasks.update(pipes)
+        try:
+            await asyncio.gather(*pipes, return_exceptions=True)
+        finally:
+            writer.close()
+            upstream_writer.close()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, mine: int) -> None:
+        while data := await reader.read(65536):
+            if mine == self.generation:  # else swallowed: never forwarded, never closed
+                writer.write(data)
+                await writer.drain()
+        if mine == self.generation:
+            writer.close()
+
+
+def test_a_subscription_that_dies_without_a_word_is_noticed_and_renewed(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis goes silent on the subscription's connection (half-open TCP: no RST, reads wait
+    forever). Its next ping goes unanswered: within PING_S + DEAD_S (5 s) the subscription counts
+    as lost - `subscribed` cleared, the cache dropped - and a new one is made (here through the
+    same proxy, which forwards new connections) that hears events again. Before, `listen()` waited
+    forever: the replica served replaced and deleted avatars from its cache as long as it ran."""
+    heard: list[str] = []
+    resets: list[float] = []
+    publisher = connect(redis_server.url)
+    noticed: list[float] = []
+
+    async def scenario(proxy: Proxy) -> None:
+        source = RedisEvents(
+            url=proxy.url, on_event=lambda e: heard.append(e.avatar_id), on_reset=lambda: resets.append(0)
+        )
+
+        async def steps() -> None:
+            await asyncio.wait_for(source.subscribed.wait(), timeout=5)
+            await asyncio.to_thread(publisher.publish, keys.EVENTS, event("before"))
+            await until(lambda: heard == ["before"], 2, "an event through the proxy")
+            subscribed = len(resets)
+            proxy.black_hole()
+            await asyncio.to_thread(publisher.publish, keys.EVENTS, event("unheard"))
+            noticed.append(
+                await until(lambda: not source.subscribed.is_set(), PING_S + DEAD_S + 1, "the silence")
+            )
+            assert len(resets) == subscribed + 1, "the cache is dropped as the subscription is lost"
+            await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[0] + 2)
+            await asyncio.to_thread(publisher.publish, keys.EVENTS, event("after"))
+            await until(lambda: heard == ["before", "after"], 2, "an event on the new subscription")
+
+        await running(source, steps)
+
+    async def main() -> None:
+        proxy = await Proxy(redis_server.port).start()
+        try:
+            await scenario(proxy)
+        finally:
+            await proxy.close()
+
+    with caplog.at_level(logging.WARNING, logger="talkinghead.service.events"):
+        asyncio.run(main())
+    print(f"half-open subscription noticed {noticed[0]:.2f} s after Redis went silent")
+    assert "avatar events from Redis interrupted" in caplog.text
 
 
 def test_redis_events_skip_a_foreign_event_and_a_failing_handler_without_an_outage(

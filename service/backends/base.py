@@ -256,3 +256,7 @@ class Backend(Protocol):
         """Drop what is known about `generator_<avatar_id>` (loaded, or absent): it was published,
         replaced or removed; the next has_personalised looks again."""
         ...
+
+    def forget_all_personalised(self) -> None:
+        """forget_personalised of every avatar (avatar events may have been missed)."""
+        ...

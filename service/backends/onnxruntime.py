@@ -302,3 +302,8 @@ class OnnxRuntimeBackend(ReadyGate):
         """Drop a loaded personalised session (deleted, or a newer version was published)."""
         self._sessions.pop(personalised_name(avatar_id), None)
         self._last_used.pop(personalised_name(avatar_id), None)
+
+    def forget_all_personalised(self) -> None:
+        for name in list(self._last_used):
+            self._sessions.pop(name, None)
+        self._last_used.clear()

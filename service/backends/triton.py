@@ -399,6 +399,10 @@ class TritonBackend(ReadyGate):
         self._personalised.pop(name, None)
         self._absent_since.pop(name, None)
 
+    def forget_all_personalised(self) -> None:
+        self._personalised.clear()
+        self._absent_since.clear()
+
     async def generate_personalised(
         self,
         avatar_id: str,
