@@ -13,7 +13,11 @@ called when a subscription is lost, and again once one is confirmed; `subscribed
 one is: the caller trusts its cache only then (service/app.py). While Redis stays away it retries
 after 1 s, doubling to 5 s, and says so once when the outage starts, once a minute while it lasts
 and once when it is over.
-`FileEvents` follows the local queue's events.jsonl (one machine: the embedded worker's news).
+`FileEvents` follows the local queue's events.jsonl (one machine: the embedded worker's news). A
+file truncated (logrotate's copytruncate: it is smaller than what was read, or no longer holds
+the last bytes read where they were) is read again from its start, and one replaced (a new
+inode: jobs.local starts a new file past a size) from the new file's start once the old one is
+read to its end; both call `on_reset`, as events may have been missed.
 Both call `on_event(event)` on the event loop; a message that is not an event (jobs.events: also
 one naming an invalid avatar id) is skipped, and an event whose handling fails is logged and
 skipped: neither ends the follower nor counts as an outage.
@@ -23,12 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from jobs import keys
 from jobs.events import Event, RateLimited
@@ -36,6 +41,7 @@ from jobs.local import EVENTS_FILE
 
 log = logging.getLogger("talkinghead.service.events")
 POLL_S = 0.1
+TAIL_BYTES = 64
 RETRY_S = (1.0, 5.0)  # the wait before resubscribing: first, and most (doubling between)
 REMIND_S = 60.0  # while the outage lasts, a warning this often (the failures between log at DEBUG)
 PING_S = 2.0  # the subscription is pinged this often (and the epoch marker read)
@@ -73,27 +79,89 @@ class _Handler:
 
 
 class FileEvents:
-    def __init__(self, *, root: Path, on_event: Callable[[Event], None]) -> None:
+    def __init__(
+        self, *, root: Path, on_event: Callable[[Event], None], on_reset: Callable[[], None] = lambda: None
+    ) -> None:
         self.path = Path(root) / EVENTS_FILE
-        self.handler = _Handler(on_event, lambda: None)
+        self.handler = _Handler(on_event, on_reset)
+        self._handle: IO[bytes] | None = None
+        self._pending = b""
+        self._tail = b""  # the last bytes read (up to TAIL_BYTES), checked to notice a truncation
+        self._failed = RateLimited(log)
 
     async def run(self) -> None:
-        offset = self.path.stat().st_size if self.path.exists() else 0  # earlier events are history
-        pending = b""
-        while True:
-            try:
-                with self.path.open("rb") as handle:
-                    handle.seek(offset)
-                    chunk = handle.read()
-            except FileNotFoundError:
-                chunk = b""
-            offset += len(chunk)
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                if line.strip():
-                    self.handler.event(line)
-            await asyncio.sleep(POLL_S)
+        self._open(at_end=True)  # earlier events are history
+        try:
+            while True:
+                try:
+                    self.poll()
+                except Exception as error:  # (a disk error, say): the next poll tries again
+                    self._failed.warning("following %s failed: %s", self.path, error)
+                await asyncio.sleep(POLL_S)
+        finally:
+            self._close()
+
+    def _open(self, *, at_end: bool) -> None:
+        try:
+            self._handle = self.path.open("rb")
+        except FileNotFoundError:
+            self._handle = None
+            return
+        if at_end:
+            self._handle.seek(0, os.SEEK_END)
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+        self._handle, self._pending, self._tail = None, b"", b""
+
+    def poll(self) -> None:
+        """Handle the lines appended since the last poll; notice a file truncated or replaced."""
+        if self._handle is None:
+            self._open(at_end=False)  # made since: every line in it is news
+            if self._handle is None:
+                return
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            now = None  # removed: a new one is read from its start when it comes (a new inode)
+        held = os.fstat(self._handle.fileno())
+        if now is not None and (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+            self._read()  # the old file to its end: what was appended before it was replaced
+            self._close()
+            self._lost("was replaced")
+            self._open(at_end=False)
+        elif self._truncated(held.st_size):
+            self._handle.seek(0)
+            self._pending, self._tail = b"", b""
+            self._lost("was truncated")
+        if self._handle is not None:
+            self._read()
+
+    def _truncated(self, size: int) -> bool:
+        """Whether the file was cut short since the last read: smaller than what was read, or (cut
+        and written again past that point before this poll) no longer holding the bytes last read."""
+        assert self._handle is not None
+        offset = self._handle.tell()
+        if size < offset:
+            return True
+        tail = self._tail
+        return bool(tail) and os.pread(self._handle.fileno(), len(tail), offset - len(tail)) != tail
+
+    def _read(self) -> None:
+        assert self._handle is not None
+        chunk = self._handle.read()
+        if not chunk:
+            return
+        self._tail = (self._tail + chunk)[-TAIL_BYTES:]
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self.handler.event(line)
+
+    def _lost(self, what: str) -> None:
+        log.info("%s %s: reading it from its start; cached avatars dropped", self.path, what)
+        self.handler.reset()
 
 
 class Silent(ConnectionError):

@@ -379,7 +379,7 @@ class Server:
             app.events_live = redis_events.subscribed.is_set  # the cache is trusted only while subscribed
             source = redis_events
         else:
-            source = FileEvents(root=s.jobs, on_event=app.on_event)
+            source = FileEvents(root=s.jobs, on_event=app.on_event, on_reset=app.on_events_lost)
         self._events = asyncio.create_task(source.run(), name="avatar-events")
         if s.embedded_worker:
             self.worker = LocalWorker(

@@ -212,3 +212,45 @@ def test_file_events_skip_a_foreign_line_and_a_failing_handler_and_go_on(tmp_pat
         await until(lambda: heard == ["first", "second"], 2, "a later event was not heard")
 
     asyncio.run(running(source, scenario))
+
+
+def test_file_events_follow_events_jsonl_truncated_or_started_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """events.jsonl truncated under the follower (logrotate's copytruncate): it reads the file again
+    from its start and drops what it cached (events may have been missed); before, its offset
+    stayed past the end and it never handled another event. Past MAX_EVENTS_BYTES the publisher
+    replaces the file with a new one (before, it grew forever): the follower reads the old one to
+    its end and the new one from its start, missing nothing."""
+    from jobs import local
+
+    monkeypatch.setattr(local, "MAX_EVENTS_BYTES", 300, raising=False)  # ~3 events a file
+    queue = LocalQueue(root=tmp_path)
+    path = tmp_path / EVENTS_FILE
+    heard: list[str] = []
+    resets: list[int] = []
+    source = FileEvents(
+        root=tmp_path, on_event=lambda e: heard.append(e.avatar_id), on_reset=lambda: resets.append(0)
+    )
+
+    async def scenario() -> None:
+        await asyncio.sleep(0.2)
+        queue.publish("a", CHANGED)
+        await until(lambda: heard == ["a"], 2, "an event")
+        with path.open("r+") as f:  # copytruncate
+            f.truncate(0)
+        queue.publish("b", CHANGED)
+        await until(lambda: heard == ["a", "b"], 2, "an event after the file was truncated")
+        assert len(resets) == 1, "a truncated file may have lost events: the cache is dropped"
+
+        sent = []
+        for burst in range(6):
+            for i in range(3):
+                sent.append(f"r{burst}-{i}")
+                queue.publish(sent[-1], CHANGED)
+            assert path.stat().st_size <= 300 + 100, "the file is bounded"
+            await asyncio.sleep(0.25)
+        await until(lambda: heard[2:] == sent, 2, f"every event across the new files (heard {heard})")
+        assert len(resets) >= 4, "the publisher started new files, and the follower noticed"
+
+    asyncio.run(running(source, scenario))
