@@ -44,7 +44,7 @@ from service import avatars, consent
 from service.audit import AuditEvent, AuditLog
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
-from service.batcher import SHARED, Batcher
+from service.batcher import SHARED, Batcher, personalised_key
 from service.capacity import HEADROOM, Admission, CostModel
 from service.errors import (
     ServiceError,
@@ -593,7 +593,8 @@ class App:
         return Stream(
             setup=setup,
             adain=None if personalised else record.adain,
-            model=avatar_id if personalised else SHARED,
+            # the generator fine-tuned on this record, never one made for a record replacing it
+            model=personalised_key(avatar_id, avatar_stamp(record.create_time)) if personalised else SHARED,
             mapper=mapper,
             queue=self.batcher.open_stream(depth=setup.depth, block=setup.block),
             started=started,

@@ -1,26 +1,40 @@
 """The avatar event followers (service/events.py) on a real redis-server and a real events.jsonl:
 a subscription that dies without a word (half-open TCP) is noticed within seconds; what is not an
 event, or an event whose handling fails, is skipped without ending the follower or counting as an
-outage."""
+outage. And what avatar changes do to open streams, on real servers: a delete or replace, here or
+on another replica, ends them; a personalised stream never switches to a generator made for
+another record of its avatar id."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
+import shutil
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
+import grpc
+import onnx
 import pytest
 
+from api.talkinghead.v1 import animation_pb2 as pb
+from client.library import Client, landmark_requests
+from facekit import contract
+from facekit.sequence import LandmarkSequence
 from jobs import keys
-from jobs.events import CHANGED, DELETED, Event
+from jobs.events import CHANGED, DELETED, PERSONALISED, Event
 from jobs.local import EVENTS_FILE, LocalQueue
 from jobs.redis_queue import connect
 from service.events import DEAD_S, PING_S, RETRY_S, FileEvents, RedisEvents
+from service.store import LocalAvatarStore
 from tests.redis_fixtures import *  # noqa: F403
 from tests.redis_fixtures import RedisServer
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, copy_base_models, test_settings
 
 
 def event(avatar_id: str, kind: str = CHANGED) -> str:
@@ -254,3 +268,117 @@ def test_file_events_follow_events_jsonl_truncated_or_started_anew(
         assert len(resets) >= 4, "the publisher started new files, and the follower noticed"
 
     asyncio.run(running(source, scenario))
+
+
+class Streaming:
+    """An Animate stream in a thread: frames at 25/s (the driver's, over and over) until it ends
+    or `stop()`; the time each frame came, and how the stream ended."""
+
+    def __init__(self, client: Client, avatar_id: str, driver: LandmarkSequence) -> None:
+        self.received: list[float] = []
+        self.status: tuple[grpc.StatusCode, str] | None = None
+        self.started: pb.StreamStarted | None = None
+        self.ended_at = 0.0
+        self._stop = threading.Event()
+        seq = LandmarkSequence(driver.points[:25], driver.frame_size, driver.fps)
+        self._requests = list(landmark_requests(seq, clock=False))
+        self._thread = threading.Thread(target=self._run, args=(client, avatar_id), daemon=True)
+        self._thread.start()
+
+    def _paced(self) -> Iterator[pb.AnimateRequest]:
+        for request in itertools.cycle(self._requests):
+            if self._stop.wait(0.04):
+                return
+            yield request
+
+    def _run(self, client: Client, avatar_id: str) -> None:
+        try:
+            for _ in client.animate(avatar_id, self._paced(), encoding="raw"):
+                self.started = client.last_started
+                self.received.append(time.monotonic())
+            self.status = (grpc.StatusCode.OK, "")
+        except grpc.RpcError as error:
+            self.status = (error.code(), error.details() or "")
+        self.ended_at = time.monotonic()
+
+    def frames(self, n: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < n:
+            assert self.status is None, f"the stream ended: {self.status}"
+            assert time.monotonic() < deadline, f"{len(self.received)} frames in {timeout} s"
+            time.sleep(0.01)
+
+    def ended(self, timeout: float) -> tuple[grpc.StatusCode, str]:
+        """How the stream ended within `timeout` s (else it is stopped and the test fails)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self.stop()
+            pytest.fail(f"the stream still ran {timeout} s later ({len(self.received)} frames)")
+        assert self.status is not None
+        return self.status
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def after(self, moment: float) -> int:
+        return sum(t > moment for t in self.received)
+
+
+def _personalised_generator(repository: Path, avatar_id: str, version: int, stamp: str) -> None:
+    """`generator_<avatar_id>` version `version`, stamped as fine-tuned on the record `stamp`
+    (the template's weights: which record a generator is for is its stamp)."""
+    template = contract.latest_version(repository / contract.GENERATOR)
+    assert template is not None
+    model = onnx.load(str(template.parent / "personalised-template.onnx"))
+    meta = {p.key: p for p in model.metadata_props}
+    meta[contract.Meta.AVATAR].value = avatar_id
+    if contract.Meta.AVATAR_CREATED in meta:
+        meta[contract.Meta.AVATAR_CREATED].value = stamp
+    else:
+        model.metadata_props.add(key=contract.Meta.AVATAR_CREATED, value=stamp)
+    target = repository / f"generator_{avatar_id}" / str(version)
+    target.mkdir(parents=True)
+    onnx.save(model, str(target / ".model.onnx"))
+    shutil.move(target / ".model.onnx", target / contract.MODEL_FILE)
+
+
+def test_a_personalised_stream_never_switches_to_another_records_generator(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """A stream opened on an avatar's personalised generator keeps it; when the generator is
+    dropped (a `personalised` event: a new version was published) the latest version is opened
+    again for its next frames - before, whatever record that version was fine-tuned on: a
+    stream whose avatar had been replaced and personalised again rendered the new record's
+    face. Now the generator must be the stream's record's (its stamp), else the stream ends
+    UNAVAILABLE as for a withdrawn generator; new streams use the shared generator."""
+    repository = copy_base_models(model_repository, tmp_path / "repo")
+    settings = test_settings(repository, tmp_path / "store")
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        c = running.client()
+        c.create_avatar("tuned", [PORTRAIT], consent=CONSENT)
+        record = LocalAvatarStore(root=settings.avatar_store).get("tuned")
+        assert record is not None
+        _personalised_generator(repository, "tuned", 1, contract.avatar_stamp(record.create_time))
+        stream = Streaming(running.client(), "tuned", driver)
+        stream.frames(3)
+        assert stream.started is not None and stream.started.personalised
+        # version 2, made for another record of the id (one that replaced it: a replace this
+        # replica missed, or whose stream-ending raced it), and the worker's event
+        _personalised_generator(repository, "tuned", 2, contract.avatar_stamp(record.create_time + 60))
+        LocalQueue(root=settings.jobs).publish("tuned", PERSONALISED)
+        code, details = stream.ended(3.0)
+        assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+        assert "personalised generator was withdrawn" in details
+        frames = list(
+            c.animate(
+                "tuned",
+                landmark_requests(LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)),
+                encoding="raw",
+            )
+        )
+        assert len(frames) == 2 and c.last_started is not None and not c.last_started.personalised
+    finally:
+        running.stop()
