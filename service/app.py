@@ -63,7 +63,17 @@ from service.personalisation import Personaliser
 from service.quota import TenantLimits, held
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
-from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
+from service.stream import (
+    DrivingLandmarks,
+    OpenStreams,
+    Stream,
+    StreamSetup,
+    Watch,
+    check_config,
+    driving_mapper,
+    smoother,
+    warp_one,
+)
 
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
@@ -150,6 +160,8 @@ class App:
             cost=self.cost, budget=budget, max_batch=settings.max_batch, enabled=settings.admission
         )
         self.active_streams = 0
+        self.streams = OpenStreams()  # by avatar: a delete or replace ends them (_avatar_changed)
+        self._checks: set[asyncio.Task[None]] = set()  # _check_streams in flight
         # streams follow the tenant's quotas as the key ring says now, not those they opened with
         self.limits = TenantLimits(
             metrics,
@@ -281,6 +293,8 @@ class App:
     async def close(self) -> None:
         if self._calibration is not None:
             self._calibration.cancel()
+        for check in list(self._checks):
+            check.cancel()
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()
@@ -370,6 +384,7 @@ class App:
             if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
                 raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
             self.cache.put(record, stamp=stamp)
+            self._avatar_changed(avatar_id, avatar_stamp(record.create_time))  # streams of a replaced one end
             if existed:  # a replaced avatar's fine-tuned generator shows the old photos' person
                 await self._forget_personalisation(avatar_id)
             self.metrics.avatars_created.inc()
@@ -483,6 +498,7 @@ class App:
         if not deleted:
             raise not_found(f"no avatar with id {public!r}")
         assert record is not None
+        self._avatar_changed(avatar_id, None)  # its streams end now
         await self._forget_personalisation(avatar_id)
         await self.record_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
         log.info("deleted avatar %s", avatar_id)
@@ -519,9 +535,14 @@ class App:
         return job
 
     def on_event(self, event: Event) -> None:
-        """An avatar event from another replica or the worker (jobs.events)."""
+        """An avatar event from another replica or the worker (jobs.events). `changed` and
+        `deleted` mean the record changed: its open streams are checked against the store and
+        end if it is gone or another; `personalised` and `unpersonalised` only concern new
+        streams (a running one keeps its model; one whose generator was withdrawn ends
+        UNAVAILABLE at its next batch)."""
         if event.event in (events.CHANGED, events.DELETED):
             self.cache.discard(event.avatar_id)
+            self._check_streams_later(event.avatar_id, event.event)
         if event.event != events.CHANGED:
             self.backend.forget_personalised(event.avatar_id)
         self.metrics.avatar_events.labels(event.event).observe(max(0.0, time.time() - event.sent))
@@ -529,9 +550,61 @@ class App:
     def on_events_lost(self) -> None:
         """Events may have been missed (the subscription was lost or is new, Redis lost its data,
         events.jsonl was truncated or replaced): trust no cached record nor loaded personalised
-        generator (a running stream of one opens it again, checked against its record)."""
+        generator (a running stream of one opens it again, checked against its record), and
+        check every open stream's record against the store."""
         self.cache.clear()
         self.backend.forget_all_personalised()
+        for avatar_id in self.streams.avatars():
+            self._check_streams_later(avatar_id, None)
+
+    # -- streams of a changed avatar ----------------------------------------------------------
+    def _avatar_changed(self, avatar_id: str, stamp: str | None) -> None:
+        """This replica deleted the avatar (`stamp` None) or wrote a new record of it (stamped
+        `stamp`): every stream of another record ends; those still reading it read it again."""
+        for watch in self.streams.of(avatar_id):
+            if watch.stamp is None:
+                watch.stale = True
+            elif watch.stamp != stamp:
+                watch.end(self._changed_error(avatar_id, deleted=stamp is None))
+
+    @staticmethod
+    def _changed_error(avatar_id: str, *, deleted: bool) -> ServiceError:
+        public = split_id(avatar_id)[1]
+        if deleted:
+            return not_found(f"avatar {public!r} was deleted")
+        return aborted(f"avatar {public!r} was replaced; open a new stream")
+
+    def _check_streams_later(self, avatar_id: str, kind: str | None) -> None:
+        watches = self.streams.of(avatar_id)
+        if not watches:
+            return
+        for watch in watches:
+            if watch.stamp is None:
+                watch.stale = True
+        task = asyncio.get_running_loop().create_task(self._check_streams(avatar_id, kind))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_streams(self, avatar_id: str, kind: str | None) -> None:
+        """After an avatar event (`kind`; None: events were missed): the streams of the avatar
+        whose record is no longer the stored one end (an event may also be of the record a
+        stream opened on: one created as the stream read it). When the store cannot be read,
+        the event says what happened; after missed events nothing is known, and they go on."""
+        try:
+            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        except Exception as error:
+            if kind is None:
+                log.warning("could not check the streams of %s against the store: %s", avatar_id, error)
+                return
+            log.warning("could not read %s after its %s event (%s): its streams end", avatar_id, kind, error)
+            for watch in self.streams.of(avatar_id):
+                if watch.stamp is not None:
+                    watch.end(self._changed_error(avatar_id, deleted=kind == events.DELETED))
+            return
+        now = None if record is None else avatar_stamp(record.create_time)
+        for watch in self.streams.of(avatar_id):
+            if watch.stamp is not None and watch.stamp != now:
+                watch.end(self._changed_error(avatar_id, deleted=now is None))
 
     async def personalised(self, record: AvatarRecord) -> bool:
         """Whether the avatar's streams get its personalised generator: one fine-tuned on this
@@ -550,7 +623,29 @@ class App:
         batcher. Stream.close() gives the slots back through `release`."""
         setup = check_config(config)
         info = self.info()
+        # followed from before its record is read: a delete or replace meanwhile is not missed
+        watch = self.streams.watch(scoped_id(principal.tenant, check_id(config.avatar_id)))
+        try:
+            return await self._open_stream(config, setup, info, watch, principal=principal, actor=actor)
+        except BaseException:
+            self.streams.forget(watch)
+            raise
+
+    async def _open_stream(
+        self,
+        config: animation_pb2.StreamConfig,
+        setup: StreamSetup,
+        info: ModelInfo,
+        watch: Watch,
+        *,
+        principal: Principal,
+        actor: str,
+    ) -> Stream:
         record = await self.get_record(config.avatar_id, principal)
+        while watch.stale:  # the avatar changed as it was read: read it again
+            watch.stale = False
+            record = await self.get_record(config.avatar_id, principal)
+        watch.stamp = avatar_stamp(record.create_time)
         avatar_id = record.avatar_id
         if record.model_id != info.model_id:
             raise precondition(
@@ -590,11 +685,11 @@ class App:
             watermark_key_id=self.watermarker.fingerprint if self.watermarker else "",
             latency_budget_ms=0 if setup.block else self.settings.latency_budget_ms,
         )
-        return Stream(
+        stream = Stream(
             setup=setup,
             adain=None if personalised else record.adain,
             # the generator fine-tuned on this record, never one made for a record replacing it
-            model=personalised_key(avatar_id, avatar_stamp(record.create_time)) if personalised else SHARED,
+            model=personalised_key(avatar_id, watch.stamp) if personalised else SHARED,
             mapper=mapper,
             queue=self.batcher.open_stream(depth=setup.depth, block=setup.block),
             started=started,
@@ -607,9 +702,11 @@ class App:
             find_landmarks=functools.partial(self.driving_landmarks, caller=principal.tenant),
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
-            release=functools.partial(self._release_stream_slot, principal.tenant, reserved),
+            release=functools.partial(self._release_stream_slot, principal.tenant, reserved, watch),
             idle_timeout=self.settings.stream_idle_timeout,
         )
+        self.streams.attach(watch, stream)
+        return stream
 
     def _marker(self, stored_id: str) -> Callable[[np.ndarray], np.ndarray]:
         """Every frame of the avatar's streams: the mark of payload_for(tenant, avatar)."""
@@ -640,7 +737,8 @@ class App:
         self._publish_capacity()
         return reserved
 
-    def _release_stream_slot(self, tenant: str, reserved: float, code: str) -> None:
+    def _release_stream_slot(self, tenant: str, reserved: float, watch: Watch, code: str) -> None:
+        self.streams.forget(watch)
         self._give_back(tenant, reserved)
         self.metrics.streams_total.labels(code).inc()
 

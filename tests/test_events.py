@@ -325,6 +325,70 @@ class Streaming:
         return sum(t > moment for t in self.received)
 
 
+def test_deleting_or_replacing_an_avatar_ends_its_streams_here_and_on_other_replicas(
+    model_repository: Path, tmp_path: Path, redis_url: str, driver: LandmarkSequence
+) -> None:
+    """Before, a stream kept rendering a deleted avatar (200 of a 10 s stream's 250 frames came
+    after the delete returned) or a replaced one until the client stopped it, whichever replica
+    the delete ran on. Now a delete ends the avatar's streams NOT_FOUND and a replace ABORTED -
+    at once on the replica that ran it, within the avatar event's delivery on the others - while
+    a `personalised` event (a running stream keeps its model) ends nothing."""
+    replicas = [
+        ServerThread(settings=test_settings(model_repository, tmp_path / f"store{i}", redis_url=redis_url))
+        for i in (1, 2)
+    ]
+    publisher = connect(redis_url)
+    try:
+        for replica in replicas:
+            replica.wait_ready()
+        one, two = (r.client() for r in replicas)
+        cases = [  # (avatar, the replica whose client changes it, the change, the stream's end)
+            ("elsewhere", one, "delete", grpc.StatusCode.NOT_FOUND, "avatar 'elsewhere' was deleted"),
+            ("here", two, "delete", grpc.StatusCode.NOT_FOUND, "avatar 'here' was deleted"),
+            (
+                "swapped",
+                one,
+                "replace",
+                grpc.StatusCode.ABORTED,
+                "avatar 'swapped' was replaced; open a new stream",
+            ),
+            (
+                "mine",
+                two,
+                "replace",
+                grpc.StatusCode.ABORTED,
+                "avatar 'mine' was replaced; open a new stream",
+            ),
+        ]
+        for avatar, changer, change, code, details in cases:
+            one.create_avatar(avatar, [PORTRAIT], consent=CONSENT)
+            stream = Streaming(replicas[1].client(), avatar, driver)
+            stream.frames(3)
+            publisher.publish(keys.EVENTS, event(avatar, PERSONALISED))  # (ends nothing)
+            stream.frames(len(stream.received) + 5)
+            if change == "delete":
+                changer.delete_avatar(avatar)
+            else:
+                changer.create_avatar(avatar, [PORTRAIT], consent=CONSENT, replace=True)
+            done = time.monotonic()
+            assert stream.ended(2.0) == (code, details), (avatar, change)
+            print(
+                f"{change} of {avatar!r} on replica {1 if changer is one else 2}: the stream on replica 2 "
+                f"ended {stream.ended_at - done:.3f} s after it returned, {stream.after(done)} frames later"
+            )
+            late = stream.after(done + 0.5)
+            assert late == 0, f"{avatar}: {late} frames came later than 0.5 s after the {change} returned"
+        assert replicas[1].app.streams.avatars() == [] and replicas[1].app.active_streams == 0
+        # a stream of the new record is not ended by the replace that made it
+        stream = Streaming(replicas[1].client(), "swapped", driver)
+        stream.frames(10)
+        stream.stop()
+        assert stream.status == (grpc.StatusCode.OK, "")
+    finally:
+        for replica in replicas:
+            replica.stop()
+
+
 def _personalised_generator(repository: Path, avatar_id: str, version: int, stamp: str) -> None:
     """`generator_<avatar_id>` version `version`, stamped as fine-tuned on the record `stamp`
     (the template's weights: which record a generator is for is its stamp)."""
