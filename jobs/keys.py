@@ -5,6 +5,8 @@ talkinghead:avatar:<id>        hash   the avatar: meta (JSON), adain, embedding,
 talkinghead:avatars            zset   every avatar id, score 0 (lexicographic order for paging)
 talkinghead:store-id           string the store's id, stamped on its personalised generators
 talkinghead:events             pub/sub channel of avatar events (jobs.events)
+talkinghead:events:epoch       string a random marker the event subscribers set when absent and
+                                      read with every ping: gone or changed, Redis lost its data
 talkinghead:jobs:stream        stream one entry {job: <id>} per job not yet ended (deleted when it
                                       ends: jobs/redis_queue.py); consumer group `workers`
 talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (npz bytes), entry
@@ -22,6 +24,7 @@ PREFIX = "talkinghead:"
 AVATARS = PREFIX + "avatars"
 STORE_ID = PREFIX + "store-id"  # string: this store's id (jobs.avatars), set once
 EVENTS = PREFIX + "events"
+EVENTS_EPOCH = PREFIX + "events:epoch"
 JOB_STREAM = PREFIX + "jobs:stream"
 WORKERS_GROUP = "workers"
 JOBS = PREFIX + "jobs"

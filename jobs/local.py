@@ -6,7 +6,10 @@
                         that worker dies, so another (or the restarted) worker takes it over
 <root>/<id>.cancel      present once cancellation was asked for a running job
 <root>/.queue.lock      serialises submit and cancel (the busy / full checks)
-<root>/events.jsonl     avatar events (jobs.events), appended; the service follows the file
+<root>/events.jsonl     avatar events (jobs.events), appended; the service follows the file.
+                        Past MAX_EVENTS_BYTES the publisher replaces it with a new, empty file
+                        (atomically, under <root>/.events.lock, which every publisher holds to
+                        append): the service reads the old one to its end, then the new one
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from jobs.queue import AvatarBusy, Lost, QueueFull
 from jobs.record import CANCELLED, CODE_CANCELLED, ID, PERSONALISE, QUEUED, REMOVE, RUNNING, TERMINAL, Job
 
 EVENTS_FILE = "events.jsonl"
+EVENTS_LOCK = ".events.lock"
+MAX_EVENTS_BYTES = 1 << 20  # ~10,000 events; then the file starts anew
 POLL_S = 0.2
 RETENTION_S = 7 * 24 * 3600  # ended jobs are forgotten after a week
 
@@ -34,6 +39,20 @@ def write_atomic(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _start_anew(path: Path) -> None:
+    """Replace `path` with a new, empty file (readable as the old one was)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        try:
+            os.fchmod(fd, 0o644)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -193,11 +212,19 @@ class LocalQueue:
 
     def publish(self, avatar_id: str, event: str) -> None:
         line = Event(avatar_id=avatar_id, event=event, sent=time.time()).to_json() + "\n"
-        fd = os.open(self.root / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
-        finally:
-            os.close(fd)
+        path = self.root / EVENTS_FILE
+        # Held to append and to rotate: no publisher appends to a file after it was replaced (the
+        # follower, having read the old file to its end, would never see that line).
+        with (self.root / EVENTS_LOCK).open("ab") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())  # one small O_APPEND write: lines never interleave
+                size = os.fstat(fd).st_size
+            finally:
+                os.close(fd)
+            if size > MAX_EVENTS_BYTES:
+                _start_anew(path)
 
     def close(self) -> None:
         for handle in self._held.values():

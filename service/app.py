@@ -45,7 +45,7 @@ from service import avatars, consent
 from service.audit import AuditEvent, AuditLog, Intent
 from service.auth import Authenticator, Principal
 from service.backends.base import Backend, BackendUnavailable
-from service.batcher import SHARED, Batcher
+from service.batcher import SHARED, Batcher, personalised_key
 from service.capacity import HEADROOM, Admission, CostModel
 from service.errors import (
     ServiceError,
@@ -64,7 +64,17 @@ from service.personalisation import Personaliser
 from service.quota import TenantLimits, held
 from service.settings import Settings
 from service.store import AvatarCache, AvatarRecord, AvatarStore
-from service.stream import DrivingLandmarks, Stream, check_config, driving_mapper, smoother, warp_one
+from service.stream import (
+    DrivingLandmarks,
+    OpenStreams,
+    Stream,
+    StreamSetup,
+    Watch,
+    check_config,
+    driving_mapper,
+    smoother,
+    warp_one,
+)
 
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
@@ -125,7 +135,13 @@ class App:
         self.personaliser = personaliser
         self.audit = audit
         self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
-        self.cache = AvatarCache(max_bytes=settings.cache_bytes, on_change=metrics.on_cache)
+        # Whether the avatar events that keep the cache right are heard now (service/events.py:
+        # the server sets it to the Redis subscription's state; without Redis every change is
+        # this process's own or the local worker's, and the cache is always trusted).
+        self.events_live: Callable[[], bool] = lambda: True
+        self.cache = AvatarCache(
+            max_bytes=settings.cache_bytes, on_change=metrics.on_cache, trusted=lambda: self.events_live()
+        )
         metrics.personalised_loaded.set_function(backend.loaded_personalised)
         self.detect_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect")
         # callers take turns on it, one photo or driving frame at a time (service/fair.py)
@@ -150,6 +166,8 @@ class App:
             cost=self.cost, budget=budget, max_batch=settings.max_batch, enabled=settings.admission
         )
         self.active_streams = 0
+        self.streams = OpenStreams()  # by avatar: a delete or replace ends them (_avatar_changed)
+        self._checks: set[asyncio.Task[None]] = set()  # _check_streams in flight
         # streams follow the tenant's quotas as the key ring says now, not those they opened with
         self.limits = TenantLimits(
             metrics,
@@ -285,6 +303,8 @@ class App:
             self._calibration.cancel()
         if self._recovery is not None:
             self._recovery.cancel()
+        for check in list(self._checks):
+            check.cancel()
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()
@@ -465,6 +485,7 @@ class App:
                 await self._settle(intent)
                 raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
             self.cache.put(record, stamp=stamp)
+            self._avatar_changed(avatar_id, avatar_stamp(record.create_time))  # streams of a replaced one end
             if previous is not None:
                 await self._forget_personalisation(previous)
             self.metrics.avatars_created.inc()
@@ -577,6 +598,7 @@ class App:
         if not deleted:  # another call deleted it meanwhile: the tombstone is that call's
             await self._settle(intent)
             raise not_found(f"no avatar with id {public!r}")
+        self._avatar_changed(avatar_id, None)  # its streams end now
         await self._forget_personalisation(record)
         await self._commit(intent, tombstone)
         log.info("deleted avatar %s", avatar_id)
@@ -615,16 +637,76 @@ class App:
         return job
 
     def on_event(self, event: Event) -> None:
-        """An avatar event from another replica or the worker (jobs.events)."""
+        """An avatar event from another replica or the worker (jobs.events). `changed` and
+        `deleted` mean the record changed: its open streams are checked against the store and
+        end if it is gone or another; `personalised` and `unpersonalised` only concern new
+        streams (a running one keeps its model; one whose generator was withdrawn ends
+        UNAVAILABLE at its next batch)."""
         if event.event in (events.CHANGED, events.DELETED):
             self.cache.discard(event.avatar_id)
+            self._check_streams_later(event.avatar_id, event.event)
         if event.event != events.CHANGED:
             self.backend.forget_personalised(event.avatar_id)
         self.metrics.avatar_events.labels(event.event).observe(max(0.0, time.time() - event.sent))
 
     def on_events_lost(self) -> None:
-        """Events may have been missed (the subscription was interrupted): trust no cached record."""
+        """Events may have been missed (the subscription was lost or is new, Redis lost its data,
+        events.jsonl was truncated or replaced): trust no cached record nor loaded personalised
+        generator (a running stream of one opens it again, checked against its record), and
+        check every open stream's record against the store."""
         self.cache.clear()
+        self.backend.forget_all_personalised()
+        for avatar_id in self.streams.avatars():
+            self._check_streams_later(avatar_id, None)
+
+    # -- streams of a changed avatar ----------------------------------------------------------
+    def _avatar_changed(self, avatar_id: str, stamp: str | None) -> None:
+        """This replica deleted the avatar (`stamp` None) or wrote a new record of it (stamped
+        `stamp`): every stream of another record ends; those still reading it read it again."""
+        for watch in self.streams.of(avatar_id):
+            if watch.stamp is None:
+                watch.stale = True
+            elif watch.stamp != stamp:
+                watch.end(self._changed_error(avatar_id, deleted=stamp is None))
+
+    @staticmethod
+    def _changed_error(avatar_id: str, *, deleted: bool) -> ServiceError:
+        public = split_id(avatar_id)[1]
+        if deleted:
+            return not_found(f"avatar {public!r} was deleted")
+        return aborted(f"avatar {public!r} was replaced; open a new stream")
+
+    def _check_streams_later(self, avatar_id: str, kind: str | None) -> None:
+        watches = self.streams.of(avatar_id)
+        if not watches:
+            return
+        for watch in watches:
+            if watch.stamp is None:
+                watch.stale = True
+        task = asyncio.get_running_loop().create_task(self._check_streams(avatar_id, kind))
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
+
+    async def _check_streams(self, avatar_id: str, kind: str | None) -> None:
+        """After an avatar event (`kind`; None: events were missed): the streams of the avatar
+        whose record is no longer the stored one end (an event may also be of the record a
+        stream opened on: one created as the stream read it). When the store cannot be read,
+        the event says what happened; after missed events nothing is known, and they go on."""
+        try:
+            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        except Exception as error:
+            if kind is None:
+                log.warning("could not check the streams of %s against the store: %s", avatar_id, error)
+                return
+            log.warning("could not read %s after its %s event (%s): its streams end", avatar_id, kind, error)
+            for watch in self.streams.of(avatar_id):
+                if watch.stamp is not None:
+                    watch.end(self._changed_error(avatar_id, deleted=kind == events.DELETED))
+            return
+        now = None if record is None else avatar_stamp(record.create_time)
+        for watch in self.streams.of(avatar_id):
+            if watch.stamp is not None and watch.stamp != now:
+                watch.end(self._changed_error(avatar_id, deleted=now is None))
 
     async def personalised(self, record: AvatarRecord) -> bool:
         """Whether the avatar's streams get its personalised generator: one fine-tuned on this
@@ -643,7 +725,29 @@ class App:
         batcher. Stream.close() gives the slots back through `release`."""
         setup = check_config(config)
         info = self.info()
+        # followed from before its record is read: a delete or replace meanwhile is not missed
+        watch = self.streams.watch(scoped_id(principal.tenant, check_id(config.avatar_id)))
+        try:
+            return await self._open_stream(config, setup, info, watch, principal=principal, actor=actor)
+        except BaseException:
+            self.streams.forget(watch)
+            raise
+
+    async def _open_stream(
+        self,
+        config: animation_pb2.StreamConfig,
+        setup: StreamSetup,
+        info: ModelInfo,
+        watch: Watch,
+        *,
+        principal: Principal,
+        actor: str,
+    ) -> Stream:
         record = await self.get_record(config.avatar_id, principal)
+        while watch.stale:  # the avatar changed as it was read: read it again
+            watch.stale = False
+            record = await self.get_record(config.avatar_id, principal)
+        watch.stamp = avatar_stamp(record.create_time)
         avatar_id = record.avatar_id
         if record.model_id != info.model_id:
             raise precondition(
@@ -683,10 +787,11 @@ class App:
             watermark_key_id=self.watermarker.fingerprint if self.watermarker else "",
             latency_budget_ms=0 if setup.block else self.settings.latency_budget_ms,
         )
-        return Stream(
+        stream = Stream(
             setup=setup,
             adain=None if personalised else record.adain,
-            model=avatar_id if personalised else SHARED,
+            # the generator fine-tuned on this record, never one made for a record replacing it
+            model=personalised_key(avatar_id, watch.stamp) if personalised else SHARED,
             mapper=mapper,
             queue=self.batcher.open_stream(depth=setup.depth, block=setup.block),
             started=started,
@@ -699,9 +804,11 @@ class App:
             find_landmarks=functools.partial(self.driving_landmarks, caller=principal.tenant),
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
-            release=functools.partial(self._release_stream_slot, principal.tenant, reserved),
+            release=functools.partial(self._release_stream_slot, principal.tenant, reserved, watch),
             idle_timeout=self.settings.stream_idle_timeout,
         )
+        self.streams.attach(watch, stream)
+        return stream
 
     def _marker(self, stored_id: str) -> Callable[[np.ndarray], np.ndarray]:
         """Every frame of the avatar's streams: the mark of payload_for(tenant, avatar)."""
@@ -732,7 +839,8 @@ class App:
         self._publish_capacity()
         return reserved
 
-    def _release_stream_slot(self, tenant: str, reserved: float, code: str) -> None:
+    def _release_stream_slot(self, tenant: str, reserved: float, watch: Watch, code: str) -> None:
+        self.streams.forget(watch)
         self._give_back(tenant, reserved)
         self.metrics.streams_total.labels(code).inc()
 

@@ -63,7 +63,22 @@ from service.capacity import BATCH_SHARE, CostModel
 from service.metrics import DROPPED_LATE, DROPPED_OVERFLOW
 
 log = logging.getLogger("talkinghead.service.batcher")
-SHARED = ""  # model key of the shared generator; personalised models are keyed by avatar id
+SHARED = ""  # model key of the shared generator; personalised models: personalised_key
+
+
+def personalised_key(avatar_id: str, made_for: str) -> str:
+    """The model key of the streams on `generator_<avatar_id>` opened on the avatar record stamped
+    `made_for` (contract.avatar_stamp): frames of a record that replaced it under the same id are
+    never batched with theirs, and the backend is asked for that record's generator only."""
+    return f"{avatar_id}@{made_for}"
+
+
+def split_key(model: str) -> tuple[str, str]:
+    """(avatar id, made_for) of a personalised model key."""
+    avatar_id, _, made_for = model.partition("@")
+    return avatar_id, made_for
+
+
 # Generator calls in flight at once: the shared model's (up to 5 in 2 lanes) and another model's.
 MAX_CONCURRENT_CALLS = 6
 RENDER_THREADS = min(4, os.cpu_count() or 1)  # draw and warp a batch's frames in parallel
@@ -78,7 +93,7 @@ class WorkItem:
     points: np.ndarray  # (68, 2) float32 landmarks in the model's S x S crop
     draw: Callable[[np.ndarray], np.ndarray]  # points -> landmark image (S, S, 3) uint8
     adain: np.ndarray | None  # (D,) float32 for the shared generator, None for a personalised one
-    model: str  # SHARED or the avatar id of a personalised generator
+    model: str  # SHARED or a personalised generator's personalised_key
     warp: Callable[[np.ndarray], np.ndarray] | None = None  # points -> the avatar's warped reference
     landmark_image: np.ndarray | None = None  # drawn when the batcher takes the frame
     warped: np.ndarray | None = None  # warped when the batcher takes the frame (warp-guided models)
@@ -251,7 +266,7 @@ class Batcher:
     def lanes(self, model: str) -> int:
         """Batches of `model` the backend runs side by side (Backend.lanes; 1 when it has none)."""
         lanes = getattr(self.backend, "lanes", None)
-        return max(1, int(lanes(model))) if lanes is not None else 1
+        return max(1, int(lanes(split_key(model)[0] if model else SHARED))) if lanes is not None else 1
 
     def _slots(self, model: str) -> int:
         """Batches of `model` handed to the backend at once: one per lane and, with lanes, two
@@ -458,7 +473,10 @@ class Batcher:
                             images, adain, warped, priority=priority
                         )
                     else:
-                        call = self.backend.generate_personalised(model, images, warped, priority=priority)
+                        avatar_id, made_for = split_key(model)
+                        call = self.backend.generate_personalised(
+                            avatar_id, images, warped, priority=priority, made_for=made_for
+                        )
                     try:
                         frames = await call  # (B, S, S, 3)
                     finally:

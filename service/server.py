@@ -373,12 +373,13 @@ class Server:
     def _start_personalisation(self) -> None:
         """Follow avatar events; run the embedded worker unless workers run elsewhere."""
         s, app = self.settings, self.app
+        source: RedisEvents | FileEvents
         if s.redis_url:
-            source: RedisEvents | FileEvents = RedisEvents(
-                url=s.redis_url, on_event=app.on_event, on_reset=app.on_events_lost
-            )
+            redis_events = RedisEvents(url=s.redis_url, on_event=app.on_event, on_reset=app.on_events_lost)
+            app.events_live = redis_events.subscribed.is_set  # the cache is trusted only while subscribed
+            source = redis_events
         else:
-            source = FileEvents(root=s.jobs, on_event=app.on_event)
+            source = FileEvents(root=s.jobs, on_event=app.on_event, on_reset=app.on_events_lost)
         self._events = asyncio.create_task(source.run(), name="avatar-events")
         if s.embedded_worker:
             self.worker = LocalWorker(

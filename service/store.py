@@ -198,12 +198,19 @@ class AvatarCache:
     """LRU of avatar records bounded by their total bytes (one record larger than the bound is not kept).
 
     `on_change(entries, bytes, hit)` reports to metrics; hit is None for evictions/insertions.
+    `trusted()` false (the avatar events that keep it right are interrupted: service/events.py):
+    nothing is served from it nor put in it, so reads go to the store.
     """
 
     def __init__(
-        self, *, max_bytes: int, on_change: Callable[[int, int, bool | None], None] | None = None
+        self,
+        *,
+        max_bytes: int,
+        on_change: Callable[[int, int, bool | None], None] | None = None,
+        trusted: Callable[[], bool] = lambda: True,
     ) -> None:
         self.max_bytes = max_bytes
+        self.trusted = trusted
         self._items: OrderedDict[str, AvatarRecord] = OrderedDict()
         self._bytes = 0
         self._on_change = on_change or (lambda entries, size, hit: None)
@@ -217,7 +224,7 @@ class AvatarCache:
         return self._bytes
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
-        record = self._items.get(avatar_id)
+        record = self._items.get(avatar_id) if self.trusted() else None
         if record is not None:
             self._items.move_to_end(avatar_id)
         self._on_change(len(self._items), self._bytes, record is not None)
@@ -230,7 +237,7 @@ class AvatarCache:
         return self._generation
 
     def put(self, record: AvatarRecord, *, stamp: int | None = None) -> None:
-        if stamp is not None and stamp != self._generation:
+        if (stamp is not None and stamp != self._generation) or not self.trusted():
             return
         self._remove(record.avatar_id)
         if record.nbytes <= self.max_bytes:

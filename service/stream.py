@@ -8,8 +8,10 @@
 A bad frame stops the reader; frames read before it are still delivered, then the stream ends with
 the error's status. A client that sends nothing (no frame, no keepalive) for `idle_timeout`
 seconds while the stream owes it no reply ends the stream with DEADLINE_EXCEEDED (a client that
-stops taking replies is caught by the servicer's write deadline). Whatever ends the stream (client
-cancel, error, idle, server shutdown), `close()` releases the queue and the stream slot exactly once.
+stops taking replies is caught by the servicer's write deadline). `end(error)` ends it from outside
+(App: its avatar was deleted or replaced): no frame is sent after it. Whatever ends the stream
+(client cancel, error, idle, its avatar changed, server shutdown), `close()` releases the queue and
+the stream slot exactly once.
 """
 
 from __future__ import annotations
@@ -215,6 +217,7 @@ class Stream:
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     error: ServiceError | None = None  # what ended the reader (copied: no traceback, no cycle)
+    ended: ServiceError | None = None  # `end`: the stream is over whatever the reader does
     reading_done: bool = False
     dropped_total: int = 0
     closed: bool = False
@@ -224,6 +227,13 @@ class Stream:
     _waiting_since: float | None = None  # loop.time() when the reader began waiting for a request
     _watchdog: asyncio.TimerHandle | None = None
     _idle: bool = False  # the watchdog ended the read
+
+    def end(self, error: ServiceError) -> None:
+        """End the stream from outside (its avatar was deleted or replaced): the reply loop sends
+        no frame from now on and raises `error` (the servicer then stops the reader and closes)."""
+        if self.ended is None:
+            self.ended = error
+        self.changed.set()
 
     def close(self, code: str) -> None:
         if self.closed:
@@ -361,6 +371,8 @@ class Stream:
     async def replies(self) -> AsyncIterator[pb.AnimateResponse]:
         dropped_before = 0
         while True:
+            if self.ended is not None:
+                raise detached(self.ended)
             if not self.outstanding:
                 if self.reading_done:
                     break
@@ -383,11 +395,15 @@ class Stream:
                 dropped_before += 1
                 self.dropped_total += 1
                 continue
+            if self.ended is not None:  # (ended while its frame was in the generator)
+                raise detached(self.ended)
             error = future.exception()
             if error is not None:
                 self.queue.delivered()
                 raise _detached(error)
             response = await self._reply(head, future.result(), dropped_before)
+            if self.ended is not None:  # (ended while the frame was encoded in a thread)
+                raise detached(self.ended)
             dropped_before = 0
             yield response
             self.queue.delivered()
@@ -448,3 +464,55 @@ class Stream:
             else paste_back(self.portrait, face, points, region=self.paste_region)
         )
         return encode_frame(self.mark(frame), self.setup.encoding, self.setup.quality)
+
+
+@dataclass(eq=False, kw_only=True)
+class Watch:
+    """A stream opening or open on an avatar, in App's OpenStreams: ended when the avatar record it
+    streams is deleted or replaced (here or on another replica)."""
+
+    avatar_id: str  # the stored id
+    stamp: str | None = None  # contract.avatar_stamp of the record it streams, once read
+    stale: bool = False  # the avatar changed while its record was being read: read it again
+    ended: ServiceError | None = None
+    stream: Stream | None = None
+
+    def end(self, error: ServiceError) -> None:
+        if self.ended is None:
+            self.ended = error
+        if self.stream is not None:
+            self.stream.end(error)
+
+
+class OpenStreams:
+    """Streams by stored avatar id, from before their record is read until they close."""
+
+    def __init__(self) -> None:
+        self._by_avatar: dict[str, set[Watch]] = {}
+
+    def watch(self, avatar_id: str) -> Watch:
+        watch = Watch(avatar_id=avatar_id)
+        self._by_avatar.setdefault(avatar_id, set()).add(watch)
+        return watch
+
+    def attach(self, watch: Watch, stream: Stream) -> None:
+        """The stream is made: one ended while it opened ends now."""
+        watch.stream = stream
+        if watch.ended is not None:
+            stream.end(watch.ended)
+
+    def forget(self, watch: Watch) -> None:
+        watches = self._by_avatar.get(watch.avatar_id)
+        if watches is not None:
+            watches.discard(watch)
+            if not watches:
+                del self._by_avatar[watch.avatar_id]
+
+    def of(self, avatar_id: str) -> list[Watch]:
+        return list(self._by_avatar.get(avatar_id, ()))
+
+    def avatars(self) -> list[str]:
+        return list(self._by_avatar)
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_avatar.values()))

@@ -33,6 +33,19 @@ def test_a_read_that_raced_a_delete_is_not_cached() -> None:
     assert cache.get("ada") is not None
 
 
+def test_an_untrusted_cache_serves_and_keeps_nothing() -> None:
+    """While the avatar events are not heard (`trusted()` false) nothing is served from the cache
+    nor put in it: a record read then may be changed elsewhere without this replica hearing."""
+    live = [True]
+    cache = AvatarCache(max_bytes=1 << 20, trusted=lambda: live[0])
+    cache.put(_record("ada"))
+    live[0] = False
+    assert cache.get("ada") is None, "served while the events are not heard"
+    cache.put(_record("bob"))
+    live[0] = True
+    assert cache.get("bob") is None, "kept a record read while the events were not heard"
+
+
 def test_the_cache_is_bounded_by_bytes() -> None:
     one = _record("a")
     cache = AvatarCache(max_bytes=int(one.nbytes * 2.5))

@@ -22,7 +22,7 @@ from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
 from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
 from jobs.redis_queue import RedisQueue, connect
 from service.audit import RedisAuditLog
-from service.events import RETRY_S, RedisEvents
+from service.events import PING_S, RETRY_S, RedisEvents
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
 from tests.redis_fixtures import *  # noqa: F403
@@ -399,12 +399,70 @@ def test_redis_gone_calls_get_unavailable_without_its_address_and_work_resumes(
         redis.stop()
 
 
+def test_no_cached_avatar_is_served_once_redis_was_flushed_or_while_it_is_gone(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence
+) -> None:
+    """The cache is trusted only while the events that keep it right are heard. Redis flushed
+    under a live subscription (FLUSHALL): the avatar is NOT_FOUND within ~PING_S, the marker key
+    read with each ping being gone (before: served from the cache for as long as the replica
+    ran). Redis stopped: GetAvatar and a new stream of a cached avatar get UNAVAILABLE (before:
+    both served from the cache, the stream's animate_start audit write failing)."""
+    redis = RedisServer(workdir=tmp_path / "redis")
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", redis_url=redis.url))
+    seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
+    hits = "talkinghead_cache_hits_total"
+    try:
+        running.wait_ready()
+        t0 = time.monotonic()
+        while not getattr(running.app, "events_live", lambda: True)():  # (the cache is used from then)
+            assert time.monotonic() - t0 < 5, "no subscription to the avatar events"
+            time.sleep(0.01)
+        c = running.client()
+        c.create_avatar("kept", [PORTRAIT], consent=CONSENT)
+        time.sleep(0.1)  # (its own `changed` event dropped what the create cached)
+        c.get_avatar("kept")
+        before = running.metric(hits)
+        c.get_avatar("kept")
+        assert running.metric(hits) == before + 1, "served from the cache"
+        connect(redis.url).flushall()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as gone:
+            while time.monotonic() - t0 < PING_S + 2:
+                c.get_avatar("kept")
+                time.sleep(0.05)
+        assert gone.value.code() == grpc.StatusCode.NOT_FOUND, gone.value.details()
+
+        c.create_avatar("kept", [PORTRAIT], consent=CONSENT)
+        time.sleep(0.1)
+        assert len(list(c.animate("kept", landmark_requests(seq), encoding="raw"))) == 3
+        before = running.metric(hits)
+        c.get_avatar("kept")
+        assert running.metric(hits) == before + 1, "served from the cache"
+        redis.stop()
+        t0 = time.monotonic()
+        while getattr(running.app, "events_live", lambda: False)():
+            assert time.monotonic() - t0 < 2, "the lost subscription was not noticed"
+            time.sleep(0.01)
+        calls = {
+            "get": lambda: c.get_avatar("kept"),
+            "animate": lambda: list(c.animate("kept", landmark_requests(seq), encoding="raw")),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (name, error.value.details())
+    finally:
+        running.stop()
+        redis.stop()
+
+
 def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """While Redis is away a replica's event subscriber retries with growing waits and warns once
-    (before: a WARNING every second for the whole outage); once Redis is back it resubscribes,
-    drops the cache (events may have been missed), says the outage is over and hears events."""
+    (before: a WARNING every second for the whole outage); it drops the cache as the subscription
+    is lost (a change it does not hear of may happen from then on) and once it is back (events
+    were missed), not at every try between; it says the outage is over and hears events."""
     port = free_port()
     heard: list[str] = []
     resets: list[float] = []
@@ -419,9 +477,10 @@ def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
         task = asyncio.create_task(source.run())
         try:
             await asyncio.wait_for(source.subscribed.wait(), timeout=5)
+            assert len(resets) == 1, "a new subscription drops what was cached before it"
             await asyncio.to_thread(redis.stop)
             await asyncio.sleep(4.0)  # tries at 0, 1, 3 s (waits 1, 2, 4 s)
-            assert not source.subscribed.is_set() and not resets
+            assert not source.subscribed.is_set() and len(resets) == 2, "dropped once, as it was lost"
             redis = await asyncio.to_thread(RedisServer, workdir=tmp_path / "redis", port=port)
             await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[1] + 2)
             event = Event(avatar_id="a", event=CHANGED_EVENT, sent=time.time())
@@ -442,7 +501,7 @@ def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
     retries = [r for r in caplog.records if r.levelno == logging.DEBUG and "next try" in r.getMessage()]
     assert len(retries) == 2, [r.getMessage() for r in retries]  # 3 failed tries, waits growing
     assert any("resumed after" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
-    assert len(resets) == 1, "a resubscription drops the cache once"
+    assert len(resets) == 3, "a resubscription drops the cache once"
     assert heard == ["a"]
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import tritonclient.grpc.aio as tritonclient
 from tritonclient.utils import InferenceServerException
@@ -27,6 +28,7 @@ from deploy.local import tritonserver
 from export import repository as repository_files
 from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
+from service.backends.base import BackendUnavailable
 from service.backends.triton import TritonBackend, merges_queued_calls
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
@@ -313,6 +315,60 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
 
     with caplog.at_level("INFO", logger="talkinghead.service.triton"):
         asyncio.run(main())
+
+
+def test_a_personalised_call_never_runs_a_generator_made_for_another_record(
+    model_repository: Path, triton: str | Triton, tmp_path: Path
+) -> None:
+    """A stream's calls of generator_<id> name the avatar record it opened on (made_for). Once an
+    avatar event dropped what the backend knew (a new version published), a generator fine-tuned
+    on the record that replaced it under the same id is refused - BackendUnavailable, so the
+    stream ends UNAVAILABLE as for a withdrawn generator - while the new record's streams get it.
+    Before, the call ran whatever Triton held: another record's face."""
+    if isinstance(triton, str):
+        pytest.skip("needs the test's own Triton (the test adds models to its repository)")
+
+    def stamped(stamp: str) -> Path:
+        model = onnx.load(str(_template(model_repository)))
+        meta = {p.key: p for p in model.metadata_props}
+        meta[contract.Meta.AVATAR].value = "twin"
+        if contract.Meta.AVATAR_CREATED in meta:
+            meta[contract.Meta.AVATAR_CREATED].value = stamp
+        else:
+            model.metadata_props.add(key=contract.Meta.AVATAR_CREATED, value=stamp)
+        path = tmp_path / f"{stamp}.onnx"
+        onnx.save(model, str(path))
+        return path
+
+    old, new = "100.000000", "200.000000"
+    repository_files.write_model(triton.repository, stamped(old), name="generator_twin")
+    rng = np.random.default_rng(0)
+    drawn, warped = (rng.integers(0, 256, (1, 128, 128, 3), dtype=np.uint8) for _ in range(2))
+
+    async def main() -> None:
+        backend = TritonBackend(url=triton.url)
+        other = tritonclient.InferenceServerClient(triton.url)  # the worker's view
+        await backend.start()
+        try:
+            assert await backend.wait_ready(60)
+            assert await backend.has_personalised("twin", old)
+            await backend.generate_personalised("twin", drawn, warped, made_for=old)
+            # replaced and personalised again: the worker loads version 2 and tells the replicas
+            repository_files.write_model(triton.repository, stamped(new), name="generator_twin")
+            await other.load_model("generator_twin")
+            backend.forget_personalised("twin")
+            with pytest.raises(BackendUnavailable) as refused:
+                await backend.generate_personalised("twin", drawn, warped, made_for=old)
+            assert refused.value.reason == "the avatar's personalised generator was withdrawn"
+            assert not await backend.has_personalised("twin", old)
+            assert await backend.has_personalised("twin", new)
+            await backend.generate_personalised("twin", drawn, warped, made_for=new)
+        finally:
+            await _remove_personalised(other, triton, ["twin"])
+            await other.close()
+            await backend.close()
+
+    asyncio.run(main())
 
 
 def test_a_generator_looked_up_on_a_triton_that_freezes_gives_up_when_triton_is_lost(

@@ -42,6 +42,15 @@ class BackendUnavailable(RuntimeError):
         self.reason = reason
 
 
+def withdrawn(name: str) -> BackendUnavailable:
+    """A personalised stream's generator is no longer the one it opened on: removed, or now one
+    fine-tuned on another record of the avatar id (it was replaced)."""
+    return BackendUnavailable(
+        f"{name} is not the generator the stream opened on (withdrawn, or made for another record)",
+        reason="the avatar's personalised generator was withdrawn",
+    )
+
+
 def check_images(images: np.ndarray, size: int, *, name: str) -> None:
     """Assert the (B, S, S, 3) uint8 contract at the backend boundary."""
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (size, size, 3):
@@ -239,8 +248,11 @@ class Backend(Protocol):
         warped: np.ndarray | None = None,
         *,
         priority: int = OFFLINE,
+        made_for: str = "",
     ) -> np.ndarray:
-        """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8."""
+        """`generator_<avatar_id>`: (B, S, S, 3) uint8 [, warped] -> (B, S, S, 3) uint8. With
+        `made_for` (the stream's record's contract.avatar_stamp) BackendUnavailable (`withdrawn`)
+        unless the generator was fine-tuned on that record: never another record's generator."""
         ...
 
     def lanes(self, avatar_id: str = "") -> int:
@@ -255,4 +267,8 @@ class Backend(Protocol):
     def forget_personalised(self, avatar_id: str) -> None:
         """Drop what is known about `generator_<avatar_id>` (loaded, or absent): it was published,
         replaced or removed; the next has_personalised looks again."""
+        ...
+
+    def forget_all_personalised(self) -> None:
+        """forget_personalised of every avatar (avatar events may have been missed)."""
         ...

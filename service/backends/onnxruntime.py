@@ -64,6 +64,7 @@ from service.backends.base import (
     ReadyGate,
     check_images,
     generator_feeds,
+    withdrawn,
 )
 from service.metrics import ENGINE_CALLS
 
@@ -289,16 +290,28 @@ class OnnxRuntimeBackend(ReadyGate):
         warped: np.ndarray | None = None,
         *,
         priority: int = engines.OFFLINE,
+        made_for: str = "",
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
+        name = personalised_name(avatar_id)
         # A stream that opened on this generator keeps it: when an avatar event dropped the
-        # session meanwhile (a newer version published), the latest file is opened again here.
-        if personalised_name(avatar_id) not in self._sessions:
-            await self.has_personalised(avatar_id)
-        (image,) = await self._run(personalised_name(avatar_id), feeds, [IMAGE], priority)
+        # session meanwhile (a newer version published), the latest file is opened again here -
+        # if it was fine-tuned on the stream's record (`made_for`): one made for the record that
+        # replaced it under the same id draws another face.
+        if name not in self._sessions:
+            await self.has_personalised(avatar_id, made_for)
+        session = self._sessions.get(name)
+        if session is None or not made_for_record(session.metadata.get(Meta.AVATAR_CREATED), made_for):
+            raise withdrawn(name)
+        (image,) = await self._run(name, feeds, [IMAGE], priority)  # (this session: no await between)
         return np.asarray(image)
 
     def forget_personalised(self, avatar_id: str) -> None:
         """Drop a loaded personalised session (deleted, or a newer version was published)."""
         self._sessions.pop(personalised_name(avatar_id), None)
         self._last_used.pop(personalised_name(avatar_id), None)
+
+    def forget_all_personalised(self) -> None:
+        for name in list(self._last_used):
+            self._sessions.pop(name, None)
+        self._last_used.clear()

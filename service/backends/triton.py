@@ -58,6 +58,7 @@ from service.backends.base import (
     ReadyGate,
     check_images,
     generator_feeds,
+    withdrawn,
 )
 
 log = logging.getLogger("talkinghead.service.triton")
@@ -399,6 +400,10 @@ class TritonBackend(ReadyGate):
         self._personalised.pop(name, None)
         self._absent_since.pop(name, None)
 
+    def forget_all_personalised(self) -> None:
+        self._personalised.clear()
+        self._absent_since.clear()
+
     async def generate_personalised(
         self,
         avatar_id: str,
@@ -406,9 +411,17 @@ class TritonBackend(ReadyGate):
         warped: np.ndarray | None = None,
         *,
         priority: int = OFFLINE,
+        made_for: str = "",
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
         name = personalised_name(avatar_id)
+        # Only the generator fine-tuned on the stream's record (`made_for`): after an avatar event
+        # dropped what was known of it (a new version published) Triton's config is read again,
+        # and one made for the record that replaced it under the same id is refused.
+        if not await self.has_personalised(avatar_id, made_for):
+            if not self.loaded():
+                raise BackendUnavailable(f"Triton at {self.url} is not ready")
+            raise withdrawn(name)
         with self._in_flight.call(name):
             try:
                 (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
@@ -421,7 +434,7 @@ class TritonBackend(ReadyGate):
                     raise
                 # Unloaded since this replica loaded it (another one made room): load it again, once.
                 self.forget_personalised(avatar_id)
-                if not await self.has_personalised(avatar_id):
+                if not await self.has_personalised(avatar_id, made_for):
                     raise
                 (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
         return image

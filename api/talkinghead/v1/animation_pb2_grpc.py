@@ -52,9 +52,12 @@ class AnimationServiceServicer:
         count, bad frame size, undecodable or oversized driving image, bad config values),
         NOT_FOUND (unknown avatar), FAILED_PRECONDITION (frame before config, second config, avatar
         made by another model, no face in the first driving image), RESOURCE_EXHAUSTED (too many
-        streams), UNAVAILABLE (model backend down or too slow; retry later), DEADLINE_EXCEEDED (no
-        frame or keepalive for the server's idle timeout, 30 s by default, while no reply was owed;
-        or no reply taken for that long: the stream's slot is given to others).
+        streams), UNAVAILABLE (model backend down or too slow, or the personalised generator the
+        stream opened on withdrawn; retry later), DEADLINE_EXCEEDED (no frame or keepalive for the
+        server's idle timeout, 30 s by default, while no reply was owed; or no reply taken for that
+        long: the stream's slot is given to others). The avatar deleted while the stream runs:
+        NOT_FOUND "avatar '<id>' was deleted"; replaced: ABORTED "avatar '<id>' was replaced; open a
+        new stream" (no frame of the old avatar is sent after that, whichever replica changed it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

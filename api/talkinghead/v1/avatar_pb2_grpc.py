@@ -93,7 +93,7 @@ class AvatarServiceServicer:
 
     def DeleteAvatar(self, request, context):
         """Removes the avatar's stored files and cached parameters. NOT_FOUND when no avatar has that id.
-        Streams already animating it keep their parameters until they end.
+        Streams animating it end with NOT_FOUND (on every replica; a replace ends them ABORTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
