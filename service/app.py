@@ -90,6 +90,7 @@ REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "pe
 # did not settle - it died between the change and the event - is recovered once this old (one
 # younger may be another replica's change in flight), looked for at start and this often.
 PENDING_GRACE_S = 30.0
+CHECK_RETRY_S = (1.0, 5.0)  # after missed events, a failed store check of a stream's avatar: again
 RECOVERY_INTERVAL_S = 60.0
 
 
@@ -691,18 +692,34 @@ class App:
         """After an avatar event (`kind`; None: events were missed): the streams of the avatar
         whose record is no longer the stored one end (an event may also be of the record a
         stream opened on: one created as the stream read it). When the store cannot be read,
-        the event says what happened; after missed events nothing is known, and they go on."""
-        try:
-            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
-        except Exception as error:
-            if kind is None:
-                log.warning("could not check the streams of %s against the store: %s", avatar_id, error)
-                return
-            log.warning("could not read %s after its %s event (%s): its streams end", avatar_id, kind, error)
-            for watch in self.streams.of(avatar_id):
-                if watch.stamp is not None:
-                    watch.end(self._changed_error(avatar_id, deleted=kind == events.DELETED))
-            return
+        the event says what happened; after missed events nothing is known, and the store is
+        asked again (1 s, doubling to 5 s) for as long as the avatar has streams: a delete whose
+        event was missed while this replica's connections to Redis were half-open left its
+        streams rendering the deleted face to their end, the one check having timed out."""
+        wait = CHECK_RETRY_S[0]
+        while True:
+            try:
+                record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+                break
+            except Exception as error:
+                if kind is not None:
+                    log.warning(
+                        "could not read %s after its %s event (%s): its streams end", avatar_id, kind, error
+                    )
+                    for watch in self.streams.of(avatar_id):
+                        if watch.stamp is not None:
+                            watch.end(self._changed_error(avatar_id, deleted=kind == events.DELETED))
+                    return
+                if not self.streams.of(avatar_id):
+                    return
+                log.warning(
+                    "could not check the streams of %s against the store (%s); again in %.0f s",
+                    avatar_id,
+                    error,
+                    wait,
+                )
+                await asyncio.sleep(wait)
+                wait = min(2 * wait, CHECK_RETRY_S[1])
         now = None if record is None else avatar_stamp(record.create_time)
         for watch in self.streams.of(avatar_id):
             if watch.stamp is not None and watch.stamp != now:

@@ -389,6 +389,40 @@ def test_deleting_or_replacing_an_avatar_ends_its_streams_here_and_on_other_repl
             replica.stop()
 
 
+def test_a_delete_missed_while_the_store_cannot_be_read_still_ends_its_streams(
+    model_repository: Path, tmp_path: Path, redis_url: str, driver: LandmarkSequence
+) -> None:
+    """A replica whose connections to Redis went half-open missed a delete's event; once it had
+    subscribed again, its one check of the open streams against the store timed out (the other
+    connections were half-open too), and the stream rendered the deleted avatar to its end (20 s
+    of a 20 s stream). After missed events a failed check is tried again while the avatar has
+    streams: here the store fails twice, and the stream ends NOT_FOUND at the third try."""
+    replica = ServerThread(settings=test_settings(model_repository, tmp_path / "store", redis_url=redis_url))
+    try:
+        replica.wait_ready()
+        client = replica.client()
+        client.create_avatar("missed", [PORTRAIT], consent=CONSENT)
+        stream = Streaming(replica.client(), "missed", driver)
+        stream.frames(3)
+        store, failures = replica.app.store, itertools.count()
+        real_get = store.get
+
+        def unreachable_twice(avatar_id: str) -> object:
+            if next(failures) < 2:
+                raise TimeoutError("Timeout reading from socket")
+            return real_get(avatar_id)
+
+        store.get = unreachable_twice
+        redis = connect(redis_url)  # deleted behind the replica's back: no event comes
+        redis.delete(keys.avatar("missed"))
+        redis.zrem(keys.AVATARS, "missed")
+        replica.loop.call_soon_threadsafe(replica.app.on_events_lost)
+        assert stream.ended(10.0) == (grpc.StatusCode.NOT_FOUND, "avatar 'missed' was deleted")
+        assert next(failures) >= 3, "the store was asked again after it failed"
+    finally:
+        replica.stop()
+
+
 def _personalised_generator(repository: Path, avatar_id: str, version: int, stamp: str) -> None:
     """`generator_<avatar_id>` version `version`, stamped as fine-tuned on the record `stamp`
     (the template's weights: which record a generator is for is its stamp)."""
