@@ -9,9 +9,11 @@ and the achieved frames per second are printed.
 --out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
 --out (.NAME.partial-PID.EXT), renamed onto it once the stream has ended well. An error of the
 service (or a lost connection) or Ctrl-C removes it and says "nothing written", leaving a file
-that was there before untouched. Paths, the driver and the signing files are checked before the
-service is called. Exit status: 0 done, 1 the service or a write failed, 2 a bad argument or
-input file, 130 interrupted.
+that was there before untouched. A file already at --out or --contact-sheet is refused unless
+--overwrite (it is then replaced only by a complete output), and an output that is the driver is
+always refused. Paths, the driver and the signing files are checked before the service is called.
+Exit status: 0 done, 1 the service or a write failed, 2 a bad argument or input file, 130
+interrupted.
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
@@ -28,6 +30,8 @@ credentials (model id, the avatar's consent record id); `talkinghead verify` rea
 example:
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
       --relative --contact-sheet out/mona.png
+  talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
+      --relative --overwrite                  # again, replacing out/mona.mp4
   talkinghead animate --avatar mona --driver talking.mp4 --out out/mona.mp4 --relative
   talkinghead animate --avatar mona --driver talking.mp4 --out out/mona.mp4 --relative --paste-back --smooth
 """
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import sys
 import time
@@ -83,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--avatar", required=True, help="avatar id")
     parser.add_argument("--driver", type=Path, required=True, help="video, .npz or .npy landmark file")
     parser.add_argument("--out", type=Path, required=True, help="output video (.mp4)")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace --out and --contact-sheet when they exist"
+    )
     parser.add_argument(
         "--contact-sheet", type=Path, help="also write a PNG (.png): driving landmarks over frames"
     )
@@ -135,12 +143,38 @@ def _even(size: int) -> int:
     return size + size % 2
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: links, symlinks and `..` (also after a folder not made yet)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _exists(path: Path) -> bool:
+    """Whether anything is at `path` (a dangling symlink too; `..` after a folder not made yet)."""
+    return os.path.lexists(path) or os.path.lexists(path.resolve())
+
+
 def _check_outputs(args: argparse.Namespace, signing: SigningCredentials | None) -> None:
-    """ValueError for an output the writers (or the C2PA signer) cannot make, found before any work."""
+    """ValueError for an output the writers (or the C2PA signer) cannot make, or must not replace
+    (an input; an existing file without --overwrite), found before any work."""
     sheet: Path | None = args.contact_sheet
+    inputs = [("the driver", args.driver)]
+    inputs += [
+        (f"{flag} file", path)
+        for flag, path in (("--c2pa-cert", args.c2pa_cert), ("--c2pa-key", args.c2pa_key))
+    ]
     for flag, path in (("--out", args.out), ("--contact-sheet", sheet)):
-        if path is not None and path.is_dir():
+        if path is None:
+            continue
+        if path.is_dir():
             raise ValueError(f"{flag} {path}: is a directory")
+        for what, source in inputs:
+            if source is not None and _same_file(path, source):
+                raise ValueError(f"{flag} {path}: is {what} ({source}); write the output elsewhere")
+        if not args.overwrite and _exists(path):
+            raise ValueError(f"{flag} {path}: exists; pass --overwrite to replace it")
     check_writable(args.out)
     if sheet is not None and sheet.suffix.lower() != ".png":
         raise ValueError(f"--contact-sheet {sheet}: the contact sheet is a PNG; name it .png")
@@ -154,10 +188,12 @@ def run(args: argparse.Namespace) -> int:
         try:
             signing = signing_credentials(args)
             _check_outputs(args, signing)
-            video = stack.enter_context(PendingFile(args.out, flag="--out"))
+            video = stack.enter_context(PendingFile(args.out, flag="--out", overwrite=args.overwrite))
             sheet = None
             if args.contact_sheet is not None:
-                sheet = stack.enter_context(PendingFile(args.contact_sheet, flag="--contact-sheet"))
+                sheet = stack.enter_context(
+                    PendingFile(args.contact_sheet, flag="--contact-sheet", overwrite=args.overwrite)
+                )
             requests, total, fps = _driver(args)
         except (OSError, ValueError) as error:
             print(f"talkinghead animate: {error}", file=sys.stderr)

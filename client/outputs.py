@@ -7,10 +7,13 @@
 
 The parent directories are made on the spot. Until the commit nothing is at the target: an error,
 Ctrl-C or a lost server leaves a file that was there before as it was, and no shorter copy of it.
+With overwrite=False a file that is there is never replaced: the constructor refuses it, and one
+that appears meanwhile makes the commit fail.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 from types import TracebackType
@@ -28,12 +31,16 @@ def reason(error: OSError) -> str:
 class PendingFile:
     """`path`, to be written through `partial` and renamed onto it by `commit`; `flag` names it in
     errors. The constructor makes the parent and creates the (empty) partial file, so a path that
-    cannot be written is a ValueError before anything is computed."""
+    cannot be written is a ValueError before anything is computed; with overwrite=False so is a
+    path where a file (or anything else) already is."""
 
-    def __init__(self, path: Path, *, flag: str) -> None:
-        self.path, self.flag = Path(path), flag
+    def __init__(self, path: Path, *, flag: str, overwrite: bool = True) -> None:
+        self.path, self.flag, self.overwrite = Path(path), flag, overwrite
+        self.committed = False
         if self.path.is_dir():
             raise ValueError(f"{flag} {self.path}: is a directory")
+        if not overwrite and (os.path.lexists(self.path) or os.path.lexists(self.path.resolve())):
+            raise ValueError(f"{flag} {self.path}: exists; pass --overwrite to replace it")
         existing = self.path.parent
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
@@ -46,18 +53,42 @@ class PendingFile:
             self.partial.open("wb").close()
         except OSError as error:
             raise ValueError(f"{flag} {self.path}: cannot write there ({error.strerror or error})") from error
-        self.committed = False
 
     def _failed(self, error: OSError) -> ValueError:
         return ValueError(f"{self.flag} {self.path}: cannot write it ({error.strerror or error})")
 
     def commit(self) -> None:
-        """Rename the written partial file onto the target."""
+        """Rename the written partial file onto the target (overwrite=False: ValueError, and the
+        partial file kept for discard, when something is there by now)."""
         try:
-            os.replace(self.partial, self.path)
+            if self.overwrite:
+                os.replace(self.partial, self.path)
+            else:
+                self._commit_new()
+        except FileExistsError as error:
+            raise ValueError(
+                f"{self.flag} {self.path}: appeared while this was being written; not replaced "
+                "(pass --overwrite to replace it)"
+            ) from error
         except OSError as error:
             raise self._failed(error) from error
         self.committed = True
+
+    def _commit_new(self) -> None:
+        """Put the partial file at the path only when nothing is there (a hard link fails on an
+        existing name, atomically; a file system without links: checked, then renamed)."""
+        try:
+            os.link(self.partial, self.path)
+        except FileExistsError:
+            raise
+        except OSError as error:
+            if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            if os.path.lexists(self.path):
+                raise FileExistsError(errno.EEXIST, "exists", str(self.path)) from error
+            os.replace(self.partial, self.path)
+            return
+        self.partial.unlink(missing_ok=True)
 
     def write_bytes(self, data: bytes) -> None:
         """Write `data` to the partial file, then commit."""

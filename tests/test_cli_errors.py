@@ -191,3 +191,22 @@ def test_directories_and_other_files_are_called_what_they_are(
     assert main(["avatar", "--server", CLOSED, "create", "cli-dir", str(folder), *consent]) == 2
     assert one_line(capsys) == f"talkinghead avatar: {folder}: is a directory"
     assert files_in(tmp_path) == ["bad.npz", "clips"]
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    """Without --overwrite the check before the work is not all: a file made at the path while the
+    work ran is not replaced by the commit either."""
+    from client.outputs import PendingFile
+
+    out = tmp_path / "new" / "x.mp4"
+    with PendingFile(out, flag="--out", overwrite=False) as pending:
+        pending.partial.write_bytes(b"the render")
+        out.write_bytes(b"someone else's")
+        with pytest.raises(ValueError, match="appeared while this was being written; not replaced"):
+            pending.commit()
+    assert out.read_bytes() == b"someone else's"
+    assert files_in(tmp_path) == ["new", "new/x.mp4"]
+    with PendingFile(tmp_path / "z.mp4", flag="--out", overwrite=False) as pending:
+        pending.write_bytes(b"the render")
+    assert (tmp_path / "z.mp4").read_bytes() == b"the render"
+    assert files_in(tmp_path) == ["new", "new/x.mp4", "z.mp4"]

@@ -127,7 +127,7 @@ def test_animate_writes_nothing_when_the_service_goes_away_mid_stream(
 
     monkeypatch.setattr(Client, "animate", cut_short)
     argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
-    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--max-frames", "12"]
+    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--max-frames", "12", "--overwrite"]
     assert main(argv) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         "talkinghead animate: UNAVAILABLE: Socket closed (5 of 12 frames received); "
@@ -142,7 +142,7 @@ def test_ctrl_c_during_animate_writes_nothing(server: ServerThread, avatar: str,
     out = tmp_path / "out.mp4"
     out.write_bytes(b"an earlier render")
     argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
-    argv += ["--out", str(out), "--live"]
+    argv += ["--out", str(out), "--live", "--overwrite"]
     process = subprocess.Popen(
         [sys.executable, "-m", "talkinghead.cli", *argv],
         cwd=REPO,

@@ -1,0 +1,67 @@
+"""The client's streams against a real server: what the CLI writes (never over its driver or an
+earlier file unasked, signed before it replaces anything, with the driver's timing), how it sends
+(a live video at its frame rate) and how a stream ends (an error, a dead network path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from facekit.video import VideoWriter
+from talkinghead.cli import main
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import PORTRAIT, ServerThread
+
+
+def files_in(folder: Path) -> list[str]:
+    """Every file and folder under `folder` (hidden ones too), relative, sorted."""
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*"))
+
+
+def portrait_video(path: Path, *, frames: int, fps: float, size: int = 256) -> Path:
+    """A driving video: the portrait, still, `frames` times."""
+    rgb = np.asarray(Image.open(PORTRAIT).convert("RGB").resize((size, size)))
+    with VideoWriter(path, fps=fps, size=(size, size)) as writer:
+        for _ in range(frames):
+            writer.write(rgb)
+    return path
+
+
+def test_animate_refuses_to_write_over_its_driver_or_an_earlier_file_unless_told(
+    server: ServerThread, avatar: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out` = `--driver` once replaced the driving video with the render (exit 0): refused now,
+    whatever the spelling (a link, `..`), with --overwrite too. Any other file there is replaced
+    only with --overwrite."""
+    driver = portrait_video(tmp_path / "talk.mp4", frames=3, fps=10)
+    before = driver.read_bytes()
+    (tmp_path / "link.mp4").symlink_to(driver)
+    base = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(driver)]
+    for out in (driver, tmp_path / "sub" / ".." / "talk.mp4", tmp_path / "link.mp4"):
+        for extra in ([], ["--overwrite"]):
+            assert main([*base, "--out", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert (
+                err
+                == f"talkinghead animate: --out {out}: is the driver ({driver}); write the output elsewhere\n"
+            )
+    assert driver.read_bytes() == before
+    out, sheet = tmp_path / "out.mp4", tmp_path / "sheet.png"
+    out.write_bytes(b"an earlier render")
+    assert main([*base, "--out", str(out)]) == 2
+    assert (
+        capsys.readouterr().err
+        == f"talkinghead animate: --out {out}: exists; pass --overwrite to replace it\n"
+    )
+    sheet.write_bytes(b"an earlier sheet")
+    assert main([*base, "--out", str(tmp_path / "new.mp4"), "--contact-sheet", str(sheet)]) == 2
+    assert capsys.readouterr().err == (
+        f"talkinghead animate: --contact-sheet {sheet}: exists; pass --overwrite to replace it\n"
+    )
+    assert out.read_bytes() == b"an earlier render" and sheet.read_bytes() == b"an earlier sheet"
+    assert files_in(tmp_path) == ["link.mp4", "out.mp4", "sheet.png", "talk.mp4"]
+    assert main([*base, "--out", str(out), "--contact-sheet", str(sheet), "--overwrite"]) == 0
+    assert out.read_bytes().startswith(b"\x00\x00\x00") and sheet.read_bytes().startswith(b"\x89PNG")
