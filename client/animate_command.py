@@ -17,10 +17,10 @@ interrupted.
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
---live sends at the driver's frame rate and lets the service drop frames it cannot keep up with
-(as a live call would); by default every frame is rendered (offline). --paste-back returns the
-avatar's whole source photo (up to 1024 px) with the face moving in it; --smooth filters the
-driver's landmark jitter (One-Euro).
+--live sends at the driver's frame rate (a video's frames too) and lets the service drop frames it
+cannot keep up with (as a live call would); by default every frame is rendered (offline).
+--paste-back returns the avatar's whole source photo (up to 1024 px) with the face moving in it;
+--smooth filters the driver's landmark jitter (One-Euro).
 
 Provenance (client/provenance.py): with $TALKINGHEAD_WATERMARK_KEY set, the written video is checked
 for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_C2PA_CERT and
@@ -136,7 +136,8 @@ def _driver(args: argparse.Namespace) -> tuple[Iterator[pb.AnimateRequest], int,
         return landmark_requests(seq, pace=args.live), len(seq), seq.fps
     _, fps = read_video(path, max_frames=1)
     count = sum(1 for _ in iter_video(path, max_frames=args.max_frames))
-    return image_requests(iter_video(path, max_frames=args.max_frames)), count, fps
+    frames = iter_video(path, max_frames=args.max_frames)
+    return image_requests(frames, fps=fps if args.live else None), count, fps
 
 
 def _even(size: int) -> int:

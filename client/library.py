@@ -167,9 +167,26 @@ def landmark_requests(
         yield pb.AnimateRequest(landmarks=frame)
 
 
-def image_requests(frames: Iterable[np.ndarray], *, quality: int = 90) -> Iterator[pb.AnimateRequest]:
-    """RGB frames (H, W, 3) as JPEG driving frames: the server finds their landmarks."""
+def image_requests(
+    frames: Iterable[np.ndarray], *, quality: int = 90, fps: float | None = None
+) -> Iterator[pb.AnimateRequest]:
+    """RGB frames (H, W, 3) as JPEG driving frames (sequence numbers = frame index): the server
+    finds their landmarks. With `fps` they are sent at that rate, as a live source would send
+    them (as landmark_requests(pace=True) does); without, as fast as they come."""
+    if fps is not None and not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    return _image_requests(frames, quality=quality, fps=fps)
+
+
+def _image_requests(
+    frames: Iterable[np.ndarray], *, quality: int, fps: float | None
+) -> Iterator[pb.AnimateRequest]:
+    t0 = time.perf_counter()
     for index, rgb in enumerate(frames):
+        if fps is not None:
+            delay = t0 + index / fps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         ok, buf = cv2.imencode(
             ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
         )

@@ -4,12 +4,16 @@ earlier file unasked, signed before it replaces anything, with the driver's timi
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image
 
+import client.animate_command as animate_command
 from facekit.video import VideoWriter
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
@@ -65,3 +69,24 @@ def test_animate_refuses_to_write_over_its_driver_or_an_earlier_file_unless_told
     assert files_in(tmp_path) == ["link.mp4", "out.mp4", "sheet.png", "talk.mp4"]
     assert main([*base, "--out", str(out), "--contact-sheet", str(sheet), "--overwrite"]) == 0
     assert out.read_bytes().startswith(b"\x00\x00\x00") and sheet.read_bytes().startswith(b"\x89PNG")
+
+
+def test_live_video_driver_is_sent_at_its_frame_rate(
+    server: ServerThread, avatar: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--live with a video: 100 frames once went in 0.22 s and the service dropped 46 of them. Now
+    they are sent as a camera would send them, as a landmark file's are."""
+    driver = portrait_video(tmp_path / "talk.mp4", frames=10, fps=20)
+    sent: list[float] = []
+    make = animate_command.image_requests
+
+    def recorded(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        for request in make(*args, **kwargs):
+            sent.append(time.perf_counter())
+            yield request
+
+    monkeypatch.setattr(animate_command, "image_requests", recorded)
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(driver), "--live"]
+    assert main([*argv, "--out", str(tmp_path / "out.mp4")]) == 0
+    assert len(sent) == 10
+    assert sent[-1] - sent[0] >= 0.9 * 9 / 20  # 9 intervals of 50 ms
