@@ -18,9 +18,11 @@ interrupted.
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
 --live sends at the driver's frame rate (a video's frames too) and lets the service drop frames it
-cannot keep up with (as a live call would); by default every frame is rendered (offline).
---paste-back returns the avatar's whole source photo (up to 1024 px) with the face moving in it;
---smooth filters the driver's landmark jitter (One-Euro).
+cannot keep up with (as a live call would); the video keeps the driver's timing (each frame at its
+driver frame's time, shown until the next that came back), so it lasts as long as the driver. By
+default every frame is rendered (offline). --paste-back returns the avatar's whole source photo
+(up to 1024 px) with the face moving in it; --smooth filters the driver's landmark jitter
+(One-Euro).
 
 Provenance (client/provenance.py): with $TALKINGHEAD_WATERMARK_KEY set, the written video is checked
 for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_C2PA_CERT and
@@ -238,7 +240,10 @@ def _animate(
                 image = frame.image
                 if height % 2 or width % 2:
                     image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
-                writer.write(image)
+                # At the driver frame's time (the sequence number is its index), so frames the
+                # service dropped (--live) leave the one before on screen and the timing true.
+                # The first frame starts the video, whichever driver frame it answers.
+                writer.write(image, pts=frame.sequence if writer.frames_written else 0)
                 if frame.sequence in picks:
                     kept.append(frame)
                 received += 1
@@ -268,7 +273,7 @@ def _animate(
     elapsed = time.perf_counter() - started
     print(
         f"{received} frames in {elapsed:.1f} s: {received / max(elapsed, 1e-9):.1f} fps"
-        + (f", {dropped} dropped" if dropped else "")
+        + (f", {dropped} dropped (the frame before each stays on screen)" if dropped else "")
         + f"; wrote {args.out}"
     )
     written = [args.out]

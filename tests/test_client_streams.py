@@ -4,20 +4,23 @@ earlier file unasked, signed before it replaces anything, with the driver's timi
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
 
 import client.animate_command as animate_command
+from client.library import Client, Frame
 from facekit.video import VideoWriter
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import PORTRAIT, ServerThread
+from tests.service_fixtures import DRIVER, PORTRAIT, ServerThread
 
 
 def files_in(folder: Path) -> list[str]:
@@ -32,6 +35,12 @@ def portrait_video(path: Path, *, frames: int, fps: float, size: int = 256) -> P
         for _ in range(frames):
             writer.write(rgb)
     return path
+
+
+def frame_times(video: Path) -> list[float]:
+    """When each frame of a written video is shown, in seconds, in display order."""
+    with av.open(str(video)) as container:
+        return sorted(round(float(frame.time), 4) for frame in container.decode(video=0))
 
 
 def test_animate_refuses_to_write_over_its_driver_or_an_earlier_file_unless_told(
@@ -90,3 +99,27 @@ def test_live_video_driver_is_sent_at_its_frame_rate(
     assert main([*argv, "--out", str(tmp_path / "out.mp4")]) == 0
     assert len(sent) == 10
     assert sent[-1] - sent[0] >= 0.9 * 9 / 20  # 9 intervals of 50 ms
+
+
+def test_the_video_keeps_the_drivers_timing_when_frames_are_dropped(
+    server: ServerThread,
+    avatar: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Frames the service dropped (--live) left no gap: the rest were written back to back and the
+    video ran short and fast. Now each is shown at its driver frame's time."""
+    streamed = Client.animate
+
+    def dropping(self: Client, *args: Any, **kwargs: Any) -> Iterator[Frame]:
+        for frame in streamed(self, *args, **kwargs):
+            if frame.sequence % 3 != 1:  # 1, 4, 7, 10 dropped, as the service reports it
+                yield dataclasses.replace(frame, dropped_before=int(frame.sequence % 3 == 2))
+
+    monkeypatch.setattr(Client, "animate", dropping)
+    out = tmp_path / "out.mp4"
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    assert main([*argv, "--max-frames", "12", "--out", str(out)]) == 0
+    assert "8 frames in " in capsys.readouterr().out
+    assert frame_times(out) == [i / 25 for i in (0, 2, 3, 5, 6, 8, 9, 11)]
