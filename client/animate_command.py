@@ -233,22 +233,23 @@ def _animate(
                 paste_back=args.paste_back,
                 smoothing=args.smooth,
             )
-            for frame in frames:
-                height, width = frame.image.shape[:2]
-                if writer is None:
-                    writer = VideoWriter(video.partial, fps=fps, size=(_even(width), _even(height)))
-                image = frame.image
-                if height % 2 or width % 2:
-                    image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
-                # At the driver frame's time (the sequence number is its index), so frames the
-                # service dropped (--live) leave the one before on screen and the timing true.
-                # The first frame starts the video, whichever driver frame it answers.
-                writer.write(image, pts=frame.sequence if writer.frames_written else 0)
-                if frame.sequence in picks:
-                    kept.append(frame)
-                received += 1
-                dropped += frame.dropped_before
-                bar.update(1 + frame.dropped_before)
+            with contextlib.closing(frames):  # ends the stream (and its request thread) on any exit
+                for frame in frames:
+                    height, width = frame.image.shape[:2]
+                    if writer is None:
+                        writer = VideoWriter(video.partial, fps=fps, size=(_even(width), _even(height)))
+                    image = frame.image
+                    if height % 2 or width % 2:
+                        image = np.pad(image, ((0, height % 2), (0, width % 2), (0, 0)))
+                    # At the driver frame's time (the sequence number is its index), so frames the
+                    # service dropped (--live) leave the one before on screen and the timing true.
+                    # The first frame starts the video, whichever driver frame it answers.
+                    writer.write(image, pts=frame.sequence if writer.frames_written else 0)
+                    if frame.sequence in picks:
+                        kept.append(frame)
+                    received += 1
+                    dropped += frame.dropped_before
+                    bar.update(1 + frame.dropped_before)
             model_id = client.last_started.model_id if client.last_started else ""
         if writer is None:
             raise ValueError("the service sent no frames")

@@ -18,8 +18,9 @@ Torch-free: imports facekit and the generated stubs (api/) only, never the serve
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,7 @@ from facekit.sequence import LandmarkSequence
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+REQUEST_THREAD_JOIN_S = 5.0  # animate: how long an ended stream waits for the request thread
 ENCODINGS = {
     "jpeg": pb.OUTPUT_ENCODING_JPEG,
     "png": pb.OUTPUT_ENCODING_PNG,
@@ -440,13 +442,17 @@ class Client:
         include_landmark_image: bool = False,
         paste_back: bool = False,
         smoothing: float | None = None,
-    ) -> Iterator[Frame]:
+    ) -> Generator[Frame, None, None]:
         """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
 
         overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
         bounded for live input. paste_back returns the avatar's whole source photo with the face
         blended in; smoothing (a One-Euro min_cutoff_hz, e.g. 1.0) filters driver jitter. The
         stream's StreamStarted message is kept in `self.last_started`.
+
+        The stream stops pulling `requests` when the call ends (done, failed, or the caller stops
+        iterating: the call is then cancelled) and the thread gRPC pulls them on is waited for (up
+        to REQUEST_THREAD_JOIN_S), so none of the caller's code runs after this returns or raises.
         """
         config = pb.StreamConfig(
             avatar_id=avatar_id,
@@ -462,27 +468,57 @@ class Client:
         if smoothing is not None:
             config.smoothing.min_cutoff_hz = smoothing
 
-        def stream() -> Iterator[pb.AnimateRequest]:
-            yield pb.AnimateRequest(config=config)
-            yield from requests
+        # gRPC pulls `requests` on a thread of its own, which would go on running the caller's
+        # code (decoding, encoding, pacing) after the call ended. When the interpreter exits
+        # meanwhile (the CLI, on an error) that thread is torn down inside it: C++ code (OpenCV,
+        # FFmpeg) aborts the process (SIGABRT, "terminate called without an active exception").
+        # So the stream stops taking requests when the call ends and the thread is waited for.
+        stop = threading.Event()
+        lock = threading.Lock()
+        pulling: list[threading.Thread] = []  # the thread that runs stream(), once it started
 
-        side = 0  # the landmark images' side: StreamStarted.image_size
-        for response in self.animation.Animate(stream()):
-            if response.HasField("started"):
-                self.last_started = response.started
-                side = response.started.image_size
-                continue
-            f = response.frame
-            yield Frame(
-                sequence=f.sequence,
-                capture_time_us=f.capture_time_us,
-                image=decode_frame(f.image, f.encoding, (f.width, f.height)),
-                landmark_image=decode_frame(f.landmark_image, f.encoding, (side, side))
-                if f.landmark_image
-                else None,
-                timings=f.timings,
-                dropped_before=f.dropped_before,
-                batch_size=f.batch_size,
-                face_missing=f.face_missing,
-                received=time.perf_counter(),
-            )
+        def stream() -> Iterator[pb.AnimateRequest]:
+            with lock:
+                if stop.is_set():
+                    return
+                pulling.append(threading.current_thread())
+            try:
+                yield pb.AnimateRequest(config=config)
+                for request in requests:
+                    if stop.is_set():
+                        return
+                    yield request
+            finally:
+                close = getattr(requests, "close", None)
+                if close is not None and stop.is_set():
+                    close()  # a generator (an open video): released on this thread
+
+        call = self.animation.Animate(stream())
+        try:
+            side = 0  # the landmark images' side: StreamStarted.image_size
+            for response in call:
+                if response.HasField("started"):
+                    self.last_started = response.started
+                    side = response.started.image_size
+                    continue
+                f = response.frame
+                yield Frame(
+                    sequence=f.sequence,
+                    capture_time_us=f.capture_time_us,
+                    image=decode_frame(f.image, f.encoding, (f.width, f.height)),
+                    landmark_image=decode_frame(f.landmark_image, f.encoding, (side, side))
+                    if f.landmark_image
+                    else None,
+                    timings=f.timings,
+                    dropped_before=f.dropped_before,
+                    batch_size=f.batch_size,
+                    face_missing=f.face_missing,
+                    received=time.perf_counter(),
+                )
+        finally:
+            with lock:
+                stop.set()
+            call.cancel()  # nothing when it has ended; else the server hears that the client left
+            for thread in pulling:
+                if thread is not threading.current_thread():
+                    thread.join(REQUEST_THREAD_JOIN_S)
