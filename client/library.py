@@ -248,17 +248,23 @@ class Client:
         tls_key: Path | None = None,
         tenant: str | None = None,
     ) -> None:
-        """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_cert`/`tls_key`: a
-        client certificate (mTLS, with `tls_ca`); `tenant`: the tenant an admin key acts for."""
+        """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_ca`: PEM root
+        certificate(s) to verify the server with (TLS); `tls_cert`/`tls_key`: a client certificate
+        (mTLS), given together: they imply TLS, verified with `tls_ca` or, without it, the system's
+        roots; `tenant`: the tenant an admin key acts for. ValueError for a certificate without
+        its key (or the reverse)."""
+        if (tls_cert is None) != (tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if tls_key is None else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} needs {missing}: a client certificate and its key come together")
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ]
-        if tls_ca is not None:
+        if tls_ca is not None or tls_cert is not None:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes(),
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+                private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None,
             )
             channel = grpc.secure_channel(target, credentials, options=options)
         else:

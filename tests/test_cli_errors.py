@@ -5,6 +5,8 @@ the address of a closed port, so one that went as far as calling the service wou
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from facekit.video import VideoWriter
 from talkinghead.cli import main
-from tests.service_fixtures import DRIVER, PORTRAIT
+from tests.service_fixtures import DRIVER, PORTRAIT, REPO
 
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -191,6 +193,24 @@ def test_directories_and_other_files_are_called_what_they_are(
     assert main(["avatar", "--server", CLOSED, "create", "cli-dir", str(folder), *consent]) == 2
     assert one_line(capsys) == f"talkinghead avatar: {folder}: is a directory"
     assert files_in(tmp_path) == ["bad.npz", "clips"]
+
+
+def test_a_client_certificate_comes_with_its_key(tmp_path: Path) -> None:
+    """--tls-cert without --tls-key (or the reverse) aborted inside gRPC (SIGABRT, exit 134)."""
+    from client.library import Client
+    from tests.c2pa_ca import make_ca
+
+    pki = make_ca(tmp_path / "pki")  # real PEM files: gRPC reads them before it aborts
+    for flag, path, other in (("--tls-cert", pki.chain, "--tls-key"), ("--tls-key", pki.key, "--tls-cert")):
+        argv = [sys.executable, "-m", "talkinghead.cli", "avatar", "--server", CLOSED]
+        argv += ["--tls-ca", str(pki.root), flag, str(path), "list"]
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (
+            2,
+            f"talkinghead avatar: {flag} needs {other}: a client certificate and its key come together\n",
+        )
+    with pytest.raises(ValueError, match="tls_cert needs tls_key"):
+        Client(target=CLOSED, tls_cert=pki.chain)
 
 
 def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:

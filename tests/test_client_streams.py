@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import av
+import grpc
 import numpy as np
 import pytest
 from PIL import Image
@@ -22,6 +23,7 @@ import client.animate_command as animate_command
 from client.library import Client, Frame
 from facekit.video import VideoWriter
 from talkinghead.cli import main
+from tests.c2pa_ca import make_ca
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
 
@@ -172,3 +174,16 @@ def test_a_video_driven_stream_the_service_fails_exits_1_not_sigabrt(
         assert status == 1, (status, last)
         assert "FAILED_PRECONDITION" in last and "no face found" in last, last
     assert files_in(tmp_path) == ["noface.mp4"]
+
+
+def test_a_client_certificate_means_tls_even_without_a_ca(server: ServerThread, tmp_path: Path) -> None:
+    """--tls-cert/--tls-key without --tls-ca connected in plaintext, the certificate silently not
+    used. Now a client certificate is TLS (the system's roots verify the server): against this
+    plaintext server the handshake fails rather than the call going out in the clear."""
+    ca = make_ca(tmp_path / "ca")
+    tls = Client(target=server.address, tls_cert=ca.chain, tls_key=ca.key, timeout=10)
+    with tls, pytest.raises(grpc.RpcError) as error:
+        tls.health()
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+    with Client(target=server.address) as client:
+        assert client.health() == "SERVING"
