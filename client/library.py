@@ -39,6 +39,7 @@ from facekit.sequence import LandmarkSequence
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+RECONNECT_TIMEOUT_S = 60.0  # wait_operation: how long a lost server is retried before giving up
 REQUEST_THREAD_JOIN_S = 5.0  # animate: how long an ended stream waits for the request thread
 ENCODINGS = {
     "jpeg": pb.OUTPUT_ENCODING_JPEG,
@@ -406,11 +407,17 @@ class Client:
         *,
         on_progress: Callable[[ops.Operation], None] | None = None,
         timeout: float | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        on_reconnect: Callable[[grpc.RpcError], None] | None = None,
     ) -> ops.Operation:
-        """Follow an operation until it is done (TimeoutError after `timeout` s); a watch cut
-        short (a replica restarting) resumes."""
+        """Follow an operation until it is done (TimeoutError after `timeout` s). A watch cut
+        short (a replica restarting, the connection lost) resumes: the server is retried every
+        second for up to `reconnect_timeout` s since it last answered (on_reconnect gets the
+        error at the start of each outage), then its UNAVAILABLE error is raised; the operation
+        goes on without the watcher, to be watched again later."""
         last: ops.Operation | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
+        lost: float | None = None  # when the server stopped answering (None: it answers)
         while last is None or not last.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -419,6 +426,7 @@ class Client:
                 for operation in self.operations.WatchOperation(
                     ops.WatchOperationRequest(name=name), timeout=left
                 ):
+                    lost = None
                     last = operation
                     if on_progress is not None:
                         on_progress(operation)
@@ -427,7 +435,14 @@ class Client:
                     raise TimeoutError(f"{name} was not done within {timeout:.0f} s") from error
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                time.sleep(1.0)
+                now = time.monotonic()
+                if lost is None:
+                    lost = now
+                    if on_reconnect is not None:
+                        on_reconnect(error)
+                if now - lost >= reconnect_timeout:
+                    raise
+                time.sleep(min(1.0, max(0.0, lost + reconnect_timeout - now)))
         return last
 
     def cancel_operation(self, name: str) -> ops.Operation:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -211,6 +212,43 @@ def test_a_client_certificate_comes_with_its_key(tmp_path: Path) -> None:
         )
     with pytest.raises(ValueError, match="tls_cert needs tls_key"):
         Client(target=CLOSED, tls_cert=pki.chain)
+
+
+def test_a_watch_gives_up_on_a_server_that_does_not_answer(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """It retried every second, forever, saying nothing."""
+    argv = [
+        "operation",
+        "--server",
+        CLOSED,
+        "watch",
+        "operations/0123",
+        "--retry-for",
+        "0.5",
+    ]
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 10
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("talkinghead operation watch: connection lost (UNAVAILABLE: ")
+    assert lines[0].endswith("; retrying for up to 0.5 s") and len(lines) == 2
+    assert lines[1].endswith(
+        "; gave up watching: operations/0123 continues on the service: "
+        "follow it with `talkinghead operation watch operations/0123`"
+    )
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "operation",
+                "--server",
+                CLOSED,
+                "watch",
+                "operations/0123",
+                "--retry-for",
+                "-1",
+            ]
+        )
 
 
 def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:

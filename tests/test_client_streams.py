@@ -8,6 +8,7 @@ import concurrent.futures
 import dataclasses
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,12 +21,13 @@ import pytest
 from PIL import Image
 
 import client.animate_command as animate_command
+from api.talkinghead.v1 import personalisation_pb2 as ops
 from client.library import Client, Frame
 from facekit.video import VideoWriter
 from talkinghead.cli import main
 from tests.c2pa_ca import make_ca
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import DRIVER, PORTRAIT, REPO, ServerThread
+from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, REPO, ServerThread
 
 
 def files_in(folder: Path) -> list[str]:
@@ -174,6 +176,70 @@ def test_a_video_driven_stream_the_service_fails_exits_1_not_sigabrt(
         assert status == 1, (status, last)
         assert "FAILED_PRECONDITION" in last and "no face found" in last, last
     assert files_in(tmp_path) == ["noface.mp4"]
+
+
+def test_ctrl_c_while_waiting_on_a_personalisation_names_the_operation(
+    server: ServerThread,
+    client: Client,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Ctrl-C during `avatar personalise --wait` said only "interrupted": the operation went on,
+    its name never shown. Now it is printed once queued, and again with how to follow it."""
+    client.create_avatar("cli-wait", [PORTRAIT], consent=CONSENT, replace=True)
+
+    def interrupted(*args: Any, **kwargs: Any) -> ops.Operation:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Client, "wait_operation", interrupted)
+    try:
+        assert main(["avatar", "--server", server.address, "personalise", "cli-wait", "--wait"]) == 130
+        [queued] = client.list_operations(avatar_id="cli-wait")
+        captured = capsys.readouterr()
+        assert captured.out.startswith(f"{queued.name}  cli-wait  QUEUED")
+        assert captured.err == (
+            f"talkinghead avatar personalise: interrupted; {queued.name} continues on the service: "
+            f"follow it with `talkinghead operation watch {queued.name}`\n"
+        )
+        client.cancel_operation(queued.name)
+    finally:
+        client.delete_avatar("cli-wait")
+
+
+def test_a_lost_server_is_retried_for_a_while_then_the_watch_gives_up(
+    model_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`operation watch` (and `personalise --wait`) retried a vanished server every second,
+    forever, silently. Now it says so, retries for --retry-for seconds and exits 1 naming the
+    operation."""
+    from tests.service_fixtures import test_settings
+
+    own = ServerThread(settings=test_settings(model_repository, tmp_path / "store"))
+    stopped = False
+    try:
+        own.wait_ready()
+        with own.client() as client:
+            client.create_avatar("watched", [PORTRAIT], consent=CONSENT)
+            name = client.personalise("watched").name  # no worker: it stays queued
+        result: list[int] = []
+        argv = ["operation", "--server", own.address, "watch", name, "--retry-for", "1.5"]
+        watcher = threading.Thread(target=lambda: result.append(main(argv)), daemon=True)
+        watcher.start()
+        time.sleep(1.0)
+        own.stop(grace=0.1)
+        stopped = True
+        watcher.join(20)
+        assert result == [1], "the watch did not give up"
+    finally:
+        if not stopped:
+            own.stop()
+    err = capsys.readouterr().err.replace("\r", "\n")
+    assert "talkinghead operation watch: connection lost (UNAVAILABLE: " in err
+    assert "; retrying for up to 1.5 s" in err
+    assert err.splitlines()[-1].endswith(
+        f"; gave up watching: {name} continues on the service: follow it with "
+        f"`talkinghead operation watch {name}`"
+    )
 
 
 def test_a_client_certificate_means_tls_even_without_a_ca(server: ServerThread, tmp_path: Path) -> None:
