@@ -39,6 +39,12 @@ from facekit.sequence import LandmarkSequence
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# HTTP/2 keepalive: a ping after this many seconds without traffic, and the connection is given up
+# when its ack does not come within KEEPALIVE_TIMEOUT_S, so a call over a dead network path (no
+# FIN, no RST: a partition, a peer powered off) ends UNAVAILABLE within ~30 s instead of hanging.
+# The server accepts pings every 10 s or more (service/server.py KEEPALIVE).
+KEEPALIVE_TIME_S = 20.0
+KEEPALIVE_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 60.0  # wait_operation: how long a lost server is retried before giving up
 REQUEST_THREAD_JOIN_S = 5.0  # animate: how long an ended stream waits for the request thread
 ENCODINGS = {
@@ -248,18 +254,26 @@ class Client:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tenant: str | None = None,
+        keepalive_time: float = KEEPALIVE_TIME_S,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
     ) -> None:
         """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_ca`: PEM root
         certificate(s) to verify the server with (TLS); `tls_cert`/`tls_key`: a client certificate
         (mTLS), given together: they imply TLS, verified with `tls_ca` or, without it, the system's
         roots; `tenant`: the tenant an admin key acts for. ValueError for a certificate without
-        its key (or the reverse)."""
+        its key (or the reverse). `keepalive_time` / `keepalive_timeout` (s): HTTP/2 pings that end
+        a call over a dead connection (UNAVAILABLE)."""
         if (tls_cert is None) != (tls_key is None):
             given, missing = ("tls_cert", "tls_key") if tls_key is None else ("tls_key", "tls_cert")
             raise ValueError(f"{given} needs {missing}: a client certificate and its key come together")
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", round(keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(keepalive_timeout * 1000)),
+            # Any ping unanswered (a bandwidth probe may be the one in flight, and holds the
+            # keepalive's back) ends the connection as soon: gRPC's default waits 60 s.
+            ("grpc.http2.ping_timeout_ms", round(keepalive_timeout * 1000)),
         ]
         if tls_ca is not None or tls_cert is not None:
             credentials = grpc.ssl_channel_credentials(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,8 @@ from PIL import Image
 
 import client.animate_command as animate_command
 from api.talkinghead.v1 import personalisation_pb2 as ops
-from client.library import Client, Frame
+from client.library import Client, Frame, landmark_requests
+from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter
 from talkinghead.cli import main
 from tests.c2pa_ca import make_ca
@@ -176,6 +178,76 @@ def test_a_video_driven_stream_the_service_fails_exits_1_not_sigabrt(
         assert status == 1, (status, last)
         assert "FAILED_PRECONDITION" in last and "no face found" in last, last
     assert files_in(tmp_path) == ["noface.mp4"]
+
+
+class FreezingProxy:
+    """127.0.0.1:port -> `target` that, `freeze` s after its first connection, stops forwarding
+    either way while keeping every socket open: a network partition (no FIN, no RST)."""
+
+    def __init__(self, target: str, freeze: float) -> None:
+        self.target, self.freeze = target, freeze
+        self.frozen, self.closed = threading.Event(), threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets: list[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self.listener.accept()
+            except OSError:
+                return
+            host, port = self.target.rsplit(":", 1)
+            far = socket.create_connection((host, int(port)))
+            self.sockets += [near, far]
+            threading.Timer(self.freeze, self.frozen.set).start()
+            for a, b in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while not self.closed.is_set():
+            try:
+                data = source.recv(65536)
+                if not data:
+                    return
+                while self.frozen.is_set() and not self.closed.wait(0.1):
+                    pass
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self.closed.set()
+        for s in self.sockets:
+            s.close()
+
+
+def test_a_stream_over_a_dead_network_path_ends_unavailable(server: ServerThread, avatar: str) -> None:
+    """No keepalive: a stream whose network path died silently waited forever. Now the client's
+    HTTP/2 pings go unanswered and the call ends UNAVAILABLE (20 + 10 s by default; 1 + 1 s here)."""
+    proxy = FreezingProxy(server.address, freeze=0.5)
+    seq = LandmarkSequence.load(DRIVER)  # 8 s, sent at its frame rate
+    outcome: list[object] = []
+
+    def animate() -> None:
+        with Client(target=f"127.0.0.1:{proxy.port}", keepalive_time=1.0, keepalive_timeout=1.0) as client:
+            try:
+                for _ in client.animate(avatar, landmark_requests(seq, pace=True)):
+                    pass
+                outcome.append("done")
+            except grpc.RpcError as error:
+                outcome.append(error.code())
+
+    try:
+        started = time.monotonic()
+        worker = threading.Thread(target=animate, daemon=True)
+        worker.start()
+        worker.join(15)
+        assert outcome == [grpc.StatusCode.UNAVAILABLE], "the stream did not end within 15 s"
+        assert time.monotonic() - started < 7  # not the 8 s driver running out
+    finally:
+        proxy.close()
 
 
 def test_ctrl_c_while_waiting_on_a_personalisation_names_the_operation(
