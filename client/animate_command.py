@@ -7,13 +7,13 @@ needs --frame-size). Frames come back in order and are written to --out (H.264 v
 and the achieved frames per second are printed.
 
 --out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
---out (.NAME.partial-PID.EXT), renamed onto it once the stream has ended well. An error of the
-service (or a lost connection) or Ctrl-C removes it and says "nothing written", leaving a file
-that was there before untouched. A file already at --out or --contact-sheet is refused unless
---overwrite (it is then replaced only by a complete output), and an output that is the driver is
-always refused. Paths, the driver and the signing files are checked before the service is called.
-Exit status: 0 done, 1 the service or a write failed, 2 a bad argument or input file, 130
-interrupted.
+--out (.NAME.partial-PID.EXT), signed there when signing is configured, and renamed onto it once
+the stream has ended well. An error of the service (or a lost connection), a failed signing or
+Ctrl-C removes it and says "nothing written". A file already at --out or --contact-sheet is
+refused unless --overwrite (it is then replaced only by a complete output), and an output that is
+the driver is always refused. Paths, the driver and the signing certificate (a trial signature)
+are checked before the service is called. Exit status: 0 done, 1 the service, a write or the
+signing failed, 2 a bad argument or input file, 130 interrupted.
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
@@ -189,7 +189,7 @@ def _check_outputs(args: argparse.Namespace, signing: SigningCredentials | None)
 def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         try:
-            signing = signing_credentials(args)
+            signing = signing_credentials(args, trial=True)
             _check_outputs(args, signing)
             video = stack.enter_context(PendingFile(args.out, flag="--out", overwrite=args.overwrite))
             sheet = None
@@ -254,13 +254,21 @@ def _animate(
         if writer is None:
             raise ValueError("the service sent no frames")
         writer.close()
+        outputs = [video]
         if sheet is not None and kept:
             rows = [[f.landmark_image for f in kept if f.landmark_image is not None], [f.image for f in kept]]
             cell = min(max(kept[0].image.shape[:2]), 256)
             save_png(sheet.partial, contact_sheet(rows, labels=["driving", "generated"], cell=cell))
-        video.commit()
-        if sheet is not None and kept:
-            sheet.commit()
+            outputs.append(sheet)
+        # Checked and signed while still partial files: a signing that fails leaves the files that
+        # were at --out and --contact-sheet as they were.
+        status = finish_outputs(
+            args, model_id=model_id, paths=[o.partial for o in outputs], names=[o.path for o in outputs]
+        )
+        if status:
+            return _failed(args, "", received, total, status=status)
+        for output in outputs:
+            output.commit()
     except grpc.RpcError as error:
         return _failed(args, describe_error(error), received, total, status=1)
     except KeyboardInterrupt:
@@ -277,22 +285,22 @@ def _animate(
         + (f", {dropped} dropped (the frame before each stays on screen)" if dropped else "")
         + f"; wrote {args.out}"
     )
-    written = [args.out]
     if sheet is not None and kept:
         print(f"wrote {args.contact_sheet}")
-        written.append(args.contact_sheet)
     elif sheet is not None:
         print(
             f"no contact sheet: none of the frames picked for {args.contact_sheet} came back", file=sys.stderr
         )
-    return finish_outputs(args, model_id=model_id, paths=written)
+    return 0
 
 
 def _failed(args: argparse.Namespace, why: str, received: int, total: int, *, status: int) -> int:
-    """Say what went wrong, how far the stream got, and that no output was written."""
+    """Say what went wrong (`why`: "" when already said), how far the stream got, and that no
+    output was written."""
     targets = f"{args.out}" + (f" or {args.contact_sheet}" if args.contact_sheet is not None else "")
     print(
-        f"talkinghead animate: {why} ({received} of {total} frames received); nothing written to {targets}",
+        f"talkinghead animate: {why + ' ' if why else ''}({received} of {total} frames received); "
+        f"nothing written to {targets}",
         file=sys.stderr,
     )
     return status

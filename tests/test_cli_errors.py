@@ -126,6 +126,33 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
     assert files_in(tmp_path) == ["d.npy"]
 
 
+def test_a_certificate_c2pa_refuses_is_found_before_the_service_is_called(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate C2PA will not sign with (here: no extended key usage it accepts) was found only
+    once the video had been rendered and had replaced --out: "wrote x.mp4", then "signing failed",
+    exit 1. A trial signature finds it first (the server here is a closed port: exit 1 if called)."""
+    from tests.c2pa_ca import make_ca
+
+    bad = make_ca(tmp_path / "no-eku", eku=False)
+    out = tmp_path / "x.mp4"
+    flags = [
+        "--driver",
+        str(DRIVER),
+        "--out",
+        str(out),
+        "--c2pa-cert",
+        str(bad.chain),
+        "--c2pa-key",
+        str(bad.key),
+    ]
+    assert main(animate(*flags)) == 2
+    assert one_line(capsys).startswith(
+        f"talkinghead animate: --c2pa-cert {bad.chain}: C2PA cannot sign with it: "
+    )
+    assert not out.exists()
+
+
 def test_signing_mistakes_are_found_before_the_driver_is_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

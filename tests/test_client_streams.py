@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import socket
 import subprocess
 import sys
@@ -248,6 +249,60 @@ def test_a_stream_over_a_dead_network_path_ends_unavailable(server: ServerThread
         assert time.monotonic() - started < 7  # not the 8 s driver running out
     finally:
         proxy.close()
+
+
+def test_a_signing_that_fails_after_rendering_writes_nothing(
+    server: ServerThread,
+    avatar: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Signing once ran after the outputs were renamed into place: a failure ("wrote out.mp4",
+    then "signing failed", exit 1) left an unsigned file where the earlier one had been. Now the
+    partial files are signed before they replace anything."""
+    ca = make_ca(tmp_path / "ca")
+
+    def refused(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the time-stamp authority did not answer")
+
+    monkeypatch.setattr("client.provenance.sign_file", refused)
+    out, sheet = tmp_path / "out" / "mona.mp4", tmp_path / "out" / "mona.png"
+    out.parent.mkdir()
+    out.write_bytes(b"an earlier render")
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    argv += ["--max-frames", "4", "--out", str(out), "--contact-sheet", str(sheet), "--overwrite"]
+    argv += ["--c2pa-cert", str(ca.chain), "--c2pa-key", str(ca.key)]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "wrote" not in captured.out
+    assert (
+        f"talkinghead animate: signing {out} failed: the time-stamp authority did not answer" in captured.err
+    )
+    assert captured.err.splitlines()[-1].endswith(f"nothing written to {out} or {sheet}")
+    assert out.read_bytes() == b"an earlier render"
+    assert files_in(out.parent) == ["mona.mp4"]
+
+
+def test_animate_signs_the_files_under_their_own_names(
+    server: ServerThread, avatar: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Signed while still partial files: the manifests carry the final names, not the partial ones."""
+    from client.credentials import read_credentials
+
+    ca = make_ca(tmp_path / "ca")
+    out = tmp_path / "mona.mp4"
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    argv += ["--max-frames", "4", "--out", str(out), "--c2pa-cert", str(ca.chain), "--c2pa-key", str(ca.key)]
+    assert main(argv) == 0
+    assert f"content credentials: signed {out}\n" in capsys.readouterr().out
+    report = read_credentials(out, trust_anchors=ca.root.read_bytes())
+    assert report is not None and report.state == "Trusted"
+    import c2pa
+
+    with c2pa.Reader(str(out)) as reader:
+        store = json.loads(reader.json())
+    assert store["manifests"][store["active_manifest"]]["title"] == "mona.mp4"
 
 
 def test_ctrl_c_while_waiting_on_a_personalisation_names_the_operation(
