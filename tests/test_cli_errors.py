@@ -278,6 +278,22 @@ def test_a_watch_gives_up_on_a_server_that_does_not_answer(
         )
 
 
+def test_verify_exits_2_for_a_file_whose_credentials_it_could_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a key only the content credentials are read: a file they could not be read from
+    was reported as an "(image)" with exit status 0."""
+    monkeypatch.delenv("TALKINGHEAD_WATERMARK_KEY", raising=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert main(["verify", str(notes), str(PORTRAIT)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"{notes} (neither an image nor a video)\n")
+    assert "  content credentials: not read (" in out
+    assert f"{PORTRAIT} (image)\n" in out
+    assert main(["verify", str(PORTRAIT)]) == 0  # read, no credentials in it: fine
+
+
 def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
     """Without --overwrite the check before the work is not all: a file made at the path while the
     work ran is not replaced by the commit either."""
