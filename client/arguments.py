@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from client.library import DEFAULT_SERVER, Client
+from client.library import DEFAULT_SERVER, Client, check_api_key
 from client.outputs import reason
 
 
@@ -75,19 +75,23 @@ def _fail(args: argparse.Namespace, message: str) -> NoReturn:
 
 def connect(args: argparse.Namespace) -> Client:
     """A client for the service the parsed `add_server_arguments` flags name (SystemExit(2), saying
-    why, when a file they name cannot be read or a client certificate comes without its key or the
-    reverse)."""
+    why, when a file they name cannot be read, a client certificate comes without its key or the
+    reverse, or the API key is not printable ASCII)."""
     for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
         _read(args, flag)
     if (args.tls_cert is None) != (args.tls_key is None):
         given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
         _fail(args, f"{given} needs {missing}: a client certificate and its key come together")
     key_file = _read(args, "--api-key-file")
-    key = (
-        key_file.decode(errors="replace").strip()
-        if key_file is not None
-        else os.environ.get("TALKINGHEAD_API_KEY")
-    )
+    if key_file is not None:
+        key, source = key_file.decode(errors="replace").strip(), f"--api-key-file {args.api_key_file}"
+    else:
+        key, source = os.environ.get("TALKINGHEAD_API_KEY", "").strip(), "$TALKINGHEAD_API_KEY"
+    if key:
+        try:
+            check_api_key(key)
+        except ValueError as error:
+            _fail(args, f"{source}: {error}")
     try:
         return Client(
             target=args.server,

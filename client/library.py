@@ -237,6 +237,19 @@ class _Metadata(
         return continuation(self._details(details), requests)
 
 
+def check_api_key(key: str) -> None:
+    """ValueError unless `key` can go in a gRPC header: printable ASCII, no spaces around it (gRPC
+    itself refuses anything else with an INTERNAL "Illegal header value", after connecting)."""
+    bad = [c for c in key if not (" " <= c <= "~")]
+    if bad:
+        raise ValueError(
+            f"the API key holds {len(bad)} character(s) that are not printable ASCII "
+            f"(first {bad[0]!r}); an API key is printable ASCII"
+        )
+    if key != key.strip():
+        raise ValueError("the API key starts or ends with a space")
+
+
 def call_metadata(api_key: str | None = None, tenant: str | None = None) -> list[tuple[str, str]]:
     """Metadata that authenticates a call: the API key, and the tenant an admin acts for."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
@@ -261,12 +274,14 @@ class Client:
         certificate(s) to verify the server with (TLS); `tls_cert`/`tls_key`: a client certificate
         (mTLS), given together: they imply TLS, verified with `tls_ca` or, without it, the system's
         roots; `tenant`: the tenant an admin key acts for. ValueError for a certificate without
-        its key (or the reverse). `keepalive_time` / `keepalive_timeout` (s): HTTP/2 pings that end
-        a call over a dead connection (UNAVAILABLE)."""
+        its key (or the reverse), or an API key that is not printable ASCII. `keepalive_time` /
+        `keepalive_timeout` (s): HTTP/2 pings that end a call over a dead connection (UNAVAILABLE)."""
         if (tls_cert is None) != (tls_key is None):
             given, missing = ("tls_cert", "tls_key") if tls_key is None else ("tls_key", "tls_cert")
             raise ValueError(f"{given} needs {missing}: a client certificate and its key come together")
-        options = [
+        if api_key is not None:
+            check_api_key(api_key)
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", round(keepalive_time * 1000)),

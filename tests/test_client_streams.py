@@ -380,3 +380,24 @@ def test_a_client_certificate_means_tls_even_without_a_ca(server: ServerThread, 
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE
     with Client(target=server.address) as client:
         assert client.health() == "SERVING"
+
+
+def test_an_api_key_from_the_environment_is_stripped_or_refused(
+    server: ServerThread, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """$TALKINGHEAD_API_KEY with a trailing newline (`export KEY=$(cat file)` keeps none, an env
+    file can) failed inside gRPC ("Illegal header value", INTERNAL); stripped now, as the key
+    file's is. A key that cannot be a header value at all is refused before connecting."""
+    monkeypatch.setenv("TALKINGHEAD_API_KEY", "thk_test-key\n")
+    assert main(["avatar", "--server", server.address, "list"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("TALKINGHEAD_API_KEY", "thk_clé")
+    with pytest.raises(SystemExit) as exit:
+        main(["avatar", "--server", server.address, "list"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err == (
+        "talkinghead avatar: $TALKINGHEAD_API_KEY: the API key holds 1 character(s) that are not "
+        "printable ASCII (first 'é'); an API key is printable ASCII\n"
+    )
+    with pytest.raises(ValueError, match="not printable ASCII"):
+        Client(target=server.address, api_key="thk_\x01")
