@@ -19,6 +19,19 @@ def state_name(operation: ops.Operation) -> str:
     return ops.OperationState.Name(operation.metadata.state).removeprefix("OPERATION_STATE_")
 
 
+TERMINAL = (ops.OPERATION_STATE_SUCCEEDED, ops.OPERATION_STATE_FAILED, ops.OPERATION_STATE_CANCELLED)
+
+
+def stage_name(operation: ops.Operation) -> str:
+    """Where the operation is: its stage while it runs ("queued", "fine-tuning", ...), the name of
+    the state it ended in once done ("succeeded", "failed", "cancelled": the service's stage then
+    says "done" whichever it was)."""
+    m = operation.metadata
+    if operation.done and m.state in TERMINAL:
+        return state_name(operation).lower()
+    return m.stage or state_name(operation).lower()
+
+
 def describe(operation: ops.Operation) -> str:
     """`operations/<id>  avatar  STATE  step/total  ...` in one line."""
     m = operation.metadata
@@ -50,7 +63,11 @@ class ProgressBar:
         self.bar.n = m.step
         left = m.remaining.ToTimedelta().total_seconds()
         losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.losses.items())[:3])
-        postfix = f"{m.stage}" + (f", ~{left:.0f} s left" if left else "") + (f", {losses}" if losses else "")
+        postfix = (
+            stage_name(operation)
+            + (f", ~{left:.0f} s left" if left else "")
+            + (f", {losses}" if losses else "")
+        )
         self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.refresh()
         if operation.done:
@@ -66,13 +83,14 @@ class ProgressBar:
     def _line(self, operation: ops.Operation) -> None:
         m = operation.metadata
         tenth = 10 * m.step // m.total_steps if m.total_steps else 0
-        if (m.stage, tenth) == self.said and not operation.done:
+        stage = stage_name(operation)
+        if (stage, tenth) == self.said and not operation.done:
             return
-        self.said = (m.stage, tenth)
+        self.said = (stage, tenth)
         left = m.remaining.ToTimedelta().total_seconds()
         when = f", ~{left:.0f} s left" if left and not operation.done else ""
         print(
-            f"{m.avatar_id}: {m.stage or state_name(operation).lower()}, step {m.step}/{m.total_steps}{when}",
+            f"{m.avatar_id}: {stage}, step {m.step}/{m.total_steps}{when}",
             file=self.out,
             flush=True,
         )

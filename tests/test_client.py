@@ -348,3 +348,21 @@ def test_waiting_on_a_personalisation_outside_a_terminal_writes_lines_not_a_bar(
         "mona: exporting, step 20/20",
         "mona: done, step 20/20",
     ]
+
+
+def test_the_progress_of_an_operation_that_ended_names_how_it_ended() -> None:
+    """The service's stage is "done" however an operation ended: a cancelled one read "done"."""
+    from api.talkinghead.v1 import personalisation_pb2 as ops
+    from client.progress import ProgressBar
+
+    for state, word in [
+        (ops.OPERATION_STATE_CANCELLED, "cancelled"),
+        (ops.OPERATION_STATE_FAILED, "failed"),
+        (ops.OPERATION_STATE_SUCCEEDED, "succeeded"),
+    ]:
+        progress = ops.PersonalisationProgress(
+            avatar_id="mona", stage="done", step=3, total_steps=20, state=state
+        )
+        out = io.StringIO()
+        ProgressBar(out)(ops.Operation(name="operations/x", metadata=progress, done=True))
+        assert out.getvalue() == f"mona: {word}, step 3/20\n"
