@@ -8,12 +8,13 @@ and the achieved frames per second are printed.
 
 --out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
 --out (.NAME.partial-PID.EXT), signed there when signing is configured, and renamed onto it once
-the stream has ended well. An error of the service (or a lost connection), a failed signing or
-Ctrl-C removes it and says "nothing written". A file already at --out or --contact-sheet is
-refused unless --overwrite (it is then replaced only by a complete output), and an output that is
-the driver is always refused. Paths, the driver and the signing certificate (a trial signature)
-are checked before the service is called. Exit status: 0 done, 1 the service, a write or the
-signing failed, 2 a bad argument or input file, 130 interrupted.
+the stream has ended well. An error of the service (or a lost connection), a failed signing,
+Ctrl-C or SIGTERM removes it (and the folders made for it) and says "nothing written". A file
+already at --out or --contact-sheet is refused unless --overwrite (it is then replaced only by a
+complete output), and an output that is the driver is always refused. Paths, the driver and the
+signing certificate (a trial signature) are checked before the service is called. Exit status: 0
+done, 1 the service, a write or the signing failed, 2 a bad argument or input file, 130
+interrupted, 143 terminated (SIGTERM).
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
@@ -58,7 +59,7 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from client.arguments import add_server_arguments, connect
 from client.credentials import SigningCredentials, mime_type
 from client.library import Frame, describe_error, image_requests, landmark_requests
-from client.outputs import PendingFile
+from client.outputs import PendingFile, Terminated, terminate_raises
 from client.provenance import add_provenance_arguments, finish_outputs, signing_credentials
 from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, check_writable, contact_sheet, iter_video, read_video, save_png
@@ -187,7 +188,7 @@ def _check_outputs(args: argparse.Namespace, signing: SigningCredentials | None)
 
 
 def run(args: argparse.Namespace) -> int:
-    with contextlib.ExitStack() as stack:
+    with terminate_raises(), contextlib.ExitStack() as stack:
         try:
             signing = signing_credentials(args, trial=True)
             _check_outputs(args, signing)
@@ -271,6 +272,8 @@ def _animate(
             output.commit()
     except grpc.RpcError as error:
         return _failed(args, describe_error(error), received, total, status=1)
+    except Terminated:
+        return _failed(args, "terminated", received, total, status=143)
     except KeyboardInterrupt:
         return _failed(args, "interrupted", received, total, status=130)
     except (OSError, ValueError, av.FFmpegError) as error:

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
     """Parse `argv` with the module's own arguments and run it (also `python -m` entry points).
-    Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), as a shell reports it."""
+    Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), as a shell reports it (a
+    command that turns SIGTERM into an exception: 143)."""
     try:
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(
@@ -64,9 +65,9 @@ def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
         )
         module.add_arguments(parser)
         return int(module.run(parser.parse_args(argv)) or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:  # or a subclass saying otherwise (client.outputs.Terminated)
+        print(f"{prog}: {getattr(interrupt, 'what', 'interrupted')}", file=sys.stderr)
+        return int(getattr(interrupt, "exit_status", 130))
 
 
 if __name__ == "__main__":

@@ -311,3 +311,16 @@ def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> Non
         pending.write_bytes(b"the render")
     assert (tmp_path / "z.mp4").read_bytes() == b"the render"
     assert files_in(tmp_path) == ["new", "new/x.mp4", "z.mp4"]
+
+
+def test_an_output_not_written_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """A failed run left the output's parent folders, made for it, empty."""
+    from client.outputs import PendingFile
+
+    (tmp_path / "a").mkdir()
+    with PendingFile(tmp_path / "a" / "b" / "c" / "y.mp4", flag="--out"):
+        assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert files_in(tmp_path) == ["a"]  # the folders it made went with it, not the one it found
+    with PendingFile(tmp_path / "a" / "b" / "y.mp4", flag="--out") as pending:
+        pending.write_bytes(b"the render")
+    assert files_in(tmp_path) == ["a", "a/b", "a/b/y.mp4"]
