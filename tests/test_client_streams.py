@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -401,3 +402,23 @@ def test_an_api_key_from_the_environment_is_stripped_or_refused(
     )
     with pytest.raises(ValueError, match="not printable ASCII"):
         Client(target=server.address, api_key="thk_\x01")
+
+
+def test_operation_list_into_a_closed_pipe_ends_quietly(server: ServerThread, client: Client) -> None:
+    """`talkinghead operation list | head -1` ended in a BrokenPipeError traceback."""
+    client.create_avatar("cli-pipe", [PORTRAIT], consent=CONSENT, replace=True)
+    try:
+        name = client.personalise("cli-pipe").name
+        argv = [sys.executable, "-m", "talkinghead.cli", "operation", "--server", server.address, "list"]
+        for buffered in ("", "1"):  # output flushed at the end (a pipe's default), or line by line
+            env = {**os.environ, "PYTHONUNBUFFERED": buffered}
+            process = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            assert process.stdout is not None
+            process.stdout.close()  # the reader is gone before the first line
+            _, err = process.communicate(timeout=60)
+            assert (err.decode(), process.returncode) == ("", 141)
+        client.cancel_operation(name)
+    finally:
+        client.delete_avatar("cli-pipe")
