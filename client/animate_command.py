@@ -23,7 +23,7 @@ cannot keep up with (as a live call would); the video keeps the driver's timing 
 driver frame's time, shown until the next that came back), so it lasts as long as the driver. By
 default every frame is rendered (offline). --paste-back returns the avatar's whole source photo
 (up to 1024 px) with the face moving in it; --smooth filters the driver's landmark jitter
-(One-Euro).
+(One-Euro; HZ 0.01-30, default 1.0; 0 = off).
 
 Provenance (client/provenance.py): with $TALKINGHEAD_WATERMARK_KEY set, the written video is checked
 for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_C2PA_CERT and
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import re
 import sys
@@ -86,6 +87,17 @@ def _frame_size(text: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def _smoothing(text: str) -> float:
+    """--smooth HZ: 0 (off) or 0.01-30, the range the service takes."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of Hz, got {text!r}") from None
+    if not math.isfinite(value) or not (value == 0 or 0.01 <= value <= 30):
+        raise argparse.ArgumentTypeError(f"must be 0.01-30 Hz (or 0: off), got {text}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_server_arguments(parser)
     parser.add_argument("--avatar", required=True, help="avatar id")
@@ -118,11 +130,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--smooth",
-        type=float,
+        type=_smoothing,
         nargs="?",
         const=1.0,
         metavar="HZ",
-        help="One-Euro filter on the driver's landmarks (min cutoff, default 1.0 Hz) against jitter",
+        help="One-Euro filter on the driver's landmarks against jitter: min cutoff 0.01-30 Hz "
+        "(without HZ: 1.0; 0: off)",
     )
     add_provenance_arguments(parser)
 

@@ -497,8 +497,8 @@ class Client:
 
         overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
         bounded for live input. paste_back returns the avatar's whole source photo with the face
-        blended in; smoothing (a One-Euro min_cutoff_hz, e.g. 1.0) filters driver jitter. The
-        stream's StreamStarted message is kept in `self.last_started`.
+        blended in; smoothing (a One-Euro min_cutoff_hz, 0.01-30 Hz, e.g. 1.0; None or 0: off)
+        filters driver jitter. The stream's StreamStarted message is kept in `self.last_started`.
 
         The stream stops pulling `requests` when the call ends (done, failed, or the caller stops
         iterating: the call is then cancelled) and the thread gRPC pulls them on is waited for (up
@@ -515,7 +515,7 @@ class Client:
             include_landmark_image=include_landmark_image,
             paste_back=paste_back,
         )
-        if smoothing is not None:
+        if smoothing:  # the server reads an absent filter as off, and 0 Hz as its default, 1.0
             config.smoothing.min_cutoff_hz = smoothing
 
         # gRPC pulls `requests` on a thread of its own, which would go on running the caller's

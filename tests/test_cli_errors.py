@@ -112,6 +112,12 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
         ("--max-frames", "ten", "argument --max-frames: expected a whole number, got 'ten'"),
         ("--frame-size", "256", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256'"),
         ("--frame-size", "256x", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256x'"),
+        # the service's range, checked here (the service refused -1 and nan only once called, exit 1)
+        ("--smooth", "-1", "argument --smooth: must be 0.01-30 Hz (or 0: off), got -1"),
+        ("--smooth", "nan", "argument --smooth: must be 0.01-30 Hz (or 0: off), got nan"),
+        ("--smooth", "31", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 31"),
+        ("--smooth", "0.001", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 0.001"),
+        ("--smooth", "fast", "argument --smooth: expected a number of Hz, got 'fast'"),
     ]:
         with pytest.raises(SystemExit) as exit:
             main(animate("--driver", str(DRIVER), "--out", out, flag, value))

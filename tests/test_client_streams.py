@@ -4,6 +4,7 @@ earlier file unasked, signed before it replaces anything, with the driver's timi
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import dataclasses
 import json
@@ -304,6 +305,29 @@ def test_animate_signs_the_files_under_their_own_names(
     with c2pa.Reader(str(out)) as reader:
         store = json.loads(reader.json())
     assert store["manifests"][store["active_manifest"]]["title"] == "mona.mp4"
+
+
+def test_smooth_0_is_off_and_the_library_sends_no_filter(server: ServerThread, avatar: str) -> None:
+    """The service reads smoothing 0 Hz as its default, 1.0 Hz: `--smooth 0` smoothed. Now 0 (and
+    None) sends no filter at all."""
+    configs = []
+
+    class Recorded:
+        def __init__(self, requests: Iterator[Any]) -> None:
+            configs.append(next(iter(requests)).config)
+
+        def __iter__(self) -> Iterator[Any]:
+            return iter(())
+
+        def cancel(self) -> None:
+            pass
+
+    with Client(target=server.address) as client:
+        client.animation = argparse.Namespace(Animate=Recorded)
+        for smoothing in (None, 0.0, 2.5):
+            assert list(client.animate(avatar, [], smoothing=smoothing)) == []
+    assert [c.HasField("smoothing") for c in configs] == [False, False, True]
+    assert configs[2].smoothing.min_cutoff_hz == pytest.approx(2.5)
 
 
 def test_ctrl_c_while_waiting_on_a_personalisation_names_the_operation(
