@@ -247,19 +247,9 @@ def test_a_client_certificate_comes_with_its_key(tmp_path: Path) -> None:
         Client(target=CLOSED, tls_cert=pki.chain)
 
 
-def test_a_watch_gives_up_on_a_server_that_does_not_answer(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
+def test_a_watch_gives_up_on_a_server_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None:
     """It retried every second, forever, saying nothing."""
-    argv = [
-        "operation",
-        "--server",
-        CLOSED,
-        "watch",
-        "operations/0123",
-        "--retry-for",
-        "0.5",
-    ]
+    argv = ["operation", "--server", CLOSED, "watch", "operations/0123", "--retry-for", "0.5"]
     started = time.monotonic()
     assert main(argv) == 1
     assert time.monotonic() - started < 10
@@ -271,17 +261,7 @@ def test_a_watch_gives_up_on_a_server_that_does_not_answer(
         "follow it with `talkinghead operation watch operations/0123`"
     )
     with pytest.raises(SystemExit):
-        main(
-            [
-                "operation",
-                "--server",
-                CLOSED,
-                "watch",
-                "operations/0123",
-                "--retry-for",
-                "-1",
-            ]
-        )
+        main(["operation", "--server", CLOSED, "watch", "operations/0123", "--retry-for", "-1"])
 
 
 def test_verify_exits_2_for_a_file_whose_credentials_it_could_not_read(
