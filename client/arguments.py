@@ -6,8 +6,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from client.library import DEFAULT_SERVER, Client
+from client.library import DEFAULT_SERVER, Client, check_api_key
 from client.outputs import reason
 
 
@@ -27,7 +28,11 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tr
         "--tls-ca", type=Path, default=default(None), help="PEM root certificate: connect with TLS"
     )
     parser.add_argument(
-        "--tls-cert", type=Path, default=default(None), help="PEM client certificate (mTLS; with --tls-key)"
+        "--tls-cert",
+        type=Path,
+        default=default(None),
+        help="PEM client certificate (mTLS, with --tls-key): TLS, the server verified with --tls-ca or "
+        "the system's roots",
     )
     parser.add_argument("--tls-key", type=Path, default=default(None), help="PEM private key of --tls-cert")
     parser.add_argument(
@@ -63,22 +68,38 @@ def _read(args: argparse.Namespace, flag: str) -> bytes | None:
         raise SystemExit(2) from None
 
 
+def _fail(args: argparse.Namespace, message: str) -> NoReturn:
+    print(f"{getattr(args, 'prog', 'talkinghead')}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def connect(args: argparse.Namespace) -> Client:
-    """A client for the service the parsed `add_server_arguments` flags name (SystemExit(2) when a
-    file they name cannot be read)."""
+    """A client for the service the parsed `add_server_arguments` flags name (SystemExit(2), saying
+    why, when a file they name cannot be read, a client certificate comes without its key or the
+    reverse, or the API key is not printable ASCII)."""
     for flag in ("--tls-ca", "--tls-cert", "--tls-key"):
         _read(args, flag)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        given, missing = ("--tls-cert", "--tls-key") if args.tls_key is None else ("--tls-key", "--tls-cert")
+        _fail(args, f"{given} needs {missing}: a client certificate and its key come together")
     key_file = _read(args, "--api-key-file")
-    key = (
-        key_file.decode(errors="replace").strip()
-        if key_file is not None
-        else os.environ.get("TALKINGHEAD_API_KEY")
-    )
-    return Client(
-        target=args.server,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        api_key=key or None,
-        tenant=args.tenant,
-    )
+    if key_file is not None:
+        key, source = key_file.decode(errors="replace").strip(), f"--api-key-file {args.api_key_file}"
+    else:
+        key, source = os.environ.get("TALKINGHEAD_API_KEY", "").strip(), "$TALKINGHEAD_API_KEY"
+    if key:
+        try:
+            check_api_key(key)
+        except ValueError as error:
+            _fail(args, f"{source}: {error}")
+    try:
+        return Client(
+            target=args.server,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            api_key=key or None,
+            tenant=args.tenant,
+        )
+    except ValueError as error:
+        _fail(args, str(error))

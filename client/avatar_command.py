@@ -9,6 +9,7 @@ example:
   talkinghead avatar list
   talkinghead avatar get mona --preview mona_crop.png
   talkinghead avatar personalise mona --wait          # fine-tune its own generator, with a progress bar
+                                                      # (--retry-for 60: how long a lost server is retried)
   talkinghead avatar personalise mona --preset fast   # or --steps 300; returns the operation's name
   talkinghead avatar delete mona
   talkinghead avatar --server host:50051 list        # default 127.0.0.1:50051 ($TALKINGHEAD_SERVER)
@@ -27,7 +28,7 @@ from api.talkinghead.v1 import avatar_pb2
 from client.arguments import add_server_arguments, connect, server_parent
 from client.library import BASES, PRESETS, Client, consent_record, describe_error, operation_error
 from client.outputs import PendingFile
-from client.progress import ProgressBar, describe
+from client.progress import add_reconnect_argument, describe, follow, gone_on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +72,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--preset", choices=list(PRESETS), default="", help="fast | balanced (default) | best"
     )
     tune.add_argument("--wait", action="store_true", help="follow it with a progress bar until it is done")
+    add_reconnect_argument(tune)
 
 
 def _when(avatar: avatar_pb2.Avatar) -> str:
@@ -97,17 +99,27 @@ def _show(avatar: avatar_pb2.Avatar) -> None:
 
 
 def _personalise(client: Client, args: argparse.Namespace) -> int:
-    progress = ProgressBar() if args.wait else None
-    operation = client.personalise(
-        args.avatar_id, steps=args.steps, preset=args.preset, wait=args.wait, on_progress=progress
-    )
-    print(describe(operation))
+    prog = "talkinghead avatar personalise"
+    operation = client.personalise(args.avatar_id, steps=args.steps, preset=args.preset)
     if not args.wait:
+        print(describe(operation))
         print(f"follow it: talkinghead operation watch {operation.name}")
         return 0
-    error = operation_error(operation)
-    if error:
-        print(f"talkinghead avatar personalise: {error}", file=sys.stderr)
+    print(describe(operation), flush=True)  # named at once: a wait cut short must not lose it
+    try:
+        operation = follow(client, operation.name, prog=prog, retry_for=args.retry_for)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {gone_on(operation.name)}", file=sys.stderr)
+        return 130
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        print(f"{prog}: {describe_error(error)}; gave up waiting: {gone_on(operation.name)}", file=sys.stderr)
+        return 1
+    print(describe(operation))
+    failure = operation_error(operation)
+    if failure:
+        print(f"{prog}: {failure}", file=sys.stderr)
         return 1
     return 0
 

@@ -146,19 +146,53 @@ def mime_type(path: Path) -> str:
         raise ValueError(f"{path}: C2PA signing supports {', '.join(sorted(MIME_TYPES))}") from None
 
 
-def sign_file(path: Path, provenance: Provenance, credentials: SigningCredentials) -> None:
-    """Embed a signed manifest in `path` (rewritten through a temporary file, then renamed)."""
+def _signer_info(credentials: SigningCredentials, *, timestamp: bool = True) -> Any:
+    import c2pa
+
+    return c2pa.C2paSignerInfo(
+        credentials.algorithm.encode(),
+        credentials.cert_chain,
+        credentials.private_key,
+        credentials.timestamp_url if timestamp else None,
+    )
+
+
+def trial_signature(credentials: SigningCredentials) -> None:
+    """Sign a tiny PNG in memory (no time-stamp authority: no network call): ValueError with
+    c2pa's reason when it refuses the certificate or key (self-signed, no key usage it accepts,
+    expired), so that a command finds out before it does the work whose output it would sign."""
+    import io
+
+    import c2pa
+    import numpy as np
+    from PIL import Image
+
+    source, dest = io.BytesIO(), io.BytesIO()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(source, format="PNG")
+    source.seek(0)
+    definition = json.dumps(manifest(Provenance(model_id=""), title="trial.png", mime="image/png"))
+    try:
+        with (
+            c2pa.Signer.from_info(_signer_info(credentials, timestamp=False)) as signer,
+            c2pa.Builder(definition) as builder,
+        ):
+            builder.sign(signer, "image/png", source, dest)
+    except c2pa.C2paError as error:
+        raise ValueError(f"C2PA cannot sign with it: {error}") from error
+
+
+def sign_file(
+    path: Path, provenance: Provenance, credentials: SigningCredentials, *, title: str | None = None
+) -> None:
+    """Embed a signed manifest in `path` (rewritten through a temporary file, then renamed);
+    `title`: the file's name in the manifest (default `path`'s: give the final name when `path`
+    is a partial file to be renamed)."""
     import c2pa
 
     path = Path(path)
     mime = mime_type(path)
-    info = c2pa.C2paSignerInfo(
-        credentials.algorithm.encode(),
-        credentials.cert_chain,
-        credentials.private_key,
-        credentials.timestamp_url,
-    )
-    definition = json.dumps(manifest(provenance, title=path.name, mime=mime))
+    info = _signer_info(credentials)
+    definition = json.dumps(manifest(provenance, title=title or path.name, mime=mime))
     staging = path.with_name(f".{path.name}.c2pa{path.suffix}")
     try:
         with (

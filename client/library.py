@@ -18,8 +18,9 @@ Torch-free: imports facekit and the generated stubs (api/) only, never the serve
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +39,14 @@ from facekit.sequence import LandmarkSequence
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# HTTP/2 keepalive: a ping after this many seconds without traffic, and the connection is given up
+# when its ack does not come within KEEPALIVE_TIMEOUT_S, so a call over a dead network path (no
+# FIN, no RST: a partition, a peer powered off) ends UNAVAILABLE within ~30 s instead of hanging.
+# The server accepts pings every 10 s or more (service/server.py KEEPALIVE).
+KEEPALIVE_TIME_S = 20.0
+KEEPALIVE_TIMEOUT_S = 10.0
+RECONNECT_TIMEOUT_S = 60.0  # wait_operation: how long a lost server is retried before giving up
+REQUEST_THREAD_JOIN_S = 5.0  # animate: how long an ended stream waits for the request thread
 ENCODINGS = {
     "jpeg": pb.OUTPUT_ENCODING_JPEG,
     "png": pb.OUTPUT_ENCODING_PNG,
@@ -167,9 +176,26 @@ def landmark_requests(
         yield pb.AnimateRequest(landmarks=frame)
 
 
-def image_requests(frames: Iterable[np.ndarray], *, quality: int = 90) -> Iterator[pb.AnimateRequest]:
-    """RGB frames (H, W, 3) as JPEG driving frames: the server finds their landmarks."""
+def image_requests(
+    frames: Iterable[np.ndarray], *, quality: int = 90, fps: float | None = None
+) -> Iterator[pb.AnimateRequest]:
+    """RGB frames (H, W, 3) as JPEG driving frames (sequence numbers = frame index): the server
+    finds their landmarks. With `fps` they are sent at that rate, as a live source would send
+    them (as landmark_requests(pace=True) does); without, as fast as they come."""
+    if fps is not None and not (np.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a finite number > 0, got {fps}")
+    return _image_requests(frames, quality=quality, fps=fps)
+
+
+def _image_requests(
+    frames: Iterable[np.ndarray], *, quality: int, fps: float | None
+) -> Iterator[pb.AnimateRequest]:
+    t0 = time.perf_counter()
     for index, rgb in enumerate(frames):
+        if fps is not None:
+            delay = t0 + index / fps - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
         ok, buf = cv2.imencode(
             ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
         )
@@ -211,6 +237,19 @@ class _Metadata(
         return continuation(self._details(details), requests)
 
 
+def check_api_key(key: str) -> None:
+    """ValueError unless `key` can go in a gRPC header: printable ASCII, no spaces around it (gRPC
+    itself refuses anything else with an INTERNAL "Illegal header value", after connecting)."""
+    bad = [c for c in key if not (" " <= c <= "~")]
+    if bad:
+        raise ValueError(
+            f"the API key holds {len(bad)} character(s) that are not printable ASCII "
+            f"(first {bad[0]!r}); an API key is printable ASCII"
+        )
+    if key != key.strip():
+        raise ValueError("the API key starts or ends with a space")
+
+
 def call_metadata(api_key: str | None = None, tenant: str | None = None) -> list[tuple[str, str]]:
     """Metadata that authenticates a call: the API key, and the tenant an admin acts for."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
@@ -228,18 +267,34 @@ class Client:
         tls_cert: Path | None = None,
         tls_key: Path | None = None,
         tenant: str | None = None,
+        keepalive_time: float = KEEPALIVE_TIME_S,
+        keepalive_timeout: float = KEEPALIVE_TIMEOUT_S,
     ) -> None:
-        """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_cert`/`tls_key`: a
-        client certificate (mTLS, with `tls_ca`); `tenant`: the tenant an admin key acts for."""
-        options = [
+        """`api_key`: sent as `authorization: Bearer ...` on every call; `tls_ca`: PEM root
+        certificate(s) to verify the server with (TLS); `tls_cert`/`tls_key`: a client certificate
+        (mTLS), given together: they imply TLS, verified with `tls_ca` or, without it, the system's
+        roots; `tenant`: the tenant an admin key acts for. ValueError for a certificate without
+        its key (or the reverse), or an API key that is not printable ASCII. `keepalive_time` /
+        `keepalive_timeout` (s): HTTP/2 pings that end a call over a dead connection (UNAVAILABLE)."""
+        if (tls_cert is None) != (tls_key is None):
+            given, missing = ("tls_cert", "tls_key") if tls_key is None else ("tls_key", "tls_cert")
+            raise ValueError(f"{given} needs {missing}: a client certificate and its key come together")
+        if api_key is not None:
+            check_api_key(api_key)
+        options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.keepalive_time_ms", round(keepalive_time * 1000)),
+            ("grpc.keepalive_timeout_ms", round(keepalive_timeout * 1000)),
+            # Any ping unanswered (a bandwidth probe may be the one in flight, and holds the
+            # keepalive's back) ends the connection as soon: gRPC's default waits 60 s.
+            ("grpc.http2.ping_timeout_ms", round(keepalive_timeout * 1000)),
         ]
-        if tls_ca is not None:
+        if tls_ca is not None or tls_cert is not None:
             credentials = grpc.ssl_channel_credentials(
-                root_certificates=Path(tls_ca).read_bytes(),
-                private_key=Path(tls_key).read_bytes() if tls_key else None,
-                certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None,
+                root_certificates=Path(tls_ca).read_bytes() if tls_ca is not None else None,
+                private_key=Path(tls_key).read_bytes() if tls_key is not None else None,
+                certificate_chain=Path(tls_cert).read_bytes() if tls_cert is not None else None,
             )
             channel = grpc.secure_channel(target, credentials, options=options)
         else:
@@ -381,11 +436,17 @@ class Client:
         *,
         on_progress: Callable[[ops.Operation], None] | None = None,
         timeout: float | None = None,
+        reconnect_timeout: float = RECONNECT_TIMEOUT_S,
+        on_reconnect: Callable[[grpc.RpcError], None] | None = None,
     ) -> ops.Operation:
-        """Follow an operation until it is done (TimeoutError after `timeout` s); a watch cut
-        short (a replica restarting) resumes."""
+        """Follow an operation until it is done (TimeoutError after `timeout` s). A watch cut
+        short (a replica restarting, the connection lost) resumes: the server is retried every
+        second for up to `reconnect_timeout` s since it last answered (on_reconnect gets the
+        error at the start of each outage), then its UNAVAILABLE error is raised; the operation
+        goes on without the watcher, to be watched again later."""
         last: ops.Operation | None = None
         deadline = None if timeout is None else time.monotonic() + timeout
+        lost: float | None = None  # when the server stopped answering (None: it answers)
         while last is None or not last.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
@@ -394,6 +455,7 @@ class Client:
                 for operation in self.operations.WatchOperation(
                     ops.WatchOperationRequest(name=name), timeout=left
                 ):
+                    lost = None
                     last = operation
                     if on_progress is not None:
                         on_progress(operation)
@@ -402,7 +464,14 @@ class Client:
                     raise TimeoutError(f"{name} was not done within {timeout:.0f} s") from error
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
-                time.sleep(1.0)
+                now = time.monotonic()
+                if lost is None:
+                    lost = now
+                    if on_reconnect is not None:
+                        on_reconnect(error)
+                if now - lost >= reconnect_timeout:
+                    raise
+                time.sleep(min(1.0, max(0.0, lost + reconnect_timeout - now)))
         return last
 
     def cancel_operation(self, name: str) -> ops.Operation:
@@ -423,13 +492,17 @@ class Client:
         include_landmark_image: bool = False,
         paste_back: bool = False,
         smoothing: float | None = None,
-    ) -> Iterator[Frame]:
+    ) -> Generator[Frame, None, None]:
         """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
 
         overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
         bounded for live input. paste_back returns the avatar's whole source photo with the face
-        blended in; smoothing (a One-Euro min_cutoff_hz, e.g. 1.0) filters driver jitter. The
-        stream's StreamStarted message is kept in `self.last_started`.
+        blended in; smoothing (a One-Euro min_cutoff_hz, 0.01-30 Hz, e.g. 1.0; None or 0: off)
+        filters driver jitter. The stream's StreamStarted message is kept in `self.last_started`.
+
+        The stream stops pulling `requests` when the call ends (done, failed, or the caller stops
+        iterating: the call is then cancelled) and the thread gRPC pulls them on is waited for (up
+        to REQUEST_THREAD_JOIN_S), so none of the caller's code runs after this returns or raises.
         """
         config = pb.StreamConfig(
             avatar_id=avatar_id,
@@ -442,30 +515,60 @@ class Client:
             include_landmark_image=include_landmark_image,
             paste_back=paste_back,
         )
-        if smoothing is not None:
+        if smoothing:  # the server reads an absent filter as off, and 0 Hz as its default, 1.0
             config.smoothing.min_cutoff_hz = smoothing
 
-        def stream() -> Iterator[pb.AnimateRequest]:
-            yield pb.AnimateRequest(config=config)
-            yield from requests
+        # gRPC pulls `requests` on a thread of its own, which would go on running the caller's
+        # code (decoding, encoding, pacing) after the call ended. When the interpreter exits
+        # meanwhile (the CLI, on an error) that thread is torn down inside it: C++ code (OpenCV,
+        # FFmpeg) aborts the process (SIGABRT, "terminate called without an active exception").
+        # So the stream stops taking requests when the call ends and the thread is waited for.
+        stop = threading.Event()
+        lock = threading.Lock()
+        pulling: list[threading.Thread] = []  # the thread that runs stream(), once it started
 
-        side = 0  # the landmark images' side: StreamStarted.image_size
-        for response in self.animation.Animate(stream()):
-            if response.HasField("started"):
-                self.last_started = response.started
-                side = response.started.image_size
-                continue
-            f = response.frame
-            yield Frame(
-                sequence=f.sequence,
-                capture_time_us=f.capture_time_us,
-                image=decode_frame(f.image, f.encoding, (f.width, f.height)),
-                landmark_image=decode_frame(f.landmark_image, f.encoding, (side, side))
-                if f.landmark_image
-                else None,
-                timings=f.timings,
-                dropped_before=f.dropped_before,
-                batch_size=f.batch_size,
-                face_missing=f.face_missing,
-                received=time.perf_counter(),
-            )
+        def stream() -> Iterator[pb.AnimateRequest]:
+            with lock:
+                if stop.is_set():
+                    return
+                pulling.append(threading.current_thread())
+            try:
+                yield pb.AnimateRequest(config=config)
+                for request in requests:
+                    if stop.is_set():
+                        return
+                    yield request
+            finally:
+                close = getattr(requests, "close", None)
+                if close is not None and stop.is_set():
+                    close()  # a generator (an open video): released on this thread
+
+        call = self.animation.Animate(stream())
+        try:
+            side = 0  # the landmark images' side: StreamStarted.image_size
+            for response in call:
+                if response.HasField("started"):
+                    self.last_started = response.started
+                    side = response.started.image_size
+                    continue
+                f = response.frame
+                yield Frame(
+                    sequence=f.sequence,
+                    capture_time_us=f.capture_time_us,
+                    image=decode_frame(f.image, f.encoding, (f.width, f.height)),
+                    landmark_image=decode_frame(f.landmark_image, f.encoding, (side, side))
+                    if f.landmark_image
+                    else None,
+                    timings=f.timings,
+                    dropped_before=f.dropped_before,
+                    batch_size=f.batch_size,
+                    face_missing=f.face_missing,
+                    received=time.perf_counter(),
+                )
+        finally:
+            with lock:
+                stop.set()
+            call.cancel()  # nothing when it has ended; else the server hears that the client left
+            for thread in pulling:
+                if thread is not threading.current_thread():
+                    thread.join(REQUEST_THREAD_JOIN_S)

@@ -3,6 +3,9 @@
 Start one with `talkinghead avatar personalise ID` (add --wait to follow it). Exit status: 1 when
 the call fails, or when `get` or `watch` shows an operation that ended in an error; else 0 (a
 cancel the service accepted too: a queued operation ends CANCELLED, a running one stops soon).
+`watch` says when the connection is lost and retries for --retry-for seconds (60), then gives up
+(exit 1) naming the operation, which goes on without it; Ctrl-C stops watching (exit 130), not
+the operation.
 
 example:
   talkinghead operation list                     # newest first; --avatar mona for one avatar's
@@ -20,7 +23,7 @@ import grpc
 
 from client.arguments import add_server_arguments, connect, server_parent
 from client.library import describe_error, operation_error
-from client.progress import ProgressBar, describe
+from client.progress import add_reconnect_argument, describe, follow, gone_on
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,10 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     listing = sub.add_parser("list", parents=[parent], help="operations, newest first")
     listing.add_argument("--avatar", default="", help="only this avatar's")
     for action, text in (("get", "show one"), ("watch", "follow one until done"), ("cancel", "cancel one")):
-        sub.add_parser(action, parents=[parent], help=text).add_argument("name", help="operations/<id>")
+        command = sub.add_parser(action, parents=[parent], help=text)
+        command.add_argument("name", help="operations/<id>")
+        if action == "watch":
+            add_reconnect_argument(command)
 
 
 def run(args: argparse.Namespace) -> int:
+    prog = f"talkinghead operation {args.action}"
     try:
         with connect(args) as client:
             if args.action == "list":
@@ -44,7 +51,17 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{count} operation(s)")
                 return 0
             if args.action == "watch":
-                operation = client.wait_operation(args.name, on_progress=ProgressBar())
+                try:
+                    operation = follow(client, args.name, prog=prog, retry_for=args.retry_for)
+                except KeyboardInterrupt:
+                    print(f"{prog}: interrupted; {gone_on(args.name)}", file=sys.stderr)
+                    return 130
+                except grpc.RpcError as error:
+                    if error.code() != grpc.StatusCode.UNAVAILABLE:
+                        raise
+                    why = describe_error(error)
+                    print(f"{prog}: {why}; gave up watching: {gone_on(args.name)}", file=sys.stderr)
+                    return 1
             elif args.action == "cancel":
                 operation = client.cancel_operation(args.name)
             else:

@@ -3,17 +3,33 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 from typing import TextIO
 
+import grpc
 from tqdm import tqdm
 
 from api.talkinghead.v1 import personalisation_pb2 as ops
-from client.library import operation_error
+from client.library import RECONNECT_TIMEOUT_S, Client, describe_error, operation_error
 
 
 def state_name(operation: ops.Operation) -> str:
     return ops.OperationState.Name(operation.metadata.state).removeprefix("OPERATION_STATE_")
+
+
+TERMINAL = (ops.OPERATION_STATE_SUCCEEDED, ops.OPERATION_STATE_FAILED, ops.OPERATION_STATE_CANCELLED)
+
+
+def stage_name(operation: ops.Operation) -> str:
+    """Where the operation is: its stage while it runs ("queued", "fine-tuning", ...), the name of
+    the state it ended in once done ("succeeded", "failed", "cancelled": the service's stage then
+    says "done" whichever it was)."""
+    m = operation.metadata
+    if operation.done and m.state in TERMINAL:
+        return state_name(operation).lower()
+    return m.stage or state_name(operation).lower()
 
 
 def describe(operation: ops.Operation) -> str:
@@ -47,22 +63,74 @@ class ProgressBar:
         self.bar.n = m.step
         left = m.remaining.ToTimedelta().total_seconds()
         losses = " ".join(f"{k}={v:.3g}" for k, v in sorted(m.losses.items())[:3])
-        postfix = f"{m.stage}" + (f", ~{left:.0f} s left" if left else "") + (f", {losses}" if losses else "")
+        postfix = (
+            stage_name(operation)
+            + (f", ~{left:.0f} s left" if left else "")
+            + (f", {losses}" if losses else "")
+        )
         self.bar.set_postfix_str(postfix, refresh=False)
         self.bar.refresh()
         if operation.done:
             self.bar.close()
 
+    def note(self, text: str) -> None:
+        """A line of its own (under the bar, on a terminal)."""
+        if self.bar is not None:
+            self.bar.write(text, file=self.out)
+        else:
+            print(text, file=self.out, flush=True)
+
     def _line(self, operation: ops.Operation) -> None:
         m = operation.metadata
         tenth = 10 * m.step // m.total_steps if m.total_steps else 0
-        if (m.stage, tenth) == self.said and not operation.done:
+        stage = stage_name(operation)
+        if (stage, tenth) == self.said and not operation.done:
             return
-        self.said = (m.stage, tenth)
+        self.said = (stage, tenth)
         left = m.remaining.ToTimedelta().total_seconds()
         when = f", ~{left:.0f} s left" if left and not operation.done else ""
         print(
-            f"{m.avatar_id}: {m.stage or state_name(operation).lower()}, step {m.step}/{m.total_steps}{when}",
+            f"{m.avatar_id}: {stage}, step {m.step}/{m.total_steps}{when}",
             file=self.out,
             flush=True,
         )
+
+
+def add_reconnect_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--retry-for",
+        type=_seconds,
+        default=RECONNECT_TIMEOUT_S,
+        metavar="SECONDS",
+        help="when the connection is lost, retry this long before giving up "
+        f"(default {RECONNECT_TIMEOUT_S:.0f})",
+    )
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def follow(client: Client, name: str, *, prog: str, retry_for: float) -> ops.Operation:
+    """Watch operation `name` until it is done, with a progress bar; a lost connection is said
+    once and retried for `retry_for` s, then its UNAVAILABLE error propagates (`gone_on` says
+    what became of the operation)."""
+    progress = ProgressBar()
+
+    def lost(error: grpc.RpcError) -> None:
+        progress.note(
+            f"{prog}: connection lost ({describe_error(error)}); retrying for up to {retry_for:g} s"
+        )
+
+    return client.wait_operation(name, on_progress=progress, reconnect_timeout=retry_for, on_reconnect=lost)
+
+
+def gone_on(name: str) -> str:
+    """What to tell a user who stopped following `name`: it goes on, and how to follow it again."""
+    return f"{name} continues on the service: follow it with `talkinghead operation watch {name}`"

@@ -4,7 +4,8 @@ reads) and signs the video and contact sheet with C2PA content credentials (when
 certificate is configured; otherwise the files are written unsigned and the CLI says so once).
 
     add_provenance_arguments(parser)                      # --consent-record, --c2pa-cert, --c2pa-key
-    status = finish_outputs(args, model_id=started.model_id, paths=[video, sheet])
+    signing_credentials(args, trial=True)                 # before any work: ValueError if unusable
+    status = finish_outputs(args, model_id=started.model_id, paths=[video, sheet])  # before the commit
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from client.credentials import (
     credentials_from_env,
     has_certificate,
     sign_file,
+    trial_signature,
 )
 from client.outputs import reason
 from client.verify import check_video
@@ -46,10 +48,12 @@ def add_provenance_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def signing_credentials(args: argparse.Namespace) -> SigningCredentials | None:
+def signing_credentials(args: argparse.Namespace, *, trial: bool = False) -> SigningCredentials | None:
     """From --c2pa-cert/--c2pa-key, else the environment; None when not configured. A file that is
-    missing or holds no certificate or usable key is a ValueError naming its flag (or variable):
-    `animate` calls this before it renders anything, so that signing cannot fail for it after."""
+    missing or holds no certificate or usable key is a ValueError naming its flag (or variable),
+    and so, with `trial`, is a certificate C2PA refuses to sign with (a trial signature in memory):
+    `animate` calls this before it renders anything, so that signing rarely fails after; and it
+    signs its files before they replace anything, so that a signing failing then writes nothing."""
     cert, key = getattr(args, "c2pa_cert", None), getattr(args, "c2pa_key", None)
     if cert is None and key is None:
         try:
@@ -74,6 +78,11 @@ def signing_credentials(args: argparse.Namespace) -> SigningCredentials | None:
         credentials.algorithm  # noqa: B018 (it parses the key)
     except (TypeError, ValueError) as error:
         raise ValueError(f"{names[1]}: not an unencrypted PEM key C2PA can sign with ({error})") from error
+    if trial:
+        try:
+            trial_signature(credentials)
+        except ValueError as error:
+            raise ValueError(f"{names[0]}: {error}") from error
     return credentials
 
 
@@ -95,10 +104,15 @@ def watermark_payload(video: Path) -> int | None:
     return found.payload
 
 
-def finish_outputs(args: argparse.Namespace, *, model_id: str, paths: Sequence[Path]) -> int:
-    """Check and sign the written files (paths[0]: the video); 0, or 1 when signing failed."""
+def finish_outputs(
+    args: argparse.Namespace, *, model_id: str, paths: Sequence[Path], names: Sequence[Path] | None = None
+) -> int:
+    """Check and sign the written files (paths[0]: the video); 0, or 1 when signing failed (a
+    file may then be signed or not: sign partial files, and discard them on failure). `names`:
+    the files' final names, when `paths` are partial files (the manifests' titles, the messages)."""
     if not paths:
         return 0
+    names = list(paths if names is None else names)
     try:
         credentials = signing_credentials(args)
         payload = watermark_payload(paths[0])
@@ -115,14 +129,13 @@ def finish_outputs(args: argparse.Namespace, *, model_id: str, paths: Sequence[P
         avatar_id=getattr(args, "avatar", None),
         created=time.time(),
     )
-    try:
-        for index, path in enumerate(paths):
+    for index, (path, name) in enumerate(zip(paths, names, strict=True)):
+        try:
             # the contact sheet (downscaled tiles) carries no mark: its manifest claims none
-            sign_file(
-                path, provenance if index == 0 else replace(provenance, watermark_payload=None), credentials
-            )
-    except Exception as error:  # c2pa.C2paError and I/O errors: the file stays, unsigned
-        print(f"talkinghead animate: signing {path} failed: {error}", file=sys.stderr)
-        return 1
-    print(f"content credentials: signed {', '.join(map(str, paths))}")
+            claim = provenance if index == 0 else replace(provenance, watermark_payload=None)
+            sign_file(path, claim, credentials, title=Path(name).name)
+        except Exception as error:  # c2pa.C2paError and I/O errors: the file stays, unsigned
+            print(f"talkinghead animate: signing {name} failed: {error}", file=sys.stderr)
+            return 1
+    print(f"content credentials: signed {', '.join(map(str, names))}")
     return 0

@@ -27,6 +27,7 @@ from facekit.video import is_video, iter_video, read_image
 from facekit.watermark import Watermarker
 from facekit.watermark.detect import false_alarm
 
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 VIDEO_MARKED_SHARE = 0.5  # a video is marked when at least this share of its checked frames is
 DEFAULT_MAX_FRAMES = 100
 
@@ -49,7 +50,7 @@ class WatermarkReport:
 @dataclass(frozen=True, kw_only=True)
 class FileReport:
     path: str
-    kind: str  # "image" or "video"
+    kind: str  # "image" or "video" (by the name's suffix), else "other"
     watermark: WatermarkReport | None  # None: no key given
     credentials: ManifestReport | None  # None: no C2PA manifest
     credentials_error: str | None = None  # the manifest could not be read
@@ -152,7 +153,7 @@ def verify_file(
         raise undecodable
     return FileReport(
         path=str(path),
-        kind="video" if video else "image",
+        kind="video" if video else "image" if path.suffix.lower() in IMAGE_SUFFIXES else "other",
         watermark=mark,
         credentials=credentials,
         credentials_error=error,

@@ -9,8 +9,9 @@ trust anchor ("Trusted", with --trust).
 
 The key is the deployment's secret: --key, or better $TALKINGHEAD_WATERMARK_KEY (a flag shows in
 process listings). Without one only the content credentials are read. Exit status: 0 when every
-file was read, 2 when one could not be (the others are still reported; a damaged file that has
-content credentials is reported with them, its watermark "not checked").
+file was read, 2 when one could not be, its pixels or its content credentials (the others are
+still reported; a damaged file that has content credentials is reported with them, its
+watermark "not checked"; one whose credentials could not be read says why).
 
 The service marks the frames it renders, so `animate`'s video carries the mark; its contact sheet
 is a downscaled preview and is not marked (verify reports the mark absent there).
@@ -97,7 +98,8 @@ def describe(report: FileReport) -> str:
     frames = (
         f", {report.watermark.frames} frames checked" if report.watermark and report.kind == "video" else ""
     )
-    lines = [f"{report.path} ({report.kind}{frames})"]
+    kind = "neither an image nor a video" if report.kind == "other" else report.kind
+    lines = [f"{report.path} ({kind}{frames})"]
     lines += _mark_lines(report.watermark, report.kind, report.watermark_error)
     lines += _credential_lines(report.credentials, report.credentials_error)
     return "\n".join(lines)
@@ -134,5 +136,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(json.dumps(report.to_json()) if args.json else describe(report), flush=True)
         if report.watermark_error is not None:  # its credentials were read, its pixels were not
+            status = 2
+        if report.credentials_error is not None:  # not "none": they could not be read
             status = 2
     return status

@@ -136,14 +136,15 @@ class LandmarkSequence:
             raise IsADirectoryError(f"{path}: is a directory, not a landmark file")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such landmark file")
-        if path.suffix == ".npy":
+        suffix = path.suffix.lower()  # DRIVER.NPZ as driver.npz
+        if suffix == ".npy":
             if frame_size is None:
                 raise ValueError(f"{path}: a .npy file holds no frame size; pass frame_size=(width, height)")
             points = _read(path, "npy")
             if not isinstance(points, np.ndarray):
                 raise ValueError(f"{path}: expected one (N, {NUM_POINTS}, 2) array, found an archive")
             size, rate = tuple(int(v) for v in frame_size), DEFAULT_FPS if fps is None else float(fps)
-        elif path.suffix == ".npz":
+        elif suffix == ".npz":
             points, size, rate = _read_npz(path)
             if frame_size is not None and tuple(frame_size) != size:
                 raise ValueError(f"{path}: file's frame_size {list(size)} != requested {list(frame_size)}")

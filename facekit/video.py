@@ -140,6 +140,7 @@ class VideoWriter:
             raise ValueError(f"{path}: fps must be > 0, got {fps}")
         self.path, self.size, self.fps = Path(path), (int(width), int(height)), float(fps)
         self.frames_written = 0
+        self.next_pts = 0  # the earliest time slot (in frames of 1/fps) the next frame may take
         self.codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         try:
             container = av.open(str(self.path), mode="w")
@@ -161,19 +162,26 @@ class VideoWriter:
         self._container: av.container.OutputContainer | None = container
         self._stream = stream
 
-    def write(self, frame: np.ndarray) -> None:
-        """Append one uint8 RGB (height, width, 3) frame."""
+    def write(self, frame: np.ndarray, *, pts: int | None = None) -> None:
+        """Append one uint8 RGB (height, width, 3) frame: in the next time slot, or at `pts`
+        (in frames of 1/fps from the start; increasing), the previous frame showing until then
+        (a live stream that dropped frames keeps its timing)."""
         if self._container is None:
             raise ValueError(f"{self.path}: the writer is closed")
+        if pts is None:
+            pts = self.next_pts
+        elif pts < self.next_pts:
+            raise ValueError(f"{self.path}: frame time {pts} is before the next free slot {self.next_pts}")
         frame = _check_rgb(frame, what="frame")
         if frame.shape[:2] != (self.size[1], self.size[0]):
             raise ValueError(
                 f"{self.path}: frame is {frame.shape[1]}x{frame.shape[0]}, writer is {self.size}"
             )
         video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        video_frame.pts = self.frames_written
+        video_frame.pts = pts
         self._container.mux(self._stream.encode(video_frame))
         self.frames_written += 1
+        self.next_pts = pts + 1
 
     def close(self) -> None:
         """Flush the encoder and finish the file; idempotent."""

@@ -9,7 +9,9 @@ Each command module exposes `add_arguments(parser)` and `run(args) -> int`, and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 
 # name -> (module, one-line summary)
@@ -56,17 +58,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
     """Parse `argv` with the module's own arguments and run it (also `python -m` entry points).
-    Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), as a shell reports it."""
+    Ctrl-C ends it with one line and exit status 130 (128 + SIGINT), as a shell reports it (a
+    command that turns SIGTERM into an exception: 143); a reader that went away (`| head -1`)
+    ends it quietly with 141 (128 + SIGPIPE)."""
     try:
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(
             prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(parser)
-        return int(module.run(parser.parse_args(argv)) or 0)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        status = int(module.run(parser.parse_args(argv)) or 0)
+        sys.stdout.flush()  # here, not at exit, where a reader gone would be "Exception ignored"
+        return status
+    except KeyboardInterrupt as interrupt:  # or a subclass saying otherwise (client.outputs.Terminated)
+        print(f"{prog}: {getattr(interrupt, 'what', 'interrupted')}", file=sys.stderr)
+        return int(getattr(interrupt, "exit_status", 130))
+    except BrokenPipeError:
+        _stdout_gone()
+        return 141
+
+
+def _stdout_gone() -> None:
+    """Standard output's reader has gone: point it at /dev/null, so that the interpreter's own
+    flush at exit does not fail with a second BrokenPipeError (Python's documented recipe)."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":

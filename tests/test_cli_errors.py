@@ -5,6 +5,9 @@ the address of a closed port, so one that went as far as calling the service wou
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import pytest
 
 from facekit.video import VideoWriter
 from talkinghead.cli import main
-from tests.service_fixtures import DRIVER, PORTRAIT
+from tests.service_fixtures import DRIVER, PORTRAIT, REPO
 
 CLOSED = "127.0.0.1:1"  # nothing listens on port 1
 
@@ -109,6 +112,12 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
         ("--max-frames", "ten", "argument --max-frames: expected a whole number, got 'ten'"),
         ("--frame-size", "256", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256'"),
         ("--frame-size", "256x", "argument --frame-size: expected WIDTHxHEIGHT, e.g. 256x256, got '256x'"),
+        # the service's range, checked here (the service refused -1 and nan only once called, exit 1)
+        ("--smooth", "-1", "argument --smooth: must be 0.01-30 Hz (or 0: off), got -1"),
+        ("--smooth", "nan", "argument --smooth: must be 0.01-30 Hz (or 0: off), got nan"),
+        ("--smooth", "31", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 31"),
+        ("--smooth", "0.001", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 0.001"),
+        ("--smooth", "fast", "argument --smooth: expected a number of Hz, got 'fast'"),
     ]:
         with pytest.raises(SystemExit) as exit:
             main(animate("--driver", str(DRIVER), "--out", out, flag, value))
@@ -121,6 +130,33 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
         "pass --frame-size WIDTHxHEIGHT"
     )
     assert files_in(tmp_path) == ["d.npy"]
+
+
+def test_a_certificate_c2pa_refuses_is_found_before_the_service_is_called(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A certificate C2PA will not sign with (here: no extended key usage it accepts) was found only
+    once the video had been rendered and had replaced --out: "wrote x.mp4", then "signing failed",
+    exit 1. A trial signature finds it first (the server here is a closed port: exit 1 if called)."""
+    from tests.c2pa_ca import make_ca
+
+    bad = make_ca(tmp_path / "no-eku", eku=False)
+    out = tmp_path / "x.mp4"
+    flags = [
+        "--driver",
+        str(DRIVER),
+        "--out",
+        str(out),
+        "--c2pa-cert",
+        str(bad.chain),
+        "--c2pa-key",
+        str(bad.key),
+    ]
+    assert main(animate(*flags)) == 2
+    assert one_line(capsys).startswith(
+        f"talkinghead animate: --c2pa-cert {bad.chain}: C2PA cannot sign with it: "
+    )
+    assert not out.exists()
 
 
 def test_signing_mistakes_are_found_before_the_driver_is_read(
@@ -191,3 +227,86 @@ def test_directories_and_other_files_are_called_what_they_are(
     assert main(["avatar", "--server", CLOSED, "create", "cli-dir", str(folder), *consent]) == 2
     assert one_line(capsys) == f"talkinghead avatar: {folder}: is a directory"
     assert files_in(tmp_path) == ["bad.npz", "clips"]
+
+
+def test_a_client_certificate_comes_with_its_key(tmp_path: Path) -> None:
+    """--tls-cert without --tls-key (or the reverse) aborted inside gRPC (SIGABRT, exit 134)."""
+    from client.library import Client
+    from tests.c2pa_ca import make_ca
+
+    pki = make_ca(tmp_path / "pki")  # real PEM files: gRPC reads them before it aborts
+    for flag, path, other in (("--tls-cert", pki.chain, "--tls-key"), ("--tls-key", pki.key, "--tls-cert")):
+        argv = [sys.executable, "-m", "talkinghead.cli", "avatar", "--server", CLOSED]
+        argv += ["--tls-ca", str(pki.root), flag, str(path), "list"]
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert (done.returncode, done.stderr) == (
+            2,
+            f"talkinghead avatar: {flag} needs {other}: a client certificate and its key come together\n",
+        )
+    with pytest.raises(ValueError, match="tls_cert needs tls_key"):
+        Client(target=CLOSED, tls_cert=pki.chain)
+
+
+def test_a_watch_gives_up_on_a_server_that_does_not_answer(capsys: pytest.CaptureFixture[str]) -> None:
+    """It retried every second, forever, saying nothing."""
+    argv = ["operation", "--server", CLOSED, "watch", "operations/0123", "--retry-for", "0.5"]
+    started = time.monotonic()
+    assert main(argv) == 1
+    assert time.monotonic() - started < 10
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("talkinghead operation watch: connection lost (UNAVAILABLE: ")
+    assert lines[0].endswith("; retrying for up to 0.5 s") and len(lines) == 2
+    assert lines[1].endswith(
+        "; gave up watching: operations/0123 continues on the service: "
+        "follow it with `talkinghead operation watch operations/0123`"
+    )
+    with pytest.raises(SystemExit):
+        main(["operation", "--server", CLOSED, "watch", "operations/0123", "--retry-for", "-1"])
+
+
+def test_verify_exits_2_for_a_file_whose_credentials_it_could_not_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a key only the content credentials are read: a file they could not be read from
+    was reported as an "(image)" with exit status 0."""
+    monkeypatch.delenv("TALKINGHEAD_WATERMARK_KEY", raising=False)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    assert main(["verify", str(notes), str(PORTRAIT)]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith(f"{notes} (neither an image nor a video)\n")
+    assert "  content credentials: not read (" in out
+    assert f"{PORTRAIT} (image)\n" in out
+    assert main(["verify", str(PORTRAIT)]) == 0  # read, no credentials in it: fine
+
+
+def test_an_output_that_appears_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    """Without --overwrite the check before the work is not all: a file made at the path while the
+    work ran is not replaced by the commit either."""
+    from client.outputs import PendingFile
+
+    out = tmp_path / "new" / "x.mp4"
+    with PendingFile(out, flag="--out", overwrite=False) as pending:
+        pending.partial.write_bytes(b"the render")
+        out.write_bytes(b"someone else's")
+        with pytest.raises(ValueError, match="appeared while this was being written; not replaced"):
+            pending.commit()
+    assert out.read_bytes() == b"someone else's"
+    assert files_in(tmp_path) == ["new", "new/x.mp4"]
+    with PendingFile(tmp_path / "z.mp4", flag="--out", overwrite=False) as pending:
+        pending.write_bytes(b"the render")
+    assert (tmp_path / "z.mp4").read_bytes() == b"the render"
+    assert files_in(tmp_path) == ["new", "new/x.mp4", "z.mp4"]
+
+
+def test_an_output_not_written_leaves_no_folder_behind(tmp_path: Path) -> None:
+    """A failed run left the output's parent folders, made for it, empty."""
+    from client.outputs import PendingFile
+
+    (tmp_path / "a").mkdir()
+    with PendingFile(tmp_path / "a" / "b" / "c" / "y.mp4", flag="--out"):
+        assert (tmp_path / "a" / "b" / "c").is_dir()
+    assert files_in(tmp_path) == ["a"]  # the folders it made went with it, not the one it found
+    with PendingFile(tmp_path / "a" / "b" / "y.mp4", flag="--out") as pending:
+        pending.write_bytes(b"the render")
+    assert files_in(tmp_path) == ["a", "a/b", "a/b/y.mp4"]

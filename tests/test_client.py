@@ -127,7 +127,7 @@ def test_animate_writes_nothing_when_the_service_goes_away_mid_stream(
 
     monkeypatch.setattr(Client, "animate", cut_short)
     argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
-    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--max-frames", "12"]
+    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--max-frames", "12", "--overwrite"]
     assert main(argv) == 1
     assert capsys.readouterr().err.splitlines()[-1] == (
         "talkinghead animate: UNAVAILABLE: Socket closed (5 of 12 frames received); "
@@ -137,34 +137,52 @@ def test_animate_writes_nothing_when_the_service_goes_away_mid_stream(
     assert files_in(tmp_path) == ["out.mp4"]
 
 
-def test_ctrl_c_during_animate_writes_nothing(server: ServerThread, avatar: str, tmp_path: Path) -> None:
-    """A real SIGINT to a real `talkinghead animate` streaming live (8 s of driver)."""
-    out = tmp_path / "out.mp4"
-    out.write_bytes(b"an earlier render")
-    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
-    argv += ["--out", str(out), "--live"]
-    process = subprocess.Popen(
-        [sys.executable, "-m", "talkinghead.cli", *argv],
+def cli_process(*argv: str) -> subprocess.Popen[str]:
+    """`talkinghead ARGV` in a child process with Ctrl-C as from a terminal (a KeyboardInterrupt even
+    where the test runs with SIGINT ignored: a background job). Not with a preexec_fn: forking a
+    process whose gRPC threads are busy could abort the child before it ran anything."""
+    code = (
+        "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "sys.argv[0] = 'talkinghead'; runpy.run_module('talkinghead.cli', run_name='__main__')"
+    )
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
     )
+
+
+@pytest.mark.parametrize(
+    ("signum", "status", "what"), [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")]
+)
+def test_ctrl_c_or_sigterm_during_animate_writes_nothing(
+    server: ServerThread, avatar: str, tmp_path: Path, signum: int, status: int, what: str
+) -> None:
+    """A real SIGINT (SIGTERM: what `kill`, systemd or a CI runner's timeout sends) to a real
+    `talkinghead animate` streaming live (8 s of driver): no partial file, the earlier render as
+    it was, no folder left behind of those made for the outputs."""
+    out = tmp_path / "out.mp4"
+    out.write_bytes(b"an earlier render")
+    sheet = tmp_path / "new" / "sheets" / "sheet.png"
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    argv += ["--out", str(out), "--contact-sheet", str(sheet), "--live", "--overwrite"]
+    process = cli_process(*argv)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".out.mp4.partial-*.mp4")):  # made just before the stream
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.05)
         time.sleep(2.0)
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, err
+    assert process.returncode == status, err
     last = err.replace("\r", "\n").splitlines()[-1]
-    assert last.startswith("talkinghead animate: interrupted (") and "Traceback" not in err
-    assert last.endswith(f" of 200 frames received); nothing written to {out}")
+    assert last.startswith(f"talkinghead animate: {what} (") and "Traceback" not in err
+    assert last.endswith(f" of 200 frames received); nothing written to {out} or {sheet}")
     assert out.read_bytes() == b"an earlier render"
     assert files_in(tmp_path) == ["out.mp4"]
 
@@ -348,3 +366,21 @@ def test_waiting_on_a_personalisation_outside_a_terminal_writes_lines_not_a_bar(
         "mona: exporting, step 20/20",
         "mona: done, step 20/20",
     ]
+
+
+def test_the_progress_of_an_operation_that_ended_names_how_it_ended() -> None:
+    """The service's stage is "done" however an operation ended: a cancelled one read "done"."""
+    from api.talkinghead.v1 import personalisation_pb2 as ops
+    from client.progress import ProgressBar
+
+    for state, word in [
+        (ops.OPERATION_STATE_CANCELLED, "cancelled"),
+        (ops.OPERATION_STATE_FAILED, "failed"),
+        (ops.OPERATION_STATE_SUCCEEDED, "succeeded"),
+    ]:
+        progress = ops.PersonalisationProgress(
+            avatar_id="mona", stage="done", step=3, total_steps=20, state=state
+        )
+        out = io.StringIO()
+        ProgressBar(out)(ops.Operation(name="operations/x", metadata=progress, done=True))
+        assert out.getvalue() == f"mona: {word}, step 3/20\n"

@@ -102,3 +102,14 @@ def test_constructor_validates_and_freezes() -> None:
     assert seq.points.dtype == np.float32
     with pytest.raises(ValueError, match="read-only"):
         seq.points[0, 0, 0] = 1
+
+
+def test_the_suffix_is_read_in_any_case(tmp_path: Path) -> None:
+    """DRIVER.NPZ was "unknown landmark file type '.NPZ'" (a camera's or Windows' upper case)."""
+    seq = LandmarkSequence(np.zeros((2, 68, 2), np.float32), (64, 48), 25.0)
+    seq.save(tmp_path / "d.npz")
+    (tmp_path / "d.npz").rename(tmp_path / "DRIVER.NPZ")
+    assert LandmarkSequence.load(tmp_path / "DRIVER.NPZ").frame_size == (64, 48)
+    np.save(tmp_path / "d.npy", np.zeros((2, 68, 2), np.float32))
+    (tmp_path / "d.npy").rename(tmp_path / "D.Npy")
+    assert len(LandmarkSequence.load(tmp_path / "D.Npy", frame_size=(64, 48))) == 2

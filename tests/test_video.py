@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import av
 import numpy as np
 import pytest
 from PIL import Image
@@ -102,3 +103,17 @@ def test_save_png_round_trip(tmp_path: Path) -> None:
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a.png")), image)
     with pytest.raises(ValueError, match="uint8"):
         save_png(tmp_path / "b.png", image.astype(np.float32))
+
+
+def test_frames_written_at_their_own_time_leave_the_one_before_on_screen(tmp_path: Path) -> None:
+    """`pts`: a frame's slot (frames of 1/fps), so gaps (frames a live stream dropped) keep the timing."""
+    path = tmp_path / "gaps.mp4"
+    with VideoWriter(path, fps=25, size=(32, 32)) as writer:
+        for slot in (0, 1, 4, 5, 9):
+            writer.write(np.full((32, 32, 3), 20 * slot, np.uint8), pts=slot)
+        with pytest.raises(ValueError, match="before the next free slot 10"):
+            writer.write(np.zeros((32, 32, 3), np.uint8), pts=9)
+        assert writer.frames_written == 5
+    with av.open(str(path)) as container:
+        times = sorted(round(float(frame.time), 4) for frame in container.decode(video=0))
+    assert times == [0.0, 0.04, 0.16, 0.2, 0.36]

@@ -59,6 +59,6 @@ th avatar create "$AVATAR" "$PORTRAIT" --replace --subject "$SUBJECT" --basis "$
     --collected-by "$COLLECTED_BY"
 th avatar personalise "$AVATAR" ${STEPS:+--steps "$STEPS"} --wait
 th animate --avatar "$AVATAR" --driver "$DRIVER" --relative --paste-back --out "$OUT/demo.mp4" \
-    --contact-sheet "$OUT/contact_sheet.png"
+    --contact-sheet "$OUT/contact_sheet.png" --overwrite  # a rerun replaces the last demo's files
 echo "demo: wrote $OUT/demo.mp4 and $OUT/contact_sheet.png"
 th verify "$OUT/demo.mp4"
