@@ -510,7 +510,7 @@ stream:
 --subject "Eileen Collins" --basis public-domain --source "NASA photograph" --collected-by me
   {env}.venv/bin/talkinghead avatar personalise astronaut --wait
   {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
---out out/stack.mp4
+--out out/stack.mp4 --overwrite
 latency (p95 of each stage over the last minute):
   curl -s {prom}/api/v1/query --data-urlencode \
 'query=histogram_quantile(0.95, sum by (stage, le) (rate(talkinghead_stage_seconds_bucket[1m])))'
