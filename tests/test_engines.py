@@ -448,10 +448,15 @@ def test_only_a_verdict_of_the_full_protocol_admits_a_lossy_engine(
     assert set(engines.candidates(model, "abc")) <= set(engines.EXACT)
     engines.write_verdicts(verdict, [engines.Verdict(engines.OPENVINO_BF16, "abc", **figures)])  # no coverage
     assert engines.passed_engines(verdict, "abc") == []
-    # the committed verdict, written before verdicts recorded their coverage
+    # a verdict written before verdicts recorded their coverage (the committed one until 2026-12-05)
     committed = REPO / "models/talkinghead-small.engines.json"
-    shutil.copy(committed, verdict)
-    model_id = json.loads(committed.read_text())["engines"][engines.OPENVINO_BF16]["model_id"]
+    data = json.loads(committed.read_text())
+    model_id = data["engines"][engines.OPENVINO_BF16]["model_id"]
+    assert data["engines"][engines.OPENVINO_BF16]["coverage"]["full_protocol"] is True
+    assert engines.OPENVINO_BF16 in engines.passed_engines(committed, model_id)  # measured on it all
+    for row in data["engines"].values():
+        row.pop("coverage"), row.pop("full_protocol", None)
+    verdict.write_text(json.dumps(data))
     caplog.clear()
     with caplog.at_level("WARNING", logger="talkinghead.engines"):
         assert engines.passed_engines(verdict, model_id) == []
@@ -576,17 +581,20 @@ def _backend_frames(
         return asyncio.run(main())
 
 
-@pytest.mark.parametrize("verdict_file", ["none", "committed"])
+@pytest.mark.parametrize("verdict_file", ["none", "without coverage"])
 def test_the_backend_serves_on_the_fastest_allowed_engine_and_says_which(
     model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, verdict_file: str
 ) -> None:
-    """No verdict, or the committed one (written before verdicts recorded their coverage, so not
-    acted on until it is regenerated): only the exact engines compete, and the service starts."""
+    """No verdict, or one that does not record what it was measured on (written before verdicts
+    did: not acted on): only the exact engines compete, and the service starts."""
     repository = copy_base_models(model_repository, tmp_path / "repo")  # noqa: F405
     verdict = _generator(repository).parent / engines.VERDICT_FILE
     verdict.unlink(missing_ok=True)
-    if verdict_file == "committed":
-        shutil.copy(REPO / "models/talkinghead-small.engines.json", verdict)
+    if verdict_file == "without coverage":
+        data = json.loads((REPO / "models/talkinghead-small.engines.json").read_text())
+        for row in data["engines"].values():
+            row.pop("coverage"), row.pop("full_protocol", None)
+        verdict.write_text(json.dumps(data))
     chosen, frames = _backend_frames(repository, "auto", caplog)
     assert chosen in engines.EXACT
     line = next(r.getMessage() for r in caplog.records if "generator engine:" in r.getMessage())
