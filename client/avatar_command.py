@@ -28,7 +28,7 @@ from api.talkinghead.v1 import avatar_pb2
 from client.arguments import add_server_arguments, connect, server_parent
 from client.library import BASES, PRESETS, Client, consent_record, describe_error, operation_error
 from client.outputs import PendingFile
-from client.progress import add_reconnect_argument, describe, follow, gone_on
+from client.progress import add_reconnect_argument, describe, follow_to_end
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -106,16 +106,12 @@ def _personalise(client: Client, args: argparse.Namespace) -> int:
         print(f"follow it: talkinghead operation watch {operation.name}")
         return 0
     print(describe(operation), flush=True)  # named at once: a wait cut short must not lose it
-    try:
-        operation = follow(client, operation.name, prog=prog, retry_for=args.retry_for)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; {gone_on(operation.name)}", file=sys.stderr)
-        return 130
-    except grpc.RpcError as error:
-        if error.code() != grpc.StatusCode.UNAVAILABLE:
-            raise
-        print(f"{prog}: {describe_error(error)}; gave up waiting: {gone_on(operation.name)}", file=sys.stderr)
-        return 1
+    followed = follow_to_end(
+        client, operation.name, prog=prog, retry_for=args.retry_for, gave_up="gave up waiting"
+    )
+    if isinstance(followed, int):
+        return followed
+    operation = followed
     print(describe(operation))
     failure = operation_error(operation)
     if failure:

@@ -23,7 +23,7 @@ import grpc
 
 from client.arguments import add_server_arguments, connect, server_parent
 from client.library import describe_error, operation_error
-from client.progress import add_reconnect_argument, describe, follow, gone_on
+from client.progress import add_reconnect_argument, describe, follow_to_end
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,17 +51,12 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{count} operation(s)")
                 return 0
             if args.action == "watch":
-                try:
-                    operation = follow(client, args.name, prog=prog, retry_for=args.retry_for)
-                except KeyboardInterrupt:
-                    print(f"{prog}: interrupted; {gone_on(args.name)}", file=sys.stderr)
-                    return 130
-                except grpc.RpcError as error:
-                    if error.code() != grpc.StatusCode.UNAVAILABLE:
-                        raise
-                    why = describe_error(error)
-                    print(f"{prog}: {why}; gave up watching: {gone_on(args.name)}", file=sys.stderr)
-                    return 1
+                followed = follow_to_end(
+                    client, args.name, prog=prog, retry_for=args.retry_for, gave_up="gave up watching"
+                )
+                if isinstance(followed, int):
+                    return followed
+                operation = followed
             elif args.action == "cancel":
                 operation = client.cancel_operation(args.name)
             else:

@@ -131,6 +131,23 @@ def follow(client: Client, name: str, *, prog: str, retry_for: float) -> ops.Ope
     return client.wait_operation(name, on_progress=progress, reconnect_timeout=retry_for, on_reconnect=lost)
 
 
+def follow_to_end(
+    client: Client, name: str, *, prog: str, retry_for: float, gave_up: str
+) -> ops.Operation | int:
+    """`follow`, or the exit code of a follow cut short, the user told the operation goes on:
+    130 for Ctrl-C, 1 for a service lost for `retry_for` s (`gave_up`: "gave up waiting")."""
+    try:
+        return follow(client, name, prog=prog, retry_for=retry_for)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; {gone_on(name)}", file=sys.stderr)
+        return 130
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.UNAVAILABLE:
+            raise
+        print(f"{prog}: {describe_error(error)}; {gave_up}: {gone_on(name)}", file=sys.stderr)
+        return 1
+
+
 def gone_on(name: str) -> str:
     """What to tell a user who stopped following `name`: it goes on, and how to follow it again."""
     return f"{name} continues on the service: follow it with `talkinghead operation watch {name}`"

@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from service.store import write_durably
 
 EVENTS = ("create", "replace", "personalise", "animate_start", "delete")
 REDIS_STREAM = "talkinghead:audit"
@@ -131,16 +132,7 @@ class FileAuditLog:
     def intend(self, intent: Intent) -> None:
         path = self._intent_path(intent.key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(intent.to_json().encode())
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_durably(path, intent.to_json().encode())  # (no .json suffix: intents() globs those)
 
     def settle(self, key: str) -> None:
         self._intent_path(key).unlink(missing_ok=True)

@@ -38,6 +38,21 @@ STALE_TMP_S = 3600.0
 log = logging.getLogger("talkinghead.service.store")
 
 
+def write_durably(path: Path, data: bytes, *, suffix: str = "") -> None:
+    """`data` at `path` whole or not at all, and on disk (fsync) before it is renamed there; the
+    temporary file beside it is named .tmp-*`suffix` (LocalAvatarStore._sweep removes those of the store)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class AvatarRecord:
     avatar_id: str
@@ -138,16 +153,7 @@ class LocalAvatarStore:
         with self._lock:
             if path.exists() and not replace:
                 return False
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
-            try:
-                with os.fdopen(fd, "wb") as handle:
-                    handle.write(buffer.getvalue())
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_durably(path, buffer.getvalue(), suffix=SUFFIX)
         return True
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
