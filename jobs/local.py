@@ -182,7 +182,7 @@ class LocalQueue:
             return None
         job.state, job.worker, job.attempt = RUNNING, worker, job.attempt + 1
         job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
-        job.start_time, job.first_step_time, job.step = time.time(), 0.0, 0
+        job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
         self._held[job_id] = lock
         self._write(job)
         return job

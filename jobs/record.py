@@ -66,6 +66,7 @@ class Job:
     create_time: float = field(default_factory=time.time)
     start_time: float = 0.0  # the current attempt's start
     first_step_time: float = 0.0  # when step 1 ended (the per-step estimate starts there)
+    export_time: float = 0.0  # when the export began (its estimate counts down from there)
     end_time: float = 0.0
     attempt: int = 0
     worker: str = ""
@@ -88,10 +89,16 @@ class Job:
         return max(0.0, (self.end_time or (now or time.time())) - self.start_time)
 
     def remaining(self, now: float | None = None) -> float:
-        """Seconds left: steps left at the pace since step 1, plus the export; 0 when unknown."""
-        if self.done or self.step < 2 or not self.first_step_time:
+        """Seconds left: steps left at the pace since step 1, plus the export (counting down once
+        it began: it said ~20 s left to the end); 0 when unknown, or the export overran it."""
+        now = now or time.time()
+        if self.done:
             return 0.0
-        pace = ((now or time.time()) - self.first_step_time) / (self.step - 1)
+        if self.export_time:
+            return max(0.0, EXPORT_ESTIMATE_S - (now - self.export_time))
+        if self.step < 2 or not self.first_step_time:
+            return 0.0
+        pace = (now - self.first_step_time) / (self.step - 1)
         return pace * (self.steps - self.step) + EXPORT_ESTIMATE_S
 
     def to_json(self) -> str:

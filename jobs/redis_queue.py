@@ -240,7 +240,7 @@ class RedisQueue:
         job = Job.from_json(record)
         job.state, job.worker, job.attempt = RUNNING, worker, attempt
         job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
-        job.start_time, job.first_step_time, job.step = time.time(), 0.0, 0
+        job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
         self._held[job.id] = (f"{worker}:{attempt}", entry_id)
         self.update(job)
         return job

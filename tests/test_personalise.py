@@ -597,3 +597,26 @@ def test_a_model_repository_on_its_own_filesystem_full_then_with_room(
                 assert sorted(p.name for p in repo.iterdir()) == ["embedder", "generator"]
         finally:
             running.stop()
+
+
+def test_the_time_left_counts_the_export_down_once_it_began(tmp_path: Path) -> None:
+    """The estimate added a fixed export time to the steps left, so a job exporting (steps done)
+    said ~20 s left to its end; now the export's estimate counts down from when it began, a
+    retaken attempt starts over, and an export past its estimate says 0 (unknown)."""
+    from jobs.record import EXPORT_ESTIMATE_S, RUNNING
+
+    job = Job(id="0123456789abcdef", kind=PERSONALISE, avatar_id="a", steps=10, state=RUNNING)
+    job.first_step_time, job.step = 100.0, 6  # 5 steps in 10 s since step 1: 2 s a step
+    assert job.remaining(now=110.0) == 4 * 2.0 + EXPORT_ESTIMATE_S
+    job.step, job.export_time = 10, 130.0
+    assert job.remaining(now=135.0) == EXPORT_ESTIMATE_S - 5.0
+    assert job.remaining(now=130.0 + EXPORT_ESTIMATE_S + 1) == 0.0
+    _new_job(LocalQueue(root=tmp_path), "b")
+    dead = LocalQueue(root=tmp_path)
+    held = dead.claim("w1", wait_s=1)
+    assert held is not None
+    held.stage, held.export_time = "exporting", 130.0
+    assert dead.update(held)
+    dead.close()  # the worker died while exporting
+    taken = LocalQueue(root=tmp_path).claim("w2", wait_s=1)
+    assert taken is not None and taken.attempt == 2 and taken.export_time == 0.0, "it starts over"

@@ -220,7 +220,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     ckpt["avatar_created"] = job.avatar_created
     if ctx.avatars is not None:
         ckpt["avatar_store"] = ctx.avatars.store_id()
-    job.stage = "exporting"
+    job.stage, job.export_time = "exporting", time.time()
     if not ctx.queue.update(job):
         raise Cancelled("cancelled before export")
     _check_record(ctx, job, "before export")
