@@ -117,10 +117,12 @@ def _seconds(text: str) -> float:
     return value
 
 
-def follow(client: Client, name: str, *, prog: str, retry_for: float) -> ops.Operation:
-    """Watch operation `name` until it is done, with a progress bar; a lost connection is said
-    once and retried for `retry_for` s, then its UNAVAILABLE error propagates (`gone_on` says
-    what became of the operation)."""
+def follow_to_end(
+    client: Client, name: str, *, prog: str, retry_for: float, gave_up: str
+) -> ops.Operation | int:
+    """Watch operation `name` until it is done, with a progress bar: the operation, or the exit
+    code of a watch cut short, the user told the operation goes on - 130 for Ctrl-C, 1 for a
+    service lost for `retry_for` s (the loss said once; `gave_up`: "gave up waiting")."""
     progress = ProgressBar()
 
     def lost(error: grpc.RpcError) -> None:
@@ -128,16 +130,10 @@ def follow(client: Client, name: str, *, prog: str, retry_for: float) -> ops.Ope
             f"{prog}: connection lost ({describe_error(error)}); retrying for up to {retry_for:g} s"
         )
 
-    return client.wait_operation(name, on_progress=progress, reconnect_timeout=retry_for, on_reconnect=lost)
-
-
-def follow_to_end(
-    client: Client, name: str, *, prog: str, retry_for: float, gave_up: str
-) -> ops.Operation | int:
-    """`follow`, or the exit code of a follow cut short, the user told the operation goes on:
-    130 for Ctrl-C, 1 for a service lost for `retry_for` s (`gave_up`: "gave up waiting")."""
     try:
-        return follow(client, name, prog=prog, retry_for=retry_for)
+        return client.wait_operation(
+            name, on_progress=progress, reconnect_timeout=retry_for, on_reconnect=lost
+        )
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; {gone_on(name)}", file=sys.stderr)
         return 130
