@@ -7,7 +7,7 @@ example:
   talkinghead avatar create ada ada.jpg --subject "Ada Example" --basis personal \
       --statement-version 2026-11 --document ada-consent-signed.pdf --collected-by hr@example.com
   talkinghead avatar list
-  talkinghead avatar get mona --preview mona_crop.png
+  talkinghead avatar get mona --preview mona_crop.png   # --overwrite: replace the file if it is there
   talkinghead avatar personalise mona --wait          # fine-tune its own generator, with a progress bar
                                                       # (--retry-for 60: how long a lost server is retried)
   talkinghead avatar personalise mona --preset fast   # or --steps 300; returns the operation's name
@@ -60,6 +60,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     get = sub.add_parser("get", parents=[parent], help="show one avatar")
     get.add_argument("avatar_id")
     get.add_argument("--preview", type=Path, help="write the face crop the model sees to this PNG")
+    get.add_argument("--overwrite", action="store_true", help="replace --preview when it exists")
     delete = sub.add_parser("delete", parents=[parent], help="delete an avatar")
     delete.add_argument("avatar_id")
     tune = sub.add_parser(
@@ -131,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
     preview: PendingFile | None = None
     if args.action == "get" and args.preview is not None:
         try:
-            preview = PendingFile(args.preview, flag="--preview")
+            preview = PendingFile(args.preview, flag="--preview", overwrite=args.overwrite)
         except ValueError as error:
             print(f"talkinghead avatar get: {error}", file=sys.stderr)
             return 2

@@ -36,7 +36,7 @@
    through the service (one stream, closed loop): per-frame latency and the ratio.
 
 example:
-  talkinghead bench                                  # -> out/bench.json
+  talkinghead bench                                  # -> out/bench.json (there already: add --overwrite)
   talkinghead bench --baseline out/baseline_repository --streams 1   # paired against the previous model
   talkinghead bench --seconds 20 --streams 1 4 16 --out out/bench.json
   talkinghead bench --device cuda                    # PyTorch on the GPU -> out/bench-cuda.json
@@ -72,6 +72,7 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2
 from client import cpuclock
 from client.library import Client, consent_record, demo_portrait_consent, to_landmarks
+from client.outputs import PendingFile
 from facekit import contract, engines, procstat
 from facekit.contract import ModelInfo
 from facekit.rasterize import draw_batch
@@ -111,6 +112,11 @@ def _above_zero(text: str) -> float:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out (with --device: its -<device>.json) when it exists",
+    )
     parser.add_argument("--batches", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--streams", type=_at_least(1), nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--fps", type=_above_zero, default=25.0, help="frames per second each stream sends")
@@ -1260,10 +1266,29 @@ async def paired(args: argparse.Namespace, driver: LandmarkSequence) -> dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.device:  # PyTorch (export/speed.py): imported only here, the client stays torch-free
-        from export import speed
+    """An --out that is there is refused (exit 2) unless --overwrite, before anything is timed."""
+    target = args.out.with_name(args.out.stem + f"-{args.device}.json") if args.device else args.out
+    try:
+        out = PendingFile(target, flag="--out", overwrite=args.overwrite)
+    except ValueError as error:
+        print(f"talkinghead bench: {error}", file=sys.stderr)
+        return 2
+    with out:
+        if args.device:  # PyTorch (export/speed.py): imported only here, the client stays torch-free
+            from export import speed
 
-        return speed.run(args)
+            out.discard()  # (checked only: speed writes its file as it goes, each figure kept)
+            return speed.run(args)
+        try:
+            out.write_bytes((json.dumps(_measure(args), indent=2) + "\n").encode())
+        except ValueError as error:  # one that appeared meanwhile (without --overwrite)
+            print(f"talkinghead bench: {error}", file=sys.stderr)
+            return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _measure(args: argparse.Namespace) -> dict[str, Any]:
     driver = LandmarkSequence.load(args.driver)
     load_before = os.getloadavg()
     peak = cpu_peak()
@@ -1325,7 +1350,4 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.baseline is not None:
         report["paired_with_baseline"] = {"baseline": str(args.baseline), **asyncio.run(paired(args, driver))}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return 0
+    return report

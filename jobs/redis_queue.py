@@ -19,6 +19,7 @@ in the hash, the entry pending and unacked) is never deleted from under it: a ca
 from __future__ import annotations
 
 import contextlib
+import socket
 import time
 from typing import Any
 
@@ -104,9 +105,34 @@ return 1
 """
 
 
+# A read unanswered this long fails (UNAVAILABLE for the service's call): on a pooled connection
+# whose Redis froze or whose peer vanished without a FIN (half-open) that is the whole wait; it
+# was 10 s. Every command is short; a blocking read (claim's XREADGROUP BLOCK) blocks at most
+# BLOCK_MAX_S at a time, so that it returns before the socket times out.
+SOCKET_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 2.0
+BLOCK_MAX_S = SOCKET_TIMEOUT_S - 1.0
+HEALTH_CHECK_S = 5.0  # a connection idle this long is PINGed before it is used again
+
+
+def keepalive_options() -> dict[int, int]:
+    """TCP keepalive probing after 5 s idle, every 2 s, 3 probes (where the platform has them): an
+    idle connection to a peer gone without a word is closed after ~11 s, so the next call
+    reconnects (or fails at once) instead of waiting on it."""
+    wanted = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
+
+
 def connect(url: str) -> redis.Redis:
     """A client for `url` (redis://host:port/db) with timeouts that fail fast when Redis is away."""
-    return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=SOCKET_TIMEOUT_S,
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_keepalive=True,
+        socket_keepalive_options=keepalive_options(),
+        health_check_interval=HEALTH_CHECK_S,
+    )
 
 
 class RedisQueue:
@@ -217,11 +243,15 @@ class RedisQueue:
             count=1,
         )
         entries = list(stolen[1])
-        if not entries:
+        deadline = time.monotonic() + wait_s
+        while not entries:  # blocking reads shorter than the socket timeout, until wait_s is over
+            block = min(BLOCK_MAX_S, deadline - time.monotonic())
             read = self.r.xreadgroup(
-                keys.WORKERS_GROUP, worker, {keys.JOB_STREAM: ">"}, count=1, block=max(1, int(wait_s * 1000))
+                keys.WORKERS_GROUP, worker, {keys.JOB_STREAM: ">"}, count=1, block=max(1, int(block * 1000))
             )
             entries = list(read[0][1]) if read else []
+            if time.monotonic() >= deadline:
+                break
         for entry_id, fields in entries:
             job = self._take(worker, entry_id, (fields or {}).get(b"job", b"").decode())
             if job is not None:

@@ -38,7 +38,7 @@ BASELINE_REV ?= abab4d4
 BASELINE_TREE := out/.baseline-tree
 
 bench: $(STAMP) model-repository $(if $(BASELINE),$(BASELINE)/generator/config.pbtxt)
-	$(VENV)/bin/talkinghead bench --out $(BENCH_OUT) $(if $(BASELINE),--baseline $(BASELINE)) --triton-venv $(TRITON_VENV)
+	$(VENV)/bin/talkinghead bench --out $(BENCH_OUT) --overwrite $(if $(BASELINE),--baseline $(BASELINE)) --triton-venv $(TRITON_VENV)
 
 baseline-repository: $(BASELINE)/generator/config.pbtxt
 

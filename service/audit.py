@@ -1,7 +1,9 @@
 """The audit log: an append-only record of who made, personalised, animated and deleted which face.
 
 One event per line of JSON: `time` (seconds since the epoch, UTC), `event` (create, replace,
-personalise, animate_start, delete), `avatar_id`, `actor` (the tenant and the caller's
+personalise, animate_start, delete; auth_refused and auth_refused_suppressed: calls refused for
+their credentials, bounded - RefusalAudit -, with avatar_id ""), `avatar_id`, `actor` (the tenant
+and the caller's
 address), `model_id`, `consent_id` (the avatar's consent record) and `detail`. A delete leaves a
 tombstone: the event names the consent record and what was removed, so the log still says on whose
 authority a face existed after every trace of it is gone. A replace is the old record's tombstone
@@ -22,19 +24,41 @@ the folder `<log>.pending/` (one JSON file each), or the Redis hash `talkinghead
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from service.refusals import peer_address
 from service.store import write_durably
 
-EVENTS = ("create", "replace", "personalise", "animate_start", "delete")
+log = logging.getLogger("talkinghead.service.audit")
+
+EVENTS = (
+    "create",
+    "replace",
+    "personalise",
+    "animate_start",
+    "delete",
+    "auth_refused",  # a call refused for its credentials (RefusalAudit): avatar_id ""
+    "auth_refused_suppressed",  # how many more were refused than RefusalAudit wrote one by one
+)
+# Refused credentials (RefusalAudit): at most AUTH_PER_KEY events per caller address and
+# credential, and AUTH_MAX in all, per AUTH_WINDOW_S; the rest counted, then said in at most
+# AUTH_MAX_SUMMARIES + 1 `auth_refused_suppressed` events per window. A flood of bad keys adds at
+# most ~80 lines a minute to the log, whatever it sends.
+AUTH_PER_KEY = 5
+AUTH_MAX = 60
+AUTH_WINDOW_S = 60.0
+AUTH_MAX_SUMMARIES = 20
+AUTH_MAX_KEYS = 1024
 REDIS_STREAM = "talkinghead:audit"
 REDIS_PENDING = "talkinghead:audit:pending"
 
@@ -183,3 +207,86 @@ class RedisAuditLog:
                 yield json.loads(fields[b"event"])
             last = batch[-1][0]
             after = "(" + (last.decode() if isinstance(last, bytes) else last)  # exclusive
+
+
+class RefusalAudit:
+    """Audit events for calls refused for their credentials (service/auth.py Authenticator.refused):
+    `auth_refused` with the caller's address (actor), the reason, the method and the credential's
+    id (`key:<key id>` of a ring key, `cert:<common name>`, `token:<12 hex of the SHA-256 of what was
+    sent>` for a token that names no key - never a secret, nor anything it can be read back from -,
+    `none`). Bounded (AUTH_*): what is over the limits is counted and written as
+    `auth_refused_suppressed` (count, reasons) when its window ends (`flush`, every second from the
+    key-ring task). Writes go to the audit log off the event loop (its executor) when one runs."""
+
+    def __init__(
+        self,
+        *,
+        log_: AuditLog,
+        per_key: int | None = None,
+        max_events: int | None = None,
+        window_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.log = log_
+        self.per_key = AUTH_PER_KEY if per_key is None else per_key
+        self.max_events = AUTH_MAX if max_events is None else max_events
+        self.window_s = AUTH_WINDOW_S if window_s is None else window_s
+        self.clock = clock
+        self._start = clock()
+        self._written = 0
+        self._counts: dict[tuple[str, str], int] = {}  # (address, credential) -> events written
+        self._suppressed: dict[tuple[str, str], dict[str, int]] = {}  # -> reason -> refusals
+
+    def record(self, *, peer: str, credential: str, reason: str, method: str) -> None:
+        self.flush()
+        key = (peer_address(peer), credential)
+        if key not in self._counts and len(self._counts) >= AUTH_MAX_KEYS:
+            key = ("*", "*")  # more callers at once than are told apart: counted together
+        written = self._counts.get(key, 0)
+        if written >= self.per_key or self._written >= self.max_events or key == ("*", "*"):
+            reasons = self._suppressed.setdefault(key, {})
+            reasons[reason] = reasons.get(reason, 0) + 1
+            return
+        self._counts[key] = written + 1
+        self._written += 1
+        detail = {"reason": reason, "credential": credential, "method": method}
+        self._write(AuditEvent(event="auth_refused", avatar_id="", actor=f"peer={peer}", detail=detail))
+
+    def flush(self) -> None:
+        """At the end of a window: write what it suppressed, and start the next."""
+        now = self.clock()
+        if now - self._start < self.window_s:
+            return
+        window, self._start = now - self._start, now
+        suppressed, self._suppressed, self._counts, self._written = self._suppressed, {}, {}, 0
+        ranked = sorted(suppressed.items(), key=lambda kv: -sum(kv[1].values()))
+        told, rest = ranked[:AUTH_MAX_SUMMARIES], ranked[AUTH_MAX_SUMMARIES:]
+        if rest:
+            merged: dict[str, int] = {}
+            for _, reasons in rest:
+                for reason, n in reasons.items():
+                    merged[reason] = merged.get(reason, 0) + n
+            told.append((("*", "*"), merged))
+        for (address, credential), reasons in told:
+            detail = {
+                "refused": sum(reasons.values()),
+                "reasons": reasons,
+                "credential": credential,
+                "window_s": round(window, 1),
+            }
+            actor = f"peer={address}"
+            self._write(AuditEvent(event="auth_refused_suppressed", avatar_id="", actor=actor, detail=detail))
+
+    def _write(self, event: AuditEvent) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._append(event)
+            return
+        loop.run_in_executor(None, self._append, event)
+
+    def _append(self, event: AuditEvent) -> None:
+        try:
+            self.log.append(event)
+        except Exception as error:
+            log.error("could not write the audit event %s: %s", event.event, error)

@@ -59,6 +59,7 @@ from typing import Any, Protocol
 import grpc
 
 from facekit.ids import DEFAULT_TENANT, validate_tenant
+from service.audit import RefusalAudit
 from service.errors import ServiceError
 from service.refusals import RefusalLog
 
@@ -165,10 +166,12 @@ class Refused(ServiceError):
         *,
         detail: str = "",
         code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
+        credential: str = "none",
     ) -> None:
         super().__init__(code, message)
         self.reason = reason
         self.detail = detail
+        self.credential = credential  # as the audit log names it (RefusalAudit): never a secret
 
 
 def unauthenticated(message: str, reason: str = MISSING) -> Refused:
@@ -178,6 +181,12 @@ def unauthenticated(message: str, reason: str = MISSING) -> Refused:
 # -- the key ring document --------------------------------------------------------------------
 def empty_ring() -> dict[str, Any]:
     return {"version": 1, "keys": {}, "certs": {}, "denied_certs": {}, "tenants": {}}
+
+
+def token_id(token: str) -> str:
+    """What the audit log names a token that is no ring key by: 12 hex digits of its SHA-256 (the
+    same token, the same id; nothing of it can be read back)."""
+    return "token:" + hashlib.sha256(token.encode(errors="replace")).hexdigest()[:12]
 
 
 def _hash(secret: str) -> str:
@@ -272,17 +281,18 @@ class Ring:
     def check_token(self, token: str) -> Principal:
         """The key's principal; Refused (saying why) when it is not a valid key of this ring."""
         if not token.startswith(TOKEN_PREFIX):
-            raise Refused(MALFORMED, INVALID_KEY)
+            raise Refused(MALFORMED, INVALID_KEY, credential=token_id(token))
         key_id, _, secret = token[len(TOKEN_PREFIX) :].partition("_")
         entry = self.keys.get(key_id)
         if not key_id or not secret:
-            raise Refused(MALFORMED, INVALID_KEY)
+            raise Refused(MALFORMED, INVALID_KEY, credential=token_id(token))
         if entry is None:
-            raise Refused(UNKNOWN_KEY, INVALID_KEY)
+            raise Refused(UNKNOWN_KEY, INVALID_KEY, credential=token_id(token))
+        key = f"key:{key_id}"
         if not hmac.compare_digest(entry["sha256"], _hash(secret)):
-            raise Refused(WRONG_SECRET, INVALID_KEY, detail=f"key {key_id}")
+            raise Refused(WRONG_SECRET, INVALID_KEY, detail=f"key {key_id}", credential=key)
         if entry.get("revoked"):  # only once the secret is right: a stranger learns nothing
-            raise Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {key_id}")
+            raise Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {key_id}", credential=key)
         tenant = entry["tenant"]
         return Principal(
             tenant=tenant, role=entry["role"], credential=f"key:{key_id}", quotas=self.quotas(tenant)
@@ -291,22 +301,26 @@ class Ring:
     def check_cert(self, common_name: str, bound_only: bool = False) -> Principal:
         """The principal of a client certificate the CA signed, by its common name; Refused when
         the name is denied, unbound where only bound ones are accepted, or names no tenant."""
-        detail = f"common name {common_name!r}"
+        detail, cert = f"common name {common_name!r}", f"cert:{common_name}"
         if common_name in self.denied_certs:
-            raise Refused(REVOKED_CERT, "the client certificate was revoked", detail=detail)
+            raise Refused(REVOKED_CERT, "the client certificate was revoked", detail=detail, credential=cert)
         bound = self.certs.get(common_name)
         if bound is None and bound_only:
             raise Refused(
                 UNBOUND_CERT,
                 "the client certificate's common name is bound to no tenant on this server",
                 detail=detail,
+                credential=cert,
             )
         tenant, role = (bound["tenant"], bound["role"]) if bound else (common_name, USER)
         try:
             validate_tenant(tenant)
         except ValueError:
             raise Refused(
-                BAD_CERT, "the client certificate's common name is not a valid tenant name", detail=detail
+                BAD_CERT,
+                "the client certificate's common name is not a valid tenant name",
+                detail=detail,
+                credential=cert,
             ) from None
         return Principal(
             tenant=tenant, role=role, credential=f"cert:{common_name}", quotas=self.quotas(tenant)
@@ -436,8 +450,10 @@ class Authenticator:
         client_certs: bool,
         bound_certs_only: bool = False,
         on_refusal: Callable[[str], None] | None = None,
+        audit: RefusalAudit | None = None,
     ) -> None:
         self.store = store
+        self.audit = audit  # audit events of refusals, bounded (service/audit.py RefusalAudit)
         self.client_certs = client_certs
         self.bound_certs_only = bound_certs_only  # only certificates the ring binds
         self.on_refusal = on_refusal  # counts a refusal by reason (the metric)
@@ -488,6 +504,8 @@ class Authenticator:
                 if self.ring is not ring:
                     self.check_guarded()
             self.refusals.flush()
+            if self.audit is not None:
+                self.audit.flush()
 
     def start(self) -> None:
         if self.enabled:
@@ -505,7 +523,12 @@ class Authenticator:
         if kind == "key":
             entry = self.ring.keys.get(name)
             if entry is None or entry.get("revoked"):
-                return Refused(REVOKED_KEY, "the API key was revoked", detail=f"key {name}")
+                return Refused(
+                    REVOKED_KEY,
+                    "the API key was revoked",
+                    detail=f"key {name}",
+                    credential=principal.credential,
+                )
         elif kind == "cert":
             try:
                 now = self.ring.check_cert(name, self.bound_certs_only)
@@ -516,6 +539,7 @@ class Authenticator:
                     REVOKED_CERT,
                     "the client certificate's binding was removed or changed",
                     detail=f"common name {name!r}",
+                    credential=principal.credential,
                 )
         return None
 
@@ -545,10 +569,13 @@ class Authenticator:
                 guard.fire(error)
 
     def refused(self, error: Refused, peer: str, method: str = "") -> None:
-        """Count a refusal (talkinghead_auth_failures_total by reason) and log it (rate-limited)."""
+        """Count a refusal (talkinghead_auth_failures_total by reason), log it and audit it (both
+        bounded)."""
         if self.on_refusal is not None:
             self.on_refusal(error.reason)
         self.refusals.record(error, peer, method)
+        if self.audit is not None:
+            self.audit.record(peer=peer, credential=error.credential, reason=error.reason, method=method)
 
     def check_token(self, metadata: Iterable[tuple[str, Any]]) -> Principal | None:
         """The key's principal; None when no key was sent; Refused when one was sent but is bad."""
@@ -572,6 +599,7 @@ class Authenticator:
                 f"only the admin role may send {TENANT_HEADER}",
                 detail=f"{principal.credential} of tenant {principal.tenant}",
                 code=grpc.StatusCode.PERMISSION_DENIED,
+                credential=principal.credential,
             )
         try:
             validate_tenant(acting)

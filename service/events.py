@@ -29,7 +29,6 @@ import asyncio
 import logging
 import os
 import secrets
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -47,12 +46,6 @@ REMIND_S = 60.0  # while the outage lasts, a warning this often (the failures be
 PING_S = 2.0  # the subscription is pinged this often (and the epoch marker read)
 DEAD_S = 3.0  # a ping unanswered this long: the subscription is lost (also the socket timeout)
 CONNECT_S = 5.0
-
-
-def _keepalive_options() -> dict[int, int]:
-    """TCP keepalive probing after 5 s idle, every 2 s, 3 probes (where the platform has them)."""
-    wanted = {"TCP_KEEPIDLE": 5, "TCP_KEEPINTVL": 2, "TCP_KEEPCNT": 3}
-    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
 
 class _Handler:
@@ -188,12 +181,14 @@ class RedisEvents:
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
 
+        from jobs.redis_queue import keepalive_options
+
         return aioredis.Redis.from_url(
             self.url,
             socket_connect_timeout=CONNECT_S,
             socket_timeout=self.dead_s,
             socket_keepalive=True,
-            socket_keepalive_options=_keepalive_options(),
+            socket_keepalive_options=keepalive_options(),
             # no silent reconnect: a resubscription must reset (events were missed meanwhile)
             retry=Retry(NoBackoff(), 0),
         )

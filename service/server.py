@@ -32,7 +32,7 @@ from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service import wire
 from service.app import App
-from service.audit import AuditLog, FileAuditLog, RedisAuditLog
+from service.audit import AuditLog, FileAuditLog, RedisAuditLog, RefusalAudit
 from service.auth import Authenticator, AuthInterceptor, ring_store
 from service.backends.base import Backend
 from service.events import FileEvents, RedisEvents
@@ -195,13 +195,16 @@ def make_backend(settings: Settings) -> Backend:
     )
 
 
-def make_auth(settings: Settings, metrics: Metrics | None = None) -> Authenticator:
+def make_auth(
+    settings: Settings, metrics: Metrics | None = None, audit: AuditLog | None = None
+) -> Authenticator:
     store = ring_store(settings.api_keys, settings.redis_url) if settings.api_keys else None
     auth = Authenticator(
         store=store,
         client_certs=settings.tls_client_ca is not None,
         bound_certs_only=settings.tls_bound_certs_only,
         on_refusal=metrics.on_auth_refusal if metrics is not None else None,
+        audit=RefusalAudit(log_=audit) if audit is not None else None,
     )
     if not auth.enabled:
         log.warning(
@@ -280,7 +283,7 @@ class Server:
         watermarker = Watermarker(key=key) if key else None
         if watermarker is not None:
             log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
-        auth = make_auth(s, metrics)
+        auth = make_auth(s, metrics, audit)
         self.app = App(
             settings=s,
             auth=auth,

@@ -6,6 +6,7 @@ nothing on disk and is flushed before each test that takes `redis_url`.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -19,9 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free port: any, or one of TALKINGHEAD_TEST_PORTS (`19500-19599`: hosts that allot ports)."""
+    first, _, last = os.environ.get("TALKINGHEAD_TEST_PORTS", "").partition("-")
+    for port in range(int(first), int(last or first) + 1) if first else [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError(f"no free port in TALKINGHEAD_TEST_PORTS={os.environ['TALKINGHEAD_TEST_PORTS']}")
 
 
 def redis_binary() -> str:

@@ -154,3 +154,69 @@ def _captured() -> Iterator[list[str]]:
         yield records
     finally:
         logger.removeHandler(handler)
+
+
+def test_refused_credentials_are_audited_bounded_and_never_with_their_secret(tmp_path: Path) -> None:
+    """A call refused for a wrong, unknown or revoked key leaves an `auth_refused` audit event
+    (before: none, only a log line): the caller's address, the reason, the method and the key's
+    id - `key:<id>` of a ring key, a 12-hex SHA-256 prefix of a token that names none -, never the
+    secret sent. A flood is bounded: at most AUTH_PER_KEY events per address and credential per
+    window, the rest counted in one `auth_refused_suppressed` event when the window ends."""
+    from service.audit import AUTH_PER_KEY, FileAuditLog, RefusalAudit
+    from service.auth import Authenticator, Refused, token_id
+
+    ring = FileRing(path=tmp_path / "keys.json")
+    key_id, token = ring.update(lambda r: issue(r, "acme"))
+    forged = f"thk_{key_id}_{'F0rged' * 7}"
+    stranger = "thk_0123456789ab_" + "S3cret" * 7
+    pasted = "S3cretPastedW1thoutItsPrefix" * 2
+    now = [0.0]
+    audit_log = FileAuditLog(path=tmp_path / "audit.jsonl")
+    audit = RefusalAudit(log_=audit_log, clock=lambda: now[0])
+    auth = Authenticator(store=ring, client_certs=False, audit=audit)
+    method = "/talkinghead.v1.AvatarService/ListAvatars"
+
+    def refuse(token: str, peer: str) -> None:
+        with pytest.raises(Refused) as refused:
+            auth.check_token([("authorization", f"Bearer {token}")])
+        auth.refused(refused.value, peer, method)
+
+    for port in range(40000, 40050):  # one machine, many ports: one caller
+        refuse(forged, f"ipv4:10.0.0.7:{port}")
+    refuse(stranger, "ipv4:10.0.0.8:5000")
+    refuse(pasted, "ipv4:10.0.0.8:5001")
+    ring.update(lambda r: revoke(r, key_id))
+    auth.refresh()
+    refuse(token, "ipv4:10.0.0.9:6000")
+    now[0] = 61.0  # the window is over: what it suppressed is said
+    audit.flush()
+
+    events = list(audit_log.read())
+    refused = [e for e in events if e["event"] == "auth_refused"]
+    forged_events = [e for e in refused if e["actor"].startswith("peer=ipv4:10.0.0.7:")]
+    assert len(forged_events) == AUTH_PER_KEY
+    assert forged_events[0]["detail"] == {
+        "reason": "wrong_secret",
+        "credential": f"key:{key_id}",
+        "method": method,
+    }
+    others = {e["detail"]["credential"]: e["detail"]["reason"] for e in refused if e not in forged_events}
+    assert others == {
+        token_id(stranger): "unknown_key",
+        token_id(pasted): "malformed",
+        f"key:{key_id}": "revoked_key",
+    }
+    suppressed = [e for e in events if e["event"] == "auth_refused_suppressed"]
+    assert len(suppressed) == 1 and suppressed[0]["actor"] == "peer=ipv4:10.0.0.7"
+    assert suppressed[0]["detail"]["refused"] == 50 - AUTH_PER_KEY
+    assert suppressed[0]["detail"]["reasons"] == {"wrong_secret": 50 - AUTH_PER_KEY}
+    written = (tmp_path / "audit.jsonl").read_text()
+    for secret in ("F0rged", "S3cret", token.rpartition("_")[2]):
+        assert secret not in written, "a secret in the audit log"
+    assert len(events) == AUTH_PER_KEY + 3 + 1
+
+    for port in range(1000):  # many credentials from many machines: bounded in all
+        refuse(f"thk_{port:012x}_guess", f"ipv4:10.1.{port // 250}.{port % 250}:1")
+    now[0] = 122.0
+    audit.flush()
+    assert len(list(audit_log.read())) - len(events) <= 60 + 21

@@ -310,3 +310,42 @@ def test_an_output_not_written_leaves_no_folder_behind(tmp_path: Path) -> None:
     with PendingFile(tmp_path / "a" / "b" / "y.mp4", flag="--out") as pending:
         pending.write_bytes(b"the render")
     assert files_in(tmp_path) == ["a", "a/b", "a/b/y.mp4"]
+
+
+def test_avatar_preview_and_bench_replace_an_existing_file_only_with_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`avatar get --preview FILE` and `bench --out FILE` (also its `--device` file) refuse a file
+    that is there unless --overwrite, as `animate` does: the same line and exit status 2, before
+    the service is called or anything is timed (before: the preview and the bench's figures
+    silently replaced it, the bench after minutes of work)."""
+    kept = b"an earlier figure"
+    preview, figures, device = tmp_path / "p.png", tmp_path / "bench.json", tmp_path / "b-cuda.json"
+    cases = (
+        (
+            preview,
+            ["avatar", "--server", CLOSED, "get", "astro", "--preview", str(preview)],
+            "avatar get",
+            "--preview",
+        ),
+        (
+            figures,
+            ["bench", "--model-repository", str(tmp_path / "none"), "--out", str(figures)],
+            "bench",
+            "--out",
+        ),
+        (device, ["bench", "--device", "cuda", "--out", str(tmp_path / "b.json")], "bench", "--out"),
+    )
+    for path, argv, command, flag in cases:
+        path.write_bytes(kept)
+        before = files_in(tmp_path)
+        assert main(argv) == 2, argv
+        assert (
+            one_line(capsys)
+            == f"talkinghead {command}: {flag} {path}: exists; pass --overwrite to replace it"
+        )
+        assert path.read_bytes() == kept and files_in(tmp_path) == before, "nothing written"
+    # with --overwrite the check passes: the call goes on to the (closed) service and fails there
+    assert main(["avatar", "--server", CLOSED, "get", "astro", "--preview", str(preview), "--overwrite"]) == 1
+    capsys.readouterr()
+    assert preview.read_bytes() == kept and files_in(tmp_path) == before, "a failed call replaces nothing"

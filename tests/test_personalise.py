@@ -293,6 +293,52 @@ def test_a_remove_job_waits_for_its_record_to_go_and_takes_only_what_that_record
     assert _events(jobs) == [("ann", PERSONALISED), ("ann", UNPERSONALISED)]
 
 
+def test_a_remove_job_waiting_for_its_record_holds_up_no_other_job(tmp_path: Path) -> None:
+    """A REMOVE job whose record is still there (its delete queued it, then failed) is checked
+    again between other jobs instead of holding the worker: another avatar's REMOVE queued after
+    it ends at once (before: only once the first had waited its whole remove_wait_s, 30 s by
+    default), and the first still ends CANCELLED after its wait, its record's generator kept."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.record import CANCELLED, REMOVE, RUNNING, SUCCEEDED, new_id
+    from worker.jobs_run import serve_jobs
+
+    jobs, repo, avatars = tmp_path / "jobs", tmp_path / "repo", tmp_path / "avatars"
+    store, queue = LocalAvatarStore(root=avatars), LocalQueue(root=jobs)
+    index = LocalAvatarIndex(root=avatars)
+    ctx = worker_context(queue, repo, avatars=index, remove_wait_s=3.0, sweep_interval_s=0)
+    ann = stored_record(store, "ann", 1000.25)  # its delete failed: the record stays
+    kept = fake_generator(repo, "ann", 1, ann.create_time)
+    gone = fake_generator(repo, "bob", 1, 1500.5)  # bob's record was deleted
+
+    def remove(avatar_id: str, created: float) -> Job:
+        job = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id, avatar_created=created)
+        return queue.submit(job, b"", max_active=2)
+
+    first = remove("ann", ann.create_time)
+    time.sleep(0.01)  # (queued after it)
+    second = remove("bob", 1500.5)
+    stop = threading.Event()
+    worker = threading.Thread(target=serve_jobs, args=(ctx, "w", lambda: not stop.is_set()))
+    t0 = time.monotonic()
+    worker.start()
+    try:
+        while not (bob := queue.get(second.id)).done:  # type: ignore[union-attr]
+            assert time.monotonic() - t0 < 10, "bob's REMOVE never ran"
+            time.sleep(0.05)
+        waiting = queue.get(first.id)
+        assert waiting is not None and waiting.state == RUNNING, "ann's REMOVE, still waiting, held it up"
+        assert bob.state == SUCCEEDED and not gone.exists()  # type: ignore[union-attr]
+        while not (done := queue.get(first.id)).done:  # type: ignore[union-attr]
+            assert time.monotonic() - t0 < 10, "ann's REMOVE never ended"
+            time.sleep(0.05)
+        assert done.state == CANCELLED and "still there" in done.error  # type: ignore[union-attr]
+        assert time.monotonic() - t0 >= 3.0, "it waited its remove_wait_s"
+        assert sorted(p.name for p in kept.iterdir()) == ["1", "config.pbtxt"]
+    finally:
+        stop.set()
+        worker.join(40)
+
+
 def test_the_worker_sweeps_generators_of_avatar_records_the_store_no_longer_holds(tmp_path: Path) -> None:
     """What no REMOVE job came for - an avatar deleted by a server killed before it queued one
     (before REMOVE jobs were queued first), a replaced record's generator whose job was lost -

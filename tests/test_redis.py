@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import redis as redis_py
 
 from client.library import landmark_requests
 from facekit.sequence import LandmarkSequence
@@ -303,6 +306,34 @@ def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
         stop.set()
         worker.join(10)
         redis.stop()
+
+
+def test_a_stalled_redis_fails_a_call_within_seconds_and_a_long_claim_still_waits(tmp_path: Path) -> None:
+    """redis-server frozen (SIGSTOP: as a half-open connection, or a host gone without a FIN): a
+    read on the pooled connection fails within ~3 s, so the call gets UNAVAILABLE that soon
+    (before: the 10 s socket timeout, measured 10.01 s). A claim that waits longer than the socket
+    timeout for a job still waits its whole time without a timeout error (its blocking read is cut
+    into reads shorter than the socket timeout)."""
+    server = RedisServer(workdir=tmp_path / "redis")
+    try:
+        client = connect(server.url)
+        store, queue = RedisAvatarStore(client=client), RedisQueue(client=client)
+        t0 = time.monotonic()
+        assert queue.claim("w", wait_s=4.5) is None
+        assert 4.4 < time.monotonic() - t0 < 6, "the claim waited its time, no more"
+        assert store.get("nobody") is None  # a pooled connection, used and idle
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises((redis_py.TimeoutError, redis_py.ConnectionError)):
+                store.get("nobody")
+            took = time.monotonic() - t0
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert took < 4.0, f"a call on a frozen Redis failed only after {took:.1f} s"
+        assert store.get("nobody") is None, "back: the next call works"
+    finally:
+        server.stop()
 
 
 def test_cancelling_a_running_job_stops_it_at_its_next_write(redis_url: str) -> None:

@@ -13,8 +13,10 @@ before the record goes (so that a crash between the two cannot leave its generat
 the job waits for the record it names to go, and then takes every version of the generator not
 made for the record the store holds now (all of them when there is none); a record still there
 after REMOVE_WAIT_S was not deleted after all (the delete failed, or its server died first) and
-keeps its generator. A personalisation whose record is gone or replaced stops before it
-fine-tunes and before it publishes. The sweep (at start, then every sweep_interval_s) withdraws
+keeps its generator. While it waits the worker runs other jobs (`Waiting`: the job stays held and
+is checked between them; before, the worker polled for up to 30 s and ran nothing else). A
+personalisation whose record is gone or replaced stops before it fine-tunes and before it
+publishes. The sweep (at start, then every sweep_interval_s) withdraws
 the versions of every generator_<id> stamped for a record the store no longer holds: what a
 REMOVE job never came for (a delete before REMOVE jobs were queued first, a worker's crash).
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import errno
+import functools
 import logging
 import threading
 import time
@@ -60,7 +63,8 @@ log = logging.getLogger("talkinghead.worker")
 
 # A personalisation whose worker died this many times (killed for memory, say) is not run again.
 MAX_ATTEMPTS = 3
-# A REMOVE job is queued before its record is deleted: how long it waits for the record to go.
+# A REMOVE job is queued before its record is deleted: how long it waits for the record to go
+# (checked every REMOVE_POLL_S between other jobs, and after each job: it holds none of them up).
 REMOVE_WAIT_S = 30.0
 REMOVE_POLL_S = 0.1
 SWEEP_INTERVAL_S = 300.0  # between two sweeps of generators whose avatar record is gone
@@ -127,26 +131,98 @@ def with_progress_every_step(meta: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "config": config}
 
 
-def run_job(ctx: Context, job: Job) -> None:
-    """Run one claimed job to its end (or until it is lost)."""
+def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
+    """Run one claimed job to its end (or until it is lost). A REMOVE job whose record is still
+    there goes to `waiting` (serve_jobs': checked again between other jobs); without one it is
+    waited for here."""
     log.info("job %s (%s %s, attempt %d) started", job.id, job.kind, job.avatar_id, job.attempt)
-    try:
+    later = waiting if waiting is not None else Waiting(ctx)
+
+    def run() -> bool:
         with Heartbeat(ctx.queue, job, ctx.heartbeat_s) as beat:
             if job.kind == REMOVE:
-                _remove(ctx, job)
+                _remove(ctx, job, later)
             elif job.attempt > MAX_ATTEMPTS:
                 _give_up(ctx, job)
             else:
                 _personalise(ctx, job, beat)
+        return True
+
+    _settle(ctx, job, run)
+    if waiting is None:
+        later.wait()
+
+
+def _settle(ctx: Context, job: Job, step: Callable[[], bool]) -> bool:
+    """Run a step of the job: whether the job is over for this worker - `step` says so, or it
+    raised: lost to another worker (nothing written), cancelled or failed (ended so)."""
+    try:
+        return step()
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
-        return
     except Cancelled as why:
         _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
     except Exception as error:
         log.exception("job %s failed", job.id)
         code, message = failure(error)
         _end(ctx, job.ended(FAILED, code=code, error=message))
+    return True
+
+
+class Waiting:
+    """REMOVE jobs whose record is still there (the delete that queued one has not happened, or
+    failed), held (a heartbeat each) and checked again by `check` - between other jobs, so that
+    none waits behind them (before, the worker polled the store for up to remove_wait_s, 30 s,
+    and ran nothing else) - each until its record goes (its versions are then withdrawn) or its
+    remove_wait_s is over (CANCELLED: the record, still there, keeps its generator)."""
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        self._jobs: dict[str, tuple[Job, float, Heartbeat]] = {}  # id -> job, deadline, heartbeat
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> None:
+        beat = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s)
+        beat.__enter__()
+        self._jobs[job.id] = (job, time.monotonic() + self.ctx.remove_wait_s, beat)
+        log.info("job %s: the avatar record is still there; checking again while other jobs run", job.id)
+
+    def check(self) -> None:
+        for job_id, (job, deadline, beat) in list(self._jobs.items()):
+            if _settle(self.ctx, job, functools.partial(self._step, job, deadline, beat)):
+                del self._jobs[job_id]
+                beat.__exit__()
+
+    def _step(self, job: Job, deadline: float, beat: Heartbeat) -> bool:
+        if beat.lost.is_set():
+            raise Lost(f"job {job.id} was taken over by another worker")
+        if _record_gone(self.ctx, job):
+            name = contract.personalised_name(job.avatar_id)
+            _withdraw(
+                self.ctx, job, _not_of_current_record(self.ctx, job.avatar_id, name, keep_unstamped=False)
+            )
+            return True
+        if time.monotonic() >= deadline:
+            message = "the avatar record is still there (its delete or replace did not happen)"
+            log.warning("job %s: %s; its generator stays", job.id, message)
+            _end(self.ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=message))
+            return True
+        return False
+
+    def wait(self) -> None:
+        """Check until every job is over."""
+        while self._jobs:
+            self.check()
+            if self._jobs:
+                time.sleep(REMOVE_POLL_S)
+
+    def close(self) -> None:
+        """Stop holding the jobs still waiting (their claim times out: another worker takes them)."""
+        for _, _, beat in self._jobs.values():
+            beat.__exit__()
+        self._jobs.clear()
 
 
 def failure(error: Exception) -> tuple[int, str]:
@@ -278,21 +354,23 @@ def _check_record(ctx: Context, job: Job, when: str) -> None:
         raise Cancelled(f"cancelled {when}: the avatar was deleted or replaced")
 
 
-def _remove(ctx: Context, job: Job) -> None:
+def _remove(ctx: Context, job: Job, later: Waiting) -> None:
     """Withdraw what a deleted or replaced record leaves of its generator. The service queued this
-    before the record went: wait for that; a record still there is not the job's to touch."""
+    before the record went: a record still there is not the job's to touch yet (`later` checks
+    it again, for up to ctx.remove_wait_s)."""
     name = contract.personalised_name(job.avatar_id)
     if ctx.avatars is None:  # blind: this job's record's versions, and unstamped ones (older)
         old = contract.avatar_stamp(job.avatar_created) if job.avatar_created else None
         found = models.stamps(ctx.repository, name)
-        doomed = [v for v, stamp in found.items() if old is None or stamp in (None, old)]
+        _withdraw(ctx, job, [v for v, stamp in found.items() if old is None or stamp in (None, old)])
+    elif job.avatar_created and not _record_gone(ctx, job):
+        later.add(job)
     else:
-        if job.avatar_created and not _record_gone(ctx, job):
-            message = "the avatar record is still there (its delete or replace did not happen)"
-            log.warning("job %s: %s; its generator stays", job.id, message)
-            _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=message))
-            return
-        doomed = _not_of_current_record(ctx, job.avatar_id, name, keep_unstamped=False)
+        _withdraw(ctx, job, _not_of_current_record(ctx, job.avatar_id, name, keep_unstamped=False))
+
+
+def _withdraw(ctx: Context, job: Job, doomed: list[int]) -> None:
+    name = contract.personalised_name(job.avatar_id)
     had = models.withdraw_versions(job.avatar_id, doomed, ctx.repository, tritons=ctx.tritons)
     _end(ctx, job.ended(SUCCEEDED))
     if had:  # (even if taken over: replicas must drop what they hold of it now)
@@ -300,17 +378,10 @@ def _remove(ctx: Context, job: Job) -> None:
 
 
 def _record_gone(ctx: Context, job: Job) -> bool:
-    """Whether the record job.avatar_created names leaves the store within ctx.remove_wait_s."""
+    """Whether the record job.avatar_created names is gone from the store (deleted or replaced)."""
     assert ctx.avatars is not None
-    old = contract.avatar_stamp(job.avatar_created)
-    deadline = time.monotonic() + ctx.remove_wait_s
-    while True:
-        now = ctx.avatars.created(job.avatar_id)
-        if now is None or contract.avatar_stamp(now) != old:
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(REMOVE_POLL_S)
+    now = ctx.avatars.created(job.avatar_id)
+    return now is None or contract.avatar_stamp(now) != contract.avatar_stamp(job.avatar_created)
 
 
 def _not_of_current_record(ctx: Context, avatar_id: str, name: str, *, keep_unstamped: bool) -> list[int]:
@@ -393,6 +464,16 @@ def serve_jobs(ctx: Context, name: str, running: Callable[[], bool]) -> None:
     then runs again (its publish writes nothing twice)."""
     wait = QUEUE_RETRY_S[0]
     next_sweep = time.monotonic()
+    waiting = Waiting(ctx)
+    try:
+        _serve(ctx, name, running, waiting, wait, next_sweep)
+    finally:
+        waiting.close()
+
+
+def _serve(
+    ctx: Context, name: str, running: Callable[[], bool], waiting: Waiting, wait: float, next_sweep: float
+) -> None:
     while running():
         if ctx.sweep_interval_s > 0 and time.monotonic() >= next_sweep:
             next_sweep = time.monotonic() + ctx.sweep_interval_s
@@ -401,9 +482,10 @@ def serve_jobs(ctx: Context, name: str, running: Callable[[], bool]) -> None:
             except Exception as error:  # the store or the repository away: the next sweep
                 log.warning("sweep of generators left behind failed: %s: %s", type(error).__name__, error)
         try:
-            job = ctx.queue.claim(name, wait_s=1.0)
+            waiting.check()  # REMOVE jobs whose record was still there: gone by now?
+            job = ctx.queue.claim(name, wait_s=2 * REMOVE_POLL_S if waiting else 1.0)
             if job is not None:
-                run_job(ctx, job)
+                run_job(ctx, job, waiting)
             wait = QUEUE_RETRY_S[0]
         except Exception as error:
             log.warning("the job queue failed: %s: %s; retrying in %.0f s", type(error).__name__, error, wait)
