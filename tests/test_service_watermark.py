@@ -88,7 +88,7 @@ def test_the_face_cut_out_of_a_paste_back_frame_carries_the_mark_of_its_avatar(
     marked_server: ServerThread, driver: LandmarkSequence, quality: int
 ) -> None:
     """The face cut out of a paste-back frame at its crop box (0.33 of the demo portrait's side)
-    verifies with the stream's payload, and the whole frame still does. Before 2026-12-06 only the
+    verifies with the stream's payload, and the whole frame still does. Before 2026-12-05 only the
     whole frame was marked and such a cut carried no mark the detector could find."""
     wm = Watermarker(key=KEY)
     with marked_server.client() as client:

@@ -130,7 +130,7 @@ def test_the_face_cut_out_of_a_paste_back_frame_carries_the_mark(wm, pasted, reg
     """Paste-back as the service does it: the generated crop marked, pasted into the portrait whose
     face box is marked too (`mark_box`), the whole frame marked. The face cut out at its box
     verifies with the payload, also after JPEG 75, and the whole frame still does. With the whole
-    frame marked only (before 2026-12-06) the cut carried no mark the detector could find: the
+    frame marked only (before 2026-12-05) the cut carried no mark the detector could find: the
     frame's mark is ~3 x too large there for its search down to 85% of the side."""
     portrait, generated, points = pasted
     x0, y0, side = portrait.origin
