@@ -60,6 +60,11 @@ class Portrait:
         return cls(np.ascontiguousarray(img), box)
 
     @property
+    def origin(self) -> tuple[int, int, int]:
+        """(x0, y0, side) of the crop box in whole pixels: where `paste_back` puts the crop."""
+        return _origin(self.box)
+
+    @property
     def size(self) -> tuple[int, int]:
         """(width, height) of the frames paste-back returns."""
         return self.image.shape[1], self.image.shape[0]
@@ -97,7 +102,7 @@ def paste_back(
         shift = original[band].mean(0) - gen[band].mean(0)
         gen = np.clip(gen + shift, 0, 255).astype(np.uint8)
     out = portrait.image.copy()
-    x0, y0, side = _origin(portrait.box)
+    x0, y0, side = portrait.origin
     rows, cols = np.flatnonzero(mask.max(1) > 1 / 255), np.flatnonzero(mask.max(0) > 1 / 255)
     if len(rows) == 0:
         return out

@@ -16,8 +16,12 @@ import pytest
 from PIL import Image
 
 from client.library import Client, landmark_requests
+from facekit.crop import crop_face
+from facekit.detect import make_detector
 from facekit.ids import DEFAULT_TENANT as TENANT
+from facekit.pasteback import Portrait
 from facekit.sequence import LandmarkSequence
+from facekit.video import read_image
 from facekit.watermark import KEY_ENV, MissingKeyError, Watermarker, payload_for
 from service.stream import MIN_JPEG_QUALITY
 from tests.service_fixtures import *  # noqa: F403
@@ -77,6 +81,28 @@ def test_every_frame_carries_the_mark_of_its_avatar(
         assert found.present, found.score
         assert found.payload == payload_for(TENANT, "marked")
     assert not Watermarker(key="another deployment").detect(frames[0]).present
+
+
+@pytest.mark.parametrize("quality", [0, MIN_JPEG_QUALITY])
+def test_the_face_cut_out_of_a_paste_back_frame_carries_the_mark_of_its_avatar(
+    marked_server: ServerThread, driver: LandmarkSequence, quality: int
+) -> None:
+    """The face cut out of a paste-back frame at its crop box (0.33 of the demo portrait's side)
+    verifies with the stream's payload, and the whole frame still does. Before 2026-12-05 only the
+    whole frame was marked and such a cut carried no mark the detector could find."""
+    wm = Watermarker(key=KEY)
+    with marked_server.client() as client:
+        client.create_avatar("cut", [PORTRAIT], replace=True, consent=CONSENT)
+        frames = _frames(client, "cut", driver, encoding="jpeg", quality=quality, paste_back=True)
+    photo = read_image(PORTRAIT)
+    _, _, box = crop_face(photo, make_detector("dlib").detect(photo)[0].points, 128)
+    x0, y0, side = Portrait.from_photo(photo, box).origin  # the box the service pastes the face in
+    assert len(frames) == 3 and frames[0].shape == photo.shape
+    for frame in frames:
+        cut = wm.detect(frame[y0 : y0 + side, x0 : x0 + side])
+        assert cut.present and cut.payload == payload_for(TENANT, "cut"), cut.score
+        whole = wm.detect(frame)
+        assert whole.present and whole.payload == payload_for(TENANT, "cut"), whole.score
 
 
 def test_without_a_key_frames_are_unmarked_and_the_stream_says_so(

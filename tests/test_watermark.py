@@ -15,6 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
+from facekit.crop import crop_face
+from facekit.detect import make_detector
+from facekit.pasteback import Portrait, paste_back
 from facekit.video import VideoWriter, read_image, save_png
 from facekit.watermark import (
     THRESHOLD,
@@ -111,6 +114,56 @@ def test_every_frame_size_carries_the_marks_full_strength(wm, size):
     grey = np.full((height, width, 3), 128, np.uint8)
     added = wm.mark(grey, PAYLOAD).astype(np.float32) - grey
     assert float(np.sqrt(np.mean(np.square(added)))) == pytest.approx(embed.DEFAULT_STRENGTH, rel=0.03)
+
+
+@pytest.fixture(scope="module")
+def pasted() -> tuple[Portrait, np.ndarray, np.ndarray]:
+    """The demo portrait prepared for paste-back (its 167 px face box: 0.33 of its side), a stand-in
+    generated crop (its own 128 px face crop, blurred as a generator's output is) and its points."""
+    image = read_image(ROOT / "facekit/assets/demo_portrait.png")
+    face, points, box = crop_face(image, make_detector("dlib").detect(image)[0].points, 128)
+    return Portrait.from_photo(image, box), cv2.GaussianBlur(face, (0, 0), 1.5), points
+
+
+@pytest.mark.parametrize("region", ["crop", "face"])
+def test_the_face_cut_out_of_a_paste_back_frame_carries_the_mark(wm, pasted, region):
+    """Paste-back as the service does it: the generated crop marked, pasted into the portrait whose
+    face box is marked too (`mark_box`), the whole frame marked. The face cut out at its box
+    verifies with the payload, also after JPEG 75, and the whole frame still does. With the whole
+    frame marked only (before 2026-12-05) the cut carried no mark the detector could find: the
+    frame's mark is ~3 x too large there for its search down to 85% of the side."""
+    portrait, generated, points = pasted
+    x0, y0, side = portrait.origin
+    boxed = Portrait(wm.mark_box(portrait.image, PAYLOAD, portrait.origin), portrait.box)
+    frame = wm.mark(paste_back(boxed, wm.mark(generated, PAYLOAD), points, region=region), PAYLOAD)
+    for image in (frame, jpeg(frame)):
+        cut = wm.detect(image[y0 : y0 + side, x0 : x0 + side])
+        assert cut.present and cut.payload == PAYLOAD, cut.score
+        whole = wm.detect(image)
+        assert whole.present and whole.payload == PAYLOAD, whole.score
+    before = wm.mark(paste_back(portrait, generated, points, region=region), PAYLOAD)
+    assert not wm.detect(before[y0 : y0 + side, x0 : x0 + side]).present
+
+
+def test_mark_box_marks_the_box_only(wm, pasted):
+    portrait, _, _ = pasted
+    image = portrait.image
+    x0, y0, side = portrait.origin
+    marked = wm.mark_box(image, PAYLOAD, portrait.origin)
+    changed = np.any(marked != image, axis=2)
+    assert changed[y0 : y0 + side, x0 : x0 + side].mean() > 0.5
+    changed[y0 : y0 + side, x0 : x0 + side] = False
+    assert not changed.any()
+    # the box's mark is the mark of a side x side frame: the same pixels as marking the cut alone
+    assert np.array_equal(
+        marked[y0 : y0 + side, x0 : x0 + side], wm.mark(image[y0 : y0 + side, x0 : x0 + side], PAYLOAD)
+    )
+    # a box partly outside the frame marks the part inside; one (almost) all outside, nothing
+    width = image.shape[1]
+    corner = wm.mark_box(image, PAYLOAD, (width - 100, -50, 200))
+    assert np.array_equal(corner[50:, : width - 100], image[50:, : width - 100])
+    assert np.any(corner[:150, width - 100 :] != image[:150, width - 100 :])
+    assert np.array_equal(wm.mark_box(image, PAYLOAD, (width - 8, 0, 200)), image)
 
 
 def test_marking_is_deterministic_and_per_payload(wm, frames):

@@ -92,6 +92,23 @@ class Watermarker:
             frame, self.pattern(payload, (frame.shape[1], frame.shape[0])), strength=self.strength
         )
 
+    def mark_box(self, frame: np.ndarray, payload: int, box: tuple[int, int, int]) -> np.ndarray:
+        """A new uint8 RGB frame: `frame` with the mark of `payload` over the square `box` = (x0, y0,
+        side) in its pixels, as `mark` puts it on a side x side frame (its own grid stretched over
+        the box); the part of the box inside `frame` is marked, nothing else changes. Paste-back
+        marks the face crop's box in the portrait so: the face cut out of the frame carries a mark
+        the whole frame's (~3 x larger there) cannot give it."""
+        frame = check_frame(frame)
+        x0, y0, side = (int(v) for v in box)
+        height, width = frame.shape[:2]
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, width), min(y0 + side, height)
+        out = frame.copy()
+        if min(sx1 - sx0, sy1 - sy0) < 16:  # (too little of the box in the frame to carry a mark)
+            return out
+        pattern = self.pattern(payload, (side, side))[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0]
+        out[sy0:sy1, sx0:sx1] = add_mark(out[sy0:sy1, sx0:sx1], pattern, strength=self.strength)
+        return out
+
     def detect(self, image: np.ndarray) -> Detection:
         """Look for this key's mark in a uint8 RGB image (any size, possibly scaled or cropped)."""
         image = check_frame(image, what="image")
