@@ -22,7 +22,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_INFERENCE_THREADS 0                ONNX Runtime threads of the in-process backend; 0 = one
                                                    per CPU this process may use: its affinity and its
                                                    cgroup's CPU quota (limits.cpu), not the node's cores
-    TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC endpoint (backend = triton)
+    TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC host:port (backend = triton): an address
+                                                   literal is one Triton; a name (a headless Service)
+                                                   or a comma-separated list is every Triton behind
+                                                   it, resolved again every 15 s, each call on the
+                                                   least busy (service/backends/tritons.py)
     TALKINGHEAD_MODEL_REPOSITORY  model_repository Triton-layout model repository (onnxruntime)
     TALKINGHEAD_AVATAR_STORE      var/avatars      directory of stored avatars
     TALKINGHEAD_CACHE_BYTES       67108864         AdaIN-parameter cache bound, bytes
@@ -423,7 +427,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="generator calls run side by side, each on its share of the threads (default 0: auto, 2)",
     )
-    group.add_argument("--triton-url", help="Triton gRPC host:port (default 127.0.0.1:8001)")
+    group.add_argument(
+        "--triton-url",
+        help="Triton gRPC host:port[,host:port...] (default 127.0.0.1:8001; a name: each of its addresses)",
+    )
     group.add_argument("--model-repository", type=Path, help="model repository (default model_repository)")
     group.add_argument("--avatar-store", type=Path, help="avatar directory (default var/avatars)")
     group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
