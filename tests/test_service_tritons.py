@@ -269,3 +269,48 @@ def test_the_service_serves_over_a_list_of_tritons_and_stays_serving_when_one_go
             assert [f.sequence for f in frames] == list(range(12))
     finally:
         running.stop()
+
+
+def test_a_personalised_generator_is_loaded_on_every_triton_and_its_calls_spread(
+    tritons: Tritons, model_repository: Path
+) -> None:
+    """has_personalised (a stream opening) loads generator_<avatar> on each ready Triton; its calls
+    then go to both."""
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    name = "generator_demo"
+    if not (model_repository / name).is_dir():
+        pytest.skip(f"no {name} in {model_repository}")
+    if not (tritons.repository / name).exists():
+        shutil.copytree(model_repository / name, tritons.repository / name)
+
+    async def scenario() -> list[int]:
+        pool = TritonPool(url=f"{tritons.url(0)},{tritons.url(1)}")
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(pool._usable()) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert await pool.has_personalised("demo")
+            assert all(m.knows_personalised("demo") for m in pool.members().values())
+            assert pool.loaded_personalised() == 1
+            s = pool.info.image_size
+            images = np.zeros((1, s, s, 3), np.uint8)
+            warped = images if pool.info.warp_guided else None
+            before = [tritons.frames(0, name), tritons.frames(1, name)]
+
+            async def lane() -> None:
+                for _ in range(10):
+                    await pool.generate_personalised("demo", images, warped)
+
+            await asyncio.gather(lane(), lane(), lane(), lane())
+            await asyncio.sleep(0.2)
+            return [tritons.frames(0, name) - before[0], tritons.frames(1, name) - before[1]]
+        finally:
+            await pool.close()
+
+    used = asyncio.run(scenario())
+    print("generator_demo calls per Triton:", used)
+    assert sum(used) == 40 and min(used) >= 10, used
