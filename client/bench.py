@@ -75,6 +75,7 @@ from client.library import Client, consent_record, demo_portrait_consent, to_lan
 from client.outputs import PendingFile
 from facekit import contract, engines, procstat
 from facekit.contract import ModelInfo
+from facekit.cpus import usable_cpus
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 
@@ -232,7 +233,7 @@ class RawGenerator:
         if path is None:
             raise SystemExit(f"no models in {repository}: run `make model-repository`")
         self.repository, self.path = repository, path
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or usable_cores()  # as the service: the CPUs this process may use
         self.lanes = engines.resolve_lanes(self.threads, lanes)  # 0: as the service's auto
         chosen = engines.pick(path, engine, threads=self.threads, lanes=self.lanes)
         self.engine, self.info, self.timings = chosen.engine, chosen.info, chosen.timings
@@ -347,8 +348,8 @@ def _gflops(metadata: dict[str, str]) -> float | None:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The cores this process may run on: its CPU affinity and its cgroup's CPU quota (facekit/cpus.py)."""
+    return usable_cpus()
 
 
 def cpu_peak(cpuinfo: str | None = None) -> dict[str, Any]:
@@ -1327,6 +1328,7 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
     report = {
         "machine": {
             "cpus": os.cpu_count(),
+            "usable_cpus": usable_cores(),
             "platform": platform.platform(),
             "onnxruntime": ort.__version__,
             "openvino": _version("openvino"),

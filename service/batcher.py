@@ -49,7 +49,6 @@ import asyncio
 import collections
 import functools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -58,6 +57,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from facekit import engines
+from facekit.cpus import usable_cpus
 from service.backends.base import Backend
 from service.capacity import BATCH_SHARE, CostModel
 from service.metrics import DROPPED_LATE, DROPPED_OVERFLOW
@@ -81,7 +81,7 @@ def split_key(model: str) -> tuple[str, str]:
 
 # Generator calls in flight at once: the shared model's (up to 5 in 2 lanes) and another model's.
 MAX_CONCURRENT_CALLS = 6
-RENDER_THREADS = min(4, os.cpu_count() or 1)  # draw and warp a batch's frames in parallel
+RENDER_THREADS = min(4, usable_cpus())  # draw and warp a batch's frames in parallel (the pod's CPUs)
 RENDER_CHUNK = 4  # frames per drawing job: a batch of 16 spreads over 4 threads
 _DRAW_WEIGHT = 0.3  # of the newest batch in the running mean of drawing time per frame
 LATE_SHARE = 0.6  # of the budget a live frame may take to its generated image, when a newer one waits

@@ -49,7 +49,8 @@ def command(settings: Settings) -> list[str]:
     cmd += ["--avatars", str(settings.avatar_store)]  # what it checks before it withdraws a generator
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
-        cmd += ["--triton-url", settings.triton_url]
+        for url in settings.triton_url.split(","):  # a list of Tritons: the worker loads in each
+            cmd += ["--triton-url", url.strip()]
         cmd += ["--max-personalised-loaded", str(settings.max_personalised_loaded)]
     cmd += PRIORITIES[settings.worker_priority]
     if settings.worker_threads:

@@ -174,10 +174,12 @@ class TlsFiles:
 
 def make_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
-        from service.backends.triton import TritonBackend
+        from service.backends.tritons import make_triton_backend
 
-        return TritonBackend(
-            url=settings.triton_url,
+        # An address literal: that one Triton; a name (the chart's headless Service) or a list: every
+        # Triton behind it, re-resolved, each call on the least busy (service/backends/tritons.py).
+        return make_triton_backend(
+            settings.triton_url,
             timeout_s=settings.backend_timeout,
             stall_s=settings.backend_stall,
             max_personalised=settings.max_personalised_loaded,

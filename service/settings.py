@@ -19,7 +19,14 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    of the inference threads; 0 = 2 where there are
                                                    2+ threads (facekit/engines.py: more frames/s,
                                                    a lone frame slower)
-    TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC endpoint (backend = triton)
+    TALKINGHEAD_INFERENCE_THREADS 0                ONNX Runtime threads of the in-process backend; 0 = one
+                                                   per CPU this process may use: its affinity and its
+                                                   cgroup's CPU quota (limits.cpu), not the node's cores
+    TALKINGHEAD_TRITON_URL        127.0.0.1:8001   Triton gRPC host:port (backend = triton): an address
+                                                   literal is one Triton; a name (a headless Service)
+                                                   or a comma-separated list is every Triton behind
+                                                   it, resolved again every 15 s, each call on the
+                                                   least busy (service/backends/tritons.py)
     TALKINGHEAD_MODEL_REPOSITORY  model_repository Triton-layout model repository (onnxruntime)
     TALKINGHEAD_AVATAR_STORE      var/avatars      directory of stored avatars
     TALKINGHEAD_CACHE_BYTES       67108864         AdaIN-parameter cache bound, bytes
@@ -106,6 +113,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from facekit.contract import MAX_PERSONALISED
+from facekit.cpus import usable_cpus
 from facekit.engines import ENGINES, resolve_lanes
 
 BACKENDS = ("onnxruntime", "triton")
@@ -138,6 +146,7 @@ class Settings:
     backend: str = "onnxruntime"
     engine: str = "auto"  # the onnxruntime backend's engine for generators (facekit/engines.py)
     engine_lanes: int = 0  # generator calls side by side (facekit/engines.py); 0 = auto
+    inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per usable CPU (facekit/cpus.py)
     triton_url: str = "127.0.0.1:8001"
     model_repository: Path = Path("model_repository")
     avatar_store: Path = Path("var/avatars")
@@ -179,14 +188,13 @@ class Settings:
     max_request_pixels: int = 100_000_000  # all the photos of one CreateAvatar together (headers)
     max_images: int = 32  # photos per avatar
     max_detect_queue: int = 32  # photos / driving frames one caller may have waiting for detection
-    inference_threads: int = 0  # ONNX Runtime intra-op threads; 0 = one per CPU core
     backend_stall: float = 1.5  # a model call in flight this long reports the backend NOT_SERVING
     detector: str = "dlib"  # landmark detector for photos and driving frames
 
     @property
     def lanes(self) -> int:
         """engine_lanes, with 0 (auto) resolved: 2 lanes where there are 2 or more threads."""
-        return resolve_lanes(self.inference_threads or os.cpu_count() or 1, self.engine_lanes)
+        return resolve_lanes(self.inference_threads or usable_cpus(), self.engine_lanes)
 
     def __post_init__(self) -> None:
         problems = []
@@ -196,6 +204,10 @@ class Settings:
             problems.append(f"engine must be auto or one of {', '.join(ENGINES)}, got {self.engine!r}")
         if not 0 <= self.engine_lanes <= 64:
             problems.append(f"engine_lanes must be 0-64 (0 = auto), got {self.engine_lanes}")
+        if self.inference_threads < 0:
+            problems.append(
+                f"inference_threads must be >= 0 (0 = one per usable CPU), got {self.inference_threads}"
+            )
         for name in ("grpc_port", "metrics_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{name} must be 0-65535, got {getattr(self, name)}")
@@ -327,6 +339,7 @@ _ENV_FIELDS = (
     "backend",
     "engine",
     "engine_lanes",
+    "inference_threads",
     "triton_url",
     "model_repository",
     "avatar_store",
@@ -414,7 +427,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="generator calls run side by side, each on its share of the threads (default 0: auto, 2)",
     )
-    group.add_argument("--triton-url", help="Triton gRPC host:port (default 127.0.0.1:8001)")
+    group.add_argument(
+        "--triton-url",
+        help="Triton gRPC host:port[,host:port...] (default 127.0.0.1:8001; a name: each of its addresses)",
+    )
     group.add_argument("--model-repository", type=Path, help="model repository (default model_repository)")
     group.add_argument("--avatar-store", type=Path, help="avatar directory (default var/avatars)")
     group.add_argument("--cache-bytes", type=int, help="AdaIN cache bound in bytes (default 64 MiB)")
@@ -516,7 +532,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--max-detect-queue", type=int, help="face detections one caller may have waiting (default 32)"
     )
-    group.add_argument("--inference-threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    group.add_argument(
+        "--inference-threads",
+        type=int,
+        help="ONNX Runtime threads (default 0: one per usable CPU: affinity, cgroup quota)",
+    )
     group.add_argument(
         "--shutdown-grace", type=float, help="seconds streams get to finish on SIGTERM (default 5)"
     )

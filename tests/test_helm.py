@@ -264,8 +264,13 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
         "grpc": 8001,
         "metrics": 8002,
     }
+    # The headless Service: every ready Triton pod's address, each of which the server connects to
+    # (the ClusterIP one pinned a server pod's one connection, all its calls, to one Triton pod).
+    headless = one(manifests, "Service", "-triton-headless")
+    assert headless["spec"]["clusterIP"] == "None" and not headless["spec"]["publishNotReadyAddresses"]
+    assert headless["spec"]["selector"] == service["spec"]["selector"]
     url = one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_TRITON_URL"]
-    assert url == f"{service['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
+    assert url == f"{headless['metadata']['name']}.{check_chart.NAMESPACE}.svc:8001"
 
 
 RECREATE = {"type": "Recreate"}

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from facekit import engines
+from facekit import cpus, engines
 from facekit.contract import (
     ADAIN,
     EMBEDDER,
@@ -98,8 +97,18 @@ class OnnxRuntimeBackend(ReadyGate):
         self.requested_engine = engine
         self.engine: str | None = None  # the shared generator's engine, once loaded
         self._exact_engine = engines.ONNXRUNTIME  # personalised generators' engine when `engine` is lossy
-        self.threads = threads or os.cpu_count() or 1
+        # The pod's CPUs (affinity, cgroup quota), not the node's: os.cpu_count() on a 64-core node
+        # with limits.cpu 2 gave 64 threads, throttled in a quota of 2 (facekit/cpus.py).
+        found = cpus.cpus()
+        self.threads = threads or found.usable
         self.generator_lanes = engines.resolve_lanes(self.threads, lanes)
+        log.info(
+            "ONNX Runtime: %d inference threads (%s), generator in %d lane(s); %s",
+            self.threads,
+            "--inference-threads / TALKINGHEAD_INFERENCE_THREADS" if threads else "one per usable CPU",
+            self.generator_lanes,
+            found.describe(),
+        )
         self.poll_s = poll_s
         self._pool = ThreadPoolExecutor(
             # The shared generator's calls in flight (engines.in_flight), a live one beside them,

@@ -395,6 +395,19 @@ class TritonBackend(ReadyGate):
         """Personalised generators this replica had Triton load (or found loaded) and uses."""
         return len(self._personalised)
 
+    def personalised_names(self) -> set[str]:
+        return set(self._personalised)
+
+    def knows_personalised(self, avatar_id: str, made_for: str = "") -> bool:
+        """Whether this Triton has `generator_<avatar_id>` loaded for `made_for`, as far as this
+        replica knows, without asking it (has_personalised asks, and loads)."""
+        name = personalised_name(avatar_id)
+        return name in self._personalised and made_for_record(self._personalised[name], made_for)
+
+    def in_flight(self) -> int:
+        """Model calls in flight on this Triton now."""
+        return len(self._calls)
+
     def forget_personalised(self, avatar_id: str) -> None:
         name = personalised_name(avatar_id)
         self._personalised.pop(name, None)

@@ -92,14 +92,17 @@ annotations:
 {{- if and (include "talkinghead.tritonManaged" .) (eq .Values.triton.mode "sidecar") -}}true{{- end -}}
 {{- end -}}
 
-{{/* The gRPC address the server sends inference requests to. */}}
+{{/* The gRPC address the server sends inference requests to. A Triton Deployment: the headless
+Service, which resolves to every ready Triton pod; the server connects to each and spreads its
+calls (service/backends/tritons.py). The ClusterIP Service would pin a server pod's one HTTP/2
+connection, so all its calls, to a single Triton pod. */}}
 {{- define "talkinghead.tritonUrl" -}}
 {{- if eq .Values.triton.mode "external" -}}
 {{- .Values.triton.externalUrl -}}
 {{- else if eq .Values.triton.mode "sidecar" -}}
 {{- printf "127.0.0.1:%d" (int .Values.triton.ports.grpc) -}}
 {{- else -}}
-{{- printf "%s.%s.svc:%d" (include "talkinghead.tritonFullname" .) .Release.Namespace (int .Values.triton.ports.grpc) -}}
+{{- printf "%s-headless.%s.svc:%d" (include "talkinghead.tritonFullname" .) .Release.Namespace (int .Values.triton.ports.grpc) -}}
 {{- end -}}
 {{- end -}}
 

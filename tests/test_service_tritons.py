@@ -1,0 +1,316 @@
+"""Several Tritons behind one URL (service/backends/tritons.py), against two real Triton servers.
+
+Two bundled Tritons (deploy/local/tritonserver.py) on one shared model repository, as the chart's
+Triton pods share theirs. A name that resolves to both needs DNS; the pool takes a resolver, and
+the test hands it one returning the list it controls (the name's resolution itself is tested on
+`localhost`). TALKINGHEAD_TEST_TRITON_VENV names the Triton venv where the checkout has no
+.venv-triton (a worktree). Ports 19740-19749.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from client.library import landmark_requests
+from deploy.local import tritonserver
+from facekit import contract
+from facekit.sequence import LandmarkSequence
+from service.backends.base import BackendUnavailable
+from service.backends.triton import TritonBackend
+from service.backends.tritons import TritonPool, fixed_address, make_triton_backend, resolve, targets
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv-triton"
+if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):
+    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
+PORTS = [
+    tritonserver.Ports(http=19740, grpc=19741, metrics=19742),
+    tritonserver.Ports(http=19743, grpc=19744, metrics=19745),
+]
+grpcclient = pytest.importorskip("tritonclient.grpc")
+
+
+def test_an_address_literal_is_one_triton_as_before_and_a_name_or_a_list_is_a_pool() -> None:
+    assert fixed_address("127.0.0.1:8001") and fixed_address("[::1]:8001")
+    assert isinstance(make_triton_backend("127.0.0.1:8001"), TritonBackend)
+    for url in ("localhost:8001", "th-triton-headless.ns.svc:8001", "10.0.0.5:8001,10.0.0.6:8001"):
+        assert not fixed_address(url)
+        assert isinstance(make_triton_backend(url), TritonPool)
+    assert targets("a:1, [::1]:2") == [("a", 1), ("::1", 2)]
+    for bad in ("triton", "a:b", ":8001", "a:1,"):
+        with pytest.raises(ValueError):
+            targets(bad)
+    # A name: its IPv4 addresses (localhost's ::1 would be the same Triton twice)
+    assert resolve("localhost:19749") == ["127.0.0.1:19749"]
+    assert resolve("10.0.0.5:8001,10.0.0.6:8001,10.0.0.5:8001") == ["10.0.0.5:8001", "10.0.0.6:8001"]
+    with pytest.raises(OSError):
+        resolve("no-such-host.invalid:8001")
+
+
+class Tritons:
+    """Two bundled Tritons on fixed ports over one repository; each can be killed and started again."""
+
+    def __init__(self, repository: Path, state: Path) -> None:
+        self.repository, self.state = repository, state
+        self.servers: list[tritonserver.Server | None] = [None, None]
+
+    def url(self, i: int) -> str:
+        return f"127.0.0.1:{PORTS[i].grpc}"
+
+    def start(self, i: int) -> None:
+        server = tritonserver.start(self.repository, venv=VENV, state=self.state / str(i), ports=PORTS[i])
+        self.servers[i] = server
+        server.wait_ready(120)
+
+    def kill(self, i: int) -> None:
+        """SIGKILL, as a node lost or an OOM kill: no goodbye on the connection."""
+        server = self.servers[i]
+        assert server is not None
+        os.killpg(server.process.pid, signal.SIGKILL)
+        server.process.wait()
+        tritonserver.terminate(server.process.pid, 5)  # its python stubs
+        self.servers[i] = None
+
+    def stop(self) -> None:
+        for i, server in enumerate(self.servers):
+            if server is not None:
+                server.stop()
+                self.servers[i] = None
+
+    def frames(self, i: int, model: str = contract.GENERATOR) -> int:
+        """Frames Triton i has run `model` on (its inference statistics)."""
+        client = grpcclient.InferenceServerClient(self.url(i))
+        try:
+            stats = client.get_inference_statistics(model, as_json=True)
+        finally:
+            client.close()
+        return sum(int(s.get("inference_count", 0)) for s in stats.get("model_stats", []))
+
+
+@pytest.fixture(scope="module")
+def tritons(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tritons]:
+    try:
+        tritonserver.server_root(VENV)
+    except FileNotFoundError as err:
+        pytest.skip(f"bundled Triton server unavailable: {err}")
+    work = tmp_path_factory.mktemp("tritons")
+    repo = work / "repo"
+    for name in (contract.EMBEDDER, contract.GENERATOR):
+        shutil.copytree(model_repository / name, repo / name)
+    both = Tritons(repo, work / "state")
+    try:
+        both.start(0)
+        both.start(1)
+        yield both
+    finally:
+        both.stop()
+
+
+def _feeds(pool: TritonPool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    info = pool.info
+    s = info.image_size
+    images = np.zeros((1, s, s, 3), np.uint8)
+    return images, np.zeros((1, info.adain_size), np.float32), images if info.warp_guided else None
+
+
+async def _calls(pool: TritonPool, n: int, side_by_side: int) -> list[float | BaseException]:
+    """`n` one-frame generator calls, `side_by_side` at a time (as the batcher keeps its lanes
+    busy); each call's end time, or its error."""
+    images, adain, warped = _feeds(pool)
+    out: list[float | BaseException] = []
+    left = iter(range(n))
+
+    async def lane() -> None:
+        for _ in left:
+            try:
+                await pool.generate(images, adain, warped)
+                out.append(time.monotonic())
+            except BackendUnavailable as error:
+                out.append(error)
+
+    await asyncio.gather(*(lane() for _ in range(side_by_side)))
+    return out
+
+
+def test_calls_spread_over_every_triton_and_one_killed_leaves_the_other_serving(tritons: Tritons) -> None:
+    """Before: one InferenceServerClient, one connection, every call on one Triton. Now each call
+    goes to the least busy ready Triton; when one is killed the calls go on on the other, health
+    stays SERVING, and it is used again once it is back; an address the name drops is drained."""
+    if tritons.servers[0] is None:
+        tritons.start(0)
+    if tritons.servers[1] is None:
+        tritons.start(1)
+    addresses = [tritons.url(0), tritons.url(1)]
+
+    async def scenario() -> dict[str, object]:
+        pool = TritonPool(url="tritons.test:8001", resolver=lambda: list(addresses), resolve_s=0.5)
+        await pool.start()
+        try:
+            assert await pool.wait_ready(60)
+            await asyncio.sleep(0.5)  # both ready (the second may follow the first by a poll)
+            assert await pool.wait_ready(60) and len(pool._usable()) == 2
+            assert pool.lanes() == sum(m.lanes() for m in pool.members().values()) >= 2
+            before = [tritons.frames(0), tritons.frames(1)]
+            results = await _calls(pool, 60, pool.lanes())
+            assert all(isinstance(r, float) for r in results), results
+            spread = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
+
+            # Kill one while calls run: none fails (a call cut by the loss is made again on the
+            # other), and health never leaves SERVING.
+            ready_seen: list[bool] = []
+
+            async def watch_health() -> None:
+                while True:
+                    ready_seen.append(pool.is_ready())
+                    await asyncio.sleep(0.02)
+
+            watcher = asyncio.ensure_future(watch_health())
+            running = asyncio.ensure_future(_calls(pool, 200, 4))
+            await asyncio.sleep(0.5)
+            killed_at = time.monotonic()
+            tritons.kill(0)
+            during = await running
+            watcher.cancel()
+            failures = [r for r in during if isinstance(r, BaseException)]
+            after_kill = sorted(r for r in during if isinstance(r, float) and r > killed_at)
+            gap = (after_kill[0] - killed_at) if after_kill else None
+            assert not failures, failures
+            assert all(ready_seen), "health left SERVING with a Triton still serving"
+            assert len(pool._usable()) == 1 and pool.members()[tritons.url(1)].loaded()
+
+            # Back on the same address: used again once it has loaded the models.
+            started = time.monotonic()
+            tritons.start(0)
+            while len(pool._usable()) < 2:
+                assert time.monotonic() - started < 120
+                await asyncio.sleep(0.05)
+            back_s = time.monotonic() - started
+            before = [tritons.frames(0), tritons.frames(1)]
+            assert all(isinstance(r, float) for r in await _calls(pool, 40, pool.lanes()))
+            again = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
+
+            # The name no longer resolves to Triton 1: no new calls; closed once its calls end.
+            addresses.remove(tritons.url(1))
+            await asyncio.sleep(1.0)
+            assert pool.addresses() == [tritons.url(0)] and not pool._draining
+            before = [tritons.frames(0), tritons.frames(1)]
+            assert all(isinstance(r, float) for r in await _calls(pool, 10, 2))
+            dropped = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
+            return {
+                "spread": spread,
+                "gap": gap,
+                "back_s": back_s,
+                "again": again,
+                "dropped": dropped,
+                "n": len(during),
+            }
+        finally:
+            await pool.close()
+
+    found = asyncio.run(scenario())
+    print("two Tritons:", found)
+    spread, again, dropped = found["spread"], found["again"], found["dropped"]
+    assert sum(spread) == 60 and min(spread) >= 20, f"60 calls over two Tritons: {spread}"  # type: ignore[arg-type]
+    assert min(again) >= 10, f"the Triton back got calls again: {again}"  # type: ignore[arg-type]
+    assert dropped[1] == 0 and dropped[0] >= 9, dropped  # (Triton counts a call just after answering it)
+
+
+def test_the_service_serves_over_a_list_of_tritons_and_stays_serving_when_one_goes(
+    model_repository: Path, tmp_path: Path, driver: LandmarkSequence, tritons: Tritons
+) -> None:
+    """TALKINGHEAD_TRITON_URL as a list: a stream's frames run on both Tritons; one killed, health
+    stays SERVING and the next stream is served by the other."""
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    running = ServerThread(
+        settings=test_settings(
+            model_repository,
+            tmp_path / "store",
+            backend="triton",
+            triton_url=f"{tritons.url(0)},{tritons.url(1)}",
+        )
+    )
+    seq = LandmarkSequence(driver.points[:12], driver.frame_size, driver.fps)
+    try:
+        running.wait_ready(timeout=60)
+        assert isinstance(running.app.backend, TritonPool)
+        deadline = time.monotonic() + 60
+        while len(running.app.backend._usable()) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        with running.client() as c:
+            c.wait_ready(timeout=10)
+            c.create_avatar("tri", [PORTRAIT], consent=CONSENT)
+            before = [tritons.frames(0), tritons.frames(1)]
+            frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
+            assert [f.sequence for f in frames] == list(range(12))
+            used = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
+            assert min(used) > 0, f"a stream's frames on both Tritons: {used}"
+            tritons.kill(1)
+            time.sleep(0.5)
+            c.wait_ready(timeout=1)  # SERVING: Triton 0 serves
+            try:
+                frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
+            except grpc.RpcError as error:
+                pytest.fail(f"a stream after one Triton of two was killed: {error.code()} {error.details()}")
+            assert [f.sequence for f in frames] == list(range(12))
+    finally:
+        running.stop()
+
+
+def test_a_personalised_generator_is_loaded_on_every_triton_and_its_calls_spread(
+    tritons: Tritons, model_repository: Path
+) -> None:
+    """has_personalised (a stream opening) loads generator_<avatar> on each ready Triton; its calls
+    then go to both."""
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    name = "generator_demo"
+    if not (model_repository / name).is_dir():
+        pytest.skip(f"no {name} in {model_repository}")
+    if not (tritons.repository / name).exists():
+        shutil.copytree(model_repository / name, tritons.repository / name)
+
+    async def scenario() -> list[int]:
+        pool = TritonPool(url=f"{tritons.url(0)},{tritons.url(1)}")
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(pool._usable()) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert await pool.has_personalised("demo")
+            assert all(m.knows_personalised("demo") for m in pool.members().values())
+            assert pool.loaded_personalised() == 1
+            s = pool.info.image_size
+            images = np.zeros((1, s, s, 3), np.uint8)
+            warped = images if pool.info.warp_guided else None
+            before = [tritons.frames(0, name), tritons.frames(1, name)]
+
+            async def lane() -> None:
+                for _ in range(10):
+                    await pool.generate_personalised("demo", images, warped)
+
+            await asyncio.gather(lane(), lane(), lane(), lane())
+            await asyncio.sleep(0.2)
+            return [tritons.frames(0, name) - before[0], tritons.frames(1, name) - before[1]]
+        finally:
+            await pool.close()
+
+    used = asyncio.run(scenario())
+    print("generator_demo calls per Triton:", used)
+    assert sum(used) == 40 and min(used) >= 10, used
