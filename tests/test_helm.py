@@ -614,7 +614,10 @@ def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> Non
     worker = one(manifests, "Deployment", "-worker")
     box = container(worker, "worker")
     assert box["resources"]["limits"]["nvidia.com/gpu"] == 1
-    redis_url = {"name": "TALKINGHEAD_REDIS_URL", "value": "redis://th-talkinghead-redis.avatars.svc:6379/0"}
+    redis_url = {
+        "name": "TALKINGHEAD_REDIS_URL",
+        "value": "redis://:$(REDIS_PASSWORD)@th-talkinghead-redis.avatars.svc:6379/0",
+    }
     assert redis_url in box["env"]
     mount = next(m for m in box["volumeMounts"] if m["mountPath"] == "/models")
     assert not mount.get("readOnly"), "the worker writes generator_<avatar> into the repository"
@@ -748,6 +751,76 @@ def test_in_chart_redis_refuses_writes_before_the_kernel_kills_it(helm: str) -> 
         redis_args(helm, redis__maxmemory="lots")
 
 
+def expand(env: list[Manifest], name: str, secrets: dict[str, str]) -> str:
+    """The value of variable `name` in `env` as the container sees it: a Secret's from `secrets`
+    (by Secret name; others "secret"), $(VAR) of the variables before it expanded as Kubernetes does."""
+    seen: dict[str, str] = {}
+    for variable in env:
+        if "valueFrom" in variable:
+            value = secrets.get(variable["valueFrom"]["secretKeyRef"]["name"], "secret")
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: seen.get(m[1], m[0]), variable["value"])
+        seen[variable["name"]] = value
+    return seen[name]
+
+
+def test_in_chart_redis_takes_only_clients_with_its_password(helm: str) -> None:
+    """The in-chart Redis holds avatars, the job queue and (auth.apiKeys.source redis) the key ring:
+    without a password any pod that reached it could write itself an admin key. It requires one from
+    a Secret the chart makes once; every client builds its URL from that Secret, and the password is
+    in no ConfigMap and no pod spec, nor in the server's or the worker's log line."""
+    import redis as redis_py
+
+    from jobs.keys import shown_url
+
+    manifests = render(helm, CI / "worker-redis.yaml")
+    secret = one(manifests, "Secret", "-redis")
+    password = _secret_text(secret, "password")
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", password)
+    name = secret["metadata"]["name"]
+    redis = container(one(manifests, "StatefulSet", "-redis"), "redis")
+    assert flag(redis["args"], "--requirepass") == "$(REDIS_PASSWORD)"
+    assert expand(redis["env"], "REDIS_PASSWORD", {name: password}) == password
+    assert expand(redis["env"], "REDISCLI_AUTH", {name: password}) == password  # the redis-cli probe
+    for box in (
+        container(one(manifests, "Deployment", ""), "service"),
+        container(one(manifests, "Deployment", "-worker"), "worker"),
+    ):
+        url = expand(box["env"], "TALKINGHEAD_REDIS_URL", {name: password})
+        assert url == f"redis://:{password}@th-talkinghead-redis.avatars.svc:6379/0"
+        kwargs = redis_py.Redis.from_url(url).connection_pool.connection_kwargs
+        assert (kwargs["password"], kwargs["host"], kwargs["db"]) == (
+            password,
+            "th-talkinghead-redis.avatars.svc",
+            0,
+        )
+        assert password not in shown_url(url) and "th-talkinghead-redis.avatars.svc:6379/0" in shown_url(url)
+    assert not [m for m in manifests if m["kind"] != "Secret" and password in json.dumps(m)]
+    settings = served_settings(manifests)  # the server's Secret values are placeholders: "secret"
+    assert settings.redis_url == "redis://:secret@th-talkinghead-redis.avatars.svc:6379/0"
+    assert "redis_url=redis://***@th-talkinghead-redis.avatars.svc:6379/0" in settings.describe()
+    assert "REDIS_URL" not in json.dumps(one(manifests, "ConfigMap", "")["data"])
+    # The operator's Secret instead: none made, every reference follows.
+    own = render(helm, CI / "worker-redis.yaml", redis__auth__existingSecret="my-redis")
+    assert not find(own, "Secret", "-redis")
+    assert (
+        expand(
+            container(one(own, "StatefulSet", "-redis"), "redis")["env"], "REDIS_PASSWORD", {"my-redis": "pw"}
+        )
+        == "pw"
+    )
+    worker = container(one(own, "Deployment", "-worker"), "worker")
+    assert expand(worker["env"], "TALKINGHEAD_REDIS_URL", {"my-redis": "pw"}).startswith("redis://:pw@")
+    # An external Redis' URL (password included) can come from the operator's Secret.
+    external = render(helm, CI / "sidecar.yaml", redis__existingSecret="redis-url")
+    url = expand(
+        container(one(external, "Deployment", ""), "service")["env"],
+        "TALKINGHEAD_REDIS_URL",
+        {"redis-url": "u"},
+    )
+    assert url == "u" and not find(external, "Secret", "-redis")
+
+
 SEVERAL_REPLICAS_NEED_REDIS = (
     "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled"
 )
@@ -868,7 +941,8 @@ def server_environment(manifests: list[Manifest]) -> dict[str, str]:
     environment = dict(one(manifests, "ConfigMap", "")["data"])
     for variable in container(one(manifests, "Deployment", ""), "service")["env"]:
         placeholder = "redis://redis:6379/0" if variable["name"].endswith("REDIS_URL") else "secret"
-        environment[variable["name"]] = variable.get("value", placeholder)
+        value = variable.get("value", placeholder)  # $(VAR) of the variables before it, expanded
+        environment[variable["name"]] = re.sub(r"\$\((\w+)\)", lambda m: environment.get(m[1], m[0]), value)
     return environment
 
 

@@ -133,19 +133,35 @@ annotations:
 {{- printf "%s-redis" (include "talkinghead.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* TALKINGHEAD_REDIS_URL as an EnvVar (a Secret's `url`, the external URL, or the in-chart Redis). */}}
+{{/* The Secret holding the in-chart Redis' password under `password`: the operator's, or the one the chart makes. */}}
+{{- define "talkinghead.redisAuthSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "talkinghead.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+TALKINGHEAD_REDIS_URL as EnvVars: a Secret's `url` (external), the external URL, or the in-chart
+Redis, whose password comes from its Secret as REDIS_PASSWORD and enters the URL by Kubernetes'
+$(VAR) expansion, so it is in no ConfigMap and no pod spec.
+*/}}
 {{- define "talkinghead.redisEnv" -}}
 {{- $r := .Values.redis -}}
-- name: TALKINGHEAD_REDIS_URL
 {{- if and (eq $r.mode "external") $r.existingSecret }}
+- name: TALKINGHEAD_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ $r.existingSecret }}
       key: url
 {{- else if eq $r.mode "external" }}
+- name: TALKINGHEAD_REDIS_URL
   value: {{ $r.externalUrl | quote }}
 {{- else }}
-  value: {{ printf "redis://%s.%s.svc:%d/0" (include "talkinghead.redisFullname" .) .Release.Namespace (int $r.port) | quote }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "talkinghead.redisAuthSecret" . }}
+      key: password
+- name: TALKINGHEAD_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s.%s.svc:%d/0" (include "talkinghead.redisFullname" .) .Release.Namespace (int $r.port) | quote }}
 {{- end }}
 {{- end -}}
 
