@@ -981,7 +981,25 @@ def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path
     assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 110
     undrained = served_settings(render(helm, server__shutdownDrainSeconds=0))
     assert (undrained.shutdown_drain, undrained.shutdown_grace) == (0, 25)
-    assert served_settings(render(helm, server__terminationGracePeriodSeconds=3)).shutdown_grace == 1
+    short = render(helm, server__terminationGracePeriodSeconds=3, server__shutdownDrainSeconds=0)
+    assert served_settings(short).shutdown_grace == 1  # at least 1 s, still within the 3
+    # The drain and that 1 s must end before the kill, whatever sets the grace: the chart refuses
+    # instead of clamping the grace to 1 s past the end of the pod.
+    no_time = "server.shutdownDrainSeconds=30 leaves no time within server.terminationGracePeriodSeconds=30"
+    for sets in (
+        {},
+        {"server.shutdownGraceSeconds": "1"},
+        {"server.extraArgs[0]": "--shutdown-grace=1"},
+    ):
+        with pytest.raises(RuntimeError, match=re.escape(no_time)):
+            check_chart.render(helm, None, {"server.shutdownDrainSeconds": "30", **sets})
+    with pytest.raises(RuntimeError, match="shutdownDrainSeconds=5 leaves no time"):
+        render(helm, server__terminationGracePeriodSeconds=6)
+    for period, drain in ((7, 5), (30, 28), (30, 0), (60, 15)):
+        served = served_settings(
+            render(helm, server__terminationGracePeriodSeconds=period, server__shutdownDrainSeconds=drain)
+        )
+        assert served.shutdown_drain + served.shutdown_grace < period
     assert served_settings(render(helm, server__shutdownGraceSeconds=12.5)).shutdown_grace == 12.5
     # The operator's own flag or variable is kept, and passed once.
     flagged = render(helm, **{"server.extraArgs[0]": "--shutdown-grace=9"})

@@ -285,6 +285,11 @@ claim and asks every Triton to load it. */ -}}
 {{- end -}}
 {{- $grace := .Values.server.shutdownGraceSeconds -}}
 {{- $drain := float64 .Values.server.shutdownDrainSeconds -}}
+{{- /* Whatever the grace (the operator's, or the computed one, at least 1 s): the drain and 1 s of
+it must end before the kubelet kills the pod. */ -}}
+{{- if ge (addf $drain 1) (float64 .Values.server.terminationGracePeriodSeconds) -}}
+{{- fail (printf "server.shutdownDrainSeconds=%v leaves no time within server.terminationGracePeriodSeconds=%v: on SIGTERM the server takes new calls for the drain, then gives running streams at least 1 s (server.shutdownGraceSeconds), and the kubelet kills the pod at the end of the grace period, cutting them. Lower server.shutdownDrainSeconds or raise server.terminationGracePeriodSeconds above shutdownDrainSeconds + 1 (the default grace is the period less the drain less 5 s)" .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
 {{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $grace) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
 {{- fail (printf "server.shutdownGraceSeconds=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
 {{- end -}}
