@@ -412,6 +412,48 @@ def test_sidecar_puts_triton_in_the_service_pod(helm: str) -> None:
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "metrics-triton"}
 
 
+def test_triton_outlives_the_servers_shutdown_and_exits_before_the_kill(helm: str) -> None:
+    """The kubelet signals every container of a stopping pod at once: a sidecar Triton unloaded its
+    models while the server was still draining and its streams finishing. Its preStop sleeps through
+    the server's drain + grace; then its --exit-timeout-secs fits in what the pod's grace period
+    leaves. In its own Deployment Triton's default 30 s exit timeout met the 30 s kill: it is the
+    grace period less 5 s."""
+
+    def triton(manifests: list[Manifest], name: str) -> tuple[Manifest, Manifest]:
+        deployment = one(manifests, "Deployment", name)
+        return deployment["spec"]["template"]["spec"], container(deployment, "triton")
+
+    pod, box = triton(render(helm, CI / "sidecar.yaml"), "")
+    stop = box["lifecycle"]["preStop"]["exec"]["command"]
+    assert stop == ["sleep", "25"]  # the server's 5 s drain + 20 s grace (of the default 30)
+    assert "--exit-timeout-secs=4" in box["args"]
+    assert 25 + 4 < pod["terminationGracePeriodSeconds"] == 30
+    # It follows the helpers that compute the server's drain and grace, whoever sets them.
+    for sets, sleep in (
+        ({"server.terminationGracePeriodSeconds": "120"}, 115),
+        ({"server.shutdownGraceSeconds": "12", "server.shutdownDrainSeconds": "3"}, 15),
+        ({"server.extraArgs[0]": "--shutdown-grace=9"}, 14),
+    ):
+        pod, box = triton(check_chart.render(helm, CI / "sidecar.yaml", sets), "")
+        assert box["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(sleep)]
+        exit_timeout = int(next(a for a in box["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+        assert sleep + exit_timeout < pod["terminationGracePeriodSeconds"]
+    with pytest.raises(RuntimeError, match=re.escape("triton.mode=sidecar: Triton keeps serving the server")):
+        render(helm, CI / "sidecar.yaml", server__shutdownGraceSeconds=24)  # 29 s + 1 s reaches 30
+    # Its own Deployment: no preStop (nothing in its pod to wait for), the exit within the period.
+    pod, box = triton(render(helm), "-triton")
+    assert "lifecycle" not in box and "--exit-timeout-secs=25" in box["args"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    _, box = triton(render(helm, triton__terminationGracePeriodSeconds=90), "-triton")
+    assert "--exit-timeout-secs=85" in box["args"]
+    _, box = triton(render(helm, triton__exitTimeoutSeconds=10), "-triton")
+    assert "--exit-timeout-secs=10" in box["args"]
+    with pytest.raises(RuntimeError, match=re.escape("triton.exitTimeoutSeconds=30 must be below")):
+        render(helm, triton__exitTimeoutSeconds=30)
+    _, box = triton(render(helm, **{"triton.extraArgs[0]": "--exit-timeout-secs=7"}), "-triton")
+    assert [a for a in box["args"] if "exit-timeout" in a] == ["--exit-timeout-secs=7"]
+
+
 def test_external_triton_needs_an_address(helm: str) -> None:
     manifests = render(helm, CI / "external.yaml")
     assert not find(manifests, "Deployment", "-triton") and not find(

@@ -293,6 +293,19 @@ it must end before the kubelet kills the pod. */ -}}
 {{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $grace) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
 {{- fail (printf "server.shutdownGraceSeconds=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
 {{- end -}}
+{{- /* Triton must end its in-flight requests before the kubelet kills it: in its own pod within
+its grace period; as a sidecar after its preStop sleep (the server's drain and streams' grace). */ -}}
+{{- with include "talkinghead.tritonExitTimeout" . -}}
+{{- $exit := int . -}}
+{{- if include "talkinghead.tritonSidecar" $ -}}
+{{- $stop := int (include "talkinghead.serverStopSeconds" $) -}}
+{{- if ge (add $stop $exit) (int $.Values.server.terminationGracePeriodSeconds) -}}
+{{- fail (printf "triton.mode=sidecar: Triton keeps serving the server for its drain and streams' grace (server.shutdownDrainSeconds + the shutdown grace = %d s, its preStop sleep), then needs --exit-timeout-secs=%d s to end in-flight requests, which together reach server.terminationGracePeriodSeconds=%v, when the kubelet kills the pod. Raise server.terminationGracePeriodSeconds, or lower server.shutdownGraceSeconds or triton.exitTimeoutSeconds" $stop $exit $.Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- else if and (include "talkinghead.tritonDeployment" $) (ge $exit (int $.Values.triton.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "triton.exitTimeoutSeconds=%d must be below triton.terminationGracePeriodSeconds=%v: the kubelet kills Triton at the end of that, cutting the requests it was waiting for. Lower triton.exitTimeoutSeconds (empty: the grace period less 5 s) or raise triton.terminationGracePeriodSeconds" $exit $.Values.triton.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- end -}}
 {{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
 {{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
 {{- $tritonPorts := list (list "triton.ports.http" .Values.triton.ports.http) (list "triton.ports.grpc" .Values.triton.ports.grpc) (list "triton.ports.metrics" .Values.triton.ports.metrics) -}}
@@ -454,6 +467,54 @@ TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that 
 {{- max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
 {{- else -}}
 {{- $s.shutdownGraceSeconds -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The seconds the server's streams get on SIGTERM whatever sets them: the chart's value, else the
+operator's --shutdown-grace=N (server.extraArgs) or TALKINGHEAD_SHUTDOWN_GRACE (server.extraEnv),
+else (one the chart cannot read) the default: the grace period less the drain less 5 s, at least 1.
+*/}}
+{{- define "talkinghead.shutdownGraceSeconds" -}}
+{{- $s := .Values.server -}}
+{{- $g := include "talkinghead.shutdownGrace" . -}}
+{{- if not $g -}}
+{{- range $s.extraArgs -}}{{- if hasPrefix "--shutdown-grace=" (toString .) -}}{{- $g = trimPrefix "--shutdown-grace=" (toString .) -}}{{- end -}}{{- end -}}
+{{- end -}}
+{{- if not $g -}}
+{{- range $s.extraEnv -}}{{- if eq (toString .name) "TALKINGHEAD_SHUTDOWN_GRACE" -}}{{- $g = toString (.value | default "") -}}{{- end -}}{{- end -}}
+{{- end -}}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?$" (toString $g)) -}}
+{{- $g = max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
+{{- end -}}
+{{- $g -}}
+{{- end -}}
+
+{{/* Whole seconds from SIGTERM until the server has drained and its streams' grace is over: how long
+a Triton sidecar keeps serving it (its preStop sleeps that long before Triton gets SIGTERM). */}}
+{{- define "talkinghead.serverStopSeconds" -}}
+{{- ceil (addf (float64 .Values.server.shutdownDrainSeconds) (float64 (include "talkinghead.shutdownGraceSeconds" .))) | int -}}
+{{- end -}}
+
+{{/*
+Triton's --exit-timeout-secs (how long it waits for in-flight requests after SIGTERM; Triton's own
+default, 30 s, equals the default grace period, so the kubelet killed it first): triton.exitTimeoutSeconds,
+else in its own Deployment its terminationGracePeriodSeconds less 5 s, and as a sidecar what the
+server pod's grace period leaves after the preStop sleep, less 1 s; at least 1. Empty when
+triton.extraArgs passes --exit-timeout-secs.
+*/}}
+{{- define "talkinghead.tritonExitTimeout" -}}
+{{- $t := .Values.triton -}}
+{{- $own := "" -}}
+{{- range $t.extraArgs -}}{{- if hasPrefix "--exit-timeout-secs" (toString .) -}}{{- $own = "true" -}}{{- end -}}{{- end -}}
+{{- if not $own -}}
+{{- if ne (toString $t.exitTimeoutSeconds) "" -}}
+{{- $t.exitTimeoutSeconds | int -}}
+{{- else if include "talkinghead.tritonSidecar" . -}}
+{{- max 1 (sub (sub (int .Values.server.terminationGracePeriodSeconds) (int (include "talkinghead.serverStopSeconds" .))) 1) -}}
+{{- else -}}
+{{- max 1 (sub (int $t.terminationGracePeriodSeconds) 5) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
