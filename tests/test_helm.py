@@ -94,8 +94,14 @@ def test_all_on_renders_every_template(helm: str) -> None:
     kinds = {m["kind"] for m in render(helm, CI / "all-on.yaml")}
     assert kinds >= {
         "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Pod",
+        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "Pod", "StatefulSet",
     }  # fmt: skip
+    # Its avatars are in Redis and its models synced from object storage: the claims come from the
+    # default values (avatars, models) and worker-redis.yaml (models).
+    assert {m["metadata"]["name"] for m in find(render(helm), "PersistentVolumeClaim")} == {
+        "th-talkinghead-avatars",
+        "th-talkinghead-models",
+    }
 
 
 # ---- the service pods --------------------------------------------------------------------------
@@ -301,9 +307,18 @@ def test_rollouts_never_wait_for_a_volume_or_gpu_the_old_pod_holds(helm: str) ->
         "": RECREATE,  # the avatar claim
         "-triton": SURGE,  # CPU Triton on a claim every node may mount read-only
     }
-    # The worker writes: a ReadOnlyMany claim is pinned for it, not for Triton.
-    rox = render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
-    assert strategies(rox)["-worker"] == RECREATE and strategies(rox)["-triton"] == NO_SURGE
+    # The worker writes: a ReadOnlyMany claim is pinned for it (alone with the claim, Triton
+    # elsewhere); with Triton reading it the chart refuses anything but ReadWriteMany.
+    rox = render(
+        helm,
+        CI / "worker-redis.yaml",
+        modelRepository__persistence__accessModes="{ReadOnlyMany}",
+        triton__mode="external",
+        triton__externalUrl="triton:8001",
+        worker__replicaCount=1,
+        worker__gpus=0,
+    )
+    assert strategies(rox)["-worker"] == RECREATE
     # Sidecar: two GPU server pods on an existing claim, ReadWriteOnce (the default) or ReadOnlyMany.
     assert strategies(render(helm, CI / "sidecar.yaml")) == {"": RECREATE}
     shared = render(helm, CI / "sidecar.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
@@ -489,8 +504,10 @@ def test_switches_remove_what_they_name(helm: str, switch: str, kind: str, suffi
     def names(manifests: list[Manifest]) -> set[str]:
         return {m["metadata"]["name"] for m in find(manifests, kind, suffix)}
 
-    on = names(render(helm, CI / "all-on.yaml"))
-    off = names(render(helm, CI / "all-on.yaml", **{switch.replace(".", "__"): False}))
+    # all-on.yaml keeps avatars in Redis, where no avatar claim is made: that switch acts without it.
+    values = None if switch.startswith("avatarStore.") else CI / "all-on.yaml"
+    on = names(render(helm, values))
+    off = names(render(helm, values, **{switch.replace(".", "__"): False}))
     assert on and off < on
 
 
@@ -717,9 +734,9 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
             "triton.buildEngines.enabled=false",
         ),
         (
-            {"triton.mode": "sidecar", "triton.buildEngines.enabled": "true"},
-            "worker.enabled with triton.buildEngines.enabled",
-            "triton.buildEngines.enabled=false",
+            {"triton.mode": "sidecar"},
+            "worker.enabled with triton.mode=sidecar: the worker loads each new generator_<avatar>",
+            "triton.mode=deployment",
         ),
         ({"worker.profile": "tensorrt"}, "worker.profile=tensorrt", "worker.profile=python or onnxruntime"),
         (
@@ -733,14 +750,15 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
             "triton.modelControlMode=explicit",
         ),
     ],
-    ids=["build-engines", "build-engines-sidecar", "tensorrt-profile", "poll", "none"],
+    ids=["build-engines", "sidecar", "tensorrt-profile", "poll", "none"],
 )
 def test_personalisation_triton_could_never_serve_is_refused(
     helm: str, sets: dict[str, str], message: str, fix: str
 ) -> None:
     """The worker writes generator_<avatar> into the claim and loads it in every Triton: a Triton
     serving a copy built at start, a plan nobody builds, or a Triton refusing loads (poll, none)
-    would fail every personalisation, so helm template fails saying what to change."""
+    would fail every personalisation, and sidecar Tritons, which the worker cannot reach, would
+    keep serving an avatar's old generator, so helm template fails saying what to change."""
     with pytest.raises(RuntimeError) as refused:
         render(helm, CI / "worker-redis.yaml", **{k.replace(".", "__"): v for k, v in sets.items()})
     assert message in str(refused.value) and fix in str(refused.value)
@@ -751,6 +769,60 @@ def test_personalisation_triton_could_never_serve_is_refused(
         worker__enabled=False,
         **{k.replace(".", "__"): v for k, v in sets.items()},
     )
+
+
+def test_with_redis_the_server_mounts_no_avatar_claim_and_rolls_without_a_gap(helm: str) -> None:
+    """With Redis the avatars, the jobs and the audit log live there, yet every replica mounted the
+    ReadWriteOnce avatar claim: a rollout was Recreate (every pod down at once) and replicas on
+    another node stayed ContainerCreating (Multi-Attach). Now no claim is made or mounted."""
+    manifests = render(helm, server__replicaCount=3, redis__mode="internal")
+    assert not find(manifests, "PersistentVolumeClaim", "-avatars")
+    deployment = one(manifests, "Deployment", "")
+    assert "avatars" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "/var/lib/talkinghead/avatars" not in {
+        m["mountPath"] for m in container(deployment, "service")["volumeMounts"]
+    }
+    assert deployment["spec"]["strategy"] == SURGE
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert not {"TALKINGHEAD_AVATAR_STORE", "TALKINGHEAD_AUDIT_LOG", "TALKINGHEAD_JOBS"} & set(config)
+    assert served_settings(manifests).redis_url  # the audit log: the Redis stream talkinghead:audit
+    # Without Redis the one replica keeps its files on the claim, recreated on rollout.
+    files = render(helm)
+    assert find(files, "PersistentVolumeClaim", "-avatars")
+    assert (
+        one(files, "ConfigMap", "")["data"]["TALKINGHEAD_AUDIT_LOG"]
+        == "/var/lib/talkinghead/avatars/audit.jsonl"
+    )
+    assert strategies(files)[""] == RECREATE
+
+
+def test_a_worker_beside_triton_needs_a_read_write_many_model_claim(helm: str) -> None:
+    """The worker writes generator_<avatar> into the model claim while Triton reads it from other
+    pods on other nodes: a ReadWriteOnce (or ReadOnlyMany) claim left them ContainerCreating with
+    Multi-Attach errors. The chart refuses it, saying what to use."""
+    message = "worker.enabled needs a ReadWriteMany model repository claim"
+    for modes in ("{ReadWriteOnce}", "{ReadOnlyMany}", "{ReadWriteOncePod}"):
+        with pytest.raises(RuntimeError, match=message) as refused:
+            render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes=modes)
+        assert "modelRepository.persistence.accessModes=[ReadWriteMany]" in str(refused.value)
+    with pytest.raises(RuntimeError, match=message):  # the in-process server reads it too
+        render(
+            helm,
+            CI / "worker-redis.yaml",
+            server__backend="onnxruntime",
+            modelRepository__persistence__accessModes="{ReadWriteOnce}",
+        )
+    # ReadWriteMany (worker-redis.yaml), and the worker alone with the claim (Triton elsewhere).
+    assert find(render(helm, CI / "worker-redis.yaml"), "Deployment", "-worker")
+    alone = render(
+        helm,
+        CI / "worker-redis.yaml",
+        modelRepository__persistence__accessModes="{ReadWriteOnce}",
+        triton__mode="external",
+        triton__externalUrl="triton:8001",
+        worker__replicaCount=1,
+    )
+    assert find(alone, "Deployment", "-worker")
 
 
 def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str) -> None:

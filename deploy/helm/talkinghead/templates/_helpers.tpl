@@ -254,9 +254,18 @@ that another replica deleted or replaced one: it would go on serving the old ava
 {{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
 {{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
 {{- end -}}
+{{- /* The worker writes the claim while Triton (or an in-process server) reads it, or another worker
+writes it, from other pods, scheduled on any node. */ -}}
+{{- $readers := or (include "talkinghead.tritonManaged" .) (eq .Values.server.backend "onnxruntime") (gt (int .Values.worker.replicaCount) 1) -}}
+{{- if and .Values.worker.enabled $readers (not (has "ReadWriteMany" .Values.modelRepository.persistence.accessModes)) -}}
+{{- fail (printf "worker.enabled needs a ReadWriteMany model repository claim: the worker writes generator_<avatar> into it while Triton (or the server with backend onnxruntime, or another worker) mounts it from other pods, on other nodes, and modelRepository.persistence.accessModes=%v lets pods on one node only write or share it (the others stay ContainerCreating with a Multi-Attach error). Set modelRepository.persistence.accessModes=[ReadWriteMany] with a StorageClass that provides it (NFS, EFS, Filestore, Azure Files, CephFS), and for modelRepository.existingClaim one that is ReadWriteMany" (toJson .Values.modelRepository.persistence.accessModes)) -}}
+{{- end -}}
 {{- /* Personalisations that could never be served: the worker writes generator_<avatar> into the
 claim and asks every Triton to load it. */ -}}
 {{- if and .Values.worker.enabled (include "talkinghead.tritonManaged" .) -}}
+{{- if include "talkinghead.tritonSidecar" . -}}
+{{- fail "worker.enabled with triton.mode=sidecar: the worker loads each new generator_<avatar> in every Triton, and withdraws a deleted or refused one, through Triton's headless Service, which a sidecar has none of (the worker would get no Triton address, and the server pods' NetworkPolicy admits no one to Triton's port): sidecars would go on serving an avatar's old generator after a new personalisation. Set triton.mode=deployment (Triton pods the worker reaches), or worker.enabled=false" -}}
+{{- end -}}
 {{- if .Values.triton.buildEngines.enabled -}}
 {{- fail "worker.enabled with triton.buildEngines.enabled: Triton serves the copy of the repository its init container built at pod start (an emptyDir), so the generator_<avatar> models the worker writes into the claim never reach it and every load fails. Set triton.buildEngines.enabled=false with a repository exported with --profile python or onnxruntime (and worker.profile the same), or worker.enabled=false" -}}
 {{- end -}}
