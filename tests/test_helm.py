@@ -360,13 +360,63 @@ def test_ports_of_one_pod_must_differ(helm: str, sets: dict[str, str], message: 
 def test_ports_of_different_pods_may_be_equal(helm: str) -> None:
     manifests = render(helm, server__metricsPort=8002)  # the server's metrics and Triton's, apart
     ports = {p["name"]: p["port"] for p in one(manifests, "Service", "")["spec"]["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 8002}
+    assert ports == {"grpc": 50051}
+    assert [p["port"] for p in one(manifests, "Service", "-metrics")["spec"]["ports"]] == [8002]
 
 
 def test_kubernetes_service_types_are_values(helm: str) -> None:
     manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
     assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"
     assert one(manifests, "Service", "-triton")["spec"]["type"] == "LoadBalancer"
+
+
+def test_a_published_server_service_carries_grpc_only_and_takes_load_balancer_settings(
+    helm: str,
+) -> None:
+    """A LoadBalancer or NodePort server Service published the plain-HTTP metrics port beside gRPC,
+    and its schema refused externalTrafficPolicy, loadBalancerSourceRanges, loadBalancerClass and a
+    nodePort. The metrics now have their own ClusterIP Service, which the ServiceMonitor follows."""
+    values = {
+        "server.service.type": "LoadBalancer",
+        "server.service.externalTrafficPolicy": "Local",
+        "server.service.loadBalancerSourceRanges[0]": "203.0.113.0/24",
+        "server.service.loadBalancerClass": "service.k8s.aws/nlb",
+        "server.service.nodePort": "30051",
+        "server.service.annotations.example\\.com/lb": "internal",
+        "metrics.serviceMonitor.enabled": "true",
+    }
+    linted = check_chart.lint(helm, None, values)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    manifests = check_chart.render(helm, None, values)
+    assert check_chart.validate(manifests)[0] == []
+    spec = one(manifests, "Service", "")["spec"]
+    assert [(p["name"], p.get("nodePort")) for p in spec["ports"]] == [("grpc", 30051)]
+    assert spec["externalTrafficPolicy"] == "Local"
+    assert spec["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert spec["loadBalancerClass"] == "service.k8s.aws/nlb"
+    assert one(manifests, "Service", "")["metadata"]["annotations"]["example.com/lb"] == "internal"
+    metrics = one(manifests, "Service", "-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    assert metrics["spec"]["selector"] == spec["selector"]  # the same server pods
+    monitor = one(manifests, "ServiceMonitor", "")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert (
+        not monitor["spec"]["selector"]["matchLabels"].items()
+        <= one(manifests, "Service", "")["metadata"]["labels"].items()
+    )
+    # A Triton sidecar's metrics join the server's there, never the published Service.
+    sidecar = render(helm, CI / "sidecar.yaml", server__service__type="NodePort")
+    assert [p["name"] for p in one(sidecar, "Service", "")["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in one(sidecar, "Service", "-metrics")["spec"]["ports"]] == [
+        "metrics",
+        "metrics-triton",
+    ]
+    # ClusterIP leaves the external-only fields out (the API refuses externalTrafficPolicy there).
+    plain = one(render(helm, server__service__externalTrafficPolicy="Local"), "Service", "")["spec"]
+    assert "externalTrafficPolicy" not in plain and "nodePort" not in plain["ports"][0]
+    refused = check_chart.lint(helm, None, {"server.service.externalTrafficPolicy": "Nearest"})
+    assert refused.returncode != 0 and "externalTrafficPolicy" in refused.stdout + refused.stderr
 
 
 def test_model_control_mode_is_a_value(helm: str) -> None:
@@ -557,9 +607,9 @@ def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str
 
 def test_service_monitors_scrape_named_ports_of_their_services(helm: str) -> None:
     manifests = render(helm, CI / "all-on.yaml")
-    for suffix in ("", "-triton"):
+    for suffix, service_suffix in (("", "-metrics"), ("-triton", "-triton")):
         monitor = one(manifests, "ServiceMonitor", suffix)
-        service = one(manifests, "Service", suffix)
+        service = one(manifests, "Service", service_suffix)
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         ports = {p["name"] for p in service["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
