@@ -154,6 +154,31 @@ def test_service_settings_reach_the_container(helm: str) -> None:
     assert mounts[config["TALKINGHEAD_AVATAR_STORE"]]["name"] == "avatars"
 
 
+def test_every_path_the_server_writes_is_on_a_volume_it_mounts(helm: str, tmp_path: Path) -> None:
+    """The root filesystem is read-only: with avatarStore.mountPath changed, TALKINGHEAD_JOBS stayed
+    at the image's /var/lib/talkinghead/avatars/.jobs, off every volume. The avatar store, its audit
+    log and the local job queue now all follow the mount path (without Redis; with it they are in
+    Redis, and the worker, which needs Redis, reads no job directory)."""
+    values = tmp_path / "mountpath.yaml"
+    values.write_text("avatarStore:\n  mountPath: /data/avatars\n")
+    manifests = render(helm, values)
+    config = one(manifests, "ConfigMap", "")["data"]
+    service = container(one(manifests, "Deployment", ""), "service")
+    mounts = [m["mountPath"] for m in service["volumeMounts"] if not m.get("readOnly")]
+    for variable in ("TALKINGHEAD_AVATAR_STORE", "TALKINGHEAD_AUDIT_LOG", "TALKINGHEAD_JOBS"):
+        assert any(
+            config[variable].startswith(f"{mount}/") or config[variable] == mount for mount in mounts
+        ), (
+            variable,
+            config[variable],
+        )
+    assert config["TALKINGHEAD_JOBS"] == "/data/avatars/.jobs"
+    settings = served_settings(manifests)
+    assert str(settings.jobs) == "/data/avatars/.jobs" and str(settings.avatar_store) == "/data/avatars"
+    worker = container(one(render(helm, CI / "worker-redis.yaml"), "Deployment", "-worker"), "worker")
+    assert not [a for a in worker["args"] if a.startswith("--jobs")]
+
+
 def test_checksum_rolls_pods_when_config_changes(helm: str) -> None:
     def checksum(**sets: object) -> str:
         deployment = one(render(helm, **sets), "Deployment", "")
