@@ -621,6 +621,16 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
         ("auth.apiKeys.source", "vault", "source"),
         ("auth.apiKeys.adminTenant", "Ops!", "adminTenant"),
         ("networkPolicy.allowAllClients", "yes", "allowAllClients"),
+        # What the Kubernetes API would refuse at install, refused at lint instead.
+        ("server.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
+        ("server.startupProbe.successThreshold", "3", "startupProbe.successThreshold"),
+        ("triton.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
+        ("triton.startupProbe.successThreshold", "2", "startupProbe.successThreshold"),
+        ("server.pdb.minAvailable", "150%", "minAvailable"),
+        ("server.pdb.maxUnavailable", "101%", "maxUnavailable"),
+        ("triton.pdb.minAvailable", "1000%", "minAvailable"),
+        ("triton.pdb.maxUnavailable", "-5%", "maxUnavailable"),
+        ("server.strategy.rollingUpdate.maxUnavailable", "120%", "maxUnavailable"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str) -> None:
@@ -628,6 +638,18 @@ def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str
     assert linted.returncode != 0 and message in linted.stdout + linted.stderr
     with pytest.raises(RuntimeError, match=message):
         check_chart.render(helm, None, {key: value})
+
+
+def test_schema_accepts_what_the_api_accepts(helm: str) -> None:
+    for key, value in (
+        ("server.pdb.minAvailable", "100%"),
+        ("server.pdb.minAvailable", "0%"),
+        ("triton.pdb.maxUnavailable", "50%"),
+        ("server.pdb.maxUnavailable", "2"),
+        ("server.readinessProbe.successThreshold", "2"),  # readiness may want several
+    ):
+        linted = check_chart.lint(helm, None, {key: value})
+        assert linted.returncode == 0, (key, value, linted.stdout + linted.stderr)
 
 
 def test_service_monitors_scrape_named_ports_of_their_services(helm: str) -> None:
