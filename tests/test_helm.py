@@ -1405,6 +1405,21 @@ def test_service_image_pins_equal_the_lock_and_leave_out_torch() -> None:
         assert needed in serve
 
 
+def test_triton_image_checks_health_as_the_chart_probes_it(helm: str) -> None:
+    """The image's HEALTHCHECK asked /v2/health/ready of a Triton started with strict readiness,
+    while the chart probes the shared generator with --strict-readiness=false: one personalised
+    generator refused for want of memory left the container unhealthy for good. They now agree."""
+    text = (DOCKER / "triton.Dockerfile").read_text().replace("\\\n", " ")
+    healthcheck = next(line for line in text.splitlines() if line.startswith("HEALTHCHECK"))
+    cmd = json.loads(next(line for line in text.splitlines() if line.startswith("CMD ")).removeprefix("CMD "))
+    triton = container(one(render(helm), "Deployment", "-triton"), "triton")
+    path = triton["readinessProbe"]["httpGet"]["path"]
+    assert f"127.0.0.1:8000{path}'" in healthcheck and "/v2/health/ready" not in healthcheck
+    assert "--strict-readiness=false" in cmd and "--strict-readiness=false" in triton["args"]
+    for flag in ("--model-control-mode=explicit", "--load-model=embedder", "--load-model=generator"):
+        assert flag in cmd and flag in triton["args"]
+
+
 def test_triton_image_pins_say_why_they_differ_from_the_lock() -> None:
     lock = {name: version for name, (version, _) in pins(ROOT / "requirements/lock.txt").items()}
     for name, (version, line) in pins(DOCKER / "triton-requirements.txt").items():
