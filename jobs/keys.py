@@ -18,6 +18,8 @@ talkinghead:avatar-job:<id>    string the avatar's queued or running job id (one
 
 from __future__ import annotations
 
+import re
+
 from facekit.ids import validate_stored_id
 
 PREFIX = "talkinghead:"
@@ -48,3 +50,14 @@ def worker(name: str) -> str:
 
 def avatar_job(avatar_id: str) -> str:
     return PREFIX + "avatar-job:" + validate_stored_id(avatar_id)
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL as logs show it: the credentials of redis://[user]:password@host:port/db (the
+    chart's in-chart Redis) and a ?password= query masked."""
+    scheme, sep, rest = url.partition("://")
+    where, q, query = rest.partition("?")
+    if sep and "@" in where:
+        where = "***@" + where.rpartition("@")[2]
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", query)
+    return f"{scheme}{sep}{where}{q}{query}"

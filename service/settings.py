@@ -115,6 +115,7 @@ from pathlib import Path
 from facekit.contract import MAX_PERSONALISED
 from facekit.cpus import usable_cpus
 from facekit.engines import ENGINES, resolve_lanes
+from jobs.keys import shown_url
 
 BACKENDS = ("onnxruntime", "triton")
 WORKERS = ("embedded", "external", "none")
@@ -323,9 +324,7 @@ class Settings:
     def describe(self) -> str:
         """One log line: every field, name=value (a password in redis_url masked)."""
         shown = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        if "@" in self.redis_url:
-            scheme, _, rest = self.redis_url.partition("://")
-            shown["redis_url"] = f"{scheme}://***@{rest.rpartition('@')[2]}"
+        shown["redis_url"] = shown_url(self.redis_url)
         return " ".join(f"{name}={value}" for name, value in shown.items())
 
 

@@ -94,8 +94,14 @@ def test_all_on_renders_every_template(helm: str) -> None:
     kinds = {m["kind"] for m in render(helm, CI / "all-on.yaml")}
     assert kinds >= {
         "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "PersistentVolumeClaim", "Pod",
+        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "Pod", "StatefulSet",
     }  # fmt: skip
+    # Its avatars are in Redis and its models synced from object storage: the claims come from the
+    # default values (avatars, models) and worker-redis.yaml (models).
+    assert {m["metadata"]["name"] for m in find(render(helm), "PersistentVolumeClaim")} == {
+        "th-talkinghead-avatars",
+        "th-talkinghead-models",
+    }
 
 
 # ---- the service pods --------------------------------------------------------------------------
@@ -146,6 +152,31 @@ def test_service_settings_reach_the_container(helm: str) -> None:
     mounts = {m["mountPath"]: m for m in service["volumeMounts"]}
     assert mounts["/models"]["readOnly"] is True
     assert mounts[config["TALKINGHEAD_AVATAR_STORE"]]["name"] == "avatars"
+
+
+def test_every_path_the_server_writes_is_on_a_volume_it_mounts(helm: str, tmp_path: Path) -> None:
+    """The root filesystem is read-only: with avatarStore.mountPath changed, TALKINGHEAD_JOBS stayed
+    at the image's /var/lib/talkinghead/avatars/.jobs, off every volume. The avatar store, its audit
+    log and the local job queue now all follow the mount path (without Redis; with it they are in
+    Redis, and the worker, which needs Redis, reads no job directory)."""
+    values = tmp_path / "mountpath.yaml"
+    values.write_text("avatarStore:\n  mountPath: /data/avatars\n")
+    manifests = render(helm, values)
+    config = one(manifests, "ConfigMap", "")["data"]
+    service = container(one(manifests, "Deployment", ""), "service")
+    mounts = [m["mountPath"] for m in service["volumeMounts"] if not m.get("readOnly")]
+    for variable in ("TALKINGHEAD_AVATAR_STORE", "TALKINGHEAD_AUDIT_LOG", "TALKINGHEAD_JOBS"):
+        assert any(
+            config[variable].startswith(f"{mount}/") or config[variable] == mount for mount in mounts
+        ), (
+            variable,
+            config[variable],
+        )
+    assert config["TALKINGHEAD_JOBS"] == "/data/avatars/.jobs"
+    settings = served_settings(manifests)
+    assert str(settings.jobs) == "/data/avatars/.jobs" and str(settings.avatar_store) == "/data/avatars"
+    worker = container(one(render(helm, CI / "worker-redis.yaml"), "Deployment", "-worker"), "worker")
+    assert not [a for a in worker["args"] if a.startswith("--jobs")]
 
 
 def test_checksum_rolls_pods_when_config_changes(helm: str) -> None:
@@ -306,9 +337,18 @@ def test_rollouts_never_wait_for_a_volume_or_gpu_the_old_pod_holds(helm: str) ->
         "": RECREATE,  # the avatar claim
         "-triton": SURGE,  # CPU Triton on a claim every node may mount read-only
     }
-    # The worker writes: a ReadOnlyMany claim is pinned for it, not for Triton.
-    rox = render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
-    assert strategies(rox)["-worker"] == RECREATE and strategies(rox)["-triton"] == NO_SURGE
+    # The worker writes: a ReadOnlyMany claim is pinned for it (alone with the claim, Triton
+    # elsewhere); with Triton reading it the chart refuses anything but ReadWriteMany.
+    rox = render(
+        helm,
+        CI / "worker-redis.yaml",
+        modelRepository__persistence__accessModes="{ReadOnlyMany}",
+        triton__mode="external",
+        triton__externalUrl="triton:8001",
+        worker__replicaCount=1,
+        worker__gpus=0,
+    )
+    assert strategies(rox)["-worker"] == RECREATE
     # Sidecar: two GPU server pods on an existing claim, ReadWriteOnce (the default) or ReadOnlyMany.
     assert strategies(render(helm, CI / "sidecar.yaml")) == {"": RECREATE}
     shared = render(helm, CI / "sidecar.yaml", modelRepository__persistence__accessModes="{ReadOnlyMany}")
@@ -350,13 +390,63 @@ def test_ports_of_one_pod_must_differ(helm: str, sets: dict[str, str], message: 
 def test_ports_of_different_pods_may_be_equal(helm: str) -> None:
     manifests = render(helm, server__metricsPort=8002)  # the server's metrics and Triton's, apart
     ports = {p["name"]: p["port"] for p in one(manifests, "Service", "")["spec"]["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 8002}
+    assert ports == {"grpc": 50051}
+    assert [p["port"] for p in one(manifests, "Service", "-metrics")["spec"]["ports"]] == [8002]
 
 
 def test_kubernetes_service_types_are_values(helm: str) -> None:
     manifests = render(helm, server__service__type="NodePort", triton__service__type="LoadBalancer")
     assert one(manifests, "Service", "")["spec"]["type"] == "NodePort"
     assert one(manifests, "Service", "-triton")["spec"]["type"] == "LoadBalancer"
+
+
+def test_a_published_server_service_carries_grpc_only_and_takes_load_balancer_settings(
+    helm: str,
+) -> None:
+    """A LoadBalancer or NodePort server Service published the plain-HTTP metrics port beside gRPC,
+    and its schema refused externalTrafficPolicy, loadBalancerSourceRanges, loadBalancerClass and a
+    nodePort. The metrics now have their own ClusterIP Service, which the ServiceMonitor follows."""
+    values = {
+        "server.service.type": "LoadBalancer",
+        "server.service.externalTrafficPolicy": "Local",
+        "server.service.loadBalancerSourceRanges[0]": "203.0.113.0/24",
+        "server.service.loadBalancerClass": "service.k8s.aws/nlb",
+        "server.service.nodePort": "30051",
+        "server.service.annotations.example\\.com/lb": "internal",
+        "metrics.serviceMonitor.enabled": "true",
+    }
+    linted = check_chart.lint(helm, None, values)
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+    manifests = check_chart.render(helm, None, values)
+    assert check_chart.validate(manifests)[0] == []
+    spec = one(manifests, "Service", "")["spec"]
+    assert [(p["name"], p.get("nodePort")) for p in spec["ports"]] == [("grpc", 30051)]
+    assert spec["externalTrafficPolicy"] == "Local"
+    assert spec["loadBalancerSourceRanges"] == ["203.0.113.0/24"]
+    assert spec["loadBalancerClass"] == "service.k8s.aws/nlb"
+    assert one(manifests, "Service", "")["metadata"]["annotations"]["example.com/lb"] == "internal"
+    metrics = one(manifests, "Service", "-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"
+    assert [p["name"] for p in metrics["spec"]["ports"]] == ["metrics"]
+    assert metrics["spec"]["selector"] == spec["selector"]  # the same server pods
+    monitor = one(manifests, "ServiceMonitor", "")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics["metadata"]["labels"].items()
+    assert (
+        not monitor["spec"]["selector"]["matchLabels"].items()
+        <= one(manifests, "Service", "")["metadata"]["labels"].items()
+    )
+    # A Triton sidecar's metrics join the server's there, never the published Service.
+    sidecar = render(helm, CI / "sidecar.yaml", server__service__type="NodePort")
+    assert [p["name"] for p in one(sidecar, "Service", "")["spec"]["ports"]] == ["grpc"]
+    assert [p["name"] for p in one(sidecar, "Service", "-metrics")["spec"]["ports"]] == [
+        "metrics",
+        "metrics-triton",
+    ]
+    # ClusterIP leaves the external-only fields out (the API refuses externalTrafficPolicy there).
+    plain = one(render(helm, server__service__externalTrafficPolicy="Local"), "Service", "")["spec"]
+    assert "externalTrafficPolicy" not in plain and "nodePort" not in plain["ports"][0]
+    refused = check_chart.lint(helm, None, {"server.service.externalTrafficPolicy": "Nearest"})
+    assert refused.returncode != 0 and "externalTrafficPolicy" in refused.stdout + refused.stderr
 
 
 def test_model_control_mode_is_a_value(helm: str) -> None:
@@ -417,6 +507,48 @@ def test_sidecar_puts_triton_in_the_service_pod(helm: str) -> None:
     assert {e["port"] for e in monitor["spec"]["endpoints"]} == {"metrics", "metrics-triton"}
 
 
+def test_triton_outlives_the_servers_shutdown_and_exits_before_the_kill(helm: str) -> None:
+    """The kubelet signals every container of a stopping pod at once: a sidecar Triton unloaded its
+    models while the server was still draining and its streams finishing. Its preStop sleeps through
+    the server's drain + grace; then its --exit-timeout-secs fits in what the pod's grace period
+    leaves. In its own Deployment Triton's default 30 s exit timeout met the 30 s kill: it is the
+    grace period less 5 s."""
+
+    def triton(manifests: list[Manifest], name: str) -> tuple[Manifest, Manifest]:
+        deployment = one(manifests, "Deployment", name)
+        return deployment["spec"]["template"]["spec"], container(deployment, "triton")
+
+    pod, box = triton(render(helm, CI / "sidecar.yaml"), "")
+    stop = box["lifecycle"]["preStop"]["exec"]["command"]
+    assert stop == ["sleep", "25"]  # the server's 5 s drain + 20 s grace (of the default 30)
+    assert "--exit-timeout-secs=4" in box["args"]
+    assert 25 + 4 < pod["terminationGracePeriodSeconds"] == 30
+    # It follows the helpers that compute the server's drain and grace, whoever sets them.
+    for sets, sleep in (
+        ({"server.terminationGracePeriodSeconds": "120"}, 115),
+        ({"server.shutdownGraceSeconds": "12", "server.shutdownDrainSeconds": "3"}, 15),
+        ({"server.extraArgs[0]": "--shutdown-grace=9"}, 14),
+    ):
+        pod, box = triton(check_chart.render(helm, CI / "sidecar.yaml", sets), "")
+        assert box["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(sleep)]
+        exit_timeout = int(next(a for a in box["args"] if a.startswith("--exit-timeout-secs=")).split("=")[1])
+        assert sleep + exit_timeout < pod["terminationGracePeriodSeconds"]
+    with pytest.raises(RuntimeError, match=re.escape("triton.mode=sidecar: Triton keeps serving the server")):
+        render(helm, CI / "sidecar.yaml", server__shutdownGraceSeconds=24)  # 29 s + 1 s reaches 30
+    # Its own Deployment: no preStop (nothing in its pod to wait for), the exit within the period.
+    pod, box = triton(render(helm), "-triton")
+    assert "lifecycle" not in box and "--exit-timeout-secs=25" in box["args"]
+    assert pod["terminationGracePeriodSeconds"] == 30
+    _, box = triton(render(helm, triton__terminationGracePeriodSeconds=90), "-triton")
+    assert "--exit-timeout-secs=85" in box["args"]
+    _, box = triton(render(helm, triton__exitTimeoutSeconds=10), "-triton")
+    assert "--exit-timeout-secs=10" in box["args"]
+    with pytest.raises(RuntimeError, match=re.escape("triton.exitTimeoutSeconds=30 must be below")):
+        render(helm, triton__exitTimeoutSeconds=30)
+    _, box = triton(render(helm, **{"triton.extraArgs[0]": "--exit-timeout-secs=7"}), "-triton")
+    assert [a for a in box["args"] if "exit-timeout" in a] == ["--exit-timeout-secs=7"]
+
+
 def test_external_triton_needs_an_address(helm: str) -> None:
     manifests = render(helm, CI / "external.yaml")
     assert not find(manifests, "Deployment", "-triton") and not find(
@@ -452,8 +584,10 @@ def test_switches_remove_what_they_name(helm: str, switch: str, kind: str, suffi
     def names(manifests: list[Manifest]) -> set[str]:
         return {m["metadata"]["name"] for m in find(manifests, kind, suffix)}
 
-    on = names(render(helm, CI / "all-on.yaml"))
-    off = names(render(helm, CI / "all-on.yaml", **{switch.replace(".", "__"): False}))
+    # all-on.yaml keeps avatars in Redis, where no avatar claim is made: that switch acts without it.
+    values = None if switch.startswith("avatarStore.") else CI / "all-on.yaml"
+    on = names(render(helm, values))
+    off = names(render(helm, values, **{switch.replace(".", "__"): False}))
     assert on and off < on
 
 
@@ -492,6 +626,16 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
         ("auth.apiKeys.source", "vault", "source"),
         ("auth.apiKeys.adminTenant", "Ops!", "adminTenant"),
         ("networkPolicy.allowAllClients", "yes", "allowAllClients"),
+        # What the Kubernetes API would refuse at install, refused at lint instead.
+        ("server.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
+        ("server.startupProbe.successThreshold", "3", "startupProbe.successThreshold"),
+        ("triton.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
+        ("triton.startupProbe.successThreshold", "2", "startupProbe.successThreshold"),
+        ("server.pdb.minAvailable", "150%", "minAvailable"),
+        ("server.pdb.maxUnavailable", "101%", "maxUnavailable"),
+        ("triton.pdb.minAvailable", "1000%", "minAvailable"),
+        ("triton.pdb.maxUnavailable", "-5%", "maxUnavailable"),
+        ("server.strategy.rollingUpdate.maxUnavailable", "120%", "maxUnavailable"),
     ],
 )
 def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str) -> None:
@@ -501,11 +645,23 @@ def test_schema_rejects_bad_values(helm: str, key: str, value: str, message: str
         check_chart.render(helm, None, {key: value})
 
 
+def test_schema_accepts_what_the_api_accepts(helm: str) -> None:
+    for key, value in (
+        ("server.pdb.minAvailable", "100%"),
+        ("server.pdb.minAvailable", "0%"),
+        ("triton.pdb.maxUnavailable", "50%"),
+        ("server.pdb.maxUnavailable", "2"),
+        ("server.readinessProbe.successThreshold", "2"),  # readiness may want several
+    ):
+        linted = check_chart.lint(helm, None, {key: value})
+        assert linted.returncode == 0, (key, value, linted.stdout + linted.stderr)
+
+
 def test_service_monitors_scrape_named_ports_of_their_services(helm: str) -> None:
     manifests = render(helm, CI / "all-on.yaml")
-    for suffix in ("", "-triton"):
+    for suffix, service_suffix in (("", "-metrics"), ("-triton", "-triton")):
         monitor = one(manifests, "ServiceMonitor", suffix)
-        service = one(manifests, "Service", suffix)
+        service = one(manifests, "Service", service_suffix)
         assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
         ports = {p["name"] for p in service["spec"]["ports"]}
         assert {e["port"] for e in monitor["spec"]["endpoints"]} <= ports
@@ -619,7 +775,10 @@ def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> Non
     worker = one(manifests, "Deployment", "-worker")
     box = container(worker, "worker")
     assert box["resources"]["limits"]["nvidia.com/gpu"] == 1
-    redis_url = {"name": "TALKINGHEAD_REDIS_URL", "value": "redis://th-talkinghead-redis.avatars.svc:6379/0"}
+    redis_url = {
+        "name": "TALKINGHEAD_REDIS_URL",
+        "value": "redis://:$(REDIS_PASSWORD)@th-talkinghead-redis.avatars.svc:6379/0",
+    }
     assert redis_url in box["env"]
     mount = next(m for m in box["volumeMounts"] if m["mountPath"] == "/models")
     assert not mount.get("readOnly"), "the worker writes generator_<avatar> into the repository"
@@ -677,9 +836,9 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
             "triton.buildEngines.enabled=false",
         ),
         (
-            {"triton.mode": "sidecar", "triton.buildEngines.enabled": "true"},
-            "worker.enabled with triton.buildEngines.enabled",
-            "triton.buildEngines.enabled=false",
+            {"triton.mode": "sidecar"},
+            "worker.enabled with triton.mode=sidecar: the worker loads each new generator_<avatar>",
+            "triton.mode=deployment",
         ),
         ({"worker.profile": "tensorrt"}, "worker.profile=tensorrt", "worker.profile=python or onnxruntime"),
         (
@@ -693,14 +852,15 @@ def test_worker_and_redis_combinations_are_checked(helm: str, sets: dict[str, st
             "triton.modelControlMode=explicit",
         ),
     ],
-    ids=["build-engines", "build-engines-sidecar", "tensorrt-profile", "poll", "none"],
+    ids=["build-engines", "sidecar", "tensorrt-profile", "poll", "none"],
 )
 def test_personalisation_triton_could_never_serve_is_refused(
     helm: str, sets: dict[str, str], message: str, fix: str
 ) -> None:
     """The worker writes generator_<avatar> into the claim and loads it in every Triton: a Triton
     serving a copy built at start, a plan nobody builds, or a Triton refusing loads (poll, none)
-    would fail every personalisation, so helm template fails saying what to change."""
+    would fail every personalisation, and sidecar Tritons, which the worker cannot reach, would
+    keep serving an avatar's old generator, so helm template fails saying what to change."""
     with pytest.raises(RuntimeError) as refused:
         render(helm, CI / "worker-redis.yaml", **{k.replace(".", "__"): v for k, v in sets.items()})
     assert message in str(refused.value) and fix in str(refused.value)
@@ -711,6 +871,60 @@ def test_personalisation_triton_could_never_serve_is_refused(
         worker__enabled=False,
         **{k.replace(".", "__"): v for k, v in sets.items()},
     )
+
+
+def test_with_redis_the_server_mounts_no_avatar_claim_and_rolls_without_a_gap(helm: str) -> None:
+    """With Redis the avatars, the jobs and the audit log live there, yet every replica mounted the
+    ReadWriteOnce avatar claim: a rollout was Recreate (every pod down at once) and replicas on
+    another node stayed ContainerCreating (Multi-Attach). Now no claim is made or mounted."""
+    manifests = render(helm, server__replicaCount=3, redis__mode="internal")
+    assert not find(manifests, "PersistentVolumeClaim", "-avatars")
+    deployment = one(manifests, "Deployment", "")
+    assert "avatars" not in {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert "/var/lib/talkinghead/avatars" not in {
+        m["mountPath"] for m in container(deployment, "service")["volumeMounts"]
+    }
+    assert deployment["spec"]["strategy"] == SURGE
+    config = one(manifests, "ConfigMap", "")["data"]
+    assert not {"TALKINGHEAD_AVATAR_STORE", "TALKINGHEAD_AUDIT_LOG", "TALKINGHEAD_JOBS"} & set(config)
+    assert served_settings(manifests).redis_url  # the audit log: the Redis stream talkinghead:audit
+    # Without Redis the one replica keeps its files on the claim, recreated on rollout.
+    files = render(helm)
+    assert find(files, "PersistentVolumeClaim", "-avatars")
+    assert (
+        one(files, "ConfigMap", "")["data"]["TALKINGHEAD_AUDIT_LOG"]
+        == "/var/lib/talkinghead/avatars/audit.jsonl"
+    )
+    assert strategies(files)[""] == RECREATE
+
+
+def test_a_worker_beside_triton_needs_a_read_write_many_model_claim(helm: str) -> None:
+    """The worker writes generator_<avatar> into the model claim while Triton reads it from other
+    pods on other nodes: a ReadWriteOnce (or ReadOnlyMany) claim left them ContainerCreating with
+    Multi-Attach errors. The chart refuses it, saying what to use."""
+    message = "worker.enabled needs a ReadWriteMany model repository claim"
+    for modes in ("{ReadWriteOnce}", "{ReadOnlyMany}", "{ReadWriteOncePod}"):
+        with pytest.raises(RuntimeError, match=message) as refused:
+            render(helm, CI / "worker-redis.yaml", modelRepository__persistence__accessModes=modes)
+        assert "modelRepository.persistence.accessModes=[ReadWriteMany]" in str(refused.value)
+    with pytest.raises(RuntimeError, match=message):  # the in-process server reads it too
+        render(
+            helm,
+            CI / "worker-redis.yaml",
+            server__backend="onnxruntime",
+            modelRepository__persistence__accessModes="{ReadWriteOnce}",
+        )
+    # ReadWriteMany (worker-redis.yaml), and the worker alone with the claim (Triton elsewhere).
+    assert find(render(helm, CI / "worker-redis.yaml"), "Deployment", "-worker")
+    alone = render(
+        helm,
+        CI / "worker-redis.yaml",
+        modelRepository__persistence__accessModes="{ReadWriteOnce}",
+        triton__mode="external",
+        triton__externalUrl="triton:8001",
+        worker__replicaCount=1,
+    )
+    assert find(alone, "Deployment", "-worker")
 
 
 def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str) -> None:
@@ -751,6 +965,76 @@ def test_in_chart_redis_refuses_writes_before_the_kernel_kills_it(helm: str) -> 
         redis_args(helm, redis__maxmemory="1Gi")
     with pytest.raises(RuntimeError, match="maxmemory"):
         redis_args(helm, redis__maxmemory="lots")
+
+
+def expand(env: list[Manifest], name: str, secrets: dict[str, str]) -> str:
+    """The value of variable `name` in `env` as the container sees it: a Secret's from `secrets`
+    (by Secret name; others "secret"), $(VAR) of the variables before it expanded as Kubernetes does."""
+    seen: dict[str, str] = {}
+    for variable in env:
+        if "valueFrom" in variable:
+            value = secrets.get(variable["valueFrom"]["secretKeyRef"]["name"], "secret")
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: seen.get(m[1], m[0]), variable["value"])
+        seen[variable["name"]] = value
+    return seen[name]
+
+
+def test_in_chart_redis_takes_only_clients_with_its_password(helm: str) -> None:
+    """The in-chart Redis holds avatars, the job queue and (auth.apiKeys.source redis) the key ring:
+    without a password any pod that reached it could write itself an admin key. It requires one from
+    a Secret the chart makes once; every client builds its URL from that Secret, and the password is
+    in no ConfigMap and no pod spec, nor in the server's or the worker's log line."""
+    import redis as redis_py
+
+    from jobs.keys import shown_url
+
+    manifests = render(helm, CI / "worker-redis.yaml")
+    secret = one(manifests, "Secret", "-redis")
+    password = _secret_text(secret, "password")
+    assert re.fullmatch(r"[A-Za-z0-9]{40}", password)
+    name = secret["metadata"]["name"]
+    redis = container(one(manifests, "StatefulSet", "-redis"), "redis")
+    assert flag(redis["args"], "--requirepass") == "$(REDIS_PASSWORD)"
+    assert expand(redis["env"], "REDIS_PASSWORD", {name: password}) == password
+    assert expand(redis["env"], "REDISCLI_AUTH", {name: password}) == password  # the redis-cli probe
+    for box in (
+        container(one(manifests, "Deployment", ""), "service"),
+        container(one(manifests, "Deployment", "-worker"), "worker"),
+    ):
+        url = expand(box["env"], "TALKINGHEAD_REDIS_URL", {name: password})
+        assert url == f"redis://:{password}@th-talkinghead-redis.avatars.svc:6379/0"
+        kwargs = redis_py.Redis.from_url(url).connection_pool.connection_kwargs
+        assert (kwargs["password"], kwargs["host"], kwargs["db"]) == (
+            password,
+            "th-talkinghead-redis.avatars.svc",
+            0,
+        )
+        assert password not in shown_url(url) and "th-talkinghead-redis.avatars.svc:6379/0" in shown_url(url)
+    assert not [m for m in manifests if m["kind"] != "Secret" and password in json.dumps(m)]
+    settings = served_settings(manifests)  # the server's Secret values are placeholders: "secret"
+    assert settings.redis_url == "redis://:secret@th-talkinghead-redis.avatars.svc:6379/0"
+    assert "redis_url=redis://***@th-talkinghead-redis.avatars.svc:6379/0" in settings.describe()
+    assert "REDIS_URL" not in json.dumps(one(manifests, "ConfigMap", "")["data"])
+    # The operator's Secret instead: none made, every reference follows.
+    own = render(helm, CI / "worker-redis.yaml", redis__auth__existingSecret="my-redis")
+    assert not find(own, "Secret", "-redis")
+    assert (
+        expand(
+            container(one(own, "StatefulSet", "-redis"), "redis")["env"], "REDIS_PASSWORD", {"my-redis": "pw"}
+        )
+        == "pw"
+    )
+    worker = container(one(own, "Deployment", "-worker"), "worker")
+    assert expand(worker["env"], "TALKINGHEAD_REDIS_URL", {"my-redis": "pw"}).startswith("redis://:pw@")
+    # An external Redis' URL (password included) can come from the operator's Secret.
+    external = render(helm, CI / "sidecar.yaml", redis__existingSecret="redis-url")
+    url = expand(
+        container(one(external, "Deployment", ""), "service")["env"],
+        "TALKINGHEAD_REDIS_URL",
+        {"redis-url": "u"},
+    )
+    assert url == "u" and not find(external, "Secret", "-redis")
 
 
 SEVERAL_REPLICAS_NEED_REDIS = (
@@ -873,7 +1157,8 @@ def server_environment(manifests: list[Manifest]) -> dict[str, str]:
     environment = dict(one(manifests, "ConfigMap", "")["data"])
     for variable in container(one(manifests, "Deployment", ""), "service")["env"]:
         placeholder = "redis://redis:6379/0" if variable["name"].endswith("REDIS_URL") else "secret"
-        environment[variable["name"]] = variable.get("value", placeholder)
+        value = variable.get("value", placeholder)  # $(VAR) of the variables before it, expanded
+        environment[variable["name"]] = re.sub(r"\$\((\w+)\)", lambda m: environment.get(m[1], m[0]), value)
     return environment
 
 
@@ -912,7 +1197,25 @@ def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path
     assert served_settings([deployment, *find(render(helm), "ConfigMap")]).shutdown_grace == 110
     undrained = served_settings(render(helm, server__shutdownDrainSeconds=0))
     assert (undrained.shutdown_drain, undrained.shutdown_grace) == (0, 25)
-    assert served_settings(render(helm, server__terminationGracePeriodSeconds=3)).shutdown_grace == 1
+    short = render(helm, server__terminationGracePeriodSeconds=3, server__shutdownDrainSeconds=0)
+    assert served_settings(short).shutdown_grace == 1  # at least 1 s, still within the 3
+    # The drain and that 1 s must end before the kill, whatever sets the grace: the chart refuses
+    # instead of clamping the grace to 1 s past the end of the pod.
+    no_time = "server.shutdownDrainSeconds=30 leaves no time within server.terminationGracePeriodSeconds=30"
+    for sets in (
+        {},
+        {"server.shutdownGraceSeconds": "1"},
+        {"server.extraArgs[0]": "--shutdown-grace=1"},
+    ):
+        with pytest.raises(RuntimeError, match=re.escape(no_time)):
+            check_chart.render(helm, None, {"server.shutdownDrainSeconds": "30", **sets})
+    with pytest.raises(RuntimeError, match="shutdownDrainSeconds=5 leaves no time"):
+        render(helm, server__terminationGracePeriodSeconds=6)
+    for period, drain in ((7, 5), (30, 28), (30, 0), (60, 15)):
+        served = served_settings(
+            render(helm, server__terminationGracePeriodSeconds=period, server__shutdownDrainSeconds=drain)
+        )
+        assert served.shutdown_drain + served.shutdown_grace < period
     assert served_settings(render(helm, server__shutdownGraceSeconds=12.5)).shutdown_grace == 12.5
     # The operator's own flag or variable is kept, and passed once.
     flagged = render(helm, **{"server.extraArgs[0]": "--shutdown-grace=9"})
@@ -1105,6 +1408,21 @@ def test_service_image_pins_equal_the_lock_and_leave_out_torch() -> None:
     assert not {"torch", "tensorboard", "face-alignment", "scikit-image"} & set(serve)
     for needed in ("grpcio", "grpcio-health-checking", "onnxruntime", "tritonclient", "prometheus-client"):
         assert needed in serve
+
+
+def test_triton_image_checks_health_as_the_chart_probes_it(helm: str) -> None:
+    """The image's HEALTHCHECK asked /v2/health/ready of a Triton started with strict readiness,
+    while the chart probes the shared generator with --strict-readiness=false: one personalised
+    generator refused for want of memory left the container unhealthy for good. They now agree."""
+    text = (DOCKER / "triton.Dockerfile").read_text().replace("\\\n", " ")
+    healthcheck = next(line for line in text.splitlines() if line.startswith("HEALTHCHECK"))
+    cmd = json.loads(next(line for line in text.splitlines() if line.startswith("CMD ")).removeprefix("CMD "))
+    triton = container(one(render(helm), "Deployment", "-triton"), "triton")
+    path = triton["readinessProbe"]["httpGet"]["path"]
+    assert f"127.0.0.1:8000{path}'" in healthcheck and "/v2/health/ready" not in healthcheck
+    assert "--strict-readiness=false" in cmd and "--strict-readiness=false" in triton["args"]
+    for flag in ("--model-control-mode=explicit", "--load-model=embedder", "--load-model=generator"):
+        assert flag in cmd and flag in triton["args"]
 
 
 def test_triton_image_pins_say_why_they_differ_from_the_lock() -> None:

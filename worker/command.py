@@ -35,6 +35,7 @@ import torch
 
 from facekit import contract, scheduling
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
+from jobs.keys import shown_url
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
@@ -175,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         avatars=make_avatars(args),
         sweep_interval_s=max(0.0, args.sweep_interval),
     )
-    where = args.redis_url or args.jobs or "var/jobs"
+    where = shown_url(args.redis_url) if args.redis_url else args.jobs or "var/jobs"
     log.info(
         "worker %s: model %s, queue %s, repository %s, Triton %s, avatars %s",
         args.name,

@@ -44,9 +44,11 @@ ENV PYTHONPATH=/opt/talkinghead \
 # triton-server (uid 1000) comes with the base image; numeric so that runAsNonRoot can verify it.
 USER 1000:1000
 EXPOSE 8000 8001 8002
-# Ready = the server is up and every model loaded at start is ready (urlopen raises otherwise).
+# As the Helm chart runs it: healthy = the shared generator is ready (urlopen raises otherwise), with
+# --strict-readiness=false, so that a personalised generator Triton refused (out of memory) does not
+# mark the whole server unhealthy for good, even once it is unloaded and removed.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/models/generator/ready', timeout=4)"]
 # ENTRYPOINT stays the base image's /opt/nvidia/nvidia_entrypoint.sh.
 CMD ["tritonserver", "--model-repository=/models", "--model-control-mode=explicit", \
-     "--load-model=embedder", "--load-model=generator"]
+     "--load-model=embedder", "--load-model=generator", "--strict-readiness=false"]

@@ -136,19 +136,35 @@ connection, so all its calls, to a single Triton pod. */}}
 {{- printf "%s-redis" (include "talkinghead.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* TALKINGHEAD_REDIS_URL as an EnvVar (a Secret's `url`, the external URL, or the in-chart Redis). */}}
+{{/* The Secret holding the in-chart Redis' password under `password`: the operator's, or the one the chart makes. */}}
+{{- define "talkinghead.redisAuthSecret" -}}
+{{- .Values.redis.auth.existingSecret | default (printf "%s-redis" (include "talkinghead.fullname" .)) -}}
+{{- end -}}
+
+{{/*
+TALKINGHEAD_REDIS_URL as EnvVars: a Secret's `url` (external), the external URL, or the in-chart
+Redis, whose password comes from its Secret as REDIS_PASSWORD and enters the URL by Kubernetes'
+$(VAR) expansion, so it is in no ConfigMap and no pod spec.
+*/}}
 {{- define "talkinghead.redisEnv" -}}
 {{- $r := .Values.redis -}}
-- name: TALKINGHEAD_REDIS_URL
 {{- if and (eq $r.mode "external") $r.existingSecret }}
+- name: TALKINGHEAD_REDIS_URL
   valueFrom:
     secretKeyRef:
       name: {{ $r.existingSecret }}
       key: url
 {{- else if eq $r.mode "external" }}
+- name: TALKINGHEAD_REDIS_URL
   value: {{ $r.externalUrl | quote }}
 {{- else }}
-  value: {{ printf "redis://%s.%s.svc:%d/0" (include "talkinghead.redisFullname" .) .Release.Namespace (int $r.port) | quote }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "talkinghead.redisAuthSecret" . }}
+      key: password
+- name: TALKINGHEAD_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s.%s.svc:%d/0" (include "talkinghead.redisFullname" .) .Release.Namespace (int $r.port) | quote }}
 {{- end }}
 {{- end -}}
 
@@ -241,9 +257,18 @@ that another replica deleted or replaced one: it would go on serving the old ava
 {{- if and .Values.worker.enabled (eq .Values.modelRepository.source "objectStorage") -}}
 {{- fail "worker.enabled writes models into a claim: modelRepository.source persistentVolumeClaim or existingClaim" -}}
 {{- end -}}
+{{- /* The worker writes the claim while Triton (or an in-process server) reads it, or another worker
+writes it, from other pods, scheduled on any node. */ -}}
+{{- $readers := or (include "talkinghead.tritonManaged" .) (eq .Values.server.backend "onnxruntime") (gt (int .Values.worker.replicaCount) 1) -}}
+{{- if and .Values.worker.enabled $readers (not (has "ReadWriteMany" .Values.modelRepository.persistence.accessModes)) -}}
+{{- fail (printf "worker.enabled needs a ReadWriteMany model repository claim: the worker writes generator_<avatar> into it while Triton (or the server with backend onnxruntime, or another worker) mounts it from other pods, on other nodes, and modelRepository.persistence.accessModes=%v lets pods on one node only write or share it (the others stay ContainerCreating with a Multi-Attach error). Set modelRepository.persistence.accessModes=[ReadWriteMany] with a StorageClass that provides it (NFS, EFS, Filestore, Azure Files, CephFS), and for modelRepository.existingClaim one that is ReadWriteMany" (toJson .Values.modelRepository.persistence.accessModes)) -}}
+{{- end -}}
 {{- /* Personalisations that could never be served: the worker writes generator_<avatar> into the
 claim and asks every Triton to load it. */ -}}
 {{- if and .Values.worker.enabled (include "talkinghead.tritonManaged" .) -}}
+{{- if include "talkinghead.tritonSidecar" . -}}
+{{- fail "worker.enabled with triton.mode=sidecar: the worker loads each new generator_<avatar> in every Triton, and withdraws a deleted or refused one, through Triton's headless Service, which a sidecar has none of (the worker would get no Triton address, and the server pods' NetworkPolicy admits no one to Triton's port): sidecars would go on serving an avatar's old generator after a new personalisation. Set triton.mode=deployment (Triton pods the worker reaches), or worker.enabled=false" -}}
+{{- end -}}
 {{- if .Values.triton.buildEngines.enabled -}}
 {{- fail "worker.enabled with triton.buildEngines.enabled: Triton serves the copy of the repository its init container built at pod start (an emptyDir), so the generator_<avatar> models the worker writes into the claim never reach it and every load fails. Set triton.buildEngines.enabled=false with a repository exported with --profile python or onnxruntime (and worker.profile the same), or worker.enabled=false" -}}
 {{- end -}}
@@ -272,8 +297,26 @@ claim and asks every Triton to load it. */ -}}
 {{- end -}}
 {{- $grace := .Values.server.shutdownGraceSeconds -}}
 {{- $drain := float64 .Values.server.shutdownDrainSeconds -}}
+{{- /* Whatever the grace (the operator's, or the computed one, at least 1 s): the drain and 1 s of
+it must end before the kubelet kills the pod. */ -}}
+{{- if ge (addf $drain 1) (float64 .Values.server.terminationGracePeriodSeconds) -}}
+{{- fail (printf "server.shutdownDrainSeconds=%v leaves no time within server.terminationGracePeriodSeconds=%v: on SIGTERM the server takes new calls for the drain, then gives running streams at least 1 s (server.shutdownGraceSeconds), and the kubelet kills the pod at the end of the grace period, cutting them. Lower server.shutdownDrainSeconds or raise server.terminationGracePeriodSeconds above shutdownDrainSeconds + 1 (the default grace is the period less the drain less 5 s)" .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
 {{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $grace) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
 {{- fail (printf "server.shutdownGraceSeconds=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- /* Triton must end its in-flight requests before the kubelet kills it: in its own pod within
+its grace period; as a sidecar after its preStop sleep (the server's drain and streams' grace). */ -}}
+{{- with include "talkinghead.tritonExitTimeout" . -}}
+{{- $exit := int . -}}
+{{- if include "talkinghead.tritonSidecar" $ -}}
+{{- $stop := int (include "talkinghead.serverStopSeconds" $) -}}
+{{- if ge (add $stop $exit) (int $.Values.server.terminationGracePeriodSeconds) -}}
+{{- fail (printf "triton.mode=sidecar: Triton keeps serving the server for its drain and streams' grace (server.shutdownDrainSeconds + the shutdown grace = %d s, its preStop sleep), then needs --exit-timeout-secs=%d s to end in-flight requests, which together reach server.terminationGracePeriodSeconds=%v, when the kubelet kills the pod. Raise server.terminationGracePeriodSeconds, or lower server.shutdownGraceSeconds or triton.exitTimeoutSeconds" $stop $exit $.Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- else if and (include "talkinghead.tritonDeployment" $) (ge $exit (int $.Values.triton.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "triton.exitTimeoutSeconds=%d must be below triton.terminationGracePeriodSeconds=%v: the kubelet kills Triton at the end of that, cutting the requests it was waiting for. Lower triton.exitTimeoutSeconds (empty: the grace period less 5 s) or raise triton.terminationGracePeriodSeconds" $exit $.Values.triton.terminationGracePeriodSeconds) -}}
+{{- end -}}
 {{- end -}}
 {{- /* Containers of one pod share its network: two listeners on one port cannot both start. */ -}}
 {{- $serverPod := list (list "server.grpcPort" .Values.server.grpcPort) (list "server.metricsPort" .Values.server.metricsPort) -}}
@@ -436,6 +479,54 @@ TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that 
 {{- max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
 {{- else -}}
 {{- $s.shutdownGraceSeconds -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The seconds the server's streams get on SIGTERM whatever sets them: the chart's value, else the
+operator's --shutdown-grace=N (server.extraArgs) or TALKINGHEAD_SHUTDOWN_GRACE (server.extraEnv),
+else (one the chart cannot read) the default: the grace period less the drain less 5 s, at least 1.
+*/}}
+{{- define "talkinghead.shutdownGraceSeconds" -}}
+{{- $s := .Values.server -}}
+{{- $g := include "talkinghead.shutdownGrace" . -}}
+{{- if not $g -}}
+{{- range $s.extraArgs -}}{{- if hasPrefix "--shutdown-grace=" (toString .) -}}{{- $g = trimPrefix "--shutdown-grace=" (toString .) -}}{{- end -}}{{- end -}}
+{{- end -}}
+{{- if not $g -}}
+{{- range $s.extraEnv -}}{{- if eq (toString .name) "TALKINGHEAD_SHUTDOWN_GRACE" -}}{{- $g = toString (.value | default "") -}}{{- end -}}{{- end -}}
+{{- end -}}
+{{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?$" (toString $g)) -}}
+{{- $g = max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
+{{- end -}}
+{{- $g -}}
+{{- end -}}
+
+{{/* Whole seconds from SIGTERM until the server has drained and its streams' grace is over: how long
+a Triton sidecar keeps serving it (its preStop sleeps that long before Triton gets SIGTERM). */}}
+{{- define "talkinghead.serverStopSeconds" -}}
+{{- ceil (addf (float64 .Values.server.shutdownDrainSeconds) (float64 (include "talkinghead.shutdownGraceSeconds" .))) | int -}}
+{{- end -}}
+
+{{/*
+Triton's --exit-timeout-secs (how long it waits for in-flight requests after SIGTERM; Triton's own
+default, 30 s, equals the default grace period, so the kubelet killed it first): triton.exitTimeoutSeconds,
+else in its own Deployment its terminationGracePeriodSeconds less 5 s, and as a sidecar what the
+server pod's grace period leaves after the preStop sleep, less 1 s; at least 1. Empty when
+triton.extraArgs passes --exit-timeout-secs.
+*/}}
+{{- define "talkinghead.tritonExitTimeout" -}}
+{{- $t := .Values.triton -}}
+{{- $own := "" -}}
+{{- range $t.extraArgs -}}{{- if hasPrefix "--exit-timeout-secs" (toString .) -}}{{- $own = "true" -}}{{- end -}}{{- end -}}
+{{- if not $own -}}
+{{- if ne (toString $t.exitTimeoutSeconds) "" -}}
+{{- $t.exitTimeoutSeconds | int -}}
+{{- else if include "talkinghead.tritonSidecar" . -}}
+{{- max 1 (sub (sub (int .Values.server.terminationGracePeriodSeconds) (int (include "talkinghead.serverStopSeconds" .))) 1) -}}
+{{- else -}}
+{{- max 1 (sub (int $t.terminationGracePeriodSeconds) 5) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
