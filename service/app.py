@@ -44,7 +44,7 @@ from jobs.record import Job, new_id
 from service import avatars, consent
 from service.audit import AuditEvent, AuditLog, Intent
 from service.auth import Authenticator, Principal
-from service.backends.base import Backend, BackendUnavailable
+from service.backends.base import Backend, BackendUnavailable, Withdrawn
 from service.batcher import SHARED, Batcher, personalised_key
 from service.capacity import HEADROOM, Admission, CostModel
 from service.errors import (
@@ -175,6 +175,7 @@ class App:
             quotas_of=self.auth.quotas,
             max_creates=settings.max_creates,
             max_creates_per_tenant=settings.max_creates_per_tenant,
+            ring_of=lambda: self.auth.ring,
         )
         self._calibration: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -209,7 +210,9 @@ class App:
                 seen = loads
                 await self._calibrate()
             elif seen and self.cost.observations:
+                self.cost.settle()  # idle sizes drift back to their calibration
                 self._publish_capacity()
+            self.limits.prune()  # tenants the key ring dropped lose their series
             await asyncio.sleep(0.25 if not seen else 1.0)
 
     async def _calibrate(self) -> None:
@@ -287,8 +290,8 @@ class App:
         batches taught it before was about the backend it had before, or about this one's start."""
         self.cost.reset()
         for batch, taken in rounds.items():
-            for seconds in min(taken, key=sum):
-                self.cost.observe(batch, seconds)
+            fastest = min(taken, key=sum)  # (one call per lane)
+            self.cost.calibrate(batch, sum(fastest) / len(fastest))
 
     async def _timed_call(self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None) -> float:
         t0 = time.perf_counter()
@@ -319,6 +322,11 @@ class App:
         self.metrics.stage["inference"].observe(seconds)
 
     def _on_backend_error(self, operation: str, error: BaseException) -> None:
+        if isinstance(error, Withdrawn):
+            # the avatar was replaced or deleted (or its generator withdrawn) under a stream: its
+            # streams end, the backend did nothing wrong (counted, it tripped backend alerts)
+            log.info("a stream's personalised generator was withdrawn: %s", error)
+            return
         kind = "unavailable" if isinstance(error, BackendUnavailable) else "error"
         self.metrics.backend_errors.labels(operation, kind).inc()
         log.warning("backend %s failed: %s", operation, error)
@@ -455,6 +463,9 @@ class App:
             except BackendUnavailable as error:
                 self._on_backend_error("embed", error)
                 raise backend_unavailable(error.reason) from error
+            except Exception as error:  # (INTERNAL for the caller: service/wire.py)
+                self._on_backend_error("embed", error)
+                raise
             record = avatars.make_record(
                 avatar_id, request.display_name, prepared, embedding, adain, info, consent_record
             )
@@ -870,9 +881,9 @@ class App:
         return reserved
 
     def _release_stream_slot(self, tenant: str, reserved: float, watch: Watch, code: str) -> None:
+        # (talkinghead_streams_total counts the call's final status, refused ones too: service/rpc_metrics.py)
         self.streams.forget(watch)
         self._give_back(tenant, reserved)
-        self.metrics.streams_total.labels(code).inc()
 
     def _give_back(self, tenant: str, reserved: float) -> None:
         """What _take_stream_slot and _admit took."""

@@ -58,7 +58,7 @@ import numpy as np
 
 from facekit import engines
 from facekit.cpus import usable_cpus
-from service.backends.base import Backend
+from service.backends.base import EXPECTED_S, Backend
 from service.capacity import BATCH_SHARE, CostModel
 from service.metrics import DROPPED_LATE, DROPPED_OVERFLOW
 
@@ -86,6 +86,11 @@ RENDER_CHUNK = 4  # frames per drawing job: a batch of 16 spreads over 4 threads
 _DRAW_WEIGHT = 0.3  # of the newest batch in the running mean of drawing time per frame
 LATE_SHARE = 0.6  # of the budget a live frame may take to its generated image, when a newer one waits
 BLOCK_STARVE_S = 1.0  # an offline frame waiting this long is taken beside live ones: never starved
+# Of the backend's deadline (Backend.timeout_s) one batch may be expected to cost: offline batches
+# of TALKINGHEAD_MAX_BATCH 48 cost 1.7 s on a busy 2-core machine and could pass the 5 s deadline
+# (both streams ended UNAVAILABLE); capped at 1 s of the 5 they cannot, and their calls stay
+# under the stall threshold (base.STALL_FACTOR x the expected cost).
+TIMEOUT_SHARE = 0.2
 
 
 @dataclass(eq=False, kw_only=True)
@@ -309,11 +314,14 @@ class Batcher:
         self._on_drop(reason)
 
     def batch_limit(self) -> int:
-        """batch_cap, or while live streams are open the largest batch whose call fits the live
-        budget's share (offline streams alone get batch_cap: throughput is all they ask)."""
+        """batch_cap, at most the batch expected to cost TIMEOUT_SHARE of the backend's deadline,
+        and while live streams are open the largest batch whose call fits the live budget's share
+        (offline streams alone get the rest: throughput is all they ask)."""
+        timeout = float(getattr(self.backend, "timeout_s", 0.0) or 0.0)
+        cap = self.cost.max_batch(TIMEOUT_SHARE * timeout, self.batch_cap) if timeout else self.batch_cap
         if not self.budget or all(q.block for q in self._streams):
-            return self.batch_cap
-        return self.cost.max_batch(self.budget * BATCH_SHARE, self.batch_cap)
+            return cap
+        return min(cap, self.cost.max_batch(self.budget * BATCH_SHARE, self.batch_cap))
 
     def _late(self, item: WorkItem, batch_size: int, now: float) -> bool:
         """A live frame that would come out of a batch of `batch_size` past its budget."""
@@ -467,6 +475,7 @@ class Batcher:
                         self._queued[model].append(clock)
                     self._in_backend[model] += 1
                     priority = engines.LIVE if any(item.live for item in batch) else engines.OFFLINE
+                    EXPECTED_S.set(self.cost.cost(len(batch)))  # (this task's: the backend's stall threshold)
                     if model == SHARED:
                         adain = _stacked([item.adain for item in batch])  # type: ignore[misc]  # (B, D)
                         call: Awaitable[np.ndarray] = self.backend.generate(

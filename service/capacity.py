@@ -18,7 +18,8 @@ use what the live streams leave: the batcher serves live frames first.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from service.errors import ServiceError, exhausted, invalid
 
@@ -29,25 +30,100 @@ BATCH_SHARE = 0.25
 HEADROOM = 0.9  # of the capacity admission hands out
 DEFAULT_FPS = 25.0
 MAX_FPS = 120.0
-_DECAY = 0.97  # per observed batch: ~30 batches of memory
+SIZE_WEIGHT = 0.1  # of each call in its batch size's running mean (~10 calls of memory)
+OUTLIER = 3.0  # a call over this many times its size's mean counts as this many times it
+IDLE_S = 10.0  # a batch size not called this long drifts back to its calibration ...
+HALF_LIFE_S = 10.0  # ... half the way every this many seconds
+FORGET_S = 60.0  # a size calibration did not measure, not called this long, is forgotten
+
+
+@dataclass(frozen=True)
+class _Size:
+    """What calls of one batch size cost: a running mean, the calibration's figure, the last call."""
+
+    seconds: float
+    calibrated: float | None
+    seen: float  # time.monotonic() of the last observation (or of the calibration)
 
 
 @dataclass
 class CostModel:
-    """Seconds per generator call as a function of the batch size."""
+    """Seconds per generator call as a function of the batch size.
+
+    Each batch size has its own running mean (SIZE_WEIGHT of each call; a call over OUTLIER x the
+    mean counts as OUTLIER x it), and `cost(b)` is that size's mean where calls of it were seen,
+    else the line `fixed + per_frame * b` fitted through the sizes' means (one point each). Before,
+    one line was fitted to every call: after an offline run of batches of 16 on busy cores the line
+    put a one-frame call at ~4x what it cost, live capacity fell from 18 to 4 frames/s on an idle
+    server, and, with no more calls to teach it, stayed there (a 5 frames/s live stream refused).
+    Now big batches teach the cost of big batches, and a size not called for IDLE_S drifts back to
+    its calibration (half the way every HALF_LIFE_S; a size calibration did not measure is
+    forgotten after FORGET_S)."""
 
     fixed: float = 0.0
     per_frame: float = 0.05
-    # weighted sums for least squares: n, sum b, sum b^2, sum t, sum b t
-    _sums: tuple[float, float, float, float, float] = (0.0, 0.0, 0.0, 0.0, 0.0)
     observations: int = 0
+    _sizes: dict[int, _Size] = field(default_factory=dict)  # replaced, never changed in place
+    _fits: dict[tuple[float, int], int] = field(default_factory=dict)  # max_batch's answers
+    _settled: float = 0.0  # when settle last ran
 
-    def observe(self, batch: int, seconds: float) -> None:
-        n, sb, sbb, st, sbt = (x * _DECAY for x in self._sums)
-        b = float(batch)
-        self._sums = (n + 1, sb + b, sbb + b * b, st + seconds, sbt + b * seconds)
+    def observe(self, batch: int, seconds: float, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        old = self._sizes.get(batch)
+        if old is None:
+            size = _Size(seconds=seconds, calibrated=None, seen=now)
+        else:
+            seconds = min(seconds, OUTLIER * old.seconds)
+            size = _Size(old.seconds + SIZE_WEIGHT * (seconds - old.seconds), old.calibrated, now)
+        self._sizes = {**self._sizes, batch: size}
         self.observations += 1
-        n, sb, sbb, st, sbt = self._sums
+        self._fit()
+
+    def calibrate(self, batch: int, seconds: float, now: float | None = None) -> None:
+        """The calibration's figure for `batch` (App._calibrate): the size's mean, and what it
+        drifts back to when idle."""
+        now = time.monotonic() if now is None else now
+        self._sizes = {**self._sizes, batch: _Size(seconds=seconds, calibrated=seconds, seen=now)}
+        self.observations += 1
+        self._fit()
+
+    def settle(self, now: float | None = None) -> None:
+        """Sizes not called for IDLE_S move toward their calibration (forgotten after FORGET_S
+        when calibration did not measure them): what busy cores taught them is not kept forever."""
+        now = time.monotonic() if now is None else now
+        sizes = dict(self._sizes)
+        for batch, size in self._sizes.items():
+            idle = now - size.seen
+            if idle < IDLE_S:
+                continue
+            if size.calibrated is None:
+                if idle >= FORGET_S and len(sizes) > 1:
+                    del sizes[batch]
+                continue
+            if size.seconds != size.calibrated:
+                since = max(self._settled, size.seen + IDLE_S)  # (drifted up to then already)
+                keep = 0.5 ** (max(0.0, now - since) / HALF_LIFE_S)
+                moved = size.calibrated + keep * (size.seconds - size.calibrated)
+                if abs(moved - size.calibrated) < 1e-3 * size.calibrated:
+                    moved = size.calibrated
+                # (seen unchanged: the drift goes on from where the size was last called)
+                sizes[batch] = _Size(moved, size.calibrated, size.seen)
+        self._settled = now
+        if sizes != self._sizes:
+            self._sizes = sizes
+            self._fit()
+
+    def _fit(self) -> None:
+        """The line through the sizes' means (least squares, one point per size)."""
+        self._fits = {}
+        points = [(float(b), size.seconds) for b, size in self._sizes.items()]
+        n = float(len(points))
+        if not points:
+            return
+        sb = sum(b for b, _ in points)
+        sbb = sum(b * b for b, _ in points)
+        st = sum(t for _, t in points)
+        sbt = sum(b * t for b, t in points)
         spread = n * sbb - sb * sb
         if spread > 1e-6 * n * n:  # at least two batch sizes seen: fit both terms
             per_frame = (n * sbt - sb * st) / spread
@@ -62,12 +138,19 @@ class CostModel:
         vars(self).update(vars(CostModel()))
 
     def cost(self, batch: int) -> float:
-        return self.fixed + self.per_frame * batch
+        size = self._sizes.get(batch)
+        return size.seconds if size is not None else self.fixed + self.per_frame * batch
 
     def max_batch(self, seconds: float, ceiling: int) -> int:
-        """The largest batch (1..ceiling) whose call takes at most `seconds`."""
-        fits = int((seconds - self.fixed) / self.per_frame) if self.per_frame > 0 else ceiling
-        return max(1, min(ceiling, fits))
+        """The largest batch (1..ceiling) whose call, and every smaller one's, takes at most `seconds`."""
+        key = (seconds, ceiling)
+        fits = self._fits.get(key)
+        if fits is None:
+            fits = 1
+            while fits < ceiling and self.cost(fits + 1) <= seconds:
+                fits += 1
+            self._fits[key] = fits
+        return fits
 
     def capacity(self, budget: float, ceiling: int, lanes: int = 1) -> float:
         """Frames per second at the budget's batch size, every lane of the backend busy all the time."""

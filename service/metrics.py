@@ -122,7 +122,18 @@ class Metrics:
         )
         self.active_streams = Gauge("talkinghead_active_streams", "Open Animate streams", registry=r)
         self.streams_total = Counter(
-            "talkinghead_streams_total", "Animate streams ended, by gRPC status code", ["code"], registry=r
+            "talkinghead_streams_total",
+            "Animate calls ended, by gRPC status code: every call, those refused at open included "
+            "(talkinghead_rpcs_total's Animate series)",
+            ["code"],
+            registry=r,
+        )
+        self.rpcs_total = Counter(
+            "talkinghead_rpcs_total",
+            "gRPC calls ended, by method (service/method of the proto, `other` for an unknown one) and "
+            "gRPC status code; refusals for credentials included",
+            ["method", "code"],
+            registry=r,
         )
         self.batch_size = Histogram(
             "talkinghead_batch_size",
@@ -149,6 +160,25 @@ class Metrics:
         )
         self.backend_ready = Gauge(
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
+        )
+        self.backend_not_ready = Counter(
+            "talkinghead_backend_not_ready_total",
+            "Times the backend went from ready to not ready (health NOT_SERVING), by reason: stalled "
+            "(a call in flight past its stall threshold), unavailable (not loaded, server away)",
+            ["reason"],
+            registry=r,
+        )
+        self.storage_up = Gauge(
+            "talkinghead_storage_up",
+            "1 while the server's storage (Redis, or the avatar directory) answers, else 0: probed every "
+            "second, and 0 at once when a call finds it unreachable",
+            registry=r,
+        )
+        self.events_live = Gauge(
+            "talkinghead_avatar_events_live",
+            "1 while the avatar events are followed (the Redis subscription confirmed live; always 1 "
+            "without Redis), else 0: cached avatars are not trusted then",
+            registry=r,
         )
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
         self.audit_failures = Counter(

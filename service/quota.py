@@ -10,6 +10,13 @@ The quotas applied are the tenant's as the key ring says now (`quotas_of`, which
 Authenticator.quotas), not those of the call that opened a stream: a stream opened before an
 operator lowered max_fps is held to the new rate. A rate change keeps the tokens already spent
 (at most the new burst is saved up), so changing a quota never hands out a fresh burst.
+
+The per-tenant metrics (talkinghead_tenant_streams, talkinghead_tenant_frames_total,
+talkinghead_quota_refusals_total) are labelled with the tenant only when the key ring names it
+(an unrevoked key, a certificate binding or quotas) or it is `default`; any other tenant - one an
+admin acts for by x-talkinghead-tenant, every header-chosen tenant with authentication off, an
+unbound certificate's common name - counts as `other`, so callers cannot make series without
+bound. A tenant the ring drops loses its series (`prune`, each second: App).
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from service.auth import Principal, Quotas
+from facekit.ids import DEFAULT_TENANT
+from service.auth import Principal, Quotas, Ring
 from service.errors import ServiceError, exhausted
 from service.metrics import Metrics
 
@@ -79,6 +87,17 @@ def held(counts: collections.Counter[str], key: str) -> Iterator[None]:
             del counts[key]
 
 
+OTHER_TENANT = "other"  # the metrics' label of a tenant the key ring does not name
+
+
+def ring_tenants(ring: Ring) -> frozenset[str]:
+    """The tenants the key ring names: of its unrevoked keys, certificate bindings and quotas."""
+    named = {str(entry.get("tenant", "")) for entry in ring.keys.values() if not entry.get("revoked")}
+    named.update(str(entry.get("tenant", "")) for entry in ring.certs.values())
+    named.update(ring.tenants)
+    return frozenset(named | {DEFAULT_TENANT})
+
+
 def refused(message: str, retry_after: float) -> ServiceError:
     error = exhausted(f"{message}; retry in {max(1, math.ceil(retry_after))} s")
     error.retry_after = retry_after
@@ -93,8 +112,14 @@ class TenantLimits:
         *,
         max_creates: int = 4,
         max_creates_per_tenant: int = 2,
+        ring_of: Callable[[], Ring] | None = None,
     ) -> None:
         self.metrics = metrics
+        # the key ring now (Authenticator.ring): which tenants get a label of their own (None: all)
+        self.ring_of = ring_of
+        self._ring: Ring | None = None
+        self._named: frozenset[str] = frozenset()
+        self._labels: dict[str, set[str]] = {}  # label -> the quota labels of its refusal series
         # tenant -> its quotas now (a dict lookup); None: each call's principal.quotas
         self.quotas_of = quotas_of
         self.max_creates, self.max_creates_per_tenant = max_creates, max_creates_per_tenant
@@ -106,9 +131,51 @@ class TenantLimits:
     def quotas(self, principal: Principal) -> Quotas:
         return principal.quotas if self.quotas_of is None else self.quotas_of(principal.tenant)
 
+    def label(self, tenant: str) -> str:
+        """The tenant's label in the metrics: its name if the key ring names it, else OTHER_TENANT."""
+        label = tenant
+        if self.ring_of is not None:
+            ring = self.ring_of()
+            if ring is not self._ring:
+                self._ring, self._named = ring, ring_tenants(ring)
+            label = tenant if tenant in self._named else OTHER_TENANT
+        self._labels.setdefault(label, set())
+        return label
+
+    def _streams_gauge(self) -> None:
+        """talkinghead_tenant_streams of every label from the streams open now."""
+        counts: collections.Counter[str] = collections.Counter()
+        for tenant, open_ in self.streams.items():
+            counts[self.label(tenant)] += open_
+        for label in self._labels:
+            self.metrics.tenant_streams.labels(label).set(counts[label])
+
+    def prune(self) -> None:
+        """Remove the series of the tenants the key ring no longer names (their streams, if any,
+        count as OTHER_TENANT's from now on)."""
+        if self.ring_of is None:
+            return
+        self.label(DEFAULT_TENANT)  # (the ring as it is now)
+        for label in [x for x in self._labels if x not in self._named and x != OTHER_TENANT]:
+            for family, values in (
+                (self.metrics.tenant_streams, [(label,)]),
+                (self.metrics.tenant_frames, [(label,)]),
+                (self.metrics.quota_refusals, [(label, quota) for quota in self._labels[label]]),
+            ):
+                for value in values:
+                    with contextlib.suppress(KeyError):
+                        family.remove(*value)
+            del self._labels[label]
+        self._streams_gauge()
+
     def _refuse(self, principal: Principal, quota: str, message: str, retry_after: float) -> ServiceError:
-        self.metrics.quota_refusals.labels(principal.tenant, quota).inc()
+        self._count_refusal(principal.tenant, quota)
         return refused(message, retry_after)
+
+    def _count_refusal(self, tenant: str, quota: str) -> None:
+        label = self.label(tenant)
+        self._labels[label].add(quota)
+        self.metrics.quota_refusals.labels(label, quota).inc()
 
     def take_stream(self, principal: Principal) -> None:
         limit = self.quotas(principal).max_streams
@@ -120,24 +187,26 @@ class TenantLimits:
                 5.0,
             )
         self.streams[principal.tenant] += 1
-        self.metrics.tenant_streams.labels(principal.tenant).set(self.streams[principal.tenant])
+        self._streams_gauge()
 
     def release_stream(self, tenant: str) -> None:
         self.streams[tenant] = max(0, self.streams[tenant] - 1)
-        self.metrics.tenant_streams.labels(tenant).set(self.streams[tenant])
+        if not self.streams[tenant]:
+            del self.streams[tenant]
+        self._streams_gauge()
 
     def frame(self, principal: Principal, retry: bool = False) -> float:
         """Take one of the tenant's frames per second: 0.0 when granted, else the seconds until the
         next is (live streams drop the frame, blocking ones wait and ask again with `retry`: the
         frame and its wait are counted once, on its first ask)."""
         if not retry:
-            self.metrics.tenant_frames.labels(principal.tenant).inc()
+            self.metrics.tenant_frames.labels(self.label(principal.tenant)).inc()
         rate = self.quotas(principal).max_fps
         if not rate:
             return 0.0
         wait = _bucket(self._frames, principal.tenant, rate, max(1.0, rate / 2)).take()
         if wait and not retry:
-            self.metrics.quota_refusals.labels(principal.tenant, "fps").inc()
+            self._count_refusal(principal.tenant, "fps")
         return wait
 
     def create(self, principal: Principal) -> None:

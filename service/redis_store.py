@@ -71,6 +71,10 @@ class RedisAvatarStore:
     def __init__(self, *, client: redis.Redis) -> None:
         self.r: Any = client  # redis-py's annotations type every reply as bytes | str | list ...
 
+    def ping(self) -> None:
+        """Raise unless Redis answers (service/storage.py's probe)."""
+        self.r.ping()
+
     def put(self, record: AvatarRecord, *, replace: bool) -> bool:
         key, fields = keys.avatar(record.avatar_id), to_fields(record)
         with self.r.pipeline(transaction=True) as pipe:

@@ -40,8 +40,10 @@ from service.local_worker import LocalWorker
 from service.metrics import Metrics
 from service.personalisation import Personaliser
 from service.personalisation_servicer import PersonalisationServicer
+from service.rpc_metrics import RpcMetrics
 from service.servicer import AnimationServicer, AvatarServicer
 from service.settings import Settings
+from service.storage import StorageWatch, probe_of
 from service.store import AvatarStore, LocalAvatarStore
 from service.wire import MAX_MESSAGE_BYTES
 
@@ -53,6 +55,13 @@ DESCRIPTORS = (
 )
 SERVICES = tuple(service.full_name for service in DESCRIPTORS)
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
+HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
+# talkinghead_rpcs_total's `method` label: every method the server serves (others count as `other`)
+METHODS = tuple(
+    f"{service.full_name}/{method.name}"
+    for service in (*DESCRIPTORS, HEALTH, REFLECTION)
+    for method in service.methods
+)
 HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
 # Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
 KEEPALIVE = [
@@ -262,6 +271,10 @@ class Server:
     _health: health.aio.HealthServicer = field(init=False)
     _metrics_http: Any = field(init=False, default=None)
     _monitor: asyncio.Task[None] | None = field(init=False, default=None)
+    storage: StorageWatch = field(init=False)
+    _storage_task: asyncio.Task[None] | None = field(init=False, default=None)
+    _draining: bool = field(init=False, default=False)
+    _published: tuple[bool, bool] | None = field(init=False, default=None)  # (backend, storage) in health
     _events: asyncio.Task[None] | None = field(init=False, default=None)
     tls_files: TlsFiles | None = field(init=False, default=None)
     worker: LocalWorker | None = field(init=False, default=None)
@@ -305,7 +318,15 @@ class Server:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *KEEPALIVE,
         ]
-        self._server = grpc.aio.server(options=options, interceptors=[AuthInterceptor(auth)])
+        self.storage = StorageWatch(probe_of(store), on_change=lambda up: metrics.storage_up.set(int(up)))
+        metrics.storage_up.set(1)
+        metrics.events_live.set_function(lambda: 1.0 if self.app.events_live() else 0.0)
+        # RpcMetrics first: the outermost, it counts the calls AuthInterceptor refuses as well
+        interceptors = [
+            RpcMetrics(metrics, METHODS, on_storage_failure=self.storage.failed),
+            AuthInterceptor(auth),
+        ]
+        self._server = grpc.aio.server(options=options, interceptors=interceptors)
         # requests are parsed in service/wire.py (size limits, INVALID_ARGUMENT when malformed)
         for service, servicer in zip(
             DESCRIPTORS,
@@ -319,7 +340,7 @@ class Server:
             wire.add_service(self._server, service, servicer, limits)
         self._health = health.aio.HealthServicer()
         # health too: a probe that sends junk gets INVALID_ARGUMENT, not INTERNAL and a traceback
-        wire.add_service(self._server, health_pb2.DESCRIPTOR.services_by_name["Health"], self._health, limits)
+        wire.add_service(self._server, HEALTH, self._health, limits)
         await self._set_health(False)
         if s.reflection:  # through wire as well: a malformed request is INVALID_ARGUMENT, not INTERNAL
             names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
@@ -364,6 +385,7 @@ class Server:
                 s.host,
                 self.grpc_port,
             )
+        self._storage_task = asyncio.create_task(self.storage.run(), name="storage-probe")
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
         log.info(
             "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",
@@ -392,16 +414,30 @@ class Server:
             )
             self.worker.start()
 
-    async def _set_health(self, ready: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def _set_health(self, backend: bool, storage: bool = True) -> None:
+        """Health: the overall "" entry follows the backend (and the drain); each talkinghead
+        service also needs the storage (avatars, streams' avatars, the job queue are in it), so a
+        client that checks a service's health learns that it would get UNAVAILABLE. The overall
+        entry, which Kubernetes' readiness probe asks, does not follow the storage: with Redis
+        shared by every replica, pulling them all from the Service helps no one (every call
+        would be refused at connect instead of told "storage unreachable; retry later", health
+        included), and each would have to be added back when Redis returns."""
+        if self._draining:
+            backend = False
+        self._published = (backend, storage)
+        serving, not_serving = (
+            health_pb2.HealthCheckResponse.SERVING,
+            health_pb2.HealthCheckResponse.NOT_SERVING,
         )
-        for name in ("", *SERVICES):
-            await self._health.set(name, status)
+        await self._health.set("", serving if backend else not_serving)
+        for name in SERVICES:
+            await self._health.set(name, serving if backend and storage else not_serving)
 
     async def _watch_backend(self) -> None:
         """Health follows the backend: NOT_SERVING until it is ready, whenever it goes away and while
-        a call is stalled (`Backend.is_ready` never blocks; a poll that fails counts as not ready)."""
+        a call is stalled (`Backend.is_ready` never blocks; a poll that fails counts as not ready),
+        and, per service, the storage (StorageWatch). Each fall from ready is counted by reason
+        (talkinghead_backend_not_ready_total)."""
         ready: bool | None = None
         while True:
             try:
@@ -410,16 +446,20 @@ class Server:
                 log.error("backend readiness check failed: %s", error)
                 now = False
             if now != ready:
-                await self._set_health(now)
                 self.app.metrics.backend_ready.set(1 if now else 0)
                 stalled = getattr(self.app.backend, "stalled", lambda: None)()
                 why = f" ({stalled})" if stalled and not now else ""
+                if ready and not now:
+                    self.app.metrics.backend_not_ready.labels("stalled" if stalled else "unavailable").inc()
                 log.info("backend %s is %s%s", self.app.backend.name, "ready" if now else "NOT ready", why)
                 ready = now
+            if (now, self.storage.up) != self._published:
+                await self._set_health(now, self.storage.up)
             await asyncio.sleep(HEALTH_POLL_S)
 
     async def drain(self) -> None:
         """Say NOT_SERVING for good (the backend watch stops), still taking calls."""
+        self._draining = True
         if self._monitor is not None:
             self._monitor.cancel()
         await self._set_health(False)
@@ -430,6 +470,8 @@ class Server:
         await self._health.enter_graceful_shutdown()
         if self._monitor is not None:
             self._monitor.cancel()
+        if self._storage_task is not None:
+            self._storage_task.cancel()
         await self._server.stop(grace)
         if self._events is not None:
             self._events.cancel()

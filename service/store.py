@@ -119,6 +119,10 @@ class LocalAvatarStore:
         self._lock = threading.Lock()  # serialises exists-check + replace for put(replace=False)
         self.swept = self._sweep()
 
+    def ping(self) -> None:
+        """Raise unless the avatar directory is there (service/storage.py's probe)."""
+        os.stat(self.root)
+
     def _sweep(self) -> int:
         """Remove stale temp files; returns how many (another replica's write in flight is young)."""
         removed, now = 0, time.time()

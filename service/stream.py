@@ -277,6 +277,11 @@ class Stream:
     async def _handle(self, request: pb.AnimateRequest) -> None:
         read = time.perf_counter()
         kind = request.WhichOneof("message")
+        # received before the quota may drop it: received - sent - dropped stays >= 0
+        if kind == "landmarks":
+            self.metrics.received["landmarks"].inc()
+        elif kind == "driving_frame":
+            self.metrics.received["image"].inc()
         if kind in ("landmarks", "driving_frame") and not await self._within_quota(read):
             return
         if kind == "landmarks":
@@ -323,7 +328,6 @@ class Stream:
         return True
 
     async def _landmark_frame(self, frame: pb.LandmarkFrame, read: float) -> None:
-        self.metrics.received["landmarks"].inc()
         what = f"frame {frame.sequence}"
         size = check_frame_size(frame.frame_width, frame.frame_height, what=what)
         points = parse_points(frame.landmarks.xy, what=f"{what} landmarks", frame=size)
@@ -331,7 +335,6 @@ class Stream:
         await self._enqueue(points, size, pending)
 
     async def _driving_frame(self, frame: pb.DrivingFrame, read: float) -> None:
-        self.metrics.received["image"].inc()
         what = f"driving frame {frame.sequence}"
         found = await self.find_landmarks(frame.image, what)
         self.metrics.stage["decode"].observe(found.decode_s)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import inspect
 import logging
@@ -49,6 +50,11 @@ IMAGE_OVERHEAD_BYTES = 4 * 1024  # a SourceImage's landmarks (136 floats) and fr
 STREAM_OVERHEAD_BYTES = 64 * 1024  # a driving frame's fields besides its image
 
 Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]  # code, details, trailing metadata
+# While a call runs, the server's storage watch (service/storage.py; set by service/rpc_metrics.py):
+# a failure status_of finds to be unreachable storage is reported to it at once, not at its next probe.
+STORAGE_FAILED: contextvars.ContextVar[Callable[[BaseException], None] | None] = contextvars.ContextVar(
+    "storage_failed", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,9 @@ def status_of(error: Exception, what: str) -> Status:
         return error.code, error.message, trailers
     if unreachable(error):
         log.warning("%s failed: storage unreachable: %s: %s", what, type(error).__name__, error)
+        report = STORAGE_FAILED.get()
+        if report is not None:
+            report(error)
         return grpc.StatusCode.UNAVAILABLE, "the server's storage is unreachable; retry later", ()
     if full(error):
         log.error("%s failed: storage full: %s", what, error)  # an operator must make room

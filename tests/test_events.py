@@ -463,6 +463,8 @@ def test_a_personalised_stream_never_switches_to_another_records_generator(
         stream = Streaming(running.client(), "tuned", driver)
         stream.frames(3)
         assert stream.started is not None and stream.started.personalised
+        errors = 'talkinghead_backend_errors_total{kind="unavailable",operation="generate"}'
+        errors_before = running.metric(errors, 0.0)
         # version 2, made for another record of the id (one that replaced it: a replace this
         # replica missed, or whose stream-ending raced it), and the worker's event
         _personalised_generator(repository, "tuned", 2, contract.avatar_stamp(record.create_time + 60))
@@ -470,6 +472,8 @@ def test_a_personalised_stream_never_switches_to_another_records_generator(
         code, details = stream.ended(3.0)
         assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
         assert "personalised generator was withdrawn" in details
+        # the avatar changed under the stream: no backend error (it tripped the backend's alerts)
+        assert running.metric(errors, 0.0) == errors_before
         frames = list(
             c.animate(
                 "tuned",

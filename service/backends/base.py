@@ -8,7 +8,8 @@ A warp-guided model's generators also take `warped` (B, S, S, 3) uint8 (`generat
 
 Every model call runs under a deadline (`CallGate.call`, Settings.backend_timeout): a call that
 does not answer in time is cut and raises BackendUnavailable (the stream gets UNAVAILABLE, not a
-hang). A call in flight longer than `stall_s` (Settings.backend_stall) makes `is_ready()` false,
+hang). A call in flight longer than `stall_s` (Settings.backend_stall), or than STALL_FACTOR x the
+seconds its caller expected it to take (EXPECTED_S) where that is longer, makes `is_ready()` false,
 so health says NOT_SERVING while the backend is stalled; a backend that finds its server gone
 fails the calls in flight at once (`abandon_calls`).
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import contextvars
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +31,12 @@ from facekit.contract import ADAIN, LANDMARK_IMAGE, WARPED, ModelInfo
 from facekit.engines import OFFLINE
 
 T = TypeVar("T")
+# The seconds the caller expects its next model call to take (the batcher sets it from its cost
+# model before a generator call; 0: no expectation). A call is stalled only past
+# max(stall_s, STALL_FACTOR x that): a batch of 48 offline frames "in flight for 1.7 s" on a busy
+# machine turned health NOT_SERVING under ordinary load, as if the backend had hung.
+EXPECTED_S: contextvars.ContextVar[float] = contextvars.ContextVar("expected_call_s", default=0.0)
+STALL_FACTOR = 3.0
 
 
 class BackendUnavailable(RuntimeError):
@@ -42,10 +50,15 @@ class BackendUnavailable(RuntimeError):
         self.reason = reason
 
 
+class Withdrawn(BackendUnavailable):
+    """`withdrawn`: the stream's avatar changed under it; not a fault of the backend (not counted in
+    talkinghead_backend_errors_total)."""
+
+
 def withdrawn(name: str) -> BackendUnavailable:
     """A personalised stream's generator is no longer the one it opened on: removed, or now one
     fine-tuned on another record of the avatar id (it was replaced)."""
-    return BackendUnavailable(
+    return Withdrawn(
         f"{name} is not the generator the stream opened on (withdrawn, or made for another record)",
         reason="the avatar's personalised generator was withdrawn",
     )
@@ -79,6 +92,7 @@ class _Call:
     started: float  # time.monotonic()
     task: asyncio.Future[Any]
     failure: BackendUnavailable | None = None  # why the gate ended the call (its task cancelled)
+    expected: float = 0.0  # seconds the caller expected it to take (EXPECTED_S)
 
     def fail(self, failure: BackendUnavailable) -> None:
         if self.failure is None and not self.task.done():
@@ -116,13 +130,19 @@ class ReadyGate:
         return self._ready.is_set() and self.stalled() is None
 
     def stalled(self) -> str | None:
-        """The oldest call in flight for longer than stall_s, described; None when there is none."""
+        """The oldest call in flight for longer than stall_s, or STALL_FACTOR x the time its caller
+        expected it to take where that is longer, described; None when there is none."""
         now = time.monotonic()
-        old = [call for call in self._calls if now - call.started > self.stall_s]
+        old = [
+            call
+            for call in self._calls
+            if now - call.started > max(self.stall_s, STALL_FACTOR * call.expected)
+        ]
         if not old:
             return None
         oldest = min(old, key=lambda call: call.started)
-        return f"{oldest.what} in flight for {now - oldest.started:.1f} s"
+        expected = f", expected {oldest.expected:.1f} s" if oldest.expected else ""
+        return f"{oldest.what} in flight for {now - oldest.started:.1f} s{expected}"
 
     async def call(self, what: str, work: Awaitable[T], *, give_up: Callable[[], None] | None = None) -> T:
         """Await one model call under the deadline. BackendUnavailable when it does not answer
@@ -132,7 +152,7 @@ class ReadyGate:
         The call's own task is awaited, and a timer or abandon_calls cancels it: no timed wait and
         its futures for every frame's call."""
         task = asyncio.ensure_future(work)
-        call = _Call(what=what, started=time.monotonic(), task=task)
+        call = _Call(what=what, started=time.monotonic(), task=task, expected=EXPECTED_S.get())
         self._calls.add(call)
         deadline = asyncio.get_running_loop().call_later(self.timeout_s, self._expire, call)
         try:

@@ -1,0 +1,127 @@
+"""Every call's final status, counted where gRPC hands the call to the server's handlers.
+
+`RpcMetrics` is the server's outermost interceptor (before service/auth.py's AuthInterceptor), so
+it sees every call: those the AuthInterceptor refuses UNAUTHENTICATED before their request is read,
+those refused at their start (NOT_FOUND, RESOURCE_EXHAUSTED at max_streams, UNAVAILABLE while the
+storage is unreachable, INVALID_ARGUMENT), and those that ran. Each ends one count of
+`talkinghead_rpcs_total{method, code}` (method: `<service>/<method>` of the protos the server
+serves, `other` for a name it does not know, so a scanner cannot make series; code: the gRPC status
+name), and an Animate call one of `talkinghead_streams_total{code}` as well.
+
+The code is the one the client gets: what the handler set or aborted with, CANCELLED when the call
+was cancelled (the client cancelled, hung up, or its deadline passed), UNKNOWN when a handler
+raised (gRPC's answer to an unhandled exception).
+
+While a call runs, `STORAGE_FAILED` holds the server's storage watch (service/storage.py): a
+handler that finds the storage unreachable (service/wire.py status_of) tells it at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+
+from service.metrics import Metrics
+from service.wire import STORAGE_FAILED
+
+OTHER = "other"
+ANIMATE = "talkinghead.v1.AnimationService/Animate"
+
+
+def code_name(context: grpc.aio.ServicerContext) -> str:
+    """The status the handler set (OK when none)."""
+    code = context.code()
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    for known in grpc.StatusCode:  # (an int, as some gRPC versions return it)
+        if known.value[0] == code:
+            return known.name
+    return "UNKNOWN"
+
+
+class RpcMetrics(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        metrics: Metrics,
+        methods: Iterable[str],
+        on_storage_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.methods = frozenset(methods)  # "<full service name>/<method>"
+        self.on_storage_failure = on_storage_failure
+
+    def count(self, method: str, code: str) -> None:
+        self.metrics.rpcs_total.labels(method, code).inc()
+        if method == ANIMATE:
+            self.metrics.streams_total.labels(code).inc()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        name = (handler_call_details.method or "").lstrip("/")
+        method = name if name in self.methods else OTHER
+        handler = await continuation(handler_call_details)
+        if handler is None:  # gRPC answers UNIMPLEMENTED
+            self.count(method, "UNIMPLEMENTED")
+            return handler
+        kind = ("stream" if handler.request_streaming else "unary") + (
+            "_stream" if handler.response_streaming else "_unary"
+        )
+        behavior = getattr(handler, kind)
+        if behavior is None:
+            return handler
+        wrapped: Callable[..., Any] = (
+            self._generator(behavior, method)
+            if inspect.isasyncgenfunction(behavior)
+            else self._coroutine(behavior, method)
+        )
+        return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]  # a namedtuple
+
+    def _coroutine(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            token = STORAGE_FAILED.set(self.on_storage_failure)
+            code = "UNKNOWN"
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+                code = code_name(context)
+                return result
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = code_name(context)
+                raise
+            finally:
+                STORAGE_FAILED.reset(token)
+                self.count(method, code)
+
+        return counted
+
+    def _generator(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+        async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            STORAGE_FAILED.set(self.on_storage_failure)  # (the call's own task: gone with it)
+            code = "UNKNOWN"
+            try:
+                async for reply in behavior(request, context):
+                    yield reply
+                code = code_name(context)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                code = code_name(context)
+                raise
+            finally:
+                self.count(method, code)
+
+        return counted
