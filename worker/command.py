@@ -38,6 +38,7 @@ from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
+from worker import models
 from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
@@ -156,6 +157,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.threads:
         torch.set_num_threads(args.threads)
+    models.sweep_exports()  # what workers killed while exporting left in the temp folder
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
