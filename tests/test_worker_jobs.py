@@ -22,6 +22,7 @@ from jobs.record import (
     CANCELLED,
     CODE_CANCELLED,
     CODE_UNAVAILABLE,
+    EXPORT_ESTIMATE_S,
     FAILED,
     PERSONALISE,
     QUEUED,
@@ -242,6 +243,57 @@ def test_a_stopped_worker_hands_its_redis_job_back_for_the_next_claim(
     taken = RedisQueue(client=connect(redis_url), claim_timeout_s=600).claim("next", wait_s=1)
     assert taken is not None and taken.id == job.id and taken.attempt == 1
     assert service.cancel(job.id).cancel_requested  # type: ignore[union-attr]
+
+
+# -- 3. the time left -----------------------------------------------------------------------------------
+
+
+def test_the_time_left_uses_the_workers_own_measures() -> None:
+    """The estimate added a fixed 20 s of export (it takes 0.5-2.2 s now) and said 0 until step 2.
+    The worker's measures from its earlier jobs replace both: its export time, and before this
+    job's pace is known its start-up time and time per step. With none (its first job) the export
+    counts EXPORT_ESTIMATE_S and the time before step 2 is unknown (0), as the API documents."""
+    job = Job(id="0123456789abcdef", kind=PERSONALISE, avatar_id="a", steps=11, state=RUNNING)
+    job.start_time = 100.0
+    assert job.remaining(now=101.0) == 0.0, "nothing measured yet: unknown"
+    job.export_estimate_s, job.start_estimate_s, job.step_estimate_s = 1.5, 3.0, 0.5
+    assert job.remaining(now=101.0) == pytest.approx(2.0 + 10 * 0.5 + 1.5)  # start-up left, 10 steps, export
+    assert job.remaining(now=110.0) == pytest.approx(10 * 0.5 + 1.5), "start-up overran: not below the steps"
+    job.step, job.first_step_time = 1, 104.0
+    assert job.remaining(now=106.0) == pytest.approx(5.0 - 2.0 + 1.5)
+    job.step = 6  # its own pace now: 5 steps in 10 s
+    assert job.remaining(now=114.0) == pytest.approx(5 * 2.0 + 1.5)
+    job.step, job.export_time = 11, 120.0
+    assert job.remaining(now=121.0) == pytest.approx(0.5)
+    job.export_estimate_s = 0.0  # (a record an older worker wrote)
+    assert job.remaining(now=121.0) == pytest.approx(EXPORT_ESTIMATE_S - 1.0)
+
+
+def test_the_worker_writes_its_measured_export_time_into_the_next_job(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """A real worker runs two jobs: the first carries the default export estimate, the second the
+    export + load time the worker measured on the first (not 20 s), and its pace."""
+    jobs = tmp_path / "jobs"
+    queue = LocalQueue(root=jobs)
+    first = queue.submit(_job(model_id, "erin", 3), photos, max_active=2)
+    log = tmp_path / "worker.log"
+    worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+    try:
+        _until("the first job", lambda: queue.get(first.id).done, START_S + JOB_S, log)  # type: ignore[union-attr]
+        second = queue.submit(_job(model_id, "frank", 3), photos, max_active=2)
+        _until("the second job", lambda: queue.get(second.id).done, JOB_S, log)  # type: ignore[union-attr]
+    finally:
+        _stop(worker)
+    one, two = queue.get(first.id), queue.get(second.id)
+    assert one is not None and two is not None and one.state == two.state == SUCCEEDED, log.read_text()[
+        -3000:
+    ]
+    assert (one.export_estimate_s, one.step_estimate_s, one.start_estimate_s) == (EXPORT_ESTIMATE_S, 0.0, 0.0)
+    measured = one.end_time - one.export_time
+    assert two.export_estimate_s == pytest.approx(measured, abs=0.2), (two.export_estimate_s, measured)
+    assert two.step_estimate_s == pytest.approx((one.export_time - one.first_step_time) / 2, rel=0.01)
+    assert two.start_estimate_s == pytest.approx(one.first_step_time - one.start_time, rel=0.01)
 
 
 # -- 5. a cancel after the last progress write --------------------------------------------------------
