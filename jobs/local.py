@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import tempfile
@@ -24,8 +25,19 @@ from pathlib import Path
 from typing import IO
 
 from jobs.events import Event
-from jobs.queue import AvatarBusy, Lost, QueueFull
-from jobs.record import CANCELLED, CODE_CANCELLED, ID, PERSONALISE, QUEUED, REMOVE, RUNNING, TERMINAL, Job
+from jobs.queue import AvatarBusy, Lost, QueueFull, StoreFull
+from jobs.record import (
+    CANCELLED,
+    CODE_CANCELLED,
+    ID,
+    PERSONALISE,
+    QUEUED,
+    REMOVE,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    Job,
+)
 
 EVENTS_FILE = "events.jsonl"
 EVENTS_LOCK = ".events.lock"
@@ -88,7 +100,12 @@ class LocalQueue:
             yield
 
     def _write(self, job: Job) -> None:
-        write_atomic(self._path(job.id, ".json"), job.to_json().encode())
+        try:
+            write_atomic(self._path(job.id, ".json"), job.to_json().encode())
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFull(error.errno, f"the job directory {self.root} is full") from error
+            raise
 
     def _jobs(self) -> list[Job]:
         found = []
@@ -183,8 +200,12 @@ class LocalQueue:
         job.state, job.worker, job.attempt = RUNNING, worker, job.attempt + 1
         job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
         job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
+        try:
+            self._write(job)
+        except BaseException:  # (its directory full): not taken - before, it stayed held, never run
+            lock.close()
+            raise
         self._held[job_id] = lock
-        self._write(job)
         return job
 
     def _check_held(self, job: Job) -> None:
@@ -202,12 +223,23 @@ class LocalQueue:
         self._write(job)
         return not self._path(job.id, ".cancel").exists()
 
-    def finish(self, job: Job) -> None:
+    def finish(self, job: Job) -> bool:
         self._check_held(job)
         assert job.state in TERMINAL, job.state
-        self._write(job)
+        with self._queue_lock():  # (a cancel asked now is seen here, or comes after the end)
+            if job.kind == PERSONALISE and job.state == SUCCEEDED and self._path(job.id, ".cancel").exists():
+                return False
+            self._write(job)  # failing (the directory full), the job stays held: finish it again
         for suffix in (".input.npz", ".cancel", ".lock"):
             self._path(job.id, suffix).unlink(missing_ok=True)
+        self._held.pop(job.id).close()
+        return True
+
+    def release(self, job: Job) -> None:
+        self._check_held(job)
+        job.state, job.stage, job.attempt = QUEUED, "queued", max(0, job.attempt - 1)
+        job.start_time, job.first_step_time, job.export_time, job.step, job.losses = 0.0, 0.0, 0.0, 0, {}
+        self._write(job)
         self._held.pop(job.id).close()
 
     def publish(self, avatar_id: str, event: str) -> None:

@@ -33,6 +33,11 @@ class Lost(Exception):
     """This worker no longer holds the job (it was presumed dead and another worker took it)."""
 
 
+class StoreFull(OSError):
+    """The queue's own storage is full (a job directory's filesystem: ENOSPC, EDQUOT) - not the
+    model repository, which a job's failure must not blame."""
+
+
 def pack_input(frames: np.ndarray, points: np.ndarray) -> bytes:
     """The photos fine-tuning trains on: frames (K, S, S, 3) uint8, points (K, 68, 2) float32."""
     assert frames.ndim == 4 and frames.dtype == np.uint8 and points.shape == (len(frames), 68, 2)
@@ -86,8 +91,17 @@ class JobQueue(Protocol):
         """Write a held job's progress; False when it was cancelled meanwhile; Lost if not held."""
         ...
 
-    def finish(self, job: Job) -> None:
-        """Write the ended job, release it and its avatar; Lost if not held."""
+    def finish(self, job: Job) -> bool:
+        """Write the ended job, release it and its avatar; Lost if not held. A SUCCEEDED job whose
+        cancellation was asked meanwhile is not written: False (the job still held, for its worker
+        to take its generator back and end it CANCELLED). Any other failure (the store full or away)
+        raises and leaves the job held as it was, for the worker to finish again."""
+        ...
+
+    def release(self, job: Job) -> None:
+        """Hand a held job back, QUEUED, as if this attempt had not begun (its attempt not counted),
+        for the next claim of any worker to take at once (a worker stopping gracefully); Lost if
+        not held."""
         ...
 
     def publish(self, avatar_id: str, event: str) -> None:

@@ -18,7 +18,12 @@ from typing import Any
 PRESETS: dict[str, int] = {"fast": 40, "balanced": 150, "best": 400}  # preset -> fine-tuning steps
 DEFAULT_PRESET = "balanced"
 MAX_STEPS = 2000
-EXPORT_ESTIMATE_S = 20.0  # what exporting and loading one generator usually adds (2 CPU cores)
+# What exporting and loading one generator adds when the worker has measured none yet (its first
+# job): the worker writes its generator from a kept template, 0.5-2.2 s measured on 2 CPU cores
+# for the small model (it was 20 s when every export traced). After its first job the worker
+# writes its own measures into each job (export_estimate_s, and the pace step_estimate_s,
+# start_estimate_s that give an estimate before the job's own pace is known).
+EXPORT_ESTIMATE_S = 2.0
 
 
 def steps_for(*, steps: int = 0, preset: str = "") -> int:
@@ -78,6 +83,11 @@ class Job:
     # generator_<avatar>'s latest version when the first attempt began (0: none; -1: not begun): a
     # version above it that a later attempt finds was written by an attempt lost before it said so
     published_before: int = -1
+    # the worker's measures from its earlier jobs (0: none yet): export + load, claim -> step 1 ended,
+    # and the time per step (what `remaining` uses until this job's own pace is known)
+    export_estimate_s: float = 0.0
+    start_estimate_s: float = 0.0
+    step_estimate_s: float = 0.0
 
     @property
     def done(self) -> bool:
@@ -90,16 +100,22 @@ class Job:
 
     def remaining(self, now: float | None = None) -> float:
         """Seconds left: steps left at the pace since step 1, plus the export (counting down once
-        it began: it said ~20 s left to the end); 0 when unknown, or the export overran it."""
+        it began); before step 2, the worker's pace and start-up time from its earlier jobs; 0 when
+        unknown (queued, or a worker's first job before its second step), or the export overran
+        its estimate."""
         now = now or time.time()
         if self.done:
             return 0.0
+        export = self.export_estimate_s or EXPORT_ESTIMATE_S
         if self.export_time:
-            return max(0.0, EXPORT_ESTIMATE_S - (now - self.export_time))
-        if self.step < 2 or not self.first_step_time:
+            return max(0.0, export - (now - self.export_time))
+        if self.step >= 2 and self.first_step_time:
+            pace = (now - self.first_step_time) / (self.step - 1)
+            return pace * (self.steps - self.step) + export
+        if self.state != RUNNING or not self.start_time or not self.step_estimate_s:
             return 0.0
-        pace = (now - self.first_step_time) / (self.step - 1)
-        return pace * (self.steps - self.step) + EXPORT_ESTIMATE_S
+        step_one = self.first_step_time or max(now, self.start_time + self.start_estimate_s)
+        return max(0.0, step_one + self.step_estimate_s * (self.steps - 1) - now) + export
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -28,7 +28,7 @@ import redis
 from jobs import keys
 from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull
-from jobs.record import CANCELLED, CODE_CANCELLED, REMOVE, RUNNING, TERMINAL, Job
+from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, REMOVE, RUNNING, TERMINAL, Job
 
 RETENTION_S = 7 * 24 * 3600
 _ENDED = "if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then "
@@ -94,6 +94,9 @@ return 1
 """
 FINISH = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+if ARGV[3] == 'SUCCEEDED' and ARGV[8] == 'personalise' and redis.call('HEXISTS', KEYS[1], 'cancel') == 1 then
+  return 2
+end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', ARGV[3])
 redis.call('HDEL', KEYS[1], 'input', 'cancel')
 redis.call('SREM', KEYS[2], ARGV[4])
@@ -103,6 +106,18 @@ redis.call('XDEL', KEYS[4], ARGV[6])
 redis.call('EXPIRE', KEYS[1], ARGV[7])
 return 1
 """
+# A job handed back (a worker stopping): QUEUED again, its attempt not counted, and its stream entry
+# (pending with this worker) made idle for longer than any claim timeout, so the next claim's
+# XAUTOCLAIM takes it at once - before the entries queued after it - not after claim_timeout_s.
+RELEASE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'QUEUED')
+redis.call('HINCRBY', KEYS[1], 'attempts', -1)
+redis.call('HDEL', KEYS[1], 'owner')
+redis.call('XCLAIM', KEYS[2], ARGV[3], ARGV[4], 0, ARGV[5], 'IDLE', ARGV[6], 'JUSTID')
+return 1
+"""
+RELEASE_IDLE_MS = 30 * 24 * 3600 * 1000
 
 
 # A read unanswered this long fails (UNAVAILABLE for the service's call): on a pooled connection
@@ -149,6 +164,7 @@ class RedisQueue:
                 ("update", UPDATE),
                 ("heartbeat", HEARTBEAT),
                 ("finish", FINISH),
+                ("release", RELEASE),
             )
         }
         # Redis not up yet (pods start in any order): the first claim makes the group.
@@ -301,12 +317,25 @@ class RedisQueue:
             raise Lost(f"job {job.id} was taken over by another worker")
         return bool(verdict == 1)
 
-    def finish(self, job: Job) -> None:
+    def finish(self, job: Job) -> bool:
         assert job.state in TERMINAL, job.state
         owner, entry = self._owner(job), self._held[job.id][1]
         k = [keys.job(job.id), keys.ACTIVE, keys.avatar_job(job.avatar_id), keys.JOB_STREAM]
-        args = [owner, job.to_json(), job.state, job.id, keys.WORKERS_GROUP, entry, RETENTION_S]
-        ok = self._run("finish", k, args)
+        args = [owner, job.to_json(), job.state, job.id, keys.WORKERS_GROUP, entry, RETENTION_S, job.kind]
+        verdict = self._run("finish", k, args)  # raising (Redis away, at its memory limit): still held
+        if verdict == 2:  # a SUCCEEDED end, cancelled meanwhile: nothing written, still held
+            return False
+        self._held.pop(job.id, None)
+        if not verdict:
+            raise Lost(f"job {job.id} was taken over by another worker")
+        return True
+
+    def release(self, job: Job) -> None:
+        owner, entry = self._owner(job), self._held[job.id][1]
+        job.state, job.stage, job.attempt = QUEUED, "queued", max(0, job.attempt - 1)
+        job.start_time, job.first_step_time, job.export_time, job.step, job.losses = 0.0, 0.0, 0.0, 0, {}
+        args = [owner, job.to_json(), keys.WORKERS_GROUP, job.worker, entry, RELEASE_IDLE_MS]
+        ok = self._run("release", [keys.job(job.id), keys.JOB_STREAM], args)
         self._held.pop(job.id, None)
         if not ok:
             raise Lost(f"job {job.id} was taken over by another worker")

@@ -5,8 +5,10 @@ after --claim-timeout s) or a job directory on this machine (--jobs; `talkinghea
 such worker itself by default). The worker fine-tunes --checkpoint (the served model's meta
 checkpoint), writes into --repository (read-write) and loads each new model in every --triton-url
 (a host resolving to several addresses means each of them). A queue it cannot reach is tried
-again (after 1 s, doubling to 30 s), not the end of it. SIGTERM/SIGINT stop it; a job it held is
-taken over by the next worker.
+again (after 1 s, doubling to 30 s), not the end of it. SIGTERM/SIGINT stop it within a
+fine-tuning step (and any export under way): the job it was fine-tuning goes back to the queue,
+QUEUED, its attempt not counted, and the next worker takes it at once (before, it ran on until the
+service's 10 s grace killed the worker, and each such stop counted as one of its 3 attempts).
 
 It reads the avatar store - the Redis one with --redis-url, the service's directory with --avatars
 (the embedded worker is given it) - to withdraw a deleted avatar's generator only once its record
@@ -39,6 +41,7 @@ from jobs.keys import shown_url
 from jobs.queue import JobQueue
 from training import checkpoint
 from training.runtime import pick_device
+from worker import models
 from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
@@ -157,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             )
     if args.threads:
         torch.set_num_threads(args.threads)
+    models.sweep_exports()  # what workers killed while exporting left in the temp folder
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -175,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         device=pick_device(args.device),
         avatars=make_avatars(args),
         sweep_interval_s=max(0.0, args.sweep_interval),
+        stopping=stop,
     )
     where = shown_url(args.redis_url) if args.redis_url else args.jobs or "var/jobs"
     log.info(

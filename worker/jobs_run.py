@@ -5,7 +5,10 @@ Progress is written after every fine-tuning step (step, losses, the time estimat
 tells whether cancellation was asked, which stops the job at that step. A heartbeat thread keeps
 the job held while the worker exports (no steps then). Whatever happens the job ends with a state
 and a google.rpc code, except when the worker lost it to another worker (Lost): then it writes
-nothing more and leaves the job to its new holder.
+nothing more and leaves the job to its new holder; or when the worker is stopping (SIGTERM: the
+job goes back to the queue at its next step, QUEUED, its attempt not counted). An end the queue
+cannot write (its directory full, Redis away) is kept and written again between other jobs, the
+job held meanwhile: never run again for it.
 
 The worker reads the avatar store (jobs.avatars: the service's directory, or Redis) to know
 which record each avatar is now. The service queues a deleted or replaced record's REMOVE job
@@ -23,6 +26,7 @@ REMOVE job never came for (a delete before REMOVE jobs were queued first, a work
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import functools
@@ -30,7 +34,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,7 @@ from facekit import contract
 from facekit.ids import validate_stored_id
 from jobs import events
 from jobs.avatars import AvatarIndex
-from jobs.queue import JobQueue, Lost, unpack_input
+from jobs.queue import JobQueue, Lost, StoreFull, unpack_input
 from jobs.record import (
     CANCELLED,
     CODE_CANCELLED,
@@ -49,6 +53,7 @@ from jobs.record import (
     CODE_INTERNAL,
     CODE_RESOURCE_EXHAUSTED,
     CODE_UNAVAILABLE,
+    EXPORT_ESTIMATE_S,
     FAILED,
     REMOVE,
     SUCCEEDED,
@@ -74,6 +79,56 @@ class Cancelled(Exception):
     pass
 
 
+class Stopped(Exception):
+    """The worker is stopping (SIGTERM): the job goes back to the queue, its attempt not counted."""
+
+
+@dataclass
+class Ending:
+    """A job's end to write (`finish`), what follows it once written (or lost to another worker:
+    an event every replica must hear), and what undoes a SUCCEEDED end's publish when the queue
+    refuses that end for a cancel asked meanwhile."""
+
+    job: Job
+    then: Callable[[], None] | None = None
+    undo: Callable[[], None] | None = None
+
+
+class Unwritten(Exception):
+    """An end the queue could not write (the job directory full, Redis away or at its memory
+    limit): the job is still held, and the worker writes it again between other jobs (`Waiting`)."""
+
+    def __init__(self, ending: Ending, error: Exception) -> None:
+        super().__init__(f"job {ending.job.id}: its end ({ending.job.state}) not written: {error}")
+        self.ending = ending
+
+
+@dataclass
+class Estimates:
+    """What this worker measured of its personalisations (0: nothing yet), a running mean, written
+    into each job it takes (Job.remaining's estimate before the job's own pace is known, and of
+    its export): export + load (it was a fixed 20 s, measured 0.5-2.2 s), claim to step 1 ended,
+    and the time per step."""
+
+    export_s: float = 0.0
+    start_s: float = 0.0
+    step_s: float = 0.0
+
+    def learn(self, job: Job, now: float) -> None:
+        """Learn from a job that fine-tuned and published (just before its end is written)."""
+        measured = {"export_s": now - job.export_time, "start_s": job.first_step_time - job.start_time}
+        if job.steps > 1:
+            measured["step_s"] = (job.export_time - job.first_step_time) / (job.steps - 1)
+        for name, value in measured.items():
+            if value > 0:
+                old = getattr(self, name)
+                setattr(self, name, value if not old else (old + value) / 2)
+
+    def stamp(self, job: Job) -> None:
+        job.export_estimate_s = self.export_s or EXPORT_ESTIMATE_S
+        job.start_estimate_s, job.step_estimate_s = self.start_s, self.step_s
+
+
 @dataclass(frozen=True, kw_only=True)
 class Context:
     """What every job needs: the queue, the meta checkpoint (loaded once) and where models go."""
@@ -92,6 +147,11 @@ class Context:
     avatars: AvatarIndex | None = None
     remove_wait_s: float = REMOVE_WAIT_S
     sweep_interval_s: float = SWEEP_INTERVAL_S  # 0: never
+    # set when the worker is asked to stop (SIGTERM): a job fine-tuning goes back to the queue at
+    # its next step (before, it ran on until the service killed the worker 10 s later, and each
+    # such stop counted as one of its MAX_ATTEMPTS)
+    stopping: threading.Event = field(default_factory=threading.Event)
+    estimates: Estimates = field(default_factory=Estimates)
 
 
 class Heartbeat:
@@ -148,25 +208,53 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
                 _personalise(ctx, job, beat)
         return True
 
-    _settle(ctx, job, run)
+    _settle(ctx, job, run, later)
     if waiting is None:
         later.wait()
 
 
-def _settle(ctx: Context, job: Job, step: Callable[[], bool]) -> bool:
+def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) -> bool:
     """Run a step of the job: whether the job is over for this worker - `step` says so, or it
-    raised: lost to another worker (nothing written), cancelled or failed (ended so)."""
+    raised: lost to another worker (nothing written), handed back (the worker stopping),
+    cancelled or failed (ended so). An end the queue could not write goes to `later` (written
+    again between other jobs: before, it escaped, and the job stayed RUNNING and held, never
+    cancelled, its avatar busy, until the worker restarted)."""
     try:
-        return step()
+        try:
+            return step()
+        except Unwritten:
+            raise
+        except Lost as error:
+            log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        except Stopped as why:
+            _hand_back(ctx, job, str(why))
+        except Cancelled as why:
+            _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
+        except Exception as error:
+            log.exception("job %s failed", job.id)
+            code, message = failure(error)
+            _end(ctx, job.ended(FAILED, code=code, error=message))
+    except Unwritten as unwritten:
+        later.end_later(unwritten.ending, unwritten.__cause__)
+    return True
+
+
+def _hand_back(ctx: Context, job: Job, why: str) -> None:
+    """Give a job back to the queue, QUEUED and its attempt not counted, for the next worker."""
+    try:
+        ctx.queue.release(job)
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
-    except Cancelled as why:
-        _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
-    except Exception as error:
-        log.exception("job %s failed", job.id)
-        code, message = failure(error)
-        _end(ctx, job.ended(FAILED, code=code, error=message))
-    return True
+        return
+    except Exception as error:  # the queue away: its claim times out (the lock goes with the process)
+        log.warning(
+            "job %s: cannot hand it back (%s: %s); it is taken again later",
+            job.id,
+            type(error).__name__,
+            error,
+        )
+        return
+    log.info("job %s %s; handed back to the queue (the worker is stopping)", job.id, why)
 
 
 class Waiting:
@@ -179,9 +267,32 @@ class Waiting:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self._jobs: dict[str, tuple[Job, float, Heartbeat]] = {}  # id -> job, deadline, heartbeat
+        # ends the queue could not write: id -> ending, heartbeat, next try (monotonic), wait after it
+        self._ends: dict[str, tuple[Ending, Heartbeat, float, float]] = {}
 
     def __len__(self) -> int:
-        return len(self._jobs)
+        return len(self._jobs) + len(self._ends)
+
+    def end_later(self, ending: Ending, error: BaseException | None) -> None:
+        """Hold a job whose end the queue could not write, and write it again between other jobs
+        (END_RETRY_S apart, doubling) until it is written or the job is lost to another worker:
+        its result is kept - it is not run again, and no attempt is spent."""
+        job = ending.job
+        if job.id in self._ends:
+            _, beat, _, wait = self._ends[job.id]
+            wait = min(2 * wait, END_RETRY_S[1])
+        else:
+            beat, wait = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s), END_RETRY_S[0]
+            beat.__enter__()
+        self._ends[job.id] = (ending, beat, time.monotonic() + wait, wait)
+        log.warning(
+            "job %s: cannot write its end (%s, %s): %s; trying again in %.0f s",
+            job.id,
+            job.state,
+            job.error or "no error",
+            error,
+            wait,
+        )
 
     def add(self, job: Job) -> None:
         beat = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s)
@@ -190,8 +301,20 @@ class Waiting:
         log.info("job %s: the avatar record is still there; checking again while other jobs run", job.id)
 
     def check(self) -> None:
+        for job_id, entry in list(self._ends.items()):
+            ending, beat, when, _ = entry
+            if beat.lost.is_set():
+                log.warning("job %s was taken over by another worker; its end is left to it", job_id)
+            else:
+                if time.monotonic() < when:
+                    continue
+                _settle(self.ctx, ending.job, functools.partial(_write_end, self.ctx, ending), self)
+                if self._ends.get(job_id) is not entry:  # not written yet: end_later put it back
+                    continue
+            del self._ends[job_id]
+            beat.__exit__()
         for job_id, (job, deadline, beat) in list(self._jobs.items()):
-            if _settle(self.ctx, job, functools.partial(self._step, job, deadline, beat)):
+            if _settle(self.ctx, job, functools.partial(self._step, job, deadline, beat), self):
                 del self._jobs[job_id]
                 beat.__exit__()
 
@@ -213,21 +336,35 @@ class Waiting:
 
     def wait(self) -> None:
         """Check until every job is over."""
-        while self._jobs:
+        while self:
             self.check()
-            if self._jobs:
+            if self:
                 time.sleep(REMOVE_POLL_S)
 
     def close(self) -> None:
-        """Stop holding the jobs still waiting (their claim times out: another worker takes them)."""
-        for _, _, beat in self._jobs.values():
+        """Stop holding the jobs still waiting: a REMOVE job is handed back (another worker takes
+        it at once); an end not written yet is tried once more, then left (the job is taken again
+        once this worker is gone: its lock goes with the process, or its claim times out)."""
+        for job, _, beat in self._jobs.values():
             beat.__exit__()
+            _hand_back(self.ctx, job, "waiting for its record")
         self._jobs.clear()
+        for job_id, (ending, beat, _, _) in list(self._ends.items()):
+            beat.__exit__()
+            with contextlib.suppress(Exception):
+                _write_end(self.ctx, ending)
+                continue
+            log.warning(
+                "job %s: its end (%s) still not written; left to the next worker", job_id, ending.job.state
+            )
+        self._ends.clear()
 
 
 def failure(error: Exception) -> tuple[int, str]:
     """A failed job's code and message, as its caller reads them (GetOperation): what went wrong,
     not where - no paths, addresses or a library's own words; the worker's log has those."""
+    if isinstance(error, StoreFull):  # the job directory, not the repository (it said so before)
+        return CODE_UNAVAILABLE, "the job queue's storage is full; personalise again later"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return CODE_UNAVAILABLE, "the model repository is full; personalise again later"
     if type(error).__name__ == "InferenceServerException":  # tritonclient's, from load_model
@@ -241,16 +378,44 @@ def failure(error: Exception) -> tuple[int, str]:
     return CODE_INTERNAL, f"internal error: {type(error).__name__} (the worker's log has the details)"
 
 
-def _end(ctx: Context, job: Job) -> None:
+def _end(
+    ctx: Context,
+    job: Job,
+    *,
+    then: Callable[[], None] | None = None,
+    undo: Callable[[], None] | None = None,
+) -> None:
     """Write the ended job, unless it was taken over meanwhile: its new holder ends it (a failure
     or cancellation found after the takeover used to raise Lost out of run_job and end the
-    worker)."""
+    worker); then `then` (also when taken over). Unwritten when the queue fails to write it."""
+    _write_end(ctx, Ending(job, then, undo))
+
+
+def _write_end(ctx: Context, ending: Ending) -> bool:
+    """`_end`'s work. A personalisation's SUCCEEDED end that the queue refuses because its cancel
+    came after its last update (before, the cancel was dropped and it succeeded) has its publish
+    undone and ends CANCELLED: a cancel asked before an operation is done is honoured."""
+    job = ending.job
     try:
-        ctx.queue.finish(job)
+        written = ctx.queue.finish(job)
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
-        return
-    log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
+        written = True
+    except Exception as error:
+        raise Unwritten(ending, error) from error
+    else:
+        if not written:
+            assert ending.undo is not None, f"job {job.id}: a cancelled end nothing can undo"
+            ending.undo()
+            why = "cancelled as its generator was published (taken back: the avatar keeps the one it had)"
+            return _write_end(ctx, Ending(job.ended(CANCELLED, code=CODE_CANCELLED, error=why)))
+        log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
+    if ending.then is not None:
+        try:
+            ending.then()
+        except Exception as error:  # (an event lost: replicas reload at their next open)
+            log.warning("job %s: after its end: %s: %s", job.id, type(error).__name__, error)
+    return True
 
 
 def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
@@ -260,6 +425,8 @@ def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
         job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
         if step == 1:
             job.first_step_time = time.time()
+        if ctx.stopping.is_set() and step < job.steps:
+            raise Stopped(f"stopped at step {step} of {job.steps}")
         if not ctx.queue.update(job):
             raise Cancelled(f"cancelled at step {step} of {job.steps}")
 
@@ -279,9 +446,12 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         job.published_before = (repository.versions(ctx.repository / name) or [0])[-1]
     else:  # taken over: what a lost attempt published goes, or a cancel or failure now would keep it
         _take_back_lost(ctx, job, name)
+    ctx.estimates.stamp(job)
     if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
         raise Cancelled("cancelled before fine-tuning" + (" resumed" if job.attempt > 1 else ""))
     _check_record(ctx, job, "before fine-tuning")
+    if ctx.stopping.is_set():
+        raise Stopped("stopped before fine-tuning")
     frames, points = unpack_input(ctx.queue.load_input(job))
     ckpt = personalise(
         ctx.meta,
@@ -304,12 +474,22 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons, max_loaded=ctx.max_loaded
     )
     job.stage, job.model_name, job.model_version = "loading", published.name, published.version
-    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
+
+    def undo() -> None:
         models.take_back(published, ctx.repository, tritons=ctx.tritons)
         _taken_back(ctx, job, name)
+
+    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
+        undo()
         raise Cancelled("cancelled before the model was published")
-    _end(ctx, job.ended(SUCCEEDED))
-    ctx.queue.publish(job.avatar_id, events.PERSONALISED)  # (even if taken over: it is loaded)
+    ctx.estimates.learn(job, time.time())
+    # (the event even if taken over: it is loaded)
+    _end(
+        ctx,
+        job.ended(SUCCEEDED),
+        then=functools.partial(ctx.queue.publish, job.avatar_id, events.PERSONALISED),
+        undo=undo,
+    )
 
 
 def _give_up(ctx: Context, job: Job) -> None:
@@ -372,9 +552,8 @@ def _remove(ctx: Context, job: Job, later: Waiting) -> None:
 def _withdraw(ctx: Context, job: Job, doomed: list[int]) -> None:
     name = contract.personalised_name(job.avatar_id)
     had = models.withdraw_versions(job.avatar_id, doomed, ctx.repository, tritons=ctx.tritons)
-    _end(ctx, job.ended(SUCCEEDED))
-    if had:  # (even if taken over: replicas must drop what they hold of it now)
-        _taken_back(ctx, job, name)
+    # (the event even if taken over: replicas must drop what they hold of it now)
+    _end(ctx, job.ended(SUCCEEDED), then=functools.partial(_taken_back, ctx, job, name) if had else None)
 
 
 def _record_gone(ctx: Context, job: Job) -> bool:
@@ -454,6 +633,7 @@ def model_id_of(meta: dict[str, Any]) -> str:
 
 
 QUEUE_RETRY_S = (1.0, 30.0)  # the wait after the queue failed: first, and most (doubling between)
+END_RETRY_S = (1.0, 30.0)  # the wait before writing an end the queue failed to write again
 
 
 def serve_jobs(ctx: Context, name: str, running: Callable[[], bool]) -> None:

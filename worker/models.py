@@ -18,12 +18,15 @@ them.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -34,6 +37,51 @@ from export.command import wait_unloaded
 from facekit import contract
 
 log = logging.getLogger("talkinghead.worker")
+
+EXPORT_PREFIX = "talkinghead-worker-"  # the temp folder an export writes its ONNX file into
+OWNER_FILE = ".owner"  # in it, flock'ed by the exporting process while it lives
+OLD_EXPORT_S = 3600.0  # a folder without OWNER_FILE (an older worker's) this old is left over
+
+
+@contextlib.contextmanager
+def export_folder() -> Iterator[Path]:
+    """A temp folder for one export (removed after it), marked as this process's by a lock the OS
+    drops when the process dies, so `sweep_exports` can tell a folder left by a killed worker."""
+    with (
+        tempfile.TemporaryDirectory(prefix=EXPORT_PREFIX) as tmp,
+        (Path(tmp) / OWNER_FILE).open("ab") as owner,
+    ):
+        fcntl.flock(owner, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield Path(tmp)
+
+
+def sweep_exports(root: Path | None = None) -> list[Path]:
+    """Remove the export folders of workers killed while exporting (the small model's ONNX file is
+    5.6 MB, the paper-size one's ~150 MB; the embedded worker restarts in the same container, so
+    they piled up in /tmp): those whose owner lock no live process holds, and those of older
+    workers (no lock) untouched for OLD_EXPORT_S. What it removed."""
+    removed = []
+    for folder in Path(root or tempfile.gettempdir()).glob(f"{EXPORT_PREFIX}*"):
+        try:
+            if not folder.is_dir() or folder.is_symlink():
+                continue
+            owner = folder / OWNER_FILE
+            if owner.exists():
+                with owner.open("ab") as handle:
+                    try:
+                        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        continue  # its worker is exporting now
+            elif time.time() - folder.stat().st_mtime < OLD_EXPORT_S:
+                continue
+            shutil.rmtree(folder)
+        except OSError as error:
+            log.warning("cannot remove %s, left by a worker killed while exporting: %s", folder, error)
+            continue
+        removed.append(folder)
+    if removed:
+        log.info("removed %d export folder(s) left by workers killed while exporting", len(removed))
+    return removed
 
 
 def targets(urls: list[str]) -> list[str]:
@@ -79,9 +127,9 @@ def publish(
     (graph,) = to_onnx.graphs(ckpt)
     if (found := to_onnx.start_from(graph, repo)) is not None:
         log.info("%s starts from the graph of %s", graph.name, found)
-    with tempfile.TemporaryDirectory(prefix="talkinghead-worker-") as tmp:
+    with export_folder() as tmp:
         started = time.monotonic()
-        path = to_onnx.export_graph(graph, Path(tmp) / f"{graph.name}.onnx")
+        path = to_onnx.export_graph(graph, tmp / f"{graph.name}.onnx")
         log.info("exported %s in %.1f s", graph.name, time.monotonic() - started)
         latest = repository.versions(repo / graph.name)
         current = repo / graph.name / str(latest[-1]) / contract.MODEL_FILE if latest else None

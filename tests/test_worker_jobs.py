@@ -1,0 +1,371 @@
+"""The personalisation worker's life around a job: a job directory or Redis that fails to take its
+end, a graceful stop in the middle of fine-tuning, the time-left estimate it feeds, a cancel
+that comes after the last progress write, and the temp folders of killed exports. Real worker
+processes (`talkinghead worker`), a real tmpfs and a real Redis where the behaviour depends on
+them."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis as redis_py
+
+from jobs.local import LocalQueue
+from jobs.queue import pack_input
+from jobs.record import (
+    CANCELLED,
+    CODE_CANCELLED,
+    CODE_UNAVAILABLE,
+    EXPORT_ESTIMATE_S,
+    FAILED,
+    PERSONALISE,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    Job,
+    new_id,
+)
+from jobs.redis_queue import RedisQueue, connect
+from tests.redis_fixtures import *  # noqa: F403
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import (
+    PORTRAIT,
+    REPO,
+    copy_base_models,
+    fake_generator,
+    fill,
+    tmpfs,
+    worker_context,
+)
+
+CHECKPOINT = REPO / "models/talkinghead-small.pt"
+START_S = 300.0  # a worker process starting (PyTorch, the checkpoint) on a loaded 2-core machine
+JOB_S = 600.0  # a short job's whole run there
+
+
+@pytest.fixture(scope="module")
+def photos() -> bytes:
+    """The demo portrait as a job's packed input (one face crop at the model's size)."""
+    from PIL import Image
+
+    from facekit.detect import make_detector
+    from training.finetune import prepare_images
+
+    portrait = np.asarray(Image.open(PORTRAIT).convert("RGB"))
+    frames, points = prepare_images([portrait], ["portrait"], make_detector("dlib"), 128)
+    return pack_input(frames, points)
+
+
+@pytest.fixture(scope="module")
+def model_id() -> str:
+    from training import checkpoint
+    from worker.jobs_run import model_id_of
+
+    return model_id_of(checkpoint.load(CHECKPOINT))
+
+
+def _job(model_id: str, avatar_id: str, steps: int) -> Job:
+    return Job(id=new_id(), kind=PERSONALISE, avatar_id=avatar_id, model_id=model_id, steps=steps)
+
+
+def _worker(log: Path, *args: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "talkinghead.cli", "worker", *args, "--checkpoint", str(CHECKPOINT)]
+    cmd += ["--threads", "1", "--sweep-interval", "0"]
+    with log.open("a") as out:
+        return subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def _until(what: str, check: object, timeout: float, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:.0f} s\n{tail}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def repo(model_repository: Path, tmp_path: Path) -> Path:
+    return copy_base_models(model_repository, tmp_path / "repo")
+
+
+# -- 1. an end the queue cannot take ------------------------------------------------------------------
+
+
+def test_a_job_directory_full_for_a_while_ends_the_job_once_it_has_room(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """The job directory (a 4 MB tmpfs of its own) fills up while a real worker fine-tunes. The
+    progress write fails, so the job fails - but its end could not be written either: it escaped
+    the job, the serve loop swallowed it, and the job stayed RUNNING and held (never cancelled,
+    its avatar refused AvatarBusy, counted against max_queue) until the worker restarted. Now the
+    worker holds that end and writes it once there is room: FAILED UNAVAILABLE, naming the job
+    queue's storage (it said "the model repository is full"), and the avatar can be personalised
+    again - by the same worker, still running."""
+    with tmpfs(tmp_path / "jobs", "4m") as jobs:
+        queue = LocalQueue(root=jobs)
+        job = queue.submit(_job(model_id, "alice", 2000), photos, max_active=2)
+        log = tmp_path / "worker.log"
+        worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+        try:
+            _until("the job fine-tuning", lambda: queue.get(job.id).step >= 1, START_S, log)  # type: ignore[union-attr]
+            filler = fill(jobs / ".filler")
+            _until(
+                "the worker failing to write the end",
+                lambda: "cannot write its end" in log.read_text(),
+                JOB_S,
+                log,
+            )
+            held = queue.get(job.id)
+            assert held is not None and held.state == RUNNING, "nothing can be written while it is full"
+            filler.unlink()
+            _until("the job ended", lambda: queue.get(job.id).done, JOB_S, log)  # type: ignore[union-attr]
+            done = queue.get(job.id)
+            assert done is not None and done.state == FAILED and done.error_code == CODE_UNAVAILABLE
+            assert done.error == "the job queue's storage is full; personalise again later"
+            assert done.attempt == 1 and queue.live() == [] and queue.active("alice") is None
+            again = queue.submit(_job(model_id, "alice", 2), photos, max_active=2)
+            _until("the next job", lambda: queue.get(again.id).done, JOB_S, log)  # type: ignore[union-attr]
+            assert queue.get(again.id).state == SUCCEEDED, log.read_text()[-3000:]  # type: ignore[union-attr]
+            assert worker.poll() is None
+        finally:
+            _stop(worker)
+
+
+def test_an_end_redis_refuses_is_written_again_and_the_job_not_run_again(
+    redis_url: str, tmp_path: Path
+) -> None:
+    """Redis at its memory limit (a real one: maxmemory) when a job ends: the end was lost with
+    the job still held - it ran again, whole, after the claim timed out, spending an attempt. Now
+    the worker keeps the end and writes it once Redis takes writes again: ended once, attempt 1,
+    and no worker takes it again."""
+    from worker.jobs_run import Waiting, run_job
+
+    service = RedisQueue(client=connect(redis_url))
+    worker = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    job = service.submit(_job("another-model", "bob", 3), b"input", max_active=2)
+    held = worker.claim("w1", wait_s=1)
+    assert held is not None and held.id == job.id
+    ctx = worker_context(worker, tmp_path / "repo")
+    waiting = Waiting(ctx)
+    admin = redis_py.Redis.from_url(redis_url)
+    admin.config_set("maxmemory", 1)
+    try:
+        run_job(ctx, held, waiting)  # (the job fails at once: the worker runs another model)
+        assert len(waiting) == 1, "its end is kept"
+        assert service.get(job.id).state == RUNNING  # type: ignore[union-attr]
+    finally:
+        admin.config_set("maxmemory", 0)
+    deadline = time.monotonic() + 60
+    while waiting:
+        assert time.monotonic() < deadline, "the end was not written again"
+        waiting.check()
+        time.sleep(0.1)
+    done = service.get(job.id)
+    assert done is not None and done.state == FAILED and done.attempt == 1
+    assert "this worker fine-tunes m1" in done.error
+    time.sleep(0.6)  # past the claim timeout: nothing left to take over
+    assert RedisQueue(client=connect(redis_url), claim_timeout_s=0.5).claim("w2", wait_s=0.5) is None
+    assert service.active("bob") is None
+
+
+# -- 2. a graceful stop ---------------------------------------------------------------------------------
+
+
+def test_a_stopped_worker_hands_its_job_back_without_spending_an_attempt(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """SIGTERM (the service's stop, a rolling deploy) while a real worker fine-tunes: it ran the
+    job on until the service killed it 10 s later, the job restarted from step 0 and each stop
+    counted as one of its 3 attempts - the third stop failed the job ("the worker stopped 3
+    times"). Now the worker stops at its next step and hands the job back, QUEUED, attempt 0;
+    after three such stops the next worker takes it as its first attempt."""
+    jobs = tmp_path / "jobs"
+    queue = LocalQueue(root=jobs)
+    job = queue.submit(_job(model_id, "carol", 2000), photos, max_active=2)
+    for n in range(3):
+        log = tmp_path / f"worker{n}.log"
+        worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+        try:
+            _until("the job fine-tuning", lambda: queue.get(job.id).step >= 1, START_S, log)  # type: ignore[union-attr]
+            assert queue.get(job.id).attempt == 1  # type: ignore[union-attr]
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the worker still runs 60 s after SIGTERM\n{log.read_text()[-3000:]}")
+        finally:
+            _stop(worker)
+        back = queue.get(job.id)
+        assert back is not None and (back.state, back.stage, back.attempt, back.step) == (
+            QUEUED,
+            "queued",
+            0,
+            0,
+        )
+        assert "handed back to the queue" in log.read_text()
+    taken = LocalQueue(root=jobs).claim("next", wait_s=1)
+    assert taken is not None and taken.id == job.id and taken.attempt == 1
+
+
+def test_a_stopped_worker_hands_its_redis_job_back_for_the_next_claim(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str, redis_url: str
+) -> None:
+    """The same with Redis: the job is QUEUED with its attempt not counted, and the next claim
+    takes it at once (its stream entry made idle), not after the claim timeout (here 600 s)."""
+    service = RedisQueue(client=connect(redis_url))
+    job = service.submit(_job(model_id, "dave", 2000), photos, max_active=2)
+    log = tmp_path / "worker.log"
+    worker = _worker(log, "--redis-url", redis_url, "--repository", str(repo), "--claim-timeout", "600")
+    try:
+        _until("the job fine-tuning", lambda: service.get(job.id).step >= 1, START_S, log)  # type: ignore[union-attr]
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker still runs 60 s after SIGTERM\n{log.read_text()[-3000:]}")
+    finally:
+        _stop(worker)
+    back = service.get(job.id)
+    assert back is not None and (back.state, back.attempt, back.step) == (QUEUED, 0, 0)
+    assert service.active("dave") == job.id, "still the avatar's personalisation"
+    taken = RedisQueue(client=connect(redis_url), claim_timeout_s=600).claim("next", wait_s=1)
+    assert taken is not None and taken.id == job.id and taken.attempt == 1
+    assert service.cancel(job.id).cancel_requested  # type: ignore[union-attr]
+
+
+# -- 3. the time left -----------------------------------------------------------------------------------
+
+
+def test_the_time_left_uses_the_workers_own_measures() -> None:
+    """The estimate added a fixed 20 s of export (it takes 0.5-2.2 s now) and said 0 until step 2.
+    The worker's measures from its earlier jobs replace both: its export time, and before this
+    job's pace is known its start-up time and time per step. With none (its first job) the export
+    counts EXPORT_ESTIMATE_S and the time before step 2 is unknown (0), as the API documents."""
+    job = Job(id="0123456789abcdef", kind=PERSONALISE, avatar_id="a", steps=11, state=RUNNING)
+    job.start_time = 100.0
+    assert job.remaining(now=101.0) == 0.0, "nothing measured yet: unknown"
+    job.export_estimate_s, job.start_estimate_s, job.step_estimate_s = 1.5, 3.0, 0.5
+    assert job.remaining(now=101.0) == pytest.approx(2.0 + 10 * 0.5 + 1.5)  # start-up left, 10 steps, export
+    assert job.remaining(now=110.0) == pytest.approx(10 * 0.5 + 1.5), "start-up overran: not below the steps"
+    job.step, job.first_step_time = 1, 104.0
+    assert job.remaining(now=106.0) == pytest.approx(5.0 - 2.0 + 1.5)
+    job.step = 6  # its own pace now: 5 steps in 10 s
+    assert job.remaining(now=114.0) == pytest.approx(5 * 2.0 + 1.5)
+    job.step, job.export_time = 11, 120.0
+    assert job.remaining(now=121.0) == pytest.approx(0.5)
+    job.export_estimate_s = 0.0  # (a record an older worker wrote)
+    assert job.remaining(now=121.0) == pytest.approx(EXPORT_ESTIMATE_S - 1.0)
+
+
+def test_the_worker_writes_its_measured_export_time_into_the_next_job(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """A real worker runs two jobs: the first carries the default export estimate, the second the
+    export + load time the worker measured on the first (not 20 s), and its pace."""
+    jobs = tmp_path / "jobs"
+    queue = LocalQueue(root=jobs)
+    first = queue.submit(_job(model_id, "erin", 3), photos, max_active=2)
+    log = tmp_path / "worker.log"
+    worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+    try:
+        _until("the first job", lambda: queue.get(first.id).done, START_S + JOB_S, log)  # type: ignore[union-attr]
+        second = queue.submit(_job(model_id, "frank", 3), photos, max_active=2)
+        _until("the second job", lambda: queue.get(second.id).done, JOB_S, log)  # type: ignore[union-attr]
+    finally:
+        _stop(worker)
+    one, two = queue.get(first.id), queue.get(second.id)
+    assert one is not None and two is not None and one.state == two.state == SUCCEEDED, log.read_text()[
+        -3000:
+    ]
+    assert (one.export_estimate_s, one.step_estimate_s, one.start_estimate_s) == (EXPORT_ESTIMATE_S, 0.0, 0.0)
+    measured = one.end_time - one.export_time
+    assert two.export_estimate_s == pytest.approx(measured, abs=0.2), (two.export_estimate_s, measured)
+    assert two.step_estimate_s == pytest.approx((one.export_time - one.first_step_time) / 2, rel=0.01)
+    assert two.start_estimate_s == pytest.approx(one.first_step_time - one.start_time, rel=0.01)
+
+
+# -- 5. a cancel after the last progress write --------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_cancel_after_the_last_progress_write_is_not_dropped(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A cancel that came between a job's last progress write (stage loading: its generator is
+    published and loaded) and its end used to be dropped: the job SUCCEEDED. The queue now
+    refuses that end; the worker takes the version back (the avatar keeps the one it had) and
+    ends the job CANCELLED, saying so."""
+    from worker import models
+    from worker.jobs_run import _end
+
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        service, queue = RedisQueue(client=connect(url)), RedisQueue(client=connect(url))
+    else:
+        service, queue = LocalQueue(root=tmp_path / "jobs"), LocalQueue(root=tmp_path / "jobs")  # type: ignore[assignment]
+    repo = tmp_path / "repo"
+    fake_generator(repo, "gina", 1, created=None)
+    job = service.submit(_job("m1", "gina", 3), b"input", max_active=2)
+    held = queue.claim("w", wait_s=1)
+    assert held is not None
+    written = fake_generator(repo, "gina", 2, created=None) / "2"  # (fake_generator made the folder)
+    published = models.Published("generator_gina", 2, written)
+    held.stage = "loading"
+    assert queue.update(held)
+    service.cancel(job.id)
+    _end(
+        worker_context(queue, repo),
+        held.ended(SUCCEEDED),
+        undo=lambda: models.take_back(published, repo, tritons=[]),
+    )
+    done = service.get(job.id)
+    assert done is not None and done.state == CANCELLED and done.error_code == CODE_CANCELLED
+    assert done.error.startswith("cancelled as its generator was published (taken back")
+    assert sorted(p.name for p in (repo / "generator_gina").iterdir() if p.name.isdigit()) == ["1"]
+    assert service.active("gina") is None
+
+
+# -- 4. a worker killed while exporting -----------------------------------------------------------------
+
+
+def test_export_folders_of_killed_workers_are_swept_and_live_ones_kept(tmp_path: Path) -> None:
+    """A worker killed while exporting left its temp folder (5.6 MB of ONNX for the small model,
+    ~150 MB for the paper's) for good, one more each time the embedded worker was restarted. A
+    worker starting now removes those whose owner is gone (a real process, killed), and leaves
+    one a live worker is exporting into."""
+    from worker import models
+
+    code = (
+        "import sys, time, tempfile\n"
+        f"tempfile.tempdir = {str(tmp_path)!r}\n"
+        "from worker.models import export_folder\n"
+        "with export_folder() as tmp:\n"
+        "    (tmp / 'generator_x.onnx').write_bytes(bytes(1000)); print(tmp, flush=True); time.sleep(600)\n"
+    )
+    owners = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        killed, live = (Path(p.stdout.readline().strip()) for p in owners)  # type: ignore[union-attr]
+        owners[0].kill()
+        owners[0].wait()
+        assert killed.is_dir() and live.is_dir()
+        assert models.sweep_exports(tmp_path) == [killed]
+        assert not killed.exists() and (live / "generator_x.onnx").exists()
+    finally:
+        for owner in owners:
+            _stop(owner)  # type: ignore[arg-type]
+    assert models.sweep_exports(tmp_path) == [live]
