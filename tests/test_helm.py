@@ -79,7 +79,7 @@ def test_every_values_file_lints_renders_and_validates(helm: str, values: Path |
     manifests = render(helm, values)
     errors, skipped = check_chart.validate(manifests)
     assert errors == []
-    assert set(skipped) <= {"ServiceMonitor"}
+    assert set(skipped) <= {"ServiceMonitor", "PrometheusRule"}
     assert find(manifests, "Deployment")
 
 
@@ -94,7 +94,8 @@ def test_all_on_renders_every_template(helm: str) -> None:
     kinds = {m["kind"] for m in render(helm, CI / "all-on.yaml")}
     assert kinds >= {
         "ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
-        "ServiceMonitor", "NetworkPolicy", "Secret", "ServiceAccount", "Pod", "StatefulSet",
+        "ServiceMonitor", "PrometheusRule", "NetworkPolicy", "Secret", "ServiceAccount", "Pod",
+        "StatefulSet",
     }  # fmt: skip
     # Its avatars are in Redis and its models synced from object storage: the claims come from the
     # default values (avatars, models) and worker-redis.yaml (models).
@@ -573,6 +574,7 @@ def test_external_triton_needs_an_address(helm: str) -> None:
         ("server.pdb.enabled", "PodDisruptionBudget", ""),
         ("triton.pdb.enabled", "PodDisruptionBudget", "-triton"),
         ("metrics.serviceMonitor.enabled", "ServiceMonitor", ""),
+        ("metrics.prometheusRule.enabled", "PrometheusRule", ""),
         ("networkPolicy.enabled", "NetworkPolicy", ""),
         ("tls.enabled", "Secret", "-tls"),
         ("serviceAccount.create", "ServiceAccount", ""),

@@ -109,6 +109,10 @@ class Layout:
         return self.state / "prometheus.yml"
 
     @property
+    def prometheus_rules(self) -> Path:
+        return self.state / "alerts.yml"
+
+    @property
     def prometheus_data(self) -> Path:
         return self.state / "prometheus-data"
 
@@ -266,12 +270,20 @@ def find_prometheus(explicit: str | None) -> str:
 
 
 def render_prometheus_config(layout: Layout, ports: Ports, scrape_interval: str) -> Path:
+    """<state>/prometheus.yml, and beside it the alerting rules it loads (<state>/alerts.yml),
+    rendered from the chart's source of them (deploy/local/alerts.py)."""
+    from deploy.local import alerts  # (PyYAML: `up` runs with the venv; `down`/`status` need not)
+
+    budget = os.environ.get("TALKINGHEAD_LATENCY_BUDGET_MS")  # the service's, as it reads it
+    layout.state.mkdir(parents=True, exist_ok=True)
+    alerts.rules_file(layout.prometheus_rules, latency_budget_ms=int(budget) if budget else None)
     template = string.Template((HERE / "prometheus.yml.in").read_text())
     text = template.substitute(
         scrape_interval=scrape_interval,
         service_metrics_port=ports.metrics,
         triton_metrics_port=ports.triton_metrics,
         prometheus_port=ports.prometheus,
+        rules_file=layout.prometheus_rules.resolve(),
     )
     layout.prometheus_config.write_text(text)
     return layout.prometheus_config
@@ -503,6 +515,7 @@ talkinghead stack is up (state {layout.state}):
   triton      gRPC 127.0.0.1:{ports.triton_grpc}  HTTP http://127.0.0.1:{ports.triton_http}  \
 metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
+  alerts      {prom}/alerts  (rules {layout.prometheus_rules}: the chart's, deploy/README.md "Alerts")
   avatars     {args.avatar_store}
 logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:

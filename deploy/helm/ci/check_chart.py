@@ -26,7 +26,10 @@ CI_VALUES = sorted((ROOT / "deploy" / "helm" / "ci").glob("*.yaml"))
 KUBERNETES_VERSION = "1.32.0"
 RELEASE, NAMESPACE = "th", "avatars"
 # Prometheus Operator CRDs: kubernetes-validate knows only the built-in API; checked by tests instead.
-UNVALIDATED_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+UNVALIDATED_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 
 
 def helm_binary() -> str:

