@@ -151,7 +151,12 @@ def server(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     store = tmp_path_factory.mktemp("avatars")
     # batching=always: the tests on it check frames of several streams and avatars in one batch,
     # which the calibration may find not worth making on this machine's engine (batching=auto).
-    settings = test_settings(model_repository, store, max_image_bytes=2 * 1024 * 1024, batching="always")
+    # backend_timeout 30 s: a batch is capped at what is expected to cost 20 % of it (service/
+    # batcher.py TIMEOUT_SHARE), which at the default 5 s was 10 frames on a loaded 2-core CI
+    # machine, too few for the test that needs two streams' 12 frames in one batch.
+    settings = test_settings(
+        model_repository, store, max_image_bytes=2 * 1024 * 1024, batching="always", backend_timeout=30.0
+    )
     running = ServerThread(settings=settings)
     running.wait_ready()
     yield running
