@@ -163,7 +163,10 @@ def test_calls_spread_over_every_triton_and_one_killed_leaves_the_other_serving(
             assert await pool.wait_ready(60) and len(pool._usable()) == 2
             assert pool.lanes() == sum(m.lanes() for m in pool.members().values()) >= 2
             before = [tritons.frames(0), tritons.frames(1)]
-            results = await _calls(pool, 60, pool.lanes())
+            # One call at a time, so both are always equally idle and the choice is the round robin
+            # among equals (side by side, the Triton that happens to answer faster on a loaded
+            # machine rightly gets more: 43/17 in a CI run).
+            results = await _calls(pool, 60, 1)
             assert all(isinstance(r, float) for r in results), results
             spread = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
 
@@ -198,7 +201,7 @@ def test_calls_spread_over_every_triton_and_one_killed_leaves_the_other_serving(
                 await asyncio.sleep(0.05)
             back_s = time.monotonic() - started
             before = [tritons.frames(0), tritons.frames(1)]
-            assert all(isinstance(r, float) for r in await _calls(pool, 40, pool.lanes()))
+            assert all(isinstance(r, float) for r in await _calls(pool, 40, 1))
             again = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
 
             # The name no longer resolves to Triton 1: no new calls; closed once its calls end.
