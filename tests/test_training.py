@@ -246,6 +246,68 @@ def test_train_dry_run_without_data_says_what_to_do(tmp_path: Path) -> None:
         )
 
 
+PORTRAIT = Path(__file__).resolve().parents[1] / "facekit/assets/demo_portrait.png"
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_one_photo_fine_tuning_trains_on_warps_that_differ_from_the_photo() -> None:
+    """A warp-guided G' learns to correct the reference warped onto the target. With one photo the
+    only reference is the target itself, warped onto its own landmarks: the photo, to the pixel, so
+    G' learned nothing (evaluation, T = 1: fine-tuned SSIM 0.725 against feed-forward 0.724). The
+    pool keeps that pair and adds the photo under random similarities warped back onto it: warps
+    with real errors (the demo portrait: 4-9 grey levels; real T = 8 pairs 4-6), target the photo."""
+    from PIL import Image
+
+    from facekit.detect import make_detector
+    from training.finetune import prepare_images, training_views
+
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    portrait = np.asarray(Image.open(PORTRAIT).convert("RGB"))
+    frames, points = prepare_images([portrait], ["portrait"], make_detector("dlib"), cfg.model.image_size)
+    pool = training_views(frames, points, cfg, torch.device("cpu"))
+    assert pool.target_warped is not None
+    photo = from_uint8(frames)
+    assert torch.equal(pool.target_image, photo.expand_as(pool.target_image))  # the target: the photo
+    error = (pool.target_warped - pool.target_image).abs().mean(dim=(1, 2, 3)) * 127.5  # grey levels
+    assert (error > 1.0).sum() >= 4 and error.max() > 3.0, error  # before: one pair, 0.00
+    assert len(error) == 1 + cfg.finetune.one_shot_sources
+    assert error[0] == 0  # the photo onto itself, kept
+    assert error[1:].min() > 1.0 and error[1:].mean() > 3.0, error
+    # switched off, the pool is the one trivial pair it was
+    off = training_views(frames, points, cfg.replace(**{"finetune.one_shot_sources": 0}), torch.device("cpu"))
+    assert off.target_warped is not None and len(off.target_warped) == 1
+    assert torch.equal(off.target_warped, photo)
+
+
+def test_fine_tuning_on_several_frames_warps_each_from_the_nearest_other() -> None:
+    """T > 1 keeps its real pairs (each frame, the nearest other frame warped onto it), whatever
+    the one-photo settings: three views of the demo portrait, moved a few pixels each."""
+    import cv2
+    from PIL import Image
+
+    from facekit.detect import make_detector
+    from facekit.warp import warp_nearest
+    from training.finetune import prepare_images, training_views
+
+    cfg = load_config("small-warp")
+    portrait = np.asarray(Image.open(PORTRAIT).convert("RGB"))
+    frame, pts = prepare_images([portrait], ["portrait"], make_detector("dlib"), cfg.model.image_size)
+    moves = [np.array([[1.0, 0, dx], [0, 1.0, dy]]) for dx, dy in ((0, 0), (4, -2), (-3, 3))]
+    frames = np.stack([cv2.warpAffine(frame[0], m, frame.shape[1:3]) for m in moves])
+    points = np.stack([pts[0] + m[:, 2] for m in moves]).astype(np.float32)
+    others = [[j for j in range(3) if j != i] for i in range(3)]
+    expected = np.stack(
+        [warp_nearest(frames[o], points[o], points[i : i + 1])[0] for i, o in enumerate(others)]
+    )
+    for n in (0, 8):
+        pool = training_views(
+            frames, points, cfg.replace(**{"finetune.one_shot_sources": n}), torch.device("cpu")
+        )
+        assert pool.target_warped is not None and len(pool.target_warped) == 3
+        assert torch.equal(pool.target_warped, from_uint8(expected))
+        assert torch.equal(pool.target_image, from_uint8(frames))
+
+
 @needs_faces
 @pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
 def test_finetuning_lowers_the_error_on_a_validation_persons_later_frames(tmp_path: Path) -> None:

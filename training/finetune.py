@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 
@@ -28,7 +29,7 @@ from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector, largest_face, make_detector
 from facekit.ids import validate_avatar_id, validate_stored_id
 from facekit.rasterize import draw_batch
-from facekit.warp import warp_nearest
+from facekit.warp import warp_image, warp_nearest
 from training import checkpoint
 from training.config import ExperimentConfig
 from training.data import flip_points
@@ -115,12 +116,26 @@ def training_views(
 ) -> Batch:
     """The T frames as one batch (images, landmark images, points), followed by their mirror
     images (landmarks redrawn from mirrored points) when finetune.augment_flip is on. For a
-    warp-guided G each view also gets the nearest *other* frame warped onto it (itself when T = 1)."""
+    warp-guided G each view also gets the nearest *other* frame warped onto it. A single frame
+    has no other: its own warp onto itself is the frame, so the pair teaches G' nothing; it is
+    kept, and `finetune.one_shot_sources` more pairs join it, the same target with the frame under
+    a random similarity warped back onto it (`one_shot_pairs`)."""
     s = cfg.model.image_size
     views = [(frames, points)]
     if cfg.finetune.augment_flip:
         views.append((np.ascontiguousarray(frames[:, :, ::-1]), flip_points(points, s)))
-    warped = [_warped_from_others(f, p) for f, p in views] if cfg.model.warp_guided else None
+    warped = None
+    if cfg.model.warp_guided:
+        rng = np.random.default_rng(cfg.finetune.seed)
+        if len(frames) == 1 and cfg.finetune.one_shot_sources > 0:
+            pairs = [one_shot_pairs(f[0], p[0], cfg, rng) for f, p in views]
+            views = [
+                (np.repeat(f, len(w), 0), np.repeat(p, len(w), 0))
+                for (f, p), w in zip(views, pairs, strict=True)
+            ]
+            warped = pairs
+        else:
+            warped = [_warped_from_others(f, p) for f, p in views]
     frames, points = np.concatenate([f for f, _ in views]), np.concatenate([p for _, p in views])
     return Batch(
         target_image=from_uint8(frames).to(device),  # (V, 3, S, S)
@@ -128,6 +143,37 @@ def training_views(
         target_points=torch.from_numpy(np.ascontiguousarray(points, np.float32)).to(device),  # (V, 68, 2)
         target_warped=from_uint8(np.concatenate(warped)).to(device) if warped else None,
     )
+
+
+def one_shot_pairs(
+    frame: np.ndarray, points: np.ndarray, cfg: ExperimentConfig, rng: np.random.Generator
+) -> np.ndarray:
+    """The warps G' learns to correct when the person is one photo (S, S, 3) with landmarks (68, 2):
+    the photo onto itself (the photo), then `finetune.one_shot_sources` times the photo under a
+    random similarity about its landmarks' centre (scale, rotation, shift; border replicated),
+    warped piecewise-affinely from its moved landmarks back onto the photo's -> uint8 (1 + n, S, S, 3).
+    Like a real pair of frames the warp is off where a 68-point warp is off (outline, hair,
+    background held by the border anchors, resampling), and the target stays the real photo (a
+    mirror image would be another face: no face is symmetric)."""
+    ft, s = cfg.finetune, frame.shape[0]
+    pts = np.asarray(points, np.float64)
+    centre = pts.mean(axis=0)
+    out = [np.ascontiguousarray(frame)]
+    for _ in range(ft.one_shot_sources):
+        log_scale, degrees = (
+            np.clip(rng.normal(0, sd), -2 * sd, 2 * sd) for sd in (ft.one_shot_log_scale, ft.one_shot_degrees)
+        )
+        shift = np.clip(
+            rng.normal(0, ft.one_shot_shift * s, 2), -2 * ft.one_shot_shift * s, 2 * ft.one_shot_shift * s
+        )
+        angle = np.radians(degrees)
+        a = np.exp(log_scale) * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        m = np.hstack([a, (centre + shift - a @ centre)[:, None]])  # (2, 3): p -> a p + b
+        moved = cv2.warpAffine(
+            np.ascontiguousarray(frame), m, (s, s), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+        )
+        out.append(warp_image(moved, pts @ a.T + m[:, 2], pts))
+    return np.stack(out)
 
 
 def personal_trainer(
