@@ -45,6 +45,16 @@ def code_name(context: grpc.aio.ServicerContext) -> str:
     return "UNKNOWN"
 
 
+def failed_code(error: BaseException, context: grpc.aio.ServicerContext) -> str:
+    """The status of a call whose handler raised `error`: CANCELLED for a cancelled call, the
+    aborted status for context.abort, UNKNOWN (gRPC's answer) for anything else."""
+    if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    if isinstance(error, grpc.aio.AbortError):
+        return code_name(context)
+    return "UNKNOWN"
+
+
 class RpcMetrics(grpc.aio.ServerInterceptor):
     def __init__(
         self,
@@ -88,18 +98,14 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
     def _coroutine(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = STORAGE_FAILED.set(self.on_storage_failure)
-            code = "UNKNOWN"
             try:
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
                     result = await result
                 code = code_name(context)
                 return result
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = code_name(context)
+            except BaseException as error:
+                code = failed_code(error, context)
                 raise
             finally:
                 STORAGE_FAILED.reset(token)
@@ -110,16 +116,12 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
     def _generator(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             STORAGE_FAILED.set(self.on_storage_failure)  # (the call's own task: gone with it)
-            code = "UNKNOWN"
             try:
                 async for reply in behavior(request, context):
                     yield reply
                 code = code_name(context)
-            except (asyncio.CancelledError, GeneratorExit):
-                code = "CANCELLED"
-                raise
-            except grpc.aio.AbortError:
-                code = code_name(context)
+            except BaseException as error:
+                code = failed_code(error, context)
                 raise
             finally:
                 self.count(method, code)
