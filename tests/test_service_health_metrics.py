@@ -217,9 +217,10 @@ time.sleep(600)
 def test_a_client_killed_while_idle_is_counted_cancelled(server: ServerThread, avatar: str) -> None:
     """A client killed (SIGKILL) with no reply owed: its stream counts CANCELLED. gRPC ends the
     request stream as if it were half-closed before it cancels the call, and the stream was
-    counted OK about half the time (4 of 8 on the auditor's run)."""
+    counted OK about half the time (4 of 8 on the auditor's run); with no wait at all for the cancel,
+    4 of 40 (so 30 tries: a server that does not wait passes this about 4 % of the time)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    for _ in range(12):
+    for _ in range(30):
         total = sum(streams(server, code) for code in ("OK", "CANCELLED"))
         ok = streams(server, "OK")
         child = subprocess.Popen(
