@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -231,7 +232,7 @@ def test_audit_lists_refused_callers_under_no_tenant(
     monkeypatch.delenv("TALKINGHEAD_REDIS_URL", raising=False)
     log = tmp_path / "audit.jsonl"
     refused = {"reason": "wrong_secret", "credential": "key:0123456789ab", "method": "/m"}
-    events = [
+    events: list[dict[str, Any]] = [
         {"avatar_id": "mona", "event": "create", "actor": "tenant=default role=user peer=a"},
         {"avatar_id": "acme.ada", "event": "create", "actor": "tenant=acme role=user peer=b"},
         {"avatar_id": "", "event": "auth_refused", "actor": "peer=ipv4:10.0.0.7:4000", "detail": refused},
