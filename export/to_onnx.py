@@ -68,6 +68,8 @@ def metadata(ckpt: dict[str, Any], kind: str, *, adain_size: int) -> dict[str, s
         meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(float(ckpt["avatar_created"]))
     if avatar is not None and ckpt.get("avatar_store"):
         meta[contract.Meta.AVATAR_STORE] = str(ckpt["avatar_store"])
+    if avatar is not None and ckpt.get("job"):
+        meta[contract.Meta.JOB] = str(ckpt["job"])
     return meta
 
 

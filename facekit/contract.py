@@ -207,6 +207,9 @@ class Meta:
     # personalised models: the id of the avatar store (deployment) whose record it was fine-tuned
     # on (jobs.avatars); a worker's sweep takes back only its own store's generators
     AVATAR_STORE = PREFIX + "avatar_store"
+    # personalised models: the id of the personalisation job (operation) that made it; a later
+    # attempt of that job, its worker lost before the end was written, ends with it (worker/)
+    JOB = PREFIX + "job"
     GFLOPS = PREFIX + "gflops_per_frame"  # generators: multiply-adds x 2 of one frame (benchmarks)
     KEYS = (
         KIND,
@@ -222,6 +225,7 @@ class Meta:
         CONSENT_RECORD,
         AVATAR_CREATED,
         AVATAR_STORE,
+        JOB,
         GFLOPS,
     )
 

@@ -3,11 +3,12 @@
 One event per line of JSON: `time` (seconds since the epoch, UTC), `event` (create, replace,
 personalise, animate_start, delete; auth_refused and auth_refused_suppressed: calls refused for
 their credentials, bounded - RefusalAudit -, with avatar_id ""), `avatar_id`, `actor` (the tenant
-and the caller's
-address), `model_id`, `consent_id` (the avatar's consent record) and `detail`. A delete leaves a
-tombstone: the event names the consent record and what was removed, so the log still says on whose
-authority a face existed after every trace of it is gone. A replace is the old record's tombstone
-too (`detail.replaced`: its consent record and what was removed).
+and the caller's address; a refused call's names no tenant unless its caller was authenticated
+first - `forbidden` -: one that could not be has none), `model_id`, `consent_id` (the avatar's
+consent record) and `detail`. A delete leaves a tombstone: the event names the consent record and
+what was removed, so the log still says on whose authority a face existed after every trace of it
+is gone. A replace is the old record's tombstone too (`detail.replaced`: its consent record and
+what was removed).
 
 Where it lives: a file opened with O_APPEND (`TALKINGHEAD_AUDIT_LOG`, one write + fsync per event),
 or, with `TALKINGHEAD_REDIS_URL`, the Redis stream `talkinghead:audit` (XADD without trimming), which
@@ -211,7 +212,10 @@ class RedisAuditLog:
 
 class RefusalAudit:
     """Audit events for calls refused for their credentials (service/auth.py Authenticator.refused):
-    `auth_refused` with the caller's address (actor), the reason, the method and the credential's
+    `auth_refused` with the caller's address (actor: `peer=...`, and `tenant=...` first where the
+    caller was authenticated and then refused, `forbidden`; none where it could not be - a
+    forged key's id names a tenant, but the caller is not it), the reason, the method and the
+    credential's
     id (`key:<key id>` of a ring key, `cert:<common name>`, `token:<12 hex of the SHA-256 of what was
     sent>` for a token that names no key - never a secret, nor anything it can be read back from -,
     `none`). Bounded (AUTH_*): what is over the limits is counted and written as
@@ -234,23 +238,25 @@ class RefusalAudit:
         self.clock = clock
         self._start = clock()
         self._written = 0
-        self._counts: dict[tuple[str, str], int] = {}  # (address, credential) -> events written
-        self._suppressed: dict[tuple[str, str], dict[str, int]] = {}  # -> reason -> refusals
+        # (address, credential, tenant: an authenticated caller's, or "") -> events written
+        self._counts: dict[tuple[str, str, str], int] = {}
+        self._suppressed: dict[tuple[str, str, str], dict[str, int]] = {}  # -> reason -> refusals
 
-    def record(self, *, peer: str, credential: str, reason: str, method: str) -> None:
+    def record(self, *, peer: str, credential: str, reason: str, method: str, tenant: str = "") -> None:
         self.flush()
-        key = (peer_address(peer), credential)
+        key = (peer_address(peer), credential, tenant)
         if key not in self._counts and len(self._counts) >= AUTH_MAX_KEYS:
-            key = ("*", "*")  # more callers at once than are told apart: counted together
+            key = ("*", "*", "")  # more callers at once than are told apart: counted together
         written = self._counts.get(key, 0)
-        if written >= self.per_key or self._written >= self.max_events or key == ("*", "*"):
+        if written >= self.per_key or self._written >= self.max_events or key == ("*", "*", ""):
             reasons = self._suppressed.setdefault(key, {})
             reasons[reason] = reasons.get(reason, 0) + 1
             return
         self._counts[key] = written + 1
         self._written += 1
         detail = {"reason": reason, "credential": credential, "method": method}
-        self._write(AuditEvent(event="auth_refused", avatar_id="", actor=f"peer={peer}", detail=detail))
+        actor = f"tenant={tenant} peer={peer}" if tenant else f"peer={peer}"
+        self._write(AuditEvent(event="auth_refused", avatar_id="", actor=actor, detail=detail))
 
     def flush(self) -> None:
         """At the end of a window: write what it suppressed, and start the next."""
@@ -266,15 +272,15 @@ class RefusalAudit:
             for _, reasons in rest:
                 for reason, n in reasons.items():
                     merged[reason] = merged.get(reason, 0) + n
-            told.append((("*", "*"), merged))
-        for (address, credential), reasons in told:
+            told.append((("*", "*", ""), merged))
+        for (address, credential, tenant), reasons in told:
             detail = {
                 "refused": sum(reasons.values()),
                 "reasons": reasons,
                 "credential": credential,
                 "window_s": round(window, 1),
             }
-            actor = f"peer={address}"
+            actor = f"tenant={tenant} peer={address}" if tenant else f"peer={address}"
             self._write(AuditEvent(event="auth_refused_suppressed", avatar_id="", actor=actor, detail=detail))
 
     def _write(self, event: AuditEvent) -> None:

@@ -9,6 +9,12 @@ example:
   talkinghead audit --out audit-2026-12.jsonl --since 2026-12-01
   talkinghead audit --avatar mona                 # every event of one avatar, its tombstone included
   talkinghead audit --tenant acme --avatar mona   # (without --tenant: every tenant's `mona`)
+  talkinghead audit --no-tenant --since 2026-12-01   # calls refused before their caller was known
+
+Each line is the event as logged plus `tenant`: its avatar's tenant; for an event without an
+avatar (a refused call) the tenant its actor names - a caller authenticated, then refused
+(`forbidden`) - or null: a caller that could not be authenticated (an unknown, forged or revoked
+key) has no tenant, and `--tenant` never lists it (before, `--tenant default` did).
   TALKINGHEAD_REDIS_URL=redis://redis:6379/0 talkinghead audit --event delete
 """
 
@@ -20,7 +26,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from facekit.ids import split_id
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
@@ -35,7 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--avatar", help="only events of avatars with this id (in every tenant; tenant.id: in that tenant)"
     )
-    parser.add_argument("--tenant", help="only this tenant's events (`default` without API keys)")
+    whose = parser.add_mutually_exclusive_group()
+    whose.add_argument("--tenant", help="only this tenant's events (`default` without API keys)")
+    whose.add_argument(
+        "--no-tenant",
+        action="store_true",
+        help="only events of no tenant: calls refused before their caller was authenticated",
+    )
     parser.add_argument("--event", choices=EVENTS, action="append", help="only these events (repeatable)")
     parser.add_argument("--since", type=datetime.datetime.fromisoformat, help="ISO 8601 date or time, UTC")
     parser.add_argument("--out", type=Path, help="write here (default: standard output)")
@@ -54,6 +66,18 @@ def open_log(args: argparse.Namespace) -> AuditLog:
     return FileAuditLog(path=path)
 
 
+def tenant_of(event: dict[str, Any]) -> str | None:
+    """The tenant an event belongs to: its avatar's; without an avatar (auth_refused*), the
+    `tenant=` its actor names, else None (a caller that could not be authenticated)."""
+    if event.get("avatar_id"):
+        return split_id(event["avatar_id"])[0]
+    for word in str(event.get("actor", "")).split():
+        name, _, value = word.partition("=")
+        if name == "tenant" and value:
+            return value
+    return None
+
+
 def _export(args: argparse.Namespace, log: AuditLog, out: TextIO) -> int:
     """Write the events the flags select to `out`; how many."""
     since = 0.0
@@ -62,16 +86,16 @@ def _export(args: argparse.Namespace, log: AuditLog, out: TextIO) -> int:
         since = when.timestamp()
     count = 0
     for event in log.read():
-        tenant, public = split_id(event["avatar_id"])
-        if args.avatar and args.avatar not in (event["avatar_id"], public):
+        tenant = tenant_of(event)
+        if args.avatar and args.avatar not in (event["avatar_id"], split_id(event["avatar_id"])[1]):
             continue
-        if args.tenant and tenant != args.tenant:
+        if (args.tenant and tenant != args.tenant) or (args.no_tenant and tenant is not None):
             continue
         if args.event and event["event"] not in args.event:
             continue
         if event["time"] < since:
             continue
-        out.write(json.dumps(event, sort_keys=True) + "\n")
+        out.write(json.dumps({"tenant": tenant, **event}, sort_keys=True) + "\n")
         count += 1
     out.flush()
     return count

@@ -167,11 +167,13 @@ class Refused(ServiceError):
         detail: str = "",
         code: grpc.StatusCode = grpc.StatusCode.UNAUTHENTICATED,
         credential: str = "none",
+        tenant: str = "",
     ) -> None:
         super().__init__(code, message)
         self.reason = reason
         self.detail = detail
         self.credential = credential  # as the audit log names it (RefusalAudit): never a secret
+        self.tenant = tenant  # an authenticated caller's (FORBIDDEN); "": the caller is not known
 
 
 def unauthenticated(message: str, reason: str = MISSING) -> Refused:
@@ -575,7 +577,13 @@ class Authenticator:
             self.on_refusal(error.reason)
         self.refusals.record(error, peer, method)
         if self.audit is not None:
-            self.audit.record(peer=peer, credential=error.credential, reason=error.reason, method=method)
+            self.audit.record(
+                peer=peer,
+                credential=error.credential,
+                reason=error.reason,
+                method=method,
+                tenant=error.tenant,
+            )
 
     def check_token(self, metadata: Iterable[tuple[str, Any]]) -> Principal | None:
         """The key's principal; None when no key was sent; Refused when one was sent but is bad."""
@@ -600,6 +608,7 @@ class Authenticator:
                 detail=f"{principal.credential} of tenant {principal.tenant}",
                 code=grpc.StatusCode.PERMISSION_DENIED,
                 credential=principal.credential,
+                tenant=principal.tenant,
             )
         try:
             validate_tenant(acting)

@@ -366,11 +366,17 @@ def worker_context(queue: Any, repository: Path, **overrides: Any) -> Any:
 
 
 def fake_generator(
-    repository: Path, avatar_id: str, version: int, created: float | None, store: str | None = None
+    repository: Path,
+    avatar_id: str,
+    version: int,
+    created: float | None,
+    store: str | None = None,
+    job: str | None = None,
 ) -> Path:
     """generator_<avatar>/<version>/model.onnx: a one-node ONNX file stamped, as a personalised
     generator is, for the avatar record made at `created` (None: no stamp, one made by hand) in
-    the avatar store `store` (jobs.avatars store_id; None: none named)."""
+    the avatar store `store` (jobs.avatars store_id; None: none named), by the personalisation
+    job `job` (None: none named)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -386,6 +392,8 @@ def fake_generator(
         meta[contract.Meta.AVATAR_CREATED] = contract.avatar_stamp(created)
     if store is not None:
         meta[contract.Meta.AVATAR_STORE] = store
+    if job is not None:
+        meta[contract.Meta.JOB] = job
     onnx.helper.set_model_props(model, meta)
     folder = repository / contract.personalised_name(avatar_id)
     (folder / str(version)).mkdir(parents=True)

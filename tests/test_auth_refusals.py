@@ -161,7 +161,10 @@ def test_refused_credentials_are_audited_bounded_and_never_with_their_secret(tmp
     (before: none, only a log line): the caller's address, the reason, the method and the key's
     id - `key:<id>` of a ring key, a 12-hex SHA-256 prefix of a token that names none -, never the
     secret sent. A flood is bounded: at most AUTH_PER_KEY events per address and credential per
-    window, the rest counted in one `auth_refused_suppressed` event when the window ends."""
+    window, the rest counted in one `auth_refused_suppressed` event when the window ends. None of
+    them names a tenant (the caller was not authenticated), except a `forbidden` refusal's: an
+    acme key acting for another tenant is acme's event (it named none, and the export listed it
+    as the default tenant's)."""
     from service.audit import AUTH_PER_KEY, FileAuditLog, RefusalAudit
     from service.auth import Authenticator, Refused, token_id
 
@@ -215,8 +218,27 @@ def test_refused_credentials_are_audited_bounded_and_never_with_their_secret(tmp
         assert secret not in written, "a secret in the audit log"
     assert len(events) == AUTH_PER_KEY + 3 + 1
 
+    user_id, user = ring.update(lambda r: issue(r, "acme"))
+    auth.refresh()
+    acting = [("authorization", f"Bearer {user}"), ("x-talkinghead-tenant", "globex")]
+    for _ in range(AUTH_PER_KEY + 2):  # authenticated (acme's key), then refused: acme's event
+        with pytest.raises(Refused) as forbidden:
+            auth.authenticate(acting, {})
+        auth.refused(forbidden.value, "ipv4:10.0.0.10:7000", method)
+    now[0] = 122.0
+    audit.flush()
+    later = list(audit_log.read())[len(events) :]
+    assert [(e["event"], e["actor"]) for e in later] == [
+        *[("auth_refused", "tenant=acme peer=ipv4:10.0.0.10:7000")] * AUTH_PER_KEY,
+        ("auth_refused_suppressed", "tenant=acme peer=ipv4:10.0.0.10"),
+    ]
+    assert (
+        later[0]["detail"]["reason"] == "forbidden" and later[0]["detail"]["credential"] == f"key:{user_id}"
+    )
+    events = list(audit_log.read())
+
     for port in range(1000):  # many credentials from many machines: bounded in all
         refuse(f"thk_{port:012x}_guess", f"ipv4:10.1.{port // 250}.{port % 250}:1")
-    now[0] = 122.0
+    now[0] = 183.0
     audit.flush()
     assert len(list(audit_log.read())) - len(events) <= 60 + 21

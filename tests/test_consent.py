@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -126,7 +127,7 @@ def test_the_record_travels_with_the_avatar_and_the_log_keeps_a_tombstone(
     argv = ["audit", "--audit-log", str(server.settings.audit_log), "--avatar", "ada", "--event", "delete"]
     assert main([*argv, "--out", str(out)]) == 0
     exported = [json.loads(line) for line in out.read_text().splitlines()]
-    assert exported == [ada[-1]]
+    assert exported == [{**ada[-1], "tenant": "default"}]  # (the event as logged, and its tenant)
 
 
 def test_the_cli_takes_the_consent_record_as_flags(
@@ -217,6 +218,46 @@ def test_audit_selects_an_avatar_in_every_tenant_or_in_one(
     assert selected("--avatar", "acme.mona") == ["acme.mona"]
     assert selected("--tenant", "acme") == ["acme.mona", "acme.ada"]
     assert selected("--tenant", "default") == ["mona"]
+
+
+def test_audit_lists_refused_callers_under_no_tenant(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call refused before its caller was authenticated (an unknown, forged or revoked key) has
+    no avatar and no tenant, but `--tenant default` listed it as the default tenant's: an admin
+    reading their tenant's audit saw strangers' refusals as theirs. Now an event is its avatar's
+    tenant's, or - without an avatar - the tenant its actor names (a caller authenticated, then
+    refused: `forbidden`), or no tenant's: `--no-tenant` lists those, and each exported line says
+    its tenant (null: none). Lines written before (no tenant named anywhere) read the same way."""
+    monkeypatch.delenv("TALKINGHEAD_REDIS_URL", raising=False)
+    log = tmp_path / "audit.jsonl"
+    refused = {"reason": "wrong_secret", "credential": "key:0123456789ab", "method": "/m"}
+    events: list[dict[str, Any]] = [
+        {"avatar_id": "mona", "event": "create", "actor": "tenant=default role=user peer=a"},
+        {"avatar_id": "acme.ada", "event": "create", "actor": "tenant=acme role=user peer=b"},
+        {"avatar_id": "", "event": "auth_refused", "actor": "peer=ipv4:10.0.0.7:4000", "detail": refused},
+        {"avatar_id": "", "event": "auth_refused_suppressed", "actor": "peer=ipv4:10.0.0.7", "detail": {}},
+        {"avatar_id": "", "event": "auth_refused", "actor": "tenant=acme peer=ipv4:10.0.0.8:1", "detail": {}},
+    ]
+    log.write_text("".join(json.dumps({**e, "time": 1.0 + i}) + "\n" for i, e in enumerate(events)))
+
+    def selected(*flags: str) -> list[tuple[str, str, str | None]]:
+        assert main(["audit", "--audit-log", str(log), *flags]) == 0
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        return [(e["event"], e["actor"].split()[-1], e["tenant"]) for e in lines]
+
+    assert selected("--tenant", "default") == [("create", "peer=a", "default")]
+    assert selected("--tenant", "acme") == [
+        ("create", "peer=b", "acme"),
+        ("auth_refused", "peer=ipv4:10.0.0.8:1", "acme"),
+    ]
+    assert selected("--no-tenant") == [
+        ("auth_refused", "peer=ipv4:10.0.0.7:4000", None),
+        ("auth_refused_suppressed", "peer=ipv4:10.0.0.7", None),
+    ]
+    assert [tenant for *_, tenant in selected()] == ["default", "acme", None, None, "acme"]
+    with pytest.raises(SystemExit):
+        main(["audit", "--audit-log", str(log), "--tenant", "acme", "--no-tenant"])
 
 
 def test_audit_into_a_pipe_its_reader_closed_stops_quietly(tmp_path: Path) -> None:

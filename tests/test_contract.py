@@ -96,6 +96,7 @@ def test_metadata_keys() -> None:
         "talkinghead.consent_record",
         "talkinghead.avatar_created",
         "talkinghead.avatar_store",
+        "talkinghead.job",
         "talkinghead.gflops_per_frame",
     )
     assert contract.KINDS == ("embedder", "generator", "personalised")

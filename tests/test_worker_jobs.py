@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import redis as redis_py
 
+from jobs import keys
 from jobs.local import LocalQueue
 from jobs.queue import pack_input
 from jobs.record import (
@@ -180,6 +181,55 @@ def test_an_end_redis_refuses_is_written_again_and_the_job_not_run_again(
     assert service.active("bob") is None
 
 
+@pytest.mark.parametrize("then", ["lost", "lost and cancelled", "another job's version"])
+def test_a_generator_a_lost_attempt_published_ends_the_job_without_fine_tuning_again(
+    then: str, redis_url: str, tmp_path: Path
+) -> None:
+    """A worker publishes a job's generator (stamped with the job's id) and is lost before the end
+    is written (stopped with its end unwritten, or killed). The next attempt took that generator
+    back and fine-tuned again (here it would fail: the test's worker has no checkpoint). Now it
+    ends the job SUCCEEDED with that generator, on any attempt; a cancel asked meanwhile still
+    takes it back and ends the job CANCELLED. A version no attempt of this job stamped is still
+    taken back, as before."""
+    from worker.jobs_run import run_job
+
+    service = RedisQueue(client=connect(redis_url))
+    repo = tmp_path / "repo"
+    fake_generator(repo, "hana", 1, created=None)  # an earlier personalisation's
+    job = service.submit(_job("m1", "hana", 3), b"input", max_active=2)
+    lost = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    held = lost.claim("w1", wait_s=1)
+    assert held is not None
+    held.published_before = 1  # (as an attempt writes it before fine-tuning)
+    assert lost.update(held)
+    redis_py.Redis.from_url(redis_url).hset(keys.job(job.id), "attempts", 3)  # (its last allowed one)
+    stamped = job.id if then != "another job's version" else new_id()
+    fake_generator(repo, "hana", 2, created=None, job=stamped)  # what w1 published before it was lost
+    if then == "lost and cancelled":
+        assert service.cancel(job.id).cancel_requested  # type: ignore[union-attr]
+    time.sleep(0.6)  # w1 is silent: past its claim timeout
+    worker = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
+    taken = worker.claim("w2", wait_s=1)
+    assert taken is not None and taken.id == job.id and taken.attempt == 4
+    run_job(worker_context(worker, repo), taken)
+    done = service.get(job.id)
+    versions = sorted(p.name for p in (repo / "generator_hana").iterdir() if p.name.isdigit())
+    assert done is not None and service.active("hana") is None
+    if then == "lost":
+        assert (done.state, done.model_name, done.model_version, done.step) == (
+            SUCCEEDED,
+            "generator_hana",
+            2,
+            3,
+        ), done.error
+        assert versions == ["1", "2"]
+    elif then == "lost and cancelled":
+        assert (done.state, done.error_code) == (CANCELLED, CODE_CANCELLED)
+        assert versions == ["1"]
+    else:
+        assert done.state == FAILED and versions == ["1"]
+
+
 # -- 2. a graceful stop ---------------------------------------------------------------------------------
 
 
@@ -217,6 +267,59 @@ def test_a_stopped_worker_hands_its_job_back_without_spending_an_attempt(
         assert "handed back to the queue" in log.read_text()
     taken = LocalQueue(root=jobs).claim("next", wait_s=1)
     assert taken is not None and taken.id == job.id and taken.attempt == 1
+
+
+def test_a_worker_stopped_with_an_end_unwritten_leaves_its_result_to_the_next_worker(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """The job directory fills up while a real worker exports a job's generator: the generator is
+    published and loaded, but the job's end cannot be written. The worker is stopped (SIGTERM)
+    before there is room again. The next worker took the job as lost: it took the generator back
+    (the avatar lost it meanwhile), fine-tuned again from step 0 and published another file - or,
+    the directory having filled before the last progress write, the job had been failed with its
+    generator served. Now the next worker finds the generator this job published and ends the job
+    SUCCEEDED with that very file, without fine-tuning again."""
+    with tmpfs(tmp_path / "jobs", "4m") as jobs:
+        queue = LocalQueue(root=jobs)
+        job = queue.submit(_job(model_id, "ivan", 2), photos, max_active=2)
+        log = tmp_path / "worker1.log"
+        worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+        try:
+            deadline = time.monotonic() + START_S + JOB_S
+            while (now := queue.get(job.id)) is not None and now.stage != "exporting":  # type: ignore[union-attr]
+                assert not now.done, f"the job ended before its export\n{log.read_text()[-3000:]}"
+                assert time.monotonic() < deadline, f"no export\n{log.read_text()[-3000:]}"
+                time.sleep(0.01)
+            filler = fill(jobs / ".filler")
+            _until("the end not written", lambda: "cannot write its end" in log.read_text(), JOB_S, log)
+            model = repo / "generator_ivan" / "1" / "model.onnx"
+            assert model.is_file(), "its generator is published"
+            published = model.stat()
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the worker still runs 60 s after SIGTERM\n{log.read_text()[-3000:]}")
+        finally:
+            _stop(worker)
+        assert queue.get(job.id).state == RUNNING  # type: ignore[union-attr]
+        filler.unlink()
+        log = tmp_path / "worker2.log"
+        worker = _worker(log, "--jobs", str(jobs), "--repository", str(repo))
+        try:
+            _until("the job ended", lambda: queue.get(job.id).done, START_S + JOB_S, log)  # type: ignore[union-attr]
+        finally:
+            _stop(worker)
+        done = queue.get(job.id)
+        assert done is not None and done.state == SUCCEEDED, log.read_text()[-3000:]
+        assert (done.model_name, done.model_version, done.step) == ("generator_ivan", 1, 2)
+        assert sorted(p.name for p in model.parent.parent.iterdir() if p.name.isdigit()) == ["1"]
+        again = model.stat()
+        assert (again.st_ino, again.st_mtime_ns) == (published.st_ino, published.st_mtime_ns), (
+            "the generator was taken back and made again"
+        )
+        assert "exported generator_ivan" not in log.read_text(), "fine-tuned and exported again"
+        assert queue.active("ivan") is None
 
 
 def test_a_stopped_worker_hands_its_redis_job_back_for_the_next_claim(

@@ -9,6 +9,9 @@ again (after 1 s, doubling to 30 s), not the end of it. SIGTERM/SIGINT stop it w
 fine-tuning step (and any export under way): the job it was fine-tuning goes back to the queue,
 QUEUED, its attempt not counted, and the next worker takes it at once (before, it ran on until the
 service's 10 s grace killed the worker, and each such stop counted as one of its 3 attempts).
+An end the queue could not write (its storage full) is tried once more on the way out; a job
+whose generator was published is then ended by the next worker with that generator, without
+fine-tuning again (worker/jobs_run.py `_adopt`).
 
 It reads the avatar store - the Redis one with --redis-url, the service's directory with --avatars
 (the embedded worker is given it) - to withdraw a deleted avatar's generator only once its record

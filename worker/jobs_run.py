@@ -8,7 +8,9 @@ and a google.rpc code, except when the worker lost it to another worker (Lost): 
 nothing more and leaves the job to its new holder; or when the worker is stopping (SIGTERM: the
 job goes back to the queue at its next step, QUEUED, its attempt not counted). An end the queue
 cannot write (its directory full, Redis away) is kept and written again between other jobs, the
-job held meanwhile: never run again for it.
+job held meanwhile: never run again for it. A personalisation's generator carries its job's id: an
+attempt that finds one an earlier attempt published (that worker stopped or died before the end
+was written) ends the job with it instead of fine-tuning again.
 
 The worker reads the avatar store (jobs.avatars: the service's directory, or Redis) to know
 which record each avatar is now. The service queues a deleted or replaced record's REMOVE job
@@ -202,6 +204,8 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
         with Heartbeat(ctx.queue, job, ctx.heartbeat_s) as beat:
             if job.kind == REMOVE:
                 _remove(ctx, job, later)
+            elif _adopt(ctx, job, beat):
+                pass
             elif job.attempt > MAX_ATTEMPTS:
                 _give_up(ctx, job)
             else:
@@ -344,7 +348,10 @@ class Waiting:
     def close(self) -> None:
         """Stop holding the jobs still waiting: a REMOVE job is handed back (another worker takes
         it at once); an end not written yet is tried once more, then left (the job is taken again
-        once this worker is gone: its lock goes with the process, or its claim times out)."""
+        once this worker is gone: its lock goes with the process, or its claim times out). A
+        SUCCEEDED end left so is not lost: its generator, stamped with the job's id, is what the
+        next attempt ends the job with, without fine-tuning again (`_adopt`); a FAILED or
+        CANCELLED one's job runs again, that attempt counted."""
         for job, _, beat in self._jobs.values():
             beat.__exit__()
             _hand_back(self.ctx, job, "waiting for its record")
@@ -464,6 +471,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     )
     ckpt["consent_record"] = job.consent_id
     ckpt["avatar_created"] = job.avatar_created
+    ckpt["job"] = job.id  # (a later attempt that finds it published ends with it: _adopt)
     if ctx.avatars is not None:
         ckpt["avatar_store"] = ctx.avatars.store_id()
     job.stage, job.export_time = "exporting", time.time()
@@ -473,16 +481,35 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     published = models.publish(
         ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons, max_loaded=ctx.max_loaded
     )
-    job.stage, job.model_name, job.model_version = "loading", published.name, published.version
+    ctx.estimates.learn(job, time.time())
+    _succeed(ctx, job, beat, published)
+
+
+def _succeed(ctx: Context, job: Job, beat: Heartbeat, published: models.Published) -> None:
+    """End a personalisation whose generator is published and loaded: SUCCEEDED, unless it was
+    cancelled or taken over meanwhile (its version is then taken back). A progress write the
+    queue fails here (its storage full, Redis away) does not fail the job: it used to end FAILED
+    with its generator served. Its end is written (or kept, Unwritten) as SUCCEEDED, and the
+    queue refuses that end if a cancel came meanwhile (`_write_end` then takes the version back)."""
+    name = published.name
+    job.stage, job.model_name, job.model_version = "loading", name, published.version
 
     def undo() -> None:
         models.take_back(published, ctx.repository, tritons=ctx.tritons)
         _taken_back(ctx, job, name)
 
-    if not ctx.queue.update(job) or beat.lost.is_set():  # too late: take this job's version back
+    try:
+        cancelled = not ctx.queue.update(job)
+    except Lost:
+        raise  # (the new holder ends the job with this version: _adopt)
+    except Exception as error:
+        log.warning(
+            "job %s: cannot write its progress (%s: %s); ending it", job.id, type(error).__name__, error
+        )
+        cancelled = False
+    if cancelled or beat.lost.is_set():  # too late: take this job's version back
         undo()
         raise Cancelled("cancelled before the model was published")
-    ctx.estimates.learn(job, time.time())
     # (the event even if taken over: it is loaded)
     _end(
         ctx,
@@ -490,6 +517,40 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         then=functools.partial(ctx.queue.publish, job.avatar_id, events.PERSONALISED),
         undo=undo,
     )
+
+
+def _adopt(ctx: Context, job: Job, beat: Heartbeat) -> bool:
+    """End a personalisation with the generator an earlier attempt of it published, if one did
+    (the latest version, above job.published_before, stamped with the job's id): that attempt's
+    worker was stopped or lost before the job's end was written (its storage full, then SIGTERM;
+    or killed). Before, the next attempt took that generator back and fine-tuned again from step
+    0 (minutes), publishing another. The generator is loaded again in every Triton (its worker
+    may have died before); a cancel asked meanwhile, or a record gone, takes it back as
+    `_personalise` would. Whether it found one."""
+    if job.published_before < 0:
+        return False
+    name = contract.personalised_name(job.avatar_id)
+    found = models.stamps(ctx.repository, name, contract.Meta.JOB)
+    version = max(found, default=0)  # (the latest: the one the avatar is served)
+    if version <= job.published_before or found[version] != job.id:
+        return False
+    log.info(
+        "job %s: %s version %d was published by its attempt before; ending with it", job.id, name, version
+    )
+    written = ctx.repository / name / str(version)
+    try:
+        if not ctx.queue.update(job):
+            raise Cancelled("cancelled while its worker was lost")
+        _check_record(ctx, job, "as its generator was found published")
+    except Cancelled:
+        _take_back_lost(ctx, job, name)
+        raise
+    models.load_everywhere(
+        ctx.repository, name, tritons=ctx.tritons, written=written, max_loaded=ctx.max_loaded
+    )
+    job.step = job.steps
+    _succeed(ctx, job, beat, models.Published(name, version, written))
+    return True
 
 
 def _give_up(ctx: Context, job: Job) -> None:
