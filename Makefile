@@ -54,7 +54,7 @@ demo-direct: $(STAMP)
 	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
 
 test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus redis
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=25
 
 test-slow: $(STAMP) $(TRITON_STAMP) model-repository redis
 	$(PY) -m pytest -m slow -q
