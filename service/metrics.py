@@ -38,6 +38,9 @@ STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end
 # under DROP_OLDEST, it could not be generated within the live latency budget, or its tenant's
 # frames-per-second quota had no room (live streams).
 DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA = "overflow", "late", "quota"
+# talkinghead_frame_seconds' `stream`: a live (DROP_OLDEST) stream's frame, held to the latency
+# budget, or an offline (BLOCK) stream's, which may wait for capacity on purpose.
+LIVE, OFFLINE = "live", "offline"
 
 
 # Thread name prefix of the threads that call the in-process engine (service/backends/onnxruntime.py):
@@ -100,6 +103,14 @@ class Metrics:
             "Time per stage: decode/landmarks (driving images), rasterize, inference (per batch), "
             "encode, end_to_end (request read to reply handed to gRPC), per frame",
             ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.frame_seconds = Histogram(
+            "talkinghead_frame_seconds",
+            "A frame's request read to its reply handed to gRPC (the end_to_end stage), by stream: "
+            "live (DROP_OLDEST, held to the latency budget) or offline (BLOCK, may wait for capacity)",
+            ["stream"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -230,6 +241,7 @@ class Metrics:
         # Every series exported from the start; the per-frame paths use these children, not
         # .labels() (a lock and a dict lookup each, seven a frame).
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.frame = {stream: self.frame_seconds.labels(stream) for stream in (LIVE, OFFLINE)}
         self.received = {kind: self.frames_received.labels(kind) for kind in ("landmarks", "image")}
         self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)

@@ -347,3 +347,28 @@ def test_a_long_offline_batch_is_not_a_stall_and_a_stall_is_counted(server: Serv
 
         server.call(release())
     eventually(lambda: health(server, "") == "SERVING")
+
+
+def test_offline_frames_stay_out_of_the_live_latency(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    """talkinghead_frame_seconds{stream="live"} (what TalkingheadLatencyHigh reads) counts the
+    frames of live (DROP_OLDEST) streams only: an offline (BLOCK) stream's frames, which may wait
+    for capacity on purpose, land in stream="offline". Both still count in the end_to_end stage."""
+
+    def counts() -> tuple[float, float, float]:
+        return (
+            server.metric('talkinghead_frame_seconds_count{stream="live"}', 0.0),
+            server.metric('talkinghead_frame_seconds_count{stream="offline"}', 0.0),
+            server.metric('talkinghead_stage_seconds_count{stage="end_to_end"}', 0.0),
+        )
+
+    live, offline, total = counts()
+    sent = list(client.animate(avatar, landmark_requests(first(driver, 12)), overflow="block", queue_depth=1))
+    assert len(sent) == 12
+    assert counts() == (live, offline + 12, total + 12)
+    live_sent = list(client.animate(avatar, landmark_requests(first(driver, 5)), overflow="drop-oldest"))
+    assert live_sent
+    assert counts() == (live + len(live_sent), offline + 12, total + 12 + len(live_sent))
+    text = server.metrics()
+    assert 'talkinghead_frame_seconds_bucket{le="+Inf",stream="live"}' in text
