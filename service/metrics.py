@@ -172,6 +172,15 @@ class Metrics:
         self.backend_ready = Gauge(
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
         )
+        self.triton_ready = Gauge(
+            "talkinghead_triton_ready",
+            "Per Triton behind TALKINGHEAD_TRITON_URL (a name or a list: service/backends/tritons.py), "
+            "by `address` (address:port): 1 while this replica can use it (the models loaded, "
+            "answering, no call stalled), else 0; only the Tritons the name resolves to now. A single "
+            "Triton at an address literal (a sidecar) exports none: talkinghead_backend_ready is it",
+            ["address"],
+            registry=r,
+        )
         self.backend_not_ready = Counter(
             "talkinghead_backend_not_ready_total",
             "Times the backend went from ready to not ready (health NOT_SERVING), by reason: stalled "
@@ -247,12 +256,22 @@ class Metrics:
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)
         self.dropped = {reason: self.frames_dropped.labels(reason) for reason in reasons}
         self.auth_refusals = {reason: self.auth_failures.labels(reason) for reason in REFUSAL_REASONS}
+        self._tritons: set[str] = set()  # the addresses talkinghead_triton_ready has a series of
 
     def on_drop(self, reason: str) -> None:
         self.dropped[reason].inc()
 
     def on_auth_refusal(self, reason: str) -> None:
         self.auth_refusals[reason].inc()
+
+    def on_tritons(self, readiness: dict[str, bool]) -> None:
+        """talkinghead_triton_ready: one series per Triton in `readiness` (address -> serves), none
+        for an address no longer there (addresses are pods: few, but they change)."""
+        for address in self._tritons - readiness.keys():
+            self.triton_ready.remove(address)
+        for address, ready in readiness.items():
+            self.triton_ready.labels(address).set(1 if ready else 0)
+        self._tritons = set(readiness)
 
     def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
         self.cache_entries.set(entries)

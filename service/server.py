@@ -437,7 +437,8 @@ class Server:
         """Health follows the backend: NOT_SERVING until it is ready, whenever it goes away and while
         a call is stalled (`Backend.is_ready` never blocks; a poll that fails counts as not ready),
         and, per service, the storage (StorageWatch). Each fall from ready is counted by reason
-        (talkinghead_backend_not_ready_total)."""
+        (talkinghead_backend_not_ready_total). Over several Tritons (TritonPool) each one's own
+        readiness is published too (talkinghead_triton_ready): health says SERVING while any serves."""
         ready: bool | None = None
         while True:
             try:
@@ -453,6 +454,12 @@ class Server:
                     self.app.metrics.backend_not_ready.labels("stalled" if stalled else "unavailable").inc()
                 log.info("backend %s is %s%s", self.app.backend.name, "ready" if now else "NOT ready", why)
                 ready = now
+            readiness = getattr(self.app.backend, "readiness", None)  # TritonPool: each Triton
+            if readiness is not None:
+                try:
+                    self.app.metrics.on_tritons(readiness())
+                except Exception as error:
+                    log.error("Triton readiness check failed: %s", error)
             if (now, self.storage.up) != self._published:
                 await self._set_health(now, self.storage.up)
             await asyncio.sleep(HEALTH_POLL_S)

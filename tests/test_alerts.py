@@ -48,6 +48,9 @@ ALERT_NAMES = [a["alert"] for a in yaml.safe_load(alerts.SOURCE.read_text())["al
 # service's own labels.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container", "component"}
 METRICS_PORTS = range(19960, 19970)
+# Series Prometheus writes itself for each target it scrapes: an expression may name them with the
+# target's labels only.
+PROMETHEUS_SERIES = {"up"}
 
 
 @pytest.fixture(scope="session")
@@ -308,9 +311,15 @@ def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
         # Every name followed by `{`: a series selector (each of ours has at least the job matcher).
         selectors = SELECTOR.findall(expr)
         bare = set(re.findall(r"\btalkinghead_[a-z0-9_]+", expr))
-        assert bare == {name for name, _ in selectors}, (rule["alert"], "a metric without a selector")
+        ours = {name for name, _ in selectors if name not in PROMETHEUS_SERIES}
+        assert bare == ours, (rule["alert"], "a metric without a selector")
         labels_of_rule = set(TARGET_LABELS) | {"le"}
         for name, matchers in selectors:
+            if name in PROMETHEUS_SERIES:
+                for label, _, _ in MATCHER.findall(matchers):
+                    assert label in TARGET_LABELS, (rule["alert"], name, label)
+                used_names.add(name)
+                continue
             assert name in exported, (rule["alert"], name, "not exported by the service")
             used_names.add(name)
             own = exported[name][1]
@@ -334,7 +343,14 @@ def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
     assert {m for m in METHODS if re.fullmatch("grpc[.].*", m)} == {
         m for m in METHODS if not m.startswith("talkinghead.")
     }
-    assert used_names >= {"talkinghead_backend_ready", "talkinghead_storage_up", "talkinghead_rpcs_total"}
+    assert used_names >= {
+        "talkinghead_backend_ready",
+        "talkinghead_storage_up",
+        "talkinghead_rpcs_total",
+        "talkinghead_frame_seconds_bucket",
+        "talkinghead_triton_ready",
+        "up",
+    }
 
 
 # ---- the alerts fire when they should, and only then ------------------------------------------
@@ -346,6 +362,7 @@ POD = {
     "instance": "10.0.0.1:8080",
 }
 FLEET = {"job": "th-talkinghead-metrics", "namespace": "avatars"}
+TRITONS = ["10.0.1.5:8001", "10.0.1.6:8001"]  # the Tritons behind the replica's Triton URL
 MINUTES = 40  # each scenario's length; every `for` and window fits well within it
 BUCKETS = [b for b in service_metrics.LATENCY_BUCKETS] + [float("inf")]
 
@@ -401,7 +418,12 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
     of frames late, 1.6 % of calls UNAVAILABLE, live frames' p99 ~ 80 ms (offline ones' ~ 1 s,
     which no alert minds). `override` replaces a family's series by its name."""
     families = {
+        "up": [series("up", constant(1))],
         "talkinghead_backend_ready": [series("talkinghead_backend_ready", constant(1))],
+        "talkinghead_triton_ready": [
+            series("talkinghead_triton_ready", constant(1), address=TRITONS[0]),
+            series("talkinghead_triton_ready", constant(1), address=TRITONS[1]),
+        ],
         "talkinghead_storage_up": [series("talkinghead_storage_up", constant(1))],
         "talkinghead_avatar_events_live": [series("talkinghead_avatar_events_live", constant(1))],
         "talkinghead_backend_not_ready_total": [
@@ -452,9 +474,31 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
 
 # Each alert: series that show its trouble (the healthy ones otherwise) -> the labels it fires with.
 TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
+    "TalkingheadTargetDown": (
+        {"up": [series("up", f"1x10 0x{MINUTES - 10}")]},
+        {**POD, "severity": "warning"},
+    ),
+    "TalkingheadNoTargets": ({"up": []}, {**FLEET, "severity": "critical"}),
     "TalkingheadBackendNotReady": (
         {"talkinghead_backend_ready": [series("talkinghead_backend_ready", f"1x10 0x{MINUTES - 10}")]},
         {**POD, "severity": "critical"},
+    ),
+    "TalkingheadTritonNotReady": (
+        {  # one Triton of two away; the replica still serves (talkinghead_backend_ready 1)
+            "talkinghead_triton_ready": [
+                series("talkinghead_triton_ready", constant(1), address=TRITONS[0]),
+                series("talkinghead_triton_ready", f"1x10 0x{MINUTES - 10}", address=TRITONS[1]),
+                # the other replica loses it too: one alert for that Triton, not one per replica
+                series(
+                    "talkinghead_triton_ready",
+                    f"1x10 0x{MINUTES - 10}",
+                    address=TRITONS[1],
+                    pod="th-talkinghead-1",
+                    instance="10.0.0.2:8080",
+                ),
+            ]
+        },
+        {**FLEET, "address": TRITONS[1], "severity": "warning"},
     ),
     "TalkingheadBackendFlapping": (
         {
