@@ -296,6 +296,7 @@ KNOWN_VALUES = {
     ("talkinghead_rpcs_total", "code"): {code.name for code in grpc.StatusCode},
     ("talkinghead_rpcs_total", "method"): {*METHODS, "other"},
     ("talkinghead_backend_not_ready_total", "reason"): {"stalled", "unavailable"},
+    ("talkinghead_personalisation_jobs", "state"): {service_metrics.QUEUED, service_metrics.RUNNING},
 }
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -466,6 +467,14 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
         "talkinghead_audit_write_failures_total": [
             series("talkinghead_audit_write_failures_total", constant(0))
         ],
+        # the worker busy: one job running, two waiting, the oldest for 5 minutes
+        "talkinghead_personalisation_jobs": [
+            series("talkinghead_personalisation_jobs", constant(2), state="queued"),
+            series("talkinghead_personalisation_jobs", constant(1), state="running"),
+        ],
+        "talkinghead_personalisation_oldest_queued_seconds": [
+            series("talkinghead_personalisation_oldest_queued_seconds", constant(300))
+        ],
     }
     assert set(override) <= set(families)
     families.update(override)
@@ -587,6 +596,26 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
             "talkinghead_frames_dropped_total": [
                 series("talkinghead_frames_dropped_total", per_minute(300), reason="late")
             ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadPersonalisationWaiting": (
+        {  # a job running for long (the worker busy), the next one waiting ever longer behind it
+            "talkinghead_personalisation_oldest_queued_seconds": [
+                series("talkinghead_personalisation_oldest_queued_seconds", per_minute(60))
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadPersonalisationNoWorker": (
+        {  # from minute 10 a job queued and none running: no worker takes jobs (not yet 30 min)
+            "talkinghead_personalisation_jobs": [
+                series("talkinghead_personalisation_jobs", f"0x10 1x{MINUTES - 10}", state="queued"),
+                series("talkinghead_personalisation_jobs", f"0x{MINUTES}", state="running"),
+            ],
+            "talkinghead_personalisation_oldest_queued_seconds": [
+                series("talkinghead_personalisation_oldest_queued_seconds", f"0x10 60+60x{MINUTES - 10}")
+            ],
         },
         {**FLEET, "severity": "warning"},
     ),
