@@ -5,7 +5,9 @@ Names follow Prometheus conventions: base units (seconds, bytes), `_total` for c
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,6 +40,11 @@ STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end
 # under DROP_OLDEST, it could not be generated within the live latency budget, or its tenant's
 # frames-per-second quota had no room (live streams).
 DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA = "overflow", "late", "quota"
+# talkinghead_frame_seconds' `stream`: a live (DROP_OLDEST) stream's frame, held to the latency
+# budget, or an offline (BLOCK) stream's, which may wait for capacity on purpose.
+LIVE, OFFLINE = "live", "offline"
+# talkinghead_personalisation_jobs' `state`.
+QUEUED, RUNNING = "queued", "running"
 
 
 # Thread name prefix of the threads that call the in-process engine (service/backends/onnxruntime.py):
@@ -103,6 +110,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.frame_seconds = Histogram(
+            "talkinghead_frame_seconds",
+            "A frame's request read to its reply handed to gRPC (the end_to_end stage), by stream: "
+            "live (DROP_OLDEST, held to the latency budget) or offline (BLOCK, may wait for capacity)",
+            ["stream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_seconds = Histogram(
             "talkinghead_queue_seconds",
             "Time a frame waited in its stream's queue and the batcher before the generator took it",
@@ -161,6 +176,15 @@ class Metrics:
         self.backend_ready = Gauge(
             "talkinghead_backend_ready", "1 when the model backend can serve, else 0", registry=r
         )
+        self.triton_ready = Gauge(
+            "talkinghead_triton_ready",
+            "Per Triton behind TALKINGHEAD_TRITON_URL (a name or a list: service/backends/tritons.py), "
+            "by `address` (address:port): 1 while this replica can use it (the models loaded, "
+            "answering, no call stalled), else 0; only the Tritons the name resolves to now. A single "
+            "Triton at an address literal (a sidecar) exports none: talkinghead_backend_ready is it",
+            ["address"],
+            registry=r,
+        )
         self.backend_not_ready = Counter(
             "talkinghead_backend_not_ready_total",
             "Times the backend went from ready to not ready (health NOT_SERVING), by reason: stalled "
@@ -180,6 +204,22 @@ class Metrics:
             "without Redis), else 0: cached avatars are not trusted then",
             registry=r,
         )
+        self.personalisation_jobs = Gauge(
+            "talkinghead_personalisation_jobs",
+            "Personalisations in the job queue (every replica's: the queue is shared) by state: queued "
+            "(no worker has taken it) or running (as the queue records it: a job whose worker died "
+            "counts until another worker takes it over); read every few seconds, NaN while the queue "
+            "cannot be read",
+            ["state"],
+            registry=r,
+        )
+        self.oldest_queued = Gauge(
+            "talkinghead_personalisation_oldest_queued_seconds",
+            "How long the oldest queued personalisation has waited since it was started (0: none "
+            "queued; NaN while the queue cannot be read)",
+            registry=r,
+        )
+        self.oldest_queued.set_function(self._waited)
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
         self.audit_failures = Counter(
             "talkinghead_audit_write_failures_total", "Audit events that could not be written", registry=r
@@ -230,17 +270,49 @@ class Metrics:
         # Every series exported from the start; the per-frame paths use these children, not
         # .labels() (a lock and a dict lookup each, seven a frame).
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.frame = {stream: self.frame_seconds.labels(stream) for stream in (LIVE, OFFLINE)}
         self.received = {kind: self.frames_received.labels(kind) for kind in ("landmarks", "image")}
         self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)
         self.dropped = {reason: self.frames_dropped.labels(reason) for reason in reasons}
         self.auth_refusals = {reason: self.auth_failures.labels(reason) for reason in REFUSAL_REASONS}
+        self._tritons: set[str] = set()  # the addresses talkinghead_triton_ready has a series of
+        self.jobs = {state: self.personalisation_jobs.labels(state) for state in (QUEUED, RUNNING)}
+        self._oldest_queued: float | None = None  # its job's create_time (time.time()); NaN: unknown
 
     def on_drop(self, reason: str) -> None:
         self.dropped[reason].inc()
 
     def on_auth_refusal(self, reason: str) -> None:
         self.auth_refusals[reason].inc()
+
+    def on_tritons(self, readiness: dict[str, bool]) -> None:
+        """talkinghead_triton_ready: one series per Triton in `readiness` (address -> serves), none
+        for an address no longer there (addresses are pods: few, but they change)."""
+        for address in self._tritons - readiness.keys():
+            self.triton_ready.remove(address)
+        for address, ready in readiness.items():
+            self.triton_ready.labels(address).set(1 if ready else 0)
+        self._tritons = set(readiness)
+
+    def on_jobs(self, queued: int, running: int, oldest_queued: float | None) -> None:
+        """The job queue as last read: its personalisations queued and running, and the oldest
+        queued one's create_time (None: none queued)."""
+        self.jobs[QUEUED].set(queued)
+        self.jobs[RUNNING].set(running)
+        self._oldest_queued = oldest_queued
+
+    def on_jobs_unknown(self) -> None:
+        """The job queue could not be read: NaN, not the last figures (no alert compares true)."""
+        for child in self.jobs.values():
+            child.set(math.nan)
+        self._oldest_queued = math.nan
+
+    def _waited(self) -> float:
+        oldest = self._oldest_queued  # (read once: the event loop replaces it meanwhile)
+        if oldest is None or math.isnan(oldest):
+            return 0.0 if oldest is None else math.nan
+        return max(0.0, time.time() - oldest)
 
     def on_cache(self, entries: int, size: int, hit: bool | None) -> None:
         self.cache_entries.set(entries)

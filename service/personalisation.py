@@ -21,7 +21,7 @@ from typing import Any
 from facekit.contract import ModelInfo, avatar_stamp
 from facekit.ids import shown, split_id
 from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
-from jobs.record import ID, PERSONALISE, REMOVE, Job, new_id, steps_for
+from jobs.record import ID, PERSONALISE, QUEUED, REMOVE, RUNNING, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
 from service.wire import redis_error
@@ -106,6 +106,15 @@ class Personaliser:
         except QueueFull as full:  # (how busy the server is is not the caller's business: logged)
             log.warning("personalisation of %s refused: the queue is full (%s)", record.avatar_id, full)
             raise exhausted("the personalisation queue is full; retry later") from None
+
+    async def census(self) -> tuple[int, int, float | None]:
+        """(queued, running, the oldest queued one's create_time or None) of the personalisations
+        in the queue, every replica's; raises what the queue raises (not logged here: the caller
+        polls, and says once that it cannot read it)."""
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = await loop.run_in_executor(self._pool, self.queue.live)
+        queued = [job.create_time for job in jobs if job.state == QUEUED]
+        return len(queued), sum(1 for job in jobs if job.state == RUNNING), min(queued, default=None)
 
     async def active(self, tenant: str) -> int:
         """The tenant's personalisations queued or running."""

@@ -63,6 +63,7 @@ METHODS = tuple(
     for method in service.methods
 )
 HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
+JOBS_POLL_S = 5.0  # talkinghead_personalisation_jobs follows the job queue within this
 # Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
 KEEPALIVE = [
     # Ping every connection after 20 s without a ping; no ack within 10 s closes it: a client
@@ -273,6 +274,7 @@ class Server:
     _monitor: asyncio.Task[None] | None = field(init=False, default=None)
     storage: StorageWatch = field(init=False)
     _storage_task: asyncio.Task[None] | None = field(init=False, default=None)
+    _jobs_task: asyncio.Task[None] | None = field(init=False, default=None)
     _draining: bool = field(init=False, default=False)
     _published: tuple[bool, bool] | None = field(init=False, default=None)  # (backend, storage) in health
     _events: asyncio.Task[None] | None = field(init=False, default=None)
@@ -387,6 +389,7 @@ class Server:
             )
         self._storage_task = asyncio.create_task(self.storage.run(), name="storage-probe")
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
+        self._jobs_task = asyncio.create_task(self._watch_jobs(), name="jobs-census")
         log.info(
             "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",
             s.host,
@@ -437,7 +440,8 @@ class Server:
         """Health follows the backend: NOT_SERVING until it is ready, whenever it goes away and while
         a call is stalled (`Backend.is_ready` never blocks; a poll that fails counts as not ready),
         and, per service, the storage (StorageWatch). Each fall from ready is counted by reason
-        (talkinghead_backend_not_ready_total)."""
+        (talkinghead_backend_not_ready_total). Over several Tritons (TritonPool) each one's own
+        readiness is published too (talkinghead_triton_ready): health says SERVING while any serves."""
         ready: bool | None = None
         while True:
             try:
@@ -453,9 +457,38 @@ class Server:
                     self.app.metrics.backend_not_ready.labels("stalled" if stalled else "unavailable").inc()
                 log.info("backend %s is %s%s", self.app.backend.name, "ready" if now else "NOT ready", why)
                 ready = now
+            readiness = getattr(self.app.backend, "readiness", None)  # TritonPool: each Triton
+            if readiness is not None:
+                try:
+                    self.app.metrics.on_tritons(readiness())
+                except Exception as error:
+                    log.error("Triton readiness check failed: %s", error)
             if (now, self.storage.up) != self._published:
                 await self._set_health(now, self.storage.up)
             await asyncio.sleep(HEALTH_POLL_S)
+
+    async def _watch_jobs(self) -> None:
+        """The job queue's personalisations, queued and running, and how long the oldest queued one
+        has waited, in /metrics (talkinghead_personalisation_*): the worker is another process,
+        and this is where an operator sees jobs wait for one. NaN while the queue cannot be read."""
+        personaliser, metrics = self.app.personaliser, self.app.metrics
+        failing = False
+        while True:
+            try:
+                metrics.on_jobs(*await personaliser.census())
+                if failing:
+                    log.info("the job queue can be read again")
+                failing = False
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                metrics.on_jobs_unknown()
+                if not failing:
+                    log.warning(
+                        "cannot read the job queue for its metrics: %s: %s", type(error).__name__, error
+                    )
+                failing = True
+            await asyncio.sleep(JOBS_POLL_S)
 
     async def drain(self) -> None:
         """Say NOT_SERVING for good (the backend watch stops), still taking calls."""
@@ -472,6 +505,8 @@ class Server:
             self._monitor.cancel()
         if self._storage_task is not None:
             self._storage_task.cancel()
+        if self._jobs_task is not None:
+            self._jobs_task.cancel()
         await self._server.stop(grace)
         if self._events is not None:
             self._events.cancel()

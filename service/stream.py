@@ -38,7 +38,7 @@ from service.driving import DrivingMapper
 from service.errors import ServiceError, backend_unavailable, detached, idle, invalid, precondition
 from service.images import encode_frame
 from service.landmarks import check_frame_size, parse_points
-from service.metrics import DROPPED_QUOTA, Metrics
+from service.metrics import DROPPED_QUOTA, LIVE, OFFLINE, Metrics
 
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
@@ -432,6 +432,7 @@ class Stream:
         stage["rasterize"].observe(rasterize_s)
         stage["encode"].observe(encode_s)
         stage["end_to_end"].observe(total_s)
+        metrics.frame[OFFLINE if setup.block else LIVE].observe(total_s)
         metrics.queue_seconds.observe(queue_s)
         metrics.frames_sent.inc()
         return pb.AnimateResponse(

@@ -48,6 +48,9 @@ ALERT_NAMES = [a["alert"] for a in yaml.safe_load(alerts.SOURCE.read_text())["al
 # service's own labels.
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "service", "endpoint", "container", "component"}
 METRICS_PORTS = range(19960, 19970)
+# Series Prometheus writes itself for each target it scrapes: an expression may name them with the
+# target's labels only.
+PROMETHEUS_SERIES = {"up"}
 
 
 @pytest.fixture(scope="session")
@@ -284,6 +287,7 @@ def scraped_families() -> dict[str, tuple[str, set[str]]]:
 # Label values the service exports, for the labels whose values are a fixed set.
 KNOWN_VALUES = {
     ("talkinghead_stage_seconds_bucket", "stage"): set(service_metrics.STAGES),
+    ("talkinghead_frame_seconds_bucket", "stream"): {service_metrics.LIVE, service_metrics.OFFLINE},
     ("talkinghead_frames_dropped_total", "reason"): {
         service_metrics.DROPPED_OVERFLOW,
         service_metrics.DROPPED_LATE,
@@ -292,6 +296,7 @@ KNOWN_VALUES = {
     ("talkinghead_rpcs_total", "code"): {code.name for code in grpc.StatusCode},
     ("talkinghead_rpcs_total", "method"): {*METHODS, "other"},
     ("talkinghead_backend_not_ready_total", "reason"): {"stalled", "unavailable"},
+    ("talkinghead_personalisation_jobs", "state"): {service_metrics.QUEUED, service_metrics.RUNNING},
 }
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -307,9 +312,15 @@ def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
         # Every name followed by `{`: a series selector (each of ours has at least the job matcher).
         selectors = SELECTOR.findall(expr)
         bare = set(re.findall(r"\btalkinghead_[a-z0-9_]+", expr))
-        assert bare == {name for name, _ in selectors}, (rule["alert"], "a metric without a selector")
+        ours = {name for name, _ in selectors if name not in PROMETHEUS_SERIES}
+        assert bare == ours, (rule["alert"], "a metric without a selector")
         labels_of_rule = set(TARGET_LABELS) | {"le"}
         for name, matchers in selectors:
+            if name in PROMETHEUS_SERIES:
+                for label, _, _ in MATCHER.findall(matchers):
+                    assert label in TARGET_LABELS, (rule["alert"], name, label)
+                used_names.add(name)
+                continue
             assert name in exported, (rule["alert"], name, "not exported by the service")
             used_names.add(name)
             own = exported[name][1]
@@ -333,7 +344,14 @@ def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
     assert {m for m in METHODS if re.fullmatch("grpc[.].*", m)} == {
         m for m in METHODS if not m.startswith("talkinghead.")
     }
-    assert used_names >= {"talkinghead_backend_ready", "talkinghead_storage_up", "talkinghead_rpcs_total"}
+    assert used_names >= {
+        "talkinghead_backend_ready",
+        "talkinghead_storage_up",
+        "talkinghead_rpcs_total",
+        "talkinghead_frame_seconds_bucket",
+        "talkinghead_triton_ready",
+        "up",
+    }
 
 
 # ---- the alerts fire when they should, and only then ------------------------------------------
@@ -345,6 +363,7 @@ POD = {
     "instance": "10.0.0.1:8080",
 }
 FLEET = {"job": "th-talkinghead-metrics", "namespace": "avatars"}
+TRITONS = ["10.0.1.5:8001", "10.0.1.6:8001"]  # the Tritons behind the replica's Triton URL
 MINUTES = 40  # each scenario's length; every `for` and window fits well within it
 BUCKETS = [b for b in service_metrics.LATENCY_BUCKETS] + [float("inf")]
 
@@ -364,23 +383,48 @@ def constant(value: float) -> str:
     return f"{value:g}x{MINUTES}"
 
 
-def latency(seconds_per_frame: float, frames_per_minute: int = 1500) -> list[dict[str, str]]:
-    """end_to_end buckets for frames that all took `seconds_per_frame`, except 1 % taking half."""
-    out = []
-    for bucket in BUCKETS:
-        le = "+Inf" if bucket == float("inf") else f"{bucket:g}"
-        count = frames_per_minute * (
-            (bucket >= seconds_per_frame) * 0.99 + (bucket >= seconds_per_frame / 2) * 0.01
-        )
-        out.append(series("talkinghead_stage_seconds_bucket", per_minute(count), stage="end_to_end", le=le))
-    return out
+def counts(seconds_per_frame: float, frames_per_minute: int) -> list[float]:
+    """Per bucket (BUCKETS), the frames a minute within it when all took `seconds_per_frame`
+    except 1 % taking half."""
+    return [
+        frames_per_minute * ((bucket >= seconds_per_frame) * 0.99 + (bucket >= seconds_per_frame / 2) * 0.01)
+        for bucket in BUCKETS
+    ]
+
+
+def buckets(name: str, per_bucket: list[float], **labels: str) -> list[dict[str, str]]:
+    les = ["+Inf" if bucket == float("inf") else f"{bucket:g}" for bucket in BUCKETS]
+    return [
+        series(name, per_minute(count), **labels, le=le) for le, count in zip(les, per_bucket, strict=True)
+    ]
+
+
+def latency(live_s: float, offline_s: float = 1.0) -> dict[str, list[dict[str, str]]]:
+    """1500 live frames a minute taking `live_s` and 600 offline ones (a busy batch job whose
+    frames wait for capacity) taking `offline_s`: talkinghead_frame_seconds by stream, and the
+    end_to_end stage, which counts both."""
+    live, offline = counts(live_s, 1500), counts(offline_s, 600)
+    both = [a + b for a, b in zip(live, offline, strict=True)]
+    name = "talkinghead_frame_seconds_bucket"
+    return {
+        name: buckets(name, live, stream="live") + buckets(name, offline, stream="offline"),
+        "talkinghead_stage_seconds_bucket": buckets(
+            "talkinghead_stage_seconds_bucket", both, stage="end_to_end"
+        ),
+    }
 
 
 def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
-    """One replica serving live streams well: 25 of 40 fps reserved, 1 % of frames late, 1.6 % of
-    calls UNAVAILABLE, p99 ~ 80 ms. `override` replaces a family's series by its name."""
+    """One replica serving live streams well beside a busy offline job: 25 of 40 fps reserved, 1 %
+    of frames late, 1.6 % of calls UNAVAILABLE, live frames' p99 ~ 80 ms (offline ones' ~ 1 s,
+    which no alert minds). `override` replaces a family's series by its name."""
     families = {
+        "up": [series("up", constant(1))],
         "talkinghead_backend_ready": [series("talkinghead_backend_ready", constant(1))],
+        "talkinghead_triton_ready": [
+            series("talkinghead_triton_ready", constant(1), address=TRITONS[0]),
+            series("talkinghead_triton_ready", constant(1), address=TRITONS[1]),
+        ],
         "talkinghead_storage_up": [series("talkinghead_storage_up", constant(1))],
         "talkinghead_avatar_events_live": [series("talkinghead_avatar_events_live", constant(1))],
         "talkinghead_backend_not_ready_total": [
@@ -410,7 +454,7 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
         "talkinghead_admission_refusals_total": [series("talkinghead_admission_refusals_total", constant(0))],
         "talkinghead_committed_fps": [series("talkinghead_committed_fps", constant(25))],
         "talkinghead_capacity_fps": [series("talkinghead_capacity_fps", constant(40))],
-        "talkinghead_stage_seconds_bucket": latency(0.08),
+        **latency(0.08),
         "talkinghead_frames_received_total": [
             series("talkinghead_frames_received_total", per_minute(1500), kind="landmarks")
         ],
@@ -423,6 +467,14 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
         "talkinghead_audit_write_failures_total": [
             series("talkinghead_audit_write_failures_total", constant(0))
         ],
+        # the worker busy: one job running, two waiting, the oldest for 5 minutes
+        "talkinghead_personalisation_jobs": [
+            series("talkinghead_personalisation_jobs", constant(2), state="queued"),
+            series("talkinghead_personalisation_jobs", constant(1), state="running"),
+        ],
+        "talkinghead_personalisation_oldest_queued_seconds": [
+            series("talkinghead_personalisation_oldest_queued_seconds", constant(300))
+        ],
     }
     assert set(override) <= set(families)
     families.update(override)
@@ -431,9 +483,31 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
 
 # Each alert: series that show its trouble (the healthy ones otherwise) -> the labels it fires with.
 TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
+    "TalkingheadTargetDown": (
+        {"up": [series("up", f"1x10 0x{MINUTES - 10}")]},
+        {**POD, "severity": "warning"},
+    ),
+    "TalkingheadNoTargets": ({"up": []}, {**FLEET, "severity": "critical"}),
     "TalkingheadBackendNotReady": (
         {"talkinghead_backend_ready": [series("talkinghead_backend_ready", f"1x10 0x{MINUTES - 10}")]},
         {**POD, "severity": "critical"},
+    ),
+    "TalkingheadTritonNotReady": (
+        {  # one Triton of two away; the replica still serves (talkinghead_backend_ready 1)
+            "talkinghead_triton_ready": [
+                series("talkinghead_triton_ready", constant(1), address=TRITONS[0]),
+                series("talkinghead_triton_ready", f"1x10 0x{MINUTES - 10}", address=TRITONS[1]),
+                # the other replica loses it too: one alert for that Triton, not one per replica
+                series(
+                    "talkinghead_triton_ready",
+                    f"1x10 0x{MINUTES - 10}",
+                    address=TRITONS[1],
+                    pod="th-talkinghead-1",
+                    instance="10.0.0.2:8080",
+                ),
+            ]
+        },
+        {**FLEET, "address": TRITONS[1], "severity": "warning"},
     ),
     "TalkingheadBackendFlapping": (
         {
@@ -514,7 +588,7 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
         {**FLEET, "severity": "warning"},
     ),
     "TalkingheadLatencyHigh": (
-        {"talkinghead_stage_seconds_bucket": latency(0.4)},
+        {"talkinghead_frame_seconds_bucket": latency(0.4)["talkinghead_frame_seconds_bucket"]},
         {**FLEET, "severity": "warning"},
     ),
     "TalkingheadFramesDroppedLate": (
@@ -522,6 +596,26 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
             "talkinghead_frames_dropped_total": [
                 series("talkinghead_frames_dropped_total", per_minute(300), reason="late")
             ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadPersonalisationWaiting": (
+        {  # a job running for long (the worker busy), the next one waiting ever longer behind it
+            "talkinghead_personalisation_oldest_queued_seconds": [
+                series("talkinghead_personalisation_oldest_queued_seconds", per_minute(60))
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadPersonalisationNoWorker": (
+        {  # from minute 10 a job queued and none running: no worker takes jobs (not yet 30 min)
+            "talkinghead_personalisation_jobs": [
+                series("talkinghead_personalisation_jobs", f"0x10 1x{MINUTES - 10}", state="queued"),
+                series("talkinghead_personalisation_jobs", f"0x{MINUTES}", state="running"),
+            ],
+            "talkinghead_personalisation_oldest_queued_seconds": [
+                series("talkinghead_personalisation_oldest_queued_seconds", f"0x10 60+60x{MINUTES - 10}")
+            ],
         },
         {**FLEET, "severity": "warning"},
     ),

@@ -10,6 +10,7 @@ after offline work; a long offline batch is not a stalled backend.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1 import animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
+from jobs.local import LocalQueue
+from jobs.record import FAILED
 from service.auth import FileRing, issue, revoke, set_quotas
 from service.backends.base import EXPECTED_S, ReadyGate, _Call
 from service.capacity import HEADROOM
@@ -264,6 +267,9 @@ def test_health_follows_the_storage_per_service(model_repository: Path, tmp_path
         assert health(running, "") == "SERVING"
         assert running.metric("talkinghead_storage_up") == 0
         eventually(lambda: running.metric("talkinghead_avatar_events_live") == 0)
+        # the job queue (on Redis) unreadable: its figures are unknown, not the last ones read
+        eventually(lambda: math.isnan(running.metric('talkinghead_personalisation_jobs{state="queued"}')))
+        assert math.isnan(running.metric("talkinghead_personalisation_oldest_queued_seconds"))
         with running.client() as client, pytest.raises(grpc.RpcError) as error:
             list(client.list_avatars())
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -271,6 +277,7 @@ def test_health_follows_the_storage_per_service(model_repository: Path, tmp_path
         eventually(lambda: all(health(running, s) == "SERVING" for s in services))
         assert running.metric("talkinghead_storage_up") == 1
         eventually(lambda: running.metric("talkinghead_avatar_events_live") == 1)
+        eventually(lambda: running.metric('talkinghead_personalisation_jobs{state="queued"}') == 0)
     finally:
         running.stop()
         redis.stop()
@@ -348,3 +355,65 @@ def test_a_long_offline_batch_is_not_a_stall_and_a_stall_is_counted(server: Serv
 
         server.call(release())
     eventually(lambda: health(server, "") == "SERVING")
+
+
+def test_offline_frames_stay_out_of_the_live_latency(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
+) -> None:
+    """talkinghead_frame_seconds{stream="live"} (what TalkingheadLatencyHigh reads) counts the
+    frames of live (DROP_OLDEST) streams only: an offline (BLOCK) stream's frames, which may wait
+    for capacity on purpose, land in stream="offline". Both still count in the end_to_end stage."""
+
+    def counts() -> tuple[float, float, float]:
+        return (
+            server.metric('talkinghead_frame_seconds_count{stream="live"}', 0.0),
+            server.metric('talkinghead_frame_seconds_count{stream="offline"}', 0.0),
+            server.metric('talkinghead_stage_seconds_count{stage="end_to_end"}', 0.0),
+        )
+
+    live, offline, total = counts()
+    sent = list(client.animate(avatar, landmark_requests(first(driver, 12)), overflow="block", queue_depth=1))
+    assert len(sent) == 12
+    assert counts() == (live, offline + 12, total + 12)
+    live_sent = list(client.animate(avatar, landmark_requests(first(driver, 5)), overflow="drop-oldest"))
+    assert live_sent
+    assert counts() == (live + len(live_sent), offline + 12, total + 12 + len(live_sent))
+    text = server.metrics()
+    assert 'talkinghead_frame_seconds_bucket{le="+Inf",stream="live"}' in text
+
+
+def test_the_personalisation_queue_is_visible_waiting_and_running(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """What TalkingheadPersonalisationWaiting and ...NoWorker read: the personalisations queued and
+    running (talkinghead_personalisation_jobs) and how long the oldest queued one has waited
+    (talkinghead_personalisation_oldest_queued_seconds), growing while no worker takes it. Here no
+    worker runs (TALKINGHEAD_WORKER=external); the test takes the job as a worker would."""
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "avatars"))
+
+    def jobs(state: str) -> float:
+        return running.metric(f'talkinghead_personalisation_jobs{{state="{state}"}}')
+
+    def waited() -> float:
+        return running.metric("talkinghead_personalisation_oldest_queued_seconds")
+
+    try:
+        running.wait_ready()
+        assert (jobs("queued"), jobs("running"), waited()) == (0, 0, 0)
+        with running.client() as client:
+            client.create_avatar("tuned", [PORTRAIT], consent=CONSENT)
+            started = client.personalise("tuned", steps=2)
+            eventually(lambda: jobs("queued") == 1)
+            assert jobs("running") == 0
+            first = eventually(waited)
+            time.sleep(1.2)
+            assert waited() >= first + 1.0, "the oldest queued job's wait does not grow"
+            queue = LocalQueue(root=running.settings.jobs)
+            taken = queue.claim("test-worker", wait_s=5)
+            assert taken is not None and f"operations/{taken.id}" == started.name
+            eventually(lambda: (jobs("queued"), jobs("running"), waited()) == (0, 1, 0))
+            assert queue.finish(taken.ended(FAILED, code=13, error="the test's worker"))
+            eventually(lambda: (jobs("queued"), jobs("running"), waited()) == (0, 0, 0))
+            queue.close()
+    finally:
+        running.stop()

@@ -28,6 +28,7 @@ from facekit.sequence import LandmarkSequence
 from service.backends.base import BackendUnavailable
 from service.backends.triton import TritonBackend
 from service.backends.tritons import TritonPool, fixed_address, make_triton_backend, resolve, targets
+from service.metrics import Metrics
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 
@@ -230,11 +231,39 @@ def test_calls_spread_over_every_triton_and_one_killed_leaves_the_other_serving(
     assert dropped[1] == 0 and dropped[0] >= 9, dropped  # (Triton counts a call just after answering it)
 
 
+def test_a_triton_no_longer_behind_the_name_leaves_no_series_behind() -> None:
+    """talkinghead_triton_ready has one series per Triton resolved now: one the HPA scaled away (or
+    rescheduled onto a new address) goes, rather than stay 0 and keep TalkingheadTritonNotReady
+    firing for a Triton that no longer exists."""
+    metrics = Metrics()
+
+    def exported() -> dict[str, float]:
+        return {
+            sample.labels["address"]: sample.value
+            for family in metrics.registry.collect()
+            if family.name == "talkinghead_triton_ready"
+            for sample in family.samples
+        }
+
+    metrics.on_tritons({"10.0.1.5:8001": True, "10.0.1.6:8001": False})
+    assert exported() == {"10.0.1.5:8001": 1.0, "10.0.1.6:8001": 0.0}
+    metrics.on_tritons({"10.0.1.5:8001": True, "10.0.1.7:8001": True})
+    assert exported() == {"10.0.1.5:8001": 1.0, "10.0.1.7:8001": 1.0}
+    metrics.on_tritons({})
+    assert exported() == {}
+
+
 def test_the_service_serves_over_a_list_of_tritons_and_stays_serving_when_one_goes(
     model_repository: Path, tmp_path: Path, driver: LandmarkSequence, tritons: Tritons
 ) -> None:
     """TALKINGHEAD_TRITON_URL as a list: a stream's frames run on both Tritons; one killed, health
-    stays SERVING and the next stream is served by the other."""
+    stays SERVING and the next stream is served by the other, and /metrics says which one is gone
+    (talkinghead_triton_ready by address, what TalkingheadTritonNotReady reads) while
+    talkinghead_backend_ready, for the whole backend, stays 1."""
+
+    def ready(i: int) -> float:
+        return running.metric(f'talkinghead_triton_ready{{address="{tritons.url(i)}"}}', -1.0)
+
     for i in (0, 1):
         if tritons.servers[i] is None:
             tritons.start(i)
@@ -262,9 +291,15 @@ def test_the_service_serves_over_a_list_of_tritons_and_stays_serving_when_one_go
             assert [f.sequence for f in frames] == list(range(12))
             used = [tritons.frames(0) - before[0], tritons.frames(1) - before[1]]
             assert min(used) > 0, f"a stream's frames on both Tritons: {used}"
+            assert (ready(0), ready(1)) == (1.0, 1.0)
             tritons.kill(1)
             time.sleep(0.5)
             c.wait_ready(timeout=1)  # SERVING: Triton 0 serves
+            deadline = time.monotonic() + 30
+            while ready(1) != 0.0:
+                assert time.monotonic() < deadline, f"Triton 1 killed, its gauge still {ready(1)}"
+                time.sleep(0.1)
+            assert ready(0) == 1.0 and running.metric("talkinghead_backend_ready") == 1.0
             try:
                 frames = list(c.animate("tri", landmark_requests(seq), encoding="raw"))
             except grpc.RpcError as error:

@@ -27,6 +27,7 @@ have finished; a failed resolution changes nothing. Every Triton must serve the 
 calls go to those serving the model the first ready one served (another only once none of those is
 left). `lanes` is the sum of the ready Tritons' generator instances and `loads` changes whenever
 the set of ready Tritons (or one's models) changes, so the service measures its capacity again.
+`readiness` says which Tritons serve (the server publishes it: talkinghead_triton_ready).
 A personalised generator is loaded on every ready Triton when a stream opens on it
 (has_personalised); its calls go to the Tritons that have it, and one that lacks it (new since)
 loads it in the background.
@@ -277,6 +278,13 @@ class TritonPool:
         """At least one Triton serves (loaded, no call of it stalled)."""
         self._follow()
         return any(member.is_ready() for member in self._usable())
+
+    def readiness(self) -> dict[str, bool]:
+        """Each Triton in use (by `address:port`) -> whether it serves now: loaded the model calls
+        go to, answering, no call of it stalled (talkinghead_triton_ready). `is_ready` is whether
+        any does; this says which one does not."""
+        usable = self._usable()
+        return {address: member in usable and member.is_ready() for address, member in self._members.items()}
 
     def stalled(self) -> str | None:
         usable = self._usable()
