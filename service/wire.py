@@ -10,7 +10,8 @@ generic handler built from its descriptor, with no request deserializer, so the 
    for the Animate request stream, each message as it is read;
    A single-request method the servicer also has `admit_<Method>(context)` for (a context manager,
    or an exception refusing the call) is served as a request stream, so that it is admitted before
-   its message is read (CreateAvatar: its photos are up to 64 MiB);
+   its message is read (CreateAvatar: its photos are up to 64 MiB), and its received bytes are let
+   go once parsed (only the parsed request lives on);
 3. calls the servicer's method (a coroutine, or for a streaming reply an async generator or a
    coroutine that writes with context.write) and turns what escapes it into a status: a ServiceError into its
    code and message, anything else into INTERNAL (logged). The status is set on the context after
