@@ -227,9 +227,9 @@ class TenantLimits:
         """Hold one of the server's CreateAvatar calls in flight (TALKINGHEAD_MAX_CREATES, of one
         tenant MAX_CREATES_PER_TENANT) while one is served; taken before its request is read
         (service/wire.py). Each holds its photos (up to 64 MiB) until its turn at the one detect
-        thread: one create of 63 MB raises the server's peak RSS by ~250 MB, 12 at once by 2.0 GB,
-        with this gate (4, 2 per tenant) by 0.8 GB. A tenant with none in flight gets one while the
-        server has fewer than twice max_creates: other tenants' creates never lock it out."""
+        thread: one create of 63 MB raises the server's peak RSS by ~210 MB, and as this gate (4, 2
+        per tenant) admits at most 8, by 0.87 GB at most. A tenant with none in flight gets one while
+        the server has fewer than twice max_creates: other tenants' creates never lock it out."""
         tenant, total = principal.tenant, sum(self.create_calls.values())
         mine = self.create_calls[tenant]
         room = self.max_creates * (2 if mine == 0 else 1)

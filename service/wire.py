@@ -10,7 +10,8 @@ generic handler built from its descriptor, with no request deserializer, so the 
    for the Animate request stream, each message as it is read;
    A single-request method the servicer also has `admit_<Method>(context)` for (a context manager,
    or an exception refusing the call) is served as a request stream, so that it is admitted before
-   its message is read (CreateAvatar: its photos are up to 64 MiB);
+   its message is read (CreateAvatar: its photos are up to 64 MiB), and its received bytes are let
+   go once parsed (only the parsed request lives on);
 3. calls the servicer's method (a coroutine, or for a streaming reply an async generator or a
    coroutine that writes with context.write) and turns what escapes it into a status: a ServiceError into its
    code and message, anything else into INTERNAL (logged). The status is set on the context after
@@ -268,8 +269,6 @@ def _admitted_unary(
     """A single-request method served as a request stream, so that `admit` (which raises to refuse)
     runs before its one message is read: a refused call never has its request received whole."""
 
-    unary = _unary_unary(impl, parse)
-
     async def handle(raw: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
         try:
             slot = admit(context)
@@ -278,19 +277,31 @@ def _admitted_unary(
             failure = status_of(error, parse.method)
         else:
             try:
-                data = await anext(aiter(raw), None)
-                if data is None:
-                    set_status(
-                        context, (grpc.StatusCode.INVALID_ARGUMENT, f"no {parse.method} request sent", ())
-                    )
+                request = await _only_message(raw, parse, context.peer())
+                if isinstance(request, tuple):
+                    set_status(context, request)
                     return None
-                return await unary(data, context)
+                return await _settle(impl(request, context), parse, context)
             finally:
                 slot.__exit__(None, None, None)
         set_status(context, failure)
         return None
 
     return handle
+
+
+async def _only_message(raw: AsyncIterator[bytes], parse: Parser, peer: str) -> Message | Status:
+    """The request stream's first message parsed, with its bytes let go: gRPC's receiver keeps the
+    last message it yielded until it is advanced or closed, and the parsed message is a copy (a
+    60 MB CreateAvatar was held twice for the whole call)."""
+    messages = aiter(raw)
+    data = await anext(messages, None)
+    close = getattr(messages, "aclose", None)
+    if close is not None:
+        await close()
+    if data is None:
+        return grpc.StatusCode.INVALID_ARGUMENT, f"no {parse.method} request sent", ()
+    return parse(data, peer)
 
 
 def method_handler(method: MethodDescriptor, servicer: object, limits: Limits) -> grpc.RpcMethodHandler:

@@ -1,4 +1,5 @@
-"""A failed request frees its memory at once, not when the cycle collector runs.
+"""A failed request frees its memory at once, not when the cycle collector runs; a large
+CreateAvatar costs the server about what it sent, not several times that.
 
 The server runs as its own process (tests/service_process.py) with the cyclic garbage collector
 disabled, so only reference counting frees anything: an exception whose traceback sits in a
@@ -6,6 +7,9 @@ reference cycle (a stored error that refers to its own frame, an abort inside an
 would keep every frame's locals - a 6000 x 6000 photo decoded is 108 MB - for as long as the
 process lives. The resident set size (/proc/<pid>/status) after a series of failing requests must
 stay near what it was before them.
+
+`test_a_large_create_costs_about_its_size` measures the peak RSS (VmHWM) a fresh server reaches
+for one CreateAvatar of ~60 MB: what a create in flight costs a pod (TALKINGHEAD_MAX_CREATES).
 """
 
 from __future__ import annotations
@@ -188,3 +192,67 @@ def test_a_kept_error_holds_no_frames() -> None:
         3,
     )
     assert kept.__traceback__ is None and kept.__context__ is None
+
+
+PHOTOS = 7  # 4000 x 3000 JPEGs of ~8.6 MB: a 60 MB request, 84 million pixels (the limit is 100)
+PHOTO_SIZE = (4000, 3000)
+
+
+def noisy_jpeg(seed: int, size: tuple[int, int] = PHOTO_SIZE) -> bytes:
+    """A JPEG that compresses badly (~0.7 bytes a pixel at quality 90): many pixels, many bytes."""
+    width, height = size
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, (height // 4, width // 4, 3), dtype=np.uint8)
+    pixels = np.repeat(np.repeat(blocks, 4, axis=0), 4, axis=1)
+    pixels ^= rng.integers(0, 40, pixels.shape, dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def peak_rss(server: ServerProcess) -> int:
+    for line in Path(f"/proc/{server.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for {server.process.pid}")
+
+
+def test_a_large_create_costs_about_its_size(model_repository: Path, tmp_path: Path) -> None:
+    """One CreateAvatar of 60 MB (7 photos of 12 million pixels) raised a server's peak RSS by
+    406-417 MB, 6.5 times the request: the request was held twice (the received bytes and the
+    parsed message) for the whole call and each photo was decoded into five copies at once.
+
+    What stays: gRPC's own receive briefly holds the message three times (its buffer, a bytearray it
+    fills, the bytes it hands over) before any of the server's code runs; afterwards the parsed
+    request (1 x) and one photo at a time decoding (its pixels as Pillow holds them, 4 bytes each,
+    and the RGB array: 7 bytes a pixel, 84 MB here). The bound is the larger of the two plus an
+    allowance of 64 MiB for what the allocator keeps of the transport's small buffers and the
+    crops and portrait: 3 x 60 MB + 64 MiB = 246 MB."""
+    photos = [noisy_jpeg(0)] * PHOTOS  # the server decodes each on its own
+    size = sum(map(len, photos))
+    width, height = PHOTO_SIZE
+    assert 55e6 < size < 64 * 2**20 - 64 * 2**10, size
+    decoding = 7 * width * height
+    bound = max(3 * size, size + decoding) + 64 * 2**20
+    points = face_points(height / 256)
+    server = ServerProcess(repository=model_repository, root=tmp_path)
+    try:
+        # warm-up: the embedder's first run at this batch size, the portrait path, the store
+        small = io.BytesIO()
+        Image.open(PORTRAIT).convert("RGB").resize((256, 256)).save(small, format="JPEG")
+        server.client.create_avatar(
+            "warm", [small.getvalue()] * PHOTOS, landmarks=[face_points()] * PHOTOS, consent=CONSENT
+        )
+        time.sleep(0.5)
+        Path(f"/proc/{server.process.pid}/clear_refs").write_text("5")  # the peak from here on
+        before = peak_rss(server)
+        created = server.client.create_avatar("large", photos, landmarks=[points] * PHOTOS, consent=CONSENT)
+        rise = peak_rss(server) - before
+    finally:
+        server.stop()
+    print(f"\na CreateAvatar of {size / 1e6:.1f} MB ({PHOTOS} photos): peak RSS +{rise / 1e6:.0f} MB")
+    assert created.image_count == PHOTOS
+    assert rise <= bound, (
+        f"a CreateAvatar of {size / 1e6:.1f} MB raised the server's peak memory by {rise / 1e6:.0f} MB "
+        f"({rise / size:.1f} x the request); the bound is {bound / 1e6:.0f} MB"
+    )
