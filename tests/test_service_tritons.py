@@ -23,6 +23,7 @@ import pytest
 
 from client.library import landmark_requests
 from deploy.local import tritonserver
+from export import repository as repository_files
 from facekit import contract
 from facekit.sequence import LandmarkSequence
 from service.backends.base import BackendUnavailable
@@ -116,6 +117,18 @@ def tritons(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield both
     finally:
         both.stop()
+
+
+def personalise(model_repository: Path, repository: Path, avatar: str) -> Path:
+    """Publish `generator_<avatar>` into `repository` as the worker does (repository.write_model),
+    from the personalised template `talkinghead export` writes beside the shared generator (a
+    personalised generator of the served base model): a fresh clone's repository has one, so the
+    personalised tests need no `make demo`. The version directory written."""
+    shared = contract.latest_version(model_repository / contract.GENERATOR)
+    assert shared is not None, f"no shared generator in {model_repository}"
+    template = shared.parent / repository_files.TEMPLATE_FILE
+    assert template.is_file(), f"{template} is missing: `make model-repository` writes it"
+    return repository_files.write_model(repository, template, name=contract.personalised_name(avatar))
 
 
 def _feeds(pool: TritonPool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -283,10 +296,8 @@ def test_a_personalised_generator_is_loaded_on_every_triton_and_its_calls_spread
         if tritons.servers[i] is None:
             tritons.start(i)
     name = "generator_demo"
-    if not (model_repository / name).is_dir():
-        pytest.skip(f"no {name} in {model_repository}")
     if not (tritons.repository / name).exists():
-        shutil.copytree(model_repository / name, tritons.repository / name)
+        personalise(model_repository, tritons.repository, "demo")
 
     async def scenario() -> list[int]:
         pool = TritonPool(url=f"{tritons.url(0)},{tritons.url(1)}")
