@@ -430,3 +430,52 @@ def test_a_stream_through_two_tritons_moves_to_a_new_version_once_and_never_back
     assert seen.startswith("1") and seen.endswith("2"), seen
     back = seen[seen.index("2") :].count("1")
     assert back == 0, f"{back} version-1 frames after the first version-2 one: {seen}"
+
+
+def test_a_generator_withdrawn_while_a_triton_missed_it_is_unloaded_there_by_the_sweep(
+    tritons: Tritons, model_repository: Path, tmp_path: Path
+) -> None:
+    """The worker withdraws a deleted avatar's generator: out of the repository, unloaded in every
+    Triton its URL resolves to now. One not behind the name then (not ready, a partition) kept it
+    loaded, and for good: Triton's repository index lists folders, so neither the loaded-generator
+    limit (the replicas' and the worker's `trim`) nor the sweep (models on disk) ever saw it; only
+    a restart of that Triton freed its memory. The worker's sweep now unloads, in each Triton, the
+    personalised generators loaded there whose folder the repository no longer holds - never one
+    it holds."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.local import LocalQueue
+    from service.store import LocalAvatarStore
+    from tests.service_fixtures import stored_record, worker_context
+    from worker import jobs_run, models
+
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    gone, kept = contract.personalised_name("gone"), contract.personalised_name("kept")
+    personalise(model_repository, tritons.repository, "gone")
+    personalise(model_repository, tritons.repository, "kept")
+    clients = [grpcclient.InferenceServerClient(tritons.url(i)) for i in (0, 1)]
+    try:
+        for client in clients:
+            client.load_model(gone)
+            client.load_model(kept)
+        assert models.withdraw("gone", tritons.repository, tritons=[tritons.url(0)])  # Triton 1 missed it
+        assert not clients[0].is_model_ready(gone) and clients[1].is_model_ready(gone)
+        store = LocalAvatarStore(root=tmp_path / "avatars")
+        stored_record(store, "kept", 1000.0)  # (its generator carries no stamp: the sweep keeps it)
+        ctx = worker_context(
+            LocalQueue(root=tmp_path / "jobs"),
+            tritons.repository,
+            tritons=[tritons.url(0), tritons.url(1)],
+            avatars=LocalAvatarIndex(root=tmp_path / "avatars"),
+        )
+        jobs_run.sweep(ctx)
+        assert not clients[1].is_model_ready(gone), "the withdrawn generator still loaded in Triton 1"
+        assert all(client.is_model_ready(kept) for client in clients), "a generator on disk stays"
+    finally:
+        for client in clients:
+            for name in (gone, kept):
+                with contextlib.suppress(Exception):
+                    client.unload_model(name)
+            client.close()
+        shutil.rmtree(tritons.repository / kept, ignore_errors=True)
