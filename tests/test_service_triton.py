@@ -36,6 +36,8 @@ from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test
 
 pytestmark = pytest.mark.triton
 VENV = Path(__file__).resolve().parent.parent / ".venv-triton"
+if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):  # a worktree
+    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
 
 
 def free_port() -> int:
@@ -324,7 +326,8 @@ def test_a_personalised_call_never_runs_a_generator_made_for_another_record(
     avatar event dropped what the backend knew (a new version published), a generator fine-tuned
     on the record that replaced it under the same id is refused - BackendUnavailable, so the
     stream ends UNAVAILABLE as for a withdrawn generator - while the new record's streams get it.
-    Before, the call ran whatever Triton held: another record's face."""
+    Before, the call ran whatever Triton held: another record's face. Its calls name the version
+    they were checked against, so that holds before the event comes too."""
     if isinstance(triton, str):
         pytest.skip("needs the test's own Triton (the test adds models to its repository)")
 
@@ -356,7 +359,14 @@ def test_a_personalised_call_never_runs_a_generator_made_for_another_record(
             # replaced and personalised again: the worker loads version 2 and tells the replicas
             repository_files.write_model(triton.repository, stamped(new), name="generator_twin")
             await other.load_model("generator_twin")
-            backend.forget_personalised("twin")
+            # before the event reaches this replica: its calls name version 1, which Triton let go
+            # of when it loaded version 2 (before, they named none and ran version 2: the other
+            # record's face until the event came)
+            with pytest.raises(BackendUnavailable) as refused:
+                await backend.generate_personalised("twin", drawn, warped, made_for=old)
+            assert refused.value.reason == "the avatar's personalised generator was withdrawn"
+            assert backend.loaded(), "a version Triton let go of is not Triton gone"
+            backend.forget_personalised("twin")  # the event
             with pytest.raises(BackendUnavailable) as refused:
                 await backend.generate_personalised("twin", drawn, warped, made_for=old)
             assert refused.value.reason == "the avatar's personalised generator was withdrawn"

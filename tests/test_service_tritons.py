@@ -10,6 +10,7 @@ the test hands it one returning the list it controls (the name's resolution itse
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -19,10 +20,13 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
+from onnx import numpy_helper
 
 from client.library import landmark_requests
 from deploy.local import tritonserver
+from export import repository as repository_files
 from facekit import contract
 from facekit.sequence import LandmarkSequence
 from service.backends.base import BackendUnavailable
@@ -117,6 +121,18 @@ def tritons(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield both
     finally:
         both.stop()
+
+
+def personalise(model_repository: Path, repository: Path, avatar: str) -> Path:
+    """Publish `generator_<avatar>` into `repository` as the worker does (repository.write_model),
+    from the personalised template `talkinghead export` writes beside the shared generator (a
+    personalised generator of the served base model): a fresh clone's repository has one, so the
+    personalised tests need no `make demo`. The version directory written."""
+    shared = contract.latest_version(model_repository / contract.GENERATOR)
+    assert shared is not None, f"no shared generator in {model_repository}"
+    template = shared.parent / repository_files.TEMPLATE_FILE
+    assert template.is_file(), f"{template} is missing: `make model-repository` writes it"
+    return repository_files.write_model(repository, template, name=contract.personalised_name(avatar))
 
 
 def _feeds(pool: TritonPool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -318,10 +334,8 @@ def test_a_personalised_generator_is_loaded_on_every_triton_and_its_calls_spread
         if tritons.servers[i] is None:
             tritons.start(i)
     name = "generator_demo"
-    if not (model_repository / name).is_dir():
-        pytest.skip(f"no {name} in {model_repository}")
     if not (tritons.repository / name).exists():
-        shutil.copytree(model_repository / name, tritons.repository / name)
+        personalise(model_repository, tritons.repository, "demo")
 
     async def scenario() -> list[int]:
         pool = TritonPool(url=f"{tritons.url(0)},{tritons.url(1)}")
@@ -352,3 +366,151 @@ def test_a_personalised_generator_is_loaded_on_every_triton_and_its_calls_spread
     used = asyncio.run(scenario())
     print("generator_demo calls per Triton:", used)
     assert sum(used) == 40 and min(used) >= 10, used
+
+
+def _variant(template: Path, scale: float, into: Path) -> Path:
+    """The personalised template with its largest weight scaled: a generator fine-tuned again, its
+    frames told apart from the template's by their pixels."""
+    model = onnx.load(str(template))
+    floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+    largest = max(floats, key=lambda t: int(np.prod(t.dims)))
+    scaled = (numpy_helper.to_array(largest) * scale).astype(np.float32)
+    largest.CopyFrom(numpy_helper.from_array(scaled, largest.name))
+    onnx.save(model, str(into))
+    return into
+
+
+def test_a_stream_through_two_tritons_moves_to_a_new_version_once_and_never_back(
+    tritons: Tritons, model_repository: Path, tmp_path: Path
+) -> None:
+    """The avatar is personalised again (same record) while a stream runs: the worker writes
+    version 2 and loads it in one Triton, then the other (seconds apart: each load unloads version
+    1 there), then sends the event. Before, calls named no version: each ran whatever its Triton
+    held, and the stream's frames alternated between the two generators while the Tritons
+    disagreed (93 of the frames after the first version-2 frame were version 1 again). Now every
+    call names the version this replica pinned: the stream switches to version 2 once, and no
+    call fails."""
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    avatar, name = "again", contract.personalised_name("again")
+    written = personalise(model_repository, tritons.repository, avatar)
+    renewed = _variant(written / contract.MODEL_FILE, 0.7, tmp_path / "v2.onnx")
+
+    async def scenario() -> tuple[str, list[int]]:
+        pool = TritonPool(url=f"{tritons.url(0)},{tritons.url(1)}")
+        worker = [grpcclient.InferenceServerClient(tritons.url(i)) for i in (0, 1)]
+        await pool.start()
+        try:
+            deadline = time.monotonic() + 60
+            while len(pool._usable()) < 2:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert await pool.has_personalised(avatar)
+            drawn = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+            warped = drawn if pool.info.warp_guided else None
+            first = await pool.generate_personalised(avatar, drawn, warped)
+            calls: list[tuple[float, np.ndarray | BaseException]] = []
+            stop = asyncio.Event()
+
+            async def lane() -> None:
+                while not stop.is_set():
+                    issued = time.monotonic()
+                    try:
+                        calls.append((issued, await pool.generate_personalised(avatar, drawn, warped)))
+                    except BackendUnavailable as error:
+                        calls.append((issued, error))
+
+            async def answered(n: int) -> None:
+                target = len(calls) + n
+                while len(calls) < target:
+                    await asyncio.sleep(0.05)
+
+            lanes = [asyncio.ensure_future(lane()) for _ in range(2)]
+            await answered(4)
+            await asyncio.to_thread(repository_files.write_model, tritons.repository, renewed, name=name)
+            await asyncio.to_thread(worker[0].load_model, name)
+            await answered(10)  # the Tritons disagree for a while (a load takes seconds)
+            await asyncio.to_thread(worker[1].load_model, name)
+            pool.forget_personalised(avatar)  # the worker's `personalised` event
+            await answered(10)
+            stop.set()
+            await asyncio.gather(*lanes)
+            last = await pool.generate_personalised(avatar, drawn, warped)
+            assert not np.array_equal(first, last), "version 2 draws other frames"
+            seen = ""
+            for _, out in sorted(calls, key=lambda call: call[0]):
+                if isinstance(out, BaseException):
+                    seen += "E"
+                else:
+                    seen += "1" if np.array_equal(out, first) else "2" if np.array_equal(out, last) else "?"
+            used = [tritons.frames(i, name) for i in (0, 1)]
+            return seen, used
+        finally:
+            for client in worker:
+                client.close()
+            await pool.close()
+
+    try:
+        seen, used = asyncio.run(scenario())
+    finally:
+        for i in (0, 1):
+            client = grpcclient.InferenceServerClient(tritons.url(i))
+            with contextlib.suppress(Exception):
+                client.unload_model(name)
+            client.close()
+        shutil.rmtree(tritons.repository / name, ignore_errors=True)
+    print("versions of the stream's calls, in the order made:", seen, "its frames per Triton:", used)
+    assert "E" not in seen and "?" not in seen, seen
+    assert seen.startswith("1") and seen.endswith("2"), seen
+    back = seen[seen.index("2") :].count("1")
+    assert back == 0, f"{back} version-1 frames after the first version-2 one: {seen}"
+
+
+def test_a_generator_withdrawn_while_a_triton_missed_it_is_unloaded_there_by_the_sweep(
+    tritons: Tritons, model_repository: Path, tmp_path: Path
+) -> None:
+    """The worker withdraws a deleted avatar's generator: out of the repository, unloaded in every
+    Triton its URL resolves to now. One not behind the name then (not ready, a partition) kept it
+    loaded, and for good: Triton's repository index lists folders, so neither the loaded-generator
+    limit (the replicas' and the worker's `trim`) nor the sweep (models on disk) ever saw it; only
+    a restart of that Triton freed its memory. The worker's sweep now unloads, in each Triton, the
+    personalised generators loaded there whose folder the repository no longer holds - never one
+    it holds."""
+    from jobs.avatars import LocalAvatarIndex
+    from jobs.local import LocalQueue
+    from service.store import LocalAvatarStore
+    from tests.service_fixtures import stored_record, worker_context
+    from worker import jobs_run, models
+
+    for i in (0, 1):
+        if tritons.servers[i] is None:
+            tritons.start(i)
+    gone, kept = contract.personalised_name("gone"), contract.personalised_name("kept")
+    personalise(model_repository, tritons.repository, "gone")
+    personalise(model_repository, tritons.repository, "kept")
+    clients = [grpcclient.InferenceServerClient(tritons.url(i)) for i in (0, 1)]
+    try:
+        for client in clients:
+            client.load_model(gone)
+            client.load_model(kept)
+        assert models.withdraw("gone", tritons.repository, tritons=[tritons.url(0)])  # Triton 1 missed it
+        assert not clients[0].is_model_ready(gone) and clients[1].is_model_ready(gone)
+        store = LocalAvatarStore(root=tmp_path / "avatars")
+        stored_record(store, "kept", 1000.0)  # (its generator carries no stamp: the sweep keeps it)
+        ctx = worker_context(
+            LocalQueue(root=tmp_path / "jobs"),
+            tritons.repository,
+            tritons=[tritons.url(0), tritons.url(1)],
+            avatars=LocalAvatarIndex(root=tmp_path / "avatars"),
+        )
+        jobs_run.sweep(ctx)
+        assert not clients[1].is_model_ready(gone), "the withdrawn generator still loaded in Triton 1"
+        assert all(client.is_model_ready(kept) for client in clients), "a generator on disk stays"
+    finally:
+        for client in clients:
+            for name in (gone, kept):
+                with contextlib.suppress(Exception):
+                    client.unload_model(name)
+            client.close()
+        shutil.rmtree(tritons.repository / kept, ignore_errors=True)

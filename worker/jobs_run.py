@@ -652,7 +652,10 @@ def sweep(ctx: Context) -> list[str]:
     versions are left: made by hand (`talkinghead export` of a checkpoint fine-tuned elsewhere,
     which may come before its avatar) or before stamps, their record cannot be told. An empty
     store sweeps nothing: more likely the wrong store (another Redis database, a directory not
-    the service's) than a deployment whose every avatar is gone."""
+    the service's) than a deployment whose every avatar is gone. First, generators withdrawn from
+    the repository that a Triton which missed the withdrawal still holds are unloaded there
+    (models.unload_orphans)."""
+    models.unload_orphans(ctx.repository, tritons=ctx.tritons)
     if ctx.avatars is None:
         return []
     names = [n for n in repository.models(ctx.repository) if n.startswith(contract.PERSONALISED_PREFIX)]

@@ -11,7 +11,8 @@ publishes nothing twice), then loads it in each Triton (a version a Triton refus
 recently called idle ones there, as a service replica loading one does (`trim`). `withdraw`
 unloads it from each Triton, waits until Triton has let go, and removes its directory in one
 rename; `withdraw_versions` takes only some of its versions (those `stamps` shows were made for
-an avatar record the store no longer holds), the whole model when that is all of them. A Triton
+an avatar record the store no longer holds), the whole model when that is all of them;
+`unload_orphans` unloads those a Triton that missed a withdrawal still holds. A Triton
 URL whose host resolves to several addresses (a headless Kubernetes Service) means every one of
 them.
 """
@@ -274,6 +275,38 @@ def withdraw(avatar_id: str, repo: Path, *, tritons: list[str]) -> bool:
     if hidden is not None:
         shutil.rmtree(hidden, ignore_errors=True)  # (or the next removal's sweep)
     return hidden is not None
+
+
+def unload_orphans(repo: Path, *, tritons: list[str]) -> list[str]:
+    """Unload, in every Triton, the personalised generators loaded there whose folder `repo` no
+    longer holds: withdrawn while that Triton could not be told (not behind its Service's name
+    then, unreachable). Triton's repository index lists folders, so no loaded-generator limit
+    (`trim`, the replicas') counted them, and they held their memory until that Triton restarted.
+    One `repo` holds is never touched, and one with no folder can no longer be loaded by anyone,
+    a running stream's replica included. Failures are logged. `name@address` of each unloaded."""
+    unloaded = []
+    for url in targets(tritons):
+        try:
+            client = _client(url)
+            statistics = client.get_inference_statistics(as_json=True)  # (the models loaded)
+        except Exception as error:
+            log.warning("cannot list the models loaded in Triton at %s: %s", url, error)
+            continue
+        loaded = {str(s.get("name", "")) for s in statistics.get("model_stats", [])}
+        present = set(repository.models(repo))  # (read after the statistics: a new one is on disk)
+        for name in sorted(loaded - present):
+            if not name.startswith(contract.PERSONALISED_PREFIX):
+                continue
+            try:
+                client.unload_model(name)
+            except Exception as error:
+                log.warning("Triton at %s could not unload %s: %s", url, name, error)
+                continue
+            log.warning(
+                "unloaded %s in Triton at %s: loaded there, but withdrawn from the repository", name, url
+            )
+            unloaded.append(f"{name}@{url}")
+    return unloaded
 
 
 def stamps(repo: Path, name: str, key: str = contract.Meta.AVATAR_CREATED) -> dict[int, str | None]:

@@ -4,8 +4,13 @@ Triton runs in explicit model-control mode: the service loads `embedder` and `ge
 connects and `generator_<avatar>` the first time that avatar streams (load_model). Beyond
 `max_personalised` personalised generators ready on Triton (every replica's and the worker's), one
 loading unloads those no replica has called for `personalised_idle_s`, least recently called first
-(Triton's own statistics); a call that finds its generator unloaded so (NOT_FOUND) loads it again
-and is retried once. Model metadata
+(Triton's own statistics). A personalised call names the version it was checked against (the
+one ready when this replica looked it up: `Pinned`), never "the latest": a stream's frames come
+from one known generator, whose stamp matched its record. When Triton has let go of that version
+(the worker loaded a newer one: Triton keeps one version loaded; or another replica made room)
+the call is answered "not ready" (`NotLoaded`, not a lost Triton), and the replica looks the
+generator up again - loading it where needed - and moves its streams to what Triton serves now,
+once, if that was fine-tuned on the stream's record (else `withdrawn`). Model metadata
 (the talkinghead.* keys) comes from each model's config.pbtxt parameters. A monitor task polls the
 server every `poll_s` seconds with a short deadline (`ready_timeout_s`, counted while the event loop
 runs: a pause of this process is not Triton's): a Triton that does not answer (killed, frozen,
@@ -23,6 +28,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable
+from typing import NamedTuple
 
 import numpy as np
 import tritonclient.grpc.aio as triton
@@ -104,6 +110,27 @@ def _warn_if_merging(model: str, config: dict) -> None:
         )
 
 
+class NotLoaded(BackendUnavailable):
+    """Triton has no such model, or not the version the call named, ready (NOT_FOUND; UNAVAILABLE
+    "Request for unknown model ... is not at ready state" for a version it let go of): the model
+    was unloaded, not the server lost."""
+
+
+def _not_loaded(error: InferenceServerException) -> bool:
+    status = str(error.status() or "")
+    if "NOT_FOUND" in status:
+        return True
+    return "UNAVAILABLE" in status and (error.message() or "").startswith("Request for unknown model")
+
+
+class Pinned(NamedTuple):
+    """A personalised generator as this replica checked it on one Triton: the version its calls
+    name, and that version's Meta.AVATAR_CREATED stamp (None: none)."""
+
+    version: int
+    stamp: str | None
+
+
 def _triton_priority(priority: int) -> int:
     """A call's priority in Triton's queue (contract.TRITON_PRIORITY_*) from the batcher's."""
     return TRITON_PRIORITY_LIVE if priority == LIVE else TRITON_PRIORITY_OFFLINE
@@ -137,9 +164,9 @@ class TritonBackend(ReadyGate):
         self._info: ModelInfo | None = None
         self.init_gate(timeout_s=timeout_s, stall_s=stall_s)
         self._monitor: asyncio.Task[None] | None = None
-        # generators this replica loaded or found loaded -> their Meta.AVATAR_CREATED (None: none)
-        self._personalised: dict[str, str | None] = {}
-        self._lookups: set[asyncio.Future[tuple[set[str], dict] | None]] = set()  # has_personalised's
+        # generators this replica loaded or found loaded -> the version its calls name, and its stamp
+        self._personalised: dict[str, Pinned] = {}
+        self._lookups: set[asyncio.Future[tuple[set[str], dict, int] | None]] = set()  # _pin's
         self._absent_since: dict[str, float] = {}
         self._lanes = 1  # the generator's instances, read from its config once loaded
         self.loads = 0
@@ -248,10 +275,16 @@ class TritonBackend(ReadyGate):
         log.info("Triton at %s ready: %s; generator in %d instance(s)", self.url, self._info, self._lanes)
 
     async def _infer(
-        self, model: str, feeds: dict[str, np.ndarray], outputs: list[str], priority: int = 0
+        self,
+        model: str,
+        feeds: dict[str, np.ndarray],
+        outputs: list[str],
+        priority: int = 0,
+        version: int | None = None,
     ) -> list[np.ndarray]:
         """One Triton call; `priority` (contract.TRITON_PRIORITY_*, 0: the model's default) orders it
-        in the model's queue."""
+        in the model's queue; `version` (None: the one Triton serves) pins the model's version.
+        NotLoaded when Triton has no such model (version) ready."""
         if not self.loaded():
             raise BackendUnavailable(f"Triton at {self.url} is not ready")
         inputs = []
@@ -265,11 +298,18 @@ class TritonBackend(ReadyGate):
         # The deadline travels with the request too (Triton may drop it); a little later, so that
         # the backend's own deadline answers first.
         infer = self.client.infer(
-            model, inputs, outputs=requested, client_timeout=self.timeout_s + 1, priority=priority
+            model,
+            inputs,
+            model_version="" if version is None else str(version),
+            outputs=requested,
+            client_timeout=self.timeout_s + 1,
+            priority=priority,
         )
         try:
             result = await self.call(f"Triton {model}", infer)
         except InferenceServerException as error:
+            if _not_loaded(error):
+                raise NotLoaded(f"Triton {model}: {error.message()}", reason="it failed the call") from error
             gone = "UNAVAILABLE" in str(error.status() or "")  # the connection broke: Triton is gone
             if gone:
                 self._lost(str(error))
@@ -300,14 +340,22 @@ class TritonBackend(ReadyGate):
 
     async def has_personalised(self, avatar_id: str, made_for: str = "") -> bool:
         """Load `generator_<id>` on first use; a missing one is remembered for NEGATIVE_CACHE_S."""
+        pinned = await self.pin(avatar_id)
+        return pinned is not None and made_for_record(pinned.stamp, made_for)
+
+    async def pin(self, avatar_id: str, at_least: int = 0) -> Pinned | None:
+        """`generator_<id>` as this replica's calls name it: the version ready on Triton when it was
+        first looked up (loaded if none was, or none of `at_least` or newer). None: no such model,
+        another base model's, refused, or Triton went away."""
         name = personalised_name(avatar_id)
-        if name in self._personalised:
-            return made_for_record(self._personalised[name], made_for)
+        pinned = self._personalised.get(name)
+        if pinned is not None and pinned.version >= at_least:
+            return pinned
         if time.monotonic() - self._absent_since.get(name, -1e9) < NEGATIVE_CACHE_S or not self.loaded():
-            return False
+            return None
         # Abandoned when Triton is lost (_lost), as model calls are: a frozen Triton held a stream
         # opening (or a call reloading its generator) for load_timeout_s, with health NOT_SERVING.
-        lookup = asyncio.ensure_future(self._look_up(name))
+        lookup = asyncio.ensure_future(self._look_up(name, at_least))
         self._lookups.add(lookup)
         try:
             found = await lookup
@@ -315,23 +363,24 @@ class TritonBackend(ReadyGate):
             current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise
-            return False  # Triton went away meanwhile
+            return None  # Triton went away meanwhile
         finally:
             self._lookups.discard(lookup)
         if found is None:
-            return False
-        ready, config = found
+            return None
+        ready, config, version = found
         if parameters(config).get(Meta.MODEL_ID) != self.info.model_id:
             log.warning("%s was fine-tuned from another base model; using the shared generator", name)
-            return False
+            return None
         _warn_if_merging(name, config)
-        self._personalised[name] = parameters(config).get(Meta.AVATAR_CREATED)
+        pinned = self._personalised[name] = Pinned(version, parameters(config).get(Meta.AVATAR_CREATED))
         await self._unload_idle(ready | {name}, keep=name)
-        return made_for_record(self._personalised[name], made_for)
+        return pinned
 
-    async def _look_up(self, name: str) -> tuple[set[str], dict] | None:
-        """(the personalised generators ready, `name`'s config) once `name` is loaded; None when the
-        repository has no such model (remembered) or Triton refuses it."""
+    async def _look_up(self, name: str, at_least: int = 0) -> tuple[set[str], dict, int] | None:
+        """(the personalised generators ready, `name`'s config, its version ready) once `name` is
+        loaded (again where the version ready is older than `at_least`); None when the repository
+        has no such model (remembered) or Triton refuses it."""
         timeout = self.load_timeout_s
         try:
             index = await self.client.get_model_repository_index(as_json=True, client_timeout=timeout)
@@ -340,12 +389,33 @@ class TritonBackend(ReadyGate):
                 self._absent_since[name] = time.monotonic()
                 return None
             ready = ready_personalised(index)
-            if name not in ready:
+            versions = [
+                int(m["version"])
+                for m in models
+                if m.get("name") == name and m.get("state") == "READY" and str(m.get("version", "")).isdigit()
+            ]
+            if not versions or max(versions) < at_least:
                 await self.client.load_model(name, client_timeout=timeout)  # else the worker did
-            return ready, await self._config(name)
+            # The config (its stamp) of the version ready before and after it was read: a newer
+            # one loaded meanwhile brings its own config.
+            for _ in range(3):
+                version = await self._ready_version(name)
+                config = await self._config(name)
+                if await self._ready_version(name) == version:
+                    return ready, config, version
+            log.error("cannot load %s on Triton: its version kept changing", name)
+            return None
         except InferenceServerException as error:
             log.error("cannot load %s on Triton: %s", name, error)
             return None
+
+    async def _ready_version(self, name: str) -> int:
+        """The newest version of `name` Triton has ready (InferenceServerException if none)."""
+        meta = await self.client.get_model_metadata(name, as_json=True, client_timeout=self.load_timeout_s)
+        versions = [int(v) for v in meta.get("versions", []) if str(v).isdigit()]
+        if not versions:
+            raise InferenceServerException(f"{name} has no version ready", status="StatusCode.NOT_FOUND")
+        return max(versions)
 
     async def _unload_idle(self, ready: set[str], *, keep: str) -> None:
         """Beyond max_personalised personalised generators `ready` on Triton, unload those no replica
@@ -398,11 +468,16 @@ class TritonBackend(ReadyGate):
     def personalised_names(self) -> set[str]:
         return set(self._personalised)
 
+    def pinned(self, avatar_id: str) -> Pinned | None:
+        """`generator_<avatar_id>` as this replica's calls name it here, without asking Triton (`pin`
+        asks, and loads)."""
+        return self._personalised.get(personalised_name(avatar_id))
+
     def knows_personalised(self, avatar_id: str, made_for: str = "") -> bool:
         """Whether this Triton has `generator_<avatar_id>` loaded for `made_for`, as far as this
         replica knows, without asking it (has_personalised asks, and loads)."""
-        name = personalised_name(avatar_id)
-        return name in self._personalised and made_for_record(self._personalised[name], made_for)
+        pinned = self.pinned(avatar_id)
+        return pinned is not None and made_for_record(pinned.stamp, made_for)
 
     def in_flight(self) -> int:
         """Model calls in flight on this Triton now."""
@@ -427,27 +502,42 @@ class TritonBackend(ReadyGate):
         made_for: str = "",
     ) -> np.ndarray:
         feeds = generator_feeds(self.info, landmark_images, None, warped)
-        name = personalised_name(avatar_id)
         # Only the generator fine-tuned on the stream's record (`made_for`): after an avatar event
-        # dropped what was known of it (a new version published) Triton's config is read again,
-        # and one made for the record that replaced it under the same id is refused.
-        if not await self.has_personalised(avatar_id, made_for):
+        # dropped what was known of it (a new version published), or Triton let go of the version
+        # pinned, Triton's config is read again, and one made for the record that replaced it
+        # under the same id is refused.
+        version = await self.checked_version(avatar_id, made_for)
+        try:
+            return await self.run_personalised(avatar_id, version, feeds, priority)
+        except NotLoaded:
+            # Triton let go of it since (a newer version loaded, or another replica made room):
+            # what it serves now - loaded again where needed - once.
+            return await self.run_personalised(
+                avatar_id, await self.checked_version(avatar_id, made_for), feeds, priority
+            )
+
+    async def checked_version(self, avatar_id: str, made_for: str, at_least: int = 0) -> int:
+        """The version of `generator_<avatar_id>` calls for the record `made_for` name here;
+        BackendUnavailable (`withdrawn` where Triton answers) when there is none for that record."""
+        pinned = await self.pin(avatar_id, at_least)
+        if pinned is None or not made_for_record(pinned.stamp, made_for):
             if not self.loaded():
                 raise BackendUnavailable(f"Triton at {self.url} is not ready")
-            raise withdrawn(name)
+            raise withdrawn(personalised_name(avatar_id))
+        return pinned.version
+
+    async def run_personalised(
+        self, avatar_id: str, version: int, feeds: dict[str, np.ndarray], priority: int = OFFLINE
+    ) -> np.ndarray:
+        """`generator_<avatar_id>` version `version` on `feeds` (generator_feeds). NotLoaded when
+        Triton no longer has that version ready: it is then forgotten here (the next `pin` looks
+        again)."""
+        name = personalised_name(avatar_id)
         with self._in_flight.call(name):
             try:
-                (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
-            except BackendUnavailable as error:
-                cause = error.__cause__
-                unloaded = isinstance(cause, InferenceServerException) and "NOT_FOUND" in str(
-                    cause.status() or ""
-                )
-                if not unloaded:
-                    raise
-                # Unloaded since this replica loaded it (another one made room): load it again, once.
-                self.forget_personalised(avatar_id)
-                if not await self.has_personalised(avatar_id, made_for):
-                    raise
-                (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority))
+                (image,) = await self._infer(name, feeds, [IMAGE], _triton_priority(priority), version)
+            except NotLoaded:
+                if (pinned := self._personalised.get(name)) is not None and pinned.version == version:
+                    del self._personalised[name]
+                raise
         return image

@@ -29,8 +29,13 @@ left). `lanes` is the sum of the ready Tritons' generator instances and `loads` 
 the set of ready Tritons (or one's models) changes, so the service measures its capacity again.
 `readiness` says which Tritons serve (the server publishes it: talkinghead_triton_ready).
 A personalised generator is loaded on every ready Triton when a stream opens on it
-(has_personalised); its calls go to the Tritons that have it, and one that lacks it (new since)
-loads it in the background.
+(has_personalised). Its calls name one version, the newest any ready Triton has for the stream's
+record, and go only to the Tritons that have that version; one that lacks it (new since, or still
+on an older version while the worker loads a new one Triton by Triton) loads it in the
+background. Before, a call ran whatever its Triton held, and while the worker loaded a new version
+a stream's frames alternated between the two generators for seconds. A call whose Triton let go
+of its version goes to another that still has it, and only once none has is the version looked
+up again: a stream moves to a new version once, never back.
 """
 
 from __future__ import annotations
@@ -48,8 +53,8 @@ import numpy as np
 
 from facekit.contract import ModelInfo, personalised_name
 from facekit.engines import OFFLINE
-from service.backends.base import BackendUnavailable
-from service.backends.triton import TritonBackend
+from service.backends.base import BackendUnavailable, generator_feeds
+from service.backends.triton import NotLoaded, TritonBackend
 
 log = logging.getLogger("talkinghead.service.triton")
 T = TypeVar("T")
@@ -147,7 +152,7 @@ class TritonPool:
         self._resolved_at = -1e9
         self._resolve_failing = False
         self._task: asyncio.Task[None] | None = None
-        self._background: dict[tuple[str, str], asyncio.Task[bool]] = {}
+        self._background: dict[tuple[str, str], asyncio.Task[Any]] = {}
 
     # -- membership ----------------------------------------------------------------------------
     async def start(self) -> None:
@@ -352,15 +357,35 @@ class TritonPool:
         found = await asyncio.gather(*(member.has_personalised(avatar_id, made_for) for member in usable))
         return any(found)
 
-    def _load_elsewhere(self, avatar_id: str, made_for: str, lacking: list[TritonBackend]) -> None:
-        """Have the ready Tritons that lack the generator (new since it was loaded) load it, once each."""
-        for member in lacking:
+    def _load_elsewhere(self, avatar_id: str, version: int) -> None:
+        """Have the ready Tritons that lack `version` of the generator (or a newer one: new since
+        it was loaded, or still on an older version) load it, once each."""
+        for member in self._usable():
+            pinned = member.pinned(avatar_id)
             key = (member.url, personalised_name(avatar_id))
-            if key in self._background:
+            if (pinned is not None and pinned.version >= version) or key in self._background:
                 continue
-            task = asyncio.ensure_future(member.has_personalised(avatar_id, made_for))
+            task = asyncio.ensure_future(member.pin(avatar_id, at_least=version))
             self._background[key] = task
             task.add_done_callback(lambda done, key=key: self._background.pop(key, None))  # type: ignore[misc]
+
+    def _version(self, avatar_id: str, made_for: str) -> int | None:
+        """The version calls name: the newest a ready Triton has for the record `made_for`."""
+        versions = [
+            pinned.version
+            for member in self._usable()
+            if member.knows_personalised(avatar_id, made_for) and (pinned := member.pinned(avatar_id))
+        ]
+        return max(versions, default=None)
+
+    def _having(self, avatar_id: str, made_for: str, version: int) -> list[TritonBackend]:
+        return [
+            member
+            for member in self._usable()
+            if member.knows_personalised(avatar_id, made_for)
+            and (pinned := member.pinned(avatar_id)) is not None
+            and pinned.version == version
+        ]
 
     async def generate_personalised(
         self,
@@ -371,22 +396,33 @@ class TritonPool:
         priority: int = OFFLINE,
         made_for: str = "",
     ) -> np.ndarray:
-        def having() -> list[TritonBackend]:
-            return [member for member in self._usable() if member.knows_personalised(avatar_id, made_for)]
-
-        def work(member: TritonBackend) -> Awaitable[np.ndarray]:
-            return member.generate_personalised(
-                avatar_id, landmark_images, warped, priority=priority, made_for=made_for
-            )
-
-        if not having():
-            await self.has_personalised(avatar_id, made_for)
-            if not having():  # withdrawn, or made for another record, or no Triton: as one Triton says
-                return await work(self._pick(self._usable()))
-        lacking = [member for member in self._usable() if not member.knows_personalised(avatar_id, made_for)]
-        if lacking:
-            self._load_elsewhere(avatar_id, made_for, lacking)
-        return await self._on_some(work, having)
+        feeds = generator_feeds(self.info, landmark_images, None, warped)
+        version = self._version(avatar_id, made_for)
+        retries = 2  # a Triton that went away, or let go of the version
+        while True:
+            among = [] if version is None else self._having(avatar_id, made_for, version)
+            if version is None or not among:  # first call, or no Triton has it any more: look again
+                await self.has_personalised(avatar_id, made_for)
+                version = self._version(avatar_id, made_for)
+                if version is None:  # withdrawn, or made for another record, or no Triton
+                    picked = self._pick(self._usable())
+                    version = await picked.checked_version(avatar_id, made_for)  # raises, as it says
+                among = self._having(avatar_id, made_for, version)
+            self._load_elsewhere(avatar_id, version)
+            member = self._pick(among)
+            try:
+                return await member.run_personalised(avatar_id, version, feeds, priority)
+            except NotLoaded:
+                if not retries:
+                    raise
+                name = personalised_name(avatar_id)
+                log.info("Triton at %s let go of %s version %d", member.url, name, version)
+            except BackendUnavailable as error:
+                others = [o for o in self._having(avatar_id, made_for, version) if o is not member]
+                if error.reason != WENT_AWAY or not others or not retries:
+                    raise
+                log.info("Triton at %s went away during a call: retrying on another", member.url)
+            retries -= 1
 
     def loaded_personalised(self) -> int:
         return len(set().union(*(member.personalised_names() for member in self._members.values())))
