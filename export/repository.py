@@ -42,9 +42,7 @@ log = logging.getLogger("talkinghead.export")
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
 CPUS_FILE = "talkinghead_cpus.py"  # (export/triton_python_model.py CPUS_FILE)
-# The python profile's files in every version folder, the helper before the runner that loads it:
-# write_config refreshes them in this order, so a load between the two writes finds the helper.
-PYTHON_FILES = {CPUS_FILE: Path(cpus.__file__), "model.py": PYTHON_MODEL}
+CPUS_MODULE = Path(cpus.__file__)
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
 STAGING, REMOVED = ".staging-", ".removed-"  # hidden folders of a write and a removal in flight
 STALE_S = 600  # a removal's folder older than this was left by a killed process
@@ -223,6 +221,13 @@ TEMPLATE_FILE = "personalised-template.onnx"
 SEED_TRIES = 8  # published generators personalised_like reads (most are of the served base model)
 
 
+def python_files() -> dict[str, Path]:
+    """The python profile's files in every version folder: name -> this release's source. The
+    helper before the runner that loads it: write_config refreshes them in this order, so a model
+    loaded between the two writes finds its helper."""
+    return {CPUS_FILE: CPUS_MODULE, "model.py": PYTHON_MODEL}
+
+
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
@@ -264,7 +269,7 @@ def write_model(
         try:
             shutil.copyfile(onnx_path, staging / "model.onnx")
             if profile == "python":
-                for name, source in PYTHON_FILES.items():
+                for name, source in python_files().items():
                     shutil.copyfile(source, staging / name)
             os.replace(staging, target)
         finally:
@@ -288,7 +293,7 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
     _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
     latest = model_dir / str(versions(model_dir)[-1])
     if profile == "python":
-        for name, source in PYTHON_FILES.items():
+        for name, source in python_files().items():
             target, current = latest / name, source.read_text()
             if not target.is_file() or target.read_text() != current:
                 _write_atomic(target, current)

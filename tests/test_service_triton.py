@@ -36,6 +36,8 @@ from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test
 
 pytestmark = pytest.mark.triton
 VENV = Path(__file__).resolve().parent.parent / ".venv-triton"
+if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):  # a worktree
+    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
 
 
 def free_port() -> int:
