@@ -1,14 +1,17 @@
 """Stage 3: ONNX files -> a Triton model repository, one description rendered per platform profile.
 
     write_model(Path("model_repository"), Path("build/onnx/generator.onnx"), profile="python")
-    # model_repository/generator/config.pbtxt, model_repository/generator/1/{model.onnx,model.py}
+    # model_repository/generator/config.pbtxt,
+    # model_repository/generator/1/{model.onnx,model.py,talkinghead_cpus.py}
 
 Profiles (the same tensors, batching and parameters; only the platform part differs):
   onnxruntime  platform onnxruntime_onnx, `1/model.onnx` (CPU, or GPU with --device gpu)
   tensorrt     platform tensorrt_plan, `1/model.onnx` kept beside the config for
                `python -m export.to_tensorrt`, which builds `1/model.plan` on the serving GPU
   python       backend python, `1/model.py` running `1/model.onnx` with onnxruntime: the
-               Triton build bundled with nvidia-pytriton has only the python backend
+               Triton build bundled with nvidia-pytriton has only the python backend; beside it
+               `1/talkinghead_cpus.py` (facekit/cpus.py, which model.py sizes its threads by:
+               it runs in Triton's Python, without facekit)
 
 Adding a model never edits a live version: it writes `<name>/<n+1>/` beside the old one in a
 staging folder and renames it into place, so Triton in explicit model-control mode can load the
@@ -31,13 +34,15 @@ from pathlib import Path
 
 import onnx
 
-from facekit import contract
+from facekit import contract, cpus
 from facekit.engines import AUTO_LANES
 
 log = logging.getLogger("talkinghead.export")
 
 PROFILES = ("onnxruntime", "tensorrt", "python")
 PYTHON_MODEL = Path(__file__).with_name("triton_python_model.py")
+CPUS_FILE = "talkinghead_cpus.py"  # (export/triton_python_model.py CPUS_FILE)
+CPUS_MODULE = Path(cpus.__file__)
 KEEP_VERSIONS = 2  # versions kept per model: the new one and the one Triton may still be serving
 STAGING, REMOVED = ".staging-", ".removed-"  # hidden folders of a write and a removal in flight
 STALE_S = 600  # a removal's folder older than this was left by a killed process
@@ -216,6 +221,13 @@ TEMPLATE_FILE = "personalised-template.onnx"
 SEED_TRIES = 8  # published generators personalised_like reads (most are of the served base model)
 
 
+def python_files() -> dict[str, Path]:
+    """The python profile's files in every version folder: name -> this release's source. The
+    helper before the runner that loads it: write_config refreshes them in this order, so a model
+    loaded between the two writes finds its helper."""
+    return {CPUS_FILE: CPUS_MODULE, "model.py": PYTHON_MODEL}
+
+
 def versions(model_dir: Path) -> list[int]:
     if not model_dir.is_dir():
         return []
@@ -257,7 +269,8 @@ def write_model(
         try:
             shutil.copyfile(onnx_path, staging / "model.onnx")
             if profile == "python":
-                shutil.copyfile(PYTHON_MODEL, staging / "model.py")
+                for name, source in python_files().items():
+                    shutil.copyfile(source, staging / name)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -272,16 +285,18 @@ def write_model(
 
 def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", device: str = "cpu") -> Path:
     """Rewrite the config of a model whose latest version already holds `onnx_path`'s bytes, and
-    with the python profile its runner (`model.py`) where this release's differs: a runner fix
-    reaches a repository whose weights did not change (Triton runs it from the model's next load).
-    Returns that version directory."""
+    with the python profile its runner (`model.py`) and the runner's CPU helper where this
+    release's differ: a runner fix reaches a repository whose weights did not change (Triton runs
+    it from the model's next load). Returns that version directory."""
     spec = spec_of(onnx_path, profile=profile)
     model_dir = repository / spec.name
     _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
     latest = model_dir / str(versions(model_dir)[-1])
-    runner, current = latest / "model.py", PYTHON_MODEL.read_text()
-    if profile == "python" and (not runner.is_file() or runner.read_text() != current):
-        _write_atomic(runner, current)
+    if profile == "python":
+        for name, source in python_files().items():
+            target, current = latest / name, source.read_text()
+            if not target.is_file() or target.read_text() != current:
+                _write_atomic(target, current)
     return latest
 
 

@@ -18,19 +18,29 @@ That is the order in which the embedded backend's timing ranked them on every CP
 Intel, AMX Intel, AMD Zen 4; BENCHMARKS.md); an instance does not time them itself, as its
 neighbour instances load (and time) at the same moment on the same cores.
 
-Each instance (a stub process of its own) runs on its share of the cores: the core count over the
-config's instance count (the generator runs in two on the CPU profile, a thread each on 2
-cores), or TALKINGHEAD_ORT_THREADS (either engine). OpenVINO runs static shapes, compiled for
-batches of 4, 2 and 1 at load (a dynamic batch axis ran 1.3-1.5x slower; a batch of 7 runs as
-4 + 2 + 1), as the embedded backend does.
+Each instance (a stub process of its own) runs on its share of the CPUs this process may use:
+the usable CPUs over the config's instance count (the generator runs in two on the CPU profile,
+a thread each on 2 cores), or TALKINGHEAD_ORT_THREADS (either engine). The usable CPUs are the
+least of the affinity and the cgroup's CPU quota (a pod's limits.cpu): a Triton pod with
+`limits.cpu: 2` on a 64-core node has an affinity of 64, and sized by it each instance ran 32
+threads in a quota of 2, throttled for the rest of every 100 ms period. They come from
+facekit/cpus.py, which export/repository.py copies beside this file as `talkinghead_cpus.py`
+(this file cannot import facekit), loaded by its path at model load; the count and what bounded
+it are logged. OpenVINO runs static shapes, compiled for batches of 4, 2 and 1 at load (a dynamic
+batch axis ran 1.3-1.5x slower; a batch of 7 runs as 4 + 2 + 1), as the embedded backend does.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -42,6 +52,10 @@ ENGINES = (ONNXRUNTIME, OPENVINO, OPENVINO_BF16)
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # (facekit/engines.py BF16_FLAGS)
 VERDICT_FILE = "engines.json"
 CHUNKS = (4, 2, 1)  # OpenVINO's static batch sizes (facekit/engines.py OpenVinoEngine.CHUNKS)
+CPUS_FILE = "talkinghead_cpus.py"  # facekit/cpus.py beside this file (export/repository.py CPUS_FILE)
+# The cgroup tree the helper reads; None: its own defaults (/sys/fs/cgroup, /proc/self/cgroup).
+CGROUP_ROOT: Path | None = None
+PROC_CGROUP: Path | None = None
 
 
 def bf16_native(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -91,6 +105,36 @@ def choose_engine(config: Mapping, version_dir: str, requested: str) -> str:
     if bf16_native() and verdict_passed(version_dir, model_id, OPENVINO_BF16):
         return OPENVINO_BF16
     return OPENVINO
+
+
+def load_cpus(version_dir: str) -> ModuleType:
+    """facekit/cpus.py as export/repository.py copied it into `version_dir`, loaded by its path:
+    the stub put that folder on sys.path after site-packages and the working directory in the
+    Triton measured, where a module of the same name would shadow it, and that is the stub's to
+    change. A folder without it (a model.py copied by hand) fails to load, saying so, rather than
+    running as many threads as the node has cores."""
+    path = os.path.join(version_dir, CPUS_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} is missing: model.py sizes its threads by it; write the repository with "
+            "`talkinghead export` (export/repository.py copies it beside model.py)"
+        )
+    spec = importlib.util.spec_from_file_location("talkinghead_cpus", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def instance_threads(config: Mapping, version_dir: str, requested: str) -> tuple[int, str]:
+    """This instance's engine threads (see the module's docstring), and what decided them."""
+    instances = max(1, sum(int(group.get("count", 1)) for group in config.get("instance_group", [])))
+    found: Any = load_cpus(version_dir).cpus(CGROUP_ROOT, PROC_CGROUP)
+    if int(requested or 0) > 0:
+        return int(requested), f"{THREADS_ENV}={requested} ({found.describe()})"
+    return max(1, found.usable // instances), f"{instances} instance(s) sharing {found.describe()}"
 
 
 class OnnxRuntimeRunner:
@@ -152,10 +196,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         path = os.path.join(version_dir, "model.onnx")
-        # Each instance (a process of its own) on its share of the cores, unless told otherwise.
-        instances = sum(int(group.get("count", 1)) for group in config.get("instance_group", []))
-        share = max(1, len(os.sched_getaffinity(0)) // max(1, instances))
-        threads = int(os.environ.get(THREADS_ENV) or 0) or share
+        threads, why = instance_threads(config, version_dir, os.environ.get(THREADS_ENV, "").strip())
         self.engine = choose_engine(config, version_dir, os.environ.get(ENGINE_ENV, "auto").strip())
         started = time.monotonic()
         if self.engine == ONNXRUNTIME:
@@ -164,7 +205,7 @@ class TritonPythonModel:
             self.runner = OpenVinoRunner(path, threads, "bf16" if self.engine == OPENVINO_BF16 else "f32")
         pb_utils.Logger.log_info(
             f"{args.get('model_instance_name', args.get('model_name', 'model'))}: {self.engine} on "
-            f"{threads} thread(s), ready in {time.monotonic() - started:.1f} s"
+            f"{threads} thread(s), ready in {time.monotonic() - started:.1f} s; threads: {why}"
         )
         self.inputs = [i["name"] for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]

@@ -11,7 +11,10 @@ the quota is spent, and a frame's latency budget goes with it. `usable_cpus` is 
   - the cgroup v1 quota: cpu.cfs_quota_us / cpu.cfs_period_us in the same places (-1: none),
 
 and at least 1. `root` and `proc_cgroup` are parameters so that a test can hand it a fake tree.
-Torch-free and stdlib-only: the serving side and the bench size their threads here.
+Torch-free and stdlib-only: the serving side and the bench size their threads here, and so does
+Triton's python-profile runner (export/triton_python_model.py), which runs in Triton's Python
+without this package: export/repository.py copies this file beside each version's model.py as
+`talkinghead_cpus.py`. So it imports nothing but the standard library, not even facekit.
 """
 
 from __future__ import annotations
@@ -38,13 +41,21 @@ class Cpus:
         cpus = self.affinity if self.quota is None else min(self.affinity, math.ceil(self.quota))
         return max(1, cpus)
 
+    @property
+    def bound(self) -> str:
+        """What `usable` came from: "cgroup quota" where it is below the affinity, else "affinity"."""
+        return "affinity" if self.quota is None or math.ceil(self.quota) >= self.affinity else "cgroup quota"
+
     def describe(self) -> str:
         quota = (
             "no cgroup CPU quota"
             if self.quota is None
             else f"cgroup quota {self.quota:g} CPUs ({self.where})"
         )
-        return f"{self.usable} usable CPUs (affinity {self.affinity}, {quota}; os.cpu_count {os.cpu_count()})"
+        return (
+            f"{self.usable} usable CPUs, bounded by the {self.bound} (affinity {self.affinity}, {quota}; "
+            f"os.cpu_count {os.cpu_count()})"
+        )
 
 
 def affinity() -> int:

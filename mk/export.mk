@@ -6,7 +6,8 @@ PROFILE ?= python
 
 # The repository is built from the committed checkpoint (weights are never hand-copied); the
 # python profile is the one the bundled Triton runs, and its model.onnx files serve ONNX Runtime.
-$(REPOSITORY)/generator/config.pbtxt: $(CHECKPOINT) $(wildcard export/*.py) training/blocks.py \
+# facekit/cpus.py: copied beside each python-profile model.py (export/repository.py python_files).
+$(REPOSITORY)/generator/config.pbtxt: $(CHECKPOINT) $(wildcard export/*.py) facekit/cpus.py training/blocks.py \
 		$(wildcard $(basename $(CHECKPOINT)).engines.json) | $(STAMP)
 	$(VENV)/bin/talkinghead export --checkpoint $(CHECKPOINT) --repository $(REPOSITORY) --profile $(PROFILE)
 

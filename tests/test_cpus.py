@@ -44,10 +44,14 @@ def test_a_v2_quota_rounds_up_and_the_tightest_cgroup_on_the_way_up_wins(tmp_pat
     root, proc = v2_tree(tmp_path, {"/": "max 100000", "/kubepods/pod1/ctr": "150000 100000"})
     assert cpus.cgroup_quota(root, proc) == (1.5, str(root / "kubepods/pod1/ctr/cpu.max"))
     assert cpus.usable_cpus(root, proc) == min(2, cpus.affinity())  # 1.5 CPUs: 2 threads
+    if cpus.affinity() > 2:
+        assert "bounded by the cgroup quota" in cpus.cpus(root, proc).describe()
     root, proc = v2_tree(
         tmp_path / "b", {"/kubepods/pod1": "100000 100000", "/kubepods/pod1/ctr": "max 100000"}
     )
     assert cpus.usable_cpus(root, proc) == 1, "a limit on a parent cgroup binds too"
+    if cpus.affinity() > 1:
+        assert cpus.cpus(root, proc).bound == "cgroup quota"
 
 
 def test_a_container_with_its_own_cgroup_namespace_reads_the_mounts_root(tmp_path: Path) -> None:
@@ -63,6 +67,7 @@ def test_no_quota_leaves_the_affinity(tmp_path: Path) -> None:
     root, proc = v2_tree(tmp_path, {"/": "max 100000"})
     assert cpus.cgroup_quota(root, proc) is None
     assert cpus.usable_cpus(root, proc) == cpus.affinity() == len(os.sched_getaffinity(0))
+    assert "bounded by the affinity" in cpus.cpus(root, proc).describe()
     assert cpus.usable_cpus(tmp_path / "no-cgroupfs", tmp_path / "none") == cpus.affinity()
     root, proc = v2_tree(tmp_path / "bad", {"/": "garbage 1"})
     assert cpus.usable_cpus(root, proc) == cpus.affinity(), "an unreadable quota counts as none"

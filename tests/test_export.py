@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -20,9 +21,11 @@ from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
 from export import repository, to_onnx, to_tensorrt
-from facekit import contract, engines
+from facekit import contract, cpus, engines
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECKPOINT = ROOT / "models" / "talkinghead-small.pt"
+CPUS_SOURCE = (ROOT / "facekit" / "cpus.py").read_text()  # the runner's CPU helper, one source
 
 
 def signature(path: Path) -> dict[str, tuple[str, list[Any]]]:
@@ -87,10 +90,12 @@ def test_single_file_with_metadata(exported: tuple[Path, dict]) -> None:
     assert sorted(p.relative_to(repo).as_posix() for p in repo.rglob("*") if p.is_file()) == [
         "embedder/1/model.onnx",
         "embedder/1/model.py",
+        "embedder/1/talkinghead_cpus.py",  # facekit/cpus.py, which model.py sizes its threads by
         "embedder/config.pbtxt",
         "generator/1/engines.json",  # the checkpoint's engine verdict, beside the generator
         "generator/1/model.onnx",
         "generator/1/model.py",
+        "generator/1/talkinghead_cpus.py",
         "generator/config.pbtxt",
     ], "no external data files next to the models"
     meta = report["models"]["generator"]["metadata"]
@@ -221,7 +226,7 @@ def test_the_python_model_runs_each_instance_on_its_share_of_the_cores(
     runner = python_runner(monkeypatch)
     monkeypatch.setenv("TALKINGHEAD_ORT_THREADS", env)
     monkeypatch.setenv("TALKINGHEAD_ENGINE", engine)
-    cores = len(os.sched_getaffinity(0))
+    cores = cpus.usable_cpus()
     config = {
         "input": [{"name": "landmark_image"}],
         "output": [{"name": "image"}],
@@ -243,6 +248,90 @@ def test_the_python_model_runs_each_instance_on_its_share_of_the_cores(
         compiled = model.runner.requests[1].get_compiled_model()
         assert int(compiled.get_property("INFERENCE_NUM_THREADS")) == expected
     assert runner.pb_utils.logged[0].startswith(f"generator_0_0: {engine} on {expected} thread(s)")
+
+
+def initialize_generator(runner: Any, version: Path, instances: int) -> Any:
+    """The runner's model for the generator in `version`, initialised as Triton does (CPU instances)."""
+    config = {
+        "input": [{"name": "landmark_image"}],
+        "output": [{"name": "image"}],
+        "instance_group": [{"name": "generator_0", "count": instances, "kind": "KIND_CPU"}],
+    }
+    model = runner.TritonPythonModel()
+    model.initialize(
+        {
+            "model_config": json.dumps(config),
+            "model_repository": str(version.parent),
+            "model_version": version.name,
+            "model_instance_name": "generator_0_0",
+        }
+    )
+    return model
+
+
+@pytest.mark.parametrize(
+    ("instances", "limits", "node_cpus", "env", "threads", "bound"),
+    [
+        # limits.cpu 2 on a 64-core node: 32 threads an instance before, throttled in a quota of 2
+        (2, {"/kubepods/pod1/ctr": "200000 100000"}, 64, "", 1, "bounded by the cgroup quota"),
+        (1, {"/kubepods/pod1/ctr": "150000 100000"}, 64, "", 2, "bounded by the cgroup quota"),
+        (2, {"/kubepods/pod1": "400000 100000", "/kubepods/pod1/ctr": "max 100000"}, 64, "", 2, "quota"),
+        (2, {"/kubepods/pod1/ctr": "max 100000"}, 4, "", 2, "bounded by the affinity"),
+        (2, {"/kubepods/pod1/ctr": "200000 100000"}, 64, "3", 3, "TALKINGHEAD_ORT_THREADS=3"),
+    ],
+)
+def test_the_python_model_sizes_its_threads_by_the_pods_cpu_quota_not_the_nodes_cores(
+    exported: tuple[Path, dict],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    instances: int,
+    limits: dict[str, str],
+    node_cpus: int,
+    env: str,
+    threads: int,
+    bound: str,
+) -> None:
+    """In a pod with limits.cpu 2 on a 64-core node the runner's affinity is 64 CPUs: each
+    instance's share is of the cgroup's CPU quota (facekit/cpus.py, copied beside model.py), not
+    of the affinity, and the log says what bounded it."""
+    from tests.test_cpus import v2_tree
+
+    version = repository.write_model(tmp_path / "repo", exported[0] / "generator/1/model.onnx")
+    runner = python_runner(monkeypatch)
+    root, proc = v2_tree(tmp_path, limits)
+    monkeypatch.setattr(runner, "CGROUP_ROOT", root)
+    monkeypatch.setattr(runner, "PROC_CGROUP", proc)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(node_cpus)))
+    monkeypatch.setenv("TALKINGHEAD_ORT_THREADS", env)
+    monkeypatch.setenv("TALKINGHEAD_ENGINE", "onnxruntime")
+    model = initialize_generator(runner, version, instances)
+    assert model.runner.session.get_session_options().intra_op_num_threads == threads
+    (line,) = runner.pb_utils.logged
+    assert line.startswith(f"generator_0_0: onnxruntime on {threads} thread(s), ready in "), line
+    assert bound in line, line
+
+
+def test_the_python_model_reads_a_cgroup_v1_quota_and_refuses_to_guess_without_its_helper(
+    exported: tuple[Path, dict], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """cgroup v1 (cpu.cfs_quota_us) bounds it too. A version folder without the CPU helper (a
+    model.py copied by hand) fails to load saying what is missing, rather than running as many
+    threads as the node has cores."""
+    from tests.test_cpus import v1_tree
+
+    version = repository.write_model(tmp_path / "repo", exported[0] / "generator/1/model.onnx")
+    runner = python_runner(monkeypatch)
+    root, proc = v1_tree(tmp_path, 100000)
+    monkeypatch.setattr(runner, "CGROUP_ROOT", root)
+    monkeypatch.setattr(runner, "PROC_CGROUP", proc)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setenv("TALKINGHEAD_ORT_THREADS", "")
+    monkeypatch.setenv("TALKINGHEAD_ENGINE", "onnxruntime")
+    model = initialize_generator(runner, version, 1)
+    assert model.runner.session.get_session_options().intra_op_num_threads == 1
+    (version / "talkinghead_cpus.py").unlink()
+    with pytest.raises(FileNotFoundError, match=r"talkinghead_cpus\.py is missing"):
+        initialize_generator(runner, version, 1)
 
 
 def write_verdict(version: Path, model_id: str, passed: bool, full_protocol: bool | None = True) -> None:
@@ -307,6 +396,11 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
     for expected in (1, 2, 3):
         assert repository.write_model(live, onnx_path).name == str(expected)
     assert repository.versions(live / "generator") == [2, 3]  # KEEP_VERSIONS
+    for version in (2, 3):  # the runner and the CPU helper it loads, in every version
+        assert (live / f"generator/{version}/model.py").read_text() == repository.PYTHON_MODEL.read_text()
+        assert (live / f"generator/{version}/talkinghead_cpus.py").read_text() == CPUS_SOURCE
+    other = repository.write_model(tmp_path / "ort", onnx_path, profile="onnxruntime")
+    assert sorted(p.name for p in other.iterdir()) == ["model.onnx"], "no runner, no helper"
     assert repository.models(live) == ["generator"]
     assert not list(tmp_path.glob(".repo-staging-*")), "staging folders are cleaned up"
     assert not list((live / "generator").glob(".*")), "staging folders are cleaned up"
@@ -327,16 +421,51 @@ def test_the_same_weights_exported_again_get_this_releases_runner(
     exported: tuple[Path, dict], tmp_path: Path
 ) -> None:
     """A repository whose weights did not change keeps its version (Triton keeps it loaded), but
-    its python-profile runner is this release's: a fix to the runner (denormals flushed, 3x on
-    real faces) reaches a repository exported by an older release."""
+    its python-profile runner and the CPU helper it loads are this release's: a fix to either
+    (denormals flushed, 3x on real faces; threads by the pod's CPU quota) reaches a repository
+    exported by an older release."""
     repo, _ = exported
     live = tmp_path / "repo"
     onnx_path = repo / "generator/1/model.onnx"
     version = repository.write_model(live, onnx_path)
     (version / "model.py").write_text("# an older release's runner\n")
+    (version / "talkinghead_cpus.py").unlink(missing_ok=True)  # written before the runner needed it
     assert repository.write_config(live, onnx_path) == version
     assert (version / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+    assert (version / "talkinghead_cpus.py").read_text() == CPUS_SOURCE
+    (version / "talkinghead_cpus.py").write_text("# an older release's helper\n")
+    repository.write_config(live, onnx_path)
+    assert (version / "talkinghead_cpus.py").read_text() == CPUS_SOURCE
     assert repository.versions(live / "generator") == [1]
+
+
+def test_export_into_an_existing_repository_brings_the_cpu_helper_to_its_versions(
+    exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """`make model-repository` (`talkinghead export`) over a repository an older release wrote,
+    the weights unchanged: the versions stay, and each gets this release's runner and its helper
+    (before: a new model.py beside no helper would not load)."""
+    from export import command
+
+    live = tmp_path / "repo"
+    shutil.copytree(exported[0], live)
+    for name in ("embedder", "generator"):
+        (live / name / "1" / "model.py").write_text("# an older release's runner\n")
+        (live / name / "1" / "talkinghead_cpus.py").unlink(missing_ok=True)
+    args = argparse.Namespace(
+        checkpoint=CHECKPOINT,
+        repository=live,
+        profile="python",
+        device="cpu",
+        no_check=True,
+        triton_url=None,
+        template=False,
+    )
+    command.export(args)
+    for name in ("embedder", "generator"):
+        assert repository.versions(live / name) == [1]
+        assert (live / name / "1" / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+        assert (live / name / "1" / "talkinghead_cpus.py").read_text() == CPUS_SOURCE
 
 
 def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(

@@ -573,7 +573,7 @@ def test_a_workers_first_job_starts_from_a_generator_published_before(
     here another avatar's generator stands in): no tracing, and the frames are PyTorch's."""
     from export import repository, to_onnx
     from export.command import real_inputs
-    from facekit import contract
+    from facekit import contract, cpus
     from worker import models
 
     repo = tmp_path / "repo"
@@ -591,6 +591,9 @@ def test_a_workers_first_job_starts_from_a_generator_published_before(
     with caplog.at_level("INFO"):
         name, version, written = models.publish(personal_ckpt, repo, profile="python", tritons=[])
     assert (name, version, written) == ("generator_alice", 1, repo / "generator_alice" / "1")
+    # Triton's runner and the CPU helper it sizes its threads by (export/repository.py)
+    assert (written / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+    assert (written / "talkinghead_cpus.py").read_text() == Path(cpus.__file__).read_text()
     assert f"starts from the graph of {expected}" in caplog.text
     assert "from an earlier export's graph" in caplog.text  # written, not traced
     (graph,) = to_onnx.graphs(personal_ckpt)

@@ -23,13 +23,15 @@ import pytest
 
 from deploy.local import tritonserver
 from export import repository
-from facekit import engines
+from facekit import cpus, engines
 from facekit.contract import Meta
 from service.backends.triton import merges_queued_calls
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv-triton"
+if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):  # a worktree
+    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
@@ -116,7 +118,7 @@ def served_by(path: Path) -> tuple[str, Any]:
     meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
     config = {"parameters": {key: {"string_value": value} for key, value in meta.items()}}
     engine = runner.choose_engine(config, str(path.parent), "auto")
-    threads = max(1, len(os.sched_getaffinity(0)) // engines.AUTO_LANES)
+    threads = max(1, cpus.usable_cpus() // engines.AUTO_LANES)
     if engine == engines.ONNXRUNTIME:
         return engine, runner.OnnxRuntimeRunner(str(path), threads)
     return engine, runner.OpenVinoRunner(
@@ -155,9 +157,11 @@ def test_embedder_equals_onnxruntime_and_generator_its_chosen_engine(
     meta = ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map
     verdict = runner_module().verdict_passed(str(path.parent), meta[Meta.MODEL_ID], engines.OPENVINO_BF16)
     assert engine == (engines.OPENVINO_BF16 if engines.bf16_native() and verdict else engines.OPENVINO)
-    threads = max(1, len(os.sched_getaffinity(0)) // engines.AUTO_LANES)
+    threads = max(1, cpus.usable_cpus() // engines.AUTO_LANES)
     log = triton.log.read_text()
     assert f"generator_0_0: {engine} on {threads} thread(s)" in log, runner_lines(log)
+    bound = f"threads: {engines.AUTO_LANES} instance(s) sharing {cpus.usable_cpus()} usable CPUs, bounded by"
+    assert bound in log, runner_lines(log)
     assert "embedder_0_0: onnxruntime on" in log, runner_lines(log)
     assert np.array_equal(frames, triton_frames(path, **feeds))
     difference = np.abs(frames.astype(np.int16) - ort_run(path, **feeds)[0])
