@@ -234,8 +234,14 @@ def versions(model_dir: Path) -> list[int]:
     return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+# Triton reads the repository as another user than the one writing it (the chart: the worker is
+# 10001, Triton 1000), so what is written is readable by all, not tempfile's private 0700 / 0600.
+DIR_MODE, FILE_MODE = 0o755, 0o644
+
+
 def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, FILE_MODE)
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
@@ -266,6 +272,7 @@ def write_model(
     target = model_dir / str(version)
     try:
         staging = Path(tempfile.mkdtemp(dir=model_dir, prefix=STAGING))
+        staging.chmod(DIR_MODE)
         try:
             shutil.copyfile(onnx_path, staging / "model.onnx")
             if profile == "python":
@@ -292,6 +299,8 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
     model_dir = repository / spec.name
     _write_atomic(model_dir / "config.pbtxt", config_text(spec, profile, device=device))
     latest = model_dir / str(versions(model_dir)[-1])
+    with contextlib.suppress(PermissionError):  # (an older release's 0700; another's folder)
+        latest.chmod(DIR_MODE)
     if profile == "python":
         for name, source in python_files().items():
             target, current = latest / name, source.read_text()

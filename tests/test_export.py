@@ -417,6 +417,29 @@ def test_new_versions_keep_the_live_one_and_removal_is_whole(
     assert not repository.remove_model(live, "generator")
 
 
+def test_what_the_repository_writer_writes_another_user_can_read(
+    exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """Triton runs as another user than the writer (the chart: Triton 1000, the worker publishing
+    personalised generators 10001; an operator's repository copied onto a volume keeps its modes).
+    Version folders came out 0700 and config.pbtxt 0600 (tempfile's private modes): Triton could
+    read neither. Folders are 0755 and files 0644 now, refreshed ones too."""
+    repo, _ = exported
+    live = tmp_path / "repo"
+    onnx_path = repo / "generator/1/model.onnx"
+    version = repository.write_model(live, onnx_path)
+    repository.write_model(live, onnx_path, name="generator_alice")
+    (version / "model.py").write_text("# an older release's runner\n")
+    version.chmod(0o700)  # as an older release wrote it
+    repository.write_config(live, onnx_path)
+    written = [p for p in live.rglob("*")]
+    assert len(written) >= 10
+    for path in written:
+        mode = path.stat().st_mode & 0o777
+        wanted = 0o755 if path.is_dir() else 0o644
+        assert mode & wanted == wanted, f"{path.relative_to(live)} is {mode:o}, not readable by Triton's user"
+
+
 def test_the_same_weights_exported_again_get_this_releases_runner(
     exported: tuple[Path, dict], tmp_path: Path
 ) -> None:
