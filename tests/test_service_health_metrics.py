@@ -29,6 +29,7 @@ from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
 from jobs.local import LocalQueue
 from jobs.record import FAILED
+from service import server as server_module
 from service.auth import FileRing, issue, revoke, set_quotas
 from service.backends.base import EXPECTED_S, ReadyGate, _Call
 from service.capacity import HEADROOM
@@ -383,12 +384,14 @@ def test_offline_frames_stay_out_of_the_live_latency(
 
 
 def test_the_personalisation_queue_is_visible_waiting_and_running(
-    model_repository: Path, tmp_path: Path
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What TalkingheadPersonalisationWaiting and ...NoWorker read: the personalisations queued and
     running (talkinghead_personalisation_jobs) and how long the oldest queued one has waited
     (talkinghead_personalisation_oldest_queued_seconds), growing while no worker takes it. Here no
-    worker runs (TALKINGHEAD_WORKER=external); the test takes the job as a worker would."""
+    worker runs (TALKINGHEAD_WORKER=external); the test takes the job as a worker would. The
+    queue is read every 0.2 s here, not every 5 s (the test waited 15 s for three reads)."""
+    monkeypatch.setattr(server_module, "JOBS_POLL_S", 0.2)
     running = ServerThread(settings=test_settings(model_repository, tmp_path / "avatars"))
 
     def jobs(state: str) -> float:
