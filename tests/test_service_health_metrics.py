@@ -149,7 +149,7 @@ def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: Landmar
     dropped was counted dropped but never received (received - sent - dropped went negative)."""
     server, ring, tokens = keyed
     ring.update(lambda r: set_quotas(r, "umbrella", max_fps=2))
-    time.sleep(2.5)  # the ring is reread every second
+    server.ring_read()
 
     def totals() -> tuple[float, float, float]:
         text = server.metrics()
@@ -177,7 +177,7 @@ def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: Landmar
         assert received == 20 and received == sent + dropped, (received, sent, dropped)
     finally:
         ring.update(lambda r: set_quotas(r, "umbrella", max_fps=0))
-        time.sleep(2.5)
+        server.ring_read()
 
 
 def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: LandmarkSequence) -> None:
@@ -186,7 +186,7 @@ def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: Landmar
     tenant the ring drops loses its series."""
     server, ring, tokens = keyed
     admin_id, admin = ring.update(lambda r: issue(r, "ops", role="admin"))
-    time.sleep(2.5)  # the ring is reread every second
+    server.ring_read()
     with Client(target=server.address, api_key=admin, tenant="rnd12345") as stranger:
         stranger.create_avatar("face", [PORTRAIT], consent=CONSENT)
         assert (
