@@ -127,9 +127,17 @@ def test_a_subscription_that_dies_without_a_word_is_noticed_and_renewed(
     publisher = connect(redis_server.url)
     noticed: list[float] = []
 
+    # pinged every 1 s and lost after 1.5 s unanswered, half the service's PING_S and DEAD_S: the
+    # silence is noticed within 2.5 s, not 5 s
+    ping_s, dead_s = PING_S / 2, DEAD_S / 2
+
     async def scenario(proxy: Proxy) -> None:
         source = RedisEvents(
-            url=proxy.url, on_event=lambda e: heard.append(e.avatar_id), on_reset=lambda: resets.append(0)
+            url=proxy.url,
+            on_event=lambda e: heard.append(e.avatar_id),
+            on_reset=lambda: resets.append(0),
+            ping_s=ping_s,
+            dead_s=dead_s,
         )
 
         async def steps() -> None:
@@ -140,7 +148,7 @@ def test_a_subscription_that_dies_without_a_word_is_noticed_and_renewed(
             proxy.black_hole()
             await asyncio.to_thread(publisher.publish, keys.EVENTS, event("unheard"))
             noticed.append(
-                await until(lambda: not source.subscribed.is_set(), PING_S + DEAD_S + 1, "the silence")
+                await until(lambda: not source.subscribed.is_set(), ping_s + dead_s + 1, "the silence")
             )
             assert len(resets) == subscribed + 1, "the cache is dropped as the subscription is lost"
             await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[0] + 2)
