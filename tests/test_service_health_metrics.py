@@ -30,6 +30,7 @@ from facekit.sequence import LandmarkSequence
 from jobs.local import LocalQueue
 from jobs.record import FAILED
 from service import server as server_module
+from service import storage as storage_module
 from service.auth import FileRing, issue, revoke, set_quotas
 from service.backends.base import EXPECTED_S, ReadyGate, _Call
 from service.capacity import HEADROOM
@@ -251,8 +252,10 @@ def test_health_follows_the_storage_per_service(
     services say NOT_SERVING and talkinghead_storage_up / talkinghead_avatar_events_live are 0
     (before: SERVING throughout, nothing in /metrics). The overall "" entry, which Kubernetes'
     readiness asks, follows the backend only: pulling every replica helps no one. The job queue
-    is read every 0.2 s here, not every 5 s (its figures waited for two reads, ~8 s of the test)."""
+    is read every 0.2 s here, not every 5 s (its figures waited for two reads, ~8 s of the test),
+    and the storage probed every 0.2 s, not every 1 s."""
     monkeypatch.setattr(server_module, "JOBS_POLL_S", 0.2)
+    monkeypatch.setattr(storage_module, "PROBE_S", 0.2)
     redis = RedisServer(workdir=tmp_path / "redis")
     running = ServerThread(
         settings=test_settings(model_repository, tmp_path / "avatars", redis_url=redis.url)
