@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
@@ -97,6 +98,17 @@ class ServerThread:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.call(self.app.backend.wait_ready(timeout), timeout + 5), "backend did not become ready"
+
+    def ring_read(self, timeout: float = 10.0) -> None:
+        """Wait until the server has read its key ring as the file is now (loaded it, or found it
+        broken and kept the last good one). It rereads the ring every service.auth.REFRESH_S (1 s):
+        a test that changed the ring waits this long instead of sleeping 2.5 s."""
+        auth = self.app.auth
+        now = auth.store.version()
+        deadline = time.monotonic() + timeout
+        while now not in (auth._version, auth._broken):
+            assert time.monotonic() < deadline, f"the server did not reread its key ring within {timeout:g} s"
+            time.sleep(0.02)
 
     def client(self) -> Client:
         return Client(target=self.address, timeout=120.0)

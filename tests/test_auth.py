@@ -324,7 +324,7 @@ def test_mtls_accepts_only_certificates_of_the_configured_ca(
 def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keyed, driver) -> None:
     server, tokens, ring = keyed
     ring.update(lambda r: set_quotas(r, "acme", max_fps=5))
-    time.sleep(2.5)  # the server rereads the ring every second
+    server.ring_read()
     refusals = 'talkinghead_quota_refusals_total{quota="fps",tenant="acme"}'
     counted = 'talkinghead_tenant_frames_total{tenant="acme"}'
     dropped = 'talkinghead_frames_dropped_total{reason="quota"}'
@@ -355,7 +355,7 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
             assert time.monotonic() - started >= 0.8  # 8 frames at 5 a second, after a burst
     finally:
         ring.update(lambda r: set_quotas(r, "acme", max_fps=0))
-        time.sleep(2.5)
+        server.ring_read()
 
 
 def test_the_cli_sends_the_api_key_from_the_environment_or_a_file(keyed, tmp_path: Path) -> None:

@@ -42,7 +42,7 @@ def test_an_open_stream_ends_when_its_key_is_revoked(keyed, driver) -> None:
     server, ring = keyed
     key_id, token = _key(ring, "acme")
     _, other = _key(ring, "acme")
-    time.sleep(2.5)  # both keys loaded
+    server.ring_read()  # both keys loaded
     with Client(target=server.address, api_key=token) as acme:
         acme.create_avatar("mona", [PORTRAIT], consent=CONSENT, replace=True)
     ended = 'talkinghead_streams_total{code="UNAUTHENTICATED"}'
@@ -81,7 +81,7 @@ def test_an_open_stream_ends_when_its_key_is_revoked(keyed, driver) -> None:
 def test_a_watched_operation_ends_when_its_key_is_revoked(keyed) -> None:
     server, ring = keyed
     key_id, token = _key(ring, "globex")
-    time.sleep(2.5)
+    server.ring_read()
     with Client(target=server.address, api_key=token) as globex:
         globex.create_avatar("watched", [PORTRAIT], consent=CONSENT, replace=True)
         cancelled = globex.personalise("watched")

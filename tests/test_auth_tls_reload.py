@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from client.library import Client
+from service import server as server_module
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import ServerThread, test_settings
 from tests.test_auth import _authority, _leaf
@@ -76,7 +77,7 @@ def _eventually(check: Callable[[], bool]) -> bool:
 
 
 def test_renewed_tls_files_serve_new_connections_and_broken_ones_are_not_served(
-    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    model_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     old, new = _issue(tmp_path / "old"), _issue(tmp_path / "new")
     live = tmp_path / "live"
@@ -90,6 +91,8 @@ def test_renewed_tls_files_serve_new_connections_and_broken_ones_are_not_served(
         tls_client_ca=live / "ca.crt",
     )
     caplog.set_level(logging.INFO, logger="talkinghead.service")
+    # the files looked at every 0.2 s, not every 1 s: a broken file is waited for 0.5 s, not 2.5 s
+    monkeypatch.setattr(server_module, "TLS_CHECK_S", 0.2)
     server = ServerThread(settings=settings)
     port = server.server.grpc_port
     try:
@@ -99,10 +102,10 @@ def test_renewed_tls_files_serve_new_connections_and_broken_ones_are_not_served(
         assert not _answers(port, old)
         # a certificate caught half written, then a certificate that does not match the key
         (live / "tls.crt").write_bytes(old["tls.crt"].read_bytes()[:200])
-        time.sleep(2.5)
+        time.sleep(2.5 * server_module.TLS_CHECK_S)  # looked at again
         assert _answers(port, new)  # the last good pair still serves
         _install(old, live, ("tls.crt",))  # old certificate, new key
-        time.sleep(2.5)
+        time.sleep(2.5 * server_module.TLS_CHECK_S)  # looked at again
         assert _answers(port, new)
         refused = [r for r in caplog.records if "cannot be served" in r.getMessage()]
         assert len(refused) == 2 and all(r.levelno == logging.ERROR for r in refused)

@@ -191,7 +191,7 @@ def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> No
     repository: frames flow, batched across the streams, and Triton's CPU is counted apart from
     the server's (a bound against the in-process generator means nothing there)."""
     venv = triton_venv()
-    args = bench_args(model_repository, "--seconds", "2", "--batches", "1", "4")
+    args = bench_args(model_repository, "--seconds", "1", "--batches", "1", "4")
     driver = LandmarkSequence.load(args.driver)
     row = asyncio.run(bench.serving_ceiling(args, driver, 50.0, triton_venv=venv))
     assert row["backend"] == "triton" and row["frames"] > 0 and row["fps"] > 0
@@ -206,7 +206,7 @@ def test_the_model_through_a_real_triton(model_repository: Path) -> None:
     runner's engine, logged) and the service on the triton backend: raw Triton calls with Triton's
     CPU counted (not this process's), the server's capacity, and a live row against raw Triton."""
     venv = triton_venv()
-    args = bench_args(model_repository, "--seconds", "2", "--raw-seconds", "0.5", "--batches", "1", "2")
+    args = bench_args(model_repository, "--seconds", "1", "--raw-seconds", "0.5", "--batches", "1", "2")
     driver = LandmarkSequence.load(args.driver)
     report = asyncio.run(bench.through_triton(args, driver, venv))
     assert report["engine"] in engines.ENGINES and report["threads_per_instance"] >= 1

@@ -168,13 +168,17 @@ def test_ctrl_c_or_sigterm_during_animate_writes_nothing(
     sheet = tmp_path / "new" / "sheets" / "sheet.png"
     argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
     argv += ["--out", str(out), "--contact-sheet", str(sheet), "--live", "--overwrite"]
+    sent = server.metric("talkinghead_frames_sent_total", 0.0)
     process = cli_process(*argv)
     try:
         deadline = time.monotonic() + 60
         while not list(tmp_path.glob(".out.mp4.partial-*.mp4")):  # made just before the stream
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()
             time.sleep(0.05)
-        time.sleep(2.0)
+        # the stream underway: frames sent (before: 2 s waited out after the partial file)
+        while server.metric("talkinghead_frames_sent_total", 0.0) < sent + 10:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
         process.send_signal(signum)
         _, err = process.communicate(timeout=60)
     finally:

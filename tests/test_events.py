@@ -29,6 +29,7 @@ from jobs import keys
 from jobs.events import CHANGED, DELETED, PERSONALISED, Event
 from jobs.local import EVENTS_FILE, LocalQueue
 from jobs.redis_queue import connect
+from service import app as app_module
 from service.events import DEAD_S, PING_S, RETRY_S, FileEvents, RedisEvents
 from service.store import LocalAvatarStore
 from tests.redis_fixtures import *  # noqa: F403
@@ -127,9 +128,17 @@ def test_a_subscription_that_dies_without_a_word_is_noticed_and_renewed(
     publisher = connect(redis_server.url)
     noticed: list[float] = []
 
+    # pinged every 1 s and lost after 1.5 s unanswered, half the service's PING_S and DEAD_S: the
+    # silence is noticed within 2.5 s, not 5 s
+    ping_s, dead_s = PING_S / 2, DEAD_S / 2
+
     async def scenario(proxy: Proxy) -> None:
         source = RedisEvents(
-            url=proxy.url, on_event=lambda e: heard.append(e.avatar_id), on_reset=lambda: resets.append(0)
+            url=proxy.url,
+            on_event=lambda e: heard.append(e.avatar_id),
+            on_reset=lambda: resets.append(0),
+            ping_s=ping_s,
+            dead_s=dead_s,
         )
 
         async def steps() -> None:
@@ -140,7 +149,7 @@ def test_a_subscription_that_dies_without_a_word_is_noticed_and_renewed(
             proxy.black_hole()
             await asyncio.to_thread(publisher.publish, keys.EVENTS, event("unheard"))
             noticed.append(
-                await until(lambda: not source.subscribed.is_set(), PING_S + DEAD_S + 1, "the silence")
+                await until(lambda: not source.subscribed.is_set(), ping_s + dead_s + 1, "the silence")
             )
             assert len(resets) == subscribed + 1, "the cache is dropped as the subscription is lost"
             await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[0] + 2)
@@ -390,13 +399,19 @@ def test_deleting_or_replacing_an_avatar_ends_its_streams_here_and_on_other_repl
 
 
 def test_a_delete_missed_while_the_store_cannot_be_read_still_ends_its_streams(
-    model_repository: Path, tmp_path: Path, redis_url: str, driver: LandmarkSequence
+    model_repository: Path,
+    tmp_path: Path,
+    redis_url: str,
+    driver: LandmarkSequence,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A replica whose connections to Redis went half-open missed a delete's event; once it had
     subscribed again, its one check of the open streams against the store timed out (the other
     connections were half-open too), and the stream rendered the deleted avatar to its end (20 s
     of a 20 s stream). After missed events a failed check is tried again while the avatar has
-    streams: here the store fails twice, and the stream ends NOT_FOUND at the third try."""
+    streams: here the store fails twice, and the stream ends NOT_FOUND at the third try (tried
+    again after 0.25 s and 0.5 s here, not 1 s and 2 s)."""
+    monkeypatch.setattr(app_module, "CHECK_RETRY_S", (0.25, 1.25))
     replica = ServerThread(settings=test_settings(model_repository, tmp_path / "store", redis_url=redis_url))
     try:
         replica.wait_ready()

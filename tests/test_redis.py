@@ -24,6 +24,7 @@ from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
 from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
 from jobs.redis_queue import RedisQueue, connect
+from service import events as events_module
 from service.audit import RedisAuditLog
 from service.events import PING_S, RETRY_S, RedisEvents
 from service.redis_store import RedisAvatarStore
@@ -270,7 +271,7 @@ def test_a_job_out_of_gpu_memory_ends_resource_exhausted_saying_so(
 
 
 def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Redis stops under a worker: it logs and tries again with a growing wait instead of ending
     (a pod in CrashLoopBackOff before); back - here empty, its consumer group made again - the
@@ -279,6 +280,8 @@ def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
 
     from worker import jobs_run
 
+    # its waits a quarter (0.25 s first, not 1 s): tries at 0, 0.25, 0.75, 1.75 s, ...
+    monkeypatch.setattr(jobs_run, "QUEUE_RETRY_S", (0.25, 30.0))
     redis = RedisServer(workdir=tmp_path / "redis")
     queue = RedisQueue(client=connect(redis.url), claim_timeout_s=1.0)
     service = RedisQueue(client=connect(redis.url))  # the server's, made once at its start
@@ -292,7 +295,7 @@ def test_the_worker_waits_out_its_queue_going_away_and_takes_jobs_again(
             worker.start()
             time.sleep(0.5)
             redis.stop()
-            time.sleep(2.5)
+            time.sleep(1.25)  # three failed tries
             assert worker.is_alive(), "the worker ended with its queue away"
             assert "the job queue failed" in caplog.text
             redis = RedisServer(workdir=tmp_path / "redis", port=redis.port)  # back, empty
@@ -488,12 +491,15 @@ def test_no_cached_avatar_is_served_once_redis_was_flushed_or_while_it_is_gone(
 
 
 def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """While Redis is away a replica's event subscriber retries with growing waits and warns once
     (before: a WARNING every second for the whole outage); it drops the cache as the subscription
     is lost (a change it does not hear of may happen from then on) and once it is back (events
     were missed), not at every try between; it says the outage is over and hears events."""
+    # the waits halved (0.5 s first, 2.5 s most, not 1 s and 5 s): the same tries in half the time
+    retry = (RETRY_S[0] / 2, RETRY_S[1] / 2)
+    monkeypatch.setattr(events_module, "RETRY_S", retry)
     port = free_port()
     heard: list[str] = []
     resets: list[float] = []
@@ -510,10 +516,10 @@ def test_avatar_events_wait_out_a_redis_outage_quietly_and_resume(
             await asyncio.wait_for(source.subscribed.wait(), timeout=5)
             assert len(resets) == 1, "a new subscription drops what was cached before it"
             await asyncio.to_thread(redis.stop)
-            await asyncio.sleep(4.0)  # tries at 0, 1, 3 s (waits 1, 2, 4 s)
+            await asyncio.sleep(2.0)  # tries at 0, 0.5, 1.5 s (waits 0.5, 1, 2 s)
             assert not source.subscribed.is_set() and len(resets) == 2, "dropped once, as it was lost"
             redis = await asyncio.to_thread(RedisServer, workdir=tmp_path / "redis", port=port)
-            await asyncio.wait_for(source.subscribed.wait(), timeout=RETRY_S[1] + 2)
+            await asyncio.wait_for(source.subscribed.wait(), timeout=retry[1] + 2)
             event = Event(avatar_id="a", event=CHANGED_EVENT, sent=time.time())
             await asyncio.to_thread(connect(redis.url).publish, keys.EVENTS, event.to_json())
             for _ in range(50):

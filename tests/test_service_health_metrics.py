@@ -30,6 +30,7 @@ from facekit.sequence import LandmarkSequence
 from jobs.local import LocalQueue
 from jobs.record import FAILED
 from service import server as server_module
+from service import storage as storage_module
 from service.auth import FileRing, issue, revoke, set_quotas
 from service.backends.base import EXPECTED_S, ReadyGate, _Call
 from service.capacity import HEADROOM
@@ -149,7 +150,7 @@ def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: Landmar
     dropped was counted dropped but never received (received - sent - dropped went negative)."""
     server, ring, tokens = keyed
     ring.update(lambda r: set_quotas(r, "umbrella", max_fps=2))
-    time.sleep(2.5)  # the ring is reread every second
+    server.ring_read()
 
     def totals() -> tuple[float, float, float]:
         text = server.metrics()
@@ -177,7 +178,7 @@ def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: Landmar
         assert received == 20 and received == sent + dropped, (received, sent, dropped)
     finally:
         ring.update(lambda r: set_quotas(r, "umbrella", max_fps=0))
-        time.sleep(2.5)
+        server.ring_read()
 
 
 def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: LandmarkSequence) -> None:
@@ -186,7 +187,7 @@ def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: Landmar
     tenant the ring drops loses its series."""
     server, ring, tokens = keyed
     admin_id, admin = ring.update(lambda r: issue(r, "ops", role="admin"))
-    time.sleep(2.5)  # the ring is reread every second
+    server.ring_read()
     with Client(target=server.address, api_key=admin, tenant="rnd12345") as stranger:
         stranger.create_avatar("face", [PORTRAIT], consent=CONSENT)
         assert (
@@ -244,11 +245,17 @@ def test_a_client_killed_while_idle_is_counted_cancelled(server: ServerThread, a
         assert streams(server, "OK") == ok, "a killed client's stream was counted OK"
 
 
-def test_health_follows_the_storage_per_service(model_repository: Path, tmp_path: Path, avatar: str) -> None:
+def test_health_follows_the_storage_per_service(
+    model_repository: Path, tmp_path: Path, avatar: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Redis away: every Avatar/Animation/Personalisation call fails UNAVAILABLE, and now their
     services say NOT_SERVING and talkinghead_storage_up / talkinghead_avatar_events_live are 0
     (before: SERVING throughout, nothing in /metrics). The overall "" entry, which Kubernetes'
-    readiness asks, follows the backend only: pulling every replica helps no one."""
+    readiness asks, follows the backend only: pulling every replica helps no one. The job queue
+    is read every 0.2 s here, not every 5 s (its figures waited for two reads, ~8 s of the test),
+    and the storage probed every 0.2 s, not every 1 s."""
+    monkeypatch.setattr(server_module, "JOBS_POLL_S", 0.2)
+    monkeypatch.setattr(storage_module, "PROBE_S", 0.2)
     redis = RedisServer(workdir=tmp_path / "redis")
     running = ServerThread(
         settings=test_settings(model_repository, tmp_path / "avatars", redis_url=redis.url)

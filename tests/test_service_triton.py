@@ -28,6 +28,7 @@ from deploy.local import tritonserver
 from export import repository as repository_files
 from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
+from service.backends import triton as triton_backend
 from service.backends.base import BackendUnavailable
 from service.backends.triton import TritonBackend, merges_queued_calls
 from service.store import LocalAvatarStore
@@ -268,8 +269,26 @@ async def _remove_personalised(
         shutil.rmtree(triton.repository / f"generator_{avatar}")
 
 
+class _WallClockAhead:
+    """The backend's `time` module with its wall clock `ahead` seconds on: what it compares
+    Triton's last-inference stamps (wall clock) with, so an idle time passes without waiting it
+    out; monotonic and the rest unchanged."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.ahead
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
 def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
-    model_repository: Path, triton: str | Triton, caplog: pytest.LogCaptureFixture
+    model_repository: Path,
+    triton: str | Triton,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Each personalised generator loaded on Triton holds its memory there: beyond the limit, one
     loading unloads the generators no replica called for the idle time, least recently called
@@ -286,6 +305,8 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
     idle_s = 12.0
     rng = np.random.default_rng(0)
     drawn, warped = (rng.integers(0, 256, (2, 128, 128, 3), dtype=np.uint8) for _ in range(2))
+    clock = _WallClockAhead()
+    monkeypatch.setattr(triton_backend, "time", clock)
 
     async def main() -> None:
         backend = TritonBackend(url=triton.url, max_personalised=2, personalised_idle_s=idle_s)
@@ -299,11 +320,16 @@ def test_idle_personalised_generators_are_unloaded_on_triton_beyond_the_limit(
                 return await backend.generate_personalised(avatar, drawn, warped)
 
             first = {avatar: await frames(avatar) for avatar in "ab"}
-            await asyncio.sleep(idle_s + 0.5)  # neither called since
+            # neither called since: idle_s + 0.5 s on the clock the backend reads (not waited out,
+            # 12.5 s of the suite). b's call below is then as old as that to it too, so both are
+            # idle when c loads: only one goes, the one called longest ago.
+            clock.ahead = idle_s + 0.5
             await frames("b")
             await frames("c")  # a third loads: a, called longest ago, is unloaded
+            clock.ahead = 0.0  # (b and c called just now from here on)
             assert [await other.is_model_ready(f"generator_{x}") for x in "abc"] == [False, True, True]
             assert "unloaded personalised generator generator_a on Triton" in caplog.text
+            assert "above the limit of 2" not in caplog.text
             await frames("b"), await frames("c")
             np.testing.assert_array_equal(await frames("a"), first["a"])  # loads again
             assert "above the limit of 2" in caplog.text  # b and c were called just now
