@@ -336,6 +336,10 @@ def test_stream_frames_beyond_the_tenants_rate_are_dropped_for_live_streams(keye
             before[name] = 0.0
     try:
         with Client(target=server.address, api_key=tokens["acme"]) as acme:
+            if "mona" not in {
+                a.avatar_id for a in acme.list_avatars()
+            }:  # (run alone: no earlier test made it)
+                acme.create_avatar("mona", [PORTRAIT], consent=CONSENT)
             live = acme.animate(
                 "mona", landmark_requests(_first(driver, 30)), motion="relative", overflow="drop-oldest"
             )
