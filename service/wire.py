@@ -219,13 +219,22 @@ async def _relay(
 
 def _unary_unary(impl: Callable[..., Awaitable[Any]], parse: Parser) -> Callable[..., Awaitable[Any]]:
     async def handle(data: bytes, context: grpc.aio.ServicerContext) -> Any:
-        request = parse(data, context.peer())
-        if isinstance(request, tuple):
-            set_status(context, request)
-            return None
-        return await _settle(impl(request, context), parse, context)
+        return await _answer(impl, parse(data, context.peer()), parse, context)
 
     return handle
+
+
+async def _answer(
+    impl: Callable[..., Awaitable[Any]],
+    request: Message | Status,
+    parse: Parser,
+    context: grpc.aio.ServicerContext,
+) -> Any:
+    """A single request's reply, or the status its parse refused it with."""
+    if isinstance(request, tuple):
+        set_status(context, request)
+        return None
+    return await _settle(impl(request, context), parse, context)
 
 
 def _unary_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any]:
@@ -277,11 +286,7 @@ def _admitted_unary(
             failure = status_of(error, parse.method)
         else:
             try:
-                request = await _only_message(raw, parse, context.peer())
-                if isinstance(request, tuple):
-                    set_status(context, request)
-                    return None
-                return await _settle(impl(request, context), parse, context)
+                return await _answer(impl, await _only_message(raw, parse, context.peer()), parse, context)
             finally:
                 slot.__exit__(None, None, None)
         set_status(context, failure)

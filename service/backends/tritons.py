@@ -369,23 +369,21 @@ class TritonPool:
             self._background[key] = task
             task.add_done_callback(lambda done, key=key: self._background.pop(key, None))  # type: ignore[misc]
 
+    def _pins(self, avatar_id: str, made_for: str) -> dict[TritonBackend, int]:
+        """The ready Tritons holding a generator for the record `made_for` -> the version each has."""
+        pins = {}
+        for member in self._usable():
+            pinned = member.pinned(avatar_id)
+            if pinned is not None and member.knows_personalised(avatar_id, made_for):
+                pins[member] = pinned.version
+        return pins
+
     def _version(self, avatar_id: str, made_for: str) -> int | None:
         """The version calls name: the newest a ready Triton has for the record `made_for`."""
-        versions = [
-            pinned.version
-            for member in self._usable()
-            if member.knows_personalised(avatar_id, made_for) and (pinned := member.pinned(avatar_id))
-        ]
-        return max(versions, default=None)
+        return max(self._pins(avatar_id, made_for).values(), default=None)
 
     def _having(self, avatar_id: str, made_for: str, version: int) -> list[TritonBackend]:
-        return [
-            member
-            for member in self._usable()
-            if member.knows_personalised(avatar_id, made_for)
-            and (pinned := member.pinned(avatar_id)) is not None
-            and pinned.version == version
-        ]
+        return [member for member, held in self._pins(avatar_id, made_for).items() if held == version]
 
     async def generate_personalised(
         self,
