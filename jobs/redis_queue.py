@@ -1,7 +1,7 @@
 """The job queue on Redis Streams with a consumer group: several service replicas, several workers.
 
 Each job is a hash (jobs.keys.job): `record` (the Job's JSON, written by Python only), `state`
-(mirrored from the record for the scripts), `owner` (`<worker>:<attempt>` of the holder),
+(mirrored from the record for the scripts), `owner` (`<worker>:<attempt>:<incarnation>` of the holder),
 `attempts`, `cancel` and `input`. Submitting adds one stream entry; a worker reads new entries
 with XREADGROUP and, before that, takes over entries whose holder has been silent for
 `claim_timeout_s` (XAUTOCLAIM): a worker that dies mid-job loses nothing. A live worker keeps its
@@ -19,6 +19,7 @@ in the hash, the entry pending and unacked) is never deleted from under it: a ca
 from __future__ import annotations
 
 import contextlib
+import secrets
 import socket
 import time
 from typing import Any
@@ -69,16 +70,25 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 'cancelled'
 """
 )
+# One write takes a job: the attempt counted, the owner token and the RUNNING record (before, the
+# record was a second write: a claim whose second write failed spent an attempt without running).
+# ARGV: the owner token `<worker>:<attempt>:<incarnation>`, that attempt, the RUNNING record, and
+# '1' for an entry this consumer holds without having taken its job (a claim cut short).
 TAKE = (
     """
 local s = redis.call('HGET', KEYS[1], 'state')
-if not s then return false end
+if not s then return 'gone' end
 """
     + _ENDED
-    + """return false end
-local attempt = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1] .. ':' .. attempt)
-return {attempt, redis.call('HGET', KEYS[1], 'record')}
+    + """return 'gone' end
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner ~= ARGV[1] then
+  if ARGV[4] == '1' and owner then return 'held' end
+  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or '0')
+  if attempts + 1 ~= tonumber(ARGV[2]) then return 'moved' end
+end
+redis.call('HSET', KEYS[1], 'attempts', ARGV[2], 'owner', ARGV[1], 'record', ARGV[3], 'state', 'RUNNING')
+return 'ok'
 """
 )
 UPDATE = """
@@ -130,6 +140,10 @@ BLOCK_MAX_S = SOCKET_TIMEOUT_S - 1.0
 HEALTH_CHECK_S = 5.0  # a connection idle this long is PINGed before it is used again
 
 
+def _job_id(fields: dict[bytes, bytes] | None) -> str:
+    return (fields or {}).get(b"job", b"").decode()
+
+
 def keepalive_options() -> dict[int, int]:
     """TCP keepalive probing after 5 s idle, every 2 s, 3 probes (where the platform has them): an
     idle connection to a peer gone without a word is closed after ~11 s, so the next call
@@ -155,6 +169,9 @@ class RedisQueue:
         self.r: Any = client  # redis-py's annotations type every reply as bytes | str | list ...
         self.claim_timeout_s = claim_timeout_s
         self._held: dict[str, tuple[str, bytes]] = {}  # job id -> (owner token, stream entry id)
+        # in each owner token: a take this queue made and never heard back from is its own, not a
+        # restarted process's of the same worker name (whose take counts as an attempt)
+        self.incarnation = secrets.token_hex(4)
         self._scripts = {
             name: client.register_script(text)
             for name, text in (
@@ -250,6 +267,10 @@ class RedisQueue:
 
     def _claim(self, worker: str, *, wait_s: float) -> Job | None:
         self.r.set(keys.worker(worker), str(time.time()), ex=max(keys.WORKER_TTL_S, int(3 * wait_s)))
+        for entry_id, job_id in self._strays(worker):
+            job = self._take(worker, entry_id, job_id, stray=True)
+            if job is not None:
+                return job
         stolen = self.r.xautoclaim(
             keys.JOB_STREAM,
             keys.WORKERS_GROUP,
@@ -269,27 +290,70 @@ class RedisQueue:
             if time.monotonic() >= deadline:
                 break
         for entry_id, fields in entries:
-            job = self._take(worker, entry_id, (fields or {}).get(b"job", b"").decode())
+            job = self._take(worker, entry_id, _job_id(fields))
             if job is not None:
                 return job
         return None
 
-    def _take(self, worker: str, entry_id: bytes, job_id: str) -> Job | None:
-        taken = self._run("take", [keys.job(job_id)], [worker]) if job_id else None
-        if not taken:  # ended (cancelled while queued, or finished before its holder died) or expired
-            with self.r.pipeline(transaction=True) as pipe:  # no one else holds it: it goes
-                pipe.xack(keys.JOB_STREAM, keys.WORKERS_GROUP, entry_id)
-                pipe.xdel(keys.JOB_STREAM, entry_id)
-                pipe.execute()
-            return None
-        attempt, record = int(taken[0]), taken[1]
-        job = Job.from_json(record)
-        job.state, job.worker, job.attempt = RUNNING, worker, attempt
-        job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
-        job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
-        self._held[job.id] = (f"{worker}:{attempt}", entry_id)
-        self.update(job)
-        return job
+    def _strays(self, worker: str) -> tuple[tuple[bytes, str], ...]:
+        """Entries pending with this consumer whose jobs this queue does not hold: delivered by a
+        claim cut short (its reply lost, or the take after it refused). Before, they waited out the
+        claim timeout (30 s), and a take that had run spent an attempt of the job."""
+        held = {entry for _, entry in self._held.values()}
+        pending = self.r.xpending_range(
+            keys.JOB_STREAM, keys.WORKERS_GROUP, min="-", max="+", count=16, consumername=worker
+        )
+        ids = [p["message_id"] for p in pending if p["message_id"] not in held]
+        if not ids:
+            return ()
+        pipe = self.r.pipeline(transaction=False)
+        for entry_id in ids:
+            pipe.xrange(keys.JOB_STREAM, min=entry_id, max=entry_id)
+        found = pipe.execute()
+        return tuple(
+            (entry_id, _job_id(rows[0][1]) if rows else "") for entry_id, rows in zip(ids, found, strict=True)
+        )
+
+    def _take(self, worker: str, entry_id: bytes, job_id: str, *, stray: bool = False) -> Job | None:
+        """The job of a stream entry this consumer holds, taken: counted as an attempt, owned and
+        RUNNING in one script - or None: ended or expired (the entry goes), held by another
+        worker (a stray entry: XAUTOCLAIM's idle rule decides), taken meanwhile."""
+        for _ in range(3):
+            record, attempts, owner = (
+                self.r.hmget(keys.job(job_id), ["record", "attempts", "owner"])
+                if job_id
+                else (None, None, None)
+            )
+            if record is None:
+                verdict = b"gone"
+            else:
+                attempt = int(attempts or 0) + 1
+                if owner is not None and owner.decode() == self._token(worker, attempt - 1):
+                    attempt -= 1  # this queue's own take, its reply lost: the same attempt
+                job = Job.from_json(record)
+                job.state, job.worker, job.attempt = RUNNING, worker, attempt
+                job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
+                job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
+                token = self._token(worker, attempt)
+                verdict = self._run(
+                    "take", [keys.job(job_id)], [token, attempt, job.to_json(), "1" if stray else "0"]
+                )
+            if verdict == b"ok":
+                self._held[job.id] = (token, entry_id)
+                return job
+            if verdict == b"gone":  # ended (cancelled while queued, or finished before its holder
+                # died) or expired: no one else holds it, its entry goes
+                with self.r.pipeline(transaction=True) as pipe:
+                    pipe.xack(keys.JOB_STREAM, keys.WORKERS_GROUP, entry_id)
+                    pipe.xdel(keys.JOB_STREAM, entry_id)
+                    pipe.execute()
+                return None
+            if verdict == b"held":
+                return None
+        return None  # moved under three reads in a row: taken by another worker
+
+    def _token(self, worker: str, attempt: int) -> str:
+        return f"{worker}:{attempt}:{self.incarnation}"
 
     def _owner(self, job: Job) -> str:
         if job.id not in self._held:

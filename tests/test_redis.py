@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -127,6 +128,74 @@ def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url
     assert done is not None and done.state == SUCCEEDED and done.attempt == 2 and service.active("a") is None
     assert connect(redis_url).xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
     assert connect(redis_url).xlen(keys.JOB_STREAM) == 0, "the ended job's entry is gone"
+
+
+class Faulty(redis_py.Redis):
+    """A client of the real Redis whose `fail`-th command from now raises ConnectionError: before
+    sending it (`ran=False`: Redis refused it or the connection dropped first) or after it ran with
+    its reply lost (`ran=True`)."""
+
+    fail = 0
+    ran = False
+    sent: list[str]
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        self.sent.append(str(args[0]))
+        self.fail -= 1
+        if self.fail == 0 and not self.ran:
+            raise redis_py.ConnectionError("connection dropped (injected)")
+        reply = super().execute_command(*args, **options)
+        if self.fail == 0:
+            raise redis_py.ConnectionError("reply lost (injected)")
+        return reply
+
+
+def test_a_claim_cut_short_spends_no_attempt_and_the_job_runs_at_once(redis_url: str) -> None:
+    """Taking a job was two writes (count the attempt and own it; then the RUNNING record): a claim
+    whose second write failed spent one of the job's 3 attempts without running it, and the entry
+    stayed pending with the worker until the 30-s claim timeout. Now, whichever of a claim's Redis
+    commands fails, sent or with its reply lost, the next claim runs the job at once as attempt 1."""
+    service = RedisQueue(client=connect(redis_url))
+    client = Faulty(port=int(redis_url.rsplit(":", 1)[1].split("/")[0]))
+    client.sent = []
+    worker = RedisQueue(client=client)  # the default 30-s claim timeout
+    service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="warm", steps=3), DATA, max_active=8)
+    warm = worker.claim("w", wait_s=1)  # loads the scripts, counts what a claim sends
+    assert warm is not None
+    worker.finish(warm.ended(SUCCEEDED))
+    client.sent.clear()
+    service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="count", steps=3), DATA, max_active=8)
+    counted = worker.claim("w", wait_s=1)
+    assert counted is not None
+    commands = list(client.sent)
+    worker.finish(counted.ended(SUCCEEDED))
+    cases = [(k, ran) for k in range(1, len(commands) + 1) for ran in (False, True)]
+    for k, ran in cases:
+        job = service.submit(
+            Job(id=new_id(), kind=PERSONALISE, avatar_id=f"a{k}-{int(ran)}", steps=3), DATA, max_active=8
+        )
+        client.fail, client.ran = k, ran
+        with pytest.raises(redis_py.ConnectionError):
+            worker.claim("w", wait_s=1)
+        case = f"command {k} of {commands} failing {'after it ran' if ran else 'unsent'}"
+        stored = service.get(job.id)
+        assert stored is not None and stored.attempt <= 1, case
+        started = time.monotonic()
+        taken = worker.claim("w", wait_s=1)
+        assert taken is not None and taken.id == job.id, f"{case}: not taken again at once"
+        assert time.monotonic() - started < 1.0, case
+        assert taken.attempt == 1 and taken.state == RUNNING, f"{case}: attempt {taken.attempt}"
+        shown = service.get(job.id)
+        assert shown is not None and shown.state == RUNNING and shown.worker == "w" and shown.attempt == 1, (
+            case
+        )
+        assert worker.update(taken), case
+        worker.finish(taken.ended(SUCCEEDED))
+        done = service.get(job.id)
+        assert done is not None and done.state == SUCCEEDED and done.attempt == 1, case
+    r = connect(redis_url)
+    assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
+    assert r.xlen(keys.JOB_STREAM) == 0
 
 
 def test_the_job_stream_keeps_only_jobs_not_yet_ended(redis_url: str) -> None:
