@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,58 @@ def test_a_claim_cut_short_spends_no_attempt_and_the_job_runs_at_once(redis_url:
     r = connect(redis_url)
     assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0
     assert r.xlen(keys.JOB_STREAM) == 0
+
+
+def test_workers_claiming_at_once_take_each_job_once_and_a_dead_ones_job_once(redis_url: str) -> None:
+    """Four workers claim from one queue at once (threads, each its own connection): every job is
+    taken by exactly one of them as attempt 1; then the job of one that fell silent is taken over
+    by exactly one other, as attempt 2, while they all keep claiming."""
+    service = RedisQueue(client=connect(redis_url))
+    submitted = {
+        service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id=f"p{i}", steps=3), DATA, max_active=32).id
+        for i in range(24)
+    }
+    workers = [RedisQueue(client=connect(redis_url)) for _ in range(4)]  # (30 s claim timeout)
+    taken: list[tuple[int, Job]] = []
+    lock = threading.Lock()
+
+    def claim_all(n: int, until: float, keep: bool) -> None:
+        while time.monotonic() < until:
+            job = workers[n].claim(f"w{n}", wait_s=0.1)
+            if job is None:
+                continue
+            with lock:
+                taken.append((n, job))
+            if not keep:
+                workers[n].finish(job.ended(SUCCEEDED))
+
+    threads = [threading.Thread(target=claim_all, args=(n, time.monotonic() + 1.5, True)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(j.id for _, j in taken) == sorted(submitted), "each job taken once"
+    assert {j.attempt for _, j in taken} == {1}
+    silent, (_, lost) = taken[0][0], taken[0]
+    for n, job in taken[1:]:
+        workers[n].finish(job.ended(SUCCEEDED))
+    taken.clear()
+    others = [n for n in range(4) if n != silent]
+    for n in others:
+        workers[n].claim_timeout_s = 0.5
+    time.sleep(0.7)  # past that claim timeout: `silent` never heartbeat its job
+    threads = [threading.Thread(target=claim_all, args=(n, time.monotonic() + 1.2, False)) for n in others]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [(j.id, j.attempt) for _, j in taken] == [(lost.id, 2)], "taken over once, as attempt 2"
+    done = service.get(lost.id)
+    assert done is not None and done.state == SUCCEEDED and done.attempt == 2
+    with pytest.raises(Lost):
+        workers[silent].update(lost)
+    r = connect(redis_url)
+    assert r.xpending(keys.JOB_STREAM, keys.WORKERS_GROUP)["pending"] == 0 and r.xlen(keys.JOB_STREAM) == 0
 
 
 def test_the_job_stream_keeps_only_jobs_not_yet_ended(redis_url: str) -> None:
