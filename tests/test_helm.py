@@ -472,6 +472,37 @@ def test_tritons_cpu_engine_is_a_value(helm: str) -> None:
     assert refused.returncode != 0 and "triton.engine" in refused.stdout + refused.stderr
 
 
+def test_every_container_with_a_cpu_request_is_told_it(helm: str) -> None:
+    """The chart sets requests.cpu but no limits.cpu: no cgroup quota, so facekit/cpus.py sized the
+    server's, Triton's runner's and the worker's threads by the node's cores. Each container running
+    the project's code that requests CPU now gets its request, in millicores, from the downward API
+    (TALKINGHEAD_CPU_REQUEST_MILLICORES), which bounds its threads where there is no limit."""
+    wanted = {
+        "name": "TALKINGHEAD_CPU_REQUEST_MILLICORES",
+        "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}},
+    }
+    seen = set()
+    for values in (CI / "worker-redis.yaml", CI / "sidecar.yaml", CI / "onnxruntime.yaml", None):
+        for m in render(helm, values):
+            if m["kind"] != "Deployment":
+                continue
+            pod = m["spec"]["template"]["spec"]
+            for box in [*pod.get("initContainers", []), *pod["containers"]]:
+                if "talkinghead/" not in box["image"]:  # the sync image (aws-cli, gsutil) is not ours
+                    continue
+                requested = "cpu" in box.get("resources", {}).get("requests", {})
+                assert (wanted in box.get("env", [])) == requested, (m["metadata"]["name"], box["name"])
+                if requested:
+                    seen.add(box["name"])
+    assert seen >= {"service", "triton", "worker"}
+    worker = one(
+        render(helm, CI / "worker-redis.yaml", worker__resources__requests__cpu="null"),
+        "Deployment",
+        "-worker",
+    )
+    assert wanted not in container(worker, "worker")["env"], "no request, nothing to pass"
+
+
 def test_engines_are_built_on_the_node_before_triton_starts(helm: str) -> None:
     manifests = render(helm, triton__buildEngines__enabled=True)
     deployment = one(manifests, "Deployment", "-triton")
@@ -1103,8 +1134,10 @@ def expand(env: list[Manifest], name: str, secrets: dict[str, str]) -> str:
     (by Secret name; others "secret"), $(VAR) of the variables before it expanded as Kubernetes does."""
     seen: dict[str, str] = {}
     for variable in env:
-        if "valueFrom" in variable:
+        if "secretKeyRef" in variable.get("valueFrom", {}):
             value = secrets.get(variable["valueFrom"]["secretKeyRef"]["name"], "secret")
+        elif "valueFrom" in variable:  # the downward API's (the CPU request)
+            value = "1000"
         else:
             value = re.sub(r"\$\((\w+)\)", lambda m: seen.get(m[1], m[0]), variable["value"])
         seen[variable["name"]] = value
