@@ -212,3 +212,24 @@ def test_a_garbled_request_is_ignored_and_said(
     assert (found.usable, found.request, found.bound) == (cpus.affinity(), None, "affinity")
     assert f"{REQUEST}={value!r} ignored" in found.describe()
     assert f"{REQUEST}={value!r} ignored" in caplog.text
+
+
+def test_the_workers_torch_threads_follow_the_pods_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker left PyTorch at its default, one thread per core of the node: in a pod requesting
+    1 CPU on a big node, fine-tuning (and the CPU work around a GPU one) ran that many threads."""
+    import torch
+
+    from worker import command
+
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_CGROUP", proc)
+    monkeypatch.setenv(REQUEST, "1000")
+    assert command.cpu_threads(None) == 1
+    assert command.cpu_threads(3) == 3, "--threads still decides"
+    monkeypatch.delenv(REQUEST)
+    assert command.cpu_threads(None) == min(torch.get_num_threads(), cpus.affinity()), (
+        "never more than PyTorch's"
+    )
