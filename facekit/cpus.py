@@ -9,8 +9,16 @@ the quota is spent, and a frame's latency budget goes with it. `usable_cpus` is 
   - the cgroup v2 quota: cpu.max "<quota> <period>" of the process's cgroup and of every cgroup
     above it (a limit may sit on a parent), rounded up (1.5 CPUs -> 2 threads),
   - the cgroup v1 quota: cpu.cfs_quota_us / cpu.cfs_period_us in the same places (-1: none),
+  - where there is no quota, the pod's CPU request: $TALKINGHEAD_CPU_REQUEST_MILLICORES, which
+    the Helm chart sets from the container's `requests.cpu` (downward API, divisor 1m), rounded
+    up. The chart sets no CPU limit by default, so without it a pod requesting 2 CPUs on a 64-core
+    node ran 64 threads in the share the scheduler reserved for 2. A limit, where there is one,
+    decides instead: the operator let the pod burst up to it. Unset, empty or 0 (what the
+    downward API reports for a container without a request): no bound; anything but a whole
+    number of millicores is ignored with a warning, and describe() says so,
 
-and at least 1. `root` and `proc_cgroup` are parameters so that a test can hand it a fake tree.
+and at least 1. `root`, `proc_cgroup` and `environ` are parameters so that a test can hand it a
+fake tree and environment.
 Torch-free and stdlib-only: the serving side and the bench size their threads here, and so does
 Triton's python-profile runner (export/triton_python_model.py), which runs in Triton's Python
 without this package: export/repository.py copies this file beside each version's model.py as
@@ -19,32 +27,49 @@ without this package: export/repository.py copies this file beside each version'
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+REQUEST_ENV = "TALKINGHEAD_CPU_REQUEST_MILLICORES"  # (deploy/helm/talkinghead: requests.cpu, divisor 1m)
+
+log = logging.getLogger("talkinghead.cpus")
+_WARNED: set[str] = set()
 
 
 @dataclass(frozen=True)
 class Cpus:
-    """What bounds this process's CPUs: its affinity, its cgroup quota in CPUs (None: no quota)."""
+    """What bounds this process's CPUs: its affinity, its cgroup quota in CPUs (None: no quota),
+    the pod's CPU request in CPUs (None: none given), which counts only where there is no quota."""
 
     affinity: int
     quota: float | None
     where: str = ""  # the file the quota was read from
+    request: float | None = None
+    ignored: str = ""  # a request variable that was not a whole number of millicores, as found
+
+    @property
+    def _cap(self) -> float | None:
+        return self.quota if self.quota is not None else self.request
 
     @property
     def usable(self) -> int:
-        cpus = self.affinity if self.quota is None else min(self.affinity, math.ceil(self.quota))
-        return max(1, cpus)
+        cap = self._cap
+        return max(1, self.affinity if cap is None else min(self.affinity, math.ceil(cap)))
 
     @property
     def bound(self) -> str:
-        """What `usable` came from: "cgroup quota" where it is below the affinity, else "affinity"."""
-        return "affinity" if self.quota is None or math.ceil(self.quota) >= self.affinity else "cgroup quota"
+        """What `usable` came from: "cgroup quota" (or, without one, "CPU request") where it is
+        below the affinity, else "affinity"."""
+        cap = self._cap
+        if cap is None or math.ceil(cap) >= self.affinity:
+            return "affinity"
+        return "cgroup quota" if self.quota is not None else "CPU request"
 
     def describe(self) -> str:
         quota = (
@@ -52,6 +77,10 @@ class Cpus:
             if self.quota is None
             else f"cgroup quota {self.quota:g} CPUs ({self.where})"
         )
+        if self.request is not None:
+            quota += f", CPU request {self.request:g} CPUs ({REQUEST_ENV})"
+        if self.ignored:
+            quota += f", {REQUEST_ENV}={self.ignored!r} ignored (not a whole number of millicores)"
         return (
             f"{self.usable} usable CPUs, bounded by the {self.bound} (affinity {self.affinity}, {quota}; "
             f"os.cpu_count {os.cpu_count()})"
@@ -134,17 +163,42 @@ def cgroup_quota(root: Path | None = None, proc_cgroup: Path | None = None) -> t
     return min(quotas) if quotas else None
 
 
-def cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> Cpus:
+def cpu_request(environ: Mapping[str, str] | None = None) -> tuple[float | None, str]:
+    """The pod's CPU request in CPUs from $TALKINGHEAD_CPU_REQUEST_MILLICORES (None: unset, empty
+    or 0), and the value where it was not a whole number of millicores (then None, and a warning)."""
+    text = (os.environ if environ is None else environ).get(REQUEST_ENV, "").strip()
+    if not text:
+        return None, ""
+    if not (text.isascii() and text.isdigit()):  # "1.5", "2000m", "-1": not the downward API's
+        if text not in _WARNED:  # once a process: several parts of one process size threads here
+            _WARNED.add(text)
+            log.warning("%s=%r ignored: not a whole number of millicores", REQUEST_ENV, text)
+        return None, text
+    millicores = int(text)
+    return (millicores / 1000 if millicores > 0 else None), ""
+
+
+def cpus(
+    root: Path | None = None, proc_cgroup: Path | None = None, environ: Mapping[str, str] | None = None
+) -> Cpus:
     try:
         quota = cgroup_quota(root, proc_cgroup)
     except (OSError, ValueError):  # an unreadable or malformed file: no quota known
         quota = None
+    request, ignored = cpu_request(environ)
     return Cpus(
-        affinity=affinity(), quota=None if quota is None else quota[0], where=quota[1] if quota else ""
+        affinity=affinity(),
+        quota=None if quota is None else quota[0],
+        where=quota[1] if quota else "",
+        request=request,
+        ignored=ignored,
     )
 
 
-def usable_cpus(root: Path | None = None, proc_cgroup: Path | None = None) -> int:
-    """min(CPU affinity, ceil(cgroup CPU quota)), at least 1: how many threads can run at once
-    without the kernel throttling them."""
-    return cpus(root, proc_cgroup).usable
+def usable_cpus(
+    root: Path | None = None, proc_cgroup: Path | None = None, environ: Mapping[str, str] | None = None
+) -> int:
+    """min(CPU affinity, ceil(cgroup CPU quota, or without one the pod's CPU request)), at least 1:
+    how many threads can run at once without the kernel throttling them or exceeding the pod's
+    share of a busy node."""
+    return cpus(root, proc_cgroup, environ).usable

@@ -148,3 +148,88 @@ def test_a_process_pinned_to_one_cpu_sizes_by_its_affinity() -> None:
         timeout=60,
     )
     assert out.stdout.split() == ["1", "1"], out.stderr
+
+
+REQUEST = "TALKINGHEAD_CPU_REQUEST_MILLICORES"
+
+
+def test_without_a_cpu_limit_the_pods_cpu_request_bounds_the_threads(tmp_path: Path) -> None:
+    """The chart sets requests.cpu but no limits.cpu: no cgroup quota, so on a 64-core node the
+    server, Triton's runner and the worker sized their threads by the node's 64 cores while the
+    scheduler reserved 1-2 CPUs. The chart passes the request (downward API, millicores); it bounds
+    the threads where there is no quota, rounded up, at least 1."""
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    found = cpus.cpus(root, proc, environ={REQUEST: "1500"})
+    assert found.request == 1.5
+    assert found.usable == min(2, cpus.affinity())
+    if cpus.affinity() > 2:
+        assert found.bound == "CPU request"
+        assert "2 usable CPUs, bounded by the CPU request" in found.describe()
+        assert f"CPU request 1.5 CPUs ({REQUEST})" in found.describe()
+    assert cpus.cpus(root, proc, environ={REQUEST: "100"}).usable == 1, "at least one"
+    many = cpus.cpus(root, proc, environ={REQUEST: str(1000 * (cpus.affinity() + 8))})
+    assert (many.usable, many.bound) == (cpus.affinity(), "affinity"), "never above the affinity"
+
+
+def test_the_process_environment_carries_the_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    monkeypatch.setenv(REQUEST, "1000")
+    assert cpus.usable_cpus(root, proc) == 1
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_CGROUP", proc)
+    assert settings_module.Settings().lanes == 1, "the in-process backend sizes by it too"
+
+
+def test_a_cpu_limit_decides_over_the_request(tmp_path: Path) -> None:
+    """With limits.cpu the operator let the pod burst up to it: the quota bounds, not the request."""
+    root, proc = v2_tree(tmp_path, {"/kubepods/pod1/ctr": "300000 100000"})
+    found = cpus.cpus(root, proc, environ={REQUEST: "1000"})
+    assert found.usable == min(3, cpus.affinity())
+    if cpus.affinity() > 3:
+        assert found.bound == "cgroup quota"
+
+
+@pytest.mark.parametrize("value", ["", "0", "   "])
+def test_no_request_leaves_the_affinity(tmp_path: Path, value: str) -> None:
+    """Unset, empty, or 0: what the downward API reports for a container without requests.cpu."""
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    found = cpus.cpus(root, proc, environ={REQUEST: value})
+    assert (found.usable, found.request, found.bound) == (cpus.affinity(), None, "affinity")
+    assert "CPU request" not in found.describe() and "ignored" not in found.describe()
+    assert cpus.cpus(root, proc, environ={}).usable == cpus.affinity()
+
+
+@pytest.mark.parametrize("value", ["2 cores", "1.5", "-500", "2000m", "nan", "\u00b2"])
+def test_a_garbled_request_is_ignored_and_said(
+    tmp_path: Path, value: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a whole number of millicores (a hand-set variable, say): no crash and no bound, but a
+    warning and a note in describe(), which the runner and the server log, rather than silence."""
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    cpus._WARNED.discard(value)
+    with caplog.at_level("WARNING", logger="talkinghead.cpus"):
+        found = cpus.cpus(root, proc, environ={REQUEST: value})
+    assert (found.usable, found.request, found.bound) == (cpus.affinity(), None, "affinity")
+    assert f"{REQUEST}={value!r} ignored" in found.describe()
+    assert f"{REQUEST}={value!r} ignored" in caplog.text
+
+
+def test_the_workers_torch_threads_follow_the_pods_cpus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker left PyTorch at its default, one thread per core of the node: in a pod requesting
+    1 CPU on a big node, fine-tuning (and the CPU work around a GPU one) ran that many threads."""
+    import torch
+
+    from worker import command
+
+    root, proc = v2_tree(tmp_path, {"/": "max 100000"})
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root)
+    monkeypatch.setattr(cpus, "PROC_CGROUP", proc)
+    monkeypatch.setenv(REQUEST, "1000")
+    assert command.cpu_threads(None) == 1
+    assert command.cpu_threads(3) == 3, "--threads still decides"
+    monkeypatch.delenv(REQUEST)
+    assert command.cpu_threads(None) == min(torch.get_num_threads(), cpus.affinity()), (
+        "never more than PyTorch's"
+    )

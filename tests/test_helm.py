@@ -13,10 +13,12 @@ import base64
 import hashlib
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -468,6 +470,37 @@ def test_tritons_cpu_engine_is_a_value(helm: str) -> None:
     assert engine(triton__engine="onnxruntime") == "onnxruntime"
     refused = check_chart.lint(helm, None, {"triton.engine": "tensorrt"})
     assert refused.returncode != 0 and "triton.engine" in refused.stdout + refused.stderr
+
+
+def test_every_container_with_a_cpu_request_is_told_it(helm: str) -> None:
+    """The chart sets requests.cpu but no limits.cpu: no cgroup quota, so facekit/cpus.py sized the
+    server's, Triton's runner's and the worker's threads by the node's cores. Each container running
+    the project's code that requests CPU now gets its request, in millicores, from the downward API
+    (TALKINGHEAD_CPU_REQUEST_MILLICORES), which bounds its threads where there is no limit."""
+    wanted = {
+        "name": "TALKINGHEAD_CPU_REQUEST_MILLICORES",
+        "valueFrom": {"resourceFieldRef": {"resource": "requests.cpu", "divisor": "1m"}},
+    }
+    seen = set()
+    for values in (CI / "worker-redis.yaml", CI / "sidecar.yaml", CI / "onnxruntime.yaml", None):
+        for m in render(helm, values):
+            if m["kind"] != "Deployment":
+                continue
+            pod = m["spec"]["template"]["spec"]
+            for box in [*pod.get("initContainers", []), *pod["containers"]]:
+                if "talkinghead/" not in box["image"]:  # the sync image (aws-cli, gsutil) is not ours
+                    continue
+                requested = "cpu" in box.get("resources", {}).get("requests", {})
+                assert (wanted in box.get("env", [])) == requested, (m["metadata"]["name"], box["name"])
+                if requested:
+                    seen.add(box["name"])
+    assert seen >= {"service", "triton", "worker"}
+    worker = one(
+        render(helm, CI / "worker-redis.yaml", worker__resources__requests__cpu="null"),
+        "Deployment",
+        "-worker",
+    )
+    assert wanted not in container(worker, "worker")["env"], "no request, nothing to pass"
 
 
 def test_engines_are_built_on_the_node_before_triton_starts(helm: str) -> None:
@@ -937,6 +970,133 @@ def test_the_in_process_backend_reads_a_tensorrt_profile_workers_onnx(helm: str)
     assert "--profile=tensorrt" in container(one(manifests, "Deployment", "-worker"), "worker")["args"]
 
 
+def model_repository_pods(manifests: list[Manifest]) -> dict[str, Manifest]:
+    """Workload name -> pod spec, of every pod that mounts the model repository: the claim (created
+    or existing), or the emptyDir an init container syncs from object storage."""
+    claims = {m["metadata"]["name"] for m in manifests if m["kind"] == "PersistentVolumeClaim"} | {
+        "talkinghead-models"
+    }  # sidecar.yaml's existingClaim
+    pods = {}
+    for m in manifests:
+        if m["kind"] not in ("Deployment", "StatefulSet"):
+            continue
+        pod = m["spec"]["template"]["spec"]
+        for volume in pod.get("volumes", []):
+            claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+            if volume["name"] == "model-repository" or (claim in claims and claim.endswith("models")):
+                pods[m["metadata"]["name"]] = pod
+    return pods
+
+
+MODEL_REPOSITORY_SETUPS = {
+    "worker+triton": (CI / "worker-redis.yaml", {}),
+    "worker+in-process": (CI / "worker-redis.yaml", {"server__backend": "onnxruntime"}),
+    "sidecar": (CI / "sidecar.yaml", {}),
+    "object-storage": (CI / "onnxruntime.yaml", {}),
+    "default": (None, {}),
+}
+
+
+@pytest.mark.parametrize("setup", MODEL_REPOSITORY_SETUPS)
+def test_every_pod_mounting_the_model_repository_shares_one_group(helm: str, setup: str) -> None:
+    """The worker (uid 10001) creates generator_<avatar>/ at the claim's root while Triton (1000)
+    and an in-process server read it. Each pod's fsGroup is what kubelet chowns the volume's root to
+    (fsGroupChangePolicy OnRootMismatch) and a supplementary group of its processes: with Triton's
+    1000 and the worker's 10001 the root's group flipped at every pod start, and after a Triton
+    pod's, the worker, not in group 1000, could not create its folder and every personalisation
+    failed with a permission error. Every such pod now has modelRepository.fsGroup, which moves
+    them all."""
+    values, sets = MODEL_REPOSITORY_SETUPS[setup]
+    for group, extra in ((10001, {}), (4242, {"modelRepository__fsGroup": 4242})):
+        pods = model_repository_pods(render(helm, values, **sets, **extra))
+        assert pods, "some pod mounts the model repository"
+        groups = {name: pod["securityContext"].get("fsGroup") for name, pod in pods.items()}
+        assert set(groups.values()) == {group}, groups
+        for name, pod in pods.items():
+            if name.endswith("-worker"):  # it writes: its processes are in the root's group
+                assert pod["securityContext"]["fsGroup"] == group
+    if setup.startswith("worker"):
+        assert any(name.endswith("-worker") for name in pods)
+
+
+def as_user(uid: int, gid: int, groups: list[int], run: Any, *args: object) -> str:
+    """run(*args) in a forked child that dropped root for uid, gid and the supplementary groups, as
+    a container's processes run (runAsUser, runAsGroup, fsGroup): what it returns, or the error."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never back into pytest
+        try:
+            os.close(read)
+            os.setgroups(groups)
+            os.setgid(gid)
+            os.setuid(uid)
+            result = str(run(*args))
+        except BaseException as error:
+            result = f"{type(error).__name__}: {error}"
+        os.write(write, result.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        result = pipe.read()
+    os.waitpid(pid, 0)
+    return result
+
+
+def publish_as_the_worker(root: Path, onnx_path: Path) -> str:
+    """What the worker does to the repository (worker/models.py through export/repository.py)."""
+    from export import repository
+
+    try:
+        repository.write_model(root, onnx_path, name="generator_alice")
+        repository.write_model(root, onnx_path, name="generator_alice")  # a second personalisation
+        assert repository.remove_model(root, "generator_alice")  # the avatar deleted
+    except PermissionError as error:
+        return f"refused: {error}"
+    return "published"
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "getuid") or os.getuid() != 0, reason="acts as the pods' users: needs root (Linux)"
+)
+def test_the_worker_publishes_whichever_pod_mounted_the_claim_last(helm: str) -> None:
+    """With real processes and export/repository.py (the worker's publishing code): for each pod
+    that mounts the claim, the root left as kubelet's fsGroup change leaves it after that pod started
+    (root:<its fsGroup>, mode 2775), and the worker run with its rendered user, group and fsGroup
+    creates generator_<avatar>/ there, adds a version and removes it. Before, after a Triton pod's
+    start (group 1000) the worker was refused."""
+    repo = Path(os.environ.get("TALKINGHEAD_TEST_MODEL_REPOSITORY") or ROOT / "model_repository")
+    onnx_path = repo / "generator" / "1" / "model.onnx"
+    if not onnx_path.is_file():
+        pytest.skip(f"no exported generator at {onnx_path} (make model-repository)")
+    pods = model_repository_pods(render(helm, CI / "worker-redis.yaml"))
+    worker = next(pod for name, pod in pods.items() if name.endswith("-worker"))
+    box = next(c for c in worker["containers"] if c["name"] == "worker")
+    user = {**worker["securityContext"], **box.get("securityContext", {})}
+    groups = [worker["securityContext"]["fsGroup"], *worker["securityContext"].get("supplementalGroups", [])]
+    outcome = {}
+    import export.repository  # noqa: F401  (imported before the fork: the users cannot read /root's Python)
+
+    with tempfile.TemporaryDirectory() as scratch:  # not tmp_path: pytest's is 0700, closed to others
+        base = Path(scratch)
+        base.chmod(0o755)
+        shutil.copyfile(onnx_path, base / "model.onnx")
+        (base / "model.onnx").chmod(0o644)
+        for name, pod in pods.items():
+            root = base / name
+            root.mkdir()
+            os.chown(root, 0, pod["securityContext"]["fsGroup"])
+            root.chmod(0o2775)
+            outcome[name] = as_user(
+                user["runAsUser"],
+                user["runAsGroup"],
+                groups,
+                publish_as_the_worker,
+                root,
+                base / "model.onnx",
+            )
+    assert outcome == {name: "published" for name in pods}, outcome
+
+
 def redis_args(helm: str, **sets: object) -> list[str]:
     statefulset = one(render(helm, redis__mode="internal", **sets), "StatefulSet", "-redis")
     return container(statefulset, "redis")["args"]
@@ -974,8 +1134,10 @@ def expand(env: list[Manifest], name: str, secrets: dict[str, str]) -> str:
     (by Secret name; others "secret"), $(VAR) of the variables before it expanded as Kubernetes does."""
     seen: dict[str, str] = {}
     for variable in env:
-        if "valueFrom" in variable:
+        if "secretKeyRef" in variable.get("valueFrom", {}):
             value = secrets.get(variable["valueFrom"]["secretKeyRef"]["name"], "secret")
+        elif "valueFrom" in variable:  # the downward API's (the CPU request)
+            value = "1000"
         else:
             value = re.sub(r"\$\((\w+)\)", lambda m: seen.get(m[1], m[0]), variable["value"])
         seen[variable["name"]] = value

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from facekit import contract, scheduling
+from facekit import contract, cpus, scheduling
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
@@ -48,6 +48,13 @@ from worker import models
 from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
 
 log = logging.getLogger("talkinghead.worker")
+
+
+def cpu_threads(requested: int | None) -> int:
+    """PyTorch's CPU threads: --threads, else PyTorch's default (a thread per core of the node, the
+    pod's limit and request unseen) capped by the CPUs this process may use (facekit/cpus.py: the
+    affinity, the cgroup quota or, without one, the pod's CPU request)."""
+    return requested or min(torch.get_num_threads(), cpus.usable_cpus())
 
 
 def _at_least_one(text: str) -> int:
@@ -161,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
             log.info(
                 "CPU scheduling: %s%s", how, "" if group is None else f"; its session's group nice {group}"
             )
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = cpu_threads(args.threads)
+    torch.set_num_threads(threads)
+    log.info("PyTorch CPU threads: %d (%s)", threads, "--threads" if args.threads else cpus.cpus().describe())
     models.sweep_exports()  # what workers killed while exporting left in the temp folder
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -550,3 +550,18 @@ triton.extraArgs passes --exit-timeout-secs.
 {{- define "talkinghead.apiKeysSecret" -}}
 {{- .Values.auth.apiKeys.existingSecret | default (printf "%s-api-keys" (include "talkinghead.fullname" .)) -}}
 {{- end -}}
+
+{{/*
+The container's CPU request, in millicores, from the downward API (TALKINGHEAD_CPU_REQUEST_MILLICORES):
+where the container has no CPU limit (the chart's default) facekit/cpus.py sizes its threads by it,
+not by the node's cores. Only for a container whose `resources` request CPU. Called with them.
+*/}}
+{{- define "talkinghead.cpuRequestEnv" -}}
+{{- if and . .requests (hasKey .requests "cpu") -}}
+- name: TALKINGHEAD_CPU_REQUEST_MILLICORES
+  valueFrom:
+    resourceFieldRef:
+      resource: requests.cpu
+      divisor: 1m
+{{- end }}
+{{- end -}}

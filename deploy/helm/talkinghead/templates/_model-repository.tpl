@@ -64,6 +64,19 @@ container fills) and, when engines are built, `model-repository-built`.
       mountPath: /tmp
 {{- end -}}
 
+{{/*
+The pod securityContext of a pod that mounts the model repository (Triton, the worker, the server
+with the in-process backend or a Triton sidecar): the component's `podSecurityContext` with fsGroup
+`modelRepository.fsGroup`. kubelet chowns a volume's root to the fsGroup of each pod that mounts it
+(where it changes ownership at all) and adds that group to the pod's processes: pods with different
+fsGroups flipped the root's group at each start, and after a Triton pod's (1000) the worker (10001)
+could no longer create generator_<avatar>/ there. Called with (dict "ctx" $ "context" <the
+component's podSecurityContext>).
+*/}}
+{{- define "talkinghead.modelRepository.podSecurityContext" -}}
+{{- toYaml (merge (dict "fsGroup" (int64 .ctx.Values.modelRepository.fsGroup)) (deepCopy (.context | default dict))) -}}
+{{- end -}}
+
 {{/* The model repository's mount in the container that reads it (Triton, or the server). */}}
 {{- define "talkinghead.modelRepository.mount" -}}
 {{- if and (include "talkinghead.tritonManaged" .) .Values.triton.buildEngines.enabled -}}
