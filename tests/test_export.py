@@ -22,6 +22,7 @@ from tritonclient.grpc import model_config_pb2
 
 from export import repository, to_onnx, to_tensorrt
 from facekit import contract, cpus, engines
+from tests.conftest import quick_latency
 
 ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "models" / "talkinghead-small.pt"
@@ -497,6 +498,7 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     exported: tuple[Path, dict],
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """`talkinghead export` of a personalised checkpoint: one more model, psi baked in (checked
     against PyTorch), the base model's id; the same checkpoint again, written from the graph the
@@ -509,6 +511,7 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
     report = tmp_path / "report.json"
     to_onnx.TEMPLATES.clear()  # traced here, whatever an earlier test exported
+    quick_latency(monkeypatch)
     argv = ["--checkpoint", str(tmp_path / "alice.pt"), "--repository", str(repo), "--report", str(report)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
     assert repository.models(repo) == ["embedder", "generator", "generator_alice"]
