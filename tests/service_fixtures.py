@@ -41,6 +41,11 @@ from service.settings import Settings
 from service.store import AvatarRecord, LocalAvatarStore
 
 REPO = Path(__file__).resolve().parents[1]
+# The Triton venv the Triton tests start Triton from: the checkout's, or in a git worktree
+# without one, $TALKINGHEAD_TEST_TRITON_VENV.
+TRITON_VENV = REPO / ".venv-triton"
+if not TRITON_VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):
+    TRITON_VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
 PORTRAIT = REPO / "facekit/assets/demo_portrait.png"
 CONSENT = demo_portrait_consent()  # the portrait is a public-domain NASA photograph
 DRIVER = REPO / "facekit/assets/demo_driver.npz"

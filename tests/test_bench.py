@@ -20,6 +20,7 @@ from client.bench import instant_repository
 from facekit import contract, engines
 from facekit.sequence import LandmarkSequence
 from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import TRITON_VENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -171,7 +172,7 @@ def triton_venv() -> Path:
     """.venv-triton with its bundled Triton, or the test skips saying why."""
     from deploy.local import tritonserver
 
-    venv = REPO / ".venv-triton"
+    venv = TRITON_VENV
     try:
         tritonserver.server_root(venv)
     except FileNotFoundError as missing:

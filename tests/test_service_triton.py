@@ -33,12 +33,10 @@ from service.backends.base import BackendUnavailable
 from service.backends.triton import TritonBackend, merges_queued_calls
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, TRITON_VENV, Direct, ServerThread, test_settings
 
 pytestmark = pytest.mark.triton
-VENV = Path(__file__).resolve().parent.parent / ".venv-triton"
-if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):  # a worktree
-    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
+VENV = TRITON_VENV
 
 
 def free_port() -> int:

@@ -34,12 +34,10 @@ from service.backends.triton import TritonBackend
 from service.backends.tritons import TritonPool, fixed_address, make_triton_backend, resolve, targets
 from service.metrics import Metrics
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, TRITON_VENV, ServerThread, test_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv-triton"
-if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):
-    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
+VENV = TRITON_VENV
 PORTS = [
     tritonserver.Ports(http=19740, grpc=19741, metrics=19742),
     tritonserver.Ports(http=19743, grpc=19744, metrics=19745),

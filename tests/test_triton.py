@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
 import re
 import shutil
 import time
@@ -26,12 +25,11 @@ from export import repository
 from facekit import cpus, engines
 from facekit.contract import Meta
 from service.backends.triton import merges_queued_calls
+from tests.service_fixtures import TRITON_VENV
 
 pytestmark = pytest.mark.triton
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv-triton"
-if not VENV.exists() and os.environ.get("TALKINGHEAD_TEST_TRITON_VENV"):  # a worktree
-    VENV = Path(os.environ["TALKINGHEAD_TEST_TRITON_VENV"])
+VENV = TRITON_VENV
 grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
