@@ -55,7 +55,13 @@ def command(settings: Settings) -> list[str]:
     cmd += PRIORITIES[settings.worker_priority]
     if settings.worker_threads:
         cmd += ["--threads", str(settings.worker_threads)]
-    return [*cmd, "--log-level", settings.log_level, "--parent-pid", str(os.getpid())]
+    cmd += [
+        "--log-level",
+        settings.log_level,
+        "--log-format",
+        settings.log_format,
+    ]  # its lines as the server's
+    return [*cmd, "--parent-pid", str(os.getpid())]
 
 
 class LocalWorker:

@@ -12,6 +12,11 @@ The code is the one the client gets: what the handler set or aborted with, CANCE
 was cancelled (the client cancelled, hung up, or its deadline passed), UNKNOWN when a handler
 raised (gRPC's answer to an unhandled exception).
 
+With an `AccessLog` (TALKINGHEAD_ACCESS_LOG, on by default) it also writes each call's access line
+as it ends (service/access_log.py): the same method and code, the call's duration, peer and
+x-request-id, and what its handlers noted in the call's `CallFacts` (tenant, avatar, frames). Its
+work is done once per call, at its start and end; nothing runs per message or frame.
+
 While a call runs, `STORAGE_FAILED` holds the server's storage watch (service/storage.py): a
 handler that finds the storage unreachable (service/wire.py status_of) tells it at once.
 """
@@ -20,11 +25,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 
+from service.access_log import CALL, AccessLog, CallFacts, request_id
 from service.metrics import Metrics
 from service.wire import STORAGE_FAILED
 
@@ -61,10 +68,12 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         metrics: Metrics,
         methods: Iterable[str],
         on_storage_failure: Callable[[BaseException], None] | None = None,
+        access: AccessLog | None = None,
     ) -> None:
         self.metrics = metrics
         self.methods = frozenset(methods)  # "<full service name>/<method>"
         self.on_storage_failure = on_storage_failure
+        self.access = access
 
     def count(self, method: str, code: str) -> None:
         self.metrics.rpcs_total.labels(method, code).inc()
@@ -78,9 +87,22 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         name = (handler_call_details.method or "").lstrip("/")
         method = name if name in self.methods else OTHER
+        started = time.perf_counter()
         handler = await continuation(handler_call_details)
+        access = self.access
+        request = request_id(handler_call_details.invocation_metadata) if access is not None else None
         if handler is None:  # gRPC answers UNIMPLEMENTED
             self.count(method, "UNIMPLEMENTED")
+            if access is not None:
+                access.end(
+                    method,
+                    "UNIMPLEMENTED",
+                    time.perf_counter() - started,
+                    peer=None,  # (no context: gRPC answers this call itself)
+                    facts=None,
+                    request=request,
+                    details=None,
+                )
             return handler
         kind = ("stream" if handler.request_streaming else "unary") + (
             "_stream" if handler.response_streaming else "_unary"
@@ -89,15 +111,41 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         if behavior is None:
             return handler
         wrapped: Callable[..., Any] = (
-            self._generator(behavior, method)
+            self._generator(behavior, method, started, request)
             if inspect.isasyncgenfunction(behavior)
-            else self._coroutine(behavior, method)
+            else self._coroutine(behavior, method, started, request)
         )
         return handler._replace(**{kind: wrapped})  # type: ignore[attr-defined]  # a namedtuple
 
-    def _coroutine(self, behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
+    def _ended(
+        self,
+        method: str,
+        code: str,
+        started: float,
+        context: grpc.aio.ServicerContext,
+        facts: CallFacts | None,
+        request_id: str | None,
+    ) -> None:
+        """Count the call; write its access line."""
+        self.count(method, code)
+        if self.access is not None:
+            self.access.end(
+                method,
+                code,
+                time.perf_counter() - started,
+                peer=context.peer(),
+                facts=facts,
+                request=request_id,
+                details=context.details() if code != "OK" else None,
+            )
+
+    def _coroutine(
+        self, behavior: Callable[..., Any], method: str, started: float, request_id: str | None
+    ) -> Callable[..., Awaitable[Any]]:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> Any:
             token = STORAGE_FAILED.set(self.on_storage_failure)
+            facts = CallFacts() if self.access is not None else None
+            call = CALL.set(facts)
             try:
                 result = behavior(request, context)
                 if inspect.isawaitable(result):
@@ -109,13 +157,18 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 STORAGE_FAILED.reset(token)
-                self.count(method, code)
+                CALL.reset(call)
+                self._ended(method, code, started, context, facts, request_id)
 
         return counted
 
-    def _generator(self, behavior: Callable[..., Any], method: str) -> Callable[..., AsyncIterator[Any]]:
+    def _generator(
+        self, behavior: Callable[..., Any], method: str, started: float, request_id: str | None
+    ) -> Callable[..., AsyncIterator[Any]]:
         async def counted(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             STORAGE_FAILED.set(self.on_storage_failure)  # (the call's own task: gone with it)
+            facts = CallFacts() if self.access is not None else None
+            CALL.set(facts)
             try:
                 async for reply in behavior(request, context):
                     yield reply
@@ -124,6 +177,6 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
                 code = failed_code(error, context)
                 raise
             finally:
-                self.count(method, code)
+                self._ended(method, code, started, context, facts, request_id)
 
         return counted

@@ -19,7 +19,7 @@ import logging
 
 import cv2
 
-from facekit import scheduling
+from facekit import logs, scheduling
 from facekit.watermark import MissingKeyError
 from service import settings as settings_module
 from service.server import BindError, serve
@@ -55,9 +55,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_module.from_args(args)
     except ValueError as error:
         raise SystemExit(f"talkinghead serve: {error}") from error
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
+    logs.configure(settings.log_level, settings.log_format)  # text, or JSON lines (facekit/logs.py)
     # OpenCV's own thread pool splits each small warp, mark and encode over the cores and back: with
     # it the server spent 1.75-1.82 ms of CPU per frame at the bench's serving ceiling, without it
     # 1.56-1.59, at the same frames/s; its workers only took cores from the generator's lanes.

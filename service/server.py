@@ -31,6 +31,7 @@ from facekit.watermark import Watermarker, require_key
 from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service import wire
+from service.access_log import AccessLog
 from service.app import App
 from service.audit import AuditLog, FileAuditLog, RedisAuditLog, RefusalAudit
 from service.auth import Authenticator, AuthInterceptor, ring_store
@@ -323,9 +324,15 @@ class Server:
         self.storage = StorageWatch(probe_of(store), on_change=lambda up: metrics.storage_up.set(int(up)))
         metrics.storage_up.set(1)
         metrics.events_live.set_function(lambda: 1.0 if self.app.events_live() else 0.0)
-        # RpcMetrics first: the outermost, it counts the calls AuthInterceptor refuses as well
+        # RpcMetrics first: the outermost, it counts (and access-logs) the calls AuthInterceptor
+        # refuses as well
         interceptors = [
-            RpcMetrics(metrics, METHODS, on_storage_failure=self.storage.failed),
+            RpcMetrics(
+                metrics,
+                METHODS,
+                on_storage_failure=self.storage.failed,
+                access=AccessLog(METHODS) if s.access_log else None,
+            ),
             AuthInterceptor(auth),
         ]
         self._server = grpc.aio.server(options=options, interceptors=interceptors)

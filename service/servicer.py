@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from api.talkinghead.v1 import animation_pb2, animation_pb2_grpc, avatar_pb2, avatar_pb2_grpc
 from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from service import consent
+from service.access_log import note_avatar, note_tenant, noted
 from service.app import App, actor_of, public_id
 from service.auth import Principal, Refused, revoked_call
 from service.errors import idle, precondition, stalled_reader
@@ -59,10 +60,13 @@ def caller(app: App, context: grpc.aio.ServicerContext) -> Principal:
     """Who makes this call (service/auth.py); Refused (UNAUTHENTICATED / PERMISSION_DENIED: counted
     and logged with the peer) or ServiceError INVALID_ARGUMENT (a malformed tenant header)."""
     try:
-        return app.auth.authenticate(context.invocation_metadata() or (), context.auth_context())
+        principal = app.auth.authenticate(context.invocation_metadata() or (), context.auth_context())
     except Refused as error:
         app.auth.refused(error, context.peer())
+        note_tenant(error.tenant)  # (PERMISSION_DENIED: the tenant whose key it was)
         raise
+    note_tenant(principal.tenant)  # the access line's (service/access_log.py)
+    return principal
 
 
 class AvatarServicer(avatar_pb2_grpc.AvatarServiceServicer):
@@ -122,6 +126,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         reader: asyncio.Task[None] | None = None
         failure: Status | None = None
         writes = WriteDeadline(timeout)
+        sent = 0  # frames written, for the access line
         try:
             principal = caller(self.app, context)
             try:
@@ -133,6 +138,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             kind = first.WhichOneof("message")
             if kind != "config":
                 raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
+            note_avatar(first.config.avatar_id)
             stream = await self.app.open_stream(
                 first.config, principal=principal, actor=actor_of(principal, context.peer())
             )
@@ -141,6 +147,7 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
             reader = asyncio.create_task(stream.read(request_iterator), name="animate-reader")
             async for response in stream.replies():
                 await writes.write(context, response)
+                sent += 1
             await asyncio.sleep(VANISHED_WAIT_S)  # a vanished client's cancel lands here: CANCELLED
         except asyncio.CancelledError:
             revoked = revoked_call()  # the key ring revoked its credential (service/auth.py CallGuard)
@@ -155,6 +162,9 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
         except Exception as error:  # a ServiceError's status, or INTERNAL (logged)
             failure = status_of(error, "Animate")
         finally:
+            facts = noted()
+            if facts is not None:
+                facts.frames = sent
             writes.close()
             if reader is not None:
                 reader.cancel()

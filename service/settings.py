@@ -38,6 +38,11 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
     TALKINGHEAD_BACKEND_TIMEOUT   5                seconds each model call (generate, embed) may take;
                                                    then it is cut and answered UNAVAILABLE
     TALKINGHEAD_LOG_LEVEL         INFO             DEBUG | INFO | WARNING | ERROR
+    TALKINGHEAD_LOG_FORMAT        text             text (a person reads it) | json (one object a line, for
+                                                   Loki, Elasticsearch; the embedded worker's too)
+    TALKINGHEAD_ACCESS_LOG        1                one line per call as it ends (logger
+                                                   talkinghead.access: method, code, duration, peer,
+                                                   tenant...; health checks at DEBUG); 0: none
     TALKINGHEAD_TLS_CERT          (unset)          PEM certificate chain; with TLS_KEY serves TLS (the
                                                    files, and TLS_CLIENT_CA, are reread when they change:
                                                    a renewed certificate serves new connections)
@@ -115,6 +120,7 @@ from pathlib import Path
 from facekit.contract import MAX_PERSONALISED
 from facekit.cpus import usable_cpus
 from facekit.engines import ENGINES, resolve_lanes
+from facekit.logs import FORMATS as LOG_FORMATS
 from jobs.keys import shown_url
 
 BACKENDS = ("onnxruntime", "triton")
@@ -162,6 +168,8 @@ class Settings:
     cpu_scheduling: str = "batch"  # the threads' Linux scheduling policy (serve_command.set_cpu_scheduling)
     batching: str = "auto"  # auto: one frame per call for an engine in lanes (App._calibrate)
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (facekit/logs.py)
+    access_log: bool = True  # one line per call, logger talkinghead.access (service/access_log.py)
     tls_cert: Path | None = None
     tls_key: Path | None = None
     redis_url: str = ""
@@ -214,6 +222,8 @@ class Settings:
                 problems.append(f"{name} must be 0-65535, got {getattr(self, name)}")
         if self.log_level not in LOG_LEVELS:
             problems.append(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.log_format not in LOG_FORMATS:
+            problems.append(f"log_format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
         if not 1 <= self.max_batch <= 256:
             problems.append(f"max_batch must be 1-256, got {self.max_batch}")
         if self.cpu_scheduling not in CPU_SCHEDULING:
@@ -353,6 +363,8 @@ _ENV_FIELDS = (
     "batching",
     "backend_timeout",
     "log_level",
+    "log_format",
+    "access_log",
     "tls_cert",
     "tls_key",
     "redis_url",
@@ -388,6 +400,8 @@ def _convert(name: str, raw: str) -> object:
         return float(raw)
     if "Path" in text:
         return Path(raw) if raw else None
+    if name == "log_format":
+        return raw.lower()
     return raw.upper() if name == "log_level" else raw
 
 
@@ -465,6 +479,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--backend-timeout", type=float, help="seconds each model call may take (default 5)")
     group.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, help="default INFO")
+    group.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=LOG_FORMATS,
+        help="text (default) or json: one object a line, for a log pipeline (the embedded worker's too)",
+    )
+    group.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one line per call as it ends, logger talkinghead.access (default on)",
+    )
     group.add_argument("--tls-cert", type=Path, help="PEM certificate chain (with --tls-key)")
     group.add_argument("--tls-key", type=Path, help="PEM private key")
     group.add_argument(

@@ -41,6 +41,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
+from service.access_log import note_avatar
 from service.errors import ServiceError
 from service.settings import Settings
 
@@ -154,6 +155,12 @@ class Parser:
     method: str
     limit: int
     why: str = ""  # what the limit allows, for the message
+    names_avatar: bool = False  # the message has an avatar_id: the access line shows it
+
+    def noted(self, request: Message) -> None:
+        """A single request's avatar id in the call's access line (service/access_log.py)."""
+        if self.names_avatar:
+            note_avatar(request.avatar_id)  # type: ignore[attr-defined]
 
     def __call__(self, data: bytes, peer: str) -> Message | Status:
         """The request, or the status refusing it (one log line)."""
@@ -234,6 +241,7 @@ async def _answer(
     if isinstance(request, tuple):
         set_status(context, request)
         return None
+    parse.noted(request)
     return await _settle(impl(request, context), parse, context)
 
 
@@ -246,6 +254,7 @@ def _unary_stream(impl: Callable[..., Any], parse: Parser) -> Callable[..., Any]
         if isinstance(request, tuple):
             set_status(context, request)
             return
+        parse.noted(request)
         async for reply in _relay(impl(request, context), parse, context):
             yield reply
 
@@ -313,8 +322,13 @@ def method_handler(method: MethodDescriptor, servicer: object, limits: Limits) -
     request = message_factory.GetMessageClass(method.input_type)
     response = message_factory.GetMessageClass(method.output_type)
     impl = getattr(servicer, method.name)
+    avatar = method.input_type.fields_by_name.get("avatar_id")
     parse = Parser(
-        cls=request, method=method.name, limit=limits.of(method.name), why=limits.explain(method.name)
+        cls=request,
+        method=method.name,
+        limit=limits.of(method.name),
+        why=limits.explain(method.name),
+        names_avatar=avatar is not None and avatar.type == avatar.TYPE_STRING and not method.client_streaming,
     )
     serialize = response.SerializeToString
     if method.client_streaming and method.server_streaming:

@@ -157,6 +157,29 @@ def test_service_settings_reach_the_container(helm: str) -> None:
     assert mounts[config["TALKINGHEAD_AVATAR_STORE"]]["name"] == "avatars"
 
 
+def test_log_format_and_access_log_reach_the_server_and_the_worker(helm: str) -> None:
+    """JSON logs by default in the chart (a cluster ships them to Loki / Elasticsearch), text on
+    request, for the server (its ConfigMap: the settings it starts with) and the worker (its env)."""
+
+    def worker_env(manifests: list[Manifest]) -> dict[str, str]:
+        box = container(one(manifests, "Deployment", "-worker"), "worker")
+        return {e["name"]: e.get("value") for e in box["env"]}
+
+    default = render(helm, CI / "worker-redis.yaml")
+    settings = served_settings(default)
+    assert (settings.log_format, settings.access_log) == ("json", True)
+    assert worker_env(default)["TALKINGHEAD_LOG_FORMAT"] == "json"
+    text = render(
+        helm,
+        CI / "worker-redis.yaml",
+        server__logFormat="text",
+        server__accessLog=False,
+        worker__logFormat="text",
+    )
+    assert (served_settings(text).log_format, served_settings(text).access_log) == ("text", False)
+    assert worker_env(text)["TALKINGHEAD_LOG_FORMAT"] == "text"
+
+
 def test_every_path_the_server_writes_is_on_a_volume_it_mounts(helm: str, tmp_path: Path) -> None:
     """The root filesystem is read-only: with avatarStore.mountPath changed, TALKINGHEAD_JOBS stayed
     at the image's /var/lib/talkinghead/avatars/.jobs, off every volume. The avatar store, its audit

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from facekit import contract, cpus, scheduling
+from facekit import contract, cpus, logs, scheduling
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
@@ -112,6 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--claim-timeout", type=float, default=30.0, help="s before a silent worker's job is taken"
     )
     parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-format",
+        type=str.lower,
+        choices=logs.FORMATS,
+        default=env("TALKINGHEAD_LOG_FORMAT", "text").lower(),
+        help="text (default) or json: one object a line ($TALKINGHEAD_LOG_FORMAT)",
+    )
     parser.add_argument("--parent-pid", type=int, help="stop once this process is gone (the embedded worker)")
     parser.add_argument("--threads", type=_at_least_one, help="PyTorch CPU threads (default: PyTorch's)")
     parser.add_argument(
@@ -151,9 +158,7 @@ def make_avatars(args: argparse.Namespace) -> AvatarIndex | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.configure(args.log_level, args.log_format)  # text, or JSON lines (facekit/logs.py)
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim", "talkinghead.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's

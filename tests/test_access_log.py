@@ -1,0 +1,236 @@
+"""The server's and the worker's logs as an operator ships them (Loki, Elasticsearch): one JSON
+object a line with --log-format json, and the access log, one line per call (talkinghead.access).
+
+Real servers only: a `talkinghead serve` subprocess (with its embedded worker, a child writing to the
+same stderr) whose every output line must parse as JSON, one in the default text format whose access
+lines are greppable, and an in-process server for what only a log capture shows (levels, the switch).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from api.talkinghead.v1 import avatar_pb2
+from client.library import Client, landmark_requests
+from facekit.sequence import LandmarkSequence
+from service.auth import FileRing, issue
+from tests.service_fixtures import *  # noqa: F403
+from tests.service_fixtures import CONSENT, PORTRAIT, REPO, ServerThread, copy_base_models, test_settings
+from tests.service_process import ServerProcess
+
+AVATARS = "talkinghead.v1.AvatarService"
+ANIMATION = "talkinghead.v1.AnimationService"
+FRAMES = 3
+
+
+def _first(driver: LandmarkSequence, n: int) -> LandmarkSequence:
+    return LandmarkSequence(driver.points[:n], driver.frame_size, driver.fps)
+
+
+def _code(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    return caught.value.code()
+
+
+def _wait_for(path: Path, pattern: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not re.search(pattern, path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"no {pattern!r} in the log: {path.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def json_server(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, driver: LandmarkSequence
+) -> Iterator[dict[str, Any]]:
+    """A server subprocess with --log-format json, API keys and its embedded worker, put through
+    a create, an Animate, a NOT_FOUND, a bad key and health checks; then stopped (its log is whole)."""
+    root = tmp_path_factory.mktemp("json-logs")
+    ring = FileRing(path=root / "keys.json")
+    key = ring.update(lambda r: issue(r, "acme"))[1]
+    repository = copy_base_models(model_repository, root / "repo")  # the worker sweeps its own
+    server = ServerProcess(
+        repository=repository,
+        root=root,
+        env={
+            "TALKINGHEAD_API_KEYS": str(ring.path),
+            "TALKINGHEAD_WORKER": "embedded",
+            "TALKINGHEAD_WORKER_CHECKPOINT": str(REPO / "models/talkinghead-small.pt"),
+        },
+        args=("--log-format", "json"),
+    )
+    got: dict[str, Any] = {"key": key}
+    try:
+        with Client(target=server.address, api_key=key, timeout=120) as client:
+            client.health()
+            client.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+            client.health()
+            got["frames"] = len(
+                list(client.animate("mona", landmark_requests(_first(driver, FRAMES)), motion="relative"))
+            )
+            assert got["frames"] == FRAMES
+            got["not_found"] = _code(
+                lambda: client.avatars.GetAvatar(
+                    avatar_pb2.GetAvatarRequest(avatar_id="nobody"),
+                    metadata=[("x-request-id", "req-42")],
+                    timeout=30,
+                )
+            )
+            client.avatars.GetAvatar(
+                avatar_pb2.GetAvatarRequest(avatar_id="mona"),
+                metadata=[("x-request-id", "r" * 129)],
+                timeout=30,
+            )
+        with Client(target=server.address, api_key=key[:-2] + "xx", timeout=30) as stranger:
+            got["unauthenticated"] = _code(lambda: stranger.get_avatar("mona"))
+            stranger.health()
+        _wait_for(server.log, r"talkinghead\.worker")  # the embedded worker has logged (as JSON)
+    finally:
+        server.stop()
+    text = server.log.read_text()
+    got["text"] = text
+    got["lines"] = [line for line in text.splitlines() if line.strip()]
+    yield got
+
+
+def _records(got: dict[str, Any]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in got["lines"]]
+
+
+def _access(got: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in _records(got) if r["logger"] == "talkinghead.access"]
+
+
+def test_every_line_of_server_and_worker_is_a_json_object(json_server) -> None:
+    bad = []
+    for line in json_server["lines"]:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            bad.append(line)
+            continue
+        if not isinstance(record, dict) or not {"time", "level", "logger", "message"} <= set(record):
+            bad.append(line)
+    assert bad == [], bad[:5]
+    records = _records(json_server)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", r["time"]) for r in records)
+    loggers = {r["logger"] for r in records}
+    assert "talkinghead.service" in loggers and "talkinghead.worker" in loggers, loggers
+
+
+def test_access_lines_say_method_code_tenant_avatar_frames_and_duration(json_server) -> None:
+    lines = _access(json_server)
+    assert all(r["level"] == "INFO" and r["duration_ms"] > 0 for r in lines)
+    assert all(r["peer"].startswith(("ipv4:127.0.0.1:", "ipv6:")) for r in lines)
+    by = {(r["method"], r["code"]): r for r in lines}
+    create = by[(f"{AVATARS}/CreateAvatar", "OK")]
+    assert create["tenant"] == "acme" and create["avatar"] == "mona"
+    assert "details" not in create and "frames" not in create
+    animate = by[(f"{ANIMATION}/Animate", "OK")]
+    assert animate["tenant"] == "acme" and animate["avatar"] == "mona"
+    assert animate["frames"] == json_server["frames"] == FRAMES
+    assert json_server["not_found"] == grpc.StatusCode.NOT_FOUND
+    missing = by[(f"{AVATARS}/GetAvatar", "NOT_FOUND")]
+    assert missing["avatar"] == "nobody" and missing["tenant"] == "acme"
+    assert missing["request_id"] == "req-42"
+    assert "nobody" in missing["details"]
+    assert "request_id" not in by[(f"{AVATARS}/GetAvatar", "OK")], (
+        "a request id over 128 characters is dropped"
+    )
+    assert json_server["unauthenticated"] == grpc.StatusCode.UNAUTHENTICATED
+    refused = by[(f"{AVATARS}/GetAvatar", "UNAUTHENTICATED")]
+    assert refused.get("tenant") is None and refused["details"]
+    assert len(lines) == 5, [(r["method"], r["code"]) for r in lines]  # nothing per frame, no health
+
+
+def test_health_checks_are_not_logged_at_info_and_no_line_holds_the_key(json_server) -> None:
+    assert not [r for r in _access(json_server) if "Health" in r["method"]]
+    key = json_server["key"]
+    secret = key.rsplit("_", 1)[1]
+    assert key not in json_server["text"] and secret not in json_server["text"]
+    assert "authorization" not in json_server["text"].lower()
+
+
+def test_text_format_is_the_default_and_its_access_lines_grep(model_repository: Path, tmp_path: Path) -> None:
+    server = ServerProcess(repository=model_repository, root=tmp_path)
+    try:
+        with Client(target=server.address, timeout=30) as client:
+            assert _code(lambda: client.get_avatar("nobody")) == grpc.StatusCode.NOT_FOUND
+            list(client.list_avatars())
+    finally:
+        server.stop()
+    text = server.log.read_text()
+    assert not text.lstrip().startswith("{")
+    missing = [line for line in text.splitlines() if "access GetAvatar NOT_FOUND" in line]
+    assert len(missing) == 1, text[-3000:]
+    assert re.search(
+        r"INFO talkinghead\.access: access GetAvatar NOT_FOUND \d+\.\d ms peer=ipv4:127\.0\.0\.1:\d+ "
+        r"tenant=default avatar=nobody details=\".*nobody.*\"$",
+        missing[0],
+    ), missing[0]
+    assert re.search(r"access ListAvatars OK \d+\.\d ms peer=\S+ tenant=default$", text, re.M), text[-3000:]
+
+
+@pytest.fixture
+def captured(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixture]:
+    caplog.set_level(logging.DEBUG, logger="talkinghead.access")
+    yield caplog
+
+
+def _access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "talkinghead.access"]
+
+
+def test_health_is_logged_at_debug_and_the_switch_turns_the_log_off(
+    model_repository: Path, tmp_path: Path, captured: pytest.LogCaptureFixture
+) -> None:
+    for access_log in (True, False):
+        captured.clear()
+        server = ServerThread(
+            settings=test_settings(model_repository, tmp_path / str(access_log), access_log=access_log)
+        )
+        try:
+            with server.client() as client:
+                client.health()
+                list(client.list_avatars())
+        finally:
+            server.stop()
+        records = _access_records(captured)
+        if not access_log:
+            assert records == []
+            continue
+        levels = {r.method: r.levelno for r in records}  # type: ignore[attr-defined]
+        assert levels == {
+            "grpc.health.v1.Health/Check": logging.DEBUG,
+            f"{AVATARS}/ListAvatars": logging.INFO,
+        }, levels
+
+
+def test_json_formatter_keeps_a_record_on_one_line_with_its_fields_and_traceback() -> None:
+    from facekit import logs
+
+    formatter = logs.JsonFormatter()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("x.y", logging.ERROR, __file__, 1, "two\nlines %s", ("here",), None)
+        import sys
+
+        record.exc_info = sys.exc_info()
+    record.tenant = "acme"
+    line = formatter.format(record)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert parsed["message"] == "two\nlines here" and parsed["level"] == "ERROR" and parsed["logger"] == "x.y"
+    assert parsed["tenant"] == "acme"
+    assert "ValueError: boom" in parsed["exception"] and "Traceback" in parsed["exception"]
