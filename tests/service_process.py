@@ -81,11 +81,22 @@ class ServerProcess:
             )
         self.address = f"127.0.0.1:{self.port}"
         self.client = Client(target=self.address, timeout=120)
-        try:
-            self.client.wait_ready(120)
-        except TimeoutError:
-            self.stop()
-            raise AssertionError(f"the server did not start: {self.log.read_text()[-2000:]}") from None
+        deadline = time.monotonic() + 120
+        while True:  # a child that exits (a bad flag, a missing file) fails the test at once, not in 120 s
+            if self.process.poll() is not None:
+                self.client.close()
+                raise AssertionError(
+                    f"the server exited with status {self.process.returncode}: {self.log.read_text()[-2000:]}"
+                )
+            try:
+                self.client.wait_ready(1.0)
+                break
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise AssertionError(
+                        f"the server did not start: {self.log.read_text()[-2000:]}"
+                    ) from None
 
     @property
     def rss(self) -> int:
