@@ -631,6 +631,7 @@ def test_external_triton_needs_an_address(helm: str) -> None:
         ("triton.pdb.enabled", "PodDisruptionBudget", "-triton"),
         ("metrics.serviceMonitor.enabled", "ServiceMonitor", ""),
         ("metrics.prometheusRule.enabled", "PrometheusRule", ""),
+        ("metrics.grafanaDashboard.enabled", "ConfigMap", "-dashboard"),
         ("networkPolicy.enabled", "NetworkPolicy", ""),
         ("tls.enabled", "Secret", "-tls"),
         ("serviceAccount.create", "ServiceAccount", ""),
