@@ -226,7 +226,8 @@ class Metrics:
         )
         self.avatar_events = Histogram(
             "talkinghead_avatar_event_delay_seconds",
-            "From an avatar event's sending (changed, deleted, personalised, unpersonalised) to this replica acting on it",
+            "From an avatar event's sending (changed, deleted, personalised, unpersonalised) to this "
+            "replica acting on it",
             ["event"],
             buckets=LATENCY_BUCKETS,
             registry=r,
