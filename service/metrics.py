@@ -11,7 +11,15 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from facekit import procstat
@@ -102,6 +110,10 @@ class ThreadCpu:
 class Metrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        # process_* (resident memory, CPU, open files, start time) and python_info, as a Python
+        # service's default registry has them: a memory limit is sized and watched by them
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.stage_seconds = Histogram(
             "talkinghead_stage_seconds",
             "Time per stage: decode/landmarks (driving images), rasterize, inference (per batch), "

@@ -124,7 +124,7 @@ def substitute(expr: str, values: dict[str, str] | None = None) -> str:
 
 
 def series_names(expr: str) -> set[str]:
-    return set(re.findall(r"\b(?:talkinghead|nv)_[a-z0-9_]+", expr))
+    return set(re.findall(r"\b(?:talkinghead|nv|process|python)_[a-z0-9_]+", expr))
 
 
 # ---- the file ---------------------------------------------------------------------------------
@@ -285,6 +285,7 @@ def test_every_series_label_and_value_read_is_exported(streamed: tuple[ServerThr
         "talkinghead_personalisation_jobs",
         "talkinghead_personalisation_oldest_queued_seconds",
         "talkinghead_cpu_seconds_total",
+        "process_resident_memory_bytes",
     }
     # Every series the dashboard may find empty on a test server is one it reads.
     assert set(NEEDS_MORE) - set(TRITON_SERIES) <= read
