@@ -32,7 +32,6 @@ from jobs.record import (
     ID,
     PERSONALISE,
     QUEUED,
-    REMOVE,
     RUNNING,
     SUCCEEDED,
     TERMINAL,
@@ -197,9 +196,7 @@ class LocalQueue:
         if job is None or job.done:
             lock.close()
             return None
-        job.state, job.worker, job.attempt = RUNNING, worker, job.attempt + 1
-        job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
-        job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
+        job.taken(worker, job.attempt + 1)
         try:
             self._write(job)
         except BaseException:  # (its directory full): not taken - before, it stayed held, never run

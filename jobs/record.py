@@ -128,6 +128,13 @@ class Job:
         job.losses = dict(job.losses or {})
         return job
 
+    def taken(self, worker: str, attempt: int) -> Job:
+        """This job, RUNNING now as `worker`'s `attempt` (its step and timings from 0)."""
+        self.state, self.worker, self.attempt = RUNNING, worker, attempt
+        self.stage = "removing" if self.kind == REMOVE else "fine-tuning"
+        self.start_time, self.first_step_time, self.export_time, self.step = time.time(), 0.0, 0.0, 0
+        return self
+
     def ended(self, state: str, *, code: int = 0, error: str = "") -> Job:
         """This job, ended now in `state` (SUCCEEDED, FAILED or CANCELLED)."""
         assert state in TERMINAL, state

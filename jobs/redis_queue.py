@@ -29,7 +29,7 @@ import redis
 from jobs import keys
 from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull
-from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, REMOVE, RUNNING, TERMINAL, Job
+from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, TERMINAL, Job
 
 RETENTION_S = 7 * 24 * 3600
 _ENDED = "if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then "
@@ -330,10 +330,7 @@ class RedisQueue:
                 attempt = int(attempts or 0) + 1
                 if owner is not None and owner.decode() == self._token(worker, attempt - 1):
                     attempt -= 1  # this queue's own take, its reply lost: the same attempt
-                job = Job.from_json(record)
-                job.state, job.worker, job.attempt = RUNNING, worker, attempt
-                job.stage = "removing" if job.kind == REMOVE else "fine-tuning"
-                job.start_time, job.first_step_time, job.export_time, job.step = time.time(), 0.0, 0.0, 0
+                job = Job.from_json(record).taken(worker, attempt)
                 token = self._token(worker, attempt)
                 verdict = self._run(
                     "take", [keys.job(job_id)], [token, attempt, job.to_json(), "1" if stray else "0"]

@@ -55,13 +55,8 @@ def command(settings: Settings) -> list[str]:
     cmd += PRIORITIES[settings.worker_priority]
     if settings.worker_threads:
         cmd += ["--threads", str(settings.worker_threads)]
-    cmd += [
-        "--log-level",
-        settings.log_level,
-        "--log-format",
-        settings.log_format,
-    ]  # its lines as the server's
-    return [*cmd, "--parent-pid", str(os.getpid())]
+    log_args = ["--log-level", settings.log_level, "--log-format", settings.log_format]  # as the server's
+    return [*cmd, *log_args, "--parent-pid", str(os.getpid())]
 
 
 class LocalWorker:
