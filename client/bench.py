@@ -1222,6 +1222,7 @@ async def beside_personalisation(
         "alone": _live_summary(alone),
         "beside_job": _live_summary(beside),
         "job_steps": args.personalisation_steps,
+        "job_step_at_window_start": first,
         "job_steps_in_window": last.metadata.step - first,
         "job_done_in_window": last.done,
     }

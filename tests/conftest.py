@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +64,28 @@ def quick_latency(patch: pytest.MonkeyPatch) -> None:
     patch.setattr(to_onnx, "latency_ms", functools.partial(to_onnx.latency_ms, repeats=3))
 
 
-# The test in flight, for a crash that takes pytest down with it (an abort in native code prints
-# only thread stacks): .ci/run names it when `make test` dies.
+# The tests in flight, for a crash that takes pytest down with it (an abort in native code prints
+# only thread stacks): .ci/run names them when `make test` dies. Written by the process that
+# reports (pytest-xdist's controller when the suite runs on several workers, which itself names
+# a test whose worker died).
 INFLIGHT = ROOT / ".pytest-inflight"
+_in_flight: dict[str, None] = {}
+
+
+def _reporting() -> bool:
+    return "PYTEST_XDIST_WORKER" not in os.environ
 
 
 def pytest_runtest_logstart(nodeid: str, location: tuple[str, int | None, str]) -> None:
-    INFLIGHT.write_text(nodeid + "\n")
+    if _reporting():
+        _in_flight[nodeid] = None
+        INFLIGHT.write_text("".join(f"{test}\n" for test in _in_flight))
+
+
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _in_flight.pop(nodeid, None)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    INFLIGHT.unlink(missing_ok=True)
+    if _reporting():
+        INFLIGHT.unlink(missing_ok=True)
