@@ -59,7 +59,7 @@ from service.errors import (
 )
 from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
-from service.metrics import Metrics
+from service.metrics import LIVE, OFFLINE, Metrics
 from service.personalisation import Personaliser
 from service.quota import TenantLimits, held
 from service.settings import Settings
@@ -787,7 +787,8 @@ class App:
             raise precondition(f"avatar {config.avatar_id!r} keeps no reference photos; create it again")
         portrait = await self._portrait(record) if setup.config.paste_back else None
         personalised = await self.personalised(record)
-        self._take_stream_slot(principal)
+        kind = OFFLINE if setup.block else LIVE
+        self._take_stream_slot(principal, kind)
         reserved = 0.0
         try:
             if not setup.block:
@@ -802,7 +803,7 @@ class App:
         except BaseException:
             # refused, or the caller gone (a cancel lands in the await; no Stream exists yet to
             # close): the slot and the reservation go back uncounted, as if never taken
-            self._give_back(principal.tenant, reserved)
+            self._give_back(principal.tenant, kind, reserved)
             raise
         width, height = portrait.size if portrait is not None else (info.image_size, info.image_size)
         started = animation_pb2.StreamStarted(
@@ -832,7 +833,7 @@ class App:
             find_landmarks=functools.partial(self.driving_landmarks, caller=principal.tenant),
             metrics=self.metrics,
             pace=functools.partial(self.limits.frame, principal),
-            release=functools.partial(self._release_stream_slot, principal.tenant, reserved, watch),
+            release=functools.partial(self._release_stream_slot, principal.tenant, kind, reserved, watch),
             idle_timeout=self.settings.stream_idle_timeout,
         )
         self.streams.attach(watch, stream)
@@ -864,12 +865,13 @@ class App:
         found: Portrait = await self.in_pool(self.io_pool, load)
         return found
 
-    def _take_stream_slot(self, principal: Principal) -> None:
+    def _take_stream_slot(self, principal: Principal, kind: str) -> None:
+        """A slot for a stream of `kind` (LIVE or OFFLINE), under the server's and the tenant's limits."""
         if self.active_streams >= self.settings.max_streams:
             raise exhausted(f"the server is at its limit of {self.settings.max_streams} concurrent streams")
         self.limits.take_stream(principal)
         self.active_streams += 1
-        self.metrics.active_streams.inc()
+        self.metrics.open_streams[kind].inc()
 
     def _admit(self, fps: float) -> float:
         try:
@@ -880,19 +882,19 @@ class App:
         self._publish_capacity()
         return reserved
 
-    def _release_stream_slot(self, tenant: str, reserved: float, watch: Watch, code: str) -> None:
+    def _release_stream_slot(self, tenant: str, kind: str, reserved: float, watch: Watch, code: str) -> None:
         # (talkinghead_streams_total counts the call's final status, refused ones too: service/rpc_metrics.py)
         self.streams.forget(watch)
-        self._give_back(tenant, reserved)
+        self._give_back(tenant, kind, reserved)
 
-    def _give_back(self, tenant: str, reserved: float) -> None:
+    def _give_back(self, tenant: str, kind: str, reserved: float) -> None:
         """What _take_stream_slot and _admit took."""
         if reserved:
             self.admission.release(reserved)
             self._publish_capacity()
         self.limits.release_stream(tenant)
         self.active_streams -= 1
-        self.metrics.active_streams.dec()
+        self.metrics.open_streams[kind].dec()
 
     async def driving_landmarks(self, image: bytes, what: str, *, caller: str) -> DrivingLandmarks:
         """Decode a driving image and find its largest face's landmarks (in the detect pool, in

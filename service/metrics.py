@@ -147,7 +147,13 @@ class Metrics:
             ["reason"],
             registry=r,
         )
-        self.active_streams = Gauge("talkinghead_active_streams", "Open Animate streams", registry=r)
+        self.active_streams = Gauge(
+            "talkinghead_active_streams",
+            "Open Animate streams, by stream: live (DROP_OLDEST, admitted against the capacity) or "
+            "offline (BLOCK)",
+            ["stream"],
+            registry=r,
+        )
         self.streams_total = Counter(
             "talkinghead_streams_total",
             "Animate calls ended, by gRPC status code: every call, those refused at open included "
@@ -284,6 +290,7 @@ class Metrics:
         # .labels() (a lock and a dict lookup each, seven a frame).
         self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
         self.frame = {stream: self.frame_seconds.labels(stream) for stream in (LIVE, OFFLINE)}
+        self.open_streams = {stream: self.active_streams.labels(stream) for stream in (LIVE, OFFLINE)}
         self.received = {kind: self.frames_received.labels(kind) for kind in ("landmarks", "image")}
         self.batch_sizes = {model: self.batch_size.labels(model) for model in ("shared", "personalised")}
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)

@@ -133,6 +133,17 @@ class ServerThread:
             return default
         raise KeyError(line_prefix)
 
+    def metric_total(self, name: str) -> float:
+        """The sum of every series of metric `name` (each label value); KeyError when it has none."""
+        values = [
+            float(line.rsplit(" ", 1)[1])
+            for line in self.metrics().splitlines()
+            if line.startswith((name + " ", name + "{"))
+        ]
+        if not values:
+            raise KeyError(name)
+        return sum(values)
+
     def stop(self, grace: float = 1.0) -> None:
         try:
             self.call(self.server.stop(grace))

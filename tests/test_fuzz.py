@@ -238,12 +238,17 @@ def test_server_is_whole_afterwards(fuzz: Fuzz) -> None:
 
 
 def _metric(server: ServerProcess, name: str) -> float:
+    """The sum of every series of metric `name`."""
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-    raise KeyError(name)
+        values = [
+            float(line.split()[1])
+            for line in response.read().decode().splitlines()
+            if line.startswith((name + " ", name + "{"))
+        ]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 def test_every_method_is_fuzzed() -> None:

@@ -67,9 +67,9 @@ def config(avatar_id: str, **fields: object) -> pb.AnimateRequest:
 def no_leaked_streams(server: ServerThread) -> Iterator[None]:
     yield
     deadline = time.monotonic() + 5
-    while server.metric("talkinghead_active_streams") != 0 and time.monotonic() < deadline:
+    while server.metric_total("talkinghead_active_streams") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert server.metric("talkinghead_active_streams") == 0
+    assert server.metric_total("talkinghead_active_streams") == 0
     assert server.app.active_streams == 0
 
 

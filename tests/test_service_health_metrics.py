@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,6 +364,57 @@ def test_a_long_offline_batch_is_not_a_stall_and_a_stall_is_counted(server: Serv
 
         server.call(release())
     eventually(lambda: health(server, "") == "SERVING")
+
+
+def _frames_until(
+    config: pb.StreamConfig, driver: LandmarkSequence, stop: threading.Event
+) -> Iterator[pb.AnimateRequest]:
+    """The stream's config, then a driving frame every 40 ms until `stop`."""
+    yield pb.AnimateRequest(config=config)
+    for request in landmark_requests(driver):
+        if stop.wait(0.04):
+            return
+        yield request
+
+
+def test_open_streams_are_counted_live_and_offline_apart(
+    server: ServerThread, avatar: str, driver: LandmarkSequence
+) -> None:
+    """talkinghead_active_streams{stream} tells the live streams (DROP_OLDEST: held to the latency
+    budget, each holding part of the capacity) from the offline ones (BLOCK) that are open now;
+    before, one total: an operator could not see how many of the open streams were live."""
+
+    def open_streams() -> tuple[float, float]:
+        return (
+            server.metric('talkinghead_active_streams{stream="live"}'),
+            server.metric('talkinghead_active_streams{stream="offline"}'),
+        )
+
+    assert open_streams() == (0, 0)
+    stop = threading.Event()
+    calls = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = animation_pb2_grpc.AnimationServiceStub(channel)
+            for overflow, expected in (
+                (pb.OVERFLOW_POLICY_DROP_OLDEST, (1, 0)),
+                (pb.OVERFLOW_POLICY_BLOCK, (1, 1)),
+                (pb.OVERFLOW_POLICY_BLOCK, (1, 2)),
+            ):
+                config = pb.StreamConfig(avatar_id=avatar, overflow=overflow, expected_fps=5)
+                call = stub.Animate(_frames_until(config, first(driver, 50), stop), timeout=60)
+                calls.append(call)
+                assert next(call).HasField("started")
+                assert open_streams() == expected
+            stop.set()
+            for call in calls:
+                for _ in call:  # each ends OK once its requests end and its frames are sent
+                    pass
+    finally:
+        stop.set()
+        for call in calls:
+            call.cancel()
+    eventually(lambda: open_streams() == (0, 0))
 
 
 def test_offline_frames_stay_out_of_the_live_latency(

@@ -211,6 +211,12 @@ def dropped_total(samples: dict[str, float]) -> float:
     return sum(v for k, v in samples.items() if k.startswith("talkinghead_frames_dropped_total{"))
 
 
+def open_streams(samples: dict[str, float]) -> float:
+    """talkinghead_active_streams summed over its streams (live, offline); -1 when not exported."""
+    found = [v for k, v in samples.items() if k.startswith("talkinghead_active_streams{")]
+    return sum(found) if found else -1
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
@@ -231,7 +237,7 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
             {
                 "t": round(time.monotonic() - t0, 1),
                 "rss_bytes": server.rss_bytes(),
-                "active_streams": m.get("talkinghead_active_streams", -1),
+                "active_streams": open_streams(m),
                 "frames_sent": m.get("talkinghead_frames_sent_total", 0),
                 "frames_dropped": dropped_total(m),
             }
@@ -257,7 +263,7 @@ async def soak(args: argparse.Namespace, server: Server) -> dict[str, Any]:
     for channel in channels:
         await channel.close()
     deadline = time.monotonic() + 10  # the last stream's slot is given back as its call ends
-    while server.metrics().get("talkinghead_active_streams", -1) != 0 and time.monotonic() < deadline:
+    while open_streams(server.metrics()) != 0 and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     sample()
     return check(args, server, logs, samples, ended)
@@ -318,9 +324,8 @@ def check(
             "server_dropped": dropped_server,
         },
         "slots": {
-            "passed": final.get("talkinghead_active_streams", -1) == 0
-            and sum(codes.values()) == args.streams,
-            "active_streams_at_end": final.get("talkinghead_active_streams", -1),
+            "passed": open_streams(final) == 0 and sum(codes.values()) == args.streams,
+            "active_streams_at_end": open_streams(final),
             "streams_ended": sum(codes.values()),
         },
     }
