@@ -35,7 +35,7 @@ help:
 	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~25 min on 2 cores, after make preprocess ~2 min)"
 	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
 	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
-	@echo "make up / down   Triton + the service (triton backend) + Prometheus on 127.0.0.1 (var/stack/logs)"
+	@echo "make up / down   Redis + Triton + the service (triton backend) + a worker + Prometheus on 127.0.0.1 (var/stack/logs)"
 	@echo "make bench       every CPU engine raw, the service at 1/4/16/64 live streams, paired vs BASELINE_REV -> out/bench.json"
 	@echo "make soak        64 live streams for 10 min: server memory, statuses, drops, slots -> out/soak.json"
 	@echo "make helm-lint   lint, render and validate the Helm chart in every configuration"

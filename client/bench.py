@@ -1,4 +1,4 @@
-"""Benchmark: the raw generator by batch size, then the real service with 1, 4 and 16 live streams.
+"""Benchmark: the raw generator by batch size, then the real service with 1, 4, 16 and 64 live streams.
 
 1. raw: the served generator (model_repository/generator) run in this process on the engine the
    service's in-process backend picks (facekit/engines.py; the service's code path minus gRPC,

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "deploy" / "docker"
@@ -1550,6 +1551,20 @@ def test_dockerfiles_copy_files_that_exist_and_are_in_the_context(dockerfile: st
     ]
     ignored = [s for s in sources if not any(s.rstrip("/") == a or s.startswith(a + "/") for a in allowed)]
     assert ignored == [], ".dockerignore keeps these out of the build context"
+
+
+def test_worker_image_asks_pypi_for_the_locks_torch_as_pypi_names_it() -> None:
+    """The worker image installs torch of the lock's version from PyPI (its Linux wheel is the CUDA
+    build). The lock pins the local CPU build, `2.13.0+cpu`, a version PyPI does not carry: the
+    build asked for `torch==2.13.0+cpu` and could not install it. It asks for the public part."""
+    text = (DOCKER / "worker.Dockerfile").read_text()
+    found = re.search(r'"torch==\$\((sed .*?) /tmp/lock\.txt\)"', text)
+    assert found, "the worker image no longer takes torch's version from the lock"
+    asked = subprocess.run(
+        ["sh", "-c", f"{found.group(1)} requirements/lock.txt"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    locked = Version(pins(ROOT / "requirements/lock.txt")["torch"][0])
+    assert asked == locked.public and Version(asked).local is None, (asked, str(locked))
 
 
 def test_service_image_runs_talkinghead_serve_without_torch() -> None:

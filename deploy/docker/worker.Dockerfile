@@ -20,8 +20,10 @@ ENV PIP_NO_CACHE_DIR=1 \
 RUN python -m venv /opt/venv
 COPY requirements/lock.txt /tmp/lock.txt
 # PyPI's Linux torch wheel of the lock's version is the CUDA 12 build: installed with its
-# dependencies (the nvidia-* libraries). The rest without resolution, minus development tools.
-RUN /opt/venv/bin/pip install "torch==$(sed -n 's/^torch==//p' /tmp/lock.txt)" \
+# dependencies (the nvidia-* libraries). The lock pins the CPU build (2.13.0+cpu, a local version
+# PyPI does not carry): the public part is asked for. The rest without resolution, minus
+# development tools.
+RUN /opt/venv/bin/pip install "torch==$(sed -n 's/^torch==\([^+]*\).*/\1/p' /tmp/lock.txt)" \
     && grep -v -E '^(torch|ruff|mypy|mypy_extensions|pytest|pluggy|iniconfig|pathspec|librt|ast_serialize|kubernetes-validate|grpcio-tools|face_alignment)==' \
         /tmp/lock.txt > /tmp/worker-lock.txt \
     && /opt/venv/bin/pip install --no-deps --only-binary=:all: --no-binary=face-recognition-models \
