@@ -81,7 +81,7 @@ def until(condition: Callable[[], bool], timeout: float, step: float = 0.02) -> 
 
 
 def slots_free(server: ServerThread) -> bool:
-    return server.app.active_streams == 0 and server.metric("talkinghead_active_streams") == 0
+    return server.app.active_streams == 0 and server.metric_total("talkinghead_active_streams") == 0
 
 
 @pytest.fixture(autouse=True)
