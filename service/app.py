@@ -303,12 +303,11 @@ class App:
         self.metrics.committed_fps.set(self.admission.committed)
 
     async def close(self) -> None:
-        if self._calibration is not None:
-            self._calibration.cancel()
-        if self._recovery is not None:
-            self._recovery.cancel()
-        for check in list(self._checks):
-            check.cancel()
+        """Stop the background tasks (and wait for them), the batcher, the backend and the pools."""
+        tasks = [t for t in (self._calibration, self._recovery, *self._checks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.batcher.close()
         await self.backend.close()
         self.personaliser.close()

@@ -513,9 +513,12 @@ class Authenticator:
         if self.enabled:
             self._task = asyncio.create_task(self.run(), name="key-ring")
 
-    def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+    def close(self) -> list[asyncio.Task[None]]:
+        """Stop rereading the ring; the task cancelled (to await), if any."""
+        if self._task is None:
+            return []
+        self._task.cancel()
+        return [self._task]
 
     def revoked(self, principal: Principal) -> Refused | None:
         """Why a call's credential no longer holds in the current ring, None while it does: its key

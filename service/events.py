@@ -161,6 +161,15 @@ class Silent(ConnectionError):
     """Redis did not answer the subscription's ping in time: the connection is gone without a word."""
 
 
+def stop_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop. redis-py's reads can swallow a cancel
+    that lands as their own timeout fires (a read with a timeout, asyncio.timeout on Python 3.11):
+    the subscription loop then went on following events after Server.stop, for good."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class RedisEvents:
     def __init__(
         self,
@@ -197,6 +206,7 @@ class RedisEvents:
         first = True
         wait, down_since, warned = RETRY_S[0], None, 0.0
         while True:
+            stop_if_cancelled()
             client = self._client()
             try:
                 async with client.pubsub() as pubsub:
@@ -220,6 +230,7 @@ class RedisEvents:
             except asyncio.CancelledError:
                 raise
             except Exception as error:
+                stop_if_cancelled()
                 if self.subscribed.is_set():  # lost now: what is cached may be stale from here on
                     self.subscribed.clear()
                     self.handler.reset()
@@ -264,6 +275,7 @@ class RedisEvents:
         loop = asyncio.get_running_loop()
         next_ping, asked = loop.time() + self.ping_s, None
         while True:
+            stop_if_cancelled()
             now = loop.time()
             if asked is None and now >= next_ping:
                 await pubsub.ping()

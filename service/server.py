@@ -65,6 +65,7 @@ METHODS = tuple(
 )
 HEALTH_POLL_S = 0.25  # health follows the backend within this (a stall: NOT_SERVING within 2 s)
 JOBS_POLL_S = 5.0  # talkinghead_personalisation_jobs follows the job queue within this
+STOP_TASKS_S = 5.0  # Server.stop waits this long at most for its background tasks to end
 # Connection liveness (HTTP/2, below the streams' own idle deadline; service/README.md):
 KEEPALIVE = [
     # Ping every connection after 20 s without a ping; no ack within 10 s closes it: a client
@@ -508,22 +509,26 @@ class Server:
         """Stop taking new calls, give running ones `grace` seconds, then release everything."""
         grace = self.settings.shutdown_grace if grace is None else grace
         await self._health.enter_graceful_shutdown()
-        if self._monitor is not None:
-            self._monitor.cancel()
-        if self._storage_task is not None:
-            self._storage_task.cancel()
-        if self._jobs_task is not None:
-            self._jobs_task.cancel()
+        watchers = [t for t in (self._monitor, self._storage_task, self._jobs_task) if t is not None]
+        for task in watchers:
+            task.cancel()
         await self._server.stop(grace)
         if self._events is not None:
             self._events.cancel()
+            watchers.append(self._events)
         if self.worker is not None:
             await self.worker.close()
         await self.app.close()
-        self.app.auth.close()
+        watchers += self.app.auth.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        if watchers:  # each ended, not only told to (bounded: one stuck in I/O must not hold the stop)
+            _, stuck = await asyncio.wait(watchers, timeout=STOP_TASKS_S)
+            if stuck:
+                log.warning(
+                    "stopped with background tasks still ending: %s", ", ".join(t.get_name() for t in stuck)
+                )
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -28,6 +28,7 @@ from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEED
 from jobs.redis_queue import RedisQueue, connect
 from service import events as events_module
 from service.audit import RedisAuditLog
+from service.auth import FileRing, issue
 from service.events import PING_S, RETRY_S, RedisEvents
 from service.redis_store import RedisAvatarStore
 from service.store import AvatarRecord
@@ -742,3 +743,31 @@ def test_a_redis_at_its_memory_limit_refuses_new_avatars_and_keeps_the_stored_on
     finally:
         running.stop()
         redis.stop()
+
+
+def test_a_stopped_server_has_ended_every_task_it_started(
+    model_repository: Path, tmp_path: Path, redis_url: str
+) -> None:
+    """Server.stop() told its background tasks to stop (the storage probe, the avatar events, the
+    key ring, the health and job watchers, the calibration) and returned before they had: a server
+    stopped in a process that goes on (an embedding, the tests) left them pending on a loop that
+    was then closed ("Task was destroyed but it is pending!"). Now it returns once each has ended."""
+    ring = FileRing(path=tmp_path / "keys.json")
+    ring.update(lambda r: issue(r, "acme"))
+    settings = test_settings(
+        model_repository, tmp_path / "store", redis_url=redis_url, api_keys=str(ring.path)
+    )
+    running = ServerThread(settings=settings)
+    running.wait_ready()
+
+    async def stop() -> list[str]:
+        await running.server.stop(1.0)
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+    try:
+        left = running.call(stop())
+    finally:
+        running.loop.call_soon_threadsafe(running.loop.stop)
+        running.thread.join(10)
+        running.loop.close()
+    assert left == []

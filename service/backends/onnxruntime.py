@@ -133,6 +133,7 @@ class OnnxRuntimeBackend(ReadyGate):
     async def close(self) -> None:
         if self._loader is not None:
             self._loader.cancel()
+            await asyncio.gather(self._loader, return_exceptions=True)
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     @property

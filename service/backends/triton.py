@@ -179,6 +179,7 @@ class TritonBackend(ReadyGate):
     async def close(self) -> None:
         if self._monitor is not None:
             self._monitor.cancel()
+            await asyncio.gather(self._monitor, return_exceptions=True)
         if self._client is not None:
             await self._client.close()
 

@@ -161,10 +161,10 @@ class TritonPool:
         self._task = asyncio.create_task(self._maintain(), name="triton-pool")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-        for task in self._background.values():
+        tasks = [*([self._task] if self._task is not None else []), *self._background.values()]
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         members = [*self._members.values(), *self._draining.values()]
         self._members, self._draining = {}, {}
         await asyncio.gather(*(member.close() for member in members), return_exceptions=True)
