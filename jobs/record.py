@@ -72,6 +72,7 @@ class Job:
     start_time: float = 0.0  # the current attempt's start
     first_step_time: float = 0.0  # when step 1 ended (the per-step estimate starts there)
     export_time: float = 0.0  # when the export began (its estimate counts down from there)
+    load_time: float = 0.0  # when the exported generator began loading into the Tritons
     end_time: float = 0.0
     attempt: int = 0
     worker: str = ""
@@ -133,6 +134,7 @@ class Job:
         self.state, self.worker, self.attempt = RUNNING, worker, attempt
         self.stage = "removing" if self.kind == REMOVE else "fine-tuning"
         self.start_time, self.first_step_time, self.export_time, self.step = time.time(), 0.0, 0.0, 0
+        self.load_time = 0.0
         return self
 
     def ended(self, state: str, *, code: int = 0, error: str = "") -> Job:

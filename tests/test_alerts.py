@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:
 from deploy.local import alerts, stack  # noqa: E402
 from service import metrics as service_metrics  # noqa: E402
 from service.server import METHODS  # noqa: E402
+from worker import metrics as worker_metrics  # noqa: E402
 
 CI = ROOT / "deploy" / "helm" / "ci"
 _spec = importlib.util.spec_from_file_location("check_chart", CI / "check_chart.py")
@@ -262,10 +263,20 @@ def test_every_alert_has_its_runbook_entry() -> None:
 
 
 def scraped_families() -> dict[str, tuple[str, set[str]]]:
-    """Every series name the service's /metrics endpoint exports -> (family, label names), read
-    over HTTP from the metrics server of a fresh `service.metrics.Metrics` (what `talkinghead serve`
-    runs), with the label names of families that have no series yet from their registration."""
-    metrics = service_metrics.Metrics()
+    """Every series name the service's and the worker's /metrics endpoints export -> (family,
+    label names): the service's and the worker's families share the job label (the worker's
+    ServiceMonitor gives its targets the server's), so the rules may name either."""
+    return {
+        **scraped_families_of(service_metrics.Metrics()),
+        **scraped_families_of(worker_metrics.WorkerMetrics()),
+    }
+
+
+def scraped_families_of(metrics: Any) -> dict[str, tuple[str, set[str]]]:
+    """Every series name `metrics`' /metrics endpoint exports -> (family, label names), read over
+    HTTP from its metrics server (a fresh `service.metrics.Metrics`, what `talkinghead serve` runs,
+    or worker.metrics.WorkerMetrics), with the label names of families that have no series yet
+    from their registration."""
     server = None
     for port in METRICS_PORTS:
         with contextlib.suppress(OSError):
@@ -305,6 +316,12 @@ KNOWN_VALUES = {
     ("talkinghead_rpcs_total", "method"): {*METHODS, "other"},
     ("talkinghead_backend_not_ready_total", "reason"): {"stalled", "unavailable"},
     ("talkinghead_personalisation_jobs", "state"): {service_metrics.QUEUED, service_metrics.RUNNING},
+    ("talkinghead_worker_jobs_total", "kind"): set(worker_metrics.KINDS),
+    ("talkinghead_worker_jobs_total", "outcome"): {
+        *worker_metrics.OUTCOMES.values(),
+        worker_metrics.HANDED_BACK,
+        worker_metrics.LOST,
+    },
 }
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
@@ -371,6 +388,7 @@ POD = {
     "instance": "10.0.0.1:8080",
 }
 FLEET = {"job": "th-talkinghead-metrics", "namespace": "avatars"}
+WORKER = {"pod": "th-talkinghead-worker-0", "instance": "10.0.0.9:8081"}  # a worker pod, the same job
 TRITONS = ["10.0.1.5:8001", "10.0.1.6:8001"]  # the Tritons behind the replica's Triton URL
 MINUTES = 40  # each scenario's length; every `for` and window fits well within it
 BUCKETS = [b for b in service_metrics.LATENCY_BUCKETS] + [float("inf")]
@@ -483,6 +501,31 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
         "talkinghead_personalisation_oldest_queued_seconds": [
             series("talkinghead_personalisation_oldest_queued_seconds", constant(300))
         ],
+        # the worker pod: 10 personalisations an hour, 1 in 10 failing; its queue answering
+        "talkinghead_worker_jobs_total": [
+            series(
+                "talkinghead_worker_jobs_total",
+                per_minute(0.15),
+                kind="personalise",
+                outcome="succeeded",
+                **WORKER,
+            ),
+            series(
+                "talkinghead_worker_jobs_total",
+                per_minute(0.0167),
+                kind="personalise",
+                outcome="failed",
+                **WORKER,
+            ),
+            series(
+                "talkinghead_worker_jobs_total",
+                per_minute(0.05),
+                kind="personalise",
+                outcome="cancelled",
+                **WORKER,
+            ),
+        ],
+        "talkinghead_worker_queue_up": [series("talkinghead_worker_queue_up", constant(1), **WORKER)],
     }
     assert set(override) <= set(families)
     families.update(override)
@@ -626,6 +669,35 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
             ],
         },
         {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadPersonalisationsFailing": (
+        {  # from minute 10 half the personalisations fail (a full model repository, say)
+            "talkinghead_worker_jobs_total": [
+                series(
+                    "talkinghead_worker_jobs_total",
+                    per_minute(0.15),
+                    kind="personalise",
+                    outcome="succeeded",
+                    **WORKER,
+                ),
+                series(
+                    "talkinghead_worker_jobs_total",
+                    f"0x10 0+0.15x{MINUTES - 10}",
+                    kind="personalise",
+                    outcome="failed",
+                    **WORKER,
+                ),
+            ]
+        },
+        {**FLEET, "severity": "warning"},
+    ),
+    "TalkingheadWorkerQueueUnreachable": (
+        {
+            "talkinghead_worker_queue_up": [
+                series("talkinghead_worker_queue_up", f"1x10 0x{MINUTES - 10}", **WORKER)
+            ]
+        },
+        {**POD, **WORKER, "severity": "warning"},
     ),
     "TalkingheadAuditWriteFailures": (
         {

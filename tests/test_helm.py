@@ -1758,3 +1758,55 @@ def test_healthcheck_presents_a_client_certificate_to_an_mtls_server(tmp_path: P
         assert _healthcheck(*base, probe[0]).returncode == 2  # the key must come with it
     finally:
         server.stop(0)
+
+
+def test_the_worker_serves_metrics_that_its_own_service_monitor_scrapes_under_the_servers_job(
+    helm: str,
+) -> None:
+    """The worker container listens on a `metrics` port (worker.metrics.port, on every address of
+    the pod); a headless Service lists the worker pods; with metrics.serviceMonitor.enabled a
+    ServiceMonitor scrapes them, as often as the server's, under the server's job label (so the
+    alerts' selector and the dashboard's `job` pick the worker's series); the worker's
+    NetworkPolicy admits only the Prometheus peers, on that port."""
+    plain = render(helm, CI / "worker-redis.yaml", worker__metrics__port=9101)
+    worker = container(one(plain, "Deployment", "-worker"), "worker")
+    assert worker["ports"] == [{"name": "metrics", "containerPort": 9101, "protocol": "TCP"}]
+    env = {e["name"]: e.get("value") for e in worker["env"]}
+    assert env["TALKINGHEAD_WORKER_METRICS_PORT"] == "9101"
+    assert env["TALKINGHEAD_WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert not find(plain, "ServiceMonitor", "-worker")
+    service = one(plain, "Service", "-worker-metrics")
+    assert service["spec"]["clusterIP"] == "None"
+    assert (
+        service["spec"]["selector"] == one(plain, "Deployment", "-worker")["spec"]["selector"]["matchLabels"]
+    )
+    assert service["spec"]["ports"][0]["targetPort"] == "metrics"
+    [rule] = one(plain, "NetworkPolicy", "-worker")["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "metrics", "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+    monitored = render(
+        helm,
+        CI / "worker-redis.yaml",
+        metrics__serviceMonitor__enabled=True,
+        metrics__serviceMonitor__interval="20s",
+        metrics__serviceMonitor__scrapeTimeout="7s",
+    )
+    monitor = one(monitored, "ServiceMonitor", "-worker")
+    server_monitor = one(monitored, "ServiceMonitor", "")
+    assert monitor["metadata"]["labels"].items() >= {"app.kubernetes.io/component": "worker"}.items()
+    selected = one(monitored, "Service", "-worker-metrics")["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= selected.items()
+    assert not server_monitor["spec"]["selector"]["matchLabels"].items() <= selected.items()
+    [endpoint] = monitor["spec"]["endpoints"]
+    assert (endpoint["port"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("metrics", "20s", "7s")
+    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "th-talkinghead-metrics"}]
+    assert one(monitored, "Service", "-metrics")["metadata"]["name"] == "th-talkinghead-metrics"
+    # no worker, none of it
+    server_only = render(helm, metrics__serviceMonitor__enabled=True)
+    assert not find(server_only, "ServiceMonitor", "-worker") and not find(
+        server_only, "Service", "-worker-metrics"
+    )
+    assert not find(server_only, "NetworkPolicy", "-worker")

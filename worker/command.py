@@ -13,6 +13,10 @@ An end the queue could not write (its storage full) is tried once more on the wa
 whose generator was published is then ended by the next worker with that generator, without
 fine-tuning again (worker/jobs_run.py `_adopt`).
 
+With --metrics-port it serves Prometheus metrics on http://--metrics-host:port/metrics (worker/metrics.py:
+talkinghead_worker_*: jobs ended by outcome, their stage times, fine-tuning steps, whether a job
+runs, whether the queue answers, and process_*); off by default (the embedded worker's case).
+
 It reads the avatar store - the Redis one with --redis-url, the service's directory with --avatars
 (the embedded worker is given it) - to withdraw a deleted avatar's generator only once its record
 is gone, and to sweep (at start, then every --sweep-interval s) the generators of avatar records
@@ -32,6 +36,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -46,6 +51,7 @@ from training import checkpoint
 from training.runtime import pick_device
 from worker import models
 from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
+from worker.metrics import WorkerMetrics
 
 log = logging.getLogger("talkinghead.worker")
 
@@ -64,6 +70,16 @@ def _at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0-65535 (0: any free one), got {text!r}")
     return value
 
 
@@ -110,6 +126,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=f"{socket.gethostname()}-{os.getpid()}", help="worker name")
     parser.add_argument(
         "--claim-timeout", type=float, default=30.0, help="s before a silent worker's job is taken"
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=env("TALKINGHEAD_WORKER_METRICS_PORT") or None,
+        help="serve Prometheus /metrics on this port (0: any free one; default: none, no metrics; "
+        "$TALKINGHEAD_WORKER_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env("TALKINGHEAD_WORKER_METRICS_HOST", "127.0.0.1"),
+        help="address /metrics binds (default 127.0.0.1, as the server's; 0.0.0.0 in a pod; "
+        "$TALKINGHEAD_WORKER_METRICS_HOST)",
     )
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument(
@@ -173,6 +202,19 @@ def run(args: argparse.Namespace) -> int:
             log.info(
                 "CPU scheduling: %s%s", how, "" if group is None else f"; its session's group nice {group}"
             )
+    metrics = WorkerMetrics()
+    metrics_http = None
+    if args.metrics_port is not None:  # before the checkpoint loads: a port taken fails at once
+        try:
+            metrics_http, port = metrics.serve(args.metrics_host, args.metrics_port)
+        except OSError as error:
+            print(
+                f"talkinghead worker: cannot bind metrics to {args.metrics_host}:{args.metrics_port}: "
+                f"{error.strerror or error}",
+                file=sys.stderr,
+            )
+            return 2
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     threads = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     log.info("PyTorch CPU threads: %d (%s)", threads, "--threads" if args.threads else cpus.cpus().describe())
@@ -196,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
         avatars=make_avatars(args),
         sweep_interval_s=max(0.0, args.sweep_interval),
         stopping=stop,
+        metrics=metrics,
     )
     where = shown_url(args.redis_url) if args.redis_url else args.jobs or "var/jobs"
     log.info(
@@ -220,5 +263,8 @@ def run(args: argparse.Namespace) -> int:
         )
     finally:
         queue.close()
+        if metrics_http is not None:
+            metrics_http.shutdown()
+            metrics_http.server_close()
     log.info("worker %s stopped", args.name)
     return 0

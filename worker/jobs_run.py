@@ -64,6 +64,7 @@ from jobs.record import (
 from training import checkpoint
 from training.finetune import personalise
 from worker import models
+from worker.metrics import HANDED_BACK, LOST, WorkerMetrics
 
 log = logging.getLogger("talkinghead.worker")
 
@@ -154,14 +155,17 @@ class Context:
     # such stop counted as one of its MAX_ATTEMPTS)
     stopping: threading.Event = field(default_factory=threading.Event)
     estimates: Estimates = field(default_factory=Estimates)
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)  # served with --metrics-port
 
 
 class Heartbeat:
     """Calls queue.heartbeat(job) every `interval` seconds in a thread until stopped; `lost` is set
     when the job was taken over."""
 
-    def __init__(self, queue: JobQueue, job: Job, interval: float) -> None:
-        self.queue, self.job, self.interval = queue, job, interval
+    def __init__(
+        self, queue: JobQueue, job: Job, interval: float, metrics: WorkerMetrics | None = None
+    ) -> None:
+        self.queue, self.job, self.interval, self.metrics = queue, job, interval, metrics
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
@@ -183,6 +187,11 @@ class Heartbeat:
                 return
             except Exception as error:  # Redis away for a moment: the claim timeout allows a few misses
                 log.warning("heartbeat of job %s failed: %s", self.job.id, error)
+                if self.metrics is not None:
+                    self.metrics.on_queue(False)
+            else:
+                if self.metrics is not None:
+                    self.metrics.on_queue(True)
 
 
 def with_progress_every_step(meta: dict[str, Any]) -> dict[str, Any]:
@@ -201,7 +210,7 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
     later = waiting if waiting is not None else Waiting(ctx)
 
     def run() -> bool:
-        with Heartbeat(ctx.queue, job, ctx.heartbeat_s) as beat:
+        with Heartbeat(ctx.queue, job, ctx.heartbeat_s, ctx.metrics) as beat:
             if job.kind == REMOVE:
                 _remove(ctx, job, later)
             elif _adopt(ctx, job, beat):
@@ -212,7 +221,11 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
                 _personalise(ctx, job, beat)
         return True
 
-    _settle(ctx, job, run, later)
+    ctx.metrics.job_running.set(1)
+    try:
+        _settle(ctx, job, run, later)
+    finally:
+        ctx.metrics.job_running.set(0)
     if waiting is None:
         later.wait()
 
@@ -230,6 +243,7 @@ def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) ->
             raise
         except Lost as error:
             log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+            ctx.metrics.on_end(job, LOST)
         except Stopped as why:
             _hand_back(ctx, job, str(why))
         except Cancelled as why:
@@ -249,6 +263,7 @@ def _hand_back(ctx: Context, job: Job, why: str) -> None:
         ctx.queue.release(job)
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        ctx.metrics.on_end(job, LOST)
         return
     except Exception as error:  # the queue away: its claim times out (the lock goes with the process)
         log.warning(
@@ -259,6 +274,7 @@ def _hand_back(ctx: Context, job: Job, why: str) -> None:
         )
         return
     log.info("job %s %s; handed back to the queue (the worker is stopping)", job.id, why)
+    ctx.metrics.on_end(job, HANDED_BACK)
 
 
 class Waiting:
@@ -286,7 +302,10 @@ class Waiting:
             _, beat, _, wait = self._ends[job.id]
             wait = min(2 * wait, END_RETRY_S[1])
         else:
-            beat, wait = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s), END_RETRY_S[0]
+            beat, wait = (
+                Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s, self.ctx.metrics),
+                END_RETRY_S[0],
+            )
             beat.__enter__()
         self._ends[job.id] = (ending, beat, time.monotonic() + wait, wait)
         log.warning(
@@ -299,7 +318,7 @@ class Waiting:
         )
 
     def add(self, job: Job) -> None:
-        beat = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s)
+        beat = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s, self.ctx.metrics)
         beat.__enter__()
         self._jobs[job.id] = (job, time.monotonic() + self.ctx.remove_wait_s, beat)
         log.info("job %s: the avatar record is still there; checking again while other jobs run", job.id)
@@ -407,6 +426,7 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
         written = ctx.queue.finish(job)
     except Lost as error:
         log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        ctx.metrics.on_end(job, LOST)
         written = True
     except Exception as error:
         raise Unwritten(ending, error) from error
@@ -417,6 +437,7 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
             why = "cancelled as its generator was published (taken back: the avatar keeps the one it had)"
             return _write_end(ctx, Ending(job.ended(CANCELLED, code=CODE_CANCELLED, error=why)))
         log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
+        ctx.metrics.on_end(job)
     if ending.then is not None:
         try:
             ending.then()
@@ -426,10 +447,13 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
 
 
 def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
+    steps = ctx.metrics.finetune_steps
+
     def on_step(step: int, losses: dict[str, float]) -> None:
         if beat.lost.is_set():
             raise Lost(f"job {job.id} was taken over by another worker")
         job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
+        steps.inc()
         if step == 1:
             job.first_step_time = time.time()
         if ctx.stopping.is_set() and step < job.steps:
@@ -479,7 +503,12 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
         raise Cancelled("cancelled before export")
     _check_record(ctx, job, "before export")
     published = models.publish(
-        ckpt, ctx.repository, profile=ctx.profile, tritons=ctx.tritons, max_loaded=ctx.max_loaded
+        ckpt,
+        ctx.repository,
+        profile=ctx.profile,
+        tritons=ctx.tritons,
+        max_loaded=ctx.max_loaded,
+        loading=lambda: setattr(job, "load_time", time.time()),
     )
     ctx.estimates.learn(job, time.time())
     _succeed(ctx, job, beat, published)
@@ -728,11 +757,13 @@ def _serve(
         try:
             waiting.check()  # REMOVE jobs whose record was still there: gone by now?
             job = ctx.queue.claim(name, wait_s=2 * REMOVE_POLL_S if waiting else 1.0)
+            ctx.metrics.on_claim()
             if job is not None:
                 run_job(ctx, job, waiting)
             wait = QUEUE_RETRY_S[0]
         except Exception as error:
             log.warning("the job queue failed: %s: %s; retrying in %.0f s", type(error).__name__, error, wait)
+            ctx.metrics.on_queue(False)
             deadline = time.monotonic() + wait
             while running() and time.monotonic() < deadline:
                 time.sleep(0.1)

@@ -27,7 +27,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -122,9 +122,11 @@ def publish(
     profile: str,
     tritons: list[str],
     max_loaded: int = contract.MAX_PERSONALISED,
+    loading: Callable[[], None] | None = None,
 ) -> Published:
     """Export the personalised generator into `repo` and load it in every Triton (keeping at most
-    `max_loaded` personalised generators there where the others are idle: `trim`)."""
+    `max_loaded` personalised generators there where the others are idle: `trim`); `loading` is
+    called between the two (the worker's metrics time them apart)."""
     (graph,) = to_onnx.graphs(ckpt)
     if (found := to_onnx.start_from(graph, repo)) is not None:
         log.info("%s starts from the graph of %s", graph.name, found)
@@ -139,6 +141,8 @@ def publish(
             written = None
         else:
             version_dir = written = repository.write_model(repo, path, profile=profile)
+    if loading is not None:
+        loading()
     load_everywhere(repo, graph.name, tritons=tritons, written=written, max_loaded=max_loaded)
     return Published(graph.name, int(version_dir.name), written)
 

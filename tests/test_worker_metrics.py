@@ -1,0 +1,132 @@
+"""The personalisation worker's /metrics (worker/metrics.py, `talkinghead worker --metrics-port`):
+what a real worker process exports after real jobs on a real Redis - one that succeeds (2
+fine-tuning steps, exported, published), one that fails - and once that Redis is gone; and a
+port already taken."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from jobs.record import FAILED, SUCCEEDED
+from jobs.redis_queue import RedisQueue, connect
+from tests import test_worker_jobs as worker_jobs
+from tests.redis_fixtures import RedisServer, free_port
+from tests.service_fixtures import *  # noqa: F403
+from tests.test_worker_jobs import CHECKPOINT, JOB_S, REPO, START_S, _job, _stop, _until, _worker
+
+# the worker tests' fixtures: the demo portrait as a job's input, the checkpoint's model id, a
+# model repository with the base models
+photos, model_id, repo = worker_jobs.photos, worker_jobs.model_id, worker_jobs.repo
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(port: int) -> Samples | None:
+    """Every sample of http://127.0.0.1:port/metrics: (name, labels) -> value; None: no answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return None
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[name, frozenset(labels.items())]
+
+
+def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """A job that succeeds: counted succeeded, its stages observed once each, 2 fine-tuning steps,
+    no job running after it, the queue up with a claim poll seconds ago. A job made with another
+    model: counted failed. Redis stopped: the queue gauge turns 0 (the worker lives on, retrying)."""
+    redis = RedisServer(workdir=tmp_path / "redis")
+    port = free_port()
+    log = tmp_path / "worker.log"
+    worker = _worker(log, "--redis-url", redis.url, "--repository", str(repo), "--metrics-port", str(port))
+    try:
+        _until("/metrics served", lambda: scrape(port) is not None or worker.poll() is not None, START_S, log)
+        assert worker.poll() is None, log.read_text()[-2000:]
+        assert scrape(port)[("talkinghead_worker_job_running", frozenset())] == 0  # type: ignore[index]
+        service = RedisQueue(client=connect(redis.url))
+        good = service.submit(_job(model_id, "mia", 2), photos, max_active=2)
+        _until("the job ended", lambda: service.get(good.id).done, START_S + JOB_S, log)  # type: ignore[union-attr]
+        assert service.get(good.id).state == SUCCEEDED  # type: ignore[union-attr]
+        bad = service.submit(_job("another-model", "noa", 2), photos, max_active=2)
+        _until("the job ended", lambda: service.get(bad.id).done, JOB_S, log)  # type: ignore[union-attr]
+        assert service.get(bad.id).state == FAILED  # type: ignore[union-attr]
+        ended_at = time.time()
+        _until("a claim poll after it", lambda: _polled_since(port, ended_at), 30, log)
+
+        m = scrape(port)
+        assert m is not None
+        ended = "talkinghead_worker_jobs_total"
+        assert value(m, ended, kind="personalise", outcome="succeeded") == 1
+        assert value(m, ended, kind="personalise", outcome="failed") == 1
+        for outcome in ("cancelled", "handed_back", "lost"):
+            assert value(m, ended, kind="personalise", outcome=outcome) == 0
+        assert value(m, ended, kind="remove", outcome="succeeded") == 0
+        for stage in ("queued", "fine_tuning", "exporting", "loading", "total"):
+            count = value(m, "talkinghead_worker_job_stage_seconds_count", stage=stage)
+            assert count == 1, f"{stage}: only the succeeded job's stages ({count})"
+        total = value(m, "talkinghead_worker_job_stage_seconds_sum", stage="total")
+        parts = sum(
+            value(m, "talkinghead_worker_job_stage_seconds_sum", stage=stage)
+            for stage in ("queued", "fine_tuning", "exporting", "loading")
+        )
+        assert 0 < parts <= total + 1e-6
+        assert value(m, "talkinghead_worker_finetune_steps_total") == 2
+        assert value(m, "talkinghead_worker_job_running") == 0
+        assert value(m, "talkinghead_worker_queue_up") == 1
+        assert time.time() - value(m, "talkinghead_worker_last_claim_timestamp_seconds") < 30
+        assert value(m, "process_resident_memory_bytes") > 0
+        assert any(name == "python_info" for name, _ in m)
+
+        redis.stop()
+        _until("the queue seen down", lambda: _queue_up(port) == 0, 60, log)
+        assert worker.poll() is None, "the worker lives on, retrying its queue"
+        claimed = scrape(port)[("talkinghead_worker_last_claim_timestamp_seconds", frozenset())]  # type: ignore[index]
+        time.sleep(2.5)
+        assert scrape(port)[("talkinghead_worker_last_claim_timestamp_seconds", frozenset())] == claimed  # type: ignore[index]
+    finally:
+        _stop(worker)
+        if redis.process.poll() is None:
+            redis.stop()
+
+
+def _polled_since(port: int, since: float) -> bool:
+    m = scrape(port)
+    return m is not None and m[("talkinghead_worker_last_claim_timestamp_seconds", frozenset())] > since
+
+
+def _queue_up(port: int) -> float | None:
+    m = scrape(port)
+    return None if m is None else m[("talkinghead_worker_queue_up", frozenset())]
+
+
+def test_a_metrics_port_already_taken_ends_the_worker_with_status_2_naming_it(tmp_path: Path) -> None:
+    """Not a traceback: one line naming the address and port, exit status 2, before the
+    checkpoint is loaded or a queue is read."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(tmp_path / "jobs")]
+        cmd += ["--checkpoint", str(CHECKPOINT), "--metrics-port", str(port)]
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"cannot bind metrics to 127.0.0.1:{port}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
