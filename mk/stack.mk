@@ -8,6 +8,7 @@ TRITON_STAMP := $(TRITON_VENV)/.installed
 STACK_STATE ?= var/stack
 STACK_GRPC_PORT ?= 50051
 STACK_METRICS_PORT ?= 8080
+STACK_WORKER_METRICS_PORT ?= 8081
 STACK_TRITON_HTTP_PORT ?= 8000
 STACK_TRITON_GRPC_PORT ?= 8001
 STACK_TRITON_METRICS_PORT ?= 8002
@@ -18,6 +19,7 @@ PROMETHEUS ?= prometheus
 # down/status need only the stdlib: they work without .venv too.
 STACK_PY = $(if $(wildcard $(PY)),$(PY),$(PYTHON))
 STACK_PORTS = --grpc-port $(STACK_GRPC_PORT) --metrics-port $(STACK_METRICS_PORT) \
+	--worker-metrics-port $(STACK_WORKER_METRICS_PORT) \
 	--triton-http-port $(STACK_TRITON_HTTP_PORT) --triton-grpc-port $(STACK_TRITON_GRPC_PORT) \
 	--triton-metrics-port $(STACK_TRITON_METRICS_PORT) --prometheus-port $(STACK_PROMETHEUS_PORT) \
 	--redis-port $(STACK_REDIS_PORT)

@@ -5,10 +5,10 @@ The file is a Grafana dashboard every panel of which reads the `${datasource}` v
 Prometheus; every PromQL expression passes Prometheus' own parser (`promtool check rules`, each
 expression a recording rule); every `talkinghead_*` series, label and label value it reads is one a
 real server exports (a server started here, an avatar created and frames streamed, its /metrics
-scraped), every `nv_*` one is in Triton's documented list; a real Prometheus scraping that server
-answers every panel's query with data, but for the series that need what no test server here has
-(a Triton list, Redis events, a failed model call, a quota); the chart renders the ConfigMap only
-when asked, labelled for the sidecar, its data the file.
+scraped) or a worker's /metrics page does, every `nv_*` one is in Triton's documented list; a real
+Prometheus scraping both answers every panel's query with data, but for the series that need what
+no test server here has (a Triton list, Redis events, a failed model call, a quota); the chart
+renders the ConfigMap only when asked, labelled for the sidecar, its data the file.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import yaml
 from client.library import landmark_requests
 from deploy.local import stack
 from facekit.sequence import LandmarkSequence
+from jobs.record import FAILED, PERSONALISE, SUCCEEDED, Job, new_id
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
 from tests.test_alerts import (
@@ -46,6 +47,7 @@ from tests.test_alerts import (
     needs_promtool,
     rendered,
 )
+from worker.metrics import WorkerMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "deploy" / "helm" / "talkinghead"
@@ -167,8 +169,10 @@ def test_every_selector_picks_the_variables_and_every_rate_the_rate_interval() -
             if name.startswith("talkinghead_"):  # Triton's are another job's (its own pods)
                 assert labels.get("job") == "$job" and labels.get("instance") == "$instance", (where, name)
         assert series_names(expr) == {n for n, _ in SELECTOR.findall(expr)}, (where, "a series without {}")
-        for window in re.findall(r"\}\s*\[([^\]]*)\]", expr):  # (a range after a selector)
-            assert window == "$__rate_interval", (where, window)
+        # (a range after a selector); a worker's jobs end minutes apart: its panels look at an hour
+        worker = all(n.startswith("talkinghead_worker_") for n in series_names(expr))
+        for window in re.findall(r"\}\s*\[([^\]]*)\]", expr):
+            assert window == "$__rate_interval" or (worker and window == "1h"), (where, window)
 
 
 @needs_promtool
@@ -194,30 +198,69 @@ def first(driver: LandmarkSequence, n: int) -> LandmarkSequence:
     return LandmarkSequence(driver.points[:n], driver.frame_size, driver.fps)
 
 
+class WorkerPage:
+    """A personalisation worker's /metrics: worker.metrics.WorkerMetrics, the page `talkinghead
+    worker --metrics-port` serves, served by its own serve() in this process; work() records what a
+    worker does (a claim poll, fine-tuning steps, a personalisation ended SUCCEEDED with its stage
+    times, one FAILED). tests/test_worker_metrics.py scrapes a real worker process; here what
+    matters is the page the panels read, not a PyTorch import and a fine-tuning."""
+
+    def __init__(self) -> None:
+        self.metrics = WorkerMetrics()
+        self.http, self.port = self.metrics.serve("127.0.0.1", 0)
+
+    def work(self) -> None:
+        now = time.time()
+        self.metrics.on_claim()
+        self.metrics.finetune_steps.inc(2)
+        times = {
+            "create_time": now - 30,
+            "start_time": now - 25,
+            "export_time": now - 12,
+            "load_time": now - 4,
+        }
+        job = Job(id=new_id(), kind=PERSONALISE, avatar_id="face", steps=2, **times)
+        self.metrics.on_end(job.ended(SUCCEEDED))
+        self.metrics.on_end(Job(id=new_id(), kind=PERSONALISE, avatar_id="face").ended(FAILED, error="x"))
+
+    def text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
+            return str(response.read().decode())
+
+    def stop(self) -> None:
+        self.http.shutdown()
+        self.http.server_close()
+
+
 @pytest.fixture(scope="module")
 def streamed(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory, driver: LandmarkSequence
-) -> Iterator[tuple[ServerThread, Any]]:
-    """A server, a Prometheus scraping it every second (None where there is no prometheus binary)
-    started before the first frame, and then an avatar created and a live and an offline stream."""
+) -> Iterator[tuple[ServerThread, WorkerPage, Any]]:
+    """A server and a worker's metrics page, a Prometheus scraping both every second (None where
+    there is no prometheus binary) started before the first frame, and then an avatar created and
+    a live and an offline stream."""
     store = tmp_path_factory.mktemp("dashboard-avatars")
     server = ServerThread(settings=test_settings(model_repository, store))
+    worker = WorkerPage()
     prometheus: Prometheus | None = None
     try:
         server.wait_ready()
         with contextlib.suppress(stack.StackError):
             binary = stack.find_prometheus(None)
-            prometheus = Prometheus(binary, server.server.metrics_port, tmp_path_factory.mktemp("prometheus"))
+            state = tmp_path_factory.mktemp("prometheus")
+            prometheus = Prometheus(binary, [server.server.metrics_port, worker.port], state)
             prometheus.wait_scraped()
+        worker.work()  # after a first scrape: the panels' increases see it
         with server.client() as client:
             client.create_avatar("face", [PORTRAIT], consent=CONSENT)
             live = list(client.animate("face", landmark_requests(first(driver, 20)), overflow="drop-oldest"))
             offline = list(client.animate("face", landmark_requests(first(driver, 10)), overflow="block"))
         assert live and len(offline) == 10
-        yield server, prometheus
+        yield server, worker, prometheus
     finally:
         if prometheus is not None:
             prometheus.stop()
+        worker.stop()
         server.stop()
 
 
@@ -236,14 +279,20 @@ def exported_families(text: str) -> dict[str, set[str]]:
     return exported
 
 
-def test_every_series_label_and_value_read_is_exported(streamed: tuple[ServerThread, Any]) -> None:
-    server, _ = streamed
+def test_every_series_label_and_value_read_is_exported(
+    streamed: tuple[ServerThread, WorkerPage, Any],
+) -> None:
+    server, worker, _ = streamed
     exported = exported_families(server.metrics())
     assert "talkinghead_frame_seconds_bucket" in exported and "talkinghead_rpcs_total" in exported
     # Labelled families with no series before their first event: their labels from the registry.
     for name, collector in server.app.metrics.registry._names_to_collectors.items():
         if name in exported:
             exported[name] |= set(getattr(collector, "_labelnames", ()))
+    # The worker pods' series share the job (the worker's ServiceMonitor gives them the server's).
+    worker_families = exported_families(worker.text())
+    assert "talkinghead_worker_jobs_total" in worker_families
+    exported = {**worker_families, **exported}
     known = {**exported, **TRITON_SERIES}
     read: set[str] = set()
     for where, expr in expressions():
@@ -286,6 +335,11 @@ def test_every_series_label_and_value_read_is_exported(streamed: tuple[ServerThr
         "talkinghead_personalisation_oldest_queued_seconds",
         "talkinghead_cpu_seconds_total",
         "process_resident_memory_bytes",
+        "talkinghead_worker_jobs_total",
+        "talkinghead_worker_job_stage_seconds_bucket",
+        "talkinghead_worker_queue_up",
+        "talkinghead_worker_job_running",
+        "talkinghead_worker_last_claim_timestamp_seconds",
     }
     # Every series the dashboard may find empty on a test server is one it reads.
     assert set(NEEDS_MORE) - set(TRITON_SERIES) <= read
@@ -295,13 +349,16 @@ def test_every_series_label_and_value_read_is_exported(streamed: tuple[ServerThr
 
 
 class Prometheus:
-    """A prometheus process scraping the server's /metrics every second, as job `talkinghead` in
-    namespace `avatars` (the labels the ServiceMonitor's scrape gives)."""
+    """A prometheus process scraping /metrics on `metrics_ports` (the server's, a worker's) every
+    second, as job `talkinghead` in namespace `avatars` (the labels the ServiceMonitors' scrapes give)."""
 
-    def __init__(self, binary: str, metrics_port: int, state: Path) -> None:
-        self.port = free_port()
+    def __init__(self, binary: str, metrics_ports: list[int], state: Path) -> None:
+        self.port, self.targets = free_port(), len(metrics_ports)
         config = state / "prometheus.yml"
-        target = {"targets": [f"127.0.0.1:{metrics_port}"], "labels": {"namespace": NAMESPACE}}
+        target = {
+            "targets": [f"127.0.0.1:{port}" for port in metrics_ports],
+            "labels": {"namespace": NAMESPACE},
+        }
         config.write_text(
             yaml.safe_dump(
                 {
@@ -335,7 +392,7 @@ class Prometheus:
         while True:
             assert self.process.poll() is None, f"prometheus exited {self.process.returncode}"
             with contextlib.suppress(OSError, urllib.error.URLError, AssertionError):
-                if self.query(f'up{{job="{JOB}"}} == 1'):
+                if len(self.query(f'up{{job="{JOB}"}} == 1')) == self.targets:
                     return
             assert time.monotonic() < deadline, "prometheus did not scrape the server"
             time.sleep(0.2)
@@ -358,8 +415,8 @@ def free_port() -> int:
     raise AssertionError(f"no free port in {PROMETHEUS_PORTS}")
 
 
-def test_a_real_prometheus_answers_every_panel(streamed: tuple[ServerThread, Any]) -> None:
-    _, prometheus = streamed
+def test_a_real_prometheus_answers_every_panel(streamed: tuple[ServerThread, WorkerPage, Any]) -> None:
+    _, _, prometheus = streamed
     if prometheus is None:
         pytest.skip("no prometheus binary (Debian: prometheus; `make prometheus`)")
     # Two scrapes after the last frame: every rate's window holds the stream's samples.
@@ -367,7 +424,8 @@ def test_a_real_prometheus_answers_every_panel(streamed: tuple[ServerThread, Any
     empty: dict[str, str] = {}
     for where, expr in expressions():
         result = prometheus.query(substitute(expr))
-        if not result:
+        quantile_of_nothing = "histogram_quantile" in expr and all(s["value"][1] == "NaN" for s in result)
+        if not result or quantile_of_nothing:
             empty[where] = expr
     unexplained = {w: e for w, e in empty.items() if not series_names(e) & set(NEEDS_MORE)}
     assert unexplained == {}, "panels without data after a stream"

@@ -135,7 +135,16 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
     prometheus = prometheus_binary()
     redis_binary()  # installs Debian's package or skips
 
-    names = ["triton_http", "triton_grpc", "triton_metrics", "grpc", "metrics", "prometheus", "redis"]
+    names = [
+        "triton_http",
+        "triton_grpc",
+        "triton_metrics",
+        "grpc",
+        "metrics",
+        "worker_metrics",
+        "prometheus",
+        "redis",
+    ]
     ports = stack.Ports(**dict(zip(names, free_ports(len(names)), strict=True)))
     state = tmp_path / "stack"
     repo = private_copy(repository(request), tmp_path / "repo")  # the worker writes into it
@@ -207,6 +216,9 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
                 'sum(nv_inference_request_duration_us{model="generator"})': 1,
                 'sum(nv_inference_compute_infer_duration_us{model="generator"})': 1,
                 'sum(nv_inference_request_summary_us_count{model="generator"})': 1,
+                # the worker's: the personalisation it ran, and its queue answering
+                'sum(talkinghead_worker_jobs_total{kind="personalise",outcome="succeeded"})': 1,
+                'min(talkinghead_worker_queue_up{component="worker"})': 1,
             },
         )
         p95 = scalar(

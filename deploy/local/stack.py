@@ -64,6 +64,7 @@ class Ports:
     triton_metrics: int = 8002
     grpc: int = 50051
     metrics: int = 8080
+    worker_metrics: int = 8081
     prometheus: int = 9090
     redis: int = 6379
 
@@ -76,7 +77,7 @@ class Ports:
         if name == "redis":
             return {"redis": self.redis}
         if name == "worker":
-            return {}
+            return {"metrics": self.worker_metrics}
         if name == "triton":
             return {"http": self.triton_http, "grpc": self.triton_grpc, "metrics": self.triton_metrics}
         if name == "service":
@@ -281,6 +282,7 @@ def render_prometheus_config(layout: Layout, ports: Ports, scrape_interval: str)
     text = template.substitute(
         scrape_interval=scrape_interval,
         service_metrics_port=ports.metrics,
+        worker_metrics_port=ports.worker_metrics,
         triton_metrics_port=ports.triton_metrics,
         prometheus_port=ports.prometheus,
         rules_file=layout.prometheus_rules.resolve(),
@@ -359,7 +361,7 @@ def worker_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], d
         WORKER_NAME,
     ]
     cmd += ["--repository", str(args.repository.resolve()), "--checkpoint", str(args.checkpoint.resolve())]
-    cmd += ["--triton-url", f"127.0.0.1:{ports.triton_grpc}"]
+    cmd += ["--triton-url", f"127.0.0.1:{ports.triton_grpc}", "--metrics-port", str(ports.worker_metrics)]
     # On the machine Triton runs on, fine-tuning takes only the CPU streams leave, as the embedded
     # worker does (service/local_worker.py). Started in a session of its own (`launch`), the worker
     # lowers that session's autogroup too (facekit/scheduling.py): a policy alone ranks threads
@@ -397,6 +399,7 @@ def ports_from(args: argparse.Namespace) -> Ports:
         triton_metrics=args.triton_metrics_port,
         grpc=args.grpc_port,
         metrics=args.metrics_port,
+        worker_metrics=args.worker_metrics_port,
         prometheus=args.prometheus_port,
         redis=args.redis_port,
     )
@@ -511,7 +514,8 @@ def summary(layout: Layout, ports: Ports, args: argparse.Namespace) -> str:
 talkinghead stack is up (state {layout.state}):
   redis       {ports.redis_url}  (avatars, the personalisation queue; data {layout.state / "redis"})
   service     gRPC {server}  (backend triton)  metrics http://127.0.0.1:{ports.metrics}/metrics
-  worker      {WORKER_NAME}: fine-tunes from {args.checkpoint}, writes {args.repository}, loads into Triton
+  worker      {WORKER_NAME}: fine-tunes from {args.checkpoint}, writes {args.repository}, loads into Triton  \
+metrics http://127.0.0.1:{ports.worker_metrics}/metrics
   triton      gRPC 127.0.0.1:{ports.triton_grpc}  HTTP http://127.0.0.1:{ports.triton_http}  \
 metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
