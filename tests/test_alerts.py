@@ -400,6 +400,11 @@ def series(name: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{name}{{{text}}}", "values": values}
 
 
+def personalisations(outcome: str, values: str) -> dict[str, str]:
+    """The worker pod's talkinghead_worker_jobs_total{kind="personalise"} series of `outcome`."""
+    return series("talkinghead_worker_jobs_total", values, kind="personalise", outcome=outcome, **WORKER)
+
+
 def per_minute(increase: float) -> str:
     """A counter growing by `increase` every minute, for MINUTES minutes."""
     return f"0+{increase:g}x{MINUTES}"
@@ -503,27 +508,9 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
         ],
         # the worker pod: 10 personalisations an hour, 1 in 10 failing; its queue answering
         "talkinghead_worker_jobs_total": [
-            series(
-                "talkinghead_worker_jobs_total",
-                per_minute(0.15),
-                kind="personalise",
-                outcome="succeeded",
-                **WORKER,
-            ),
-            series(
-                "talkinghead_worker_jobs_total",
-                per_minute(0.0167),
-                kind="personalise",
-                outcome="failed",
-                **WORKER,
-            ),
-            series(
-                "talkinghead_worker_jobs_total",
-                per_minute(0.05),
-                kind="personalise",
-                outcome="cancelled",
-                **WORKER,
-            ),
+            personalisations("succeeded", per_minute(0.15)),
+            personalisations("failed", per_minute(0.0167)),
+            personalisations("cancelled", per_minute(0.05)),
         ],
         "talkinghead_worker_queue_up": [series("talkinghead_worker_queue_up", constant(1), **WORKER)],
     }
@@ -673,20 +660,8 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
     "TalkingheadPersonalisationsFailing": (
         {  # from minute 10 half the personalisations fail (a full model repository, say)
             "talkinghead_worker_jobs_total": [
-                series(
-                    "talkinghead_worker_jobs_total",
-                    per_minute(0.15),
-                    kind="personalise",
-                    outcome="succeeded",
-                    **WORKER,
-                ),
-                series(
-                    "talkinghead_worker_jobs_total",
-                    f"0x10 0+0.15x{MINUTES - 10}",
-                    kind="personalise",
-                    outcome="failed",
-                    **WORKER,
-                ),
+                personalisations("succeeded", per_minute(0.15)),
+                personalisations("failed", f"0x10 0+0.15x{MINUTES - 10}"),
             ]
         },
         {**FLEET, "severity": "warning"},
