@@ -49,7 +49,9 @@ class ServerProcess:
         cycle_collector: bool = True,
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
+        output: int | None = None,
     ) -> None:
+        """`output`: a file descriptor its stdout and stderr go to instead of `self.log`."""
         self.port = free_port()
         self.metrics_port = free_port()
         self.log = root / "server.log"
@@ -76,7 +78,7 @@ class ServerProcess:
                 [sys.executable, "-c", LAUNCHER, "serve", "--inference-threads", "1", *args],
                 cwd=REPO,
                 env={**os.environ, **settings},
-                stdout=out,
+                stdout=out if output is None else output,
                 stderr=subprocess.STDOUT,
             )
         self.address = f"127.0.0.1:{self.port}"

@@ -8,9 +8,12 @@ lines are greppable, and an in-process server for what only a log capture shows 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -234,3 +237,90 @@ def test_json_formatter_keeps_a_record_on_one_line_with_its_fields_and_traceback
     assert parsed["message"] == "two\nlines here" and parsed["level"] == "ERROR" and parsed["logger"] == "x.y"
     assert parsed["tenant"] == "acme"
     assert "ValueError: boom" in parsed["exception"] and "Traceback" in parsed["exception"]
+
+
+# ---- a log stream nobody reads ------------------------------------------------------------------
+
+
+def _drain(fd: int) -> tuple[threading.Thread, list[bytes]]:
+    """Read `fd` to its end in a thread: (the thread, what it read)."""
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while chunk := os.read(fd, 1 << 16):
+            chunks.append(chunk)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread, chunks
+
+
+def test_a_server_whose_log_is_not_read_goes_on_answering(model_repository: Path, tmp_path: Path) -> None:
+    """Its output into a pipe nobody reads for 1,500 calls (an access line each, ~250 KB): every call
+    is answered, and once the pipe is read every line comes out. Before, the event loop wrote each
+    line itself: the 64 KiB pipe filled and the server hung at call 519 (DEADLINE_EXCEEDED)."""
+    read_end, write_end = os.pipe()
+    try:
+        server = ServerProcess(repository=model_repository, root=tmp_path, output=write_end)
+    finally:
+        os.close(write_end)  # (the server holds its own)
+    try:
+        with Client(target=server.address, timeout=10) as client:
+            for _ in range(1500):
+                assert list(client.list_avatars()) == []
+        reader, chunks = _drain(read_end)
+    finally:
+        server.stop()
+    reader.join(30)
+    os.close(read_end)
+    assert server.process.returncode == 0
+    text = b"".join(chunks).decode()
+    assert len(re.findall(r"access ListAvatars OK ", text)) == 1500, text[-2000:]
+    assert "log records dropped" not in text  # 10,000 wait for the writer: none lost here
+
+
+def _fill(fd: int) -> None:
+    """Write into pipe `fd` until it is full."""
+    os.set_blocking(fd, False)
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            os.write(fd, b"." * 4096)
+    os.set_blocking(fd, True)
+
+
+def test_a_full_log_queue_drops_records_and_says_how_many() -> None:
+    """With the stream blocked and the queue full, logging returns at once and drops the record;
+    the writer, writing again, says how many it lost, and writes what came after."""
+    from facekit import logs
+
+    read_end, write_end = os.pipe()
+    _fill(write_end)
+    stream = os.fdopen(write_end, "w")
+    writer = logs.Writer(stream=stream, capacity=10)
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test.blocked")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(writer)
+    try:
+        logged = threading.Thread(target=lambda: [log.info("record %d", i) for i in range(100)])
+        logged.start()
+        logged.join(10)
+        assert not logged.is_alive(), "logging blocked on a stream nobody reads"
+        # 10 wait (and up to 10 the writer took before it blocked writing them): the rest were dropped
+        assert 80 <= writer.dropped <= 90, writer.dropped
+        deadline = time.monotonic() + 10
+        while writer.waiting:  # the writer takes them (and blocks writing): room for the next
+            assert time.monotonic() < deadline, "the writer took nothing"
+            time.sleep(0.01)
+        reader, chunks = _drain(read_end)
+        log.info("after")
+        writer.close()
+        stream.close()
+        reader.join(10)
+    finally:
+        log.removeHandler(writer)
+    lines = b"".join(chunks).decode().lstrip(".").splitlines()
+    assert lines[-1] == "INFO after", lines[-3:]
+    assert f"WARNING {writer.dropped} log records dropped: the log stream was not read for a while" in lines
+    assert len([line for line in lines if line.startswith("INFO record ")]) == 100 - writer.dropped
