@@ -135,14 +135,7 @@ class ServerThread:
 
     def metric_total(self, name: str) -> float:
         """The sum of every series of metric `name` (each label value); KeyError when it has none."""
-        values = [
-            float(line.rsplit(" ", 1)[1])
-            for line in self.metrics().splitlines()
-            if line.startswith((name + " ", name + "{"))
-        ]
-        if not values:
-            raise KeyError(name)
-        return sum(values)
+        return metric_sum(self.metrics(), name)
 
     def stop(self, grace: float = 1.0) -> None:
         try:
@@ -151,6 +144,18 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(10)
             self.loop.close()
+
+
+def metric_sum(text: str, name: str) -> float:
+    """The sum of every series of metric `name` on a /metrics page; KeyError when it has none."""
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith((name + " ", name + "{"))
+    ]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:

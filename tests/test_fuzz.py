@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from tests import fuzzing
 from tests.fuzzing import BAD, KEEP, METHODS, Method
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT
+from tests.service_fixtures import CONSENT, PORTRAIT, metric_sum
 from tests.service_process import ServerProcess
 
 CASES = int(os.environ.get("TALKINGHEAD_FUZZ_CASES", "3000"))
@@ -241,14 +241,7 @@ def _metric(server: ServerProcess, name: str) -> float:
     """The sum of every series of metric `name`."""
     url = f"http://127.0.0.1:{server.metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        values = [
-            float(line.split()[1])
-            for line in response.read().decode().splitlines()
-            if line.startswith((name + " ", name + "{"))
-        ]
-    if not values:
-        raise KeyError(name)
-    return sum(values)
+        return metric_sum(response.read().decode(), name)
 
 
 def test_every_method_is_fuzzed() -> None:

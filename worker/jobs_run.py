@@ -162,10 +162,8 @@ class Heartbeat:
     """Calls queue.heartbeat(job) every `interval` seconds in a thread until stopped; `lost` is set
     when the job was taken over."""
 
-    def __init__(
-        self, queue: JobQueue, job: Job, interval: float, metrics: WorkerMetrics | None = None
-    ) -> None:
-        self.queue, self.job, self.interval, self.metrics = queue, job, interval, metrics
+    def __init__(self, ctx: Context, job: Job) -> None:
+        self.queue, self.job, self.interval, self.metrics = ctx.queue, job, ctx.heartbeat_s, ctx.metrics
         self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
@@ -187,11 +185,9 @@ class Heartbeat:
                 return
             except Exception as error:  # Redis away for a moment: the claim timeout allows a few misses
                 log.warning("heartbeat of job %s failed: %s", self.job.id, error)
-                if self.metrics is not None:
-                    self.metrics.on_queue(False)
+                self.metrics.on_queue(False)
             else:
-                if self.metrics is not None:
-                    self.metrics.on_queue(True)
+                self.metrics.on_queue(True)
 
 
 def with_progress_every_step(meta: dict[str, Any]) -> dict[str, Any]:
@@ -210,7 +206,7 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
     later = waiting if waiting is not None else Waiting(ctx)
 
     def run() -> bool:
-        with Heartbeat(ctx.queue, job, ctx.heartbeat_s, ctx.metrics) as beat:
+        with Heartbeat(ctx, job) as beat:
             if job.kind == REMOVE:
                 _remove(ctx, job, later)
             elif _adopt(ctx, job, beat):
@@ -302,10 +298,7 @@ class Waiting:
             _, beat, _, wait = self._ends[job.id]
             wait = min(2 * wait, END_RETRY_S[1])
         else:
-            beat, wait = (
-                Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s, self.ctx.metrics),
-                END_RETRY_S[0],
-            )
+            beat, wait = Heartbeat(self.ctx, job), END_RETRY_S[0]
             beat.__enter__()
         self._ends[job.id] = (ending, beat, time.monotonic() + wait, wait)
         log.warning(
@@ -318,7 +311,7 @@ class Waiting:
         )
 
     def add(self, job: Job) -> None:
-        beat = Heartbeat(self.ctx.queue, job, self.ctx.heartbeat_s, self.ctx.metrics)
+        beat = Heartbeat(self.ctx, job)
         beat.__enter__()
         self._jobs[job.id] = (job, time.monotonic() + self.ctx.remove_wait_s, beat)
         log.info("job %s: the avatar record is still there; checking again while other jobs run", job.id)
