@@ -357,7 +357,12 @@ def test_a_generator_in_lanes_gets_a_batch_per_lane_and_two_more_and_keeps_every
     # most 0.05 / 0.07 = 71 % of the time.
     if lanes > 1:
         assert busy > 0.85, busy
-        assert frames > 0.85 * lanes * seconds / generate_s * batch
+        # Every call a lane ran delivered its batch, bar those still in the backend at the end
+        # (counted against calls run, not the nominal 50 ms, which a loaded host's sleeps overrun).
+        assert frames >= batch * (backend.offline_starts - backend.most_handed), (
+            frames,
+            backend.offline_starts,
+        )
     else:
         assert busy < 0.8, busy
 
@@ -384,7 +389,9 @@ def test_a_remote_generator_gets_a_call_per_instance_one_queued_and_the_next_bat
     # A batch of 4 takes 5-20 ms to draw (1-4 threads): drawn only while no call runs, an
     # instance would be busy at most 0.05 / 0.055 = 91 % of the time, and far less in lanes.
     assert busy > 0.9, busy
-    assert frames > 0.9 * lanes * seconds / generate_s * batch
+    # Every call a lane ran delivered its batch, bar those still in the backend at the end
+    # (counted against calls run, not the nominal 50 ms, which a loaded host's sleeps overrun).
+    assert frames >= batch * (backend.offline_starts - backend.most_handed), (frames, backend.offline_starts)
 
 
 def test_a_remote_generator_that_gains_an_instance_gets_a_call_in_it() -> None:
