@@ -7,9 +7,10 @@ needs --frame-size). Frames come back in order and are written to --out (H.264 v
 and the achieved frames per second are printed.
 
 --out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
---out (.NAME.partial-PID.EXT), signed there when signing is configured, and renamed onto it once
+--out (.NAME.partial-HOST-PID.EXT), signed there when signing is configured, and renamed onto it once
 the stream has ended well. An error of the service (or a lost connection), a failed signing,
-Ctrl-C or SIGTERM removes it (and the folders made for it) and says "nothing written". A file
+Ctrl-C or SIGTERM removes it (and the folders made for it) and says "nothing written"; what a
+SIGKILL leaves, the next run writing the same --out removes. A file
 already at --out or --contact-sheet is refused unless --overwrite (it is then replaced only by a
 complete output), and an output that is the driver is always refused. Paths, the driver and the
 signing certificate (a trial signature) are checked before the service is called. Exit status: 0

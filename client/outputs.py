@@ -2,7 +2,7 @@
 
     video = PendingFile(Path("out/mona.mp4"), flag="--out")  # ValueError: a directory, nowhere to write
     with video:
-        write(video.partial)  # .mona.mp4.partial-<pid>.mp4 beside it (same extension: same format)
+        write(video.partial)  # .mona.mp4.partial-<host>-<pid>.mp4 beside it (same extension: same format)
         video.commit()        # renamed onto out/mona.mp4; leaving the block without it removes it
 
 The parent directories are made on the spot, and removed again (those this made, when empty) when
@@ -10,6 +10,11 @@ the file is not committed. Until the commit nothing is at the target: an error, 
 (inside `terminate_raises`) or a lost server leaves a file that was there before as it was, and no
 shorter copy of it. With overwrite=False a file that is there is never replaced: the constructor
 refuses it, and one that appears meanwhile makes the commit fail.
+
+Only SIGKILL (or a crash, or a power cut) leaves a partial file behind. The next PendingFile for the
+same path removes those that a process of this host left and that process is gone; one whose
+process still runs (a second command writing the same path), or from another host (a shared
+folder), stays.
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +38,42 @@ def reason(error: OSError) -> str:
     if isinstance(error, IsADirectoryError):
         return "is a directory"
     return error.strerror or str(error)
+
+
+def _host() -> str:
+    """This host's name as it goes in a partial file's name: letters, digits and dots only."""
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_abandoned(path: Path) -> list[Path]:
+    """Remove the partial files for `path` that a process of this host, now gone, left (killed
+    before it could clean up); those removed."""
+    prefix, suffix = f".{path.name}.partial-{_host()}-", path.suffix
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix) or not entry.name.endswith(suffix):
+            continue
+        pid = entry.name[len(prefix) : len(entry.name) - len(suffix)]
+        if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or _running(int(pid)):
+            continue
+        with contextlib.suppress(FileNotFoundError):  # another command removed it first
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+    return removed
 
 
 class Terminated(KeyboardInterrupt):
@@ -81,12 +124,13 @@ class PendingFile:
         if not existing.is_dir():
             raise ValueError(f"{flag} {self.path}: {existing} is not a directory")
         name = self.path.name
-        self.partial = self.path.with_name(f".{name}.partial-{os.getpid()}{self.path.suffix}")
+        self.partial = self.path.with_name(f".{name}.partial-{_host()}-{os.getpid()}{self.path.suffix}")
         try:
             for folder in reversed(missing):
                 folder.mkdir(exist_ok=True)
                 self.created.insert(0, folder)
             self.partial.open("wb").close()
+            remove_abandoned(self.path)
         except OSError as error:
             self._remove_created()
             raise ValueError(f"{flag} {self.path}: cannot write there ({error.strerror or error})") from error

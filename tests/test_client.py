@@ -191,6 +191,38 @@ def test_ctrl_c_or_sigterm_during_animate_writes_nothing(
     assert files_in(tmp_path) == ["out.mp4"]
 
 
+def test_the_partial_file_a_killed_animate_left_goes_with_the_next_run(
+    server: ServerThread, avatar: str, tmp_path: Path
+) -> None:
+    """SIGKILL (`kill -9`, the OOM killer) gives `talkinghead animate` no chance to clean up: its
+    hidden partial file stays beside --out. The next run writing the same --out removes it (before:
+    one more such file every time), and leaves the partial file of a command still running and
+    one from another host (a shared folder)."""
+    out = tmp_path / "out.mp4"
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(DRIVER)]
+    process = cli_process(*argv, "--out", str(out), "--live")
+    sent = server.metric("talkinghead_frames_sent_total", 0.0)
+    try:
+        deadline = time.monotonic() + 60
+        while server.metric("talkinghead_frames_sent_total", 0.0) < sent + 10:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.communicate()
+    [left] = tmp_path.glob(".out.mp4.partial-*")
+    assert left.name.endswith(f"-{process.pid}.mp4")
+    running = left.with_name(left.name.replace(f"-{process.pid}.mp4", f"-{os.getppid()}.mp4"))
+    elsewhere = tmp_path / f".out.mp4.partial-otherhost-{process.pid}.mp4"
+    running.write_bytes(b"")
+    elsewhere.write_bytes(b"")
+    np.save(tmp_path / "d.npy", np.load(DRIVER)["points"][:4])
+    flags = ["--driver", str(tmp_path / "d.npy"), "--frame-size", "256x256", "--out", str(out)]
+    assert main(["animate", "--server", server.address, "--avatar", avatar, *flags]) == 0
+    assert files_in(tmp_path) == sorted(["d.npy", "out.mp4", running.name, elsewhere.name])
+    assert len(read_video(out)[0]) == 4
+
+
 def test_personalise_passes_the_steps_given_and_cancel_succeeds(
     server: ServerThread, client: Client, capsys: pytest.CaptureFixture[str]
 ) -> None:
