@@ -388,7 +388,8 @@ POD = {
     "instance": "10.0.0.1:8080",
 }
 FLEET = {"job": "th-talkinghead-metrics", "namespace": "avatars"}
-WORKER = {"pod": "th-talkinghead-worker-0", "instance": "10.0.0.9:8081"}  # a worker pod, the same job
+# a worker pod: the same job, told apart by `component` (worker-servicemonitor.yaml)
+WORKER = {"pod": "th-talkinghead-worker-0", "instance": "10.0.0.9:8081", "component": "worker"}
 TRITONS = ["10.0.1.5:8001", "10.0.1.6:8001"]  # the Tritons behind the replica's Triton URL
 MINUTES = 40  # each scenario's length; every `for` and window fits well within it
 BUCKETS = [b for b in service_metrics.LATENCY_BUCKETS] + [float("inf")]
@@ -450,7 +451,7 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
     of frames late, 1.6 % of calls UNAVAILABLE, live frames' p99 ~ 80 ms (offline ones' ~ 1 s,
     which no alert minds). `override` replaces a family's series by its name."""
     families = {
-        "up": [series("up", constant(1))],
+        "up": [series("up", constant(1)), series("up", constant(1), **WORKER)],
         "talkinghead_backend_ready": [series("talkinghead_backend_ready", constant(1))],
         "talkinghead_triton_ready": [
             series("talkinghead_triton_ready", constant(1), address=TRITONS[0]),
@@ -525,7 +526,11 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
         {"up": [series("up", f"1x10 0x{MINUTES - 10}")]},
         {**POD, "severity": "warning"},
     ),
-    "TalkingheadNoTargets": ({"up": []}, {**FLEET, "severity": "critical"}),
+    # no server scraped, though a worker is (before: the worker's `up` hid it)
+    "TalkingheadNoTargets": (
+        {"up": [series("up", constant(1), **WORKER)]},
+        {**FLEET, "severity": "critical"},
+    ),
     "TalkingheadBackendNotReady": (
         {"talkinghead_backend_ready": [series("talkinghead_backend_ready", f"1x10 0x{MINUTES - 10}")]},
         {**POD, "severity": "critical"},
@@ -746,6 +751,39 @@ def test_each_alert_fires_on_its_trouble_and_none_on_healthy_series(helm: str, t
             ],
         },
     ]
+    # TargetDown says what is down: a server replica, or a worker (before: "replica" for both)
+    source = yaml.safe_load(alerts.SOURCE.read_text())["alerts"][ALERT_NAMES.index("TalkingheadTargetDown")]
+    for what, target in (("replica", POD), ("worker", WORKER)):
+        labels = {**POD, **target}
+        up = [series("up", constant(1), **(POD if target is WORKER else WORKER))]
+        summary = f"talkinghead {what} {labels['pod']}: metrics target {labels['instance']} down"
+        description = " ".join(source["description"].split()).replace(
+            "{{ $labels.instance }}", labels["instance"]
+        )
+        runbook = "deploy/README.md#talkingheadtargetdown (section 6, Alerts)"
+        tests.append(
+            {
+                "name": f"TalkingheadTargetDown of a {what}",
+                "interval": "1m",
+                "input_series": healthy(up=[*up, series("up", f"1x10 0x{MINUTES - 10}", **target)]),
+                "alert_rule_test": [
+                    {
+                        "eval_time": f"{MINUTES - 1}m",
+                        "alertname": "TalkingheadTargetDown",
+                        "exp_alerts": [
+                            {
+                                "exp_labels": {**labels, "severity": "warning"},
+                                "exp_annotations": {
+                                    "summary": summary,
+                                    "description": description,
+                                    "runbook": runbook,
+                                },
+                            }
+                        ],
+                    }
+                ],
+            }
+        )
     spec = tmp_path / "tests.yml"
     spec.write_text(
         yaml.safe_dump(

@@ -1802,7 +1802,10 @@ def test_the_worker_serves_metrics_that_its_own_service_monitor_scrapes_under_th
     assert not server_monitor["spec"]["selector"]["matchLabels"].items() <= selected.items()
     [endpoint] = monitor["spec"]["endpoints"]
     assert (endpoint["port"], endpoint["interval"], endpoint["scrapeTimeout"]) == ("metrics", "20s", "7s")
-    assert endpoint["relabelings"] == [{"targetLabel": "job", "replacement": "th-talkinghead-metrics"}]
+    assert endpoint["relabelings"] == [
+        {"targetLabel": "job", "replacement": "th-talkinghead-metrics"},
+        {"targetLabel": "component", "replacement": "worker"},
+    ]
     assert one(monitored, "Service", "-metrics")["metadata"]["name"] == "th-talkinghead-metrics"
     # no worker, none of it
     server_only = render(helm, metrics__serviceMonitor__enabled=True)
