@@ -7,6 +7,7 @@ import asyncio
 import heapq
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -25,14 +26,22 @@ class TimedBackend:
     def __init__(self) -> None:
         self.frames = 0
         self.batches: list[int] = []
+        self.took = self.nominal = 0.0
 
     async def generate(
         self, images: np.ndarray, adain: np.ndarray, warped: np.ndarray | None = None, *, priority: int = 1
     ) -> np.ndarray:
+        t0 = time.perf_counter()
         await asyncio.sleep(FIXED_S + PER_FRAME_S * len(images))
+        self.took += time.perf_counter() - t0
+        self.nominal += FIXED_S + PER_FRAME_S * len(images)
         self.frames += len(images)
         self.batches.append(len(images))
         return np.zeros_like(images)
+
+    def overrun(self) -> float:
+        """How much longer the calls took than asked (a loaded host's sleeps overrun), >= 1."""
+        return max(1.0, self.took / self.nominal)
 
 
 def item() -> WorkItem:
@@ -55,9 +64,26 @@ async def consume(queue: StreamQueue, futures: asyncio.Queue, latencies: list[fl
             queue.delivered()
 
 
+def assert_live_frames_kept(
+    sent: int, back: int, dropped: int, seconds: float, most_dropped: int = 2
+) -> None:
+    """Every live frame sent (at 25 fps for `seconds`) came back but those dropped (at most
+    `most_dropped`) and those still in flight at the end (a budget's worth, 5). Counted against
+    the frames sent, not a nominal 25 fps, which a loaded host's sleeps fall short of."""
+    assert sent >= 0.6 * 25 * seconds, sent
+    assert dropped <= most_dropped and back >= sent - dropped - 5, (back, sent, dropped)
+
+
+class Run(NamedTuple):
+    live: StreamQueue
+    latencies: list[float]  # of each live frame that came back
+    backend: object
+    sent: int  # live frames sent
+
+
 async def scenario(
     seconds: float = 3.0, backend: object = None, cost: CostModel | None = None, batch_cap: int = 16
-) -> tuple[StreamQueue, list[float], object]:
+) -> Run:
     """A live stream at 25 fps beside an offline stream that always has work, for `seconds`."""
     backend = backend or TimedBackend()
     if cost is None:
@@ -73,12 +99,14 @@ async def scenario(
     offline_sent: asyncio.Queue = asyncio.Queue()
     live_latency: list[float] = []
     loop = asyncio.get_running_loop()
+    sent = [0]
 
     async def feed_live() -> None:  # 25 frames a second
         while True:
             work = item()
             await live.put(work)
             live_sent.put_nowait((work, loop.time()))
+            sent[0] += 1
             await asyncio.sleep(0.04)
 
     async def feed_offline() -> None:  # as fast as the queue takes them (BLOCK)
@@ -101,18 +129,18 @@ async def scenario(
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     await batcher.close()
-    return live, live_latency, backend
+    return Run(live, live_latency, backend, sent[0])
 
 
 def test_with_the_batch_cap_at_one_every_call_is_one_frame_and_both_streams_are_served() -> None:
     """An engine in lanes with TALKINGHEAD_BATCHING=auto (App._calibrate sets the cap): a deep
     offline stream is served one frame per call and the live stream keeps its frames; without the
     cap the same streams make batches of several frames."""
-    live, latencies, backend = asyncio.run(scenario(2.0, batch_cap=1))
+    live, latencies, backend, sent = asyncio.run(scenario(2.0, batch_cap=1))
     assert set(backend.batches) == {1}, backend.batches
-    assert len(latencies) >= 42 and live.dropped <= 2, (len(latencies), live.dropped)
+    assert_live_frames_kept(sent, len(latencies), live.dropped, 2.0)
     assert backend.frames > len(latencies) + 20, "the offline stream got frames too"
-    _, _, uncapped = asyncio.run(scenario(2.0))
+    _, _, uncapped, _ = asyncio.run(scenario(2.0))
     assert max(uncapped.batches) > 1
 
 
@@ -134,12 +162,14 @@ def test_offline_streams_beside_a_live_one_share_what_is_left_equally() -> None:
         offline = [batcher.open_stream(depth=64, block=True) for _ in range(2)]
         sent = {q: asyncio.Queue() for q in (live, *offline)}
         delivered: dict[StreamQueue, list[float]] = {q: [] for q in sent}
+        live_sent = [0]
 
         async def feed(queue: StreamQueue, period: float) -> None:
             while True:
                 work = item()
                 await queue.put(work)
                 sent[queue].put_nowait((work, loop.time()))
+                live_sent[0] += queue is live
                 await asyncio.sleep(period)
 
         tasks = [asyncio.create_task(feed(live, 0.04))]
@@ -150,26 +180,27 @@ def test_offline_streams_beside_a_live_one_share_what_is_left_equally() -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await batcher.close()
-        return len(delivered[live]), [len(delivered[q]) for q in offline]
+        return live_sent[0], live.dropped, len(delivered[live]), [len(delivered[q]) for q in offline]
 
-    live_frames, (first, second) = asyncio.run(run())
-    assert live_frames >= 58, live_frames  # 75 sent; as the batch-cap-1 test above, ~84% come back
+    sent, dropped, live_frames, (first, second) = asyncio.run(run())
+    assert_live_frames_kept(sent, live_frames, dropped, 3.0)
     assert min(first, second) >= 20, (first, second)  # 3 s of calls of 17 ms: ~175, ~75 of them live
     # 55 / 54 here (before: 67 / 46, 65 / 46, 59 / 54)
     assert abs(first - second) <= max(3, 0.05 * max(first, second)), (live_frames, first, second)
 
 
 def test_an_offline_stream_with_work_always_waiting_leaves_the_live_stream_its_frames() -> None:
-    live, latencies, backend = asyncio.run(scenario())
-    frames = len(latencies)
-    # 3 s at 25 fps: ~75 frames sent; a batch of live + offline frames must not make live frames late
-    assert frames >= 65 and live.dropped <= 2, (frames, live.dropped)
+    live, latencies, backend, sent = asyncio.run(scenario())
+    # 3 s at 25 fps: a batch of live + offline frames must not make live frames late
+    assert_live_frames_kept(sent, len(latencies), live.dropped, 3.0)
     # A live frame comes out within LATE_SHARE of the budget: the batch in flight and its own.
     # (Before: p99 0.153 s with batches of 40 % of the budget, 0.134 s at 25 % while a starving
-    # offline stream took a live stream's share of every batch; now 0.092 s.)
-    assert float(np.percentile(latencies, 99)) < LATE_SHARE * 0.2
+    # offline stream took a live stream's share of every batch; now 0.092 s.) As long again as
+    # the generator's calls overran what they asked for (a loaded host).
+    assert isinstance(backend, TimedBackend)
+    assert float(np.percentile(latencies, 99)) < LATE_SHARE * 0.2 * backend.overrun(), backend.overrun()
     # and the offline stream used the rest: the backend was busy most of the time
-    assert isinstance(backend, TimedBackend) and backend.frames * PER_FRAME_S > 0.7 * 3.0
+    assert backend.frames * PER_FRAME_S > 0.7 * 3.0
 
 
 def run_offline(
@@ -288,11 +319,16 @@ class LanedBackend:
         self.arrivals = 0
         self.handed = self.running = self.most_handed = self.most_running = 0
         self.lane_time = 0.0
+        self.calls = 0  # that ran in a lane
         self.offline_starts = 0
         self.live_waited_behind: list[int] = []  # per live call: offline calls that took a lane first
 
     def lanes(self, model: str) -> int:
         return self._lanes
+
+    def overrun(self) -> float:
+        """How much longer the calls took in their lanes than asked (a loaded host), >= 1."""
+        return max(1.0, self.lane_time / (self.calls * self.generate_s))
 
     async def _turn(self, priority: int) -> None:
         if self.started < self._lanes + 1:
@@ -328,6 +364,7 @@ class LanedBackend:
                     t0 = time.perf_counter()
                     await asyncio.sleep(self.generate_s)
                     self.lane_time += time.perf_counter() - t0
+                    self.calls += 1
                     self.running -= 1
             finally:
                 self._leave()
@@ -367,9 +404,9 @@ def test_a_generator_in_lanes_gets_a_batch_per_lane_and_two_more_and_keeps_every
         assert busy < 0.8, busy
 
 
-@pytest.mark.parametrize(("lanes", "reply_s"), [(1, 0.0), (2, 0.01)])
+@pytest.mark.parametrize(("lanes", "reply_s", "draw_s"), [(1, 0.0, 0.01), (2, 0.01, 0.005)])
 def test_a_remote_generator_gets_a_call_per_instance_one_queued_and_the_next_batch_drawn_meanwhile(
-    lanes: int, reply_s: float
+    lanes: int, reply_s: float, draw_s: float
 ) -> None:
     """Pipelined (inference elsewhere: Triton, whose CPU profile runs the generator in two
     instances, TritonBackend.lanes): a call in flight per instance and, with more than one, one
@@ -382,13 +419,14 @@ def test_a_remote_generator_gets_a_call_per_instance_one_queued_and_the_next_bat
     backend, cost = LanedBackend(lanes, generate_s, reply_s), CostModel()
     for size in (1, batch):
         cost.observe(size, generate_s)
-    frames = run_offline(backend, cost, sleeping_draw(0.005), batch, seconds, pipeline=True)
+    frames = run_offline(backend, cost, sleeping_draw(draw_s), batch, seconds, pipeline=True)
     assert backend.most_running == lanes
     assert backend.most_handed == (lanes + 1 if lanes > 1 else 1)
     busy = backend.lane_time / (lanes * seconds)  # of every lane's time
-    # A batch of 4 takes 5-20 ms to draw (1-4 threads): drawn only while no call runs, an
-    # instance would be busy at most 0.05 / 0.055 = 91 % of the time, and far less in lanes.
-    assert busy > 0.9, busy
+    # A batch of 4 takes 10-40 ms to draw in one lane (1-4 threads): drawn only while no call
+    # runs, an instance would be busy at most 0.05 / 0.06 = 83 % of the time. In two lanes (a
+    # batch every 25 ms, drawn in 5-20 ms) far less.
+    assert busy > 0.85, busy
     # Every call a lane ran delivered its batch, bar those still in the backend at the end
     # (counted against calls run, not the nominal 50 ms, which a loaded host's sleeps overrun).
     assert frames >= batch * (backend.offline_starts - backend.most_handed), (frames, backend.offline_starts)
@@ -444,7 +482,8 @@ def test_the_cost_of_a_call_that_waited_for_a_lane_is_its_own_time_not_its_wait(
         cost.observe(size, generate_s)
     run_offline(backend, cost, sleeping_draw(0.0), batch, 1.5)
     assert backend.most_handed == 4  # calls did wait for a lane
-    assert cost.cost(batch) < 1.15 * generate_s, cost.cost(batch)
+    took = backend.lane_time / backend.calls  # 50 ms asked; more where the host is loaded
+    assert cost.cost(batch) < 1.15 * took, (cost.cost(batch), took)
 
 
 def test_live_frames_beside_offline_work_on_slow_lanes_wait_behind_one_queued_call_at_most() -> None:
@@ -458,9 +497,10 @@ def test_live_frames_beside_offline_work_on_slow_lanes_wait_behind_one_queued_ca
     backend, cost = LanedBackend(2, generate_s), CostModel()
     cost.observe(1, generate_s)
     cost.observe(2, 2 * generate_s)  # batch 1 only: 55 ms is over the budget's share already
-    live, latencies, _ = asyncio.run(scenario(3.0, backend, cost))
-    assert len(latencies) >= 65 and live.dropped <= 3, (len(latencies), live.dropped)
-    assert float(np.percentile(latencies, 99)) < 0.2  # the budget
+    live, latencies, _, sent = asyncio.run(scenario(3.0, backend, cost))
+    assert_live_frames_kept(sent, len(latencies), live.dropped, 3.0, most_dropped=3)
+    # the budget (as long again as the calls overran what they asked for: a loaded host)
+    assert float(np.percentile(latencies, 99)) < 0.2 * backend.overrun(), backend.overrun()
     assert backend.most_handed == 5 and backend.most_running == 2
     # every live call took a lane behind one offline call at most: the one queued in the engine
     assert backend.live_waited_behind and max(backend.live_waited_behind) <= 1, backend.live_waited_behind

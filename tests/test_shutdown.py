@@ -42,9 +42,11 @@ def test_sigterm_drains_then_lets_running_streams_finish(
         running.start()
         time.sleep(1.0)
         server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        signalled = time.monotonic()
         with Client(target=server.address, timeout=10) as late:  # a new connection, in the drain
-            assert late.health() == "NOT_SERVING"
+            while late.health() != "NOT_SERVING":
+                assert time.monotonic() - signalled < DRAIN_S / 2, "still SERVING after SIGTERM"
+                time.sleep(0.05)
             assert [a.avatar_id for a in late.list_avatars()] == ["mona"]
         running.join(30)
         assert len(received) == 100, "the running stream was cut"
