@@ -15,14 +15,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    """A free port: any, or one of TALKINGHEAD_TEST_PORTS (`19500-19599`: hosts that allot ports)."""
+def allotted_ports() -> range | None:
+    """TALKINGHEAD_TEST_PORTS (`19500-19599`: hosts that allot ports), this xdist worker's share of
+    it (gw1 of 2: the upper half), so that two workers never start on the same port."""
     first, _, last = os.environ.get("TALKINGHEAD_TEST_PORTS", "").partition("-")
-    for port in range(int(first), int(last or first) + 1) if first else [0]:
+    if not first:
+        return None
+    ports = range(int(first), int(last or first) + 1)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    share = max(1, len(ports) // workers)
+    return ports[int(worker) * share : (int(worker) + 1) * share] or ports
+
+
+def free_port() -> int:
+    """A free port: any, or one of this worker's TALKINGHEAD_TEST_PORTS (allotted_ports)."""
+    ports = allotted_ports()
+    for port in ports if ports is not None else [0]:
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -66,13 +80,21 @@ class RedisServer:
         )
         self.url = f"redis://127.0.0.1:{self.port}/0"
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and self.process.poll() is None:
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0 and self._answers_as_itself():
                     return
             time.sleep(0.05)
         self.stop()
-        raise RuntimeError("redis-server did not start")
+        raise RuntimeError(f"redis-server did not start on port {self.port} (taken by another process?)")
+
+    def _answers_as_itself(self) -> bool:
+        """The Redis on the port is this one, not another that held it first (this one then exits)."""
+        try:
+            with redis.Redis(port=self.port, socket_timeout=2) as client:
+                return int(client.info("server")["process_id"]) == self.process.pid
+        except redis.RedisError:
+            return False
 
     def stop(self) -> None:
         self.process.terminate()

@@ -771,3 +771,32 @@ def test_a_stopped_server_has_ended_every_task_it_started(
         running.thread.join(10)
         running.loop.close()
     assert left == []
+
+
+def test_a_test_redis_on_a_port_another_holds_fails_rather_than_use_the_other(tmp_path: Path) -> None:
+    """Test infrastructure: a RedisServer whose port another Redis already holds (two xdist workers
+    given the same port) says so, instead of taking the other's answer for its own start and
+    handing out the other's URL (its tests would then flush each other's data)."""
+    first = RedisServer(workdir=tmp_path / "first")
+    try:
+        with pytest.raises(RuntimeError, match=f"did not start on port {first.port}"):
+            RedisServer(workdir=tmp_path / "second", port=first.port)
+    finally:
+        first.stop()
+
+
+def test_allotted_test_ports_are_split_between_the_xdist_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.redis_fixtures import allotted_ports
+
+    monkeypatch.delenv("TALKINGHEAD_TEST_PORTS", raising=False)
+    assert allotted_ports() is None  # any free port
+    monkeypatch.setenv("TALKINGHEAD_TEST_PORTS", "19500-19599")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    shares = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        shares.append(allotted_ports())
+    assert shares == [range(19500, 19550), range(19550, 19600)]
+    monkeypatch.delenv("PYTEST_XDIST_WORKER")
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT")
+    assert allotted_ports() == range(19500, 19600)  # one process: all of it
