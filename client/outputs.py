@@ -70,9 +70,11 @@ def remove_abandoned(path: Path) -> list[Path]:
         pid = entry.name[len(prefix) : len(entry.name) - len(suffix)]
         if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or _running(int(pid)):
             continue
-        with contextlib.suppress(FileNotFoundError):  # another command removed it first
+        try:
             os.unlink(entry.path)
-            removed.append(Path(entry.path))
+        except OSError:  # another command removed it first, or it is not ours to remove
+            continue
+        removed.append(Path(entry.path))
     return removed
 
 

@@ -5,6 +5,7 @@ the address of a closed port, so one that went as far as calling the service wou
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -349,3 +350,28 @@ def test_avatar_preview_and_bench_replace_an_existing_file_only_with_overwrite(
     assert main(["avatar", "--server", CLOSED, "get", "astro", "--preview", str(preview), "--overwrite"]) == 1
     capsys.readouterr()
     assert preview.read_bytes() == kept and files_in(tmp_path) == before, "a failed call replaces nothing"
+
+
+def test_a_partial_file_left_behind_that_cannot_be_removed_does_not_stop_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partial file a killed command left (client/outputs.py removes those) that this user may
+    not remove (a shared folder with the sticky bit) is left; the output is written all the same."""
+    from client import outputs
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    stale = tmp_path / f".y.mp4.partial-{outputs._host()}-{gone.pid}.mp4"
+    stale.write_bytes(b"")
+    unlink = os.unlink
+
+    def refused(path: object, *args: object, **kwargs: object) -> None:
+        if str(path) == str(stale):
+            raise PermissionError(1, "Operation not permitted")
+        unlink(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "unlink", refused)
+    with outputs.PendingFile(tmp_path / "y.mp4", flag="--out") as pending:
+        pending.write_bytes(b"the render")
+    monkeypatch.undo()
+    assert files_in(tmp_path) == [stale.name, "y.mp4"]
