@@ -302,11 +302,39 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
     with contextlib.suppress(PermissionError):  # (an older release's 0700; another's folder)
         latest.chmod(DIR_MODE)
     if profile == "python":
-        for name, source in python_files().items():
-            target, current = latest / name, source.read_text()
-            if not target.is_file() or target.read_text() != current:
-                _write_atomic(target, current)
+        _refresh_python_files(latest)
     return latest
+
+
+def _refresh_python_files(version_dir: Path) -> bool:
+    """Write this release's runner and helper into `version_dir` where they differ; whether any did."""
+    changed = False
+    for name, source in python_files().items():
+        target, current = version_dir / name, source.read_text()
+        if not target.is_file() or target.read_text() != current:
+            _write_atomic(target, current)
+            changed = True
+    return changed
+
+
+def refresh_runners(repository: Path) -> list[Path]:
+    """This release's runner (`model.py`) and its CPU helper in the latest version of every model
+    the python profile serves (those with a `model.py`), personalised generators included, which
+    write_config reaches only when their avatar is personalised again: a runner fix reaches every
+    avatar from its generator's next load. The version folders rewritten; one this process may not
+    write is left as it is."""
+    refreshed = []
+    for model_dir in sorted(repository.iterdir()) if repository.is_dir() else []:
+        found = versions(model_dir)
+        if model_dir.name.startswith(".") or not found:
+            continue
+        latest = model_dir / str(found[-1])
+        if not (latest / "model.py").is_file():
+            continue
+        with contextlib.suppress(OSError):
+            if _refresh_python_files(latest):
+                refreshed.append(latest)
+    return refreshed
 
 
 def remove_model(repository: Path, name: str) -> bool:

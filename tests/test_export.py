@@ -463,6 +463,35 @@ def test_the_same_weights_exported_again_get_this_releases_runner(
     assert repository.versions(live / "generator") == [1]
 
 
+def test_a_worker_starting_brings_this_releases_runner_to_every_avatars_generator(
+    exported: tuple[Path, dict], tmp_path: Path
+) -> None:
+    """write_config refreshes a model's runner only when its weights are written again, so an
+    avatar not personalised since an upgrade kept the older release's runner and helper. The
+    worker, at start, refreshes the latest version of every python-profile model
+    (refresh_runners): not older versions, not an onnxruntime-profile model (no runner), not a
+    folder being staged or hidden."""
+    repo, _ = exported
+    live = tmp_path / "repo"
+    onnx_path = repo / "generator/1/model.onnx"
+    repository.write_model(live, onnx_path)
+    first = repository.write_model(live, onnx_path, name="generator_alice")
+    latest = repository.write_model(live, onnx_path, name="generator_alice")
+    plain = repository.write_model(live, onnx_path, name="generator_bob", profile="onnxruntime")
+    hidden = live / ".removed-generator_carl" / "1"
+    hidden.mkdir(parents=True)
+    for folder in (first, latest, hidden):
+        (folder / "model.py").write_text("# an older release's runner\n")
+        (folder / "talkinghead_cpus.py").write_text("# an older release's helper\n")
+    assert repository.refresh_runners(live) == [latest]
+    assert (latest / "model.py").read_text() == repository.PYTHON_MODEL.read_text()
+    assert (latest / "talkinghead_cpus.py").read_text() == CPUS_SOURCE
+    for folder in (first, hidden):
+        assert (folder / "model.py").read_text() == "# an older release's runner\n"
+    assert not (plain / "model.py").exists()
+    assert repository.refresh_runners(live) == []  # nothing left to write
+
+
 def test_export_into_an_existing_repository_brings_the_cpu_helper_to_its_versions(
     exported: tuple[Path, dict], tmp_path: Path
 ) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from export.repository import python_files
 from jobs.record import FAILED, SUCCEEDED
 from jobs.redis_queue import RedisQueue, connect
 from tests import test_worker_jobs as worker_jobs
@@ -55,10 +56,19 @@ def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
     redis = RedisServer(workdir=tmp_path / "redis")
     port = free_port()
     log = tmp_path / "worker.log"
+    # an avatar's generator an older release wrote: its runner and helper are refreshed at start
+    older = repo / "generator_olga" / "1"
+    older.mkdir(parents=True)
+    for name in ("model.onnx", "model.py", "talkinghead_cpus.py"):
+        (older / name).write_text("an older release's")
     worker = _worker(log, "--redis-url", redis.url, "--repository", str(repo), "--metrics-port", str(port))
     try:
         _until("/metrics served", lambda: scrape(port) is not None or worker.poll() is not None, START_S, log)
         assert worker.poll() is None, log.read_text()[-2000:]
+        _until("the runners refreshed", lambda: "Triton runner written into" in log.read_text(), 60, log)
+        for name, source in python_files().items():
+            assert (older / name).read_text() == source.read_text(), name
+        assert (older / "model.onnx").read_text() == "an older release's"
         assert scrape(port)[("talkinghead_worker_job_running", frozenset())] == 0  # type: ignore[index]
         service = RedisQueue(client=connect(redis.url))
         good = service.submit(_job(model_id, "mia", 2), photos, max_active=2)

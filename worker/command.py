@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from export import repository
 from facekit import contract, cpus, logs, scheduling
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
@@ -219,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(threads)
     log.info("PyTorch CPU threads: %d (%s)", threads, "--threads" if args.threads else cpus.cpus().describe())
     models.sweep_exports()  # what workers killed while exporting left in the temp folder
+    if refreshed := repository.refresh_runners(args.repository):
+        log.info("this release's Triton runner written into %d model version(s)", len(refreshed))
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
