@@ -11,10 +11,8 @@ the file is not committed. Until the commit nothing is at the target: an error, 
 shorter copy of it. With overwrite=False a file that is there is never replaced: the constructor
 refuses it, and one that appears meanwhile makes the commit fail.
 
-Only SIGKILL (or a crash, or a power cut) leaves a partial file behind. The next PendingFile for the
-same path removes those that a process of this host left and that process is gone; one whose
-process still runs (a second command writing the same path), or from another host (a shared
-folder), stays.
+Only SIGKILL (or a crash, or a power cut) leaves a partial file behind: the next PendingFile for the
+same path removes those of this host whose process is gone (facekit/partial.py).
 """
 
 from __future__ import annotations
@@ -22,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
+
+from facekit.partial import partial_path, remove_abandoned
 
 
 def reason(error: OSError) -> str:
@@ -38,44 +36,6 @@ def reason(error: OSError) -> str:
     if isinstance(error, IsADirectoryError):
         return "is a directory"
     return error.strerror or str(error)
-
-
-def _host() -> str:
-    """This host's name as it goes in a partial file's name: letters, digits and dots only."""
-    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())[:64] or "host"
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def remove_abandoned(path: Path) -> list[Path]:
-    """Remove the partial files for `path` that a process of this host, now gone, left (killed
-    before it could clean up); those removed."""
-    prefix, suffix = f".{path.name}.partial-{_host()}-", path.suffix
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not entry.name.startswith(prefix) or not entry.name.endswith(suffix):
-            continue
-        pid = entry.name[len(prefix) : len(entry.name) - len(suffix)]
-        if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or _running(int(pid)):
-            continue
-        try:
-            os.unlink(entry.path)
-        except OSError:  # another command removed it first, or it is not ours to remove
-            continue
-        removed.append(Path(entry.path))
-    return removed
 
 
 class Terminated(KeyboardInterrupt):
@@ -125,8 +85,7 @@ class PendingFile:
             existing = existing.parent
         if not existing.is_dir():
             raise ValueError(f"{flag} {self.path}: {existing} is not a directory")
-        name = self.path.name
-        self.partial = self.path.with_name(f".{name}.partial-{_host()}-{os.getpid()}{self.path.suffix}")
+        self.partial = partial_path(self.path)
         try:
             for folder in reversed(missing):
                 folder.mkdir(exist_ok=True)

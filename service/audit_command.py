@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from facekit.ids import split_id
+from facekit.partial import partial_path, remove_abandoned
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
 from service.settings import from_env
 
@@ -123,10 +124,11 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.is_dir():
         raise SystemExit(f"talkinghead audit: --out {out}: is a directory")
-    partial = out.with_name(f".{out.name}.partial-{os.getpid()}{out.suffix}")
+    partial = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         handle = partial.open("w")
+        remove_abandoned(out)
     except (FileExistsError, NotADirectoryError):
         raise SystemExit(f"talkinghead audit: --out {out}: a parent of it is not a directory") from None
     except OSError as error:

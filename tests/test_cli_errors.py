@@ -358,10 +358,11 @@ def test_a_partial_file_left_behind_that_cannot_be_removed_does_not_stop_the_out
     """A partial file a killed command left (client/outputs.py removes those) that this user may
     not remove (a shared folder with the sticky bit) is left; the output is written all the same."""
     from client import outputs
+    from facekit import partial
 
     gone = subprocess.Popen(["true"])
     gone.wait()
-    stale = tmp_path / f".y.mp4.partial-{outputs._host()}-{gone.pid}.mp4"
+    stale = tmp_path / f".y.mp4.partial-{partial._host()}-{gone.pid}.mp4"
     stale.write_bytes(b"")
     unlink = os.unlink
 

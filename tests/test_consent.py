@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 
 from api.talkinghead.v1 import avatar_pb2
 from client.library import Client, consent_record, landmark_requests
+from facekit import partial
 from facekit.sequence import LandmarkSequence
 from service.app import REMOVED
 from service.store import LocalAvatarStore
@@ -183,8 +186,16 @@ def test_audit_writes_its_export_whole_or_not_at_all(
     assert kept.read_text() == '{"an": "earlier export"}\n'  # not emptied before the log was found
     out = tmp_path / "exports" / "2026" / "december.jsonl"  # its folder is made
     assert main(["audit", "--audit-log", str(log), "--out", str(out)]) == 0
+    # an export SIGKILLed mid-write left its hidden partial file: the next export removes it
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    left = partial.partial_path(out)
+    left = left.with_name(left.name.replace(f"-{os.getpid()}.", f"-{gone.pid}."))
+    left.write_text('{"half": ')
+    assert main(["audit", "--audit-log", str(log), "--out", str(out)]) == 0
+    assert not left.exists()
     assert [json.loads(line)["avatar_id"] for line in out.read_text().splitlines()] == ["a0", "a1", "a2"]
-    assert capsys.readouterr().err == f"3 event(s) -> {out}\n"
+    assert capsys.readouterr().err == f"3 event(s) -> {out}\n" * 2
     with pytest.raises(SystemExit, match=rf"^talkinghead audit: --out {kept / 'x.jsonl'}: a parent"):
         main(["audit", "--audit-log", str(log), "--out", str(kept / "x.jsonl")])
     with pytest.raises(SystemExit, match=rf"^talkinghead audit: --out {tmp_path}: is a directory$"):
