@@ -302,15 +302,20 @@ def write_config(repository: Path, onnx_path: Path, *, profile: str = "python", 
     with contextlib.suppress(PermissionError):  # (an older release's 0700; another's folder)
         latest.chmod(DIR_MODE)
     if profile == "python":
-        _refresh_python_files(latest)
+        _refresh_python_files(latest, _python_texts())
     return latest
 
 
-def _refresh_python_files(version_dir: Path) -> bool:
-    """Write this release's runner and helper into `version_dir` where they differ; whether any did."""
+def _python_texts() -> dict[str, str]:
+    return {name: source.read_text() for name, source in python_files().items()}
+
+
+def _refresh_python_files(version_dir: Path, texts: dict[str, str]) -> bool:
+    """Write `texts` (this release's runner and helper, _python_texts) into `version_dir` where
+    they differ, in python_files' order; whether any did."""
     changed = False
-    for name, source in python_files().items():
-        target, current = version_dir / name, source.read_text()
+    for name, current in texts.items():
+        target = version_dir / name
         if not target.is_file() or target.read_text() != current:
             _write_atomic(target, current)
             changed = True
@@ -323,16 +328,15 @@ def refresh_runners(repository: Path) -> list[Path]:
     write_config reaches only when their avatar is personalised again: a runner fix reaches every
     avatar from its generator's next load. The version folders rewritten; one this process may not
     write is left as it is."""
-    refreshed = []
+    refreshed: list[Path] = []
+    texts = _python_texts()
     for model_dir in sorted(repository.iterdir()) if repository.is_dir() else []:
-        found = versions(model_dir)
-        if model_dir.name.startswith(".") or not found:
-            continue
-        latest = model_dir / str(found[-1])
-        if not (latest / "model.py").is_file():
+        found = [] if model_dir.name.startswith(".") else versions(model_dir)
+        latest = model_dir / str(found[-1]) if found else None
+        if latest is None or not (latest / "model.py").is_file():
             continue
         with contextlib.suppress(OSError):
-            if _refresh_python_files(latest):
+            if _refresh_python_files(latest, texts):
                 refreshed.append(latest)
     return refreshed
 

@@ -18,6 +18,8 @@ import re
 import socket
 from pathlib import Path
 
+from facekit.procstat import alive
+
 
 def _host() -> str:
     """This host's name as it goes in a partial file's name: letters, digits and dots only."""
@@ -27,16 +29,6 @@ def _host() -> str:
 def partial_path(path: Path) -> Path:
     """Where this process writes `path` before the rename: hidden, beside it, same extension."""
     return path.with_name(f".{path.name}.partial-{_host()}-{os.getpid()}{path.suffix}")
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def remove_abandoned(path: Path) -> list[Path]:
@@ -52,7 +44,7 @@ def remove_abandoned(path: Path) -> list[Path]:
         if not entry.name.startswith(prefix) or not entry.name.endswith(suffix):
             continue
         pid = entry.name[len(prefix) : len(entry.name) - len(suffix)]
-        if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or _running(int(pid)):
+        if not pid.isdigit() or int(pid) <= 0 or int(pid) == os.getpid() or alive(int(pid)):
             continue
         try:
             os.unlink(entry.path)

@@ -1,7 +1,8 @@
 """CPU seconds of processes and threads from Linux's /proc: the server's split of its own CPU
 (service/metrics.py) and the bench's accounting of the server, its client and Triton
 (client/bench.py). Every reader returns None where /proc cannot be read (off Linux, a thread or
-process that has ended)."""
+process that has ended). And whether a process is alive (`alive`: the local stack's pid files,
+the partial files of killed commands)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,19 @@ def stat_fields(path: Path) -> list[str] | None:
         return path.read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs: it exists (another user's included) and is not a zombie (one
+    that has exited and whose parent has not waited for it yet)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
+    return fields is None or fields[0] != "Z"
 
 
 def fields_cpu(fields: list[str]) -> float:

@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
 from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
+from facekit.procstat import alive  # noqa: E402  (stdlib only)
 
 COMPONENTS = ("redis", "triton", "service", "worker", "prometheus")  # start order; stopped in reverse
 MARKERS = {
@@ -130,19 +131,6 @@ def cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    state = ""
-    with contextlib.suppress(OSError):
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"  # a zombie has exited; only its parent's wait() is missing
 
 
 def read_pid(layout: Layout, name: str) -> int | None:
