@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import uuid
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,10 @@ def test_triton_gets_a_gpu_and_time_to_load_models(helm: str) -> None:
         "--load-model=generator",
         "--strict-readiness=false",
     } <= set(triton["args"])
-    # The image's entrypoint (NGC's, CUDA forward compatibility on older drivers) runs tritonserver:
-    # a `command` replaced it.
-    assert "command" not in triton and triton["args"][0] == "tritonserver"
+    # The image's entrypoint (NGC's, CUDA forward compatibility on older drivers) runs the args: a
+    # `command` replaced it. They are a shell that sweeps /dev/shm, then execs tritonserver.
+    assert "command" not in triton and triton["args"][:2] == ["/bin/sh", "-c"]
+    assert triton["args"][4] == "tritonserver"
     service = one(manifests, "Service", "-triton")
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == {
         "http": 8000,
@@ -1626,6 +1628,40 @@ def test_triton_image_checks_health_as_the_chart_probes_it(helm: str) -> None:
     assert "--strict-readiness=false" in cmd and "--strict-readiness=false" in triton["args"]
     for flag in ("--model-control-mode=explicit", "--load-model=embedder", "--load-model=generator"):
         assert flag in cmd and flag in triton["args"]
+
+
+def test_a_restarted_triton_container_first_removes_what_the_killed_one_left_in_dev_shm(
+    helm: str, tmp_path: Path
+) -> None:
+    """A Triton killed before its cleanup (an OOM kill) leaves its python-backend regions in the
+    pod's memory-backed /dev/shm, which outlives the container: each restart added its own (1 MB
+    or more per model instance), against triton.shmSize. The container now names its regions with
+    its own prefix and removes that prefix's files before it execs tritonserver; the args are run
+    here as the image's entrypoint runs them, with a stand-in tritonserver."""
+    triton = container(one(render(helm), "Deployment", "-triton"), "triton")
+    args = triton["args"]
+    prefix = "talkinghead-triton-"
+    assert f"--backend-config=python,shm-region-prefix-name={prefix}" in args
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm here")
+    token = uuid.uuid4().hex
+    left, other = shm / f"{prefix}{token}", shm / f"other-{token}"
+    (bin_dir := tmp_path / "bin").mkdir()
+    fake = bin_dir / "tritonserver"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path / "argv"}\n')
+    fake.chmod(0o755)
+    try:
+        left.write_bytes(b"\0" * 4096)
+        other.write_bytes(b"\0" * 4096)
+        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+        subprocess.run(args, env=env, check=True, timeout=30)
+        assert not left.exists(), "the killed Triton's region is still there"
+        assert other.exists(), "a file of another prefix was removed"
+        assert (tmp_path / "argv").read_text().splitlines() == args[5:]
+    finally:
+        left.unlink(missing_ok=True)
+        other.unlink(missing_ok=True)
 
 
 def test_triton_image_pins_say_why_they_differ_from_the_lock() -> None:

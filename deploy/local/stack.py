@@ -290,6 +290,7 @@ def triton_command(
     except FileNotFoundError as error:
         raise StackError(str(error)) from error
     models = sorted(p.parent.name for p in repository.glob("*/config.pbtxt"))
+    tritonserver.sweep_shm()  # what a Triton killed before its cleanup left
     cmd = tritonserver.command(
         repository,
         args.triton_venv,
@@ -536,6 +537,8 @@ def down(args: argparse.Namespace) -> int:
             print(f"{name}: not running (stale pid file removed)")
         elif terminate(pid, STOP_GRACE_S[name]):
             print(f"{name}: stopped (pid {pid})")
+            if name == "triton":
+                tritonserver.sweep_shm()
         else:
             problems.append(f"{name}: process group {pid} survived SIGKILL")
         path.unlink(missing_ok=True)

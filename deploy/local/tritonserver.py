@@ -31,6 +31,10 @@ from pathlib import Path
 
 DEFAULT_VENV = Path(".venv-triton")
 DEFAULT_STATE = Path("var/triton")
+# The python backend passes tensors through one /dev/shm region per model instance, named this
+# prefix plus a uuid. A SIGKILLed Triton leaves its regions behind (1 MB or more each): see sweep_shm.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "talkinghead-local-"
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -115,6 +119,7 @@ def command(
         f"--strict-readiness={str(strict_readiness).lower()}",
         "--log-verbose=0",
         "--exit-timeout-secs=10",
+        f"--backend-config=python,shm-region-prefix-name={SHM_PREFIX}",
     ]
     if explicit:
         cmd.append("--model-control-mode=explicit")
@@ -160,6 +165,44 @@ class Server:
     def stop(self, timeout: float = 15.0) -> None:
         terminate(self.process.pid, timeout)
         self.process.wait()
+        sweep_shm()
+
+
+def mapped_shm(shm_dir: Path) -> set[str]:
+    """Names of the files in `shm_dir` that a process this user may inspect has mapped."""
+    names: set[str] = set()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                for line in (proc / "maps").read_text(errors="replace").splitlines():
+                    path = line.split(maxsplit=5)[5:]
+                    if path and path[0].startswith(f"{shm_dir}/"):
+                        names.add(path[0][len(str(shm_dir)) + 1 :].removesuffix(" (deleted)"))
+    return names
+
+
+def sweep_shm(shm_dir: Path = SHM_DIR, prefix: str = SHM_PREFIX, min_age: float = 5.0) -> list[str]:
+    """Remove the shared-memory regions that local Tritons killed before their cleanup left: those
+    named with our prefix, owned by this user, older than `min_age` seconds (one just created may
+    not be mapped yet) and mapped by no process. Returns the names removed."""
+    if not shm_dir.is_dir():
+        return []
+    candidates = []
+    for path in shm_dir.glob(f"{prefix}*"):
+        with contextlib.suppress(OSError):
+            info = path.stat()
+            if info.st_uid == os.getuid() and time.time() - info.st_mtime >= min_age:
+                candidates.append(path)
+    if not candidates:
+        return []
+    in_use = mapped_shm(shm_dir)
+    removed = []
+    for path in candidates:
+        if path.name not in in_use:
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed.append(path.name)
+    return removed
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -182,6 +225,7 @@ def start(
 
         load = [EMBEDDER, GENERATOR]
     state.mkdir(parents=True, exist_ok=True)
+    sweep_shm()
     log = state / "tritonserver.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -265,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         terminate(json.loads(pid_file.read_text())["pid"], 15.0)
         pid_file.unlink()
+        sweep_shm()
         print("tritonserver: stopped")
         return 0
     ports = Ports(http=args.http_port, grpc=args.grpc_port, metrics=args.metrics_port)
