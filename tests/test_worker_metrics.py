@@ -52,7 +52,8 @@ def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
 ) -> None:
     """A job that succeeds: counted succeeded, its stages observed once each, 2 fine-tuning steps,
     no job running after it, the queue up with a claim poll seconds ago. A job made with another
-    model: counted failed. Redis stopped: the queue gauge turns 0 (the worker lives on, retrying)."""
+    model: counted failed, its time observed up to where it failed (before, a failed job's stages
+    were not observed at all). Redis stopped: the queue gauge turns 0 (the worker lives on, retrying)."""
     redis = RedisServer(workdir=tmp_path / "redis")
     port = free_port()
     log = tmp_path / "worker.log"
@@ -88,15 +89,20 @@ def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
         for outcome in ("cancelled", "handed_back", "lost"):
             assert value(m, ended, kind="personalise", outcome=outcome) == 0
         assert value(m, ended, kind="remove", outcome="succeeded") == 0
-        for stage in ("queued", "fine_tuning", "exporting", "loading", "total"):
-            count = value(m, "talkinghead_worker_job_stage_seconds_count", stage=stage)
-            assert count == 1, f"{stage}: only the succeeded job's stages ({count})"
-        total = value(m, "talkinghead_worker_job_stage_seconds_sum", stage="total")
-        parts = sum(
-            value(m, "talkinghead_worker_job_stage_seconds_sum", stage=stage)
-            for stage in ("queued", "fine_tuning", "exporting", "loading")
-        )
-        assert 0 < parts <= total + 1e-6
+        stages = ("queued", "fine_tuning", "exporting", "loading")
+        for outcome, observed in (("succeeded", stages), ("failed", ("queued", "fine_tuning"))):
+            for stage in (*stages, "total"):
+                count = value(m, "talkinghead_worker_job_stage_seconds_count", outcome=outcome, stage=stage)
+                want = 1 if stage in (*observed, "total") else 0
+                assert count == want, f"{outcome} {stage}: {count} observations, not {want}"
+            # each stage up to the next; the failed job's last one (the model check) up to its end
+            total = value(m, "talkinghead_worker_job_stage_seconds_sum", outcome=outcome, stage="total")
+            parts = sum(
+                value(m, "talkinghead_worker_job_stage_seconds_sum", outcome=outcome, stage=stage)
+                for stage in stages
+            )
+            assert 0 < parts <= total + 1e-6 and parts >= total - 0.05, (outcome, parts, total)
+        assert value(m, "talkinghead_worker_job_stage_seconds_count", outcome="cancelled", stage="total") == 0
         assert value(m, "talkinghead_worker_finetune_steps_total") == 2
         assert value(m, "talkinghead_worker_job_running") == 0
         assert value(m, "talkinghead_worker_queue_up") == 1
@@ -140,3 +146,75 @@ def test_a_metrics_port_already_taken_ends_the_worker_with_status_2_naming_it(tm
     assert f"cannot bind metrics to 127.0.0.1:{port}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
+
+
+def test_a_job_that_ended_without_succeeding_has_its_time_up_to_where_it_stopped() -> None:
+    """Stages of a personalisation cancelled while fine-tuning, one failed while exporting and one
+    ended with a generator an earlier attempt published (no fine-tuning): each stage up to the
+    next, the last one begun up to the end; a removal adds none."""
+    from jobs.record import CANCELLED, PERSONALISE, REMOVE, Job
+    from worker.metrics import WorkerMetrics
+
+    metrics = WorkerMetrics()
+    t = 1000.0
+    jobs = [
+        Job(
+            id="a" * 16,
+            kind=PERSONALISE,
+            avatar_id="a",
+            state=CANCELLED,
+            create_time=t,
+            start_time=t + 2,
+            end_time=t + 9,
+        ),
+        Job(
+            id="b" * 16,
+            kind=PERSONALISE,
+            avatar_id="b",
+            state=FAILED,
+            create_time=t,
+            start_time=t + 1,
+            export_time=t + 30,
+            end_time=t + 34,
+        ),
+        Job(
+            id="c" * 16,
+            kind=PERSONALISE,
+            avatar_id="c",
+            state=SUCCEEDED,
+            create_time=t,
+            start_time=t + 1,
+            load_time=t + 2,
+            end_time=t + 5,
+        ),
+        Job(
+            id="d" * 16,
+            kind=REMOVE,
+            avatar_id="d",
+            state=SUCCEEDED,
+            create_time=t,
+            start_time=t + 1,
+            end_time=t + 2,
+        ),
+    ]
+    for job in jobs:
+        metrics.on_end(job)
+    sums = {
+        (s.labels["outcome"], s.labels["stage"]): s.value
+        for family in metrics.registry.collect()
+        if family.name == "talkinghead_worker_job_stage_seconds"
+        for s in family.samples
+        if s.name.endswith("_sum") and s.value
+    }
+    assert sums == {
+        ("cancelled", "queued"): 2.0,
+        ("cancelled", "fine_tuning"): 7.0,
+        ("cancelled", "total"): 9.0,
+        ("failed", "queued"): 1.0,
+        ("failed", "fine_tuning"): 29.0,
+        ("failed", "exporting"): 4.0,
+        ("failed", "total"): 34.0,
+        ("succeeded", "queued"): 1.0,
+        ("succeeded", "loading"): 3.0,
+        ("succeeded", "total"): 5.0,
+    }

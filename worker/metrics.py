@@ -57,11 +57,12 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "talkinghead_worker_job_stage_seconds",
-            "Time of each personalisation this worker ended SUCCEEDED, by stage: queued (created to "
-            "this attempt's claim), fine_tuning (claim to export: input, set-up, every step), "
-            "exporting (ONNX into the repository), loading (into every Triton, and the end written), "
-            "total (created to ended)",
-            ["stage"],
+            "Time of each personalisation this worker ended, by outcome (succeeded, failed, "
+            "cancelled) and stage: queued (created to this attempt's claim), fine_tuning (claim to "
+            "export: input, set-up, every step), exporting (ONNX into the repository), loading (into "
+            "every Triton, and the end written), total (created to ended); a job failed or cancelled "
+            "has the stages it began, the last up to its end",
+            ["outcome", "stage"],
             buckets=JOB_BUCKETS,
             registry=r,
         )
@@ -94,28 +95,33 @@ class WorkerMetrics:
             for k in KINDS
             for o in (*OUTCOMES.values(), HANDED_BACK, LOST)
         }
-        self.stage = {stage: self.stage_seconds.labels(stage) for stage in STAGES}
+        self.stage = {
+            (outcome, stage): self.stage_seconds.labels(outcome, stage)
+            for outcome in OUTCOMES.values()
+            for stage in STAGES
+        }
 
     def on_end(self, job: Job, outcome: str | None = None) -> None:
         """A job this worker is done with: its end written (outcome from its state), or `outcome`.
-        A personalisation ended SUCCEEDED adds its stages (those its record has times for: one
-        ended with the generator an earlier attempt published did not fine-tune)."""
+        A personalisation it ended adds its stages (those its record has times for: one ended with
+        the generator an earlier attempt published did not fine-tune): each up to the next, the
+        last one begun up to the end (where a failed or cancelled job stopped)."""
         kind = job.kind if job.kind in KINDS else PERSONALISE
         self.ended[kind, outcome or OUTCOMES[job.state]].inc()
-        if outcome is not None or job.state != SUCCEEDED or job.kind != PERSONALISE:
+        if outcome is not None or job.state not in OUTCOMES or job.kind != PERSONALISE:
             return
-        stages = {"total": (job.create_time, job.end_time)}
-        if job.start_time:
-            stages["queued"] = (job.create_time, job.start_time)
-        if job.start_time and job.export_time:
-            stages["fine_tuning"] = (job.start_time, job.export_time)
-        if job.export_time and job.load_time:
-            stages["exporting"] = (job.export_time, job.load_time)
-        if job.load_time:
-            stages["loading"] = (job.load_time, job.end_time)
-        for stage, (start, end) in stages.items():
+        ended = OUTCOMES[job.state]
+        began = [job.create_time, job.start_time, job.export_time, job.load_time]
+        last = max((i for i, t in enumerate(began) if t), default=-1)
+        spans = {"total": (job.create_time, job.end_time)}
+        for i, stage in enumerate(STAGES[:4]):
+            if began[i] and i < last and began[i + 1]:
+                spans[stage] = (began[i], began[i + 1])
+            elif i == last and i > 0:  # (queued ends at a claim: a job never claimed was not queued by us)
+                spans[stage] = (began[i], job.end_time)
+        for stage, (start, end) in spans.items():
             if start and end >= start:
-                self.stage[stage].observe(end - start)
+                self.stage[ended, stage].observe(end - start)
 
     def on_claim(self) -> None:
         """A claim poll that reached the queue."""
