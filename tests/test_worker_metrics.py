@@ -134,16 +134,30 @@ def _queue_up(port: int) -> float | None:
 
 def test_a_metrics_port_already_taken_ends_the_worker_with_status_2_naming_it(tmp_path: Path) -> None:
     """Not a traceback: one line naming the address and port, exit status 2, before the
-    checkpoint is loaded or a queue is read."""
+    checkpoint is loaded or a queue is read, and before PyTorch and the training code are imported
+    (python -X importtime lists every import; before, torch was among them: ~2 s)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(tmp_path / "jobs")]
-        cmd += ["--checkpoint", str(CHECKPOINT), "--metrics-port", str(port)]
+        cmd = [sys.executable, "-X", "importtime", "-m", "talkinghead.cli", "worker"]
+        cmd += [
+            "--jobs",
+            str(tmp_path / "jobs"),
+            "--checkpoint",
+            str(CHECKPOINT),
+            "--metrics-port",
+            str(port),
+        ]
         done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
     assert done.returncode == 2, done.stderr[-2000:]
-    assert f"cannot bind metrics to 127.0.0.1:{port}" in done.stderr
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == [f"talkinghead worker: cannot bind metrics to 127.0.0.1:{port}: Address already in use"]
+    imported = {
+        line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "worker.metrics" in imported  # (the list is read)
+    assert not {"torch", "training", "onnx"} & imported, sorted({"torch", "training", "onnx"} & imported)
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
 

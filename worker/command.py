@@ -41,18 +41,15 @@ import threading
 import warnings
 from pathlib import Path
 
-import torch
-
-from export import repository
 from facekit import contract, cpus, logs, scheduling
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
-from training import checkpoint
-from training.runtime import pick_device
-from worker import models
-from worker.jobs_run import SWEEP_INTERVAL_S, Context, model_id_of, serve_jobs, with_progress_every_step
+from worker import SWEEP_INTERVAL_S
 from worker.metrics import WorkerMetrics
+
+# PyTorch, the training code and the exporter (~2 s of imports) load in run(), once the metrics
+# port is bound: a port already taken ends the worker before them.
 
 log = logging.getLogger("talkinghead.worker")
 
@@ -61,6 +58,8 @@ def cpu_threads(requested: int | None) -> int:
     """PyTorch's CPU threads: --threads, else PyTorch's default (a thread per core of the node, the
     pod's limit and request unseen) capped by the CPUs this process may use (facekit/cpus.py: the
     affinity, the cgroup quota or, without one, the pod's CPU request)."""
+    import torch
+
     return requested or min(torch.get_num_threads(), cpus.usable_cpus())
 
 
@@ -216,6 +215,14 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+    import torch
+
+    from export import repository
+    from training import checkpoint
+    from training.runtime import pick_device
+    from worker import models
+    from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
+
     threads = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     log.info("PyTorch CPU threads: %d (%s)", threads, "--threads" if args.threads else cpus.cpus().describe())

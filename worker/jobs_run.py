@@ -63,7 +63,7 @@ from jobs.record import (
 )
 from training import checkpoint
 from training.finetune import personalise
-from worker import models
+from worker import SWEEP_INTERVAL_S, models
 from worker.metrics import HANDED_BACK, LOST, WorkerMetrics
 
 log = logging.getLogger("talkinghead.worker")
@@ -75,7 +75,6 @@ MAX_ATTEMPTS = 3
 # (checked every REMOVE_POLL_S between other jobs, and after each job: it holds none of them up).
 REMOVE_WAIT_S = 30.0
 REMOVE_POLL_S = 0.1
-SWEEP_INTERVAL_S = 300.0  # between two sweeps of generators whose avatar record is gone
 
 
 class Cancelled(Exception):
