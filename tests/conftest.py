@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +90,15 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _reporting():
         INFLIGHT.unlink(missing_ok=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A local Triton that never turned ready names a file of its threads' stacks
+    (deploy/local/tritonserver.py); the report carries them, since CI keeps only its log."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and call.excinfo.errisinstance(TimeoutError):
+        found = re.search(r"\(its threads: (\S+)\)", str(call.excinfo.value))
+        if found and Path(found[1]).is_file():
+            report.sections.append(("tritonserver thread stacks", Path(found[1]).read_text(errors="replace")))

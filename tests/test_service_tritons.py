@@ -593,3 +593,27 @@ def test_the_sweep_removes_only_old_unmapped_regions_of_ours(tmp_path: Path) -> 
         assert tritonserver.sweep_shm(tmp_path) == [f"{prefix}orphan"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other-orphan", f"{prefix}mapped", f"{prefix}young"]
     assert tritonserver.sweep_shm(tmp_path / "missing") == []
+
+
+def test_a_start_that_hangs_says_so_with_every_threads_stack(tmp_path: Path) -> None:
+    """A Triton that never turns ready (a CI run saw one, once: its instances initialised, the
+    model never loaded) fails the wait naming a file of each process's thread stacks (gdb), which
+    outlives the killed process; a stand-in that never answers takes the server's place here."""
+    import subprocess
+
+    process = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    server = tritonserver.Server(
+        process=process, ports=tritonserver.Ports.free(), log=tmp_path / "tritonserver.log"
+    )
+    try:
+        with pytest.raises(TimeoutError) as raised:
+            server.wait_ready(0.3)
+    finally:
+        server.stop(1)
+    if shutil.which("gdb") is None:
+        assert "its threads" not in str(raised.value)
+        pytest.skip("no gdb here: the wait fails without the stacks")
+    stacks = tmp_path / "tritonserver-stacks.txt"
+    assert f"(its threads: {stacks})" in str(raised.value)
+    text = stacks.read_text()
+    assert f"==== pid {process.pid}: sleep 60" in text and "#0 " in text, text[-2000:]

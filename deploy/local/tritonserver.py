@@ -7,8 +7,8 @@ The wheel's tritonserver 2.51 has only the python backend, so the repository mus
 with the `python` profile. Two pitfalls the launcher handles (DESIGN.md): the backend files are
 copied into a backend directory of our own, and the python stub must find *this* interpreter's
 libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). Stdlib only (the
-local stack's `down` runs without the project's venv); `start` reads the default model names from
-facekit.contract.
+local stack's `down` runs without the project's venv), besides facekit.procstat (stdlib only too);
+`start` reads the default model names from facekit.contract.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from facekit.procstat import stat_fields  # stdlib only, as this file
 
 DEFAULT_VENV = Path(".venv-triton")
 DEFAULT_STATE = Path("var/triton")
@@ -160,7 +162,32 @@ class Server:
             if ready(self.ports):
                 return
             time.sleep(0.1)
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{tail(self.log)}")
+        stacks = self.dump_stacks()
+        raise TimeoutError(
+            f"tritonserver not ready after {timeout:.0f} s"
+            f"{f' (its threads: {stacks})' if stacks else ''}:\n{tail(self.log)}"
+        )
+
+    def dump_stacks(self) -> Path | None:
+        """Every thread's stack of the server and its python stubs, through gdb where there is one,
+        into a file beside the log (a start that hangs: rare, and gone once the process is)."""
+        gdb = shutil.which("gdb")
+        if gdb is None:
+            return None
+        out = self.log.with_name("tritonserver-stacks.txt")
+        with out.open("w") as f:
+            for pid in group_members(self.process.pid):
+                f.write(f"==== pid {pid}: {cmdline(pid)}\n")
+                f.flush()
+                with contextlib.suppress(OSError, subprocess.SubprocessError):
+                    subprocess.run(
+                        [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
+                        stdout=f,
+                        stderr=subprocess.STDOUT,
+                        stdin=subprocess.DEVNULL,
+                        timeout=60,
+                    )
+        return out
 
     def stop(self, timeout: float = 15.0) -> None:
         terminate(self.process.pid, timeout)
@@ -255,13 +282,29 @@ def group_alive(pgid: int) -> bool:
     except PermissionError:
         return True
     # A group of zombies only (e.g. children of a test process that has not reaped them yet).
+    return bool(group_members(pgid))
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group `pgid`, its leader included."""
+    members = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-                if int(fields[2]) == pgid and fields[0] != "Z":
-                    return True
-    return False
+            fields = stat_fields(proc / "stat")
+            if fields is not None and fields[2] == str(pgid) and fields[0] != "Z":
+                members.append(int(proc.name))
+    return sorted(members)
+
+
+def cmdline(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (
+            (Path("/proc") / str(pid) / "cmdline")
+            .read_bytes()
+            .replace(b"\0", b" ")
+            .decode(errors="replace")[:200]
+        )
+    return "?"
 
 
 def _wait_gone(pgid: int, timeout: float) -> bool:
