@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import sys
 import time
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -242,6 +244,31 @@ def test_down_without_a_stack_is_a_no_op(tmp_path: Path) -> None:
     result = launcher("down", "--state", str(tmp_path / "none"), timeout=30)
     assert result.returncode == 0, result.stderr
     assert "nothing running" in result.stdout
+
+
+def test_down_removes_the_shared_memory_a_killed_triton_left(tmp_path: Path) -> None:
+    """A stack whose Triton was SIGKILLed (an OOM kill): its pid file is stale, and its python
+    backend's /dev/shm regions stayed, for good before. `down` removes those no process maps."""
+    from deploy.local import tritonserver
+
+    if not tritonserver.SHM_DIR.is_dir():
+        pytest.skip("no /dev/shm here")
+    state = tmp_path / "stack"
+    state.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (state / "triton.pid").write_text(str(gone.pid))
+    left = tritonserver.SHM_DIR / f"{tritonserver.SHM_PREFIX}{uuid.uuid4()}"
+    left.write_bytes(b"\0" * 4096)
+    old = time.time() - 60
+    os.utime(left, (old, old))
+    try:
+        result = launcher("down", "--state", str(state), timeout=30)
+        assert result.returncode == 0, result.stderr
+        assert "triton: not running (stale pid file removed)" in result.stdout
+        assert not left.exists(), "the killed Triton's region is still there"
+    finally:
+        left.unlink(missing_ok=True)
 
 
 def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:

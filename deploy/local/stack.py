@@ -537,11 +537,10 @@ def down(args: argparse.Namespace) -> int:
             print(f"{name}: not running (stale pid file removed)")
         elif terminate(pid, STOP_GRACE_S[name]):
             print(f"{name}: stopped (pid {pid})")
-            if name == "triton":
-                tritonserver.sweep_shm()
         else:
             problems.append(f"{name}: process group {pid} survived SIGKILL")
         path.unlink(missing_ok=True)
+    tritonserver.sweep_shm()  # what a Triton killed before its cleanup left (a crash, a SIGKILL)
     if ports is not None:
         deadline = time.monotonic() + 5.0
         while True:
