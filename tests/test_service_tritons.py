@@ -554,8 +554,7 @@ def test_a_killed_tritons_shared_memory_is_swept_at_the_next_start_and_a_live_on
         return {p.name for p in tritonserver.SHM_DIR.glob(f"{tritonserver.SHM_PREFIX}*")}
 
     newest = max((tritonserver.SHM_DIR / name).stat().st_mtime for name in killed)
-    tritons.kill(0)
-    assert killed <= on_disk(), "a SIGKILLed Triton's regions stay until swept"
+    tritons.kill(0)  # (its regions stay; another test's Triton starting now may sweep them first)
     time.sleep(max(0.0, newest + 5.5 - time.time()))  # the sweep leaves regions under 5 s old
     tritons.start(0)
     left = on_disk()
