@@ -211,7 +211,8 @@ def test_a_generator_a_lost_attempt_published_ends_the_job_without_fine_tuning_a
     worker = RedisQueue(client=connect(redis_url), claim_timeout_s=0.5)
     taken = worker.claim("w2", wait_s=1)
     assert taken is not None and taken.id == job.id and taken.attempt == 4
-    run_job(worker_context(worker, repo), taken)
+    ctx = worker_context(worker, repo)
+    run_job(ctx, taken)
     done = service.get(job.id)
     versions = sorted(p.name for p in (repo / "generator_hana").iterdir() if p.name.isdigit())
     assert done is not None and service.active("hana") is None
@@ -223,6 +224,15 @@ def test_a_generator_a_lost_attempt_published_ends_the_job_without_fine_tuning_a
             3,
         ), done.error
         assert versions == ["1", "2"]
+        # its time: queued, then loading (before, read as fine-tuning by the stage metrics)
+        observed = {
+            s.labels["stage"]
+            for family in ctx.metrics.registry.collect()
+            if family.name == "talkinghead_worker_job_stage_seconds"
+            for s in family.samples
+            if s.name.endswith("_count") and s.value and s.labels["outcome"] == "succeeded"
+        }
+        assert observed == {"queued", "loading", "total"} and done.load_time >= done.start_time > 0
     elif then == "lost and cancelled":
         assert (done.state, done.error_code) == (CANCELLED, CODE_CANCELLED)
         assert versions == ["1"]

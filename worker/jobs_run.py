@@ -572,6 +572,7 @@ def _adopt(ctx: Context, job: Job, beat: Heartbeat) -> bool:
         "job %s: %s version %d was published by its attempt before; ending with it", job.id, name, version
     )
     written = ctx.repository / name / str(version)
+    job.stage, job.load_time = "loading", time.time()  # (no fine-tuning, no export in this attempt)
     try:
         if not ctx.queue.update(job):
             raise Cancelled("cancelled while its worker was lost")
