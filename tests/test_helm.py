@@ -1642,6 +1642,20 @@ def test_a_restarted_triton_container_first_removes_what_the_killed_one_left_in_
     args = triton["args"]
     prefix = "talkinghead-triton-"
     assert f"--backend-config=python,shm-region-prefix-name={prefix}" in args
+    # a prefix of the user's own would come after the chart's, and nothing would be removed
+    own = subprocess.run(
+        [
+            helm,
+            "template",
+            "t",
+            str(check_chart.CHART),
+            "--set-json",
+            'triton.extraArgs=["--backend-config=python,shm-region-prefix-name=x"]',
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert own.returncode != 0 and "leave shm-region-prefix-name out" in own.stderr, own.stderr
     shm = Path("/dev/shm")
     if not shm.is_dir():
         pytest.skip("no /dev/shm here")

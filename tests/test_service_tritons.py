@@ -530,7 +530,8 @@ def _shm_mapped_by(pid: int) -> set[str]:
     names = set()
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         path = line.split(maxsplit=5)[5:]
-        if path and path[0].startswith(f"{tritonserver.SHM_DIR}/{tritonserver.SHM_PREFIX}"):
+        ours = path and path[0].startswith(f"{tritonserver.SHM_DIR}/{tritonserver.SHM_PREFIX}")
+        if ours and not path[0].endswith(" (deleted)"):  # (deleted: unlinked, a model unloading)
             names.add(Path(path[0]).name)
     return names
 
@@ -557,10 +558,12 @@ def test_a_killed_tritons_shared_memory_is_swept_at_the_next_start_and_a_live_on
     tritons.kill(0)  # (its regions stay; another test's Triton starting now may sweep them first)
     time.sleep(max(0.0, newest + 5.5 - time.time()))  # the sweep leaves regions under 5 s old
     tritons.start(0)
-    left = on_disk()
-    assert not killed & left, f"the killed Triton's regions left: {sorted(killed & left)}"
-    # (what Triton 1 maps now: an unload the previous test asked for may have ended meanwhile)
+    # What Triton 1 maps both before and after the listing (a load or an unload an earlier test
+    # asked for may end meanwhile, adding or removing a region of its own) is listed.
     live = _shm_mapped_by(servers[1].process.pid)
+    left = on_disk()
+    live &= _shm_mapped_by(servers[1].process.pid)
+    assert not killed & left, f"the killed Triton's regions left: {sorted(killed & left)}"
     assert live and live <= left, f"a live Triton's regions were removed: {sorted(live - left)}"
     restarted = tritons.servers[0]
     assert restarted is not None and _shm_mapped_by(restarted.process.pid) <= left
@@ -615,4 +618,6 @@ def test_a_start_that_hangs_says_so_with_every_threads_stack(tmp_path: Path) -> 
     stacks = tmp_path / "tritonserver-stacks.txt"
     assert f"(its threads: {stacks})" in str(raised.value)
     text = stacks.read_text()
+    if "Operation not permitted" in text:  # gdb may not attach here (Yama's ptrace_scope, a container)
+        pytest.skip("gdb may not attach to processes here: the file says so")
     assert f"==== pid {process.pid}: sleep 60" in text and "#0 " in text, text[-2000:]

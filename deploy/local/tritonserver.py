@@ -33,10 +33,20 @@ from facekit.procstat import stat_fields  # stdlib only, as this file
 
 DEFAULT_VENV = Path(".venv-triton")
 DEFAULT_STATE = Path("var/triton")
+
+
+def _pid_namespace() -> int:
+    with contextlib.suppress(OSError):
+        return os.stat("/proc/self/ns/pid").st_ino
+    return 0
+
+
 # The python backend passes tensors through one /dev/shm region per model instance, named this
 # prefix plus a uuid. A SIGKILLed Triton leaves its regions behind (1 MB or more each): see sweep_shm.
+# The prefix names this PID namespace: a container sharing /dev/shm cannot see our processes, so
+# its sweep must not take our regions for orphans (nor ours its).
 SHM_DIR = Path("/dev/shm")
-SHM_PREFIX = "talkinghead-local-"
+SHM_PREFIX = f"talkinghead-local-{_pid_namespace()}-"
 PY = f"{sys.version_info.major}.{sys.version_info.minor}"
 
 
@@ -175,17 +185,22 @@ class Server:
         if gdb is None:
             return None
         out = self.log.with_name("tritonserver-stacks.txt")
+        deadline = time.monotonic() + 90.0  # for all of them: the wait has failed already
         with out.open("w") as f:
             for pid in group_members(self.process.pid):
                 f.write(f"==== pid {pid}: {cmdline(pid)}\n")
                 f.flush()
+                left = deadline - time.monotonic()
+                if left < 1.0:
+                    f.write("(not read: out of time)\n")
+                    continue
                 with contextlib.suppress(OSError, subprocess.SubprocessError):
                     subprocess.run(
                         [gdb, "-p", str(pid), "-batch", "-ex", "thread apply all bt"],
                         stdout=f,
                         stderr=subprocess.STDOUT,
                         stdin=subprocess.DEVNULL,
-                        timeout=60,
+                        timeout=min(30.0, left),
                     )
         return out
 

@@ -251,6 +251,11 @@ that another replica deleted or replaced one: it would go on serving the old ava
 {{- if and $several (not (include "talkinghead.redisEnabled" .)) -}}
 {{- fail "several server replicas (server.replicaCount > 1, or server.autoscaling.enabled with maxReplicas > 1) need Redis: without it each replica caches avatars from its own files and goes on serving one another replica deleted or replaced. Set redis.mode=internal (a Redis in this release) or redis.mode=external with redis.externalUrl or redis.existingSecret, or run one replica (server.replicaCount=1, server.autoscaling.enabled=false)" -}}
 {{- end -}}
+{{- range .Values.triton.extraArgs -}}
+{{- if contains "shm-region-prefix-name" (toString .) -}}
+{{- fail (printf "triton.extraArgs %q: the chart names the python backend's /dev/shm regions itself, so that a restarted Triton container removes those a killed one left; leave shm-region-prefix-name out" (toString .)) -}}
+{{- end -}}
+{{- end -}}
 {{- if and .Values.worker.enabled (not (include "talkinghead.redisEnabled" .)) -}}
 {{- fail "worker.enabled needs redis.mode internal or external (the job queue)" -}}
 {{- end -}}
