@@ -171,45 +171,15 @@ def test_a_job_that_ended_without_succeeding_has_its_time_up_to_where_it_stopped
 
     metrics = WorkerMetrics()
     t = 1000.0
+
+    def ended(name: str, kind: str, state: str, **times: float) -> Job:
+        return Job(id=name * 16, kind=kind, avatar_id=name, state=state, create_time=t, **times)
+
     jobs = [
-        Job(
-            id="a" * 16,
-            kind=PERSONALISE,
-            avatar_id="a",
-            state=CANCELLED,
-            create_time=t,
-            start_time=t + 2,
-            end_time=t + 9,
-        ),
-        Job(
-            id="b" * 16,
-            kind=PERSONALISE,
-            avatar_id="b",
-            state=FAILED,
-            create_time=t,
-            start_time=t + 1,
-            export_time=t + 30,
-            end_time=t + 34,
-        ),
-        Job(
-            id="c" * 16,
-            kind=PERSONALISE,
-            avatar_id="c",
-            state=SUCCEEDED,
-            create_time=t,
-            start_time=t + 1,
-            load_time=t + 2,
-            end_time=t + 5,
-        ),
-        Job(
-            id="d" * 16,
-            kind=REMOVE,
-            avatar_id="d",
-            state=SUCCEEDED,
-            create_time=t,
-            start_time=t + 1,
-            end_time=t + 2,
-        ),
+        ended("a", PERSONALISE, CANCELLED, start_time=t + 2, end_time=t + 9),
+        ended("b", PERSONALISE, FAILED, start_time=t + 1, export_time=t + 30, end_time=t + 34),
+        ended("c", PERSONALISE, SUCCEEDED, start_time=t + 1, load_time=t + 2, end_time=t + 5),
+        ended("d", REMOVE, SUCCEEDED, start_time=t + 1, end_time=t + 2),
     ]
     for job in jobs:
         metrics.on_end(job)
