@@ -202,8 +202,8 @@ class WorkerPage:
     """A personalisation worker's /metrics: worker.metrics.WorkerMetrics, the page `talkinghead
     worker --metrics-port` serves, served by its own serve() in this process; work() records what a
     worker does (a claim poll, fine-tuning steps, a personalisation ended SUCCEEDED with its stage
-    times, one FAILED). tests/test_worker_metrics.py scrapes a real worker process; here what
-    matters is the page the panels read, not a PyTorch import and a fine-tuning."""
+    times, one FAILED while fine-tuning). tests/test_worker_metrics.py scrapes a real worker
+    process; here what matters is the page the panels read, not a PyTorch import and a fine-tuning."""
 
     def __init__(self) -> None:
         self.metrics = WorkerMetrics()
@@ -221,7 +221,10 @@ class WorkerPage:
         }
         job = Job(id=new_id(), kind=PERSONALISE, avatar_id="face", steps=2, **times)
         self.metrics.on_end(job.ended(SUCCEEDED))
-        self.metrics.on_end(Job(id=new_id(), kind=PERSONALISE, avatar_id="face").ended(FAILED, error="x"))
+        failed = Job(
+            id=new_id(), kind=PERSONALISE, avatar_id="face", create_time=now - 20, start_time=now - 18
+        )
+        self.metrics.on_end(failed.ended(FAILED, error="x"))  # 18 s of fine-tuning lost
 
     def text(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
@@ -429,6 +432,13 @@ def test_a_real_prometheus_answers_every_panel(streamed: tuple[ServerThread, Wor
             empty[where] = expr
     unexplained = {w: e for w, e in empty.items() if not series_names(e) & set(NEEDS_MORE)}
     assert unexplained == {}, "panels without data after a stream"
+    # the failed job's fine-tuning, on the panel of time lost to failures
+    (lost,) = (e for w, e in expressions() if w.startswith("Personalisation time lost to failures"))
+    shown = {
+        (s["metric"]["outcome"], s["metric"]["stage"]): float(s["value"][1])
+        for s in prometheus.query(substitute(lost))
+    }
+    assert shown[("failed", "fine_tuning")] > 10 and shown[("failed", "queued")] > 0, shown
     print(f"{len(expressions())} queries, {len(empty)} empty as expected:", *sorted(empty), sep="\n  ")
 
 
