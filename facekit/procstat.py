@@ -2,7 +2,7 @@
 (service/metrics.py) and the bench's accounting of the server, its client and Triton
 (client/bench.py). Every reader returns None where /proc cannot be read (off Linux, a thread or
 process that has ended). And whether a process is alive (`alive`: the local stack's pid files,
-the partial files of killed commands)."""
+the partial files of killed commands) and its command line (`cmdline`)."""
 
 from __future__ import annotations
 
@@ -29,6 +29,14 @@ def alive(pid: int) -> bool:
         return True
     fields = stat_fields(Path(f"/proc/{pid}/stat"))
     return fields is None or fields[0] != "Z"
+
+
+def cmdline(pid: int) -> str:
+    """Process `pid`'s command line, its arguments joined by spaces; "" when it cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def fields_cpu(fields: list[str]) -> float:

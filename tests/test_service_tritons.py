@@ -527,13 +527,8 @@ def test_a_generator_withdrawn_while_a_triton_missed_it_is_unloaded_there_by_the
 
 def _shm_mapped_by(pid: int) -> set[str]:
     """The local Triton regions (tritonserver.SHM_PREFIX) process `pid` has mapped."""
-    names = set()
-    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
-        path = line.split(maxsplit=5)[5:]
-        ours = path and path[0].startswith(f"{tritonserver.SHM_DIR}/{tritonserver.SHM_PREFIX}")
-        if ours and not path[0].endswith(" (deleted)"):  # (deleted: unlinked, a model unloading)
-            names.add(Path(path[0]).name)
-    return names
+    mapped = tritonserver.mapped_shm(tritonserver.SHM_DIR, [pid])
+    return {name for name in mapped if name.startswith(tritonserver.SHM_PREFIX)}
 
 
 def test_a_killed_tritons_shared_memory_is_swept_at_the_next_start_and_a_live_ones_kept(

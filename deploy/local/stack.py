@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
 
 from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
 from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
-from facekit.procstat import alive  # noqa: E402  (stdlib only)
+from facekit.procstat import alive, cmdline  # noqa: E402  (stdlib only)
 
 COMPONENTS = ("redis", "triton", "service", "worker", "prometheus")  # start order; stopped in reverse
 MARKERS = {
@@ -124,13 +124,6 @@ class Layout:
 
 
 # -- processes -------------------------------------------------------------------------------------
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
 
 
 def read_pid(layout: Layout, name: str) -> int | None:

@@ -26,10 +26,11 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from facekit.procstat import stat_fields  # stdlib only, as this file
+from facekit.procstat import cmdline, stat_fields  # stdlib only, as this file
 
 DEFAULT_VENV = Path(".venv-triton")
 DEFAULT_STATE = Path("var/triton")
@@ -188,7 +189,7 @@ class Server:
         deadline = time.monotonic() + 90.0  # for all of them: the wait has failed already
         with out.open("w") as f:
             for pid in group_members(self.process.pid):
-                f.write(f"==== pid {pid}: {cmdline(pid)}\n")
+                f.write(f"==== pid {pid}: {cmdline(pid)[:200] or '?'}\n")
                 f.flush()
                 left = deadline - time.monotonic()
                 if left < 1.0:
@@ -210,16 +211,18 @@ class Server:
         sweep_shm()
 
 
-def mapped_shm(shm_dir: Path) -> set[str]:
-    """Names of the files in `shm_dir` that a process this user may inspect has mapped."""
+def mapped_shm(shm_dir: Path, pids: Iterable[int] | None = None) -> set[str]:
+    """Names of the files in `shm_dir` that processes `pids` (default: every one this user may
+    inspect) have mapped; those unlinked since ("(deleted)") are not there any more."""
     names: set[str] = set()
-    for proc in Path("/proc").iterdir():
+    procs = (Path(f"/proc/{pid}") for pid in pids) if pids is not None else Path("/proc").iterdir()
+    for proc in procs:
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
                 for line in (proc / "maps").read_text(errors="replace").splitlines():
                     path = line.split(maxsplit=5)[5:]
-                    if path and path[0].startswith(f"{shm_dir}/"):
-                        names.add(path[0][len(str(shm_dir)) + 1 :].removesuffix(" (deleted)"))
+                    if path and path[0].startswith(f"{shm_dir}/") and not path[0].endswith(" (deleted)"):
+                        names.add(path[0][len(str(shm_dir)) + 1 :])
     return names
 
 
@@ -309,17 +312,6 @@ def group_members(pgid: int) -> list[int]:
             if fields is not None and fields[2] == str(pgid) and fields[0] != "Z":
                 members.append(int(proc.name))
     return sorted(members)
-
-
-def cmdline(pid: int) -> str:
-    with contextlib.suppress(OSError):
-        return (
-            (Path("/proc") / str(pid) / "cmdline")
-            .read_bytes()
-            .replace(b"\0", b" ")
-            .decode(errors="replace")[:200]
-        )
-    return "?"
 
 
 def _wait_gone(pgid: int, timeout: float) -> bool:
