@@ -219,9 +219,18 @@ def test_a_job_that_took_its_worker_down_three_times_fails_and_the_queue_goes_on
     worker = LocalQueue(root=jobs)
     taken = worker.claim("last", wait_s=1)
     assert taken is not None and taken.id == poison.id and taken.attempt == MAX_ATTEMPTS + 1
-    run_job(worker_context(worker, repo), taken)
+    ctx = worker_context(worker, repo)
+    run_job(ctx, taken)
     done = service.get(poison.id)
     assert done is not None and done.state == FAILED and done.error_code == grpc.StatusCode.INTERNAL.value[0]
+    observed = {  # nothing ran in this attempt: no fine-tuning time (it read the claim-to-end ms so)
+        s.labels["stage"]: s.value
+        for family in ctx.metrics.registry.collect()
+        if family.name == "talkinghead_worker_job_stage_seconds"
+        for s in family.samples
+        if s.name.endswith("_count") and s.labels["outcome"] == "failed" and s.value
+    }
+    assert observed == {"queued": 1, "total": 1}
     assert done.error == (
         "the worker stopped 3 times while running this personalisation (the worker's log says why); "
         "it is not tried again"

@@ -89,11 +89,13 @@ class Stopped(Exception):
 class Ending:
     """A job's end to write (`finish`), what follows it once written (or lost to another worker:
     an event every replica must hear), and what undoes a SUCCEEDED end's publish when the queue
-    refuses that end for a cancel asked meanwhile."""
+    refuses that end for a cancel asked meanwhile. Not `worked`: ended at its claim, nothing run
+    (its metrics have no stage past queued)."""
 
     job: Job
     then: Callable[[], None] | None = None
     undo: Callable[[], None] | None = None
+    worked: bool = True
 
 
 class Unwritten(Exception):
@@ -402,11 +404,12 @@ def _end(
     *,
     then: Callable[[], None] | None = None,
     undo: Callable[[], None] | None = None,
+    worked: bool = True,
 ) -> None:
     """Write the ended job, unless it was taken over meanwhile: its new holder ends it (a failure
     or cancellation found after the takeover used to raise Lost out of run_job and end the
     worker); then `then` (also when taken over). Unwritten when the queue fails to write it."""
-    _write_end(ctx, Ending(job, then, undo))
+    _write_end(ctx, Ending(job, then, undo, worked))
 
 
 def _write_end(ctx: Context, ending: Ending) -> bool:
@@ -429,7 +432,7 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
             why = "cancelled as its generator was published (taken back: the avatar keeps the one it had)"
             return _write_end(ctx, Ending(job.ended(CANCELLED, code=CODE_CANCELLED, error=why)))
         log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
-        ctx.metrics.on_end(job)
+        ctx.metrics.on_end(job, worked=ending.worked)
     if ending.then is not None:
         try:
             ending.then()
@@ -600,7 +603,7 @@ def _give_up(ctx: Context, job: Job) -> None:
         "log says why); it is not tried again"
     )
     log.error("job %s: %s", job.id, message)
-    _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=message))
+    _end(ctx, job.ended(FAILED, code=CODE_INTERNAL, error=message), worked=False)
 
 
 def _take_back_lost(ctx: Context, job: Job, name: str) -> None:

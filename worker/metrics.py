@@ -101,11 +101,12 @@ class WorkerMetrics:
             for stage in STAGES
         }
 
-    def on_end(self, job: Job, outcome: str | None = None) -> None:
+    def on_end(self, job: Job, outcome: str | None = None, *, worked: bool = True) -> None:
         """A job this worker is done with: its end written (outcome from its state), or `outcome`.
         A personalisation it ended adds its stages (those its record has times for: one ended with
         the generator an earlier attempt published did not fine-tune): each up to the next, the
-        last one begun up to the end (where a failed or cancelled job stopped)."""
+        last one begun up to the end (where a failed or cancelled job stopped). Not `worked` (ended
+        at its claim, given up after its attempts): queued and total only."""
         kind = job.kind if job.kind in KINDS else PERSONALISE
         self.ended[kind, outcome or OUTCOMES[job.state]].inc()
         if outcome is not None or job.state not in OUTCOMES or job.kind != PERSONALISE:
@@ -114,11 +115,13 @@ class WorkerMetrics:
         began = [job.create_time, job.start_time, job.export_time, job.load_time]
         last = max((i for i, t in enumerate(began) if t), default=-1)
         spans = {"total": (job.create_time, job.end_time)}
-        for i, stage in enumerate(STAGES[:4]):
+        for i, stage in enumerate(STAGES[:4] if worked else ()):
             if began[i] and i < last and began[i + 1]:
                 spans[stage] = (began[i], began[i + 1])
             elif i == last and i > 0:  # (queued ends at a claim: a job never claimed was not queued by us)
                 spans[stage] = (began[i], job.end_time)
+        if not worked:
+            spans["queued"] = (job.create_time, job.start_time)
         for stage, (start, end) in spans.items():
             if start and end >= start:
                 self.stage[ended, stage].observe(end - start)
