@@ -12,8 +12,10 @@ logging and stays as they wrote it.
 Lines are written by a thread of their own (`Writer`), never by the thread that logs: a stderr that
 nobody reads for a while (a log collector stalled, `serve 2>&1 | less` paused) filled its pipe and
 then blocked the server's event loop in the write - every call hung (519 calls, ~64 KiB of access
-lines, in the test). Records wait in a bounded queue, written together every 50 ms; when it is
-full they are dropped, and the writer says how many once it can write again.
+lines, in the test). Records wait in a bounded queue, written together every 50 ms; a warning or
+an error wakes the writer at once (with what waited before it), so a process killed right after
+one (a SIGKILL at the end of a grace period, a crash in a C library) has written it. When the
+queue is full records are dropped, and the writer says how many once it can write again.
 
 Stdlib only: the service image and the worker image both carry facekit/.
 """
@@ -79,9 +81,10 @@ EXIT_FLUSH_S = 2.0  # at exit, the writer gets this long to write what waits (it
 
 class Writer(logging.Handler):
     """Hands records to a daemon thread that formats them and writes them to `stream` (default
-    sys.stderr, looked up at each write) every WRITE_EVERY_S, together. emit() freezes the record's
-    message and traceback (its arguments may change after the call), appends it and returns: it
-    never blocks nor wakes a thread. With `capacity` records waiting, a record is dropped and
+    sys.stderr, looked up at each write) every WRITE_EVERY_S, together, or at once for a record at
+    WARNING or above. emit() freezes the record's message and traceback (its arguments may change
+    after the call), appends it and returns: it never blocks, and wakes the writer only for a
+    warning or an error (an access line per call does not cost a thread switch). With `capacity` records waiting, a record is dropped and
     counted, and the writer's next lines begin by saying how many were."""
 
     def __init__(
@@ -91,7 +94,7 @@ class Writer(logging.Handler):
         self.stream, self.capacity, self.every_s = stream, capacity, every_s
         self.dropped = 0
         self._waiting: collections.deque[logging.LogRecord] = collections.deque()
-        self._stop = threading.Event()
+        self._stop, self._wake = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._write_all, name="log-writer", daemon=True)
         self._thread.start()
 
@@ -106,6 +109,8 @@ class Writer(logging.Handler):
             return
         try:
             self._waiting.append(self._frozen(record))
+            if record.levelno >= logging.WARNING:
+                self._wake.set()
         except Exception:
             self.handleError(record)
 
@@ -121,7 +126,9 @@ class Writer(logging.Handler):
     def _write_all(self) -> None:
         reported = 0
         while True:
-            stopping = self._stop.wait(self.every_s)
+            self._wake.wait(self.every_s)
+            self._wake.clear()
+            stopping = self._stop.is_set()
             lines = []
             if self.dropped != reported:
                 lost, reported = self.dropped - reported, self.dropped
@@ -159,6 +166,7 @@ class Writer(logging.Handler):
     def close(self) -> None:
         """Write what waits (EXIT_FLUSH_S at most: its stream may be stuck), then stop the thread."""
         self._stop.set()
+        self._wake.set()
         self._thread.join(EXIT_FLUSH_S)
         super().close()
 

@@ -324,3 +324,38 @@ def test_a_full_log_queue_drops_records_and_says_how_many() -> None:
     assert lines[-1] == "INFO after", lines[-3:]
     assert f"WARNING {writer.dropped} log records dropped: the log stream was not read for a while" in lines
     assert len([line for line in lines if line.startswith("INFO record ")]) == 100 - writer.dropped
+
+
+def test_a_warning_is_written_at_once_with_what_waited_before_it() -> None:
+    """Info lines wait for the writer's next round (batched: an access line per call costs no
+    thread switch); a warning wakes it, so a process killed just after one has written it, and
+    the lines before it, in order."""
+    from facekit import logs
+
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    writer = logs.Writer(stream=stream, every_s=60.0)
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger("test.wake")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(writer)
+    reader, chunks = _drain(read_end)
+    try:
+        log.info("before")
+        time.sleep(0.3)
+        assert not chunks, "an info line was written before the writer's round"
+        log.warning("stopping: %s", "grace period over")
+        deadline = time.monotonic() + 10
+        while b"grace period over" not in b"".join(chunks):
+            assert time.monotonic() < deadline, f"the warning waited for the writer's round: {chunks}"
+            time.sleep(0.01)
+        assert b"".join(chunks).decode().splitlines() == [
+            "INFO before",
+            "WARNING stopping: grace period over",
+        ]
+    finally:
+        log.removeHandler(writer)
+        writer.close()
+        stream.close()
+        reader.join(10)
