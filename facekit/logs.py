@@ -84,8 +84,9 @@ class Writer(logging.Handler):
     sys.stderr, looked up at each write) every WRITE_EVERY_S, together, or at once for a record at
     WARNING or above. emit() freezes the record's message and traceback (its arguments may change
     after the call), appends it and returns: it never blocks, and wakes the writer only for a
-    warning or an error (an access line per call does not cost a thread switch). With `capacity` records waiting, a record is dropped and
-    counted, and the writer's next lines begin by saying how many were."""
+    warning or an error (an access line per call does not cost a thread switch). With `capacity`
+    records waiting, a record is dropped and counted, and the writer's next lines begin by saying
+    how many were."""
 
     def __init__(
         self, stream: TextIO | None = None, capacity: int = QUEUE_RECORDS, every_s: float = WRITE_EVERY_S
