@@ -72,6 +72,7 @@ def launcher(action: str, *args: str, timeout: float = 300) -> subprocess.Comple
     return subprocess.run(
         [sys.executable, str(LAUNCHER), action, *args],
         cwd=ROOT,
+        env={k: v for k, v in os.environ.items() if k != "TALKINGHEAD_WATERMARK_KEY"},  # the stack's own
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -126,7 +127,9 @@ def private_copy(source: Path, target: Path) -> Path:
 
 def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequest) -> None:
     from client.library import Client, demo_portrait_consent, describe_error, landmark_requests
+    from facekit.ids import DEFAULT_TENANT
     from facekit.sequence import LandmarkSequence
+    from facekit.watermark import Watermarker, payload_for
 
     try:
         from deploy.local import tritonserver
@@ -174,6 +177,10 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         started = launcher("up", *args)
         assert started.returncode == 0, f"stack up failed:\n{started.stdout}\n{started.stderr}\n{logs()}"
         assert "talkinghead stack is up" in started.stdout
+        # a key of its own, made once, readable by this user only: every frame it serves is marked
+        assert layout.watermark_key.stat().st_mode & 0o777 == 0o600
+        key = layout.watermark_key.read_text().strip()
+        assert len(key) >= 32 and f"key {layout.watermark_key}" in started.stdout, started.stdout
         for name in stack.COMPONENTS:
             assert layout.pid_file(name).is_file(), f"no pid file for {name}"
             pids[name] = int(layout.pid_file(name).read_text())
@@ -183,6 +190,7 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         assert again.returncode == 0, again.stderr
         assert again.stdout.count("already running") == len(stack.COMPONENTS), again.stdout
         assert {name: int(layout.pid_file(name).read_text()) for name in stack.COMPONENTS} == pids
+        assert layout.watermark_key.read_text().strip() == key, "the key changed under a running stack"
 
         seq = LandmarkSequence.load(DRIVER)
         seq = LandmarkSequence(seq.points[:FRAMES], seq.frame_size, seq.fps)
@@ -205,6 +213,11 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         # the worker fine-tunes on the CPU the streams leave (deploy/local/stack.py)
         assert "CPU scheduling: idle, nice 0" in layout.log("worker").read_text()
         assert [f.sequence for f in frames] == list(range(FRAMES))
+        wm = Watermarker(key=key)
+        assert client.last_started.watermark_key_id == wm.fingerprint
+        for frame in (frames[0], frames[-1]):
+            found = wm.detect(frame.image)
+            assert found.present and found.payload == payload_for(DEFAULT_TENANT, "stacktest"), found
         assert all(f.image.shape == frames[0].image.shape and f.image.std() > 0 for f in frames)
 
         values = wait_for(

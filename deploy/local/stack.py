@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import string
@@ -51,6 +52,7 @@ MARKERS = {
 }
 STOP_GRACE_S = {"redis": 10.0, "triton": 15.0, "service": 20.0, "worker": 20.0, "prometheus": 10.0}
 WORKER_NAME = "stack-worker"
+WATERMARK_KEY_ENV = "TALKINGHEAD_WATERMARK_KEY"  # facekit.watermark.KEY_ENV (not imported: numpy, OpenCV)
 PROMETHEUS_CANDIDATES = ("/usr/bin/prometheus", "/usr/local/bin/prometheus")
 
 
@@ -105,6 +107,10 @@ class Layout:
     @property
     def ports_file(self) -> Path:
         return self.state / "ports.json"
+
+    @property
+    def watermark_key(self) -> Path:
+        return self.state / "watermark.key"
 
     @property
     def prometheus_config(self) -> Path:
@@ -298,10 +304,36 @@ def triton_command(
     return cmd, tritonserver.environment(args.triton_venv)
 
 
-def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], dict[str, str]]:
+def watermark_key(layout: Layout) -> tuple[str, str]:
+    """The key the stack's service marks every frame with, and where it came from:
+    $TALKINGHEAD_WATERMARK_KEY, else the stack's own, a random one made once in <state>/watermark.key
+    (mode 0600, kept by `down`: videos of earlier runs still verify). Before, the stack ran without
+    one and sent unmarked frames."""
+    if key := os.environ.get(WATERMARK_KEY_ENV, ""):
+        return key, f"${WATERMARK_KEY_ENV}"
+    path = layout.watermark_key
+    try:
+        if not path.exists():
+            made = path.with_name(f".{path.name}.{os.getpid()}")
+            fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32) + "\n")
+            with contextlib.suppress(FileExistsError):  # (two `up`s at once: the first one's key stays)
+                os.link(made, path)
+            made.unlink()
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise StackError(f"cannot read or make the watermark key {path}: {error}") from None
+    if not key:
+        raise StackError(f"{path} is empty: write the key into it, or remove it and a new one is made")
+    return key, str(path)
+
+
+def service_command(args: argparse.Namespace, ports: Ports, key: str) -> tuple[list[str], dict[str, str]]:
     env = dict(os.environ)
     env.update(
         {
+            WATERMARK_KEY_ENV: key,
             "PYTHONUNBUFFERED": "1",
             "TALKINGHEAD_HOST": "127.0.0.1",
             "TALKINGHEAD_GRPC_PORT": str(ports.grpc),
@@ -309,7 +341,6 @@ def service_command(args: argparse.Namespace, ports: Ports) -> tuple[list[str], 
             "TALKINGHEAD_BACKEND": "triton",
             "TALKINGHEAD_TRITON_URL": f"127.0.0.1:{ports.triton_grpc}",
             "TALKINGHEAD_MODEL_REPOSITORY": str(args.repository.resolve()),
-            "TALKINGHEAD_AVATAR_STORE": str(args.avatar_store.resolve()),
             "TALKINGHEAD_REDIS_URL": ports.redis_url,  # avatars and jobs in Redis
             "TALKINGHEAD_WORKER": "external",  # the stack's own worker process
         }
@@ -466,10 +497,11 @@ def up(args: argparse.Namespace) -> int:
     check_ports(layout, ports, running)
     layout.ports_file.write_text(json.dumps(asdict(ports)) + "\n")
     ready = checks(ports)
+    key, key_from = watermark_key(layout)
     builders: dict[str, Callable[[], tuple[list[str], dict[str, str]]]] = {
         "redis": lambda: redis_command(layout, ports),
         "triton": lambda: triton_command(args, layout, ports),
-        "service": lambda: service_command(args, ports),
+        "service": lambda: service_command(args, ports, key),
         "worker": lambda: worker_command(args, ports),
         "prometheus": lambda: prometheus_command(args, layout, ports),
     }
@@ -483,15 +515,21 @@ def up(args: argparse.Namespace) -> int:
             what = ", ".join(name for name, _ in started) or "nothing"
             raise StackError(f"{error}\n(stopped what this run started: {what})") from None
         raise
-    print(summary(layout, ports, args))
+    print(summary(layout, ports, args, key_from))
     return 0
 
 
-def summary(layout: Layout, ports: Ports, args: argparse.Namespace) -> str:
+def summary(layout: Layout, ports: Ports, args: argparse.Namespace, key_from: str) -> str:
     logs = layout.logs
     server = f"127.0.0.1:{ports.grpc}"
     env = "" if ports.grpc == 50051 else f"TALKINGHEAD_SERVER={server} "
     prom = f"http://127.0.0.1:{ports.prometheus}"
+    mine = key_from == str(layout.watermark_key)
+    export = (
+        f'  export {WATERMARK_KEY_ENV}="$(cat {layout.watermark_key})"   # animate checks the mark\n'
+        if mine
+        else ""
+    )
     return f"""
 talkinghead stack is up (state {layout.state}):
   redis       {ports.redis_url}  (avatars, the personalisation queue; data {layout.state / "redis"})
@@ -502,10 +540,10 @@ metrics http://127.0.0.1:{ports.worker_metrics}/metrics
 metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
   alerts      {prom}/alerts  (rules {layout.prometheus_rules}: the chart's, deploy/README.md "Alerts")
-  avatars     {args.avatar_store}
+  watermark   every frame marked, key {key_from}
 logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:
-  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png \
+{export}  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png \
 --subject "Eileen Collins" --basis public-domain --source "NASA photograph" --collected-by me
   {env}.venv/bin/talkinghead avatar personalise astronaut --wait
   {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
@@ -586,7 +624,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--triton-venv", type=Path, default=Path(".venv-triton"))
     p.add_argument("--python", default=sys.executable, help="interpreter of the service (.venv)")
     p.add_argument("--prometheus", help="prometheus binary (default: $PROMETHEUS, then PATH)")
-    p.add_argument("--avatar-store", type=Path, help="avatar directory (default <state>/avatars)")
     p.add_argument(
         "--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"), help="worker's model"
     )
@@ -601,8 +638,6 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.avatar_store is None:
-        args.avatar_store = args.state / "avatars"
     action = {"up": up, "down": down, "status": status}[args.action]
     try:
         return action(args)
