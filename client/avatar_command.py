@@ -1,10 +1,10 @@
 """Manage avatars on a running service: create from photos, list, show, delete.
 
 example:
-  talkinghead avatar create mona mona1.jpg --name "Mona Lisa" --subject "Mona Lisa (Leonardo)" \
-      --basis public-domain --source https://collections.louvre.fr/ark:/53355/cl010062370 \
+  talkinghead avatar create mona mona1.jpg --name "Mona Lisa" --subject "Mona Lisa (Leonardo)" \\
+      --basis public-domain --source https://collections.louvre.fr/ark:/53355/cl010062370 \\
       --collected-by studio@example.com
-  talkinghead avatar create ada ada.jpg --subject "Ada Example" --basis personal \
+  talkinghead avatar create ada ada.jpg --subject "Ada Example" --basis personal \\
       --statement-version 2026-11 --document ada-consent-signed.pdf --collected-by hr@example.com
   talkinghead avatar list
   talkinghead avatar get mona --preview mona_crop.png   # --overwrite: replace the file if it is there

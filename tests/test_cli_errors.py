@@ -376,3 +376,17 @@ def test_a_partial_file_left_behind_that_cannot_be_removed_does_not_stop_the_out
         pending.write_bytes(b"the render")
     monkeypatch.undo()
     assert files_in(tmp_path) == [stale.name, "y.mp4"]
+
+
+def test_every_commands_help_shows_its_examples_line_by_line() -> None:
+    """A command's --help is its module docstring: a `\\` ending an example line in a plain
+    (not raw) docstring joined the example's lines into one, with runs of spaces."""
+    import importlib
+
+    from talkinghead.cli import COMMANDS
+
+    for name, (module, _) in COMMANDS.items():
+        doc = importlib.import_module(module).__doc__ or ""
+        assert doc.strip(), f"{name} has no --help text"
+        joined = [line for line in doc.splitlines() if len(line) > 110]  # (the source's line limit)
+        assert not joined, (name, joined)

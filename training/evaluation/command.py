@@ -16,7 +16,7 @@ example:
   talkinghead evaluate --checkpoint models/talkinghead-small.pt --out out/evaluation
   talkinghead evaluate --methods warp feed-forward --shots 8 --stills none     # minutes, no fine-tuning
   make evaluate
-  talkinghead evaluate --methods feed-forward --engines openvino openvino-bf16 \
+  talkinghead evaluate --methods feed-forward --engines openvino openvino-bf16 \\
       --verdict models/talkinghead-small.engines.json      # the CPU engines' quality gate
 
 With --engines, each engine runs the exported generator of --repository as an extra feed-forward
