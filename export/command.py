@@ -53,7 +53,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Triton platform: python (runs here), onnxruntime or tensorrt (default: python)",
     )
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu", help="instance kind (onnxruntime)")
-    parser.add_argument("--report", type=Path, help="JSON report (default: <repository>.export.json)")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        help="JSON report (default: <repository>.export.json; an avatar's generator: "
+        "<repository>.generator_<avatar>.export.json)",
+    )
     parser.add_argument("--no-check", action="store_true", help="skip the parity check and timing")
     parser.add_argument(
         "--no-template",
@@ -234,6 +239,13 @@ def remove_avatar(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_path(repo: Path, report: dict[str, Any]) -> Path:
+    """<repository>.export.json for the base models; <repository>.generator_<avatar>.export.json for
+    an avatar's personalised generator (before, exporting one replaced the base models' report)."""
+    avatars = sorted(name for name in report["models"] if name.startswith(contract.PERSONALISED_PREFIX))
+    return repo.with_name(".".join([repo.name, *avatars, "export.json"]))
+
+
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
@@ -243,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
     if args.checkpoint is None:
         raise SystemExit("talkinghead export: --checkpoint is required (or --remove-avatar ID)")
     report = export(args)
-    out = args.report or args.repository.with_name(args.repository.name + ".export.json")
+    out = args.report or report_path(args.repository, report)
     out.write_text(json.dumps(report, indent=2) + "\n")
     log.info("report: %s", out)
     return 0

@@ -559,9 +559,16 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     assert params["talkinghead.model_id"] == base
     # the same checkpoint again: written from the graph the first export traced (what a worker
     # does from its second job on, and for a job re-run after a worker died): the same bytes
+    # (and its default report is the avatar's: the base models' report beside it stays)
+    base_report = tmp_path / "repo.export.json"
+    base_report.write_text('{"models": {"embedder": {}, "generator": {}}}\n')
     with caplog.at_level(logging.INFO, logger=to_onnx.log.name):
-        assert run_module("export.command", [*argv, "--no-check"], prog="talkinghead export") == 0
+        assert run_module("export.command", [*argv[:-2], "--no-check"], prog="talkinghead export") == 0
     assert "exported generator_alice from an earlier export's graph" in caplog.text, caplog.text[-2000:]
+    assert base_report.read_text() == '{"models": {"embedder": {}, "generator": {}}}\n'
+    assert list(json.loads((tmp_path / "repo.generator_alice.export.json").read_text())["models"]) == [
+        "generator_alice"
+    ]
     assert repository.versions(repo / "generator_alice") == [1]
     argv = ["--remove-avatar", "alice", "--repository", str(repo)]
     assert run_module("export.command", argv, prog="talkinghead export") == 0
