@@ -556,3 +556,15 @@ def test_bad_request_is_refused_and_server_stays_up(
     with pytest.raises(InferenceServerException, match="adain"):  # psi missing
         infer(client, "generator", landmark_image=faces["drawn"][:1], **warped_of(faces, slice(0, 1)))
     assert client.is_server_ready()
+
+
+def test_the_readme_snippet_runs_as_a_new_user_pastes_it(triton: tritonserver.Server) -> None:
+    """README's "A real Triton server here" snippet, run as written (its address made this
+    server's): it sent two inputs to a generator that had needed a third (`warped`) for months."""
+    text = (ROOT / "README.md").read_text()
+    block = text.split("Then, as a new user would:", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"127.0.0.1:8001"' in block, block
+    scope: dict[str, Any] = {}
+    exec(block.replace('"127.0.0.1:8001"', repr(triton.grpc_url)), scope)
+    frame = scope["frame"]
+    assert frame.shape == (1, 128, 128, 3) and frame.dtype == np.uint8
