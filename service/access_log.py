@@ -116,8 +116,11 @@ class AccessLog:
         if not log.isEnabledFor(level):
             return
         duration_ms = round(seconds * 1000, 1)
-        fields: dict[str, Any] = {"method": method, "code": code, "duration_ms": duration_ms, "peer": peer}
-        text = [f"access {self.short.get(method, method)} {code} {duration_ms:.1f} ms peer={_shown(peer)}"]
+        fields: dict[str, Any] = {"method": method, "code": code, "duration_ms": duration_ms}
+        text = [f"access {self.short.get(method, method)} {code} {duration_ms:.1f} ms"]
+        if peer:  # (none for a method gRPC answers itself: it was "peer=None")
+            fields["peer"] = peer
+            text.append(f"peer={_shown(peer)}")
         if facts is not None:
             for name in ("tenant", "avatar", "frames"):
                 value = getattr(facts, name)

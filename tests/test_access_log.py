@@ -170,10 +170,15 @@ def test_text_format_is_the_default_and_its_access_lines_grep(model_repository: 
         with Client(target=server.address, timeout=30) as client:
             assert _code(lambda: client.get_avatar("nobody")) == grpc.StatusCode.NOT_FOUND
             list(client.list_avatars())
+        with grpc.insecure_channel(server.address) as channel:  # a method the server does not have
+            unknown = channel.unary_unary("/talkinghead.v1.Nope/Call")
+            assert _code(lambda: unknown(b"", timeout=30)) == grpc.StatusCode.UNIMPLEMENTED
     finally:
         server.stop()
     text = server.log.read_text()
     assert not text.lstrip().startswith("{")
+    # gRPC answers it itself: no peer known, none written (it was "peer=None")
+    assert re.search(r"access other UNIMPLEMENTED \d+\.\d ms$", text, re.M), text[-3000:]
     missing = [line for line in text.splitlines() if "access GetAvatar NOT_FOUND" in line]
     assert len(missing) == 1, text[-3000:]
     assert re.search(
