@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -241,6 +242,16 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
             'histogram_quantile(0.95, sum by (le) (talkinghead_stage_seconds_bucket{stage="end_to_end"}))',
         )
         assert 0 < p95 < math.inf, (p95, values)
+        # what deploy/local/README.md tells an operator to ask, as pasted from its table
+        table = (ROOT / "deploy" / "local" / "README.md").read_text().split("| question | query |", 1)[1]
+        asked = re.findall(r"^\| (.+?) \| `(.+?)`", table.split("\n\n", 1)[0], re.M)
+        assert len(asked) >= 10, table[:500]
+        for question, promql in asked:
+            assert query(ports.prometheus, promql.replace("\\|", "|")) is not None, question
+        mean = scalar(ports.prometheus, dict(asked)["frames per generator call (mean)"])
+        assert 1 <= mean <= 16, f"frames per generator call: {mean}"  # (a median of batch 1 read 0.5)
+        page = re.search(r"^  alerts +(\S+)", started.stdout, re.M)
+        assert page is not None and tritonserver.http_ok(page[1]), started.stdout
     finally:
         stopped = launcher("down", "--state", str(state), timeout=120)
     assert stopped.returncode == 0, f"stack down failed:\n{stopped.stdout}\n{stopped.stderr}"

@@ -524,6 +524,8 @@ def summary(layout: Layout, ports: Ports, args: argparse.Namespace, key_from: st
     server = f"127.0.0.1:{ports.grpc}"
     env = "" if ports.grpc == 50051 else f"TALKINGHEAD_SERVER={server} "
     prom = f"http://127.0.0.1:{ports.prometheus}"
+    # Debian's Prometheus 2.42 has the classic UI only: /alerts answers 404 there
+    alerts = f"{prom}/alerts" if tritonserver.http_ok(f"{prom}/alerts") else f"{prom}/classic/alerts"
     mine = key_from == str(layout.watermark_key)
     export = (
         f'  export {WATERMARK_KEY_ENV}="$(cat {layout.watermark_key})"   # animate checks the mark\n'
@@ -539,7 +541,7 @@ metrics http://127.0.0.1:{ports.worker_metrics}/metrics
   triton      gRPC 127.0.0.1:{ports.triton_grpc}  HTTP http://127.0.0.1:{ports.triton_http}  \
 metrics http://127.0.0.1:{ports.triton_metrics}/metrics
   prometheus  {prom}  (config {layout.prometheus_config}, data {layout.prometheus_data})
-  alerts      {prom}/alerts  (rules {layout.prometheus_rules}: the chart's, deploy/README.md "Alerts")
+  alerts      {alerts}  (rules {layout.prometheus_rules}: the chart's, deploy/README.md "Alerts")
   watermark   every frame marked, key {key_from}
 logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:
