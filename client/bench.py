@@ -6,7 +6,7 @@
    of the CPU's fp32 peak; then the same table for every engine this machine has.
 2. closed loop: one stream, next frame sent when the previous reply arrives: the latency the
    service adds to a lone call over raw batch-1 inference.
-3. live: `talkinghead serve` in a subprocess; N = 1, 4, 16 streams each sending landmarks at 25 fps
+3. live: `talkinghead serve` in a subprocess; N = 1, 4, 16, 64 streams each sending landmarks at 25 fps
    (DROP_OLDEST, the live policy) for --seconds: achieved fps, end-to-end latency percentiles
    (send -> reply, client clock), drops, mean batch size, and the server's per-stage times. The
    service's fps is compared with the raw generator's fps at the same (mean) batch size, timed
