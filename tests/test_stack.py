@@ -248,7 +248,10 @@ def test_stack_up_stream_scrape_down(tmp_path: Path, request: pytest.FixtureRequ
         assert len(asked) >= 10, table[:500]
         for question, promql in asked:
             assert query(ports.prometheus, promql.replace("\\|", "|")) is not None, question
-        mean = scalar(ports.prometheus, dict(asked)["frames per generator call (mean)"])
+        # (over 10 minutes: the last frames may be more than a minute old on a busy machine: NaN)
+        mean = scalar(
+            ports.prometheus, dict(asked)["frames per generator call (mean)"].replace("[1m]", "[10m]")
+        )
         assert 1 <= mean <= 16, f"frames per generator call: {mean}"  # (a median of batch 1 read 0.5)
         page = re.search(r"^  alerts +(\S+)", started.stdout, re.M)
         assert page is not None and tritonserver.http_ok(page[1]), started.stdout
