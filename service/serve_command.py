@@ -6,9 +6,14 @@ override them. TALKINGHEAD_WATERMARK_KEY is the secret every generated frame is 
 flags it serves model_repository/ in-process with ONNX Runtime on 127.0.0.1:50051, metrics on
 :8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
 
+A setting's NAME in the messages is TALKINGHEAD_NAME in the environment and --name as a flag
+(API_KEYS: TALKINGHEAD_API_KEYS, --api-keys).
+
 example:
-  talkinghead serve
-  TALKINGHEAD_BACKEND=triton TALKINGHEAD_TRITON_URL=triton:8001 talkinghead serve --host 0.0.0.0
+  talkinghead serve                                   # 127.0.0.1:50051, no authentication (loopback)
+  talkinghead keys --keys var/keys.json issue --tenant acme          # an API key for the next one
+  TALKINGHEAD_BACKEND=triton TALKINGHEAD_TRITON_URL=triton:8001 talkinghead serve --host 0.0.0.0 \\
+      --api-keys var/keys.json --tls-cert tls.crt --tls-key tls.key   # exposed: keys, over TLS
 """
 
 from __future__ import annotations
@@ -54,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = settings_module.from_args(args)
     except ValueError as error:
-        raise SystemExit(f"talkinghead serve: {error}") from error
+        hint = " (a NAME here is TALKINGHEAD_NAME or --name: `talkinghead serve --help`)"
+        raise SystemExit(
+            f"talkinghead serve: {error}{hint if 'invalid settings' in str(error) else ''}"
+        ) from error
     logs.configure(settings.log_level, settings.log_format)  # text, or JSON lines (facekit/logs.py)
     # OpenCV's own thread pool splits each small warp, mark and encode over the cores and back: with
     # it the server spent 1.75-1.82 ms of CPU per frame at the bench's serving ceiling, without it

@@ -223,7 +223,11 @@ def make_auth(
     if not auth.enabled:
         log.warning(
             "authentication is off: every caller is the implicit tenant 'default' with the admin role "
-            "(fine on %s; set TALKINGHEAD_API_KEYS or TALKINGHEAD_TLS_CLIENT_CA before exposing it)",
+            + (
+                "(fine on %s; set TALKINGHEAD_API_KEYS or TALKINGHEAD_TLS_CLIENT_CA before exposing it)"
+                if settings.loopback
+                else "on %s, reachable beyond this machine (TALKINGHEAD_ALLOW_UNAUTHENTICATED)"
+            ),
             settings.host,
         )
     else:

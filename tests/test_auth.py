@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -227,6 +228,24 @@ def test_listening_beyond_loopback_needs_authentication(tmp_path: Path) -> None:
         timeout=60,
     )
     assert serve.returncode != 0 and "refusing to listen on 0.0.0.0" in serve.stderr
+    # the message names settings as API_KEYS: it says how to set one
+    assert "(a NAME here is TALKINGHEAD_NAME or --name" in serve.stderr, serve.stderr
+
+
+def test_the_unauthenticated_warning_says_where_the_server_listens(caplog: pytest.LogCaptureFixture) -> None:
+    """Only loopback is "fine" without authentication: on 0.0.0.0 (allowed on purpose) the warning
+    said "fine on 0.0.0.0"."""
+    from service.server import make_auth
+
+    for host, said in (
+        ("127.0.0.1", "(fine on 127.0.0.1;"),
+        ("0.0.0.0", "on 0.0.0.0, reachable beyond this machine"),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="talkinghead"):
+            make_auth(Settings(host=host, allow_unauthenticated=True), None, None)
+        assert said in caplog.text, caplog.text
+        assert host == "127.0.0.1" or "fine on" not in caplog.text, caplog.text
 
 
 # -- mTLS ---------------------------------------------------------------------------------------
