@@ -31,7 +31,8 @@ from typing import Any, TextIO
 from facekit.ids import split_id
 from facekit.partial import partial_path, remove_abandoned
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
-from service.settings import from_env
+from service.keys_command import redis_errors, redis_failure
+from service.settings import Settings, from_env
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,9 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, help="write here (default: standard output)")
 
 
-def open_log(args: argparse.Namespace) -> AuditLog:
-    """The log the service writes with the same settings (flags override TALKINGHEAD_*)."""
-    settings = from_env(audit_log=args.audit_log, redis_url=args.redis_url)
+def open_log(settings: Settings) -> AuditLog:
+    """The log the service writes with these settings."""
     if settings.redis_url:
         from jobs.redis_queue import connect
 
@@ -106,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
     """The log is opened before --out is touched; --out is written to a hidden file beside it and
     renamed onto it when complete, so a failed export leaves a file that was there as it was."""
     try:
-        log = open_log(args)
+        settings = from_env(audit_log=args.audit_log, redis_url=args.redis_url)  # flags override
+        log = open_log(settings)
     except ValueError as error:  # a bad TALKINGHEAD_* setting
         raise SystemExit(f"talkinghead audit: {error}") from None
+    redis_failed = redis_errors(settings.redis_url)  # Redis away, timing out, refusing: one line
     if args.out is None:
         try:
             count = _export(args, log, sys.stdout)
@@ -119,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         except (OSError, ValueError) as error:
             raise SystemExit(f"talkinghead audit: cannot read the audit log ({error})") from None
+        except redis_failed as error:
+            raise SystemExit(redis_failure("talkinghead audit", settings.redis_url, error)) from None
         print(f"{count} event(s)", file=sys.stderr)
         return 0
     out: Path = args.out
@@ -140,6 +144,9 @@ def run(args: argparse.Namespace) -> int:
         os.replace(partial, out)
     except (OSError, ValueError) as error:
         raise SystemExit(f"talkinghead audit: {error}; nothing written to {out}") from None
+    except redis_failed as error:
+        failure = redis_failure("talkinghead audit", settings.redis_url, error)
+        raise SystemExit(f"{failure}; nothing written to {out}") from None
     finally:
         partial.unlink(missing_ok=True)
     print(f"{count} event(s) -> {out}", file=sys.stderr)

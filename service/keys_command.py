@@ -115,9 +115,45 @@ CERT_ACTIONS: dict[str, tuple[Callable[[dict[str, Any], str], bool], str, str]] 
 }
 
 
+def redis_errors(url: str) -> tuple[type[Exception], ...]:
+    """What a store in the Redis at `url` raises when Redis fails (redis-py's RedisError: refused,
+    timed out, a wrong password, an error reply), for an `except` that turns it into one line
+    (redis_failure); nothing without a URL (and redis is not imported)."""
+    if not url:
+        return ()
+    import redis
+
+    return (redis.RedisError,)
+
+
+def redis_failure(prog: str, url: str, error: Exception) -> str:
+    """One line for a Redis that failed: `cannot reach Redis at URL: why` (refused, timed out, no
+    such host), else `Redis at URL: its error` (a wrong password, an error reply); a password in
+    the URL masked."""
+    import redis
+
+    from jobs.keys import shown_url
+
+    where = shown_url(url)
+    cause = error.__context__  # the socket's error, under redis-py's message that repeats the address
+    why = str(error) or type(error).__name__
+    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(
+        error, redis.AuthenticationError
+    ):
+        if isinstance(cause, OSError):
+            why = cause.strerror or str(cause) or why
+        return f"{prog}: cannot reach Redis at {where}: {_line(why)}"
+    return f"{prog}: Redis at {where}: {_line(why)}"
+
+
+def _line(text: str) -> str:
+    return " ".join(text.split()).rstrip(".")
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.keys:
         raise SystemExit("talkinghead keys: name the key ring with --keys or TALKINGHEAD_API_KEYS")
+    redis_failed = redis_errors(args.redis_url if args.keys == "redis" else "")
     try:
         store = ring_store(args.keys, args.redis_url)
         if args.action == "issue":
@@ -133,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"revoked {args.key_id}", file=sys.stderr)
         elif args.action == "bind-cert":
             store.update(lambda ring: bind_cert(ring, args.common_name, args.tenant, args.role))
+            print(f"bound {args.common_name} to tenant {args.tenant} ({args.role})", file=sys.stderr)
         elif args.action in CERT_ACTIONS:
             change, failed, done = CERT_ACTIONS[args.action]
             if not store.update(lambda ring: change(ring, args.common_name)):
@@ -146,6 +183,8 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(_listing(store.load()), indent=1))
     except ValueError as error:
         raise SystemExit(f"talkinghead keys: {error}") from None
+    except redis_failed as error:
+        raise SystemExit(redis_failure("talkinghead keys", args.redis_url, error)) from None
     return 0
 
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import redis
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -29,6 +31,7 @@ from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
 from service.auth import ADMIN, FileRing, bind_cert, issue, revoke, set_quotas
 from service.settings import Settings
+from tests.redis_fixtures import RedisServer, free_port
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, REPO, ServerThread, test_settings
 
@@ -212,6 +215,123 @@ def test_the_keys_command_issues_lists_and_revokes(tmp_path: Path) -> None:
         timeout=60,
     )
     assert bad.returncode != 0 and "invalid tenant" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bind_cert_says_what_it_bound(tmp_path: Path) -> None:
+    """As revoke, unbind-cert, deny-cert and undeny-cert say what they did (bind-cert said nothing)."""
+    ring = tmp_path / "keys.json"
+    keys = [sys.executable, "-m", "talkinghead.cli", "keys", "--keys", str(ring)]
+    for role, args in (("user", ()), ("admin", ("--role", "admin"))):
+        bound = subprocess.run(
+            [*keys, "bind-cert", "--common-name", f"studio-{role}.acme.example", "--tenant", "acme", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert bound.returncode == 0, bound.stderr
+        assert bound.stderr == f"bound studio-{role}.acme.example to tenant acme ({role})\n"
+        assert bound.stdout == ""
+    assert json.loads(ring.read_text())["certs"] == {
+        "studio-user.acme.example": {"tenant": "acme", "role": "user"},
+        "studio-admin.acme.example": {"tenant": "acme", "role": "admin"},
+    }
+
+
+# -- the keys and audit commands when Redis fails -----------------------------------------------
+KEYS_ACTIONS: dict[str, tuple[str, ...]] = {
+    "issue": ("--tenant", "acme"),
+    "revoke": ("3f9a1c0b2d4e",),
+    "list": (),
+    "bind-cert": ("--common-name", "studio-01", "--tenant", "acme"),
+    "unbind-cert": ("--common-name", "studio-01"),
+    "deny-cert": ("studio-01",),
+    "undeny-cert": ("studio-01",),
+    "quota": ("--tenant", "acme", "--max-streams", "4"),
+}
+
+
+def _redis_commands(url: str, out: Path, actions: Iterable[str] = KEYS_ACTIONS) -> list[list[str]]:
+    """Every keys action on the Redis key ring at `url`, and audit of its stream (to standard
+    output and to `out`)."""
+    keys = [
+        ["keys", "--keys", "redis", "--redis-url", url, action, *KEYS_ACTIONS[action]] for action in actions
+    ]
+    return [*keys, ["audit", "--redis-url", url], ["audit", "--redis-url", url, "--out", str(out)]]
+
+
+def _run_all(commands: list[list[str]]) -> list[tuple[str, int, str]]:
+    """(command, exit status, standard error) of each `talkinghead` command, run side by side."""
+    started = [
+        (
+            command,
+            subprocess.Popen(
+                [sys.executable, "-m", "talkinghead.cli", *command],
+                cwd=REPO,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            ),
+        )
+        for command in commands
+    ]
+    done = []
+    for command, process in started:
+        _, stderr = process.communicate(timeout=60)
+        done.append((" ".join(command), process.returncode, stderr))
+    return done
+
+
+def _says_in_one_line(done: list[tuple[str, int, str]], said: Callable[[str], str]) -> None:
+    """Each command failed with status 1 and one line: `said(its program name)` and then why."""
+    for command, status, stderr in done:
+        prog = "talkinghead " + command.split()[0]
+        why = (command, status, stderr)
+        assert status == 1, why
+        assert "Traceback" not in stderr and stderr.count("\n") == 1 and stderr.endswith("\n"), why
+        assert stderr.startswith(said(prog)), why
+
+
+def test_keys_and_audit_say_in_one_line_that_redis_cannot_be_reached(tmp_path: Path) -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"  # nobody listens there
+    out = tmp_path / "export" / "audit.jsonl"
+    done = _run_all(_redis_commands(url, out))
+    _says_in_one_line(done, lambda prog: f"{prog}: cannot reach Redis at {url}: Connection refused")
+    assert done[-1][2].endswith(f"; nothing written to {out}\n"), done[-1]
+    assert not out.exists() and not any(out.parent.iterdir())
+
+
+def test_keys_and_audit_say_in_one_line_that_redis_timed_out(tmp_path: Path) -> None:
+    """A Redis that takes the connection and never answers (a listening socket nobody accepts on)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        done = _run_all(_redis_commands(url, tmp_path / "audit.jsonl", actions=["list"]))
+    _says_in_one_line(done, lambda prog: f"{prog}: cannot reach Redis at {url}: timed out")
+
+
+def test_keys_and_audit_say_in_one_line_what_redis_refused(tmp_path: Path) -> None:
+    """A Redis that answers with an error: a wrong password (the URL shown without it), a key of
+    another type where the ring and the audit stream are."""
+    server = RedisServer(workdir=tmp_path / "redis")
+    try:
+        with redis.Redis(port=server.port) as client:
+            client.set("talkinghead:audit", "not a stream")
+            client.rpush("talkinghead:keyring", "not a ring")
+            client.config_set("requirepass", "sesame")
+        where = f"127.0.0.1:{server.port}/0"
+        out = tmp_path / "audit.jsonl"
+        done = _run_all(_redis_commands(f"redis://:sesame@{where}", out))
+        _says_in_one_line(done, lambda prog: f"{prog}: Redis at redis://***@{where}: WRONGTYPE ")
+        wrong = _run_all(_redis_commands(f"redis://:hunter2@{where}", out, actions=["list"]))
+        _says_in_one_line(
+            wrong, lambda prog: f"{prog}: Redis at redis://***@{where}: invalid username-password"
+        )
+        assert not any(word in stderr for _, _, stderr in done + wrong for word in ("sesame", "hunter2"))
+        assert list(tmp_path.iterdir()) == [tmp_path / "redis"]
+    finally:
+        server.stop()
 
 
 def test_listening_beyond_loopback_needs_authentication(tmp_path: Path) -> None:
