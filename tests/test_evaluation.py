@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from PIL import Image
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter
 from talkinghead.cli import main as cli
+from talkinghead.cli import run_module
 from training import checkpoint
 from training.config import EvalConfig
 from training.evaluation import command
@@ -163,6 +165,57 @@ def test_a_run_says_whether_it_covered_the_full_protocol() -> None:
     rows = {"feed-forward": {"pooled": {"ssim": 0.7}}, "feed-forward@x": {"pooled": {"ssim": 0.7}}}
     verdict = command.judge_engines({"reenactment": {"T=1": rows}}, ["x"], "m", tiny)[0]
     assert verdict.as_dict()["full_protocol"] is False and verdict.as_dict()["coverage"] == tiny
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+def test_missing_clips_end_the_run_up_front_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Evaluation clips that are not in the data folder end the run before any model is built,
+    with one line naming the folder, the clips and the command that makes them (it ended with a
+    FileNotFoundError traceback for the first clip's frames.npy)."""
+
+    def no_models(*args: object, **kwargs: object) -> None:
+        raise AssertionError("built the models before checking the clips")
+
+    monkeypatch.setattr(command, "_methods", no_models)
+    cfg = checkpoint.config_of(checkpoint.load(MODEL))
+    data, out = tmp_path / "data", tmp_path / "eval"
+    for name in ("meta.json", "landmarks.npy", "frames.npy"):  # dpe_s is there ...
+        (data / "dpe_s").mkdir(parents=True, exist_ok=True)
+        (data / "dpe_s" / name).write_bytes(b"")
+    for name in ("meta.json", "landmarks.npy"):  # ... w009 without its frames
+        (data / "dreamtalk_mead_w009").mkdir(exist_ok=True)
+        (data / "dreamtalk_mead_w009" / name).write_bytes(b"")
+    args = ["--checkpoint", str(MODEL), "--data", str(data), "--out", str(out)]
+    with pytest.raises(SystemExit) as ended:
+        run_module("training.evaluation.command", args, prog="talkinghead evaluate")
+    line = ended.value.code
+    assert isinstance(line, str) and "\n" not in line  # SystemExit(str): exit 1, the line on stderr
+    others = [c for c in cfg.meta.validation_videos if c not in ("dpe_s", "dreamtalk_mead_w009")]
+    assert others and line.startswith(f"talkinghead evaluate: evaluation clips not preprocessed in {data}: ")
+    assert f"{', '.join(others)}: run `talkinghead preprocess " in line
+    assert f" {data} --size {cfg.model.image_size}`" in line and "dpe_s" not in line
+    assert line.endswith(
+        f"dreamtalk_mead_w009: run `talkinghead preprocess {_faces()} {data} --restore-frames`"
+    )
+    assert "Traceback" not in capsys.readouterr().err and not out.exists()
+
+    shutil.rmtree(data)  # no data folder at all; the stills' driver and the jitter clip are needed too
+    with pytest.raises(SystemExit) as ended:
+        cli(["evaluate", *args, "--clips", "lp_d0"])
+    assert ended.value.code == (
+        f"talkinghead evaluate: evaluation clips not preprocessed in {data} (no such folder): lp_d0, "
+        f"{cfg.evaluation.still_driver} (the stills' driver), {cfg.evaluation.jitter_clip} (the jitter "
+        f"clip): run `talkinghead preprocess {_faces()} {data} --size {cfg.model.image_size}`"
+    )
+    with pytest.raises(SystemExit) as ended:
+        cli(["evaluate", *args, "--clips", "lp_d0", "--stills", "none", "--no-jitter"])
+    assert str(ended.value.code).split(": ")[2] == "lp_d0"
+
+
+def _faces() -> str:
+    return min(os.path.relpath(command.FACES), str(command.FACES), key=len)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from facekit.detect import DlibDetector
+from facekit.detect import DlibDetector, Face
 from facekit.video import VideoWriter
 from talkinghead.cli import main
+from training import preprocess
 from training.preprocess import find_clips, select
 
 FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
@@ -61,6 +62,60 @@ def test_clip_without_faces_is_skipped_with_the_reason(tmp_path: Path) -> None:
     assert entry["status"] == "skipped" and entry["no_face"] == 5
     assert entry["reason"].startswith("too few frames with a face (0 < 16")
     assert not (out / "empty_room" / "meta.json").exists()
+
+
+class _CentredFace:
+    """A stand-in landmark detector: the same face in the middle of every frame (no model files)."""
+
+    name = "dlib"
+
+    def detect(self, image: np.ndarray) -> list[Face]:
+        h, w = image.shape[:2]
+        angles = np.linspace(0, 2 * np.pi, 68, endpoint=False)
+        points = np.stack([w / 2 + w / 5 * np.cos(angles), h / 2 + h / 4 * np.sin(angles)], -1)
+        return [Face((w / 4, h / 4, 3 * w / 4, 3 * h / 4), points.astype(np.float32), 1.0)]
+
+
+def test_a_rerun_with_other_crop_parameters_is_refused_and_the_same_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finished clips made at another size (or --every, ...) are not this run's: the run refuses to
+    start, names the parameters and leaves the clips as they are (it counted them "already there"
+    and wrote report.json with the new size over a folder of the old crops). The same parameters
+    resume as before."""
+    monkeypatch.setattr(preprocess, "make_detector", lambda name: _CentredFace())
+    src, out = tmp_path / "src", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("talk_a", "talk_b"):
+        with VideoWriter(src / f"{name}.mp4", fps=25, size=(64, 64)) as writer:
+            for _ in range(6):
+                writer.write(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    args = ["preprocess", str(src), str(out), "--min-frames", "4", "--workers", "1"]
+    assert main([*args, "--size", "32"]) == 0
+    assert json.loads((out / "talk_a" / "meta.json").read_text())["max_frames"] == 0
+    kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    for other, recorded in (
+        (["--size", "16"], "--size 32, not 16"),
+        (["--size", "32", "--every", "2", "--max-frames", "3"], "--every 1, not 2; --max-frames 0, not 3"),
+    ):
+        assert main([*args, *other]) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"talkinghead preprocess: 2 of the 2 finished clips in {out} were made with other crop "
+            f"parameters ({recorded}): give another output folder, or delete those clips to redo them\n"
+        )
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept  # report.json too
+
+    (out / "talk_b" / "meta.json").unlink()  # as if the first run had died in this clip
+    assert main([*args, "--size", "32"]) == 0
+    assert "1 clips done" in capsys.readouterr().out and (out / "talk_b" / "meta.json").is_file()
+    assert (out / "talk_a" / "frames.npy").read_bytes() == kept[out / "talk_a" / "frames.npy"]
+    assert main([*args, "--size", "32"]) == 0
+    assert ", 2 already there, " in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["counts"] == {"done": 0, "exists": 2, "skipped": 0}
 
 
 def _args(src: Path, out: Path, workers: int) -> list[str]:

@@ -11,15 +11,21 @@ stable; frames without a face are dropped. Output per clip, in OUT/<clip id>/:
   landmarks.npy  float32 (N, 68, 2) in crop pixel coordinates
   meta.json      written last and atomically: a clip with meta.json is complete
 
-Reruns skip complete clips, so an interrupted run resumes. OUT/report.json lists every clip as
-done / exists (from an earlier run) / skipped, with the reason. frames.npy is large (~39 MB for
-8 s at 256 px); `--restore-frames` rebuilds it from the videos and meta.json without a detector,
-so a machine without the landmark models needs only landmarks.npy, meta.json and the videos.
+Reruns skip complete clips, so an interrupted run resumes. A run whose crop parameters (--size,
+--scale, --shift-y, --every, --max-frames, --detector) differ from those a finished clip's meta.json
+records refuses to start, and names them: give it another OUT (or delete those clips to redo them),
+so a folder never mixes crops of two kinds. OUT/report.json lists every clip as done / exists
+(from an earlier run) / skipped, with the reason. frames.npy is large (~39 MB for 8 s at 256 px);
+`--restore-frames` rebuilds it from the videos and meta.json without a detector, so a machine
+without the landmark models needs only landmarks.npy, meta.json and the videos.
 Examples:
 
-  talkinghead preprocess ../shared/data/faces data/preprocessed --config paper --workers 2
+  talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
+  talkinghead preprocess ../shared/data/faces data/preprocessed-256 --config paper --workers 2
   talkinghead preprocess vox2/dev/mp4 data/vox --every 5 --max-frames 64 --include 'id0001*'
-  talkinghead preprocess ../shared/data/faces data/preprocessed --restore-frames
+  talkinghead preprocess ../shared/data/faces data/preprocessed-256 --restore-frames
+
+(each config's meta.data names the folder `talkinghead train --config ...` reads)
 """
 
 from __future__ import annotations
@@ -58,6 +64,16 @@ class Job:
     max_frames: int  # 0: all
     min_frames: int  # fewer frames with a face -> skipped
     detector: str
+
+
+# The Job fields a clip's meta.json records that make its crops what they are: a finished clip made
+# with other values is not this run's (a meta.json without max_frames, older, is not checked on it).
+CROP_PARAMETERS = ("size", "scale", "shift_y", "every", "max_frames", "detector")
+
+
+def differences(meta: dict[str, Any], job: Job) -> dict[str, Any]:
+    """The crop parameters a clip's meta.json records with other values than `job`'s: name -> recorded."""
+    return {k: meta[k] for k in CROP_PARAMETERS if k in meta and meta[k] != getattr(job, k)}
 
 
 @dataclass(frozen=True)
@@ -129,6 +145,9 @@ def process_clip(clip: Clip, out: Path, job: Job, detector: LandmarkDetector) ->
     start = time.monotonic()
     folder = out / clip.clip_id
     if (folder / "meta.json").is_file():
+        other = differences(json.loads((folder / "meta.json").read_text()), job)
+        if other:  # run() refuses such a folder up front; kept, never overwritten
+            return Outcome(clip.clip_id, "skipped", f"made with other crop parameters: {other}")
         return Outcome(clip.clip_id, "exists")
     try:
         info = video_info(clip.path)
@@ -158,6 +177,7 @@ def process_clip(clip: Clip, out: Path, job: Job, detector: LandmarkDetector) ->
         "frames_no_face": no_face,
         "frame_indices": indices,
         "every": job.every,
+        "max_frames": job.max_frames,
         "scale": job.scale,
         "shift_y": job.shift_y,
         "detector": job.detector,
@@ -293,6 +313,35 @@ def _summarise(outcomes: list[Outcome], out: Path, meta: dict[str, Any]) -> None
             print(f"  skipped {o.clip_id}: {o.reason}", file=sys.stderr)
 
 
+def _other_parameters(clips: list[Clip], out: Path, job: Job) -> str | None:
+    """None when no finished clip in `out` was made with crop parameters other than `job`'s, else one
+    line naming them, how many clips, and what to do (a resumed run must not mix two kinds of crop)."""
+    finished, other = 0, 0
+    recorded: dict[str, set[str]] = {}
+    for clip in clips:
+        path = out / clip.clip_id / "meta.json"
+        if not path.is_file():
+            continue
+        finished += 1
+        try:
+            differ = differences(json.loads(path.read_text()), job)
+        except (OSError, ValueError):  # unreadable: process_clip reports it
+            continue
+        other += bool(differ)
+        for name, value in differ.items():
+            recorded.setdefault(name, set()).add(str(value))
+    if not other:
+        return None
+    params = "; ".join(
+        f"--{name.replace('_', '-')} {' and '.join(sorted(values))}, not {getattr(job, name)}"
+        for name, values in recorded.items()
+    )
+    return (
+        f"talkinghead preprocess: {other} of the {finished} finished clips in {out} were made with other "
+        f"crop parameters ({params}): give another output folder, or delete those clips to redo them"
+    )
+
+
 def _restore_all(src: Path, out: Path) -> int:
     done, failed = 0, 0
     for meta_path in sorted(out.rglob("meta.json")):
@@ -330,11 +379,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"{c.clip_id}\tvideo={c.video_id}")
         print(f"{len(clips)} clips, {len({c.video_id for c in clips})} videos, layout {layout}")
         return 0
-    try:
-        make_detector(args.detector)  # fail here (e.g. missing weights), not in every pool worker
-    except (RuntimeError, ValueError, ModuleNotFoundError) as err:
-        print(f"talkinghead preprocess: {err}", file=sys.stderr)
-        return 2
     job = Job(
         _crop_size(args),
         args.scale,
@@ -344,6 +388,14 @@ def run(args: argparse.Namespace) -> int:
         args.min_frames,
         args.detector,
     )
+    if refusal := _other_parameters(clips, args.out, job):
+        print(refusal, file=sys.stderr)
+        return 2
+    try:
+        make_detector(args.detector)  # fail here (e.g. missing weights), not in every pool worker
+    except (RuntimeError, ValueError, ModuleNotFoundError) as err:
+        print(f"talkinghead preprocess: {err}", file=sys.stderr)
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     outcomes = run_all(clips, args.out, job, args.workers)
     meta = {"src": str(args.src.resolve()), "layout": layout, **asdict(job)}

@@ -27,9 +27,12 @@ where `make model-repository` picks it up (facekit/engines.py), with what the ru
 the full protocol (every evaluation person of the config, every T, every driving frame, the
 stills) makes a verdict the service acts on; a reduced run's is written and marked so.
 
-A still without a detectable face is skipped and named; the reenactment rows are written as soon
-as they are computed, and a later step (embedder spread, stills, jitter) that fails is named under
-`errors` while the rest is written (exit 1).
+Every clip the run reads (the evaluation clips, the stills' driver, the jitter clip) is looked for
+in --data before any model is built: missing ones end the run with one line naming them and the
+`talkinghead preprocess` command that makes them (exit 1). A still without a detectable face is
+skipped and named; the reenactment rows are written as soon as they are computed, and a later step
+(embedder spread, stills, jitter) that fails is named under `errors` while the rest is written
+(exit 1).
 """
 
 from __future__ import annotations
@@ -146,6 +149,14 @@ def run(args: argparse.Namespace) -> int:
     clip_ids = args.clips or list(cfg.meta.validation_videos)
     if not clip_ids:
         raise SystemExit("no evaluation clips: give --clips or set meta.validation_videos in the config")
+    still_patterns = protocol.stills if args.stills is None else tuple(args.stills)
+    needed = dict.fromkeys(clip_ids, "")
+    if still_patterns != ("none",):
+        needed.setdefault(protocol.still_driver, " (the stills' driver)")
+    if not args.no_jitter:
+        needed.setdefault(protocol.jitter_clip, " (the jitter clip)")
+    if missing := missing_clips(data, needed, cfg.model.image_size):
+        raise SystemExit(missing)  # before any model is built or frame read
     clips = [EvalClip.load(data / c) for c in clip_ids]
     methods = _methods(args, meta)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +177,6 @@ def run(args: argparse.Namespace) -> int:
             errors,
             lambda: embedding_spread(emb, [(c.frames, c.points) for c in clips], min(8, cfg.meta.k_shot)),
         )
-    still_patterns = protocol.stills if args.stills is None else tuple(args.stills)
     if still_patterns != ("none",):
         still_methods = {k: m for k, m in methods.items() if k != "fine-tuned" or args.still_finetune}
 
@@ -207,6 +217,33 @@ def run(args: argparse.Namespace) -> int:
         log.error("evaluation incomplete: %s failed (the rest is written to %s)", ", ".join(errors), args.out)
         return 1
     return 0
+
+
+def missing_clips(data: Path, needed: dict[str, str], size: int) -> str | None:
+    """None when every needed clip (id -> why it is needed, shown after its id) is preprocessed in
+    `data` (meta.json, landmarks.npy and frames.npy: what EvalClip.load reads), else one line naming
+    the folder, the clips that are not, and the command that makes them."""
+    faces = min(os.path.relpath(FACES), str(FACES), key=len)
+    preprocess = f"run `talkinghead preprocess {faces} {data} --size {size}`"
+    redo = "delete them and preprocess again"  # meta.json: preprocess counts them as done
+    restore = f"run `talkinghead preprocess {faces} {data} --restore-frames`"
+    groups: dict[str, list[str]] = {preprocess: [], redo: [], restore: []}
+    for clip_id, why in needed.items():
+        folder = data / clip_id
+        if not (folder / "meta.json").is_file():
+            fix = preprocess
+        elif not (folder / "landmarks.npy").is_file():
+            fix = redo
+        elif not (folder / "frames.npy").is_file():
+            fix = restore
+        else:
+            continue
+        groups[fix].append(clip_id + why)
+    if not any(groups.values()):
+        return None
+    where = f"{data} (no such folder)" if not data.is_dir() else str(data)
+    fixes = "; ".join(f"{', '.join(ids)}: {fix}" for fix, ids in groups.items() if ids)
+    return f"talkinghead evaluate: evaluation clips not preprocessed in {where}: {fixes}"
 
 
 def _step(name: str, report: dict[str, Any], errors: dict[str, str], compute: Callable[[], Any]) -> None:
