@@ -157,8 +157,7 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             log.info(
                 "%s -> %s (%.1f MB, opset %d)", graph.name, version_dir, entry["bytes"] / 1e6, entry["opset"]
             )
-    if args.triton_url:
-        triton_load(args.triton_url, changed)
+    report["written"] = changed  # the models with a new version (the others were already there)
     return report
 
 
@@ -256,6 +255,21 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("talkinghead export: --checkpoint is required (or --remove-avatar ID)")
     report = export(args)
     out = args.report or report_path(args.repository, report)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(json.dumps(report, indent=2) + "\n")  # (before the load: what was exported stays said)
     log.info("report: %s", out)
+    if args.triton_url:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            triton_load(args.triton_url, report["written"])
+        except InferenceServerException as error:
+            log.error(
+                "Triton at %s did not load %s: %s. The repository %s holds it; is it the one that Triton "
+                "serves (its --model-repository), and is Triton up?",
+                args.triton_url,
+                ", ".join(report["written"]),
+                error.message() or error,
+                args.repository,
+            )
+            return 1
     return 0

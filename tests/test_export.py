@@ -576,6 +576,32 @@ def test_cli_adds_an_avatar_generator_with_psi_baked_in_and_removes_it(
     assert run_module("export.command", argv, prog="talkinghead export") == 1
 
 
+def test_a_load_triton_refuses_ends_in_one_line_with_the_export_and_its_report_kept(
+    personal_ckpt: dict, exported: tuple[Path, dict], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`export --triton-url` with no Triton there (or one serving another repository): before, a
+    traceback, and the report of what was exported was never written."""
+    import socket
+
+    from talkinghead.cli import run_module
+    from training import checkpoint
+
+    repo = tmp_path / "repo"
+    shutil.copytree(exported[0], repo)
+    checkpoint.save(tmp_path / "alice.pt", personal_ckpt)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = ["--checkpoint", str(tmp_path / "alice.pt"), "--repository", str(repo), "--no-check"]
+    with caplog.at_level(logging.INFO):
+        assert run_module("export.command", [*argv, "--triton-url", f"127.0.0.1:{port}"], prog="x") == 1
+    (refused,) = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert refused.getMessage().startswith(f"Triton at 127.0.0.1:{port} did not load generator_alice: ")
+    assert f"The repository {repo} holds it" in refused.getMessage() and refused.exc_info is None
+    report = json.loads((tmp_path / "repo.generator_alice.export.json").read_text())
+    assert report["written"] == ["generator_alice"] and repository.models(repo)[-1] == "generator_alice"
+
+
 def test_a_meta_models_template_is_structured_as_its_avatars_generators(
     meta_ckpt: dict, personal_ckpt: dict
 ) -> None:
