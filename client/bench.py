@@ -520,7 +520,10 @@ def start_server(
         TALKINGHEAD_MAX_STREAMS="64",
         # no personalisation worker competing for the cores, unless that is what is measured
         TALKINGHEAD_WORKER="embedded" if jobs else "external",
-        TALKINGHEAD_JOBS=str(jobs or ""),
+        # (its job directory and audit log in `store`, as the chart has them: the defaults were
+        # var/jobs and var/audit.jsonl under the bench's working directory)
+        TALKINGHEAD_JOBS=str(jobs or store / ".jobs"),
+        TALKINGHEAD_AUDIT_LOG=str(store / "audit.jsonl"),
         # every frame marked, as in production (a key of the caller's, else one for this run)
         TALKINGHEAD_WATERMARK_KEY=os.environ.get("TALKINGHEAD_WATERMARK_KEY") or secrets.token_hex(16),
         **backend,

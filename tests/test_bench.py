@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,15 +31,24 @@ def test_bench_reports_engines_and_peak_share(model_repository: Path, tmp_path: 
     argv = ["bench", "--model-repository", str(model_repository), "--out", str(out)]
     argv += ["--batches", "1", "2", "--streams", "1", "--seconds", "2", "--raw-seconds", "0.3"]
     argv += ["--closed-loop-frames", "5"]
-    # (a child process: run in this one, the bench's gRPC channels made a later fork segfault)
+    # (a child process: run in this one, the bench's gRPC channels made a later fork segfault;
+    # run from elsewhere, to see that it writes nothing where it runs: it made var/jobs there)
+    work = tmp_path / "cwd"
+    work.mkdir()
     done = subprocess.run(
         [sys.executable, "-m", "talkinghead.cli", *argv],
-        cwd=REPO,
+        cwd=work,
+        env={
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "TALKINGHEAD_WORKER_CHECKPOINT": str(REPO / "models" / "talkinghead-small.pt"),
+        },
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+    assert list(work.iterdir()) == [], list(work.rglob("*"))
     report = json.loads(out.read_text())
     assert report["engine"] in engines.ENGINES
     assert "generator engine:" in done.stdout
