@@ -1,8 +1,9 @@
 """Personalisation operations on a running service: list them, show one, follow one, cancel one.
 
 Start one with `talkinghead avatar personalise ID` (add --wait to follow it). Exit status: 1 when
-the call fails, or when `get` or `watch` shows an operation that ended in an error; else 0 (a
-cancel the service accepted too: a queued operation ends CANCELLED, a running one stops soon).
+the call fails, or when `get` or `watch` shows an operation that ended without its generator
+(FAILED, or CANCELLED); else 0 (a cancel the service accepted too: a queued operation ends
+CANCELLED, a running one stops soon).
 `watch` says when the connection is lost and retries for --retry-for seconds (60), then gives up
 (exit 1) naming the operation, which goes on without it; Ctrl-C stops watching (exit 130), not
 the operation.

@@ -86,9 +86,13 @@ def _export(args: argparse.Namespace, log: AuditLog, out: TextIO) -> int:
         when = args.since if args.since.tzinfo else args.since.replace(tzinfo=datetime.UTC)
         since = when.timestamp()
     count = 0
+    # tenant.id names one tenant's avatar (the default tenant's too: its ids are stored unprefixed)
+    one = split_id(args.avatar) if args.avatar and "." in args.avatar else None
     for event in log.read():
         tenant = tenant_of(event)
-        if args.avatar and args.avatar not in (event["avatar_id"], split_id(event["avatar_id"])[1]):
+        if one is not None and (not event["avatar_id"] or split_id(event["avatar_id"]) != one):
+            continue
+        if one is None and args.avatar and args.avatar != split_id(event["avatar_id"])[1]:
             continue
         if (args.tenant and tenant != args.tenant) or (args.no_tenant and tenant is not None):
             continue

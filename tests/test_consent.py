@@ -227,6 +227,7 @@ def test_audit_selects_an_avatar_in_every_tenant_or_in_one(
     assert selected("--avatar", "mona") == ["mona", "acme.mona", "globex.mona"]
     assert selected("--avatar", "mona", "--tenant", "acme") == ["acme.mona"]
     assert selected("--avatar", "acme.mona") == ["acme.mona"]
+    assert selected("--avatar", "default.mona") == ["mona"]  # (it found none: stored unprefixed)
     assert selected("--tenant", "acme") == ["acme.mona", "acme.ada"]
     assert selected("--tenant", "default") == ["mona"]
 
