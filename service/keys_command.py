@@ -183,6 +183,9 @@ def run(args: argparse.Namespace) -> int:
             print(json.dumps(_listing(store.load()), indent=1))
     except ValueError as error:
         raise SystemExit(f"talkinghead keys: {error}") from None
+    except OSError as error:  # the key ring's file or folder (it was a traceback)
+        why = f"{error.strerror}: {error.filename}" if error.strerror and error.filename else str(error)
+        raise SystemExit(f"talkinghead keys: key ring {args.keys}: {why}") from None
     except redis_failed as error:
         raise SystemExit(redis_failure("talkinghead keys", args.redis_url, error)) from None
     return 0

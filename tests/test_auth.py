@@ -238,6 +238,23 @@ def test_bind_cert_says_what_it_bound(tmp_path: Path) -> None:
     }
 
 
+def test_a_key_ring_file_keys_cannot_use_is_named_in_one_line(tmp_path: Path) -> None:
+    """A key ring under a path that is not a folder: a traceback before."""
+    (tmp_path / "a-file").write_text("")
+    ring = tmp_path / "a-file" / "keys.json"
+    for action in (["issue", "--tenant", "acme"], ["list"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "talkinghead.cli", "keys", "--keys", str(ring), *action],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 1 and done.stdout == "", done.stderr
+        assert done.stderr.startswith(f"talkinghead keys: key ring {ring}: "), done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+
+
 # -- the keys and audit commands when Redis fails -----------------------------------------------
 KEYS_ACTIONS: dict[str, tuple[str, ...]] = {
     "issue": ("--tenant", "acme"),
