@@ -219,6 +219,7 @@ def test_train_command_checkpoints_records_substitutes_and_resumes(
     with caplog.at_level(logging.INFO):
         assert cli(["train", "--config", "smoke", "--data", str(smoke_data), "--run", str(run)]) == 0
     assert "random-weight vgg19 substitute" in caplog.text  # said at start, not silently
+    assert f"step 2: checkpoint {run / 'last.pt'} (done)" in caplog.text  # and at the end, where it went
     ckpt = checkpoint.load(run / "last.pt")
     assert ckpt["step"] == 2 and ckpt["kind"] == "meta"
     assert ckpt["perceptual"]["vgg19"].startswith("random-substitute")

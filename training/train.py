@@ -261,6 +261,8 @@ class Progress:
             save_samples(self.writer, self.run_dir, step, batch, fake)
         if step % meta.checkpoint_every == 0 or last:
             save_checkpoint(self.trainer, self.cfg, self.data, self.run_dir / "last.pt", step)
+            # (a run that ended said nothing of where its model went)
+            log.info("step %d: checkpoint %s%s", step, self.run_dir / "last.pt", " (done)" if last else "")
 
 
 def held_out_clips(cfg: ExperimentConfig) -> list[tuple[np.ndarray, np.ndarray]]:
