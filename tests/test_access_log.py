@@ -293,6 +293,16 @@ def _fill(fd: int) -> None:
     os.set_blocking(fd, True)
 
 
+def _logger_on(name: str, writer: logging.Handler) -> logging.Logger:
+    """Logger `name` writing INFO and up through `writer` only, as "LEVEL message"."""
+    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    log = logging.getLogger(name)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(writer)
+    return log
+
+
 def test_a_full_log_queue_drops_records_and_says_how_many() -> None:
     """With the stream blocked and the queue full, logging returns at once and drops the record;
     the writer, writing again, says how many it lost, and writes what came after."""
@@ -302,11 +312,7 @@ def test_a_full_log_queue_drops_records_and_says_how_many() -> None:
     _fill(write_end)
     stream = os.fdopen(write_end, "w")
     writer = logs.Writer(stream=stream, capacity=10)
-    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    log = logging.getLogger("test.blocked")
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    log.addHandler(writer)
+    log = _logger_on("test.blocked", writer)
     try:
         logged = threading.Thread(target=lambda: [log.info("record %d", i) for i in range(100)])
         logged.start()
@@ -340,11 +346,7 @@ def test_a_warning_is_written_at_once_with_what_waited_before_it() -> None:
     read_end, write_end = os.pipe()
     stream = os.fdopen(write_end, "w")
     writer = logs.Writer(stream=stream, every_s=60.0)
-    writer.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    log = logging.getLogger("test.wake")
-    log.propagate = False
-    log.setLevel(logging.INFO)
-    log.addHandler(writer)
+    log = _logger_on("test.wake", writer)
     reader, chunks = _drain(read_end)
     try:
         log.info("before")
