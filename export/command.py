@@ -225,9 +225,13 @@ def remove_avatar(args: argparse.Namespace) -> int:
 
         try:
             client = grpcclient.InferenceServerClient(args.triton_url)
+            loaded = client.is_model_ready(name)
             client.unload_model(name)
             wait_unloaded(client, name)
-            log.info("unloaded %s from Triton at %s", name, args.triton_url)
+            if loaded:  # (it said "unloaded" of a model Triton never had loaded)
+                log.info("unloaded %s from Triton at %s", name, args.triton_url)
+            else:
+                log.info("%s was not loaded in Triton at %s", name, args.triton_url)
         except (InferenceServerException, TimeoutError) as err:
             log.warning("Triton could not unload %s: %s", name, err)
     if hidden is None:

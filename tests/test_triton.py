@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import re
 import shutil
 import time
@@ -287,6 +288,7 @@ def test_personalised_generator_loads_serves_and_unloads(
     personal_ckpt: dict,
     faces: dict[str, np.ndarray],
     tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     from talkinghead.cli import run_module
     from training import checkpoint
@@ -311,7 +313,12 @@ def test_personalised_generator_loads_serves_and_unloads(
     expected = triton_frames(live_repo / "generator_alice/1/model.onnx", **feeds)
     assert np.array_equal(frames, expected)
     argv = ["--remove-avatar", "alice", "--repository", str(live_repo), "--triton-url", triton.grpc_url]
-    assert run_module("export.command", argv, prog="talkinghead export") == 0
+    with caplog.at_level(logging.INFO, logger="talkinghead"):
+        assert run_module("export.command", argv, prog="talkinghead export") == 0
+        assert f"unloaded generator_alice from Triton at {triton.grpc_url}" in caplog.text
+        caplog.clear()
+        assert run_module("export.command", argv, prog="talkinghead export") == 1  # gone already
+        assert "unloaded" not in caplog.text and "generator_alice was not loaded in Triton" in caplog.text
     assert not (live_repo / "generator_alice").exists()
     assert not client.is_model_ready("generator_alice")
     with pytest.raises(InferenceServerException, match="generator_alice"):
