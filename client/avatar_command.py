@@ -58,15 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sub.add_parser("list", parents=[parent], help="list every avatar")
     get = sub.add_parser("get", parents=[parent], help="show one avatar")
-    get.add_argument("avatar_id")
+    get.add_argument("avatar_id", help="the avatar's id")
     get.add_argument("--preview", type=Path, help="write the face crop the model sees to this PNG")
     get.add_argument("--overwrite", action="store_true", help="replace --preview when it exists")
     delete = sub.add_parser("delete", parents=[parent], help="delete an avatar")
-    delete.add_argument("avatar_id")
+    delete.add_argument("avatar_id", help="the avatar's id")
     tune = sub.add_parser(
         "personalise", parents=[parent], help="fine-tune the avatar's own generator (an operation)"
     )
-    tune.add_argument("avatar_id")
+    tune.add_argument("avatar_id", help="the avatar's id")
     amount = tune.add_mutually_exclusive_group()
     amount.add_argument("--steps", type=int, help="fine-tuning steps, 1-2000 (default: the preset's)")
     amount.add_argument(

@@ -111,15 +111,31 @@ def _above_zero(text: str) -> float:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model-repository", type=Path, default=Path("model_repository"))
-    parser.add_argument("--out", type=Path, default=Path("out/bench.json"))
+    parser.add_argument(
+        "--model-repository", type=Path, default=Path("model_repository"), help="default %(default)s"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("out/bench.json"), help="JSON figures (default %(default)s)"
+    )
     parser.add_argument(
         "--overwrite",
         action="store_true",
         help="replace --out (with --device: its -<device>.json) when it exists",
     )
-    parser.add_argument("--batches", type=_at_least(1), nargs="+", default=[1, 2, 4, 8, 16])
-    parser.add_argument("--streams", type=_at_least(1), nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument(
+        "--batches",
+        type=_at_least(1),
+        nargs="+",
+        default=[1, 2, 4, 8, 16],
+        help="raw batch sizes (default 1 2 4 8 16)",
+    )
+    parser.add_argument(
+        "--streams",
+        type=_at_least(1),
+        nargs="+",
+        default=[1, 4, 16, 64],
+        help="live streams offered (default 1 4 16 64)",
+    )
     parser.add_argument("--fps", type=_above_zero, default=25.0, help="frames per second each stream sends")
     parser.add_argument("--seconds", type=_above_zero, default=10.0, help="duration of each live run")
     parser.add_argument(
@@ -141,7 +157,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="generator calls side by side, raw and in the server (default 0: the service's auto)",
     )
-    parser.add_argument("--closed-loop-frames", type=_at_least(1), default=60)
+    parser.add_argument(
+        "--closed-loop-frames",
+        type=_at_least(1),
+        default=60,
+        help="frames of the lock-step stream (default 60)",
+    )
     parser.add_argument(
         "--personalisation-steps",
         type=_at_least(0),
@@ -155,8 +176,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also measure the serving ceiling through the triton backend and the Triton bundled in "
         "this venv (make triton-venv: .venv-triton)",
     )
-    parser.add_argument("--portrait", type=Path, default=ASSETS / "demo_portrait.png")
-    parser.add_argument("--driver", type=Path, default=ASSETS / "demo_driver.npz")
+    parser.add_argument(
+        "--portrait", type=Path, default=ASSETS / "demo_portrait.png", help="the avatar's photo"
+    )
+    parser.add_argument(
+        "--driver", type=Path, default=ASSETS / "demo_driver.npz", help="the streams' landmarks"
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
@@ -181,7 +206,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group = parser.add_argument_group("PyTorch generator on a device instead (export/speed.py)")
     group.add_argument("--device", choices=("cuda", "cpu"), help="time the PyTorch generator on this device")
-    group.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
+    group.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=Path("models/talkinghead-small.pt"),
+        help="the shipped model (default %(default)s)",
+    )
     group.add_argument("--configs", nargs="+", default=["paper"], help="configs timed with random weights")
     group.add_argument(
         "--precisions",

@@ -45,7 +45,12 @@ PARITY_FRAMES = 8
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, help="meta or personalised checkpoint (.pt)")
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"))
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="Triton model repository (default %(default)s)",
+    )
     parser.add_argument(
         "--profile",
         choices=repository.PROFILES,

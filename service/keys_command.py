@@ -57,32 +57,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     sub = parser.add_subparsers(dest="action", required=True)
     p = sub.add_parser("issue", help="make a key for a tenant; prints it once")
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--role", choices=ROLES, default=USER)
+    p.add_argument("--tenant", required=True, help="the tenant the key acts as")
+    p.add_argument("--role", choices=ROLES, default=USER, help="default %(default)s")
     p.add_argument("--note", default="", help="who or what the key is for")
     p = sub.add_parser("revoke", help="revoke a key by its id")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key's id (`keys list`), not its secret")
     sub.add_parser("list", help="keys (never their secrets), bindings and quotas, as JSON")
     p = sub.add_parser("bind-cert", help="map a client certificate's common name to a tenant and role")
-    p.add_argument("--common-name", required=True)
-    p.add_argument("--tenant", required=True)
-    p.add_argument("--role", choices=ROLES, default=USER)
+    p.add_argument("--common-name", required=True, help="the client certificate's subject CN")
+    p.add_argument("--tenant", required=True, help="the tenant its calls act as")
+    p.add_argument("--role", choices=ROLES, default=USER, help="default %(default)s")
     p = sub.add_parser(
         "unbind-cert",
         help="remove a common name's binding: the name is its own tenant again (with "
         "TALKINGHEAD_TLS_BOUND_CERTS_ONLY: refused)",
     )
-    p.add_argument("--common-name", required=True)
+    p.add_argument("--common-name", required=True, help="the client certificate's subject CN")
     p = sub.add_parser(
         "deny-cert",
         help="revoke client certificates of a common name, bound or not: its new calls are refused "
         "and its open streams end UNAUTHENTICATED within a second or two",
     )
-    p.add_argument("common_name")
+    p.add_argument("common_name", help="the client certificate's subject CN")
     p = sub.add_parser("undeny-cert", help="accept a denied common name again")
-    p.add_argument("common_name")
+    p.add_argument("common_name", help="the client certificate's subject CN")
     p = sub.add_parser("quota", help="set a tenant's quotas (0 = no limit beyond the server's)")
-    p.add_argument("--tenant", required=True)
+    p.add_argument("--tenant", required=True, help="the tenant whose quotas are set")
     for field in dataclasses.fields(Quotas):
         kind = float if field.type in (float, "float") else int
         p.add_argument(

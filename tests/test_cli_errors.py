@@ -390,3 +390,29 @@ def test_every_commands_help_shows_its_examples_line_by_line() -> None:
         assert doc.strip(), f"{name} has no --help text"
         joined = [line for line in doc.splitlines() if len(line) > 110]  # (the source's line limit)
         assert not joined, (name, joined)
+
+
+def test_every_option_of_every_command_says_what_it_is() -> None:
+    """`--help` listed 28 options and arguments with no word on them (finetune --device, bench
+    --batches, keys issue --tenant, ...)."""
+    import argparse
+    import importlib
+
+    from talkinghead.cli import COMMANDS
+
+    def silent(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub, subparser in action.choices.items():
+                    found += silent(subparser, f"{name} {sub}")
+            elif not action.help:
+                found.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+        return found
+
+    unsaid = []
+    for name, (module, _) in COMMANDS.items():
+        parser = argparse.ArgumentParser(prog=f"talkinghead {name}")
+        importlib.import_module(module).add_arguments(parser)
+        unsaid += silent(parser, name)
+    assert unsaid == []

@@ -52,7 +52,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's finetune.steps)")
     parser.add_argument("--detector", default="dlib", help="landmark detector: dlib | face-alignment")
     parser.add_argument("--out", required=True, type=Path, help="personalised checkpoint to write")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda")
 
 
 def prepare_images(

@@ -102,7 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="s between sweeps of generators whose avatar record is gone (0: never; default %(default).0f)",
     )
     parser.add_argument(
-        "--repository", type=Path, default=Path(env("TALKINGHEAD_MODEL_REPOSITORY", "model_repository"))
+        "--repository",
+        type=Path,
+        default=Path(env("TALKINGHEAD_MODEL_REPOSITORY", "model_repository")),
+        help="the model repository it exports into (default $TALKINGHEAD_MODEL_REPOSITORY, else %(default)s)",
     )
     parser.add_argument(
         "--checkpoint",
@@ -140,7 +143,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="address /metrics binds (default 127.0.0.1, as the server's; 0.0.0.0 in a pod; "
         "$TALKINGHEAD_WORKER_METRICS_HOST)",
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR (default %(default)s)"
+    )
     parser.add_argument(
         "--log-format",
         type=str.lower,

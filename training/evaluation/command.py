@@ -90,12 +90,16 @@ FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
+    parser.add_argument(
+        "--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"), help="default %(default)s"
+    )
     parser.add_argument("--data", type=Path, help="preprocessed clips (default: the config's meta.data)")
     parser.add_argument("--faces", type=Path, default=FACES, help=f"folder of the stills (default {FACES})")
     parser.add_argument("--clips", nargs="+", help="evaluation clip ids (default: meta.validation_videos)")
     parser.add_argument("--shots", nargs="+", type=int, help="T values (default: the config's, 1 and 8)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all of them"
+    )
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
     parser.add_argument(
         "--finetune-shots", nargs="+", type=int, help="fine-tune only at these T (default: every T)"
@@ -123,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="for --engines")
     parser.add_argument("--verdict", type=Path, help="write the engines' verdicts here (JSON)")
-    parser.add_argument("--out", type=Path, default=Path("out/evaluation"))
+    parser.add_argument("--out", type=Path, default=Path("out/evaluation"), help="default %(default)s")
 
 
 def frame_count(text: str) -> int:
