@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from facekit.ids import split_id
 from facekit.partial import partial_path, remove_abandoned
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
-from service.keys_command import redis_errors, redis_failure
+from service.keys_command import redis_failure
 from service.settings import Settings, from_env
 
 
@@ -114,7 +114,6 @@ def run(args: argparse.Namespace) -> int:
         log = open_log(settings)
     except ValueError as error:  # a bad TALKINGHEAD_* setting
         raise SystemExit(f"talkinghead audit: {error}") from None
-    redis_failed = redis_errors(settings.redis_url)  # Redis away, timing out, refusing: one line
     if args.out is None:
         try:
             count = _export(args, log, sys.stdout)
@@ -125,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         except (OSError, ValueError) as error:
             raise SystemExit(f"talkinghead audit: cannot read the audit log ({error})") from None
-        except redis_failed as error:
-            raise SystemExit(redis_failure("talkinghead audit", settings.redis_url, error)) from None
+        except Exception as error:  # Redis away, timing out, refusing: one line
+            if (failure := redis_failure("talkinghead audit", settings.redis_url, error)) is None:
+                raise
+            raise SystemExit(failure) from None
         print(f"{count} event(s)", file=sys.stderr)
         return 0
     out: Path = args.out
@@ -148,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
         os.replace(partial, out)
     except (OSError, ValueError) as error:
         raise SystemExit(f"talkinghead audit: {error}; nothing written to {out}") from None
-    except redis_failed as error:
-        failure = redis_failure("talkinghead audit", settings.redis_url, error)
+    except Exception as error:
+        if (failure := redis_failure("talkinghead audit", settings.redis_url, error)) is None:
+            raise
         raise SystemExit(f"{failure}; nothing written to {out}") from None
     finally:
         partial.unlink(missing_ok=True)

@@ -44,6 +44,7 @@ from service.auth import (
     unbind_cert,
     undeny_cert,
 )
+from service.wire import redis_error, unreachable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -115,31 +116,18 @@ CERT_ACTIONS: dict[str, tuple[Callable[[dict[str, Any], str], bool], str, str]] 
 }
 
 
-def redis_errors(url: str) -> tuple[type[Exception], ...]:
-    """What a store in the Redis at `url` raises when Redis fails (redis-py's RedisError: refused,
-    timed out, a wrong password, an error reply), for an `except` that turns it into one line
-    (redis_failure); nothing without a URL (and redis is not imported)."""
-    if not url:
-        return ()
-    import redis
-
-    return (redis.RedisError,)
-
-
-def redis_failure(prog: str, url: str, error: Exception) -> str:
-    """One line for a Redis that failed: `cannot reach Redis at URL: why` (refused, timed out, no
-    such host), else `Redis at URL: its error` (a wrong password, an error reply); a password in
-    the URL masked."""
-    import redis
-
+def redis_failure(prog: str, url: str, error: BaseException) -> str | None:
+    """One line for a redis-py error (None for any other error): `cannot reach Redis at URL: why`
+    (refused, timed out, no such host), else `Redis at URL: its error` (a wrong password, an error
+    reply); a password in the URL masked."""
     from jobs.keys import shown_url
 
+    if not redis_error(error):
+        return None
     where = shown_url(url)
     cause = error.__context__  # the socket's error, under redis-py's message that repeats the address
     why = str(error) or type(error).__name__
-    if isinstance(error, (redis.ConnectionError, redis.TimeoutError)) and not isinstance(
-        error, redis.AuthenticationError
-    ):
+    if unreachable(error) and not redis_error(error, "AuthenticationError"):
         if isinstance(cause, OSError):
             why = cause.strerror or str(cause) or why
         return f"{prog}: cannot reach Redis at {where}: {_line(why)}"
@@ -153,7 +141,6 @@ def _line(text: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if not args.keys:
         raise SystemExit("talkinghead keys: name the key ring with --keys or TALKINGHEAD_API_KEYS")
-    redis_failed = redis_errors(args.redis_url if args.keys == "redis" else "")
     try:
         store = ring_store(args.keys, args.redis_url)
         if args.action == "issue":
@@ -186,8 +173,10 @@ def run(args: argparse.Namespace) -> int:
     except OSError as error:  # the key ring's file or folder (it was a traceback)
         why = f"{error.strerror}: {error.filename}" if error.strerror and error.filename else str(error)
         raise SystemExit(f"talkinghead keys: key ring {args.keys}: {why}") from None
-    except redis_failed as error:
-        raise SystemExit(redis_failure("talkinghead keys", args.redis_url, error)) from None
+    except Exception as error:
+        if (failure := redis_failure("talkinghead keys", args.redis_url, error)) is None:
+            raise
+        raise SystemExit(failure) from None
     return 0
 
 
