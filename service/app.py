@@ -104,10 +104,6 @@ def public_id(record: AvatarRecord) -> str:
     return split_id(record.avatar_id)[1]
 
 
-def _unmarked(frame: np.ndarray) -> np.ndarray:
-    return frame
-
-
 def check_id(avatar_id: str) -> str:
     try:
         return validate_avatar_id(avatar_id)
@@ -125,8 +121,8 @@ class App:
         metrics: Metrics,
         personaliser: Personaliser,
         audit: AuditLog,
+        watermarker: Watermarker,
         auth: Authenticator | None = None,
-        watermarker: Watermarker | None = None,
     ) -> None:
         self.settings = settings
         self.auth = auth or Authenticator(store=None, client_certs=False)
@@ -135,7 +131,7 @@ class App:
         self.metrics = metrics
         self.personaliser = personaliser
         self.audit = audit
-        self.watermarker = watermarker  # None: frames go out unmarked (embedded default without a key)
+        self.watermarker = watermarker  # every frame sent carries its mark (App._marker)
         # Whether the avatar events that keep the cache right are heard now (service/events.py:
         # the server sets it to the Redis subscription's state; without Redis every change is
         # this process's own or the local worker's, and the cache is always trusted).
@@ -182,8 +178,7 @@ class App:
 
     def _warm_up(self) -> None:
         warp.warm_up()
-        if self.watermarker is not None:
-            marking.warm_up()
+        marking.warm_up()
 
     async def start(self) -> None:
         # The warp's and the mark's compiled loops are compiled (6-12 s and ~5 s cold) or loaded
@@ -812,7 +807,7 @@ class App:
             queue_depth=setup.depth,
             output_width=width,
             output_height=height,
-            watermark_key_id=self.watermarker.fingerprint if self.watermarker else "",
+            watermark_key_id=self.watermarker.fingerprint,
             latency_budget_ms=0 if setup.block else self.settings.latency_budget_ms,
         )
         stream = Stream(
@@ -840,8 +835,6 @@ class App:
 
     def _marker(self, stored_id: str) -> Callable[[np.ndarray], np.ndarray]:
         """Every frame of the avatar's streams: the mark of payload_for(tenant, avatar)."""
-        if self.watermarker is None:
-            return _unmarked
         return functools.partial(self.watermarker.mark, payload=payload_for(*split_id(stored_id)))
 
     async def _portrait(self, record: AvatarRecord) -> Portrait:
@@ -856,8 +849,6 @@ class App:
 
         def load() -> Portrait:
             portrait = Portrait(image=decode_stored(record.portrait_jpeg), box=box)
-            if watermarker is None:
-                return portrait
             payload = payload_for(*split_id(record.avatar_id))
             return Portrait(image=watermarker.mark_box(portrait.image, payload, portrait.origin), box=box)
 

@@ -1,15 +1,16 @@
 """Run the gRPC service: avatars, animation streams, health, reflection and Prometheus metrics.
 
 Settings come from TALKINGHEAD_* environment variables (service/README.md lists them); flags
-override them. TALKINGHEAD_WATERMARK_KEY is the secret every generated frame is marked with
-(without it frames go out unmarked and a warning says so; --production refuses to start). With no
-flags it serves model_repository/ in-process with ONNX Runtime on 127.0.0.1:50051, metrics on
-:8080. SIGTERM/SIGINT finish running streams (--shutdown-grace s).
+override them. TALKINGHEAD_WATERMARK_KEY is the secret every generated frame is marked with;
+without it the key in var/watermark.key (made there once; --watermark-key-file) marks them, and
+--production refuses to start. With no flags it serves model_repository/ in-process with ONNX
+Runtime on 127.0.0.1:50051, metrics on :8080. SIGTERM/SIGINT finish running streams
+(--shutdown-grace s).
 
 A setting's NAME in the messages is TALKINGHEAD_NAME in the environment and --name as a flag
 (API_KEYS: TALKINGHEAD_API_KEYS, --api-keys).
 
-example:
+examples:
   talkinghead serve                                   # 127.0.0.1:50051, no authentication (loopback)
   talkinghead keys --keys var/keys.json issue --tenant acme          # an API key for the next one
   TALKINGHEAD_BACKEND=triton TALKINGHEAD_TRITON_URL=triton:8001 talkinghead serve --host 0.0.0.0 \\

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from api.talkinghead.v1 import animation_pb2, avatar_pb2, personalisation_pb2
-from facekit.watermark import Watermarker, require_key
+from facekit.watermark import KEY_ENV, Watermarker, require_key
 from jobs.queue import JobQueue
 from jobs.record import SUCCEEDED
 from service import wire
@@ -290,6 +290,15 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         log.info("settings: %s", s.describe())
+        # MissingKeyError: production mode without TALKINGHEAD_WATERMARK_KEY, or an unusable key file:
+        # before any model is loaded
+        key, origin = require_key(production=s.production, key_file=s.watermark_key_file)
+        watermarker = Watermarker(key=key)
+        log.info(
+            "every generated frame carries the watermark of key %s (from %s)", watermarker.fingerprint, origin
+        )
+        if origin == str(s.watermark_key_file):
+            log.info('to check the mark in a video: export %s="$(cat %s)"', KEY_ENV, origin)
         metrics = Metrics()
         store, queue, audit = make_state(s)
         backend = self.backend or make_backend(s)
@@ -302,10 +311,6 @@ class Server:
         )
         if s.worker == "none":
             personaliser.disabled = "no personalisation worker runs here (TALKINGHEAD_WORKER=none)"
-        key = require_key(production=s.production)  # MissingKeyError: production mode without a key
-        watermarker = Watermarker(key=key) if key else None
-        if watermarker is not None:
-            log.info("every generated frame carries the watermark of key %s", watermarker.fingerprint)
         auth = make_auth(s, metrics, audit)
         self.app = App(
             settings=s,

@@ -183,6 +183,8 @@ class Settings:
     max_creates_per_tenant: int = 2
     audit_log: Path = Path("var/audit.jsonl")  # without Redis; with it the stream talkinghead:audit
     production: bool = False  # refuse to start without a watermark key (TALKINGHEAD_WATERMARK_KEY)
+    # the watermark key without TALKINGHEAD_WATERMARK_KEY (outside production): made there once
+    watermark_key_file: Path = Path("var/watermark.key")
     api_keys: str = ""  # key ring: a JSON file path or "redis"; "" = no API keys
     tls_client_ca: Path | None = None
     tls_terminated_upstream: bool = False  # TLS ends in a proxy in front: keys may arrive in plaintext
@@ -377,6 +379,7 @@ _ENV_FIELDS = (
     "max_creates",
     "max_creates_per_tenant",
     "production",
+    "watermark_key_file",
     "audit_log",
     "api_keys",
     "tls_client_ca",
@@ -521,6 +524,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="production mode: refuse to start without TALKINGHEAD_WATERMARK_KEY, or beyond loopback "
         "without TLS (here or, --tls-terminated-upstream, in front) (default off)",
+    )
+    group.add_argument(
+        "--watermark-key-file",
+        type=Path,
+        help="without TALKINGHEAD_WATERMARK_KEY (not in production) frames are marked with the key in "
+        "this file, made there once, mode 0600 (default var/watermark.key)",
     )
     group.add_argument(
         "--api-keys", help="key ring of API keys: a JSON file, or `redis` (default: no API keys)"

@@ -207,7 +207,7 @@ class Stream:
     portrait: Portrait | None  # paste_back: the source photo the face is blended into (box marked)
     paste_region: str  # facekit.pasteback region: "crop" (warp-guided G) or "face"
     smoother: OneEuro | None  # config.smoothing
-    mark: Callable[[np.ndarray], np.ndarray]  # the deployment's watermark (identity without a key)
+    mark: Callable[[np.ndarray], np.ndarray]  # the watermark of the stream's tenant and avatar (App._marker)
     find_landmarks: FindLandmarks
     metrics: Metrics
     # the tenant's frame rate quota (True: the same frame asks again): 0.0 = go, else seconds to wait

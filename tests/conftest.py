@@ -16,6 +16,15 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKPOINT = ROOT / "models" / "talkinghead-small.pt"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def watermark_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Servers the tests start without a key of their own (`talkinghead serve` in a subprocess, the
+    default settings) mark with this file's key, not with the checkout's var/watermark.key."""
+    path = tmp_path_factory.mktemp("watermark") / "watermark.key"
+    os.environ["TALKINGHEAD_WATERMARK_KEY_FILE"] = str(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def meta_ckpt() -> dict[str, Any]:
     from training import checkpoint

@@ -33,9 +33,11 @@ from PIL import Image
 
 from client.library import Client, demo_portrait_consent
 from facekit import contract
+from facekit.ids import DEFAULT_TENANT
 from facekit.rasterize import draw_batch
 from facekit.sequence import LandmarkSequence
 from facekit.warp import warp_nearest
+from facekit.watermark import payload_for
 from service.server import Server
 from service.settings import Settings
 from service.store import AvatarRecord, LocalAvatarStore
@@ -170,6 +172,7 @@ def test_settings(repository: Path, store: Path, **overrides: Any) -> Settings:
         avatar_store=store,
         audit_log=store.parent / f"{store.name}-audit.jsonl",
         jobs=store.parent / f"{store.name}-jobs",
+        watermark_key_file=store.parent / f"{store.name}-watermark.key",
         worker="external",
     )
     return replace(base, **overrides)
@@ -267,6 +270,13 @@ class Direct:
         if contract.WARPED in self.inputs:
             feeds[contract.WARPED] = warp_nearest(record.crops, record.crop_points, points)
         return self.session.run([contract.IMAGE], feeds)[0]
+
+
+def as_served(app: Any, avatar_id: str, frames: np.ndarray) -> np.ndarray:
+    """`frames` (N, H, W, 3) of the default tenant's avatar marked as `app` marks what it sends
+    (App._marker): the reference a served frame is compared with, pixel for pixel."""
+    payload = payload_for(DEFAULT_TENANT, avatar_id)
+    return np.stack([app.watermarker.mark(frame, payload) for frame in frames])
 
 
 @pytest.fixture(scope="session")

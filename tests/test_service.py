@@ -21,7 +21,15 @@ from facekit.rasterize import draw_landmarks
 from facekit.sequence import LandmarkSequence
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, Direct, ServerThread, copy_base_models, test_settings
+from tests.service_fixtures import (
+    CONSENT,
+    PORTRAIT,
+    Direct,
+    ServerThread,
+    as_served,
+    copy_base_models,
+    test_settings,
+)
 
 SIZE = 128  # the small model's image size; checked against StreamStarted below
 
@@ -137,7 +145,7 @@ def test_stream_replies_in_order_match_direct_model(
     frames = list(client.animate(avatar, landmark_requests(seq), encoding=encoding, queue_depth=8))
     assert client.last_started is not None and client.last_started.image_size == SIZE
     assert [f.sequence for f in frames] == list(range(6))
-    expected = direct.generate(letterboxed(seq, SIZE), record(server, avatar))
+    expected = as_served(server.app, avatar, direct.generate(letterboxed(seq, SIZE), record(server, avatar)))
     got = np.stack([f.image for f in frames])
     assert got.shape == (6, SIZE, SIZE, 3) and got.dtype == np.uint8
     error = np.abs(got.astype(int) - expected).mean()
@@ -197,7 +205,7 @@ def test_two_avatars_share_batches_and_stay_themselves(
     for avatar_id, frames in results.items():
         assert [f.sequence for f in frames] == list(range(n))
         outputs[avatar_id] = got = np.stack([f.image for f in frames]).astype(int)
-        expected = direct.generate(crop_points, record(server, avatar_id))
+        expected = as_served(server.app, avatar_id, direct.generate(crop_points, record(server, avatar_id)))
         assert np.abs(got - expected).mean() < 0.6  # its own psi, whatever the batch
     # one stream holds at most n frames: a larger batch mixed both avatars
     assert max(f.batch_size for frames in results.values() for f in frames) > n
@@ -371,10 +379,12 @@ def test_personalised_generator_is_used_automatically(
             assert c.last_started is not None and c.last_started.personalised
         assert running.metric("talkinghead_personalised_generators_loaded") == 1
         crop_points, stored = letterboxed(seq, SIZE), record(running, avatar_id)
-        expected = Direct(repository=repository, model=f"generator_{avatar_id}").generate(crop_points, stored)
+        own = Direct(repository=repository, model=f"generator_{avatar_id}").generate(crop_points, stored)
         got = np.stack([f.image for f in frames]).astype(int)
-        assert np.abs(got - expected).mean() < 0.6
-        shared = Direct(repository=repository).generate(crop_points, stored)
+        assert np.abs(got - as_served(running.app, avatar_id, own)).mean() < 0.6
+        shared = as_served(
+            running.app, avatar_id, Direct(repository=repository).generate(crop_points, stored)
+        )
         assert np.abs(got - shared).mean() > 0.5  # not the shared generator's frames
     finally:
         running.stop()

@@ -22,7 +22,7 @@ from service.driving import DrivingMapper
 from service.images import decode_stored
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, test_settings
+from tests.service_fixtures import CONSENT, PORTRAIT, ServerThread, as_served, test_settings
 
 
 def test_paste_back_returns_the_source_photo_with_the_face_in_it(
@@ -39,13 +39,16 @@ def test_paste_back_returns_the_source_photo_with_the_face_in_it(
     assert record is not None
     stored = decode_stored(record.portrait_jpeg).astype(int)  # the photo as kept (JPEG, quality 95)
     assert np.abs(stored - photo).mean() < 2.0
+    # every frame sent is marked: around the face box it is the photo as kept, marked as a frame is
+    # (the mask's texture weights follow the face inside: a grey level off in 0.3 % of the pixels)
+    sent = as_served(server.app, avatar, stored.astype(np.uint8)[None])[0].astype(int)
     cx, cy, side = record.portrait_box
     for frame in frames:
         assert frame.image.shape == photo.shape
-        diff = np.abs(frame.image.astype(int) - stored).max(axis=2)
+        diff = np.abs(frame.image.astype(int) - sent).max(axis=2)
         inside = np.zeros(diff.shape, bool)
         inside[int(cy - side / 2) : int(cy + side / 2), int(cx - side / 2) : int(cx + side / 2)] = True
-        assert diff[~inside].max() == 0  # the photo around the face box is untouched
+        assert diff[~inside].max() <= 1 and (diff[~inside] > 0).mean() < 0.01  # around the box: the photo
         assert diff[inside].mean() > 2  # the face: generated
 
 
@@ -124,11 +127,13 @@ def test_a_warp_guided_model_animates_the_avatars_own_photo(
         size=64, relative=True, crop_to_face=False, crop_scale=1.8, avatar_points=record.points
     )
     driven = np.stack([mapper(p, seq.frame_size) for p in seq.points])
-    expected = warp_nearest(record.crops, record.crop_points, driven).astype(int)
+    # ... marked, as every frame sent is
+    expected = as_served(warp_server.app, "warped", warp_nearest(record.crops, record.crop_points, driven))
     got = np.stack([f.image for f in frames]).astype(int)
-    assert np.abs(got - expected).mean() < 2.0
+    assert np.abs(got - expected.astype(int)).mean() < 2.0
     # ... and they move with the driver: frame 0 is the neutral pose, the photo itself
-    assert np.abs(got[0] - record.crops[0]).mean() < 2.0 and np.abs(got[-1] - got[0]).mean() > 1.0
+    neutral = as_served(warp_server.app, "warped", record.crops[:1])[0].astype(int)
+    assert np.abs(got[0] - neutral).mean() < 2.0 and np.abs(got[-1] - got[0]).mean() > 1.0
 
 
 def test_the_warp_guided_graph_runs_on_every_cpu_engine(warp_repository: Path) -> None:

@@ -33,7 +33,15 @@ from service.backends.base import BackendUnavailable
 from service.backends.triton import TritonBackend, merges_queued_calls
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, TRITON_VENV, Direct, ServerThread, test_settings
+from tests.service_fixtures import (
+    CONSENT,
+    PORTRAIT,
+    TRITON_VENV,
+    Direct,
+    ServerThread,
+    as_served,
+    test_settings,
+)
 
 pytestmark = pytest.mark.triton
 VENV = TRITON_VENV
@@ -166,6 +174,7 @@ def test_triton_backend_serves_streams(
         stored = LocalAvatarStore(root=tmp_path / "store").get("tri")
         assert stored is not None
         expected = direct.generate(seq.rescaled(running.app.backend.info.image_size).points, stored)
+        expected = as_served(running.app, "tri", expected)
         assert np.abs(np.stack([f.image for f in frames]).astype(int) - expected).mean() < 0.6
     finally:
         running.stop()

@@ -1,6 +1,7 @@
 """Every frame the service sends carries the deployment's invisible watermark, with the payload of
-its tenant and avatar, when TALKINGHEAD_WATERMARK_KEY is set; production mode refuses to start
-without a key. Real server on 127.0.0.1, frames read back with the verifier's detector."""
+its tenant and avatar: the key of TALKINGHEAD_WATERMARK_KEY, else of the server's key file;
+production mode refuses to start without the variable. Real server on 127.0.0.1, frames read
+back with the verifier's detector."""
 
 from __future__ import annotations
 
@@ -105,12 +106,56 @@ def test_the_face_cut_out_of_a_paste_back_frame_carries_the_mark_of_its_avatar(
         assert whole.present and whole.payload == payload_for(TENANT, "cut"), whole.score
 
 
-def test_without_a_key_frames_are_unmarked_and_the_stream_says_so(
-    client: Client, avatar: str, driver: LandmarkSequence
+def test_without_a_key_every_frame_carries_the_mark_of_the_servers_key_file(
+    server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
 ) -> None:
+    """The shared server runs without TALKINGHEAD_WATERMARK_KEY: it marks with the key it made in
+    its key file (before 2026-12-06 such a server sent unmarked frames, a warning in its log)."""
+    key = server.settings.watermark_key_file.read_text().strip()
+    wm = Watermarker(key=key)
     frames = _frames(client, avatar, driver, encoding="png")
-    assert client.last_started is not None and client.last_started.watermark_key_id == ""
+    assert client.last_started is not None and client.last_started.watermark_key_id == wm.fingerprint
+    for frame in frames:
+        found = wm.detect(frame)
+        assert found.present and found.payload == payload_for(TENANT, avatar), found.score
     assert not any(Watermarker(key=KEY).detect(f).present for f in frames)
+
+
+def test_serve_without_a_key_makes_its_key_file_once_and_says_how_to_check_it(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """`talkinghead serve` as a user starts it, no key in the environment: its key file is made
+    (0600) and the log gives the export line; a key file it cannot use stops it in one line."""
+    env = {k: v for k, v in os.environ.items() if k != KEY_ENV}
+    command = [sys.executable, "-m", "talkinghead.cli", "serve", "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--model-repository", str(model_repository), "--avatar-store", str(tmp_path / "avatars")]
+    command += ["--audit-log", str(tmp_path / "audit.jsonl"), "--jobs", str(tmp_path / "jobs")]
+    blocked = [*command, "--watermark-key-file", str(tmp_path)]  # a folder: no key can be read there
+    done = subprocess.run(blocked, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"cannot read or make {tmp_path}: Is a directory" in done.stderr, done.stderr
+    key_file = tmp_path / "state" / "watermark.key"
+    with subprocess.Popen(
+        [*command, "--watermark-key-file", str(key_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    ) as served:
+        try:
+            lines = []
+            for line in served.stdout or ():
+                lines.append(line)
+                if "to check the mark" in line:
+                    break
+        finally:
+            served.terminate()
+    log = "".join(lines)
+    assert "NOT watermarked" not in log
+    assert f'export {KEY_ENV}="$(cat {key_file})"' in log, log
+    key = key_file.read_text().strip()
+    assert f"the watermark of key {Watermarker(key=key).fingerprint} (from {key_file})" in log
+    assert key_file.stat().st_mode & 0o777 == 0o600 and key not in log
 
 
 def test_production_mode_refuses_to_start_without_a_key(

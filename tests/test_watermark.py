@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -301,13 +302,31 @@ def test_verify_command(wm, frames, tmp_path, capsys, monkeypatch):
     assert "not checked (no key" in captured.out and "missing.png: no such file" in captured.err
 
 
-def test_a_service_without_a_key(caplog):
+def test_a_service_without_a_key_marks_with_the_key_its_file_keeps(tmp_path):
+    file = tmp_path / "state" / "watermark.key"
+    key, origin = require_key({}, production=False, key_file=file)
+    assert origin == str(file) and file.read_text().strip() == key and len(key) >= 40
+    assert file.stat().st_mode & 0o777 == 0o600  # a secret: the owner's only
+    assert require_key({}, production=False, key_file=file) == (key, str(file))  # kept: old videos verify
+    env = {"TALKINGHEAD_WATERMARK_KEY": "k"}
+    assert require_key(env, production=False, key_file=file) == ("k", "$TALKINGHEAD_WATERMARK_KEY")
+    assert require_key(env, production=True, key_file=file) == ("k", "$TALKINGHEAD_WATERMARK_KEY")
+    # production takes the deployment's secret only, never a key a pod made itself
     with pytest.raises(MissingKeyError, match="TALKINGHEAD_WATERMARK_KEY"):
-        require_key({}, production=True)
-    with caplog.at_level("WARNING"):
-        assert require_key({}, production=False) is None
-    assert "NOT watermarked" in caplog.text
-    assert require_key({"TALKINGHEAD_WATERMARK_KEY": "k"}, production=True) == "k"
+        require_key({}, production=True, key_file=file)
+    (tmp_path / "empty.key").write_text("\n")
+    with pytest.raises(MissingKeyError, match=r"empty\.key is empty"):
+        require_key({}, production=False, key_file=tmp_path / "empty.key")
+    with pytest.raises(MissingKeyError, match=r"cannot read or make .*state: Is a directory"):
+        require_key({}, production=False, key_file=tmp_path / "state")
+    assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["watermark.key"]  # no temporary left
+
+
+def test_services_starting_at_once_share_the_key_the_first_made(tmp_path):
+    file = tmp_path / "watermark.key"
+    with ThreadPoolExecutor(8) as pool:
+        keys = set(pool.map(lambda _: require_key({}, production=False, key_file=file)[0], range(32)))
+    assert keys == {file.read_text().strip()}
 
 
 def test_the_watermark_and_verify_stay_torch_free_and_serverless():

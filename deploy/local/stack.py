@@ -22,7 +22,6 @@ import argparse
 import contextlib
 import json
 import os
-import secrets
 import shutil
 import socket
 import string
@@ -40,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 from deploy.local import tritonserver  # noqa: E402  (stdlib only, like this file)
 from deploy.local.tritonserver import http_ok, terminate  # noqa: E402
+from facekit.keyfile import read_or_make  # noqa: E402  (stdlib only)
 from facekit.procstat import alive, cmdline  # noqa: E402  (stdlib only)
 
 COMPONENTS = ("redis", "triton", "service", "worker", "prometheus")  # start order; stopped in reverse
@@ -311,22 +311,11 @@ def watermark_key(layout: Layout) -> tuple[str, str]:
     one and sent unmarked frames."""
     if key := os.environ.get(WATERMARK_KEY_ENV, ""):
         return key, f"${WATERMARK_KEY_ENV}"
-    path = layout.watermark_key
     try:
-        if not path.exists():
-            made = path.with_name(f".{path.name}.{os.getpid()}")
-            fd = os.open(made, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                f.write(secrets.token_urlsafe(32) + "\n")
-            with contextlib.suppress(FileExistsError):  # (two `up`s at once: the first one's key stays)
-                os.link(made, path)
-            made.unlink()
-        key = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as error:
-        raise StackError(f"cannot read or make the watermark key {path}: {error}") from None
-    if not key:
-        raise StackError(f"{path} is empty: write the key into it, or remove it and a new one is made")
-    return key, str(path)
+        key = read_or_make(layout.watermark_key)
+    except ValueError as error:
+        raise StackError(f"the watermark key: {error}") from None
+    return key, str(layout.watermark_key)
 
 
 def service_command(args: argparse.Namespace, ports: Ports, key: str) -> tuple[list[str], dict[str, str]]:

@@ -1,9 +1,12 @@
-"""Where the watermark key and payload come from: the environment, and a tenant + avatar hash.
+"""Where the watermark key and payload come from: the environment or a key file, and a tenant +
+avatar hash.
 
-    key = require_key(production=settings.production)   # service start: None only outside production
+    key, origin = require_key(production=settings.production, key_file=settings.watermark_key_file)
 
 The key is a deployment secret (the Helm chart's Secret -> TALKINGHEAD_WATERMARK_KEY); it never
-appears in code or logs (`Watermarker.fingerprint` is the loggable id). The payload names what made
+appears in code or logs (`Watermarker.fingerprint` is the loggable id). Outside production a
+service without it marks with a key of its own, kept in a file (var/watermark.key), so every frame
+it sends is marked whatever it was started with. The payload names what made
 a frame: the first 32 bits of SHA-256("talkinghead-payload-v1" NUL tenant NUL avatar), so a
 verifier holding the key can check a frame against a list of tenants and avatars.
 """
@@ -11,9 +14,11 @@ verifier holding the key can check a frame against a list of tenants and avatars
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from collections.abc import Mapping
+from pathlib import Path
+
+from facekit.keyfile import read_or_make
 
 KEY_ENV = "TALKINGHEAD_WATERMARK_KEY"
 
@@ -34,17 +39,22 @@ def payload_for(tenant: str, avatar: str) -> int:
 
 
 class MissingKeyError(RuntimeError):
-    """Production mode without a watermark key: the service must not start."""
+    """No key the service may mark with (production mode without one, or an unusable key file):
+    the service must not start."""
 
 
-def require_key(environ: Mapping[str, str] | None = None, *, production: bool) -> str | None:
-    """The key for a service: in production mode a missing key is a MissingKeyError (refuse to
-    start); otherwise (the embedded default) a warning is logged and frames go out unmarked."""
+def require_key(
+    environ: Mapping[str, str] | None = None, *, production: bool, key_file: Path
+) -> tuple[str, str]:
+    """The key a service marks every frame with, and where it came from: $TALKINGHEAD_WATERMARK_KEY,
+    else (outside production) the one in `key_file`, made there once. Production mode without the
+    variable is a MissingKeyError: a deployment's key is its secret, not one a pod made itself."""
     key = key_from_env(environ)
-    if key is None and production:
+    if key is not None:
+        return key, f"${KEY_ENV}"
+    if production:
         raise MissingKeyError(f"production mode needs a watermark key: set {KEY_ENV} (the chart's Secret)")
-    if key is None:
-        logging.getLogger("talkinghead.watermark").warning(
-            "%s is not set: generated frames are NOT watermarked (set it in any deployment)", KEY_ENV
-        )
-    return key
+    try:
+        return read_or_make(key_file), str(key_file)
+    except ValueError as error:
+        raise MissingKeyError(f"the watermark key: {error} (or set {KEY_ENV})") from None
