@@ -31,7 +31,7 @@ for the service's invisible watermark; with a signing certificate ($TALKINGHEAD_
 $TALKINGHEAD_C2PA_KEY, or --c2pa-cert/--c2pa-key) the video and contact sheet get C2PA content
 credentials (model id, the avatar's consent record id); `talkinghead verify` reads both back.
 
-example:
+examples:
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\
       --relative --contact-sheet out/mona.png
   talkinghead animate --avatar mona --driver facekit/assets/demo_driver.npz --out out/mona.mp4 \\

@@ -1,6 +1,6 @@
 """Manage avatars on a running service: create from photos, list, show, delete.
 
-example:
+examples:
   talkinghead avatar create mona mona1.jpg --name "Mona Lisa" --subject "Mona Lisa (Leonardo)" \\
       --basis public-domain --source https://collections.louvre.fr/ark:/53355/cl010062370 \\
       --collected-by studio@example.com

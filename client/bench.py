@@ -35,7 +35,7 @@
 6. with --baseline REPOSITORY: the model against a previous one, in alternating rounds, raw and
    through the service (one stream, closed loop): per-frame latency and the ratio.
 
-example:
+examples:
   talkinghead bench                                  # -> out/bench.json (there already: add --overwrite)
   talkinghead bench --baseline out/baseline_repository --streams 1   # paired against the previous model
   talkinghead bench --seconds 20 --streams 1 4 16 --out out/bench.json

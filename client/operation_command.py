@@ -8,7 +8,7 @@ CANCELLED, a running one stops soon).
 (exit 1) naming the operation, which goes on without it; Ctrl-C stops watching (exit 130), not
 the operation.
 
-example:
+examples:
   talkinghead operation list                     # newest first; --avatar mona for one avatar's
   talkinghead operation get operations/1f2e3d4c5b6a7980
   talkinghead operation watch operations/1f2e3d4c5b6a7980     # progress bar until done

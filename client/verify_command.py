@@ -16,7 +16,7 @@ watermark "not checked"; one whose credentials could not be read says why).
 The service marks the frames it renders, so `animate`'s video carries the mark; its contact sheet
 is a downscaled preview and is not marked (verify reports the mark absent there).
 
-example:
+examples:
   TALKINGHEAD_WATERMARK_KEY=... talkinghead verify out/mona.mp4
   talkinghead verify frame.jpg --key "$SECRET" --json
   talkinghead verify out/mona.mp4 --trust ca.pem --max-frames 25

@@ -6,6 +6,7 @@ finetune`) adds `generator_<avatar>` to a live repository as a new model version
 checked against PyTorch on real frames (the demo portrait, driven by the demo landmarks) and
 timed with ONNX Runtime on CPU; the figures go to the report (JSON) and the log.
 
+examples:
     talkinghead export --checkpoint models/talkinghead-small.pt --repository model_repository
     talkinghead export --checkpoint out/demo/avatar.pt --repository model_repository \\
         --triton-url 127.0.0.1:8001          # add an avatar's generator and load it in Triton

@@ -4,6 +4,7 @@ Writes a landmark sequence (`--out`, .npz) that `talkinghead` clients and tools 
 optionally the landmark drawings the networks see (`--draw`). The default dlib model is trained on
 iBUG 300-W, licensed for non-commercial use only.
 
+examples:
   talkinghead landmarks portrait.jpg --out portrait.npz --draw drawn/
   talkinghead landmarks talk.mp4 --every 2 --out talk.npz
 

@@ -5,7 +5,7 @@ Reads where the service writes: the Redis stream talkinghead:audit when TALKINGH
 An operator's command: it runs beside the service with the same settings, not through the API.
 --out is written whole or not at all (a hidden file beside it, renamed onto it when complete).
 
-example:
+examples:
   talkinghead audit --out audit-2026-12.jsonl --since 2026-12-01
   talkinghead audit --avatar mona                 # every event of one avatar, its tombstone included
   talkinghead audit --tenant acme --avatar mona   # (without --tenant: every tenant's `mona`)

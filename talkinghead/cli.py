@@ -46,9 +46,12 @@ def _usage() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
+    if argv[:1] in (["-h"], ["--help"]):
         print(_usage())
         return 0
+    if not argv:  # a command is missing: usage on stderr, status 2, as for any other wrong call
+        print(f"talkinghead: a command is needed\n\n{_usage()}", file=sys.stderr)
+        return 2
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"talkinghead: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
@@ -67,6 +70,7 @@ def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
             prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )
         module.add_arguments(parser)
+        _describe_subcommands(parser)
         status = int(module.run(parser.parse_args(argv)) or 0)
         sys.stdout.flush()  # here, not at exit, where a reader gone would be "Exception ignored"
         return status
@@ -76,6 +80,17 @@ def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
     except BrokenPipeError:
         _stdout_gone()
         return 141
+
+
+def _describe_subcommands(parser: argparse.ArgumentParser) -> None:
+    """A subcommand's own --help (`talkinghead keys issue --help`) opens with the one line its
+    parent lists it with: argparse gives `help=` to the parent's list only, and left the page bare."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            summaries = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, subparser in action.choices.items():
+                if not subparser.description and summaries.get(name):
+                    subparser.description = summaries[name]
 
 
 def _stdout_gone() -> None:

@@ -379,8 +379,9 @@ def test_a_partial_file_left_behind_that_cannot_be_removed_does_not_stop_the_out
 
 
 def test_every_commands_help_shows_its_examples_line_by_line() -> None:
-    """A command's --help is its module docstring: a `\\` ending an example line in a plain
-    (not raw) docstring joined the example's lines into one, with runs of spaces."""
+    """A command's --help is its module docstring, its examples under "examples:" (three commands
+    had none, one "Examples:"): a `\\` ending an example line in a plain (not raw) docstring
+    joined the example's lines into one, with runs of spaces."""
     import importlib
 
     from talkinghead.cli import COMMANDS
@@ -388,6 +389,7 @@ def test_every_commands_help_shows_its_examples_line_by_line() -> None:
     for name, (module, _) in COMMANDS.items():
         doc = importlib.import_module(module).__doc__ or ""
         assert doc.strip(), f"{name} has no --help text"
+        assert "\n\nexamples:\n  " in doc, f"{name}'s examples under a heading of their own, as the others'"
         joined = [line for line in doc.splitlines() if len(line) > 110]  # (the source's line limit)
         assert not joined, (name, joined)
 
@@ -416,3 +418,34 @@ def test_every_option_of_every_command_says_what_it_is() -> None:
         importlib.import_module(module).add_arguments(parser)
         unsaid += silent(parser, name)
     assert unsaid == []
+
+
+def test_talkinghead_without_a_command_is_a_wrong_call(capsys: pytest.CaptureFixture[str]) -> None:
+    """`talkinghead` alone exited 0 with its usage, so a script that lost its command went on as if
+    it had run; now the usage goes to stderr with status 2. `--help` is still usage on stdout, 0."""
+    assert main([]) == 2
+    captured = capsys.readouterr()
+    assert (
+        captured.out == "" and "a command is needed" in captured.err and "usage: talkinghead" in captured.err
+    )
+    assert main(["--help"]) == 0
+    captured = capsys.readouterr()
+    assert "usage: talkinghead <command>" in captured.out and captured.err == ""
+
+
+@pytest.mark.parametrize(
+    ("argv", "summary"),
+    [
+        (["keys", "issue"], "make a key for a tenant; prints it once"),
+        (["avatar", "create"], "make an avatar from 1-32 photos of one person"),
+        (["operation", "watch"], "follow one until done"),
+    ],
+)
+def test_a_subcommands_help_opens_with_what_it_does(
+    argv: list[str], summary: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Its page was the usage and options only: the line its parent lists it with was missing."""
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--help"])
+    assert done.value.code == 0
+    assert f"\n\n{summary}\n" in capsys.readouterr().out

@@ -4,7 +4,7 @@
 unused from then on); D' starts from D with w' = w_0 + ê_NEW. G' and D' train on the T frames with
 L_CNT + L_ADV. The result is a "personalised" checkpoint: G' with psi' baked in, for one avatar.
 
-example:
+examples:
   talkinghead finetune --checkpoint models/talkinghead-small.pt --avatar mona \\
       --images photos/mona1.jpg photos/mona2.jpg --out runs/mona.pt
   talkinghead finetune --checkpoint models/talkinghead-small.pt --avatar w009 \\

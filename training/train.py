@@ -6,7 +6,7 @@ D `d_steps_per_g` times (PAPER.md, "Meta-learning episode"). Checkpoints carry t
 resume exactly; TensorBoard scalars and sample grids go to <run>/tb, every logged loss also to
 <run>/metrics.jsonl.
 
-example:
+examples:
   talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
   talkinghead train --config small --run runs/small            # resumes runs/small/last.pt if there
   talkinghead train --config paper --run runs/paper --dry-run  # build everything, print the plan
