@@ -162,6 +162,36 @@ def test_a_metrics_port_already_taken_ends_the_worker_with_status_2_naming_it(tm
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
 
 
+def test_an_avatar_store_that_is_not_there_ends_the_worker_before_it_makes_its_queue(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --avatars is one line and status 1, before PyTorch is imported and before the
+    job directory is made (it made var/jobs, then refused)."""
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "talkinghead.cli",
+        "worker",
+        "--jobs",
+        str(tmp_path / "jobs"),
+    ]
+    cmd += ["--avatars", str(tmp_path / "avatarz"), "--checkpoint", str(CHECKPOINT)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    missing = tmp_path / "avatarz"
+    assert errors == [
+        f"talkinghead worker: --avatars {missing}: no such directory (the service's avatar store)"
+    ]
+    imported = {
+        line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "torch" not in imported
+    assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
+
+
 def test_a_job_that_ended_without_succeeding_has_its_time_up_to_where_it_stopped() -> None:
     """Stages of a personalisation cancelled while fine-tuning, one failed while exporting and one
     ended with a generator an earlier attempt published (no fine-tuning): each stage up to the

@@ -23,7 +23,7 @@ is gone, and to sweep (at start, then every --sweep-interval s) the generators o
 the store no longer holds (worker/jobs_run.py). Without a store to read (--jobs without --avatars)
 a REMOVE job withdraws at once and nothing is swept.
 
-example:
+examples:
   talkinghead worker --jobs var/jobs --avatars var/avatars --repository model_repository
   talkinghead worker --redis-url redis://127.0.0.1:6379/0 --repository /models \\
       --triton-url triton-0:8001 --triton-url triton-1:8001
@@ -220,6 +220,7 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+    avatars = make_avatars(args)  # a wrong --avatars: before PyTorch, the checkpoint or the queue
     import torch
 
     from export import repository
@@ -250,7 +251,7 @@ def run(args: argparse.Namespace) -> int:
         max_loaded=args.max_personalised_loaded,
         heartbeat_s=max(0.5, args.claim_timeout / 5),
         device=pick_device(args.device),
-        avatars=make_avatars(args),
+        avatars=avatars,
         sweep_interval_s=max(0.0, args.sweep_interval),
         stopping=stop,
         metrics=metrics,
