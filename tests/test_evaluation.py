@@ -91,8 +91,16 @@ def test_steps_zero_is_reported_as_zero_steps() -> None:
     cfg = checkpoint.config_of(meta)
     assert cfg.finetune.steps > 0
     header = functools.partial(command._header, meta=meta, cfg=cfg, protocol=cfg.evaluation, clips=[])
-    assert header(argparse.Namespace(checkpoint=MODEL, steps=0))["finetune_steps"] == 0
-    assert header(argparse.Namespace(checkpoint=MODEL, steps=None))["finetune_steps"] == cfg.finetune.steps
+    every = list(command.METHODS)
+    assert header(argparse.Namespace(checkpoint=MODEL, steps=0, methods=every))["finetune_steps"] == 0
+    assert (
+        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=every))["finetune_steps"]
+        == cfg.finetune.steps
+    )
+    # without the fine-tuned method no steps are run: the report said the config's 150 all the same
+    assert (
+        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=["warp"]))["finetune_steps"] is None
+    )
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     assert parser.parse_args([]).steps is None
@@ -262,6 +270,10 @@ def test_a_still_without_a_face_is_skipped_and_named(clips: Path, tmp_path: Path
     report = {"checkpoint": "m", "model_id": "m", "step": 0, "created": "now", "clips": [], "image_size": 128}
     report |= {"finetune_steps": 0, "machine": {"cpus": 2}, "seconds": 1, "reenactment": {}, "stills": stills}
     assert "1 skipped (blank_photo.png: no face found)" in command.markdown(report, {})
+    assert "; fine-tuning 0 steps; " in command.markdown(report, {})
+    assert "; no fine-tuning (--methods without fine-tuned); " in command.markdown(
+        report | {"finetune_steps": None}, {}
+    )
 
 
 @needs_faces

@@ -12,7 +12,7 @@ the still, face found, correlation of the mouth opening with the driver's.
 
 Writes <out>/evaluation.json, evaluation.md, contact_sheet.png and stills_sheet.png.
 
-example:
+examples:
   talkinghead evaluate --checkpoint models/talkinghead-small.pt --out out/evaluation
   talkinghead evaluate --methods warp feed-forward --shots 8 --stills none     # minutes, no fine-tuning
   make evaluate
@@ -416,7 +416,10 @@ def _header(
         "config": cfg.name,
         "step": meta.get("step"),
         "image_size": cfg.model.image_size,
-        "finetune_steps": cfg.finetune.steps if args.steps is None else args.steps,  # 0 is 0 steps
+        # 0 is 0 steps; None: the fine-tuned method was not run
+        "finetune_steps": (cfg.finetune.steps if args.steps is None else args.steps)
+        if "fine-tuned" in args.methods
+        else None,
         "protocol": protocol.__dict__,
         "clips": clips,
         "machine": {
@@ -608,12 +611,16 @@ def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int)
     log.info("wrote %s (%s s)\n%s", out, report["seconds"], markdown(report, per_clip))
 
 
+def _finetuning(steps: int | None) -> str:
+    return "no fine-tuning (--methods without fine-tuned)" if steps is None else f"fine-tuning {steps} steps"
+
+
 def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
     columns = ["ssim", "psnr", "nme", "face_found", "identity_distance", "identity_cosine"]
     parts = [
         f"# Evaluation of `{report['checkpoint']}` (model {report['model_id']}, step {report['step']})",
         f"{report['created']}; {len(report['clips'])} people never trained on: {', '.join(report['clips'])}; "
-        f"scored at {report['image_size']} px; fine-tuning {report['finetune_steps']} steps; "
+        f"scored at {report['image_size']} px; {_finetuning(report['finetune_steps'])}; "
         f"{report['machine']['cpus']} CPUs; {report['seconds']} s in all.",
     ]
     if report.get("errors"):
