@@ -165,3 +165,21 @@ def test_two_clips_end_to_end_and_resumable(tmp_path: Path) -> None:
     frames_file.unlink()
     assert main(["preprocess", str(src), str(out), "--restore-frames"]) == 0
     assert np.array_equal(np.load(frames_file), kept)
+
+
+def test_without_a_config_the_crops_are_the_size_train_reads_by_default() -> None:
+    """`talkinghead train` takes the small config (128 px) by default; preprocess without --config
+    cut 256 px crops for it: four times the disk, and every frame resized again as train reads it."""
+    import argparse
+
+    from training.config import load_config
+
+    parser = argparse.ArgumentParser()
+    preprocess.add_arguments(parser)
+    assert (
+        preprocess._crop_size(parser.parse_args(["in", "out"]))
+        == load_config("small").model.image_size
+        == 128
+    )
+    assert preprocess._crop_size(parser.parse_args(["in", "out", "--config", "paper"])) == 256
+    assert preprocess._crop_size(parser.parse_args(["in", "out", "--size", "64"])) == 64

@@ -18,8 +18,8 @@ so a folder never mixes crops of two kinds. OUT/report.json lists every clip as 
 (from an earlier run) / skipped, with the reason. frames.npy is large (~39 MB for 8 s at 256 px);
 `--restore-frames` rebuilds it from the videos and meta.json without a detector, so a machine
 without the landmark models needs only landmarks.npy, meta.json and the videos.
-Examples:
 
+examples:
   talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
   talkinghead preprocess ../shared/data/faces data/preprocessed-256 --config paper --workers 2
   talkinghead preprocess vox2/dev/mp4 data/vox --every 5 --max-frames 64 --include 'id0001*'
@@ -260,7 +260,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="folder of videos (flat, or id/video/clip.mp4)")
     parser.add_argument("out", type=Path, help="output folder (created; finished clips are kept)")
     parser.add_argument("--size", type=int, help="crop size S in pixels (default: --config's image_size)")
-    parser.add_argument("--config", help="small | paper | path.yaml: take the crop size from its model")
+    parser.add_argument(
+        "--config",
+        default="small",
+        help="small | paper | path.yaml: take the crop size from its model (default small, as train's)",
+    )
     parser.add_argument(
         "--scale", type=float, default=CROP_SCALE, help=f"crop side / landmark extent (default {CROP_SCALE})"
     )
@@ -291,10 +295,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _crop_size(args: argparse.Namespace) -> int:
     if args.size is not None:
         return int(args.size)
-    from training.config import ModelConfig, load_config
+    from training.config import load_config
 
-    model = load_config(args.config).model if args.config else ModelConfig()
-    return model.image_size
+    # by default the crops of train's default config (ModelConfig()'s 256 px were resized as read)
+    return load_config(args.config).model.image_size
 
 
 def _summarise(outcomes: list[Outcome], out: Path, meta: dict[str, Any]) -> None:
