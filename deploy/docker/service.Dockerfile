@@ -68,6 +68,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     TALKINGHEAD_METRICS_PORT=8080 \
     TALKINGHEAD_AVATAR_STORE=/var/lib/talkinghead/avatars \
     TALKINGHEAD_JOBS=/var/lib/talkinghead/avatars/.jobs \
+    TALKINGHEAD_WATERMARK_KEY_FILE=/var/lib/talkinghead/avatars/.watermark.key \
     TALKINGHEAD_WORKER=none \
     TALKINGHEAD_MODEL_REPOSITORY=/models
 
