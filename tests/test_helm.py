@@ -112,6 +112,19 @@ def test_all_on_renders_every_template(helm: str) -> None:
 # ---- the service pods --------------------------------------------------------------------------
 
 
+def test_common_labels_and_annotations_are_on_every_resource(helm: str) -> None:
+    """As values.yaml says: the `helm test` Pod lacked commonAnnotations (its hook annotations were
+    written out by hand)."""
+    manifests = render(helm, CI / "all-on.yaml", commonLabels__team="avatars", commonAnnotations__owner="ops")
+    assert len(manifests) > 20
+    for m in manifests:
+        meta = m["metadata"]
+        assert meta["labels"].get("team") == "avatars", (m["kind"], meta["name"])
+        assert meta.get("annotations", {}).get("owner") == "ops", (m["kind"], meta["name"])
+    hook = one(manifests, "Pod", "-test-health")["metadata"]["annotations"]
+    assert hook["helm.sh/hook"] == "test"
+
+
 def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
     deployment = one(render(helm, tls__enabled=False), "Deployment", "")
     pod = deployment["spec"]["template"]["spec"]
