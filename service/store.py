@@ -53,6 +53,12 @@ def write_durably(path: Path, data: bytes, *, suffix: str = "") -> None:
         raise
 
 
+class StoreGone(ConnectionError):
+    """The avatar directory itself is not there (a volume unmounted, the folder moved): the store
+    cannot be reached, which a call must not answer as "no such avatar" or an empty list (a
+    ConnectionError: UNAVAILABLE, and the storage probe told at once: service/wire.py)."""
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
 class AvatarRecord:
     avatar_id: str
@@ -123,6 +129,11 @@ class LocalAvatarStore:
         """Raise unless the avatar directory is there (service/storage.py's probe)."""
         os.stat(self.root)
 
+    def _there(self) -> None:
+        """Raise StoreGone unless the avatar directory is there: what a missing file means."""
+        if not self.root.is_dir():
+            raise StoreGone(f"the avatar directory {self.root} is not there")
+
     def _sweep(self) -> int:
         """Remove stale temp files; returns how many (another replica's write in flight is young)."""
         removed, now = 0, time.time()
@@ -155,6 +166,7 @@ class LocalAvatarStore:
             meta=np.frombuffer(json.dumps(record.meta()).encode(), np.uint8),
         )
         with self._lock:
+            self._there()  # (a write into a folder that is not there: FileNotFoundError, INTERNAL)
             if path.exists() and not replace:
                 return False
             write_durably(path, buffer.getvalue(), suffix=SUFFIX)
@@ -188,6 +200,7 @@ class LocalAvatarStore:
                     **kept,
                 )
         except FileNotFoundError:
+            self._there()
             return None
 
     def delete(self, avatar_id: str) -> bool:
@@ -195,10 +208,12 @@ class LocalAvatarStore:
             try:
                 self._path(avatar_id).unlink()
             except FileNotFoundError:
+                self._there()
                 return False
         return True
 
     def ids(self) -> list[str]:
+        self._there()  # (globbing a folder that is not there finds nothing: an empty list)
         return sorted(
             p.name[: -len(SUFFIX)] for p in self.root.glob("*" + SUFFIX) if not p.name.startswith(".")
         )

@@ -292,6 +292,41 @@ def test_health_follows_the_storage_per_service(
         redis.stop()
 
 
+def test_an_avatar_folder_that_is_gone_is_unavailable_not_an_empty_store(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The avatar directory moved away (a volume unmounted): ListAvatars answered OK with no
+    avatars and GetAvatar NOT_FOUND, as if every avatar had been deleted. Now every call that
+    reads the store is UNAVAILABLE, and when the folder is back every avatar is there."""
+    monkeypatch.setattr(storage_module, "PROBE_S", 0.2)
+    store = tmp_path / "avatars"
+    running = ServerThread(settings=test_settings(model_repository, store, cache_bytes=0))
+    try:
+        running.wait_ready()
+        with running.client() as client:
+            for name in ("one", "two"):
+                client.create_avatar(name, [PORTRAIT], consent=CONSENT)
+            store.rename(tmp_path / "unmounted")
+            calls = {
+                "list": lambda: list(client.list_avatars()),
+                "get": lambda: client.get_avatar("one"),
+                "delete": lambda: client.delete_avatar("two"),
+                "create": lambda: client.create_avatar("three", [PORTRAIT], consent=CONSENT),
+            }
+            for what, call in calls.items():
+                with pytest.raises(grpc.RpcError) as error:
+                    call()
+                assert error.value.code() == grpc.StatusCode.UNAVAILABLE, (what, error.value.details())
+                assert error.value.details() == "the server's storage is unreachable; retry later"
+            assert running.metric("talkinghead_storage_up") == 0
+            (tmp_path / "unmounted").rename(store)
+            eventually(lambda: running.metric("talkinghead_storage_up") == 1)
+            assert sorted(a.avatar_id for a in client.list_avatars()) == ["one", "two"]
+        assert not list(store.glob(".tmp-*"))
+    finally:
+        running.stop()
+
+
 def test_capacity_holds_after_offline_batches_and_live_streams_are_admitted(
     model_repository: Path, tmp_path: Path
 ) -> None:
