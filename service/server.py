@@ -43,7 +43,7 @@ from service.personalisation import Personaliser
 from service.personalisation_servicer import PersonalisationServicer
 from service.rpc_metrics import RpcMetrics
 from service.servicer import AnimationServicer, AvatarServicer
-from service.settings import Settings
+from service.settings import Settings, host_port
 from service.storage import StorageWatch, probe_of
 from service.store import AvatarStore, LocalAvatarStore
 from service.wire import MAX_MESSAGE_BYTES
@@ -364,7 +364,7 @@ class Server:
         if s.reflection:  # through wire as well: a malformed request is INVALID_ARGUMENT, not INTERNAL
             names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)
             wire.add_service(self._server, REFLECTION, reflection.aio.ReflectionServicer(names), limits)
-        address = f"{s.host}:{s.grpc_port}"
+        address = host_port(s.host, s.grpc_port)
         try:
             if s.tls:
                 assert s.tls_cert is not None and s.tls_key is not None
@@ -390,9 +390,8 @@ class Server:
         try:
             self._metrics_http, self.metrics_port = metrics.serve(s.metrics_bind, s.metrics_port)
         except OSError as error:
-            raise BindError(
-                f"cannot bind metrics to {s.metrics_bind}:{s.metrics_port}: {error.strerror or error}"
-            ) from None
+            where = host_port(s.metrics_bind, s.metrics_port)
+            raise BindError(f"cannot bind metrics to {where}: {error.strerror or error}") from None
         await self.app.start()
         auth.start()
         self._start_personalisation()
@@ -400,20 +399,17 @@ class Server:
         if s.tls_terminated_upstream and not s.tls:
             log.warning(
                 "TLS is terminated in front of this server (TALKINGHEAD_TLS_TERMINATED_UPSTREAM=1): "
-                "credentials arrive over plaintext on %s:%d; only that proxy may reach this port",
-                s.host,
-                self.grpc_port,
+                "credentials arrive over plaintext on %s; only that proxy may reach this port",
+                host_port(s.host, self.grpc_port),
             )
         self._storage_task = asyncio.create_task(self.storage.run(), name="storage-probe")
         self._monitor = asyncio.create_task(self._watch_backend(), name="health-monitor")
         self._jobs_task = asyncio.create_task(self._watch_jobs(), name="jobs-census")
         log.info(
-            "serving gRPC on %s:%d (%s), metrics on http://%s:%d/metrics, backend %s",
-            s.host,
-            self.grpc_port,
+            "serving gRPC on %s (%s), metrics on http://%s/metrics, backend %s",
+            host_port(s.host, self.grpc_port),
             "TLS" if s.tls else "plaintext",
-            s.metrics_bind,
-            self.metrics_port,
+            host_port(s.metrics_bind, self.metrics_port),
             s.backend,
         )
 

@@ -139,9 +139,21 @@ def is_loopback(host: str) -> bool:
     if host.lower() == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]")).is_loopback
+        return ipaddress.ip_address(bare(host)).is_loopback
     except ValueError:
         return False
+
+
+def bare(host: str) -> str:
+    """`host` without the brackets an IPv6 literal may come in ("[::1]" -> "::1"): what a socket binds."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port, an IPv6 literal in brackets ("[::1]:50051"), as gRPC and URLs need it: gRPC read
+    "::1:50051" as a misformatted name and the server said the port was in use."""
+    host = bare(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -325,8 +337,8 @@ class Settings:
 
     @property
     def metrics_bind(self) -> str:
-        """The address /metrics binds: TALKINGHEAD_METRICS_HOST, else the gRPC host."""
-        return self.metrics_host or self.host
+        """The address /metrics binds: TALKINGHEAD_METRICS_HOST, else the gRPC host (unbracketed)."""
+        return bare(self.metrics_host or self.host)
 
     @property
     def embedded_worker(self) -> bool:

@@ -433,6 +433,32 @@ def test_a_generator_fine_tuned_for_an_earlier_avatar_of_the_id_is_not_used(
         running.stop()
 
 
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_a_server_on_ipv6_loopback_serves_grpc_and_metrics(
+    model_repository: Path, tmp_path: Path, host: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`::1` is loopback as the README says: with it gRPC read "::1:50051" as a misformatted name
+    and the server said its port was in use; "[::1]" bound gRPC and then failed on /metrics."""
+    import urllib.request
+
+    caplog.set_level("INFO", logger="talkinghead.service")
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", host=host))
+    try:
+        grpc_port, metrics_port = running.server.grpc_port, running.server.metrics_port
+        with Client(target=f"[::1]:{grpc_port}", timeout=30) as c:
+            c.wait_ready(timeout=60)
+            assert c.health() == "SERVING"
+        with urllib.request.urlopen(f"http://[::1]:{metrics_port}/metrics", timeout=10) as reply:
+            assert b"talkinghead_rpcs_total" in reply.read()
+        assert (
+            f"serving gRPC on [::1]:{grpc_port} (plaintext), metrics on http://[::1]:{metrics_port}/metrics"
+            in caplog.text
+        )
+        assert running.app.settings.loopback  # no authentication needed there
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize("taken", ["grpc", "metrics"])
 def test_a_server_on_a_port_in_use_says_so_and_exits(
     server: ServerThread, model_repository: Path, tmp_path: Path, taken: str

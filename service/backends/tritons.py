@@ -55,6 +55,7 @@ from facekit.contract import ModelInfo, personalised_name
 from facekit.engines import OFFLINE
 from service.backends.base import BackendUnavailable, generator_feeds
 from service.backends.triton import NotLoaded, TritonBackend
+from service.settings import host_port
 
 log = logging.getLogger("talkinghead.service.triton")
 T = TypeVar("T")
@@ -89,10 +90,6 @@ def fixed_address(url: str) -> bool:
     return len(found) == 1 and _literal(found[0][0])
 
 
-def _address(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def resolve(url: str) -> list[str]:
     """The `address:port` of every Triton `url` names now (blocking: getaddrinfo). IPv4 addresses
     of a name, its IPv6 ones only where it has none (`localhost` is one Triton, not two). Raises
@@ -105,7 +102,7 @@ def resolve(url: str) -> list[str]:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
             v4 = [str(info[4][0]) for info in infos if info[0] == socket.AF_INET]
             hosts = v4 or [str(info[4][0]) for info in infos if info[0] == socket.AF_INET6]
-        for address in (_address(h, port) for h in hosts):
+        for address in (host_port(h, port) for h in hosts):
             if address not in found:
                 found.append(address)
     if not found:
