@@ -72,12 +72,12 @@ class Personaliser:
         self.queue.close()
 
     async def start(self, record: AvatarRecord, info: ModelInfo, *, steps: int, preset: str) -> Job:
-        if self.disabled:
-            raise precondition(f"personalisation is not available on this server: {self.disabled}")
-        try:
+        try:  # a request out of range is INVALID_ARGUMENT wherever it is sent
             total = steps_for(steps=steps, preset=preset)
         except ValueError as error:
             raise invalid(str(error)) from error
+        if self.disabled:
+            raise precondition(f"personalisation is not available on this server: {self.disabled}")
         public = split_id(record.avatar_id)[1]
         if record.model_id != info.model_id:
             raise precondition(

@@ -23,7 +23,7 @@ from service import settings as settings_module
 from service.local_worker import command
 from talkinghead.cli import main
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, REPO, ServerThread
+from tests.service_fixtures import CONSENT, DRIVER, PORTRAIT, REPO, ServerThread, test_settings
 
 SERVER_MODULES = [
     "service.server",
@@ -420,3 +420,26 @@ def test_the_progress_of_an_operation_that_ended_names_how_it_ended() -> None:
         out = io.StringIO()
         ProgressBar(out)(ops.Operation(name="operations/x", metadata=progress, done=True))
         assert out.getvalue() == f"mona: {word}, step 3/20\n"
+
+
+def test_steps_out_of_range_are_invalid_on_a_server_without_a_worker(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """steps 0 was INVALID_ARGUMENT there but 2001 FAILED_PRECONDITION (no personalisation here):
+    the range was checked after the worker. A request out of range is invalid wherever it goes."""
+    running = ServerThread(settings=test_settings(model_repository, tmp_path / "store", worker="none"))
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("steps", [PORTRAIT], consent=CONSENT)
+            for steps in (0, 2001):
+                with pytest.raises(grpc.RpcError) as error:
+                    c.personalise("steps", steps=steps)
+                assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT, steps
+                assert error.value.details() == f"steps must be 1-2000, got {steps}"
+            with pytest.raises(grpc.RpcError) as error:
+                c.personalise("steps", steps=5)
+            assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "personalisation is not available on this server" in (error.value.details() or "")
+    finally:
+        running.stop()
