@@ -110,10 +110,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contact-sheet", type=Path, help="also write a PNG (.png): driving landmarks over frames"
     )
-    parser.add_argument(
+    motion = parser.add_mutually_exclusive_group()  # the service refuses the two together
+    motion.add_argument(
         "--relative", action="store_true", help="keep the avatar's face shape (another driver)"
     )
-    parser.add_argument(
+    motion.add_argument(
         "--crop-to-face", action="store_true", help="absolute mode: crop around the driver's face"
     )
     parser.add_argument(

@@ -112,6 +112,8 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
         )
     if config.HasField("neutral") and config.motion != pb.MOTION_MODE_RELATIVE:
         raise invalid("config.neutral is only used with motion = MOTION_MODE_RELATIVE")
+    if config.crop_to_face and config.motion == pb.MOTION_MODE_RELATIVE:  # (it was ignored)
+        raise invalid("config.crop_to_face is only used with motion = MOTION_MODE_ABSOLUTE")
     if config.HasField("smoothing"):
         cutoff, beta = config.smoothing.min_cutoff_hz, config.smoothing.beta
         if not (cutoff == 0 or 0.01 <= cutoff <= 30):

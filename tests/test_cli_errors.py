@@ -124,6 +124,12 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
             main(animate("--driver", str(DRIVER), "--out", out, flag, value))
         assert exit.value.code == 2
         assert capsys.readouterr().err.splitlines()[-1] == f"talkinghead animate: error: {problem}"
+    with pytest.raises(SystemExit) as exit:  # the service refuses the two together
+        main(animate("--driver", str(DRIVER), "--out", out, "--relative", "--crop-to-face"))
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "talkinghead animate: error: argument --crop-to-face: not allowed with argument --relative"
+    )
     np.save(tmp_path / "d.npy", np.load(DRIVER)["points"][:4])
     assert main(animate("--driver", str(tmp_path / "d.npy"), "--out", out)) == 2
     assert one_line(capsys) == (

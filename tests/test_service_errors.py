@@ -135,6 +135,11 @@ def test_unknown_avatar_and_bad_config(client: Client, avatar: str) -> None:
         raw_stream(client, [config(avatar, queue_depth=65)])
     with expect(CODE.INVALID_ARGUMENT, "config.encoding"):
         raw_stream(client, [config(avatar, encoding=7)])
+    # a face crop of the driver is an ABSOLUTE option: with RELATIVE it was taken and ignored
+    with expect(CODE.INVALID_ARGUMENT, "config.crop_to_face is only used with motion = MOTION_MODE_ABSOLUTE"):
+        raw_stream(client, [config(avatar, motion=pb.MOTION_MODE_RELATIVE, crop_to_face=True)])
+    with expect(CODE.INVALID_ARGUMENT, "config.neutral is only used with motion = MOTION_MODE_RELATIVE"):
+        raw_stream(client, [config(avatar, neutral=Landmarks(xy=[1.0] * 136))])
     with expect(CODE.INVALID_ARGUMENT, "config.neutral: expected 136 values"):
         raw_stream(
             client,
