@@ -20,7 +20,7 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 # picture is the JPEG itself, the only one decoded
 _AS_JPEG = ("MPO",)
 JPEG_QUALITY = 90  # default when the stream asks for 0
-PNG_LEVEL = 1  # default zlib level: fast; level 9 saves ~10 % for ~5x the time
+PNG_LEVEL = 1  # default zlib level: fast; level 9 saves 3-4 % for ~3x the time (128-512 px frames)
 
 
 def _open(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.Image:
