@@ -126,11 +126,8 @@ class LocalAvatarStore:
         self.swept = self._sweep()
 
     def ping(self) -> None:
-        """Raise unless the avatar directory is there (service/storage.py's probe)."""
-        os.stat(self.root)
-
-    def _there(self) -> None:
-        """Raise StoreGone unless the avatar directory is there: what a missing file means."""
+        """Raise StoreGone unless the avatar directory is there: service/storage.py's probe, and
+        what a call asks when a file is not found (no such avatar, or no directory at all)."""
         if not self.root.is_dir():
             raise StoreGone(f"the avatar directory {self.root} is not there")
 
@@ -166,10 +163,13 @@ class LocalAvatarStore:
             meta=np.frombuffer(json.dumps(record.meta()).encode(), np.uint8),
         )
         with self._lock:
-            self._there()  # (a write into a folder that is not there: FileNotFoundError, INTERNAL)
             if path.exists() and not replace:
                 return False
-            write_durably(path, buffer.getvalue(), suffix=SUFFIX)
+            try:
+                write_durably(path, buffer.getvalue(), suffix=SUFFIX)
+            except FileNotFoundError:  # (else INTERNAL)
+                self.ping()
+                raise
         return True
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
@@ -200,7 +200,7 @@ class LocalAvatarStore:
                     **kept,
                 )
         except FileNotFoundError:
-            self._there()
+            self.ping()
             return None
 
     def delete(self, avatar_id: str) -> bool:
@@ -208,15 +208,17 @@ class LocalAvatarStore:
             try:
                 self._path(avatar_id).unlink()
             except FileNotFoundError:
-                self._there()
+                self.ping()
                 return False
         return True
 
     def ids(self) -> list[str]:
-        self._there()  # (globbing a folder that is not there finds nothing: an empty list)
-        return sorted(
+        found = sorted(
             p.name[: -len(SUFFIX)] for p in self.root.glob("*" + SUFFIX) if not p.name.startswith(".")
         )
+        if not found:  # (globbing a folder that is not there finds nothing too)
+            self.ping()
+        return found
 
 
 class AvatarCache:
