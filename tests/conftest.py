@@ -17,12 +17,15 @@ CHECKPOINT = ROOT / "models" / "talkinghead-small.pt"
 
 
 @pytest.fixture(scope="session", autouse=True)
-def watermark_key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Servers the tests start without a key of their own (`talkinghead serve` in a subprocess, the
-    default settings) mark with this file's key, not with the checkout's var/watermark.key."""
-    path = tmp_path_factory.mktemp("watermark") / "watermark.key"
-    os.environ["TALKINGHEAD_WATERMARK_KEY_FILE"] = str(path)
-    return path
+def private_var(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Servers and workers the tests start without paths of their own (`talkinghead serve` in a
+    subprocess) keep their watermark key, jobs and audit log in a temporary folder, not in the
+    checkout's var/ (a developer's own server state)."""
+    root = tmp_path_factory.mktemp("var")
+    os.environ["TALKINGHEAD_WATERMARK_KEY_FILE"] = str(root / "watermark.key")
+    os.environ["TALKINGHEAD_JOBS"] = str(root / "jobs")
+    os.environ["TALKINGHEAD_AUDIT_LOG"] = str(root / "audit.jsonl")
+    return root
 
 
 @pytest.fixture(scope="session")
@@ -96,9 +99,27 @@ def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str])
     _in_flight.pop(nodeid, None)
 
 
+# The checkout's var/ is a developer's own server state (`talkinghead serve`, `make up`): a test
+# that writes there (a server started without paths of its own) fails the run, naming what it left.
+VAR = ROOT / "var"
+_var_before: set[str] = set()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _var_before.update(path.name for path in VAR.glob("*"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if _reporting():
         INFLIGHT.unlink(missing_ok=True)
+        left = sorted({path.name for path in VAR.glob("*")} - _var_before)
+        if left:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(
+                    f"\nFAILED: the tests wrote into the checkout's var/: {', '.join(left)}", red=True
+                )
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.hookimpl(hookwrapper=True)
