@@ -31,8 +31,8 @@ from typing import Any, TextIO
 from facekit.ids import split_id
 from facekit.partial import partial_path, remove_abandoned
 from service.audit import EVENTS, AuditLog, FileAuditLog, RedisAuditLog
-from service.keys_command import redis_failure
 from service.settings import Settings, from_env
+from service.wire import redis_failure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

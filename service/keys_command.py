@@ -44,7 +44,7 @@ from service.auth import (
     unbind_cert,
     undeny_cert,
 )
-from service.wire import redis_error, unreachable
+from service.wire import redis_failure
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -114,28 +114,6 @@ CERT_ACTIONS: dict[str, tuple[Callable[[dict[str, Any], str], bool], str, str]] 
     "deny-cert": (deny_cert, "already denied:", "denied"),
     "undeny-cert": (undeny_cert, "not denied:", "no longer denied:"),
 }
-
-
-def redis_failure(prog: str, url: str, error: BaseException) -> str | None:
-    """One line for a redis-py error (None for any other error): `cannot reach Redis at URL: why`
-    (refused, timed out, no such host), else `Redis at URL: its error` (a wrong password, an error
-    reply); a password in the URL masked."""
-    from jobs.keys import shown_url
-
-    if not redis_error(error):
-        return None
-    where = shown_url(url)
-    cause = error.__context__  # the socket's error, under redis-py's message that repeats the address
-    why = str(error) or type(error).__name__
-    if unreachable(error) and not redis_error(error, "AuthenticationError"):
-        if isinstance(cause, OSError):
-            why = cause.strerror or str(cause) or why
-        return f"{prog}: cannot reach Redis at {where}: {_line(why)}"
-    return f"{prog}: Redis at {where}: {_line(why)}"
-
-
-def _line(text: str) -> str:
-    return " ".join(text.split()).rstrip(".")
 
 
 def run(args: argparse.Namespace) -> int:

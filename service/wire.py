@@ -149,6 +149,24 @@ def redis_error(error: BaseException, *kinds: str) -> bool:
     return not kinds or any(base.__name__ in kinds for base in cls.__mro__)
 
 
+def redis_failure(prog: str, url: str, error: BaseException) -> str | None:
+    """One line for a redis-py error (None for any other error): `cannot reach Redis at URL: why`
+    (refused, timed out, no such host), else `Redis at URL: its error` (a wrong password, an error
+    reply); a password in the URL masked."""
+    from jobs.keys import shown_url
+
+    if not redis_error(error):
+        return None
+    where = shown_url(url)
+    cause = error.__context__  # the socket's error, under redis-py's message that repeats the address
+    why = str(error) or type(error).__name__
+    if unreachable(error) and not redis_error(error, "AuthenticationError"):
+        if isinstance(cause, OSError):
+            why = cause.strerror or str(cause) or why
+        return f"{prog}: cannot reach Redis at {where}: {' '.join(why.split()).rstrip('.')}"
+    return f"{prog}: Redis at {where}: {' '.join(why.split()).rstrip('.')}"
+
+
 @dataclass(frozen=True)
 class Parser:
     cls: type[Message]
