@@ -73,5 +73,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(settings))
     except (MissingKeyError, BindError) as error:
+        logging.shutdown()  # the lines logged before it first (the log writer waits up to 50 ms)
         raise SystemExit(f"talkinghead serve: {error}") from error
     return 0

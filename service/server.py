@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import logging
 import signal
+import socket
 import ssl
 import threading
 import time
@@ -43,7 +45,7 @@ from service.personalisation import Personaliser
 from service.personalisation_servicer import PersonalisationServicer
 from service.rpc_metrics import RpcMetrics
 from service.servicer import AnimationServicer, AvatarServicer
-from service.settings import Settings, host_port
+from service.settings import Settings, bare, host_port
 from service.storage import StorageWatch, probe_of
 from service.store import AvatarStore, LocalAvatarStore
 from service.wire import MAX_MESSAGE_BYTES
@@ -91,6 +93,34 @@ TLS_CHECK_S = 1.0  # the TLS files are looked at (stat) at most this often, on a
 
 class BindError(OSError):
     """A port the server was given cannot be listened on (in use, or not an address of this host)."""
+
+
+def check_port_free(what: str, host: str, port: int) -> None:
+    """BindError now when another process listens on `port`: before the server makes its key file
+    and state folders or loads a model, which it did and then stopped at its bind. The bind itself
+    decides in the end (a port taken between the two fails there, as before); a name that does
+    not resolve is left to it too. SO_REUSEADDR as both binds use it: a port left in TIME_WAIT by
+    a server just stopped is free."""
+    if port == 0:
+        return
+    try:
+        found = socket.getaddrinfo(bare(host) or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError:
+        return
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno == errno.EADDRINUSE:
+                    raise BindError(
+                        f"cannot bind {what} to {host_port(host, port)}: the port is in use"
+                    ) from None
+                if error.errno == errno.EADDRNOTAVAIL:
+                    raise BindError(
+                        f"cannot bind {what} to {host_port(host, port)}: the address is not this machine's"
+                    ) from None
 
 
 def _stat(path: Path | None) -> tuple[int, int, int, int] | None:
@@ -290,6 +320,8 @@ class Server:
     async def start(self) -> None:
         s = self.settings
         log.info("settings: %s", s.describe())
+        check_port_free("gRPC", s.host, s.grpc_port)
+        check_port_free("metrics", s.metrics_bind, s.metrics_port)
         # MissingKeyError: production mode without TALKINGHEAD_WATERMARK_KEY, or an unusable key file:
         # before any model is loaded
         key, origin = require_key(production=s.production, key_file=s.watermark_key_file)

@@ -465,7 +465,8 @@ def test_a_server_on_a_port_in_use_says_so_and_exits(
 ) -> None:
     """A second `talkinghead serve` on the gRPC port of a running one bound it too (gRPC's
     SO_REUSEPORT) and the kernel split the calls between the two; on a metrics port in use it
-    died with a traceback."""
+    died with a traceback. It stops before it makes anything (it made its key file, avatar and job
+    folders, then found the port taken)."""
     import os
     import subprocess
     import sys
@@ -478,6 +479,7 @@ def test_a_server_on_a_port_in_use_says_so_and_exits(
         TALKINGHEAD_METRICS_PORT=str(ports["metrics"] if taken == "metrics" else 0),
         TALKINGHEAD_AVATAR_STORE=str(tmp_path / "store"),
         TALKINGHEAD_JOBS=str(tmp_path / "jobs"),
+        TALKINGHEAD_WATERMARK_KEY_FILE=str(tmp_path / "watermark.key"),
         TALKINGHEAD_WORKER="external",
         TALKINGHEAD_ENGINE="onnxruntime",
     )
@@ -492,6 +494,7 @@ def test_a_server_on_a_port_in_use_says_so_and_exits(
     what = "gRPC" if taken == "grpc" else "metrics"
     assert f"talkinghead serve: cannot bind {what} to 127.0.0.1:{ports[taken]}" in done.stderr
     assert "Traceback" not in done.stderr and "serving gRPC" not in done.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
 def test_sigterm_shuts_down_gracefully(model_repository: Path, tmp_path: Path) -> None:
