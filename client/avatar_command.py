@@ -128,7 +128,34 @@ def _missing(path: Path) -> str | None:
     return None if path.is_file() else "no such file"
 
 
+def _consent_flags(args: argparse.Namespace) -> str | None:
+    """What the consent flags lack or have too many of for --basis (the server would refuse the
+    record naming its proto fields), or None."""
+    if args.basis == "personal":
+        lacking = [
+            flag
+            for flag, value in (
+                ("--statement-version", args.statement_version),
+                ("--document", args.document),
+            )
+            if not value
+        ]
+        if lacking:
+            return f"--basis personal needs {' and '.join(lacking)} (the signed consent statement)"
+        if args.source:
+            return "--source is for --basis public-domain and licensed, not personal"
+        return None
+    if not args.source.strip():
+        return f"--basis {args.basis} needs --source (where the work comes from)"
+    if args.statement_version or args.document is not None:
+        return f"--statement-version and --document are for --basis personal, not {args.basis}"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.action == "create" and (why := _consent_flags(args)):
+        print(f"talkinghead avatar create: {why}", file=sys.stderr)
+        return 2
     preview: PendingFile | None = None
     if args.action == "get" and args.preview is not None:
         try:

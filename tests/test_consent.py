@@ -138,8 +138,17 @@ def test_the_cli_takes_the_consent_record_as_flags(
 ) -> None:
     flags = ["--server", server.address]
     create = ["avatar", *flags, "create", "cli-mona", str(PORTRAIT), "--subject", "Mona Lisa (Leonardo)"]
-    assert main([*create, "--basis", "public-domain", "--collected-by", "studio"]) == 1
-    assert "consent.source" in capsys.readouterr().err
+    # a record the server would refuse is named in the CLI's own flags, before anything is sent
+    assert main([*create, "--basis", "public-domain", "--collected-by", "studio"]) == 2
+    assert capsys.readouterr().err == (
+        "talkinghead avatar create: --basis public-domain needs --source (where the work comes from)\n"
+    )
+    assert (
+        main([*create, "--basis", "personal", "--statement-version", "v1", "--collected-by", "studio"]) == 2
+    )
+    assert "--basis personal needs --document" in capsys.readouterr().err
+    assert main(["avatar", *flags, "list"]) == 0
+    assert "cli-mona" not in capsys.readouterr().out
     source = ["--source", "https://collections.louvre.fr/ark:/53355/cl010062370"]
     assert main([*create, "--basis", "public-domain", *source, "--collected-by", "studio"]) == 0
     out = capsys.readouterr().out
