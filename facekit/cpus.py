@@ -202,3 +202,14 @@ def usable_cpus(
     how many threads can run at once without the kernel throttling them or exceeding the pod's
     share of a busy node."""
     return cpus(root, proc_cgroup, environ).usable
+
+
+def model_name(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model as /proc/cpuinfo names it ("Intel(R) Xeon(R) Processor"), for a report's
+    machine; "" where there is none (platform.processor() is "" on Linux)."""
+    text = _read(cpuinfo) or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            return value.strip()
+    return ""

@@ -201,6 +201,18 @@ def bench_args(model_repository: Path, *argv: str) -> argparse.Namespace:
     return parser.parse_args(["--model-repository", str(model_repository), "--streams", "1", *argv])
 
 
+def test_the_engine_asked_for_is_the_one_the_bench_times_and_serves(model_repository: Path) -> None:
+    """--engine onnxruntime named only the paired run's engine: the raw rows and the served ones
+    (whose server runs the raw rows' engine) were OpenVINO's where auto picks it."""
+    assert bench.measured_generator(bench_args(model_repository, "--engine", "onnxruntime")).engine.name == (
+        engines.ONNXRUNTIME
+    )
+    others = [name for name in engines.available() if name != engines.ONNXRUNTIME]
+    if others:
+        chosen = bench.measured_generator(bench_args(model_repository, "--engine", others[0]))
+        assert chosen.engine.name == others[0]
+
+
 @pytest.mark.triton
 def test_the_serving_ceiling_through_a_real_triton(model_repository: Path) -> None:
     """The ceiling through the triton backend and the bundled Triton serving the instant

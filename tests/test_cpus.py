@@ -233,3 +233,12 @@ def test_the_workers_torch_threads_follow_the_pods_cpus(
     assert command.cpu_threads(None) == min(torch.get_num_threads(), cpus.affinity()), (
         "never more than PyTorch's"
     )
+
+
+def test_the_cpu_model_is_named_from_cpuinfo_where_platform_gives_nothing(tmp_path: Path) -> None:
+    """Reports named no CPU (evaluation.json's machine.cpu was "": platform.processor() is empty
+    on Linux)."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Processor\n")
+    assert cpus.model_name(info) == "Intel(R) Xeon(R) Processor"
+    assert cpus.model_name(tmp_path / "missing") == ""

@@ -41,7 +41,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -51,7 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from facekit import engines
+from facekit import cpus, engines
 from facekit.detect import NoFaceError, make_detector
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter, smooth_sequence
@@ -425,7 +424,7 @@ def _header(
         "machine": {
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "cpu": platform.processor(),
+            "cpu": cpus.model_name(),
         },
     }
 
