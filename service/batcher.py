@@ -285,7 +285,7 @@ class Batcher:
         before offline ones there: contract.TRITON_PRIORITY_*). The next batch is drawn here,
         timed to be ready as a lane frees; without the queued call each instance idled for the
         round trip to this process between calls (live + offline through Triton 0.81-0.91 of raw
-        Triton against 0.84-0.99 with it, for live p99 77-113 against 113-137 ms; BENCHMARKS.md)."""
+        Triton against 0.84-0.98 with it, for live p99 77-113 against 113-171 ms; BENCHMARKS.md)."""
         lanes = self.lanes(model)
         if self.pipeline:
             return lanes + 1 if lanes > 1 else lanes

@@ -41,9 +41,9 @@ def set_cpu_scheduling(policy: str) -> None:
     service wakes hundreds of times a second (a frame read, a batch back, a reply written), each
     wake-up preempting an inference thread. A SCHED_BATCH thread that wakes does not preempt: it
     runs at the scheduler's next tick (1-4 ms), having gathered more to do. Paired bench rounds on
-    the 2-core VM: the service's CPU per frame 1.45 -> 1.19 ms, live + offline ratio +0.03, live
-    p99 +5 ms (see BENCHMARKS.md). Its share of the CPU is unchanged, and on idle cores (a Triton
-    backend on another machine) a wake-up runs at once either way. Unprivileged: lowering a
+    the 2-core VM: the service's CPU per frame 1.41-1.56 -> 1.20-1.30 ms, live + offline ratio
+    0.872-0.897 -> 0.896-0.931 (see BENCHMARKS.md). Its share of the CPU is unchanged, and on idle
+    cores (a Triton backend on another machine) a wake-up runs at once either way. Unprivileged: lowering a
     thread's claim needs no capability; where it is refused (a seccomp profile) a warning says so."""
     threads = scheduling.set_process_policy(policy)
     if threads is None:

@@ -114,8 +114,8 @@ class SelfAttention(nn.Module):
     softmax(Q K^T) V with no 1/sqrt(d) scale, computed one of two ways (the same numbers):
     - blocked (the CPU, and every ONNX export): QUERY_BLOCK query positions at a time, so each
       block's attention rows stay in the CPU's cache and the large matrix is never transposed. At
-      64x64 the full matrix is 64 MB per frame; blocking made the exported generator 1.3-1.5x faster
-      in ONNX Runtime and OpenVINO (BENCHMARKS.md).
+      64x64 the full matrix is 64 MB per frame; blocking took the exported generator from 13 to 28
+      frames/s in ONNX Runtime (BENCHMARKS.md).
     - fused (CUDA tensors): one `scaled_dot_product_attention` call, which never writes the matrix
       to device memory at all. `fused` forces either way (export/speed.py times both).
     """
