@@ -9,6 +9,7 @@ PORTRAIT ?= facekit/assets/demo_portrait.png
 DRIVER ?= facekit/assets/demo_driver.npz
 CHECKPOINT ?= models/talkinghead-small.pt
 OUT ?= out/demo
+DIRECT_OUT ?= out/demo-direct
 EVAL_OUT ?= out/evaluation
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
 # waits on real servers, paced streams and subprocesses, so two workers on two cores take about two
@@ -24,21 +25,25 @@ include $(sort $(wildcard mk/*.mk))
 
 help:
 	@echo "make demo        serve, create an avatar from PORTRAIT, personalise it and stream DRIVER, all over gRPC -> $(OUT)/"
-	@echo "make demo-direct the same without the service (PyTorch in one process)"
+	@echo "make demo-direct fine-tune and drive the model in one PyTorch process, no service, no watermark -> $(DIRECT_OUT)/"
 	@echo "make test        the default test suite on TEST_WORKERS=$(TEST_WORKERS) workers (real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
 	@echo "make test-replicas  redis + two service replicas + two Tritons + a worker, kill tests (slow)"
 	@echo "make fuzz        every RPC fuzzed with FUZZ_CASES=100000 generated and raw requests (~15 min)"
-	@echo "make lint        ruff + mypy"
+	@echo "make lint        ruff + mypy (make format: ruff's fixes and formatting)"
+	@echo "make serve       talkinghead serve with its defaults (127.0.0.1:50051, metrics :8080, var/)"
+	@echo "make protos      regenerate api/ from proto/"
 	@echo "make preprocess  crop faces + landmarks of $(FACES) for training"
 	@echo "make train-small meta-learn the small model (CPU, ~1 h) into runs/small"
-	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~25 min on 2 cores, after make preprocess ~2 min)"
+	@echo "make evaluate    CHECKPOINT vs the classical warp on the evaluation people -> $(EVAL_OUT)/ (~25 min on 2 cores, after make preprocess ~2 min; EVAL_ARGS= adds options)"
 	@echo "make model-repository  export CHECKPOINT to $(REPOSITORY)/ (ONNX + Triton configs, PROFILE=$(PROFILE))"
 	@echo "make triton      start the bundled Triton server on 127.0.0.1 with $(REPOSITORY)/ (make triton-stop)"
-	@echo "make up / down   Redis + Triton + the service (triton backend) + a worker + Prometheus on 127.0.0.1 (var/stack/logs)"
-	@echo "make bench       every CPU engine raw, the service at 1/4/16/64 live streams, paired vs BASELINE_REV -> out/bench.json"
+	@echo "make up / down   Redis + Triton + the service (triton backend) + a worker + Prometheus on 127.0.0.1 (var/stack/logs; make stack-status)"
+	@echo "make bench       every CPU engine raw, the service at 1/4/16/64 live streams, paired vs the model of $(BASELINE_REV) -> out/bench.json"
 	@echo "make soak        64 live streams for 10 min: server memory, statuses, drops, slots -> out/soak.json"
 	@echo "make helm-lint   lint, render and validate the Helm chart in every configuration"
+	@echo "make clean       remove .venv, out/ and the tools' caches"
+	@echo "PYTHON=python3.11 names the Python 3.11 that makes .venv (default python3)"
 
 venv: $(STAMP)
 
@@ -56,7 +61,8 @@ demo: $(STAMP) model-repository
 
 # The direct-model demo (no service): fine-tune and drive the PyTorch model in one process.
 demo-direct: $(STAMP)
-	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) --out $(OUT)
+	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) \
+		--out $(DIRECT_OUT) $(if $(STEPS),--steps $(STEPS))
 
 test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus redis
 	$(PY) -m pytest -m "not slow" -q --durations=25 -n $(TEST_WORKERS) --dist loadfile

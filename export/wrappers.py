@@ -1,4 +1,4 @@
-"""The exported graphs: E and G wrapped so the wire carries uint8 NHWC images (DESIGN.md contract).
+"""The exported graphs: E and G wrapped so the wire carries uint8 NHWC images (../shared/DESIGN.md contract).
 
     embedder:            image, landmark_image uint8 (B, S, S, 3) -> embedding (B, 512), adain (B, D)
     generator:           landmark_image uint8 (B, S, S, 3), adain (B, D) -> image uint8 (B, S, S, 3)

@@ -1,4 +1,4 @@
-"""The export/serving contract: model names, tensors and `talkinghead.*` metadata (DESIGN.md).
+"""The export/serving contract: model names, tensors and `talkinghead.*` metadata (../shared/DESIGN.md).
 
 export/ writes models that keep it, service/ and the client's bench read them through it; the two
 sides share nothing else. tests/test_contract.py pins it and tests/test_export.py checks the

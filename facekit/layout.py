@@ -16,7 +16,7 @@ class Group:
     color: tuple[int, int, int]  # RGB
 
 
-# Eight line groups, each in its own colour on black. Colours are part of the training/serving
+# Nine line groups, each in its own colour on black. Colours are part of the training/serving
 # contract: changing one invalidates every trained checkpoint.
 GROUPS: tuple[Group, ...] = (
     Group("jaw", 0, 17, False, (255, 255, 255)),

@@ -1,5 +1,5 @@
 # Deployment part: the Helm chart (deploy/helm/talkinghead) and its checks. Included by the root
-# Makefile (`-include mk/*.mk`), which defines PY and STAMP.
+# Makefile (`include $(sort $(wildcard mk/*.mk))`), which defines PY and STAMP.
 HELM_BIN := .tools/bin/helm
 
 .PHONY: helm-lint helm

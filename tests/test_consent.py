@@ -171,6 +171,15 @@ def test_the_demo_will_not_stamp_its_portraits_consent_on_another_face(tmp_path:
     assert done.returncode == 2
     assert "set SUBJECT" in done.stderr and "SOURCE" in done.stderr
     assert not (tmp_path / "demo").exists()  # no server started, nothing written
+    # one's own face: a personal record, which has no SOURCE but needs the signed statement (the
+    # demo passed --source whatever the basis, so a personal record could not be made at all)
+    env.update(BASIS="personal", SUBJECT="Me", STATEMENT_VERSION="2026-11")
+    done = subprocess.run(
+        ["bash", "tools/demo.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "BASIS=personal: set SUBJECT" in done.stderr and "DOCUMENT" in done.stderr
+    assert not (tmp_path / "demo").exists()
 
 
 def _audit_log(path: Path, events: int) -> Path:

@@ -1,6 +1,6 @@
 """The export/serving contract (facekit/contract.py) pinned: changing it breaks every served model.
 
-A change here is deliberate: re-export the models, and update DESIGN.md, the README's model table
+A change here is deliberate: re-export the models, and update ../shared/DESIGN.md, the README's model table
 and both sides (export writes by the contract, the service reads by it).
 """
 

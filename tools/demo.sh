@@ -17,11 +17,20 @@ set -euo pipefail
 : "${OUT:=out/demo}" "${AVATAR:=demo}"
 py="$VENV/bin/python"
 BUNDLED=facekit/assets/demo_portrait.png
-if [ "$PORTRAIT" != "$BUNDLED" ] && { [ -z "${SUBJECT:-}" ] || [ -z "${SOURCE:-}" ]; }; then
+if [ "$PORTRAIT" != "$BUNDLED" ]; then
     # the bundled portrait's consent record must not be stamped on someone else's face
-    echo "demo: PORTRAIT=$PORTRAIT is not the bundled portrait: set SUBJECT (whose face it is) and SOURCE" \
-        "(where it comes from), and BASIS if not public-domain (see \`talkinghead avatar create --help\`)" >&2
-    exit 2
+    if [ "${BASIS:-}" = personal ]; then
+        if [ -z "${SUBJECT:-}" ] || [ -z "${STATEMENT_VERSION:-}" ] || [ -z "${DOCUMENT:-}" ]; then
+            echo "demo: BASIS=personal: set SUBJECT (whose face it is), STATEMENT_VERSION (the consent" \
+                "statement's version) and DOCUMENT (the signed statement's file)" >&2
+            exit 2
+        fi
+    elif [ -z "${SUBJECT:-}" ] || [ -z "${SOURCE:-}" ]; then
+        echo "demo: PORTRAIT=$PORTRAIT is not the bundled portrait: set SUBJECT (whose face it is) and SOURCE" \
+            "(where it comes from), and BASIS if not public-domain; for your own face BASIS=personal with" \
+            "STATEMENT_VERSION and DOCUMENT (see \`talkinghead avatar create --help\`)" >&2
+        exit 2
+    fi
 fi
 th() { "$py" -m talkinghead.cli "$@"; }  # this checkout's code, whatever the venv's editable install
 mkdir -p "$OUT"
@@ -51,11 +60,17 @@ if ! "$py" -c "from client import Client; Client(target='$TALKINGHEAD_SERVER').w
 fi
 echo "demo: service ready on $TALKINGHEAD_SERVER (metrics http://127.0.0.1:$metrics_port/metrics, log $OUT/serve.log)"
 # The consent record of the bundled portrait (a public-domain NASA photograph); a PORTRAIT of your
-# own needs SUBJECT and SOURCE (checked above), and BASIS and COLLECTED_BY where they differ.
+# own needs SUBJECT and SOURCE, or with BASIS=personal STATEMENT_VERSION and DOCUMENT (checked
+# above), and COLLECTED_BY where it differs.
 : "${SUBJECT:=Eileen Collins, NASA astronaut portrait}" "${BASIS:=public-domain}"
-: "${SOURCE:=NASA photograph via scikit-image data.astronaut(); work of the US federal government}"
 : "${COLLECTED_BY:=talkinghead demo}"
-th avatar create "$AVATAR" "$PORTRAIT" --replace --subject "$SUBJECT" --basis "$BASIS" --source "$SOURCE" \
+if [ "$BASIS" = personal ]; then
+    ground=(--statement-version "$STATEMENT_VERSION" --document "$DOCUMENT")
+else
+    : "${SOURCE:=NASA photograph via scikit-image data.astronaut(); work of the US federal government}"
+    ground=(--source "$SOURCE")
+fi
+th avatar create "$AVATAR" "$PORTRAIT" --replace --subject "$SUBJECT" --basis "$BASIS" "${ground[@]}" \
     --collected-by "$COLLECTED_BY"
 th avatar personalise "$AVATAR" ${STEPS:+--steps "$STEPS"} --wait
 th animate --avatar "$AVATAR" --driver "$DRIVER" --relative --paste-back --out "$OUT/demo.mp4" \

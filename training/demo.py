@@ -7,8 +7,8 @@ contact sheet and the personalised checkpoint.
 
 example:
   python -m training.demo --portrait facekit/assets/demo_portrait.png \\
-      --driver facekit/assets/demo_driver.npz --out out/demo
-  make demo PORTRAIT=me.jpg DRIVER=talking.mp4     # a video or a landmark file drives it
+      --driver facekit/assets/demo_driver.npz --out out/demo-direct
+  make demo-direct PORTRAIT=me.jpg DRIVER=talking.mp4     # a video or a landmark file drives it
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--driver", type=Path, required=True, help="landmark file (.npz/.npy) or video")
     parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
     parser.add_argument("--max-frames", type=int, default=0, help="drive at most this many frames")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"))
+    parser.add_argument("--out", type=Path, default=Path("out/demo-direct"))
 
 
 def load_driver(path: Path, max_frames: int) -> LandmarkSequence:

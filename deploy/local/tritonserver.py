@@ -4,7 +4,7 @@
     python -m deploy.local.tritonserver stop                                  # nothing left running
 
 The wheel's tritonserver 2.51 has only the python backend, so the repository must be exported
-with the `python` profile. Two pitfalls the launcher handles (DESIGN.md): the backend files are
+with the `python` profile. Two pitfalls the launcher handles (../shared/DESIGN.md): the backend files are
 copied into a backend directory of our own, and the python stub must find *this* interpreter's
 libpython and the wheel's bundled libraries (PATH and LD_LIBRARY_PATH below). Stdlib only (the
 local stack's `down` runs without the project's venv), besides facekit.procstat (stdlib only too);
