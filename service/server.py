@@ -96,31 +96,34 @@ class BindError(OSError):
 
 
 def check_port_free(what: str, host: str, port: int) -> None:
-    """BindError now when another process listens on `port`: before the server makes its key file
-    and state folders or loads a model, which it did and then stopped at its bind. The bind itself
-    decides in the end (a port taken between the two fails there, as before); a name that does
-    not resolve is left to it too. SO_REUSEADDR as both binds use it: a port left in TIME_WAIT by
-    a server just stopped is free."""
+    """BindError now when no address `host` names can listen on `port` (another process listens
+    there, or the address is not this machine's): before the server makes its key file and state
+    folders or loads a model, which it did and then stopped at its bind. As gRPC's bind, one
+    address of several is enough ("localhost" is 127.0.0.1 and ::1, and a host without IPv6 binds
+    the first alone). The bind itself decides in the end (a port taken between the two fails
+    there, as before); a name that does not resolve, or another error, is left to it too.
+    SO_REUSEADDR as both binds use it: a port left in TIME_WAIT by a server just stopped is free."""
     if port == 0:
         return
     try:
         found = socket.getaddrinfo(bare(host) or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError:
         return
+    failures = set()
     for family, kind, proto, _, address in found:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind(address)
             except OSError as error:
-                if error.errno == errno.EADDRINUSE:
-                    raise BindError(
-                        f"cannot bind {what} to {host_port(host, port)}: the port is in use"
-                    ) from None
-                if error.errno == errno.EADDRNOTAVAIL:
-                    raise BindError(
-                        f"cannot bind {what} to {host_port(host, port)}: the address is not this machine's"
-                    ) from None
+                failures.add(error.errno)
+                continue
+        return  # one address can listen
+    where = host_port(host, port)
+    if errno.EADDRINUSE in failures:
+        raise BindError(f"cannot bind {what} to {where}: the port is in use")
+    if failures == {errno.EADDRNOTAVAIL}:
+        raise BindError(f"cannot bind {what} to {where}: the address is not this machine's")
 
 
 def _stat(path: Path | None) -> tuple[int, int, int, int] | None:

@@ -497,6 +497,26 @@ def test_a_server_on_a_port_in_use_says_so_and_exits(
     assert sorted(path.name for path in tmp_path.iterdir()) == []
 
 
+def test_the_early_port_check_refuses_only_what_the_bind_would() -> None:
+    """The check before the server makes anything: a port another socket listens on, an address
+    not this machine's; a free port, port 0 and a name that does not resolve pass (the bind decides)."""
+    import socket
+
+    from service.server import BindError, check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(BindError, match=f"cannot bind gRPC to 127.0.0.1:{port}: the port is in use"):
+            check_port_free("gRPC", "127.0.0.1", port)
+    check_port_free("gRPC", "127.0.0.1", port)  # closed: free again, TIME_WAIT or not
+    check_port_free("gRPC", "127.0.0.1", 0)
+    check_port_free("gRPC", "no-such-host.invalid", 50051)
+    with pytest.raises(BindError, match="the address is not this machine's"):
+        check_port_free("metrics", "192.0.2.1", 50051)  # TEST-NET-1: nobody's
+
+
 def test_sigterm_shuts_down_gracefully(model_repository: Path, tmp_path: Path) -> None:
     import os
     import signal
