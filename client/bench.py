@@ -110,6 +110,20 @@ def _above_zero(text: str) -> float:
     return float(value)
 
 
+def _triton_venv(text: str) -> Path:
+    """An argparse type: a venv with the bundled Triton in it (a missing one cost a traceback after
+    every other figure had been timed)."""
+    from deploy.local import tritonserver
+
+    try:
+        tritonserver.server_root(Path(text))
+    except FileNotFoundError:
+        raise argparse.ArgumentTypeError(
+            f"no bundled Triton in {text} (make triton-venv makes .venv-triton)"
+        ) from None
+    return Path(text)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-repository", type=Path, default=Path("model_repository"), help="default %(default)s"
@@ -171,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--triton-venv",
-        type=Path,
+        type=_triton_venv,
         metavar="VENV",
         help="also measure the serving ceiling through the triton backend and the Triton bundled in "
         "this venv (make triton-venv: .venv-triton)",

@@ -37,7 +37,7 @@ BASELINE ?= out/baseline_repository
 BASELINE_REV ?= abab4d4
 BASELINE_TREE := out/.baseline-tree
 
-bench: $(STAMP) model-repository $(if $(BASELINE),$(BASELINE)/generator/config.pbtxt)
+bench: $(STAMP) $(TRITON_STAMP) model-repository $(if $(BASELINE),$(BASELINE)/generator/config.pbtxt)
 	$(VENV)/bin/talkinghead bench --out $(BENCH_OUT) --overwrite $(if $(BASELINE),--baseline $(BASELINE)) --triton-venv $(TRITON_VENV)
 
 baseline-repository: $(BASELINE)/generator/config.pbtxt

@@ -286,13 +286,18 @@ def test_instant_generator_passes_its_warped_input_through(model_repository: Pat
         (["--streams", "4", "-1"], "--streams: must be at least 1, got -1"),
         (["--offline-window", "0"], "--offline-window: must be at least 1, got 0"),
         (["--rounds", "two"], "--rounds: expected an integer, got 'two'"),
+        (
+            ["--triton-venv", "/nonexistent"],
+            "--triton-venv: no bundled Triton in /nonexistent (make triton-venv",
+        ),
     ],
 )
 def test_bench_refuses_figures_it_cannot_run_with_and_says_which(
     flags: list[str], message: str, capsys: pytest.CaptureFixture
 ) -> None:
     """`talkinghead bench --closed-loop-frames 0` ran every raw window first and then died of a
-    division by zero in the closed loop; a bad figure is now refused before anything runs."""
+    division by zero in the closed loop (a --triton-venv without Triton, of a traceback at the
+    Triton rows); a bad figure is now refused before anything runs."""
     parser = argparse.ArgumentParser(prog="talkinghead bench")
     bench.add_arguments(parser)
     with pytest.raises(SystemExit) as exited:
