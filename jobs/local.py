@@ -29,6 +29,7 @@ from jobs.queue import AvatarBusy, Lost, QueueFull, StoreFull
 from jobs.record import (
     CANCELLED,
     CODE_CANCELLED,
+    FAILED,
     ID,
     PERSONALISE,
     QUEUED,
@@ -127,6 +128,29 @@ class LocalQueue:
             write_atomic(self._path(job.id, ".input.npz"), data)
             self._write(job)
         return job
+
+    def fail_queued(self, *, kind: str, code: int, error: str) -> list[Job]:
+        """End every queued job of `kind` FAILED with `error`: the server that owns this queue
+        knows no worker will run them (its embedded worker gave up, or cannot start). Before, a
+        client waiting on one waited for ever. A job a worker holds, or left running, is not
+        touched (a worker that died may have published its generator: the next takes it back)."""
+        ended = []
+        with self._queue_lock():
+            for job in self._jobs():
+                if job.kind != kind or job.state != QUEUED:
+                    continue
+                lock = try_lock(self._path(job.id, ".lock"))
+                if lock is None:
+                    continue
+                with lock:
+                    current = self.get(job.id)
+                    if current is None or current.state != QUEUED:
+                        continue
+                    self._write(current.ended(FAILED, code=code, error=error))
+                    self._path(job.id, ".input.npz").unlink(missing_ok=True)
+                self._path(job.id, ".lock").unlink(missing_ok=True)
+                ended.append(current)
+        return ended
 
     def get(self, job_id: str) -> Job | None:
         try:

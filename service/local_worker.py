@@ -3,8 +3,10 @@
 The worker is training code (PyTorch) and so never runs inside this process: the service starts
 it as a separate process on the same job directory and model repository, restarts it when it
 exits (1, 2, 4 ... 30 s apart), and stops it with the service. A worker that cannot even start
-(no PyTorch in this image) gives up after a few quick failures; personalisation is then refused
-with FAILED_PRECONDITION and the reason. The child also stops when its parent is gone
+(no PyTorch in this image, a checkpoint it cannot read) gives up after a few quick failures;
+personalisation is then refused with FAILED_PRECONDITION and the reason, and the operations
+already queued end FAILED with it (server.py `_no_worker`). A checkpoint that is not there at all
+is known at start: no worker is started. The child also stops when its parent is gone
 (`--parent-pid`: a service killed with SIGKILL leaves no worker behind once its job ends).
 """
 

@@ -31,7 +31,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from api.talkinghead.v1 import animation_pb2, avatar_pb2, personalisation_pb2
 from facekit.watermark import KEY_ENV, Watermarker, require_key
 from jobs.queue import JobQueue
-from jobs.record import SUCCEEDED
+from jobs.record import CODE_FAILED_PRECONDITION, PERSONALISE, SUCCEEDED
 from service import wire
 from service.access_log import AccessLog
 from service.app import App
@@ -460,10 +460,33 @@ class Server:
             source = FileEvents(root=s.jobs, on_event=app.on_event, on_reset=app.on_events_lost)
         self._events = asyncio.create_task(source.run(), name="avatar-events")
         if s.embedded_worker:
-            self.worker = LocalWorker(
-                settings=s, on_give_up=lambda why: setattr(app.personaliser, "disabled", why)
-            )
+            if not s.worker_checkpoint.is_file():  # (`serve` run outside the checkout, a typo)
+                path = s.worker_checkpoint
+                why = f"the worker's checkpoint {path} is not there (TALKINGHEAD_WORKER_CHECKPOINT)"
+                log.warning("personalisation is off: %s", why)
+                self._no_worker(why)
+                return
+            self.worker = LocalWorker(settings=s, on_give_up=self._no_worker)
             self.worker.start()
+
+    def _no_worker(self, why: str) -> None:
+        """No worker will run personalisations here: refuse new ones and end those queued (their
+        clients waited for ever: the embedded worker, crashing at its start, had given up)."""
+        from jobs.local import LocalQueue
+
+        personaliser = self.app.personaliser
+        personaliser.disabled = why
+        if not isinstance(personaliser.queue, LocalQueue):
+            return
+        try:
+            ended = personaliser.queue.fail_queued(
+                kind=PERSONALISE, code=CODE_FAILED_PRECONDITION, error=f"no worker can run it: {why}"
+            )
+        except OSError as error:
+            log.warning("cannot end the queued personalisations: %s", error)
+            return
+        if ended:
+            log.warning("%d queued personalisation(s) failed: no worker can run them", len(ended))
 
     async def _set_health(self, backend: bool, storage: bool = True) -> None:
         """Health: the overall "" entry follows the backend (and the drain); each talkinghead

@@ -679,3 +679,50 @@ def test_the_time_left_counts_the_export_down_once_it_began(tmp_path: Path) -> N
     dead.close()  # the worker died while exporting
     taken = LocalQueue(root=tmp_path).claim("w2", wait_s=1)
     assert taken is not None and taken.attempt == 2 and taken.export_time == 0.0, "it starts over"
+
+
+def test_a_server_whose_worker_cannot_run_says_why_and_ends_what_was_queued(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """`serve` run outside the checkout (the worker checkpoint's default is a relative path): its
+    embedded worker exited three times with a traceback and was given up, while the operation
+    PersonaliseAvatar had accepted stayed QUEUED - a client waiting on it waited for ever. A worker
+    that cannot start now ends what is queued FAILED (FAILED_PRECONDITION, with why); a checkpoint
+    that is not there is known at start, without starting a worker."""
+    repository = copy_base_models(model_repository, tmp_path / "repo")
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    running = ServerThread(
+        settings=test_settings(repository, tmp_path / "store", worker="embedded", worker_checkpoint=broken)
+    )
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("waiting", [PORTRAIT], consent=CONSENT)
+            done = c.personalise("waiting", steps=2, wait=True, timeout=120)  # returned: the wait ended
+            assert operation_error(done).startswith(
+                "FAILED_PRECONDITION: no worker can run it: the embedded worker exited (code 1) 3 times"
+            ), operation_error(done)
+            with pytest.raises(grpc.RpcError) as refused:
+                c.personalise("waiting", steps=2)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    finally:
+        running.stop()
+
+    missing = tmp_path / "elsewhere" / "talkinghead-small.pt"
+    running = ServerThread(
+        settings=test_settings(repository, tmp_path / "store", worker="embedded", worker_checkpoint=missing)
+    )
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            with pytest.raises(grpc.RpcError) as refused:
+                c.personalise("waiting", steps=2)
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert refused.value.details() == (
+                "personalisation is not available on this server: the worker's checkpoint "
+                f"{missing} is not there (TALKINGHEAD_WORKER_CHECKPOINT)"
+            )
+        assert running.server.worker is None
+    finally:
+        running.stop()

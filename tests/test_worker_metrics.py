@@ -192,6 +192,29 @@ def test_an_avatar_store_that_is_not_there_ends_the_worker_before_it_makes_its_q
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
 
 
+def test_a_checkpoint_that_is_not_there_ends_the_worker_in_one_line(tmp_path: Path) -> None:
+    """A worker run from another folder than the checkout (--checkpoint's default is relative)
+    loaded PyTorch and the queue, then died in a traceback."""
+    missing = tmp_path / "talkinghead-small.pt"
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "talkinghead.cli",
+        "worker",
+        "--jobs",
+        str(tmp_path / "jobs"),
+    ]
+    cmd += ["--checkpoint", str(missing)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == [f"talkinghead worker: --checkpoint {missing}: no such file (the model it fine-tunes)"]
+    assert not any(line.split("|")[-1].strip() == "torch" for line in done.stderr.splitlines())
+    assert not (tmp_path / "jobs").exists()
+
+
 def test_a_job_that_ended_without_succeeding_has_its_time_up_to_where_it_stopped() -> None:
     """Stages of a personalisation cancelled while fine-tuning, one failed while exporting and one
     ended with a generator an earlier attempt published (no fine-tuning): each stage up to the

@@ -221,6 +221,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
     avatars = make_avatars(args)  # a wrong --avatars: before PyTorch, the checkpoint or the queue
+    if not args.checkpoint.is_file():  # (it was a traceback, three times, from the embedded worker)
+        raise SystemExit(
+            f"talkinghead worker: --checkpoint {args.checkpoint}: no such file (the model it fine-tunes)"
+        )
     import torch
 
     from export import repository
