@@ -116,8 +116,10 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
         raise invalid("config.crop_to_face is only used with motion = MOTION_MODE_ABSOLUTE")
     if config.HasField("smoothing"):
         cutoff, beta = config.smoothing.min_cutoff_hz, config.smoothing.beta
-        if not (cutoff == 0 or 0.01 <= cutoff <= 30):
-            raise invalid(f"config.smoothing.min_cutoff_hz must be 0.01-30 (0 = default 1.0), got {cutoff}")
+        # a float field: the 0.01 a client sends arrives as float32(0.01), just below the double
+        if not (cutoff == 0 or np.float32(0.01) <= cutoff <= 30):
+            got = str(np.float32(cutoff))  # as sent: 0.0099, not 0.00989999994635582
+            raise invalid(f"config.smoothing.min_cutoff_hz must be 0.01-30 (0 = default 1.0), got {got}")
         if config.smoothing.HasField("beta") and not 0 <= beta <= 100:
             raise invalid(f"config.smoothing.beta must be 0-100, got {beta}")
     return StreamSetup(

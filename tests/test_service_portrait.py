@@ -61,6 +61,17 @@ def test_smoothing_is_a_checked_stream_option(client: Client, avatar: str, drive
         list(client.animation.Animate(iter([pb.AnimateRequest(config=config)])))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "min_cutoff_hz" in (raised.value.details() or "")
+    # the documented bounds are taken as a client sends them: 0.01 arrives as float32(0.01), just
+    # below the double 0.01, and was refused ("got 0.009999999776482582")
+    for cutoff in (0.01, 30.0):
+        assert len(list(client.animate(avatar, landmark_requests(seq), smoothing=cutoff))) == 4, cutoff
+    config.smoothing.min_cutoff_hz = 0.0099
+    with pytest.raises(grpc.RpcError) as raised:
+        list(client.animation.Animate(iter([pb.AnimateRequest(config=config)])))
+    assert (
+        raised.value.details()
+        == "config.smoothing.min_cutoff_hz must be 0.01-30 (0 = default 1.0), got 0.0099"
+    )
 
 
 @pytest.fixture(scope="module")
