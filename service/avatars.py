@@ -54,7 +54,8 @@ class PreparedImage:
 
 
 def max_crop_side(width: int, height: int, size: int) -> int:
-    """The largest face crop a (width, height) photo may need: twice the photo (by area), or 4 S.
+    """The largest face crop a (width, height) photo may need: twice its side (the geometric mean of
+    width and height: 4 times its area), or 4 S.
 
     A crop is cut at full resolution before it is resized to S, so its cost is its side squared;
     landmarks found in a photo, or lying within it, never need more."""

@@ -47,12 +47,15 @@ class AnimationServiceServicer:
     def Animate(self, request_iterator, context):
         """The first request must carry `config` (else FAILED_PRECONDITION); every later one a
         `landmarks` frame, a `driving_frame` or a `keepalive`. The first response is `started`, then
-        one `frame` per driving frame that was not dropped, in the order the frames were sent.
+        one `frame` per driving frame that was not dropped, in the order the frames were sent. When
+        the client closes its side, the frames still owed are sent and the stream ends OK (a stream
+        closed before any request ends OK with no response).
         Errors end the stream: INVALID_ARGUMENT (malformed or non-finite landmarks, wrong point
         count, bad frame size, undecodable or oversized driving image, bad config values),
         NOT_FOUND (unknown avatar), FAILED_PRECONDITION (frame before config, second config, avatar
         made by another model, no face in the first driving image), RESOURCE_EXHAUSTED (too many
-        streams), UNAVAILABLE (model backend down or too slow, or the personalised generator the
+        streams, no live capacity left for `expected_fps`, a tenant quota - with a `retry-after`
+        trailer where waiting helps -, or a message over --max-image-bytes + 64 KiB), UNAVAILABLE (model backend down or too slow, or the personalised generator the
         stream opened on withdrawn; retry later), DEADLINE_EXCEEDED (no frame or keepalive for the
         server's idle timeout, 30 s by default, while no reply was owed; or no reply taken for that
         long: the stream's slot is given to others). The avatar deleted while the stream runs:

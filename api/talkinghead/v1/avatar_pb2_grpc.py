@@ -66,19 +66,22 @@ class AvatarServiceServicer:
     """
 
     def CreateAvatar(self, request, context):
-        """Detects the face in every image, crops it as the model was trained, runs the embedder once
-        and stores the mean embedding and the generator's AdaIN parameters (psi).
+        """Detects the face in every image, crops it as the model was trained, runs the embedder (in
+        batches of the server's --max-batch) and stores the mean embedding and the generator's AdaIN
+        parameters (psi).
         Errors: INVALID_ARGUMENT (bad id, no/too many images, undecodable, oversized or unsupported
-        image, malformed landmarks, no face found; the message names the image index),
-        ALREADY_EXISTS (id taken and replace = false), UNAVAILABLE (model not loaded, or the server's
-        storage unreachable or full; retry later).
+        image, the request's images over 100 megapixels in all, malformed landmarks, no face found;
+        the message names the image index), ALREADY_EXISTS (id taken and replace = false),
+        RESOURCE_EXHAUSTED (too many creates in flight on the server or for the tenant, the tenant's
+        avatar or create-rate quota - a `retry-after` trailer says when -, or a request over 64 MiB),
+        UNAVAILABLE (model not loaded, or the server's storage unreachable or full; retry later).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAvatar(self, request, context):
-        """NOT_FOUND when no avatar has that id.
+        """NOT_FOUND when no avatar has that id; INVALID_ARGUMENT when the id is malformed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -92,7 +95,8 @@ class AvatarServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAvatar(self, request, context):
-        """Removes the avatar's stored files and cached parameters. NOT_FOUND when no avatar has that id.
+        """Removes the avatar's stored files and cached parameters. NOT_FOUND when no avatar has that id;
+        INVALID_ARGUMENT when the id is malformed.
         Streams animating it end with NOT_FOUND (on every replica; a replace ends them ABORTED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

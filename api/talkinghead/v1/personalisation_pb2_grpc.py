@@ -88,7 +88,8 @@ class PersonalisationServiceServicer:
         avatar), ALREADY_EXISTS (the avatar has a queued or running personalisation: the message names
         that operation), FAILED_PRECONDITION (avatar made by another model or without its photos,
         personalisation not enabled on this server), RESOURCE_EXHAUSTED (the queue is full, or the
-        tenant has its max_personalisations queued or running; retry later), UNAVAILABLE (the queue's store is unreachable), ABORTED (the avatar was replaced as the
+        tenant has its max_personalisations queued or running; retry later), UNAVAILABLE (the
+        queue's store is unreachable), ABORTED (the avatar was replaced as the
         operation started; the operation is cancelled: start it again). An avatar deleted as it started
         is NOT_FOUND, its operation cancelled.
         """
@@ -97,7 +98,8 @@ class PersonalisationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetOperation(self, request, context):
-        """NOT_FOUND when no operation has that name.
+        """NOT_FOUND when no operation has that name; INVALID_ARGUMENT when the name is not
+        "operations/" + 16 hex digits (the same for Watch and Cancel).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
