@@ -65,7 +65,15 @@ def run_module(module_name: str, argv: list[str], *, prog: str) -> int:
     command that turns SIGTERM into an exception: 143); a reader that went away (`| head -1`)
     ends it quietly with 141 (128 + SIGPIPE)."""
     try:
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as missing:  # the service image has no training, export or torch
+            print(
+                f"{prog}: not available here: it needs {missing.name}, which this installation lacks "
+                "(the service image carries the server and the client commands only)",
+                file=sys.stderr,
+            )
+            return 2
         parser = argparse.ArgumentParser(
             prog=prog, description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
         )

@@ -1597,6 +1597,133 @@ def test_service_image_runs_talkinghead_serve_without_torch() -> None:
     assert done.returncode == 0, done.stderr
 
 
+# Run in a child: only the image's own folders and the distributions its requirements install
+# may be imported (stdlib aside); anything else is ModuleNotFoundError, as in the image.
+IMAGE_GATE = """
+import importlib, importlib.abc, importlib.metadata as md, json, re, sys
+allowed, folders, modules = json.loads(sys.argv[1])
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+allowed = {norm(name) for name in allowed}
+owners = md.packages_distributions()
+class Gate(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        top = name.split(".")[0]
+        if top in sys.stdlib_module_names or top in folders or top.startswith("_"):
+            return None
+        dists = owners.get(top)
+        if dists and not any(norm(d) in allowed for d in dists):
+            raise ModuleNotFoundError(f"No module named {name!r} (from {dists}: not in the image)", name=name)
+        return None
+sys.meta_path.insert(0, Gate())
+for module in modules:
+    importlib.import_module(module)
+"""
+
+
+def image_folders(dockerfile: Path) -> list[str]:
+    return [s.rstrip("/") for s in copied_sources(dockerfile) if (ROOT / s).is_dir()]
+
+
+def test_the_service_images_commands_import_with_only_what_the_image_installs() -> None:
+    """The image's `talkinghead serve` died at import: facekit/warp.py needs scipy, which
+    serve-requirements.txt did not list (the dev venv, where the tests ran, has everything)."""
+    from talkinghead.cli import COMMANDS
+
+    folders = image_folders(DOCKER / "service.Dockerfile")
+    commands = {name: module for name, (module, _) in COMMANDS.items() if module.split(".")[0] in folders}
+    assert {"serve", "avatar", "animate", "operation", "verify", "keys", "audit"} <= set(commands)
+    commands.pop("bench")  # its serving ceiling needs onnx, its personalisation row a worker: not in the pod
+    allowed = list(pins(DOCKER / "serve-requirements.txt"))
+    argument = json.dumps([allowed, folders, sorted(commands.values())])
+    done = subprocess.run(
+        [sys.executable, "-c", IMAGE_GATE, argument], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    # and the healthcheck the image runs
+    health = json.dumps([allowed, [*folders, "healthcheck"], ["healthcheck"]])
+    done = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(DOCKER)!r})\n{IMAGE_GATE}", health],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_command_the_image_does_not_carry_says_so_in_one_line() -> None:
+    """`talkinghead worker` in the service image was a ModuleNotFoundError traceback."""
+    folders = image_folders(DOCKER / "service.Dockerfile")
+    allowed = list(pins(DOCKER / "serve-requirements.txt"))
+    code = IMAGE_GATE.replace("for module in modules:", "for module in []:") + (
+        "from talkinghead.cli import main; raise SystemExit(main(['worker', '--help']))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([allowed, folders, []])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert done.stderr.startswith("talkinghead worker: not available here: it needs "), done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_the_service_image_points_every_path_it_writes_at_its_volume() -> None:
+    """Its audit log defaulted to var/audit.jsonl under /app, which the service user cannot write:
+    a container without Redis died at start (PermissionError). Every setting whose default is a
+    relative path is set by the image to an absolute one."""
+    from service.settings import _ENV_FIELDS, PREFIX, Settings
+
+    env = dict(
+        part.split("=", 1)
+        for op, rest in dockerfile_instructions(DOCKER / "service.Dockerfile")
+        if op == "ENV"
+        for part in rest.split()
+    )
+    default = Settings()
+    relative = [
+        PREFIX + name.upper()
+        for name in _ENV_FIELDS
+        if isinstance(getattr(default, name), Path) and not getattr(default, name).is_absolute()
+    ]
+    assert "TALKINGHEAD_AUDIT_LOG" in relative and "TALKINGHEAD_JOBS" in relative
+    relative.remove("TALKINGHEAD_WORKER_CHECKPOINT")  # no worker in this image (TALKINGHEAD_WORKER=none)
+    assert env["TALKINGHEAD_WORKER"] == "none"
+    unset = [v for v in relative if not env.get(v, "").startswith("/")]
+    assert unset == [], f"the image leaves these relative to /app, which is not writable: {unset}"
+    writable = "/var/lib/talkinghead/avatars"  # the volume, owned by the service user
+    assert all(env[v].startswith(writable) for v in relative if v != "TALKINGHEAD_MODEL_REPOSITORY")
+
+
+@pytest.mark.parametrize("image", ["service", "worker"])
+def test_every_package_an_image_installs_has_what_it_requires(image: str) -> None:
+    """pip check, ahead of the build: the images install without resolution (--no-deps), so a
+    package whose requirement was left out installs and breaks at run time. The worker image took
+    the lock minus development tools, and kept pytest-xdist without pytest and hypothesis's and
+    kubernetes-validate's own dependencies."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    if image == "service":
+        kept = {norm(n) for n in pins(DOCKER / "serve-requirements.txt")}
+    else:
+        text = (DOCKER / "worker.Dockerfile").read_text()
+        excluded = {norm(n) for n in re.search(r'ARG DEVELOPMENT_ONLY="([^"]+)"', text).group(1).split("|")}
+        kept = {norm(n) for n in pins(ROOT / "requirements/lock.txt")} - excluded
+        kept |= {"torch"}  # installed from PyPI with its own dependencies
+    broken = []
+    for name in sorted(kept - {"torch"}):
+        for line in md.requires(name) or []:
+            requirement = Requirement(line)
+            if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+                continue
+            if norm(requirement.name) not in kept:
+                broken.append(f"{name} needs {requirement}")
+    assert broken == []
+
+
 def test_engine_builder_module_takes_the_charts_arguments() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "export.to_tensorrt", "--help"], cwd=ROOT, capture_output=True, text=True

@@ -3,8 +3,11 @@
 # read-only-root friendly (writes only to /tmp and the avatar store), health-checked over gRPC.
 #
 #   docker build -f deploy/docker/service.Dockerfile -t registry.example.com/talkinghead/service:0.1.0 .
-#   docker run --rm -p 50051:50051 -p 8080:8080 -v "$PWD/models/repository:/models:ro" \
-#       -e TALKINGHEAD_BACKEND=onnxruntime registry.example.com/talkinghead/service:0.1.0
+#   docker run --rm -p 127.0.0.1:50051:50051 -p 127.0.0.1:8080:8080 -v "$PWD/model_repository:/models:ro" \
+#       -e TALKINGHEAD_BACKEND=onnxruntime -e TALKINGHEAD_ALLOW_UNAUTHENTICATED=1 \
+#       registry.example.com/talkinghead/service:0.1.0
+# (it listens on 0.0.0.0 inside the container, so it refuses to start without authentication:
+# here the ports are published on the host's loopback only; see deploy/README.md for keys and TLS)
 #
 # Build from the repository root (the context); .dockerignore keeps data, runs and .venv out.
 
@@ -43,7 +46,8 @@ WORKDIR /app
 # Only what serving imports: the shared landmark toolkit, the server, the job records it shares with
 # the worker (jobs/; the worker itself is deploy/docker/worker.Dockerfile), its protocol (the .proto
 # sources and the generated api/ stubs), the CLI, and the client commands (`talkinghead avatar`,
-# `animate`, `bench` inside the pod; torch-free like the server).
+# `animate`, `operation`, `verify` inside the pod; torch-free like the server; not `bench`, whose
+# serving ceiling needs onnx and whose personalisation row a worker).
 COPY pyproject.toml ./
 COPY facekit/ ./facekit/
 COPY talkinghead/ ./talkinghead/
@@ -69,6 +73,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     TALKINGHEAD_AVATAR_STORE=/var/lib/talkinghead/avatars \
     TALKINGHEAD_JOBS=/var/lib/talkinghead/avatars/.jobs \
     TALKINGHEAD_WATERMARK_KEY_FILE=/var/lib/talkinghead/avatars/.watermark.key \
+    TALKINGHEAD_AUDIT_LOG=/var/lib/talkinghead/avatars/audit.jsonl \
+    HOME=/tmp \
     TALKINGHEAD_WORKER=none \
     TALKINGHEAD_MODEL_REPOSITORY=/models
 

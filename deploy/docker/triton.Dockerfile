@@ -5,7 +5,7 @@
 # on the GPU node itself, because TensorRT plans are specific to the GPU and TensorRT version.
 #
 #   docker build -f deploy/docker/triton.Dockerfile -t registry.example.com/talkinghead/triton:0.1.0 .
-#   docker run --rm --gpus all -p 8000-8002:8000-8002 -v "$PWD/models/repository:/models:ro" \
+#   docker run --rm --gpus all -p 8000-8002:8000-8002 -v "$PWD/model_repository:/models:ro" \
 #       registry.example.com/talkinghead/triton:0.1.0 tritonserver --model-repository=/models
 #
 # Building needs the NGC registry (nvcr.io) and NVIDIA's Python index (pypi.nvidia.com, where the

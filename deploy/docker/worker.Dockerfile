@@ -7,6 +7,8 @@
 #   docker run --rm --gpus all -v "$PWD/model_repository:/models" \
 #       -e TALKINGHEAD_REDIS_URL=redis://redis:6379/0 registry.example.com/talkinghead/worker:0.1.0 \
 #       worker --repository /models --triton-url triton:8001
+# (it runs as user 10001: the mounted repository must be writable by it, e.g. group 10001 with
+# g+ws as deploy/README.md section 3 sets the claim up, or add --user with your own uid)
 #
 # Build from the repository root (the context); .dockerignore keeps data, runs and .venv out.
 
@@ -19,12 +21,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
 COPY requirements/lock.txt /tmp/lock.txt
+# The lock's development tools and what only they need (tests/test_helm.py checks that every
+# package left is needed by nothing here or by something kept).
+ARG DEVELOPMENT_ONLY="torch|ruff|mypy|mypy_extensions|pytest|pytest-xdist|execnet|pluggy|iniconfig|pathspec|librt|ast_serialize|hypothesis|sortedcontainers|kubernetes-validate|jsonschema|jsonschema-specifications|referencing|rpds-py|attrs|importlib_resources|grpcio-tools|face_alignment"
 # PyPI's Linux torch wheel of the lock's version is the CUDA 12 build: installed with its
 # dependencies (the nvidia-* libraries). The lock pins the CPU build (2.13.0+cpu, a local version
 # PyPI does not carry): the public part is asked for. The rest without resolution, minus
 # development tools.
 RUN /opt/venv/bin/pip install "torch==$(sed -n 's/^torch==\([^+]*\).*/\1/p' /tmp/lock.txt)" \
-    && grep -v -E '^(torch|ruff|mypy|mypy_extensions|pytest|pluggy|iniconfig|pathspec|librt|ast_serialize|kubernetes-validate|grpcio-tools|face_alignment)==' \
+    && grep -v -E "^($DEVELOPMENT_ONLY)==" \
         /tmp/lock.txt > /tmp/worker-lock.txt \
     && /opt/venv/bin/pip install --no-deps --only-binary=:all: --no-binary=face-recognition-models \
         -r /tmp/worker-lock.txt
