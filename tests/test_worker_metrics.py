@@ -162,11 +162,9 @@ def test_a_metrics_port_already_taken_ends_the_worker_with_status_2_naming_it(tm
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
 
 
-def test_an_avatar_store_that_is_not_there_ends_the_worker_before_it_makes_its_queue(
-    tmp_path: Path,
-) -> None:
-    """A mistyped --avatars is one line and status 1, before PyTorch is imported and before the
-    job directory is made (it made var/jobs, then refused)."""
+def worker_refusal(tmp_path: Path, *args: str) -> tuple[int, list[str], set[str]]:
+    """`talkinghead worker --jobs <tmp>/jobs ARGS` under -X importtime: (status, its stderr lines
+    but the import times, the modules it imported)."""
     cmd = [
         sys.executable,
         "-X",
@@ -177,17 +175,25 @@ def test_an_avatar_store_that_is_not_there_ends_the_worker_before_it_makes_its_q
         "--jobs",
         str(tmp_path / "jobs"),
     ]
-    cmd += ["--avatars", str(tmp_path / "avatarz"), "--checkpoint", str(CHECKPOINT)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
-    assert done.returncode == 1, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    done = subprocess.run([*cmd, *args], cwd=REPO, capture_output=True, text=True, timeout=START_S)
+    lines = done.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    return done.returncode, [line for line in lines if not line.startswith("import time:")], imported
+
+
+def test_an_avatar_store_that_is_not_there_ends_the_worker_before_it_makes_its_queue(
+    tmp_path: Path,
+) -> None:
+    """A mistyped --avatars is one line and status 1, before PyTorch is imported and before the
+    job directory is made (it made var/jobs, then refused)."""
     missing = tmp_path / "avatarz"
+    status, errors, imported = worker_refusal(
+        tmp_path, "--avatars", str(missing), "--checkpoint", str(CHECKPOINT)
+    )
+    assert status == 1, errors
     assert errors == [
         f"talkinghead worker: --avatars {missing}: no such directory (the service's avatar store)"
     ]
-    imported = {
-        line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")
-    }
     assert "torch" not in imported
     assert not (tmp_path / "jobs").exists(), "it stopped before it opened the queue"
 
@@ -196,22 +202,10 @@ def test_a_checkpoint_that_is_not_there_ends_the_worker_in_one_line(tmp_path: Pa
     """A worker run from another folder than the checkout (--checkpoint's default is relative)
     loaded PyTorch and the queue, then died in a traceback."""
     missing = tmp_path / "talkinghead-small.pt"
-    cmd = [
-        sys.executable,
-        "-X",
-        "importtime",
-        "-m",
-        "talkinghead.cli",
-        "worker",
-        "--jobs",
-        str(tmp_path / "jobs"),
-    ]
-    cmd += ["--checkpoint", str(missing)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=START_S)
-    assert done.returncode == 1, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    status, errors, imported = worker_refusal(tmp_path, "--checkpoint", str(missing))
+    assert status == 1, errors
     assert errors == [f"talkinghead worker: --checkpoint {missing}: no such file (the model it fine-tunes)"]
-    assert not any(line.split("|")[-1].strip() == "torch" for line in done.stderr.splitlines())
+    assert "torch" not in imported
     assert not (tmp_path / "jobs").exists()
 
 
