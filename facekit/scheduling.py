@@ -18,6 +18,7 @@ when the process leads its session (the group is its own, not the parent's that 
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 POLICIES = ("normal", "batch", "idle")
@@ -40,12 +41,13 @@ def policy_name(number: int) -> str:
     return next((name for name, n in _numbers().items() if n == number), "normal")
 
 
-def set_process_policy(policy: str, nice: int = 0) -> int | None:
-    """Every thread of this process under `policy` at `nice` (Linux keeps both per thread); how
-    many threads, or None where refused."""
+def set_process_policy(policy: str, nice: int = 0, *, skip: Collection[int] = ()) -> int | None:
+    """Every thread of this process but those in `skip` (native thread ids) under `policy` at
+    `nice` (Linux keeps both per thread; a thread started later inherits its starter's); how many
+    threads, or None where refused."""
     target = policy_number(policy)
     try:
-        tasks = [int(tid) for tid in os.listdir("/proc/self/task")]
+        tasks = [int(tid) for tid in os.listdir("/proc/self/task") if int(tid) not in skip]
         for tid in tasks:
             try:
                 os.sched_setscheduler(tid, target, os.sched_param(0))

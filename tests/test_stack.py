@@ -325,3 +325,24 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"triton http port {port}" in result.stderr and "in use" in result.stderr
     assert not list((tmp_path / "stack").glob("*.pid"))
+
+
+def test_a_worker_is_ready_on_its_own_announcement_not_a_killed_ones(tmp_path: Path) -> None:
+    """A worker killed a moment ago leaves its Redis key for up to 15 s: `make up` called the new
+    worker ready on it ("ready after 0.4 s") 50 s before that worker first asked for a job."""
+    from jobs import keys
+    from jobs.redis_queue import connect
+    from tests.redis_fixtures import RedisServer
+
+    redis = RedisServer(workdir=tmp_path / "redis")
+    try:
+        client = connect(redis.url)
+        launched = time.time()
+        client.set(keys.worker(stack.WORKER_NAME), str(launched - 5), ex=15)  # the killed worker's
+        assert stack.worker_listening(redis.url)  # any announcement (`status`)
+        assert not stack.worker_listening(redis.url, since=launched)
+        client.set(keys.worker(stack.WORKER_NAME), str(time.time()), ex=15)  # the new worker's first
+        assert stack.worker_listening(redis.url, since=launched)
+        client.close()
+    finally:
+        redis.stop()

@@ -5,6 +5,8 @@ port already taken."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -249,3 +251,26 @@ def test_a_job_that_ended_without_succeeding_has_its_time_up_to_where_it_stopped
         ("succeeded", "loading"): 3.0,
         ("succeeded", "total"): 5.0,
     }
+
+
+def test_an_idle_worker_still_answers_its_scrapes_at_normal_priority(tmp_path: Path) -> None:
+    """`--cpu-scheduling idle` put every thread under SCHED_IDLE, the /metrics server's too: on
+    busy cores it answered no scrape within Prometheus' timeout (the local stack's worker target
+    down 9 scrapes of 21, TalkingheadTargetDown pending), and an idle thread cannot be raised back
+    unprivileged. The server's thread keeps its policy; the rest (fine-tuning) is idle."""
+    port = free_port()
+    log = tmp_path / "worker.log"
+    worker = _worker(
+        log, "--jobs", str(tmp_path / "jobs"), "--cpu-scheduling", "idle", "--metrics-port", str(port)
+    )
+    try:
+        _until("CPU scheduling set", lambda: "CPU scheduling: idle" in log.read_text(), START_S, log)
+        _until("/metrics served", lambda: scrape(port) is not None, START_S, log)
+        policies = {}
+        for task in Path(f"/proc/{worker.pid}/task").iterdir():
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                policies[int(task.name)] = os.sched_getscheduler(int(task.name))
+        assert policies[worker.pid] == os.SCHED_IDLE  # the main thread: the fine-tuning
+        assert os.SCHED_OTHER in policies.values(), policies  # the metrics server's
+    finally:
+        _stop(worker)

@@ -197,16 +197,6 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
-    if args.cpu_scheduling or args.nice:  # before any pool starts: its threads inherit it
-        policy = args.cpu_scheduling or scheduling.policy_name(os.sched_getscheduler(0))
-        how = f"{policy}, nice {args.nice}"
-        if scheduling.set_process_policy(policy, args.nice) is None:
-            log.warning("cannot set the CPU scheduling policy to %s (refused here)", how)
-        else:
-            group = scheduling.lower_session(policy, args.nice)
-            log.info(
-                "CPU scheduling: %s%s", how, "" if group is None else f"; its session's group nice {group}"
-            )
     metrics = WorkerMetrics()
     metrics_http = None
     if args.metrics_port is not None:  # before the checkpoint loads: a port taken fails at once
@@ -220,6 +210,20 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+    if args.cpu_scheduling or args.nice:  # before any pool starts: its threads inherit it
+        policy = args.cpu_scheduling or scheduling.policy_name(os.sched_getscheduler(0))
+        how = f"{policy}, nice {args.nice}"
+        # Not the metrics server's thread: under SCHED_IDLE on busy cores it answered no scrape
+        # within Prometheus' timeout (the stack's worker target down 9 scrapes of 21, the
+        # TargetDown alert pending), and an idle thread cannot be raised back unprivileged.
+        skip = {metrics.server_thread} if metrics_http is not None else set()
+        if scheduling.set_process_policy(policy, args.nice, skip=skip) is None:
+            log.warning("cannot set the CPU scheduling policy to %s (refused here)", how)
+        else:
+            group = scheduling.lower_session(policy, args.nice)
+            log.info(
+                "CPU scheduling: %s%s", how, "" if group is None else f"; its session's group nice {group}"
+            )
     avatars = make_avatars(args)  # a wrong --avatars: before PyTorch, the checkpoint or the queue
     if not args.checkpoint.is_file():  # (it was a traceback, three times, from the embedded worker)
         raise SystemExit(

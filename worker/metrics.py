@@ -43,6 +43,7 @@ JOB_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
+        self.server_thread = 0  # the /metrics server's native thread id, once `serve` started it
         # process_* (resident memory, CPU, open files, start time) and python_info, as the server's:
         # a worker's memory limit (PyTorch, the checkpoint, a fine-tuning) is sized and watched by them
         ProcessCollector(registry=r)
@@ -135,6 +136,9 @@ class WorkerMetrics:
         self.queue_up.set(1 if up else 0)
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Start the /metrics HTTP server in a daemon thread -> (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Start the /metrics HTTP server in a daemon thread -> (server, bound port). The thread's
+        native id is `server_thread`: it and the threads it starts per scrape keep their CPU
+        policy when the worker lowers its own."""
+        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        self.server_thread = int(thread.native_id or 0)
         return server, int(server.server_address[1])

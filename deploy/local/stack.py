@@ -13,7 +13,8 @@ SIGTERM to each group, SIGKILL after a grace period, checks that the groups are 
 ports free, and removes the pid files.
 
 Run it with the project's virtual environment (.venv/bin/python): the service's readiness is
-checked with grpc.health.v1 (grpcio-health-checking). `down` and `status` need only the stdlib.
+checked with grpc.health.v1 (grpcio-health-checking). `down` and `status` need only the stdlib;
+without the venv `status` cannot ask the service and the worker whether they are ready, and says so.
 """
 
 from __future__ import annotations
@@ -198,8 +199,11 @@ def wait_until(
 
 def service_serving(port: int) -> bool:
     """grpc.health.v1 Check of the whole server == SERVING (the backend follows Triton)."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    try:
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+    except ImportError:  # `status` without the venv (it says so)
+        return False
 
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
@@ -217,31 +221,37 @@ def redis_ping(port: int) -> bool:
     return False
 
 
-def worker_listening(url: str) -> bool:
-    """The worker announces itself in Redis (jobs.keys.worker) each time it asks for a job."""
+def worker_listening(url: str, since: float = 0.0) -> bool:
+    """The worker announces itself in Redis (jobs.keys.worker: the time it last asked for a job)
+    each time it asks for a job; with `since`, an announcement from then on (a worker killed a
+    moment ago leaves its key for up to 15 s, and a new one was called ready on it)."""
     with contextlib.suppress(Exception):  # no redis-py (`status` without the venv): not ready
         from jobs import keys
         from jobs.redis_queue import connect
 
         client = connect(url)
         try:
-            return bool(client.exists(keys.worker(WORKER_NAME)))
+            stamp = client.get(keys.worker(WORKER_NAME))
+            return stamp is not None and float(stamp) >= since
         finally:
             client.close()
     return False
 
 
+STARTED: dict[str, float] = {}  # component -> when this `up` launched it (time.time())
+
+
 def checks(ports: Ports) -> dict[str, Callable[[], bool]]:
     return {
         "redis": lambda: redis_ping(ports.redis),
-        "worker": lambda: worker_listening(ports.redis_url),
+        "worker": lambda: worker_listening(ports.redis_url, since=STARTED.get("worker", 0.0)),
         "triton": lambda: http_ok(f"http://127.0.0.1:{ports.triton_http}/v2/health/ready"),
         "service": lambda: service_serving(ports.grpc),
         "prometheus": lambda: http_ok(f"http://127.0.0.1:{ports.prometheus}/-/ready"),
     }
 
 
-# -- commands of the three components --------------------------------------------------------------
+# -- commands of the five components ---------------------------------------------------------------
 
 
 def find_prometheus(explicit: str | None) -> str:
@@ -456,6 +466,7 @@ def start_component(
     else:
         layout.pid_file(name).unlink(missing_ok=True)  # stale
         cmd, env = build()
+        STARTED[name] = time.time()
         process = launch(layout, name, cmd, env)
         pid = process.pid
         started.append((name, pid))
@@ -536,7 +547,7 @@ logs:   {logs}/<component>.log   (tail -f {logs}/*.log)
 stream:
 {export}  {env}.venv/bin/talkinghead avatar create astronaut facekit/assets/demo_portrait.png \
 --subject "Eileen Collins" --basis public-domain --source "NASA photograph" --collected-by me
-  {env}.venv/bin/talkinghead avatar personalise astronaut --wait
+  {env}.venv/bin/talkinghead avatar personalise astronaut --preset fast --wait
   {env}.venv/bin/talkinghead animate --avatar astronaut --driver facekit/assets/demo_driver.npz \
 --out out/stack.mp4 --overwrite
 latency (p95 of each stage over the last minute):
@@ -596,10 +607,24 @@ def status(args: argparse.Namespace) -> int:
             state, ok = "not running", False
         elif ready[name]():
             state = f"ready (pid {pid})"
+        elif name in ("service", "worker") and not _venv_modules():
+            state = f"running, readiness unknown (pid {pid})"
         else:
             state, ok = f"running, NOT ready (pid {pid})", False
-        print(f"{name:<11} {state:<28} {where}   log {layout.log(name)}")
+        print(f"{name:<11} {state:<36} {where}   log {layout.log(name)}")
+    if not _venv_modules():
+        print("(without the project's venv, `make venv`, the service and the worker cannot be asked)")
     return 0 if ok else 1
+
+
+def _venv_modules() -> bool:
+    """grpcio-health-checking and redis-py: what asking the service and the worker needs."""
+    try:
+        import grpc_health  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def parser() -> argparse.ArgumentParser:
