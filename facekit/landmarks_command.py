@@ -13,7 +13,7 @@ The .npz holds:
   frame_size   int32 [width, height] (of the first frame when stills differ in size)
   frame_sizes  int32 (N, 2)        [width, height] of each frame
   frame_index  int32 (N,)          video frame number, or index of the image in the arguments
-  sources      str (N,)            the file each row comes from
+  sources      str (N,)            the file each row comes from, by its base name ("clip.mp4 (frame 3)")
   fps          float32             the video's frame rate / --every; 25 for stills (fps must be > 0)
 
 A frame without a face is left out and reported ("no face found in ..."). Exit status 1 when an

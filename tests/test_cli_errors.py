@@ -455,3 +455,51 @@ def test_a_subcommands_help_opens_with_what_it_does(
         main([*argv, "--help"])
     assert done.value.code == 0
     assert f"\n\n{summary}\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["train", "--config", "smoke", "--set", "loss.ssim_wieght=8"],
+            "talkinghead train: --set: unknown config key 'loss.ssim_wieght'",
+        ),
+        (
+            ["train", "--config", "smoke", "--set", "meta.steps"],
+            "talkinghead train: --set meta.steps: expected key=value",
+        ),
+        (
+            [
+                "finetune",
+                "--checkpoint",
+                "models/talkinghead-small.pt",
+                "--avatar",
+                "Mona",
+                "--images",
+                str(PORTRAIT),
+            ],
+            "talkinghead finetune: invalid avatar id 'Mona'",
+        ),
+    ],
+)
+def test_training_commands_name_a_wrong_setting_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A misspelt `--set` key was a KeyError traceback, a bad finetune avatar id a ValueError one."""
+    out = ["--run", str(tmp_path / "run")] if argv[0] == "train" else ["--out", str(tmp_path / "a.pt")]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, *out])
+    assert str(exited.value).startswith(message), exited.value
+    assert files_in(tmp_path) == []
+
+
+def test_finetune_on_a_photo_without_a_face_says_which_in_one_line(tmp_path: Path) -> None:
+    blank = tmp_path / "blank.png"
+    from PIL import Image
+
+    Image.fromarray(np.full((200, 200, 3), 128, np.uint8)).save(blank)
+    argv = ["finetune", "--checkpoint", str(REPO / "models/talkinghead-small.pt"), "--avatar", "x"]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--images", str(blank), "--out", str(tmp_path / "x.pt")])
+    assert str(exited.value) == f"talkinghead finetune: no face found in {blank}"
+    assert not (tmp_path / "x.pt").exists()

@@ -172,8 +172,10 @@ class ExperimentConfig:
             node = raw
             *parents, leaf = key.split(".")
             for part in parents:
+                if not isinstance(node, dict) or part not in node:
+                    raise KeyError(f"unknown config key {key!r}")
                 node = node[part]
-            if leaf not in node:
+            if not isinstance(node, dict) or leaf not in node:
                 raise KeyError(f"unknown config key {key!r}")
             node[leaf] = value
         return ExperimentConfig.from_dict(raw)

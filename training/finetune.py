@@ -1,8 +1,12 @@
 """Personalise a meta-learned model on T images (or frames) of one person (PAPER.md, "Fine-tuning").
 
 ê_NEW = mean of E over the T frames; G' starts from G with psi' = P·ê_NEW as a trainable tensor (P
-unused from then on); D' starts from D with w' = w_0 + ê_NEW. G' and D' train on the T frames with
-L_CNT + L_ADV. The result is a "personalised" checkpoint: G' with psi' baked in, for one avatar.
+unused from then on); D' starts from D with w' = w_0 + ê_NEW. G' (and D', where the config's
+losses use it) train on the T frames with the config's losses: the paper's L_CNT + L_ADV; the
+committed model's pixel, SSIM, face, identity and eyes-and-mouth terms, no D. A warp-guided G'
+trains on pairs (another frame warped onto each frame; one photo: the photo under random
+similarities warped back). The result is a "personalised" checkpoint: G' with psi' baked in, for
+one avatar.
 
 examples:
   talkinghead finetune --checkpoint models/talkinghead-small.pt --avatar mona \\
@@ -42,7 +46,11 @@ log = logging.getLogger("talkinghead.finetune")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="meta-learned checkpoint")
-    parser.add_argument("--avatar", required=True, help="avatar id (a-z, 0-9, '_', '-')")
+    parser.add_argument(
+        "--avatar",
+        required=True,
+        help="avatar id: 1-63 of a-z, 0-9, '_', '-', starting with a letter or digit",
+    )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--images", nargs="+", type=Path, help="T photos of the person (T = 1..32)")
     src.add_argument("--video", type=Path, help="a video of the person; --frames of it are used")
@@ -260,12 +268,15 @@ def render(
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    validate_avatar_id(args.avatar)
-    meta = checkpoint.load(args.checkpoint)
-    cfg: ExperimentConfig = checkpoint.config_of(meta)
-    detector = make_detector(args.detector)
-    images, names = load_inputs(args)
-    frames, points = prepare_images(images, names, detector, cfg.model.image_size)
+    try:  # a bad id or a photo without a face: one line, not a traceback
+        validate_avatar_id(args.avatar)
+        meta = checkpoint.load(args.checkpoint)
+        cfg: ExperimentConfig = checkpoint.config_of(meta)
+        detector = make_detector(args.detector)
+        images, names = load_inputs(args)
+        frames, points = prepare_images(images, names, detector, cfg.model.image_size)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"talkinghead finetune: {error}") from None
     log.info(
         "fine-tuning %s on %d frames for %s steps",
         args.avatar,

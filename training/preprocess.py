@@ -263,7 +263,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default="small",
-        help="small | paper | path.yaml: take the crop size from its model (default small, as train's)",
+        help="a built-in config or a YAML path: its model gives the crop size (default small, as train's)",
     )
     parser.add_argument(
         "--scale", type=float, default=CROP_SCALE, help=f"crop side / landmark extent (default {CROP_SCALE})"
@@ -274,7 +274,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=1, help="keep every Nth frame (default 1)")
     parser.add_argument("--max-frames", type=int, default=0, help="kept frames per clip at most (0: all)")
     parser.add_argument("--min-frames", type=int, default=16, help="skip clips with fewer faces (default 16)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes")
+    parser.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (default: min(4, CPUs))"
+    )
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="dlib", help="default: dlib")
     parser.add_argument(
         "--include", action="append", metavar="GLOB", help="only clip ids matching (repeatable)"

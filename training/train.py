@@ -3,14 +3,16 @@
 Each step samples videos, K reference frames (averaged by E into ê) and one target frame per video,
 generates the target from its landmark image with AdaIN parameters P·ê, and updates E and G once and
 D `d_steps_per_g` times (PAPER.md, "Meta-learning episode"). Checkpoints carry their config and
-resume exactly; TensorBoard scalars and sample grids go to <run>/tb, every logged loss also to
-<run>/metrics.jsonl.
+resume the networks, the optimisers and torch's random state (not bit for bit: the episodes drawn
+after a resume are not those an uninterrupted run would have drawn, as the data's own generator
+starts again from the config's seed); TensorBoard scalars and sample grids go to <run>/tb, every
+logged loss also to <run>/metrics.jsonl.
 
 examples:
   talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
   talkinghead train --config small --run runs/small            # resumes runs/small/last.pt if there
   talkinghead train --config paper --run runs/paper --dry-run  # build everything, print the plan
-  torchrun --nproc-per-node 8 -m talkinghead.cli train --config paper --run runs/paper   # multi-GPU
+  torchrun --nproc-per-node 8 -m talkinghead.cli -- train --config paper --run runs/paper   # multi-GPU
 """
 
 from __future__ import annotations
@@ -70,12 +72,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
     cfg = load_config(args.config)
+    for setting in args.set:
+        if "=" not in setting:
+            raise SystemExit(
+                f"talkinghead train: --set {setting}: expected key=value (e.g. loss.ssim_weight=8)"
+            )
     overrides: dict[str, Any] = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.data:
         overrides["meta.data"] = args.data
     if args.steps is not None:
         overrides["meta.steps"] = args.steps
-    return cfg.replace(**overrides) if overrides else cfg
+    try:
+        return cfg.replace(**overrides) if overrides else cfg
+    except (KeyError, ValueError, TypeError) as error:  # a misspelt key, a value of the wrong kind
+        raise SystemExit(f"talkinghead train: --set: {error.args[0] if error.args else error}") from None
 
 
 def make_dataset(cfg: ExperimentConfig, seed: int) -> EpisodeDataset:

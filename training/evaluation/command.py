@@ -124,7 +124,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=engines.ENGINES,
         help="also run the exported generator on these CPU engines (needs the feed-forward method)",
     )
-    parser.add_argument("--repository", type=Path, default=Path("model_repository"), help="for --engines")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=Path("model_repository"),
+        help="for --engines (default %(default)s)",
+    )
     parser.add_argument("--verdict", type=Path, help="write the engines' verdicts here (JSON)")
     parser.add_argument("--out", type=Path, default=Path("out/evaluation"), help="default %(default)s")
 
