@@ -346,3 +346,20 @@ def test_a_worker_is_ready_on_its_own_announcement_not_a_killed_ones(tmp_path: P
         client.close()
     finally:
         redis.stop()
+
+
+def test_a_second_up_names_the_key_the_running_service_marks_with(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`TALKINGHEAD_WATERMARK_KEY=other make up` on a running stack said "key
+    $TALKINGHEAD_WATERMARK_KEY" and dropped the export line, while the service it left running
+    kept marking with var/stack/watermark.key."""
+    layout = stack.Layout(state=tmp_path)
+    own = str(layout.watermark_key)
+    assert stack.service_key_from(layout, started=True, key_from=own) == own  # the first up starts it
+    assert capsys.readouterr().out == ""
+    assert stack.service_key_from(layout, started=False, key_from="$TALKINGHEAD_WATERMARK_KEY") == own
+    said = capsys.readouterr().out
+    assert f"the running service marks with its key from {own}, not $TALKINGHEAD_WATERMARK_KEY" in said
+    assert stack.service_key_from(layout, started=False, key_from=own) == own  # the same: nothing said
+    assert capsys.readouterr().out == ""

@@ -114,6 +114,11 @@ class Layout:
         return self.state / "watermark.key"
 
     @property
+    def service_key_from(self) -> Path:
+        """Where the running service's watermark key came from, written when `up` starts it."""
+        return self.state / "service-key-from"
+
+    @property
     def prometheus_config(self) -> Path:
         return self.state / "prometheus.yml"
 
@@ -515,8 +520,29 @@ def up(args: argparse.Namespace) -> int:
             what = ", ".join(name for name, _ in started) or "nothing"
             raise StackError(f"{error}\n(stopped what this run started: {what})") from None
         raise
+    key_from = service_key_from(layout, started=running["service"] is None, key_from=key_from)
     print(summary(layout, ports, args, key_from))
     return 0
+
+
+def service_key_from(layout: Layout, *, started: bool, key_from: str) -> str:
+    """Where the running service's key came from: this run's, recorded, when this run started it;
+    else what its own start recorded. A second `up` with another $TALKINGHEAD_WATERMARK_KEY said
+    that key marked the frames, while the running service marked with the one it started with."""
+    if started:
+        layout.service_key_from.write_text(key_from + "\n")
+        return key_from
+    try:
+        recorded = layout.service_key_from.read_text().strip()
+    except OSError:
+        recorded = "unknown (the service was started before this record was kept)"
+    if recorded != key_from:
+        print(
+            f"watermark: the running service marks with its key from {recorded}, not {key_from}: "
+            "a key applies to a service this command starts (`make down` first)",
+            flush=True,
+        )
+    return recorded
 
 
 def summary(layout: Layout, ports: Ports, args: argparse.Namespace, key_from: str) -> str:
