@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from facekit.crop import resize_points
 from facekit.layout import NUM_POINTS
@@ -88,6 +89,29 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
     return x.movedim(-1, -3)
 
 
+class StepSampler(Sampler[tuple[int, int, int]]):
+    """(video, step, slot) for every slot of every step from `start`, without end: each step's
+    videos drawn with replacement from a generator of (seed, step) alone, `batch` slots a rank,
+    this rank's share of `batch` x `world`. So a run resumed at step n draws what it would have
+    drawn uninterrupted (with RandomSampler a resume drew a new order from torch's state)."""
+
+    def __init__(
+        self, num_videos: int, batch: int, seed: int, start: int, rank: int = 0, world: int = 1
+    ) -> None:
+        self.num_videos, self.batch, self.seed, self.start = num_videos, batch, seed, start
+        self.rank, self.world = rank, world
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        step = self.start
+        while True:
+            videos = np.random.default_rng([self.seed, step]).integers(
+                self.num_videos, size=self.batch * self.world
+            )
+            for slot in range(self.rank * self.batch, (self.rank + 1) * self.batch):
+                yield int(videos[slot]), step, slot
+            step += 1
+
+
 class EpisodeDataset(Dataset):
     """Episode i: K + 1 distinct random frames of one random clip of video i (with `warp`, also
     the reference nearest to the target warped onto its landmarks, for a warp-guided G)."""
@@ -140,8 +164,14 @@ class EpisodeDataset(Dataset):
             self._rng = np.random.default_rng(self.seed if info is None else [self.seed, info.seed])
         return self._rng
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return self.episode(i, self._generator())
+    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        """Video `key`'s episode from this process's stream, or for (video, step, slot) - what
+        `StepSampler` gives - the episode that step and slot always draw, whatever ran before it
+        (a resumed run draws what an uninterrupted one would have)."""
+        if isinstance(key, tuple):
+            video, step, slot = key
+            return self.episode(video, np.random.default_rng([self.seed, step, slot]))
+        return self.episode(key, self._generator())
 
     def episode(self, i: int, rng: np.random.Generator, flip: bool | None = None) -> dict[str, torch.Tensor]:
         """Episode of video i drawn with `rng`; `flip` None: mirror with probability 1/2 when self.flip."""

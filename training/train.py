@@ -3,10 +3,12 @@
 Each step samples videos, K reference frames (averaged by E into ê) and one target frame per video,
 generates the target from its landmark image with AdaIN parameters P·ê, and updates E and G once and
 D `d_steps_per_g` times (PAPER.md, "Meta-learning episode"). Checkpoints carry their config and
-resume the networks, the optimisers and torch's random state (not bit for bit: the episodes drawn
-after a resume are not those an uninterrupted run would have drawn, as the data's own generator
-starts again from the config's seed); TensorBoard scalars and sample grids go to <run>/tb, every
-logged loss also to <run>/metrics.jsonl.
+resume exactly: the networks, the optimisers, torch's and numpy's random states, and the
+episodes, which are a function of (seed, step, slot) (`StepSampler`): a run resumed at step n
+ends where an uninterrupted one does (to the bit in one thread, tests/test_training.py; with
+several, within the threaded kernels' rounding, which Adam's first steps magnify to ~5e-5).
+TensorBoard scalars and sample grids go to <run>/tb, every logged loss also to
+<run>/metrics.jsonl.
 
 examples:
   talkinghead preprocess ../shared/data/faces data/preprocessed-128 --config small
@@ -29,12 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader, RandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 
 from training import checkpoint
 from training.config import ExperimentConfig, load_config
-from training.data import EpisodeDataset, list_clips, load_frames
+from training.data import EpisodeDataset, StepSampler, list_clips, load_frames
 from training.evaluation.spread import embedding_spread
 from training.runtime import broadcast_parameters, image_grid, init_distributed, pick_device, setup_logging
 from training.steps import Batch, Trainer
@@ -176,6 +177,8 @@ def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
     trainer.opt_g.load_state_dict(ckpt["optimizers"]["g"])
     trainer.opt_d.load_state_dict(ckpt["optimizers"]["d"])
     torch.set_rng_state(ckpt["rng"]["torch"])
+    if "numpy" in ckpt["rng"]:
+        np.random.set_state(ckpt["rng"]["numpy"])
     log.info("resumed %s at step %d", path, ckpt["step"])
     return int(ckpt["step"])
 
@@ -296,11 +299,9 @@ def loop(
     max_minutes: float,
 ) -> None:
     meta = cfg.meta
-    sampler = (
-        DistributedSampler(data, seed=meta.seed + step)
-        if world > 1
-        else RandomSampler(data, replacement=True, num_samples=10**9)
-    )
+    # Episodes are a function of (seed, step, slot), and the loader's own seed of the config's seed
+    # (not drawn from torch's state): a resumed run trains on what an uninterrupted one would have.
+    sampler = StepSampler(data.num_videos, meta.batch_size, meta.seed, step, rank, world)
     loader = DataLoader(
         data,
         batch_size=meta.batch_size,
@@ -308,17 +309,15 @@ def loop(
         num_workers=meta.num_workers,
         drop_last=True,
         persistent_workers=meta.num_workers > 0,
+        generator=torch.Generator().manual_seed(meta.seed),
     )
     progress = Progress(trainer=trainer, cfg=cfg, data=data, run_dir=run_dir) if rank == 0 else None
-    started, epoch = time.monotonic(), 0
+    started = time.monotonic()
     stop_requested: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, checkpoint, exit
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     trainer.train()
     while step < meta.steps:
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        epoch += 1
         for item in loader:
             batch = to_batch(item, device)
             losses, fake = trainer.step(batch)
