@@ -37,6 +37,7 @@ from jobs.record import (
     SUCCEEDED,
     TERMINAL,
     Job,
+    cancelled_why,
 )
 
 EVENTS_FILE = "events.jsonl"
@@ -157,7 +158,9 @@ class LocalQueue:
             job = Job.from_json(self._path(job_id, ".json").read_bytes())
         except (KeyError, FileNotFoundError):
             return None
-        job.cancel_requested = job.cancel_requested or self._path(job_id, ".cancel").exists()
+        with contextlib.suppress(FileNotFoundError):  # (no cancel asked)
+            job.cancel_reason = self._path(job_id, ".cancel").read_text(errors="replace")
+            job.cancel_requested = True
         return job
 
     def live(self) -> list[Job]:
@@ -171,7 +174,7 @@ class LocalQueue:
         live = [j for j in self.live() if j.avatar_id == avatar_id]
         return live[0].id if live else None
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str, reason: str = "") -> Job | None:
         with self._queue_lock():
             job = self.get(job_id)
             if job is None or job.done:
@@ -182,13 +185,14 @@ class LocalQueue:
                 # after publishing a generator: the next worker takes that back, then ends it.
                 if lock is not None:
                     lock.close()
-                self._path(job_id, ".cancel").touch()
-                job.cancel_requested = True
+                self._path(job_id, ".cancel").write_text(reason)
+                job.cancel_requested, job.cancel_reason = True, reason
                 return job
             with lock:
                 job = self.get(job_id)
                 if job is not None and not job.done:
-                    self._write(job.ended(CANCELLED, code=CODE_CANCELLED, error="cancelled while queued"))
+                    why = cancelled_why("cancelled while queued", reason)
+                    self._write(job.ended(CANCELLED, code=CODE_CANCELLED, error=why))
                     self._path(job_id, ".input.npz").unlink(missing_ok=True)
             self._path(job_id, ".lock").unlink(missing_ok=True)
             return job

@@ -68,8 +68,10 @@ class JobQueue(Protocol):
         """PERSONALISE jobs, newest first."""
         ...
 
-    def cancel(self, job_id: str) -> Job | None:
-        """Cancel a queued job now, ask a running one to stop; the job as it is then (None: unknown)."""
+    def cancel(self, job_id: str, reason: str = "") -> Job | None:
+        """Cancel a queued job now, ask a running one to stop; the job as it is then (None: unknown).
+        `reason` ("the avatar was deleted") ends the operation's error, whoever writes its end:
+        "cancelled while queued: ..." here, "cancelled at step 3 of 40: ..." by its worker."""
         ...
 
     def active(self, avatar_id: str) -> str | None:

@@ -48,6 +48,12 @@ CODE_CANCELLED, CODE_NOT_FOUND, CODE_FAILED_PRECONDITION, CODE_INTERNAL, CODE_UN
 CODE_RESOURCE_EXHAUSTED = 8
 
 
+def cancelled_why(what: str, reason: str) -> str:
+    """A cancelled job's error: what it was doing, and why it was cancelled when that is known
+    ("cancelled at step 3 of 40: the avatar was deleted")."""
+    return f"{what}: {reason}" if reason else what
+
+
 def new_id() -> str:
     return secrets.token_hex(8)
 
@@ -77,6 +83,7 @@ class Job:
     attempt: int = 0
     worker: str = ""
     cancel_requested: bool = False
+    cancel_reason: str = ""  # why, when the cancel said (the queue's cancel(reason=...)); "" if not
     error_code: int = 0
     error: str = ""
     model_name: str = ""

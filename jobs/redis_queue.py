@@ -29,7 +29,7 @@ import redis
 from jobs import keys
 from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull
-from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, TERMINAL, Job
+from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, TERMINAL, Job, cancelled_why
 
 RETENTION_S = 7 * 24 * 3600
 _ENDED = "if s == 'SUCCEEDED' or s == 'FAILED' or s == 'CANCELLED' then "
@@ -57,7 +57,7 @@ if not s then return 'missing' end
     + _ENDED
     + """return 'ended' end
 if redis.call('HEXISTS', KEYS[1], 'owner') == 1 then
-  redis.call('HSET', KEYS[1], 'cancel', '1')
+  redis.call('HSET', KEYS[1], 'cancel', ARGV[4])
   return 'requested'
 end
 redis.call('HSET', KEYS[1], 'record', ARGV[2], 'state', 'CANCELLED')
@@ -214,7 +214,8 @@ class RedisQueue:
         if record is None:
             return None
         job = Job.from_json(record)
-        job.cancel_requested = job.cancel_requested or cancel is not None
+        if cancel is not None:
+            job.cancel_requested, job.cancel_reason = True, cancel.decode(errors="replace")
         return job
 
     def _records(self, ids: list[str]) -> tuple[list[Job], list[str]]:
@@ -244,15 +245,15 @@ class RedisQueue:
         value = self.r.get(keys.avatar_job(avatar_id))
         return value.decode() if value is not None else None
 
-    def cancel(self, job_id: str) -> Job | None:
+    def cancel(self, job_id: str, reason: str = "") -> Job | None:
         job = self.get(job_id)
         if job is None or job.done:
             return job
         ended = Job.from_json(job.to_json()).ended(
-            CANCELLED, code=CODE_CANCELLED, error="cancelled while queued"
+            CANCELLED, code=CODE_CANCELLED, error=cancelled_why("cancelled while queued", reason)
         )
         k = [keys.job(job_id), keys.ACTIVE, keys.avatar_job(job.avatar_id), keys.JOB_STREAM]
-        self._run("cancel", k, [job_id, ended.to_json(), RETENTION_S])
+        self._run("cancel", k, [job_id, ended.to_json(), RETENTION_S, reason])
         return self.get(job_id)
 
     # -- a worker's side -------------------------------------------------------------------------

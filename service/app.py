@@ -86,6 +86,8 @@ CALIBRATION_GAP_S = 0.1  # between rounds: start-up work of up to ~1 s leaves a 
 DETECT_MAX_SIDE = 1024
 # What a delete or replace removes of the avatar before it (the audit log's tombstone says so).
 REMOVED = ("photos", "face crops", "psi and embedding", "cached parameters", "personalised generator")
+# why a personalisation of an avatar being deleted or replaced ends CANCELLED (its operation's error)
+DELETED, REPLACED = "the avatar was deleted", "the avatar was replaced"
 # A create's, replace's or delete's audit event is written ahead (service/audit.py Intent); one its server
 # did not settle - it died between the change and the event - is recovered once this old (one
 # younger may be another replica's change in flight), looked for at start and this often.
@@ -484,7 +486,7 @@ class App:
             # before the record is overwritten. The event (a replace's is the old record's
             # tombstone) is written ahead, for the recovery to append if this process dies.
             if previous is not None:
-                await self.personaliser.forget_avatar(avatar_id, previous.create_time)
+                await self.personaliser.forget_avatar(avatar_id, previous.create_time, reason=REPLACED)
             intent = await self._intend(entry, made=record.create_time)
             stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
             if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
@@ -493,7 +495,7 @@ class App:
             self.cache.put(record, stamp=stamp)
             self._avatar_changed(avatar_id, avatar_stamp(record.create_time))  # streams of a replaced one end
             if previous is not None:
-                await self._forget_personalisation(previous)
+                await self._forget_personalisation(previous, reason=REPLACED)
             self.metrics.avatars_created.inc()
             await self._commit(intent, entry)
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
@@ -595,7 +597,7 @@ class App:
         record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
         if record is None:
             raise not_found(f"no avatar with id {public!r}")
-        await self.personaliser.forget_avatar(avatar_id, record.create_time)
+        await self.personaliser.forget_avatar(avatar_id, record.create_time, reason=DELETED)
         tombstone = audit_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
         intent = await self._intend(tombstone, gone=record.create_time)
         deleted = await self.in_pool(self.io_pool, self.store.delete, avatar_id)
@@ -605,18 +607,18 @@ class App:
             await self._settle(intent)
             raise not_found(f"no avatar with id {public!r}")
         self._avatar_changed(avatar_id, None)  # its streams end now
-        await self._forget_personalisation(record)
+        await self._forget_personalisation(record, reason=DELETED)
         await self._commit(intent, tombstone)
         log.info("deleted avatar %s", avatar_id)
 
-    async def _forget_personalisation(self, gone: AvatarRecord) -> None:
+    async def _forget_personalisation(self, gone: AvatarRecord, *, reason: str) -> None:
         """After the record `gone` was deleted or replaced: the backend forgets its generator, and
         a personalisation of it submitted since the withdrawal was queued (its start looked at the
         store before the record went) is cancelled. The change has happened: a failure here is
         logged, not raised (the worker stops such a job itself, finding its record gone)."""
         self.backend.forget_personalised(gone.avatar_id)
         try:
-            await self.personaliser.cancel_active(gone.avatar_id, created=gone.create_time)
+            await self.personaliser.cancel_active(gone.avatar_id, reason=reason, created=gone.create_time)
         except Exception as error:
             log.error("could not cancel the personalisation of %s: %s", gone.avatar_id, error)
 
@@ -633,7 +635,7 @@ class App:
         # it: this job may hold photos the avatar no longer has. Looked at again, from the store.
         now = await self.in_pool(self.io_pool, self.store.get, record.avatar_id)
         if now is None or now.create_time != record.create_time:
-            await self.personaliser.withdraw(job)
+            await self.personaliser.withdraw(job, DELETED if now is None else REPLACED)
             public = split_id(record.avatar_id)[1]
             if now is None:
                 raise not_found(f"no avatar with id {public!r}: it was deleted as personalisation started")

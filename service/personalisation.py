@@ -166,24 +166,26 @@ class Personaliser:
             raise not_found(f"no operation named {shown(name)}")
         return job
 
-    async def withdraw(self, job: Job) -> None:
+    async def withdraw(self, job: Job, reason: str) -> None:
         """Cancel a job just started whose avatar changed under it (its input goes with it)."""
-        await self._call(self.queue.cancel, job.id)
+        await self._call(self.queue.cancel, job.id, reason)
 
-    async def forget_avatar(self, avatar_id: str, created: float) -> None:
+    async def forget_avatar(self, avatar_id: str, created: float, *, reason: str) -> None:
         """The avatar's record made at `created` is about to be deleted or replaced: cancel its
         personalisation and queue the REMOVE job that withdraws its generator once the record is
         gone (the worker waits for that, and takes nothing of a record still there). Called
         before the record goes, so that no crash leaves a generator with no job to withdraw it;
-        raises (UNAVAILABLE) when the queue cannot take the job: the record must then stay."""
-        await self.cancel_active(avatar_id)
+        raises (UNAVAILABLE) when the queue cannot take the job: the record must then stay.
+        `reason` ends the cancelled operation's error ("the avatar was deleted")."""
+        await self.cancel_active(avatar_id, reason=reason)
         if not self.disabled:
             remove = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id, avatar_created=created)
             await self._call(self.queue.submit, remove, b"", max_active=self.max_queue)
 
-    async def cancel_active(self, avatar_id: str, *, created: float | None = None) -> None:
-        """Cancel the avatar's queued or running personalisation; with `created`, only one of the
-        record made then (not one a new record of the id started meanwhile)."""
+    async def cancel_active(self, avatar_id: str, *, reason: str, created: float | None = None) -> None:
+        """Cancel the avatar's queued or running personalisation, saying why (`reason`); with
+        `created`, only one of the record made then (not one a new record of the id started
+        meanwhile)."""
         active = await self._call(self.queue.active, avatar_id)
         if active is None:
             return
@@ -191,7 +193,7 @@ class Personaliser:
             job: Job | None = await self._call(self.queue.get, active)
             if job is None or avatar_stamp(job.avatar_created) != avatar_stamp(created):
                 return
-        await self._call(self.queue.cancel, active)
+        await self._call(self.queue.cancel, active, reason)
 
 
 def encode_cursor(job: Job) -> str:

@@ -129,6 +129,7 @@ def test_a_personalisation_racing_a_delete_does_not_keep_the_deleted_photos_queu
     assert "deleted" in (error.value.details() or "")
     [operation] = client.list_operations(avatar_id="gone-soon")
     assert operation.done and operation.error.code == grpc.StatusCode.CANCELLED.value[0], operation
+    assert operation.error.message == "cancelled while queued: the avatar was deleted"
     job_id = operation.name.removeprefix("operations/")
     assert not (Path(server.settings.jobs) / f"{job_id}.input.npz").exists(), "its photos are gone"
     monkeypatch.undo()
@@ -522,6 +523,12 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         assert code_of(lambda: c.personalise("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
         cancelled = c.cancel_operation(queued.name)
         assert cancelled.done and cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
+        assert cancelled.error.message == "cancelled while queued"  # (no reason: the caller knows why)
+        again = c.personalise("wait", steps=2)  # queued behind "tune" (or just taken by the worker)
+        c.delete_avatar("wait")
+        gone = c.wait_operation(again.name, timeout=WORKER_TIMEOUT_S)
+        assert gone.error.code == grpc.StatusCode.CANCELLED.value[0], gone
+        assert gone.error.message.endswith(": the avatar was deleted"), gone.error.message
 
         seen: list[ops.Operation] = []
         done = c.wait_operation(started.name, on_progress=seen.append, timeout=WORKER_TIMEOUT_S)

@@ -437,7 +437,7 @@ def test_a_cancel_after_the_last_progress_write_is_not_dropped(
     published = models.Published("generator_gina", 2, written)
     held.stage = "loading"
     assert queue.update(held)
-    service.cancel(job.id)
+    service.cancel(job.id, "the avatar was deleted")
     _end(
         worker_context(queue, repo),
         held.ended(SUCCEEDED),
@@ -446,8 +446,49 @@ def test_a_cancel_after_the_last_progress_write_is_not_dropped(
     done = service.get(job.id)
     assert done is not None and done.state == CANCELLED and done.error_code == CODE_CANCELLED
     assert done.error.startswith("cancelled as its generator was published (taken back")
+    assert done.error.endswith("): the avatar was deleted"), done.error
     assert sorted(p.name for p in (repo / "generator_gina").iterdir() if p.name.isdigit()) == ["1"]
     assert service.active("gina") is None
+
+
+@pytest.mark.parametrize("kind", ["local", "redis"])
+def test_a_cancelled_operation_says_why_whoever_ends_it(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """A personalisation cancelled because its avatar was deleted ended "cancelled while queued" or
+    "cancelled at step 1 of 3", as one cancelled by CancelOperation: its watcher could not tell
+    which. The cancel's reason is kept by the queue for whoever writes the end: the queue itself
+    (queued) or the worker (running), and a cancel without one reads as before."""
+    from worker.jobs_run import Cancelled, Waiting, _settle
+
+    if kind == "redis":
+        url = request.getfixturevalue("redis_url")
+        service, queue = RedisQueue(client=connect(url)), RedisQueue(client=connect(url))
+    else:
+        service, queue = LocalQueue(root=tmp_path / "jobs"), LocalQueue(root=tmp_path / "jobs")  # type: ignore[assignment]
+    queued = service.submit(_job("m1", "ida", 3), b"input", max_active=2)
+    ended = service.cancel(queued.id, "the avatar was deleted")
+    assert ended is not None and ended.error == "cancelled while queued: the avatar was deleted"
+    ctx = worker_context(queue, tmp_path / "repo")
+    for reason, error in [
+        ("the avatar was replaced", "cancelled at step 1 of 3: the avatar was replaced"),
+        ("", "cancelled at step 1 of 3"),  # (CancelOperation's)
+    ]:
+        job = service.submit(_job("m1", "ida", 3), b"input", max_active=2)
+        held = queue.claim("w", wait_s=1)
+        assert held is not None and held.id == job.id
+        asked = service.cancel(job.id, reason)
+        assert asked is not None and asked.cancel_requested and not asked.done
+
+        def step_one(held: Job = held) -> bool:  # as the worker's progress callback does
+            if not queue.update(held):
+                raise Cancelled("cancelled at step 1 of 3")
+            return True
+
+        _settle(ctx, held, step_one, Waiting(ctx))
+        done = service.get(job.id)
+        assert done is not None and (done.state, done.error) == (CANCELLED, error)
+        assert service.active("ida") is None
 
 
 # -- 4. a worker killed while exporting -----------------------------------------------------------------

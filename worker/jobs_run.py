@@ -60,6 +60,7 @@ from jobs.record import (
     REMOVE,
     SUCCEEDED,
     Job,
+    cancelled_why,
 )
 from training import checkpoint
 from training.finetune import personalise
@@ -78,7 +79,12 @@ REMOVE_POLL_S = 0.1
 
 
 class Cancelled(Exception):
-    pass
+    """The job was cancelled: str() says at what point; `reason`, why, when the worker found it out
+    itself (the cancel's own reason, which the queue holds, comes first: `_cancel_reason`)."""
+
+    def __init__(self, what: str, *, reason: str = "") -> None:
+        super().__init__(what)
+        self.reason = reason
 
 
 class Stopped(Exception):
@@ -244,7 +250,8 @@ def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) ->
         except Stopped as why:
             _hand_back(ctx, job, str(why))
         except Cancelled as why:
-            _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=str(why)))
+            said = cancelled_why(str(why), _cancel_reason(ctx, job) or why.reason)
+            _end(ctx, job.ended(CANCELLED, code=CODE_CANCELLED, error=said))
         except Exception as error:
             log.exception("job %s failed", job.id)
             code, message = failure(error)
@@ -252,6 +259,17 @@ def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) ->
     except Unwritten as unwritten:
         later.end_later(unwritten.ending, unwritten.__cause__)
     return True
+
+
+def _cancel_reason(ctx: Context, job: Job) -> str:
+    """Why the job's cancel was asked ("the avatar was deleted"), as the queue holds it until the
+    end is written; "" when it gave none (CancelOperation) or cannot be read now."""
+    try:
+        now = ctx.queue.get(job.id)
+    except Exception as error:  # (the end is written without it)
+        log.warning("job %s: cannot read why it was cancelled: %s", job.id, error)
+        return ""
+    return now.cancel_reason if now is not None else ""
 
 
 def _hand_back(ctx: Context, job: Job, why: str) -> None:
@@ -429,7 +447,8 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
         if not written:
             assert ending.undo is not None, f"job {job.id}: a cancelled end nothing can undo"
             ending.undo()
-            why = "cancelled as its generator was published (taken back: the avatar keeps the one it had)"
+            what = "cancelled as its generator was published (taken back: the avatar keeps the one it had)"
+            why = cancelled_why(what, _cancel_reason(ctx, job))
             return _write_end(ctx, Ending(job.ended(CANCELLED, code=CODE_CANCELLED, error=why)))
         log.info("job %s %s after %.1f s %s", job.id, job.state, job.elapsed(), job.error)
         ctx.metrics.on_end(job, worked=ending.worked)
@@ -630,7 +649,7 @@ def _check_record(ctx: Context, job: Job, when: str) -> None:
         return
     now = ctx.avatars.created(job.avatar_id)
     if now is None or contract.avatar_stamp(now) != contract.avatar_stamp(job.avatar_created):
-        raise Cancelled(f"cancelled {when}: the avatar was deleted or replaced")
+        raise Cancelled(f"cancelled {when}", reason="the avatar was deleted or replaced")
 
 
 def _remove(ctx: Context, job: Job, later: Waiting) -> None:
