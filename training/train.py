@@ -317,22 +317,23 @@ def loop(
     for sig in (signal.SIGTERM, signal.SIGINT):  # finish the step, checkpoint, exit
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     trainer.train()
-    while step < meta.steps:
-        for item in loader:
-            batch = to_batch(item, device)
-            losses, fake = trainer.step(batch)
-            step += 1
-            out_of_time = bool(stop_requested) or (
-                max_minutes > 0 and time.monotonic() - started > max_minutes * 60
-            )
-            last = step >= meta.steps or out_of_time
-            if progress is not None:
-                progress.after_step(step, losses, batch, fake, last)
-            if last:
-                if out_of_time:
-                    why = "signal" if stop_requested else "--max-minutes"
-                    log.info("stopping at step %d (%s)", step, why)
-                return
+    if step >= meta.steps:
+        return
+    for item in loader:  # (StepSampler has no end: the last step returns)
+        batch = to_batch(item, device)
+        losses, fake = trainer.step(batch)
+        step += 1
+        out_of_time = bool(stop_requested) or (
+            max_minutes > 0 and time.monotonic() - started > max_minutes * 60
+        )
+        last = step >= meta.steps or out_of_time
+        if progress is not None:
+            progress.after_step(step, losses, batch, fake, last)
+        if last:
+            if out_of_time:
+                why = "signal" if stop_requested else "--max-minutes"
+                log.info("stopping at step %d (%s)", step, why)
+            return
 
 
 def log_scalars(writer: Any, run_dir: Path, step: int, means: dict[str, float]) -> None:
