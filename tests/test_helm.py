@@ -2003,3 +2003,61 @@ def test_the_worker_serves_metrics_that_its_own_service_monitor_scrapes_under_th
         server_only, "Service", "-worker-metrics"
     )
     assert not find(server_only, "NetworkPolicy", "-worker")
+
+
+def _installed_with(requirements: list[str]) -> set[str]:
+    """The distributions `pip install` of `requirements` brings (their requirements' closure, with
+    extras and markers), read from what this venv has installed."""
+    import importlib.metadata as md
+
+    from packaging.requirements import Requirement
+
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()  # noqa: E731
+    found: set[str] = set()
+    todo = [Requirement(line) for line in requirements]
+    while todo:
+        requirement = todo.pop()
+        name = norm(requirement.name)
+        if name in found and not requirement.extras:
+            continue
+        found.add(name)
+        for line in md.requires(name) or []:
+            needed = Requirement(line)
+            extras = requirement.extras or {""}
+            if needed.marker is None or any(needed.marker.evaluate({"extra": e}) for e in extras):
+                todo.append(needed)
+    return found
+
+
+@pytest.mark.parametrize(
+    ("extras", "commands"),
+    [
+        ((), ["serve", "avatar", "operation", "animate", "verify", "keys", "audit", "landmarks"]),
+        (("train",), ["preprocess", "train", "finetune", "evaluate"]),
+        (("train", "export"), ["export", "worker", "bench"]),
+    ],
+)
+def test_pip_install_of_the_project_brings_what_its_commands_import(
+    extras: tuple[str, ...], commands: list[str]
+) -> None:
+    """pyproject's dependencies named neither gRPC nor ONNX Runtime nor prometheus_client, and no
+    extra brought ONNX: `pip install .` made a `talkinghead serve` that died at import. Each
+    command imports, in a child, with only what the project's dependencies (and the extras its
+    README names) install."""
+    import tomllib
+
+    from talkinghead.cli import COMMANDS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requirements = list(project["project"]["dependencies"])
+    for extra in extras:
+        requirements += project["project"]["optional-dependencies"][extra]
+    allowed = sorted(_installed_with(requirements))
+    packages = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    folders = sorted({p.split(".")[0].rstrip("*") for p in packages})
+    modules = [COMMANDS[name][0] for name in commands]
+    argument = json.dumps([allowed, folders, modules])
+    done = subprocess.run(
+        [sys.executable, "-c", IMAGE_GATE, argument], cwd=ROOT, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
