@@ -147,8 +147,8 @@ def verify_file(
         credentials, error = read_credentials(path, trust_anchors=trust_anchors), None
     except ValueError as failure:
         credentials, error = None, str(failure)
-    except ImportError:  # an environment made before the lock had c2pa-python: `make venv`
-        credentials, error = None, "c2pa-python is not installed: make venv"
+    except ImportError:  # the service image (its requirements leave the client's C2PA out), an old venv
+        credentials, error = None, "c2pa-python is not installed here: pip install c2pa-python"
     if undecodable is not None and credentials is None:
         raise undecodable
     return FileReport(

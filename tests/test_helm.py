@@ -1668,6 +1668,30 @@ def test_a_command_the_image_does_not_carry_says_so_in_one_line() -> None:
     assert "Traceback" not in done.stderr
 
 
+def test_verify_in_the_service_image_reads_the_mark_and_says_why_not_the_credentials() -> None:
+    """The image leaves the client's C2PA library out; `verify` there told the operator to run
+    `make venv`, which an image has no way to."""
+    folders = image_folders(DOCKER / "service.Dockerfile")
+    allowed = list(pins(DOCKER / "serve-requirements.txt"))
+    portrait = ROOT / "facekit/assets/demo_portrait.png"
+    code = IMAGE_GATE.replace("for module in modules:", "for module in []:") + (
+        f"from talkinghead.cli import main; raise SystemExit(main(['verify', {str(portrait)!r}]))"
+    )
+    env = {**os.environ, "TALKINGHEAD_WATERMARK_KEY": "00" * 32}
+    done = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([allowed, folders, []])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]  # (credentials not read)
+    assert "content credentials: not read (c2pa-python is not installed here: pip install c2pa-python)" in (
+        done.stdout
+    ), done.stdout
+    assert "watermark" in done.stdout and "Traceback" not in done.stderr, done.stderr
+
+
 def test_the_service_image_points_every_path_it_writes_at_its_volume() -> None:
     """Its audit log defaulted to var/audit.jsonl under /app, which the service user cannot write:
     a container without Redis died at start (PermissionError). Every setting whose default is a
