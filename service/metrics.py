@@ -25,7 +25,9 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from facekit import procstat
 from service.auth import REFUSAL_REASONS
 
-# Per-frame stages: 0.5 ms .. 2.5 s.
+# Per-frame stages: 0.5 ms .. 60 s. The top finite bucket bounds what histogram_quantile can say:
+# it reaches the largest latency budget settings allow (60 s), or TalkingheadLatencyHigh, whose
+# threshold is the budget, could never fire for a budget at or above it.
 LATENCY_BUCKETS = (
     0.0005,
     0.001,
@@ -42,7 +44,14 @@ LATENCY_BUCKETS = (
     0.5,
     1.0,
     2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
 )
+# talkinghead_backend_not_ready_total's `reason`, talkinghead_backend_errors_total's labels
+BACKEND_NOT_READY = ("stalled", "unavailable")
+BACKEND_OPERATIONS, BACKEND_ERRORS = ("embed", "generate"), ("unavailable", "error")
 STAGES = ("decode", "landmarks", "rasterize", "inference", "encode", "end_to_end")
 # Why a frame was dropped (talkinghead_frames_dropped_total's `reason`): its stream's queue was full
 # under DROP_OLDEST, it could not be generated within the live latency budget, or its tenant's
@@ -240,7 +249,10 @@ class Metrics:
         self.oldest_queued.set_function(self._waited)
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
         self.audit_failures = Counter(
-            "talkinghead_audit_write_failures_total", "Audit events that could not be written", registry=r
+            "talkinghead_audit_write_failures_total",
+            "Audit events, and the intents written ahead of a create, replace or delete, that could not "
+            "be written",
+            registry=r,
         )
         self.avatar_events = Histogram(
             "talkinghead_avatar_event_delay_seconds",
@@ -259,7 +271,8 @@ class Metrics:
         self.quota_refusals = Counter(
             "talkinghead_quota_refusals_total",
             "Calls refused, or frames dropped (live streams) or held back (blocking streams, once a frame) "
-            "by a tenant quota (streams, fps, creates_per_minute, avatars)",
+            "by a tenant quota (streams, fps, creates_per_minute, creates_in_flight, avatars, "
+            "personalisations)",
             ["tenant", "quota"],
             registry=r,
         )
@@ -296,6 +309,12 @@ class Metrics:
         reasons = (DROPPED_OVERFLOW, DROPPED_LATE, DROPPED_QUOTA)
         self.dropped = {reason: self.frames_dropped.labels(reason) for reason in reasons}
         self.auth_refusals = {reason: self.auth_failures.labels(reason) for reason in REFUSAL_REASONS}
+        # (what alerts count with increase(), which leaves out the step of a series appearing at 1)
+        for reason in BACKEND_NOT_READY:
+            self.backend_not_ready.labels(reason)
+        for operation in BACKEND_OPERATIONS:
+            for kind in BACKEND_ERRORS:
+                self.backend_errors.labels(operation, kind)
         self._tritons: set[str] = set()  # the addresses talkinghead_triton_ready has a series of
         self.jobs = {state: self.personalisation_jobs.labels(state) for state in (QUEUED, RUNNING)}
         self._oldest_queued: float | None = None  # its job's create_time (time.time()); NaN: unknown

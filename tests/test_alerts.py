@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
+import json
 import re
 import shutil
 import subprocess
@@ -272,11 +274,8 @@ def scraped_families() -> dict[str, tuple[str, set[str]]]:
     }
 
 
-def scraped_families_of(metrics: Any) -> dict[str, tuple[str, set[str]]]:
-    """Every series name `metrics`' /metrics endpoint exports -> (family, label names), read over
-    HTTP from its metrics server (a fresh `service.metrics.Metrics`, what `talkinghead serve` runs,
-    or worker.metrics.WorkerMetrics), with the label names of families that have no series yet
-    from their registration."""
+def scraped_text(metrics: Any) -> str:
+    """What `metrics`' /metrics endpoint serves, read over HTTP from its own metrics server."""
     server = None
     for port in METRICS_PORTS:
         with contextlib.suppress(OSError):
@@ -285,10 +284,18 @@ def scraped_families_of(metrics: Any) -> dict[str, tuple[str, set[str]]]:
     assert server is not None, f"no free port in {METRICS_PORTS}"
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-            text = response.read().decode()
+            return response.read().decode()
     finally:
         server.shutdown()
         server.server_close()
+
+
+def scraped_families_of(metrics: Any) -> dict[str, tuple[str, set[str]]]:
+    """Every series name `metrics`' /metrics endpoint exports -> (family, label names), read over
+    HTTP from its metrics server (a fresh `service.metrics.Metrics`, what `talkinghead serve` runs,
+    or worker.metrics.WorkerMetrics), with the label names of families that have no series yet
+    from their registration."""
+    text = scraped_text(metrics)
     registered = {
         name: set(getattr(collector, "_labelnames", ()))
         for name, collector in metrics.registry._names_to_collectors.items()
@@ -314,7 +321,9 @@ KNOWN_VALUES = {
     },
     ("talkinghead_rpcs_total", "code"): {code.name for code in grpc.StatusCode},
     ("talkinghead_rpcs_total", "method"): {*METHODS, "other"},
-    ("talkinghead_backend_not_ready_total", "reason"): {"stalled", "unavailable"},
+    ("talkinghead_backend_not_ready_total", "reason"): set(service_metrics.BACKEND_NOT_READY),
+    ("talkinghead_backend_errors_total", "operation"): set(service_metrics.BACKEND_OPERATIONS),
+    ("talkinghead_backend_errors_total", "kind"): set(service_metrics.BACKEND_ERRORS),
     ("talkinghead_personalisation_jobs", "state"): {service_metrics.QUEUED, service_metrics.RUNNING},
     ("talkinghead_worker_jobs_total", "kind"): set(worker_metrics.KINDS),
     ("talkinghead_worker_jobs_total", "outcome"): {
@@ -323,9 +332,58 @@ KNOWN_VALUES = {
         worker_metrics.LOST,
     },
 }
+# Counters the alerts count in steps (increase(), or a rate whose first error matters): each has a
+# series for every value of its KNOWN_VALUES labels from the start, at 0.
+COUNTED_FROM_ZERO = (
+    "talkinghead_backend_not_ready_total",
+    "talkinghead_backend_errors_total",
+    "talkinghead_worker_jobs_total",
+    "talkinghead_audit_write_failures_total",
+)
 SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_what_the_alerts_count_is_exported_at_zero_from_the_start() -> None:
+    """increase() leaves out the step of a series that first appears at 1: the series of
+    talkinghead_backend_not_ready_total began at a pod's first failure, so TalkingheadBackendFlapping
+    ("3 or more in 30 minutes") needed 4 after every start (helper-72, with promtool: 3 failures
+    gave increase 2.125). Every counter a rule takes the increase() of is one that starts at 0."""
+    counted = {
+        name
+        for rule in alerts.rule_group()["rules"]
+        for name in re.findall(r"\bincrease\(\s*([a-z_:]+)\{", rule["expr"])
+    }
+    assert counted <= set(COUNTED_FROM_ZERO), counted - set(COUNTED_FROM_ZERO)
+    text = scraped_text(service_metrics.Metrics()) + scraped_text(worker_metrics.WorkerMetrics())
+    at_start = {
+        (sample.name, frozenset(sample.labels.items()))
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.value == 0
+    }
+    for name in COUNTED_FROM_ZERO:
+        labels = {label: sorted(values) for (metric, label), values in KNOWN_VALUES.items() if metric == name}
+        combinations = [
+            dict(zip(labels, values, strict=True)) for values in itertools.product(*labels.values())
+        ]
+        for combination in combinations:
+            assert (name, frozenset(combination.items())) in at_start, (name, combination)
+
+
+def test_the_latency_alert_can_fire_for_every_budget_the_settings_allow() -> None:
+    """histogram_quantile never says more than the top finite bucket (2.5 s), and the latency
+    alert's threshold is the budget, which may be up to 60 s: from 2.5 s on it could never fire."""
+    schema = json.loads((ROOT / "deploy/helm/talkinghead/values.schema.json").read_text())
+    budget = schema["properties"]["server"]["properties"]["latencyBudgetMs"]
+    assert budget["maximum"] / 1000 <= max(service_metrics.LATENCY_BUCKETS), budget
+    rule = json.dumps(schema["properties"]["metrics"])  # TalkingheadLatencyHigh's own threshold
+    assert (
+        '"maximum": 60,'
+        in rule.split('"TalkingheadLatencyHigh"')[1].split('"TalkingheadFramesDroppedLate"')[0]
+    )
+    assert max(service_metrics.LATENCY_BUCKETS) >= 60
 
 
 def test_every_metric_label_and_value_in_the_rules_is_exported() -> None:
