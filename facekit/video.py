@@ -28,6 +28,9 @@ H264_CRF = 18  # libx264 constant rate factor: visually lossless for landmark dr
 MPEG4_BIT_RATE = 8_000_000  # fallback encoder's bit rate when PyAV's FFmpeg lacks libx264
 VIDEO_SUFFIXES = frozenset({".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"})
 WRITABLE_SUFFIXES = VIDEO_SUFFIXES - {".webm"}  # containers VideoWriter's H.264 / MPEG-4 go into
+# containers that keep each frame's time; into the others (AVI, MPEG program streams: a frame a
+# slot) a gap is filled with the frame before it, repeated
+TIMED_SUFFIXES = frozenset({".mp4", ".mov", ".m4v", ".mkv"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +144,8 @@ class VideoWriter:
         self.path, self.size, self.fps = Path(path), (int(width), int(height)), float(fps)
         self.frames_written = 0
         self.next_pts = 0  # the earliest time slot (in frames of 1/fps) the next frame may take
+        self._timed = self.path.suffix.lower() in TIMED_SUFFIXES
+        self._shown: np.ndarray | None = None  # the last frame written (a gap repeats it, untimed)
         self.codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
         try:
             container = av.open(str(self.path), mode="w")
@@ -153,7 +158,9 @@ class VideoWriter:
             stream.width, stream.height = self.size
             stream.pix_fmt = "yuv420p"
             if self.codec == "libx264":
-                stream.options = {"crf": str(H264_CRF)}
+                # no B-frames: with them, frames written after a gap (a live stream's drops) left
+                # the .mp4's stated length short of its last frame (0.16 s for slots 0-2 and 24)
+                stream.options = {"crf": str(H264_CRF), "bf": "0"}
             else:
                 stream.bit_rate = MPEG4_BIT_RATE
         except BaseException:
@@ -165,7 +172,8 @@ class VideoWriter:
     def write(self, frame: np.ndarray, *, pts: int | None = None) -> None:
         """Append one uint8 RGB (height, width, 3) frame: in the next time slot, or at `pts`
         (in frames of 1/fps from the start; increasing), the previous frame showing until then
-        (a live stream that dropped frames keeps its timing)."""
+        (a live stream that dropped frames keeps its timing; in a container that does not keep
+        frame times, TIMED_SUFFIXES aside, the previous frame is written again for each slot)."""
         if self._container is None:
             raise ValueError(f"{self.path}: the writer is closed")
         if pts is None:
@@ -177,11 +185,21 @@ class VideoWriter:
             raise ValueError(
                 f"{self.path}: frame is {frame.shape[1]}x{frame.shape[0]}, writer is {self.size}"
             )
-        video_frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-        video_frame.pts = pts
-        self._container.mux(self._stream.encode(video_frame))
+        frame = np.ascontiguousarray(frame)
+        if not self._timed:  # a frame a slot: the gap shows the frame before (the first, before it)
+            shown = frame if self._shown is None else self._shown
+            for slot in range(self.next_pts, pts):
+                self._encode(shown, slot)
+            self._shown = frame.copy()  # (the caller may reuse its buffer)
+        self._encode(frame, pts)
         self.frames_written += 1
         self.next_pts = pts + 1
+
+    def _encode(self, frame: np.ndarray, pts: int) -> None:
+        assert self._container is not None
+        video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        video_frame.pts = pts
+        self._container.mux(self._stream.encode(video_frame))
 
     def close(self) -> None:
         """Flush the encoder and finish the file; idempotent."""

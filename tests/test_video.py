@@ -117,3 +117,40 @@ def test_frames_written_at_their_own_time_leave_the_one_before_on_screen(tmp_pat
     with av.open(str(path)) as container:
         times = sorted(round(float(frame.time), 4) for frame in container.decode(video=0))
     assert times == [0.0, 0.04, 0.16, 0.2, 0.36]
+
+
+@pytest.mark.parametrize("codec", ["libx264", "mpeg4"])
+@pytest.mark.parametrize("suffix", sorted(video.WRITABLE_SUFFIXES))
+def test_a_video_with_gaps_shows_each_frame_at_its_time_and_states_its_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, codec: str, suffix: str
+) -> None:
+    """A `--live` .mp4 whose stream dropped frames stated a length short of its last frame (helper-71:
+    slots 0, 1, 2 and 24 at 25 fps said 0.16 s; the frames reach 1.0 s): x264's B-frames. Players
+    that trust the container cut such a video short. An .avi or .mpg lost the gaps altogether
+    (the four frames played in 0.16 s): those keep no frame times, so a gap repeats the frame."""
+    if codec == "mpeg4":
+        monkeypatch.setattr(video.av, "codecs_available", video.av.codecs_available - {"libx264"})
+    path = tmp_path / f"gaps{suffix}"
+    written = {0: 0, 1: 60, 2: 120, 24: 240}  # slot -> grey level
+    with VideoWriter(path, fps=25, size=(32, 32)) as writer:
+        for slot, level in written.items():
+            writer.write(np.full((32, 32, 3), level, np.uint8), pts=slot)
+    with av.open(str(path)) as container:
+        decoded = [
+            (frame.time, int(np.mean(frame.to_ndarray(format="rgb24"))))
+            for frame in container.decode(video=0)
+        ]
+        stated = container.duration / 1e6 if container.duration else None
+    if suffix in video.TIMED_SUFFIXES:  # each frame at its own time
+        start = decoded[0][0]
+        seen = {round((t - start) * 25): level for t, level in decoded}
+        assert sorted(seen) == sorted(written), seen
+    else:  # a frame a slot
+        seen = dict(enumerate(level for _, level in decoded))
+        assert len(seen) == 25, seen
+    for slot in range(25):  # what is on screen in every slot: the frame written last by then
+        expected = written[max(s for s in written if s <= slot)]
+        shown = seen[max(s for s in seen if s <= slot)]
+        assert abs(shown - expected) <= 3, (slot, shown, expected)
+    if suffix not in (".mpg", ".mpeg"):  # (a program stream states no length: FFmpeg guesses one)
+        assert stated == pytest.approx(1.0, abs=0.041), stated  # (the last frame shows for its 1/fps)
