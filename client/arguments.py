@@ -21,8 +21,8 @@ def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = Tr
 
     parser.add_argument(
         "--server",
-        default=default(os.environ.get("TALKINGHEAD_SERVER", DEFAULT_SERVER)),
-        help="service address host:port (default $TALKINGHEAD_SERVER or 127.0.0.1:50051)",
+        default=default(os.environ.get("TALKINGHEAD_SERVER", "").strip() or DEFAULT_SERVER),
+        help="service address host:port (default $TALKINGHEAD_SERVER, unset or empty: 127.0.0.1:50051)",
     )
     parser.add_argument(
         "--tls-ca", type=Path, default=default(None), help="PEM root certificate: connect with TLS"

@@ -108,7 +108,7 @@ def _personalise(client: Client, args: argparse.Namespace) -> int:
         return 0
     print(describe(operation), flush=True)  # named at once: a wait cut short must not lose it
     followed = follow_to_end(
-        client, operation.name, prog=prog, retry_for=args.retry_for, gave_up="gave up waiting"
+        client, operation.name, prog=prog, retry_for=args.retry_for, gave_up="gave up waiting", known=True
     )
     if isinstance(followed, int):
         return followed
@@ -158,6 +158,12 @@ def run(args: argparse.Namespace) -> int:
         return 2
     preview: PendingFile | None = None
     if args.action == "get" and args.preview is not None:
+        if args.preview.suffix.lower() != ".png":
+            print(
+                f"talkinghead avatar get: --preview {args.preview}: the preview is a PNG; name it .png",
+                file=sys.stderr,
+            )
+            return 2
         try:
             preview = PendingFile(args.preview, flag="--preview", overwrite=args.overwrite)
         except ValueError as error:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import grpc
@@ -61,6 +61,16 @@ BASES = {
 }
 
 
+T = TypeVar("T")
+
+
+def choice(table: dict[str, T], value: str, what: str) -> T:
+    """table[value], or a ValueError naming what may be chosen (not a bare KeyError)."""
+    if value not in table:
+        raise ValueError(f"{what} must be one of {', '.join(table)}, got {value!r}")
+    return table[value]
+
+
 def consent_record(
     *,
     subject: str,
@@ -73,11 +83,9 @@ def consent_record(
 ) -> avatar_pb2.ConsentRecord:
     """A consent record for create_avatar. basis: personal (with statement_version and the signed
     `document`, whose SHA-256 is sent, never the document), public-domain or licensed (with source)."""
-    if basis not in BASES:
-        raise ValueError(f"basis must be one of {', '.join(BASES)}, got {basis!r}")
     record = avatar_pb2.ConsentRecord(
         subject=subject,
-        basis=BASES[basis],
+        basis=choice(BASES, basis, "basis"),  # type: ignore[arg-type]
         collected_by=collected_by,
         statement_version=statement_version,
         source=source,
@@ -404,7 +412,7 @@ class Client:
         if steps is not None:  # 0 too: the service refuses it rather than running its default
             request.steps = steps
         elif preset:
-            request.preset = PRESETS[preset]
+            request.preset = choice(PRESETS, preset, "preset")
         operation: ops.Operation = self.operations.PersonaliseAvatar(request, timeout=self.timeout)
         if not wait:
             return operation
@@ -506,10 +514,10 @@ class Client:
         """
         config = pb.StreamConfig(
             avatar_id=avatar_id,
-            encoding=ENCODINGS[encoding],
+            encoding=choice(ENCODINGS, encoding, "encoding"),  # type: ignore[arg-type]
             quality=quality,
-            overflow=OVERFLOW[overflow],
-            motion=MOTION[motion],
+            overflow=choice(OVERFLOW, overflow, "overflow"),  # type: ignore[arg-type]
+            motion=choice(MOTION, motion, "motion"),  # type: ignore[arg-type]
             queue_depth=queue_depth,
             crop_to_face=crop_to_face,
             include_landmark_image=include_landmark_image,

@@ -52,8 +52,10 @@ class ProgressBar:
         self.out = out or sys.stderr
         self.bar: tqdm | None = None
         self.said: tuple[str, int] | None = None  # (stage, tenth of the steps) last written
+        self.seen = False  # the service has told of the operation at least once
 
     def __call__(self, operation: ops.Operation) -> None:
+        self.seen = True
         if not self.out.isatty():  # a bar redrawn into a file is one endless line
             self._line(operation)
             return
@@ -118,17 +120,19 @@ def _seconds(text: str) -> float:
 
 
 def follow_to_end(
-    client: Client, name: str, *, prog: str, retry_for: float, gave_up: str
+    client: Client, name: str, *, prog: str, retry_for: float, gave_up: str, known: bool = False
 ) -> ops.Operation | int:
     """Watch operation `name` until it is done, with a progress bar: the operation, or the exit
     code of a watch cut short, the user told the operation goes on - 130 for Ctrl-C, 1 for a
-    service lost for `retry_for` s (the loss said once; `gave_up`: "gave up waiting")."""
+    service lost for `retry_for` s (the loss said once; `gave_up`: "gave up waiting"). `known`:
+    the service has already answered for it (it started it), else a service that never answers
+    is not said to be running it."""
     progress = ProgressBar()
+    progress.seen = known
 
     def lost(error: grpc.RpcError) -> None:
-        progress.note(
-            f"{prog}: connection lost ({describe_error(error)}); retrying for up to {retry_for:g} s"
-        )
+        what = "connection lost" if progress.seen else "the service does not answer"
+        progress.note(f"{prog}: {what} ({describe_error(error)}); retrying for up to {retry_for:g} s")
 
     try:
         return client.wait_operation(
@@ -140,6 +144,13 @@ def follow_to_end(
     except grpc.RpcError as error:
         if error.code() != grpc.StatusCode.UNAVAILABLE:
             raise
+        if not progress.seen:  # never reached: whether it exists, let alone goes on, is unknown
+            print(
+                f"{prog}: {describe_error(error)}; {gave_up}: the service never answered about {name}; "
+                f"try again with `talkinghead operation watch {name}`",
+                file=sys.stderr,
+            )
+            return 1
         print(f"{prog}: {describe_error(error)}; {gave_up}: {gone_on(name)}", file=sys.stderr)
         return 1
 

@@ -36,13 +36,24 @@ from client.verify import DEFAULT_MAX_FRAMES, FileReport, WatermarkReport, verif
 from facekit.watermark import KEY_ENV, THRESHOLD, Watermarker, key_from_env
 
 
+def _at_least_one(text: str) -> int:
+    """--max-frames: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("files", nargs="+", type=Path, help="images (PNG/JPEG/WebP) or videos")
     parser.add_argument("--key", help=f"the watermark key (default ${KEY_ENV})")
     parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
     parser.add_argument(
         "--max-frames",
-        type=int,
+        type=_at_least_one,
         default=DEFAULT_MAX_FRAMES,
         help=f"check at most this many frames of a video, spread evenly (default {DEFAULT_MAX_FRAMES})",
     )

@@ -5,6 +5,7 @@ the address of a closed port, so one that went as far as calling the service wou
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -261,14 +262,41 @@ def test_a_watch_gives_up_on_a_server_that_does_not_answer(capsys: pytest.Captur
     assert main(argv) == 1
     assert time.monotonic() - started < 10
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("talkinghead operation watch: connection lost (UNAVAILABLE: ")
+    # (never reached: neither "connection lost" nor that the operation "continues on the service")
+    assert lines[0].startswith("talkinghead operation watch: the service does not answer (UNAVAILABLE: ")
     assert lines[0].endswith("; retrying for up to 0.5 s") and len(lines) == 2
     assert lines[1].endswith(
-        "; gave up watching: operations/0123 continues on the service: "
-        "follow it with `talkinghead operation watch operations/0123`"
+        "; gave up watching: the service never answered about operations/0123; "
+        "try again with `talkinghead operation watch operations/0123`"
     )
     with pytest.raises(SystemExit):
         main(["operation", "--server", CLOSED, "watch", "operations/0123", "--retry-for", "-1"])
+
+
+def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """helper-71: `verify --max-frames 0` checked no frame and said nothing; `avatar get --preview
+    x.jpg` wrote PNG bytes into a .jpg; an empty $TALKINGHEAD_SERVER was dialled as the address
+    ("Failed to create channel to ''") where the server's settings treat empty as unset."""
+    for frames in ("0", "-3"):
+        with pytest.raises(SystemExit) as refused:
+            main(["verify", str(PORTRAIT), "--max-frames", frames])
+        assert refused.value.code == 2
+        assert f"--max-frames: must be at least 1, got {frames}" in capsys.readouterr().err
+    preview = tmp_path / "crop.jpg"
+    assert main(["avatar", "--server", CLOSED, "get", "someone", "--preview", str(preview)]) == 2
+    assert one_line(capsys) == (
+        f"talkinghead avatar get: --preview {preview}: the preview is a PNG; name it .png"
+    )
+    assert not preview.exists()
+    monkeypatch.setenv("TALKINGHEAD_SERVER", "")
+    from client.arguments import add_server_arguments
+    from client.library import DEFAULT_SERVER
+
+    parser = argparse.ArgumentParser()
+    add_server_arguments(parser)
+    assert parser.parse_args([]).server == DEFAULT_SERVER
 
 
 def test_verify_exits_2_for_a_file_whose_credentials_it_could_not_read(

@@ -443,3 +443,22 @@ def test_steps_out_of_range_are_invalid_on_a_server_without_a_worker(
             assert "personalisation is not available on this server" in (error.value.details() or "")
     finally:
         running.stop()
+
+
+def test_the_librarys_named_choices_say_what_may_be_chosen() -> None:
+    """`animate(encoding="gif")` and `personalise(preset="turbo")` raised a bare KeyError; like
+    consent_record's basis, a wrong name is a ValueError listing the names, before any call."""
+    from client.library import consent_record
+
+    with Client(target="127.0.0.1:1") as client:  # (nothing listens: no call is made)
+        with pytest.raises(ValueError, match="preset must be one of fast, balanced, best, got 'turbo'"):
+            client.personalise("someone", preset="turbo")
+        for flag, value, names in [
+            ("encoding", "gif", "jpeg, png, raw"),
+            ("overflow", "drop-newest", "drop-oldest, block"),
+            ("motion", "sideways", "absolute, relative"),
+        ]:
+            with pytest.raises(ValueError, match=f"{flag} must be one of {names}, got '{value}'"):
+                next(iter(client.animate("someone", [], **{flag: value})))
+    with pytest.raises(ValueError, match="basis must be one of personal, public-domain, licensed"):
+        consent_record(subject="s", basis="nope", collected_by="c")
