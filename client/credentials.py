@@ -157,16 +157,41 @@ def _signer_info(credentials: SigningCredentials, *, timestamp: bool = True) -> 
     )
 
 
+def check_not_self_signed(credentials: SigningCredentials) -> None:
+    """ValueError for a self-signed signing certificate: C2PA's certificate profile wants an
+    end-entity certificate a CA issued, but c2pa-python signs with one (and `verify` then says
+    "Valid"), so it is refused here."""
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        leaf = x509.load_pem_x509_certificates(credentials.cert_chain)[0]
+    except ValueError as error:
+        raise ValueError(f"C2PA cannot sign with it: no PEM certificate in it ({error})") from error
+    if leaf.issuer != leaf.subject:
+        return
+    try:
+        leaf.verify_directly_issued_by(leaf)
+    except (ValueError, TypeError, InvalidSignature):
+        return  # a CA's certificate of the same name, not its own signature
+    raise ValueError(
+        "C2PA cannot sign with it: the certificate is self-signed; C2PA wants an end-entity "
+        "certificate issued by a CA"
+    )
+
+
 def trial_signature(credentials: SigningCredentials) -> None:
     """Sign a tiny PNG in memory (no time-stamp authority: no network call): ValueError with
-    c2pa's reason when it refuses the certificate or key (self-signed, no key usage it accepts,
-    expired), so that a command finds out before it does the work whose output it would sign."""
+    c2pa's reason when it refuses the certificate or key (no key usage it accepts, expired), or
+    ours when it is self-signed, so that a command finds out before it does the work whose
+    output it would sign."""
     import io
 
     import c2pa
     import numpy as np
     from PIL import Image
 
+    check_not_self_signed(credentials)
     source, dest = io.BytesIO(), io.BytesIO()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(source, format="PNG")
     source.seek(0)
@@ -191,6 +216,7 @@ def sign_file(
 
     path = Path(path)
     mime = mime_type(path)
+    check_not_self_signed(credentials)
     info = _signer_info(credentials)
     definition = json.dumps(manifest(provenance, title=title or path.name, mime=mime))
     staging = path.with_name(f".{path.name}.c2pa{path.suffix}")
