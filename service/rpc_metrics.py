@@ -9,8 +9,9 @@ serves, `other` for a name it does not know, so a scanner cannot make series; co
 name), and an Animate call one of `talkinghead_streams_total{code}` as well.
 
 The code is the one the client gets: what the handler set or aborted with, CANCELLED when the call
-was cancelled (the client cancelled, hung up, or its deadline passed), UNKNOWN when a handler
-raised (gRPC's answer to an unhandled exception).
+was cancelled (the client cancelled, hung up, or its deadline passed), UNAVAILABLE when the server
+cancelled it, stopping, at the end of its grace period (the client reads "Cancelling all calls"),
+UNKNOWN when a handler raised (gRPC's answer to an unhandled exception).
 
 With an `AccessLog` (TALKINGHEAD_ACCESS_LOG, on by default) it also writes each call's access line
 as it ends (service/access_log.py): the same method and code, the call's duration, peer and
@@ -74,6 +75,12 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         self.methods = frozenset(methods)  # "<full service name>/<method>"
         self.on_storage_failure = on_storage_failure
         self.access = access
+        self._cut_off: float | None = None  # (perf_counter) when a stopping server cancels its calls
+
+    def stopping(self, grace: float) -> None:
+        """The server stops now, cancelling what still runs in `grace` seconds: those calls end
+        UNAVAILABLE for their clients, and are counted and logged so (not CANCELLED)."""
+        self._cut_off = time.perf_counter() + grace
 
     def count(self, method: str, code: str) -> None:
         self.metrics.rpcs_total.labels(method, code).inc()
@@ -127,6 +134,8 @@ class RpcMetrics(grpc.aio.ServerInterceptor):
         request_id: str | None,
     ) -> None:
         """Count the call; write its access line."""
+        if code == "CANCELLED" and self._cut_off is not None and time.perf_counter() >= self._cut_off:
+            code = "UNAVAILABLE"
         self.count(method, code)
         if self.access is not None:
             self.access.end(

@@ -371,15 +371,13 @@ class Server:
         metrics.events_live.set_function(lambda: 1.0 if self.app.events_live() else 0.0)
         # RpcMetrics first: the outermost, it counts (and access-logs) the calls AuthInterceptor
         # refuses as well
-        interceptors = [
-            RpcMetrics(
-                metrics,
-                METHODS,
-                on_storage_failure=self.storage.failed,
-                access=AccessLog(METHODS) if s.access_log else None,
-            ),
-            AuthInterceptor(auth),
-        ]
+        self._rpc_metrics = RpcMetrics(
+            metrics,
+            METHODS,
+            on_storage_failure=self.storage.failed,
+            access=AccessLog(METHODS) if s.access_log else None,
+        )
+        interceptors = [self._rpc_metrics, AuthInterceptor(auth)]
         self._server = grpc.aio.server(options=options, interceptors=interceptors)
         # requests are parsed in service/wire.py (size limits, INVALID_ARGUMENT when malformed)
         for service, servicer in zip(
@@ -575,6 +573,7 @@ class Server:
         watchers = [t for t in (self._monitor, self._storage_task, self._jobs_task) if t is not None]
         for task in watchers:
             task.cancel()
+        self._rpc_metrics.stopping(grace)
         await self._server.stop(grace)
         if self._events is not None:
             self._events.cancel()

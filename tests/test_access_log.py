@@ -366,3 +366,38 @@ def test_a_warning_is_written_at_once_with_what_waited_before_it() -> None:
         writer.close()
         stream.close()
         reader.join(10)
+
+
+def test_a_call_the_stopping_server_cuts_off_is_logged_as_its_client_saw_it(
+    model_repository: Path, tmp_path: Path, captured: pytest.LogCaptureFixture, driver: LandmarkSequence
+) -> None:
+    """A stream still open when a stopping server's grace ended: its client got UNAVAILABLE
+    ("Cancelling all calls"), while the access line and talkinghead_rpcs_total said CANCELLED,
+    a client's own doing (helper-71, SIGTERM during an `animate`)."""
+    server = ServerThread(settings=test_settings(model_repository, tmp_path))
+    release = threading.Event()
+
+    def requests() -> Iterator[Any]:
+        yield from landmark_requests(_first(driver, 2))
+        release.wait(20)  # the stream stays open, as a live client's does
+
+    stopper = threading.Thread(target=lambda: server.stop(grace=0.3))
+    try:
+        server.wait_ready()
+        with server.client() as client:
+            client.create_avatar("cut", [PORTRAIT], consent=CONSENT)
+            frames = client.animate("cut", requests())
+            assert len([next(frames), next(frames)]) == 2
+            stopper.start()
+            threading.Timer(3.0, release.set).start()
+            with pytest.raises(grpc.RpcError) as cut:
+                next(frames)
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE, cut.value
+    finally:
+        release.set()
+        if stopper.ident:
+            stopper.join(30)
+        else:
+            server.stop()
+    [line] = [r for r in _access_records(captured) if r.method == f"{ANIMATION}/Animate"]  # type: ignore[attr-defined]
+    assert line.code == "UNAVAILABLE", line.code  # type: ignore[attr-defined]
