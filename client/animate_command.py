@@ -2,9 +2,9 @@
 
 The driver is a video (its frames are sent, the service finds the landmarks) or a landmark file
 (.npz as written by `talkinghead landmarks`, format in facekit/sequence.py; a plain .npy (N, 68, 2)
-needs --frame-size). Frames come back in order and are written to --out (H.264 via PyAV; .mp4,
-.mov, .m4v, .mkv, .avi, .mpg or .mpeg) at the driver's frame rate; a progress bar runs meanwhile
-and the achieved frames per second are printed.
+needs --frame-size, and holds no frame rate: --fps, default 25). Frames come back in order and
+are written to --out (H.264 via PyAV; .mp4, .mov, .m4v, .mkv, .avi, .mpg or .mpeg) at the
+driver's frame rate; a progress bar runs meanwhile and the achieved frames per second are printed.
 
 --out and --contact-sheet are written whole or not at all: the frames go to a hidden file beside
 --out (.NAME.partial-HOST-PID.EXT), signed there when signing is configured, and renamed onto it once
@@ -19,8 +19,9 @@ interrupted, 143 terminated (SIGTERM).
 
 --relative transfers the driver's motion (relative to its first frame, which should be a neutral
 face) onto the avatar's own face shape: use it whenever someone else drives the avatar.
---live sends at the driver's frame rate (a video's frames too) and lets the service drop frames it
-cannot keep up with (as a live call would); the video keeps the driver's timing (each frame at its
+--live sends at the driver's frame rate (a video's frames too), reserving that rate of the service's
+live capacity (StreamConfig.expected_fps), and lets the service drop frames it cannot keep up with
+(as a live call would); the video keeps the driver's timing (each frame at its
 driver frame's time, shown until the next that came back), so it lasts as long as the driver. By
 default every frame is rendered (offline). --paste-back returns the avatar's whole source photo
 (up to 1024 px) with the face moving in it; --smooth filters the driver's landmark jitter
@@ -60,10 +61,10 @@ from tqdm import tqdm
 from api.talkinghead.v1 import animation_pb2 as pb
 from client.arguments import add_server_arguments, connect
 from client.credentials import SigningCredentials, mime_type
-from client.library import Frame, describe_error, image_requests, landmark_requests
+from client.library import MAX_EXPECTED_FPS, Frame, describe_error, image_requests, landmark_requests
 from client.outputs import PendingFile, Terminated, terminate_raises
 from client.provenance import add_provenance_arguments, finish_outputs, signing_credentials
-from facekit.sequence import LandmarkSequence
+from facekit.sequence import DEFAULT_FPS, LandmarkSequence
 from facekit.video import VideoWriter, check_writable, contact_sheet, iter_video, read_video, save_png
 
 SHEET_FRAMES = 8
@@ -86,6 +87,17 @@ def _frame_size(text: str) -> tuple[int, int]:
     if match is None or min(int(match[1]), int(match[2])) <= 0:
         raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 256x256, got {text!r}")
     return int(match[1]), int(match[2])
+
+
+def _fps(text: str) -> float:
+    """--fps: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected frames per second, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
 
 
 def _smoothing(text: str) -> float:
@@ -121,6 +133,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--frame-size", type=_frame_size, help="WIDTHxHEIGHT of a .npy driver's frame, e.g. 256x256"
     )
     parser.add_argument(
+        "--fps",
+        type=_fps,
+        help=f"frames per second of a .npy driver (it holds none; default {DEFAULT_FPS:g})",
+    )
+    parser.add_argument(
         "--max-frames", type=_frame_limit, default=0, help="drive at most this many frames (0 = all)"
     )
     parser.add_argument(
@@ -145,10 +162,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _driver(args: argparse.Namespace) -> tuple[Iterator[pb.AnimateRequest], int, float]:
     """-> (requests, frame count, fps)."""
     path: Path = args.driver
+    if args.fps is not None and path.suffix.lower() != ".npy":
+        raise ValueError(f"--fps is for a .npy driver; {path} states its own frame rate")
     if path.suffix.lower() in (".npz", ".npy"):
         if path.suffix.lower() == ".npy" and args.frame_size is None and path.is_file():
             raise ValueError(f"{path}: a .npy file holds no frame size; pass --frame-size WIDTHxHEIGHT")
-        seq = LandmarkSequence.load(path, frame_size=args.frame_size)
+        seq = LandmarkSequence.load(path, frame_size=args.frame_size, fps=args.fps)
         if args.max_frames:
             seq = LandmarkSequence(seq.points[: args.max_frames], seq.frame_size, seq.fps)
         return landmark_requests(seq, pace=args.live), len(seq), seq.fps
@@ -248,6 +267,8 @@ def _animate(
                 include_landmark_image=sheet is not None,
                 paste_back=args.paste_back,
                 smoothing=args.smooth,
+                # what a live stream reserves of the server's capacity: the driver's own rate
+                expected_fps=min(max(fps, 1.0), MAX_EXPECTED_FPS) if args.live else 0.0,
             )
             with contextlib.closing(frames):  # ends the stream (and its request thread) on any exit
                 for frame in frames:

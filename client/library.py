@@ -47,6 +47,7 @@ KEEPALIVE_TIME_S = 20.0
 KEEPALIVE_TIMEOUT_S = 10.0
 RECONNECT_TIMEOUT_S = 60.0  # wait_operation: how long a lost server is retried before giving up
 REQUEST_THREAD_JOIN_S = 5.0  # animate: how long an ended stream waits for the request thread
+MAX_EXPECTED_FPS = 120.0  # StreamConfig.expected_fps's range is 1-120
 ENCODINGS = {
     "jpeg": pb.OUTPUT_ENCODING_JPEG,
     "png": pb.OUTPUT_ENCODING_PNG,
@@ -500,6 +501,7 @@ class Client:
         include_landmark_image: bool = False,
         paste_back: bool = False,
         smoothing: float | None = None,
+        expected_fps: float = 0.0,
     ) -> Generator[Frame, None, None]:
         """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
 
@@ -522,6 +524,7 @@ class Client:
             crop_to_face=crop_to_face,
             include_landmark_image=include_landmark_image,
             paste_back=paste_back,
+            expected_fps=expected_fps,
         )
         if smoothing:  # the server reads an absent filter as off, and 0 Hz as its default, 1.0
             config.smoothing.min_cutoff_hz = smoothing

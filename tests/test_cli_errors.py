@@ -120,6 +120,9 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
         ("--smooth", "31", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 31"),
         ("--smooth", "0.001", "argument --smooth: must be 0.01-30 Hz (or 0: off), got 0.001"),
         ("--smooth", "fast", "argument --smooth: expected a number of Hz, got 'fast'"),
+        ("--fps", "0", "argument --fps: must be a number > 0, got 0"),
+        ("--fps", "inf", "argument --fps: must be a number > 0, got inf"),
+        ("--fps", "ten", "argument --fps: expected frames per second, got 'ten'"),
     ]:
         with pytest.raises(SystemExit) as exit:
             main(animate("--driver", str(DRIVER), "--out", out, flag, value))
@@ -138,6 +141,11 @@ def test_animate_flags_take_only_what_they_mean(tmp_path: Path, capsys: pytest.C
         "pass --frame-size WIDTHxHEIGHT"
     )
     assert files_in(tmp_path) == ["d.npy"]
+    assert main(animate("--driver", str(DRIVER), "--out", out, "--fps", "30")) == 2  # (the .npz has its own)
+    assert (
+        one_line(capsys)
+        == f"talkinghead animate: --fps is for a .npy driver; {DRIVER} states its own frame rate"
+    )
 
 
 @pytest.mark.parametrize("flaw", ["no-eku", "self-signed"])

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from client.library import Client, Frame
+from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, read_video
 from service import settings as settings_module
 from service.local_worker import command
@@ -462,3 +464,30 @@ def test_the_librarys_named_choices_say_what_may_be_chosen() -> None:
                 next(iter(client.animate("someone", [], **{flag: value})))
     with pytest.raises(ValueError, match="basis must be one of personal, public-domain, licensed"):
         consent_record(subject="s", basis="nope", collected_by="c")
+
+
+def test_a_live_animate_reserves_its_drivers_frame_rate(
+    server: ServerThread, avatar: str, tmp_path: Path
+) -> None:
+    """`animate --live` never sent StreamConfig.expected_fps: every live stream reserved the default
+    25 fps of the server's capacity, whatever its driver's rate (helper-71). A .npy driver, which
+    holds no rate, takes --fps (it was always 25)."""
+    driver = LandmarkSequence.load(DRIVER)
+    npy = tmp_path / "d.npy"
+    np.save(npy, driver.points[:30])
+    size = "x".join(str(v) for v in driver.frame_size)
+    out = tmp_path / "live.mp4"
+    argv = ["animate", "--server", server.address, "--avatar", avatar, "--driver", str(npy)]
+    argv += ["--frame-size", size, "--fps", "10", "--live", "--out", str(out)]
+    seen: list[float] = []
+    running = threading.Thread(target=lambda: seen.append(main(argv)))
+    running.start()
+    reserved = set()
+    while running.is_alive():  # 30 frames at 10 fps: 3 s of stream
+        reserved.add(server.metric("talkinghead_committed_fps"))
+        time.sleep(0.05)
+    running.join()
+    assert seen == [0]
+    assert 10.0 in reserved and 25.0 not in reserved, reserved
+    frames = read_video(out)[1]
+    assert frames == pytest.approx(10.0), "written at the driver's rate"
