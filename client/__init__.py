@@ -1,6 +1,7 @@
 """The talkinghead client: a Python library, the `avatar`, `animate`, `bench` and `verify` commands.
 
-    from client import Client, landmark_requests
+    from client import Client, consent_record, landmark_requests
+    from facekit.sequence import LandmarkSequence
     with Client(target="127.0.0.1:50051") as c:
         consent = consent_record(subject="Mona Lisa (Leonardo)", basis="public-domain",
                                  source="https://collections.louvre.fr/ark:/53355/cl010062370",

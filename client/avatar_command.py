@@ -1,4 +1,4 @@
-"""Manage avatars on a running service: create from photos, list, show, delete.
+"""Manage avatars on a running service: create from photos, list, show, delete, personalise.
 
 examples:
   talkinghead avatar create mona mona1.jpg --name "Mona Lisa" --subject "Mona Lisa (Leonardo)" \\
