@@ -214,8 +214,9 @@ class RedisQueue:
         if record is None:
             return None
         job = Job.from_json(record)
-        if cancel is not None:
-            job.cancel_requested, job.cancel_reason = True, cancel.decode(errors="replace")
+        if cancel is not None:  # ('1': a cancel asked by a server from before reasons were kept)
+            reason = cancel.decode(errors="replace")
+            job.cancel_requested, job.cancel_reason = True, "" if reason == "1" else reason
         return job
 
     def _records(self, ids: list[str]) -> tuple[list[Job], list[str]]:
