@@ -18,11 +18,10 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from facekit import procstat
+from facekit import metrics_http, procstat
 from service.auth import REFUSAL_REASONS
 
 # Per-frame stages: 0.5 ms .. 60 s. The top finite bucket bounds what histogram_quantile can say:
@@ -363,5 +362,5 @@ class Metrics:
 
     def serve(self, host: str, port: int) -> tuple[Any, int]:
         """Start the /metrics HTTP server in a daemon thread -> (server, bound port)."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = metrics_http.serve(host, port, self.registry)
         return server, int(server.server_address[1])

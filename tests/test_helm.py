@@ -877,6 +877,24 @@ def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> Non
     assert sources == ["service", "worker"], "the worker reaches Triton's gRPC port"
 
 
+def test_worker_flags_without_a_variable_reach_it_through_extra_args(helm: str) -> None:
+    """--threads, --device, --sweep-interval and --nice have no environment variable, and the
+    worker had no extraArgs: an operator could not set them (helper-73). The rendered command
+    parses as the worker's own."""
+    import argparse
+
+    from worker.command import add_arguments
+
+    sets = {"worker.extraArgs[0]": "--threads=4", "worker.extraArgs[1]": "--nice=5"}
+    manifests = check_chart.render(helm, CI / "worker-redis.yaml", sets)
+    args = container(one(manifests, "Deployment", "-worker"), "worker")["args"]
+    assert args[-2:] == ["--threads=4", "--nice=5"] and args[0] == "worker"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parsed = parser.parse_args([re.sub(r"\$\((\w+)\)", "x", a) for a in args[1:]])
+    assert (parsed.threads, parsed.nice) == (4, 5)
+
+
 def test_without_a_worker_the_server_refuses_personalisation_and_needs_no_redis(helm: str) -> None:
     manifests = render(helm)
     assert one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_WORKER"] == "none"
@@ -1436,6 +1454,32 @@ def test_streams_get_the_pods_grace_period_on_shutdown(helm: str, tmp_path: Path
     too_long = "server.shutdownGraceSeconds=26 (after server.shutdownDrainSeconds=5) must end before"
     with pytest.raises(RuntimeError, match=re.escape(too_long)):
         render(helm, server__shutdownGraceSeconds=26)
+    # helper-73: a long period computed a grace the server refuses (3990 > 3600: a crash-looping
+    # pod), and the operator's own grace went unchecked against the period outside sidecar mode
+    assert served_settings(render(helm, server__terminationGracePeriodSeconds=4000)).shutdown_grace == 3600
+    own_too_long = "the shutdown grace (server.extraArgs' --shutdown-grace or server.extraEnv's"
+    with pytest.raises(RuntimeError, match=re.escape(own_too_long) + ".*=60 .*must end before"):
+        render(helm, **{"server.extraArgs[0]": "--shutdown-grace=60"})
+    values.write_text("server:\n  extraEnv: [{name: TALKINGHEAD_SHUTDOWN_GRACE, value: '60'}]\n")
+    with pytest.raises(RuntimeError, match=r"=60 .*must end before"):
+        render(helm, values)
+    with pytest.raises(RuntimeError, match="=3700: the server takes 0-3600 seconds"):
+        render(
+            helm,
+            server__terminationGracePeriodSeconds=4000,
+            **{"server.extraArgs[0]": "--shutdown-grace=3700"},
+        )
+
+
+def test_creates_per_tenant_above_the_pods_are_refused_before_the_server_would(helm: str) -> None:
+    """`--set server.maxCreates=1` rendered beside the default 2 per tenant, and the server then
+    refused to start (helper-73): the chart says so at install."""
+    with pytest.raises(
+        RuntimeError, match=re.escape("server.maxCreatesPerTenant=2 is above server.maxCreates=1")
+    ):
+        render(helm, server__maxCreates=1)
+    served = served_settings(render(helm, server__maxCreates=3, server__maxCreatesPerTenant=3))
+    assert (served.max_creates, served.max_creates_per_tenant) == (3, 3)
 
 
 def _secret_text(secret: Manifest, key: str) -> str:

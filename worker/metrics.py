@@ -20,9 +20,9 @@ from prometheus_client import (
     Histogram,
     PlatformCollector,
     ProcessCollector,
-    start_http_server,
 )
 
+from facekit import metrics_http
 from jobs.record import CANCELLED, FAILED, PERSONALISE, REMOVE, SUCCEEDED, Job
 
 # talkinghead_worker_jobs_total's `outcome`: the job's end as this worker wrote it (succeeded,
@@ -139,6 +139,6 @@ class WorkerMetrics:
         """Start the /metrics HTTP server in a daemon thread -> (server, bound port). The thread's
         native id is `server_thread`: it and the threads it starts per scrape keep their CPU
         policy when the worker lowers its own."""
-        server, thread = start_http_server(port, addr=host, registry=self.registry)
+        server, thread = metrics_http.serve(host, port, self.registry)
         self.server_thread = int(thread.native_id or 0)
         return server, int(server.server_address[1])

@@ -307,8 +307,18 @@ it must end before the kubelet kills the pod. */ -}}
 {{- if ge (addf $drain 1) (float64 .Values.server.terminationGracePeriodSeconds) -}}
 {{- fail (printf "server.shutdownDrainSeconds=%v leaves no time within server.terminationGracePeriodSeconds=%v: on SIGTERM the server takes new calls for the drain, then gives running streams at least 1 s (server.shutdownGraceSeconds), and the kubelet kills the pod at the end of the grace period, cutting them. Lower server.shutdownDrainSeconds or raise server.terminationGracePeriodSeconds above shutdownDrainSeconds + 1 (the default grace is the period less the drain less 5 s)" .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
 {{- end -}}
-{{- if and (ne (toString $grace) "") (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $grace) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
-{{- fail (printf "server.shutdownGraceSeconds=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower server.shutdownGraceSeconds (empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $grace .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
+{{- /* The grace whatever sets it: the chart's value, or the operator's --shutdown-grace in
+server.extraArgs or TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (those went unchecked). */ -}}
+{{- $resolved := include "talkinghead.shutdownGraceSeconds" . -}}
+{{- $from := ternary "server.shutdownGraceSeconds" "the shutdown grace (server.extraArgs' --shutdown-grace or server.extraEnv's TALKINGHEAD_SHUTDOWN_GRACE)" (ne (toString $grace) "") -}}
+{{- if gt (float64 $resolved) 3600.0 -}}
+{{- fail (printf "%s=%v: the server takes 0-3600 seconds and would refuse to start" $from $resolved) -}}
+{{- end -}}
+{{- if and (or (ne (toString $grace) "") (include "talkinghead.shutdownGraceArg" .) (include "talkinghead.shutdownGraceEnv" .)) (gt (int .Values.server.terminationGracePeriodSeconds) 0) (ge (addf (float64 $resolved) $drain) (float64 .Values.server.terminationGracePeriodSeconds)) -}}
+{{- fail (printf "%s=%v (after server.shutdownDrainSeconds=%v) must end before server.terminationGracePeriodSeconds=%v: the kubelet kills the pod at the end of that, cutting the streams still running. Lower it (server.shutdownGraceSeconds empty: the grace period less the drain less 5 s) or raise server.terminationGracePeriodSeconds" $from $resolved .Values.server.shutdownDrainSeconds .Values.server.terminationGracePeriodSeconds) -}}
+{{- end -}}
+{{- if gt (int .Values.server.maxCreatesPerTenant) (int .Values.server.maxCreates) -}}
+{{- fail (printf "server.maxCreatesPerTenant=%v is above server.maxCreates=%v: the server refuses to start (a tenant's creates in flight are at most the pod's); lower it with maxCreates" .Values.server.maxCreatesPerTenant .Values.server.maxCreates) -}}
 {{- end -}}
 {{- /* Triton must end its in-flight requests before the kubelet kills it: in its own pod within
 its grace period; as a sidecar after its preStop sleep (the server's drain and streams' grace). */ -}}
@@ -481,7 +491,7 @@ TALKINGHEAD_SHUTDOWN_GRACE in server.extraEnv (the chart's flag then reads that 
 {{- $s := .Values.server -}}
 {{- if not (or (include "talkinghead.shutdownGraceArg" .) (include "talkinghead.shutdownGraceEnv" .)) -}}
 {{- if eq (toString $s.shutdownGraceSeconds) "" -}}
-{{- max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
+{{- min 3600 (max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds))) -}}
 {{- else -}}
 {{- $s.shutdownGraceSeconds -}}
 {{- end -}}
@@ -503,7 +513,7 @@ else (one the chart cannot read) the default: the grace period less the drain le
 {{- range $s.extraEnv -}}{{- if eq (toString .name) "TALKINGHEAD_SHUTDOWN_GRACE" -}}{{- $g = toString (.value | default "") -}}{{- end -}}{{- end -}}
 {{- end -}}
 {{- if not (regexMatch "^[0-9]+(\\.[0-9]+)?$" (toString $g)) -}}
-{{- $g = max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds)) -}}
+{{- $g = min 3600 (max 1 (sub (sub (int $s.terminationGracePeriodSeconds) 5) (int $s.shutdownDrainSeconds))) -}}
 {{- end -}}
 {{- $g -}}
 {{- end -}}
