@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import cv2
@@ -21,6 +22,56 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 _AS_JPEG = ("MPO",)
 JPEG_QUALITY = 90  # default when the stream asks for 0
 PNG_LEVEL = 1  # default zlib level: fast; level 9 saves 3-4 % for ~3x the time (128-512 px frames)
+# What an image may cost to decode beyond its pixel count (helper-74 measured each, on 2 cores):
+# a progressive JPEG's every scan walks every block again (one 36-Mpx image of 13,000 one-byte
+# scans, 1 MB: 33 CPU-s, holding the detect thread; a camera's has ~10, jpegtran's ~10, mozjpeg's
+# ~20); every segment before the picture is parsed in Python, twice (2.6 million empty APP5
+# segments, 10 MB: 3.4 CPU-s a pass; a camera's JPEG has ~10-30, ICC profiles split into <= 255);
+# every PNG chunk too (870,000 empty chunks: 2.2 CPU-s; libpng writes 8 KiB IDATs: ~1,300 in
+# 10 MB); and a WebP declaring 6300x6300 of one colour is 38 bytes (0.64 s and +624 MB to decode).
+# Deflate cannot pass ~1,032:1, so no 8-bit PNG reaches 1,100 pixels a byte; photos are < 100.
+MAX_JPEG_SCANS = 100
+MAX_JPEG_SEGMENTS = 512  # before the first scan
+MAX_PNG_CHUNKS = 8192
+MAX_PIXELS_PER_BYTE = 2048
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_STANDALONE = frozenset({0x01, *range(0xD0, 0xDA)})  # TEM, RSTn, SOI, EOI: no length
+
+
+def _check_structure(data: bytes, what: str) -> None:
+    """Refuse, before any decoder sees it, an image whose container would cost far more to parse
+    or decode than its size (the limits above). A structure this walk cannot follow is left to
+    the decoder, which refuses it."""
+    if data[:2] == b"\xff\xd8":
+        scans = data.count(b"\xff\xda")  # (0xFF in coded data is stuffed: FF 00, so none is a scan)
+        if scans > MAX_JPEG_SCANS:
+            raise invalid(f"{what}: the JPEG has {scans} scans, more than the limit of {MAX_JPEG_SCANS}")
+        position, segments = 2, 0
+        while position + 4 <= len(data) and data[position] == 0xFF:
+            marker = data[position + 1]
+            if marker == 0xFF:  # fill byte
+                position += 1
+                continue
+            if marker == 0xDA:  # the first scan: the picture's header is behind
+                return
+            segments += 1
+            if segments > MAX_JPEG_SEGMENTS:
+                raise invalid(
+                    f"{what}: the JPEG has more than {MAX_JPEG_SEGMENTS} segments before its picture"
+                )
+            position += (
+                2 if marker in _JPEG_STANDALONE else 2 + struct.unpack_from(">H", data, position + 2)[0]
+            )
+    elif data[:8] == _PNG_SIGNATURE:
+        position, chunks = 8, 0
+        while position + 8 <= len(data):
+            length, kind = struct.unpack_from(">I4s", data, position)
+            chunks += 1
+            if chunks > MAX_PNG_CHUNKS:
+                raise invalid(f"{what}: the PNG has more than {MAX_PNG_CHUNKS} chunks")
+            if kind == b"IEND":
+                return
+            position += 12 + length
 
 
 def _open(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.Image:
@@ -29,6 +80,7 @@ def _open(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.I
         raise invalid(f"{what}: empty image")
     if len(data) > max_bytes:
         raise invalid(f"{what}: {len(data)} bytes exceeds the limit of {max_bytes} bytes")
+    _check_structure(data, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -42,6 +94,11 @@ def _open(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> Image.I
     width, height = image.size
     if width * height > max_pixels:
         raise invalid(f"{what}: {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+    if width * height > MAX_PIXELS_PER_BYTE * len(data):
+        raise invalid(
+            f"{what}: {width}x{height} pixels from {len(data)} bytes: more than {MAX_PIXELS_PER_BYTE} "
+            "pixels a byte (a picture of one colour, or a decompression bomb)"
+        )
     return image
 
 
@@ -56,7 +113,12 @@ def probe_image(data: bytes, *, max_bytes: int, max_pixels: int, what: str) -> t
     image = _open(data, max_bytes=max_bytes, max_pixels=max_pixels, what=what)
     width, height = image.size
     try:
-        orientation = image.getexif().get(0x0112)
+        if image.format == "PNG":  # getexif() decodes a PNG whole to look behind its pixels
+            exif = Image.Exif()
+            exif.load(image.info.get("exif") or b"")
+        else:
+            exif = image.getexif()
+        orientation = exif.get(0x0112)
     except Exception:  # a broken EXIF block: decode_image's exif_transpose fails or ignores it
         orientation = None
     return (height, width) if orientation in _TRANSPOSED else (width, height)

@@ -19,7 +19,7 @@ from api.talkinghead.v1.landmarks_pb2 import Landmarks
 from client.library import Client
 from facekit.sequence import LandmarkSequence
 from service.errors import ServiceError
-from service.images import probe_image
+from service.images import MAX_PIXELS_PER_BYTE, probe_image
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT
 
@@ -27,13 +27,16 @@ CODE = grpc.StatusCode
 
 
 def png_header(width: int, height: int) -> bytes:
-    """A PNG that claims width x height and holds no picture: it can be probed, never decoded."""
+    """A PNG that claims width x height and holds no picture: it can be probed, never decoded. It
+    is padded (an empty private chunk) to the bytes a picture that size would take at least
+    (service/images.py MAX_PIXELS_PER_BYTE), so that only the limit a test is about refuses it."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    padding = chunk(b"prIv", bytes(min(width * height // MAX_PIXELS_PER_BYTE + 1, 1 << 20)))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + padding + chunk(b"IEND", b"")
 
 
 def refused(call: object) -> grpc.RpcError:
