@@ -42,6 +42,11 @@ from service.metrics import DROPPED_QUOTA, LIVE, OFFLINE, Metrics
 
 log = logging.getLogger("talkinghead.service.stream")
 DEFAULT_DEPTH, MAX_DEPTH = 4, 64
+# Replies a stream may owe (frames queued, in the generator, or dropped and not yet told) before
+# its reader waits: a live client that stopped reading its replies (its writes stalled) while it
+# kept sending made the reader append an entry a request until the write deadline (186,000 frames:
+# +136-190 MB of RSS, helper-74). Above any queue depth and what the generator holds of a stream.
+MAX_OWED = 2 * MAX_DEPTH
 # The lowest JPEG quality served: at 20 the frames' watermark was found in 6 of 10 (128 px crop), at
 # 30 in 10 of 10 at scores 6.9-9.7 (threshold 6), at 50 9.4-11.3 on the demo avatar; but on a
 # brightened one (x1.6, its highlights clipped) 22 of 24 128 px crops at 50 (lowest 5.22), 24 of 24
@@ -220,6 +225,7 @@ class Stream:
     idle_timeout: float  # Settings.stream_idle_timeout
     outstanding: collections.deque[Outstanding] = field(default_factory=collections.deque)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    popped: asyncio.Event = field(default_factory=asyncio.Event)  # the reply loop took one off
     error: ServiceError | None = None  # what ended the reader (copied: no traceback, no cycle)
     ended: ServiceError | None = None  # `end`: the stream is over whatever the reader does
     reading_done: bool = False
@@ -318,6 +324,7 @@ class Stream:
         retry = False
         while (wait := self.pace(retry)) > 0.0:
             if not self.setup.block:
+                await self._room()
                 dropped = Outstanding(sequence=-1, capture_time_us=0, read=read)
                 dropped.item = WorkItem(
                     points=np.zeros((68, 2), np.float32), draw=self.draw, adain=None, model=""
@@ -370,9 +377,18 @@ class Stream:
         pending.item = WorkItem(
             points=crop_points, draw=self.draw, warp=self.warp, adain=self.adain, model=self.model
         )
+        await self._room()
         self.outstanding.append(pending)
         self.changed.set()
         await self.queue.put(pending.item)
+
+    async def _room(self) -> None:
+        """Wait while the stream owes MAX_OWED replies: its client is not taking them. gRPC's flow
+        control then holds the client's sends, until the reply loop goes on or the write deadline
+        ends the stream."""
+        while len(self.outstanding) >= MAX_OWED:
+            self.popped.clear()
+            await self.popped.wait()
 
     # -- replying -----------------------------------------------------------------------------
     async def replies(self) -> AsyncIterator[pb.AnimateResponse]:
@@ -398,6 +414,7 @@ class Stream:
                 except Exception:  # the frame failed: its error is taken from the future below
                     pass
             self.outstanding.popleft()
+            self.popped.set()
             if future.cancelled():  # dropped by the overflow policy
                 dropped_before += 1
                 self.dropped_total += 1

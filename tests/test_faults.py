@@ -219,6 +219,49 @@ def test_a_client_that_stops_reading_gives_its_slot_back(
         c.close()
 
 
+def test_a_live_client_that_stops_reading_but_floods_holds_a_bounded_backlog(
+    live: ServerThread, driver: LandmarkSequence
+) -> None:
+    """A live stream whose client reads no reply but sends as fast as it can: the reply loop
+    blocks on its write, and the reader appended an entry for every request (dropped or not)
+    until the write deadline: 186,000 frames, +136-190 MB (helper-74). The reader now waits at
+    MAX_OWED replies owed, and gRPC's flow control holds the client."""
+    from service.stream import MAX_OWED
+
+    stop, sent = threading.Event(), [0]
+
+    def requests() -> Iterator[pb.AnimateRequest]:
+        yield config("astro", encoding=pb.OUTPUT_ENCODING_RAW_RGB, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST)
+        for request in frames_forever(driver, pace=False):
+            if stop.is_set():
+                return
+            sent[0] += 1
+            yield request
+
+    async def owed() -> list[int]:
+        return [
+            len(w.stream.outstanding)
+            for ws in live.app.streams._by_avatar.values()
+            for w in ws
+            if w.stream is not None
+        ]
+
+    c = live.client()
+    try:
+        call = c.animation.Animate(requests(), timeout=120)
+        assert next(call).HasField("started")  # then never reads again
+        most = 0
+        while live.app.active_streams:  # until the write deadline ends it
+            most = max([most, *live.call(owed())])
+            time.sleep(0.01)
+        print(f"flooding reader: {sent[0]} frames sent, at most {most} replies owed")
+        assert sent[0] > 4 * MAX_OWED, "the client sent more than the backlog may hold"
+        assert 0 < most <= MAX_OWED
+    finally:
+        stop.set()
+        c.close()
+
+
 CLIENT = """
 import itertools, sys
 from api.talkinghead.v1 import animation_pb2 as pb
