@@ -52,7 +52,10 @@ _ONNX_TO_TRITON: dict[int, str] = {
     onnx.TensorProto.FLOAT16: "TYPE_FP16",
     onnx.TensorProto.INT64: "TYPE_INT64",
 }
-_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,127}$")
+# a model's folder: no path tricks (no "/", no leading "."), and the "." of a tenant's stored avatar
+# id (generator_acme.mona: it was refused, so no avatar of a tenant but the default could be
+# personalised or withdrawn)
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -57,6 +57,39 @@ def embedded(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
     running.stop()
 
 
+def test_a_tenants_avatar_is_personalised_served_and_withdrawn(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """A tenant's avatar is stored as `acme.mona`, its generator `generator_acme.mona`, a name the
+    model repository refused ("invalid model name"): with API keys no avatar of a tenant could be
+    personalised or have its generator withdrawn (helper-75). The default tenant's could."""
+    from service.auth import FileRing, issue
+
+    ring = FileRing(path=tmp_path / "keys.json")
+    key = ring.update(lambda r: issue(r, "acme"))[1]
+    repository = copy_base_models(model_repository, tmp_path / "repo")
+    settings = test_settings(repository, tmp_path / "store", worker="embedded", api_keys=str(ring.path))
+    running = ServerThread(settings=settings)
+    try:
+        running.wait_ready()
+        with Client(target=running.address, api_key=key, timeout=120) as acme:
+            acme.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+            done = acme.personalise("mona", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+            assert operation_error(done) == "", operation_error(done)
+            assert done.response.model_name == "generator_acme.mona"
+            driver = LandmarkSequence.load(DRIVER)
+            two = LandmarkSequence(driver.points[:2], driver.frame_size, driver.fps)
+            assert len(list(acme.animate("mona", landmark_requests(two)))) == 2
+            assert acme.last_started is not None and acme.last_started.personalised
+            acme.delete_avatar("mona")
+            deadline = time.monotonic() + WORKER_TIMEOUT_S
+            while (left := sorted(p.name for p in repository.iterdir())) != ["embedder", "generator"]:
+                assert time.monotonic() < deadline, f"the deleted avatar's generator is still there: {left}"
+                time.sleep(0.2)
+    finally:
+        running.stop()
+
+
 def code_of(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as error:
         call()  # type: ignore[operator]

@@ -381,6 +381,30 @@ def test_a_version_triton_refuses_is_taken_back(
     assert client.is_model_ready("generator"), "the shared generator kept serving"
 
 
+def test_a_tenants_generator_loads_serves_and_is_withdrawn_in_triton(
+    triton: tritonserver.Server, live_repo: Path, faces: dict[str, np.ndarray]
+) -> None:
+    """A tenant's avatar `acme.bob` has the generator generator_acme.bob: a name with a dot, which
+    the repository refused (helper-75) and which Triton loads, serves and unloads like any."""
+    from export import repository
+    from facekit import contract
+    from worker import models
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    source = contract.latest_version(live_repo / "generator")
+    assert source is not None
+    name = contract.personalised_name("acme.bob")
+    written = repository.write_model(live_repo, source, name=name)
+    models.load_everywhere(live_repo, name, tritons=[triton.grpc_url], written=written)
+    assert client.is_model_ready(name)
+    psi = infer(client, "embedder", image=faces["image"], landmark_image=faces["landmark_image"])["adain"][:1]
+    feeds = {"landmark_image": faces["drawn"][:1], "adain": psi, **warped_of(faces, slice(0, 1))}
+    served, shared = infer(client, name, **feeds)["image"], infer(client, "generator", **feeds)["image"]
+    assert np.abs(served.astype(int) - shared).mean() < 2, "its copy of the shared generator draws as it"
+    assert models.withdraw("acme.bob", live_repo, tritons=[triton.grpc_url])
+    assert not (live_repo / name).exists() and not client.is_model_ready(name)
+
+
 def test_a_withdrawn_generator_cannot_be_loaded_again_by_a_replica_using_it(
     triton: tritonserver.Server, live_repo: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
