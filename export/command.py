@@ -4,7 +4,12 @@ A meta checkpoint gives `embedder` and `generator` (and beside the generator the
 avatars' generators are written from: `--no-template`); a personalised one (from `talkinghead
 finetune`) adds `generator_<avatar>` to a live repository as a new model version. Every model is
 checked against PyTorch on real frames (the demo portrait, driven by the demo landmarks) and
-timed with ONNX Runtime on CPU; the figures go to the report (JSON) and the log.
+timed with ONNX Runtime on CPU; the figures go to the report (JSON) and the log, and a model that
+differs from PyTorch by more than 2 levels of an image or 1e-3 of psi is not written (exit 1).
+Every model is exported and checked before any is written, so a failure or a kill leaves the
+repository as it was (not an embedder of one checkpoint beside the generator of another). A
+checkpoint that cannot be read, or a repository or report that cannot be written, is one line and
+exit 2 before any work.
 
 examples:
     talkinghead export --checkpoint models/talkinghead-small.pt --repository model_repository
@@ -21,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,6 +105,14 @@ def real_inputs(ckpt: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+class Refused(Exception):
+    """An export that must not go on (exit `status`): the message is for the user, one line."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def check(graph: to_onnx.Graph, path: Path, inputs: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
     kind = graph.metadata[contract.Meta.KIND]
     feeds = dict(inputs[kind])
@@ -118,19 +132,65 @@ def check(graph: to_onnx.Graph, path: Path, inputs: dict[str, dict[str, np.ndarr
             p.mean_abs,
             p.unit,
         )
+    for p in figures:  # the gate: a model that does not compute what PyTorch does is not served
+        limit = to_onnx.Templates.IMAGE_LEVELS if p.unit == "uint8 levels" else to_onnx.Templates.FLOAT_ABS
+        if not p.max_abs <= limit:  # NaN fails too
+            raise Refused(
+                f"{p.model}.{p.output} differs from PyTorch by {p.max_abs:.3g} {p.unit} (at most {limit:g}): "
+                "nothing written",
+                status=1,
+            )
     latency = {f"batch_{b}": round(to_onnx.latency_ms(path, b), 2) for b in (1, 8)}
     log.info("onnxruntime CPU latency %s: %s ms", graph.name, latency)
     return {"parity": [vars(p) for p in figures], "latency_ms": latency}
 
 
-def export(args: argparse.Namespace) -> dict[str, Any]:
-    ckpt = checkpoint.load(args.checkpoint)
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], list[to_onnx.Graph]]:
+    """The checkpoint and the models it exports to; Refused (one line) when it cannot be read as a
+    talkinghead checkpoint (missing, a folder, cut short, another file, another version)."""
+    import pickle
+    import zipfile
+
+    what = f"--checkpoint {path}"
+    if not path.is_file():
+        raise Refused(f"{what}: {'is a directory' if path.is_dir() else 'no such file'}")
+    try:
+        ckpt = checkpoint.load(path)
+        return ckpt, to_onnx.graphs(ckpt)
+    except ValueError as error:
+        raise Refused(f"{what}: {str(error).removeprefix(f'{path}: ').removeprefix(f'{path} ')}") from None
+    except (pickle.UnpicklingError, EOFError, RuntimeError, KeyError, zipfile.BadZipFile, OSError) as error:
+        raise Refused(f"{what}: not a readable talkinghead checkpoint ({type(error).__name__})") from None
+
+
+def check_writable(repository: Path, report: Path) -> None:
+    """Refused, before any work, when the repository or the report's folder cannot be written."""
+    if repository.exists() and not repository.is_dir():
+        raise Refused(f"--repository {repository}: exists and is not a directory")
+    folder = report.parent
+    if not folder.is_dir() and folder.absolute() != repository.absolute().parent:
+        raise Refused(f"--report {report}: no folder {folder}")
+    try:
+        repository.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise Refused(f"--repository {repository}: {error.strerror or error}") from None
+    if not os.access(folder, os.W_OK) or not os.access(repository, os.W_OK):
+        where = folder if not os.access(folder, os.W_OK) else repository
+        raise Refused(f"{where}: not writable (the repository and its report are written there)")
+
+
+def export(
+    args: argparse.Namespace, loaded: tuple[dict[str, Any], list[to_onnx.Graph]] | None = None
+) -> dict[str, Any]:
+    """Export `args.checkpoint` (or the `loaded` checkpoint and its graphs) into args.repository."""
+    ckpt, graphs = loaded or load_checkpoint(args.checkpoint)
+    args.repository.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"checkpoint": str(args.checkpoint), "profile": args.profile, "models": {}}
     inputs = None if args.no_check else real_inputs(ckpt)
-    args.repository.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="talkinghead-export-") as tmp:
         changed = []
-        for graph in to_onnx.graphs(ckpt):
+        staged: list[tuple[to_onnx.Graph, Path, dict[str, Any]]] = []
+        for graph in graphs:  # every model exported and checked first: then written, together
             if (found := to_onnx.start_from(graph, args.repository)) is not None:
                 log.info("%s starts from the graph of %s", graph.name, found)
             started = time.monotonic()
@@ -138,6 +198,8 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
             entry = {"export_seconds": round(time.monotonic() - started, 1), **to_onnx.describe(path)}
             if inputs is not None:
                 entry.update(check(graph, path, inputs))
+            staged.append((graph, path, entry))
+        for graph, path, entry in staged:
             latest = repository.versions(args.repository / graph.name)
             same = (
                 latest
@@ -223,8 +285,12 @@ def wait_unloaded(client: Any, name: str, timeout: float = 30.0) -> None:
 
 
 def remove_avatar(args: argparse.Namespace) -> int:
-    name = contract.personalised_name(args.remove_avatar)
+    try:
+        name = contract.personalised_name(args.remove_avatar)
+    except ValueError as error:
+        raise Refused(f"--remove-avatar {args.remove_avatar!r}: {error}") from None
     hidden = repository.hide_model(args.repository, name)  # first: then nothing can load it again
+    unloaded = True
     if args.triton_url:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
@@ -240,18 +306,27 @@ def remove_avatar(args: argparse.Namespace) -> int:
                 log.info("%s was not loaded in Triton at %s", name, args.triton_url)
         except (InferenceServerException, TimeoutError) as err:
             log.warning("Triton could not unload %s: %s", name, err)
+            unloaded = False
     if hidden is None:
         log.error("%s is not in %s", name, args.repository)
         return 1
     shutil.rmtree(hidden, ignore_errors=True)
     log.info("removed %s from %s", name, args.repository)
+    if not unloaded:  # deleted, but Triton may still serve it until a worker's sweep or a restart
+        log.error(
+            "%s may still be loaded in Triton at %s: unload it there (a worker's sweep does) or restart it",
+            name,
+            args.triton_url,
+        )
+        return 1
     return 0
 
 
-def report_path(repo: Path, report: dict[str, Any]) -> Path:
+def report_path(repo: Path, names: list[str]) -> Path:
     """<repository>.export.json for the base models; <repository>.generator_<avatar>.export.json for
     an avatar's personalised generator (before, exporting one replaced the base models' report)."""
-    avatars = sorted(name for name in report["models"] if name.startswith(contract.PERSONALISED_PREFIX))
+    repo = repo.absolute() if repo.name in ("", ".", "..") else repo  # ("." has no name to extend)
+    avatars = sorted(name for name in names if name.startswith(contract.PERSONALISED_PREFIX))
     return repo.with_name(".".join([repo.name, *avatars, "export.json"]))
 
 
@@ -259,13 +334,27 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("onnxscript", "onnx_ir", "torch.onnx", "onnxslim"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if args.remove_avatar:
-        return remove_avatar(args)
-    if args.checkpoint is None:
-        raise SystemExit("talkinghead export: --checkpoint is required (or --remove-avatar ID)")
-    report = export(args)
-    out = args.report or report_path(args.repository, report)
-    out.write_text(json.dumps(report, indent=2) + "\n")  # (before the load: what was exported stays said)
+    try:
+        if args.remove_avatar:
+            if args.checkpoint is not None:
+                raise Refused("--remove-avatar takes no --checkpoint (it removes; export separately)")
+            return remove_avatar(args)
+        if args.checkpoint is None:
+            raise Refused("--checkpoint is required (or --remove-avatar ID)")
+        if args.device == "gpu" and args.profile != "onnxruntime":
+            raise Refused(
+                "--device gpu is for --profile onnxruntime (python runs CPU engines; tensorrt is the GPU's)"
+            )
+        ckpt, graphs = load_checkpoint(args.checkpoint)
+        out = args.report or report_path(args.repository, [g.name for g in graphs])
+        check_writable(args.repository, out)
+        report = export(args, (ckpt, graphs))
+    except Refused as refused:
+        print(f"talkinghead export: {refused}", file=sys.stderr)
+        return refused.status
+    staging = out.with_name(f".{out.name}.partial")
+    staging.write_text(json.dumps(report, indent=2) + "\n")  # (before the load: what was exported stays said)
+    os.replace(staging, out)
     log.info("report: %s", out)
     if args.triton_url:
         from tritonclient.utils import InferenceServerException

@@ -744,3 +744,100 @@ def test_a_full_export_prints_no_warnings(meta_ckpt: dict[str, Any], tmp_path: P
     assert [str(w.message)[:200] for w in caught] == []
     assert "warn" not in (printed.out + printed.err).lower(), printed.err[-2000:]
     assert "torchvision" not in printed.err
+
+
+def test_a_model_that_does_not_compute_what_pytorch_does_is_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The parity check logged its figures and wrote every model whatever they said: a generator
+    with one weight scaled after tracing (39 levels off) and an embedder off by 0.38 exported with
+    exit 0 (helper-75). Now such an export writes nothing, the embedder it was checked with
+    included (the models are written together, after every check), and exits 1 saying which."""
+    from talkinghead.cli import run_module
+
+    real = to_onnx.export_graph
+
+    def broken(graph: to_onnx.Graph, path: Path) -> Path:
+        written = real(graph, path)
+        if graph.name == contract.GENERATOR:
+            model = onnx.load(str(written))
+            weight = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+            values = onnx.numpy_helper.to_array(weight) * 1.5
+            weight.CopyFrom(onnx.numpy_helper.from_array(values.astype(np.float32), weight.name))
+            onnx.save(model, str(written))
+        return written
+
+    monkeypatch.setattr(to_onnx, "export_graph", broken)
+    quick_latency(monkeypatch)
+    repo = tmp_path / "repo"
+    argv = ["--checkpoint", str(CHECKPOINT), "--repository", str(repo), "--no-template"]
+    assert run_module("export.command", argv, prog="talkinghead export") == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("talkinghead export: generator.image differs from PyTorch by "), line
+    assert line.endswith("uint8 levels (at most 2): nothing written")
+    assert sorted(p.name for p in repo.iterdir()) == [], "nothing written, the embedder neither"
+    assert not (tmp_path / "repo.export.json").exists()
+
+
+def test_what_export_cannot_read_or_write_is_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each of these was a traceback with exit 1, some after every model was written (a report
+    folder that is not there); a misspelt --remove-avatar too, and --checkpoint with it was
+    silently ignored (helper-75)."""
+    from talkinghead.cli import run_module
+
+    (tmp_path / "cut.pt").write_bytes(CHECKPOINT.read_bytes()[:4096])
+    (tmp_path / "random.pt").write_bytes(os.urandom(256))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    (tmp_path / "file").write_text("x")
+    repo = str(tmp_path / "repo")
+    cases = [
+        (["--repository", repo], "--checkpoint is required (or --remove-avatar ID)"),
+        (["--checkpoint", str(tmp_path / "nope.pt"), "--repository", repo], "nope.pt: no such file"),
+        (["--checkpoint", str(tmp_path), "--repository", repo], f"{tmp_path}: is a directory"),
+        (
+            ["--checkpoint", str(tmp_path / "cut.pt"), "--repository", repo],
+            "not a readable talkinghead checkpoint",
+        ),
+        (["--checkpoint", str(tmp_path / "random.pt"), "--repository", repo], "not a readable talkinghead"),
+        (["--checkpoint", str(tmp_path / "empty.pt"), "--repository", repo], "not a readable talkinghead"),
+        (
+            ["--checkpoint", str(tmp_path / "other.pt"), "--repository", repo],
+            "is not a talkinghead checkpoint",
+        ),
+        (
+            ["--checkpoint", str(CHECKPOINT), "--repository", str(tmp_path / "file")],
+            "exists and is not a directory",
+        ),
+        (
+            [
+                "--checkpoint",
+                str(CHECKPOINT),
+                "--repository",
+                repo,
+                "--report",
+                str(tmp_path / "no" / "r.json"),
+            ],
+            "no folder",
+        ),
+        (
+            ["--checkpoint", str(CHECKPOINT), "--repository", repo, "--device", "gpu"],
+            "--device gpu is for --profile onnxruntime",
+        ),
+        (
+            ["--remove-avatar", "Mona", "--repository", repo],
+            "--remove-avatar 'Mona': invalid avatar id 'Mona'",
+        ),
+        (
+            ["--remove-avatar", "mona", "--checkpoint", str(CHECKPOINT)],
+            "--remove-avatar takes no --checkpoint",
+        ),
+    ]
+    for argv, says in cases:
+        assert run_module("export.command", argv, prog="talkinghead export") == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("talkinghead export: ") and says in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "repo").exists(), "nothing made"
