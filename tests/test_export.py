@@ -841,3 +841,21 @@ def test_what_export_cannot_read_or_write_is_one_line_before_any_work(
         assert err.startswith("talkinghead export: ") and says in err and "Traceback" not in err, (argv, err)
         assert len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "repo").exists(), "nothing made"
+
+
+def test_a_removal_triton_could_not_unload_says_so_and_fails(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Triton unreachable it logged a warning, deleted the generator and exited 0, while that
+    Triton may still serve it (helper-75): the folder still goes (nothing can load it again), and
+    the exit is 1, naming what is left to do."""
+    from talkinghead.cli import run_module
+    from tests.service_fixtures import fake_generator
+
+    repo = tmp_path / "repo"
+    fake_generator(repo, "gone", 1, created=None)
+    argv = ["--remove-avatar", "gone", "--repository", str(repo), "--triton-url", "127.0.0.1:1"]
+    with caplog.at_level(logging.INFO, logger="talkinghead"):
+        assert run_module("export.command", argv, prog="talkinghead export") == 1
+    assert not (repo / "generator_gone").exists()
+    assert "generator_gone may still be loaded in Triton at 127.0.0.1:1" in caplog.text
