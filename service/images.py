@@ -22,6 +22,11 @@ FORMATS = ("JPEG", "PNG", "WEBP")
 _AS_JPEG = ("MPO",)
 JPEG_QUALITY = 90  # default when the stream asks for 0
 PNG_LEVEL = 1  # default zlib level: fast; level 9 saves 3-4 % for ~3x the time (128-512 px frames)
+# The PNG level a frame larger than LARGE_FRAME pixels (paste_back, up to 1024 px) is encoded at,
+# at most: a 1024 px frame took 56 / 81 / 249 / 1,061 ms at levels 1 / 3 / 6 / 9 for 1.37 / 1.31
+# / 1.24 / 1.22 MB, outside admission and the batcher's cost model (four such streams took a live
+# stream's p50 from 31 to 261 ms, helper-74); a 128 px one 1.2-3.8 ms at any level.
+LARGE_FRAME, LARGE_FRAME_PNG_LEVEL = 256 * 256, 3
 # What an image may cost to decode beyond its pixel count (helper-74 measured each, on 2 cores):
 # a progressive JPEG's every scan walks every block again (one 36-Mpx image of 13,000 one-byte
 # scans, 1 MB: 33 CPU-s, holding the detect thread; a camera's has ~10, jpegtran's ~10, mozjpeg's
@@ -193,5 +198,8 @@ def encode_frame(image: np.ndarray, encoding: int, quality: int) -> bytes:
     if encoding == animation_pb2.OUTPUT_ENCODING_RAW_RGB:
         return np.ascontiguousarray(image).tobytes()
     if encoding == animation_pb2.OUTPUT_ENCODING_PNG:
-        return encode_png(image, quality or PNG_LEVEL)
+        level = quality or PNG_LEVEL
+        if image.shape[0] * image.shape[1] > LARGE_FRAME:
+            level = min(level, LARGE_FRAME_PNG_LEVEL)
+        return encode_png(image, level)
     return encode_jpeg(image, quality or JPEG_QUALITY)

@@ -150,3 +150,19 @@ def test_probing_a_png_reads_its_header_only(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", lambda self: loads.append(self))
     assert probe_image(_photo("PNG"), **LIMITS) == (128, 96)  # type: ignore[arg-type]
     assert loads == [], "the probe decoded the PNG"
+
+
+def test_a_large_frame_is_never_compressed_past_png_level_3() -> None:
+    """Paste-back frames up to 1024 px at PNG level 9 cost ~1 s of the server's CPU each, outside
+    admission (helper-74: four such streams took a live stream's p50 from 31 to 261 ms); above
+    256x256 pixels the level is 3 at most, at any size below it as asked."""
+    from api.talkinghead.v1 import animation_pb2
+    from service.images import encode_frame, encode_png
+
+    rng = np.random.default_rng(1)
+    large = rng.integers(0, 40, (512, 512, 3), dtype=np.uint8) + 100
+    small = large[:256, :256].copy()
+    png = animation_pb2.OUTPUT_ENCODING_PNG
+    assert encode_frame(large, png, 9) == encode_png(large, 3) == encode_frame(large, png, 3)
+    assert encode_frame(large, png, 1) == encode_png(large, 1)
+    assert encode_frame(small, png, 9) == encode_png(small, 9) != encode_png(small, 3)
