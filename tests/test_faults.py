@@ -231,7 +231,12 @@ def test_a_live_client_that_stops_reading_but_floods_holds_a_bounded_backlog(
     stop, sent = threading.Event(), [0]
 
     def requests() -> Iterator[pb.AnimateRequest]:
-        yield config("astro", encoding=pb.OUTPUT_ENCODING_RAW_RGB, overflow=pb.OVERFLOW_POLICY_DROP_OLDEST)
+        yield config(  # (the most a stream may reserve: read at up to 150 a second)
+            "astro",
+            encoding=pb.OUTPUT_ENCODING_RAW_RGB,
+            overflow=pb.OVERFLOW_POLICY_DROP_OLDEST,
+            expected_fps=120,
+        )
         for request in frames_forever(driver, pace=False):
             if stop.is_set():
                 return
@@ -255,11 +260,40 @@ def test_a_live_client_that_stops_reading_but_floods_holds_a_bounded_backlog(
             most = max([most, *live.call(owed())])
             time.sleep(0.01)
         print(f"flooding reader: {sent[0]} frames sent, at most {most} replies owed")
-        assert sent[0] > 4 * MAX_OWED, "the client sent more than the backlog may hold"
+        assert sent[0] > MAX_OWED, "the client sent more than the backlog may hold"
         assert 0 < most <= MAX_OWED
     finally:
         stop.set()
         c.close()
+
+
+def test_a_live_stream_is_read_no_faster_than_the_rate_it_reserved(
+    live: ServerThread, driver: LandmarkSequence
+) -> None:
+    """Admission trusted expected_fps: streams declaring 1 fps and sending all they could took
+    ~20 fps each of the generator, and an honest stream beside them lost half its frames
+    (helper-74). A live stream is now read at most at 1.25x the rate it reserved, after a
+    second's burst: what it sends faster waits in gRPC's flow control, and nothing is lost."""
+    from service.stream import RATE_BURST_S, RATE_SLACK
+
+    def timed(fps: float, frames: int, pace: bool) -> tuple[float, list[pb.AnimateResponse]]:
+        seq = LandmarkSequence(driver.points[:frames], driver.frame_size, fps)
+        requests = [config("astro", overflow=pb.OVERFLOW_POLICY_DROP_OLDEST, expected_fps=fps)]
+        started = time.monotonic()
+        with live.client() as c:
+            call = c.animation.Animate(iter([*requests, *landmark_requests(seq, pace=pace)]), timeout=120)
+            replies = [r for r in call if r.HasField("frame")]
+        return time.monotonic() - started, replies
+
+    rate = 4 * RATE_SLACK
+    took, replies = timed(4.0, 20, pace=False)  # 20 frames at once, 4 a second declared
+    least = (20 - rate * RATE_BURST_S) / rate  # after the burst, 5 a second
+    assert took >= least - 0.2, f"read in {took:.1f} s, not in {least:.1f} s or more"
+    assert len(replies) + sum(r.frame.dropped_before for r in replies) == 20, "every frame accounted for"
+    assert replies[-1].frame.sequence == 19
+    honest, got = timed(25.0, 10, pace=True)  # sends at its rate: not held back
+    assert len(got) + sum(r.frame.dropped_before for r in got) == 10
+    assert honest < 0.4 + 3.0, honest  # (10 frames at 25 fps: 0.4 s, and a loaded machine's slack)
 
 
 CLIENT = """
