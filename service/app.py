@@ -576,8 +576,8 @@ class App:
         ids = await self._tenant_ids(principal.tenant)
         later = [i for i in ids if i > after]
         records = []
-        for public in later[:size]:
-            record = await self.in_pool(self.io_pool, self.store.get, scoped_id(principal.tenant, public))
+        for public in later[:size]:  # (the metadata alone: a listing reads no photo)
+            record = await self.in_pool(self.io_pool, self.store.listing, scoped_id(principal.tenant, public))
             if record is not None:  # deleted meanwhile
                 records.append(record)
         next_token = encode_token(later[size - 1]) if len(later) > size else ""

@@ -19,7 +19,7 @@ import redis
 
 from jobs import events, keys
 from jobs.events import Event
-from service.store import AvatarRecord
+from service.store import AvatarRecord, from_meta
 
 _ARRAYS = {  # field -> dtype
     "adain": np.float32,
@@ -97,6 +97,10 @@ class RedisAvatarStore:
     def get(self, avatar_id: str) -> AvatarRecord | None:
         raw = self.r.hgetall(keys.avatar(avatar_id))
         return from_fields(raw) if raw else None  # type: ignore[arg-type]
+
+    def listing(self, avatar_id: str) -> AvatarRecord | None:
+        meta = self.r.hget(keys.avatar(avatar_id), "meta")
+        return from_meta(json.loads(meta)) if meta is not None else None
 
     def delete(self, avatar_id: str) -> bool:
         with self.r.pipeline(transaction=True) as pipe:

@@ -5,6 +5,7 @@ cancellation), and two service replicas sharing avatars with their caches invali
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -84,6 +85,32 @@ def test_avatar_store_keeps_every_field_and_writes_whole(redis_url: str) -> None
     assert store.ids() == ["ada", "bob"]
     assert store.delete("ada") and not store.delete("ada") and store.get("ada") is None
     assert store.ids() == ["bob"]
+
+
+@pytest.mark.parametrize("kind", ["redis", "local"])
+def test_a_listing_reads_a_records_metadata_alone(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """ListAvatars read every record whole (crops, portrait) for its metadata: 32 records of 32
+    photos were 51 MB read for an 8 KB reply (helper-74). `listing` reads the metadata alone and
+    says what `get` says of it; a record that is not there is None."""
+    from service.store import LocalAvatarStore
+
+    store: Any = (
+        RedisAvatarStore(client=connect(request.getfixturevalue("redis_url")))
+        if kind == "redis"
+        else LocalAvatarStore(root=tmp_path / "avatars")
+    )
+    original = dataclasses.replace(
+        record("ada", k=4), consent={"record_id": "cr-1", "basis": "public_domain"}
+    )
+    assert store.put(original, replace=True)
+    listed = store.listing("ada")
+    assert listed is not None
+    for name in ("avatar_id", "model_id", "image_size", "create_time", "display_name", "images", "consent"):
+        assert getattr(listed, name) == getattr(original, name), name
+    assert listed.crops.size == 0 and listed.adain.size == 0 and listed.portrait_jpeg == b""
+    assert store.listing("nobody") is None
 
 
 def test_queue_one_job_per_avatar_and_a_bounded_queue(redis_url: str) -> None:

@@ -264,6 +264,32 @@ def test_a_driving_frame_without_a_face_holds_the_last_pose_whatever_its_size(
         assert np.array_equal(frame.landmark_image, frames[0].landmark_image), frame.sequence
 
 
+def test_listing_avatars_reads_no_photo(
+    server: ServerThread, client: Client, avatar: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ListAvatars read each record whole for its metadata (helper-74: 51 MB read for an 8 KB
+    reply); it reads the metadata alone now, and lists what GetAvatar says."""
+    store = server.app.store
+    whole: list[str] = []
+    real = store.get
+    monkeypatch.setattr(store, "get", lambda avatar_id: whole.append(avatar_id) or real(avatar_id))
+    listed = {a.avatar_id: a for a in client.list_avatars()}
+    assert whole == [], "no record read whole for a listing"
+    monkeypatch.undo()
+    full = client.get_avatar(avatar)
+    mine = listed[avatar]
+    for name in (
+        "display_name",
+        "image_count",
+        "image_size",
+        "model_id",
+        "create_time",
+        "consent",
+        "personalised",
+    ):
+        assert getattr(mine, name) == getattr(full, name), name
+
+
 def test_drop_oldest_counts_drops_and_bounds_the_queue(
     server: ServerThread, client: Client, avatar: str, driver: LandmarkSequence
 ) -> None:
