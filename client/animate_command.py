@@ -59,7 +59,7 @@ import numpy as np
 from tqdm import tqdm
 
 from api.talkinghead.v1 import animation_pb2 as pb
-from client.arguments import add_server_arguments, connect
+from client.arguments import add_server_arguments, connect, whole_number
 from client.credentials import SigningCredentials, mime_type
 from client.library import MAX_EXPECTED_FPS, Frame, describe_error, image_requests, landmark_requests
 from client.outputs import PendingFile, Terminated, terminate_raises
@@ -68,17 +68,6 @@ from facekit.sequence import DEFAULT_FPS, LandmarkSequence
 from facekit.video import VideoWriter, check_writable, contact_sheet, iter_video, read_video, save_png
 
 SHEET_FRAMES = 8
-
-
-def _frame_limit(text: str) -> int:
-    """--max-frames: a whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 (0 = all), got {value}")
-    return value
 
 
 def _frame_size(text: str) -> tuple[int, int]:
@@ -138,7 +127,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"frames per second of a .npy driver (it holds none; default {DEFAULT_FPS:g})",
     )
     parser.add_argument(
-        "--max-frames", type=_frame_limit, default=0, help="drive at most this many frames (0 = all)"
+        "--max-frames",
+        type=whole_number(0, " (0 = all)"),
+        default=0,
+        help="drive at most this many frames (0 = all)",
     )
     parser.add_argument(
         "--live", action="store_true", help="send at the driver's fps, drop what cannot be kept up"

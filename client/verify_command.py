@@ -30,21 +30,11 @@ import os
 import sys
 from pathlib import Path
 
+from client.arguments import whole_number
 from client.credentials import TRUST_ENV, ManifestReport, read_trust_anchors, trust_from_env
 from client.outputs import reason
 from client.verify import DEFAULT_MAX_FRAMES, FileReport, WatermarkReport, verify_file
 from facekit.watermark import KEY_ENV, THRESHOLD, Watermarker, key_from_env
-
-
-def _at_least_one(text: str) -> int:
-    """--max-frames: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="one JSON object per file, one per line")
     parser.add_argument(
         "--max-frames",
-        type=_at_least_one,
+        type=whole_number(1),
         default=DEFAULT_MAX_FRAMES,
         help=f"check at most this many frames of a video, spread evenly (default {DEFAULT_MAX_FRAMES})",
     )

@@ -19,7 +19,7 @@ import redis
 
 from jobs import events, keys
 from jobs.events import Event
-from service.store import AvatarRecord, from_meta
+from service.store import AvatarRecord, from_meta, meta_fields
 
 _ARRAYS = {  # field -> dtype
     "adain": np.float32,
@@ -43,19 +43,13 @@ def to_fields(record: AvatarRecord) -> dict[str, bytes]:
 
 def from_fields(raw: dict[bytes, bytes]) -> AvatarRecord:
     meta: dict[str, Any] = json.loads(raw[b"meta"])
-    arrays = {
+    arrays: dict[str, Any] = {
         name: np.frombuffer(raw[name.encode()], dtype).reshape(meta["shapes"][name]).copy()
         for name, dtype in _ARRAYS.items()
     }
     cx, cy, side = meta["portrait_box"]
     return AvatarRecord(
-        avatar_id=meta["avatar_id"],
-        model_id=meta["model_id"],
-        image_size=int(meta["image_size"]),
-        create_time=float(meta["create_time"]),
-        display_name=meta.get("display_name", ""),
-        images=meta.get("images", []),
-        consent=meta.get("consent", {}),
+        **meta_fields(meta),
         preview_png=raw.get(b"preview_png", b""),
         portrait_jpeg=raw.get(b"portrait_jpeg", b""),
         portrait_box=(float(cx), float(cy), int(side)),

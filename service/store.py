@@ -99,18 +99,21 @@ class AvatarRecord:
 def from_meta(meta: dict[str, Any]) -> AvatarRecord:
     """A record of a stored record's metadata (AvatarRecord.meta) alone: ListAvatars read every
     record whole for it (32 of 32 photos each: 51 MB read for an 8 KB reply, helper-74)."""
-    return AvatarRecord(
-        avatar_id=meta["avatar_id"],
-        adain=np.zeros(0, np.float32),
-        embedding=np.zeros(0, np.float32),
-        points=np.zeros((0, 2), np.float32),
-        model_id=meta["model_id"],
-        image_size=int(meta["image_size"]),
-        create_time=float(meta["create_time"]),
-        display_name=meta.get("display_name", ""),
-        images=meta.get("images", []),
-        consent=meta.get("consent", {}),
-    )
+    empty: dict[str, Any] = {"adain": np.zeros(0, np.float32), "embedding": np.zeros(0, np.float32)}
+    return AvatarRecord(points=np.zeros((0, 2), np.float32), **empty, **meta_fields(meta))
+
+
+def meta_fields(meta: dict[str, Any]) -> dict[str, Any]:
+    """The AvatarRecord fields a stored record's metadata holds (files of older releases lack some)."""
+    return {
+        "avatar_id": meta["avatar_id"],
+        "model_id": meta["model_id"],
+        "image_size": int(meta["image_size"]),
+        "create_time": float(meta["create_time"]),
+        "display_name": meta.get("display_name", ""),
+        "images": meta.get("images", []),
+        "consent": meta.get("consent", {}),
+    }
 
 
 class AvatarStore(Protocol):
@@ -199,6 +202,7 @@ class LocalAvatarStore:
             with np.load(self._path(avatar_id), allow_pickle=False) as archive:  # (members read lazily)
                 return from_meta(json.loads(archive["meta"].tobytes()))
         except FileNotFoundError:
+            self.ping()  # (the folder gone is the store away, not an avatar deleted meanwhile)
             return None
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
@@ -215,17 +219,11 @@ class LocalAvatarStore:
                     cx, cy, side = meta["portrait_box"]
                     kept["portrait_box"] = (float(cx), float(cy), int(side))
                 return AvatarRecord(
-                    avatar_id=meta["avatar_id"],
                     adain=archive["adain"],
                     embedding=archive["embedding"],
                     points=archive["points"],
-                    model_id=meta["model_id"],
-                    image_size=int(meta["image_size"]),
-                    create_time=float(meta["create_time"]),
-                    display_name=meta.get("display_name", ""),
-                    images=meta.get("images", []),
-                    consent=meta.get("consent", {}),
                     preview_png=archive["preview_png"].tobytes(),
+                    **meta_fields(meta),
                     **kept,
                 )
         except FileNotFoundError:

@@ -297,7 +297,7 @@ def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(
         with pytest.raises(SystemExit) as refused:
             main(["verify", str(PORTRAIT), "--max-frames", frames])
         assert refused.value.code == 2
-        assert f"--max-frames: must be at least 1, got {frames}" in capsys.readouterr().err
+        assert f"--max-frames: must be >= 1, got {frames}" in capsys.readouterr().err
     preview = tmp_path / "crop.jpg"
     assert main(["avatar", "--server", CLOSED, "get", "someone", "--preview", str(preview)]) == 2
     assert one_line(capsys) == (
