@@ -168,7 +168,7 @@ def check_writable(repository: Path, report: Path) -> None:
     if repository.exists() and not repository.is_dir():
         raise Refused(f"--repository {repository}: exists and is not a directory")
     folder = report.parent
-    if not folder.is_dir() and folder.absolute() != repository.absolute().parent:
+    if not folder.is_dir() and folder.resolve() != repository.resolve().parent:
         raise Refused(f"--report {report}: no folder {folder}")
     try:
         repository.mkdir(parents=True, exist_ok=True)
@@ -325,7 +325,7 @@ def remove_avatar(args: argparse.Namespace) -> int:
 def report_path(repo: Path, names: list[str]) -> Path:
     """<repository>.export.json for the base models; <repository>.generator_<avatar>.export.json for
     an avatar's personalised generator (before, exporting one replaced the base models' report)."""
-    repo = repo.absolute() if repo.name in ("", ".", "..") else repo  # ("." has no name to extend)
+    repo = repo.resolve() if repo.name in ("", ".", "..") else repo  # ("." and ".." have no name to extend)
     avatars = sorted(name for name in names if name.startswith(contract.PERSONALISED_PREFIX))
     return repo.with_name(".".join([repo.name, *avatars, "export.json"]))
 

@@ -859,3 +859,17 @@ def test_a_removal_triton_could_not_unload_says_so_and_fails(
         assert run_module("export.command", argv, prog="talkinghead export") == 1
     assert not (repo / "generator_gone").exists()
     assert "generator_gone may still be loaded in Triton at 127.0.0.1:1" in caplog.text
+
+
+def test_the_report_of_a_repository_named_dot_or_dot_dot_lies_beside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--repository .` had no name to extend ("'.' has an empty name", after every model was
+    written); `..` as absolute() kept it (a report named '..export.json' inside the repository)."""
+    from export.command import report_path
+
+    inner = tmp_path / "outer" / "inner"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    assert report_path(Path("."), ["generator"]) == tmp_path / "outer" / "inner.export.json"
+    assert report_path(Path(".."), ["generator"]) == tmp_path / "outer.export.json"
