@@ -22,6 +22,7 @@ examples:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -262,10 +263,25 @@ def copy_verdict(ckpt_path: Path, version_dir: Path) -> None:
         target.unlink(missing_ok=True)
 
 
-def triton_load(url: str, names: list[str]) -> None:
-    import tritonclient.grpc as grpcclient
+class TritonClient:
+    """tritonclient.grpc's client whose every call has a deadline (`timeout_s`): Triton frozen or
+    cut off behind an open connection answers nothing, and a call without one waited forever (a
+    worker's job stayed RUNNING, its heartbeat beating, for good). A call past it raises
+    InferenceServerException (DEADLINE_EXCEEDED), as a refusal does."""
 
-    client = grpcclient.InferenceServerClient(url)
+    def __init__(self, url: str, timeout_s: float = contract.TRITON_LOAD_TIMEOUT_S) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self._client = grpcclient.InferenceServerClient(url)
+        self.timeout_s = timeout_s
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._client, name)
+        return functools.partial(method, client_timeout=self.timeout_s)
+
+
+def triton_load(url: str, names: list[str]) -> None:
+    client = TritonClient(url)
     for name in names:
         client.load_model(name)
         log.info("loaded %s in Triton at %s", name, url)
@@ -292,11 +308,10 @@ def remove_avatar(args: argparse.Namespace) -> int:
     hidden = repository.hide_model(args.repository, name)  # first: then nothing can load it again
     unloaded = True
     if args.triton_url:
-        import tritonclient.grpc as grpcclient
         from tritonclient.utils import InferenceServerException
 
         try:
-            client = grpcclient.InferenceServerClient(args.triton_url)
+            client = TritonClient(args.triton_url)
             loaded = client.is_model_ready(name)
             client.unload_model(name)
             wait_unloaded(client, name)

@@ -64,6 +64,11 @@ TRITON_PRIORITY_LIVE, TRITON_PRIORITY_OFFLINE = 1, 2
 MAX_PERSONALISED = 8
 PERSONALISED_IDLE_S = 60.0
 
+# The longest a call to Triton's model control (a load, an unload, its repository index) may take
+# before the caller gives up on it: the service's replicas loading a generator, the worker loading
+# the one it wrote (`talkinghead worker --triton-timeout`), `talkinghead export --triton-url`.
+TRITON_LOAD_TIMEOUT_S = 60.0
+
 
 def ready_personalised(index: dict[str, Any]) -> set[str]:
     """Triton's repository index (`get_model_repository_index(as_json=True)`) -> the personalised

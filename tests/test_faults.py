@@ -40,6 +40,7 @@ from api.talkinghead.v1 import animation_pb2 as pb
 from api.talkinghead.v1.animation_pb2_grpc import AnimationServiceStub
 from client.library import Client, landmark_requests
 from deploy.local import tritonserver
+from facekit import contract
 from facekit.sequence import LandmarkSequence
 from service.backends.base import BackendUnavailable, ReadyGate
 from tests.service_fixtures import *  # noqa: F403
@@ -53,9 +54,12 @@ from tests.service_fixtures import (
     fill,
     test_settings,
     tmpfs,
+    worker_context,
 )
 from tests.test_service_triton import VENV as TRITON_VENV
 from tests.test_service_triton import Triton
+from tests.test_worker_jobs import CHECKPOINT
+from tests.test_worker_jobs import photos as photos
 
 CODE = grpc.StatusCode
 IDLE_S = 1.5  # the test servers' stream_idle_timeout
@@ -723,6 +727,73 @@ def test_triton_killed_or_frozen_mid_stream(
             triton.start()
         else:
             os.kill(triton.server.process.pid, signal.SIGCONT)
+
+
+@pytest.mark.triton
+def test_a_worker_whose_triton_freezes_as_it_loads_ends_the_job_unavailable(
+    triton: Triton, tmp_path: Path, photos: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2-step personalisation run by the worker's code, its Triton frozen (SIGSTOP: a machine cut
+    off) before the generator loads. Before, the worker's calls to Triton had no deadline: each
+    waited for gRPC's 20 s connect timeout (the load, then the unload taking the version back: 40
+    s "loading"), and a call Triton had accepted before it froze waited for ever while the job's
+    heartbeat went on beating. Now every call gives up after --triton-timeout (2 s here): the job
+    ends FAILED with UNAVAILABLE within a few seconds, the version it wrote is taken back (the
+    repository holds no generator Triton never loaded), and once Triton is back the same
+    personalisation succeeds and is served there."""
+    from jobs.local import LocalQueue
+    from jobs.record import CODE_UNAVAILABLE, FAILED, PERSONALISE, SUCCEEDED, Job, new_id
+    from training import checkpoint
+    from worker import models
+    from worker.jobs_run import model_id_of, run_job, with_progress_every_step
+
+    monkeypatch.setattr(models, "timeout_s", 2.0)
+    meta = checkpoint.load(CHECKPOINT)
+    queue = LocalQueue(root=tmp_path / "jobs")
+    ctx = worker_context(
+        queue,
+        triton.repository,
+        meta=with_progress_every_step(meta),
+        model_id=model_id_of(meta),
+        tritons=[triton.url],
+    )
+    name = contract.personalised_name("frozen")
+
+    def personalise() -> Job:
+        job = queue.submit(
+            Job(id=new_id(), kind=PERSONALISE, avatar_id="frozen", model_id=ctx.model_id, steps=2),
+            photos,
+            max_active=2,
+        )
+        held = queue.claim("w", wait_s=1)
+        assert held is not None and held.id == job.id
+        if frozen:  # (fine-tuning and the export never call Triton)
+            take_away(triton, signal.SIGSTOP)
+        running = threading.Thread(target=run_job, args=(ctx, held), daemon=True)
+        running.start()
+        running.join(120)
+        ended = queue.get(job.id)
+        assert ended is not None
+        return ended
+
+    frozen = True
+    try:
+        failed = personalise()
+    finally:
+        give_back(triton, signal.SIGSTOP)
+    assert failed.state == FAILED and failed.error_code == CODE_UNAVAILABLE, (failed.state, failed.error)
+    assert failed.error == "the model server could not load the generator; personalise again later"
+    assert failed.end_time - failed.load_time < 10.0, failed.end_time - failed.load_time
+    assert not (triton.repository / name).exists()
+
+    frozen = False
+    monkeypatch.setattr(models, "timeout_s", contract.TRITON_LOAD_TIMEOUT_S)  # (a load takes 1-3 s here)
+    done = personalise()
+    try:
+        assert done.state == SUCCEEDED, (done.state, done.error)
+        assert models.TritonClient(triton.url).is_model_ready(name)
+    finally:
+        models.withdraw("frozen", triton.repository, tritons=[triton.url])
 
 
 # -- the service killed mid-write ------------------------------------------------------------------

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import socket
@@ -70,6 +71,16 @@ def _at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
 
 
@@ -114,6 +125,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="the served model's meta checkpoint (default models/talkinghead-small.pt)",
     )
     parser.add_argument("--triton-url", action="append", default=[], help="Triton gRPC host:port (repeat)")
+    parser.add_argument(
+        "--triton-timeout",
+        type=_seconds,
+        default=contract.TRITON_LOAD_TIMEOUT_S,
+        help="s any call to a Triton may take, a model load included: one that does not answer "
+        "within it fails the job (UNAVAILABLE) instead of holding it RUNNING (default %(default).0f)",
+    )
     parser.add_argument(
         "--max-personalised-loaded",
         type=_at_least_one,
@@ -237,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
     from worker import models
     from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
 
+    models.timeout_s = args.triton_timeout
     threads = cpu_threads(args.threads)
     torch.set_num_threads(threads)
     log.info("PyTorch CPU threads: %d (%s)", threads, "--threads" if args.threads else cpus.cpus().describe())

@@ -34,7 +34,7 @@ from typing import Any, NamedTuple
 import onnx
 
 from export import repository, to_onnx
-from export.command import wait_unloaded
+from export.command import TritonClient, wait_unloaded
 from facekit import contract
 
 log = logging.getLogger("talkinghead.worker")
@@ -103,10 +103,13 @@ def targets(urls: list[str]) -> list[str]:
     return found
 
 
-def _client(url: str) -> Any:
-    import tritonclient.grpc as grpcclient
+# Every call to a Triton gives up after this (the worker's --triton-timeout): a Triton that answers
+# nothing fails the job's load (UNAVAILABLE) instead of holding it RUNNING.
+timeout_s = contract.TRITON_LOAD_TIMEOUT_S
 
-    return grpcclient.InferenceServerClient(url)
+
+def _client(url: str) -> TritonClient:
+    return TritonClient(url, timeout_s)
 
 
 class Published(NamedTuple):

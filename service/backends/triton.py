@@ -44,6 +44,7 @@ from facekit.contract import (
     LANDMARK_IMAGE,
     MAX_PERSONALISED,
     PERSONALISED_IDLE_S,
+    TRITON_LOAD_TIMEOUT_S,
     TRITON_PRIORITY_LIVE,
     TRITON_PRIORITY_OFFLINE,
     Meta,
@@ -148,7 +149,7 @@ class TritonBackend(ReadyGate):
         ready_timeout_s: float = 1.0,
         timeout_s: float = 5.0,
         stall_s: float = 1.5,
-        load_timeout_s: float = 60.0,
+        load_timeout_s: float = TRITON_LOAD_TIMEOUT_S,
         max_personalised: int = MAX_PERSONALISED,
         personalised_idle_s: float = PERSONALISED_IDLE_S,
     ) -> None:
