@@ -132,7 +132,7 @@ def check_config(config: pb.StreamConfig) -> StreamSetup:
             got = str(np.float32(cutoff))  # as sent: 0.0099, not 0.00989999994635582
             raise invalid(f"config.smoothing.min_cutoff_hz must be 0.01-30 (0 = default 1.0), got {got}")
         if config.smoothing.HasField("beta") and not 0 <= beta <= 100:
-            raise invalid(f"config.smoothing.beta must be 0-100, got {beta}")
+            raise invalid(f"config.smoothing.beta must be 0-100, got {np.float32(beta)}")
     return StreamSetup(
         config=config,
         encoding=encoding,
@@ -315,8 +315,8 @@ class Stream:
         # keepalive: nothing to do
 
     def _watch_idle(self, reader: asyncio.Task[None]) -> None:
-        """The reader's idle timer: waiting idle_timeout for a request while no reply is owed ends
-        the stream (the read is cancelled: a request stream cannot be read on after that); while
+        """The reader's idle timer: waiting idle_timeout for a request while no reply is owed (since
+        the last request, or the last owed reply if later) ends the stream (the read is cancelled: a request stream cannot be read on after that); while
         a request is being handled or replies are owed, it looks again idle_timeout later, and
         after a recent request when idle_timeout will have passed since."""
         loop = asyncio.get_running_loop()
@@ -420,6 +420,7 @@ class Stream:
 
     # -- replying -----------------------------------------------------------------------------
     async def replies(self) -> AsyncIterator[pb.AnimateResponse]:
+        loop = asyncio.get_running_loop()
         dropped_before = 0
         while True:
             if self.ended is not None:
@@ -443,6 +444,9 @@ class Stream:
                     pass
             self.outstanding.popleft()
             self.popped.set()
+            if not self.outstanding and self._waiting_since is not None:
+                # the idle timeout runs while no reply is owed: from now, not from the last request
+                self._waiting_since = loop.time()
             if future.cancelled():  # dropped by the overflow policy
                 dropped_before += 1
                 self.dropped_total += 1

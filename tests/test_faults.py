@@ -163,6 +163,37 @@ def test_idle_streams_end_with_deadline_exceeded_and_give_their_slots_back(
         hold.set()
 
 
+def test_a_quiet_stream_has_the_whole_idle_timeout_after_its_last_reply(
+    live: ServerThread, driver: LandmarkSequence
+) -> None:
+    """A BLOCK stream sends 64 frames at once (paste-back: ~2 s to render here), then nothing, its
+    side open. The idle timeout runs only while no reply is owed (animation.proto): the stream
+    ends DEADLINE_EXCEEDED the whole timeout after its last reply. Before, the quiet time counted
+    from its last request, so a stream whose replies took longer than the timeout was cut off
+    anywhere from 0 s to the timeout after its last reply (0.05-0.4 s of 1.5 here)."""
+    hold = threading.Event()
+    seq = LandmarkSequence(driver.points[:64], driver.frame_size, driver.fps)
+
+    def requests() -> Iterator[pb.AnimateRequest]:
+        yield config("astro", paste_back=True, queue_depth=64, overflow=pb.OVERFLOW_POLICY_BLOCK)
+        yield from landmark_requests(seq, pace=False)
+        hold.wait(30)
+
+    got: list[float] = []
+    try:
+        with pytest.raises(grpc.RpcError) as ended, live.client() as c:
+            for reply in c.animation.Animate(requests(), timeout=60):
+                if reply.HasField("frame"):
+                    got.append(time.monotonic())
+        quiet = time.monotonic() - got[-1]
+    finally:
+        hold.set()
+    assert ended.value.code() == CODE.DEADLINE_EXCEEDED, ended.value.details()
+    assert len(got) == 64 and got[-1] - got[0] > 0.5, (len(got), got[-1] - got[0])
+    assert IDLE_S - 0.1 <= quiet < IDLE_S + 1, quiet
+    until(lambda: slots_free(live), 2)
+
+
 def test_keepalives_hold_a_quiet_stream_open(live: ServerThread, short: LandmarkSequence) -> None:
     def requests() -> Iterator[pb.AnimateRequest]:
         yield config("astro")
