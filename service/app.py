@@ -94,6 +94,9 @@ DELETED, REPLACED = "the avatar was deleted", "the avatar was replaced"
 PENDING_GRACE_S = 30.0
 CHECK_RETRY_S = (1.0, 5.0)  # after missed events, a failed store check of a stream's avatar: again
 RECOVERY_INTERVAL_S = 60.0
+# a stream refused at max_streams is told to retry after this (`retry-after`), as the tenant's quota
+# and admission's refusals are
+STREAMS_FULL_RETRY_S = 5.0
 
 
 def actor_of(principal: Principal, peer: str) -> str:
@@ -749,6 +752,7 @@ class App:
         batcher. Stream.close() gives the slots back through `release`."""
         setup = check_config(config)
         info = self.info()
+        self._check_stream_room()  # (again as the slot is taken): a full server refuses before any read
         # followed from before its record is read: a delete or replace meanwhile is not missed
         watch = self.streams.watch(scoped_id(principal.tenant, check_id(config.avatar_id)))
         try:
@@ -859,11 +863,18 @@ class App:
 
     def _take_stream_slot(self, principal: Principal, kind: str) -> None:
         """A slot for a stream of `kind` (LIVE or OFFLINE), under the server's and the tenant's limits."""
-        if self.active_streams >= self.settings.max_streams:
-            raise exhausted(f"the server is at its limit of {self.settings.max_streams} concurrent streams")
+        self._check_stream_room()
         self.limits.take_stream(principal)
         self.active_streams += 1
         self.metrics.open_streams[kind].inc()
+
+    def _check_stream_room(self) -> None:
+        if self.active_streams >= self.settings.max_streams:
+            error = exhausted(
+                f"the server is at its limit of {self.settings.max_streams} concurrent streams; retry later"
+            )
+            error.retry_after = STREAMS_FULL_RETRY_S
+            raise error
 
     def _admit(self, fps: float) -> float:
         try:

@@ -21,6 +21,8 @@ import math
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from service.errors import ServiceError, exhausted, invalid
 
 # Of the latency budget one batch may cost: a live frame waits for the batch in flight and then
@@ -203,5 +205,6 @@ def expected_fps(value: float) -> float:
     if value == 0:
         return DEFAULT_FPS
     if not math.isfinite(value) or not 1.0 <= value <= MAX_FPS:
-        raise invalid(f"expected_fps must be 1-{MAX_FPS:.0f} (or 0 for {DEFAULT_FPS:.0f}), got {value}")
+        got = np.float32(value)  # as sent (a float field): 0.99, not 0.9900000095367432
+        raise invalid(f"config.expected_fps must be 1-{MAX_FPS:.0f} (or 0 for {DEFAULT_FPS:.0f}), got {got}")
     return value

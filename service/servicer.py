@@ -137,7 +137,8 @@ class AnimationServicer(animation_pb2_grpc.AnimationServiceServicer):
                 return
             kind = first.WhichOneof("message")
             if kind != "config":
-                raise precondition(f"the first message of a stream must be `config`, got `{kind}`")
+                got = "an empty AnimateRequest" if kind is None else f"`{kind}`"
+                raise precondition(f"the first message of a stream must be `config`, got {got}")
             note_avatar(first.config.avatar_id)
             stream = await self.app.open_stream(
                 first.config, principal=principal, actor=actor_of(principal, context.peer())

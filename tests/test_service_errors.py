@@ -120,6 +120,14 @@ def test_supplied_landmarks_skip_detection(client: Client) -> None:
 def test_frame_before_config(client: Client, avatar: str, driver: LandmarkSequence) -> None:
     with expect(CODE.FAILED_PRECONDITION, "first message", "`config`", "got `landmarks`"):
         raw_stream(client, [frame(driver.points[0])])
+    with expect(CODE.FAILED_PRECONDITION, "must be `config`, got an empty AnimateRequest"):
+        raw_stream(client, [pb.AnimateRequest()])
+    # a float field's value as the client sent it, not its double: 0.99, not 0.9900000095367432
+    with expect(CODE.INVALID_ARGUMENT, "config.expected_fps must be 1-120", "got 0.99"):
+        raw_stream(client, [config(avatar, expected_fps=0.99)])
+    smoothing = pb.LandmarkSmoothing(min_cutoff_hz=1.0, beta=100.01)
+    with expect(CODE.INVALID_ARGUMENT, "config.smoothing.beta must be 0-100, got 100.01"):
+        raw_stream(client, [config(avatar, smoothing=smoothing)])
 
 
 def test_unknown_avatar_and_bad_config(client: Client, avatar: str) -> None:
@@ -273,8 +281,14 @@ def test_stream_limit(model_repository: Path, tmp_path: Path, driver: LandmarkSe
 
             first = c.animation.Animate(held())
             assert next(first).HasField("started")
+            with pytest.raises(grpc.RpcError) as full:
+                raw_stream(c, [config("solo", paste_back=True)])
+            assert full.value.code() == CODE.RESOURCE_EXHAUSTED, full.value.details()
+            assert full.value.details() == "the server is at its limit of 1 concurrent streams; retry later"
+            assert ("retry-after", "5") in tuple(full.value.trailing_metadata() or ())
+            # refused before the avatar is read (its portrait decoded): a full server is cheap to ask
             with expect(CODE.RESOURCE_EXHAUSTED, "limit of 1 concurrent streams"):
-                raw_stream(c, [config("solo")])
+                raw_stream(c, [config("nobody")])
             release.set()
             assert list(first) == []
             # the slot is free again
