@@ -316,9 +316,10 @@ class Stream:
 
     def _watch_idle(self, reader: asyncio.Task[None]) -> None:
         """The reader's idle timer: waiting idle_timeout for a request while no reply is owed (since
-        the last request, or the last owed reply if later) ends the stream (the read is cancelled: a request stream cannot be read on after that); while
-        a request is being handled or replies are owed, it looks again idle_timeout later, and
-        after a recent request when idle_timeout will have passed since."""
+        the last request, or the last owed reply if later) ends the stream (the read is cancelled:
+        a request stream cannot be read on after that); while a request is being handled or
+        replies are owed, it looks again idle_timeout later, and after a recent request when
+        idle_timeout will have passed since."""
         loop = asyncio.get_running_loop()
         quiet = 0.0 if self._waiting_since is None else loop.time() - self._waiting_since
         if quiet < self.idle_timeout or self.outstanding:
