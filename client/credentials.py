@@ -265,9 +265,14 @@ def _report(store: dict[str, Any], manifest: dict[str, Any]) -> ManifestReport:
     )
 
 
+class CannotCarry(ValueError):
+    """The file's format cannot carry a C2PA manifest (Matroska, MPEG, WebM, BMP, ...)."""
+
+
 def read_credentials(path: Path, *, trust_anchors: bytes | None = None) -> ManifestReport | None:
     """The file's active C2PA manifest, validated (against `trust_anchors`, PEM, when given), or None
-    when the file carries none. Unreadable or unsupported files raise ValueError."""
+    when the file carries none. A format that cannot carry one raises CannotCarry; an unreadable
+    file ValueError."""
     import c2pa
 
     settings: dict[str, Any] = {"verify": {"verify_trust": trust_anchors is not None}}
@@ -278,6 +283,8 @@ def read_credentials(path: Path, *, trust_anchors: bytes | None = None) -> Manif
             store = json.loads(reader.json())
     except c2pa.C2paError.ManifestNotFound:
         return None
+    except c2pa.C2paError.NotSupported as error:
+        raise CannotCarry(f"{path}: this format cannot carry content credentials") from error
     except c2pa.C2paError as error:
         raise ValueError(f"{path}: cannot read content credentials ({error})") from error
     active = store.get("manifests", {}).get(store.get("active_manifest", ""), None)

@@ -131,7 +131,7 @@ def finish_outputs(
     )
     for index, (path, name) in enumerate(zip(paths, names, strict=True)):
         try:
-            # the contact sheet (downscaled tiles) carries no mark: its manifest claims none
+            # the contact sheet as a whole does not read as marked (its tiles do): its manifest claims none
             claim = provenance if index == 0 else replace(provenance, watermark_payload=None)
             sign_file(path, claim, credentials, title=Path(name).name)
         except Exception as error:  # c2pa.C2paError and I/O errors: the file stays, unsigned

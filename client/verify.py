@@ -8,8 +8,11 @@ manifest says. The library behind `talkinghead verify`.
 Images (PNG, JPEG, WebP) are one frame; a video is checked frame by frame (at most `max_frames`,
 spread evenly over it): the share of frames that carry the mark, and the payload decoded from all
 of them together (each marked frame's soft bits summed), which survives frames too damaged to be
-read alone. A video counts as marked when at least half of the checked frames are. Without a key
-only the content credentials are read.
+read alone. A video counts as marked when at least half of the checked frames are, or, in part
+(`partial`: generated frames spliced into real footage, or a mark damaged in most frames), when at
+least two frames each read the same payload on their own. Without a key only the content
+credentials are read. A file is an image or a video by its content: a video named .png, or with no
+suffix, is read as a video when it does not decode as an image.
 """
 
 from __future__ import annotations
@@ -22,13 +25,16 @@ from typing import Any
 import av
 import numpy as np
 
-from client.credentials import ManifestReport, read_credentials
+from client.credentials import CannotCarry, ManifestReport, read_credentials
 from facekit.video import is_video, iter_video, read_image
 from facekit.watermark import Watermarker
 from facekit.watermark.detect import false_alarm
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 VIDEO_MARKED_SHARE = 0.5  # a video is marked when at least this share of its checked frames is
+# ... or, in part, when at least this many frames each read the same payload alone (each such frame's
+# false-alarm odds are <= 3.3e-5, and two must agree on 32 bits)
+PARTIAL_PAYLOAD_FRAMES = 2
 DEFAULT_MAX_FRAMES = 100
 
 
@@ -36,11 +42,15 @@ DEFAULT_MAX_FRAMES = 100
 class WatermarkReport:
     frames: int  # frames checked (1 for an image)
     marked: int  # of them, frames where the mark is present
-    present: bool  # image: marked; video: marked share >= VIDEO_MARKED_SHARE
+    present: bool  # image: marked; video: marked share >= VIDEO_MARKED_SHARE, or `partial`
     payload: int | None  # image: its payload; video: decoded from all marked frames (None: unread)
     payload_frames: int  # frames whose own payload equals `payload`
     score: float  # image: its score; video: the median over frames
-    confidence: float  # 1 - estimated false-alarm probability of `score`
+    # when present: 1 - the estimated false-alarm probability of that verdict (image: its score;
+    # video: the median score, or for a partial one, conservatively, that any checked frame reads
+    # the payload as well as the second best one did); 0.0 when absent
+    confidence: float
+    partial: bool = False  # video: present in fewer than half the checked frames (a splice)
 
     @property
     def share(self) -> float:
@@ -55,6 +65,7 @@ class FileReport:
     credentials: ManifestReport | None  # None: no C2PA manifest
     credentials_error: str | None = None  # the manifest could not be read
     watermark_error: str | None = None  # the pixels could not be read (damaged, truncated): not checked
+    credentials_note: str | None = None  # why there are none where the reason is known
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -88,14 +99,24 @@ def check_video(
         raise ValueError(f"{path}: the video has no frames")
     summary = watermarker.combine(found)
     score = float(np.median([d.score for d in found]))
+    whole = summary.share >= VIDEO_MARKED_SHARE
+    partial = not whole and summary.payload_frames >= PARTIAL_PAYLOAD_FRAMES
+    if whole:
+        confidence = 1.0 - false_alarm(score, summary.payload is not None)
+    elif partial:
+        reading = sorted((d.score for d in found if d.payload == summary.payload), reverse=True)
+        confidence = 1.0 - min(1.0, len(found) * false_alarm(reading[PARTIAL_PAYLOAD_FRAMES - 1], True))
+    else:
+        confidence = 0.0
     return WatermarkReport(
         frames=summary.frames,
         marked=summary.marked,
-        present=summary.share >= VIDEO_MARKED_SHARE,
+        present=whole or partial,
         payload=summary.payload,
         payload_frames=summary.payload_frames,
         score=round(score, 2),
-        confidence=round(1.0 - false_alarm(score, summary.payload is not None), 6),
+        confidence=round(confidence, 6),
+        partial=partial,
     )
 
 
@@ -108,7 +129,7 @@ def check_image(path: Path, watermarker: Watermarker) -> WatermarkReport:
         payload=found.payload,
         payload_frames=int(found.payload is not None),
         score=round(found.score, 2),
-        confidence=round(found.confidence, 6),
+        confidence=round(found.confidence, 6) if found.present else 0.0,
     )
 
 
@@ -143,8 +164,19 @@ def verify_file(
             )
         except ValueError as failure:
             undecodable = failure
+        if undecodable is not None and not video and _is_a_video(path):  # (named as it is not)
+            video, undecodable = True, None
+            try:
+                mark = check_video(path, watermarker, max_frames=max_frames)
+            except ValueError as failure:
+                undecodable = failure
+    kind = "video" if video else "image" if path.suffix.lower() in IMAGE_SUFFIXES else "other"
+    note = None
     try:
         credentials, error = read_credentials(path, trust_anchors=trust_anchors), None
+    except CannotCarry as failure:  # a picture or video in such a format: none, and that is all
+        credentials, error = None, str(failure) if kind == "other" else None
+        note = None if error else "this format cannot carry them"
     except ValueError as failure:
         credentials, error = None, str(failure)
     except ImportError:  # the service image (its requirements leave the client's C2PA out), an old venv
@@ -153,9 +185,18 @@ def verify_file(
         raise undecodable
     return FileReport(
         path=str(path),
-        kind="video" if video else "image" if path.suffix.lower() in IMAGE_SUFFIXES else "other",
+        kind=kind,
         watermark=mark,
         credentials=credentials,
         credentials_error=error,
         watermark_error=None if undecodable is None else str(undecodable),
+        credentials_note=note,
     )
+
+
+def _is_a_video(path: Path) -> bool:
+    """Whether FFmpeg finds a video stream with at least one frame in the file."""
+    try:
+        return _frame_count(path) > 0 or next(iter_video(path, every=1, max_frames=1), None) is not None
+    except (ValueError, av.FFmpegError):
+        return False

@@ -2,7 +2,9 @@
 
 For each image (PNG, JPEG, WebP) or video: whether this deployment's watermark is in it, its
 32-bit payload (the hash of tenant and avatar the service marked it with) and a confidence; for a
-video, the share of checked frames that carry it and the payload read from all of them together.
+video, the share of checked frames that carry it and the payload read from all of them together
+("present in part" when fewer than half carry it but at least two read the same payload alone:
+generated frames spliced into real footage). The confidence is 0 when the mark is absent.
 Then the file's C2PA manifest, if any: who made it, the digital source type, the model id and
 consent record id, the signer, and whether the signature is intact ("Valid") and vouched for by a
 trust anchor ("Trusted", with --trust).
@@ -11,10 +13,13 @@ The key is the deployment's secret: --key, or better $TALKINGHEAD_WATERMARK_KEY 
 process listings). Without one only the content credentials are read. Exit status: 0 when every
 file was read, 2 when one could not be, its pixels or its content credentials (the others are
 still reported; a damaged file that has content credentials is reported with them, its
-watermark "not checked"; one whose credentials could not be read says why).
+watermark "not checked"; one whose credentials could not be read says why; a format that cannot
+carry them - .mkv, .mpg, .webm - has none, exit 0). With --json a file that could not be
+read at all is an object with its "path" and the "error".
 
-The service marks the frames it renders, so `animate`'s video carries the mark; its contact sheet
-is a downscaled preview and is not marked (verify reports the mark absent there).
+The service marks the frames it renders, so `animate`'s video carries the mark, and so do its
+contact sheet's tiles, though the sheet as a whole does not read as marked (verify reports the
+mark absent there): cut a tile out to check it.
 
 examples:
   TALKINGHEAD_WATERMARK_KEY=... talkinghead verify out/mona.mp4
@@ -59,7 +64,9 @@ def _mark_lines(mark: WatermarkReport | None, kind: str, error: str | None = Non
         return [f"  watermark: not checked (no key: --key or ${KEY_ENV})"]
     payload = "unreadable" if mark.payload is None else f"{mark.payload:08x}"
     odds = f"score {mark.score:.1f}" + (" (median)" if kind == "video" else "")
-    if mark.present:
+    if mark.partial:  # (the median is the unmarked frames')
+        odds += f", confidence {mark.confidence:.6f} (from the frames that read the payload)"
+    elif mark.present:
         odds += f", confidence {mark.confidence:.6f}"
     else:
         odds += f", below the threshold {THRESHOLD:g}"
@@ -67,17 +74,17 @@ def _mark_lines(mark: WatermarkReport | None, kind: str, error: str | None = Non
         counted = f"{mark.marked}/{mark.frames} frames marked ({mark.share:.0%})"
         if mark.marked:
             counted += f", payload {payload} ({mark.payload_frames} frames read it alone)"
-        state = "present" if mark.present else "absent"
+        state = "present in part" if mark.partial else "present" if mark.present else "absent"
         return [f"  watermark: {state}: {counted}; {odds}"]
     state = f"present, payload {payload}" if mark.present else "absent"
     return [f"  watermark: {state}; {odds}"]
 
 
-def _credential_lines(credentials: ManifestReport | None, error: str | None) -> list[str]:
+def _credential_lines(credentials: ManifestReport | None, error: str | None, note: str | None) -> list[str]:
     if error is not None:
         return [f"  content credentials: not read ({error})"]
     if credentials is None:
-        return ["  content credentials: none"]
+        return ["  content credentials: none" + (f" ({note})" if note else "")]
     signer = credentials.signer.get("common_name", "?") + f" (issuer {credentials.signer.get('issuer', '?')})"
     source = (
         "trained algorithmic media" if credentials.trained_algorithmic_media else "not declared synthetic"
@@ -102,7 +109,7 @@ def describe(report: FileReport) -> str:
     kind = "neither an image nor a video" if report.kind == "other" else report.kind
     lines = [f"{report.path} ({kind}{frames})"]
     lines += _mark_lines(report.watermark, report.kind, report.watermark_error)
-    lines += _credential_lines(report.credentials, report.credentials_error)
+    lines += _credential_lines(report.credentials, report.credentials_error, report.credentials_note)
     return "\n".join(lines)
 
 
@@ -133,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
             )
         except (OSError, ValueError) as error:
             print(f"talkinghead verify: {error}", file=sys.stderr)
+            if args.json:  # (one object per file, as promised: this one says why it was not read)
+                print(json.dumps({"path": str(path), "error": str(error)}), flush=True)
             status = 2
             continue
         print(json.dumps(report.to_json()) if args.json else describe(report), flush=True)

@@ -302,6 +302,52 @@ def test_verify_command(wm, frames, tmp_path, capsys, monkeypatch):
     assert "not checked (no key" in captured.out and "missing.png: no such file" in captured.err
 
 
+def test_verify_finds_a_splice_and_reads_files_by_their_content(wm, frames, tmp_path, capsys, monkeypatch):
+    """8 generated (marked) frames spliced between 12 real ones: "absent" before, though 8 frames
+    read the payload alone; now present in part, with the payload. An unmarked file's confidence
+    is 0 (it was 1 - the false-alarm odds of its score: 0.9997 for a real photo whose decoding
+    passed the CRC by chance). A video named .png or without a suffix is read as the video it is
+    ("cannot read image", exit 2, before); a Matroska file, which cannot carry C2PA credentials,
+    has none (exit 2 with c2pa's "NotSupported" before); with --json a missing file is an object."""
+    plain = [np.roll(frames["crop128"], shift, axis=1) for shift in range(20)]
+    spliced = [wm.mark(f, PAYLOAD) if 6 <= i < 14 else f for i, f in enumerate(plain)]
+    for name, video in (("splice.mp4", spliced), ("plain.mp4", plain), ("marked.mkv", spliced[6:14])):
+        with VideoWriter(tmp_path / name, fps=25, size=(128, 128)) as writer:
+            for frame in video:
+                writer.write(frame)
+    (tmp_path / "clip.png").write_bytes((tmp_path / "splice.mp4").read_bytes())
+    (tmp_path / "clip").write_bytes((tmp_path / "splice.mp4").read_bytes())
+    save_png(tmp_path / "plain.png", frames["crop256"])
+    monkeypatch.setenv("TALKINGHEAD_WATERMARK_KEY", KEY)
+
+    assert cli(["verify", str(tmp_path / "splice.mp4")]) == 0
+    out = capsys.readouterr().out
+    assert "watermark: present in part: 8/20 frames marked (40%)" in out and f"payload {PAYLOAD:08x}" in out
+    paths = [tmp_path / n for n in ("splice.mp4", "plain.mp4", "plain.png", "clip.png", "clip", "marked.mkv")]
+    assert cli(["verify", "--json", *map(str, paths), str(tmp_path / "missing.mp4")]) == 2
+    reports = {Path(r["path"]).name: r for r in map(json.loads, capsys.readouterr().out.splitlines())}
+    splice = reports["splice.mp4"]["watermark"]
+    assert splice["present"] and splice["partial"] and splice["payload"] == f"{PAYLOAD:08x}"
+    assert splice["payload_frames"] >= 2 and splice["confidence"] > 0.999, splice
+    for name in ("plain.mp4", "plain.png"):
+        assert (
+            reports[name]["watermark"]["present"] is False and reports[name]["watermark"]["confidence"] == 0
+        )
+    for name in ("clip.png", "clip"):
+        assert reports[name]["kind"] == "video" and reports[name]["watermark"]["partial"], reports[name]
+    mkv = reports["marked.mkv"]
+    assert (
+        mkv["watermark"]["present"] and not mkv["watermark"]["partial"] and mkv["credentials_error"] is None
+    )
+    assert mkv["credentials_note"] == "this format cannot carry them"
+    assert reports["missing.mp4"] == {
+        "path": str(tmp_path / "missing.mp4"),
+        "error": f"{tmp_path}/missing.mp4: no such file",
+    }
+    assert cli(["verify", str(tmp_path / "marked.mkv")]) == 0
+    assert "content credentials: none (this format cannot carry them)" in capsys.readouterr().out
+
+
 def test_a_service_without_a_key_marks_with_the_key_its_file_keeps(tmp_path):
     file = tmp_path / "state" / "watermark.key"
     key, origin = require_key({}, production=False, key_file=file)
