@@ -33,6 +33,11 @@ class Lost(Exception):
     """This worker no longer holds the job (it was presumed dead and another worker took it)."""
 
 
+class Unreachable(Exception):
+    """The queue could not be reached for a moment (Redis away: a restart, a failover, a pause past
+    its socket timeout); the call may be made again. A worker's progress writes ride it out."""
+
+
 class StoreFull(OSError):
     """The queue's own storage is full (a job directory's filesystem: ENOSPC, EDQUOT) - not the
     model repository, which a job's failure must not blame."""
@@ -90,7 +95,8 @@ class JobQueue(Protocol):
         ...
 
     def update(self, job: Job) -> bool:
-        """Write a held job's progress; False when it was cancelled meanwhile; Lost if not held."""
+        """Write a held job's progress; False when it was cancelled meanwhile; Lost if not held;
+        Unreachable when the queue could not be reached (nothing known: write it again later)."""
         ...
 
     def finish(self, job: Job) -> bool:

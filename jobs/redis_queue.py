@@ -28,7 +28,7 @@ import redis
 
 from jobs import keys
 from jobs.events import Event
-from jobs.queue import AvatarBusy, Lost, QueueFull
+from jobs.queue import AvatarBusy, Lost, QueueFull, Unreachable
 from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, TERMINAL, Job, cancelled_why
 
 RETENTION_S = 7 * 24 * 3600
@@ -374,7 +374,10 @@ class RedisQueue:
             raise Lost(f"job {job.id} was taken over by another worker")
 
     def update(self, job: Job) -> bool:
-        verdict = self._run("update", [keys.job(job.id)], [self._owner(job), job.to_json(), job.state])
+        try:
+            verdict = self._run("update", [keys.job(job.id)], [self._owner(job), job.to_json(), job.state])
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            raise Unreachable(f"Redis: {error}") from error
         if verdict == -1:
             self._held.pop(job.id, None)
             raise Lost(f"job {job.id} was taken over by another worker")

@@ -358,6 +358,33 @@ def test_a_stopped_worker_hands_its_redis_job_back_for_the_next_claim(
     assert service.cancel(job.id).cancel_requested  # type: ignore[union-attr]
 
 
+def test_a_redis_pause_mid_fine_tuning_does_not_fail_the_job(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str, redis_server: object, redis_url: str
+) -> None:
+    """Redis frozen for 5 s (SIGSTOP: a failover, a pause past the client's 3 s socket timeout)
+    while a real worker fine-tunes. Before, the step's progress write raised TimeoutError and the
+    job ended FAILED "INTERNAL: internal error: TimeoutError" (helper-76). Now fine-tuning goes on,
+    the progress is written again once Redis answers, and the job succeeds in its first attempt."""
+    service = RedisQueue(client=connect(redis_url))
+    job = service.submit(_job(model_id, "erin", 40), photos, max_active=2)
+    log = tmp_path / "worker.log"
+    worker = _worker(log, "--redis-url", redis_url, "--repository", str(repo))
+    process = redis_server.process  # type: ignore[attr-defined]
+    try:
+        _until("the job fine-tuning", lambda: service.get(job.id).step >= 2, START_S, log)  # type: ignore[union-attr]
+        process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(5)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        _until("the job ended", lambda: service.get(job.id).done, JOB_S, log)  # type: ignore[union-attr]
+    finally:
+        _stop(worker)
+    done = service.get(job.id)
+    assert done is not None and done.state == SUCCEEDED and done.attempt == 1, (done, log.read_text()[-3000:])
+    assert "progress not written from step" in log.read_text()
+
+
 # -- 3. the time left -----------------------------------------------------------------------------------
 
 

@@ -47,7 +47,7 @@ from facekit import contract
 from facekit.ids import validate_stored_id
 from jobs import events
 from jobs.avatars import AvatarIndex
-from jobs.queue import JobQueue, Lost, StoreFull, unpack_input
+from jobs.queue import JobQueue, Lost, StoreFull, Unreachable, unpack_input
 from jobs.record import (
     CANCELLED,
     CODE_CANCELLED,
@@ -76,6 +76,9 @@ MAX_ATTEMPTS = 3
 # (checked every REMOVE_POLL_S between other jobs, and after each job: it holds none of them up).
 REMOVE_WAIT_S = 30.0
 REMOVE_POLL_S = 0.1
+# After a progress write found the queue unreachable, fine-tuning steps write none for this long (a
+# write to a Redis that is away waits out its socket timeout, ~3 s: every step would).
+UNREACHABLE_QUIET_S = 5.0
 
 
 class Cancelled(Exception):
@@ -403,6 +406,8 @@ def failure(error: Exception) -> tuple[int, str]:
     not where - no paths, addresses or a library's own words; the worker's log has those."""
     if isinstance(error, StoreFull):  # the job directory, not the repository (it said so before)
         return CODE_UNAVAILABLE, "the job queue's storage is full; personalise again later"
+    if isinstance(error, Unreachable):
+        return CODE_UNAVAILABLE, "the job queue could not be reached; personalise again later"
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         return CODE_UNAVAILABLE, "the model repository is full; personalise again later"
     if type(error).__name__ == "InferenceServerException":  # tritonclient's, from load_model
@@ -462,8 +467,10 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
 
 def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
     steps = ctx.metrics.finetune_steps
+    quiet_until = 0.0  # (monotonic) the queue was unreachable: no progress write before then
 
     def on_step(step: int, losses: dict[str, float]) -> None:
+        nonlocal quiet_until
         if beat.lost.is_set():
             raise Lost(f"job {job.id} was taken over by another worker")
         job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
@@ -472,10 +479,36 @@ def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
             job.first_step_time = time.time()
         if ctx.stopping.is_set() and step < job.steps:
             raise Stopped(f"stopped at step {step} of {job.steps}")
-        if not ctx.queue.update(job):
-            raise Cancelled(f"cancelled at step {step} of {job.steps}")
+        if time.monotonic() < quiet_until:
+            return
+        try:
+            if not ctx.queue.update(job):
+                raise Cancelled(f"cancelled at step {step} of {job.steps}")
+        except Unreachable as error:
+            # Fine-tuning goes on: the heartbeat holds the job for the claim timeout, and the next
+            # write that lands says whether it was cancelled or taken over meanwhile. (A Redis
+            # restart or a pause of a few seconds failed every running job, INTERNAL.)
+            if not quiet_until:
+                log.warning("job %s: progress not written from step %d: %s", job.id, step, error)
+            ctx.metrics.on_queue(False)
+            quiet_until = time.monotonic() + UNREACHABLE_QUIET_S
+        else:
+            if quiet_until:
+                log.info("job %s: progress written again at step %d", job.id, step)
+            quiet_until = 0.0
 
     return on_step
+
+
+def _stage(ctx: Context, job: Job) -> bool:
+    """Write a job's new stage: False when it was cancelled meanwhile. A queue unreachable for the
+    moment is logged and left to the next write (which checks the cancel, or to _succeed's)."""
+    try:
+        return ctx.queue.update(job)
+    except Unreachable as error:
+        log.warning("job %s: its stage %r not written: %s", job.id, job.stage, error)
+        ctx.metrics.on_queue(False)
+        return True
 
 
 def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
@@ -492,7 +525,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     else:  # taken over: what a lost attempt published goes, or a cancel or failure now would keep it
         _take_back_lost(ctx, job, name)
     ctx.estimates.stamp(job)
-    if not ctx.queue.update(job):  # (a job cancelled while its worker was dead ends here)
+    if not _stage(ctx, job):  # (a job cancelled while its worker was dead ends here)
         raise Cancelled("cancelled before fine-tuning" + (" resumed" if job.attempt > 1 else ""))
     _check_record(ctx, job, "before fine-tuning")
     if ctx.stopping.is_set():
@@ -513,7 +546,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     if ctx.avatars is not None:
         ckpt["avatar_store"] = ctx.avatars.store_id()
     job.stage, job.export_time = "exporting", time.time()
-    if not ctx.queue.update(job):
+    if not _stage(ctx, job):
         raise Cancelled("cancelled before export")
     _check_record(ctx, job, "before export")
     published = models.publish(
