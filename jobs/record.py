@@ -141,7 +141,7 @@ class Job:
         self.state, self.worker, self.attempt = RUNNING, worker, attempt
         self.stage = "removing" if self.kind == REMOVE else "fine-tuning"
         self.start_time, self.first_step_time, self.export_time, self.step = time.time(), 0.0, 0.0, 0
-        self.load_time = 0.0
+        self.load_time, self.losses = 0.0, {}  # (a lost attempt's losses read as this one's step 0)
         return self
 
     def ended(self, state: str, *, code: int = 0, error: str = "") -> Job:

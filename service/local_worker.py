@@ -3,9 +3,13 @@
 The worker is training code (PyTorch) and so never runs inside this process: the service starts
 it as a separate process on the same job directory and model repository, restarts it when it
 exits (1, 2, 4 ... 30 s apart), and stops it with the service. A worker that cannot even start
-(no PyTorch in this image, a checkpoint it cannot read) gives up after a few quick failures;
-personalisation is then refused with FAILED_PRECONDITION and the reason, and the operations
-already queued end FAILED with it (server.py `_no_worker`). A checkpoint that is not there at all
+(no PyTorch in this image, a checkpoint it cannot read: it exits before it says it is ready, in
+`--ready-file`) is given up after a few quick failures; personalisation is then refused with
+FAILED_PRECONDITION and the reason, and the operations already queued end FAILED with it
+(server.py `_no_worker`). One that started and died on a job (killed for memory) is restarted
+however soon it died: the job's attempts end it (the worker's MAX_ATTEMPTS). Before, three such
+deaths within 20 s of their starts gave up personalisation for the server's life and left the
+job RUNNING for good, its cancel never acted on. A checkpoint that is not there at all
 is known at start: no worker is started. The child also stops when its parent is gone
 (`--parent-pid`: a service killed with SIGKILL leaves no worker behind once its job ends).
 """
@@ -18,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from service.settings import Settings
 
@@ -46,8 +51,14 @@ PRIORITIES = {
 }
 
 
+def ready_file(settings: Settings) -> Path:
+    """Where the embedded worker says it started (in the job directory it already writes)."""
+    return settings.jobs / f".worker-ready-{os.getpid()}"
+
+
 def command(settings: Settings) -> list[str]:
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
+    cmd += ["--ready-file", str(ready_file(settings))]
     cmd += ["--avatars", str(settings.avatar_store)]  # what it checks before it withdraws a generator
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
@@ -64,6 +75,7 @@ def command(settings: Settings) -> list[str]:
 class LocalWorker:
     def __init__(self, *, settings: Settings, on_give_up: Callable[[str], None]) -> None:
         self.cmd = command(settings)
+        self.ready = ready_file(settings)
         self.on_give_up = on_give_up
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -75,11 +87,14 @@ class LocalWorker:
         quick, delay = 0, 1.0
         while True:
             started = time.monotonic()
+            self.ready.unlink(missing_ok=True)
             self.process = await asyncio.create_subprocess_exec(*self.cmd, stdin=asyncio.subprocess.DEVNULL)
             log.info("embedded worker started (pid %d): %s", self.process.pid, " ".join(self.cmd))
             code = await self.process.wait()
             lived = time.monotonic() - started
-            quick = quick + 1 if lived < QUICK_FAILURE_S else 0
+            was_ready = self.ready.exists()
+            self.ready.unlink(missing_ok=True)
+            quick = quick + 1 if lived < QUICK_FAILURE_S and not was_ready else 0
             if quick >= GIVE_UP_AFTER:
                 why = f"the embedded worker exited (code {code}) {quick} times within seconds of starting"
                 log.error("%s; giving up (does this image have PyTorch? see the log above)", why)
@@ -95,11 +110,11 @@ class LocalWorker:
         if self._task is not None:
             self._task.cancel()
         process = self.process
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_GRACE_S)
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        if process is not None and process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), STOP_GRACE_S)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        self.ready.unlink(missing_ok=True)

@@ -717,11 +717,53 @@ def test_the_time_left_counts_the_export_down_once_it_began(tmp_path: Path) -> N
     dead = LocalQueue(root=tmp_path)
     held = dead.claim("w1", wait_s=1)
     assert held is not None
-    held.stage, held.export_time = "exporting", 130.0
+    held.stage, held.export_time, held.losses = "exporting", 130.0, {"g_total": 1.5}
     assert dead.update(held)
     dead.close()  # the worker died while exporting
     taken = LocalQueue(root=tmp_path).claim("w2", wait_s=1)
     assert taken is not None and taken.attempt == 2 and taken.export_time == 0.0, "it starts over"
+    assert taken.losses == {}, "step 0 of the new attempt, not the lost one's losses"
+
+
+def test_a_worker_killed_soon_after_each_start_is_restarted_and_the_job_ends(
+    model_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The embedded worker SIGKILLed (killed for memory, say) within seconds of taking the job,
+    three times. Before, three exits within 20 s of their starts read as "cannot start": the server
+    gave personalisation up for its life (FAILED_PRECONDITION to every new one) and the job stayed
+    RUNNING for good, its cancel never acted on (helper-76). A worker that said it was ready is
+    restarted however soon it died; the job's third loss ends it FAILED, and the avatar can be
+    personalised again on the same server."""
+    import signal
+
+    from service import local_worker
+
+    # every death "soon" after its start here (a worker takes 10-20 s to fine-tune its first step)
+    monkeypatch.setattr(local_worker, "QUICK_FAILURE_S", 600.0)
+    repository = copy_base_models(model_repository, tmp_path / "repo")
+    settings = test_settings(repository, tmp_path / "store", worker="embedded")
+    running = ServerThread(settings=settings)
+    queue = LocalQueue(root=settings.jobs)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            c.create_avatar("fragile", [PORTRAIT], consent=CONSENT)
+            job_id = c.personalise("fragile", steps=400).name.rpartition("/")[2]
+            for attempt in (1, 2, 3):
+                deadline = time.monotonic() + WORKER_TIMEOUT_S
+                while (job := queue.get(job_id)) is None or job.attempt < attempt or job.step < 1:
+                    assert time.monotonic() < deadline, f"attempt {attempt} never fine-tuned"
+                    time.sleep(0.1)
+                worker = running.server.worker
+                assert worker is not None and worker.process is not None
+                os.kill(worker.process.pid, signal.SIGKILL)
+            done = c.wait_operation(f"operations/{job_id}", timeout=WORKER_TIMEOUT_S)
+            error = operation_error(done)
+            assert error.startswith("INTERNAL: the worker stopped 3 times"), error
+            again = c.personalise("fragile", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
+            assert again.response.model_name == "generator_fragile", operation_error(again)
+    finally:
+        running.stop()
 
 
 def test_a_server_whose_worker_cannot_run_says_why_and_ends_what_was_queued(

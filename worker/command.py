@@ -172,6 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="text (default) or json: one object a line ($TALKINGHEAD_LOG_FORMAT)",
     )
     parser.add_argument("--parent-pid", type=int, help="stop once this process is gone (the embedded worker)")
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="create this file once started, before the first claim (the embedded worker's "
+        "supervisor: a worker that dies after it is restarted, one that dies before is given up)",
+    )
     parser.add_argument("--threads", type=_at_least_one, help="PyTorch CPU threads (default: PyTorch's)")
     parser.add_argument(
         "--cpu-scheduling",
@@ -298,6 +304,8 @@ def run(args: argparse.Namespace) -> int:
             "no avatar store to read (--avatars): a deleted avatar's generator is withdrawn without "
             "checking its record, and generators left by lost deletions are not swept"
         )
+    if args.ready_file is not None:
+        args.ready_file.touch()
     try:
         serve_jobs(
             ctx,
