@@ -14,6 +14,9 @@ talkinghead:job:<id>           hash   record (JSON of jobs.record.Job), input (n
 talkinghead:jobs               zset   PERSONALISE job ids by creation time (listing)
 talkinghead:jobs:active        set    PERSONALISE jobs queued or running (the queue's size)
 talkinghead:avatar-job:<id>    string the avatar's queued or running job id (one at a time)
+talkinghead:worker:<name>      string a worker's last claim poll (Unix time), expiring after
+                                      WORKER_TTL_S: the worker announcing itself (`make up` reads
+                                      it to call the stack's worker ready)
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import math
 import re
@@ -151,7 +152,8 @@ class Personaliser:
         last = ""
         while True:
             job = await self.get(name, tenant)
-            text = job.to_json()
+            # (a cancel asked is not shown by the operation until it ends it: no message for it)
+            text = dataclasses.replace(job, cancel_requested=False, cancel_reason="").to_json()
             if text != last:
                 last = text
                 yield job

@@ -248,7 +248,7 @@ def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) ->
         except Unwritten:
             raise
         except Lost as error:
-            log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+            log.warning("%s; leaving it to its new holder", error)
             ctx.metrics.on_end(job, LOST)
         except Stopped as why:
             _hand_back(ctx, job, str(why))
@@ -280,7 +280,7 @@ def _hand_back(ctx: Context, job: Job, why: str) -> None:
     try:
         ctx.queue.release(job)
     except Lost as error:
-        log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        log.warning("%s; leaving it to its new holder", error)
         ctx.metrics.on_end(job, LOST)
         return
     except Exception as error:  # the queue away: its claim times out (the lock goes with the process)
@@ -443,7 +443,7 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
     try:
         written = ctx.queue.finish(job)
     except Lost as error:
-        log.warning("job %s: %s; leaving it to its new holder", job.id, error)
+        log.warning("%s; leaving it to its new holder", error)
         ctx.metrics.on_end(job, LOST)
         written = True
     except Exception as error:
