@@ -5,27 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from client.library import DEFAULT_SERVER, Client, check_api_key
 from client.outputs import reason
-
-
-def whole_number(minimum: int, note: str = "") -> Callable[[str], int]:
-    """An argparse type: a whole number >= `minimum` (`note` follows the bound in the error)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}{note}, got {value}")
-        return value
-
-    return parse
+from facekit.arguments import whole_number as whole_number  # (the client's commands import it here)
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, *, defaults: bool = True) -> None:

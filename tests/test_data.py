@@ -98,6 +98,21 @@ def test_exclude_keeps_validation_clips_out(root: Path) -> None:
         EpisodeDataset(root=root, k_shot=3, image_size=S, include=["c/*"])
 
 
+@pytest.mark.parametrize("damage", ["missing", "cut short"])
+def test_a_clip_without_its_frames_is_named_before_training(root: Path, damage: str) -> None:
+    """A clip whose frames.npy is gone (the state preprocess --restore-frames rebuilds) or cut
+    short: before, training ran until the clip was first drawn, then died in a traceback
+    (FileNotFoundError, "mmap length is greater than file size"), losing every step since the
+    last checkpoint (helper-77). Now the dataset names the file and the command that rebuilds it."""
+    clip = root / sorted(CLIPS)[0] / "frames.npy"
+    if damage == "missing":
+        clip.unlink()
+    else:
+        clip.write_bytes(clip.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"frames\.npy: missing, cut short .* --restore-frames"):
+        EpisodeDataset(root=root, k_shot=3, image_size=S)
+
+
 def _as_tensor(drawn: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(drawn).float().div(127.5).sub(1).permute(2, 0, 1)
 

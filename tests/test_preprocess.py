@@ -51,13 +51,17 @@ def test_flat_layout_uses_file_stems(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "out").exists()
 
 
-def test_clip_without_faces_is_skipped_with_the_reason(tmp_path: Path) -> None:
+def test_clip_without_faces_is_skipped_with_the_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """... and a run that leaves nothing to train on exits 1 saying so (it exited 0, helper-77)."""
     src, out = tmp_path / "src", tmp_path / "out"
     src.mkdir()
     with VideoWriter(src / "empty_room.mp4", fps=25, size=(64, 64)) as writer:
         for _ in range(5):
             writer.write(np.full((64, 64, 3), 90, np.uint8))
-    assert main(["preprocess", str(src), str(out), "--size", "32", "--workers", "1"]) == 0
+    assert main(["preprocess", str(src), str(out), "--size", "32", "--workers", "1"]) == 1
+    assert f"no usable clip in {src}" in capsys.readouterr().err
     (entry,) = json.loads((out / "report.json").read_text())["clips"]
     assert entry["status"] == "skipped" and entry["no_face"] == 5
     assert entry["reason"].startswith("too few frames with a face (0 < 16")

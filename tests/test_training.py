@@ -241,6 +241,33 @@ def test_train_command_checkpoints_records_substitutes_and_resumes(
 
 
 @needs_faces
+def test_a_diverging_run_keeps_its_last_checkpoint_and_fails(
+    smoke_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Learning rates of 1e8 (given as YAML 1.1 leaves them, text: '1e8' reached Adam as a string,
+    a TypeError traceback). Every loss turns NaN; before, the run logged NaNs, wrote last.pt with
+    NaN weights over the good one and exited 0 (helper-77). Now it stops at the first loss that is
+    not finite, writes nothing more and exits 1; the checkpoint of the run's 2 good steps stays."""
+    run = tmp_path / "run"
+    base = ["train", "--config", "smoke", "--data", str(smoke_data), "--run", str(run)]
+    assert cli(base) == 0
+    good = checkpoint.load(run / "last.pt")
+    with caplog.at_level(logging.INFO):
+        code = cli([*base, "--run", str(tmp_path / "nan"), "--steps", "6", "--set", "meta.lr_generator=1e8"])
+    assert code == 1 and "training diverged at step" in caplog.text, caplog.text[-2000:]
+    for name in ("last.pt", "previous.pt"):  # the run wrote nothing after its first bad step
+        if (tmp_path / "nan" / name).exists():
+            saved = checkpoint.load(tmp_path / "nan" / name)
+            assert all(torch.isfinite(t).all() for t in saved["generator"].values()), name
+    assert checkpoint.load(run / "last.pt")["step"] == good["step"] == 2
+    # resuming a run with another model's config: one line, not a 25-line size mismatch
+    with pytest.raises(SystemExit, match="is a run of config 'smoke', with another model than 'small'"):
+        cli(["train", "--config", "small", "--data", str(smoke_data), "--run", str(run), "--steps", "4"])
+    with pytest.raises(SystemExit):  # argparse: must be >= 1
+        cli([*base, "--steps", "0"])
+
+
+@needs_faces
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(smoke_data: Path, tmp_path: Path) -> None:
     """Resuming redrew the episodes (the data's generator started again from the seed, the
     sampler took a new order from torch's state, numpy's state was not restored): 3 + 3 steps

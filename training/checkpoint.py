@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +39,20 @@ def load(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        RuntimeError,
+        zipfile.BadZipFile,
+        AttributeError,
+        ImportError,
+    ) as error:
+        # (cut short, another kind of file, a pickle of classes this code does not have)
+        raise ValueError(
+            f"{path} is not a readable talkinghead checkpoint ({type(error).__name__})"
+        ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not a talkinghead checkpoint")
     if ckpt.get("version") != VERSION:

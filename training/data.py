@@ -83,6 +83,22 @@ def load_frames(clip_dir: Path | str) -> tuple[np.ndarray, np.ndarray]:
     return frames, points
 
 
+def check_frames(clip: ClipInfo) -> None:
+    """ValueError unless the clip's frames.npy is there, whole, with the frames its meta.json counts
+    (its header read and its length checked: nothing loaded)."""
+    path = clip.folder / "frames.npy"
+    try:
+        frames = np.load(path, mmap_mode="r")
+        ok = frames.ndim == 4 and len(frames) == clip.frames
+    except (OSError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{path}: missing, cut short or not the {clip.frames} frames meta.json counts; rebuild it "
+            "with `talkinghead preprocess SRC OUT --restore-frames` (or remove the clip's folder)"
+        )
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (..., H, W, 3) -> float32 (..., 3, H, W) in [-1, 1]."""
     x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(127.5).sub_(1.0)
@@ -139,6 +155,8 @@ class EpisodeDataset(Dataset):
             raise ValueError(
                 f"no clip under {root} has K + 1 = {k_shot + 1} frames ({len(clips)} clips after filters)"
             )
+        for clip in usable:  # (before: a clip whose frames were missing stopped training when first drawn)
+            check_frames(clip)
         self.skipped_clips = [c.clip_id for c in clips if c.frames < k_shot + 1]
         self.video_ids: list[str] = sorted({c.video_id for c in usable})
         index = {v: i for i, v in enumerate(self.video_ids)}

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from facekit.arguments import whole_number
 from facekit.crop import crop_face
 from facekit.detect import LandmarkDetector, largest_face, make_detector
 from facekit.ids import validate_avatar_id, validate_stored_id
@@ -38,7 +39,7 @@ from training import checkpoint
 from training.config import ExperimentConfig
 from training.data import flip_points
 from training.generator import Generator
-from training.runtime import from_uint8, pick_device, setup_logging, to_uint8
+from training.runtime import Diverged, check_finite, from_uint8, pick_device, setup_logging, to_uint8
 from training.steps import Batch, Trainer
 
 log = logging.getLogger("talkinghead.finetune")
@@ -57,7 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--frames", type=int, default=8, help="T frames taken evenly from --video (default 8)"
     )
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's finetune.steps)")
+    parser.add_argument(
+        "--steps", type=whole_number(1), help="fine-tuning steps (default: the config's finetune.steps)"
+    )
     parser.add_argument("--detector", default="dlib", help="landmark detector: dlib | face-alignment")
     parser.add_argument("--out", required=True, type=Path, help="personalised checkpoint to write")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda")
@@ -223,6 +226,7 @@ def finetune_loop(
             target_warped=pool.target_warped[idx] if pool.target_warped is not None else None,
         )
         losses, _ = trainer.step(batch)
+        check_finite(step, losses)  # (a NaN model is no avatar: nothing is written or published)
         if step % cfg.finetune.log_every == 0 or step == steps:
             history.append({"step": step, **losses})
             if on_step:
@@ -283,17 +287,20 @@ def run(args: argparse.Namespace) -> int:
         len(frames),
         cfg.finetune.steps if args.steps is None else args.steps,
     )
-    result = personalise(
-        meta,
-        frames,
-        points,
-        avatar=args.avatar,
-        steps=args.steps,
-        device=pick_device(args.device),
-        on_step=lambda step, losses: log.info(
-            "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items())
-        ),
-    )
+    try:
+        result = personalise(
+            meta,
+            frames,
+            points,
+            avatar=args.avatar,
+            steps=args.steps,
+            device=pick_device(args.device),
+            on_step=lambda step, losses: log.info(
+                "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items())
+            ),
+        )
+    except Diverged as error:
+        raise SystemExit(f"talkinghead finetune: {error}; nothing written") from None
     checkpoint.save(args.out, result)
     log.info("wrote %s (%.0f s)", args.out, result["metrics"]["seconds"])
     return 0

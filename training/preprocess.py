@@ -35,6 +35,7 @@ import fnmatch
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -248,12 +249,26 @@ def run_all(clips: list[Clip], out: Path, job: Job, workers: int) -> list[Outcom
             bar.update()
     else:
         ctx = multiprocessing.get_context("spawn")  # no forked dlib/torch/OpenMP state
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(job.detector,)) as pool:
-            for outcome in pool.imap_unordered(_worker, tasks):
-                by_id[outcome.clip_id] = outcome
-                bar.update()
+        # SIGTERM as Ctrl-C: leaving the `with` terminates the pool (before, the parent died and its
+        # orphaned workers went on writing clips)
+        before = signal.signal(signal.SIGTERM, _terminated)
+        try:
+            with ctx.Pool(workers, initializer=_init_worker, initargs=(job.detector,)) as pool:
+                for outcome in pool.imap_unordered(_worker, tasks):
+                    by_id[outcome.clip_id] = outcome
+                    bar.update()
+        finally:
+            signal.signal(signal.SIGTERM, before)
     bar.close()
     return [by_id[c.clip_id] for c in clips]
+
+
+class Terminated(KeyboardInterrupt):
+    exit_status = 143  # 128 + SIGTERM, as talkinghead.cli reports it
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -406,4 +421,7 @@ def run(args: argparse.Namespace) -> int:
     outcomes = run_all(clips, args.out, job, args.workers)
     meta = {"src": str(args.src.resolve()), "layout": layout, **asdict(job)}
     _summarise(outcomes, args.out, meta)
+    if not any(o.status in ("done", "exists") for o in outcomes):
+        print(f"talkinghead preprocess: no usable clip in {args.src} (see why above)", file=sys.stderr)
+        return 1
     return 0

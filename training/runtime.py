@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterable
 
@@ -38,6 +39,22 @@ def broadcast_parameters(params: Iterable[torch.Tensor]) -> None:
     if dist.is_initialized():
         for p in params:
             dist.broadcast(p.data, src=0)
+
+
+class Diverged(ValueError):
+    """A loss became NaN or infinite: the weights stepped with it are no model to keep."""
+
+
+def check_finite(step: int, losses: dict[str, float], device: torch.device | None = None) -> None:
+    """Diverged, naming the step and the losses, unless every loss is finite on every rank (one
+    rank's NaN reaches the others' weights through the averaged gradients)."""
+    bad = sorted(k for k, v in losses.items() if not math.isfinite(v))
+    flag = torch.tensor([float(bool(bad))], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        what = ", ".join(f"{k}={losses[k]}" for k in bad) or "on another rank"
+        raise Diverged(f"training diverged at step {step}: a loss is not finite ({what})")
 
 
 def average_gradients(params: Iterable[torch.Tensor]) -> None:

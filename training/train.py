@@ -33,11 +33,20 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
+from facekit.arguments import whole_number
 from training import checkpoint
 from training.config import ExperimentConfig, load_config
 from training.data import EpisodeDataset, StepSampler, list_clips, load_frames
 from training.evaluation.spread import embedding_spread
-from training.runtime import broadcast_parameters, image_grid, init_distributed, pick_device, setup_logging
+from training.runtime import (
+    Diverged,
+    broadcast_parameters,
+    check_finite,
+    image_grid,
+    init_distributed,
+    pick_device,
+    setup_logging,
+)
 from training.steps import Batch, Trainer
 
 log = logging.getLogger("talkinghead.train")
@@ -47,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="small", help="built-in config name or YAML path (default small)")
     parser.add_argument("--run", required=True, type=Path, help="run directory (checkpoints, logs)")
     parser.add_argument("--data", help="preprocessed data folder (default: the config's meta.data)")
-    parser.add_argument("--steps", type=int, help="total steps (default: the config's meta.steps)")
+    parser.add_argument(
+        "--steps", type=whole_number(1), help="total steps (default: the config's meta.steps)"
+    )
     parser.add_argument(
         "--max-minutes", type=float, default=0, help="stop (with a checkpoint) after this long"
     )
@@ -78,7 +89,7 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
             raise SystemExit(
                 f"talkinghead train: --set {setting}: expected key=value (e.g. loss.ssim_weight=8)"
             )
-    overrides: dict[str, Any] = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides: dict[str, Any] = {k: _setting(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.data:
         overrides["meta.data"] = args.data
     if args.steps is not None:
@@ -87,6 +98,18 @@ def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
         return cfg.replace(**overrides) if overrides else cfg
     except (KeyError, ValueError, TypeError) as error:  # a misspelt key, a value of the wrong kind
         raise SystemExit(f"talkinghead train: --set: {error.args[0] if error.args else error}") from None
+
+
+def _setting(text: str) -> Any:
+    """A --set value as YAML reads it, except that numbers YAML 1.1 leaves as text (1e-4, 1.0e8)
+    are numbers: a learning rate of '1e-4' reached Adam as a string (a TypeError traceback)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def make_dataset(cfg: ExperimentConfig, seed: int) -> EpisodeDataset:
@@ -154,22 +177,41 @@ def run(args: argparse.Namespace) -> int:
         )
         return 0
     run_dir: Path = args.run
-    step = resume(trainer, run_dir / "last.pt", data.video_ids)
-    if step == 0 and args.init_from is not None:
-        warm_start(trainer, checkpoint.load(args.init_from), data.video_ids)
+    try:
+        step = resume(trainer, run_dir / "last.pt", data.video_ids, cfg)
+        if step == 0 and args.init_from is not None:
+            warm_start(trainer, checkpoint.load(args.init_from), data.video_ids)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"talkinghead train: {error}") from None
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    loop(trainer, cfg, data, run_dir, step, rank, world, device, args.max_minutes)
-    return 0
+    try:
+        stopped = loop(trainer, cfg, data, run_dir, step, rank, world, device, args.max_minutes)
+    except Diverged as error:
+        log.error(
+            "%s; %s is left as it was (lower the learning rates, or resume from previous.pt, "
+            "the checkpoint kept every %d steps)",
+            error,
+            run_dir / "last.pt",
+            4 * cfg.meta.checkpoint_every,
+        )
+        return 1
+    return 128 + stopped if stopped else 0  # (stopped by a signal: checkpointed, not done)
 
 
-def resume(trainer: Trainer, path: Path, video_ids: list[str]) -> int:
+def resume(trainer: Trainer, path: Path, video_ids: list[str], cfg: ExperimentConfig) -> int:
     if not path.is_file():
         return 0
     ckpt = checkpoint.load(path)
     if ckpt.get("video_ids") != video_ids:
         raise SystemExit(f"{path} was trained on other videos; use a new --run directory")
+    if (ckpt.get("config") or {}).get("model") != cfg.to_dict()["model"]:  # (a 25-line size mismatch)
+        made = (ckpt.get("config") or {}).get("name", "another")
+        raise SystemExit(
+            f"{path} is a run of config {made!r}, with another model than {cfg.name!r}: resume it with "
+            "its own config, or start a new --run directory (--init-from copies what fits)"
+        )
     assert trainer.embedder is not None
     trainer.embedder.load_state_dict(ckpt["embedder"])
     trainer.generator.load_state_dict(ckpt["generator"])
@@ -256,7 +298,7 @@ class Progress:
         self.held_out = held_out_clips(cfg)
 
     def after_step(
-        self, step: int, losses: dict[str, float], batch: Batch, fake: torch.Tensor, last: bool
+        self, step: int, losses: dict[str, float], batch: Batch, fake: torch.Tensor, last: bool, done: bool
     ) -> None:
         meta = self.cfg.meta
         for k, v in losses.items():
@@ -275,7 +317,8 @@ class Progress:
         if step % meta.checkpoint_every == 0 or last:
             save_checkpoint(self.trainer, self.cfg, self.data, self.run_dir / "last.pt", step)
             # (a run that ended said nothing of where its model went)
-            log.info("step %d: checkpoint %s%s", step, self.run_dir / "last.pt", " (done)" if last else "")
+            ending = " (done)" if done else " (stopped: resume with the same command)" if last else ""
+            log.info("step %d: checkpoint %s%s", step, self.run_dir / "last.pt", ending)
 
 
 def held_out_clips(cfg: ExperimentConfig) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -297,7 +340,10 @@ def loop(
     world: int,
     device: torch.device,
     max_minutes: float,
-) -> None:
+) -> int:
+    """Train to meta.steps, or until --max-minutes or a signal (SIGTERM, SIGINT): the checkpoint
+    written, the signal's number returned (0 otherwise). Diverged at a loss that is not finite,
+    nothing written since the last checkpoint."""
     meta = cfg.meta
     # Episodes are a function of (seed, step, slot), and the loader's own seed of the config's seed
     # (not drawn from torch's state): a resumed run trains on what an uninterrupted one would have.
@@ -318,22 +364,25 @@ def loop(
         signal.signal(sig, lambda signum, frame: stop_requested.append(signum))
     trainer.train()
     if step >= meta.steps:
-        return
+        log.info("%s is at step %d of %d already: nothing to train", run_dir / "last.pt", step, meta.steps)
+        return 0
     for item in loader:  # (StepSampler has no end: the last step returns)
         batch = to_batch(item, device)
         losses, fake = trainer.step(batch)
         step += 1
+        check_finite(step, losses, device)  # (before it is logged or saved: last.pt stays a model)
         out_of_time = bool(stop_requested) or (
             max_minutes > 0 and time.monotonic() - started > max_minutes * 60
         )
         last = step >= meta.steps or out_of_time
         if progress is not None:
-            progress.after_step(step, losses, batch, fake, last)
+            progress.after_step(step, losses, batch, fake, last, done=step >= meta.steps)
         if last:
             if out_of_time:
                 why = "signal" if stop_requested else "--max-minutes"
-                log.info("stopping at step %d (%s)", step, why)
-            return
+                log.info("stopping at step %d of %d (%s)", step, meta.steps, why)
+            return stop_requested[0] if stop_requested and step < meta.steps else 0
+    return 0
 
 
 def log_scalars(writer: Any, run_dir: Path, step: int, means: dict[str, float]) -> None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import socket
@@ -43,6 +42,7 @@ import warnings
 from pathlib import Path
 
 from facekit import contract, cpus, logs, scheduling
+from facekit.arguments import seconds
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
@@ -71,16 +71,6 @@ def _at_least_one(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}")
     return value
 
 
@@ -127,7 +117,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--triton-url", action="append", default=[], help="Triton gRPC host:port (repeat)")
     parser.add_argument(
         "--triton-timeout",
-        type=_seconds,
+        type=seconds,
         default=contract.TRITON_LOAD_TIMEOUT_S,
         help="s any call to a Triton may take, a model load included: one that does not answer "
         "within it fails the job (UNAVAILABLE) instead of holding it RUNNING (default %(default).0f)",

@@ -64,6 +64,7 @@ from jobs.record import (
 )
 from training import checkpoint
 from training.finetune import personalise
+from training.runtime import Diverged
 from worker import SWEEP_INTERVAL_S, models
 from worker.metrics import HANDED_BACK, LOST, WorkerMetrics
 
@@ -412,6 +413,8 @@ def failure(error: Exception) -> tuple[int, str]:
         return CODE_UNAVAILABLE, "the model repository is full; personalise again later"
     if type(error).__name__ == "InferenceServerException":  # tritonclient's, from load_model
         return CODE_UNAVAILABLE, "the model server could not load the generator; personalise again later"
+    if isinstance(error, Diverged):  # (nothing published)
+        return CODE_INTERNAL, f"fine-tuning failed: {error}; nothing was published"
     if isinstance(error, torch.cuda.OutOfMemoryError):
         torch.cuda.empty_cache()  # the next job starts from the memory this one held, not from its pieces
         return (

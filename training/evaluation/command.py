@@ -51,6 +51,7 @@ import numpy as np
 import torch
 
 from facekit import cpus, engines
+from facekit.arguments import whole_number
 from facekit.detect import NoFaceError, make_detector
 from facekit.motion import STABLE_POINTS
 from facekit.smoothing import jitter, smooth_sequence
@@ -99,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all of them"
     )
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
+    parser.add_argument("--steps", type=whole_number(1), help="fine-tuning steps (default: the config's)")
     parser.add_argument(
         "--finetune-shots", nargs="+", type=int, help="fine-tune only at these T (default: every T)"
     )
