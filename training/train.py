@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import signal
 import time
@@ -104,11 +105,8 @@ def _setting(text: str) -> Any:
     """A --set value as YAML reads it, except that numbers YAML 1.1 leaves as text (1e-4, 1.0e8)
     are numbers: a learning rate of '1e-4' reached Adam as a string (a TypeError traceback)."""
     value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
     return value
 
 
