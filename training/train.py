@@ -204,11 +204,11 @@ def resume(trainer: Trainer, path: Path, video_ids: list[str], cfg: ExperimentCo
     ckpt = checkpoint.load(path)
     if ckpt.get("video_ids") != video_ids:
         raise SystemExit(f"{path} was trained on other videos; use a new --run directory")
-    if (ckpt.get("config") or {}).get("model") != cfg.to_dict()["model"]:  # (a 25-line size mismatch)
-        made = (ckpt.get("config") or {}).get("name", "another")
+    made = checkpoint.config_of(ckpt)  # (fields added since default as they load)
+    if made.model != cfg.model:  # (it was a 25-line size mismatch)
         raise SystemExit(
-            f"{path} is a run of config {made!r}, with another model than {cfg.name!r}: resume it with "
-            "its own config, or start a new --run directory (--init-from copies what fits)"
+            f"{path} is a run of config {made.name!r}, with another model than {cfg.name!r}: resume it "
+            "with its own config, or start a new --run directory (--init-from copies what fits)"
         )
     assert trainer.embedder is not None
     trainer.embedder.load_state_dict(ckpt["embedder"])
@@ -296,7 +296,7 @@ class Progress:
         self.held_out = held_out_clips(cfg)
 
     def after_step(
-        self, step: int, losses: dict[str, float], batch: Batch, fake: torch.Tensor, last: bool, done: bool
+        self, step: int, losses: dict[str, float], batch: Batch, fake: torch.Tensor, last: bool
     ) -> None:
         meta = self.cfg.meta
         for k, v in losses.items():
@@ -315,6 +315,7 @@ class Progress:
         if step % meta.checkpoint_every == 0 or last:
             save_checkpoint(self.trainer, self.cfg, self.data, self.run_dir / "last.pt", step)
             # (a run that ended said nothing of where its model went)
+            done = step >= meta.steps
             ending = " (done)" if done else " (stopped: resume with the same command)" if last else ""
             log.info("step %d: checkpoint %s%s", step, self.run_dir / "last.pt", ending)
 
@@ -374,7 +375,7 @@ def loop(
         )
         last = step >= meta.steps or out_of_time
         if progress is not None:
-            progress.after_step(step, losses, batch, fake, last, done=step >= meta.steps)
+            progress.after_step(step, losses, batch, fake, last)
         if last:
             if out_of_time:
                 why = "signal" if stop_requested else "--max-minutes"

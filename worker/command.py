@@ -42,7 +42,7 @@ import warnings
 from pathlib import Path
 
 from facekit import contract, cpus, logs, scheduling
-from facekit.arguments import seconds
+from facekit.arguments import seconds, whole_number
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
@@ -62,16 +62,6 @@ def cpu_threads(requested: int | None) -> int:
     import torch
 
     return requested or min(torch.get_num_threads(), cpus.usable_cpus())
-
-
-def _at_least_one(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -124,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--max-personalised-loaded",
-        type=_at_least_one,
+        type=whole_number(1),
         default=env("TALKINGHEAD_MAX_PERSONALISED_LOADED", str(contract.MAX_PERSONALISED)),
         help="personalised generators a Triton keeps loaded: past it, loading one unloads the "
         "least recently called of those idle for 60 s (the service's setting, "
@@ -168,7 +158,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="create this file once started, before the first claim (the embedded worker's "
         "supervisor: a worker that dies after it is restarted, one that dies before is given up)",
     )
-    parser.add_argument("--threads", type=_at_least_one, help="PyTorch CPU threads (default: PyTorch's)")
+    parser.add_argument("--threads", type=whole_number(1), help="PyTorch CPU threads (default: PyTorch's)")
     parser.add_argument(
         "--cpu-scheduling",
         choices=scheduling.POLICIES,
