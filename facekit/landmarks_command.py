@@ -135,6 +135,9 @@ def _report(found: Found) -> None:
 def run(args: argparse.Namespace) -> int:
     import av
 
+    if args.out is not None and args.out.suffix != ".npz":  # (numpy added it: "wrote seq" made seq.npz)
+        print(f"talkinghead landmarks: --out {args.out}: name a .npz file", file=sys.stderr)
+        return 2
     video = is_video(args.inputs[0])
     options = {"face_detector": args.boxes} if args.detector == "face-alignment" else {}
     try:

@@ -68,7 +68,9 @@ def read_image(path: Path) -> np.ndarray:
     """RGB uint8 (H, W, 3) of an image file (EXIF orientation applied), or ValueError."""
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None:
-        raise ValueError(f"cannot read image {path}")
+        raise ValueError(
+            f"{path}: no such image file" if not Path(path).is_file() else f"cannot read image {path}"
+        )
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
@@ -240,16 +242,21 @@ def _fit(image: np.ndarray, cell: int) -> np.ndarray:
 
 
 def _label_cell(text: str, cell: int) -> np.ndarray:
-    """A `cell` x `cell` dark-grey tile with `text` in white, shrunk to fit its width."""
+    """A `cell` x `cell` dark-grey tile with `text` in white, one line per "\n", centred, shrunk
+    so that its widest line fits."""
     tile = np.full((cell, cell, 3), 32, np.uint8)
     font, thickness = cv2.FONT_HERSHEY_SIMPLEX, 1
+    lines = text.split("\n")
     scale = cell / 160
-    (text_w, text_h), _ = cv2.getTextSize(text, font, scale, thickness)
-    if text_w > cell - 8:
-        scale *= (cell - 8) / text_w
-        (text_w, text_h), _ = cv2.getTextSize(text, font, scale, thickness)
-    origin = ((cell - text_w) // 2, (cell + text_h) // 2)
-    cv2.putText(tile, text, origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
+    widest = max(cv2.getTextSize(line, font, scale, thickness)[0][0] for line in lines)
+    if widest > cell - 8:
+        scale *= (cell - 8) / widest
+    sizes = [cv2.getTextSize(line, font, scale, thickness)[0] for line in lines]
+    step = max(h for _, h in sizes) * 8 // 5  # line height: the tallest glyphs and a gap
+    top = (cell - step * (len(lines) - 1)) // 2
+    for i, (line, (width, height)) in enumerate(zip(lines, sizes, strict=True)):
+        origin = ((cell - width) // 2, top + i * step + height // 2)
+        cv2.putText(tile, line, origin, font, scale, (255, 255, 255), thickness, cv2.LINE_AA)
     return tile
 
 

@@ -545,3 +545,136 @@ def test_finetune_on_a_photo_without_a_face_says_which_in_one_line(tmp_path: Pat
         main([*argv, "--images", str(blank), "--out", str(tmp_path / "x.pt")])
     assert str(exited.value) == f"talkinghead finetune: no face found in {blank}"
     assert not (tmp_path / "x.pt").exists()
+
+
+def _personalised(path: Path) -> Path:
+    """A file of the personalised kind (what finetune writes), made without fine-tuning."""
+    from training import checkpoint
+
+    checkpoint.save(path, {"kind": "personalised", "avatar": "mona", "config": {}})
+    return path
+
+
+def _training_mistakes(tmp: Path) -> list[tuple[list[str], str]]:
+    """(argv, the line that names the mistake) of the training-side commands (helper-77: each was a
+    traceback, a silent run or a failure after minutes of work)."""
+    (tmp / "bad.yaml").write_text("model: [1,\n")
+    (tmp / "notes.txt").write_text("a file")
+    (tmp / "taken.pt").write_bytes(b"")
+    (tmp / "outdir").mkdir()
+    (tmp / "noise.png").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    mona = str(_personalised(tmp / "mona.pt"))
+    model = str(REPO / "models/talkinghead-small.pt")
+    train = ["train", "--config", "smoke", "--data", str(tmp), "--run", str(tmp / "run")]
+    finetune = ["finetune", "--checkpoint", model, "--avatar", "x", "--images", str(PORTRAIT)]
+    no_cuda = "this machine has no CUDA GPU"
+    evaluate = ["evaluate", "--out", str(tmp / "eval")]
+    worker = ["worker", "--jobs", str(tmp / "jobs"), "--repository", str(tmp / "repo")]
+    demo = ["--driver", str(DRIVER), "--out", str(tmp / "demo")]
+    return [
+        (
+            ["train", "--config", "nosuch", "--run", str(tmp / "run")],
+            "talkinghead train: --config: no config 'nosuch'",
+        ),
+        (
+            ["train", "--config", str(tmp / "bad.yaml"), "--run", str(tmp / "run")],
+            "bad.yaml is not valid YAML",
+        ),
+        (
+            [*train, "--set", "model.image_size=abc"],
+            "--set: config.model.image_size: expected int, got 'abc'",
+        ),
+        ([*train, "--run", str(tmp / "notes.txt")], "notes.txt: a file, not a run directory"),
+        ([*train, "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+        ([*train, "--device", "cuda"], no_cuda),
+        ([*train, "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+        ([*finetune, "--out", str(tmp / "outdir")], "outdir is a directory: name the checkpoint file"),
+        ([*finetune, "--out", str(tmp / "taken.pt")], "taken.pt exists: give --overwrite to replace it"),
+        ([*finetune, "--out", str(tmp / "notes.txt" / "x.pt")], "notes.txt is a file, not a directory"),
+        ([*finetune, "--out", str(tmp / "x.pt"), "--device", "cuda"], no_cuda),
+        (
+            [*finetune[:5], "--video", str(DRIVER), "--frames", "100000", "--out", str(tmp / "x.pt")],
+            "--frames: at most 32",
+        ),
+        (
+            [*finetune[:5], "--images", str(tmp / "noise.png"), "--out", str(tmp / "x.pt")],
+            "cannot read image",
+        ),
+        (
+            [*finetune[:5], "--images", str(tmp / "gone.png"), "--out", str(tmp / "x.pt")],
+            "gone.png: no such image file",
+        ),
+        (
+            [
+                "finetune",
+                "--checkpoint",
+                mona,
+                "--avatar",
+                "x",
+                "--images",
+                str(PORTRAIT),
+                "--out",
+                str(tmp / "x.pt"),
+            ],
+            "mona.pt is the personalised generator of avatar 'mona': fine-tuning needs a meta-learned",
+        ),
+        (
+            [*evaluate, "--checkpoint", str(tmp / "noise.png")],
+            "noise.png is not a readable talkinghead checkpoint",
+        ),
+        ([*evaluate, "--checkpoint", mona], "the evaluation needs a meta-learned checkpoint"),
+        (
+            [*evaluate, "--faces", str(tmp / "gone")],
+            "gone (no such folder): give --faces the folder that holds",
+        ),
+        ([*evaluate, "--shots", "0"], "argument --shots: must be >= 1, got 0"),
+        ([*worker, "--checkpoint", mona], "personalisation needs a meta-learned checkpoint"),
+        ([*worker, "--checkpoint", model, "--device", "cuda"], no_cuda),
+        (
+            ["landmarks", str(PORTRAIT), "--out", str(tmp / "seq")],
+            "--out " + str(tmp / "seq") + ": name a .npz file",
+        ),
+        (["preprocess", str(tmp), str(tmp / "pre"), "--size", "0"], "argument --size: must be >= 8, got 0"),
+        (
+            ["preprocess", str(tmp), str(tmp / "pre"), "--scale", "0"],
+            "argument --scale: expected a number > 0",
+        ),
+        (["demo", "--portrait", str(tmp / "noise.png"), *demo], "python -m training.demo: cannot read image"),
+        (
+            ["demo", "--portrait", str(PORTRAIT), *demo[:-2], "--checkpoint", mona],
+            "the demo needs a meta-learned",
+        ),
+    ]
+
+
+def test_training_commands_refuse_mistakes_in_one_line_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each mistake: a non-zero exit naming it in one line, before the data, the networks or the
+    fine-tuning (a directory --out failed after the whole fine-tune, an existing one was replaced;
+    --device cuda on a machine without one failed at the first tensor; a personalised checkpoint
+    given to evaluate, finetune or the worker was a traceback; `landmarks --out seq` wrote seq.npz
+    and said "wrote seq"), and nothing written."""
+    import torch
+
+    from talkinghead.cli import run_module
+
+    mistakes = _training_mistakes(tmp_path)
+    before = files_in(tmp_path)
+    for argv, message in mistakes:
+        if "--device" in argv and torch.cuda.is_available():
+            continue
+        try:
+            if argv[0] == "demo":  # `make demo-direct`: python -m training.demo
+                code = run_module("training.demo", argv[1:], prog="python -m training.demo")
+            else:
+                code = main(argv)
+        except SystemExit as exited:
+            code = exited.code if isinstance(exited.code, int) else 1
+            err = str(exited.code) if not isinstance(exited.code, int) else capsys.readouterr().err
+        else:
+            err = capsys.readouterr().err
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        assert code not in (0, None) and message in last, (argv, code, err[-600:])
+        assert "Traceback" not in err, (argv, err[-600:])
+        assert files_in(tmp_path) == before, argv

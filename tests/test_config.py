@@ -30,3 +30,18 @@ def test_dotted_override() -> None:
     assert cfg.meta.k_shot == 5
     with pytest.raises(KeyError):
         load_config("smoke").replace(**{"meta.kshot": 5})
+
+
+def test_a_config_value_of_the_wrong_kind_is_named() -> None:
+    """`image_size: abc` (a YAML file or --set) was accepted, then a traceback deep in the networks."""
+    small = load_config("small")
+    for key, value, kind in (
+        ("model.image_size", "abc", "int"),
+        ("model.image_size", True, "int"),
+        ("loss.pixel_weight", "x", "float"),
+        ("meta.augment_flip", 1, "bool"),
+    ):
+        with pytest.raises(ValueError, match=f"config.{key}: expected {kind}, got {value!r}"):
+            small.replace(**{key: value})
+    assert small.replace(**{"loss.pixel_weight": 2}).loss.pixel_weight == 2.0  # an int for a float
+    assert ExperimentConfig.from_dict(small.to_dict()) == small

@@ -183,3 +183,11 @@ def test_episodes_from_preprocessed_real_clips(tmp_path: Path) -> None:
     frame = ((ep["target_image"].permute(1, 2, 0) + 1) * 127.5).numpy().astype(np.uint8)
     face = DlibDetector().detect(cv2.resize(frame, (128, 128)))
     assert face, "a face in the episode's target frame"
+
+
+def test_with_no_clip_left_the_dataset_says_why(root: Path, tmp_path: Path) -> None:
+    """Data holding only the config's evaluation people said "run preprocess", though it had been."""
+    with pytest.raises(ValueError, match=r"all 4 clips under .* are filtered out \(exclude \['\*'\]\)"):
+        EpisodeDataset(root=root, k_shot=3, image_size=S, exclude=["*"])
+    with pytest.raises(ValueError, match=r"no preprocessed clips under .*: run `talkinghead preprocess`"):
+        EpisodeDataset(root=tmp_path / "empty", k_shot=3, image_size=S)

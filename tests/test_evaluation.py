@@ -348,3 +348,19 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     coverage = report["coverage"]  # a short run: a verdict from it would not be acted on
     assert not coverage["full_protocol"] and coverage["max_drive"] == 4 and coverage["stills"] == 1
     assert coverage["driving_frames"] == dict.fromkeys(CLIPS, 4) and coverage["shots"] == [1]
+
+
+def test_the_contact_sheet_names_each_clip_whole(tmp_path: Path) -> None:
+    """Clip names were cut at 14 characters: `styletalk_feifeili_clip1` and `_clip2` had the same
+    label. Now a long name is broken over lines (after a '_' where there is one), none cut."""
+    from training.evaluation import sheets
+
+    frames = np.full((3, 64, 64, 3), 90, np.uint8)
+    made = {"reference": frames[0], "real": frames, "warp": frames}
+    labels = []
+    for clip in ("styletalk_feifeili_clip1", "styletalk_feifeili_clip2"):
+        sheets.save_contact_sheet(tmp_path / f"{clip}.png", {clip: made}, cell=64)
+        labels.append(np.asarray(Image.open(tmp_path / f"{clip}.png"))[:64, :64])
+    assert not np.array_equal(labels[0], labels[1])
+    assert sheets._wrapped("styletalk_feifeili_clip1") == "styletalk_\nfeifeili_clip1"
+    assert sheets._wrapped("averyveryverylongname", 8) == "averyver\nyverylon\ngname"

@@ -164,11 +164,14 @@ def test_two_clips_end_to_end_and_resumable(tmp_path: Path) -> None:
         assert (path.stat().st_mtime_ns == stamp) == (path.parent.name == CLIPS[0]), path
 
     # a machine without the landmark models rebuilds the crops from the videos and meta.json
-    frames_file = out / CLIPS[0] / "frames.npy"
+    # (only the clips --include/--exclude select: every clip was restored, helper-77)
+    frames_file, other = out / CLIPS[0] / "frames.npy", out / CLIPS[1] / "frames.npy"
     kept = np.load(frames_file)
     frames_file.unlink()
-    assert main(["preprocess", str(src), str(out), "--restore-frames"]) == 0
+    other.unlink()
+    assert main(["preprocess", str(src), str(out), "--restore-frames", "--include", CLIPS[0]]) == 0
     assert np.array_equal(np.load(frames_file), kept)
+    assert not other.exists()
 
 
 def test_without_a_config_the_crops_are_the_size_train_reads_by_default() -> None:

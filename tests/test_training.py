@@ -430,3 +430,11 @@ def test_a_frozen_embedder_keeps_psi_while_g_learns() -> None:
         assert torch.equal(trainer.psi(batch)[0], psi_before)
     g_after = [p for p in trainer.generator.parameters() if p.requires_grad]
     assert any(not torch.equal(a, b) for a, b in zip(g_before, g_after, strict=True))
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_temporary_file(tmp_path: Path) -> None:
+    """A directory where the file goes: the .tmp beside it was left behind (finetune --out DIR)."""
+    (tmp_path / "avatar.pt").mkdir()
+    with pytest.raises(OSError):
+        checkpoint.save(tmp_path / "avatar.pt", {"kind": "personalised"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["avatar.pt"]

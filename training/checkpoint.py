@@ -31,8 +31,12 @@ def save(path: str | Path, payload: dict[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+        os.replace(tmp, path)
+    except BaseException:  # (a disk full, a directory at `path`): no .tmp left behind either
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(path: str | Path) -> dict[str, Any]:
@@ -57,6 +61,21 @@ def load(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not a talkinghead checkpoint")
     if ckpt.get("version") != VERSION:
         raise ValueError(f"{path}: checkpoint version {ckpt.get('version')}, this code reads {VERSION}")
+    return ckpt
+
+
+def load_meta(path: str | Path, needs: str) -> dict[str, Any]:
+    """`load`, and ValueError unless it is a meta-learned checkpoint (`needs` says what for): given a
+    personalised one, fine-tuning and the evaluation failed in a traceback."""
+    ckpt = load(path)
+    if ckpt.get("kind") == "personalised" or "embedder" not in ckpt:
+        personal = ckpt.get("kind") == "personalised"
+        what = (
+            f"the personalised generator of avatar {ckpt.get('avatar')!r}"
+            if personal
+            else "without an embedder"
+        )
+        raise ValueError(f"{path} is {what}: {needs} needs a meta-learned checkpoint (train's)")
     return ckpt
 
 

@@ -197,11 +197,32 @@ def _build(cls: type[T], raw: Any, where: str) -> T:
         sub = _DATACLASSES.get(ftype if isinstance(ftype, str) else getattr(ftype, "__name__", ""))
         if sub is not None:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
-        elif isinstance(value, list):
-            kwargs[name] = tuple(value)
         else:
-            kwargs[name] = value
+            kwargs[name] = _typed(value, str(ftype), f"{where}.{name}")
     return cls(**kwargs)
+
+
+_SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+
+
+def _typed(value: Any, ftype: str, where: str) -> Any:
+    """`value` as a field annotated `ftype` holds it (an int for a float field becomes a float), or
+    ValueError naming the key: `image_size: abc` in a YAML file or a --set was a traceback from
+    deep in the networks' construction."""
+    if ftype.startswith("tuple[") and isinstance(value, list | tuple):
+        kinds = [k.strip() for k in ftype[len("tuple[") : -1].split(",")]
+        if kinds[-1] == "...":
+            kinds = [kinds[0]] * len(value)
+        if len(kinds) == len(value):
+            return tuple(
+                _typed(v, k, f"{where}[{i}]") for i, (v, k) in enumerate(zip(value, kinds, strict=True))
+            )
+    else:
+        kind = _SCALARS.get(ftype)
+        fits = kind is not None and isinstance(value, kind) and (ftype == "bool") == isinstance(value, bool)
+        if fits:  # (a bool is an int: not taken for a number)
+            return float(value) if ftype == "float" else value
+    raise ValueError(f"{where}: expected {ftype}, got {value!r}")
 
 
 _DATACLASSES: dict[str, type] = {
@@ -218,5 +239,8 @@ def load_config(name_or_path: str | Path) -> ExperimentConfig:
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"no config {str(name_or_path)!r}; built-in configs: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML ({getattr(error, 'problem', None) or error})") from None
     return ExperimentConfig.from_dict(raw)

@@ -73,6 +73,27 @@ def list_clips(
     return clips
 
 
+def _nothing_usable(
+    root: Path | str,
+    kept: list[ClipInfo],
+    include: list[str] | None,
+    exclude: list[str] | tuple[str, ...],
+    k_shot: int,
+) -> str:
+    """Why no clip under `root` can make an episode, and what to do: none preprocessed there, every
+    one filtered out (the evaluation people of a config whose data holds only them), or every one
+    too short."""
+    if kept:
+        return f"no clip under {root} has K + 1 = {k_shot + 1} frames ({len(kept)} clips after filters)"
+    everything = list_clips(root)
+    if not everything:
+        return f"no preprocessed clips under {root}: run `talkinghead preprocess`"
+    filters = ([f"include {list(include)}"] if include is not None else []) + (
+        [f"exclude {list(exclude)}"] if exclude else []
+    )
+    return f"all {len(everything)} clips under {root} are filtered out ({', '.join(filters)})"
+
+
 def load_frames(clip_dir: Path | str) -> tuple[np.ndarray, np.ndarray]:
     """All of a clip: frames uint8 (N, S, S, 3) memory-mapped, landmarks float32 (N, 68, 2)."""
     folder = Path(clip_dir)
@@ -152,9 +173,7 @@ class EpisodeDataset(Dataset):
         clips = list_clips(root, include, list(exclude))
         usable = [c for c in clips if c.frames >= k_shot + 1]
         if not usable:
-            raise ValueError(
-                f"no clip under {root} has K + 1 = {k_shot + 1} frames ({len(clips)} clips after filters)"
-            )
+            raise ValueError(_nothing_usable(root, clips, include, exclude, k_shot))
         for clip in usable:  # (before: a clip whose frames were missing stopped training when first drawn)
             check_frames(clip)
         self.skipped_clips = [c.clip_id for c in clips if c.frames < k_shot + 1]

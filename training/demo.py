@@ -20,12 +20,12 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image
 
+from facekit.arguments import whole_number
 from facekit.detect import make_detector
 from facekit.motion import transfer_motion
 from facekit.sequence import LandmarkSequence
-from facekit.video import VideoWriter, contact_sheet, read_video, save_png
+from facekit.video import VideoWriter, contact_sheet, read_image, read_video, save_png
 from training import checkpoint
 from training.finetune import generate, personalise, prepare_images
 from training.runtime import setup_logging
@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", type=Path, default=Path("models/talkinghead-small.pt"))
     parser.add_argument("--portrait", type=Path, required=True, help="photo or painting of one face")
     parser.add_argument("--driver", type=Path, required=True, help="landmark file (.npz/.npy) or video")
-    parser.add_argument("--steps", type=int, help="fine-tuning steps (default: the config's)")
-    parser.add_argument("--max-frames", type=int, default=0, help="drive at most this many frames")
+    parser.add_argument("--steps", type=whole_number(1), help="fine-tuning steps (default: the config's)")
+    parser.add_argument(
+        "--max-frames", type=whole_number(0), default=0, help="drive at most this many frames (0: all)"
+    )
     parser.add_argument("--out", type=Path, default=Path("out/demo-direct"))
 
 
@@ -58,7 +60,7 @@ def load_driver(path: Path, max_frames: int) -> LandmarkSequence:
         elif points:  # hold the last pose through a missed detection
             points.append(points[-1])
     if not points:
-        raise SystemExit(f"no face found in any frame of {path}")
+        raise ValueError(f"no face found in any frame of {path}")
     log.info("driver %s: landmarks in %d of %d frames", path, kept, len(frames))
     h, w = frames[0].shape[:2]
     return LandmarkSequence(np.stack(points), (w, h), fps)
@@ -66,10 +68,14 @@ def load_driver(path: Path, max_frames: int) -> LandmarkSequence:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging()
-    meta = checkpoint.load(args.checkpoint)
-    size = checkpoint.config_of(meta).model.image_size
-    portrait = np.asarray(Image.open(args.portrait).convert("RGB"))
-    frames, points = prepare_images([portrait], [str(args.portrait)], make_detector("dlib"), size)
+    try:  # every input read and checked before the fine-tuning, each fault in one line
+        meta = checkpoint.load_meta(args.checkpoint, "the demo")
+        size = checkpoint.config_of(meta).model.image_size
+        portrait = read_image(args.portrait)
+        frames, points = prepare_images([portrait], [str(args.portrait)], make_detector("dlib"), size)
+        driver = load_driver(args.driver, args.max_frames)
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"python -m training.demo: {error}") from None
     started = time.monotonic()
     personal = personalise(
         meta,
@@ -80,7 +86,6 @@ def run(args: argparse.Namespace) -> int:
         on_step=lambda s, losses: log.info("fine-tune step %d g_total=%.3f", s, losses["g_total"]),
     )
     log.info("fine-tuned on %s in %.0f s", args.portrait, time.monotonic() - started)
-    driver = load_driver(args.driver, args.max_frames)
     driven = transfer_motion(driver.points, points[0])  # (N, 68, 2) in the portrait's crop
     started = time.monotonic()
     drawn, generated = generate(personal, driven)

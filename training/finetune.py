@@ -43,6 +43,7 @@ from training.runtime import Diverged, check_finite, from_uint8, pick_device, se
 from training.steps import Batch, Trainer
 
 log = logging.getLogger("talkinghead.finetune")
+MAX_SHOTS = 32  # T: the photos or frames one fine-tuning takes (the service's default max_images)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,13 +57,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--images", nargs="+", type=Path, help="T photos of the person (T = 1..32)")
     src.add_argument("--video", type=Path, help="a video of the person; --frames of it are used")
     parser.add_argument(
-        "--frames", type=int, default=8, help="T frames taken evenly from --video (default 8)"
+        "--frames",
+        type=whole_number(1),
+        default=8,
+        help=f"T frames taken evenly from --video (default 8, at most {MAX_SHOTS})",
     )
     parser.add_argument(
         "--steps", type=whole_number(1), help="fine-tuning steps (default: the config's finetune.steps)"
     )
     parser.add_argument("--detector", default="dlib", help="landmark detector: dlib | face-alignment")
     parser.add_argument("--out", required=True, type=Path, help="personalised checkpoint to write")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out when it exists")
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one, else cpu), cpu, cuda")
 
 
@@ -274,7 +279,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     try:  # a bad id or a photo without a face: one line, not a traceback
         validate_avatar_id(args.avatar)
-        meta = checkpoint.load(args.checkpoint)
+        check_out(args.out, args.overwrite)  # (before minutes of fine-tuning, not after)
+        device = pick_device(args.device)
+        meta = checkpoint.load_meta(args.checkpoint, "fine-tuning")
         cfg: ExperimentConfig = checkpoint.config_of(meta)
         detector = make_detector(args.detector)
         images, names = load_inputs(args)
@@ -294,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
             points,
             avatar=args.avatar,
             steps=args.steps,
-            device=pick_device(args.device),
+            device=device,
             on_step=lambda step, losses: log.info(
                 "step %d %s", step, " ".join(f"{k}={v:.4g}" for k, v in losses.items())
             ),
@@ -306,15 +313,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_out(out: Path, overwrite: bool) -> None:
+    """ValueError when --out cannot take the checkpoint: a directory, or a file already there without
+    --overwrite (a directory failed after the whole fine-tune, leaving its .tmp; a file was replaced)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: name the checkpoint file to write")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists: give --overwrite to replace it")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"--out {out}: {out.parent} is a file, not a directory")
+
+
 def load_inputs(args: argparse.Namespace) -> tuple[list[np.ndarray], list[str]]:
-    from PIL import Image
+    """The photos (EXIF orientation applied) or the video's frames, ValueError for one unreadable."""
+    from facekit.video import read_image, read_video
 
     if args.images:
-        if not 1 <= len(args.images) <= 32:
-            raise SystemExit(f"give 1 to 32 images, got {len(args.images)}")
-        return [np.asarray(Image.open(p).convert("RGB")) for p in args.images], [str(p) for p in args.images]
-    from facekit.video import read_video
+        if not 1 <= len(args.images) <= MAX_SHOTS:
+            raise ValueError(f"--images: give 1 to {MAX_SHOTS} images, got {len(args.images)}")
+        return [read_image(p) for p in args.images], [str(p) for p in args.images]
 
+    if args.frames > MAX_SHOTS:
+        raise ValueError(f"--frames: at most {MAX_SHOTS}, got {args.frames}")
     frames, _ = read_video(args.video)
     idx = np.linspace(0, len(frames) - 1, args.frames).round().astype(int)
     return [frames[i] for i in idx], [f"{args.video} frame {i}" for i in idx]

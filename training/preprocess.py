@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 
+from facekit.arguments import positive, whole_number
 from facekit.crop import CROP_SCALE, CropBox, crop, crop_box, transform_points
 from facekit.detect import DETECTORS, LandmarkDetector, make_detector
 from facekit.video import VIDEO_SUFFIXES, iter_video, video_info
@@ -102,15 +103,14 @@ def find_clips(root: Path) -> tuple[list[Clip], str]:
 
 def select(clips: list[Clip], include: list[str] | None, exclude: list[str]) -> list[Clip]:
     """Clips whose id matches any `include` glob (all when None) and no `exclude` glob."""
+    return [c for c in clips if selected(c.clip_id, include, exclude)]
 
-    def matches(clip_id: str, patterns: list[str]) -> bool:
+
+def selected(clip_id: str, include: list[str] | None, exclude: list[str]) -> bool:
+    def matches(patterns: list[str]) -> bool:
         return any(fnmatch.fnmatchcase(clip_id, p) for p in patterns)
 
-    return [
-        c
-        for c in clips
-        if (include is None or matches(c.clip_id, include)) and not matches(c.clip_id, exclude)
-    ]
+    return (include is None or matches(include)) and not matches(exclude)
 
 
 _DETECTOR: LandmarkDetector | None = None  # one per worker process
@@ -253,7 +253,9 @@ def run_all(clips: list[Clip], out: Path, job: Job, workers: int) -> list[Outcom
         # orphaned workers went on writing clips)
         before = signal.signal(signal.SIGTERM, _terminated)
         try:
-            with ctx.Pool(workers, initializer=_init_worker, initargs=(job.detector,)) as pool:
+            with ctx.Pool(
+                min(workers, len(tasks)), initializer=_init_worker, initargs=(job.detector,)
+            ) as pool:
                 for outcome in pool.imap_unordered(_worker, tasks):
                     by_id[outcome.clip_id] = outcome
                     bar.update()
@@ -274,23 +276,35 @@ def _terminated(signum: int, frame: object) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", type=Path, help="folder of videos (flat, or id/video/clip.mp4)")
     parser.add_argument("out", type=Path, help="output folder (created; finished clips are kept)")
-    parser.add_argument("--size", type=int, help="crop size S in pixels (default: --config's image_size)")
+    parser.add_argument(
+        "--size", type=whole_number(8), help="crop size S in pixels (default: --config's image_size)"
+    )
     parser.add_argument(
         "--config",
         default="small",
         help="a built-in config or a YAML path: its model gives the crop size (default small, as train's)",
     )
     parser.add_argument(
-        "--scale", type=float, default=CROP_SCALE, help=f"crop side / landmark extent (default {CROP_SCALE})"
+        "--scale",
+        type=positive(),
+        default=CROP_SCALE,
+        help=f"crop side / landmark extent (default {CROP_SCALE})",
     )
     parser.add_argument(
         "--shift-y", type=float, default=0.0, help="move the crop down by this fraction of its side (<0: up)"
     )
-    parser.add_argument("--every", type=int, default=1, help="keep every Nth frame (default 1)")
-    parser.add_argument("--max-frames", type=int, default=0, help="kept frames per clip at most (0: all)")
-    parser.add_argument("--min-frames", type=int, default=16, help="skip clips with fewer faces (default 16)")
+    parser.add_argument("--every", type=whole_number(1), default=1, help="keep every Nth frame (default 1)")
     parser.add_argument(
-        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="processes (default: min(4, CPUs))"
+        "--max-frames", type=whole_number(0), default=0, help="kept frames per clip at most (0: all)"
+    )
+    parser.add_argument(
+        "--min-frames", type=whole_number(1), default=16, help="skip clips with fewer faces (default 16)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=whole_number(1),
+        default=min(4, os.cpu_count() or 1),
+        help="processes (default: min(4, CPUs))",
     )
     parser.add_argument("--detector", choices=sorted(DETECTORS), default="dlib", help="default: dlib")
     parser.add_argument(
@@ -363,10 +377,13 @@ def _other_parameters(clips: list[Clip], out: Path, job: Job) -> str | None:
     )
 
 
-def _restore_all(src: Path, out: Path) -> int:
+def _restore_all(src: Path, out: Path, include: list[str] | None, exclude: list[str]) -> int:
+    """--restore-frames: every finished clip in `out` that --include/--exclude select and whose
+    frames.npy is missing (the filters were ignored: every such clip was restored)."""
     done, failed = 0, 0
     for meta_path in sorted(out.rglob("meta.json")):
-        if (meta_path.parent / "frames.npy").is_file():
+        clip_id = meta_path.parent.relative_to(out).as_posix()
+        if (meta_path.parent / "frames.npy").is_file() or not selected(clip_id, include, exclude):
             continue
         try:
             restore_frames(meta_path.parent, src)
@@ -382,19 +399,13 @@ def run(args: argparse.Namespace) -> int:
     if not args.src.is_dir():
         print(f"talkinghead preprocess: no such folder {args.src}", file=sys.stderr)
         return 2
-    if args.every < 1 or args.max_frames < 0 or args.min_frames < 1 or (args.size or 8) < 8:
-        print(
-            "preprocess: need --every >= 1, --max-frames >= 0, --min-frames >= 1, --size >= 8",
-            file=sys.stderr,
-        )
-        return 2
     all_clips, layout = find_clips(args.src)
     clips = select(all_clips, args.include, args.exclude)
     if not clips:
         print(f"talkinghead preprocess: no videos ({len(all_clips)} before filters) under {args.src}")
         return 1
     if args.restore_frames:
-        return _restore_all(args.src, args.out)
+        return _restore_all(args.src, args.out, args.include, args.exclude)
     if args.dry_run:
         for c in clips:
             print(f"{c.clip_id}\tvideo={c.video_id}")

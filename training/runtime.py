@@ -17,11 +17,29 @@ def setup_logging() -> None:
 
 
 def pick_device(name: str) -> torch.device:
+    """--device as a torch.device: auto (the local rank's GPU when there is one, else the CPU), cpu,
+    cuda or cuda:N. ValueError, saying what this machine has, for a device it lacks or a name that is
+    none of these (torch said so only when the first tensor moved, in a traceback)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            built = "" if torch.version.cuda else " (this PyTorch is built without CUDA)"
+            raise ValueError(f"--device {name}: this machine has no CUDA GPU{built}; use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
+    return device
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:

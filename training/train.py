@@ -77,14 +77,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(a warp-guided G from a trained paper G: see warm_start); ignored when the run resumes",
     )
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = torch's default)")
+    parser.add_argument(
+        "--threads", type=whole_number(0), default=0, help="CPU threads (0 = torch's default)"
+    )
     parser.add_argument(
         "--dry-run", action="store_true", help="build data and networks, print the plan, exit"
     )
 
 
 def resolve_config(args: argparse.Namespace) -> ExperimentConfig:
-    cfg = load_config(args.config)
+    try:
+        cfg = load_config(args.config)
+    except (FileNotFoundError, ValueError) as error:  # no such config, or YAML that is not one
+        raise SystemExit(f"talkinghead train: --config: {error}") from None
     for setting in args.set:
         if "=" not in setting:
             raise SystemExit(
@@ -141,15 +146,18 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = resolve_config(args)
-    device = pick_device(args.device)
+    if args.run.exists() and not args.run.is_dir():  # (found after the data and networks were built)
+        raise SystemExit(f"talkinghead train: --run {args.run}: a file, not a run directory")
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:
+        raise SystemExit(f"talkinghead train: {error}") from None
     rank, world = init_distributed(device)
     torch.manual_seed(cfg.meta.seed)
     try:
         data = make_dataset(cfg, seed=cfg.meta.seed + rank)
-    except (ValueError, FileNotFoundError) as err:
-        raise SystemExit(
-            f"{err}\nno usable training videos in {cfg.meta.data}: run `talkinghead preprocess`"
-        ) from err
+    except (ValueError, FileNotFoundError) as err:  # (exclude: the config's evaluation people)
+        raise SystemExit(f"talkinghead train: no training episodes: {err}") from None
     trainer = Trainer.for_meta_learning(cfg, data.num_videos).to(device)
     emb, gen, disc = trainer.embedder, trainer.generator, trainer.discriminator
     assert emb is not None

@@ -241,6 +241,10 @@ def run(args: argparse.Namespace) -> int:
     from worker import models
     from worker.jobs_run import Context, model_id_of, serve_jobs, with_progress_every_step
 
+    try:
+        device = pick_device(args.device)
+    except ValueError as error:  # (before the checkpoint loads; it was a traceback at the first job)
+        raise SystemExit(f"talkinghead worker: {error}") from None
     models.timeout_s = args.triton_timeout
     threads = cpu_threads(args.threads)
     torch.set_num_threads(threads)
@@ -251,7 +255,10 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    meta = checkpoint.load(args.checkpoint)
+    try:
+        meta = checkpoint.load_meta(args.checkpoint, "personalisation")
+    except ValueError as error:  # (a file of another kind: a traceback, then every job failing)
+        raise SystemExit(f"talkinghead worker: --checkpoint: {error}") from None
     queue = make_queue(args)
     tritons = [u for url in args.triton_url for u in url.split(",") if u]
     ctx = Context(
@@ -263,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
         tritons=tritons,
         max_loaded=args.max_personalised_loaded,
         heartbeat_s=max(0.5, args.claim_timeout / 5),
-        device=pick_device(args.device),
+        device=device,
         avatars=avatars,
         sweep_interval_s=max(0.0, args.sweep_interval),
         stopping=stop,

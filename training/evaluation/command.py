@@ -96,13 +96,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, help="preprocessed clips (default: the config's meta.data)")
     parser.add_argument("--faces", type=Path, default=FACES, help=f"folder of the stills (default {FACES})")
     parser.add_argument("--clips", nargs="+", help="evaluation clip ids (default: meta.validation_videos)")
-    parser.add_argument("--shots", nargs="+", type=int, help="T values (default: the config's, 1 and 8)")
+    parser.add_argument(
+        "--shots", nargs="+", type=whole_number(1), help="T values (default: the config's, 1 and 8)"
+    )
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all of them"
     )
     parser.add_argument("--steps", type=whole_number(1), help="fine-tuning steps (default: the config's)")
     parser.add_argument(
-        "--finetune-shots", nargs="+", type=int, help="fine-tune only at these T (default: every T)"
+        "--finetune-shots",
+        nargs="+",
+        type=whole_number(1),
+        help="fine-tune only at these T (default: every T)",
     )
     parser.add_argument("--no-jitter", action="store_true", help="skip the landmark-jitter measurement")
     parser.add_argument(
@@ -111,13 +116,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=JITTER_FRAMES,
         help=f"driving frames of the jitter measurement (default {JITTER_FRAMES})",
     )
-    parser.add_argument("--max-drive", type=int, default=0, help="at most this many driving frames per clip")
+    parser.add_argument(
+        "--max-drive",
+        type=whole_number(0),
+        default=0,
+        help="at most this many driving frames per clip (0: all)",
+    )
     parser.add_argument("--stills", nargs="+", help="still globs in --faces, or 'none' (default: config's)")
     parser.add_argument("--still-finetune", action="store_true", help="also fine-tune on each still (slow)")
     parser.add_argument(
         "--still-frames", type=frame_count, help="driving frames per still (default: the config's)"
     )
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument(
+        "--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)"
+    )
     parser.add_argument(
         "--engines",
         nargs="+",
@@ -147,8 +159,11 @@ def run(args: argparse.Namespace) -> int:
     setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = checkpoint.load(args.checkpoint)
-    cfg = checkpoint.config_of(meta)
+    try:
+        meta = checkpoint.load_meta(args.checkpoint, "the evaluation")
+        cfg = checkpoint.config_of(meta)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"talkinghead evaluate: --checkpoint: {error}") from None
     overrides = {
         "evaluation.shots": args.shots,
         "evaluation.still_frames": args.still_frames,
@@ -164,6 +179,12 @@ def run(args: argparse.Namespace) -> int:
         needed.setdefault(protocol.still_driver, " (the stills' driver)")
     if not args.no_jitter:
         needed.setdefault(protocol.jitter_clip, " (the jitter clip)")
+    if still_patterns != ("none",) and not find_stills(args.faces, still_patterns):
+        where = args.faces if args.faces.is_dir() else f"{args.faces} (no such folder)"
+        raise SystemExit(
+            f"talkinghead evaluate: no stills matching {list(still_patterns)} in {where}: "
+            "give --faces the folder that holds them, or --stills none"
+        )
     if missing := missing_clips(data, needed, cfg.model.image_size):
         raise SystemExit(missing)  # before any model is built or frame read
     clips = [EvalClip.load(data / c) for c in clip_ids]

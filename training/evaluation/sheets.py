@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,19 @@ def _picks(n: int, k: int = COLUMNS) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, min(n, k)).round().astype(int))
 
 
+def _wrapped(name: str, width: int = 14) -> str:
+    """A clip or still name in lines of at most `width` characters, broken after a '_' where one
+    is (it was cut at `width`: two clips of one source looked the same)."""
+    lines = [""]
+    for piece in re.findall(r"[^_]*_|[^_]+", name):
+        for start in range(0, len(piece), width):
+            chunk = piece[start : start + width]
+            if lines[-1] and len(lines[-1]) + len(chunk) > width:
+                lines.append("")
+            lines[-1] += chunk
+    return "\n".join(lines)
+
+
 def save_contact_sheet(path: Path, samples: dict[str, dict[str, Any]], cell: int) -> None:
     """Per clip: the real driving frames, then each method's frames for them; the first column
     is the first reference frame (of the largest T)."""
@@ -27,7 +41,7 @@ def save_contact_sheet(path: Path, samples: dict[str, dict[str, Any]], cell: int
                 continue
             first = made["reference"] if name == "real" else np.zeros_like(made["reference"])
             rows.append([first, *(frames[i] for i in picks)])
-            labels.append(f"{clip[:14]} {name}" if name == "real" else name)
+            labels.append(_wrapped(clip) + f"\n{name}" if name == "real" else name)
     save_png(path, contact_sheet(rows, labels=labels, cell=cell))
 
 
@@ -41,5 +55,5 @@ def save_stills_sheet(
     labels = ["driver"]
     for name, still, made in stills:
         rows.append([still, *(made[m][i] for m in methods for i in picks)])
-        labels.append(name[:16])
+        labels.append(_wrapped(name))
     save_png(path, contact_sheet(rows, labels=labels, cell=cell))
