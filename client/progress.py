@@ -123,8 +123,9 @@ def follow_to_end(
     client: Client, name: str, *, prog: str, retry_for: float, gave_up: str, known: bool = False
 ) -> ops.Operation | int:
     """Watch operation `name` until it is done, with a progress bar: the operation, or the exit
-    code of a watch cut short, the user told the operation goes on - 130 for Ctrl-C, 1 for a
-    service lost for `retry_for` s (the loss said once; `gave_up`: "gave up waiting"). `known`:
+    code of a watch cut short, the user told how to find the operation again - 130 for Ctrl-C (it
+    goes on), 1 for a service lost for `retry_for` s (the loss said once; `gave_up`: "gave up
+    waiting"; whether it goes on is not known then). `known`:
     the service has already answered for it (it started it), else a service that never answers
     is not said to be running it."""
     progress = ProgressBar()
@@ -151,7 +152,12 @@ def follow_to_end(
                 file=sys.stderr,
             )
             return 1
-        print(f"{prog}: {describe_error(error)}; {gave_up}: {gone_on(name)}", file=sys.stderr)
+        # (whether it goes on is unknown: a service lost may have lost it, or finished it meanwhile)
+        print(
+            f"{prog}: {describe_error(error)}; {gave_up}: {name} was running when the service was lost; "
+            f"see where it stands with `talkinghead operation get {name}`",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -32,6 +32,15 @@ class QueueFull(Exception):
 class Lost(Exception):
     """This worker no longer holds the job (it was presumed dead and another worker took it)."""
 
+    then = "leaving it to its new holder"
+
+
+class Gone(Lost):
+    """The job is no longer in the queue at all (Redis lost its data, or the record expired): no
+    worker holds it, and nothing more is written for it."""
+
+    then = "nothing more is written for it"
+
 
 class Unreachable(Exception):
     """The queue could not be reached for a moment (Redis away: a restart, a failover, a pause past

@@ -28,7 +28,7 @@ import redis
 
 from jobs import keys
 from jobs.events import Event
-from jobs.queue import AvatarBusy, Lost, QueueFull, Unreachable
+from jobs.queue import AvatarBusy, Gone, Lost, QueueFull, Unreachable
 from jobs.record import CANCELLED, CODE_CANCELLED, QUEUED, TERMINAL, Job, cancelled_why
 
 RETENTION_S = 7 * 24 * 3600
@@ -370,8 +370,7 @@ class RedisQueue:
         entry = self._held[job.id][1]
         args = [owner, keys.WORKERS_GROUP, job.worker, entry]
         if not self._run("heartbeat", [keys.job(job.id), keys.JOB_STREAM], args):
-            self._held.pop(job.id, None)
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise self._lost(job)
 
     def update(self, job: Job) -> bool:
         try:
@@ -379,8 +378,7 @@ class RedisQueue:
         except (redis.ConnectionError, redis.TimeoutError) as error:
             raise Unreachable(f"Redis: {error}") from error
         if verdict == -1:
-            self._held.pop(job.id, None)
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise self._lost(job)
         return bool(verdict == 1)
 
     def finish(self, job: Job) -> bool:
@@ -391,9 +389,9 @@ class RedisQueue:
         verdict = self._run("finish", k, args)  # raising (Redis away, at its memory limit): still held
         if verdict == 2:  # a SUCCEEDED end, cancelled meanwhile: nothing written, still held
             return False
-        self._held.pop(job.id, None)
         if not verdict:
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise self._lost(job)
+        self._held.pop(job.id, None)
         return True
 
     def release(self, job: Job) -> None:
@@ -402,9 +400,21 @@ class RedisQueue:
         job.start_time, job.first_step_time, job.export_time, job.step, job.losses = 0.0, 0.0, 0.0, 0, {}
         args = [owner, job.to_json(), keys.WORKERS_GROUP, job.worker, entry, RELEASE_IDLE_MS]
         ok = self._run("release", [keys.job(job.id), keys.JOB_STREAM], args)
-        self._held.pop(job.id, None)
         if not ok:
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise self._lost(job)
+        self._held.pop(job.id, None)
+
+    def _lost(self, job: Job) -> Lost:
+        """Lost (another worker owns the job now), or Gone when the job is not there at all (it
+        said "taken over" after Redis had lost its data); no longer held either way."""
+        self._held.pop(job.id, None)
+        try:
+            gone = not self.r.exists(keys.job(job.id))
+        except redis.RedisError:  # (which of the two cannot be told; the owner check said not ours)
+            gone = False
+        if gone:
+            return Gone(f"job {job.id} is gone from the queue (Redis lost its data, or its record expired)")
+        return Lost(f"job {job.id} was taken over by another worker")
 
     def publish(self, avatar_id: str, event: str) -> None:
         self.r.publish(keys.EVENTS, Event(avatar_id=avatar_id, event=event, sent=time.time()).to_json())

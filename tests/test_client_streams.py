@@ -388,9 +388,9 @@ def test_a_lost_server_is_retried_for_a_while_then_the_watch_gives_up(
     err = capsys.readouterr().err.replace("\r", "\n")
     assert "talkinghead operation watch: connection lost (UNAVAILABLE: " in err
     assert "; retrying for up to 1.5 s" in err
-    assert err.splitlines()[-1].endswith(
-        f"; gave up watching: {name} continues on the service: follow it with "
-        f"`talkinghead operation watch {name}`"
+    assert err.splitlines()[-1].endswith(  # (not "continues on the service": that is not known)
+        f"; gave up watching: {name} was running when the service was lost; see where it stands "
+        f"with `talkinghead operation get {name}`"
     )
 
 

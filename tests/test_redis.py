@@ -24,7 +24,7 @@ from facekit.sequence import LandmarkSequence
 from jobs import keys
 from jobs.events import CHANGED as CHANGED_EVENT
 from jobs.events import Event
-from jobs.queue import AvatarBusy, Lost, QueueFull, pack_input, unpack_input
+from jobs.queue import AvatarBusy, Gone, Lost, QueueFull, pack_input, unpack_input
 from jobs.record import CANCELLED, PERSONALISE, QUEUED, REMOVE, RUNNING, SUCCEEDED, Job, new_id
 from jobs.redis_queue import RedisQueue, connect
 from service import events as events_module
@@ -148,7 +148,7 @@ def test_a_dead_workers_job_is_taken_over_and_the_old_holder_is_fenced(redis_url
     assert taken is not None and taken.id == job.id and taken.attempt == 2 and taken.worker == "two"
     frames, points = unpack_input(two.load_input(taken))
     assert frames.shape == (1, 128, 128, 3) and points.shape == (1, 68, 2)
-    with pytest.raises(Lost):
+    with pytest.raises(Lost, match="was taken over by another worker"):
         one.update(held)  # the old holder wakes up: it may write nothing
     taken.step = 3
     assert two.update(taken)
@@ -177,6 +177,22 @@ class Faulty(redis_py.Redis):
         if self.fail == 0:
             raise redis_py.ConnectionError("reply lost (injected)")
         return reply
+
+
+def test_a_job_redis_lost_is_called_gone_not_taken_over(redis_url: str) -> None:
+    """After Redis lost its data (a restart without persistence), its worker said the job "was
+    taken over by another worker; leaving it to its new holder": there is none (helper-76)."""
+    service = RedisQueue(client=connect(redis_url))
+    service.submit(Job(id=new_id(), kind=PERSONALISE, avatar_id="a", steps=3), DATA, max_active=4)
+    worker = RedisQueue(client=connect(redis_url))
+    held = worker.claim("one", wait_s=1)
+    assert held is not None
+    connect(redis_url).flushall()
+    with pytest.raises(Gone, match="is gone from the queue") as gone:
+        worker.heartbeat(held)
+    assert gone.value.then == "nothing more is written for it"
+    with pytest.raises(Lost, match="is not held by this worker"):  # (and no longer held)
+        worker.update(held)
 
 
 def test_a_claim_cut_short_spends_no_attempt_and_the_job_runs_at_once(redis_url: str) -> None:

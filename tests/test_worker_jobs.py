@@ -373,8 +373,12 @@ def test_a_redis_pause_mid_fine_tuning_does_not_fail_the_job(
     try:
         _until("the job fine-tuning", lambda: service.get(job.id).step >= 2, START_S, log)  # type: ignore[union-attr]
         process.send_signal(signal.SIGSTOP)
-        try:
-            time.sleep(5)
+        try:  # 5 s at least, and until a step's write has met it (a step took over 5 s on busy cores)
+            paused = time.monotonic()
+            while time.monotonic() - paused < 5 or (
+                "progress not written from step" not in log.read_text() and time.monotonic() - paused < 25
+            ):
+                time.sleep(0.2)
         finally:
             process.send_signal(signal.SIGCONT)
         _until("the job ended", lambda: service.get(job.id).done, JOB_S, log)  # type: ignore[union-attr]
