@@ -1,6 +1,9 @@
 """Python client of the talkinghead service (blocking API over a gRPC channel).
 
-    from client import Client, landmark_requests
+    from pathlib import Path
+    from client import Client, consent_record, landmark_requests
+    from facekit.sequence import LandmarkSequence
+
     with Client(target="127.0.0.1:50051") as client:
         consent = consent_record(subject="Mona Lisa (Leonardo)", basis="public-domain",
                                  source="https://collections.louvre.fr/ark:/53355/cl010062370",
@@ -9,9 +12,11 @@
         done = client.personalise("mona", preset="fast", wait=True)  # fine-tune its own generator
         seq = LandmarkSequence.load("driver.npz")
         for frame in client.animate("mona", landmark_requests(seq), motion="relative"):
-            frame.image  # uint8 (S, S, 3) RGB, in the order the landmarks were sent
+            frame.image  # uint8 (H, W, 3) RGB, in the order the landmarks were sent
 
-Errors are grpc.RpcError with the server's status code and message (`describe_error` formats one).
+Errors are grpc.RpcError with the server's status code and message (`describe_error` formats one);
+ValueError for arguments refused before any call, and for any call on a closed Client. A Client
+may be shared by threads: each call is independent (one gRPC channel carries them all).
 Torch-free: imports facekit and the generated stubs (api/) only, never the server (service/).
 """
 
@@ -118,8 +123,8 @@ PRESETS = {
 def decode_frame(data: bytes, encoding: int, size: tuple[int, int]) -> np.ndarray:
     """A reply's frame bytes -> uint8 RGB (height, width, 3); size = (width, height)."""
     width, height = size
-    if encoding == pb.OUTPUT_ENCODING_RAW_RGB:
-        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    if encoding == pb.OUTPUT_ENCODING_RAW_RGB:  # (a copy: writable, as a decoded JPEG's or PNG's is)
+        return np.frombuffer(data, np.uint8).reshape(height, width, 3).copy()
     bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if bgr is None:
         raise ValueError("cannot decode the frame")
@@ -155,13 +160,14 @@ class Frame:
 
     sequence: int
     capture_time_us: int
-    image: np.ndarray  # uint8 (S, S, 3) RGB
-    landmark_image: np.ndarray | None  # when requested
+    image: np.ndarray  # uint8 (H, W, 3) RGB: (S, S) the face crop, or with paste_back the photo's size
+    landmark_image: np.ndarray | None  # uint8 (S, S, 3) RGB, when requested
     timings: pb.StageTimings  # server-side microseconds per stage
     dropped_before: int
     batch_size: int
     face_missing: bool
     received: float  # time.perf_counter() when the reply arrived
+    started: pb.StreamStarted | None = None  # this frame's stream's StreamStarted
 
 
 def landmark_requests(
@@ -329,25 +335,31 @@ class Client:
     ) -> None:
         self.close()
 
-    def health(self, service: str = "") -> str:
-        """SERVING / NOT_SERVING / ... of the server (or one of its services)."""
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """SERVING / NOT_SERVING / ... of the server (or one of its services); `timeout` (s): the
+        call's deadline (default: the Client's)."""
         response = self.health_stub.Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+            health_pb2.HealthCheckRequest(service=service),
+            timeout=self.timeout if timeout is None else timeout,
         )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Block until the server reports SERVING (TimeoutError otherwise)."""
+        """Block until the server reports SERVING, for `timeout` s at most (TimeoutError then: a
+        server that does not answer at all holds no call past it)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
-                if self.health() == "SERVING":
+                if (
+                    self.health(timeout=max(0.01, min(self.timeout, deadline - time.monotonic())))
+                    == "SERVING"
+                ):
                     return
             except grpc.RpcError:
                 pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not SERVING within {timeout:.0f} s")
-            time.sleep(0.2)
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the server was not SERVING within {timeout:g} s")
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
     # -- avatars ------------------------------------------------------------------------------
     def create_avatar(
@@ -360,8 +372,13 @@ class Client:
         display_name: str = "",
         replace: bool = False,
     ) -> avatar_pb2.Avatar:
-        """Make an avatar from 1-32 encoded photos (bytes or file paths), optionally with landmarks each,
-        on the authority of `consent` (see consent_record)."""
+        """Make an avatar from 1-32 encoded photos (bytes or file paths), optionally with landmarks each
+        (`landmarks`: one (68, 2) array or None per photo), on the authority of `consent` (see
+        consent_record)."""
+        if landmarks is not None and len(landmarks) != len(images):
+            raise ValueError(
+                f"landmarks: one per image (or None), got {len(landmarks)} for {len(images)} images"
+            )
         sources = []
         for index, image in enumerate(images):
             source = avatar_pb2.SourceImage(data=_file_bytes(image))
@@ -417,8 +434,7 @@ class Client:
         operation: ops.Operation = self.operations.PersonaliseAvatar(request, timeout=self.timeout)
         if not wait:
             return operation
-        if on_progress is not None:
-            on_progress(operation)
+        # (on_progress: the watch's first message is the operation as it is now)
         return self.wait_operation(operation.name, on_progress=on_progress, timeout=timeout)
 
     def get_operation(self, name: str) -> ops.Operation:
@@ -435,9 +451,10 @@ class Client:
             if not token:
                 return
 
-    def watch_operation(self, name: str) -> Iterator[ops.Operation]:
-        """The operation now, then at each change, until done (a server stream)."""
-        yield from self.operations.WatchOperation(ops.WatchOperationRequest(name=name))
+    def watch_operation(self, name: str, *, timeout: float | None = None) -> Iterator[ops.Operation]:
+        """The operation now, then at each change, until done (a server stream); `timeout` (s):
+        the whole watch's deadline (DEADLINE_EXCEEDED after it; default none)."""
+        yield from self.operations.WatchOperation(ops.WatchOperationRequest(name=name), timeout=timeout)
 
     def wait_operation(
         self,
@@ -459,7 +476,7 @@ class Client:
         while last is None or not last.done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"{name} was not done within {timeout:.0f} s")
+                raise TimeoutError(f"{name} was not done within {timeout:g} s")
             try:
                 for operation in self.operations.WatchOperation(
                     ops.WatchOperationRequest(name=name), timeout=left
@@ -470,7 +487,7 @@ class Client:
                         on_progress(operation)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise TimeoutError(f"{name} was not done within {timeout:.0f} s") from error
+                    raise TimeoutError(f"{name} was not done within {timeout:g} s") from error
                 if error.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 now = time.monotonic()
@@ -502,17 +519,25 @@ class Client:
         paste_back: bool = False,
         smoothing: float | None = None,
         expected_fps: float = 0.0,
+        timeout: float | None = None,
+        join_timeout: float = REQUEST_THREAD_JOIN_S,
     ) -> Generator[Frame, None, None]:
         """Stream `requests` (landmark_requests / image_requests) -> decoded frames, in order.
 
         overflow "block" (default) loses nothing (offline rendering); "drop-oldest" keeps latency
         bounded for live input. paste_back returns the avatar's whole source photo with the face
         blended in; smoothing (a One-Euro min_cutoff_hz, 0.01-30 Hz, e.g. 1.0; None or 0: off)
-        filters driver jitter. The stream's StreamStarted message is kept in `self.last_started`.
+        filters driver jitter. Each Frame carries its stream's StreamStarted (`started`), also
+        kept in `self.last_started` (the latest stream's of this Client). `timeout` (s): the whole
+        stream's deadline (DEADLINE_EXCEEDED after it; default none). ValueError at once for an
+        encoding, overflow or motion that is none of the choices.
 
-        The stream stops pulling `requests` when the call ends (done, failed, or the caller stops
-        iterating: the call is then cancelled) and the thread gRPC pulls them on is waited for (up
-        to REQUEST_THREAD_JOIN_S), so none of the caller's code runs after this returns or raises.
+        An exception `requests` raises ends the stream and is raised here, as it was raised (not
+        gRPC's UNKNOWN "Exception iterating requests!"). The stream stops pulling `requests` when
+        the call ends (done, failed, or the caller stops iterating: the call is then cancelled),
+        and the thread gRPC pulls them on is waited for, up to `join_timeout` s: none of the
+        caller's code runs after this returns or raises, unless `requests` is blocked for longer
+        (a source waiting for its next frame holds the end until it yields, or join_timeout).
         """
         config = pb.StreamConfig(
             avatar_id=avatar_id,
@@ -528,7 +553,15 @@ class Client:
         )
         if smoothing:  # the server reads an absent filter as off, and 0 Hz as its default, 1.0
             config.smoothing.min_cutoff_hz = smoothing
+        return self._animate(config, requests, timeout, join_timeout)
 
+    def _animate(
+        self,
+        config: pb.StreamConfig,
+        requests: Iterable[pb.AnimateRequest],
+        timeout: float | None,
+        join_timeout: float,
+    ) -> Generator[Frame, None, None]:
         # gRPC pulls `requests` on a thread of its own, which would go on running the caller's
         # code (decoding, encoding, pacing) after the call ended. When the interpreter exits
         # meanwhile (the CLI, on an error) that thread is torn down inside it: C++ code (OpenCV,
@@ -537,6 +570,8 @@ class Client:
         stop = threading.Event()
         lock = threading.Lock()
         pulling: list[threading.Thread] = []  # the thread that runs stream(), once it started
+        failed: list[Exception] = []  # what `requests` raised
+        calls: list[Any] = []
 
         def stream() -> Iterator[pb.AnimateRequest]:
             with lock:
@@ -549,20 +584,29 @@ class Client:
                     if stop.is_set():
                         return
                     yield request
+            except Exception as error:  # the caller's source failed: the call ends, and says why
+                failed.append(error)
+                with lock:
+                    stop.set()
+                    if not calls:
+                        raise  # (before the call was made: gRPC cancels it)
+                calls[0].cancel()
             finally:
                 close = getattr(requests, "close", None)
                 if close is not None and stop.is_set():
                     close()  # a generator (an open video): released on this thread
 
-        call = self.animation.Animate(stream())
+        call = self.animation.Animate(stream(), timeout=timeout)
+        with lock:
+            calls.append(call)
         try:
-            side = 0  # the landmark images' side: StreamStarted.image_size
+            started: pb.StreamStarted | None = None
             for response in call:
                 if response.HasField("started"):
-                    self.last_started = response.started
-                    side = response.started.image_size
+                    self.last_started = started = response.started
                     continue
                 f = response.frame
+                side = started.image_size if started is not None else 0  # the landmark images' side
                 yield Frame(
                     sequence=f.sequence,
                     capture_time_us=f.capture_time_us,
@@ -575,11 +619,18 @@ class Client:
                     batch_size=f.batch_size,
                     face_missing=f.face_missing,
                     received=time.perf_counter(),
+                    started=started,
                 )
+            if failed:  # (the server ended the stream first)
+                raise failed[0]
+        except grpc.RpcError:
+            if failed:  # (the call ended because the caller's source raised: that is the error)
+                raise failed[0] from None
+            raise
         finally:
             with lock:
                 stop.set()
             call.cancel()  # nothing when it has ended; else the server hears that the client left
             for thread in pulling:
                 if thread is not threading.current_thread():
-                    thread.join(REQUEST_THREAD_JOIN_S)
+                    thread.join(join_timeout)

@@ -313,7 +313,7 @@ def test_smooth_0_is_off_and_the_library_sends_no_filter(server: ServerThread, a
     configs = []
 
     class Recorded:
-        def __init__(self, requests: Iterator[Any]) -> None:
+        def __init__(self, requests: Iterator[Any], timeout: float | None = None) -> None:
             configs.append(next(iter(requests)).config)
 
         def __iter__(self) -> Iterator[Any]:
@@ -446,3 +446,49 @@ def test_operation_list_into_a_closed_pipe_ends_quietly(server: ServerThread, cl
         client.cancel_operation(name)
     finally:
         client.delete_avatar("cli-pipe")
+
+
+def test_the_library_as_an_embedding_api(server: ServerThread, avatar: str) -> None:
+    """What a game engine's Python side meets (helper-80): its source's own exception (it got
+    UNKNOWN "Exception iterating requests!", the real one only in gRPC's log); a wrong encoding
+    at the call, not at the first frame; each frame's own stream start when threads share a
+    Client (they all read the last stream's); raw frames writable like decoded ones; wait_ready
+    that keeps its timeout against a server that never answers (it waited the Client's 10 s)."""
+    seq = LandmarkSequence.load(DRIVER)
+    got: list[Frame] = []
+
+    def unplugged() -> Iterator[Any]:
+        yield from landmark_requests(LandmarkSequence(seq.points[:3], seq.frame_size, seq.fps))
+        raise RuntimeError("camera unplugged")
+
+    with server.client() as client:
+        with pytest.raises(RuntimeError, match="camera unplugged"):
+            for frame in client.animate(avatar, unplugged()):
+                got.append(frame)
+        assert [f.sequence for f in got] == list(range(len(got)))  # (those answered before it raised)
+        with pytest.raises(ValueError, match="encoding must be one of"):
+            client.animate(avatar, [], encoding="webp")  # no next(): refused at the call
+        with pytest.raises(ValueError, match="one per image"):
+            client.create_avatar("x", [PORTRAIT, PORTRAIT], consent=CONSENT, landmarks=[None])
+
+        def stream(depth: int) -> list[int]:
+            requests = landmark_requests(LandmarkSequence(seq.points[:4], seq.frame_size, seq.fps))
+            frames = list(client.animate(avatar, requests, queue_depth=depth, encoding="raw"))
+            frames[0].image[0, 0] = 0  # writable
+            return [f.started.queue_depth for f in frames if f.started is not None]
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            depths = list(pool.map(stream, [1, 2, 3, 4]))
+        assert depths == [[1] * 4, [2] * 4, [3] * 4, [4] * 4]
+
+    silent = socket.socket()  # accepts connections (the backlog) and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    try:
+        with Client(target=f"127.0.0.1:{silent.getsockname()[1]}", timeout=10) as mute:
+            began = time.monotonic()
+            with pytest.raises(TimeoutError, match="within 1 s"):
+                mute.wait_ready(timeout=1)
+            assert time.monotonic() - began < 3
+    finally:
+        silent.close()
