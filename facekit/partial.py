@@ -9,6 +9,11 @@ file behind; the next command writing the same path removes those of this host w
 gone. One whose process still runs (a second command writing the same path), or from another host
 (a shared folder), stays. Used by the client's outputs (client/outputs.py) and `talkinghead
 audit --out` (service/audit_command.py).
+
+    remove_stale(folder, ".tmp-*", 3600)  # temporary files a killed writer left, an hour old
+
+The stores' temporary files (the avatar store's, the local job queue's, the audit log's intents)
+are swept by age instead: several processes write them, and a write takes milliseconds.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import time
 from pathlib import Path
 
 from facekit.procstat import alive
@@ -51,4 +57,18 @@ def remove_abandoned(path: Path) -> list[Path]:
         except OSError:  # another command removed it first, or it is not ours to remove
             continue
         removed.append(Path(entry.path))
+    return removed
+
+
+def remove_stale(folder: Path, pattern: str, older_than_s: float) -> int:
+    """Remove the files in `folder` matching `pattern` last written over `older_than_s` ago; how
+    many (one another sweep or its writer took meanwhile is not counted)."""
+    removed, now = 0, time.time()
+    for path in Path(folder).glob(pattern):
+        try:
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
     return removed

@@ -15,9 +15,11 @@ pins both against the service's stores.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,6 +27,8 @@ import numpy as np
 
 from facekit.ids import validate_stored_id
 from jobs import keys
+
+log = logging.getLogger("talkinghead.jobs.avatars")
 
 SUFFIX = ".npz"  # service/store.py SUFFIX
 STORE_ID_FILE = ".store-id"  # a local store's id (the service's store lists only *.npz)
@@ -63,9 +67,14 @@ class LocalAvatarIndex:
         try:
             with np.load(path, allow_pickle=False) as archive:  # (reads the meta member alone)
                 meta: dict[str, Any] = json.loads(archive["meta"].tobytes())
+            return float(meta["create_time"])
         except FileNotFoundError:
             return None
-        return float(meta["create_time"])
+        except (zipfile.BadZipFile, ValueError, EOFError, KeyError, TypeError):
+            # a record that cannot be read is no record a generator may serve (the service answers
+            # DATA_LOSS for it, and a delete of it queues the REMOVE job that asks here)
+            log.warning("the avatar record %s cannot be read: taken as none", path)
+            return None
 
     def count(self) -> int:
         if not self.root.is_dir():

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from facekit.partial import remove_stale
 from jobs.events import Event
 from jobs.queue import AvatarBusy, Lost, QueueFull, StoreFull
 from jobs.record import (
@@ -45,6 +46,7 @@ EVENTS_LOCK = ".events.lock"
 MAX_EVENTS_BYTES = 1 << 20  # ~10,000 events; then the file starts anew
 POLL_S = 0.2
 RETENTION_S = 7 * 24 * 3600  # ended jobs are forgotten after a week
+STALE_TMP_S = 3600.0  # a temporary file this old is a killed writer's (a write takes milliseconds)
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -126,8 +128,13 @@ class LocalQueue:
                     raise AvatarBusy(busy[0].id)
                 if len(live) >= max_active:
                     raise QueueFull(f"{len(live)} personalisations are queued or running")
-            write_atomic(self._path(job.id, ".input.npz"), data)
-            self._write(job)
+            data_path = self._path(job.id, ".input.npz")
+            try:
+                write_atomic(data_path, data)
+                self._write(job)
+            except BaseException:  # (a full disk: the photos' crops were left with no job, for good)
+                data_path.unlink(missing_ok=True)
+                raise
         return job
 
     def fail_queued(self, *, kind: str, code: int, error: str) -> list[Job]:
@@ -202,6 +209,7 @@ class LocalQueue:
         for job in self._jobs():
             if job.done and job.end_time < old:
                 self._path(job.id, ".json").unlink(missing_ok=True)
+        remove_stale(self.root, ".tmp-*", STALE_TMP_S)  # what a writer killed mid-write left
 
     # -- a worker's side -------------------------------------------------------------------------
     def claim(self, worker: str, *, wait_s: float) -> Job | None:

@@ -48,6 +48,7 @@ from service.backends.base import Backend, BackendUnavailable, Withdrawn
 from service.batcher import SHARED, Batcher, personalised_key
 from service.capacity import HEADROOM, Admission, CostModel
 from service.errors import (
+    CorruptRecord,
     ServiceError,
     aborted,
     backend_unavailable,
@@ -56,6 +57,7 @@ from service.errors import (
     invalid,
     not_found,
     precondition,
+    unavailable,
 )
 from service.fair import FairExecutor
 from service.images import decode_image, decode_stored
@@ -75,6 +77,7 @@ from service.stream import (
     smoother,
     warp_one,
 )
+from service.wire import full
 
 log = logging.getLogger("talkinghead.service")
 T = TypeVar("T")
@@ -94,6 +97,7 @@ DELETED, REPLACED = "the avatar was deleted", "the avatar was replaced"
 PENDING_GRACE_S = 30.0
 CHECK_RETRY_S = (1.0, 5.0)  # after missed events, a failed store check of a stream's avatar: again
 RECOVERY_INTERVAL_S = 60.0
+UNREADABLE_STAMP = "unreadable"  # (the recovery's stamp for a record that cannot be read)
 # a stream refused at max_streams is told to retry after this (`retry-after`), as the tenant's quota
 # and admission's refusals are
 STREAMS_FULL_RETRY_S = 5.0
@@ -362,10 +366,11 @@ class App:
             return False
         return True
 
-    async def _intend(self, entry: AuditEvent, *, gone: float = 0.0, made: float = 0.0) -> Intent | None:
+    async def _intend(self, entry: AuditEvent, *, gone: float = 0.0, made: float = 0.0) -> Intent:
         """Write `entry` ahead of the change it records (service/audit.py): if this process dies
-        between the change and its event, App.recover_audit appends it. None when the intent
-        could not be written (logged and counted as a failed audit write: the change goes on)."""
+        between the change and its event, App.recover_audit appends it. When the intent cannot be
+        written (counted as a failed audit write) the change is refused, UNAVAILABLE: it went on,
+        and a create or a delete the log could not take was left with no event ever (helper-81)."""
         intent = Intent(key=new_id(), event=entry, gone=gone, made=made)
         try:
             await self.in_pool(self.io_pool, self.audit.intend, intent)
@@ -374,7 +379,10 @@ class App:
             log.error(
                 "could not write ahead the audit event %s of %s: %s", entry.event, entry.avatar_id, error
             )
-            return None
+            why = "its storage is full" if full(error) else "its storage is unreachable or failed"
+            raise unavailable(
+                f"the audit log cannot be written ({why}); nothing was changed; retry later"
+            ) from None
         return intent
 
     async def _settle(self, intent: Intent | None) -> None:
@@ -403,10 +411,21 @@ class App:
             if time.time() - intent.written < grace:
                 continue
             entry = intent.event
-            record = await self.in_pool(self.io_pool, self.store.get, entry.avatar_id)
-            now = None if record is None else avatar_stamp(record.create_time)
+            try:
+                record = await self.in_pool(self.io_pool, self.store.get, entry.avatar_id)
+                now = None if record is None else avatar_stamp(record.create_time)
+            except CorruptRecord:  # neither a create's record nor gone: not happened
+                now = UNREADABLE_STAMP
             # a replace happened when the store holds its new record, a delete when not its old one
-            happened = now == avatar_stamp(intent.made) if intent.made else now != avatar_stamp(intent.gone)
+            # (an unreadable record's delete: when none is there)
+            if intent.made:
+                happened = now == avatar_stamp(intent.made)
+            else:
+                happened = (
+                    now is None
+                    if not intent.gone
+                    else now not in (avatar_stamp(intent.gone), UNREADABLE_STAMP)
+                )
             if happened:
                 recovered = dataclasses.replace(entry, detail={**entry.detail, "recovered": True})
                 if not await self._append(recovered):
@@ -442,8 +461,17 @@ class App:
         consent_record = consent.check(request.consent, request.HasField("consent"))
         info = self.info()
         self.limits.create(principal)
-        previous = await self.in_pool(self.io_pool, self.store.get, avatar_id)
-        existed = previous is not None
+        try:
+            previous = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+            unreadable = False
+        except CorruptRecord as error:  # a replace writes over it (DATA_LOSS, saying so, without)
+            if not request.replace:
+                raise
+            log.warning(
+                "replacing avatar %s, whose stored record cannot be read (%s)", avatar_id, error.detail
+            )
+            previous, unreadable = None, True
+        existed = previous is not None or unreadable
         if existed and not request.replace:
             raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
         async with self._avatar_slot(principal, new=not existed) as counted:
@@ -470,11 +498,12 @@ class App:
             )
             if counted:  # (creates of other replicas written meanwhile)
                 self.limits.avatars(principal, len(await self._tenant_ids(principal.tenant)))
-            tombstone = {}  # a replace is the old record's tombstone too
-            if previous is not None:
+            tombstone: dict[str, Any] = {}  # a replace is the old record's tombstone too
+            if existed:
                 tombstone["replaced"] = {
-                    "consent_id": previous.consent.get("record_id", ""),
+                    "consent_id": previous.consent.get("record_id", "") if previous is not None else "",
                     "removed": REMOVED,
+                    **({"unreadable": True} if unreadable else {}),
                 }
             entry = audit_event(
                 "replace" if existed else "create",
@@ -488,8 +517,8 @@ class App:
             # avatar's fine-tuned generator shows the old photos' person: its withdrawal is queued
             # before the record is overwritten. The event (a replace's is the old record's
             # tombstone) is written ahead, for the recovery to append if this process dies.
-            if previous is not None:
-                await self.personaliser.forget_avatar(avatar_id, previous.create_time, reason=REPLACED)
+            if existed:  # (an unreadable record's time is not known: every generator of the id)
+                await self.personaliser.forget_avatar(avatar_id, previous.create_time if previous else 0.0)
             intent = await self._intend(entry, made=record.create_time)
             stamp = self.cache.stamp()  # a delete of this id that starts while the record is written wins
             if not await self.in_pool(self.io_pool, lambda: self.store.put(record, replace=request.replace)):
@@ -497,8 +526,9 @@ class App:
                 raise exists(f"avatar {public!r} already exists; delete it or set replace = true")
             self.cache.put(record, stamp=stamp)
             self._avatar_changed(avatar_id, avatar_stamp(record.create_time))  # streams of a replaced one end
-            if previous is not None:
-                await self._forget_personalisation(previous, reason=REPLACED)
+            if existed:
+                gone_at = previous.create_time if previous is not None else None
+                await self._forget_personalisation(avatar_id, gone_at, reason=REPLACED)
             self.metrics.avatars_created.inc()
             await self._commit(intent, entry)
             log.info("created avatar %s from %d image(s)", avatar_id, len(request.images))
@@ -580,7 +610,13 @@ class App:
         later = [i for i in ids if i > after]
         records = []
         for public in later[:size]:  # (the metadata alone: a listing reads no photo)
-            record = await self.in_pool(self.io_pool, self.store.listing, scoped_id(principal.tenant, public))
+            try:
+                record = await self.in_pool(
+                    self.io_pool, self.store.listing, scoped_id(principal.tenant, public)
+                )
+            except CorruptRecord as error:  # (one damaged record made every listing INTERNAL)
+                log.error("listing avatars: %s; left out", error.detail)
+                continue
             if record is not None:  # deleted meanwhile
                 records.append(record)
         next_token = encode_token(later[size - 1]) if len(later) > size else ""
@@ -597,12 +633,28 @@ class App:
         avatar_id = scoped_id(principal.tenant, public)
         self.cache.discard(avatar_id)
         # from the store, not the cache: the tombstone and the job name the record deleted now
-        record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
-        if record is None:
-            raise not_found(f"no avatar with id {public!r}")
-        await self.personaliser.forget_avatar(avatar_id, record.create_time, reason=DELETED)
-        tombstone = audit_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
-        intent = await self._intend(tombstone, gone=record.create_time)
+        try:
+            record = await self.in_pool(self.io_pool, self.store.get, avatar_id)
+        except CorruptRecord as error:  # deleted all the same: the way out for its owner
+            log.warning(
+                "deleting avatar %s, whose stored record cannot be read (%s)", avatar_id, error.detail
+            )
+            record = None
+            tombstone = AuditEvent(
+                event="delete",
+                avatar_id=avatar_id,
+                actor=actor,
+                model_id="",
+                consent_id="",
+                detail={"tombstone": True, "removed": REMOVED, "unreadable": True},
+            )
+        else:
+            if record is None:
+                raise not_found(f"no avatar with id {public!r}")
+            tombstone = audit_event("delete", record, actor=actor, tombstone=True, removed=REMOVED)
+        created = record.create_time if record is not None else None
+        await self.personaliser.forget_avatar(avatar_id, created or 0.0)
+        intent = await self._intend(tombstone, gone=created or 0.0)
         deleted = await self.in_pool(self.io_pool, self.store.delete, avatar_id)
         # again: a replace whose write the delete waited for cached its record meanwhile
         self.cache.discard(avatar_id)
@@ -610,20 +662,20 @@ class App:
             await self._settle(intent)
             raise not_found(f"no avatar with id {public!r}")
         self._avatar_changed(avatar_id, None)  # its streams end now
-        await self._forget_personalisation(record, reason=DELETED)
+        await self._forget_personalisation(avatar_id, created, reason=DELETED)
         await self._commit(intent, tombstone)
         log.info("deleted avatar %s", avatar_id)
 
-    async def _forget_personalisation(self, gone: AvatarRecord, *, reason: str) -> None:
-        """After the record `gone` was deleted or replaced: the backend forgets its generator, and
-        a personalisation of it submitted since the withdrawal was queued (its start looked at the
-        store before the record went) is cancelled. The change has happened: a failure here is
-        logged, not raised (the worker stops such a job itself, finding its record gone)."""
-        self.backend.forget_personalised(gone.avatar_id)
+    async def _forget_personalisation(self, avatar_id: str, created: float | None, *, reason: str) -> None:
+        """After the avatar's record made at `created` (None: one that could not be read) was
+        deleted or replaced: the backend forgets its generator, and a personalisation of it is
+        cancelled. The change has happened: a failure here is logged, not raised (the worker
+        stops such a job itself, finding its record gone)."""
+        self.backend.forget_personalised(avatar_id)
         try:
-            await self.personaliser.cancel_active(gone.avatar_id, reason=reason, created=gone.create_time)
+            await self.personaliser.cancel_active(avatar_id, reason=reason, created=created)
         except Exception as error:
-            log.error("could not cancel the personalisation of %s: %s", gone.avatar_id, error)
+            log.error("could not cancel the personalisation of %s: %s", avatar_id, error)
 
     async def personalise(
         self, avatar_id: str, *, principal: Principal, steps: int, preset: str, actor: str

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,8 +38,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from facekit.partial import remove_stale
 from service.refusals import peer_address
-from service.store import write_durably
+from service.store import STALE_TMP_S, write_durably
 
 log = logging.getLogger("talkinghead.service.audit")
 
@@ -134,14 +136,26 @@ class FileAuditLog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self.unreadable = 0  # lines the last read() skipped
 
     def append(self, event: AuditEvent) -> None:
+        """Append one whole line, or raise leaving the file as it was: a disk that filled mid-line
+        took part of it (os.write wrote what fitted), and the next event was appended onto the cut
+        line, which no export could read past."""
         line = (event.to_json() + "\n").encode()
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                os.write(fd, line)
-                os.fsync(fd)
+                before = os.fstat(fd).st_size
+                try:
+                    written = os.write(fd, line)
+                    if written != len(line):
+                        raise OSError(errno.ENOSPC, f"only {written} of the event's {len(line)} bytes fitted")
+                    os.fsync(fd)
+                except OSError:
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, before)
+                    raise
             finally:
                 os.close(fd)
 
@@ -164,17 +178,30 @@ class FileAuditLog:
 
     def intents(self) -> list[Intent]:
         found = []
+        remove_stale(self.pending, ".tmp-*", STALE_TMP_S)  # what a process killed mid-write left
         for path in self.pending.glob("*.json"):
             with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
                 found.append(Intent.from_json(path.read_bytes()))
         return sorted(found, key=lambda i: i.written)
 
     def read(self) -> Iterator[dict[str, Any]]:
+        """The events, in order. A line that is not one (cut by a crash or a full disk before
+        appends were whole, or damaged by hand) is skipped and counted in `unreadable`: one bad
+        line ended every export before."""
+        self.unreadable = 0
         try:
             with self.path.open("rb") as handle:
                 for line in handle:
-                    if line.endswith(b"\n"):  # a line cut by a crash mid-write is not an event
-                        yield json.loads(line)
+                    if not line.endswith(b"\n"):  # a line cut by a crash mid-write is not an event
+                        continue
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        event = None
+                    if not isinstance(event, dict):
+                        self.unreadable += 1
+                        continue
+                    yield event
         except FileNotFoundError:
             return
 

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 raise
             raise SystemExit(failure) from None
         print(f"{count} event(s)", file=sys.stderr)
+        _skipped(log)
         return 0
     out: Path = args.out
     if out.is_dir():
@@ -156,4 +157,14 @@ def run(args: argparse.Namespace) -> int:
     finally:
         partial.unlink(missing_ok=True)
     print(f"{count} event(s) -> {out}", file=sys.stderr)
+    _skipped(log)
     return 0
+
+
+def _skipped(log: AuditLog) -> None:
+    """Say how many lines of a file log were not events (skipped, where they stopped the export)."""
+    if unreadable := getattr(log, "unreadable", 0):
+        print(
+            f"talkinghead audit: {unreadable} line(s) of the log are not events (damaged): skipped",
+            file=sys.stderr,
+        )

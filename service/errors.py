@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import grpc
 
+from facekit.ids import split_id
+
+
+class CorruptRecord(Exception):
+    """A stored avatar record that cannot be read (cut short, damaged, not a file). The call ends
+    DATA_LOSS naming the avatar (service/wire.py); `detail` (where, and why) goes to the log only.
+    A delete removes it and a replace writes over it: the way out for the avatar's owner."""
+
+    def __init__(self, stored_id: str, detail: str) -> None:
+        public = split_id(stored_id)[1]
+        super().__init__(
+            f"the stored record of avatar {public!r} cannot be read (damaged or cut short): "
+            "delete it, or create it again with replace"
+        )
+        self.stored_id, self.detail = stored_id, detail
+
 
 class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:

@@ -25,7 +25,7 @@ from jobs.queue import AvatarBusy, JobQueue, QueueFull, pack_input
 from jobs.record import ID, PERSONALISE, QUEUED, REMOVE, RUNNING, Job, new_id, steps_for
 from service.errors import ServiceError, exhausted, exists, invalid, not_found, precondition, unavailable
 from service.store import AvatarRecord
-from service.wire import redis_error
+from service.wire import full, redis_error
 
 log = logging.getLogger("talkinghead.service.personalisation")
 
@@ -66,7 +66,8 @@ class Personaliser:
             log.warning(
                 "job queue call %s failed: %s: %s", getattr(fn, "__name__", fn), type(error).__name__, error
             )
-            raise unavailable("the job queue is unavailable; retry later") from error
+            what = "the job queue's storage is full" if full(error) else "the job queue is unavailable"
+            raise unavailable(f"{what}; retry later") from error
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -172,14 +173,14 @@ class Personaliser:
         """Cancel a job just started whose avatar changed under it (its input goes with it)."""
         await self._call(self.queue.cancel, job.id, reason)
 
-    async def forget_avatar(self, avatar_id: str, created: float, *, reason: str) -> None:
-        """The avatar's record made at `created` is about to be deleted or replaced: cancel its
-        personalisation and queue the REMOVE job that withdraws its generator once the record is
-        gone (the worker waits for that, and takes nothing of a record still there). Called
-        before the record goes, so that no crash leaves a generator with no job to withdraw it;
-        raises (UNAVAILABLE) when the queue cannot take the job: the record must then stay.
-        `reason` ends the cancelled operation's error ("the avatar was deleted")."""
-        await self.cancel_active(avatar_id, reason=reason)
+    async def forget_avatar(self, avatar_id: str, created: float) -> None:
+        """The avatar's record made at `created` is about to be deleted or replaced: queue the
+        REMOVE job that withdraws its generator once the record is gone (the worker waits for
+        that, and takes nothing of a record still there). Called before the record goes, so that
+        no crash leaves a generator with no job to withdraw it; raises (UNAVAILABLE) when the
+        queue cannot take the job: the record must then stay. Its personalisation is cancelled
+        once the change happened (App._forget_personalisation): cancelled here, a change then
+        refused (a full disk) had ended it "the avatar was replaced" all the same."""
         if not self.disabled:
             remove = Job(id=new_id(), kind=REMOVE, avatar_id=avatar_id, avatar_created=created)
             await self._call(self.queue.submit, remove, b"", max_active=self.max_queue)

@@ -19,7 +19,8 @@ import redis
 
 from jobs import events, keys
 from jobs.events import Event
-from service.store import AvatarRecord, from_meta, meta_fields
+from service.errors import CorruptRecord
+from service.store import UNREADABLE, AvatarRecord, from_meta, meta_fields
 
 _ARRAYS = {  # field -> dtype
     "adain": np.float32,
@@ -90,11 +91,21 @@ class RedisAvatarStore:
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
         raw = self.r.hgetall(keys.avatar(avatar_id))
-        return from_fields(raw) if raw else None  # type: ignore[arg-type]
+        try:
+            return from_fields(raw) if raw else None  # type: ignore[arg-type]
+        except UNREADABLE as error:  # (a hash written by hand, or by another release)
+            raise CorruptRecord(
+                avatar_id, f"Redis {keys.avatar(avatar_id)}: {type(error).__name__}: {error}"
+            ) from None
 
     def listing(self, avatar_id: str) -> AvatarRecord | None:
         meta = self.r.hget(keys.avatar(avatar_id), "meta")
-        return from_meta(json.loads(meta)) if meta is not None else None
+        try:
+            return from_meta(json.loads(meta)) if meta is not None else None
+        except UNREADABLE as error:
+            raise CorruptRecord(
+                avatar_id, f"Redis {keys.avatar(avatar_id)}: {type(error).__name__}: {error}"
+            ) from None
 
     def delete(self, avatar_id: str) -> bool:
         with self.r.pipeline(transaction=True) as pipe:

@@ -22,7 +22,7 @@ import logging
 import os
 import tempfile
 import threading
-import time
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,9 +32,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from facekit.ids import validate_stored_id
+from facekit.partial import remove_stale
+from service.errors import CorruptRecord
 
 SUFFIX = ".npz"
 STALE_TMP_S = 3600.0
+# What reading a record that is not whole raises (a file cut short or damaged, a member missing, a
+# directory in its place): CorruptRecord then, not INTERNAL (the read of every other record goes on).
+UNREADABLE = (zipfile.BadZipFile, ValueError, EOFError, KeyError, TypeError, IsADirectoryError)
 log = logging.getLogger("talkinghead.service.store")
 
 
@@ -158,14 +163,7 @@ class LocalAvatarStore:
 
     def _sweep(self) -> int:
         """Remove stale temp files; returns how many (another replica's write in flight is young)."""
-        removed, now = 0, time.time()
-        for tmp in self.root.glob(f".tmp-*{SUFFIX}"):
-            try:
-                if now - tmp.stat().st_mtime > STALE_TMP_S:
-                    tmp.unlink()
-                    removed += 1
-            except FileNotFoundError:  # its writer finished or another sweep took it
-                continue
+        removed = remove_stale(self.root, f".tmp-*{SUFFIX}", STALE_TMP_S)
         if removed:
             log.warning("removed %d unfinished write(s) a killed process left in %s", removed, self.root)
         return removed
@@ -198,37 +196,45 @@ class LocalAvatarStore:
         return True
 
     def listing(self, avatar_id: str) -> AvatarRecord | None:
+        path = self._path(avatar_id)
         try:
-            with np.load(self._path(avatar_id), allow_pickle=False) as archive:  # (members read lazily)
+            with np.load(path, allow_pickle=False) as archive:  # (members read lazily)
                 return from_meta(json.loads(archive["meta"].tobytes()))
         except FileNotFoundError:
             self.ping()  # (the folder gone is the store away, not an avatar deleted meanwhile)
             return None
+        except UNREADABLE as error:
+            raise CorruptRecord(avatar_id, f"{path}: {type(error).__name__}: {error}") from None
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
         path = self._path(avatar_id)
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                meta = json.loads(archive["meta"].tobytes())
-                files = set(archive.files)
-                kept = {  # absent from files written before crops were kept
-                    name: archive[name] for name in ("crops", "crop_points") if name in files
-                }
-                if "portrait_jpeg" in files:
-                    kept["portrait_jpeg"] = archive["portrait_jpeg"].tobytes()
-                    cx, cy, side = meta["portrait_box"]
-                    kept["portrait_box"] = (float(cx), float(cy), int(side))
-                return AvatarRecord(
-                    adain=archive["adain"],
-                    embedding=archive["embedding"],
-                    points=archive["points"],
-                    preview_png=archive["preview_png"].tobytes(),
-                    **meta_fields(meta),
-                    **kept,
-                )
+            return self._read(path)
         except FileNotFoundError:
             self.ping()
             return None
+        except UNREADABLE as error:
+            raise CorruptRecord(avatar_id, f"{path}: {type(error).__name__}: {error}") from None
+
+    def _read(self, path: Path) -> AvatarRecord:
+        with np.load(path, allow_pickle=False) as archive:
+            meta = json.loads(archive["meta"].tobytes())
+            files = set(archive.files)
+            kept = {  # absent from files written before crops were kept
+                name: archive[name] for name in ("crops", "crop_points") if name in files
+            }
+            if "portrait_jpeg" in files:
+                kept["portrait_jpeg"] = archive["portrait_jpeg"].tobytes()
+                cx, cy, side = meta["portrait_box"]
+                kept["portrait_box"] = (float(cx), float(cy), int(side))
+            return AvatarRecord(
+                adain=archive["adain"],
+                embedding=archive["embedding"],
+                points=archive["points"],
+                preview_png=archive["preview_png"].tobytes(),
+                **meta_fields(meta),
+                **kept,
+            )
 
     def delete(self, avatar_id: str) -> bool:
         with self._lock:

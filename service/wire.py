@@ -42,7 +42,7 @@ from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 
 from service.access_log import note_avatar
-from service.errors import ServiceError
+from service.errors import CorruptRecord, ServiceError
 from service.settings import Settings
 
 log = logging.getLogger("talkinghead.service.wire")
@@ -119,8 +119,19 @@ def status_of(error: Exception, what: str) -> Status:
     if full(error):
         log.error("%s failed: storage full: %s", what, error)  # an operator must make room
         return grpc.StatusCode.UNAVAILABLE, "the server's storage is full; retry later", ()
+    if isinstance(error, OSError) and error.errno in REFUSING:
+        log.error("%s failed: storage refused: %s", what, error)  # read-only, permissions, a failing disk
+        return grpc.StatusCode.UNAVAILABLE, "the server's storage refused the request; retry later", ()
+    if isinstance(error, CorruptRecord):
+        log.error("%s failed: %s", what, error.detail)  # an operator may look at the file
+        return grpc.StatusCode.DATA_LOSS, str(error), ()
     log.error("%s failed: %s: %s", what, type(error).__name__, error, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
+
+
+# The server's storage refusing a read or write that is not about one record: mounted read-only,
+# its permissions changed, a disk failing. It was INTERNAL, with a traceback each time (helper-81).
+REFUSING = frozenset({errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO})
 
 
 def full(error: BaseException) -> bool:

@@ -311,3 +311,37 @@ def test_audit_into_a_pipe_its_reader_closed_stops_quietly(tmp_path: Path) -> No
     assert process.wait(timeout=60) == 0, err
     assert err == ""
     assert [json.loads(line)["avatar_id"] for line in first] == ["a0", "a1", "a2"]
+
+
+def test_a_disk_that_fills_mid_event_leaves_the_audit_log_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk took part of a tombstone (os.write wrote the 102 bytes that fitted, helper-81):
+    the next event was appended onto the cut line, and `talkinghead audit` refused to export any
+    of the log. Now an append that does not fit whole fails (counted by the server) and leaves the
+    file as it was; a line damaged anyway is skipped by the export, which says so."""
+    import service.audit as audit
+    from service.audit import AuditEvent, FileAuditLog
+
+    monkeypatch.delenv("TALKINGHEAD_REDIS_URL", raising=False)
+    path = tmp_path / "audit.jsonl"
+    log = FileAuditLog(path=path)
+    log.append(AuditEvent(event="create", avatar_id="b0", actor="t", model_id="m", consent_id="c"))
+    whole = path.read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(audit.os, "write", lambda fd, data: real_write(fd, data[:40]))  # the disk fills
+    with pytest.raises(OSError, match="only 40 of the event's"):
+        log.append(AuditEvent(event="delete", avatar_id="b1", actor="t", model_id="m", consent_id="c"))
+    assert path.read_bytes() == whole  # the cut line taken back
+    monkeypatch.setattr(audit.os, "write", real_write)  # room again
+    log.append(AuditEvent(event="create", avatar_id="b2", actor="t", model_id="m", consent_id="c"))
+    with path.open("a") as handle:  # a line damaged some other way
+        handle.write('{"avatar_id": "b3", "eve\n')
+    log.append(AuditEvent(event="create", avatar_id="b4", actor="t", model_id="m", consent_id="c"))
+    out = tmp_path / "export.jsonl"
+    assert main(["audit", "--audit-log", str(path), "--out", str(out)]) == 0
+    assert [json.loads(line)["avatar_id"] for line in out.read_text().splitlines()] == ["b0", "b2", "b4"]
+    assert capsys.readouterr().err.splitlines() == [
+        f"3 event(s) -> {out}",
+        "talkinghead audit: 1 line(s) of the log are not events (damaged): skipped",
+    ]

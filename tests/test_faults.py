@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -957,3 +958,107 @@ def test_a_full_store_refuses_new_avatars_and_keeps_the_stored_ones(
                 assert [a.avatar_id for a in c.list_avatars()] == ["after", "before"]
         finally:
             running.stop()
+
+
+def _refused(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as refused:
+        call()
+    return refused.value.code(), refused.value.details()
+
+
+def test_a_change_the_disk_refuses_happens_whole_or_not_at_all(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """helper-81, on real tmpfs volumes: a replace refused for a full store cancelled the avatar's
+    personalisation all the same ("the avatar was replaced"); a read-only store answered INTERNAL
+    "OSError" with a traceback; an audit log that could take no intent let the create go on with
+    no event ever. Now each is UNAVAILABLE saying which storage, and nothing changed."""
+    with (
+        tmpfs(tmp_path / "store", "2m") as store,
+        tmpfs(tmp_path / "audit", "1m") as audit,
+    ):
+        settings = test_settings(model_repository, store, audit_log=audit / "audit.jsonl")
+        running = ServerThread(settings=settings)
+        try:
+            running.wait_ready()
+            with running.client() as c:
+                c.create_avatar("mona", [PORTRAIT], consent=CONSENT)
+                queued = c.personalise("mona")  # no worker: it stays queued
+                filler = fill(store / "filler")
+                replace = lambda: c.create_avatar("mona", [PORTRAIT], consent=CONSENT, replace=True)  # noqa: E731
+                assert _refused(replace) == (CODE.UNAVAILABLE, "the server's storage is full; retry later")
+                assert not c.get_operation(queued.name).done, "a refused replace cancelled it"
+                filler.unlink()
+
+                subprocess.run(["mount", "-o", "remount,ro", str(store)], check=True)
+                try:
+                    code, details = _refused(lambda: c.create_avatar("ro", [PORTRAIT], consent=CONSENT))
+                    assert (code, details) == (
+                        CODE.UNAVAILABLE,
+                        "the server's storage refused the request; retry later",
+                    )
+                finally:
+                    subprocess.run(["mount", "-o", "remount,rw", str(store)], check=True)
+
+                filler = fill(audit / "filler")
+                code, details = _refused(lambda: c.create_avatar("unlogged", [PORTRAIT], consent=CONSENT))
+                assert code == CODE.UNAVAILABLE and details.startswith(
+                    "the audit log cannot be written (its storage is full)"
+                )
+                assert [a.avatar_id for a in c.list_avatars()] == ["mona"], "created with no audit event"
+                filler.unlink()
+
+                replace()  # room again: the replace happens, and its personalisation goes with it
+                ended = c.get_operation(queued.name)
+                assert ended.done and "the avatar was replaced" in ended.error.message
+        finally:
+            running.stop()
+
+
+def test_a_damaged_record_is_named_and_its_owner_can_delete_or_replace_it(
+    model_repository: Path, tmp_path: Path, short: LandmarkSequence
+) -> None:
+    """A record cut short or overwritten with noise (helper-81): ListAvatars failed INTERNAL
+    "BadZipFile" for the whole tenant, and get, animate, delete and replace of the id INTERNAL with
+    a traceback each: no way out but the operator's shell. Now the listing leaves it out, a read
+    of it is DATA_LOSS naming the avatar, a delete removes it (its tombstone says it could not be
+    read) and a replace writes over it."""
+    store = tmp_path / "store"
+    settings = test_settings(model_repository, store)
+    first = ServerThread(settings=settings)
+    try:
+        first.wait_ready()
+        with first.client() as c:
+            for name in ("cut", "noise", "kept"):
+                c.create_avatar(name, [PORTRAIT], consent=CONSENT)
+    finally:
+        first.stop()
+    cut = store / "cut.npz"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    (store / "noise.npz").write_bytes(os.urandom(5000))
+    running = ServerThread(settings=settings)  # (a new one: nothing cached)
+    try:
+        running.wait_ready()
+        with running.client() as c:
+            assert [a.avatar_id for a in c.list_avatars()] == ["kept"]
+            unreadable = "the stored record of avatar {!r} cannot be read (damaged or cut short): "
+            for name in ("cut", "noise"):
+                expected = (
+                    CODE.DATA_LOSS,
+                    unreadable.format(name) + "delete it, or create it again with replace",
+                )
+                assert _refused(lambda: c.get_avatar(name)) == expected  # noqa: B023
+                assert _refused(lambda: list(c.animate(name, landmark_requests(short)))) == expected  # noqa: B023
+                assert _refused(lambda: c.create_avatar(name, [PORTRAIT], consent=CONSENT)) == expected  # noqa: B023
+            c.delete_avatar("noise")
+            assert _refused(lambda: c.get_avatar("noise"))[0] == CODE.NOT_FOUND
+            c.create_avatar("cut", [PORTRAIT], consent=CONSENT, replace=True)
+            assert [a.avatar_id for a in c.list_avatars()] == ["cut", "kept"]
+            assert len(list(c.animate("cut", landmark_requests(short)))) == len(short.points)
+        events = [json.loads(line) for line in settings.audit_log.read_text().splitlines()]
+        tombstone = next(e for e in events if e["event"] == "delete" and e["avatar_id"] == "noise")
+        assert tombstone["detail"]["unreadable"] is True
+        replaced = [e for e in events if e["event"] == "replace" and e["avatar_id"] == "cut"]
+        assert replaced and replaced[-1]["detail"]["replaced"]["unreadable"] is True
+    finally:
+        running.stop()

@@ -811,3 +811,30 @@ def test_a_server_whose_worker_cannot_run_says_why_and_ends_what_was_queued(
         assert running.server.worker is None
     finally:
         running.stop()
+
+
+def test_a_job_the_queue_folder_cannot_take_leaves_no_input_and_old_temp_files_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's record refused (a full disk) after its input was written: the photos' crops
+    stayed in <jobs>/<id>.input.npz for good, a delete of the avatar never reaching them
+    (helper-81). And a writer killed mid-write left .tmp-* files no sweep removed."""
+    from jobs.queue import StoreFull
+
+    jobs = tmp_path / "jobs"
+    queue = LocalQueue(root=jobs)
+
+    def full(job: Job) -> None:
+        raise StoreFull(28, "the job directory is full")
+
+    monkeypatch.setattr(queue, "_write", full)
+    with pytest.raises(StoreFull):
+        queue.submit(Job(id="a" * 16, kind=PERSONALISE, avatar_id="mona", steps=3), b"crops", max_active=4)
+    assert not list(jobs.glob("*.input.npz"))
+    monkeypatch.undo()
+    stale, fresh = jobs / ".tmp-killed", jobs / ".tmp-writing"
+    stale.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    queue.submit(Job(id="b" * 16, kind=PERSONALISE, avatar_id="mona", steps=3), b"crops", max_active=4)
+    assert not stale.exists() and fresh.exists()

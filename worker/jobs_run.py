@@ -171,11 +171,12 @@ class Context:
 
 class Heartbeat:
     """Calls queue.heartbeat(job) every `interval` seconds in a thread until stopped; `lost` is set
-    when the job was taken over."""
+    when the job was taken over or is gone, `why` says which."""
 
     def __init__(self, ctx: Context, job: Job) -> None:
         self.queue, self.job, self.interval, self.metrics = ctx.queue, job, ctx.heartbeat_s, ctx.metrics
         self.lost = threading.Event()
+        self.why: Lost = Lost(f"job {job.id} was taken over by another worker")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name=f"heartbeat-{job.id}", daemon=True)
 
@@ -191,7 +192,8 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self.queue.heartbeat(self.job)
-            except Lost:
+            except Lost as error:
+                self.why = error
                 self.lost.set()
                 return
             except Exception as error:  # Redis away for a moment: the claim timeout allows a few misses
@@ -249,7 +251,7 @@ def _settle(ctx: Context, job: Job, step: Callable[[], bool], later: Waiting) ->
         except Unwritten:
             raise
         except Lost as error:
-            log.warning("%s; leaving it to its new holder", error)
+            log.warning("%s; %s", error, error.then)
             ctx.metrics.on_end(job, LOST)
         except Stopped as why:
             _hand_back(ctx, job, str(why))
@@ -281,7 +283,7 @@ def _hand_back(ctx: Context, job: Job, why: str) -> None:
     try:
         ctx.queue.release(job)
     except Lost as error:
-        log.warning("%s; leaving it to its new holder", error)
+        log.warning("%s; %s", error, error.then)
         ctx.metrics.on_end(job, LOST)
         return
     except Exception as error:  # the queue away: its claim times out (the lock goes with the process)
@@ -343,7 +345,7 @@ class Waiting:
         for job_id, entry in list(self._ends.items()):
             ending, beat, when, _ = entry
             if beat.lost.is_set():
-                log.warning("job %s was taken over by another worker; its end is left to it", job_id)
+                log.warning("%s; %s", beat.why, beat.why.then)
             else:
                 if time.monotonic() < when:
                     continue
@@ -359,7 +361,7 @@ class Waiting:
 
     def _step(self, job: Job, deadline: float, beat: Heartbeat) -> bool:
         if beat.lost.is_set():
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise beat.why
         if _record_gone(self.ctx, job):
             name = contract.personalised_name(job.avatar_id)
             _withdraw(
@@ -446,7 +448,7 @@ def _write_end(ctx: Context, ending: Ending) -> bool:
     try:
         written = ctx.queue.finish(job)
     except Lost as error:
-        log.warning("%s; leaving it to its new holder", error)
+        log.warning("%s; %s", error, error.then)
         ctx.metrics.on_end(job, LOST)
         written = True
     except Exception as error:
@@ -475,7 +477,7 @@ def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
     def on_step(step: int, losses: dict[str, float]) -> None:
         nonlocal quiet_until
         if beat.lost.is_set():
-            raise Lost(f"job {job.id} was taken over by another worker")
+            raise beat.why
         job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
         steps.inc()
         if step == 1:

@@ -28,7 +28,9 @@ if _version_not_supported:
 class AvatarServiceStub:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
-    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
+    Every call may also end UNAVAILABLE when the server's storage is unreachable, full or refusing
+    (retry later), and a call that reads an avatar DATA_LOSS when its stored record cannot be read
+    (damaged or cut short: DeleteAvatar removes it, CreateAvatar with replace writes over it).
     """
 
     def __init__(self, channel):
@@ -62,7 +64,9 @@ class AvatarServiceStub:
 class AvatarServiceServicer:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
-    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
+    Every call may also end UNAVAILABLE when the server's storage is unreachable, full or refusing
+    (retry later), and a call that reads an avatar DATA_LOSS when its stored record cannot be read
+    (damaged or cut short: DeleteAvatar removes it, CreateAvatar with replace writes over it).
     """
 
     def CreateAvatar(self, request, context):
@@ -137,7 +141,9 @@ def add_AvatarServiceServicer_to_server(servicer, server):
 class AvatarService:
     """Create, inspect, list and delete avatars. An avatar is stored persistently (a server restart
     keeps it) and identified by a client-chosen id.
-    Every call may also end UNAVAILABLE when the server's storage is unreachable or full (retry later).
+    Every call may also end UNAVAILABLE when the server's storage is unreachable, full or refusing
+    (retry later), and a call that reads an avatar DATA_LOSS when its stored record cannot be read
+    (damaged or cut short: DeleteAvatar removes it, CreateAvatar with replace writes over it).
     """
 
     @staticmethod
