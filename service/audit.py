@@ -146,16 +146,12 @@ class FileAuditLog:
         with self._lock:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
             try:
-                before = os.fstat(fd).st_size
-                try:
-                    written = os.write(fd, line)
-                    if written != len(line):
-                        raise OSError(errno.ENOSPC, f"only {written} of the event's {len(line)} bytes fitted")
-                    os.fsync(fd)
-                except OSError:
+                written = os.write(fd, line)
+                if written != len(line):  # where this write began: (O_APPEND) its end less its bytes
                     with contextlib.suppress(OSError):
-                        os.ftruncate(fd, before)
-                    raise
+                        os.ftruncate(fd, os.lseek(fd, 0, os.SEEK_CUR) - written)
+                    raise OSError(errno.ENOSPC, f"only {written} of the event's {len(line)} bytes fitted")
+                os.fsync(fd)
             finally:
                 os.close(fd)
 
