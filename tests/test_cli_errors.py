@@ -664,6 +664,15 @@ def test_training_commands_refuse_mistakes_in_one_line_before_any_work(
     for argv, message in mistakes:
         if "--device" in argv and torch.cuda.is_available():
             continue
+        if argv[0] == "worker":  # (its own process: it sets up the logging of the process it runs in)
+            done = subprocess.run(
+                [sys.executable, "-m", "talkinghead.cli", *argv], capture_output=True, text=True, cwd=REPO
+            )
+            code, err = done.returncode, done.stderr
+            assert code != 0 and any(message in line for line in err.splitlines()), (argv, code, err[-600:])
+            assert "Traceback" not in err, (argv, err[-600:])
+            assert files_in(tmp_path) == before, argv
+            continue
         try:
             if argv[0] == "demo":  # `make demo-direct`: python -m training.demo
                 code = run_module("training.demo", argv[1:], prog="python -m training.demo")
