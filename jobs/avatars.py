@@ -70,7 +70,7 @@ class LocalAvatarIndex:
             return float(meta["create_time"])
         except FileNotFoundError:
             return None
-        except (zipfile.BadZipFile, ValueError, EOFError, KeyError, TypeError):
+        except (zipfile.BadZipFile, ValueError, EOFError, KeyError, TypeError):  # service/store.py UNREADABLE
             # a record that cannot be read is no record a generator may serve (the service answers
             # DATA_LOSS for it, and a delete of it queues the REMOVE job that asks here)
             log.warning("the avatar record %s cannot be read: taken as none", path)

@@ -20,6 +20,11 @@ class CorruptRecord(Exception):
         )
         self.stored_id, self.detail = stored_id, detail
 
+    @classmethod
+    def reading(cls, stored_id: str, where: str, error: BaseException) -> CorruptRecord:
+        """The record at `where` (a file, a Redis key) failed to read with `error`."""
+        return cls(stored_id, f"{where}: {type(error).__name__}: {error}")
+
 
 class ServiceError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:

@@ -94,18 +94,14 @@ class RedisAvatarStore:
         try:
             return from_fields(raw) if raw else None  # type: ignore[arg-type]
         except UNREADABLE as error:  # (a hash written by hand, or by another release)
-            raise CorruptRecord(
-                avatar_id, f"Redis {keys.avatar(avatar_id)}: {type(error).__name__}: {error}"
-            ) from None
+            raise CorruptRecord.reading(avatar_id, f"Redis {keys.avatar(avatar_id)}", error) from None
 
     def listing(self, avatar_id: str) -> AvatarRecord | None:
         meta = self.r.hget(keys.avatar(avatar_id), "meta")
         try:
             return from_meta(json.loads(meta)) if meta is not None else None
         except UNREADABLE as error:
-            raise CorruptRecord(
-                avatar_id, f"Redis {keys.avatar(avatar_id)}: {type(error).__name__}: {error}"
-            ) from None
+            raise CorruptRecord.reading(avatar_id, f"Redis {keys.avatar(avatar_id)}", error) from None
 
     def delete(self, avatar_id: str) -> bool:
         with self.r.pipeline(transaction=True) as pipe:

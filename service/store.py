@@ -204,7 +204,7 @@ class LocalAvatarStore:
             self.ping()  # (the folder gone is the store away, not an avatar deleted meanwhile)
             return None
         except UNREADABLE as error:
-            raise CorruptRecord(avatar_id, f"{path}: {type(error).__name__}: {error}") from None
+            raise CorruptRecord.reading(avatar_id, str(path), error) from None
 
     def get(self, avatar_id: str) -> AvatarRecord | None:
         path = self._path(avatar_id)
@@ -214,7 +214,7 @@ class LocalAvatarStore:
             self.ping()
             return None
         except UNREADABLE as error:
-            raise CorruptRecord(avatar_id, f"{path}: {type(error).__name__}: {error}") from None
+            raise CorruptRecord.reading(avatar_id, str(path), error) from None
 
     def _read(self, path: Path) -> AvatarRecord:
         with np.load(path, allow_pickle=False) as archive:

@@ -68,15 +68,13 @@ def load_meta(path: str | Path, needs: str) -> dict[str, Any]:
     """`load`, and ValueError unless it is a meta-learned checkpoint (`needs` says what for): given a
     personalised one, fine-tuning and the evaluation failed in a traceback."""
     ckpt = load(path)
-    if ckpt.get("kind") == "personalised" or "embedder" not in ckpt:
-        personal = ckpt.get("kind") == "personalised"
-        what = (
-            f"the personalised generator of avatar {ckpt.get('avatar')!r}"
-            if personal
-            else "without an embedder"
-        )
-        raise ValueError(f"{path} is {what}: {needs} needs a meta-learned checkpoint (train's)")
-    return ckpt
+    if ckpt.get("kind") == "personalised":
+        what = f"the personalised generator of avatar {ckpt.get('avatar')!r}"
+    elif "embedder" not in ckpt:
+        what = "without an embedder"
+    else:
+        return ckpt
+    raise ValueError(f"{path} is {what}: {needs} needs a meta-learned checkpoint (train's)")
 
 
 def config_of(ckpt: dict[str, Any]) -> ExperimentConfig:
