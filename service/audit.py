@@ -12,8 +12,10 @@ what was removed).
 
 Where it lives: a file opened with O_APPEND (`TALKINGHEAD_AUDIT_LOG`, one write + fsync per event),
 or, with `TALKINGHEAD_REDIS_URL`, the Redis stream `talkinghead:audit` (XADD without trimming), which
-every replica appends to. Nothing in the service rewrites or trims either. `talkinghead audit export`
-writes it out for an operator.
+every replica appends to. The service never rewrites or trims either: `talkinghead audit` writes it
+out for an operator, and `talkinghead audit --until DATE --out FILE --remove` moves the events
+before DATE out of it (`archive`: into FILE first, durably, then out of the log) while the service
+runs, so that an operator keeps the log's size bounded without losing a line of it.
 
 The events of a create, a replace and a delete (a tombstone) are written ahead (`intend`) before
 the change they record, and settled (`settle`) once it is done and the event appended: a process that dies
@@ -28,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -64,6 +68,39 @@ AUTH_MAX_SUMMARIES = 20
 AUTH_MAX_KEYS = 1024
 REDIS_STREAM = "talkinghead:audit"
 REDIS_PENDING = "talkinghead:audit:pending"
+REDIS_ARCHIVING = "talkinghead:audit:archiving"  # held (SET NX, expiring) while an archive runs
+ARCHIVE_LEASE_S = 3600
+
+# `archive(until, keep)`: `keep` is given the events to move out and has stored them durably when
+# it returns; only then are they removed from the log.
+Keep = Callable[[Iterator[dict[str, Any]]], None]
+
+
+class ArchiveBusy(RuntimeError):
+    """Another archive of the same log is running."""
+
+
+def _event_of(line: bytes) -> dict[str, Any] | None:
+    """The event a line of the log holds, or None: not JSON, or without its event, avatar_id and
+    time (damaged, or written by hand)."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+        return None
+    when = event.get("time")
+    if (
+        not isinstance(event.get("avatar_id"), str)
+        or not isinstance(when, (int, float))
+        or isinstance(when, bool)
+    ):
+        return None
+    return event
+
+
+def _older(event: dict[str, Any] | None, until: float) -> bool:
+    return event is not None and event["time"] < until
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +165,10 @@ class AuditLog(Protocol):
         """The intents not settled, oldest first (unreadable ones are skipped)."""
         ...
 
+    def archive(self, until: float, keep: Keep) -> int:
+        """Move the events of before `until` out: `keep` stores them, then they leave the log."""
+        ...
+
 
 class FileAuditLog:
     """JSON lines in one file, appended with O_APPEND (whole lines: one write each) and fsync."""
@@ -144,7 +185,7 @@ class FileAuditLog:
         line, which no export could read past."""
         line = (event.to_json() + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = self._open_locked()
             try:
                 written = os.write(fd, line)
                 if written != len(line):  # where this write began: (O_APPEND) its end less its bytes
@@ -154,6 +195,87 @@ class FileAuditLog:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def _open_locked(self) -> int:
+        """The log's file, opened to append and locked (flock, released when closed). `archive`
+        swaps a new file in under this lock: a writer that had opened the one swapped out finds
+        the name no longer its file's once it holds the lock, and opens again."""
+        while True:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                mine, named = os.fstat(fd), os.stat(self.path)
+                if (mine.st_dev, mine.st_ino) == (named.st_dev, named.st_ino):
+                    return fd
+            except FileNotFoundError:  # renamed away between the open and the stat
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def archive(self, until: float, keep: Keep) -> int:
+        """Move the events of before `until` (their `time`, seconds since the epoch) out of the
+        log; how many. `keep` is given them and has stored them when it returns; only then is the
+        log rewritten without them, beside it, and swapped in - a crash between leaves them in
+        both places, never in neither. Lines that are not events stay in the log. The service
+        appends meanwhile: its lock is held only to copy what it appended during the archive
+        and to swap the files, so a stream's start waits for that, not for the whole rewrite."""
+        guard = self.path.with_name(self.path.name + ".archive.lock")
+        with guard.open("a") as held:
+            try:
+                fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ArchiveBusy(f"another archive of {self.path} is running") from None
+            for left in self.path.parent.glob(f".{self.path.name}.archive-*.tmp"):  # a killed one's
+                left.unlink(missing_ok=True)
+            with self.path.open("rb") as source:
+                return self._archive(source, until, keep)
+
+    def _archive(self, source: Any, until: float, keep: Keep) -> int:
+        seen = os.fstat(source.fileno())
+        moved, end = 0, 0
+        self.unreadable = 0  # damaged lines, left in the log
+
+        def older() -> Iterator[dict[str, Any]]:
+            nonlocal moved, end
+            for line in source:
+                if not line.endswith(b"\n"):  # an append under way: it and what follows stay
+                    break
+                end += len(line)
+                if (event := _event_of(line)) is None:
+                    self.unreadable += 1
+                elif _older(event, until):
+                    moved += 1
+                    yield event
+
+        _hand_over(older(), keep)
+        if moved == 0:
+            return 0
+        tmp = self.path.with_name(f".{self.path.name}.archive-{os.getpid()}.tmp")
+        try:
+            with tmp.open("wb") as kept:
+                source.seek(0)
+                while source.tell() < end:
+                    line = source.readline()
+                    if not _older(_event_of(line), until):
+                        kept.write(line)
+                fd = self._open_locked()  # from here on the service's appends wait
+                try:
+                    now = os.fstat(fd)
+                    if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
+                        raise RuntimeError(f"{self.path} was replaced during the archive; nothing removed")
+                    source.seek(end)
+                    kept.write(source.read())  # what was appended meanwhile
+                    kept.flush()
+                    os.fsync(kept.fileno())
+                    os.replace(tmp, self.path)
+                    sync_folder(self.path.parent)
+                finally:
+                    os.close(fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return moved
 
     @property
     def pending(self) -> Path:
@@ -190,11 +312,7 @@ class FileAuditLog:
                 for line in handle:
                     if not line.endswith(b"\n"):  # a line cut by a crash mid-write is not an event
                         continue
-                    try:
-                        event = json.loads(line)
-                    except ValueError:
-                        event = None
-                    if not isinstance(event, dict):
+                    if (event := _event_of(line)) is None:
                         self.unreadable += 1
                         continue
                     yield event
@@ -202,11 +320,28 @@ class FileAuditLog:
             return
 
 
+def _hand_over(events: Iterator[dict[str, Any]], keep: Keep) -> None:
+    """keep(events), which must take every one: those it left would be removed unkept."""
+    keep(events)
+    if next(events, None) is not None:
+        raise RuntimeError("the archive did not take every event; nothing removed")
+
+
+def sync_folder(folder: Path) -> None:
+    """fsync a folder: a rename in it is on disk once this returns."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class RedisAuditLog:
     """The Redis stream talkinghead:audit, shared by every replica."""
 
     def __init__(self, *, client: Any) -> None:
         self.r = client
+        self.unreadable = 0  # entries the last read() or archive() could not read
 
     def append(self, event: AuditEvent) -> None:
         self.r.xadd(REDIS_STREAM, {"event": event.to_json()})
@@ -224,13 +359,58 @@ class RedisAuditLog:
                 found.append(Intent.from_json(text))
         return sorted(found, key=lambda i: i.written)
 
-    def read(self) -> Iterator[dict[str, Any]]:
+    def _entries(self, upto: str = "+") -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """(stream id, event or None where the entry is not one), in order, below `upto`."""
         after = "-"
-        while batch := self.r.xrange(REDIS_STREAM, min=after, max="+", count=1000):
-            for _, fields in batch:
-                yield json.loads(fields[b"event"])
-            last = batch[-1][0]
-            after = "(" + (last.decode() if isinstance(last, bytes) else last)  # exclusive
+        while batch := self.r.xrange(REDIS_STREAM, min=after, max=upto, count=1000):
+            for entry, fields in batch:
+                entry = entry.decode() if isinstance(entry, bytes) else entry
+                yield entry, _event_of(fields.get(b"event", b""))
+            after = "(" + entry  # exclusive
+
+    def read(self) -> Iterator[dict[str, Any]]:
+        """The events, in order; an entry that is not one (written by hand) is skipped and
+        counted in `unreadable` (it ended the export with a JSON error before)."""
+        self.unreadable = 0
+        for _, event in self._entries():
+            if event is None:
+                self.unreadable += 1
+                continue
+            yield event
+
+    def archive(self, until: float, keep: Keep) -> int:
+        """FileAuditLog.archive for the stream: the entries Redis appended before `until` (their
+        stream ids, Redis's clock, which also makes every later append fall after it), up to the
+        first one that is not an event (it and what follows stay; counted in `unreadable`), then
+        XTRIM MINID. One archive at a time, held by a key that expires should this one die."""
+        seconds, micros = self.r.time()
+        if until > seconds + micros / 1e6:
+            raise ValueError("the archive's end is in the future of the Redis server's clock")
+        token = secrets.token_hex(8)
+        if not self.r.set(REDIS_ARCHIVING, token, nx=True, ex=ARCHIVE_LEASE_S):
+            raise ArchiveBusy("another archive of the Redis audit stream is running")
+        try:
+            self.unreadable = 0
+            bound = f"{int(until * 1000)}-0"
+            moved = 0
+
+            def older() -> Iterator[dict[str, Any]]:
+                nonlocal bound, moved
+                for entry, event in self._entries("(" + bound):
+                    if event is None:
+                        self.unreadable += 1
+                        bound = entry
+                        return
+                    moved += 1
+                    yield event
+
+            _hand_over(older(), keep)
+            if moved:
+                self.r.xtrim(REDIS_STREAM, minid=bound, approximate=False)
+            return moved
+        finally:
+            if self.r.get(REDIS_ARCHIVING) == token.encode():
+                self.r.delete(REDIS_ARCHIVING)
 
 
 class RefusalAudit:
