@@ -146,6 +146,20 @@ def test_refused_calls_are_counted_by_their_status(keyed, driver: LandmarkSequen
     assert all(v == 1 for v in counted().values()), counted()
 
 
+def test_failure_series_are_there_from_the_start(keyed) -> None:
+    """The failed-calls alert counts talkinghead_rpcs_total with rate(), which leaves out the first
+    value of a series born mid-window: a replica's first INTERNAL or UNAVAILABLE answers of a method
+    went uncounted. Each talkinghead method's OK and failure series are exported at 0 from the start."""
+    server, _ring, _tokens = keyed
+    delete = "talkinghead.v1.AvatarService/DeleteAvatar"
+    for code in ("OK", "UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED", "UNKNOWN"):
+        assert server.metric(f'talkinghead_rpcs_total{{code="{code}",method="{delete}"}}') == 0
+    assert server.metric('talkinghead_streams_total{code="INTERNAL"}') == 0
+    assert (
+        'talkinghead_rpcs_total{code="INTERNAL",method="grpc.health.v1.Health/Check"}' not in server.metrics()
+    )
+
+
 def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: LandmarkSequence) -> None:
     """received = sent + dropped once a stream is over: before, a frame the tenant's fps quota
     dropped was counted dropped but never received (received - sent - dropped went negative)."""
