@@ -49,6 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"face-alignment only: boxes from S3FD (needs s3fd weights) or dlib (needs only {FAN_WEIGHTS})",
     )
     parser.add_argument("--out", type=Path, help="write the landmark sequence to this .npz file")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--draw", type=Path, metavar="DIR", help="write frame + landmark drawing PNGs here")
     parser.add_argument("--every", type=int, default=1, help="video: keep every Nth frame (default 1)")
     parser.add_argument("--max-frames", type=int, default=0, help="video: stop after N kept frames (0: all)")
@@ -137,6 +138,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.out is not None and args.out.suffix != ".npz":  # (numpy added it: "wrote seq" made seq.npz)
         print(f"talkinghead landmarks: --out {args.out}: name a .npz file", file=sys.stderr)
+        return 2
+    if args.out is not None and args.out.exists() and not args.overwrite:  # (replaced without a word)
+        print(
+            f"talkinghead landmarks: --out {args.out}: exists; pass --overwrite to replace it",
+            file=sys.stderr,
+        )
         return 2
     video = is_video(args.inputs[0])
     options = {"face_detector": args.boxes} if args.detector == "face-alignment" else {}

@@ -561,6 +561,7 @@ def _training_mistakes(tmp: Path) -> list[tuple[list[str], str]]:
     (tmp / "bad.yaml").write_text("model: [1,\n")
     (tmp / "notes.txt").write_text("a file")
     (tmp / "taken.pt").write_bytes(b"")
+    (tmp / "taken.npz").write_bytes(b"an earlier sequence")
     (tmp / "outdir").mkdir()
     (tmp / "noise.png").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
     mona = str(_personalised(tmp / "mona.pt"))
@@ -588,6 +589,10 @@ def _training_mistakes(tmp: Path) -> list[tuple[list[str], str]]:
         ([*train, "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
         ([*train, "--device", "cuda"], no_cuda),
         ([*train, "--device", "tpu"], "--device tpu: expected auto, cpu, cuda or cuda:N"),
+        (
+            [*train, "--init-from", mona],
+            "mona.pt is the personalised generator of avatar 'mona': --init-from needs",
+        ),
         ([*finetune, "--out", str(tmp / "outdir")], "outdir is a directory: name the checkpoint file"),
         ([*finetune, "--out", str(tmp / "taken.pt")], "taken.pt exists: give --overwrite to replace it"),
         ([*finetune, "--out", str(tmp / "notes.txt" / "x.pt")], "notes.txt is a file, not a directory"),
@@ -634,6 +639,10 @@ def _training_mistakes(tmp: Path) -> list[tuple[list[str], str]]:
             ["landmarks", str(PORTRAIT), "--out", str(tmp / "seq")],
             "--out " + str(tmp / "seq") + ": name a .npz file",
         ),
+        (
+            ["landmarks", str(PORTRAIT), "--out", str(tmp / "taken.npz")],
+            "taken.npz: exists; pass --overwrite to replace it",
+        ),
         (["preprocess", str(tmp), str(tmp / "pre"), "--size", "0"], "argument --size: must be >= 8, got 0"),
         (
             ["preprocess", str(tmp), str(tmp / "pre"), "--scale", "0"],
@@ -653,8 +662,9 @@ def test_training_commands_refuse_mistakes_in_one_line_before_any_work(
     """Each mistake: a non-zero exit naming it in one line, before the data, the networks or the
     fine-tuning (a directory --out failed after the whole fine-tune, an existing one was replaced;
     --device cuda on a machine without one failed at the first tensor; a personalised checkpoint
-    given to evaluate, finetune or the worker was a traceback; `landmarks --out seq` wrote seq.npz
-    and said "wrote seq"), and nothing written."""
+    given to evaluate, finetune or the worker was a traceback, to `train --init-from` copied where
+    it fitted; `landmarks --out seq` wrote seq.npz and said "wrote seq", over an existing .npz
+    without a word), and nothing written."""
     import torch
 
     from talkinghead.cli import run_module
@@ -685,3 +695,4 @@ def test_training_commands_refuse_mistakes_in_one_line_before_any_work(
         assert code not in (0, None) and any(message in line for line in said), (argv, code, err[-600:])
         assert "Traceback" not in err, (argv, err[-600:])
         assert files_in(tmp_path) == before, argv
+    assert (tmp_path / "taken.npz").read_bytes() == b"an earlier sequence"

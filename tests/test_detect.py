@@ -168,7 +168,7 @@ def test_landmarks_command_on_stills(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert drawn[:, 512:].any() and not drawn[:, 512:][:50].any()  # lines on the face, black above it
 
     blank = _save_rgb(tmp_path / "blank.png", np.zeros((120, 120, 3), np.uint8))
-    assert main(["landmarks", str(portrait), str(blank), "--out", str(out)]) == 1
+    assert main(["landmarks", str(portrait), str(blank), "--out", str(out), "--overwrite"]) == 1
     assert "no face found in blank.png" in capsys.readouterr().err
     assert np.load(out)["points"].shape == (1, 68, 2)  # the portrait's landmarks are still written
 

@@ -150,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"talkinghead train: --run {args.run}: a file, not a run directory")
     try:
         device = pick_device(args.device)
-    except ValueError as error:
+        # (a personalised generator given was copied where it fitted, without a word)
+        warm = checkpoint.load_meta(args.init_from, "--init-from") if args.init_from is not None else None
+    except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"talkinghead train: {error}") from None
     rank, world = init_distributed(device)
     torch.manual_seed(cfg.meta.seed)
@@ -185,8 +187,8 @@ def run(args: argparse.Namespace) -> int:
     run_dir: Path = args.run
     try:
         step = resume(trainer, run_dir / "last.pt", data.video_ids, cfg)
-        if step == 0 and args.init_from is not None:
-            warm_start(trainer, checkpoint.load(args.init_from), data.video_ids)
+        if step == 0 and warm is not None:
+            warm_start(trainer, warm, data.video_ids)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"talkinghead train: {error}") from None
     if rank == 0:
