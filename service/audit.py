@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -249,30 +250,36 @@ class FileAuditLog:
                     moved += 1
                     yield event
 
-        _hand_over(older(), keep)
-        if moved == 0:
-            return 0
         tmp = self.path.with_name(f".{self.path.name}.archive-{os.getpid()}.tmp")
         try:
-            with tmp.open("wb") as kept:
+            # The new log has the old one's owner and mode (an archive run as root made it root's
+            # 0644: the service could no longer append), made before anything is archived.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as kept:
+                if (seen.st_uid, seen.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(fd, seen.st_uid, seen.st_gid)
+                os.fchmod(fd, stat.S_IMODE(seen.st_mode))
+                _hand_over(older(), keep)
+                if moved == 0:
+                    return 0
                 source.seek(0)
                 while source.tell() < end:
                     line = source.readline()
                     if not _older(_event_of(line), until):
                         kept.write(line)
-                fd = self._open_locked()  # from here on the service's appends wait
+                lock = self._open_locked()  # from here on the service's appends wait
                 try:
-                    now = os.fstat(fd)
+                    now = os.fstat(lock)
                     if (now.st_dev, now.st_ino) != (seen.st_dev, seen.st_ino):
                         raise RuntimeError(f"{self.path} was replaced during the archive; nothing removed")
                     source.seek(end)
                     kept.write(source.read())  # what was appended meanwhile
                     kept.flush()
-                    os.fsync(kept.fileno())
+                    os.fsync(fd)
                     os.replace(tmp, self.path)
                     sync_folder(self.path.parent)
                 finally:
-                    os.close(fd)
+                    os.close(lock)
         finally:
             tmp.unlink(missing_ok=True)
         return moved

@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -187,6 +188,9 @@ def test_a_writer_that_opened_the_log_before_the_swap_appends_to_the_new_one(tmp
     a new file in would have written into the file swapped out (gone): it opens the new one."""
     path = tmp_path / "audit.jsonl"
     path.write_text("".join(_line(i, 1000.0 + i) for i in range(3)))
+    path.chmod(0o640)
+    owner = (4321, 4321) if os.geteuid() == 0 else (os.geteuid(), os.getegid())
+    os.chown(path, *owner)  # the service's user; the archive runs as root (the new log was root's 0644)
     log, writer = FileAuditLog(path=path), FileAuditLog(path=path)
     done = threading.Event()
     late = threading.Thread(
@@ -213,6 +217,7 @@ def test_a_writer_that_opened_the_log_before_the_swap_appends_to_the_new_one(tmp
         late.join(10)
     assert done.is_set()
     assert _ids(path) == ["a1", "a2", "during", "late"]
+    assert (stat.S_IMODE(path.stat().st_mode), path.stat().st_uid, path.stat().st_gid) == (0o640, *owner)
 
 
 def test_archive_of_the_redis_stream(
