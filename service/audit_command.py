@@ -187,7 +187,9 @@ def run(args: argparse.Namespace) -> int:
     written: list[int] = []
 
     def keep(events: Iterator[dict[str, Any]]) -> None:
-        written.append(_write_whole(out, lambda handle: _export(args, events, handle)))
+        written.append(
+            _write_whole(out, lambda handle: _export(args, events, handle), overwrite=not args.remove)
+        )
 
     try:
         if args.remove:
@@ -224,9 +226,10 @@ def _failed(error: BaseException | str, out: Path, written: list[int]) -> str:
     )
 
 
-def _write_whole(out: Path, write: Any) -> int:
+def _write_whole(out: Path, write: Any, *, overwrite: bool = True) -> int:
     """`write(handle)` to a hidden file beside `out`, on disk (fsync, the folder too) and renamed
-    onto it when whole: a failed export leaves a file that was there as it was; what it returns."""
+    onto it when whole: a failed export leaves a file that was there as it was; what it returns.
+    Not `overwrite` (an archive): linked there instead, which fails if a file appeared meanwhile."""
     partial = partial_path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -242,7 +245,16 @@ def _write_whole(out: Path, write: Any) -> int:
             count = write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(partial, out)
+        if overwrite:
+            os.replace(partial, out)
+        else:
+            try:
+                os.link(partial, out)
+            except FileExistsError:
+                raise SystemExit(
+                    f"talkinghead audit: --out {out}: a file appeared there during the archive; "
+                    "nothing removed"
+                ) from None
         sync_folder(out.parent)
     finally:
         partial.unlink(missing_ok=True)

@@ -147,6 +147,19 @@ def test_an_archive_that_fails_removes_nothing(
     with pytest.raises(SystemExit, match=rf"--out {out}: exists; an archive is never written over"):
         main(args)
     out.unlink()
+    real_fsync = os.fsync
+
+    def another_writes_out(fd: int) -> None:  # a file appears at --out while the archive is written
+        real_fsync(fd)
+        if not out.exists():
+            out.write_text("another's\n")
+
+    monkeypatch.setattr(os, "fsync", another_writes_out)
+    with pytest.raises(SystemExit, match="a file appeared there during the archive; nothing removed"):
+        main(args)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert out.read_text() == "another's\n" and log.read_bytes() == before
+    out.unlink()
     assert main(args) == 0
     assert _ids(out) == ["a0", "a1", "a2", "a3", "a4"] and _ids(log) == ["a5", "a6", "a7", "a8", "a9"]
 
