@@ -439,9 +439,14 @@ def fake_generator(
         meta[contract.Meta.JOB] = job
     onnx.helper.set_model_props(model, meta)
     folder = repository / contract.personalised_name(avatar_id)
-    (folder / str(version)).mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.pbtxt").write_text("")
-    onnx.save(model, str(folder / str(version) / contract.MODEL_FILE))
+    # Whole or not there, as export publishes a version (staged, then renamed): a worker listing
+    # the folder meanwhile saw the version without its file - unstamped, so a REMOVE job's to take.
+    staging = folder / f".staging-{version}"
+    staging.mkdir()
+    onnx.save(model, str(staging / contract.MODEL_FILE))
+    staging.rename(folder / str(version))
     return folder
 
 
