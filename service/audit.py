@@ -100,10 +100,6 @@ def _event_of(line: bytes) -> dict[str, Any] | None:
     return event
 
 
-def _older(event: dict[str, Any] | None, until: float) -> bool:
-    return event is not None and event["time"] < until
-
-
 @dataclass(frozen=True, kw_only=True)
 class AuditEvent:
     event: str
@@ -234,39 +230,37 @@ class FileAuditLog:
                 return self._archive(source, until, keep)
 
     def _archive(self, source: Any, until: float, keep: Keep) -> int:
+        """One pass over the log: the events to move go to `keep`, every other whole line to the
+        new log beside it (whose owner and mode are the old one's - an archive run as root made
+        it root's 0644, and the service could no longer append -, set before anything is kept)."""
         seen = os.fstat(source.fileno())
         moved, end = 0, 0
         self.unreadable = 0  # damaged lines, left in the log
-
-        def older() -> Iterator[dict[str, Any]]:
-            nonlocal moved, end
-            for line in source:
-                if not line.endswith(b"\n"):  # an append under way: it and what follows stay
-                    break
-                end += len(line)
-                if (event := _event_of(line)) is None:
-                    self.unreadable += 1
-                elif _older(event, until):
-                    moved += 1
-                    yield event
-
         tmp = self.path.with_name(f".{self.path.name}.archive-{os.getpid()}.tmp")
         try:
-            # The new log has the old one's owner and mode (an archive run as root made it root's
-            # 0644: the service could no longer append), made before anything is archived.
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "wb") as kept:
                 if (seen.st_uid, seen.st_gid) != (os.geteuid(), os.getegid()):
                     os.fchown(fd, seen.st_uid, seen.st_gid)
                 os.fchmod(fd, stat.S_IMODE(seen.st_mode))
+
+                def older() -> Iterator[dict[str, Any]]:
+                    nonlocal moved, end
+                    for line in source:
+                        if not line.endswith(b"\n"):  # an append under way: it and what follows stay
+                            break
+                        end += len(line)
+                        if (event := _event_of(line)) is not None and event["time"] < until:
+                            moved += 1
+                            yield event
+                            continue
+                        if event is None:
+                            self.unreadable += 1
+                        kept.write(line)
+
                 _hand_over(older(), keep)
                 if moved == 0:
                     return 0
-                source.seek(0)
-                while source.tell() < end:
-                    line = source.readline()
-                    if not _older(_event_of(line), until):
-                        kept.write(line)
                 lock = self._open_locked()  # from here on the service's appends wait
                 try:
                     now = os.fstat(lock)

@@ -33,7 +33,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -226,7 +226,7 @@ def _failed(error: BaseException | str, out: Path, written: list[int]) -> str:
     )
 
 
-def _write_whole(out: Path, write: Any, *, overwrite: bool = True) -> int:
+def _write_whole(out: Path, write: Callable[[TextIO], int], *, overwrite: bool = True) -> int:
     """`write(handle)` to a hidden file beside `out`, on disk (fsync, the folder too) and renamed
     onto it when whole: a failed export leaves a file that was there as it was; what it returns.
     Not `overwrite` (an archive): linked there instead, which fails if a file appeared meanwhile."""
