@@ -82,6 +82,7 @@ MAX_IDENTITY_RISE = 0.02
 MAX_FACE_FOUND_DROP = 0.01
 AUTO_LANES = 2  # lanes where 0 (auto) is asked for and there are the threads for them
 LIVE, OFFLINE = 0, 1  # run priorities: a live call waiting for a lane goes before offline ones
+STARVE_S = 1.0  # ... unless an offline one has waited this long (Turns): slower, never stopped
 
 
 class _Mxcsr:
@@ -134,10 +135,11 @@ def flush_denormals(flush: bool = True) -> bool | None:
 class Turn:
     """One run's place in `Turns`: made before it waits, so that a `Cancel` can withdraw it."""
 
-    __slots__ = ("admitted", "error", "priority", "ready", "start", "withdrawn")
+    __slots__ = ("admitted", "error", "priority", "ready", "since", "start", "withdrawn")
 
     def __init__(self, priority: int, start: Callable[[], None] | None) -> None:
         self.priority, self.start = priority, start
+        self.since = 0.0  # when it began to wait (time.monotonic)
         self.ready = threading.Event()
         self.admitted = self.withdrawn = False
         self.error: BaseException | None = None
@@ -155,14 +157,17 @@ class Turns:
     (LIVE before OFFLINE), each priority in arrival order. An engine's own queue is first come,
     first served, so without this a live frame waited behind every offline call handed over
     before it; with it the service can keep more offline calls waiting (no lane idles while its
-    event loop collects the next) and a live call still passes them.
+    event loop collects the next) and a live call still passes them. A run that has waited
+    `starve_s` goes next whatever its priority (the oldest such first): where live calls alone
+    keep every lane busy (a machine slower than when its capacity was measured), an offline call
+    waited until the backend's deadline failed its stream.
 
     A run admitted when another `leave`s is started (`start`: OpenVINO's start_async) by the
     leaving thread, before the admitted run's own thread even wakes: a lane that frees is given
     work in microseconds, not a thread wake-up and a GIL later."""
 
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
+    def __init__(self, limit: int, *, starve_s: float = STARVE_S) -> None:
+        self.limit, self.starve_s = limit, starve_s
         self._lock = threading.Lock()
         self._inside = 0
         self._waiting: list[tuple[int, int, Turn]] = []  # a heap: (priority, arrival, turn)
@@ -182,6 +187,7 @@ class Turns:
                 self._inside += 1
                 turn.admitted = True
             else:
+                turn.since = time.monotonic()
                 heapq.heappush(self._waiting, (turn.priority, next(self._arrival), turn))
         if turn.admitted:
             turn.begin()
@@ -197,13 +203,25 @@ class Turns:
         """An admitted run is over (its lane is free): admit the first waiting run and start it."""
         with self._lock:
             if self._waiting:
-                _, _, turn = heapq.heappop(self._waiting)
+                turn = self._next()
                 turn.admitted = True
             else:
                 self._inside -= 1
                 return
         turn.begin()
         turn.ready.set()
+
+    def _next(self) -> Turn:
+        """Out of the heap: the oldest run that has waited starve_s, else the first by priority."""
+        # (a few runs wait at most: lanes + queued calls, so the scan costs nothing)
+        oldest = min(range(len(self._waiting)), key=lambda i: self._waiting[i][1])
+        if oldest and time.monotonic() - self._waiting[oldest][2].since >= self.starve_s:
+            turn = self._waiting[oldest][2]
+            self._waiting[oldest] = self._waiting[-1]
+            self._waiting.pop()
+            heapq.heapify(self._waiting)
+            return turn
+        return heapq.heappop(self._waiting)[2]
 
     def withdraw(self, turn: Turn) -> bool:
         """Take a waiting (or not yet entered) run out of line; False when it was admitted."""

@@ -39,8 +39,9 @@ call by batch size); batches are capped at the size whose call fits BATCH_SHARE 
 live frame that would come out of its batch past the budget is dropped before inference when a
 newer frame of its stream waits behind it (the newest is always drawn), and live
 streams' frames are taken before offline (BLOCK) ones, which use what is left (an offline stream
-whose oldest frame has waited BLOCK_STARVE_S gets one frame beside the live ones in every batch, so
-offline streams slow down but never stop).
+whose oldest frame has waited BLOCK_STARVE_S gets one frame beside the live ones in every batch,
+and goes before them once where it got none for as long, so offline streams slow down but never
+stop; engines.Turns does the same for an offline call waiting for a lane).
 """
 
 from __future__ import annotations
@@ -138,6 +139,7 @@ class StreamQueue:
         self.in_flight = 0
         self.dropped = 0  # since the stream began
         self.served = 0  # the batcher's count of frames taken when this queue's last was (fair order)
+        self.taken_at = time.perf_counter()  # when a frame was last taken (or the stream opened)
         self._room = asyncio.Event()
         self.closed = False
 
@@ -170,6 +172,7 @@ class StreamQueue:
     def take(self) -> WorkItem:
         item = self.pending.popleft()
         item.live = not self.block
+        self.taken_at = time.perf_counter()
         self.in_flight += 1
         self._room.set()
         return item
@@ -350,7 +353,13 @@ class Batcher:
         starving = {
             q for q in order if q.block and q.pending and now - q.pending[0].enqueued > BLOCK_STARVE_S
         }
-        first = [q for q in order if not q.block] + [q for q in order if q in starving]
+        # One that got no frame for BLOCK_STARVE_S even so goes before them, once: live frames fill
+        # every batch where batches are of one frame (an engine in lanes) or the live streams are as
+        # many as a batch holds, and live calls took every slot; its stream stopped (one live
+        # stream on a loaded 2-core host: no offline frame in 60 s).
+        overdue = [q for q in order if q in starving and now - q.taken_at > BLOCK_STARVE_S]
+        first = overdue + [q for q in order if not q.block]
+        first += [q for q in order if q in starving and q not in overdue]
         for queues in (first, [q for q in order if q.block]):
             progress = True
             while progress and len(batch) < limit:
@@ -370,7 +379,8 @@ class Batcher:
                     # (a timer may fire a little before its time: a millisecond's grace)
                     if head in self._busy or self._not_before.get(head, 0.0) > now + 0.001:
                         continue
-                    if not self._lane_free(head, live=not queue.block):
+                    # (a frame joining a batch adds no call; an overdue one takes a live one's)
+                    if not self._lane_free(head, live=not queue.block or bool(batch) or queue in overdue):
                         continue
                     if model is not None and head != model:
                         continue

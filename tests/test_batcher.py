@@ -308,14 +308,16 @@ class LanedBackend:
     """A generator that runs `lanes` calls side by side, each taking `generate_s`, as
     facekit/engines.py's OpenVINO engine does: a call per lane and one more are started and take
     lanes first come, first served; calls beyond those wait their turn, lower `priority` (live)
-    first (engines.Turns). Records how many it held at once."""
+    first, unless one has waited engines.STARVE_S (engines.Turns). Records how many it held at
+    once."""
 
     def __init__(self, lanes: int, generate_s: float, reply_s: float = 0.0) -> None:
         self._lanes, self.generate_s = lanes, generate_s
         self.reply_s = reply_s  # after its lane is free, until the caller has the result (a remote one)
         self.free = asyncio.Semaphore(lanes)  # (first come, first served)
         self.started = 0  # calls past their turn: running or queued for a lane
-        self.turns: list[tuple[int, int, asyncio.Future[None]]] = []  # heap: (priority, arrival, ...)
+        # a heap: (priority, arrival, when it began to wait, its turn)
+        self.turns: list[tuple[int, int, float, asyncio.Future[None]]] = []
         self.arrivals = 0
         self.handed = self.running = self.most_handed = self.most_running = 0
         self.lane_time = 0.0
@@ -336,12 +338,18 @@ class LanedBackend:
             return
         turn = asyncio.get_running_loop().create_future()
         self.arrivals += 1
-        heapq.heappush(self.turns, (priority, self.arrivals, turn))
+        heapq.heappush(self.turns, (priority, self.arrivals, time.perf_counter(), turn))
         await turn  # (the call that leaves hands its place over: `started` stays)
 
     def _leave(self) -> None:
         if self.turns:
-            heapq.heappop(self.turns)[2].set_result(None)
+            oldest = min(self.turns, key=lambda waiting: waiting[1])
+            if time.perf_counter() - oldest[2] >= engines.STARVE_S:
+                self.turns.remove(oldest)
+                heapq.heapify(self.turns)
+            else:
+                oldest = heapq.heappop(self.turns)
+            oldest[3].set_result(None)
         else:
             self.started -= 1
 
@@ -506,6 +514,57 @@ def test_live_frames_beside_offline_work_on_slow_lanes_wait_behind_one_queued_ca
     assert backend.live_waited_behind and max(backend.live_waited_behind) <= 1, backend.live_waited_behind
     # and offline work kept the lanes busy: live takes 25 of the ~36 frames a second they make
     assert backend.lane_time > 0.85 * 2 * 3.0, backend.lane_time
+
+
+def test_an_offline_stream_beside_a_live_one_that_takes_every_lane_still_gets_frames() -> None:
+    """One frame a call (an engine in lanes) from two lanes of 100 ms calls, 20 frames a second
+    (the shipped generator on a loaded 2-core host), and a live stream asking 25: live calls take
+    every slot the moment one frees. An offline stream opened then gets a frame within about
+    twice BLOCK_STARVE_S, and more after. (Before: none in 60 s through a real server - the live
+    frames filled every batch of one, and an offline call in the engine waited behind every live
+    one until the backend's 5 s deadline.)"""
+
+    async def run() -> tuple[list[float], int, int]:
+        loop = asyncio.get_running_loop()
+        backend, cost = LanedBackend(2, 0.1), CostModel()
+        cost.observe(1, 0.1)
+        batcher = Batcher(backend=backend, max_batch=16, cost=cost, budget=0.2)  # type: ignore[arg-type]
+        batcher.batch_cap = 1
+        batcher.start()
+        live, offline = batcher.open_stream(depth=8, block=False), None
+        sent: dict[StreamQueue, asyncio.Queue] = {live: asyncio.Queue()}
+        delivered: dict[StreamQueue, list[float]] = {live: []}
+
+        async def feed(queue: StreamQueue, period: float) -> None:
+            while True:
+                work = item()
+                await queue.put(work)
+                sent[queue].put_nowait((work, loop.time()))
+                await asyncio.sleep(period)
+
+        tasks = [asyncio.create_task(feed(live, 0.04))]
+        tasks.append(asyncio.create_task(consume(live, sent[live], delivered[live])))
+        await asyncio.sleep(1.0)  # the live calls have every slot
+        offline = batcher.open_stream(depth=8, block=True)
+        sent[offline], delivered[offline] = asyncio.Queue(), []
+        opened = loop.time()
+        tasks.append(asyncio.create_task(feed(offline, 0.04)))
+        tasks.append(asyncio.create_task(consume(offline, sent[offline], delivered[offline])))
+        came: list[float] = []  # when each offline frame came back, from the stream's opening
+        while loop.time() - opened < 6.0:
+            came += [loop.time() - opened] * (len(delivered[offline]) - len(came))
+            await asyncio.sleep(0.01)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await batcher.close()
+        return came, len(delivered[live]), backend.calls
+
+    came, live_frames, calls = asyncio.run(run())
+    assert came, "the offline stream got no frame in 6 s"
+    assert came[0] < 3.0, came[:3]
+    assert len(came) >= 3, came  # and it goes on: about one a second
+    assert live_frames >= calls - len(came) - 8, (live_frames, calls, len(came))  # live got the rest
 
 
 def test_dropped_live_frames_are_counted_by_why_they_were_dropped() -> None:

@@ -296,6 +296,33 @@ def test_runs_waiting_for_a_lane_go_live_first_then_in_arrival_order() -> None:
     assert again.admitted and turns.waiting() == 0
 
 
+def test_an_offline_run_that_waited_starve_s_goes_before_live_ones() -> None:
+    """Live runs that keep every lane busy do not hold an offline run back for ever: once it has
+    waited starve_s it is admitted next, before live runs that came after it (without that an
+    offline call waited until the backend's 5 s deadline failed its stream); one that has not
+    waited so long still goes after them."""
+    turns = engines.Turns(1, starve_s=0.3)
+    started: list[str] = []
+    turns.enter(turns.turn(engines.LIVE))  # the one lane is busy
+    with ThreadPoolExecutor(3) as pool:
+        waiting = []
+        for n, (name, priority) in enumerate(
+            [("offline", engines.OFFLINE), ("live-1", engines.LIVE), ("live-2", engines.LIVE)]
+        ):
+            turn = turns.turn(priority, lambda name=name: started.append(name))
+            waiting.append(pool.submit(turns.enter, turn))
+            _wait_until(lambda n=n: turns.waiting() == n + 1)
+        turns.leave()  # at once: a live run first
+        _wait_until(lambda: started == ["live-1"])
+        time.sleep(0.35)
+        turns.leave()  # the offline run has waited starve_s: it goes before live-2
+        _wait_until(lambda: len(started) == 2)
+        turns.leave()
+        for future in waiting:
+            future.result(timeout=10)
+    assert started == ["live-1", "offline", "live-2"]
+
+
 def test_a_run_withdrawn_from_the_line_never_starts_and_keeps_no_place() -> None:
     turns = engines.Turns(1)
     turns.enter(turns.turn())
