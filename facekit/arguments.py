@@ -22,16 +22,17 @@ def whole_number(minimum: int, note: str = "") -> Callable[[str], int]:
     return parse
 
 
-def positive(what: str = "a number") -> Callable[[str], float]:
-    """An argparse type: a finite number > 0 (`what` names it in the error: "seconds")."""
+def positive(what: str = "a number", *, zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (>= 0 with `zero`; `what` names it in the error:
+    "seconds")."""
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not 0 < value < math.inf:
-            raise argparse.ArgumentTypeError(f"expected {what} > 0, got {text!r}")
+        if not (value >= 0 if zero else value > 0) or not value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected {what} {'>=' if zero else '>'} 0, got {text!r}")
         return value
 
     return parse

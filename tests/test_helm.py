@@ -706,6 +706,8 @@ def test_hpa_scales_on_cpu_and_queue_time(helm: str) -> None:
         ("server.startupProbe.successThreshold", "3", "startupProbe.successThreshold"),
         ("triton.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
         ("triton.startupProbe.successThreshold", "2", "startupProbe.successThreshold"),
+        ("worker.livenessProbe.successThreshold", "2", "livenessProbe.successThreshold"),
+        ("worker.stuckAfterSeconds", "-1", "stuckAfterSeconds"),
         ("server.pdb.minAvailable", "150%", "minAvailable"),
         ("server.pdb.maxUnavailable", "101%", "maxUnavailable"),
         ("triton.pdb.minAvailable", "1000%", "minAvailable"),
@@ -861,6 +863,10 @@ def test_worker_gets_a_gpu_redis_and_the_repository_read_write(helm: str) -> Non
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     args = box["args"]
     assert args[0] == "worker" and "--triton-url=th-talkinghead-triton-headless.avatars.svc:8001" in args
+    # a worker stuck in a job (its heartbeat thread holds the job whatever) is restarted
+    assert "--stuck-after=900" in args
+    assert box["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    assert {"name": "metrics", "containerPort": 8081, "protocol": "TCP"} in box["ports"]
     limit = one(manifests, "ConfigMap", "")["data"]["TALKINGHEAD_MAX_PERSONALISED_LOADED"]
     assert f"--max-personalised-loaded={limit}" in args, "the worker trims Triton to the service's limit"
     headless = one(manifests, "Service", "-triton-headless")

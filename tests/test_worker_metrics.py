@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -111,6 +112,9 @@ def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
         assert time.time() - value(m, "talkinghead_worker_last_claim_timestamp_seconds") < 30
         assert value(m, "process_resident_memory_bytes") > 0
         assert any(name == "python_info" for name, _ in m)
+        assert value(m, "talkinghead_worker_stuck") == 0
+        assert value(m, "talkinghead_worker_seconds_since_progress") < 30  # a claim poll, 1-2 s apart
+        assert health(port) == (200, "ok")
 
         redis.stop()
         _until("the queue seen down", lambda: _queue_up(port) == 0, 60, log)
@@ -122,6 +126,68 @@ def test_a_worker_exports_its_jobs_steps_and_whether_it_reaches_its_queue(
         _stop(worker)
         if redis.process.poll() is None:
             redis.stop()
+
+
+def health(port: int) -> tuple[int, str] | None:
+    """GET /healthz on the worker's metrics port -> (status, body); None: no answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+            return reply.status, reply.read().decode().strip()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode().strip()
+    except OSError:
+        return None
+
+
+def test_a_worker_stuck_in_a_job_says_so_on_healthz_and_recovers_after_it(
+    tmp_path: Path, repo: Path, photos: bytes, model_id: str
+) -> None:
+    """A Triton that takes the connection and never answers holds the worker in its job's load
+    (the heartbeat thread goes on holding the job): with --stuck-after 1, /healthz answers 503
+    naming the job, its stage and how long - what the chart's liveness probe restarts the pod on -
+    and talkinghead_worker_stuck is 1. When the call's deadline (--triton-timeout) ends the job,
+    the worker polls for jobs again and /healthz is 200 again. Idle, it stays 200: a claim poll
+    is allowed 120 s, not --stuck-after."""
+    redis = RedisServer(workdir=tmp_path / "redis")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does) and never says a word
+    port = free_port()
+    log = tmp_path / "worker.log"
+    worker = _worker(
+        log,
+        *("--redis-url", redis.url, "--repository", str(repo), "--metrics-port", str(port)),
+        *("--stuck-after", "1", "--triton-timeout", "20"),
+        *("--triton-url", f"127.0.0.1:{silent.getsockname()[1]}"),
+    )
+    try:
+        _until("/metrics served", lambda: health(port) is not None or worker.poll() is not None, START_S, log)
+        _until("polling for jobs", lambda: ", queue redis://" in log.read_text(), START_S, log)
+        time.sleep(2.5)  # idle for longer than --stuck-after: still alive
+        assert health(port) == (200, "ok")
+        service = RedisQueue(client=connect(redis.url))
+        job = service.submit(_job(model_id, "mia", 2), photos, max_active=2)
+        said: list[str] = []
+
+        def stuck_in_the_load() -> bool:
+            answer = health(port)
+            if answer is not None and answer[0] == 503:
+                said.append(answer[1])
+            return any("loading its generator into Triton" in text for text in said)
+
+        _until("503 naming the load", stuck_in_the_load, START_S + JOB_S, log)
+        text = said[-1]
+        assert text.startswith(f"stuck: job {job.id}: loading its generator into Triton, no progress for ")
+        assert text.endswith("(allowed 1 s)")
+        assert value(scrape(port), "talkinghead_worker_stuck") == 1  # type: ignore[arg-type]
+        _until("the job ended", lambda: service.get(job.id).done, 120, log)  # type: ignore[union-attr]
+        assert service.get(job.id).state == FAILED  # type: ignore[union-attr]
+        _until("alive again", lambda: health(port) == (200, "ok"), 30, log)
+        assert value(scrape(port), "talkinghead_worker_stuck") == 0  # type: ignore[arg-type]
+    finally:
+        _stop(worker)
+        silent.close()
+        redis.stop()
 
 
 def _polled_since(port: int, since: float) -> bool:

@@ -15,7 +15,9 @@ fine-tuning again (worker/jobs_run.py `_adopt`).
 
 With --metrics-port it serves Prometheus metrics on http://--metrics-host:port/metrics (worker/metrics.py:
 talkinghead_worker_*: jobs ended by outcome, their stage times, fine-tuning steps, whether a job
-runs, whether the queue answers, and process_*); off by default (the embedded worker's case).
+runs, whether the queue answers, and process_*); off by default (the embedded worker's case). On the
+same port /healthz answers 503 once the worker's main thread has made no progress for longer than
+what it was doing allows (a job's step, export or load: --stuck-after; worker/liveness.py).
 
 It reads the avatar store - the Redis one with --redis-url, the service's directory with --avatars
 (the embedded worker is given it) - to withdraw a deleted avatar's generator only once its record
@@ -42,11 +44,12 @@ import warnings
 from pathlib import Path
 
 from facekit import contract, cpus, logs, scheduling
-from facekit.arguments import seconds, whole_number
+from facekit.arguments import positive, seconds, whole_number
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
 from worker import SWEEP_INTERVAL_S
+from worker.liveness import STUCK_AFTER_S, Liveness
 from worker.metrics import WorkerMetrics
 
 # PyTorch, the training code and the exporter (~2 s of imports) load in run(), once the metrics
@@ -136,6 +139,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "$TALKINGHEAD_WORKER_METRICS_PORT)",
     )
     parser.add_argument(
+        "--stuck-after",
+        type=positive("seconds", zero=True),
+        default=env("TALKINGHEAD_WORKER_STUCK_AFTER", str(STUCK_AFTER_S)),
+        help="s a job's fine-tuning step, export or load into Triton may go without progress before "
+        "/healthz on the metrics port answers 503 (the liveness probe's restart; 0: never; default "
+        "%(default)s; $TALKINGHEAD_WORKER_STUCK_AFTER)",
+    )
+    parser.add_argument(
         "--metrics-host",
         default=env("TALKINGHEAD_WORKER_METRICS_HOST", "127.0.0.1"),
         help="address /metrics binds (default 127.0.0.1, as the server's; 0.0.0.0 in a pod; "
@@ -201,11 +212,11 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
-    metrics = WorkerMetrics()
+    metrics, liveness = WorkerMetrics(), Liveness(args.stuck_after)
     metrics_http = None
     if args.metrics_port is not None:  # before the checkpoint loads: a port taken fails at once
         try:
-            metrics_http, port = metrics.serve(args.metrics_host, args.metrics_port)
+            metrics_http, port = metrics.serve(args.metrics_host, args.metrics_port, liveness)
         except OSError as error:
             print(
                 f"talkinghead worker: cannot bind metrics to {args.metrics_host}:{args.metrics_port}: "
@@ -213,7 +224,7 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        log.info("metrics on http://%s:%d/metrics, liveness on /healthz", args.metrics_host, port)
     if args.cpu_scheduling or args.nice:  # before any pool starts: its threads inherit it
         policy = args.cpu_scheduling or scheduling.policy_name(os.sched_getscheduler(0))
         how = f"{policy}, nice {args.nice}"
@@ -275,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         sweep_interval_s=max(0.0, args.sweep_interval),
         stopping=stop,
         metrics=metrics,
+        liveness=liveness,
     )
     where = shown_url(args.redis_url) if args.redis_url else args.jobs or "var/jobs"
     log.info(

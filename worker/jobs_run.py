@@ -66,6 +66,7 @@ from training import checkpoint
 from training.finetune import personalise
 from training.runtime import Diverged
 from worker import SWEEP_INTERVAL_S, models
+from worker.liveness import IDLE_S, Liveness
 from worker.metrics import HANDED_BACK, LOST, WorkerMetrics
 
 log = logging.getLogger("talkinghead.worker")
@@ -167,6 +168,7 @@ class Context:
     stopping: threading.Event = field(default_factory=threading.Event)
     estimates: Estimates = field(default_factory=Estimates)
     metrics: WorkerMetrics = field(default_factory=WorkerMetrics)  # served with --metrics-port
+    liveness: Liveness = field(default_factory=Liveness)  # what the main thread is doing: /healthz
 
 
 class Heartbeat:
@@ -216,6 +218,7 @@ def run_job(ctx: Context, job: Job, waiting: Waiting | None = None) -> None:
     there goes to `waiting` (serve_jobs': checked again between other jobs); without one it is
     waited for here."""
     log.info("job %s (%s %s, attempt %d) started", job.id, job.kind, job.avatar_id, job.attempt)
+    ctx.liveness.doing(f"job {job.id} ({job.kind} {job.avatar_id})")
     later = waiting if waiting is not None else Waiting(ctx)
 
     def run() -> bool:
@@ -479,6 +482,7 @@ def _progress(ctx: Context, job: Job, beat: Heartbeat) -> Any:
         if beat.lost.is_set():
             raise beat.why
         job.step, job.losses = step, {k: float(v) for k, v in losses.items()}
+        ctx.liveness.doing(f"job {job.id}: fine-tuning, step {step} of {job.steps} done")
         steps.inc()
         if step == 1:
             job.first_step_time = time.time()
@@ -551,6 +555,7 @@ def _personalise(ctx: Context, job: Job, beat: Heartbeat) -> None:
     if ctx.avatars is not None:
         ckpt["avatar_store"] = ctx.avatars.store_id()
     job.stage, job.export_time = "exporting", time.time()
+    ctx.liveness.doing(f"job {job.id}: exporting its generator")
     if not _stage(ctx, job):
         raise Cancelled("cancelled before export")
     _check_record(ctx, job, "before export")
@@ -571,6 +576,7 @@ def _loading(ctx: Context, job: Job) -> None:
     on 2 cores): the job says so. A cancel meanwhile, or a failed write, is left to _succeed's
     update, which ends the job either way."""
     job.stage, job.load_time = "loading", time.time()
+    ctx.liveness.doing(f"job {job.id}: loading its generator into Triton")
     try:
         ctx.queue.update(job)
     except Lost:
@@ -816,12 +822,16 @@ def _serve(
     while running():
         if ctx.sweep_interval_s > 0 and time.monotonic() >= next_sweep:
             next_sweep = time.monotonic() + ctx.sweep_interval_s
+            ctx.liveness.doing("sweeping generators whose avatar record is gone")
             try:
                 sweep(ctx)
             except Exception as error:  # the store or the repository away: the next sweep
                 log.warning("sweep of generators left behind failed: %s: %s", type(error).__name__, error)
         try:
+            if waiting:
+                ctx.liveness.doing("checking the REMOVE jobs waiting for their record to go")
             waiting.check()  # REMOVE jobs whose record was still there: gone by now?
+            ctx.liveness.doing("waiting for a job", within_s=IDLE_S)
             job = ctx.queue.claim(name, wait_s=2 * REMOVE_POLL_S if waiting else 1.0)
             ctx.metrics.on_claim()
             if job is not None:

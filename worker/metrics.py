@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from facekit import metrics_http
 from jobs.record import CANCELLED, FAILED, PERSONALISE, REMOVE, SUCCEEDED, Job
+from worker.liveness import Liveness
 
 # talkinghead_worker_jobs_total's `outcome`: the job's end as this worker wrote it (succeeded,
 # failed, cancelled), handed back to the queue at a stop (SIGTERM: QUEUED again, its attempt not
@@ -88,6 +89,18 @@ class WorkerMetrics:
             "worker's start until the first); no poll while it runs a job",
             registry=r,
         )
+        self.stuck = Gauge(
+            "talkinghead_worker_stuck",
+            "1 while the worker's main thread has gone without progress for longer than what it is "
+            "doing allows (/healthz answers 503; the liveness probe restarts it), else 0",
+            registry=r,
+        )
+        self.since_progress = Gauge(
+            "talkinghead_worker_seconds_since_progress",
+            "Seconds since the worker's main thread last made progress (a claim poll, a fine-tuning "
+            "step, a stage of a job begun)",
+            registry=r,
+        )
         self.queue_up.set(math.nan)
         self.last_claim.set(time.time())
         # every series exported from the start (a rate over a series born mid-window misses its first)
@@ -135,10 +148,15 @@ class WorkerMetrics:
     def on_queue(self, up: bool) -> None:
         self.queue_up.set(1 if up else 0)
 
-    def serve(self, host: str, port: int) -> tuple[Any, int]:
-        """Start the /metrics HTTP server in a daemon thread -> (server, bound port). The thread's
-        native id is `server_thread`: it and the threads it starts per scrape keep their CPU
-        policy when the worker lowers its own."""
-        server, thread = metrics_http.serve(host, port, self.registry)
+    def serve(self, host: str, port: int, liveness: Liveness | None = None) -> tuple[Any, int]:
+        """Start the /metrics HTTP server (and, with `liveness`, /healthz) in a daemon thread ->
+        (server, bound port). The thread's native id is `server_thread`: it and the threads it
+        starts per scrape keep their CPU policy when the worker lowers its own."""
+        health = None
+        if liveness is not None:
+            health = liveness.stuck
+            self.stuck.set_function(lambda: float(liveness.stuck() is not None))
+            self.since_progress.set_function(liveness.seconds_since)
+        server, thread = metrics_http.serve(host, port, self.registry, health)
         self.server_thread = int(thread.native_id or 0)
         return server, int(server.server_address[1])

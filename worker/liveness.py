@@ -1,0 +1,55 @@
+"""Whether the worker's main thread still moves: what /healthz on its metrics port answers, and the
+chart's liveness probe asks.
+
+A claimed job is held by a heartbeat thread (worker/jobs_run.py `Heartbeat`) whatever the main
+thread does, so a fine-tuning step, an export or a Triton load that never returned (a wedged GPU
+call, a write to a storage that hangs) kept its job RUNNING and held for good, and the worker took
+no other; from outside it looked like a worker exporting a large model. Now the main thread says
+what it is doing and how long that may go on without another word (`doing`): a claim poll between
+jobs IDLE_S, each fine-tuning step, the export and the load into Triton `stuck_after_s`
+(--stuck-after). Past that, `stuck()` names it and /healthz answers 503; the kubelet restarts the
+container, the heartbeat stops with it, and the job's claim times out to another worker. No torch
+here.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+STUCK_AFTER_S = 900.0  # a job's stage without progress: the slowest step, export or load, and more
+# Between jobs: a claim poll (at most a few seconds), a queue retry wait (at most 30 s) and the
+# checks of REMOVE jobs waiting for their record, with room to spare.
+IDLE_S = 120.0
+
+
+class Liveness:
+    """What the main thread last said it was doing, since when, and for how long it may."""
+
+    def __init__(self, stuck_after_s: float = STUCK_AFTER_S, *, clock: Callable[[], float] = time.monotonic):
+        self.stuck_after_s, self._clock = stuck_after_s, clock
+        self._lock = threading.Lock()
+        self._what, self._since, self._within = "starting", clock(), stuck_after_s
+
+    def doing(self, what: str, *, within_s: float | None = None) -> None:
+        """The main thread starts `what` (or makes progress in it), which may take `within_s`
+        (default stuck_after_s) before its next word."""
+        with self._lock:
+            self._what, self._since = what, self._clock()
+            self._within = self.stuck_after_s if within_s is None else within_s
+
+    def seconds_since(self) -> float:
+        """Since the main thread's last word."""
+        with self._lock:
+            return self._clock() - self._since
+
+    def stuck(self) -> str | None:
+        """None while the main thread moves; else what it has been doing for too long, and how
+        long. Never stuck with stuck_after_s 0 (--stuck-after 0: the check is off)."""
+        with self._lock:
+            what, since, within = self._what, self._since, self._within
+        quiet = self._clock() - since
+        if self.stuck_after_s <= 0 or quiet <= within:
+            return None
+        return f"stuck: {what}, no progress for {quiet:.0f} s (allowed {within:.0f} s)"
