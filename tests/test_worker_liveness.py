@@ -27,13 +27,13 @@ def test_a_stage_is_stuck_only_past_its_own_allowance_and_progress_clears_it() -
     assert alive.stuck() is None  # starting: the checkpoint loads within --stuck-after
     alive.doing("waiting for a job", within_s=5)
     clock.now += 6
-    assert alive.stuck() == "stuck: waiting for a job, no progress for 6 s (allowed 5 s)"
+    assert alive.stuck() == "stuck: waiting for a job, no progress for 6.0 s (allowed 5 s)"
     alive.doing("job j1: fine-tuning, step 1 of 4 done")
     clock.now += 60
     assert alive.stuck() is None and alive.seconds_since() == 60
     clock.now += 1
     assert (
-        alive.stuck() == "stuck: job j1: fine-tuning, step 1 of 4 done, no progress for 61 s (allowed 60 s)"
+        alive.stuck() == "stuck: job j1: fine-tuning, step 1 of 4 done, no progress for 61.0 s (allowed 60 s)"
     )
     alive.doing("job j1: fine-tuning, step 2 of 4 done")
     assert alive.stuck() is None
@@ -59,7 +59,7 @@ def test_healthz_answers_beside_metrics_on_one_port() -> None:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         with urllib.request.urlopen(f"{base}/healthz", timeout=5) as reply:
             assert (reply.status, reply.read()) == (200, b"ok\n")
-        said[0] = "stuck: job j1: exporting its generator, no progress for 901 s (allowed 900 s)"
+        said[0] = "stuck: job j1: exporting its generator, no progress for 901.0 s (allowed 900 s)"
         try:
             urllib.request.urlopen(f"{base}/healthz", timeout=5)
             raise AssertionError("503 expected")

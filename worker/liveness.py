@@ -52,4 +52,4 @@ class Liveness:
         quiet = self._clock() - since
         if self.stuck_after_s <= 0 or quiet <= within:
             return None
-        return f"stuck: {what}, no progress for {quiet:.0f} s (allowed {within:.0f} s)"
+        return f"stuck: {what}, no progress for {quiet:.1f} s (allowed {within:g} s)"
