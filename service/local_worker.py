@@ -12,6 +12,16 @@ deaths within 20 s of their starts gave up personalisation for the server's life
 job RUNNING for good, its cancel never acted on. A checkpoint that is not there at all
 is known at start: no worker is started. The child also stops when its parent is gone
 (`--parent-pid`: a service killed with SIGKILL leaves no worker behind once its job ends).
+
+A worker that is alive but stuck is restarted too, as a worker pod's liveness probe restarts it:
+the child serves /healthz on a loopback port of its choosing (`--metrics-port 0`, told back in
+`--metrics-port-file`), which answers 503 once a job's step, export or load into Triton went
+TALKINGHEAD_WORKER_STUCK_AFTER without progress (worker/liveness.py). Every CHECK_S the supervisor
+asks; a 503, or MISSES questions in a row without an answer within ANSWER_S (a stopped process,
+threads wedged holding the interpreter), kill it. Its job's heartbeat stops with it and the
+restarted worker takes the job over (another attempt). Before, a hung step or a Triton that
+took the connection and never answered held the job RUNNING and personalisation stopped for the
+server's life, and nothing said so.
 """
 
 from __future__ import annotations
@@ -30,6 +40,12 @@ log = logging.getLogger("talkinghead.service.worker")
 QUICK_FAILURE_S = 20.0  # a worker that exits sooner than this after starting failed to start
 GIVE_UP_AFTER = 3
 STOP_GRACE_S = 10.0
+CHECK_S = 10.0  # between questions to the worker's /healthz
+ANSWER_S = 5.0  # a /healthz answer later than this is a miss
+MISSES = 3  # misses in a row that kill the worker (a probe's failureThreshold)
+# talkinghead_embedded_worker_restarts_total's `reason`: it exited (or was killed from outside),
+# /healthz said it was stuck, /healthz did not answer MISSES times
+RESTART_REASONS = ("exited", "stuck", "unanswered")
 
 
 # TALKINGHEAD_WORKER_PRIORITY -> the worker's policy. Measured with `talkinghead bench` section 5
@@ -56,9 +72,18 @@ def ready_file(settings: Settings) -> Path:
     return settings.jobs / f".worker-ready-{os.getpid()}"
 
 
+def port_file(settings: Settings) -> Path:
+    """Where the embedded worker says which loopback port its /healthz is on."""
+    return settings.jobs / f".worker-metrics-port-{os.getpid()}"
+
+
 def command(settings: Settings) -> list[str]:
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
     cmd += ["--ready-file", str(ready_file(settings))]
+    if settings.worker_stuck_after > 0:  # (its port on loopback, whatever the server's metrics host)
+        cmd += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+        cmd += ["--metrics-port-file", str(port_file(settings))]
+    cmd += ["--stuck-after", f"{settings.worker_stuck_after:g}"]
     cmd += ["--avatars", str(settings.avatar_store)]  # what it checks before it withdraws a generator
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
     if settings.backend == "triton":
@@ -72,13 +97,43 @@ def command(settings: Settings) -> list[str]:
     return [*cmd, *log_args, "--parent-pid", str(os.getpid())]
 
 
+async def ask_health(port: int, timeout_s: float) -> tuple[int, str] | None:
+    """GET /healthz on 127.0.0.1:port -> (status, body), or None without an answer in time."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = b""
+            while len(answer) < 65536 and (chunk := await reader.read(65536)):  # to its end (HTTP/1.0)
+                answer += chunk
+    except (OSError, TimeoutError):
+        return None
+    finally:
+        if writer is not None:
+            writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    parts = head.split(b" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return int(parts[1]), body.decode("utf-8", "replace").strip()
+
+
 class LocalWorker:
-    def __init__(self, *, settings: Settings, on_give_up: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        on_give_up: Callable[[str], None],
+        on_restart: Callable[[str], None] = lambda reason: None,
+    ) -> None:
         self.cmd = command(settings)
         self.ready = ready_file(settings)
-        self.on_give_up = on_give_up
+        self.port_file = port_file(settings) if settings.worker_stuck_after > 0 else None
+        self.on_give_up, self.on_restart = on_give_up, on_restart
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
+        self._killed_for: str | None = None  # why the watch killed the worker now ending
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._supervise(), name="local-worker")
@@ -87,24 +142,66 @@ class LocalWorker:
         quick, delay = 0, 1.0
         while True:
             started = time.monotonic()
-            self.ready.unlink(missing_ok=True)
-            self.process = await asyncio.create_subprocess_exec(*self.cmd, stdin=asyncio.subprocess.DEVNULL)
-            log.info("embedded worker started (pid %d): %s", self.process.pid, " ".join(self.cmd))
-            code = await self.process.wait()
+            self._forget_files()
+            self.process = process = await asyncio.create_subprocess_exec(
+                *self.cmd, stdin=asyncio.subprocess.DEVNULL
+            )
+            log.info("embedded worker started (pid %d): %s", process.pid, " ".join(self.cmd))
+            watch = asyncio.create_task(self._watch(process), name="local-worker-health")
+            try:
+                code = await process.wait()
+            finally:
+                watch.cancel()
             lived = time.monotonic() - started
             was_ready = self.ready.exists()
-            self.ready.unlink(missing_ok=True)
+            self._forget_files()
+            reason, self._killed_for = self._killed_for or "exited", None
             quick = quick + 1 if lived < QUICK_FAILURE_S and not was_ready else 0
             if quick >= GIVE_UP_AFTER:
                 why = f"the embedded worker exited (code {code}) {quick} times within seconds of starting"
                 log.error("%s; giving up (does this image have PyTorch? see the log above)", why)
                 self.on_give_up(why + " (see the server log)")
                 return
+            self.on_restart(reason)
             delay = min(delay * 2, 30.0) if quick else 1.0
             log.warning(
                 "embedded worker exited with code %s after %.0f s; restarting in %.0f s", code, lived, delay
             )
             await asyncio.sleep(delay)
+
+    async def _watch(self, process: asyncio.subprocess.Process) -> None:
+        """Kill `process` once its /healthz says it is stuck, or answers nothing MISSES times."""
+        if self.port_file is None:
+            return
+        misses = 0
+        while process.returncode is None:
+            await asyncio.sleep(CHECK_S)
+            try:
+                port = int(self.port_file.read_text())
+            except (OSError, ValueError):
+                continue  # not bound yet (its first second of imports)
+            answer = await ask_health(port, ANSWER_S)
+            if answer is not None and answer[0] == 200:
+                misses = 0
+                continue
+            if answer is not None and answer[0] == 503:
+                reason, why = "stuck", f"says it is {answer[1]}"
+            else:
+                misses += 1
+                if misses < MISSES:
+                    continue
+                reason = "unanswered"
+                why = f"did not answer /healthz within {ANSWER_S:g} s {MISSES} times in a row"
+            if process.returncode is None:
+                log.error("embedded worker (pid %d) %s; killing it to restart it", process.pid, why)
+                self._killed_for = reason
+                process.kill()
+            return
+
+    def _forget_files(self) -> None:
+        self.ready.unlink(missing_ok=True)
+        if self.port_file is not None:
+            self.port_file.unlink(missing_ok=True)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -117,4 +214,4 @@ class LocalWorker:
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        self.ready.unlink(missing_ok=True)
+        self._forget_files()

@@ -246,6 +246,14 @@ class Metrics:
             registry=r,
         )
         self.oldest_queued.set_function(self._waited)
+        self.worker_restarts = Counter(
+            "talkinghead_embedded_worker_restarts_total",
+            "Restarts of the embedded personalisation worker (service/local_worker.py) by reason: "
+            "exited (it died), stuck (its /healthz said a job made no progress for the allowed "
+            "time), unanswered (its /healthz did not answer); only on a server that runs one",
+            ["reason"],
+            registry=r,
+        )
         self.avatars_created = Counter("talkinghead_avatars_created_total", "Avatars created", registry=r)
         self.audit_failures = Counter(
             "talkinghead_audit_write_failures_total",

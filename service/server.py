@@ -39,7 +39,7 @@ from service.audit import AuditLog, FileAuditLog, RedisAuditLog, RefusalAudit
 from service.auth import Authenticator, AuthInterceptor, ring_store
 from service.backends.base import Backend
 from service.events import FileEvents, RedisEvents
-from service.local_worker import LocalWorker
+from service.local_worker import RESTART_REASONS, LocalWorker
 from service.metrics import Metrics
 from service.personalisation import Personaliser
 from service.personalisation_servicer import PersonalisationServicer
@@ -464,7 +464,12 @@ class Server:
                 log.warning("personalisation is off: %s", why)
                 self._no_worker(why)
                 return
-            self.worker = LocalWorker(settings=s, on_give_up=self._no_worker)
+            restarts = self.app.metrics.worker_restarts
+            for reason in RESTART_REASONS:  # each series from 0: a first restart is an increase
+                restarts.labels(reason)
+            self.worker = LocalWorker(
+                settings=s, on_give_up=self._no_worker, on_restart=lambda why: restarts.labels(why).inc()
+            )
             self.worker.start()
 
     def _no_worker(self, why: str) -> None:

@@ -65,6 +65,9 @@ Environment variables (the Helm chart sets these; flags of `talkinghead serve` o
                                                    what streams leave, offline ones included), low
                                                    (a small share beside them), normal (the server's
                                                    own); service/local_worker.py has the figures
+    TALKINGHEAD_WORKER_STUCK_AFTER 900             s a step, export or load of the embedded worker's job
+                                                   may go without progress before it is killed and
+                                                   restarted (0: never), as a worker pod's probe does
     TALKINGHEAD_MAX_QUEUE         16               queued + running personalisations (RESOURCE_EXHAUSTED)
     TALKINGHEAD_MAX_CREATES       4                CreateAvatar calls in flight on this server (each
                                                    holds its photos, up to 64 MiB); a tenant with none
@@ -190,6 +193,7 @@ class Settings:
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
     worker_threads: int = 1  # the embedded worker's PyTorch threads (service/local_worker.py)
     worker_priority: str = "idle"  # the embedded worker's CPU claim (service/local_worker.py)
+    worker_stuck_after: float = 900.0  # its --stuck-after (worker/liveness.py STUCK_AFTER_S)
     max_queue: int = 16
     max_creates: int = 4  # CreateAvatar calls in flight (App.create_slot)
     max_creates_per_tenant: int = 2
@@ -263,6 +267,10 @@ class Settings:
         if not 0 <= self.worker_threads <= 256:
             problems.append(
                 f"worker_threads must be 0-256 (0 = PyTorch's default), got {self.worker_threads}"
+            )
+        if not 0 <= self.worker_stuck_after <= 86_400:
+            problems.append(
+                f"worker_stuck_after must be 0-86400 seconds (0 = never), got {self.worker_stuck_after}"
             )
         if self.worker_priority not in WORKER_PRIORITIES:
             problems.append(
@@ -387,6 +395,7 @@ _ENV_FIELDS = (
     "worker_checkpoint",
     "worker_threads",
     "worker_priority",
+    "worker_stuck_after",
     "max_queue",
     "max_creates",
     "max_creates_per_tenant",
@@ -521,6 +530,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--worker-threads", type=int, help="the embedded worker's PyTorch threads (default 1; 0 = every core)"
+    )
+    group.add_argument(
+        "--worker-stuck-after",
+        type=float,
+        help="s the embedded worker's job may go without progress before it is restarted "
+        "(default 900; 0 = never)",
     )
     group.add_argument(
         "--audit-log", type=Path, help="audit log file without Redis (default var/audit.jsonl)"

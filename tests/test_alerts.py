@@ -572,6 +572,10 @@ def healthy(**override: list[dict[str, str]]) -> list[dict[str, str]]:
             personalisations("cancelled", per_minute(0.05)),
         ],
         "talkinghead_worker_queue_up": [series("talkinghead_worker_queue_up", constant(1), **WORKER)],
+        # stuck for 2 minutes, then restarted by its probe (the gauge 0 again)
+        "talkinghead_worker_stuck": [
+            series("talkinghead_worker_stuck", f"0x20 1x2 0x{MINUTES - 23}", **WORKER)
+        ],
     }
     assert set(override) <= set(families)
     families.update(override)
@@ -733,6 +737,14 @@ TROUBLE: dict[str, tuple[dict[str, list[dict[str, str]]], dict[str, str]]] = {
         {
             "talkinghead_worker_queue_up": [
                 series("talkinghead_worker_queue_up", f"1x10 0x{MINUTES - 10}", **WORKER)
+            ]
+        },
+        {**POD, **WORKER, "severity": "warning"},
+    ),
+    "TalkingheadWorkerStuck": (
+        {
+            "talkinghead_worker_stuck": [
+                series("talkinghead_worker_stuck", f"0x10 1x{MINUTES - 10}", **WORKER)
             ]
         },
         {**POD, **WORKER, "severity": "warning"},

@@ -4,6 +4,7 @@ withdrawing the avatar's generator. Real server, real worker process, 2 fine-tun
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import concurrent.futures
 import os
@@ -25,6 +26,7 @@ from facekit.contract import avatar_stamp
 from facekit.sequence import LandmarkSequence
 from jobs.local import LocalQueue
 from jobs.record import PERSONALISE, Job
+from service import local_worker
 from service.store import LocalAvatarStore
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import (
@@ -573,11 +575,17 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         assert any(o.metadata.losses for o in seen), "progress carries the losses"
         assert done.metadata.attempt == 1 and done.metadata.elapsed.seconds >= 0
         # the worker takes only the CPU the streams leave: every thread of it (PyTorch's pool
-        # included, started after the setting) is SCHED_IDLE, and PyTorch runs one thread
+        # included, started after the setting) is SCHED_IDLE but the one serving /healthz (idle,
+        # it answered too late on busy cores and its worker would be killed), and PyTorch runs one
         worker = embedded.server.worker
         assert worker is not None and worker.process is not None
-        assert thread_policies(worker.process.pid) == {os.SCHED_IDLE}
+        policies = thread_policies(worker.process.pid, each=True)
+        assert sorted(policies) == [os.SCHED_OTHER, *[os.SCHED_IDLE] * (len(policies) - 1)], policies
         assert "--threads 1" in " ".join(worker.cmd)
+        # and says where its /healthz is, which answers (service/local_worker.py watches it)
+        assert worker.port_file is not None
+        health = asyncio.run(local_worker.ask_health(int(worker.port_file.read_text()), 5.0))
+        assert health == (200, "ok")
 
         seq = LandmarkSequence(driver.points[:3], driver.frame_size, driver.fps)
         frames = c.animate("tune", landmark_requests(seq), encoding="raw")
@@ -733,13 +741,14 @@ def test_a_worker_killed_soon_after_each_start_is_restarted_and_the_job_ends(
     gave personalisation up for its life (FAILED_PRECONDITION to every new one) and the job stayed
     RUNNING for good, its cancel never acted on (helper-76). A worker that said it was ready is
     restarted however soon it died; the job's third loss ends it FAILED, and the avatar can be
-    personalised again on the same server."""
+    personalised again on the same server. The second time the worker is not killed but stopped
+    (SIGSTOP: alive, answering nothing): its supervisor kills it once /healthz stops answering."""
     import signal
-
-    from service import local_worker
 
     # every death "soon" after its start here (a worker takes 10-20 s to fine-tune its first step)
     monkeypatch.setattr(local_worker, "QUICK_FAILURE_S", 600.0)
+    monkeypatch.setattr(local_worker, "CHECK_S", 0.5)
+    monkeypatch.setattr(local_worker, "ANSWER_S", 0.5)
     repository = copy_base_models(model_repository, tmp_path / "repo")
     settings = test_settings(repository, tmp_path / "store", worker="embedded")
     running = ServerThread(settings=settings)
@@ -756,10 +765,15 @@ def test_a_worker_killed_soon_after_each_start_is_restarted_and_the_job_ends(
                     time.sleep(0.1)
                 worker = running.server.worker
                 assert worker is not None and worker.process is not None
-                os.kill(worker.process.pid, signal.SIGKILL)
+                os.kill(worker.process.pid, signal.SIGSTOP if attempt == 2 else signal.SIGKILL)
             done = c.wait_operation(f"operations/{job_id}", timeout=WORKER_TIMEOUT_S)
             error = operation_error(done)
             assert error.startswith("INTERNAL: the worker stopped 3 times"), error
+            restarts = {
+                reason: running.metric(f'talkinghead_embedded_worker_restarts_total{{reason="{reason}"}}')
+                for reason in local_worker.RESTART_REASONS
+            }
+            assert restarts == {"exited": 2.0, "stuck": 0.0, "unanswered": 1.0}, restarts
             again = c.personalise("fragile", steps=2, wait=True, timeout=WORKER_TIMEOUT_S)
             assert again.response.model_name == "generator_fragile", operation_error(again)
     finally:
