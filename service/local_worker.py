@@ -14,14 +14,16 @@ is known at start: no worker is started. The child also stops when its parent is
 (`--parent-pid`: a service killed with SIGKILL leaves no worker behind once its job ends).
 
 A worker that is alive but stuck is restarted too, as a worker pod's liveness probe restarts it:
-the child serves /healthz on a loopback port of its choosing (`--metrics-port 0`, told back in
-`--metrics-port-file`), which answers 503 once a job's step, export or load into Triton went
-TALKINGHEAD_WORKER_STUCK_AFTER without progress (worker/liveness.py). Every CHECK_S the supervisor
-asks; a 503, or MISSES questions in a row without an answer within ANSWER_S (a stopped process,
-threads wedged holding the interpreter), kill it. Its job's heartbeat stops with it and the
-restarted worker takes the job over (another attempt). Before, a hung step or a Triton that
-took the connection and never answered held the job RUNNING and personalisation stopped for the
-server's life, and nothing said so.
+the child writes what it is doing at each step to `--liveness-file` (facekit/liveness.py), and
+every CHECK_S the supervisor reads it; once the same word has stood longer than the allowance it
+came with (a job's step, export or load into Triton: TALKINGHEAD_WORKER_STUCK_AFTER), not counting
+the time the worker's main thread waited for a CPU, the worker is killed. Its job's heartbeat
+stops with it and the restarted worker takes the job over (another attempt). Before, a hung step
+or a Triton that took the connection and never answered held the job RUNNING, personalisation
+stopped for the server's life, and nothing said so. Not its /healthz over HTTP: the worker's main
+thread runs under SCHED_IDLE, holds the interpreter between PyTorch calls, and beside streams
+that take both cores the answer took up to 4 s (an HTTP answer needs the interpreter); its CPU
+waits, by the kernel's count, need nothing from it.
 """
 
 from __future__ import annotations
@@ -34,18 +36,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from facekit.liveness import Quiet, describe, read_report, run_queue_wait
 from service.settings import Settings
 
 log = logging.getLogger("talkinghead.service.worker")
 QUICK_FAILURE_S = 20.0  # a worker that exits sooner than this after starting failed to start
 GIVE_UP_AFTER = 3
 STOP_GRACE_S = 10.0
-CHECK_S = 10.0  # between questions to the worker's /healthz
-ANSWER_S = 5.0  # a /healthz answer later than this is a miss
-MISSES = 3  # misses in a row that kill the worker (a probe's failureThreshold)
-# talkinghead_embedded_worker_restarts_total's `reason`: it exited (or was killed from outside),
-# /healthz said it was stuck, /healthz did not answer MISSES times
-RESTART_REASONS = ("exited", "stuck", "unanswered")
+CHECK_S = 10.0  # between reads of the worker's liveness file
+# talkinghead_embedded_worker_restarts_total's `reason`: it exited (or was killed from outside), or
+# its liveness file said the same for longer than allowed
+RESTART_REASONS = ("exited", "stuck")
 
 
 # TALKINGHEAD_WORKER_PRIORITY -> the worker's policy. Measured with `talkinghead bench` section 5
@@ -72,17 +73,16 @@ def ready_file(settings: Settings) -> Path:
     return settings.jobs / f".worker-ready-{os.getpid()}"
 
 
-def port_file(settings: Settings) -> Path:
-    """Where the embedded worker says which loopback port its /healthz is on."""
-    return settings.jobs / f".worker-metrics-port-{os.getpid()}"
+def liveness_file(settings: Settings) -> Path:
+    """Where the embedded worker writes what it is doing (facekit/liveness.py `write_report`)."""
+    return settings.jobs / f".worker-liveness-{os.getpid()}"
 
 
 def command(settings: Settings) -> list[str]:
     cmd = [sys.executable, "-m", "talkinghead.cli", "worker", "--jobs", str(settings.jobs)]
     cmd += ["--ready-file", str(ready_file(settings))]
-    if settings.worker_stuck_after > 0:  # (its port on loopback, whatever the server's metrics host)
-        cmd += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
-        cmd += ["--metrics-port-file", str(port_file(settings))]
+    if settings.worker_stuck_after > 0:
+        cmd += ["--liveness-file", str(liveness_file(settings))]
     cmd += ["--stuck-after", f"{settings.worker_stuck_after:g}"]
     cmd += ["--avatars", str(settings.avatar_store)]  # what it checks before it withdraws a generator
     cmd += ["--repository", str(settings.model_repository), "--checkpoint", str(settings.worker_checkpoint)]
@@ -97,28 +97,6 @@ def command(settings: Settings) -> list[str]:
     return [*cmd, *log_args, "--parent-pid", str(os.getpid())]
 
 
-async def ask_health(port: int, timeout_s: float) -> tuple[int, str] | None:
-    """GET /healthz on 127.0.0.1:port -> (status, body), or None without an answer in time."""
-    writer = None
-    try:
-        async with asyncio.timeout(timeout_s):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-            answer = b""
-            while len(answer) < 65536 and (chunk := await reader.read(65536)):  # to its end (HTTP/1.0)
-                answer += chunk
-    except (OSError, TimeoutError):
-        return None
-    finally:
-        if writer is not None:
-            writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
-    parts = head.split(b" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        return None
-    return int(parts[1]), body.decode("utf-8", "replace").strip()
-
-
 class LocalWorker:
     def __init__(
         self,
@@ -129,7 +107,7 @@ class LocalWorker:
     ) -> None:
         self.cmd = command(settings)
         self.ready = ready_file(settings)
-        self.port_file = port_file(settings) if settings.worker_stuck_after > 0 else None
+        self.liveness = liveness_file(settings) if settings.worker_stuck_after > 0 else None
         self.on_give_up, self.on_restart = on_give_up, on_restart
         self.process: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task[None] | None = None
@@ -170,38 +148,33 @@ class LocalWorker:
             await asyncio.sleep(delay)
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
-        """Kill `process` once its /healthz says it is stuck, or answers nothing MISSES times."""
-        if self.port_file is None:
+        """Kill `process` once its liveness file has said the same for longer than it allowed,
+        less the time its main thread waited for a CPU."""
+        if self.liveness is None:
             return
-        misses = 0
+        seen, quiet = None, Quiet(lambda: run_queue_wait(process.pid))
         while process.returncode is None:
             await asyncio.sleep(CHECK_S)
-            try:
-                port = int(self.port_file.read_text())
-            except (OSError, ValueError):
-                continue  # not bound yet (its first second of imports)
-            answer = await ask_health(port, ANSWER_S)
-            if answer is not None and answer[0] == 200:
-                misses = 0
+            report = read_report(self.liveness)
+            if report is None:
+                continue  # not written yet (its first second of imports)
+            sequence, within, what = report
+            if sequence != seen:  # a new word since the last read: the clock starts again
+                seen = sequence
+                quiet.reset()
                 continue
-            if answer is not None and answer[0] == 503:
-                reason, why = "stuck", f"says it is {answer[1]}"
-            else:
-                misses += 1
-                if misses < MISSES:
-                    continue
-                reason = "unanswered"
-                why = f"did not answer /healthz within {ANSWER_S:g} s {MISSES} times in a row"
-            if process.returncode is None:
+            seconds, starved = quiet.seconds()
+            if seconds > within and process.returncode is None:
+                why = describe(what, seconds, within, starved)
                 log.error("embedded worker (pid %d) %s; killing it to restart it", process.pid, why)
-                self._killed_for = reason
+                self._killed_for = "stuck"
                 process.kill()
-            return
+                return
 
     def _forget_files(self) -> None:
         self.ready.unlink(missing_ok=True)
-        if self.port_file is not None:
-            self.port_file.unlink(missing_ok=True)
+        if self.liveness is not None:
+            self.liveness.unlink(missing_ok=True)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -249,8 +249,9 @@ class Metrics:
         self.worker_restarts = Counter(
             "talkinghead_embedded_worker_restarts_total",
             "Restarts of the embedded personalisation worker (service/local_worker.py) by reason: "
-            "exited (it died), stuck (its /healthz said a job made no progress for the allowed "
-            "time), unanswered (its /healthz did not answer); only on a server that runs one",
+            "exited (it died), stuck (killed: its job made no progress for "
+            "TALKINGHEAD_WORKER_STUCK_AFTER s, time waiting for a CPU not counted); only on a "
+            "server that runs one",
             ["reason"],
             registry=r,
         )

@@ -378,14 +378,13 @@ def onnx_metadata(path: Path) -> dict[str, str]:
     return dict(ort.InferenceSession(str(path)).get_modelmeta().custom_metadata_map)
 
 
-def thread_policies(pid: int, *, each: bool = False) -> Any:
-    """The Linux scheduling policies of a process's threads (os.SCHED_*): the set of them, or
-    with `each` a list with one for each thread."""
-    found = []
+def thread_policies(pid: int) -> set[int]:
+    """The Linux scheduling policies of a process's threads (os.SCHED_*)."""
+    found = set()
     for tid in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(ProcessLookupError):  # ended meanwhile
-            found.append(os.sched_getscheduler(int(tid.name)))
-    return found if each else set(found)
+            found.add(os.sched_getscheduler(int(tid.name)))
+    return found
 
 
 def worker_context(queue: Any, repository: Path, **overrides: Any) -> Any:

@@ -323,12 +323,11 @@ def test_settings_from_environment_and_flags() -> None:
     assert "--cpu-scheduling" not in command(
         settings_module.from_env({"TALKINGHEAD_WORKER_PRIORITY": "normal"})
     )
-    # its liveness: /healthz on a loopback port it picks, unless the check is off
+    # its liveness: what it is doing, in a file its supervisor reads, unless the check is off
     watched = " ".join(command(settings_module.from_env({"TALKINGHEAD_WORKER_STUCK_AFTER": "60"})))
-    assert "--metrics-host 127.0.0.1 --metrics-port 0 --metrics-port-file " in watched
-    assert "--stuck-after 60 " in watched
+    assert "--liveness-file " in watched and "--stuck-after 60 " in watched
     unwatched = " ".join(command(settings_module.from_env({"TALKINGHEAD_WORKER_STUCK_AFTER": "0"})))
-    assert "--metrics-port" not in unwatched and "--stuck-after 0 " in unwatched
+    assert "--liveness-file" not in unwatched and "--stuck-after 0 " in unwatched
     with pytest.raises(ValueError, match="worker_stuck_after must be 0-86400 seconds"):
         settings_module.from_env({"TALKINGHEAD_WORKER_STUCK_AFTER": "-1"})
 

@@ -1,12 +1,11 @@
 """The embedded worker's supervisor (service/local_worker.py) against a stand-in child: a real
-process serving a real /healthz (facekit/metrics_http.py, as `talkinghead worker` does) whose
-answer the test sets through a file. No PyTorch: tests/test_personalise.py runs the real worker."""
+process that reports through the worker's own Liveness (worker/liveness.py) what the test's state
+file tells it to do. No PyTorch: tests/test_personalise.py runs the real worker."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -17,46 +16,55 @@ from service import local_worker
 from service.local_worker import LocalWorker
 from service.settings import Settings
 
-# argv: port file, ready file, state file. /healthz answers 503 with the state file's text while
-# it has any, else 200; the port is written aside and renamed, as the worker does.
+# argv: liveness file, ready file, state file, allowance s. The state file says: "progress" (a
+# word every 0.1 s), "hang" (blocked for good, as in a call that never returns), or "spin" (busy
+# without a word, at SCHED_IDLE on the first CPU: a step starved by what else runs there).
 CHILD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
-from prometheus_client import CollectorRegistry
-from facekit import metrics_http
-port_file, ready, state = map(Path, sys.argv[1:4])
-health = lambda: state.read_text().strip() or None
-server, _ = metrics_http.serve("127.0.0.1", 0, CollectorRegistry(), health)
-port = server.server_port
-aside = port_file.with_name(port_file.name + ".tmp")
-aside.write_text(f"{port}\\n")
-aside.replace(port_file)
+from worker.liveness import Liveness
+report, ready, state, within = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
+alive = Liveness(within, report=report)
 ready.touch()
+step = 0
 while True:
-    time.sleep(1)
+    mode = state.read_text().strip()
+    if mode == "progress":
+        step += 1
+        alive.doing(f"job j1: fine-tuning, step {step} done")
+        time.sleep(0.1)
+    elif mode == "spin":
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        while True:
+            pass
+    else:
+        time.sleep(3600)
 """
+HOG = "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\nwhile True:\n    pass\n"
 
 
-def test_a_stuck_or_silent_worker_is_killed_and_restarted_and_a_healthy_one_is_left(
+def test_a_stuck_worker_is_restarted_and_a_starved_or_moving_one_is_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The worker's /healthz says "stuck: ..." (a job's step, export or Triton load that went past
-    --stuck-after): the supervisor kills it and starts another, counted as "stuck". A worker that
-    answers nothing (SIGSTOPped) is killed after MISSES unanswered questions ("unanswered"). One
-    that answers 200 is asked again and again and left running."""
+    """A worker whose word stands longer than it allowed (3 s here) while blocked is killed and
+    another started ("stuck"). One that says something new every 0.1 s is left running. One busy
+    without a word but kept off its CPU (SCHED_IDLE beside a busy process on that CPU: an
+    embedded worker's step beside streams that take the cores) is left running as long as it is
+    starved, and killed once it has had its CPU for longer than allowed."""
     monkeypatch.setattr(local_worker, "CHECK_S", 0.2)
-    monkeypatch.setattr(local_worker, "ANSWER_S", 0.5)
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
     state = tmp_path / "state"
-    state.write_text("")
-    settings = Settings(jobs=tmp_path, worker_stuck_after=60)
+    state.write_text("progress")
     restarts: list[str] = []
+    hog: subprocess.Popen[bytes] | None = None
 
     async def scenario() -> None:
+        nonlocal hog
+        settings = Settings(jobs=tmp_path, worker_stuck_after=3)
         worker = LocalWorker(settings=settings, on_give_up=pytest.fail, on_restart=restarts.append)
-        assert worker.port_file is not None
-        repo = Path(__file__).resolve().parents[1]
-        worker.cmd = [sys.executable, "-c", CHILD, str(worker.port_file), str(worker.ready), str(state)]
-        monkeypatch.setenv("PYTHONPATH", str(repo))
+        assert worker.liveness is not None
+        worker.cmd = [sys.executable, "-c", CHILD, str(worker.liveness), str(worker.ready), str(state), "3"]
         worker.start()
 
         async def started(after: int | None) -> int:
@@ -66,47 +74,42 @@ def test_a_stuck_or_silent_worker_is_killed_and_restarted_and_a_healthy_one_is_l
                 if process is not None and process.pid != after and worker.ready.exists():
                     return process.pid
                 assert time.monotonic() < deadline, f"no worker after {after} started"
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.02)
+
+        async def restarted(count: int) -> float:
+            began = time.monotonic()
+            while len(restarts) < count:
+                assert time.monotonic() - began < 30, restarts
+                await asyncio.sleep(0.02)
+            return time.monotonic() - began
 
         try:
             first = await started(None)
-            await asyncio.sleep(2.0)  # ~10 questions, each answered 200
+            await asyncio.sleep(2.5)  # ~12 reads, each a new word
             assert worker.process is not None and worker.process.pid == first and restarts == []
 
-            state.write_text("stuck: job 0123: fine-tuning step 3, no progress for 61.0 s (allowed 60 s)")
+            state.write_text("hang")
+            waited = await restarted(1)
+            state.write_text("progress")  # (before the next one starts, 1 s on)
+            assert restarts == ["stuck"] and 3.0 <= waited < 8, waited
             second = await started(first)
-            assert restarts == ["stuck"]
-            state.write_text("")
 
-            await asyncio.sleep(1.0)
-            assert worker.process is not None and worker.process.pid == second
-            os.kill(second, signal.SIGSTOP)  # alive, and answers nothing
-            stopped = time.monotonic()
-            await started(second)
-            waited = time.monotonic() - stopped
-            assert restarts == ["stuck", "unanswered"]
-            # MISSES questions CHECK_S apart, each given ANSWER_S, and the 1 s before a restart
-            assert 1.5 <= waited < 10, waited
+            hog = subprocess.Popen([sys.executable, "-c", HOG])
+            await asyncio.sleep(0.5)
+            state.write_text("spin")
+            # starved: 6 s without a word, nearly all of it off its CPU (the kernel counts a wait
+            # when it ends: the count lags by up to the current one, ~1.4 s here)
+            await asyncio.sleep(6.0)
+            assert worker.process is not None and worker.process.pid == second and restarts == ["stuck"]
+            hog.kill()
+            waited = await restarted(2)
+            assert restarts == ["stuck", "stuck"] and waited < 8, waited
         finally:
+            if hog is not None:
+                hog.kill()
+                hog.wait()
+            state.write_text("hang")
             await worker.close()
-        assert not worker.port_file.exists() and not worker.ready.exists()
+        assert not worker.liveness.exists() and not worker.ready.exists()
 
     asyncio.run(scenario())
-
-
-async def _no_answer() -> None:
-    """A listener that takes the connection and never answers."""
-    server = await asyncio.start_server(lambda r, w: asyncio.sleep(3600), "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        assert await local_worker.ask_health(port, 0.3) is None
-        closed = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
-        empty = closed.sockets[0].getsockname()[1]
-        assert await local_worker.ask_health(empty, 0.3) is None, "closed without a status line"
-        closed.close()
-    finally:
-        server.close()
-
-
-def test_a_health_question_without_an_answer_is_none() -> None:
-    asyncio.run(_no_answer())

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
 
 from facekit import metrics_http
+from facekit.liveness import read_report
 from worker.liveness import Liveness
 
 
@@ -22,7 +24,7 @@ class Clock:
 
 def test_a_stage_is_stuck_only_past_its_own_allowance_and_progress_clears_it() -> None:
     clock = Clock()
-    alive = Liveness(60, clock=clock)
+    alive = Liveness(60, clock=clock, waited=lambda: 0.0)
     clock.now += 59
     assert alive.stuck() is None  # starting: the checkpoint loads within --stuck-after
     alive.doing("waiting for a job", within_s=5)
@@ -39,9 +41,31 @@ def test_a_stage_is_stuck_only_past_its_own_allowance_and_progress_clears_it() -
     assert alive.stuck() is None
 
 
+def test_time_spent_waiting_for_a_cpu_is_not_counted_and_each_word_is_reported(tmp_path: Path) -> None:
+    """The embedded worker's main thread runs at SCHED_IDLE: beside streams that take the cores a
+    step waits for a CPU for minutes, and that is not being stuck. What it says is also written
+    to the report file its supervisor reads (service/local_worker.py)."""
+    clock, waited = Clock(), [5.0]
+    report = tmp_path / "liveness"
+    alive = Liveness(60, clock=clock, waited=lambda: waited[0], report=report)
+    assert read_report(report) == (0, 60.0, "starting")
+    alive.doing("job j1: fine-tuning, step 1 of 4 done")
+    assert read_report(report) == (1, 60.0, "job j1: fine-tuning, step 1 of 4 done")
+    clock.now += 600
+    waited[0] += 590  # 10 s on a CPU (or blocked), 590 s runnable and kept off one
+    assert alive.stuck() is None and alive.seconds_since() == 600
+    clock.now += 51
+    assert alive.stuck() == (
+        "stuck: job j1: fine-tuning, step 1 of 4 done, no progress for 61.0 s (allowed 60 s; "
+        "590 s more waiting for a CPU not counted)"
+    )
+    alive.doing("waiting for a job", within_s=5)
+    assert read_report(report) == (2, 5.0, "waiting for a job") and alive.stuck() is None
+
+
 def test_stuck_after_zero_never_reports_stuck() -> None:
     clock = Clock()
-    alive = Liveness(0, clock=clock)
+    alive = Liveness(0, clock=clock, waited=lambda: 0.0)
     alive.doing("job j1: exporting its generator")
     clock.now += 10**6
     assert alive.stuck() is None

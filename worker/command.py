@@ -139,10 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "$TALKINGHEAD_WORKER_METRICS_PORT)",
     )
     parser.add_argument(
-        "--metrics-port-file",
+        "--liveness-file",
         type=Path,
-        help="write the port /metrics and /healthz were bound to here (with --metrics-port 0: how the "
-        "embedded worker's supervisor finds its /healthz)",
+        help="write what the worker is doing here at each step (the embedded worker's supervisor "
+        "restarts it from it, as /healthz and a liveness probe do in a pod)",
     )
     parser.add_argument(
         "--stuck-after",
@@ -218,11 +218,8 @@ def run(args: argparse.Namespace) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="contextlib")  # the ONNX exporter's
     warnings.filterwarnings("ignore", category=FutureWarning)  # chatter about AdaIN and its internals
-    metrics, liveness = WorkerMetrics(), Liveness(args.stuck_after)
+    metrics, liveness = WorkerMetrics(), Liveness(args.stuck_after, report=args.liveness_file)
     metrics_http = None
-    if args.metrics_port_file is not None and args.metrics_port is None:
-        print("talkinghead worker: --metrics-port-file needs --metrics-port", file=sys.stderr)
-        return 2
     if args.metrics_port is not None:  # before the checkpoint loads: a port taken fails at once
         try:
             metrics_http, port = metrics.serve(args.metrics_host, args.metrics_port, liveness)
@@ -234,10 +231,6 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         log.info("metrics on http://%s:%d/metrics, liveness on /healthz", args.metrics_host, port)
-        if args.metrics_port_file is not None:  # whole or not there: written aside, then renamed
-            aside = args.metrics_port_file.with_name(args.metrics_port_file.name + ".tmp")
-            aside.write_text(f"{port}\n")
-            aside.replace(args.metrics_port_file)
     if args.cpu_scheduling or args.nice:  # before any pool starts: its threads inherit it
         policy = args.cpu_scheduling or scheduling.policy_name(os.sched_getscheduler(0))
         how = f"{policy}, nice {args.nice}"

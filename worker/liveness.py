@@ -8,15 +8,22 @@ no other; from outside it looked like a worker exporting a large model. Now the 
 what it is doing and how long that may go on without another word (`doing`): a claim poll between
 jobs IDLE_S, each fine-tuning step, the export and the load into Triton `stuck_after_s`
 (--stuck-after). Past that, `stuck()` names it and /healthz answers 503; the kubelet restarts the
-container, the heartbeat stops with it, and the job's claim times out to another worker. No torch
-here.
+container, the heartbeat stops with it, and the job's claim times out to another worker. Time the
+main thread spent waiting for a CPU does not count (facekit/liveness.py: the embedded worker runs
+under SCHED_IDLE, and a step starved by streams is not stuck). With a report file (the embedded
+worker's `--liveness-file`), each word is also written there for the supervisor, which applies the
+same rule from outside (service/local_worker.py). No torch here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
+
+from facekit.liveness import Quiet, describe, this_thread_waits, write_report
 
 STUCK_AFTER_S = 900.0  # a job's stage without progress: the slowest step, export or load, and more
 # Between jobs: a claim poll (at most a few seconds), a queue retry wait (at most 30 s) and the
@@ -25,12 +32,22 @@ IDLE_S = 120.0
 
 
 class Liveness:
-    """What the main thread last said it was doing, since when, and for how long it may."""
+    """What the main thread last said it was doing, since when, and for how long it may. Made in
+    the main thread (whose CPU waits `waited` reads by default)."""
 
-    def __init__(self, stuck_after_s: float = STUCK_AFTER_S, *, clock: Callable[[], float] = time.monotonic):
-        self.stuck_after_s, self._clock = stuck_after_s, clock
+    def __init__(
+        self,
+        stuck_after_s: float = STUCK_AFTER_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        waited: Callable[[], float | None] | None = None,
+        report: Path | None = None,
+    ) -> None:
+        self.stuck_after_s, self._clock, self._report = stuck_after_s, clock, report
         self._lock = threading.Lock()
-        self._what, self._since, self._within = "starting", clock(), stuck_after_s
+        self._quiet = Quiet(this_thread_waits() if waited is None else waited, clock=clock)
+        self._what, self._since, self._within, self._sequence = "starting", clock(), stuck_after_s, 0
+        self._write()
 
     def doing(self, what: str, *, within_s: float | None = None) -> None:
         """The main thread starts `what` (or makes progress in it), which may take `within_s`
@@ -38,9 +55,19 @@ class Liveness:
         with self._lock:
             self._what, self._since = what, self._clock()
             self._within = self.stuck_after_s if within_s is None else within_s
+            self._quiet.reset()
+            self._sequence += 1
+        self._write()
+
+    def _write(self) -> None:
+        # A failed write (the job folder, where the job's own progress goes too, full) reads as no
+        # progress to the supervisor, which kills the worker once the allowance is past.
+        if self._report is not None:
+            with contextlib.suppress(OSError):
+                write_report(self._report, self._sequence, self._within, self._what)
 
     def seconds_since(self) -> float:
-        """Since the main thread's last word."""
+        """Since the main thread's last word (wall time, waits for a CPU included)."""
         with self._lock:
             return self._clock() - self._since
 
@@ -48,8 +75,8 @@ class Liveness:
         """None while the main thread moves; else what it has been doing for too long, and how
         long. Never stuck with stuck_after_s 0 (--stuck-after 0: the check is off)."""
         with self._lock:
-            what, since, within = self._what, self._since, self._within
-        quiet = self._clock() - since
+            what, within = self._what, self._within
+            quiet, starved = self._quiet.seconds()
         if self.stuck_after_s <= 0 or quiet <= within:
             return None
-        return f"stuck: {what}, no progress for {quiet:.1f} s (allowed {within:g} s)"
+        return describe(what, quiet, within, starved)
