@@ -16,7 +16,9 @@ talkinghead_quota_refusals_total) are labelled with the tenant only when the key
 (an unrevoked key, a certificate binding or quotas) or it is `default`; any other tenant - one an
 admin acts for by x-talkinghead-tenant, every header-chosen tenant with authentication off, an
 unbound certificate's common name - counts as `other`, so callers cannot make series without
-bound. A tenant the ring drops loses its series (`prune`, each second: App).
+bound. A tenant the ring drops loses its series (`prune`, each second: App), and one it names gets
+its series there, every quota's refusals at 0: a rate or increase() over a series that first
+appears at 1 misses that first frame or refusal.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from facekit.ids import DEFAULT_TENANT
 from service.auth import Principal, Quotas, Ring
 from service.errors import ServiceError, exhausted
 from service.metrics import Metrics
+
+# talkinghead_quota_refusals_total's `quota`: the quotas TenantLimits refuses by
+QUOTA_NAMES = ("streams", "fps", "creates_per_minute", "creates_in_flight", "avatars", "personalisations")
 
 
 @dataclass
@@ -152,10 +157,17 @@ class TenantLimits:
 
     def prune(self) -> None:
         """Remove the series of the tenants the key ring no longer names (their streams, if any,
-        count as OTHER_TENANT's from now on)."""
+        count as OTHER_TENANT's from now on), and start those of the tenants it names at 0."""
         if self.ring_of is None:
             return
         self.label(DEFAULT_TENANT)  # (the ring as it is now)
+        for label in self._named | {OTHER_TENANT}:
+            quotas = self._labels.setdefault(label, set())
+            if len(quotas) < len(QUOTA_NAMES):
+                self.metrics.tenant_frames.labels(label)
+                for quota in QUOTA_NAMES:
+                    self.metrics.quota_refusals.labels(label, quota)
+                quotas.update(QUOTA_NAMES)
         for label in [x for x in self._labels if x not in self._named and x != OTHER_TENANT]:
             for family, values in (
                 (self.metrics.tenant_streams, [(label,)]),

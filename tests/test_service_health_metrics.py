@@ -35,6 +35,7 @@ from service import storage as storage_module
 from service.auth import FileRing, issue, revoke, set_quotas
 from service.backends.base import EXPECTED_S, ReadyGate, _Call
 from service.capacity import HEADROOM
+from service.quota import QUOTA_NAMES
 from tests.redis_fixtures import RedisServer
 from tests.service_fixtures import *  # noqa: F403
 from tests.service_fixtures import CONSENT, PORTRAIT, REPO, ServerThread, test_settings
@@ -199,10 +200,16 @@ def test_frames_the_fps_quota_drops_were_counted_received(keyed, driver: Landmar
 def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: LandmarkSequence) -> None:
     """An admin's x-talkinghead-tenant naming a tenant the key ring does not know counts as
     `other` (with authentication off every caller could make series that way, without bound); a
-    tenant the ring drops loses its series."""
+    tenant the ring drops loses its series. One the ring names has them from the start, at 0: a
+    rate over a series that first appears at 1 misses that first frame or refusal."""
     server, ring, tokens = keyed
     admin_id, admin = ring.update(lambda r: issue(r, "ops", role="admin"))
     server.ring_read()
+    at_zero = [
+        f'talkinghead_quota_refusals_total{{quota="{quota}",tenant="ops"}} 0.0' for quota in QUOTA_NAMES
+    ]
+    at_zero.append('talkinghead_tenant_frames_total{tenant="ops"} 0.0')
+    eventually(lambda: all(line in server.metrics().splitlines() for line in at_zero))
     with Client(target=server.address, api_key=admin, tenant="rnd12345") as stranger:
         stranger.create_avatar("face", [PORTRAIT], consent=CONSENT)
         assert (
@@ -218,6 +225,7 @@ def test_tenant_series_are_bounded_and_go_with_the_tenant(keyed, driver: Landmar
     ring.update(lambda r: revoke(r, acme_key))
     eventually(lambda: 'tenant="acme"' not in server.metrics())
     ring.update(lambda r: revoke(r, admin_id))
+    eventually(lambda: 'tenant="ops"' not in server.metrics())
 
 
 KILLED_CLIENT = """
