@@ -225,18 +225,24 @@ def _file_bytes(data: bytes | str | Path) -> bytes:
     return data if isinstance(data, bytes) else Path(data).read_bytes()
 
 
-class _Metadata(
+class _Calls(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
     grpc.StreamUnaryClientInterceptor,
     grpc.StreamStreamClientInterceptor,
 ):
-    """Adds the same metadata (the API key, an admin's tenant) to every call of a channel."""
+    """Adds the same metadata (the API key, an admin's tenant) to every call of a channel, and
+    refuses calls once the Client is closed (gRPC said "Cannot invoke RPC on closed channel!")."""
 
-    def __init__(self, metadata: Sequence[tuple[str, str]]) -> None:
-        self.metadata = list(metadata)
+    def __init__(self, metadata: Sequence[tuple[str, str]], closed: threading.Event) -> None:
+        self.metadata, self.closed = list(metadata), closed
 
     def _details(self, details: Any) -> Any:
+        if self.closed.is_set():
+            method = str(details.method).rpartition("/")[2]
+            raise ValueError(
+                f"{method}: this Client is closed (close() or its with block ended); make a new one"
+            )
         return details._replace(metadata=[*(details.metadata or ()), *self.metadata])
 
     def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
@@ -314,8 +320,8 @@ class Client:
             channel = grpc.secure_channel(target, credentials, options=options)
         else:
             channel = grpc.insecure_channel(target, options=options)
-        metadata = call_metadata(api_key, tenant)
-        self.channel = grpc.intercept_channel(channel, _Metadata(metadata)) if metadata else channel
+        self._closed = threading.Event()
+        self.channel = grpc.intercept_channel(channel, _Calls(call_metadata(api_key, tenant), self._closed))
         self._raw_channel = channel
         self.timeout = timeout
         self.avatars = avatar_pb2_grpc.AvatarServiceStub(self.channel)
@@ -325,6 +331,7 @@ class Client:
         self.last_started: pb.StreamStarted | None = None
 
     def close(self) -> None:
+        self._closed.set()
         self._raw_channel.close()
 
     def __enter__(self) -> Client:

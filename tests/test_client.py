@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 
-from client.library import Client, Frame
+from client.library import Client, Frame, landmark_requests
 from facekit.sequence import LandmarkSequence
 from facekit.video import VideoWriter, read_video
 from service import settings as settings_module
@@ -498,3 +498,23 @@ def test_a_live_animate_reserves_its_drivers_frame_rate(
     assert 10.0 in reserved and 25.0 not in reserved, reserved
     frames = read_video(out)[1]
     assert frames == pytest.approx(10.0), "written at the driver's rate"
+
+
+def test_a_call_on_a_closed_client_says_the_client_is_closed(server: ServerThread, avatar: str) -> None:
+    """After close() (or its with block), every call - unary, server-streaming and a stream -
+    raises ValueError naming the call and that the Client is closed: gRPC's own was "Cannot
+    invoke RPC on closed channel!", which did not say whose channel. Before it, the same Client
+    worked, with its API key's metadata on each call."""
+    with server.client() as client:
+        assert client.health() == "SERVING"
+        assert client.get_avatar(avatar).avatar_id == avatar
+    seq = LandmarkSequence.load(DRIVER)
+    calls = {
+        "Check": client.health,
+        "GetAvatar": lambda: client.get_avatar(avatar),
+        "ListAvatars": lambda: list(client.list_avatars()),
+        "Animate": lambda: next(iter(client.animate(avatar, landmark_requests(seq)))),
+    }
+    for method, call in calls.items():
+        with pytest.raises(ValueError, match=f"^{method}: this Client is closed"):
+            call()
