@@ -2,44 +2,47 @@
 /healthz (worker/liveness.py) and the embedded worker's supervisor (service/local_worker.py) share,
 and the small file by which the worker tells its supervisor what it is doing.
 
-Quiet time is wall time less the time the thread spent runnable but kept off the CPU (its run
-queue wait, /proc/<pid>/task/<tid>/schedstat). The embedded worker runs under SCHED_IDLE: beside
-streams that take both cores a fine-tuning step waits minutes for a CPU, by design (a job waits
-until the streams leave room), and counting that wait would call a starved worker stuck and kill
-it. A thread blocked in a call that never returns (a Triton that took the connection and never
-answers), or a stopped process, waits on no run queue: its quiet time is its wall time. The kernel
-adds a wait to the count when it ends (the thread gets a CPU), so the count lags by the wait under
-way: ~1.4 s for a SCHED_IDLE thread beside one busy process on its CPU, against allowances of
-minutes.
+Quiet time is wall time less the time the process's threads spent runnable but kept off a CPU
+(their run-queue waits, /proc/<pid>/task/*/schedstat, summed). The embedded worker runs under
+SCHED_IDLE: beside streams that take both cores a fine-tuning step waits minutes for a CPU, by
+design (a job waits until the streams leave room), and counting that wait would call a starved
+worker stuck and kill it. Every thread's, not the main thread's alone: with PyTorch's pool
+(TALKINGHEAD_WORKER_THREADS above 1) the main thread sleeps at the pool's barrier while the pool's
+threads are the starved ones. A process blocked in a call that never returns (a Triton that took
+the connection and never answers), or a stopped one, waits on no run queue: its quiet time is its
+wall time, less what a thread that wakes now and then (the job's heartbeat) waits when it does.
+The kernel adds a wait to the count when it ends (the thread gets a CPU), so the count lags by the
+wait under way: ~1.4 s for a SCHED_IDLE thread beside one busy process on its CPU, against
+allowances of minutes.
 """
 
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 
-def run_queue_wait(pid: int | str = "self", thread: int | None = None) -> float | None:
-    """Seconds a thread (the process's main thread without `thread`) has waited for a CPU while
-    runnable, so far; None where /proc cannot say (off Linux, the thread gone)."""
-    tid = pid if thread is None else thread
+def run_queue_wait(pid: int | str = "self") -> float | None:
+    """Seconds the threads of a process have waited for a CPU while runnable, summed, so far (of
+    the threads alive now); None where /proc cannot say (off Linux, the process gone)."""
+    total, found = 0, False
     try:
-        return int(Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
         return None
-
-
-def this_thread_waits() -> Callable[[], float | None]:
-    """run_queue_wait of the calling thread, as a callable any thread may call."""
-    tid = threading.get_native_id()
-    return lambda: run_queue_wait("self", tid)
+    for task in tasks:
+        try:
+            total += int((task / "schedstat").read_text().split()[1])
+            found = True
+        except (OSError, IndexError, ValueError):
+            continue  # (a thread that ended meanwhile)
+    return total / 1e9 if found else None
 
 
 class Quiet:
-    """Seconds since `reset()` that were not spent waiting for a CPU (`waited`: a thread's
+    """Seconds since `reset()` that were not spent waiting for a CPU (`waited`: a process's
     run_queue_wait). Where `waited` says None, wall time."""
 
     def __init__(

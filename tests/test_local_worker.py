@@ -18,9 +18,10 @@ from service.settings import Settings
 
 # argv: liveness file, ready file, state file, allowance s. The state file says: "progress" (a
 # word every 0.1 s), "hang" (blocked for good, as in a call that never returns), or "spin" (busy
-# without a word, at SCHED_IDLE on the first CPU: a step starved by what else runs there).
+# without a word in a second thread at SCHED_IDLE on the first CPU, the main thread waiting for it:
+# a step in PyTorch's pool starved by what else runs there).
 CHILD = """
-import os, sys, time
+import os, sys, threading, time
 from pathlib import Path
 from worker.liveness import Liveness
 report, ready, state, within = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
@@ -33,11 +34,15 @@ while True:
         step += 1
         alive.doing(f"job j1: fine-tuning, step {step} done")
         time.sleep(0.1)
-    elif mode == "spin":
-        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        while True:
-            pass
+    elif mode == "spin":  # in a thread of its own, the main thread waiting for it (as at a pool's barrier)
+        def spin():
+            os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            while True:
+                pass
+        pool = threading.Thread(target=spin)
+        pool.start()
+        pool.join()
     else:
         time.sleep(3600)
 """

@@ -8,8 +8,8 @@ no other; from outside it looked like a worker exporting a large model. Now the 
 what it is doing and how long that may go on without another word (`doing`): a claim poll between
 jobs IDLE_S, each fine-tuning step, the export and the load into Triton `stuck_after_s`
 (--stuck-after). Past that, `stuck()` names it and /healthz answers 503; the kubelet restarts the
-container, the heartbeat stops with it, and the job's claim times out to another worker. Time the
-main thread spent waiting for a CPU does not count (facekit/liveness.py: the embedded worker runs
+container, the heartbeat stops with it, and the job's claim times out to another worker. Time its
+threads spent waiting for a CPU does not count (facekit/liveness.py: the embedded worker runs
 under SCHED_IDLE, and a step starved by streams is not stuck). With a report file (the embedded
 worker's `--liveness-file`), each word is also written there for the supervisor, which applies the
 same rule from outside (service/local_worker.py). No torch here.
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from facekit.liveness import Quiet, describe, this_thread_waits, write_report
+from facekit.liveness import Quiet, describe, run_queue_wait, write_report
 
 STUCK_AFTER_S = 900.0  # a job's stage without progress: the slowest step, export or load, and more
 # Between jobs: a claim poll (at most a few seconds), a queue retry wait (at most 30 s) and the
@@ -32,8 +32,8 @@ IDLE_S = 120.0
 
 
 class Liveness:
-    """What the main thread last said it was doing, since when, and for how long it may. Made in
-    the main thread (whose CPU waits `waited` reads by default)."""
+    """What the main thread last said it was doing, since when, and for how long it may; the
+    process's waits for a CPU (`waited`, default facekit.liveness.run_queue_wait) not counted."""
 
     def __init__(
         self,
@@ -45,7 +45,7 @@ class Liveness:
     ) -> None:
         self.stuck_after_s, self._clock, self._report = stuck_after_s, clock, report
         self._lock = threading.Lock()
-        self._quiet = Quiet(this_thread_waits() if waited is None else waited, clock=clock)
+        self._quiet = Quiet(run_queue_wait if waited is None else waited, clock=clock)
         self._what, self._since, self._within, self._sequence = "starting", clock(), stuck_after_s, 0
         self._write()
 
