@@ -54,9 +54,13 @@ class Quiet:
     def reset(self) -> None:
         self._since, self._waited_at = self._clock(), self._waited()
 
+    def wall(self) -> float:
+        """Seconds since the last reset, waits for a CPU included."""
+        return self._clock() - self._since
+
     def seconds(self) -> tuple[float, float]:
         """(quiet seconds, seconds kept off a CPU) since the last reset."""
-        wall = self._clock() - self._since
+        wall = self.wall()
         now, then = self._waited(), self._waited_at
         starved = 0.0 if now is None or then is None else min(wall, max(0.0, now - then))
         return wall - starved, starved

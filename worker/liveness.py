@@ -43,17 +43,17 @@ class Liveness:
         waited: Callable[[], float | None] | None = None,
         report: Path | None = None,
     ) -> None:
-        self.stuck_after_s, self._clock, self._report = stuck_after_s, clock, report
+        self.stuck_after_s, self._report = stuck_after_s, report
         self._lock = threading.Lock()
         self._quiet = Quiet(run_queue_wait if waited is None else waited, clock=clock)
-        self._what, self._since, self._within, self._sequence = "starting", clock(), stuck_after_s, 0
+        self._what, self._within, self._sequence = "starting", stuck_after_s, 0
         self._write()
 
     def doing(self, what: str, *, within_s: float | None = None) -> None:
         """The main thread starts `what` (or makes progress in it), which may take `within_s`
         (default stuck_after_s) before its next word."""
         with self._lock:
-            self._what, self._since = what, self._clock()
+            self._what = what
             self._within = self.stuck_after_s if within_s is None else within_s
             self._quiet.reset()
             self._sequence += 1
@@ -69,7 +69,7 @@ class Liveness:
     def seconds_since(self) -> float:
         """Since the main thread's last word (wall time, waits for a CPU included)."""
         with self._lock:
-            return self._clock() - self._since
+            return self._quiet.wall()
 
     def stuck(self) -> str | None:
         """None while the main thread moves; else what it has been doing for too long, and how
