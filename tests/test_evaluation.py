@@ -92,18 +92,44 @@ def test_steps_zero_is_reported_as_zero_steps() -> None:
     assert cfg.finetune.steps > 0
     header = functools.partial(command._header, meta=meta, cfg=cfg, protocol=cfg.evaluation, clips=[])
     every = list(command.METHODS)
-    assert header(argparse.Namespace(checkpoint=MODEL, steps=0, methods=every))["finetune_steps"] == 0
     assert (
-        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=every))["finetune_steps"]
+        header(argparse.Namespace(checkpoint=MODEL, steps=0, methods=every, snapshots=[]))["finetune_steps"]
+        == 0
+    )
+    assert (
+        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=every, snapshots=[]))[
+            "finetune_steps"
+        ]
         == cfg.finetune.steps
     )
     # without the fine-tuned method no steps are run: the report said the config's 150 all the same
     assert (
-        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=["warp"]))["finetune_steps"] is None
+        header(argparse.Namespace(checkpoint=MODEL, steps=None, methods=["warp"], snapshots=[]))[
+            "finetune_steps"
+        ]
+        is None
     )
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     assert parser.parse_args([]).steps is None
+
+
+@pytest.mark.skipif(not MODEL.is_file(), reason=f"committed model not found at {MODEL}")
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["--snapshots", "40", "150"], "--snapshots are taken on the way to --steps: each must be below 150"),
+        (["--steps", "60", "--snapshots", "80"], "each must be below 60"),
+        (["--methods", "warp", "--snapshots", "40"], "--snapshots are rows of the fine-tuned method"),
+    ],
+)
+def test_snapshots_are_fewer_steps_of_the_fine_tuned_method(argv: list[str], said: str) -> None:
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--checkpoint", str(MODEL), *argv])
+    with pytest.raises(SystemExit) as refused:
+        command._methods(args, checkpoint.load(MODEL))
+    assert said in str(refused.value)
 
 
 def test_jitter_is_measured_only_between_consecutive_frames_with_a_face() -> None:
@@ -311,15 +337,17 @@ def test_a_failing_later_step_leaves_the_reenactment_written(
 def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     args = ["evaluate", "--checkpoint", str(MODEL), "--data", str(clips), "--clips", *CLIPS, "--shots", "1"]
-    args += ["--steps", "2", "--max-drive", "4", "--faces", str(FACES), "--stills", "lp_s1_photo.jpg"]
-    args += ["--jitter-frames", "6", "--still-frames", "16"]
+    args += ["--steps", "2", "--snapshots", "1", "--max-drive", "4", "--faces", str(FACES)]
+    args += ["--stills", "lp_s1_photo.jpg", "--jitter-frames", "6", "--still-frames", "16"]
     assert cli([*args, "--out", str(out)]) == 0
     report = json.loads((out / "evaluation.json").read_text())
     rows = report["reenactment"]["T=1"]
-    assert set(rows) == {"warp", "feed-forward", "fine-tuned", "ceiling", "floor"}
-    for name in ("warp", "feed-forward", "fine-tuned"):
+    assert set(rows) == {"warp", "feed-forward", "fine-tuned@1", "fine-tuned", "ceiling", "floor"}
+    for name in ("warp", "feed-forward", "fine-tuned@1", "fine-tuned"):
         assert set(rows[name]["clips"]) == set(CLIPS) and rows[name]["pooled"]["frames"] == 8
-    assert rows["fine-tuned"]["pooled"]["fit_seconds"] > 0
+    # the snapshot is taken on the way: less of the same fine-tuning's time
+    assert 0 < rows["fine-tuned@1"]["pooled"]["fit_seconds"] < rows["fine-tuned"]["pooled"]["fit_seconds"]
+    assert report["finetune_steps"] == 2 and report["finetune_snapshots"] == [1]
     # The yardstick separates people: a person's own frames are far closer to their references
     # than other people's, and the classical warp keeps the person.
     ceiling, floor = rows["ceiling"]["pooled"], rows["floor"]["pooled"]
@@ -341,6 +369,7 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     assert jitter["driver"]["smoothed"] < jitter["driver"]["raw"]  # the One-Euro filter steadies it
     table = (out / "evaluation.md").read_text()
     assert "| warp |" in table and "| floor |" in table and "One-shot stills" in table
+    assert "| fine-tuned@1 |" in table and "fine-tuning 2 steps (fine-tuned@1: the same fine-tuning" in table
     assert "## Jitter on a still head (dreamtalk_mead_w009, 6 frames" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):
         assert (out / sheet).stat().st_size > 10_000

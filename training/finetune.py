@@ -21,7 +21,7 @@ import argparse
 import copy
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +93,13 @@ def personalise(
     steps: int | None = None,
     device: torch.device | None = None,
     on_step: Callable[[int, dict[str, float]], None] | None = None,
+    snapshots: Collection[int] = (),
 ) -> dict[str, Any]:
-    """Fine-tune on T frames uint8 (T, S, S, 3) with landmarks (T, 68, 2) -> personalised checkpoint."""
+    """Fine-tune on T frames uint8 (T, S, S, 3) with landmarks (T, 68, 2) -> personalised checkpoint.
+
+    `snapshots`: steps (below `steps`) at which G' and psi' are also kept, under "snapshots"
+    {step: {"generator", "adain", "seconds"}}: what fine-tuning for that many steps makes (the same
+    seeds, the same batches), for one run to show what more steps buy."""
     validate_stored_id(avatar)
     device = device or torch.device("cpu")
     cfg = checkpoint.config_of(meta)
@@ -109,7 +114,19 @@ def personalise(
     trainer, e_new = personal_trainer(meta, cfg, pool, len(frames), device)
     assert trainer.adain is not None
     started = time.monotonic()
-    history = finetune_loop(trainer, pool, cfg, steps, on_step)
+    kept: dict[int, dict[str, Any]] = {}
+
+    def keep(step: int) -> None:
+        if step in snapshots and step < steps:
+            assert trainer.adain is not None
+            kept[step] = {
+                "generator": {k: v.detach().cpu().clone() for k, v in trainer.generator.state_dict().items()},
+                "adain": trainer.adain.detach().cpu().clone(),
+                "seconds": time.monotonic() - started,
+            }
+
+    history = finetune_loop(trainer, pool, cfg, steps, on_step, after_step=keep if snapshots else None)
+    extra = {"snapshots": kept} if snapshots else {}
     return {
         "kind": "personalised",
         "avatar": avatar,
@@ -124,6 +141,7 @@ def personalise(
         # the avatar's references: what a warp-guided G' warps (export and serving keep them)
         "references": {"frames": np.ascontiguousarray(frames), "points": np.asarray(points, np.float32)},
         "metrics": {"history": history, "frames": len(frames), "seconds": time.monotonic() - started},
+        **extra,
     }
 
 
@@ -215,8 +233,11 @@ def finetune_loop(
     cfg: ExperimentConfig,
     steps: int,
     on_step: Callable[[int, dict[str, float]], None] | None,
+    *,
+    after_step: Callable[[int], None] | None = None,
 ) -> list[dict[str, float]]:
-    """`steps` updates on random batches of the pool; the logged losses."""
+    """`steps` updates on random batches of the pool; the logged losses. `after_step(step)` is
+    called after each update."""
     views = len(pool.target_image)
     bs = min(cfg.finetune.batch_size, views)
     rng = torch.Generator().manual_seed(cfg.finetune.seed)
@@ -232,6 +253,8 @@ def finetune_loop(
         )
         losses, _ = trainer.step(batch)
         check_finite(step, losses)  # (a NaN model is no avatar: nothing is written or published)
+        if after_step is not None:
+            after_step(step)
         if step % cfg.finetune.log_every == 0 or step == steps:
             history.append({"step": step, **losses})
             if on_step:

@@ -18,6 +18,8 @@ examples:
   make evaluate
   talkinghead evaluate --methods feed-forward --engines openvino openvino-bf16 \\
       --verdict models/talkinghead-small.engines.json      # the CPU engines' quality gate
+  talkinghead evaluate --methods fine-tuned --shots 8 --steps 400 --snapshots 40 80 150 \
+      --stills none --no-jitter      # what more fine-tuning steps buy, from one fine-tuning per person
 
 With --engines, each engine runs the exported generator of --repository as an extra feed-forward
 row (`feed-forward@<engine>`) and is judged against PyTorch's feed-forward row on the same frames:
@@ -103,6 +105,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="default: all of them"
     )
     parser.add_argument("--steps", type=whole_number(1), help="fine-tuning steps (default: the config's)")
+    parser.add_argument(
+        "--snapshots",
+        nargs="+",
+        type=whole_number(1),
+        default=[],
+        help="fewer steps to score as well, each a row fine-tuned@<steps> taken from the same fine-tuning",
+    )
     parser.add_argument(
         "--finetune-shots",
         nargs="+",
@@ -293,7 +302,12 @@ def _methods(args: argparse.Namespace, meta: dict[str, Any]) -> dict[str, Any]:
         elif name == "feed-forward":
             made[name] = FeedForward(meta)
         else:
-            made[name] = FineTuned(meta, args.steps)
+            steps = checkpoint.config_of(meta).finetune.steps if args.steps is None else args.steps
+            if any(snapshot >= steps for snapshot in args.snapshots):
+                raise SystemExit(f"--snapshots are taken on the way to --steps: each must be below {steps}")
+            made[name] = FineTuned(meta, args.steps, args.snapshots)
+    if args.snapshots and "fine-tuned" not in made:
+        raise SystemExit("--snapshots are rows of the fine-tuned method: add --methods fine-tuned")
     if args.engines and "feed-forward" not in made:
         raise SystemExit("--engines are judged against the feed-forward row: add --methods feed-forward")
     for engine in args.engines:
@@ -446,6 +460,7 @@ def _header(
         "finetune_steps": (cfg.finetune.steps if args.steps is None else args.steps)
         if "fine-tuned" in args.methods
         else None,
+        "finetune_snapshots": sorted(set(args.snapshots)),
         "protocol": protocol.__dict__,
         "clips": clips,
         "machine": {
@@ -481,14 +496,15 @@ def evaluate_clips(
                 if name == "fine-tuned" and finetune_shots and shots not in finetune_shots:
                     continue
                 fitted = method.fit(clip.frames[refs], clip.points[refs])
-                generated = fitted.render(clip.points[drive[cid]])
-                scores = score_frames(
-                    generated, real[cid], read_faces(generated), real_readings[cid], reference
-                )
-                scores.seconds = fitted.seconds
-                rows.setdefault(name, {})[cid] = scores
+                for row, made in [*fitted.snapshots.items(), (name, fitted)]:
+                    generated = made.render(clip.points[drive[cid]])
+                    scores = score_frames(
+                        generated, real[cid], read_faces(generated), real_readings[cid], reference
+                    )
+                    scores.seconds = made.seconds
+                    rows.setdefault(row, {})[cid] = scores
+                    log.info("T=%d %s %s: %s", shots, cid, row, json.dumps(jsonable(scores.means())))
                 samples[cid][name] = generated
-                log.info("T=%d %s %s: %s", shots, cid, name, json.dumps(jsonable(scores.means())))
             rows.setdefault("ceiling", {})[cid] = identity_only(real_readings[cid], reference)
             others = [r for o, rr in real_readings.items() if o != cid for r in rr]
             rows.setdefault("floor", {})[cid] = identity_only(others, reference)
@@ -637,8 +653,11 @@ def write(out: Path, report: dict[str, Any], samples: dict[str, Any], cell: int)
     log.info("wrote %s (%s s)\n%s", out, report["seconds"], markdown(report, per_clip))
 
 
-def _finetuning(steps: int | None) -> str:
-    return "no fine-tuning (--methods without fine-tuned)" if steps is None else f"fine-tuning {steps} steps"
+def _finetuning(steps: int | None, snapshots: list[int]) -> str:
+    if steps is None:
+        return "no fine-tuning (--methods without fine-tuned)"
+    taken = ", ".join(f"fine-tuned@{n}" for n in snapshots)
+    return f"fine-tuning {steps} steps" + (f" ({taken}: the same fine-tuning, earlier)" if snapshots else "")
 
 
 def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
@@ -646,7 +665,8 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
     parts = [
         f"# Evaluation of `{report['checkpoint']}` (model {report['model_id']}, step {report['step']})",
         f"{report['created']}; {len(report['clips'])} people never trained on: {', '.join(report['clips'])}; "
-        f"scored at {report['image_size']} px; {_finetuning(report['finetune_steps'])}; "
+        f"scored at {report['image_size']} px; "
+        f"{_finetuning(report['finetune_steps'], report.get('finetune_snapshots', []))}; "
         f"{report['machine']['cpus']} CPUs; {report['seconds']} s in all.",
     ]
     if report.get("errors"):

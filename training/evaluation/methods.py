@@ -15,9 +15,10 @@ fitting took (fine-tuning's wall time; ~0 for the others).
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from facekit.rasterize import draw_batch
 from facekit.warp import nearest_reference, warp_image, warp_nearest
 from training import checkpoint
 from training.finetune import personalise, render
+from training.generator import Generator
 from training.runtime import from_uint8
 
 Renderer = Callable[[np.ndarray], np.ndarray]
@@ -38,6 +40,8 @@ Renderer = Callable[[np.ndarray], np.ndarray]
 class Fitted:
     render: Renderer
     seconds: float  # wall time of fitting the avatar (fine-tuning)
+    # more rows from the same fit: row name -> its own Fitted (fine-tuning snapshots)
+    snapshots: dict[str, Fitted] = field(default_factory=dict)
 
 
 class WarpBaseline:
@@ -118,18 +122,32 @@ class FeedForwardOn(FeedForward):
 
 
 class FineTuned:
-    """The model personalised on the references for `steps` (None: the config's finetune.steps)."""
+    """The model personalised on the references for `steps` (None: the config's finetune.steps).
+    Each of `snapshots` (fewer steps) is a further row, `fine-tuned@<steps>`, taken from the same
+    fine-tuning as it went by."""
 
     name = "fine-tuned"
 
-    def __init__(self, meta: dict[str, Any], steps: int | None = None) -> None:
-        self.meta, self.steps = meta, steps
+    def __init__(
+        self, meta: dict[str, Any], steps: int | None = None, snapshots: Collection[int] = ()
+    ) -> None:
+        self.meta, self.steps, self.snapshots = meta, steps, sorted(set(snapshots))
 
     def fit(self, refs: np.ndarray, ref_points: np.ndarray) -> Fitted:
-        personal = personalise(self.meta, refs, ref_points, avatar="evaluation", steps=self.steps)
-        _, gen, _ = checkpoint.build_networks(personal, with_discriminator=False)
-        psi = personal["adain"]
-        return Fitted(
-            lambda points: render(gen, psi, points, refs=refs, ref_points=ref_points)[1],
-            personal["metrics"]["seconds"],
+        personal = personalise(
+            self.meta, refs, ref_points, avatar="evaluation", steps=self.steps, snapshots=self.snapshots
         )
+        _, gen, _ = checkpoint.build_networks(personal, with_discriminator=False)
+
+        def fitted(generator: Generator, psi: torch.Tensor, seconds: float) -> Fitted:
+            return Fitted(
+                lambda points: render(generator, psi, points, refs=refs, ref_points=ref_points)[1], seconds
+            )
+
+        earlier: dict[str, Fitted] = {}
+        for step, kept in sorted(personal.get("snapshots", {}).items()):
+            snapshot = copy.deepcopy(gen)
+            snapshot.load_state_dict(kept["generator"])
+            earlier[f"{self.name}@{step}"] = fitted(snapshot, kept["adain"], kept["seconds"])
+        final = fitted(gen, personal["adain"], personal["metrics"]["seconds"])
+        return Fitted(final.render, final.seconds, earlier)
