@@ -237,7 +237,7 @@ def test_personalise_passes_the_steps_given_and_cancel_succeeds(
         assert list(client.list_operations(avatar_id="cli-tune")) == []  # no default job instead
         assert main(["avatar", *flags, "personalise", "cli-tune"]) == 0  # the default: balanced
         [queued] = client.list_operations(avatar_id="cli-tune")  # no worker here: it stays queued
-        assert queued.metadata.total_steps == 150
+        assert queued.metadata.total_steps == 80
         assert main(["operation", *flags, "cancel", queued.name]) == 0
         assert "CANCELLED" in capsys.readouterr().out
         assert client.get_operation(queued.name).done

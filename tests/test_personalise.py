@@ -554,7 +554,7 @@ def test_personalise_watch_stream_and_delete(embedded: ServerThread, driver: Lan
         assert started.metadata.state == ops.OPERATION_STATE_QUEUED and started.metadata.total_steps == 2
         assert code_of(lambda: c.personalise("tune")) == grpc.StatusCode.ALREADY_EXISTS
         queued = c.personalise("wait", preset="best")  # the worker runs one job at a time: this waits
-        assert queued.metadata.total_steps == 400
+        assert queued.metadata.total_steps == 150
         assert code_of(lambda: c.personalise("full")) == grpc.StatusCode.RESOURCE_EXHAUSTED
         cancelled = c.cancel_operation(queued.name)
         assert cancelled.done and cancelled.error.code == grpc.StatusCode.CANCELLED.value[0]
