@@ -18,7 +18,7 @@ examples:
   make evaluate
   talkinghead evaluate --methods feed-forward --engines openvino openvino-bf16 \\
       --verdict models/talkinghead-small.engines.json      # the CPU engines' quality gate
-  talkinghead evaluate --methods fine-tuned --shots 8 --steps 400 --snapshots 40 80 150 \
+  talkinghead evaluate --methods fine-tuned --shots 8 --steps 400 --snapshots 40 80 150 \\
       --stills none --no-jitter      # what more fine-tuning steps buy, from one fine-tuning per person
 
 With --engines, each engine runs the exported generator of --repository as an extra feed-forward
