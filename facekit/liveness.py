@@ -23,6 +23,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# A job's stage without progress before its worker counts as stuck: the slowest step, export or load,
+# and more (the worker's --stuck-after, the server's TALKINGHEAD_WORKER_STUCK_AFTER).
+STUCK_AFTER_S = 900.0
+
 
 def run_queue_wait(pid: int | str = "self") -> float | None:
     """Seconds the threads of a process have waited for a CPU while runnable, summed, so far (of

@@ -17,7 +17,7 @@ A worker that is alive but stuck is restarted too, as a worker pod's liveness pr
 the child writes what it is doing at each step to `--liveness-file` (facekit/liveness.py), and
 every CHECK_S the supervisor reads it; once the same word has stood longer than the allowance it
 came with (a job's step, export or load into Triton: TALKINGHEAD_WORKER_STUCK_AFTER), not counting
-the time the worker's main thread waited for a CPU, the worker is killed. Its job's heartbeat
+the time the worker's threads waited for a CPU, the worker is killed. Its job's heartbeat
 stops with it and the restarted worker takes the job over (another attempt). Before, a hung step
 or a Triton that took the connection and never answered held the job RUNNING, personalisation
 stopped for the server's life, and nothing said so. Not its /healthz over HTTP: the worker's main
@@ -149,7 +149,7 @@ class LocalWorker:
 
     async def _watch(self, process: asyncio.subprocess.Process) -> None:
         """Kill `process` once its liveness file has said the same for longer than it allowed,
-        less the time its main thread waited for a CPU."""
+        less the time its threads waited for a CPU."""
         if self.liveness is None:
             return
         seen, quiet = None, Quiet(lambda: run_queue_wait(process.pid))

@@ -123,6 +123,7 @@ from pathlib import Path
 from facekit.contract import MAX_PERSONALISED
 from facekit.cpus import usable_cpus
 from facekit.engines import ENGINES, resolve_lanes
+from facekit.liveness import STUCK_AFTER_S
 from facekit.logs import FORMATS as LOG_FORMATS
 from jobs.keys import shown_url
 
@@ -193,7 +194,7 @@ class Settings:
     worker_checkpoint: Path = Path("models/talkinghead-small.pt")
     worker_threads: int = 1  # the embedded worker's PyTorch threads (service/local_worker.py)
     worker_priority: str = "idle"  # the embedded worker's CPU claim (service/local_worker.py)
-    worker_stuck_after: float = 900.0  # its --stuck-after (worker/liveness.py STUCK_AFTER_S)
+    worker_stuck_after: float = STUCK_AFTER_S  # its --stuck-after
     max_queue: int = 16
     max_creates: int = 4  # CreateAvatar calls in flight (App.create_slot)
     max_creates_per_tenant: int = 2

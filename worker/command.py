@@ -45,11 +45,12 @@ from pathlib import Path
 
 from facekit import contract, cpus, logs, scheduling
 from facekit.arguments import positive, seconds, whole_number
+from facekit.liveness import STUCK_AFTER_S
 from jobs.avatars import AvatarIndex, LocalAvatarIndex, RedisAvatarIndex
 from jobs.keys import shown_url
 from jobs.queue import JobQueue
 from worker import SWEEP_INTERVAL_S
-from worker.liveness import STUCK_AFTER_S, Liveness
+from worker.liveness import Liveness
 from worker.metrics import WorkerMetrics
 
 # PyTorch, the training code and the exporter (~2 s of imports) load in run(), once the metrics

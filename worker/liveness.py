@@ -23,9 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from facekit.liveness import Quiet, describe, run_queue_wait, write_report
+from facekit.liveness import STUCK_AFTER_S, Quiet, describe, run_queue_wait, write_report
 
-STUCK_AFTER_S = 900.0  # a job's stage without progress: the slowest step, export or load, and more
 # Between jobs: a claim poll (at most a few seconds), a queue retry wait (at most 30 s) and the
 # checks of REMOVE jobs waiting for their record, with room to spare.
 IDLE_S = 120.0
