@@ -576,7 +576,7 @@ def test_a_killed_tritons_shared_memory_is_swept_at_the_next_start_and_a_live_on
     assert all(isinstance(r, float) for r in results), results
 
 
-def test_the_sweep_removes_only_old_unmapped_regions_of_ours(tmp_path: Path) -> None:
+def test_the_sweep_removes_only_old_unmapped_regions_of_ours_while_a_triton_runs(tmp_path: Path) -> None:
     import mmap
 
     prefix = tritonserver.SHM_PREFIX
@@ -587,9 +587,39 @@ def test_the_sweep_removes_only_old_unmapped_regions_of_ours(tmp_path: Path) -> 
     for name in (f"{prefix}orphan", f"{prefix}mapped", "other-orphan"):
         os.utime(tmp_path / name, (old, old))
     with open(tmp_path / f"{prefix}mapped", "r+b") as f, mmap.mmap(f.fileno(), 4096):
-        assert tritonserver.sweep_shm(tmp_path) == [f"{prefix}orphan"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-orphan", f"{prefix}mapped", f"{prefix}young"]
+        assert tritonserver.sweep_shm(tmp_path, tritons=True) == [f"{prefix}orphan"]
+        left = ["other-orphan", f"{prefix}mapped", f"{prefix}young"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == left
+        # no Triton left to map a new region: a young unmapped one is left over too (make down
+        # right after a SIGKILL), a mapped one and another program's still stay
+        assert tritonserver.sweep_shm(tmp_path, tritons=False) == [f"{prefix}young"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-orphan", f"{prefix}mapped"]
     assert tritonserver.sweep_shm(tmp_path / "missing") == []
+
+
+def test_the_sweep_sees_a_running_triton_by_its_process_name(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    stand_in = tmp_path / "tritonserver"  # a process whose name is tritonserver's
+    shutil.copy(shutil.which("sleep") or "/bin/sleep", stand_in)
+    process = subprocess.Popen([str(stand_in), "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while not tritonserver.tritons_running() and time.monotonic() < deadline:
+            time.sleep(0.05)  # (until the child has exec'd)
+        assert tritonserver.tritons_running()
+    finally:
+        process.kill()
+        process.wait()
+    fake_proc = tmp_path / "proc"
+    (fake_proc / "17").mkdir(parents=True)
+    (fake_proc / "17" / "comm").write_text("tritonserverx\n")  # a longer name is another program
+    (fake_proc / "self").mkdir()
+    assert not tritonserver.tritons_running(fake_proc)
+    (fake_proc / "18").mkdir()
+    (fake_proc / "18" / "comm").write_text("tritonserver\n")
+    assert tritonserver.tritons_running(fake_proc)
 
 
 def test_a_start_that_hangs_says_so_with_every_threads_stack(tmp_path: Path) -> None:

@@ -226,23 +226,44 @@ def mapped_shm(shm_dir: Path, pids: Iterable[int] | None = None) -> set[str]:
     return names
 
 
-def sweep_shm(shm_dir: Path = SHM_DIR, prefix: str = SHM_PREFIX, min_age: float = 5.0) -> list[str]:
+def tritons_running(proc: Path = Path("/proc")) -> bool:
+    """Whether a tritonserver process (of any stack or test) is alive in this PID namespace."""
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "tritonserver":
+                    return True
+    return False
+
+
+def sweep_shm(
+    shm_dir: Path = SHM_DIR,
+    prefix: str = SHM_PREFIX,
+    min_age: float = 5.0,
+    *,
+    tritons: bool | None = None,
+) -> list[str]:
     """Remove the shared-memory regions that local Tritons killed before their cleanup left: those
-    named with our prefix, owned by this user, older than `min_age` seconds (one just created may
-    not be mapped yet) and mapped by no process. Returns the names removed."""
+    named with our prefix, owned by this user, mapped by no process and, while some Triton is
+    running (`tritons`; None: look), older than `min_age` seconds: a starting Triton's new region
+    may not be mapped yet. With no Triton running every unmapped one is left over (`make down`
+    right after a SIGKILL: those regions were written a moment ago). Returns the names removed."""
     if not shm_dir.is_dir():
         return []
     candidates = []
     for path in shm_dir.glob(f"{prefix}*"):
         with contextlib.suppress(OSError):
             info = path.stat()
-            if info.st_uid == os.getuid() and time.time() - info.st_mtime >= min_age:
-                candidates.append(path)
+            if info.st_uid == os.getuid():
+                candidates.append((path, time.time() - info.st_mtime))
+    # listed first, then looked: a region listed while no Triton is alive after was made by a dead one
+    if candidates and (tritons_running() if tritons is None else tritons):
+        candidates = [(path, age) for path, age in candidates if age >= min_age]
     if not candidates:
         return []
     in_use = mapped_shm(shm_dir)
     removed = []
-    for path in candidates:
+    for path, _ in candidates:
         if path.name not in in_use:
             with contextlib.suppress(OSError):
                 path.unlink()
