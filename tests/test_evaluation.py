@@ -25,7 +25,7 @@ from training.evaluation import command
 from training.evaluation.methods import Fitted, WarpBaseline
 from training.evaluation.protocol import EvalClip
 from training.evaluation.readings import FaceReading, correlation, mouth_opening, paired_nme, read_faces
-from training.evaluation.report import pooled, score_frames
+from training.evaluation.report import Scores, against, pooled, score_frames
 from training.metrics import PSNR_CAP_DB
 
 FACES = Path(__file__).resolve().parents[2] / "shared/data/faces"
@@ -75,6 +75,41 @@ def test_a_perfect_frame_counts_in_the_psnr_means() -> None:
     assert perfect == PSNR_CAP_DB and noisy < 30
     assert scores.means()["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
     assert pooled({"clip": scores})["psnr"] == pytest.approx((PSNR_CAP_DB + noisy) / 2)
+
+
+def test_a_method_is_compared_with_the_warp_on_the_frames_both_measured() -> None:
+    """A frame where only the method shows a face is often a hard one: in its own pooled NME it
+    counts, against the warp it does not. The interval holds the mean, and people are counted."""
+    nan = np.nan
+    warp = {
+        "a": Scores({"ssim": np.array([0.5, 0.6, 0.7]), "nme": np.array([0.010, 0.012, nan])}),
+        "b": Scores({"ssim": np.array([0.4, 0.5]), "nme": np.array([0.020, 0.022])}),
+    }
+    method = {  # better SSIM for both people; NME better on every common frame, and a hard frame found
+        "a": Scores({"ssim": np.array([0.55, 0.62, 0.75]), "nme": np.array([0.009, 0.011, 0.090])}),
+        "b": Scores({"ssim": np.array([0.41, 0.52]), "nme": np.array([0.019, 0.021])}),
+    }
+    assert pooled(method)["nme"] > pooled(warp)["nme"]  # the hard frame makes it look worse
+    figures = against(method, warp)
+    nme, ssim = figures["nme"], figures["ssim"]
+    assert nme["frames"] == 4 and nme["difference"] == pytest.approx(-0.001)
+    assert nme["people_better"] == 2 == nme["people"]
+    assert nme["low"] == pytest.approx(-0.001) and nme["high"] == pytest.approx(-0.001)
+    assert ssim["frames"] == 5 and ssim["difference"] == pytest.approx(
+        np.mean([0.05, 0.02, 0.05, 0.01, 0.02])
+    )
+    assert 0 < ssim["low"] < ssim["difference"] < ssim["high"] and ssim["people_better"] == 2
+    # not measured at all (no PSNR here): no figures, not zeros
+    nothing = {"difference": None, "low": None, "high": None, "frames": 0, "people_better": 0, "people": 0}
+    assert figures["psnr"] == nothing
+    assert against(warp, warp)["ssim"] == {
+        "difference": 0.0,
+        "low": 0.0,
+        "high": 0.0,
+        "frames": 5,
+        "people_better": 0,
+        "people": 2,
+    }
 
 
 @pytest.mark.parametrize("flag", ["--still-frames", "--jitter-frames"])
@@ -356,6 +391,12 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     # and the shipped model's feed-forward faces are their people too (no fine-tuning)
     assert rows["feed-forward"]["pooled"]["identity_distance"] < 0.45
     assert rows["warp"]["pooled"]["ssim"] > 0.6 and rows["warp"]["pooled"]["face_found"] == 1.0
+    # each generated row against the warp, frame by frame; the warp and the real frames are not
+    assert not {"warp", "ceiling", "floor"} & {k for k, v in rows.items() if "against" in v}
+    for name in ("feed-forward", "fine-tuned@1", "fine-tuned"):
+        ssim = rows[name]["against"]["ssim"]
+        assert ssim["frames"] == 8 and ssim["people"] == len(CLIPS)
+        assert ssim["low"] <= ssim["difference"] <= ssim["high"]
     stills = report["stills"]["rows"]
     assert set(stills["warp"]["stills"]) == {"lp_s1_photo"}
     assert stills["warp"]["pooled"]["mouth_correlation"] > 0.5  # the warp follows the driver's mouth
@@ -369,6 +410,8 @@ def test_evaluate_writes_table_json_and_sheets(clips: Path, tmp_path: Path) -> N
     assert jitter["driver"]["smoothed"] < jitter["driver"]["raw"]  # the One-Euro filter steadies it
     table = (out / "evaluation.md").read_text()
     assert "| warp |" in table and "| floor |" in table and "One-shot stills" in table
+    assert "Against the warp, frame by frame" in table
+    assert "| row | SSIM - warp | PSNR dB - warp | NME - warp | identity dist - warp |" in table
     assert "| fine-tuned@1 |" in table and "fine-tuning 2 steps (fine-tuned@1: the same fine-tuning" in table
     assert "## Jitter on a still head (dreamtalk_mead_w009, 6 frames" in table
     for sheet in ("contact_sheet.png", "stills_sheet.png"):

@@ -2,8 +2,11 @@
 markdown table and contact sheets a person reads.
 
 Pooled figures are means over every scored frame of every clip (NaN-aware: NME and identity only
-over frames where dlib found a face, which `face_found` reports). JSON holds plain numbers only;
-NaN becomes null.
+over frames where dlib found a face, which `face_found` reports). Two methods' pooled NME or
+identity can therefore be means over different frames: the frames where only one of them shows a
+face are often the hard ones. `against` compares a method with a baseline frame by frame, on the
+frames where both were measured, with a bootstrap interval over people and frames. JSON holds plain
+numbers only; NaN becomes null.
 """
 
 from __future__ import annotations
@@ -88,6 +91,75 @@ def pooled(per_clip: dict[str, Scores]) -> dict[str, float | None]:
     if seconds:
         out["fit_seconds"] = round(float(np.mean(seconds)), 1)
     return out
+
+
+# figure -> +1 where higher is better, -1 where lower is: what `against` compares, and how
+PAIRED: dict[str, int] = {"ssim": 1, "psnr": 1, "nme": -1, "identity_distance": -1}
+BOOTSTRAP_DRAWS = 2000
+
+
+def against(
+    method: dict[str, Scores], base: dict[str, Scores], *, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> dict[str, dict[str, float | int | None]]:
+    """`method` minus `base`, frame by frame on the frames both measured, for each figure of
+    PAIRED -> {figure: {"difference", "low", "high", "frames", "people_better", "people"}}.
+
+    `difference` is the mean over those frames of every clip; `low`/`high` bound its 95 % interval
+    from a two-stage bootstrap (draw the people with replacement, then each drawn person's frames):
+    it says how far the mean could move with other people like these, not only other frames of
+    these. `people_better` counts the people whose own mean difference is in the figure's better
+    direction (higher SSIM/PSNR, lower NME/identity distance), of `people` with a common frame."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, float | int | None]] = {}
+    for figure, sign in PAIRED.items():
+        per_person = []
+        for clip, scores in method.items():
+            if clip in base and figure in scores.values and figure in base[clip].values:
+                d = scores.values[figure] - base[clip].values[figure]
+                if (d := d[np.isfinite(d)]).size:
+                    per_person.append(d)
+        if not per_person:
+            out[figure] = {"difference": None, "low": None, "high": None, "frames": 0}
+            out[figure] |= {"people_better": 0, "people": 0}
+            continue
+        sums = np.empty(draws)
+        counts = np.empty(draws)
+        for i in range(draws):
+            people = rng.integers(len(per_person), size=len(per_person))
+            drawn = [per_person[p][rng.integers(per_person[p].size, size=per_person[p].size)] for p in people]
+            sums[i] = sum(float(d.sum()) for d in drawn)
+            counts[i] = sum(d.size for d in drawn)
+        low, high = np.percentile(sums / counts, [2.5, 97.5])
+        out[figure] = {
+            "difference": float(np.concatenate(per_person).mean()),
+            "low": float(low),
+            "high": float(high),
+            "frames": int(sum(d.size for d in per_person)),
+            "people_better": int(sum(sign * d.mean() > 0 for d in per_person)),
+            "people": len(per_person),
+        }
+    return out
+
+
+def against_table(rows: dict[str, dict[str, Any]], base: str) -> str:
+    """A markdown table of each row's `against` figures (the rows that carry them)."""
+    head = ["row", *(f"{FIGURES[f][0]} - {base}" for f in PAIRED)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        if "against" not in row:
+            continue
+        cells = []
+        for figure in PAIRED:
+            f, digits = row["against"][figure], FIGURES[figure][1]
+            if f["difference"] is None:
+                cells.append("–")
+                continue
+            cells.append(
+                f"{f['difference']:+.{digits}f} [{f['low']:+.{digits}f}, {f['high']:+.{digits}f}] "
+                f"{f['people_better']}/{f['people']}"
+            )
+        lines.append("| " + " | ".join([name, *cells]) + " |")
+    return "\n".join(lines)
 
 
 def _mean(values: np.ndarray) -> float | None:
