@@ -93,6 +93,7 @@ from training.runtime import setup_logging
 log = logging.getLogger("talkinghead.evaluate")
 METHODS = ("warp", "feed-forward", "fine-tuned")
 BASELINE = "warp"  # what every other generated row is compared with, frame by frame ("against")
+REAL_ROWS = ("ceiling", "floor")  # the identity figures of real frames, not a method's
 JITTER_FRAMES = 50  # 2 s of a nearly still head at 25 fps
 FACES = Path(__file__).resolve().parents[3] / "shared" / "data" / "faces"
 
@@ -511,16 +512,18 @@ def evaluate_clips(
                     rows.setdefault(row, {})[cid] = scores
                     log.info("T=%d %s %s: %s", shots, cid, row, json.dumps(jsonable(scores.means())))
                 samples[cid][name] = generated
-            rows.setdefault("ceiling", {})[cid] = identity_only(real_readings[cid], reference)
+            ceiling, floor = REAL_ROWS
+            rows.setdefault(ceiling, {})[cid] = identity_only(real_readings[cid], reference)
             others = [r for o, rr in real_readings.items() if o != cid for r in rr]
-            rows.setdefault("floor", {})[cid] = identity_only(others, reference)
+            rows.setdefault(floor, {})[cid] = identity_only(others, reference)
         out[f"T={shots}"] = {
             name: {"pooled": pooled(per_clip), "clips": {c: s.means() for c, s in per_clip.items()}}
             for name, per_clip in rows.items()
         }
-        for name, per_clip in rows.items():
-            if BASELINE in rows and name not in (BASELINE, "ceiling", "floor"):
-                out[f"T={shots}"][name]["against"] = against(per_clip, rows[BASELINE])
+        if BASELINE in rows:
+            for name, per_clip in rows.items():
+                if name not in (BASELINE, *REAL_ROWS):
+                    out[f"T={shots}"][name]["against"] = against(per_clip, rows[BASELINE])
         out[f"T={shots}"]["_per_clip"] = rows  # for the markdown; dropped before JSON
     return out, samples
 
@@ -692,7 +695,7 @@ def markdown(report: dict[str, Any], per_clip: dict[str, Any]) -> str:
                 "people, then their frames], people better of people:\n\n" + against_table(rows, BASELINE)
             )
         parts.append(per_clip_table(per_clip[t], "identity_distance"))
-        generated = {k: v for k, v in per_clip[t].items() if k not in ("ceiling", "floor")}
+        generated = {k: v for k, v in per_clip[t].items() if k not in REAL_ROWS}
         if generated:
             parts.append(per_clip_table(generated, "ssim"))
     if "embedder_spread" in report:
