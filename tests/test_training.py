@@ -326,8 +326,10 @@ def test_one_photo_fine_tuning_trains_on_warps_that_differ_from_the_photo() -> N
 
 
 def test_fine_tuning_on_several_frames_warps_each_from_the_nearest_other() -> None:
-    """T > 1 keeps its real pairs (each frame, the nearest other frame warped onto it), whatever
-    the one-photo settings: three views of the demo portrait, moved a few pixels each."""
+    """T > 1 keeps its real pairs (each frame, the nearest other frame warped onto it) first,
+    whatever the one-photo settings: three views of the demo portrait, moved a few pixels each.
+    Then `synthetic_sources` pairs of each frame: the frame the target, its warp under a random
+    similarity the source (on real pairs alone G' learned the references' own expressions)."""
     import cv2
     from PIL import Image
 
@@ -347,11 +349,27 @@ def test_fine_tuning_on_several_frames_warps_each_from_the_nearest_other() -> No
     )
     for n in (0, 8):
         pool = training_views(
-            frames, points, cfg.replace(**{"finetune.one_shot_sources": n}), torch.device("cpu")
+            frames,
+            points,
+            cfg.replace(**{"finetune.one_shot_sources": n, "finetune.synthetic_sources": 0}),
+            torch.device("cpu"),
         )
         assert pool.target_warped is not None and len(pool.target_warped) == 3
         assert torch.equal(pool.target_warped, from_uint8(expected))
         assert torch.equal(pool.target_image, from_uint8(frames))
+    k = cfg.finetune.synthetic_sources
+    assert k == 4
+    pool = training_views(frames, points, cfg, torch.device("cpu"))
+    assert pool.target_warped is not None and len(pool.target_warped) == 3 + 3 * k
+    assert torch.equal(pool.target_warped[:3], from_uint8(expected))  # the real pairs, first
+    targets = np.repeat(frames, k, axis=0)
+    assert torch.equal(pool.target_image, from_uint8(np.concatenate([frames, targets])))
+    assert torch.equal(
+        pool.target_points, torch.from_numpy(np.concatenate([points, np.repeat(points, k, 0)]))
+    )
+    error = (pool.target_warped[3:] - pool.target_image[3:]).abs().mean(dim=(1, 2, 3)) * 127.5
+    assert error.min() > 1.0, error  # each a warp with errors to correct, not the frame itself
+    assert len({tuple(pool.target_warped[i].flatten()[:500].tolist()) for i in range(3, 3 + k)}) == k
 
 
 @needs_faces

@@ -153,7 +153,9 @@ def training_views(
     warp-guided G each view also gets the nearest *other* frame warped onto it. A single frame
     has no other: its own warp onto itself is the frame, so the pair teaches G' nothing; it is
     kept, and `finetune.one_shot_sources` more pairs join it, the same target with the frame under
-    a random similarity warped back onto it (`one_shot_pairs`)."""
+    a random similarity warped back onto it (`one_shot_pairs`). Several frames keep their real
+    pairs first, then `finetune.synthetic_sources` such pairs of each view follow (frame 0's, then
+    frame 1's, ...): on real pairs alone G' learns the references' own expressions."""
     s = cfg.model.image_size
     views = [(frames, points)]
     if cfg.finetune.augment_flip:
@@ -170,6 +172,16 @@ def training_views(
             warped = pairs
         else:
             warped = [_warped_from_others(f, p) for f, p in views]
+            n = cfg.finetune.synthetic_sources if len(frames) > 1 else 0
+            if n > 0:
+                synthetic = [
+                    np.concatenate(
+                        [one_shot_pairs(fi, pi, cfg, rng, sources=n)[1:] for fi, pi in zip(f, p, strict=True)]
+                    )
+                    for f, p in views
+                ]
+                views += [(np.repeat(f, n, 0), np.repeat(p, n, 0)) for f, p in views]
+                warped += synthetic
     frames, points = np.concatenate([f for f, _ in views]), np.concatenate([p for _, p in views])
     return Batch(
         target_image=from_uint8(frames).to(device),  # (V, 3, S, S)
@@ -180,12 +192,17 @@ def training_views(
 
 
 def one_shot_pairs(
-    frame: np.ndarray, points: np.ndarray, cfg: ExperimentConfig, rng: np.random.Generator
+    frame: np.ndarray,
+    points: np.ndarray,
+    cfg: ExperimentConfig,
+    rng: np.random.Generator,
+    sources: int | None = None,
 ) -> np.ndarray:
     """The warps G' learns to correct when the person is one photo (S, S, 3) with landmarks (68, 2):
-    the photo onto itself (the photo), then `finetune.one_shot_sources` times the photo under a
-    random similarity about its landmarks' centre (scale, rotation, shift; border replicated),
-    warped piecewise-affinely from its moved landmarks back onto the photo's -> uint8 (1 + n, S, S, 3).
+    the photo onto itself (the photo), then `sources` (default `finetune.one_shot_sources`) times
+    the photo under a random similarity about its landmarks' centre (scale, rotation, shift; border
+    replicated), warped piecewise-affinely from its moved landmarks back onto the photo's -> uint8
+    (1 + n, S, S, 3).
     Like a real pair of frames the warp is off where a 68-point warp is off (outline, hair,
     background held by the border anchors, resampling), and the target stays the real photo (a
     mirror image would be another face: no face is symmetric)."""
@@ -193,7 +210,7 @@ def one_shot_pairs(
     pts = np.asarray(points, np.float64)
     centre = pts.mean(axis=0)
     out = [np.ascontiguousarray(frame)]
-    for _ in range(ft.one_shot_sources):
+    for _ in range(ft.one_shot_sources if sources is None else sources):
         log_scale, degrees = (
             np.clip(rng.normal(0, sd), -2 * sd, 2 * sd) for sd in (ft.one_shot_log_scale, ft.one_shot_degrees)
         )
