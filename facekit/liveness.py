@@ -11,9 +11,11 @@ worker stuck and kill it. Every thread's, not the main thread's alone: with PyTo
 threads are the starved ones. A process blocked in a call that never returns (a Triton that took
 the connection and never answers), or a stopped one, waits on no run queue: its quiet time is its
 wall time, less what a thread that wakes now and then (the job's heartbeat) waits when it does.
-The kernel adds a wait to the count when it ends (the thread gets a CPU), so the count lags by the
-wait under way: ~1.4 s for a SCHED_IDLE thread beside one busy process on its CPU, against
-allowances of minutes.
+The kernel adds a wait to the count only when it ends (the thread gets a CPU): a SCHED_IDLE thread
+beside one busy process on its CPU gets one every ~1.4 s, beside three every ~2.5 s, so the count
+alone lagged by seconds and a short allowance could kill a starved worker. `RunQueueWait` also
+counts the wait under way: a thread runnable at two reads that had no CPU time in between waited
+all along.
 """
 
 from __future__ import annotations
@@ -28,26 +30,43 @@ from pathlib import Path
 STUCK_AFTER_S = 900.0
 
 
-def run_queue_wait(pid: int | str = "self") -> float | None:
+class RunQueueWait:
     """Seconds the threads of a process have waited for a CPU while runnable, summed, so far (of
-    the threads alive now); None where /proc cannot say (off Linux, the process gone)."""
-    total, found = 0, False
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return None
-    for task in tasks:
+    the threads alive now), the waits under way included as far as this object has seen them;
+    None where /proc cannot say (off Linux, the process gone). Call it at least every few seconds:
+    a wait under way counts from the first call that found the thread runnable."""
+
+    def __init__(self, pid: int | str = "self", *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._tasks, self._clock = Path(f"/proc/{pid}/task"), clock
+        self._held: dict[str, tuple[str, float]] = {}  # runnable thread -> (its schedstat, since)
+
+    def __call__(self) -> float | None:
+        now = self._clock()
         try:
-            total += int((task / "schedstat").read_text().split()[1])
+            tasks = list(self._tasks.iterdir())
+        except OSError:
+            return None
+        total, found, held = 0.0, False, {}
+        for task in tasks:
+            try:
+                stat = (task / "schedstat").read_text()
+                state = (task / "stat").read_text().rpartition(")")[2].split()[0]
+                total += int(stat.split()[1]) / 1e9
+            except (OSError, IndexError, ValueError):
+                continue  # (a thread that ended meanwhile)
             found = True
-        except (OSError, IndexError, ValueError):
-            continue  # (a thread that ended meanwhile)
-    return total / 1e9 if found else None
+            if state == "R":  # on a CPU or waiting for one; the same schedstat: no CPU since
+                before = self._held.get(task.name)
+                since = before[1] if before is not None and before[0] == stat else now
+                held[task.name] = (stat, since)
+                total += now - since
+        self._held = held
+        return total if found else None
 
 
 class Quiet:
     """Seconds since `reset()` that were not spent waiting for a CPU (`waited`: a process's
-    run_queue_wait). Where `waited` says None, wall time."""
+    RunQueueWait). Where `waited` says None, wall time."""
 
     def __init__(
         self, waited: Callable[[], float | None], *, clock: Callable[[], float] = time.monotonic

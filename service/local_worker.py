@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from facekit.liveness import Quiet, describe, read_report, run_queue_wait
+from facekit.liveness import Quiet, RunQueueWait, describe, read_report
 from service.settings import Settings
 
 log = logging.getLogger("talkinghead.service.worker")
@@ -152,7 +152,7 @@ class LocalWorker:
         less the time its threads waited for a CPU."""
         if self.liveness is None:
             return
-        seen, quiet = None, Quiet(lambda: run_queue_wait(process.pid))
+        seen, quiet = None, Quiet(RunQueueWait(process.pid))
         while process.returncode is None:
             await asyncio.sleep(CHECK_S)
             report = read_report(self.liveness)

@@ -1,8 +1,13 @@
 """worker/liveness.py: what the worker's /healthz says from what its main thread last said it was
-doing (the process and HTTP path: tests/test_worker_metrics.py)."""
+doing (the process and HTTP path: tests/test_worker_metrics.py), and facekit/liveness.py's count of
+the time a process waited for a CPU, against real processes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -10,7 +15,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter
 
 from facekit import metrics_http
-from facekit.liveness import read_report
+from facekit.liveness import RunQueueWait, read_report
 from worker.liveness import Liveness
 
 
@@ -61,6 +66,64 @@ def test_time_spent_waiting_for_a_cpu_is_not_counted_and_each_word_is_reported(t
     )
     alive.doing("waiting for a job", within_s=5)
     assert read_report(report) == (2, 5.0, "waiting for a job") and alive.stuck() is None
+
+
+# argv: the CPU, a file to touch once at SCHED_IDLE, "spin" or "sleep".
+IDLE = """
+import os, sys, time
+from pathlib import Path
+os.sched_setaffinity(0, {int(sys.argv[1])})
+os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+Path(sys.argv[2]).touch()
+while True:
+    if sys.argv[3] == "sleep":
+        time.sleep(3600)
+"""
+HOG = "import os, sys\nos.sched_setaffinity(0, {int(sys.argv[1])})\nwhile True:\n    pass\n"
+
+
+def test_a_wait_for_a_cpu_counts_while_it_goes_on_not_only_once_it_ends(tmp_path: Path) -> None:
+    """A SCHED_IDLE process beside a busy one on its CPU gets the CPU for a moment every ~1.4 s (more
+    with more beside it); the kernel adds each wait to its count only then, and a supervisor that
+    read that count alone saw seconds of starvation as seconds of silence (with a short allowance,
+    it killed a worker that was only starved). A sleeping process waits for nothing."""
+    cpu = min(os.sched_getaffinity(0))
+    children: list[subprocess.Popen[bytes]] = []
+
+    def start(*argv: str) -> subprocess.Popen[bytes]:
+        children.append(subprocess.Popen([sys.executable, "-c", *argv]))
+        return children[-1]
+
+    def when(ready: Path) -> None:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+
+    try:
+        spinning, sleeping = start(IDLE, str(cpu), str(tmp_path / "spin"), "spin"), None
+        when(tmp_path / "spin")
+        sleeping = start(IDLE, str(cpu), str(tmp_path / "sleep"), "sleep")
+        when(tmp_path / "sleep")
+        hog = start(HOG, str(cpu))
+        while int(Path(f"/proc/{hog.pid}/schedstat").read_text().split()[0]) < 0.3e9:
+            time.sleep(0.02)  # until the hog has started and spun a while
+        starved, idle = RunQueueWait(spinning.pid), RunQueueWait(sleeping.pid)
+        began, first, idle_first = time.monotonic(), starved(), idle()
+        assert first is not None and idle_first is not None
+        short = []
+        while (elapsed := time.monotonic() - began) < 4:
+            waited = starved()
+            assert waited is not None
+            short.append(elapsed - (waited - first))  # what the count leaves out of the time starved
+            time.sleep(0.1)
+        assert max(short[5:]) < 0.5, [round(s, 2) for s in short]
+        assert idle() == idle_first
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+    assert RunQueueWait(spinning.pid)() is None  # the process gone
 
 
 def test_stuck_after_zero_never_reports_stuck() -> None:

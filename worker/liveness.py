@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from facekit.liveness import STUCK_AFTER_S, Quiet, describe, run_queue_wait, write_report
+from facekit.liveness import STUCK_AFTER_S, Quiet, RunQueueWait, describe, write_report
 
 # Between jobs: a claim poll (at most a few seconds), a queue retry wait (at most 30 s) and the
 # checks of REMOVE jobs waiting for their record, with room to spare.
@@ -32,7 +32,7 @@ IDLE_S = 120.0
 
 class Liveness:
     """What the main thread last said it was doing, since when, and for how long it may; the
-    process's waits for a CPU (`waited`, default facekit.liveness.run_queue_wait) not counted."""
+    process's waits for a CPU (`waited`, default facekit.liveness.RunQueueWait) not counted."""
 
     def __init__(
         self,
@@ -44,7 +44,7 @@ class Liveness:
     ) -> None:
         self.stuck_after_s, self._report = stuck_after_s, report
         self._lock = threading.Lock()
-        self._quiet = Quiet(run_queue_wait if waited is None else waited, clock=clock)
+        self._quiet = Quiet(RunQueueWait() if waited is None else waited, clock=clock)
         self._what, self._within, self._sequence = "starting", stuck_after_s, 0
         self._write()
 
