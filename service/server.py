@@ -57,6 +57,10 @@ DESCRIPTORS = (
     personalisation_pb2.DESCRIPTOR.services_by_name["PersonalisationService"],
 )
 SERVICES = tuple(service.full_name for service in DESCRIPTORS)
+# The health entry the chart's startup and liveness probes ask: SERVING from start to shutdown,
+# whatever the backend and the storage do. Answered on the event loop, like every call: a loop
+# that is wedged answers nothing, where a TCP connect still succeeds (the kernel accepts it).
+LIVENESS = "liveness"
 REFLECTION = reflection_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 HEALTH = health_pb2.DESCRIPTOR.services_by_name["Health"]
 # talkinghead_rpcs_total's `method` label: every method the server serves (others count as `other`)
@@ -393,6 +397,7 @@ class Server:
         self._health = health.aio.HealthServicer()
         # health too: a probe that sends junk gets INVALID_ARGUMENT, not INTERNAL and a traceback
         wire.add_service(self._server, HEALTH, self._health, limits)
+        await self._health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         await self._set_health(False)
         if s.reflection:  # through wire as well: a malformed request is INVALID_ARGUMENT, not INTERNAL
             names = (*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME)

@@ -140,7 +140,10 @@ def test_service_pod_is_hardened_and_probed_over_grpc(helm: str) -> None:
     pod = deployment["spec"]["template"]["spec"]
     service = container(deployment, "service")
     assert service["readinessProbe"]["grpc"] == {"port": 50051}  # without TLS: the native probe
-    assert service["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+    # startup and liveness: the entry that stays SERVING whatever the backend (not a TCP connect,
+    # which the kernel accepts for a wedged server: tests/test_shutdown.py)
+    for probe in ("startupProbe", "livenessProbe"):
+        assert service[probe]["grpc"] == {"port": 50051, "service": "liveness"}
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     hardening = service["securityContext"]
@@ -249,6 +252,8 @@ def test_tls_mounts_the_secret_and_probes_with_tls(helm: str) -> None:
     deployment = one(manifests, "Deployment", "")
     service = container(deployment, "service")
     assert "--tls" in service["readinessProbe"]["exec"]["command"]  # the native gRPC probe has no TLS
+    for probe in ("startupProbe", "livenessProbe"):
+        assert {"--tls", "--service=liveness"} <= set(service[probe]["exec"]["command"])
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
     assert "checksum/tls" in deployment["spec"]["template"]["metadata"]["annotations"]
@@ -280,6 +285,8 @@ def test_default_install_serves_tls_with_a_chart_made_ca(helm: str, tmp_path: Pa
     deployment = one(manifests, "Deployment", "")
     probe = container(deployment, "service")["readinessProbe"]["exec"]["command"]
     assert probe == ["talkinghead-healthcheck", "--address=127.0.0.1:50051", "--tls"]
+    liveness = container(deployment, "service")["livenessProbe"]["exec"]["command"]
+    assert liveness == ["talkinghead-healthcheck", "--address=127.0.0.1:50051", "--service=liveness", "--tls"]
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == secret["metadata"]["name"]
     test_pod = one(manifests, "Pod", "-test-health")["spec"]

@@ -295,7 +295,7 @@ def test_health_follows_the_storage_per_service(
         assert running.metric("talkinghead_storage_up") == 1
         redis.stop()
         eventually(lambda: all(health(running, s) == "NOT_SERVING" for s in services))
-        assert health(running, "") == "SERVING"
+        assert health(running, "") == "SERVING" and health(running, "liveness") == "SERVING"
         assert running.metric("talkinghead_storage_up") == 0
         eventually(lambda: running.metric("talkinghead_avatar_events_live") == 0)
         # the job queue (on Redis) unreadable: its figures are unknown, not the last ones read
@@ -414,6 +414,7 @@ def test_a_long_offline_batch_is_not_a_stall_and_a_stall_is_counted(server: Serv
     try:
         eventually(lambda: health(server, "") == "NOT_SERVING")
         assert server.metric(counter, 0.0) == before + 1
+        assert health(server, "liveness") == "SERVING"  # (the probe that restarts the pod)
     finally:
 
         async def release() -> None:

@@ -1,10 +1,14 @@
 """Stopping `talkinghead serve` with SIGTERM, as Kubernetes does: during the drain its health says
 NOT_SERVING while new connections and calls are still answered (the pod's endpoints catch up in
-that time), a running stream goes on, and the process then ends on its own. Real process."""
+that time), a running stream goes on, and the process then ends on its own. And what the chart's
+liveness probe sees of a server that stopped answering. Real processes."""
 
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,7 +16,7 @@ from pathlib import Path
 from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT
+from tests.service_fixtures import CONSENT, PORTRAIT, REPO
 from tests.service_process import ServerProcess
 
 DRAIN_S = 3.0
@@ -53,6 +57,7 @@ def test_sigterm_drains_then_lets_running_streams_finish(
                 assert time.monotonic() - signalled < DRAIN_S / 2, "still SERVING after SIGTERM"
                 time.sleep(0.05)
             assert [a.avatar_id for a in late.list_avatars()] == ["mona"]
+            assert late.health("liveness") == "SERVING"  # draining is not a reason to restart it
         running.join(DRAIN_S + GRACE_S + 5)
         assert len(received) == 100, "the running stream was cut"
         assert server.process.wait(30) == 0
@@ -61,3 +66,37 @@ def test_sigterm_drains_then_lets_running_streams_finish(
     finally:
         if server.alive:
             server.stop()
+
+
+def test_liveness_fails_for_a_server_that_stopped_answering_though_it_still_accepts_connections(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    """The chart's startup and liveness probes ask health "liveness" (with TLS by the image's
+    healthcheck, as here; without, Kubernetes' own gRPC probe). A stopped server (SIGSTOP: as a wedged
+    event loop, nothing answered) still gets its TCP connections accepted by the kernel, so the
+    TCP probe the chart used before passed and the pod was never restarted; the health check
+    fails, and passes again once the process runs."""
+    server = ServerProcess(repository=model_repository, root=tmp_path)
+
+    def probe() -> int:
+        script = REPO / "deploy" / "docker" / "healthcheck.py"
+        args = [
+            sys.executable,
+            str(script),
+            f"--address={server.address}",
+            "--service=liveness",
+            "--timeout=2",
+        ]
+        return subprocess.run(args, capture_output=True, timeout=30).returncode
+
+    try:
+        assert probe() == 0
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            socket.create_connection(("127.0.0.1", server.port), timeout=2).close()  # what TCP saw
+            assert probe() == 1
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        assert probe() == 0
+    finally:
+        server.stop()
