@@ -329,7 +329,8 @@ def test_fine_tuning_on_several_frames_warps_each_from_the_nearest_other() -> No
     """T > 1 keeps its real pairs (each frame, the nearest other frame warped onto it) first,
     whatever the one-photo settings: three views of the demo portrait, moved a few pixels each.
     Then `synthetic_sources` pairs of each frame: the frame the target, its warp under a random
-    similarity the source (on real pairs alone G' learned the references' own expressions)."""
+    similarity the source (on real pairs alone G' learned the references' own expressions), at
+    `synthetic_spread` times the one-photo spread."""
     import cv2
     from PIL import Image
 
@@ -370,6 +371,14 @@ def test_fine_tuning_on_several_frames_warps_each_from_the_nearest_other() -> No
     error = (pool.target_warped[3:] - pool.target_image[3:]).abs().mean(dim=(1, 2, 3)) * 127.5
     assert error.min() > 1.0, error  # each a warp with errors to correct, not the frame itself
     assert len({tuple(pool.target_warped[i].flatten()[:500].tolist()) for i in range(3, 3 + k)}) == k
+    # half T = 1's spread (a wider one taught G' to change near-perfect warps): the same draws, smaller
+    assert cfg.finetune.synthetic_spread == 0.5
+    wide = training_views(
+        frames, points, cfg.replace(**{"finetune.synthetic_spread": 1.0}), torch.device("cpu")
+    )
+    assert wide.target_warped is not None
+    wide_error = (wide.target_warped[3:] - wide.target_image[3:]).abs().mean(dim=(1, 2, 3)) * 127.5
+    assert (error < wide_error).all(), (error, wide_error)
 
 
 @needs_faces

@@ -132,11 +132,15 @@ class FinetuneConfig:
     one_shot_degrees: float = 5.0
     one_shot_shift: float = 0.04
     # T > 1 with a warp-guided G: besides each frame's pair with the nearest other frame, this many
-    # pairs of it made as at T = 1 (the frame under a random similarity, warped back onto it). The
-    # real pairs alone teach G' the references' own expressions: at T = 8 its landmarks and identity
-    # drifted from the driver's with more steps (150 steps: NME +0.0023, identity +0.011 against the
-    # warp, frame by frame); with 4 each, +0.0007 and -0.003, for 0.002 less SSIM (docs/eval).
+    # pairs of it made as at T = 1 (the frame under a random similarity, warped back onto it), the
+    # similarity's spread `synthetic_spread` times T = 1's. The real pairs alone teach G' the
+    # references' own expressions: at T = 8 its landmarks and identity drifted from the driver's
+    # with more steps (150 steps, against the warp frame by frame: NME +0.0023, identity +0.011).
+    # 4 pairs at T = 1's spread: +0.0007, -0.003, but G' then "corrected" near-perfect warps (a
+    # still head: SSIM below the warp's); at half the spread +0.0002, -0.004, and SSIM +0.020
+    # against +0.0175 on real pairs alone (models/MODEL_CARD.md).
     synthetic_sources: int = 4
+    synthetic_spread: float = 0.5
     log_every: int = 10
     seed: int = 0
 

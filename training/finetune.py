@@ -155,7 +155,8 @@ def training_views(
     kept, and `finetune.one_shot_sources` more pairs join it, the same target with the frame under
     a random similarity warped back onto it (`one_shot_pairs`). Several frames keep their real
     pairs first, then `finetune.synthetic_sources` such pairs of each view follow (frame 0's, then
-    frame 1's, ...): on real pairs alone G' learns the references' own expressions."""
+    frame 1's, ...), their similarities `finetune.synthetic_spread` times as large: on real pairs
+    alone G' learns the references' own expressions."""
     s = cfg.model.image_size
     views = [(frames, points)]
     if cfg.finetune.augment_flip:
@@ -176,7 +177,12 @@ def training_views(
             if n > 0:
                 synthetic = [
                     np.concatenate(
-                        [one_shot_pairs(fi, pi, cfg, rng, sources=n)[1:] for fi, pi in zip(f, p, strict=True)]
+                        [
+                            one_shot_pairs(fi, pi, cfg, rng, sources=n, spread=cfg.finetune.synthetic_spread)[
+                                1:
+                            ]
+                            for fi, pi in zip(f, p, strict=True)
+                        ]
                     )
                     for f, p in views
                 ]
@@ -197,12 +203,13 @@ def one_shot_pairs(
     cfg: ExperimentConfig,
     rng: np.random.Generator,
     sources: int | None = None,
+    spread: float = 1.0,
 ) -> np.ndarray:
     """The warps G' learns to correct when the person is one photo (S, S, 3) with landmarks (68, 2):
     the photo onto itself (the photo), then `sources` (default `finetune.one_shot_sources`) times
-    the photo under a random similarity about its landmarks' centre (scale, rotation, shift; border
-    replicated), warped piecewise-affinely from its moved landmarks back onto the photo's -> uint8
-    (1 + n, S, S, 3).
+    the photo under a random similarity about its landmarks' centre (scale, rotation, shift, their
+    spread `spread` times the config's; border replicated), warped piecewise-affinely from its
+    moved landmarks back onto the photo's -> uint8 (1 + n, S, S, 3).
     Like a real pair of frames the warp is off where a 68-point warp is off (outline, hair,
     background held by the border anchors, resampling), and the target stays the real photo (a
     mirror image would be another face: no face is symmetric)."""
@@ -211,11 +218,13 @@ def one_shot_pairs(
     centre = pts.mean(axis=0)
     out = [np.ascontiguousarray(frame)]
     for _ in range(ft.one_shot_sources if sources is None else sources):
-        log_scale, degrees = (
-            np.clip(rng.normal(0, sd), -2 * sd, 2 * sd) for sd in (ft.one_shot_log_scale, ft.one_shot_degrees)
-        )
-        shift = np.clip(
-            rng.normal(0, ft.one_shot_shift * s, 2), -2 * ft.one_shot_shift * s, 2 * ft.one_shot_shift * s
+        log_scale, degrees, shift = (
+            np.clip(rng.normal(0, sd * spread, size), -2 * sd * spread, 2 * sd * spread)
+            for sd, size in (
+                (ft.one_shot_log_scale, None),
+                (ft.one_shot_degrees, None),
+                (ft.one_shot_shift * s, 2),
+            )
         )
         angle = np.radians(degrees)
         a = np.exp(log_scale) * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
