@@ -174,15 +174,11 @@ def training_views(
         else:
             warped = [_warped_from_others(f, p) for f, p in views]
             n = cfg.finetune.synthetic_sources if len(frames) > 1 else 0
+            spread = cfg.finetune.synthetic_spread
             if n > 0:
                 synthetic = [
                     np.concatenate(
-                        [
-                            one_shot_pairs(fi, pi, cfg, rng, sources=n, spread=cfg.finetune.synthetic_spread)[
-                                1:
-                            ]
-                            for fi, pi in zip(f, p, strict=True)
-                        ]
+                        [one_shot_pairs(fi, pi, cfg, rng, n, spread)[1:] for fi, pi in zip(f, p, strict=True)]
                     )
                     for f, p in views
                 ]
