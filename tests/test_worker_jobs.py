@@ -366,7 +366,7 @@ def test_a_redis_pause_mid_fine_tuning_does_not_fail_the_job(
     job ended FAILED "INTERNAL: internal error: TimeoutError" (helper-76). Now fine-tuning goes on,
     the progress is written again once Redis answers, and the job succeeds in its first attempt."""
     service = RedisQueue(client=connect(redis_url))
-    job = service.submit(_job(model_id, "erin", 40), photos, max_active=2)
+    job = service.submit(_job(model_id, "erin", 24), photos, max_active=2)  # steps past the pause
     log = tmp_path / "worker.log"
     worker = _worker(log, "--redis-url", redis_url, "--repository", str(repo))
     process = redis_server.process  # type: ignore[attr-defined]

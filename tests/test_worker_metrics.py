@@ -157,7 +157,7 @@ def test_a_worker_stuck_in_a_job_says_so_on_healthz_and_recovers_after_it(
     worker = _worker(
         log,
         *("--redis-url", redis.url, "--repository", str(repo), "--metrics-port", str(port)),
-        *("--stuck-after", "1", "--triton-timeout", "20"),
+        *("--stuck-after", "1", "--triton-timeout", "6"),
         *("--triton-url", f"127.0.0.1:{silent.getsockname()[1]}"),
     )
     try:
