@@ -585,6 +585,10 @@ def _training_mistakes(tmp: Path) -> list[tuple[list[str], str]]:
             [*train, "--set", "model.image_size=abc"],
             "--set: config.model.image_size: expected int, got 'abc'",
         ),
+        (
+            [*train, "--set", "finetune.synthetic_spread=-0.5"],
+            "--set: config.finetune.synthetic_spread: must be 0 or more, got -0.5",
+        ),
         ([*train, "--run", str(tmp / "notes.txt")], "notes.txt: a file, not a run directory"),
         ([*train, "--threads", "-1"], "argument --threads: must be >= 0, got -1"),
         ([*train, "--device", "cuda"], no_cuda),

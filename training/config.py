@@ -209,7 +209,23 @@ def _build(cls: type[T], raw: Any, where: str) -> T:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
             kwargs[name] = _typed(value, str(ftype), f"{where}.{name}")
+        if name in _NON_NEGATIVE.get(cls.__name__, ()) and not kwargs[name] >= 0:  # (NaN too)
+            raise ValueError(f"{where}.{name}: must be 0 or more, got {value!r}")
     return cls(**kwargs)
+
+
+# Counts and spreads a negative value of which failed inside the first step of every fine-tuning
+# with a checkpoint trained under it (numpy's "scale < 0"), not where it was set.
+_NON_NEGATIVE: dict[str, tuple[str, ...]] = {
+    "FinetuneConfig": (
+        "one_shot_sources",
+        "one_shot_log_scale",
+        "one_shot_degrees",
+        "one_shot_shift",
+        "synthetic_sources",
+        "synthetic_spread",
+    ),
+}
 
 
 _SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
