@@ -45,3 +45,23 @@ def test_a_config_value_of_the_wrong_kind_is_named() -> None:
             small.replace(**{key: value})
     assert small.replace(**{"loss.pixel_weight": 2}).loss.pixel_weight == 2.0  # an int for a float
     assert ExperimentConfig.from_dict(small.to_dict()) == small
+
+
+def test_a_negative_count_rate_weight_or_spread_is_named() -> None:
+    """`train --set finetune.synthetic_spread=-0.5` was stored in the checkpoint and failed inside
+    the first step of every later fine-tuning; a negative rate or loss weight trained on."""
+    small = load_config("small")
+    for key, value in (
+        ("finetune.synthetic_spread", -0.5),
+        ("finetune.one_shot_sources", -1),
+        ("finetune.steps", -5),
+        ("finetune.lr_generator", float("nan")),
+        ("meta.lr_discriminator", -2e-4),
+        ("meta.k_shot", -8),
+        ("loss.matching_weight", -80),
+    ):
+        with pytest.raises(ValueError, match=rf"config\.{key}: must be 0 or more, got {value!r}"):
+            small.replace(**{key: value})
+    # 0 stays allowed: a term switched off, no synthetic pairs
+    zero = small.replace(**{"finetune.synthetic_sources": 0, "loss.pixel_weight": 0})
+    assert zero.finetune.synthetic_sources == 0 and zero.loss.pixel_weight == 0.0

@@ -209,23 +209,18 @@ def _build(cls: type[T], raw: Any, where: str) -> T:
             kwargs[name] = _build(sub, value, f"{where}.{name}")
         else:
             kwargs[name] = _typed(value, str(ftype), f"{where}.{name}")
-        if name in _NON_NEGATIVE.get(cls.__name__, ()) and not kwargs[name] >= 0:  # (NaN too)
+        counted = (
+            cls.__name__ in _NON_NEGATIVE and str(ftype) in ("int", "float") and not name.endswith("seed")
+        )
+        if counted and not kwargs[name] >= 0:  # (NaN too)
             raise ValueError(f"{where}.{name}: must be 0 or more, got {value!r}")
     return cls(**kwargs)
 
 
-# Counts and spreads a negative value of which failed inside the first step of every fine-tuning
-# with a checkpoint trained under it (numpy's "scale < 0"), not where it was set.
-_NON_NEGATIVE: dict[str, tuple[str, ...]] = {
-    "FinetuneConfig": (
-        "one_shot_sources",
-        "one_shot_log_scale",
-        "one_shot_degrees",
-        "one_shot_shift",
-        "synthetic_sources",
-        "synthetic_spread",
-    ),
-}
+# Sections whose numbers (counts, steps, rates, loss weights, spreads; not seeds) mean nothing
+# below 0. A negative synthetic spread was stored in the checkpoint and failed inside the first
+# step of every later fine-tuning (numpy's "scale < 0"); a negative weight or rate trained on.
+_NON_NEGATIVE = {"LossConfig", "MetaLearnConfig", "FinetuneConfig"}
 
 
 _SCALARS: dict[str, tuple[type, ...]] = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
