@@ -49,6 +49,36 @@ def personal_ckpt(meta_ckpt: dict[str, Any]) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="session")
+def warp_guided_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A warp-guided meta checkpoint at the smoke size, random weights (G starts as the warp): the
+    shipped model's kind, cheap to export and time."""
+    import torch
+
+    from training import checkpoint
+    from training.config import load_config
+    from training.discriminator import Discriminator
+    from training.embedder import Embedder
+    from training.generator import Generator
+
+    torch.manual_seed(0)
+    cfg = load_config("smoke").replace(**{"model.warp_guided": True})
+    m = cfg.model
+    path = tmp_path_factory.mktemp("warp") / "warp-guided-smoke.pt"
+    checkpoint.save(
+        path,
+        {
+            "kind": "meta",
+            "config": cfg.to_dict(),
+            "step": 0,
+            "embedder": Embedder(cfg=m).state_dict(),
+            "generator": Generator(cfg=m).state_dict(),
+            "discriminator": Discriminator(cfg=m, num_videos=1).state_dict(),
+        },
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
     """The committed checkpoint exported (python profile) with `talkinghead export`: (repository, report)."""
     from export import command

@@ -29,6 +29,8 @@ import pytest
 import yaml
 from packaging.version import Version
 
+from tests.healthcheck import healthcheck
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "deploy" / "docker"
 CI = ROOT / "deploy" / "helm" / "ci"
@@ -310,7 +312,7 @@ def test_default_install_serves_tls_with_a_chart_made_ca(helm: str, tmp_path: Pa
     server.start()
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        done = _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}")
+        done = healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}")
         assert done.returncode == 0, done.stdout + done.stderr
         credentials = grpc.ssl_channel_credentials(root_certificates=pem["ca.crt"])
         with grpc.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
@@ -1921,12 +1923,6 @@ def test_triton_image_pins_say_why_they_differ_from_the_lock() -> None:
 # ---- the health probe the images and the chart run ---------------------------------------------
 
 
-def _healthcheck(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(DOCKER / "healthcheck.py"), *args], capture_output=True, text=True, timeout=30
-    )
-
-
 def test_healthcheck_reports_serving_status() -> None:
     grpc = pytest.importorskip("grpc")
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -1938,13 +1934,13 @@ def test_healthcheck_reports_serving_status() -> None:
     server.start()
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-        assert _healthcheck(f"--address=127.0.0.1:{port}").returncode == 0
+        assert healthcheck(f"--address=127.0.0.1:{port}").returncode == 0
         servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        result = _healthcheck(f"--address=127.0.0.1:{port}")
+        result = healthcheck(f"--address=127.0.0.1:{port}")
         assert result.returncode == 1 and "NOT_SERVING" in result.stdout
     finally:
         server.stop(0)
-    assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=1").returncode == 1
+    assert healthcheck(f"--address=127.0.0.1:{port}", "--timeout=1").returncode == 1
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the test certificate")
@@ -1968,8 +1964,8 @@ def test_healthcheck_speaks_tls_with_the_services_certificate(tmp_path: Path) ->
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         # The name checked comes from the certificate itself, as in the chart's exec probe.
-        assert _healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={cert}").returncode == 0
-        assert _healthcheck(f"--address=127.0.0.1:{port}", "--timeout=2").returncode == 1  # plaintext fails
+        assert healthcheck(f"--address=127.0.0.1:{port}", "--tls", f"--cert={cert}").returncode == 0
+        assert healthcheck(f"--address=127.0.0.1:{port}", "--timeout=2").returncode == 1  # plaintext fails
     finally:
         server.stop(0)
 
@@ -2032,11 +2028,11 @@ def test_healthcheck_presents_a_client_certificate_to_an_mtls_server(tmp_path: P
     try:
         servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         base = [f"--address=127.0.0.1:{port}", "--tls", f"--cert={tmp_path / 'tls.crt'}", "--timeout=3"]
-        assert _healthcheck(*base).returncode == 1  # no client certificate: the handshake fails
+        assert healthcheck(*base).returncode == 1  # no client certificate: the handshake fails
         probe = [f"--client-cert={tmp_path / 'probe.crt'}", f"--client-key={tmp_path / 'probe.key'}"]
-        done = _healthcheck(*base, *probe)
+        done = healthcheck(*base, *probe)
         assert done.returncode == 0, done.stdout + done.stderr
-        assert _healthcheck(*base, probe[0]).returncode == 2  # the key must come with it
+        assert healthcheck(*base, probe[0]).returncode == 2  # the key must come with it
     finally:
         server.stop(0)
 

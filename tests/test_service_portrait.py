@@ -11,7 +11,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from api.talkinghead.v1 import animation_pb2 as pb
@@ -75,30 +74,13 @@ def test_smoothing_is_a_checked_stream_option(client: Client, avatar: str, drive
 
 
 @pytest.fixture(scope="module")
-def warp_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def warp_repository(warp_guided_smoke: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A warp-guided model at the smoke size (untrained: G reproduces the warp), exported."""
     from export import command
-    from training import checkpoint
-    from training.config import load_config
-    from training.discriminator import Discriminator
-    from training.embedder import Embedder
-    from training.generator import Generator
 
-    torch.manual_seed(0)
-    cfg = load_config("smoke").replace(**{"model.warp_guided": True})
-    m = cfg.model
     work = tmp_path_factory.mktemp("warp")
-    ckpt = {
-        "kind": "meta",
-        "config": cfg.to_dict(),
-        "step": 0,
-        "embedder": Embedder(cfg=m).state_dict(),
-        "generator": Generator(cfg=m).state_dict(),
-        "discriminator": Discriminator(cfg=m, num_videos=1).state_dict(),
-    }
-    checkpoint.save(work / "warp.pt", ckpt)
     args = argparse.Namespace(
-        checkpoint=work / "warp.pt",
+        checkpoint=warp_guided_smoke,
         repository=work / "repo",
         profile="python",
         device="cpu",

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from client.library import Client, landmark_requests
 from facekit.sequence import LandmarkSequence
+from tests.healthcheck import healthcheck
 from tests.service_fixtures import *  # noqa: F403
-from tests.service_fixtures import CONSENT, PORTRAIT, REPO
+from tests.service_fixtures import CONSENT, PORTRAIT
 from tests.service_process import ServerProcess
 
 DRAIN_S = 3.0
@@ -79,15 +78,7 @@ def test_liveness_fails_for_a_server_that_stopped_answering_though_it_still_acce
     server = ServerProcess(repository=model_repository, root=tmp_path)
 
     def probe() -> int:
-        script = REPO / "deploy" / "docker" / "healthcheck.py"
-        args = [
-            sys.executable,
-            str(script),
-            f"--address={server.address}",
-            "--service=liveness",
-            "--timeout=2",
-        ]
-        return subprocess.run(args, capture_output=True, timeout=30).returncode
+        return healthcheck(f"--address={server.address}", "--service=liveness", "--timeout=2").returncode
 
     try:
         assert probe() == 0
