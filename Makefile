@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# free disk (GiB) that making .venv needs: 2.5 installed, pip unpacks the wheels beside it
+VENV_GIB ?= 3
 FACES ?= ../shared/data/faces
 PORTRAIT ?= facekit/assets/demo_portrait.png
 DRIVER ?= facekit/assets/demo_driver.npz
@@ -49,7 +51,7 @@ venv: $(STAMP)
 
 $(STAMP): requirements/lock.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || { $(PYTHON) tools/need_disk.py $(VENV_GIB) $(VENV) "$(VENV) (PyTorch, ONNX Runtime, OpenVINO: 2.5 GiB installed)" && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip==26.3
 	$(PY) -m pip install -q --no-deps -r requirements/lock.txt
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -5,6 +5,8 @@
 # STAMP; REPOSITORY comes from mk/export.mk).
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
+# free disk (GiB) that making $(TRITON_VENV) needs: 0.6 installed
+TRITON_VENV_GIB ?= 1
 STACK_STATE ?= var/stack
 STACK_GRPC_PORT ?= 50051
 STACK_METRICS_PORT ?= 8080
@@ -33,7 +35,7 @@ REDIS_SERVER ?= redis-server
 triton-venv: $(TRITON_STAMP)
 
 $(TRITON_STAMP): requirements/triton-lock.txt
-	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	test -x $(TRITON_VENV)/bin/python || { $(PYTHON) tools/need_disk.py $(TRITON_VENV_GIB) $(TRITON_VENV) "$(TRITON_VENV) (the bundled Triton server: 0.6 GiB installed)" && $(PYTHON) -m venv $(TRITON_VENV); }
 	$(TRITON_VENV)/bin/python -m pip install -q --upgrade pip==26.3
 	$(TRITON_VENV)/bin/python -m pip install -q --no-deps -r requirements/triton-lock.txt
 	touch $(TRITON_STAMP)

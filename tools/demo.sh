@@ -4,7 +4,7 @@
 #      on free loopback ports
 #   2. create the avatar from PORTRAIT over gRPC
 #   3. personalise it over gRPC (an operation: the worker fine-tunes the committed model on the
-#      avatar's photos, ~2 min on CPU, and exports generator_demo into the model repository)
+#      avatar's photos, ~70 s on 2 CPU cores, and exports generator_demo into the model repository)
 #   4. stream DRIVER through it (relative motion, --paste-back: the whole photo moves, not a crop):
 #      the personalised generator draws it, the server watermarks every frame
 #   5. write OUT/demo.mp4 and OUT/contact_sheet.png, read the watermark back (`talkinghead verify`);

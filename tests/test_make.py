@@ -1,0 +1,48 @@
+"""What `make` does before it installs anything: a venv that cannot fit on the disk is refused at
+once, saying what it needs and what is free, instead of pip failing minutes in ("[Errno 28] No space
+left on device") with a half-installed venv left behind (tools/need_disk.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("target", "venv_var", "gib_var", "what"),
+    [
+        ("venv", "VENV", "VENV_GIB", "PyTorch"),
+        ("triton-venv", "TRITON_VENV", "TRITON_VENV_GIB", "the bundled Triton"),
+    ],
+)
+def test_a_venv_that_cannot_fit_is_refused_before_it_is_made(
+    tmp_path: Path, target: str, venv_var: str, gib_var: str, what: str
+) -> None:
+    venv = tmp_path / "venv"
+    done = subprocess.run(
+        ["make", "-s", target, f"{venv_var}={venv}", f"{gib_var}=1000000", f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0
+    assert f"{venv} ({what}" in done.stderr
+    assert "needs about 1e+06 GiB of free disk" in done.stderr
+    assert f"{tmp_path} has " in done.stderr and " GiB free" in done.stderr
+    assert not venv.exists()
+
+
+def test_the_check_passes_where_there_is_room(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "need_disk.py"), "0.001", str(tmp_path / "a" / "b"), "x"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0 and done.stderr == ""
