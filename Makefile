@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# free disk (GiB) that making .venv needs: 2.5 installed, pip unpacks the wheels beside it
+# free disk (GiB) that making .venv needs (2.5 installed, and pip's unpacking); 0 skips the check
 VENV_GIB ?= 3
 FACES ?= ../shared/data/faces
 PORTRAIT ?= facekit/assets/demo_portrait.png

@@ -5,7 +5,7 @@
 # STAMP; REPOSITORY comes from mk/export.mk).
 TRITON_VENV := .venv-triton
 TRITON_STAMP := $(TRITON_VENV)/.installed
-# free disk (GiB) that making $(TRITON_VENV) needs: 0.6 installed
+# free disk (GiB) that making $(TRITON_VENV) needs (0.6 installed); 0 skips the check
 TRITON_VENV_GIB ?= 1
 STACK_STATE ?= var/stack
 STACK_GRPC_PORT ?= 50051

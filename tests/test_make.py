@@ -46,3 +46,15 @@ def test_the_check_passes_where_there_is_room(tmp_path: Path) -> None:
         timeout=30,
     )
     assert done.returncode == 0 and done.stderr == ""
+
+
+def test_a_requirement_that_is_not_a_size_is_refused(tmp_path: Path) -> None:
+    for bad in ("3GB", "-1", "nan"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "need_disk.py"), bad, str(tmp_path), "x"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert done.returncode == 2
+        assert f"GIB must be a number of GiB, 0 or more, got {bad!r}" in done.stderr

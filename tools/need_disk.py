@@ -25,7 +25,14 @@ def main(argv: list[str]) -> int:
     if len(argv) != 3:
         print("usage: need_disk.py GIB PATH WHAT", file=sys.stderr)
         return 2
-    need, where, what = float(argv[0]), existing(Path(argv[1])), argv[2]
+    try:
+        need = float(argv[0])
+    except ValueError:
+        need = float("nan")
+    if not need >= 0:  # (NaN too)
+        print(f"need_disk.py: GIB must be a number of GiB, 0 or more, got {argv[0]!r}", file=sys.stderr)
+        return 2
+    where, what = existing(Path(argv[1])), argv[2]
     free = shutil.disk_usage(where).free / 2**30
     if free >= need:
         return 0
