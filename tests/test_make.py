@@ -13,6 +13,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def need_disk(*args: str) -> subprocess.CompletedProcess[str]:
+    """tools/need_disk.py run as make runs it: GIB PATH WHAT."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "need_disk.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
 @pytest.mark.parametrize(
     ("target", "venv_var", "gib_var", "what"),
     [
@@ -39,22 +49,12 @@ def test_a_venv_that_cannot_fit_is_refused_before_it_is_made(
 
 
 def test_the_check_passes_where_there_is_room(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "tools" / "need_disk.py"), "0.001", str(tmp_path / "a" / "b"), "x"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    done = need_disk("0.001", str(tmp_path / "a" / "b"), "x")
     assert done.returncode == 0 and done.stderr == ""
 
 
 def test_a_requirement_that_is_not_a_size_is_refused(tmp_path: Path) -> None:
     for bad in ("3GB", "-1", "nan"):
-        done = subprocess.run(
-            [sys.executable, str(ROOT / "tools" / "need_disk.py"), bad, str(tmp_path), "x"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        done = need_disk(bad, str(tmp_path), "x")
         assert done.returncode == 2
         assert f"GIB must be a number of GiB, 0 or more, got {bad!r}" in done.stderr
