@@ -789,6 +789,10 @@ def test_what_export_cannot_read_or_write_is_one_line_before_any_work(
 
     (tmp_path / "cut.pt").write_bytes(CHECKPOINT.read_bytes()[:4096])
     (tmp_path / "random.pt").write_bytes(os.urandom(256))
+    # bytes whose unpickling fails outside pickle's own errors (random ones do 5 % of the time):
+    # a string that is not UTF-8, a length past what can be allocated
+    (tmp_path / "text.pt").write_bytes(b"X\x02\x00\x00\x00\xff\xfe.")
+    (tmp_path / "huge.pt").write_bytes(b"\x80\x04\x8e" + b"\xff" * 7 + b"\x7f")
     (tmp_path / "empty.pt").write_bytes(b"")
     torch.save({"a": 1}, tmp_path / "other.pt")
     (tmp_path / "file").write_text("x")
@@ -803,6 +807,8 @@ def test_what_export_cannot_read_or_write_is_one_line_before_any_work(
         ),
         (["--checkpoint", str(tmp_path / "random.pt"), "--repository", repo], "not a readable talkinghead"),
         (["--checkpoint", str(tmp_path / "empty.pt"), "--repository", repo], "not a readable talkinghead"),
+        (["--checkpoint", str(tmp_path / "text.pt"), "--repository", repo], "(UnicodeDecodeError)"),
+        (["--checkpoint", str(tmp_path / "huge.pt"), "--repository", repo], "(OverflowError)"),
         (
             ["--checkpoint", str(tmp_path / "other.pt"), "--repository", repo],
             "is not a talkinghead checkpoint",
