@@ -55,6 +55,17 @@ while True:
 HOG = "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\nwhile True:\n    pass\n"
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process's threads (alive now) by the kernel's count; 0 once it is gone."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            total += int((task / "schedstat").read_text().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            continue
+    return total
+
+
 def test_a_stuck_worker_is_restarted_and_a_starved_or_moving_one_is_left(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -106,12 +117,22 @@ def test_a_stuck_worker_is_restarted_and_a_starved_or_moving_one_is_left(
             second = await started(first)
 
             hog = subprocess.Popen([sys.executable, "-c", HOG])
-            await asyncio.sleep(0.5)
+            deadline = time.monotonic() + 30
+            while cpu_seconds(hog.pid) < 0.3:  # pinned and spinning, not still starting (CI 89154ed)
+                assert time.monotonic() < deadline, "the hog never ran"
+                await asyncio.sleep(0.02)
+            had = began = cpu_seconds(second)
+            hogged = cpu_seconds(hog.pid)
             state.write_text("spin")
             # starved: 6 s without a word, nearly all of it off its CPU (the kernel adds a wait to
             # its count only when it ends, every 1.4-3 s here; the supervisor counts it as it goes)
-            await asyncio.sleep(6.0)
-            assert worker.process is not None and worker.process.pid == second and restarts == ["stuck"]
+            for _ in range(30):
+                await asyncio.sleep(0.2)
+                had = max(had, cpu_seconds(second))  # (its last figure while it lived)
+            had, hogged = had - began, cpu_seconds(hog.pid) - hogged
+            assert worker.process is not None and worker.process.pid == second and restarts == ["stuck"], (
+                f"starved stand-in killed; in the 6 s it had {had:.2f} s of CPU, the hog {hogged:.2f} s"
+            )
             hog.kill()
             state.write_text("busy")
             waited = await restarted(2)  # 3 s on a CPU: longer where the other test worker shares it
