@@ -13,6 +13,9 @@ CHECKPOINT ?= models/talkinghead-small.pt
 OUT ?= out/demo
 DIRECT_OUT ?= out/demo-direct
 EVAL_OUT ?= out/evaluation
+# free disk (GiB) where `make test` writes its temporary files (TMPDIR, else /tmp; pytest keeps each
+# test's tmp_path, ~0.4 GiB a run); 0 skips the check
+TEST_GIB ?= 1
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
 # waits on real servers, paced streams and subprocesses, so two workers on two cores take about two
 # thirds of one's time (704 s against 1,102 s); a file's tests stay on one worker (they share its
@@ -23,7 +26,7 @@ TEST_WORKERS ?= 2
 # Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
 include $(sort $(wildcard mk/*.mk))
 
-.PHONY: help venv demo demo-direct test test-slow test-replicas lint format preprocess train-small evaluate clean
+.PHONY: help venv demo demo-direct test test-disk test-slow test-replicas lint format preprocess train-small evaluate clean
 
 help:
 	@echo "make demo        serve, create an avatar from PORTRAIT, personalise it and stream DRIVER, all over gRPC -> $(OUT)/"
@@ -66,8 +69,13 @@ demo-direct: $(STAMP)
 	$(PY) -m training.demo --checkpoint $(CHECKPOINT) --portrait $(PORTRAIT) --driver $(DRIVER) \
 		--out $(DIRECT_OUT) $(if $(STEPS),--steps $(STEPS))
 
-test: $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus redis
+test: test-disk $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus redis
 	$(PY) -m pytest -m "not slow" -q --durations=25 -n $(TEST_WORKERS) --dist loadfile
+
+# (a suite that runs out of disk fails test by test with errors that look like the product's)
+test-disk:
+	@$(PYTHON) tools/need_disk.py $(TEST_GIB) "$${TMPDIR:-/tmp}" "make test (its temporary files, ~0.4 GiB a run)" \
+		"free some space (or point TMPDIR at a disk with room)"
 
 test-slow: $(STAMP) $(TRITON_STAMP) model-repository redis
 	$(PY) -m pytest -m slow -q

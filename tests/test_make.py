@@ -1,9 +1,11 @@
 """What `make` does before it installs anything: a venv that cannot fit on the disk is refused at
 once, saying what it needs and what is free, instead of pip failing minutes in ("[Errno 28] No space
-left on device") with a half-installed venv left behind (tools/need_disk.py)."""
+left on device") with a half-installed venv left behind (tools/need_disk.py); a test run without
+room for its temporary files stops before its first test."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,22 @@ def test_a_requirement_that_is_not_a_size_is_refused(tmp_path: Path) -> None:
         done = need_disk(bad, str(tmp_path), "x")
         assert done.returncode == 2
         assert f"GIB must be a number of GiB, 0 or more, got {bad!r}" in done.stderr
+
+
+def test_a_test_run_without_room_for_its_temporary_files_stops_before_the_first_test(tmp_path: Path) -> None:
+    def check(gib: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["make", "-s", "test-disk", f"TEST_GIB={gib}", f"PYTHON={sys.executable}"],
+            cwd=ROOT,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    short = check("1000000")
+    assert short.returncode != 0
+    assert "make test (its temporary files" in short.stderr
+    assert f"{tmp_path} has " in short.stderr and "point TMPDIR at a disk with room" in short.stderr
+    skipped = check("0")
+    assert skipped.returncode == 0 and skipped.stderr == ""
