@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from facekit import procstat
 from service import local_worker
 from service.local_worker import LocalWorker
 from service.settings import Settings
@@ -56,14 +57,8 @@ HOG = "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\nwhile
 
 
 def cpu_seconds(pid: int) -> float:
-    """CPU time of a process's threads (alive now) by the kernel's count; 0 once it is gone."""
-    total = 0.0
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            total += int((task / "schedstat").read_text().split()[0]) / 1e9
-        except (OSError, IndexError, ValueError):
-            continue
-    return total
+    """CPU seconds of a process so far; 0 once it is gone."""
+    return procstat.cpu_seconds(pid) or 0.0
 
 
 def test_a_stuck_worker_is_restarted_and_a_starved_or_moving_one_is_left(

@@ -25,6 +25,18 @@ def need_disk(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def make(target: str, *settings: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`make -s target SETTING=...` in the checkout, with this interpreter as the system Python."""
+    return subprocess.run(
+        ["make", "-s", target, *settings, f"PYTHON={sys.executable}"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 @pytest.mark.parametrize(
     ("target", "venv_var", "gib_var", "what"),
     [
@@ -36,13 +48,7 @@ def test_a_venv_that_cannot_fit_is_refused_before_it_is_made(
     tmp_path: Path, target: str, venv_var: str, gib_var: str, what: str
 ) -> None:
     venv = tmp_path / "venv"
-    done = subprocess.run(
-        ["make", "-s", target, f"{venv_var}={venv}", f"{gib_var}=1000000", f"PYTHON={sys.executable}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = make(target, f"{venv_var}={venv}", f"{gib_var}=1000000")
     assert done.returncode != 0
     assert f"{venv} ({what}" in done.stderr
     assert "needs about 1e+06 GiB of free disk" in done.stderr
@@ -64,14 +70,7 @@ def test_a_requirement_that_is_not_a_size_is_refused(tmp_path: Path) -> None:
 
 def test_a_test_run_without_room_for_its_temporary_files_stops_before_the_first_test(tmp_path: Path) -> None:
     def check(gib: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            ["make", "-s", "test-disk", f"TEST_GIB={gib}", f"PYTHON={sys.executable}"],
-            cwd=ROOT,
-            env={**os.environ, "TMPDIR": str(tmp_path)},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return make("test-disk", f"TEST_GIB={gib}", env={**os.environ, "TMPDIR": str(tmp_path)})
 
     short = check("1000000")
     assert short.returncode != 0
