@@ -17,10 +17,11 @@ EVAL_OUT ?= out/evaluation
 # test's tmp_path: 1.3 GiB at the end of a default run); 0 skips the check
 TEST_GIB ?= 2
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
-# waits on real servers, paced streams and subprocesses, so two workers on two cores take about two
-# thirds of one's time (704 s against 1,102 s); a file's tests stay on one worker (they share its
-# module fixtures; session fixtures are made once per worker).
-TEST_WORKERS ?= 2
+# waits on real servers, paced streams and subprocesses: on two cores (AMD EPYC) two workers took
+# 897 s and left ~20 % of the cores idle, three took 772 s (the tests' own times add up to
+# ~1,750 s); a file's tests stay on one worker (they share its module fixtures; session fixtures
+# are made once per worker).
+TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
 # Targets of the export, service and deploy parts live in mk/*.mk, one file per part.
