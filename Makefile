@@ -19,8 +19,10 @@ TEST_GIB ?= 2
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
 # waits on real servers, paced streams and subprocesses: on two cores (AMD EPYC) two workers took
 # 897 s and left ~20 % of the cores idle, three took 772 s (the tests' own times add up to
-# ~1,750 s); a file's tests stay on one worker (they share its module fixtures; session fixtures
-# are made once per worker).
+# ~1,750 s) and ~11 GiB of memory at the peak. The cost: a personalisation worker runs at SCHED_IDLE,
+# so with three busy workers it waits longer for a CPU (the killed-worker test 49 -> 131-138 s, its
+# waits 420 s each). A file's tests stay on one worker (they share its module fixtures; session
+# fixtures are made once per worker).
 TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
