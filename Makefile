@@ -14,11 +14,11 @@ OUT ?= out/demo
 DIRECT_OUT ?= out/demo-direct
 EVAL_OUT ?= out/evaluation
 # free disk (GiB) where `make test` writes its temporary files (TMPDIR, else /tmp; pytest keeps each
-# test's tmp_path: 1.3 GiB at the end of a default run); 0 skips the check
+# test's tmp_path: 1.4 GiB at the end of a default run on three workers); 0 skips the check
 TEST_GIB ?= 2
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
 # waits on real servers, paced streams and subprocesses: on two cores (AMD EPYC) two workers took
-# 897 s and left ~20 % of the cores idle, three took 772 s (the tests' own times add up to
+# 858-940 s and left ~20 % of the cores idle, three 772-870 s (the tests' own times add up to
 # ~1,750 s) and ~11 GiB of memory at the peak. The cost: a personalisation worker runs at SCHED_IDLE,
 # so with three busy workers it waits longer for a CPU (the killed-worker test 49 -> 131-138 s, its
 # waits 420 s each). A file's tests stay on one worker (they share its module fixtures; session
@@ -77,7 +77,7 @@ test: test-disk $(STAMP) $(TRITON_STAMP) $(HELM_BIN) model-repository prometheus
 
 # (a suite that runs out of disk fails test by test with errors that look like the product's)
 test-disk:
-	@$(PYTHON) tools/need_disk.py $(TEST_GIB) "$${TMPDIR:-/tmp}" "make test (its temporary files, 1.3 GiB a run)" \
+	@$(PYTHON) tools/need_disk.py $(TEST_GIB) "$${TMPDIR:-/tmp}" "make test (its temporary files, 1.4 GiB a run)" \
 		"free some space (or point TMPDIR at a disk with room)"
 
 test-slow: $(STAMP) $(TRITON_STAMP) model-repository redis
