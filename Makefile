@@ -17,11 +17,12 @@ EVAL_OUT ?= out/evaluation
 # test's tmp_path: 1.4 GiB at the end of a default run on three workers); 0 skips the check
 TEST_GIB ?= 2
 # `make test` runs test files on this many pytest-xdist workers (0: one process). Most of the suite
-# waits on real servers, paced streams and subprocesses: on two cores (AMD EPYC) two workers took
-# 858-940 s and left ~20 % of the cores idle, three 772-870 s (the tests' own times add up to
-# ~1,750 s) and ~11 GiB of memory at the peak. The cost: a personalisation worker runs at SCHED_IDLE,
-# so with three busy workers it waits longer for a CPU (the killed-worker test 49 -> 131-138 s, its
-# waits 420 s each). A file's tests stay on one worker (they share its module fixtures; session
+# waits on real servers, paced streams and subprocesses: on two cores (AMD EPYC) two workers left
+# ~20 % of the CPU idle and took 858-940 s on CI's fresh clones (897 s in a built checkout), three
+# 794-870 s (772 s): a small gain, inside the host's drift from hour to hour. The tests' own times
+# add up to ~1,750 s; three workers hold ~11 GiB of memory at the peak. The cost: a personalisation
+# worker runs at SCHED_IDLE, so with three busy workers it waits longer for a CPU (the killed-worker
+# test 49 -> 115-138 s, its waits 420 s each). A file's tests stay on one worker (they share its module fixtures; session
 # fixtures are made once per worker).
 TEST_WORKERS ?= 3
 
