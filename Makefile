@@ -22,8 +22,8 @@ TEST_GIB ?= 2
 # 794-870 s (772 s): a small gain, inside the host's drift from hour to hour. The tests' own times
 # add up to ~1,750 s; three workers hold ~11 GiB of memory at the peak. The cost: a personalisation
 # worker runs at SCHED_IDLE, so with three busy workers it waits longer for a CPU (the killed-worker
-# test 49 -> 115-138 s, its waits 420 s each). A file's tests stay on one worker (they share its module fixtures; session
-# fixtures are made once per worker).
+# test 49 -> 115-138 s, its waits 420 s each). A file's tests stay on one worker (they share its
+# module fixtures; session fixtures are made once per worker).
 TEST_WORKERS ?= 3
 
 .DEFAULT_GOAL := help
