@@ -21,7 +21,7 @@ from service.settings import Settings
 # word every 0.1 s), "hang" (blocked for good, as in a call that never returns), or "spin" (busy
 # without a word in a second thread at SCHED_IDLE on the first CPU, the main thread waiting for it:
 # a step in PyTorch's pool starved by what else runs there); "busy" after "spin": the same thread
-# at normal priority (so that what else runs on the machine, the other test worker, cannot keep it
+# at normal priority (so that what else runs on the machine, the other test workers, cannot keep it
 # starved after the test's hog is gone).
 CHILD = """
 import os, sys, threading, time
@@ -130,7 +130,7 @@ def test_a_stuck_worker_is_restarted_and_a_starved_or_moving_one_is_left(
             )
             hog.kill()
             state.write_text("busy")
-            waited = await restarted(2)  # 3 s on a CPU: longer where the other test worker shares it
+            waited = await restarted(2)  # 3 s on a CPU: longer where other test workers share it
             assert restarts == ["stuck", "stuck"] and waited < 15, waited
         finally:
             if hog is not None:
