@@ -213,7 +213,9 @@ def run_offline(
     budget: float = 0.0,
     pipeline: bool = False,
 ) -> int:
-    """A deep offline (BLOCK) stream through a batcher for `seconds`; the frames delivered."""
+    """A deep offline (BLOCK) stream through a batcher for `seconds`; the frames the batcher
+    delivered before it closed (each counted when its result is set, not when the reader below
+    comes to it: a reader cancelled with its wake-up pending would miss a whole batch)."""
 
     async def run() -> int:
         batcher = Batcher(backend=backend, max_batch=batch, cost=cost, budget=budget, pipeline=pipeline)  # type: ignore[arg-type]
@@ -222,18 +224,22 @@ def run_offline(
         sent: asyncio.Queue = asyncio.Queue()
         delivered = [0]
 
+        def count(future: asyncio.Future) -> None:
+            if not future.cancelled() and future.exception() is None:
+                delivered[0] += 1
+
         async def feed() -> None:
             while True:
                 work = WorkItem(points=np.zeros((68, 2), np.float32), draw=draw, adain=None, model=SHARED)
+                work.future.add_done_callback(count)
                 await queue.put(work)
                 sent.put_nowait(work)
 
-        async def drain() -> None:
+        async def drain() -> None:  # the client reading, which lets the stream send more
             while True:
                 work = await sent.get()
                 await work.future
                 queue.delivered()
-                delivered[0] += 1
 
         tasks = [asyncio.create_task(feed()), asyncio.create_task(drain())]
         await asyncio.sleep(seconds)
