@@ -35,7 +35,7 @@ include $(sort $(wildcard mk/*.mk))
 help:
 	@echo "make demo        serve, create an avatar from PORTRAIT, personalise it and stream DRIVER, all over gRPC -> $(OUT)/"
 	@echo "make demo-direct fine-tune and drive the model in one PyTorch process, no service, no watermark -> $(DIRECT_OUT)/"
-	@echo "make test        the default test suite on TEST_WORKERS=$(TEST_WORKERS) workers (real data tests skip without $(FACES))"
+	@echo "make test        the default test suite on TEST_WORKERS=$(TEST_WORKERS) workers, after test-disk: TEST_GIB=$(TEST_GIB) GiB free in TMPDIR (real data tests skip without $(FACES))"
 	@echo "make test-slow   the long tests (marker: slow)"
 	@echo "make test-replicas  redis + two service replicas + two Tritons + a worker, kill tests (slow)"
 	@echo "make fuzz        every RPC fuzzed with FUZZ_CASES=100000 generated and raw requests (~15 min)"
