@@ -22,6 +22,7 @@ import logging
 import os
 import tempfile
 import threading
+import uuid
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -147,7 +148,9 @@ class AvatarStore(Protocol):
 class LocalAvatarStore:
     """One `<id>.npz` per avatar in `root` (created if missing). A write goes to a `.tmp-*` file
     that replaces the avatar's file when complete; temp files a killed process left behind (older
-    than STALE_TMP_S: a write takes milliseconds) are removed when a store opens the folder."""
+    than STALE_TMP_S: a write takes milliseconds) are removed when a store opens the folder. A
+    directory found in an avatar's place is never removed: a delete or replace renames it
+    `.aside-<id>.npz-<hex>` (hidden from the listing) for an operator to look at."""
 
     def __init__(self, *, root: Path) -> None:
         self.root = Path(root)
@@ -171,6 +174,14 @@ class LocalAvatarStore:
     def _path(self, avatar_id: str) -> Path:
         return self.root / (validate_stored_id(avatar_id) + SUFFIX)
 
+    def _move_aside(self, path: Path) -> None:
+        """A directory in a record's place (an operator's doing: the service writes files) is
+        renamed to a hidden name beside it and kept, so that its avatar's owner can still delete
+        or replace the avatar (unlink and os.replace fail on a directory: INTERNAL before)."""
+        aside = path.with_name(f".aside-{path.name}-{uuid.uuid4().hex[:12]}")
+        os.rename(path, aside)
+        log.warning("the record %s was a directory; moved aside to %s", path, aside)
+
     def put(self, record: AvatarRecord, *, replace: bool) -> bool:
         path = self._path(record.avatar_id)
         buffer = io.BytesIO()
@@ -188,6 +199,8 @@ class LocalAvatarStore:
         with self._lock:
             if path.exists() and not replace:
                 return False
+            if path.is_dir():
+                self._move_aside(path)
             try:
                 write_durably(path, buffer.getvalue(), suffix=SUFFIX)
             except FileNotFoundError:  # (else INTERNAL)
@@ -238,11 +251,14 @@ class LocalAvatarStore:
 
     def delete(self, avatar_id: str) -> bool:
         with self._lock:
+            path = self._path(avatar_id)
             try:
-                self._path(avatar_id).unlink()
+                path.unlink()
             except FileNotFoundError:
                 self.ping()
                 return False
+            except IsADirectoryError:
+                self._move_aside(path)
         return True
 
     def ids(self) -> list[str]:

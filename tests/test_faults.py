@@ -1022,7 +1022,9 @@ def test_a_damaged_record_is_named_and_its_owner_can_delete_or_replace_it(
     "BadZipFile" for the whole tenant, and get, animate, delete and replace of the id INTERNAL with
     a traceback each: no way out but the operator's shell. Now the listing leaves it out, a read
     of it is DATA_LOSS naming the avatar, a delete removes it (its tombstone says it could not be
-    read) and a replace writes over it."""
+    read) and a replace writes over it. A directory in a record's place (an operator's mistake)
+    reads the same; its delete or replace failed INTERNAL: now the directory is moved aside,
+    hidden and kept, and the delete or replace ends."""
     store = tmp_path / "store"
     settings = test_settings(model_repository, store)
     first = ServerThread(settings=settings)
@@ -1036,13 +1038,16 @@ def test_a_damaged_record_is_named_and_its_owner_can_delete_or_replace_it(
     cut = store / "cut.npz"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     (store / "noise.npz").write_bytes(os.urandom(5000))
+    for name in ("folder", "dir"):
+        (store / f"{name}.npz").mkdir()
+        (store / f"{name}.npz" / "notes.txt").write_text(f"an operator's {name}")
     running = ServerThread(settings=settings)  # (a new one: nothing cached)
     try:
         running.wait_ready()
         with running.client() as c:
             assert [a.avatar_id for a in c.list_avatars()] == ["kept"]
             unreadable = "the stored record of avatar {!r} cannot be read (damaged or cut short): "
-            for name in ("cut", "noise"):
+            for name in ("cut", "noise", "folder", "dir"):
                 expected = (
                     CODE.DATA_LOSS,
                     unreadable.format(name) + "delete it, or create it again with replace",
@@ -1050,10 +1055,14 @@ def test_a_damaged_record_is_named_and_its_owner_can_delete_or_replace_it(
                 assert _refused(lambda: c.get_avatar(name)) == expected  # noqa: B023
                 assert _refused(lambda: list(c.animate(name, landmark_requests(short)))) == expected  # noqa: B023
                 assert _refused(lambda: c.create_avatar(name, [PORTRAIT], consent=CONSENT)) == expected  # noqa: B023
-            c.delete_avatar("noise")
-            assert _refused(lambda: c.get_avatar("noise"))[0] == CODE.NOT_FOUND
-            c.create_avatar("cut", [PORTRAIT], consent=CONSENT, replace=True)
-            assert [a.avatar_id for a in c.list_avatars()] == ["cut", "kept"]
+            for name in ("noise", "folder"):
+                c.delete_avatar(name)
+                assert _refused(lambda: c.get_avatar(name))[0] == CODE.NOT_FOUND  # noqa: B023
+            for name in ("cut", "dir"):
+                c.create_avatar(name, [PORTRAIT], consent=CONSENT, replace=True)
+            assert [a.avatar_id for a in c.list_avatars()] == ["cut", "dir", "kept"]
+            aside = sorted(p.read_text() for p in store.glob(".aside-*.npz-*/notes.txt"))
+            assert aside == ["an operator's dir", "an operator's folder"]
             assert len(list(c.animate("cut", landmark_requests(short)))) == len(short.points)
         events = [json.loads(line) for line in settings.audit_log.read_text().splitlines()]
         tombstone = next(e for e in events if e["event"] == "delete" and e["avatar_id"] == "noise")
