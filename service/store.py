@@ -179,7 +179,10 @@ class LocalAvatarStore:
         renamed to a hidden name beside it and kept, so that its avatar's owner can still delete
         or replace the avatar (unlink and os.replace fail on a directory: INTERNAL before)."""
         aside = path.with_name(f".aside-{path.name}-{uuid.uuid4().hex[:12]}")
-        os.rename(path, aside)
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:  # (another process sharing the folder moved it meanwhile)
+            return
         log.warning("the record %s was a directory; moved aside to %s", path, aside)
 
     def put(self, record: AvatarRecord, *, replace: bool) -> bool:
