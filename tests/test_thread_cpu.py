@@ -133,7 +133,10 @@ def test_the_worker_runs_every_thread_at_the_priority_asked(
             [*cmd, *flags], cwd=REPO, stderr=out, stdout=out, start_new_session=own_session
         )
     try:
-        deadline = time.monotonic() + 120
+        # At SCHED_IDLE in a nice-19 group the worker starts on what the other test workers leave:
+        # under 21 s in CI's runs, over 120 s beside two busy loops (seen). Allowed as long as the
+        # personalisation tests allow theirs (tests/test_personalise.py WORKER_TIMEOUT_S).
+        deadline = time.monotonic() + 420
         while "queue" not in log.read_text():  # its start-up line: the model loaded, the queue open
             assert worker.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
             time.sleep(0.2)
