@@ -52,6 +52,9 @@ PORTRAIT = REPO / "facekit/assets/demo_portrait.png"
 CONSENT = demo_portrait_consent()  # the portrait is a public-domain NASA photograph
 DRIVER = REPO / "facekit/assets/demo_driver.npz"
 BUILD_TIMEOUT_S = 900
+# How long a test waits on a personalisation worker's step or start-up: it runs at SCHED_IDLE, on
+# what the other test workers leave (seconds where they idle, minutes where they are busy).
+WORKER_TIMEOUT_S = 420
 
 
 def _has_models(repository: Path) -> bool:

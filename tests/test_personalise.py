@@ -33,6 +33,7 @@ from tests.service_fixtures import (
     CONSENT,
     DRIVER,
     PORTRAIT,
+    WORKER_TIMEOUT_S,
     ServerThread,
     copy_base_models,
     fake_generator,
@@ -43,8 +44,6 @@ from tests.service_fixtures import (
     tmpfs,
     worker_context,
 )
-
-WORKER_TIMEOUT_S = 420
 
 
 @pytest.fixture(scope="module")
